@@ -1,0 +1,15 @@
+#include "addon.h"
+
+namespace uffdpc {
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  InitUffd(env, exports);
+  InitMemory(env, exports);
+  InitFdPassing(env, exports);
+  InitWorkload(env, exports);
+  return exports;
+}
+
+NODE_API_MODULE(uffd_postcopy, Init)
+
+}  // namespace uffdpc

@@ -1,0 +1,10 @@
+// Each addon part registers its exports through one Init function.
+#pragma once
+#include <napi.h>
+
+namespace uffdpc {
+void InitUffd(Napi::Env env, Napi::Object exports);
+void InitMemory(Napi::Env env, Napi::Object exports);
+void InitFdPassing(Napi::Env env, Napi::Object exports);
+void InitWorkload(Napi::Env env, Napi::Object exports);
+}  // namespace uffdpc

@@ -1,0 +1,194 @@
+// Unix-socket fd passing (SCM_RIGHTS with a payload), peer credentials
+// (SO_PEERCRED), socket pairs, and an awaitable poll() for any fd.
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "addon.h"
+#include "errors.h"
+
+namespace uffdpc {
+namespace {
+
+constexpr size_t kMaxFds = 253;  // SCM_MAX_FD
+
+Napi::Value SocketPair(const Napi::CallbackInfo& info) {
+  int sv[2];
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
+    ThrowErrno(info.Env(), errno, "socketpair");
+  Napi::Array out = Napi::Array::New(info.Env(), 2);
+  out.Set(0u, sv[0]);
+  out.Set(1u, sv[1]);
+  return out;
+}
+
+// sendWithFds(socket, payload, fds): one sendmsg; returns bytes sent.
+Napi::Value SendWithFds(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int sock = info[0].As<Napi::Number>().Int32Value();
+  auto payload = info[1].As<Napi::TypedArrayOf<uint8_t>>();
+  Napi::Array fdList = info[2].As<Napi::Array>();
+  size_t nfds = fdList.Length();
+  iovec iov{payload.Data(), payload.ElementLength()};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  std::vector<char> control(CMSG_SPACE(sizeof(int) * (nfds ? nfds : 1)));
+  if (nfds > 0) {
+    msg.msg_control = control.data();
+    msg.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
+    cmsghdr* cmsg = CMSG_FIRSTHDR(&msg);
+    cmsg->cmsg_level = SOL_SOCKET;
+    cmsg->cmsg_type = SCM_RIGHTS;
+    cmsg->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
+    int* fds = reinterpret_cast<int*>(CMSG_DATA(cmsg));
+    for (size_t i = 0; i < nfds; i++) fds[i] = fdList.Get(i).As<Napi::Number>().Int32Value();
+  }
+  ssize_t n;
+  do n = sendmsg(sock, &msg, MSG_NOSIGNAL);
+  while (n < 0 && errno == EINTR);
+  if (n < 0) ThrowErrno(env, errno, "sendmsg");
+  return Napi::Number::New(env, static_cast<double>(n));
+}
+
+// Waits (off the JS thread) until the socket is readable, then one recvmsg.
+class ReceiveWorker : public Napi::AsyncWorker {
+ public:
+  ReceiveWorker(Napi::Env env, int sock, size_t maxBytes, size_t maxFds, int timeoutMs)
+      : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), sock_(sock),
+        payload_(maxBytes), maxFds_(maxFds < kMaxFds ? maxFds : kMaxFds), timeoutMs_(timeoutMs) {}
+  Napi::Promise Promise() { return deferred_.Promise(); }
+
+  void Execute() override {
+    pollfd pfd{sock_, POLLIN, 0};
+    int ready;
+    do ready = poll(&pfd, 1, timeoutMs_);
+    while (ready < 0 && errno == EINTR);
+    if (ready < 0) { err_ = errno; syscall_ = "poll"; return; }
+    if (ready == 0) { err_ = ETIMEDOUT; syscall_ = "poll"; return; }
+    iovec iov{payload_.data(), payload_.size()};
+    std::vector<char> control(CMSG_SPACE(sizeof(int) * (maxFds_ ? maxFds_ : 1)));
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.data();
+    msg.msg_controllen = control.size();
+    ssize_t n;
+    do n = recvmsg(sock_, &msg, MSG_CMSG_CLOEXEC);
+    while (n < 0 && errno == EINTR);
+    if (n < 0) { err_ = errno; syscall_ = "recvmsg"; return; }
+    payload_.resize(static_cast<size_t>(n));
+    truncated_ = (msg.msg_flags & (MSG_CTRUNC | MSG_TRUNC)) != 0;
+    for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+      if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+      size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+      const int* got = reinterpret_cast<const int*>(CMSG_DATA(c));
+      fds_.insert(fds_.end(), got, got + count);
+    }
+  }
+
+  void OnOK() override {
+    Napi::Env env = Env();
+    if (err_) {
+      deferred_.Reject(ErrnoError(env, err_, syscall_).Value());
+      return;
+    }
+    Napi::Object out = Napi::Object::New(env);
+    out.Set("payload", Napi::Buffer<uint8_t>::Copy(env, payload_.data(), payload_.size()));
+    Napi::Array fds = Napi::Array::New(env, fds_.size());
+    for (size_t i = 0; i < fds_.size(); i++) fds.Set(i, fds_[i]);
+    out.Set("fds", fds);
+    out.Set("truncated", truncated_);
+    deferred_.Resolve(out);
+  }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  int sock_;
+  std::vector<uint8_t> payload_;
+  size_t maxFds_;
+  int timeoutMs_;
+  int err_ = 0;
+  const char* syscall_ = "";
+  bool truncated_ = false;
+  std::vector<int> fds_;
+};
+
+// receiveWithFds(socket, maxBytes, maxFds, timeoutMs) -> Promise<{payload, fds, truncated}>
+Napi::Value ReceiveWithFds(const Napi::CallbackInfo& info) {
+  auto* worker = new ReceiveWorker(info.Env(), info[0].As<Napi::Number>().Int32Value(),
+                                   info[1].As<Napi::Number>().Uint32Value(),
+                                   info[2].As<Napi::Number>().Uint32Value(),
+                                   info[3].As<Napi::Number>().Int32Value());
+  Napi::Promise promise = worker->Promise();
+  worker->Queue();
+  return promise;
+}
+
+Napi::Value PeerCredentials(const Napi::CallbackInfo& info) {
+  ucred cred{};
+  socklen_t len = sizeof cred;
+  if (getsockopt(info[0].As<Napi::Number>().Int32Value(), SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0)
+    ThrowErrno(info.Env(), errno, "getsockopt", "SO_PEERCRED");
+  Napi::Object out = Napi::Object::New(info.Env());
+  out.Set("pid", cred.pid);
+  out.Set("uid", cred.uid);
+  out.Set("gid", cred.gid);
+  return out;
+}
+
+class PollWorker : public Napi::AsyncWorker {
+ public:
+  PollWorker(Napi::Env env, int fd, short events, int timeoutMs)
+      : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), pfd_{fd, events, 0},
+        timeoutMs_(timeoutMs) {}
+  Napi::Promise Promise() { return deferred_.Promise(); }
+  void Execute() override {
+    int ready;
+    do ready = poll(&pfd_, 1, timeoutMs_);
+    while (ready < 0 && errno == EINTR);
+    if (ready < 0) err_ = errno;
+  }
+  void OnOK() override {
+    if (err_) deferred_.Reject(ErrnoError(Env(), err_, "poll").Value());
+    else deferred_.Resolve(Napi::Number::New(Env(), pfd_.revents));
+  }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  pollfd pfd_;
+  int timeoutMs_;
+  int err_ = 0;
+};
+
+// pollFd(fd, events, timeoutMs) -> Promise<revents> (0 on timeout)
+Napi::Value PollFd(const Napi::CallbackInfo& info) {
+  auto* worker = new PollWorker(info.Env(), info[0].As<Napi::Number>().Int32Value(),
+                                static_cast<short>(info[1].As<Napi::Number>().Int32Value()),
+                                info[2].As<Napi::Number>().Int32Value());
+  Napi::Promise promise = worker->Promise();
+  worker->Queue();
+  return promise;
+}
+
+}  // namespace
+
+void InitFdPassing(Napi::Env env, Napi::Object exports) {
+  exports.Set("socketPair", Napi::Function::New(env, SocketPair));
+  exports.Set("sendWithFds", Napi::Function::New(env, SendWithFds));
+  exports.Set("receiveWithFds", Napi::Function::New(env, ReceiveWithFds));
+  exports.Set("peerCredentials", Napi::Function::New(env, PeerCredentials));
+  exports.Set("pollFd", Napi::Function::New(env, PollFd));
+  Napi::Object c = Napi::Object::New(env);
+  c.Set("POLLIN", POLLIN);
+  c.Set("POLLOUT", POLLOUT);
+  c.Set("POLLERR", POLLERR);
+  c.Set("POLLHUP", POLLHUP);
+  c.Set("MAX_FDS", static_cast<uint32_t>(kMaxFds));
+  exports.Set("pollConstants", c);
+}
+
+}  // namespace uffdpc

@@ -1,0 +1,80 @@
+// The one catalogue of error codes. Tests and callers match on `code`.
+// Kernel errors keep their errno names (EEXIST, EAGAIN, ...) with `errno` and
+// `syscall`, exactly like Node's own fs errors; everything else is listed here.
+
+export const ErrorCode = {
+  /** An argument has the wrong type (TypeError). */
+  INVALID_ARG_TYPE: 'ERR_INVALID_ARG_TYPE',
+  /** An argument has the right type but an unusable value (RangeError). */
+  OUT_OF_RANGE: 'ERR_OUT_OF_RANGE',
+  /** An option or name is not one we know (TypeError). */
+  INVALID_ARG_VALUE: 'ERR_INVALID_ARG_VALUE',
+  /** No way to obtain a userfaultfd on this machine (see vm.unprivileged_userfaultfd). */
+  UFFD_UNAVAILABLE: 'ERR_UFFD_UNAVAILABLE',
+  /** The userfaultfd was closed. */
+  UFFD_CLOSED: 'ERR_UFFD_CLOSED',
+  /** A mapping was used after unmap(). */
+  MAPPING_UNMAPPED: 'ERR_MAPPING_UNMAPPED',
+  /** unmap() of a mapping a running session still reads from. */
+  MAPPING_BUSY: 'ERR_MAPPING_BUSY',
+  /** The peer failed the token challenge, or we failed its challenge. */
+  AUTH_FAILED: 'ERR_AUTH_FAILED',
+  /** The server requires a token and none was configured. */
+  AUTH_REQUIRED: 'ERR_AUTH_REQUIRED',
+  /** A frame is malformed: bad length, unknown type, bad msgpack, missing fields. */
+  PROTOCOL_MALFORMED: 'ERR_PROTOCOL_MALFORMED',
+  /** A frame is larger than the negotiated maximum. */
+  PROTOCOL_FRAME_TOO_LARGE: 'ERR_PROTOCOL_FRAME_TOO_LARGE',
+  /** A page or region reference outside what was negotiated. */
+  PROTOCOL_OUT_OF_RANGE: 'ERR_PROTOCOL_OUT_OF_RANGE',
+  /** The peer speaks a protocol version we do not. */
+  PROTOCOL_VERSION: 'ERR_PROTOCOL_VERSION',
+  /** The peer closed the connection before the session finished. */
+  PEER_GONE: 'ERR_PEER_GONE',
+  /** No answer within the configured time. */
+  TIMEOUT: 'ERR_TIMEOUT',
+  /** The destination's region does not equal the source's image. */
+  DIGEST_MISMATCH: 'ERR_DIGEST_MISMATCH',
+  /** The image cannot be served (size, alignment, unreadable). */
+  IMAGE_INVALID: 'ERR_IMAGE_INVALID',
+  /** An address given on the command line cannot be used. */
+  INVALID_ADDRESS: 'ERR_INVALID_ADDRESS',
+} as const;
+
+export type ErrorCodeValue = (typeof ErrorCode)[keyof typeof ErrorCode];
+
+/** An error of ours: a stable `code` plus optional details for logs. */
+export class PostcopyError extends Error {
+  readonly code: ErrorCodeValue;
+  readonly details?: Record<string, unknown>;
+  constructor(code: ErrorCodeValue, message: string, details?: Record<string, unknown>) {
+    super(message);
+    this.name = 'PostcopyError';
+    this.code = code;
+    if (details) this.details = details;
+  }
+}
+
+export function invalidArgType(name: string, expected: string, actual: unknown): TypeError {
+  const err = new TypeError(`The "${name}" argument must be ${expected}. Received ${describe(actual)}`);
+  return Object.assign(err, { code: ErrorCode.INVALID_ARG_TYPE });
+}
+
+export function outOfRange(name: string, range: string, actual: unknown): RangeError {
+  const err = new RangeError(`The value of "${name}" is out of range. It must be ${range}. Received ${describe(actual)}`);
+  return Object.assign(err, { code: ErrorCode.OUT_OF_RANGE });
+}
+
+export function invalidArgValue(name: string, allowed: readonly string[], actual: unknown): TypeError {
+  const err = new TypeError(`The "${name}" argument must be one of ${allowed.map((a) => `'${a}'`).join(', ')}. Received ${describe(actual)}`);
+  return Object.assign(err, { code: ErrorCode.INVALID_ARG_VALUE });
+}
+
+function describe(value: unknown): string {
+  if (value === null) return 'null';
+  if (typeof value === 'string') return `'${value.length > 40 ? value.slice(0, 40) + '...' : value}'`;
+  if (typeof value === 'number' || typeof value === 'bigint' || typeof value === 'boolean') return `${typeof value} ${String(value)}`;
+  if (typeof value === 'undefined') return 'undefined';
+  if (typeof value === 'function') return 'function';
+  return `an instance of ${(value as object).constructor?.name ?? 'Object'}`;
+}

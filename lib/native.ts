@@ -1,0 +1,77 @@
+// The one module that loads the addon. Everything else imports the typed
+// wrappers in lib/; nothing else touches the .node file.
+import { createRequire } from 'node:module';
+
+export interface Progress {
+  /** Bytes done before the call stopped. */
+  bytes: number;
+  /** null when the whole range was done; 'EAGAIN' or 'EEXIST' when it stopped short. */
+  code: null | 'EAGAIN' | 'EEXIST';
+}
+
+export interface RawEvent {
+  type: 'pagefault' | 'fork' | 'remap' | 'remove' | 'unmap' | 'unknown';
+  address?: number;
+  flags?: number;
+  threadId?: number;
+  fd?: number;
+  from?: number;
+  to?: number;
+  length?: number;
+  start?: number;
+  end?: number;
+  event?: number;
+}
+
+export interface NativeMapping {
+  readonly address: number;
+  readonly length: number;
+  readonly mapped: boolean;
+  view(): ArrayBuffer;
+  unmap(): void;
+}
+
+export interface TouchResult {
+  latencyNs: Float64Array;
+  firstBytes: Uint8Array;
+  totalNs: number;
+  startCpu: number;
+  endCpu: number;
+}
+
+export interface NativeAddon {
+  uffdOpen(flags: number): { fd: number; via: 'syscall' | '/dev/userfaultfd' | 'syscall-user-mode-only' };
+  uffdApi(fd: number, features: number): { available: number; ioctls: bigint };
+  uffdRegister(fd: number, start: number, length: number, mode: number): bigint;
+  uffdUnregister(fd: number, start: number, length: number): void;
+  uffdCopy(fd: number, dst: number, src: Uint8Array, srcOffset: number, length: number, mode: number): Progress;
+  uffdZeroPage(fd: number, start: number, length: number, mode: number): Progress;
+  uffdContinue(fd: number, start: number, length: number, mode: number): Progress;
+  uffdPoison(fd: number, start: number, length: number, mode: number): Progress;
+  uffdMove(fd: number, dst: number, src: number, length: number, mode: number): Progress;
+  uffdWake(fd: number, start: number, length: number): void;
+  uffdWriteProtect(fd: number, start: number, length: number, mode: number): void;
+  uffdReadEvents(fd: number, max: number): RawEvent[];
+  uffdConstants: Record<'UFFD_USER_MODE_ONLY' | 'O_NONBLOCK' | 'O_CLOEXEC', number>;
+
+  Mapping: new (length: number, prot: number, flags: number, fd: number, offset: number, address: number) => NativeMapping;
+  memfdCreate(name: string, flags: number): number;
+  addSeals(fd: number, seals: number): void;
+  getSeals(fd: number): number;
+  madvise(address: number, length: number, advice: number): void;
+  fallocate(fd: number, mode: number, offset: number, length: number): void;
+  fileExtents(fd: number, size: number): number[];
+  memoryConstants: Record<string, number>;
+
+  socketPair(): [number, number];
+  sendWithFds(socket: number, payload: Uint8Array, fds: number[]): number;
+  receiveWithFds(socket: number, maxBytes: number, maxFds: number, timeoutMs: number): Promise<{ payload: Buffer; fds: number[]; truncated: boolean }>;
+  peerCredentials(fd: number): { pid: number; uid: number; gid: number };
+  pollFd(fd: number, events: number, timeoutMs: number): Promise<number>;
+  pollConstants: Record<'POLLIN' | 'POLLOUT' | 'POLLERR' | 'POLLHUP' | 'MAX_FDS', number>;
+
+  touchPages(address: number, pageSize: number, order: Uint32Array, write: boolean): Promise<TouchResult>;
+  shuffledOrder(pages: number, seed: number): Uint32Array;
+}
+
+export const native: NativeAddon = createRequire(import.meta.url)('#addon');

@@ -1,0 +1,64 @@
+// Shared test plumbing: temp dirs, images with known content, the C fixture,
+// and a tiny fault-serving loop for tests that resolve faults from JS.
+import { execFileSync } from 'node:child_process';
+import { mkdtempSync, rmSync, statSync, writeFileSync, existsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { randomBytes } from 'node:crypto';
+import type { Test } from 'tap';
+import type { Userfaultfd } from '../lib/uffd.js';
+
+export const here = dirname(fileURLToPath(import.meta.url));
+export const PAGE = 4096;
+
+export function tempDir(t: Test, prefix = 'uffd-postcopy-'): string {
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+/** An image of `pages` pages of random bytes, every `zeroEvery`-th page all zero. */
+export function randomImage(pages: number, zeroEvery = 0): Buffer {
+  const image = randomBytes(pages * PAGE);
+  if (zeroEvery > 0) for (let p = 0; p < pages; p += zeroEvery) image.fill(0, p * PAGE, (p + 1) * PAGE);
+  return image;
+}
+
+export function writeImage(dir: string, image: Buffer, name = 'image.bin'): string {
+  const path = join(dir, name);
+  writeFileSync(path, image);
+  return path;
+}
+
+/** Builds a C fixture from test/fixtures once per source change; returns the binary's path. */
+export function buildFixture(name: string): string {
+  const source = join(here, 'fixtures', `${name}.c`);
+  const binary = join(tmpdir(), `uffd-postcopy-fixture-${name}`);
+  if (!existsSync(binary) || statSync(binary).mtimeMs < statSync(source).mtimeMs) {
+    execFileSync('cc', ['-O2', '-Wall', '-pthread', '-o', `${binary}.tmp`, source]);
+    execFileSync('mv', [`${binary}.tmp`, binary]);
+  }
+  return binary;
+}
+
+/**
+ * Serves missing faults of [base, base+image.length) from `image` until `done`
+ * settles; returns how many faults it resolved.
+ */
+export async function serveFaultsFromJs(uffd: Userfaultfd, base: number, image: Buffer, done: Promise<unknown>): Promise<number> {
+  let finished = false;
+  void done.finally(() => (finished = true)).catch(() => {});
+  let faults = 0;
+  while (!finished) {
+    if (!(await uffd.waitReadable(20))) continue;
+    for (const ev of uffd.readEvents()) {
+      if (ev.type !== 'pagefault') continue;
+      const page = Math.floor((ev.address - base) / PAGE);
+      const r = uffd.copy(base + page * PAGE, image, { sourceOffset: page * PAGE, length: PAGE });
+      if (r.code !== null && r.code !== 'EEXIST') throw new Error(`copy stopped with ${r.code}`);
+      faults++;
+    }
+  }
+  return faults;
+}
