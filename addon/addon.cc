@@ -7,6 +7,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitMemory(env, exports);
   InitFdPassing(env, exports);
   InitWorkload(env, exports);
+  InitPageServer(env, exports);
+  InitFaultEngine(env, exports);
   return exports;
 }
 

@@ -7,4 +7,6 @@ void InitUffd(Napi::Env env, Napi::Object exports);
 void InitMemory(Napi::Env env, Napi::Object exports);
 void InitFdPassing(Napi::Env env, Napi::Object exports);
 void InitWorkload(Napi::Env env, Napi::Object exports);
+void InitPageServer(Napi::Env env, Napi::Object exports);
+void InitFaultEngine(Napi::Env env, Napi::Object exports);
 }  // namespace uffdpc

@@ -1,5 +1,6 @@
 // Unix-socket fd passing (SCM_RIGHTS with a payload), peer credentials
 // (SO_PEERCRED), socket pairs, and an awaitable poll() for any fd.
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -174,6 +175,20 @@ Napi::Value PollFd(const Napi::CallbackInfo& info) {
   return promise;
 }
 
+// takeSocketFd(fd): a blocking, close-on-exec duplicate of a connected socket
+// for a data-plane thread; the JS socket that owned `fd` is destroyed after.
+Napi::Value TakeSocketFd(const Napi::CallbackInfo& info) {
+  int fd = fcntl(info[0].As<Napi::Number>().Int32Value(), F_DUPFD_CLOEXEC, 3);
+  if (fd < 0) ThrowErrno(info.Env(), errno, "fcntl", "F_DUPFD_CLOEXEC");
+  int flags = fcntl(fd, F_GETFL);
+  if (flags < 0 || fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) < 0) {
+    int err = errno;
+    close(fd);
+    ThrowErrno(info.Env(), err, "fcntl", "F_SETFL");
+  }
+  return Napi::Number::New(info.Env(), fd);
+}
+
 }  // namespace
 
 void InitFdPassing(Napi::Env env, Napi::Object exports) {
@@ -182,6 +197,7 @@ void InitFdPassing(Napi::Env env, Napi::Object exports) {
   exports.Set("receiveWithFds", Napi::Function::New(env, ReceiveWithFds));
   exports.Set("peerCredentials", Napi::Function::New(env, PeerCredentials));
   exports.Set("pollFd", Napi::Function::New(env, PollFd));
+  exports.Set("takeSocketFd", Napi::Function::New(env, TakeSocketFd));
   Napi::Object c = Napi::Object::New(env);
   c.Set("POLLIN", POLLIN);
   c.Set("POLLOUT", POLLOUT);

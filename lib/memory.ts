@@ -74,6 +74,8 @@ export interface FileOptions extends Omit<AnonymousOptions, 'shared'> {
   offset?: number;
   /** MAP_SHARED (default true): writes reach the file and other mappers. */
   shared?: boolean;
+  /** Allow a last page that the file covers only in part (it reads as zeros past the end). */
+  allowPartialLastPage?: boolean;
 }
 
 /** Maps `length` bytes of the file behind `fd` (a regular file, tmpfs file or memfd). */
@@ -84,7 +86,8 @@ export function mapFile(fd: number, length: number, options: FileOptions = {}): 
   // Touching a mapped page past the end of a file kills the process with
   // SIGBUS; refuse such a mapping up front instead.
   const stat = fstatSync(fd);
-  if (stat.isFile() && offset + length > stat.size) {
+  const partial = options.allowPartialLastPage === true ? PAGE_SIZE - 1 : 0;
+  if (stat.isFile() && offset + length > stat.size + partial) {
     throw outOfRange('offset + length', `<= the file size (${stat.size})`, offset + length);
   }
   const flags = commonFlags({ ...options, shared: options.shared ?? true });

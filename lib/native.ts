@@ -39,6 +39,74 @@ export interface TouchResult {
   endCpu: number;
 }
 
+/** A record a data-plane thread reports (see addon/events.h). */
+export interface NativeEvent {
+  type: string;
+  channel?: string;
+  code?: string;
+  message?: string;
+  a: number;
+  b: number;
+}
+
+export interface ServedRegionSpec {
+  source: NativeMapping | Uint8Array;
+  sourceIsMapping: boolean;
+  offset: number;
+  length: number;
+  pageSize: number;
+  knownZero?: Uint8Array;
+}
+
+export interface SourceStats {
+  requests: number;
+  pagesRequested: number;
+  pagesResent: number;
+  pagesAlreadyInFlight: number;
+  pagesPrefaulted: number;
+  pagesBackground: number;
+  zeroPages: number;
+  bytesSent: number;
+  pagesSent: number;
+  totalPages: number;
+  backgroundDoneNs: number;
+}
+
+export interface NativePageServerSession {
+  start(): void;
+  stop(): void;
+  markSent(region: number, bitmap: Uint8Array): void;
+  stats(): SourceStats;
+}
+
+export interface DestinationStats {
+  faults: number;
+  faultsOnResidentPages: number;
+  pagesRequested: number;
+  pagesInstalledRequested: number;
+  pagesInstalledPrefault: number;
+  pagesInstalledBackground: number;
+  zeroPages: number;
+  duplicatePages: number;
+  bytesReceived: number;
+  residentPages: number;
+  totalPages: number;
+  blockedNs: number;
+  elapsedNs: number;
+  fullResidencyNs: number;
+  copyRetries: number;
+  unexpectedFaults: number;
+  memoryEvents: number;
+  faultLatency: { count: number; p50Ns: number; p90Ns: number; p99Ns: number; maxNs: number; meanNs: number };
+}
+
+export interface NativeFaultEngine {
+  start(): void;
+  stop(): void;
+  stats(): DestinationStats;
+  receivedBitmap(region: number): Buffer;
+}
+
 export interface NativeAddon {
   uffdOpen(flags: number): { fd: number; via: 'syscall' | '/dev/userfaultfd' | 'syscall-user-mode-only' };
   uffdApi(fd: number, features: number): { available: number; ioctls: bigint };
@@ -72,6 +140,27 @@ export interface NativeAddon {
 
   touchPages(address: number, pageSize: number, order: Uint32Array, write: boolean): Promise<TouchResult>;
   shuffledOrder(pages: number, seed: number): Uint32Array;
+
+  takeSocketFd(fd: number): number;
+
+  PageServerSession: new (options: {
+    regions: ServedRegionSpec[];
+    urgentFd: number;
+    bulkFd: number;
+    windowForward: number;
+    windowBackward: number;
+    background: boolean;
+    rateBytesPerSecond: number;
+    onEvent: (event: NativeEvent) => void;
+  }) => NativePageServerSession;
+
+  FaultEngine: new (options: {
+    uffd: number;
+    regions: { base: number; length: number; pageSize: number }[];
+    urgentFd: number;
+    bulkFd: number;
+    onEvent: (event: NativeEvent) => void;
+  }) => NativeFaultEngine;
 }
 
 export const native: NativeAddon = createRequire(import.meta.url)('#addon');

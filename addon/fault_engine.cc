@@ -1,0 +1,374 @@
+// The destination's data plane. A fault thread reads the userfaultfd and sends
+// one request per missing page (however many threads fault on it); a receiver
+// thread per data channel reads runs and installs each contiguous run with one
+// UFFDIO_COPY / UFFDIO_ZEROPAGE, keeping the received bitmap, the latency
+// histogram and the counters. No JavaScript runs per page.
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "addon.h"
+#include "bitmap.h"
+#include "errors.h"
+#include "events.h"
+#include "histogram.h"
+#include "io.h"
+#include "uffd_abi.h"
+#include "wire.h"
+
+namespace uffdpc {
+namespace {
+
+struct TargetRegion {
+  uint64_t base = 0, length = 0, pageSize = 0, pages = 0;
+  std::unique_ptr<AtomicBitmap> received, requested;
+  std::unique_ptr<std::atomic<uint64_t>[]> faultNs;  // first fault time of a waited-on page, 0 if none
+  std::unique_ptr<std::atomic<uint32_t>[]> waiters;  // faults seen on the page while it was missing
+};
+
+class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "FaultEngine",
+                       {InstanceMethod<&FaultEngine::Start>("start"), InstanceMethod<&FaultEngine::Stop>("stop"),
+                        InstanceMethod<&FaultEngine::Stats>("stats"),
+                        InstanceMethod<&FaultEngine::ReceivedBitmap>("receivedBitmap")});
+  }
+
+  // new FaultEngine({uffd, regions: [{base, length, pageSize}], urgentFd, bulkFd, onEvent});
+  // validated in client/fault-engine.ts. The engine owns urgentFd and bulkFd, not uffd.
+  explicit FaultEngine(const Napi::CallbackInfo& info) : Napi::ObjectWrap<FaultEngine>(info) {
+    Napi::Object o = info[0].As<Napi::Object>();
+    uffd_ = o.Get("uffd").As<Napi::Number>().Int32Value();
+    urgentFd_ = o.Get("urgentFd").As<Napi::Number>().Int32Value();
+    bulkFd_ = o.Get("bulkFd").As<Napi::Number>().Int32Value();
+    Napi::Array regions = o.Get("regions").As<Napi::Array>();
+    for (uint32_t i = 0; i < regions.Length(); i++) {
+      Napi::Object r = regions.Get(i).As<Napi::Object>();
+      auto t = std::make_unique<TargetRegion>();
+      t->base = static_cast<uint64_t>(r.Get("base").As<Napi::Number>().Int64Value());
+      t->length = static_cast<uint64_t>(r.Get("length").As<Napi::Number>().Int64Value());
+      t->pageSize = static_cast<uint64_t>(r.Get("pageSize").As<Napi::Number>().Int64Value());
+      t->pages = t->length / t->pageSize;
+      t->received = std::make_unique<AtomicBitmap>(t->pages);
+      t->requested = std::make_unique<AtomicBitmap>(t->pages);
+      t->faultNs.reset(new std::atomic<uint64_t>[t->pages]());
+      t->waiters.reset(new std::atomic<uint32_t>[t->pages]());
+      totalPages_ += t->pages;
+      maxRunBytes_ = std::max<uint64_t>(maxRunBytes_, wire::MaxRunPages(t->pageSize) * t->pageSize);
+      regions_.push_back(std::move(t));
+    }
+    // calloc of this size maps fresh zero pages: no memory is touched until read.
+    zeros_.reset(static_cast<uint8_t*>(calloc(1, maxRunBytes_)));
+    stopFd_ = eventfd(0, EFD_CLOEXEC);
+    if (stopFd_ < 0) ThrowErrno(info.Env(), errno, "eventfd");
+    events_.Open(info.Env(), o.Get("onEvent").As<Napi::Function>(), "FaultEngine");
+  }
+
+  ~FaultEngine() override { Shutdown(); }
+
+ private:
+  Napi::Value Start(const Napi::CallbackInfo& info) {
+    if (started_) return info.Env().Undefined();
+    started_ = true;
+    startNs_ = MonotonicNs();
+    faultThread_ = std::thread([this] { FaultLoop(); });
+    if (urgentFd_ >= 0) urgentThread_ = std::thread([this] { ReceiveLoop(urgentFd_, "urgent"); });
+    if (bulkFd_ >= 0) bulkThread_ = std::thread([this] { ReceiveLoop(bulkFd_, "bulk"); });
+    return info.Env().Undefined();
+  }
+
+  Napi::Value Stop(const Napi::CallbackInfo& info) {
+    Shutdown();
+    return info.Env().Undefined();
+  }
+
+  void Shutdown() {
+    if (stopped_) return;
+    stopped_ = true;
+    stop_.store(true);
+    uint64_t one = 1;
+    if (write(stopFd_, &one, sizeof one) < 0) {}
+    if (urgentFd_ >= 0) shutdown(urgentFd_, SHUT_RDWR);
+    if (bulkFd_ >= 0) shutdown(bulkFd_, SHUT_RDWR);
+    for (std::thread* t : {&faultThread_, &urgentThread_, &bulkThread_})
+      if (t->joinable()) t->join();
+    for (int fd : {urgentFd_, bulkFd_, stopFd_})
+      if (fd >= 0) close(fd);
+    urgentFd_ = bulkFd_ = stopFd_ = -1;
+    events_.Close();
+  }
+
+  Napi::Value Stats(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Napi::Object s = Napi::Object::New(env);
+    auto n = [&](Napi::Object& into, const char* k, uint64_t v) { into.Set(k, Napi::Number::New(env, static_cast<double>(v))); };
+    n(s, "faults", faults_);
+    n(s, "faultsOnResidentPages", faultsResident_);
+    n(s, "pagesRequested", requestsSent_);
+    n(s, "pagesInstalledRequested", installed_[wire::kRequested]);
+    n(s, "pagesInstalledPrefault", installed_[wire::kPrefault]);
+    n(s, "pagesInstalledBackground", installed_[wire::kBackground]);
+    n(s, "zeroPages", zeroPages_);
+    n(s, "duplicatePages", duplicates_);
+    n(s, "bytesReceived", bytesReceived_);
+    n(s, "residentPages", resident_);
+    n(s, "totalPages", totalPages_);
+    n(s, "blockedNs", blockedNs_);
+    n(s, "elapsedNs", startNs_ ? MonotonicNs() - startNs_ : 0);
+    n(s, "fullResidencyNs", completeNs_ ? completeNs_ - startNs_ : 0);
+    n(s, "copyRetries", retries_);
+    n(s, "unexpectedFaults", unexpected_);
+    n(s, "memoryEvents", memoryEvents_);
+    Napi::Object lat = Napi::Object::New(env);
+    n(lat, "count", latency_.Count());
+    n(lat, "p50Ns", latency_.Quantile(0.50));
+    n(lat, "p90Ns", latency_.Quantile(0.90));
+    n(lat, "p99Ns", latency_.Quantile(0.99));
+    n(lat, "maxNs", latency_.Max());
+    n(lat, "meanNs", latency_.Count() ? latency_.Sum() / latency_.Count() : 0);
+    s.Set("faultLatency", lat);
+    return s;
+  }
+
+  // receivedBitmap(region) -> Buffer, one bit per page (bit p of byte p/8).
+  Napi::Value ReceivedBitmap(const Napi::CallbackInfo& info) {
+    uint32_t id = info[0].As<Napi::Number>().Uint32Value();
+    if (id >= regions_.size()) throw CodedError(info.Env(), "ERR_OUT_OF_RANGE", "no such region");
+    const TargetRegion& r = *regions_[id];
+    auto out = Napi::Buffer<uint8_t>::New(info.Env(), (r.pages + 7) / 8);
+    std::memset(out.Data(), 0, out.Length());
+    for (uint64_t p = 0; p < r.pages; p++)
+      if (r.received->Test(p)) out.Data()[p / 8] |= static_cast<uint8_t>(1u << (p % 8));
+    return out;
+  }
+
+  void FaultLoop() {
+    uffd_msg msgs[64];
+    std::vector<wire::PageRequest> reqs;
+    reqs.reserve(64);
+    pollfd fds[2] = {{uffd_, POLLIN, 0}, {stopFd_, POLLIN, 0}};
+    while (!stop_.load()) {
+      int ready = poll(fds, 2, -1);
+      if (ready < 0 && errno == EINTR) continue;
+      if (ready < 0 || (fds[1].revents & POLLIN)) return;
+      if (fds[0].revents & (POLLERR | POLLHUP)) {  // the process owning the memory is gone
+        events_.Emit({"uffd-closed", "", "", "the userfaultfd was hung up"});
+        return;
+      }
+      ssize_t n = read(uffd_, msgs, sizeof msgs);
+      if (n < 0 && (errno == EAGAIN || errno == EINTR)) continue;
+      if (n <= 0) {
+        events_.Emit({"uffd-closed", "", n < 0 ? ErrnoName(errno) : "", "reading the userfaultfd failed"});
+        return;
+      }
+      uint64_t now = MonotonicNs();
+      for (size_t i = 0; i < static_cast<size_t>(n) / sizeof(uffd_msg); i++) {
+        const uffd_msg& m = msgs[i];
+        if (m.event == UFFD_EVENT_PAGEFAULT) OnFault(m.arg.pagefault.address, now, reqs);
+        else OnMemoryEvent(m);
+      }
+      if (!reqs.empty()) {
+        int err = WriteFull(urgentFd_, reqs.data(), reqs.size() * sizeof(wire::PageRequest));
+        requestsSent_ += reqs.size();
+        reqs.clear();
+        if (err) {
+          if (!stop_.load()) events_.Emit({"error", "urgent", ErrnoName(err), "sending a page request failed"});
+          return;
+        }
+      }
+    }
+  }
+
+  void OnFault(uint64_t address, uint64_t now, std::vector<wire::PageRequest>& reqs) {
+    faults_++;
+    for (uint32_t id = 0; id < regions_.size(); id++) {
+      TargetRegion& r = *regions_[id];
+      if (address < r.base || address >= r.base + r.length) continue;
+      uint64_t page = (address - r.base) / r.pageSize;
+      if (r.received->Test(page)) {  // installed while the fault was queued: make sure it is awake
+        faultsResident_++;
+        uffdio_range range{r.base + page * r.pageSize, r.pageSize};
+        ioctl(uffd_, UFFDIO_WAKE, &range);
+        return;
+      }
+      r.waiters[page].fetch_add(1, std::memory_order_relaxed);
+      uint64_t expected = 0;
+      r.faultNs[page].compare_exchange_strong(expected, now, std::memory_order_acq_rel);
+      if (r.requested->Claim(page)) reqs.push_back({wire::kRequest, id, page});
+      return;
+    }
+    unexpected_++;
+    events_.Emit({"unexpected-fault", "", "", "a fault outside every known region", static_cast<double>(address)});
+  }
+
+  void OnMemoryEvent(const uffd_msg& m) {
+    memoryEvents_++;
+    switch (m.event) {
+      case UFFD_EVENT_REMOVE:
+        events_.Emit({"remove", "", "", "", double(m.arg.remove.start), double(m.arg.remove.end)});
+        break;
+      case UFFD_EVENT_UNMAP:
+        events_.Emit({"unmap", "", "", "", double(m.arg.remove.start), double(m.arg.remove.end)});
+        break;
+      case UFFD_EVENT_REMAP:
+        events_.Emit({"remap", "", "", "", double(m.arg.remap.from), double(m.arg.remap.to)});
+        break;
+      case UFFD_EVENT_FORK:
+        events_.Emit({"fork", "", "", "", double(m.arg.fork.ufd)});
+        break;
+      default:
+        events_.Emit({"unknown-event", "", "", "", double(m.event)});
+    }
+  }
+
+  void ReceiveLoop(int fd, const char* channel) {
+    void* raw = nullptr;
+    if (posix_memalign(&raw, 4096, maxRunBytes_) != 0) {
+      events_.Emit({"error", channel, "ENOMEM", "cannot allocate the receive buffer"});
+      return;
+    }
+    std::unique_ptr<uint8_t, decltype(&free)> buffer(static_cast<uint8_t*>(raw), &free);
+    while (!stop_.load()) {
+      wire::RunHeader h;
+      int err = ReadFull(fd, &h, sizeof h);
+      if (err) {
+        if (!stop_.load()) events_.Emit({"closed", channel, err > 0 ? ErrnoName(err) : "", "the source closed the channel"});
+        return;
+      }
+      bytesReceived_ += sizeof h;
+      if (h.kind == wire::kBulkEnd) {
+        events_.Emit({"background-done", channel, "", ""});
+        continue;
+      }
+      const char* bad = Validate(h);
+      if (bad) {
+        events_.Emit({"error", channel, bad, "the source sent a run outside the negotiated regions; channel closed"});
+        shutdown(fd, SHUT_RDWR);
+        return;
+      }
+      TargetRegion& r = *regions_[h.region];
+      uint64_t bytes = static_cast<uint64_t>(h.count) * r.pageSize;
+      if (h.kind == wire::kDataRun) {
+        if ((err = ReadFull(fd, buffer.get(), bytes))) {
+          if (!stop_.load()) events_.Emit({"closed", channel, err > 0 ? ErrnoName(err) : "EPIPE", "the source closed the channel mid-run"});
+          return;
+        }
+        bytesReceived_ += bytes;
+      }
+      if (!Install(r, h, h.kind == wire::kDataRun ? buffer.get() : nullptr, channel)) return;
+    }
+  }
+
+  // Every field is checked before any of it is used to compute an address.
+  const char* Validate(const wire::RunHeader& h) const {
+    if (h.kind != wire::kDataRun && h.kind != wire::kZeroRun) return "ERR_PROTOCOL_MALFORMED";
+    if (h.region >= regions_.size() || h.reason > wire::kBackground) return "ERR_PROTOCOL_OUT_OF_RANGE";
+    const TargetRegion& r = *regions_[h.region];
+    if (h.count == 0 || h.count > wire::MaxRunPages(r.pageSize)) return "ERR_PROTOCOL_OUT_OF_RANGE";
+    if (h.first_page >= r.pages || h.count > r.pages - h.first_page) return "ERR_PROTOCOL_OUT_OF_RANGE";
+    return nullptr;
+  }
+
+  // Installs the pages of one run that are not resident yet, a contiguous
+  // stretch per ioctl. Returns false when the engine must stop.
+  bool Install(TargetRegion& r, const wire::RunHeader& h, const uint8_t* data, const char* channel) {
+    uint64_t p = h.first_page, end = h.first_page + h.count;
+    while (p < end) {
+      if (r.received->Test(p)) { duplicates_++; p++; continue; }
+      uint64_t q = p + 1;
+      while (q < end && !r.received->Test(q)) q++;
+      // [p, q) were missing a moment ago; install them, stepping over any that
+      // another channel installs meanwhile (EEXIST).
+      while (p < q) {
+        uint64_t len = (q - p) * r.pageSize;
+        int64_t done = 0;
+        int err = data ? Copy(r.base + p * r.pageSize, data + (p - h.first_page) * r.pageSize, len, &done)
+                       : Zero(r.base + p * r.pageSize, len, &done);
+        uint64_t donePages = done > 0 ? static_cast<uint64_t>(done) / r.pageSize : 0;
+        Installed(r, p, donePages, h.reason, data == nullptr);
+        p += donePages;
+        if (err == 0) continue;
+        if (err == EEXIST) { duplicates_++; p++; continue; }
+        if (err == EAGAIN) {  // the memory layout is changing (e.g. a REMOVE in flight): retry shortly
+          retries_++;
+          timespec ts{0, 50000};
+          nanosleep(&ts, nullptr);
+          if (stop_.load()) return false;
+          continue;
+        }
+        if (!stop_.load()) events_.Emit({"error", channel, ErrnoName(err), "installing pages failed"});
+        return false;
+      }
+    }
+    return true;
+  }
+
+  int Copy(uint64_t dst, const uint8_t* src, uint64_t len, int64_t* done) {
+    uffdio_copy c{dst, reinterpret_cast<uint64_t>(src), len, 0, 0};
+    if (ioctl(uffd_, UFFDIO_COPY, &c) == 0) { *done = static_cast<int64_t>(len); return 0; }
+    *done = c.copy;
+    return errno;
+  }
+
+  int Zero(uint64_t dst, uint64_t len, int64_t* done) {
+    if (!zeroFallback_.load(std::memory_order_relaxed)) {
+      uffdio_zeropage z{{dst, len}, 0, 0};
+      if (ioctl(uffd_, UFFDIO_ZEROPAGE, &z) == 0) { *done = static_cast<int64_t>(len); return 0; }
+      if (errno != EINVAL) { *done = z.zeropage; return errno; }
+      zeroFallback_.store(true);  // hugetlbfs has no ZEROPAGE: copy zeros instead
+    }
+    return Copy(dst, zeros_.get(), len, done);  // runs never exceed maxRunBytes_
+  }
+
+  void Installed(TargetRegion& r, uint64_t first, uint64_t count, uint32_t reason, bool zero) {
+    if (count == 0) return;
+    uint64_t now = MonotonicNs();
+    for (uint64_t p = first; p < first + count; p++) {
+      if (!r.received->Claim(p)) continue;
+      uint64_t t = r.faultNs[p].exchange(0, std::memory_order_acq_rel);
+      if (t) {
+        uint64_t waited = now > t ? now - t : 0;
+        latency_.Record(waited);
+        uint32_t w = r.waiters[p].exchange(0, std::memory_order_relaxed);
+        blockedNs_ += waited * (w ? w : 1);
+      }
+    }
+    installed_[reason] += count;
+    if (zero) zeroPages_ += count;
+    if (resident_.fetch_add(count) + count == totalPages_) {
+      completeNs_ = now;
+      events_.Emit({"complete", "", "", "", static_cast<double>(now - startNs_)});
+    }
+  }
+
+  std::vector<std::unique_ptr<TargetRegion>> regions_;
+  uint64_t totalPages_ = 0, maxRunBytes_ = 4096;
+  int uffd_ = -1, urgentFd_ = -1, bulkFd_ = -1, stopFd_ = -1;
+  EventSink events_;
+  std::thread faultThread_, urgentThread_, bulkThread_;
+  bool started_ = false, stopped_ = false;
+  std::atomic<bool> zeroFallback_{false};
+  std::unique_ptr<uint8_t, decltype(&free)> zeros_{nullptr, &free};
+  std::atomic<bool> stop_{false};
+  LatencyHistogram latency_;
+  uint64_t startNs_ = 0;
+  std::atomic<uint64_t> completeNs_{0};
+  std::atomic<uint64_t> faults_{0}, faultsResident_{0}, requestsSent_{0}, installed_[3] = {}, zeroPages_{0},
+      duplicates_{0}, bytesReceived_{0}, resident_{0}, blockedNs_{0}, retries_{0}, unexpected_{0}, memoryEvents_{0};
+};
+
+}  // namespace
+
+void InitFaultEngine(Napi::Env env, Napi::Object exports) {
+  exports.Set("FaultEngine", FaultEngine::Define(env));
+}
+
+}  // namespace uffdpc

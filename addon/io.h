@@ -1,0 +1,61 @@
+// Blocking socket I/O for the data-plane threads: whole reads, whole writev,
+// and a monotonic clock.
+#pragma once
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstddef>
+#include <cstdint>
+
+namespace uffdpc {
+
+inline uint64_t MonotonicNs() {
+  timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return static_cast<uint64_t>(t.tv_sec) * 1000000000ull + static_cast<uint64_t>(t.tv_nsec);
+}
+
+// Reads exactly n bytes. Returns 0 on success, -1 at a clean EOF before the
+// first byte, or an errno value (EPIPE for EOF in the middle).
+inline int ReadFull(int fd, void* buf, size_t n) {
+  size_t got = 0;
+  while (got < n) {
+    ssize_t r = read(fd, static_cast<char*>(buf) + got, n - got);
+    if (r > 0) { got += static_cast<size_t>(r); continue; }
+    if (r == 0) return got == 0 ? -1 : EPIPE;
+    if (errno == EINTR) continue;
+    return errno;
+  }
+  return 0;
+}
+
+// Writes every byte of iov[0..count); advances the iovecs in place. 0 or errno.
+inline int WritevFull(int fd, iovec* iov, int count) {
+  while (count > 0) {
+    ssize_t w = writev(fd, iov, count > IOV_MAX ? IOV_MAX : count);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    size_t left = static_cast<size_t>(w);
+    while (count > 0 && left >= iov->iov_len) {
+      left -= iov->iov_len;
+      iov++;
+      count--;
+    }
+    if (count > 0) {
+      iov->iov_base = static_cast<char*>(iov->iov_base) + left;
+      iov->iov_len -= left;
+    }
+  }
+  return 0;
+}
+
+inline int WriteFull(int fd, const void* buf, size_t n) {
+  iovec iov{const_cast<void*>(buf), n};
+  return WritevFull(fd, &iov, 1);
+}
+
+}  // namespace uffdpc

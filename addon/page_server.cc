@@ -1,0 +1,381 @@
+// The source's data plane for one destination session. A request thread reads
+// page requests from the urgent channel and answers each with the page itself
+// (always, first) and its prefault window (pages not sent yet); a background
+// thread streams every page not sent yet on the bulk channel, its cursor jumping
+// to the last request. Pages go out with writev straight from the image memory.
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "addon.h"
+#include "bitmap.h"
+#include "errors.h"
+#include "events.h"
+#include "io.h"
+#include "mapping.h"
+#include "wire.h"
+
+namespace uffdpc {
+namespace {
+
+struct ServedRegion {
+  const uint8_t* data = nullptr;
+  uint64_t pageSize = 0;
+  uint64_t pages = 0;
+  std::unique_ptr<AtomicBitmap> sent;        // sent at least once, on either channel
+  std::unique_ptr<AtomicBitmap> sentUrgent;  // sent on the urgent channel
+  std::vector<uint64_t> knownZero;  // pages known to be zero (file holes), read-only
+  Napi::ObjectReference keepAlive;  // the Buffer or Mapping behind `data`
+  Mapping* pinned = nullptr;
+
+  bool KnownZero(uint64_t page) const {
+    return !knownZero.empty() && ((knownZero[page / 64] >> (page % 64)) & 1);
+  }
+  bool IsZero(uint64_t page) const {
+    if (KnownZero(page)) return true;
+    const uint64_t* w = reinterpret_cast<const uint64_t*>(data + page * pageSize);
+    for (uint64_t i = 0, n = pageSize / 8; i < n; i += 8) {
+      if (w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] | w[i + 5] | w[i + 6] | w[i + 7]) return false;
+    }
+    return true;
+  }
+};
+
+// Collects runs into one writev. Headers live in a vector reserved up front so
+// the iovecs pointing at them stay valid; a full batch is sent before the next
+// run is added.
+class RunBatch {
+ public:
+  RunBatch(int fd, size_t maxRuns, std::atomic<uint64_t>& bytesSent) : fd_(fd), bytesSent_(bytesSent) {
+    headers_.reserve(maxRuns);
+    iov_.reserve(maxRuns * 2);
+  }
+  // Returns 0, or the errno of a failed send.
+  int Add(uint32_t regionId, const ServedRegion& r, uint64_t first, uint32_t count, bool zero, uint32_t reason) {
+    if (headers_.size() == headers_.capacity()) {
+      if (int err = Flush()) return err;
+    }
+    headers_.push_back({zero ? wire::kZeroRun : wire::kDataRun, regionId, first, count, reason});
+    iov_.push_back({&headers_.back(), sizeof(wire::RunHeader)});
+    bytes_ += sizeof(wire::RunHeader);
+    if (!zero) {
+      iov_.push_back({const_cast<uint8_t*>(r.data + first * r.pageSize), count * r.pageSize});
+      bytes_ += count * r.pageSize;
+    }
+    return 0;
+  }
+  int Flush() {
+    if (headers_.empty()) return 0;
+    int err = WritevFull(fd_, iov_.data(), static_cast<int>(iov_.size()));
+    if (!err) bytesSent_ += bytes_;
+    headers_.clear();
+    iov_.clear();
+    bytes_ = 0;
+    return err;
+  }
+
+ private:
+  int fd_;
+  std::atomic<uint64_t>& bytesSent_;
+  std::vector<wire::RunHeader> headers_;
+  std::vector<iovec> iov_;
+  uint64_t bytes_ = 0;
+};
+
+class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "PageServerSession",
+                       {InstanceMethod<&PageServerSession::Start>("start"),
+                        InstanceMethod<&PageServerSession::Stop>("stop"),
+                        InstanceMethod<&PageServerSession::MarkSent>("markSent"),
+                        InstanceMethod<&PageServerSession::Stats>("stats")});
+  }
+
+  // new PageServerSession({regions, urgentFd, bulkFd, windowForward, windowBackward,
+  //                        background, rateBytesPerSecond, onEvent}); validated in server/session.ts.
+  explicit PageServerSession(const Napi::CallbackInfo& info) : Napi::ObjectWrap<PageServerSession>(info) {
+    Napi::Object o = info[0].As<Napi::Object>();
+    Napi::Array regions = o.Get("regions").As<Napi::Array>();
+    for (uint32_t i = 0; i < regions.Length(); i++) {
+      Napi::Object r = regions.Get(i).As<Napi::Object>();
+      auto region = std::make_unique<ServedRegion>();
+      Napi::Object source = r.Get("source").As<Napi::Object>();
+      uint64_t offset = static_cast<uint64_t>(r.Get("offset").As<Napi::Number>().Int64Value());
+      uint64_t length = static_cast<uint64_t>(r.Get("length").As<Napi::Number>().Int64Value());
+      region->pageSize = static_cast<uint64_t>(r.Get("pageSize").As<Napi::Number>().Int64Value());
+      region->pages = length / region->pageSize;
+      if (r.Get("sourceIsMapping").As<Napi::Boolean>().Value()) {
+        Mapping* m = Mapping::Unwrap(source);
+        if (!m->mapped() || offset + length > m->length())
+          throw CodedError(info.Env(), "ERR_IMAGE_INVALID", "the image mapping is unmapped or too small");
+        m->Pin();
+        region->pinned = m;
+        region->data = m->data() + offset;
+      } else {
+        auto bytes = source.As<Napi::TypedArrayOf<uint8_t>>();
+        if (offset + length > bytes.ByteLength())
+          throw CodedError(info.Env(), "ERR_IMAGE_INVALID", "the image buffer is too small");
+        region->data = bytes.Data() + offset;
+      }
+      region->keepAlive = Napi::Persistent(source);
+      Napi::Value zero = r.Get("knownZero");
+      if (zero.IsTypedArray()) {
+        auto z = zero.As<Napi::TypedArrayOf<uint8_t>>();
+        region->knownZero.assign((region->pages + 63) / 64, 0);
+        std::memcpy(region->knownZero.data(), z.Data(), std::min<size_t>(z.ByteLength(), region->knownZero.size() * 8));
+      }
+      region->sent = std::make_unique<AtomicBitmap>(region->pages);
+      region->sentUrgent = std::make_unique<AtomicBitmap>(region->pages);
+      totalPages_ += region->pages;
+      regions_.push_back(std::move(region));
+    }
+    urgentFd_ = o.Get("urgentFd").As<Napi::Number>().Int32Value();
+    bulkFd_ = o.Get("bulkFd").As<Napi::Number>().Int32Value();
+    windowForward_ = o.Get("windowForward").As<Napi::Number>().Uint32Value();
+    windowBackward_ = o.Get("windowBackward").As<Napi::Number>().Uint32Value();
+    background_ = o.Get("background").As<Napi::Boolean>().Value();
+    rate_ = o.Get("rateBytesPerSecond").As<Napi::Number>().DoubleValue();
+    events_.Open(info.Env(), o.Get("onEvent").As<Napi::Function>(), "PageServerSession");
+  }
+
+  ~PageServerSession() override { Shutdown(); }
+
+ private:
+  // markSent(region, bitmap): pages the destination already holds (resume).
+  Napi::Value MarkSent(const Napi::CallbackInfo& info) {
+    uint32_t id = info[0].As<Napi::Number>().Uint32Value();
+    auto bits = info[1].As<Napi::TypedArrayOf<uint8_t>>();
+    ServedRegion& r = *regions_.at(id);
+    for (uint64_t p = 0; p < r.pages && p / 8 < bits.ByteLength(); p++)
+      if ((bits.Data()[p / 8] >> (p % 8)) & 1)
+        if (r.sent->Claim(p)) claimed_++;
+    return info.Env().Undefined();
+  }
+
+  Napi::Value Start(const Napi::CallbackInfo& info) {
+    if (started_) return info.Env().Undefined();
+    started_ = true;
+    startNs_ = MonotonicNs();
+    requestThread_ = std::thread([this] { RequestLoop(); });
+    if (background_ && bulkFd_ >= 0) backgroundThread_ = std::thread([this] { BackgroundLoop(); });
+    return info.Env().Undefined();
+  }
+
+  Napi::Value Stop(const Napi::CallbackInfo& info) {
+    Shutdown();
+    return info.Env().Undefined();
+  }
+
+  void Shutdown() {
+    if (stopped_) return;
+    stopped_ = true;
+    stop_.store(true);
+    if (urgentFd_ >= 0) shutdown(urgentFd_, SHUT_RDWR);
+    if (bulkFd_ >= 0) shutdown(bulkFd_, SHUT_RDWR);
+    if (requestThread_.joinable()) requestThread_.join();
+    if (backgroundThread_.joinable()) backgroundThread_.join();
+    if (urgentFd_ >= 0) close(urgentFd_);
+    if (bulkFd_ >= 0) close(bulkFd_);
+    urgentFd_ = bulkFd_ = -1;
+    for (auto& r : regions_) {
+      if (r->pinned) r->pinned->Unpin();
+      r->pinned = nullptr;
+      r->keepAlive.Reset();
+    }
+    events_.Close();
+  }
+
+  Napi::Value Stats(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Napi::Object s = Napi::Object::New(env);
+    auto n = [&](const char* k, uint64_t v) { s.Set(k, Napi::Number::New(env, static_cast<double>(v))); };
+    n("requests", requests_);
+    n("pagesRequested", pagesRequested_);
+    n("pagesResent", pagesResent_);
+    n("pagesAlreadyInFlight", pagesInFlight_);
+    n("pagesPrefaulted", pagesPrefault_);
+    n("pagesBackground", pagesBackground_);
+    n("zeroPages", zeroPages_);
+    n("bytesSent", bytesSent_);
+    n("pagesSent", claimed_);
+    n("totalPages", totalPages_);
+    n("backgroundDoneNs", backgroundDoneNs_ ? backgroundDoneNs_ - startNs_ : 0);
+    return s;
+  }
+
+  void Fail(const char* channel, const char* code, const std::string& message) {
+    events_.Emit({"error", channel, code, message});
+  }
+
+  // Adds pages [first, first+count) of region `id` to the batch as data and
+  // zero runs. Returns 0 or the errno of a failed send.
+  int AddRuns(RunBatch& batch, uint32_t id, uint64_t first, uint64_t count, uint32_t reason) {
+    const ServedRegion& r = *regions_[id];
+    uint64_t p = first, end = first + count;
+    while (p < end) {
+      bool zero = r.IsZero(p);
+      uint64_t q = p + 1;
+      while (q < end && r.IsZero(q) == zero) q++;
+      if (int err = batch.Add(id, r, p, static_cast<uint32_t>(q - p), zero, reason)) return err;
+      if (zero) zeroPages_ += q - p;
+      p = q;
+    }
+    return 0;
+  }
+
+  void RequestLoop() {
+    std::vector<wire::PageRequest> reqs(64);
+    size_t have = 0;  // bytes buffered in reqs
+    RunBatch batch(urgentFd_, 256, bytesSent_);
+    while (!stop_.load()) {
+      ssize_t got = read(urgentFd_, reinterpret_cast<char*>(reqs.data()) + have, reqs.size() * sizeof(wire::PageRequest) - have);
+      if (got < 0 && errno == EINTR) continue;
+      if (got <= 0) {
+        if (!stop_.load()) events_.Emit({"closed", "urgent", got < 0 ? ErrnoName(errno) : "", "the destination closed the urgent channel"});
+        return;
+      }
+      have += static_cast<size_t>(got);
+      size_t count = have / sizeof(wire::PageRequest);
+      for (size_t i = 0; i < count; i++) {
+        const wire::PageRequest& req = reqs[i];
+        if (req.kind != wire::kRequest) return Fail("urgent", "ERR_PROTOCOL_MALFORMED", "unknown frame kind on the urgent channel");
+        if (req.region >= regions_.size() || req.page >= regions_[req.region]->pages)
+          return Fail("urgent", "ERR_PROTOCOL_OUT_OF_RANGE", "page request outside the served regions");
+        if (int err = Answer(batch, req.region, req.page)) return FailWrite(err);
+      }
+      if (int err = batch.Flush()) return FailWrite(err);
+      size_t used = count * sizeof(wire::PageRequest);
+      std::memmove(reqs.data(), reinterpret_cast<char*>(reqs.data()) + used, have - used);
+      have -= used;
+    }
+  }
+
+  void FailWrite(int err) {
+    if (!stop_.load()) Fail("urgent", ErrnoName(err).c_str(), "write to the urgent channel failed");
+  }
+
+  // The requested page goes first. It is sent again even if the background
+  // thread sent it already (that copy may sit behind megabytes of bulk data),
+  // but not if it went out on this channel, where it is already ahead of us.
+  // Then the window pages nobody has sent yet.
+  int Answer(RunBatch& batch, uint32_t id, uint64_t page) {
+    ServedRegion& r = *regions_[id];
+    requests_++;
+    lastRequest_.store((static_cast<uint64_t>(id) << 48) | page, std::memory_order_relaxed);
+    requestSeq_.fetch_add(1, std::memory_order_release);
+    if (r.sent->Claim(page)) {
+      claimed_++;
+      r.sentUrgent->Claim(page);
+    } else if (r.sentUrgent->Test(page)) {
+      pagesInFlight_++;
+      return 0;
+    } else {
+      pagesResent_++;
+    }
+    pagesRequested_++;
+    if (int err = AddRuns(batch, id, page, 1, wire::kRequested)) return err;
+    auto addWindow = [&](uint64_t from, uint64_t to) -> int {  // [from, to), ascending
+      uint32_t maxRun = wire::MaxRunPages(r.pageSize);
+      uint64_t runStart = 0, runLen = 0;
+      for (uint64_t p = from; p < to; p++) {
+        bool mine = r.sent->Claim(p);
+        if (mine) {
+          claimed_++;
+          r.sentUrgent->Claim(p);
+          if (runLen == 0) runStart = p;
+          runLen++;
+        }
+        if (runLen > 0 && (!mine || p + 1 == to || runLen == maxRun)) {
+          pagesPrefault_ += runLen;
+          if (int err = AddRuns(batch, id, runStart, runLen, wire::kPrefault)) return err;
+          runLen = 0;
+        }
+      }
+      return 0;
+    };
+    if (int err = addWindow(page + 1, std::min(r.pages, page + 1 + windowForward_))) return err;
+    return addWindow(page > windowBackward_ ? page - windowBackward_ : 0, page);
+  }
+
+  void BackgroundLoop() {
+    RunBatch batch(bulkFd_, 64, bytesSent_);
+    uint32_t region = 0;
+    uint64_t cursor = 0, seenSeq = 0, sentBytes = 0;
+    uint64_t t0 = MonotonicNs();
+    while (!stop_.load()) {
+      uint64_t seq = requestSeq_.load(std::memory_order_acquire);
+      if (seq != seenSeq) {  // follow the workload: continue after the last request
+        seenSeq = seq;
+        uint64_t last = lastRequest_.load(std::memory_order_relaxed);
+        region = static_cast<uint32_t>(last >> 48);
+        cursor = (last & ((1ull << 48) - 1)) + 1;
+      }
+      if (claimed_.load() >= totalPages_) break;
+      ServedRegion& r = *regions_[region];
+      uint64_t p = r.sent->NextClear(cursor);
+      if (p >= r.pages) {  // nothing left from here in this region: next region, from its start
+        region = (region + 1) % regions_.size();
+        cursor = 0;
+        continue;
+      }
+      uint32_t maxRun = wire::MaxRunPages(r.pageSize);
+      uint64_t runLen = 0;
+      while (p + runLen < r.pages && runLen < maxRun && r.sent->Claim(p + runLen)) runLen++;
+      if (runLen == 0) { cursor = p + 1; continue; }  // the request thread took it first
+      claimed_ += runLen;
+      pagesBackground_ += runLen;
+      cursor = p + runLen;
+      int err = AddRuns(batch, region, p, runLen, wire::kBackground);
+      if (!err) err = batch.Flush();
+      if (err) {
+        if (!stop_.load()) Fail("bulk", ErrnoName(err).c_str(), "write to the bulk channel failed");
+        return;
+      }
+      sentBytes += runLen * r.pageSize;
+      if (rate_ > 0) Pace(t0, sentBytes);
+    }
+    if (stop_.load()) return;
+    wire::RunHeader end{wire::kBulkEnd, 0, 0, 0, wire::kBackground};
+    if (WriteFull(bulkFd_, &end, sizeof end) == 0) bytesSent_ += sizeof end;
+    backgroundDoneNs_ = MonotonicNs();
+    events_.Emit({"background-done", "bulk", "", ""});
+  }
+
+  // Sleeps (in short steps, so stop() stays prompt) until `sent` bytes fit the rate.
+  void Pace(uint64_t t0, uint64_t sent) {
+    uint64_t due = t0 + static_cast<uint64_t>(static_cast<double>(sent) / rate_ * 1e9);
+    for (uint64_t now = MonotonicNs(); now < due && !stop_.load(); now = MonotonicNs()) {
+      uint64_t wait = std::min<uint64_t>(due - now, 10'000'000);
+      timespec ts{static_cast<time_t>(wait / 1000000000ull), static_cast<long>(wait % 1000000000ull)};
+      nanosleep(&ts, nullptr);
+    }
+  }
+
+  std::vector<std::unique_ptr<ServedRegion>> regions_;
+  uint64_t totalPages_ = 0;
+  int urgentFd_ = -1, bulkFd_ = -1;
+  uint32_t windowForward_ = 0, windowBackward_ = 0;
+  bool background_ = true;
+  double rate_ = 0;
+  EventSink events_;
+  std::thread requestThread_, backgroundThread_;
+  bool started_ = false, stopped_ = false;
+  std::atomic<bool> stop_{false};
+  std::atomic<uint64_t> lastRequest_{0}, requestSeq_{0};
+  std::atomic<uint64_t> claimed_{0}, requests_{0}, pagesRequested_{0}, pagesResent_{0}, pagesInFlight_{0}, pagesPrefault_{0},
+      pagesBackground_{0}, zeroPages_{0}, bytesSent_{0};
+  uint64_t startNs_ = 0;
+  std::atomic<uint64_t> backgroundDoneNs_{0};
+};
+
+}  // namespace
+
+void InitPageServer(Napi::Env env, Napi::Object exports) {
+  exports.Set("PageServerSession", PageServerSession::Define(env));
+}
+
+}  // namespace uffdpc

@@ -1,0 +1,49 @@
+// Byte layouts of the native data channels (docs/PROTOCOL.md, "Data channels").
+// All fields little-endian. Both ends bounds-check every field before use.
+//
+//   urgent, destination -> source:  PageRequest, 16 bytes
+//     u32 kind = kRequest   u32 region   u64 page
+//
+//   urgent and bulk, source -> destination:  RunHeader, 24 bytes
+//     u32 kind (kDataRun | kZeroRun | kBulkEnd)   u32 region
+//     u64 first_page   u32 count   u32 reason (kRequested | kPrefault | kBackground)
+//   kDataRun is followed by count * page_size bytes of page data; kZeroRun and
+//   kBulkEnd by nothing. kBulkEnd (bulk only) says every page has been sent.
+#pragma once
+#include <cstdint>
+
+namespace uffdpc::wire {
+
+constexpr uint32_t kRequest = 0x51455250;  // "PREQ"
+constexpr uint32_t kDataRun = 0x41544144;  // "DATA"
+constexpr uint32_t kZeroRun = 0x4f52455a;  // "ZERO"
+constexpr uint32_t kBulkEnd = 0x20444e45;  // "END "
+
+enum Reason : uint32_t { kRequested = 0, kPrefault = 1, kBackground = 2 };
+
+struct PageRequest {
+  uint32_t kind;
+  uint32_t region;
+  uint64_t page;
+};
+static_assert(sizeof(PageRequest) == 16);
+
+struct RunHeader {
+  uint32_t kind;
+  uint32_t region;
+  uint64_t first_page;
+  uint32_t count;
+  uint32_t reason;
+};
+static_assert(sizeof(RunHeader) == 24);
+
+// The largest run on the wire, in bytes; a run holds at most this / page_size
+// pages (at least one). Receivers size their buffers from it.
+constexpr uint64_t kMaxRunBytes = 2u << 20;
+
+inline uint32_t MaxRunPages(uint64_t pageSize) {
+  uint64_t n = kMaxRunBytes / pageSize;
+  return n ? static_cast<uint32_t>(n) : 1;
+}
+
+}  // namespace uffdpc::wire

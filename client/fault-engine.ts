@@ -1,0 +1,125 @@
+// The destination's native fault engine, typed and validated: it serves the
+// faults of one userfaultfd over a set of regions from a source's data channels.
+import { EventEmitter } from 'node:events';
+import { native, type DestinationStats, type NativeEvent, type NativeFaultEngine } from '../lib/native.js';
+import { ErrorCode, PostcopyError, type ErrorCodeValue } from '../lib/errors.js';
+import { validateAligned, validateFd, validateInteger } from '../lib/validate.js';
+import { silentLogger, type Logger } from '../lib/logger.js';
+
+export type { DestinationStats } from '../lib/native.js';
+
+export interface TargetRegion {
+  /** Start of the region in the address space of the process that faults (ours or a VMM's). */
+  base: number;
+  length: number;
+  pageSize: number;
+}
+
+export interface FaultEngineOptions {
+  uffd: number;
+  regions: readonly TargetRegion[];
+  urgentFd: number;
+  bulkFd: number;
+  logger?: Logger;
+}
+
+/**
+ * Events: 'complete' (every page resident), 'failed' (PostcopyError),
+ * 'memory-event' ({type: 'remove'|'unmap'|'remap'|'fork', a, b}).
+ */
+export class FaultEngine extends EventEmitter {
+  readonly #native: NativeFaultEngine;
+  readonly #log: Logger;
+  readonly #resident: Promise<void>;
+  #settle!: { resolve: () => void; reject: (e: PostcopyError) => void };
+  #complete = false;
+  #stopped = false;
+
+  constructor(options: FaultEngineOptions) {
+    super();
+    validateFd(options.uffd, 'uffd');
+    validateFd(options.urgentFd, 'urgentFd');
+    validateFd(options.bulkFd, 'bulkFd');
+    if (!Array.isArray(options.regions) || options.regions.length === 0) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, 'at least one region is needed');
+    const regions = options.regions.map((r, i) => {
+      const pageSize = validateInteger(r.pageSize, `regions[${i}].pageSize`, 4096);
+      if ((pageSize & (pageSize - 1)) !== 0) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `regions[${i}].pageSize must be a power of two`);
+      return { base: validateAligned(r.base, `regions[${i}].base`, pageSize, pageSize), length: validateAligned(r.length, `regions[${i}].length`, pageSize, pageSize), pageSize };
+    });
+    const sorted = [...regions].sort((a, b) => a.base - b.base);
+    for (let i = 1; i < sorted.length; i++) {
+      if (sorted[i].base < sorted[i - 1].base + sorted[i - 1].length) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, 'regions overlap');
+    }
+    this.#log = options.logger ?? silentLogger;
+    this.#resident = new Promise((resolve, reject) => (this.#settle = { resolve, reject }));
+    this.#resident.catch(() => {});
+    this.#native = new native.FaultEngine({ uffd: options.uffd, regions, urgentFd: options.urgentFd, bulkFd: options.bulkFd, onEvent: (e) => this.#onEvent(e) });
+  }
+
+  start(): void {
+    this.#native.start();
+  }
+
+  /** Resolves once every page of every region is resident; rejects if the engine fails first. */
+  whenResident(): Promise<void> {
+    return this.#resident;
+  }
+
+  get complete(): boolean {
+    return this.#complete;
+  }
+
+  stats(): DestinationStats {
+    return this.#native.stats();
+  }
+
+  /** One bit per page (bit p of byte p/8): what is resident in region `id`. */
+  receivedBitmap(id: number): Buffer {
+    return this.#native.receivedBitmap(validateInteger(id, 'id'));
+  }
+
+  /** Joins the native threads and closes the data channels; the userfaultfd stays open. */
+  stop(): void {
+    if (this.#stopped) return;
+    this.#stopped = true;
+    this.#native.stop();
+    if (!this.#complete) this.#settle.reject(new PostcopyError(ErrorCode.PEER_GONE, 'the engine was stopped before every page was resident'));
+  }
+
+  #onEvent(e: NativeEvent): void {
+    try {
+      switch (e.type) {
+        case 'complete':
+          this.#complete = true;
+          this.#log.info({ fullResidencyMs: Math.round(e.a / 1e4) / 100 }, 'every page is resident');
+          this.#settle.resolve();
+          this.emit('complete');
+          return;
+        case 'background-done':
+          this.#log.debug('the source has sent every page');
+          return;
+        case 'remove':
+        case 'unmap':
+        case 'remap':
+        case 'fork':
+          this.emit('memory-event', { type: e.type, a: e.a, b: e.b });
+          return;
+        case 'unexpected-fault':
+          this.#log.warn({ address: e.a }, 'a fault outside every region; the faulting thread stays blocked');
+          this.emit('unexpected-fault', e.a);
+          return;
+        case 'closed':
+        case 'uffd-closed':
+          if (this.#complete || this.#stopped) return;
+          break;
+      }
+      const code = ((Object.values(ErrorCode) as string[]).includes(e.code ?? '') ? e.code : ErrorCode.PEER_GONE) as ErrorCodeValue;
+      const err = new PostcopyError(code, `${e.channel ? `${e.channel} channel: ` : ''}${e.message ?? e.type}`, { event: e.type, native: e.code });
+      this.#log.error({ code: err.code, channel: e.channel, native: e.code, err: err.message }, 'fault engine failed');
+      this.#settle.reject(err);
+      this.emit('failed', err);
+    } catch (err) {
+      this.#log.error({ err }, 'handling a fault-engine event failed');
+    }
+  }
+}

@@ -1,0 +1,50 @@
+// Turns the engine's native counters into the report people and scripts read.
+import type { DestinationStats } from '../lib/native.js';
+import type { TransferOptions } from '../server/session.js';
+
+export interface RestoreReport {
+  pages: number;
+  bytes: number;
+  faults: number;
+  pagesOnDemand: number;
+  pagesPrefaulted: number;
+  pagesBackground: number;
+  zeroPages: number;
+  duplicatePages: number;
+  bytesReceived: number;
+  faultLatencyUs: { count: number; p50: number; p90: number; p99: number; max: number; mean: number };
+  blockedMs: number;
+  fullResidencyMs: number;
+  window: TransferOptions['window'];
+  background: TransferOptions['background'];
+  [key: string]: unknown;
+}
+
+const us = (ns: number) => Math.round(ns / 10) / 100;
+const ms = (ns: number) => Math.round(ns / 1e4) / 100;
+
+export function summarize(s: DestinationStats, transfer: TransferOptions, pageSize = 4096): RestoreReport {
+  return {
+    pages: s.totalPages,
+    bytes: s.totalPages * pageSize,
+    faults: s.faults,
+    pagesOnDemand: s.pagesInstalledRequested,
+    pagesPrefaulted: s.pagesInstalledPrefault,
+    pagesBackground: s.pagesInstalledBackground,
+    zeroPages: s.zeroPages,
+    duplicatePages: s.duplicatePages,
+    bytesReceived: s.bytesReceived,
+    faultLatencyUs: {
+      count: s.faultLatency.count,
+      p50: us(s.faultLatency.p50Ns),
+      p90: us(s.faultLatency.p90Ns),
+      p99: us(s.faultLatency.p99Ns),
+      max: us(s.faultLatency.maxNs),
+      mean: us(s.faultLatency.meanNs),
+    },
+    blockedMs: ms(s.blockedNs),
+    fullResidencyMs: ms(s.fullResidencyNs),
+    window: transfer.window,
+    background: transfer.background,
+  };
+}

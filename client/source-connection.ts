@@ -1,0 +1,160 @@
+// The destination's side of the control protocol: connect to a source, prove
+// the token (and check the source's proof), negotiate options, open the two
+// data channels and hand them to native code, then start, finish, and say bye.
+import { closeSync } from 'node:fs';
+import { connect, type Socket } from 'node:net';
+import { ErrorCode, PostcopyError } from '../lib/errors.js';
+import { type Address, parseAddress } from '../lib/address.js';
+import {
+  FrameReader, PROTOCOL_VERSION, SOFTWARE, newNonce, proofMatches, proveToken, send, takeSocket, type MessageOf, type RegionInfo,
+} from '../lib/protocol.js';
+import type { TransferOptions } from '../server/session.js';
+
+export interface SourceConnectionOptions {
+  source: string | Address;
+  token?: string;
+  transfer: TransferOptions;
+  /** Give up on any handshake step after this long (default 10 s). */
+  timeoutMs?: number;
+}
+
+export class SourceConnection {
+  readonly session: string;
+  readonly regions: RegionInfo[];
+  readonly #control: Socket;
+  readonly #reader: FrameReader;
+  readonly #timeoutMs: number;
+  #channels: { urgentFd: number; bulkFd: number } | null;
+
+  private constructor(control: Socket, reader: FrameReader, welcome: MessageOf<'welcome'>, channels: { urgentFd: number; bulkFd: number }, timeoutMs: number) {
+    this.#control = control;
+    this.#reader = reader;
+    this.session = welcome.session;
+    this.regions = welcome.regions;
+    this.#channels = channels;
+    this.#timeoutMs = timeoutMs;
+  }
+
+  static async open(options: SourceConnectionOptions): Promise<SourceConnection> {
+    const address = typeof options.source === 'string' ? parseAddress(options.source) : options.source;
+    const timeoutMs = options.timeoutMs ?? 10_000;
+    const control = await dial(address, timeoutMs);
+    const reader = new FrameReader(control);
+    try {
+      const nonce = newNonce();
+      send(control, { t: 'hello', protocol: PROTOCOL_VERSION, software: SOFTWARE, nonce });
+      const challenge = await reader.next(['challenge'], timeoutMs);
+      if (challenge.protocol !== PROTOCOL_VERSION) throw new PostcopyError(ErrorCode.PROTOCOL_VERSION, `the source speaks protocol ${challenge.protocol}, not ${PROTOCOL_VERSION}`);
+      let proof: Buffer | undefined;
+      if (challenge.auth === 'token') {
+        if (!options.token) throw new PostcopyError(ErrorCode.AUTH_REQUIRED, 'the source requires a token (--token-file)');
+        if (!proofMatches(proveToken(options.token, 'server', challenge.nonce, nonce), challenge.proof)) {
+          throw new PostcopyError(ErrorCode.AUTH_FAILED, 'the source could not prove it holds the token');
+        }
+        proof = proveToken(options.token, 'client', challenge.nonce, nonce);
+      }
+      send(control, { t: 'auth', ...(proof ? { proof } : {}) });
+      const welcome = await reader.next(['welcome'], timeoutMs);
+      validateWelcome(welcome);
+      send(control, { t: 'options', ...options.transfer });
+      const urgentFd = await openChannel(address, welcome, 'urgent', timeoutMs);
+      let bulkFd: number;
+      try {
+        bulkFd = await openChannel(address, welcome, 'bulk', timeoutMs);
+      } catch (err) {
+        closeSync(urgentFd);
+        throw err;
+      }
+      return new SourceConnection(control, reader, welcome, { urgentFd, bulkFd }, timeoutMs);
+    } catch (err) {
+      control.destroy();
+      throw err;
+    }
+  }
+
+  /** The data channels' fds, once: the caller (a native engine) owns them from then on. */
+  takeChannels(): { urgentFd: number; bulkFd: number } {
+    if (!this.#channels) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the data channels were already taken');
+    const c = this.#channels;
+    this.#channels = null;
+    return c;
+  }
+
+  /** Tells the source to start sending; `have` lists pages already held (bit per page). */
+  async start(have?: { region: number; bitmap: Uint8Array }[]): Promise<void> {
+    send(this.#control, { t: 'start', ...(have ? { have } : {}) });
+    await this.#reader.next(['started'], this.#timeoutMs);
+  }
+
+  /** Reports completion; resolves with the source's digests and stats. */
+  async finish(stats: Record<string, unknown>): Promise<MessageOf<'digest'>> {
+    send(this.#control, { t: 'done', stats });
+    return this.#reader.next(['digest'], 0);
+  }
+
+  /** Resolves (with the error) when the control channel fails before close(). */
+  async failure(): Promise<PostcopyError> {
+    try {
+      await this.#reader.next(['bye' as never]);
+      return new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'unexpected message from the source');
+    } catch (err) {
+      return err as PostcopyError;
+    }
+  }
+
+  close(): void {
+    if (!this.#control.destroyed) {
+      send(this.#control, { t: 'bye' });
+      this.#control.end();
+    }
+    if (this.#channels) {
+      closeSync(this.#channels.urgentFd);
+      closeSync(this.#channels.bulkFd);
+      this.#channels = null;
+    }
+  }
+}
+
+function dial(address: Address, timeoutMs: number): Promise<Socket> {
+  return new Promise((resolve, reject) => {
+    const socket = address.kind === 'unix' ? connect(address.path) : connect({ host: address.host, port: address.port, noDelay: true });
+    const timer = setTimeout(() => {
+      socket.destroy();
+      reject(new PostcopyError(ErrorCode.TIMEOUT, `connecting took longer than ${timeoutMs} ms`));
+    }, timeoutMs);
+    socket.once('connect', () => {
+      clearTimeout(timer);
+      socket.removeAllListeners('error');
+      socket.on('error', () => {});
+      resolve(socket);
+    });
+    socket.once('error', (err: NodeJS.ErrnoException) => {
+      clearTimeout(timer);
+      reject(Object.assign(new PostcopyError(ErrorCode.PEER_GONE, `cannot connect to the source: ${err.message}`), { errno: err.errno, syscall: err.syscall }));
+    });
+  });
+}
+
+async function openChannel(address: Address, welcome: MessageOf<'welcome'>, channel: 'urgent' | 'bulk', timeoutMs: number): Promise<number> {
+  const socket = await dial(address, timeoutMs);
+  const reader = new FrameReader(socket);
+  try {
+    send(socket, { t: 'attach', session: welcome.session, channel, ticket: welcome.tickets[channel] });
+    await reader.next(['attached'], timeoutMs);
+    return takeSocket(socket, reader);
+  } catch (err) {
+    socket.destroy();
+    throw err;
+  }
+}
+
+function validateWelcome(w: MessageOf<'welcome'>): void {
+  const ok =
+    typeof w.session === 'string' &&
+    Array.isArray(w.regions) &&
+    w.regions.length > 0 &&
+    w.regions.every((r, i) => r && r.id === i && Number.isSafeInteger(r.length) && r.length > 0 && Number.isSafeInteger(r.pageSize) && r.pageSize >= 4096 && r.length % r.pageSize === 0) &&
+    w.tickets?.urgent instanceof Uint8Array &&
+    w.tickets?.bulk instanceof Uint8Array;
+  if (!ok) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the source sent a malformed welcome');
+}

@@ -1,0 +1,207 @@
+// The control channel (docs/PROTOCOL.md): length-prefixed msgpack frames,
+// the message types, token challenge-response, and handing a connected socket
+// over to a native data-plane thread.
+//
+// Frame layout: u32 big-endian payload length, then a msgpack map whose `t`
+// field names the message. Frames larger than the receiver's limit end the
+// connection with ERR_PROTOCOL_FRAME_TOO_LARGE.
+import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
+import type { Socket } from 'node:net';
+import { Packr } from 'msgpackr';
+import { native } from './native.js';
+import { ErrorCode, PostcopyError } from './errors.js';
+
+export const PROTOCOL_VERSION = 1;
+export const SOFTWARE = 'uffd-postcopy/0.1.0';
+export const DEFAULT_MAX_FRAME = 4 << 20;
+
+const packr = new Packr({ useRecords: false, mapsAsObjects: true });
+
+/** Every control message, by its `t`. */
+export type Message =
+  | { t: 'hello'; protocol: number; software: string; nonce: Uint8Array }
+  | { t: 'challenge'; protocol: number; software: string; nonce: Uint8Array; auth: 'token' | 'none'; proof?: Uint8Array }
+  | { t: 'auth'; proof?: Uint8Array }
+  | { t: 'welcome'; session: string; regions: RegionInfo[]; tickets: { urgent: Uint8Array; bulk: Uint8Array }; limits: { maxFrame: number; maxRunBytes: number }; capabilities: string[] }
+  | { t: 'options'; window: { forward: number; backward: number }; background: { enabled: boolean; rateBytesPerSecond: number } }
+  | { t: 'attach'; session: string; channel: 'urgent' | 'bulk'; ticket: Uint8Array }
+  | { t: 'attached' }
+  | { t: 'start'; have?: { region: number; bitmap: Uint8Array }[] }
+  | { t: 'started' }
+  | { t: 'done'; stats?: Record<string, unknown> }
+  | { t: 'digest'; regions: { id: number; sha256: string }[]; stats: Record<string, unknown> }
+  | { t: 'error'; code: string; message: string }
+  | { t: 'bye' };
+
+export type MessageType = Message['t'];
+export type MessageOf<T extends MessageType> = Extract<Message, { t: T }>;
+
+export interface RegionInfo {
+  id: number;
+  name: string;
+  length: number;
+  pageSize: number;
+}
+
+export function encodeFrame(message: Message): Buffer {
+  const body = packr.pack(message);
+  const frame = Buffer.allocUnsafe(4 + body.length);
+  frame.writeUInt32BE(body.length, 0);
+  body.copy(frame, 4);
+  return frame;
+}
+
+/**
+ * Reads frames from a socket in order. `next()` resolves with the next message
+ * (checked against the expected types) or rejects on a malformed frame, an
+ * oversized frame, a timeout or the peer leaving.
+ */
+export class FrameReader {
+  readonly #socket: Socket;
+  readonly #maxFrame: number;
+  #buffered: Buffer = Buffer.alloc(0);
+  #queue: Message[] = [];
+  #failure: PostcopyError | null = null;
+  #waiter: (() => void) | null = null;
+  #onData = (chunk: Buffer) => this.#push(chunk);
+  #onEnd = () => this.#fail(new PostcopyError(ErrorCode.PEER_GONE, 'the peer closed the connection'));
+  #onError = (err: Error) => this.#fail(new PostcopyError(ErrorCode.PEER_GONE, `connection error: ${err.message}`));
+
+  constructor(socket: Socket, maxFrame = DEFAULT_MAX_FRAME) {
+    this.#socket = socket;
+    this.#maxFrame = maxFrame;
+    socket.on('data', this.#onData);
+    socket.on('end', this.#onEnd);
+    socket.on('close', this.#onEnd);
+    socket.on('error', this.#onError);
+  }
+
+  /** The next message; `types` lists what may come now, anything else is a protocol error. */
+  async next<T extends MessageType>(types: readonly T[], timeoutMs = 0): Promise<MessageOf<T>> {
+    let timer: NodeJS.Timeout | undefined;
+    try {
+      while (this.#queue.length === 0) {
+        if (this.#failure) throw this.#failure;
+        await new Promise<void>((resolve) => {
+          this.#waiter = resolve;
+          if (timeoutMs > 0 && !timer) {
+            timer = setTimeout(() => this.#fail(new PostcopyError(ErrorCode.TIMEOUT, `no ${types.join('/')} within ${timeoutMs} ms`)), timeoutMs);
+          }
+        });
+      }
+    } finally {
+      clearTimeout(timer);
+    }
+    const message = this.#queue.shift()!;
+    if (message.t === 'error' && !types.includes('error' as T)) {
+      const remote = message as MessageOf<'error'>;
+      throw new PostcopyError(knownCode(remote.code), `peer reported: ${remote.message}`, { remote: true });
+    }
+    if (!types.includes(message.t as T)) {
+      throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `unexpected '${message.t}' message (expected ${types.join('/')})`);
+    }
+    return message as MessageOf<T>;
+  }
+
+  /** Stops reading and returns bytes buffered past the last frame (must be none before a handoff). */
+  detach(): Buffer {
+    this.#socket.pause();
+    this.#socket.off('data', this.#onData);
+    this.#socket.off('end', this.#onEnd);
+    this.#socket.off('close', this.#onEnd);
+    this.#socket.off('error', this.#onError);
+    return this.#buffered;
+  }
+
+  /** Resolves when the peer closes or the connection fails (after any queued messages). */
+  get failed(): PostcopyError | null {
+    return this.#failure;
+  }
+
+  #push(chunk: Buffer): void {
+    this.#buffered = this.#buffered.length ? Buffer.concat([this.#buffered, chunk]) : chunk;
+    while (this.#buffered.length >= 4) {
+      const length = this.#buffered.readUInt32BE(0);
+      if (length > this.#maxFrame) {
+        this.#fail(new PostcopyError(ErrorCode.PROTOCOL_FRAME_TOO_LARGE, `a ${length}-byte frame exceeds the ${this.#maxFrame}-byte limit`));
+        this.#socket.destroy();
+        return;
+      }
+      if (this.#buffered.length < 4 + length) break;
+      const body = this.#buffered.subarray(4, 4 + length);
+      this.#buffered = this.#buffered.subarray(4 + length);
+      let message: unknown;
+      try {
+        message = packr.unpack(body);
+      } catch {
+        message = undefined;
+      }
+      if (!message || typeof message !== 'object' || typeof (message as { t?: unknown }).t !== 'string') {
+        this.#fail(new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'a frame that is not a control message'));
+        this.#socket.destroy();
+        return;
+      }
+      this.#queue.push(message as Message);
+    }
+    this.#wake();
+  }
+
+  #fail(err: PostcopyError): void {
+    if (!this.#failure) this.#failure = err;
+    this.#wake();
+  }
+
+  #wake(): void {
+    const w = this.#waiter;
+    this.#waiter = null;
+    w?.();
+  }
+}
+
+function knownCode(code: unknown): (typeof ErrorCode)[keyof typeof ErrorCode] {
+  const codes = Object.values(ErrorCode) as string[];
+  return (codes.includes(code as string) ? code : ErrorCode.PROTOCOL_MALFORMED) as (typeof ErrorCode)[keyof typeof ErrorCode];
+}
+
+export function send(socket: Socket, message: Message): void {
+  socket.write(encodeFrame(message));
+}
+
+/** Sends an error message and closes the connection once it is written. */
+export function sendErrorAndClose(socket: Socket, code: string, message: string): void {
+  if (socket.destroyed) return;
+  socket.end(encodeFrame({ t: 'error', code, message }));
+  setTimeout(() => socket.destroy(), 1000).unref();
+}
+
+// ---- token challenge-response: the token never crosses the wire ----
+
+export function newNonce(): Buffer {
+  return randomBytes(32);
+}
+
+/** HMAC-SHA256(token, role | first nonce | second nonce): each side proves it holds the token. */
+export function proveToken(token: string, role: 'client' | 'server', serverNonce: Uint8Array, clientNonce: Uint8Array): Buffer {
+  const mac = createHmac('sha256', token).update(`uffd-postcopy ${role} proof\0`);
+  return role === 'server' ? mac.update(clientNonce).update(serverNonce).digest() : mac.update(serverNonce).update(clientNonce).digest();
+}
+
+export function proofMatches(expected: Buffer, got: unknown): boolean {
+  return got instanceof Uint8Array && got.length === expected.length && timingSafeEqual(expected, got);
+}
+
+/**
+ * Hands a connected socket to native code: a blocking duplicate of its fd that
+ * the data plane owns; the JS socket is destroyed. Call only when no bytes are
+ * buffered in JS (the protocol guarantees silence at this point).
+ */
+export function takeSocket(socket: Socket, reader?: FrameReader): number {
+  const leftover = reader ? reader.detach() : Buffer.alloc(0);
+  if (leftover.length > 0) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'bytes arrived on a data channel before it was handed over');
+  socket.pause();
+  const handle = (socket as unknown as { _handle?: { fd?: number } })._handle;
+  if (!handle || typeof handle.fd !== 'number' || handle.fd < 0) throw new PostcopyError(ErrorCode.PEER_GONE, 'the data channel closed during set-up');
+  const fd = native.takeSocketFd(handle.fd);
+  socket.destroy();
+  return fd;
+}

@@ -1,0 +1,140 @@
+// What a source serves: one or more regions, each backed by a file (mapped
+// read-only; holes found with SEEK_HOLE go out as zero runs without being
+// read), a shared-memory file or memfd (the same, in place), or a Buffer.
+import { closeSync, fstatSync, openSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { setImmediate as yieldToLoop } from 'node:timers/promises';
+import { ErrorCode, PostcopyError } from '../lib/errors.js';
+import { fileExtents, mapFile, PAGE_SIZE, type Mapping } from '../lib/memory.js';
+import type { RegionInfo } from '../lib/protocol.js';
+import type { ServedRegionSpec } from '../lib/native.js';
+
+export type RegionSource =
+  | { name?: string; path: string }
+  | { name?: string; fd: number }
+  | { name?: string; buffer: Uint8Array };
+
+export interface ImageRegion extends RegionInfo {
+  /** What the native session reads pages from. */
+  spec: ServedRegionSpec;
+  /** Bytes of content (the region is this rounded up to whole pages). */
+  contentLength: number;
+  holes: number;
+}
+
+/** A memory image: regions served read-only to any number of destinations. */
+export class Image {
+  readonly regions: ImageRegion[];
+  readonly #mappings: Mapping[];
+  readonly #digests = new Map<number, Promise<string>>();
+
+  private constructor(regions: ImageRegion[], mappings: Mapping[]) {
+    this.regions = regions;
+    this.#mappings = mappings;
+  }
+
+  static open(sources: readonly RegionSource[]): Image {
+    if (!Array.isArray(sources) || sources.length === 0) throw new PostcopyError(ErrorCode.IMAGE_INVALID, 'an image needs at least one region');
+    const regions: ImageRegion[] = [];
+    const mappings: Mapping[] = [];
+    try {
+      sources.forEach((source, id) => {
+        const region = 'buffer' in source ? fromBuffer(id, source.name, source.buffer) : fromFile(id, source, mappings);
+        regions.push(region);
+      });
+    } catch (err) {
+      for (const m of mappings) m.unmap();
+      throw err;
+    }
+    return new Image(regions, mappings);
+  }
+
+  get totalBytes(): number {
+    return this.regions.reduce((sum, r) => sum + r.length, 0);
+  }
+
+  /** SHA-256 of a region's whole length (content plus zero padding), computed once. */
+  digest(id: number): Promise<string> {
+    let d = this.#digests.get(id);
+    if (!d) {
+      d = digestOf(regionBytes(this.regions[id]));
+      this.#digests.set(id, d);
+    }
+    return d;
+  }
+
+  /** Unmaps the image; fails with ERR_MAPPING_BUSY while a session still serves from it. */
+  close(): void {
+    for (const m of this.#mappings) m.unmap();
+  }
+}
+
+function regionBytes(r: ImageRegion): Uint8Array {
+  const src = r.spec.source;
+  if (r.spec.sourceIsMapping) return Buffer.from((src as { view(): ArrayBuffer }).view(), r.spec.offset, r.length);
+  return (src as Uint8Array).subarray(r.spec.offset, r.spec.offset + r.length);
+}
+
+/** SHA-256 in slices, yielding to the event loop between them so control traffic keeps flowing. */
+export async function digestOf(bytes: Uint8Array): Promise<string> {
+  const hash = createHash('sha256');
+  const slice = 64 << 20;
+  for (let off = 0; off < bytes.length; off += slice) {
+    hash.update(bytes.subarray(off, Math.min(bytes.length, off + slice)));
+    if (off + slice < bytes.length) await yieldToLoop();
+  }
+  return hash.digest('hex');
+}
+
+function roundUp(n: number): number {
+  return Math.ceil(n / PAGE_SIZE) * PAGE_SIZE;
+}
+
+function fromBuffer(id: number, name: string | undefined, buffer: Uint8Array): ImageRegion {
+  if (!(buffer instanceof Uint8Array) || buffer.length === 0 || buffer.length % PAGE_SIZE !== 0) {
+    throw new PostcopyError(ErrorCode.IMAGE_INVALID, `region ${id}: a buffer image must be a non-empty multiple of ${PAGE_SIZE} bytes`);
+  }
+  return {
+    id, name: name ?? `region${id}`, length: buffer.length, pageSize: PAGE_SIZE, contentLength: buffer.length, holes: 0,
+    spec: { source: buffer, sourceIsMapping: false, offset: 0, length: buffer.length, pageSize: PAGE_SIZE },
+  };
+}
+
+function fromFile(id: number, source: { name?: string; path: string } | { name?: string; fd: number }, mappings: Mapping[]): ImageRegion {
+  const ownFd = 'path' in source;
+  let fd: number;
+  try {
+    fd = ownFd ? openSync(source.path, 'r') : source.fd;
+  } catch (err) {
+    throw new PostcopyError(ErrorCode.IMAGE_INVALID, `region ${id}: cannot open ${(source as { path: string }).path}: ${(err as Error).message}`);
+  }
+  try {
+    const size = fstatSync(fd).size;
+    if (size === 0) throw new PostcopyError(ErrorCode.IMAGE_INVALID, `region ${id}: the image is empty`);
+    const length = roundUp(size);
+    // A read-only shared mapping: pages come straight from the page cache (or
+    // the shared memory itself), never copied into this process.
+    const mapping = mapFile(fd, length, { readOnly: true, shared: true, allowPartialLastPage: true });
+    mappings.push(mapping);
+    const pages = length / PAGE_SIZE;
+    const knownZero = new Uint8Array(Math.ceil(pages / 64) * 8);
+    let holes = 0;
+    for (const extent of fileExtents(fd, size)) {
+      if (extent.data) continue;
+      // Only whole pages inside the hole are zero for sure.
+      const first = Math.ceil(extent.offset / PAGE_SIZE);
+      const end = Math.floor((extent.offset + extent.length) / PAGE_SIZE) + (extent.offset + extent.length === size ? 1 : 0);
+      for (let p = first; p < Math.min(end, pages); p++) {
+        knownZero[p >> 3] |= 1 << (p & 7);
+        holes++;
+      }
+    }
+    const name = source.name ?? ('path' in source ? source.path : `fd${source.fd}`);
+    return {
+      id, name, length, pageSize: PAGE_SIZE, contentLength: size, holes,
+      spec: { source: mapping.handle, sourceIsMapping: true, offset: 0, length, pageSize: PAGE_SIZE, knownZero },
+    };
+  } finally {
+    if (ownFd) closeSync(fd);
+  }
+}

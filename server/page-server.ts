@@ -1,0 +1,200 @@
+// The source page server: listens on a unix socket or TCP, authenticates each
+// destination by token challenge-response, and runs one session per
+// destination over a shared, read-only image.
+import { createServer, type Server, type Socket } from 'node:net';
+import { chmodSync, lstatSync, unlinkSync } from 'node:fs';
+import { ErrorCode, PostcopyError } from '../lib/errors.js';
+import { type Address, formatAddress, isLocalOnly, parseAddress } from '../lib/address.js';
+import { silentLogger, type Logger } from '../lib/logger.js';
+import {
+  DEFAULT_MAX_FRAME, FrameReader, PROTOCOL_VERSION, SOFTWARE, encodeFrame, newNonce, proofMatches, proveToken, send, sendErrorAndClose, takeSocket,
+  type MessageOf,
+} from '../lib/protocol.js';
+import { MAX_RUN_BYTES } from '../lib/limits.js';
+import { validateBoolean, validateInteger, validateObject } from '../lib/validate.js';
+import { MAX_WINDOW, SourceSession, type TransferOptions } from './session.js';
+import type { Image } from './image.js';
+
+export interface PageServerOptions {
+  image: Image;
+  /** Destinations must prove they hold this token (required beyond loopback). */
+  token?: string;
+  logger?: Logger;
+  /** Largest control frame accepted (default 4 MiB). */
+  maxFrame?: number;
+  /** A connection that has not finished its handshake by then is dropped (default 10 s). */
+  handshakeTimeoutMs?: number;
+}
+
+export class PageServer {
+  readonly #image: Image;
+  readonly #token: string | undefined;
+  readonly #log: Logger;
+  readonly #maxFrame: number;
+  readonly #handshakeTimeoutMs: number;
+  readonly #sessions = new Map<string, SourceSession>();
+  readonly #sockets = new Set<Socket>();
+  #server: Server | null = null;
+  #address: Address | null = null;
+
+  constructor(options: PageServerOptions) {
+    this.#image = options.image;
+    this.#token = options.token;
+    this.#log = options.logger ?? silentLogger;
+    this.#maxFrame = options.maxFrame ?? DEFAULT_MAX_FRAME;
+    this.#handshakeTimeoutMs = options.handshakeTimeoutMs ?? 10_000;
+  }
+
+  get sessions(): ReadonlyMap<string, SourceSession> {
+    return this.#sessions;
+  }
+
+  get address(): Address | null {
+    return this.#address;
+  }
+
+  /**
+   * Listens on `address` (unix:PATH, or tcp:HOST:PORT with port 0 for any).
+   * Beyond loopback only with a token. Unix sockets are created 0600.
+   */
+  async listen(address: string | Address): Promise<Address> {
+    const a = typeof address === 'string' ? parseAddress(address) : address;
+    if (!isLocalOnly(a) && !this.#token) {
+      throw new PostcopyError(ErrorCode.AUTH_REQUIRED, `refusing to listen on ${formatAddress(a)} without a token: anyone on the network could read the image`);
+    }
+    const server = createServer({ noDelay: true }, (socket) => void this.#onConnection(socket));
+    if (a.kind === 'unix') removeStaleSocket(a.path);
+    const oldUmask = a.kind === 'unix' ? process.umask(0o177) : undefined;
+    try {
+      await new Promise<void>((resolve, reject) => {
+        server.once('error', reject);
+        if (a.kind === 'unix') server.listen(a.path, resolve);
+        else server.listen(a.port, a.host, resolve);
+      });
+    } finally {
+      if (oldUmask !== undefined) process.umask(oldUmask);
+    }
+    if (a.kind === 'unix') chmodSync(a.path, 0o600);
+    const bound = server.address();
+    this.#address = a.kind === 'tcp' && bound && typeof bound === 'object' ? { kind: 'tcp', host: a.host, port: bound.port } : a;
+    this.#server = server;
+    this.#log.info({ listen: formatAddress(this.#address), auth: this.#token ? 'token' : 'none', regions: this.#image.regions.length, bytes: this.#image.totalBytes }, 'serving');
+    return this.#address;
+  }
+
+  /** Stops listening, ends every session and closes every connection. */
+  async close(): Promise<void> {
+    const server = this.#server;
+    this.#server = null;
+    for (const s of this.#sessions.values()) s.close('server closing');
+    this.#sessions.clear();
+    for (const socket of this.#sockets) socket.destroy();
+    if (server) await new Promise<void>((resolve) => server.close(() => resolve()));
+  }
+
+  async #onConnection(socket: Socket): Promise<void> {
+    this.#sockets.add(socket);
+    socket.once('close', () => this.#sockets.delete(socket));
+    socket.on('error', () => {});
+    const reader = new FrameReader(socket, this.#maxFrame);
+    try {
+      const first = await reader.next(['hello', 'attach'], this.#handshakeTimeoutMs);
+      if (first.t === 'attach') await this.#onAttach(socket, reader, first);
+      else await this.#onControl(socket, reader, first);
+    } catch (err) {
+      const e = err instanceof PostcopyError ? err : new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, (err as Error).message);
+      if (e.code !== ErrorCode.PEER_GONE) this.#log.warn({ code: e.code, err: e.message, remote: socket.remoteAddress ?? 'unix' }, 'connection refused');
+      sendErrorAndClose(socket, e.code, e.message);
+    }
+  }
+
+  async #onAttach(socket: Socket, reader: FrameReader, msg: MessageOf<'attach'>): Promise<void> {
+    const session = typeof msg.session === 'string' ? this.#sessions.get(msg.session) : undefined;
+    if (!session) throw new PostcopyError(ErrorCode.AUTH_FAILED, 'no such session');
+    if (msg.channel !== 'urgent' && msg.channel !== 'bulk') throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'unknown channel');
+    session.verifyAttach(msg.channel, msg.ticket);
+    // The destination sends nothing more until it reads this reply, so once the
+    // reply is written no byte can be left behind in JS when native code takes over.
+    if (reader.detach().length > 0) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'bytes arrived on a data channel before it was attached');
+    await new Promise<void>((resolve, reject) => socket.write(encodeFrame({ t: 'attached' }), (err) => (err ? reject(err) : resolve())));
+    session.adoptChannel(msg.channel, takeSocket(socket));
+  }
+
+  async #onControl(socket: Socket, reader: FrameReader, hello: MessageOf<'hello'>): Promise<void> {
+    if (hello.protocol !== PROTOCOL_VERSION) throw new PostcopyError(ErrorCode.PROTOCOL_VERSION, `protocol ${hello.protocol} is not supported (this server speaks ${PROTOCOL_VERSION})`);
+    if (!(hello.nonce instanceof Uint8Array) || hello.nonce.length !== 32) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'hello without a 32-byte nonce');
+    const nonce = newNonce();
+    const token = this.#token;
+    send(socket, {
+      t: 'challenge', protocol: PROTOCOL_VERSION, software: SOFTWARE, nonce, auth: token ? 'token' : 'none',
+      ...(token ? { proof: proveToken(token, 'server', nonce, hello.nonce) } : {}),
+    });
+    const auth = await reader.next(['auth'], this.#handshakeTimeoutMs);
+    if (token && !proofMatches(proveToken(token, 'client', nonce, hello.nonce), auth.proof)) {
+      throw new PostcopyError(ErrorCode.AUTH_FAILED, 'the token proof does not match');
+    }
+    const session = new SourceSession(this.#image, this.#log, (err) => {
+      this.#log.warn({ session: session.id, code: err.code, err: err.message }, 'session failed');
+      sendErrorAndClose(socket, err.code, err.message);
+    });
+    this.#sessions.set(session.id, session);
+    socket.once('close', () => {
+      session.close('control channel closed');
+      this.#sessions.delete(session.id);
+    });
+    send(socket, {
+      t: 'welcome',
+      session: session.id,
+      regions: this.#image.regions.map(({ id, name, length, pageSize }) => ({ id, name, length, pageSize })),
+      tickets: session.tickets,
+      limits: { maxFrame: this.#maxFrame, maxRunBytes: MAX_RUN_BYTES },
+      capabilities: ['prefault-window', 'background', 'rate-limit', 'zero-runs', 'have-bitmap'],
+    });
+    const options = validateTransferOptions(await reader.next(['options'], this.#handshakeTimeoutMs));
+    const start = await reader.next(['start'], this.#handshakeTimeoutMs);
+    session.start(options, validateHave(start.have, this.#image));
+    send(socket, { t: 'started' });
+    for (;;) {
+      const msg = await reader.next(['done', 'bye']);
+      if (msg.t === 'bye') break;
+      session.complete();
+      const regions = await Promise.all(this.#image.regions.map(async (r) => ({ id: r.id, sha256: await this.#image.digest(r.id) })));
+      this.#log.info({ session: session.id, destination: msg.stats }, 'destination reports every page resident');
+      send(socket, { t: 'digest', regions, stats: { ...session.stats() } });
+    }
+    socket.end();
+  }
+}
+
+function removeStaleSocket(path: string): void {
+  try {
+    if (lstatSync(path).isSocket()) unlinkSync(path);
+  } catch {
+    // nothing there
+  }
+}
+
+function validateTransferOptions(msg: MessageOf<'options'>): TransferOptions {
+  try {
+    const window = validateObject(msg.window, 'window');
+    const background = validateObject(msg.background, 'background');
+    return {
+      window: { forward: validateInteger(window.forward, 'window.forward', 0, MAX_WINDOW), backward: validateInteger(window.backward, 'window.backward', 0, MAX_WINDOW) },
+      background: { enabled: validateBoolean(background.enabled, 'background.enabled'), rateBytesPerSecond: validateInteger(background.rateBytesPerSecond, 'background.rateBytesPerSecond') },
+    };
+  } catch (err) {
+    throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `bad options: ${(err as Error).message}`);
+  }
+}
+
+function validateHave(have: unknown, image: Image): { region: number; bitmap: Uint8Array }[] {
+  if (have === undefined) return [];
+  if (!Array.isArray(have)) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'start.have must be a list');
+  return have.map((h) => {
+    const region = image.regions[h?.region];
+    if (!region || !(h.bitmap instanceof Uint8Array) || h.bitmap.length !== Math.ceil(region.length / region.pageSize / 8)) {
+      throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, 'start.have names an unknown region or has a bitmap of the wrong size');
+    }
+    return { region: h.region as number, bitmap: h.bitmap };
+  });
+}
