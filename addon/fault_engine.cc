@@ -47,6 +47,10 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   explicit FaultEngine(const Napi::CallbackInfo& info) : Napi::ObjectWrap<FaultEngine>(info) {
     Napi::Object o = info[0].As<Napi::Object>();
     uffd_ = o.Get("uffd").As<Napi::Number>().Int32Value();
+    // poll() on a blocking userfaultfd always reports POLLERR; the engine is
+    // the fd's only reader, so it makes it non-blocking.
+    int fl = fcntl(uffd_, F_GETFL);
+    if (fl < 0 || fcntl(uffd_, F_SETFL, fl | O_NONBLOCK) < 0) ThrowErrno(info.Env(), errno, "fcntl", "F_SETFL");
     urgentFd_ = o.Get("urgentFd").As<Napi::Number>().Int32Value();
     bulkFd_ = o.Get("bulkFd").As<Napi::Number>().Int32Value();
     Napi::Array regions = o.Get("regions").As<Napi::Array>();

@@ -119,12 +119,12 @@ export class FrameReader {
   }
 
   #push(chunk: Buffer): void {
+    if (this.#failure) return; // the caller answers and closes; ignore the rest
     this.#buffered = this.#buffered.length ? Buffer.concat([this.#buffered, chunk]) : chunk;
     while (this.#buffered.length >= 4) {
       const length = this.#buffered.readUInt32BE(0);
       if (length > this.#maxFrame) {
         this.#fail(new PostcopyError(ErrorCode.PROTOCOL_FRAME_TOO_LARGE, `a ${length}-byte frame exceeds the ${this.#maxFrame}-byte limit`));
-        this.#socket.destroy();
         return;
       }
       if (this.#buffered.length < 4 + length) break;
@@ -138,7 +138,6 @@ export class FrameReader {
       }
       if (!message || typeof message !== 'object' || typeof (message as { t?: unknown }).t !== 'string') {
         this.#fail(new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'a frame that is not a control message'));
-        this.#socket.destroy();
         return;
       }
       this.#queue.push(message as Message);

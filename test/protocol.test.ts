@@ -1,0 +1,168 @@
+import t from 'tap';
+import { closeSync, statSync, writeSync } from 'node:fs';
+import { connect as netConnect } from 'node:net';
+import { join } from 'node:path';
+import { Image } from '../server/image.js';
+import { PageServer } from '../server/page-server.js';
+import { Destination } from '../client/destination.js';
+import { SourceConnection } from '../client/source-connection.js';
+import { FaultEngine } from '../client/fault-engine.js';
+import { DEFAULT_TRANSFER } from '../client/destination.js';
+import { FrameReader, encodeFrame } from '../lib/protocol.js';
+import { parseAddress } from '../lib/address.js';
+import { socketPair } from '../lib/fd-passing.js';
+import { mapAnonymous } from '../lib/memory.js';
+import { Userfaultfd } from '../lib/uffd.js';
+import { PAGE, randomImage, tempDir } from './helpers.js';
+import type { Test } from 'tap';
+
+async function startServer(t: Test, options: { token?: string } = {}) {
+  const image = Image.open([{ buffer: randomImage(64) }]);
+  const server = new PageServer({ image, token: options.token });
+  t.teardown(() => server.close());
+  const path = join(tempDir(t), 'source.sock');
+  await server.listen(`unix:${path}`);
+  return { server, path, source: `unix:${path}` };
+}
+
+/** Sends raw bytes on a fresh connection and returns the first frame the server answers with. */
+async function rawExchange(path: string, bytes: Buffer) {
+  const socket = netConnect(path);
+  await new Promise((r) => socket.once('connect', r));
+  const reader = new FrameReader(socket);
+  socket.write(bytes);
+  try {
+    return await reader.next(['error'], 5000);
+  } finally {
+    socket.destroy();
+  }
+}
+
+t.test('the unix socket is created 0600', async (t) => {
+  const { path } = await startServer(t);
+  t.equal(statSync(path).mode & 0o777, 0o600);
+});
+
+t.test('a token is proven both ways and never sent', async (t) => {
+  const { source } = await startServer(t, { token: 'correct horse' });
+  const dest = await Destination.connect({ source, token: 'correct horse' });
+  t.teardown(() => dest.close());
+  t.equal((await dest.finish()).digestMatch, true);
+});
+
+t.test('a wrong token is refused with a clear error', async (t) => {
+  const { source, server } = await startServer(t, { token: 'correct horse' });
+  // The destination checks the source's proof first: a wrong token cannot verify it.
+  await t.rejects(Destination.connect({ source, token: 'battery staple' }), { code: 'ERR_AUTH_FAILED', message: /could not prove/ });
+  await t.rejects(Destination.connect({ source }), { code: 'ERR_AUTH_REQUIRED' });
+  t.equal(server.sessions.size, 0, 'no session was created');
+});
+
+t.test('a destination that fakes its proof is refused by the source', async (t) => {
+  const { path } = await startServer(t, { token: 'secret' });
+  const socket = netConnect(path);
+  t.teardown(() => socket.destroy());
+  await new Promise((r) => socket.once('connect', r));
+  const reader = new FrameReader(socket);
+  socket.write(encodeFrame({ t: 'hello', protocol: 1, software: 'test', nonce: Buffer.alloc(32, 1) }));
+  await reader.next(['challenge'], 5000);
+  socket.write(encodeFrame({ t: 'auth', proof: Buffer.alloc(32, 2) }));
+  const err = await reader.next(['error'], 5000);
+  t.equal(err.code, 'ERR_AUTH_FAILED');
+});
+
+t.test('nothing listens beyond loopback without a token', async (t) => {
+  const server = new PageServer({ image: Image.open([{ buffer: randomImage(1) }]) });
+  await t.rejects(server.listen('tcp:0.0.0.0:0'), { code: 'ERR_AUTH_REQUIRED' });
+  t.throws(() => parseAddress('http://example'), { code: 'ERR_INVALID_ADDRESS' });
+});
+
+t.test('an oversized control frame is refused and the connection closed', async (t) => {
+  const { path, server } = await startServer(t);
+  const header = Buffer.alloc(4);
+  header.writeUInt32BE(64 << 20);
+  const err = await rawExchange(path, header);
+  t.equal(err.code, 'ERR_PROTOCOL_FRAME_TOO_LARGE');
+  t.equal(server.sessions.size, 0);
+});
+
+t.test('a malformed frame is refused with ERR_PROTOCOL_MALFORMED', async (t) => {
+  const { path } = await startServer(t);
+  const garbage = Buffer.concat([Buffer.from([0, 0, 0, 3]), Buffer.from([0xc1, 0xc1, 0xc1])]);
+  t.equal((await rawExchange(path, garbage)).code, 'ERR_PROTOCOL_MALFORMED');
+  t.equal((await rawExchange(path, encodeFrame({ t: 'done' }))).code, 'ERR_PROTOCOL_MALFORMED', 'a message out of turn');
+  t.equal((await rawExchange(path, encodeFrame({ t: 'hello', protocol: 99, software: 'x', nonce: Buffer.alloc(32) }))).code, 'ERR_PROTOCOL_VERSION');
+});
+
+t.test('a data channel with a wrong ticket is refused', async (t) => {
+  const { path } = await startServer(t);
+  const err = await rawExchange(path, encodeFrame({ t: 'attach', session: 'nope', channel: 'urgent', ticket: Buffer.alloc(32) }));
+  t.equal(err.code, 'ERR_AUTH_FAILED');
+});
+
+t.test('a destination asking for a page outside the image loses its session; others go on', async (t) => {
+  const { source, server } = await startServer(t);
+  const rogue = await SourceConnection.open({ source, transfer: { ...DEFAULT_TRANSFER, background: { enabled: false, rateBytesPerSecond: 0 } } });
+  const { urgentFd, bulkFd } = rogue.takeChannels();
+  t.teardown(() => { rogue.close(); closeSync(urgentFd); closeSync(bulkFd); });
+  await rogue.start();
+  const request = Buffer.alloc(16);
+  request.writeUInt32LE(0x51455250, 0); // PREQ
+  request.writeUInt32LE(0, 4);
+  request.writeBigUInt64LE(1n << 40n, 8);
+  writeSync(urgentFd, request);
+  const failure = await rogue.failure();
+  t.equal(failure.code, 'ERR_PROTOCOL_OUT_OF_RANGE');
+  const honest = await Destination.connect({ source });
+  t.teardown(() => honest.close());
+  t.equal((await honest.finish()).digestMatch, true, 'the server still serves others');
+  t.ok(server.sessions.size >= 1);
+});
+
+t.test('a source sending runs outside the region is cut off; nothing outside the region is written', async (t) => {
+  const pages = 8;
+  const whole = mapAnonymous((pages + 2) * PAGE); // sentinel page, region, sentinel page
+  t.teardown(() => whole.unmap());
+  whole.buffer(0, PAGE).fill(0xee);
+  whole.buffer((pages + 1) * PAGE, PAGE).fill(0xee);
+  const uffd = Userfaultfd.open();
+  t.teardown(() => uffd.close());
+  uffd.handshake();
+  const base = whole.address + PAGE;
+  uffd.register(base, pages * PAGE);
+  const [bulkOurs, bulkTheirs] = socketPair();
+  const [urgentOurs, urgentTheirs] = socketPair();
+  t.teardown(() => { closeSync(bulkOurs); closeSync(urgentOurs); });
+  const engine = new FaultEngine({ uffd: uffd.fd, regions: [{ base, length: pages * PAGE, pageSize: PAGE }], urgentFd: urgentTheirs, bulkFd: bulkTheirs });
+  t.teardown(() => engine.stop());
+  const failures: { code: string; message: string }[] = [];
+  engine.on('failed', (e) => failures.push(e));
+  engine.start();
+  const run = (first: bigint, count: number, fill: number, region = 0) => {
+    const h = Buffer.alloc(24);
+    h.writeUInt32LE(0x41544144, 0); // DATA
+    h.writeUInt32LE(region, 4);
+    h.writeBigUInt64LE(first, 8);
+    h.writeUInt32LE(count, 16);
+    h.writeUInt32LE(2, 20);
+    return Buffer.concat([h, Buffer.alloc(PAGE * Math.min(count, 2), fill)]);
+  };
+  writeSync(bulkOurs, run(0n, 1, 0x11)); // fine
+  writeSync(bulkOurs, run(BigInt(pages), 1, 0x22)); // one page past the end: the sentinel
+  writeSync(urgentOurs, run(BigInt(pages - 1), 2, 0x33)); // straddles the end
+  while (failures.length < 2) await new Promise((r) => setTimeout(r, 2));
+  t.same(failures.map((f) => f.code), ['ERR_PROTOCOL_OUT_OF_RANGE', 'ERR_PROTOCOL_OUT_OF_RANGE']);
+  t.ok(whole.buffer(0, PAGE).every((b) => b === 0xee), 'the sentinel before the region is untouched');
+  t.ok(whole.buffer((pages + 1) * PAGE, PAGE).every((b) => b === 0xee), 'the sentinel after the region is untouched');
+  t.equal(engine.stats().residentPages, 1, 'the valid run was installed');
+  t.ok(whole.buffer(PAGE, PAGE).every((b) => b === 0x11));
+  await t.rejects(engine.whenResident(), { code: 'ERR_PROTOCOL_OUT_OF_RANGE' });
+});
+
+t.test('engine arguments are validated before they reach native code', async (t) => {
+  t.throws(() => new FaultEngine({ uffd: -1, regions: [], urgentFd: 0, bulkFd: 0 }), { code: 'ERR_OUT_OF_RANGE' });
+  t.throws(() => new FaultEngine({ uffd: 0, regions: [], urgentFd: 0, bulkFd: 0 }), { code: 'ERR_OUT_OF_RANGE' });
+  const region = (base: number) => ({ base, length: 2 * PAGE, pageSize: PAGE });
+  t.throws(() => new FaultEngine({ uffd: 0, regions: [region(PAGE), region(2 * PAGE)], urgentFd: 0, bulkFd: 0 }), { code: 'ERR_OUT_OF_RANGE', message: /overlap/ });
+  t.throws(() => new FaultEngine({ uffd: 0, regions: [region(PAGE + 1)], urgentFd: 0, bulkFd: 0 }), { code: 'ERR_OUT_OF_RANGE' });
+});
