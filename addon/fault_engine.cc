@@ -53,6 +53,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     if (fl < 0 || fcntl(uffd_, F_SETFL, fl | O_NONBLOCK) < 0) ThrowErrno(info.Env(), errno, "fcntl", "F_SETFL");
     urgentFd_ = o.Get("urgentFd").As<Napi::Number>().Int32Value();
     bulkFd_ = o.Get("bulkFd").As<Napi::Number>().Int32Value();
+    if (bulkFd_ >= 0) EnlargeSocketBuffer(bulkFd_, SO_RCVBUF, SO_RCVBUFFORCE, 8 << 20);
     Napi::Array regions = o.Get("regions").As<Napi::Array>();
     for (uint32_t i = 0; i < regions.Length(); i++) {
       Napi::Object r = regions.Get(i).As<Napi::Object>();

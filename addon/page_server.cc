@@ -135,6 +135,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
     }
     urgentFd_ = o.Get("urgentFd").As<Napi::Number>().Int32Value();
     bulkFd_ = o.Get("bulkFd").As<Napi::Number>().Int32Value();
+    if (bulkFd_ >= 0) EnlargeSocketBuffer(bulkFd_, SO_SNDBUF, SO_SNDBUFFORCE, 8 << 20);
     windowForward_ = o.Get("windowForward").As<Napi::Number>().Uint32Value();
     windowBackward_ = o.Get("windowBackward").As<Napi::Number>().Uint32Value();
     background_ = o.Get("background").As<Napi::Boolean>().Value();

@@ -1,6 +1,6 @@
 // Shared test plumbing: temp dirs, images with known content, the C fixture,
 // and a tiny fault-serving loop for tests that resolve faults from JS.
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync, statSync, writeFileSync, existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
@@ -61,4 +61,45 @@ export async function serveFaultsFromJs(uffd: Userfaultfd, base: number, image: 
     }
   }
   return faults;
+}
+
+/** argv that runs the CLI from sources, with the same TypeScript loader as this test. */
+export function cliCommand(): string[] {
+  return [process.execPath, ...process.execArgv, join(here, '..', 'bin', 'postcopy.ts')];
+}
+
+export interface CliResult {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs `postcopy ...args` to completion. */
+export function runCli(args: string[], env: Record<string, string> = {}): Promise<CliResult> {
+  const [cmd, ...pre] = cliCommand();
+  const child = spawn(cmd, [...pre, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (d) => (stdout += d));
+  child.stderr.on('data', (d) => (stderr += d));
+  return new Promise((resolve) => child.on('close', (code) => resolve({ code, stdout, stderr })));
+}
+
+/** Starts `postcopy serve` and resolves once it listens; killed at teardown. */
+export async function startServeCli(t: Test, args: string[]): Promise<{ child: ChildProcess; listening: { kind: string; path?: string; port?: number } }> {
+  const [cmd, ...pre] = cliCommand();
+  const child = spawn(cmd, [...pre, 'serve', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  t.teardown(() => { child.kill('SIGTERM'); });
+  let stderr = '';
+  child.stderr!.on('data', (d) => (stderr += d));
+  const line = await new Promise<string>((resolve, reject) => {
+    let out = '';
+    child.stdout!.on('data', (d) => {
+      out += d;
+      const nl = out.indexOf('\n');
+      if (nl >= 0) resolve(out.slice(0, nl));
+    });
+    child.once('exit', (code) => reject(new Error(`serve exited with ${code}: ${stderr}`)));
+  });
+  return { child, listening: JSON.parse(line).listening };
 }

@@ -1,5 +1,5 @@
 import t from 'tap';
-import { closeSync, ftruncateSync, openSync, writeSync } from 'node:fs';
+import { closeSync, ftruncateSync, openSync } from 'node:fs';
 import { join } from 'node:path';
 import { Image } from '../server/image.js';
 import { PageServer } from '../server/page-server.js';

@@ -1,0 +1,35 @@
+// The yardstick: ../shared/floor/run, a plain-C userfaultfd page service, run
+// in the same benchmark run so every figure comes with a ratio.
+import { execFile } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export interface FloorLatency { case: string; pages: number; p50_us: number; p90_us: number; p99_us: number; max_us: number; total_ms: number }
+export interface FloorBulk { case: string; pages: number; gbytes_per_s: number; total_ms: number }
+
+/** The project root: the nearest folder above this file holding package.json. */
+export function projectRoot(): string {
+  let dir = dirname(fileURLToPath(import.meta.url));
+  while (!existsSync(join(dir, 'package.json')) && dirname(dir) !== dir) dir = dirname(dir);
+  return dir;
+}
+
+/** $UFFD_FLOOR, or ../shared/floor/run beside the project; null when neither exists. */
+export function floorCommand(): string | null {
+  const candidates = [process.env.UFFD_FLOOR, resolve(projectRoot(), '../shared/floor/run')].filter(Boolean) as string[];
+  return candidates.find((c) => existsSync(c)) ?? null;
+}
+
+export function runFloor(pages: number, seed: number, cases: string[]): Promise<Map<string, FloorLatency | FloorBulk>> {
+  const cmd = floorCommand();
+  if (!cmd) return Promise.resolve(new Map());
+  return new Promise((resolveRun, reject) => {
+    execFile(cmd, ['--pages', String(pages), '--seed', String(seed), '--cases', cases.join(',')], { maxBuffer: 1 << 20 }, (err, stdout, stderr) => {
+      if (err) return reject(new Error(`the floor failed: ${stderr || err.message}`));
+      const out = new Map<string, FloorLatency | FloorBulk>();
+      for (const line of stdout.split('\n')) if (line.trim()) { const r = JSON.parse(line); out.set(r.case, r); }
+      resolveRun(out);
+    });
+  });
+}

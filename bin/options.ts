@@ -1,0 +1,54 @@
+// What the subcommands share: token files, sizes, progress lines, and how to
+// start this same CLI as a child process.
+import { readFileSync, statSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { ErrorCode, PostcopyError } from '../lib/errors.js';
+import type { Logger } from '../lib/logger.js';
+import type { DestinationStats } from '../lib/native.js';
+
+/** Reads a token file (whitespace trimmed); warns when others can read it. */
+export function readTokenFile(path: string | undefined, log: Logger): string | undefined {
+  if (!path) return undefined;
+  const token = readFileSync(path, 'utf8').trim();
+  if (!token) throw new PostcopyError(ErrorCode.AUTH_REQUIRED, `the token file ${path} is empty`);
+  if (statSync(path).mode & 0o077) log.warn({ path }, 'the token file is readable by other users; chmod 600 it');
+  return token;
+}
+
+/** "64M", "2G", "4096", "512K" -> bytes. */
+export function parseSize(text: string, what: string): number {
+  const m = /^(\d+(?:\.\d+)?)([KMGT]?)(?:i?B)?$/i.exec(text.trim());
+  if (!m) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `${what}: not a size: ${text}`);
+  const scale = { '': 1, K: 1 << 10, M: 1 << 20, G: 1 << 30, T: 2 ** 40 }[m[2].toUpperCase() as '' | 'K' | 'M' | 'G' | 'T'];
+  return Math.round(Number(m[1]) * scale);
+}
+
+export function parseCount(text: string | undefined, what: string, fallback: number, max = Number.MAX_SAFE_INTEGER): number {
+  if (text === undefined) return fallback;
+  const n = Number(text);
+  if (!Number.isSafeInteger(n) || n < 0 || n > max) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `${what} must be an integer from 0 to ${max}, not ${text}`);
+  return n;
+}
+
+/** A one-line progress display on a terminal (stderr); nothing when not a terminal. */
+export function startProgress(stats: () => DestinationStats): () => void {
+  if (!process.stderr.isTTY) return () => {};
+  const draw = () => {
+    const s = stats();
+    const pct = s.totalPages ? ((100 * s.residentPages) / s.totalPages).toFixed(1) : '0';
+    const p50 = (s.faultLatency.p50Ns / 1000).toFixed(1);
+    process.stderr.write(`\r\x1b[2Kresident ${pct}% (${s.residentPages}/${s.totalPages} pages)  faults ${s.faults}  p50 ${p50} µs  ${(s.bytesReceived / 2 ** 20).toFixed(1)} MiB in`);
+  };
+  const timer = setInterval(draw, 200);
+  return () => {
+    clearInterval(timer);
+    draw();
+    process.stderr.write('\n');
+  };
+}
+
+/** argv that runs this CLI again (same Node, same loader flags when run from sources). */
+export function selfCommand(): string[] {
+  const entry = fileURLToPath(new URL(`./postcopy${import.meta.url.endsWith('.ts') ? '.ts' : '.js'}`, import.meta.url));
+  return [process.execPath, ...process.execArgv, entry];
+}
