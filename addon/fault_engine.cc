@@ -26,9 +26,16 @@
 namespace uffdpc {
 namespace {
 
+// A range of the faulting process's memory, backed by pages
+// [sourcePage, sourcePage + pages) of source region `sourceRegion`.
 struct TargetRegion {
-  uint64_t base = 0, length = 0, pageSize = 0, pages = 0;
+  std::atomic<uint64_t> base{0};  // moves on REMAP
+  uint64_t length = 0, pageSize = 0, pages = 0;
+  uint32_t sourceRegion = 0;
+  uint64_t sourcePage = 0;
   std::unique_ptr<AtomicBitmap> received, requested;
+  std::unique_ptr<AtomicBitmap> removed;  // given back by the process (REMOVE/UNMAP): zero-filled, never fetched
+  std::unique_ptr<AtomicBitmap> settled;  // resident or given back: counted toward completion exactly once
   std::unique_ptr<std::atomic<uint64_t>[]> faultNs;  // first fault time of a waited-on page, 0 if none
   std::unique_ptr<std::atomic<uint32_t>[]> waiters;  // faults seen on the page while it was missing
 };
@@ -42,7 +49,8 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
                         InstanceMethod<&FaultEngine::ReceivedBitmap>("receivedBitmap")});
   }
 
-  // new FaultEngine({uffd, regions: [{base, length, pageSize}], urgentFd, bulkFd, onEvent});
+  // new FaultEngine({uffd, sourceRegions: [{pages, pageSize}],
+  //                  regions: [{base, length, pageSize, sourceRegion, sourcePage}], urgentFd, bulkFd, onEvent});
   // validated in client/fault-engine.ts. The engine owns urgentFd and bulkFd, not uffd.
   explicit FaultEngine(const Napi::CallbackInfo& info) : Napi::ObjectWrap<FaultEngine>(info) {
     Napi::Object o = info[0].As<Napi::Object>();
@@ -54,16 +62,26 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     urgentFd_ = o.Get("urgentFd").As<Napi::Number>().Int32Value();
     bulkFd_ = o.Get("bulkFd").As<Napi::Number>().Int32Value();
     if (bulkFd_ >= 0) EnlargeSocketBuffer(bulkFd_, SO_RCVBUF, SO_RCVBUFFORCE, 8 << 20);
+    Napi::Array sources = o.Get("sourceRegions").As<Napi::Array>();
+    for (uint32_t i = 0; i < sources.Length(); i++) {
+      Napi::Object r = sources.Get(i).As<Napi::Object>();
+      sourcePages_.push_back(static_cast<uint64_t>(r.Get("pages").As<Napi::Number>().Int64Value()));
+      sourcePageSize_.push_back(static_cast<uint64_t>(r.Get("pageSize").As<Napi::Number>().Int64Value()));
+    }
     Napi::Array regions = o.Get("regions").As<Napi::Array>();
     for (uint32_t i = 0; i < regions.Length(); i++) {
       Napi::Object r = regions.Get(i).As<Napi::Object>();
       auto t = std::make_unique<TargetRegion>();
       t->base = static_cast<uint64_t>(r.Get("base").As<Napi::Number>().Int64Value());
+      t->sourceRegion = r.Get("sourceRegion").As<Napi::Number>().Uint32Value();
+      t->sourcePage = static_cast<uint64_t>(r.Get("sourcePage").As<Napi::Number>().Int64Value());
       t->length = static_cast<uint64_t>(r.Get("length").As<Napi::Number>().Int64Value());
       t->pageSize = static_cast<uint64_t>(r.Get("pageSize").As<Napi::Number>().Int64Value());
       t->pages = t->length / t->pageSize;
       t->received = std::make_unique<AtomicBitmap>(t->pages);
       t->requested = std::make_unique<AtomicBitmap>(t->pages);
+      t->removed = std::make_unique<AtomicBitmap>(t->pages);
+      t->settled = std::make_unique<AtomicBitmap>(t->pages);
       t->faultNs.reset(new std::atomic<uint64_t>[t->pages]());
       t->waiters.reset(new std::atomic<uint32_t>[t->pages]());
       totalPages_ += t->pages;
@@ -132,6 +150,9 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     n(s, "copyRetries", retries_);
     n(s, "unexpectedFaults", unexpected_);
     n(s, "memoryEvents", memoryEvents_);
+    n(s, "removedPages", removedPages_);
+    n(s, "zeroFilledAfterRemove", zeroFilledAfterRemove_);
+    n(s, "pagesOutsideRegions", unmappedPages_);
     Napi::Object lat = Napi::Object::New(env);
     n(lat, "count", latency_.Count());
     n(lat, "p50Ns", latency_.Quantile(0.50));
@@ -192,40 +213,87 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     }
   }
 
+  TargetRegion* RegionAt(uint64_t address) {
+    for (auto& r : regions_) {
+      uint64_t base = r->base.load(std::memory_order_acquire);
+      if (address >= base && address < base + r->length) return r.get();
+    }
+    return nullptr;
+  }
+
   void OnFault(uint64_t address, uint64_t now, std::vector<wire::PageRequest>& reqs) {
     faults_++;
-    for (uint32_t id = 0; id < regions_.size(); id++) {
-      TargetRegion& r = *regions_[id];
-      if (address < r.base || address >= r.base + r.length) continue;
-      uint64_t page = (address - r.base) / r.pageSize;
-      if (r.received->Test(page)) {  // installed while the fault was queued: make sure it is awake
-        faultsResident_++;
-        uffdio_range range{r.base + page * r.pageSize, r.pageSize};
-        ioctl(uffd_, UFFDIO_WAKE, &range);
-        return;
-      }
-      r.waiters[page].fetch_add(1, std::memory_order_relaxed);
-      uint64_t expected = 0;
-      r.faultNs[page].compare_exchange_strong(expected, now, std::memory_order_acq_rel);
-      if (r.requested->Claim(page)) reqs.push_back({wire::kRequest, id, page});
+    TargetRegion* found = RegionAt(address);
+    if (!found) {
+      unexpected_++;
+      events_.Emit({"unexpected-fault", "", "", "a fault outside every known region", static_cast<double>(address)});
       return;
     }
-    unexpected_++;
-    events_.Emit({"unexpected-fault", "", "", "a fault outside every known region", static_cast<double>(address)});
+    TargetRegion& r = *found;
+    uint64_t page = (address - r.base.load(std::memory_order_acquire)) / r.pageSize;
+    uint64_t pageAddress = r.base.load(std::memory_order_acquire) + page * r.pageSize;
+    if (r.removed->Test(page)) {  // given back earlier: it reads as zeros, the source is not asked
+      int64_t done = 0;
+      int err = Zero(pageAddress, r.pageSize, &done);
+      if (err == 0) zeroFilledAfterRemove_++;
+      else if (err != EEXIST && err != EAGAIN) events_.Emit({"error", "", ErrnoName(err), "zero-filling a removed page failed"});
+      return;
+    }
+    if (r.received->Test(page)) {  // installed while the fault was queued: make sure it is awake
+      faultsResident_++;
+      uffdio_range range{pageAddress, r.pageSize};
+      ioctl(uffd_, UFFDIO_WAKE, &range);
+      return;
+    }
+    r.waiters[page].fetch_add(1, std::memory_order_relaxed);
+    uint64_t expected = 0;
+    r.faultNs[page].compare_exchange_strong(expected, now, std::memory_order_acq_rel);
+    if (r.requested->Claim(page)) reqs.push_back({wire::kRequest, r.sourceRegion, r.sourcePage + page});
+  }
+
+  // The process gave memory back (balloon, DONTNEED) or unmapped it: those
+  // pages are settled as zeros and never fetched again.
+  void GiveBack(uint64_t start, uint64_t end) {
+    for (auto& r : regions_) {
+      uint64_t base = r->base.load(std::memory_order_acquire);
+      uint64_t lo = std::max(start, base), hi = std::min(end, base + r->length);
+      if (lo >= hi) continue;
+      uint64_t first = (lo - base + r->pageSize - 1) / r->pageSize, last = (hi - base) / r->pageSize;
+      uint64_t settled = 0;
+      for (uint64_t p = first; p < last; p++) {
+        if (!r->removed->Claim(p)) continue;
+        removedPages_++;
+        r->faultNs[p].store(0, std::memory_order_relaxed);
+        if (r->settled->Claim(p)) settled++;
+      }
+      Settle(settled, MonotonicNs());
+    }
   }
 
   void OnMemoryEvent(const uffd_msg& m) {
     memoryEvents_++;
     switch (m.event) {
       case UFFD_EVENT_REMOVE:
+        GiveBack(m.arg.remove.start, m.arg.remove.end);
         events_.Emit({"remove", "", "", "", double(m.arg.remove.start), double(m.arg.remove.end)});
         break;
       case UFFD_EVENT_UNMAP:
+        GiveBack(m.arg.remove.start, m.arg.remove.end);
         events_.Emit({"unmap", "", "", "", double(m.arg.remove.start), double(m.arg.remove.end)});
         break;
-      case UFFD_EVENT_REMAP:
-        events_.Emit({"remap", "", "", "", double(m.arg.remap.from), double(m.arg.remap.to)});
+      case UFFD_EVENT_REMAP: {
+        // A whole region moved (mremap): follow it. Partial moves are reported.
+        bool followed = false;
+        for (auto& r : regions_) {
+          if (r->base.load() == m.arg.remap.from && r->length == m.arg.remap.len) {
+            r->base.store(m.arg.remap.to, std::memory_order_release);
+            followed = true;
+          }
+        }
+        events_.Emit({"remap", "", followed ? "" : "ERR_PARTIAL_REMAP", followed ? "" : "a partial remap of a region is not followed",
+                      double(m.arg.remap.from), double(m.arg.remap.to)});
         break;
+      }
       case UFFD_EVENT_FORK:
         events_.Emit({"fork", "", "", "", double(m.arg.fork.ufd)});
         break;
@@ -259,59 +327,83 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
         shutdown(fd, SHUT_RDWR);
         return;
       }
-      TargetRegion& r = *regions_[h.region];
-      uint64_t bytes = static_cast<uint64_t>(h.count) * r.pageSize;
+      uint64_t pageSize = sourcePageSize_[h.region];
       if (h.kind == wire::kDataRun) {
-        if ((err = ReadFull(fd, buffer.get(), bytes))) {
+        if ((err = ReadFull(fd, buffer.get(), h.count * pageSize))) {
           if (!stop_.load()) events_.Emit({"closed", channel, err > 0 ? ErrnoName(err) : "EPIPE", "the source closed the channel mid-run"});
           return;
         }
-        bytesReceived_ += bytes;
+        bytesReceived_ += h.count * pageSize;
       }
-      if (!Install(r, h, h.kind == wire::kDataRun ? buffer.get() : nullptr, channel)) return;
+      // Install the part of the run each target region covers; the rest of the
+      // image is not mapped by this destination.
+      uint64_t first = h.first_page, end = h.first_page + h.count, covered = 0;
+      for (auto& r : regions_) {
+        if (r->sourceRegion != h.region) continue;
+        uint64_t lo = std::max(first, r->sourcePage), hi = std::min(end, r->sourcePage + r->pages);
+        if (lo >= hi) continue;
+        covered += hi - lo;
+        const uint8_t* data = h.kind == wire::kDataRun ? buffer.get() + (lo - first) * pageSize : nullptr;
+        if (!Install(*r, lo - r->sourcePage, hi - lo, data, h.reason, channel)) return;
+      }
+      unmappedPages_ += h.count - covered;
     }
   }
 
   // Every field is checked before any of it is used to compute an address.
   const char* Validate(const wire::RunHeader& h) const {
     if (h.kind != wire::kDataRun && h.kind != wire::kZeroRun) return "ERR_PROTOCOL_MALFORMED";
-    if (h.region >= regions_.size() || h.reason > wire::kBackground) return "ERR_PROTOCOL_OUT_OF_RANGE";
-    const TargetRegion& r = *regions_[h.region];
-    if (h.count == 0 || h.count > wire::MaxRunPages(r.pageSize)) return "ERR_PROTOCOL_OUT_OF_RANGE";
-    if (h.first_page >= r.pages || h.count > r.pages - h.first_page) return "ERR_PROTOCOL_OUT_OF_RANGE";
+    if (h.region >= sourcePages_.size() || h.reason > wire::kBackground) return "ERR_PROTOCOL_OUT_OF_RANGE";
+    uint64_t pages = sourcePages_[h.region];
+    if (h.count == 0 || h.count > wire::MaxRunPages(sourcePageSize_[h.region])) return "ERR_PROTOCOL_OUT_OF_RANGE";
+    if (h.first_page >= pages || h.count > pages - h.first_page) return "ERR_PROTOCOL_OUT_OF_RANGE";
     return nullptr;
   }
 
-  // Installs the pages of one run that are not resident yet, a contiguous
-  // stretch per ioctl. Returns false when the engine must stop.
-  bool Install(TargetRegion& r, const wire::RunHeader& h, const uint8_t* data, const char* channel) {
-    uint64_t p = h.first_page, end = h.first_page + h.count;
+  // Installs pages [first, first+count) of region r that are neither resident
+  // nor given back, a contiguous stretch per ioctl. Returns false when the
+  // engine must stop.
+  bool Install(TargetRegion& r, uint64_t first, uint64_t count, const uint8_t* data, uint32_t reason, const char* channel) {
+    uint64_t p = first, end = first + count;
     while (p < end) {
-      if (r.received->Test(p)) { duplicates_++; p++; continue; }
+      if (r.received->Test(p) || r.removed->Test(p)) {
+        if (r.received->Test(p)) duplicates_++;
+        p++;
+        continue;
+      }
       uint64_t q = p + 1;
-      while (q < end && !r.received->Test(q)) q++;
-      // [p, q) were missing a moment ago; install them, stepping over any that
-      // another channel installs meanwhile (EEXIST).
-      while (p < q) {
-        uint64_t len = (q - p) * r.pageSize;
-        int64_t done = 0;
-        int err = data ? Copy(r.base + p * r.pageSize, data + (p - h.first_page) * r.pageSize, len, &done)
-                       : Zero(r.base + p * r.pageSize, len, &done);
-        uint64_t donePages = done > 0 ? static_cast<uint64_t>(done) / r.pageSize : 0;
-        Installed(r, p, donePages, h.reason, data == nullptr);
-        p += donePages;
-        if (err == 0) continue;
-        if (err == EEXIST) { duplicates_++; p++; continue; }
-        if (err == EAGAIN) {  // the memory layout is changing (e.g. a REMOVE in flight): retry shortly
-          retries_++;
-          timespec ts{0, 50000};
-          nanosleep(&ts, nullptr);
-          if (stop_.load()) return false;
-          continue;
-        }
-        if (!stop_.load()) events_.Emit({"error", channel, ErrnoName(err), "installing pages failed"});
+      while (q < end && !r.received->Test(q) && !r.removed->Test(q)) q++;
+      int64_t done = 0;
+      uint64_t dst = r.base.load(std::memory_order_acquire) + p * r.pageSize;
+      uint64_t len = (q - p) * r.pageSize;
+      int err = data ? Copy(dst, data + (p - first) * r.pageSize, len, &done) : Zero(dst, len, &done);
+      uint64_t donePages = done > 0 ? static_cast<uint64_t>(done) / r.pageSize : 0;
+      Installed(r, p, donePages, reason, data == nullptr);
+      p += donePages;
+      if (err == 0) continue;
+      if (err == EEXIST) {  // another channel (or a zero-fill) got there first
+        duplicates_++;
+        p++;
+        continue;
+      }
+      if (err == EAGAIN) {  // the layout is changing (REMOVE/UNMAP in flight): look again shortly
+        retries_++;
+        timespec ts{0, 50000};
+        nanosleep(&ts, nullptr);
+        if (stop_.load()) return false;
+        continue;
+      }
+      if (err == ENOENT) {  // no longer registered (unmapped): settle it as given back
+        GiveBack(dst, dst + r.pageSize);
+        p++;
+        continue;
+      }
+      if (err == ESRCH) {  // the process owning the memory is gone
+        if (!stop_.load()) events_.Emit({"target-gone", channel, "ESRCH", "the process owning the memory exited"});
         return false;
       }
+      if (!stop_.load()) events_.Emit({"error", channel, ErrnoName(err), "installing pages failed"});
+      return false;
     }
     return true;
   }
@@ -335,9 +427,10 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
 
   void Installed(TargetRegion& r, uint64_t first, uint64_t count, uint32_t reason, bool zero) {
     if (count == 0) return;
-    uint64_t now = MonotonicNs();
+    uint64_t now = MonotonicNs(), settled = 0;
     for (uint64_t p = first; p < first + count; p++) {
       if (!r.received->Claim(p)) continue;
+      if (r.settled->Claim(p)) settled++;
       uint64_t t = r.faultNs[p].exchange(0, std::memory_order_acq_rel);
       if (t) {
         uint64_t waited = now > t ? now - t : 0;
@@ -348,13 +441,20 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     }
     installed_[reason] += count;
     if (zero) zeroPages_ += count;
-    if (resident_.fetch_add(count) + count == totalPages_) {
+    Settle(settled, now);
+  }
+
+  // Counts pages that reached their final state (resident, or given back).
+  void Settle(uint64_t pages, uint64_t now) {
+    if (pages == 0) return;
+    if (resident_.fetch_add(pages) + pages == totalPages_) {
       completeNs_ = now;
       events_.Emit({"complete", "", "", "", static_cast<double>(now - startNs_)});
     }
   }
 
   std::vector<std::unique_ptr<TargetRegion>> regions_;
+  std::vector<uint64_t> sourcePages_, sourcePageSize_;
   uint64_t totalPages_ = 0, maxRunBytes_ = 4096;
   int uffd_ = -1, urgentFd_ = -1, bulkFd_ = -1, stopFd_ = -1;
   EventSink events_;
@@ -367,7 +467,8 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   uint64_t startNs_ = 0;
   std::atomic<uint64_t> completeNs_{0};
   std::atomic<uint64_t> faults_{0}, faultsResident_{0}, requestsSent_{0}, installed_[3] = {}, zeroPages_{0},
-      duplicates_{0}, bytesReceived_{0}, resident_{0}, blockedNs_{0}, retries_{0}, unexpected_{0}, memoryEvents_{0};
+      duplicates_{0}, bytesReceived_{0}, resident_{0}, blockedNs_{0}, retries_{0}, unexpected_{0}, memoryEvents_{0},
+      removedPages_{0}, zeroFilledAfterRemove_{0}, unmappedPages_{0};
 };
 
 }  // namespace

@@ -13,11 +13,22 @@ export interface TargetRegion {
   base: number;
   length: number;
   pageSize: number;
+  /** The source region backing it (default: the region's own index). */
+  sourceRegion?: number;
+  /** The first source page backing it (default 0). */
+  sourcePage?: number;
+}
+
+export interface SourceRegion {
+  pages: number;
+  pageSize: number;
 }
 
 export interface FaultEngineOptions {
   uffd: number;
   regions: readonly TargetRegion[];
+  /** The source's regions (default: one per target region, the same size). */
+  sourceRegions?: readonly SourceRegion[];
   urgentFd: number;
   bulkFd: number;
   logger?: Logger;
@@ -44,16 +55,28 @@ export class FaultEngine extends EventEmitter {
     const regions = options.regions.map((r, i) => {
       const pageSize = validateInteger(r.pageSize, `regions[${i}].pageSize`, 4096);
       if ((pageSize & (pageSize - 1)) !== 0) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `regions[${i}].pageSize must be a power of two`);
-      return { base: validateAligned(r.base, `regions[${i}].base`, pageSize, pageSize), length: validateAligned(r.length, `regions[${i}].length`, pageSize, pageSize), pageSize };
+      const base = validateAligned(r.base, `regions[${i}].base`, pageSize, pageSize);
+      const length = validateAligned(r.length, `regions[${i}].length`, pageSize, pageSize);
+      const sourceRegion = validateInteger(r.sourceRegion ?? i, `regions[${i}].sourceRegion`);
+      const sourcePage = validateInteger(r.sourcePage ?? 0, `regions[${i}].sourcePage`);
+      return { base, length, pageSize, sourceRegion, sourcePage };
     });
-    const sorted = [...regions].sort((a, b) => a.base - b.base);
-    for (let i = 1; i < sorted.length; i++) {
-      if (sorted[i].base < sorted[i - 1].base + sorted[i - 1].length) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, 'regions overlap');
+    const sourceRegions = (options.sourceRegions ?? regions.map((r) => ({ pages: r.length / r.pageSize, pageSize: r.pageSize }))).map((s, i) => ({
+      pages: validateInteger(s.pages, `sourceRegions[${i}].pages`, 1),
+      pageSize: validateInteger(s.pageSize, `sourceRegions[${i}].pageSize`, 4096),
+    }));
+    for (const [i, r] of regions.entries()) {
+      const src = sourceRegions[r.sourceRegion];
+      if (!src) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `regions[${i}] names source region ${r.sourceRegion}, which does not exist`);
+      if (src.pageSize !== r.pageSize) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `regions[${i}] has page size ${r.pageSize}, its source ${src.pageSize}`);
+      if (r.sourcePage + r.length / r.pageSize > src.pages) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `regions[${i}] reaches past the end of source region ${r.sourceRegion}`);
     }
+    rejectOverlaps(regions.map((r) => [r.base, r.base + r.length]), 'regions overlap in memory');
+    rejectOverlaps(regions.map((r) => [r.sourceRegion * 2 ** 40 + r.sourcePage, r.sourceRegion * 2 ** 40 + r.sourcePage + r.length / r.pageSize]), 'regions overlap in the source image');
     this.#log = options.logger ?? silentLogger;
     this.#resident = new Promise((resolve, reject) => (this.#settle = { resolve, reject }));
     this.#resident.catch(() => {});
-    this.#native = new native.FaultEngine({ uffd: options.uffd, regions, urgentFd: options.urgentFd, bulkFd: options.bulkFd, onEvent: (e) => this.#onEvent(e) });
+    this.#native = new native.FaultEngine({ uffd: options.uffd, sourceRegions, regions, urgentFd: options.urgentFd, bulkFd: options.bulkFd, onEvent: (e) => this.#onEvent(e) });
   }
 
   start(): void {
@@ -122,4 +145,9 @@ export class FaultEngine extends EventEmitter {
       this.#log.error({ err }, 'handling a fault-engine event failed');
     }
   }
+}
+
+function rejectOverlaps(ranges: [number, number][], message: string): void {
+  const sorted = [...ranges].sort((a, b) => a[0] - b[0]);
+  for (let i = 1; i < sorted.length; i++) if (sorted[i][0] < sorted[i - 1][1]) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, message);
 }

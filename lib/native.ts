@@ -97,6 +97,9 @@ export interface DestinationStats {
   copyRetries: number;
   unexpectedFaults: number;
   memoryEvents: number;
+  removedPages: number;
+  zeroFilledAfterRemove: number;
+  pagesOutsideRegions: number;
   faultLatency: { count: number; p50Ns: number; p90Ns: number; p99Ns: number; maxNs: number; meanNs: number };
 }
 
@@ -156,7 +159,8 @@ export interface NativeAddon {
 
   FaultEngine: new (options: {
     uffd: number;
-    regions: { base: number; length: number; pageSize: number }[];
+    sourceRegions: { pages: number; pageSize: number }[];
+    regions: { base: number; length: number; pageSize: number; sourceRegion: number; sourcePage: number }[];
     urgentFd: number;
     bulkFd: number;
     onEvent: (event: NativeEvent) => void;

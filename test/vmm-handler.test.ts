@@ -1,0 +1,142 @@
+import t from 'tap';
+import { spawn } from 'node:child_process';
+import { closeSync, ftruncateSync, readdirSync, readlinkSync } from 'node:fs';
+import { connect as netConnect } from 'node:net';
+import { join } from 'node:path';
+import { once } from 'node:events';
+import { Image } from '../server/image.js';
+import { PageServer } from '../server/page-server.js';
+import { VmmHandler, type VmmSessionSummary } from '../client/vmm-handler.js';
+import { sendFds } from '../lib/fd-passing.js';
+import { memfdCreate } from '../lib/memory.js';
+import { Userfaultfd } from '../lib/uffd.js';
+import { PAGE, buildFixture, randomImage, tempDir, writeImage } from './helpers.js';
+import type { Test } from 'tap';
+
+interface Setup { dir: string; imagePath: string; image: Buffer; handler: VmmHandler; handlerSocket: string; server: PageServer }
+
+async function setup(t: Test, transport: 'unix' | 'tcp' = 'unix', pages = 2048): Promise<Setup> {
+  const dir = tempDir(t);
+  const image = randomImage(pages, 6);
+  const imagePath = writeImage(dir, image);
+  const server = new PageServer({ image: Image.open([{ path: imagePath }]) });
+  const where = await server.listen(transport === 'unix' ? `unix:${join(dir, 'source.sock')}` : 'tcp:127.0.0.1:0');
+  const source = where.kind === 'unix' ? `unix:${where.path}` : `tcp:127.0.0.1:${where.port}`;
+  const handler = new VmmHandler({ source });
+  const handlerSocket = join(dir, 'handler.sock');
+  await handler.listen(handlerSocket);
+  t.teardown(async () => { await handler.close(); await server.close(); });
+  return { dir, imagePath, image, handler, handlerSocket, server };
+}
+
+/** Runs the VMM-like fixture to completion; resolves with its exit code and JSON report. */
+async function runVmm(s: Setup, extra: string[] = []): Promise<{ code: number | null; report: Record<string, unknown> }> {
+  const child = spawn(buildFixture('vmm'), ['--socket', s.handlerSocket, '--image', s.imagePath, ...extra], { stdio: ['ignore', 'pipe', 'inherit'] });
+  let out = '';
+  child.stdout.on('data', (d) => (out += d));
+  const [code] = await once(child, 'close');
+  return { code, report: out.trim() ? JSON.parse(out.trim().split('\n')[0]) : {} };
+}
+
+function openFdTargets(): string[] {
+  return readdirSync('/proc/self/fd').map((f) => { try { return readlinkSync(`/proc/self/fd/${f}`); } catch { return ''; } });
+}
+
+const sessionEnd = (h: VmmHandler) => once(h, 'session-end').then(([s]) => s as VmmSessionSummary);
+
+for (const transport of ['unix', 'tcp'] as const) {
+  t.test(`${transport} source: a VMM restores its whole memory lazily, byte-exact, from four threads`, async (t) => {
+    const s = await setup(t, transport);
+    const ended = sessionEnd(s.handler);
+    const { code, report } = await runVmm(s, ['--threads', '4', '--order', 'random']);
+    t.equal(code, 0, 'the VMM verified every byte');
+    t.match(report, { ok: true, pages: 2048, mismatchedPages: 0 });
+    const summary = await ended;
+    t.equal(summary.complete, true);
+    t.ok(summary.faults > 0, `faults served (${summary.faults})`);
+    t.equal(summary.pagesOnDemand + summary.pagesPrefaulted + summary.pagesBackground, 2048);
+    t.equal(s.handler.activeSessions, 0, 'the session ended with the VMM');
+  });
+}
+
+t.test('Firecracker handshake details: several regions at image offsets, page_size_kib alias', async (t) => {
+  const s = await setup(t, 'unix', 3000);
+  const ended = sessionEnd(s.handler);
+  const { code, report } = await runVmm(s, ['--regions', '3', '--threads', '3', '--order', 'stride']);
+  t.equal(code, 0);
+  t.match(report, { ok: true, pages: 3000 });
+  t.equal((await ended).complete, true);
+});
+
+t.test('several VMMs at once, each its own session', async (t) => {
+  const s = await setup(t);
+  const summaries: VmmSessionSummary[] = [];
+  s.handler.on('session-end', (x) => summaries.push(x));
+  const runs = await Promise.all([1, 2, 3].map((seed) => runVmm(s, ['--seed', String(seed), '--threads', '2'])));
+  for (const r of runs) t.equal(r.code, 0);
+  while (summaries.length < 3) await new Promise((r) => setTimeout(r, 5));
+  t.equal(new Set(summaries.map((x) => x.vmmPid)).size, 3, 'three distinct VMMs');
+  t.ok(summaries.every((x) => x.complete));
+});
+
+t.test('memory the VMM gives back (REMOVE) reads as zeros afterwards and is never fetched again', async (t) => {
+  const s = await setup(t);
+  const ended = sessionEnd(s.handler);
+  const from = 64 * PAGE;
+  const length = 32 * PAGE;
+  const { code, report } = await runVmm(s, ['--dontneed', `${from}:${length}`, '--threads', '2']);
+  t.equal(code, 0);
+  t.match(report, { ok: true, nonZeroAfterDontneed: 0 });
+  const summary = await ended;
+  t.equal(summary.removedPages, 32);
+  t.equal(summary.zeroFilledAfterRemove, 32, 'each given-back page was zero-filled on its next touch, not fetched');
+});
+
+t.test('malformed handshakes close that connection with a clear reason; the handler keeps serving', async (t) => {
+  const s = await setup(t);
+  const rejected: { code: string; message: string }[] = [];
+  s.handler.on('rejected', (r) => rejected.push(r));
+  const attempt = async (payload: string, fds: number[]) => {
+    const socket = netConnect(s.handlerSocket);
+    await once(socket, 'connect');
+    const fd = (socket as unknown as { _handle: { fd: number } })._handle.fd;
+    sendFds(fd, Buffer.from(payload), fds);
+    socket.resume();
+    await once(socket, 'close'); // the handler closes it
+  };
+  const region = (extra: object = {}) => ({ base_host_virt_addr: 0x7f0000000000, size: 16 * PAGE, offset: 0, page_size: PAGE, ...extra });
+  const uffd = Userfaultfd.open();
+  const memfd = memfdCreate('not-a-uffd');
+  ftruncateSync(memfd, PAGE);
+  t.teardown(() => { uffd.close(); closeSync(memfd); });
+  await attempt('{not json', [uffd.fd]);
+  await attempt(JSON.stringify([region()]), []);
+  await attempt(JSON.stringify([region()]), [memfd]);
+  await attempt(JSON.stringify([region(), region({ base_host_virt_addr: 0x7f0000000000 + 8 * PAGE, offset: 16 * PAGE })]), [uffd.fd]);
+  await attempt(JSON.stringify([region({ offset: 2040 * PAGE })]), [uffd.fd]);
+  await attempt(JSON.stringify([region({ page_size: 1000 })]), [uffd.fd]);
+  t.same(rejected.map((r) => r.code), [
+    'ERR_PROTOCOL_MALFORMED', 'ERR_PROTOCOL_MALFORMED', 'ERR_PROTOCOL_MALFORMED', 'ERR_PROTOCOL_OUT_OF_RANGE', 'ERR_PROTOCOL_OUT_OF_RANGE', 'ERR_PROTOCOL_MALFORMED',
+  ]);
+  t.match(rejected.map((r) => r.message), [/not JSON/, /exactly one fd/, /not a userfaultfd/, /overlap in memory/, /outside the .*image/, /power of two/]);
+  const { code } = await runVmm(s);
+  t.equal(code, 0, 'a well-formed VMM is still served');
+});
+
+t.test('a VMM that exits mid-way is cleaned up: no session, no fd, no source session left', async (t) => {
+  const s = await setup(t, 'unix', 16384);
+  const fdsBefore = readdirSync('/proc/self/fd').length;
+  const child = spawn(buildFixture('vmm'), ['--socket', s.handlerSocket, '--image', s.imagePath, '--hold'], { stdio: ['pipe', 'pipe', 'inherit'] });
+  await once(s.handler, 'session-start');
+  t.equal(s.handler.activeSessions, 1);
+  const ended = sessionEnd(s.handler);
+  child.kill('SIGKILL'); // the VMM dies, possibly mid-transfer
+  const summary = await ended;
+  await once(child, 'close'); // its stdio pipes are closed too
+  t.ok(summary.vmmPid === child.pid);
+  t.equal(s.handler.activeSessions, 0);
+  while (s.server.sessions.size > 0) await new Promise((r) => setTimeout(r, 5));
+  // (Fds of earlier tests may still be closing, so "no more than before".)
+  t.ok(readdirSync('/proc/self/fd').length <= fdsBefore, 'every fd of the session was closed');
+  t.notOk(openFdTargets().includes('anon_inode:[userfaultfd]'), 'the VMM userfaultfd was closed');
+});
