@@ -2,29 +2,32 @@
 // starts a real source page server in its own process, restores the image into
 // this process while a workload thread faults pages in, and says what happened.
 import { parseArgs } from 'node:util';
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { once } from 'node:events';
 import { closeSync, mkdtempSync, openSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
-import { Destination } from '../client/destination.js';
+import { VmmHandler, type VmmSessionSummary } from '../client/vmm-handler.js';
+import { buildFixture } from './vmm-fixture.js';
 import { punchHole, PAGE_SIZE } from '../lib/memory.js';
-import { shuffledOrder, touchPages } from '../lib/workload.js';
 import type { Logger } from '../lib/logger.js';
 import { formatReport } from './restore.js';
-import { parseSize, selfCommand, startProgress } from './options.js';
+import { parseSize, selfCommand } from './options.js';
 
-export const demoUsage = `postcopy demo [--image FILE] [--size SIZE] [--touch FRACTION]
+export const demoUsage = `postcopy demo [--image FILE] [--size SIZE] [--threads N]
 
   Creates an image of SIZE (default 128M: random data, zero pages and a hole)
-  unless --image is given, serves it from a separate source process with a
-  token, restores it here while one thread touches FRACTION (default 0.25) of
-  the pages in random order, and prints what happened.`;
+  unless --image is given; starts a source page server in its own process (with
+  a token) and a destination handler; then runs a VMM-like program that maps
+  empty guest memory, hands its userfaultfd to the handler the way Firecracker
+  does, touches every page from N threads (default 4) in random order, gives a
+  1 MiB balloon range back, and checks every byte. Prints what happened.`;
 
 /** Random data, every 4th page zero, and a 1/16 hole in the middle. */
 function makeImage(path: string, bytes: number): void {
-  const pages = Math.max(16, Math.floor(bytes / PAGE_SIZE));
+  const pages = Math.max(1024, Math.floor(bytes / PAGE_SIZE));
   const fd = openSync(path, 'w', 0o600);
   try {
     const chunkPages = 2048;
@@ -34,63 +37,78 @@ function makeImage(path: string, bytes: number): void {
       for (let p = 0; p < n; p++) if ((first + p) % 4 === 0) chunk.fill(0, p * PAGE_SIZE, (p + 1) * PAGE_SIZE);
       writeSync(fd, chunk, 0, chunk.length, first * PAGE_SIZE);
     }
-    const holePages = Math.floor(pages / 16);
-    punchHole(fd, Math.floor(pages / 2) * PAGE_SIZE, holePages * PAGE_SIZE);
+    punchHole(fd, Math.floor(pages / 2) * PAGE_SIZE, Math.floor(pages / 16) * PAGE_SIZE);
   } finally {
     closeSync(fd);
   }
 }
 
+/** Starts `postcopy serve` as a child process; resolves once it listens. */
+async function startSource(imagePath: string, socketPath: string, tokenPath: string): Promise<ChildProcess> {
+  const [cmd, ...args] = selfCommand();
+  const source = spawn(cmd, [...args, 'serve', '--image', imagePath, '--listen', `unix:${socketPath}`, '--token-file', tokenPath], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+    env: { ...process.env, POSTCOPY_LOG_LEVEL: process.env.POSTCOPY_LOG_LEVEL ?? 'warn' },
+  });
+  await new Promise<void>((resolve, reject) => {
+    const rl = createInterface({ input: source.stdout! });
+    rl.once('line', () => { rl.close(); resolve(); });
+    source.once('exit', (code) => reject(new Error(`the source exited (${code}) before listening`)));
+  });
+  return source;
+}
+
 export async function demo(argv: string[], log: Logger): Promise<void> {
-  const { values } = parseArgs({ args: argv, options: { image: { type: 'string' }, size: { type: 'string' }, touch: { type: 'string' } }, strict: true });
+  const { values } = parseArgs({ args: argv, options: { image: { type: 'string' }, size: { type: 'string' }, threads: { type: 'string' } }, strict: true });
   const dir = mkdtempSync(join(tmpdir(), 'postcopy-demo-'));
   const say = (line: string) => process.stdout.write(line + '\n');
+  let source: ChildProcess | null = null;
+  let handler: VmmHandler | null = null;
   try {
     const imagePath = values.image ?? join(dir, 'image.bin');
     if (!values.image) makeImage(imagePath, parseSize(values.size ?? '128M', '--size'));
     const size = statSync(imagePath).size;
+    const pages = Math.ceil(size / PAGE_SIZE);
     const tokenPath = join(dir, 'token');
     const token = randomBytes(24).toString('base64url');
     writeFileSync(tokenPath, token, { mode: 0o600 });
-    const socketPath = join(dir, 'source.sock');
-    const [cmd, ...args] = selfCommand();
-    const source = spawn(cmd, [...args, 'serve', '--image', imagePath, '--listen', `unix:${socketPath}`, '--token-file', tokenPath], {
+    const sourceSocket = join(dir, 'source.sock');
+    const handlerSocket = join(dir, 'handler.sock');
+    const vmm = buildFixture('vmm');
+    source = await startSource(imagePath, sourceSocket, tokenPath);
+    handler = new VmmHandler({ source: `unix:${sourceSocket}`, token, logger: log });
+    await handler.listen(handlerSocket);
+    const threads = Math.max(1, Math.min(64, Number(values.threads ?? 4)));
+    const balloonPages = Math.min(256, Math.floor(pages / 8));
+    const balloonFrom = Math.floor(pages / 4) * PAGE_SIZE;
+
+    say('uffd-postcopy demo');
+    say(`  image        ${imagePath} (${(size / 2 ** 20).toFixed(1)} MiB)`);
+    say(`  source       postcopy serve, pid ${source.pid}, unix:${sourceSocket} (0600, token challenge-response)`);
+    say(`  handler      destination handler on unix:${handlerSocket}, prefault window 8:2, background on`);
+    const ended = once(handler, 'session-end');
+    const child = spawn(vmm, ['--socket', handlerSocket, '--image', imagePath, '--threads', String(threads), '--order', 'random', '--dontneed', `${balloonFrom}:${balloonPages * PAGE_SIZE}`], {
       stdio: ['ignore', 'pipe', 'inherit'],
-      env: { ...process.env, POSTCOPY_LOG_LEVEL: process.env.POSTCOPY_LOG_LEVEL ?? 'warn' },
     });
-    try {
-      await new Promise<void>((resolve, reject) => {
-        const rl = createInterface({ input: source.stdout! });
-        rl.once('line', () => { rl.close(); resolve(); });
-        source.once('exit', (code) => reject(new Error(`the source exited (${code}) before listening`)));
-      });
-      say('uffd-postcopy demo');
-      say(`  image        ${imagePath} (${(size / 2 ** 20).toFixed(1)} MiB)`);
-      say(`  source       postcopy serve, pid ${source.pid}, on unix:${socketPath} (0600, token challenge-response)`);
-      const dest = await Destination.connect({ source: `unix:${socketPath}`, token, logger: log });
-      try {
-        const region = dest.regions[0].mapping;
-        const pages = region.length / PAGE_SIZE;
-        const fraction = Math.min(1, Math.max(0, Number(values.touch ?? '0.25')));
-        const order = shuffledOrder(pages, 1).subarray(0, Math.max(1, Math.floor(pages * fraction)));
-        say(`  destination  an empty ${(region.length / 2 ** 20).toFixed(1)} MiB region registered with userfaultfd (missing faults)`);
-        say(`  workload     one thread touching ${order.length} random pages while the background stream runs`);
-        say(`  transfer     prefault window ${dest.transfer.window.forward}:${dest.transfer.window.backward}, background ${dest.transfer.background.enabled ? 'on' : 'off'}`);
-        say('');
-        const stopProgress = startProgress(() => dest.stats());
-        const [report, touched] = await Promise.all([dest.finish(), touchPages(region.address, pages, order)]);
-        stopProgress();
-        process.stdout.write(formatReport(report));
-        const sorted = Float64Array.from(touched.latencyNs).sort();
-        say(`workload     ${order.length} touches in ${(touched.totalNs / 1e6).toFixed(1)} ms; as the workload saw them: p50 ${(sorted[sorted.length >> 1] / 1e3).toFixed(1)} µs, p99 ${(sorted[Math.floor(sorted.length * 0.99)] / 1e3).toFixed(1)} µs (a touch of a resident page costs nothing)`);
-      } finally {
-        dest.close();
-      }
-    } finally {
-      source.kill('SIGTERM');
-      await new Promise((r) => (source.exitCode !== null ? r(null) : source.once('exit', r)));
-    }
+    say(`  VMM          pid ${child.pid}: empty guest memory, userfaultfd handed over (Firecracker handshake),`);
+    say(`               ${threads} threads touch every page in random order, then ${balloonPages} pages are given back (balloon)`);
+    say('');
+    let out = '';
+    child.stdout!.on('data', (d) => (out += d));
+    const [code] = await once(child, 'close');
+    const [summary] = (await ended) as [VmmSessionSummary];
+    const vmmReport = JSON.parse(out.trim() || '{}');
+    process.stdout.write(formatReport(summary));
+    say(`balloon      ${summary.removedPages} pages given back; ${summary.zeroFilledAfterRemove} touched again and zero-filled without asking the source`);
+    say(`verified     ${code === 0 && vmmReport.ok ? `the VMM compared all ${vmmReport.pages} pages with the image: every byte matches` : `FAILED: ${out.trim() || `exit ${code}`}`}`);
+    say(`             (the VMM's threads spent ${vmmReport.touchMs} ms touching every page; the session ended when it exited)`);
+    if (code !== 0) process.exitCode = 1;
   } finally {
+    await handler?.close();
+    if (source) {
+      source.kill('SIGTERM');
+      if (source.exitCode === null) await once(source, 'exit');
+    }
     rmSync(dir, { recursive: true, force: true });
   }
 }

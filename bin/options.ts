@@ -30,6 +30,17 @@ export function parseCount(text: string | undefined, what: string, fallback: num
   return n;
 }
 
+/** "--window F:B" -> pages after and before each request. */
+export function parseWindow(text: string | undefined, usage: string): { forward: number; backward: number } | undefined {
+  if (text === undefined) return undefined;
+  const m = /^(\d+):(\d+)$/.exec(text);
+  if (!m) throw new UsageError(`--window takes F:B, e.g. 8:2\n\n${usage}`);
+  return { forward: parseCount(m[1], 'window forward', 0, 1024), backward: parseCount(m[2], 'window backward', 0, 1024) };
+}
+
+/** A mistake in the command line: print the usage, exit 2. */
+export class UsageError extends Error {}
+
 /** A one-line progress display on a terminal (stderr); nothing when not a terminal. */
 export function startProgress(stats: () => DestinationStats): () => void {
   if (!process.stderr.isTTY) return () => {};

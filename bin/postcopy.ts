@@ -3,23 +3,27 @@
 import { parseArgs } from 'node:util';
 import { createLogger } from '../lib/logger.js';
 import { PostcopyError } from '../lib/errors.js';
-import { serve, serveUsage, UsageError } from './serve.js';
+import { serve, serveUsage } from './serve.js';
+import { handle, handleUsage } from './handle.js';
 import { restore, restoreUsage } from './restore.js';
 import { demo, demoUsage } from './demo.js';
 import { latencyBench, throughputBench, floorCommand, type Transport } from '../bench/latency.js';
-import { parseCount } from './options.js';
+import { parseCount, UsageError } from './options.js';
 
 const usage = `usage: postcopy <command> [options]
 
 commands:
   demo       move a real image from a source process to a destination and show what happened
   serve      serve an image to destinations
+  handle     be the page-fault handler VMMs hand their userfaultfd to (Firecracker style)
   restore    restore an image from a source into this process's memory
   bench      latency | throughput: our figures beside the floor's, same run
 
 ${serveUsage}
 
 ${restoreUsage}
+
+${handleUsage}
 
 postcopy bench latency|throughput [--pages N] [--transport unix|tcp|both] [--seed S] [--json]
 
@@ -51,6 +55,7 @@ async function main(): Promise<number> {
     switch (command) {
       case 'serve': await serve(argv, log); return 0;
       case 'restore': await restore(argv, log); return 0;
+      case 'handle': await handle(argv, log); return 0;
       case 'demo': await demo(argv, log); return 0;
       case 'bench': await bench(argv); return 0;
       case undefined: case 'help': case '--help': case '-h':

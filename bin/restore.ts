@@ -6,8 +6,8 @@ import { Destination } from '../client/destination.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
 import type { Logger } from '../lib/logger.js';
 import type { RestoreReport } from '../client/report.js';
-import { parseCount, parseSize, readTokenFile, startProgress } from './options.js';
-import { UsageError } from './serve.js';
+import { parseCount, parseSize, parseWindow, readTokenFile, startProgress } from './options.js';
+import { UsageError } from './options.js';
 
 export const restoreUsage = `postcopy restore --source unix:PATH|tcp:HOST:PORT [options]
 
@@ -33,7 +33,7 @@ export async function restore(argv: string[], log: Logger): Promise<RestoreRepor
   if (!values.source) throw new UsageError(restoreUsage);
   const workload = values.workload ?? 'random';
   if (!['random', 'sequential', 'none'].includes(workload)) throw new UsageError(restoreUsage);
-  const window = parseWindow(values.window);
+  const window = parseWindow(values.window, restoreUsage);
   const dest = await Destination.connect({
     source: values.source,
     token: readTokenFile(values['token-file'], log),
@@ -60,13 +60,6 @@ export async function restore(argv: string[], log: Logger): Promise<RestoreRepor
   }
 }
 
-function parseWindow(text: string | undefined): { forward: number; backward: number } | undefined {
-  if (text === undefined) return undefined;
-  const m = /^(\d+):(\d+)$/.exec(text);
-  if (!m) throw new UsageError(`--window takes F:B, e.g. 8:2\n\n${restoreUsage}`);
-  return { forward: parseCount(m[1], 'window forward', 0, 1024), backward: parseCount(m[2], 'window backward', 0, 1024) };
-}
-
 function writeRegions(path: string, dest: Destination): void {
   const fd = openSync(path, 'w', 0o600);
   try {
@@ -91,7 +84,7 @@ export function formatReport(r: RestoreReport): string {
     `faults       ${n(r.faults)}   latency p50 ${lat.p50} µs   p90 ${lat.p90} µs   p99 ${lat.p99} µs   max ${lat.max} µs`,
     `blocked      ${r.blockedMs} ms waiting in faults`,
     `resident     every page after ${r.fullResidencyMs} ms   ${(r.bytesReceived / 2 ** 20).toFixed(1)} MiB received`,
-    `digest       ${r.digestMatch ? 'source = destination (sha256 ' + String((r.sha256 as string[])[0]).slice(0, 16) + '…)' : 'MISMATCH'}`,
+    ...(r.digestMatch === undefined ? [] : [`digest       ${r.digestMatch ? 'source = destination (sha256 ' + String((r.sha256 as string[])[0]).slice(0, 16) + '…)' : 'MISMATCH'}`]),
     '',
   ].join('\n');
 }

@@ -3,7 +3,7 @@ import { parseArgs } from 'node:util';
 import { Image } from '../server/image.js';
 import { PageServer } from '../server/page-server.js';
 import type { Logger } from '../lib/logger.js';
-import { readTokenFile } from './options.js';
+import { readTokenFile, UsageError } from './options.js';
 
 export const serveUsage = `postcopy serve --image FILE [--image FILE ...] --listen unix:PATH|tcp:HOST:PORT [--token-file F]
 
@@ -31,6 +31,3 @@ export async function serve(argv: string[], log: Logger): Promise<void> {
   await server.close();
   image.close();
 }
-
-/** A mistake in the command line: print the usage, exit 2. */
-export class UsageError extends Error {}

@@ -1,7 +1,10 @@
 import t from 'tap';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { randomImage, runCli, startServeCli, tempDir, writeImage } from './helpers.js';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { createInterface } from 'node:readline';
+import { buildFixture, cliCommand, randomImage, runCli, startServeCli, tempDir, writeImage } from './helpers.js';
 
 t.test('serve and restore as separate processes: token, --out, --json', async (t) => {
   const dir = tempDir(t);
@@ -68,10 +71,30 @@ t.test('bench latency prints one JSON line per transport with our percentiles (a
   else t.equal(line.ratio, null, 'no floor here, so no ratio');
 });
 
-t.test('demo moves a real image between two processes and reports it', async (t) => {
-  const r = await runCli(['demo', '--size', '16M']);
+t.test('demo: a source process, the handler and a VMM process; every byte verified by the VMM', async (t) => {
+  const r = await runCli(['demo', '--size', '16M', '--threads', '2']);
   t.equal(r.code, 0, r.stderr);
-  t.match(r.stdout, /source = destination/);
-  t.match(r.stdout, /on demand\s+\d+/);
+  t.match(r.stdout, /every byte matches/);
+  t.match(r.stdout, /on demand\s+[\d,]+\s+prefetched \(window\) [\d,]+\s+background [\d,]+/);
   t.match(r.stdout, /postcopy serve, pid \d+/);
+  t.match(r.stdout, /balloon\s+\d+ pages given back; \d+ touched again and zero-filled/);
+});
+
+t.test('handle: a VMM process restores through the handler CLI; one JSON line per session', async (t) => {
+  const dir = tempDir(t);
+  const imagePath = writeImage(dir, randomImage(1024, 5));
+  const tokenPath = join(dir, 'token');
+  writeFileSync(tokenPath, 'tok', { mode: 0o600 });
+  const { listening } = await startServeCli(t, ['--image', imagePath, '--listen', 'tcp:127.0.0.1:0', '--token-file', tokenPath]);
+  const handlerSocket = join(dir, 'handler.sock');
+  const [cmd, ...pre] = cliCommand();
+  const handler = spawn(cmd, [...pre, 'handle', '--socket', handlerSocket, '--source', `tcp:127.0.0.1:${listening.port}`, '--token-file', tokenPath, '--window', '4:0'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  t.teardown(() => { handler.kill('SIGTERM'); });
+  const lines = createInterface({ input: handler.stdout! })[Symbol.asyncIterator]();
+  t.same(JSON.parse((await lines.next()).value).listening, { kind: 'unix', path: handlerSocket });
+  const vmm = spawn(buildFixture('vmm'), ['--socket', handlerSocket, '--image', imagePath, '--threads', '2'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const [code] = await once(vmm, 'close');
+  t.equal(code, 0, 'the VMM verified every byte');
+  const summary = JSON.parse((await lines.next()).value);
+  t.match(summary, { vmmPid: vmm.pid, complete: true, pages: 1024, window: { forward: 4, backward: 0 } });
 });

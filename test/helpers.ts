@@ -1,7 +1,7 @@
 // Shared test plumbing: temp dirs, images with known content, the C fixture,
 // and a tiny fault-serving loop for tests that resolve faults from JS.
-import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, rmSync, statSync, writeFileSync, existsSync } from 'node:fs';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -31,16 +31,7 @@ export function writeImage(dir: string, image: Buffer, name = 'image.bin'): stri
   return path;
 }
 
-/** Builds a C fixture from test/fixtures once per source change; returns the binary's path. */
-export function buildFixture(name: string): string {
-  const source = join(here, 'fixtures', `${name}.c`);
-  const binary = join(tmpdir(), `uffd-postcopy-fixture-${name}`);
-  if (!existsSync(binary) || statSync(binary).mtimeMs < statSync(source).mtimeMs) {
-    execFileSync('cc', ['-O2', '-Wall', '-pthread', '-o', `${binary}.tmp`, source]);
-    execFileSync('mv', [`${binary}.tmp`, binary]);
-  }
-  return binary;
-}
+export { buildFixture } from '../bin/vmm-fixture.js';
 
 /**
  * Serves missing faults of [base, base+image.length) from `image` until `done`
