@@ -130,9 +130,10 @@ t.test('a VMM that exits mid-way is cleaned up: no session, no fd, no source ses
   await once(s.handler, 'session-start');
   t.equal(s.handler.activeSessions, 1);
   const ended = sessionEnd(s.handler);
+  const closed = once(child, 'close'); // (listen first: it may come before the session ends)
   child.kill('SIGKILL'); // the VMM dies, possibly mid-transfer
   const summary = await ended;
-  await once(child, 'close'); // its stdio pipes are closed too
+  await closed;
   t.ok(summary.vmmPid === child.pid);
   t.equal(s.handler.activeSessions, 0);
   while (s.server.sessions.size > 0) await new Promise((r) => setTimeout(r, 5));
