@@ -19,6 +19,7 @@
 #include "errors.h"
 #include "events.h"
 #include "histogram.h"
+#include "threads.h"
 #include "io.h"
 #include "uffd_abi.h"
 #include "wire.h"
@@ -90,6 +91,8 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     }
     // calloc of this size maps fresh zero pages: no memory is touched until read.
     zeros_.reset(static_cast<uint8_t*>(calloc(1, maxRunBytes_)));
+    Napi::Value cpu = o.Get("cpu");
+    cpu_ = cpu.IsNumber() ? cpu.As<Napi::Number>().Int32Value() : -1;
     stopFd_ = eventfd(0, EFD_CLOEXEC);
     if (stopFd_ < 0) ThrowErrno(info.Env(), errno, "eventfd");
     events_.Open(info.Env(), o.Get("onEvent").As<Napi::Function>(), "FaultEngine");
@@ -102,9 +105,9 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     if (started_) return info.Env().Undefined();
     started_ = true;
     startNs_ = MonotonicNs();
-    faultThread_ = std::thread([this] { FaultLoop(); });
-    if (urgentFd_ >= 0) urgentThread_ = std::thread([this] { ReceiveLoop(urgentFd_, "urgent"); });
-    if (bulkFd_ >= 0) bulkThread_ = std::thread([this] { ReceiveLoop(bulkFd_, "bulk"); });
+    faultThread_ = std::thread([this] { NameAndPinThisThread("pc-fault", cpu_); FaultLoop(); });
+    if (urgentFd_ >= 0) urgentThread_ = std::thread([this] { NameAndPinThisThread("pc-urgent-rx", cpu_); ReceiveLoop(urgentFd_, "urgent"); });
+    if (bulkFd_ >= 0) bulkThread_ = std::thread([this] { NameAndPinThisThread("pc-bulk-rx", cpu_); ReceiveLoop(bulkFd_, "bulk"); });
     return info.Env().Undefined();
   }
 
@@ -457,6 +460,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   std::vector<uint64_t> sourcePages_, sourcePageSize_;
   uint64_t totalPages_ = 0, maxRunBytes_ = 4096;
   int uffd_ = -1, urgentFd_ = -1, bulkFd_ = -1, stopFd_ = -1;
+  int cpu_ = -1;  // pin every engine thread here (-1: no pinning)
   EventSink events_;
   std::thread faultThread_, urgentThread_, bulkThread_;
   bool started_ = false, stopped_ = false;

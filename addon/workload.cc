@@ -1,6 +1,7 @@
 // A workload thread: touches pages of a region in a given order, timing each
 // first touch. Tests use it to raise faults off the JS thread; benchmarks use it
 // as the same workload the floor runs (one thread, every page once).
+#include <pthread.h>
 #include <sched.h>
 #include <stdlib.h>
 #include <time.h>
@@ -21,13 +22,27 @@ inline uint64_t NowNs() {
 class TouchWorker : public Napi::AsyncWorker {
  public:
   TouchWorker(Napi::Env env, uintptr_t base, size_t pageSize, const uint32_t* order, size_t count,
-              bool write)
-      : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), base_(base),
+              bool write, int cpu)
+      : Napi::AsyncWorker(env), cpu_(cpu), deferred_(Napi::Promise::Deferred::New(env)), base_(base),
         pageSize_(pageSize), order_(order, order + count), write_(write), latency_(count),
         firstBytes_(count) {}
   Napi::Promise Promise() { return deferred_.Promise(); }
 
   void Execute() override {
+    // A pool thread: pin it for this run only, then give its CPUs back.
+    cpu_set_t old;
+    bool pinned = false;
+    if (cpu_ >= 0 && pthread_getaffinity_np(pthread_self(), sizeof old, &old) == 0) {
+      cpu_set_t one;
+      CPU_ZERO(&one);
+      CPU_SET(cpu_, &one);
+      pinned = pthread_setaffinity_np(pthread_self(), sizeof one, &one) == 0;
+    }
+    RunTouches();
+    if (pinned) pthread_setaffinity_np(pthread_self(), sizeof old, &old);
+  }
+
+  void RunTouches() {
     startCpu_ = sched_getcpu();
     uint64_t t0 = NowNs();
     for (size_t k = 0; k < order_.size(); k++) {
@@ -59,6 +74,7 @@ class TouchWorker : public Napi::AsyncWorker {
   }
 
  private:
+  int cpu_;
   Napi::Promise::Deferred deferred_;
   uintptr_t base_;
   size_t pageSize_;
@@ -70,13 +86,13 @@ class TouchWorker : public Napi::AsyncWorker {
   int startCpu_ = -1, endCpu_ = -1;
 };
 
-// touchPages(address, pageSize, order: Uint32Array, write) -> Promise<{latencyNs, firstBytes, totalNs}>
+// touchPages(address, pageSize, order: Uint32Array, write, cpu) -> Promise<{latencyNs, firstBytes, totalNs}>
 Napi::Value TouchPages(const Napi::CallbackInfo& info) {
   auto order = info[2].As<Napi::Uint32Array>();
   auto* worker = new TouchWorker(
       info.Env(), static_cast<uintptr_t>(info[0].As<Napi::Number>().Int64Value()),
       static_cast<size_t>(info[1].As<Napi::Number>().Int64Value()), order.Data(), order.ElementLength(),
-      info[3].As<Napi::Boolean>().Value());
+      info[3].As<Napi::Boolean>().Value(), info[4].IsNumber() ? info[4].As<Napi::Number>().Int32Value() : -1);
   Napi::Promise promise = worker->Promise();
   worker->Queue();
   return promise;

@@ -9,6 +9,8 @@ import { restore, restoreUsage } from './restore.js';
 import { demo, demoUsage } from './demo.js';
 import { latencyBench, throughputBench, floorCommand, type Transport } from '../bench/latency.js';
 import { parseCount, UsageError } from './options.js';
+import { runSuite } from '../bench/suite.js';
+import { join } from 'node:path';
 
 const usage = `usage: postcopy <command> [options]
 
@@ -17,7 +19,7 @@ commands:
   serve      serve an image to destinations
   handle     be the page-fault handler VMMs hand their userfaultfd to (Firecracker style)
   restore    restore an image from a source into this process's memory
-  bench      latency | throughput: our figures beside the floor's, same run
+  bench      the benchmark suite (quick; --full for everything), or latency | throughput
 
 ${serveUsage}
 
@@ -25,14 +27,39 @@ ${restoreUsage}
 
 ${handleUsage}
 
+postcopy bench [--full] [--out DIR] [--pages N] [--link NAME ...] [--json]
+  Links (unix, tcp, emulated data-centre links between network namespaces) x
+  access patterns x transfer policies (x image sizes with --full), each beside
+  ../shared/floor/run measured in the same run. Writes results.json, report.md
+  and SVG plots to reports/<time>/ (see bench/README.md).
+
 postcopy bench latency|throughput [--pages N] [--transport unix|tcp|both] [--seed S] [--json]
+  The floor's own workload only: one thread, every page once, random order.
 
 ${demoUsage}
 `;
 
 async function bench(argv: string[]): Promise<void> {
-  const [which = 'latency', ...rest] = argv;
-  const { values } = parseArgs({ args: rest, options: { pages: { type: 'string' }, transport: { type: 'string' }, seed: { type: 'string' }, json: { type: 'boolean' } }, strict: true });
+  const which = argv[0] && !argv[0].startsWith('-') ? argv[0] : 'suite';
+  const rest = which === 'suite' ? argv : argv.slice(1);
+  const { values } = parseArgs({
+    args: rest,
+    options: { pages: { type: 'string' }, transport: { type: 'string' }, seed: { type: 'string' }, json: { type: 'boolean' }, full: { type: 'boolean' }, out: { type: 'string' }, link: { type: 'string', multiple: true } },
+    strict: true,
+  });
+  if (which === 'suite') {
+    const started = Date.now();
+    const { dir, report } = await runSuite({
+      full: values.full === true,
+      ...(values.out ? { outDir: values.out } : {}),
+      ...(values.pages ? { pages: parseCount(values.pages, '--pages', 16384, 1 << 24) } : {}),
+      ...(values.link ? { links: values.link } : {}),
+      progress: (line) => process.stderr.write(line + '\n'),
+    });
+    if (values.json) process.stdout.write(JSON.stringify(report) + '\n');
+    else process.stdout.write(`${report.results.length} scenarios in ${((Date.now() - started) / 1000).toFixed(0)} s; report: ${join(dir, 'report.md')}\n`);
+    return;
+  }
   if (!['latency', 'throughput'].includes(which)) throw new UsageError(usage);
   const transport = values.transport ?? 'both';
   if (!['unix', 'tcp', 'both'].includes(transport)) throw new UsageError(usage);

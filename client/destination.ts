@@ -26,6 +26,8 @@ export interface DestinationOptions {
   background?: Partial<TransferOptions['background']>;
   logger?: Logger;
   timeoutMs?: number;
+  /** Pin the fault engine's threads to this CPU. */
+  engineCpu?: number;
 }
 
 export interface RestoredRegion {
@@ -77,6 +79,7 @@ export class Destination {
         urgentFd,
         bulkFd,
         logger: log,
+        ...(options.engineCpu !== undefined ? { cpu: options.engineCpu } : {}),
       });
       engine.start();
       await connection.start();
@@ -120,8 +123,9 @@ export class Destination {
   close(options: { keepMemory?: boolean } = {}): void {
     if (this.#closed) return;
     this.#closed = true;
-    this.engine.stop();
+    // Say bye first, so the source reads a goodbye rather than a broken channel.
     this.#connection.close();
+    this.engine.stop();
     this.#uffd.close();
     if (!options.keepMemory) for (const r of this.regions) r.mapping.unmap();
   }

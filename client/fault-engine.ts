@@ -31,6 +31,8 @@ export interface FaultEngineOptions {
   sourceRegions?: readonly SourceRegion[];
   urgentFd: number;
   bulkFd: number;
+  /** Pin the engine's threads to this CPU (default: not pinned). */
+  cpu?: number;
   logger?: Logger;
 }
 
@@ -76,7 +78,8 @@ export class FaultEngine extends EventEmitter {
     this.#log = options.logger ?? silentLogger;
     this.#resident = new Promise((resolve, reject) => (this.#settle = { resolve, reject }));
     this.#resident.catch(() => {});
-    this.#native = new native.FaultEngine({ uffd: options.uffd, sourceRegions, regions, urgentFd: options.urgentFd, bulkFd: options.bulkFd, onEvent: (e) => this.#onEvent(e) });
+    this.#native = new native.FaultEngine({ uffd: options.uffd, sourceRegions, regions, urgentFd: options.urgentFd, bulkFd: options.bulkFd,
+      cpu: options.cpu === undefined ? -1 : validateInteger(options.cpu, 'cpu', 0, 1023), onEvent: (e) => this.#onEvent(e) });
   }
 
   start(): void {

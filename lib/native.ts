@@ -141,7 +141,7 @@ export interface NativeAddon {
   pollFd(fd: number, events: number, timeoutMs: number): Promise<number>;
   pollConstants: Record<'POLLIN' | 'POLLOUT' | 'POLLERR' | 'POLLHUP' | 'MAX_FDS', number>;
 
-  touchPages(address: number, pageSize: number, order: Uint32Array, write: boolean): Promise<TouchResult>;
+  touchPages(address: number, pageSize: number, order: Uint32Array, write: boolean, cpu: number): Promise<TouchResult>;
   shuffledOrder(pages: number, seed: number): Uint32Array;
 
   takeSocketFd(fd: number): number;
@@ -163,6 +163,7 @@ export interface NativeAddon {
     regions: { base: number; length: number; pageSize: number; sourceRegion: number; sourcePage: number }[];
     urgentFd: number;
     bulkFd: number;
+    cpu: number;
     onEvent: (event: NativeEvent) => void;
   }) => NativeFaultEngine;
 }

@@ -12,12 +12,16 @@ export function shuffledOrder(pages: number, seed = 1): Uint32Array {
   return native.shuffledOrder(validateInteger(pages, 'pages', 0, 0xffffffff), validateInteger(seed, 'seed', 0, 0xffffffff));
 }
 
-/** Touches page `order[k]` of the region at `address` for each k, timing each touch. */
-export function touchPages(address: number, pageCount: number, order: Uint32Array, options: { write?: boolean; pageSize?: number } = {}): Promise<TouchResult> {
+/**
+ * Touches page `order[k]` of the region at `address` for each k, timing each
+ * touch, on a native thread (pinned to `cpu` for the run when given).
+ */
+export function touchPages(address: number, pageCount: number, order: Uint32Array, options: { write?: boolean; pageSize?: number; cpu?: number } = {}): Promise<TouchResult> {
   const pageSize = validateAligned(options.pageSize ?? PAGE_SIZE, 'options.pageSize', PAGE_SIZE, PAGE_SIZE);
   validateAligned(address, 'address', pageSize, pageSize);
   validateInteger(pageCount, 'pageCount', 1);
   if (!(order instanceof Uint32Array)) throw outOfRange('order', 'a Uint32Array', order);
   for (const page of order) if (page >= pageCount) throw outOfRange('order[]', `< ${pageCount}`, page);
-  return native.touchPages(address, pageSize, order, validateBoolean(options.write ?? false, 'options.write'));
+  const cpu = options.cpu === undefined ? -1 : validateInteger(options.cpu, 'options.cpu', 0, 1023);
+  return native.touchPages(address, pageSize, order, validateBoolean(options.write ?? false, 'options.write'), cpu);
 }

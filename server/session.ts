@@ -111,7 +111,13 @@ export class SourceSession {
         this.#log.info({ afterMs: Math.round((this.#native?.stats().backgroundDoneNs ?? 0) / 1e6) }, 'background transfer sent every page');
         return;
       }
-      if (event.type === 'closed' && this.#state === 'completed') return;
+      // The destination leaving (EOF, or a write that finds it gone) ends the
+      // session when its control channel closes; only violations fail it.
+      const departure = event.type === 'closed' || ['EPIPE', 'ECONNRESET'].includes(event.code ?? '');
+      if (departure) {
+        this.#log.info({ channel: event.channel, code: event.code }, 'the destination closed a data channel');
+        return;
+      }
       const code = (Object.values(ErrorCode) as string[]).includes(event.code ?? '') ? (event.code as (typeof ErrorCode)[keyof typeof ErrorCode]) : ErrorCode.PEER_GONE;
       const err = new PostcopyError(code, event.message ?? event.type, { channel: event.channel, native: event.code });
       if (this.#state === 'active') this.#transition('failed', { code: err.code, channel: event.channel, error: err.message });

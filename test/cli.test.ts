@@ -16,11 +16,13 @@ t.test('serve and restore as separate processes: token, --out, --json', async (t
   const { listening } = await startServeCli(t, ['--image', imagePath, '--listen', `unix:${socket}`, '--token-file', tokenPath]);
   t.same(listening, { kind: 'unix', path: socket });
   const out = join(dir, 'restored.bin');
-  const r = await runCli(['restore', '--source', `unix:${socket}`, '--token-file', tokenPath, '--out', out, '--json', '--window', '4:1']);
+  // No background stream, so every page comes on demand (or with a window): faults are certain.
+  const r = await runCli(['restore', '--source', `unix:${socket}`, '--token-file', tokenPath, '--out', out, '--json', '--window', '4:1', '--no-background']);
   t.equal(r.code, 0, r.stderr);
   const report = JSON.parse(r.stdout);
-  t.match(report, { pages: 1024, digestMatch: true, window: { forward: 4, backward: 1 } });
+  t.match(report, { pages: 1024, digestMatch: true, window: { forward: 4, backward: 1 }, background: { enabled: false }, pagesBackground: 0 });
   t.ok(report.faults > 0, 'the default workload faulted pages in');
+  t.equal(report.pagesOnDemand + report.pagesPrefaulted, 1024);
   t.ok(readFileSync(out).equals(image), '--out holds the image');
   const logs = r.stderr.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l));
   t.ok(logs.some((l) => l.msg === 'restore finished' && l.digestMatch === true), 'pino JSON logs on stderr');

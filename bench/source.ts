@@ -1,0 +1,101 @@
+// Benchmark plumbing: the floor's image on disk, a source page server in its
+// own process (optionally inside a network namespace), and per-thread CPU
+// accounting from /proc.
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, openSync, closeSync, writeSync, readdirSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+import { once } from 'node:events';
+import { PAGE_SIZE } from '../lib/memory.js';
+import { selfCommand } from '../bin/options.js';
+
+/** Writes the floor's image (page i filled with byte (i*7+1)) unless it is there already. */
+export function floorImageFile(dir: string, pages: number): string {
+  const path = join(dir, `floor-image-${pages}.bin`);
+  if (existsSync(path)) return path;
+  const fd = openSync(path, 'w', 0o600);
+  try {
+    const chunkPages = 4096;
+    const chunk = Buffer.allocUnsafe(chunkPages * PAGE_SIZE);
+    for (let first = 0; first < pages; first += chunkPages) {
+      const n = Math.min(chunkPages, pages - first);
+      for (let p = 0; p < n; p++) chunk.fill(((first + p) * 7 + 1) & 0xff, p * PAGE_SIZE, (p + 1) * PAGE_SIZE);
+      writeSync(fd, chunk, 0, n * PAGE_SIZE, first * PAGE_SIZE);
+    }
+  } finally {
+    closeSync(fd);
+  }
+  return path;
+}
+
+export interface RunningSource {
+  address: string;
+  pid: number;
+  close(): Promise<void>;
+}
+
+/**
+ * Starts `postcopy serve` for one image. `wrap` prefixes the command (e.g.
+ * `ip netns exec NS`, `taskset -c 1`).
+ */
+export async function startSource(imagePath: string, listen: string, options: { wrap?: string[]; tokenFile?: string; connectHost?: string } = {}): Promise<RunningSource> {
+  const [cmd, ...args] = [...(options.wrap ?? []), ...selfCommand()];
+  const child: ChildProcess = spawn(cmd, [...args, 'serve', '--image', imagePath, '--listen', listen, ...(options.tokenFile ? ['--token-file', options.tokenFile] : [])], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+    env: { ...process.env, POSTCOPY_LOG_LEVEL: 'warn' },
+  });
+  const line = await new Promise<string>((resolve, reject) => {
+    const rl = createInterface({ input: child.stdout! });
+    rl.once('line', (l) => { rl.close(); resolve(l); });
+    child.once('exit', (code) => reject(new Error(`the source exited with ${code} before listening`)));
+  });
+  const where = JSON.parse(line).listening;
+  const address = where.kind === 'unix' ? `unix:${where.path}` : `tcp:${options.connectHost ?? where.host}:${where.port}`;
+  return {
+    address,
+    pid: child.pid!,
+    async close() {
+      if (child.exitCode !== null || child.signalCode !== null) return;
+      const exited = once(child, 'exit');
+      child.kill('SIGTERM');
+      await exited;
+    },
+  };
+}
+
+export interface ThreadSample {
+  name: string;
+  cpuNs: number;
+  lastCpu: number;
+}
+
+/** CPU time (ns, from schedstat) and last CPU of each live thread of `pid`. */
+export function threadSamples(pid: number | 'self'): Map<number, ThreadSample> {
+  const out = new Map<number, ThreadSample>();
+  const base = `/proc/${pid}/task`;
+  let tids: string[];
+  try {
+    tids = readdirSync(base);
+  } catch {
+    return out;
+  }
+  for (const tid of tids) {
+    try {
+      const name = readFileSync(`${base}/${tid}/comm`, 'utf8').trim();
+      const cpuNs = Number(readFileSync(`${base}/${tid}/schedstat`, 'utf8').split(' ')[0]);
+      const stat = readFileSync(`${base}/${tid}/stat`, 'utf8');
+      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      out.set(Number(tid), { name, cpuNs, lastCpu: Number(fields[36]) });
+    } catch {
+      // the thread ended meanwhile
+    }
+  }
+  return out;
+}
+
+/** CPU ns spent since `before` by threads whose name passes `keep` (new threads count from zero). */
+export function cpuSince(before: Map<number, ThreadSample>, after: Map<number, ThreadSample>, keep: (name: string) => boolean = () => true): number {
+  let ns = 0;
+  for (const [tid, s] of after) if (keep(s.name)) ns += s.cpuNs - (before.get(tid)?.cpuNs ?? 0);
+  return ns;
+}

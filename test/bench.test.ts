@@ -1,0 +1,52 @@
+// The benchmark's machinery works (functional checks only: no performance is
+// asserted here; figures come from `postcopy bench`).
+import t from 'tap';
+import { existsSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { splitForThreads, touchSequence } from '../bench/patterns.js';
+import { runSuite } from '../bench/suite.js';
+import { rankPolicies } from '../bench/report.js';
+import { tempDir } from './helpers.js';
+
+t.test('access patterns touch what they claim', async (t) => {
+  const pages = 1000;
+  const random = touchSequence('random', pages, 3);
+  t.same([...random].sort((a, b) => a - b), [...Array(pages).keys()], 'random: every page once');
+  t.same([...touchSequence('random', pages, 3)], [...random], 'the same seed gives the same order');
+  t.same([...touchSequence('sequential', pages)], [...Array(pages).keys()]);
+  const strided = touchSequence('strided', pages);
+  t.same([...strided.subarray(0, 3)], [0, 16, 32]);
+  t.same([...strided].sort((a, b) => a - b), [...Array(pages).keys()], 'strided: every page once');
+  const hot = touchSequence('hotset', pages, 3);
+  const counts = new Map<number, number>();
+  for (const p of hot) counts.set(p, (counts.get(p) ?? 0) + 1);
+  const top = [...counts.values()].sort((a, b) => b - a).slice(0, pages / 10).reduce((s, c) => s + c, 0);
+  t.ok(top / pages >= 0.85, `the busiest 10% of pages take ${((100 * top) / pages).toFixed(1)}% of touches`);
+  const parts = splitForThreads(random, 3);
+  t.same(parts.map((p) => p.length), [334, 333, 333]);
+  t.same([parts[0][0], parts[1][0], parts[2][0], parts[0][1]], [random[0], random[1], random[2], random[3]], 'dealt round-robin');
+});
+
+t.test('the quick suite runs end to end and writes JSON, Markdown and SVG plots', async (t) => {
+  const out = join(tempDir(t), 'report');
+  const lines: string[] = [];
+  const { dir, report } = await runSuite({ full: false, links: ['unix'], pages: 1024, outDir: out, progress: (l) => lines.push(l) });
+  t.equal(dir, out);
+  const free = report.results.filter((r) => r.placement === 'free');
+  t.equal(free.length, 16, 'four workloads x four policies');
+  for (const r of free) {
+    t.equal(r.pages, 1024);
+    t.ok(r.firstTouchUs.count > 0 && r.workloadMs > 0, `${r.pattern}/${r.threads}/${r.policy} has figures`);
+    if (r.policy === 'on-demand' && r.pattern !== 'hotset') t.equal(r.faults >= 1024, true, 'on-demand faults every page');
+    if (r.policy.startsWith('window') || r.policy === 'on-demand') t.equal(r.cpus.destination['pc-bulk-rx'] !== undefined, true, 'engine threads are named');
+  }
+  t.ok(report.results.some((r) => r.placement === 'one-cpu') === (report.machine.cpus >= 2));
+  const json = JSON.parse(readFileSync(join(out, 'results.json'), 'utf8'));
+  t.equal(json.results.length, report.results.length);
+  const md = readFileSync(join(out, 'report.md'), 'utf8');
+  t.match(md, /\| unix \| random \| 1 \| on-demand \|/);
+  t.match(md, /## Which policy wins/);
+  for (const plot of report.plots) t.match(readFileSync(join(out, plot), 'utf8'), /^<svg/, `${plot} is an SVG`);
+  t.ok(existsSync(join(out, 'latency-cdf-unix.svg')) && existsSync(join(out, 'residency-unix.svg')));
+  t.equal(rankPolicies(report.results).length, 4);
+});
