@@ -16,6 +16,7 @@
 #include "events.h"
 #include "io.h"
 #include "mapping.h"
+#include "threads.h"
 #include "wire.h"
 
 namespace uffdpc {
@@ -161,8 +162,8 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
     if (started_) return info.Env().Undefined();
     started_ = true;
     startNs_ = MonotonicNs();
-    requestThread_ = std::thread([this] { RequestLoop(); });
-    if (background_ && bulkFd_ >= 0) backgroundThread_ = std::thread([this] { BackgroundLoop(); });
+    requestThread_ = std::thread([this] { NameAndPinThisThread("pc-requests", -1); RequestLoop(); });
+    if (background_ && bulkFd_ >= 0) backgroundThread_ = std::thread([this] { NameAndPinThisThread("pc-background", -1); BackgroundLoop(); });
     return info.Env().Undefined();
   }
 

@@ -38,7 +38,10 @@ t.test('the quick suite runs end to end and writes JSON, Markdown and SVG plots'
     t.equal(r.pages, 1024);
     t.ok(r.firstTouchUs.count > 0 && r.workloadMs > 0, `${r.pattern}/${r.threads}/${r.policy} has figures`);
     if (r.policy === 'on-demand' && r.pattern !== 'hotset') t.equal(r.faults >= 1024, true, 'on-demand faults every page');
-    if (r.policy.startsWith('window') || r.policy === 'on-demand') t.equal(r.cpus.destination['pc-bulk-rx'] !== undefined, true, 'engine threads are named');
+    if (r.policy.startsWith('window') || r.policy === 'on-demand') {
+      t.equal(r.cpus.destination['pc-bulk-rx'] !== undefined, true, 'engine threads are named');
+      t.equal(r.cpus.source['pc-requests'] !== undefined, true, 'source threads are named');
+    }
   }
   t.ok(report.results.some((r) => r.placement === 'one-cpu') === (report.machine.cpus >= 2));
   const json = JSON.parse(readFileSync(join(out, 'results.json'), 'utf8'));
