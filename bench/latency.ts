@@ -2,41 +2,21 @@
 // floor's seeded random order, pure on-demand) and background throughput (the
 // whole image streamed, no faults), each beside the floor's figure for the same
 // workload in the same run.
-import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { createInterface } from 'node:readline';
 import { Destination } from '../client/destination.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
 import { PAGE_SIZE } from '../lib/memory.js';
-import { selfCommand } from '../bin/options.js';
 import { floorCommand, runFloor, type FloorBulk, type FloorLatency } from './floor.js';
-
-export type Transport = 'unix' | 'tcp';
-
-/** The floor's image: page i filled with byte (i*7+1). */
-function floorImage(pages: number): Buffer {
-  const image = Buffer.allocUnsafe(pages * PAGE_SIZE);
-  for (let i = 0; i < pages; i++) image.fill((i * 7 + 1) & 0xff, i * PAGE_SIZE, (i + 1) * PAGE_SIZE);
-  return image;
-}
+import { floorImageFile, startSource, type RunningSource } from './source.js';
 
 /** A source in its own process (as the floor's page server is), serving `pages` of the floor's image. */
-async function startSource(dir: string, pages: number, transport: Transport): Promise<{ child: ChildProcess; address: string }> {
-  const imagePath = join(dir, 'image.bin');
-  writeFileSync(imagePath, floorImage(pages));
-  const listen = transport === 'unix' ? `unix:${join(dir, 'source.sock')}` : 'tcp:127.0.0.1:0';
-  const [cmd, ...args] = selfCommand();
-  const child = spawn(cmd, [...args, 'serve', '--image', imagePath, '--listen', listen], { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, POSTCOPY_LOG_LEVEL: 'warn' } });
-  const first = await new Promise<string>((resolve, reject) => {
-    const rl = createInterface({ input: child.stdout! });
-    rl.once('line', (line) => { rl.close(); resolve(line); });
-    child.once('exit', (code) => reject(new Error(`the source exited with ${code} before listening`)));
-  });
-  const where = JSON.parse(first).listening;
-  return { child, address: where.kind === 'unix' ? `unix:${where.path}` : `tcp:127.0.0.1:${where.port}` };
+function floorSource(dir: string, pages: number, transport: Transport): Promise<RunningSource> {
+  return startSource(floorImageFile(dir, pages), transport === 'unix' ? `unix:${join(dir, 'source.sock')}` : 'tcp:127.0.0.1:0');
 }
+
+export type Transport = 'unix' | 'tcp';
 
 const round = (x: number, digits = 2) => Math.round(x * 10 ** digits) / 10 ** digits;
 
@@ -61,9 +41,9 @@ export interface LatencyResult {
 
 export async function latencyBench(pages: number, transport: Transport, seed: number): Promise<LatencyResult> {
   const dir = mkdtempSync(join(tmpdir(), 'postcopy-bench-'));
-  const { child, address } = await startSource(dir, pages, transport);
+  const source = await floorSource(dir, pages, transport);
   try {
-    const dest = await Destination.connect({ source: address, window: { forward: 0, backward: 0 }, background: { enabled: false } });
+    const dest = await Destination.connect({ source: source.address, window: { forward: 0, backward: 0 }, background: { enabled: false } });
     try {
       const region = dest.regions[0].mapping;
       const order = shuffledOrder(pages, seed);
@@ -85,7 +65,7 @@ export async function latencyBench(pages: number, transport: Transport, seed: nu
       dest.close();
     }
   } finally {
-    child.kill('SIGTERM');
+    await source.close();
     rmSync(dir, { recursive: true, force: true });
   }
 }
@@ -101,9 +81,9 @@ export interface ThroughputResult {
 
 export async function throughputBench(pages: number, transport: Transport): Promise<ThroughputResult> {
   const dir = mkdtempSync(join(tmpdir(), 'postcopy-bench-'));
-  const { child, address } = await startSource(dir, pages, transport);
+  const source = await floorSource(dir, pages, transport);
   try {
-    const dest = await Destination.connect({ source: address, window: { forward: 0, backward: 0 }, background: { enabled: true } });
+    const dest = await Destination.connect({ source: source.address, window: { forward: 0, backward: 0 }, background: { enabled: true } });
     try {
       const report = await dest.finish();
       const ns = dest.stats().fullResidencyNs;
@@ -115,7 +95,7 @@ export async function throughputBench(pages: number, transport: Transport): Prom
       dest.close();
     }
   } finally {
-    child.kill('SIGTERM');
+    await source.close();
     rmSync(dir, { recursive: true, force: true });
   }
 }

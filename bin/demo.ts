@@ -2,19 +2,19 @@
 // starts a real source page server in its own process, restores the image into
 // this process while a workload thread faults pages in, and says what happened.
 import { parseArgs } from 'node:util';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { closeSync, mkdtempSync, openSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { createInterface } from 'node:readline';
 import { VmmHandler, type VmmSessionSummary } from '../client/vmm-handler.js';
 import { buildFixture } from './vmm-fixture.js';
 import { punchHole, PAGE_SIZE } from '../lib/memory.js';
 import type { Logger } from '../lib/logger.js';
 import { formatReport } from './restore.js';
-import { parseSize, selfCommand } from './options.js';
+import { parseSize } from './options.js';
+import { startSource, type RunningSource } from '../bench/source.js';
 
 export const demoUsage = `postcopy demo [--image FILE] [--size SIZE] [--threads N]
 
@@ -43,26 +43,11 @@ function makeImage(path: string, bytes: number): void {
   }
 }
 
-/** Starts `postcopy serve` as a child process; resolves once it listens. */
-async function startSource(imagePath: string, socketPath: string, tokenPath: string): Promise<ChildProcess> {
-  const [cmd, ...args] = selfCommand();
-  const source = spawn(cmd, [...args, 'serve', '--image', imagePath, '--listen', `unix:${socketPath}`, '--token-file', tokenPath], {
-    stdio: ['ignore', 'pipe', 'inherit'],
-    env: { ...process.env, POSTCOPY_LOG_LEVEL: process.env.POSTCOPY_LOG_LEVEL ?? 'warn' },
-  });
-  await new Promise<void>((resolve, reject) => {
-    const rl = createInterface({ input: source.stdout! });
-    rl.once('line', () => { rl.close(); resolve(); });
-    source.once('exit', (code) => reject(new Error(`the source exited (${code}) before listening`)));
-  });
-  return source;
-}
-
 export async function demo(argv: string[], log: Logger): Promise<void> {
   const { values } = parseArgs({ args: argv, options: { image: { type: 'string' }, size: { type: 'string' }, threads: { type: 'string' } }, strict: true });
   const dir = mkdtempSync(join(tmpdir(), 'postcopy-demo-'));
   const say = (line: string) => process.stdout.write(line + '\n');
-  let source: ChildProcess | null = null;
+  let source: RunningSource | null = null;
   let handler: VmmHandler | null = null;
   try {
     const imagePath = values.image ?? join(dir, 'image.bin');
@@ -75,7 +60,7 @@ export async function demo(argv: string[], log: Logger): Promise<void> {
     const sourceSocket = join(dir, 'source.sock');
     const handlerSocket = join(dir, 'handler.sock');
     const vmm = buildFixture('vmm');
-    source = await startSource(imagePath, sourceSocket, tokenPath);
+    source = await startSource(imagePath, `unix:${sourceSocket}`, { tokenFile: tokenPath });
     handler = new VmmHandler({ source: `unix:${sourceSocket}`, token, logger: log });
     await handler.listen(handlerSocket);
     const threads = Math.max(1, Math.min(64, Number(values.threads ?? 4)));
@@ -105,10 +90,7 @@ export async function demo(argv: string[], log: Logger): Promise<void> {
     if (code !== 0) process.exitCode = 1;
   } finally {
     await handler?.close();
-    if (source) {
-      source.kill('SIGTERM');
-      if (source.exitCode === null) await once(source, 'exit');
-    }
+    await source?.close();
     rmSync(dir, { recursive: true, force: true });
   }
 }

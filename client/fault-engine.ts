@@ -3,7 +3,7 @@
 import { EventEmitter } from 'node:events';
 import { native, type DestinationStats, type NativeEvent, type NativeFaultEngine } from '../lib/native.js';
 import { ErrorCode, PostcopyError, type ErrorCodeValue } from '../lib/errors.js';
-import { validateAligned, validateFd, validateInteger } from '../lib/validate.js';
+import { hasOverlap, validateAligned, validateFd, validateInteger } from '../lib/validate.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
 
 export type { DestinationStats } from '../lib/native.js';
@@ -73,8 +73,9 @@ export class FaultEngine extends EventEmitter {
       if (src.pageSize !== r.pageSize) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `regions[${i}] has page size ${r.pageSize}, its source ${src.pageSize}`);
       if (r.sourcePage + r.length / r.pageSize > src.pages) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `regions[${i}] reaches past the end of source region ${r.sourceRegion}`);
     }
-    rejectOverlaps(regions.map((r) => [r.base, r.base + r.length]), 'regions overlap in memory');
-    rejectOverlaps(regions.map((r) => [r.sourceRegion * 2 ** 40 + r.sourcePage, r.sourceRegion * 2 ** 40 + r.sourcePage + r.length / r.pageSize]), 'regions overlap in the source image');
+    if (hasOverlap(regions.map((r) => [r.base, r.base + r.length]))) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, 'regions overlap in memory');
+    const imageRange = (r: (typeof regions)[number]) => [r.sourceRegion * 2 ** 40 + r.sourcePage, r.sourceRegion * 2 ** 40 + r.sourcePage + r.length / r.pageSize] as const;
+    if (hasOverlap(regions.map(imageRange))) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, 'regions overlap in the source image');
     this.#log = options.logger ?? silentLogger;
     this.#resident = new Promise((resolve, reject) => (this.#settle = { resolve, reject }));
     this.#resident.catch(() => {});
@@ -150,7 +151,3 @@ export class FaultEngine extends EventEmitter {
   }
 }
 
-function rejectOverlaps(ranges: [number, number][], message: string): void {
-  const sorted = [...ranges].sort((a, b) => a[0] - b[0]);
-  for (let i = 1; i < sorted.length; i++) if (sorted[i][0] < sorted[i - 1][1]) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, message);
-}

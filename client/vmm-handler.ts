@@ -8,6 +8,7 @@ import { closeSync, chmodSync, lstatSync, readlinkSync, unlinkSync } from 'node:
 import { createServer, type Server, type Socket } from 'node:net';
 import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import { receiveFds, peerCredentials } from '../lib/fd-passing.js';
+import { hasOverlap } from '../lib/validate.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
 import type { Address } from '../lib/address.js';
 import type { RegionInfo } from '../lib/protocol.js';
@@ -169,8 +170,9 @@ export class VmmHandler extends EventEmitter {
 
   #end(session: VmmSession, reason: string): void {
     if (!this.#sessions.delete(session)) return;
-    const stats = session.engine?.stats();
+    // Stop first: the final figures are read once every engine thread has finished.
     session.engine?.stop();
+    const stats = session.engine?.stats();
     session.connection?.close();
     closeSync(session.uffd);
     session.socket.destroy();
@@ -243,12 +245,8 @@ export function mapOntoImage(guest: GuestRegion[], image: RegionInfo[]): Require
     }
     throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, `region ${i} [${g.offset}, ${g.offset + g.size}) falls outside the ${start}-byte image`);
   });
-  const overlap = (ranges: [number, number][]) => {
-    const s = [...ranges].sort((a, b) => a[0] - b[0]);
-    return s.some((r, i) => i > 0 && r[0] < s[i - 1][1]);
-  };
-  if (overlap(guest.map((g) => [g.base_host_virt_addr, g.base_host_virt_addr + g.size]))) throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, 'guest regions overlap in memory');
-  if (overlap(guest.map((g) => [g.offset, g.offset + g.size]))) throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, 'guest regions overlap in the image');
+  if (hasOverlap(guest.map((g) => [g.base_host_virt_addr, g.base_host_virt_addr + g.size]))) throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, 'guest regions overlap in memory');
+  if (hasOverlap(guest.map((g) => [g.offset, g.offset + g.size]))) throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, 'guest regions overlap in the image');
   return targets;
 }
 

@@ -47,3 +47,9 @@ export function validateObject(value: unknown, name: string): Record<string, unk
 export function validateRange(offset: number, length: number, size: number, what: string): void {
   if (offset + length > size) throw outOfRange(`${what} range`, `inside ${size} bytes`, `${offset}+${length}`);
 }
+
+/** True when any two [start, end) ranges overlap. */
+export function hasOverlap(ranges: readonly (readonly [number, number])[]): boolean {
+  const sorted = [...ranges].sort((a, b) => a[0] - b[0]);
+  return sorted.some((r, i) => i > 0 && r[0] < sorted[i - 1][1]);
+}

@@ -96,8 +96,8 @@ export class SourceSession {
   /** Stops the threads and closes every fd; idempotent. */
   close(reason: string): void {
     if (this.#native) {
+      this.#native.stop(); // joins the threads, so the final figures are complete
       this.#lastStats = this.#native.stats();
-      this.#native.stop();
       this.#native = null;
     }
     for (const fd of Object.values(this.#fds)) closeSync(fd);
