@@ -102,7 +102,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
 
  private:
   Napi::Value Start(const Napi::CallbackInfo& info) {
-    if (started_) return info.Env().Undefined();
+    if (started_ || stopped_) return info.Env().Undefined();
     started_ = true;
     startNs_ = MonotonicNs();
     faultThread_ = std::thread([this] { NameAndPinThisThread("pc-fault", cpu_); FaultLoop(); });
@@ -185,7 +185,11 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     reqs.reserve(64);
     pollfd fds[2] = {{uffd_, POLLIN, 0}, {stopFd_, POLLIN, 0}};
     while (!stop_.load()) {
-      int ready = poll(fds, 2, -1);
+      int ready = poll(fds, 2, deferredZeroFills_.empty() ? -1 : 1);
+      if (ready == 0) {
+        RetryDeferredZeroFills();
+        continue;
+      }
       if (ready < 0 && errno == EINTR) continue;
       if (ready < 0 || (fds[1].revents & POLLIN)) return;
       if (fds[0].revents & (POLLERR | POLLHUP)) {  // the process owning the memory is gone
@@ -204,6 +208,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
         if (m.event == UFFD_EVENT_PAGEFAULT) OnFault(m.arg.pagefault.address, now, reqs);
         else OnMemoryEvent(m);
       }
+      if (!deferredZeroFills_.empty()) RetryDeferredZeroFills();
       if (!reqs.empty()) {
         int err = WriteFull(urgentFd_, reqs.data(), reqs.size() * sizeof(wire::PageRequest));
         requestsSent_ += reqs.size();
@@ -236,10 +241,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     uint64_t page = (address - r.base.load(std::memory_order_acquire)) / r.pageSize;
     uint64_t pageAddress = r.base.load(std::memory_order_acquire) + page * r.pageSize;
     if (r.removed->Test(page)) {  // given back earlier: it reads as zeros, the source is not asked
-      int64_t done = 0;
-      int err = Zero(pageAddress, r.pageSize, &done);
-      if (err == 0) zeroFilledAfterRemove_++;
-      else if (err != EEXIST && err != EAGAIN) events_.Emit({"error", "", ErrnoName(err), "zero-filling a removed page failed"});
+      ZeroFillGivenBack(pageAddress, r.pageSize);
       return;
     }
     if (r.received->Test(page)) {  // installed while the fault was queued: make sure it is awake
@@ -252,6 +254,31 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     uint64_t expected = 0;
     r.faultNs[page].compare_exchange_strong(expected, now, std::memory_order_acq_rel);
     if (r.requested->Claim(page)) reqs.push_back({wire::kRequest, r.sourceRegion, r.sourcePage + page});
+  }
+
+  // Maps a zero page where the process gave memory back. EEXIST: someone
+  // mapped it meanwhile, so just wake the thread. EAGAIN: the layout is
+  // changing and the event saying so is still unread (events are read after
+  // faults), so retry once this batch of messages has been handled.
+  void ZeroFillGivenBack(uint64_t address, uint64_t pageSize) {
+    int64_t done = 0;
+    int err = Zero(address, pageSize, &done);
+    if (err == 0) {
+      zeroFilledAfterRemove_++;
+    } else if (err == EEXIST) {
+      uffdio_range range{address, pageSize};
+      ioctl(uffd_, UFFDIO_WAKE, &range);
+    } else if (err == EAGAIN) {
+      deferredZeroFills_.push_back({address, pageSize});
+    } else if (err != ENOENT) {
+      events_.Emit({"error", "", ErrnoName(err), "zero-filling a removed page failed"});
+    }
+  }
+
+  void RetryDeferredZeroFills() {
+    std::vector<std::pair<uint64_t, uint64_t>> again;
+    again.swap(deferredZeroFills_);
+    for (auto& [address, pageSize] : again) ZeroFillGivenBack(address, pageSize);
   }
 
   // The process gave memory back (balloon, DONTNEED) or unmapped it: those
@@ -270,6 +297,10 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
         if (r->settled->Claim(p)) settled++;
       }
       Settle(settled, MonotonicNs());
+      // A thread may be waiting on one of these pages for data that will now
+      // never be installed: wake it, and its retried fault is zero-filled.
+      uffdio_range range{base + first * r->pageSize, (last - first) * r->pageSize};
+      if (last > first) ioctl(uffd_, UFFDIO_WAKE, &range);
     }
   }
 
@@ -359,6 +390,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     if (h.region >= sourcePages_.size() || h.reason > wire::kBackground) return "ERR_PROTOCOL_OUT_OF_RANGE";
     uint64_t pages = sourcePages_[h.region];
     if (h.count == 0 || h.count > wire::MaxRunPages(sourcePageSize_[h.region])) return "ERR_PROTOCOL_OUT_OF_RANGE";
+    if (uint64_t(h.count) * sourcePageSize_[h.region] > maxRunBytes_) return "ERR_PROTOCOL_OUT_OF_RANGE";  // the receive buffer's size
     if (h.first_page >= pages || h.count > pages - h.first_page) return "ERR_PROTOCOL_OUT_OF_RANGE";
     return nullptr;
   }
@@ -384,8 +416,9 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       Installed(r, p, donePages, reason, data == nullptr);
       p += donePages;
       if (err == 0) continue;
-      if (err == EEXIST) {  // another channel (or a zero-fill) got there first
+      if (err == EEXIST) {  // another channel, a zero-fill, or the process itself got there first
         duplicates_++;
+        Installed(r, p, 1, reason, data == nullptr, /*counted=*/false);
         p++;
         continue;
       }
@@ -428,7 +461,10 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     return Copy(dst, zeros_.get(), len, done);  // runs never exceed maxRunBytes_
   }
 
-  void Installed(TargetRegion& r, uint64_t first, uint64_t count, uint32_t reason, bool zero) {
+  // Marks pages resident: records the wait of any thread that faulted on
+  // them and settles each exactly once. `counted`: the pages were installed
+  // by this call's ioctl (false for a page found already present).
+  void Installed(TargetRegion& r, uint64_t first, uint64_t count, uint32_t reason, bool zero, bool counted = true) {
     if (count == 0) return;
     uint64_t now = MonotonicNs(), settled = 0;
     for (uint64_t p = first; p < first + count; p++) {
@@ -442,8 +478,10 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
         blockedNs_ += waited * (w ? w : 1);
       }
     }
-    installed_[reason] += count;
-    if (zero) zeroPages_ += count;
+    if (counted) {
+      installed_[reason] += count;
+      if (zero) zeroPages_ += count;
+    }
     Settle(settled, now);
   }
 
@@ -458,6 +496,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
 
   std::vector<std::unique_ptr<TargetRegion>> regions_;
   std::vector<uint64_t> sourcePages_, sourcePageSize_;
+  std::vector<std::pair<uint64_t, uint64_t>> deferredZeroFills_;  // fault thread only: [address, length]
   uint64_t totalPages_ = 0, maxRunBytes_ = 4096;
   int uffd_ = -1, urgentFd_ = -1, bulkFd_ = -1, stopFd_ = -1;
   int cpu_ = -1;  // pin every engine thread here (-1: no pinning)

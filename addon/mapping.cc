@@ -26,13 +26,14 @@ Mapping::Mapping(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Mapping>(inf
   void* hint = reinterpret_cast<void*>(static_cast<uintptr_t>(info[5].As<Napi::Number>().Int64Value()));
   void* p = mmap(hint, length, prot, flags, fd, offset);
   if (p == MAP_FAILED) ThrowErrno(info.Env(), errno, "mmap");
-  data_ = static_cast<uint8_t*>(p);
+  data_ = reserved_ = static_cast<uint8_t*>(p);
   length_ = length;
 }
 
 Mapping::~Mapping() {
-  // Views keep the Mapping alive (see View), so none can outlive this munmap.
-  if (data_) munmap(data_, length_);
+  // Every view holds a reference to this Mapping (see View), so no view can
+  // outlive this munmap, even one moved to another ArrayBuffer by a transfer.
+  if (reserved_) munmap(reserved_, length_);
 }
 
 Napi::Value Mapping::Address(const Napi::CallbackInfo& info) {
@@ -50,6 +51,7 @@ Napi::Value Mapping::Mapped(const Napi::CallbackInfo& info) {
 Napi::Value Mapping::View(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!data_) throw CodedError(env, "ERR_MAPPING_UNMAPPED", "the mapping was unmapped");
+  viewsHandedOut_ = true;
   auto* owner = new Napi::ObjectReference(Napi::Persistent(Value()));
   Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(
       env, data_, length_, [](Napi::Env, void*, Napi::ObjectReference* ref) { delete ref; }, owner);
@@ -72,7 +74,17 @@ Napi::Value Mapping::Unmap(const Napi::CallbackInfo& info) {
     if (!ab.IsEmpty() && !ab.IsDetached()) ab.Detach();
   }
   views_.clear();
-  if (munmap(data_, length_) != 0) ThrowErrno(env, errno, "munmap");
+  if (!viewsHandedOut_) {
+    if (munmap(data_, length_) != 0) ThrowErrno(env, errno, "munmap");
+    reserved_ = data_ = nullptr;
+    return env.Undefined();
+  }
+  // Views were handed out, and one may have escaped detaching (transferred to
+  // another ArrayBuffer). Release the memory now but keep the addresses until
+  // the finalizer, so such a view reads fresh zero pages, never freed or
+  // reused memory.
+  void* fresh = mmap(data_, length_, PROT_READ | PROT_WRITE, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (fresh == MAP_FAILED) ThrowErrno(env, errno, "mmap");
   data_ = nullptr;
   return env.Undefined();
 }

@@ -29,7 +29,9 @@ class Mapping : public Napi::ObjectWrap<Mapping> {
   Napi::Value Unmap(const Napi::CallbackInfo& info);
   Napi::Value Mapped(const Napi::CallbackInfo& info);
 
-  uint8_t* data_ = nullptr;
+  uint8_t* data_ = nullptr;      // the live mapping, null after unmap()
+  uint8_t* reserved_ = nullptr;  // the address range, unmapped at finalization (or at unmap() if no view was made)
+  bool viewsHandedOut_ = false;
   size_t length_ = 0;
   std::atomic<int> pins_{0};
   std::vector<Napi::Reference<Napi::ArrayBuffer>> views_;

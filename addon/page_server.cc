@@ -101,6 +101,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
   explicit PageServerSession(const Napi::CallbackInfo& info) : Napi::ObjectWrap<PageServerSession>(info) {
     Napi::Object o = info[0].As<Napi::Object>();
     Napi::Array regions = o.Get("regions").As<Napi::Array>();
+    try {
     for (uint32_t i = 0; i < regions.Length(); i++) {
       Napi::Object r = regions.Get(i).As<Napi::Object>();
       auto region = std::make_unique<ServedRegion>();
@@ -134,6 +135,12 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
       totalPages_ += region->pages;
       regions_.push_back(std::move(region));
     }
+    } catch (...) {
+      // The destructor does not run when a constructor throws: undo the pins.
+      for (auto& r : regions_)
+        if (r->pinned) r->pinned->Unpin();
+      throw;
+    }
     urgentFd_ = o.Get("urgentFd").As<Napi::Number>().Int32Value();
     bulkFd_ = o.Get("bulkFd").As<Napi::Number>().Int32Value();
     if (bulkFd_ >= 0) EnlargeSocketBuffer(bulkFd_, SO_SNDBUF, SO_SNDBUFFORCE, 8 << 20);
@@ -159,7 +166,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
   }
 
   Napi::Value Start(const Napi::CallbackInfo& info) {
-    if (started_) return info.Env().Undefined();
+    if (started_ || stopped_) return info.Env().Undefined();
     started_ = true;
     startNs_ = MonotonicNs();
     requestThread_ = std::thread([this] { NameAndPinThisThread("pc-requests", -1); RequestLoop(); });

@@ -63,6 +63,7 @@ export class Destination {
     const connection = await SourceConnection.open({ source: options.source, token: options.token, transfer, timeoutMs: options.timeoutMs });
     const mappings: Mapping[] = [];
     let uffd: Userfaultfd | null = null;
+    let engine: FaultEngine | null = null;
     try {
       uffd = Userfaultfd.open({ nonBlocking: true });
       uffd.handshake(['THREAD_ID']);
@@ -73,7 +74,7 @@ export class Destination {
         return { info, mapping };
       });
       const { urgentFd, bulkFd } = connection.takeChannels();
-      const engine = new FaultEngine({
+      engine = new FaultEngine({
         uffd: uffd.fd,
         regions: regions.map((r) => ({ base: r.mapping.address, length: r.mapping.length, pageSize: r.info.pageSize })),
         urgentFd,
@@ -85,11 +86,13 @@ export class Destination {
       await connection.start();
       log.info({ session: connection.session, regions: regions.length, bytes: regions.reduce((n, r) => n + r.info.length, 0), ...transfer }, 'restore started');
       const destination = new Destination(connection, uffd, regions, engine, transfer, log);
+      const started = engine;
       void connection.failure().then((err) => {
-        if (!destination.#closed && !engine.complete) log.error({ code: err.code, err: err.message }, 'the control channel failed');
+        if (!destination.#closed && !started.complete) log.error({ code: err.code, err: err.message }, 'the control channel failed');
       });
       return destination;
     } catch (err) {
+      engine?.stop(); // before the userfaultfd it reads is closed
       connection.close();
       uffd?.close();
       for (const m of mappings) m.unmap();

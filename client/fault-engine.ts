@@ -3,7 +3,9 @@
 import { EventEmitter } from 'node:events';
 import { native, type DestinationStats, type NativeEvent, type NativeFaultEngine } from '../lib/native.js';
 import { ErrorCode, PostcopyError, type ErrorCodeValue } from '../lib/errors.js';
+import { closeSync } from 'node:fs';
 import { hasOverlap, validateAligned, validateFd, validateInteger } from '../lib/validate.js';
+import { MAX_RUN_BYTES } from '../lib/limits.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
 
 export type { DestinationStats } from '../lib/native.js';
@@ -50,37 +52,47 @@ export class FaultEngine extends EventEmitter {
 
   constructor(options: FaultEngineOptions) {
     super();
-    validateFd(options.uffd, 'uffd');
-    validateFd(options.urgentFd, 'urgentFd');
-    validateFd(options.bulkFd, 'bulkFd');
-    if (!Array.isArray(options.regions) || options.regions.length === 0) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, 'at least one region is needed');
-    const regions = options.regions.map((r, i) => {
-      const pageSize = validateInteger(r.pageSize, `regions[${i}].pageSize`, 4096);
-      if ((pageSize & (pageSize - 1)) !== 0) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `regions[${i}].pageSize must be a power of two`);
-      const base = validateAligned(r.base, `regions[${i}].base`, pageSize, pageSize);
-      const length = validateAligned(r.length, `regions[${i}].length`, pageSize, pageSize);
-      const sourceRegion = validateInteger(r.sourceRegion ?? i, `regions[${i}].sourceRegion`);
-      const sourcePage = validateInteger(r.sourcePage ?? 0, `regions[${i}].sourcePage`);
-      return { base, length, pageSize, sourceRegion, sourcePage };
-    });
-    const sourceRegions = (options.sourceRegions ?? regions.map((r) => ({ pages: r.length / r.pageSize, pageSize: r.pageSize }))).map((s, i) => ({
-      pages: validateInteger(s.pages, `sourceRegions[${i}].pages`, 1),
-      pageSize: validateInteger(s.pageSize, `sourceRegions[${i}].pageSize`, 4096),
-    }));
-    for (const [i, r] of regions.entries()) {
-      const src = sourceRegions[r.sourceRegion];
-      if (!src) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `regions[${i}] names source region ${r.sourceRegion}, which does not exist`);
-      if (src.pageSize !== r.pageSize) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `regions[${i}] has page size ${r.pageSize}, its source ${src.pageSize}`);
-      if (r.sourcePage + r.length / r.pageSize > src.pages) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `regions[${i}] reaches past the end of source region ${r.sourceRegion}`);
+    // The engine owns the data channels from this call on: if it cannot be
+    // built, it closes them rather than leaving them to nobody.
+    try {
+      validateFd(options.uffd, 'uffd');
+      validateFd(options.urgentFd, 'urgentFd');
+      validateFd(options.bulkFd, 'bulkFd');
+      if (!Array.isArray(options.regions) || options.regions.length === 0) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, 'at least one region is needed');
+      const regions = options.regions.map((r, i) => {
+        const pageSize = validatePageSize(r.pageSize, `regions[${i}].pageSize`);
+        const base = validateAligned(r.base, `regions[${i}].base`, pageSize, pageSize);
+        const length = validateAligned(r.length, `regions[${i}].length`, pageSize, pageSize);
+        const sourceRegion = validateInteger(r.sourceRegion ?? i, `regions[${i}].sourceRegion`);
+        const sourcePage = validateInteger(r.sourcePage ?? 0, `regions[${i}].sourcePage`);
+        return { base, length, pageSize, sourceRegion, sourcePage };
+      });
+      const sourceRegions = (options.sourceRegions ?? regions.map((r) => ({ pages: r.length / r.pageSize, pageSize: r.pageSize }))).map((s, i) => ({
+        pages: validateInteger(s.pages, `sourceRegions[${i}].pages`, 1),
+        pageSize: validatePageSize(s.pageSize, `sourceRegions[${i}].pageSize`),
+      }));
+      for (const [i, r] of regions.entries()) {
+        const src = sourceRegions[r.sourceRegion];
+        if (!src) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `regions[${i}] names source region ${r.sourceRegion}, which does not exist`);
+        if (src.pageSize !== r.pageSize) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `regions[${i}] has page size ${r.pageSize}, its source ${src.pageSize}`);
+        if (r.sourcePage + r.length / r.pageSize > src.pages) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `regions[${i}] reaches past the end of source region ${r.sourceRegion}`);
+      }
+      if (hasOverlap(regions.map((r) => [r.base, r.base + r.length]))) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, 'regions overlap in memory');
+      const imageRange = (r: (typeof regions)[number]) => [r.sourceRegion * 2 ** 40 + r.sourcePage, r.sourceRegion * 2 ** 40 + r.sourcePage + r.length / r.pageSize] as const;
+      if (hasOverlap(regions.map(imageRange))) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, 'regions overlap in the source image');
+      this.#log = options.logger ?? silentLogger;
+      this.#resident = new Promise((resolve, reject) => (this.#settle = { resolve, reject }));
+      this.#resident.catch(() => {});
+      this.#native = new native.FaultEngine({ uffd: options.uffd, sourceRegions, regions, urgentFd: options.urgentFd, bulkFd: options.bulkFd,
+        cpu: options.cpu === undefined ? -1 : validateInteger(options.cpu, 'cpu', 0, 1023), onEvent: (e) => this.#onEvent(e) });
+    } catch (err) {
+      for (const fd of [options.urgentFd, options.bulkFd]) {
+        if (Number.isSafeInteger(fd) && fd >= 0) {
+          try { closeSync(fd); } catch { /* not open */ }
+        }
+      }
+      throw err;
     }
-    if (hasOverlap(regions.map((r) => [r.base, r.base + r.length]))) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, 'regions overlap in memory');
-    const imageRange = (r: (typeof regions)[number]) => [r.sourceRegion * 2 ** 40 + r.sourcePage, r.sourceRegion * 2 ** 40 + r.sourcePage + r.length / r.pageSize] as const;
-    if (hasOverlap(regions.map(imageRange))) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, 'regions overlap in the source image');
-    this.#log = options.logger ?? silentLogger;
-    this.#resident = new Promise((resolve, reject) => (this.#settle = { resolve, reject }));
-    this.#resident.catch(() => {});
-    this.#native = new native.FaultEngine({ uffd: options.uffd, sourceRegions, regions, urgentFd: options.urgentFd, bulkFd: options.bulkFd,
-      cpu: options.cpu === undefined ? -1 : validateInteger(options.cpu, 'cpu', 0, 1023), onEvent: (e) => this.#onEvent(e) });
   }
 
   start(): void {
@@ -151,3 +163,10 @@ export class FaultEngine extends EventEmitter {
   }
 }
 
+
+/** A page size the data channels can carry: a power of two from 4 KiB to one run (2 MiB). */
+function validatePageSize(value: unknown, name: string): number {
+  const size = validateInteger(value, name, 4096, MAX_RUN_BYTES);
+  if ((size & (size - 1)) !== 0) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `${name} must be a power of two`);
+  return size;
+}

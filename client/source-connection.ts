@@ -9,6 +9,7 @@ import {
   FrameReader, PROTOCOL_VERSION, SOFTWARE, newNonce, proofMatches, proveToken, send, takeSocket, type MessageOf, type RegionInfo,
 } from '../lib/protocol.js';
 import type { TransferOptions } from '../server/session.js';
+import { MAX_RUN_BYTES } from '../lib/limits.js';
 
 export interface SourceConnectionOptions {
   source: string | Address;
@@ -153,7 +154,7 @@ function validateWelcome(w: MessageOf<'welcome'>): void {
     typeof w.session === 'string' &&
     Array.isArray(w.regions) &&
     w.regions.length > 0 &&
-    w.regions.every((r, i) => r && r.id === i && Number.isSafeInteger(r.length) && r.length > 0 && Number.isSafeInteger(r.pageSize) && r.pageSize >= 4096 && r.length % r.pageSize === 0) &&
+    w.regions.every((r, i) => r && r.id === i && Number.isSafeInteger(r.length) && r.length > 0 && Number.isSafeInteger(r.pageSize) && r.pageSize >= 4096 && r.pageSize <= MAX_RUN_BYTES && (r.pageSize & (r.pageSize - 1)) === 0 && r.length % r.pageSize === 0) &&
     w.tickets?.urgent instanceof Uint8Array &&
     w.tickets?.bulk instanceof Uint8Array;
   if (!ok) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the source sent a malformed welcome');

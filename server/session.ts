@@ -70,7 +70,8 @@ export class SourceSession {
     const urgentFd = this.#fds.urgent;
     const bulkFd = this.#fds.bulk;
     this.#fds = {};
-    this.#native = new native.PageServerSession({
+    try {
+      this.#native = new native.PageServerSession({
       regions: this.#image.regions.map((r) => r.spec),
       urgentFd,
       bulkFd,
@@ -78,8 +79,13 @@ export class SourceSession {
       windowBackward: options.window.backward,
       background: options.background.enabled,
       rateBytesPerSecond: options.background.rateBytesPerSecond,
-      onEvent: (event) => this.#onNativeEvent(event),
-    });
+        onEvent: (event) => this.#onNativeEvent(event),
+      });
+    } catch (err) {
+      closeSync(urgentFd);
+      closeSync(bulkFd);
+      throw err;
+    }
     for (const h of have) this.#native.markSent(h.region, h.bitmap);
     this.#native.start();
     this.#transition('active', { options, resumedRegions: have.length });

@@ -1,5 +1,5 @@
 import t from 'tap';
-import { closeSync, statSync, writeSync } from 'node:fs';
+import { closeSync, fstatSync, statSync, writeSync } from 'node:fs';
 import { connect as netConnect } from 'node:net';
 import { join } from 'node:path';
 import { Image } from '../server/image.js';
@@ -159,10 +159,69 @@ t.test('a source sending runs outside the region is cut off; nothing outside the
   await t.rejects(engine.whenResident(), { code: 'ERR_PROTOCOL_OUT_OF_RANGE' });
 });
 
-t.test('engine arguments are validated before they reach native code', async (t) => {
-  t.throws(() => new FaultEngine({ uffd: -1, regions: [], urgentFd: 0, bulkFd: 0 }), { code: 'ERR_OUT_OF_RANGE' });
-  t.throws(() => new FaultEngine({ uffd: 0, regions: [], urgentFd: 0, bulkFd: 0 }), { code: 'ERR_OUT_OF_RANGE' });
-  const region = (base: number) => ({ base, length: 2 * PAGE, pageSize: PAGE });
-  t.throws(() => new FaultEngine({ uffd: 0, regions: [region(PAGE), region(2 * PAGE)], urgentFd: 0, bulkFd: 0 }), { code: 'ERR_OUT_OF_RANGE', message: /overlap/ });
-  t.throws(() => new FaultEngine({ uffd: 0, regions: [region(PAGE + 1)], urgentFd: 0, bulkFd: 0 }), { code: 'ERR_OUT_OF_RANGE' });
+t.test('engine arguments are validated before they reach native code; the engine then closes the channels it was given', async (t) => {
+  const attempt = (options: Partial<ConstructorParameters<typeof FaultEngine>[0]>) => {
+    const [a, b] = socketPair();
+    const [c, d] = socketPair();
+    t.teardown(() => { closeSync(a); closeSync(c); });
+    let error: unknown;
+    try {
+      new FaultEngine({ uffd: 0, regions: [], urgentFd: b, bulkFd: d, ...options });
+    } catch (err) {
+      error = err;
+    }
+    t.throws(() => fstatSync(b), { code: 'EBADF' }, 'the urgent channel was closed');
+    t.throws(() => fstatSync(d), { code: 'EBADF' }, 'the bulk channel was closed');
+    return error;
+  };
+  const region = (base: number, pageSize = PAGE) => ({ base, length: 2 * pageSize, pageSize });
+  t.match(attempt({ uffd: -1 }), { code: 'ERR_OUT_OF_RANGE' });
+  t.match(attempt({ regions: [] }), { code: 'ERR_OUT_OF_RANGE' });
+  t.match(attempt({ regions: [region(PAGE), region(2 * PAGE)] }), { code: 'ERR_OUT_OF_RANGE', message: /overlap/ });
+  t.match(attempt({ regions: [region(PAGE + 1)] }), { code: 'ERR_OUT_OF_RANGE' });
+  t.match(attempt({ regions: [region(1 << 30, 1 << 30)] }), { code: 'ERR_OUT_OF_RANGE' }, 'pages larger than one run are refused');
+  t.match(attempt({ regions: [region(PAGE)], sourceRegions: [{ pages: 4, pageSize: 1 << 30 }] }), { code: 'ERR_OUT_OF_RANGE' }, 'so are source pages larger than one run');
+});
+
+t.test('pages already present when the engine starts still count toward completion', async (t) => {
+  const pages = 4;
+  const region = mapAnonymous(pages * PAGE);
+  t.teardown(() => region.unmap());
+  region.buffer(PAGE, PAGE).fill(0x5a); // the process touched page 1 before handing its memory over
+  const uffd = Userfaultfd.open();
+  t.teardown(() => uffd.close());
+  uffd.handshake();
+  uffd.register(region.address, region.length);
+  const [bulkOurs, bulkTheirs] = socketPair();
+  const [urgentOurs, urgentTheirs] = socketPair();
+  t.teardown(() => { closeSync(bulkOurs); closeSync(urgentOurs); });
+  const engine = new FaultEngine({ uffd: uffd.fd, regions: [{ base: region.address, length: region.length, pageSize: PAGE }], urgentFd: urgentTheirs, bulkFd: bulkTheirs });
+  t.teardown(() => engine.stop());
+  engine.start();
+  const h = Buffer.alloc(24);
+  h.writeUInt32LE(0x41544144, 0); // DATA, region 0, pages 0..3, background
+  h.writeBigUInt64LE(0n, 8);
+  h.writeUInt32LE(pages, 16);
+  h.writeUInt32LE(2, 20);
+  writeSync(bulkOurs, Buffer.concat([h, Buffer.alloc(pages * PAGE, 0x11)]));
+  await engine.whenResident();
+  t.equal(engine.stats().residentPages, pages);
+  t.ok(region.buffer(PAGE, PAGE).every((b) => b === 0x5a), 'the page the process wrote kept its bytes');
+  t.ok(region.buffer(0, PAGE).every((b) => b === 0x11));
+});
+
+t.test('an engine cannot be restarted after stop()', async (t) => {
+  const region = mapAnonymous(PAGE);
+  const uffd = Userfaultfd.open();
+  t.teardown(() => { uffd.close(); region.unmap(); });
+  uffd.handshake();
+  uffd.register(region.address, PAGE);
+  const [a, b] = socketPair();
+  const [c, d] = socketPair();
+  t.teardown(() => { closeSync(a); closeSync(c); });
+  const engine = new FaultEngine({ uffd: uffd.fd, regions: [{ base: region.address, length: PAGE, pageSize: PAGE }], urgentFd: b, bulkFd: d });
+  engine.start();
+  engine.stop();
+  engine.start(); // a no-op, not a crash
+  await t.rejects(engine.whenResident(), { code: 'ERR_PEER_GONE' });
 });
