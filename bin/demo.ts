@@ -9,6 +9,7 @@ import { randomBytes } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { VmmHandler, type VmmSessionSummary } from '../client/vmm-handler.js';
+import { DEFAULT_TRANSFER } from '../client/source-connection.js';
 import { buildFixture } from './vmm-fixture.js';
 import { punchHole, PAGE_SIZE } from '../lib/memory.js';
 import type { Logger } from '../lib/logger.js';
@@ -70,7 +71,8 @@ export async function demo(argv: string[], log: Logger): Promise<void> {
     say('uffd-postcopy demo');
     say(`  image        ${imagePath} (${(size / 2 ** 20).toFixed(1)} MiB)`);
     say(`  source       postcopy serve, pid ${source.pid}, unix:${sourceSocket} (0600, token challenge-response)`);
-    say(`  handler      destination handler on unix:${handlerSocket}, prefault window 8:2, background on`);
+    const { window, background } = DEFAULT_TRANSFER;
+    say(`  handler      destination handler on unix:${handlerSocket}, prefault window ${window.forward}:${window.backward}, background ${background.enabled ? 'on' : 'off'}`);
     const ended = once(handler, 'session-end');
     const child = spawn(vmm, ['--socket', handlerSocket, '--image', imagePath, '--threads', String(threads), '--order', 'random', '--dontneed', `${balloonFrom}:${balloonPages * PAGE_SIZE}`], {
       stdio: ['ignore', 'pipe', 'inherit'],

@@ -6,25 +6,15 @@ import { mapAnonymous, type Mapping } from '../lib/memory.js';
 import { Userfaultfd } from '../lib/uffd.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
 import type { RegionInfo } from '../lib/protocol.js';
-import type { Address } from '../lib/address.js';
 import { digestOf } from '../server/image.js';
 import type { TransferOptions } from '../server/session.js';
-import { SourceConnection } from './source-connection.js';
+import { SourceConnection, transferOptions, type SourceOptions } from './source-connection.js';
 import { FaultEngine, type DestinationStats } from './fault-engine.js';
 import { summarize, type RestoreReport } from './report.js';
 
-/** Defaults chosen for a random-access workload on a fast local link (see bench/README.md). */
-export const DEFAULT_TRANSFER: TransferOptions = {
-  window: { forward: 8, backward: 2 },
-  background: { enabled: true, rateBytesPerSecond: 0 },
-};
+export { DEFAULT_TRANSFER } from './source-connection.js';
 
-export interface DestinationOptions {
-  source: string | Address;
-  token?: string;
-  window?: Partial<TransferOptions['window']>;
-  background?: Partial<TransferOptions['background']>;
-  logger?: Logger;
+export interface DestinationOptions extends SourceOptions {
   timeoutMs?: number;
   /** Pin the fault engine's threads to this CPU. */
   engineCpu?: number;
@@ -56,10 +46,7 @@ export class Destination {
   /** Connects, maps and registers the regions, and starts the transfer. Touching the regions faults pages in. */
   static async connect(options: DestinationOptions): Promise<Destination> {
     const log = options.logger ?? silentLogger;
-    const transfer: TransferOptions = {
-      window: { ...DEFAULT_TRANSFER.window, ...options.window },
-      background: { ...DEFAULT_TRANSFER.background, ...options.background },
-    };
+    const transfer = transferOptions(options);
     const connection = await SourceConnection.open({ source: options.source, token: options.token, transfer, timeoutMs: options.timeoutMs });
     const mappings: Mapping[] = [];
     let uffd: Userfaultfd | null = null;

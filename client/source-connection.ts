@@ -10,6 +10,30 @@ import {
 } from '../lib/protocol.js';
 import type { TransferOptions } from '../server/session.js';
 import { MAX_RUN_BYTES } from '../lib/limits.js';
+import type { Logger } from '../lib/logger.js';
+
+/** Defaults chosen for a random-access workload on a fast local link (see bench/README.md). */
+export const DEFAULT_TRANSFER: TransferOptions = {
+  window: { forward: 8, backward: 2 },
+  background: { enabled: true, rateBytesPerSecond: 0 },
+};
+
+/** How a destination (a restore, or a VMM handler) reaches its source. */
+export interface SourceOptions {
+  source: string | Address;
+  token?: string;
+  window?: Partial<TransferOptions['window']>;
+  background?: Partial<TransferOptions['background']>;
+  logger?: Logger;
+}
+
+/** The transfer options asked for, completed with the defaults. */
+export function transferOptions(options: Pick<SourceOptions, 'window' | 'background'>): TransferOptions {
+  return {
+    window: { ...DEFAULT_TRANSFER.window, ...options.window },
+    background: { ...DEFAULT_TRANSFER.background, ...options.background },
+  };
+}
 
 export interface SourceConnectionOptions {
   source: string | Address;

@@ -10,12 +10,10 @@ import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import { receiveFds, peerCredentials } from '../lib/fd-passing.js';
 import { hasOverlap } from '../lib/validate.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
-import type { Address } from '../lib/address.js';
 import type { RegionInfo } from '../lib/protocol.js';
 import type { TransferOptions } from '../server/session.js';
-import { SourceConnection } from './source-connection.js';
+import { SourceConnection, transferOptions, type SourceOptions } from './source-connection.js';
 import { FaultEngine, type TargetRegion } from './fault-engine.js';
-import { DEFAULT_TRANSFER } from './destination.js';
 import { summarize, type RestoreReport } from './report.js';
 
 /** One entry of the VMM's handshake, as Firecracker sends it. */
@@ -28,12 +26,7 @@ export interface GuestRegion {
   page_size_kib?: number;
 }
 
-export interface VmmHandlerOptions {
-  source: string | Address;
-  token?: string;
-  window?: Partial<TransferOptions['window']>;
-  background?: Partial<TransferOptions['background']>;
-  logger?: Logger;
+export interface VmmHandlerOptions extends SourceOptions {
   /** A VMM that connects but sends no handshake within this is dropped (default 10 s). */
   handshakeTimeoutMs?: number;
 }
@@ -68,10 +61,7 @@ export class VmmHandler extends EventEmitter {
     super();
     this.#options = options;
     this.#log = options.logger ?? silentLogger;
-    this.#transfer = {
-      window: { ...DEFAULT_TRANSFER.window, ...options.window },
-      background: { ...DEFAULT_TRANSFER.background, ...options.background },
-    };
+    this.#transfer = transferOptions(options);
   }
 
   get activeSessions(): number {
