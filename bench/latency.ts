@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { Destination } from '../client/destination.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
 import { PAGE_SIZE } from '../lib/memory.js';
-import { floorCommand, runFloor, type FloorBulk, type FloorLatency } from './floor.js';
+import { runFloor, type FloorBulk, type FloorLatency } from './floor.js';
 import { floorImageFile, startSource, type RunningSource } from './source.js';
 
 /** A source in its own process (as the floor's page server is), serving `pages` of the floor's image. */
@@ -99,5 +99,3 @@ export async function throughputBench(pages: number, transport: Transport): Prom
     rmSync(dir, { recursive: true, force: true });
   }
 }
-
-export { floorCommand };

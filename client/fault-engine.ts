@@ -2,7 +2,7 @@
 // faults of one userfaultfd over a set of regions from a source's data channels.
 import { EventEmitter } from 'node:events';
 import { native, type DestinationStats, type NativeEvent, type NativeFaultEngine } from '../lib/native.js';
-import { ErrorCode, PostcopyError, type ErrorCodeValue } from '../lib/errors.js';
+import { ErrorCode, PostcopyError, asErrorCode } from '../lib/errors.js';
 import { closeSync } from 'node:fs';
 import { hasOverlap, validateAligned, validateFd, validateInteger } from '../lib/validate.js';
 import { MAX_RUN_BYTES } from '../lib/limits.js';
@@ -152,7 +152,7 @@ export class FaultEngine extends EventEmitter {
           if (this.#complete || this.#stopped) return;
           break;
       }
-      const code = ((Object.values(ErrorCode) as string[]).includes(e.code ?? '') ? e.code : ErrorCode.PEER_GONE) as ErrorCodeValue;
+      const code = asErrorCode(e.code, ErrorCode.PEER_GONE);
       const err = new PostcopyError(code, `${e.channel ? `${e.channel} channel: ` : ''}${e.message ?? e.type}`, { event: e.type, native: e.code });
       this.#log.error({ code: err.code, channel: e.channel, native: e.code, err: err.message }, 'fault engine failed');
       this.#settle.reject(err);

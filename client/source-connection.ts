@@ -117,14 +117,9 @@ export class SourceConnection {
     return this.#reader.next(['digest'], 0);
   }
 
-  /** Resolves (with the error) when the control channel fails before close(). */
-  async failure(): Promise<PostcopyError> {
-    try {
-      await this.#reader.next(['bye' as never]);
-      return new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'unexpected message from the source');
-    } catch (err) {
-      return err as PostcopyError;
-    }
+  /** Settles with the reason the control channel ended (the source's error, or the connection failing). */
+  failure(): Promise<PostcopyError> {
+    return this.#reader.closed;
   }
 
   close(): void {

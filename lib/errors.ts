@@ -43,6 +43,11 @@ export const ErrorCode = {
 
 export type ErrorCodeValue = (typeof ErrorCode)[keyof typeof ErrorCode];
 
+/** `code` when it is one of ours (e.g. reported by a peer or native code), else `fallback`. */
+export function asErrorCode(code: unknown, fallback: ErrorCodeValue): ErrorCodeValue {
+  return (Object.values(ErrorCode) as string[]).includes(code as string) ? (code as ErrorCodeValue) : fallback;
+}
+
 /** An error of ours: a stable `code` plus optional details for logs. */
 export class PostcopyError extends Error {
   readonly code: ErrorCodeValue;

@@ -9,7 +9,7 @@ import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
 import type { Socket } from 'node:net';
 import { Packr } from 'msgpackr';
 import { native } from './native.js';
-import { ErrorCode, PostcopyError } from './errors.js';
+import { ErrorCode, PostcopyError, asErrorCode } from './errors.js';
 
 export const PROTOCOL_VERSION = 1;
 export const SOFTWARE = 'uffd-postcopy/0.1.0';
@@ -63,6 +63,8 @@ export class FrameReader {
   #queue: Message[] = [];
   #failure: PostcopyError | null = null;
   #waiter: (() => void) | null = null;
+  #reportClosed!: (err: PostcopyError) => void;
+  readonly #closed = new Promise<PostcopyError>((resolve) => (this.#reportClosed = resolve));
   #onData = (chunk: Buffer) => this.#push(chunk);
   #onEnd = () => this.#fail(new PostcopyError(ErrorCode.PEER_GONE, 'the peer closed the connection'));
   #onError = (err: Error) => this.#fail(new PostcopyError(ErrorCode.PEER_GONE, `connection error: ${err.message}`));
@@ -95,7 +97,7 @@ export class FrameReader {
     const message = this.#queue.shift()!;
     if (message.t === 'error' && !types.includes('error' as T)) {
       const remote = message as MessageOf<'error'>;
-      throw new PostcopyError(knownCode(remote.code), `peer reported: ${remote.message}`, { remote: true });
+      throw remoteError(remote);
     }
     if (!types.includes(message.t as T)) {
       throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `unexpected '${message.t}' message (expected ${types.join('/')})`);
@@ -113,9 +115,12 @@ export class FrameReader {
     return this.#buffered;
   }
 
-  /** Resolves when the peer closes or the connection fails (after any queued messages). */
-  get failed(): PostcopyError | null {
-    return this.#failure;
+  /**
+   * Settles with the reason the connection ended: the error the peer reported,
+   * or the connection failing. Reading it consumes no message.
+   */
+  get closed(): Promise<PostcopyError> {
+    return this.#closed;
   }
 
   #push(chunk: Buffer): void {
@@ -141,12 +146,14 @@ export class FrameReader {
         return;
       }
       this.#queue.push(message as Message);
+      if ((message as Message).t === 'error') this.#reportClosed(remoteError(message as MessageOf<'error'>));
     }
     this.#wake();
   }
 
   #fail(err: PostcopyError): void {
     if (!this.#failure) this.#failure = err;
+    this.#reportClosed(err); // a no-op when an 'error' message already settled it
     this.#wake();
   }
 
@@ -157,9 +164,8 @@ export class FrameReader {
   }
 }
 
-function knownCode(code: unknown): (typeof ErrorCode)[keyof typeof ErrorCode] {
-  const codes = Object.values(ErrorCode) as string[];
-  return (codes.includes(code as string) ? code : ErrorCode.PROTOCOL_MALFORMED) as (typeof ErrorCode)[keyof typeof ErrorCode];
+function remoteError(message: MessageOf<'error'>): PostcopyError {
+  return new PostcopyError(asErrorCode(message.code, ErrorCode.PROTOCOL_MALFORMED), `peer reported: ${message.message}`, { remote: true });
 }
 
 export function send(socket: Socket, message: Message): void {

@@ -1,12 +1,12 @@
 // Userfaultfd: a typed, validated front door over the addon's ioctls.
 import { closeSync } from 'node:fs';
+import { PAGE_SIZE } from './memory.js';
 import { native, type Progress, type RawEvent } from './native.js';
 import { ErrorCode, PostcopyError, invalidArgValue } from './errors.js';
 import { validateAligned, validateBoolean, validateBytes, validateFd, validateInteger, validateRange } from './validate.js';
 
 export type { Progress } from './native.js';
-
-export const PAGE_SIZE = native.memoryConstants.PAGE_SIZE;
+export { PAGE_SIZE };
 
 /** Feature bits of UFFDIO_API, by name (the kernel's UFFD_FEATURE_*). */
 export const Feature = {

@@ -3,7 +3,7 @@
 import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { closeSync } from 'node:fs';
 import { native, type NativeEvent, type NativePageServerSession, type SourceStats } from '../lib/native.js';
-import { ErrorCode, PostcopyError } from '../lib/errors.js';
+import { ErrorCode, PostcopyError, asErrorCode } from '../lib/errors.js';
 import type { Logger } from '../lib/logger.js';
 import type { Image } from './image.js';
 
@@ -124,7 +124,7 @@ export class SourceSession {
         this.#log.info({ channel: event.channel, code: event.code }, 'the destination closed a data channel');
         return;
       }
-      const code = (Object.values(ErrorCode) as string[]).includes(event.code ?? '') ? (event.code as (typeof ErrorCode)[keyof typeof ErrorCode]) : ErrorCode.PEER_GONE;
+      const code = asErrorCode(event.code, ErrorCode.PEER_GONE);
       const err = new PostcopyError(code, event.message ?? event.type, { channel: event.channel, native: event.code });
       if (this.#state === 'active') this.#transition('failed', { code: err.code, channel: event.channel, error: err.message });
       this.#onFailure(err);
