@@ -1,5 +1,7 @@
 // Data-plane threads report to JS through one thread-safe function per object:
-// small records {type, channel, code, message, a, b}, never one call per page.
+// small records {type, channel, code, message, a, b, generation}, never one
+// call per page. `generation` names the set of data channels an event came
+// from, so a late event from channels already replaced can be told apart.
 #pragma once
 #include <napi.h>
 
@@ -13,6 +15,7 @@ struct NativeEvent {
   std::string code;
   std::string message;
   double a = 0, b = 0;
+  uint32_t generation = 0;
 };
 
 class EventSink {
@@ -44,6 +47,7 @@ class EventSink {
       if (!event->message.empty()) o.Set("message", event->message);
       o.Set("a", event->a);
       o.Set("b", event->b);
+      o.Set("generation", event->generation);
       // An exception thrown by the callback would be swallowed (DEP0168); the
       // JS side catches inside its own handler.
       callback.Call({o});

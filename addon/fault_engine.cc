@@ -3,6 +3,13 @@
 // thread per data channel reads runs and installs each contiguous run with one
 // UFFDIO_COPY / UFFDIO_ZEROPAGE, keeping the received bitmap, the latency
 // histogram and the counters. No JavaScript runs per page.
+//
+// The data channels come and go while the engine lives: attachChannels()
+// starts receivers on a new pair (a new generation) and has the fault thread
+// re-send every request still unanswered; detachChannels() stops them. In
+// between (a paused session) the fault thread keeps reading the userfaultfd:
+// faults are recorded as requested and wait, memory events are followed, and
+// nothing that arrived only in part is ever installed.
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/eventfd.h>
@@ -11,6 +18,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -46,13 +54,18 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "FaultEngine",
                        {InstanceMethod<&FaultEngine::Start>("start"), InstanceMethod<&FaultEngine::Stop>("stop"),
+                        InstanceMethod<&FaultEngine::AttachChannels>("attachChannels"),
+                        InstanceMethod<&FaultEngine::DetachChannels>("detachChannels"),
+                        InstanceMethod<&FaultEngine::PoisonMissing>("poisonMissing"),
                         InstanceMethod<&FaultEngine::Stats>("stats"),
-                        InstanceMethod<&FaultEngine::ReceivedBitmap>("receivedBitmap")});
+                        InstanceMethod<&FaultEngine::ReceivedBitmap>("receivedBitmap"),
+                        InstanceMethod<&FaultEngine::HeldBitmap>("heldBitmap")});
   }
 
   // new FaultEngine({uffd, sourceRegions: [{pages, pageSize}],
-  //                  regions: [{base, length, pageSize, sourceRegion, sourcePage}], urgentFd, bulkFd, onEvent});
-  // validated in client/fault-engine.ts. The engine owns urgentFd and bulkFd, not uffd.
+  //                  regions: [{base, length, pageSize, sourceRegion, sourcePage}], cpu, onEvent});
+  // validated in client/fault-engine.ts. The engine owns the data channels it
+  // is given (attachChannels), not the uffd.
   explicit FaultEngine(const Napi::CallbackInfo& info) : Napi::ObjectWrap<FaultEngine>(info) {
     Napi::Object o = info[0].As<Napi::Object>();
     uffd_ = o.Get("uffd").As<Napi::Number>().Int32Value();
@@ -60,9 +73,6 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     // the fd's only reader, so it makes it non-blocking.
     int fl = fcntl(uffd_, F_GETFL);
     if (fl < 0 || fcntl(uffd_, F_SETFL, fl | O_NONBLOCK) < 0) ThrowErrno(info.Env(), errno, "fcntl", "F_SETFL");
-    urgentFd_ = o.Get("urgentFd").As<Napi::Number>().Int32Value();
-    bulkFd_ = o.Get("bulkFd").As<Napi::Number>().Int32Value();
-    if (bulkFd_ >= 0) EnlargeSocketBuffer(bulkFd_, SO_RCVBUF, SO_RCVBUFFORCE, 8 << 20);
     Napi::Array sources = o.Get("sourceRegions").As<Napi::Array>();
     for (uint32_t i = 0; i < sources.Length(); i++) {
       Napi::Object r = sources.Get(i).As<Napi::Object>();
@@ -95,20 +105,80 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     cpu_ = cpu.IsNumber() ? cpu.As<Napi::Number>().Int32Value() : -1;
     stopFd_ = eventfd(0, EFD_CLOEXEC);
     if (stopFd_ < 0) ThrowErrno(info.Env(), errno, "eventfd");
+    resendFd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (resendFd_ < 0) {
+      int err = errno;
+      close(stopFd_);
+      ThrowErrno(info.Env(), err, "eventfd");
+    }
     events_.Open(info.Env(), o.Get("onEvent").As<Napi::Function>(), "FaultEngine");
   }
 
   ~FaultEngine() override { Shutdown(); }
 
  private:
+  // start(): the fault thread runs from now on; pages flow once channels are attached.
   Napi::Value Start(const Napi::CallbackInfo& info) {
     if (started_ || stopped_) return info.Env().Undefined();
     started_ = true;
     startNs_ = MonotonicNs();
     faultThread_ = std::thread([this] { NameAndPinThisThread("pc-fault", cpu_); FaultLoop(); });
-    if (urgentFd_ >= 0) urgentThread_ = std::thread([this] { NameAndPinThisThread("pc-urgent-rx", cpu_); ReceiveLoop(urgentFd_, "urgent"); });
-    if (bulkFd_ >= 0) bulkThread_ = std::thread([this] { NameAndPinThisThread("pc-bulk-rx", cpu_); ReceiveLoop(bulkFd_, "bulk"); });
     return info.Env().Undefined();
+  }
+
+  // attachChannels(urgentFd, bulkFd) -> generation. The engine owns both fds
+  // from this call on (it closes them even when it refuses them).
+  Napi::Value AttachChannels(const Napi::CallbackInfo& info) {
+    int urgent = info[0].As<Napi::Number>().Int32Value();
+    int bulk = info[1].As<Napi::Number>().Int32Value();
+    if (!started_ || stopped_ || attached_) {
+      close(urgent);
+      close(bulk);
+      throw CodedError(info.Env(), "ERR_ENGINE_STATE", attached_ ? "data channels are already attached" : "the engine is not running");
+    }
+    EnlargeSocketBuffer(bulk, SO_RCVBUF, SO_RCVBUFFORCE, 8 << 20);
+    uint32_t generation = generation_.load() + 1;
+    {
+      std::lock_guard<std::mutex> lock(urgentMu_);
+      urgentFd_.store(urgent);
+      urgentBroken_ = false;
+    }
+    bulkFd_ = bulk;
+    generation_.store(generation);
+    attached_ = true;
+    urgentThread_ = std::thread([this, urgent, generation] { NameAndPinThisThread("pc-urgent-rx", cpu_); ReceiveLoop(urgent, "urgent", generation); });
+    bulkThread_ = std::thread([this, bulk, generation] { NameAndPinThisThread("pc-bulk-rx", cpu_); ReceiveLoop(bulk, "bulk", generation); });
+    // Requests the old channels never answered go out first, from the fault thread.
+    uint64_t one = 1;
+    if (write(resendFd_, &one, sizeof one) < 0) {}
+    return Napi::Number::New(info.Env(), generation);
+  }
+
+  // detachChannels(): stops the receivers and closes the channels. A run that
+  // arrived only in part is dropped; faults keep waiting for the next attach.
+  Napi::Value DetachChannels(const Napi::CallbackInfo& info) {
+    Detach();
+    return info.Env().Undefined();
+  }
+
+  void Detach() {
+    if (!attached_) return;
+    detaching_.store(true);
+    // Unblocks a receiver in read() and a fault thread in write(); the fds stay
+    // open (so their numbers cannot be reused) until the threads let go.
+    shutdown(urgentFd_.load(), SHUT_RDWR);
+    shutdown(bulkFd_, SHUT_RDWR);
+    for (std::thread* t : {&urgentThread_, &bulkThread_})
+      if (t->joinable()) t->join();
+    {
+      std::lock_guard<std::mutex> lock(urgentMu_);
+      close(urgentFd_.load());
+      urgentFd_.store(-1);
+    }
+    close(bulkFd_);
+    bulkFd_ = -1;
+    attached_ = false;
+    detaching_.store(false);
   }
 
   Napi::Value Stop(const Napi::CallbackInfo& info) {
@@ -119,17 +189,39 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   void Shutdown() {
     if (stopped_) return;
     stopped_ = true;
+    Detach();
     stop_.store(true);
     uint64_t one = 1;
     if (write(stopFd_, &one, sizeof one) < 0) {}
-    if (urgentFd_ >= 0) shutdown(urgentFd_, SHUT_RDWR);
-    if (bulkFd_ >= 0) shutdown(bulkFd_, SHUT_RDWR);
-    for (std::thread* t : {&faultThread_, &urgentThread_, &bulkThread_})
-      if (t->joinable()) t->join();
-    for (int fd : {urgentFd_, bulkFd_, stopFd_})
+    if (faultThread_.joinable()) faultThread_.join();
+    for (int fd : {stopFd_, resendFd_})
       if (fd >= 0) close(fd);
-    urgentFd_ = bulkFd_ = stopFd_ = -1;
+    stopFd_ = resendFd_ = -1;
     events_.Close();
+  }
+
+  // poisonMissing() -> pages poisoned. Gives up on every page not resident and
+  // not given back: UFFDIO_POISON makes a touch raise SIGBUS instead of
+  // waiting forever or reading zeros; threads waiting on them are woken into
+  // that SIGBUS. Call with the channels detached.
+  Napi::Value PoisonMissing(const Napi::CallbackInfo& info) {
+    if (attached_) throw CodedError(info.Env(), "ERR_ENGINE_STATE", "detach the data channels before poisoning");
+    uint64_t poisoned = 0;
+    for (auto& r : regions_) {
+      uint64_t base = r->base.load(std::memory_order_acquire);
+      for (uint64_t p = r->settled->NextClear(0); p < r->pages; p = r->settled->NextClear(p)) {
+        uint64_t q = p + 1;
+        while (q < r->pages && !r->settled->Test(q)) q++;
+        if (int err = Poison(base + p * r->pageSize, (q - p) * r->pageSize, r->pageSize)) ThrowErrno(info.Env(), err, "ioctl", "UFFDIO_POISON");
+        uint64_t settled = 0;
+        for (uint64_t k = p; k < q; k++)
+          if (r->settled->Claim(k)) settled++;
+        poisoned += settled;
+        p = q;
+      }
+    }
+    poisonedPages_ += poisoned;
+    return Napi::Number::New(info.Env(), static_cast<double>(poisoned));
   }
 
   Napi::Value Stats(const Napi::CallbackInfo& info) {
@@ -156,6 +248,10 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     n(s, "removedPages", removedPages_);
     n(s, "zeroFilledAfterRemove", zeroFilledAfterRemove_);
     n(s, "pagesOutsideRegions", unmappedPages_);
+    n(s, "outstandingRequests", OutstandingRequests());
+    n(s, "requestsResent", requestsResent_);
+    n(s, "poisonedPages", poisonedPages_);
+    n(s, "channelGeneration", generation_);
     Napi::Object lat = Napi::Object::New(env);
     n(lat, "count", latency_.Count());
     n(lat, "p50Ns", latency_.Quantile(0.50));
@@ -179,19 +275,102 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     return out;
   }
 
+  // Poisons [address, address+length); pages that turn out to be present
+  // (EEXIST: installed meanwhile) are stepped over. 0 or an errno.
+  int Poison(uint64_t address, uint64_t length, uint64_t pageSize) {
+    uint64_t end = address + length;
+    while (address < end) {
+      uffdio_poison z{{address, end - address}, 0, 0};
+      if (ioctl(uffd_, UFFDIO_POISON, &z) == 0) return 0;
+      if (errno == EAGAIN) continue;
+      if (errno != EEXIST) return errno;
+      address += (z.updated > 0 ? static_cast<uint64_t>(z.updated) : 0) + pageSize;
+    }
+    return 0;
+  }
+
+  // heldBitmap(sourceRegion) -> Buffer, one bit per page of the source region
+  // (bit p of byte p/8): what the source need not send. A page is held when it
+  // is resident, was given back, or no target region maps it.
+  Napi::Value HeldBitmap(const Napi::CallbackInfo& info) {
+    uint32_t id = info[0].As<Napi::Number>().Uint32Value();
+    if (id >= sourcePages_.size()) throw CodedError(info.Env(), "ERR_OUT_OF_RANGE", "no such source region");
+    uint64_t pages = sourcePages_[id];
+    auto out = Napi::Buffer<uint8_t>::New(info.Env(), (pages + 7) / 8);
+    std::memset(out.Data(), 0xff, out.Length());
+    if (pages % 8) out.Data()[pages / 8] = static_cast<uint8_t>((1u << (pages % 8)) - 1);  // no bits past the end
+    for (auto& r : regions_) {
+      if (r->sourceRegion != id) continue;
+      for (uint64_t p = 0; p < r->pages; p++) {
+        if (r->received->Test(p) || r->removed->Test(p)) continue;
+        uint64_t s = r->sourcePage + p;
+        out.Data()[s / 8] &= static_cast<uint8_t>(~(1u << (s % 8)));
+      }
+    }
+    return out;
+  }
+
+  // Pages asked for and not yet settled (resident or given back).
+  uint64_t OutstandingRequests() const {
+    uint64_t n = 0;
+    for (auto& r : regions_)
+      for (uint64_t p = 0; p < r->pages; p++)
+        if (r->requested->Test(p) && !r->settled->Test(p)) n++;
+    return n;
+  }
+
+  // Sends the batched requests on the current urgent channel. With no channel
+  // (paused) or a broken one, they stay recorded as requested and go out again
+  // when channels are attached.
+  void SendRequests(std::vector<wire::PageRequest>& reqs) {
+    if (reqs.empty()) return;
+    std::lock_guard<std::mutex> lock(urgentMu_);
+    int fd = urgentFd_.load();
+    if (fd >= 0 && !urgentBroken_) {
+      int err = WriteFull(fd, reqs.data(), reqs.size() * sizeof(wire::PageRequest));
+      if (err) {
+        urgentBroken_ = true;
+        if (!stop_.load() && !detaching_.load())
+          events_.Emit({"error", "urgent", ErrnoName(err), "sending a page request failed", 0, 0, generation_.load()});
+      } else {
+        requestsSent_ += reqs.size();
+      }
+    }
+    reqs.clear();
+  }
+
+  // After an attach: every page asked for and still missing is asked for again.
+  void ResendOutstanding(std::vector<wire::PageRequest>& reqs) {
+    for (auto& r : regions_) {
+      for (uint64_t p = 0; p < r->pages; p++) {
+        if (!r->requested->Test(p) || r->settled->Test(p)) continue;
+        reqs.push_back({wire::kRequest, r->sourceRegion, r->sourcePage + p});
+        requestsResent_++;
+        if (reqs.size() == 256) SendRequests(reqs);
+      }
+    }
+    SendRequests(reqs);
+  }
+
   void FaultLoop() {
     uffd_msg msgs[64];
     std::vector<wire::PageRequest> reqs;
-    reqs.reserve(64);
-    pollfd fds[2] = {{uffd_, POLLIN, 0}, {stopFd_, POLLIN, 0}};
+    reqs.reserve(256);
+    pollfd fds[3] = {{uffd_, POLLIN, 0}, {stopFd_, POLLIN, 0}, {resendFd_, POLLIN, 0}};
     while (!stop_.load()) {
-      int ready = poll(fds, 2, deferredZeroFills_.empty() ? -1 : 1);
+      int ready = poll(fds, 3, deferredZeroFills_.empty() ? -1 : 1);
       if (ready == 0) {
         RetryDeferredZeroFills();
         continue;
       }
       if (ready < 0 && errno == EINTR) continue;
       if (ready < 0 || (fds[1].revents & POLLIN)) return;
+      if (fds[2].revents & POLLIN) {
+        uint64_t count;
+        if (read(resendFd_, &count, sizeof count) < 0) {}
+        ResendOutstanding(reqs);
+        if (!(fds[0].revents & (POLLIN | POLLERR | POLLHUP))) continue;
+      }
       if (fds[0].revents & (POLLERR | POLLHUP)) {  // the process owning the memory is gone
         events_.Emit({"uffd-closed", "", "", "the userfaultfd was hung up"});
         return;
@@ -209,15 +388,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
         else OnMemoryEvent(m);
       }
       if (!deferredZeroFills_.empty()) RetryDeferredZeroFills();
-      if (!reqs.empty()) {
-        int err = WriteFull(urgentFd_, reqs.data(), reqs.size() * sizeof(wire::PageRequest));
-        requestsSent_ += reqs.size();
-        reqs.clear();
-        if (err) {
-          if (!stop_.load()) events_.Emit({"error", "urgent", ErrnoName(err), "sending a page request failed"});
-          return;
-        }
-      }
+      SendRequests(reqs);
     }
   }
 
@@ -336,35 +507,43 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     }
   }
 
-  void ReceiveLoop(int fd, const char* channel) {
+  // True once this receiver must go without a word: the engine is stopping or
+  // its channels are being detached.
+  bool Leaving() const { return stop_.load() || detaching_.load(); }
+
+  void ReceiveLoop(int fd, const char* channel, uint32_t generation) {
+    auto report = [&](const char* type, const std::string& code, const char* message) {
+      if (!Leaving()) events_.Emit({type, channel, code, message, 0, 0, generation});
+    };
     void* raw = nullptr;
     if (posix_memalign(&raw, 4096, maxRunBytes_) != 0) {
-      events_.Emit({"error", channel, "ENOMEM", "cannot allocate the receive buffer"});
+      report("error", "ENOMEM", "cannot allocate the receive buffer");
       return;
     }
     std::unique_ptr<uint8_t, decltype(&free)> buffer(static_cast<uint8_t*>(raw), &free);
-    while (!stop_.load()) {
+    while (!Leaving()) {
       wire::RunHeader h;
       int err = ReadFull(fd, &h, sizeof h);
       if (err) {
-        if (!stop_.load()) events_.Emit({"closed", channel, err > 0 ? ErrnoName(err) : "", "the source closed the channel"});
+        report("closed", err > 0 ? ErrnoName(err) : "", "the source closed the channel");
         return;
       }
       bytesReceived_ += sizeof h;
       if (h.kind == wire::kBulkEnd) {
-        events_.Emit({"background-done", channel, "", ""});
+        report("background-done", "", "");
         continue;
       }
       const char* bad = Validate(h);
       if (bad) {
-        events_.Emit({"error", channel, bad, "the source sent a run outside the negotiated regions; channel closed"});
+        report("error", bad, "the source sent a run outside the negotiated regions; channel closed");
         shutdown(fd, SHUT_RDWR);
         return;
       }
       uint64_t pageSize = sourcePageSize_[h.region];
       if (h.kind == wire::kDataRun) {
+        // A run is installed only once all of it is here: a cut mid-run drops it.
         if ((err = ReadFull(fd, buffer.get(), h.count * pageSize))) {
-          if (!stop_.load()) events_.Emit({"closed", channel, err > 0 ? ErrnoName(err) : "EPIPE", "the source closed the channel mid-run"});
+          report("closed", err > 0 ? ErrnoName(err) : "EPIPE", "the source closed the channel mid-run");
           return;
         }
         bytesReceived_ += h.count * pageSize;
@@ -378,7 +557,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
         if (lo >= hi) continue;
         covered += hi - lo;
         const uint8_t* data = h.kind == wire::kDataRun ? buffer.get() + (lo - first) * pageSize : nullptr;
-        if (!Install(*r, lo - r->sourcePage, hi - lo, data, h.reason, channel)) return;
+        if (!Install(*r, lo - r->sourcePage, hi - lo, data, h.reason, channel, generation)) return;
       }
       unmappedPages_ += h.count - covered;
     }
@@ -398,7 +577,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   // Installs pages [first, first+count) of region r that are neither resident
   // nor given back, a contiguous stretch per ioctl. Returns false when the
   // engine must stop.
-  bool Install(TargetRegion& r, uint64_t first, uint64_t count, const uint8_t* data, uint32_t reason, const char* channel) {
+  bool Install(TargetRegion& r, uint64_t first, uint64_t count, const uint8_t* data, uint32_t reason, const char* channel, uint32_t generation) {
     uint64_t p = first, end = first + count;
     while (p < end) {
       if (r.received->Test(p) || r.removed->Test(p)) {
@@ -426,7 +605,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
         retries_++;
         timespec ts{0, 50000};
         nanosleep(&ts, nullptr);
-        if (stop_.load()) return false;
+        if (Leaving()) return false;
         continue;
       }
       if (err == ENOENT) {  // no longer registered (unmapped): settle it as given back
@@ -435,10 +614,10 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
         continue;
       }
       if (err == ESRCH) {  // the process owning the memory is gone
-        if (!stop_.load()) events_.Emit({"target-gone", channel, "ESRCH", "the process owning the memory exited"});
+        if (!Leaving()) events_.Emit({"target-gone", channel, "ESRCH", "the process owning the memory exited", 0, 0, generation});
         return false;
       }
-      if (!stop_.load()) events_.Emit({"error", channel, ErrnoName(err), "installing pages failed"});
+      if (!Leaving()) events_.Emit({"install-failed", channel, ErrnoName(err), "installing pages failed", 0, 0, generation});
       return false;
     }
     return true;
@@ -498,11 +677,18 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   std::vector<uint64_t> sourcePages_, sourcePageSize_;
   std::vector<std::pair<uint64_t, uint64_t>> deferredZeroFills_;  // fault thread only: [address, length]
   uint64_t totalPages_ = 0, maxRunBytes_ = 4096;
-  int uffd_ = -1, urgentFd_ = -1, bulkFd_ = -1, stopFd_ = -1;
+  int uffd_ = -1, bulkFd_ = -1, stopFd_ = -1, resendFd_ = -1;
+  // The urgent channel is written by the fault thread and swapped by the JS
+  // thread: the mutex keeps a write and a close from meeting.
+  std::mutex urgentMu_;
+  std::atomic<int> urgentFd_{-1};
+  bool urgentBroken_ = false;  // under urgentMu_: a write failed; wait for new channels
+  std::atomic<uint32_t> generation_{0};
+  std::atomic<bool> detaching_{false};
   int cpu_ = -1;  // pin every engine thread here (-1: no pinning)
   EventSink events_;
   std::thread faultThread_, urgentThread_, bulkThread_;
-  bool started_ = false, stopped_ = false;
+  bool started_ = false, stopped_ = false, attached_ = false;
   std::atomic<bool> zeroFallback_{false};
   std::unique_ptr<uint8_t, decltype(&free)> zeros_{nullptr, &free};
   std::atomic<bool> stop_{false};
@@ -511,7 +697,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   std::atomic<uint64_t> completeNs_{0};
   std::atomic<uint64_t> faults_{0}, faultsResident_{0}, requestsSent_{0}, installed_[3] = {}, zeroPages_{0},
       duplicates_{0}, bytesReceived_{0}, resident_{0}, blockedNs_{0}, retries_{0}, unexpected_{0}, memoryEvents_{0},
-      removedPages_{0}, zeroFilledAfterRemove_{0}, unmappedPages_{0};
+      removedPages_{0}, zeroFilledAfterRemove_{0}, unmappedPages_{0}, requestsResent_{0}, poisonedPages_{0};
 };
 
 }  // namespace

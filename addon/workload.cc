@@ -9,6 +9,8 @@
 #include <utility>
 
 #include "addon.h"
+#include "errors.h"
+#include "mapping.h"
 
 namespace uffdpc {
 namespace {
@@ -27,6 +29,18 @@ class TouchWorker : public Napi::AsyncWorker {
         pageSize_(pageSize), order_(order, order + count), write_(write), latency_(count),
         firstBytes_(count) {}
   Napi::Promise Promise() { return deferred_.Promise(); }
+
+  // Holds the mapping the pages belong to: it cannot be unmapped while this
+  // thread may still touch it.
+  void Pin(Napi::Object mapping) {
+    mapping_ = Mapping::Unwrap(mapping);
+    mapping_->Pin();
+    keepAlive_ = Napi::Persistent(mapping);
+  }
+
+  ~TouchWorker() override {
+    if (mapping_) mapping_->Unpin();
+  }
 
   void Execute() override {
     // A pool thread: pin it for this run only, then give its CPUs back.
@@ -84,15 +98,26 @@ class TouchWorker : public Napi::AsyncWorker {
   std::vector<uint8_t> firstBytes_;
   uint64_t totalNs_ = 0;
   int startCpu_ = -1, endCpu_ = -1;
+  Mapping* mapping_ = nullptr;
+  Napi::ObjectReference keepAlive_;
 };
 
-// touchPages(address, pageSize, order: Uint32Array, write, cpu) -> Promise<{latencyNs, firstBytes, totalNs}>
+// touchPages(address, pageSize, order: Uint32Array, write, cpu, mapping?) -> Promise<{latencyNs, firstBytes, totalNs}>
+// `mapping`, when given, is pinned until the touches are done.
 Napi::Value TouchPages(const Napi::CallbackInfo& info) {
   auto order = info[2].As<Napi::Uint32Array>();
   auto* worker = new TouchWorker(
       info.Env(), static_cast<uintptr_t>(info[0].As<Napi::Number>().Int64Value()),
       static_cast<size_t>(info[1].As<Napi::Number>().Int64Value()), order.Data(), order.ElementLength(),
       info[3].As<Napi::Boolean>().Value(), info[4].IsNumber() ? info[4].As<Napi::Number>().Int32Value() : -1);
+  if (info.Length() > 5 && info[5].IsObject()) {
+    Napi::Object mapping = info[5].As<Napi::Object>();
+    if (!Mapping::Unwrap(mapping)->mapped()) {
+      delete worker;
+      throw CodedError(info.Env(), "ERR_MAPPING_UNMAPPED", "the mapping was unmapped");
+    }
+    worker->Pin(mapping);
+  }
   Napi::Promise promise = worker->Promise();
   worker->Queue();
   return promise;

@@ -9,7 +9,7 @@ import { randomBytes } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { VmmHandler, type VmmSessionSummary } from '../client/vmm-handler.js';
-import { DEFAULT_TRANSFER } from '../client/source-connection.js';
+import { DEFAULT_TRANSFER } from '../lib/transfer.js';
 import { buildFixture } from './vmm-fixture.js';
 import { punchHole, PAGE_SIZE } from '../lib/memory.js';
 import type { Logger } from '../lib/logger.js';

@@ -1,5 +1,7 @@
 // The destination's native fault engine, typed and validated: it serves the
-// faults of one userfaultfd over a set of regions from a source's data channels.
+// faults of one userfaultfd over a set of regions from a source's data
+// channels, which can be detached (faults wait) and attached anew (the
+// requests still unanswered go out again).
 import { EventEmitter } from 'node:events';
 import { native, type DestinationStats, type NativeEvent, type NativeFaultEngine } from '../lib/native.js';
 import { ErrorCode, PostcopyError, asErrorCode } from '../lib/errors.js';
@@ -31,16 +33,22 @@ export interface FaultEngineOptions {
   regions: readonly TargetRegion[];
   /** The source's regions (default: one per target region, the same size). */
   sourceRegions?: readonly SourceRegion[];
-  urgentFd: number;
-  bulkFd: number;
   /** Pin the engine's threads to this CPU (default: not pinned). */
   cpu?: number;
   logger?: Logger;
 }
 
+/** A data channel failed: what happened, and which attach it belonged to. */
+export interface ChannelFailure {
+  error: PostcopyError;
+  generation: number;
+  /** The memory's owner is gone (ESRCH): nothing can be installed any more. */
+  targetGone: boolean;
+}
+
 /**
- * Events: 'complete' (every page resident), 'failed' (PostcopyError),
- * 'memory-event' ({type: 'remove'|'unmap'|'remap'|'fork', a, b}).
+ * Events: 'complete' (every page resident), 'channel-failed' (ChannelFailure),
+ * 'uffd-closed' (PostcopyError), 'memory-event' ({type: 'remove'|'unmap'|'remap'|'fork', a, b}).
  */
 export class FaultEngine extends EventEmitter {
   readonly #native: NativeFaultEngine;
@@ -52,51 +60,75 @@ export class FaultEngine extends EventEmitter {
 
   constructor(options: FaultEngineOptions) {
     super();
-    // The engine owns the data channels from this call on: if it cannot be
-    // built, it closes them rather than leaving them to nobody.
+    validateFd(options.uffd, 'uffd');
+    if (!Array.isArray(options.regions) || options.regions.length === 0) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, 'at least one region is needed');
+    const regions = options.regions.map((r, i) => {
+      const pageSize = validatePageSize(r.pageSize, `regions[${i}].pageSize`);
+      const base = validateAligned(r.base, `regions[${i}].base`, pageSize, pageSize);
+      const length = validateAligned(r.length, `regions[${i}].length`, pageSize, pageSize);
+      const sourceRegion = validateInteger(r.sourceRegion ?? i, `regions[${i}].sourceRegion`);
+      const sourcePage = validateInteger(r.sourcePage ?? 0, `regions[${i}].sourcePage`);
+      return { base, length, pageSize, sourceRegion, sourcePage };
+    });
+    const sourceRegions = (options.sourceRegions ?? regions.map((r) => ({ pages: r.length / r.pageSize, pageSize: r.pageSize }))).map((s, i) => ({
+      pages: validateInteger(s.pages, `sourceRegions[${i}].pages`, 1),
+      pageSize: validatePageSize(s.pageSize, `sourceRegions[${i}].pageSize`),
+    }));
+    for (const [i, r] of regions.entries()) {
+      const src = sourceRegions[r.sourceRegion];
+      if (!src) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `regions[${i}] names source region ${r.sourceRegion}, which does not exist`);
+      if (src.pageSize !== r.pageSize) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `regions[${i}] has page size ${r.pageSize}, its source ${src.pageSize}`);
+      if (r.sourcePage + r.length / r.pageSize > src.pages) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `regions[${i}] reaches past the end of source region ${r.sourceRegion}`);
+    }
+    if (hasOverlap(regions.map((r) => [r.base, r.base + r.length]))) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, 'regions overlap in memory');
+    const imageRange = (r: (typeof regions)[number]) => [r.sourceRegion * 2 ** 40 + r.sourcePage, r.sourceRegion * 2 ** 40 + r.sourcePage + r.length / r.pageSize] as const;
+    if (hasOverlap(regions.map(imageRange))) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, 'regions overlap in the source image');
+    this.#log = options.logger ?? silentLogger;
+    this.#resident = new Promise((resolve, reject) => (this.#settle = { resolve, reject }));
+    this.#resident.catch(() => {});
+    this.#native = new native.FaultEngine({ uffd: options.uffd, sourceRegions, regions,
+      cpu: options.cpu === undefined ? -1 : validateInteger(options.cpu, 'cpu', 0, 1023), onEvent: (e) => this.#onEvent(e) });
+  }
+
+  /** Starts the fault thread: faults are read (and wait) from now on. */
+  start(): void {
+    this.#native.start();
+  }
+
+  /**
+   * Hands the engine a new pair of data channels (it owns and closes them from
+   * now on, even when this throws); requests still unanswered go out again on
+   * them first. Returns the channels' generation.
+   */
+  attachChannels(channels: { urgentFd: number; bulkFd: number }): number {
     try {
-      validateFd(options.uffd, 'uffd');
-      validateFd(options.urgentFd, 'urgentFd');
-      validateFd(options.bulkFd, 'bulkFd');
-      if (!Array.isArray(options.regions) || options.regions.length === 0) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, 'at least one region is needed');
-      const regions = options.regions.map((r, i) => {
-        const pageSize = validatePageSize(r.pageSize, `regions[${i}].pageSize`);
-        const base = validateAligned(r.base, `regions[${i}].base`, pageSize, pageSize);
-        const length = validateAligned(r.length, `regions[${i}].length`, pageSize, pageSize);
-        const sourceRegion = validateInteger(r.sourceRegion ?? i, `regions[${i}].sourceRegion`);
-        const sourcePage = validateInteger(r.sourcePage ?? 0, `regions[${i}].sourcePage`);
-        return { base, length, pageSize, sourceRegion, sourcePage };
-      });
-      const sourceRegions = (options.sourceRegions ?? regions.map((r) => ({ pages: r.length / r.pageSize, pageSize: r.pageSize }))).map((s, i) => ({
-        pages: validateInteger(s.pages, `sourceRegions[${i}].pages`, 1),
-        pageSize: validatePageSize(s.pageSize, `sourceRegions[${i}].pageSize`),
-      }));
-      for (const [i, r] of regions.entries()) {
-        const src = sourceRegions[r.sourceRegion];
-        if (!src) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `regions[${i}] names source region ${r.sourceRegion}, which does not exist`);
-        if (src.pageSize !== r.pageSize) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `regions[${i}] has page size ${r.pageSize}, its source ${src.pageSize}`);
-        if (r.sourcePage + r.length / r.pageSize > src.pages) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `regions[${i}] reaches past the end of source region ${r.sourceRegion}`);
-      }
-      if (hasOverlap(regions.map((r) => [r.base, r.base + r.length]))) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, 'regions overlap in memory');
-      const imageRange = (r: (typeof regions)[number]) => [r.sourceRegion * 2 ** 40 + r.sourcePage, r.sourceRegion * 2 ** 40 + r.sourcePage + r.length / r.pageSize] as const;
-      if (hasOverlap(regions.map(imageRange))) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, 'regions overlap in the source image');
-      this.#log = options.logger ?? silentLogger;
-      this.#resident = new Promise((resolve, reject) => (this.#settle = { resolve, reject }));
-      this.#resident.catch(() => {});
-      this.#native = new native.FaultEngine({ uffd: options.uffd, sourceRegions, regions, urgentFd: options.urgentFd, bulkFd: options.bulkFd,
-        cpu: options.cpu === undefined ? -1 : validateInteger(options.cpu, 'cpu', 0, 1023), onEvent: (e) => this.#onEvent(e) });
+      validateFd(channels.urgentFd, 'urgentFd');
+      validateFd(channels.bulkFd, 'bulkFd');
     } catch (err) {
-      for (const fd of [options.urgentFd, options.bulkFd]) {
+      for (const fd of [channels.urgentFd, channels.bulkFd]) {
         if (Number.isSafeInteger(fd) && fd >= 0) {
           try { closeSync(fd); } catch { /* not open */ }
         }
       }
       throw err;
     }
+    return this.#native.attachChannels(channels.urgentFd, channels.bulkFd);
   }
 
-  start(): void {
-    this.#native.start();
+  /** Stops the receivers and closes the data channels; faults wait for the next attach. */
+  detachChannels(): void {
+    this.#native.detachChannels();
+  }
+
+  /** Gives up on every missing page: a touch raises SIGBUS (UFFDIO_POISON). Returns how many pages. */
+  poisonMissing(): number {
+    this.#native.detachChannels();
+    return this.#native.poisonMissing();
+  }
+
+  /** One bit per page of source region `id`: what the source need not send (resident, given back, or mapped by no region). */
+  heldBitmap(id: number): Buffer {
+    return this.#native.heldBitmap(validateInteger(id, 'id'));
   }
 
   /** Resolves once every page of every region is resident; rejects if the engine fails first. */
@@ -117,7 +149,7 @@ export class FaultEngine extends EventEmitter {
     return this.#native.receivedBitmap(validateInteger(id, 'id'));
   }
 
-  /** Joins the native threads and closes the data channels; the userfaultfd stays open. */
+  /** Joins the native threads and closes the data channels; the userfaultfd stays open. Rejects whenResident() if pages are missing. */
   stop(): void {
     if (this.#stopped) return;
     this.#stopped = true;
@@ -147,16 +179,20 @@ export class FaultEngine extends EventEmitter {
           this.#log.warn({ address: e.a }, 'a fault outside every region; the faulting thread stays blocked');
           this.emit('unexpected-fault', e.a);
           return;
-        case 'closed':
-        case 'uffd-closed':
-          if (this.#complete || this.#stopped) return;
-          break;
+        case 'uffd-closed': {
+          if (this.#stopped) return;
+          const err = new PostcopyError(ErrorCode.UFFD_CLOSED, e.message ?? 'the userfaultfd was closed', { native: e.code });
+          this.#log.warn({ code: err.code, native: e.code }, 'the userfaultfd was hung up: the memory\'s owner is gone');
+          this.emit('uffd-closed', err);
+          return;
+        }
       }
+      if (this.#stopped) return;
       const code = asErrorCode(e.code, ErrorCode.PEER_GONE);
-      const err = new PostcopyError(code, `${e.channel ? `${e.channel} channel: ` : ''}${e.message ?? e.type}`, { event: e.type, native: e.code });
-      this.#log.error({ code: err.code, channel: e.channel, native: e.code, err: err.message }, 'fault engine failed');
-      this.#settle.reject(err);
-      this.emit('failed', err);
+      const error = new PostcopyError(code, `${e.channel ? `${e.channel} channel: ` : ''}${e.message ?? e.type}`, { event: e.type, native: e.code });
+      if (e.code && !code.startsWith('ERR_')) Object.assign(error, { errno: e.code });
+      this.#log.debug({ code, channel: e.channel, native: e.code, generation: e.generation, err: error.message }, 'data channel failed');
+      this.emit('channel-failed', { error, generation: e.generation, targetGone: e.type === 'target-gone' } satisfies ChannelFailure);
     } catch (err) {
       this.#log.error({ err }, 'handling a fault-engine event failed');
     }

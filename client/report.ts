@@ -1,6 +1,6 @@
 // Turns the engine's native counters into the report people and scripts read.
 import type { DestinationStats } from '../lib/native.js';
-import type { TransferOptions } from '../server/session.js';
+import type { TransferOptions } from '../lib/transfer.js';
 
 export interface RestoreReport {
   pages: number;

@@ -6,17 +6,12 @@ import { connect, type Socket } from 'node:net';
 import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import { type Address, parseAddress } from '../lib/address.js';
 import {
-  FrameReader, PROTOCOL_VERSION, SOFTWARE, newNonce, proofMatches, proveToken, send, takeSocket, type MessageOf, type RegionInfo,
+  DEFAULT_HEARTBEAT, FrameReader, PROTOCOL_VERSION, SOFTWARE, keepAlive, newNonce, proofMatches, proveToken, send, takeSocket, type Heartbeat,
+  type MessageOf, type RegionInfo,
 } from '../lib/protocol.js';
-import type { TransferOptions } from '../server/session.js';
+import type { TransferOptions } from '../lib/transfer.js';
 import { MAX_RUN_BYTES } from '../lib/limits.js';
 import type { Logger } from '../lib/logger.js';
-
-/** Defaults chosen for a random-access workload on a fast local link (see bench/README.md). */
-export const DEFAULT_TRANSFER: TransferOptions = {
-  window: { forward: 8, backward: 2 },
-  background: { enabled: true, rateBytesPerSecond: 0 },
-};
 
 /** How a destination (a restore, or a VMM handler) reaches its source. */
 export interface SourceOptions {
@@ -27,25 +22,25 @@ export interface SourceOptions {
   logger?: Logger;
 }
 
-/** The transfer options asked for, completed with the defaults. */
-export function transferOptions(options: Pick<SourceOptions, 'window' | 'background'>): TransferOptions {
-  return {
-    window: { ...DEFAULT_TRANSFER.window, ...options.window },
-    background: { ...DEFAULT_TRANSFER.background, ...options.background },
-  };
-}
-
 export interface SourceConnectionOptions {
   source: string | Address;
   token?: string;
   transfer: TransferOptions;
   /** Give up on any handshake step after this long (default 10 s). */
   timeoutMs?: number;
+  /** Control-channel liveness once welcomed (default: a heartbeat each second, silent after 5 s). */
+  heartbeat?: Heartbeat;
+  /** The id of a session to resume on this source. */
+  resume?: string;
 }
 
 export class SourceConnection {
   readonly session: string;
   readonly regions: RegionInfo[];
+  /** Identifies the image the source serves (lib/digest.ts). */
+  readonly fingerprint: string;
+  /** The source still held the session asked for in `resume`. */
+  readonly resumed: boolean;
   readonly #control: Socket;
   readonly #reader: FrameReader;
   readonly #timeoutMs: number;
@@ -56,6 +51,8 @@ export class SourceConnection {
     this.#reader = reader;
     this.session = welcome.session;
     this.regions = welcome.regions;
+    this.fingerprint = welcome.fingerprint;
+    this.resumed = welcome.resumed === true;
     this.#channels = channels;
     this.#timeoutMs = timeoutMs;
   }
@@ -78,9 +75,10 @@ export class SourceConnection {
         }
         proof = proveToken(options.token, 'client', challenge.nonce, nonce);
       }
-      send(control, { t: 'auth', ...(proof ? { proof } : {}) });
+      send(control, { t: 'auth', ...(proof ? { proof } : {}), ...(options.resume ? { resume: options.resume } : {}) });
       const welcome = await reader.next(['welcome'], timeoutMs);
       validateWelcome(welcome);
+      keepAlive(control, reader, options.heartbeat ?? DEFAULT_HEARTBEAT);
       send(control, { t: 'options', ...options.transfer });
       const urgentFd = await openChannel(address, welcome, 'urgent', timeoutMs);
       let bulkFd: number;
@@ -111,15 +109,28 @@ export class SourceConnection {
     await this.#reader.next(['started'], this.#timeoutMs);
   }
 
-  /** Reports completion; resolves with the source's digests and stats. */
-  async finish(stats: Record<string, unknown>): Promise<MessageOf<'digest'>> {
+  /** Reports completion; resolves with the source's digests and stats, or rejects after `timeoutMs`. */
+  async finish(stats: Record<string, unknown>, timeoutMs: number): Promise<MessageOf<'digest'>> {
     send(this.#control, { t: 'done', stats });
-    return this.#reader.next(['digest'], 0);
+    const digest = await this.#reader.next(['digest'], timeoutMs);
+    const ok = Array.isArray(digest.regions) && digest.regions.every((r) => r && Number.isSafeInteger(r.id) && typeof r.sha256 === 'string') && digest.stats && typeof digest.stats === 'object';
+    if (!ok) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the source sent a malformed digest');
+    return digest;
   }
 
   /** Settles with the reason the control channel ended (the source's error, or the connection failing). */
   failure(): Promise<PostcopyError> {
     return this.#reader.closed;
+  }
+
+  /** Drops the connection without a goodbye (the source keeps the session for a resume). */
+  abandon(): void {
+    this.#control.destroy();
+    if (this.#channels) {
+      closeSync(this.#channels.urgentFd);
+      closeSync(this.#channels.bulkFd);
+      this.#channels = null;
+    }
   }
 
   close(): void {
@@ -171,6 +182,7 @@ async function openChannel(address: Address, welcome: MessageOf<'welcome'>, chan
 function validateWelcome(w: MessageOf<'welcome'>): void {
   const ok =
     typeof w.session === 'string' &&
+    typeof w.fingerprint === 'string' &&
     Array.isArray(w.regions) &&
     w.regions.length > 0 &&
     w.regions.every((r, i) => r && r.id === i && Number.isSafeInteger(r.length) && r.length > 0 && Number.isSafeInteger(r.pageSize) && r.pageSize >= 4096 && r.pageSize <= MAX_RUN_BYTES && (r.pageSize & (r.pageSize - 1)) === 0 && r.length % r.pageSize === 0) &&

@@ -2,7 +2,11 @@
 // listens on a unix socket; each VMM connects and sends, in one message, a JSON
 // array describing its memory regions with its userfaultfd attached
 // (SCM_RIGHTS). Each VMM gets its own session with the source and its own
-// native fault engine; its hang-up ends the session and frees everything.
+// native fault engine, in a DestinationSession that pauses and resumes when
+// the source is lost. Its hang-up ends the session and frees everything; the
+// VMM's memory is never ours to unmap. Should the source stay out of reach
+// past the give-up time, the pages still missing are poisoned: the guest gets
+// SIGBUS instead of hanging or reading zeros.
 import { EventEmitter } from 'node:events';
 import { closeSync, chmodSync, lstatSync, readlinkSync, unlinkSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
@@ -10,9 +14,10 @@ import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import { receiveFds, peerCredentials } from '../lib/fd-passing.js';
 import { hasOverlap } from '../lib/validate.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
+import { native } from '../lib/native.js';
 import type { RegionInfo } from '../lib/protocol.js';
-import type { TransferOptions } from '../server/session.js';
-import { SourceConnection, transferOptions, type SourceOptions } from './source-connection.js';
+import { transferOptions, type TransferOptions } from '../lib/transfer.js';
+import { DestinationSession, type DestinationSessionOptions, type RecoveryStatus } from './session.js';
 import { FaultEngine, type TargetRegion } from './fault-engine.js';
 import { summarize, type RestoreReport } from './report.js';
 
@@ -26,7 +31,7 @@ export interface GuestRegion {
   page_size_kib?: number;
 }
 
-export interface VmmHandlerOptions extends SourceOptions {
+export interface VmmHandlerOptions extends DestinationSessionOptions {
   /** A VMM that connects but sends no handshake within this is dropped (default 10 s). */
   handshakeTimeoutMs?: number;
 }
@@ -35,15 +40,18 @@ export interface VmmSessionSummary extends RestoreReport {
   vmmPid: number;
   removedPages: number;
   zeroFilledAfterRemove: number;
+  poisonedPages: number;
   complete: boolean;
+  recovery: RecoveryStatus | null;
 }
 
 interface VmmSession {
   pid: number;
   socket: Socket;
   uffd: number;
-  engine: FaultEngine | null;
-  connection: SourceConnection | null;
+  guest: GuestRegion[];
+  session: DestinationSession | null;
+  ended: boolean;
 }
 
 /**
@@ -111,13 +119,13 @@ export class VmmHandler extends EventEmitter {
       if (msg.fds.length !== 1) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `the handshake must carry exactly one fd (the userfaultfd), not ${msg.fds.length}`);
       if (!isUserfaultfd(msg.fds[0])) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the fd sent is not a userfaultfd');
       const guest = parseHandshake(msg.payload);
-      const session: VmmSession = { pid, socket, uffd: msg.fds[0], engine: null, connection: null };
+      const vmm: VmmSession = { pid, socket, uffd: msg.fds[0], guest, session: null, ended: false };
       received.length = 0;
-      this.#sessions.add(session);
+      this.#sessions.add(vmm);
       // The VMM keeps its socket open while it runs; its hang-up ends the session.
-      socket.once('close', () => this.#end(session, 'the VMM hung up'));
+      socket.once('close', () => this.#end(vmm, 'the VMM hung up'));
       socket.resume();
-      await this.#start(session, guest);
+      await this.#start(vmm);
     } catch (err) {
       for (const f of received) closeSync(f);
       const e = err instanceof PostcopyError ? err : new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, (err as Error).message);
@@ -128,58 +136,94 @@ export class VmmHandler extends EventEmitter {
     }
   }
 
-  async #start(session: VmmSession, guest: GuestRegion[]): Promise<void> {
-    const connection = await SourceConnection.open({ source: this.#options.source, token: this.#options.token, transfer: this.#transfer });
-    session.connection = connection;
-    if (session.socket.destroyed) return this.#end(session, 'the VMM hung up during set-up');
-    const targets = mapOntoImage(guest, connection.regions);
-    const { urgentFd, bulkFd } = connection.takeChannels();
-    const engine = new FaultEngine({
-      uffd: session.uffd,
-      sourceRegions: connection.regions.map((r) => ({ pages: r.length / r.pageSize, pageSize: r.pageSize })),
-      regions: targets,
-      urgentFd,
-      bulkFd,
-      logger: this.#log.child({ vmmPid: session.pid }),
+  async #start(vmm: VmmSession): Promise<void> {
+    const log = this.#log.child({ vmmPid: vmm.pid });
+    let welcomed = false;
+    try {
+      vmm.session = await DestinationSession.open({ ...this.#options, logger: log }, (regions) => {
+        welcomed = true;
+        const targets = mapOntoImage(vmm.guest, regions);
+        const engine = new FaultEngine({
+          uffd: vmm.uffd,
+          sourceRegions: regions.map((r) => ({ pages: r.length / r.pageSize, pageSize: r.pageSize })),
+          regions: targets,
+          logger: log,
+        });
+        engine.on('memory-event', (e) => log.info({ event: e.type, start: e.a, end: e.b }, 'memory event'));
+        engine.start();
+        return engine;
+      });
+    } catch (err) {
+      if (welcomed || vmm.ended) throw err; // the handshake does not fit the image: refused
+      // The source never answered: the guest must not wait forever on memory that cannot come.
+      const poisoned = poisonGuest(vmm);
+      const e = err as PostcopyError;
+      log.error({ code: e.code, err: e.message, poisonedBytes: poisoned }, 'the source cannot be reached: every guest page poisoned (SIGBUS on touch)');
+      this.#end(vmm, 'the source cannot be reached');
+      return;
+    }
+    const session = vmm.session;
+    if (vmm.ended) return session.close(); // the VMM hung up during set-up
+    this.emit('session-start', { pid: vmm.pid });
+    session.on('failed', (err: PostcopyError) => {
+      if (vmm.ended) return;
+      try {
+        const poisoned = session.engine.poisonMissing();
+        log.error({ code: err.code, err: err.message, poisonedPages: poisoned }, 'gave up on the source: the missing guest pages are poisoned (SIGBUS on touch)');
+      } catch (e) {
+        log.error({ code: err.code, err: err.message, poisonError: (e as Error).message }, 'gave up on the source, and poisoning the missing pages failed');
+      }
     });
-    session.engine = engine;
-    engine.on('memory-event', (e) => this.#log.info({ vmmPid: session.pid, event: e.type, start: e.a, end: e.b }, 'memory event'));
-    engine.start();
-    // Pages no guest region maps are marked held, so the source never sends them.
-    await connection.start(uncoveredPages(targets, connection.regions));
-    this.#log.info({ vmmPid: session.pid, session: connection.session, regions: targets.length, bytes: targets.reduce((n, t) => n + t.length, 0) }, 'VMM session started');
-    this.emit('session-start', { pid: session.pid });
-    engine.whenResident().then(
+    session.whenResident().then(
       async () => {
-        const digest = await connection.finish(summarize(engine.stats(), this.#transfer));
-        this.#log.info({ vmmPid: session.pid, sourcePagesSent: digest.stats.pagesSent }, 'every guest page is resident');
+        session.engine.detachChannels(); // receivers joined: the final figures are complete
+        const digest = await session.exchangeDigest(summarize(session.stats(), this.#transfer));
+        session.release();
+        log.info({ sourcePagesSent: digest.stats.pagesSent }, 'every guest page is resident');
       },
-      (err: PostcopyError) => this.#log.error({ vmmPid: session.pid, code: err.code, err: err.message }, 'VMM session failed; its faults can no longer be served'),
-    ).catch((err) => this.#log.warn({ vmmPid: session.pid, err: (err as Error).message }, 'finishing with the source failed'));
+      () => {}, // failures are logged by the session and handled above
+    ).catch((err) => log.warn({ err: (err as Error).message }, 'finishing with the source failed'));
   }
 
-  #end(session: VmmSession, reason: string): void {
-    if (!this.#sessions.delete(session)) return;
+  #end(vmm: VmmSession, reason: string): void {
+    if (vmm.ended) return;
+    vmm.ended = true;
+    this.#sessions.delete(vmm);
     // Stop first: the final figures are read once every engine thread has finished.
-    session.engine?.stop();
-    const stats = session.engine?.stats();
-    session.connection?.close();
-    closeSync(session.uffd);
-    session.socket.destroy();
-    if (stats) {
+    const session = vmm.session;
+    session?.close();
+    const stats = session?.stats();
+    closeSync(vmm.uffd);
+    vmm.socket.destroy();
+    if (session && stats) {
       const summary: VmmSessionSummary = {
         ...summarize(stats, this.#transfer),
-        vmmPid: session.pid,
+        vmmPid: vmm.pid,
         removedPages: stats.removedPages,
         zeroFilledAfterRemove: stats.zeroFilledAfterRemove,
-        complete: stats.residentPages === stats.totalPages,
+        poisonedPages: stats.poisonedPages,
+        complete: stats.residentPages === stats.totalPages && stats.poisonedPages === 0,
+        recovery: session.status(),
       };
       this.#log.info({ reason, ...summary }, 'VMM session ended');
       this.emit('session-end', summary);
     } else {
-      this.#log.info({ vmmPid: session.pid, reason }, 'VMM session ended');
+      this.#log.info({ vmmPid: vmm.pid, reason }, 'VMM session ended');
     }
   }
+}
+
+/** Poisons every guest region whole (the source was never reached); returns the bytes poisoned. */
+function poisonGuest(vmm: VmmSession): number {
+  let bytes = 0;
+  for (const g of vmm.guest) {
+    try {
+      bytes += native.uffdPoison(vmm.uffd, g.base_host_virt_addr, g.size, 0).bytes;
+    } catch {
+      // a region the VMM no longer has: nothing to protect there
+    }
+  }
+  return bytes;
 }
 
 function isUserfaultfd(fd: number): boolean {
@@ -238,18 +282,4 @@ export function mapOntoImage(guest: GuestRegion[], image: RegionInfo[]): Require
   if (hasOverlap(guest.map((g) => [g.base_host_virt_addr, g.base_host_virt_addr + g.size]))) throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, 'guest regions overlap in memory');
   if (hasOverlap(guest.map((g) => [g.offset, g.offset + g.size]))) throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, 'guest regions overlap in the image');
   return targets;
-}
-
-/** For each source region, a bitmap of the pages no target covers (for `start.have`). */
-function uncoveredPages(targets: Required<TargetRegion>[], image: RegionInfo[]): { region: number; bitmap: Uint8Array }[] {
-  return image.map((r) => {
-    const pages = r.length / r.pageSize;
-    const bitmap = new Uint8Array(Math.ceil(pages / 8)).fill(0xff);
-    for (const t of targets) {
-      if (t.sourceRegion !== r.id) continue;
-      for (let p = t.sourcePage; p < t.sourcePage + t.length / t.pageSize; p++) bitmap[p >> 3] &= ~(1 << (p & 7));
-    }
-    for (let p = pages; p < bitmap.length * 8; p++) bitmap[p >> 3] &= ~(1 << (p & 7)); // no bits past the end
-    return { region: r.id, bitmap };
-  });
 }

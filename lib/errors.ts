@@ -39,6 +39,16 @@ export const ErrorCode = {
   IMAGE_INVALID: 'ERR_IMAGE_INVALID',
   /** An address given on the command line cannot be used. */
   INVALID_ADDRESS: 'ERR_INVALID_ADDRESS',
+  /** A source serves a different image than the one this destination was restoring (size, regions or content). */
+  IMAGE_MISMATCH: 'ERR_IMAGE_MISMATCH',
+  /** The source stayed unreachable for longer than the give-up time. */
+  SOURCE_LOST: 'ERR_SOURCE_LOST',
+  /** The peer went silent: no heartbeat on the control channel, or no page while pages were due. */
+  PEER_SILENT: 'ERR_PEER_SILENT',
+  /** A call the engine cannot take in its current state (e.g. attaching channels twice). */
+  ENGINE_STATE: 'ERR_ENGINE_STATE',
+  /** A state change the state machine does not allow (a bug, never a peer's doing). */
+  INVALID_TRANSITION: 'ERR_INVALID_TRANSITION',
 } as const;
 
 export type ErrorCodeValue = (typeof ErrorCode)[keyof typeof ErrorCode];

@@ -47,6 +47,8 @@ export interface NativeEvent {
   message?: string;
   a: number;
   b: number;
+  /** The set of data channels the event came from (0: none, e.g. a memory event). */
+  generation: number;
 }
 
 export interface ServedRegionSpec {
@@ -100,14 +102,26 @@ export interface DestinationStats {
   removedPages: number;
   zeroFilledAfterRemove: number;
   pagesOutsideRegions: number;
+  /** Pages asked for and not yet resident (or given back). */
+  outstandingRequests: number;
+  /** Requests sent again on new data channels after a pause. */
+  requestsResent: number;
+  /** Pages given up on with UFFDIO_POISON (a touch raises SIGBUS). */
+  poisonedPages: number;
+  /** How many times data channels were attached. */
+  channelGeneration: number;
   faultLatency: { count: number; p50Ns: number; p90Ns: number; p99Ns: number; maxNs: number; meanNs: number };
 }
 
 export interface NativeFaultEngine {
   start(): void;
   stop(): void;
+  attachChannels(urgentFd: number, bulkFd: number): number;
+  detachChannels(): void;
+  poisonMissing(): number;
   stats(): DestinationStats;
   receivedBitmap(region: number): Buffer;
+  heldBitmap(sourceRegion: number): Buffer;
 }
 
 export interface NativeAddon {
@@ -141,7 +155,7 @@ export interface NativeAddon {
   pollFd(fd: number, events: number, timeoutMs: number): Promise<number>;
   pollConstants: Record<'POLLIN' | 'POLLOUT' | 'POLLERR' | 'POLLHUP' | 'MAX_FDS', number>;
 
-  touchPages(address: number, pageSize: number, order: Uint32Array, write: boolean, cpu: number): Promise<TouchResult>;
+  touchPages(address: number, pageSize: number, order: Uint32Array, write: boolean, cpu: number, mapping?: NativeMapping): Promise<TouchResult>;
   shuffledOrder(pages: number, seed: number): Uint32Array;
 
   takeSocketFd(fd: number): number;
@@ -161,8 +175,6 @@ export interface NativeAddon {
     uffd: number;
     sourceRegions: { pages: number; pageSize: number }[];
     regions: { base: number; length: number; pageSize: number; sourceRegion: number; sourcePage: number }[];
-    urgentFd: number;
-    bulkFd: number;
     cpu: number;
     onEvent: (event: NativeEvent) => void;
   }) => NativeFaultEngine;

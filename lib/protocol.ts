@@ -15,14 +15,21 @@ export const PROTOCOL_VERSION = 1;
 export const SOFTWARE = 'uffd-postcopy/0.1.0';
 export const DEFAULT_MAX_FRAME = 4 << 20;
 
+/** How often each end of a control channel says it is alive, and how long a silence means it is not. */
+export interface Heartbeat {
+  intervalMs: number;
+  silenceMs: number;
+}
+export const DEFAULT_HEARTBEAT: Heartbeat = { intervalMs: 1000, silenceMs: 5000 };
+
 const packr = new Packr({ useRecords: false, mapsAsObjects: true });
 
 /** Every control message, by its `t`. */
 export type Message =
   | { t: 'hello'; protocol: number; software: string; nonce: Uint8Array }
   | { t: 'challenge'; protocol: number; software: string; nonce: Uint8Array; auth: 'token' | 'none'; proof?: Uint8Array }
-  | { t: 'auth'; proof?: Uint8Array }
-  | { t: 'welcome'; session: string; regions: RegionInfo[]; tickets: { urgent: Uint8Array; bulk: Uint8Array }; limits: { maxFrame: number; maxRunBytes: number }; capabilities: string[] }
+  | { t: 'auth'; proof?: Uint8Array; resume?: string }
+  | { t: 'welcome'; session: string; resumed: boolean; fingerprint: string; regions: RegionInfo[]; tickets: { urgent: Uint8Array; bulk: Uint8Array }; limits: { maxFrame: number; maxRunBytes: number }; capabilities: string[] }
   | { t: 'options'; window: { forward: number; backward: number }; background: { enabled: boolean; rateBytesPerSecond: number } }
   | { t: 'attach'; session: string; channel: 'urgent' | 'bulk'; ticket: Uint8Array }
   | { t: 'attached' }
@@ -31,6 +38,7 @@ export type Message =
   | { t: 'done'; stats?: Record<string, unknown> }
   | { t: 'digest'; regions: { id: number; sha256: string }[]; stats: Record<string, unknown> }
   | { t: 'error'; code: string; message: string }
+  | { t: 'heartbeat' }
   | { t: 'bye' };
 
 export type MessageType = Message['t'];
@@ -64,6 +72,7 @@ export class FrameReader {
   #failure: PostcopyError | null = null;
   #waiter: (() => void) | null = null;
   #reportClosed!: (err: PostcopyError) => void;
+  #lastHeardAt = Date.now();
   readonly #closed = new Promise<PostcopyError>((resolve) => (this.#reportClosed = resolve));
   #onData = (chunk: Buffer) => this.#push(chunk);
   #onEnd = () => this.#fail(new PostcopyError(ErrorCode.PEER_GONE, 'the peer closed the connection'));
@@ -123,8 +132,19 @@ export class FrameReader {
     return this.#closed;
   }
 
+  /** Ends reading with `err`: pending and later next() calls reject with it. */
+  abandon(err: PostcopyError): void {
+    this.#fail(err);
+  }
+
+  /** When the peer last sent anything (ms since the epoch). */
+  get lastHeardAt(): number {
+    return this.#lastHeardAt;
+  }
+
   #push(chunk: Buffer): void {
     if (this.#failure) return; // the caller answers and closes; ignore the rest
+    this.#lastHeardAt = Date.now();
     this.#buffered = this.#buffered.length ? Buffer.concat([this.#buffered, chunk]) : chunk;
     while (this.#buffered.length >= 4) {
       const length = this.#buffered.readUInt32BE(0);
@@ -145,6 +165,7 @@ export class FrameReader {
         this.#fail(new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'a frame that is not a control message'));
         return;
       }
+      if ((message as Message).t === 'heartbeat') continue; // liveness only: lastHeardAt moved
       this.#queue.push(message as Message);
       if ((message as Message).t === 'error') this.#reportClosed(remoteError(message as MessageOf<'error'>));
     }
@@ -170,6 +191,29 @@ function remoteError(message: MessageOf<'error'>): PostcopyError {
 
 export function send(socket: Socket, message: Message): void {
   socket.write(encodeFrame(message));
+}
+
+/**
+ * Keeps a control channel's liveness in both directions: sends a heartbeat
+ * every `intervalMs`, and when nothing at all has arrived for `silenceMs` fails
+ * the reader with ERR_PEER_SILENT and destroys the socket (a link that went
+ * silent without FIN or RST). Returns the function that stops both.
+ */
+export function keepAlive(socket: Socket, reader: FrameReader, heartbeat: Heartbeat): () => void {
+  const beat = setInterval(() => {
+    if (socket.destroyed) return;
+    if (Date.now() - reader.lastHeardAt > heartbeat.silenceMs) {
+      reader.abandon(new PostcopyError(ErrorCode.PEER_SILENT, `the peer sent nothing for ${heartbeat.silenceMs} ms`));
+      socket.destroy();
+      return;
+    }
+    // A peer that stopped reading must not make us buffer heartbeats without end.
+    if (socket.writableLength < 64 << 10) send(socket, { t: 'heartbeat' });
+  }, Math.max(10, Math.min(heartbeat.intervalMs, heartbeat.silenceMs / 2)));
+  beat.unref();
+  const stop = () => clearInterval(beat);
+  socket.once('close', stop);
+  return stop;
 }
 
 /** Sends an error message and closes the connection once it is written. */

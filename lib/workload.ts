@@ -3,7 +3,7 @@
 import { native, type TouchResult } from './native.js';
 import { validateAligned, validateBoolean, validateInteger } from './validate.js';
 import { outOfRange } from './errors.js';
-import { PAGE_SIZE } from './memory.js';
+import { PAGE_SIZE, Mapping } from './memory.js';
 
 export type { TouchResult } from './native.js';
 
@@ -14,14 +14,20 @@ export function shuffledOrder(pages: number, seed = 1): Uint32Array {
 
 /**
  * Touches page `order[k]` of the region at `address` for each k, timing each
- * touch, on a native thread (pinned to `cpu` for the run when given).
+ * touch, on a native thread (pinned to `cpu` for the run when given). Pass the
+ * region's `mapping` and it cannot be unmapped until the touches are done.
  */
-export function touchPages(address: number, pageCount: number, order: Uint32Array, options: { write?: boolean; pageSize?: number; cpu?: number } = {}): Promise<TouchResult> {
+export function touchPages(address: number, pageCount: number, order: Uint32Array, options: { write?: boolean; pageSize?: number; cpu?: number; mapping?: Mapping } = {}): Promise<TouchResult> {
   const pageSize = validateAligned(options.pageSize ?? PAGE_SIZE, 'options.pageSize', PAGE_SIZE, PAGE_SIZE);
   validateAligned(address, 'address', pageSize, pageSize);
   validateInteger(pageCount, 'pageCount', 1);
   if (!(order instanceof Uint32Array)) throw outOfRange('order', 'a Uint32Array', order);
   for (const page of order) if (page >= pageCount) throw outOfRange('order[]', `< ${pageCount}`, page);
   const cpu = options.cpu === undefined ? -1 : validateInteger(options.cpu, 'options.cpu', 0, 1023);
-  return native.touchPages(address, pageSize, order, validateBoolean(options.write ?? false, 'options.write'), cpu);
+  const mapping = options.mapping;
+  if (mapping !== undefined) {
+    if (!(mapping instanceof Mapping)) throw outOfRange('options.mapping', 'a Mapping', mapping);
+    if (address < mapping.address || address + pageCount * pageSize > mapping.address + mapping.length) throw outOfRange('address', 'inside options.mapping', address);
+  }
+  return native.touchPages(address, pageSize, order, validateBoolean(options.write ?? false, 'options.write'), cpu, mapping?.handle);
 }

@@ -2,12 +2,11 @@
 // read-only; holes found with SEEK_HOLE go out as zero runs without being
 // read), a shared-memory file or memfd (the same, in place), or a Buffer.
 import { closeSync, fstatSync, openSync } from 'node:fs';
-import { createHash } from 'node:crypto';
-import { setImmediate as yieldToLoop } from 'node:timers/promises';
 import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import { fileExtents, mapFile, PAGE_SIZE, type Mapping } from '../lib/memory.js';
 import type { RegionInfo } from '../lib/protocol.js';
 import type { ServedRegionSpec } from '../lib/native.js';
+import { digestOf, imageFingerprint } from '../lib/digest.js';
 
 export type RegionSource =
   | { name?: string; path: string }
@@ -25,12 +24,15 @@ export interface ImageRegion extends RegionInfo {
 /** A memory image: regions served read-only to any number of destinations. */
 export class Image {
   readonly regions: ImageRegion[];
+  /** Identifies the image to a destination that resumes (lib/digest.ts). */
+  readonly fingerprint: string;
   readonly #mappings: Mapping[];
   readonly #digests = new Map<number, Promise<string>>();
 
   private constructor(regions: ImageRegion[], mappings: Mapping[]) {
     this.regions = regions;
     this.#mappings = mappings;
+    this.fingerprint = imageFingerprint(regions.map((r) => ({ length: r.length, pageSize: r.pageSize, bytes: regionBytes(r) })));
   }
 
   static open(sources: readonly RegionSource[]): Image {
@@ -73,17 +75,6 @@ function regionBytes(r: ImageRegion): Uint8Array {
   const src = r.spec.source;
   if (r.spec.sourceIsMapping) return Buffer.from((src as { view(): ArrayBuffer }).view(), r.spec.offset, r.length);
   return (src as Uint8Array).subarray(r.spec.offset, r.spec.offset + r.length);
-}
-
-/** SHA-256 in slices, yielding to the event loop between them so control traffic keeps flowing. */
-export async function digestOf(bytes: Uint8Array): Promise<string> {
-  const hash = createHash('sha256');
-  const slice = 64 << 20;
-  for (let off = 0; off < bytes.length; off += slice) {
-    hash.update(bytes.subarray(off, Math.min(bytes.length, off + slice)));
-    if (off + slice < bytes.length) await yieldToLoop();
-  }
-  return hash.digest('hex');
 }
 
 function roundUp(n: number): number {

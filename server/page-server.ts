@@ -7,12 +7,13 @@ import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import { type Address, formatAddress, isLocalOnly, parseAddress } from '../lib/address.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
 import {
-  DEFAULT_MAX_FRAME, FrameReader, PROTOCOL_VERSION, SOFTWARE, encodeFrame, newNonce, proofMatches, proveToken, send, sendErrorAndClose, takeSocket,
-  type MessageOf,
+  DEFAULT_HEARTBEAT, DEFAULT_MAX_FRAME, FrameReader, PROTOCOL_VERSION, SOFTWARE, encodeFrame, keepAlive, newNonce, proofMatches, proveToken, send,
+  sendErrorAndClose, takeSocket, type Heartbeat, type MessageOf,
 } from '../lib/protocol.js';
 import { MAX_RUN_BYTES } from '../lib/limits.js';
+import { MAX_WINDOW, type TransferOptions } from '../lib/transfer.js';
 import { validateBoolean, validateInteger, validateObject } from '../lib/validate.js';
-import { MAX_WINDOW, SourceSession, type TransferOptions } from './session.js';
+import { DEFAULT_RESUME_GRACE_MS, SourceSession } from './session.js';
 import type { Image } from './image.js';
 
 export interface PageServerOptions {
@@ -24,6 +25,10 @@ export interface PageServerOptions {
   maxFrame?: number;
   /** A connection that has not finished its handshake by then is dropped (default 10 s). */
   handshakeTimeoutMs?: number;
+  /** Control-channel liveness (default: a heartbeat each second, silent after 5 s). */
+  heartbeat?: Heartbeat;
+  /** How long a session whose destination went away waits for it to resume (default 60 s). */
+  resumeGraceMs?: number;
 }
 
 export class PageServer {
@@ -32,8 +37,12 @@ export class PageServer {
   readonly #log: Logger;
   readonly #maxFrame: number;
   readonly #handshakeTimeoutMs: number;
+  readonly #heartbeat: Heartbeat;
+  readonly #resumeGraceMs: number;
   readonly #sessions = new Map<string, SourceSession>();
   readonly #sockets = new Set<Socket>();
+  /** Each session's current control connection (a resume replaces it). */
+  readonly #controls = new Map<string, Socket>();
   #server: Server | null = null;
   #address: Address | null = null;
 
@@ -43,6 +52,8 @@ export class PageServer {
     this.#log = options.logger ?? silentLogger;
     this.#maxFrame = options.maxFrame ?? DEFAULT_MAX_FRAME;
     this.#handshakeTimeoutMs = options.handshakeTimeoutMs ?? 10_000;
+    this.#heartbeat = options.heartbeat ?? DEFAULT_HEARTBEAT;
+    this.#resumeGraceMs = options.resumeGraceMs ?? DEFAULT_RESUME_GRACE_MS;
   }
 
   get sessions(): ReadonlyMap<string, SourceSession> {
@@ -88,6 +99,7 @@ export class PageServer {
     this.#server = null;
     for (const s of this.#sessions.values()) s.close('server closing');
     this.#sessions.clear();
+    this.#controls.clear();
     for (const socket of this.#sockets) socket.destroy();
     if (server) await new Promise<void>((resolve) => server.close(() => resolve()));
   }
@@ -103,7 +115,7 @@ export class PageServer {
       else await this.#onControl(socket, reader, first);
     } catch (err) {
       const e = err instanceof PostcopyError ? err : new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, (err as Error).message);
-      if (e.code !== ErrorCode.PEER_GONE) this.#log.warn({ code: e.code, err: e.message, remote: socket.remoteAddress ?? 'unix' }, 'connection refused');
+      if (e.code !== ErrorCode.PEER_GONE) this.#log.warn({ code: e.code, err: e.message, remote: socket.remoteAddress ?? 'unix' }, 'connection ended');
       sendErrorAndClose(socket, e.code, e.message);
     }
   }
@@ -133,23 +145,27 @@ export class PageServer {
     if (token && !proofMatches(proveToken(token, 'client', nonce, hello.nonce), auth.proof)) {
       throw new PostcopyError(ErrorCode.AUTH_FAILED, 'the token proof does not match');
     }
-    const session = new SourceSession(this.#image, this.#log, (err) => {
-      this.#log.warn({ session: session.id, code: err.code, err: err.message }, 'session failed');
-      sendErrorAndClose(socket, err.code, err.message);
-    });
-    this.#sessions.set(session.id, session);
+    const session = this.#sessionFor(auth.resume);
+    this.#controls.set(session.id, socket);
+    let saidBye = false;
     socket.once('close', () => {
-      session.close('control channel closed');
-      this.#sessions.delete(session.id);
+      if (this.#controls.get(session.id) !== socket) return; // replaced by a resume
+      this.#controls.delete(session.id);
+      if (saidBye) session.close('the destination said bye');
+      else session.connectionLost('control channel closed', this.#resumeGraceMs, () => this.#sessions.delete(session.id));
+      if (session.state === 'closed') this.#sessions.delete(session.id);
     });
     send(socket, {
       t: 'welcome',
       session: session.id,
+      resumed: session.resumes > 0,
+      fingerprint: this.#image.fingerprint,
       regions: this.#image.regions.map(({ id, name, length, pageSize }) => ({ id, name, length, pageSize })),
       tickets: session.tickets,
       limits: { maxFrame: this.#maxFrame, maxRunBytes: MAX_RUN_BYTES },
-      capabilities: ['prefault-window', 'background', 'rate-limit', 'zero-runs', 'have-bitmap'],
+      capabilities: ['prefault-window', 'background', 'rate-limit', 'zero-runs', 'have-bitmap', 'heartbeat', 'resume'],
     });
+    keepAlive(socket, reader, this.#heartbeat);
     const options = validateTransferOptions(await reader.next(['options'], this.#handshakeTimeoutMs));
     const start = await reader.next(['start'], this.#handshakeTimeoutMs);
     session.start(options, validateHave(start.have, this.#image));
@@ -162,7 +178,38 @@ export class PageServer {
       this.#log.info({ session: session.id, destination: msg.stats }, 'destination reports every page resident');
       send(socket, { t: 'digest', regions, stats: { ...session.stats() } });
     }
+    saidBye = true;
     socket.end();
+  }
+
+  /**
+   * The session this control connection drives: the paused one it resumes, or
+   * a new one. A destination may resume a session this process never saw (the
+   * source restarted): it presents its bitmap of held pages all the same, so a
+   * new session serves exactly what is missing.
+   */
+  #sessionFor(resume: unknown): SourceSession {
+    if (resume !== undefined && typeof resume !== 'string') throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'auth.resume must be a session id');
+    const known = resume ? this.#sessions.get(resume) : undefined;
+    if (known && !known.resumable) {
+      // Its old connection has not been seen to fail yet (a half-open link): the destination knows better.
+      const old = this.#controls.get(known.id);
+      this.#controls.delete(known.id);
+      old?.destroy();
+      known.connectionLost('the destination came back on a new connection', this.#resumeGraceMs, () => this.#sessions.delete(known.id));
+    }
+    if (known?.resumable) {
+      known.resume();
+      return known;
+    }
+    const session = new SourceSession(this.#image, this.#log, (err) => {
+      this.#log.warn({ session: session.id, code: err.code, err: err.message }, 'session failed');
+      const control = this.#controls.get(session.id);
+      if (control) sendErrorAndClose(control, err.code, err.message);
+    });
+    if (resume) this.#log.info({ session: session.id, resumes: resume, known: known ? known.state : false }, 'a destination resumes a session this source does not hold; serving what its bitmap lacks');
+    this.#sessions.set(session.id, session);
+    return session;
   }
 }
 

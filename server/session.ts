@@ -1,32 +1,55 @@
 // One destination's session on the source: its state machine, its data
 // channels, and the native page-server threads that serve it.
+//
+// A session outlives its connections: when the control channel breaks or goes
+// silent while pages flow, the session pauses (its threads stop) and waits a
+// grace period for the destination to come back with the session id; a resume
+// starts new threads from the destination's bitmap of pages it holds.
 import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { closeSync } from 'node:fs';
 import { native, type NativeEvent, type NativePageServerSession, type SourceStats } from '../lib/native.js';
 import { ErrorCode, PostcopyError, asErrorCode } from '../lib/errors.js';
+import { StateMachine, type TransitionTable } from '../lib/state-machine.js';
+import type { TransferOptions } from '../lib/transfer.js';
 import type { Logger } from '../lib/logger.js';
 import type { Image } from './image.js';
 
-export type SessionState = 'setup' | 'active' | 'completed' | 'failed' | 'closed';
+/**
+ * setup: channels attach; active: pages flow; paused: the destination is gone
+ * and may come back; resuming: it came back, channels attach again;
+ * completed: the destination has every page; failed: it broke the protocol.
+ */
+export type SessionState = 'setup' | 'active' | 'paused' | 'resuming' | 'completed' | 'failed' | 'closed';
 export type Channel = 'urgent' | 'bulk';
 
-export interface TransferOptions {
-  /** Pages sent after each requested page, and before it. */
-  window: { forward: number; backward: number };
-  /** Stream every page not yet sent; 0 bytes/s means unlimited. */
-  background: { enabled: boolean; rateBytesPerSecond: number };
-}
+const TRANSITIONS: TransitionTable<SessionState> = {
+  setup: ['active', 'failed', 'closed'],
+  active: ['paused', 'completed', 'failed', 'closed'],
+  paused: ['resuming', 'closed'],
+  resuming: ['active', 'paused', 'failed', 'closed'],
+  completed: ['paused', 'closed'],
+  failed: ['closed'],
+  closed: [],
+};
 
-export const MAX_WINDOW = 1024;
+/** How long a paused session waits for its destination by default. */
+export const DEFAULT_RESUME_GRACE_MS = 60_000;
+
+// Counters that add up over the runs of a resumed session (pagesSent does
+// not: each run starts from what the destination holds).
+const RUNNING_TOTALS = ['requests', 'pagesRequested', 'pagesResent', 'pagesAlreadyInFlight', 'pagesPrefaulted', 'pagesBackground', 'zeroPages', 'bytesSent'] as const;
 
 export class SourceSession {
   readonly id = randomBytes(16).toString('hex');
-  readonly tickets: Record<Channel, Buffer> = { urgent: randomBytes(32), bulk: randomBytes(32) };
   readonly startedAt = Date.now();
-  #state: SessionState = 'setup';
+  tickets: Record<Channel, Buffer> = { urgent: randomBytes(32), bulk: randomBytes(32) };
+  /** How many times the destination came back. */
+  resumes = 0;
+  readonly #machine: StateMachine<SessionState>;
   #fds: Partial<Record<Channel, number>> = {};
   #native: NativePageServerSession | null = null;
-  #lastStats: SourceStats | null = null;
+  #earlier: SourceStats | null = null; // the sum of finished runs
+  #graceTimer: NodeJS.Timeout | null = null;
   readonly #image: Image;
   readonly #log: Logger;
   readonly #onFailure: (err: PostcopyError) => void;
@@ -35,16 +58,16 @@ export class SourceSession {
     this.#image = image;
     this.#log = log.child({ session: this.id });
     this.#onFailure = onFailure;
-    this.#log.info({ state: 'setup' }, 'session state');
+    this.#machine = new StateMachine('session', 'setup', TRANSITIONS, this.#log);
   }
 
   get state(): SessionState {
-    return this.#state;
+    return this.#machine.state;
   }
 
   /** Checks a data channel's ticket; throws unless this channel may attach now. */
   verifyAttach(channel: Channel, ticket: unknown): void {
-    if (this.#state !== 'setup') throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `cannot attach a channel to a session that is ${this.#state}`);
+    if (!this.#machine.is('setup', 'resuming')) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `cannot attach a channel to a session that is ${this.state}`);
     if (this.#fds[channel] !== undefined) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `the ${channel} channel is already attached`);
     const expected = this.tickets[channel];
     if (!(ticket instanceof Uint8Array) || ticket.length !== expected.length || !timingSafeEqual(expected, ticket)) {
@@ -54,7 +77,7 @@ export class SourceSession {
 
   /** Takes ownership of a verified data channel's fd. */
   adoptChannel(channel: Channel, fd: number): void {
-    if (this.#state !== 'setup' || this.#fds[channel] !== undefined) {
+    if (!this.#machine.is('setup', 'resuming') || this.#fds[channel] !== undefined) {
       closeSync(fd);
       throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `the ${channel} channel can no longer attach`);
     }
@@ -72,13 +95,13 @@ export class SourceSession {
     this.#fds = {};
     try {
       this.#native = new native.PageServerSession({
-      regions: this.#image.regions.map((r) => r.spec),
-      urgentFd,
-      bulkFd,
-      windowForward: options.window.forward,
-      windowBackward: options.window.backward,
-      background: options.background.enabled,
-      rateBytesPerSecond: options.background.rateBytesPerSecond,
+        regions: this.#image.regions.map((r) => r.spec),
+        urgentFd,
+        bulkFd,
+        windowForward: options.window.forward,
+        windowBackward: options.window.backward,
+        background: options.background.enabled,
+        rateBytesPerSecond: options.background.rateBytesPerSecond,
         onEvent: (event) => this.#onNativeEvent(event),
       });
     } catch (err) {
@@ -87,28 +110,74 @@ export class SourceSession {
       throw err;
     }
     for (const h of have) this.#native.markSent(h.region, h.bitmap);
+    const held = this.#native.stats().pagesSent;
     this.#native.start();
-    this.#transition('active', { options, resumedRegions: have.length });
+    this.#machine.to('active', { options, pagesHeldByDestination: held });
   }
 
+  /** The figures of every run of this session so far. */
   stats(): SourceStats | null {
-    return this.#native ? this.#native.stats() : this.#lastStats;
+    return this.#native ? this.#withEarlierRuns(this.#native.stats()) : this.#earlier;
+  }
+
+  #withEarlierRuns(run: SourceStats): SourceStats {
+    if (this.#earlier) for (const k of RUNNING_TOTALS) run[k] += this.#earlier[k];
+    return run;
   }
 
   complete(): void {
-    if (this.#state === 'active') this.#transition('completed', { stats: this.stats() });
+    if (this.#machine.is('active')) this.#machine.to('completed', { stats: this.stats() });
+  }
+
+  /**
+   * The control channel broke or went silent. A session that was serving
+   * pauses and waits `graceMs` for the destination to come back; one that never
+   * started ends.
+   */
+  connectionLost(reason: string, graceMs: number, onExpired: () => void): void {
+    if (this.#machine.is('closed', 'failed', 'paused')) return;
+    if (this.#machine.is('setup')) return this.close(reason);
+    this.#stopNative();
+    for (const fd of Object.values(this.#fds)) closeSync(fd);
+    this.#fds = {};
+    this.#machine.to('paused', { reason, graceMs });
+    this.#graceTimer = setTimeout(() => {
+      this.#log.warn({ graceMs }, 'the destination did not come back in time');
+      this.close('resume grace period over');
+      onExpired();
+    }, graceMs);
+    this.#graceTimer.unref();
+  }
+
+  /** The destination came back with this session's id: new tickets, channels attach again. */
+  resume(): void {
+    if (this.#graceTimer) clearTimeout(this.#graceTimer);
+    this.#graceTimer = null;
+    this.tickets = { urgent: randomBytes(32), bulk: randomBytes(32) };
+    this.resumes++;
+    this.#machine.to('resuming', { resumes: this.resumes });
+  }
+
+  get resumable(): boolean {
+    return this.#machine.is('paused');
   }
 
   /** Stops the threads and closes every fd; idempotent. */
   close(reason: string): void {
-    if (this.#native) {
-      this.#native.stop(); // joins the threads, so the final figures are complete
-      this.#lastStats = this.#native.stats();
-      this.#native = null;
-    }
+    if (this.#graceTimer) clearTimeout(this.#graceTimer);
+    this.#graceTimer = null;
+    this.#stopNative();
     for (const fd of Object.values(this.#fds)) closeSync(fd);
     this.#fds = {};
-    if (this.#state !== 'closed') this.#transition('closed', { reason, stats: this.#lastStats });
+    if (!this.#machine.is('closed')) this.#machine.to('closed', { reason, stats: this.stats() });
+  }
+
+  #stopNative(): void {
+    if (!this.#native) return;
+    const run = this.#native;
+    this.#native = null;
+    run.stop(); // joins the threads, so the final figures are complete
+    this.#earlier = this.#withEarlierRuns(run.stats());
   }
 
   #onNativeEvent(event: NativeEvent): void {
@@ -117,8 +186,9 @@ export class SourceSession {
         this.#log.info({ afterMs: Math.round((this.#native?.stats().backgroundDoneNs ?? 0) / 1e6) }, 'background transfer sent every page');
         return;
       }
-      // The destination leaving (EOF, or a write that finds it gone) ends the
-      // session when its control channel closes; only violations fail it.
+      // The destination leaving (EOF, or a write that finds it gone) is seen
+      // on its control channel, which pauses or ends the session; only
+      // violations fail it.
       const departure = event.type === 'closed' || ['EPIPE', 'ECONNRESET'].includes(event.code ?? '');
       if (departure) {
         this.#log.info({ channel: event.channel, code: event.code }, 'the destination closed a data channel');
@@ -126,16 +196,10 @@ export class SourceSession {
       }
       const code = asErrorCode(event.code, ErrorCode.PEER_GONE);
       const err = new PostcopyError(code, event.message ?? event.type, { channel: event.channel, native: event.code });
-      if (this.#state === 'active') this.#transition('failed', { code: err.code, channel: event.channel, error: err.message });
+      if (this.#machine.is('active')) this.#machine.to('failed', { code: err.code, channel: event.channel, error: err.message });
       this.#onFailure(err);
     } catch (err) {
       this.#log.error({ err }, 'handling a native event failed');
     }
-  }
-
-  #transition(to: SessionState, details: Record<string, unknown> = {}): void {
-    const from = this.#state;
-    this.#state = to;
-    this.#log.info({ from, state: to, ...details }, 'session state');
   }
 }

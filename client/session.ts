@@ -1,0 +1,434 @@
+// One destination session: a fault engine over memory (ours, or a VMM's) fed
+// by a source, with its states named once and changed only through the table
+// below. A restore (Destination) and each VMM of the handler (VmmHandler) are
+// thin users of it.
+//
+// When anything breaks (a data channel ends or errs, the control channel goes
+// quiet, pages stop arriving while they are due, the digest does not come) the
+// session pauses: the engine keeps the userfaultfd, the received bitmap and
+// the unanswered requests, and faulting threads simply wait. It then
+// reconnects by itself with backoff, proves the token again, presents its
+// session id and the pages it holds, and the engine re-sends its unanswered
+// requests first. A source that serves a different image is refused. Only a
+// give-up time, when one is set, ends an outage in failure.
+import { EventEmitter } from 'node:events';
+import { ErrorCode, PostcopyError } from '../lib/errors.js';
+import { type Address, formatAddress, parseAddress } from '../lib/address.js';
+import { silentLogger, type Logger } from '../lib/logger.js';
+import { MAX_RUN_BYTES } from '../lib/limits.js';
+import { DEFAULT_HEARTBEAT, type Heartbeat, type MessageOf, type RegionInfo } from '../lib/protocol.js';
+import { StateMachine, type TransitionTable } from '../lib/state-machine.js';
+import { transferOptions, type TransferOptions } from '../lib/transfer.js';
+import { SourceConnection, type SourceOptions } from './source-connection.js';
+import type { ChannelFailure, DestinationStats, FaultEngine } from './fault-engine.js';
+
+/**
+ * connecting: first handshake; running: pages flow; paused: the source is out
+ * of reach, faults wait; resuming: reconnecting; resident: every page is in;
+ * verified: the source's digest matched; failed: given up; closed: torn down.
+ */
+export type DestinationState = 'connecting' | 'running' | 'paused' | 'resuming' | 'resident' | 'verified' | 'failed' | 'closed';
+
+const TRANSITIONS: TransitionTable<DestinationState> = {
+  connecting: ['running', 'resident', 'failed', 'closed'],
+  running: ['paused', 'resident', 'failed', 'closed'],
+  paused: ['resuming', 'failed', 'closed'],
+  resuming: ['running', 'resident', 'paused', 'failed', 'closed'],
+  resident: ['paused', 'verified', 'failed', 'closed'],
+  verified: ['closed'],
+  failed: ['closed'],
+  closed: [],
+};
+
+/** How failures are detected and recovered from. Defaults suit a data centre. */
+export interface RecoveryOptions {
+  /** Control-channel heartbeats (default: each second; silent after 5 s). */
+  heartbeat?: Heartbeat;
+  /** No byte on the data channels for this long while pages are due means the link is stuck (default 5 s). */
+  stallTimeoutMs?: number;
+  /** The source must answer `done` with its digest within this (default 60 s). */
+  digestTimeoutMs?: number;
+  /** Each connection attempt's handshake steps are bounded by this (default 10 s). */
+  connectTimeoutMs?: number;
+  /** Reconnect backoff: first delay, doubled up to the max (default 100 ms to 5 s). */
+  retryDelayMs?: { initial: number; max: number };
+  /** Fail once the source has been out of reach this long (default: never; keep retrying). */
+  giveUpAfterMs?: number;
+}
+
+export interface DestinationSessionOptions extends SourceOptions {
+  recovery?: RecoveryOptions;
+}
+
+/** Builds (and starts) the engine over the caller's memory once the source's regions are known. */
+export type EngineFactory = (regions: RegionInfo[]) => FaultEngine;
+
+/** What the session reports about its recoveries (also part of every report). */
+export interface RecoveryStatus {
+  state: DestinationState;
+  session: string;
+  source: string;
+  resumes: number;
+  pausedMs: number;
+  lastError?: { code: string; message: string };
+}
+
+interface Resolved {
+  heartbeat: Heartbeat;
+  stallTimeoutMs: number;
+  digestTimeoutMs: number;
+  connectTimeoutMs: number;
+  retryDelayMs: { initial: number; max: number };
+  giveUpAfterMs: number;
+}
+
+/**
+ * Events: 'paused' (PostcopyError), 'resumed' ({outageMs, attempts}),
+ * 'failed' (PostcopyError): given up, and 'state' (to, from).
+ */
+export class DestinationSession extends EventEmitter {
+  readonly engine: FaultEngine;
+  readonly transfer: TransferOptions;
+  readonly #machine: StateMachine<DestinationState>;
+  readonly #log: Logger;
+  readonly #options: DestinationSessionOptions;
+  readonly #recovery: Resolved;
+  readonly #identity: { regions: RegionInfo[]; fingerprint: string };
+  #source: Address;
+  #sessionId: string;
+  #connection: SourceConnection | null;
+  #generation: number;
+  #resumes = 0;
+  #attempts = 0;
+  #outageSince = 0;
+  #pausedMs = 0;
+  #lastError: PostcopyError | null = null;
+  #retryTimer: NodeJS.Timeout | null = null;
+  #giveUpTimer: NodeJS.Timeout | null = null;
+  #watchdog: NodeJS.Timeout;
+  #lastBytes = 0;
+  #lastProgressAt = Date.now();
+
+  private constructor(options: DestinationSessionOptions, recovery: Resolved, machine: StateMachine<DestinationState>, connection: SourceConnection, engine: FaultEngine, log: Logger) {
+    super();
+    this.#options = options;
+    this.#recovery = recovery;
+    this.#machine = machine;
+    this.#log = log;
+    this.#source = typeof options.source === 'string' ? parseAddress(options.source) : options.source;
+    this.transfer = transferOptions(options);
+    this.#connection = connection;
+    this.#sessionId = connection.session;
+    this.#identity = { regions: connection.regions, fingerprint: connection.fingerprint };
+    this.engine = engine;
+    this.#generation = 0;
+    machine.onChange((to, from) => this.emit('state', to, from));
+    engine.on('channel-failed', (f: ChannelFailure) => this.#onChannelFailed(f));
+    engine.on('complete', () => {
+      if (this.#machine.is('running')) this.#machine.to('resident', { fullResidencyMs: Math.round(this.engine.stats().fullResidencyNs / 1e4) / 100 });
+    });
+    this.#watchdog = setInterval(() => this.#checkProgress(), Math.max(10, Math.min(1000, recovery.stallTimeoutMs / 4)));
+    this.#watchdog.unref();
+  }
+
+  /**
+   * Connects to the source, has `buildEngine` make the engine over the
+   * caller's memory for the source's regions, and starts the transfer.
+   * A first connection that fails is an error (nothing to lose yet).
+   */
+  static async open(options: DestinationSessionOptions, buildEngine: EngineFactory): Promise<DestinationSession> {
+    const log = options.logger ?? silentLogger;
+    const recovery = resolveRecovery(options.recovery);
+    const machine = new StateMachine<DestinationState>('destination', 'connecting', TRANSITIONS, log);
+    const transfer = transferOptions(options);
+    let connection: SourceConnection;
+    try {
+      connection = await SourceConnection.open({ source: options.source, token: options.token, transfer, timeoutMs: recovery.connectTimeoutMs, heartbeat: recovery.heartbeat });
+    } catch (err) {
+      machine.to('failed', { code: (err as PostcopyError).code, error: (err as Error).message });
+      throw err;
+    }
+    let engine: FaultEngine;
+    try {
+      engine = buildEngine(connection.regions);
+    } catch (err) {
+      connection.close();
+      machine.to('failed', { code: (err as PostcopyError).code, error: (err as Error).message });
+      throw err;
+    }
+    const session = new DestinationSession(options, recovery, machine, connection, engine, log);
+    try {
+      await session.#begin(connection);
+    } catch (err) {
+      session.close();
+      throw err;
+    }
+    log.info({ session: connection.session, regions: connection.regions.length, bytes: connection.regions.reduce((n, r) => n + r.length, 0), ...transfer }, 'transfer started');
+    return session;
+  }
+
+  get state(): DestinationState {
+    return this.#machine.state;
+  }
+
+  /** The source's regions, as first welcomed. */
+  get regions(): RegionInfo[] {
+    return this.#identity.regions;
+  }
+
+  status(): RecoveryStatus {
+    return {
+      state: this.state,
+      session: this.#sessionId,
+      source: formatAddress(this.#source),
+      resumes: this.#resumes,
+      pausedMs: this.#pausedMs + (this.#outageSince ? Date.now() - this.#outageSince : 0),
+      ...(this.#lastError ? { lastError: { code: this.#lastError.code, message: this.#lastError.message } } : {}),
+    };
+  }
+
+  stats(): DestinationStats {
+    return this.engine.stats();
+  }
+
+  /** Points later reconnection attempts at another address (e.g. the source moved); takes effect at the next attempt. */
+  redirect(source: string | Address): void {
+    this.#source = typeof source === 'string' ? parseAddress(source) : source;
+    this.#log.warn({ source: formatAddress(this.#source) }, 'the source is now reached at a new address');
+  }
+
+  /** Resolves once every page is resident; rejects when the session fails or closes first. */
+  whenResident(): Promise<void> {
+    return this.#until(['resident', 'verified']);
+  }
+
+  /**
+   * Tells the source every page is resident and returns its digest. A
+   * connection that fails on the way (or a digest that does not come in time)
+   * pauses the session; the question is asked again once it is back.
+   */
+  async exchangeDigest(stats: Record<string, unknown>): Promise<MessageOf<'digest'>> {
+    for (;;) {
+      await this.whenResident();
+      const connection = this.#connection;
+      if (!connection) throw new PostcopyError(ErrorCode.PEER_GONE, 'the source connection was already released');
+      try {
+        return await connection.finish(stats, this.#recovery.digestTimeoutMs);
+      } catch (err) {
+        if (this.#connection === connection) this.#pause(asPostcopyError(err));
+      }
+    }
+  }
+
+  /** The source's digest matched: the session is done with the source. */
+  verified(details: Record<string, unknown> = {}): void {
+    this.release();
+    this.#machine.to('verified', details);
+  }
+
+  /** Says bye to the source (every page is resident); the session stays up for its memory's owner. */
+  release(): void {
+    const connection = this.#connection;
+    this.#connection = null;
+    this.engine.detachChannels();
+    connection?.close();
+  }
+
+  /** Ends the session in failure (e.g. the digest did not match). */
+  fail(err: PostcopyError): void {
+    if (!this.#machine.can('failed')) return;
+    this.#stopRecovery();
+    this.#lastError = err;
+    this.#connection?.abandon();
+    this.#connection = null;
+    this.engine.detachChannels();
+    this.#machine.to('failed', { code: err.code, error: err.message });
+    this.emit('failed', err);
+  }
+
+  /** Stops the engine and drops the connection. The memory and its userfaultfd stay the caller's. */
+  close(): void {
+    if (this.#machine.is('closed')) return;
+    this.#stopRecovery();
+    clearInterval(this.#watchdog);
+    this.#connection?.close();
+    this.#connection = null;
+    this.engine.stop();
+    this.#machine.to('closed', this.status() as unknown as Record<string, unknown>);
+  }
+
+  // ---- running ----
+
+  /** Attaches a connection's data channels and starts the source from what we hold. */
+  async #begin(connection: SourceConnection): Promise<void> {
+    this.#generation = this.engine.attachChannels(connection.takeChannels());
+    const have = this.#identity.regions.map((r) => ({ region: r.id, bitmap: this.engine.heldBitmap(r.id) }));
+    await connection.start(have.some((h) => h.bitmap.some((b) => b !== 0)) ? have : undefined);
+    this.#watch(connection);
+    this.#lastProgressAt = Date.now();
+    this.#machine.to(this.engine.complete ? 'resident' : 'running', { session: connection.session, generation: this.#generation });
+  }
+
+  #watch(connection: SourceConnection): void {
+    void connection.failure().then((err) => {
+      if (this.#connection === connection) this.#pause(err);
+    });
+  }
+
+  #onChannelFailed(f: ChannelFailure): void {
+    if (f.generation !== this.#generation || !this.#machine.is('running', 'resident')) return; // from channels already replaced
+    if (f.targetGone) return; // the memory's owner exited; it ends the session
+    this.#pause(f.error);
+  }
+
+  /** The watchdog: pages are due (requests outstanding, or the background stream unfinished) but no byte came for too long. */
+  #checkProgress(): void {
+    if (!this.#machine.is('running')) return;
+    const s = this.engine.stats();
+    const now = Date.now();
+    if (s.bytesReceived !== this.#lastBytes) {
+      this.#lastBytes = s.bytesReceived;
+      this.#lastProgressAt = now;
+      return;
+    }
+    const streaming = this.transfer.background.enabled && !this.engine.complete;
+    if (s.outstandingRequests === 0 && !streaming) {
+      this.#lastProgressAt = now; // nothing is due: silence is fine
+      return;
+    }
+    // A rate-limited stream may rightly pause between runs.
+    const rate = this.transfer.background.rateBytesPerSecond;
+    const allowed = s.outstandingRequests === 0 && rate > 0 ? Math.max(this.#recovery.stallTimeoutMs, (3000 * MAX_RUN_BYTES) / rate) : this.#recovery.stallTimeoutMs;
+    if (now - this.#lastProgressAt > allowed) {
+      this.#pause(new PostcopyError(ErrorCode.PEER_SILENT, `no page arrived for ${allowed} ms while ${s.outstandingRequests} requested page(s) ${streaming ? 'and the background stream ' : ''}were due`));
+    }
+  }
+
+  // ---- pausing and resuming ----
+
+  #pause(err: PostcopyError): void {
+    if (!this.#machine.is('running', 'resident', 'resuming')) return;
+    this.#lastError = err;
+    const connection = this.#connection;
+    this.#connection = null;
+    connection?.abandon();
+    this.engine.detachChannels();
+    if (!this.#outageSince) {
+      this.#outageSince = Date.now();
+      this.#attempts = 0;
+      const giveUp = this.#recovery.giveUpAfterMs;
+      if (Number.isFinite(giveUp)) {
+        this.#giveUpTimer = setTimeout(() => this.#giveUp(), giveUp);
+        this.#giveUpTimer.unref();
+      }
+    }
+    const s = this.engine.stats();
+    this.#machine.to('paused', { code: err.code, error: err.message, outstandingRequests: s.outstandingRequests, residentPages: s.residentPages, totalPages: s.totalPages });
+    this.emit('paused', err);
+    this.#scheduleResume();
+  }
+
+  #scheduleResume(): void {
+    const { initial, max } = this.#recovery.retryDelayMs;
+    const delay = Math.min(max, initial * 2 ** Math.min(this.#attempts, 30));
+    this.#retryTimer = setTimeout(() => void this.#resume(), delay);
+  }
+
+  async #resume(): Promise<void> {
+    this.#retryTimer = null;
+    if (!this.#machine.is('paused')) return;
+    this.#attempts++;
+    this.#machine.to('resuming', { attempt: this.#attempts, source: formatAddress(this.#source) });
+    let connection: SourceConnection | null = null;
+    try {
+      connection = await SourceConnection.open({
+        source: this.#source, token: this.#options.token, transfer: this.transfer, resume: this.#sessionId,
+        timeoutMs: this.#recovery.connectTimeoutMs, heartbeat: this.#recovery.heartbeat,
+      });
+      if (!this.#machine.is('resuming')) {
+        connection.close(); // closed or given up meanwhile
+        return;
+      }
+      this.#checkIdentity(connection);
+      this.#connection = connection;
+      this.#sessionId = connection.session;
+      await this.#begin(connection);
+      const outageMs = Date.now() - this.#outageSince;
+      this.#pausedMs += outageMs;
+      this.#outageSince = 0;
+      this.#resumes++;
+      if (this.#giveUpTimer) clearTimeout(this.#giveUpTimer);
+      this.#giveUpTimer = null;
+      const s = this.engine.stats();
+      this.#log.info({ outageMs, attempts: this.#attempts, sameSession: connection.resumed, session: connection.session, requestsResent: s.requestsResent, residentPages: s.residentPages }, 'resumed');
+      this.emit('resumed', { outageMs, attempts: this.#attempts });
+    } catch (err) {
+      const e = asPostcopyError(err);
+      if (this.#connection === connection) this.#connection = null;
+      connection?.abandon();
+      if (!this.#machine.is('resuming')) return;
+      this.engine.detachChannels();
+      this.#lastError = e;
+      const level = e.code === ErrorCode.IMAGE_MISMATCH || e.code === ErrorCode.AUTH_FAILED ? 'error' : 'warn';
+      this.#log[level]({ attempt: this.#attempts, code: e.code, err: e.message }, 'resume attempt failed; retrying');
+      this.#machine.to('paused', { code: e.code, attempt: this.#attempts });
+      this.#scheduleResume();
+    }
+  }
+
+  /** A source serving another image must never supply pages to this one. */
+  #checkIdentity(connection: SourceConnection): void {
+    const want = this.#identity;
+    const sameLayout = connection.regions.length === want.regions.length && connection.regions.every((r, i) => r.length === want.regions[i].length && r.pageSize === want.regions[i].pageSize);
+    if (!sameLayout || connection.fingerprint !== want.fingerprint) {
+      throw new PostcopyError(ErrorCode.IMAGE_MISMATCH, `the source at ${formatAddress(this.#source)} serves a different image (${sameLayout ? 'content' : 'size or regions'} differ); refused`);
+    }
+  }
+
+  #giveUp(): void {
+    this.#giveUpTimer = null;
+    if (!this.#machine.is('paused', 'resuming')) return;
+    const last = this.#lastError;
+    this.fail(new PostcopyError(ErrorCode.SOURCE_LOST, `the source stayed out of reach for ${this.#recovery.giveUpAfterMs} ms${last ? ` (last: ${last.code}: ${last.message})` : ''}`, last ? { cause: last.code } : undefined));
+  }
+
+  #stopRecovery(): void {
+    if (this.#retryTimer) clearTimeout(this.#retryTimer);
+    if (this.#giveUpTimer) clearTimeout(this.#giveUpTimer);
+    this.#retryTimer = this.#giveUpTimer = null;
+    if (this.#outageSince) this.#pausedMs += Date.now() - this.#outageSince;
+    this.#outageSince = 0;
+  }
+
+  /** Resolves when the session is in one of `states`; rejects once it fails or closes. */
+  #until(states: DestinationState[]): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const check = (): boolean => {
+        if (states.includes(this.state)) resolve();
+        else if (this.#machine.is('failed', 'closed')) reject(this.#lastError ?? new PostcopyError(ErrorCode.PEER_GONE, `the session is ${this.state}`));
+        else return false;
+        return true;
+      };
+      if (check()) return;
+      const listener = () => {
+        if (check()) this.off('state', listener);
+      };
+      this.on('state', listener);
+    });
+  }
+}
+
+function resolveRecovery(r: RecoveryOptions = {}): Resolved {
+  return {
+    heartbeat: r.heartbeat ?? DEFAULT_HEARTBEAT,
+    stallTimeoutMs: r.stallTimeoutMs ?? 5000,
+    digestTimeoutMs: r.digestTimeoutMs ?? 60_000,
+    connectTimeoutMs: r.connectTimeoutMs ?? 10_000,
+    retryDelayMs: r.retryDelayMs ?? { initial: 100, max: 5000 },
+    giveUpAfterMs: r.giveUpAfterMs ?? Infinity,
+  };
+}
+
+function asPostcopyError(err: unknown): PostcopyError {
+  return err instanceof PostcopyError ? err : new PostcopyError(ErrorCode.PEER_GONE, (err as Error)?.message ?? String(err));
+}

@@ -1,0 +1,57 @@
+// A guarded state machine: the states and the changes allowed between them
+// are named once, in a table; every change is checked against it and logged.
+import { ErrorCode, PostcopyError } from './errors.js';
+import type { Logger } from './logger.js';
+
+export type TransitionTable<S extends string> = { readonly [from in S]: readonly S[] };
+
+export class StateMachine<S extends string> {
+  readonly #table: TransitionTable<S>;
+  readonly #log: Logger;
+  readonly #what: string;
+  #state: S;
+  #since = Date.now();
+  readonly #listeners: ((to: S, from: S) => void)[] = [];
+
+  constructor(what: string, initial: S, table: TransitionTable<S>, log: Logger) {
+    this.#what = what;
+    this.#state = initial;
+    this.#table = table;
+    this.#log = log;
+    log.info({ state: initial }, `${what} state`);
+  }
+
+  get state(): S {
+    return this.#state;
+  }
+
+  /** Milliseconds spent in the current state. */
+  get elapsedMs(): number {
+    return Date.now() - this.#since;
+  }
+
+  is(...states: S[]): boolean {
+    return states.includes(this.#state);
+  }
+
+  can(to: S): boolean {
+    return this.#table[this.#state].includes(to);
+  }
+
+  /** Moves to `to`; throws ERR_INVALID_TRANSITION when the table does not allow it. */
+  to(to: S, details: Record<string, unknown> = {}): void {
+    const from = this.#state;
+    if (!this.can(to)) throw new PostcopyError(ErrorCode.INVALID_TRANSITION, `${this.#what}: ${from} -> ${to} is not allowed`);
+    const inStateMs = this.elapsedMs;
+    this.#state = to;
+    this.#since = Date.now();
+    const level = to === 'failed' ? 'error' : to === 'paused' ? 'warn' : 'info';
+    this.#log[level]({ from, state: to, inStateMs, ...details }, `${this.#what} state`);
+    for (const listener of this.#listeners) listener(to, from);
+  }
+
+  /** Calls `listener` after every change. */
+  onChange(listener: (to: S, from: S) => void): void {
+    this.#listeners.push(listener);
+  }
+}
