@@ -2,16 +2,23 @@
 import { parseArgs } from 'node:util';
 import { VmmHandler } from '../client/vmm-handler.js';
 import type { Logger } from '../lib/logger.js';
-import { parseSize, parseWindow, readTokenFile, UsageError } from './options.js';
+import { parseRecovery, parseSize, parseWindow, readTokenFile, recoveryOptionSpec, recoveryUsage, UsageError } from './options.js';
 
 export const handleUsage = `postcopy handle --socket PATH --source unix:PATH|tcp:HOST:PORT [--token-file F]
                 [--window F:B] [--no-background] [--rate SIZE]
+                [--give-up-after DURATION] [--silence-timeout DURATION]
 
   Listens on PATH (0600). A VMM connects and sends a JSON array of its memory
   regions ([{"base_host_virt_addr", "size", "offset", "page_size"}], as
   Firecracker does) with its userfaultfd attached; the handler serves that
   memory's faults from the source until the VMM hangs up. Any number of VMMs.
-  Prints one JSON line per finished VMM session.`;
+  Prints one JSON line per finished VMM session.
+
+  When the source dies or the link breaks, each VMM's session pauses (its
+  faults wait) and reconnects by itself, resuming where it stopped. With
+  --give-up-after, a session whose source stays out of reach that long
+  poisons the pages still missing: the guest gets SIGBUS, never a hang.
+${recoveryUsage}`;
 
 export async function handle(argv: string[], log: Logger): Promise<void> {
   const { values } = parseArgs({
@@ -19,6 +26,7 @@ export async function handle(argv: string[], log: Logger): Promise<void> {
     options: {
       socket: { type: 'string' }, source: { type: 'string' }, 'token-file': { type: 'string' },
       window: { type: 'string' }, 'no-background': { type: 'boolean' }, rate: { type: 'string' },
+      ...recoveryOptionSpec,
     },
     strict: true,
   });
@@ -28,6 +36,7 @@ export async function handle(argv: string[], log: Logger): Promise<void> {
     source: values.source,
     token: readTokenFile(values['token-file'], log),
     logger: log,
+    recovery: parseRecovery(values),
     ...(window ? { window } : {}),
     background: { enabled: !values['no-background'], rateBytesPerSecond: values.rate ? parseSize(values.rate, '--rate') : 0 },
   });

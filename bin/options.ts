@@ -5,6 +5,7 @@ import { fileURLToPath } from 'node:url';
 import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import type { Logger } from '../lib/logger.js';
 import type { DestinationStats } from '../lib/native.js';
+import type { RecoveryOptions } from '../client/session.js';
 
 /** Reads a token file (whitespace trimmed); warns when others can read it. */
 export function readTokenFile(path: string | undefined, log: Logger): string | undefined {
@@ -28,6 +29,35 @@ export function parseCount(text: string | undefined, what: string, fallback: num
   const n = Number(text);
   if (!Number.isSafeInteger(n) || n < 0 || n > max) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `${what} must be an integer from 0 to ${max}, not ${text}`);
   return n;
+}
+
+/** "500ms", "5s", "2m", "1h" (a bare number is seconds) -> milliseconds. */
+export function parseDuration(text: string, what: string): number {
+  const m = /^(\d+(?:\.\d+)?)(ms|s|m|h)?$/.exec(text.trim());
+  if (!m) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `${what}: not a duration: ${text} (e.g. 500ms, 30s, 5m)`);
+  const ms = Math.round(Number(m[1]) * { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[(m[2] ?? 's') as 'ms' | 's' | 'm' | 'h']);
+  if (ms <= 0) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `${what} must be longer than 0, not ${text}`);
+  return ms;
+}
+
+/** The options every destination (restore, handle) takes to detect failures and recover. */
+export const recoveryOptionSpec = {
+  'give-up-after': { type: 'string' },
+  'silence-timeout': { type: 'string' },
+} as const;
+
+export const recoveryUsage = `  --give-up-after DURATION   when the source is out of reach this long, fail
+                             (default: keep reconnecting, warning at each attempt)
+  --silence-timeout DURATION a control channel or page stream quiet this long
+                             is taken as broken (default 5s)`;
+
+/** --give-up-after and --silence-timeout -> the session's recovery options. */
+export function parseRecovery(values: { 'give-up-after'?: string; 'silence-timeout'?: string }): RecoveryOptions {
+  const silence = values['silence-timeout'] === undefined ? undefined : parseDuration(values['silence-timeout'], '--silence-timeout');
+  return {
+    ...(values['give-up-after'] !== undefined ? { giveUpAfterMs: parseDuration(values['give-up-after'], '--give-up-after') } : {}),
+    ...(silence !== undefined ? { heartbeat: { intervalMs: Math.max(10, Math.min(1000, silence / 5)), silenceMs: silence }, stallTimeoutMs: silence } : {}),
+  };
 }
 
 /** "--window F:B" -> pages after and before each request. */

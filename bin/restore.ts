@@ -6,7 +6,7 @@ import { Destination } from '../client/destination.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
 import type { Logger } from '../lib/logger.js';
 import type { RestoreReport } from '../client/report.js';
-import { parseCount, parseSize, parseWindow, readTokenFile, startProgress } from './options.js';
+import { parseCount, parseRecovery, parseSize, parseWindow, readTokenFile, recoveryOptionSpec, recoveryUsage, startProgress } from './options.js';
 import { UsageError } from './options.js';
 
 export const restoreUsage = `postcopy restore --source unix:PATH|tcp:HOST:PORT [options]
@@ -19,7 +19,8 @@ export const restoreUsage = `postcopy restore --source unix:PATH|tcp:HOST:PORT [
   --workload KIND        random (default): one thread touches every page in a
                          seeded random order; sequential; none: background only
   --seed N               workload seed (default 1)
-  --json                 print the report as one JSON line`;
+  --json                 print the report as one JSON line
+${recoveryUsage}`;
 
 export async function restore(argv: string[], log: Logger): Promise<RestoreReport> {
   const { values } = parseArgs({
@@ -27,6 +28,7 @@ export async function restore(argv: string[], log: Logger): Promise<RestoreRepor
     options: {
       source: { type: 'string' }, 'token-file': { type: 'string' }, out: { type: 'string' }, window: { type: 'string' },
       'no-background': { type: 'boolean' }, rate: { type: 'string' }, workload: { type: 'string' }, seed: { type: 'string' }, json: { type: 'boolean' },
+      ...recoveryOptionSpec,
     },
     strict: true,
   });
@@ -38,6 +40,7 @@ export async function restore(argv: string[], log: Logger): Promise<RestoreRepor
     source: values.source,
     token: readTokenFile(values['token-file'], log),
     logger: log,
+    recovery: parseRecovery(values),
     ...(window ? { window } : {}),
     background: { enabled: !values['no-background'], rateBytesPerSecond: values.rate ? parseSize(values.rate, '--rate') : 0 },
   });
@@ -47,10 +50,15 @@ export async function restore(argv: string[], log: Logger): Promise<RestoreRepor
       if (workload === 'none') return Promise.resolve();
       const pages = r.mapping.length / r.info.pageSize;
       const order = workload === 'random' ? shuffledOrder(pages, parseCount(values.seed, '--seed', 1, 0xffffffff)) : Uint32Array.from({ length: pages }, (_, i) => i);
-      return touchPages(r.mapping.address, pages, order, { pageSize: r.info.pageSize });
+      return touchPages(r.mapping.address, pages, order, { pageSize: r.info.pageSize, mapping: r.mapping });
     });
-    const [report] = await Promise.all([dest.finish(), ...touching]);
+    // Wait for the workload too, even when the restore fails: its threads are
+    // released (never left touching unmapped memory) before anything is torn down.
+    const [finished, ...touched] = await Promise.allSettled([dest.finish(), ...touching]);
     stopProgress();
+    if (finished.status === 'rejected') throw finished.reason;
+    for (const t of touched) if (t.status === 'rejected') throw t.reason;
+    const report = finished.value;
     if (values.out) writeRegions(values.out, dest);
     if (values.json) process.stdout.write(JSON.stringify(report) + '\n');
     else process.stdout.write(formatReport(report));

@@ -3,23 +3,28 @@ import { parseArgs } from 'node:util';
 import { Image } from '../server/image.js';
 import { PageServer } from '../server/page-server.js';
 import type { Logger } from '../lib/logger.js';
-import { readTokenFile, UsageError } from './options.js';
+import { parseDuration, readTokenFile, UsageError } from './options.js';
 
 export const serveUsage = `postcopy serve --image FILE [--image FILE ...] --listen unix:PATH|tcp:HOST:PORT [--token-file F]
+               [--resume-grace DURATION]
 
   Serves the image (each --image is one region, in order) to any number of
   destinations until SIGINT or SIGTERM. Files are mapped read-only; holes go
-  out as zero runs without being read. Listening beyond loopback needs a token.`;
+  out as zero runs without being read. Listening beyond loopback needs a token.
+  A destination whose connection breaks may resume its session within
+  --resume-grace (default 60s); after a restart of this process it resumes
+  all the same, from the pages it holds.`;
 
 export async function serve(argv: string[], log: Logger): Promise<void> {
   const { values } = parseArgs({
     args: argv,
-    options: { image: { type: 'string', multiple: true }, listen: { type: 'string' }, 'token-file': { type: 'string' } },
+    options: { image: { type: 'string', multiple: true }, listen: { type: 'string' }, 'token-file': { type: 'string' }, 'resume-grace': { type: 'string' } },
     strict: true,
   });
   if (!values.image?.length || !values.listen) throw new UsageError(serveUsage);
   const image = Image.open(values.image.map((path) => ({ path })));
-  const server = new PageServer({ image, token: readTokenFile(values['token-file'], log), logger: log });
+  const resumeGraceMs = values['resume-grace'] === undefined ? undefined : parseDuration(values['resume-grace'], '--resume-grace');
+  const server = new PageServer({ image, token: readTokenFile(values['token-file'], log), logger: log, ...(resumeGraceMs ? { resumeGraceMs } : {}) });
   await server.listen(values.listen);
   // Tell a parent that spawned us where we listen (port 0 resolves here).
   process.stdout.write(JSON.stringify({ listening: server.address }) + '\n');

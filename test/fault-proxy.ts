@@ -1,0 +1,147 @@
+// Fault injection for the tests: a loopback TCP proxy in front of a source
+// that forwards every connection byte for byte until a planned fault hits one
+// of them. Connections are numbered in the order they are accepted (a fresh
+// destination opens control, urgent, bulk: 0, 1, 2; a resume opens the next
+// three). A fault fires once the chosen direction has carried `afterBytes`:
+//   fin        both sides get an orderly close
+//   rst        both sides get a reset (a source on a unix socket: a close)
+//   blackhole  nothing more is forwarded either way; both sockets stay open
+//              (a link that went silent with no FIN and no RST)
+// The proxy listens on 127.0.0.1 only and closes everything at teardown.
+import { connect, createServer, type Server, type Socket } from 'node:net';
+import { once } from 'node:events';
+import type { Test } from 'tap';
+
+export type FaultAction = 'fin' | 'rst' | 'blackhole';
+export type Direction = 'down' | 'up'; // down: source -> destination
+
+export interface Fault {
+  connection: number;
+  direction: Direction;
+  afterBytes: number;
+  action: FaultAction;
+}
+
+export class FaultProxy {
+  readonly #server: Server;
+  readonly #target: { host: string; port: number } | { path: string };
+  readonly #sockets = new Set<Socket>();
+  readonly #carried = new Map<string, number>(); // `${connection}:${direction}` -> bytes forwarded
+  #faults: Fault[] = [];
+  #accepted = 0;
+  /** Faults that fired, in order. */
+  readonly fired: (Fault & { at: number })[] = [];
+  port = 0;
+
+  private constructor(target: { host: string; port: number } | { path: string }) {
+    this.#target = target;
+    this.#server = createServer((client) => this.#onConnection(client));
+  }
+
+  /** A proxy to `target` ("tcp:HOST:PORT" or "unix:PATH"), closed at the test's teardown. */
+  static async start(t: Test, target: string): Promise<FaultProxy> {
+    const m = /^tcp:(.+):(\d+)$/.exec(target);
+    const proxy = new FaultProxy(m ? { host: m[1], port: Number(m[2]) } : { path: target.replace(/^unix:/, '') });
+    proxy.#server.listen(0, '127.0.0.1');
+    await once(proxy.#server, 'listening');
+    proxy.port = (proxy.#server.address() as { port: number }).port;
+    t.teardown(() => proxy.close());
+    return proxy;
+  }
+
+  get address(): string {
+    return `tcp:127.0.0.1:${this.port}`;
+  }
+
+  /** How many connections were accepted so far. */
+  get accepted(): number {
+    return this.#accepted;
+  }
+
+  /** Bytes connection `index` has forwarded in `direction` so far. */
+  carried(index: number, direction: Direction): number {
+    return this.#carried.get(`${index}:${direction}`) ?? 0;
+  }
+
+  /** Plans a fault (each fires once). */
+  inject(fault: Fault): void {
+    this.#faults.push(fault);
+  }
+
+  /** Applies `action` to every open connection now. */
+  breakAll(action: FaultAction): void {
+    for (const s of this.#sockets) s.emit('fault', action);
+  }
+
+  close(): Promise<void> {
+    for (const s of this.#sockets) s.destroy();
+    return new Promise((resolve) => this.#server.close(() => resolve()));
+  }
+
+  #onConnection(client: Socket): void {
+    const index = this.#accepted++;
+    const upstream = 'path' in this.#target ? connect(this.#target.path) : connect(this.#target.port, this.#target.host);
+    client.setNoDelay(true);
+    for (const s of [client, upstream]) {
+      this.#sockets.add(s);
+      s.on('close', () => this.#sockets.delete(s));
+      s.on('error', () => {});
+    }
+    let dead = false; // nothing more is forwarded
+    let applied = false;
+    const apply = (action: FaultAction) => {
+      dead = true;
+      if (applied) return;
+      applied = true;
+      if (action === 'blackhole') return; // keep both open, forward nothing
+      for (const s of [client, upstream]) {
+        if (action === 'rst') resetOrDestroy(s);
+        else s.end();
+      }
+    };
+    client.on('fault', apply);
+    upstream.on('fault', apply);
+    const pipe = (from: Socket, to: Socket, direction: Direction) => {
+      let carried = 0;
+      const key = `${index}:${direction}`;
+      from.on('data', (chunk: Buffer) => {
+        if (dead) return;
+        const fault = this.#faults.find((f) => f.connection === index && f.direction === direction);
+        if (fault && carried + chunk.length >= fault.afterBytes) {
+          const keep = Math.max(0, fault.afterBytes - carried);
+          if (keep > 0) to.write(chunk.subarray(0, keep));
+          this.#carried.set(key, carried + keep);
+          this.#faults.splice(this.#faults.indexOf(fault), 1);
+          this.fired.push({ ...fault, at: Date.now() });
+          dead = true;
+          // Let the bytes before the cut reach the other side first.
+          setImmediate(() => apply(fault.action));
+          return;
+        }
+        carried += chunk.length;
+        this.#carried.set(key, carried);
+        if (!to.write(chunk)) {
+          from.pause();
+          to.once('drain', () => from.resume());
+        }
+      });
+      from.on('end', () => {
+        if (!dead) to.end();
+      });
+      from.on('close', () => {
+        if (!dead) to.destroy();
+      });
+    };
+    pipe(upstream, client, 'down');
+    pipe(client, upstream, 'up');
+  }
+}
+
+/** A TCP reset; a unix socket has none, so it is simply destroyed (the peer reads EOF or ECONNRESET). */
+function resetOrDestroy(socket: Socket): void {
+  try {
+    socket.resetAndDestroy();
+  } catch {
+    socket.destroy();
+  }
+}

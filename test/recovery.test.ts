@@ -1,0 +1,205 @@
+// Failures as features: links cut (FIN, RST) or silenced at random points on
+// every channel, a source killed and restarted, a source serving another
+// image, a source that never comes back. Each restore must end byte-exact
+// without anyone stepping in, or fail cleanly when told to give up.
+import t from 'tap';
+import { readdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { Image } from '../server/image.js';
+import { PageServer } from '../server/page-server.js';
+import { Destination, type DestinationOptions } from '../client/destination.js';
+import { shuffledOrder, touchPages } from '../lib/workload.js';
+import { FaultProxy, type Direction, type FaultAction } from './fault-proxy.js';
+import { PAGE, randomImage, tempDir } from './helpers.js';
+import type { Test } from 'tap';
+import type { RecoveryOptions } from '../client/session.js';
+
+/** Fast detection for tests: heartbeats every 50 ms, silent after 400 ms. */
+const FAST: RecoveryOptions = {
+  heartbeat: { intervalMs: 50, silenceMs: 400 },
+  stallTimeoutMs: 400,
+  retryDelayMs: { initial: 20, max: 200 },
+  connectTimeoutMs: 2000,
+};
+const SOURCE_HEARTBEAT = { intervalMs: 50, silenceMs: 400 };
+
+/** A seeded generator, so a failing cut point can be replayed (RECOVERY_SEED). */
+function generator(seed: number): (n: number) => number {
+  let x = seed >>> 0 || 1;
+  return (n) => {
+    x ^= x << 13; x >>>= 0;
+    x ^= x >>> 17;
+    x ^= x << 5; x >>>= 0;
+    return x % n;
+  };
+}
+const seed = Number(process.env.RECOVERY_SEED ?? 20261125);
+const random = generator(seed);
+t.comment(`cut points from RECOVERY_SEED=${seed}`);
+
+async function serve(t: Test, image: Image, extra: Partial<ConstructorParameters<typeof PageServer>[0]> = {}): Promise<{ server: PageServer; address: string }> {
+  const server = new PageServer({ image, heartbeat: SOURCE_HEARTBEAT, ...extra });
+  t.teardown(() => server.close());
+  const a = await server.listen(`unix:${join(tempDir(t), 'source.sock')}`);
+  return { server, address: `unix:${a.kind === 'unix' ? a.path : ''}` };
+}
+
+const openFds = () => readdirSync('/proc/self/fd').length;
+const threads = () => readdirSync('/proc/self/task').length;
+
+/** Waits (bounded by the test's timeout) until `check` holds. */
+async function eventually(check: () => boolean): Promise<void> {
+  while (!check()) await new Promise((r) => setTimeout(r, 10));
+}
+
+interface Case {
+  channel: 'control' | 'urgent' | 'bulk';
+  direction: Direction;
+  action: FaultAction;
+}
+
+/**
+ * Restores `bytes` through a proxy that applies one fault; returns the report.
+ * bulk: pages come only by the background stream (no workload), so a cut
+ * before its end must hit mid-transfer. urgent: no background, every page is
+ * faulted in, so the same holds. control: cut after the handshake.
+ */
+async function restoreThroughFault(t: Test, bytes: Buffer, c: Case, afterBytes: number) {
+  const { address } = await serve(t, Image.open([{ buffer: bytes }]));
+  const proxy = await FaultProxy.start(t, address);
+  const index = { control: 0, urgent: 1, bulk: 2 }[c.channel];
+  if (c.channel !== 'control') proxy.inject({ connection: index, direction: c.direction, afterBytes, action: c.action });
+  const options: DestinationOptions = {
+    source: proxy.address,
+    recovery: FAST,
+    ...(c.channel === 'urgent' ? { background: { enabled: false }, window: { forward: 2, backward: 0 } } : {}),
+    ...(c.channel === 'bulk' ? { background: { enabled: true, rateBytesPerSecond: 64 << 20 } } : {}),
+  };
+  const dest = await Destination.connect(options);
+  t.teardown(() => dest.close());
+  if (c.channel === 'control') proxy.inject({ connection: 0, direction: c.direction, afterBytes: proxy.carried(0, c.direction) + afterBytes, action: c.action });
+  const region = dest.regions[0];
+  const pages = region.mapping.length / PAGE;
+  const touching = c.channel === 'bulk' ? Promise.resolve() : touchPages(region.mapping.address, pages, shuffledOrder(pages, 7), { mapping: region.mapping });
+  const [report] = await Promise.all([dest.finish(), touching]);
+  t.ok(region.mapping.buffer().equals(bytes), 'every byte equals the source image');
+  return { report, proxy };
+}
+
+t.test('random cut points on every channel: each restore ends byte-exact by itself', async (t) => {
+  const pages = 1024;
+  const bytes = randomImage(pages, 7);
+  const fdsBefore = openFds();
+  const threadsBefore = threads();
+  const cases: Case[] = [];
+  for (const channel of ['bulk', 'urgent', 'control'] as const) {
+    for (const action of ['fin', 'rst', 'blackhole'] as const) {
+      for (const direction of ['down', 'up'] as const) {
+        if (channel === 'bulk' && direction === 'up') continue; // nothing flows up the bulk channel
+        cases.push({ channel, direction, action });
+      }
+    }
+  }
+  let fired = 0;
+  let resumes = 0;
+  let cuts = 0;
+  for (const c of [...cases, ...cases]) {
+    // Every byte of a bulk or urgent cut point is reached before the restore can end.
+    const limit = { bulk: { down: pages * PAGE * 0.8 }, urgent: { down: pages * PAGE * 0.5, up: pages * 4 }, control: { down: 60, up: 60 } }[c.channel] as Record<Direction, number>;
+    const afterBytes = 1 + random(Math.floor(limit[c.direction]));
+    await t.test(`${c.channel} ${c.direction} ${c.action} after ${afterBytes} bytes`, async (t) => {
+      const { report, proxy } = await restoreThroughFault(t, bytes, c, afterBytes);
+      t.equal(report.digestMatch, true, 'the digests match');
+      const recovery = report.recovery as { resumes: number; state: string };
+      if (c.channel !== 'control') {
+        t.equal(proxy.fired.length, 1, 'the fault hit mid-transfer');
+        t.ok(recovery.resumes >= 1, `resumed (${recovery.resumes}x)`);
+      }
+      fired += proxy.fired.length;
+      resumes += recovery.resumes;
+      cuts++;
+    });
+  }
+  t.comment(`${cuts} cut points, ${fired} faults fired, ${resumes} resumes`);
+  // Sessions close at each subtest's teardown; their fds and threads must all be gone.
+  await eventually(() => openFds() <= fdsBefore && threads() <= threadsBefore);
+  t.pass(`no fd or thread left behind (${openFds()} fds, ${threads()} threads)`);
+});
+
+t.test('the same source holds a paused session and resumes it', async (t) => {
+  const bytes = randomImage(512, 5);
+  const { server, address } = await serve(t, Image.open([{ buffer: bytes }]));
+  const proxy = await FaultProxy.start(t, address);
+  proxy.inject({ connection: 2, direction: 'down', afterBytes: 300 * PAGE, action: 'rst' });
+  const dest = await Destination.connect({ source: proxy.address, recovery: FAST, background: { enabled: true, rateBytesPerSecond: 32 << 20 } });
+  t.teardown(() => dest.close());
+  const firstSession = dest.status().session;
+  const report = await dest.finish();
+  t.equal(report.digestMatch, true);
+  t.equal(dest.status().session, firstSession, 'the same session id went on');
+  const held = server.sessions.get(firstSession);
+  t.ok(held && held.resumes >= 1, 'the source resumed its own paused session');
+  t.equal(server.sessions.size, 1, 'no second session was opened');
+});
+
+t.test('a source that never comes back: with a give-up time the restore fails cleanly and the workload is released', async (t) => {
+  const pages = 512;
+  const bytes = randomImage(pages);
+  const { server, address } = await serve(t, Image.open([{ buffer: bytes }]));
+  const dest = await Destination.connect({ source: address, recovery: { ...FAST, giveUpAfterMs: 500 }, background: { enabled: false }, window: { forward: 0, backward: 0 } });
+  t.teardown(() => dest.close());
+  const region = dest.regions[0].mapping;
+  const states: string[] = [];
+  dest.session.on('state', (s: string) => states.push(s));
+  await touchPages(region.address, pages, Uint32Array.of(1, 2, 3), { mapping: region });
+  await server.close(); // the source is gone for good
+  const touching = touchPages(region.address, pages, shuffledOrder(pages, 3), { mapping: region });
+  await t.rejects(dest.finish(), { code: 'ERR_SOURCE_LOST' });
+  const touched = await touching; // released (reading zeros), never left blocked or touching unmapped memory
+  t.equal(touched.firstBytes.length, pages);
+  t.equal(dest.session.state, 'failed');
+  t.ok(states.includes('paused') && states.includes('resuming'), `it tried before giving up (${[...new Set(states)].join(', ')})`);
+  dest.close();
+  t.equal(region.mapped, false, 'unmapped once the workload let go');
+});
+
+t.test('a source serving another image is refused, never mixed in; the right one is resumed', async (t) => {
+  const dir = tempDir(t);
+  const path = `unix:${join(dir, 'source.sock')}`;
+  const bytes = randomImage(512, 9);
+  const other = randomImage(512, 9); // same size and layout, other content (another snapshot)
+  const first = new PageServer({ image: Image.open([{ buffer: bytes }]), heartbeat: SOURCE_HEARTBEAT });
+  await first.listen(path);
+  t.teardown(() => first.close());
+  const dest = await Destination.connect({ source: path, recovery: FAST, background: { enabled: false }, window: { forward: 0, backward: 0 } });
+  t.teardown(() => dest.close());
+  const region = dest.regions[0].mapping;
+  await touchPages(region.address, 512, Uint32Array.of(0, 1, 2), { mapping: region });
+  await first.close();
+  const impostor = new PageServer({ image: Image.open([{ buffer: other }]), heartbeat: SOURCE_HEARTBEAT });
+  await impostor.listen(path);
+  t.teardown(() => impostor.close());
+  await eventually(() => dest.status().lastError?.code === 'ERR_IMAGE_MISMATCH');
+  t.equal(dest.session.state === 'paused' || dest.session.state === 'resuming', true, 'still waiting for the right source');
+  await impostor.close();
+  const right = new PageServer({ image: Image.open([{ buffer: bytes }]), heartbeat: SOURCE_HEARTBEAT });
+  await right.listen(path);
+  t.teardown(() => right.close());
+  const [report] = await Promise.all([dest.finish(), touchPages(region.address, 512, shuffledOrder(512, 5), { mapping: region })]);
+  t.equal(report.digestMatch, true);
+  t.ok(region.buffer().equals(bytes), 'byte-exact: nothing from the impostor');
+});
+
+t.test('a redirect points the resume at a source that moved', async (t) => {
+  const bytes = randomImage(256);
+  const a = await serve(t, Image.open([{ buffer: bytes }]));
+  const dest = await Destination.connect({ source: a.address, recovery: FAST, background: { enabled: false } });
+  t.teardown(() => dest.close());
+  await a.server.close();
+  const b = await serve(t, Image.open([{ buffer: bytes }]));
+  dest.session.redirect(b.address);
+  const region = dest.regions[0].mapping;
+  const [report] = await Promise.all([dest.finish(), touchPages(region.address, 256, shuffledOrder(256, 2), { mapping: region })]);
+  t.equal(report.digestMatch, true);
+  t.equal(dest.status().source, b.address);
+});
