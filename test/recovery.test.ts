@@ -3,14 +3,16 @@
 // image, a source that never comes back. Each restore must end byte-exact
 // without anyone stepping in, or fail cleanly when told to give up.
 import t from 'tap';
-import { readdirSync } from 'node:fs';
+import { existsSync, readFileSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
 import { Image } from '../server/image.js';
 import { PageServer } from '../server/page-server.js';
 import { Destination, type DestinationOptions } from '../client/destination.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
 import { FaultProxy, type Direction, type FaultAction } from './fault-proxy.js';
-import { PAGE, randomImage, tempDir } from './helpers.js';
+import { PAGE, cliCommand, randomImage, startServeCli, tempDir, writeImage } from './helpers.js';
 import type { Test } from 'tap';
 import type { RecoveryOptions } from '../client/session.js';
 
@@ -202,4 +204,66 @@ t.test('a redirect points the resume at a source that moved', async (t) => {
   const [report] = await Promise.all([dest.finish(), touchPages(region.address, 256, shuffledOrder(256, 2), { mapping: region })]);
   t.equal(report.digestMatch, true);
   t.equal(dest.status().source, b.address);
+});
+
+t.test('restore CLI: the source is killed (-9) mid-run and restarted from the same image; the restore completes byte-exact', async (t) => {
+  // On the old main this crashed with SIGSEGV (exit 139) and never wrote --out.
+  const dir = tempDir(t);
+  const pages = 16384;
+  const image = randomImage(pages, 11);
+  const imagePath = writeImage(dir, image);
+  const socket = `unix:${join(dir, 'src.sock')}`;
+  const first = await startServeCli(t, ['--image', imagePath, '--listen', socket]);
+  const out = join(dir, 'restored.bin');
+  const [cmd, ...pre] = cliCommand();
+  // Pure on demand, one page per fault: the workload outlives the kill for sure.
+  const restore = spawn(cmd, [...pre, 'restore', '--source', socket, '--no-background', '--window', '0:0', '--workload', 'random',
+    '--out', out, '--json', '--silence-timeout', '500ms'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  t.teardown(() => { restore.kill('SIGKILL'); });
+  let stdout = '';
+  let stderr = '';
+  restore.stdout.on('data', (d) => (stdout += d));
+  const started = new Promise<void>((resolve) => restore.stderr.on('data', (d) => {
+    stderr += d;
+    if (stderr.includes('"transfer started"')) resolve();
+  }));
+  const exited = once(restore, 'close');
+  await started;
+  first.child.kill('SIGKILL');
+  await once(first.child, 'close');
+  await startServeCli(t, ['--image', imagePath, '--listen', socket]);
+  const [code, signal] = await exited;
+  t.equal(signal, null, 'no crash');
+  t.equal(code, 0, stderr.split('\n').filter((l) => l.includes('"level":50')).join('\n'));
+  const report = JSON.parse(stdout);
+  t.equal(report.digestMatch, true);
+  t.ok(report.recovery.resumes >= 1, `resumed after the restart (${report.recovery.resumes}x, paused ${report.recovery.pausedMs} ms)`);
+  t.ok(readFileSync(out).equals(image), '--out holds the image');
+  const logs = stderr.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l));
+  t.ok(logs.some((l) => l.msg === 'destination state' && l.state === 'paused'), 'the pause is logged as a state change');
+  t.ok(logs.some((l) => l.msg === 'resumed'), 'and the resume');
+});
+
+t.test('restore CLI: with --give-up-after, a source that never comes back fails the restore with ERR_SOURCE_LOST, no crash, no --out', async (t) => {
+  const dir = tempDir(t);
+  const imagePath = writeImage(dir, randomImage(16384));
+  const socket = `unix:${join(dir, 'src.sock')}`;
+  const source = await startServeCli(t, ['--image', imagePath, '--listen', socket]);
+  const out = join(dir, 'restored.bin');
+  const [cmd, ...pre] = cliCommand();
+  const restore = spawn(cmd, [...pre, 'restore', '--source', socket, '--no-background', '--window', '0:0', '--out', out, '--give-up-after', '300ms'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  t.teardown(() => { restore.kill('SIGKILL'); });
+  let stderr = '';
+  const started = new Promise<void>((resolve) => restore.stderr.on('data', (d) => {
+    stderr += d;
+    if (stderr.includes('"transfer started"')) resolve();
+  }));
+  const exited = once(restore, 'close');
+  await started;
+  source.child.kill('SIGKILL');
+  const [code, signal] = await exited;
+  t.equal(signal, null, 'no crash');
+  t.equal(code, 1);
+  t.match(stderr, /ERR_SOURCE_LOST/);
+  t.notOk(existsSync(out), 'nothing half-restored was written');
 });

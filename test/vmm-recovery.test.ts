@@ -1,0 +1,84 @@
+// A VMM's guest must never hang on a dead source: the handler's session
+// pauses and resumes by itself when the source is killed and restarted, and
+// when told to give up it poisons what is missing (the guest gets SIGBUS).
+import t from 'tap';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { join } from 'node:path';
+import { VmmHandler, type VmmSessionSummary } from '../client/vmm-handler.js';
+import type { RecoveryOptions } from '../client/session.js';
+import { buildFixture, randomImage, startServeCli, tempDir, writeImage } from './helpers.js';
+import type { Test } from 'tap';
+
+const FAST: RecoveryOptions = {
+  heartbeat: { intervalMs: 50, silenceMs: 400 },
+  stallTimeoutMs: 400,
+  retryDelayMs: { initial: 20, max: 200 },
+  connectTimeoutMs: 2000,
+};
+
+async function handler(t: Test, dir: string, source: string, recovery: RecoveryOptions): Promise<{ handler: VmmHandler; socket: string }> {
+  // Pure on demand, one page per fault: the VMM's touches outlive a kill for sure.
+  const h = new VmmHandler({ source, recovery, background: { enabled: false }, window: { forward: 0, backward: 0 } });
+  const socket = join(dir, 'handler.sock');
+  await h.listen(socket);
+  t.teardown(() => h.close());
+  return { handler: h, socket };
+}
+
+function startVmm(t: Test, socket: string, imagePath: string, extra: string[] = []) {
+  const child = spawn(buildFixture('vmm'), ['--socket', socket, '--image', imagePath, '--threads', '2', ...extra], { stdio: ['ignore', 'pipe', 'pipe'] });
+  t.teardown(() => { child.kill('SIGKILL'); });
+  let out = '';
+  child.stdout.on('data', (d) => (out += d));
+  const closed = once(child, 'close').then(([code, signal]) => ({ code: code as number | null, signal: signal as string | null, out }));
+  return { child, closed };
+}
+
+t.test('the source is killed (-9) mid-way and restarted: the VMM never notices more than a pause and verifies every byte', async (t) => {
+  const dir = tempDir(t);
+  const imagePath = writeImage(dir, randomImage(8192, 6));
+  const source = `unix:${join(dir, 'src.sock')}`;
+  const first = await startServeCli(t, ['--image', imagePath, '--listen', source]);
+  const { handler: h, socket } = await handler(t, dir, source, FAST);
+  const ended = once(h, 'session-end').then(([s]) => s as VmmSessionSummary);
+  const vmm = startVmm(t, socket, imagePath, ['--order', 'random']);
+  await once(h, 'session-start');
+  first.child.kill('SIGKILL');
+  await once(first.child, 'close');
+  await startServeCli(t, ['--image', imagePath, '--listen', source]);
+  const result = await vmm.closed;
+  t.equal(result.signal, null);
+  t.equal(result.code, 0, 'the VMM verified every byte');
+  t.match(JSON.parse(result.out.trim().split('\n')[0]), { ok: true, mismatchedPages: 0 });
+  const summary = await ended;
+  t.ok(summary.recovery && summary.recovery.resumes >= 1, `the session resumed (${summary.recovery?.resumes}x)`);
+  t.equal(summary.poisonedPages, 0);
+});
+
+t.test('with a give-up time, a source that never comes back poisons the missing pages: the guest gets SIGBUS, not a hang', async (t) => {
+  const dir = tempDir(t);
+  const imagePath = writeImage(dir, randomImage(8192));
+  const source = `unix:${join(dir, 'src.sock')}`;
+  const first = await startServeCli(t, ['--image', imagePath, '--listen', source]);
+  const { handler: h, socket } = await handler(t, dir, source, { ...FAST, giveUpAfterMs: 300 });
+  const ended = once(h, 'session-end').then(([s]) => s as VmmSessionSummary);
+  const vmm = startVmm(t, socket, imagePath);
+  await once(h, 'session-start');
+  first.child.kill('SIGKILL');
+  const result = await vmm.closed;
+  t.equal(result.signal, 'SIGBUS', 'the guest touched a poisoned page');
+  const summary = await ended;
+  t.ok(summary.poisonedPages > 0, `${summary.poisonedPages} pages poisoned`);
+  t.equal(summary.complete, false);
+  t.equal(summary.recovery?.state, 'closed');
+});
+
+t.test('a source that cannot be reached at all: the VMM gets SIGBUS instead of hanging', async (t) => {
+  const dir = tempDir(t);
+  const imagePath = writeImage(dir, randomImage(256));
+  const { socket } = await handler(t, dir, `unix:${join(dir, 'nobody-listens.sock')}`, FAST);
+  const vmm = startVmm(t, socket, imagePath);
+  const result = await vmm.closed;
+  t.equal(result.signal, 'SIGBUS');
+});
