@@ -203,24 +203,34 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   // poisonMissing() -> pages poisoned. Gives up on every page not resident and
   // not given back: UFFDIO_POISON makes a touch raise SIGBUS instead of
   // waiting forever or reading zeros; threads waiting on them are woken into
-  // that SIGBUS. Call with the channels detached.
+  // that SIGBUS once all are poisoned. Call with the channels detached.
   Napi::Value PoisonMissing(const Napi::CallbackInfo& info) {
     if (attached_) throw CodedError(info.Env(), "ERR_ENGINE_STATE", "detach the data channels before poisoning");
     uint64_t poisoned = 0;
+    int firstError = 0;
     for (auto& r : regions_) {
       uint64_t base = r->base.load(std::memory_order_acquire);
-      for (uint64_t p = r->settled->NextClear(0); p < r->pages; p = r->settled->NextClear(p)) {
+      for (uint64_t p = r->settled->NextClear(0); p < r->pages && firstError != ESRCH; p = r->settled->NextClear(p)) {
         uint64_t q = p + 1;
         while (q < r->pages && !r->settled->Test(q)) q++;
-        if (int err = Poison(base + p * r->pageSize, (q - p) * r->pageSize, r->pageSize)) ThrowErrno(info.Env(), err, "ioctl", "UFFDIO_POISON");
-        uint64_t settled = 0;
-        for (uint64_t k = p; k < q; k++)
-          if (r->settled->Claim(k)) settled++;
-        poisoned += settled;
+        uint64_t done = 0;  // pages poisoned from p on
+        int err = Poison(base + p * r->pageSize, (q - p) * r->pageSize, r->pageSize, &done);
+        for (uint64_t k = p; k < p + done; k++)
+          if (r->settled->Claim(k)) poisoned++;
+        // ESRCH: the process died (most likely of the SIGBUS just raised); other
+        // errors (a region it unmapped) leave the rest to be tried.
+        if (err && !firstError) firstError = err;
         p = q;
       }
     }
+    // Every missing page is poisoned before any waiting thread wakes (into
+    // its SIGBUS), so a guest that survives one SIGBUS finds no page to hang on.
+    for (auto& r : regions_) {
+      uffdio_range range{r->base.load(std::memory_order_acquire), r->length};
+      ioctl(uffd_, UFFDIO_WAKE, &range);
+    }
     poisonedPages_ += poisoned;
+    if (firstError && firstError != ESRCH && poisoned == 0) ThrowErrno(info.Env(), firstError, "ioctl", "UFFDIO_POISON");
     return Napi::Number::New(info.Env(), static_cast<double>(poisoned));
   }
 
@@ -276,17 +286,30 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   }
 
   // Poisons [address, address+length); pages that turn out to be present
-  // (EEXIST: installed meanwhile) are stepped over. 0 or an errno.
-  int Poison(uint64_t address, uint64_t length, uint64_t pageSize) {
-    uint64_t end = address + length;
+  // (EEXIST: installed meanwhile) are stepped over. 0 or an errno; `*pages`
+  // counts the pages poisoned (or found present) before it stopped.
+  int Poison(uint64_t address, uint64_t length, uint64_t pageSize, uint64_t* pages) {
+    uint64_t start = address, end = address + length;
+    int retries = 0, err = 0;
     while (address < end) {
-      uffdio_poison z{{address, end - address}, 0, 0};
-      if (ioctl(uffd_, UFFDIO_POISON, &z) == 0) return 0;
-      if (errno == EAGAIN) continue;
-      if (errno != EEXIST) return errno;
-      address += (z.updated > 0 ? static_cast<uint64_t>(z.updated) : 0) + pageSize;
+      uffdio_poison z{{address, end - address}, UFFDIO_POISON_MODE_DONTWAKE, 0};
+      if (ioctl(uffd_, UFFDIO_POISON, &z) == 0) {
+        address = end;
+        break;
+      }
+      err = errno;
+      if (z.updated > 0) address += static_cast<uint64_t>(z.updated);
+      if (err == EAGAIN && ++retries < 1000) {  // the layout is changing: look again shortly
+        timespec ts{0, 100000};
+        nanosleep(&ts, nullptr);
+        continue;
+      }
+      if (err != EEXIST) break;
+      address += pageSize;
+      err = 0;
     }
-    return 0;
+    *pages = (address - start) / pageSize;
+    return address < end ? err : 0;
   }
 
   // heldBitmap(sourceRegion) -> Buffer, one bit per page of the source region
