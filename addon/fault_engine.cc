@@ -59,7 +59,8 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
                         InstanceMethod<&FaultEngine::PoisonMissing>("poisonMissing"),
                         InstanceMethod<&FaultEngine::Stats>("stats"),
                         InstanceMethod<&FaultEngine::ReceivedBitmap>("receivedBitmap"),
-                        InstanceMethod<&FaultEngine::HeldBitmap>("heldBitmap")});
+                        InstanceMethod<&FaultEngine::HeldBitmap>("heldBitmap"),
+                        InstanceMethod<&FaultEngine::MarkResident>("markResident")});
   }
 
   // new FaultEngine({uffd, sourceRegions: [{pages, pageSize}],
@@ -331,6 +332,24 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       }
     }
     return out;
+  }
+
+  // markResident(region, bitmap) -> pages newly marked. Pages of target region
+  // `region` found present already (a handler taking over from one that
+  // died): they settle without being fetched. Bitmap: bit p of byte p/8.
+  Napi::Value MarkResident(const Napi::CallbackInfo& info) {
+    uint32_t id = info[0].As<Napi::Number>().Uint32Value();
+    auto bits = info[1].As<Napi::TypedArrayOf<uint8_t>>();
+    if (id >= regions_.size()) throw CodedError(info.Env(), "ERR_OUT_OF_RANGE", "no such region");
+    TargetRegion& r = *regions_[id];
+    if (bits.ByteLength() != (r.pages + 7) / 8) throw CodedError(info.Env(), "ERR_OUT_OF_RANGE", "the bitmap does not fit the region");
+    uint64_t marked = 0;
+    for (uint64_t p = 0; p < r.pages; p++) {
+      if (!((bits.Data()[p / 8] >> (p % 8)) & 1) || !r.received->Claim(p)) continue;
+      if (r.settled->Claim(p)) marked++;
+    }
+    Settle(marked, MonotonicNs());
+    return Napi::Number::New(info.Env(), static_cast<double>(marked));
   }
 
   // Pages asked for and not yet settled (resident or given back).

@@ -126,6 +126,13 @@ export class FaultEngine extends EventEmitter {
     return this.#native.poisonMissing();
   }
 
+  /** Pages of target region `id` already present (bit p of byte p/8) settle without being fetched. Returns how many. */
+  markResident(id: number, bitmap: Uint8Array): number {
+    validateInteger(id, 'id');
+    if (!(bitmap instanceof Uint8Array)) throw new PostcopyError(ErrorCode.INVALID_ARG_TYPE, 'bitmap must be a Uint8Array');
+    return this.#native.markResident(id, bitmap);
+  }
+
   /** One bit per page of source region `id`: what the source need not send (resident, given back, or mapped by no region). */
   heldBitmap(id: number): Buffer {
     return this.#native.heldBitmap(validateInteger(id, 'id'));

@@ -8,13 +8,15 @@
 // past the give-up time, the pages still missing are poisoned: the guest gets
 // SIGBUS instead of hanging or reading zeros.
 import { EventEmitter } from 'node:events';
-import { closeSync, chmodSync, lstatSync, readlinkSync, unlinkSync } from 'node:fs';
+import { closeSync, readlinkSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import { receiveFds, peerCredentials } from '../lib/fd-passing.js';
 import { hasOverlap } from '../lib/validate.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
 import { native } from '../lib/native.js';
+import { residentBitmap } from '../lib/pagemap.js';
+import { listenOwnerOnly } from '../lib/unix-socket.js';
 import type { RegionInfo } from '../lib/protocol.js';
 import { transferOptions, type TransferOptions } from '../lib/transfer.js';
 import { DestinationSession, type DestinationSessionOptions, type RecoveryStatus } from './session.js';
@@ -52,11 +54,42 @@ interface VmmSession {
   guest: GuestRegion[];
   session: DestinationSession | null;
   ended: boolean;
+  takeover: boolean;
+  handoff?: number;
+}
+
+/** A VMM's connection, its userfaultfd and its handshake JSON, ready to be served. */
+export interface VmmHandoff {
+  pid: number;
+  socket: Socket;
+  uffd: number;
+  payload: Buffer;
+  takeover?: boolean;
+  /** The supervisor's number for this VMM, echoed in 'released'. */
+  handoff?: number;
+}
+
+/**
+ * Reads a VMM's handshake from its socket: the JSON payload with exactly one
+ * fd, a userfaultfd. The caller owns the returned fd.
+ */
+export async function receiveHandshake(fd: number, timeoutMs: number): Promise<{ payload: Buffer; uffd: number }> {
+  const msg = await receiveFds(fd, { maxBytes: 64 << 10, maxFds: 4, timeoutMs });
+  try {
+    if (msg.payload.length === 0) throw new PostcopyError(ErrorCode.PEER_GONE, 'the VMM closed the socket before its handshake');
+    if (msg.fds.length !== 1) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `the handshake must carry exactly one fd (the userfaultfd), not ${msg.fds.length}`);
+    if (!isUserfaultfd(msg.fds[0])) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the fd sent is not a userfaultfd');
+  } catch (err) {
+    for (const f of msg.fds) closeSync(f);
+    throw err;
+  }
+  return { payload: msg.payload, uffd: msg.fds[0] };
 }
 
 /**
  * Events: 'session-start' ({pid}), 'session-end' (VmmSessionSummary),
- * 'rejected' ({pid, code, message}).
+ * 'rejected' ({pid, code, message}), 'released' ({pid, handoff}): the handler
+ * let go of a VMM it adopted, whatever the reason.
  */
 export class VmmHandler extends EventEmitter {
   readonly #options: VmmHandlerOptions;
@@ -80,21 +113,7 @@ export class VmmHandler extends EventEmitter {
   async listen(path: string): Promise<void> {
     // pauseOnConnect: no JS read may take the handshake (and its fd) from us.
     const server = createServer({ pauseOnConnect: true }, (socket) => void this.#onVmm(socket));
-    try {
-      if (lstatSync(path).isSocket()) unlinkSync(path);
-    } catch {
-      // nothing there
-    }
-    const oldUmask = process.umask(0o177);
-    try {
-      await new Promise<void>((resolve, reject) => {
-        server.once('error', reject);
-        server.listen(path, resolve);
-      });
-    } finally {
-      process.umask(oldUmask);
-    }
-    chmodSync(path, 0o600);
+    await listenOwnerOnly(server, path);
     this.#server = server;
     this.#log.info({ socket: path, ...this.#transfer }, 'waiting for VMMs');
   }
@@ -110,30 +129,52 @@ export class VmmHandler extends EventEmitter {
     socket.on('error', () => {});
     const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd ?? -1;
     let pid = 0;
-    const received: number[] = [];
     try {
       pid = peerCredentials(fd).pid;
-      const msg = await receiveFds(fd, { maxBytes: 64 << 10, maxFds: 4, timeoutMs: this.#options.handshakeTimeoutMs ?? 10_000 });
-      received.push(...msg.fds);
-      if (msg.payload.length === 0) throw new PostcopyError(ErrorCode.PEER_GONE, 'the VMM closed the socket before its handshake');
-      if (msg.fds.length !== 1) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `the handshake must carry exactly one fd (the userfaultfd), not ${msg.fds.length}`);
-      if (!isUserfaultfd(msg.fds[0])) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the fd sent is not a userfaultfd');
-      const guest = parseHandshake(msg.payload);
-      const vmm: VmmSession = { pid, socket, uffd: msg.fds[0], guest, session: null, ended: false };
-      received.length = 0;
-      this.#sessions.add(vmm);
-      // The VMM keeps its socket open while it runs; its hang-up ends the session.
-      socket.once('close', () => this.#end(vmm, 'the VMM hung up'));
-      socket.resume();
+      const handshake = await receiveHandshake(fd, this.#options.handshakeTimeoutMs ?? 10_000);
+      await this.adopt({ pid, socket, ...handshake });
+    } catch (err) {
+      this.#refuse(pid, socket, err);
+    }
+  }
+
+  /**
+   * Serves a VMM whose handshake was received (here, or by the supervisor that
+   * hands VMMs to this handler). The handler owns `uffd` from this call on.
+   * `takeover`: a handler that died served this VMM before; what is resident
+   * is read from the VMM's pagemap, and threads left waiting are woken so
+   * their faults come again.
+   */
+  async adopt(handoff: VmmHandoff): Promise<void> {
+    const { pid, socket } = handoff;
+    socket.on('error', () => {});
+    let guest: GuestRegion[];
+    try {
+      guest = parseHandshake(handoff.payload);
+    } catch (err) {
+      closeSync(handoff.uffd);
+      this.#refuse(pid, socket, err);
+      this.emit('released', { pid, handoff: handoff.handoff });
+      return;
+    }
+    const vmm: VmmSession = { pid, socket, uffd: handoff.uffd, guest, session: null, ended: false, takeover: handoff.takeover === true, ...(handoff.handoff !== undefined ? { handoff: handoff.handoff } : {}) };
+    this.#sessions.add(vmm);
+    // The VMM keeps its socket open while it runs; its hang-up ends the session.
+    socket.once('close', () => this.#end(vmm, 'the VMM hung up'));
+    socket.resume();
+    try {
       await this.#start(vmm);
     } catch (err) {
-      for (const f of received) closeSync(f);
-      const e = err instanceof PostcopyError ? err : new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, (err as Error).message);
-      this.#log.warn({ vmmPid: pid, code: e.code, err: e.message }, 'VMM handshake refused; connection closed');
-      this.emit('rejected', { pid, code: e.code, message: e.message });
-      for (const s of this.#sessions) if (s.socket === socket) this.#end(s, 'handshake refused');
-      socket.destroy();
+      this.#end(vmm, 'handshake refused');
+      this.#refuse(pid, socket, err);
     }
+  }
+
+  #refuse(pid: number, socket: Socket, err: unknown): void {
+    const e = err instanceof PostcopyError ? err : new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, (err as Error).message);
+    this.#log.warn({ vmmPid: pid, code: e.code, err: e.message }, 'VMM handshake refused; connection closed');
+    this.emit('rejected', { pid, code: e.code, message: e.message });
+    socket.destroy();
   }
 
   async #start(vmm: VmmSession): Promise<void> {
@@ -150,7 +191,14 @@ export class VmmHandler extends EventEmitter {
           logger: log,
         });
         engine.on('memory-event', (e) => log.info({ event: e.type, start: e.a, end: e.b }, 'memory event'));
+        if (vmm.takeover) {
+          let found = 0;
+          targets.forEach((t, i) => (found += engine.markResident(i, residentBitmap(vmm.pid, t.base, t.length, t.pageSize))));
+          log.info({ residentPages: found }, 'took over a VMM from a handler that died; its resident pages are kept');
+        }
         engine.start();
+        // Faults the dead handler had read were lost with it: wake their threads so they fault again, to us.
+        if (vmm.takeover) for (const t of targets) native.uffdWake(vmm.uffd, t.base, t.length);
         return engine;
       });
     } catch (err) {
@@ -210,6 +258,7 @@ export class VmmHandler extends EventEmitter {
     } else {
       this.#log.info({ vmmPid: vmm.pid, reason }, 'VMM session ended');
     }
+    this.emit('released', { pid: vmm.pid, handoff: vmm.handoff });
   }
 }
 

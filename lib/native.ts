@@ -122,6 +122,7 @@ export interface NativeFaultEngine {
   stats(): DestinationStats;
   receivedBitmap(region: number): Buffer;
   heldBitmap(sourceRegion: number): Buffer;
+  markResident(region: number, bitmap: Uint8Array): number;
 }
 
 export interface NativeAddon {

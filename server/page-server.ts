@@ -2,7 +2,6 @@
 // destination by token challenge-response, and runs one session per
 // destination over a shared, read-only image.
 import { createServer, type Server, type Socket } from 'node:net';
-import { chmodSync, lstatSync, unlinkSync } from 'node:fs';
 import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import { type Address, formatAddress, isLocalOnly, parseAddress } from '../lib/address.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
@@ -11,6 +10,7 @@ import {
   sendErrorAndClose, takeSocket, type Heartbeat, type MessageOf,
 } from '../lib/protocol.js';
 import { MAX_RUN_BYTES } from '../lib/limits.js';
+import { listenOwnerOnly } from '../lib/unix-socket.js';
 import { MAX_WINDOW, type TransferOptions } from '../lib/transfer.js';
 import { validateBoolean, validateInteger, validateObject } from '../lib/validate.js';
 import { DEFAULT_RESUME_GRACE_MS, SourceSession } from './session.js';
@@ -74,18 +74,14 @@ export class PageServer {
       throw new PostcopyError(ErrorCode.AUTH_REQUIRED, `refusing to listen on ${formatAddress(a)} without a token: anyone on the network could read the image`);
     }
     const server = createServer({ noDelay: true }, (socket) => void this.#onConnection(socket));
-    if (a.kind === 'unix') removeStaleSocket(a.path);
-    const oldUmask = a.kind === 'unix' ? process.umask(0o177) : undefined;
-    try {
+    if (a.kind === 'unix') {
+      await listenOwnerOnly(server, a.path);
+    } else {
       await new Promise<void>((resolve, reject) => {
         server.once('error', reject);
-        if (a.kind === 'unix') server.listen(a.path, resolve);
-        else server.listen(a.port, a.host, resolve);
+        server.listen(a.port, a.host, resolve);
       });
-    } finally {
-      if (oldUmask !== undefined) process.umask(oldUmask);
     }
-    if (a.kind === 'unix') chmodSync(a.path, 0o600);
     const bound = server.address();
     this.#address = a.kind === 'tcp' && bound && typeof bound === 'object' ? { kind: 'tcp', host: a.host, port: bound.port } : a;
     this.#server = server;
@@ -210,14 +206,6 @@ export class PageServer {
     if (resume) this.#log.info({ session: session.id, resumes: resume, known: known ? known.state : false }, 'a destination resumes a session this source does not hold; serving what its bitmap lacks');
     this.#sessions.set(session.id, session);
     return session;
-  }
-}
-
-function removeStaleSocket(path: string): void {
-  try {
-    if (lstatSync(path).isSocket()) unlinkSync(path);
-  } catch {
-    // nothing there
   }
 }
 

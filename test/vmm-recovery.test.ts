@@ -5,9 +5,10 @@ import t from 'tap';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { join } from 'node:path';
+import { createInterface } from 'node:readline';
 import { VmmHandler, type VmmSessionSummary } from '../client/vmm-handler.js';
 import type { RecoveryOptions } from '../client/session.js';
-import { buildFixture, randomImage, startServeCli, tempDir, writeImage } from './helpers.js';
+import { buildFixture, cliCommand, randomImage, startServeCli, tempDir, writeImage } from './helpers.js';
 import type { Test } from 'tap';
 
 const FAST: RecoveryOptions = {
@@ -81,4 +82,41 @@ t.test('a source that cannot be reached at all: the VMM gets SIGBUS instead of h
   const vmm = startVmm(t, socket, imagePath);
   const result = await vmm.closed;
   t.equal(result.signal, 'SIGBUS');
+});
+
+t.test('handle CLI: the worker is killed (-9) mid-way; the supervisor starts another, hands the VMM over, and the VMM verifies every byte', async (t) => {
+  const dir = tempDir(t);
+  const imagePath = writeImage(dir, randomImage(8192, 5));
+  const source = `unix:${join(dir, 'src.sock')}`;
+  await startServeCli(t, ['--image', imagePath, '--listen', source]);
+  const socket = join(dir, 'handler.sock');
+  const [cmd, ...pre] = cliCommand();
+  const handle = spawn(cmd, [...pre, 'handle', '--socket', socket, '--source', source, '--no-background', '--window', '0:0', '--silence-timeout', '500ms'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  t.teardown(() => { handle.kill('SIGTERM'); });
+  const logs: Record<string, unknown>[] = [];
+  const waiters: { test: (l: Record<string, unknown>) => boolean; resolve: (l: Record<string, unknown>) => void }[] = [];
+  const waitLog = (test: (l: Record<string, unknown>) => boolean) => {
+    const seen = logs.find(test);
+    return seen ? Promise.resolve(seen) : new Promise<Record<string, unknown>>((resolve) => waiters.push({ test, resolve }));
+  };
+  createInterface({ input: handle.stderr! }).on('line', (line) => {
+    if (!line.startsWith('{')) return;
+    const l = JSON.parse(line) as Record<string, unknown>;
+    logs.push(l);
+    for (const w of [...waiters]) if (w.test(l)) { waiters.splice(waiters.indexOf(w), 1); w.resolve(l); }
+  });
+  const lines = createInterface({ input: handle.stdout! })[Symbol.asyncIterator]();
+  t.same(JSON.parse((await lines.next()).value).listening, { kind: 'unix', path: socket });
+  const firstWorker = (await waitLog((l) => l.msg === 'worker started')).workerPid as number;
+  const vmm = startVmm(t, socket, imagePath, ['--order', 'random']);
+  await waitLog((l) => l.msg === 'transfer started');
+  process.kill(firstWorker, 'SIGKILL');
+  await waitLog((l) => l.msg === 'worker started' && l.workerPid !== firstWorker);
+  const tookOver = await waitLog((l) => l.msg === 'took over a VMM from a handler that died; its resident pages are kept');
+  const result = await vmm.closed;
+  t.equal(result.signal, null);
+  t.equal(result.code, 0, 'the VMM verified every byte');
+  t.ok((tookOver.residentPages as number) > 0, `the new worker kept ${tookOver.residentPages} resident pages`);
+  const summary = JSON.parse((await lines.next()).value);
+  t.equal(summary.complete, true, 'the new worker finished the session');
 });
