@@ -9,9 +9,10 @@ import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { Image } from '../server/image.js';
 import { PageServer } from '../server/page-server.js';
-import { Destination, type DestinationOptions } from '../client/destination.js';
+import { Destination } from '../client/destination.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
-import { FaultProxy, type Direction, type FaultAction } from './fault-proxy.js';
+import { FaultProxy } from './fault-proxy.js';
+import { CUT_CASES, cutOffset, restoreThroughCut, seededRandom } from './cut-points.js';
 import { PAGE, cliCommand, randomImage, startServeCli, tempDir, writeImage } from './helpers.js';
 import type { Test } from 'tap';
 import type { RecoveryOptions } from '../client/session.js';
@@ -25,18 +26,8 @@ const FAST: RecoveryOptions = {
 };
 const SOURCE_HEARTBEAT = { intervalMs: 50, silenceMs: 400 };
 
-/** A seeded generator, so a failing cut point can be replayed (RECOVERY_SEED). */
-function generator(seed: number): (n: number) => number {
-  let x = seed >>> 0 || 1;
-  return (n) => {
-    x ^= x << 13; x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5; x >>>= 0;
-    return x % n;
-  };
-}
 const seed = Number(process.env.RECOVERY_SEED ?? 20261125);
-const random = generator(seed);
+const random = seededRandom(seed);
 t.comment(`cut points from RECOVERY_SEED=${seed}`);
 
 async function serve(t: Test, image: Image, extra: Partial<ConstructorParameters<typeof PageServer>[0]> = {}): Promise<{ server: PageServer; address: string }> {
@@ -54,63 +45,19 @@ async function eventually(check: () => boolean): Promise<void> {
   while (!check()) await new Promise((r) => setTimeout(r, 10));
 }
 
-interface Case {
-  channel: 'control' | 'urgent' | 'bulk';
-  direction: Direction;
-  action: FaultAction;
-}
-
-/**
- * Restores `bytes` through a proxy that applies one fault; returns the report.
- * bulk: pages come only by the background stream (no workload), so a cut
- * before its end must hit mid-transfer. urgent: no background, every page is
- * faulted in, so the same holds. control: cut after the handshake.
- */
-async function restoreThroughFault(t: Test, bytes: Buffer, c: Case, afterBytes: number) {
-  const { address } = await serve(t, Image.open([{ buffer: bytes }]));
-  const proxy = await FaultProxy.start(t, address);
-  const index = { control: 0, urgent: 1, bulk: 2 }[c.channel];
-  if (c.channel !== 'control') proxy.inject({ connection: index, direction: c.direction, afterBytes, action: c.action });
-  const options: DestinationOptions = {
-    source: proxy.address,
-    recovery: FAST,
-    ...(c.channel === 'urgent' ? { background: { enabled: false }, window: { forward: 2, backward: 0 } } : {}),
-    ...(c.channel === 'bulk' ? { background: { enabled: true, rateBytesPerSecond: 64 << 20 } } : {}),
-  };
-  const dest = await Destination.connect(options);
-  t.teardown(() => dest.close());
-  if (c.channel === 'control') proxy.inject({ connection: 0, direction: c.direction, afterBytes: proxy.carried(0, c.direction) + afterBytes, action: c.action });
-  const region = dest.regions[0];
-  const pages = region.mapping.length / PAGE;
-  const touching = c.channel === 'bulk' ? Promise.resolve() : touchPages(region.mapping.address, pages, shuffledOrder(pages, 7), { mapping: region.mapping });
-  const [report] = await Promise.all([dest.finish(), touching]);
-  t.ok(region.mapping.buffer().equals(bytes), 'every byte equals the source image');
-  return { report, proxy };
-}
-
 t.test('random cut points on every channel: each restore ends byte-exact by itself', async (t) => {
   const pages = 1024;
   const bytes = randomImage(pages, 7);
   const fdsBefore = openFds();
   const threadsBefore = threads();
-  const cases: Case[] = [];
-  for (const channel of ['bulk', 'urgent', 'control'] as const) {
-    for (const action of ['fin', 'rst', 'blackhole'] as const) {
-      for (const direction of ['down', 'up'] as const) {
-        if (channel === 'bulk' && direction === 'up') continue; // nothing flows up the bulk channel
-        cases.push({ channel, direction, action });
-      }
-    }
-  }
   let fired = 0;
   let resumes = 0;
   let cuts = 0;
-  for (const c of [...cases, ...cases]) {
-    // Every byte of a bulk or urgent cut point is reached before the restore can end.
-    const limit = { bulk: { down: pages * PAGE * 0.8 }, urgent: { down: pages * PAGE * 0.5, up: pages * 4 }, control: { down: 60, up: 60 } }[c.channel] as Record<Direction, number>;
-    const afterBytes = 1 + random(Math.floor(limit[c.direction]));
+  for (const c of [...CUT_CASES, ...CUT_CASES]) {
+    const afterBytes = cutOffset(c, pages, random);
     await t.test(`${c.channel} ${c.direction} ${c.action} after ${afterBytes} bytes`, async (t) => {
-      const { report, proxy } = await restoreThroughFault(t, bytes, c, afterBytes);
+      const { report, proxy, exact } = await restoreThroughCut(t, bytes, c, afterBytes, FAST, SOURCE_HEARTBEAT);
+      t.ok(exact, 'every byte equals the source image');
       t.equal(report.digestMatch, true, 'the digests match');
       const recovery = report.recovery as { resumes: number; state: string };
       if (c.channel !== 'control') {
