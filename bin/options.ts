@@ -72,10 +72,15 @@ export function parseWindow(text: string | undefined, usage: string): { forward:
 export class UsageError extends Error {}
 
 /** A one-line progress display on a terminal (stderr); nothing when not a terminal. */
-export function startProgress(stats: () => DestinationStats): () => void {
+export function startProgress(stats: () => DestinationStats, state: () => string = () => 'running'): () => void {
   if (!process.stderr.isTTY) return () => {};
   const draw = () => {
     const s = stats();
+    const now = state();
+    if (now === 'paused' || now === 'resuming') {
+      process.stderr.write(`\r\x1b[2K${now.toUpperCase()}: the source is out of reach; ${s.outstandingRequests} requested page(s) wait (reconnecting)`);
+      return;
+    }
     const pct = s.totalPages ? ((100 * s.residentPages) / s.totalPages).toFixed(1) : '0';
     const p50 = (s.faultLatency.p50Ns / 1000).toFixed(1);
     process.stderr.write(`\r\x1b[2Kresident ${pct}% (${s.residentPages}/${s.totalPages} pages)  faults ${s.faults}  p50 ${p50} µs  ${(s.bytesReceived / 2 ** 20).toFixed(1)} MiB in`);

@@ -44,7 +44,7 @@ export async function restore(argv: string[], log: Logger): Promise<RestoreRepor
     ...(window ? { window } : {}),
     background: { enabled: !values['no-background'], rateBytesPerSecond: values.rate ? parseSize(values.rate, '--rate') : 0 },
   });
-  const stopProgress = startProgress(() => dest.stats());
+  const stopProgress = startProgress(() => dest.stats(), () => dest.status().state);
   try {
     const touching = dest.regions.map((r) => {
       if (workload === 'none') return Promise.resolve();

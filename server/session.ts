@@ -135,8 +135,8 @@ export class SourceSession {
    * started ends.
    */
   connectionLost(reason: string, graceMs: number, onExpired: () => void): void {
-    if (this.#machine.is('closed', 'failed', 'paused')) return;
-    if (this.#machine.is('setup')) return this.close(reason);
+    if (this.#machine.is('closed', 'paused')) return;
+    if (this.#machine.is('setup', 'failed')) return this.close(reason);
     this.#stopNative();
     for (const fd of Object.values(this.#fds)) closeSync(fd);
     this.#fds = {};
