@@ -261,9 +261,14 @@ export class DestinationSession extends EventEmitter {
 
   /** Attaches a connection's data channels and starts the source from what we hold. */
   async #begin(connection: SourceConnection): Promise<void> {
+    const starting = () => {
+      if (!this.#machine.is('connecting', 'resuming')) throw new PostcopyError(ErrorCode.PEER_GONE, `the session became ${this.state} while starting`);
+    };
+    starting();
     this.#generation = this.engine.attachChannels(connection.takeChannels());
     const have = this.#identity.regions.map((r) => ({ region: r.id, bitmap: this.engine.heldBitmap(r.id) }));
     await connection.start(have.some((h) => h.bitmap.some((b) => b !== 0)) ? have : undefined);
+    starting(); // closed, given up, or paused by a channel failing meanwhile
     this.#watch(connection);
     this.#lastProgressAt = Date.now();
     this.#machine.to(this.engine.complete ? 'resident' : 'running', { session: connection.session, generation: this.#generation });
@@ -276,7 +281,7 @@ export class DestinationSession extends EventEmitter {
   }
 
   #onChannelFailed(f: ChannelFailure): void {
-    if (f.generation !== this.#generation || !this.#machine.is('running', 'resident')) return; // from channels already replaced
+    if (f.generation !== this.#generation || !this.#machine.is('running', 'resident', 'resuming')) return; // from channels already replaced
     if (f.targetGone) return; // the memory's owner exited; it ends the session
     this.#pause(f.error);
   }
@@ -366,8 +371,8 @@ export class DestinationSession extends EventEmitter {
       const e = asPostcopyError(err);
       if (this.#connection === connection) this.#connection = null;
       connection?.abandon();
-      if (!this.#machine.is('resuming')) return;
-      this.engine.detachChannels();
+      if (!this.#machine.is('running', 'resident')) this.engine.detachChannels(); // whatever this attempt attached
+      if (!this.#machine.is('resuming')) return; // closed, given up, or already paused again
       this.#lastError = e;
       const level = e.code === ErrorCode.IMAGE_MISMATCH || e.code === ErrorCode.AUTH_FAILED ? 'error' : 'warn';
       this.#log[level]({ attempt: this.#attempts, code: e.code, err: e.message }, 'resume attempt failed; retrying');

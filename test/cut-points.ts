@@ -37,9 +37,9 @@ export function seededRandom(seed: number): (n: number) => number {
 }
 
 /**
- * A byte offset on the case's channel that the restore of `pages` pages must
- * reach before it can end: bulk carries every page (no workload), urgent
- * every page (no background); control counts from the end of the handshake.
+ * A byte offset on the case's channel, counted from the end of the
+ * handshake, that the restore of `pages` pages must reach before it can end:
+ * bulk carries every page (no workload), urgent every page (no background).
  */
 export function cutOffset(c: CutCase, pages: number, random: (n: number) => number): number {
   const limit = { bulk: { down: pages * PAGE * 0.8, up: 0 }, urgent: { down: pages * PAGE * 0.5, up: pages * 4 }, control: { down: 60, up: 60 } }[c.channel][c.direction];
@@ -62,8 +62,6 @@ export async function restoreThroughCut(t: Test, bytes: Buffer, c: CutCase, afte
   t.teardown(() => server.close());
   const a = await server.listen(`unix:${join(tempDir(t), 'source.sock')}`);
   const proxy = await FaultProxy.start(t, `unix:${a.kind === 'unix' ? a.path : ''}`);
-  const index = { control: 0, urgent: 1, bulk: 2 }[c.channel];
-  if (c.channel !== 'control') proxy.inject({ connection: index, direction: c.direction, afterBytes, action: c.action });
   const options: DestinationOptions = {
     source: proxy.address,
     recovery,
@@ -76,7 +74,9 @@ export async function restoreThroughCut(t: Test, bytes: Buffer, c: CutCase, afte
   let resumedAt = 0;
   dest.session.on('paused', () => (pausedAt ||= Date.now()));
   dest.session.on('resumed', () => (resumedAt ||= Date.now()));
-  if (c.channel === 'control') proxy.inject({ connection: 0, direction: c.direction, afterBytes: proxy.carried(0, c.direction) + afterBytes, action: c.action });
+  // Counted from the end of the handshake: a first connection that fails is an error by design, not a case to recover.
+  const index = { control: 0, urgent: 1, bulk: 2 }[c.channel];
+  proxy.inject({ connection: index, direction: c.direction, afterBytes: proxy.carried(index, c.direction) + afterBytes, action: c.action });
   const region = dest.regions[0];
   const pages = region.mapping.length / PAGE;
   const touching = c.channel === 'bulk' ? Promise.resolve() : touchPages(region.mapping.address, pages, shuffledOrder(pages, 7), { mapping: region.mapping });
