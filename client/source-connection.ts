@@ -68,6 +68,9 @@ export class SourceConnection {
       const challenge = await reader.next(['challenge'], timeoutMs);
       if (challenge.protocol !== PROTOCOL_VERSION) throw new PostcopyError(ErrorCode.PROTOCOL_VERSION, `the source speaks protocol ${challenge.protocol}, not ${PROTOCOL_VERSION}`);
       let proof: Buffer | undefined;
+      if (challenge.auth !== 'token' && challenge.auth !== 'none') throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `the source offers an unknown authentication (${JSON.stringify(challenge.auth)})`);
+      // Holding a token, we take pages only from a source that proves it holds it too, whatever it says.
+      if (options.token && challenge.auth !== 'token') throw new PostcopyError(ErrorCode.AUTH_FAILED, 'the source did not prove it holds the token (it asks for no authentication): refused as a possible impostor');
       if (challenge.auth === 'token') {
         if (!options.token) throw new PostcopyError(ErrorCode.AUTH_REQUIRED, 'the source requires a token (--token-file)');
         if (!proofMatches(proveToken(options.token, 'server', challenge.nonce, nonce), challenge.proof)) {

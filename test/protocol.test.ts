@@ -1,6 +1,6 @@
 import t from 'tap';
 import { closeSync, fstatSync, statSync, writeSync } from 'node:fs';
-import { connect as netConnect } from 'node:net';
+import { connect as netConnect, createServer } from 'node:net';
 import { join } from 'node:path';
 import { Image } from '../server/image.js';
 import { PageServer } from '../server/page-server.js';
@@ -56,6 +56,24 @@ t.test('a wrong token is refused with a clear error', async (t) => {
   await t.rejects(Destination.connect({ source, token: 'battery staple' }), { code: 'ERR_AUTH_FAILED', message: /could not prove/ });
   await t.rejects(Destination.connect({ source }), { code: 'ERR_AUTH_REQUIRED' });
   t.equal(server.sessions.size, 0, 'no session was created');
+});
+
+t.test('a destination holding a token refuses a source that does not prove it, whatever its auth says', async (t) => {
+  // An impostor that asks for no authentication must not supply the memory.
+  const { source } = await startServer(t);
+  await t.rejects(Destination.connect({ source, token: 'correct horse' }), { code: 'ERR_AUTH_FAILED', message: /did not prove/ });
+  // One that names an authentication nobody knows is a protocol error, token or not.
+  const dir = tempDir(t);
+  const fake = createServer((socket) => {
+    const reader = new FrameReader(socket);
+    void reader.next(['hello'], 5000).then(() => socket.write(encodeFrame({ t: 'challenge', protocol: 1, software: 'fake', nonce: Buffer.alloc(32, 7), auth: 'weird' as 'none' })), () => {});
+  });
+  const path = join(dir, 'fake.sock');
+  await new Promise<void>((resolve) => fake.listen(path, resolve));
+  t.teardown(() => fake.close());
+  for (const token of ['correct horse', undefined]) {
+    await t.rejects(Destination.connect({ source: `unix:${path}`, token }), { code: 'ERR_PROTOCOL_MALFORMED', message: /unknown authentication/ });
+  }
 });
 
 t.test('a destination that fakes its proof is refused by the source', async (t) => {
