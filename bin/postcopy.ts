@@ -104,4 +104,7 @@ async function main(): Promise<number> {
   }
 }
 
-process.exitCode = await main();
+const code = await main();
+// A failed command exits now, whatever it left running (a child, a timer);
+// stderr is a file or a pipe, both written synchronously on Linux.
+if (code !== 0) process.exit(code);

@@ -81,11 +81,11 @@ export class HandlerSupervisor extends EventEmitter {
 
   /** Starts the worker and listens on `path` (created 0600). */
   async listen(path: string): Promise<void> {
-    this.#startWorker();
     // pauseOnConnect: no JS read may take the handshake (and its fd) from us.
     const server = createServer({ pauseOnConnect: true }, (socket) => void this.#onVmm(socket));
     await listenOwnerOnly(server, path);
     this.#server = server;
+    this.#startWorker();
     this.#log.info({ socket: path }, 'supervisor waiting for VMMs');
   }
 

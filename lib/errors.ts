@@ -39,6 +39,8 @@ export const ErrorCode = {
   IMAGE_INVALID: 'ERR_IMAGE_INVALID',
   /** An address given on the command line cannot be used. */
   INVALID_ADDRESS: 'ERR_INVALID_ADDRESS',
+  /** Another live process already listens on that socket path or port. */
+  ADDRESS_IN_USE: 'ERR_ADDRESS_IN_USE',
   /** A source serves a different image than the one this destination was restoring (size, regions or content). */
   IMAGE_MISMATCH: 'ERR_IMAGE_MISMATCH',
   /** The source stayed unreachable for longer than the give-up time. */

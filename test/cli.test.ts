@@ -1,5 +1,5 @@
 import t from 'tap';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
@@ -99,4 +99,24 @@ t.test('handle: a VMM process restores through the handler CLI; one JSON line pe
   t.equal(code, 0, 'the VMM verified every byte');
   const summary = JSON.parse((await lines.next()).value);
   t.match(summary, { vmmPid: vmm.pid, complete: true, pages: 1024, window: { forward: 4, backward: 0 } });
+});
+
+t.test('serve and handle refuse a socket path a live process listens on, and one too long for the kernel; both exit at once', async (t) => {
+  const dir = tempDir(t);
+  const imagePath = writeImage(dir, randomImage(16));
+  const socket = join(dir, 'live.sock');
+  await startServeCli(t, ['--image', imagePath, '--listen', `unix:${socket}`]);
+  const second = await runCli(['serve', '--image', imagePath, '--listen', `unix:${socket}`]);
+  t.equal(second.code, 1);
+  t.match(second.stderr, /ERR_ADDRESS_IN_USE/);
+  const handler = await runCli(['handle', '--socket', socket, '--source', `unix:${socket}`]);
+  t.equal(handler.code, 1);
+  t.match(handler.stderr, /ERR_ADDRESS_IN_USE/);
+  const r = await runCli(['restore', '--source', `unix:${socket}`, '--workload', 'none', '--json']);
+  t.equal(r.code, 0, 'the first source still serves');
+  const long = join(dir, 'x'.repeat(120) + '.sock');
+  const tooLong = await runCli(['serve', '--image', imagePath, '--listen', `unix:${long}`]);
+  t.equal(tooLong.code, 1);
+  t.match(tooLong.stderr, /ERR_INVALID_ADDRESS/);
+  t.notOk(readdirSync(dir).some((f) => f.startsWith('xxxx')), 'no truncated socket file is left');
 });
