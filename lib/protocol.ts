@@ -67,7 +67,10 @@ export function encodeFrame(message: Message): Buffer {
 export class FrameReader {
   readonly #socket: Socket;
   readonly #maxFrame: number;
-  #buffered: Buffer = Buffer.alloc(0);
+  // Chunks not yet read as frames. A frame is joined once, when all of it is
+  // here: a peer dribbling a large frame costs a copy of it, not one per chunk.
+  #chunks: Buffer[] = [];
+  #bufferedBytes = 0;
   #queue: Message[] = [];
   #failure: PostcopyError | null = null;
   #waiter: (() => void) | null = null;
@@ -121,7 +124,7 @@ export class FrameReader {
     this.#socket.off('end', this.#onEnd);
     this.#socket.off('close', this.#onEnd);
     this.#socket.off('error', this.#onError);
-    return this.#buffered;
+    return this.#take(this.#bufferedBytes);
   }
 
   /**
@@ -145,16 +148,16 @@ export class FrameReader {
   #push(chunk: Buffer): void {
     if (this.#failure) return; // the caller answers and closes; ignore the rest
     this.#lastHeardAt = Date.now();
-    this.#buffered = this.#buffered.length ? Buffer.concat([this.#buffered, chunk]) : chunk;
-    while (this.#buffered.length >= 4) {
-      const length = this.#buffered.readUInt32BE(0);
+    this.#chunks.push(chunk);
+    this.#bufferedBytes += chunk.length;
+    while (this.#bufferedBytes >= 4) {
+      const length = this.#peek(4).readUInt32BE(0);
       if (length > this.#maxFrame) {
         this.#fail(new PostcopyError(ErrorCode.PROTOCOL_FRAME_TOO_LARGE, `a ${length}-byte frame exceeds the ${this.#maxFrame}-byte limit`));
         return;
       }
-      if (this.#buffered.length < 4 + length) break;
-      const body = this.#buffered.subarray(4, 4 + length);
-      this.#buffered = this.#buffered.subarray(4 + length);
+      if (this.#bufferedBytes < 4 + length) break;
+      const body = this.#take(4 + length).subarray(4);
       let message: unknown;
       try {
         message = packr.unpack(body);
@@ -170,6 +173,37 @@ export class FrameReader {
       if ((message as Message).t === 'error') this.#reportClosed(remoteError(message as MessageOf<'error'>));
     }
     this.#wake();
+  }
+
+  /** The first `n` buffered bytes, leaving them buffered (n is small: a length prefix). */
+  #peek(n: number): Buffer {
+    if (this.#chunks[0].length < n) this.#chunks = [Buffer.concat(this.#chunks)];
+    return this.#chunks[0];
+  }
+
+  /** Removes and returns the first `n` buffered bytes, joining chunks only when a frame spans them. */
+  #take(n: number): Buffer {
+    let out: Buffer;
+    if (this.#chunks.length && this.#chunks[0].length >= n) {
+      out = this.#chunks[0].subarray(0, n);
+    } else {
+      const parts: Buffer[] = [];
+      let need = n;
+      for (const c of this.#chunks) {
+        if (need === 0) break;
+        parts.push(c.length <= need ? c : c.subarray(0, need));
+        need -= Math.min(need, c.length);
+      }
+      out = Buffer.concat(parts, n);
+    }
+    // Drop what was taken: whole chunks in one splice, then the head of the next.
+    let left = n;
+    let whole = 0;
+    while (whole < this.#chunks.length && this.#chunks[whole].length <= left) left -= this.#chunks[whole++].length;
+    this.#chunks.splice(0, whole);
+    if (left > 0) this.#chunks[0] = this.#chunks[0].subarray(left);
+    this.#bufferedBytes -= n;
+    return out;
   }
 
   #fail(err: PostcopyError): void {

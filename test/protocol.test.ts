@@ -1,6 +1,6 @@
 import t from 'tap';
 import { closeSync, fstatSync, statSync, writeSync } from 'node:fs';
-import { connect as netConnect, createServer } from 'node:net';
+import { connect as netConnect, createServer, Socket as NetSocket } from 'node:net';
 import { join } from 'node:path';
 import { Image } from '../server/image.js';
 import { PageServer } from '../server/page-server.js';
@@ -245,4 +245,30 @@ t.test('an engine cannot be restarted after stop(); channels offered then are re
   t.throws(() => engine.attachChannels({ urgentFd: b, bulkFd: d }), { code: 'ERR_ENGINE_STATE' });
   t.throws(() => fstatSync(b), { code: 'EBADF' }, 'the urgent channel was closed');
   t.throws(() => fstatSync(d), { code: 'EBADF' }, 'the bulk channel was closed');
+});
+
+t.test('a frame dribbled in small pieces is joined once, not once per piece', async (t) => {
+  // Four clients each dribbling a 4 MiB frame in 1 KiB writes used to cost a
+  // copy of everything buffered so far on every write (quadratic).
+  const frame = encodeFrame({ t: 'error', code: 'ERR_TIMEOUT', message: 'x'.repeat(4 << 20) });
+  const [ours, theirs] = socketPair();
+  const input = new NetSocket({ fd: theirs, readable: true, writable: true });
+  t.teardown(() => { input.destroy(); closeSync(ours); });
+  const reader = new FrameReader(input, 8 << 20);
+  const concat = Buffer.concat;
+  let copied = 0;
+  Buffer.concat = ((list: readonly Uint8Array[], length?: number) => {
+    const out = concat(list, length);
+    copied += out.length;
+    return out;
+  }) as typeof Buffer.concat;
+  t.teardown(() => { Buffer.concat = concat; });
+  const got = reader.next(['error'], 30_000);
+  for (let off = 0; off < frame.length; off += 1024) {
+    input.emit('data', frame.subarray(off, off + 1024)); // as the socket would deliver it
+  }
+  const message = await got;
+  Buffer.concat = concat;
+  t.equal(message.message.length, 4 << 20);
+  t.ok(copied <= 2 * frame.length, `bytes copied while joining (${copied}) stay within twice the frame (${frame.length})`);
 });
