@@ -1,21 +1,35 @@
 // Data-plane threads report to JS through one thread-safe function per object:
-// small records {type, channel, code, message, a, b, generation}, never one
-// call per page. `generation` names the set of data channels an event came
-// from, so a late event from channels already replaced can be told apart.
+// small records, never one call per page. Each has a type, optionally the
+// channel and a code (one of lib/errors.ts, or an errno name with its errno
+// and syscall, like Node's own errors), `generation` (the set of data channels
+// it came from, so a late event from channels already replaced can be told
+// apart), and named numbers (e.g. start/end of a range). The JS side lists
+// every type with its fields in lib/native.ts (NativeEvent).
 #pragma once
 #include <napi.h>
 
 #include <string>
+#include <utility>
+#include <vector>
+
+#include "errors.h"
 
 namespace uffdpc {
 
 struct NativeEvent {
+  using Fields = std::vector<std::pair<const char*, double>>;
+  NativeEvent(std::string type_, std::string channel_ = "", std::string code_ = "", std::string message_ = "", uint32_t generation_ = 0,
+              Fields fields_ = {})
+      : type(std::move(type_)), channel(std::move(channel_)), code(std::move(code_)), message(std::move(message_)),
+        generation(generation_), fields(std::move(fields_)) {}
   std::string type;
   std::string channel;
   std::string code;
   std::string message;
-  double a = 0, b = 0;
   uint32_t generation = 0;
+  int errnum = 0;           // with `syscall`: a kernel error (code is its name)
+  const char* syscall = nullptr;
+  Fields fields;
 };
 
 class EventSink {
@@ -45,9 +59,12 @@ class EventSink {
       if (!event->channel.empty()) o.Set("channel", event->channel);
       if (!event->code.empty()) o.Set("code", event->code);
       if (!event->message.empty()) o.Set("message", event->message);
-      o.Set("a", event->a);
-      o.Set("b", event->b);
+      if (event->errnum) {
+        o.Set("errno", -event->errnum);
+        if (event->syscall) o.Set("syscall", event->syscall);
+      }
       o.Set("generation", event->generation);
+      for (auto& [name, value] : event->fields) o.Set(name, value);
       // An exception thrown by the callback would be swallowed (DEP0168); the
       // JS side catches inside its own handler.
       callback.Call({o});
@@ -58,5 +75,17 @@ class EventSink {
   Napi::ThreadSafeFunction tsfn_;
   bool open_ = false;
 };
+
+// A kernel error as an event: code = errno name, errno, syscall.
+inline NativeEvent ErrnoEvent(const char* type, const char* channel, int err, const char* syscall, const std::string& message,
+                              uint32_t generation = 0) {
+  NativeEvent e{type, channel, "", message, generation};
+  if (err > 0) {
+    e.code = ErrnoName(err);
+    e.errnum = err;
+    e.syscall = syscall;
+  }
+  return e;
+}
 
 }  // namespace uffdpc

@@ -373,7 +373,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       if (err) {
         urgentBroken_ = true;
         if (!stop_.load() && !detaching_.load())
-          events_.Emit({"error", "urgent", ErrnoName(err), "sending a page request failed", 0, 0, generation_.load()});
+          events_.Emit(ErrnoEvent("error", "urgent", err, "write", "sending a page request failed", generation_.load()));
       } else {
         requestsSent_ += reqs.size();
       }
@@ -420,7 +420,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       ssize_t n = read(uffd_, msgs, sizeof msgs);
       if (n < 0 && (errno == EAGAIN || errno == EINTR)) continue;
       if (n <= 0) {
-        events_.Emit({"uffd-closed", "", n < 0 ? ErrnoName(errno) : "", "reading the userfaultfd failed"});
+        events_.Emit(ErrnoEvent("uffd-closed", "", n < 0 ? errno : 0, "read", "reading the userfaultfd failed"));
         return;
       }
       uint64_t now = MonotonicNs();
@@ -447,7 +447,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     TargetRegion* found = RegionAt(address);
     if (!found) {
       unexpected_++;
-      events_.Emit({"unexpected-fault", "", "", "a fault outside every known region", static_cast<double>(address)});
+      events_.Emit({"unexpected-fault", "", "", "a fault outside every known region", 0, {{"address", double(address)}}});
       return;
     }
     TargetRegion& r = *found;
@@ -484,7 +484,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     } else if (err == EAGAIN) {
       deferredZeroFills_.push_back({address, pageSize});
     } else if (err != ENOENT) {
-      events_.Emit({"error", "", ErrnoName(err), "zero-filling a removed page failed"});
+      events_.Emit(ErrnoEvent("install-failed", "", err, "ioctl", "zero-filling a removed page failed (UFFDIO_ZEROPAGE)"));
     }
   }
 
@@ -522,11 +522,11 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     switch (m.event) {
       case UFFD_EVENT_REMOVE:
         GiveBack(m.arg.remove.start, m.arg.remove.end);
-        events_.Emit({"remove", "", "", "", double(m.arg.remove.start), double(m.arg.remove.end)});
+        events_.Emit({"remove", "", "", "", 0, {{"start", double(m.arg.remove.start)}, {"end", double(m.arg.remove.end)}}});
         break;
       case UFFD_EVENT_UNMAP:
         GiveBack(m.arg.remove.start, m.arg.remove.end);
-        events_.Emit({"unmap", "", "", "", double(m.arg.remove.start), double(m.arg.remove.end)});
+        events_.Emit({"unmap", "", "", "", 0, {{"start", double(m.arg.remove.start)}, {"end", double(m.arg.remove.end)}}});
         break;
       case UFFD_EVENT_REMAP: {
         // A whole region moved (mremap): follow it. Partial moves are reported.
@@ -537,15 +537,15 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
             followed = true;
           }
         }
-        events_.Emit({"remap", "", followed ? "" : "ERR_PARTIAL_REMAP", followed ? "" : "a partial remap of a region is not followed",
-                      double(m.arg.remap.from), double(m.arg.remap.to)});
+        events_.Emit({"remap", "", "", followed ? "" : "a partial remap of a region is not followed", 0,
+                      {{"from", double(m.arg.remap.from)}, {"to", double(m.arg.remap.to)}, {"length", double(m.arg.remap.len)}, {"followed", followed ? 1.0 : 0.0}}});
         break;
       }
       case UFFD_EVENT_FORK:
-        events_.Emit({"fork", "", "", "", double(m.arg.fork.ufd)});
+        events_.Emit({"fork", "", "", "", 0, {{"fd", double(m.arg.fork.ufd)}}});
         break;
       default:
-        events_.Emit({"unknown-event", "", "", "", double(m.event)});
+        events_.Emit({"unknown-event", "", "", "", 0, {{"event", double(m.event)}}});
     }
   }
 
@@ -555,11 +555,11 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
 
   void ReceiveLoop(int fd, const char* channel, uint32_t generation) {
     auto report = [&](const char* type, const std::string& code, const char* message) {
-      if (!Leaving()) events_.Emit({type, channel, code, message, 0, 0, generation});
+      if (!Leaving()) events_.Emit({type, channel, code, message, generation});
     };
     void* raw = nullptr;
     if (posix_memalign(&raw, 4096, maxRunBytes_) != 0) {
-      report("error", "ENOMEM", "cannot allocate the receive buffer");
+      if (!Leaving()) events_.Emit(ErrnoEvent("error", channel, ENOMEM, "posix_memalign", "cannot allocate the receive buffer", generation));
       return;
     }
     std::unique_ptr<uint8_t, decltype(&free)> buffer(static_cast<uint8_t*>(raw), &free);
@@ -567,7 +567,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       wire::RunHeader h;
       int err = ReadFull(fd, &h, sizeof h);
       if (err) {
-        report("closed", err > 0 ? ErrnoName(err) : "", "the source closed the channel");
+        if (!Leaving()) events_.Emit(ErrnoEvent("closed", channel, err > 0 ? err : 0, "read", "the source closed the channel", generation));
         return;
       }
       bytesReceived_ += sizeof h;
@@ -585,7 +585,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       if (h.kind == wire::kDataRun) {
         // A run is installed only once all of it is here: a cut mid-run drops it.
         if ((err = ReadFull(fd, buffer.get(), h.count * pageSize))) {
-          report("closed", err > 0 ? ErrnoName(err) : "EPIPE", "the source closed the channel mid-run");
+          if (!Leaving()) events_.Emit(ErrnoEvent("closed", channel, err > 0 ? err : EPIPE, "read", "the source closed the channel mid-run", generation));
           return;
         }
         bytesReceived_ += h.count * pageSize;
@@ -656,10 +656,10 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
         continue;
       }
       if (err == ESRCH) {  // the process owning the memory is gone
-        if (!Leaving()) events_.Emit({"target-gone", channel, "ESRCH", "the process owning the memory exited", 0, 0, generation});
+        if (!Leaving()) events_.Emit(ErrnoEvent("target-gone", channel, ESRCH, "ioctl", "the process owning the memory exited", generation));
         return false;
       }
-      if (!Leaving()) events_.Emit({"install-failed", channel, ErrnoName(err), "installing pages failed", 0, 0, generation});
+      if (!Leaving()) events_.Emit(ErrnoEvent("install-failed", channel, err, "ioctl", data ? "installing pages failed (UFFDIO_COPY)" : "installing zero pages failed (UFFDIO_ZEROPAGE)", generation));
       return false;
     }
     return true;
@@ -711,7 +711,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     if (pages == 0) return;
     if (resident_.fetch_add(pages) + pages == totalPages_) {
       completeNs_ = now;
-      events_.Emit({"complete", "", "", "", static_cast<double>(now - startNs_)});
+      events_.Emit({"complete", "", "", "", 0, {{"elapsedNs", double(now - startNs_)}}});
     }
   }
 

@@ -244,7 +244,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
       ssize_t got = read(urgentFd_, reinterpret_cast<char*>(reqs.data()) + have, reqs.size() * sizeof(wire::PageRequest) - have);
       if (got < 0 && errno == EINTR) continue;
       if (got <= 0) {
-        if (!stop_.load()) events_.Emit({"closed", "urgent", got < 0 ? ErrnoName(errno) : "", "the destination closed the urgent channel"});
+        if (!stop_.load()) events_.Emit(ErrnoEvent("closed", "urgent", got < 0 ? errno : 0, "read", "the destination closed the urgent channel"));
         return;
       }
       have += static_cast<size_t>(got);
@@ -264,7 +264,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
   }
 
   void FailWrite(int err) {
-    if (!stop_.load()) Fail("urgent", ErrnoName(err).c_str(), "write to the urgent channel failed");
+    if (!stop_.load()) events_.Emit(ErrnoEvent("error", "urgent", err, "writev", "write to the urgent channel failed"));
   }
 
   // The requested page goes first. It is sent again even if the background
@@ -341,7 +341,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
       int err = AddRuns(batch, region, p, runLen, wire::kBackground);
       if (!err) err = batch.Flush();
       if (err) {
-        if (!stop_.load()) Fail("bulk", ErrnoName(err).c_str(), "write to the bulk channel failed");
+        if (!stop_.load()) events_.Emit(ErrnoEvent("error", "bulk", err, "writev", "write to the bulk channel failed"));
         return;
       }
       sentBytes += runLen * r.pageSize;

@@ -4,7 +4,7 @@
 // requests still unanswered go out again).
 import { EventEmitter } from 'node:events';
 import { native, type DestinationStats, type NativeEvent, type NativeFaultEngine } from '../lib/native.js';
-import { ErrorCode, PostcopyError, asErrorCode } from '../lib/errors.js';
+import { ErrorCode, PostcopyError, asErrorCode, kernelError, type CodedError } from '../lib/errors.js';
 import { closeSync } from 'node:fs';
 import { hasOverlap, validateAligned, validateFd, validateInteger } from '../lib/validate.js';
 import { MAX_RUN_BYTES } from '../lib/limits.js';
@@ -40,15 +40,22 @@ export interface FaultEngineOptions {
 
 /** A data channel failed: what happened, and which attach it belonged to. */
 export interface ChannelFailure {
-  error: PostcopyError;
+  /** One of our codes, or a kernel error (ENOMEM, EPIPE, ...) with errno and syscall. */
+  error: CodedError;
   generation: number;
   /** The memory's owner is gone (ESRCH): nothing can be installed any more. */
   targetGone: boolean;
 }
 
+/** What the memory's owner did to its memory (REMOVE, UNMAP, REMAP, FORK events). */
+export type MemoryEvent =
+  | { type: 'remove' | 'unmap'; start: number; end: number }
+  | { type: 'remap'; from: number; to: number; length: number; followed: boolean }
+  | { type: 'fork'; fd: number };
+
 /**
  * Events: 'complete' (every page resident), 'channel-failed' (ChannelFailure),
- * 'uffd-closed' (PostcopyError), 'memory-event' ({type: 'remove'|'unmap'|'remap'|'fork', a, b}).
+ * 'uffd-closed' (PostcopyError), 'memory-event' (MemoryEvent), 'unexpected-fault' (address).
  */
 export class FaultEngine extends EventEmitter {
   readonly #native: NativeFaultEngine;
@@ -169,7 +176,7 @@ export class FaultEngine extends EventEmitter {
       switch (e.type) {
         case 'complete':
           this.#complete = true;
-          this.#log.info({ fullResidencyMs: Math.round(e.a / 1e4) / 100 }, 'every page is resident');
+          this.#log.info({ fullResidencyMs: Math.round(e.elapsedNs / 1e4) / 100 }, 'every page is resident');
           this.#settle.resolve();
           this.emit('complete');
           return;
@@ -178,13 +185,21 @@ export class FaultEngine extends EventEmitter {
           return;
         case 'remove':
         case 'unmap':
+          this.emit('memory-event', { type: e.type, start: e.start, end: e.end } satisfies MemoryEvent);
+          return;
         case 'remap':
+          if (!e.followed) this.#log.warn({ code: ErrorCode.PARTIAL_REMAP, from: e.from, to: e.to, length: e.length }, 'part of a region was moved (mremap); that part is no longer served');
+          this.emit('memory-event', { type: 'remap', from: e.from, to: e.to, length: e.length, followed: e.followed === 1 } satisfies MemoryEvent);
+          return;
         case 'fork':
-          this.emit('memory-event', { type: e.type, a: e.a, b: e.b });
+          this.emit('memory-event', { type: 'fork', fd: e.fd } satisfies MemoryEvent);
+          return;
+        case 'unknown-event':
+          this.#log.warn({ event: e.event }, 'an unknown userfaultfd event');
           return;
         case 'unexpected-fault':
-          this.#log.warn({ address: e.a }, 'a fault outside every region; the faulting thread stays blocked');
-          this.emit('unexpected-fault', e.a);
+          this.#log.warn({ address: e.address }, 'a fault outside every region; the faulting thread stays blocked');
+          this.emit('unexpected-fault', e.address);
           return;
         case 'uffd-closed': {
           if (this.#stopped) return;
@@ -195,10 +210,11 @@ export class FaultEngine extends EventEmitter {
         }
       }
       if (this.#stopped) return;
-      const code = asErrorCode(e.code, ErrorCode.PEER_GONE);
-      const error = new PostcopyError(code, `${e.channel ? `${e.channel} channel: ` : ''}${e.message ?? e.type}`, { event: e.type, native: e.code });
-      if (e.code && !code.startsWith('ERR_')) Object.assign(error, { errno: e.code });
-      this.#log.debug({ code, channel: e.channel, native: e.code, generation: e.generation, err: error.message }, 'data channel failed');
+      const what = `${e.channel ? `${e.channel} channel: ` : ''}${e.message ?? e.type}`;
+      const error: CodedError = e.errno !== undefined && e.code
+        ? kernelError(e.code, e.errno, e.syscall ?? 'unknown', what)
+        : new PostcopyError(asErrorCode(e.code, ErrorCode.PEER_GONE), what, { event: e.type });
+      this.#log.debug({ code: error.code, errno: error.errno, syscall: error.syscall, channel: e.channel, generation: e.generation, err: error.message }, 'data channel failed');
       this.emit('channel-failed', { error, generation: e.generation, targetGone: e.type === 'target-gone' } satisfies ChannelFailure);
     } catch (err) {
       this.#log.error({ err }, 'handling a fault-engine event failed');

@@ -16,7 +16,7 @@ import { EventEmitter } from 'node:events';
 import { closeSync } from 'node:fs';
 import { createServer, Socket as NetSocket, type Server, type Socket } from 'node:net';
 import { createInterface } from 'node:readline';
-import { ErrorCode, PostcopyError } from '../lib/errors.js';
+import { asCodedError } from '../lib/errors.js';
 import { peerCredentials, receiveFds, sendFds, socketPair } from '../lib/fd-passing.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
 import { listenOwnerOnly } from '../lib/unix-socket.js';
@@ -119,7 +119,7 @@ export class HandlerSupervisor extends EventEmitter {
       socket.resume();
       this.#handOver(vmm);
     } catch (err) {
-      const e = err instanceof PostcopyError ? err : new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, (err as Error).message);
+      const e = asCodedError(err);
       this.#log.warn({ vmmPid: pid, code: e.code, err: e.message }, 'VMM handshake refused; connection closed');
       socket.destroy();
     }

@@ -12,7 +12,7 @@
 // requests first. A source that serves a different image is refused. Only a
 // give-up time, when one is set, ends an outage in failure.
 import { EventEmitter } from 'node:events';
-import { ErrorCode, PostcopyError } from '../lib/errors.js';
+import { ErrorCode, PostcopyError, asCodedError, type CodedError } from '../lib/errors.js';
 import { type Address, formatAddress, parseAddress } from '../lib/address.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
 import { MAX_RUN_BYTES } from '../lib/limits.js';
@@ -83,8 +83,8 @@ interface Resolved {
 }
 
 /**
- * Events: 'paused' (PostcopyError), 'resumed' ({outageMs, attempts}),
- * 'failed' (PostcopyError): given up, and 'state' (to, from).
+ * Events: 'paused' (CodedError), 'resumed' ({outageMs, attempts}),
+ * 'failed' (CodedError): given up, and 'state' (to, from).
  */
 export class DestinationSession extends EventEmitter {
   readonly engine: FaultEngine;
@@ -102,7 +102,7 @@ export class DestinationSession extends EventEmitter {
   #attempts = 0;
   #outageSince = 0;
   #pausedMs = 0;
-  #lastError: PostcopyError | null = null;
+  #lastError: CodedError | null = null;
   #retryTimer: NodeJS.Timeout | null = null;
   #giveUpTimer: NodeJS.Timeout | null = null;
   #watchdog: NodeJS.Timeout;
@@ -215,7 +215,7 @@ export class DestinationSession extends EventEmitter {
       try {
         return await connection.finish(stats, this.#recovery.digestTimeoutMs);
       } catch (err) {
-        if (this.#connection === connection) this.#pause(asPostcopyError(err));
+        if (this.#connection === connection) this.#pause(asCodedError(err));
       }
     }
   }
@@ -235,7 +235,7 @@ export class DestinationSession extends EventEmitter {
   }
 
   /** Ends the session in failure (e.g. the digest did not match). */
-  fail(err: PostcopyError): void {
+  fail(err: CodedError): void {
     if (!this.#machine.can('failed')) return;
     this.#stopRecovery();
     this.#lastError = err;
@@ -311,7 +311,7 @@ export class DestinationSession extends EventEmitter {
 
   // ---- pausing and resuming ----
 
-  #pause(err: PostcopyError): void {
+  #pause(err: CodedError): void {
     if (!this.#machine.is('running', 'resident', 'resuming')) return;
     this.#lastError = err;
     const connection = this.#connection;
@@ -368,7 +368,7 @@ export class DestinationSession extends EventEmitter {
       this.#log.info({ outageMs, attempts: this.#attempts, sameSession: connection.resumed, session: connection.session, requestsResent: s.requestsResent, residentPages: s.residentPages }, 'resumed');
       this.emit('resumed', { outageMs, attempts: this.#attempts });
     } catch (err) {
-      const e = asPostcopyError(err);
+      const e = asCodedError(err);
       if (this.#connection === connection) this.#connection = null;
       connection?.abandon();
       if (!this.#machine.is('running', 'resident')) this.engine.detachChannels(); // whatever this attempt attached
@@ -434,6 +434,3 @@ function resolveRecovery(r: RecoveryOptions = {}): Resolved {
   };
 }
 
-function asPostcopyError(err: unknown): PostcopyError {
-  return err instanceof PostcopyError ? err : new PostcopyError(ErrorCode.PEER_GONE, (err as Error)?.message ?? String(err));
-}

@@ -10,7 +10,7 @@
 import { EventEmitter } from 'node:events';
 import { closeSync, readlinkSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
-import { ErrorCode, PostcopyError } from '../lib/errors.js';
+import { ErrorCode, PostcopyError, asCodedError } from '../lib/errors.js';
 import { receiveFds, peerCredentials } from '../lib/fd-passing.js';
 import { hasOverlap } from '../lib/validate.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
@@ -20,7 +20,7 @@ import { listenOwnerOnly } from '../lib/unix-socket.js';
 import type { RegionInfo } from '../lib/protocol.js';
 import { transferOptions, type TransferOptions } from '../lib/transfer.js';
 import { DestinationSession, type DestinationSessionOptions, type RecoveryStatus } from './session.js';
-import { FaultEngine, type TargetRegion } from './fault-engine.js';
+import { FaultEngine, type MemoryEvent, type TargetRegion } from './fault-engine.js';
 import { summarize, type RestoreReport } from './report.js';
 
 /** One entry of the VMM's handshake, as Firecracker sends it. */
@@ -171,7 +171,7 @@ export class VmmHandler extends EventEmitter {
   }
 
   #refuse(pid: number, socket: Socket, err: unknown): void {
-    const e = err instanceof PostcopyError ? err : new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, (err as Error).message);
+    const e = asCodedError(err);
     this.#log.warn({ vmmPid: pid, code: e.code, err: e.message }, 'VMM handshake refused; connection closed');
     this.emit('rejected', { pid, code: e.code, message: e.message });
     socket.destroy();
@@ -190,7 +190,7 @@ export class VmmHandler extends EventEmitter {
           regions: targets,
           logger: log,
         });
-        engine.on('memory-event', (e) => log.info({ event: e.type, start: e.a, end: e.b }, 'memory event'));
+        engine.on('memory-event', (e: MemoryEvent) => log.info(e, 'memory event'));
         if (vmm.takeover) {
           let found = 0;
           targets.forEach((t, i) => (found += engine.markResident(i, residentBitmap(vmm.pid, t.base, t.length, t.pageSize))));

@@ -49,6 +49,10 @@ export const ErrorCode = {
   PEER_SILENT: 'ERR_PEER_SILENT',
   /** A call the engine cannot take in its current state (e.g. attaching channels twice). */
   ENGINE_STATE: 'ERR_ENGINE_STATE',
+  /** The memory's owner moved part of a region (mremap); that part is no longer served. */
+  PARTIAL_REMAP: 'ERR_PARTIAL_REMAP',
+  /** An exception nobody expected: a bug of ours, never blamed on a peer. */
+  INTERNAL: 'ERR_INTERNAL',
   /** A state change the state machine does not allow (a bug, never a peer's doing). */
   INVALID_TRANSITION: 'ERR_INVALID_TRANSITION',
 } as const;
@@ -58,6 +62,20 @@ export type ErrorCodeValue = (typeof ErrorCode)[keyof typeof ErrorCode];
 /** `code` when it is one of ours (e.g. reported by a peer or native code), else `fallback`. */
 export function asErrorCode(code: unknown, fallback: ErrorCodeValue): ErrorCodeValue {
   return (Object.values(ErrorCode) as string[]).includes(code as string) ? (code as ErrorCodeValue) : fallback;
+}
+
+/** An error with a stable `code`: one of ours (PostcopyError), or a kernel error (`code` its errno name, with `errno` and `syscall`) like Node's own. */
+export type CodedError = Error & { code: string; errno?: number; syscall?: string };
+
+/** A kernel error as Node reports its own: code 'ENOMEM', errno -12, syscall 'ioctl'. */
+export function kernelError(code: string, errno: number, syscall: string, message: string): CodedError {
+  return Object.assign(new Error(`${code}: ${message}, ${syscall}`), { code, errno, syscall });
+}
+
+/** Our errors and kernel errors keep their code; anything else (a bug) is named ERR_INTERNAL, never disguised as a peer's doing. */
+export function asCodedError(err: unknown): CodedError {
+  if (err instanceof Error && typeof (err as CodedError).code === 'string') return err as CodedError;
+  return Object.assign(err instanceof Error ? err : new Error(String(err)), { code: ErrorCode.INTERNAL });
 }
 
 /** An error of ours: a stable `code` plus optional details for logs. */

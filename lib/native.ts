@@ -39,17 +39,39 @@ export interface TouchResult {
   endCpu: number;
 }
 
-/** A record a data-plane thread reports (see addon/events.h). */
-export interface NativeEvent {
-  type: string;
-  channel?: string;
+/** What every record a data-plane thread reports carries (see addon/events.h). */
+interface NativeEventBase {
+  channel?: 'urgent' | 'bulk';
+  /** One of lib/errors.ts, or an errno name (then with errno and syscall). */
   code?: string;
   message?: string;
-  a: number;
-  b: number;
+  errno?: number;
+  syscall?: string;
   /** The set of data channels the event came from (0: none, e.g. a memory event). */
   generation: number;
 }
+
+/** Every record the data-plane threads report, by type, with its fields. */
+export type NativeEvent = NativeEventBase &
+  (
+    | { type: 'complete'; elapsedNs: number }
+    | { type: 'background-done' }
+    | { type: 'remove' | 'unmap'; start: number; end: number }
+    | { type: 'remap'; from: number; to: number; length: number; followed: 0 | 1 }
+    | { type: 'fork'; fd: number }
+    | { type: 'unexpected-fault'; address: number }
+    | { type: 'unknown-event'; event: number }
+    /** A data channel ended (EOF, or an errno). */
+    | { type: 'closed' }
+    /** A data channel failed: a protocol violation (code ERR_...) or a failed write. */
+    | { type: 'error' }
+    /** UFFDIO_COPY / UFFDIO_ZEROPAGE failed (errno, syscall 'ioctl'). */
+    | { type: 'install-failed' }
+    /** The process owning the memory is gone (ESRCH). */
+    | { type: 'target-gone' }
+    /** The userfaultfd was hung up or could not be read. */
+    | { type: 'uffd-closed' }
+  );
 
 export interface ServedRegionSpec {
   source: NativeMapping | Uint8Array;

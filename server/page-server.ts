@@ -2,7 +2,7 @@
 // destination by token challenge-response, and runs one session per
 // destination over a shared, read-only image.
 import { createServer, type Server, type Socket } from 'node:net';
-import { ErrorCode, PostcopyError } from '../lib/errors.js';
+import { ErrorCode, PostcopyError, asCodedError } from '../lib/errors.js';
 import { type Address, formatAddress, isLocalOnly, parseAddress } from '../lib/address.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
 import {
@@ -110,7 +110,7 @@ export class PageServer {
       if (first.t === 'attach') await this.#onAttach(socket, reader, first);
       else await this.#onControl(socket, reader, first);
     } catch (err) {
-      const e = err instanceof PostcopyError ? err : new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, (err as Error).message);
+      const e = asCodedError(err);
       if (e.code !== ErrorCode.PEER_GONE) this.#log.warn({ code: e.code, err: e.message, remote: socket.remoteAddress ?? 'unix' }, 'connection ended');
       sendErrorAndClose(socket, e.code, e.message);
     }

@@ -8,7 +8,7 @@
 import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { closeSync } from 'node:fs';
 import { native, type NativeEvent, type NativePageServerSession, type SourceStats } from '../lib/native.js';
-import { ErrorCode, PostcopyError, asErrorCode } from '../lib/errors.js';
+import { ErrorCode, PostcopyError, asErrorCode, kernelError, type CodedError } from '../lib/errors.js';
 import { StateMachine, type TransitionTable } from '../lib/state-machine.js';
 import type { TransferOptions } from '../lib/transfer.js';
 import type { Logger } from '../lib/logger.js';
@@ -52,9 +52,9 @@ export class SourceSession {
   #graceTimer: NodeJS.Timeout | null = null;
   readonly #image: Image;
   readonly #log: Logger;
-  readonly #onFailure: (err: PostcopyError) => void;
+  readonly #onFailure: (err: CodedError) => void;
 
-  constructor(image: Image, log: Logger, onFailure: (err: PostcopyError) => void) {
+  constructor(image: Image, log: Logger, onFailure: (err: CodedError) => void) {
     this.#image = image;
     this.#log = log.child({ session: this.id });
     this.#onFailure = onFailure;
@@ -194,9 +194,10 @@ export class SourceSession {
         this.#log.info({ channel: event.channel, code: event.code }, 'the destination closed a data channel');
         return;
       }
-      const code = asErrorCode(event.code, ErrorCode.PEER_GONE);
-      const err = new PostcopyError(code, event.message ?? event.type, { channel: event.channel, native: event.code });
-      if (this.#machine.is('active')) this.#machine.to('failed', { code: err.code, channel: event.channel, error: err.message });
+      const err: CodedError = event.errno !== undefined && event.code
+        ? kernelError(event.code, event.errno, event.syscall ?? 'unknown', event.message ?? event.type)
+        : new PostcopyError(asErrorCode(event.code, ErrorCode.PEER_GONE), event.message ?? event.type, { channel: event.channel });
+      if (this.#machine.is('active')) this.#machine.to('failed', { code: err.code, errno: err.errno, syscall: err.syscall, channel: event.channel, error: err.message });
       this.#onFailure(err);
     } catch (err) {
       this.#log.error({ err }, 'handling a native event failed');

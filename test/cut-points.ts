@@ -12,6 +12,7 @@ import type { RestoreReport } from '../client/report.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
 import { FaultProxy, type Direction, type FaultAction } from './fault-proxy.js';
 import { PAGE, tempDir } from './helpers.js';
+import { encodeFrame } from '../lib/protocol.js';
 import type { Test } from 'tap';
 
 export interface CutCase {
@@ -62,6 +63,11 @@ export async function restoreThroughCut(t: Test, bytes: Buffer, c: CutCase, afte
   t.teardown(() => server.close());
   const a = await server.listen(`unix:${join(tempDir(t), 'source.sock')}`);
   const proxy = await FaultProxy.start(t, `unix:${a.kind === 'unix' ? a.path : ''}`);
+  // Counted from the end of the handshake: a first connection that fails is an
+  // error by design, not a case to recover. A data channel's handshake is one
+  // frame each way, of a known size; the control channel's is measured.
+  const index = { control: 0, urgent: 1, bulk: 2 }[c.channel];
+  if (c.channel !== 'control') proxy.inject({ connection: index, direction: c.direction, afterBytes: dataHandshakeBytes(c) + afterBytes, action: c.action });
   const options: DestinationOptions = {
     source: proxy.address,
     recovery,
@@ -74,9 +80,7 @@ export async function restoreThroughCut(t: Test, bytes: Buffer, c: CutCase, afte
   let resumedAt = 0;
   dest.session.on('paused', () => (pausedAt ||= Date.now()));
   dest.session.on('resumed', () => (resumedAt ||= Date.now()));
-  // Counted from the end of the handshake: a first connection that fails is an error by design, not a case to recover.
-  const index = { control: 0, urgent: 1, bulk: 2 }[c.channel];
-  proxy.inject({ connection: index, direction: c.direction, afterBytes: proxy.carried(index, c.direction) + afterBytes, action: c.action });
+  if (c.channel === 'control') proxy.inject({ connection: 0, direction: c.direction, afterBytes: proxy.carried(0, c.direction) + afterBytes, action: c.action });
   const region = dest.regions[0];
   const pages = region.mapping.length / PAGE;
   const touching = c.channel === 'bulk' ? Promise.resolve() : touchPages(region.mapping.address, pages, shuffledOrder(pages, 7), { mapping: region.mapping });
@@ -89,4 +93,10 @@ export async function restoreThroughCut(t: Test, bytes: Buffer, c: CutCase, afte
     detectMs: pausedAt && firedAt ? pausedAt - firedAt : -1,
     resumeMs: pausedAt && resumedAt ? resumedAt - pausedAt : -1,
   };
+}
+
+/** The bytes of a data channel's attach (up) or attached (down) frame. */
+function dataHandshakeBytes(c: CutCase): number {
+  if (c.direction === 'down') return encodeFrame({ t: 'attached' }).length;
+  return encodeFrame({ t: 'attach', session: '0'.repeat(32), channel: c.channel as 'urgent' | 'bulk', ticket: Buffer.alloc(32) }).length;
 }

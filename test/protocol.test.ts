@@ -1,19 +1,20 @@
 import t from 'tap';
-import { closeSync, fstatSync, statSync, writeSync } from 'node:fs';
+import { closeSync, fstatSync, readFileSync, readdirSync, statSync, writeSync } from 'node:fs';
 import { connect as netConnect, createServer, Socket as NetSocket } from 'node:net';
 import { join } from 'node:path';
 import { Image } from '../server/image.js';
 import { PageServer } from '../server/page-server.js';
 import { Destination } from '../client/destination.js';
 import { SourceConnection } from '../client/source-connection.js';
-import { type ChannelFailure, FaultEngine } from '../client/fault-engine.js';
+import { type ChannelFailure, type MemoryEvent, FaultEngine } from '../client/fault-engine.js';
 import { DEFAULT_TRANSFER } from '../client/destination.js';
 import { FrameReader, encodeFrame } from '../lib/protocol.js';
 import { parseAddress } from '../lib/address.js';
 import { socketPair } from '../lib/fd-passing.js';
-import { mapAnonymous } from '../lib/memory.js';
+import { madvise, mapAnonymous } from '../lib/memory.js';
+import { ErrorCode } from '../lib/errors.js';
 import { Userfaultfd } from '../lib/uffd.js';
-import { PAGE, randomImage, tempDir } from './helpers.js';
+import { PAGE, here, randomImage, tempDir } from './helpers.js';
 import type { Test } from 'tap';
 
 async function startServer(t: Test, options: { token?: string } = {}) {
@@ -271,4 +272,30 @@ t.test('a frame dribbled in small pieces is joined once, not once per piece', as
   Buffer.concat = concat;
   t.equal(message.message.length, 4 << 20);
   t.ok(copied <= 2 * frame.length, `bytes copied while joining (${copied}) stay within twice the frame (${frame.length})`);
+});
+
+t.test('every code native code can raise is in the catalogue of lib/errors.ts', async (t) => {
+  const addon = join(here, '..', 'addon');
+  const raised = new Set<string>();
+  for (const file of readdirSync(addon)) {
+    for (const m of readFileSync(join(addon, file), 'utf8').matchAll(/"(ERR_[A-Z_]+)"/g)) raised.add(m[1]);
+  }
+  t.ok(raised.size >= 5, `found the codes native code raises (${[...raised].join(', ')})`);
+  const known = new Set<string>(Object.values(ErrorCode));
+  t.same([...raised].filter((c) => !known.has(c)), [], 'none is missing from ErrorCode');
+});
+
+t.test('memory events reach JS with named fields', async (t) => {
+  const region = mapAnonymous(8 * PAGE);
+  const uffd = Userfaultfd.open();
+  t.teardown(() => { uffd.close(); region.unmap(); });
+  uffd.handshake(['EVENT_REMOVE']);
+  uffd.register(region.address, region.length);
+  const engine = new FaultEngine({ uffd: uffd.fd, regions: [{ base: region.address, length: region.length, pageSize: PAGE }] });
+  t.teardown(() => engine.stop());
+  const seen = new Promise<MemoryEvent>((resolve) => engine.once('memory-event', resolve));
+  engine.start();
+  madvise(region, 2 * PAGE, 3 * PAGE, 'dontneed');
+  t.same(await seen, { type: 'remove', start: region.address + 2 * PAGE, end: region.address + 5 * PAGE });
+  t.equal(engine.stats().removedPages, 3);
 });
