@@ -27,6 +27,7 @@
 #include "errors.h"
 #include "events.h"
 #include "histogram.h"
+#include "page_array.h"
 #include "threads.h"
 #include "io.h"
 #include "uffd_abi.h"
@@ -45,8 +46,8 @@ struct TargetRegion {
   std::unique_ptr<AtomicBitmap> received, requested;
   std::unique_ptr<AtomicBitmap> removed;  // given back by the process (REMOVE/UNMAP): zero-filled, never fetched
   std::unique_ptr<AtomicBitmap> settled;  // resident or given back: counted toward completion exactly once
-  std::unique_ptr<std::atomic<uint64_t>[]> faultNs;  // first fault time of a waited-on page, 0 if none
-  std::unique_ptr<std::atomic<uint32_t>[]> waiters;  // faults seen on the page while it was missing
+  std::unique_ptr<LazyPageArray<uint64_t>> faultNs;  // first fault time of a waited-on page, 0 if none
+  std::unique_ptr<LazyPageArray<uint32_t>> waiters;  // faults seen on the page while it was missing
 };
 
 class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
@@ -94,8 +95,8 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       t->requested = std::make_unique<AtomicBitmap>(t->pages);
       t->removed = std::make_unique<AtomicBitmap>(t->pages);
       t->settled = std::make_unique<AtomicBitmap>(t->pages);
-      t->faultNs.reset(new std::atomic<uint64_t>[t->pages]());
-      t->waiters.reset(new std::atomic<uint32_t>[t->pages]());
+      t->faultNs = std::make_unique<LazyPageArray<uint64_t>>(t->pages);
+      t->waiters = std::make_unique<LazyPageArray<uint32_t>>(t->pages);
       totalPages_ += t->pages;
       maxRunBytes_ = std::max<uint64_t>(maxRunBytes_, wire::MaxRunPages(t->pageSize) * t->pageSize);
       regions_.push_back(std::move(t));
@@ -463,9 +464,9 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       ioctl(uffd_, UFFDIO_WAKE, &range);
       return;
     }
-    r.waiters[page].fetch_add(1, std::memory_order_relaxed);
+    r.waiters->At(page).fetch_add(1, std::memory_order_relaxed);
     uint64_t expected = 0;
-    r.faultNs[page].compare_exchange_strong(expected, now, std::memory_order_acq_rel);
+    r.faultNs->At(page).compare_exchange_strong(expected, now, std::memory_order_acq_rel);
     if (r.requested->Claim(page)) reqs.push_back({wire::kRequest, r.sourceRegion, r.sourcePage + page});
   }
 
@@ -506,7 +507,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       for (uint64_t p = first; p < last; p++) {
         if (!r->removed->Claim(p)) continue;
         removedPages_++;
-        r->faultNs[p].store(0, std::memory_order_relaxed);
+        r->faultNs->Take(p);
         if (r->settled->Claim(p)) settled++;
       }
       Settle(settled, MonotonicNs());
@@ -691,11 +692,11 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     for (uint64_t p = first; p < first + count; p++) {
       if (!r.received->Claim(p)) continue;
       if (r.settled->Claim(p)) settled++;
-      uint64_t t = r.faultNs[p].exchange(0, std::memory_order_acq_rel);
+      uint64_t t = r.faultNs->Take(p);
       if (t) {
         uint64_t waited = now > t ? now - t : 0;
         latency_.Record(waited);
-        uint32_t w = r.waiters[p].exchange(0, std::memory_order_relaxed);
+        uint32_t w = r.waiters->Take(p);
         blockedNs_ += waited * (w ? w : 1);
       }
     }

@@ -143,7 +143,7 @@ export class DestinationSession extends EventEmitter {
     const transfer = transferOptions(options);
     let connection: SourceConnection;
     try {
-      connection = await SourceConnection.open({ source: options.source, token: options.token, transfer, timeoutMs: recovery.connectTimeoutMs, heartbeat: recovery.heartbeat });
+      connection = await SourceConnection.open({ source: options.source, token: options.token, transfer, timeoutMs: recovery.connectTimeoutMs, heartbeat: recovery.heartbeat, maxImageBytes: options.maxImageBytes });
     } catch (err) {
       machine.to('failed', { code: (err as PostcopyError).code, error: (err as Error).message });
       throw err;
@@ -347,7 +347,7 @@ export class DestinationSession extends EventEmitter {
     let connection: SourceConnection | null = null;
     try {
       connection = await SourceConnection.open({
-        source: this.#source, token: this.#options.token, transfer: this.transfer, resume: this.#sessionId,
+        source: this.#source, token: this.#options.token, transfer: this.transfer, resume: this.#sessionId, maxImageBytes: this.#options.maxImageBytes,
         timeoutMs: this.#recovery.connectTimeoutMs, heartbeat: this.#recovery.heartbeat,
       });
       if (!this.#machine.is('resuming')) {

@@ -10,7 +10,7 @@ import {
   type MessageOf, type RegionInfo,
 } from '../lib/protocol.js';
 import type { TransferOptions } from '../lib/transfer.js';
-import { MAX_RUN_BYTES } from '../lib/limits.js';
+import { MAX_REGIONS, MAX_RUN_BYTES, defaultMaxImageBytes } from '../lib/limits.js';
 import type { Logger } from '../lib/logger.js';
 
 /** How a destination (a restore, or a VMM handler) reaches its source. */
@@ -19,6 +19,8 @@ export interface SourceOptions {
   token?: string;
   window?: Partial<TransferOptions['window']>;
   background?: Partial<TransferOptions['background']>;
+  /** Refuse a source whose image is larger (default: twice this machine's memory). */
+  maxImageBytes?: number;
   logger?: Logger;
 }
 
@@ -32,6 +34,8 @@ export interface SourceConnectionOptions {
   heartbeat?: Heartbeat;
   /** The id of a session to resume on this source. */
   resume?: string;
+  /** Refuse a source whose image is larger (default: twice this machine's memory). */
+  maxImageBytes?: number;
 }
 
 export class SourceConnection {
@@ -80,7 +84,7 @@ export class SourceConnection {
       }
       send(control, { t: 'auth', ...(proof ? { proof } : {}), ...(options.resume ? { resume: options.resume } : {}) });
       const welcome = await reader.next(['welcome'], timeoutMs);
-      validateWelcome(welcome);
+      validateWelcome(welcome, options.maxImageBytes ?? defaultMaxImageBytes());
       keepAlive(control, reader, options.heartbeat ?? DEFAULT_HEARTBEAT);
       send(control, { t: 'options', ...options.transfer });
       const urgentFd = await openChannel(address, welcome, 'urgent', timeoutMs);
@@ -182,7 +186,11 @@ async function openChannel(address: Address, welcome: MessageOf<'welcome'>, chan
   }
 }
 
-function validateWelcome(w: MessageOf<'welcome'>): void {
+function validateWelcome(w: MessageOf<'welcome'>, maxImageBytes: number): void {
+  // Sizes first, before anything is allocated for them.
+  if (Array.isArray(w.regions) && w.regions.length > MAX_REGIONS) throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, `the source claims ${w.regions.length} regions; at most ${MAX_REGIONS} are accepted`);
+  const total = Array.isArray(w.regions) ? w.regions.reduce((n, r) => n + (Number.isSafeInteger(r?.length) ? r.length : Infinity), 0) : 0;
+  if (total > maxImageBytes) throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, `the source claims a ${total}-byte image; this destination accepts at most ${maxImageBytes} bytes (maxImageBytes)`);
   const ok =
     typeof w.session === 'string' &&
     typeof w.fingerprint === 'string' &&

@@ -299,3 +299,49 @@ t.test('memory events reach JS with named fields', async (t) => {
   t.same(await seen, { type: 'remove', start: region.address + 2 * PAGE, end: region.address + 5 * PAGE });
   t.equal(engine.stats().removedPages, 3);
 });
+
+/** A source that answers the handshake with a welcome of our choosing. */
+async function fakeSource(t: Test, regions: unknown[]): Promise<string> {
+  const server = createServer((socket) => {
+    socket.on('error', () => {});
+    const reader = new FrameReader(socket);
+    void (async () => {
+      await reader.next(['hello'], 5000);
+      socket.write(encodeFrame({ t: 'challenge', protocol: 1, software: 'fake', nonce: Buffer.alloc(32, 7), auth: 'none' }));
+      await reader.next(['auth'], 5000);
+      socket.write(encodeFrame({ t: 'welcome', session: 'f'.repeat(32), resumed: false, fingerprint: '0'.repeat(64), regions: regions as never, tickets: { urgent: Buffer.alloc(32), bulk: Buffer.alloc(32) }, limits: { maxFrame: 4 << 20, maxRunBytes: 2 << 20 }, capabilities: [] }));
+    })().catch(() => socket.destroy());
+  });
+  const path = join(tempDir(t), 'fake.sock');
+  await new Promise<void>((resolve) => server.listen(path, resolve));
+  t.teardown(() => server.close());
+  return `unix:${path}`;
+}
+
+t.test('a source claiming a huge image is refused before anything is allocated for it', async (t) => {
+  // On the old main a 1 TiB welcome made the destination allocate 3.2 GiB and block for seconds.
+  const huge = await fakeSource(t, [{ id: 0, name: 'huge', length: 2 ** 40, pageSize: PAGE }]);
+  await t.rejects(Destination.connect({ source: huge }), { code: 'ERR_PROTOCOL_OUT_OF_RANGE', message: /accepts at most/ });
+  const many = await fakeSource(t, Array.from({ length: 300 }, (_, id) => ({ id, name: `r${id}`, length: PAGE, pageSize: PAGE })));
+  await t.rejects(Destination.connect({ source: many }), { code: 'ERR_PROTOCOL_OUT_OF_RANGE', message: /regions/ });
+  const before = process.memoryUsage().rss;
+  const big = await fakeSource(t, [{ id: 0, name: 'big', length: 2 ** 36, pageSize: PAGE }]);
+  await t.rejects(Destination.connect({ source: big, maxImageBytes: 2 ** 35 }), { code: 'ERR_PROTOCOL_OUT_OF_RANGE' });
+  t.ok(process.memoryUsage().rss - before < 64 << 20, 'and nothing large was allocated');
+});
+
+t.test('per-page bookkeeping costs memory only for pages in use', async (t) => {
+  // 64 GiB of guest memory: on the old main the engine allocated 12 bytes per page (768 MiB) up front.
+  const length = 2 ** 36;
+  const region = mapAnonymous(length, { noReserve: true });
+  const uffd = Userfaultfd.open();
+  t.teardown(() => { uffd.close(); region.unmap(); });
+  uffd.handshake();
+  uffd.register(region.address, length);
+  const before = process.memoryUsage().rss;
+  const engine = new FaultEngine({ uffd: uffd.fd, regions: [{ base: region.address, length, pageSize: PAGE }] });
+  t.teardown(() => engine.stop());
+  engine.start();
+  const grew = process.memoryUsage().rss - before;
+  t.ok(grew < 128 << 20, `the engine over 64 GiB added ${Math.round(grew / 2 ** 20)} MiB (bitmaps only)`);
+});
