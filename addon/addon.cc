@@ -9,6 +9,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitWorkload(env, exports);
   InitPageServer(env, exports);
   InitFaultEngine(env, exports);
+  InitFdWatcher(env, exports);
   return exports;
 }
 

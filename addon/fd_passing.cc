@@ -5,7 +5,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <vector>
 #include <cstring>
 
 #include "addon.h"
@@ -55,78 +57,37 @@ Napi::Value SendWithFds(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, static_cast<double>(n));
 }
 
-// Waits (off the JS thread) until the socket is readable, then one recvmsg.
-class ReceiveWorker : public Napi::AsyncWorker {
- public:
-  ReceiveWorker(Napi::Env env, int sock, size_t maxBytes, size_t maxFds, int timeoutMs)
-      : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), sock_(sock),
-        payload_(maxBytes), maxFds_(maxFds < kMaxFds ? maxFds : kMaxFds), timeoutMs_(timeoutMs) {}
-  Napi::Promise Promise() { return deferred_.Promise(); }
-
-  void Execute() override {
-    pollfd pfd{sock_, POLLIN, 0};
-    int ready;
-    do ready = poll(&pfd, 1, timeoutMs_);
-    while (ready < 0 && errno == EINTR);
-    if (ready < 0) { err_ = errno; syscall_ = "poll"; return; }
-    if (ready == 0) { err_ = ETIMEDOUT; syscall_ = "poll"; return; }
-    iovec iov{payload_.data(), payload_.size()};
-    std::vector<char> control(CMSG_SPACE(sizeof(int) * (maxFds_ ? maxFds_ : 1)));
-    msghdr msg{};
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.data();
-    msg.msg_controllen = control.size();
-    ssize_t n;
-    do n = recvmsg(sock_, &msg, MSG_CMSG_CLOEXEC);
-    while (n < 0 && errno == EINTR);
-    if (n < 0) { err_ = errno; syscall_ = "recvmsg"; return; }
-    payload_.resize(static_cast<size_t>(n));
-    truncated_ = (msg.msg_flags & (MSG_CTRUNC | MSG_TRUNC)) != 0;
-    for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
-      if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
-      size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-      const int* got = reinterpret_cast<const int*>(CMSG_DATA(c));
-      fds_.insert(fds_.end(), got, got + count);
-    }
+// receiveNow(socket, maxBytes, maxFds) -> {payload, fds, truncated}: one
+// recvmsg that does not block (call it once the socket is readable; see
+// addon/fd_watcher.cc). An empty payload means the peer closed the socket.
+Napi::Value ReceiveNow(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int sock = info[0].As<Napi::Number>().Int32Value();
+  std::vector<uint8_t> payload(info[1].As<Napi::Number>().Uint32Value());
+  size_t maxFds = std::min<size_t>(info[2].As<Napi::Number>().Uint32Value(), kMaxFds);
+  iovec iov{payload.data(), payload.size()};
+  std::vector<char> control(CMSG_SPACE(sizeof(int) * (maxFds ? maxFds : 1)));
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control.data();
+  msg.msg_controllen = control.size();
+  ssize_t n;
+  do n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+  while (n < 0 && errno == EINTR);
+  if (n < 0) ThrowErrno(env, errno, "recvmsg");
+  Napi::Array fds = Napi::Array::New(env);
+  for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+    size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    const int* got = reinterpret_cast<const int*>(CMSG_DATA(c));
+    for (size_t i = 0; i < count; i++) fds.Set(fds.Length(), got[i]);
   }
-
-  void OnOK() override {
-    Napi::Env env = Env();
-    if (err_) {
-      deferred_.Reject(ErrnoError(env, err_, syscall_).Value());
-      return;
-    }
-    Napi::Object out = Napi::Object::New(env);
-    out.Set("payload", Napi::Buffer<uint8_t>::Copy(env, payload_.data(), payload_.size()));
-    Napi::Array fds = Napi::Array::New(env, fds_.size());
-    for (size_t i = 0; i < fds_.size(); i++) fds.Set(i, fds_[i]);
-    out.Set("fds", fds);
-    out.Set("truncated", truncated_);
-    deferred_.Resolve(out);
-  }
-
- private:
-  Napi::Promise::Deferred deferred_;
-  int sock_;
-  std::vector<uint8_t> payload_;
-  size_t maxFds_;
-  int timeoutMs_;
-  int err_ = 0;
-  const char* syscall_ = "";
-  bool truncated_ = false;
-  std::vector<int> fds_;
-};
-
-// receiveWithFds(socket, maxBytes, maxFds, timeoutMs) -> Promise<{payload, fds, truncated}>
-Napi::Value ReceiveWithFds(const Napi::CallbackInfo& info) {
-  auto* worker = new ReceiveWorker(info.Env(), info[0].As<Napi::Number>().Int32Value(),
-                                   info[1].As<Napi::Number>().Uint32Value(),
-                                   info[2].As<Napi::Number>().Uint32Value(),
-                                   info[3].As<Napi::Number>().Int32Value());
-  Napi::Promise promise = worker->Promise();
-  worker->Queue();
-  return promise;
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("payload", Napi::Buffer<uint8_t>::Copy(env, payload.data(), static_cast<size_t>(n)));
+  out.Set("fds", fds);
+  out.Set("truncated", (msg.msg_flags & (MSG_CTRUNC | MSG_TRUNC)) != 0);
+  return out;
 }
 
 Napi::Value PeerCredentials(const Napi::CallbackInfo& info) {
@@ -194,7 +155,7 @@ Napi::Value TakeSocketFd(const Napi::CallbackInfo& info) {
 void InitFdPassing(Napi::Env env, Napi::Object exports) {
   exports.Set("socketPair", Napi::Function::New(env, SocketPair));
   exports.Set("sendWithFds", Napi::Function::New(env, SendWithFds));
-  exports.Set("receiveWithFds", Napi::Function::New(env, ReceiveWithFds));
+  exports.Set("receiveNow", Napi::Function::New(env, ReceiveNow));
   exports.Set("peerCredentials", Napi::Function::New(env, PeerCredentials));
   exports.Set("pollFd", Napi::Function::New(env, PollFd));
   exports.Set("takeSocketFd", Napi::Function::New(env, TakeSocketFd));

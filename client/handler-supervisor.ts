@@ -17,10 +17,10 @@ import { closeSync } from 'node:fs';
 import { createServer, Socket as NetSocket, type Server, type Socket } from 'node:net';
 import { createInterface } from 'node:readline';
 import { asCodedError } from '../lib/errors.js';
-import { peerCredentials, receiveFds, sendFds, socketPair } from '../lib/fd-passing.js';
+import { receiveFds, sendFds, socketPair } from '../lib/fd-passing.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
 import { listenOwnerOnly } from '../lib/unix-socket.js';
-import { receiveHandshake, type VmmHandler } from './vmm-handler.js';
+import { PendingHandshakes, acceptVmm, type VmmHandler } from './vmm-handler.js';
 
 /** One handoff, supervisor -> worker, as JSON with [vmmSocket, uffd] attached. */
 export interface HandoffMessage {
@@ -61,6 +61,7 @@ export class HandlerSupervisor extends EventEmitter {
   readonly #options: SupervisorOptions;
   readonly #log: Logger;
   readonly #vmms = new Map<number, HeldVmm>();
+  readonly #pending = new PendingHandshakes();
   #server: Server | null = null;
   #worker: ChildProcess | null = null;
   #link = -1; // our end of the worker's socket
@@ -93,6 +94,7 @@ export class HandlerSupervisor extends EventEmitter {
     this.#closing = true;
     const server = this.#server;
     this.#server = null;
+    this.#pending.dropAll();
     if (server) await new Promise<void>((resolve) => server.close(() => resolve()));
     const worker = this.#worker;
     if (worker && worker.exitCode === null && worker.signalCode === null) {
@@ -106,13 +108,11 @@ export class HandlerSupervisor extends EventEmitter {
   }
 
   async #onVmm(socket: Socket): Promise<void> {
-    socket.on('error', () => {});
-    const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd ?? -1;
     let pid = 0;
     try {
-      pid = peerCredentials(fd).pid;
-      const { payload, uffd } = await receiveHandshake(fd, this.#options.handshakeTimeoutMs ?? 10_000);
-      const vmm: HeldVmm = { id: this.#nextId++, pid, socket, uffd, handshake: payload, servedBefore: false };
+      const accepted = await acceptVmm(socket, this.#pending, this.#options.handshakeTimeoutMs ?? 10_000);
+      pid = accepted.pid;
+      const vmm: HeldVmm = { id: this.#nextId++, pid, socket, uffd: accepted.uffd, handshake: accepted.payload, servedBefore: false };
       this.#vmms.set(vmm.id, vmm);
       // The VMM's hang-up is seen here too (it sends nothing after its handshake).
       socket.once('close', () => this.#forget(vmm, 'the VMM hung up'));
@@ -120,7 +120,7 @@ export class HandlerSupervisor extends EventEmitter {
       this.#handOver(vmm);
     } catch (err) {
       const e = asCodedError(err);
-      this.#log.warn({ vmmPid: pid, code: e.code, err: e.message }, 'VMM handshake refused; connection closed');
+      this.#log.warn({ vmmPid: (err as { vmmPid?: number }).vmmPid ?? pid, code: e.code, err: e.message }, 'VMM handshake refused; connection closed');
       socket.destroy();
     }
   }

@@ -69,12 +69,51 @@ export interface VmmHandoff {
   handoff?: number;
 }
 
+/** Connections still to send their handshake, each with what stops the wait (before the socket is closed). */
+export class PendingHandshakes extends Map<Socket, AbortController> {
+  /** Stops every wait, then closes the sockets. */
+  dropAll(): void {
+    for (const [socket, abort] of this) {
+      abort.abort();
+      socket.destroy();
+    }
+    this.clear();
+  }
+}
+
+/** The most VMM connections that may wait to send their handshake at once; more are closed at once. */
+export const MAX_PENDING_HANDSHAKES = 64;
+
+/**
+ * A new VMM connection: who it is (SO_PEERCRED) and its handshake. Refused at
+ * once (ERR_OVERLOADED) while MAX_PENDING_HANDSHAKES others are still silent;
+ * a refusal carries `vmmPid` when known.
+ */
+export async function acceptVmm(socket: Socket, pending: PendingHandshakes, timeoutMs: number): Promise<VmmHandoff> {
+  socket.on('error', () => {});
+  const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd ?? -1;
+  let pid = 0;
+  try {
+    pid = peerCredentials(fd).pid;
+    if (pending.size >= MAX_PENDING_HANDSHAKES) throw new PostcopyError(ErrorCode.OVERLOADED, `${pending.size} VMM connections are still to send their handshake`);
+    const abort = new AbortController();
+    pending.set(socket, abort);
+    try {
+      return { pid, socket, ...(await receiveHandshake(fd, timeoutMs, abort.signal)) };
+    } finally {
+      pending.delete(socket);
+    }
+  } catch (err) {
+    throw Object.assign(asCodedError(err), { vmmPid: pid });
+  }
+}
+
 /**
  * Reads a VMM's handshake from its socket: the JSON payload with exactly one
  * fd, a userfaultfd. The caller owns the returned fd.
  */
-export async function receiveHandshake(fd: number, timeoutMs: number): Promise<{ payload: Buffer; uffd: number }> {
-  const msg = await receiveFds(fd, { maxBytes: 64 << 10, maxFds: 4, timeoutMs });
+export async function receiveHandshake(fd: number, timeoutMs: number, signal?: AbortSignal): Promise<{ payload: Buffer; uffd: number }> {
+  const msg = await receiveFds(fd, { maxBytes: 64 << 10, maxFds: 4, timeoutMs, ...(signal ? { signal } : {}) });
   try {
     if (msg.payload.length === 0) throw new PostcopyError(ErrorCode.PEER_GONE, 'the VMM closed the socket before its handshake');
     if (msg.fds.length !== 1) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `the handshake must carry exactly one fd (the userfaultfd), not ${msg.fds.length}`);
@@ -96,6 +135,7 @@ export class VmmHandler extends EventEmitter {
   readonly #transfer: TransferOptions;
   readonly #log: Logger;
   readonly #sessions = new Set<VmmSession>();
+  readonly #pending = new PendingHandshakes();
   #server: Server | null = null;
 
   constructor(options: VmmHandlerOptions) {
@@ -122,20 +162,18 @@ export class VmmHandler extends EventEmitter {
     const server = this.#server;
     this.#server = null;
     for (const s of [...this.#sessions]) this.#end(s, 'handler closing');
+    this.#pending.dropAll();
     if (server) await new Promise<void>((resolve) => server.close(() => resolve()));
   }
 
   async #onVmm(socket: Socket): Promise<void> {
-    socket.on('error', () => {});
-    const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd ?? -1;
-    let pid = 0;
+    let handoff: VmmHandoff;
     try {
-      pid = peerCredentials(fd).pid;
-      const handshake = await receiveHandshake(fd, this.#options.handshakeTimeoutMs ?? 10_000);
-      await this.adopt({ pid, socket, ...handshake });
+      handoff = await acceptVmm(socket, this.#pending, this.#options.handshakeTimeoutMs ?? 10_000);
     } catch (err) {
-      this.#refuse(pid, socket, err);
+      return this.#refuse((err as { vmmPid?: number }).vmmPid ?? 0, socket, err);
     }
+    await this.adopt(handoff);
   }
 
   /**

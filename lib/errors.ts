@@ -51,6 +51,8 @@ export const ErrorCode = {
   ENGINE_STATE: 'ERR_ENGINE_STATE',
   /** The memory's owner moved part of a region (mremap); that part is no longer served. */
   PARTIAL_REMAP: 'ERR_PARTIAL_REMAP',
+  /** Too many connections are still waiting to authenticate or to send their handshake; this one was closed at once. */
+  OVERLOADED: 'ERR_OVERLOADED',
   /** An exception nobody expected: a bug of ours, never blamed on a peer. */
   INTERNAL: 'ERR_INTERNAL',
   /** A state change the state machine does not allow (a bug, never a peer's doing). */

@@ -1,7 +1,7 @@
 // Passing fds between processes over unix sockets (SCM_RIGHTS), with a payload,
 // and learning who is on the other end (SO_PEERCRED).
 import { native } from './native.js';
-import { outOfRange } from './errors.js';
+import { kernelError, outOfRange } from './errors.js';
 import { validateBytes, validateFd, validateInteger } from './validate.js';
 
 /** A connected pair of unix stream sockets (close-on-exec). */
@@ -28,13 +28,49 @@ export interface Received {
   truncated: boolean;
 }
 
-/** Waits (off the JS thread) for one message; rejects with ETIMEDOUT after `timeoutMs`. */
-export function receiveFds(socket: number, options: { maxBytes?: number; maxFds?: number; timeoutMs?: number } = {}): Promise<Received> {
+/**
+ * Waits for one message; rejects with ETIMEDOUT after `timeoutMs`, or with
+ * ABORT_ERR when `signal` aborts (abort before closing the socket). The wait
+ * takes no thread of the libuv pool (one native epoll thread serves every
+ * waiting socket), so idle peers cannot starve other work.
+ */
+export function receiveFds(socket: number, options: { maxBytes?: number; maxFds?: number; timeoutMs?: number; signal?: AbortSignal } = {}): Promise<Received> {
   validateFd(socket, 'socket');
   const maxBytes = validateInteger(options.maxBytes ?? 65536, 'options.maxBytes', 1, 1 << 24);
   const maxFds = validateInteger(options.maxFds ?? 16, 'options.maxFds', 0, native.pollConstants.MAX_FDS);
   const timeoutMs = validateInteger(options.timeoutMs ?? -1, 'options.timeoutMs', -1, 0x7fffffff);
-  return native.receiveWithFds(socket, maxBytes, maxFds, timeoutMs);
+  return readable(socket, timeoutMs, options.signal).then((ready) => {
+    if (!ready) throw kernelError('ETIMEDOUT', -110, 'poll', `no message within ${timeoutMs} ms`);
+    return native.receiveNow(socket, maxBytes, maxFds);
+  });
+}
+
+let watcher: { watch(fd: number, timeoutMs: number, id: number): void; cancel(id: number): void } | null = null;
+const waiting = new Map<number, (ready: boolean) => void>();
+let nextWait = 1;
+
+/** Resolves true once `fd` is readable (or hung up), false after `timeoutMs` (-1: never). */
+function readable(fd: number, timeoutMs: number, signal?: AbortSignal): Promise<boolean> {
+  watcher ??= new native.FdWatcher(({ id, ready }) => {
+    const settle = waiting.get(id);
+    waiting.delete(id);
+    settle?.(ready);
+  });
+  const id = nextWait++;
+  return new Promise((resolve, reject) => {
+    const aborted = () => {
+      watcher!.cancel(id);
+      waiting.delete(id);
+      reject(Object.assign(new Error('the wait was aborted'), { code: 'ABORT_ERR', name: 'AbortError' }));
+    };
+    if (signal?.aborted) return aborted();
+    waiting.set(id, (ready) => {
+      signal?.removeEventListener('abort', aborted);
+      resolve(ready);
+    });
+    signal?.addEventListener('abort', aborted, { once: true });
+    watcher!.watch(fd, timeoutMs, id);
+  });
 }
 
 /** The process on the other end of a unix socket, as the kernel recorded it at connect(). */

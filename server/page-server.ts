@@ -16,6 +16,9 @@ import { validateBoolean, validateInteger, validateObject } from '../lib/validat
 import { DEFAULT_RESUME_GRACE_MS, SourceSession } from './session.js';
 import type { Image } from './image.js';
 
+/** The most connections that may be waiting to authenticate at once; more are closed at once. */
+export const MAX_UNPROVEN_CONNECTIONS = 256;
+
 export interface PageServerOptions {
   image: Image;
   /** Destinations must prove they hold this token (required beyond loopback). */
@@ -41,6 +44,7 @@ export class PageServer {
   readonly #resumeGraceMs: number;
   readonly #sessions = new Map<string, SourceSession>();
   readonly #sockets = new Set<Socket>();
+  readonly #unproven = new Set<Socket>(); // connected, not yet authenticated
   /** Each session's current control connection (a resume replaces it). */
   readonly #controls = new Map<string, Socket>();
   #server: Server | null = null;
@@ -104,6 +108,14 @@ export class PageServer {
     this.#sockets.add(socket);
     socket.once('close', () => this.#sockets.delete(socket));
     socket.on('error', () => {});
+    // Connections that have not proven anything yet are capped: idle peers cannot pile up without bound.
+    if (this.#unproven.size >= MAX_UNPROVEN_CONNECTIONS) {
+      this.#log.warn({ code: ErrorCode.OVERLOADED, remote: socket.remoteAddress ?? 'unix', unproven: this.#unproven.size }, 'connection refused: too many still to authenticate');
+      socket.destroy();
+      return;
+    }
+    this.#unproven.add(socket);
+    socket.once('close', () => this.#unproven.delete(socket));
     const reader = new FrameReader(socket, this.#maxFrame);
     try {
       const first = await reader.next(['hello', 'attach'], this.#handshakeTimeoutMs);
@@ -121,6 +133,7 @@ export class PageServer {
     if (!session) throw new PostcopyError(ErrorCode.AUTH_FAILED, 'no such session');
     if (msg.channel !== 'urgent' && msg.channel !== 'bulk') throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'unknown channel');
     session.verifyAttach(msg.channel, msg.ticket);
+    this.#unproven.delete(socket);
     // The destination sends nothing more until it reads this reply, so once the
     // reply is written no byte can be left behind in JS when native code takes over.
     if (reader.detach().length > 0) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'bytes arrived on a data channel before it was attached');
@@ -141,6 +154,7 @@ export class PageServer {
     if (token && !proofMatches(proveToken(token, 'client', nonce, hello.nonce), auth.proof)) {
       throw new PostcopyError(ErrorCode.AUTH_FAILED, 'the token proof does not match');
     }
+    this.#unproven.delete(socket);
     const session = this.#sessionFor(auth.resume);
     this.#controls.set(session.id, socket);
     let saidBye = false;

@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { once } from 'node:events';
 import { Image } from '../server/image.js';
 import { PageServer } from '../server/page-server.js';
-import { VmmHandler, type VmmSessionSummary } from '../client/vmm-handler.js';
+import { MAX_PENDING_HANDSHAKES, VmmHandler, type VmmSessionSummary } from '../client/vmm-handler.js';
 import { sendFds } from '../lib/fd-passing.js';
 import { memfdCreate } from '../lib/memory.js';
 import { Userfaultfd } from '../lib/uffd.js';
@@ -141,4 +141,38 @@ t.test('a VMM that exits mid-way is cleaned up: no session, no fd, no source ses
   // (Fds of earlier tests may still be closing, so "no more than before".)
   t.ok(readdirSync('/proc/self/fd').length <= fdsBefore, 'every fd of the session was closed');
   t.notOk(openFdTargets().includes('anon_inode:[userfaultfd]'), 'the VMM userfaultfd was closed');
+});
+
+t.test('idle connections cannot starve the handler: a VMM behind eight silent peers is served; past the cap, silent peers are closed at once', async (t) => {
+  // On the old main each silent peer held a libuv pool thread in a blocking
+  // poll: with four of them no VMM's handshake was read until they timed out.
+  const dir = tempDir(t);
+  const image = randomImage(512);
+  const imagePath = writeImage(dir, image);
+  const server = new PageServer({ image: Image.open([{ path: imagePath }]) });
+  const where = await server.listen(`unix:${join(dir, 'source.sock')}`);
+  const handler = new VmmHandler({ source: `unix:${where.kind === 'unix' ? where.path : ''}`, handshakeTimeoutMs: 10 * 60_000 });
+  const handlerSocket = join(dir, 'handler.sock');
+  await handler.listen(handlerSocket);
+  t.teardown(async () => { await handler.close(); await server.close(); });
+  const idle: ReturnType<typeof netConnect>[] = [];
+  t.teardown(() => { for (const s of idle) s.destroy(); });
+  for (let i = 0; i < 8; i++) {
+    const s = netConnect(handlerSocket);
+    s.on('error', () => {});
+    idle.push(s);
+    await once(s, 'connect');
+  }
+  const { code } = await runVmm({ dir, imagePath, image, handler, handlerSocket, server });
+  t.equal(code, 0, 'the VMM was served');
+  let closed = 0;
+  for (let i = 0; i < MAX_PENDING_HANDSHAKES; i++) {
+    const s = netConnect(handlerSocket);
+    s.on('error', () => {});
+    s.once('close', () => closed++);
+    idle.push(s);
+  }
+  // 8 + 64 silent peers: 8 are over the cap and closed without waiting for their (ten-minute) timeout.
+  while (closed < 8) await new Promise((r) => setTimeout(r, 10));
+  t.equal(closed, 8, 'exactly the peers over the cap were closed');
 });
