@@ -141,12 +141,13 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     EnlargeSocketBuffer(bulk, SO_RCVBUF, SO_RCVBUFFORCE, 8 << 20);
     uint32_t generation = generation_.load() + 1;
     {
+      // The generation first: a write that fails on the new fd reports the new generation.
       std::lock_guard<std::mutex> lock(urgentMu_);
+      generation_.store(generation);
       urgentFd_.store(urgent);
       urgentBroken_ = false;
     }
     bulkFd_ = bulk;
-    generation_.store(generation);
     attached_ = true;
     urgentThread_ = std::thread([this, urgent, generation] { NameAndPinThisThread("pc-urgent-rx", cpu_); ReceiveLoop(urgent, "urgent", generation); });
     bulkThread_ = std::thread([this, bulk, generation] { NameAndPinThisThread("pc-bulk-rx", cpu_); ReceiveLoop(bulk, "bulk", generation); });
@@ -215,13 +216,18 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       for (uint64_t p = r->settled->NextClear(0); p < r->pages && firstError != ESRCH; p = r->settled->NextClear(p)) {
         uint64_t q = p + 1;
         while (q < r->pages && !r->settled->Test(q)) q++;
-        uint64_t done = 0;  // pages poisoned from p on
-        int err = Poison(base + p * r->pageSize, (q - p) * r->pageSize, r->pageSize, &done);
-        for (uint64_t k = p; k < p + done; k++)
-          if (r->settled->Claim(k)) poisoned++;
         // ESRCH: the process died (most likely of the SIGBUS just raised); other
-        // errors (a region it unmapped) leave the rest to be tried.
-        if (err && !firstError) firstError = err;
+        // errors (a page it unmapped) skip that page and go on with the rest.
+        while (p < q) {
+          uint64_t done = 0;  // pages poisoned from p on
+          int err = Poison(base + p * r->pageSize, (q - p) * r->pageSize, r->pageSize, &done);
+          for (uint64_t k = p; k < p + done; k++)
+            if (r->settled->Claim(k)) poisoned++;
+          if (!err) break;
+          if (!firstError) firstError = err;
+          if (err == ESRCH) break;
+          p += done + 1;
+        }
         p = q;
       }
     }
@@ -652,7 +658,8 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
         continue;
       }
       if (err == ENOENT) {  // no longer registered (unmapped): settle it as given back
-        GiveBack(dst, dst + r.pageSize);
+        uint64_t at = r.base.load(std::memory_order_acquire) + p * r.pageSize;  // the page that failed, past what was installed
+        GiveBack(at, at + r.pageSize);
         p++;
         continue;
       }

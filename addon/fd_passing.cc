@@ -18,9 +18,11 @@ namespace {
 
 constexpr size_t kMaxFds = 253;  // SCM_MAX_FD
 
+// socketPair(seqpacket?): a connected pair of unix sockets; SOCK_SEQPACKET keeps message boundaries.
 Napi::Value SocketPair(const Napi::CallbackInfo& info) {
   int sv[2];
-  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
+  int type = info.Length() > 0 && info[0].IsBoolean() && info[0].As<Napi::Boolean>().Value() ? SOCK_SEQPACKET : SOCK_STREAM;
+  if (socketpair(AF_UNIX, type | SOCK_CLOEXEC, 0, sv) != 0)
     ThrowErrno(info.Env(), errno, "socketpair");
   Napi::Array out = Napi::Array::New(info.Env(), 2);
   out.Set(0u, sv[0]);

@@ -148,7 +148,7 @@ export class HandlerSupervisor extends EventEmitter {
   }
 
   #startWorker(): void {
-    const [ours, theirs] = socketPair();
+    const [ours, theirs] = socketPair('seqpacket'); // one handoff per message, whatever its size
     const [cmd, ...args] = this.#options.workerCommand;
     const worker = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'inherit', theirs] });
     closeSync(theirs);
@@ -217,6 +217,7 @@ export async function serveHandoffs(handler: VmmHandler, link: number, out: (lin
     if (msg.payload.length === 0) return; // the supervisor is gone
     let handoff: HandoffMessage;
     try {
+      if (msg.truncated) throw new Error('a handoff larger than the limit');
       handoff = JSON.parse(msg.payload.toString('utf8')) as HandoffMessage;
       if (msg.fds.length !== 2 || !Number.isSafeInteger(handoff.id) || typeof handoff.handshake !== 'string') throw new Error('not a handoff');
     } catch (err) {

@@ -58,6 +58,15 @@ export interface RecoveryOptions {
 
 export interface DestinationSessionOptions extends SourceOptions {
   recovery?: RecoveryOptions;
+  /**
+   * Keep trying the first connection too, as after a pause (until the
+   * give-up time, when one is set). Default: a first connection that fails is
+   * an error (a restore has nothing to lose yet). A VMM's handler sets it: the
+   * guest is already waiting.
+   */
+  retryFirstConnect?: boolean;
+  /** Stops a first connection still being retried. */
+  signal?: AbortSignal;
 }
 
 /** Builds (and starts) the engine over the caller's memory once the source's regions are known. */
@@ -107,6 +116,9 @@ export class DestinationSession extends EventEmitter {
   #giveUpTimer: NodeJS.Timeout | null = null;
   #watchdog: NodeJS.Timeout;
   #lastBytes = 0;
+  #channelsOf: SourceConnection | null = null; // whose data channels the engine holds
+  #earlyFailure: CodedError | null = null; // a channel failed while the first connection was starting
+  #resumedOn: SourceConnection | null = null;
   #lastProgressAt = Date.now();
 
   private constructor(options: DestinationSessionOptions, recovery: Resolved, machine: StateMachine<DestinationState>, connection: SourceConnection, engine: FaultEngine, log: Logger) {
@@ -125,7 +137,9 @@ export class DestinationSession extends EventEmitter {
     machine.onChange((to, from) => this.emit('state', to, from));
     engine.on('channel-failed', (f: ChannelFailure) => this.#onChannelFailed(f));
     engine.on('complete', () => {
-      if (this.#machine.is('running')) this.#machine.to('resident', { fullResidencyMs: Math.round(this.engine.stats().fullResidencyNs / 1e4) / 100 });
+      if (!this.#machine.is('running')) return;
+      this.#machine.to('resident', { fullResidencyMs: Math.round(this.engine.stats().fullResidencyNs / 1e4) / 100 });
+      this.#outageOver();
     });
     this.#watchdog = setInterval(() => this.#checkProgress(), Math.max(10, Math.min(1000, recovery.stallTimeoutMs / 4)));
     this.#watchdog.unref();
@@ -143,7 +157,7 @@ export class DestinationSession extends EventEmitter {
     const transfer = transferOptions(options);
     let connection: SourceConnection;
     try {
-      connection = await SourceConnection.open({ source: options.source, token: options.token, transfer, timeoutMs: recovery.connectTimeoutMs, heartbeat: recovery.heartbeat, maxImageBytes: options.maxImageBytes });
+      connection = await connectFirst(options, recovery, transfer, log);
     } catch (err) {
       machine.to('failed', { code: (err as PostcopyError).code, error: (err as Error).message });
       throw err;
@@ -213,7 +227,9 @@ export class DestinationSession extends EventEmitter {
       const connection = this.#connection;
       if (!connection) throw new PostcopyError(ErrorCode.PEER_GONE, 'the source connection was already released');
       try {
-        return await connection.finish(stats, this.#recovery.digestTimeoutMs);
+        const digest = await connection.finish(stats, this.#recovery.digestTimeoutMs);
+        // The connection may have failed in the same breath (the digest and an error in one read): ask again then.
+        if (this.#connection === connection && this.#machine.is('resident')) return digest;
       } catch (err) {
         if (this.#connection === connection) this.#pause(asCodedError(err));
       }
@@ -222,6 +238,7 @@ export class DestinationSession extends EventEmitter {
 
   /** The source's digest matched: the session is done with the source. */
   verified(details: Record<string, unknown> = {}): void {
+    if (!this.#machine.can('verified')) return;
     this.release();
     this.#machine.to('verified', details);
   }
@@ -230,7 +247,7 @@ export class DestinationSession extends EventEmitter {
   release(): void {
     const connection = this.#connection;
     this.#connection = null;
-    this.engine.detachChannels();
+    this.#detachChannelsOf(this.#channelsOf);
     connection?.close();
   }
 
@@ -241,7 +258,7 @@ export class DestinationSession extends EventEmitter {
     this.#lastError = err;
     this.#connection?.abandon();
     this.#connection = null;
-    this.engine.detachChannels();
+    this.#detachChannelsOf(this.#channelsOf);
     this.#machine.to('failed', { code: err.code, error: err.message });
     this.emit('failed', err);
   }
@@ -265,13 +282,25 @@ export class DestinationSession extends EventEmitter {
       if (!this.#machine.is('connecting', 'resuming')) throw new PostcopyError(ErrorCode.PEER_GONE, `the session became ${this.state} while starting`);
     };
     starting();
+    this.#earlyFailure = null;
     this.#generation = this.engine.attachChannels(connection.takeChannels());
+    this.#channelsOf = connection;
     const have = this.#identity.regions.map((r) => ({ region: r.id, bitmap: this.engine.heldBitmap(r.id) }));
     await connection.start(have.some((h) => h.bitmap.some((b) => b !== 0)) ? have : undefined);
     starting(); // closed, given up, or paused by a channel failing meanwhile
+    if (this.#earlyFailure) throw this.#earlyFailure; // a channel failed before there was a session to pause
     this.#watch(connection);
     this.#lastProgressAt = Date.now();
+    this.#lastBytes = this.engine.stats().bytesReceived;
     this.#machine.to(this.engine.complete ? 'resident' : 'running', { session: connection.session, generation: this.#generation });
+  }
+
+  /** Detaches the data channels `connection` brought, unless a later attempt's replaced them. */
+  #detachChannelsOf(connection: SourceConnection | null): void {
+    if (connection === null || this.#channelsOf !== connection) return;
+    this.engine.detachChannels();
+    this.#generation = -1; // no event of the old channels matches any more
+    this.#channelsOf = null;
   }
 
   #watch(connection: SourceConnection): void {
@@ -281,9 +310,10 @@ export class DestinationSession extends EventEmitter {
   }
 
   #onChannelFailed(f: ChannelFailure): void {
-    if (f.generation !== this.#generation || !this.#machine.is('running', 'resident', 'resuming')) return; // from channels already replaced
+    if (f.generation !== this.#generation) return; // from channels already replaced
     if (f.targetGone) return; // the memory's owner exited; it ends the session
-    this.#pause(f.error);
+    if (this.#machine.is('connecting')) this.#earlyFailure = f.error;
+    else this.#pause(f.error);
   }
 
   /** The watchdog: pages are due (requests outstanding, or the background stream unfinished) but no byte came for too long. */
@@ -294,11 +324,13 @@ export class DestinationSession extends EventEmitter {
     if (s.bytesReceived !== this.#lastBytes) {
       this.#lastBytes = s.bytesReceived;
       this.#lastProgressAt = now;
+      this.#outageOver();
       return;
     }
     const streaming = this.transfer.background.enabled && !this.engine.complete;
     if (s.outstandingRequests === 0 && !streaming) {
       this.#lastProgressAt = now; // nothing is due: silence is fine
+      this.#outageOver();
       return;
     }
     // A rate-limited stream may rightly pause between runs.
@@ -317,7 +349,9 @@ export class DestinationSession extends EventEmitter {
     const connection = this.#connection;
     this.#connection = null;
     connection?.abandon();
-    this.engine.detachChannels();
+    this.#detachChannelsOf(this.#channelsOf);
+    // An outage lasts until pages flow again: a source that accepts every
+    // resume and then delivers nothing is still one outage, and gives up.
     if (!this.#outageSince) {
       this.#outageSince = Date.now();
       this.#attempts = 0;
@@ -357,21 +391,14 @@ export class DestinationSession extends EventEmitter {
       this.#checkIdentity(connection);
       this.#connection = connection;
       this.#sessionId = connection.session;
+      this.#resumedOn = connection;
       await this.#begin(connection);
-      const outageMs = Date.now() - this.#outageSince;
-      this.#pausedMs += outageMs;
-      this.#outageSince = 0;
-      this.#resumes++;
-      if (this.#giveUpTimer) clearTimeout(this.#giveUpTimer);
-      this.#giveUpTimer = null;
-      const s = this.engine.stats();
-      this.#log.info({ outageMs, attempts: this.#attempts, sameSession: connection.resumed, session: connection.session, requestsResent: s.requestsResent, residentPages: s.residentPages }, 'resumed');
-      this.emit('resumed', { outageMs, attempts: this.#attempts });
+      if (this.#machine.is('resident')) this.#outageOver(); // nothing more is due
     } catch (err) {
       const e = asCodedError(err);
       if (this.#connection === connection) this.#connection = null;
       connection?.abandon();
-      if (!this.#machine.is('running', 'resident')) this.engine.detachChannels(); // whatever this attempt attached
+      this.#detachChannelsOf(connection); // whatever this attempt attached, unless replaced since
       if (!this.#machine.is('resuming')) return; // closed, given up, or already paused again
       this.#lastError = e;
       const level = e.code === ErrorCode.IMAGE_MISMATCH || e.code === ErrorCode.AUTH_FAILED ? 'error' : 'warn';
@@ -390,9 +417,24 @@ export class DestinationSession extends EventEmitter {
     }
   }
 
+  /** Pages flow again (or nothing is due): the outage that began at the first pause is over. */
+  #outageOver(): void {
+    if (!this.#outageSince) return;
+    const outageMs = Date.now() - this.#outageSince;
+    this.#pausedMs += outageMs;
+    this.#outageSince = 0;
+    this.#resumes++;
+    if (this.#giveUpTimer) clearTimeout(this.#giveUpTimer);
+    this.#giveUpTimer = null;
+    const s = this.engine.stats();
+    const connection = this.#resumedOn;
+    this.#log.info({ outageMs, attempts: this.#attempts, sameSession: connection?.resumed, session: connection?.session, requestsResent: s.requestsResent, residentPages: s.residentPages }, 'resumed');
+    this.emit('resumed', { outageMs, attempts: this.#attempts });
+  }
+
   #giveUp(): void {
     this.#giveUpTimer = null;
-    if (!this.#machine.is('paused', 'resuming')) return;
+    if (!this.#outageSince || this.#machine.is('failed', 'closed', 'verified')) return;
     const last = this.#lastError;
     this.fail(new PostcopyError(ErrorCode.SOURCE_LOST, `the source stayed out of reach for ${this.#recovery.giveUpAfterMs} ms${last ? ` (last: ${last.code}: ${last.message})` : ''}`, last ? { cause: last.code } : undefined));
   }
@@ -420,6 +462,28 @@ export class DestinationSession extends EventEmitter {
       };
       this.on('state', listener);
     });
+  }
+}
+
+/** The first connection: once, or (retryFirstConnect) with backoff until the give-up time. */
+async function connectFirst(options: DestinationSessionOptions, recovery: Resolved, transfer: TransferOptions, log: Logger): Promise<SourceConnection> {
+  const started = Date.now();
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await SourceConnection.open({ source: options.source, token: options.token, transfer, timeoutMs: recovery.connectTimeoutMs, heartbeat: recovery.heartbeat, maxImageBytes: options.maxImageBytes });
+    } catch (err) {
+      const e = asCodedError(err);
+      if (!options.retryFirstConnect || options.signal?.aborted) throw e;
+      const waited = Date.now() - started;
+      if (waited >= recovery.giveUpAfterMs) throw new PostcopyError(ErrorCode.SOURCE_LOST, `the source could not be reached for ${recovery.giveUpAfterMs} ms (last: ${e.code}: ${e.message})`, { cause: e.code });
+      const delay = Math.min(recovery.retryDelayMs.max, recovery.retryDelayMs.initial * 2 ** Math.min(attempt - 1, 30), recovery.giveUpAfterMs - waited);
+      log.warn({ attempt, code: e.code, err: e.message, retryInMs: delay }, 'the source cannot be reached yet; retrying');
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, delay);
+        options.signal?.addEventListener('abort', () => { clearTimeout(timer); resolve(); }, { once: true });
+      });
+      if (options.signal?.aborted) throw e;
+    }
   }
 }
 

@@ -54,6 +54,10 @@ interface VmmSession {
   guest: GuestRegion[];
   session: DestinationSession | null;
   ended: boolean;
+  /** #start is under way: the uffd must stay open (its number must not be reused) until it returns. */
+  starting: boolean;
+  /** Stops a first connection still being retried once the VMM is gone. */
+  abort: AbortController;
   takeover: boolean;
   handoff?: number;
 }
@@ -195,7 +199,10 @@ export class VmmHandler extends EventEmitter {
       this.emit('released', { pid, handoff: handoff.handoff });
       return;
     }
-    const vmm: VmmSession = { pid, socket, uffd: handoff.uffd, guest, session: null, ended: false, takeover: handoff.takeover === true, ...(handoff.handoff !== undefined ? { handoff: handoff.handoff } : {}) };
+    const vmm: VmmSession = {
+      pid, socket, uffd: handoff.uffd, guest, session: null, ended: false, starting: false, abort: new AbortController(),
+      takeover: handoff.takeover === true, ...(handoff.handoff !== undefined ? { handoff: handoff.handoff } : {}),
+    };
     this.#sessions.add(vmm);
     // The VMM keeps its socket open while it runs; its hang-up ends the session.
     socket.once('close', () => this.#end(vmm, 'the VMM hung up'));
@@ -203,6 +210,7 @@ export class VmmHandler extends EventEmitter {
     try {
       await this.#start(vmm);
     } catch (err) {
+      if (vmm.ended) return; // the VMM hung up first
       this.#end(vmm, 'handshake refused');
       this.#refuse(pid, socket, err);
     }
@@ -216,11 +224,26 @@ export class VmmHandler extends EventEmitter {
   }
 
   async #start(vmm: VmmSession): Promise<void> {
+    vmm.starting = true;
+    try {
+      await this.#connect(vmm);
+    } finally {
+      vmm.starting = false;
+      if (vmm.ended) {
+        vmm.session?.close(); // the VMM hung up during set-up
+        closeSync(vmm.uffd); // deferred by #end until nothing could use it
+      }
+    }
+  }
+
+  async #connect(vmm: VmmSession): Promise<void> {
     const log = this.#log.child({ vmmPid: vmm.pid });
     let welcomed = false;
     try {
-      vmm.session = await DestinationSession.open({ ...this.#options, logger: log }, (regions) => {
+      // The guest is already waiting: a source not reachable yet is retried like an outage.
+      vmm.session = await DestinationSession.open({ ...this.#options, logger: log, retryFirstConnect: true, signal: vmm.abort.signal }, (regions) => {
         welcomed = true;
+        if (vmm.ended) throw new PostcopyError(ErrorCode.PEER_GONE, 'the VMM hung up during set-up');
         const targets = mapOntoImage(vmm.guest, regions);
         const engine = new FaultEngine({
           uffd: vmm.uffd,
@@ -241,15 +264,15 @@ export class VmmHandler extends EventEmitter {
       });
     } catch (err) {
       if (welcomed || vmm.ended) throw err; // the handshake does not fit the image: refused
-      // The source never answered: the guest must not wait forever on memory that cannot come.
+      // The source stayed out of reach past the give-up time: the guest must not wait forever on memory that cannot come.
       const poisoned = poisonGuest(vmm);
       const e = err as PostcopyError;
-      log.error({ code: e.code, err: e.message, poisonedBytes: poisoned }, 'the source cannot be reached: every guest page poisoned (SIGBUS on touch)');
+      log.error({ code: e.code, err: e.message, poisonedBytes: poisoned }, 'the source cannot be reached: every missing guest page poisoned (SIGBUS on touch)');
       this.#end(vmm, 'the source cannot be reached');
       return;
     }
     const session = vmm.session;
-    if (vmm.ended) return session.close(); // the VMM hung up during set-up
+    if (vmm.ended) return; // the VMM hung up during set-up: #start closes what is left
     this.emit('session-start', { pid: vmm.pid });
     session.on('failed', (err: PostcopyError) => {
       if (vmm.ended) return;
@@ -274,12 +297,13 @@ export class VmmHandler extends EventEmitter {
   #end(vmm: VmmSession, reason: string): void {
     if (vmm.ended) return;
     vmm.ended = true;
+    vmm.abort.abort();
     this.#sessions.delete(vmm);
     // Stop first: the final figures are read once every engine thread has finished.
     const session = vmm.session;
     session?.close();
     const stats = session?.stats();
-    closeSync(vmm.uffd);
+    if (!vmm.starting) closeSync(vmm.uffd); // else #start closes it when it returns
     vmm.socket.destroy();
     if (session && stats) {
       const summary: VmmSessionSummary = {
@@ -304,10 +328,18 @@ export class VmmHandler extends EventEmitter {
 function poisonGuest(vmm: VmmSession): number {
   let bytes = 0;
   for (const g of vmm.guest) {
-    try {
-      bytes += native.uffdPoison(vmm.uffd, g.base_host_virt_addr, g.size, 0).bytes;
-    } catch {
-      // a region the VMM no longer has: nothing to protect there
+    const pageSize = g.page_size ?? 4096;
+    const end = g.base_host_virt_addr + g.size;
+    let at = g.base_host_virt_addr;
+    for (let tries = 0; at < end && tries < 1000; tries++) {
+      try {
+        const r = native.uffdPoison(vmm.uffd, at, end - at, 0);
+        bytes += r.bytes;
+        if (r.code === null) break;
+        at += r.bytes + (r.code === 'EEXIST' ? pageSize : 0); // a page already present keeps its contents
+      } catch {
+        break; // a region the VMM no longer has: nothing to protect there
+      }
     }
   }
   return bytes;

@@ -4,9 +4,9 @@ import { native } from './native.js';
 import { kernelError, outOfRange } from './errors.js';
 import { validateBytes, validateFd, validateInteger } from './validate.js';
 
-/** A connected pair of unix stream sockets (close-on-exec). */
-export function socketPair(): [number, number] {
-  return native.socketPair();
+/** A connected pair of unix sockets (close-on-exec): stream, or seqpacket (each sendmsg arrives as one message). */
+export function socketPair(kind: 'stream' | 'seqpacket' = 'stream'): [number, number] {
+  return native.socketPair(kind === 'seqpacket');
 }
 
 /** Sends `payload` (non-empty) with `fds` attached in one sendmsg; returns bytes sent. */

@@ -171,7 +171,7 @@ export interface NativeAddon {
   fileExtents(fd: number, size: number): number[];
   memoryConstants: Record<string, number>;
 
-  socketPair(): [number, number];
+  socketPair(seqpacket?: boolean): [number, number];
   sendWithFds(socket: number, payload: Uint8Array, fds: number[]): number;
   receiveNow(socket: number, maxBytes: number, maxFds: number): { payload: Buffer; fds: number[]; truncated: boolean };
   FdWatcher: new (onOutcome: (outcome: { id: number; ready: boolean }) => void) => { watch(fd: number, timeoutMs: number, id: number): void; cancel(id: number): void; close(): void };

@@ -133,12 +133,13 @@ export class PageServer {
     if (!session) throw new PostcopyError(ErrorCode.AUTH_FAILED, 'no such session');
     if (msg.channel !== 'urgent' && msg.channel !== 'bulk') throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'unknown channel');
     session.verifyAttach(msg.channel, msg.ticket);
+    const ticket = msg.ticket as Uint8Array;
     this.#unproven.delete(socket);
     // The destination sends nothing more until it reads this reply, so once the
     // reply is written no byte can be left behind in JS when native code takes over.
     if (reader.detach().length > 0) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'bytes arrived on a data channel before it was attached');
     await new Promise<void>((resolve, reject) => socket.write(encodeFrame({ t: 'attached' }), (err) => (err ? reject(err) : resolve())));
-    session.adoptChannel(msg.channel, takeSocket(socket));
+    session.adoptChannel(msg.channel, takeSocket(socket), ticket);
   }
 
   async #onControl(socket: Socket, reader: FrameReader, hello: MessageOf<'hello'>): Promise<void> {
@@ -207,6 +208,7 @@ export class PageServer {
       this.#controls.delete(known.id);
       old?.destroy();
       known.connectionLost('the destination came back on a new connection', this.#resumeGraceMs, () => this.#sessions.delete(known.id));
+      if (known.state === 'closed') this.#sessions.delete(known.id);
     }
     if (known?.resumable) {
       known.resume();

@@ -75,9 +75,14 @@ export class SourceSession {
     }
   }
 
-  /** Takes ownership of a verified data channel's fd. */
-  adoptChannel(channel: Channel, fd: number): void {
-    if (!this.#machine.is('setup', 'resuming') || this.#fds[channel] !== undefined) {
+  /**
+   * Takes ownership of a verified data channel's fd. `ticket` is the one it
+   * was verified with: a resume that issued new tickets meanwhile refuses it.
+   */
+  adoptChannel(channel: Channel, fd: number, ticket: Uint8Array): void {
+    const current = this.tickets[channel];
+    const stale = ticket.length !== current.length || !timingSafeEqual(current, ticket);
+    if (stale || !this.#machine.is('setup', 'resuming') || this.#fds[channel] !== undefined) {
       closeSync(fd);
       throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `the ${channel} channel can no longer attach`);
     }
