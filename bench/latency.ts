@@ -43,7 +43,7 @@ export async function latencyBench(pages: number, transport: Transport, seed: nu
   const dir = mkdtempSync(join(tmpdir(), 'postcopy-bench-'));
   const source = await floorSource(dir, pages, transport);
   try {
-    const dest = await Destination.connect({ source: source.address, window: { forward: 0, backward: 0 }, background: { enabled: false } });
+    const dest = await Destination.connect({ source: source.address, token: source.token, window: { forward: 0, backward: 0 }, background: { enabled: false } });
     try {
       const region = dest.regions[0].mapping;
       const order = shuffledOrder(pages, seed);
@@ -83,7 +83,7 @@ export async function throughputBench(pages: number, transport: Transport): Prom
   const dir = mkdtempSync(join(tmpdir(), 'postcopy-bench-'));
   const source = await floorSource(dir, pages, transport);
   try {
-    const dest = await Destination.connect({ source: source.address, window: { forward: 0, backward: 0 }, background: { enabled: true } });
+    const dest = await Destination.connect({ source: source.address, token: source.token, window: { forward: 0, backward: 0 }, background: { enabled: true } });
     try {
       const report = await dest.finish();
       const ns = dest.stats().fullResidencyNs;

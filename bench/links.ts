@@ -53,7 +53,7 @@ export async function bringUp(spec: LinkSpec, imagePath: string, dir: string): P
   }
   if (!spec.emulate) {
     const source = await startSource(imagePath, 'tcp:127.0.0.1:0');
-    return { up: { spec, description: 'TCP loopback', source, down: () => source.close() } };
+    return { up: { spec, description: 'TCP loopback', source, ...(source.token ? { token: source.token } : {}), down: () => source.close() } };
   }
   return bringUpNamespaceLink(spec, imagePath, dir);
 }

@@ -8,6 +8,7 @@ import { createInterface } from 'node:readline';
 import { once } from 'node:events';
 import { PAGE_SIZE } from '../lib/memory.js';
 import { selfCommand } from '../bin/options.js';
+import { readToken } from '../lib/token.js';
 
 /** Writes the floor's image (page i filled with byte (i*7+1)) unless it is there already. */
 export function floorImageFile(dir: string, pages: number): string {
@@ -30,6 +31,8 @@ export function floorImageFile(dir: string, pages: number): string {
 
 export interface RunningSource {
   address: string;
+  /** The token a destination must prove (a TCP source always has one). */
+  token?: string;
   pid: number;
   close(): Promise<void>;
 }
@@ -49,10 +52,11 @@ export async function startSource(imagePath: string, listen: string, options: { 
     rl.once('line', (l) => { rl.close(); resolve(l); });
     child.once('exit', (code) => reject(new Error(`the source exited with ${code} before listening`)));
   });
-  const where = JSON.parse(line).listening;
+  const { listening: where, tokenFile } = JSON.parse(line) as { listening: { kind: string; path?: string; host?: string; port?: number }; tokenFile?: string };
   const address = where.kind === 'unix' ? `unix:${where.path}` : `tcp:${options.connectHost ?? where.host}:${where.port}`;
   return {
     address,
+    ...(tokenFile ? { token: readToken(tokenFile) } : {}),
     pid: child.pid!,
     async close() {
       if (child.exitCode !== null || child.signalCode !== null) return;

@@ -5,7 +5,7 @@ import { parseArgs } from 'node:util';
 import { VmmHandler } from '../client/vmm-handler.js';
 import { HandlerSupervisor, serveHandoffs } from '../client/handler-supervisor.js';
 import type { Logger } from '../lib/logger.js';
-import { parseRecovery, parseSize, parseWindow, readTokenFile, recoveryOptionSpec, recoveryUsage, selfCommand, UsageError } from './options.js';
+import { parseRecovery, parseSize, parseWindow, destinationToken, recoveryOptionSpec, recoveryUsage, selfCommand, UsageError } from './options.js';
 
 export const handleUsage = `postcopy handle --socket PATH --source unix:PATH|tcp:HOST:PORT [--token-file F]
                 [--window F:B] [--no-background] [--rate SIZE]
@@ -39,7 +39,7 @@ export async function handle(argv: string[], log: Logger): Promise<void> {
   const window = parseWindow(values.window, handleUsage);
   const handler = new VmmHandler({
     source: values.source,
-    token: readTokenFile(values['token-file'], log),
+    token: destinationToken(values['token-file'], values.source, log),
     logger: log,
     recovery: parseRecovery(values),
     ...(window ? { window } : {}),

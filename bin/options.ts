@@ -1,6 +1,7 @@
 // What the subcommands share: token files, sizes, progress lines, and how to
 // start this same CLI as a child process.
-import { readFileSync, statSync } from 'node:fs';
+import { existsSync, statSync } from 'node:fs';
+import { defaultTokenPath, ensureToken, readToken } from '../lib/token.js';
 import { fileURLToPath } from 'node:url';
 import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import type { Logger } from '../lib/logger.js';
@@ -10,10 +11,34 @@ import type { RecoveryOptions } from '../client/session.js';
 /** Reads a token file (whitespace trimmed); warns when others can read it. */
 export function readTokenFile(path: string | undefined, log: Logger): string | undefined {
   if (!path) return undefined;
-  const token = readFileSync(path, 'utf8').trim();
-  if (!token) throw new PostcopyError(ErrorCode.AUTH_REQUIRED, `the token file ${path} is empty`);
+  const token = readToken(path, '--token-file');
   if (statSync(path).mode & 0o077) log.warn({ path }, 'the token file is readable by other users; chmod 600 it');
   return token;
+}
+
+/**
+ * The token a destination proves: --token-file's; else, for a TCP source,
+ * the default token file when there is one (the one `serve` made on this host).
+ */
+export function destinationToken(tokenFile: string | undefined, source: string, log: Logger): string | undefined {
+  if (tokenFile) return readTokenFile(tokenFile, log);
+  if (!source.startsWith('tcp:') || !existsSync(defaultTokenPath())) return undefined;
+  log.info({ tokenFile: defaultTokenPath() }, 'using the default token file');
+  return readToken(defaultTokenPath(), 'the default token file');
+}
+
+/**
+ * The token a source requires: --token-file's; else, on TCP (loopback too:
+ * other users of this host must not read the image), the default token file,
+ * created mode 0600 when there is none.
+ */
+export function sourceToken(tokenFile: string | undefined, listen: string, log: Logger): { token?: string; tokenFile?: string } {
+  if (tokenFile) return { token: readTokenFile(tokenFile, log), tokenFile };
+  if (!listen.startsWith('tcp:')) return {};
+  const path = defaultTokenPath();
+  const { token, created } = ensureToken(path);
+  log.warn({ tokenFile: path, created }, 'TCP needs a token: destinations on this host find it in this file; give it (--token-file) to those elsewhere');
+  return { token, tokenFile: path };
 }
 
 /** "64M", "2G", "4096", "512K" -> bytes. */

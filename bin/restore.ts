@@ -6,7 +6,7 @@ import { Destination } from '../client/destination.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
 import type { Logger } from '../lib/logger.js';
 import type { RestoreReport } from '../client/report.js';
-import { parseCount, parseRecovery, parseSize, parseWindow, readTokenFile, recoveryOptionSpec, recoveryUsage, startProgress } from './options.js';
+import { parseCount, parseRecovery, parseSize, parseWindow, destinationToken, recoveryOptionSpec, recoveryUsage, startProgress } from './options.js';
 import { UsageError } from './options.js';
 
 export const restoreUsage = `postcopy restore --source unix:PATH|tcp:HOST:PORT [options]
@@ -38,7 +38,7 @@ export async function restore(argv: string[], log: Logger): Promise<RestoreRepor
   const window = parseWindow(values.window, restoreUsage);
   const dest = await Destination.connect({
     source: values.source,
-    token: readTokenFile(values['token-file'], log),
+    token: destinationToken(values['token-file'], values.source, log),
     logger: log,
     recovery: parseRecovery(values),
     ...(window ? { window } : {}),

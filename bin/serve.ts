@@ -3,7 +3,7 @@ import { parseArgs } from 'node:util';
 import { Image } from '../server/image.js';
 import { PageServer } from '../server/page-server.js';
 import type { Logger } from '../lib/logger.js';
-import { parseDuration, readTokenFile, UsageError } from './options.js';
+import { parseDuration, sourceToken, UsageError } from './options.js';
 
 export const serveUsage = `postcopy serve --image FILE [--image FILE ...] --listen unix:PATH|tcp:HOST:PORT [--token-file F]
                [--resume-grace DURATION]
@@ -24,10 +24,11 @@ export async function serve(argv: string[], log: Logger): Promise<void> {
   if (!values.image?.length || !values.listen) throw new UsageError(serveUsage);
   const image = Image.open(values.image.map((path) => ({ path })));
   const resumeGraceMs = values['resume-grace'] === undefined ? undefined : parseDuration(values['resume-grace'], '--resume-grace');
-  const server = new PageServer({ image, token: readTokenFile(values['token-file'], log), logger: log, ...(resumeGraceMs ? { resumeGraceMs } : {}) });
+  const { token, tokenFile } = sourceToken(values['token-file'], values.listen, log);
+  const server = new PageServer({ image, token, logger: log, ...(resumeGraceMs ? { resumeGraceMs } : {}) });
   await server.listen(values.listen);
-  // Tell a parent that spawned us where we listen (port 0 resolves here).
-  process.stdout.write(JSON.stringify({ listening: server.address }) + '\n');
+  // Tell a parent that spawned us where we listen (port 0 resolves here), and which token file it needs.
+  process.stdout.write(JSON.stringify({ listening: server.address, ...(tokenFile ? { tokenFile } : {}) }) + '\n');
   await new Promise<void>((resolve) => {
     process.once('SIGINT', resolve);
     process.once('SIGTERM', resolve);

@@ -74,8 +74,9 @@ export class PageServer {
    */
   async listen(address: string | Address): Promise<Address> {
     const a = typeof address === 'string' ? parseAddress(address) : address;
-    if (!isLocalOnly(a) && !this.#token) {
-      throw new PostcopyError(ErrorCode.AUTH_REQUIRED, `refusing to listen on ${formatAddress(a)} without a token: anyone on the network could read the image`);
+    if (a.kind === 'tcp' && !this.#token) {
+      const who = isLocalOnly(a) ? 'any user of this host' : 'anyone on the network';
+      throw new PostcopyError(ErrorCode.AUTH_REQUIRED, `refusing to listen on ${formatAddress(a)} without a token: ${who} could read the image (unix sockets need none: they are created 0600)`);
     }
     const server = createServer({ noDelay: true }, (socket) => void this.#onConnection(socket));
     if (a.kind === 'unix') {

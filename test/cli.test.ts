@@ -1,5 +1,6 @@
 import t from 'tap';
-import { readFileSync, readdirSync, writeFileSync } from 'node:fs';
+import { readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs';
+import { Destination } from '../client/destination.js';
 import { join } from 'node:path';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
@@ -28,10 +29,13 @@ t.test('serve and restore as separate processes: token, --out, --json', async (t
   t.ok(logs.some((l) => l.msg === 'restore finished' && l.digestMatch === true), 'pino JSON logs on stderr');
 });
 
-t.test('restore over TCP with no workload is pure background transfer', async (t) => {
+t.test('restore over TCP with no workload is pure background transfer; TCP without --token-file gets a token only this user can read', async (t) => {
   const dir = tempDir(t);
   const image = randomImage(512);
-  const { listening } = await startServeCli(t, ['--image', writeImage(dir, image), '--listen', 'tcp:127.0.0.1:0']);
+  const { listening, tokenFile } = await startServeCli(t, ['--image', writeImage(dir, image), '--listen', 'tcp:127.0.0.1:0']);
+  // On the old main this source served the image to any user of the host.
+  t.equal(statSync(tokenFile!).mode & 0o777, 0o600, 'the token file it made is 0600');
+  await t.rejects(Destination.connect({ source: `tcp:127.0.0.1:${listening.port}` }), { code: 'ERR_AUTH_REQUIRED' }, 'a destination without the token is refused');
   const r = await runCli(['restore', '--source', `tcp:127.0.0.1:${listening.port}`, '--workload', 'none', '--json']);
   t.equal(r.code, 0, r.stderr);
   t.match(JSON.parse(r.stdout), { faults: 0, pagesBackground: 512, digestMatch: true });
@@ -48,11 +52,14 @@ t.test('a wrong token fails the restore with a clear message and exit code 1', a
   t.match(r.stderr, /ERR_AUTH_FAILED/);
 });
 
-t.test('serve refuses to listen beyond loopback without a token', async (t) => {
+t.test('serve on TCP refuses a default token file that other users can read', async (t) => {
   const dir = tempDir(t);
-  const r = await runCli(['serve', '--image', writeImage(dir, randomImage(8)), '--listen', 'tcp:0.0.0.0:0']);
+  const tokenFile = join(dir, 'token');
+  writeFileSync(tokenFile, 'everyone can read me\n', { mode: 0o644 });
+  const r = await runCli(['serve', '--image', writeImage(dir, randomImage(8)), '--listen', 'tcp:127.0.0.1:0'], { POSTCOPY_TOKEN_FILE: tokenFile });
   t.equal(r.code, 1);
   t.match(r.stderr, /ERR_AUTH_REQUIRED/);
+  t.match(r.stderr, /readable by other users/);
 });
 
 t.test('usage errors exit 2 with the usage text', async (t) => {

@@ -10,6 +10,11 @@ import type { Test } from 'tap';
 import type { Userfaultfd } from '../lib/uffd.js';
 
 export const here = dirname(fileURLToPath(import.meta.url));
+
+// The default token file a TCP `serve` creates and `restore` finds: one per
+// test process, in the temp dir, never the user's own.
+process.env.POSTCOPY_TOKEN_FILE ??= join(tmpdir(), `uffd-postcopy-token-${process.pid}`);
+process.once('exit', () => rmSync(process.env.POSTCOPY_TOKEN_FILE!, { force: true }));
 export const PAGE = 4096;
 
 export function tempDir(t: Test, prefix = 'uffd-postcopy-'): string {
@@ -77,7 +82,7 @@ export function runCli(args: string[], env: Record<string, string> = {}): Promis
 }
 
 /** Starts `postcopy serve` and resolves once it listens; killed at teardown. */
-export async function startServeCli(t: Test, args: string[]): Promise<{ child: ChildProcess; listening: { kind: string; path?: string; port?: number } }> {
+export async function startServeCli(t: Test, args: string[]): Promise<{ child: ChildProcess; listening: { kind: string; path?: string; port?: number }; tokenFile?: string }> {
   const [cmd, ...pre] = cliCommand();
   const child = spawn(cmd, [...pre, 'serve', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
   t.teardown(() => { child.kill('SIGTERM'); });
@@ -92,5 +97,6 @@ export async function startServeCli(t: Test, args: string[]): Promise<{ child: C
     });
     child.once('exit', (code) => reject(new Error(`serve exited with ${code}: ${stderr}`)));
   });
-  return { child, listening: JSON.parse(line).listening };
+  const { listening, tokenFile } = JSON.parse(line);
+  return { child, listening, tokenFile };
 }

@@ -9,7 +9,10 @@ import { shuffledOrder, touchPages } from '../lib/workload.js';
 import { PAGE, randomImage, tempDir, writeImage } from './helpers.js';
 import type { Test } from 'tap';
 
-async function serve(t: Test, image: Image, transport: 'unix' | 'tcp', token?: string): Promise<string> {
+/** TCP needs a token, loopback too. */
+const TCP_TOKEN = 'a token for tcp';
+
+async function serve(t: Test, image: Image, transport: 'unix' | 'tcp', token = transport === 'tcp' ? TCP_TOKEN : undefined): Promise<string> {
   const server = new PageServer({ image, token });
   t.teardown(() => server.close());
   const where = transport === 'unix' ? `unix:${join(tempDir(t), 'source.sock')}` : 'tcp:127.0.0.1:0';
@@ -18,7 +21,8 @@ async function serve(t: Test, image: Image, transport: 'unix' | 'tcp', token?: s
 }
 
 async function connect(t: Test, options: DestinationOptions): Promise<Destination> {
-  const dest = await Destination.connect(options);
+  const tcp = typeof options.source === 'string' && options.source.startsWith('tcp:');
+  const dest = await Destination.connect({ ...(tcp && !options.token ? { token: TCP_TOKEN } : {}), ...options });
   t.teardown(() => dest.close());
   return dest;
 }

@@ -90,9 +90,11 @@ t.test('a destination that fakes its proof is refused by the source', async (t) 
   t.equal(err.code, 'ERR_AUTH_FAILED');
 });
 
-t.test('nothing listens beyond loopback without a token', async (t) => {
+t.test('nothing listens on TCP without a token, loopback included', async (t) => {
+  // On the old main a tokenless TCP source on loopback gave the image to any user of the host.
   const server = new PageServer({ image: Image.open([{ buffer: randomImage(1) }]) });
-  await t.rejects(server.listen('tcp:0.0.0.0:0'), { code: 'ERR_AUTH_REQUIRED' });
+  await t.rejects(server.listen('tcp:0.0.0.0:0'), { code: 'ERR_AUTH_REQUIRED', message: /anyone on the network/ });
+  await t.rejects(server.listen('tcp:127.0.0.1:0'), { code: 'ERR_AUTH_REQUIRED', message: /any user of this host/ });
   t.throws(() => parseAddress('http://example'), { code: 'ERR_INVALID_ADDRESS' });
 });
 

@@ -19,10 +19,11 @@ async function setup(t: Test, transport: 'unix' | 'tcp' = 'unix', pages = 2048, 
   const dir = tempDir(t);
   const image = randomImage(pages, 6);
   const imagePath = writeImage(dir, image);
-  const server = new PageServer({ image: Image.open([{ path: imagePath }]) });
+  const token = transport === 'tcp' ? 'a token for tcp' : undefined; // TCP needs one, loopback too
+  const server = new PageServer({ image: Image.open([{ path: imagePath }]), token });
   const where = await server.listen(transport === 'unix' ? `unix:${join(dir, 'source.sock')}` : 'tcp:127.0.0.1:0');
   const source = where.kind === 'unix' ? `unix:${where.path}` : `tcp:127.0.0.1:${where.port}`;
-  const handler = new VmmHandler({ source, background: { enabled: background } });
+  const handler = new VmmHandler({ source, token, background: { enabled: background } });
   const handlerSocket = join(dir, 'handler.sock');
   await handler.listen(handlerSocket);
   t.teardown(async () => { await handler.close(); await server.close(); });
