@@ -28,6 +28,7 @@
 #include "events.h"
 #include "histogram.h"
 #include "page_array.h"
+#include "secure_channel.h"
 #include "threads.h"
 #include "io.h"
 #include "uffd_abi.h"
@@ -128,16 +129,31 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     return info.Env().Undefined();
   }
 
-  // attachChannels(urgentFd, bulkFd) -> generation. The engine owns both fds
-  // from this call on (it closes them even when it refuses them).
+  // attachChannels(urgentFd, bulkFd, keys?) -> generation. The engine owns
+  // both fds from this call on (it closes them even when it refuses them).
+  // keys: {urgentDown, urgentUp, bulkDown}, 32 bytes each: the channels carry
+  // sealed records (addon/secure_channel.h).
   Napi::Value AttachChannels(const Napi::CallbackInfo& info) {
     int urgent = info[0].As<Napi::Number>().Int32Value();
     int bulk = info[1].As<Napi::Number>().Int32Value();
-    if (!started_ || stopped_ || attached_) {
+    bool encrypted = info.Length() > 2 && info[2].IsObject();
+    uint8_t urgentDown[32], urgentUp[32], bulkDown[32];
+    bool badKeys = false;
+    if (encrypted) {
+      Napi::Object k = info[2].As<Napi::Object>();
+      for (auto [name, into] : {std::pair{"urgentDown", urgentDown}, std::pair{"urgentUp", urgentUp}, std::pair{"bulkDown", bulkDown}}) {
+        Napi::Value v = k.Get(name);
+        if (!v.IsBuffer() || v.As<Napi::Buffer<uint8_t>>().Length() != 32) { badKeys = true; break; }
+        std::memcpy(into, v.As<Napi::Buffer<uint8_t>>().Data(), 32);
+      }
+    }
+    if (!started_ || stopped_ || attached_ || badKeys) {
       close(urgent);
       close(bulk);
+      if (badKeys) throw CodedError(info.Env(), "ERR_OUT_OF_RANGE", "a data-channel key must be a 32-byte Buffer");
       throw CodedError(info.Env(), "ERR_ENGINE_STATE", attached_ ? "data channels are already attached" : "the engine is not running");
     }
+    auto key = [&](const uint8_t* k, uint32_t direction, bool seal) { return encrypted ? std::make_unique<Aead>(k, direction, seal) : nullptr; };
     EnlargeSocketBuffer(bulk, SO_RCVBUF, SO_RCVBUFFORCE, 8 << 20);
     uint32_t generation = generation_.load() + 1;
     {
@@ -145,12 +161,15 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       std::lock_guard<std::mutex> lock(urgentMu_);
       generation_.store(generation);
       urgentFd_.store(urgent);
+      urgentWriter_ = std::make_unique<ChannelWriter>(urgent, key(urgentUp, kUrgentUp, true));
       urgentBroken_ = false;
     }
     bulkFd_ = bulk;
     attached_ = true;
-    urgentThread_ = std::thread([this, urgent, generation] { NameAndPinThisThread("pc-urgent-rx", cpu_); ReceiveLoop(urgent, "urgent", generation); });
-    bulkThread_ = std::thread([this, bulk, generation] { NameAndPinThisThread("pc-bulk-rx", cpu_); ReceiveLoop(bulk, "bulk", generation); });
+    auto urgentIn = std::make_shared<ChannelReader>(urgent, key(urgentDown, kUrgentDown, false));
+    auto bulkIn = std::make_shared<ChannelReader>(bulk, key(bulkDown, kBulkDown, false));
+    urgentThread_ = std::thread([this, urgentIn, generation] { NameAndPinThisThread("pc-urgent-rx", cpu_); ReceiveLoop(*urgentIn, "urgent", generation); });
+    bulkThread_ = std::thread([this, bulkIn, generation] { NameAndPinThisThread("pc-bulk-rx", cpu_); ReceiveLoop(*bulkIn, "bulk", generation); });
     // Requests the old channels never answered go out first, from the fault thread.
     uint64_t one = 1;
     if (write(resendFd_, &one, sizeof one) < 0) {}
@@ -177,6 +196,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       std::lock_guard<std::mutex> lock(urgentMu_);
       close(urgentFd_.load());
       urgentFd_.store(-1);
+      urgentWriter_.reset();
     }
     close(bulkFd_);
     bulkFd_ = -1;
@@ -374,9 +394,8 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   void SendRequests(std::vector<wire::PageRequest>& reqs) {
     if (reqs.empty()) return;
     std::lock_guard<std::mutex> lock(urgentMu_);
-    int fd = urgentFd_.load();
-    if (fd >= 0 && !urgentBroken_) {
-      int err = WriteFull(fd, reqs.data(), reqs.size() * sizeof(wire::PageRequest));
+    if (urgentWriter_ && !urgentBroken_) {
+      int err = urgentWriter_->Write(reqs.data(), reqs.size() * sizeof(wire::PageRequest));
       if (err) {
         urgentBroken_ = true;
         if (!stop_.load() && !detaching_.load())
@@ -560,7 +579,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   // its channels are being detached.
   bool Leaving() const { return stop_.load() || detaching_.load(); }
 
-  void ReceiveLoop(int fd, const char* channel, uint32_t generation) {
+  void ReceiveLoop(ChannelReader& in, const char* channel, uint32_t generation) {
     auto report = [&](const char* type, const std::string& code, const char* message) {
       if (!Leaving()) events_.Emit({type, channel, code, message, generation});
     };
@@ -572,7 +591,8 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     std::unique_ptr<uint8_t, decltype(&free)> buffer(static_cast<uint8_t*>(raw), &free);
     while (!Leaving()) {
       wire::RunHeader h;
-      int err = ReadFull(fd, &h, sizeof h);
+      int err = in.ReadFull(&h, sizeof h);
+      if (err == kBadRecord) return Tampered(in, report);
       if (err) {
         if (!Leaving()) events_.Emit(ErrnoEvent("closed", channel, err > 0 ? err : 0, "read", "the source closed the channel", generation));
         return;
@@ -585,13 +605,14 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       const char* bad = Validate(h);
       if (bad) {
         report("error", bad, "the source sent a run outside the negotiated regions; channel closed");
-        shutdown(fd, SHUT_RDWR);
+        shutdown(in.fd(), SHUT_RDWR);
         return;
       }
       uint64_t pageSize = sourcePageSize_[h.region];
       if (h.kind == wire::kDataRun) {
         // A run is installed only once all of it is here: a cut mid-run drops it.
-        if ((err = ReadFull(fd, buffer.get(), h.count * pageSize))) {
+        if ((err = in.ReadFull(buffer.get(), h.count * pageSize))) {
+          if (err == kBadRecord) return Tampered(in, report);
           if (!Leaving()) events_.Emit(ErrnoEvent("closed", channel, err > 0 ? err : EPIPE, "read", "the source closed the channel mid-run", generation));
           return;
         }
@@ -610,6 +631,14 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       }
       unmappedPages_ += h.count - covered;
     }
+  }
+
+  // A sealed record failed authentication (tampered, replayed, cut short):
+  // nothing of it was used; the channel ends.
+  template <typename Report>
+  void Tampered(ChannelReader& in, Report& report) {
+    report("error", "ERR_DATA_TAMPERED", "a record on the channel failed authentication; nothing of it was installed");
+    shutdown(in.fd(), SHUT_RDWR);
   }
 
   // Every field is checked before any of it is used to compute an address.
@@ -732,6 +761,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   // thread: the mutex keeps a write and a close from meeting.
   std::mutex urgentMu_;
   std::atomic<int> urgentFd_{-1};
+  std::unique_ptr<ChannelWriter> urgentWriter_;  // under urgentMu_: sealed when the channels are encrypted
   bool urgentBroken_ = false;  // under urgentMu_: a write failed; wait for new channels
   std::atomic<uint32_t> generation_{0};
   std::atomic<bool> detaching_{false};

@@ -16,6 +16,7 @@
 #include "events.h"
 #include "io.h"
 #include "mapping.h"
+#include "secure_channel.h"
 #include "threads.h"
 #include "wire.h"
 
@@ -50,13 +51,15 @@ struct ServedRegion {
 // run is added.
 class RunBatch {
  public:
-  RunBatch(int fd, size_t maxRuns, std::atomic<uint64_t>& bytesSent) : fd_(fd), bytesSent_(bytesSent) {
+  RunBatch(ChannelWriter& out, size_t maxRuns, std::atomic<uint64_t>& bytesSent) : out_(out), bytesSent_(bytesSent) {
     headers_.reserve(maxRuns);
     iov_.reserve(maxRuns * 2);
   }
   // Returns 0, or the errno of a failed send.
   int Add(uint32_t regionId, const ServedRegion& r, uint64_t first, uint32_t count, bool zero, uint32_t reason) {
-    if (headers_.size() == headers_.capacity()) {
+    uint64_t adds = sizeof(wire::RunHeader) + (zero ? 0 : count * r.pageSize);
+    // An encrypted batch is one record: keep it within a record's size.
+    if (headers_.size() == headers_.capacity() || (out_.encrypted() && bytes_ + adds > kMaxRecord)) {
       if (int err = Flush()) return err;
     }
     headers_.push_back({zero ? wire::kZeroRun : wire::kDataRun, regionId, first, count, reason});
@@ -70,7 +73,7 @@ class RunBatch {
   }
   int Flush() {
     if (headers_.empty()) return 0;
-    int err = WritevFull(fd_, iov_.data(), static_cast<int>(iov_.size()));
+    int err = out_.Writev(iov_.data(), static_cast<int>(iov_.size()));
     if (!err) bytesSent_ += bytes_;
     headers_.clear();
     iov_.clear();
@@ -79,7 +82,7 @@ class RunBatch {
   }
 
  private:
-  int fd_;
+  ChannelWriter& out_;
   std::atomic<uint64_t>& bytesSent_;
   std::vector<wire::RunHeader> headers_;
   std::vector<iovec> iov_;
@@ -148,6 +151,17 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
     windowBackward_ = o.Get("windowBackward").As<Napi::Number>().Uint32Value();
     background_ = o.Get("background").As<Napi::Boolean>().Value();
     rate_ = o.Get("rateBytesPerSecond").As<Napi::Number>().DoubleValue();
+    // keys: {urgentDown, urgentUp, bulkDown}, 32 bytes each, when the channels are encrypted (TCP).
+    Napi::Value keys = o.Get("keys");
+    if (keys.IsObject()) {
+      Napi::Object k = keys.As<Napi::Object>();
+      for (auto [name, into] : {std::pair{"urgentDown", urgentDownKey_}, std::pair{"urgentUp", urgentUpKey_}, std::pair{"bulkDown", bulkDownKey_}}) {
+        auto b = k.Get(name).As<Napi::Buffer<uint8_t>>();
+        if (b.Length() != 32) throw CodedError(info.Env(), "ERR_OUT_OF_RANGE", "a data-channel key must be 32 bytes");
+        std::memcpy(into, b.Data(), 32);
+      }
+      encrypted_ = true;
+    }
     events_.Open(info.Env(), o.Get("onEvent").As<Napi::Function>(), "PageServerSession");
   }
 
@@ -236,15 +250,21 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
     return 0;
   }
 
+  std::unique_ptr<Aead> Key(const uint8_t* key, uint32_t direction, bool seal) const {
+    return encrypted_ ? std::make_unique<Aead>(key, direction, seal) : nullptr;
+  }
+
   void RequestLoop() {
     std::vector<wire::PageRequest> reqs(64);
     size_t have = 0;  // bytes buffered in reqs
-    RunBatch batch(urgentFd_, 256, bytesSent_);
+    ChannelReader in(urgentFd_, Key(urgentUpKey_, kUrgentUp, false));
+    ChannelWriter out(urgentFd_, Key(urgentDownKey_, kUrgentDown, true));
+    RunBatch batch(out, 256, bytesSent_);
     while (!stop_.load()) {
-      ssize_t got = read(urgentFd_, reinterpret_cast<char*>(reqs.data()) + have, reqs.size() * sizeof(wire::PageRequest) - have);
-      if (got < 0 && errno == EINTR) continue;
+      ssize_t got = in.ReadSome(reinterpret_cast<char*>(reqs.data()) + have, reqs.size() * sizeof(wire::PageRequest) - have);
+      if (got == kBadRecord) return Fail("urgent", "ERR_DATA_TAMPERED", "a record on the urgent channel failed authentication");
       if (got <= 0) {
-        if (!stop_.load()) events_.Emit(ErrnoEvent("closed", "urgent", got < 0 ? errno : 0, "read", "the destination closed the urgent channel"));
+        if (!stop_.load()) events_.Emit(ErrnoEvent("closed", "urgent", got < 0 ? static_cast<int>(-got) : 0, "read", "the destination closed the urgent channel"));
         return;
       }
       have += static_cast<size_t>(got);
@@ -311,7 +331,8 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
   }
 
   void BackgroundLoop() {
-    RunBatch batch(bulkFd_, 64, bytesSent_);
+    ChannelWriter out(bulkFd_, Key(bulkDownKey_, kBulkDown, true));
+    RunBatch batch(out, 64, bytesSent_);
     uint32_t region = 0;
     uint64_t cursor = 0, seenSeq = 0, sentBytes = 0;
     uint64_t t0 = MonotonicNs();
@@ -349,7 +370,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
     }
     if (stop_.load()) return;
     wire::RunHeader end{wire::kBulkEnd, 0, 0, 0, wire::kBackground};
-    if (WriteFull(bulkFd_, &end, sizeof end) == 0) bytesSent_ += sizeof end;
+    if (out.Write(&end, sizeof end) == 0) bytesSent_ += sizeof end;
     backgroundDoneNs_ = MonotonicNs();
     events_.Emit({"background-done", "bulk", "", ""});
   }
@@ -370,6 +391,8 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
   uint32_t windowForward_ = 0, windowBackward_ = 0;
   bool background_ = true;
   double rate_ = 0;
+  bool encrypted_ = false;
+  uint8_t urgentDownKey_[32] = {}, urgentUpKey_[32] = {}, bulkDownKey_[32] = {};
   EventSink events_;
   std::thread requestThread_, backgroundThread_;
   bool started_ = false, stopped_ = false;

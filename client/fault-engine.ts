@@ -8,6 +8,7 @@ import { ErrorCode, PostcopyError, asErrorCode, kernelError, type CodedError } f
 import { closeSync } from 'node:fs';
 import { hasOverlap, validateAligned, validateFd, validateInteger } from '../lib/validate.js';
 import { MAX_RUN_BYTES } from '../lib/limits.js';
+import type { DataChannelKeys } from '../lib/protocol.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
 
 export type { DestinationStats } from '../lib/native.js';
@@ -107,7 +108,7 @@ export class FaultEngine extends EventEmitter {
    * now on, even when this throws); requests still unanswered go out again on
    * them first. Returns the channels' generation.
    */
-  attachChannels(channels: { urgentFd: number; bulkFd: number }): number {
+  attachChannels(channels: { urgentFd: number; bulkFd: number; keys?: DataChannelKeys }): number {
     try {
       validateFd(channels.urgentFd, 'urgentFd');
       validateFd(channels.bulkFd, 'bulkFd');
@@ -119,7 +120,7 @@ export class FaultEngine extends EventEmitter {
       }
       throw err;
     }
-    return this.#native.attachChannels(channels.urgentFd, channels.bulkFd);
+    return channels.keys ? this.#native.attachChannels(channels.urgentFd, channels.bulkFd, channels.keys) : this.#native.attachChannels(channels.urgentFd, channels.bulkFd);
   }
 
   /** Stops the receivers and closes the data channels; faults wait for the next attach. */

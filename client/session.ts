@@ -381,7 +381,7 @@ export class DestinationSession extends EventEmitter {
     let connection: SourceConnection | null = null;
     try {
       connection = await SourceConnection.open({
-        source: this.#source, token: this.#options.token, transfer: this.transfer, resume: this.#sessionId, maxImageBytes: this.#options.maxImageBytes,
+        source: this.#source, token: this.#options.token, transfer: this.transfer, resume: this.#sessionId, maxImageBytes: this.#options.maxImageBytes, acceptPlaintextTcp: this.#options.acceptPlaintextTcp,
         timeoutMs: this.#recovery.connectTimeoutMs, heartbeat: this.#recovery.heartbeat,
       });
       if (!this.#machine.is('resuming')) {
@@ -470,7 +470,7 @@ async function connectFirst(options: DestinationSessionOptions, recovery: Resolv
   const started = Date.now();
   for (let attempt = 1; ; attempt++) {
     try {
-      return await SourceConnection.open({ source: options.source, token: options.token, transfer, timeoutMs: recovery.connectTimeoutMs, heartbeat: recovery.heartbeat, maxImageBytes: options.maxImageBytes });
+      return await SourceConnection.open({ source: options.source, token: options.token, transfer, timeoutMs: recovery.connectTimeoutMs, heartbeat: recovery.heartbeat, maxImageBytes: options.maxImageBytes, acceptPlaintextTcp: options.acceptPlaintextTcp });
     } catch (err) {
       const e = asCodedError(err);
       if (!options.retryFirstConnect || options.signal?.aborted) throw e;

@@ -6,7 +6,7 @@ import { connect, type Socket } from 'node:net';
 import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import { type Address, parseAddress } from '../lib/address.js';
 import {
-  DEFAULT_HEARTBEAT, FrameReader, PROTOCOL_VERSION, SOFTWARE, keepAlive, newNonce, proofMatches, proveToken, send, takeSocket, type Heartbeat,
+  DEFAULT_HEARTBEAT, FrameReader, PROTOCOL_VERSION, SOFTWARE, dataChannelKeys, keepAlive, newNonce, proofMatches, proveToken, send, takeSocket, type DataChannelKeys, type Heartbeat,
   type MessageOf, type RegionInfo,
 } from '../lib/protocol.js';
 import type { TransferOptions } from '../lib/transfer.js';
@@ -21,6 +21,8 @@ export interface SourceOptions {
   background?: Partial<TransferOptions['background']>;
   /** Refuse a source whose image is larger (default: twice this machine's memory). */
   maxImageBytes?: number;
+  /** Take plaintext data channels over TCP (only to measure what encryption costs, against a source with plaintextTcp). */
+  acceptPlaintextTcp?: boolean;
   logger?: Logger;
 }
 
@@ -36,6 +38,8 @@ export interface SourceConnectionOptions {
   resume?: string;
   /** Refuse a source whose image is larger (default: twice this machine's memory). */
   maxImageBytes?: number;
+  /** Take plaintext data channels over TCP (only to measure what encryption costs). */
+  acceptPlaintextTcp?: boolean;
 }
 
 export class SourceConnection {
@@ -48,9 +52,9 @@ export class SourceConnection {
   readonly #control: Socket;
   readonly #reader: FrameReader;
   readonly #timeoutMs: number;
-  #channels: { urgentFd: number; bulkFd: number } | null;
+  #channels: { urgentFd: number; bulkFd: number; keys?: DataChannelKeys } | null;
 
-  private constructor(control: Socket, reader: FrameReader, welcome: MessageOf<'welcome'>, channels: { urgentFd: number; bulkFd: number }, timeoutMs: number) {
+  private constructor(control: Socket, reader: FrameReader, welcome: MessageOf<'welcome'>, channels: { urgentFd: number; bulkFd: number; keys?: DataChannelKeys }, timeoutMs: number) {
     this.#control = control;
     this.#reader = reader;
     this.session = welcome.session;
@@ -85,6 +89,11 @@ export class SourceConnection {
       send(control, { t: 'auth', ...(proof ? { proof } : {}), ...(options.resume ? { resume: options.resume } : {}) });
       const welcome = await reader.next(['welcome'], timeoutMs);
       validateWelcome(welcome, options.maxImageBytes ?? defaultMaxImageBytes());
+      // Pages and requests that cross TCP are sealed: a source offering plaintext there is refused.
+      if (welcome.encryption !== 'aes-256-gcm' && welcome.encryption !== 'none') throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the source names an unknown data-channel encryption');
+      if (address.kind === 'tcp' && welcome.encryption !== 'aes-256-gcm' && !options.acceptPlaintextTcp) throw new PostcopyError(ErrorCode.AUTH_FAILED, 'the source offers plaintext data channels over TCP: refused');
+      const keys = welcome.encryption === 'aes-256-gcm' && options.token ? dataChannelKeys(options.token, challenge.nonce, nonce) : undefined;
+      if (welcome.encryption === 'aes-256-gcm' && !keys) throw new PostcopyError(ErrorCode.AUTH_REQUIRED, 'the source encrypts its data channels with the token, which this destination does not hold');
       keepAlive(control, reader, options.heartbeat ?? DEFAULT_HEARTBEAT);
       send(control, { t: 'options', ...options.transfer });
       const urgentFd = await openChannel(address, welcome, 'urgent', timeoutMs);
@@ -95,15 +104,15 @@ export class SourceConnection {
         closeSync(urgentFd);
         throw err;
       }
-      return new SourceConnection(control, reader, welcome, { urgentFd, bulkFd }, timeoutMs);
+      return new SourceConnection(control, reader, welcome, { urgentFd, bulkFd, ...(keys ? { keys } : {}) }, timeoutMs);
     } catch (err) {
       control.destroy();
       throw err;
     }
   }
 
-  /** The data channels' fds, once: the caller (a native engine) owns them from then on. */
-  takeChannels(): { urgentFd: number; bulkFd: number } {
+  /** The data channels' fds (and keys, when encrypted), once: the caller (a native engine) owns them from then on. */
+  takeChannels(): { urgentFd: number; bulkFd: number; keys?: DataChannelKeys } {
     if (!this.#channels) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the data channels were already taken');
     const c = this.#channels;
     this.#channels = null;

@@ -53,6 +53,8 @@ export const ErrorCode = {
   PARTIAL_REMAP: 'ERR_PARTIAL_REMAP',
   /** Too many connections are still waiting to authenticate or to send their handshake; this one was closed at once. */
   OVERLOADED: 'ERR_OVERLOADED',
+  /** A sealed data-channel record failed authentication (tampered, replayed or cut): nothing of it was used. */
+  DATA_TAMPERED: 'ERR_DATA_TAMPERED',
   /** An exception nobody expected: a bug of ours, never blamed on a peer. */
   INTERNAL: 'ERR_INTERNAL',
   /** A state change the state machine does not allow (a bug, never a peer's doing). */

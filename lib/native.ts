@@ -138,7 +138,7 @@ export interface DestinationStats {
 export interface NativeFaultEngine {
   start(): void;
   stop(): void;
-  attachChannels(urgentFd: number, bulkFd: number): number;
+  attachChannels(urgentFd: number, bulkFd: number, keys?: { urgentDown: Buffer; urgentUp: Buffer; bulkDown: Buffer }): number;
   detachChannels(): void;
   poisonMissing(): number;
   stats(): DestinationStats;
@@ -192,6 +192,7 @@ export interface NativeAddon {
     windowBackward: number;
     background: boolean;
     rateBytesPerSecond: number;
+    keys?: { urgentDown: Buffer; urgentUp: Buffer; bulkDown: Buffer };
     onEvent: (event: NativeEvent) => void;
   }) => NativePageServerSession;
 

@@ -5,7 +5,7 @@
 // Frame layout: u32 big-endian payload length, then a msgpack map whose `t`
 // field names the message. Frames larger than the receiver's limit end the
 // connection with ERR_PROTOCOL_FRAME_TOO_LARGE.
-import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
+import { createHmac, hkdfSync, randomBytes, timingSafeEqual } from 'node:crypto';
 import type { Socket } from 'node:net';
 import { Packr } from 'msgpackr';
 import { native } from './native.js';
@@ -29,7 +29,7 @@ export type Message =
   | { t: 'hello'; protocol: number; software: string; nonce: Uint8Array }
   | { t: 'challenge'; protocol: number; software: string; nonce: Uint8Array; auth: 'token' | 'none'; proof?: Uint8Array }
   | { t: 'auth'; proof?: Uint8Array; resume?: string }
-  | { t: 'welcome'; session: string; resumed: boolean; fingerprint: string; regions: RegionInfo[]; tickets: { urgent: Uint8Array; bulk: Uint8Array }; limits: { maxFrame: number; maxRunBytes: number }; capabilities: string[] }
+  | { t: 'welcome'; session: string; resumed: boolean; fingerprint: string; encryption: Encryption; regions: RegionInfo[]; tickets: { urgent: Uint8Array; bulk: Uint8Array }; limits: { maxFrame: number; maxRunBytes: number }; capabilities: string[] }
   | { t: 'options'; window: { forward: number; backward: number }; background: { enabled: boolean; rateBytesPerSecond: number } }
   | { t: 'attach'; session: string; channel: 'urgent' | 'bulk'; ticket: Uint8Array }
   | { t: 'attached' }
@@ -40,6 +40,26 @@ export type Message =
   | { t: 'error'; code: string; message: string }
   | { t: 'heartbeat' }
   | { t: 'bye' };
+
+/** How the data channels are protected: AES-256-GCM records on TCP, plaintext on unix sockets. */
+export type Encryption = 'aes-256-gcm' | 'none';
+
+/** One AES-256 key per data-channel direction (addon/secure_channel.h). */
+export interface DataChannelKeys {
+  urgentDown: Buffer;
+  urgentUp: Buffer;
+  bulkDown: Buffer;
+}
+
+/**
+ * The data-channel keys of one connection: HKDF-SHA256 of the token, salted
+ * with both handshake nonces (fresh each connection, so each resume has new
+ * keys and record numbers start again safely).
+ */
+export function dataChannelKeys(token: string, sourceNonce: Uint8Array, destNonce: Uint8Array): DataChannelKeys {
+  const okm = Buffer.from(hkdfSync('sha256', token, Buffer.concat([destNonce, sourceNonce]), 'uffd-postcopy data channels v1', 96));
+  return { urgentDown: okm.subarray(0, 32), urgentUp: okm.subarray(32, 64), bulkDown: okm.subarray(64, 96) };
+}
 
 export type MessageType = Message['t'];
 export type MessageOf<T extends MessageType> = Extract<Message, { t: T }>;

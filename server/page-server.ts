@@ -6,7 +6,7 @@ import { ErrorCode, PostcopyError, asCodedError } from '../lib/errors.js';
 import { type Address, formatAddress, isLocalOnly, parseAddress } from '../lib/address.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
 import {
-  DEFAULT_HEARTBEAT, DEFAULT_MAX_FRAME, FrameReader, PROTOCOL_VERSION, SOFTWARE, encodeFrame, keepAlive, newNonce, proofMatches, proveToken, send,
+  DEFAULT_HEARTBEAT, DEFAULT_MAX_FRAME, FrameReader, PROTOCOL_VERSION, SOFTWARE, dataChannelKeys, encodeFrame, keepAlive, newNonce, proofMatches, proveToken, send,
   sendErrorAndClose, takeSocket, type Heartbeat, type MessageOf,
 } from '../lib/protocol.js';
 import { MAX_RUN_BYTES } from '../lib/limits.js';
@@ -32,6 +32,12 @@ export interface PageServerOptions {
   heartbeat?: Heartbeat;
   /** How long a session whose destination went away waits for it to resume (default 60 s). */
   resumeGraceMs?: number;
+  /**
+   * Data channels over TCP in the clear. Only for measuring what encryption
+   * costs on a trusted link (the bench); destinations refuse it unless they
+   * say acceptPlaintextTcp.
+   */
+  plaintextTcp?: boolean;
 }
 
 export class PageServer {
@@ -42,6 +48,7 @@ export class PageServer {
   readonly #handshakeTimeoutMs: number;
   readonly #heartbeat: Heartbeat;
   readonly #resumeGraceMs: number;
+  readonly #plaintextTcp: boolean;
   readonly #sessions = new Map<string, SourceSession>();
   readonly #sockets = new Set<Socket>();
   readonly #unproven = new Set<Socket>(); // connected, not yet authenticated
@@ -58,6 +65,7 @@ export class PageServer {
     this.#handshakeTimeoutMs = options.handshakeTimeoutMs ?? 10_000;
     this.#heartbeat = options.heartbeat ?? DEFAULT_HEARTBEAT;
     this.#resumeGraceMs = options.resumeGraceMs ?? DEFAULT_RESUME_GRACE_MS;
+    this.#plaintextTcp = options.plaintextTcp === true;
   }
 
   get sessions(): ReadonlyMap<string, SourceSession> {
@@ -167,11 +175,14 @@ export class PageServer {
       else session.connectionLost('control channel closed', this.#resumeGraceMs, () => this.#sessions.delete(session.id));
       if (session.state === 'closed') this.#sessions.delete(session.id);
     });
+    // TCP leaves the host: its data channels carry sealed records (a TCP source always holds a token).
+    const keys = socket.remoteFamily && token && !this.#plaintextTcp ? dataChannelKeys(token, nonce, hello.nonce) : undefined;
     send(socket, {
       t: 'welcome',
       session: session.id,
       resumed: session.resumes > 0,
       fingerprint: this.#image.fingerprint,
+      encryption: keys ? 'aes-256-gcm' : 'none',
       regions: this.#image.regions.map(({ id, name, length, pageSize }) => ({ id, name, length, pageSize })),
       tickets: session.tickets,
       limits: { maxFrame: this.#maxFrame, maxRunBytes: MAX_RUN_BYTES },
@@ -180,7 +191,7 @@ export class PageServer {
     keepAlive(socket, reader, this.#heartbeat);
     const options = validateTransferOptions(await reader.next(['options'], this.#handshakeTimeoutMs));
     const start = await reader.next(['start'], this.#handshakeTimeoutMs);
-    session.start(options, validateHave(start.have, this.#image));
+    session.start(options, validateHave(start.have, this.#image), keys);
     send(socket, { t: 'started' });
     for (;;) {
       const msg = await reader.next(['done', 'bye']);

@@ -11,6 +11,7 @@ import { native, type NativeEvent, type NativePageServerSession, type SourceStat
 import { ErrorCode, PostcopyError, asErrorCode, kernelError, type CodedError } from '../lib/errors.js';
 import { StateMachine, type TransitionTable } from '../lib/state-machine.js';
 import type { TransferOptions } from '../lib/transfer.js';
+import type { DataChannelKeys } from '../lib/protocol.js';
 import type { Logger } from '../lib/logger.js';
 import type { Image } from './image.js';
 
@@ -91,7 +92,7 @@ export class SourceSession {
   }
 
   /** Starts the native threads; `have` lists pages the destination already holds. */
-  start(options: TransferOptions, have: { region: number; bitmap: Uint8Array }[] = []): void {
+  start(options: TransferOptions, have: { region: number; bitmap: Uint8Array }[] = [], keys?: DataChannelKeys): void {
     if (this.#fds.urgent === undefined || this.#fds.bulk === undefined) {
       throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'start before both data channels were attached');
     }
@@ -107,6 +108,7 @@ export class SourceSession {
         windowBackward: options.window.backward,
         background: options.background.enabled,
         rateBytesPerSecond: options.background.rateBytesPerSecond,
+        ...(keys ? { keys } : {}),
         onEvent: (event) => this.#onNativeEvent(event),
       });
     } catch (err) {
@@ -117,7 +119,7 @@ export class SourceSession {
     for (const h of have) this.#native.markSent(h.region, h.bitmap);
     const held = this.#native.stats().pagesSent;
     this.#native.start();
-    this.#machine.to('active', { options, pagesHeldByDestination: held });
+    this.#machine.to('active', { options, pagesHeldByDestination: held, encryption: keys ? 'aes-256-gcm' : 'none' });
   }
 
   /** The figures of every run of this session so far. */

@@ -3,7 +3,6 @@
 // a FaultProxy, at a random byte offset chosen so that it must hit while
 // pages are still due. Used by test/recovery.test.ts (a few dozen, in CI) and
 // test/recovery.soak.ts (a thousand, by hand).
-import { join } from 'node:path';
 import { Image } from '../server/image.js';
 import { PageServer } from '../server/page-server.js';
 import { Destination, type DestinationOptions } from '../client/destination.js';
@@ -11,9 +10,11 @@ import type { RecoveryOptions } from '../client/session.js';
 import type { RestoreReport } from '../client/report.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
 import { FaultProxy, type Direction, type FaultAction } from './fault-proxy.js';
-import { PAGE, tempDir } from './helpers.js';
+import { PAGE } from './helpers.js';
 import { encodeFrame } from '../lib/protocol.js';
 import type { Test } from 'tap';
+
+const CUT_TOKEN = 'cut points';
 
 export interface CutCase {
   channel: 'control' | 'urgent' | 'bulk';
@@ -59,10 +60,11 @@ export interface CutResult {
 
 /** Restores `bytes` through a proxy that applies one fault at `afterBytes`. */
 export async function restoreThroughCut(t: Test, bytes: Buffer, c: CutCase, afterBytes: number, recovery: RecoveryOptions, sourceHeartbeat: { intervalMs: number; silenceMs: number }): Promise<CutResult> {
-  const server = new PageServer({ image: Image.open([{ buffer: bytes }]), heartbeat: sourceHeartbeat });
+  // A TCP source, as across hosts: its data channels carry sealed records, which the cuts split anywhere.
+  const server = new PageServer({ image: Image.open([{ buffer: bytes }]), heartbeat: sourceHeartbeat, token: CUT_TOKEN });
   t.teardown(() => server.close());
-  const a = await server.listen(`unix:${join(tempDir(t), 'source.sock')}`);
-  const proxy = await FaultProxy.start(t, `unix:${a.kind === 'unix' ? a.path : ''}`);
+  const a = await server.listen('tcp:127.0.0.1:0');
+  const proxy = await FaultProxy.start(t, `tcp:127.0.0.1:${a.kind === 'tcp' ? a.port : 0}`);
   // Counted from the end of the handshake: a first connection that fails is an
   // error by design, not a case to recover. A data channel's handshake is one
   // frame each way, of a known size; the control channel's is measured.
@@ -70,6 +72,7 @@ export async function restoreThroughCut(t: Test, bytes: Buffer, c: CutCase, afte
   if (c.channel !== 'control') proxy.inject({ connection: index, direction: c.direction, afterBytes: dataHandshakeBytes(c) + afterBytes, action: c.action });
   const options: DestinationOptions = {
     source: proxy.address,
+    token: CUT_TOKEN,
     recovery,
     ...(c.channel === 'urgent' ? { background: { enabled: false }, window: { forward: 2, backward: 0 } } : {}),
     ...(c.channel === 'bulk' ? { background: { enabled: true, rateBytesPerSecond: 64 << 20 } } : {}),

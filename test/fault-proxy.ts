@@ -7,12 +7,14 @@
 //   rst        both sides get a reset (a source on a unix socket: a close)
 //   blackhole  nothing more is forwarded either way; both sockets stay open
 //              (a link that went silent with no FIN and no RST)
+//   flip       the byte at that offset is inverted and everything goes on
+//              (a link, or a man in the middle, that tampers)
 // The proxy listens on 127.0.0.1 only and closes everything at teardown.
 import { connect, createServer, type Server, type Socket } from 'node:net';
 import { once } from 'node:events';
 import type { Test } from 'tap';
 
-export type FaultAction = 'fin' | 'rst' | 'blackhole';
+export type FaultAction = 'fin' | 'rst' | 'blackhole' | 'flip';
 export type Direction = 'down' | 'up'; // down: source -> destination
 
 export interface Fault {
@@ -29,6 +31,15 @@ export class FaultProxy {
   readonly #carried = new Map<string, number>(); // `${connection}:${direction}` -> bytes forwarded
   #faults: Fault[] = [];
   #accepted = 0;
+  #capture = false;
+  /** Every chunk forwarded, either way, once capture() was called. */
+  readonly captured: Buffer[] = [];
+
+  /** Keeps a copy of every byte forwarded from now on (for checking what crosses the link). */
+  capture(): void {
+    this.#capture = true;
+  }
+
   /** Faults that fired, in order. */
   readonly fired: (Fault & { at: number })[] = [];
   port = 0;
@@ -106,8 +117,14 @@ export class FaultProxy {
       const key = `${index}:${direction}`;
       from.on('data', (chunk: Buffer) => {
         if (dead) return;
+        if (this.#capture) this.captured.push(Buffer.from(chunk));
         const fault = this.#faults.find((f) => f.connection === index && f.direction === direction);
-        if (fault && carried + chunk.length >= fault.afterBytes) {
+        if (fault && fault.action === 'flip' && carried + chunk.length > fault.afterBytes) {
+          chunk = Buffer.from(chunk);
+          chunk[fault.afterBytes - carried] ^= 0xff;
+          this.#faults.splice(this.#faults.indexOf(fault), 1);
+          this.fired.push({ ...fault, at: Date.now() });
+        } else if (fault && carried + chunk.length >= fault.afterBytes) {
           const keep = Math.max(0, fault.afterBytes - carried);
           if (keep > 0) to.write(chunk.subarray(0, keep));
           this.#carried.set(key, carried + keep);

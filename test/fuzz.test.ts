@@ -186,7 +186,7 @@ t.test('data channels: a hostile source sends random runs; nothing outside the r
 });
 
 t.test('hostile welcomes: a destination refuses each with a coded error', async (t) => {
-  const good = { t: 'welcome', session: 'f'.repeat(32), resumed: false, fingerprint: '0'.repeat(64), regions: [{ id: 0, name: 'r', length: 16 * PAGE, pageSize: PAGE }], tickets: { urgent: Buffer.alloc(32), bulk: Buffer.alloc(32) }, limits: { maxFrame: 4 << 20, maxRunBytes: 2 << 20 }, capabilities: [] };
+  const good = { t: 'welcome', session: 'f'.repeat(32), resumed: false, fingerprint: '0'.repeat(64), encryption: 'none', regions: [{ id: 0, name: 'r', length: 16 * PAGE, pageSize: PAGE }], tickets: { urgent: Buffer.alloc(32), bulk: Buffer.alloc(32) }, limits: { maxFrame: 4 << 20, maxRunBytes: 2 << 20 }, capabilities: [] };
   let next: Record<string, unknown> = good;
   const server = createServer((socket: Socket) => {
     socket.on('error', () => {});

@@ -311,7 +311,7 @@ async function fakeSource(t: Test, regions: unknown[]): Promise<string> {
       await reader.next(['hello'], 5000);
       socket.write(encodeFrame({ t: 'challenge', protocol: 1, software: 'fake', nonce: Buffer.alloc(32, 7), auth: 'none' }));
       await reader.next(['auth'], 5000);
-      socket.write(encodeFrame({ t: 'welcome', session: 'f'.repeat(32), resumed: false, fingerprint: '0'.repeat(64), regions: regions as never, tickets: { urgent: Buffer.alloc(32), bulk: Buffer.alloc(32) }, limits: { maxFrame: 4 << 20, maxRunBytes: 2 << 20 }, capabilities: [] }));
+      socket.write(encodeFrame({ t: 'welcome', session: 'f'.repeat(32), resumed: false, fingerprint: '0'.repeat(64), encryption: 'none', regions: regions as never, tickets: { urgent: Buffer.alloc(32), bulk: Buffer.alloc(32) }, limits: { maxFrame: 4 << 20, maxRunBytes: 2 << 20 }, capabilities: [] }));
     })().catch(() => socket.destroy());
   });
   const path = join(tempDir(t), 'fake.sock');

@@ -77,10 +77,12 @@ t.test('random cut points on every channel: each restore ends byte-exact by itse
 
 t.test('the same source holds a paused session and resumes it', async (t) => {
   const bytes = randomImage(512, 5);
-  const { server, address } = await serve(t, Image.open([{ buffer: bytes }]));
-  const proxy = await FaultProxy.start(t, address);
+  const server = new PageServer({ image: Image.open([{ buffer: bytes }]), heartbeat: SOURCE_HEARTBEAT, token: 'same source' });
+  t.teardown(() => server.close());
+  const a = await server.listen('tcp:127.0.0.1:0');
+  const proxy = await FaultProxy.start(t, `tcp:127.0.0.1:${a.kind === 'tcp' ? a.port : 0}`);
   proxy.inject({ connection: 2, direction: 'down', afterBytes: 300 * PAGE, action: 'rst' });
-  const dest = await Destination.connect({ source: proxy.address, recovery: FAST, background: { enabled: true, rateBytesPerSecond: 32 << 20 } });
+  const dest = await Destination.connect({ source: proxy.address, token: 'same source', recovery: FAST, background: { enabled: true, rateBytesPerSecond: 32 << 20 } });
   t.teardown(() => dest.close());
   const firstSession = dest.status().session;
   const report = await dest.finish();

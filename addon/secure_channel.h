@@ -1,0 +1,178 @@
+// Authenticated encryption of a data channel (TCP only; unix sockets stay
+// plaintext: the kernel keeps other users out). docs/PROTOCOL.md, "Encrypted
+// data channels", is the layout:
+//
+//   record: u32 LE plaintext length n (1 .. kMaxRecord) | n bytes ciphertext | 16-byte tag
+//   AES-256-GCM, key per channel and direction (derived in TypeScript from the
+//   token and both handshake nonces), nonce = u32 LE direction id | u64 LE
+//   record number (0, 1, 2, ... per direction), AAD = the length field.
+//
+// A record that fails its tag (tampered, replayed, reordered, truncated) ends
+// the channel before any of it is used. Each direction is used by one thread.
+#pragma once
+#include <openssl/evp.h>
+#include <sys/uio.h>
+
+#include <cerrno>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "io.h"
+
+namespace uffdpc {
+
+constexpr size_t kMaxRecord = 4u << 20;  // plaintext bytes per record
+constexpr size_t kTagBytes = 16;
+constexpr int kBadRecord = -1000;  // ReadFull/ReadSome result: a record failed authentication
+
+class Aead {
+ public:
+  Aead(const uint8_t key[32], uint32_t direction, bool seal) : direction_(direction), seal_(seal), ctx_(EVP_CIPHER_CTX_new()) {
+    std::memcpy(key_, key, 32);
+  }
+  ~Aead() { EVP_CIPHER_CTX_free(ctx_); }
+  Aead(const Aead&) = delete;
+  Aead& operator=(const Aead&) = delete;
+
+  // Encrypts iov[0..count) into `out` as one record. False only if OpenSSL fails.
+  bool Seal(const iovec* iov, int count, size_t plainBytes, std::vector<uint8_t>& out) {
+    out.resize(4 + plainBytes + kTagBytes);
+    uint32_t n = static_cast<uint32_t>(plainBytes);
+    std::memcpy(out.data(), &n, 4);
+    if (!Begin()) return false;
+    int len = 0;
+    if (EVP_EncryptUpdate(ctx_, nullptr, &len, out.data(), 4) != 1) return false;  // AAD
+    uint8_t* at = out.data() + 4;
+    for (int i = 0; i < count; i++) {
+      if (iov[i].iov_len == 0) continue;
+      if (EVP_EncryptUpdate(ctx_, at, &len, static_cast<const uint8_t*>(iov[i].iov_base), static_cast<int>(iov[i].iov_len)) != 1) return false;
+      at += len;
+    }
+    if (EVP_EncryptFinal_ex(ctx_, at, &len) != 1) return false;
+    return EVP_CIPHER_CTX_ctrl(ctx_, EVP_CTRL_GCM_GET_TAG, kTagBytes, out.data() + 4 + plainBytes) == 1;
+  }
+
+  // Decrypts `n` bytes in place and checks the tag; `header` is the length field.
+  bool Open(const uint8_t header[4], uint8_t* data, size_t n, uint8_t tag[kTagBytes]) {
+    if (!Begin()) return false;
+    int len = 0;
+    if (EVP_DecryptUpdate(ctx_, nullptr, &len, header, 4) != 1) return false;
+    if (EVP_DecryptUpdate(ctx_, data, &len, data, static_cast<int>(n)) != 1) return false;
+    if (EVP_CIPHER_CTX_ctrl(ctx_, EVP_CTRL_GCM_SET_TAG, kTagBytes, tag) != 1) return false;
+    return EVP_DecryptFinal_ex(ctx_, data + len, &len) == 1;
+  }
+
+ private:
+  bool Begin() {
+    uint8_t nonce[12];
+    std::memcpy(nonce, &direction_, 4);
+    std::memcpy(nonce + 4, &sequence_, 8);
+    sequence_++;
+    const EVP_CIPHER* cipher = EVP_aes_256_gcm();
+    if (seal_) return EVP_EncryptInit_ex(ctx_, cipher, nullptr, key_, nonce) == 1;
+    return EVP_DecryptInit_ex(ctx_, cipher, nullptr, key_, nonce) == 1;
+  }
+
+  uint8_t key_[32];
+  uint32_t direction_;
+  uint64_t sequence_ = 0;
+  bool seal_;
+  EVP_CIPHER_CTX* ctx_;
+};
+
+// Writes to a data channel: plaintext writev, or one sealed record per call.
+class ChannelWriter {
+ public:
+  ChannelWriter(int fd, std::unique_ptr<Aead> aead) : fd_(fd), aead_(std::move(aead)) {}
+  bool encrypted() const { return aead_ != nullptr; }
+  // 0 or an errno (EPROTO if sealing failed).
+  int Writev(iovec* iov, int count) {
+    if (!aead_) return WritevFull(fd_, iov, count);
+    size_t bytes = 0;
+    for (int i = 0; i < count; i++) bytes += iov[i].iov_len;
+    if (!aead_->Seal(iov, count, bytes, record_)) return EPROTO;
+    return WriteFull(fd_, record_.data(), record_.size());
+  }
+  int Write(const void* buf, size_t n) {
+    iovec iov{const_cast<void*>(buf), n};
+    return Writev(&iov, 1);
+  }
+
+ private:
+  int fd_;
+  std::unique_ptr<Aead> aead_;
+  std::vector<uint8_t> record_;
+};
+
+// Reads from a data channel: straight from the fd, or from opened records.
+class ChannelReader {
+ public:
+  ChannelReader(int fd, std::unique_ptr<Aead> aead) : fd_(fd), aead_(std::move(aead)) {}
+  int fd() const { return fd_; }
+  // Exactly n bytes: 0, -1 at a clean end before the first byte, kBadRecord,
+  // or an errno (EPIPE for an end in the middle).
+  int ReadFull(void* buf, size_t n) {
+    if (!aead_) return uffdpc::ReadFull(fd_, buf, n);
+    uint8_t* out = static_cast<uint8_t*>(buf);
+    size_t got = 0;
+    while (got < n) {
+      if (at_ == plain_.size()) {
+        int err = NextRecord();
+        if (err) return err == -1 && got > 0 ? EPIPE : err;
+      }
+      size_t take = std::min(n - got, plain_.size() - at_);
+      std::memcpy(out + got, plain_.data() + at_, take);
+      at_ += take;
+      got += take;
+    }
+    return 0;
+  }
+  // Up to `max` bytes (at least one): the count, 0 at a clean end, or -errno / kBadRecord.
+  ssize_t ReadSome(void* buf, size_t max) {
+    if (!aead_) {
+      for (;;) {
+        ssize_t r = read(fd_, buf, max);
+        if (r < 0 && errno == EINTR) continue;
+        return r < 0 ? -errno : r;
+      }
+    }
+    if (at_ == plain_.size()) {
+      int err = NextRecord();
+      if (err == -1) return 0;
+      if (err) return err == kBadRecord ? kBadRecord : -err;
+    }
+    size_t take = std::min(max, plain_.size() - at_);
+    std::memcpy(buf, plain_.data() + at_, take);
+    at_ += take;
+    return static_cast<ssize_t>(take);
+  }
+
+ private:
+  int NextRecord() {
+    uint8_t header[4];
+    int err = uffdpc::ReadFull(fd_, header, 4);
+    if (err) return err;
+    uint32_t n;
+    std::memcpy(&n, header, 4);
+    if (n == 0 || n > kMaxRecord) return kBadRecord;  // checked before anything is allocated for it
+    plain_.resize(n);
+    if ((err = uffdpc::ReadFull(fd_, plain_.data(), n))) return err == -1 ? EPIPE : err;
+    uint8_t tag[kTagBytes];
+    if ((err = uffdpc::ReadFull(fd_, tag, kTagBytes))) return err == -1 ? EPIPE : err;
+    if (!aead_->Open(header, plain_.data(), n, tag)) return kBadRecord;
+    at_ = 0;
+    return 0;
+  }
+
+  int fd_;
+  std::unique_ptr<Aead> aead_;
+  std::vector<uint8_t> plain_;
+  size_t at_ = 0;
+};
+
+// Direction ids in the nonce: each key is used by one direction of one channel only.
+constexpr uint32_t kUrgentDown = 1, kUrgentUp = 2, kBulkDown = 3;
+
+}  // namespace uffdpc
