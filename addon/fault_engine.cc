@@ -609,9 +609,10 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
         return;
       }
       uint64_t pageSize = sourcePageSize_[h.region];
+      const uint8_t* runData = nullptr;  // the run's pages: in `buffer`, or in place in a sealed record
       if (h.kind == wire::kDataRun) {
         // A run is installed only once all of it is here: a cut mid-run drops it.
-        if ((err = in.ReadFull(buffer.get(), h.count * pageSize))) {
+        if ((err = in.ReadView(buffer.get(), h.count * pageSize, &runData))) {
           if (err == kBadRecord) return Tampered(in, report);
           if (!Leaving()) events_.Emit(ErrnoEvent("closed", channel, err > 0 ? err : EPIPE, "read", "the source closed the channel mid-run", generation));
           return;
@@ -626,7 +627,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
         uint64_t lo = std::max(first, r->sourcePage), hi = std::min(end, r->sourcePage + r->pages);
         if (lo >= hi) continue;
         covered += hi - lo;
-        const uint8_t* data = h.kind == wire::kDataRun ? buffer.get() + (lo - first) * pageSize : nullptr;
+        const uint8_t* data = h.kind == wire::kDataRun ? runData + (lo - first) * pageSize : nullptr;
         if (!Install(*r, lo - r->sourcePage, hi - lo, data, h.reason, channel, generation)) return;
       }
       unmappedPages_ += h.count - covered;

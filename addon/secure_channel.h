@@ -65,20 +65,27 @@ class Aead {
   }
 
  private:
+  // Each record: a fresh nonce on a context whose key was expanded once.
   bool Begin() {
     uint8_t nonce[12];
     std::memcpy(nonce, &direction_, 4);
     std::memcpy(nonce + 4, &sequence_, 8);
     sequence_++;
-    const EVP_CIPHER* cipher = EVP_aes_256_gcm();
-    if (seal_) return EVP_EncryptInit_ex(ctx_, cipher, nullptr, key_, nonce) == 1;
-    return EVP_DecryptInit_ex(ctx_, cipher, nullptr, key_, nonce) == 1;
+    if (!keyed_) {
+      const EVP_CIPHER* cipher = EVP_aes_256_gcm();
+      int ok = seal_ ? EVP_EncryptInit_ex(ctx_, cipher, nullptr, key_, nullptr) : EVP_DecryptInit_ex(ctx_, cipher, nullptr, key_, nullptr);
+      if (ok != 1) return false;
+      keyed_ = true;
+    }
+    if (seal_) return EVP_EncryptInit_ex(ctx_, nullptr, nullptr, nullptr, nonce) == 1;
+    return EVP_DecryptInit_ex(ctx_, nullptr, nullptr, nullptr, nonce) == 1;
   }
 
   uint8_t key_[32];
   uint32_t direction_;
   uint64_t sequence_ = 0;
   bool seal_;
+  bool keyed_ = false;
   EVP_CIPHER_CTX* ctx_;
 };
 
@@ -107,10 +114,15 @@ class ChannelWriter {
 };
 
 // Reads from a data channel: straight from the fd, or from opened records.
+// Sealed input is read in large gulps into one buffer, records are opened in
+// place there, and their plaintext is handed out without another copy.
 class ChannelReader {
  public:
-  ChannelReader(int fd, std::unique_ptr<Aead> aead) : fd_(fd), aead_(std::move(aead)) {}
+  ChannelReader(int fd, std::unique_ptr<Aead> aead) : fd_(fd), aead_(std::move(aead)) {
+    if (aead_) in_.resize(4 + kMaxRecord + kTagBytes + (256u << 10));
+  }
   int fd() const { return fd_; }
+
   // Exactly n bytes: 0, -1 at a clean end before the first byte, kBadRecord,
   // or an errno (EPIPE for an end in the middle).
   int ReadFull(void* buf, size_t n) {
@@ -118,17 +130,31 @@ class ChannelReader {
     uint8_t* out = static_cast<uint8_t*>(buf);
     size_t got = 0;
     while (got < n) {
-      if (at_ == plain_.size()) {
+      if (at_ == plainLen_) {
         int err = NextRecord();
         if (err) return err == -1 && got > 0 ? EPIPE : err;
       }
-      size_t take = std::min(n - got, plain_.size() - at_);
-      std::memcpy(out + got, plain_.data() + at_, take);
+      size_t take = std::min(n - got, plainLen_ - at_);
+      std::memcpy(out + got, plain_ + at_, take);
       at_ += take;
       got += take;
     }
     return 0;
   }
+
+  // The next n bytes without copying them when they lie whole in the opened
+  // record (a sender keeps each run inside one record); otherwise they are
+  // read into `scratch`. *view points at them (valid until the next read).
+  int ReadView(uint8_t* scratch, size_t n, const uint8_t** view) {
+    if (aead_ && plainLen_ - at_ >= n && at_ < plainLen_) {
+      *view = plain_ + at_;
+      at_ += n;
+      return 0;
+    }
+    *view = scratch;
+    return ReadFull(scratch, n);
+  }
+
   // Up to `max` bytes (at least one): the count, 0 at a clean end, or -errno / kBadRecord.
   ssize_t ReadSome(void* buf, size_t max) {
     if (!aead_) {
@@ -138,38 +164,62 @@ class ChannelReader {
         return r < 0 ? -errno : r;
       }
     }
-    if (at_ == plain_.size()) {
+    if (at_ == plainLen_) {
       int err = NextRecord();
       if (err == -1) return 0;
       if (err) return err == kBadRecord ? kBadRecord : -err;
     }
-    size_t take = std::min(max, plain_.size() - at_);
-    std::memcpy(buf, plain_.data() + at_, take);
+    size_t take = std::min(max, plainLen_ - at_);
+    std::memcpy(buf, plain_ + at_, take);
     at_ += take;
     return static_cast<ssize_t>(take);
   }
 
  private:
+  // Makes at least n unread bytes available at in_[start_]: 0, -1 at a clean
+  // end before any, or an errno (EPIPE for an end in the middle).
+  int Need(size_t n) {
+    if (end_ - start_ >= n) return 0;
+    if (in_.size() - start_ < n) {  // no room behind: move what is unread to the front
+      std::memmove(in_.data(), in_.data() + start_, end_ - start_);
+      end_ -= start_;
+      start_ = 0;
+    }
+    while (end_ - start_ < n) {
+      ssize_t r = read(fd_, in_.data() + end_, in_.size() - end_);
+      if (r > 0) { end_ += static_cast<size_t>(r); continue; }
+      if (r == 0) return end_ == start_ ? -1 : EPIPE;
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    return 0;
+  }
+
   int NextRecord() {
-    uint8_t header[4];
-    int err = uffdpc::ReadFull(fd_, header, 4);
+    plain_ = nullptr;
+    plainLen_ = at_ = 0;
+    int err = Need(4);
     if (err) return err;
+    uint8_t header[4];
+    std::memcpy(header, in_.data() + start_, 4);
     uint32_t n;
     std::memcpy(&n, header, 4);
-    if (n == 0 || n > kMaxRecord) return kBadRecord;  // checked before anything is allocated for it
-    plain_.resize(n);
-    if ((err = uffdpc::ReadFull(fd_, plain_.data(), n))) return err == -1 ? EPIPE : err;
-    uint8_t tag[kTagBytes];
-    if ((err = uffdpc::ReadFull(fd_, tag, kTagBytes))) return err == -1 ? EPIPE : err;
-    if (!aead_->Open(header, plain_.data(), n, tag)) return kBadRecord;
-    at_ = 0;
+    if (n == 0 || n > kMaxRecord) return kBadRecord;  // checked before anything is read for it
+    if ((err = Need(4 + n + kTagBytes))) return err == -1 ? EPIPE : err;
+    uint8_t* data = in_.data() + start_ + 4;
+    if (!aead_->Open(header, data, n, data + n)) return kBadRecord;
+    start_ += 4 + n + kTagBytes;
+    plain_ = data;
+    plainLen_ = n;
     return 0;
   }
 
   int fd_;
   std::unique_ptr<Aead> aead_;
-  std::vector<uint8_t> plain_;
-  size_t at_ = 0;
+  std::vector<uint8_t> in_;  // sealed bytes read ahead, and opened records in place
+  size_t start_ = 0, end_ = 0;
+  uint8_t* plain_ = nullptr;  // the opened record being consumed
+  size_t plainLen_ = 0, at_ = 0;
 };
 
 // Direction ids in the nonce: each key is used by one direction of one channel only.

@@ -11,6 +11,7 @@ import { latencyBench, throughputBench, type Transport } from '../bench/latency.
 import { floorCommand } from '../bench/floor.js';
 import { parseCount, UsageError } from './options.js';
 import { runSuite } from '../bench/suite.js';
+import { encryptionBench } from '../bench/encryption.js';
 import { join } from 'node:path';
 
 const usage = `usage: postcopy <command> [options]
@@ -37,6 +38,10 @@ postcopy bench [--full] [--out DIR] [--pages N] [--link NAME ...] [--json]
 postcopy bench latency|throughput [--pages N] [--transport unix|tcp|both] [--seed S] [--json]
   The floor's own workload only: one thread, every page once, random order.
 
+postcopy bench encryption [--pages N] [--rounds R]
+  What sealing TCP data channels costs: fault p50 and bulk GB/s over TCP,
+  plaintext and sealed, interleaved R rounds (default 3); medians and ratios.
+
 ${demoUsage}
 `;
 
@@ -45,7 +50,7 @@ async function bench(argv: string[]): Promise<void> {
   const rest = which === 'suite' ? argv : argv.slice(1);
   const { values } = parseArgs({
     args: rest,
-    options: { pages: { type: 'string' }, transport: { type: 'string' }, seed: { type: 'string' }, json: { type: 'boolean' }, full: { type: 'boolean' }, out: { type: 'string' }, link: { type: 'string', multiple: true } },
+    options: { pages: { type: 'string' }, rounds: { type: 'string' }, transport: { type: 'string' }, seed: { type: 'string' }, json: { type: 'boolean' }, full: { type: 'boolean' }, out: { type: 'string' }, link: { type: 'string', multiple: true } },
     strict: true,
   });
   if (which === 'suite') {
@@ -59,6 +64,11 @@ async function bench(argv: string[]): Promise<void> {
     });
     if (values.json) process.stdout.write(JSON.stringify(report) + '\n');
     else process.stdout.write(`${report.results.length} scenarios in ${((Date.now() - started) / 1000).toFixed(0)} s; report: ${join(dir, 'report.md')}\n`);
+    return;
+  }
+  if (which === 'encryption') {
+    const result = await encryptionBench(parseCount(values.pages, '--pages', 65536, 1 << 24), parseCount(values.rounds, '--rounds', 3, 100), parseCount(values.seed, '--seed', 1, 0xffffffff));
+    process.stdout.write(JSON.stringify(result) + '\n');
     return;
   }
   if (!['latency', 'throughput'].includes(which)) throw new UsageError(usage);
