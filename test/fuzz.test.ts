@@ -15,6 +15,7 @@ import { Destination } from '../client/destination.js';
 import { FaultEngine, type ChannelFailure } from '../client/fault-engine.js';
 import { VmmHandler } from '../client/vmm-handler.js';
 import { ErrorCode } from '../lib/errors.js';
+import { Kind } from '../lib/wire.js';
 import { FrameReader, encodeFrame, type Message } from '../lib/protocol.js';
 import { sendFds, socketPair } from '../lib/fd-passing.js';
 import { mapAnonymous } from '../lib/memory.js';
@@ -158,13 +159,13 @@ t.test('data channels: a hostile source sends random runs; nothing outside the r
     const stream = [];
     for (let r = 0; r < 1 + random(6); r++) {
       const h = Buffer.alloc(24);
-      h.writeUInt32LE(pick([0x41544144, 0x4f52455a, 0x20444e45, random(2 ** 32)]), 0);
+      h.writeUInt32LE(pick([Kind.dataRun, Kind.zeroRun, Kind.bulkEnd, random(2 ** 32)]), 0);
       h.writeUInt32LE(pick([0, 0, 1, random(2 ** 32)]), 4);
       h.writeBigUInt64LE(BigInt(pick([0, pages - 1, pages, random(pages), random(2 ** 31), 2 ** 40])), 8);
       h.writeUInt32LE(pick([1, 2, pages, 0, 513, random(2 ** 32)]), 16);
       h.writeUInt32LE(pick([0, 1, 2, random(2 ** 32)]), 20);
       const count = Math.min(h.readUInt32LE(16), pages + 1);
-      stream.push(h, Buffer.alloc(h.readUInt32LE(0) === 0x41544144 ? count * PAGE : 0, 0x11));
+      stream.push(h, Buffer.alloc(h.readUInt32LE(0) === Kind.dataRun ? count * PAGE : 0, 0x11));
     }
     const bytes = Buffer.concat(stream);
     try {

@@ -13,6 +13,7 @@ import { parseAddress } from '../lib/address.js';
 import { socketPair } from '../lib/fd-passing.js';
 import { madvise, mapAnonymous } from '../lib/memory.js';
 import { ErrorCode } from '../lib/errors.js';
+import { Kind, PAGE_REQUEST_BYTES, RUN_HEADER_BYTES, Reason, encodePageRequest, encodeRunHeader } from '../lib/wire.js';
 import { Userfaultfd } from '../lib/uffd.js';
 import { PAGE, here, randomImage, tempDir } from './helpers.js';
 import type { Test } from 'tap';
@@ -346,4 +347,20 @@ t.test('per-page bookkeeping costs memory only for pages in use', async (t) => {
   engine.start();
   const grew = process.memoryUsage().rss - before;
   t.ok(grew < 128 << 20, `the engine over 64 GiB added ${Math.round(grew / 2 ** 20)} MiB (bitmaps only)`);
+});
+
+t.test('the TypeScript twin of the data-channel layouts agrees with addon/wire.h', async (t) => {
+  const header = readFileSync(join(here, '..', 'addon', 'wire.h'), 'utf8');
+  const constants = new Map([...header.matchAll(/constexpr uint32_t (\w+) = (0x[0-9a-f]+);/gi)].map((m) => [m[1], Number(m[2])]));
+  const constant = (name: string) => constants.get(name);
+  t.equal(constant('kRequest'), Kind.request);
+  t.equal(constant('kDataRun'), Kind.dataRun);
+  t.equal(constant('kZeroRun'), Kind.zeroRun);
+  t.equal(constant('kBulkEnd'), Kind.bulkEnd);
+  t.match(header, new RegExp(`sizeof\\(PageRequest\\) == ${PAGE_REQUEST_BYTES}\\)`));
+  t.match(header, new RegExp(`sizeof\\(RunHeader\\) == ${RUN_HEADER_BYTES}\\)`));
+  t.match(header, /kRequested = 0, kPrefault = 1, kBackground = 2/);
+  t.same(Reason, { requested: 0, prefault: 1, background: 2 });
+  t.equal(encodeRunHeader(Kind.dataRun, 1, 2, 3, Reason.background).toString('hex'), '444154410100000002000000000000000300000002000000');
+  t.equal(encodePageRequest(1, 5).toString('hex'), '5052455101000000' + '0500000000000000');
 });

@@ -1,0 +1,38 @@
+// The data-channel layouts (docs/PROTOCOL.md, "Data channel layouts"), the
+// TypeScript twin of addon/wire.h for tests and tools that speak the data
+// channels without the native engine. test/protocol.test.ts checks that both
+// agree.
+
+export const PAGE_REQUEST_BYTES = 16;
+export const RUN_HEADER_BYTES = 24;
+
+/** PageRequest.kind and RunHeader.kind values. */
+export const Kind = {
+  request: 0x51455250, // "PREQ"
+  dataRun: 0x41544144, // "DATA"
+  zeroRun: 0x4f52455a, // "ZERO"
+  bulkEnd: 0x20444e45, // "END "
+} as const;
+
+/** RunHeader.reason values. */
+export const Reason = { requested: 0, prefault: 1, background: 2 } as const;
+
+/** A PageRequest: u32 kind, u32 region, u64 page, little-endian. */
+export function encodePageRequest(region: number, page: number | bigint): Buffer {
+  const b = Buffer.alloc(PAGE_REQUEST_BYTES);
+  b.writeUInt32LE(Kind.request, 0);
+  b.writeUInt32LE(region, 4);
+  b.writeBigUInt64LE(BigInt(page), 8);
+  return b;
+}
+
+/** A RunHeader: u32 kind, u32 region, u64 first page, u32 count, u32 reason, little-endian. */
+export function encodeRunHeader(kind: number, region: number, firstPage: number | bigint, count: number, reason: number): Buffer {
+  const b = Buffer.alloc(RUN_HEADER_BYTES);
+  b.writeUInt32LE(kind, 0);
+  b.writeUInt32LE(region, 4);
+  b.writeBigUInt64LE(BigInt(firstPage), 8);
+  b.writeUInt32LE(count, 16);
+  b.writeUInt32LE(reason, 20);
+  return b;
+}
