@@ -3,23 +3,20 @@
 // installed (the session pauses and resumes), and a destination refuses a TCP
 // source that offers plaintext.
 import t from 'tap';
-import { createServer, type Socket } from 'node:net';
-import { once } from 'node:events';
 import { Image } from '../server/image.js';
 import { PageServer } from '../server/page-server.js';
 import { Destination } from '../client/destination.js';
 import type { CodedError } from '../lib/errors.js';
-import { FrameReader, encodeFrame } from '../lib/protocol.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
 import { FaultProxy, type Direction } from './fault-proxy.js';
-import { PAGE, randomImage } from './helpers.js';
+import { FAST_HEARTBEAT, FAST_RECOVERY, PAGE, fakeSource, fakeWelcome, randomImage } from './helpers.js';
 import type { Test } from 'tap';
 
 const TOKEN = 'sealed channels';
-const FAST = { heartbeat: { intervalMs: 50, silenceMs: 400 }, stallTimeoutMs: 400, retryDelayMs: { initial: 20, max: 200 } };
+const FAST = FAST_RECOVERY;
 
 async function tcpSource(t: Test, bytes: Buffer): Promise<{ server: PageServer; address: string }> {
-  const server = new PageServer({ image: Image.open([{ buffer: bytes }]), token: TOKEN, heartbeat: { intervalMs: 50, silenceMs: 400 } });
+  const server = new PageServer({ image: Image.open([{ buffer: bytes }]), token: TOKEN, heartbeat: FAST_HEARTBEAT });
   t.teardown(() => server.close());
   const a = await server.listen('tcp:127.0.0.1:0');
   return { server, address: `tcp:127.0.0.1:${a.kind === 'tcp' ? a.port : 0}` };
@@ -63,19 +60,6 @@ for (const [channel, direction, connection] of [['bulk', 'down', 2], ['urgent', 
 }
 
 t.test('a destination refuses a TCP source that offers plaintext data channels', async (t) => {
-  const server = createServer((socket: Socket) => {
-    socket.on('error', () => {});
-    const reader = new FrameReader(socket);
-    void (async () => {
-      await reader.next(['hello'], 5000);
-      socket.write(encodeFrame({ t: 'challenge', protocol: 1, software: 'downgrade', nonce: Buffer.alloc(32, 7), auth: 'none' }));
-      await reader.next(['auth'], 5000);
-      socket.write(encodeFrame({ t: 'welcome', session: 'f'.repeat(32), resumed: false, fingerprint: '0'.repeat(64), encryption: 'none', regions: [{ id: 0, name: 'r', length: PAGE, pageSize: PAGE }], tickets: { urgent: Buffer.alloc(32), bulk: Buffer.alloc(32) }, limits: { maxFrame: 4 << 20, maxRunBytes: 2 << 20 }, capabilities: [] }));
-    })().catch(() => socket.destroy());
-  });
-  server.listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  t.teardown(() => server.close());
-  const port = (server.address() as { port: number }).port;
-  await t.rejects(Destination.connect({ source: `tcp:127.0.0.1:${port}` }), { code: 'ERR_AUTH_FAILED', message: /plaintext/ });
+  const source = await fakeSource(t, () => fakeWelcome({ encryption: 'none' }), 'tcp');
+  await t.rejects(Destination.connect({ source }), { code: 'ERR_AUTH_FAILED', message: /plaintext/ });
 });

@@ -8,7 +8,7 @@ import t from 'tap';
 import { closeSync, writeSync } from 'node:fs';
 import { once } from 'node:events';
 import { join } from 'node:path';
-import { connect as netConnect, createServer, type Socket } from 'node:net';
+import { connect as netConnect } from 'node:net';
 import { Image } from '../server/image.js';
 import { PageServer } from '../server/page-server.js';
 import { Destination } from '../client/destination.js';
@@ -21,7 +21,7 @@ import { sendFds, socketPair } from '../lib/fd-passing.js';
 import { mapAnonymous } from '../lib/memory.js';
 import { Userfaultfd } from '../lib/uffd.js';
 import { seededRandom } from './cut-points.js';
-import { PAGE, buildFixture, randomImage, tempDir, writeImage } from './helpers.js';
+import { PAGE, buildFixture, fakeSource, fakeWelcome, randomImage, tempDir, writeImage } from './helpers.js';
 import { spawn } from 'node:child_process';
 import type { Test } from 'tap';
 
@@ -187,29 +187,16 @@ t.test('data channels: a hostile source sends random runs; nothing outside the r
 });
 
 t.test('hostile welcomes: a destination refuses each with a coded error', async (t) => {
-  const good = { t: 'welcome', session: 'f'.repeat(32), resumed: false, fingerprint: '0'.repeat(64), encryption: 'none', regions: [{ id: 0, name: 'r', length: 16 * PAGE, pageSize: PAGE }], tickets: { urgent: Buffer.alloc(32), bulk: Buffer.alloc(32) }, limits: { maxFrame: 4 << 20, maxRunBytes: 2 << 20 }, capabilities: [] };
+  const good = fakeWelcome();
   let next: Record<string, unknown> = good;
-  const server = createServer((socket: Socket) => {
-    socket.on('error', () => {});
-    const reader = new FrameReader(socket);
-    const welcome = next;
-    void (async () => {
-      await reader.next(['hello'], 5000);
-      socket.write(encodeFrame({ t: 'challenge', protocol: 1, software: 'fuzz', nonce: Buffer.alloc(32, 7), auth: 'none' }));
-      await reader.next(['auth'], 5000);
-      socket.write(encodeFrame(welcome as Message));
-    })().catch(() => socket.destroy());
-  });
-  const path = join(tempDir(t), 'hostile.sock');
-  await new Promise<void>((resolve) => server.listen(path, resolve));
-  t.teardown(() => server.close());
+  const source = await fakeSource(t, () => next);
   const cases = 500 * scale;
   const codes = new Map<string, number>();
   for (let i = 0; i < cases; i++) {
     next = mutate(good);
-    if (random(3) === 0) next.regions = [mutate(good.regions[0])];
+    if (random(3) === 0) next.regions = [mutate((good.regions as Record<string, unknown>[])[0])];
     try {
-      const dest = await Destination.connect({ source: `unix:${path}`, recovery: { connectTimeoutMs: 300 } });
+      const dest = await Destination.connect({ source, recovery: { connectTimeoutMs: 300 } });
       dest.close();
       t.fail(`case ${i}: a hostile welcome was taken`);
     } catch (err) {

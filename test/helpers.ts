@@ -6,8 +6,11 @@ import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { randomBytes } from 'node:crypto';
+import { createServer } from 'node:net';
+import { FrameReader, encodeFrame, type Message } from '../lib/protocol.js';
 import type { Test } from 'tap';
 import type { Userfaultfd } from '../lib/uffd.js';
+import type { RecoveryOptions } from '../client/session.js';
 
 export const here = dirname(fileURLToPath(import.meta.url));
 
@@ -37,6 +40,46 @@ export function writeImage(dir: string, image: Buffer, name = 'image.bin'): stri
 }
 
 export { buildFixture } from '../bin/vmm-fixture.js';
+
+/** A welcome a fake source sends: a one-region image, plaintext channels; override what a test needs. */
+export function fakeWelcome(overrides: Record<string, unknown> = {}): Record<string, unknown> {
+  return {
+    t: 'welcome', session: 'f'.repeat(32), resumed: false, fingerprint: '0'.repeat(64), encryption: 'none',
+    regions: [{ id: 0, name: 'r', length: 16 * PAGE, pageSize: PAGE }], tickets: { urgent: Buffer.alloc(32), bulk: Buffer.alloc(32) },
+    limits: { maxFrame: 4 << 20, maxRunBytes: 2 << 20 }, capabilities: [], ...overrides,
+  };
+}
+
+/**
+ * A source that speaks only the handshake: challenge (no token), then the
+ * welcome `welcome()` returns for that connection, then nothing. Returns its
+ * address (unix socket in a temp dir, or TCP on loopback).
+ */
+export async function fakeSource(t: Test, welcome: () => Record<string, unknown>, transport: 'unix' | 'tcp' = 'unix'): Promise<string> {
+  const server = createServer((socket) => {
+    socket.on('error', () => {});
+    const reader = new FrameReader(socket);
+    const reply = welcome();
+    void (async () => {
+      await reader.next(['hello'], 5000);
+      socket.write(encodeFrame({ t: 'challenge', protocol: 1, software: 'fake', nonce: Buffer.alloc(32, 7), auth: 'none' }));
+      await reader.next(['auth'], 5000);
+      socket.write(encodeFrame(reply as Message));
+    })().catch(() => socket.destroy());
+  });
+  t.teardown(() => server.close());
+  if (transport === 'tcp') {
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    return `tcp:127.0.0.1:${(server.address() as { port: number }).port}`;
+  }
+  const path = join(tempDir(t), 'fake-source.sock');
+  await new Promise<void>((resolve) => server.listen(path, resolve));
+  return `unix:${path}`;
+}
+
+/** Detection for tests: heartbeats every 50 ms, silent after 400 ms, quick retries. */
+export const FAST_HEARTBEAT = { intervalMs: 50, silenceMs: 400 };
+export const FAST_RECOVERY: RecoveryOptions = { heartbeat: FAST_HEARTBEAT, stallTimeoutMs: 400, retryDelayMs: { initial: 20, max: 200 }, connectTimeoutMs: 2000 };
 
 /**
  * Serves missing faults of [base, base+image.length) from `image` until `done`

@@ -15,7 +15,7 @@ import { madvise, mapAnonymous } from '../lib/memory.js';
 import { ErrorCode } from '../lib/errors.js';
 import { Kind, PAGE_REQUEST_BYTES, RUN_HEADER_BYTES, Reason, encodePageRequest, encodeRunHeader } from '../lib/wire.js';
 import { Userfaultfd } from '../lib/uffd.js';
-import { PAGE, here, randomImage, tempDir } from './helpers.js';
+import { PAGE, fakeSource, fakeWelcome, here, randomImage, tempDir } from './helpers.js';
 import type { Test } from 'tap';
 
 async function startServer(t: Test, options: { token?: string } = {}) {
@@ -303,32 +303,14 @@ t.test('memory events reach JS with named fields', async (t) => {
   t.equal(engine.stats().removedPages, 3);
 });
 
-/** A source that answers the handshake with a welcome of our choosing. */
-async function fakeSource(t: Test, regions: unknown[]): Promise<string> {
-  const server = createServer((socket) => {
-    socket.on('error', () => {});
-    const reader = new FrameReader(socket);
-    void (async () => {
-      await reader.next(['hello'], 5000);
-      socket.write(encodeFrame({ t: 'challenge', protocol: 1, software: 'fake', nonce: Buffer.alloc(32, 7), auth: 'none' }));
-      await reader.next(['auth'], 5000);
-      socket.write(encodeFrame({ t: 'welcome', session: 'f'.repeat(32), resumed: false, fingerprint: '0'.repeat(64), encryption: 'none', regions: regions as never, tickets: { urgent: Buffer.alloc(32), bulk: Buffer.alloc(32) }, limits: { maxFrame: 4 << 20, maxRunBytes: 2 << 20 }, capabilities: [] }));
-    })().catch(() => socket.destroy());
-  });
-  const path = join(tempDir(t), 'fake.sock');
-  await new Promise<void>((resolve) => server.listen(path, resolve));
-  t.teardown(() => server.close());
-  return `unix:${path}`;
-}
-
 t.test('a source claiming a huge image is refused before anything is allocated for it', async (t) => {
   // On the old main a 1 TiB welcome made the destination allocate 3.2 GiB and block for seconds.
-  const huge = await fakeSource(t, [{ id: 0, name: 'huge', length: 2 ** 40, pageSize: PAGE }]);
+  const huge = await fakeSource(t, () => fakeWelcome({ regions: [{ id: 0, name: 'huge', length: 2 ** 40, pageSize: PAGE }] }));
   await t.rejects(Destination.connect({ source: huge }), { code: 'ERR_PROTOCOL_OUT_OF_RANGE', message: /accepts at most/ });
-  const many = await fakeSource(t, Array.from({ length: 300 }, (_, id) => ({ id, name: `r${id}`, length: PAGE, pageSize: PAGE })));
+  const many = await fakeSource(t, () => fakeWelcome({ regions: Array.from({ length: 300 }, (_, id) => ({ id, name: `r${id}`, length: PAGE, pageSize: PAGE })) }));
   await t.rejects(Destination.connect({ source: many }), { code: 'ERR_PROTOCOL_OUT_OF_RANGE', message: /regions/ });
   const before = process.memoryUsage().rss;
-  const big = await fakeSource(t, [{ id: 0, name: 'big', length: 2 ** 36, pageSize: PAGE }]);
+  const big = await fakeSource(t, () => fakeWelcome({ regions: [{ id: 0, name: 'big', length: 2 ** 36, pageSize: PAGE }] }));
   await t.rejects(Destination.connect({ source: big, maxImageBytes: 2 ** 35 }), { code: 'ERR_PROTOCOL_OUT_OF_RANGE' });
   t.ok(process.memoryUsage().rss - before < 64 << 20, 'and nothing large was allocated');
 });

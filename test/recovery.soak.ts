@@ -9,14 +9,15 @@
 import t from 'tap';
 import { readdirSync } from 'node:fs';
 import { CUT_CASES, cutOffset, restoreThroughCut, seededRandom } from './cut-points.js';
-import { randomImage } from './helpers.js';
+import { FAST_HEARTBEAT, FAST_RECOVERY, randomImage } from './helpers.js';
+import { DEFAULT_HEARTBEAT } from '../lib/protocol.js';
 import type { RecoveryOptions } from '../client/session.js';
 
 const cuts = Number(process.env.SOAK_CUTS ?? 1000);
 const seed = Number(process.env.RECOVERY_SEED ?? Date.now() % 1e9);
 const defaults = process.env.SOAK_DETECTION === 'default';
-const recovery: RecoveryOptions = defaults ? {} : { heartbeat: { intervalMs: 50, silenceMs: 400 }, stallTimeoutMs: 400, retryDelayMs: { initial: 20, max: 200 } };
-const sourceHeartbeat = defaults ? { intervalMs: 1000, silenceMs: 5000 } : { intervalMs: 50, silenceMs: 400 };
+const recovery: RecoveryOptions = defaults ? {} : FAST_RECOVERY;
+const sourceHeartbeat = defaults ? DEFAULT_HEARTBEAT : FAST_HEARTBEAT;
 const random = seededRandom(seed);
 t.comment(`RECOVERY_SEED=${seed} SOAK_CUTS=${cuts} detection=${defaults ? 'default' : 'fast'}`);
 

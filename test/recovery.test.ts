@@ -13,18 +13,11 @@ import { Destination } from '../client/destination.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
 import { FaultProxy } from './fault-proxy.js';
 import { CUT_CASES, cutOffset, restoreThroughCut, seededRandom } from './cut-points.js';
-import { PAGE, cliCommand, randomImage, startServeCli, tempDir, writeImage } from './helpers.js';
+import { FAST_HEARTBEAT, FAST_RECOVERY, PAGE, cliCommand, randomImage, startServeCli, tempDir, writeImage } from './helpers.js';
 import type { Test } from 'tap';
-import type { RecoveryOptions } from '../client/session.js';
 
-/** Fast detection for tests: heartbeats every 50 ms, silent after 400 ms. */
-const FAST: RecoveryOptions = {
-  heartbeat: { intervalMs: 50, silenceMs: 400 },
-  stallTimeoutMs: 400,
-  retryDelayMs: { initial: 20, max: 200 },
-  connectTimeoutMs: 2000,
-};
-const SOURCE_HEARTBEAT = { intervalMs: 50, silenceMs: 400 };
+const FAST = FAST_RECOVERY;
+const SOURCE_HEARTBEAT = FAST_HEARTBEAT;
 
 const seed = Number(process.env.RECOVERY_SEED ?? 20261125);
 const random = seededRandom(seed);

@@ -8,15 +8,10 @@ import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { VmmHandler, type VmmSessionSummary } from '../client/vmm-handler.js';
 import type { RecoveryOptions } from '../client/session.js';
-import { buildFixture, cliCommand, randomImage, startServeCli, tempDir, writeImage } from './helpers.js';
+import { FAST_RECOVERY, buildFixture, cliCommand, randomImage, startServeCli, tempDir, writeImage } from './helpers.js';
 import type { Test } from 'tap';
 
-const FAST: RecoveryOptions = {
-  heartbeat: { intervalMs: 50, silenceMs: 400 },
-  stallTimeoutMs: 400,
-  retryDelayMs: { initial: 20, max: 200 },
-  connectTimeoutMs: 2000,
-};
+const FAST = FAST_RECOVERY;
 
 async function handler(t: Test, dir: string, source: string, recovery: RecoveryOptions): Promise<{ handler: VmmHandler; socket: string }> {
   // Pure on demand, one page per fault: the VMM's touches outlive a kill for sure.
