@@ -6,11 +6,11 @@ import { connect, type Socket } from 'node:net';
 import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import { type Address, parseAddress } from '../lib/address.js';
 import {
-  DEFAULT_HEARTBEAT, FrameReader, PROTOCOL_VERSION, SOFTWARE, dataChannelKeys, keepAlive, newNonce, proofMatches, proveToken, send, takeSocket, type DataChannelKeys, type Heartbeat,
+  DEFAULT_HEARTBEAT, FrameReader, checkDigest, checkWelcome, PROTOCOL_VERSION, SOFTWARE, dataChannelKeys, keepAlive, newNonce, proofMatches, proveToken, send, takeSocket, type DataChannelKeys, type Heartbeat,
   type MessageOf, type RegionInfo,
 } from '../lib/protocol.js';
 import type { TransferOptions } from '../lib/transfer.js';
-import { MAX_REGIONS, MAX_RUN_BYTES, defaultMaxImageBytes } from '../lib/limits.js';
+import { defaultMaxImageBytes } from '../lib/limits.js';
 import type { Logger } from '../lib/logger.js';
 
 /** How a destination (a restore, or a VMM handler) reaches its source. */
@@ -88,7 +88,7 @@ export class SourceConnection {
       }
       send(control, { t: 'auth', ...(proof ? { proof } : {}), ...(options.resume ? { resume: options.resume } : {}) });
       const welcome = await reader.next(['welcome'], timeoutMs);
-      validateWelcome(welcome, options.maxImageBytes ?? defaultMaxImageBytes());
+      checkWelcome(welcome, options.maxImageBytes ?? defaultMaxImageBytes());
       // Pages and requests that cross TCP are sealed: a source offering plaintext there is refused.
       if (welcome.encryption !== 'aes-256-gcm' && welcome.encryption !== 'none') throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the source names an unknown data-channel encryption');
       if (address.kind === 'tcp' && welcome.encryption !== 'aes-256-gcm' && !options.acceptPlaintextTcp) throw new PostcopyError(ErrorCode.AUTH_FAILED, 'the source offers plaintext data channels over TCP: refused');
@@ -128,10 +128,7 @@ export class SourceConnection {
   /** Reports completion; resolves with the source's digests and stats, or rejects after `timeoutMs`. */
   async finish(stats: Record<string, unknown>, timeoutMs: number): Promise<MessageOf<'digest'>> {
     send(this.#control, { t: 'done', stats });
-    const digest = await this.#reader.next(['digest'], timeoutMs);
-    const ok = Array.isArray(digest.regions) && digest.regions.every((r) => r && Number.isSafeInteger(r.id) && typeof r.sha256 === 'string') && digest.stats && typeof digest.stats === 'object';
-    if (!ok) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the source sent a malformed digest');
-    return digest;
+    return checkDigest(await this.#reader.next(['digest'], timeoutMs));
   }
 
   /** Settles with the reason the control channel ended (the source's error, or the connection failing). */
@@ -193,20 +190,4 @@ async function openChannel(address: Address, welcome: MessageOf<'welcome'>, chan
     socket.destroy();
     throw err;
   }
-}
-
-function validateWelcome(w: MessageOf<'welcome'>, maxImageBytes: number): void {
-  // Sizes first, before anything is allocated for them.
-  if (Array.isArray(w.regions) && w.regions.length > MAX_REGIONS) throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, `the source claims ${w.regions.length} regions; at most ${MAX_REGIONS} are accepted`);
-  const total = Array.isArray(w.regions) ? w.regions.reduce((n, r) => n + (Number.isSafeInteger(r?.length) ? r.length : Infinity), 0) : 0;
-  if (total > maxImageBytes) throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, `the source claims a ${total}-byte image; this destination accepts at most ${maxImageBytes} bytes (maxImageBytes)`);
-  const ok =
-    typeof w.session === 'string' &&
-    typeof w.fingerprint === 'string' &&
-    Array.isArray(w.regions) &&
-    w.regions.length > 0 &&
-    w.regions.every((r, i) => r && r.id === i && Number.isSafeInteger(r.length) && r.length > 0 && Number.isSafeInteger(r.pageSize) && r.pageSize >= 4096 && r.pageSize <= MAX_RUN_BYTES && (r.pageSize & (r.pageSize - 1)) === 0 && r.length % r.pageSize === 0) &&
-    w.tickets?.urgent instanceof Uint8Array &&
-    w.tickets?.bulk instanceof Uint8Array;
-  if (!ok) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the source sent a malformed welcome');
 }

@@ -10,6 +10,9 @@ import type { Socket } from 'node:net';
 import { Packr } from 'msgpackr';
 import { native } from './native.js';
 import { ErrorCode, PostcopyError, asErrorCode } from './errors.js';
+import { MAX_REGIONS, MAX_RUN_BYTES } from './limits.js';
+import { MAX_WINDOW, type TransferOptions } from './transfer.js';
+import { validateBoolean, validateInteger, validateObject } from './validate.js';
 
 export const PROTOCOL_VERSION = 1;
 export const SOFTWARE = 'uffd-postcopy/0.1.0';
@@ -307,4 +310,57 @@ export function takeSocket(socket: Socket, reader?: FrameReader): number {
   const fd = native.takeSocketFd(handle.fd);
   socket.destroy();
   return fd;
+}
+
+// ---- each message checked in one place, beside its type ----
+
+/** Checks a welcome: sizes first (before anything is allocated for them), then every field. */
+export function checkWelcome(w: MessageOf<'welcome'>, maxImageBytes: number): void {
+  // Sizes first, before anything is allocated for them.
+  if (Array.isArray(w.regions) && w.regions.length > MAX_REGIONS) throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, `the source claims ${w.regions.length} regions; at most ${MAX_REGIONS} are accepted`);
+  const total = Array.isArray(w.regions) ? w.regions.reduce((n, r) => n + (Number.isSafeInteger(r?.length) ? r.length : Infinity), 0) : 0;
+  if (total > maxImageBytes) throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, `the source claims a ${total}-byte image; this destination accepts at most ${maxImageBytes} bytes (maxImageBytes)`);
+  const ok =
+    typeof w.session === 'string' &&
+    typeof w.fingerprint === 'string' &&
+    Array.isArray(w.regions) &&
+    w.regions.length > 0 &&
+    w.regions.every((r, i) => r && r.id === i && Number.isSafeInteger(r.length) && r.length > 0 && Number.isSafeInteger(r.pageSize) && r.pageSize >= 4096 && r.pageSize <= MAX_RUN_BYTES && (r.pageSize & (r.pageSize - 1)) === 0 && r.length % r.pageSize === 0) &&
+    w.tickets?.urgent instanceof Uint8Array &&
+    w.tickets?.bulk instanceof Uint8Array;
+  if (!ok) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the source sent a malformed welcome');
+}
+
+/** The transfer options a destination asked for, each field checked. */
+export function checkOptions(msg: MessageOf<'options'>): TransferOptions {
+  try {
+    const window = validateObject(msg.window, 'window');
+    const background = validateObject(msg.background, 'background');
+    return {
+      window: { forward: validateInteger(window.forward, 'window.forward', 0, MAX_WINDOW), backward: validateInteger(window.backward, 'window.backward', 0, MAX_WINDOW) },
+      background: { enabled: validateBoolean(background.enabled, 'background.enabled'), rateBytesPerSecond: validateInteger(background.rateBytesPerSecond, 'background.rateBytesPerSecond') },
+    };
+  } catch (err) {
+    throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `bad options: ${(err as Error).message}`);
+  }
+}
+
+/** start.have: per region, a bitmap of exactly one bit per page of that region. */
+export function checkHave(have: unknown, regions: readonly { length: number; pageSize: number }[]): { region: number; bitmap: Uint8Array }[] {
+  if (have === undefined) return [];
+  if (!Array.isArray(have)) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'start.have must be a list');
+  return have.map((h) => {
+    const region = Number.isSafeInteger(h?.region) ? regions[h.region] : undefined;
+    if (!region || !(h.bitmap instanceof Uint8Array) || h.bitmap.length !== Math.ceil(region.length / region.pageSize / 8)) {
+      throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, 'start.have names an unknown region or has a bitmap of the wrong size');
+    }
+    return { region: h.region as number, bitmap: h.bitmap };
+  });
+}
+
+/** A digest message, each field checked. */
+export function checkDigest(digest: MessageOf<'digest'>): MessageOf<'digest'> {
+  const ok = Array.isArray(digest.regions) && digest.regions.every((r) => r && Number.isSafeInteger(r.id) && typeof r.sha256 === 'string') && digest.stats && typeof digest.stats === 'object';
+  if (!ok) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the source sent a malformed digest');
+  return digest;
 }

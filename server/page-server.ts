@@ -6,13 +6,11 @@ import { ErrorCode, PostcopyError, asCodedError } from '../lib/errors.js';
 import { type Address, formatAddress, isLocalOnly, parseAddress } from '../lib/address.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
 import {
-  DEFAULT_HEARTBEAT, DEFAULT_MAX_FRAME, FrameReader, PROTOCOL_VERSION, SOFTWARE, dataChannelKeys, encodeFrame, keepAlive, newNonce, proofMatches, proveToken, send,
+  DEFAULT_HEARTBEAT, DEFAULT_MAX_FRAME, FrameReader, checkHave, checkOptions, PROTOCOL_VERSION, SOFTWARE, dataChannelKeys, encodeFrame, keepAlive, newNonce, proofMatches, proveToken, send,
   sendErrorAndClose, takeSocket, type Heartbeat, type MessageOf,
 } from '../lib/protocol.js';
 import { MAX_RUN_BYTES } from '../lib/limits.js';
 import { listenOwnerOnly } from '../lib/unix-socket.js';
-import { MAX_WINDOW, type TransferOptions } from '../lib/transfer.js';
-import { validateBoolean, validateInteger, validateObject } from '../lib/validate.js';
 import { DEFAULT_RESUME_GRACE_MS, SourceSession } from './session.js';
 import type { Image } from './image.js';
 
@@ -189,9 +187,9 @@ export class PageServer {
       capabilities: ['prefault-window', 'background', 'rate-limit', 'zero-runs', 'have-bitmap', 'heartbeat', 'resume'],
     });
     keepAlive(socket, reader, this.#heartbeat);
-    const options = validateTransferOptions(await reader.next(['options'], this.#handshakeTimeoutMs));
+    const options = checkOptions(await reader.next(['options'], this.#handshakeTimeoutMs));
     const start = await reader.next(['start'], this.#handshakeTimeoutMs);
-    session.start(options, validateHave(start.have, this.#image), keys);
+    session.start(options, checkHave(start.have, this.#image.regions), keys);
     send(socket, { t: 'started' });
     for (;;) {
       const msg = await reader.next(['done', 'bye']);
@@ -235,29 +233,4 @@ export class PageServer {
     this.#sessions.set(session.id, session);
     return session;
   }
-}
-
-function validateTransferOptions(msg: MessageOf<'options'>): TransferOptions {
-  try {
-    const window = validateObject(msg.window, 'window');
-    const background = validateObject(msg.background, 'background');
-    return {
-      window: { forward: validateInteger(window.forward, 'window.forward', 0, MAX_WINDOW), backward: validateInteger(window.backward, 'window.backward', 0, MAX_WINDOW) },
-      background: { enabled: validateBoolean(background.enabled, 'background.enabled'), rateBytesPerSecond: validateInteger(background.rateBytesPerSecond, 'background.rateBytesPerSecond') },
-    };
-  } catch (err) {
-    throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `bad options: ${(err as Error).message}`);
-  }
-}
-
-function validateHave(have: unknown, image: Image): { region: number; bitmap: Uint8Array }[] {
-  if (have === undefined) return [];
-  if (!Array.isArray(have)) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'start.have must be a list');
-  return have.map((h) => {
-    const region = image.regions[h?.region];
-    if (!region || !(h.bitmap instanceof Uint8Array) || h.bitmap.length !== Math.ceil(region.length / region.pageSize / 8)) {
-      throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, 'start.have names an unknown region or has a bitmap of the wrong size');
-    }
-    return { region: h.region as number, bitmap: h.bitmap };
-  });
 }
