@@ -105,9 +105,7 @@ export class Destination {
    */
   async finish(): Promise<RestoreReport> {
     await this.session.whenResident();
-    // Receivers joined: the final figures are complete.
-    this.session.engine.detachChannels();
-    const stats = this.session.stats();
+    const stats = this.session.finalStats();
     // Every page is resident: nothing can fault any more, so unregister and read freely.
     for (const r of this.regions) this.#uffd.unregister(r.mapping.address, r.mapping.length);
     const local = await Promise.all(this.regions.map((r) => digestOf(r.mapping.buffer())));

@@ -4,7 +4,7 @@
 // requests still unanswered go out again).
 import { EventEmitter } from 'node:events';
 import { native, type DestinationStats, type NativeEvent, type NativeFaultEngine } from '../lib/native.js';
-import { ErrorCode, PostcopyError, asErrorCode, kernelError, type CodedError } from '../lib/errors.js';
+import { ErrorCode, PostcopyError, errorOfEvent, type CodedError } from '../lib/errors.js';
 import { closeSync } from 'node:fs';
 import { hasOverlap, validateAligned, validateFd, validateInteger } from '../lib/validate.js';
 import { MAX_RUN_BYTES } from '../lib/limits.js';
@@ -212,9 +212,7 @@ export class FaultEngine extends EventEmitter {
       }
       if (this.#stopped) return;
       const what = `${e.channel ? `${e.channel} channel: ` : ''}${e.message ?? e.type}`;
-      const error: CodedError = e.errno !== undefined && e.code
-        ? kernelError(e.code, e.errno, e.syscall ?? 'unknown', what)
-        : new PostcopyError(asErrorCode(e.code, ErrorCode.PEER_GONE), what, { event: e.type });
+      const error = errorOfEvent(e, what, ErrorCode.PEER_GONE, { event: e.type });
       this.#log.debug({ code: error.code, errno: error.errno, syscall: error.syscall, channel: e.channel, generation: e.generation, err: error.message }, 'data channel failed');
       this.emit('channel-failed', { error, generation: e.generation, targetGone: e.type === 'target-gone' } satisfies ChannelFailure);
     } catch (err) {

@@ -205,6 +205,12 @@ export class DestinationSession extends EventEmitter {
     return this.engine.stats();
   }
 
+  /** Every page is resident: stops the receivers (the channels are no longer needed) and returns figures that no thread still moves. */
+  finalStats(): DestinationStats {
+    this.engine.detachChannels();
+    return this.engine.stats();
+  }
+
   /** Points later reconnection attempts at another address (e.g. the source moved); takes effect at the next attempt. */
   redirect(source: string | Address): void {
     this.#source = typeof source === 'string' ? parseAddress(source) : source;

@@ -285,8 +285,7 @@ export class VmmHandler extends EventEmitter {
     });
     session.whenResident().then(
       async () => {
-        session.engine.detachChannels(); // receivers joined: the final figures are complete
-        const digest = await session.exchangeDigest(summarize(session.stats(), this.#transfer));
+        const digest = await session.exchangeDigest(summarize(session.finalStats(), this.#transfer));
         session.release();
         log.info({ sourcePagesSent: digest.stats.pagesSent }, 'every guest page is resident');
       },

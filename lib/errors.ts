@@ -76,6 +76,16 @@ export function kernelError(code: string, errno: number, syscall: string, messag
   return Object.assign(new Error(`${code}: ${message}, ${syscall}`), { code, errno, syscall });
 }
 
+/**
+ * The error a native event reports: a kernel error when it carries an errno
+ * (code = its name, errno, syscall), else one of our codes (`fallback` when
+ * the code is not ours).
+ */
+export function errorOfEvent(e: { code?: string; errno?: number; syscall?: string }, message: string, fallback: ErrorCodeValue, details?: Record<string, unknown>): CodedError {
+  if (e.errno !== undefined && e.code) return kernelError(e.code, e.errno, e.syscall ?? 'unknown', message);
+  return new PostcopyError(asErrorCode(e.code, fallback), message, details);
+}
+
 /** Our errors and kernel errors keep their code; anything else (a bug) is named ERR_INTERNAL, never disguised as a peer's doing. */
 export function asCodedError(err: unknown): CodedError {
   if (err instanceof Error && typeof (err as CodedError).code === 'string') return err as CodedError;

@@ -8,7 +8,7 @@
 import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { closeSync } from 'node:fs';
 import { native, type NativeEvent, type NativePageServerSession, type SourceStats } from '../lib/native.js';
-import { ErrorCode, PostcopyError, asErrorCode, kernelError, type CodedError } from '../lib/errors.js';
+import { ErrorCode, PostcopyError, errorOfEvent, type CodedError } from '../lib/errors.js';
 import { StateMachine, type TransitionTable } from '../lib/state-machine.js';
 import type { TransferOptions } from '../lib/transfer.js';
 import type { DataChannelKeys } from '../lib/protocol.js';
@@ -201,9 +201,7 @@ export class SourceSession {
         this.#log.info({ channel: event.channel, code: event.code }, 'the destination closed a data channel');
         return;
       }
-      const err: CodedError = event.errno !== undefined && event.code
-        ? kernelError(event.code, event.errno, event.syscall ?? 'unknown', event.message ?? event.type)
-        : new PostcopyError(asErrorCode(event.code, ErrorCode.PEER_GONE), event.message ?? event.type, { channel: event.channel });
+      const err = errorOfEvent(event, event.message ?? event.type, ErrorCode.PEER_GONE, { channel: event.channel });
       if (this.#machine.is('active')) this.#machine.to('failed', { code: err.code, errno: err.errno, syscall: err.syscall, channel: event.channel, error: err.message });
       this.#onFailure(err);
     } catch (err) {

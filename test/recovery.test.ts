@@ -30,6 +30,22 @@ async function serve(t: Test, image: Image, extra: Partial<ConstructorParameters
   return { server, address: `unix:${a.kind === 'unix' ? a.path : ''}` };
 }
 
+/** `postcopy restore ARGS` as a child: `started` once its transfer runs, `exited` with its output. */
+function startRestoreCli(t: Test, args: string[]) {
+  const [cmd, ...pre] = cliCommand();
+  const child = spawn(cmd, [...pre, 'restore', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  t.teardown(() => { child.kill('SIGKILL'); });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (d) => (stdout += d));
+  const started = new Promise<void>((resolve) => child.stderr.on('data', (d) => {
+    stderr += d;
+    if (stderr.includes('"transfer started"')) resolve();
+  }));
+  const exited = once(child, 'close').then(([code, signal]) => ({ code: code as number | null, signal: signal as string | null, stdout, stderr }));
+  return { started, exited };
+}
+
 const openFds = () => readdirSync('/proc/self/fd').length;
 const threads = () => readdirSync('/proc/self/task').length;
 
@@ -157,24 +173,13 @@ t.test('restore CLI: the source is killed (-9) mid-run and restarted from the sa
   const socket = `unix:${join(dir, 'src.sock')}`;
   const first = await startServeCli(t, ['--image', imagePath, '--listen', socket]);
   const out = join(dir, 'restored.bin');
-  const [cmd, ...pre] = cliCommand();
   // Pure on demand, one page per fault: the workload outlives the kill for sure.
-  const restore = spawn(cmd, [...pre, 'restore', '--source', socket, '--no-background', '--window', '0:0', '--workload', 'random',
-    '--out', out, '--json', '--silence-timeout', '500ms'], { stdio: ['ignore', 'pipe', 'pipe'] });
-  t.teardown(() => { restore.kill('SIGKILL'); });
-  let stdout = '';
-  let stderr = '';
-  restore.stdout.on('data', (d) => (stdout += d));
-  const started = new Promise<void>((resolve) => restore.stderr.on('data', (d) => {
-    stderr += d;
-    if (stderr.includes('"transfer started"')) resolve();
-  }));
-  const exited = once(restore, 'close');
-  await started;
+  const restore = startRestoreCli(t, ['--source', socket, '--no-background', '--window', '0:0', '--workload', 'random', '--out', out, '--json', '--silence-timeout', '500ms']);
+  await restore.started;
   first.child.kill('SIGKILL');
   await once(first.child, 'close');
   await startServeCli(t, ['--image', imagePath, '--listen', socket]);
-  const [code, signal] = await exited;
+  const { code, signal, stdout, stderr } = await restore.exited;
   t.equal(signal, null, 'no crash');
   t.equal(code, 0, stderr.split('\n').filter((l) => l.includes('"level":50')).join('\n'));
   const report = JSON.parse(stdout);
@@ -192,18 +197,10 @@ t.test('restore CLI: with --give-up-after, a source that never comes back fails 
   const socket = `unix:${join(dir, 'src.sock')}`;
   const source = await startServeCli(t, ['--image', imagePath, '--listen', socket]);
   const out = join(dir, 'restored.bin');
-  const [cmd, ...pre] = cliCommand();
-  const restore = spawn(cmd, [...pre, 'restore', '--source', socket, '--no-background', '--window', '0:0', '--out', out, '--give-up-after', '300ms'], { stdio: ['ignore', 'pipe', 'pipe'] });
-  t.teardown(() => { restore.kill('SIGKILL'); });
-  let stderr = '';
-  const started = new Promise<void>((resolve) => restore.stderr.on('data', (d) => {
-    stderr += d;
-    if (stderr.includes('"transfer started"')) resolve();
-  }));
-  const exited = once(restore, 'close');
-  await started;
+  const restore = startRestoreCli(t, ['--source', socket, '--no-background', '--window', '0:0', '--out', out, '--give-up-after', '300ms']);
+  await restore.started;
   source.child.kill('SIGKILL');
-  const [code, signal] = await exited;
+  const { code, signal, stderr } = await restore.exited;
   t.equal(signal, null, 'no crash');
   t.equal(code, 1);
   t.match(stderr, /ERR_SOURCE_LOST/);
