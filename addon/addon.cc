@@ -10,6 +10,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitPageServer(env, exports);
   InitFaultEngine(env, exports);
   InitFdWatcher(env, exports);
+  InitPageChecksum(env, exports);
   return exports;
 }
 

@@ -10,4 +10,5 @@ void InitWorkload(Napi::Env env, Napi::Object exports);
 void InitPageServer(Napi::Env env, Napi::Object exports);
 void InitFaultEngine(Napi::Env env, Napi::Object exports);
 void InitFdWatcher(Napi::Env env, Napi::Object exports);
+void InitPageChecksum(Napi::Env env, Napi::Object exports);
 }  // namespace uffdpc

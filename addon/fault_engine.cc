@@ -16,6 +16,7 @@
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -28,6 +29,7 @@
 #include "events.h"
 #include "histogram.h"
 #include "page_array.h"
+#include "page_checksum.h"
 #include "secure_channel.h"
 #include "threads.h"
 #include "io.h"
@@ -47,6 +49,7 @@ struct TargetRegion {
   std::unique_ptr<AtomicBitmap> received, requested;
   std::unique_ptr<AtomicBitmap> removed;  // given back by the process (REMOVE/UNMAP): zero-filled, never fetched
   std::unique_ptr<AtomicBitmap> settled;  // resident or given back: counted toward completion exactly once
+  std::unique_ptr<AtomicBitmap> checked;  // installed here from the source's data: in the installed-pages checksum
   std::unique_ptr<LazyPageArray<uint64_t>> faultNs;  // first fault time of a waited-on page, 0 if none
   std::unique_ptr<LazyPageArray<uint32_t>> waiters;  // faults seen on the page while it was missing
 };
@@ -62,7 +65,8 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
                         InstanceMethod<&FaultEngine::Stats>("stats"),
                         InstanceMethod<&FaultEngine::ReceivedBitmap>("receivedBitmap"),
                         InstanceMethod<&FaultEngine::HeldBitmap>("heldBitmap"),
-                        InstanceMethod<&FaultEngine::MarkResident>("markResident")});
+                        InstanceMethod<&FaultEngine::MarkResident>("markResident"),
+                        InstanceMethod<&FaultEngine::InstalledChecksum>("installedChecksum")});
   }
 
   // new FaultEngine({uffd, sourceRegions: [{pages, pageSize}],
@@ -96,6 +100,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       t->requested = std::make_unique<AtomicBitmap>(t->pages);
       t->removed = std::make_unique<AtomicBitmap>(t->pages);
       t->settled = std::make_unique<AtomicBitmap>(t->pages);
+      t->checked = std::make_unique<AtomicBitmap>(t->pages);
       t->faultNs = std::make_unique<LazyPageArray<uint64_t>>(t->pages);
       t->waiters = std::make_unique<LazyPageArray<uint32_t>>(t->pages);
       totalPages_ += t->pages;
@@ -104,6 +109,9 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     }
     // calloc of this size maps fresh zero pages: no memory is touched until read.
     zeros_.reset(static_cast<uint8_t*>(calloc(1, maxRunBytes_)));
+    checksum_.reset(new std::atomic<uint64_t>[sourcePages_.size()]());
+    for (uint64_t size : sourcePageSize_) zeroHash_.push_back(size <= maxRunBytes_ ? ContentHash(zeros_.get(), size) : 0);
+    checksumInstalled_ = o.Get("checksumInstalled").ToBoolean().Value();
     Napi::Value cpu = o.Get("cpu");
     cpu_ = cpu.IsNumber() ? cpu.As<Napi::Number>().Int32Value() : -1;
     stopFd_ = eventfd(0, EFD_CLOEXEC);
@@ -357,6 +365,59 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
         uint64_t s = r->sourcePage + p;
         out.Data()[s / 8] &= static_cast<uint8_t>(~(1u << (s % 8)));
       }
+    }
+    return out;
+  }
+
+  // installedChecksum() -> per source region {region, sum, pages, skip}: the
+  // installed-pages checksum (page_checksum.h) of every page this engine put
+  // in from the source's data, and the pages it leaves out as flat [first,
+  // count, ...] source-page ranges (given back, found present, mapped by no
+  // region, not yet installed); skip is null past kMaxSkipRanges ranges.
+  Napi::Value InstalledChecksum(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Napi::Array out = Napi::Array::New(env, sourcePages_.size());
+    for (uint32_t id = 0; id < sourcePages_.size(); id++) {
+      std::vector<const TargetRegion*> targets;
+      for (auto& r : regions_) if (r->sourceRegion == id) targets.push_back(r.get());
+      std::sort(targets.begin(), targets.end(), [](const TargetRegion* a, const TargetRegion* b) { return a->sourcePage < b->sourcePage; });
+      std::vector<double> skip;
+      bool tooMany = false;
+      uint64_t checkedPages = 0;
+      auto leaveOut = [&](uint64_t first, uint64_t count) {
+        if (count == 0 || tooMany) return;
+        if (!skip.empty() && skip[skip.size() - 2] + skip.back() == double(first)) { skip.back() += double(count); return; }
+        if (skip.size() / 2 >= kMaxSkipRanges) { tooMany = true; return; }
+        skip.push_back(double(first));
+        skip.push_back(double(count));
+      };
+      uint64_t cursor = 0;
+      for (const TargetRegion* t : targets) {
+        leaveOut(cursor, t->sourcePage - cursor);
+        for (uint64_t p = t->checked->NextClear(0); p < t->pages; p = t->checked->NextClear(p)) {
+          uint64_t q = p;
+          while (q < t->pages && !t->checked->Test(q)) q++;
+          leaveOut(t->sourcePage + p, q - p);
+          p = q;
+        }
+        cursor = t->sourcePage + t->pages;
+      }
+      leaveOut(cursor, sourcePages_[id] - cursor);
+      uint64_t skipped = 0;
+      for (size_t k = 1; k < skip.size(); k += 2) skipped += static_cast<uint64_t>(skip[k]);
+      checkedPages = tooMany ? 0 : sourcePages_[id] - skipped;
+      Napi::Object o = Napi::Object::New(env);
+      o.Set("region", id);
+      o.Set("sum", Napi::BigInt::New(env, checksum_[id].load()));
+      o.Set("pages", double(checkedPages));
+      if (tooMany) {
+        o.Set("skip", env.Null());
+      } else {
+        Napi::Array a = Napi::Array::New(env, skip.size());
+        for (size_t k = 0; k < skip.size(); k++) a.Set(static_cast<uint32_t>(k), skip[k]);
+        o.Set("skip", a);
+      }
+      out.Set(id, o);
     }
     return out;
   }
@@ -671,12 +732,12 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       uint64_t len = (q - p) * r.pageSize;
       int err = data ? Copy(dst, data + (p - first) * r.pageSize, len, &done) : Zero(dst, len, &done);
       uint64_t donePages = done > 0 ? static_cast<uint64_t>(done) / r.pageSize : 0;
-      Installed(r, p, donePages, reason, data == nullptr);
+      Installed(r, p, donePages, reason, data ? data + (p - first) * r.pageSize : nullptr);
       p += donePages;
       if (err == 0) continue;
       if (err == EEXIST) {  // another channel, a zero-fill, or the process itself got there first
         duplicates_++;
-        Installed(r, p, 1, reason, data == nullptr, /*counted=*/false);
+        Installed(r, p, 1, reason, data ? data + (p - first) * r.pageSize : nullptr, /*counted=*/false);
         p++;
         continue;
       }
@@ -721,10 +782,21 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   }
 
   // Marks pages resident: records the wait of any thread that faulted on
-  // them and settles each exactly once. `counted`: the pages were installed
-  // by this call's ioctl (false for a page found already present).
-  void Installed(TargetRegion& r, uint64_t first, uint64_t count, uint32_t reason, bool zero, bool counted = true) {
+  // them and settles each exactly once. `pages`: their contents (null for a
+  // zero run). `counted`: the pages were installed by this call's ioctl
+  // (false for a page found already present); only those enter the checksum.
+  void Installed(TargetRegion& r, uint64_t first, uint64_t count, uint32_t reason, const uint8_t* pages, bool counted = true) {
     if (count == 0) return;
+    bool zero = pages == nullptr;
+    if (counted && checksumInstalled_) {
+      uint64_t sum = 0;
+      for (uint64_t p = first; p < first + count; p++) {
+        if (!r.checked->Claim(p)) continue;
+        uint64_t content = zero ? zeroHash_[r.sourceRegion] : ContentHash(pages + (p - first) * r.pageSize, r.pageSize);
+        sum += Contribution(r.sourceRegion, r.sourcePage + p, content);
+      }
+      checksum_[r.sourceRegion].fetch_add(sum, std::memory_order_relaxed);
+    }
     uint64_t now = MonotonicNs(), settled = 0;
     for (uint64_t p = first; p < first + count; p++) {
       if (!r.received->Claim(p)) continue;
@@ -772,6 +844,10 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   bool started_ = false, stopped_ = false, attached_ = false;
   std::atomic<bool> zeroFallback_{false};
   std::unique_ptr<uint8_t, decltype(&free)> zeros_{nullptr, &free};
+  std::unique_ptr<std::atomic<uint64_t>[]> checksum_;  // per source region: the installed-pages checksum so far
+  bool checksumInstalled_ = false;  // hash each page as it goes in (the handler's check at the end)
+  std::vector<uint64_t> zeroHash_;  // per source region: ContentHash of a zero page
+  static constexpr size_t kMaxSkipRanges = 100000;  // keeps the source's `done` frame well under its limit
   std::atomic<bool> stop_{false};
   LatencyHistogram latency_;
   uint64_t startNs_ = 0;

@@ -3,7 +3,7 @@
 // channels, which can be detached (faults wait) and attached anew (the
 // requests still unanswered go out again).
 import { EventEmitter } from 'node:events';
-import { native, type DestinationStats, type NativeEvent, type NativeFaultEngine } from '../lib/native.js';
+import { native, type DestinationStats, type InstalledChecksum, type NativeEvent, type NativeFaultEngine } from '../lib/native.js';
 import { ErrorCode, PostcopyError, errorOfEvent, type CodedError } from '../lib/errors.js';
 import { closeSync } from 'node:fs';
 import { hasOverlap, validateAligned, validateFd, validateInteger } from '../lib/validate.js';
@@ -36,6 +36,12 @@ export interface FaultEngineOptions {
   sourceRegions?: readonly SourceRegion[];
   /** Pin the engine's threads to this CPU (default: not pinned). */
   cpu?: number;
+  /**
+   * Hash every page as it is installed, for installedChecksum() (default
+   * false: a restore reads its memory back instead; a VMM's guest writes to
+   * its memory, so its handler checks what went in).
+   */
+  checksumInstalled?: boolean;
   logger?: Logger;
 }
 
@@ -95,7 +101,7 @@ export class FaultEngine extends EventEmitter {
     this.#resident = new Promise((resolve, reject) => (this.#settle = { resolve, reject }));
     this.#resident.catch(() => {});
     this.#native = new native.FaultEngine({ uffd: options.uffd, sourceRegions, regions,
-      cpu: options.cpu === undefined ? -1 : validateInteger(options.cpu, 'cpu', 0, 1023), onEvent: (e) => this.#onEvent(e) });
+      cpu: options.cpu === undefined ? -1 : validateInteger(options.cpu, 'cpu', 0, 1023), checksumInstalled: options.checksumInstalled === true, onEvent: (e) => this.#onEvent(e) });
   }
 
   /** Starts the fault thread: faults are read (and wait) from now on. */
@@ -144,6 +150,14 @@ export class FaultEngine extends EventEmitter {
   /** One bit per page of source region `id`: what the source need not send (resident, given back, or mapped by no region). */
   heldBitmap(id: number): Buffer {
     return this.#native.heldBitmap(validateInteger(id, 'id'));
+  }
+
+  /**
+   * Per source region, the checksum of the pages installed from the source's
+   * data and the pages it leaves out (only kept with `checksumInstalled`).
+   */
+  installedChecksum(): InstalledChecksum[] {
+    return this.#native.installedChecksum();
   }
 
   /** Resolves once every page of every region is resident; rejects if the engine fails first. */

@@ -16,7 +16,7 @@ import { ErrorCode, PostcopyError, asCodedError, type CodedError } from '../lib/
 import { type Address, formatAddress, parseAddress } from '../lib/address.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
 import { MAX_RUN_BYTES } from '../lib/limits.js';
-import { DEFAULT_HEARTBEAT, type Heartbeat, type MessageOf, type RegionInfo } from '../lib/protocol.js';
+import { DEFAULT_HEARTBEAT, type Heartbeat, type MessageOf, type RegionInfo, type VerifyRequest } from '../lib/protocol.js';
 import { StateMachine, type TransitionTable } from '../lib/state-machine.js';
 import { transferOptions, type TransferOptions } from '../lib/transfer.js';
 import { SourceConnection, type SourceOptions } from './source-connection.js';
@@ -227,13 +227,13 @@ export class DestinationSession extends EventEmitter {
    * connection that fails on the way (or a digest that does not come in time)
    * pauses the session; the question is asked again once it is back.
    */
-  async exchangeDigest(stats: Record<string, unknown>): Promise<MessageOf<'digest'>> {
+  async exchangeDigest(stats: Record<string, unknown>, verify?: VerifyRequest): Promise<MessageOf<'digest'>> {
     for (;;) {
       await this.whenResident();
       const connection = this.#connection;
       if (!connection) throw new PostcopyError(ErrorCode.PEER_GONE, 'the source connection was already released');
       try {
-        const digest = await connection.finish(stats, this.#recovery.digestTimeoutMs);
+        const digest = await connection.finish(stats, this.#recovery.digestTimeoutMs, verify);
         // The connection may have failed in the same breath (the digest and an error in one read): ask again then.
         if (this.#connection === connection && this.#machine.is('resident')) return digest;
       } catch (err) {

@@ -7,7 +7,7 @@ import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import { type Address, parseAddress } from '../lib/address.js';
 import {
   DEFAULT_HEARTBEAT, FrameReader, checkDigest, checkWelcome, PROTOCOL_VERSION, SOFTWARE, dataChannelKeys, keepAlive, newNonce, proofMatches, proveToken, send, takeSocket, type DataChannelKeys, type Heartbeat,
-  type MessageOf, type RegionInfo,
+  type MessageOf, type RegionInfo, type VerifyRequest,
 } from '../lib/protocol.js';
 import type { TransferOptions } from '../lib/transfer.js';
 import { defaultMaxImageBytes } from '../lib/limits.js';
@@ -49,6 +49,8 @@ export class SourceConnection {
   readonly fingerprint: string;
   /** The source still held the session asked for in `resume`. */
   readonly resumed: boolean;
+  /** The source can check the installed-pages checksum (`done.verify`). */
+  readonly verifiesChecksums: boolean;
   readonly #control: Socket;
   readonly #reader: FrameReader;
   readonly #timeoutMs: number;
@@ -61,6 +63,7 @@ export class SourceConnection {
     this.regions = welcome.regions;
     this.fingerprint = welcome.fingerprint;
     this.resumed = welcome.resumed === true;
+    this.verifiesChecksums = Array.isArray(welcome.capabilities) && welcome.capabilities.includes('page-checksum');
     this.#channels = channels;
     this.#timeoutMs = timeoutMs;
   }
@@ -125,9 +128,12 @@ export class SourceConnection {
     await this.#reader.next(['started'], this.#timeoutMs);
   }
 
-  /** Reports completion; resolves with the source's digests and stats, or rejects after `timeoutMs`. */
-  async finish(stats: Record<string, unknown>, timeoutMs: number): Promise<MessageOf<'digest'>> {
-    send(this.#control, { t: 'done', stats });
+  /**
+   * Reports completion (with what the source should check, when it can);
+   * resolves with the source's digests and stats, or rejects after `timeoutMs`.
+   */
+  async finish(stats: Record<string, unknown>, timeoutMs: number, verify?: VerifyRequest): Promise<MessageOf<'digest'>> {
+    send(this.#control, { t: 'done', stats, ...(verify && this.verifiesChecksums ? { verify } : {}) });
     return checkDigest(await this.#reader.next(['digest'], timeoutMs));
   }
 

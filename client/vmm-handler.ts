@@ -22,6 +22,7 @@ import { transferOptions, type TransferOptions } from '../lib/transfer.js';
 import { DestinationSession, type DestinationSessionOptions, type RecoveryStatus } from './session.js';
 import { FaultEngine, type MemoryEvent, type TargetRegion } from './fault-engine.js';
 import { summarize, type RestoreReport } from './report.js';
+import { compareInstalled, verifyRequest, type InstalledCheck } from './installed-checksum.js';
 
 /** One entry of the VMM's handshake, as Firecracker sends it. */
 export interface GuestRegion {
@@ -44,6 +45,8 @@ export interface VmmSessionSummary extends RestoreReport {
   zeroFilledAfterRemove: number;
   poisonedPages: number;
   complete: boolean;
+  /** The pages installed in the guest compared with the source image (null: the session ended before the check). */
+  installedCheck: InstalledCheck | null;
   recovery: RecoveryStatus | null;
 }
 
@@ -60,6 +63,7 @@ interface VmmSession {
   abort: AbortController;
   takeover: boolean;
   handoff?: number;
+  installedCheck?: InstalledCheck;
 }
 
 /** A VMM's connection, its userfaultfd and its handshake JSON, ready to be served. */
@@ -132,7 +136,9 @@ export async function receiveHandshake(fd: number, timeoutMs: number, signal?: A
 /**
  * Events: 'session-start' ({pid}), 'session-end' (VmmSessionSummary),
  * 'rejected' ({pid, code, message}), 'released' ({pid, handoff}): the handler
- * let go of a VMM it adopted, whatever the reason.
+ * let go of a VMM it adopted, whatever the reason; 'installed-check'
+ * ({vmmPid, ...InstalledCheck}): every guest page is resident and the pages
+ * installed were compared with the source image.
  */
 export class VmmHandler extends EventEmitter {
   readonly #options: VmmHandlerOptions;
@@ -250,6 +256,7 @@ export class VmmHandler extends EventEmitter {
           sourceRegions: regions.map((r) => ({ pages: r.length / r.pageSize, pageSize: r.pageSize })),
           regions: targets,
           logger: log,
+          checksumInstalled: true,
         });
         engine.on('memory-event', (e: MemoryEvent) => log.info(e, 'memory event'));
         if (vmm.takeover) {
@@ -285,9 +292,21 @@ export class VmmHandler extends EventEmitter {
     });
     session.whenResident().then(
       async () => {
-        const digest = await session.exchangeDigest(summarize(session.finalStats(), this.#transfer));
-        session.release();
-        log.info({ sourcePagesSent: digest.stats.pagesSent }, 'every guest page is resident');
+        const local = session.engine.installedChecksum();
+        const digest = await session.exchangeDigest(summarize(session.finalStats(), this.#transfer), verifyRequest(local));
+        const check = compareInstalled(local, digest.checksums);
+        vmm.installedCheck = check;
+        if (check.result === 'mismatch') {
+          session.release();
+          log.error({ code: ErrorCode.DIGEST_MISMATCH, ...check }, 'every guest page is resident, but pages installed in the guest differ from the source image');
+        } else if (check.result === 'match') {
+          session.verified({ checkedPages: check.checkedPages });
+          log.info({ sourcePagesSent: digest.stats.pagesSent, checkedPages: check.checkedPages }, 'every guest page is resident and matches the source image');
+        } else {
+          session.release();
+          log.warn({ sourcePagesSent: digest.stats.pagesSent }, 'every guest page is resident; the source cannot check the installed pages (an older source)');
+        }
+        this.emit('installed-check', { vmmPid: vmm.pid, ...check });
       },
       () => {}, // failures are logged by the session and handled above
     ).catch((err) => log.warn({ err: (err as Error).message }, 'finishing with the source failed'));
@@ -312,6 +331,7 @@ export class VmmHandler extends EventEmitter {
         zeroFilledAfterRemove: stats.zeroFilledAfterRemove,
         poisonedPages: stats.poisonedPages,
         complete: stats.residentPages === stats.totalPages && stats.poisonedPages === 0,
+        installedCheck: vmm.installedCheck ?? null,
         recovery: session.status(),
       };
       this.#log.info({ reason, ...summary }, 'VMM session ended');

@@ -3,6 +3,8 @@
 // it takes a single page from a source.
 import { createHash } from 'node:crypto';
 import { setImmediate as yieldToLoop } from 'node:timers/promises';
+import { native } from './native.js';
+import { validateInteger } from './validate.js';
 
 /** SHA-256 in slices, yielding to the event loop between them so control traffic keeps flowing. */
 export async function digestOf(bytes: Uint8Array): Promise<string> {
@@ -13,6 +15,35 @@ export async function digestOf(bytes: Uint8Array): Promise<string> {
     if (off + slice < bytes.length) await yieldToLoop();
   }
   return hash.digest('hex');
+}
+
+const SUM_MASK = (1n << 64n) - 1n;
+/** Pages hashed per native call: a few milliseconds, then the event loop runs. */
+const CHECKSUM_SLICE_PAGES = 8192;
+
+/**
+ * The installed-pages checksum (addon/page_checksum.h) of `ranges` ([first,
+ * count] pairs) of a region whose page 0 is bytes[0]: the sum modulo 2^64 of
+ * each page's contribution. Computed in slices, yielding between them.
+ */
+export async function pageChecksum(bytes: Uint8Array, pageSize: number, region: number, ranges: readonly (readonly [number, number])[]): Promise<bigint> {
+  const pages = Math.floor(bytes.length / validateInteger(pageSize, 'pageSize', 32));
+  validateInteger(region, 'region', 0, 0xffff);
+  let sum = 0n;
+  for (const [first, count] of ranges) {
+    validateInteger(first, 'first', 0, pages);
+    validateInteger(count, 'count', 0, pages - first);
+    for (let at = first; at < first + count; at += CHECKSUM_SLICE_PAGES) {
+      sum += native.pageChecksum(bytes, pageSize, region, at, Math.min(CHECKSUM_SLICE_PAGES, first + count - at));
+      if (at + CHECKSUM_SLICE_PAGES < first + count) await yieldToLoop();
+    }
+  }
+  return sum & SUM_MASK;
+}
+
+/** A checksum as the wire carries it: 16 hex digits. */
+export function checksumHex(sum: bigint): string {
+  return (sum & SUM_MASK).toString(16).padStart(16, '0');
 }
 
 /** Pages sampled per region for the fingerprint: cheap at start-up whatever the image's size. */

@@ -145,6 +145,17 @@ export interface NativeFaultEngine {
   receivedBitmap(region: number): Buffer;
   heldBitmap(sourceRegion: number): Buffer;
   markResident(region: number, bitmap: Uint8Array): number;
+  installedChecksum(): InstalledChecksum[];
+}
+
+/** One source region's installed-pages checksum at the destination (addon/page_checksum.h). */
+export interface InstalledChecksum {
+  region: number;
+  sum: bigint;
+  /** Pages in the sum. */
+  pages: number;
+  /** The region's pages left out, as flat [first, count, ...] ranges; null when too fragmented to send. */
+  skip: number[] | null;
 }
 
 export interface NativeAddon {
@@ -169,6 +180,7 @@ export interface NativeAddon {
   madvise(address: number, length: number, advice: number): void;
   fallocate(fd: number, mode: number, offset: number, length: number): void;
   fileExtents(fd: number, size: number): number[];
+  pageChecksum(bytes: Uint8Array, pageSize: number, region: number, firstPage: number, count: number): bigint;
   memoryConstants: Record<string, number>;
 
   socketPair(seqpacket?: boolean): [number, number];
@@ -201,6 +213,7 @@ export interface NativeAddon {
     sourceRegions: { pages: number; pageSize: number }[];
     regions: { base: number; length: number; pageSize: number; sourceRegion: number; sourcePage: number }[];
     cpu: number;
+    checksumInstalled: boolean;
     onEvent: (event: NativeEvent) => void;
   }) => NativeFaultEngine;
 }

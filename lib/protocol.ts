@@ -38,11 +38,28 @@ export type Message =
   | { t: 'attached' }
   | { t: 'start'; have?: { region: number; bitmap: Uint8Array }[] }
   | { t: 'started' }
-  | { t: 'done'; stats?: Record<string, unknown> }
-  | { t: 'digest'; regions: { id: number; sha256: string }[]; stats: Record<string, unknown> }
+  | { t: 'done'; stats?: Record<string, unknown>; verify?: VerifyRequest }
+  | { t: 'digest'; regions: { id: number; sha256: string }[]; stats: Record<string, unknown>; checksums?: RegionChecksum[] }
   | { t: 'error'; code: string; message: string }
   | { t: 'heartbeat' }
   | { t: 'bye' };
+
+/**
+ * What a destination asks the source to check at the end: per region, the
+ * source pages it did not install from the source's data (flat [first, count,
+ * ...] ranges, ascending); the source answers with the installed-pages
+ * checksum of the rest (addon/page_checksum.h).
+ */
+export interface VerifyRequest {
+  regions: { id: number; skip: number[] }[];
+}
+
+/** The installed-pages checksum of one region: 16 hex digits, over `pages` pages. */
+export interface RegionChecksum {
+  id: number;
+  sum: string;
+  pages: number;
+}
 
 /** How the data channels are protected: AES-256-GCM records on TCP, plaintext on unix sockets. */
 export type Encryption = 'aes-256-gcm' | 'none';
@@ -358,9 +375,38 @@ export function checkHave(have: unknown, regions: readonly { length: number; pag
   });
 }
 
+/**
+ * done.verify: known regions, each named once, with ascending, disjoint
+ * ranges inside the region. Returns the ranges as [first, count] pairs.
+ */
+export function checkVerify(verify: unknown, regions: readonly { length: number; pageSize: number }[]): { id: number; skip: [number, number][] }[] | undefined {
+  if (verify === undefined) return undefined;
+  const bad = (why: string) => new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, `done.verify: ${why}`);
+  const list = (verify as VerifyRequest | null)?.regions;
+  if (!Array.isArray(list)) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'done.verify must list regions');
+  const seen = new Set<number>();
+  return list.map((r) => {
+    const region = Number.isSafeInteger(r?.id) ? regions[r.id] : undefined;
+    if (!region || seen.has(r.id)) throw bad('an unknown or repeated region');
+    seen.add(r.id);
+    if (!Array.isArray(r.skip) || r.skip.length % 2) throw bad(`region ${r.id}: skip must be [first, count] pairs`);
+    const pages = region.length / region.pageSize;
+    const skip: [number, number][] = [];
+    let end = 0;
+    for (let k = 0; k < r.skip.length; k += 2) {
+      const [first, count] = [r.skip[k], r.skip[k + 1]];
+      if (!Number.isSafeInteger(first) || !Number.isSafeInteger(count) || count < 1 || first < end || first + count > pages) throw bad(`region ${r.id}: ranges must ascend, not overlap, and lie inside the region`);
+      skip.push([first, count]);
+      end = first + count;
+    }
+    return { id: r.id, skip };
+  });
+}
+
 /** A digest message, each field checked. */
 export function checkDigest(digest: MessageOf<'digest'>): MessageOf<'digest'> {
-  const ok = Array.isArray(digest.regions) && digest.regions.every((r) => r && Number.isSafeInteger(r.id) && typeof r.sha256 === 'string') && digest.stats && typeof digest.stats === 'object';
+  const checksumsOk = digest.checksums === undefined || (Array.isArray(digest.checksums) && digest.checksums.every((c) => c && Number.isSafeInteger(c.id) && typeof c.sum === 'string' && /^[0-9a-f]{16}$/.test(c.sum) && Number.isSafeInteger(c.pages)));
+  const ok = checksumsOk && Array.isArray(digest.regions) && digest.regions.every((r) => r && Number.isSafeInteger(r.id) && typeof r.sha256 === 'string') && digest.stats && typeof digest.stats === 'object';
   if (!ok) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the source sent a malformed digest');
   return digest;
 }

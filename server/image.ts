@@ -6,7 +6,7 @@ import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import { fileExtents, mapFile, PAGE_SIZE, type Mapping } from '../lib/memory.js';
 import type { RegionInfo } from '../lib/protocol.js';
 import type { ServedRegionSpec } from '../lib/native.js';
-import { digestOf, imageFingerprint } from '../lib/digest.js';
+import { checksumHex, digestOf, imageFingerprint, pageChecksum } from '../lib/digest.js';
 
 export type RegionSource =
   | { name?: string; path: string }
@@ -28,6 +28,7 @@ export class Image {
   readonly fingerprint: string;
   readonly #mappings: Mapping[];
   readonly #digests = new Map<number, Promise<string>>();
+  readonly #checksums = new Map<number, Promise<bigint>>();
 
   private constructor(regions: ImageRegion[], mappings: Mapping[]) {
     this.regions = regions;
@@ -63,6 +64,22 @@ export class Image {
       this.#digests.set(id, d);
     }
     return d;
+  }
+
+  /**
+   * The installed-pages checksum of region `id` without the pages in `skip`
+   * ([first, count] pairs, ascending): the whole region's sum, computed once,
+   * less the skipped pages'. 16 hex digits.
+   */
+  async checksum(id: number, skip: readonly (readonly [number, number])[]): Promise<string> {
+    const r = this.regions[id];
+    const bytes = regionBytes(r);
+    let whole = this.#checksums.get(id);
+    if (!whole) {
+      whole = pageChecksum(bytes, r.pageSize, id, [[0, r.length / r.pageSize]]);
+      this.#checksums.set(id, whole);
+    }
+    return checksumHex((await whole) - (await pageChecksum(bytes, r.pageSize, id, skip)));
   }
 
   /** Unmaps the image; fails with ERR_MAPPING_BUSY while a session still serves from it. */

@@ -6,7 +6,7 @@ import { ErrorCode, PostcopyError, asCodedError } from '../lib/errors.js';
 import { type Address, formatAddress, isLocalOnly, parseAddress } from '../lib/address.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
 import {
-  DEFAULT_HEARTBEAT, DEFAULT_MAX_FRAME, FrameReader, checkHave, checkOptions, PROTOCOL_VERSION, SOFTWARE, dataChannelKeys, encodeFrame, keepAlive, newNonce, proofMatches, proveToken, send,
+  DEFAULT_HEARTBEAT, DEFAULT_MAX_FRAME, FrameReader, checkHave, checkOptions, checkVerify, PROTOCOL_VERSION, SOFTWARE, dataChannelKeys, encodeFrame, keepAlive, newNonce, proofMatches, proveToken, send,
   sendErrorAndClose, takeSocket, type Heartbeat, type MessageOf,
 } from '../lib/protocol.js';
 import { MAX_RUN_BYTES } from '../lib/limits.js';
@@ -184,7 +184,7 @@ export class PageServer {
       regions: this.#image.regions.map(({ id, name, length, pageSize }) => ({ id, name, length, pageSize })),
       tickets: session.tickets,
       limits: { maxFrame: this.#maxFrame, maxRunBytes: MAX_RUN_BYTES },
-      capabilities: ['prefault-window', 'background', 'rate-limit', 'zero-runs', 'have-bitmap', 'heartbeat', 'resume'],
+      capabilities: ['prefault-window', 'background', 'rate-limit', 'zero-runs', 'have-bitmap', 'heartbeat', 'resume', 'page-checksum'],
     });
     keepAlive(socket, reader, this.#heartbeat);
     const options = checkOptions(await reader.next(['options'], this.#handshakeTimeoutMs));
@@ -194,10 +194,14 @@ export class PageServer {
     for (;;) {
       const msg = await reader.next(['done', 'bye']);
       if (msg.t === 'bye') break;
+      const verify = checkVerify(msg.verify, this.#image.regions);
       session.complete();
-      const regions = await Promise.all(this.#image.regions.map(async (r) => ({ id: r.id, sha256: await this.#image.digest(r.id) })));
       this.#log.info({ session: session.id, destination: msg.stats }, 'destination reports every page resident');
-      send(socket, { t: 'digest', regions, stats: { ...session.stats() } });
+      const regions = await Promise.all(this.#image.regions.map(async (r) => ({ id: r.id, sha256: await this.#image.digest(r.id) })));
+      const checksums = verify && (await Promise.all(verify.map(async ({ id, skip }) => ({
+        id, sum: await this.#image.checksum(id, skip), pages: this.#image.regions[id].length / this.#image.regions[id].pageSize - skip.reduce((n, [, c]) => n + c, 0),
+      }))));
+      send(socket, { t: 'digest', regions, stats: { ...session.stats() }, ...(checksums ? { checksums } : {}) });
     }
     saidBye = true;
     socket.end();

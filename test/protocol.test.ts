@@ -8,7 +8,9 @@ import { Destination } from '../client/destination.js';
 import { SourceConnection } from '../client/source-connection.js';
 import { type ChannelFailure, type MemoryEvent, FaultEngine } from '../client/fault-engine.js';
 import { DEFAULT_TRANSFER } from '../client/destination.js';
-import { FrameReader, encodeFrame } from '../lib/protocol.js';
+import { FrameReader, checkDigest, checkVerify, encodeFrame } from '../lib/protocol.js';
+import { pageChecksum } from '../lib/digest.js';
+import { native } from '../lib/native.js';
 import { parseAddress } from '../lib/address.js';
 import { socketPair } from '../lib/fd-passing.js';
 import { madvise, mapAnonymous } from '../lib/memory.js';
@@ -345,4 +347,45 @@ t.test('the TypeScript twin of the data-channel layouts agrees with addon/wire.h
   t.same(Reason, { requested: 0, prefault: 1, background: 2 });
   t.equal(encodeRunHeader(Kind.dataRun, 1, 2, 3, Reason.background).toString('hex'), '444154410100000002000000000000000300000002000000');
   t.equal(encodePageRequest(1, 5).toString('hex'), '5052455101000000' + '0500000000000000');
+});
+
+t.test('a verify request is checked before the source hashes anything for it', async (t) => {
+  const regions = [{ length: 64 * PAGE, pageSize: PAGE }, { length: 8 * PAGE, pageSize: PAGE }];
+  t.same(checkVerify({ regions: [{ id: 1, skip: [0, 2, 5, 3] }] }, regions), [{ id: 1, skip: [[0, 2], [5, 3]] }]);
+  t.equal(checkVerify(undefined, regions), undefined, 'an older destination asks for nothing');
+  for (const [what, verify, code] of [
+    ['not a list', { regions: 7 }, 'ERR_PROTOCOL_MALFORMED'],
+    ['an unknown region', { regions: [{ id: 2, skip: [] }] }, 'ERR_PROTOCOL_OUT_OF_RANGE'],
+    ['a region named twice', { regions: [{ id: 0, skip: [] }, { id: 0, skip: [] }] }, 'ERR_PROTOCOL_OUT_OF_RANGE'],
+    ['an odd list', { regions: [{ id: 0, skip: [1] }] }, 'ERR_PROTOCOL_OUT_OF_RANGE'],
+    ['ranges out of order', { regions: [{ id: 0, skip: [10, 1, 5, 1] }] }, 'ERR_PROTOCOL_OUT_OF_RANGE'],
+    ['overlapping ranges', { regions: [{ id: 0, skip: [10, 4, 12, 1] }] }, 'ERR_PROTOCOL_OUT_OF_RANGE'],
+    ['a range past the end', { regions: [{ id: 1, skip: [6, 3] }] }, 'ERR_PROTOCOL_OUT_OF_RANGE'],
+    ['an empty range', { regions: [{ id: 1, skip: [6, 0] }] }, 'ERR_PROTOCOL_OUT_OF_RANGE'],
+    ['a fractional page', { regions: [{ id: 1, skip: [0.5, 1] }] }, 'ERR_PROTOCOL_OUT_OF_RANGE'],
+  ] as const) {
+    t.throws(() => checkVerify(verify, regions), { code }, what);
+  }
+});
+
+t.test('a digest whose checksums are malformed is refused with a code', async (t) => {
+  const good = { t: 'digest' as const, regions: [{ id: 0, sha256: 'ab' }], stats: {} };
+  t.ok(checkDigest({ ...good, checksums: [{ id: 0, sum: '00112233445566ff', pages: 3 }] }));
+  for (const checksums of [[{ id: 0, sum: 'xyz', pages: 3 }], [{ id: 0, sum: '00112233445566ff' }], 'no'] as unknown[]) {
+    t.throws(() => checkDigest({ ...good, checksums } as never), { code: 'ERR_PROTOCOL_MALFORMED' });
+  }
+});
+
+t.test('the source side of the installed-pages checksum: whole region less the pages left out', async (t) => {
+  const bytes = randomImage(64, 5);
+  const whole = await pageChecksum(bytes, PAGE, 0, [[0, 64]]);
+  const parts = (await pageChecksum(bytes, PAGE, 0, [[0, 10]])) + (await pageChecksum(bytes, PAGE, 0, [[10, 54]]));
+  t.equal(whole, parts & ((1n << 64n) - 1n), 'a sum over ranges adds up');
+  t.not(await pageChecksum(bytes, PAGE, 1, [[0, 64]]), whole, 'the same pages in another region sum differently');
+  const moved = Buffer.from(bytes);
+  bytes.copy(moved, 0, PAGE, 2 * PAGE);
+  bytes.copy(moved, PAGE, 0, PAGE);
+  t.not(await pageChecksum(moved, PAGE, 0, [[0, 64]]), whole, 'two pages swapped change the sum');
+  t.throws(() => native.pageChecksum(bytes, PAGE, 0, 60, 5), { code: 'ERR_OUT_OF_RANGE' }, 'native code refuses pages past the buffer');
+  await t.rejects(pageChecksum(bytes, PAGE, 0, [[60, 5]]), { code: 'ERR_OUT_OF_RANGE' }, 'and TypeScript refuses them first');
 });

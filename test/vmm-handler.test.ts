@@ -1,12 +1,14 @@
 import t from 'tap';
 import { spawn } from 'node:child_process';
-import { closeSync, ftruncateSync, readdirSync, readlinkSync } from 'node:fs';
+import { closeSync, ftruncateSync, openSync, readdirSync, readlinkSync } from 'node:fs';
 import { connect as netConnect } from 'node:net';
 import { join } from 'node:path';
 import { once } from 'node:events';
 import { Image } from '../server/image.js';
 import { PageServer } from '../server/page-server.js';
 import { MAX_PENDING_HANDSHAKES, VmmHandler, type VmmSessionSummary } from '../client/vmm-handler.js';
+import type { InstalledCheck } from '../client/installed-checksum.js';
+import { FaultProxy } from './fault-proxy.js';
 import { sendFds } from '../lib/fd-passing.js';
 import { memfdCreate } from '../lib/memory.js';
 import { Userfaultfd } from '../lib/uffd.js';
@@ -176,4 +178,93 @@ t.test('idle connections cannot starve the handler: a VMM behind eight silent pe
   // 8 + 64 silent peers: 8 are over the cap and closed without waiting for their (ten-minute) timeout.
   while (closed < 8) await new Promise((r) => setTimeout(r, 10));
   t.equal(closed, 8, 'exactly the peers over the cap were closed');
+});
+
+/** Runs the fixture with --hold: it stays connected (as a VMM does) until release() closes its stdin. */
+function holdVmm(s: Setup, extra: string[] = []): { done: Promise<{ code: number | null; report: Record<string, unknown> }>; release: () => void } {
+  const child = spawn(buildFixture('vmm'), ['--socket', s.handlerSocket, '--image', s.imagePath, '--hold', ...extra], { stdio: ['pipe', 'pipe', 'inherit'] });
+  let out = '';
+  child.stdout.on('data', (d) => (out += d));
+  const done = once(child, 'close').then(([code]) => ({ code: code as number | null, report: out.trim() ? JSON.parse(out.trim().split('\n')[0]) : {} }));
+  return { done, release: () => child.stdin.end() };
+}
+
+const installedCheck = (h: VmmHandler) => once(h, 'installed-check').then(([c]) => c as InstalledCheck & { vmmPid: number });
+
+t.test('the handler checks every page it installed against the source image, though the guest has written to them since', async (t) => {
+  const s = await setup(t, 'unix', 2048);
+  const checked = installedCheck(s.handler);
+  const ended = sessionEnd(s.handler);
+  const vmm = holdVmm(s, ['--scribble', '--threads', '2']);
+  const check = await checked;
+  vmm.release();
+  const { code } = await vmm.done;
+  t.equal(code, 0, 'the VMM saw every byte right');
+  t.same({ result: check.result, checkedPages: check.checkedPages, mismatchedRegions: check.mismatchedRegions }, { result: 'match', checkedPages: 2048, mismatchedRegions: [] });
+  const summary = await ended;
+  t.equal(summary.installedCheck?.result, 'match', 'the summary reports the match');
+});
+
+t.test('pages of the image no guest region maps are left out of the check, and the rest still matches', async (t) => {
+  const s = await setup(t, 'unix', 3000);
+  const checked = installedCheck(s.handler);
+  const vmm = holdVmm(s, ['--size', String(2000 * PAGE), '--regions', '2']);
+  const check = await checked;
+  vmm.release();
+  t.equal((await vmm.done).code, 0);
+  t.equal(check.result, 'match');
+  t.equal(check.checkedPages, 2000, 'the 1000 pages past the guest are not counted');
+});
+
+t.test('a byte flipped on a plaintext link: the page goes into the guest, and the handler reports the mismatch', async (t) => {
+  const dir = tempDir(t);
+  const image = randomImage(512, 6);
+  const imagePath = writeImage(dir, image);
+  const token = 'plaintext on purpose';
+  const server = new PageServer({ image: Image.open([{ path: imagePath }]), token, plaintextTcp: true });
+  const where = await server.listen('tcp:127.0.0.1:0');
+  const proxy = await FaultProxy.start(t, `tcp:127.0.0.1:${where.kind === 'tcp' ? where.port : 0}`);
+  // Connection 1 is the urgent channel: past its `attached` frame and the first run header, inside the first page served.
+  proxy.inject({ connection: 1, direction: 'down', afterBytes: 600, action: 'flip' });
+  const handler = new VmmHandler({ source: proxy.address, token, acceptPlaintextTcp: true, background: { enabled: false } });
+  const handlerSocket = join(dir, 'handler.sock');
+  await handler.listen(handlerSocket);
+  t.teardown(async () => { await handler.close(); await server.close(); });
+  const s = { dir, imagePath, image, handler, handlerSocket, server };
+  const checked = installedCheck(handler);
+  const ended = sessionEnd(handler);
+  const vmm = holdVmm(s, ['--threads', '1']);
+  const check = await checked;
+  vmm.release();
+  const { report } = await vmm.done;
+  t.equal(proxy.fired.length, 1, 'the byte was flipped');
+  t.equal(report.mismatchedPages, 1, 'the guest got the corrupted page (plaintext cannot stop it)');
+  t.equal(check.result, 'mismatch', 'and the handler says so');
+  t.same(check.mismatchedRegions, [0]);
+  t.equal((await ended).installedCheck?.result, 'mismatch');
+});
+
+t.test('pages that travel as zero runs (a hole in the image file) are checked too', async (t) => {
+  const s = await setup(t, 'unix', 1536);
+  // The image grows by 512 pages of hole: the source sends them as zero runs.
+  const fd = openSync(s.imagePath, 'r+');
+  ftruncateSync(fd, 2048 * PAGE);
+  closeSync(fd);
+  await s.handler.close();
+  await s.server.close();
+  const server = new PageServer({ image: Image.open([{ path: s.imagePath }]) });
+  const where = await server.listen(`unix:${join(s.dir, 'source2.sock')}`);
+  const handler = new VmmHandler({ source: `unix:${where.kind === 'unix' ? where.path : ''}` });
+  const handlerSocket = join(s.dir, 'handler2.sock');
+  await handler.listen(handlerSocket);
+  t.teardown(async () => { await handler.close(); await server.close(); });
+  const checked = installedCheck(handler);
+  const ended = sessionEnd(handler);
+  const vmm = holdVmm({ ...s, handler, handlerSocket, server }, ['--threads', '2']);
+  const check = await checked;
+  vmm.release();
+  t.equal((await vmm.done).code, 0);
+  t.equal(check.result, 'match');
+  t.equal(check.checkedPages, 2048);
+  t.ok((await ended).zeroPages >= 512, 'the hole came as zero pages');
 });
