@@ -1,7 +1,6 @@
 // postcopy demo: the README's main job. Makes an image (or takes --image),
 // starts a real source page server in its own process, restores the image into
 // this process while a workload thread faults pages in, and says what happened.
-import { parseArgs } from 'node:util';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { closeSync, mkdtempSync, openSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
@@ -14,21 +13,22 @@ import { buildFixture } from './vmm-fixture.js';
 import { punchHole, PAGE_SIZE } from '../lib/memory.js';
 import type { Logger } from '../lib/logger.js';
 import { formatReport } from './restore.js';
-import { parseSize } from './options.js';
+import { parseCommandLine, parseCount, parseSize, UsageError } from './options.js';
 import { startSource, type RunningSource } from '../bench/source.js';
 
 export const demoUsage = `postcopy demo [--image FILE] [--size SIZE] [--threads N]
 
-  Creates an image of SIZE (default 128M: random data, zero pages and a hole)
-  unless --image is given; starts a source page server in its own process (with
-  a token) and a destination handler; then runs a VMM-like program that maps
-  empty guest memory, hands its userfaultfd to the handler the way Firecracker
-  does, touches every page from N threads (default 4) in random order, gives a
-  1 MiB balloon range back, and checks every byte. Prints what happened.`;
+  Creates an image of SIZE (default 128M; at least 4M, whole pages: random
+  data, zero pages and a hole) unless --image is given; starts a source page
+  server in its own process (with a token) and a destination handler; then
+  runs a VMM-like program that maps empty guest memory, hands its userfaultfd
+  to the handler the way Firecracker does, touches every page from N threads
+  (default 4, at most 64) in random order, gives a 1 MiB balloon range back,
+  and checks every byte. Prints what happened.`;
 
 /** Random data, every 4th page zero, and a 1/16 hole in the middle. */
 function makeImage(path: string, bytes: number): void {
-  const pages = Math.max(1024, Math.floor(bytes / PAGE_SIZE));
+  const pages = bytes / PAGE_SIZE;
   const fd = openSync(path, 'w', 0o600);
   try {
     const chunkPages = 2048;
@@ -45,16 +45,21 @@ function makeImage(path: string, bytes: number): void {
 }
 
 export async function demo(argv: string[], log: Logger): Promise<void> {
-  const { values } = parseArgs({ args: argv, options: { image: { type: 'string' }, size: { type: 'string' }, threads: { type: 'string' } }, strict: true });
+  const values = parseCommandLine(argv, { image: { type: 'string' }, size: { type: 'string' }, threads: { type: 'string' } });
+  const threads = parseCount(values.threads, '--threads', 4, 64, 1);
+  if (values.image && values.size) throw new UsageError('--size makes a new image; it cannot go with --image');
+  const size = parseSize(values.size ?? '128M', '--size', 1024 * PAGE_SIZE);
+  if (size % PAGE_SIZE) throw new UsageError(`--size must be a whole number of ${PAGE_SIZE}-byte pages; not ${JSON.stringify(values.size)}`);
+  if (values.image && !statSync(values.image, { throwIfNoEntry: false })?.isFile()) throw new UsageError(`--image ${values.image}: not a file`);
   const dir = mkdtempSync(join(tmpdir(), 'postcopy-demo-'));
   const say = (line: string) => process.stdout.write(line + '\n');
   let source: RunningSource | null = null;
   let handler: VmmHandler | null = null;
   try {
     const imagePath = values.image ?? join(dir, 'image.bin');
-    if (!values.image) makeImage(imagePath, parseSize(values.size ?? '128M', '--size'));
-    const size = statSync(imagePath).size;
-    const pages = Math.ceil(size / PAGE_SIZE);
+    if (!values.image) makeImage(imagePath, size);
+    const imageSize = statSync(imagePath).size;
+    const pages = Math.ceil(imageSize / PAGE_SIZE);
     const tokenPath = join(dir, 'token');
     const token = randomBytes(24).toString('base64url');
     writeFileSync(tokenPath, token, { mode: 0o600 });
@@ -64,12 +69,11 @@ export async function demo(argv: string[], log: Logger): Promise<void> {
     source = await startSource(imagePath, `unix:${sourceSocket}`, { tokenFile: tokenPath });
     handler = new VmmHandler({ source: `unix:${sourceSocket}`, token, logger: log });
     await handler.listen(handlerSocket);
-    const threads = Math.max(1, Math.min(64, Number(values.threads ?? 4)));
     const balloonPages = Math.min(256, Math.floor(pages / 8));
     const balloonFrom = Math.floor(pages / 4) * PAGE_SIZE;
 
     say('uffd-postcopy demo');
-    say(`  image        ${imagePath} (${(size / 2 ** 20).toFixed(1)} MiB)`);
+    say(`  image        ${imagePath} (${(imageSize / 2 ** 20).toFixed(1)} MiB)`);
     say(`  source       postcopy serve, pid ${source.pid}, unix:${sourceSocket} (0600, token challenge-response)`);
     const { window, background } = DEFAULT_TRANSFER;
     say(`  handler      destination handler on unix:${handlerSocket}, prefault window ${window.forward}:${window.backward}, background ${background.enabled ? 'on' : 'off'}`);

@@ -1,11 +1,10 @@
 // postcopy handle: the page-fault handler VMMs hand their guest memory to.
 // By default a supervisor process holds the VMMs' connections and
 // userfaultfds and a worker process serves them, restarted when it dies.
-import { parseArgs } from 'node:util';
 import { VmmHandler } from '../client/vmm-handler.js';
 import { HandlerSupervisor, serveHandoffs } from '../client/handler-supervisor.js';
 import type { Logger } from '../lib/logger.js';
-import { parseRecovery, parseSize, parseWindow, destinationToken, recoveryOptionSpec, recoveryUsage, selfCommand, UsageError } from './options.js';
+import { parseCommandLine, parseRate, parseRecovery, parseWindow, destinationToken, recoveryOptionSpec, recoveryUsage, requireOptions, selfCommand, parseAddressOption } from './options.js';
 
 export const handleUsage = `postcopy handle --socket PATH --source unix:PATH|tcp:HOST:PORT [--token-file F]
                 [--window F:B] [--no-background] [--rate SIZE]
@@ -34,18 +33,29 @@ const optionSpec = {
 } as const;
 
 export async function handle(argv: string[], log: Logger): Promise<void> {
-  const { values } = parseArgs({ args: argv, options: optionSpec, strict: true });
-  if (!values.source || (!values.socket && !values.worker)) throw new UsageError(handleUsage);
-  const window = parseWindow(values.window, handleUsage);
+  const values = parseCommandLine(argv, optionSpec);
+  requireOptions(values, values.worker ? ['source'] : ['socket', 'source'], 'postcopy handle --socket PATH --source unix:PATH|tcp:HOST:PORT');
+  const source = values.source as string;
+  parseAddressOption(source, '--source');
+  const window = parseWindow(values.window);
   const handler = new VmmHandler({
-    source: values.source,
-    token: destinationToken(values['token-file'], values.source, log),
+    source,
+    token: destinationToken(values['token-file'], source, log),
     logger: log,
     recovery: parseRecovery(values),
     ...(window ? { window } : {}),
-    background: { enabled: !values['no-background'], rateBytesPerSecond: values.rate ? parseSize(values.rate, '--rate') : 0 },
+    background: { enabled: !values['no-background'], rateBytesPerSecond: parseRate(values.rate) },
   });
   const print = (line: string) => process.stdout.write(line + '\n');
+  // A VMM must not be the first to find out that the source is not there. (A
+  // worker restarted after a crash does not ask: its VMMs' sessions wait and resume.)
+  if (!values.worker) {
+    const ready = await handler.checkSource().catch((err) => {
+      throw Object.assign(err as Error, { message: `${(err as Error).message}; not starting (a VMM would wait on it)` });
+    });
+    log.info({ source, regions: ready.regions.length, imageBytes: ready.regions.reduce((n, r) => n + r.length, 0) }, 'the source answers');
+  }
+  handler.watchSource();
   handler.on('session-end', (summary) => print(JSON.stringify(summary)));
   if (values.worker) {
     // The supervisor's side of the link is fd 3 (see client/handler-supervisor.ts).

@@ -1,7 +1,10 @@
 // What the subcommands share: token files, sizes, progress lines, and how to
 // start this same CLI as a child process.
-import { existsSync, statSync } from 'node:fs';
+import { accessSync, constants, existsSync, statSync } from 'node:fs';
+import { dirname } from 'node:path';
+import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { defaultTokenPath, ensureToken, readToken } from '../lib/token.js';
+import { parseAddress, type Address } from '../lib/address.js';
 import { fileURLToPath } from 'node:url';
 import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import type { Logger } from '../lib/logger.js';
@@ -41,28 +44,112 @@ export function sourceToken(tokenFile: string | undefined, listen: string, log: 
   return { token, tokenFile: path };
 }
 
-/** "64M", "2G", "4096", "512K" -> bytes. */
-export function parseSize(text: string, what: string): number {
-  const m = /^(\d+(?:\.\d+)?)([KMGT]?)(?:i?B)?$/i.exec(text.trim());
-  if (!m) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `${what}: not a size: ${text}`);
-  const scale = { '': 1, K: 1 << 10, M: 1 << 20, G: 1 << 30, T: 2 ** 40 }[m[2].toUpperCase() as '' | 'K' | 'M' | 'G' | 'T'];
-  return Math.round(Number(m[1]) * scale);
+/** A mistake on the command line, said in one line naming the option and the value: exit 2. */
+export class UsageError extends PostcopyError {
+  constructor(message: string) {
+    super(ErrorCode.USAGE, message);
+  }
 }
 
-export function parseCount(text: string | undefined, what: string, fallback: number, max = Number.MAX_SAFE_INTEGER): number {
+type OptionSpec = NonNullable<ParseArgsConfig['options']>;
+/** What parseCommandLine returns for a spec: strings, booleans, and lists of them for `multiple`. */
+export type OptionValues<T extends OptionSpec> = {
+  [K in keyof T]?: T[K] extends { multiple: true } ? (T[K] extends { type: 'boolean' } ? boolean[] : string[]) : T[K] extends { type: 'boolean' } ? boolean : string;
+};
+
+/**
+ * A subcommand's options, strictly: an unknown option, a missing value or a
+ * stray argument is a UsageError naming it. A value may begin with '-'
+ * (`--window -1:2` reaches our own check, not the parser's "ambiguous").
+ * --help is the caller's (bin/postcopy.ts answers it before any parsing).
+ */
+export function parseCommandLine<T extends OptionSpec>(argv: string[], options: T): OptionValues<T> {
+  const args: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const name = argv[i].startsWith('--') && !argv[i].includes('=') ? argv[i].slice(2) : undefined;
+    if (name && options[name]?.type === 'string' && i + 1 < argv.length && /^-[\d.]/.test(argv[i + 1])) args.push(`${argv[i]}=${argv[++i]}`);
+    else args.push(argv[i]);
+  }
+  try {
+    return parseArgs({ args, options, strict: true, allowPositionals: false }).values as OptionValues<T>;
+  } catch (err) {
+    const e = err as NodeJS.ErrnoException;
+    const quoted = /'([^']+)'/.exec(e.message)?.[1] ?? '';
+    const option = quoted.split(' ')[0];
+    if (e.code === 'ERR_PARSE_ARGS_UNKNOWN_OPTION') throw new UsageError(`unknown option ${option}`);
+    if (e.code === 'ERR_PARSE_ARGS_UNEXPECTED_POSITIONAL') throw new UsageError(`unexpected argument ${JSON.stringify(quoted)}`);
+    if (e.code === 'ERR_PARSE_ARGS_INVALID_OPTION_VALUE') throw new UsageError(/does not take/.test(e.message) ? `${option} takes no value` : `${option} needs a value`);
+    throw new UsageError(e.message);
+  }
+}
+
+/** An address option (unix:PATH or tcp:HOST:PORT), refused as a usage error naming the option. */
+export function parseAddressOption(text: string, what: string): Address {
+  try {
+    return parseAddress(text);
+  } catch (err) {
+    throw new UsageError(`${what} ${(err as Error).message}`);
+  }
+}
+
+/** Refuses a command line that lacks a required option. */
+export function requireOptions(values: Record<string, unknown>, names: string[], usageLine: string): void {
+  const missing = names.filter((n) => values[n] === undefined || (Array.isArray(values[n]) && (values[n] as unknown[]).length === 0));
+  if (missing.length) throw new UsageError(`${missing.map((n) => `--${n}`).join(' and ')} ${missing.length > 1 ? 'are' : 'is'} required (${usageLine})`);
+}
+
+/** One of a fixed set of words. */
+export function parseChoice<C extends string>(text: string | undefined, what: string, choices: readonly C[], fallback: C): C {
   if (text === undefined) return fallback;
-  const n = Number(text);
-  if (!Number.isSafeInteger(n) || n < 0 || n > max) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `${what} must be an integer from 0 to ${max}, not ${text}`);
+  if (!(choices as readonly string[]).includes(text)) throw new UsageError(`${what} must be ${choices.join(', ')}; not ${JSON.stringify(text)}`);
+  return text as C;
+}
+
+/** "64M", "2G", "4096", "512K" -> bytes (a whole number of them, at least `min`). */
+export function parseSize(text: string, what: string, min = 0): number {
+  const m = /^(\d+(?:\.\d+)?)([KMGT]?)(?:i?B)?$/i.exec(text.trim());
+  if (!m) throw new UsageError(`${what} takes a size such as 4096, 512K, 64M or 2G; not ${JSON.stringify(text)}`);
+  const scale = { '': 1, K: 1 << 10, M: 1 << 20, G: 1 << 30, T: 2 ** 40 }[m[2].toUpperCase() as '' | 'K' | 'M' | 'G' | 'T'];
+  const bytes = Number(m[1]) * scale;
+  if (!Number.isSafeInteger(bytes)) throw new UsageError(`${what} must be a whole number of bytes; not ${JSON.stringify(text)}`);
+  if (bytes < min) throw new UsageError(`${what} must be at least ${min} bytes; not ${JSON.stringify(text)}`);
+  return bytes;
+}
+
+/** A whole number from min to max; `fallback` when the option is absent. */
+export function parseCount(text: string | undefined, what: string, fallback: number, max = Number.MAX_SAFE_INTEGER, min = 0): number {
+  if (text === undefined) return fallback;
+  const n = /^-?\d+$/.test(text.trim()) ? Number(text) : NaN;
+  if (!Number.isSafeInteger(n) || n < min || n > max) throw new UsageError(`${what} must be a whole number from ${min} to ${max}; not ${JSON.stringify(text)}`);
   return n;
 }
 
 /** "500ms", "5s", "2m", "1h" (a bare number is seconds) -> milliseconds. */
 export function parseDuration(text: string, what: string): number {
   const m = /^(\d+(?:\.\d+)?)(ms|s|m|h)?$/.exec(text.trim());
-  if (!m) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `${what}: not a duration: ${text} (e.g. 500ms, 30s, 5m)`);
+  if (!m) throw new UsageError(`${what} takes a duration such as 500ms, 30s or 5m; not ${JSON.stringify(text)}`);
   const ms = Math.round(Number(m[1]) * { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[(m[2] ?? 's') as 'ms' | 's' | 'm' | 'h']);
-  if (ms <= 0) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `${what} must be longer than 0, not ${text}`);
+  if (ms <= 0) throw new UsageError(`${what} must be longer than 0; not ${JSON.stringify(text)}`);
   return ms;
+}
+
+/** Refuses, before any work, an output path that cannot be written (no such directory, a directory, no permission). */
+export function checkWritable(path: string, what: string): void {
+  const stat = statSync(path, { throwIfNoEntry: false });
+  if (stat?.isDirectory()) throw new UsageError(`${what} ${path}: is a directory`);
+  const where = stat ? path : dirname(path);
+  if (!stat && !statSync(where, { throwIfNoEntry: false })?.isDirectory()) throw new UsageError(`${what} ${path}: the directory ${where} does not exist`);
+  try {
+    accessSync(where, constants.W_OK);
+  } catch {
+    throw new UsageError(`${what} ${path}: not writable (permission denied)`);
+  }
+}
+
+/** A background rate: a size per second, or 0 for unlimited; anything that rounds to 0 bytes is refused. */
+export function parseRate(text: string | undefined): number {
+  if (text === undefined || text.trim() === '0') return 0;
+  return parseSize(text, '--rate (bytes per second; 0 for unlimited)', 1);
 }
 
 /** The options every destination (restore, handle) takes to detect failures and recover. */
@@ -86,15 +173,12 @@ export function parseRecovery(values: { 'give-up-after'?: string; 'silence-timeo
 }
 
 /** "--window F:B" -> pages after and before each request. */
-export function parseWindow(text: string | undefined, usage: string): { forward: number; backward: number } | undefined {
+export function parseWindow(text: string | undefined): { forward: number; backward: number } | undefined {
   if (text === undefined) return undefined;
-  const m = /^(\d+):(\d+)$/.exec(text);
-  if (!m) throw new UsageError(`--window takes F:B, e.g. 8:2\n\n${usage}`);
-  return { forward: parseCount(m[1], 'window forward', 0, 1024), backward: parseCount(m[2], 'window backward', 0, 1024) };
+  const m = /^(-?\d+):(-?\d+)$/.exec(text);
+  if (!m) throw new UsageError(`--window takes F:B (pages after and before each request, e.g. 8:2); not ${JSON.stringify(text)}`);
+  return { forward: parseCount(m[1], '--window F (pages after)', 0, 1024), backward: parseCount(m[2], '--window B (pages before)', 0, 1024) };
 }
-
-/** A mistake in the command line: print the usage, exit 2. */
-export class UsageError extends Error {}
 
 /** A one-line progress display on a terminal (stderr); nothing when not a terminal. */
 export function startProgress(stats: () => DestinationStats, state: () => string = () => 'running'): () => void {

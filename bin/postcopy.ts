@@ -1,35 +1,17 @@
 #!/usr/bin/env node
 // postcopy: the one CLI entry. Subcommands: serve, restore, bench, demo.
-import { parseArgs } from 'node:util';
+import { readFileSync } from 'node:fs';
 import { createLogger } from '../lib/logger.js';
 import { PostcopyError } from '../lib/errors.js';
 import { serve, serveUsage } from './serve.js';
 import { handle, handleUsage } from './handle.js';
 import { restore, restoreUsage } from './restore.js';
 import { demo, demoUsage } from './demo.js';
-import { latencyBench, throughputBench, type Transport } from '../bench/latency.js';
-import { floorCommand } from '../bench/floor.js';
-import { parseCount, UsageError } from './options.js';
-import { runSuite } from '../bench/suite.js';
-import { encryptionBench } from '../bench/encryption.js';
+import type { Transport } from '../bench/latency.js';
+import { parseChoice, parseCommandLine, parseCount, UsageError } from './options.js';
 import { join } from 'node:path';
 
-const usage = `usage: postcopy <command> [options]
-
-commands:
-  demo       move a real image from a source process to a destination and show what happened
-  serve      serve an image to destinations
-  handle     be the page-fault handler VMMs hand their userfaultfd to (Firecracker style)
-  restore    restore an image from a source into this process's memory
-  bench      the benchmark suite (quick; --full for everything), or latency | throughput
-
-${serveUsage}
-
-${restoreUsage}
-
-${handleUsage}
-
-postcopy bench [--full] [--out DIR] [--pages N] [--link NAME ...] [--json]
+const benchUsage = `postcopy bench [--full] [--out DIR] [--pages N] [--link NAME ...] [--json]
   Links (unix, tcp, emulated data-centre links between network namespaces) x
   access patterns x transfer policies (x image sizes with --full), each beside
   ../shared/floor/run measured in the same run. Writes results.json, report.md
@@ -40,25 +22,56 @@ postcopy bench latency|throughput [--pages N] [--transport unix|tcp|both] [--see
 
 postcopy bench encryption [--pages N] [--rounds R]
   What sealing TCP data channels costs: fault p50 and bulk GB/s over TCP,
-  plaintext and sealed, interleaved R rounds (default 3); medians and ratios.
+  plaintext and sealed, interleaved R rounds (default 3); medians and ratios.`;
+
+const usage = `usage: postcopy <command> [options]   (postcopy <command> --help: that command's usage)
+
+commands:
+  demo       move a real image from a source process to a destination and show what happened
+  serve      serve an image to destinations
+  handle     be the page-fault handler VMMs hand their userfaultfd to (Firecracker style)
+  restore    restore an image from a source into this process's memory
+  bench      the benchmark suite (quick; --full for everything), or latency | throughput | encryption
+
+${serveUsage}
+
+${restoreUsage}
+
+${handleUsage}
+
+${benchUsage}
 
 ${demoUsage}
 `;
 
+const usageOf: Record<string, string> = { serve: serveUsage, restore: restoreUsage, handle: handleUsage, bench: benchUsage, demo: demoUsage };
+
+function version(): string {
+  // dist/bin/postcopy.js and bin/postcopy.ts both sit two or one levels below package.json.
+  for (const up of ['../../package.json', '../package.json']) {
+    try {
+      const pkg = JSON.parse(readFileSync(new URL(up, import.meta.url), 'utf8')) as { name?: string; version?: string };
+      if (pkg.name === 'uffd-postcopy') return pkg.version ?? 'unknown';
+    } catch {
+      // not here: try one level up
+    }
+  }
+  return 'unknown';
+}
+
 async function bench(argv: string[]): Promise<void> {
   const which = argv[0] && !argv[0].startsWith('-') ? argv[0] : 'suite';
+  if (!['suite', 'latency', 'throughput', 'encryption'].includes(which)) throw new UsageError(`unknown benchmark ${JSON.stringify(which)} (the suite, latency, throughput or encryption)`);
   const rest = which === 'suite' ? argv : argv.slice(1);
-  const { values } = parseArgs({
-    args: rest,
-    options: { pages: { type: 'string' }, rounds: { type: 'string' }, transport: { type: 'string' }, seed: { type: 'string' }, json: { type: 'boolean' }, full: { type: 'boolean' }, out: { type: 'string' }, link: { type: 'string', multiple: true } },
-    strict: true,
-  });
+  const values = parseCommandLine(rest, { pages: { type: 'string' }, rounds: { type: 'string' }, transport: { type: 'string' }, seed: { type: 'string' }, json: { type: 'boolean' }, full: { type: 'boolean' }, out: { type: 'string' }, link: { type: 'string', multiple: true } });
+  // The benchmarks (and their plotting libraries) load only when asked for: every other command starts faster.
   if (which === 'suite') {
+    const { runSuite } = await import('../bench/suite.js');
     const started = Date.now();
     const { dir, report } = await runSuite({
       full: values.full === true,
       ...(values.out ? { outDir: values.out } : {}),
-      ...(values.pages ? { pages: parseCount(values.pages, '--pages', 16384, 1 << 24) } : {}),
+      ...(values.pages ? { pages: parseCount(values.pages, '--pages', 16384, 1 << 24, 1) } : {}),
       ...(values.link ? { links: values.link } : {}),
       progress: (line) => process.stderr.write(line + '\n'),
     });
@@ -67,15 +80,16 @@ async function bench(argv: string[]): Promise<void> {
     return;
   }
   if (which === 'encryption') {
-    const result = await encryptionBench(parseCount(values.pages, '--pages', 65536, 1 << 24), parseCount(values.rounds, '--rounds', 3, 100), parseCount(values.seed, '--seed', 1, 0xffffffff));
+    const { encryptionBench } = await import('../bench/encryption.js');
+    const result = await encryptionBench(parseCount(values.pages, '--pages', 65536, 1 << 24, 1), parseCount(values.rounds, '--rounds', 3, 100, 1), parseCount(values.seed, '--seed', 1, 0xffffffff));
     process.stdout.write(JSON.stringify(result) + '\n');
     return;
   }
-  if (!['latency', 'throughput'].includes(which)) throw new UsageError(usage);
-  const transport = values.transport ?? 'both';
-  if (!['unix', 'tcp', 'both'].includes(transport)) throw new UsageError(usage);
-  const transports: Transport[] = transport === 'both' ? ['unix', 'tcp'] : [transport as Transport];
-  const pages = parseCount(values.pages, '--pages', which === 'latency' ? 32768 : 65536, 1 << 24);
+  const { latencyBench, throughputBench } = await import('../bench/latency.js');
+  const { floorCommand } = await import('../bench/floor.js');
+  const transport = parseChoice(values.transport, '--transport', ['unix', 'tcp', 'both'] as const, 'both');
+  const transports: Transport[] = transport === 'both' ? ['unix', 'tcp'] : [transport];
+  const pages = parseCount(values.pages, '--pages', which === 'latency' ? 32768 : 65536, 1 << 24, 1);
   const seed = parseCount(values.seed, '--seed', 1, 0xffffffff);
   if (!floorCommand() && !values.json) process.stderr.write('note: ../shared/floor/run not found (set UFFD_FLOOR); figures come without ratios\n');
   for (const t of transports) {
@@ -86,6 +100,16 @@ async function bench(argv: string[]): Promise<void> {
 
 async function main(): Promise<number> {
   const [command, ...argv] = process.argv.slice(2);
+  if (command === '--version' || command === '-v') {
+    process.stdout.write(`uffd-postcopy ${version()}\n`);
+    return 0;
+  }
+  // --help anywhere after a command: that command's usage, and nothing else is done.
+  const helpAt = argv.indexOf('--');
+  if (command && usageOf[command] && (helpAt < 0 ? argv : argv.slice(0, helpAt)).some((a) => a === '--help' || a === '-h')) {
+    process.stdout.write(usageOf[command] + '\n');
+    return 0;
+  }
   // demo and bench print their own report; their logs only speak up for problems.
   const quiet = command === 'demo' || command === 'bench';
   const log = createLogger({ name: `postcopy-${command ?? 'cli'}`, level: process.env.POSTCOPY_LOG_LEVEL ?? (quiet ? 'warn' : 'info') });
@@ -100,11 +124,12 @@ async function main(): Promise<number> {
         process.stdout.write(usage);
         return command === undefined ? 2 : 0;
       default:
-        throw new UsageError(usage);
+        throw new UsageError(`unknown command ${JSON.stringify(command)} (demo, serve, handle, restore or bench)`);
     }
   } catch (err) {
     if (err instanceof UsageError) {
-      process.stderr.write(err.message + '\n');
+      const help = usageOf[command ?? ''] ? `postcopy ${command} --help` : 'postcopy --help';
+      process.stderr.write(`postcopy${usageOf[command ?? ''] ? ` ${command}` : ''}: ${err.message} (${err.code}; see ${help})\n`);
       return 2;
     }
     const e = err as PostcopyError & { errno?: number; syscall?: string };

@@ -1,13 +1,11 @@
 // postcopy restore: a destination that restores a source's image into memory
 // of its own, optionally with a workload faulting pages in, and reports stats.
-import { parseArgs } from 'node:util';
 import { openSync, writeSync, closeSync } from 'node:fs';
 import { Destination } from '../client/destination.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
 import type { Logger } from '../lib/logger.js';
 import type { RestoreReport } from '../client/report.js';
-import { parseCount, parseRecovery, parseSize, parseWindow, destinationToken, recoveryOptionSpec, recoveryUsage, startProgress } from './options.js';
-import { UsageError } from './options.js';
+import { parseChoice, parseCommandLine, parseCount, parseRate, parseRecovery, parseWindow, destinationToken, recoveryOptionSpec, recoveryUsage, requireOptions, startProgress, UsageError, checkWritable, parseAddressOption } from './options.js';
 
 export const restoreUsage = `postcopy restore --source unix:PATH|tcp:HOST:PORT [options]
 
@@ -23,40 +21,48 @@ export const restoreUsage = `postcopy restore --source unix:PATH|tcp:HOST:PORT [
 ${recoveryUsage}`;
 
 export async function restore(argv: string[], log: Logger): Promise<RestoreReport> {
-  const { values } = parseArgs({
-    args: argv,
-    options: {
-      source: { type: 'string' }, 'token-file': { type: 'string' }, out: { type: 'string' }, window: { type: 'string' },
-      'no-background': { type: 'boolean' }, rate: { type: 'string' }, workload: { type: 'string' }, seed: { type: 'string' }, json: { type: 'boolean' },
-      ...recoveryOptionSpec,
-    },
-    strict: true,
+  const values = parseCommandLine(argv, {
+    source: { type: 'string' }, 'token-file': { type: 'string' }, out: { type: 'string' }, window: { type: 'string' },
+    'no-background': { type: 'boolean' }, rate: { type: 'string' }, workload: { type: 'string' }, seed: { type: 'string' }, json: { type: 'boolean' },
+    ...recoveryOptionSpec,
   });
-  if (!values.source) throw new UsageError(restoreUsage);
-  const workload = values.workload ?? 'random';
-  if (!['random', 'sequential', 'none'].includes(workload)) throw new UsageError(restoreUsage);
-  const window = parseWindow(values.window, restoreUsage);
+  requireOptions(values, ['source'], 'postcopy restore --source unix:PATH|tcp:HOST:PORT');
+  const source = values.source as string;
+  parseAddressOption(source, '--source');
+  const workload = parseChoice(values.workload, '--workload', ['random', 'sequential', 'none'] as const, 'random');
+  const seed = parseCount(values.seed, '--seed', 1, 0xffffffff);
+  const window = parseWindow(values.window);
+  const rate = parseRate(values.rate);
+  const recovery = parseRecovery(values);
+  if (values['no-background'] && workload === 'none') {
+    throw new UsageError('--no-background with --workload none can never finish: nothing would fault pages in and nothing would stream them');
+  }
+  if (values.out) checkWritable(values.out, '--out');
   const dest = await Destination.connect({
-    source: values.source,
-    token: destinationToken(values['token-file'], values.source, log),
+    source,
+    token: destinationToken(values['token-file'], source, log),
     logger: log,
-    recovery: parseRecovery(values),
+    recovery,
     ...(window ? { window } : {}),
-    background: { enabled: !values['no-background'], rateBytesPerSecond: values.rate ? parseSize(values.rate, '--rate') : 0 },
+    background: { enabled: !values['no-background'], rateBytesPerSecond: rate },
   });
   const stopProgress = startProgress(() => dest.stats(), () => dest.status().state);
   try {
     const touching = dest.regions.map((r) => {
       if (workload === 'none') return Promise.resolve();
       const pages = r.mapping.length / r.info.pageSize;
-      const order = workload === 'random' ? shuffledOrder(pages, parseCount(values.seed, '--seed', 1, 0xffffffff)) : Uint32Array.from({ length: pages }, (_, i) => i);
+      const order = workload === 'random' ? shuffledOrder(pages, seed) : Uint32Array.from({ length: pages }, (_, i) => i);
       return touchPages(r.mapping.address, pages, order, { pageSize: r.info.pageSize, mapping: r.mapping });
     });
     // Wait for the workload too, even when the restore fails: its threads are
     // released (never left touching unmapped memory) before anything is torn down.
     const [finished, ...touched] = await Promise.allSettled([dest.finish(), ...touching]);
     stopProgress();
-    if (finished.status === 'rejected') throw finished.reason;
+    if (finished.status === 'rejected') {
+      const failedReport = (finished.reason as { details?: { report?: RestoreReport } }).details?.report;
+      if (failedReport) process.stdout.write(values.json ? JSON.stringify(failedReport) + '\n' : formatReport(failedReport));
+      throw finished.reason;
+    }
     for (const t of touched) if (t.status === 'rejected') throw t.reason;
     const report = finished.value;
     if (values.out) writeRegions(values.out, dest);
@@ -68,12 +74,13 @@ export async function restore(argv: string[], log: Logger): Promise<RestoreRepor
   }
 }
 
+/** The image as the source holds it: each region's own bytes (not its padding to whole pages), end to end. */
 function writeRegions(path: string, dest: Destination): void {
   const fd = openSync(path, 'w', 0o600);
   try {
     let offset = 0;
     for (const r of dest.regions) {
-      const bytes = r.mapping.buffer();
+      const bytes = r.mapping.buffer().subarray(0, r.info.contentLength ?? r.info.length);
       for (let done = 0; done < bytes.length; ) done += writeSync(fd, bytes, done, bytes.length - done, offset + done);
       offset += bytes.length;
     }

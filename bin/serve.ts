@@ -1,9 +1,8 @@
 // postcopy serve: a source page server for one image.
-import { parseArgs } from 'node:util';
 import { Image } from '../server/image.js';
 import { PageServer } from '../server/page-server.js';
 import type { Logger } from '../lib/logger.js';
-import { parseDuration, sourceToken, UsageError } from './options.js';
+import { parseCommandLine, parseDuration, requireOptions, sourceToken, parseAddressOption } from './options.js';
 
 export const serveUsage = `postcopy serve --image FILE [--image FILE ...] --listen unix:PATH|tcp:HOST:PORT [--token-file F]
                [--resume-grace DURATION]
@@ -16,17 +15,15 @@ export const serveUsage = `postcopy serve --image FILE [--image FILE ...] --list
   all the same, from the pages it holds.`;
 
 export async function serve(argv: string[], log: Logger): Promise<void> {
-  const { values } = parseArgs({
-    args: argv,
-    options: { image: { type: 'string', multiple: true }, listen: { type: 'string' }, 'token-file': { type: 'string' }, 'resume-grace': { type: 'string' } },
-    strict: true,
-  });
-  if (!values.image?.length || !values.listen) throw new UsageError(serveUsage);
-  const image = Image.open(values.image.map((path) => ({ path })));
+  const values = parseCommandLine(argv, { image: { type: 'string', multiple: true }, listen: { type: 'string' }, 'token-file': { type: 'string' }, 'resume-grace': { type: 'string' } });
+  requireOptions(values, ['image', 'listen'], 'postcopy serve --image FILE --listen unix:PATH|tcp:HOST:PORT');
+  const listen = values.listen as string;
+  parseAddressOption(listen, '--listen');
   const resumeGraceMs = values['resume-grace'] === undefined ? undefined : parseDuration(values['resume-grace'], '--resume-grace');
-  const { token, tokenFile } = sourceToken(values['token-file'], values.listen, log);
+  const image = Image.open((values.image as string[]).map((path) => ({ path })));
+  const { token, tokenFile } = sourceToken(values['token-file'], listen, log);
   const server = new PageServer({ image, token, logger: log, ...(resumeGraceMs ? { resumeGraceMs } : {}) });
-  await server.listen(values.listen);
+  await server.listen(listen);
   // Tell a parent that spawned us where we listen (port 0 resolves here), and which token file it needs.
   process.stdout.write(JSON.stringify({ listening: server.address, ...(tokenFile ? { tokenFile } : {}) }) + '\n');
   await new Promise<void>((resolve) => {

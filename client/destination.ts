@@ -113,7 +113,8 @@ export class Destination {
     const digestMatch = remote.regions.length === local.length && remote.regions.every((r) => local[r.id] === r.sha256);
     const report = { ...summarize(stats, this.transfer), digestMatch, sha256: local, source: remote.stats, recovery: this.session.status() };
     if (!digestMatch) {
-      const err = new PostcopyError(ErrorCode.DIGEST_MISMATCH, 'the restored memory differs from the source image', { local, remote: remote.regions });
+      // The report goes with the error: what happened matters most when it went wrong.
+      const err = new PostcopyError(ErrorCode.DIGEST_MISMATCH, 'the restored memory differs from the source image', { local, remote: remote.regions, report });
       this.session.fail(err);
       throw err;
     }

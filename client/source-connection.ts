@@ -4,7 +4,7 @@
 import { closeSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
 import { ErrorCode, PostcopyError } from '../lib/errors.js';
-import { type Address, parseAddress } from '../lib/address.js';
+import { type Address, formatAddress, parseAddress } from '../lib/address.js';
 import {
   DEFAULT_HEARTBEAT, FrameReader, checkDigest, checkWelcome, PROTOCOL_VERSION, SOFTWARE, dataChannelKeys, keepAlive, newNonce, proofMatches, proveToken, send, takeSocket, type DataChannelKeys, type Heartbeat,
   type MessageOf, type RegionInfo, type VerifyRequest,
@@ -68,28 +68,32 @@ export class SourceConnection {
     this.#timeoutMs = timeoutMs;
   }
 
+  /**
+   * Checks that the source answers and that the tokens agree both ways,
+   * without starting a session; resolves with what it serves.
+   */
+  static async probe(options: Pick<SourceConnectionOptions, 'source' | 'token' | 'timeoutMs'>): Promise<MessageOf<'ready'>> {
+    const address = typeof options.source === 'string' ? parseAddress(options.source) : options.source;
+    const timeoutMs = options.timeoutMs ?? 10_000;
+    const control = await dial(address, timeoutMs);
+    const reader = new FrameReader(control);
+    try {
+      await authenticate(control, reader, options.token, timeoutMs, { probe: true });
+      const ready = await reader.next(['ready'], timeoutMs);
+      if (typeof ready.fingerprint !== 'string' || !Array.isArray(ready.regions)) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the source sent a malformed ready');
+      return ready;
+    } finally {
+      control.destroy();
+    }
+  }
+
   static async open(options: SourceConnectionOptions): Promise<SourceConnection> {
     const address = typeof options.source === 'string' ? parseAddress(options.source) : options.source;
     const timeoutMs = options.timeoutMs ?? 10_000;
     const control = await dial(address, timeoutMs);
     const reader = new FrameReader(control);
     try {
-      const nonce = newNonce();
-      send(control, { t: 'hello', protocol: PROTOCOL_VERSION, software: SOFTWARE, nonce });
-      const challenge = await reader.next(['challenge'], timeoutMs);
-      if (challenge.protocol !== PROTOCOL_VERSION) throw new PostcopyError(ErrorCode.PROTOCOL_VERSION, `the source speaks protocol ${challenge.protocol}, not ${PROTOCOL_VERSION}`);
-      let proof: Buffer | undefined;
-      if (challenge.auth !== 'token' && challenge.auth !== 'none') throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `the source offers an unknown authentication (${JSON.stringify(challenge.auth)})`);
-      // Holding a token, we take pages only from a source that proves it holds it too, whatever it says.
-      if (options.token && challenge.auth !== 'token') throw new PostcopyError(ErrorCode.AUTH_FAILED, 'the source did not prove it holds the token (it asks for no authentication): refused as a possible impostor');
-      if (challenge.auth === 'token') {
-        if (!options.token) throw new PostcopyError(ErrorCode.AUTH_REQUIRED, 'the source requires a token (--token-file)');
-        if (!proofMatches(proveToken(options.token, 'server', challenge.nonce, nonce), challenge.proof)) {
-          throw new PostcopyError(ErrorCode.AUTH_FAILED, 'the source could not prove it holds the token');
-        }
-        proof = proveToken(options.token, 'client', challenge.nonce, nonce);
-      }
-      send(control, { t: 'auth', ...(proof ? { proof } : {}), ...(options.resume ? { resume: options.resume } : {}) });
+      const { challenge, nonce } = await authenticate(control, reader, options.token, timeoutMs, options.resume ? { resume: options.resume } : {});
       const welcome = await reader.next(['welcome'], timeoutMs);
       checkWelcome(welcome, options.maxImageBytes ?? defaultMaxImageBytes());
       // Pages and requests that cross TCP are sealed: a source offering plaintext there is refused.
@@ -165,12 +169,37 @@ export class SourceConnection {
   }
 }
 
+/**
+ * hello, challenge, auth: proves the token both ways (when either side holds
+ * one) and sends `auth` with `extra`. Returns the challenge and our nonce.
+ */
+async function authenticate(control: Socket, reader: FrameReader, token: string | undefined, timeoutMs: number, extra: { resume?: string; probe?: boolean }): Promise<{ challenge: MessageOf<'challenge'>; nonce: Buffer }> {
+  const nonce = newNonce();
+  send(control, { t: 'hello', protocol: PROTOCOL_VERSION, software: SOFTWARE, nonce });
+  const challenge = await reader.next(['challenge'], timeoutMs);
+  if (challenge.protocol !== PROTOCOL_VERSION) throw new PostcopyError(ErrorCode.PROTOCOL_VERSION, `the source speaks protocol ${challenge.protocol}, not ${PROTOCOL_VERSION}`);
+  let proof: Buffer | undefined;
+  if (challenge.auth !== 'token' && challenge.auth !== 'none') throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `the source offers an unknown authentication (${JSON.stringify(challenge.auth)})`);
+  // Holding a token, we take pages only from a source that proves it holds it too, whatever it says.
+  if (token && challenge.auth !== 'token') throw new PostcopyError(ErrorCode.AUTH_FAILED, 'the source did not prove it holds the token (it asks for no authentication): refused as a possible impostor');
+  if (challenge.auth === 'token') {
+    if (!token) throw new PostcopyError(ErrorCode.AUTH_REQUIRED, 'the source requires a token (--token-file)');
+    if (!proofMatches(proveToken(token, 'server', challenge.nonce, nonce), challenge.proof)) {
+      throw new PostcopyError(ErrorCode.AUTH_FAILED, 'the source could not prove it holds the token');
+    }
+    proof = proveToken(token, 'client', challenge.nonce, nonce);
+  }
+  send(control, { t: 'auth', ...(proof ? { proof } : {}), ...extra });
+  return { challenge, nonce };
+}
+
 function dial(address: Address, timeoutMs: number): Promise<Socket> {
   return new Promise((resolve, reject) => {
     const socket = address.kind === 'unix' ? connect(address.path) : connect({ host: address.host, port: address.port, noDelay: true });
+    const where = formatAddress(address);
     const timer = setTimeout(() => {
       socket.destroy();
-      reject(new PostcopyError(ErrorCode.TIMEOUT, `connecting took longer than ${timeoutMs} ms`));
+      reject(Object.assign(new PostcopyError(ErrorCode.SOURCE_UNREACHABLE, `cannot reach the source at ${where}: no answer within ${timeoutMs} ms`), { address: where }));
     }, timeoutMs);
     socket.once('connect', () => {
       clearTimeout(timer);
@@ -180,9 +209,24 @@ function dial(address: Address, timeoutMs: number): Promise<Socket> {
     });
     socket.once('error', (err: NodeJS.ErrnoException) => {
       clearTimeout(timer);
-      reject(Object.assign(new PostcopyError(ErrorCode.PEER_GONE, `cannot connect to the source: ${err.message}`), { errno: err.errno, syscall: err.syscall }));
+      reject(Object.assign(new PostcopyError(ErrorCode.SOURCE_UNREACHABLE, `cannot reach the source at ${where}: ${unreachableReason(err)}`), { errno: err.errno, syscall: err.syscall, address: where }));
     });
   });
+}
+
+/** Why a connection failed, in words a user can act on. */
+function unreachableReason(err: NodeJS.ErrnoException): string {
+  const why: Record<string, string> = {
+    ECONNREFUSED: 'nothing listens there (connection refused)',
+    ENOENT: 'no such socket',
+    EACCES: 'permission denied',
+    ENOTFOUND: 'no such host',
+    EAI_AGAIN: 'the host name could not be resolved',
+    EHOSTUNREACH: 'the host is unreachable',
+    ENETUNREACH: 'the network is unreachable',
+    ETIMEDOUT: 'the connection timed out',
+  };
+  return `${why[err.code ?? ''] ?? err.message}${err.code ? ` (${err.code})` : ''}`;
 }
 
 async function openChannel(address: Address, welcome: MessageOf<'welcome'>, channel: 'urgent' | 'bulk', timeoutMs: number): Promise<number> {

@@ -17,7 +17,8 @@ import { silentLogger, type Logger } from '../lib/logger.js';
 import { native } from '../lib/native.js';
 import { residentBitmap } from '../lib/pagemap.js';
 import { listenOwnerOnly } from '../lib/unix-socket.js';
-import type { RegionInfo } from '../lib/protocol.js';
+import type { MessageOf, RegionInfo } from '../lib/protocol.js';
+import { SourceConnection } from './source-connection.js';
 import { transferOptions, type TransferOptions } from '../lib/transfer.js';
 import { DestinationSession, type DestinationSessionOptions, type RecoveryStatus } from './session.js';
 import { FaultEngine, type MemoryEvent, type TargetRegion } from './fault-engine.js';
@@ -147,6 +148,7 @@ export class VmmHandler extends EventEmitter {
   readonly #sessions = new Set<VmmSession>();
   readonly #pending = new PendingHandshakes();
   #server: Server | null = null;
+  #sourceWatch: NodeJS.Timeout | null = null;
 
   constructor(options: VmmHandlerOptions) {
     super();
@@ -168,7 +170,37 @@ export class VmmHandler extends EventEmitter {
     this.#log.info({ socket: path, ...this.#transfer }, 'waiting for VMMs');
   }
 
+  /** Checks that the source answers and that the tokens agree, without starting a session; resolves with what it serves. */
+  checkSource(timeoutMs = 5000): Promise<MessageOf<'ready'>> {
+    return SourceConnection.probe({ source: this.#options.source, token: this.#options.token, timeoutMs });
+  }
+
+  /**
+   * Checks the source every `intervalMs` from now until close(): logs a
+   * warning when it stops answering (VMMs that connect meanwhile wait for it)
+   * and says when it answers again.
+   */
+  watchSource(intervalMs = 30_000): void {
+    if (this.#sourceWatch) clearInterval(this.#sourceWatch);
+    let answering = true;
+    this.#sourceWatch = setInterval(() => {
+      this.checkSource().then(
+        () => {
+          if (!answering) this.#log.info({ source: String(this.#options.source) }, 'the source answers again');
+          answering = true;
+        },
+        (err) => {
+          if (answering) this.#log.warn({ source: String(this.#options.source), code: asCodedError(err).code, err: (err as Error).message }, 'the source does not answer; VMMs that connect now wait for it');
+          answering = false;
+        },
+      );
+    }, intervalMs);
+    this.#sourceWatch.unref();
+  }
+
   async close(): Promise<void> {
+    if (this.#sourceWatch) clearInterval(this.#sourceWatch);
+    this.#sourceWatch = null;
     const server = this.#server;
     this.#server = null;
     for (const s of [...this.#sessions]) this.#end(s, 'handler closing');

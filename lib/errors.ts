@@ -37,6 +37,10 @@ export const ErrorCode = {
   DIGEST_MISMATCH: 'ERR_DIGEST_MISMATCH',
   /** The image cannot be served (size, alignment, unreadable). */
   IMAGE_INVALID: 'ERR_IMAGE_INVALID',
+  /** A mistake on the command line: an unknown option, a missing or unusable value, a combination that cannot work. */
+  USAGE: 'ERR_USAGE',
+  /** Nothing answers at the source's address (refused, no such socket, unreachable, timed out). */
+  SOURCE_UNREACHABLE: 'ERR_SOURCE_UNREACHABLE',
   /** An address given on the command line cannot be used. */
   INVALID_ADDRESS: 'ERR_INVALID_ADDRESS',
   /** Another live process already listens on that socket path or port. */

@@ -31,7 +31,8 @@ const packr = new Packr({ useRecords: false, mapsAsObjects: true });
 export type Message =
   | { t: 'hello'; protocol: number; software: string; nonce: Uint8Array }
   | { t: 'challenge'; protocol: number; software: string; nonce: Uint8Array; auth: 'token' | 'none'; proof?: Uint8Array }
-  | { t: 'auth'; proof?: Uint8Array; resume?: string }
+  | { t: 'auth'; proof?: Uint8Array; resume?: string; probe?: boolean }
+  | { t: 'ready'; fingerprint: string; regions: RegionInfo[] }
   | { t: 'welcome'; session: string; resumed: boolean; fingerprint: string; encryption: Encryption; regions: RegionInfo[]; tickets: { urgent: Uint8Array; bulk: Uint8Array }; limits: { maxFrame: number; maxRunBytes: number }; capabilities: string[] }
   | { t: 'options'; window: { forward: number; backward: number }; background: { enabled: boolean; rateBytesPerSecond: number } }
   | { t: 'attach'; session: string; channel: 'urgent' | 'bulk'; ticket: Uint8Array }
@@ -87,8 +88,11 @@ export type MessageOf<T extends MessageType> = Extract<Message, { t: T }>;
 export interface RegionInfo {
   id: number;
   name: string;
+  /** Whole pages. */
   length: number;
   pageSize: number;
+  /** The image's own size in bytes (length rounds it up to whole pages); absent from older sources. */
+  contentLength?: number;
 }
 
 export function encodeFrame(message: Message): Buffer {
@@ -342,7 +346,8 @@ export function checkWelcome(w: MessageOf<'welcome'>, maxImageBytes: number): vo
     typeof w.fingerprint === 'string' &&
     Array.isArray(w.regions) &&
     w.regions.length > 0 &&
-    w.regions.every((r, i) => r && r.id === i && Number.isSafeInteger(r.length) && r.length > 0 && Number.isSafeInteger(r.pageSize) && r.pageSize >= 4096 && r.pageSize <= MAX_RUN_BYTES && (r.pageSize & (r.pageSize - 1)) === 0 && r.length % r.pageSize === 0) &&
+    w.regions.every((r, i) => r && r.id === i && Number.isSafeInteger(r.length) && r.length > 0 && Number.isSafeInteger(r.pageSize) && r.pageSize >= 4096 && r.pageSize <= MAX_RUN_BYTES && (r.pageSize & (r.pageSize - 1)) === 0 && r.length % r.pageSize === 0 &&
+      (r.contentLength === undefined || (Number.isSafeInteger(r.contentLength) && r.contentLength > r.length - r.pageSize && r.contentLength <= r.length))) &&
     w.tickets?.urgent instanceof Uint8Array &&
     w.tickets?.bulk instanceof Uint8Array;
   if (!ok) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the source sent a malformed welcome');

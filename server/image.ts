@@ -114,15 +114,25 @@ function fromFile(id: number, source: { name?: string; path: string } | { name?:
   try {
     fd = ownFd ? openSync(source.path, 'r') : source.fd;
   } catch (err) {
-    throw new PostcopyError(ErrorCode.IMAGE_INVALID, `region ${id}: cannot open ${(source as { path: string }).path}: ${(err as Error).message}`);
+    throw new PostcopyError(ErrorCode.IMAGE_INVALID, `region ${id} (${(source as { path: string }).path}): cannot open: ${(err as Error).message}`);
   }
+  const what = `region ${id} (${'path' in source ? source.path : `fd ${source.fd}`})`;
   try {
-    const size = fstatSync(fd).size;
-    if (size === 0) throw new PostcopyError(ErrorCode.IMAGE_INVALID, `region ${id}: the image is empty`);
+    const stat = fstatSync(fd);
+    if (stat.isDirectory()) throw new PostcopyError(ErrorCode.IMAGE_INVALID, `${what}: is a directory, not an image file`);
+    if (!stat.isFile()) throw new PostcopyError(ErrorCode.IMAGE_INVALID, `${what}: not a regular file or shared memory (a device, socket or pipe cannot be mapped as an image)`);
+    const size = stat.size;
+    if (size === 0) throw new PostcopyError(ErrorCode.IMAGE_INVALID, `${what}: the image is empty`);
     const length = roundUp(size);
     // A read-only shared mapping: pages come straight from the page cache (or
     // the shared memory itself), never copied into this process.
-    const mapping = mapFile(fd, length, { readOnly: true, shared: true, allowPartialLastPage: true });
+    let mapping: Mapping;
+    try {
+      mapping = mapFile(fd, length, { readOnly: true, shared: true, allowPartialLastPage: true });
+    } catch (err) {
+      const e = err as NodeJS.ErrnoException;
+      throw Object.assign(new PostcopyError(ErrorCode.IMAGE_INVALID, `${what}: cannot be mapped: ${e.message}`), { errno: e.errno, syscall: e.syscall });
+    }
     mappings.push(mapping);
     const pages = length / PAGE_SIZE;
     const knownZero = new Uint8Array(Math.ceil(pages / 64) * 8);

@@ -7,7 +7,7 @@ import { type Address, formatAddress, isLocalOnly, parseAddress } from '../lib/a
 import { silentLogger, type Logger } from '../lib/logger.js';
 import {
   DEFAULT_HEARTBEAT, DEFAULT_MAX_FRAME, FrameReader, checkHave, checkOptions, checkVerify, PROTOCOL_VERSION, SOFTWARE, dataChannelKeys, encodeFrame, keepAlive, newNonce, proofMatches, proveToken, send,
-  sendErrorAndClose, takeSocket, type Heartbeat, type MessageOf,
+  sendErrorAndClose, takeSocket, type Heartbeat, type MessageOf, type RegionInfo,
 } from '../lib/protocol.js';
 import { MAX_RUN_BYTES } from '../lib/limits.js';
 import { listenOwnerOnly } from '../lib/unix-socket.js';
@@ -163,6 +163,12 @@ export class PageServer {
       throw new PostcopyError(ErrorCode.AUTH_FAILED, 'the token proof does not match');
     }
     this.#unproven.delete(socket);
+    if (auth.probe === true) {
+      // A destination checking that we answer and that the tokens agree: no session for it.
+      send(socket, { t: 'ready', fingerprint: this.#image.fingerprint, regions: this.#welcomeRegions() });
+      socket.end();
+      return;
+    }
     const session = this.#sessionFor(auth.resume);
     this.#controls.set(session.id, socket);
     let saidBye = false;
@@ -181,7 +187,7 @@ export class PageServer {
       resumed: session.resumes > 0,
       fingerprint: this.#image.fingerprint,
       encryption: keys ? 'aes-256-gcm' : 'none',
-      regions: this.#image.regions.map(({ id, name, length, pageSize }) => ({ id, name, length, pageSize })),
+      regions: this.#welcomeRegions(),
       tickets: session.tickets,
       limits: { maxFrame: this.#maxFrame, maxRunBytes: MAX_RUN_BYTES },
       capabilities: ['prefault-window', 'background', 'rate-limit', 'zero-runs', 'have-bitmap', 'heartbeat', 'resume', 'page-checksum'],
@@ -205,6 +211,10 @@ export class PageServer {
     }
     saidBye = true;
     socket.end();
+  }
+
+  #welcomeRegions(): RegionInfo[] {
+    return this.#image.regions.map(({ id, name, length, pageSize, contentLength }) => ({ id, name, length, pageSize, contentLength }));
   }
 
   /**

@@ -1,5 +1,6 @@
 import t from 'tap';
-import { readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
 import { Destination } from '../client/destination.js';
 import { join } from 'node:path';
 import { spawn } from 'node:child_process';
@@ -62,13 +63,95 @@ t.test('serve on TCP refuses a default token file that other users can read', as
   t.match(r.stderr, /readable by other users/);
 });
 
-t.test('usage errors exit 2 with the usage text', async (t) => {
+t.test('usage errors exit 2 in one line naming what is wrong', async (t) => {
   const r = await runCli(['frobnicate']);
   t.equal(r.code, 2);
-  t.match(r.stderr, /usage: postcopy/);
+  t.match(r.stderr, /unknown command "frobnicate".*ERR_USAGE/);
   const missing = await runCli(['restore']);
   t.equal(missing.code, 2);
-  t.match(missing.stderr, /--source/);
+  t.match(missing.stderr, /--source is required/);
+});
+
+t.test('--help on every command prints its usage and exits 0; --version prints the version', async (t) => {
+  for (const command of ['serve', 'restore', 'handle', 'bench', 'demo']) {
+    for (const flag of ['--help', '-h']) {
+      const r = await runCli([command, flag]);
+      t.equal(r.code, 0, `${command} ${flag}`);
+      t.match(r.stdout, new RegExp(`^postcopy ${command}`), `${command} ${flag} prints that command's usage`);
+      t.equal(r.stderr, '', 'and nothing else');
+    }
+  }
+  const v = await runCli(['--version']);
+  t.equal(v.code, 0);
+  t.match(v.stdout, /^uffd-postcopy \d+\.\d+\.\d+\n$/);
+});
+
+t.test('every mistake on the command line is refused at once, in one line naming the option and the value, exit 2', async (t) => {
+  const dir = tempDir(t);
+  const cases: [string[], RegExp][] = [
+    [['serve', '--image', 'x', '--listen', 'unix:/x', '--frob'], /unknown option --frob/],
+    [['bench', 'latency', '--transport', 'udp'], /--transport must be unix, tcp, both; not "udp"/],
+    [['bench', 'latency', '--pages', '0'], /--pages must be a whole number from 1/],
+    [['bench', 'nonsense'], /unknown benchmark "nonsense"/],
+    [['restore', '--source', 'unix:/x', '--window', '-1:2'], /--window F \(pages after\) must be a whole number from 0 to 1024; not "-1"/],
+    [['restore', '--source', 'unix:/x', '--window', '8'], /--window takes F:B/],
+    [['restore', '--source', 'unix:/x', '--rate', '0.4'], /--rate .* must be a whole number of bytes; not "0.4"/],
+    [['restore', '--source', 'unix:/x', '--workload', 'bogus'], /--workload must be random, sequential, none; not "bogus"/],
+    [['restore', '--source', 'unix:/x', '--out', join(dir, 'no-such-dir', 'out.bin')], /--out .*no-such-dir.*does not exist/],
+    [['restore', '--source', 'unix:/x', '--out', dir], /--out .*is a directory/],
+    [['restore', '--source', 'unix:/x', '--no-background', '--workload', 'none'], /can never finish/],
+    [['restore', '--source', 'unix:/x', '--json=yes'], /--json takes no value/],
+    [['restore', '--source', 'tcp:127.0.0.1:99999'], /--source "tcp:127.0.0.1:99999": port 99999 is out of range/],
+    [['restore', '--source', 'tcp:host'], /--source "tcp:host": no port after the host/],
+    [['restore', '--source', 'unix:/x', '--give-up-after', 'soon'], /--give-up-after takes a duration/],
+    [['handle', '--socket', join(dir, 'h.sock'), '--source', 'tcp:host'], /--source "tcp:host": no port/],
+    [['demo', '--threads', 'abc'], /--threads must be a whole number from 1 to 64; not "abc"/],
+    [['demo', '--threads', '0'], /--threads must be a whole number from 1 to 64; not "0"/],
+    [['demo', '--size', '0'], /--size must be at least/],
+    [['demo', '--size', '1'], /--size must be at least/],
+    [['demo', '--size', '5000000'], /--size must be a whole number of 4096-byte pages/],
+  ];
+  for (const [args, message] of cases) {
+    const r = await runCli(args, { POSTCOPY_LOG_LEVEL: 'silent' });
+    t.equal(r.code, 2, `${args.join(' ')}: exit 2`);
+    t.match(r.stderr, message, `${args.join(' ')}: says what is wrong`);
+    t.match(r.stderr, /ERR_USAGE/, 'with a stable code');
+    t.equal(r.stderr.trim().split('\n').length, 1, 'in one line');
+  }
+});
+
+t.test('errors a user can cause name the path or the address involved', async (t) => {
+  const dir = tempDir(t);
+  const image = await runCli(['serve', '--image', dir, '--listen', `unix:${join(dir, 's.sock')}`]);
+  t.equal(image.code, 1);
+  t.match(image.stderr, new RegExp(`${dir}\\): is a directory, not an image file \\(ERR_IMAGE_INVALID\\)`));
+  const token = await runCli(['restore', '--source', `unix:${join(dir, 's.sock')}`, '--token-file', join(dir, 'no-token')]);
+  t.equal(token.code, 1);
+  t.match(token.stderr, /cannot read --token-file .*no-token/);
+  const refused = await runCli(['restore', '--source', `unix:${join(dir, 'nobody.sock')}`, '--workload', 'none']);
+  t.equal(refused.code, 1);
+  t.match(refused.stderr, /cannot reach the source at unix:.*nobody\.sock: no such socket \(ENOENT\) \(ERR_SOURCE_UNREACHABLE\)/);
+});
+
+t.test('handle refuses to start when its source does not answer, instead of leaving the first VMM to hang', async (t) => {
+  const dir = tempDir(t);
+  const r = await runCli(['handle', '--socket', join(dir, 'h.sock'), '--source', `unix:${join(dir, 'no-source.sock')}`]);
+  t.equal(r.code, 1);
+  t.match(r.stderr, /cannot reach the source at unix:.*no-source\.sock.*not starting.*ERR_SOURCE_UNREACHABLE/);
+  t.notOk(existsSync(join(dir, 'h.sock')), 'no handler socket was left behind');
+});
+
+t.test('restore --out writes exactly the image: its own size, regions end to end', async (t) => {
+  const dir = tempDir(t);
+  const a = randomBytes(5000);
+  const b = randomBytes(3 * 4096 + 17);
+  writeFileSync(join(dir, 'a.bin'), a);
+  writeFileSync(join(dir, 'b.bin'), b);
+  const { listening } = await startServeCli(t, ['--image', join(dir, 'a.bin'), '--image', join(dir, 'b.bin'), '--listen', `unix:${join(dir, 's.sock')}`]);
+  const out = join(dir, 'out.bin');
+  const r = await runCli(['restore', '--source', `unix:${listening.path}`, '--workload', 'none', '--out', out, '--json']);
+  t.equal(r.code, 0, r.stderr);
+  t.ok(readFileSync(out).equals(Buffer.concat([a, b])), 'the output equals the two files end to end, byte for byte');
 });
 
 t.test('bench latency prints one JSON line per transport with our percentiles (and the floor when present)', async (t) => {

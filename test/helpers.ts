@@ -1,7 +1,7 @@
 // Shared test plumbing: temp dirs, images with known content, the C fixture,
 // and a tiny fault-serving loop for tests that resolve faults from JS.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -102,9 +102,32 @@ export async function serveFaultsFromJs(uffd: Userfaultfd, base: number, image: 
   return faults;
 }
 
-/** argv that runs the CLI from sources, with the same TypeScript loader as this test. */
+let compiledCli: string | null | undefined;
+
+/**
+ * The compiled CLI (dist/, built by `npm install`) when it is newer than every
+ * source file, else null. It starts in well under a second; the sources
+ * through the test's TypeScript loader take several.
+ */
+function freshCompiledCli(): string | null {
+  if (compiledCli !== undefined) return compiledCli;
+  const root = join(here, '..');
+  const built = join(root, 'dist', 'bin', 'postcopy.js');
+  const builtAt = statSync(built, { throwIfNoEntry: false })?.mtimeMs ?? 0;
+  const newest = (dir: string): number =>
+    readdirSync(dir, { withFileTypes: true }).reduce((m, e) => {
+      if (e.isDirectory()) return Math.max(m, newest(join(dir, e.name)));
+      return e.name.endsWith('.ts') ? Math.max(m, statSync(join(dir, e.name)).mtimeMs) : m;
+    }, 0);
+  const sourcesAt = Math.max(...['bin', 'lib', 'client', 'server', 'bench'].map((d) => newest(join(root, d))));
+  compiledCli = builtAt > sourcesAt ? built : null;
+  return compiledCli;
+}
+
+/** argv that runs the CLI: compiled when fresh, else from sources with the same TypeScript loader as this test. */
 export function cliCommand(): string[] {
-  return [process.execPath, ...process.execArgv, join(here, '..', 'bin', 'postcopy.ts')];
+  const built = freshCompiledCli();
+  return built ? [process.execPath, built] : [process.execPath, ...process.execArgv, join(here, '..', 'bin', 'postcopy.ts')];
 }
 
 export interface CliResult {
