@@ -389,3 +389,18 @@ t.test('the source side of the installed-pages checksum: whole region less the p
   t.throws(() => native.pageChecksum(bytes, PAGE, 0, 60, 5), { code: 'ERR_OUT_OF_RANGE' }, 'native code refuses pages past the buffer');
   await t.rejects(pageChecksum(bytes, PAGE, 0, [[60, 5]]), { code: 'ERR_OUT_OF_RANGE' }, 'and TypeScript refuses them first');
 });
+
+t.test('a probe proves the tokens both ways and starts no session', async (t) => {
+  const server = new PageServer({ image: Image.open([{ buffer: randomImage(8) }]), token: 'probe token' });
+  t.teardown(() => server.close());
+  const a = await server.listen('tcp:127.0.0.1:0');
+  const source = `tcp:127.0.0.1:${a.kind === 'tcp' ? a.port : 0}`;
+  const ready = await SourceConnection.probe({ source, token: 'probe token' });
+  t.equal(ready.regions.length, 1);
+  t.equal(ready.regions[0].contentLength, 8 * PAGE);
+  t.equal(server.sessions.size, 0, 'no session was made for it');
+  await t.rejects(SourceConnection.probe({ source, token: 'another token' }), { code: 'ERR_AUTH_FAILED' }, 'a wrong token is found out by the probe');
+  await t.rejects(SourceConnection.probe({ source }), { code: 'ERR_AUTH_REQUIRED' });
+  await server.close();
+  await t.rejects(SourceConnection.probe({ source, token: 'probe token' }), { code: 'ERR_SOURCE_UNREACHABLE', message: new RegExp(`cannot reach the source at ${source}: nothing listens there`) });
+});

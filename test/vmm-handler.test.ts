@@ -1,4 +1,5 @@
 import t from 'tap';
+import { pino } from 'pino';
 import { spawn } from 'node:child_process';
 import { closeSync, ftruncateSync, openSync, readdirSync, readlinkSync } from 'node:fs';
 import { connect as netConnect } from 'node:net';
@@ -267,4 +268,29 @@ t.test('pages that travel as zero runs (a hole in the image file) are checked to
   t.equal(check.result, 'match');
   t.equal(check.checkedPages, 2048);
   t.ok((await ended).zeroPages >= 512, 'the hole came as zero pages');
+});
+
+t.test('a running handler keeps checking its source: it says when the source stops answering and when it is back', async (t) => {
+  const dir = tempDir(t);
+  const imagePath = writeImage(dir, randomImage(16));
+  const address = `unix:${join(dir, 'source.sock')}`;
+  const lines: { level: number; msg: string }[] = [];
+  const logger = pino({ level: 'info' }, { write: (line: string) => lines.push(JSON.parse(line)) });
+  const startSource = async () => {
+    const server = new PageServer({ image: Image.open([{ path: imagePath }]) });
+    await server.listen(address);
+    return server;
+  };
+  let server = await startSource();
+  const handler = new VmmHandler({ source: address, logger });
+  t.teardown(async () => { await handler.close(); await server.close(); });
+  await handler.checkSource();
+  handler.watchSource(30);
+  const until = async (what: RegExp) => { while (!lines.some((l) => what.test(l.msg))) await new Promise((r) => setTimeout(r, 10)); };
+  await server.close();
+  await until(/the source does not answer/);
+  t.equal(lines.filter((l) => /does not answer/.test(l.msg)).length, 1, 'said once, not at every check');
+  server = await startSource();
+  await until(/the source answers again/);
+  t.pass('and it says when the source is back');
 });
