@@ -8,7 +8,6 @@ import { parseAddress, type Address } from '../lib/address.js';
 import { fileURLToPath } from 'node:url';
 import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import type { Logger } from '../lib/logger.js';
-import type { DestinationStats } from '../lib/native.js';
 import type { RecoveryOptions } from '../client/session.js';
 
 /** Reads a token file (whitespace trimmed); warns when others can read it. */
@@ -178,28 +177,6 @@ export function parseWindow(text: string | undefined): { forward: number; backwa
   const m = /^(-?\d+):(-?\d+)$/.exec(text);
   if (!m) throw new UsageError(`--window takes F:B (pages after and before each request, e.g. 8:2); not ${JSON.stringify(text)}`);
   return { forward: parseCount(m[1], '--window F (pages after)', 0, 1024), backward: parseCount(m[2], '--window B (pages before)', 0, 1024) };
-}
-
-/** A one-line progress display on a terminal (stderr); nothing when not a terminal. */
-export function startProgress(stats: () => DestinationStats, state: () => string = () => 'running'): () => void {
-  if (!process.stderr.isTTY) return () => {};
-  const draw = () => {
-    const s = stats();
-    const now = state();
-    if (now === 'paused' || now === 'resuming') {
-      process.stderr.write(`\r\x1b[2K${now.toUpperCase()}: the source is out of reach; ${s.outstandingRequests} requested page(s) wait (reconnecting)`);
-      return;
-    }
-    const pct = s.totalPages ? ((100 * s.residentPages) / s.totalPages).toFixed(1) : '0';
-    const p50 = (s.faultLatency.p50Ns / 1000).toFixed(1);
-    process.stderr.write(`\r\x1b[2Kresident ${pct}% (${s.residentPages}/${s.totalPages} pages)  faults ${s.faults}  p50 ${p50} µs  ${(s.bytesReceived / 2 ** 20).toFixed(1)} MiB in`);
-  };
-  const timer = setInterval(draw, 200);
-  return () => {
-    clearInterval(timer);
-    draw();
-    process.stderr.write('\n');
-  };
 }
 
 /** argv that runs this CLI again (same Node, same loader flags when run from sources). */

@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // postcopy: the one CLI entry. Subcommands: serve, restore, bench, demo.
 import { readFileSync } from 'node:fs';
-import { createLogger } from '../lib/logger.js';
+import { LOG_LEVELS, createLogger, type LogFormat, type Logger } from '../lib/logger.js';
+import { clearProgress } from './terminal.js';
 import { PostcopyError } from '../lib/errors.js';
 import { serve, serveUsage } from './serve.js';
 import { handle, handleUsage } from './handle.js';
@@ -98,8 +99,28 @@ async function bench(argv: string[]): Promise<void> {
   }
 }
 
+/** --log-level and --log-format, anywhere after the command (every command takes them). */
+function takeLogOptions(argv: string[]): { level?: string; format?: LogFormat; rest: string[] } {
+  const rest: string[] = [];
+  let level: string | undefined;
+  let format: LogFormat | undefined;
+  for (let i = 0; i < argv.length; i++) {
+    const m = /^--(log-level|log-format)(?:=(.*))?$/.exec(argv[i]);
+    if (!m) {
+      rest.push(argv[i]);
+      continue;
+    }
+    const value = m[2] ?? argv[++i];
+    if (value === undefined) throw new UsageError(`--${m[1]} needs a value`);
+    if (m[1] === 'log-level') level = parseChoice(value, '--log-level', LOG_LEVELS, 'info');
+    else format = parseChoice(value, '--log-format', ['json', 'pretty'] as const, 'json');
+  }
+  return { level, format, rest };
+}
+
 async function main(): Promise<number> {
-  const [command, ...argv] = process.argv.slice(2);
+  const command = process.argv[2];
+  let argv = process.argv.slice(3);
   if (command === '--version' || command === '-v') {
     process.stdout.write(`uffd-postcopy ${version()}\n`);
     return 0;
@@ -110,10 +131,24 @@ async function main(): Promise<number> {
     process.stdout.write(usageOf[command] + '\n');
     return 0;
   }
-  // demo and bench print their own report; their logs only speak up for problems.
-  const quiet = command === 'demo' || command === 'bench';
-  const log = createLogger({ name: `postcopy-${command ?? 'cli'}`, level: process.env.POSTCOPY_LOG_LEVEL ?? (quiet ? 'warn' : 'info') });
+  let log: Logger | null = null;
+  let format: LogFormat = process.stderr.isTTY ? 'pretty' : 'json';
   try {
+    const logging = takeLogOptions(argv);
+    argv = logging.rest;
+    format = logging.format ?? (process.env.POSTCOPY_LOG_FORMAT === 'json' || process.env.POSTCOPY_LOG_FORMAT === 'pretty' ? process.env.POSTCOPY_LOG_FORMAT : format);
+    // Children (the handler's worker, bench's processes) log the same way.
+    if (logging.level) process.env.POSTCOPY_LOG_LEVEL = logging.level;
+    process.env.POSTCOPY_LOG_FORMAT = format;
+    // A person at a terminal (and demo and bench, which print their own report)
+    // hears only about problems; services and scripts get every record as JSON.
+    const quiet = process.stderr.isTTY === true || command === 'demo' || command === 'bench';
+    log = createLogger({
+      name: `postcopy-${command ?? 'cli'}`,
+      level: logging.level ?? process.env.POSTCOPY_LOG_LEVEL ?? (quiet ? 'warn' : 'info'),
+      format,
+      beforeWrite: clearProgress,
+    });
     switch (command) {
       case 'serve': await serve(argv, log); return 0;
       case 'restore': await restore(argv, log); return 0;
@@ -127,14 +162,17 @@ async function main(): Promise<number> {
         throw new UsageError(`unknown command ${JSON.stringify(command)} (demo, serve, handle, restore or bench)`);
     }
   } catch (err) {
+    clearProgress();
     if (err instanceof UsageError) {
       const help = usageOf[command ?? ''] ? `postcopy ${command} --help` : 'postcopy --help';
       process.stderr.write(`postcopy${usageOf[command ?? ''] ? ` ${command}` : ''}: ${err.message} (${err.code}; see ${help})\n`);
       return 2;
     }
+    // One line per error: the log record when logs are JSON (scripts read them), else the sentence.
     const e = err as PostcopyError & { errno?: number; syscall?: string };
-    log.error({ code: e.code, errno: e.errno, syscall: e.syscall, err: e.message }, `${command} failed`);
-    process.stderr.write(`postcopy ${command}: ${e.message}${e.code ? ` (${e.code})` : ''}\n`);
+    const line = `postcopy ${command}: ${e.message}${e.code ? ` (${e.code})` : ''}`;
+    if (log && format === 'json' && log.isLevelEnabled('error')) log.error({ code: e.code, errno: e.errno, syscall: e.syscall }, line);
+    else process.stderr.write(line + '\n');
     return 1;
   }
 }

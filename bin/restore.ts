@@ -5,7 +5,8 @@ import { Destination } from '../client/destination.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
 import type { Logger } from '../lib/logger.js';
 import type { RestoreReport } from '../client/report.js';
-import { parseChoice, parseCommandLine, parseCount, parseRate, parseRecovery, parseWindow, destinationToken, recoveryOptionSpec, recoveryUsage, requireOptions, startProgress, UsageError, checkWritable, parseAddressOption } from './options.js';
+import { startProgress } from './terminal.js';
+import { parseChoice, parseCommandLine, parseCount, parseRate, parseRecovery, parseWindow, destinationToken, recoveryOptionSpec, recoveryUsage, requireOptions, UsageError, checkWritable, parseAddressOption } from './options.js';
 
 export const restoreUsage = `postcopy restore --source unix:PATH|tcp:HOST:PORT [options]
 

@@ -45,7 +45,9 @@ export class StateMachine<S extends string> {
     const inStateMs = this.elapsedMs;
     this.#state = to;
     this.#since = Date.now();
-    const level = to === 'failed' ? 'error' : to === 'paused' ? 'warn' : 'info';
+    // A failure is reported once, as an error, by whoever owns it (the CLI, the
+    // handler, the caller's rejected promise); here it is only a state change.
+    const level = to === 'paused' ? 'warn' : 'info';
     this.#log[level]({ from, state: to, inStateMs, ...details }, `${this.#what} state`);
     for (const listener of this.#listeners) listener(to, from);
   }

@@ -1,0 +1,44 @@
+// What the CLI shows a person at a terminal: one live progress line on
+// stdout, redrawn in place and cleared before anything else is written (a log
+// record, a result), so nothing glues onto it. Nothing when stdout is not a terminal.
+import type { DestinationStats } from '../lib/native.js';
+
+let shown = false;
+
+/** Wipes the progress line, if one is shown (the logger calls this before each record). */
+export function clearProgress(): void {
+  if (!shown) return;
+  process.stdout.write('\r\x1b[2K');
+  shown = false;
+}
+
+function draw(line: string): void {
+  process.stdout.write(`\r\x1b[2K${line}`);
+  shown = true;
+}
+
+/** Live figures of a restore, five times a second; returns the function that stops them (leaving the last line). */
+export function startProgress(stats: () => DestinationStats, state: () => string = () => 'running'): () => void {
+  if (!process.stdout.isTTY) return () => {};
+  const update = () => {
+    const s = stats();
+    const now = state();
+    if (now === 'paused' || now === 'resuming') {
+      draw(`${now.toUpperCase()}: the source is out of reach; ${s.outstandingRequests} requested page(s) wait (reconnecting)`);
+      return;
+    }
+    const pct = s.totalPages ? ((100 * s.residentPages) / s.totalPages).toFixed(1) : '0';
+    const us = (ns: number) => (ns / 1000).toFixed(1);
+    draw(
+      `resident ${pct}% (${s.residentPages}/${s.totalPages} pages)  faults ${s.faults}  p50 ${us(s.faultLatency.p50Ns)} µs  p99 ${us(s.faultLatency.p99Ns)} µs  ` +
+        `blocked ${(s.blockedNs / 1e6).toFixed(0)} ms  ${(s.bytesReceived / 2 ** 20).toFixed(1)} MiB in`,
+    );
+  };
+  const timer = setInterval(update, 200);
+  return () => {
+    clearInterval(timer);
+    update();
+    process.stdout.write('\n');
+    shown = false;
+  };
+}
