@@ -145,7 +145,7 @@ async function main(): Promise<number> {
     const quiet = process.stderr.isTTY === true || command === 'demo' || command === 'bench';
     log = createLogger({
       name: `postcopy-${command ?? 'cli'}`,
-      level: logging.level ?? process.env.POSTCOPY_LOG_LEVEL ?? (quiet ? 'warn' : 'info'),
+      level: logging.level ?? (process.env.POSTCOPY_LOG_LEVEL || (quiet ? 'warn' : 'info')),
       format,
       beforeWrite: clearProgress,
     });

@@ -210,3 +210,43 @@ t.test('serve and handle refuse a socket path a live process listens on, and one
   t.match(tooLong.stderr, /ERR_INVALID_ADDRESS/);
   t.notOk(readdirSync(dir).some((f) => f.startsWith('xxxx')), 'no truncated socket file is left');
 });
+
+/** Runs the CLI on a pseudo-terminal (stdout and stderr are a terminal, as for a person typing it). */
+function runOnTerminal(args: string[]): Promise<{ code: number | null; output: string }> {
+  const child = spawn('python3', ['-c', 'import os, pty, sys; status = pty.spawn(sys.argv[1:]); sys.exit(os.waitstatus_to_exitcode(status))', ...cliCommand(), ...args], { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, POSTCOPY_LOG_LEVEL: '' } });
+  let output = '';
+  child.stdout.on('data', (d) => (output += d));
+  return new Promise((resolve) => child.on('close', (code) => resolve({ code, output })));
+}
+
+t.test('one line per error: the JSON record for scripts, the sentence with --log-format pretty', async (t) => {
+  const dir = tempDir(t);
+  const args = ['restore', '--source', `unix:${join(dir, 'nobody.sock')}`];
+  const json = await runCli(args);
+  t.equal(json.code, 1);
+  const records = json.stderr.trim().split('\n').map((l) => JSON.parse(l));
+  const errors = records.filter((r) => r.level >= 50);
+  t.equal(errors.length, 1, 'one error record');
+  t.match(errors[0], { code: 'ERR_SOURCE_UNREACHABLE', msg: /^postcopy restore: cannot reach the source/ });
+  const quiet = await runCli([...args, '--log-level', 'error']);
+  t.equal(quiet.stderr.trim().split('\n').length, 1, '--log-level error: that line alone');
+  const pretty = await runCli([...args, '--log-format', 'pretty', '--log-level=error']);
+  t.equal(pretty.stderr, `postcopy restore: cannot reach the source at unix:${join(dir, 'nobody.sock')}: no such socket (ENOENT) (ERR_SOURCE_UNREACHABLE)\n`);
+  const bad = await runCli([...args, '--log-format', 'xml']);
+  t.equal(bad.code, 2);
+  t.match(bad.stderr, /--log-format must be json, pretty; not "xml"/);
+});
+
+t.test('on a terminal: the error alone, no JSON; a restore shows live figures and then its report', async (t) => {
+  const dir = tempDir(t);
+  const failed = await runOnTerminal(['restore', '--source', `unix:${join(dir, 'nobody.sock')}`]);
+  t.equal(failed.code, 1);
+  t.equal(failed.output.trim(), `postcopy restore: cannot reach the source at unix:${join(dir, 'nobody.sock')}: no such socket (ENOENT) (ERR_SOURCE_UNREACHABLE)`, 'one line, no log records at the default level');
+  const imagePath = writeImage(dir, randomImage(4096, 5));
+  const { listening } = await startServeCli(t, ['--image', imagePath, '--listen', `unix:${join(dir, 's.sock')}`]);
+  const ok = await runOnTerminal(['restore', '--source', `unix:${listening.path}`, '--rate', '4M']);
+  t.equal(ok.code, 0, ok.output);
+  t.match(ok.output, /resident [\d.]+% \(\d+\/4096 pages\)\s+faults \d+\s+p50 [\d.]+ µs\s+p99 [\d.]+ µs\s+blocked \d+ ms/, 'live figures while it runs');
+  t.match(ok.output, /digest\s+source = destination/, 'then the report');
+  t.notMatch(ok.output, /"level"/, 'and no JSON log record');
+});
