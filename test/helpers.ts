@@ -1,6 +1,6 @@
 // Shared test plumbing: temp dirs, images with known content, the C fixture,
 // and a tiny fault-serving loop for tests that resolve faults from JS.
-import { spawn, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
@@ -122,6 +122,13 @@ function freshCompiledCli(): string | null {
   const sourcesAt = Math.max(...['bin', 'lib', 'client', 'server', 'bench'].map((d) => newest(join(root, d))));
   compiledCli = builtAt > sourcesAt ? built : null;
   return compiledCli;
+}
+
+/** Builds dist/ (as `npm install` does) unless it is fresh already. */
+export function ensureBuilt(): void {
+  if (freshCompiledCli()) return;
+  execFileSync('npm', ['run', 'build'], { cwd: join(here, '..'), stdio: 'ignore' });
+  compiledCli = undefined;
 }
 
 /** argv that runs the CLI: compiled when fresh, else from sources with the same TypeScript loader as this test. */

@@ -1,0 +1,36 @@
+// The package as a user gets it: imported by its name from another directory,
+// running docs/API.md's example as it stands, and shipping only what it needs.
+import t from 'tap';
+import { execFileSync, spawnSync } from 'node:child_process';
+import { mkdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { ensureBuilt, here, tempDir } from './helpers.js';
+
+const root = join(here, '..');
+
+t.test("docs/API.md's example runs against the package imported by its name", async (t) => {
+  ensureBuilt();
+  const doc = readFileSync(join(root, 'docs', 'API.md'), 'utf8');
+  const example = /```js\n([\s\S]*?)```/.exec(doc)?.[1];
+  t.ok(example?.includes("from 'uffd-postcopy'"), 'the example imports the package by its name');
+  // A project of the user's own, with the package in its node_modules.
+  const dir = tempDir(t);
+  mkdirSync(join(dir, 'node_modules'));
+  symlinkSync(root, join(dir, 'node_modules', 'uffd-postcopy'));
+  writeFileSync(join(dir, 'example.mjs'), example as string);
+  const run = spawnSync(process.execPath, [join(dir, 'example.mjs')], { cwd: dir, encoding: 'utf8', timeout: 120_000 });
+  t.equal(run.status, 0, run.stderr);
+  const out = JSON.parse(run.stdout.trim());
+  t.match(out, { digestMatch: true, pages: 4096 });
+  t.ok(out.faults > 0, `pages came on demand (${out.faults} faults)`);
+});
+
+t.test('the package ships the library, the CLI and the addon sources, not the tests or the benchmark results', async (t) => {
+  const [pack] = JSON.parse(execFileSync('npm', ['pack', '--dry-run', '--json', '--ignore-scripts'], { cwd: root, encoding: 'utf8' })) as [{ files: { path: string }[] }];
+  const files = pack.files.map((f) => f.path);
+  for (const needed of ['dist/lib/index.js', 'dist/lib/index.d.ts', 'dist/bin/postcopy.js', 'addon/fault_engine.cc', 'CMakeLists.txt', 'test/fixtures/vmm.c', 'docs/API.md', 'package.json']) {
+    t.ok(files.includes(needed), `ships ${needed}`);
+  }
+  t.same(files.filter((f) => f.startsWith('test/') && f !== 'test/fixtures/vmm.c'), [], 'no test files');
+  t.same(files.filter((f) => f.startsWith('docs/benchmarks/') || f.endsWith('.map')), [], 'no benchmark results, no source maps');
+});
