@@ -66,7 +66,8 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
                         InstanceMethod<&FaultEngine::ReceivedBitmap>("receivedBitmap"),
                         InstanceMethod<&FaultEngine::HeldBitmap>("heldBitmap"),
                         InstanceMethod<&FaultEngine::MarkResident>("markResident"),
-                        InstanceMethod<&FaultEngine::InstalledChecksum>("installedChecksum")});
+                        InstanceMethod<&FaultEngine::InstalledChecksum>("installedChecksum"),
+                        InstanceMethod<&FaultEngine::LatencyBuckets>("latencyBuckets")});
   }
 
   // new FaultEngine({uffd, sourceRegions: [{pages, pageSize}],
@@ -305,6 +306,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     n(lat, "p99Ns", latency_.Quantile(0.99));
     n(lat, "maxNs", latency_.Max());
     n(lat, "meanNs", latency_.Count() ? latency_.Sum() / latency_.Count() : 0);
+    n(lat, "sumNs", latency_.Sum());
     s.Set("faultLatency", lat);
     return s;
   }
@@ -365,6 +367,18 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
         uint64_t s = r->sourcePage + p;
         out.Data()[s / 8] &= static_cast<uint8_t>(~(1u << (s % 8)));
       }
+    }
+    return out;
+  }
+
+  // latencyBuckets(boundsNs) -> for each bound, the faults that waited at most that long.
+  Napi::Value LatencyBuckets(const Napi::CallbackInfo& info) {
+    Napi::Array bounds = info[0].As<Napi::Array>();
+    Napi::Array out = Napi::Array::New(info.Env(), bounds.Length());
+    for (uint32_t i = 0; i < bounds.Length(); i++) {
+      double b = bounds.Get(i).As<Napi::Number>().DoubleValue();
+      uint64_t bound = b <= 0 ? 0 : b >= 1.8e19 ? UINT64_MAX : static_cast<uint64_t>(b);
+      out.Set(i, Napi::Number::New(info.Env(), static_cast<double>(latency_.CountAtMost(bound))));
     }
     return out;
   }

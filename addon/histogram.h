@@ -24,6 +24,14 @@ class LatencyHistogram {
   uint64_t Sum() const { return sum_.load(std::memory_order_relaxed); }
   uint64_t Max() const { return max_.load(std::memory_order_relaxed); }
 
+  // How many observations lie in buckets wholly at or below `bound` (a
+  // Prometheus bucket's count; at most one ~6% bucket short of exact).
+  uint64_t CountAtMost(uint64_t bound) const {
+    uint64_t n = 0;
+    for (int i = 0; i < kBuckets && UpperEdge(i) <= bound; i++) n += counts_[i].load(std::memory_order_relaxed);
+    return n;
+  }
+
   // The upper edge of the bucket holding the q-quantile (0 < q <= 1); 0 when empty.
   uint64_t Quantile(double q) const {
     uint64_t total = Count();

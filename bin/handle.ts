@@ -4,11 +4,15 @@
 import { VmmHandler } from '../client/vmm-handler.js';
 import { HandlerSupervisor, serveHandoffs } from '../client/handler-supervisor.js';
 import type { Logger } from '../lib/logger.js';
-import { parseCommandLine, parseRate, parseRecovery, parseWindow, destinationToken, recoveryOptionSpec, recoveryUsage, requireOptions, selfCommand, parseAddressOption } from './options.js';
+import { parseCommandLine, parseRate, parseRecovery, parseWindow, destinationToken, recoveryOptionSpec, recoveryUsage, requireOptions, selfCommand, parseAddressOption, parseMetricsOption, withConcretePort, withoutOption, loggingUsage } from './options.js';
+import { serveMetrics } from '../lib/metrics.js';
+import { handlerMetrics } from '../client/handler-metrics.js';
+import type { PostcopyError } from '../lib/errors.js';
 
 export const handleUsage = `postcopy handle --socket PATH --source unix:PATH|tcp:HOST:PORT [--token-file F]
                 [--window F:B] [--no-background] [--rate SIZE]
                 [--give-up-after DURATION] [--silence-timeout DURATION] [--single-process]
+                [--metrics tcp:HOST:PORT]
 
   Listens on PATH (0600). A VMM connects and sends a JSON array of its memory
   regions ([{"base_host_virt_addr", "size", "offset", "page_size"}], as
@@ -22,13 +26,18 @@ export const handleUsage = `postcopy handle --socket PATH --source unix:PATH|tcp
   poisons the pages still missing: the guest gets SIGBUS, never a hang.
   The handler survives its own crash: a supervisor holds every VMM's socket
   and userfaultfd and restarts the worker that serves them
-  (--single-process: one process, no supervisor).
-${recoveryUsage}`;
+  (--single-process: one process, no supervisor). It checks at start-up that
+  the source answers (and refuses to start otherwise), then every 30 s, and
+  logs each VMM session's progress every 10 s. --metrics serves Prometheus
+  metrics at http://HOST:PORT/metrics (port 0: a free one, kept across worker
+  restarts; the URL is printed as {"metrics": URL}).
+${recoveryUsage}
+${loggingUsage}`;
 
 const optionSpec = {
   socket: { type: 'string' }, source: { type: 'string' }, 'token-file': { type: 'string' },
   window: { type: 'string' }, 'no-background': { type: 'boolean' }, rate: { type: 'string' },
-  'single-process': { type: 'boolean' }, worker: { type: 'boolean' },
+  'single-process': { type: 'boolean' }, worker: { type: 'boolean' }, metrics: { type: 'string' },
   ...recoveryOptionSpec,
 } as const;
 
@@ -38,6 +47,7 @@ export async function handle(argv: string[], log: Logger): Promise<void> {
   const source = values.source as string;
   parseAddressOption(source, '--source');
   const window = parseWindow(values.window);
+  const metrics = values.metrics === undefined ? undefined : parseMetricsOption(values.metrics);
   const handler = new VmmHandler({
     source,
     token: destinationToken(values['token-file'], source, log),
@@ -58,24 +68,38 @@ export async function handle(argv: string[], log: Logger): Promise<void> {
   handler.watchSource();
   handler.on('session-end', (summary) => print(JSON.stringify(summary)));
   if (values.worker) {
+    // The supervisor chose the metrics port and printed it; pages matter more than metrics, so a failure here is only logged.
+    const served = metrics ? await serveMetrics(metrics, handlerMetrics(handler)).catch((err) => void log.error({ code: (err as PostcopyError).code, err: (err as Error).message }, 'metrics not served')) : undefined;
     // The supervisor's side of the link is fd 3 (see client/handler-supervisor.ts).
     await serveHandoffs(handler, 3, print, log);
+    await served?.close();
     log.info('the supervisor is gone; worker exiting');
     await handler.close();
     return;
   }
   const socket = values.socket!;
   let close: () => Promise<void>;
+  let metricsUrl: string | undefined;
   if (values['single-process']) {
     await handler.listen(socket);
-    close = () => handler.close();
+    const served = metrics ? await serveMetrics(metrics, handlerMetrics(handler)) : undefined;
+    metricsUrl = served?.url;
+    close = async () => {
+      await served?.close();
+      await handler.close();
+    };
   } else {
-    const supervisor = new HandlerSupervisor({ workerCommand: [...selfCommand(), 'handle', '--worker', ...argv], logger: log });
+    // The worker serves the metrics; a fixed port (chosen here for port 0) survives its restarts.
+    const fixed = metrics ? await withConcretePort(metrics) : undefined;
+    const workerArgv = [...withoutOption(argv, '--metrics'), ...(fixed ? ['--metrics', fixed.address] : [])];
+    metricsUrl = fixed?.url;
+    const supervisor = new HandlerSupervisor({ workerCommand: [...selfCommand(), 'handle', '--worker', ...workerArgv], logger: log });
     supervisor.on('line', print);
     await supervisor.listen(socket);
     close = () => supervisor.close();
   }
   print(JSON.stringify({ listening: { kind: 'unix', path: socket } }));
+  if (metricsUrl) print(JSON.stringify({ metrics: metricsUrl }));
   await new Promise<void>((resolve) => {
     process.once('SIGINT', resolve);
     process.once('SIGTERM', resolve);

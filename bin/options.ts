@@ -4,7 +4,8 @@ import { accessSync, constants, existsSync, statSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { defaultTokenPath, ensureToken, readToken } from '../lib/token.js';
-import { parseAddress, type Address } from '../lib/address.js';
+import { formatAddress, parseAddress, type Address } from '../lib/address.js';
+import { createServer, type AddressInfo } from 'node:net';
 import { fileURLToPath } from 'node:url';
 import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import type { Logger } from '../lib/logger.js';
@@ -91,6 +92,39 @@ export function parseAddressOption(text: string, what: string): Address {
   }
 }
 
+/** --metrics tcp:HOST:PORT (port 0: a free one). */
+export function parseMetricsOption(text: string): string {
+  const a = parseAddressOption(text, '--metrics');
+  if (a.kind !== 'tcp') throw new UsageError(`--metrics serves HTTP: give tcp:HOST:PORT, not ${JSON.stringify(text)}`);
+  return text;
+}
+
+/** tcp:HOST:0 -> tcp:HOST:<a port free now>, with its metrics URL: a port that stays the same across worker restarts. */
+export async function withConcretePort(address: string): Promise<{ address: string; url: string }> {
+  const a = parseAddress(address);
+  if (a.kind !== 'tcp') throw new UsageError(`--metrics serves HTTP: give tcp:HOST:PORT, not ${JSON.stringify(address)}`);
+  let port = a.port;
+  if (port === 0) {
+    const probe = createServer();
+    await new Promise<void>((resolve, reject) => probe.once('error', reject).listen(0, a.host, () => resolve()));
+    port = (probe.address() as AddressInfo).port;
+    await new Promise<void>((resolve) => probe.close(() => resolve()));
+  }
+  const concrete = formatAddress({ ...a, port });
+  const host = a.host.includes(':') ? `[${a.host}]` : a.host;
+  return { address: concrete, url: `http://${host}:${port}/metrics` };
+}
+
+/** argv without `--name VALUE` / `--name=VALUE`. */
+export function withoutOption(argv: readonly string[], name: string): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    if (argv[i] === name) i++;
+    else if (!argv[i].startsWith(`${name}=`)) out.push(argv[i]);
+  }
+  return out;
+}
+
 /** Refuses a command line that lacks a required option. */
 export function requireOptions(values: Record<string, unknown>, names: string[], usageLine: string): void {
   const missing = names.filter((n) => values[n] === undefined || (Array.isArray(values[n]) && (values[n] as unknown[]).length === 0));
@@ -161,6 +195,10 @@ export const recoveryUsage = `  --give-up-after DURATION   when the source is ou
                              (default: keep reconnecting, warning at each attempt)
   --silence-timeout DURATION a control channel or page stream quiet this long
                              is taken as broken (default 5s)`;
+
+export const loggingUsage = `  --log-level LEVEL          fatal, error, warn, info, debug, trace or silent
+                             (default: warn on a terminal, info otherwise)
+  --log-format json|pretty   logs on stderr (default: pretty on a terminal, JSON otherwise)`;
 
 /** --give-up-after and --silence-timeout -> the session's recovery options. */
 export function parseRecovery(values: { 'give-up-after'?: string; 'silence-timeout'?: string }): RecoveryOptions {

@@ -6,7 +6,7 @@ import { shuffledOrder, touchPages } from '../lib/workload.js';
 import type { Logger } from '../lib/logger.js';
 import type { RestoreReport } from '../client/report.js';
 import { startProgress } from './terminal.js';
-import { parseChoice, parseCommandLine, parseCount, parseRate, parseRecovery, parseWindow, destinationToken, recoveryOptionSpec, recoveryUsage, requireOptions, UsageError, checkWritable, parseAddressOption } from './options.js';
+import { parseChoice, parseCommandLine, parseCount, parseRate, parseRecovery, parseWindow, destinationToken, recoveryOptionSpec, recoveryUsage, requireOptions, UsageError, checkWritable, parseAddressOption, loggingUsage } from './options.js';
 
 export const restoreUsage = `postcopy restore --source unix:PATH|tcp:HOST:PORT [options]
 
@@ -19,7 +19,8 @@ export const restoreUsage = `postcopy restore --source unix:PATH|tcp:HOST:PORT [
                          seeded random order; sequential; none: background only
   --seed N               workload seed (default 1)
   --json                 print the report as one JSON line
-${recoveryUsage}`;
+${recoveryUsage}
+${loggingUsage}`;
 
 export async function restore(argv: string[], log: Logger): Promise<RestoreReport> {
   const values = parseCommandLine(argv, {

@@ -160,6 +160,14 @@ export class FaultEngine extends EventEmitter {
     return this.#native.installedChecksum();
   }
 
+  /** For each bound (ns, ascending), how many faults waited at most that long: a Prometheus histogram's buckets. */
+  latencyBuckets(boundsNs: readonly number[]): number[] {
+    if (!Array.isArray(boundsNs) || !boundsNs.every((b, i) => typeof b === 'number' && b >= 0 && (i === 0 || b >= boundsNs[i - 1]))) {
+      throw new PostcopyError(ErrorCode.OUT_OF_RANGE, 'boundsNs must be ascending non-negative numbers');
+    }
+    return this.#native.latencyBuckets([...boundsNs]);
+  }
+
   /** Resolves once every page of every region is resident; rejects if the engine fails first. */
   whenResident(): Promise<void> {
     return this.#resident;

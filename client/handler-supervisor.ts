@@ -32,6 +32,11 @@ export interface HandoffMessage {
   takeover: boolean;
 }
 
+/** Supervisor -> worker, no fds: a VMM's handshake was refused before any handoff (counted in the worker's errors). */
+export interface RefusedMessage {
+  refused: string;
+}
+
 /** Lines a worker prints on stdout about a handoff: the VMM was refused or its session ended. */
 export interface HandoffEnded {
   handoffEnded: number;
@@ -122,6 +127,14 @@ export class HandlerSupervisor extends EventEmitter {
       const e = asCodedError(err);
       this.#log.warn({ vmmPid: (err as { vmmPid?: number }).vmmPid ?? pid, code: e.code, err: e.message }, 'VMM handshake refused; connection closed');
       socket.destroy();
+      // The worker keeps the figures (its metrics); with no worker running, this one goes uncounted.
+      if (this.#link >= 0) {
+        try {
+          sendFds(this.#link, Buffer.from(JSON.stringify({ refused: e.code } satisfies RefusedMessage)));
+        } catch {
+          // the worker is going away
+        }
+      }
     }
   }
 
@@ -218,7 +231,12 @@ export async function serveHandoffs(handler: VmmHandler, link: number, out: (lin
     let handoff: HandoffMessage;
     try {
       if (msg.truncated) throw new Error('a handoff larger than the limit');
-      handoff = JSON.parse(msg.payload.toString('utf8')) as HandoffMessage;
+      const parsed = JSON.parse(msg.payload.toString('utf8')) as HandoffMessage | RefusedMessage;
+      if (msg.fds.length === 0 && typeof (parsed as RefusedMessage).refused === 'string') {
+        handler.noteRefused((parsed as RefusedMessage).refused);
+        continue;
+      }
+      handoff = parsed as HandoffMessage;
       if (msg.fds.length !== 2 || !Number.isSafeInteger(handoff.id) || typeof handoff.handshake !== 'string') throw new Error('not a handoff');
     } catch (err) {
       for (const fd of msg.fds) closeSync(fd);

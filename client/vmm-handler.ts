@@ -19,6 +19,8 @@ import { residentBitmap } from '../lib/pagemap.js';
 import { listenOwnerOnly } from '../lib/unix-socket.js';
 import type { MessageOf, RegionInfo } from '../lib/protocol.js';
 import { SourceConnection } from './source-connection.js';
+import { LATENCY_BOUNDS_S, Tally } from '../lib/metrics.js';
+import type { DestinationStats } from '../lib/native.js';
 import { transferOptions, type TransferOptions } from '../lib/transfer.js';
 import { DestinationSession, type DestinationSessionOptions, type RecoveryStatus } from './session.js';
 import { FaultEngine, type MemoryEvent, type TargetRegion } from './fault-engine.js';
@@ -38,6 +40,8 @@ export interface GuestRegion {
 export interface VmmHandlerOptions extends DestinationSessionOptions {
   /** A VMM that connects but sends no handshake within this is dropped (default 10 s). */
   handshakeTimeoutMs?: number;
+  /** Log each live VMM session's progress this often (default 10 s; 0: never). */
+  progressIntervalMs?: number;
 }
 
 export interface VmmSessionSummary extends RestoreReport {
@@ -65,6 +69,48 @@ interface VmmSession {
   takeover: boolean;
   handoff?: number;
   installedCheck?: InstalledCheck;
+}
+
+const LATENCY_BOUNDS_NS = LATENCY_BOUNDS_S.map((s) => s * 1e9);
+
+/** Running totals over VMM sessions (a Prometheus counter each). */
+export interface HandlerTotals {
+  faults: number;
+  blockedNs: number;
+  pagesOnDemand: number;
+  pagesWindow: number;
+  pagesBackground: number;
+  zeroPages: number;
+  duplicatePages: number;
+  bytesReceived: number;
+  latencyBuckets: number[];
+  latencyCount: number;
+  latencySumNs: number;
+}
+
+/** VmmHandler.figures(): sessions by state now, totals since start, errors by code. */
+export interface HandlerFigures {
+  sessions: Record<string, number>;
+  totals: HandlerTotals;
+  errors: [string, number][];
+}
+
+function emptyTotals(): HandlerTotals {
+  return { faults: 0, blockedNs: 0, pagesOnDemand: 0, pagesWindow: 0, pagesBackground: 0, zeroPages: 0, duplicatePages: 0, bytesReceived: 0, latencyBuckets: LATENCY_BOUNDS_NS.map(() => 0), latencyCount: 0, latencySumNs: 0 };
+}
+
+function addTotals(t: HandlerTotals, s: DestinationStats, buckets: number[]): void {
+  t.faults += s.faults;
+  t.blockedNs += s.blockedNs;
+  t.pagesOnDemand += s.pagesInstalledRequested;
+  t.pagesWindow += s.pagesInstalledPrefault;
+  t.pagesBackground += s.pagesInstalledBackground;
+  t.zeroPages += s.zeroPages;
+  t.duplicatePages += s.duplicatePages;
+  t.bytesReceived += s.bytesReceived;
+  buckets.forEach((n, i) => (t.latencyBuckets[i] += n));
+  t.latencyCount += s.faultLatency.count;
+  t.latencySumNs += s.faultLatency.sumNs;
 }
 
 /** A VMM's connection, its userfaultfd and its handshake JSON, ready to be served. */
@@ -146,15 +192,39 @@ export class VmmHandler extends EventEmitter {
   readonly #transfer: TransferOptions;
   readonly #log: Logger;
   readonly #sessions = new Set<VmmSession>();
+  /** Errors by code, for the life of the handler. */
+  readonly #errors = new Tally();
+  /** The figures of VMM sessions that ended, summed. */
+  readonly #retired: HandlerTotals = emptyTotals();
   readonly #pending = new PendingHandshakes();
   #server: Server | null = null;
   #sourceWatch: NodeJS.Timeout | null = null;
+  #progressTimer: NodeJS.Timeout | null = null;
 
   constructor(options: VmmHandlerOptions) {
     super();
     this.#options = options;
     this.#log = options.logger ?? silentLogger;
     this.#transfer = transferOptions(options);
+    const every = options.progressIntervalMs ?? 10_000;
+    if (every > 0) {
+      this.#progressTimer = setInterval(() => this.#reportProgress(), every);
+      this.#progressTimer.unref();
+    }
+  }
+
+  /** One log record per live VMM session: how far it got, and how its faults fare. */
+  #reportProgress(): void {
+    for (const vmm of this.#sessions) {
+      const session = vmm.session;
+      if (!session || vmm.ended) continue;
+      const s = session.engine.stats();
+      this.#log.info({
+        vmmPid: vmm.pid, state: session.state, residentPages: s.residentPages, totalPages: s.totalPages, faults: s.faults,
+        faultP50Us: Math.round(s.faultLatency.p50Ns / 100) / 10, faultP99Us: Math.round(s.faultLatency.p99Ns / 100) / 10,
+        blockedMs: Math.round(s.blockedNs / 1e6), bytesReceived: s.bytesReceived,
+      }, 'VMM session progress');
+    }
   }
 
   get activeSessions(): number {
@@ -168,6 +238,23 @@ export class VmmHandler extends EventEmitter {
     await listenOwnerOnly(server, path);
     this.#server = server;
     this.#log.info({ socket: path, ...this.#transfer }, 'waiting for VMMs');
+  }
+
+  /** A VMM refused before it reached this handler (by the supervisor in front of it): counted in its errors. */
+  noteRefused(code: string): void {
+    this.#errors.add(code);
+  }
+
+  /** What this handler has done so far, over every VMM session it served: for metrics. */
+  figures(): HandlerFigures {
+    const totals = { ...this.#retired, latencyBuckets: [...this.#retired.latencyBuckets] };
+    const sessions: Record<string, number> = {};
+    for (const vmm of this.#sessions) {
+      const state = vmm.session?.state ?? 'connecting';
+      sessions[state] = (sessions[state] ?? 0) + 1;
+      if (vmm.session) addTotals(totals, vmm.session.engine.stats(), vmm.session.engine.latencyBuckets(LATENCY_BOUNDS_NS));
+    }
+    return { sessions, totals, errors: this.#errors.entries() };
   }
 
   /** Checks that the source answers and that the tokens agree, without starting a session; resolves with what it serves. */
@@ -199,6 +286,7 @@ export class VmmHandler extends EventEmitter {
   }
 
   async close(): Promise<void> {
+    if (this.#progressTimer) clearInterval(this.#progressTimer);
     if (this.#sourceWatch) clearInterval(this.#sourceWatch);
     this.#sourceWatch = null;
     const server = this.#server;
@@ -256,6 +344,7 @@ export class VmmHandler extends EventEmitter {
 
   #refuse(pid: number, socket: Socket, err: unknown): void {
     const e = asCodedError(err);
+    this.#errors.add(e.code);
     this.#log.warn({ vmmPid: pid, code: e.code, err: e.message }, 'VMM handshake refused; connection closed');
     this.emit('rejected', { pid, code: e.code, message: e.message });
     socket.destroy();
@@ -313,7 +402,9 @@ export class VmmHandler extends EventEmitter {
     const session = vmm.session;
     if (vmm.ended) return; // the VMM hung up during set-up: #start closes what is left
     this.emit('session-start', { pid: vmm.pid });
+    session.on('paused', (err: PostcopyError) => this.#errors.add(err.code));
     session.on('failed', (err: PostcopyError) => {
+      this.#errors.add(err.code);
       if (vmm.ended) return;
       try {
         const poisoned = session.engine.poisonMissing();
@@ -329,6 +420,7 @@ export class VmmHandler extends EventEmitter {
         const check = compareInstalled(local, digest.checksums);
         vmm.installedCheck = check;
         if (check.result === 'mismatch') {
+          this.#errors.add(ErrorCode.DIGEST_MISMATCH);
           session.release();
           log.error({ code: ErrorCode.DIGEST_MISMATCH, ...check }, 'every guest page is resident, but pages installed in the guest differ from the source image');
         } else if (check.result === 'match') {
@@ -356,6 +448,7 @@ export class VmmHandler extends EventEmitter {
     if (!vmm.starting) closeSync(vmm.uffd); // else #start closes it when it returns
     vmm.socket.destroy();
     if (session && stats) {
+      addTotals(this.#retired, stats, session.engine.latencyBuckets(LATENCY_BOUNDS_NS));
       const summary: VmmSessionSummary = {
         ...summarize(stats, this.#transfer),
         vmmPid: vmm.pid,

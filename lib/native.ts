@@ -132,7 +132,7 @@ export interface DestinationStats {
   poisonedPages: number;
   /** How many times data channels were attached. */
   channelGeneration: number;
-  faultLatency: { count: number; p50Ns: number; p90Ns: number; p99Ns: number; maxNs: number; meanNs: number };
+  faultLatency: { count: number; p50Ns: number; p90Ns: number; p99Ns: number; maxNs: number; meanNs: number; sumNs: number };
 }
 
 export interface NativeFaultEngine {
@@ -146,6 +146,7 @@ export interface NativeFaultEngine {
   heldBitmap(sourceRegion: number): Buffer;
   markResident(region: number, bitmap: Uint8Array): number;
   installedChecksum(): InstalledChecksum[];
+  latencyBuckets(boundsNs: number[]): number[];
 }
 
 /** One source region's installed-pages checksum at the destination (addon/page_checksum.h). */

@@ -11,6 +11,7 @@ import {
 } from '../lib/protocol.js';
 import { MAX_RUN_BYTES } from '../lib/limits.js';
 import { listenOwnerOnly } from '../lib/unix-socket.js';
+import { Tally } from '../lib/metrics.js';
 import { DEFAULT_RESUME_GRACE_MS, SourceSession } from './session.js';
 import type { Image } from './image.js';
 
@@ -38,6 +39,12 @@ export interface PageServerOptions {
   plaintextTcp?: boolean;
 }
 
+/** The running totals a server keeps over its sessions (lib/native.ts SourceStats). */
+const SERVED_TOTALS = ['requests', 'pagesRequested', 'pagesResent', 'pagesPrefaulted', 'pagesBackground', 'zeroPages', 'bytesSent'] as const;
+
+/** PageServer.figures(): sessions by state now, totals since start, errors by code. */
+export type ServerFigures = { sessions: Record<string, number>; errors: [string, number][] } & Record<(typeof SERVED_TOTALS)[number], number>;
+
 export class PageServer {
   readonly #image: Image;
   readonly #token: string | undefined;
@@ -54,6 +61,10 @@ export class PageServer {
   readonly #controls = new Map<string, Socket>();
   #server: Server | null = null;
   #address: Address | null = null;
+  /** Errors by code, for the life of the server. */
+  readonly #errors = new Tally();
+  /** The figures of sessions already forgotten, summed. */
+  readonly #retired: Record<(typeof SERVED_TOTALS)[number], number> = Object.fromEntries(SERVED_TOTALS.map((k) => [k, 0])) as Record<(typeof SERVED_TOTALS)[number], number>;
 
   constructor(options: PageServerOptions) {
     this.#image = options.image;
@@ -68,6 +79,27 @@ export class PageServer {
 
   get sessions(): ReadonlyMap<string, SourceSession> {
     return this.#sessions;
+  }
+
+  /** What this server has done so far, over every session it served: for metrics. */
+  figures(): ServerFigures {
+    const totals = { ...this.#retired };
+    const sessions: Record<string, number> = {};
+    for (const session of this.#sessions.values()) {
+      sessions[session.state] = (sessions[session.state] ?? 0) + 1;
+      const stats = session.stats();
+      if (stats) for (const k of SERVED_TOTALS) totals[k] += stats[k];
+    }
+    return { sessions, ...totals, errors: this.#errors.entries() };
+  }
+
+  /** Drops a session from the table; its figures stay in the totals. */
+  #forget(id: string): void {
+    const session = this.#sessions.get(id);
+    if (!session) return;
+    this.#sessions.delete(id);
+    const stats = session.stats();
+    if (stats) for (const k of SERVED_TOTALS) this.#retired[k] += stats[k];
   }
 
   get address(): Address | null {
@@ -105,7 +137,7 @@ export class PageServer {
     const server = this.#server;
     this.#server = null;
     for (const s of this.#sessions.values()) s.close('server closing');
-    this.#sessions.clear();
+    for (const id of [...this.#sessions.keys()]) this.#forget(id);
     this.#controls.clear();
     for (const socket of this.#sockets) socket.destroy();
     if (server) await new Promise<void>((resolve) => server.close(() => resolve()));
@@ -117,6 +149,7 @@ export class PageServer {
     socket.on('error', () => {});
     // Connections that have not proven anything yet are capped: idle peers cannot pile up without bound.
     if (this.#unproven.size >= MAX_UNPROVEN_CONNECTIONS) {
+      this.#errors.add(ErrorCode.OVERLOADED);
       this.#log.warn({ code: ErrorCode.OVERLOADED, remote: socket.remoteAddress ?? 'unix', unproven: this.#unproven.size }, 'connection refused: too many still to authenticate');
       socket.destroy();
       return;
@@ -130,7 +163,10 @@ export class PageServer {
       else await this.#onControl(socket, reader, first);
     } catch (err) {
       const e = asCodedError(err);
-      if (e.code !== ErrorCode.PEER_GONE) this.#log.warn({ code: e.code, err: e.message, remote: socket.remoteAddress ?? 'unix' }, 'connection ended');
+      if (e.code !== ErrorCode.PEER_GONE) {
+        this.#errors.add(e.code);
+        this.#log.warn({ code: e.code, err: e.message, remote: socket.remoteAddress ?? 'unix' }, 'connection ended');
+      }
       sendErrorAndClose(socket, e.code, e.message);
     }
   }
@@ -176,8 +212,8 @@ export class PageServer {
       if (this.#controls.get(session.id) !== socket) return; // replaced by a resume
       this.#controls.delete(session.id);
       if (saidBye) session.close('the destination said bye');
-      else session.connectionLost('control channel closed', this.#resumeGraceMs, () => this.#sessions.delete(session.id));
-      if (session.state === 'closed') this.#sessions.delete(session.id);
+      else session.connectionLost('control channel closed', this.#resumeGraceMs, () => this.#forget(session.id));
+      if (session.state === 'closed') this.#forget(session.id);
     });
     // TCP leaves the host: its data channels carry sealed records (a TCP source always holds a token).
     const keys = socket.remoteFamily && token && !this.#plaintextTcp ? dataChannelKeys(token, nonce, hello.nonce) : undefined;
@@ -231,14 +267,15 @@ export class PageServer {
       const old = this.#controls.get(known.id);
       this.#controls.delete(known.id);
       old?.destroy();
-      known.connectionLost('the destination came back on a new connection', this.#resumeGraceMs, () => this.#sessions.delete(known.id));
-      if (known.state === 'closed') this.#sessions.delete(known.id);
+      known.connectionLost('the destination came back on a new connection', this.#resumeGraceMs, () => this.#forget(known.id));
+      if (known.state === 'closed') this.#forget(known.id);
     }
     if (known?.resumable) {
       known.resume();
       return known;
     }
     const session = new SourceSession(this.#image, this.#log, (err) => {
+      this.#errors.add(err.code);
       this.#log.warn({ session: session.id, code: err.code, err: err.message }, 'session failed');
       const control = this.#controls.get(session.id);
       if (control) sendErrorAndClose(control, err.code, err.message);

@@ -155,21 +155,23 @@ export function runCli(args: string[], env: Record<string, string> = {}): Promis
 }
 
 /** Starts `postcopy serve` and resolves once it listens; killed at teardown. */
-export async function startServeCli(t: Test, args: string[]): Promise<{ child: ChildProcess; listening: { kind: string; path?: string; port?: number }; tokenFile?: string }> {
+export async function startServeCli(t: Test, args: string[]): Promise<{ child: ChildProcess; listening: { kind: string; path?: string; port?: number }; tokenFile?: string; metrics?: string }> {
   const [cmd, ...pre] = cliCommand();
   const child = spawn(cmd, [...pre, 'serve', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
   t.teardown(() => { child.kill('SIGTERM'); });
   let stderr = '';
   child.stderr!.on('data', (d) => (stderr += d));
-  const line = await new Promise<string>((resolve, reject) => {
+  // The address line, then (with --metrics) the metrics URL line.
+  const want = args.includes('--metrics') ? 2 : 1;
+  const lines = await new Promise<string[]>((resolve, reject) => {
     let out = '';
     child.stdout!.on('data', (d) => {
       out += d;
-      const nl = out.indexOf('\n');
-      if (nl >= 0) resolve(out.slice(0, nl));
+      const got = out.split('\n').slice(0, -1);
+      if (got.length >= want) resolve(got);
     });
     child.once('exit', (code) => reject(new Error(`serve exited with ${code}: ${stderr}`)));
   });
-  const { listening, tokenFile } = JSON.parse(line);
-  return { child, listening, tokenFile };
+  const { listening, tokenFile } = JSON.parse(lines[0]);
+  return { child, listening, tokenFile, ...(want > 1 ? { metrics: JSON.parse(lines[1]).metrics as string } : {}) };
 }

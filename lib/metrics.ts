@@ -1,0 +1,104 @@
+// Prometheus metrics (prom-client) over HTTP: the plumbing `serve --metrics`
+// and `handle --metrics` share. Figures are read from the sessions on each
+// scrape, never counted twice: counters are set from running totals.
+import { createServer, type Server } from 'node:http';
+import { Counter, Gauge, Registry } from 'prom-client';
+import { parseAddress } from './address.js';
+import { ErrorCode, PostcopyError } from './errors.js';
+
+/** Fault-latency bucket bounds in seconds: 10 µs to 10 s. */
+export const LATENCY_BOUNDS_S = [0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
+
+/** Counts by key (errors by code, ...), kept for the life of the process. */
+export class Tally {
+  readonly #counts = new Map<string, number>();
+  add(key: string, n = 1): void {
+    this.#counts.set(key, (this.#counts.get(key) ?? 0) + n);
+  }
+  entries(): [string, number][] {
+    return [...this.#counts];
+  }
+}
+
+/** A counter whose value (per label set) is read from a running total at each scrape. */
+export function totalCounter(registry: Registry, name: string, help: string, labelNames: string[], read: () => [Record<string, string>, number][]): void {
+  new Counter({
+    name, help, labelNames, registers: [registry],
+    collect() {
+      this.reset();
+      for (const [labels, value] of read()) this.inc(labels, Math.max(0, value));
+    },
+  });
+}
+
+/** A gauge read at each scrape. */
+export function readGauge(registry: Registry, name: string, help: string, labelNames: string[], read: () => [Record<string, string>, number][]): void {
+  new Gauge({
+    name, help, labelNames, registers: [registry],
+    collect() {
+      this.reset();
+      for (const [labels, value] of read()) this.set(labels, value);
+    },
+  });
+}
+
+/** What a histogram's buckets hold at a scrape: cumulative counts per bound, the total and the sum. */
+export interface HistogramReading {
+  buckets: number[];
+  count: number;
+  sum: number;
+}
+
+/**
+ * A histogram whose counts are kept elsewhere (by the native engines), read at
+ * each scrape; registered with prom-client's registry like its own metrics.
+ */
+export function collectedHistogram(registry: Registry, name: string, help: string, bounds: readonly number[], read: () => HistogramReading): void {
+  registry.registerMetric({
+    name, help, type: 'histogram', aggregator: 'sum',
+    get() {
+      const r = read();
+      return {
+        name, help, type: 'histogram', aggregator: 'sum',
+        values: [
+          ...bounds.map((le, i) => ({ metricName: `${name}_bucket`, labels: { le }, value: r.buckets[i] ?? 0 })),
+          { metricName: `${name}_bucket`, labels: { le: '+Inf' }, value: r.count },
+          { metricName: `${name}_sum`, labels: {}, value: r.sum },
+          { metricName: `${name}_count`, labels: {}, value: r.count },
+        ],
+      };
+    },
+  } as unknown as Parameters<Registry['registerMetric']>[0]);
+}
+
+/** Serves `registry` as Prometheus text on GET /metrics at tcp:HOST:PORT (port 0: a free one). */
+export async function serveMetrics(address: string, registry: Registry): Promise<{ url: string; close: () => Promise<void> }> {
+  const where = parseAddress(address);
+  if (where.kind !== 'tcp') throw new PostcopyError(ErrorCode.INVALID_ADDRESS, `metrics are served over HTTP: give tcp:HOST:PORT, not ${address}`);
+  const server: Server = createServer((req, res) => {
+    if (req.method !== 'GET' || req.url?.split('?')[0] !== '/metrics') {
+      res.writeHead(404, { 'content-type': 'text/plain' }).end('only GET /metrics here\n');
+      return;
+    }
+    registry.metrics().then(
+      (text) => res.writeHead(200, { 'content-type': registry.contentType }).end(text),
+      (err: Error) => res.writeHead(500, { 'content-type': 'text/plain' }).end(`${err.message}\n`),
+    );
+  });
+  server.keepAliveTimeout = 5000;
+  server.headersTimeout = 10_000;
+  server.requestTimeout = 10_000;
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', (err: NodeJS.ErrnoException) =>
+      reject(new PostcopyError(err.code === 'EADDRINUSE' ? ErrorCode.ADDRESS_IN_USE : ErrorCode.INVALID_ADDRESS, `metrics at ${address}: ${err.message}`)),
+    );
+    server.listen(where.port, where.host, () => resolve());
+  });
+  const bound = server.address();
+  const port = bound && typeof bound === 'object' ? bound.port : where.port;
+  const host = where.host.includes(':') ? `[${where.host}]` : where.host;
+  return {
+    url: `http://${host}:${port}/metrics`,
+    close: () => new Promise<void>((resolve) => { server.closeAllConnections(); server.close(() => resolve()); }),
+  };
+}
