@@ -1,8 +1,11 @@
-// The yardstick: ../shared/floor/run, a plain-C userfaultfd page service, run
-// in the same benchmark run so every figure comes with a ratio.
-import { execFile } from 'node:child_process';
-import { existsSync } from 'node:fs';
-import { dirname, join, resolve } from 'node:path';
+// The yardstick: bench/floor.c, this project's plain-C userfaultfd page
+// service (no Node), built on first use and run in the same benchmark run so
+// every figure comes with a ratio. $UFFD_FLOOR runs another program with the
+// same arguments and output instead.
+import { execFile, execFileSync } from 'node:child_process';
+import { existsSync, renameSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 export interface FloorLatency { case: string; pages: number; p50_us: number; p90_us: number; p99_us: number; max_us: number; total_ms: number }
@@ -15,15 +18,21 @@ export function projectRoot(): string {
   return dir;
 }
 
-/** $UFFD_FLOOR, or ../shared/floor/run beside the project; null when neither exists. */
-export function floorCommand(): string | null {
-  const candidates = [process.env.UFFD_FLOOR, resolve(projectRoot(), '../shared/floor/run')].filter(Boolean) as string[];
-  return candidates.find((c) => existsSync(c)) ?? null;
+/** $UFFD_FLOOR, or bench/floor.c built (again when the source is newer) into the temp directory. */
+export function floorCommand(): string {
+  if (process.env.UFFD_FLOOR) return process.env.UFFD_FLOOR;
+  const source = join(projectRoot(), 'bench', 'floor.c');
+  const binary = join(tmpdir(), `uffd-postcopy-floor-${process.getuid?.() ?? 0}`);
+  if (!existsSync(binary) || statSync(binary).mtimeMs < statSync(source).mtimeMs) {
+    const partial = `${binary}.${process.pid}.tmp`;
+    execFileSync('cc', ['-O2', '-Wall', '-pthread', '-o', partial, source]);
+    renameSync(partial, binary);
+  }
+  return binary;
 }
 
 export function runFloor(pages: number, seed: number, cases: string[]): Promise<Map<string, FloorLatency | FloorBulk>> {
   const cmd = floorCommand();
-  if (!cmd) return Promise.resolve(new Map());
   return new Promise((resolveRun, reject) => {
     execFile(cmd, ['--pages', String(pages), '--seed', String(seed), '--cases', cases.join(',')], { maxBuffer: 1 << 20 }, (err, stdout, stderr) => {
       if (err) return reject(new Error(`the floor failed: ${stderr || err.message}`));

@@ -27,19 +27,37 @@ function percentiles(latencyNs: Float64Array, totalNs: number) {
   return { p50_us: round(s[n >> 1] / 1e3), p90_us: round(s[Math.floor((n * 9) / 10)] / 1e3), p99_us: round(s[Math.floor((n * 99) / 100)] / 1e3), max_us: round(s[n - 1] / 1e3), total_ms: round(totalNs / 1e6, 1) };
 }
 
+/** The median of each numeric field over several runs of the same shape. */
+function medianOf<T extends object>(runs: T[]): T {
+  const out: Record<string, unknown> = { ...(runs[0] as Record<string, unknown>) };
+  for (const [k, v] of Object.entries(runs[0])) if (typeof v === 'number') out[k] = median(runs.map((r) => (r as Record<string, number>)[k]));
+  return out as T;
+}
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+/** Median of per-pair ratios, with their spread: these machines drift, so one pair is not a ratio. */
+function ratioOf(pairs: number[]): { median: number; spread: [number, number] } {
+  return { median: round(median(pairs)), spread: [round(Math.min(...pairs)), round(Math.max(...pairs))] };
+}
+
 export interface LatencyResult {
   case: 'latency';
   transport: Transport;
   pages: number;
   seed: number;
+  /** Interleaved pairs (ours, floor, then floor, ours, ...). */
+  rounds: number;
+  /** Medians over the rounds. */
   ours: ReturnType<typeof percentiles>;
   handlerUs: { p50: number; p90: number; p99: number; max: number };
   touchCpu: number;
-  floor: FloorLatency | null;
-  ratio: { p50: number; p90: number; p99: number } | null;
+  floor: FloorLatency;
+  /** Medians of the per-round ratios ours / floor. */
+  ratio: { p50: number; p90: number; p99: number };
+  /** The smallest and largest per-round ratio. */
+  spread: { p50: [number, number]; p90: [number, number]; p99: [number, number] };
 }
 
-export async function latencyBench(pages: number, transport: Transport, seed: number): Promise<LatencyResult> {
+async function oursLatencyOnce(pages: number, transport: Transport, seed: number) {
   const dir = mkdtempSync(join(tmpdir(), 'postcopy-bench-'));
   const source = await floorSource(dir, pages, transport);
   try {
@@ -52,15 +70,8 @@ export async function latencyBench(pages: number, transport: Transport, seed: nu
         if (touched.firstBytes[k] !== ((order[k] * 7 + 1) & 0xff)) throw new Error(`wrong byte in page ${order[k]}`);
       }
       const report = await dest.finish();
-      const ours = percentiles(touched.latencyNs, touched.totalNs);
-      const floor = (await runFloor(pages, seed, [transport])).get(transport) as FloorLatency | undefined;
-      return {
-        case: 'latency', transport, pages, seed, ours,
-        handlerUs: { p50: report.faultLatencyUs.p50, p90: report.faultLatencyUs.p90, p99: report.faultLatencyUs.p99, max: report.faultLatencyUs.max },
-        touchCpu: touched.startCpu,
-        floor: floor ?? null,
-        ratio: floor ? { p50: round(ours.p50_us / floor.p50_us), p90: round(ours.p90_us / floor.p90_us), p99: round(ours.p99_us / floor.p99_us) } : null,
-      };
+      const l = report.faultLatencyUs;
+      return { ours: percentiles(touched.latencyNs, touched.totalNs), handlerUs: { p50: l.p50, p90: l.p90, p99: l.p99, max: l.max }, touchCpu: touched.startCpu };
     } finally {
       dest.close();
     }
@@ -68,29 +79,58 @@ export async function latencyBench(pages: number, transport: Transport, seed: nu
     await source.close();
     rmSync(dir, { recursive: true, force: true });
   }
+}
+
+export async function latencyBench(pages: number, transport: Transport, seed: number, rounds = 3): Promise<LatencyResult> {
+  const ours: Awaited<ReturnType<typeof oursLatencyOnce>>[] = [];
+  const floors: FloorLatency[] = [];
+  const floorOnce = async () => floors.push((await runFloor(pages, seed, [transport])).get(transport) as FloorLatency);
+  for (let r = 0; r < rounds; r++) {
+    // Alternate which goes first, so neither always runs on a warmer (or busier) machine.
+    if (r % 2 === 0) {
+      ours.push(await oursLatencyOnce(pages, transport, seed));
+      await floorOnce();
+    } else {
+      await floorOnce();
+      ours.push(await oursLatencyOnce(pages, transport, seed));
+    }
+  }
+  const q = (k: 'p50' | 'p90' | 'p99') => ratioOf(ours.map((o, i) => o.ours[`${k}_us`] / floors[i][`${k}_us`]));
+  const [p50, p90, p99] = [q('p50'), q('p90'), q('p99')];
+  return {
+    case: 'latency', transport, pages, seed, rounds,
+    ours: medianOf(ours.map((o) => o.ours)),
+    handlerUs: medianOf(ours.map((o) => o.handlerUs)),
+    touchCpu: ours[ours.length - 1].touchCpu,
+    floor: medianOf(floors),
+    ratio: { p50: p50.median, p90: p90.median, p99: p99.median },
+    spread: { p50: p50.spread, p90: p90.spread, p99: p99.spread },
+  };
 }
 
 export interface ThroughputResult {
   case: 'throughput';
   transport: Transport;
   pages: number;
+  rounds: number;
+  /** Medians over the rounds. */
   ours: { gbytes_per_s: number; total_ms: number };
-  floor: FloorBulk | null;
-  ratio: number | null;
+  floor: FloorBulk;
+  /** Median of the per-round ratios ours / floor, and their spread. */
+  ratio: number;
+  spread: [number, number];
 }
 
-export async function throughputBench(pages: number, transport: Transport): Promise<ThroughputResult> {
+async function oursThroughputOnce(pages: number, transport: Transport) {
   const dir = mkdtempSync(join(tmpdir(), 'postcopy-bench-'));
   const source = await floorSource(dir, pages, transport);
   try {
     const dest = await Destination.connect({ source: source.address, token: source.token, window: { forward: 0, backward: 0 }, background: { enabled: true } });
     try {
       const report = await dest.finish();
-      const ns = dest.stats().fullResidencyNs;
-      const ours = { gbytes_per_s: round((pages * PAGE_SIZE) / ns, 3), total_ms: round(ns / 1e6, 1) };
-      const floor = (await runFloor(pages, 1, [`bulk-${transport}`])).get(`bulk-${transport}`) as FloorBulk | undefined;
       if (!report.digestMatch) throw new Error('digest mismatch');
-      return { case: 'throughput', transport, pages, ours, floor: floor ?? null, ratio: floor ? round(ours.gbytes_per_s / floor.gbytes_per_s) : null };
+      const ns = dest.stats().fullResidencyNs;
+      return { gbytes_per_s: round((pages * PAGE_SIZE) / ns, 3), total_ms: round(ns / 1e6, 1) };
     } finally {
       dest.close();
     }
@@ -98,4 +138,21 @@ export async function throughputBench(pages: number, transport: Transport): Prom
     await source.close();
     rmSync(dir, { recursive: true, force: true });
   }
+}
+
+export async function throughputBench(pages: number, transport: Transport, rounds = 3): Promise<ThroughputResult> {
+  const ours: { gbytes_per_s: number; total_ms: number }[] = [];
+  const floors: FloorBulk[] = [];
+  const floorOnce = async () => floors.push((await runFloor(pages, 1, [`bulk-${transport}`])).get(`bulk-${transport}`) as FloorBulk);
+  for (let r = 0; r < rounds; r++) {
+    if (r % 2 === 0) {
+      ours.push(await oursThroughputOnce(pages, transport));
+      await floorOnce();
+    } else {
+      await floorOnce();
+      ours.push(await oursThroughputOnce(pages, transport));
+    }
+  }
+  const ratio = ratioOf(ours.map((o, i) => o.gbytes_per_s / floors[i].gbytes_per_s));
+  return { case: 'throughput', transport, pages, rounds, ours: medianOf(ours), floor: medianOf(floors), ratio: ratio.median, spread: ratio.spread };
 }

@@ -1,7 +1,8 @@
-// The links the benchmark runs over: a unix socket, TCP loopback, and emulated
-// data-centre links between two network namespaces the benchmark creates and
-// removes itself (veth + tc: netem for delay and rate where the kernel has it,
-// otherwise tbf for the rate alone, and the report says so).
+// The links the benchmark runs over: a unix socket, TCP loopback, and veth
+// links between two network namespaces the benchmark creates and removes
+// itself, at a data-centre rate (tc netem adds a one-way delay where the
+// kernel has it; otherwise tbf sets the rate alone). Each link is named after
+// what it is on this machine: veth-10g-50us with the delay, veth-10g without.
 import { execFileSync } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
@@ -19,12 +20,14 @@ export interface LinkSpec {
 export const LINKS: LinkSpec[] = [
   { name: 'unix', floorCase: 'unix' },
   { name: 'tcp', floorCase: 'tcp' },
-  { name: 'dc-10g-50us', floorCase: 'tcp', emulate: { gbit: 10, delayUs: 50 } },
-  { name: 'dc-1g-250us', floorCase: 'tcp', emulate: { gbit: 1, delayUs: 250 } },
+  { name: 'veth-10g', floorCase: 'tcp', emulate: { gbit: 10, delayUs: 50 } },
+  { name: 'veth-1g', floorCase: 'tcp', emulate: { gbit: 1, delayUs: 250 } },
 ];
 
 export interface LinkUp {
   spec: LinkSpec;
+  /** The link as it is here: the spec's name, plus the delay when one was added (veth-10g-50us). */
+  name: string;
   /** What the link really is on this machine (e.g. "rate only: no netem"). */
   description: string;
   source: RunningSource;
@@ -49,11 +52,11 @@ function tryTc(args: string[]): boolean {
 export async function bringUp(spec: LinkSpec, imagePath: string, dir: string): Promise<LinkResult> {
   if (spec.name === 'unix') {
     const source = await startSource(imagePath, `unix:${join(dir, 'source.sock')}`);
-    return { up: { spec, description: 'unix socket', source, down: () => source.close() } };
+    return { up: { spec, name: spec.name, description: 'unix socket', source, down: () => source.close() } };
   }
   if (!spec.emulate) {
     const source = await startSource(imagePath, 'tcp:127.0.0.1:0');
-    return { up: { spec, description: 'TCP loopback', source, ...(source.token ? { token: source.token } : {}), down: () => source.close() } };
+    return { up: { spec, name: spec.name, description: 'TCP loopback', source, ...(source.token ? { token: source.token } : {}), down: () => source.close() } };
   }
   return bringUpNamespaceLink(spec, imagePath, dir);
 }
@@ -86,10 +89,12 @@ async function bringUpNamespaceLink(spec: LinkSpec, imagePath: string, dir: stri
   const { gbit, delayUs } = spec.emulate!;
   const rate = `${gbit}gbit`;
   let description: string;
+  let name = spec.name;
   const netem = ['qdisc', 'add', 'dev', host, 'root', 'netem', 'delay', `${delayUs}us`, 'rate', rate];
   if (tryTc(netem)) {
     sh('ip', ['netns', 'exec', ns, 'tc', 'qdisc', 'add', 'dev', peer, 'root', 'netem', 'delay', `${delayUs}us`, 'rate', rate]);
     description = `veth between namespaces, netem ${rate} with ${delayUs} µs one way`;
+    name = `${spec.name}-${delayUs}us`;
   } else {
     const burst = gbit >= 10 ? '1mb' : '256kb';
     const tbf = ['root', 'tbf', 'rate', rate, 'burst', burst, 'latency', '20ms'];
@@ -108,7 +113,7 @@ async function bringUpNamespaceLink(spec: LinkSpec, imagePath: string, dir: stri
     const source = await startSource(imagePath, `tcp:${subnet}.2:0`, { wrap: ['ip', 'netns', 'exec', ns], tokenFile });
     return {
       up: {
-        spec, description, source, token,
+        spec, name, description, source, token,
         async down() {
           await source.close();
           remove();

@@ -39,13 +39,20 @@ export function residencyOverTime(rows: ScenarioResult[], title: string, path: s
 }
 
 export function scaling(points: { mib: number; series: string; ms: number }[], path: string): Promise<string> {
-  return render({
+  return render(scalingSpec(points), path);
+}
+
+/** The scaling plot: its size axis spans the sizes measured, not the next powers of ten around them. */
+export function scalingSpec(points: { mib: number; series: string; ms: number }[]): TopLevelSpec {
+  const sizes = points.map((p) => p.mib);
+  const domain = sizes.length ? [Math.min(...sizes), Math.max(...sizes)] : [1, 2];
+  return {
     ...base, title: 'Time to full residency (background stream) and random-workload time, by image size, unix socket', data: { values: points },
     mark: { type: 'line', point: true },
     encoding: {
-      x: { field: 'mib', type: 'quantitative', title: 'image size (MiB, log scale)', scale: { type: 'log' } },
+      x: { field: 'mib', type: 'quantitative', title: 'image size (MiB, log scale)', scale: { type: 'log', domain, nice: false, base: 2 }, axis: { values: [...new Set(sizes)].sort((a, b) => a - b) } },
       y: { field: 'ms', type: 'quantitative', title: 'ms (log scale)', scale: { type: 'log' } },
       color: { field: 'series', type: 'nominal', legend: { labelLimit: 400, orient: 'bottom', columns: 1 } },
     },
-  } as TopLevelSpec, path);
+  } as TopLevelSpec;
 }

@@ -69,12 +69,12 @@ export async function runSuite(options: SuiteOptions): Promise<{ dir: string; re
         report.links.push({ name: spec.name, skipped: link.skipped });
         continue;
       }
-      report.links.push({ name: spec.name, description: link.up.description });
-      say(`${spec.name}: ${link.up.description}`);
+      report.links.push({ name: link.up.name, description: link.up.description });
+      say(`${link.up.name}: ${link.up.description}`);
       try {
         for (const [pattern, threads] of plan.workloads) {
           for (const policy of policies) {
-            const r = await runScenario({ link: spec.name, source: link.up.source, token: link.up.token, pages, pattern, threads, policy, placement: FREE });
+            const r = await runScenario({ link: link.up.name, source: link.up.source, token: link.up.token, pages, pattern, threads, policy, placement: FREE });
             report.results.push(r);
             say(`  ${pattern}/${threads} ${policy.name}: first touch p50 ${r.firstTouchUs.p50} µs, workload ${r.workloadMs} ms, full residency ${r.fullResidencyMs ?? '–'} ms`);
           }

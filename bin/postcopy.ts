@@ -13,13 +13,17 @@ import { parseChoice, parseCommandLine, parseCount, UsageError } from './options
 import { join } from 'node:path';
 
 const benchUsage = `postcopy bench [--full] [--out DIR] [--pages N] [--link NAME ...] [--json]
-  Links (unix, tcp, emulated data-centre links between network namespaces) x
-  access patterns x transfer policies (x image sizes with --full), each beside
-  ../shared/floor/run measured in the same run. Writes results.json, report.md
-  and SVG plots to reports/<time>/ (see bench/README.md).
+  Links (unix, tcp, veth links between network namespaces at data-centre
+  rates) x access patterns x transfer policies (x image sizes with --full),
+  each beside bench/floor.c (a plain-C page service) measured in the same run.
+  Writes results.json, report.md and SVG plots to reports/<time>/ (see
+  bench/README.md).
 
-postcopy bench latency|throughput [--pages N] [--transport unix|tcp|both] [--seed S] [--json]
-  The floor's own workload only: one thread, every page once, random order.
+postcopy bench latency|throughput [--pages N] [--transport unix|tcp|both] [--seed S] [--rounds R] [--json]
+  The floor's own workload only (one thread, every page once, random order;
+  or the whole image streamed), ours and bench/floor.c's interleaved R times
+  (default 3): the ratio is the median of the per-round ratios, with their
+  spread.
 
 postcopy bench encryption [--pages N] [--rounds R]
   What sealing TCP data channels costs: fault p50 and bulk GB/s over TCP,
@@ -87,14 +91,13 @@ async function bench(argv: string[]): Promise<void> {
     return;
   }
   const { latencyBench, throughputBench } = await import('../bench/latency.js');
-  const { floorCommand } = await import('../bench/floor.js');
   const transport = parseChoice(values.transport, '--transport', ['unix', 'tcp', 'both'] as const, 'both');
   const transports: Transport[] = transport === 'both' ? ['unix', 'tcp'] : [transport];
   const pages = parseCount(values.pages, '--pages', which === 'latency' ? 32768 : 65536, 1 << 24, 1);
   const seed = parseCount(values.seed, '--seed', 1, 0xffffffff);
-  if (!floorCommand() && !values.json) process.stderr.write('note: ../shared/floor/run not found (set UFFD_FLOOR); figures come without ratios\n');
+  const rounds = parseCount(values.rounds, '--rounds', 3, 100, 1);
   for (const t of transports) {
-    const result = which === 'latency' ? await latencyBench(pages, t, seed) : await throughputBench(pages, t);
+    const result = which === 'latency' ? await latencyBench(pages, t, seed, rounds) : await throughputBench(pages, t, rounds);
     process.stdout.write(JSON.stringify(result) + '\n');
   }
 }

@@ -6,6 +6,7 @@ import { join } from 'node:path';
 import { splitForThreads, touchSequence } from '../bench/patterns.js';
 import { runSuite } from '../bench/suite.js';
 import { rankPolicies } from '../bench/report.js';
+import { scaling, scalingSpec } from '../bench/plots.js';
 import { tempDir } from './helpers.js';
 
 t.test('access patterns touch what they claim', async (t) => {
@@ -52,4 +53,15 @@ t.test('the quick suite runs end to end and writes JSON, Markdown and SVG plots'
   for (const plot of report.plots) t.match(readFileSync(join(out, plot), 'utf8'), /^<svg/, `${plot} is an SVG`);
   t.ok(existsSync(join(out, 'latency-cdf-unix.svg')) && existsSync(join(out, 'residency-unix.svg')));
   t.equal(rankPolicies(report.results).length, 4);
+});
+
+t.test("scaling.svg's size axis spans the sizes measured, and the plot renders", async (t) => {
+  const points = [64, 256, 1024].flatMap((mib) => [{ mib, series: 'ours', ms: mib * 2 }, { mib, series: 'floor', ms: mib }]);
+  const x = (scalingSpec(points) as unknown as { encoding: { x: { scale: { domain: number[]; nice: boolean }; axis: { values: number[] } } } }).encoding.x;
+  t.same(x.scale.domain, [64, 1024]);
+  t.equal(x.scale.nice, false, 'not rounded out to powers of ten');
+  t.same(x.axis.values, [64, 256, 1024], 'a tick at each size measured');
+  const path = join(tempDir(t), 'scaling.svg');
+  await scaling(points, path);
+  t.match(readFileSync(path, 'utf8'), /<svg/);
 });
