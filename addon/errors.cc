@@ -9,8 +9,7 @@ std::string ErrnoName(int err) {
   return name ? std::string(name) : "E" + std::to_string(err);
 }
 
-Napi::Error ErrnoError(Napi::Env env, int err, const std::string& syscall,
-                       const std::string& request) {
+Napi::Error ErrnoError(Napi::Env env, int err, const std::string& syscall, const std::string& request) {
   std::string code = ErrnoName(err);
   std::string message = code + ": " + strerror(err) + ", " + syscall;
   if (!request.empty()) message += " " + request;
@@ -22,9 +21,7 @@ Napi::Error ErrnoError(Napi::Env env, int err, const std::string& syscall,
   return error;
 }
 
-void ThrowErrno(Napi::Env env, int err, const std::string& syscall, const std::string& request) {
-  throw ErrnoError(env, err, syscall, request);
-}
+void ThrowErrno(Napi::Env env, int err, const std::string& syscall, const std::string& request) { throw ErrnoError(env, err, syscall, request); }
 
 Napi::Error CodedError(Napi::Env env, const std::string& code, const std::string& message) {
   Napi::Error error = Napi::Error::New(env, message);

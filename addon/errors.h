@@ -6,10 +6,8 @@
 
 namespace uffdpc {
 
-Napi::Error ErrnoError(Napi::Env env, int err, const std::string& syscall,
-                       const std::string& request = "");
-[[noreturn]] void ThrowErrno(Napi::Env env, int err, const std::string& syscall,
-                             const std::string& request = "");
+Napi::Error ErrnoError(Napi::Env env, int err, const std::string& syscall, const std::string& request = "");
+[[noreturn]] void ThrowErrno(Napi::Env env, int err, const std::string& syscall, const std::string& request = "");
 // The symbolic name of an errno value ("EAGAIN"), or "E<n>" when unknown.
 std::string ErrnoName(int err);
 // A protocol/usage error with one of our stable codes (ERR_...).

@@ -18,16 +18,19 @@ namespace uffdpc {
 
 struct NativeEvent {
   using Fields = std::vector<std::pair<const char*, double>>;
-  NativeEvent(std::string type_, std::string channel_ = "", std::string code_ = "", std::string message_ = "", uint32_t generation_ = 0,
-              Fields fields_ = {})
-      : type(std::move(type_)), channel(std::move(channel_)), code(std::move(code_)), message(std::move(message_)),
-        generation(generation_), fields(std::move(fields_)) {}
+  NativeEvent(std::string type_, std::string channel_ = "", std::string code_ = "", std::string message_ = "", uint32_t generation_ = 0, Fields fields_ = {})
+      : type(std::move(type_)),
+        channel(std::move(channel_)),
+        code(std::move(code_)),
+        message(std::move(message_)),
+        generation(generation_),
+        fields(std::move(fields_)) {}
   std::string type;
   std::string channel;
   std::string code;
   std::string message;
   uint32_t generation = 0;
-  int errnum = 0;           // with `syscall`: a kernel error (code is its name)
+  int errnum = 0;  // with `syscall`: a kernel error (code is its name)
   const char* syscall = nullptr;
   Fields fields;
 };
@@ -77,8 +80,7 @@ class EventSink {
 };
 
 // A kernel error as an event: code = errno name, errno, syscall.
-inline NativeEvent ErrnoEvent(const char* type, const char* channel, int err, const char* syscall, const std::string& message,
-                              uint32_t generation = 0) {
+inline NativeEvent ErrnoEvent(const char* type, const char* channel, int err, const char* syscall, const std::string& message, uint32_t generation = 0) {
   NativeEvent e{type, channel, "", message, generation};
   if (err > 0) {
     e.code = ErrnoName(err);

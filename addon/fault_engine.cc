@@ -47,9 +47,9 @@ struct TargetRegion {
   uint32_t sourceRegion = 0;
   uint64_t sourcePage = 0;
   std::unique_ptr<AtomicBitmap> received, requested;
-  std::unique_ptr<AtomicBitmap> removed;  // given back by the process (REMOVE/UNMAP): zero-filled, never fetched
-  std::unique_ptr<AtomicBitmap> settled;  // resident or given back: counted toward completion exactly once
-  std::unique_ptr<AtomicBitmap> checked;  // installed here from the source's data: in the installed-pages checksum
+  std::unique_ptr<AtomicBitmap> removed;             // given back by the process (REMOVE/UNMAP): zero-filled, never fetched
+  std::unique_ptr<AtomicBitmap> settled;             // resident or given back: counted toward completion exactly once
+  std::unique_ptr<AtomicBitmap> checked;             // installed here from the source's data: in the installed-pages checksum
   std::unique_ptr<LazyPageArray<uint64_t>> faultNs;  // first fault time of a waited-on page, 0 if none
   std::unique_ptr<LazyPageArray<uint32_t>> waiters;  // faults seen on the page while it was missing
 };
@@ -59,14 +59,10 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "FaultEngine",
                        {InstanceMethod<&FaultEngine::Start>("start"), InstanceMethod<&FaultEngine::Stop>("stop"),
-                        InstanceMethod<&FaultEngine::AttachChannels>("attachChannels"),
-                        InstanceMethod<&FaultEngine::DetachChannels>("detachChannels"),
-                        InstanceMethod<&FaultEngine::PoisonMissing>("poisonMissing"),
-                        InstanceMethod<&FaultEngine::Stats>("stats"),
-                        InstanceMethod<&FaultEngine::ReceivedBitmap>("receivedBitmap"),
-                        InstanceMethod<&FaultEngine::HeldBitmap>("heldBitmap"),
-                        InstanceMethod<&FaultEngine::MarkResident>("markResident"),
-                        InstanceMethod<&FaultEngine::InstalledChecksum>("installedChecksum"),
+                        InstanceMethod<&FaultEngine::AttachChannels>("attachChannels"), InstanceMethod<&FaultEngine::DetachChannels>("detachChannels"),
+                        InstanceMethod<&FaultEngine::PoisonMissing>("poisonMissing"), InstanceMethod<&FaultEngine::Stats>("stats"),
+                        InstanceMethod<&FaultEngine::ReceivedBitmap>("receivedBitmap"), InstanceMethod<&FaultEngine::HeldBitmap>("heldBitmap"),
+                        InstanceMethod<&FaultEngine::MarkResident>("markResident"), InstanceMethod<&FaultEngine::InstalledChecksum>("installedChecksum"),
                         InstanceMethod<&FaultEngine::LatencyBuckets>("latencyBuckets")});
   }
 
@@ -134,7 +130,10 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     if (started_ || stopped_) return info.Env().Undefined();
     started_ = true;
     startNs_ = MonotonicNs();
-    faultThread_ = std::thread([this] { NameAndPinThisThread("pc-fault", cpu_); FaultLoop(); });
+    faultThread_ = std::thread([this] {
+      NameAndPinThisThread("pc-fault", cpu_);
+      FaultLoop();
+    });
     return info.Env().Undefined();
   }
 
@@ -152,7 +151,10 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       Napi::Object k = info[2].As<Napi::Object>();
       for (auto [name, into] : {std::pair{"urgentDown", urgentDown}, std::pair{"urgentUp", urgentUp}, std::pair{"bulkDown", bulkDown}}) {
         Napi::Value v = k.Get(name);
-        if (!v.IsBuffer() || v.As<Napi::Buffer<uint8_t>>().Length() != 32) { badKeys = true; break; }
+        if (!v.IsBuffer() || v.As<Napi::Buffer<uint8_t>>().Length() != 32) {
+          badKeys = true;
+          break;
+        }
         std::memcpy(into, v.As<Napi::Buffer<uint8_t>>().Data(), 32);
       }
     }
@@ -177,8 +179,14 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     attached_ = true;
     auto urgentIn = std::make_shared<ChannelReader>(urgent, key(urgentDown, kUrgentDown, false));
     auto bulkIn = std::make_shared<ChannelReader>(bulk, key(bulkDown, kBulkDown, false));
-    urgentThread_ = std::thread([this, urgentIn, generation] { NameAndPinThisThread("pc-urgent-rx", cpu_); ReceiveLoop(*urgentIn, "urgent", generation); });
-    bulkThread_ = std::thread([this, bulkIn, generation] { NameAndPinThisThread("pc-bulk-rx", cpu_); ReceiveLoop(*bulkIn, "bulk", generation); });
+    urgentThread_ = std::thread([this, urgentIn, generation] {
+      NameAndPinThisThread("pc-urgent-rx", cpu_);
+      ReceiveLoop(*urgentIn, "urgent", generation);
+    });
+    bulkThread_ = std::thread([this, bulkIn, generation] {
+      NameAndPinThisThread("pc-bulk-rx", cpu_);
+      ReceiveLoop(*bulkIn, "bulk", generation);
+    });
     // Requests the old channels never answered go out first, from the fault thread.
     uint64_t one = 1;
     if (write(resendFd_, &one, sizeof one) < 0) {}
@@ -393,15 +401,22 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     Napi::Array out = Napi::Array::New(env, sourcePages_.size());
     for (uint32_t id = 0; id < sourcePages_.size(); id++) {
       std::vector<const TargetRegion*> targets;
-      for (auto& r : regions_) if (r->sourceRegion == id) targets.push_back(r.get());
+      for (auto& r : regions_)
+        if (r->sourceRegion == id) targets.push_back(r.get());
       std::sort(targets.begin(), targets.end(), [](const TargetRegion* a, const TargetRegion* b) { return a->sourcePage < b->sourcePage; });
       std::vector<double> skip;
       bool tooMany = false;
       uint64_t checkedPages = 0;
       auto leaveOut = [&](uint64_t first, uint64_t count) {
         if (count == 0 || tooMany) return;
-        if (!skip.empty() && skip[skip.size() - 2] + skip.back() == double(first)) { skip.back() += double(count); return; }
-        if (skip.size() / 2 >= kMaxSkipRanges) { tooMany = true; return; }
+        if (!skip.empty() && skip[skip.size() - 2] + skip.back() == double(first)) {
+          skip.back() += double(count);
+          return;
+        }
+        if (skip.size() / 2 >= kMaxSkipRanges) {
+          tooMany = true;
+          return;
+        }
         skip.push_back(double(first));
         skip.push_back(double(count));
       };
@@ -473,8 +488,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       int err = urgentWriter_->Write(reqs.data(), reqs.size() * sizeof(wire::PageRequest));
       if (err) {
         urgentBroken_ = true;
-        if (!stop_.load() && !detaching_.load())
-          events_.Emit(ErrnoEvent("error", "urgent", err, "write", "sending a page request failed", generation_.load()));
+        if (!stop_.load() && !detaching_.load()) events_.Emit(ErrnoEvent("error", "urgent", err, "write", "sending a page request failed", generation_.load()));
       } else {
         requestsSent_ += reqs.size();
       }
@@ -527,8 +541,10 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       uint64_t now = MonotonicNs();
       for (size_t i = 0; i < static_cast<size_t>(n) / sizeof(uffd_msg); i++) {
         const uffd_msg& m = msgs[i];
-        if (m.event == UFFD_EVENT_PAGEFAULT) OnFault(m.arg.pagefault.address, now, reqs);
-        else OnMemoryEvent(m);
+        if (m.event == UFFD_EVENT_PAGEFAULT)
+          OnFault(m.arg.pagefault.address, now, reqs);
+        else
+          OnMemoryEvent(m);
       }
       if (!deferredZeroFills_.empty()) RetryDeferredZeroFills();
       SendRequests(reqs);
@@ -638,8 +654,13 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
             followed = true;
           }
         }
-        events_.Emit({"remap", "", "", followed ? "" : "a partial remap of a region is not followed", 0,
-                      {{"from", double(m.arg.remap.from)}, {"to", double(m.arg.remap.to)}, {"length", double(m.arg.remap.len)}, {"followed", followed ? 1.0 : 0.0}}});
+        events_.Emit(
+            {"remap",
+             "",
+             "",
+             followed ? "" : "a partial remap of a region is not followed",
+             0,
+             {{"from", double(m.arg.remap.from)}, {"to", double(m.arg.remap.to)}, {"length", double(m.arg.remap.len)}, {"followed", followed ? 1.0 : 0.0}}});
         break;
       }
       case UFFD_EVENT_FORK:
@@ -762,7 +783,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
         if (Leaving()) return false;
         continue;
       }
-      if (err == ENOENT) {  // no longer registered (unmapped): settle it as given back
+      if (err == ENOENT) {                                                      // no longer registered (unmapped): settle it as given back
         uint64_t at = r.base.load(std::memory_order_acquire) + p * r.pageSize;  // the page that failed, past what was installed
         GiveBack(at, at + r.pageSize);
         p++;
@@ -772,7 +793,9 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
         if (!Leaving()) events_.Emit(ErrnoEvent("target-gone", channel, ESRCH, "ioctl", "the process owning the memory exited", generation));
         return false;
       }
-      if (!Leaving()) events_.Emit(ErrnoEvent("install-failed", channel, err, "ioctl", data ? "installing pages failed (UFFDIO_COPY)" : "installing zero pages failed (UFFDIO_ZEROPAGE)", generation));
+      if (!Leaving())
+        events_.Emit(ErrnoEvent("install-failed", channel, err, "ioctl",
+                                data ? "installing pages failed (UFFDIO_COPY)" : "installing zero pages failed (UFFDIO_ZEROPAGE)", generation));
       return false;
     }
     return true;
@@ -780,7 +803,10 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
 
   int Copy(uint64_t dst, const uint8_t* src, uint64_t len, int64_t* done) {
     uffdio_copy c{dst, reinterpret_cast<uint64_t>(src), len, 0, 0};
-    if (ioctl(uffd_, UFFDIO_COPY, &c) == 0) { *done = static_cast<int64_t>(len); return 0; }
+    if (ioctl(uffd_, UFFDIO_COPY, &c) == 0) {
+      *done = static_cast<int64_t>(len);
+      return 0;
+    }
     *done = c.copy;
     return errno;
   }
@@ -788,8 +814,14 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   int Zero(uint64_t dst, uint64_t len, int64_t* done) {
     if (!zeroFallback_.load(std::memory_order_relaxed)) {
       uffdio_zeropage z{{dst, len}, 0, 0};
-      if (ioctl(uffd_, UFFDIO_ZEROPAGE, &z) == 0) { *done = static_cast<int64_t>(len); return 0; }
-      if (errno != EINVAL) { *done = z.zeropage; return errno; }
+      if (ioctl(uffd_, UFFDIO_ZEROPAGE, &z) == 0) {
+        *done = static_cast<int64_t>(len);
+        return 0;
+      }
+      if (errno != EINVAL) {
+        *done = z.zeropage;
+        return errno;
+      }
       zeroFallback_.store(true);  // hugetlbfs has no ZEROPAGE: copy zeros instead
     }
     return Copy(dst, zeros_.get(), len, done);  // runs never exceed maxRunBytes_
@@ -849,7 +881,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   std::mutex urgentMu_;
   std::atomic<int> urgentFd_{-1};
   std::unique_ptr<ChannelWriter> urgentWriter_;  // under urgentMu_: sealed when the channels are encrypted
-  bool urgentBroken_ = false;  // under urgentMu_: a write failed; wait for new channels
+  bool urgentBroken_ = false;                    // under urgentMu_: a write failed; wait for new channels
   std::atomic<uint32_t> generation_{0};
   std::atomic<bool> detaching_{false};
   int cpu_ = -1;  // pin every engine thread here (-1: no pinning)
@@ -859,22 +891,20 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   std::atomic<bool> zeroFallback_{false};
   std::unique_ptr<uint8_t, decltype(&free)> zeros_{nullptr, &free};
   std::unique_ptr<std::atomic<uint64_t>[]> checksum_;  // per source region: the installed-pages checksum so far
-  bool checksumInstalled_ = false;  // hash each page as it goes in (the handler's check at the end)
-  std::vector<uint64_t> zeroHash_;  // per source region: ContentHash of a zero page
-  static constexpr size_t kMaxSkipRanges = 100000;  // keeps the source's `done` frame well under its limit
+  bool checksumInstalled_ = false;                     // hash each page as it goes in (the handler's check at the end)
+  std::vector<uint64_t> zeroHash_;                     // per source region: ContentHash of a zero page
+  static constexpr size_t kMaxSkipRanges = 100000;     // keeps the source's `done` frame well under its limit
   std::atomic<bool> stop_{false};
   LatencyHistogram latency_;
   uint64_t startNs_ = 0;
   std::atomic<uint64_t> completeNs_{0};
-  std::atomic<uint64_t> faults_{0}, faultsResident_{0}, requestsSent_{0}, installed_[3] = {}, zeroPages_{0},
-      duplicates_{0}, bytesReceived_{0}, resident_{0}, blockedNs_{0}, retries_{0}, unexpected_{0}, memoryEvents_{0},
-      removedPages_{0}, zeroFilledAfterRemove_{0}, unmappedPages_{0}, requestsResent_{0}, poisonedPages_{0};
+  std::atomic<uint64_t> faults_{0}, faultsResident_{0}, requestsSent_{0}, installed_[3] = {}, zeroPages_{0}, duplicates_{0}, bytesReceived_{0}, resident_{0},
+                                                                          blockedNs_{0}, retries_{0}, unexpected_{0}, memoryEvents_{0}, removedPages_{0},
+                                                                          zeroFilledAfterRemove_{0}, unmappedPages_{0}, requestsResent_{0}, poisonedPages_{0};
 };
 
 }  // namespace
 
-void InitFaultEngine(Napi::Env env, Napi::Object exports) {
-  exports.Set("FaultEngine", FaultEngine::Define(env));
-}
+void InitFaultEngine(Napi::Env env, Napi::Object exports) { exports.Set("FaultEngine", FaultEngine::Define(env)); }
 
 }  // namespace uffdpc

@@ -22,8 +22,7 @@ constexpr size_t kMaxFds = 253;  // SCM_MAX_FD
 Napi::Value SocketPair(const Napi::CallbackInfo& info) {
   int sv[2];
   int type = info.Length() > 0 && info[0].IsBoolean() && info[0].As<Napi::Boolean>().Value() ? SOCK_SEQPACKET : SOCK_STREAM;
-  if (socketpair(AF_UNIX, type | SOCK_CLOEXEC, 0, sv) != 0)
-    ThrowErrno(info.Env(), errno, "socketpair");
+  if (socketpair(AF_UNIX, type | SOCK_CLOEXEC, 0, sv) != 0) ThrowErrno(info.Env(), errno, "socketpair");
   Napi::Array out = Napi::Array::New(info.Env(), 2);
   out.Set(0u, sv[0]);
   out.Set(1u, sv[1]);
@@ -107,8 +106,7 @@ Napi::Value PeerCredentials(const Napi::CallbackInfo& info) {
 class PollWorker : public Napi::AsyncWorker {
  public:
   PollWorker(Napi::Env env, int fd, short events, int timeoutMs)
-      : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), pfd_{fd, events, 0},
-        timeoutMs_(timeoutMs) {}
+      : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), pfd_{fd, events, 0}, timeoutMs_(timeoutMs) {}
   Napi::Promise Promise() { return deferred_.Promise(); }
   void Execute() override {
     int ready;
@@ -117,8 +115,10 @@ class PollWorker : public Napi::AsyncWorker {
     if (ready < 0) err_ = errno;
   }
   void OnOK() override {
-    if (err_) deferred_.Reject(ErrnoError(Env(), err_, "poll").Value());
-    else deferred_.Resolve(Napi::Number::New(Env(), pfd_.revents));
+    if (err_)
+      deferred_.Reject(ErrnoError(Env(), err_, "poll").Value());
+    else
+      deferred_.Resolve(Napi::Number::New(Env(), pfd_.revents));
   }
 
  private:
@@ -130,8 +130,7 @@ class PollWorker : public Napi::AsyncWorker {
 
 // pollFd(fd, events, timeoutMs) -> Promise<revents> (0 on timeout)
 Napi::Value PollFd(const Napi::CallbackInfo& info) {
-  auto* worker = new PollWorker(info.Env(), info[0].As<Napi::Number>().Int32Value(),
-                                static_cast<short>(info[1].As<Napi::Number>().Int32Value()),
+  auto* worker = new PollWorker(info.Env(), info[0].As<Napi::Number>().Int32Value(), static_cast<short>(info[1].As<Napi::Number>().Int32Value()),
                                 info[2].As<Napi::Number>().Int32Value());
   Napi::Promise promise = worker->Promise();
   worker->Queue();

@@ -33,8 +33,7 @@ class FdWatcher : public Napi::ObjectWrap<FdWatcher> {
  public:
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "FdWatcher",
-                       {InstanceMethod<&FdWatcher::Watch>("watch"), InstanceMethod<&FdWatcher::Cancel>("cancel"),
-                        InstanceMethod<&FdWatcher::Close>("close")});
+                       {InstanceMethod<&FdWatcher::Watch>("watch"), InstanceMethod<&FdWatcher::Cancel>("cancel"), InstanceMethod<&FdWatcher::Close>("close")});
   }
 
   // new FdWatcher(onOutcome: ({id, ready}) => void)
@@ -151,7 +150,10 @@ class FdWatcher : public Napi::ObjectWrap<FdWatcher> {
         }
         auto now = Clock::now();
         for (auto it = watched_.begin(); it != watched_.end();) {
-          if (it->second.deadline > now) { ++it; continue; }
+          if (it->second.deadline > now) {
+            ++it;
+            continue;
+          }
           epoll_ctl(epoll_, EPOLL_CTL_DEL, it->second.fd, nullptr);
           outcomes.push_back({this, it->second.id, false});
           it = watched_.erase(it);
@@ -197,8 +199,6 @@ class FdWatcher : public Napi::ObjectWrap<FdWatcher> {
 
 }  // namespace
 
-void InitFdWatcher(Napi::Env env, Napi::Object exports) {
-  exports.Set("FdWatcher", FdWatcher::Define(env));
-}
+void InitFdWatcher(Napi::Env env, Napi::Object exports) { exports.Set("FdWatcher", FdWatcher::Define(env)); }
 
 }  // namespace uffdpc

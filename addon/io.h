@@ -24,7 +24,10 @@ inline int ReadFull(int fd, void* buf, size_t n) {
   size_t got = 0;
   while (got < n) {
     ssize_t r = read(fd, static_cast<char*>(buf) + got, n - got);
-    if (r > 0) { got += static_cast<size_t>(r); continue; }
+    if (r > 0) {
+      got += static_cast<size_t>(r);
+      continue;
+    }
     if (r == 0) return got == 0 ? -1 : EPIPE;
     if (errno == EINTR) continue;
     return errno;
@@ -57,8 +60,7 @@ inline int WritevFull(int fd, iovec* iov, int count) {
 // Asks for large socket buffers on a bulk channel so a whole 2 MiB run moves
 // per wakeup; as root the FORCE variants lift the sysctl caps. Best effort.
 inline void EnlargeSocketBuffer(int fd, int option, int forceOption, int bytes) {
-  if (setsockopt(fd, SOL_SOCKET, forceOption, &bytes, sizeof bytes) != 0)
-    setsockopt(fd, SOL_SOCKET, option, &bytes, sizeof bytes);
+  if (setsockopt(fd, SOL_SOCKET, forceOption, &bytes, sizeof bytes) != 0) setsockopt(fd, SOL_SOCKET, option, &bytes, sizeof bytes);
 }
 
 inline int WriteFull(int fd, const void* buf, size_t n) {

@@ -7,12 +7,10 @@
 namespace uffdpc {
 
 Napi::Function Mapping::Define(Napi::Env env) {
-  Napi::Function fn = DefineClass(env, "Mapping",
-                                  {InstanceAccessor<&Mapping::Address>("address"),
-                                   InstanceAccessor<&Mapping::Length>("length"),
-                                   InstanceAccessor<&Mapping::Mapped>("mapped"),
-                                   InstanceMethod<&Mapping::View>("view"),
-                                   InstanceMethod<&Mapping::Unmap>("unmap")});
+  Napi::Function fn =
+      DefineClass(env, "Mapping",
+                  {InstanceAccessor<&Mapping::Address>("address"), InstanceAccessor<&Mapping::Length>("length"), InstanceAccessor<&Mapping::Mapped>("mapped"),
+                   InstanceMethod<&Mapping::View>("view"), InstanceMethod<&Mapping::Unmap>("unmap")});
   return fn;
 }
 
@@ -36,15 +34,9 @@ Mapping::~Mapping() {
   if (reserved_) munmap(reserved_, length_);
 }
 
-Napi::Value Mapping::Address(const Napi::CallbackInfo& info) {
-  return Napi::Number::New(info.Env(), static_cast<double>(reinterpret_cast<uintptr_t>(data_)));
-}
-Napi::Value Mapping::Length(const Napi::CallbackInfo& info) {
-  return Napi::Number::New(info.Env(), static_cast<double>(length_));
-}
-Napi::Value Mapping::Mapped(const Napi::CallbackInfo& info) {
-  return Napi::Boolean::New(info.Env(), data_ != nullptr);
-}
+Napi::Value Mapping::Address(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), static_cast<double>(reinterpret_cast<uintptr_t>(data_))); }
+Napi::Value Mapping::Length(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), static_cast<double>(length_)); }
+Napi::Value Mapping::Mapped(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), data_ != nullptr); }
 
 // view(): an ArrayBuffer over the whole mapping, no copy. Each view holds a
 // strong reference to this Mapping until the view itself is collected.
@@ -67,8 +59,7 @@ Napi::Value Mapping::View(const Napi::CallbackInfo& info) {
 Napi::Value Mapping::Unmap(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!data_) return env.Undefined();
-  if (pins_ > 0)
-    throw CodedError(env, "ERR_MAPPING_BUSY", "the mapping is in use by a running page server session");
+  if (pins_ > 0) throw CodedError(env, "ERR_MAPPING_BUSY", "the mapping is in use by a running page server session");
   for (auto& ref : views_) {
     Napi::ArrayBuffer ab = ref.Value();
     if (!ab.IsEmpty() && !ab.IsDetached()) ab.Detach();

@@ -38,15 +38,13 @@ Napi::Value GetSeals(const Napi::CallbackInfo& info) {
 // madvise(address, length, advice)
 Napi::Value Madvise(const Napi::CallbackInfo& info) {
   void* addr = reinterpret_cast<void*>(static_cast<uintptr_t>(I64(info[0])));
-  if (madvise(addr, static_cast<size_t>(I64(info[1])), info[2].As<Napi::Number>().Int32Value()) != 0)
-    ThrowErrno(info.Env(), errno, "madvise");
+  if (madvise(addr, static_cast<size_t>(I64(info[1])), info[2].As<Napi::Number>().Int32Value()) != 0) ThrowErrno(info.Env(), errno, "madvise");
   return info.Env().Undefined();
 }
 
 // fallocate(fd, mode, offset, length)
 Napi::Value Fallocate(const Napi::CallbackInfo& info) {
-  if (fallocate(info[0].As<Napi::Number>().Int32Value(), info[1].As<Napi::Number>().Int32Value(),
-                I64(info[2]), I64(info[3])) != 0)
+  if (fallocate(info[0].As<Napi::Number>().Int32Value(), info[1].As<Napi::Number>().Int32Value(), I64(info[2]), I64(info[3])) != 0)
     ThrowErrno(info.Env(), errno, "fallocate");
   return info.Env().Undefined();
 }

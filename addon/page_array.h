@@ -28,8 +28,10 @@ class LazyPageArray {
     std::atomic<T>* chunk = slot.load(std::memory_order_acquire);
     if (!chunk) {
       auto* fresh = new std::atomic<T>[kChunk]();
-      if (slot.compare_exchange_strong(chunk, fresh, std::memory_order_acq_rel)) chunk = fresh;
-      else delete[] fresh;  // another thread got there first; `chunk` holds its chunk
+      if (slot.compare_exchange_strong(chunk, fresh, std::memory_order_acq_rel))
+        chunk = fresh;
+      else
+        delete[] fresh;  // another thread got there first; `chunk` holds its chunk
     }
     return chunk[page % kChunk];
   }

@@ -30,8 +30,6 @@ Napi::Value PageChecksum(const Napi::CallbackInfo& info) {
 
 }  // namespace
 
-void InitPageChecksum(Napi::Env env, Napi::Object exports) {
-  exports.Set("pageChecksum", Napi::Function::New(env, PageChecksum, "pageChecksum"));
-}
+void InitPageChecksum(Napi::Env env, Napi::Object exports) { exports.Set("pageChecksum", Napi::Function::New(env, PageChecksum, "pageChecksum")); }
 
 }  // namespace uffdpc

@@ -29,13 +29,11 @@ struct ServedRegion {
   uint64_t pages = 0;
   std::unique_ptr<AtomicBitmap> sent;        // sent at least once, on either channel
   std::unique_ptr<AtomicBitmap> sentUrgent;  // sent on the urgent channel
-  std::vector<uint64_t> knownZero;  // pages known to be zero (file holes), read-only
-  Napi::ObjectReference keepAlive;  // the Buffer or Mapping behind `data`
+  std::vector<uint64_t> knownZero;           // pages known to be zero (file holes), read-only
+  Napi::ObjectReference keepAlive;           // the Buffer or Mapping behind `data`
   Mapping* pinned = nullptr;
 
-  bool KnownZero(uint64_t page) const {
-    return !knownZero.empty() && ((knownZero[page / 64] >> (page % 64)) & 1);
-  }
+  bool KnownZero(uint64_t page) const { return !knownZero.empty() && ((knownZero[page / 64] >> (page % 64)) & 1); }
   bool IsZero(uint64_t page) const {
     if (KnownZero(page)) return true;
     const uint64_t* w = reinterpret_cast<const uint64_t*>(data + page * pageSize);
@@ -93,10 +91,8 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
  public:
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "PageServerSession",
-                       {InstanceMethod<&PageServerSession::Start>("start"),
-                        InstanceMethod<&PageServerSession::Stop>("stop"),
-                        InstanceMethod<&PageServerSession::MarkSent>("markSent"),
-                        InstanceMethod<&PageServerSession::Stats>("stats")});
+                       {InstanceMethod<&PageServerSession::Start>("start"), InstanceMethod<&PageServerSession::Stop>("stop"),
+                        InstanceMethod<&PageServerSession::MarkSent>("markSent"), InstanceMethod<&PageServerSession::Stats>("stats")});
   }
 
   // new PageServerSession({regions, urgentFd, bulkFd, windowForward, windowBackward,
@@ -105,39 +101,37 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
     Napi::Object o = info[0].As<Napi::Object>();
     Napi::Array regions = o.Get("regions").As<Napi::Array>();
     try {
-    for (uint32_t i = 0; i < regions.Length(); i++) {
-      Napi::Object r = regions.Get(i).As<Napi::Object>();
-      auto region = std::make_unique<ServedRegion>();
-      Napi::Object source = r.Get("source").As<Napi::Object>();
-      uint64_t offset = static_cast<uint64_t>(r.Get("offset").As<Napi::Number>().Int64Value());
-      uint64_t length = static_cast<uint64_t>(r.Get("length").As<Napi::Number>().Int64Value());
-      region->pageSize = static_cast<uint64_t>(r.Get("pageSize").As<Napi::Number>().Int64Value());
-      region->pages = length / region->pageSize;
-      if (r.Get("sourceIsMapping").As<Napi::Boolean>().Value()) {
-        Mapping* m = Mapping::Unwrap(source);
-        if (!m->mapped() || offset + length > m->length())
-          throw CodedError(info.Env(), "ERR_IMAGE_INVALID", "the image mapping is unmapped or too small");
-        m->Pin();
-        region->pinned = m;
-        region->data = m->data() + offset;
-      } else {
-        auto bytes = source.As<Napi::TypedArrayOf<uint8_t>>();
-        if (offset + length > bytes.ByteLength())
-          throw CodedError(info.Env(), "ERR_IMAGE_INVALID", "the image buffer is too small");
-        region->data = bytes.Data() + offset;
+      for (uint32_t i = 0; i < regions.Length(); i++) {
+        Napi::Object r = regions.Get(i).As<Napi::Object>();
+        auto region = std::make_unique<ServedRegion>();
+        Napi::Object source = r.Get("source").As<Napi::Object>();
+        uint64_t offset = static_cast<uint64_t>(r.Get("offset").As<Napi::Number>().Int64Value());
+        uint64_t length = static_cast<uint64_t>(r.Get("length").As<Napi::Number>().Int64Value());
+        region->pageSize = static_cast<uint64_t>(r.Get("pageSize").As<Napi::Number>().Int64Value());
+        region->pages = length / region->pageSize;
+        if (r.Get("sourceIsMapping").As<Napi::Boolean>().Value()) {
+          Mapping* m = Mapping::Unwrap(source);
+          if (!m->mapped() || offset + length > m->length()) throw CodedError(info.Env(), "ERR_IMAGE_INVALID", "the image mapping is unmapped or too small");
+          m->Pin();
+          region->pinned = m;
+          region->data = m->data() + offset;
+        } else {
+          auto bytes = source.As<Napi::TypedArrayOf<uint8_t>>();
+          if (offset + length > bytes.ByteLength()) throw CodedError(info.Env(), "ERR_IMAGE_INVALID", "the image buffer is too small");
+          region->data = bytes.Data() + offset;
+        }
+        region->keepAlive = Napi::Persistent(source);
+        Napi::Value zero = r.Get("knownZero");
+        if (zero.IsTypedArray()) {
+          auto z = zero.As<Napi::TypedArrayOf<uint8_t>>();
+          region->knownZero.assign((region->pages + 63) / 64, 0);
+          std::memcpy(region->knownZero.data(), z.Data(), std::min<size_t>(z.ByteLength(), region->knownZero.size() * 8));
+        }
+        region->sent = std::make_unique<AtomicBitmap>(region->pages);
+        region->sentUrgent = std::make_unique<AtomicBitmap>(region->pages);
+        totalPages_ += region->pages;
+        regions_.push_back(std::move(region));
       }
-      region->keepAlive = Napi::Persistent(source);
-      Napi::Value zero = r.Get("knownZero");
-      if (zero.IsTypedArray()) {
-        auto z = zero.As<Napi::TypedArrayOf<uint8_t>>();
-        region->knownZero.assign((region->pages + 63) / 64, 0);
-        std::memcpy(region->knownZero.data(), z.Data(), std::min<size_t>(z.ByteLength(), region->knownZero.size() * 8));
-      }
-      region->sent = std::make_unique<AtomicBitmap>(region->pages);
-      region->sentUrgent = std::make_unique<AtomicBitmap>(region->pages);
-      totalPages_ += region->pages;
-      regions_.push_back(std::move(region));
-    }
     } catch (...) {
       // The destructor does not run when a constructor throws: undo the pins.
       for (auto& r : regions_)
@@ -183,8 +177,15 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
     if (started_ || stopped_) return info.Env().Undefined();
     started_ = true;
     startNs_ = MonotonicNs();
-    requestThread_ = std::thread([this] { NameAndPinThisThread("pc-requests", -1); RequestLoop(); });
-    if (background_ && bulkFd_ >= 0) backgroundThread_ = std::thread([this] { NameAndPinThisThread("pc-background", -1); BackgroundLoop(); });
+    requestThread_ = std::thread([this] {
+      NameAndPinThisThread("pc-requests", -1);
+      RequestLoop();
+    });
+    if (background_ && bulkFd_ >= 0)
+      backgroundThread_ = std::thread([this] {
+        NameAndPinThisThread("pc-background", -1);
+        BackgroundLoop();
+      });
     return info.Env().Undefined();
   }
 
@@ -230,9 +231,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
     return s;
   }
 
-  void Fail(const char* channel, const char* code, const std::string& message) {
-    events_.Emit({"error", channel, code, message});
-  }
+  void Fail(const char* channel, const char* code, const std::string& message) { events_.Emit({"error", channel, code, message}); }
 
   // Adds pages [first, first+count) of region `id` to the batch as data and
   // zero runs. Returns 0 or the errno of a failed send.
@@ -264,7 +263,8 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
       ssize_t got = in.ReadSome(reinterpret_cast<char*>(reqs.data()) + have, reqs.size() * sizeof(wire::PageRequest) - have);
       if (got == kBadRecord) return Fail("urgent", "ERR_DATA_TAMPERED", "a record on the urgent channel failed authentication");
       if (got <= 0) {
-        if (!stop_.load()) events_.Emit(ErrnoEvent("closed", "urgent", got < 0 ? static_cast<int>(-got) : 0, "read", "the destination closed the urgent channel"));
+        if (!stop_.load())
+          events_.Emit(ErrnoEvent("closed", "urgent", got < 0 ? static_cast<int>(-got) : 0, "read", "the destination closed the urgent channel"));
         return;
       }
       have += static_cast<size_t>(got);
@@ -355,7 +355,10 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
       uint32_t maxRun = wire::MaxRunPages(r.pageSize);
       uint64_t runLen = 0;
       while (p + runLen < r.pages && runLen < maxRun && r.sent->Claim(p + runLen)) runLen++;
-      if (runLen == 0) { cursor = p + 1; continue; }  // the request thread took it first
+      if (runLen == 0) {
+        cursor = p + 1;
+        continue;
+      }  // the request thread took it first
       claimed_ += runLen;
       pagesBackground_ += runLen;
       cursor = p + runLen;
@@ -398,16 +401,14 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
   bool started_ = false, stopped_ = false;
   std::atomic<bool> stop_{false};
   std::atomic<uint64_t> lastRequest_{0}, requestSeq_{0};
-  std::atomic<uint64_t> claimed_{0}, requests_{0}, pagesRequested_{0}, pagesResent_{0}, pagesInFlight_{0}, pagesPrefault_{0},
-      pagesBackground_{0}, zeroPages_{0}, bytesSent_{0};
+  std::atomic<uint64_t> claimed_{0}, requests_{0}, pagesRequested_{0}, pagesResent_{0}, pagesInFlight_{0}, pagesPrefault_{0}, pagesBackground_{0},
+      zeroPages_{0}, bytesSent_{0};
   uint64_t startNs_ = 0;
   std::atomic<uint64_t> backgroundDoneNs_{0};
 };
 
 }  // namespace
 
-void InitPageServer(Napi::Env env, Napi::Object exports) {
-  exports.Set("PageServerSession", PageServerSession::Define(env));
-}
+void InitPageServer(Napi::Env env, Napi::Object exports) { exports.Set("PageServerSession", PageServerSession::Define(env)); }
 
 }  // namespace uffdpc

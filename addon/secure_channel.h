@@ -29,9 +29,7 @@ constexpr int kBadRecord = -1000;  // ReadFull/ReadSome result: a record failed 
 
 class Aead {
  public:
-  Aead(const uint8_t key[32], uint32_t direction, bool seal) : direction_(direction), seal_(seal), ctx_(EVP_CIPHER_CTX_new()) {
-    std::memcpy(key_, key, 32);
-  }
+  Aead(const uint8_t key[32], uint32_t direction, bool seal) : direction_(direction), seal_(seal), ctx_(EVP_CIPHER_CTX_new()) { std::memcpy(key_, key, 32); }
   ~Aead() { EVP_CIPHER_CTX_free(ctx_); }
   Aead(const Aead&) = delete;
   Aead& operator=(const Aead&) = delete;
@@ -187,7 +185,10 @@ class ChannelReader {
     }
     while (end_ - start_ < n) {
       ssize_t r = read(fd_, in_.data() + end_, in_.size() - end_);
-      if (r > 0) { end_ += static_cast<size_t>(r); continue; }
+      if (r > 0) {
+        end_ += static_cast<size_t>(r);
+        continue;
+      }
       if (r == 0) return end_ == start_ ? -1 : EPIPE;
       if (errno == EINTR) continue;
       return errno;

@@ -26,8 +26,7 @@ Napi::Object Progress(Napi::Env env, int64_t bytes, const char* code) {
   return out;
 }
 
-Napi::Object ProgressOrThrow(Napi::Env env, int rc, int err, int64_t reported, uint64_t len,
-                             const char* request) {
+Napi::Object ProgressOrThrow(Napi::Env env, int rc, int err, int64_t reported, uint64_t len, const char* request) {
   if (rc == 0) return Progress(env, static_cast<int64_t>(len), nullptr);
   if (err == EAGAIN) return Progress(env, reported, "EAGAIN");
   if (err == EEXIST) return Progress(env, reported, "EEXIST");
@@ -83,15 +82,13 @@ Napi::Value Register(const Napi::CallbackInfo& info) {
   reg.range.start = U64(info[1]);
   reg.range.len = U64(info[2]);
   reg.mode = U64(info[3]);
-  if (ioctl(info[0].As<Napi::Number>().Int32Value(), UFFDIO_REGISTER, &reg) != 0)
-    ThrowErrno(env, errno, "ioctl", "UFFDIO_REGISTER");
+  if (ioctl(info[0].As<Napi::Number>().Int32Value(), UFFDIO_REGISTER, &reg) != 0) ThrowErrno(env, errno, "ioctl", "UFFDIO_REGISTER");
   return Napi::BigInt::New(env, static_cast<uint64_t>(reg.ioctls));
 }
 
 Napi::Value Unregister(const Napi::CallbackInfo& info) {
   uffdio_range range{U64(info[1]), U64(info[2])};
-  if (ioctl(info[0].As<Napi::Number>().Int32Value(), UFFDIO_UNREGISTER, &range) != 0)
-    ThrowErrno(info.Env(), errno, "ioctl", "UFFDIO_UNREGISTER");
+  if (ioctl(info[0].As<Napi::Number>().Int32Value(), UFFDIO_UNREGISTER, &range) != 0) ThrowErrno(info.Env(), errno, "ioctl", "UFFDIO_UNREGISTER");
   return info.Env().Undefined();
 }
 
@@ -145,8 +142,7 @@ Napi::Value Move(const Napi::CallbackInfo& info) {
 
 Napi::Value Wake(const Napi::CallbackInfo& info) {
   uffdio_range range{U64(info[1]), U64(info[2])};
-  if (ioctl(info[0].As<Napi::Number>().Int32Value(), UFFDIO_WAKE, &range) != 0)
-    ThrowErrno(info.Env(), errno, "ioctl", "UFFDIO_WAKE");
+  if (ioctl(info[0].As<Napi::Number>().Int32Value(), UFFDIO_WAKE, &range) != 0) ThrowErrno(info.Env(), errno, "ioctl", "UFFDIO_WAKE");
   return info.Env().Undefined();
 }
 
@@ -154,8 +150,7 @@ Napi::Value WriteProtect(const Napi::CallbackInfo& info) {
   uffdio_writeprotect wp{};
   wp.range = {U64(info[1]), U64(info[2])};
   wp.mode = U64(info[3]);
-  if (ioctl(info[0].As<Napi::Number>().Int32Value(), UFFDIO_WRITEPROTECT, &wp) != 0)
-    ThrowErrno(info.Env(), errno, "ioctl", "UFFDIO_WRITEPROTECT");
+  if (ioctl(info[0].As<Napi::Number>().Int32Value(), UFFDIO_WRITEPROTECT, &wp) != 0) ThrowErrno(info.Env(), errno, "ioctl", "UFFDIO_WRITEPROTECT");
   return info.Env().Undefined();
 }
 

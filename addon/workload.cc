@@ -23,10 +23,15 @@ inline uint64_t NowNs() {
 
 class TouchWorker : public Napi::AsyncWorker {
  public:
-  TouchWorker(Napi::Env env, uintptr_t base, size_t pageSize, const uint32_t* order, size_t count,
-              bool write, int cpu)
-      : Napi::AsyncWorker(env), cpu_(cpu), deferred_(Napi::Promise::Deferred::New(env)), base_(base),
-        pageSize_(pageSize), order_(order, order + count), write_(write), latency_(count),
+  TouchWorker(Napi::Env env, uintptr_t base, size_t pageSize, const uint32_t* order, size_t count, bool write, int cpu)
+      : Napi::AsyncWorker(env),
+        cpu_(cpu),
+        deferred_(Napi::Promise::Deferred::New(env)),
+        base_(base),
+        pageSize_(pageSize),
+        order_(order, order + count),
+        write_(write),
+        latency_(count),
         firstBytes_(count) {}
   Napi::Promise Promise() { return deferred_.Promise(); }
 
@@ -106,10 +111,9 @@ class TouchWorker : public Napi::AsyncWorker {
 // `mapping`, when given, is pinned until the touches are done.
 Napi::Value TouchPages(const Napi::CallbackInfo& info) {
   auto order = info[2].As<Napi::Uint32Array>();
-  auto* worker = new TouchWorker(
-      info.Env(), static_cast<uintptr_t>(info[0].As<Napi::Number>().Int64Value()),
-      static_cast<size_t>(info[1].As<Napi::Number>().Int64Value()), order.Data(), order.ElementLength(),
-      info[3].As<Napi::Boolean>().Value(), info[4].IsNumber() ? info[4].As<Napi::Number>().Int32Value() : -1);
+  auto* worker = new TouchWorker(info.Env(), static_cast<uintptr_t>(info[0].As<Napi::Number>().Int64Value()),
+                                 static_cast<size_t>(info[1].As<Napi::Number>().Int64Value()), order.Data(), order.ElementLength(),
+                                 info[3].As<Napi::Boolean>().Value(), info[4].IsNumber() ? info[4].As<Napi::Number>().Int32Value() : -1);
   if (info.Length() > 5 && info[5].IsObject()) {
     Napi::Object mapping = info[5].As<Napi::Object>();
     if (!Mapping::Unwrap(mapping)->mapped()) {

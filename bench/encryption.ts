@@ -73,9 +73,19 @@ export async function encryptionBench(pages: number, rounds: number, seed = 1) {
     rmSync(dir, { recursive: true, force: true });
   }
   const of = (mode: Mode, k: keyof Omit<Round, 'mode'>) => median(results.filter((x) => x.mode === mode).map((x) => x[k]));
-  const summary = Object.fromEntries((['plaintext', 'sealed'] as Mode[]).map((m) => [m, { faultP50Us: of(m, 'faultP50Us'), faultP99Us: of(m, 'faultP99Us'), bulkGBps: of(m, 'bulkGBps') }]));
+  const summary = Object.fromEntries(
+    (['plaintext', 'sealed'] as Mode[]).map((m) => [m, { faultP50Us: of(m, 'faultP50Us'), faultP99Us: of(m, 'faultP99Us'), bulkGBps: of(m, 'bulkGBps') }]),
+  );
   return {
-    case: 'encryption', transport: 'tcp', pages, rounds, results, median: summary,
-    ratio: { faultP50: round2(of('sealed', 'faultP50Us') / of('plaintext', 'faultP50Us')), bulkThroughput: round2(of('sealed', 'bulkGBps') / of('plaintext', 'bulkGBps')) },
+    case: 'encryption',
+    transport: 'tcp',
+    pages,
+    rounds,
+    results,
+    median: summary,
+    ratio: {
+      faultP50: round2(of('sealed', 'faultP50Us') / of('plaintext', 'faultP50Us')),
+      bulkThroughput: round2(of('sealed', 'bulkGBps') / of('plaintext', 'bulkGBps')),
+    },
   };
 }

@@ -46,7 +46,7 @@
 static size_t npages = 32768;
 static unsigned long long seed = 1;
 
-static void fail(const char *what) {
+static void fail(const char* what) {
   fprintf(stderr, "floor: %s: %s\n", what, strerror(errno));
   exit(1);
 }
@@ -57,23 +57,23 @@ static double now_ns(void) {
   return t.tv_sec * 1e9 + t.tv_nsec;
 }
 
-static unsigned char *make_image(void) {
-  unsigned char *img = mmap(NULL, npages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+static unsigned char* make_image(void) {
+  unsigned char* img = mmap(NULL, npages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (img == MAP_FAILED) fail("mmap image");
   for (size_t i = 0; i < npages; i++) memset(img + i * PAGE, (int)((i * 7 + 1) & 0xff), PAGE);
   return img;
 }
 
 /* Fisher-Yates over a splitmix64 stream. */
-static uint64_t next_random(uint64_t *state) {
+static uint64_t next_random(uint64_t* state) {
   uint64_t z = (*state += 0x9e3779b97f4a7c15ULL);
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
   return z ^ (z >> 31);
 }
 
-static size_t *random_order(void) {
-  size_t *order = malloc(npages * sizeof *order);
+static size_t* random_order(void) {
+  size_t* order = malloc(npages * sizeof *order);
   if (!order) fail("malloc");
   for (size_t i = 0; i < npages; i++) order[i] = i;
   uint64_t state = seed;
@@ -85,7 +85,7 @@ static size_t *random_order(void) {
   return order;
 }
 
-static int open_uffd(char *region, size_t length) {
+static int open_uffd(char* region, size_t length) {
   int uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
   if (uffd < 0) fail("userfaultfd");
   struct uffdio_api api = {.api = UFFD_API};
@@ -95,13 +95,13 @@ static int open_uffd(char *region, size_t length) {
   return uffd;
 }
 
-static void copy_in(int uffd, char *dst, const void *src, size_t len) {
+static void copy_in(int uffd, char* dst, const void* src, size_t len) {
   struct uffdio_copy c = {.dst = (uintptr_t)dst, .src = (uintptr_t)src, .len = len};
   if (ioctl(uffd, UFFDIO_COPY, &c) && errno != EEXIST) fail("UFFDIO_COPY");
 }
 
-static void write_all(int fd, const void *buf, size_t n) {
-  const char *p = buf;
+static void write_all(int fd, const void* buf, size_t n) {
+  const char* p = buf;
   while (n) {
     ssize_t w = write(fd, p, n);
     if (w < 0 && errno == EINTR) continue;
@@ -111,8 +111,8 @@ static void write_all(int fd, const void *buf, size_t n) {
   }
 }
 
-static int read_all(int fd, void *buf, size_t n) {
-  char *p = buf;
+static int read_all(int fd, void* buf, size_t n) {
+  char* p = buf;
   while (n) {
     ssize_t r = read(fd, p, n);
     if (r < 0 && errno == EINTR) continue;
@@ -132,9 +132,9 @@ static void connect_pair(int tcp, int fds[2]) {
   int listener = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), one = 1;
   struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
   socklen_t len = sizeof a;
-  if (listener < 0 || bind(listener, (void *)&a, sizeof a) || listen(listener, 1) || getsockname(listener, (void *)&a, &len)) fail("listen");
+  if (listener < 0 || bind(listener, (void*)&a, sizeof a) || listen(listener, 1) || getsockname(listener, (void*)&a, &len)) fail("listen");
   fds[0] = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fds[0] < 0 || connect(fds[0], (void *)&a, sizeof a)) fail("connect");
+  if (fds[0] < 0 || connect(fds[0], (void*)&a, sizeof a)) fail("connect");
   fds[1] = accept4(listener, NULL, NULL, SOCK_CLOEXEC);
   if (fds[1] < 0) fail("accept");
   close(listener);
@@ -145,7 +145,7 @@ static void connect_pair(int tcp, int fds[2]) {
 /* The page server: answers each 8-byte page number with that page (or
  * streams the image). `other` is this process's end, closed in the child so
  * that closing it here is the end of the stream there. */
-static pid_t start_server(int fd, int other, const unsigned char *img, int stream) {
+static pid_t start_server(int fd, int other, const unsigned char* img, int stream) {
   pid_t pid = fork();
   if (pid < 0) fail("fork");
   if (pid > 0) return pid;
@@ -161,12 +161,12 @@ static pid_t start_server(int fd, int other, const unsigned char *img, int strea
 
 struct fault_loop {
   int uffd, sock, stop;
-  char *region;
-  const unsigned char *img; /* local case: pages come from here */
+  char* region;
+  const unsigned char* img; /* local case: pages come from here */
 };
 
-static void *serve_faults(void *arg) {
-  struct fault_loop *f = arg;
+static void* serve_faults(void* arg) {
+  struct fault_loop* f = arg;
   static unsigned char page[PAGE] __attribute__((aligned(4096)));
   struct pollfd p = {.fd = f->uffd, .events = POLLIN};
   while (!__atomic_load_n(&f->stop, __ATOMIC_ACQUIRE)) {
@@ -175,7 +175,7 @@ static void *serve_faults(void *arg) {
     if (read(f->uffd, &m, sizeof m) != sizeof m) continue;
     if (m.event != UFFD_EVENT_PAGEFAULT) continue;
     uint64_t pg = (m.arg.pagefault.address - (uintptr_t)f->region) / PAGE;
-    char *dst = f->region + pg * PAGE;
+    char* dst = f->region + pg * PAGE;
     if (f->img) {
       copy_in(f->uffd, dst, f->img + pg * PAGE, PAGE);
     } else {
@@ -187,14 +187,14 @@ static void *serve_faults(void *arg) {
   return NULL;
 }
 
-static int by_value(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
+static int by_value(const void* a, const void* b) {
+  double x = *(const double*)a, y = *(const double*)b;
   return x < y ? -1 : x > y;
 }
 
-static void latency_case(const char *name, int transport /* 0 local, 1 unix, 2 tcp */) {
-  unsigned char *img = make_image();
-  char *region = mmap(NULL, npages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+static void latency_case(const char* name, int transport /* 0 local, 1 unix, 2 tcp */) {
+  unsigned char* img = make_image();
+  char* region = mmap(NULL, npages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (region == MAP_FAILED) fail("mmap region");
   struct fault_loop f = {.uffd = open_uffd(region, npages * PAGE), .sock = -1, .region = region};
   pid_t server = 0;
@@ -209,15 +209,15 @@ static void latency_case(const char *name, int transport /* 0 local, 1 unix, 2 t
   }
   pthread_t thread;
   pthread_create(&thread, NULL, serve_faults, &f);
-  size_t *order = random_order();
-  double *lat = malloc(npages * sizeof *lat);
+  size_t* order = random_order();
+  double* lat = malloc(npages * sizeof *lat);
   if (!lat) fail("malloc");
   size_t bad = 0;
   double t0 = now_ns();
   for (size_t k = 0; k < npages; k++) {
     size_t pg = order[k];
     double a = now_ns();
-    unsigned char v = *(volatile unsigned char *)(region + pg * PAGE);
+    unsigned char v = *(volatile unsigned char*)(region + pg * PAGE);
     lat[k] = now_ns() - a;
     if (v != (unsigned char)((pg * 7 + 1) & 0xff)) bad++;
   }
@@ -241,16 +241,16 @@ static void latency_case(const char *name, int transport /* 0 local, 1 unix, 2 t
   free(lat);
 }
 
-static void bulk_case(const char *name, int tcp) {
-  unsigned char *img = make_image();
-  char *region = mmap(NULL, npages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+static void bulk_case(const char* name, int tcp) {
+  unsigned char* img = make_image();
+  char* region = mmap(NULL, npages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (region == MAP_FAILED) fail("mmap region");
   int uffd = open_uffd(region, npages * PAGE), fds[2];
   connect_pair(tcp, fds);
   double t0 = now_ns();
   pid_t server = start_server(fds[1], fds[0], img, 1);
   close(fds[1]);
-  unsigned char *chunk = aligned_alloc(PAGE, CHUNK);
+  unsigned char* chunk = aligned_alloc(PAGE, CHUNK);
   if (!chunk) fail("aligned_alloc");
   for (size_t off = 0; off < npages * PAGE; off += CHUNK) {
     size_t n = npages * PAGE - off < CHUNK ? npages * PAGE - off : CHUNK;
@@ -273,12 +273,15 @@ static void bulk_case(const char *name, int tcp) {
   munmap(img, npages * PAGE);
 }
 
-int main(int argc, char **argv) {
-  const char *cases = "local,unix,tcp,bulk-unix,bulk-tcp";
+int main(int argc, char** argv) {
+  const char* cases = "local,unix,tcp,bulk-unix,bulk-tcp";
   for (int i = 1; i < argc; i++) {
-    if (!strcmp(argv[i], "--pages") && i + 1 < argc) npages = strtoull(argv[++i], NULL, 0);
-    else if (!strcmp(argv[i], "--seed") && i + 1 < argc) seed = strtoull(argv[++i], NULL, 0);
-    else if (!strcmp(argv[i], "--cases") && i + 1 < argc) cases = argv[++i];
+    if (!strcmp(argv[i], "--pages") && i + 1 < argc)
+      npages = strtoull(argv[++i], NULL, 0);
+    else if (!strcmp(argv[i], "--seed") && i + 1 < argc)
+      seed = strtoull(argv[++i], NULL, 0);
+    else if (!strcmp(argv[i], "--cases") && i + 1 < argc)
+      cases = argv[++i];
     else {
       fprintf(stderr, "usage: floor [--pages N] [--seed S] [--cases local,unix,tcp,bulk-unix,bulk-tcp]\n");
       return 2;

@@ -8,8 +8,21 @@ import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-export interface FloorLatency { case: string; pages: number; p50_us: number; p90_us: number; p99_us: number; max_us: number; total_ms: number }
-export interface FloorBulk { case: string; pages: number; gbytes_per_s: number; total_ms: number }
+export interface FloorLatency {
+  case: string;
+  pages: number;
+  p50_us: number;
+  p90_us: number;
+  p99_us: number;
+  max_us: number;
+  total_ms: number;
+}
+export interface FloorBulk {
+  case: string;
+  pages: number;
+  gbytes_per_s: number;
+  total_ms: number;
+}
 
 /** The project root: the nearest folder above this file holding package.json. */
 export function projectRoot(): string {
@@ -37,7 +50,11 @@ export function runFloor(pages: number, seed: number, cases: string[]): Promise<
     execFile(cmd, ['--pages', String(pages), '--seed', String(seed), '--cases', cases.join(',')], { maxBuffer: 1 << 20 }, (err, stdout, stderr) => {
       if (err) return reject(new Error(`the floor failed: ${stderr || err.message}`));
       const out = new Map<string, FloorLatency | FloorBulk>();
-      for (const line of stdout.split('\n')) if (line.trim()) { const r = JSON.parse(line); out.set(r.case, r); }
+      for (const line of stdout.split('\n'))
+        if (line.trim()) {
+          const r = JSON.parse(line);
+          out.set(r.case, r);
+        }
       resolveRun(out);
     });
   });

@@ -24,7 +24,13 @@ const round = (x: number, digits = 2) => Math.round(x * 10 ** digits) / 10 ** di
 function percentiles(latencyNs: Float64Array, totalNs: number) {
   const s = Float64Array.from(latencyNs).sort();
   const n = s.length;
-  return { p50_us: round(s[n >> 1] / 1e3), p90_us: round(s[Math.floor((n * 9) / 10)] / 1e3), p99_us: round(s[Math.floor((n * 99) / 100)] / 1e3), max_us: round(s[n - 1] / 1e3), total_ms: round(totalNs / 1e6, 1) };
+  return {
+    p50_us: round(s[n >> 1] / 1e3),
+    p90_us: round(s[Math.floor((n * 9) / 10)] / 1e3),
+    p99_us: round(s[Math.floor((n * 99) / 100)] / 1e3),
+    max_us: round(s[n - 1] / 1e3),
+    total_ms: round(totalNs / 1e6, 1),
+  };
 }
 
 /** The median of each numeric field over several runs of the same shape. */
@@ -61,7 +67,12 @@ async function oursLatencyOnce(pages: number, transport: Transport, seed: number
   const dir = mkdtempSync(join(tmpdir(), 'postcopy-bench-'));
   const source = await floorSource(dir, pages, transport);
   try {
-    const dest = await Destination.connect({ source: source.address, token: source.token, window: { forward: 0, backward: 0 }, background: { enabled: false } });
+    const dest = await Destination.connect({
+      source: source.address,
+      token: source.token,
+      window: { forward: 0, backward: 0 },
+      background: { enabled: false },
+    });
     try {
       const region = dest.regions[0].mapping;
       const order = shuffledOrder(pages, seed);
@@ -71,7 +82,11 @@ async function oursLatencyOnce(pages: number, transport: Transport, seed: number
       }
       const report = await dest.finish();
       const l = report.faultLatencyUs;
-      return { ours: percentiles(touched.latencyNs, touched.totalNs), handlerUs: { p50: l.p50, p90: l.p90, p99: l.p99, max: l.max }, touchCpu: touched.startCpu };
+      return {
+        ours: percentiles(touched.latencyNs, touched.totalNs),
+        handlerUs: { p50: l.p50, p90: l.p90, p99: l.p99, max: l.max },
+        touchCpu: touched.startCpu,
+      };
     } finally {
       dest.close();
     }
@@ -98,7 +113,11 @@ export async function latencyBench(pages: number, transport: Transport, seed: nu
   const q = (k: 'p50' | 'p90' | 'p99') => ratioOf(ours.map((o, i) => o.ours[`${k}_us`] / floors[i][`${k}_us`]));
   const [p50, p90, p99] = [q('p50'), q('p90'), q('p99')];
   return {
-    case: 'latency', transport, pages, seed, rounds,
+    case: 'latency',
+    transport,
+    pages,
+    seed,
+    rounds,
     ours: medianOf(ours.map((o) => o.ours)),
     handlerUs: medianOf(ours.map((o) => o.handlerUs)),
     touchCpu: ours[ours.length - 1].touchCpu,

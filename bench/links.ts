@@ -69,8 +69,16 @@ async function bringUpNamespaceLink(spec: LinkSpec, imagePath: string, dir: stri
   const peer = `pcbn${id}`;
   const subnet = `10.${200 + (spec.emulate!.gbit % 50)}.${process.pid % 250}`;
   const remove = () => {
-    try { sh('ip', ['netns', 'del', ns]); } catch { /* already gone */ }
-    try { sh('ip', ['link', 'del', host]); } catch { /* went with the namespace */ }
+    try {
+      sh('ip', ['netns', 'del', ns]);
+    } catch {
+      /* already gone */
+    }
+    try {
+      sh('ip', ['link', 'del', host]);
+    } catch {
+      /* went with the namespace */
+    }
   };
   process.once('exit', remove);
   try {
@@ -113,7 +121,11 @@ async function bringUpNamespaceLink(spec: LinkSpec, imagePath: string, dir: stri
     const source = await startSource(imagePath, `tcp:${subnet}.2:0`, { wrap: ['ip', 'netns', 'exec', ns], tokenFile });
     return {
       up: {
-        spec, name, description, source, token,
+        spec,
+        name,
+        description,
+        source,
+        token,
         async down() {
           await source.close();
           remove();

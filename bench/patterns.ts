@@ -45,5 +45,7 @@ export function touchSequence(pattern: Pattern, pages: number, seed = 1): Uint32
 
 /** Deals a touch sequence round-robin to `threads` threads. */
 export function splitForThreads(sequence: Uint32Array, threads: number): Uint32Array[] {
-  return Array.from({ length: threads }, (_, t) => Uint32Array.from({ length: Math.ceil((sequence.length - t) / threads) }, (_, i) => sequence[t + i * threads]));
+  return Array.from({ length: threads }, (_, t) =>
+    Uint32Array.from({ length: Math.ceil((sequence.length - t) / threads) }, (_, i) => sequence[t + i * threads]),
+  );
 }

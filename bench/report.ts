@@ -2,7 +2,14 @@
 import type { ScenarioResult } from './scenario.js';
 import type { FloorBulk, FloorLatency } from './floor.js';
 
-export interface ScalingRow { mib: number; pages: number; fullResidencyMs: number; floorBulkMs: number | null; randomWorkloadMs: number; randomP50Us: number }
+export interface ScalingRow {
+  mib: number;
+  pages: number;
+  fullResidencyMs: number;
+  floorBulkMs: number | null;
+  randomWorkloadMs: number;
+  randomP50Us: number;
+}
 
 export interface SuiteReport {
   when: string;
@@ -35,7 +42,15 @@ export function rankPolicies(results: ScenarioResult[]) {
   return [...groups.values()].map((rows) => {
     const ranked = [...rows].sort((a, b) => a.workloadMs - b.workloadMs);
     const def = ranked.find((r) => r.policy === 'default');
-    return { link: rows[0].link, pattern: rows[0].pattern, threads: rows[0].threads, best: ranked[0], def, rank: def ? ranked.indexOf(def) + 1 : 0, of: ranked.length };
+    return {
+      link: rows[0].link,
+      pattern: rows[0].pattern,
+      threads: rows[0].threads,
+      best: ranked[0],
+      def,
+      rank: def ? ranked.indexOf(def) + 1 : 0,
+      of: ranked.length,
+    };
   });
 }
 
@@ -43,11 +58,17 @@ export function markdown(report: SuiteReport): string {
   const L: string[] = [];
   L.push(`# uffd-postcopy benchmark (${report.mode})`, '');
   L.push(`${report.when} · ${report.machine.cpus} CPUs · Linux ${report.machine.kernel} · Node ${report.machine.node}`, '');
-  L.push(`Image: ${report.pages} pages (${(report.pages * 4096 / 2 ** 20).toFixed(0)} MiB), the floor's image (page i filled with i*7+1). Each row is one destination session against a source in its own process.`, '');
+  L.push(
+    `Image: ${report.pages} pages (${((report.pages * 4096) / 2 ** 20).toFixed(0)} MiB), the floor's image (page i filled with i*7+1). Each row is one destination session against a source in its own process.`,
+    '',
+  );
   if (report.floorCommand) {
     const fl = (k: string) => report.floor[k] as FloorLatency | undefined;
     const fb = (k: string) => report.floor[k] as FloorBulk | undefined;
-    L.push(`Floor (\`${report.floorCommand}\`, same run, same pages and seed): unix p50 ${f(fl('unix')?.p50_us)} µs, p99 ${f(fl('unix')?.p99_us)} µs, all pages ${f(fl('unix')?.total_ms)} ms; tcp p50 ${f(fl('tcp')?.p50_us)} µs, p99 ${f(fl('tcp')?.p99_us)} µs, all pages ${f(fl('tcp')?.total_ms)} ms; bulk unix ${f(fb('bulk-unix')?.total_ms)} ms (${f(fb('bulk-unix')?.gbytes_per_s, 2)} GB/s), bulk tcp ${f(fb('bulk-tcp')?.total_ms)} ms (${f(fb('bulk-tcp')?.gbytes_per_s, 2)} GB/s).`, '');
+    L.push(
+      `Floor (\`${report.floorCommand}\`, same run, same pages and seed): unix p50 ${f(fl('unix')?.p50_us)} µs, p99 ${f(fl('unix')?.p99_us)} µs, all pages ${f(fl('unix')?.total_ms)} ms; tcp p50 ${f(fl('tcp')?.p50_us)} µs, p99 ${f(fl('tcp')?.p99_us)} µs, all pages ${f(fl('tcp')?.total_ms)} ms; bulk unix ${f(fb('bulk-unix')?.total_ms)} ms (${f(fb('bulk-unix')?.gbytes_per_s, 2)} GB/s), bulk tcp ${f(fb('bulk-tcp')?.total_ms)} ms (${f(fb('bulk-tcp')?.gbytes_per_s, 2)} GB/s).`,
+      '',
+    );
   } else {
     L.push('Floor: not found (set UFFD_FLOOR); no ratios.', '');
   }
@@ -55,15 +76,22 @@ export function markdown(report: SuiteReport): string {
   for (const l of report.links) L.push(`- **${l.name}**: ${l.skipped ? `skipped: ${l.skipped}` : l.description}`);
   L.push('');
   L.push('## Results', '');
-  L.push('First touch: each page\'s first touch as the workload saw it (a page brought by the window or the background stream costs almost nothing). × floor: ours / the floor\'s on the same kind of link (its workload is random, one thread, pure on-demand). Workload: first to last touch. CPU: the source process, and the destination\'s engine threads. CPUs: where the workload thread(s) ran → where the engine\'s fault thread ran.', '');
-  L.push('| link | pattern | thr | policy | first touch p50 / p99 µs | × floor p50 | faults | fault p50 / p99 µs | blocked ms | workload ms | × floor | full residency ms | MiB down | src / dst CPU ms | CPUs |');
+  L.push(
+    "First touch: each page's first touch as the workload saw it (a page brought by the window or the background stream costs almost nothing). × floor: ours / the floor's on the same kind of link (its workload is random, one thread, pure on-demand). Workload: first to last touch. CPU: the source process, and the destination's engine threads. CPUs: where the workload thread(s) ran → where the engine's fault thread ran.",
+    '',
+  );
+  L.push(
+    '| link | pattern | thr | policy | first touch p50 / p99 µs | × floor p50 | faults | fault p50 / p99 µs | blocked ms | workload ms | × floor | full residency ms | MiB down | src / dst CPU ms | CPUs |',
+  );
   L.push('|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|');
   for (const r of report.results) {
     if (r.placement !== 'free') continue;
     const fl = floorFor(report, r.link);
     const ratio = fl && r.firstTouchUs.p50 ? (r.firstTouchUs.p50 / fl.p50_us).toFixed(2) : '–';
     const wratio = fl && r.pattern !== 'none' ? (r.workloadMs / fl.total_ms).toFixed(2) : '–';
-    L.push(`| ${r.link} | ${r.pattern} | ${r.threads} | ${r.policy} | ${f(r.firstTouchUs.p50)} / ${f(r.firstTouchUs.p99)} | ${ratio} | ${r.faults} | ${f(r.faultUs.p50)} / ${f(r.faultUs.p99)} | ${f(r.blockedMs)} | ${f(r.workloadMs)} | ${wratio} | ${f(r.fullResidencyMs)} | ${f(r.bytesDown / 2 ** 20)} | ${f(r.cpu.sourceMs)} / ${f(r.cpu.destinationMs)} | ${r.cpus.workload.join(',')}→${r.cpus.destination['pc-fault'] ?? '?'} |`);
+    L.push(
+      `| ${r.link} | ${r.pattern} | ${r.threads} | ${r.policy} | ${f(r.firstTouchUs.p50)} / ${f(r.firstTouchUs.p99)} | ${ratio} | ${r.faults} | ${f(r.faultUs.p50)} / ${f(r.faultUs.p99)} | ${f(r.blockedMs)} | ${f(r.workloadMs)} | ${wratio} | ${f(r.fullResidencyMs)} | ${f(r.bytesDown / 2 ** 20)} | ${f(r.cpu.sourceMs)} / ${f(r.cpu.destinationMs)} | ${r.cpus.workload.join(',')}→${r.cpus.destination['pc-fault'] ?? '?'} |`,
+    );
   }
   L.push('');
   const ranks = rankPolicies(report.results);
@@ -72,27 +100,41 @@ export function markdown(report: SuiteReport): string {
     const near = ranks.filter((r) => r.def && r.def.workloadMs <= r.best.workloadMs * 1.1).length;
     L.push('## Which policy wins (by workload time)', '');
     L.push(`The default (window 8:2, background on) is the fastest on ${bestCount} of ${ranks.length} workloads and within 10% of the fastest on ${near}.`, '');
-    L.push('| link | pattern | thr | fastest policy | its workload ms | default\'s rank | default workload ms |');
+    L.push("| link | pattern | thr | fastest policy | its workload ms | default's rank | default workload ms |");
     L.push('|---|---|---|---|---|---|---|');
-    for (const r of ranks) L.push(`| ${r.link} | ${r.pattern} | ${r.threads} | ${r.best.policy} | ${f(r.best.workloadMs)} | ${r.rank} of ${r.of} | ${f(r.def?.workloadMs)} |`);
+    for (const r of ranks)
+      L.push(`| ${r.link} | ${r.pattern} | ${r.threads} | ${r.best.policy} | ${f(r.best.workloadMs)} | ${r.rank} of ${r.of} | ${f(r.def?.workloadMs)} |`);
     L.push('');
   }
-  const placed = report.results.filter((r) => r.placement !== 'free' || (r.link === 'unix' && r.pattern === 'random' && r.threads === 1 && r.policy === 'on-demand'));
+  const placed = report.results.filter(
+    (r) => r.placement !== 'free' || (r.link === 'unix' && r.pattern === 'random' && r.threads === 1 && r.policy === 'on-demand'),
+  );
   if (placed.some((r) => r.placement !== 'free')) {
     L.push('## Same CPU or across CPUs', '');
-    L.push('Random pattern, one thread, pure on-demand, unix socket. one-cpu: the workload, the destination engine and the source all pinned to CPU 0; split: the workload on CPU 0, the engine and the source on CPU 1; free: the scheduler decides.', '');
+    L.push(
+      'Random pattern, one thread, pure on-demand, unix socket. one-cpu: the workload, the destination engine and the source all pinned to CPU 0; split: the workload on CPU 0, the engine and the source on CPU 1; free: the scheduler decides.',
+      '',
+    );
     L.push('| placement | first touch p50 / p99 µs | fault p50 µs | workload ms | CPUs |');
     L.push('|---|---|---|---|---|');
-    for (const r of placed) L.push(`| ${r.placement} | ${f(r.firstTouchUs.p50)} / ${f(r.firstTouchUs.p99)} | ${f(r.faultUs.p50)} | ${f(r.workloadMs)} | ${r.cpus.workload.join(',')}→${r.cpus.destination['pc-fault'] ?? '?'} (source ${Object.values(r.cpus.source).join(',') || '?'}) |`);
+    for (const r of placed)
+      L.push(
+        `| ${r.placement} | ${f(r.firstTouchUs.p50)} / ${f(r.firstTouchUs.p99)} | ${f(r.faultUs.p50)} | ${f(r.workloadMs)} | ${r.cpus.workload.join(',')}→${r.cpus.destination['pc-fault'] ?? '?'} (source ${Object.values(r.cpus.source).join(',') || '?'}) |`,
+      );
     L.push('');
   }
   if (report.scaling.length) {
     L.push('## Image size', '');
-    L.push('Background stream alone over a unix socket, and the default policy under a random one-thread workload, per image size. Linear growth keeps ms per GiB flat.', '');
+    L.push(
+      'Background stream alone over a unix socket, and the default policy under a random one-thread workload, per image size. Linear growth keeps ms per GiB flat.',
+      '',
+    );
     L.push('| size | full residency ms | ms per GiB | floor bulk ms | × floor | random workload ms (default policy) | first-touch p50 µs |');
     L.push('|---|---|---|---|---|---|---|');
     for (const s of report.scaling) {
-      L.push(`| ${s.mib} MiB | ${f(s.fullResidencyMs)} | ${f(s.fullResidencyMs / (s.mib / 1024))} | ${f(s.floorBulkMs)} | ${s.floorBulkMs ? (s.fullResidencyMs / s.floorBulkMs).toFixed(2) : '–'} | ${f(s.randomWorkloadMs)} | ${f(s.randomP50Us)} |`);
+      L.push(
+        `| ${s.mib} MiB | ${f(s.fullResidencyMs)} | ${f(s.fullResidencyMs / (s.mib / 1024))} | ${f(s.floorBulkMs)} | ${s.floorBulkMs ? (s.fullResidencyMs / s.floorBulkMs).toFixed(2) : '–'} | ${f(s.randomWorkloadMs)} | ${f(s.randomP50Us)} |`,
+      );
     }
     L.push('');
   }

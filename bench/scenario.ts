@@ -44,7 +44,12 @@ export interface ScenarioSpec {
   seed?: number;
 }
 
-export interface Percentiles { p50: number; p90: number; p99: number; max: number }
+export interface Percentiles {
+  p50: number;
+  p90: number;
+  p99: number;
+  max: number;
+}
 
 export interface ScenarioResult {
   link: string;
@@ -104,7 +109,10 @@ function firstTouches(orders: Uint32Array[], results: TouchResult[], pages: numb
     for (let k = 0; k < order.length; k++) {
       const p = order[k];
       const lat = results[t].latencyNs[k];
-      if (!seen[p]) { seen[p] = 1; worst[p] = lat; } else if (lat > worst[p]) worst[p] = lat;
+      if (!seen[p]) {
+        seen[p] = 1;
+        worst[p] = lat;
+      } else if (lat > worst[p]) worst[p] = lat;
     }
   });
   for (let p = 0; p < pages; p++) if (seen[p]) out.push(worst[p]);
@@ -129,7 +137,9 @@ export async function runScenario(spec: ScenarioSpec): Promise<ScenarioResult> {
   try {
     const region = dest.regions[0].mapping;
     const orders = spec.pattern === 'none' ? [] : splitForThreads(touchSequence(spec.pattern, spec.pages, spec.seed ?? 1), spec.threads);
-    const results = await Promise.all(orders.map((order) => touchPages(region.address, spec.pages, order, placement.touchCpu !== undefined ? { cpu: placement.touchCpu } : {})));
+    const results = await Promise.all(
+      orders.map((order) => touchPages(region.address, spec.pages, order, placement.touchCpu !== undefined ? { cpu: placement.touchCpu } : {})),
+    );
     for (const [t, order] of orders.entries()) {
       for (let k = 0; k < order.length; k++) {
         if (results[t].firstBytes[k] !== ((order[k] * 7 + 1) & 0xff)) throw new Error(`wrong byte in page ${order[k]}`);
@@ -154,8 +164,10 @@ export async function runScenario(spec: ScenarioSpec): Promise<ScenarioResult> {
       pages: spec.pages,
       firstTouchUs: { ...percentiles(sorted), count: sorted.length },
       faultUs: {
-        p50: round(stats.faultLatency.p50Ns / 1e3), p90: round(stats.faultLatency.p90Ns / 1e3),
-        p99: round(stats.faultLatency.p99Ns / 1e3), max: round(stats.faultLatency.maxNs / 1e3),
+        p50: round(stats.faultLatency.p50Ns / 1e3),
+        p90: round(stats.faultLatency.p90Ns / 1e3),
+        p99: round(stats.faultLatency.p99Ns / 1e3),
+        max: round(stats.faultLatency.maxNs / 1e3),
       },
       faults: stats.faults,
       workloadMs: round(Math.max(0, ...results.map((r) => r.totalNs)) / 1e6),

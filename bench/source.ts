@@ -41,15 +41,26 @@ export interface RunningSource {
  * Starts `postcopy serve` for one image. `wrap` prefixes the command (e.g.
  * `ip netns exec NS`, `taskset -c 1`).
  */
-export async function startSource(imagePath: string, listen: string, options: { wrap?: string[]; tokenFile?: string; connectHost?: string } = {}): Promise<RunningSource> {
+export async function startSource(
+  imagePath: string,
+  listen: string,
+  options: { wrap?: string[]; tokenFile?: string; connectHost?: string } = {},
+): Promise<RunningSource> {
   const [cmd, ...args] = [...(options.wrap ?? []), ...selfCommand()];
-  const child: ChildProcess = spawn(cmd, [...args, 'serve', '--image', imagePath, '--listen', listen, ...(options.tokenFile ? ['--token-file', options.tokenFile] : [])], {
-    stdio: ['ignore', 'pipe', 'inherit'],
-    env: { ...process.env, POSTCOPY_LOG_LEVEL: 'warn' },
-  });
+  const child: ChildProcess = spawn(
+    cmd,
+    [...args, 'serve', '--image', imagePath, '--listen', listen, ...(options.tokenFile ? ['--token-file', options.tokenFile] : [])],
+    {
+      stdio: ['ignore', 'pipe', 'inherit'],
+      env: { ...process.env, POSTCOPY_LOG_LEVEL: 'warn' },
+    },
+  );
   const line = await new Promise<string>((resolve, reject) => {
     const rl = createInterface({ input: child.stdout! });
-    rl.once('line', (l) => { rl.close(); resolve(l); });
+    rl.once('line', (l) => {
+      rl.close();
+      resolve(l);
+    });
     child.once('exit', (code) => reject(new Error(`the source exited with ${code} before listening`)));
   });
   const { listening: where, tokenFile } = JSON.parse(line) as { listening: { kind: string; path?: string; host?: string; port?: number }; tokenFile?: string };

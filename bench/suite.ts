@@ -26,12 +26,23 @@ export interface SuiteOptions {
 
 const QUICK = {
   links: ['unix', 'tcp'],
-  workloads: [['random', 1], ['sequential', 1], ['hotset', 1], ['random', 2]] as [Pattern, number][],
+  workloads: [
+    ['random', 1],
+    ['sequential', 1],
+    ['hotset', 1],
+    ['random', 2],
+  ] as [Pattern, number][],
   policies: ['on-demand', 'window-16', 'background', 'default'],
 };
 const FULL = {
   links: LINKS.map((l) => l.name),
-  workloads: (['random', 'sequential', 'hotset', 'strided'] as Pattern[]).flatMap((p) => [[p, 1], [p, 2]] as [Pattern, number][]),
+  workloads: (['random', 'sequential', 'hotset', 'strided'] as Pattern[]).flatMap(
+    (p) =>
+      [
+        [p, 1],
+        [p, 2],
+      ] as [Pattern, number][],
+  ),
   policies: POLICIES.map((p) => p.name),
 };
 const SIZES_MIB = [64, 256, 1024, 2048];
@@ -76,7 +87,9 @@ export async function runSuite(options: SuiteOptions): Promise<{ dir: string; re
           for (const policy of policies) {
             const r = await runScenario({ link: link.up.name, source: link.up.source, token: link.up.token, pages, pattern, threads, policy, placement: FREE });
             report.results.push(r);
-            say(`  ${pattern}/${threads} ${policy.name}: first touch p50 ${r.firstTouchUs.p50} µs, workload ${r.workloadMs} ms, full residency ${r.fullResidencyMs ?? '–'} ms`);
+            say(
+              `  ${pattern}/${threads} ${policy.name}: first touch p50 ${r.firstTouchUs.p50} µs, workload ${r.workloadMs} ms, full residency ${r.fullResidencyMs ?? '–'} ms`,
+            );
           }
         }
         if (spec.name === 'unix' && availableParallelism() >= 2) await placements(report, link.up.source, pages, say);
@@ -105,7 +118,10 @@ async function placements(report: SuiteReport, source: RunningSource, pages: num
   const pin = (cpus: string) => execFileSync('taskset', ['-a', '-p', '-c', cpus, String(source.pid)], { stdio: 'ignore' });
   const all = `0-${availableParallelism() - 1}`;
   try {
-    for (const [placement, sourceCpu] of [[{ name: 'one-cpu', touchCpu: 0, engineCpu: 0 }, '0'], [{ name: 'split', touchCpu: 0, engineCpu: 1 }, '1']] as [Placement, string][]) {
+    for (const [placement, sourceCpu] of [
+      [{ name: 'one-cpu', touchCpu: 0, engineCpu: 0 }, '0'],
+      [{ name: 'split', touchCpu: 0, engineCpu: 1 }, '1'],
+    ] as [Placement, string][]) {
       pin(sourceCpu);
       const r = await runScenario({ link: 'unix', source, pages, pattern: 'random', threads: 1, policy: onDemand, placement });
       report.results.push(r);
@@ -114,7 +130,11 @@ async function placements(report: SuiteReport, source: RunningSource, pages: num
   } catch (err) {
     say(`  placement runs skipped: ${(err as Error).message}`);
   } finally {
-    try { pin(all); } catch { /* the source is gone */ }
+    try {
+      pin(all);
+    } catch {
+      /* the source is gone */
+    }
   }
 }
 
@@ -129,7 +149,14 @@ async function sizes(report: SuiteReport, scratch: string, say: (l: string) => v
       const bg = await runScenario({ link: 'unix', source, pages, pattern: 'none', threads: 1, policy: background, placement: FREE });
       const random = await runScenario({ link: 'unix', source, pages, pattern: 'random', threads: 1, policy: def, placement: FREE });
       const floor = (await runFloor(pages, 1, ['bulk-unix'])).get('bulk-unix') as FloorBulk | undefined;
-      const row: ScalingRow = { mib, pages, fullResidencyMs: bg.fullResidencyMs!, floorBulkMs: floor?.total_ms ?? null, randomWorkloadMs: random.workloadMs, randomP50Us: random.firstTouchUs.p50 };
+      const row: ScalingRow = {
+        mib,
+        pages,
+        fullResidencyMs: bg.fullResidencyMs!,
+        floorBulkMs: floor?.total_ms ?? null,
+        randomWorkloadMs: random.workloadMs,
+        randomP50Us: random.firstTouchUs.p50,
+      };
       report.scaling.push(row);
       say(`size ${mib} MiB: full residency ${row.fullResidencyMs} ms (floor bulk ${row.floorBulkMs ?? '–'} ms), random workload ${row.randomWorkloadMs} ms`);
     } finally {
@@ -145,7 +172,9 @@ async function plots(report: SuiteReport, dir: string): Promise<void> {
     const rows = report.results.filter((r) => r.link === link && r.pattern === 'random' && r.threads === 1 && r.placement === 'free');
     if (!rows.length) continue;
     report.plots.push(relative(dir, await latencyCdf(rows, `First-touch latency, random pattern, one thread, ${link}`, join(dir, `latency-cdf-${link}.svg`))));
-    report.plots.push(relative(dir, await residencyOverTime(rows, `Pages resident over time, random pattern, one thread, ${link}`, join(dir, `residency-${link}.svg`))));
+    report.plots.push(
+      relative(dir, await residencyOverTime(rows, `Pages resident over time, random pattern, one thread, ${link}`, join(dir, `residency-${link}.svg`))),
+    );
   }
   if (report.scaling.length) {
     const points = report.scaling.flatMap((s) => [

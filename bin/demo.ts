@@ -76,11 +76,28 @@ export async function demo(argv: string[], log: Logger): Promise<void> {
     say(`  image        ${imagePath} (${(imageSize / 2 ** 20).toFixed(1)} MiB)`);
     say(`  source       postcopy serve, pid ${source.pid}, unix:${sourceSocket} (0600, token challenge-response)`);
     const { window, background } = DEFAULT_TRANSFER;
-    say(`  handler      destination handler on unix:${handlerSocket}, prefault window ${window.forward}:${window.backward}, background ${background.enabled ? 'on' : 'off'}`);
+    say(
+      `  handler      destination handler on unix:${handlerSocket}, prefault window ${window.forward}:${window.backward}, background ${background.enabled ? 'on' : 'off'}`,
+    );
     const ended = once(handler, 'session-end');
-    const child = spawn(vmm, ['--socket', handlerSocket, '--image', imagePath, '--threads', String(threads), '--order', 'random', '--dontneed', `${balloonFrom}:${balloonPages * PAGE_SIZE}`], {
-      stdio: ['ignore', 'pipe', 'inherit'],
-    });
+    const child = spawn(
+      vmm,
+      [
+        '--socket',
+        handlerSocket,
+        '--image',
+        imagePath,
+        '--threads',
+        String(threads),
+        '--order',
+        'random',
+        '--dontneed',
+        `${balloonFrom}:${balloonPages * PAGE_SIZE}`,
+      ],
+      {
+        stdio: ['ignore', 'pipe', 'inherit'],
+      },
+    );
     say(`  VMM          pid ${child.pid}: empty guest memory, userfaultfd handed over (Firecracker handshake),`);
     say(`               ${threads} threads touch every page in random order, then ${balloonPages} pages are given back (balloon)`);
     say('');
@@ -91,7 +108,9 @@ export async function demo(argv: string[], log: Logger): Promise<void> {
     const vmmReport = JSON.parse(out.trim() || '{}');
     process.stdout.write(formatReport(summary));
     say(`balloon      ${summary.removedPages} pages given back; ${summary.zeroFilledAfterRemove} touched again and zero-filled without asking the source`);
-    say(`verified     ${code === 0 && vmmReport.ok ? `the VMM compared all ${vmmReport.pages} pages with the image: every byte matches` : `FAILED: ${out.trim() || `exit ${code}`}`}`);
+    say(
+      `verified     ${code === 0 && vmmReport.ok ? `the VMM compared all ${vmmReport.pages} pages with the image: every byte matches` : `FAILED: ${out.trim() || `exit ${code}`}`}`,
+    );
     say(`             (the VMM's threads spent ${vmmReport.touchMs} ms touching every page; the session ended when it exited)`);
     if (code !== 0) process.exitCode = 1;
   } finally {

@@ -4,7 +4,22 @@
 import { VmmHandler } from '../client/vmm-handler.js';
 import { HandlerSupervisor, serveHandoffs } from '../client/handler-supervisor.js';
 import type { Logger } from '../lib/logger.js';
-import { parseCommandLine, parseRate, parseRecovery, parseWindow, destinationToken, recoveryOptionSpec, recoveryUsage, requireOptions, selfCommand, parseAddressOption, parseMetricsOption, withConcretePort, withoutOption, loggingUsage } from './options.js';
+import {
+  parseCommandLine,
+  parseRate,
+  parseRecovery,
+  parseWindow,
+  destinationToken,
+  recoveryOptionSpec,
+  recoveryUsage,
+  requireOptions,
+  selfCommand,
+  parseAddressOption,
+  parseMetricsOption,
+  withConcretePort,
+  withoutOption,
+  loggingUsage,
+} from './options.js';
 import { serveMetrics } from '../lib/metrics.js';
 import { handlerMetrics } from '../client/handler-metrics.js';
 import type { PostcopyError } from '../lib/errors.js';
@@ -35,9 +50,15 @@ ${recoveryUsage}
 ${loggingUsage}`;
 
 const optionSpec = {
-  socket: { type: 'string' }, source: { type: 'string' }, 'token-file': { type: 'string' },
-  window: { type: 'string' }, 'no-background': { type: 'boolean' }, rate: { type: 'string' },
-  'single-process': { type: 'boolean' }, worker: { type: 'boolean' }, metrics: { type: 'string' },
+  socket: { type: 'string' },
+  source: { type: 'string' },
+  'token-file': { type: 'string' },
+  window: { type: 'string' },
+  'no-background': { type: 'boolean' },
+  rate: { type: 'string' },
+  'single-process': { type: 'boolean' },
+  worker: { type: 'boolean' },
+  metrics: { type: 'string' },
   ...recoveryOptionSpec,
 } as const;
 
@@ -69,7 +90,11 @@ export async function handle(argv: string[], log: Logger): Promise<void> {
   handler.on('session-end', (summary) => print(JSON.stringify(summary)));
   if (values.worker) {
     // The supervisor chose the metrics port and printed it; pages matter more than metrics, so a failure here is only logged.
-    const served = metrics ? await serveMetrics(metrics, handlerMetrics(handler)).catch((err) => void log.error({ code: (err as PostcopyError).code, err: (err as Error).message }, 'metrics not served')) : undefined;
+    const served = metrics
+      ? await serveMetrics(metrics, handlerMetrics(handler)).catch(
+          (err) => void log.error({ code: (err as PostcopyError).code, err: (err as Error).message }, 'metrics not served'),
+        )
+      : undefined;
     // The supervisor's side of the link is fd 3 (see client/handler-supervisor.ts).
     await serveHandoffs(handler, 3, print, log);
     await served?.close();

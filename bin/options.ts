@@ -54,7 +54,13 @@ export class UsageError extends PostcopyError {
 type OptionSpec = NonNullable<ParseArgsConfig['options']>;
 /** What parseCommandLine returns for a spec: strings, booleans, and lists of them for `multiple`. */
 export type OptionValues<T extends OptionSpec> = {
-  [K in keyof T]?: T[K] extends { multiple: true } ? (T[K] extends { type: 'boolean' } ? boolean[] : string[]) : T[K] extends { type: 'boolean' } ? boolean : string;
+  [K in keyof T]?: T[K] extends { multiple: true }
+    ? T[K] extends { type: 'boolean' }
+      ? boolean[]
+      : string[]
+    : T[K] extends { type: 'boolean' }
+      ? boolean
+      : string;
 };
 
 /**
@@ -78,7 +84,8 @@ export function parseCommandLine<T extends OptionSpec>(argv: string[], options: 
     const option = quoted.split(' ')[0];
     if (e.code === 'ERR_PARSE_ARGS_UNKNOWN_OPTION') throw new UsageError(`unknown option ${option}`);
     if (e.code === 'ERR_PARSE_ARGS_UNEXPECTED_POSITIONAL') throw new UsageError(`unexpected argument ${JSON.stringify(quoted)}`);
-    if (e.code === 'ERR_PARSE_ARGS_INVALID_OPTION_VALUE') throw new UsageError(/does not take/.test(e.message) ? `${option} takes no value` : `${option} needs a value`);
+    if (e.code === 'ERR_PARSE_ARGS_INVALID_OPTION_VALUE')
+      throw new UsageError(/does not take/.test(e.message) ? `${option} takes no value` : `${option} needs a value`);
     throw new UsageError(e.message);
   }
 }

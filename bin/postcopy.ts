@@ -66,9 +66,19 @@ function version(): string {
 
 async function bench(argv: string[]): Promise<void> {
   const which = argv[0] && !argv[0].startsWith('-') ? argv[0] : 'suite';
-  if (!['suite', 'latency', 'throughput', 'encryption'].includes(which)) throw new UsageError(`unknown benchmark ${JSON.stringify(which)} (the suite, latency, throughput or encryption)`);
+  if (!['suite', 'latency', 'throughput', 'encryption'].includes(which))
+    throw new UsageError(`unknown benchmark ${JSON.stringify(which)} (the suite, latency, throughput or encryption)`);
   const rest = which === 'suite' ? argv : argv.slice(1);
-  const values = parseCommandLine(rest, { pages: { type: 'string' }, rounds: { type: 'string' }, transport: { type: 'string' }, seed: { type: 'string' }, json: { type: 'boolean' }, full: { type: 'boolean' }, out: { type: 'string' }, link: { type: 'string', multiple: true } });
+  const values = parseCommandLine(rest, {
+    pages: { type: 'string' },
+    rounds: { type: 'string' },
+    transport: { type: 'string' },
+    seed: { type: 'string' },
+    json: { type: 'boolean' },
+    full: { type: 'boolean' },
+    out: { type: 'string' },
+    link: { type: 'string', multiple: true },
+  });
   // The benchmarks (and their plotting libraries) load only when asked for: every other command starts faster.
   if (which === 'suite') {
     const { runSuite } = await import('../bench/suite.js');
@@ -86,7 +96,11 @@ async function bench(argv: string[]): Promise<void> {
   }
   if (which === 'encryption') {
     const { encryptionBench } = await import('../bench/encryption.js');
-    const result = await encryptionBench(parseCount(values.pages, '--pages', 65536, 1 << 24, 1), parseCount(values.rounds, '--rounds', 3, 100, 1), parseCount(values.seed, '--seed', 1, 0xffffffff));
+    const result = await encryptionBench(
+      parseCount(values.pages, '--pages', 65536, 1 << 24, 1),
+      parseCount(values.rounds, '--rounds', 3, 100, 1),
+      parseCount(values.seed, '--seed', 1, 0xffffffff),
+    );
     process.stdout.write(JSON.stringify(result) + '\n');
     return;
   }
@@ -139,7 +153,8 @@ async function main(): Promise<number> {
   try {
     const logging = takeLogOptions(argv);
     argv = logging.rest;
-    format = logging.format ?? (process.env.POSTCOPY_LOG_FORMAT === 'json' || process.env.POSTCOPY_LOG_FORMAT === 'pretty' ? process.env.POSTCOPY_LOG_FORMAT : format);
+    format =
+      logging.format ?? (process.env.POSTCOPY_LOG_FORMAT === 'json' || process.env.POSTCOPY_LOG_FORMAT === 'pretty' ? process.env.POSTCOPY_LOG_FORMAT : format);
     // Children (the handler's worker, bench's processes) log the same way.
     if (logging.level) process.env.POSTCOPY_LOG_LEVEL = logging.level;
     process.env.POSTCOPY_LOG_FORMAT = format;
@@ -153,12 +168,25 @@ async function main(): Promise<number> {
       beforeWrite: clearProgress,
     });
     switch (command) {
-      case 'serve': await serve(argv, log); return 0;
-      case 'restore': await restore(argv, log); return 0;
-      case 'handle': await handle(argv, log); return 0;
-      case 'demo': await demo(argv, log); return 0;
-      case 'bench': await bench(argv); return 0;
-      case undefined: case 'help': case '--help': case '-h':
+      case 'serve':
+        await serve(argv, log);
+        return 0;
+      case 'restore':
+        await restore(argv, log);
+        return 0;
+      case 'handle':
+        await handle(argv, log);
+        return 0;
+      case 'demo':
+        await demo(argv, log);
+        return 0;
+      case 'bench':
+        await bench(argv);
+        return 0;
+      case undefined:
+      case 'help':
+      case '--help':
+      case '-h':
         process.stdout.write(usage);
         return command === undefined ? 2 : 0;
       default:

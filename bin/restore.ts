@@ -6,7 +6,22 @@ import { shuffledOrder, touchPages } from '../lib/workload.js';
 import type { Logger } from '../lib/logger.js';
 import type { RestoreReport } from '../client/report.js';
 import { startProgress } from './terminal.js';
-import { parseChoice, parseCommandLine, parseCount, parseRate, parseRecovery, parseWindow, destinationToken, recoveryOptionSpec, recoveryUsage, requireOptions, UsageError, checkWritable, parseAddressOption, loggingUsage } from './options.js';
+import {
+  parseChoice,
+  parseCommandLine,
+  parseCount,
+  parseRate,
+  parseRecovery,
+  parseWindow,
+  destinationToken,
+  recoveryOptionSpec,
+  recoveryUsage,
+  requireOptions,
+  UsageError,
+  checkWritable,
+  parseAddressOption,
+  loggingUsage,
+} from './options.js';
 
 export const restoreUsage = `postcopy restore --source unix:PATH|tcp:HOST:PORT [options]
 
@@ -24,8 +39,15 @@ ${loggingUsage}`;
 
 export async function restore(argv: string[], log: Logger): Promise<RestoreReport> {
   const values = parseCommandLine(argv, {
-    source: { type: 'string' }, 'token-file': { type: 'string' }, out: { type: 'string' }, window: { type: 'string' },
-    'no-background': { type: 'boolean' }, rate: { type: 'string' }, workload: { type: 'string' }, seed: { type: 'string' }, json: { type: 'boolean' },
+    source: { type: 'string' },
+    'token-file': { type: 'string' },
+    out: { type: 'string' },
+    window: { type: 'string' },
+    'no-background': { type: 'boolean' },
+    rate: { type: 'string' },
+    workload: { type: 'string' },
+    seed: { type: 'string' },
+    json: { type: 'boolean' },
     ...recoveryOptionSpec,
   });
   requireOptions(values, ['source'], 'postcopy restore --source unix:PATH|tcp:HOST:PORT');
@@ -48,7 +70,10 @@ export async function restore(argv: string[], log: Logger): Promise<RestoreRepor
     ...(window ? { window } : {}),
     background: { enabled: !values['no-background'], rateBytesPerSecond: rate },
   });
-  const stopProgress = startProgress(() => dest.stats(), () => dest.status().state);
+  const stopProgress = startProgress(
+    () => dest.stats(),
+    () => dest.status().state,
+  );
   try {
     const touching = dest.regions.map((r) => {
       if (workload === 'none') return Promise.resolve();
@@ -83,7 +108,7 @@ function writeRegions(path: string, dest: Destination): void {
     let offset = 0;
     for (const r of dest.regions) {
       const bytes = r.mapping.buffer().subarray(0, r.info.contentLength ?? r.info.length);
-      for (let done = 0; done < bytes.length; ) done += writeSync(fd, bytes, done, bytes.length - done, offset + done);
+      for (let done = 0; done < bytes.length;) done += writeSync(fd, bytes, done, bytes.length - done, offset + done);
       offset += bytes.length;
     }
   } finally {
@@ -101,7 +126,9 @@ export function formatReport(r: RestoreReport): string {
     `faults       ${n(r.faults)}   latency p50 ${lat.p50} µs   p90 ${lat.p90} µs   p99 ${lat.p99} µs   max ${lat.max} µs`,
     `blocked      ${r.blockedMs} ms waiting in faults`,
     `resident     every page after ${r.fullResidencyMs} ms   ${(r.bytesReceived / 2 ** 20).toFixed(1)} MiB received`,
-    ...(r.digestMatch === undefined ? [] : [`digest       ${r.digestMatch ? 'source = destination (sha256 ' + String((r.sha256 as string[])[0]).slice(0, 16) + '…)' : 'MISMATCH'}`]),
+    ...(r.digestMatch === undefined
+      ? []
+      : [`digest       ${r.digestMatch ? 'source = destination (sha256 ' + String((r.sha256 as string[])[0]).slice(0, 16) + '…)' : 'MISMATCH'}`]),
     '',
   ].join('\n');
 }

@@ -20,7 +20,13 @@ export const serveUsage = `postcopy serve --image FILE [--image FILE ...] --list
 ${loggingUsage}`;
 
 export async function serve(argv: string[], log: Logger): Promise<void> {
-  const values = parseCommandLine(argv, { image: { type: 'string', multiple: true }, listen: { type: 'string' }, 'token-file': { type: 'string' }, 'resume-grace': { type: 'string' }, metrics: { type: 'string' } });
+  const values = parseCommandLine(argv, {
+    image: { type: 'string', multiple: true },
+    listen: { type: 'string' },
+    'token-file': { type: 'string' },
+    'resume-grace': { type: 'string' },
+    metrics: { type: 'string' },
+  });
   requireOptions(values, ['image', 'listen'], 'postcopy serve --image FILE --listen unix:PATH|tcp:HOST:PORT');
   const listen = values.listen as string;
   parseAddressOption(listen, '--listen');

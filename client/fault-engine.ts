@@ -92,16 +92,24 @@ export class FaultEngine extends EventEmitter {
       const src = sourceRegions[r.sourceRegion];
       if (!src) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `regions[${i}] names source region ${r.sourceRegion}, which does not exist`);
       if (src.pageSize !== r.pageSize) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `regions[${i}] has page size ${r.pageSize}, its source ${src.pageSize}`);
-      if (r.sourcePage + r.length / r.pageSize > src.pages) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `regions[${i}] reaches past the end of source region ${r.sourceRegion}`);
+      if (r.sourcePage + r.length / r.pageSize > src.pages)
+        throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `regions[${i}] reaches past the end of source region ${r.sourceRegion}`);
     }
     if (hasOverlap(regions.map((r) => [r.base, r.base + r.length]))) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, 'regions overlap in memory');
-    const imageRange = (r: (typeof regions)[number]) => [r.sourceRegion * 2 ** 40 + r.sourcePage, r.sourceRegion * 2 ** 40 + r.sourcePage + r.length / r.pageSize] as const;
+    const imageRange = (r: (typeof regions)[number]) =>
+      [r.sourceRegion * 2 ** 40 + r.sourcePage, r.sourceRegion * 2 ** 40 + r.sourcePage + r.length / r.pageSize] as const;
     if (hasOverlap(regions.map(imageRange))) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, 'regions overlap in the source image');
     this.#log = options.logger ?? silentLogger;
     this.#resident = new Promise((resolve, reject) => (this.#settle = { resolve, reject }));
     this.#resident.catch(() => {});
-    this.#native = new native.FaultEngine({ uffd: options.uffd, sourceRegions, regions,
-      cpu: options.cpu === undefined ? -1 : validateInteger(options.cpu, 'cpu', 0, 1023), checksumInstalled: options.checksumInstalled === true, onEvent: (e) => this.#onEvent(e) });
+    this.#native = new native.FaultEngine({
+      uffd: options.uffd,
+      sourceRegions,
+      regions,
+      cpu: options.cpu === undefined ? -1 : validateInteger(options.cpu, 'cpu', 0, 1023),
+      checksumInstalled: options.checksumInstalled === true,
+      onEvent: (e) => this.#onEvent(e),
+    });
   }
 
   /** Starts the fault thread: faults are read (and wait) from now on. */
@@ -121,12 +129,18 @@ export class FaultEngine extends EventEmitter {
     } catch (err) {
       for (const fd of [channels.urgentFd, channels.bulkFd]) {
         if (Number.isSafeInteger(fd) && fd >= 0) {
-          try { closeSync(fd); } catch { /* not open */ }
+          try {
+            closeSync(fd);
+          } catch {
+            /* not open */
+          }
         }
       }
       throw err;
     }
-    return channels.keys ? this.#native.attachChannels(channels.urgentFd, channels.bulkFd, channels.keys) : this.#native.attachChannels(channels.urgentFd, channels.bulkFd);
+    return channels.keys
+      ? this.#native.attachChannels(channels.urgentFd, channels.bulkFd, channels.keys)
+      : this.#native.attachChannels(channels.urgentFd, channels.bulkFd);
   }
 
   /** Stops the receivers and closes the data channels; faults wait for the next attach. */
@@ -211,7 +225,11 @@ export class FaultEngine extends EventEmitter {
           this.emit('memory-event', { type: e.type, start: e.start, end: e.end } satisfies MemoryEvent);
           return;
         case 'remap':
-          if (!e.followed) this.#log.warn({ code: ErrorCode.PARTIAL_REMAP, from: e.from, to: e.to, length: e.length }, 'part of a region was moved (mremap); that part is no longer served');
+          if (!e.followed)
+            this.#log.warn(
+              { code: ErrorCode.PARTIAL_REMAP, from: e.from, to: e.to, length: e.length },
+              'part of a region was moved (mremap); that part is no longer served',
+            );
           this.emit('memory-event', { type: 'remap', from: e.from, to: e.to, length: e.length, followed: e.followed === 1 } satisfies MemoryEvent);
           return;
         case 'fork':
@@ -227,7 +245,7 @@ export class FaultEngine extends EventEmitter {
         case 'uffd-closed': {
           if (this.#stopped) return;
           const err = new PostcopyError(ErrorCode.UFFD_CLOSED, e.message ?? 'the userfaultfd was closed', { native: e.code });
-          this.#log.warn({ code: err.code, native: e.code }, 'the userfaultfd was hung up: the memory\'s owner is gone');
+          this.#log.warn({ code: err.code, native: e.code }, "the userfaultfd was hung up: the memory's owner is gone");
           this.emit('uffd-closed', err);
           return;
         }
@@ -235,14 +253,16 @@ export class FaultEngine extends EventEmitter {
       if (this.#stopped) return;
       const what = `${e.channel ? `${e.channel} channel: ` : ''}${e.message ?? e.type}`;
       const error = errorOfEvent(e, what, ErrorCode.PEER_GONE, { event: e.type });
-      this.#log.debug({ code: error.code, errno: error.errno, syscall: error.syscall, channel: e.channel, generation: e.generation, err: error.message }, 'data channel failed');
+      this.#log.debug(
+        { code: error.code, errno: error.errno, syscall: error.syscall, channel: e.channel, generation: e.generation, err: error.message },
+        'data channel failed',
+      );
       this.emit('channel-failed', { error, generation: e.generation, targetGone: e.type === 'target-gone' } satisfies ChannelFailure);
     } catch (err) {
       this.#log.error({ err }, 'handling a fault-engine event failed');
     }
   }
 }
-
 
 /** A page size the data channels can carry: a power of two from 4 KiB to one run (2 MiB). */
 function validatePageSize(value: unknown, name: string): number {

@@ -202,7 +202,10 @@ export class HandlerSupervisor extends EventEmitter {
     const young = livedMs < 10_000 ? this.#restarts : 0;
     const delay = Math.min(5000, (this.#options.restartDelayMs ?? 100) * 2 ** Math.min(young, 6));
     this.#restarts++;
-    this.#log.warn({ workerPid: worker.pid, code, signal, livedMs, vmms: this.#vmms.size, restartInMs: delay }, 'worker died; its VMMs wait and are handed to a new one');
+    this.#log.warn(
+      { workerPid: worker.pid, code, signal, livedMs, vmms: this.#vmms.size, restartInMs: delay },
+      'worker died; its VMMs wait and are handed to a new one',
+    );
     this.emit('worker-died', { pid: worker.pid, code, signal });
     setTimeout(() => {
       if (!this.#closing) this.#startWorker();
@@ -244,6 +247,13 @@ export async function serveHandoffs(handler: VmmHandler, link: number, out: (lin
       continue;
     }
     const socket = new NetSocket({ fd: msg.fds[0], readable: true, writable: true });
-    void handler.adopt({ pid: handoff.pid, socket, uffd: msg.fds[1], payload: Buffer.from(handoff.handshake, 'utf8'), takeover: handoff.takeover, handoff: handoff.id });
+    void handler.adopt({
+      pid: handoff.pid,
+      socket,
+      uffd: msg.fds[1],
+      payload: Buffer.from(handoff.handshake, 'utf8'),
+      takeover: handoff.takeover,
+      handoff: handoff.id,
+    });
   }
 }

@@ -121,7 +121,14 @@ export class DestinationSession extends EventEmitter {
   #resumedOn: SourceConnection | null = null;
   #lastProgressAt = Date.now();
 
-  private constructor(options: DestinationSessionOptions, recovery: Resolved, machine: StateMachine<DestinationState>, connection: SourceConnection, engine: FaultEngine, log: Logger) {
+  private constructor(
+    options: DestinationSessionOptions,
+    recovery: Resolved,
+    machine: StateMachine<DestinationState>,
+    connection: SourceConnection,
+    engine: FaultEngine,
+    log: Logger,
+  ) {
     super();
     this.#options = options;
     this.#recovery = recovery;
@@ -177,7 +184,10 @@ export class DestinationSession extends EventEmitter {
       session.close();
       throw err;
     }
-    log.info({ session: connection.session, regions: connection.regions.length, bytes: connection.regions.reduce((n, r) => n + r.length, 0), ...transfer }, 'transfer started');
+    log.info(
+      { session: connection.session, regions: connection.regions.length, bytes: connection.regions.reduce((n, r) => n + r.length, 0), ...transfer },
+      'transfer started',
+    );
     return session;
   }
 
@@ -341,9 +351,15 @@ export class DestinationSession extends EventEmitter {
     }
     // A rate-limited stream may rightly pause between runs.
     const rate = this.transfer.background.rateBytesPerSecond;
-    const allowed = s.outstandingRequests === 0 && rate > 0 ? Math.max(this.#recovery.stallTimeoutMs, (3000 * MAX_RUN_BYTES) / rate) : this.#recovery.stallTimeoutMs;
+    const allowed =
+      s.outstandingRequests === 0 && rate > 0 ? Math.max(this.#recovery.stallTimeoutMs, (3000 * MAX_RUN_BYTES) / rate) : this.#recovery.stallTimeoutMs;
     if (now - this.#lastProgressAt > allowed) {
-      this.#pause(new PostcopyError(ErrorCode.PEER_SILENT, `no page arrived for ${allowed} ms while ${s.outstandingRequests} requested page(s) ${streaming ? 'and the background stream ' : ''}were due`));
+      this.#pause(
+        new PostcopyError(
+          ErrorCode.PEER_SILENT,
+          `no page arrived for ${allowed} ms while ${s.outstandingRequests} requested page(s) ${streaming ? 'and the background stream ' : ''}were due`,
+        ),
+      );
     }
   }
 
@@ -368,7 +384,13 @@ export class DestinationSession extends EventEmitter {
       }
     }
     const s = this.engine.stats();
-    this.#machine.to('paused', { code: err.code, error: err.message, outstandingRequests: s.outstandingRequests, residentPages: s.residentPages, totalPages: s.totalPages });
+    this.#machine.to('paused', {
+      code: err.code,
+      error: err.message,
+      outstandingRequests: s.outstandingRequests,
+      residentPages: s.residentPages,
+      totalPages: s.totalPages,
+    });
     this.emit('paused', err);
     this.#scheduleResume();
   }
@@ -387,8 +409,14 @@ export class DestinationSession extends EventEmitter {
     let connection: SourceConnection | null = null;
     try {
       connection = await SourceConnection.open({
-        source: this.#source, token: this.#options.token, transfer: this.transfer, resume: this.#sessionId, maxImageBytes: this.#options.maxImageBytes, acceptPlaintextTcp: this.#options.acceptPlaintextTcp,
-        timeoutMs: this.#recovery.connectTimeoutMs, heartbeat: this.#recovery.heartbeat,
+        source: this.#source,
+        token: this.#options.token,
+        transfer: this.transfer,
+        resume: this.#sessionId,
+        maxImageBytes: this.#options.maxImageBytes,
+        acceptPlaintextTcp: this.#options.acceptPlaintextTcp,
+        timeoutMs: this.#recovery.connectTimeoutMs,
+        heartbeat: this.#recovery.heartbeat,
       });
       if (!this.#machine.is('resuming')) {
         connection.close(); // closed or given up meanwhile
@@ -417,9 +445,14 @@ export class DestinationSession extends EventEmitter {
   /** A source serving another image must never supply pages to this one. */
   #checkIdentity(connection: SourceConnection): void {
     const want = this.#identity;
-    const sameLayout = connection.regions.length === want.regions.length && connection.regions.every((r, i) => r.length === want.regions[i].length && r.pageSize === want.regions[i].pageSize);
+    const sameLayout =
+      connection.regions.length === want.regions.length &&
+      connection.regions.every((r, i) => r.length === want.regions[i].length && r.pageSize === want.regions[i].pageSize);
     if (!sameLayout || connection.fingerprint !== want.fingerprint) {
-      throw new PostcopyError(ErrorCode.IMAGE_MISMATCH, `the source at ${formatAddress(this.#source)} serves a different image (${sameLayout ? 'content' : 'size or regions'} differ); refused`);
+      throw new PostcopyError(
+        ErrorCode.IMAGE_MISMATCH,
+        `the source at ${formatAddress(this.#source)} serves a different image (${sameLayout ? 'content' : 'size or regions'} differ); refused`,
+      );
     }
   }
 
@@ -434,7 +467,17 @@ export class DestinationSession extends EventEmitter {
     this.#giveUpTimer = null;
     const s = this.engine.stats();
     const connection = this.#resumedOn;
-    this.#log.info({ outageMs, attempts: this.#attempts, sameSession: connection?.resumed, session: connection?.session, requestsResent: s.requestsResent, residentPages: s.residentPages }, 'resumed');
+    this.#log.info(
+      {
+        outageMs,
+        attempts: this.#attempts,
+        sameSession: connection?.resumed,
+        session: connection?.session,
+        requestsResent: s.requestsResent,
+        residentPages: s.residentPages,
+      },
+      'resumed',
+    );
     this.emit('resumed', { outageMs, attempts: this.#attempts });
   }
 
@@ -442,7 +485,13 @@ export class DestinationSession extends EventEmitter {
     this.#giveUpTimer = null;
     if (!this.#outageSince || this.#machine.is('failed', 'closed', 'verified')) return;
     const last = this.#lastError;
-    this.fail(new PostcopyError(ErrorCode.SOURCE_LOST, `the source stayed out of reach for ${this.#recovery.giveUpAfterMs} ms${last ? ` (last: ${last.code}: ${last.message})` : ''}`, last ? { cause: last.code } : undefined));
+    this.fail(
+      new PostcopyError(
+        ErrorCode.SOURCE_LOST,
+        `the source stayed out of reach for ${this.#recovery.giveUpAfterMs} ms${last ? ` (last: ${last.code}: ${last.message})` : ''}`,
+        last ? { cause: last.code } : undefined,
+      ),
+    );
   }
 
   #stopRecovery(): void {
@@ -476,17 +525,35 @@ async function connectFirst(options: DestinationSessionOptions, recovery: Resolv
   const started = Date.now();
   for (let attempt = 1; ; attempt++) {
     try {
-      return await SourceConnection.open({ source: options.source, token: options.token, transfer, timeoutMs: recovery.connectTimeoutMs, heartbeat: recovery.heartbeat, maxImageBytes: options.maxImageBytes, acceptPlaintextTcp: options.acceptPlaintextTcp });
+      return await SourceConnection.open({
+        source: options.source,
+        token: options.token,
+        transfer,
+        timeoutMs: recovery.connectTimeoutMs,
+        heartbeat: recovery.heartbeat,
+        maxImageBytes: options.maxImageBytes,
+        acceptPlaintextTcp: options.acceptPlaintextTcp,
+      });
     } catch (err) {
       const e = asCodedError(err);
       if (!options.retryFirstConnect || options.signal?.aborted) throw e;
       const waited = Date.now() - started;
-      if (waited >= recovery.giveUpAfterMs) throw new PostcopyError(ErrorCode.SOURCE_LOST, `the source could not be reached for ${recovery.giveUpAfterMs} ms (last: ${e.code}: ${e.message})`, { cause: e.code });
+      if (waited >= recovery.giveUpAfterMs)
+        throw new PostcopyError(ErrorCode.SOURCE_LOST, `the source could not be reached for ${recovery.giveUpAfterMs} ms (last: ${e.code}: ${e.message})`, {
+          cause: e.code,
+        });
       const delay = Math.min(recovery.retryDelayMs.max, recovery.retryDelayMs.initial * 2 ** Math.min(attempt - 1, 30), recovery.giveUpAfterMs - waited);
       log.warn({ attempt, code: e.code, err: e.message, retryInMs: delay }, 'the source cannot be reached yet; retrying');
       await new Promise<void>((resolve) => {
         const timer = setTimeout(resolve, delay);
-        options.signal?.addEventListener('abort', () => { clearTimeout(timer); resolve(); }, { once: true });
+        options.signal?.addEventListener(
+          'abort',
+          () => {
+            clearTimeout(timer);
+            resolve();
+          },
+          { once: true },
+        );
       });
       if (options.signal?.aborted) throw e;
     }
@@ -503,4 +570,3 @@ function resolveRecovery(r: RecoveryOptions = {}): Resolved {
     giveUpAfterMs: r.giveUpAfterMs ?? Infinity,
   };
 }
-

@@ -6,8 +6,24 @@ import { connect, type Socket } from 'node:net';
 import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import { type Address, formatAddress, parseAddress } from '../lib/address.js';
 import {
-  DEFAULT_HEARTBEAT, FrameReader, checkDigest, checkWelcome, PROTOCOL_VERSION, SOFTWARE, dataChannelKeys, keepAlive, newNonce, proofMatches, proveToken, send, takeSocket, type DataChannelKeys, type Heartbeat,
-  type MessageOf, type RegionInfo, type VerifyRequest,
+  DEFAULT_HEARTBEAT,
+  FrameReader,
+  checkDigest,
+  checkWelcome,
+  PROTOCOL_VERSION,
+  SOFTWARE,
+  dataChannelKeys,
+  keepAlive,
+  newNonce,
+  proofMatches,
+  proveToken,
+  send,
+  takeSocket,
+  type DataChannelKeys,
+  type Heartbeat,
+  type MessageOf,
+  type RegionInfo,
+  type VerifyRequest,
 } from '../lib/protocol.js';
 import type { TransferOptions } from '../lib/transfer.js';
 import { defaultMaxImageBytes } from '../lib/limits.js';
@@ -56,7 +72,13 @@ export class SourceConnection {
   readonly #timeoutMs: number;
   #channels: { urgentFd: number; bulkFd: number; keys?: DataChannelKeys } | null;
 
-  private constructor(control: Socket, reader: FrameReader, welcome: MessageOf<'welcome'>, channels: { urgentFd: number; bulkFd: number; keys?: DataChannelKeys }, timeoutMs: number) {
+  private constructor(
+    control: Socket,
+    reader: FrameReader,
+    welcome: MessageOf<'welcome'>,
+    channels: { urgentFd: number; bulkFd: number; keys?: DataChannelKeys },
+    timeoutMs: number,
+  ) {
     this.#control = control;
     this.#reader = reader;
     this.session = welcome.session;
@@ -80,7 +102,8 @@ export class SourceConnection {
     try {
       await authenticate(control, reader, options.token, timeoutMs, { probe: true });
       const ready = await reader.next(['ready'], timeoutMs);
-      if (typeof ready.fingerprint !== 'string' || !Array.isArray(ready.regions)) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the source sent a malformed ready');
+      if (typeof ready.fingerprint !== 'string' || !Array.isArray(ready.regions))
+        throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the source sent a malformed ready');
       return ready;
     } finally {
       control.destroy();
@@ -97,10 +120,13 @@ export class SourceConnection {
       const welcome = await reader.next(['welcome'], timeoutMs);
       checkWelcome(welcome, options.maxImageBytes ?? defaultMaxImageBytes());
       // Pages and requests that cross TCP are sealed: a source offering plaintext there is refused.
-      if (welcome.encryption !== 'aes-256-gcm' && welcome.encryption !== 'none') throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the source names an unknown data-channel encryption');
-      if (address.kind === 'tcp' && welcome.encryption !== 'aes-256-gcm' && !options.acceptPlaintextTcp) throw new PostcopyError(ErrorCode.AUTH_FAILED, 'the source offers plaintext data channels over TCP: refused');
+      if (welcome.encryption !== 'aes-256-gcm' && welcome.encryption !== 'none')
+        throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the source names an unknown data-channel encryption');
+      if (address.kind === 'tcp' && welcome.encryption !== 'aes-256-gcm' && !options.acceptPlaintextTcp)
+        throw new PostcopyError(ErrorCode.AUTH_FAILED, 'the source offers plaintext data channels over TCP: refused');
       const keys = welcome.encryption === 'aes-256-gcm' && options.token ? dataChannelKeys(options.token, challenge.nonce, nonce) : undefined;
-      if (welcome.encryption === 'aes-256-gcm' && !keys) throw new PostcopyError(ErrorCode.AUTH_REQUIRED, 'the source encrypts its data channels with the token, which this destination does not hold');
+      if (welcome.encryption === 'aes-256-gcm' && !keys)
+        throw new PostcopyError(ErrorCode.AUTH_REQUIRED, 'the source encrypts its data channels with the token, which this destination does not hold');
       keepAlive(control, reader, options.heartbeat ?? DEFAULT_HEARTBEAT);
       send(control, { t: 'options', ...options.transfer });
       const urgentFd = await openChannel(address, welcome, 'urgent', timeoutMs);
@@ -173,15 +199,27 @@ export class SourceConnection {
  * hello, challenge, auth: proves the token both ways (when either side holds
  * one) and sends `auth` with `extra`. Returns the challenge and our nonce.
  */
-async function authenticate(control: Socket, reader: FrameReader, token: string | undefined, timeoutMs: number, extra: { resume?: string; probe?: boolean }): Promise<{ challenge: MessageOf<'challenge'>; nonce: Buffer }> {
+async function authenticate(
+  control: Socket,
+  reader: FrameReader,
+  token: string | undefined,
+  timeoutMs: number,
+  extra: { resume?: string; probe?: boolean },
+): Promise<{ challenge: MessageOf<'challenge'>; nonce: Buffer }> {
   const nonce = newNonce();
   send(control, { t: 'hello', protocol: PROTOCOL_VERSION, software: SOFTWARE, nonce });
   const challenge = await reader.next(['challenge'], timeoutMs);
-  if (challenge.protocol !== PROTOCOL_VERSION) throw new PostcopyError(ErrorCode.PROTOCOL_VERSION, `the source speaks protocol ${challenge.protocol}, not ${PROTOCOL_VERSION}`);
+  if (challenge.protocol !== PROTOCOL_VERSION)
+    throw new PostcopyError(ErrorCode.PROTOCOL_VERSION, `the source speaks protocol ${challenge.protocol}, not ${PROTOCOL_VERSION}`);
   let proof: Buffer | undefined;
-  if (challenge.auth !== 'token' && challenge.auth !== 'none') throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `the source offers an unknown authentication (${JSON.stringify(challenge.auth)})`);
+  if (challenge.auth !== 'token' && challenge.auth !== 'none')
+    throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `the source offers an unknown authentication (${JSON.stringify(challenge.auth)})`);
   // Holding a token, we take pages only from a source that proves it holds it too, whatever it says.
-  if (token && challenge.auth !== 'token') throw new PostcopyError(ErrorCode.AUTH_FAILED, 'the source did not prove it holds the token (it asks for no authentication): refused as a possible impostor');
+  if (token && challenge.auth !== 'token')
+    throw new PostcopyError(
+      ErrorCode.AUTH_FAILED,
+      'the source did not prove it holds the token (it asks for no authentication): refused as a possible impostor',
+    );
   if (challenge.auth === 'token') {
     if (!token) throw new PostcopyError(ErrorCode.AUTH_REQUIRED, 'the source requires a token (--token-file)');
     if (!proofMatches(proveToken(token, 'server', challenge.nonce, nonce), challenge.proof)) {
@@ -199,7 +237,11 @@ function dial(address: Address, timeoutMs: number): Promise<Socket> {
     const where = formatAddress(address);
     const timer = setTimeout(() => {
       socket.destroy();
-      reject(Object.assign(new PostcopyError(ErrorCode.SOURCE_UNREACHABLE, `cannot reach the source at ${where}: no answer within ${timeoutMs} ms`), { address: where }));
+      reject(
+        Object.assign(new PostcopyError(ErrorCode.SOURCE_UNREACHABLE, `cannot reach the source at ${where}: no answer within ${timeoutMs} ms`), {
+          address: where,
+        }),
+      );
     }, timeoutMs);
     socket.once('connect', () => {
       clearTimeout(timer);
@@ -209,7 +251,13 @@ function dial(address: Address, timeoutMs: number): Promise<Socket> {
     });
     socket.once('error', (err: NodeJS.ErrnoException) => {
       clearTimeout(timer);
-      reject(Object.assign(new PostcopyError(ErrorCode.SOURCE_UNREACHABLE, `cannot reach the source at ${where}: ${unreachableReason(err)}`), { errno: err.errno, syscall: err.syscall, address: where }));
+      reject(
+        Object.assign(new PostcopyError(ErrorCode.SOURCE_UNREACHABLE, `cannot reach the source at ${where}: ${unreachableReason(err)}`), {
+          errno: err.errno,
+          syscall: err.syscall,
+          address: where,
+        }),
+      );
     });
   });
 }

@@ -96,7 +96,19 @@ export interface HandlerFigures {
 }
 
 function emptyTotals(): HandlerTotals {
-  return { faults: 0, blockedNs: 0, pagesOnDemand: 0, pagesWindow: 0, pagesBackground: 0, zeroPages: 0, duplicatePages: 0, bytesReceived: 0, latencyBuckets: LATENCY_BOUNDS_NS.map(() => 0), latencyCount: 0, latencySumNs: 0 };
+  return {
+    faults: 0,
+    blockedNs: 0,
+    pagesOnDemand: 0,
+    pagesWindow: 0,
+    pagesBackground: 0,
+    zeroPages: 0,
+    duplicatePages: 0,
+    bytesReceived: 0,
+    latencyBuckets: LATENCY_BOUNDS_NS.map(() => 0),
+    latencyCount: 0,
+    latencySumNs: 0,
+  };
 }
 
 function addTotals(t: HandlerTotals, s: DestinationStats, buckets: number[]): void {
@@ -150,7 +162,8 @@ export async function acceptVmm(socket: Socket, pending: PendingHandshakes, time
   let pid = 0;
   try {
     pid = peerCredentials(fd).pid;
-    if (pending.size >= MAX_PENDING_HANDSHAKES) throw new PostcopyError(ErrorCode.OVERLOADED, `${pending.size} VMM connections are still to send their handshake`);
+    if (pending.size >= MAX_PENDING_HANDSHAKES)
+      throw new PostcopyError(ErrorCode.OVERLOADED, `${pending.size} VMM connections are still to send their handshake`);
     const abort = new AbortController();
     pending.set(socket, abort);
     try {
@@ -171,7 +184,8 @@ export async function receiveHandshake(fd: number, timeoutMs: number, signal?: A
   const msg = await receiveFds(fd, { maxBytes: 64 << 10, maxFds: 4, timeoutMs, ...(signal ? { signal } : {}) });
   try {
     if (msg.payload.length === 0) throw new PostcopyError(ErrorCode.PEER_GONE, 'the VMM closed the socket before its handshake');
-    if (msg.fds.length !== 1) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `the handshake must carry exactly one fd (the userfaultfd), not ${msg.fds.length}`);
+    if (msg.fds.length !== 1)
+      throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `the handshake must carry exactly one fd (the userfaultfd), not ${msg.fds.length}`);
     if (!isUserfaultfd(msg.fds[0])) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the fd sent is not a userfaultfd');
   } catch (err) {
     for (const f of msg.fds) closeSync(f);
@@ -219,11 +233,20 @@ export class VmmHandler extends EventEmitter {
       const session = vmm.session;
       if (!session || vmm.ended) continue;
       const s = session.engine.stats();
-      this.#log.info({
-        vmmPid: vmm.pid, state: session.state, residentPages: s.residentPages, totalPages: s.totalPages, faults: s.faults,
-        faultP50Us: Math.round(s.faultLatency.p50Ns / 100) / 10, faultP99Us: Math.round(s.faultLatency.p99Ns / 100) / 10,
-        blockedMs: Math.round(s.blockedNs / 1e6), bytesReceived: s.bytesReceived,
-      }, 'VMM session progress');
+      this.#log.info(
+        {
+          vmmPid: vmm.pid,
+          state: session.state,
+          residentPages: s.residentPages,
+          totalPages: s.totalPages,
+          faults: s.faults,
+          faultP50Us: Math.round(s.faultLatency.p50Ns / 100) / 10,
+          faultP99Us: Math.round(s.faultLatency.p99Ns / 100) / 10,
+          blockedMs: Math.round(s.blockedNs / 1e6),
+          bytesReceived: s.bytesReceived,
+        },
+        'VMM session progress',
+      );
     }
   }
 
@@ -277,7 +300,11 @@ export class VmmHandler extends EventEmitter {
           answering = true;
         },
         (err) => {
-          if (answering) this.#log.warn({ source: String(this.#options.source), code: asCodedError(err).code, err: (err as Error).message }, 'the source does not answer; VMMs that connect now wait for it');
+          if (answering)
+            this.#log.warn(
+              { source: String(this.#options.source), code: asCodedError(err).code, err: (err as Error).message },
+              'the source does not answer; VMMs that connect now wait for it',
+            );
           answering = false;
         },
       );
@@ -326,8 +353,16 @@ export class VmmHandler extends EventEmitter {
       return;
     }
     const vmm: VmmSession = {
-      pid, socket, uffd: handoff.uffd, guest, session: null, ended: false, starting: false, abort: new AbortController(),
-      takeover: handoff.takeover === true, ...(handoff.handoff !== undefined ? { handoff: handoff.handoff } : {}),
+      pid,
+      socket,
+      uffd: handoff.uffd,
+      guest,
+      session: null,
+      ended: false,
+      starting: false,
+      abort: new AbortController(),
+      takeover: handoff.takeover === true,
+      ...(handoff.handoff !== undefined ? { handoff: handoff.handoff } : {}),
     };
     this.#sessions.add(vmm);
     // The VMM keeps its socket open while it runs; its hang-up ends the session.
@@ -408,32 +443,47 @@ export class VmmHandler extends EventEmitter {
       if (vmm.ended) return;
       try {
         const poisoned = session.engine.poisonMissing();
-        log.error({ code: err.code, err: err.message, poisonedPages: poisoned }, 'gave up on the source: the missing guest pages are poisoned (SIGBUS on touch)');
+        log.error(
+          { code: err.code, err: err.message, poisonedPages: poisoned },
+          'gave up on the source: the missing guest pages are poisoned (SIGBUS on touch)',
+        );
       } catch (e) {
         log.error({ code: err.code, err: err.message, poisonError: (e as Error).message }, 'gave up on the source, and poisoning the missing pages failed');
       }
     });
-    session.whenResident().then(
-      async () => {
-        const local = session.engine.installedChecksum();
-        const digest = await session.exchangeDigest(summarize(session.finalStats(), this.#transfer), verifyRequest(local));
-        const check = compareInstalled(local, digest.checksums);
-        vmm.installedCheck = check;
-        if (check.result === 'mismatch') {
-          this.#errors.add(ErrorCode.DIGEST_MISMATCH);
-          session.release();
-          log.error({ code: ErrorCode.DIGEST_MISMATCH, ...check }, 'every guest page is resident, but pages installed in the guest differ from the source image');
-        } else if (check.result === 'match') {
-          session.verified({ checkedPages: check.checkedPages });
-          log.info({ sourcePagesSent: digest.stats.pagesSent, checkedPages: check.checkedPages }, 'every guest page is resident and matches the source image');
-        } else {
-          session.release();
-          log.warn({ sourcePagesSent: digest.stats.pagesSent }, 'every guest page is resident; the source cannot check the installed pages (an older source)');
-        }
-        this.emit('installed-check', { vmmPid: vmm.pid, ...check });
-      },
-      () => {}, // failures are logged by the session and handled above
-    ).catch((err) => log.warn({ err: (err as Error).message }, 'finishing with the source failed'));
+    session
+      .whenResident()
+      .then(
+        async () => {
+          const local = session.engine.installedChecksum();
+          const digest = await session.exchangeDigest(summarize(session.finalStats(), this.#transfer), verifyRequest(local));
+          const check = compareInstalled(local, digest.checksums);
+          vmm.installedCheck = check;
+          if (check.result === 'mismatch') {
+            this.#errors.add(ErrorCode.DIGEST_MISMATCH);
+            session.release();
+            log.error(
+              { code: ErrorCode.DIGEST_MISMATCH, ...check },
+              'every guest page is resident, but pages installed in the guest differ from the source image',
+            );
+          } else if (check.result === 'match') {
+            session.verified({ checkedPages: check.checkedPages });
+            log.info(
+              { sourcePagesSent: digest.stats.pagesSent, checkedPages: check.checkedPages },
+              'every guest page is resident and matches the source image',
+            );
+          } else {
+            session.release();
+            log.warn(
+              { sourcePagesSent: digest.stats.pagesSent },
+              'every guest page is resident; the source cannot check the installed pages (an older source)',
+            );
+          }
+          this.emit('installed-check', { vmmPid: vmm.pid, ...check });
+        },
+        () => {}, // failures are logged by the session and handled above
+      )
+      .catch((err) => log.warn({ err: (err as Error).message }, 'finishing with the source failed'));
   }
 
   #end(vmm: VmmSession, reason: string): void {
@@ -507,15 +557,20 @@ export function parseHandshake(payload: Buffer): GuestRegion[] {
   } catch {
     throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the handshake is not JSON');
   }
-  if (!Array.isArray(parsed) || parsed.length === 0) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the handshake must be a non-empty JSON array of regions');
+  if (!Array.isArray(parsed) || parsed.length === 0)
+    throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the handshake must be a non-empty JSON array of regions');
   return parsed.map((r, i) => {
     if (!r || typeof r !== 'object') throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `region ${i} is not an object`);
     const { base_host_virt_addr: base, size, offset, page_size, page_size_kib } = r as Record<string, unknown>;
     if (!isInt(base) || !isInt(size) || size === 0 || !isInt(offset)) {
       throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `region ${i} needs integer base_host_virt_addr, size (> 0) and offset`);
     }
-    for (const [name, v] of [['page_size', page_size], ['page_size_kib', page_size_kib]] as const) {
-      if (v !== undefined && (!isInt(v) || v < 4096 || (v & (v - 1)) !== 0)) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `region ${i}: ${name} must be a power of two >= 4096`);
+    for (const [name, v] of [
+      ['page_size', page_size],
+      ['page_size_kib', page_size_kib],
+    ] as const) {
+      if (v !== undefined && (!isInt(v) || v < 4096 || (v & (v - 1)) !== 0))
+        throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `region ${i}: ${name} must be a power of two >= 4096`);
     }
     return { base_host_virt_addr: base, size, offset, page_size: (page_size ?? page_size_kib ?? 4096) as number };
   });
@@ -535,14 +590,17 @@ export function mapOntoImage(guest: GuestRegion[], image: RegionInfo[]): Require
     let start = 0;
     for (const r of image) {
       if (g.offset >= start && g.offset + g.size <= start + r.length) {
-        if (r.pageSize !== pageSize) throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, `region ${i} uses ${pageSize}-byte pages, the image ${r.pageSize}`);
+        if (r.pageSize !== pageSize)
+          throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, `region ${i} uses ${pageSize}-byte pages, the image ${r.pageSize}`);
         return { base: g.base_host_virt_addr, length: g.size, pageSize, sourceRegion: r.id, sourcePage: (g.offset - start) / pageSize };
       }
       start += r.length;
     }
     throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, `region ${i} [${g.offset}, ${g.offset + g.size}) falls outside the ${start}-byte image`);
   });
-  if (hasOverlap(guest.map((g) => [g.base_host_virt_addr, g.base_host_virt_addr + g.size]))) throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, 'guest regions overlap in memory');
-  if (hasOverlap(guest.map((g) => [g.offset, g.offset + g.size]))) throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, 'guest regions overlap in the image');
+  if (hasOverlap(guest.map((g) => [g.base_host_virt_addr, g.base_host_virt_addr + g.size])))
+    throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, 'guest regions overlap in memory');
+  if (hasOverlap(guest.map((g) => [g.offset, g.offset + g.size])))
+    throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, 'guest regions overlap in the image');
   return targets;
 }

@@ -85,7 +85,12 @@ export function kernelError(code: string, errno: number, syscall: string, messag
  * (code = its name, errno, syscall), else one of our codes (`fallback` when
  * the code is not ours).
  */
-export function errorOfEvent(e: { code?: string; errno?: number; syscall?: string }, message: string, fallback: ErrorCodeValue, details?: Record<string, unknown>): CodedError {
+export function errorOfEvent(
+  e: { code?: string; errno?: number; syscall?: string },
+  message: string,
+  fallback: ErrorCodeValue,
+  details?: Record<string, unknown>,
+): CodedError {
   if (e.errno !== undefined && e.code) return kernelError(e.code, e.errno, e.syscall ?? 'unknown', message);
   return new PostcopyError(asErrorCode(e.code, fallback), message, details);
 }

@@ -41,7 +41,18 @@ export function createLogger(options: LoggerOptions = {}): Logger {
   if (options.format === 'pretty') {
     // Loaded only when asked for: JSON logging (services, scripts) does not pay for it.
     const pretty = createRequire(import.meta.url)('pino-pretty') as (o: Record<string, unknown>) => NodeJS.WritableStream;
-    return pino(settings, pretty({ destination: stderr, sync: true, colorize: process.stderr.isTTY === true, singleLine: true, errorLikeObjectKeys: [], ignore: 'pid,hostname', translateTime: 'HH:MM:ss.l' }));
+    return pino(
+      settings,
+      pretty({
+        destination: stderr,
+        sync: true,
+        colorize: process.stderr.isTTY === true,
+        singleLine: true,
+        errorLikeObjectKeys: [],
+        ignore: 'pid,hostname',
+        translateTime: 'HH:MM:ss.l',
+      }),
+    );
   }
   return pino(settings, before ? stderr : pino.destination({ fd: 2, sync: true }));
 }

@@ -23,7 +23,10 @@ export class Tally {
 /** A counter whose value (per label set) is read from a running total at each scrape. */
 export function totalCounter(registry: Registry, name: string, help: string, labelNames: string[], read: () => [Record<string, string>, number][]): void {
   new Counter({
-    name, help, labelNames, registers: [registry],
+    name,
+    help,
+    labelNames,
+    registers: [registry],
     collect() {
       this.reset();
       for (const [labels, value] of read()) this.inc(labels, Math.max(0, value));
@@ -34,7 +37,10 @@ export function totalCounter(registry: Registry, name: string, help: string, lab
 /** A gauge read at each scrape. */
 export function readGauge(registry: Registry, name: string, help: string, labelNames: string[], read: () => [Record<string, string>, number][]): void {
   new Gauge({
-    name, help, labelNames, registers: [registry],
+    name,
+    help,
+    labelNames,
+    registers: [registry],
     collect() {
       this.reset();
       for (const [labels, value] of read()) this.set(labels, value);
@@ -55,11 +61,17 @@ export interface HistogramReading {
  */
 export function collectedHistogram(registry: Registry, name: string, help: string, bounds: readonly number[], read: () => HistogramReading): void {
   registry.registerMetric({
-    name, help, type: 'histogram', aggregator: 'sum',
+    name,
+    help,
+    type: 'histogram',
+    aggregator: 'sum',
     get() {
       const r = read();
       return {
-        name, help, type: 'histogram', aggregator: 'sum',
+        name,
+        help,
+        type: 'histogram',
+        aggregator: 'sum',
         values: [
           ...bounds.map((le, i) => ({ metricName: `${name}_bucket`, labels: { le }, value: r.buckets[i] ?? 0 })),
           { metricName: `${name}_bucket`, labels: { le: '+Inf' }, value: r.count },
@@ -99,6 +111,10 @@ export async function serveMetrics(address: string, registry: Registry): Promise
   const host = where.host.includes(':') ? `[${where.host}]` : where.host;
   return {
     url: `http://${host}:${port}/metrics`,
-    close: () => new Promise<void>((resolve) => { server.closeAllConnections(); server.close(() => resolve()); }),
+    close: () =>
+      new Promise<void>((resolve) => {
+        server.closeAllConnections();
+        server.close(() => resolve());
+      }),
   };
 }

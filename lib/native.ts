@@ -187,7 +187,11 @@ export interface NativeAddon {
   socketPair(seqpacket?: boolean): [number, number];
   sendWithFds(socket: number, payload: Uint8Array, fds: number[]): number;
   receiveNow(socket: number, maxBytes: number, maxFds: number): { payload: Buffer; fds: number[]; truncated: boolean };
-  FdWatcher: new (onOutcome: (outcome: { id: number; ready: boolean }) => void) => { watch(fd: number, timeoutMs: number, id: number): void; cancel(id: number): void; close(): void };
+  FdWatcher: new (onOutcome: (outcome: { id: number; ready: boolean }) => void) => {
+    watch(fd: number, timeoutMs: number, id: number): void;
+    cancel(id: number): void;
+    close(): void;
+  };
   peerCredentials(fd: number): { pid: number; uid: number; gid: number };
   pollFd(fd: number, events: number, timeoutMs: number): Promise<number>;
   pollConstants: Record<'POLLIN' | 'POLLOUT' | 'POLLERR' | 'POLLHUP' | 'MAX_FDS', number>;

@@ -33,7 +33,17 @@ export type Message =
   | { t: 'challenge'; protocol: number; software: string; nonce: Uint8Array; auth: 'token' | 'none'; proof?: Uint8Array }
   | { t: 'auth'; proof?: Uint8Array; resume?: string; probe?: boolean }
   | { t: 'ready'; fingerprint: string; regions: RegionInfo[] }
-  | { t: 'welcome'; session: string; resumed: boolean; fingerprint: string; encryption: Encryption; regions: RegionInfo[]; tickets: { urgent: Uint8Array; bulk: Uint8Array }; limits: { maxFrame: number; maxRunBytes: number }; capabilities: string[] }
+  | {
+      t: 'welcome';
+      session: string;
+      resumed: boolean;
+      fingerprint: string;
+      encryption: Encryption;
+      regions: RegionInfo[];
+      tickets: { urgent: Uint8Array; bulk: Uint8Array };
+      limits: { maxFrame: number; maxRunBytes: number };
+      capabilities: string[];
+    }
   | { t: 'options'; window: { forward: number; backward: number }; background: { enabled: boolean; rateBytesPerSecond: number } }
   | { t: 'attach'; session: string; channel: 'urgent' | 'bulk'; ticket: Uint8Array }
   | { t: 'attached' }
@@ -278,16 +288,19 @@ export function send(socket: Socket, message: Message): void {
  * silent without FIN or RST). Returns the function that stops both.
  */
 export function keepAlive(socket: Socket, reader: FrameReader, heartbeat: Heartbeat): () => void {
-  const beat = setInterval(() => {
-    if (socket.destroyed) return;
-    if (Date.now() - reader.lastHeardAt > heartbeat.silenceMs) {
-      reader.abandon(new PostcopyError(ErrorCode.PEER_SILENT, `the peer sent nothing for ${heartbeat.silenceMs} ms`));
-      socket.destroy();
-      return;
-    }
-    // A peer that stopped reading must not make us buffer heartbeats without end.
-    if (socket.writableLength < 64 << 10) send(socket, { t: 'heartbeat' });
-  }, Math.max(10, Math.min(heartbeat.intervalMs, heartbeat.silenceMs / 2)));
+  const beat = setInterval(
+    () => {
+      if (socket.destroyed) return;
+      if (Date.now() - reader.lastHeardAt > heartbeat.silenceMs) {
+        reader.abandon(new PostcopyError(ErrorCode.PEER_SILENT, `the peer sent nothing for ${heartbeat.silenceMs} ms`));
+        socket.destroy();
+        return;
+      }
+      // A peer that stopped reading must not make us buffer heartbeats without end.
+      if (socket.writableLength < 64 << 10) send(socket, { t: 'heartbeat' });
+    },
+    Math.max(10, Math.min(heartbeat.intervalMs, heartbeat.silenceMs / 2)),
+  );
   beat.unref();
   const stop = () => clearInterval(beat);
   socket.once('close', stop);
@@ -338,16 +351,32 @@ export function takeSocket(socket: Socket, reader?: FrameReader): number {
 /** Checks a welcome: sizes first (before anything is allocated for them), then every field. */
 export function checkWelcome(w: MessageOf<'welcome'>, maxImageBytes: number): void {
   // Sizes first, before anything is allocated for them.
-  if (Array.isArray(w.regions) && w.regions.length > MAX_REGIONS) throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, `the source claims ${w.regions.length} regions; at most ${MAX_REGIONS} are accepted`);
+  if (Array.isArray(w.regions) && w.regions.length > MAX_REGIONS)
+    throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, `the source claims ${w.regions.length} regions; at most ${MAX_REGIONS} are accepted`);
   const total = Array.isArray(w.regions) ? w.regions.reduce((n, r) => n + (Number.isSafeInteger(r?.length) ? r.length : Infinity), 0) : 0;
-  if (total > maxImageBytes) throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, `the source claims a ${total}-byte image; this destination accepts at most ${maxImageBytes} bytes (maxImageBytes)`);
+  if (total > maxImageBytes)
+    throw new PostcopyError(
+      ErrorCode.PROTOCOL_OUT_OF_RANGE,
+      `the source claims a ${total}-byte image; this destination accepts at most ${maxImageBytes} bytes (maxImageBytes)`,
+    );
   const ok =
     typeof w.session === 'string' &&
     typeof w.fingerprint === 'string' &&
     Array.isArray(w.regions) &&
     w.regions.length > 0 &&
-    w.regions.every((r, i) => r && r.id === i && Number.isSafeInteger(r.length) && r.length > 0 && Number.isSafeInteger(r.pageSize) && r.pageSize >= 4096 && r.pageSize <= MAX_RUN_BYTES && (r.pageSize & (r.pageSize - 1)) === 0 && r.length % r.pageSize === 0 &&
-      (r.contentLength === undefined || (Number.isSafeInteger(r.contentLength) && r.contentLength > r.length - r.pageSize && r.contentLength <= r.length))) &&
+    w.regions.every(
+      (r, i) =>
+        r &&
+        r.id === i &&
+        Number.isSafeInteger(r.length) &&
+        r.length > 0 &&
+        Number.isSafeInteger(r.pageSize) &&
+        r.pageSize >= 4096 &&
+        r.pageSize <= MAX_RUN_BYTES &&
+        (r.pageSize & (r.pageSize - 1)) === 0 &&
+        r.length % r.pageSize === 0 &&
+        (r.contentLength === undefined || (Number.isSafeInteger(r.contentLength) && r.contentLength > r.length - r.pageSize && r.contentLength <= r.length)),
+    ) &&
     w.tickets?.urgent instanceof Uint8Array &&
     w.tickets?.bulk instanceof Uint8Array;
   if (!ok) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the source sent a malformed welcome');
@@ -359,8 +388,14 @@ export function checkOptions(msg: MessageOf<'options'>): TransferOptions {
     const window = validateObject(msg.window, 'window');
     const background = validateObject(msg.background, 'background');
     return {
-      window: { forward: validateInteger(window.forward, 'window.forward', 0, MAX_WINDOW), backward: validateInteger(window.backward, 'window.backward', 0, MAX_WINDOW) },
-      background: { enabled: validateBoolean(background.enabled, 'background.enabled'), rateBytesPerSecond: validateInteger(background.rateBytesPerSecond, 'background.rateBytesPerSecond') },
+      window: {
+        forward: validateInteger(window.forward, 'window.forward', 0, MAX_WINDOW),
+        backward: validateInteger(window.backward, 'window.backward', 0, MAX_WINDOW),
+      },
+      background: {
+        enabled: validateBoolean(background.enabled, 'background.enabled'),
+        rateBytesPerSecond: validateInteger(background.rateBytesPerSecond, 'background.rateBytesPerSecond'),
+      },
     };
   } catch (err) {
     throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `bad options: ${(err as Error).message}`);
@@ -400,7 +435,8 @@ export function checkVerify(verify: unknown, regions: readonly { length: number;
     let end = 0;
     for (let k = 0; k < r.skip.length; k += 2) {
       const [first, count] = [r.skip[k], r.skip[k + 1]];
-      if (!Number.isSafeInteger(first) || !Number.isSafeInteger(count) || count < 1 || first < end || first + count > pages) throw bad(`region ${r.id}: ranges must ascend, not overlap, and lie inside the region`);
+      if (!Number.isSafeInteger(first) || !Number.isSafeInteger(count) || count < 1 || first < end || first + count > pages)
+        throw bad(`region ${r.id}: ranges must ascend, not overlap, and lie inside the region`);
       skip.push([first, count]);
       end = first + count;
     }
@@ -410,8 +446,18 @@ export function checkVerify(verify: unknown, regions: readonly { length: number;
 
 /** A digest message, each field checked. */
 export function checkDigest(digest: MessageOf<'digest'>): MessageOf<'digest'> {
-  const checksumsOk = digest.checksums === undefined || (Array.isArray(digest.checksums) && digest.checksums.every((c) => c && Number.isSafeInteger(c.id) && typeof c.sum === 'string' && /^[0-9a-f]{16}$/.test(c.sum) && Number.isSafeInteger(c.pages)));
-  const ok = checksumsOk && Array.isArray(digest.regions) && digest.regions.every((r) => r && Number.isSafeInteger(r.id) && typeof r.sha256 === 'string') && digest.stats && typeof digest.stats === 'object';
+  const checksumsOk =
+    digest.checksums === undefined ||
+    (Array.isArray(digest.checksums) &&
+      digest.checksums.every(
+        (c) => c && Number.isSafeInteger(c.id) && typeof c.sum === 'string' && /^[0-9a-f]{16}$/.test(c.sum) && Number.isSafeInteger(c.pages),
+      ));
+  const ok =
+    checksumsOk &&
+    Array.isArray(digest.regions) &&
+    digest.regions.every((r) => r && Number.isSafeInteger(r.id) && typeof r.sha256 === 'string') &&
+    digest.stats &&
+    typeof digest.stats === 'object';
   if (!ok) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the source sent a malformed digest');
   return digest;
 }

@@ -19,7 +19,10 @@ export const DEFAULT_TRANSFER: TransferOptions = {
 };
 
 /** The transfer options asked for, completed with the defaults. */
-export function transferOptions(options: { window?: Partial<TransferOptions['window']>; background?: Partial<TransferOptions['background']> }): TransferOptions {
+export function transferOptions(options: {
+  window?: Partial<TransferOptions['window']>;
+  background?: Partial<TransferOptions['background']>;
+}): TransferOptions {
   return {
     window: { ...DEFAULT_TRANSFER.window, ...options.window },
     background: { ...DEFAULT_TRANSFER.background, ...options.background },

@@ -215,7 +215,9 @@ export class Userfaultfd {
   move(address: number, source: number, length: number, options: { dontWake?: boolean; allowSourceHoles?: boolean } = {}): Progress {
     checkRange(address, length);
     validateAligned(source, 'source', PAGE_SIZE);
-    const mode = (flag(options.dontWake, 'options.dontWake') ? MODE_DONTWAKE : 0) | (flag(options.allowSourceHoles, 'options.allowSourceHoles') ? MOVE_ALLOW_SRC_HOLES : 0);
+    const mode =
+      (flag(options.dontWake, 'options.dontWake') ? MODE_DONTWAKE : 0) |
+      (flag(options.allowSourceHoles, 'options.allowSourceHoles') ? MOVE_ALLOW_SRC_HOLES : 0);
     return native.uffdMove(this.fd, address, source, length, mode);
   }
 
@@ -228,7 +230,8 @@ export class Userfaultfd {
   /** UFFDIO_WRITEPROTECT: protect (true) or un-protect (false) the range. */
   writeProtect(address: number, length: number, protect: boolean, options: { dontWake?: boolean } = {}): void {
     checkRange(address, length);
-    const mode = (validateBoolean(protect, 'protect') ? WRITEPROTECT_MODE_WP : 0) | (flag(options.dontWake, 'options.dontWake') ? WRITEPROTECT_MODE_DONTWAKE : 0);
+    const mode =
+      (validateBoolean(protect, 'protect') ? WRITEPROTECT_MODE_WP : 0) | (flag(options.dontWake, 'options.dontWake') ? WRITEPROTECT_MODE_DONTWAKE : 0);
     native.uffdWriteProtect(this.fd, address, length, mode);
   }
 

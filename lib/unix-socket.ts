@@ -15,7 +15,10 @@ export const MAX_SOCKET_PATH = 107;
 export async function listenOwnerOnly(server: Server, path: string): Promise<void> {
   const bytes = Buffer.byteLength(path);
   if (bytes === 0 || bytes > MAX_SOCKET_PATH) {
-    throw new PostcopyError(ErrorCode.INVALID_ADDRESS, `the socket path ${JSON.stringify(path)} is ${bytes} bytes; a unix socket path holds 1 to ${MAX_SOCKET_PATH}`);
+    throw new PostcopyError(
+      ErrorCode.INVALID_ADDRESS,
+      `the socket path ${JSON.stringify(path)} is ${bytes} bytes; a unix socket path holds 1 to ${MAX_SOCKET_PATH}`,
+    );
   }
   let existing = false;
   try {
@@ -30,7 +33,14 @@ export async function listenOwnerOnly(server: Server, path: string): Promise<voi
   const oldUmask = process.umask(0o177);
   try {
     await new Promise<void>((resolve, reject) => {
-      server.once('error', (err: NodeJS.ErrnoException) => reject(Object.assign(new PostcopyError(err.code === 'EADDRINUSE' ? ErrorCode.ADDRESS_IN_USE : ErrorCode.INVALID_ADDRESS, `cannot listen on ${path}: ${err.message}`), { errno: err.errno, syscall: err.syscall })));
+      server.once('error', (err: NodeJS.ErrnoException) =>
+        reject(
+          Object.assign(
+            new PostcopyError(err.code === 'EADDRINUSE' ? ErrorCode.ADDRESS_IN_USE : ErrorCode.INVALID_ADDRESS, `cannot listen on ${path}: ${err.message}`),
+            { errno: err.errno, syscall: err.syscall },
+          ),
+        ),
+      );
       server.listen(path, resolve);
     });
   } finally {

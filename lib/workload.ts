@@ -17,7 +17,12 @@ export function shuffledOrder(pages: number, seed = 1): Uint32Array {
  * touch, on a native thread (pinned to `cpu` for the run when given). Pass the
  * region's `mapping` and it cannot be unmapped until the touches are done.
  */
-export function touchPages(address: number, pageCount: number, order: Uint32Array, options: { write?: boolean; pageSize?: number; cpu?: number; mapping?: Mapping } = {}): Promise<TouchResult> {
+export function touchPages(
+  address: number,
+  pageCount: number,
+  order: Uint32Array,
+  options: { write?: boolean; pageSize?: number; cpu?: number; mapping?: Mapping } = {},
+): Promise<TouchResult> {
   const pageSize = validateAligned(options.pageSize ?? PAGE_SIZE, 'options.pageSize', PAGE_SIZE, PAGE_SIZE);
   validateAligned(address, 'address', pageSize, pageSize);
   validateInteger(pageCount, 'pageCount', 1);
@@ -27,7 +32,8 @@ export function touchPages(address: number, pageCount: number, order: Uint32Arra
   const mapping = options.mapping;
   if (mapping !== undefined) {
     if (!(mapping instanceof Mapping)) throw outOfRange('options.mapping', 'a Mapping', mapping);
-    if (address < mapping.address || address + pageCount * pageSize > mapping.address + mapping.length) throw outOfRange('address', 'inside options.mapping', address);
+    if (address < mapping.address || address + pageCount * pageSize > mapping.address + mapping.length)
+      throw outOfRange('address', 'inside options.mapping', address);
   }
   return native.touchPages(address, pageSize, order, validateBoolean(options.write ?? false, 'options.write'), cpu, mapping?.handle);
 }

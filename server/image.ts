@@ -8,10 +8,7 @@ import type { RegionInfo } from '../lib/protocol.js';
 import type { ServedRegionSpec } from '../lib/native.js';
 import { checksumHex, digestOf, imageFingerprint, pageChecksum } from '../lib/digest.js';
 
-export type RegionSource =
-  | { name?: string; path: string }
-  | { name?: string; fd: number }
-  | { name?: string; buffer: Uint8Array };
+export type RegionSource = { name?: string; path: string } | { name?: string; fd: number } | { name?: string; buffer: Uint8Array };
 
 export interface ImageRegion extends RegionInfo {
   /** What the native session reads pages from. */
@@ -103,7 +100,12 @@ function fromBuffer(id: number, name: string | undefined, buffer: Uint8Array): I
     throw new PostcopyError(ErrorCode.IMAGE_INVALID, `region ${id}: a buffer image must be a non-empty multiple of ${PAGE_SIZE} bytes`);
   }
   return {
-    id, name: name ?? `region${id}`, length: buffer.length, pageSize: PAGE_SIZE, contentLength: buffer.length, holes: 0,
+    id,
+    name: name ?? `region${id}`,
+    length: buffer.length,
+    pageSize: PAGE_SIZE,
+    contentLength: buffer.length,
+    holes: 0,
     spec: { source: buffer, sourceIsMapping: false, offset: 0, length: buffer.length, pageSize: PAGE_SIZE },
   };
 }
@@ -120,7 +122,8 @@ function fromFile(id: number, source: { name?: string; path: string } | { name?:
   try {
     const stat = fstatSync(fd);
     if (stat.isDirectory()) throw new PostcopyError(ErrorCode.IMAGE_INVALID, `${what}: is a directory, not an image file`);
-    if (!stat.isFile()) throw new PostcopyError(ErrorCode.IMAGE_INVALID, `${what}: not a regular file or shared memory (a device, socket or pipe cannot be mapped as an image)`);
+    if (!stat.isFile())
+      throw new PostcopyError(ErrorCode.IMAGE_INVALID, `${what}: not a regular file or shared memory (a device, socket or pipe cannot be mapped as an image)`);
     const size = stat.size;
     if (size === 0) throw new PostcopyError(ErrorCode.IMAGE_INVALID, `${what}: the image is empty`);
     const length = roundUp(size);
@@ -149,7 +152,12 @@ function fromFile(id: number, source: { name?: string; path: string } | { name?:
     }
     const name = source.name ?? ('path' in source ? source.path : `fd${source.fd}`);
     return {
-      id, name, length, pageSize: PAGE_SIZE, contentLength: size, holes,
+      id,
+      name,
+      length,
+      pageSize: PAGE_SIZE,
+      contentLength: size,
+      holes,
       spec: { source: mapping.handle, sourceIsMapping: true, offset: 0, length, pageSize: PAGE_SIZE, knownZero },
     };
   } finally {

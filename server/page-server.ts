@@ -6,8 +6,26 @@ import { ErrorCode, PostcopyError, asCodedError } from '../lib/errors.js';
 import { type Address, formatAddress, isLocalOnly, parseAddress } from '../lib/address.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
 import {
-  DEFAULT_HEARTBEAT, DEFAULT_MAX_FRAME, FrameReader, checkHave, checkOptions, checkVerify, PROTOCOL_VERSION, SOFTWARE, dataChannelKeys, encodeFrame, keepAlive, newNonce, proofMatches, proveToken, send,
-  sendErrorAndClose, takeSocket, type Heartbeat, type MessageOf, type RegionInfo,
+  DEFAULT_HEARTBEAT,
+  DEFAULT_MAX_FRAME,
+  FrameReader,
+  checkHave,
+  checkOptions,
+  checkVerify,
+  PROTOCOL_VERSION,
+  SOFTWARE,
+  dataChannelKeys,
+  encodeFrame,
+  keepAlive,
+  newNonce,
+  proofMatches,
+  proveToken,
+  send,
+  sendErrorAndClose,
+  takeSocket,
+  type Heartbeat,
+  type MessageOf,
+  type RegionInfo,
 } from '../lib/protocol.js';
 import { MAX_RUN_BYTES } from '../lib/limits.js';
 import { listenOwnerOnly } from '../lib/unix-socket.js';
@@ -64,7 +82,10 @@ export class PageServer {
   /** Errors by code, for the life of the server. */
   readonly #errors = new Tally();
   /** The figures of sessions already forgotten, summed. */
-  readonly #retired: Record<(typeof SERVED_TOTALS)[number], number> = Object.fromEntries(SERVED_TOTALS.map((k) => [k, 0])) as Record<(typeof SERVED_TOTALS)[number], number>;
+  readonly #retired: Record<(typeof SERVED_TOTALS)[number], number> = Object.fromEntries(SERVED_TOTALS.map((k) => [k, 0])) as Record<
+    (typeof SERVED_TOTALS)[number],
+    number
+  >;
 
   constructor(options: PageServerOptions) {
     this.#image = options.image;
@@ -114,7 +135,10 @@ export class PageServer {
     const a = typeof address === 'string' ? parseAddress(address) : address;
     if (a.kind === 'tcp' && !this.#token) {
       const who = isLocalOnly(a) ? 'any user of this host' : 'anyone on the network';
-      throw new PostcopyError(ErrorCode.AUTH_REQUIRED, `refusing to listen on ${formatAddress(a)} without a token: ${who} could read the image (unix sockets need none: they are created 0600)`);
+      throw new PostcopyError(
+        ErrorCode.AUTH_REQUIRED,
+        `refusing to listen on ${formatAddress(a)} without a token: ${who} could read the image (unix sockets need none: they are created 0600)`,
+      );
     }
     const server = createServer({ noDelay: true }, (socket) => void this.#onConnection(socket));
     if (a.kind === 'unix') {
@@ -128,7 +152,10 @@ export class PageServer {
     const bound = server.address();
     this.#address = a.kind === 'tcp' && bound && typeof bound === 'object' ? { kind: 'tcp', host: a.host, port: bound.port } : a;
     this.#server = server;
-    this.#log.info({ listen: formatAddress(this.#address), auth: this.#token ? 'token' : 'none', regions: this.#image.regions.length, bytes: this.#image.totalBytes }, 'serving');
+    this.#log.info(
+      { listen: formatAddress(this.#address), auth: this.#token ? 'token' : 'none', regions: this.#image.regions.length, bytes: this.#image.totalBytes },
+      'serving',
+    );
     return this.#address;
   }
 
@@ -150,7 +177,10 @@ export class PageServer {
     // Connections that have not proven anything yet are capped: idle peers cannot pile up without bound.
     if (this.#unproven.size >= MAX_UNPROVEN_CONNECTIONS) {
       this.#errors.add(ErrorCode.OVERLOADED);
-      this.#log.warn({ code: ErrorCode.OVERLOADED, remote: socket.remoteAddress ?? 'unix', unproven: this.#unproven.size }, 'connection refused: too many still to authenticate');
+      this.#log.warn(
+        { code: ErrorCode.OVERLOADED, remote: socket.remoteAddress ?? 'unix', unproven: this.#unproven.size },
+        'connection refused: too many still to authenticate',
+      );
       socket.destroy();
       return;
     }
@@ -186,12 +216,18 @@ export class PageServer {
   }
 
   async #onControl(socket: Socket, reader: FrameReader, hello: MessageOf<'hello'>): Promise<void> {
-    if (hello.protocol !== PROTOCOL_VERSION) throw new PostcopyError(ErrorCode.PROTOCOL_VERSION, `protocol ${hello.protocol} is not supported (this server speaks ${PROTOCOL_VERSION})`);
-    if (!(hello.nonce instanceof Uint8Array) || hello.nonce.length !== 32) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'hello without a 32-byte nonce');
+    if (hello.protocol !== PROTOCOL_VERSION)
+      throw new PostcopyError(ErrorCode.PROTOCOL_VERSION, `protocol ${hello.protocol} is not supported (this server speaks ${PROTOCOL_VERSION})`);
+    if (!(hello.nonce instanceof Uint8Array) || hello.nonce.length !== 32)
+      throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'hello without a 32-byte nonce');
     const nonce = newNonce();
     const token = this.#token;
     send(socket, {
-      t: 'challenge', protocol: PROTOCOL_VERSION, software: SOFTWARE, nonce, auth: token ? 'token' : 'none',
+      t: 'challenge',
+      protocol: PROTOCOL_VERSION,
+      software: SOFTWARE,
+      nonce,
+      auth: token ? 'token' : 'none',
       ...(token ? { proof: proveToken(token, 'server', nonce, hello.nonce) } : {}),
     });
     const auth = await reader.next(['auth'], this.#handshakeTimeoutMs);
@@ -240,9 +276,15 @@ export class PageServer {
       session.complete();
       this.#log.info({ session: session.id, destination: msg.stats }, 'destination reports every page resident');
       const regions = await Promise.all(this.#image.regions.map(async (r) => ({ id: r.id, sha256: await this.#image.digest(r.id) })));
-      const checksums = verify && (await Promise.all(verify.map(async ({ id, skip }) => ({
-        id, sum: await this.#image.checksum(id, skip), pages: this.#image.regions[id].length / this.#image.regions[id].pageSize - skip.reduce((n, [, c]) => n + c, 0),
-      }))));
+      const checksums =
+        verify &&
+        (await Promise.all(
+          verify.map(async ({ id, skip }) => ({
+            id,
+            sum: await this.#image.checksum(id, skip),
+            pages: this.#image.regions[id].length / this.#image.regions[id].pageSize - skip.reduce((n, [, c]) => n + c, 0),
+          })),
+        ));
       send(socket, { t: 'digest', regions, stats: { ...session.stats() }, ...(checksums ? { checksums } : {}) });
     }
     saidBye = true;
@@ -280,7 +322,11 @@ export class PageServer {
       const control = this.#controls.get(session.id);
       if (control) sendErrorAndClose(control, err.code, err.message);
     });
-    if (resume) this.#log.info({ session: session.id, resumes: resume, known: known ? known.state : false }, 'a destination resumes a session this source does not hold; serving what its bitmap lacks');
+    if (resume)
+      this.#log.info(
+        { session: session.id, resumes: resume, known: known ? known.state : false },
+        'a destination resumes a session this source does not hold; serving what its bitmap lacks',
+      );
     this.#sessions.set(session.id, session);
     return session;
   }

@@ -38,7 +38,16 @@ export const DEFAULT_RESUME_GRACE_MS = 60_000;
 
 // Counters that add up over the runs of a resumed session (pagesSent does
 // not: each run starts from what the destination holds).
-const RUNNING_TOTALS = ['requests', 'pagesRequested', 'pagesResent', 'pagesAlreadyInFlight', 'pagesPrefaulted', 'pagesBackground', 'zeroPages', 'bytesSent'] as const;
+const RUNNING_TOTALS = [
+  'requests',
+  'pagesRequested',
+  'pagesResent',
+  'pagesAlreadyInFlight',
+  'pagesPrefaulted',
+  'pagesBackground',
+  'zeroPages',
+  'bytesSent',
+] as const;
 
 export class SourceSession {
   readonly id = randomBytes(16).toString('hex');
@@ -68,7 +77,8 @@ export class SourceSession {
 
   /** Checks a data channel's ticket; throws unless this channel may attach now. */
   verifyAttach(channel: Channel, ticket: unknown): void {
-    if (!this.#machine.is('setup', 'resuming')) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `cannot attach a channel to a session that is ${this.state}`);
+    if (!this.#machine.is('setup', 'resuming'))
+      throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `cannot attach a channel to a session that is ${this.state}`);
     if (this.#fds[channel] !== undefined) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `the ${channel} channel is already attached`);
     const expected = this.tickets[channel];
     if (!(ticket instanceof Uint8Array) || ticket.length !== expected.length || !timingSafeEqual(expected, ticket)) {
@@ -202,7 +212,8 @@ export class SourceSession {
         return;
       }
       const err = errorOfEvent(event, event.message ?? event.type, ErrorCode.PEER_GONE, { channel: event.channel });
-      if (this.#machine.is('active')) this.#machine.to('failed', { code: err.code, errno: err.errno, syscall: err.syscall, channel: event.channel, error: err.message });
+      if (this.#machine.is('active'))
+        this.#machine.to('failed', { code: err.code, errno: err.errno, syscall: err.syscall, channel: event.channel, error: err.message });
       this.#onFailure(err);
     } catch (err) {
       this.#log.error({ err }, 'handling a native event failed');

@@ -12,19 +12,33 @@ import { tempDir } from './helpers.js';
 t.test('access patterns touch what they claim', async (t) => {
   const pages = 1000;
   const random = touchSequence('random', pages, 3);
-  t.same([...random].sort((a, b) => a - b), [...Array(pages).keys()], 'random: every page once');
+  t.same(
+    [...random].sort((a, b) => a - b),
+    [...Array(pages).keys()],
+    'random: every page once',
+  );
   t.same([...touchSequence('random', pages, 3)], [...random], 'the same seed gives the same order');
   t.same([...touchSequence('sequential', pages)], [...Array(pages).keys()]);
   const strided = touchSequence('strided', pages);
   t.same([...strided.subarray(0, 3)], [0, 16, 32]);
-  t.same([...strided].sort((a, b) => a - b), [...Array(pages).keys()], 'strided: every page once');
+  t.same(
+    [...strided].sort((a, b) => a - b),
+    [...Array(pages).keys()],
+    'strided: every page once',
+  );
   const hot = touchSequence('hotset', pages, 3);
   const counts = new Map<number, number>();
   for (const p of hot) counts.set(p, (counts.get(p) ?? 0) + 1);
-  const top = [...counts.values()].sort((a, b) => b - a).slice(0, pages / 10).reduce((s, c) => s + c, 0);
+  const top = [...counts.values()]
+    .sort((a, b) => b - a)
+    .slice(0, pages / 10)
+    .reduce((s, c) => s + c, 0);
   t.ok(top / pages >= 0.85, `the busiest 10% of pages take ${((100 * top) / pages).toFixed(1)}% of touches`);
   const parts = splitForThreads(random, 3);
-  t.same(parts.map((p) => p.length), [334, 333, 333]);
+  t.same(
+    parts.map((p) => p.length),
+    [334, 333, 333],
+  );
   t.same([parts[0][0], parts[1][0], parts[2][0], parts[0][1]], [random[0], random[1], random[2], random[3]], 'dealt round-robin');
 });
 
@@ -44,7 +58,7 @@ t.test('the quick suite runs end to end and writes JSON, Markdown and SVG plots'
       t.equal(r.cpus.source['pc-requests'] !== undefined, true, 'source threads are named');
     }
   }
-  t.ok(report.results.some((r) => r.placement === 'one-cpu') === (report.machine.cpus >= 2));
+  t.ok(report.results.some((r) => r.placement === 'one-cpu') === report.machine.cpus >= 2);
   const json = JSON.parse(readFileSync(join(out, 'results.json'), 'utf8'));
   t.equal(json.results.length, report.results.length);
   const md = readFileSync(join(out, 'report.md'), 'utf8');
@@ -56,7 +70,10 @@ t.test('the quick suite runs end to end and writes JSON, Markdown and SVG plots'
 });
 
 t.test("scaling.svg's size axis spans the sizes measured, and the plot renders", async (t) => {
-  const points = [64, 256, 1024].flatMap((mib) => [{ mib, series: 'ours', ms: mib * 2 }, { mib, series: 'floor', ms: mib }]);
+  const points = [64, 256, 1024].flatMap((mib) => [
+    { mib, series: 'ours', ms: mib * 2 },
+    { mib, series: 'floor', ms: mib },
+  ]);
   const x = (scalingSpec(points) as unknown as { encoding: { x: { scale: { domain: number[]; nice: boolean }; axis: { values: number[] } } } }).encoding.x;
   t.same(x.scale.domain, [64, 1024]);
   t.equal(x.scale.nice, false, 'not rounded out to powers of ten');

@@ -26,8 +26,14 @@ t.test('serve and restore as separate processes: token, --out, --json', async (t
   t.ok(report.faults > 0, 'the default workload faulted pages in');
   t.equal(report.pagesOnDemand + report.pagesPrefaulted, 1024);
   t.ok(readFileSync(out).equals(image), '--out holds the image');
-  const logs = r.stderr.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l));
-  t.ok(logs.some((l) => l.msg === 'restore finished' && l.digestMatch === true), 'pino JSON logs on stderr');
+  const logs = r.stderr
+    .split('\n')
+    .filter((l) => l.startsWith('{'))
+    .map((l) => JSON.parse(l));
+  t.ok(
+    logs.some((l) => l.msg === 'restore finished' && l.digestMatch === true),
+    'pino JSON logs on stderr',
+  );
 });
 
 t.test('restore over TCP with no workload is pure background transfer; TCP without --token-file gets a token only this user can read', async (t) => {
@@ -36,7 +42,11 @@ t.test('restore over TCP with no workload is pure background transfer; TCP witho
   const { listening, tokenFile } = await startServeCli(t, ['--image', writeImage(dir, image), '--listen', 'tcp:127.0.0.1:0']);
   // On the old main this source served the image to any user of the host.
   t.equal(statSync(tokenFile!).mode & 0o777, 0o600, 'the token file it made is 0600');
-  await t.rejects(Destination.connect({ source: `tcp:127.0.0.1:${listening.port}` }), { code: 'ERR_AUTH_REQUIRED' }, 'a destination without the token is refused');
+  await t.rejects(
+    Destination.connect({ source: `tcp:127.0.0.1:${listening.port}` }),
+    { code: 'ERR_AUTH_REQUIRED' },
+    'a destination without the token is refused',
+  );
   const r = await runCli(['restore', '--source', `tcp:127.0.0.1:${listening.port}`, '--workload', 'none', '--json']);
   t.equal(r.code, 0, r.stderr);
   t.match(JSON.parse(r.stdout), { faults: 0, pagesBackground: 512, digestMatch: true });
@@ -154,7 +164,7 @@ t.test('restore --out writes exactly the image: its own size, regions end to end
   t.ok(readFileSync(out).equals(Buffer.concat([a, b])), 'the output equals the two files end to end, byte for byte');
 });
 
-t.test('bench latency prints one JSON line per transport: our percentiles beside the project\'s own floor, ratios from interleaved rounds', async (t) => {
+t.test("bench latency prints one JSON line per transport: our percentiles beside the project's own floor, ratios from interleaved rounds", async (t) => {
   const r = await runCli(['bench', 'latency', '--pages', '512', '--transport', 'unix', '--json']);
   t.equal(r.code, 0, r.stderr);
   const line = JSON.parse(r.stdout.trim());
@@ -180,8 +190,14 @@ t.test('handle: a VMM process restores through the handler CLI; one JSON line pe
   const { listening } = await startServeCli(t, ['--image', imagePath, '--listen', 'tcp:127.0.0.1:0', '--token-file', tokenPath]);
   const handlerSocket = join(dir, 'handler.sock');
   const [cmd, ...pre] = cliCommand();
-  const handler = spawn(cmd, [...pre, 'handle', '--socket', handlerSocket, '--source', `tcp:127.0.0.1:${listening.port}`, '--token-file', tokenPath, '--window', '4:0'], { stdio: ['ignore', 'pipe', 'pipe'] });
-  t.teardown(() => { handler.kill('SIGTERM'); });
+  const handler = spawn(
+    cmd,
+    [...pre, 'handle', '--socket', handlerSocket, '--source', `tcp:127.0.0.1:${listening.port}`, '--token-file', tokenPath, '--window', '4:0'],
+    { stdio: ['ignore', 'pipe', 'pipe'] },
+  );
+  t.teardown(() => {
+    handler.kill('SIGTERM');
+  });
   const lines = createInterface({ input: handler.stdout! })[Symbol.asyncIterator]();
   t.same(JSON.parse((await lines.next()).value).listening, { kind: 'unix', path: handlerSocket });
   const vmm = spawn(buildFixture('vmm'), ['--socket', handlerSocket, '--image', imagePath, '--threads', '2'], { stdio: ['ignore', 'pipe', 'inherit'] });
@@ -208,12 +224,19 @@ t.test('serve and handle refuse a socket path a live process listens on, and one
   const tooLong = await runCli(['serve', '--image', imagePath, '--listen', `unix:${long}`]);
   t.equal(tooLong.code, 1);
   t.match(tooLong.stderr, /ERR_INVALID_ADDRESS/);
-  t.notOk(readdirSync(dir).some((f) => f.startsWith('xxxx')), 'no truncated socket file is left');
+  t.notOk(
+    readdirSync(dir).some((f) => f.startsWith('xxxx')),
+    'no truncated socket file is left',
+  );
 });
 
 /** Runs the CLI on a pseudo-terminal (stdout and stderr are a terminal, as for a person typing it). */
 function runOnTerminal(args: string[]): Promise<{ code: number | null; output: string }> {
-  const child = spawn('python3', ['-c', 'import os, pty, sys; status = pty.spawn(sys.argv[1:]); sys.exit(os.waitstatus_to_exitcode(status))', ...cliCommand(), ...args], { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, POSTCOPY_LOG_LEVEL: '' } });
+  const child = spawn(
+    'python3',
+    ['-c', 'import os, pty, sys; status = pty.spawn(sys.argv[1:]); sys.exit(os.waitstatus_to_exitcode(status))', ...cliCommand(), ...args],
+    { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, POSTCOPY_LOG_LEVEL: '' } },
+  );
   let output = '';
   child.stdout.on('data', (d) => (output += d));
   return new Promise((resolve) => child.on('close', (code) => resolve({ code, output })));
@@ -224,7 +247,10 @@ t.test('one line per error: the JSON record for scripts, the sentence with --log
   const args = ['restore', '--source', `unix:${join(dir, 'nobody.sock')}`];
   const json = await runCli(args);
   t.equal(json.code, 1);
-  const records = json.stderr.trim().split('\n').map((l) => JSON.parse(l));
+  const records = json.stderr
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l));
   const errors = records.filter((r) => r.level >= 50);
   t.equal(errors.length, 1, 'one error record');
   t.match(errors[0], { code: 'ERR_SOURCE_UNREACHABLE', msg: /^postcopy restore: cannot reach the source/ });
@@ -241,7 +267,11 @@ t.test('on a terminal: the error alone, no JSON; a restore shows live figures an
   const dir = tempDir(t);
   const failed = await runOnTerminal(['restore', '--source', `unix:${join(dir, 'nobody.sock')}`]);
   t.equal(failed.code, 1);
-  t.equal(failed.output.trim(), `postcopy restore: cannot reach the source at unix:${join(dir, 'nobody.sock')}: no such socket (ENOENT) (ERR_SOURCE_UNREACHABLE)`, 'one line, no log records at the default level');
+  t.equal(
+    failed.output.trim(),
+    `postcopy restore: cannot reach the source at unix:${join(dir, 'nobody.sock')}: no such socket (ENOENT) (ERR_SOURCE_UNREACHABLE)`,
+    'one line, no log records at the default level',
+  );
   const imagePath = writeImage(dir, randomImage(4096, 5));
   const { listening } = await startServeCli(t, ['--image', imagePath, '--listen', `unix:${join(dir, 's.sock')}`]);
   const ok = await runOnTerminal(['restore', '--source', `unix:${listening.path}`, '--rate', '4M']);

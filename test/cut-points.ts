@@ -25,15 +25,19 @@ export interface CutCase {
 /** Every channel x direction x action that can carry a fault (nothing flows up the bulk channel). */
 export const CUT_CASES: readonly CutCase[] = (['bulk', 'urgent', 'control'] as const).flatMap((channel) =>
   (['fin', 'rst', 'blackhole'] as const).flatMap((action) =>
-    (['down', 'up'] as const).filter((direction) => !(channel === 'bulk' && direction === 'up')).map((direction) => ({ channel, direction, action }))));
+    (['down', 'up'] as const).filter((direction) => !(channel === 'bulk' && direction === 'up')).map((direction) => ({ channel, direction, action })),
+  ),
+);
 
 /** A seeded xorshift generator, so a failing cut point can be replayed. */
 export function seededRandom(seed: number): (n: number) => number {
   let x = seed >>> 0 || 1;
   return (n) => {
-    x ^= x << 13; x >>>= 0;
+    x ^= x << 13;
+    x >>>= 0;
     x ^= x >>> 17;
-    x ^= x << 5; x >>>= 0;
+    x ^= x << 5;
+    x >>>= 0;
     return x % n;
   };
 }
@@ -44,7 +48,9 @@ export function seededRandom(seed: number): (n: number) => number {
  * bulk carries every page (no workload), urgent every page (no background).
  */
 export function cutOffset(c: CutCase, pages: number, random: (n: number) => number): number {
-  const limit = { bulk: { down: pages * PAGE * 0.8, up: 0 }, urgent: { down: pages * PAGE * 0.5, up: pages * 4 }, control: { down: 60, up: 60 } }[c.channel][c.direction];
+  const limit = { bulk: { down: pages * PAGE * 0.8, up: 0 }, urgent: { down: pages * PAGE * 0.5, up: pages * 4 }, control: { down: 60, up: 60 } }[c.channel][
+    c.direction
+  ];
   return 1 + random(Math.floor(limit));
 }
 
@@ -59,7 +65,14 @@ export interface CutResult {
 }
 
 /** Restores `bytes` through a proxy that applies one fault at `afterBytes`. */
-export async function restoreThroughCut(t: Test, bytes: Buffer, c: CutCase, afterBytes: number, recovery: RecoveryOptions, sourceHeartbeat: { intervalMs: number; silenceMs: number }): Promise<CutResult> {
+export async function restoreThroughCut(
+  t: Test,
+  bytes: Buffer,
+  c: CutCase,
+  afterBytes: number,
+  recovery: RecoveryOptions,
+  sourceHeartbeat: { intervalMs: number; silenceMs: number },
+): Promise<CutResult> {
   // A TCP source, as across hosts: its data channels carry sealed records, which the cuts split anywhere.
   const server = new PageServer({ image: Image.open([{ buffer: bytes }]), heartbeat: sourceHeartbeat, token: CUT_TOKEN });
   t.teardown(() => server.close());
@@ -83,7 +96,8 @@ export async function restoreThroughCut(t: Test, bytes: Buffer, c: CutCase, afte
   let resumedAt = 0;
   dest.session.on('paused', () => (pausedAt ||= Date.now()));
   dest.session.on('resumed', () => (resumedAt ||= Date.now()));
-  if (c.channel === 'control') proxy.inject({ connection: 0, direction: c.direction, afterBytes: proxy.carried(0, c.direction) + afterBytes, action: c.action });
+  if (c.channel === 'control')
+    proxy.inject({ connection: 0, direction: c.direction, afterBytes: proxy.carried(0, c.direction) + afterBytes, action: c.action });
   const region = dest.regions[0];
   const pages = region.mapping.length / PAGE;
   const touching = c.channel === 'bulk' ? Promise.resolve() : touchPages(region.mapping.address, pages, shuffledOrder(pages, 7), { mapping: region.mapping });

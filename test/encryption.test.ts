@@ -37,7 +37,11 @@ t.test('no page of the image crosses TCP in the clear', async (t) => {
   t.equal(found, 0, 'not one sampled 64-byte stretch of any page appears on the wire');
 });
 
-for (const [channel, direction, connection] of [['bulk', 'down', 2], ['urgent', 'down', 1], ['urgent', 'up', 1]] as const) {
+for (const [channel, direction, connection] of [
+  ['bulk', 'down', 2],
+  ['urgent', 'down', 1],
+  ['urgent', 'up', 1],
+] as const) {
   t.test(`a byte flipped on the ${channel} channel (${direction}) is caught before anything of it is installed; the session resumes byte-exact`, async (t) => {
     const pages = 1024;
     const bytes = randomImage(pages, 9);
@@ -46,12 +50,20 @@ for (const [channel, direction, connection] of [['bulk', 'down', 2], ['urgent', 
     // Past the handshake frame, inside the sealed records.
     proxy.inject({ connection, direction: direction as Direction, afterBytes: direction === 'up' ? 400 : 64 * 1024 + 7, action: 'flip' });
     const urgent = channel === 'urgent';
-    const dest = await Destination.connect({ source: proxy.address, token: TOKEN, recovery: FAST, ...(urgent ? { background: { enabled: false }, window: { forward: 0, backward: 0 } } : {}) });
+    const dest = await Destination.connect({
+      source: proxy.address,
+      token: TOKEN,
+      recovery: FAST,
+      ...(urgent ? { background: { enabled: false }, window: { forward: 0, backward: 0 } } : {}),
+    });
     t.teardown(() => dest.close());
     const pauses: string[] = [];
     dest.session.on('paused', (err: CodedError) => pauses.push(err.code));
     const region = dest.regions[0].mapping;
-    const [report] = await Promise.all([dest.finish(), urgent ? touchPages(region.address, pages, shuffledOrder(pages, 3), { mapping: region }) : Promise.resolve()]);
+    const [report] = await Promise.all([
+      dest.finish(),
+      urgent ? touchPages(region.address, pages, shuffledOrder(pages, 3), { mapping: region }) : Promise.resolve(),
+    ]);
     t.equal(proxy.fired.length, 1, 'the byte was flipped');
     t.ok(pauses.includes('ERR_DATA_TAMPERED'), `the tampering was detected (${pauses.join(', ')})`);
     t.equal(report.digestMatch, true);

@@ -8,7 +8,10 @@ import { PAGE, buildFixture, randomImage, tempDir, writeImage } from './helpers.
 
 t.test('fds travel with a payload and arrive usable', async (t) => {
   const [a, b] = socketPair();
-  t.teardown(() => { closeSync(a); closeSync(b); });
+  t.teardown(() => {
+    closeSync(a);
+    closeSync(b);
+  });
   const memfd = memfdCreate('passed');
   ftruncateSync(memfd, PAGE);
   const sent = mapFile(memfd, PAGE);
@@ -19,14 +22,20 @@ t.test('fds travel with a payload and arrive usable', async (t) => {
   t.equal(got.fds.length, 1);
   t.not(got.fds[0], memfd, 'a new fd number for the same file');
   const seen = mapFile(got.fds[0], PAGE);
-  t.ok(seen.buffer().every((x) => x === 0x42), 'the received memfd shows the same memory');
+  t.ok(
+    seen.buffer().every((x) => x === 0x42),
+    'the received memfd shows the same memory',
+  );
   for (const m of [sent, seen]) m.unmap();
   for (const fd of [memfd, got.fds[0]]) closeSync(fd);
 });
 
 t.test('peer credentials name the other end', async (t) => {
   const [a, b] = socketPair();
-  t.teardown(() => { closeSync(a); closeSync(b); });
+  t.teardown(() => {
+    closeSync(a);
+    closeSync(b);
+  });
   t.same(peerCredentials(a), { pid: process.pid, uid: process.getuid!(), gid: process.getgid!() });
 });
 
@@ -93,8 +102,14 @@ t.test('a child hands over the userfaultfd of its own memory; the parent serves 
   const faults = events.filter((e) => e.type === 'pagefault');
   t.ok(faults.length >= pages, `every page faulted at least once (${faults.length})`);
   t.ok(new Set(faults.map((e) => e.type === 'pagefault' && e.threadId)).size > 1, 'faults came from several threads');
-  t.same(events.filter((e) => e.type === 'remove'), [{ type: 'remove', start: base + removeFrom, end: base + removeFrom + removeLength }]);
-  t.same(events.filter((e) => e.type === 'unmap'), [{ type: 'unmap', start: base, end: base + pages * PAGE }]);
+  t.same(
+    events.filter((e) => e.type === 'remove'),
+    [{ type: 'remove', start: base + removeFrom, end: base + removeFrom + removeLength }],
+  );
+  t.same(
+    events.filter((e) => e.type === 'unmap'),
+    [{ type: 'unmap', start: base, end: base + pages * PAGE }],
+  );
   uffd.close();
   closeSync(ours);
 });

@@ -43,16 +43,26 @@ function randomBytes(n: number): Buffer {
 /** A value of a random type, sometimes an edge case. */
 function junk(depth = 0): unknown {
   switch (random(depth > 1 ? 8 : 10)) {
-    case 0: return random(1 << 30);
-    case 1: return -random(1000) - 1;
-    case 2: return pick([0, 2 ** 53, 2 ** 64, Number.NaN, 1.5, 4096, 2 ** 40]);
-    case 3: return randomBytes(random(40));
-    case 4: return 'x'.repeat(random(50));
-    case 5: return null;
-    case 6: return pick([true, false]);
-    case 7: return undefined;
-    case 8: return Array.from({ length: random(4) }, () => junk(depth + 1));
-    default: return Object.fromEntries(Array.from({ length: random(4) }, () => [pick(['t', 'id', 'length', 'pageSize', 'region', 'bitmap', 'x']), junk(depth + 1)]));
+    case 0:
+      return random(1 << 30);
+    case 1:
+      return -random(1000) - 1;
+    case 2:
+      return pick([0, 2 ** 53, 2 ** 64, Number.NaN, 1.5, 4096, 2 ** 40]);
+    case 3:
+      return randomBytes(random(40));
+    case 4:
+      return 'x'.repeat(random(50));
+    case 5:
+      return null;
+    case 6:
+      return pick([true, false]);
+    case 7:
+      return undefined;
+    case 8:
+      return Array.from({ length: random(4) }, () => junk(depth + 1));
+    default:
+      return Object.fromEntries(Array.from({ length: random(4) }, () => [pick(['t', 'id', 'length', 'pageSize', 'region', 'bitmap', 'x']), junk(depth + 1)]));
   }
 }
 /** A message with one field replaced by junk (or removed, or one added). */
@@ -101,7 +111,13 @@ t.test('control frames: random bytes, bad lengths, and valid handshakes with one
   const bytes = randomImage(64, 3);
   const { server, path } = await startSource(t, bytes);
   const hello = { t: 'hello', protocol: 1, software: 'fuzz', nonce: randomBytes(32) };
-  const script: Record<string, unknown>[] = [hello, { t: 'auth' }, { t: 'options', window: { forward: 2, backward: 1 }, background: { enabled: true, rateBytesPerSecond: 0 } }, { t: 'start' }, { t: 'done', stats: {} }];
+  const script: Record<string, unknown>[] = [
+    hello,
+    { t: 'auth' },
+    { t: 'options', window: { forward: 2, backward: 1 }, background: { enabled: true, rateBytesPerSecond: 0 } },
+    { t: 'start' },
+    { t: 'done', stats: {} },
+  ];
   const cases = 1500 * scale;
   const codes = new Map<string, number>();
   for (let i = 0; i < cases; i++) {
@@ -110,14 +126,16 @@ t.test('control frames: random bytes, bad lengths, and valid handshakes with one
       case 0: // noise
         frames = [randomBytes(1 + random(200))];
         break;
-      case 1: { // a length prefix that lies
+      case 1: {
+        // a length prefix that lies
         const body = randomBytes(random(64));
         const head = Buffer.alloc(4);
         head.writeUInt32BE(pick([0, body.length + 1 + random(100), 0xffffffff, 64 << 20, random(1 << 20)]));
         frames = [head, body];
         break;
       }
-      case 2: { // the script with one message broken, the rest in order
+      case 2: {
+        // the script with one message broken, the rest in order
         const k = random(script.length);
         frames = script.map((m, j) => encodeFrame((j === k ? mutate(m) : m) as Message));
         break;
@@ -179,7 +197,8 @@ t.test('data channels: a hostile source sends random runs; nothing outside the r
     if (!isCoded(f.error.code)) t.fail(`engine ${e}: an uncoded error ${f.error.code}`);
     if (f.error.code !== ErrorCode.PEER_GONE) failures++;
     engine.stop();
-    if (!whole.buffer(0, PAGE).every((b) => b === 0xee) || !whole.buffer((pages + 1) * PAGE, PAGE).every((b) => b === 0xee)) t.fail(`engine ${e}: a sentinel page was written`);
+    if (!whole.buffer(0, PAGE).every((b) => b === 0xee) || !whole.buffer((pages + 1) * PAGE, PAGE).every((b) => b === 0xee))
+      t.fail(`engine ${e}: a sentinel page was written`);
     uffd.close();
     whole.unmap();
   }
@@ -222,15 +241,27 @@ t.test('malformed VMM handshakes: each is refused with a coded reason; a real VM
   handler.on('rejected', (r: { code: string }) => rejected.push(r.code));
   const uffd = Userfaultfd.open();
   t.teardown(() => uffd.close());
-  const region = () => ({ base_host_virt_addr: 0x7f0000000000 + random(16) * PAGE, size: pick([PAGE, 16 * PAGE, 0, -1, 2 ** 50]), offset: pick([0, PAGE, 300 * PAGE, -PAGE]), page_size: pick([PAGE, 1000, 2 ** 21, undefined]) });
+  const region = () => ({
+    base_host_virt_addr: 0x7f0000000000 + random(16) * PAGE,
+    size: pick([PAGE, 16 * PAGE, 0, -1, 2 ** 50]),
+    offset: pick([0, PAGE, 300 * PAGE, -PAGE]),
+    page_size: pick([PAGE, 1000, 2 ** 21, undefined]),
+  });
   const cases = 300 * scale;
   for (let i = 0; i < cases; i++) {
     let payload: Buffer;
     switch (random(4)) {
-      case 0: payload = randomBytes(1 + random(100)); break;
-      case 1: payload = Buffer.from(JSON.stringify(junk()) ?? 'null'); break;
-      case 2: payload = Buffer.from(JSON.stringify([mutate(region())])); break;
-      default: payload = Buffer.from(JSON.stringify(Array.from({ length: random(4) }, region)));
+      case 0:
+        payload = randomBytes(1 + random(100));
+        break;
+      case 1:
+        payload = Buffer.from(JSON.stringify(junk()) ?? 'null');
+        break;
+      case 2:
+        payload = Buffer.from(JSON.stringify([mutate(region())]));
+        break;
+      default:
+        payload = Buffer.from(JSON.stringify(Array.from({ length: random(4) }, region)));
     }
     if (payload.length === 0) payload = Buffer.from('[]');
     const socket = netConnect(socketPath);

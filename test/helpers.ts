@@ -44,9 +44,16 @@ export { buildFixture } from '../bin/vmm-fixture.js';
 /** A welcome a fake source sends: a one-region image, plaintext channels; override what a test needs. */
 export function fakeWelcome(overrides: Record<string, unknown> = {}): Record<string, unknown> {
   return {
-    t: 'welcome', session: 'f'.repeat(32), resumed: false, fingerprint: '0'.repeat(64), encryption: 'none',
-    regions: [{ id: 0, name: 'r', length: 16 * PAGE, pageSize: PAGE }], tickets: { urgent: Buffer.alloc(32), bulk: Buffer.alloc(32) },
-    limits: { maxFrame: 4 << 20, maxRunBytes: 2 << 20 }, capabilities: [], ...overrides,
+    t: 'welcome',
+    session: 'f'.repeat(32),
+    resumed: false,
+    fingerprint: '0'.repeat(64),
+    encryption: 'none',
+    regions: [{ id: 0, name: 'r', length: 16 * PAGE, pageSize: PAGE }],
+    tickets: { urgent: Buffer.alloc(32), bulk: Buffer.alloc(32) },
+    limits: { maxFrame: 4 << 20, maxRunBytes: 2 << 20 },
+    capabilities: [],
+    ...overrides,
   };
 }
 
@@ -79,7 +86,12 @@ export async function fakeSource(t: Test, welcome: () => Record<string, unknown>
 
 /** Detection for tests: heartbeats every 50 ms, silent after 400 ms, quick retries. */
 export const FAST_HEARTBEAT = { intervalMs: 50, silenceMs: 400 };
-export const FAST_RECOVERY: RecoveryOptions = { heartbeat: FAST_HEARTBEAT, stallTimeoutMs: 400, retryDelayMs: { initial: 20, max: 200 }, connectTimeoutMs: 2000 };
+export const FAST_RECOVERY: RecoveryOptions = {
+  heartbeat: FAST_HEARTBEAT,
+  stallTimeoutMs: 400,
+  retryDelayMs: { initial: 20, max: 200 },
+  connectTimeoutMs: 2000,
+};
 
 /**
  * Serves missing faults of [base, base+image.length) from `image` until `done`
@@ -155,10 +167,15 @@ export function runCli(args: string[], env: Record<string, string> = {}): Promis
 }
 
 /** Starts `postcopy serve` and resolves once it listens; killed at teardown. */
-export async function startServeCli(t: Test, args: string[]): Promise<{ child: ChildProcess; listening: { kind: string; path?: string; port?: number }; tokenFile?: string; metrics?: string }> {
+export async function startServeCli(
+  t: Test,
+  args: string[],
+): Promise<{ child: ChildProcess; listening: { kind: string; path?: string; port?: number }; tokenFile?: string; metrics?: string }> {
   const [cmd, ...pre] = cliCommand();
   const child = spawn(cmd, [...pre, 'serve', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-  t.teardown(() => { child.kill('SIGTERM'); });
+  t.teardown(() => {
+    child.kill('SIGTERM');
+  });
   let stderr = '';
   child.stderr!.on('data', (d) => (stderr += d));
   // The address line, then (with --metrics) the metrics URL line.

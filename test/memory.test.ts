@@ -12,7 +12,10 @@ t.test('an anonymous mapping gives a zero-copy view', async (t) => {
   const a = m.buffer();
   const b = m.buffer(PAGE, PAGE);
   a.fill(9, PAGE, 2 * PAGE);
-  t.ok(b.every((x) => x === 9), 'a second view sees writes through the first');
+  t.ok(
+    b.every((x) => x === 9),
+    'a second view sees writes through the first',
+  );
   t.throws(() => m.buffer(0, 5 * PAGE), { code: 'ERR_OUT_OF_RANGE' });
 });
 
@@ -37,14 +40,24 @@ t.test('a view moved to another ArrayBuffer never reaches the mapping after unma
   const shared = m.buffer()[0] === 9; // Node 20 copies external memory on transfer; others may move it
   m.unmap();
   t.equal(moved.length, 2 * PAGE);
-  if (shared) t.ok(moved.every((b) => b === 0), 'a moved view reads fresh zero pages: the addresses are held, never reused');
+  if (shared)
+    t.ok(
+      moved.every((b) => b === 0),
+      'a moved view reads fresh zero pages: the addresses are held, never reused',
+    );
   else t.ok(moved[0] === 9 && moved.subarray(1).every((b) => b === 7), 'the moved view is a private copy, untouched by unmap');
 });
 
 t.test('mapping at a given address refuses to replace an existing mapping', async (t) => {
   const first = mapAnonymous(2 * PAGE);
   t.teardown(() => first.unmap());
-  const err = (() => { try { mapAnonymous(PAGE, { address: first.address }); } catch (e) { return e as NodeJS.ErrnoException; } })();
+  const err = (() => {
+    try {
+      mapAnonymous(PAGE, { address: first.address });
+    } catch (e) {
+      return e as NodeJS.ErrnoException;
+    }
+  })();
   t.match(err, { code: 'EEXIST', syscall: 'mmap' });
   const freeAt = first.address + PAGE;
   first.unmap();

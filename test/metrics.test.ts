@@ -30,7 +30,9 @@ t.test('serve --metrics: scraped while a restore runs and after it, the figures 
   t.equal(before.get('postcopy_source_bytes_sent_total'), 0);
   // A slow restore (the background stream capped), so the scrape lands in the middle of it.
   const [cmd, ...pre] = cliCommand();
-  const restore = spawn(cmd, [...pre, 'restore', '--source', `unix:${listening.path}`, '--workload', 'none', '--rate', '2M', '--json'], { stdio: ['ignore', 'pipe', 'ignore'] });
+  const restore = spawn(cmd, [...pre, 'restore', '--source', `unix:${listening.path}`, '--workload', 'none', '--rate', '2M', '--json'], {
+    stdio: ['ignore', 'pipe', 'ignore'],
+  });
   let during = await scrape(url as string);
   while (during.get('postcopy_source_sessions{state="active"}') !== 1) {
     await new Promise((r) => setTimeout(r, 20));
@@ -53,8 +55,14 @@ t.test('handle --metrics: fault latency as a histogram, pages by kind, sessions,
   const { listening } = await startServeCli(t, ['--image', imagePath, '--listen', `unix:${join(dir, 's.sock')}`]);
   const handlerSocket = join(dir, 'h.sock');
   const [cmd, ...pre] = cliCommand();
-  const handler = spawn(cmd, [...pre, 'handle', '--socket', handlerSocket, '--source', `unix:${listening.path}`, '--metrics', 'tcp:127.0.0.1:0', '--no-background'], { stdio: ['ignore', 'pipe', 'ignore'] });
-  t.teardown(() => { handler.kill('SIGTERM'); });
+  const handler = spawn(
+    cmd,
+    [...pre, 'handle', '--socket', handlerSocket, '--source', `unix:${listening.path}`, '--metrics', 'tcp:127.0.0.1:0', '--no-background'],
+    { stdio: ['ignore', 'pipe', 'ignore'] },
+  );
+  t.teardown(() => {
+    handler.kill('SIGTERM');
+  });
   const lines = createInterface({ input: handler.stdout! })[Symbol.asyncIterator]();
   t.match(JSON.parse((await lines.next()).value), { listening: { path: handlerSocket } });
   const url = JSON.parse((await lines.next()).value).metrics as string;

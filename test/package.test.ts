@@ -26,11 +26,30 @@ t.test("docs/API.md's example runs against the package imported by its name", as
 });
 
 t.test('the package ships the library, the CLI and the addon sources, not the tests or the benchmark results', async (t) => {
-  const [pack] = JSON.parse(execFileSync('npm', ['pack', '--dry-run', '--json', '--ignore-scripts'], { cwd: root, encoding: 'utf8' })) as [{ files: { path: string }[] }];
+  const [pack] = JSON.parse(execFileSync('npm', ['pack', '--dry-run', '--json', '--ignore-scripts'], { cwd: root, encoding: 'utf8' })) as [
+    { files: { path: string }[] },
+  ];
   const files = pack.files.map((f) => f.path);
-  for (const needed of ['dist/lib/index.js', 'dist/lib/index.d.ts', 'dist/bin/postcopy.js', 'addon/fault_engine.cc', 'CMakeLists.txt', 'test/fixtures/vmm.c', 'docs/API.md', 'package.json']) {
+  for (const needed of [
+    'dist/lib/index.js',
+    'dist/lib/index.d.ts',
+    'dist/bin/postcopy.js',
+    'addon/fault_engine.cc',
+    'CMakeLists.txt',
+    'test/fixtures/vmm.c',
+    'docs/API.md',
+    'package.json',
+  ]) {
     t.ok(files.includes(needed), `ships ${needed}`);
   }
-  t.same(files.filter((f) => f.startsWith('test/') && f !== 'test/fixtures/vmm.c'), [], 'no test files');
-  t.same(files.filter((f) => f.startsWith('docs/benchmarks/') || f.endsWith('.map')), [], 'no benchmark results, no source maps');
+  t.same(
+    files.filter((f) => f.startsWith('test/') && f !== 'test/fixtures/vmm.c'),
+    [],
+    'no test files',
+  );
+  t.same(
+    files.filter((f) => f.startsWith('docs/benchmarks/') || f.endsWith('.map')),
+    [],
+    'no benchmark results, no source maps',
+  );
 });

@@ -99,9 +99,22 @@ t.test('shared memory (a memfd) is served in place, and several regions at once'
   const content = randomImage(256, 3);
   content.copy(ram.buffer());
   const second = randomImage(64);
-  const source = await serve(t, Image.open([{ fd, name: 'ram' }, { buffer: second, name: 'rom' }]), 'unix');
+  const source = await serve(
+    t,
+    Image.open([
+      { fd, name: 'ram' },
+      { buffer: second, name: 'rom' },
+    ]),
+    'unix',
+  );
   const dest = await connect(t, { source });
-  t.same(dest.regions.map((r) => [r.info.name, r.info.length]), [['ram', 256 * PAGE], ['rom', 64 * PAGE]]);
+  t.same(
+    dest.regions.map((r) => [r.info.name, r.info.length]),
+    [
+      ['ram', 256 * PAGE],
+      ['rom', 64 * PAGE],
+    ],
+  );
   const report = await dest.finish();
   t.ok(dest.regions[0].mapping.buffer().equals(content));
   t.ok(dest.regions[1].mapping.buffer().equals(second));
@@ -118,7 +131,11 @@ t.test('several threads faulting on the same pages: each page is requested once'
   const touches = await Promise.all([1, 2, 3, 4].map(() => touchPages(region.address, pages, order)));
   const report = await dest.finish();
   t.equal(report.digestMatch, true);
-  for (const touched of touches) t.ok(touched.firstBytes.every((b, k) => b === bytes[order[k] * PAGE]), 'each thread read the right bytes');
+  for (const touched of touches)
+    t.ok(
+      touched.firstBytes.every((b, k) => b === bytes[order[k] * PAGE]),
+      'each thread read the right bytes',
+    );
   const stats = dest.stats();
   t.equal(stats.pagesRequested, pages, 'one request per page');
   t.equal(report.pagesOnDemand, pages, 'every page came on demand');

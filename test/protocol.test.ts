@@ -70,7 +70,10 @@ t.test('a destination holding a token refuses a source that does not prove it, w
   const dir = tempDir(t);
   const fake = createServer((socket) => {
     const reader = new FrameReader(socket);
-    void reader.next(['hello'], 5000).then(() => socket.write(encodeFrame({ t: 'challenge', protocol: 1, software: 'fake', nonce: Buffer.alloc(32, 7), auth: 'weird' as 'none' })), () => {});
+    void reader.next(['hello'], 5000).then(
+      () => socket.write(encodeFrame({ t: 'challenge', protocol: 1, software: 'fake', nonce: Buffer.alloc(32, 7), auth: 'weird' as 'none' })),
+      () => {},
+    );
   });
   const path = join(dir, 'fake.sock');
   await new Promise<void>((resolve) => fake.listen(path, resolve));
@@ -128,7 +131,11 @@ t.test('a destination asking for a page outside the image loses its session; oth
   const { source, server } = await startServer(t);
   const rogue = await SourceConnection.open({ source, transfer: { ...DEFAULT_TRANSFER, background: { enabled: false, rateBytesPerSecond: 0 } } });
   const { urgentFd, bulkFd } = rogue.takeChannels();
-  t.teardown(() => { rogue.close(); closeSync(urgentFd); closeSync(bulkFd); });
+  t.teardown(() => {
+    rogue.close();
+    closeSync(urgentFd);
+    closeSync(bulkFd);
+  });
   await rogue.start();
   const request = Buffer.alloc(16);
   request.writeUInt32LE(0x51455250, 0); // PREQ
@@ -159,7 +166,10 @@ t.test('a source sending runs outside the region is cut off; nothing outside the
   uffd.register(base, pages * PAGE);
   const [bulkOurs, bulkTheirs] = socketPair();
   const [urgentOurs, urgentTheirs] = socketPair();
-  t.teardown(() => { closeSync(bulkOurs); closeSync(urgentOurs); });
+  t.teardown(() => {
+    closeSync(bulkOurs);
+    closeSync(urgentOurs);
+  });
   const engine = new FaultEngine({ uffd: uffd.fd, regions: [{ base, length: pages * PAGE, pageSize: PAGE }] });
   t.teardown(() => engine.stop());
   const failures: { code: string; message: string }[] = [];
@@ -179,9 +189,18 @@ t.test('a source sending runs outside the region is cut off; nothing outside the
   writeSync(bulkOurs, run(BigInt(pages), 1, 0x22)); // one page past the end: the sentinel
   writeSync(urgentOurs, run(BigInt(pages - 1), 2, 0x33)); // straddles the end
   while (failures.length < 2) await new Promise((r) => setTimeout(r, 2));
-  t.same(failures.map((f) => f.code), ['ERR_PROTOCOL_OUT_OF_RANGE', 'ERR_PROTOCOL_OUT_OF_RANGE']);
-  t.ok(whole.buffer(0, PAGE).every((b) => b === 0xee), 'the sentinel before the region is untouched');
-  t.ok(whole.buffer((pages + 1) * PAGE, PAGE).every((b) => b === 0xee), 'the sentinel after the region is untouched');
+  t.same(
+    failures.map((f) => f.code),
+    ['ERR_PROTOCOL_OUT_OF_RANGE', 'ERR_PROTOCOL_OUT_OF_RANGE'],
+  );
+  t.ok(
+    whole.buffer(0, PAGE).every((b) => b === 0xee),
+    'the sentinel before the region is untouched',
+  );
+  t.ok(
+    whole.buffer((pages + 1) * PAGE, PAGE).every((b) => b === 0xee),
+    'the sentinel after the region is untouched',
+  );
   t.equal(engine.stats().residentPages, 1, 'the valid run was installed');
   t.ok(whole.buffer(PAGE, PAGE).every((b) => b === 0x11));
   t.equal(engine.complete, false, 'a failed channel leaves the engine waiting for new channels, not failed');
@@ -203,7 +222,11 @@ t.test('engine arguments are validated before they reach native code', async (t)
   t.match(attempt({ regions: [region(PAGE), region(2 * PAGE)] }), { code: 'ERR_OUT_OF_RANGE', message: /overlap/ });
   t.match(attempt({ regions: [region(PAGE + 1)] }), { code: 'ERR_OUT_OF_RANGE' });
   t.match(attempt({ regions: [region(1 << 30, 1 << 30)] }), { code: 'ERR_OUT_OF_RANGE' }, 'pages larger than one run are refused');
-  t.match(attempt({ regions: [region(PAGE)], sourceRegions: [{ pages: 4, pageSize: 1 << 30 }] }), { code: 'ERR_OUT_OF_RANGE' }, 'so are source pages larger than one run');
+  t.match(
+    attempt({ regions: [region(PAGE)], sourceRegions: [{ pages: 4, pageSize: 1 << 30 }] }),
+    { code: 'ERR_OUT_OF_RANGE' },
+    'so are source pages larger than one run',
+  );
 });
 
 t.test('pages already present when the engine starts still count toward completion', async (t) => {
@@ -217,7 +240,10 @@ t.test('pages already present when the engine starts still count toward completi
   uffd.register(region.address, region.length);
   const [bulkOurs, bulkTheirs] = socketPair();
   const [urgentOurs, urgentTheirs] = socketPair();
-  t.teardown(() => { closeSync(bulkOurs); closeSync(urgentOurs); });
+  t.teardown(() => {
+    closeSync(bulkOurs);
+    closeSync(urgentOurs);
+  });
   const engine = new FaultEngine({ uffd: uffd.fd, regions: [{ base: region.address, length: region.length, pageSize: PAGE }] });
   t.teardown(() => engine.stop());
   engine.start();
@@ -230,19 +256,28 @@ t.test('pages already present when the engine starts still count toward completi
   writeSync(bulkOurs, Buffer.concat([h, Buffer.alloc(pages * PAGE, 0x11)]));
   await engine.whenResident();
   t.equal(engine.stats().residentPages, pages);
-  t.ok(region.buffer(PAGE, PAGE).every((b) => b === 0x5a), 'the page the process wrote kept its bytes');
+  t.ok(
+    region.buffer(PAGE, PAGE).every((b) => b === 0x5a),
+    'the page the process wrote kept its bytes',
+  );
   t.ok(region.buffer(0, PAGE).every((b) => b === 0x11));
 });
 
 t.test('an engine cannot be restarted after stop(); channels offered then are refused and closed', async (t) => {
   const region = mapAnonymous(PAGE);
   const uffd = Userfaultfd.open();
-  t.teardown(() => { uffd.close(); region.unmap(); });
+  t.teardown(() => {
+    uffd.close();
+    region.unmap();
+  });
   uffd.handshake();
   uffd.register(region.address, PAGE);
   const [a, b] = socketPair();
   const [c, d] = socketPair();
-  t.teardown(() => { closeSync(a); closeSync(c); });
+  t.teardown(() => {
+    closeSync(a);
+    closeSync(c);
+  });
   const engine = new FaultEngine({ uffd: uffd.fd, regions: [{ base: region.address, length: PAGE, pageSize: PAGE }] });
   engine.start();
   engine.stop();
@@ -259,7 +294,10 @@ t.test('a frame dribbled in small pieces is joined once, not once per piece', as
   const frame = encodeFrame({ t: 'error', code: 'ERR_TIMEOUT', message: 'x'.repeat(4 << 20) });
   const [ours, theirs] = socketPair();
   const input = new NetSocket({ fd: theirs, readable: true, writable: true });
-  t.teardown(() => { input.destroy(); closeSync(ours); });
+  t.teardown(() => {
+    input.destroy();
+    closeSync(ours);
+  });
   const reader = new FrameReader(input, 8 << 20);
   const concat = Buffer.concat;
   let copied = 0;
@@ -268,7 +306,9 @@ t.test('a frame dribbled in small pieces is joined once, not once per piece', as
     copied += out.length;
     return out;
   }) as typeof Buffer.concat;
-  t.teardown(() => { Buffer.concat = concat; });
+  t.teardown(() => {
+    Buffer.concat = concat;
+  });
   const got = reader.next(['error'], 30_000);
   for (let off = 0; off < frame.length; off += 1024) {
     input.emit('data', frame.subarray(off, off + 1024)); // as the socket would deliver it
@@ -287,13 +327,20 @@ t.test('every code native code can raise is in the catalogue of lib/errors.ts', 
   }
   t.ok(raised.size >= 5, `found the codes native code raises (${[...raised].join(', ')})`);
   const known = new Set<string>(Object.values(ErrorCode));
-  t.same([...raised].filter((c) => !known.has(c)), [], 'none is missing from ErrorCode');
+  t.same(
+    [...raised].filter((c) => !known.has(c)),
+    [],
+    'none is missing from ErrorCode',
+  );
 });
 
 t.test('memory events reach JS with named fields', async (t) => {
   const region = mapAnonymous(8 * PAGE);
   const uffd = Userfaultfd.open();
-  t.teardown(() => { uffd.close(); region.unmap(); });
+  t.teardown(() => {
+    uffd.close();
+    region.unmap();
+  });
   uffd.handshake(['EVENT_REMOVE']);
   uffd.register(region.address, region.length);
   const engine = new FaultEngine({ uffd: uffd.fd, regions: [{ base: region.address, length: region.length, pageSize: PAGE }] });
@@ -309,7 +356,9 @@ t.test('a source claiming a huge image is refused before anything is allocated f
   // On the old main a 1 TiB welcome made the destination allocate 3.2 GiB and block for seconds.
   const huge = await fakeSource(t, () => fakeWelcome({ regions: [{ id: 0, name: 'huge', length: 2 ** 40, pageSize: PAGE }] }));
   await t.rejects(Destination.connect({ source: huge }), { code: 'ERR_PROTOCOL_OUT_OF_RANGE', message: /accepts at most/ });
-  const many = await fakeSource(t, () => fakeWelcome({ regions: Array.from({ length: 300 }, (_, id) => ({ id, name: `r${id}`, length: PAGE, pageSize: PAGE })) }));
+  const many = await fakeSource(t, () =>
+    fakeWelcome({ regions: Array.from({ length: 300 }, (_, id) => ({ id, name: `r${id}`, length: PAGE, pageSize: PAGE })) }),
+  );
   await t.rejects(Destination.connect({ source: many }), { code: 'ERR_PROTOCOL_OUT_OF_RANGE', message: /regions/ });
   const before = process.memoryUsage().rss;
   const big = await fakeSource(t, () => fakeWelcome({ regions: [{ id: 0, name: 'big', length: 2 ** 36, pageSize: PAGE }] }));
@@ -322,7 +371,10 @@ t.test('per-page bookkeeping costs memory only for pages in use', async (t) => {
   const length = 2 ** 36;
   const region = mapAnonymous(length, { noReserve: true });
   const uffd = Userfaultfd.open();
-  t.teardown(() => { uffd.close(); region.unmap(); });
+  t.teardown(() => {
+    uffd.close();
+    region.unmap();
+  });
   uffd.handshake();
   uffd.register(region.address, length);
   const before = process.memoryUsage().rss;
@@ -350,13 +402,33 @@ t.test('the TypeScript twin of the data-channel layouts agrees with addon/wire.h
 });
 
 t.test('a verify request is checked before the source hashes anything for it', async (t) => {
-  const regions = [{ length: 64 * PAGE, pageSize: PAGE }, { length: 8 * PAGE, pageSize: PAGE }];
-  t.same(checkVerify({ regions: [{ id: 1, skip: [0, 2, 5, 3] }] }, regions), [{ id: 1, skip: [[0, 2], [5, 3]] }]);
+  const regions = [
+    { length: 64 * PAGE, pageSize: PAGE },
+    { length: 8 * PAGE, pageSize: PAGE },
+  ];
+  t.same(checkVerify({ regions: [{ id: 1, skip: [0, 2, 5, 3] }] }, regions), [
+    {
+      id: 1,
+      skip: [
+        [0, 2],
+        [5, 3],
+      ],
+    },
+  ]);
   t.equal(checkVerify(undefined, regions), undefined, 'an older destination asks for nothing');
   for (const [what, verify, code] of [
     ['not a list', { regions: 7 }, 'ERR_PROTOCOL_MALFORMED'],
     ['an unknown region', { regions: [{ id: 2, skip: [] }] }, 'ERR_PROTOCOL_OUT_OF_RANGE'],
-    ['a region named twice', { regions: [{ id: 0, skip: [] }, { id: 0, skip: [] }] }, 'ERR_PROTOCOL_OUT_OF_RANGE'],
+    [
+      'a region named twice',
+      {
+        regions: [
+          { id: 0, skip: [] },
+          { id: 0, skip: [] },
+        ],
+      },
+      'ERR_PROTOCOL_OUT_OF_RANGE',
+    ],
     ['an odd list', { regions: [{ id: 0, skip: [1] }] }, 'ERR_PROTOCOL_OUT_OF_RANGE'],
     ['ranges out of order', { regions: [{ id: 0, skip: [10, 1, 5, 1] }] }, 'ERR_PROTOCOL_OUT_OF_RANGE'],
     ['overlapping ranges', { regions: [{ id: 0, skip: [10, 4, 12, 1] }] }, 'ERR_PROTOCOL_OUT_OF_RANGE'],
@@ -402,5 +474,8 @@ t.test('a probe proves the tokens both ways and starts no session', async (t) =>
   await t.rejects(SourceConnection.probe({ source, token: 'another token' }), { code: 'ERR_AUTH_FAILED' }, 'a wrong token is found out by the probe');
   await t.rejects(SourceConnection.probe({ source }), { code: 'ERR_AUTH_REQUIRED' });
   await server.close();
-  await t.rejects(SourceConnection.probe({ source, token: 'probe token' }), { code: 'ERR_SOURCE_UNREACHABLE', message: new RegExp(`cannot reach the source at ${source}: nothing listens there`) });
+  await t.rejects(SourceConnection.probe({ source, token: 'probe token' }), {
+    code: 'ERR_SOURCE_UNREACHABLE',
+    message: new RegExp(`cannot reach the source at ${source}: nothing listens there`),
+  });
 });

@@ -45,8 +45,20 @@ t.test('soak', async (t) => {
       if (r.resumeMs >= 0) (resume[c.action] ??= []).push(r.resumeMs);
     });
   }
-  const figures = (m: Record<string, number[]>) => Object.fromEntries(Object.entries(m).map(([k, xs]) => [k, { n: xs.length, p50: quantile(xs, 0.5), p90: quantile(xs, 0.9), max: Math.max(...xs) }]));
-  const summary = { seed, cuts, exact, fired, resumes, detection: defaults ? 'default' : 'fast', detectMs: figures(detect), resumeMs: figures(resume), fdsBefore: fds, fdsAfter: readdirSync('/proc/self/fd').length };
+  const figures = (m: Record<string, number[]>) =>
+    Object.fromEntries(Object.entries(m).map(([k, xs]) => [k, { n: xs.length, p50: quantile(xs, 0.5), p90: quantile(xs, 0.9), max: Math.max(...xs) }]));
+  const summary = {
+    seed,
+    cuts,
+    exact,
+    fired,
+    resumes,
+    detection: defaults ? 'default' : 'fast',
+    detectMs: figures(detect),
+    resumeMs: figures(resume),
+    fdsBefore: fds,
+    fdsAfter: readdirSync('/proc/self/fd').length,
+  };
   t.equal(exact, cuts, 'every restore ended byte-exact');
   process.stdout.write(JSON.stringify(summary) + '\n');
 });

@@ -23,7 +23,11 @@ const seed = Number(process.env.RECOVERY_SEED ?? 20261125);
 const random = seededRandom(seed);
 t.comment(`cut points from RECOVERY_SEED=${seed}`);
 
-async function serve(t: Test, image: Image, extra: Partial<ConstructorParameters<typeof PageServer>[0]> = {}): Promise<{ server: PageServer; address: string }> {
+async function serve(
+  t: Test,
+  image: Image,
+  extra: Partial<ConstructorParameters<typeof PageServer>[0]> = {},
+): Promise<{ server: PageServer; address: string }> {
   const server = new PageServer({ image, heartbeat: SOURCE_HEARTBEAT, ...extra });
   t.teardown(() => server.close());
   const a = await server.listen(`unix:${join(tempDir(t), 'source.sock')}`);
@@ -34,14 +38,18 @@ async function serve(t: Test, image: Image, extra: Partial<ConstructorParameters
 function startRestoreCli(t: Test, args: string[]) {
   const [cmd, ...pre] = cliCommand();
   const child = spawn(cmd, [...pre, 'restore', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-  t.teardown(() => { child.kill('SIGKILL'); });
+  t.teardown(() => {
+    child.kill('SIGKILL');
+  });
   let stdout = '';
   let stderr = '';
   child.stdout.on('data', (d) => (stdout += d));
-  const started = new Promise<void>((resolve) => child.stderr.on('data', (d) => {
-    stderr += d;
-    if (stderr.includes('"transfer started"')) resolve();
-  }));
+  const started = new Promise<void>((resolve) =>
+    child.stderr.on('data', (d) => {
+      stderr += d;
+      if (stderr.includes('"transfer started"')) resolve();
+    }),
+  );
   const exited = once(child, 'close').then(([code, signal]) => ({ code: code as number | null, signal: signal as string | null, stdout, stderr }));
   return { started, exited };
 }
@@ -91,7 +99,12 @@ t.test('the same source holds a paused session and resumes it', async (t) => {
   const a = await server.listen('tcp:127.0.0.1:0');
   const proxy = await FaultProxy.start(t, `tcp:127.0.0.1:${a.kind === 'tcp' ? a.port : 0}`);
   proxy.inject({ connection: 2, direction: 'down', afterBytes: 300 * PAGE, action: 'rst' });
-  const dest = await Destination.connect({ source: proxy.address, token: 'same source', recovery: FAST, background: { enabled: true, rateBytesPerSecond: 32 << 20 } });
+  const dest = await Destination.connect({
+    source: proxy.address,
+    token: 'same source',
+    recovery: FAST,
+    background: { enabled: true, rateBytesPerSecond: 32 << 20 },
+  });
   t.teardown(() => dest.close());
   const firstSession = dest.status().session;
   const report = await dest.finish();
@@ -106,7 +119,12 @@ t.test('a source that never comes back: with a give-up time the restore fails cl
   const pages = 512;
   const bytes = randomImage(pages);
   const { server, address } = await serve(t, Image.open([{ buffer: bytes }]));
-  const dest = await Destination.connect({ source: address, recovery: { ...FAST, giveUpAfterMs: 500 }, background: { enabled: false }, window: { forward: 0, backward: 0 } });
+  const dest = await Destination.connect({
+    source: address,
+    recovery: { ...FAST, giveUpAfterMs: 500 },
+    background: { enabled: false },
+    window: { forward: 0, backward: 0 },
+  });
   t.teardown(() => dest.close());
   const region = dest.regions[0].mapping;
   const states: string[] = [];
@@ -174,21 +192,50 @@ t.test('restore CLI: the source is killed (-9) mid-run and restarted from the sa
   const first = await startServeCli(t, ['--image', imagePath, '--listen', socket]);
   const out = join(dir, 'restored.bin');
   // Pure on demand, one page per fault: the workload outlives the kill for sure.
-  const restore = startRestoreCli(t, ['--source', socket, '--no-background', '--window', '0:0', '--workload', 'random', '--out', out, '--json', '--silence-timeout', '500ms']);
+  const restore = startRestoreCli(t, [
+    '--source',
+    socket,
+    '--no-background',
+    '--window',
+    '0:0',
+    '--workload',
+    'random',
+    '--out',
+    out,
+    '--json',
+    '--silence-timeout',
+    '500ms',
+  ]);
   await restore.started;
   first.child.kill('SIGKILL');
   await once(first.child, 'close');
   await startServeCli(t, ['--image', imagePath, '--listen', socket]);
   const { code, signal, stdout, stderr } = await restore.exited;
   t.equal(signal, null, 'no crash');
-  t.equal(code, 0, stderr.split('\n').filter((l) => l.includes('"level":50')).join('\n'));
+  t.equal(
+    code,
+    0,
+    stderr
+      .split('\n')
+      .filter((l) => l.includes('"level":50'))
+      .join('\n'),
+  );
   const report = JSON.parse(stdout);
   t.equal(report.digestMatch, true);
   t.ok(report.recovery.resumes >= 1, `resumed after the restart (${report.recovery.resumes}x, paused ${report.recovery.pausedMs} ms)`);
   t.ok(readFileSync(out).equals(image), '--out holds the image');
-  const logs = stderr.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l));
-  t.ok(logs.some((l) => l.msg === 'destination state' && l.state === 'paused'), 'the pause is logged as a state change');
-  t.ok(logs.some((l) => l.msg === 'resumed'), 'and the resume');
+  const logs = stderr
+    .split('\n')
+    .filter((l) => l.startsWith('{'))
+    .map((l) => JSON.parse(l));
+  t.ok(
+    logs.some((l) => l.msg === 'destination state' && l.state === 'paused'),
+    'the pause is logged as a state change',
+  );
+  t.ok(
+    logs.some((l) => l.msg === 'resumed'),
+    'and the resume',
+  );
 });
 
 t.test('restore CLI: with --give-up-after, a source that never comes back fails the restore with ERR_SOURCE_LOST, no crash, no --out', async (t) => {

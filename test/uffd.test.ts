@@ -26,7 +26,10 @@ t.test('handshake grants the requested features and names the fd ioctls', async 
 t.test('register reports the ioctls allowed on the range, per mode', async (t) => {
   const uffd = Userfaultfd.open();
   const region = mapAnonymous(4 * PAGE);
-  t.teardown(() => { uffd.close(); region.unmap(); });
+  t.teardown(() => {
+    uffd.close();
+    region.unmap();
+  });
   uffd.handshake(['MOVE', 'POISON']);
   const ioctls = uffd.register(region.address, region.length, ['missing', 'wp']);
   for (const name of ['COPY', 'ZEROPAGE', 'WAKE', 'WRITEPROTECT', 'MOVE', 'POISON'] as const) t.ok(ioctls.includes(name), `${name} allowed`);
@@ -39,7 +42,10 @@ t.test('a missing fault raised in another thread is resolved by COPY with the ri
   const image = randomImage(pages);
   const uffd = Userfaultfd.open({ nonBlocking: true });
   const region = mapAnonymous(pages * PAGE);
-  t.teardown(() => { uffd.close(); region.unmap(); });
+  t.teardown(() => {
+    uffd.close();
+    region.unmap();
+  });
   uffd.handshake(['THREAD_ID']);
   uffd.register(region.address, region.length, ['missing']);
   const order = shuffledOrder(pages, 7);
@@ -54,7 +60,10 @@ t.test('a missing fault raised in another thread is resolved by COPY with the ri
 t.test('fault events name the faulting thread and whether it wrote', async (t) => {
   const uffd = Userfaultfd.open({ nonBlocking: true });
   const region = mapAnonymous(PAGE);
-  t.teardown(() => { uffd.close(); region.unmap(); });
+  t.teardown(() => {
+    uffd.close();
+    region.unmap();
+  });
   uffd.handshake(['THREAD_ID']);
   uffd.register(region.address, region.length);
   const touching = touchPages(region.address, 1, Uint32Array.of(0), { write: true });
@@ -72,7 +81,10 @@ t.test('fault events name the faulting thread and whether it wrote', async (t) =
 t.test('ZEROPAGE maps zeros; a second COPY of the same page reports EEXIST', async (t) => {
   const uffd = Userfaultfd.open({ nonBlocking: true });
   const region = mapAnonymous(4 * PAGE);
-  t.teardown(() => { uffd.close(); region.unmap(); });
+  t.teardown(() => {
+    uffd.close();
+    region.unmap();
+  });
   uffd.handshake();
   uffd.register(region.address, region.length);
   t.same(uffd.zeroPage(region.address, 2 * PAGE), { bytes: 2 * PAGE, code: null });
@@ -82,8 +94,14 @@ t.test('ZEROPAGE maps zeros; a second COPY of the same page reports EEXIST', asy
   t.equal(again.code, 'EEXIST');
   t.equal(again.bytes, 0);
   const view = region.buffer();
-  t.ok(view.subarray(0, 2 * PAGE).every((b) => b === 0), 'zero pages read as zeros');
-  t.ok(view.subarray(2 * PAGE).every((b) => b === 0xab), 'copied pages hold the data');
+  t.ok(
+    view.subarray(0, 2 * PAGE).every((b) => b === 0),
+    'zero pages read as zeros',
+  );
+  t.ok(
+    view.subarray(2 * PAGE).every((b) => b === 0xab),
+    'copied pages hold the data',
+  );
 });
 
 t.test('a MINOR fault on a memfd mapping is resolved by CONTINUE', async (t) => {
@@ -92,7 +110,12 @@ t.test('a MINOR fault on a memfd mapping is resolved by CONTINUE', async (t) => 
   const pageCache = mapFile(fd, 2 * PAGE); // fills the page cache
   const region = mapFile(fd, 2 * PAGE); // the registered view
   const uffd = Userfaultfd.open({ nonBlocking: true });
-  t.teardown(() => { uffd.close(); region.unmap(); pageCache.unmap(); closeSync(fd); });
+  t.teardown(() => {
+    uffd.close();
+    region.unmap();
+    pageCache.unmap();
+    closeSync(fd);
+  });
   pageCache.buffer().fill(0x5a);
   uffd.handshake(['MINOR_SHMEM']);
   const ioctls = uffd.register(region.address, region.length, ['minor']);
@@ -115,7 +138,10 @@ t.test('a MINOR fault on a memfd mapping is resolved by CONTINUE', async (t) => 
 t.test('a write to a write-protected page faults (wp) and goes on once un-protected', async (t) => {
   const uffd = Userfaultfd.open({ nonBlocking: true });
   const region = mapAnonymous(PAGE);
-  t.teardown(() => { uffd.close(); region.unmap(); });
+  t.teardown(() => {
+    uffd.close();
+    region.unmap();
+  });
   uffd.handshake(['PAGEFAULT_FLAG_WP']);
   uffd.register(region.address, PAGE, ['missing', 'wp']);
   uffd.copy(region.address, Buffer.alloc(PAGE, 1), { writeProtect: true });
@@ -133,7 +159,11 @@ t.test('MOVE moves pages into the registered range without copying', async (t) =
   const uffd = Userfaultfd.open({ nonBlocking: true });
   const region = mapAnonymous(4 * PAGE);
   const source = mapAnonymous(4 * PAGE);
-  t.teardown(() => { uffd.close(); region.unmap(); source.unmap(); });
+  t.teardown(() => {
+    uffd.close();
+    region.unmap();
+    source.unmap();
+  });
   source.buffer().fill(0x77);
   uffd.handshake(['MOVE']);
   uffd.register(region.address, region.length);
@@ -143,8 +173,14 @@ t.test('MOVE moves pages into the registered range without copying', async (t) =
   t.equal(ev.type === 'pagefault' && ev.address, region.address + 2 * PAGE);
   t.same(uffd.move(region.address, source.address, 4 * PAGE), { bytes: 4 * PAGE, code: null });
   t.equal((await touching).firstBytes[0], 0x77, 'the faulting thread sees the moved page');
-  t.ok(region.buffer().every((b) => b === 0x77), 'every page arrived');
-  t.ok(source.buffer().every((b) => b === 0), 'the source pages are gone (read as zeros)');
+  t.ok(
+    region.buffer().every((b) => b === 0x77),
+    'every page arrived',
+  );
+  t.ok(
+    source.buffer().every((b) => b === 0),
+    'the source pages are gone (read as zeros)',
+  );
 });
 
 t.test('POISON makes a later touch of the page raise SIGBUS', async (t) => {
@@ -195,7 +231,13 @@ t.test('kernel errors carry code, errno and syscall like Node fs errors', async 
   uffd.handshake();
   const region = mapAnonymous(PAGE);
   region.unmap();
-  const err = (() => { try { uffd.register(region.address, PAGE); } catch (e) { return e as NodeJS.ErrnoException; } })();
+  const err = (() => {
+    try {
+      uffd.register(region.address, PAGE);
+    } catch (e) {
+      return e as NodeJS.ErrnoException;
+    }
+  })();
   t.ok(err instanceof Error);
   t.match(err, { code: /^E[A-Z]+$/, syscall: 'ioctl', request: 'UFFDIO_REGISTER' });
   t.ok(typeof err?.errno === 'number' && err.errno < 0, 'negative errno, as Node reports it');
@@ -208,7 +250,12 @@ t.test('an unprivileged process falls back to a user-mode-only userfaultfd', asy
     const native = createRequire(${JSON.stringify(new URL('../package.json', import.meta.url).pathname)})('#addon');
     const out = native.uffdOpen(native.uffdConstants.O_CLOEXEC);
     console.log(JSON.stringify({ via: out.via, uid: process.getuid() }));`;
-  const child = spawn(process.execPath, ['--input-type=module', '-e', script], { uid: 65534, gid: 65534, stdio: ['ignore', 'pipe', 'pipe'], env: { PATH: process.env.PATH } });
+  const child = spawn(process.execPath, ['--input-type=module', '-e', script], {
+    uid: 65534,
+    gid: 65534,
+    stdio: ['ignore', 'pipe', 'pipe'],
+    env: { PATH: process.env.PATH },
+  });
   let out = '';
   let err = '';
   child.stdout.on('data', (d) => (out += d));
@@ -217,4 +264,3 @@ t.test('an unprivileged process falls back to a user-mode-only userfaultfd', asy
   t.equal(code, 0, err);
   t.same(JSON.parse(out), { via: 'syscall-user-mode-only', uid: 65534 });
 });
-

@@ -16,7 +16,14 @@ import { Userfaultfd } from '../lib/uffd.js';
 import { PAGE, buildFixture, randomImage, tempDir, writeImage } from './helpers.js';
 import type { Test } from 'tap';
 
-interface Setup { dir: string; imagePath: string; image: Buffer; handler: VmmHandler; handlerSocket: string; server: PageServer }
+interface Setup {
+  dir: string;
+  imagePath: string;
+  image: Buffer;
+  handler: VmmHandler;
+  handlerSocket: string;
+  server: PageServer;
+}
 
 async function setup(t: Test, transport: 'unix' | 'tcp' = 'unix', pages = 2048, background = true): Promise<Setup> {
   const dir = tempDir(t);
@@ -29,7 +36,10 @@ async function setup(t: Test, transport: 'unix' | 'tcp' = 'unix', pages = 2048, 
   const handler = new VmmHandler({ source, token, background: { enabled: background } });
   const handlerSocket = join(dir, 'handler.sock');
   await handler.listen(handlerSocket);
-  t.teardown(async () => { await handler.close(); await server.close(); });
+  t.teardown(async () => {
+    await handler.close();
+    await server.close();
+  });
   return { dir, imagePath, image, handler, handlerSocket, server };
 }
 
@@ -43,7 +53,13 @@ async function runVmm(s: Setup, extra: string[] = []): Promise<{ code: number | 
 }
 
 function openFdTargets(): string[] {
-  return readdirSync('/proc/self/fd').map((f) => { try { return readlinkSync(`/proc/self/fd/${f}`); } catch { return ''; } });
+  return readdirSync('/proc/self/fd').map((f) => {
+    try {
+      return readlinkSync(`/proc/self/fd/${f}`);
+    } catch {
+      return '';
+    }
+  });
 }
 
 const sessionEnd = (h: VmmHandler) => once(h, 'session-end').then(([s]) => s as VmmSessionSummary);
@@ -113,17 +129,31 @@ t.test('malformed handshakes close that connection with a clear reason; the hand
   const uffd = Userfaultfd.open();
   const memfd = memfdCreate('not-a-uffd');
   ftruncateSync(memfd, PAGE);
-  t.teardown(() => { uffd.close(); closeSync(memfd); });
+  t.teardown(() => {
+    uffd.close();
+    closeSync(memfd);
+  });
   await attempt('{not json', [uffd.fd]);
   await attempt(JSON.stringify([region()]), []);
   await attempt(JSON.stringify([region()]), [memfd]);
   await attempt(JSON.stringify([region(), region({ base_host_virt_addr: 0x7f0000000000 + 8 * PAGE, offset: 16 * PAGE })]), [uffd.fd]);
   await attempt(JSON.stringify([region({ offset: 2040 * PAGE })]), [uffd.fd]);
   await attempt(JSON.stringify([region({ page_size: 1000 })]), [uffd.fd]);
-  t.same(rejected.map((r) => r.code), [
-    'ERR_PROTOCOL_MALFORMED', 'ERR_PROTOCOL_MALFORMED', 'ERR_PROTOCOL_MALFORMED', 'ERR_PROTOCOL_OUT_OF_RANGE', 'ERR_PROTOCOL_OUT_OF_RANGE', 'ERR_PROTOCOL_MALFORMED',
-  ]);
-  t.match(rejected.map((r) => r.message), [/not JSON/, /exactly one fd/, /not a userfaultfd/, /overlap in memory/, /outside the .*image/, /power of two/]);
+  t.same(
+    rejected.map((r) => r.code),
+    [
+      'ERR_PROTOCOL_MALFORMED',
+      'ERR_PROTOCOL_MALFORMED',
+      'ERR_PROTOCOL_MALFORMED',
+      'ERR_PROTOCOL_OUT_OF_RANGE',
+      'ERR_PROTOCOL_OUT_OF_RANGE',
+      'ERR_PROTOCOL_MALFORMED',
+    ],
+  );
+  t.match(
+    rejected.map((r) => r.message),
+    [/not JSON/, /exactly one fd/, /not a userfaultfd/, /overlap in memory/, /outside the .*image/, /power of two/],
+  );
   const { code } = await runVmm(s);
   t.equal(code, 0, 'a well-formed VMM is still served');
 });
@@ -158,9 +188,14 @@ t.test('idle connections cannot starve the handler: a VMM behind eight silent pe
   const handler = new VmmHandler({ source: `unix:${where.kind === 'unix' ? where.path : ''}`, handshakeTimeoutMs: 10 * 60_000 });
   const handlerSocket = join(dir, 'handler.sock');
   await handler.listen(handlerSocket);
-  t.teardown(async () => { await handler.close(); await server.close(); });
+  t.teardown(async () => {
+    await handler.close();
+    await server.close();
+  });
   const idle: ReturnType<typeof netConnect>[] = [];
-  t.teardown(() => { for (const s of idle) s.destroy(); });
+  t.teardown(() => {
+    for (const s of idle) s.destroy();
+  });
   for (let i = 0; i < 8; i++) {
     const s = netConnect(handlerSocket);
     s.on('error', () => {});
@@ -201,7 +236,10 @@ t.test('the handler checks every page it installed against the source image, tho
   vmm.release();
   const { code } = await vmm.done;
   t.equal(code, 0, 'the VMM saw every byte right');
-  t.same({ result: check.result, checkedPages: check.checkedPages, mismatchedRegions: check.mismatchedRegions }, { result: 'match', checkedPages: 2048, mismatchedRegions: [] });
+  t.same(
+    { result: check.result, checkedPages: check.checkedPages, mismatchedRegions: check.mismatchedRegions },
+    { result: 'match', checkedPages: 2048, mismatchedRegions: [] },
+  );
   const summary = await ended;
   t.equal(summary.installedCheck?.result, 'match', 'the summary reports the match');
 });
@@ -230,7 +268,10 @@ t.test('a byte flipped on a plaintext link: the page goes into the guest, and th
   const handler = new VmmHandler({ source: proxy.address, token, acceptPlaintextTcp: true, background: { enabled: false } });
   const handlerSocket = join(dir, 'handler.sock');
   await handler.listen(handlerSocket);
-  t.teardown(async () => { await handler.close(); await server.close(); });
+  t.teardown(async () => {
+    await handler.close();
+    await server.close();
+  });
   const s = { dir, imagePath, image, handler, handlerSocket, server };
   const checked = installedCheck(handler);
   const ended = sessionEnd(handler);
@@ -258,7 +299,10 @@ t.test('pages that travel as zero runs (a hole in the image file) are checked to
   const handler = new VmmHandler({ source: `unix:${where.kind === 'unix' ? where.path : ''}` });
   const handlerSocket = join(s.dir, 'handler2.sock');
   await handler.listen(handlerSocket);
-  t.teardown(async () => { await handler.close(); await server.close(); });
+  t.teardown(async () => {
+    await handler.close();
+    await server.close();
+  });
   const checked = installedCheck(handler);
   const ended = sessionEnd(handler);
   const vmm = holdVmm({ ...s, handler, handlerSocket, server }, ['--threads', '2']);
@@ -283,10 +327,15 @@ t.test('a running handler keeps checking its source: it says when the source sto
   };
   let server = await startSource();
   const handler = new VmmHandler({ source: address, logger });
-  t.teardown(async () => { await handler.close(); await server.close(); });
+  t.teardown(async () => {
+    await handler.close();
+    await server.close();
+  });
   await handler.checkSource();
   handler.watchSource(30);
-  const until = async (what: RegExp) => { while (!lines.some((l) => what.test(l.msg))) await new Promise((r) => setTimeout(r, 10)); };
+  const until = async (what: RegExp) => {
+    while (!lines.some((l) => what.test(l.msg))) await new Promise((r) => setTimeout(r, 10));
+  };
   await server.close();
   await until(/the source does not answer/);
   t.equal(lines.filter((l) => /does not answer/.test(l.msg)).length, 1, 'said once, not at every check');

@@ -24,7 +24,9 @@ async function handler(t: Test, dir: string, source: string, recovery: RecoveryO
 
 function startVmm(t: Test, socket: string, imagePath: string, extra: string[] = []) {
   const child = spawn(buildFixture('vmm'), ['--socket', socket, '--image', imagePath, '--threads', '2', ...extra], { stdio: ['ignore', 'pipe', 'pipe'] });
-  t.teardown(() => { child.kill('SIGKILL'); });
+  t.teardown(() => {
+    child.kill('SIGKILL');
+  });
   let out = '';
   child.stdout.on('data', (d) => (out += d));
   const closed = once(child, 'close').then(([code, signal]) => ({ code: code as number | null, signal: signal as string | null, out }));
@@ -86,8 +88,12 @@ t.test('handle CLI: the worker is killed (-9) mid-way; the supervisor starts ano
   await startServeCli(t, ['--image', imagePath, '--listen', source]);
   const socket = join(dir, 'handler.sock');
   const [cmd, ...pre] = cliCommand();
-  const handle = spawn(cmd, [...pre, 'handle', '--socket', socket, '--source', source, '--no-background', '--window', '0:0', '--silence-timeout', '500ms'], { stdio: ['ignore', 'pipe', 'pipe'] });
-  t.teardown(() => { handle.kill('SIGTERM'); });
+  const handle = spawn(cmd, [...pre, 'handle', '--socket', socket, '--source', source, '--no-background', '--window', '0:0', '--silence-timeout', '500ms'], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  t.teardown(() => {
+    handle.kill('SIGTERM');
+  });
   const logs: Record<string, unknown>[] = [];
   const waiters: { test: (l: Record<string, unknown>) => boolean; resolve: (l: Record<string, unknown>) => void }[] = [];
   const waitLog = (test: (l: Record<string, unknown>) => boolean) => {
@@ -98,7 +104,11 @@ t.test('handle CLI: the worker is killed (-9) mid-way; the supervisor starts ano
     if (!line.startsWith('{')) return;
     const l = JSON.parse(line) as Record<string, unknown>;
     logs.push(l);
-    for (const w of [...waiters]) if (w.test(l)) { waiters.splice(waiters.indexOf(w), 1); w.resolve(l); }
+    for (const w of [...waiters])
+      if (w.test(l)) {
+        waiters.splice(waiters.indexOf(w), 1);
+        w.resolve(l);
+      }
   });
   const lines = createInterface({ input: handle.stdout! })[Symbol.asyncIterator]();
   t.same(JSON.parse((await lines.next()).value).listening, { kind: 'unix', path: socket });
