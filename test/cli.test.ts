@@ -1,12 +1,12 @@
 import t from 'tap';
-import { existsSync, readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, openSync, readFileSync, readdirSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { Destination } from '../client/destination.js';
 import { join } from 'node:path';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { createInterface } from 'node:readline';
-import { buildFixture, cliCommand, randomImage, runCli, startServeCli, tempDir, writeImage } from './helpers.js';
+import { buildFixture, cliCommand, here, randomImage, runCli, startServeCli, tempDir, writeImage } from './helpers.js';
 
 t.test('serve and restore as separate processes: token, --out, --json', async (t) => {
   const dir = tempDir(t);
@@ -279,4 +279,39 @@ t.test('on a terminal: the error alone, no JSON; a restore shows live figures an
   t.match(ok.output, /resident [\d.]+% \(\d+\/4096 pages\)\s+faults \d+\s+p50 [\d.]+ µs\s+p99 [\d.]+ µs\s+blocked \d+ ms/, 'live figures while it runs');
   t.match(ok.output, /digest\s+source = destination/, 'then the report');
   t.notMatch(ok.output, /"level"/, 'and no JSON log record');
+});
+
+t.test("the README's usage section is the CLI's own help, word for word", async (t) => {
+  const help = await runCli(['--help']);
+  t.equal(help.code, 0);
+  const readme = readFileSync(join(here, '..', 'README.md'), 'utf8');
+  const block = /as\n`postcopy --help` prints them[^\n]*\n\n```text\n([\s\S]*?)```/.exec(readme)?.[1];
+  t.ok(block, 'the README has the block');
+  t.equal(block, help.stdout.replace(/\n+$/, '\n'));
+});
+
+t.test('an image changed under its source: restore prints its report, then the mismatch, and exits 1', async (t) => {
+  const dir = tempDir(t);
+  const pages = 2048;
+  const imagePath = writeImage(dir, randomImage(pages, 7));
+  const { listening, metrics } = await startServeCli(t, ['--image', imagePath, '--listen', `unix:${join(dir, 's.sock')}`, '--metrics', 'tcp:127.0.0.1:0']);
+  const [cmd, ...pre] = cliCommand();
+  const restore = spawn(cmd, [...pre, 'restore', '--source', `unix:${listening.path}`, '--workload', 'none', '--rate', '4M', '--json'], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let stdout = '';
+  let stderr = '';
+  restore.stdout.on('data', (d) => (stdout += d));
+  restore.stderr.on('data', (d) => (stderr += d));
+  // Once the first run (page 0 among it) has gone out, page 0 changes in the file the source serves.
+  const sent = async () => Number(/^postcopy_source_bytes_sent_total (\d+)/m.exec(await (await fetch(metrics as string)).text())?.[1] ?? 0);
+  while ((await sent()) === 0) await new Promise((r) => setTimeout(r, 10));
+  const fd = openSync(imagePath, 'r+');
+  writeSync(fd, Buffer.alloc(64, 0xee), 0, 64, 0);
+  closeSync(fd);
+  const [code] = await once(restore, 'close');
+  t.equal(code, 1);
+  const report = JSON.parse(stdout.trim());
+  t.match(report, { pages, digestMatch: false }, 'the report comes first, and says so');
+  t.match(stderr, /ERR_DIGEST_MISMATCH/, 'then the error');
 });
