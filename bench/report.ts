@@ -16,7 +16,10 @@ export interface SuiteReport {
   machine: { cpus: number; kernel: string; node: string };
   mode: 'quick' | 'full';
   pages: number;
+  /** The floor's median run per case (the suite runs it at least three times, spread over the run). */
   floor: Record<string, FloorLatency | FloorBulk>;
+  /** How many floor runs, and the smallest and largest p50 (or GB/s) among them. */
+  floorSpread: Record<string, { runs: number } & Record<string, number | [number, number]>>;
   floorCommand: string | null;
   links: { name: string; description?: string; skipped?: string }[];
   results: ScenarioResult[];
@@ -54,6 +57,11 @@ export function rankPolicies(results: ScenarioResult[]) {
   });
 }
 
+function spreadOf(report: SuiteReport, k: string): string {
+  const r = report.floorSpread?.[k]?.p50_us;
+  return Array.isArray(r) ? `${f(r[0])} to ${f(r[1])}` : '–';
+}
+
 export function markdown(report: SuiteReport): string {
   const L: string[] = [];
   L.push(`# uffd-postcopy benchmark (${report.mode})`, '');
@@ -66,7 +74,7 @@ export function markdown(report: SuiteReport): string {
     const fl = (k: string) => report.floor[k] as FloorLatency | undefined;
     const fb = (k: string) => report.floor[k] as FloorBulk | undefined;
     L.push(
-      `Floor (\`${report.floorCommand}\`, same run, same pages and seed): unix p50 ${f(fl('unix')?.p50_us)} µs, p99 ${f(fl('unix')?.p99_us)} µs, all pages ${f(fl('unix')?.total_ms)} ms; tcp p50 ${f(fl('tcp')?.p50_us)} µs, p99 ${f(fl('tcp')?.p99_us)} µs, all pages ${f(fl('tcp')?.total_ms)} ms; bulk unix ${f(fb('bulk-unix')?.total_ms)} ms (${f(fb('bulk-unix')?.gbytes_per_s, 2)} GB/s), bulk tcp ${f(fb('bulk-tcp')?.total_ms)} ms (${f(fb('bulk-tcp')?.gbytes_per_s, 2)} GB/s).`,
+      `Floor (\`${report.floorCommand}\`, same run, same pages and seed; the median of ${report.floorSpread?.unix?.runs ?? 1} runs spread over the run, unix p50 from ${spreadOf(report, 'unix')} µs): unix p50 ${f(fl('unix')?.p50_us)} µs, p99 ${f(fl('unix')?.p99_us)} µs, all pages ${f(fl('unix')?.total_ms)} ms; tcp p50 ${f(fl('tcp')?.p50_us)} µs, p99 ${f(fl('tcp')?.p99_us)} µs, all pages ${f(fl('tcp')?.total_ms)} ms; bulk unix ${f(fb('bulk-unix')?.total_ms)} ms (${f(fb('bulk-unix')?.gbytes_per_s, 2)} GB/s), bulk tcp ${f(fb('bulk-tcp')?.total_ms)} ms (${f(fb('bulk-tcp')?.gbytes_per_s, 2)} GB/s).`,
       '',
     );
   } else {

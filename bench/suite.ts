@@ -4,7 +4,7 @@
 import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { availableParallelism, release, tmpdir } from 'node:os';
 import { join, relative } from 'node:path';
-import { floorCommand, projectRoot, runFloor, type FloorBulk } from './floor.js';
+import { floorCommand, projectRoot, runFloor, type FloorBulk, type FloorLatency } from './floor.js';
 import { LINKS, bringUp } from './links.js';
 import { FREE, POLICIES, runScenario, type Placement, type Policy } from './scenario.js';
 import { floorImageFile, startSource, type RunningSource } from './source.js';
@@ -62,6 +62,7 @@ export async function runSuite(options: SuiteOptions): Promise<{ dir: string; re
     mode: options.full ? 'full' : 'quick',
     pages,
     floor: {},
+    floorSpread: {},
     floorCommand: floorCommand(),
     links: [],
     results: [],
@@ -69,8 +70,12 @@ export async function runSuite(options: SuiteOptions): Promise<{ dir: string; re
     plots: [],
   };
   try {
-    say(`floor: ${report.floorCommand ?? 'not found'}`);
-    for (const [k, v] of await runFloor(pages, 1, ['unix', 'tcp', 'bulk-unix', 'bulk-tcp'])) report.floor[k] = v;
+    say(`floor: ${report.floorCommand}`);
+    // The floor runs at the start, after each link and at the end (three times
+    // at least): its figures are the medians, so a ratio never rests on one run.
+    const floorRuns: Map<string, FloorLatency | FloorBulk>[] = [];
+    const floorOnce = async () => floorRuns.push(await runFloor(pages, 1, ['unix', 'tcp', 'bulk-unix', 'bulk-tcp']));
+    await floorOnce();
     const imagePath = floorImageFile(scratch, pages);
     const policies = plan.policies.map((name) => POLICIES.find((p) => p.name === name)!);
     for (const spec of LINKS.filter((l) => (options.links ? options.links.includes(l.name) : plan.links.includes(l.name)))) {
@@ -96,6 +101,18 @@ export async function runSuite(options: SuiteOptions): Promise<{ dir: string; re
       } finally {
         await link.up.down();
       }
+      await floorOnce();
+    }
+    while (floorRuns.length < 3) await floorOnce();
+    for (const k of floorRuns[0].keys()) {
+      const runs = floorRuns.map((m) => m.get(k)!);
+      const key = 'p50_us' in runs[0] ? 'p50_us' : 'gbytes_per_s';
+      const sorted = [...runs].sort((a, b) => (a as unknown as Record<string, number>)[key] - (b as unknown as Record<string, number>)[key]);
+      report.floor[k] = sorted[Math.floor(sorted.length / 2)];
+      report.floorSpread[k] = {
+        runs: runs.length,
+        [key]: [(sorted[0] as unknown as Record<string, number>)[key], (sorted[sorted.length - 1] as unknown as Record<string, number>)[key]],
+      };
     }
     if (options.full && (!options.links || options.links.includes('unix'))) await sizes(report, scratch, say);
     await plots(report, dir);

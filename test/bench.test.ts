@@ -47,6 +47,8 @@ t.test('the quick suite runs end to end and writes JSON, Markdown and SVG plots'
   const lines: string[] = [];
   const { dir, report } = await runSuite({ full: false, links: ['unix'], pages: 1024, outDir: out, progress: (l) => lines.push(l) });
   t.equal(dir, out);
+  t.ok(report.floorSpread.unix.runs >= 3, 'the floor ran at least three times, spread over the run');
+  t.match(report.floor.unix, { case: 'unix', pages: 1024, p50_us: Number }, 'and its median run is the yardstick');
   const free = report.results.filter((r) => r.placement === 'free');
   t.equal(free.length, 16, 'four workloads x four policies');
   for (const r of free) {
