@@ -3,7 +3,7 @@
 import t from 'tap';
 import { execFileSync, spawnSync } from 'node:child_process';
 import { mkdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { ensureBuilt, here, tempDir } from './helpers.js';
 
 const root = join(here, '..');
@@ -52,4 +52,24 @@ t.test('the package ships the library, the CLI and the addon sources, not the te
     [],
     'no benchmark results, no source maps',
   );
+});
+
+t.test('the CLI loads the plotting libraries only for the bench: every other command starts without them', async (t) => {
+  ensureBuilt();
+  // Every module the CLI's entry reaches through static imports (dynamic import() is left out: it loads on demand).
+  const seen = new Set<string>();
+  const bare = new Set<string>();
+  const walk = (file: string) => {
+    if (seen.has(file)) return;
+    seen.add(file);
+    const text = readFileSync(file, 'utf8');
+    for (const m of text.matchAll(/^\s*(?:import|export)\s[^;]*?\sfrom\s+'([^']+)'/gm)) {
+      if (/^import\s+type\s/.test(m[0].trim())) continue;
+      if (m[1].startsWith('.')) walk(join(dirname(file), m[1]));
+      else bare.add(m[1]);
+    }
+  };
+  walk(join(root, 'dist', 'bin', 'postcopy.js'));
+  t.ok(seen.size > 10, `${seen.size} modules reached`);
+  t.notOk(bare.has('vega') || bare.has('vega-lite'), `no plotting library among ${[...bare].sort().join(', ')}`);
 });

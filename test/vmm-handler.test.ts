@@ -343,3 +343,28 @@ t.test('a running handler keeps checking its source: it says when the source sto
   await until(/the source answers again/);
   t.pass('and it says when the source is back');
 });
+
+t.test("the handler logs each live VMM session's progress periodically", async (t) => {
+  const dir = tempDir(t);
+  const imagePath = writeImage(dir, randomImage(512, 3));
+  const server = new PageServer({ image: Image.open([{ path: imagePath }]) });
+  const where = await server.listen(`unix:${join(dir, 'source.sock')}`);
+  const records: { msg: string; vmmPid?: number; residentPages?: number; totalPages?: number; faultP50Us?: number; state?: string }[] = [];
+  const logger = pino({ level: 'info' }, { write: (line: string) => records.push(JSON.parse(line)) });
+  const handler = new VmmHandler({ source: `unix:${where.kind === 'unix' ? where.path : ''}`, logger, progressIntervalMs: 20 });
+  const handlerSocket = join(dir, 'handler.sock');
+  await handler.listen(handlerSocket);
+  t.teardown(async () => {
+    await handler.close();
+    await server.close();
+  });
+  const checked = installedCheck(handler);
+  const vmm = holdVmm({ dir, imagePath, image: Buffer.alloc(0), handler, handlerSocket, server }, ['--threads', '1']);
+  await checked;
+  while (!records.some((r) => r.msg === 'VMM session progress' && r.residentPages === 512)) await new Promise((r) => setTimeout(r, 10));
+  vmm.release();
+  t.equal((await vmm.done).code, 0);
+  const progress = records.filter((r) => r.msg === 'VMM session progress');
+  t.ok(progress.length >= 1, `${progress.length} progress records`);
+  t.match(progress[progress.length - 1], { vmmPid: Number, totalPages: 512, residentPages: 512, faultP50Us: Number, state: String });
+});
