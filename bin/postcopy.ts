@@ -79,6 +79,20 @@ async function bench(argv: string[]): Promise<void> {
     out: { type: 'string' },
     link: { type: 'string', multiple: true },
   });
+  // Each benchmark takes its own options; one given to another is refused, never ignored.
+  const takes: Record<string, string[]> = {
+    suite: ['pages', 'json', 'full', 'out', 'link'],
+    latency: ['pages', 'rounds', 'transport', 'seed', 'json'],
+    throughput: ['pages', 'rounds', 'transport', 'json'],
+    encryption: ['pages', 'rounds', 'seed', 'json'],
+  };
+  const stray = Object.keys(values).find((k) => !takes[which].includes(k));
+  if (stray) {
+    const others = Object.keys(takes).filter((w) => takes[w].includes(stray));
+    throw new UsageError(
+      `--${stray} is not an option of ${which === 'suite' ? 'the bench suite' : `bench ${which}`}${others.length ? ` (it is of ${others.map((w) => (w === 'suite' ? 'the suite' : w)).join(', ')})` : ''}`,
+    );
+  }
   // The benchmarks (and their plotting libraries) load only when asked for: every other command starts faster.
   if (which === 'suite') {
     const { runSuite } = await import('../bench/suite.js');

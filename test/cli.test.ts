@@ -103,6 +103,8 @@ t.test('every mistake on the command line is refused at once, in one line naming
     [['bench', 'latency', '--transport', 'udp'], /--transport must be unix, tcp, both; not "udp"/],
     [['bench', 'latency', '--pages', '0'], /--pages must be a whole number from 1/],
     [['bench', 'nonsense'], /unknown benchmark "nonsense"/],
+    [['bench', '--transport', 'udp'], /--transport is not an option of the bench suite \(it is of latency, throughput\)/],
+    [['bench', 'encryption', '--link', 'unix'], /--link is not an option of bench encryption/],
     [['restore', '--source', 'unix:/x', '--window', '-1:2'], /--window F \(pages after\) must be a whole number from 0 to 1024; not "-1"/],
     [['restore', '--source', 'unix:/x', '--window', '8'], /--window takes F:B/],
     [['restore', '--source', 'unix:/x', '--rate', '0.4'], /--rate .* must be a whole number of bytes; not "0.4"/],
