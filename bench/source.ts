@@ -2,8 +2,9 @@
 // own process (optionally inside a network namespace), and per-thread CPU
 // accounting from /proc.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, openSync, closeSync, writeSync, readdirSync, readFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { existsSync, openSync, closeSync, writeSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { dirname, join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { once } from 'node:events';
 import { PAGE_SIZE } from '../lib/memory.js';
@@ -47,14 +48,16 @@ export async function startSource(
   options: { wrap?: string[]; tokenFile?: string; connectHost?: string } = {},
 ): Promise<RunningSource> {
   const [cmd, ...args] = [...(options.wrap ?? []), ...selfCommand()];
-  const child: ChildProcess = spawn(
-    cmd,
-    [...args, 'serve', '--image', imagePath, '--listen', listen, ...(options.tokenFile ? ['--token-file', options.tokenFile] : [])],
-    {
-      stdio: ['ignore', 'pipe', 'inherit'],
-      env: { ...process.env, POSTCOPY_LOG_LEVEL: 'warn' },
-    },
-  );
+  // TCP needs a token: a bench source gets its own beside the image, never the user's default one.
+  let tokenFile = options.tokenFile;
+  if (!tokenFile && listen.startsWith('tcp:')) {
+    tokenFile = join(dirname(imagePath), `token-${randomBytes(6).toString('hex')}`);
+    writeFileSync(tokenFile, randomBytes(24).toString('base64url'), { mode: 0o600 });
+  }
+  const child: ChildProcess = spawn(cmd, [...args, 'serve', '--image', imagePath, '--listen', listen, ...(tokenFile ? ['--token-file', tokenFile] : [])], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+    env: { ...process.env, POSTCOPY_LOG_LEVEL: 'warn' },
+  });
   const line = await new Promise<string>((resolve, reject) => {
     const rl = createInterface({ input: child.stdout! });
     rl.once('line', (l) => {
@@ -63,11 +66,14 @@ export async function startSource(
     });
     child.once('exit', (code) => reject(new Error(`the source exited with ${code} before listening`)));
   });
-  const { listening: where, tokenFile } = JSON.parse(line) as { listening: { kind: string; path?: string; host?: string; port?: number }; tokenFile?: string };
+  const { listening: where, tokenFile: usedTokenFile } = JSON.parse(line) as {
+    listening: { kind: string; path?: string; host?: string; port?: number };
+    tokenFile?: string;
+  };
   const address = where.kind === 'unix' ? `unix:${where.path}` : `tcp:${options.connectHost ?? where.host}:${where.port}`;
   return {
     address,
-    ...(tokenFile ? { token: readToken(tokenFile) } : {}),
+    ...(usedTokenFile ? { token: readToken(usedTokenFile) } : {}),
     pid: child.pid!,
     async close() {
       if (child.exitCode !== null || child.signalCode !== null) return;
