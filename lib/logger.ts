@@ -1,7 +1,5 @@
 // Logs go to stderr, so stdout stays free for results and --json stats: pino
 // JSON lines, or pino-pretty's one line per record for a person at a terminal.
-import { writeSync } from 'node:fs';
-import { Writable } from 'node:stream';
 import { createRequire } from 'node:module';
 import { pino, type Logger } from 'pino';
 
@@ -21,40 +19,26 @@ export interface LoggerOptions {
 
 export function createLogger(options: LoggerOptions = {}): Logger {
   const settings = { name: options.name ?? 'uffd-postcopy', level: options.level ?? process.env.POSTCOPY_LOG_LEVEL ?? 'info' };
+  // Written synchronously (a record is never lost to a process that exits right
+  // after it), by sonic-boom, which retries short writes and EAGAIN on a slow pipe.
+  const stderr = pino.destination({ fd: 2, sync: true });
   const before = options.beforeWrite;
-  // Written synchronously: a record is never lost to a process that exits right after it.
-  const put = (chunk: Buffer | string) => {
-    before?.();
-    if (typeof chunk === 'string') writeSync(2, chunk);
-    else writeSync(2, chunk);
-  };
-  const stderr = new Writable({
-    write(chunk: Buffer | string, _encoding, done) {
-      put(chunk);
-      done();
-    },
-  });
-  stderr.write = ((chunk: Buffer | string) => {
-    put(chunk);
-    return true;
-  }) as Writable['write'];
+  if (before) {
+    const write = stderr.write.bind(stderr);
+    stderr.write = ((chunk: string) => {
+      before();
+      return write(chunk);
+    }) as typeof stderr.write;
+  }
   if (options.format === 'pretty') {
     // Loaded only when asked for: JSON logging (services, scripts) does not pay for it.
     const pretty = createRequire(import.meta.url)('pino-pretty') as (o: Record<string, unknown>) => NodeJS.WritableStream;
     return pino(
       settings,
-      pretty({
-        destination: stderr,
-        sync: true,
-        colorize: process.stderr.isTTY === true,
-        singleLine: true,
-        errorLikeObjectKeys: [],
-        ignore: 'pid,hostname',
-        translateTime: 'HH:MM:ss.l',
-      }),
+      pretty({ destination: stderr, sync: true, colorize: process.stderr.isTTY === true, singleLine: true, errorLikeObjectKeys: [], ignore: 'pid,hostname', translateTime: 'HH:MM:ss.l' }),
     );
   }
-  return pino(settings, before ? stderr : pino.destination({ fd: 2, sync: true }));
+  return pino(settings, stderr);
 }
 
 /** A logger that drops everything (library use without logs). */
