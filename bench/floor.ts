@@ -2,10 +2,10 @@
 // service (no Node), built on first use and run in the same benchmark run so
 // every figure comes with a ratio. $UFFD_FLOOR runs another program with the
 // same arguments and output instead.
-import { execFile, execFileSync } from 'node:child_process';
-import { existsSync, renameSync, statSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { execFile } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
+import { compiledProgram } from '../lib/c-programs.js';
 import { fileURLToPath } from 'node:url';
 
 export interface FloorLatency {
@@ -31,17 +31,9 @@ export function projectRoot(): string {
   return dir;
 }
 
-/** $UFFD_FLOOR, or bench/floor.c built (again when the source is newer) into the temp directory. */
+/** $UFFD_FLOOR, or bench/floor.c built (again when the source is newer) where only this user can write. */
 export function floorCommand(): string {
-  if (process.env.UFFD_FLOOR) return process.env.UFFD_FLOOR;
-  const source = join(projectRoot(), 'bench', 'floor.c');
-  const binary = join(tmpdir(), `uffd-postcopy-floor-${process.getuid?.() ?? 0}`);
-  if (!existsSync(binary) || statSync(binary).mtimeMs < statSync(source).mtimeMs) {
-    const partial = `${binary}.${process.pid}.tmp`;
-    execFileSync('cc', ['-O2', '-Wall', '-pthread', '-o', partial, source]);
-    renameSync(partial, binary);
-  }
-  return binary;
+  return process.env.UFFD_FLOOR || compiledProgram(join(projectRoot(), 'bench', 'floor.c'), 'floor');
 }
 
 export function runFloor(pages: number, seed: number, cases: string[]): Promise<Map<string, FloorLatency | FloorBulk>> {

@@ -35,7 +35,15 @@ export function createLogger(options: LoggerOptions = {}): Logger {
     const pretty = createRequire(import.meta.url)('pino-pretty') as (o: Record<string, unknown>) => NodeJS.WritableStream;
     return pino(
       settings,
-      pretty({ destination: stderr, sync: true, colorize: process.stderr.isTTY === true, singleLine: true, errorLikeObjectKeys: [], ignore: 'pid,hostname', translateTime: 'HH:MM:ss.l' }),
+      pretty({
+        destination: stderr,
+        sync: true,
+        colorize: process.stderr.isTTY === true,
+        singleLine: true,
+        errorLikeObjectKeys: [],
+        ignore: 'pid,hostname',
+        translateTime: 'HH:MM:ss.l',
+      }),
     );
   }
   return pino(settings, stderr);

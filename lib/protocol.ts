@@ -415,6 +415,9 @@ export function checkHave(have: unknown, regions: readonly { length: number; pag
   });
 }
 
+/** Ranges per region a verify request may list (the destination sends none past this: addon/fault_engine.cc kMaxSkipRanges). */
+export const MAX_VERIFY_RANGES = 100_000;
+
 /**
  * done.verify: known regions, each named once, with ascending, disjoint
  * ranges inside the region. Returns the ranges as [first, count] pairs.
@@ -430,6 +433,7 @@ export function checkVerify(verify: unknown, regions: readonly { length: number;
     if (!region || seen.has(r.id)) throw bad('an unknown or repeated region');
     seen.add(r.id);
     if (!Array.isArray(r.skip) || r.skip.length % 2) throw bad(`region ${r.id}: skip must be [first, count] pairs`);
+    if (r.skip.length / 2 > MAX_VERIFY_RANGES) throw bad(`region ${r.id}: more than ${MAX_VERIFY_RANGES} ranges`);
     const pages = region.length / region.pageSize;
     const skip: [number, number][] = [];
     let end = 0;

@@ -71,9 +71,13 @@ export class Image {
   async checksum(id: number, skip: readonly (readonly [number, number])[]): Promise<string> {
     const r = this.regions[id];
     const bytes = regionBytes(r);
+    const pages = r.length / r.pageSize;
+    const skipped = skip.reduce((n, [, c]) => n + c, 0);
+    // Hash whichever is smaller: the pages kept, or the pages skipped (taken off the whole region's sum, kept once computed).
+    if (pages - skipped <= skipped) return checksumHex(await pageChecksum(bytes, r.pageSize, id, complement(skip, pages)));
     let whole = this.#checksums.get(id);
     if (!whole) {
-      whole = pageChecksum(bytes, r.pageSize, id, [[0, r.length / r.pageSize]]);
+      whole = pageChecksum(bytes, r.pageSize, id, [[0, pages]]);
       this.#checksums.set(id, whole);
     }
     return checksumHex((await whole) - (await pageChecksum(bytes, r.pageSize, id, skip)));
@@ -83,6 +87,18 @@ export class Image {
   close(): void {
     for (const m of this.#mappings) m.unmap();
   }
+}
+
+/** The pages of [0, pages) outside the ascending, disjoint ranges `skip`. */
+function complement(skip: readonly (readonly [number, number])[], pages: number): [number, number][] {
+  const out: [number, number][] = [];
+  let at = 0;
+  for (const [first, count] of skip) {
+    if (first > at) out.push([at, first - at]);
+    at = first + count;
+  }
+  if (at < pages) out.push([at, pages - at]);
+  return out;
 }
 
 function regionBytes(r: ImageRegion): Uint8Array {

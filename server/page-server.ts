@@ -269,9 +269,12 @@ export class PageServer {
     const start = await reader.next(['start'], this.#handshakeTimeoutMs);
     session.start(options, checkHave(start.have, this.#image.regions), keys);
     send(socket, { t: 'started' });
+    // One `done` per connection (a destination asks again only on a new one): the digest and the checksums are work, and a peer must not be able to ask for them without end.
+    let answered = false;
     for (;;) {
-      const msg = await reader.next(['done', 'bye']);
+      const msg = await reader.next(answered ? ['bye'] : ['done', 'bye']);
       if (msg.t === 'bye') break;
+      answered = true;
       const verify = checkVerify(msg.verify, this.#image.regions);
       session.complete();
       this.#log.info({ session: session.id, destination: msg.stats }, 'destination reports every page resident');

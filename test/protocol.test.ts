@@ -2,6 +2,7 @@ import t from 'tap';
 import { closeSync, fstatSync, readFileSync, readdirSync, statSync, writeSync } from 'node:fs';
 import { connect as netConnect, createServer, Socket as NetSocket } from 'node:net';
 import { join } from 'node:path';
+import { once } from 'node:events';
 import { Image } from '../server/image.js';
 import { PageServer } from '../server/page-server.js';
 import { Destination } from '../client/destination.js';
@@ -478,4 +479,71 @@ t.test('a probe proves the tokens both ways and starts no session', async (t) =>
     code: 'ERR_SOURCE_UNREACHABLE',
     message: new RegExp(`cannot reach the source at ${source}: nothing listens there`),
   });
+});
+
+t.test('the source sums whichever side is smaller, and both ways agree', async (t) => {
+  const bytes = randomImage(64, 5);
+  const image = Image.open([{ buffer: bytes }]);
+  t.teardown(() => image.close());
+  const kept = await pageChecksum(bytes, PAGE, 0, [
+    [3, 2],
+    [40, 1],
+  ]);
+  // Most pages skipped: the kept ones are hashed directly.
+  const mostSkipped = await image.checksum(0, [
+    [0, 3],
+    [5, 35],
+    [41, 23],
+  ]);
+  t.equal(mostSkipped, kept.toString(16).padStart(16, '0'));
+  // Few skipped: the whole region's sum less the skipped pages.
+  const fewSkipped = await image.checksum(0, [[3, 2]]);
+  const rest = await pageChecksum(bytes, PAGE, 0, [
+    [0, 3],
+    [5, 59],
+  ]);
+  t.equal(fewSkipped, rest.toString(16).padStart(16, '0'));
+  t.throws(
+    () => checkVerify({ regions: [{ id: 0, skip: Array.from({ length: 2 * 100_001 }, (_, i) => (i % 2 ? 1 : i)) }] }, [{ length: 1 << 30, pageSize: PAGE }]),
+    {
+      code: 'ERR_PROTOCOL_OUT_OF_RANGE',
+      message: /more than 100000 ranges/,
+    },
+  );
+});
+
+t.test('a source answers one done per connection; asking again is a protocol error', async (t) => {
+  const dir = tempDir(t);
+  const server = new PageServer({ image: Image.open([{ buffer: randomImage(16) }]) });
+  t.teardown(() => server.close());
+  await server.listen(`unix:${join(dir, 's.sock')}`);
+  const dest = await Destination.connect({ source: `unix:${join(dir, 's.sock')}` });
+  t.teardown(() => dest.close());
+  t.equal((await dest.finish()).digestMatch, true);
+  // The same connection, by hand: a second done.
+  const raw = netConnect(join(dir, 's.sock'));
+  await once(raw, 'connect');
+  const reader = new FrameReader(raw);
+  raw.write(encodeFrame({ t: 'hello', protocol: 1, software: 'test', nonce: Buffer.alloc(32, 1) }));
+  await reader.next(['challenge'], 2000);
+  raw.write(encodeFrame({ t: 'auth' }));
+  const welcome = await reader.next(['welcome'], 2000);
+  raw.write(encodeFrame({ t: 'options', window: { forward: 0, backward: 0 }, background: { enabled: false, rateBytesPerSecond: 0 } }));
+  const channels = await Promise.all(
+    (['urgent', 'bulk'] as const).map(async (channel) => {
+      const c = netConnect(join(dir, 's.sock'));
+      await once(c, 'connect');
+      c.write(encodeFrame({ t: 'attach', session: welcome.session, channel, ticket: welcome.tickets[channel] }));
+      await new FrameReader(c).next(['attached'], 2000);
+      return c;
+    }),
+  );
+  t.teardown(() => channels.forEach((c) => c.destroy()));
+  raw.write(encodeFrame({ t: 'start' }));
+  await reader.next(['started'], 2000);
+  raw.write(encodeFrame({ t: 'done' }));
+  await reader.next(['digest'], 5000);
+  raw.write(encodeFrame({ t: 'done' }));
+  await t.rejects(reader.next(['digest'], 5000), { code: 'ERR_PROTOCOL_MALFORMED', message: /unexpected 'done'/ });
+  raw.destroy();
 });

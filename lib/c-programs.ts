@@ -1,0 +1,32 @@
+// The project's small C programs (the VMM fixture, the benchmark floor),
+// compiled on first use with the machine's C compiler into a directory only
+// this user can write, and compiled again when their source is newer.
+import { execFileSync } from 'node:child_process';
+import { chmodSync, existsSync, lstatSync, mkdirSync, renameSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { ErrorCode, PostcopyError } from './errors.js';
+
+/** <tmp>/uffd-postcopy-<uid>, mode 0700: refused when someone else owns it or others can write to it. */
+function privateDir(): string {
+  const uid = process.getuid?.() ?? 0;
+  const dir = join(tmpdir(), `uffd-postcopy-${uid}`);
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  const st = lstatSync(dir);
+  if (!st.isDirectory() || st.uid !== uid || st.mode & 0o022) {
+    throw new PostcopyError(ErrorCode.INVALID_ARG_VALUE, `${dir} is not a directory of this user's that only it can write; remove it`);
+  }
+  chmodSync(dir, 0o700);
+  return dir;
+}
+
+/** The path of `source` compiled (with -O2 -pthread), built now if missing or older than the source. */
+export function compiledProgram(source: string, name: string): string {
+  const binary = join(privateDir(), name);
+  if (!existsSync(binary) || statSync(binary).mtimeMs < statSync(source).mtimeMs) {
+    const partial = `${binary}.${process.pid}.tmp`;
+    execFileSync('cc', ['-O2', '-Wall', '-pthread', '-o', partial, source]);
+    renameSync(partial, binary);
+  }
+  return binary;
+}
