@@ -56,7 +56,7 @@ export async function startSource(
   }
   const child: ChildProcess = spawn(cmd, [...args, 'serve', '--image', imagePath, '--listen', listen, ...(tokenFile ? ['--token-file', tokenFile] : [])], {
     stdio: ['ignore', 'pipe', 'inherit'],
-    env: { ...process.env, POSTCOPY_LOG_LEVEL: 'warn' },
+    env: { ...process.env, POSTCOPY_LOG_LEVEL: process.env.POSTCOPY_LOG_LEVEL || 'warn' },
   });
   const line = await new Promise<string>((resolve, reject) => {
     const rl = createInterface({ input: child.stdout! });

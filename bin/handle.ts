@@ -23,6 +23,7 @@ import {
 import { serveMetrics } from '../lib/metrics.js';
 import { handlerMetrics } from '../client/handler-metrics.js';
 import type { PostcopyError } from '../lib/errors.js';
+import { UsageError } from './options.js';
 
 export const handleUsage = `postcopy handle --socket PATH --source unix:PATH|tcp:HOST:PORT [--token-file F]
                 [--window F:B] [--no-background] [--rate SIZE]
@@ -69,6 +70,8 @@ export async function handle(argv: string[], log: Logger): Promise<void> {
   parseAddressOption(source, '--source');
   const window = parseWindow(values.window);
   const metrics = values.metrics === undefined ? undefined : parseMetricsOption(values.metrics);
+  if (values['no-background'] && values.rate !== undefined)
+    throw new UsageError('--rate limits the background stream, which --no-background turns off: give one or the other');
   const handler = new VmmHandler({
     source,
     token: destinationToken(values['token-file'], source, log),
@@ -86,7 +89,8 @@ export async function handle(argv: string[], log: Logger): Promise<void> {
     });
     log.info({ source, regions: ready.regions.length, imageBytes: ready.regions.reduce((n, r) => n + r.length, 0) }, 'the source answers');
   }
-  handler.watchSource();
+  // The process that serves the VMMs keeps watching the source (the worker, or the single process); a supervisor has no sessions to speak of.
+  if (values.worker || values['single-process']) handler.watchSource();
   handler.on('session-end', (summary) => print(JSON.stringify(summary)));
   if (values.worker) {
     // The supervisor chose the metrics port and printed it; pages matter more than metrics, so a failure here is only logged.

@@ -110,13 +110,17 @@ export function parseMetricsOption(text: string): string {
 export async function withConcretePort(address: string): Promise<{ address: string; url: string }> {
   const a = parseAddress(address);
   if (a.kind !== 'tcp') throw new UsageError(`--metrics serves HTTP: give tcp:HOST:PORT, not ${JSON.stringify(address)}`);
-  let port = a.port;
-  if (port === 0) {
-    const probe = createServer();
-    await new Promise<void>((resolve, reject) => probe.once('error', reject).listen(0, a.host, () => resolve()));
-    port = (probe.address() as AddressInfo).port;
-    await new Promise<void>((resolve) => probe.close(() => resolve()));
-  }
+  // Bound once here, so that a port already taken (or a host not of this machine) fails at start-up, not later in the worker.
+  const probe = createServer();
+  await new Promise<void>((resolve, reject) =>
+    probe
+      .once('error', (err: NodeJS.ErrnoException) =>
+        reject(new PostcopyError(err.code === 'EADDRINUSE' ? ErrorCode.ADDRESS_IN_USE : ErrorCode.INVALID_ADDRESS, `--metrics ${address}: ${err.message}`)),
+      )
+      .listen(a.port, a.host, () => resolve()),
+  );
+  const port = (probe.address() as AddressInfo).port;
+  await new Promise<void>((resolve) => probe.close(() => resolve()));
   const concrete = formatAddress({ ...a, port });
   const host = a.host.includes(':') ? `[${a.host}]` : a.host;
   return { address: concrete, url: `http://${host}:${port}/metrics` };

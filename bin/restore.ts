@@ -58,6 +58,9 @@ export async function restore(argv: string[], log: Logger): Promise<RestoreRepor
   const window = parseWindow(values.window);
   const rate = parseRate(values.rate);
   const recovery = parseRecovery(values);
+  if (values['no-background'] && values.rate !== undefined)
+    throw new UsageError('--rate limits the background stream, which --no-background turns off: give one or the other');
+  if (values.seed !== undefined && workload !== 'random') throw new UsageError(`--seed orders the random workload; --workload ${workload} has no use for it`);
   if (values['no-background'] && workload === 'none') {
     throw new UsageError('--no-background with --workload none can never finish: nothing would fault pages in and nothing would stream them');
   }

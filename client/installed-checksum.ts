@@ -18,6 +18,8 @@ export interface InstalledCheck {
   checkedPages: number;
   /** Source regions whose pages differ. */
   mismatchedRegions: number[];
+  /** Why some or all pages went unchecked: a source too old to check, regions too fragmented to list, or none installed from the source. */
+  unchecked?: 'older-source' | 'too-fragmented' | 'nothing-installed';
 }
 
 /** What to ask the source: the regions this destination installed pages of, and the pages it left out. */
@@ -28,7 +30,10 @@ export function verifyRequest(local: readonly InstalledChecksum[]): VerifyReques
 /** Compares the engine's checksums with the source's answer to verifyRequest(local). */
 export function compareInstalled(local: readonly InstalledChecksum[], remote: readonly RegionChecksum[] | undefined): InstalledCheck {
   const asked = verifyRequest(local).regions;
-  if (!remote || asked.length === 0) return { result: 'unavailable', checkedPages: 0, mismatchedRegions: [] };
+  const fragmented = local.some((c) => c.skip === null);
+  if (!remote) return { result: 'unavailable', checkedPages: 0, mismatchedRegions: [], unchecked: 'older-source' };
+  if (asked.length === 0)
+    return { result: 'unavailable', checkedPages: 0, mismatchedRegions: [], unchecked: fragmented ? 'too-fragmented' : 'nothing-installed' };
   const mismatchedRegions: number[] = [];
   let checkedPages = 0;
   for (const { id } of asked) {
@@ -37,5 +42,10 @@ export function compareInstalled(local: readonly InstalledChecksum[], remote: re
     checkedPages += mine.pages;
     if (!theirs || theirs.pages !== mine.pages || theirs.sum !== checksumHex(mine.sum)) mismatchedRegions.push(id);
   }
-  return { result: mismatchedRegions.length ? 'mismatch' : 'match', checkedPages, mismatchedRegions };
+  return {
+    result: mismatchedRegions.length ? 'mismatch' : 'match',
+    checkedPages,
+    mismatchedRegions,
+    ...(fragmented ? { unchecked: 'too-fragmented' as const } : {}),
+  };
 }

@@ -101,7 +101,12 @@ export class SourceConnection {
     const reader = new FrameReader(control);
     try {
       await authenticate(control, reader, options.token, timeoutMs, { probe: true });
-      const ready = await reader.next(['ready'], timeoutMs);
+      const answer = await reader.next(['ready', 'welcome'], timeoutMs);
+      if (answer.t === 'welcome') {
+        // A source older than the probe made a session all the same: it answers; the hang-up below ends that session quietly.
+        return { t: 'ready', fingerprint: answer.fingerprint, regions: answer.regions };
+      }
+      const ready = answer;
       if (typeof ready.fingerprint !== 'string' || !Array.isArray(ready.regions))
         throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the source sent a malformed ready');
       return ready;

@@ -71,7 +71,8 @@ interface VmmSession {
   installedCheck?: InstalledCheck;
 }
 
-const LATENCY_BOUNDS_NS = LATENCY_BOUNDS_S.map((s) => s * 1e9);
+/** The histogram's bounds in ns, and one past them all: the count comes from the same read as the buckets, so they always agree. */
+const LATENCY_BOUNDS_NS = [...LATENCY_BOUNDS_S.map((s) => s * 1e9), Infinity];
 
 /** Running totals over VMM sessions (a Prometheus counter each). */
 export interface HandlerTotals {
@@ -105,7 +106,7 @@ function emptyTotals(): HandlerTotals {
     zeroPages: 0,
     duplicatePages: 0,
     bytesReceived: 0,
-    latencyBuckets: LATENCY_BOUNDS_NS.map(() => 0),
+    latencyBuckets: LATENCY_BOUNDS_S.map(() => 0),
     latencyCount: 0,
     latencySumNs: 0,
   };
@@ -120,8 +121,8 @@ function addTotals(t: HandlerTotals, s: DestinationStats, buckets: number[]): vo
   t.zeroPages += s.zeroPages;
   t.duplicatePages += s.duplicatePages;
   t.bytesReceived += s.bytesReceived;
-  buckets.forEach((n, i) => (t.latencyBuckets[i] += n));
-  t.latencyCount += s.faultLatency.count;
+  buckets.slice(0, -1).forEach((n, i) => (t.latencyBuckets[i] += n));
+  t.latencyCount += buckets[buckets.length - 1];
   t.latencySumNs += s.faultLatency.sumNs;
 }
 
@@ -455,8 +456,10 @@ export class VmmHandler extends EventEmitter {
       .whenResident()
       .then(
         async () => {
+          // finalStats() stops the receiving threads first: a page one of them was still summing is then in the checksum.
+          const stats = summarize(session.finalStats(), this.#transfer);
           const local = session.engine.installedChecksum();
-          const digest = await session.exchangeDigest(summarize(session.finalStats(), this.#transfer), verifyRequest(local));
+          const digest = await session.exchangeDigest(stats, verifyRequest(local));
           const check = compareInstalled(local, digest.checksums);
           vmm.installedCheck = check;
           if (check.result === 'mismatch') {
@@ -474,9 +477,14 @@ export class VmmHandler extends EventEmitter {
             );
           } else {
             session.release();
+            const why = {
+              'older-source': 'the source is too old to check them',
+              'too-fragmented': 'the pages left out are too fragmented to list (over 100000 ranges a region)',
+              'nothing-installed': 'no page was installed from the source',
+            }[check.unchecked ?? 'nothing-installed'];
             log.warn(
-              { sourcePagesSent: digest.stats.pagesSent },
-              'every guest page is resident; the source cannot check the installed pages (an older source)',
+              { sourcePagesSent: digest.stats.pagesSent, unchecked: check.unchecked },
+              `every guest page is resident; the installed pages were not checked: ${why}`,
             );
           }
           this.emit('installed-check', { vmmPid: vmm.pid, ...check });

@@ -20,8 +20,14 @@ export class Tally {
   }
 }
 
-/** A counter whose value (per label set) is read from a running total at each scrape. */
+/**
+ * A counter whose value (per label set) is read from a running total at each
+ * scrape. It never goes back: totals read while a data-plane thread is between
+ * two updates may dip for an instant, and Prometheus would take a dip for a
+ * restart.
+ */
 export function totalCounter(registry: Registry, name: string, help: string, labelNames: string[], read: () => [Record<string, string>, number][]): void {
+  const highest = new Map<string, number>();
   new Counter({
     name,
     help,
@@ -29,7 +35,12 @@ export function totalCounter(registry: Registry, name: string, help: string, lab
     registers: [registry],
     collect() {
       this.reset();
-      for (const [labels, value] of read()) this.inc(labels, Math.max(0, value));
+      for (const [labels, value] of read()) {
+        const key = JSON.stringify(labels);
+        const v = Math.max(0, value, highest.get(key) ?? 0);
+        highest.set(key, v);
+        this.inc(labels, v);
+      }
     },
   });
 }

@@ -239,6 +239,8 @@ export class PageServer {
       // A destination checking that we answer and that the tokens agree: no session for it.
       send(socket, { t: 'ready', fingerprint: this.#image.fingerprint, regions: this.#welcomeRegions() });
       socket.end();
+      // A prober that never closes its side does not hold the socket forever.
+      setTimeout(() => socket.destroy(), this.#handshakeTimeoutMs).unref();
       return;
     }
     const session = this.#sessionFor(auth.resume);

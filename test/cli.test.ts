@@ -113,6 +113,12 @@ t.test('every mistake on the command line is refused at once, in one line naming
     [['restore', '--source', 'unix:/x', '--out', dir], /--out .*is a directory/],
     [['restore', '--source', 'unix:/x', '--no-background', '--workload', 'none'], /can never finish/],
     [['restore', '--source', 'unix:/x', '--json=yes'], /--json takes no value/],
+    [['restore', '--source', 'unix:/x', '--no-background', '--rate', '10M'], /--rate limits the background stream, which --no-background turns off/],
+    [
+      ['restore', '--source', 'unix:/x', '--workload', 'sequential', '--seed', '3'],
+      /--seed orders the random workload; --workload sequential has no use for it/,
+    ],
+    [['handle', '--socket', join(dir, 'h2.sock'), '--source', 'unix:/x', '--no-background', '--rate', '1M'], /--rate limits the background stream/],
     [['restore', '--source', 'tcp:127.0.0.1:99999'], /--source "tcp:127.0.0.1:99999": port 99999 is out of range/],
     [['restore', '--source', 'tcp:host'], /--source "tcp:host": no port after the host/],
     [['restore', '--source', 'unix:/x', '--give-up-after', 'soon'], /--give-up-after takes a duration/],

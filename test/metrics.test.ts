@@ -5,8 +5,10 @@ import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { createInterface } from 'node:readline';
 import { join } from 'node:path';
-import { connect as netConnect } from 'node:net';
-import { buildFixture, cliCommand, randomImage, startServeCli, tempDir, writeImage } from './helpers.js';
+import { connect as netConnect, createServer } from 'node:net';
+import { Registry } from 'prom-client';
+import { totalCounter } from '../lib/metrics.js';
+import { buildFixture, cliCommand, randomImage, runCli, startServeCli, tempDir, writeImage } from './helpers.js';
 
 async function scrape(url: string): Promise<Map<string, number>> {
   const res = await fetch(url);
@@ -96,4 +98,29 @@ t.test('handle --metrics: fault latency as a histogram, pages by kind, sessions,
   const errors = [...m].filter(([k]) => k.startsWith('postcopy_errors_total{code="ERR_'));
   t.ok(errors.length > 0 && errors.every(([, n]) => n >= 1), `the refused handshake is counted by its code (${errors.map(([k]) => k).join(', ')})`);
   t.equal(m.get('postcopy_handler_sessions{state="verified"}') ?? 0, 0, 'no session is left once its VMM is gone');
+});
+
+t.test('a counter read from running totals never goes back, even when a read dips', async (t) => {
+  const registry = new Registry();
+  let value = 10;
+  totalCounter(registry, 'test_total', 'a running total', [], () => [[{}, value]]);
+  const read = async () => Number(/^test_total (\d+)/m.exec(await registry.metrics())?.[1]);
+  t.equal(await read(), 10);
+  value = 9; // a reader caught a data-plane thread between two updates
+  t.equal(await read(), 10, 'held at its highest');
+  value = 12;
+  t.equal(await read(), 12);
+});
+
+t.test('handle refuses at start-up a --metrics port another process holds', async (t) => {
+  const dir = tempDir(t);
+  const imagePath = writeImage(dir, randomImage(16));
+  const { listening } = await startServeCli(t, ['--image', imagePath, '--listen', `unix:${join(dir, 's.sock')}`]);
+  const taken = createServer();
+  await new Promise<void>((resolve) => taken.listen(0, '127.0.0.1', resolve));
+  t.teardown(() => taken.close());
+  const port = (taken.address() as { port: number }).port;
+  const r = await runCli(['handle', '--socket', join(dir, 'h.sock'), '--source', `unix:${listening.path}`, '--metrics', `tcp:127.0.0.1:${port}`]);
+  t.equal(r.code, 1);
+  t.match(r.stderr, /ERR_ADDRESS_IN_USE/);
 });

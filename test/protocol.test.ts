@@ -11,6 +11,7 @@ import { type ChannelFailure, type MemoryEvent, FaultEngine } from '../client/fa
 import { DEFAULT_TRANSFER } from '../client/destination.js';
 import { FrameReader, checkDigest, checkVerify, encodeFrame } from '../lib/protocol.js';
 import { pageChecksum } from '../lib/digest.js';
+import { compareInstalled } from '../client/installed-checksum.js';
 import { native } from '../lib/native.js';
 import { parseAddress } from '../lib/address.js';
 import { socketPair } from '../lib/fd-passing.js';
@@ -546,4 +547,19 @@ t.test('a source answers one done per connection; asking again is a protocol err
   raw.write(encodeFrame({ t: 'done' }));
   await t.rejects(reader.next(['digest'], 5000), { code: 'ERR_PROTOCOL_MALFORMED', message: /unexpected 'done'/ });
   raw.destroy();
+});
+
+t.test('a probe of a source older than the probe counts its welcome as an answer', async (t) => {
+  const source = await fakeSource(t, () => fakeWelcome({ regions: [{ id: 0, name: 'old', length: 32 * PAGE, pageSize: PAGE }] }));
+  const ready = await SourceConnection.probe({ source });
+  t.equal(ready.regions[0].length, 32 * PAGE);
+});
+
+t.test('what the installed-pages check says when it could not check', async (t) => {
+  const installed = [{ region: 0, sum: 5n, pages: 10, skip: [] as number[] }];
+  t.match(compareInstalled(installed, undefined), { result: 'unavailable', unchecked: 'older-source' });
+  t.match(compareInstalled([{ region: 0, sum: 0n, pages: 10, skip: null }], []), { result: 'unavailable', unchecked: 'too-fragmented' });
+  t.match(compareInstalled([{ region: 0, sum: 0n, pages: 0, skip: [0, 10] }], []), { result: 'unavailable', unchecked: 'nothing-installed' });
+  t.match(compareInstalled(installed, [{ id: 0, sum: '0000000000000005', pages: 10 }]), { result: 'match', checkedPages: 10 });
+  t.match(compareInstalled(installed, [{ id: 0, sum: '0000000000000006', pages: 10 }]), { result: 'mismatch', mismatchedRegions: [0] });
 });
