@@ -7,6 +7,7 @@ import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import { type Address, formatAddress, parseAddress } from '../lib/address.js';
 import {
   DEFAULT_HEARTBEAT,
+  DEFAULT_MAX_FRAME,
   FrameReader,
   checkDigest,
   checkWelcome,
@@ -58,6 +59,9 @@ export interface SourceConnectionOptions {
   acceptPlaintextTcp?: boolean;
 }
 
+/** The held-pages bitmap goes in pieces of at most this many bytes (and at most half the source's frame limit). */
+const HAVE_PIECE_BYTES = 1 << 20;
+
 export class SourceConnection {
   readonly session: string;
   readonly regions: RegionInfo[];
@@ -67,6 +71,9 @@ export class SourceConnection {
   readonly resumed: boolean;
   /** The source can check the installed-pages checksum (`done.verify`). */
   readonly verifiesChecksums: boolean;
+  readonly #capabilities: string[];
+  /** The largest control frame the source takes. */
+  readonly #maxFrame: number;
   readonly #control: Socket;
   readonly #reader: FrameReader;
   readonly #timeoutMs: number;
@@ -85,7 +92,9 @@ export class SourceConnection {
     this.regions = welcome.regions;
     this.fingerprint = welcome.fingerprint;
     this.resumed = welcome.resumed === true;
-    this.verifiesChecksums = Array.isArray(welcome.capabilities) && welcome.capabilities.includes('page-checksum');
+    this.#capabilities = Array.isArray(welcome.capabilities) ? welcome.capabilities.filter((c) => typeof c === 'string') : [];
+    this.verifiesChecksums = this.#capabilities.includes('page-checksum');
+    this.#maxFrame = Number.isSafeInteger(welcome.limits?.maxFrame) && welcome.limits.maxFrame > 0 ? welcome.limits.maxFrame : DEFAULT_MAX_FRAME;
     this.#channels = channels;
     this.#timeoutMs = timeoutMs;
   }
@@ -157,8 +166,26 @@ export class SourceConnection {
     return c;
   }
 
-  /** Tells the source to start sending; `have` lists pages already held (bit per page). */
+  /**
+   * Tells the source to start sending; `have` lists pages already held (bit
+   * per page). Bitmaps too large for one frame go first in pieces, or, to a
+   * source that cannot take pieces, not at all (it then sends pages we hold,
+   * which are dropped as duplicates: slower, never wrong).
+   */
   async start(have?: { region: number; bitmap: Uint8Array }[]): Promise<void> {
+    const bytes = (have ?? []).reduce((n, h) => n + h.bitmap.length, 0);
+    const piece = Math.max(4096, Math.min(HAVE_PIECE_BYTES, Math.floor(this.#maxFrame / 2)));
+    if (have && bytes > piece) {
+      if (this.#capabilities.includes('have-chunks')) {
+        for (const h of have) {
+          for (let offset = 0; offset < h.bitmap.length; offset += piece) {
+            const bitmap = h.bitmap.subarray(offset, Math.min(h.bitmap.length, offset + piece));
+            if (bitmap.some((b) => b !== 0)) send(this.#control, { t: 'have', region: h.region, offset, bitmap });
+          }
+        }
+      }
+      have = undefined;
+    }
     send(this.#control, { t: 'start', ...(have ? { have } : {}) });
     await this.#reader.next(['started'], this.#timeoutMs);
   }

@@ -47,6 +47,7 @@ export type Message =
   | { t: 'options'; window: { forward: number; backward: number }; background: { enabled: boolean; rateBytesPerSecond: number } }
   | { t: 'attach'; session: string; channel: 'urgent' | 'bulk'; ticket: Uint8Array }
   | { t: 'attached' }
+  | { t: 'have'; region: number; offset: number; bitmap: Uint8Array }
   | { t: 'start'; have?: { region: number; bitmap: Uint8Array }[] }
   | { t: 'started' }
   | { t: 'done'; stats?: Record<string, unknown>; verify?: VerifyRequest }
@@ -400,6 +401,22 @@ export function checkOptions(msg: MessageOf<'options'>): TransferOptions {
   } catch (err) {
     throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `bad options: ${(err as Error).message}`);
   }
+}
+
+/**
+ * One `have` message: bytes [offset, offset + bitmap.length) of a region's
+ * held-pages bitmap (sent in pieces when the whole would not fit a frame).
+ */
+export function checkHaveChunk(
+  msg: MessageOf<'have'>,
+  regions: readonly { length: number; pageSize: number }[],
+): { region: number; offset: number; bitmap: Uint8Array } {
+  const region = Number.isSafeInteger(msg.region) ? regions[msg.region] : undefined;
+  const size = region ? Math.ceil(region.length / region.pageSize / 8) : 0;
+  if (!region || !(msg.bitmap instanceof Uint8Array) || !Number.isSafeInteger(msg.offset) || msg.offset < 0 || msg.offset + msg.bitmap.length > size) {
+    throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, 'have names an unknown region or bytes outside its bitmap');
+  }
+  return { region: msg.region, offset: msg.offset, bitmap: msg.bitmap };
 }
 
 /** start.have: per region, a bitmap of exactly one bit per page of that region. */

@@ -10,6 +10,7 @@ import {
   DEFAULT_MAX_FRAME,
   FrameReader,
   checkHave,
+  checkHaveChunk,
   checkOptions,
   checkVerify,
   PROTOCOL_VERSION,
@@ -264,12 +265,26 @@ export class PageServer {
       regions: this.#welcomeRegions(),
       tickets: session.tickets,
       limits: { maxFrame: this.#maxFrame, maxRunBytes: MAX_RUN_BYTES },
-      capabilities: ['prefault-window', 'background', 'rate-limit', 'zero-runs', 'have-bitmap', 'heartbeat', 'resume', 'page-checksum'],
+      capabilities: ['prefault-window', 'background', 'rate-limit', 'zero-runs', 'have-bitmap', 'have-chunks', 'heartbeat', 'resume', 'page-checksum'],
     });
     keepAlive(socket, reader, this.#heartbeat);
     const options = checkOptions(await reader.next(['options'], this.#handshakeTimeoutMs));
-    const start = await reader.next(['start'], this.#handshakeTimeoutMs);
-    session.start(options, checkHave(start.have, this.#image.regions), keys);
+    // A held-pages bitmap too large for one frame comes first in pieces (`have`), then `start`.
+    const have = new Map<number, { region: number; bitmap: Uint8Array }>();
+    let start: MessageOf<'start'>;
+    for (;;) {
+      const msg = await reader.next(['have', 'start'], this.#handshakeTimeoutMs);
+      if (msg.t === 'start') {
+        start = msg;
+        break;
+      }
+      const chunk = checkHaveChunk(msg, this.#image.regions);
+      const r = this.#image.regions[chunk.region];
+      let whole = have.get(chunk.region);
+      if (!whole) have.set(chunk.region, (whole = { region: chunk.region, bitmap: new Uint8Array(Math.ceil(r.length / r.pageSize / 8)) }));
+      for (let i = 0; i < chunk.bitmap.length; i++) whole.bitmap[chunk.offset + i] |= chunk.bitmap[i];
+    }
+    session.start(options, [...have.values()].map(({ region, bitmap }) => ({ region, bitmap })).concat(checkHave(start.have, this.#image.regions)), keys);
     send(socket, { t: 'started' });
     // One `done` per connection (a destination asks again only on a new one): the digest and the checksums are work, and a peer must not be able to ask for them without end.
     let answered = false;

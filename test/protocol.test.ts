@@ -9,7 +9,7 @@ import { Destination } from '../client/destination.js';
 import { SourceConnection } from '../client/source-connection.js';
 import { type ChannelFailure, type MemoryEvent, FaultEngine } from '../client/fault-engine.js';
 import { DEFAULT_TRANSFER } from '../client/destination.js';
-import { FrameReader, checkDigest, checkVerify, encodeFrame } from '../lib/protocol.js';
+import { FrameReader, checkDigest, checkHaveChunk, checkVerify, encodeFrame } from '../lib/protocol.js';
 import { pageChecksum } from '../lib/digest.js';
 import { compareInstalled } from '../client/installed-checksum.js';
 import { native } from '../lib/native.js';
@@ -562,4 +562,17 @@ t.test('what the installed-pages check says when it could not check', async (t) 
   t.match(compareInstalled([{ region: 0, sum: 0n, pages: 0, skip: [0, 10] }], []), { result: 'unavailable', unchecked: 'nothing-installed' });
   t.match(compareInstalled(installed, [{ id: 0, sum: '0000000000000005', pages: 10 }]), { result: 'match', checkedPages: 10 });
   t.match(compareInstalled(installed, [{ id: 0, sum: '0000000000000006', pages: 10 }]), { result: 'mismatch', mismatchedRegions: [0] });
+});
+
+t.test('a piece of a held-pages bitmap outside its region is refused', async (t) => {
+  const regions = [{ length: 64 * PAGE, pageSize: PAGE }]; // an 8-byte bitmap
+  t.same(checkHaveChunk({ t: 'have', region: 0, offset: 4, bitmap: new Uint8Array(4) }, regions), { region: 0, offset: 4, bitmap: new Uint8Array(4) });
+  for (const bad of [
+    { t: 'have', region: 1, offset: 0, bitmap: new Uint8Array(1) },
+    { t: 'have', region: 0, offset: 5, bitmap: new Uint8Array(4) },
+    { t: 'have', region: 0, offset: -1, bitmap: new Uint8Array(1) },
+    { t: 'have', region: 0, offset: 0, bitmap: 'no' },
+  ]) {
+    t.throws(() => checkHaveChunk(bad as never, regions), { code: 'ERR_PROTOCOL_OUT_OF_RANGE' });
+  }
 });

@@ -3,7 +3,7 @@
 // image, a source that never comes back. Each restore must end byte-exact
 // without anyone stepping in, or fail cleanly when told to give up.
 import t from 'tap';
-import { existsSync, readFileSync, readdirSync } from 'node:fs';
+import { closeSync, existsSync, ftruncateSync, openSync, readFileSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
@@ -252,4 +252,40 @@ t.test('restore CLI: with --give-up-after, a source that never comes back fails 
   t.equal(code, 1);
   t.match(stderr, /ERR_SOURCE_LOST/);
   t.notOk(existsSync(out), 'nothing half-restored was written');
+});
+
+t.test('a resume whose held-pages bitmap is larger than a control frame sends it in pieces, and resumes', async (t) => {
+  // 1 Mi pages of hole (4 GiB, nothing allocated) and a source that takes 64 KiB frames: the 128 KiB bitmap cannot go whole.
+  const dir = tempDir(t);
+  const path = join(dir, 'sparse.img');
+  const fd = openSync(path, 'w');
+  ftruncateSync(fd, 4 * 2 ** 30);
+  closeSync(fd);
+  const server = new PageServer({ image: Image.open([{ path }]), token: 'pieces', maxFrame: 64 << 10, heartbeat: FAST_HEARTBEAT });
+  t.teardown(() => server.close());
+  const a = await server.listen('tcp:127.0.0.1:0');
+  const proxy = await FaultProxy.start(t, `tcp:127.0.0.1:${a.kind === 'tcp' ? a.port : 0}`);
+  const dest = await Destination.connect({
+    source: proxy.address,
+    token: 'pieces',
+    recovery: { ...FAST_RECOVERY, giveUpAfterMs: 5000 },
+    window: { forward: 0, backward: 0 },
+    background: { enabled: false },
+  });
+  t.teardown(() => dest.close());
+  const region = dest.regions[0].mapping;
+  const pages = region.length / PAGE;
+  const spread = (n: number, salt: number) => Uint32Array.from({ length: n }, (_, i) => Math.floor(((i + salt / 7) * pages) / n) % pages);
+  await touchPages(region.address, pages, spread(64, 0), { mapping: region });
+  // Resumed, or given up (as the resume fails every time when the bitmap cannot be sent): whichever comes first.
+  const outcome = Promise.race([once(dest.session, 'resumed').then(() => 'resumed'), once(dest.session, 'failed').then(() => 'failed')]);
+  proxy.breakAll('rst');
+  t.equal(await outcome, 'resumed');
+  t.equal(dest.session.status().resumes, 1, 'resumed once, with the bitmap in pieces');
+  const after = await touchPages(region.address, pages, spread(64, 3), { mapping: region });
+  t.equal(after.latencyNs.length, 64, 'and pages come again after it');
+  t.ok(
+    after.firstBytes.every((b) => b === 0),
+    'holes read as zeros',
+  );
 });
