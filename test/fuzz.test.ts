@@ -90,7 +90,7 @@ async function exchange(path: string, frames: Buffer[]): Promise<{ code: string 
   const reader = new FrameReader(socket);
   for (const f of frames) socket.write(f);
   socket.end();
-  const types = ['error', 'challenge', 'welcome', 'started', 'attached', 'digest'] as const;
+  const types = ['error', 'challenge', 'welcome', 'ready', 'started', 'attached', 'digest'] as const;
   for (;;) {
     try {
       const m = await reader.next(types, 5000);
@@ -115,8 +115,9 @@ t.test('control frames: random bytes, bad lengths, and valid handshakes with one
     hello,
     { t: 'auth' },
     { t: 'options', window: { forward: 2, backward: 1 }, background: { enabled: true, rateBytesPerSecond: 0 } },
+    { t: 'have', region: 0, offset: 2, bitmap: Buffer.from([0xff, 0x0f]) },
     { t: 'start' },
-    { t: 'done', stats: {} },
+    { t: 'done', stats: {}, verify: { regions: [{ id: 0, skip: [0, 4, 10, 2] }] } },
   ];
   const cases = 1500 * scale;
   const codes = new Map<string, number>();
