@@ -36,6 +36,9 @@ export const handleUsage = `postcopy handle --socket PATH --source unix:PATH|tcp
   memory's faults from the source until the VMM hangs up. Any number of VMMs.
   Prints one JSON line per finished VMM session.
 
+  --source may be given again for each replica serving the same image: when
+  one is out of reach, sessions resume from the next in turn.
+
   When the source dies or the link breaks, each VMM's session pauses (its
   faults wait) and reconnects by itself, resuming where it stopped. With
   --give-up-after, a session whose source stays out of reach that long
@@ -52,7 +55,7 @@ ${loggingUsage}`;
 
 const optionSpec = {
   socket: { type: 'string' },
-  source: { type: 'string' },
+  source: { type: 'string', multiple: true },
   'token-file': { type: 'string' },
   window: { type: 'string' },
   'no-background': { type: 'boolean' },
@@ -66,14 +69,15 @@ const optionSpec = {
 export async function handle(argv: string[], log: Logger): Promise<void> {
   const values = parseCommandLine(argv, optionSpec);
   requireOptions(values, values.worker ? ['source'] : ['socket', 'source'], 'postcopy handle --socket PATH --source unix:PATH|tcp:HOST:PORT');
-  const source = values.source as string;
-  parseAddressOption(source, '--source');
+  const [source, ...replicas] = values.source as string[];
+  for (const s of values.source as string[]) parseAddressOption(s, '--source');
   const window = parseWindow(values.window);
   const metrics = values.metrics === undefined ? undefined : parseMetricsOption(values.metrics);
   if (values['no-background'] && values.rate !== undefined)
     throw new UsageError('--rate limits the background stream, which --no-background turns off: give one or the other');
   const handler = new VmmHandler({
     source,
+    replicas,
     token: destinationToken(values['token-file'], source, log),
     logger: log,
     recovery: parseRecovery(values),

@@ -25,6 +25,8 @@ import {
 
 export const restoreUsage = `postcopy restore --source unix:PATH|tcp:HOST:PORT [options]
 
+  --source ADDRESS       again for each replica serving the same image: when
+                         one is out of reach, the next is tried in turn
   --token-file F         the token the source requires
   --out FILE             write the restored memory to FILE
   --window F:B           prefault window: F pages after, B before each request (default 8:2)
@@ -39,7 +41,7 @@ ${loggingUsage}`;
 
 export async function restore(argv: string[], log: Logger): Promise<RestoreReport> {
   const values = parseCommandLine(argv, {
-    source: { type: 'string' },
+    source: { type: 'string', multiple: true },
     'token-file': { type: 'string' },
     out: { type: 'string' },
     window: { type: 'string' },
@@ -51,8 +53,8 @@ export async function restore(argv: string[], log: Logger): Promise<RestoreRepor
     ...recoveryOptionSpec,
   });
   requireOptions(values, ['source'], 'postcopy restore --source unix:PATH|tcp:HOST:PORT');
-  const source = values.source as string;
-  parseAddressOption(source, '--source');
+  const [source, ...replicas] = values.source as string[];
+  for (const s of values.source as string[]) parseAddressOption(s, '--source');
   const workload = parseChoice(values.workload, '--workload', ['random', 'sequential', 'none'] as const, 'random');
   const seed = parseCount(values.seed, '--seed', 1, 0xffffffff);
   const window = parseWindow(values.window);
@@ -67,6 +69,7 @@ export async function restore(argv: string[], log: Logger): Promise<RestoreRepor
   if (values.out) checkWritable(values.out, '--out');
   const dest = await Destination.connect({
     source,
+    replicas,
     token: destinationToken(values['token-file'], source, log),
     logger: log,
     recovery,

@@ -67,6 +67,13 @@ export interface DestinationSessionOptions extends SourceOptions {
   retryFirstConnect?: boolean;
   /** Stops a first connection still being retried. */
   signal?: AbortSignal;
+  /**
+   * Other sources serving the same image (replicas). When the current source
+   * is out of reach, each later attempt goes to the next address in turn
+   * (source, replicas..., source, ...); each must prove it serves the same
+   * image (its fingerprint), and resumes from the pages already held.
+   */
+  replicas?: readonly (string | Address)[];
 }
 
 /** Builds (and starts) the engine over the caller's memory once the source's regions are known. */
@@ -104,6 +111,8 @@ export class DestinationSession extends EventEmitter {
   readonly #recovery: Resolved;
   readonly #identity: { regions: RegionInfo[]; fingerprint: string };
   #source: Address;
+  /** The source and its replicas, tried in turn while out of reach. */
+  readonly #sources: Address[];
   #sessionId: string;
   #connection: SourceConnection | null;
   #generation: number;
@@ -134,7 +143,9 @@ export class DestinationSession extends EventEmitter {
     this.#recovery = recovery;
     this.#machine = machine;
     this.#log = log;
-    this.#source = typeof options.source === 'string' ? parseAddress(options.source) : options.source;
+    this.#sources = sourcesOf(options);
+    // The first connection may have been made to a replica.
+    this.#source = this.#sources.find((a) => formatAddress(a) === connection.address) ?? this.#sources[0];
     this.transfer = transferOptions(options);
     this.#connection = connection;
     this.#sessionId = connection.session;
@@ -436,7 +447,15 @@ export class DestinationSession extends EventEmitter {
       if (!this.#machine.is('resuming')) return; // closed, given up, or already paused again
       this.#lastError = e;
       const level = e.code === ErrorCode.IMAGE_MISMATCH || e.code === ErrorCode.AUTH_FAILED ? 'error' : 'warn';
-      this.#log[level]({ attempt: this.#attempts, code: e.code, err: e.message }, 'resume attempt failed; retrying');
+      const failedAt = this.#source;
+      if (this.#sources.length > 1) {
+        // The next attempt goes to the next address: a replica may answer where this one does not.
+        this.#source = this.#sources[(this.#sources.findIndex((a) => formatAddress(a) === formatAddress(failedAt)) + 1) % this.#sources.length];
+      }
+      this.#log[level](
+        { attempt: this.#attempts, code: e.code, err: e.message, source: formatAddress(failedAt), next: formatAddress(this.#source) },
+        'resume attempt failed; retrying',
+      );
       this.#machine.to('paused', { code: e.code, attempt: this.#attempts });
       this.#scheduleResume();
     }
@@ -521,12 +540,24 @@ export class DestinationSession extends EventEmitter {
 }
 
 /** The first connection: once, or (retryFirstConnect) with backoff until the give-up time. */
+/** The source first, then its replicas. */
+export function sourcesOf(options: DestinationSessionOptions): Address[] {
+  const parse = (a: string | Address) => (typeof a === 'string' ? parseAddress(a) : a);
+  return [parse(options.source), ...(options.replicas ?? []).map(parse)];
+}
+
+/**
+ * The first connection: the source, else each replica in turn; with
+ * retryFirstConnect, round after round until the give-up time.
+ */
 async function connectFirst(options: DestinationSessionOptions, recovery: Resolved, transfer: TransferOptions, log: Logger): Promise<SourceConnection> {
   const started = Date.now();
+  const sources = sourcesOf(options);
   for (let attempt = 1; ; attempt++) {
+    const source = sources[(attempt - 1) % sources.length];
     try {
       return await SourceConnection.open({
-        source: options.source,
+        source,
         token: options.token,
         transfer,
         timeoutMs: recovery.connectTimeoutMs,
@@ -536,13 +567,19 @@ async function connectFirst(options: DestinationSessionOptions, recovery: Resolv
       });
     } catch (err) {
       const e = asCodedError(err);
-      if (!options.retryFirstConnect || options.signal?.aborted) throw e;
+      const roundDone = attempt % sources.length === 0;
+      if (options.signal?.aborted || (roundDone && !options.retryFirstConnect)) throw e;
+      if (!roundDone) {
+        log.warn({ source: formatAddress(source), code: e.code, err: e.message }, 'this source cannot be reached; trying the next');
+        continue;
+      }
       const waited = Date.now() - started;
       if (waited >= recovery.giveUpAfterMs)
         throw new PostcopyError(ErrorCode.SOURCE_LOST, `the source could not be reached for ${recovery.giveUpAfterMs} ms (last: ${e.code}: ${e.message})`, {
           cause: e.code,
         });
-      const delay = Math.min(recovery.retryDelayMs.max, recovery.retryDelayMs.initial * 2 ** Math.min(attempt - 1, 30), recovery.giveUpAfterMs - waited);
+      const rounds = attempt / sources.length;
+      const delay = Math.min(recovery.retryDelayMs.max, recovery.retryDelayMs.initial * 2 ** Math.min(rounds - 1, 30), recovery.giveUpAfterMs - waited);
       log.warn({ attempt, code: e.code, err: e.message, retryInMs: delay }, 'the source cannot be reached yet; retrying');
       await new Promise<void>((resolve) => {
         const timer = setTimeout(resolve, delay);

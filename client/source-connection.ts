@@ -69,6 +69,8 @@ export class SourceConnection {
   readonly fingerprint: string;
   /** The source still held the session asked for in `resume`. */
   readonly resumed: boolean;
+  /** Where this connection reached the source (unix:PATH or tcp:HOST:PORT). */
+  readonly address: string;
   /** The source can check the installed-pages checksum (`done.verify`). */
   readonly verifiesChecksums: boolean;
   readonly #capabilities: string[];
@@ -80,12 +82,14 @@ export class SourceConnection {
   #channels: { urgentFd: number; bulkFd: number; keys?: DataChannelKeys } | null;
 
   private constructor(
+    address: string,
     control: Socket,
     reader: FrameReader,
     welcome: MessageOf<'welcome'>,
     channels: { urgentFd: number; bulkFd: number; keys?: DataChannelKeys },
     timeoutMs: number,
   ) {
+    this.address = address;
     this.#control = control;
     this.#reader = reader;
     this.session = welcome.session;
@@ -151,7 +155,7 @@ export class SourceConnection {
         closeSync(urgentFd);
         throw err;
       }
-      return new SourceConnection(control, reader, welcome, { urgentFd, bulkFd, ...(keys ? { keys } : {}) }, timeoutMs);
+      return new SourceConnection(formatAddress(address), control, reader, welcome, { urgentFd, bulkFd, ...(keys ? { keys } : {}) }, timeoutMs);
     } catch (err) {
       control.destroy();
       throw err;

@@ -22,7 +22,7 @@ import { SourceConnection } from './source-connection.js';
 import { LATENCY_BOUNDS_S, Tally } from '../lib/metrics.js';
 import type { DestinationStats } from '../lib/native.js';
 import { transferOptions, type TransferOptions } from '../lib/transfer.js';
-import { DestinationSession, type DestinationSessionOptions, type RecoveryStatus } from './session.js';
+import { DestinationSession, sourcesOf, type DestinationSessionOptions, type RecoveryStatus } from './session.js';
 import { FaultEngine, type MemoryEvent, type TargetRegion } from './fault-engine.js';
 import { summarize, type RestoreReport } from './report.js';
 import { compareInstalled, verifyRequest, type InstalledCheck } from './installed-checksum.js';
@@ -282,8 +282,17 @@ export class VmmHandler extends EventEmitter {
   }
 
   /** Checks that the source answers and that the tokens agree, without starting a session; resolves with what it serves. */
-  checkSource(timeoutMs = 5000): Promise<MessageOf<'ready'>> {
-    return SourceConnection.probe({ source: this.#options.source, token: this.#options.token, timeoutMs });
+  async checkSource(timeoutMs = 5000): Promise<MessageOf<'ready'>> {
+    // The source, or else any replica: VMMs are served as long as one answers.
+    let last: unknown;
+    for (const source of sourcesOf(this.#options)) {
+      try {
+        return await SourceConnection.probe({ source, token: this.#options.token, timeoutMs });
+      } catch (err) {
+        last = err;
+      }
+    }
+    throw last;
   }
 
   /**

@@ -289,3 +289,57 @@ t.test('a resume whose held-pages bitmap is larger than a control frame sends it
     'holes read as zeros',
   );
 });
+
+t.test('replicas: when the source dies mid-restore, the restore resumes from a replica of the same image and ends byte-exact', async (t) => {
+  const dir = tempDir(t);
+  const pages = 2048;
+  const bytes = randomImage(pages, 5);
+  const primary = new PageServer({ image: Image.open([{ buffer: bytes }]), heartbeat: FAST_HEARTBEAT });
+  const replica = new PageServer({ image: Image.open([{ buffer: Buffer.from(bytes) }]), heartbeat: FAST_HEARTBEAT });
+  t.teardown(async () => {
+    await primary.close();
+    await replica.close();
+  });
+  await primary.listen(`unix:${join(dir, 'primary.sock')}`);
+  await replica.listen(`unix:${join(dir, 'replica.sock')}`);
+  const dest = await Destination.connect({
+    source: `unix:${join(dir, 'primary.sock')}`,
+    replicas: [`unix:${join(dir, 'replica.sock')}`],
+    recovery: { ...FAST_RECOVERY, giveUpAfterMs: 10_000 },
+    window: { forward: 0, backward: 0 },
+    background: { enabled: false },
+  });
+  t.teardown(() => dest.close());
+  const region = dest.regions[0].mapping;
+  const order = shuffledOrder(pages, 9);
+  await touchPages(region.address, pages, order.subarray(0, pages / 2), { mapping: region });
+  const resumed = Promise.race([once(dest.session, 'resumed').then(() => 'resumed'), once(dest.session, 'failed').then(() => 'failed')]);
+  await primary.close(); // the primary is gone for good
+  t.equal(await resumed, 'resumed');
+  t.equal(dest.session.status().source, `unix:${join(dir, 'replica.sock')}`, 'resumed from the replica');
+  await touchPages(region.address, pages, order.subarray(pages / 2), { mapping: region });
+  const report = await dest.finish();
+  t.equal(report.digestMatch, true);
+  t.ok(region.buffer().equals(bytes), 'every byte equals the image');
+});
+
+t.test('replicas: a first connection goes to the first that answers; restore --source A --source B works with A down', async (t) => {
+  const dir = tempDir(t);
+  const imagePath = writeImage(dir, randomImage(256, 3));
+  const { listening } = await startServeCli(t, ['--image', imagePath, '--listen', `unix:${join(dir, 'replica.sock')}`]);
+  const out = join(dir, 'out.bin');
+  const [cmd, ...pre] = cliCommand();
+  const child = spawn(
+    cmd,
+    [...pre, 'restore', '--source', `unix:${join(dir, 'nobody.sock')}`, '--source', `unix:${listening.path}`, '--workload', 'none', '--out', out, '--json'],
+    {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    },
+  );
+  let stdout = '';
+  child.stdout.on('data', (d) => (stdout += d));
+  const [code] = await once(child, 'close');
+  t.equal(code, 0);
+  t.match(JSON.parse(stdout.trim()), { digestMatch: true, pages: 256 });
+  t.ok(readFileSync(out).equals(readFileSync(imagePath)), 'the output equals the image');
+});

@@ -368,3 +368,23 @@ t.test("the handler logs each live VMM session's progress periodically", async (
   t.ok(progress.length >= 1, `${progress.length} progress records`);
   t.match(progress[progress.length - 1], { vmmPid: Number, totalPages: 512, residentPages: 512, faultP50Us: Number, state: String });
 });
+
+t.test('replicas: with its source down, the handler checks and serves VMMs from a replica', async (t) => {
+  const dir = tempDir(t);
+  const image = randomImage(512, 4);
+  const imagePath = writeImage(dir, image);
+  const server = new PageServer({ image: Image.open([{ path: imagePath }]) });
+  await server.listen(`unix:${join(dir, 'replica.sock')}`);
+  const handler = new VmmHandler({ source: `unix:${join(dir, 'nobody.sock')}`, replicas: [`unix:${join(dir, 'replica.sock')}`] });
+  const handlerSocket = join(dir, 'handler.sock');
+  await handler.listen(handlerSocket);
+  t.teardown(async () => {
+    await handler.close();
+    await server.close();
+  });
+  t.equal((await handler.checkSource()).regions.length, 1, 'the replica answers for the source');
+  const ended = sessionEnd(handler);
+  const { code } = await runVmm({ dir, imagePath, image, handler, handlerSocket, server }, ['--threads', '2']);
+  t.equal(code, 0, 'the VMM verified every byte');
+  t.equal((await ended).recovery?.source, `unix:${join(dir, 'replica.sock')}`);
+});
