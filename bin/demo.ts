@@ -8,6 +8,7 @@ import { randomBytes } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { VmmHandler, type VmmSessionSummary } from '../client/vmm-handler.js';
+import type { InstalledCheck } from '../client/installed-checksum.js';
 import { DEFAULT_TRANSFER } from '../lib/transfer.js';
 import { buildFixture } from './vmm-fixture.js';
 import { punchHole, PAGE_SIZE } from '../lib/memory.js';
@@ -80,6 +81,7 @@ export async function demo(argv: string[], log: Logger): Promise<void> {
       `  handler      destination handler on unix:${handlerSocket}, prefault window ${window.forward}:${window.backward}, background ${background.enabled ? 'on' : 'off'}`,
     );
     const ended = once(handler, 'session-end');
+    const checked = once(handler, 'installed-check') as Promise<[InstalledCheck]>;
     const child = spawn(
       vmm,
       [
@@ -93,9 +95,10 @@ export async function demo(argv: string[], log: Logger): Promise<void> {
         'random',
         '--dontneed',
         `${balloonFrom}:${balloonPages * PAGE_SIZE}`,
+        '--hold', // connected until we close its stdin, as a VMM stays: the handler checks every page first
       ],
       {
-        stdio: ['ignore', 'pipe', 'inherit'],
+        stdio: ['pipe', 'pipe', 'inherit'],
       },
     );
     say(`  VMM          pid ${child.pid}: empty guest memory, userfaultfd handed over (Firecracker handshake),`);
@@ -103,16 +106,27 @@ export async function demo(argv: string[], log: Logger): Promise<void> {
     say('');
     let out = '';
     child.stdout!.on('data', (d) => (out += d));
-    const [code] = await once(child, 'close');
+    // The VMM has checked its bytes (its line) and the handler the pages it installed; then the VMM may go.
+    const exited = once(child, 'close');
+    const [check] = await Promise.race([checked, exited.then(() => [null] as const)]);
+    child.stdin!.end();
+    const [code] = await exited;
     const [summary] = (await ended) as [VmmSessionSummary];
     const vmmReport = JSON.parse(out.trim() || '{}');
     process.stdout.write(formatReport(summary));
     say(`balloon      ${summary.removedPages} pages given back; ${summary.zeroFilledAfterRemove} touched again and zero-filled without asking the source`);
     say(
+      `checked      ${
+        check?.result === 'match'
+          ? `the handler checked all ${check.checkedPages} pages it installed against the source image: they match`
+          : `the handler's check of the installed pages: ${check ? `${check.result}${check.unchecked ? ` (${check.unchecked})` : ''}` : 'not reached'}`
+      }`,
+    );
+    say(
       `verified     ${code === 0 && vmmReport.ok ? `the VMM compared all ${vmmReport.pages} pages with the image: every byte matches` : `FAILED: ${out.trim() || `exit ${code}`}`}`,
     );
     say(`             (the VMM's threads spent ${vmmReport.touchMs} ms touching every page; the session ended when it exited)`);
-    if (code !== 0) process.exitCode = 1;
+    if (code !== 0 || check?.result === 'mismatch') process.exitCode = 1;
   } finally {
     await handler?.close();
     await source?.close();

@@ -500,7 +500,10 @@ export class VmmHandler extends EventEmitter {
         },
         () => {}, // failures are logged by the session and handled above
       )
-      .catch((err) => log.warn({ err: (err as Error).message }, 'finishing with the source failed'));
+      .catch((err) => {
+        if (vmm.ended) log.info({ err: (err as Error).message }, 'the VMM left before its pages were checked against the source');
+        else log.warn({ code: asCodedError(err).code, err: (err as Error).message }, 'finishing with the source failed');
+      });
   }
 
   #end(vmm: VmmSession, reason: string): void {

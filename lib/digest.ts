@@ -5,6 +5,7 @@ import { createHash } from 'node:crypto';
 import { setImmediate as yieldToLoop } from 'node:timers/promises';
 import { native } from './native.js';
 import { validateInteger } from './validate.js';
+import { ErrorCode, PostcopyError } from './errors.js';
 
 /** SHA-256 in slices, yielding to the event loop between them so control traffic keeps flowing. */
 export async function digestOf(bytes: Uint8Array): Promise<string> {
@@ -27,6 +28,7 @@ const CHECKSUM_SLICE_PAGES = 8192;
  * each page's contribution. Computed in slices, yielding between them.
  */
 export async function pageChecksum(bytes: Uint8Array, pageSize: number, region: number, ranges: readonly (readonly [number, number])[]): Promise<bigint> {
+  if (bytes.length === 0) throw new PostcopyError(ErrorCode.MAPPING_UNMAPPED, 'the image is closed');
   const pages = Math.floor(bytes.length / validateInteger(pageSize, 'pageSize', 32));
   validateInteger(region, 'region', 0, 0xffff);
   let sum = 0n;
@@ -34,6 +36,8 @@ export async function pageChecksum(bytes: Uint8Array, pageSize: number, region: 
     validateInteger(first, 'first', 0, pages);
     validateInteger(count, 'count', 0, pages - first);
     for (let at = first; at < first + count; at += CHECKSUM_SLICE_PAGES) {
+      // The image may be closed while this yields (the server shutting down): say so, not "out of range".
+      if (bytes.length === 0) throw new PostcopyError(ErrorCode.MAPPING_UNMAPPED, 'the image was closed while its checksum was being computed');
       sum += native.pageChecksum(bytes, pageSize, region, at, Math.min(CHECKSUM_SLICE_PAGES, first + count - at));
       if (at + CHECKSUM_SLICE_PAGES < first + count) await yieldToLoop();
     }

@@ -194,6 +194,10 @@ export class PageServer {
       else await this.#onControl(socket, reader, first);
     } catch (err) {
       const e = asCodedError(err);
+      if (this.#server === null) {
+        socket.destroy(); // shutting down: whatever was under way ends with the server, quietly
+        return;
+      }
       if (e.code !== ErrorCode.PEER_GONE) {
         this.#errors.add(e.code);
         this.#log.warn({ code: e.code, err: e.message, remote: socket.remoteAddress ?? 'unix' }, 'connection ended');

@@ -1,5 +1,5 @@
 import t from 'tap';
-import { closeSync, fstatSync, readFileSync, readdirSync, statSync, writeSync } from 'node:fs';
+import { closeSync, fstatSync, readFileSync, readdirSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { connect as netConnect, createServer, Socket as NetSocket } from 'node:net';
 import { join } from 'node:path';
 import { once } from 'node:events';
@@ -575,4 +575,14 @@ t.test('a piece of a held-pages bitmap outside its region is refused', async (t)
   ]) {
     t.throws(() => checkHaveChunk(bad as never, regions), { code: 'ERR_PROTOCOL_OUT_OF_RANGE' });
   }
+});
+
+t.test('an image closed while its checksum is computed says so, and nothing reads freed memory', async (t) => {
+  const dir = tempDir(t);
+  const path = join(dir, 'img');
+  writeFileSync(path, randomImage(3 * 8192)); // three slices of the computation
+  const image = Image.open([{ path }]);
+  const summing = image.checksum(0, []);
+  image.close(); // the server shutting down while a destination's `done` is answered
+  await t.rejects(summing, { code: 'ERR_MAPPING_UNMAPPED' });
 });
