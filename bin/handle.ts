@@ -19,11 +19,11 @@ import {
   withConcretePort,
   withoutOption,
   loggingUsage,
+  UsageError,
 } from './options.js';
 import { serveMetrics } from '../lib/metrics.js';
 import { handlerMetrics } from '../client/handler-metrics.js';
 import type { PostcopyError } from '../lib/errors.js';
-import { UsageError } from './options.js';
 
 export const handleUsage = `postcopy handle --socket PATH --source unix:PATH|tcp:HOST:PORT [--token-file F]
                 [--window F:B] [--no-background] [--rate SIZE]
