@@ -12,6 +12,7 @@ import { PageServer } from '../server/page-server.js';
 import { Destination } from '../client/destination.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
 import { floorImageFile } from './source.js';
+import { median, round } from './latency.js';
 
 type Mode = 'plaintext' | 'sealed';
 const TOKEN = 'bench encryption';
@@ -22,9 +23,6 @@ interface Round {
   faultP99Us: number;
   bulkGBps: number;
 }
-
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
-const round2 = (x: number) => Math.round(x * 100) / 100;
 
 async function once(image: Image, pages: number, mode: Mode, seed: number): Promise<Round> {
   const server = new PageServer({ image, token: TOKEN, plaintextTcp: mode === 'plaintext' });
@@ -50,9 +48,9 @@ async function once(image: Image, pages: number, mode: Mode, seed: number): Prom
     }
     return {
       mode,
-      faultP50Us: round2(latency[latency.length >> 1] / 1e3),
-      faultP99Us: round2(latency[Math.floor(latency.length * 0.99)] / 1e3),
-      bulkGBps: round2(report.bytes / (report.fullResidencyMs / 1e3) / 1e9),
+      faultP50Us: round(latency[latency.length >> 1] / 1e3),
+      faultP99Us: round(latency[Math.floor(latency.length * 0.99)] / 1e3),
+      bulkGBps: round(report.bytes / (report.fullResidencyMs / 1e3) / 1e9),
     };
   } finally {
     await server.close();
@@ -84,8 +82,8 @@ export async function encryptionBench(pages: number, rounds: number, seed = 1) {
     results,
     median: summary,
     ratio: {
-      faultP50: round2(of('sealed', 'faultP50Us') / of('plaintext', 'faultP50Us')),
-      bulkThroughput: round2(of('sealed', 'bulkGBps') / of('plaintext', 'bulkGBps')),
+      faultP50: round(of('sealed', 'faultP50Us') / of('plaintext', 'faultP50Us')),
+      bulkThroughput: round(of('sealed', 'bulkGBps') / of('plaintext', 'bulkGBps')),
     },
   };
 }

@@ -18,7 +18,8 @@ function floorSource(dir: string, pages: number, transport: Transport): Promise<
 
 export type Transport = 'unix' | 'tcp';
 
-const round = (x: number, digits = 2) => Math.round(x * 10 ** digits) / 10 ** digits;
+/** x rounded to `digits` decimals (figures as the benchmarks print them). */
+export const round = (x: number, digits = 2) => Math.round(x * 10 ** digits) / 10 ** digits;
 
 /** Percentiles picked exactly as the floor picks them (sorted, index n*q). */
 function percentiles(latencyNs: Float64Array, totalNs: number) {
@@ -39,7 +40,8 @@ function medianOf<T extends object>(runs: T[]): T {
   for (const [k, v] of Object.entries(runs[0])) if (typeof v === 'number') out[k] = median(runs.map((r) => (r as Record<string, number>)[k]));
   return out as T;
 }
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+/** The middle value (the upper one of an even count). */
+export const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 /** Median of per-pair ratios, with their spread: these machines drift, so one pair is not a ratio. */
 function ratioOf(pairs: number[]): { median: number; spread: [number, number] } {
   return { median: round(median(pairs)), spread: [round(Math.min(...pairs)), round(Math.max(...pairs))] };
