@@ -3,10 +3,9 @@
 // every figure comes with a ratio. $UFFD_FLOOR runs another program with the
 // same arguments and output instead.
 import { execFile } from 'node:child_process';
-import { existsSync } from 'node:fs';
-import { dirname, join } from 'node:path';
+import { join } from 'node:path';
 import { compiledProgram } from '../lib/c-programs.js';
-import { fileURLToPath } from 'node:url';
+import { projectRoot } from '../lib/package-root.js';
 
 export interface FloorLatency {
   case: string;
@@ -22,13 +21,6 @@ export interface FloorBulk {
   pages: number;
   gbytes_per_s: number;
   total_ms: number;
-}
-
-/** The project root: the nearest folder above this file holding package.json. */
-export function projectRoot(): string {
-  let dir = dirname(fileURLToPath(import.meta.url));
-  while (!existsSync(join(dir, 'package.json')) && dirname(dir) !== dir) dir = dirname(dir);
-  return dir;
 }
 
 /** $UFFD_FLOOR, or bench/floor.c built (again when the source is newer) where only this user can write. */

@@ -4,7 +4,8 @@
 import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { availableParallelism, release, tmpdir } from 'node:os';
 import { join, relative } from 'node:path';
-import { floorCommand, projectRoot, runFloor, type FloorBulk, type FloorLatency } from './floor.js';
+import { floorCommand, runFloor, type FloorBulk, type FloorLatency } from './floor.js';
+import { projectRoot } from '../lib/package-root.js';
 import { LINKS, bringUp } from './links.js';
 import { FREE, POLICIES, runScenario, type Placement, type Policy } from './scenario.js';
 import { floorImageFile, startSource, type RunningSource } from './source.js';

@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 // postcopy: the one CLI entry. Subcommands: serve, restore, bench, demo.
-import { readFileSync } from 'node:fs';
+import { packageVersion } from '../lib/package-root.js';
 import { LOG_LEVELS, createLogger, type LogFormat, type Logger } from '../lib/logger.js';
 import { clearProgress } from './terminal.js';
 import { PostcopyError } from '../lib/errors.js';
@@ -50,19 +50,6 @@ ${demoUsage}
 `;
 
 const usageOf: Record<string, string> = { serve: serveUsage, restore: restoreUsage, handle: handleUsage, bench: benchUsage, demo: demoUsage };
-
-function version(): string {
-  // dist/bin/postcopy.js and bin/postcopy.ts both sit two or one levels below package.json.
-  for (const up of ['../../package.json', '../package.json']) {
-    try {
-      const pkg = JSON.parse(readFileSync(new URL(up, import.meta.url), 'utf8')) as { name?: string; version?: string };
-      if (pkg.name === 'uffd-postcopy') return pkg.version ?? 'unknown';
-    } catch {
-      // not here: try one level up
-    }
-  }
-  return 'unknown';
-}
 
 async function bench(argv: string[]): Promise<void> {
   const which = argv[0] && !argv[0].startsWith('-') ? argv[0] : 'suite';
@@ -153,7 +140,7 @@ async function main(): Promise<number> {
   const command = process.argv[2];
   let argv = process.argv.slice(3);
   if (command === '--version' || command === '-v') {
-    process.stdout.write(`uffd-postcopy ${version()}\n`);
+    process.stdout.write(`uffd-postcopy ${packageVersion()}\n`);
     return 0;
   }
   // --help anywhere after a command: that command's usage, and nothing else is done.
