@@ -1,13 +1,14 @@
 // `handle --metrics`: what a handler's VMM sessions have seen, as Prometheus metrics.
 import { Registry } from 'prom-client';
-import { LATENCY_BOUNDS_S, collectedHistogram, readGauge, totalCounter } from '../lib/metrics.js';
+import { LATENCY_BOUNDS_S, collectedHistogram, oncePerScrape, readGauge, totalCounter } from '../lib/metrics.js';
 import type { VmmHandler } from './vmm-handler.js';
 
 export function handlerMetrics(handler: VmmHandler): Registry {
   const registry = new Registry();
-  const t = () => handler.figures().totals;
+  const figures = oncePerScrape(() => handler.figures());
+  const t = () => figures().totals;
   readGauge(registry, 'postcopy_handler_sessions', 'VMM sessions, by state', ['state'], () =>
-    Object.entries(handler.figures().sessions).map(([state, n]) => [{ state }, n]),
+    Object.entries(figures().sessions).map(([state, n]) => [{ state }, n]),
   );
   collectedHistogram(registry, 'postcopy_fault_latency_seconds', 'From reading a fault to the page installed, per fault waited on', LATENCY_BOUNDS_S, () => {
     const x = t();
@@ -32,8 +33,6 @@ export function handlerMetrics(handler: VmmHandler): Registry {
     },
   );
   totalCounter(registry, 'postcopy_bytes_received_total', 'Bytes read from data channels', [], () => [[{}, t().bytesReceived]]);
-  totalCounter(registry, 'postcopy_errors_total', 'Errors, by code (lib/errors.ts)', ['code'], () =>
-    handler.figures().errors.map(([code, n]) => [{ code }, n]),
-  );
+  totalCounter(registry, 'postcopy_errors_total', 'Errors, by code (lib/errors.ts)', ['code'], () => figures().errors.map(([code, n]) => [{ code }, n]));
   return registry;
 }

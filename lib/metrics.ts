@@ -9,6 +9,22 @@ import { ErrorCode, PostcopyError } from './errors.js';
 /** Fault-latency bucket bounds in seconds: 10 µs to 10 s. */
 export const LATENCY_BOUNDS_S = [0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
 
+/**
+ * `read`, called once per scrape however many metrics ask: every metric of a
+ * scrape shows the same instant, and the sessions are walked once. (prom-client
+ * collects all metrics of a scrape in one go; the next scrape reads afresh.)
+ */
+export function oncePerScrape<T>(read: () => T): () => T {
+  let taken: { value: T } | null = null;
+  return () => {
+    if (!taken) {
+      taken = { value: read() };
+      setImmediate(() => (taken = null));
+    }
+    return taken.value;
+  };
+}
+
 /** Counts by key (errors by code, ...), kept for the life of the process. */
 export class Tally {
   readonly #counts = new Map<string, number>();

@@ -1,11 +1,11 @@
 // `serve --metrics`: what a source has served, as Prometheus metrics.
 import { Registry } from 'prom-client';
-import { readGauge, totalCounter } from '../lib/metrics.js';
+import { oncePerScrape, readGauge, totalCounter } from '../lib/metrics.js';
 import type { PageServer } from './page-server.js';
 
 export function sourceMetrics(server: PageServer): Registry {
   const registry = new Registry();
-  const f = () => server.figures();
+  const f = oncePerScrape(() => server.figures());
   readGauge(registry, 'postcopy_source_sessions', 'Destination sessions held, by state', ['state'], () =>
     Object.entries(f().sessions).map(([state, n]) => [{ state }, n]),
   );

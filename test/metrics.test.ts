@@ -7,7 +7,7 @@ import { createInterface } from 'node:readline';
 import { join } from 'node:path';
 import { connect as netConnect, createServer } from 'node:net';
 import { Registry } from 'prom-client';
-import { totalCounter } from '../lib/metrics.js';
+import { oncePerScrape, totalCounter } from '../lib/metrics.js';
 import { buildFixture, cliCommand, randomImage, runCli, startServeCli, tempDir, writeImage } from './helpers.js';
 
 async function scrape(url: string): Promise<Map<string, number>> {
@@ -123,4 +123,19 @@ t.test('handle refuses at start-up a --metrics port another process holds', asyn
   const r = await runCli(['handle', '--socket', join(dir, 'h.sock'), '--source', `unix:${listening.path}`, '--metrics', `tcp:127.0.0.1:${port}`]);
   t.equal(r.code, 1);
   t.match(r.stderr, /ERR_ADDRESS_IN_USE/);
+});
+
+t.test('one scrape reads the figures once, and the next scrape reads them afresh', async (t) => {
+  let reads = 0;
+  const figures = oncePerScrape(() => ++reads);
+  const registry = new Registry();
+  totalCounter(registry, 'a_total', 'a', [], () => [[{}, figures()]]);
+  totalCounter(registry, 'b_total', 'b', [], () => [[{}, figures()]]);
+  const first = await registry.metrics();
+  t.equal(reads, 1, 'two metrics, one read');
+  t.match(first, /^a_total 1$/m);
+  t.match(first, /^b_total 1$/m, 'both show the same instant');
+  await new Promise((r) => setImmediate(r));
+  t.match(await registry.metrics(), /^a_total 2$/m, 'the next scrape reads again');
+  t.equal(reads, 2);
 });
