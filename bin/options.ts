@@ -10,6 +10,7 @@ import { fileURLToPath } from 'node:url';
 import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import type { Logger } from '../lib/logger.js';
 import type { RecoveryOptions } from '../client/session.js';
+import { metricsUrl } from '../lib/metrics.js';
 
 /** Reads a token file (whitespace trimmed); warns when others can read it. */
 export function readTokenFile(path: string | undefined, log: Logger): string | undefined {
@@ -101,15 +102,19 @@ export function parseAddressOption(text: string, what: string): Address {
 
 /** --metrics tcp:HOST:PORT (port 0: a free one). */
 export function parseMetricsOption(text: string): string {
+  metricsAddress(text);
+  return text;
+}
+
+function metricsAddress(text: string): Extract<Address, { kind: 'tcp' }> {
   const a = parseAddressOption(text, '--metrics');
   if (a.kind !== 'tcp') throw new UsageError(`--metrics serves HTTP: give tcp:HOST:PORT, not ${JSON.stringify(text)}`);
-  return text;
+  return a;
 }
 
 /** tcp:HOST:0 -> tcp:HOST:<a port free now>, with its metrics URL: a port that stays the same across worker restarts. */
 export async function withConcretePort(address: string): Promise<{ address: string; url: string }> {
-  const a = parseAddress(address);
-  if (a.kind !== 'tcp') throw new UsageError(`--metrics serves HTTP: give tcp:HOST:PORT, not ${JSON.stringify(address)}`);
+  const a = metricsAddress(address);
   // Bound once here, so that a port already taken (or a host not of this machine) fails at start-up, not later in the worker.
   const probe = createServer();
   await new Promise<void>((resolve, reject) =>
@@ -121,9 +126,7 @@ export async function withConcretePort(address: string): Promise<{ address: stri
   );
   const port = (probe.address() as AddressInfo).port;
   await new Promise<void>((resolve) => probe.close(() => resolve()));
-  const concrete = formatAddress({ ...a, port });
-  const host = a.host.includes(':') ? `[${a.host}]` : a.host;
-  return { address: concrete, url: `http://${host}:${port}/metrics` };
+  return { address: formatAddress({ ...a, port }), url: metricsUrl(a.host, port) };
 }
 
 /** argv without `--name VALUE` / `--name=VALUE`. */

@@ -110,6 +110,11 @@ export function collectedHistogram(registry: Registry, name: string, help: strin
   } as unknown as Parameters<Registry['registerMetric']>[0]);
 }
 
+/** Where the metrics of HOST:PORT are scraped. */
+export function metricsUrl(host: string, port: number): string {
+  return `http://${host.includes(':') ? `[${host}]` : host}:${port}/metrics`;
+}
+
 /** Serves `registry` as Prometheus text on GET /metrics at tcp:HOST:PORT (port 0: a free one). */
 export async function serveMetrics(address: string, registry: Registry): Promise<{ url: string; close: () => Promise<void> }> {
   const where = parseAddress(address);
@@ -135,9 +140,8 @@ export async function serveMetrics(address: string, registry: Registry): Promise
   });
   const bound = server.address();
   const port = bound && typeof bound === 'object' ? bound.port : where.port;
-  const host = where.host.includes(':') ? `[${where.host}]` : where.host;
   return {
-    url: `http://${host}:${port}/metrics`,
+    url: metricsUrl(where.host, port),
     close: () =>
       new Promise<void>((resolve) => {
         server.closeAllConnections();
