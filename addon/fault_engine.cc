@@ -406,7 +406,6 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       std::sort(targets.begin(), targets.end(), [](const TargetRegion* a, const TargetRegion* b) { return a->sourcePage < b->sourcePage; });
       std::vector<double> skip;
       bool tooMany = false;
-      uint64_t checkedPages = 0;
       auto leaveOut = [&](uint64_t first, uint64_t count) {
         if (count == 0 || tooMany) return;
         if (!skip.empty() && skip[skip.size() - 2] + skip.back() == double(first)) {
@@ -434,7 +433,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       leaveOut(cursor, sourcePages_[id] - cursor);
       uint64_t skipped = 0;
       for (size_t k = 1; k < skip.size(); k += 2) skipped += static_cast<uint64_t>(skip[k]);
-      checkedPages = tooMany ? 0 : sourcePages_[id] - skipped;
+      const uint64_t checkedPages = tooMany ? 0 : sourcePages_[id] - skipped;
       Napi::Object o = Napi::Object::New(env);
       o.Set("region", id);
       o.Set("sum", Napi::BigInt::New(env, checksum_[id].load()));
