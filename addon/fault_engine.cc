@@ -10,6 +10,12 @@
 // between (a paused session) the fault thread keeps reading the userfaultfd:
 // faults are recorded as requested and wait, memory events are followed, and
 // nothing that arrived only in part is ever installed.
+//
+// Where missing pages come from is chosen once, when the engine is built (a
+// PageSupply): a remote source over the data channels (RemoteSupply), or an
+// image mapped in this process (ImageSupply), whose pages the fault thread
+// installs itself while a fill thread installs the prefault window, a
+// replayed working set and the background, in that order of priority.
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/eventfd.h>
@@ -17,8 +23,10 @@
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -28,6 +36,7 @@
 #include "errors.h"
 #include "events.h"
 #include "histogram.h"
+#include "image_pages.h"
 #include "page_array.h"
 #include "page_checksum.h"
 #include "secure_channel.h"
@@ -44,6 +53,7 @@ namespace {
 struct TargetRegion {
   std::atomic<uint64_t> base{0};  // moves on REMAP
   uint64_t length = 0, pageSize = 0, pages = 0;
+  uint32_t index = 0;  // among the engine's regions
   uint32_t sourceRegion = 0;
   uint64_t sourcePage = 0;
   std::unique_ptr<AtomicBitmap> received, requested;
@@ -54,6 +64,10 @@ struct TargetRegion {
   std::unique_ptr<LazyPageArray<uint32_t>> waiters;  // faults seen on the page while it was missing
 };
 
+// What an install came to: done; the layout is changing and the caller may not
+// wait (retry elsewhere); or the engine must stop installing.
+enum InstallResult { kOk, kBusy, kStop };
+
 class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
  public:
   static Napi::Function Define(Napi::Env env) {
@@ -63,13 +77,17 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
                         InstanceMethod<&FaultEngine::PoisonMissing>("poisonMissing"), InstanceMethod<&FaultEngine::Stats>("stats"),
                         InstanceMethod<&FaultEngine::ReceivedBitmap>("receivedBitmap"), InstanceMethod<&FaultEngine::HeldBitmap>("heldBitmap"),
                         InstanceMethod<&FaultEngine::MarkResident>("markResident"), InstanceMethod<&FaultEngine::InstalledChecksum>("installedChecksum"),
-                        InstanceMethod<&FaultEngine::LatencyBuckets>("latencyBuckets")});
+                        InstanceMethod<&FaultEngine::LatencyBuckets>("latencyBuckets"), InstanceMethod<&FaultEngine::Prefetch>("prefetch"),
+                        InstanceMethod<&FaultEngine::StartBackground>("startBackground"), InstanceMethod<&FaultEngine::FaultedPages>("faultedPages")});
   }
 
   // new FaultEngine({uffd, sourceRegions: [{pages, pageSize}],
-  //                  regions: [{base, length, pageSize, sourceRegion, sourcePage}], cpu, onEvent});
+  //                  regions: [{base, length, pageSize, sourceRegion, sourcePage}], cpu,
+  //                  checksumInstalled, recordFaults, onEvent,
+  //                  image?: [ServedRegionSpec per source region], window?: {forward, backward}, background?});
   // validated in client/fault-engine.ts. The engine owns the data channels it
-  // is given (attachChannels), not the uffd.
+  // is given (attachChannels), not the uffd. With `image`, pages come from it
+  // (ImageSupply) and the engine takes no data channels.
   explicit FaultEngine(const Napi::CallbackInfo& info) : Napi::ObjectWrap<FaultEngine>(info) {
     Napi::Object o = info[0].As<Napi::Object>();
     uffd_ = o.Get("uffd").As<Napi::Number>().Int32Value();
@@ -87,6 +105,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     for (uint32_t i = 0; i < regions.Length(); i++) {
       Napi::Object r = regions.Get(i).As<Napi::Object>();
       auto t = std::make_unique<TargetRegion>();
+      t->index = i;
       t->base = static_cast<uint64_t>(r.Get("base").As<Napi::Number>().Int64Value());
       t->sourceRegion = r.Get("sourceRegion").As<Napi::Number>().Uint32Value();
       t->sourcePage = static_cast<uint64_t>(r.Get("sourcePage").As<Napi::Number>().Int64Value());
@@ -109,6 +128,31 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     checksum_.reset(new std::atomic<uint64_t>[sourcePages_.size()]());
     for (uint64_t size : sourcePageSize_) zeroHash_.push_back(size <= maxRunBytes_ ? ContentHash(zeros_.get(), size) : 0);
     checksumInstalled_ = o.Get("checksumInstalled").ToBoolean().Value();
+    recordFaults_ = o.Get("recordFaults").ToBoolean().Value();
+    Napi::Value image = o.Get("image");
+    if (image.IsArray()) {
+      Napi::Array specs = image.As<Napi::Array>();
+      if (specs.Length() != sourcePages_.size()) throw CodedError(info.Env(), "ERR_IMAGE_INVALID", "the image needs one region per source region");
+      try {
+        for (uint32_t i = 0; i < specs.Length(); i++) {
+          auto pages = std::make_unique<ImagePages>();
+          pages->Open(info.Env(), specs.Get(i).As<Napi::Object>());
+          image_.push_back(std::move(pages));
+          if (image_.back()->pages != sourcePages_[i] || image_.back()->pageSize != sourcePageSize_[i])
+            throw CodedError(info.Env(), "ERR_IMAGE_INVALID", "an image region does not match its source region");
+        }
+      } catch (...) {
+        for (auto& pages : image_) pages->Release();  // the destructor does not run when a constructor throws
+        throw;
+      }
+      Napi::Object window = o.Get("window").As<Napi::Object>();
+      windowForward_ = window.Get("forward").As<Napi::Number>().Uint32Value();
+      windowBackward_ = window.Get("backward").As<Napi::Number>().Uint32Value();
+      backgroundOn_ = o.Get("background").ToBoolean().Value();
+      supply_ = std::make_unique<ImageSupply>(*this);
+    } else {
+      supply_ = std::make_unique<RemoteSupply>(*this);
+    }
     Napi::Value cpu = o.Get("cpu");
     cpu_ = cpu.IsNumber() ? cpu.As<Napi::Number>().Int32Value() : -1;
     stopFd_ = eventfd(0, EFD_CLOEXEC);
@@ -134,6 +178,11 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       NameAndPinThisThread("pc-fault", cpu_);
       FaultLoop();
     });
+    if (!image_.empty())
+      fillThread_ = std::thread([this] {
+        NameAndPinThisThread("pc-fill", cpu_);
+        FillLoop();
+      });
     return info.Env().Undefined();
   }
 
@@ -158,10 +207,11 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
         std::memcpy(into, v.As<Napi::Buffer<uint8_t>>().Data(), 32);
       }
     }
-    if (!started_ || stopped_ || attached_ || badKeys) {
+    if (!started_ || stopped_ || attached_ || badKeys || !image_.empty()) {
       close(urgent);
       close(bulk);
       if (badKeys) throw CodedError(info.Env(), "ERR_OUT_OF_RANGE", "a data-channel key must be a 32-byte Buffer");
+      if (!image_.empty()) throw CodedError(info.Env(), "ERR_ENGINE_STATE", "an engine serving a local image takes no data channels");
       throw CodedError(info.Env(), "ERR_ENGINE_STATE", attached_ ? "data channels are already attached" : "the engine is not running");
     }
     auto key = [&](const uint8_t* k, uint32_t direction, bool seal) { return encrypted ? std::make_unique<Aead>(k, direction, seal) : nullptr; };
@@ -233,7 +283,13 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     stop_.store(true);
     uint64_t one = 1;
     if (write(stopFd_, &one, sizeof one) < 0) {}
+    {
+      std::lock_guard<std::mutex> lock(fillMu_);
+      fillCv_.notify_all();
+    }
     if (faultThread_.joinable()) faultThread_.join();
+    if (fillThread_.joinable()) fillThread_.join();
+    for (auto& pages : image_) pages->Release();
     for (int fd : {stopFd_, resendFd_})
       if (fd >= 0) close(fd);
     stopFd_ = resendFd_ = -1;
@@ -289,6 +345,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     n(s, "pagesInstalledRequested", installed_[wire::kRequested]);
     n(s, "pagesInstalledPrefault", installed_[wire::kPrefault]);
     n(s, "pagesInstalledBackground", installed_[wire::kBackground]);
+    n(s, "pagesInstalledPrefetch", installed_[wire::kPrefetch]);
     n(s, "zeroPages", zeroPages_);
     n(s, "duplicatePages", duplicates_);
     n(s, "bytesReceived", bytesReceived_);
@@ -510,7 +567,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
 
   void FaultLoop() {
     uffd_msg msgs[64];
-    std::vector<wire::PageRequest> reqs;
+    std::vector<wire::PageRequest> reqs;  // requests sent again after an attach
     reqs.reserve(256);
     pollfd fds[3] = {{uffd_, POLLIN, 0}, {stopFd_, POLLIN, 0}, {resendFd_, POLLIN, 0}};
     while (!stop_.load()) {
@@ -541,12 +598,12 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       for (size_t i = 0; i < static_cast<size_t>(n) / sizeof(uffd_msg); i++) {
         const uffd_msg& m = msgs[i];
         if (m.event == UFFD_EVENT_PAGEFAULT)
-          OnFault(m.arg.pagefault.address, now, reqs);
+          OnFault(m.arg.pagefault.address, now);
         else
           OnMemoryEvent(m);
       }
       if (!deferredZeroFills_.empty()) RetryDeferredZeroFills();
-      SendRequests(reqs);
+      supply_->Flush();
     }
   }
 
@@ -558,7 +615,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     return nullptr;
   }
 
-  void OnFault(uint64_t address, uint64_t now, std::vector<wire::PageRequest>& reqs) {
+  void OnFault(uint64_t address, uint64_t now) {
     faults_++;
     TargetRegion* found = RegionAt(address);
     if (!found) {
@@ -582,7 +639,212 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     r.waiters->At(page).fetch_add(1, std::memory_order_relaxed);
     uint64_t expected = 0;
     r.faultNs->At(page).compare_exchange_strong(expected, now, std::memory_order_acq_rel);
-    if (r.requested->Claim(page)) reqs.push_back({wire::kRequest, r.sourceRegion, r.sourcePage + page});
+    if (!r.requested->Claim(page)) return;  // asked for already: this thread waits with the others
+    if (recordFaults_) {
+      std::lock_guard<std::mutex> lock(recordMu_);
+      faulted_.push_back((uint64_t(r.sourceRegion) << 48) | (r.sourcePage + page));
+    }
+    lastFault_.store((uint64_t(r.index) << 48) | page, std::memory_order_relaxed);
+    faultSeq_.fetch_add(1, std::memory_order_release);
+    supply_->Ask(r, page);
+  }
+
+  // ---- where missing pages come from ----
+
+  class PageSupply {
+   public:
+    virtual ~PageSupply() = default;
+    // Fault thread: a thread waits on page `page` of r, asked for the first time.
+    virtual void Ask(TargetRegion& r, uint64_t page) = 0;
+    // Fault thread: the end of a batch of userfaultfd messages.
+    virtual void Flush() = 0;
+  };
+
+  // Asks the source over the urgent channel, a batch per read of the userfaultfd.
+  class RemoteSupply final : public PageSupply {
+   public:
+    explicit RemoteSupply(FaultEngine& e) : e_(e) { reqs_.reserve(256); }
+    void Ask(TargetRegion& r, uint64_t page) override { reqs_.push_back({wire::kRequest, r.sourceRegion, r.sourcePage + page}); }
+    void Flush() override { e_.SendRequests(reqs_); }
+
+   private:
+    FaultEngine& e_;
+    std::vector<wire::PageRequest> reqs_;
+  };
+
+  // Installs the page from the mapped image at once, on the fault thread, and
+  // leaves its window to the fill thread. A page the kernel cannot take yet
+  // (EAGAIN: the layout is changing, and the event saying so is read by this
+  // very thread) goes to the fill thread too, which retries it.
+  class ImageSupply final : public PageSupply {
+   public:
+    explicit ImageSupply(FaultEngine& e) : e_(e) {}
+    void Ask(TargetRegion& r, uint64_t page) override {
+      InstallResult result = e_.InstallFromImage(r, page, 1, wire::kRequested, /*mayWait=*/false);
+      if (result == kStop) return;
+      if (result == kBusy || e_.windowForward_ || e_.windowBackward_) e_.QueueFill(r, page);
+    }
+    void Flush() override {}
+
+   private:
+    FaultEngine& e_;
+  };
+
+  // ---- the local image: fill thread, prefetch (working-set replay), background ----
+
+  // Installs pages [first, first+count) of r from the image, a data or zero
+  // run at a time. `mayWait`: retry while the layout changes (not on the fault thread).
+  InstallResult InstallFromImage(TargetRegion& r, uint64_t first, uint64_t count, uint32_t reason, bool mayWait) {
+    const ImagePages& img = *image_[r.sourceRegion];
+    uint64_t p = first, end = first + count;
+    while (p < end) {
+      bool zero = img.IsZero(r.sourcePage + p);
+      uint64_t q = p + 1;
+      while (q < end && img.IsZero(r.sourcePage + q) == zero) q++;
+      InstallResult result = Install(r, p, q - p, zero ? nullptr : img.Page(r.sourcePage + p), reason, "image", 0, mayWait);
+      if (result != kOk) return result;
+      p = q;
+    }
+    return kOk;
+  }
+
+  void QueueFill(TargetRegion& r, uint64_t page) {
+    std::lock_guard<std::mutex> lock(fillMu_);
+    fillQueue_.push_back({&r, page});
+    fillCv_.notify_one();
+  }
+
+  // prefetch(entries: Buffer of u64 LE, region << 48 | page, in order): the
+  // pages of a working set, installed ahead of the background (local image).
+  Napi::Value Prefetch(const Napi::CallbackInfo& info) {
+    if (image_.empty()) throw CodedError(info.Env(), "ERR_ENGINE_STATE", "only an engine serving a local image replays a working set itself");
+    auto bytes = info[0].As<Napi::TypedArrayOf<uint8_t>>();
+    if (bytes.ByteLength() % 8) throw CodedError(info.Env(), "ERR_OUT_OF_RANGE", "prefetch entries are 8 bytes each");
+    std::vector<uint64_t> entries(bytes.ByteLength() / 8);
+    std::memcpy(entries.data(), bytes.Data(), bytes.ByteLength());
+    for (uint64_t e : entries) {
+      uint64_t region = e >> 48, page = e & ((1ull << 48) - 1);
+      if (region >= sourcePages_.size() || page >= sourcePages_[region])
+        throw CodedError(info.Env(), "ERR_OUT_OF_RANGE", "a prefetch entry lies outside the image");
+    }
+    std::lock_guard<std::mutex> lock(fillMu_);
+    prefetch_.insert(prefetch_.end(), entries.begin(), entries.end());
+    fillCv_.notify_one();
+    return info.Env().Undefined();
+  }
+
+  // startBackground(): a local image's background fill starts (or goes on) now.
+  Napi::Value StartBackground(const Napi::CallbackInfo& info) {
+    std::lock_guard<std::mutex> lock(fillMu_);
+    backgroundOn_ = true;
+    fillCv_.notify_one();
+    return info.Env().Undefined();
+  }
+
+  // faultedPages() -> Buffer of u64 LE (region << 48 | page): every page a
+  // thread faulted on while it was missing, in first-touch order (recordFaults).
+  Napi::Value FaultedPages(const Napi::CallbackInfo& info) {
+    std::lock_guard<std::mutex> lock(recordMu_);
+    auto out = Napi::Buffer<uint8_t>::Copy(info.Env(), reinterpret_cast<const uint8_t*>(faulted_.data()), faulted_.size() * 8);
+    return out;
+  }
+
+  void FillLoop() {
+    while (!stop_.load()) {
+      std::pair<TargetRegion*, uint64_t> item{nullptr, 0};
+      {
+        std::unique_lock<std::mutex> lock(fillMu_);
+        fillCv_.wait(lock, [&] {
+          return stop_.load() || !fillQueue_.empty() || prefetchNext_ < prefetch_.size() || (backgroundOn_ && !backgroundDone_ && !fillFailed_);
+        });
+        if (stop_.load()) return;
+        if (!fillQueue_.empty()) {
+          item = fillQueue_.front();
+          fillQueue_.pop_front();
+        }
+      }
+      if (item.first) {
+        FillAround(*item.first, item.second);
+      } else if (!PrefetchBatch()) {
+        BackgroundRun();
+      }
+    }
+  }
+
+  // A faulted page (again, if the fault thread could not install it) and its window.
+  void FillAround(TargetRegion& r, uint64_t page) {
+    if (InstallFromImage(r, page, 1, wire::kRequested, true) == kStop) return StopFilling();
+    uint64_t hi = std::min<uint64_t>(r.pages, page + 1 + windowForward_), lo = page > windowBackward_ ? page - windowBackward_ : 0;
+    if (hi > page + 1 && InstallFromImage(r, page + 1, hi - page - 1, wire::kPrefault, true) == kStop) return StopFilling();
+    if (page > lo && InstallFromImage(r, lo, page - lo, wire::kPrefault, true) == kStop) return StopFilling();
+  }
+
+  // Installs the next batch (at most one run's bytes) of the working set, in
+  // its order; false when none is left.
+  bool PrefetchBatch() {
+    std::vector<uint64_t> batch;
+    {
+      std::lock_guard<std::mutex> lock(fillMu_);
+      uint64_t bytes = 0;
+      while (prefetchNext_ < prefetch_.size() && bytes < wire::kMaxRunBytes) {
+        uint64_t e = prefetch_[prefetchNext_++];
+        bytes += sourcePageSize_[e >> 48];
+        batch.push_back(e);
+      }
+    }
+    if (batch.empty()) return false;
+    for (size_t i = 0; i < batch.size();) {
+      uint32_t region = static_cast<uint32_t>(batch[i] >> 48);
+      uint64_t page = batch[i] & ((1ull << 48) - 1);
+      size_t j = i + 1;  // consecutive pages go in as one run
+      while (j < batch.size() && batch[j] == batch[j - 1] + 1) j++;
+      for (auto& r : regions_) {
+        if (r->sourceRegion != region) continue;
+        uint64_t lo = std::max(page, r->sourcePage), hi = std::min(page + (j - i), r->sourcePage + r->pages);
+        if (lo < hi && InstallFromImage(*r, lo - r->sourcePage, hi - lo, wire::kPrefetch, true) == kStop) {
+          StopFilling();
+          return false;
+        }
+      }
+      i = j;
+    }
+    return true;
+  }
+
+  // One background run: the next missing pages after the last fault, then on
+  // to the following regions; done once every page is settled.
+  void BackgroundRun() {
+    if (resident_.load() >= totalPages_) {
+      std::lock_guard<std::mutex> lock(fillMu_);
+      backgroundDone_ = true;
+      return;
+    }
+    uint64_t seq = faultSeq_.load(std::memory_order_acquire);
+    if (seq != bgSeenSeq_) {  // follow the workload: continue after its last fault
+      bgSeenSeq_ = seq;
+      uint64_t last = lastFault_.load(std::memory_order_relaxed);
+      bgRegion_ = static_cast<size_t>(last >> 48) % regions_.size();
+      bgCursor_ = (last & ((1ull << 48) - 1)) + 1;
+    }
+    TargetRegion& r = *regions_[bgRegion_];
+    uint64_t p = r.settled->NextClear(bgCursor_);
+    if (p >= r.pages) {
+      bgRegion_ = (bgRegion_ + 1) % regions_.size();
+      bgCursor_ = 0;
+      return;
+    }
+    uint64_t n = 1, maxRun = wire::MaxRunPages(r.pageSize);
+    while (p + n < r.pages && n < maxRun && !r.settled->Test(p + n)) n++;
+    bgCursor_ = p + n;
+    if (InstallFromImage(r, p, n, wire::kBackground, true) == kStop) StopFilling();
+  }
+
+  // An install failed for good (the process is gone): nothing more is filled.
+  void StopFilling() {
+    std::lock_guard<std::mutex> lock(fillMu_);
+    fillFailed_ = true;
+    fillQueue_.clear();
+    prefetchNext_ = prefetch_.size();
   }
 
   // Maps a zero page where the process gave memory back. EEXIST: someone
@@ -723,7 +985,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
         if (lo >= hi) continue;
         covered += hi - lo;
         const uint8_t* data = h.kind == wire::kDataRun ? runData + (lo - first) * pageSize : nullptr;
-        if (!Install(*r, lo - r->sourcePage, hi - lo, data, h.reason, channel, generation)) return;
+        if (Install(*r, lo - r->sourcePage, hi - lo, data, h.reason, channel, generation) == kStop) return;
       }
       unmappedPages_ += h.count - covered;
     }
@@ -740,7 +1002,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   // Every field is checked before any of it is used to compute an address.
   const char* Validate(const wire::RunHeader& h) const {
     if (h.kind != wire::kDataRun && h.kind != wire::kZeroRun) return "ERR_PROTOCOL_MALFORMED";
-    if (h.region >= sourcePages_.size() || h.reason > wire::kBackground) return "ERR_PROTOCOL_OUT_OF_RANGE";
+    if (h.region >= sourcePages_.size() || h.reason > wire::kPrefetch) return "ERR_PROTOCOL_OUT_OF_RANGE";
     uint64_t pages = sourcePages_[h.region];
     if (h.count == 0 || h.count > wire::MaxRunPages(sourcePageSize_[h.region])) return "ERR_PROTOCOL_OUT_OF_RANGE";
     if (uint64_t(h.count) * sourcePageSize_[h.region] > maxRunBytes_) return "ERR_PROTOCOL_OUT_OF_RANGE";  // the receive buffer's size
@@ -751,7 +1013,8 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   // Installs pages [first, first+count) of region r that are neither resident
   // nor given back, a contiguous stretch per ioctl. Returns false when the
   // engine must stop.
-  bool Install(TargetRegion& r, uint64_t first, uint64_t count, const uint8_t* data, uint32_t reason, const char* channel, uint32_t generation) {
+  InstallResult Install(TargetRegion& r, uint64_t first, uint64_t count, const uint8_t* data, uint32_t reason, const char* channel, uint32_t generation,
+                        bool mayWait = true) {
     uint64_t p = first, end = first + count;
     while (p < end) {
       if (r.received->Test(p) || r.removed->Test(p)) {
@@ -777,9 +1040,10 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       }
       if (err == EAGAIN) {  // the layout is changing (REMOVE/UNMAP in flight): look again shortly
         retries_++;
+        if (!mayWait) return kBusy;
         timespec ts{0, 50000};
         nanosleep(&ts, nullptr);
-        if (Leaving()) return false;
+        if (Leaving()) return kStop;
         continue;
       }
       if (err == ENOENT) {                                                      // no longer registered (unmapped): settle it as given back
@@ -790,14 +1054,14 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       }
       if (err == ESRCH) {  // the process owning the memory is gone
         if (!Leaving()) events_.Emit(ErrnoEvent("target-gone", channel, ESRCH, "ioctl", "the process owning the memory exited", generation));
-        return false;
+        return kStop;
       }
       if (!Leaving())
         events_.Emit(ErrnoEvent("install-failed", channel, err, "ioctl",
                                 data ? "installing pages failed (UFFDIO_COPY)" : "installing zero pages failed (UFFDIO_ZEROPAGE)", generation));
-      return false;
+      return kStop;
     }
-    return true;
+    return kOk;
   }
 
   int Copy(uint64_t dst, const uint8_t* src, uint64_t len, int64_t* done) {
@@ -872,6 +1136,26 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
 
   std::vector<std::unique_ptr<TargetRegion>> regions_;
   std::vector<uint64_t> sourcePages_, sourcePageSize_;
+  std::unique_ptr<PageSupply> supply_;
+  // A local image (ImageSupply): its pages per source region, and the fill
+  // thread's work, under fillMu_: windows to install, the working set to
+  // replay, the background.
+  std::vector<std::unique_ptr<ImagePages>> image_;
+  uint32_t windowForward_ = 0, windowBackward_ = 0;
+  std::thread fillThread_;
+  std::mutex fillMu_;
+  std::condition_variable fillCv_;
+  std::deque<std::pair<TargetRegion*, uint64_t>> fillQueue_;
+  std::vector<uint64_t> prefetch_;
+  size_t prefetchNext_ = 0;
+  bool backgroundOn_ = false, backgroundDone_ = false, fillFailed_ = false;
+  size_t bgRegion_ = 0;  // fill thread only: the background's place
+  uint64_t bgCursor_ = 0, bgSeenSeq_ = 0;
+  std::atomic<uint64_t> lastFault_{0}, faultSeq_{0};  // target region << 48 | page of the last page asked for
+  // recordFaults: the pages faulted on while missing, in first-touch order.
+  bool recordFaults_ = false;
+  std::mutex recordMu_;
+  std::vector<uint64_t> faulted_;
   std::vector<std::pair<uint64_t, uint64_t>> deferredZeroFills_;  // fault thread only: [address, length]
   uint64_t totalPages_ = 0, maxRunBytes_ = 4096;
   int uffd_ = -1, bulkFd_ = -1, stopFd_ = -1, resendFd_ = -1;
@@ -897,7 +1181,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   LatencyHistogram latency_;
   uint64_t startNs_ = 0;
   std::atomic<uint64_t> completeNs_{0};
-  std::atomic<uint64_t> faults_{0}, faultsResident_{0}, requestsSent_{0}, installed_[3] = {}, zeroPages_{0}, duplicates_{0}, bytesReceived_{0}, resident_{0},
+  std::atomic<uint64_t> faults_{0}, faultsResident_{0}, requestsSent_{0}, installed_[4] = {}, zeroPages_{0}, duplicates_{0}, bytesReceived_{0}, resident_{0},
                                                                           blockedNs_{0}, retries_{0}, unexpected_{0}, memoryEvents_{0}, removedPages_{0},
                                                                           zeroFilledAfterRemove_{0}, unmappedPages_{0}, requestsResent_{0}, poisonedPages_{0};
 };

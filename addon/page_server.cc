@@ -1,12 +1,15 @@
 // The source's data plane for one destination session. A request thread reads
 // page requests from the urgent channel and answers each with the page itself
-// (always, first) and its prefault window (pages not sent yet); a background
-// thread streams every page not sent yet on the bulk channel, its cursor jumping
+// (always, first) and its prefault window (pages not sent yet); a bulk thread
+// streams on the bulk channel a working set the destination replays (prefetch,
+// in its order), then every page not sent yet (background), its cursor jumping
 // to the last request. Pages go out with writev straight from the image memory.
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <condition_variable>
 #include <cstring>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -15,7 +18,7 @@
 #include "errors.h"
 #include "events.h"
 #include "io.h"
-#include "mapping.h"
+#include "image_pages.h"
 #include "secure_channel.h"
 #include "threads.h"
 #include "wire.h"
@@ -24,24 +27,9 @@ namespace uffdpc {
 namespace {
 
 struct ServedRegion {
-  const uint8_t* data = nullptr;
-  uint64_t pageSize = 0;
-  uint64_t pages = 0;
+  ImagePages image;
   std::unique_ptr<AtomicBitmap> sent;        // sent at least once, on either channel
   std::unique_ptr<AtomicBitmap> sentUrgent;  // sent on the urgent channel
-  std::vector<uint64_t> knownZero;           // pages known to be zero (file holes), read-only
-  Napi::ObjectReference keepAlive;           // the Buffer or Mapping behind `data`
-  Mapping* pinned = nullptr;
-
-  bool KnownZero(uint64_t page) const { return !knownZero.empty() && ((knownZero[page / 64] >> (page % 64)) & 1); }
-  bool IsZero(uint64_t page) const {
-    if (KnownZero(page)) return true;
-    const uint64_t* w = reinterpret_cast<const uint64_t*>(data + page * pageSize);
-    for (uint64_t i = 0, n = pageSize / 8; i < n; i += 8) {
-      if (w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] | w[i + 5] | w[i + 6] | w[i + 7]) return false;
-    }
-    return true;
-  }
 };
 
 // Collects runs into one writev. Headers live in a vector reserved up front so
@@ -54,7 +42,7 @@ class RunBatch {
     iov_.reserve(maxRuns * 2);
   }
   // Returns 0, or the errno of a failed send.
-  int Add(uint32_t regionId, const ServedRegion& r, uint64_t first, uint32_t count, bool zero, uint32_t reason) {
+  int Add(uint32_t regionId, const ImagePages& r, uint64_t first, uint32_t count, bool zero, uint32_t reason) {
     uint64_t adds = sizeof(wire::RunHeader) + (zero ? 0 : count * r.pageSize);
     // An encrypted batch is one record: keep it within a record's size.
     if (headers_.size() == headers_.capacity() || (out_.encrypted() && bytes_ + adds > kMaxRecord)) {
@@ -64,7 +52,7 @@ class RunBatch {
     iov_.push_back({&headers_.back(), sizeof(wire::RunHeader)});
     bytes_ += sizeof(wire::RunHeader);
     if (!zero) {
-      iov_.push_back({const_cast<uint8_t*>(r.data + first * r.pageSize), count * r.pageSize});
+      iov_.push_back({const_cast<uint8_t*>(r.Page(first)), count * r.pageSize});
       bytes_ += count * r.pageSize;
     }
     return 0;
@@ -92,7 +80,8 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "PageServerSession",
                        {InstanceMethod<&PageServerSession::Start>("start"), InstanceMethod<&PageServerSession::Stop>("stop"),
-                        InstanceMethod<&PageServerSession::MarkSent>("markSent"), InstanceMethod<&PageServerSession::Stats>("stats")});
+                        InstanceMethod<&PageServerSession::MarkSent>("markSent"), InstanceMethod<&PageServerSession::Stats>("stats"),
+                        InstanceMethod<&PageServerSession::Prefetch>("prefetch"), InstanceMethod<&PageServerSession::StartBackground>("startBackground")});
   }
 
   // new PageServerSession({regions, urgentFd, bulkFd, windowForward, windowBackward,
@@ -102,40 +91,16 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
     Napi::Array regions = o.Get("regions").As<Napi::Array>();
     try {
       for (uint32_t i = 0; i < regions.Length(); i++) {
-        Napi::Object r = regions.Get(i).As<Napi::Object>();
         auto region = std::make_unique<ServedRegion>();
-        Napi::Object source = r.Get("source").As<Napi::Object>();
-        uint64_t offset = static_cast<uint64_t>(r.Get("offset").As<Napi::Number>().Int64Value());
-        uint64_t length = static_cast<uint64_t>(r.Get("length").As<Napi::Number>().Int64Value());
-        region->pageSize = static_cast<uint64_t>(r.Get("pageSize").As<Napi::Number>().Int64Value());
-        region->pages = length / region->pageSize;
-        if (r.Get("sourceIsMapping").As<Napi::Boolean>().Value()) {
-          Mapping* m = Mapping::Unwrap(source);
-          if (!m->mapped() || offset + length > m->length()) throw CodedError(info.Env(), "ERR_IMAGE_INVALID", "the image mapping is unmapped or too small");
-          m->Pin();
-          region->pinned = m;
-          region->data = m->data() + offset;
-        } else {
-          auto bytes = source.As<Napi::TypedArrayOf<uint8_t>>();
-          if (offset + length > bytes.ByteLength()) throw CodedError(info.Env(), "ERR_IMAGE_INVALID", "the image buffer is too small");
-          region->data = bytes.Data() + offset;
-        }
-        region->keepAlive = Napi::Persistent(source);
-        Napi::Value zero = r.Get("knownZero");
-        if (zero.IsTypedArray()) {
-          auto z = zero.As<Napi::TypedArrayOf<uint8_t>>();
-          region->knownZero.assign((region->pages + 63) / 64, 0);
-          std::memcpy(region->knownZero.data(), z.Data(), std::min<size_t>(z.ByteLength(), region->knownZero.size() * 8));
-        }
-        region->sent = std::make_unique<AtomicBitmap>(region->pages);
-        region->sentUrgent = std::make_unique<AtomicBitmap>(region->pages);
-        totalPages_ += region->pages;
+        region->image.Open(info.Env(), regions.Get(i).As<Napi::Object>());
+        region->sent = std::make_unique<AtomicBitmap>(region->image.pages);
+        region->sentUrgent = std::make_unique<AtomicBitmap>(region->image.pages);
+        totalPages_ += region->image.pages;
         regions_.push_back(std::move(region));
       }
     } catch (...) {
       // The destructor does not run when a constructor throws: undo the pins.
-      for (auto& r : regions_)
-        if (r->pinned) r->pinned->Unpin();
+      for (auto& r : regions_) r->image.Release();
       throw;
     }
     urgentFd_ = o.Get("urgentFd").As<Napi::Number>().Int32Value();
@@ -167,9 +132,35 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
     uint32_t id = info[0].As<Napi::Number>().Uint32Value();
     auto bits = info[1].As<Napi::TypedArrayOf<uint8_t>>();
     ServedRegion& r = *regions_.at(id);
-    for (uint64_t p = 0; p < r.pages && p / 8 < bits.ByteLength(); p++)
+    for (uint64_t p = 0; p < r.image.pages && p / 8 < bits.ByteLength(); p++)
       if ((bits.Data()[p / 8] >> (p % 8)) & 1)
         if (r.sent->Claim(p)) claimed_++;
+    return info.Env().Undefined();
+  }
+
+  // prefetch(entries: Buffer of u64 LE, region << 48 | page): a working set
+  // the destination replays, streamed in this order ahead of the background.
+  // Checked in server/session.ts; checked again here before it is kept.
+  Napi::Value Prefetch(const Napi::CallbackInfo& info) {
+    auto bytes = info[0].As<Napi::TypedArrayOf<uint8_t>>();
+    if (bytes.ByteLength() % 8) throw CodedError(info.Env(), "ERR_PROTOCOL_OUT_OF_RANGE", "prefetch entries are 8 bytes each");
+    std::vector<uint64_t> entries(bytes.ByteLength() / 8);
+    std::memcpy(entries.data(), bytes.Data(), bytes.ByteLength());
+    for (uint64_t e : entries)
+      if ((e >> 48) >= regions_.size() || (e & kPageMask) >= regions_[e >> 48]->image.pages)
+        throw CodedError(info.Env(), "ERR_PROTOCOL_OUT_OF_RANGE", "a prefetch entry lies outside the image");
+    std::lock_guard<std::mutex> lock(bulkMu_);
+    if (prefetch_.size() + entries.size() > totalPages_) throw CodedError(info.Env(), "ERR_PROTOCOL_OUT_OF_RANGE", "a working set larger than the image");
+    prefetch_.insert(prefetch_.end(), entries.begin(), entries.end());
+    bulkCv_.notify_one();
+    return info.Env().Undefined();
+  }
+
+  // startBackground(): the background stream starts now (the destination held it back).
+  Napi::Value StartBackground(const Napi::CallbackInfo& info) {
+    std::lock_guard<std::mutex> lock(bulkMu_);
+    background_ = true;
+    bulkCv_.notify_one();
     return info.Env().Undefined();
   }
 
@@ -181,10 +172,10 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
       NameAndPinThisThread("pc-requests", -1);
       RequestLoop();
     });
-    if (background_ && bulkFd_ >= 0)
+    if (bulkFd_ >= 0)
       backgroundThread_ = std::thread([this] {
         NameAndPinThisThread("pc-background", -1);
-        BackgroundLoop();
+        BulkLoop();
       });
     return info.Env().Undefined();
   }
@@ -198,6 +189,10 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
     if (stopped_) return;
     stopped_ = true;
     stop_.store(true);
+    {
+      std::lock_guard<std::mutex> lock(bulkMu_);
+      bulkCv_.notify_all();
+    }
     if (urgentFd_ >= 0) shutdown(urgentFd_, SHUT_RDWR);
     if (bulkFd_ >= 0) shutdown(bulkFd_, SHUT_RDWR);
     if (requestThread_.joinable()) requestThread_.join();
@@ -205,11 +200,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
     if (urgentFd_ >= 0) close(urgentFd_);
     if (bulkFd_ >= 0) close(bulkFd_);
     urgentFd_ = bulkFd_ = -1;
-    for (auto& r : regions_) {
-      if (r->pinned) r->pinned->Unpin();
-      r->pinned = nullptr;
-      r->keepAlive.Reset();
-    }
+    for (auto& r : regions_) r->image.Release();
     events_.Close();
   }
 
@@ -223,6 +214,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
     n("pagesAlreadyInFlight", pagesInFlight_);
     n("pagesPrefaulted", pagesPrefault_);
     n("pagesBackground", pagesBackground_);
+    n("pagesPrefetched", pagesPrefetched_);
     n("zeroPages", zeroPages_);
     n("bytesSent", bytesSent_);
     n("pagesSent", claimed_);
@@ -239,10 +231,10 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
     const ServedRegion& r = *regions_[id];
     uint64_t p = first, end = first + count;
     while (p < end) {
-      bool zero = r.IsZero(p);
+      bool zero = r.image.IsZero(p);
       uint64_t q = p + 1;
-      while (q < end && r.IsZero(q) == zero) q++;
-      if (int err = batch.Add(id, r, p, static_cast<uint32_t>(q - p), zero, reason)) return err;
+      while (q < end && r.image.IsZero(q) == zero) q++;
+      if (int err = batch.Add(id, r.image, p, static_cast<uint32_t>(q - p), zero, reason)) return err;
       if (zero) zeroPages_ += q - p;
       p = q;
     }
@@ -272,7 +264,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
       for (size_t i = 0; i < count; i++) {
         const wire::PageRequest& req = reqs[i];
         if (req.kind != wire::kRequest) return Fail("urgent", "ERR_PROTOCOL_MALFORMED", "unknown frame kind on the urgent channel");
-        if (req.region >= regions_.size() || req.page >= regions_[req.region]->pages)
+        if (req.region >= regions_.size() || req.page >= regions_[req.region]->image.pages)
           return Fail("urgent", "ERR_PROTOCOL_OUT_OF_RANGE", "page request outside the served regions");
         if (int err = Answer(batch, req.region, req.page)) return FailWrite(err);
       }
@@ -308,7 +300,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
     pagesRequested_++;
     if (int err = AddRuns(batch, id, page, 1, wire::kRequested)) return err;
     auto addWindow = [&](uint64_t from, uint64_t to) -> int {  // [from, to), ascending
-      uint32_t maxRun = wire::MaxRunPages(r.pageSize);
+      uint32_t maxRun = wire::MaxRunPages(r.image.pageSize);
       uint64_t runStart = 0, runLen = 0;
       for (uint64_t p = from; p < to; p++) {
         bool mine = r.sent->Claim(p);
@@ -326,49 +318,67 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
       }
       return 0;
     };
-    if (int err = addWindow(page + 1, std::min(r.pages, page + 1 + windowForward_))) return err;
+    if (int err = addWindow(page + 1, std::min(r.image.pages, page + 1 + windowForward_))) return err;
     return addWindow(page > windowBackward_ ? page - windowBackward_ : 0, page);
   }
 
-  void BackgroundLoop() {
+  // The bulk channel: the working set to prefetch first, in its order, a batch
+  // of at most one run's bytes at a time; then the background, when it is on.
+  void BulkLoop() {
     ChannelWriter out(bulkFd_, Key(bulkDownKey_, kBulkDown, true));
     RunBatch batch(out, 64, bytesSent_);
     uint32_t region = 0;
     uint64_t cursor = 0, seenSeq = 0, sentBytes = 0;
     uint64_t t0 = MonotonicNs();
+    std::vector<uint64_t> prefetch;
     while (!stop_.load()) {
-      uint64_t seq = requestSeq_.load(std::memory_order_acquire);
-      if (seq != seenSeq) {  // follow the workload: continue after the last request
-        seenSeq = seq;
-        uint64_t last = lastRequest_.load(std::memory_order_relaxed);
-        region = static_cast<uint32_t>(last >> 48);
-        cursor = (last & ((1ull << 48) - 1)) + 1;
-      }
       if (claimed_.load() >= totalPages_) break;
-      ServedRegion& r = *regions_[region];
-      uint64_t p = r.sent->NextClear(cursor);
-      if (p >= r.pages) {  // nothing left from here in this region: next region, from its start
-        region = (region + 1) % regions_.size();
-        cursor = 0;
-        continue;
+      {
+        std::unique_lock<std::mutex> lock(bulkMu_);
+        bulkCv_.wait(lock, [&] { return stop_.load() || prefetchNext_ < prefetch_.size() || background_; });
+        if (stop_.load()) return;
+        prefetch.clear();
+        for (uint64_t bytes = 0; prefetchNext_ < prefetch_.size() && bytes < wire::kMaxRunBytes; prefetchNext_++) {
+          prefetch.push_back(prefetch_[prefetchNext_]);
+          bytes += regions_[prefetch_[prefetchNext_] >> 48]->image.pageSize;
+        }
       }
-      uint32_t maxRun = wire::MaxRunPages(r.pageSize);
-      uint64_t runLen = 0;
-      while (p + runLen < r.pages && runLen < maxRun && r.sent->Claim(p + runLen)) runLen++;
-      if (runLen == 0) {
-        cursor = p + 1;
-        continue;
-      }  // the request thread took it first
-      claimed_ += runLen;
-      pagesBackground_ += runLen;
-      cursor = p + runLen;
-      int err = AddRuns(batch, region, p, runLen, wire::kBackground);
+      int err = 0;
+      if (!prefetch.empty()) {
+        err = SendPrefetch(batch, prefetch);
+      } else {
+        uint64_t seq = requestSeq_.load(std::memory_order_acquire);
+        if (seq != seenSeq) {  // follow the workload: continue after the last request
+          seenSeq = seq;
+          uint64_t last = lastRequest_.load(std::memory_order_relaxed);
+          region = static_cast<uint32_t>(last >> 48);
+          cursor = (last & kPageMask) + 1;
+        }
+        ServedRegion& r = *regions_[region];
+        uint64_t p = r.sent->NextClear(cursor);
+        if (p >= r.image.pages) {  // nothing left from here in this region: next region, from its start
+          region = (region + 1) % regions_.size();
+          cursor = 0;
+          continue;
+        }
+        uint32_t maxRun = wire::MaxRunPages(r.image.pageSize);
+        uint64_t runLen = 0;
+        while (p + runLen < r.image.pages && runLen < maxRun && r.sent->Claim(p + runLen)) runLen++;
+        if (runLen == 0) {
+          cursor = p + 1;
+          continue;
+        }  // the request thread took it first
+        claimed_ += runLen;
+        pagesBackground_ += runLen;
+        cursor = p + runLen;
+        err = AddRuns(batch, region, p, runLen, wire::kBackground);
+        sentBytes += runLen * r.image.pageSize;
+      }
       if (!err) err = batch.Flush();
       if (err) {
         if (!stop_.load()) events_.Emit(ErrnoEvent("error", "bulk", err, "writev", "write to the bulk channel failed"));
         return;
       }
-      sentBytes += runLen * r.pageSize;
       if (rate_ > 0) Pace(t0, sentBytes);
     }
     if (stop_.load()) return;
@@ -376,6 +386,30 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
     if (out.Write(&end, sizeof end) == 0) bytesSent_ += sizeof end;
     backgroundDoneNs_ = MonotonicNs();
     events_.Emit({"background-done", "bulk", "", ""});
+  }
+
+  // The pages of a prefetch batch not sent yet, consecutive ones as one run.
+  int SendPrefetch(RunBatch& batch, const std::vector<uint64_t>& entries) {
+    for (size_t i = 0; i < entries.size();) {
+      uint32_t id = static_cast<uint32_t>(entries[i] >> 48);
+      uint64_t first = entries[i] & kPageMask;
+      ServedRegion& r = *regions_[id];
+      size_t j = i;
+      uint64_t count = 0;
+      while (j < entries.size() && entries[j] == entries[i] + count && count < wire::MaxRunPages(r.image.pageSize) && r.sent->Claim(first + count)) {
+        count++;
+        j++;
+      }
+      if (count == 0) {  // sent already
+        i++;
+        continue;
+      }
+      claimed_ += count;
+      pagesPrefetched_ += count;
+      if (int err = AddRuns(batch, id, first, count, wire::kPrefetch)) return err;
+      i = j;
+    }
+    return 0;
   }
 
   // Sleeps (in short steps, so stop() stays prompt) until `sent` bytes fit the rate.
@@ -388,8 +422,14 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
     }
   }
 
+  static constexpr uint64_t kPageMask = (1ull << 48) - 1;
   std::vector<std::unique_ptr<ServedRegion>> regions_;
   uint64_t totalPages_ = 0;
+  // The bulk thread's work, under bulkMu_: the working set to prefetch, and whether the background is on.
+  std::mutex bulkMu_;
+  std::condition_variable bulkCv_;
+  std::vector<uint64_t> prefetch_;
+  size_t prefetchNext_ = 0;
   int urgentFd_ = -1, bulkFd_ = -1;
   uint32_t windowForward_ = 0, windowBackward_ = 0;
   bool background_ = true;
@@ -402,7 +442,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
   std::atomic<bool> stop_{false};
   std::atomic<uint64_t> lastRequest_{0}, requestSeq_{0};
   std::atomic<uint64_t> claimed_{0}, requests_{0}, pagesRequested_{0}, pagesResent_{0}, pagesInFlight_{0}, pagesPrefault_{0}, pagesBackground_{0},
-      zeroPages_{0}, bytesSent_{0};
+      pagesPrefetched_{0}, zeroPages_{0}, bytesSent_{0};
   uint64_t startNs_ = 0;
   std::atomic<uint64_t> backgroundDoneNs_{0};
 };

@@ -6,7 +6,7 @@
 //
 //   urgent and bulk, source -> destination:  RunHeader, 24 bytes
 //     u32 kind (kDataRun | kZeroRun | kBulkEnd)   u32 region
-//     u64 first_page   u32 count   u32 reason (kRequested | kPrefault | kBackground)
+//     u64 first_page   u32 count   u32 reason (kRequested | kPrefault | kBackground | kPrefetch)
 //   kDataRun is followed by count * page_size bytes of page data; kZeroRun and
 //   kBulkEnd by nothing. kBulkEnd (bulk only) says every page has been sent.
 #pragma once
@@ -19,7 +19,8 @@ constexpr uint32_t kDataRun = 0x41544144;  // "DATA"
 constexpr uint32_t kZeroRun = 0x4f52455a;  // "ZERO"
 constexpr uint32_t kBulkEnd = 0x20444e45;  // "END "
 
-enum Reason : uint32_t { kRequested = 0, kPrefault = 1, kBackground = 2 };
+// kPrefetch: a page of a replayed working set, streamed ahead of the background.
+enum Reason : uint32_t { kRequested = 0, kPrefault = 1, kBackground = 2, kPrefetch = 3 };
 
 struct PageRequest {
   uint32_t kind;

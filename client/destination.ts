@@ -1,6 +1,7 @@
 // A destination that restores an image into memory of its own: it maps one
-// region per source region, registers them with a userfaultfd, and lets a
-// DestinationSession fill them; on full residency it checks the digests.
+// region per image region, registers them with a userfaultfd, and lets a
+// session fill them, from a source (DestinationSession) or from a local image
+// (LocalSession); on full residency it checks the digests.
 //
 // The memory is unmapped only when nothing can touch it any more: a workload
 // started with touchPages({mapping}) pins its region, and a session that gives
@@ -13,16 +14,21 @@ import { silentLogger, type Logger } from '../lib/logger.js';
 import { digestOf } from '../lib/digest.js';
 import type { RegionInfo } from '../lib/protocol.js';
 import type { TransferOptions } from '../lib/transfer.js';
-import { DestinationSession, type DestinationSessionOptions, type RecoveryStatus } from './session.js';
+import { DestinationSession, type DestinationSessionOptions, type EngineFactory, type PageSession, type RecoveryStatus } from './session.js';
+import { LocalSession, type LocalSessionOptions } from './local-session.js';
 import { FaultEngine, type DestinationStats } from './fault-engine.js';
+import type { WorkingSet } from './working-set.js';
 import { summarize, type RestoreReport } from './report.js';
 
 export { DEFAULT_TRANSFER } from '../lib/transfer.js';
 
-export interface DestinationOptions extends DestinationSessionOptions {
+/** Where the pages come from: a source (`source`, DestinationSessionOptions) or a local image (`image`, LocalSessionOptions). */
+export type DestinationOptions = (DestinationSessionOptions | LocalSessionOptions) & {
   /** Pin the fault engine's threads to this CPU. */
   engineCpu?: number;
-}
+  /** Keep the pages faulted on while missing, in first-touch order: workingSet() returns them. */
+  recordWorkingSet?: boolean;
+};
 
 export interface RestoredRegion {
   info: RegionInfo;
@@ -31,12 +37,12 @@ export interface RestoredRegion {
 
 export class Destination {
   readonly regions: RestoredRegion[];
-  readonly session: DestinationSession;
+  readonly session: PageSession;
   readonly #uffd: Userfaultfd;
   readonly #log: Logger;
   #closed = false;
 
-  private constructor(session: DestinationSession, uffd: Userfaultfd, regions: RestoredRegion[], log: Logger) {
+  private constructor(session: PageSession, uffd: Userfaultfd, regions: RestoredRegion[], log: Logger) {
     this.session = session;
     this.#uffd = uffd;
     this.regions = regions;
@@ -49,14 +55,17 @@ export class Destination {
     });
   }
 
-  /** Connects, maps and registers the regions, and starts the transfer. Touching the regions faults pages in. */
+  /**
+   * Connects to the source (or opens the local image), maps and registers the
+   * regions, and starts the transfer. Touching the regions faults pages in.
+   */
   static async connect(options: DestinationOptions): Promise<Destination> {
     const log = options.logger ?? silentLogger;
     const mappings: Mapping[] = [];
     let uffd: Userfaultfd | null = null;
     let regions: RestoredRegion[] = [];
     try {
-      const session = await DestinationSession.open(options, (infos) => {
+      const build: EngineFactory = (infos, local) => {
         uffd = Userfaultfd.open({ nonBlocking: true });
         uffd.handshake(['THREAD_ID']);
         regions = infos.map((info) => {
@@ -69,11 +78,14 @@ export class Destination {
           uffd: uffd.fd,
           regions: regions.map((r) => ({ base: r.mapping.address, length: r.mapping.length, pageSize: r.info.pageSize })),
           logger: log,
+          recordFaults: options.recordWorkingSet === true,
+          ...(local ? { local } : {}),
           ...(options.engineCpu !== undefined ? { cpu: options.engineCpu } : {}),
         });
         engine.start();
         return engine;
-      });
+      };
+      const session = 'image' in options ? LocalSession.open(options, build) : await DestinationSession.open(options, build);
       return new Destination(session, uffd!, regions, log);
     } catch (err) {
       (uffd as Userfaultfd | null)?.close();
@@ -92,6 +104,15 @@ export class Destination {
 
   stats(): DestinationStats {
     return this.session.stats();
+  }
+
+  /** The pages faulted on while missing so far, in first-touch order (with recordWorkingSet). */
+  workingSet(): WorkingSet {
+    return {
+      regions: this.regions.map((r) => ({ pages: r.info.length / r.info.pageSize, pageSize: r.info.pageSize })),
+      fingerprint: this.session.fingerprint,
+      entries: this.engine.faultedPages(),
+    };
   }
 
   status(): RecoveryStatus {

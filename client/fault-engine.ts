@@ -3,11 +3,12 @@
 // channels, which can be detached (faults wait) and attached anew (the
 // requests still unanswered go out again).
 import { EventEmitter } from 'node:events';
-import { native, type DestinationStats, type InstalledChecksum, type NativeEvent, type NativeFaultEngine } from '../lib/native.js';
+import { native, type DestinationStats, type InstalledChecksum, type NativeEvent, type NativeFaultEngine, type ServedRegionSpec } from '../lib/native.js';
 import { ErrorCode, PostcopyError, errorOfEvent, type CodedError } from '../lib/errors.js';
 import { closeSync } from 'node:fs';
 import { hasOverlap, validateAligned, validateFd, validateInteger } from '../lib/validate.js';
 import { MAX_RUN_BYTES } from '../lib/limits.js';
+import { MAX_WINDOW, type TransferOptions } from '../lib/transfer.js';
 import type { DataChannelKeys } from '../lib/protocol.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
 
@@ -42,7 +43,23 @@ export interface FaultEngineOptions {
    * its memory, so its handler checks what went in).
    */
   checksumInstalled?: boolean;
+  /** Keep every page a thread faulted on while it was missing, in first-touch order, for faultedPages() (default false). */
+  recordFaults?: boolean;
+  /**
+   * Where the pages come from when not from a source's data channels: an
+   * image in this process, one spec per source region (server/image.ts), with
+   * the window and background the engine then runs itself.
+   */
+  local?: LocalImageSupply;
   logger?: Logger;
+}
+
+/** A local image as the engine's page supply. */
+export interface LocalImageSupply {
+  image: readonly ServedRegionSpec[];
+  window: TransferOptions['window'];
+  /** Start the background fill at once (else: at startBackground()). */
+  background: boolean;
 }
 
 /** A data channel failed: what happened, and which attach it belonged to. */
@@ -66,6 +83,8 @@ export type MemoryEvent =
  */
 export class FaultEngine extends EventEmitter {
   readonly #native: NativeFaultEngine;
+  /** Pages come from a local image (no data channels). */
+  readonly local: boolean;
   readonly #log: Logger;
   readonly #resident: Promise<void>;
   #settle!: { resolve: () => void; reject: (e: PostcopyError) => void };
@@ -108,8 +127,11 @@ export class FaultEngine extends EventEmitter {
       regions,
       cpu: options.cpu === undefined ? -1 : validateInteger(options.cpu, 'cpu', 0, 1023),
       checksumInstalled: options.checksumInstalled === true,
+      recordFaults: options.recordFaults === true,
+      ...(options.local ? localSupply(options.local, sourceRegions) : {}),
       onEvent: (e) => this.#onEvent(e),
     });
+    this.local = options.local !== undefined;
   }
 
   /** Starts the fault thread: faults are read (and wait) from now on. */
@@ -172,6 +194,26 @@ export class FaultEngine extends EventEmitter {
    */
   installedChecksum(): InstalledChecksum[] {
     return this.#native.installedChecksum();
+  }
+
+  /**
+   * A local image's engine installs these pages (u64 LE entries, region << 48
+   * | page: client/working-set.ts) in order, after the windows of demand
+   * faults and ahead of the background.
+   */
+  prefetch(entries: Uint8Array): void {
+    if (!(entries instanceof Uint8Array) || entries.length % 8 !== 0) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, 'prefetch entries must be 8 bytes each');
+    this.#native.prefetch(entries);
+  }
+
+  /** A local image's background fill starts now (it was held back). */
+  startBackground(): void {
+    this.#native.startBackground();
+  }
+
+  /** With recordFaults: every page faulted on while missing, in first-touch order (u64 LE entries, region << 48 | page). */
+  faultedPages(): Buffer {
+    return this.#native.faultedPages();
   }
 
   /** For each bound (ns, ascending), how many faults waited at most that long: a Prometheus histogram's buckets. */
@@ -269,4 +311,21 @@ function validatePageSize(value: unknown, name: string): number {
   const size = validateInteger(value, name, 4096, MAX_RUN_BYTES);
   if ((size & (size - 1)) !== 0) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `${name} must be a power of two`);
   return size;
+}
+
+function localSupply(local: LocalImageSupply, sourceRegions: readonly SourceRegion[]) {
+  if (!Array.isArray(local.image) || local.image.length !== sourceRegions.length)
+    throw new PostcopyError(ErrorCode.IMAGE_INVALID, `a local image needs one region per source region (${sourceRegions.length})`);
+  for (const [i, spec] of local.image.entries()) {
+    if (spec.length !== sourceRegions[i].pages * sourceRegions[i].pageSize || spec.pageSize !== sourceRegions[i].pageSize)
+      throw new PostcopyError(ErrorCode.IMAGE_INVALID, `image region ${i} does not match source region ${i}`);
+  }
+  return {
+    image: [...local.image],
+    window: {
+      forward: validateInteger(local.window.forward, 'window.forward', 0, MAX_WINDOW),
+      backward: validateInteger(local.window.backward, 'window.backward', 0, MAX_WINDOW),
+    },
+    background: local.background === true,
+  };
 }

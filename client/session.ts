@@ -20,7 +20,7 @@ import { DEFAULT_HEARTBEAT, type Heartbeat, type MessageOf, type RegionInfo, typ
 import { StateMachine, type TransitionTable } from '../lib/state-machine.js';
 import { transferOptions, type TransferOptions } from '../lib/transfer.js';
 import { SourceConnection, type SourceOptions } from './source-connection.js';
-import type { ChannelFailure, DestinationStats, FaultEngine } from './fault-engine.js';
+import type { ChannelFailure, DestinationStats, FaultEngine, LocalImageSupply } from './fault-engine.js';
 
 /**
  * connecting: first handshake; running: pages flow; paused: the source is out
@@ -56,7 +56,40 @@ export interface RecoveryOptions {
   giveUpAfterMs?: number;
 }
 
-export interface DestinationSessionOptions extends SourceOptions {
+/** Replaying and recording working sets (client/working-set.ts). */
+export interface ReplayOptions {
+  /** Working-set entries to install first, in order, ahead of the background (checked to fit the image by the caller). */
+  prefetch?: Uint8Array;
+  /** Hold the background back until startBackground() (while a working set is recorded, so it cannot hide the pages touched). */
+  holdBackground?: boolean;
+}
+
+/**
+ * What a restore or a VMM handler needs of its session, wherever the pages
+ * come from: a source process (DestinationSession) or a local image
+ * (LocalSession, client/local-session.ts). Events: 'failed' (CodedError),
+ * 'state' (to, from); a DestinationSession also 'paused' and 'resumed'.
+ */
+export interface PageSession extends EventEmitter {
+  readonly engine: FaultEngine;
+  readonly transfer: TransferOptions;
+  readonly regions: RegionInfo[];
+  /** Identifies the image the pages come from (lib/digest.ts). */
+  readonly fingerprint: string;
+  readonly state: string;
+  status(): RecoveryStatus;
+  stats(): DestinationStats;
+  finalStats(): DestinationStats;
+  whenResident(): Promise<void>;
+  exchangeDigest(stats: Record<string, unknown>, verify?: VerifyRequest): Promise<MessageOf<'digest'>>;
+  verified(details?: Record<string, unknown>): void;
+  release(): void;
+  fail(err: CodedError): void;
+  startBackground(): void;
+  close(): void;
+}
+
+export interface DestinationSessionOptions extends SourceOptions, ReplayOptions {
   recovery?: RecoveryOptions;
   /**
    * Keep trying the first connection too, as after a pause (until the
@@ -76,8 +109,12 @@ export interface DestinationSessionOptions extends SourceOptions {
   replicas?: readonly (string | Address)[];
 }
 
-/** Builds (and starts) the engine over the caller's memory once the source's regions are known. */
-export type EngineFactory = (regions: RegionInfo[]) => FaultEngine;
+/**
+ * Builds (and starts) the engine over the caller's memory once the image's
+ * regions are known; `local`, when the pages come from a local image, goes
+ * into the engine's options as they are.
+ */
+export type EngineFactory = (regions: RegionInfo[], local?: LocalImageSupply) => FaultEngine;
 
 /** What the session reports about its recoveries (also part of every report). */
 export interface RecoveryStatus {
@@ -102,7 +139,7 @@ interface Resolved {
  * Events: 'paused' (CodedError), 'resumed' ({outageMs, attempts}),
  * 'failed' (CodedError): given up, and 'state' (to, from).
  */
-export class DestinationSession extends EventEmitter {
+export class DestinationSession extends EventEmitter implements PageSession {
   readonly engine: FaultEngine;
   readonly transfer: TransferOptions;
   readonly #machine: StateMachine<DestinationState>;
@@ -129,6 +166,8 @@ export class DestinationSession extends EventEmitter {
   #earlyFailure: CodedError | null = null; // a channel failed while the first connection was starting
   #resumedOn: SourceConnection | null = null;
   #lastProgressAt = Date.now();
+  /** The background stream is held back (holdBackground) until startBackground(). */
+  #backgroundHeld: boolean;
 
   private constructor(
     options: DestinationSessionOptions,
@@ -152,6 +191,7 @@ export class DestinationSession extends EventEmitter {
     this.#identity = { regions: connection.regions, fingerprint: connection.fingerprint };
     this.engine = engine;
     this.#generation = 0;
+    this.#backgroundHeld = connection.backgroundHeld;
     machine.onChange((to, from) => this.emit('state', to, from));
     engine.on('channel-failed', (f: ChannelFailure) => this.#onChannelFailed(f));
     engine.on('complete', () => {
@@ -206,6 +246,10 @@ export class DestinationSession extends EventEmitter {
     return this.#machine.state;
   }
 
+  get fingerprint(): string {
+    return this.#identity.fingerprint;
+  }
+
   /** The source's regions, as first welcomed. */
   get regions(): RegionInfo[] {
     return this.#identity.regions;
@@ -230,6 +274,14 @@ export class DestinationSession extends EventEmitter {
   finalStats(): DestinationStats {
     this.engine.detachChannels();
     return this.engine.stats();
+  }
+
+  /** Starts the background stream that holdBackground held back, now and on every later connection. */
+  startBackground(): void {
+    if (!this.#backgroundHeld) return;
+    this.#backgroundHeld = false;
+    this.#connection?.startBackground();
+    this.#log.info('background stream started');
   }
 
   /** Points later reconnection attempts at another address (e.g. the source moved); takes effect at the next attempt. */
@@ -315,6 +367,9 @@ export class DestinationSession extends EventEmitter {
     const have = this.#identity.regions.map((r) => ({ region: r.id, bitmap: this.engine.heldBitmap(r.id) }));
     await connection.start(have.some((h) => h.bitmap.some((b) => b !== 0)) ? have : undefined);
     starting(); // closed, given up, or paused by a channel failing meanwhile
+    // The working set goes again on each connection: the source skips what we hold.
+    if (this.#options.prefetch && !this.engine.complete && !connection.prefetch(this.#options.prefetch))
+      this.#log.warn('the source cannot stream a working set ahead (no prefetch capability): it is not replayed');
     if (this.#earlyFailure) throw this.#earlyFailure; // a channel failed before there was a session to pause
     this.#watch(connection);
     this.#lastProgressAt = Date.now();
@@ -354,7 +409,7 @@ export class DestinationSession extends EventEmitter {
       this.#outageOver();
       return;
     }
-    const streaming = this.transfer.background.enabled && !this.engine.complete;
+    const streaming = this.transfer.background.enabled && !this.#backgroundHeld && !this.engine.complete;
     if (s.outstandingRequests === 0 && !streaming) {
       this.#lastProgressAt = now; // nothing is due: silence is fine
       this.#outageOver();
@@ -423,6 +478,7 @@ export class DestinationSession extends EventEmitter {
         source: this.#source,
         token: this.#options.token,
         transfer: this.transfer,
+        holdBackground: this.#backgroundHeld,
         resume: this.#sessionId,
         maxImageBytes: this.#options.maxImageBytes,
         acceptPlaintextTcp: this.#options.acceptPlaintextTcp,
@@ -560,6 +616,7 @@ async function connectFirst(options: DestinationSessionOptions, recovery: Resolv
         source,
         token: options.token,
         transfer,
+        holdBackground: options.holdBackground === true,
         timeoutMs: recovery.connectTimeoutMs,
         heartbeat: recovery.heartbeat,
         maxImageBytes: options.maxImageBytes,

@@ -11,6 +11,7 @@ import {
   FrameReader,
   checkDigest,
   checkWelcome,
+  MAX_PREFETCH_ENTRIES,
   PROTOCOL_VERSION,
   SOFTWARE,
   dataChannelKeys,
@@ -29,6 +30,7 @@ import {
 import type { TransferOptions } from '../lib/transfer.js';
 import { defaultMaxImageBytes } from '../lib/limits.js';
 import type { Logger } from '../lib/logger.js';
+import { entryChunks } from './working-set.js';
 
 /** How a destination (a restore, or a VMM handler) reaches its source. */
 export interface SourceOptions {
@@ -51,6 +53,8 @@ export interface SourceConnectionOptions {
   timeoutMs?: number;
   /** Control-channel liveness once welcomed (default: a heartbeat each second, silent after 5 s). */
   heartbeat?: Heartbeat;
+  /** Ask the source to hold its background stream until startBackground() (when it can: 'deferred-background'). */
+  holdBackground?: boolean;
   /** The id of a session to resume on this source. */
   resume?: string;
   /** Refuse a source whose image is larger (default: twice this machine's memory). */
@@ -73,6 +77,8 @@ export class SourceConnection {
   readonly address: string;
   /** The source can check the installed-pages checksum (`done.verify`). */
   readonly verifiesChecksums: boolean;
+  /** The source holds its background stream until startBackground(). */
+  readonly backgroundHeld: boolean;
   readonly #capabilities: string[];
   /** The largest control frame the source takes. */
   readonly #maxFrame: number;
@@ -88,7 +94,9 @@ export class SourceConnection {
     welcome: MessageOf<'welcome'>,
     channels: { urgentFd: number; bulkFd: number; keys?: DataChannelKeys },
     timeoutMs: number,
+    backgroundHeld: boolean,
   ) {
+    this.backgroundHeld = backgroundHeld;
     this.address = address;
     this.#control = control;
     this.#reader = reader;
@@ -146,7 +154,13 @@ export class SourceConnection {
       if (welcome.encryption === 'aes-256-gcm' && !keys)
         throw new PostcopyError(ErrorCode.AUTH_REQUIRED, 'the source encrypts its data channels with the token, which this destination does not hold');
       keepAlive(control, reader, options.heartbeat ?? DEFAULT_HEARTBEAT);
-      send(control, { t: 'options', ...options.transfer });
+      // A source that cannot hold the background back streams it from the start: the recorded set may then miss pages it sent first.
+      const held = options.holdBackground === true && options.transfer.background.enabled && welcome.capabilities?.includes('deferred-background') === true;
+      send(control, {
+        t: 'options',
+        ...options.transfer,
+        background: { ...options.transfer.background, enabled: options.transfer.background.enabled && !held },
+      });
       const urgentFd = await openChannel(address, welcome, 'urgent', timeoutMs);
       let bulkFd: number;
       try {
@@ -155,7 +169,7 @@ export class SourceConnection {
         closeSync(urgentFd);
         throw err;
       }
-      return new SourceConnection(formatAddress(address), control, reader, welcome, { urgentFd, bulkFd, ...(keys ? { keys } : {}) }, timeoutMs);
+      return new SourceConnection(formatAddress(address), control, reader, welcome, { urgentFd, bulkFd, ...(keys ? { keys } : {}) }, timeoutMs, held);
     } catch (err) {
       control.destroy();
       throw err;
@@ -192,6 +206,21 @@ export class SourceConnection {
     }
     send(this.#control, { t: 'start', ...(have ? { have } : {}) });
     await this.#reader.next(['started'], this.#timeoutMs);
+  }
+
+  /**
+   * Asks the source to stream a working set's pages (client/working-set.ts
+   * entries) in order ahead of the background. False when it cannot.
+   */
+  prefetch(entries: Uint8Array): boolean {
+    if (!this.#capabilities.includes('prefetch')) return false;
+    for (const chunk of entryChunks(entries, MAX_PREFETCH_ENTRIES)) send(this.#control, { t: 'prefetch', entries: chunk });
+    return true;
+  }
+
+  /** The background stream held back at connection starts now. */
+  startBackground(): void {
+    if (this.backgroundHeld && !this.#control.destroyed) send(this.#control, { t: 'background' });
   }
 
   /**

@@ -59,6 +59,10 @@ export const ErrorCode = {
   OVERLOADED: 'ERR_OVERLOADED',
   /** A sealed data-channel record failed authentication (tampered, replayed or cut): nothing of it was used. */
   DATA_TAMPERED: 'ERR_DATA_TAMPERED',
+  /** A working-set file that cannot be read: not one, truncated, or its checksum does not match (client/working-set.ts). */
+  WORKING_SET_INVALID: 'ERR_WORKING_SET_INVALID',
+  /** A working set recorded for another image layout (other regions or sizes): it is never applied. */
+  WORKING_SET_MISMATCH: 'ERR_WORKING_SET_MISMATCH',
   /** An exception nobody expected: a bug of ours, never blamed on a peer. */
   INTERNAL: 'ERR_INTERNAL',
   /** A state change the state machine does not allow (a bug, never a peer's doing). */

@@ -89,6 +89,7 @@ export interface SourceStats {
   pagesAlreadyInFlight: number;
   pagesPrefaulted: number;
   pagesBackground: number;
+  pagesPrefetched: number;
   zeroPages: number;
   bytesSent: number;
   pagesSent: number;
@@ -101,6 +102,8 @@ export interface NativePageServerSession {
   stop(): void;
   markSent(region: number, bitmap: Uint8Array): void;
   stats(): SourceStats;
+  prefetch(entries: Uint8Array): void;
+  startBackground(): void;
 }
 
 export interface DestinationStats {
@@ -110,6 +113,8 @@ export interface DestinationStats {
   pagesInstalledRequested: number;
   pagesInstalledPrefault: number;
   pagesInstalledBackground: number;
+  /** Pages of a replayed working set (prefetch), installed before any thread faulted on them. */
+  pagesInstalledPrefetch: number;
   zeroPages: number;
   duplicatePages: number;
   bytesReceived: number;
@@ -147,6 +152,9 @@ export interface NativeFaultEngine {
   markResident(region: number, bitmap: Uint8Array): number;
   installedChecksum(): InstalledChecksum[];
   latencyBuckets(boundsNs: number[]): number[];
+  prefetch(entries: Uint8Array): void;
+  startBackground(): void;
+  faultedPages(): Buffer;
 }
 
 /** One source region's installed-pages checksum at the destination (addon/page_checksum.h). */
@@ -219,6 +227,10 @@ export interface NativeAddon {
     regions: { base: number; length: number; pageSize: number; sourceRegion: number; sourcePage: number }[];
     cpu: number;
     checksumInstalled: boolean;
+    recordFaults: boolean;
+    image?: ServedRegionSpec[];
+    window?: { forward: number; backward: number };
+    background?: boolean;
     onEvent: (event: NativeEvent) => void;
   }) => NativeFaultEngine;
 }

@@ -50,6 +50,8 @@ export type Message =
   | { t: 'have'; region: number; offset: number; bitmap: Uint8Array }
   | { t: 'start'; have?: { region: number; bitmap: Uint8Array }[] }
   | { t: 'started' }
+  | { t: 'prefetch'; entries: Uint8Array }
+  | { t: 'background' }
   | { t: 'done'; stats?: Record<string, unknown>; verify?: VerifyRequest }
   | { t: 'digest'; regions: { id: number; sha256: string }[]; stats: Record<string, unknown>; checksums?: RegionChecksum[] }
   | { t: 'error'; code: string; message: string }
@@ -430,6 +432,31 @@ export function checkHave(have: unknown, regions: readonly { length: number; pag
     }
     return { region: h.region as number, bitmap: h.bitmap };
   });
+}
+
+/** Working-set entries per `prefetch` message (8 bytes each: 512 KiB, well under a frame). */
+export const MAX_PREFETCH_ENTRIES = 65536;
+
+/**
+ * prefetch.entries: u64 little-endian entries, region << 48 | page, each
+ * inside the image (lib/working-set.ts). Returns them as they came.
+ */
+export function checkPrefetch(msg: MessageOf<'prefetch'>, regions: readonly { length: number; pageSize: number }[]): Uint8Array {
+  const e = msg.entries;
+  if (!(e instanceof Uint8Array) || e.length % 8 !== 0) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'prefetch.entries must be 8-byte entries');
+  if (e.length / 8 > MAX_PREFETCH_ENTRIES)
+    throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, `more than ${MAX_PREFETCH_ENTRIES} prefetch entries in one message`);
+  forEachEntry(e, (id, page) => {
+    const region = regions[id];
+    if (!region || page >= region.length / region.pageSize) throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, 'a prefetch entry lies outside the image');
+  });
+  return e;
+}
+
+/** Calls fn(region, page) for each working-set entry (u64 LE, region << 48 | page), in order. */
+export function forEachEntry(entries: Uint8Array, fn: (region: number, page: number) => void): void {
+  const view = new DataView(entries.buffer, entries.byteOffset, entries.byteLength);
+  for (let k = 0; k + 8 <= entries.length; k += 8) fn(view.getUint16(k + 6, true), view.getUint32(k, true) + view.getUint16(k + 4, true) * 2 ** 32);
 }
 
 /** Ranges per region a verify request may list (the destination sends none past this: addon/fault_engine.cc kMaxSkipRanges). */

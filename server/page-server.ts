@@ -11,6 +11,7 @@ import {
   FrameReader,
   checkHave,
   checkHaveChunk,
+  checkPrefetch,
   checkOptions,
   checkVerify,
   PROTOCOL_VERSION,
@@ -59,7 +60,7 @@ export interface PageServerOptions {
 }
 
 /** The running totals a server keeps over its sessions (lib/native.ts SourceStats). */
-const SERVED_TOTALS = ['requests', 'pagesRequested', 'pagesResent', 'pagesPrefaulted', 'pagesBackground', 'zeroPages', 'bytesSent'] as const;
+const SERVED_TOTALS = ['requests', 'pagesRequested', 'pagesResent', 'pagesPrefaulted', 'pagesBackground', 'pagesPrefetched', 'zeroPages', 'bytesSent'] as const;
 
 /** PageServer.figures(): sessions by state now, totals since start, errors by code. */
 export type ServerFigures = { sessions: Record<string, number>; errors: [string, number][] } & Record<(typeof SERVED_TOTALS)[number], number>;
@@ -269,7 +270,19 @@ export class PageServer {
       regions: this.#welcomeRegions(),
       tickets: session.tickets,
       limits: { maxFrame: this.#maxFrame, maxRunBytes: MAX_RUN_BYTES },
-      capabilities: ['prefault-window', 'background', 'rate-limit', 'zero-runs', 'have-bitmap', 'have-chunks', 'heartbeat', 'resume', 'page-checksum'],
+      capabilities: [
+        'prefault-window',
+        'background',
+        'rate-limit',
+        'zero-runs',
+        'have-bitmap',
+        'have-chunks',
+        'heartbeat',
+        'resume',
+        'page-checksum',
+        'prefetch',
+        'deferred-background',
+      ],
     });
     keepAlive(socket, reader, this.#heartbeat);
     const options = checkOptions(await reader.next(['options'], this.#handshakeTimeoutMs));
@@ -293,8 +306,16 @@ export class PageServer {
     // One `done` per connection (a destination asks again only on a new one): the digest and the checksums are work, and a peer must not be able to ask for them without end.
     let answered = false;
     for (;;) {
-      const msg = await reader.next(answered ? ['bye'] : ['done', 'bye']);
+      const msg = await reader.next(answered ? ['bye'] : ['done', 'bye', 'prefetch', 'background']);
       if (msg.t === 'bye') break;
+      if (msg.t === 'prefetch') {
+        session.prefetch(checkPrefetch(msg, this.#image.regions));
+        continue;
+      }
+      if (msg.t === 'background') {
+        session.startBackground();
+        continue;
+      }
       answered = true;
       const verify = checkVerify(msg.verify, this.#image.regions);
       session.complete();

@@ -45,6 +45,7 @@ const RUNNING_TOTALS = [
   'pagesAlreadyInFlight',
   'pagesPrefaulted',
   'pagesBackground',
+  'pagesPrefetched',
   'zeroPages',
   'bytesSent',
 ] as const;
@@ -130,6 +131,19 @@ export class SourceSession {
     const held = this.#native.stats().pagesSent;
     this.#native.start();
     this.#machine.to('active', { options, pagesHeldByDestination: held, encryption: keys ? 'aes-256-gcm' : 'none' });
+  }
+
+  /** Pages of a working set the destination replays (lib/working-set.ts entries): streamed in order, ahead of the background. */
+  prefetch(entries: Uint8Array): void {
+    if (!this.#native) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `prefetch while the session is ${this.state}`);
+    this.#native.prefetch(entries);
+  }
+
+  /** The destination held the background stream back (while it recorded its working set): it starts now. */
+  startBackground(): void {
+    if (!this.#native) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `background while the session is ${this.state}`);
+    this.#native.startBackground();
+    this.#log.info('the destination started the background stream');
   }
 
   /** The figures of every run of this session so far. */

@@ -13,7 +13,7 @@ export function sourceMetrics(server: PageServer): Registry {
   totalCounter(
     registry,
     'postcopy_source_pages_sent_total',
-    'Pages sent, by why: requested, window (prefault), background, resent (a request for a page already streamed)',
+    'Pages sent, by why: requested, window (prefault), background, prefetch (a working set replayed), resent (a request for a page already streamed)',
     ['kind'],
     () => {
       const x = f();
@@ -22,6 +22,7 @@ export function sourceMetrics(server: PageServer): Registry {
         [{ kind: 'resent' }, x.pagesResent],
         [{ kind: 'window' }, x.pagesPrefaulted],
         [{ kind: 'background' }, x.pagesBackground],
+        [{ kind: 'prefetch' }, x.pagesPrefetched],
       ];
     },
   );

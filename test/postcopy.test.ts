@@ -21,8 +21,8 @@ async function serve(t: Test, image: Image, transport: 'unix' | 'tcp', token = t
 }
 
 async function connect(t: Test, options: DestinationOptions): Promise<Destination> {
-  const tcp = typeof options.source === 'string' && options.source.startsWith('tcp:');
-  const dest = await Destination.connect({ ...(tcp && !options.token ? { token: TCP_TOKEN } : {}), ...options });
+  const tcp = 'source' in options && typeof options.source === 'string' && options.source.startsWith('tcp:');
+  const dest = await Destination.connect({ ...(tcp && !('token' in options && options.token) ? { token: TCP_TOKEN } : {}), ...options });
   t.teardown(() => dest.close());
   return dest;
 }

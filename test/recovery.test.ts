@@ -10,6 +10,7 @@ import { once } from 'node:events';
 import { Image } from '../server/image.js';
 import { PageServer } from '../server/page-server.js';
 import { Destination } from '../client/destination.js';
+import type { DestinationSession } from '../client/session.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
 import { FaultProxy } from './fault-proxy.js';
 import { CUT_CASES, cutOffset, restoreThroughCut, seededRandom } from './cut-points.js';
@@ -175,7 +176,7 @@ t.test('a redirect points the resume at a source that moved', async (t) => {
   t.teardown(() => dest.close());
   await a.server.close();
   const b = await serve(t, Image.open([{ buffer: bytes }]));
-  dest.session.redirect(b.address);
+  (dest.session as DestinationSession).redirect(b.address);
   const region = dest.regions[0].mapping;
   const [report] = await Promise.all([dest.finish(), touchPages(region.address, 256, shuffledOrder(256, 2), { mapping: region })]);
   t.equal(report.digestMatch, true);

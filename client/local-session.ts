@@ -1,0 +1,164 @@
+// A destination session whose pages come from an image in this process
+// (`--image`): no source process, no sockets. The engine installs each fault
+// straight from the mapped image and fills the rest itself (ImageSupply in
+// addon/fault_engine.cc); the digest at the end is the image's own.
+import { EventEmitter } from 'node:events';
+import { ErrorCode, PostcopyError, type CodedError } from '../lib/errors.js';
+import { silentLogger, type Logger } from '../lib/logger.js';
+import type { MessageOf, RegionInfo, VerifyRequest } from '../lib/protocol.js';
+import { StateMachine, type TransitionTable } from '../lib/state-machine.js';
+import { transferOptions, type TransferOptions } from '../lib/transfer.js';
+import type { Image } from '../server/image.js';
+import type { ChannelFailure, DestinationStats, FaultEngine } from './fault-engine.js';
+import type { EngineFactory, PageSession, RecoveryStatus, ReplayOptions } from './session.js';
+
+/** running: pages are installed from the image; resident: every page is in; verified: checked against the image. */
+export type LocalState = 'running' | 'resident' | 'verified' | 'failed' | 'closed';
+
+const TRANSITIONS: TransitionTable<LocalState> = {
+  running: ['resident', 'failed', 'closed'],
+  resident: ['verified', 'failed', 'closed'],
+  verified: ['closed'],
+  failed: ['closed'],
+  closed: [],
+};
+
+export interface LocalSessionOptions extends ReplayOptions {
+  /** The image the pages come from (the caller opens and closes it). */
+  image: Image;
+  window?: Partial<TransferOptions['window']>;
+  background?: Partial<TransferOptions['background']>;
+  logger?: Logger;
+}
+
+/** Events: 'failed' (CodedError), 'state' (to, from). */
+export class LocalSession extends EventEmitter implements PageSession {
+  readonly engine: FaultEngine;
+  readonly transfer: TransferOptions;
+  readonly regions: RegionInfo[];
+  readonly fingerprint: string;
+  readonly #image: Image;
+  readonly #machine: StateMachine<LocalState>;
+  #lastError: CodedError | null = null;
+
+  private constructor(image: Image, transfer: TransferOptions, engine: FaultEngine, machine: StateMachine<LocalState>, regions: RegionInfo[]) {
+    super();
+    this.#image = image;
+    this.fingerprint = image.fingerprint;
+    this.transfer = transfer;
+    this.engine = engine;
+    this.#machine = machine;
+    this.regions = regions;
+    machine.onChange((to, from) => this.emit('state', to, from));
+    engine.on('complete', () => {
+      if (this.#machine.is('running')) this.#machine.to('resident', { fullResidencyMs: Math.round(engine.stats().fullResidencyNs / 1e4) / 100 });
+    });
+    // The memory's owner leaving ends the session where it is noticed (its
+    // hang-up, the userfaultfd closing); any other install failure is final.
+    engine.on('channel-failed', (f: ChannelFailure) => {
+      if (!f.targetGone) this.fail(f.error);
+    });
+  }
+
+  /** Has `buildEngine` make the engine over the image's regions and starts installing. */
+  static open(options: LocalSessionOptions, buildEngine: EngineFactory): LocalSession {
+    const log = options.logger ?? silentLogger;
+    const transfer = transferOptions(options);
+    const image = options.image;
+    const regions = image.regions.map(({ id, name, length, pageSize, contentLength }) => ({ id, name, length, pageSize, contentLength }));
+    const machine = new StateMachine<LocalState>('destination', 'running', TRANSITIONS, log);
+    const engine = buildEngine(regions, {
+      image: image.regions.map((r) => r.spec),
+      window: transfer.window,
+      background: transfer.background.enabled && !options.holdBackground,
+    });
+    const session = new LocalSession(image, transfer, engine, machine, regions);
+    if (options.prefetch) engine.prefetch(options.prefetch);
+    if (engine.complete) machine.to('resident');
+    log.info({ image: image.fingerprint.slice(0, 16), regions: regions.length, bytes: image.totalBytes, ...transfer }, 'restoring from a local image');
+    return session;
+  }
+
+  get state(): LocalState {
+    return this.#machine.state;
+  }
+
+  status(): RecoveryStatus {
+    return {
+      state: this.state,
+      session: 'local',
+      source: 'image',
+      resumes: 0,
+      pausedMs: 0,
+      ...(this.#lastError ? { lastError: { code: this.#lastError.code, message: this.#lastError.message } } : {}),
+    };
+  }
+
+  stats(): DestinationStats {
+    return this.engine.stats();
+  }
+
+  finalStats(): DestinationStats {
+    return this.engine.stats();
+  }
+
+  /** The background fill starts now (it was held back while the working set was recorded). */
+  startBackground(): void {
+    this.engine.startBackground();
+  }
+
+  whenResident(): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const check = (): boolean => {
+        if (this.#machine.is('resident', 'verified')) resolve();
+        else if (this.#machine.is('failed', 'closed')) reject(this.#lastError ?? new PostcopyError(ErrorCode.PEER_GONE, `the session is ${this.state}`));
+        else return false;
+        return true;
+      };
+      if (check()) return;
+      const listener = () => {
+        if (check()) this.off('state', listener);
+      };
+      this.on('state', listener);
+    });
+  }
+
+  /** The image's own digests (and installed-pages checksums, when asked), as a source would answer `done`. */
+  async exchangeDigest(_stats: Record<string, unknown>, verify?: VerifyRequest): Promise<MessageOf<'digest'>> {
+    await this.whenResident();
+    const image = this.#image;
+    const regions = await Promise.all(image.regions.map(async (r) => ({ id: r.id, sha256: await image.digest(r.id) })));
+    const checksums =
+      verify &&
+      (await Promise.all(
+        verify.regions.map(async ({ id, skip }) => {
+          const pairs: [number, number][] = [];
+          for (let k = 0; k < skip.length; k += 2) pairs.push([skip[k], skip[k + 1]]);
+          const r = image.regions[id];
+          return { id, sum: await image.checksum(id, pairs), pages: r.length / r.pageSize - pairs.reduce((n, [, c]) => n + c, 0) };
+        }),
+      ));
+    return { t: 'digest', regions, stats: { pagesSent: 0 }, ...(checksums ? { checksums } : {}) };
+  }
+
+  verified(details: Record<string, unknown> = {}): void {
+    if (this.#machine.can('verified')) this.#machine.to('verified', details);
+  }
+
+  /** Nothing to let go of: there is no source connection. */
+  release(): void {}
+
+  fail(err: CodedError): void {
+    if (!this.#machine.can('failed')) return;
+    this.#lastError = err;
+    this.#machine.to('failed', { code: err.code, error: err.message });
+    this.emit('failed', err);
+  }
+
+  /** Stops the engine (and lets go of the image's mapping). */
+  close(): void {
+    if (this.#machine.is('closed')) return;
+    this.engine.stop();
+    this.#machine.to('closed', this.status() as unknown as Record<string, unknown>);
+  }
+}
