@@ -20,13 +20,17 @@ import {
   withoutOption,
   loggingUsage,
   UsageError,
+  checkWritable,
 } from './options.js';
 import { serveMetrics } from '../lib/metrics.js';
 import { handlerMetrics } from '../client/handler-metrics.js';
 import type { PostcopyError } from '../lib/errors.js';
+import { Image } from '../server/image.js';
+import { readWorkingSet } from '../client/working-set.js';
 
-export const handleUsage = `postcopy handle --socket PATH --source unix:PATH|tcp:HOST:PORT [--token-file F]
-                [--window F:B] [--no-background] [--rate SIZE]
+export const handleUsage = `postcopy handle --socket PATH (--source unix:PATH|tcp:HOST:PORT | --image FILE)
+                [--token-file F] [--window F:B] [--no-background] [--rate SIZE]
+                [--record-working-set F | --prefetch F]
                 [--give-up-after DURATION] [--silence-timeout DURATION] [--single-process]
                 [--metrics tcp:HOST:PORT]
 
@@ -35,6 +39,16 @@ export const handleUsage = `postcopy handle --socket PATH --source unix:PATH|tcp
   Firecracker does) with its userfaultfd attached; the handler serves that
   memory's faults from the source until the VMM hangs up. Any number of VMMs.
   Prints one JSON line per finished VMM session.
+
+  --image FILE serves the faults from an image file on this host, in this
+  process (no source, no sockets; each --image is one region, in order).
+
+  --record-working-set F writes, as each VMM session ends, the pages its
+  guest faulted on, in first-touch order (faults are served alone and the
+  background waits until the guest stops faulting for a second, so the set
+  holds exactly the pages it touched). --prefetch F replays such a set in
+  each later session: its pages go in at once, in order, ahead of the
+  background, while the guest's own faults still go first.
 
   --source may be given again for each replica serving the same image: when
   one is out of reach, sessions resume from the next in turn.
@@ -56,6 +70,9 @@ ${loggingUsage}`;
 const optionSpec = {
   socket: { type: 'string' },
   source: { type: 'string', multiple: true },
+  image: { type: 'string', multiple: true },
+  'record-working-set': { type: 'string' },
+  prefetch: { type: 'string' },
   'token-file': { type: 'string' },
   window: { type: 'string' },
   'no-background': { type: 'boolean' },
@@ -68,22 +85,37 @@ const optionSpec = {
 
 export async function handle(argv: string[], log: Logger): Promise<void> {
   const values = parseCommandLine(argv, optionSpec);
-  requireOptions(values, values.worker ? ['source'] : ['socket', 'source'], 'postcopy handle --socket PATH --source unix:PATH|tcp:HOST:PORT');
-  const [source, ...replicas] = values.source as string[];
-  for (const s of values.source as string[]) parseAddressOption(s, '--source');
+  const usage = 'postcopy handle --socket PATH (--source unix:PATH|tcp:HOST:PORT | --image FILE)';
+  if (values.image && values.source) throw new UsageError('--image serves a local file, --source a source: give one or the other');
+  if (!values.image) requireOptions(values, ['source'], usage);
+  if (!values.worker) requireOptions(values, ['socket'], usage);
+  for (const s of values.source ?? []) parseAddressOption(s, '--source');
   const window = parseWindow(values.window);
+  const record = values['record-working-set'];
+  if (record !== undefined) {
+    if (values.window !== undefined)
+      throw new UsageError('--record-working-set serves each fault alone (no window), so the set holds exactly the pages touched: drop --window');
+    if (values.prefetch !== undefined)
+      throw new UsageError('--record-working-set and --prefetch: record without a replay, so the set holds every page touched');
+    checkWritable(record, '--record-working-set');
+  }
+  const prefetch = values.prefetch === undefined ? undefined : readWorkingSet(values.prefetch);
+  if (values.image && values.rate !== undefined) throw new UsageError("--rate limits a source's background stream; a local --image has none to limit");
   const metrics = values.metrics === undefined ? undefined : parseMetricsOption(values.metrics);
   if (values['no-background'] && values.rate !== undefined)
     throw new UsageError('--rate limits the background stream, which --no-background turns off: give one or the other');
-  const handler = new VmmHandler({
-    source,
-    replicas,
-    token: destinationToken(values['token-file'], source, log),
+  const common = {
     logger: log,
-    recovery: parseRecovery(values),
     ...(window ? { window } : {}),
     background: { enabled: !values['no-background'], rateBytesPerSecond: parseRate(values.rate) },
-  });
+    ...(record !== undefined ? { recordWorkingSet: record } : {}),
+    ...(prefetch ? { prefetch } : {}),
+  };
+  const image = values.image ? Image.open(values.image.map((path) => ({ path }))) : undefined;
+  const [source, ...replicas] = values.source ?? [];
+  const handler = image
+    ? new VmmHandler({ image, ...common })
+    : new VmmHandler({ source, replicas, token: destinationToken(values['token-file'], source, log), recovery: parseRecovery(values), ...common });
   const print = (line: string) => process.stdout.write(line + '\n');
   // A VMM must not be the first to find out that the source is not there. (A
   // worker restarted after a crash does not ask: its VMMs' sessions wait and resume.)
@@ -91,7 +123,7 @@ export async function handle(argv: string[], log: Logger): Promise<void> {
     const ready = await handler.checkSource().catch((err) => {
       throw Object.assign(err as Error, { message: `${(err as Error).message}; not starting (a VMM would wait on it)` });
     });
-    log.info({ source, regions: ready.regions.length, imageBytes: ready.regions.reduce((n, r) => n + r.length, 0) }, 'the source answers');
+    if (!image) log.info({ source, regions: ready.regions.length, imageBytes: ready.regions.reduce((n, r) => n + r.length, 0) }, 'the source answers');
   }
   // The process that serves the VMMs keeps watching the source (the worker, or the single process); a supervisor has no sessions to speak of.
   if (values.worker || values['single-process']) handler.watchSource();
@@ -108,6 +140,7 @@ export async function handle(argv: string[], log: Logger): Promise<void> {
     await served?.close();
     log.info('the supervisor is gone; worker exiting');
     await handler.close();
+    image?.close();
     return;
   }
   const socket = values.socket!;
@@ -139,4 +172,5 @@ export async function handle(argv: string[], log: Logger): Promise<void> {
   });
   log.info('shutting down');
   await close();
+  image?.close();
 }

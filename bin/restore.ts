@@ -1,8 +1,11 @@
-// postcopy restore: a destination that restores a source's image into memory
-// of its own, optionally with a workload faulting pages in, and reports stats.
+// postcopy restore: a destination that restores an image into memory of its
+// own, from a source or from a local image file, optionally with a workload
+// faulting pages in, and reports stats.
 import { openSync, writeSync, closeSync } from 'node:fs';
 import { Destination } from '../client/destination.js';
-import { shuffledOrder, touchPages } from '../lib/workload.js';
+import { Image } from '../server/image.js';
+import { coldStartOrder, shuffledOrder, touchPages } from '../lib/workload.js';
+import { pagesIn, readWorkingSet, writeWorkingSet } from '../client/working-set.js';
 import type { Logger } from '../lib/logger.js';
 import type { RestoreReport } from '../client/report.js';
 import { startProgress } from './terminal.js';
@@ -23,18 +26,29 @@ import {
   loggingUsage,
 } from './options.js';
 
-export const restoreUsage = `postcopy restore --source unix:PATH|tcp:HOST:PORT [options]
+export const restoreUsage = `postcopy restore (--source unix:PATH|tcp:HOST:PORT | --image FILE) [options]
 
   --source ADDRESS       again for each replica serving the same image: when
                          one is out of reach, the next is tried in turn
+  --image FILE           restore from this image file, in this process (no
+                         source, no sockets); again for each region
   --token-file F         the token the source requires
   --out FILE             write the restored memory to FILE
   --window F:B           prefault window: F pages after, B before each request (default 8:2)
   --no-background        pure on-demand: no background stream
   --rate SIZE            background rate limit per second, e.g. 200M (default unlimited)
   --workload KIND        random (default): one thread touches every page in a
-                         seeded random order; sequential; none: background only
+                         seeded random order; sequential; cold-start: a stable
+                         15% working set in a new order each --seed, plus a
+                         few pages of that run only; none: background only
   --seed N               workload seed (default 1)
+  --record-working-set F write the pages the workload faulted on, in
+                         first-touch order, to F (each fault is served alone
+                         and the background waits for the workload, so the
+                         set holds exactly the pages it touched)
+  --prefetch F           replay a recorded working set: its pages go in, in
+                         order, as soon as the restore starts (demand faults
+                         still go first)
   --json                 print the report as one JSON line
 ${recoveryUsage}
 ${loggingUsage}`;
@@ -42,6 +56,9 @@ ${loggingUsage}`;
 export async function restore(argv: string[], log: Logger): Promise<RestoreReport> {
   const values = parseCommandLine(argv, {
     source: { type: 'string', multiple: true },
+    image: { type: 'string', multiple: true },
+    'record-working-set': { type: 'string' },
+    prefetch: { type: 'string' },
     'token-file': { type: 'string' },
     out: { type: 'string' },
     window: { type: 'string' },
@@ -52,30 +69,53 @@ export async function restore(argv: string[], log: Logger): Promise<RestoreRepor
     json: { type: 'boolean' },
     ...recoveryOptionSpec,
   });
-  requireOptions(values, ['source'], 'postcopy restore --source unix:PATH|tcp:HOST:PORT');
-  const [source, ...replicas] = values.source as string[];
-  for (const s of values.source as string[]) parseAddressOption(s, '--source');
-  const workload = parseChoice(values.workload, '--workload', ['random', 'sequential', 'none'] as const, 'random');
+  if (values.image && values.source) throw new UsageError('--image restores from a local file, --source from a source: give one or the other');
+  if (!values.image) requireOptions(values, ['source'], 'postcopy restore --source unix:PATH|tcp:HOST:PORT');
+  for (const s of values.source ?? []) parseAddressOption(s, '--source');
+  const workload = parseChoice(values.workload, '--workload', ['random', 'sequential', 'cold-start', 'none'] as const, 'random');
   const seed = parseCount(values.seed, '--seed', 1, 0xffffffff);
   const window = parseWindow(values.window);
   const rate = parseRate(values.rate);
   const recovery = parseRecovery(values);
   if (values['no-background'] && values.rate !== undefined)
     throw new UsageError('--rate limits the background stream, which --no-background turns off: give one or the other');
-  if (values.seed !== undefined && workload !== 'random') throw new UsageError(`--seed orders the random workload; --workload ${workload} has no use for it`);
+  if (values.seed !== undefined && workload !== 'random' && workload !== 'cold-start')
+    throw new UsageError(`--seed orders the random and cold-start workloads; --workload ${workload} has no use for it`);
+  const record = values['record-working-set'];
+  if (record !== undefined) {
+    if (workload === 'none') throw new UsageError('--record-working-set records what the workload touches; --workload none touches nothing');
+    if (values.window !== undefined)
+      throw new UsageError('--record-working-set serves each fault alone (no window), so the set holds exactly the pages touched: drop --window');
+    if (values.prefetch !== undefined)
+      throw new UsageError('--record-working-set and --prefetch: record without a replay, so the set holds every page touched');
+    checkWritable(record, '--record-working-set');
+  }
+  const prefetch = values.prefetch === undefined ? undefined : readWorkingSet(values.prefetch);
+  if (values['no-background'] && workload === 'cold-start')
+    throw new UsageError('--no-background with --workload cold-start can never finish: the pages the cold start does not touch would never arrive');
   if (values['no-background'] && workload === 'none') {
     throw new UsageError('--no-background with --workload none can never finish: nothing would fault pages in and nothing would stream them');
   }
   if (values.out) checkWritable(values.out, '--out');
-  const dest = await Destination.connect({
-    source,
-    replicas,
-    token: destinationToken(values['token-file'], source, log),
+  const transfer = {
     logger: log,
-    recovery,
-    ...(window ? { window } : {}),
+    ...(record !== undefined ? { window: { forward: 0, backward: 0 }, holdBackground: true, recordWorkingSet: true } : window ? { window } : {}),
+    ...(prefetch ? { prefetch } : {}),
     background: { enabled: !values['no-background'], rateBytesPerSecond: rate },
-  });
+  };
+  const image = values.image ? Image.open(values.image.map((path) => ({ path }))) : undefined;
+  let dest: Destination;
+  try {
+    if (image) {
+      dest = await Destination.connect({ image, ...transfer });
+    } else {
+      const [source, ...replicas] = values.source as string[];
+      dest = await Destination.connect({ source, replicas, token: destinationToken(values['token-file'], source, log), recovery, ...transfer });
+    }
+  } catch (err) {
+    image?.close();
+    throw err;
+  }
   const stopProgress = startProgress(
     () => dest.stats(),
     () => dest.status().state,
@@ -84,9 +124,18 @@ export async function restore(argv: string[], log: Logger): Promise<RestoreRepor
     const touching = dest.regions.map((r) => {
       if (workload === 'none') return Promise.resolve();
       const pages = r.mapping.length / r.info.pageSize;
-      const order = workload === 'random' ? shuffledOrder(pages, seed) : Uint32Array.from({ length: pages }, (_, i) => i);
+      const order =
+        workload === 'random'
+          ? shuffledOrder(pages, seed)
+          : workload === 'cold-start'
+            ? coldStartOrder(pages, seed)
+            : Uint32Array.from({ length: pages }, (_, i) => i);
       return touchPages(r.mapping.address, pages, order, { pageSize: r.info.pageSize, mapping: r.mapping });
     });
+    // While recording, the background waits for the workload: it must not install a page before the workload touches it.
+    if (record !== undefined) void Promise.allSettled(touching).then(() => dest.session.startBackground());
+    const workloadDone = Promise.all(touching).then((results) => Math.max(0, ...results.map((t) => (t ? t.totalNs : 0))) / 1e6);
+    workloadDone.catch(() => {}); // a failed workload is reported below, from `touched`
     // Wait for the workload too, even when the restore fails: its threads are
     // released (never left touching unmapped memory) before anything is torn down.
     const [finished, ...touched] = await Promise.allSettled([dest.finish(), ...touching]);
@@ -97,13 +146,20 @@ export async function restore(argv: string[], log: Logger): Promise<RestoreRepor
       throw finished.reason;
     }
     for (const t of touched) if (t.status === 'rejected') throw t.reason;
-    const report = finished.value;
+    const report: RestoreReport = { ...finished.value, ...(workload !== 'none' ? { workloadMs: Math.round((await workloadDone) * 100) / 100 } : {}) };
+    if (record !== undefined) {
+      const set = dest.workingSet();
+      writeWorkingSet(record, set);
+      report.workingSet = { recorded: pagesIn(set), file: record };
+    }
+    if (prefetch) report.workingSet = { replayed: pagesIn(prefetch) };
     if (values.out) writeRegions(values.out, dest);
     if (values.json) process.stdout.write(JSON.stringify(report) + '\n');
     else process.stdout.write(formatReport(report));
     return report;
   } finally {
     dest.close();
+    image?.close();
   }
 }
 
@@ -128,7 +184,7 @@ export function formatReport(r: RestoreReport): string {
   const lat = r.faultLatencyUs;
   return [
     `pages        ${n(r.pages)} (${(r.bytes / 2 ** 20).toFixed(1)} MiB)`,
-    `on demand    ${n(r.pagesOnDemand)}   prefetched (window) ${n(r.pagesPrefaulted)}   background ${n(r.pagesBackground)}   zero ${n(r.zeroPages)}   duplicates ${n(r.duplicatePages)}`,
+    `on demand    ${n(r.pagesOnDemand)}   prefetched (window) ${n(r.pagesPrefaulted)}   working set ${n(r.pagesPrefetched)}   background ${n(r.pagesBackground)}   zero ${n(r.zeroPages)}   duplicates ${n(r.duplicatePages)}`,
     `faults       ${n(r.faults)}   latency p50 ${lat.p50} µs   p90 ${lat.p90} µs   p99 ${lat.p99} µs   max ${lat.max} µs`,
     `blocked      ${r.blockedMs} ms waiting in faults`,
     `resident     every page after ${r.fullResidencyMs} ms   ${(r.bytesReceived / 2 ** 20).toFixed(1)} MiB received`,

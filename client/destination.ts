@@ -17,7 +17,7 @@ import type { TransferOptions } from '../lib/transfer.js';
 import { DestinationSession, type DestinationSessionOptions, type EngineFactory, type PageSession, type RecoveryStatus } from './session.js';
 import { LocalSession, type LocalSessionOptions } from './local-session.js';
 import { FaultEngine, type DestinationStats } from './fault-engine.js';
-import type { WorkingSet } from './working-set.js';
+import { layoutOf, type WorkingSet } from './working-set.js';
 import { summarize, type RestoreReport } from './report.js';
 
 export { DEFAULT_TRANSFER } from '../lib/transfer.js';
@@ -108,11 +108,7 @@ export class Destination {
 
   /** The pages faulted on while missing so far, in first-touch order (with recordWorkingSet). */
   workingSet(): WorkingSet {
-    return {
-      regions: this.regions.map((r) => ({ pages: r.info.length / r.info.pageSize, pageSize: r.info.pageSize })),
-      fingerprint: this.session.fingerprint,
-      entries: this.engine.faultedPages(),
-    };
+    return { ...layoutOf(this.regions.map((r) => r.info)), fingerprint: this.session.fingerprint, entries: this.engine.faultedPages() };
   }
 
   status(): RecoveryStatus {

@@ -10,6 +10,7 @@ import { StateMachine, type TransitionTable } from '../lib/state-machine.js';
 import { transferOptions, type TransferOptions } from '../lib/transfer.js';
 import type { Image } from '../server/image.js';
 import type { ChannelFailure, DestinationStats, FaultEngine } from './fault-engine.js';
+import { checkReplay } from './working-set.js';
 import type { EngineFactory, PageSession, RecoveryStatus, ReplayOptions } from './session.js';
 
 /** running: pages are installed from the image; resident: every page is in; verified: checked against the image. */
@@ -66,6 +67,7 @@ export class LocalSession extends EventEmitter implements PageSession {
     const transfer = transferOptions(options);
     const image = options.image;
     const regions = image.regions.map(({ id, name, length, pageSize, contentLength }) => ({ id, name, length, pageSize, contentLength }));
+    if (options.prefetch) checkReplay(options.prefetch, regions, image.fingerprint, log);
     const machine = new StateMachine<LocalState>('destination', 'running', TRANSITIONS, log);
     const engine = buildEngine(regions, {
       image: image.regions.map((r) => r.spec),
@@ -73,7 +75,7 @@ export class LocalSession extends EventEmitter implements PageSession {
       background: transfer.background.enabled && !options.holdBackground,
     });
     const session = new LocalSession(image, transfer, engine, machine, regions);
-    if (options.prefetch) engine.prefetch(options.prefetch);
+    if (options.prefetch) engine.prefetch(options.prefetch.entries);
     if (engine.complete) machine.to('resident');
     log.info({ image: image.fingerprint.slice(0, 16), regions: regions.length, bytes: image.totalBytes, ...transfer }, 'restoring from a local image');
     return session;

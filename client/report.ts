@@ -9,6 +9,8 @@ export interface RestoreReport {
   pagesOnDemand: number;
   pagesPrefaulted: number;
   pagesBackground: number;
+  /** Pages of a replayed working set installed before any thread faulted on them. */
+  pagesPrefetched: number;
   zeroPages: number;
   duplicatePages: number;
   bytesReceived: number;
@@ -31,6 +33,7 @@ export function summarize(s: DestinationStats, transfer: TransferOptions, pageSi
     pagesOnDemand: s.pagesInstalledRequested,
     pagesPrefaulted: s.pagesInstalledPrefault,
     pagesBackground: s.pagesInstalledBackground,
+    pagesPrefetched: s.pagesInstalledPrefetch,
     zeroPages: s.zeroPages,
     duplicatePages: s.duplicatePages,
     bytesReceived: s.bytesReceived,

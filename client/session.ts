@@ -21,6 +21,7 @@ import { StateMachine, type TransitionTable } from '../lib/state-machine.js';
 import { transferOptions, type TransferOptions } from '../lib/transfer.js';
 import { SourceConnection, type SourceOptions } from './source-connection.js';
 import type { ChannelFailure, DestinationStats, FaultEngine, LocalImageSupply } from './fault-engine.js';
+import { checkReplay, type WorkingSet } from './working-set.js';
 
 /**
  * connecting: first handshake; running: pages flow; paused: the source is out
@@ -58,8 +59,8 @@ export interface RecoveryOptions {
 
 /** Replaying and recording working sets (client/working-set.ts). */
 export interface ReplayOptions {
-  /** Working-set entries to install first, in order, ahead of the background (checked to fit the image by the caller). */
-  prefetch?: Uint8Array;
+  /** A working set to install first, in its order, ahead of the background; refused (ERR_WORKING_SET_MISMATCH) unless it fits the image. */
+  prefetch?: WorkingSet;
   /** Hold the background back until startBackground() (while a working set is recorded, so it cannot hide the pages touched). */
   holdBackground?: boolean;
 }
@@ -222,6 +223,7 @@ export class DestinationSession extends EventEmitter implements PageSession {
     }
     let engine: FaultEngine;
     try {
+      if (options.prefetch) checkReplay(options.prefetch, connection.regions, connection.fingerprint, log);
       engine = buildEngine(connection.regions);
     } catch (err) {
       connection.close();
@@ -368,7 +370,7 @@ export class DestinationSession extends EventEmitter implements PageSession {
     await connection.start(have.some((h) => h.bitmap.some((b) => b !== 0)) ? have : undefined);
     starting(); // closed, given up, or paused by a channel failing meanwhile
     // The working set goes again on each connection: the source skips what we hold.
-    if (this.#options.prefetch && !this.engine.complete && !connection.prefetch(this.#options.prefetch))
+    if (this.#options.prefetch && !this.engine.complete && !connection.prefetch(this.#options.prefetch.entries))
       this.#log.warn('the source cannot stream a working set ahead (no prefetch capability): it is not replayed');
     if (this.#earlyFailure) throw this.#earlyFailure; // a channel failed before there was a session to pause
     this.#watch(connection);

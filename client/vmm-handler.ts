@@ -3,7 +3,7 @@
 // array describing its memory regions with its userfaultfd attached
 // (SCM_RIGHTS). Each VMM gets its own session with the source and its own
 // native fault engine, in a DestinationSession that pauses and resumes when
-// the source is lost. Its hang-up ends the session and frees everything; the
+// the source is lost (or, serving a local image, a LocalSession: no source). Its hang-up ends the session and frees everything; the
 // VMM's memory is never ours to unmap. Should the source stay out of reach
 // past the give-up time, the pages still missing are poisoned: the guest gets
 // SIGBUS instead of hanging or reading zeros.
@@ -22,7 +22,9 @@ import { SourceConnection } from './source-connection.js';
 import { LATENCY_BOUNDS_S, Tally } from '../lib/metrics.js';
 import type { DestinationStats } from '../lib/native.js';
 import { transferOptions, type TransferOptions } from '../lib/transfer.js';
-import { DestinationSession, sourcesOf, type DestinationSessionOptions, type RecoveryStatus } from './session.js';
+import { DestinationSession, sourcesOf, type DestinationSessionOptions, type EngineFactory, type PageSession, type RecoveryStatus } from './session.js';
+import { LocalSession, type LocalSessionOptions } from './local-session.js';
+import { layoutOf, pagesIn, writeWorkingSet } from './working-set.js';
 import { FaultEngine, type MemoryEvent, type TargetRegion } from './fault-engine.js';
 import { summarize, type RestoreReport } from './report.js';
 import { compareInstalled, verifyRequest, type InstalledCheck } from './installed-checksum.js';
@@ -37,12 +39,23 @@ export interface GuestRegion {
   page_size_kib?: number;
 }
 
-export interface VmmHandlerOptions extends DestinationSessionOptions {
+/** Where each VMM's pages come from: a source (`source`) or a local image (`image`, shared by every VMM). */
+export type VmmHandlerOptions = (DestinationSessionOptions | LocalSessionOptions) & {
   /** A VMM that connects but sends no handshake within this is dropped (default 10 s). */
   handshakeTimeoutMs?: number;
   /** Log each live VMM session's progress this often (default 10 s; 0: never). */
   progressIntervalMs?: number;
-}
+  /**
+   * Record each VMM session's working set (the pages its guest faulted on
+   * while missing, in first-touch order) to this file when the session ends.
+   * Faults are served alone (no window) and the background waits until the
+   * guest's faults go quiet, so the set holds exactly the pages it touched.
+   */
+  recordWorkingSet?: string;
+};
+
+/** While a working set is recorded, the background starts once the guest has not faulted for this long. */
+export const RECORD_QUIET_MS = 1000;
 
 export interface VmmSessionSummary extends RestoreReport {
   vmmPid: number;
@@ -60,7 +73,7 @@ interface VmmSession {
   socket: Socket;
   uffd: number;
   guest: GuestRegion[];
-  session: DestinationSession | null;
+  session: PageSession | null;
   ended: boolean;
   /** #start is under way: the uffd must stay open (its number must not be reused) until it returns. */
   starting: boolean;
@@ -69,6 +82,8 @@ interface VmmSession {
   takeover: boolean;
   handoff?: number;
   installedCheck?: InstalledCheck;
+  /** While recording: waits for the guest's faults to go quiet, then starts the background. */
+  quietWatch?: NodeJS.Timeout;
 }
 
 /** The histogram's bounds in ns, and one past them all: the count comes from the same read as the buckets, so they always agree. */
@@ -283,11 +298,13 @@ export class VmmHandler extends EventEmitter {
 
   /** Checks that the source answers and that the tokens agree, without starting a session; resolves with what it serves. */
   async checkSource(timeoutMs = 5000): Promise<MessageOf<'ready'>> {
+    const options = this.#options;
+    if ('image' in options) return { t: 'ready', fingerprint: options.image.fingerprint, regions: options.image.regions }; // nothing to reach
     // The source, or else any replica: VMMs are served as long as one answers.
     let last: unknown;
-    for (const source of sourcesOf(this.#options)) {
+    for (const source of sourcesOf(options)) {
       try {
-        return await SourceConnection.probe({ source, token: this.#options.token, timeoutMs });
+        return await SourceConnection.probe({ source, token: options.token, timeoutMs });
       } catch (err) {
         last = err;
       }
@@ -302,17 +319,19 @@ export class VmmHandler extends EventEmitter {
    */
   watchSource(intervalMs = 30_000): void {
     if (this.#sourceWatch) clearInterval(this.#sourceWatch);
+    const options = this.#options;
+    if ('image' in options) return; // a local image needs no watching
     let answering = true;
     this.#sourceWatch = setInterval(() => {
       this.checkSource().then(
         () => {
-          if (!answering) this.#log.info({ source: String(this.#options.source) }, 'the source answers again');
+          if (!answering) this.#log.info({ source: String(options.source) }, 'the source answers again');
           answering = true;
         },
         (err) => {
           if (answering)
             this.#log.warn(
-              { source: String(this.#options.source), code: asCodedError(err).code, err: (err as Error).message },
+              { source: String(options.source), code: asCodedError(err).code, err: (err as Error).message },
               'the source does not answer; VMMs that connect now wait for it',
             );
           answering = false;
@@ -410,10 +429,10 @@ export class VmmHandler extends EventEmitter {
 
   async #connect(vmm: VmmSession): Promise<void> {
     const log = this.#log.child({ vmmPid: vmm.pid });
+    const recording = this.#options.recordWorkingSet !== undefined;
     let welcomed = false;
     try {
-      // The guest is already waiting: a source not reachable yet is retried like an outage.
-      vmm.session = await DestinationSession.open({ ...this.#options, logger: log, retryFirstConnect: true, signal: vmm.abort.signal }, (regions) => {
+      const build: EngineFactory = (regions, local) => {
         welcomed = true;
         if (vmm.ended) throw new PostcopyError(ErrorCode.PEER_GONE, 'the VMM hung up during set-up');
         const targets = mapOntoImage(vmm.guest, regions);
@@ -423,6 +442,8 @@ export class VmmHandler extends EventEmitter {
           regions: targets,
           logger: log,
           checksumInstalled: true,
+          recordFaults: recording,
+          ...(local ? { local } : {}),
         });
         engine.on('memory-event', (e: MemoryEvent) => log.info(e, 'memory event'));
         if (vmm.takeover) {
@@ -434,7 +455,15 @@ export class VmmHandler extends EventEmitter {
         // Faults the dead handler had read were lost with it: wake their threads so they fault again, to us.
         if (vmm.takeover) for (const t of targets) native.uffdWake(vmm.uffd, t.base, t.length);
         return engine;
-      });
+      };
+      const options = this.#options;
+      const replay = recording ? { window: { forward: 0, backward: 0 }, holdBackground: true } : {};
+      // The guest is already waiting: a source not reachable yet is retried like an outage.
+      vmm.session =
+        'image' in options
+          ? LocalSession.open({ ...options, ...replay, logger: log }, build)
+          : await DestinationSession.open({ ...options, ...replay, logger: log, retryFirstConnect: true, signal: vmm.abort.signal }, build);
+      if (recording) this.#startBackgroundWhenQuiet(vmm);
     } catch (err) {
       if (welcomed || vmm.ended) throw err; // the handshake does not fit the image: refused
       // The source stayed out of reach past the give-up time: the guest must not wait forever on memory that cannot come.
@@ -506,14 +535,51 @@ export class VmmHandler extends EventEmitter {
       });
   }
 
+  /** While recording: the background starts once the guest's faults go quiet (or it never faulted for a while). */
+  #startBackgroundWhenQuiet(vmm: VmmSession): void {
+    let faults = -1;
+    let quietSince = Date.now();
+    vmm.quietWatch = setInterval(() => {
+      const session = vmm.session;
+      if (!session || vmm.ended) return clearInterval(vmm.quietWatch);
+      const now = session.engine.stats().faults;
+      if (now !== faults) {
+        faults = now;
+        quietSince = Date.now();
+        return;
+      }
+      if (Date.now() - quietSince >= (faults > 0 ? RECORD_QUIET_MS : 5 * RECORD_QUIET_MS)) {
+        clearInterval(vmm.quietWatch);
+        this.#log.info({ vmmPid: vmm.pid, faults }, 'the guest stopped faulting: working set recorded so far; background started');
+        session.startBackground();
+      }
+    }, RECORD_QUIET_MS / 4);
+    vmm.quietWatch.unref();
+  }
+
+  /** Writes the session's working set (recordWorkingSet) once its engine has stopped. */
+  #writeWorkingSet(vmm: VmmSession, session: PageSession): void {
+    const path = this.#options.recordWorkingSet;
+    if (path === undefined) return;
+    try {
+      const set = { ...layoutOf(session.regions), fingerprint: session.fingerprint, entries: session.engine.faultedPages() };
+      writeWorkingSet(path, set);
+      this.#log.info({ vmmPid: vmm.pid, pages: pagesIn(set), file: path }, 'working set recorded');
+    } catch (err) {
+      this.#log.error({ vmmPid: vmm.pid, err: (err as Error).message, file: path }, 'writing the working set failed');
+    }
+  }
+
   #end(vmm: VmmSession, reason: string): void {
     if (vmm.ended) return;
     vmm.ended = true;
     vmm.abort.abort();
+    if (vmm.quietWatch) clearInterval(vmm.quietWatch);
     this.#sessions.delete(vmm);
     // Stop first: the final figures are read once every engine thread has finished.
     const session = vmm.session;
     session?.close();
+    if (session) this.#writeWorkingSet(vmm, session);
     const stats = session?.stats();
     if (!vmm.starting) closeSync(vmm.uffd); // else #start closes it when it returns
     vmm.socket.destroy();

@@ -9,6 +9,7 @@ import { createHash } from 'node:crypto';
 import { readFileSync, writeFileSync, renameSync } from 'node:fs';
 import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import { forEachEntry } from '../lib/protocol.js';
+import type { Logger } from '../lib/logger.js';
 
 const MAGIC = 'uffd-postcopy working set 1\n';
 const HASH_BYTES = 32;
@@ -106,4 +107,23 @@ export function entryChunks(entries: Uint8Array, perMessage: number): Uint8Array
   const out: Uint8Array[] = [];
   for (let k = 0; k < entries.length; k += perMessage * 8) out.push(entries.subarray(k, k + perMessage * 8));
   return out;
+}
+
+/** The layout of an image's regions, as a working set records it. */
+export function layoutOf(regions: readonly { length: number; pageSize: number }[]): WorkingSetLayout {
+  return { regions: regions.map((r) => ({ pages: r.length / r.pageSize, pageSize: r.pageSize })) };
+}
+
+/**
+ * Before a set is replayed: it must fit the image (else ERR_WORKING_SET_MISMATCH);
+ * recorded against other contents of the same layout, it is replayed with a warning.
+ */
+export function checkReplay(set: WorkingSet, regions: readonly { length: number; pageSize: number }[], fingerprint: string, log: Logger): void {
+  checkWorkingSetFits(set, layoutOf(regions));
+  if (set.fingerprint !== fingerprint)
+    log.warn(
+      { recordedFor: set.fingerprint.slice(0, 16), image: fingerprint.slice(0, 16) },
+      'the working set was recorded against other contents of the same layout; replaying it',
+    );
+  log.info({ pages: pagesIn(set) }, 'replaying a working set');
 }

@@ -37,3 +37,59 @@ export function touchPages(
   }
   return native.touchPages(address, pageSize, order, validateBoolean(options.write ?? false, 'options.write'), cpu, mapping?.handle);
 }
+
+/** What a cold start touches (coldStartOrder). */
+export interface ColdStartShape {
+  /** The share of pages in the stable working set (default 0.15). */
+  workingSet?: number;
+  /** Pages touched besides, different each run, as a share of all pages (default 0.001). */
+  extra?: number;
+  /** Chooses the working set: the same for every run of one "function" (default 1). */
+  setSeed?: number;
+}
+
+/**
+ * Page indices as a cold start touches them: a stable working set (clusters
+ * of 1 to 32 pages chosen by `setSeed`: code and heap) touched in an order
+ * that differs with each `runSeed`, plus a few random pages of that run only.
+ */
+export function coldStartOrder(pages: number, runSeed: number, shape: ColdStartShape = {}): Uint32Array {
+  validateInteger(pages, 'pages', 1, 0xffffffff);
+  validateInteger(runSeed, 'runSeed', 0, 0xffffffff);
+  const share = shape.workingSet ?? 0.15;
+  const extraShare = shape.extra ?? 0.001;
+  if (!(share > 0 && share <= 1)) throw outOfRange('shape.workingSet', 'in (0, 1]', share);
+  if (!(extraShare >= 0 && extraShare <= 1)) throw outOfRange('shape.extra', 'in [0, 1]', extraShare);
+  const inSet = new Uint8Array(pages);
+  const setRandom = seededRandom(validateInteger(shape.setSeed ?? 1, 'shape.setSeed', 0, 0xffffffff));
+  const want = Math.max(1, Math.round(pages * share));
+  let chosen = 0;
+  while (chosen < want) {
+    const start = Math.floor(setRandom() * pages);
+    const length = 1 + Math.floor(setRandom() * 32);
+    for (let p = start; p < Math.min(pages, start + length) && chosen < want; p++) if (!inSet[p]) ((inSet[p] = 1), chosen++);
+  }
+  const run = seededRandom(runSeed ^ 0x9e3779b9);
+  const order: number[] = [];
+  for (let p = 0; p < pages; p++) if (inSet[p]) order.push(p);
+  for (let k = Math.round(pages * extraShare); k > 0; k--) {
+    const p = Math.floor(run() * pages);
+    if (!inSet[p]) ((inSet[p] = 2), order.push(p));
+  }
+  for (let i = order.length - 1; i > 0; i--) {
+    const j = Math.floor(run() * (i + 1));
+    [order[i], order[j]] = [order[j], order[i]];
+  }
+  return Uint32Array.from(order);
+}
+
+/** A small seeded generator (mulberry32): the same seed, the same numbers in [0, 1). */
+function seededRandom(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let x = Math.imul(a ^ (a >>> 15), 1 | a);
+    x = (x + Math.imul(x ^ (x >>> 7), 61 | x)) ^ x;
+    return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
+  };
+}
