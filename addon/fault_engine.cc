@@ -141,6 +141,9 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
           if (image_.back()->pages != sourcePages_[i] || image_.back()->pageSize != sourcePageSize_[i])
             throw CodedError(info.Env(), "ERR_IMAGE_INVALID", "an image region does not match its source region");
         }
+        // A working set to replay is here before the fill thread starts: not one background run goes ahead of it.
+        Napi::Value prefetch = o.Get("prefetch");
+        if (prefetch.IsTypedArray()) AddPrefetch(info.Env(), prefetch.As<Napi::TypedArrayOf<uint8_t>>());
       } catch (...) {
         for (auto& pages : image_) pages->Release();  // the destructor does not run when a constructor throws
         throw;
@@ -718,19 +721,21 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   // pages of a working set, installed ahead of the background (local image).
   Napi::Value Prefetch(const Napi::CallbackInfo& info) {
     if (image_.empty()) throw CodedError(info.Env(), "ERR_ENGINE_STATE", "only an engine serving a local image replays a working set itself");
-    auto bytes = info[0].As<Napi::TypedArrayOf<uint8_t>>();
-    if (bytes.ByteLength() % 8) throw CodedError(info.Env(), "ERR_OUT_OF_RANGE", "prefetch entries are 8 bytes each");
+    AddPrefetch(info.Env(), info[0].As<Napi::TypedArrayOf<uint8_t>>());
+    return info.Env().Undefined();
+  }
+
+  void AddPrefetch(Napi::Env env, Napi::TypedArrayOf<uint8_t> bytes) {
+    if (bytes.ByteLength() % 8) throw CodedError(env, "ERR_OUT_OF_RANGE", "prefetch entries are 8 bytes each");
     std::vector<uint64_t> entries(bytes.ByteLength() / 8);
     std::memcpy(entries.data(), bytes.Data(), bytes.ByteLength());
     for (uint64_t e : entries) {
       uint64_t region = e >> 48, page = e & ((1ull << 48) - 1);
-      if (region >= sourcePages_.size() || page >= sourcePages_[region])
-        throw CodedError(info.Env(), "ERR_OUT_OF_RANGE", "a prefetch entry lies outside the image");
+      if (region >= sourcePages_.size() || page >= sourcePages_[region]) throw CodedError(env, "ERR_OUT_OF_RANGE", "a prefetch entry lies outside the image");
     }
     std::lock_guard<std::mutex> lock(fillMu_);
     prefetch_.insert(prefetch_.end(), entries.begin(), entries.end());
     fillCv_.notify_one();
-    return info.Env().Undefined();
   }
 
   // startBackground(): a local image's background fill starts (or goes on) now.

@@ -60,6 +60,8 @@ export interface LocalImageSupply {
   window: TransferOptions['window'];
   /** Start the background fill at once (else: at startBackground()). */
   background: boolean;
+  /** A working set to install first, in order (client/working-set.ts entries). */
+  prefetch?: Uint8Array;
 }
 
 /** A data channel failed: what happened, and which attach it belonged to. */
@@ -202,8 +204,7 @@ export class FaultEngine extends EventEmitter {
    * faults and ahead of the background.
    */
   prefetch(entries: Uint8Array): void {
-    if (!(entries instanceof Uint8Array) || entries.length % 8 !== 0) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, 'prefetch entries must be 8 bytes each');
-    this.#native.prefetch(entries);
+    this.#native.prefetch(checkEntries(entries));
   }
 
   /** A local image's background fill starts now (it was held back). */
@@ -327,5 +328,11 @@ function localSupply(local: LocalImageSupply, sourceRegions: readonly SourceRegi
       backward: validateInteger(local.window.backward, 'window.backward', 0, MAX_WINDOW),
     },
     background: local.background === true,
+    ...(local.prefetch ? { prefetch: checkEntries(local.prefetch) } : {}),
   };
+}
+
+function checkEntries(entries: Uint8Array): Uint8Array {
+  if (!(entries instanceof Uint8Array) || entries.length % 8 !== 0) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, 'prefetch entries must be 8 bytes each');
+  return entries;
 }

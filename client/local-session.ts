@@ -73,9 +73,9 @@ export class LocalSession extends EventEmitter implements PageSession {
       image: image.regions.map((r) => r.spec),
       window: transfer.window,
       background: transfer.background.enabled && !options.holdBackground,
+      ...(options.prefetch ? { prefetch: options.prefetch.entries } : {}),
     });
     const session = new LocalSession(image, transfer, engine, machine, regions);
-    if (options.prefetch) engine.prefetch(options.prefetch.entries);
     if (engine.complete) machine.to('resident');
     log.info({ image: image.fingerprint.slice(0, 16), regions: regions.length, bytes: image.totalBytes, ...transfer }, 'restoring from a local image');
     return session;

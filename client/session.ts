@@ -367,11 +367,11 @@ export class DestinationSession extends EventEmitter implements PageSession {
     this.#generation = this.engine.attachChannels(connection.takeChannels());
     this.#channelsOf = connection;
     const have = this.#identity.regions.map((r) => ({ region: r.id, bitmap: this.engine.heldBitmap(r.id) }));
-    await connection.start(have.some((h) => h.bitmap.some((b) => b !== 0)) ? have : undefined);
+    // The working set goes again on each connection, before `start` (no background run goes ahead of it); the source skips what we hold.
+    const replay = this.#options.prefetch && !this.engine.complete ? this.#options.prefetch.entries : undefined;
+    if (replay && !connection.canPrefetch) this.#log.warn('the source cannot stream a working set ahead (no prefetch capability): it is not replayed');
+    await connection.start(have.some((h) => h.bitmap.some((b) => b !== 0)) ? have : undefined, replay);
     starting(); // closed, given up, or paused by a channel failing meanwhile
-    // The working set goes again on each connection: the source skips what we hold.
-    if (this.#options.prefetch && !this.engine.complete && !connection.prefetch(this.#options.prefetch.entries))
-      this.#log.warn('the source cannot stream a working set ahead (no prefetch capability): it is not replayed');
     if (this.#earlyFailure) throw this.#earlyFailure; // a channel failed before there was a session to pause
     this.#watch(connection);
     this.#lastProgressAt = Date.now();

@@ -190,7 +190,9 @@ export class SourceConnection {
    * source that cannot take pieces, not at all (it then sends pages we hold,
    * which are dropped as duplicates: slower, never wrong).
    */
-  async start(have?: { region: number; bitmap: Uint8Array }[]): Promise<void> {
+  async start(have?: { region: number; bitmap: Uint8Array }[], prefetch?: Uint8Array): Promise<void> {
+    // A working set to replay (client/working-set.ts entries) goes first: the source streams it, in order, ahead of its background.
+    if (prefetch && this.canPrefetch) for (const chunk of entryChunks(prefetch, MAX_PREFETCH_ENTRIES)) send(this.#control, { t: 'prefetch', entries: chunk });
     const bytes = (have ?? []).reduce((n, h) => n + h.bitmap.length, 0);
     const piece = Math.max(4096, Math.min(HAVE_PIECE_BYTES, Math.floor(this.#maxFrame / 2)));
     if (have && bytes > piece) {
@@ -208,14 +210,9 @@ export class SourceConnection {
     await this.#reader.next(['started'], this.#timeoutMs);
   }
 
-  /**
-   * Asks the source to stream a working set's pages (client/working-set.ts
-   * entries) in order ahead of the background. False when it cannot.
-   */
-  prefetch(entries: Uint8Array): boolean {
-    if (!this.#capabilities.includes('prefetch')) return false;
-    for (const chunk of entryChunks(entries, MAX_PREFETCH_ENTRIES)) send(this.#control, { t: 'prefetch', entries: chunk });
-    return true;
+  /** The source streams a working set ahead of its background (`prefetch` before `start`). */
+  get canPrefetch(): boolean {
+    return this.#capabilities.includes('prefetch');
   }
 
   /** The background stream held back at connection starts now. */

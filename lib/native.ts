@@ -231,6 +231,7 @@ export interface NativeAddon {
     image?: ServedRegionSpec[];
     window?: { forward: number; backward: number };
     background?: boolean;
+    prefetch?: Uint8Array;
     onEvent: (event: NativeEvent) => void;
   }) => NativeFaultEngine;
 }

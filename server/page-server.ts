@@ -288,12 +288,23 @@ export class PageServer {
     const options = checkOptions(await reader.next(['options'], this.#handshakeTimeoutMs));
     // A held-pages bitmap too large for one frame comes first in pieces (`have`), then `start`.
     const have = new Map<number, { region: number; bitmap: Uint8Array }>();
+    const prefetch: Uint8Array[] = [];
+    let prefetchEntries = 0;
     let start: MessageOf<'start'>;
     for (;;) {
-      const msg = await reader.next(['have', 'start'], this.#handshakeTimeoutMs);
+      const msg = await reader.next(['have', 'prefetch', 'start'], this.#handshakeTimeoutMs);
       if (msg.t === 'start') {
         start = msg;
         break;
+      }
+      if (msg.t === 'prefetch') {
+        // A working set to stream ahead of the background: at most one entry per page of the image.
+        const entries = checkPrefetch(msg, this.#image.regions);
+        prefetchEntries += entries.length / 8;
+        if (prefetchEntries > this.#image.regions.reduce((n, r) => n + r.length / r.pageSize, 0))
+          throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, 'a working set with more entries than the image has pages');
+        prefetch.push(entries);
+        continue;
       }
       const chunk = checkHaveChunk(msg, this.#image.regions);
       const r = this.#image.regions[chunk.region];
@@ -301,17 +312,18 @@ export class PageServer {
       if (!whole) have.set(chunk.region, (whole = { region: chunk.region, bitmap: new Uint8Array(Math.ceil(r.length / r.pageSize / 8)) }));
       for (let i = 0; i < chunk.bitmap.length; i++) whole.bitmap[chunk.offset + i] |= chunk.bitmap[i];
     }
-    session.start(options, [...have.values()].map(({ region, bitmap }) => ({ region, bitmap })).concat(checkHave(start.have, this.#image.regions)), keys);
+    session.start(
+      options,
+      [...have.values()].map(({ region, bitmap }) => ({ region, bitmap })).concat(checkHave(start.have, this.#image.regions)),
+      keys,
+      prefetch,
+    );
     send(socket, { t: 'started' });
     // One `done` per connection (a destination asks again only on a new one): the digest and the checksums are work, and a peer must not be able to ask for them without end.
     let answered = false;
     for (;;) {
-      const msg = await reader.next(answered ? ['bye'] : ['done', 'bye', 'prefetch', 'background']);
+      const msg = await reader.next(answered ? ['bye'] : ['done', 'bye', 'background']);
       if (msg.t === 'bye') break;
-      if (msg.t === 'prefetch') {
-        session.prefetch(checkPrefetch(msg, this.#image.regions));
-        continue;
-      }
       if (msg.t === 'background') {
         session.startBackground();
         continue;

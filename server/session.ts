@@ -102,8 +102,12 @@ export class SourceSession {
     this.#log.debug({ channel }, 'data channel attached');
   }
 
-  /** Starts the native threads; `have` lists pages the destination already holds. */
-  start(options: TransferOptions, have: { region: number; bitmap: Uint8Array }[] = [], keys?: DataChannelKeys): void {
+  /**
+   * Starts the native threads; `have` lists pages the destination already
+   * holds, `prefetch` a working set it replays (client/working-set.ts
+   * entries), streamed in order ahead of the background.
+   */
+  start(options: TransferOptions, have: { region: number; bitmap: Uint8Array }[] = [], keys?: DataChannelKeys, prefetch: Uint8Array[] = []): void {
     if (this.#fds.urgent === undefined || this.#fds.bulk === undefined) {
       throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'start before both data channels were attached');
     }
@@ -128,15 +132,10 @@ export class SourceSession {
       throw err;
     }
     for (const h of have) this.#native.markSent(h.region, h.bitmap);
+    for (const entries of prefetch) this.#native.prefetch(entries); // streamed before any background run
     const held = this.#native.stats().pagesSent;
     this.#native.start();
     this.#machine.to('active', { options, pagesHeldByDestination: held, encryption: keys ? 'aes-256-gcm' : 'none' });
-  }
-
-  /** Pages of a working set the destination replays (lib/working-set.ts entries): streamed in order, ahead of the background. */
-  prefetch(entries: Uint8Array): void {
-    if (!this.#native) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `prefetch while the session is ${this.state}`);
-    this.#native.prefetch(entries);
   }
 
   /** The destination held the background stream back (while it recorded its working set): it starts now. */
