@@ -6,23 +6,28 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Destination } from '../client/destination.js';
+import { Image } from '../server/image.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
 import { PAGE_SIZE } from '../lib/memory.js';
 import { runFloor, type FloorBulk, type FloorLatency } from './floor.js';
 import { floorImageFile, startSource, type RunningSource } from './source.js';
 
 /** A source in its own process (as the floor's page server is), serving `pages` of the floor's image. */
-function floorSource(dir: string, pages: number, transport: Transport): Promise<RunningSource> {
+function floorSource(dir: string, pages: number, transport: 'unix' | 'tcp'): Promise<RunningSource> {
   return startSource(floorImageFile(dir, pages), transport === 'unix' ? `unix:${join(dir, 'source.sock')}` : 'tcp:127.0.0.1:0');
 }
 
-export type Transport = 'unix' | 'tcp';
+/** Where the pages come from: a source process over a unix socket or TCP, or the image file in the faulting process (beside the floor's `local`). */
+export type Transport = 'unix' | 'tcp' | 'image';
+
+/** The floor's case for the same workload. */
+const floorCase = (transport: Transport) => (transport === 'image' ? 'local' : transport);
 
 /** x rounded to `digits` decimals (figures as the benchmarks print them). */
 export const round = (x: number, digits = 2) => Math.round(x * 10 ** digits) / 10 ** digits;
 
 /** Percentiles picked exactly as the floor picks them (sorted, index n*q). */
-function percentiles(latencyNs: Float64Array, totalNs: number) {
+export function percentiles(latencyNs: Float64Array, totalNs: number) {
   const s = Float64Array.from(latencyNs).sort();
   const n = s.length;
   return {
@@ -35,7 +40,7 @@ function percentiles(latencyNs: Float64Array, totalNs: number) {
 }
 
 /** The median of each numeric field over several runs of the same shape. */
-function medianOf<T extends object>(runs: T[]): T {
+export function medianOf<T extends object>(runs: T[]): T {
   const out: Record<string, unknown> = { ...(runs[0] as Record<string, unknown>) };
   for (const [k, v] of Object.entries(runs[0])) if (typeof v === 'number') out[k] = median(runs.map((r) => (r as Record<string, number>)[k]));
   return out as T;
@@ -43,7 +48,7 @@ function medianOf<T extends object>(runs: T[]): T {
 /** The middle value (the upper one of an even count). */
 export const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 /** Median of per-pair ratios, with their spread: these machines drift, so one pair is not a ratio. */
-function ratioOf(pairs: number[]): { median: number; spread: [number, number] } {
+export function ratioOf(pairs: number[]): { median: number; spread: [number, number] } {
   return { median: round(median(pairs)), spread: [round(Math.min(...pairs)), round(Math.max(...pairs))] };
 }
 
@@ -67,14 +72,11 @@ export interface LatencyResult {
 
 async function oursLatencyOnce(pages: number, transport: Transport, seed: number) {
   const dir = mkdtempSync(join(tmpdir(), 'postcopy-bench-'));
-  const source = await floorSource(dir, pages, transport);
+  const image = transport === 'image' ? Image.open([{ path: floorImageFile(dir, pages) }]) : null;
+  const source = transport === 'image' ? null : await floorSource(dir, pages, transport);
   try {
-    const dest = await Destination.connect({
-      source: source.address,
-      token: source.token,
-      window: { forward: 0, backward: 0 },
-      background: { enabled: false },
-    });
+    const pure = { window: { forward: 0, backward: 0 }, background: { enabled: false } };
+    const dest = await Destination.connect(image ? { image, ...pure } : { source: source!.address, token: source!.token, ...pure });
     try {
       const region = dest.regions[0].mapping;
       const order = shuffledOrder(pages, seed);
@@ -93,7 +95,8 @@ async function oursLatencyOnce(pages: number, transport: Transport, seed: number
       dest.close();
     }
   } finally {
-    await source.close();
+    await source?.close();
+    image?.close();
     rmSync(dir, { recursive: true, force: true });
   }
 }
@@ -101,7 +104,7 @@ async function oursLatencyOnce(pages: number, transport: Transport, seed: number
 export async function latencyBench(pages: number, transport: Transport, seed: number, rounds = 3): Promise<LatencyResult> {
   const ours: Awaited<ReturnType<typeof oursLatencyOnce>>[] = [];
   const floors: FloorLatency[] = [];
-  const floorOnce = async () => floors.push((await runFloor(pages, seed, [transport])).get(transport) as FloorLatency);
+  const floorOnce = async () => floors.push((await runFloor(pages, seed, [floorCase(transport)])).get(floorCase(transport)) as FloorLatency);
   for (let r = 0; r < rounds; r++) {
     // Alternate which goes first, so neither always runs on a warmer (or busier) machine.
     if (r % 2 === 0) {
@@ -142,7 +145,7 @@ export interface ThroughputResult {
   spread: [number, number];
 }
 
-async function oursThroughputOnce(pages: number, transport: Transport) {
+async function oursThroughputOnce(pages: number, transport: 'unix' | 'tcp') {
   const dir = mkdtempSync(join(tmpdir(), 'postcopy-bench-'));
   const source = await floorSource(dir, pages, transport);
   try {
@@ -161,7 +164,7 @@ async function oursThroughputOnce(pages: number, transport: Transport) {
   }
 }
 
-export async function throughputBench(pages: number, transport: Transport, rounds = 3): Promise<ThroughputResult> {
+export async function throughputBench(pages: number, transport: 'unix' | 'tcp', rounds = 3): Promise<ThroughputResult> {
   const ours: { gbytes_per_s: number; total_ms: number }[] = [];
   const floors: FloorBulk[] = [];
   const floorOnce = async () => floors.push((await runFloor(pages, 1, [`bulk-${transport}`])).get(`bulk-${transport}`) as FloorBulk);

@@ -19,11 +19,19 @@ const benchUsage = `postcopy bench [--full] [--out DIR] [--pages N] [--link NAME
   Writes results.json, report.md and SVG plots to reports/<time>/ (see
   bench/README.md).
 
-postcopy bench latency|throughput [--pages N] [--transport unix|tcp|both] [--seed S] [--rounds R] [--json]
+postcopy bench latency|throughput [--pages N] [--transport unix|tcp|image|both] [--seed S] [--rounds R] [--json]
   The floor's own workload only (one thread, every page once, random order;
   or the whole image streamed), ours and bench/floor.c's interleaved R times
   (default 3): the ratio is the median of the per-round ratios, with their
-  spread.
+  spread. --transport image (latency only): faults served from the image file
+  in this process, beside the floor's local case.
+
+postcopy bench local [--pages N] [--rounds R] [--seed S] [--json]
+  restoring on one host, each beside the floor's local case (a plain-C
+  handler copying each fault from memory in its own process): fault latency
+  from a local image (--image), and a cold start from a local image and from
+  a unix-socket source with and without --prefetch of a recorded working set
+  (demand faults, time until the workload finishes). JSON lines, then a table.
 
 postcopy bench encryption [--pages N] [--rounds R]
   What sealing TCP data channels costs: fault p50 and bulk GB/s over TCP,
@@ -53,8 +61,8 @@ const usageOf: Record<string, string> = { serve: serveUsage, restore: restoreUsa
 
 async function bench(argv: string[]): Promise<void> {
   const which = argv[0] && !argv[0].startsWith('-') ? argv[0] : 'suite';
-  if (!['suite', 'latency', 'throughput', 'encryption'].includes(which))
-    throw new UsageError(`unknown benchmark ${JSON.stringify(which)} (the suite, latency, throughput or encryption)`);
+  if (!['suite', 'latency', 'throughput', 'encryption', 'local'].includes(which))
+    throw new UsageError(`unknown benchmark ${JSON.stringify(which)} (the suite, latency, throughput, encryption or local)`);
   const rest = which === 'suite' ? argv : argv.slice(1);
   const values = parseCommandLine(rest, {
     pages: { type: 'string' },
@@ -72,6 +80,7 @@ async function bench(argv: string[]): Promise<void> {
     latency: ['pages', 'rounds', 'transport', 'seed', 'json'],
     throughput: ['pages', 'rounds', 'transport', 'json'],
     encryption: ['pages', 'rounds', 'seed', 'json'],
+    local: ['pages', 'rounds', 'seed', 'json'],
   };
   const stray = Object.keys(values).find((k) => !takes[which].includes(k));
   if (stray) {
@@ -105,14 +114,27 @@ async function bench(argv: string[]): Promise<void> {
     process.stdout.write(JSON.stringify(result) + '\n');
     return;
   }
+  if (which === 'local') {
+    const { localBench, localTable } = await import('../bench/local.js');
+    const results = await localBench(
+      parseCount(values.pages, '--pages', 65536, 1 << 24, 1024),
+      parseCount(values.rounds, '--rounds', 3, 100, 1),
+      parseCount(values.seed, '--seed', 1, 0xffffffff),
+      (line) => process.stderr.write(line + '\n'),
+    );
+    for (const r of results) process.stdout.write(JSON.stringify(r) + '\n');
+    if (!values.json) process.stdout.write('\n' + localTable(results));
+    return;
+  }
   const { latencyBench, throughputBench } = await import('../bench/latency.js');
-  const transport = parseChoice(values.transport, '--transport', ['unix', 'tcp', 'both'] as const, 'both');
+  const transport = parseChoice(values.transport, '--transport', ['unix', 'tcp', 'image', 'both'] as const, 'both');
+  if (which === 'throughput' && transport === 'image') throw new UsageError('bench throughput streams from a source: --transport unix, tcp or both');
   const transports: Transport[] = transport === 'both' ? ['unix', 'tcp'] : [transport];
   const pages = parseCount(values.pages, '--pages', which === 'latency' ? 32768 : 65536, 1 << 24, 1);
   const seed = parseCount(values.seed, '--seed', 1, 0xffffffff);
   const rounds = parseCount(values.rounds, '--rounds', 3, 100, 1);
   for (const t of transports) {
-    const result = which === 'latency' ? await latencyBench(pages, t, seed, rounds) : await throughputBench(pages, t, rounds);
+    const result = which === 'latency' ? await latencyBench(pages, t, seed, rounds) : await throughputBench(pages, t as 'unix' | 'tcp', rounds);
     process.stdout.write(JSON.stringify(result) + '\n');
   }
 }

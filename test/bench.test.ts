@@ -7,6 +7,7 @@ import { splitForThreads, touchSequence } from '../bench/patterns.js';
 import { runSuite } from '../bench/suite.js';
 import { rankPolicies } from '../bench/report.js';
 import { scaling, scalingSpec } from '../bench/plots.js';
+import { localBench, localTable } from '../bench/local.js';
 import { tempDir } from './helpers.js';
 
 t.test('access patterns touch what they claim', async (t) => {
@@ -83,4 +84,25 @@ t.test("scaling.svg's size axis spans the sizes measured, and the plot renders",
   const path = join(tempDir(t), 'scaling.svg');
   await scaling(points, path);
   t.match(readFileSync(path, 'utf8'), /<svg/);
+});
+
+t.test('bench local runs end to end: every case beside its baseline, the fields scripts read', async (t) => {
+  const results = await localBench(4096, 1, 1);
+  t.same(
+    results.map((r) => r.case),
+    ['image', 'cold-start-local', 'cold-start-unix'],
+  );
+  for (const r of results) {
+    if (r.case === 'image') {
+      t.match(r, { pages: 4096, floor: { case: 'local' }, ratio: { p50: Number, p99: Number } }, 'image faults beside the floor local case');
+      t.ok(r.ours.p50_us > 0 && r.floor.p50_us > 0);
+    } else {
+      t.equal(r.digestMatch, true, `${r.case}: every run byte-exact`);
+      t.ok(r.workingSetPages > 0, `${r.case}: a working set was recorded (${r.workingSetPages} pages)`);
+      t.equal(r.with.pagesPrefetched > 0, true, `${r.case}: the replay installed pages`);
+      t.type(r.faultsRatio, 'number');
+      t.type(r.timeRatio, 'number');
+    }
+  }
+  t.match(localTable(results), /\| cold-start-unix \| demand faults \|/);
 });
