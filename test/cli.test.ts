@@ -100,7 +100,7 @@ t.test('every mistake on the command line is refused at once, in one line naming
   const dir = tempDir(t);
   const cases: [string[], RegExp][] = [
     [['serve', '--image', 'x', '--listen', 'unix:/x', '--frob'], /unknown option --frob/],
-    [['bench', 'latency', '--transport', 'udp'], /--transport must be unix, tcp, both; not "udp"/],
+    [['bench', 'latency', '--transport', 'udp'], /--transport must be unix, tcp, image, both; not "udp"/],
     [['bench', 'latency', '--pages', '0'], /--pages must be a whole number from 1/],
     [['bench', 'nonsense'], /unknown benchmark "nonsense"/],
     [['bench', '--transport', 'udp'], /--transport is not an option of the bench suite \(it is of latency, throughput\)/],
@@ -108,7 +108,7 @@ t.test('every mistake on the command line is refused at once, in one line naming
     [['restore', '--source', 'unix:/x', '--window', '-1:2'], /--window F \(pages after\) must be a whole number from 0 to 1024; not "-1"/],
     [['restore', '--source', 'unix:/x', '--window', '8'], /--window takes F:B/],
     [['restore', '--source', 'unix:/x', '--rate', '0.4'], /--rate .* must be a whole number of bytes; not "0.4"/],
-    [['restore', '--source', 'unix:/x', '--workload', 'bogus'], /--workload must be random, sequential, none; not "bogus"/],
+    [['restore', '--source', 'unix:/x', '--workload', 'bogus'], /--workload must be random, sequential, cold-start, none; not "bogus"/],
     [['restore', '--source', 'unix:/x', '--out', join(dir, 'no-such-dir', 'out.bin')], /--out .*no-such-dir.*does not exist/],
     [['restore', '--source', 'unix:/x', '--out', dir], /--out .*is a directory/],
     [['restore', '--source', 'unix:/x', '--no-background', '--workload', 'none'], /can never finish/],
@@ -116,13 +116,22 @@ t.test('every mistake on the command line is refused at once, in one line naming
     [['restore', '--source', 'unix:/x', '--no-background', '--rate', '10M'], /--rate limits the background stream, which --no-background turns off/],
     [
       ['restore', '--source', 'unix:/x', '--workload', 'sequential', '--seed', '3'],
-      /--seed orders the random workload; --workload sequential has no use for it/,
+      /--seed orders the random and cold-start workloads; --workload sequential has no use for it/,
     ],
     [['handle', '--socket', join(dir, 'h2.sock'), '--source', 'unix:/x', '--no-background', '--rate', '1M'], /--rate limits the background stream/],
     [['restore', '--source', 'tcp:127.0.0.1:99999'], /--source "tcp:127.0.0.1:99999": port 99999 is out of range/],
     [['restore', '--source', 'tcp:host'], /--source "tcp:host": no port after the host/],
     [['restore', '--source', 'unix:/x', '--give-up-after', 'soon'], /--give-up-after takes a duration/],
     [['handle', '--socket', join(dir, 'h.sock'), '--source', 'tcp:host'], /--source "tcp:host": no port/],
+    [['restore', '--image', join(dir, 'i.bin'), '--source', 'unix:/x'], /--image restores from a local file, --source from a source: give one or the other/],
+    [['restore', '--source', 'unix:/x', '--record-working-set', join(dir, 'w.ws'), '--window', '4:0'], /serves each fault alone .*drop --window/],
+    [['restore', '--source', 'unix:/x', '--record-working-set', join(dir, 'w.ws'), '--prefetch', join(dir, 'w.ws')], /record without a replay/],
+    [['restore', '--source', 'unix:/x', '--record-working-set', join(dir, 'w.ws'), '--workload', 'none'], /--workload none touches nothing/],
+    [['restore', '--source', 'unix:/x', '--no-background', '--workload', 'cold-start'], /cold-start can never finish/],
+    [['handle', '--socket', join(dir, 'h3.sock'), '--image', join(dir, 'i.bin'), '--rate', '1M'], /a local --image has none to limit/],
+    [['handle', '--socket', join(dir, 'h4.sock'), '--image', join(dir, 'i.bin'), '--source', 'unix:/x'], /give one or the other/],
+    [['bench', 'throughput', '--transport', 'image'], /bench throughput streams from a source/],
+    [['bench', 'local', '--link', 'unix'], /--link is not an option of bench local/],
     [['demo', '--threads', 'abc'], /--threads must be a whole number from 1 to 64; not "abc"/],
     [['demo', '--threads', '0'], /--threads must be a whole number from 1 to 64; not "0"/],
     [['demo', '--size', '0'], /--size must be at least/],
@@ -187,7 +196,7 @@ t.test('demo: a source process, the handler and a VMM process; every byte verifi
   t.match(r.stdout, /every byte matches/);
   t.match(r.stdout, /checked\s+the handler checked all \d+ pages it installed against the source image: they match/);
   t.notMatch(r.stderr, /"level":(4|5)0/, 'no warning or error on the way');
-  t.match(r.stdout, /on demand\s+[\d,]+\s+prefetched \(window\) [\d,]+\s+background [\d,]+/);
+  t.match(r.stdout, /on demand\s+[\d,]+\s+prefetched \(window\) [\d,]+\s+working set [\d,]+\s+background [\d,]+/);
   t.match(r.stdout, /postcopy serve, pid \d+/);
   t.match(r.stdout, /balloon\s+\d+ pages given back; \d+ touched again and zero-filled/);
 });
