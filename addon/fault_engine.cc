@@ -62,6 +62,11 @@ struct TargetRegion {
   std::unique_ptr<AtomicBitmap> checked;             // installed here from the source's data: in the installed-pages checksum
   std::unique_ptr<LazyPageArray<uint64_t>> faultNs;  // first fault time of a waited-on page, 0 if none
   std::unique_ptr<LazyPageArray<uint32_t>> waiters;  // faults seen on the page while it was missing
+  // MINOR mode: the guest's memory file mapped in this process too. Contents
+  // go into the page cache through it, and the guest's threads are released
+  // with UFFDIO_CONTINUE (null: pages are installed with UFFDIO_COPY).
+  uint8_t* fill = nullptr;
+  std::unique_ptr<AtomicBitmap> cached;  // MINOR mode: the page's contents are in the page cache
 };
 
 // What an install came to: done; the layout is changing and the caller may not
@@ -112,6 +117,11 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       t->length = static_cast<uint64_t>(r.Get("length").As<Napi::Number>().Int64Value());
       t->pageSize = static_cast<uint64_t>(r.Get("pageSize").As<Napi::Number>().Int64Value());
       t->pages = t->length / t->pageSize;
+      Napi::Value fill = r.Get("fillAddress");
+      if (fill.IsNumber() && fill.As<Napi::Number>().Int64Value() != 0) {
+        t->fill = reinterpret_cast<uint8_t*>(static_cast<uintptr_t>(fill.As<Napi::Number>().Int64Value()));
+        t->cached = std::make_unique<AtomicBitmap>(t->pages);
+      }
       t->received = std::make_unique<AtomicBitmap>(t->pages);
       t->requested = std::make_unique<AtomicBitmap>(t->pages);
       t->removed = std::make_unique<AtomicBitmap>(t->pages);
@@ -344,6 +354,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     auto n = [&](Napi::Object& into, const char* k, uint64_t v) { into.Set(k, Napi::Number::New(env, static_cast<double>(v))); };
     n(s, "faults", faults_);
     n(s, "faultsOnResidentPages", faultsResident_);
+    n(s, "minorFaults", minorFaults_);
     n(s, "pagesRequested", requestsSent_);
     n(s, "pagesInstalledRequested", installed_[wire::kRequested]);
     n(s, "pagesInstalledPrefault", installed_[wire::kPrefault]);
@@ -522,6 +533,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     uint64_t marked = 0;
     for (uint64_t p = 0; p < r.pages; p++) {
       if (!((bits.Data()[p / 8] >> (p % 8)) & 1) || !r.received->Claim(p)) continue;
+      if (r.fill) r.cached->Claim(p);  // mapped in the guest, so in the page cache: never written again
       if (r.settled->Claim(p)) marked++;
     }
     Settle(marked, MonotonicNs());
@@ -574,7 +586,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     reqs.reserve(256);
     pollfd fds[3] = {{uffd_, POLLIN, 0}, {stopFd_, POLLIN, 0}, {resendFd_, POLLIN, 0}};
     while (!stop_.load()) {
-      int ready = poll(fds, 3, deferredZeroFills_.empty() ? -1 : 1);
+      int ready = poll(fds, 3, deferredZeroFills_.empty() && deferredContinues_.empty() && !HasLateContinues() ? -1 : 1);
       if (ready == 0) {
         RetryDeferredZeroFills();
         continue;
@@ -605,7 +617,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
         else
           OnMemoryEvent(m);
       }
-      if (!deferredZeroFills_.empty()) RetryDeferredZeroFills();
+      if (!deferredZeroFills_.empty() || !deferredContinues_.empty() || HasLateContinues()) RetryDeferredZeroFills();
       supply_->Flush();
     }
   }
@@ -633,16 +645,14 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       ZeroFillGivenBack(pageAddress, r.pageSize);
       return;
     }
-    if (r.received->Test(page)) {  // installed while the fault was queued: make sure it is awake
-      faultsResident_++;
-      uffdio_range range{pageAddress, r.pageSize};
-      ioctl(uffd_, UFFDIO_WAKE, &range);
-      return;
-    }
+    // Asked for before looking whether it is there: an installer that puts it
+    // in the page cache after this look sees the request and maps it (MINOR).
+    bool firstAsk = r.requested->Claim(page);
+    if (r.fill ? r.cached->Test(page) : r.received->Test(page)) return ServeResident(r, pageAddress, now);
     r.waiters->At(page).fetch_add(1, std::memory_order_relaxed);
     uint64_t expected = 0;
     r.faultNs->At(page).compare_exchange_strong(expected, now, std::memory_order_acq_rel);
-    if (!r.requested->Claim(page)) return;  // asked for already: this thread waits with the others
+    if (!firstAsk) return;  // asked for already: this thread waits with the others
     if (recordFaults_) {
       std::lock_guard<std::mutex> lock(recordMu_);
       faulted_.push_back((uint64_t(r.sourceRegion) << 48) | (r.sourcePage + page));
@@ -650,6 +660,53 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     lastFault_.store((uint64_t(r.index) << 48) | page, std::memory_order_relaxed);
     faultSeq_.fetch_add(1, std::memory_order_release);
     supply_->Ask(r, page);
+  }
+
+  // A fault on a page that is there. Installed with UFFDIO_COPY while the
+  // fault was queued: make sure the thread is awake. MINOR mode, its contents
+  // in the page cache: map it with UFFDIO_CONTINUE, copying nothing.
+  void ServeResident(TargetRegion& r, uint64_t pageAddress, uint64_t faultNs) {
+    if (!r.fill) {
+      faultsResident_++;
+      uffdio_range range{pageAddress, r.pageSize};
+      ioctl(uffd_, UFFDIO_WAKE, &range);
+      return;
+    }
+    minorFaults_++;
+    int err = Continue(pageAddress, r.pageSize, r.pageSize, /*mayWait=*/false);
+    if (err == EAGAIN)
+      deferredContinues_.push_back({pageAddress, r.pageSize});  // the layout is changing: after this batch's events
+    else if (err && err != ESRCH)
+      events_.Emit(ErrnoEvent("install-failed", "", err, "ioctl", "mapping a cached page failed (UFFDIO_CONTINUE)"));
+    uint64_t now = MonotonicNs();
+    latency_.Record(now > faultNs ? now - faultNs : 0);
+  }
+
+  // UFFDIO_CONTINUE over [address, address+length): maps the page-cache pages
+  // there and wakes their threads; pages mapped already (EEXIST) are woken and
+  // stepped over. 0 or an errno; EAGAIN (the layout is changing) is retried
+  // only when the caller may wait.
+  int Continue(uint64_t address, uint64_t length, uint64_t pageSize, bool mayWait) {
+    uint64_t end = address + length;
+    while (address < end) {
+      uffdio_continue c{{address, end - address}, 0, 0};
+      if (ioctl(uffd_, UFFDIO_CONTINUE, &c) == 0) return 0;
+      int err = errno;
+      if (c.mapped > 0) address += static_cast<uint64_t>(c.mapped);
+      if (err == EEXIST) {
+        uffdio_range range{address, pageSize};
+        ioctl(uffd_, UFFDIO_WAKE, &range);
+        address += pageSize;
+        continue;
+      }
+      if (err == EAGAIN && mayWait && !Leaving()) {
+        timespec ts{0, 50000};
+        nanosleep(&ts, nullptr);
+        continue;
+      }
+      return err;
+    }
+    return 0;
   }
 
   // ---- where missing pages come from ----
@@ -875,6 +932,24 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     std::vector<std::pair<uint64_t, uint64_t>> again;
     again.swap(deferredZeroFills_);
     for (auto& [address, pageSize] : again) ZeroFillGivenBack(address, pageSize);
+    // MINOR mode: cached pages whose mapping met a layout change (EAGAIN), here or on a receiver.
+    {
+      std::lock_guard<std::mutex> lock(deferredContinuesMu_);
+      deferredContinues_.insert(deferredContinues_.end(), lateContinues_.begin(), lateContinues_.end());
+      lateContinues_.clear();
+    }
+    std::vector<std::pair<uint64_t, uint64_t>> continues;
+    continues.swap(deferredContinues_);
+    for (auto& [address, length] : continues) {
+      TargetRegion* r = RegionAt(address);
+      int err = Continue(address, length, r ? r->pageSize : 4096, /*mayWait=*/false);
+      if (err == EAGAIN) deferredContinues_.push_back({address, length});
+    }
+  }
+
+  bool HasLateContinues() {
+    std::lock_guard<std::mutex> lock(deferredContinuesMu_);
+    return !lateContinues_.empty();
   }
 
   // The process gave memory back (balloon, DONTNEED) or unmapped it: those
@@ -1020,6 +1095,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   // engine must stop.
   InstallResult Install(TargetRegion& r, uint64_t first, uint64_t count, const uint8_t* data, uint32_t reason, const char* channel, uint32_t generation,
                         bool mayWait = true) {
+    if (r.fill) return InstallInCache(r, first, count, data, reason, channel, generation, mayWait);
     uint64_t p = first, end = first + count;
     while (p < end) {
       if (r.received->Test(p) || r.removed->Test(p)) {
@@ -1069,6 +1145,61 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     return kOk;
   }
 
+  // MINOR mode: pages [first, first+count) of r go into the page cache through
+  // this process's own mapping of the guest's memory file, each written once,
+  // by whoever claims it first (once mapped, the guest may be writing to it);
+  // then the pages a thread asked for are mapped with UFFDIO_CONTINUE, which
+  // wakes it. The rest wait in the cache for their first touch (ServeResident).
+  InstallResult InstallInCache(TargetRegion& r, uint64_t first, uint64_t count, const uint8_t* data, uint32_t reason, const char* channel, uint32_t generation,
+                               bool mayWait) {
+    uint64_t p = first, end = first + count;
+    while (p < end) {
+      if (r.removed->Test(p)) {
+        p++;
+        continue;
+      }
+      if (!r.received->Claim(p)) {
+        duplicates_++;
+        p++;
+        continue;
+      }
+      uint64_t q = p + 1;
+      while (q < end && !r.removed->Test(q) && r.received->Claim(q)) q++;
+      uint8_t* dst = r.fill + p * r.pageSize;
+      const uint8_t* src = data ? data + (p - first) * r.pageSize : nullptr;
+      if (src)
+        std::memcpy(dst, src, (q - p) * r.pageSize);
+      else
+        std::memset(dst, 0, (q - p) * r.pageSize);
+      for (uint64_t k = p; k < q; k++) r.cached->Claim(k);  // before looking for requests: see OnFault
+      Installed(r, p, q - p, reason, src, /*counted=*/true, /*claimed=*/true);
+      uint64_t base = r.base.load(std::memory_order_acquire);
+      for (uint64_t k = p; k < q;) {
+        if (!r.requested->Test(k)) {
+          k++;
+          continue;
+        }
+        uint64_t j = k + 1;
+        while (j < q && r.requested->Test(j)) j++;
+        int err = Continue(base + k * r.pageSize, (j - k) * r.pageSize, r.pageSize, mayWait);
+        if (err == EAGAIN) {
+          deferredContinuesMu_.lock();
+          lateContinues_.push_back({base + k * r.pageSize, (j - k) * r.pageSize});
+          deferredContinuesMu_.unlock();
+        } else if (err == ESRCH) {
+          if (!Leaving()) events_.Emit(ErrnoEvent("target-gone", channel, ESRCH, "ioctl", "the process owning the memory exited", generation));
+          return kStop;
+        } else if (err) {
+          if (!Leaving()) events_.Emit(ErrnoEvent("install-failed", channel, err, "ioctl", "mapping cached pages failed (UFFDIO_CONTINUE)", generation));
+          return kStop;
+        }
+        k = j;
+      }
+      p = q;
+    }
+    return kOk;
+  }
+
   int Copy(uint64_t dst, const uint8_t* src, uint64_t len, int64_t* done) {
     uffdio_copy c{dst, reinterpret_cast<uint64_t>(src), len, 0, 0};
     if (ioctl(uffd_, UFFDIO_COPY, &c) == 0) {
@@ -1099,7 +1230,8 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   // them and settles each exactly once. `pages`: their contents (null for a
   // zero run). `counted`: the pages were installed by this call's ioctl
   // (false for a page found already present); only those enter the checksum.
-  void Installed(TargetRegion& r, uint64_t first, uint64_t count, uint32_t reason, const uint8_t* pages, bool counted = true) {
+  // `claimed`: the caller claimed the pages' received bits already (MINOR mode).
+  void Installed(TargetRegion& r, uint64_t first, uint64_t count, uint32_t reason, const uint8_t* pages, bool counted = true, bool claimed = false) {
     if (count == 0) return;
     bool zero = pages == nullptr;
     if (counted && checksumInstalled_) {
@@ -1113,7 +1245,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     }
     uint64_t now = MonotonicNs(), settled = 0;
     for (uint64_t p = first; p < first + count; p++) {
-      if (!r.received->Claim(p)) continue;
+      if (!claimed && !r.received->Claim(p)) continue;
       if (r.settled->Claim(p)) settled++;
       uint64_t t = r.faultNs->Take(p);
       if (t) {
@@ -1162,6 +1294,9 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   std::mutex recordMu_;
   std::vector<uint64_t> faulted_;
   std::vector<std::pair<uint64_t, uint64_t>> deferredZeroFills_;  // fault thread only: [address, length]
+  std::vector<std::pair<uint64_t, uint64_t>> deferredContinues_;  // fault thread only: MINOR pages to map again [address, length]
+  std::mutex deferredContinuesMu_;
+  std::vector<std::pair<uint64_t, uint64_t>> lateContinues_;  // under deferredContinuesMu_: the same, from the other threads
   uint64_t totalPages_ = 0, maxRunBytes_ = 4096;
   int uffd_ = -1, bulkFd_ = -1, stopFd_ = -1, resendFd_ = -1;
   // The urgent channel is written by the fault thread and swapped by the JS
@@ -1186,9 +1321,9 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   LatencyHistogram latency_;
   uint64_t startNs_ = 0;
   std::atomic<uint64_t> completeNs_{0};
-  std::atomic<uint64_t> faults_{0}, faultsResident_{0}, requestsSent_{0}, installed_[4] = {}, zeroPages_{0}, duplicates_{0}, bytesReceived_{0}, resident_{0},
-                                                                          blockedNs_{0}, retries_{0}, unexpected_{0}, memoryEvents_{0}, removedPages_{0},
-                                                                          zeroFilledAfterRemove_{0}, unmappedPages_{0}, requestsResent_{0}, poisonedPages_{0};
+  std::atomic<uint64_t> faults_{0}, faultsResident_{0}, minorFaults_{0}, requestsSent_{0},
+      installed_[4] = {}, zeroPages_{0}, duplicates_{0}, bytesReceived_{0}, resident_{0}, blockedNs_{0}, retries_{0}, unexpected_{0}, memoryEvents_{0},
+      removedPages_{0}, zeroFilledAfterRemove_{0}, unmappedPages_{0}, requestsResent_{0}, poisonedPages_{0};
 };
 
 }  // namespace

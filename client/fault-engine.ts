@@ -23,6 +23,13 @@ export interface TargetRegion {
   sourceRegion?: number;
   /** The first source page backing it (default 0). */
   sourcePage?: number;
+  /**
+   * MINOR mode: where this process maps the same memory file (a memfd or
+   * shared-memory file the memory's owner maps shared and registered for
+   * MINOR faults). Contents go into the page cache through it; faults are
+   * answered with UFFDIO_CONTINUE. The caller keeps it mapped until stop().
+   */
+  fillAddress?: number;
 }
 
 export interface SourceRegion {
@@ -103,7 +110,8 @@ export class FaultEngine extends EventEmitter {
       const length = validateAligned(r.length, `regions[${i}].length`, pageSize, pageSize);
       const sourceRegion = validateInteger(r.sourceRegion ?? i, `regions[${i}].sourceRegion`);
       const sourcePage = validateInteger(r.sourcePage ?? 0, `regions[${i}].sourcePage`);
-      return { base, length, pageSize, sourceRegion, sourcePage };
+      const fillAddress = r.fillAddress === undefined ? 0 : validateAligned(r.fillAddress, `regions[${i}].fillAddress`, pageSize, pageSize);
+      return { base, length, pageSize, sourceRegion, sourcePage, fillAddress };
     });
     const sourceRegions = (options.sourceRegions ?? regions.map((r) => ({ pages: r.length / r.pageSize, pageSize: r.pageSize }))).map((s, i) => ({
       pages: validateInteger(s.pages, `sourceRegions[${i}].pages`, 1),

@@ -22,7 +22,7 @@ import { silentLogger, type Logger } from '../lib/logger.js';
 import { listenOwnerOnly } from '../lib/unix-socket.js';
 import { PendingHandshakes, acceptVmm, type VmmHandler } from './vmm-handler.js';
 
-/** One handoff, supervisor -> worker, as JSON with [vmmSocket, uffd] attached. */
+/** One handoff, supervisor -> worker, as JSON with [vmmSocket, uffd] attached (and the guest's memory file third, in MINOR mode). */
 export interface HandoffMessage {
   id: number;
   pid: number;
@@ -57,6 +57,7 @@ interface HeldVmm {
   pid: number;
   socket: Socket;
   uffd: number;
+  memfd?: number;
   handshake: Buffer;
   servedBefore: boolean;
 }
@@ -117,7 +118,15 @@ export class HandlerSupervisor extends EventEmitter {
     try {
       const accepted = await acceptVmm(socket, this.#pending, this.#options.handshakeTimeoutMs ?? 10_000);
       pid = accepted.pid;
-      const vmm: HeldVmm = { id: this.#nextId++, pid, socket, uffd: accepted.uffd, handshake: accepted.payload, servedBefore: false };
+      const vmm: HeldVmm = {
+        id: this.#nextId++,
+        pid,
+        socket,
+        uffd: accepted.uffd,
+        ...(accepted.memfd !== undefined ? { memfd: accepted.memfd } : {}),
+        handshake: accepted.payload,
+        servedBefore: false,
+      };
       this.#vmms.set(vmm.id, vmm);
       // The VMM's hang-up is seen here too (it sends nothing after its handshake).
       socket.once('close', () => this.#forget(vmm, 'the VMM hung up'));
@@ -145,7 +154,7 @@ export class HandlerSupervisor extends EventEmitter {
     if (fd < 0) return this.#forget(vmm, 'the VMM hung up');
     const message: HandoffMessage = { id: vmm.id, pid: vmm.pid, handshake: vmm.handshake.toString('utf8'), takeover: vmm.servedBefore };
     try {
-      sendFds(this.#link, Buffer.from(JSON.stringify(message)), [fd, vmm.uffd]);
+      sendFds(this.#link, Buffer.from(JSON.stringify(message)), [fd, vmm.uffd, ...(vmm.memfd !== undefined ? [vmm.memfd] : [])]);
       vmm.servedBefore = true;
     } catch (err) {
       // The worker is going away; its successor gets this VMM.
@@ -156,6 +165,7 @@ export class HandlerSupervisor extends EventEmitter {
   #forget(vmm: HeldVmm, reason: string): void {
     if (!this.#vmms.delete(vmm.id)) return;
     closeSync(vmm.uffd);
+    if (vmm.memfd !== undefined) closeSync(vmm.memfd);
     vmm.socket.destroy();
     this.#log.info({ vmmPid: vmm.pid, reason }, 'supervisor let go of a VMM');
   }
@@ -225,7 +235,7 @@ export async function serveHandoffs(handler: VmmHandler, link: number, out: (lin
   for (;;) {
     let msg;
     try {
-      msg = await receiveFds(link, { maxBytes: 1 << 20, maxFds: 2, timeoutMs: 1000 });
+      msg = await receiveFds(link, { maxBytes: 1 << 20, maxFds: 3, timeoutMs: 1000 });
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code === 'ETIMEDOUT') continue;
       throw err;
@@ -240,7 +250,8 @@ export async function serveHandoffs(handler: VmmHandler, link: number, out: (lin
         continue;
       }
       handoff = parsed as HandoffMessage;
-      if (msg.fds.length !== 2 || !Number.isSafeInteger(handoff.id) || typeof handoff.handshake !== 'string') throw new Error('not a handoff');
+      if ((msg.fds.length !== 2 && msg.fds.length !== 3) || !Number.isSafeInteger(handoff.id) || typeof handoff.handshake !== 'string')
+        throw new Error('not a handoff');
     } catch (err) {
       for (const fd of msg.fds) closeSync(fd);
       log.error({ err: (err as Error).message }, 'a malformed message from the supervisor');
@@ -251,6 +262,7 @@ export async function serveHandoffs(handler: VmmHandler, link: number, out: (lin
       pid: handoff.pid,
       socket,
       uffd: msg.fds[1],
+      ...(msg.fds.length === 3 ? { memfd: msg.fds[2] } : {}),
       payload: Buffer.from(handoff.handshake, 'utf8'),
       takeover: handoff.takeover,
       handoff: handoff.id,

@@ -6,6 +6,8 @@ export interface RestoreReport {
   pages: number;
   bytes: number;
   faults: number;
+  /** MINOR mode: faults on pages already in the guest's memory file, answered by mapping them (nothing copied). */
+  minorFaults: number;
   pagesOnDemand: number;
   pagesPrefaulted: number;
   pagesBackground: number;
@@ -30,6 +32,7 @@ export function summarize(s: DestinationStats, transfer: TransferOptions, pageSi
     pages: s.totalPages,
     bytes: s.totalPages * pageSize,
     faults: s.faults,
+    minorFaults: s.minorFaults,
     pagesOnDemand: s.pagesInstalledRequested,
     pagesPrefaulted: s.pagesInstalledPrefault,
     pagesBackground: s.pagesInstalledBackground,

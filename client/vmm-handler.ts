@@ -8,11 +8,12 @@
 // past the give-up time, the pages still missing are poisoned: the guest gets
 // SIGBUS instead of hanging or reading zeros.
 import { EventEmitter } from 'node:events';
-import { closeSync, readlinkSync } from 'node:fs';
+import { closeSync, fstatSync, readlinkSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import { ErrorCode, PostcopyError, asCodedError } from '../lib/errors.js';
 import { receiveFds, peerCredentials } from '../lib/fd-passing.js';
 import { hasOverlap } from '../lib/validate.js';
+import { mapFile, type Mapping } from '../lib/memory.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
 import { native } from '../lib/native.js';
 import { residentBitmap } from '../lib/pagemap.js';
@@ -37,6 +38,13 @@ export interface GuestRegion {
   page_size?: number;
   /** Deprecated alias of page_size; despite its name it holds bytes. */
   page_size_kib?: number;
+  /**
+   * MINOR mode: the region maps, shared, the memory file sent as the
+   * handshake's second fd from this offset, and is registered for MINOR (and
+   * MISSING) faults. Pages go into that file's page cache and the guest's
+   * faults are answered with UFFDIO_CONTINUE (docs/VMM-HANDSHAKE.md).
+   */
+  memfd_offset?: number;
 }
 
 /** Where each VMM's pages come from: a source (`source`) or a local image (`image`, shared by every VMM). */
@@ -72,6 +80,9 @@ interface VmmSession {
   pid: number;
   socket: Socket;
   uffd: number;
+  /** MINOR mode: the guest's memory file, and this process's mappings of its regions (until the engine stopped). */
+  memfd?: number;
+  fills: Mapping[];
   guest: GuestRegion[];
   session: PageSession | null;
   ended: boolean;
@@ -146,6 +157,8 @@ export interface VmmHandoff {
   pid: number;
   socket: Socket;
   uffd: number;
+  /** The guest's memory file, when the VMM sent one (MINOR mode). */
+  memfd?: number;
   payload: Buffer;
   takeover?: boolean;
   /** The supervisor's number for this VMM, echoed in 'released'. */
@@ -193,21 +206,27 @@ export async function acceptVmm(socket: Socket, pending: PendingHandshakes, time
 }
 
 /**
- * Reads a VMM's handshake from its socket: the JSON payload with exactly one
- * fd, a userfaultfd. The caller owns the returned fd.
+ * Reads a VMM's handshake from its socket: the JSON payload with one fd, a
+ * userfaultfd, or two: the userfaultfd and the guest's memory file (a memfd or
+ * shared-memory file: MINOR mode). The caller owns the returned fds.
  */
-export async function receiveHandshake(fd: number, timeoutMs: number, signal?: AbortSignal): Promise<{ payload: Buffer; uffd: number }> {
+export async function receiveHandshake(fd: number, timeoutMs: number, signal?: AbortSignal): Promise<{ payload: Buffer; uffd: number; memfd?: number }> {
   const msg = await receiveFds(fd, { maxBytes: 64 << 10, maxFds: 4, timeoutMs, ...(signal ? { signal } : {}) });
   try {
     if (msg.payload.length === 0) throw new PostcopyError(ErrorCode.PEER_GONE, 'the VMM closed the socket before its handshake');
-    if (msg.fds.length !== 1)
-      throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `the handshake must carry exactly one fd (the userfaultfd), not ${msg.fds.length}`);
+    if (msg.fds.length !== 1 && msg.fds.length !== 2)
+      throw new PostcopyError(
+        ErrorCode.PROTOCOL_MALFORMED,
+        `the handshake must carry the userfaultfd, and at most the guest's memory file after it, not ${msg.fds.length} fds`,
+      );
     if (!isUserfaultfd(msg.fds[0])) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the fd sent is not a userfaultfd');
+    if (msg.fds.length === 2 && !fstatSync(msg.fds[1]).isFile())
+      throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the second fd is not a memory file (a memfd or a shared-memory file)');
   } catch (err) {
     for (const f of msg.fds) closeSync(f);
     throw err;
   }
-  return { payload: msg.payload, uffd: msg.fds[0] };
+  return { payload: msg.payload, uffd: msg.fds[0], ...(msg.fds.length === 2 ? { memfd: msg.fds[1] } : {}) };
 }
 
 /**
@@ -375,8 +394,14 @@ export class VmmHandler extends EventEmitter {
     let guest: GuestRegion[];
     try {
       guest = parseHandshake(handoff.payload);
+      const minor = guest.some((g) => g.memfd_offset !== undefined);
+      if (minor && handoff.memfd === undefined)
+        throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'a region names memfd_offset, but no memory file came with the userfaultfd');
+      if (!minor && handoff.memfd !== undefined)
+        throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'a memory file came with the userfaultfd, but no region names memfd_offset');
     } catch (err) {
       closeSync(handoff.uffd);
+      if (handoff.memfd !== undefined) closeSync(handoff.memfd);
       this.#refuse(pid, socket, err);
       this.emit('released', { pid, handoff: handoff.handoff });
       return;
@@ -385,6 +410,8 @@ export class VmmHandler extends EventEmitter {
       pid,
       socket,
       uffd: handoff.uffd,
+      ...(handoff.memfd !== undefined ? { memfd: handoff.memfd } : {}),
+      fills: [],
       guest,
       session: null,
       ended: false,
@@ -422,7 +449,7 @@ export class VmmHandler extends EventEmitter {
       vmm.starting = false;
       if (vmm.ended) {
         vmm.session?.close(); // the VMM hung up during set-up
-        closeSync(vmm.uffd); // deferred by #end until nothing could use it
+        releaseMemory(vmm); // deferred by #end until nothing could use it
       }
     }
   }
@@ -435,7 +462,16 @@ export class VmmHandler extends EventEmitter {
       const build: EngineFactory = (regions, local) => {
         welcomed = true;
         if (vmm.ended) throw new PostcopyError(ErrorCode.PEER_GONE, 'the VMM hung up during set-up');
-        const targets = mapOntoImage(vmm.guest, regions);
+        const targets: TargetRegion[] = mapOntoImage(vmm.guest, regions);
+        // MINOR mode: the guest's memory file, mapped here too; pages go into its page cache through it.
+        vmm.guest.forEach((g, i) => {
+          if (g.memfd_offset === undefined) return;
+          const fill = mapGuestFile(vmm.memfd!, g, i);
+          vmm.fills.push(fill);
+          targets[i].fillAddress = fill.address;
+        });
+        if (vmm.fills.length)
+          log.info({ regions: vmm.fills.length }, "MINOR mode: pages go into the guest's memory file; faults are answered with UFFDIO_CONTINUE");
         const engine = new FaultEngine({
           uffd: vmm.uffd,
           sourceRegions: regions.map((r) => ({ pages: r.length / r.pageSize, pageSize: r.pageSize })),
@@ -581,7 +617,7 @@ export class VmmHandler extends EventEmitter {
     session?.close();
     if (session) this.#writeWorkingSet(vmm, session);
     const stats = session?.stats();
-    if (!vmm.starting) closeSync(vmm.uffd); // else #start closes it when it returns
+    if (!vmm.starting) releaseMemory(vmm); // else #start does it when it returns
     vmm.socket.destroy();
     if (session && stats) {
       addTotals(this.#retired, stats, session.engine.latencyBuckets(LATENCY_BOUNDS_NS));
@@ -602,6 +638,23 @@ export class VmmHandler extends EventEmitter {
     }
     this.emit('released', { pid: vmm.pid, handoff: vmm.handoff });
   }
+}
+
+/** Closes what the VMM handed over (its userfaultfd, its memory file) and unmaps our view of its memory, once no engine thread can use them. */
+function releaseMemory(vmm: VmmSession): void {
+  for (const m of vmm.fills) m.unmap();
+  vmm.fills = [];
+  closeSync(vmm.uffd);
+  if (vmm.memfd !== undefined) closeSync(vmm.memfd);
+}
+
+/** A guest region's part of its memory file, mapped shared in this process (MINOR mode). */
+function mapGuestFile(memfd: number, g: GuestRegion, i: number): Mapping {
+  const size = fstatSync(memfd).size;
+  const offset = g.memfd_offset!;
+  if (offset % (g.page_size ?? 4096) || offset + g.size > size)
+    throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, `region ${i}: memfd_offset ${offset} + size ${g.size} does not fit the ${size}-byte memory file`);
+  return mapFile(memfd, g.size, { offset, shared: true });
 }
 
 /** Poisons every guest region whole (the source was never reached); returns the bytes poisoned. */
@@ -647,7 +700,7 @@ export function parseHandshake(payload: Buffer): GuestRegion[] {
     throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the handshake must be a non-empty JSON array of regions');
   return parsed.map((r, i) => {
     if (!r || typeof r !== 'object') throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `region ${i} is not an object`);
-    const { base_host_virt_addr: base, size, offset, page_size, page_size_kib } = r as Record<string, unknown>;
+    const { base_host_virt_addr: base, size, offset, page_size, page_size_kib, memfd_offset } = r as Record<string, unknown>;
     if (!isInt(base) || !isInt(size) || size === 0 || !isInt(offset)) {
       throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `region ${i} needs integer base_host_virt_addr, size (> 0) and offset`);
     }
@@ -658,7 +711,15 @@ export function parseHandshake(payload: Buffer): GuestRegion[] {
       if (v !== undefined && (!isInt(v) || v < 4096 || (v & (v - 1)) !== 0))
         throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `region ${i}: ${name} must be a power of two >= 4096`);
     }
-    return { base_host_virt_addr: base, size, offset, page_size: (page_size ?? page_size_kib ?? 4096) as number };
+    if (memfd_offset !== undefined && !isInt(memfd_offset))
+      throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `region ${i}: memfd_offset must be a non-negative integer`);
+    return {
+      base_host_virt_addr: base,
+      size,
+      offset,
+      page_size: (page_size ?? page_size_kib ?? 4096) as number,
+      ...(memfd_offset !== undefined ? { memfd_offset: memfd_offset as number } : {}),
+    };
   });
 }
 
@@ -667,7 +728,7 @@ export function parseHandshake(payload: Buffer): GuestRegion[] {
  * of the image (the source's regions laid end to end). A region must fall
  * inside one source region, be page-aligned, and overlap no other region.
  */
-export function mapOntoImage(guest: GuestRegion[], image: RegionInfo[]): Required<TargetRegion>[] {
+export function mapOntoImage(guest: GuestRegion[], image: RegionInfo[]): Required<Omit<TargetRegion, 'fillAddress'>>[] {
   const targets = guest.map((g, i) => {
     const pageSize = g.page_size ?? 4096;
     if (g.base_host_virt_addr % pageSize || g.size % pageSize || g.offset % pageSize) {

@@ -109,6 +109,8 @@ export interface NativePageServerSession {
 export interface DestinationStats {
   faults: number;
   faultsOnResidentPages: number;
+  /** MINOR mode: faults on pages already in the page cache, mapped with UFFDIO_CONTINUE (nothing copied). */
+  minorFaults: number;
   pagesRequested: number;
   pagesInstalledRequested: number;
   pagesInstalledPrefault: number;
@@ -224,7 +226,7 @@ export interface NativeAddon {
   FaultEngine: new (options: {
     uffd: number;
     sourceRegions: { pages: number; pageSize: number }[];
-    regions: { base: number; length: number; pageSize: number; sourceRegion: number; sourcePage: number }[];
+    regions: { base: number; length: number; pageSize: number; sourceRegion: number; sourcePage: number; fillAddress: number }[];
     cpu: number;
     checksumInstalled: boolean;
     recordFaults: boolean;

@@ -139,6 +139,10 @@ t.test('malformed handshakes close that connection with a clear reason; the hand
   await attempt(JSON.stringify([region(), region({ base_host_virt_addr: 0x7f0000000000 + 8 * PAGE, offset: 16 * PAGE })]), [uffd.fd]);
   await attempt(JSON.stringify([region({ offset: 2040 * PAGE })]), [uffd.fd]);
   await attempt(JSON.stringify([region({ page_size: 1000 })]), [uffd.fd]);
+  // MINOR mode: the memory file and memfd_offset go together, and the regions must fit the file.
+  await attempt(JSON.stringify([region({ memfd_offset: 0 })]), [uffd.fd]);
+  await attempt(JSON.stringify([region()]), [uffd.fd, memfd]);
+  await attempt(JSON.stringify([region({ memfd_offset: 0 })]), [uffd.fd, memfd]);
   t.same(
     rejected.map((r) => r.code),
     [
@@ -148,11 +152,24 @@ t.test('malformed handshakes close that connection with a clear reason; the hand
       'ERR_PROTOCOL_OUT_OF_RANGE',
       'ERR_PROTOCOL_OUT_OF_RANGE',
       'ERR_PROTOCOL_MALFORMED',
+      'ERR_PROTOCOL_MALFORMED',
+      'ERR_PROTOCOL_MALFORMED',
+      'ERR_PROTOCOL_OUT_OF_RANGE',
     ],
   );
   t.match(
     rejected.map((r) => r.message),
-    [/not JSON/, /exactly one fd/, /not a userfaultfd/, /overlap in memory/, /outside the .*image/, /power of two/],
+    [
+      /not JSON/,
+      /must carry the userfaultfd/,
+      /not a userfaultfd/,
+      /overlap in memory/,
+      /outside the .*image/,
+      /power of two/,
+      /names memfd_offset, but no memory file/,
+      /no region names memfd_offset/,
+      /does not fit the 4096-byte memory file/,
+    ],
   );
   const { code } = await runVmm(s);
   t.equal(code, 0, 'a well-formed VMM is still served');
