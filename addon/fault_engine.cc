@@ -151,6 +151,8 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
           if (image_.back()->pages != sourcePages_[i] || image_.back()->pageSize != sourcePageSize_[i])
             throw CodedError(info.Env(), "ERR_IMAGE_INVALID", "an image region does not match its source region");
         }
+        // The working set's pages, looked up by the fault thread: allocated once, here.
+        for (uint64_t pages : sourcePages_) prefetchSet_.push_back(std::make_unique<AtomicBitmap>(pages));
         // A working set to replay is here before the fill thread starts: not one background run goes ahead of it.
         Napi::Value prefetch = o.Get("prefetch");
         if (prefetch.IsTypedArray()) AddPrefetch(info.Env(), prefetch.As<Napi::TypedArrayOf<uint8_t>>());
@@ -742,7 +744,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     void Ask(TargetRegion& r, uint64_t page) override {
       InstallResult result = e_.InstallFromImage(r, page, 1, wire::kRequested, /*mayWait=*/false);
       if (result == kStop) return;
-      if (result == kBusy || e_.windowForward_ || e_.windowBackward_) e_.QueueFill(r, page);
+      if (result == kBusy || e_.windowForward_ || e_.windowBackward_ || e_.InWorkingSet(r, page)) e_.QueueFill(r, page);
     }
     void Flush() override {}
 
@@ -791,6 +793,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       if (region >= sourcePages_.size() || page >= sourcePages_[region]) throw CodedError(env, "ERR_OUT_OF_RANGE", "a prefetch entry lies outside the image");
     }
     std::lock_guard<std::mutex> lock(fillMu_);
+    for (uint64_t e : entries) prefetchSet_[e >> 48]->Claim(e & ((1ull << 48) - 1));
     prefetch_.insert(prefetch_.end(), entries.begin(), entries.end());
     fillCv_.notify_one();
   }
@@ -836,41 +839,58 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   // A faulted page (again, if the fault thread could not install it) and its window.
   void FillAround(TargetRegion& r, uint64_t page) {
     if (InstallFromImage(r, page, 1, wire::kRequested, true) == kStop) return StopFilling();
+    // A page of the working set being replayed brings its cluster of the set at once.
+    if (InWorkingSet(r, page) && InstallCluster(r, page) == kStop) return StopFilling();
     uint64_t hi = std::min<uint64_t>(r.pages, page + 1 + windowForward_), lo = page > windowBackward_ ? page - windowBackward_ : 0;
     if (hi > page + 1 && InstallFromImage(r, page + 1, hi - page - 1, wire::kPrefault, true) == kStop) return StopFilling();
     if (page > lo && InstallFromImage(r, lo, page - lo, wire::kPrefault, true) == kStop) return StopFilling();
   }
 
-  // Installs the next batch (at most one run's bytes) of the working set, in
-  // its order; false when none is left.
+  // Installs the next batch of the working set, at most one run's bytes, in
+  // its order: each entry with the pages of the set contiguous to it, as one
+  // run (a cold start touches clusters: code, heap), so a scattered order
+  // still goes in with few ioctls. False when none is left.
   bool PrefetchBatch() {
-    std::vector<uint64_t> batch;
-    {
-      std::lock_guard<std::mutex> lock(fillMu_);
-      uint64_t bytes = 0;
-      while (prefetchNext_ < prefetch_.size() && bytes < wire::kMaxRunBytes) {
-        uint64_t e = prefetch_[prefetchNext_++];
-        bytes += sourcePageSize_[e >> 48];
-        batch.push_back(e);
+    uint64_t bytes = 0;
+    bool any = false;
+    while (bytes < wire::kMaxRunBytes) {
+      uint64_t e;
+      {
+        std::lock_guard<std::mutex> lock(fillMu_);
+        if (prefetchNext_ >= prefetch_.size()) break;
+        e = prefetch_[prefetchNext_++];
       }
-    }
-    if (batch.empty()) return false;
-    for (size_t i = 0; i < batch.size();) {
-      uint32_t region = static_cast<uint32_t>(batch[i] >> 48);
-      uint64_t page = batch[i] & ((1ull << 48) - 1);
-      size_t j = i + 1;  // consecutive pages go in as one run
-      while (j < batch.size() && batch[j] == batch[j - 1] + 1) j++;
+      any = true;
+      uint32_t region = static_cast<uint32_t>(e >> 48);
+      uint64_t page = e & ((1ull << 48) - 1);
       for (auto& r : regions_) {
-        if (r->sourceRegion != region) continue;
-        uint64_t lo = std::max(page, r->sourcePage), hi = std::min(page + (j - i), r->sourcePage + r->pages);
-        if (lo < hi && InstallFromImage(*r, lo - r->sourcePage, hi - lo, wire::kPrefetch, true) == kStop) {
+        if (r->sourceRegion != region || page < r->sourcePage || page >= r->sourcePage + r->pages) continue;
+        uint64_t at = page - r->sourcePage;
+        if (r->received->Test(at) || r->removed->Test(at)) break;  // in already, with its cluster or on demand
+        uint64_t pages = 0;
+        if (InstallCluster(*r, at, &pages) == kStop) {
           StopFilling();
           return false;
         }
+        bytes += pages * r->pageSize;
+        break;
       }
-      i = j;
     }
-    return true;
+    return any;
+  }
+
+  bool InWorkingSet(const TargetRegion& r, uint64_t page) const { return !prefetchSet_.empty() && prefetchSet_[r.sourceRegion]->Test(r.sourcePage + page); }
+
+  // Page `at` of r and the pages of the working set contiguous to it, still
+  // missing, as one run (at most one run's bytes). `*pages`: how many it covered.
+  InstallResult InstallCluster(TargetRegion& r, uint64_t at, uint64_t* pages = nullptr) {
+    const AtomicBitmap& set = *prefetchSet_[r.sourceRegion];
+    auto wanted = [&](uint64_t p) { return set.Test(r.sourcePage + p) && !r.received->Test(p) && !r.removed->Test(p); };
+    uint64_t maxRun = wire::MaxRunPages(r.pageSize), lo = at, hi = at + 1;
+    while (lo > 0 && hi - lo < maxRun && wanted(lo - 1)) lo--;
+    while (hi < r.pages && hi - lo < maxRun && wanted(hi)) hi++;
+    if (pages) *pages = hi - lo;
+    return InstallFromImage(r, lo, hi - lo, wire::kPrefetch, true);
   }
 
   // One background run: the next missing pages after the last fault, then on
@@ -1285,6 +1305,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   std::deque<std::pair<TargetRegion*, uint64_t>> fillQueue_;
   std::vector<uint64_t> prefetch_;
   size_t prefetchNext_ = 0;
+  std::vector<std::unique_ptr<AtomicBitmap>> prefetchSet_;  // per source region: the working set's pages (local image; bits set under fillMu_)
   bool backgroundOn_ = false, backgroundDone_ = false, fillFailed_ = false;
   size_t bgRegion_ = 0;  // fill thread only: the background's place
   uint64_t bgCursor_ = 0, bgSeenSeq_ = 0;

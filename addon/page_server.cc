@@ -151,6 +151,11 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
         throw CodedError(info.Env(), "ERR_PROTOCOL_OUT_OF_RANGE", "a prefetch entry lies outside the image");
     std::lock_guard<std::mutex> lock(bulkMu_);
     if (prefetch_.size() + entries.size() > totalPages_) throw CodedError(info.Env(), "ERR_PROTOCOL_OUT_OF_RANGE", "a working set larger than the image");
+    if (prefetchSet_.empty()) {
+      for (auto& r : regions_) prefetchSet_.push_back(std::make_unique<AtomicBitmap>(r->image.pages));
+      hasSet_.store(true, std::memory_order_release);  // the request thread looks at it from now on
+    }
+    for (uint64_t e : entries) prefetchSet_[e >> 48]->Claim(e & kPageMask);
     prefetch_.insert(prefetch_.end(), entries.begin(), entries.end());
     bulkCv_.notify_one();
     return info.Env().Undefined();
@@ -319,6 +324,26 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
       return 0;
     };
     if (int err = addWindow(page + 1, std::min(r.image.pages, page + 1 + windowForward_))) return err;
+    // A page of the working set the destination replays: its cluster of the set goes with it, now.
+    if (hasSet_.load(std::memory_order_acquire) && prefetchSet_[id]->Test(page)) {
+      const AtomicBitmap& set = *prefetchSet_[id];
+      uint64_t maxRun = wire::MaxRunPages(r.image.pageSize), lo = page, hi = page + 1;
+      while (lo > 0 && page - lo < maxRun && set.Test(lo - 1)) lo--;
+      while (hi < r.image.pages && hi - page < maxRun && set.Test(hi)) hi++;
+      for (uint64_t p = lo; p < hi;) {  // the pages of [lo, hi) not sent yet, as runs
+        if (!r.sent->Claim(p)) {
+          p++;
+          continue;
+        }
+        uint64_t q = p + 1;
+        while (q < hi && q - p < maxRun && r.sent->Claim(q)) q++;
+        claimed_ += q - p;
+        pagesPrefetched_ += q - p;
+        for (uint64_t k = p; k < q; k++) r.sentUrgent->Claim(k);
+        if (int err = AddRuns(batch, id, p, static_cast<uint32_t>(q - p), wire::kPrefetch)) return err;
+        p = q;
+      }
+    }
     return addWindow(page > windowBackward_ ? page - windowBackward_ : 0, page);
   }
 
@@ -388,26 +413,21 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
     events_.Emit({"background-done", "bulk", "", ""});
   }
 
-  // The pages of a prefetch batch not sent yet, consecutive ones as one run.
+  // A prefetch batch, in its order: each entry not sent yet with the pages of
+  // the set contiguous to it, as one run (a cold start touches clusters).
   int SendPrefetch(RunBatch& batch, const std::vector<uint64_t>& entries) {
-    for (size_t i = 0; i < entries.size();) {
-      uint32_t id = static_cast<uint32_t>(entries[i] >> 48);
-      uint64_t first = entries[i] & kPageMask;
+    for (uint64_t e : entries) {
+      uint32_t id = static_cast<uint32_t>(e >> 48);
+      uint64_t page = e & kPageMask;
       ServedRegion& r = *regions_[id];
-      size_t j = i;
-      uint64_t count = 0;
-      while (j < entries.size() && entries[j] == entries[i] + count && count < wire::MaxRunPages(r.image.pageSize) && r.sent->Claim(first + count)) {
-        count++;
-        j++;
-      }
-      if (count == 0) {  // sent already
-        i++;
-        continue;
-      }
-      claimed_ += count;
-      pagesPrefetched_ += count;
-      if (int err = AddRuns(batch, id, first, count, wire::kPrefetch)) return err;
-      i = j;
+      const AtomicBitmap& set = *prefetchSet_[id];
+      if (!r.sent->Claim(page)) continue;  // sent already: with its cluster, on request, or held
+      uint64_t maxRun = wire::MaxRunPages(r.image.pageSize), lo = page, hi = page + 1;
+      while (hi < r.image.pages && hi - lo < maxRun && set.Test(hi) && r.sent->Claim(hi)) hi++;
+      while (lo > 0 && hi - lo < maxRun && set.Test(lo - 1) && r.sent->Claim(lo - 1)) lo--;
+      claimed_ += hi - lo;
+      pagesPrefetched_ += hi - lo;
+      if (int err = AddRuns(batch, id, lo, static_cast<uint32_t>(hi - lo), wire::kPrefetch)) return err;
     }
     return 0;
   }
@@ -429,6 +449,8 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
   std::mutex bulkMu_;
   std::condition_variable bulkCv_;
   std::vector<uint64_t> prefetch_;
+  std::vector<std::unique_ptr<AtomicBitmap>> prefetchSet_;  // per region: the working set's pages (written under bulkMu_)
+  std::atomic<bool> hasSet_{false};                         // prefetchSet_ is allocated
   size_t prefetchNext_ = 0;
   int urgentFd_ = -1, bulkFd_ = -1;
   uint32_t windowForward_ = 0, windowBackward_ = 0;
