@@ -3,23 +3,44 @@
 // measured in the same run:
 //   image              faults served from a local image file (--image), no
 //                      source process: fault latency beside the floor's local
+//   minor              MINOR mode: memory that is a shared memfd, its pages
+//                      already put in the page cache from the image; each
+//                      fault is answered with UFFDIO_CONTINUE (nothing copied)
 //   cold-start-local   a cold start (lib/workload.ts coldStartOrder) from a
 //   cold-start-unix    local image / a unix-socket source, with and without
 //                      --prefetch of a working set recorded once beforehand:
 //                      demand faults and time until the workload finishes
 // Each round runs both sides back to back, alternating which goes first.
-import { mkdtempSync, rmSync } from 'node:fs';
+import { closeSync, ftruncateSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Destination, type DestinationOptions } from '../client/destination.js';
 import { Image } from '../server/image.js';
 import type { WorkingSet } from '../client/working-set.js';
-import { coldStartOrder, touchPages } from '../lib/workload.js';
-import { latencyBench, median, ratioOf, round, type LatencyResult } from './latency.js';
+import { coldStartOrder, shuffledOrder, touchPages } from '../lib/workload.js';
+import { latencyBench, median, medianOf, percentiles, ratioOf, round, type LatencyResult } from './latency.js';
+import { runFloor, type FloorLatency } from './floor.js';
+import { FaultEngine } from '../client/fault-engine.js';
+import { Userfaultfd } from '../lib/uffd.js';
+import { PAGE_SIZE, mapFile, memfdCreate, type Mapping } from '../lib/memory.js';
 import { floorImageFile, startSource } from './source.js';
 
 export interface ImageFaultResult extends Omit<LatencyResult, 'case' | 'transport'> {
   case: 'image';
+}
+
+export interface MinorFaultResult {
+  case: 'minor';
+  pages: number;
+  rounds: number;
+  /** Medians over the rounds: the workload thread's first touches, all minor faults. */
+  ours: ReturnType<typeof percentiles>;
+  floor: FloorLatency;
+  /** Medians of the per-round ratios ours / the floor's local. */
+  ratio: { p50: number; p99: number };
+  spread: { p50: [number, number]; p99: [number, number] };
+  /** Faults answered with UFFDIO_CONTINUE in the last round (every page). */
+  minorFaults: number;
 }
 
 export interface ColdStartRun {
@@ -47,12 +68,14 @@ export interface ColdStartResult {
   digestMatch: boolean;
 }
 
-export type LocalBenchResult = ImageFaultResult | ColdStartResult;
+export type LocalBenchResult = ImageFaultResult | MinorFaultResult | ColdStartResult;
 
 export async function localBench(pages: number, rounds: number, seed: number, progress: (line: string) => void = () => {}): Promise<LocalBenchResult[]> {
   progress(`image: fault latency from a local image file, ${pages} pages, ${rounds} rounds`);
   const { transport: _, ...latency } = await latencyBench(pages, 'image', seed, rounds);
   const results: LocalBenchResult[] = [{ ...latency, case: 'image' }];
+  progress(`minor: MINOR faults on cached pages of a shared memfd, ${pages} pages, ${rounds} rounds`);
+  results.push(await minorBench(pages, rounds, seed));
   for (const where of ['local', 'unix'] as const) {
     progress(`cold-start-${where}: record once, then ${rounds} rounds with and without --prefetch`);
     results.push(await coldStartBench(pages, rounds, where));
@@ -108,6 +131,81 @@ async function coldStartBench(pages: number, rounds: number, where: 'local' | 'u
   }
 }
 
+/**
+ * MINOR faults: a memfd mapped shared is the memory, registered for MISSING
+ * and MINOR faults; the engine fills its page cache from the image through a
+ * second mapping (the background), then one thread touches every page once in
+ * the floor's order: each first touch is a minor fault, mapped with
+ * UFFDIO_CONTINUE. Beside the floor's local case (UFFDIO_COPY per fault).
+ */
+async function minorBench(pages: number, rounds: number, seed: number): Promise<MinorFaultResult> {
+  const dir = mkdtempSync(join(tmpdir(), 'postcopy-bench-'));
+  const image = Image.open([{ path: floorImageFile(dir, pages) }]);
+  const ours: ReturnType<typeof percentiles>[] = [];
+  const floors: FloorLatency[] = [];
+  let minorFaults = 0;
+  const oursOnce = async () => {
+    const length = pages * PAGE_SIZE;
+    const memfd = memfdCreate('bench-guest');
+    const uffd = Userfaultfd.open({ nonBlocking: true });
+    let guest: Mapping | null = null;
+    let fill: Mapping | null = null;
+    let engine: FaultEngine | null = null;
+    try {
+      ftruncateSync(memfd, length);
+      guest = mapFile(memfd, length, { shared: true });
+      fill = mapFile(memfd, length, { shared: true });
+      uffd.handshake(['MINOR_SHMEM']);
+      uffd.register(guest.address, length, ['missing', 'minor']);
+      engine = new FaultEngine({
+        uffd: uffd.fd,
+        regions: [{ base: guest.address, length, pageSize: PAGE_SIZE, fillAddress: fill.address }],
+        local: { image: image.regions.map((r) => r.spec), window: { forward: 0, backward: 0 }, background: true },
+      });
+      engine.start();
+      await engine.whenResident(); // every page is in the page cache, none mapped in `guest`
+      const order = shuffledOrder(pages, seed);
+      const touched = await touchPages(guest.address, pages, order, { mapping: guest });
+      for (let k = 0; k < pages; k++) if (touched.firstBytes[k] !== ((order[k] * 7 + 1) & 0xff)) throw new Error(`wrong byte in page ${order[k]}`);
+      minorFaults = engine.stats().minorFaults;
+      ours.push(percentiles(touched.latencyNs, touched.totalNs));
+    } finally {
+      engine?.stop();
+      uffd.close();
+      guest?.unmap();
+      fill?.unmap();
+      closeSync(memfd);
+    }
+  };
+  const floorOnce = async () => floors.push((await runFloor(pages, seed, ['local'])).get('local') as FloorLatency);
+  try {
+    for (let r = 0; r < rounds; r++) {
+      if (r % 2 === 0) {
+        await oursOnce();
+        await floorOnce();
+      } else {
+        await floorOnce();
+        await oursOnce();
+      }
+    }
+  } finally {
+    image.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+  const p50 = ratioOf(ours.map((o, i) => o.p50_us / floors[i].p50_us));
+  const p99 = ratioOf(ours.map((o, i) => o.p99_us / floors[i].p99_us));
+  return {
+    case: 'minor',
+    pages,
+    rounds,
+    ours: medianOf(ours),
+    floor: medianOf(floors),
+    ratio: { p50: p50.median, p99: p99.median },
+    spread: { p50: p50.spread, p99: p99.spread },
+    minorFaults,
+  };
+}
+
 /** The recording run (as --record-working-set does it): faults served alone, the background after the workload. */
 async function recordOnce(from: DestinationOptions, pages: number): Promise<WorkingSet> {
   const dest = await Destination.connect({ ...from, window: { forward: 0, backward: 0 }, holdBackground: true, recordWorkingSet: true });
@@ -147,9 +245,9 @@ async function coldStart(from: DestinationOptions, pages: number, seed: number):
 export function localTable(results: LocalBenchResult[]): string {
   const lines = ['| case | figure | ours | baseline | ratio (median, spread) |', '| --- | --- | --- | --- | --- |'];
   for (const r of results) {
-    if (r.case === 'image') {
-      lines.push(`| image | fault p50 | ${r.ours.p50_us} µs | floor local ${r.floor.p50_us} µs | ${r.ratio.p50} (${r.spread.p50.join('-')}) |`);
-      lines.push(`| image | fault p99 | ${r.ours.p99_us} µs | floor local ${r.floor.p99_us} µs | ${r.ratio.p99} (${r.spread.p99.join('-')}) |`);
+    if (r.case === 'image' || r.case === 'minor') {
+      lines.push(`| ${r.case} | fault p50 | ${r.ours.p50_us} µs | floor local ${r.floor.p50_us} µs | ${r.ratio.p50} (${r.spread.p50.join('-')}) |`);
+      lines.push(`| ${r.case} | fault p99 | ${r.ours.p99_us} µs | floor local ${r.floor.p99_us} µs | ${r.ratio.p99} (${r.spread.p99.join('-')}) |`);
     } else {
       lines.push(
         `| ${r.case} | demand faults | ${r.with.demandFaults} with --prefetch | ${r.without.demandFaults} without | ${r.faultsRatio} (${r.spread.faults.join('-')}) |`,

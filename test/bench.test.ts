@@ -90,12 +90,15 @@ t.test('bench local runs end to end: every case beside its baseline, the fields 
   const results = await localBench(4096, 1, 1);
   t.same(
     results.map((r) => r.case),
-    ['image', 'cold-start-local', 'cold-start-unix'],
+    ['image', 'minor', 'cold-start-local', 'cold-start-unix'],
   );
   for (const r of results) {
     if (r.case === 'image') {
       t.match(r, { pages: 4096, floor: { case: 'local' }, ratio: { p50: Number, p99: Number } }, 'image faults beside the floor local case');
       t.ok(r.ours.p50_us > 0 && r.floor.p50_us > 0);
+    } else if (r.case === 'minor') {
+      t.match(r, { pages: 4096, floor: { case: 'local' }, ratio: { p50: Number, p99: Number } }, 'minor faults beside the floor local case');
+      t.equal(r.minorFaults, 4096, 'every first touch was a minor fault on a cached page');
     } else {
       t.equal(r.digestMatch, true, `${r.case}: every run byte-exact`);
       t.ok(r.workingSetPages > 0, `${r.case}: a working set was recorded (${r.workingSetPages} pages)`);
