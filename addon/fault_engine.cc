@@ -56,6 +56,11 @@ struct TargetRegion {
   uint32_t index = 0;  // among the engine's regions
   uint32_t sourceRegion = 0;
   uint64_t sourcePage = 0;
+  uint64_t ratio = 1;  // source pages per page here (512: a 2 MiB huge page from a 4 KiB-page image)
+  // The first source page behind page p of this region.
+  uint64_t SourceOf(uint64_t p) const { return sourcePage + p * ratio; }
+  // Source pages this region covers.
+  uint64_t SourceSpan() const { return pages * ratio; }
   std::unique_ptr<AtomicBitmap> received, requested;
   std::unique_ptr<AtomicBitmap> removed;             // given back by the process (REMOVE/UNMAP): zero-filled, never fetched
   std::unique_ptr<AtomicBitmap> settled;             // resident or given back: counted toward completion exactly once
@@ -117,6 +122,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       t->length = static_cast<uint64_t>(r.Get("length").As<Napi::Number>().Int64Value());
       t->pageSize = static_cast<uint64_t>(r.Get("pageSize").As<Napi::Number>().Int64Value());
       t->pages = t->length / t->pageSize;
+      t->ratio = t->pageSize / sourcePageSize_[t->sourceRegion];  // checked in TypeScript: a power of two, at least 1
       Napi::Value fill = r.Get("fillAddress");
       if (fill.IsNumber() && fill.As<Napi::Number>().Int64Value() != 0) {
         t->fill = reinterpret_cast<uint8_t*>(static_cast<uintptr_t>(fill.As<Napi::Number>().Int64Value()));
@@ -445,8 +451,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       if (r->sourceRegion != id) continue;
       for (uint64_t p = 0; p < r->pages; p++) {
         if (r->received->Test(p) || r->removed->Test(p)) continue;
-        uint64_t s = r->sourcePage + p;
-        out.Data()[s / 8] &= static_cast<uint8_t>(~(1u << (s % 8)));
+        for (uint64_t s = r->SourceOf(p); s < r->SourceOf(p + 1); s++) out.Data()[s / 8] &= static_cast<uint8_t>(~(1u << (s % 8)));
       }
     }
     return out;
@@ -498,10 +503,10 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
         for (uint64_t p = t->checked->NextClear(0); p < t->pages; p = t->checked->NextClear(p)) {
           uint64_t q = p;
           while (q < t->pages && !t->checked->Test(q)) q++;
-          leaveOut(t->sourcePage + p, q - p);
+          leaveOut(t->SourceOf(p), (q - p) * t->ratio);
           p = q;
         }
-        cursor = t->sourcePage + t->pages;
+        cursor = t->sourcePage + t->SourceSpan();
       }
       leaveOut(cursor, sourcePages_[id] - cursor);
       uint64_t skipped = 0;
@@ -574,7 +579,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     for (auto& r : regions_) {
       for (uint64_t p = 0; p < r->pages; p++) {
         if (!r->requested->Test(p) || r->settled->Test(p)) continue;
-        reqs.push_back({wire::kRequest, r->sourceRegion, r->sourcePage + p});
+        reqs.push_back({wire::kRequest, r->sourceRegion, r->SourceOf(p)});
         requestsResent_++;
         if (reqs.size() == 256) SendRequests(reqs);
       }
@@ -657,7 +662,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     if (!firstAsk) return;  // asked for already: this thread waits with the others
     if (recordFaults_) {
       std::lock_guard<std::mutex> lock(recordMu_);
-      faulted_.push_back((uint64_t(r.sourceRegion) << 48) | (r.sourcePage + page));
+      faulted_.push_back((uint64_t(r.sourceRegion) << 48) | r.SourceOf(page));
     }
     lastFault_.store((uint64_t(r.index) << 48) | page, std::memory_order_relaxed);
     faultSeq_.fetch_add(1, std::memory_order_release);
@@ -726,7 +731,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   class RemoteSupply final : public PageSupply {
    public:
     explicit RemoteSupply(FaultEngine& e) : e_(e) { reqs_.reserve(256); }
-    void Ask(TargetRegion& r, uint64_t page) override { reqs_.push_back({wire::kRequest, r.sourceRegion, r.sourcePage + page}); }
+    void Ask(TargetRegion& r, uint64_t page) override { reqs_.push_back({wire::kRequest, r.sourceRegion, r.SourceOf(page)}); }
     void Flush() override { e_.SendRequests(reqs_); }
 
    private:
@@ -760,14 +765,21 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     const ImagePages& img = *image_[r.sourceRegion];
     uint64_t p = first, end = first + count;
     while (p < end) {
-      bool zero = img.IsZero(r.sourcePage + p);
+      bool zero = ImageZero(img, r, p);
       uint64_t q = p + 1;
-      while (q < end && img.IsZero(r.sourcePage + q) == zero) q++;
-      InstallResult result = Install(r, p, q - p, zero ? nullptr : img.Page(r.sourcePage + p), reason, "image", 0, mayWait);
+      while (q < end && ImageZero(img, r, q) == zero) q++;
+      InstallResult result = Install(r, p, q - p, zero ? nullptr : img.Page(r.SourceOf(p)), reason, "image", 0, mayWait);
       if (result != kOk) return result;
       p = q;
     }
     return kOk;
+  }
+
+  // Page p of r is all zeros in the image (every source page behind it).
+  static bool ImageZero(const ImagePages& img, const TargetRegion& r, uint64_t p) {
+    for (uint64_t s = r.SourceOf(p); s < r.SourceOf(p + 1); s++)
+      if (!img.IsZero(s)) return false;
+    return true;
   }
 
   void QueueFill(TargetRegion& r, uint64_t page) {
@@ -864,8 +876,8 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       uint32_t region = static_cast<uint32_t>(e >> 48);
       uint64_t page = e & ((1ull << 48) - 1);
       for (auto& r : regions_) {
-        if (r->sourceRegion != region || page < r->sourcePage || page >= r->sourcePage + r->pages) continue;
-        uint64_t at = page - r->sourcePage;
+        if (r->sourceRegion != region || page < r->sourcePage || page >= r->sourcePage + r->SourceSpan()) continue;
+        uint64_t at = (page - r->sourcePage) / r->ratio;
         if (r->received->Test(at) || r->removed->Test(at)) break;  // in already, with its cluster or on demand
         uint64_t pages = 0;
         if (InstallCluster(*r, at, &pages) == kStop) {
@@ -879,13 +891,13 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     return any;
   }
 
-  bool InWorkingSet(const TargetRegion& r, uint64_t page) const { return !prefetchSet_.empty() && prefetchSet_[r.sourceRegion]->Test(r.sourcePage + page); }
+  bool InWorkingSet(const TargetRegion& r, uint64_t page) const { return !prefetchSet_.empty() && prefetchSet_[r.sourceRegion]->Test(r.SourceOf(page)); }
 
   // Page `at` of r and the pages of the working set contiguous to it, still
   // missing, as one run (at most one run's bytes). `*pages`: how many it covered.
   InstallResult InstallCluster(TargetRegion& r, uint64_t at, uint64_t* pages = nullptr) {
     const AtomicBitmap& set = *prefetchSet_[r.sourceRegion];
-    auto wanted = [&](uint64_t p) { return set.Test(r.sourcePage + p) && !r.received->Test(p) && !r.removed->Test(p); };
+    auto wanted = [&](uint64_t p) { return set.Test(r.SourceOf(p)) && !r.received->Test(p) && !r.removed->Test(p); };
     uint64_t maxRun = wire::MaxRunPages(r.pageSize), lo = at, hi = at + 1;
     while (lo > 0 && hi - lo < maxRun && wanted(lo - 1)) lo--;
     while (hi < r.pages && hi - lo < maxRun && wanted(hi)) hi++;
@@ -1081,11 +1093,16 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       uint64_t first = h.first_page, end = h.first_page + h.count, covered = 0;
       for (auto& r : regions_) {
         if (r->sourceRegion != h.region) continue;
-        uint64_t lo = std::max(first, r->sourcePage), hi = std::min(end, r->sourcePage + r->pages);
+        uint64_t lo = std::max(first, r->sourcePage), hi = std::min(end, r->sourcePage + r->SourceSpan());
         if (lo >= hi) continue;
+        if (r->ratio > 1 && ((lo - r->sourcePage) % r->ratio || (hi - r->sourcePage) % r->ratio)) {
+          report("error", "ERR_PROTOCOL_OUT_OF_RANGE", "the source sent a run that splits a huge page; channel closed");
+          shutdown(in.fd(), SHUT_RDWR);
+          return;
+        }
         covered += hi - lo;
         const uint8_t* data = h.kind == wire::kDataRun ? runData + (lo - first) * pageSize : nullptr;
-        if (Install(*r, lo - r->sourcePage, hi - lo, data, h.reason, channel, generation) == kStop) return;
+        if (Install(*r, (lo - r->sourcePage) / r->ratio, (hi - lo) / r->ratio, data, h.reason, channel, generation) == kStop) return;
       }
       unmappedPages_ += h.count - covered;
     }
@@ -1256,10 +1273,13 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     bool zero = pages == nullptr;
     if (counted && checksumInstalled_) {
       uint64_t sum = 0;
+      uint64_t sourcePageSize = sourcePageSize_[r.sourceRegion];
       for (uint64_t p = first; p < first + count; p++) {
         if (!r.checked->Claim(p)) continue;
-        uint64_t content = zero ? zeroHash_[r.sourceRegion] : ContentHash(pages + (p - first) * r.pageSize, r.pageSize);
-        sum += Contribution(r.sourceRegion, r.sourcePage + p, content);
+        for (uint64_t k = 0; k < r.ratio; k++) {  // hashed as the source holds it: per source page
+          const uint8_t* at = zero ? nullptr : pages + (p - first) * r.pageSize + k * sourcePageSize;
+          sum += Contribution(r.sourceRegion, r.SourceOf(p) + k, zero ? zeroHash_[r.sourceRegion] : ContentHash(at, sourcePageSize));
+        }
       }
       checksum_[r.sourceRegion].fetch_add(sum, std::memory_order_relaxed);
     }

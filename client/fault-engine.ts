@@ -120,13 +120,15 @@ export class FaultEngine extends EventEmitter {
     for (const [i, r] of regions.entries()) {
       const src = sourceRegions[r.sourceRegion];
       if (!src) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `regions[${i}] names source region ${r.sourceRegion}, which does not exist`);
-      if (src.pageSize !== r.pageSize) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `regions[${i}] has page size ${r.pageSize}, its source ${src.pageSize}`);
-      if (r.sourcePage + r.length / r.pageSize > src.pages)
+      // A page here is one or more whole source pages (a 2 MiB huge page from a 4 KiB-page image).
+      if (r.pageSize < src.pageSize)
+        throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `regions[${i}] has page size ${r.pageSize}, smaller than its source's ${src.pageSize}`);
+      if (r.sourcePage + r.length / src.pageSize > src.pages)
         throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `regions[${i}] reaches past the end of source region ${r.sourceRegion}`);
     }
     if (hasOverlap(regions.map((r) => [r.base, r.base + r.length]))) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, 'regions overlap in memory');
     const imageRange = (r: (typeof regions)[number]) =>
-      [r.sourceRegion * 2 ** 40 + r.sourcePage, r.sourceRegion * 2 ** 40 + r.sourcePage + r.length / r.pageSize] as const;
+      [r.sourceRegion * 2 ** 40 + r.sourcePage, r.sourceRegion * 2 ** 40 + r.sourcePage + r.length / sourceRegions[r.sourceRegion].pageSize] as const;
     if (hasOverlap(regions.map(imageRange))) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, 'regions overlap in the source image');
     this.#log = options.logger ?? silentLogger;
     this.#resident = new Promise((resolve, reject) => (this.#settle = { resolve, reject }));

@@ -463,6 +463,11 @@ export class VmmHandler extends EventEmitter {
         welcomed = true;
         if (vmm.ended) throw new PostcopyError(ErrorCode.PEER_GONE, 'the VMM hung up during set-up');
         const targets: TargetRegion[] = mapOntoImage(vmm.guest, regions);
+        if (!local && targets.some((t) => t.pageSize !== regions[t.sourceRegion!].pageSize))
+          throw new PostcopyError(
+            ErrorCode.UNSUPPORTED,
+            "huge-page guest regions are served from a local image (--image) only; a source sends pages of the image's own size",
+          );
         // MINOR mode: the guest's memory file, mapped here too; pages go into its page cache through it.
         vmm.guest.forEach((g, i) => {
           if (g.memfd_offset === undefined) return;
@@ -737,9 +742,10 @@ export function mapOntoImage(guest: GuestRegion[], image: RegionInfo[]): Require
     let start = 0;
     for (const r of image) {
       if (g.offset >= start && g.offset + g.size <= start + r.length) {
-        if (r.pageSize !== pageSize)
-          throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, `region ${i} uses ${pageSize}-byte pages, the image ${r.pageSize}`);
-        return { base: g.base_host_virt_addr, length: g.size, pageSize, sourceRegion: r.id, sourcePage: (g.offset - start) / pageSize };
+        // A guest page is one or more whole image pages (a 2 MiB huge page from a 4 KiB-page image).
+        if (pageSize < r.pageSize)
+          throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, `region ${i} uses ${pageSize}-byte pages, smaller than the image's ${r.pageSize}`);
+        return { base: g.base_host_virt_addr, length: g.size, pageSize, sourceRegion: r.id, sourcePage: (g.offset - start) / r.pageSize };
       }
       start += r.length;
     }
