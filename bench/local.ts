@@ -3,6 +3,10 @@
 // measured in the same run:
 //   image              faults served from a local image file (--image), no
 //                      source process: fault latency beside the floor's local
+//   hugetlb            2 MiB huge-page memory (MAP_HUGETLB) from the 4 KiB-page
+//                      image: each fault installs a whole huge page; besides
+//                      the per-fault ratio, the whole region's time over the
+//                      floor's for the same bytes (it faults 512x fewer times)
 //   minor              MINOR mode: memory that is a shared memfd, its pages
 //                      already put in the page cache from the image; each
 //                      fault is answered with UFFDIO_CONTINUE (nothing copied)
@@ -11,7 +15,7 @@
 //                      --prefetch of a working set recorded once beforehand:
 //                      demand faults and time until the workload finishes
 // Each round runs both sides back to back, alternating which goes first.
-import { closeSync, ftruncateSync, mkdtempSync, rmSync } from 'node:fs';
+import { closeSync, ftruncateSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Destination, type DestinationOptions } from '../client/destination.js';
@@ -22,7 +26,7 @@ import { latencyBench, median, medianOf, percentiles, ratioOf, round, type Laten
 import { runFloor, type FloorLatency } from './floor.js';
 import { FaultEngine } from '../client/fault-engine.js';
 import { Userfaultfd } from '../lib/uffd.js';
-import { PAGE_SIZE, mapFile, memfdCreate, type Mapping } from '../lib/memory.js';
+import { PAGE_SIZE, mapAnonymous, mapFile, memfdCreate, type Mapping } from '../lib/memory.js';
 import { floorImageFile, startSource } from './source.js';
 
 export interface ImageFaultResult extends Omit<LatencyResult, 'case' | 'transport'> {
@@ -68,7 +72,15 @@ export interface ColdStartResult {
   digestMatch: boolean;
 }
 
-export type LocalBenchResult = ImageFaultResult | MinorFaultResult | ColdStartResult;
+export interface HugetlbFaultResult extends Omit<MinorFaultResult, 'case' | 'minorFaults'> {
+  case: 'hugetlb';
+  /** Huge pages faulted in (each 2 MiB). */
+  hugePages: number;
+  /** The whole region restored by faults, ours (2 MiB faults) over the floor's (4 KiB faults): medians of per-round ratios. */
+  regionTimeRatio: number;
+}
+
+export type LocalBenchResult = ImageFaultResult | MinorFaultResult | HugetlbFaultResult | ColdStartResult;
 
 export async function localBench(pages: number, rounds: number, seed: number, progress: (line: string) => void = () => {}): Promise<LocalBenchResult[]> {
   progress(`image: fault latency from a local image file, ${pages} pages, ${rounds} rounds`);
@@ -76,6 +88,10 @@ export async function localBench(pages: number, rounds: number, seed: number, pr
   const results: LocalBenchResult[] = [{ ...latency, case: 'image' }];
   progress(`minor: MINOR faults on cached pages of a shared memfd, ${pages} pages, ${rounds} rounds`);
   results.push(await minorBench(pages, rounds, seed));
+  progress(`hugetlb: 2 MiB faults from the 4 KiB-page image, ${pages / 512} huge pages, ${rounds} rounds`);
+  const huge = await hugetlbBench(pages, rounds, seed);
+  if (huge) results.push(huge);
+  else progress('hugetlb: skipped (this machine cannot reserve the huge pages: vm.nr_hugepages)');
   for (const where of ['local', 'unix'] as const) {
     progress(`cold-start-${where}: record once, then ${rounds} rounds with and without --prefetch`);
     results.push(await coldStartBench(pages, rounds, where));
@@ -206,6 +222,82 @@ async function minorBench(pages: number, rounds: number, seed: number): Promise<
   };
 }
 
+const HUGE_PAGE = 2 << 20;
+const NR_HUGEPAGES = '/proc/sys/vm/nr_hugepages';
+
+/** 2 MiB faults: reserves the huge pages it needs (and gives them back); null when the machine cannot. */
+async function hugetlbBench(pages: number, rounds: number, seed: number): Promise<HugetlbFaultResult | null> {
+  const length = Math.floor((pages * PAGE_SIZE) / HUGE_PAGE) * HUGE_PAGE;
+  const huge = length / HUGE_PAGE;
+  if (huge === 0) return null;
+  let before: number;
+  try {
+    before = Number(readFileSync(NR_HUGEPAGES, 'utf8'));
+    writeFileSync(NR_HUGEPAGES, String(before + huge));
+  } catch {
+    return null;
+  }
+  const dir = mkdtempSync(join(tmpdir(), 'postcopy-bench-'));
+  const image = Image.open([{ path: floorImageFile(dir, length / PAGE_SIZE) }]);
+  const ours: ReturnType<typeof percentiles>[] = [];
+  const floors: FloorLatency[] = [];
+  const oursOnce = async () => {
+    const uffd = Userfaultfd.open({ nonBlocking: true });
+    let memory: Mapping | null = null;
+    let engine: FaultEngine | null = null;
+    try {
+      memory = mapAnonymous(length, { hugetlb: true });
+      uffd.handshake([]);
+      uffd.register(memory.address, length, ['missing']);
+      engine = new FaultEngine({
+        uffd: uffd.fd,
+        regions: [{ base: memory.address, length, pageSize: HUGE_PAGE }],
+        sourceRegions: [{ pages: length / PAGE_SIZE, pageSize: PAGE_SIZE }],
+        local: { image: image.regions.map((r) => r.spec), window: { forward: 0, backward: 0 }, background: false },
+      });
+      engine.start();
+      const order = shuffledOrder(huge, seed);
+      const touched = await touchPages(memory.address, huge, order, { pageSize: HUGE_PAGE, mapping: memory });
+      for (let k = 0; k < huge; k++) if (touched.firstBytes[k] !== ((order[k] * 512 * 7 + 1) & 0xff)) throw new Error(`wrong byte in huge page ${order[k]}`);
+      ours.push(percentiles(touched.latencyNs, touched.totalNs));
+    } finally {
+      engine?.stop();
+      uffd.close();
+      memory?.unmap();
+    }
+  };
+  const floorOnce = async () => floors.push((await runFloor(length / PAGE_SIZE, seed, ['local'])).get('local') as FloorLatency);
+  try {
+    for (let r = 0; r < rounds; r++) {
+      if (r % 2 === 0) {
+        await oursOnce();
+        await floorOnce();
+      } else {
+        await floorOnce();
+        await oursOnce();
+      }
+    }
+  } finally {
+    image.close();
+    rmSync(dir, { recursive: true, force: true });
+    writeFileSync(NR_HUGEPAGES, String(before));
+  }
+  const p50 = ratioOf(ours.map((o, i) => o.p50_us / floors[i].p50_us));
+  const p99 = ratioOf(ours.map((o, i) => o.p99_us / floors[i].p99_us));
+  const region = ratioOf(ours.map((o, i) => o.total_ms / floors[i].total_ms));
+  return {
+    case: 'hugetlb',
+    pages: length / PAGE_SIZE,
+    hugePages: huge,
+    rounds,
+    ours: medianOf(ours),
+    floor: medianOf(floors),
+    ratio: { p50: p50.median, p99: p99.median },
+    spread: { p50: p50.spread, p99: p99.spread },
+    regionTimeRatio: region.median,
+  };
+}
+
 /** The recording run (as --record-working-set does it): faults served alone, the background after the workload. */
 async function recordOnce(from: DestinationOptions, pages: number): Promise<WorkingSet> {
   const dest = await Destination.connect({ ...from, window: { forward: 0, backward: 0 }, holdBackground: true, recordWorkingSet: true });
@@ -245,7 +337,12 @@ async function coldStart(from: DestinationOptions, pages: number, seed: number):
 export function localTable(results: LocalBenchResult[]): string {
   const lines = ['| case | figure | ours | baseline | ratio (median, spread) |', '| --- | --- | --- | --- | --- |'];
   for (const r of results) {
-    if (r.case === 'image' || r.case === 'minor') {
+    if (r.case === 'hugetlb') {
+      lines.push(
+        `| hugetlb | fault p50 (2 MiB) | ${r.ours.p50_us} µs | floor local ${r.floor.p50_us} µs (4 KiB) | ${r.ratio.p50} (${r.spread.p50.join('-')}) |`,
+      );
+      lines.push(`| hugetlb | whole region by faults | ${r.ours.total_ms} ms | floor local ${r.floor.total_ms} ms | ${r.regionTimeRatio} |`);
+    } else if (r.case === 'image' || r.case === 'minor') {
       lines.push(`| ${r.case} | fault p50 | ${r.ours.p50_us} µs | floor local ${r.floor.p50_us} µs | ${r.ratio.p50} (${r.spread.p50.join('-')}) |`);
       lines.push(`| ${r.case} | fault p99 | ${r.ours.p99_us} µs | floor local ${r.floor.p99_us} µs | ${r.ratio.p99} (${r.spread.p99.join('-')}) |`);
     } else {
