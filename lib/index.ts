@@ -15,5 +15,7 @@ export { parseAddress, formatAddress, type Address } from './address.js';
 export { Userfaultfd, Feature, availableFeatures, type FeatureName, type RegisterMode, type UffdEvent } from './uffd.js';
 export { Mapping, PAGE_SIZE, mapAnonymous, mapFile, memfdCreate, addSeals, getSeals, madvise, punchHole, fileExtents } from './memory.js';
 export { sendFds, receiveFds, peerCredentials, socketPair } from './fd-passing.js';
-export { touchPages, shuffledOrder } from './workload.js';
+export { touchPages, shuffledOrder, coldStartOrder } from './workload.js';
+export { LocalSession, type LocalSessionOptions } from '../client/local-session.js';
+export { readWorkingSet, writeWorkingSet, type WorkingSet } from '../client/working-set.js';
 export { createLogger, silentLogger, type Logger } from './logger.js';
