@@ -74,6 +74,13 @@ struct TargetRegion {
   std::unique_ptr<AtomicBitmap> cached;  // MINOR mode: the page's contents are in the page cache
 };
 
+// Counts the installs under way (see InstalledChecksum).
+struct InstallingNow {
+  explicit InstallingNow(std::atomic<int>& n) : n_(n) { n_.fetch_add(1); }
+  ~InstallingNow() { n_.fetch_sub(1); }
+  std::atomic<int>& n_;
+};
+
 // What an install came to: done; the layout is changing and the caller may not
 // wait (retry elsewhere); or the engine must stop installing.
 enum InstallResult { kOk, kBusy, kStop };
@@ -476,6 +483,13 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   // region, not yet installed); skip is null past kMaxSkipRanges ranges.
   Napi::Value InstalledChecksum(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
+    // An install that copied its pages before the last page settled may still
+    // be adding them to the sum: wait for it (bounded), so the sum and the
+    // pages it leaves out agree.
+    for (int i = 0; installing_.load() != 0 && i < 10000; i++) {
+      timespec ts{0, 100000};
+      nanosleep(&ts, nullptr);
+    }
     Napi::Array out = Napi::Array::New(env, sourcePages_.size());
     for (uint32_t id = 0; id < sourcePages_.size(); id++) {
       std::vector<const TargetRegion*> targets;
@@ -1132,6 +1146,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   // engine must stop.
   InstallResult Install(TargetRegion& r, uint64_t first, uint64_t count, const uint8_t* data, uint32_t reason, const char* channel, uint32_t generation,
                         bool mayWait = true) {
+    InstallingNow guard(installing_);
     if (r.fill) return InstallInCache(r, first, count, data, reason, channel, generation, mayWait);
     uint64_t p = first, end = first + count;
     while (p < end) {
@@ -1355,9 +1370,10 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   std::atomic<bool> zeroFallback_{false};
   std::unique_ptr<uint8_t, decltype(&free)> zeros_{nullptr, &free};
   std::unique_ptr<std::atomic<uint64_t>[]> checksum_;  // per source region: the installed-pages checksum so far
-  bool checksumInstalled_ = false;                     // hash each page as it goes in (the handler's check at the end)
-  std::vector<uint64_t> zeroHash_;                     // per source region: ContentHash of a zero page
-  static constexpr size_t kMaxSkipRanges = 100000;     // keeps the source's `done` frame well under its limit
+  bool checksumInstalled_ = false;
+  std::atomic<int> installing_{0};  // Install() calls under way                     // hash each page as it goes in (the handler's check at the end)
+  std::vector<uint64_t> zeroHash_;  // per source region: ContentHash of a zero page
+  static constexpr size_t kMaxSkipRanges = 100000;  // keeps the source's `done` frame well under its limit
   std::atomic<bool> stop_{false};
   LatencyHistogram latency_;
   uint64_t startNs_ = 0;

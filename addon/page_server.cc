@@ -28,6 +28,10 @@ namespace {
 
 struct ServedRegion {
   ImagePages image;
+  // Pages per unit the destination installs (512: its 2 MiB huge pages from
+  // 4 KiB image pages). Every run then holds whole units, each claimed by its
+  // first page: a unit is sent whole or not at all.
+  uint64_t unit = 1;
   std::unique_ptr<AtomicBitmap> sent;        // sent at least once, on either channel
   std::unique_ptr<AtomicBitmap> sentUrgent;  // sent on the urgent channel
 };
@@ -93,6 +97,10 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
       for (uint32_t i = 0; i < regions.Length(); i++) {
         auto region = std::make_unique<ServedRegion>();
         region->image.Open(info.Env(), regions.Get(i).As<Napi::Object>());
+        Napi::Value unit = regions.Get(i).As<Napi::Object>().Get("unit");  // checked in server/session.ts
+        if (unit.IsNumber()) region->unit = static_cast<uint64_t>(unit.As<Napi::Number>().Int64Value());
+        if (region->unit == 0 || region->image.pages % region->unit || region->unit > wire::MaxRunPages(region->image.pageSize))
+          throw CodedError(info.Env(), "ERR_OUT_OF_RANGE", "a unit must divide the region and fit one run");
         region->sent = std::make_unique<AtomicBitmap>(region->image.pages);
         region->sentUrgent = std::make_unique<AtomicBitmap>(region->image.pages);
         totalPages_ += region->image.pages;
@@ -234,11 +242,16 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
   // zero runs. Returns 0 or the errno of a failed send.
   int AddRuns(RunBatch& batch, uint32_t id, uint64_t first, uint64_t count, uint32_t reason) {
     const ServedRegion& r = *regions_[id];
-    uint64_t p = first, end = first + count;
+    uint64_t p = first, end = first + count, unit = r.unit;
+    auto zeroUnit = [&](uint64_t at) {  // (first and count are whole units)
+      for (uint64_t k = at; k < at + unit; k++)
+        if (!r.image.IsZero(k)) return false;
+      return true;
+    };
     while (p < end) {
-      bool zero = r.image.IsZero(p);
-      uint64_t q = p + 1;
-      while (q < end && r.image.IsZero(q) == zero) q++;
+      bool zero = zeroUnit(p);
+      uint64_t q = p + unit;
+      while (q < end && zeroUnit(q) == zero) q += unit;
       if (int err = batch.Add(id, r.image, p, static_cast<uint32_t>(q - p), zero, reason)) return err;
       if (zero) zeroPages_ += q - p;
       p = q;
@@ -290,6 +303,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
   // Then the window pages nobody has sent yet.
   int Answer(RunBatch& batch, uint32_t id, uint64_t page) {
     ServedRegion& r = *regions_[id];
+    if (r.unit > 1) return AnswerUnit(batch, id, page - page % r.unit);
     requests_++;
     lastRequest_.store((static_cast<uint64_t>(id) << 48) | page, std::memory_order_relaxed);
     requestSeq_.fetch_add(1, std::memory_order_release);
@@ -347,6 +361,47 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
     return addWindow(page > windowBackward_ ? page - windowBackward_ : 0, page);
   }
 
+  // Claims unit [first, first + unit) of r, by its first page; true when this
+  // call did (the rest of its pages are then ours too).
+  bool ClaimUnit(ServedRegion& r, uint64_t first) {
+    if (!r.sent->Claim(first)) return false;
+    uint64_t mine = 1;  // (pages of it held by the destination already were marked sent: not counted twice)
+    for (uint64_t k = first + 1; k < first + r.unit; k++)
+      if (r.sent->Claim(k)) mine++;
+    claimed_ += mine;
+    return true;
+  }
+
+  // Answer() for a region served in units: the requested unit whole (again,
+  // unless it went out on this channel already), then the window in units.
+  int AnswerUnit(RunBatch& batch, uint32_t id, uint64_t first) {
+    ServedRegion& r = *regions_[id];
+    requests_++;
+    lastRequest_.store((static_cast<uint64_t>(id) << 48) | first, std::memory_order_relaxed);
+    requestSeq_.fetch_add(1, std::memory_order_release);
+    if (!ClaimUnit(r, first)) {
+      if (r.sentUrgent->Test(first)) {
+        pagesInFlight_ += r.unit;
+        return 0;
+      }
+      pagesResent_ += r.unit;
+    }
+    r.sentUrgent->Claim(first);
+    pagesRequested_ += r.unit;
+    if (int err = AddRuns(batch, id, first, r.unit, wire::kRequested)) return err;
+    uint64_t units = r.image.pages / r.unit, at = first / r.unit;
+    for (uint64_t k = 1; k <= windowForward_ + windowBackward_; k++) {
+      bool forward = k <= windowForward_;
+      uint64_t u = forward ? at + k : at - (k - windowForward_);
+      if (forward ? u >= units : k - windowForward_ > at) continue;
+      if (!ClaimUnit(r, u * r.unit)) continue;
+      r.sentUrgent->Claim(u * r.unit);
+      pagesPrefault_ += r.unit;
+      if (int err = AddRuns(batch, id, u * r.unit, r.unit, wire::kPrefault)) return err;
+    }
+    return 0;
+  }
+
   // The bulk channel: the working set to prefetch first, in its order, a batch
   // of at most one run's bytes at a time; then the background, when it is on.
   void BulkLoop() {
@@ -388,12 +443,21 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
         }
         uint32_t maxRun = wire::MaxRunPages(r.image.pageSize);
         uint64_t runLen = 0;
-        while (p + runLen < r.image.pages && runLen < maxRun && r.sent->Claim(p + runLen)) runLen++;
-        if (runLen == 0) {
-          cursor = p + 1;
-          continue;
-        }  // the request thread took it first
-        claimed_ += runLen;
+        if (r.unit > 1) {  // whole units, each claimed by its first page
+          p -= p % r.unit;
+          while (p + runLen < r.image.pages && runLen + r.unit <= maxRun && ClaimUnit(r, p + runLen)) runLen += r.unit;
+          if (runLen == 0) {
+            cursor = p + r.unit;
+            continue;
+          }
+        } else {
+          while (p + runLen < r.image.pages && runLen < maxRun && r.sent->Claim(p + runLen)) runLen++;
+          if (runLen == 0) {
+            cursor = p + 1;
+            continue;
+          }  // the request thread took it first
+          claimed_ += runLen;
+        }
         pagesBackground_ += runLen;
         cursor = p + runLen;
         err = AddRuns(batch, region, p, runLen, wire::kBackground);
@@ -421,6 +485,13 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
       uint64_t page = e & kPageMask;
       ServedRegion& r = *regions_[id];
       const AtomicBitmap& set = *prefetchSet_[id];
+      if (r.unit > 1) {  // the entry's whole unit
+        uint64_t first = page - page % r.unit;
+        if (!ClaimUnit(r, first)) continue;
+        pagesPrefetched_ += r.unit;
+        if (int err = AddRuns(batch, id, first, r.unit, wire::kPrefetch)) return err;
+        continue;
+      }
       if (!r.sent->Claim(page)) continue;  // sent already: with its cluster, on request, or held
       uint64_t maxRun = wire::MaxRunPages(r.image.pageSize), lo = page, hi = page + 1;
       while (hi < r.image.pages && hi - lo < maxRun && set.Test(hi) && r.sent->Claim(hi)) hi++;

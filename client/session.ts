@@ -481,6 +481,7 @@ export class DestinationSession extends EventEmitter implements PageSession {
         token: this.#options.token,
         transfer: this.transfer,
         holdBackground: this.#backgroundHeld,
+        ...(this.#options.pageSizesFor ? { pageSizesFor: this.#options.pageSizesFor } : {}),
         resume: this.#sessionId,
         maxImageBytes: this.#options.maxImageBytes,
         acceptPlaintextTcp: this.#options.acceptPlaintextTcp,
@@ -619,6 +620,7 @@ async function connectFirst(options: DestinationSessionOptions, recovery: Resolv
         token: options.token,
         transfer,
         holdBackground: options.holdBackground === true,
+        ...(options.pageSizesFor ? { pageSizesFor: options.pageSizesFor } : {}),
         timeoutMs: recovery.connectTimeoutMs,
         heartbeat: recovery.heartbeat,
         maxImageBytes: options.maxImageBytes,
@@ -627,6 +629,7 @@ async function connectFirst(options: DestinationSessionOptions, recovery: Resolv
     } catch (err) {
       const e = asCodedError(err);
       const roundDone = attempt % sources.length === 0;
+      if (e.code === ErrorCode.UNSUPPORTED) throw e; // asking again would not change the answer
       if (options.signal?.aborted || (roundDone && !options.retryFirstConnect)) throw e;
       if (!roundDone) {
         log.warn({ source: formatAddress(source), code: e.code, err: e.message }, 'this source cannot be reached; trying the next');

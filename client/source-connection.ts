@@ -42,6 +42,12 @@ export interface SourceOptions {
   maxImageBytes?: number;
   /** Take plaintext data channels over TCP (only to measure what encryption costs, against a source with plaintextTcp). */
   acceptPlaintextTcp?: boolean;
+  /**
+   * The page size this destination installs, per region of the image (once
+   * its regions are known): larger than the image's (a 2 MiB huge page), the
+   * source sends whole such pages only (`page-sizes`).
+   */
+  pageSizesFor?: (regions: RegionInfo[]) => number[];
   logger?: Logger;
 }
 
@@ -53,6 +59,8 @@ export interface SourceConnectionOptions {
   timeoutMs?: number;
   /** Control-channel liveness once welcomed (default: a heartbeat each second, silent after 5 s). */
   heartbeat?: Heartbeat;
+  /** See SourceOptions.pageSizesFor. */
+  pageSizesFor?: (regions: RegionInfo[]) => number[];
   /** Ask the source to hold its background stream until startBackground() (when it can: 'deferred-background'). */
   holdBackground?: boolean;
   /** The id of a session to resume on this source. */
@@ -156,10 +164,15 @@ export class SourceConnection {
       keepAlive(control, reader, options.heartbeat ?? DEFAULT_HEARTBEAT);
       // A source that cannot hold the background back streams it from the start: the recorded set may then miss pages it sent first.
       const held = options.holdBackground === true && options.transfer.background.enabled && welcome.capabilities?.includes('deferred-background') === true;
+      const pageSizes = options.pageSizesFor?.(welcome.regions);
+      const huge = pageSizes?.some((size, i) => size !== welcome.regions[i].pageSize) === true;
+      if (huge && !welcome.capabilities?.includes('page-sizes'))
+        throw new PostcopyError(ErrorCode.UNSUPPORTED, 'the source cannot send whole huge pages (it lacks page-sizes): a newer source is needed');
       send(control, {
         t: 'options',
         ...options.transfer,
         background: { ...options.transfer.background, enabled: options.transfer.background.enabled && !held },
+        ...(huge ? { pageSizes } : {}),
       });
       const urgentFd = await openChannel(address, welcome, 'urgent', timeoutMs);
       let bulkFd: number;

@@ -463,11 +463,6 @@ export class VmmHandler extends EventEmitter {
         welcomed = true;
         if (vmm.ended) throw new PostcopyError(ErrorCode.PEER_GONE, 'the VMM hung up during set-up');
         const targets: TargetRegion[] = mapOntoImage(vmm.guest, regions);
-        if (!local && targets.some((t) => t.pageSize !== regions[t.sourceRegion!].pageSize))
-          throw new PostcopyError(
-            ErrorCode.UNSUPPORTED,
-            "huge-page guest regions are served from a local image (--image) only; a source sends pages of the image's own size",
-          );
         // MINOR mode: the guest's memory file, mapped here too; pages go into its page cache through it.
         vmm.guest.forEach((g, i) => {
           if (g.memfd_offset === undefined) return;
@@ -503,10 +498,22 @@ export class VmmHandler extends EventEmitter {
       vmm.session =
         'image' in options
           ? LocalSession.open({ ...options, ...replay, logger: log }, build)
-          : await DestinationSession.open({ ...options, ...replay, logger: log, retryFirstConnect: true, signal: vmm.abort.signal }, build);
+          : await DestinationSession.open(
+              {
+                ...options,
+                ...replay,
+                logger: log,
+                retryFirstConnect: true,
+                signal: vmm.abort.signal,
+                // Huge-page guest regions: the source sends whole huge pages.
+                pageSizesFor: (regions) => guestPageSizes(vmm.guest, regions),
+              },
+              build,
+            );
       if (recording) this.#startBackgroundWhenQuiet(vmm);
     } catch (err) {
-      if (welcomed || vmm.ended) throw err; // the handshake does not fit the image: refused
+      // The handshake does not fit the image, or this source cannot serve it: refused.
+      if (welcomed || vmm.ended || asCodedError(err).code === ErrorCode.UNSUPPORTED) throw err;
       // The source stayed out of reach past the give-up time: the guest must not wait forever on memory that cannot come.
       const poisoned = poisonGuest(vmm);
       const e = err as PostcopyError;
@@ -651,6 +658,22 @@ function releaseMemory(vmm: VmmSession): void {
   vmm.fills = [];
   closeSync(vmm.uffd);
   if (vmm.memfd !== undefined) closeSync(vmm.memfd);
+}
+
+/** Per image region, the largest page size a guest region on it uses (the image's own where none is larger). */
+function guestPageSizes(guest: GuestRegion[], image: RegionInfo[]): number[] {
+  const sizes = image.map((r) => r.pageSize);
+  let start = 0;
+  for (const [i, r] of image.entries()) {
+    for (const g of guest) if (g.offset >= start && g.offset < start + r.length) sizes[i] = Math.max(sizes[i], g.page_size ?? 4096);
+    if (r.length % sizes[i])
+      throw new PostcopyError(
+        ErrorCode.UNSUPPORTED,
+        `image region ${i} (${r.length} bytes) is not whole ${sizes[i]}-byte pages: a guest cannot map it in huge pages`,
+      );
+    start += r.length;
+  }
+  return sizes;
 }
 
 /** A guest region's part of its memory file, mapped shared in this process (MINOR mode). */

@@ -80,6 +80,8 @@ export interface ServedRegionSpec {
   length: number;
   pageSize: number;
   knownZero?: Uint8Array;
+  /** Pages per unit the destination installs (a huge page): runs hold whole units (default 1). */
+  unit?: number;
 }
 
 export interface SourceStats {

@@ -44,7 +44,13 @@ export type Message =
       limits: { maxFrame: number; maxRunBytes: number };
       capabilities: string[];
     }
-  | { t: 'options'; window: { forward: number; backward: number }; background: { enabled: boolean; rateBytesPerSecond: number } }
+  | {
+      t: 'options';
+      window: { forward: number; backward: number };
+      background: { enabled: boolean; rateBytesPerSecond: number };
+      /** Per region, the page size the destination installs (bytes), when larger than the region's: every run then holds whole such pages. */
+      pageSizes?: number[];
+    }
   | { t: 'attach'; session: string; channel: 'urgent' | 'bulk'; ticket: Uint8Array }
   | { t: 'attached' }
   | { t: 'have'; region: number; offset: number; bitmap: Uint8Array }
@@ -403,6 +409,23 @@ export function checkOptions(msg: MessageOf<'options'>): TransferOptions {
   } catch (err) {
     throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `bad options: ${(err as Error).message}`);
   }
+}
+
+/**
+ * options.pageSizes: per region (all of them, in order), the destination's
+ * page size: a power of two from the region's own page size to one run.
+ * Returns the pages of the region per destination page (1 when absent).
+ */
+export function checkPageSizes(pageSizes: unknown, regions: readonly { length: number; pageSize: number }[]): number[] {
+  if (pageSizes === undefined) return regions.map(() => 1);
+  if (!Array.isArray(pageSizes) || pageSizes.length !== regions.length)
+    throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'options.pageSizes must list one page size per region');
+  return pageSizes.map((size, i) => {
+    const r = regions[i];
+    const ok = Number.isSafeInteger(size) && size >= r.pageSize && size <= MAX_RUN_BYTES && (size & (size - 1)) === 0 && r.length % size === 0;
+    if (!ok) throw new PostcopyError(ErrorCode.PROTOCOL_OUT_OF_RANGE, `options.pageSizes[${i}]: ${size} is not a page size region ${i} can be served in`);
+    return size / r.pageSize;
+  });
 }
 
 /**

@@ -12,6 +12,7 @@ import {
   checkHave,
   checkHaveChunk,
   checkPrefetch,
+  checkPageSizes,
   checkOptions,
   checkVerify,
   PROTOCOL_VERSION,
@@ -282,10 +283,13 @@ export class PageServer {
         'page-checksum',
         'prefetch',
         'deferred-background',
+        'page-sizes',
       ],
     });
     keepAlive(socket, reader, this.#heartbeat);
-    const options = checkOptions(await reader.next(['options'], this.#handshakeTimeoutMs));
+    const optionsMessage = await reader.next(['options'], this.#handshakeTimeoutMs);
+    const options = checkOptions(optionsMessage);
+    const units = checkPageSizes(optionsMessage.pageSizes, this.#image.regions);
     // A held-pages bitmap too large for one frame comes first in pieces (`have`), then `start`.
     const have = new Map<number, { region: number; bitmap: Uint8Array }>();
     const prefetch: Uint8Array[] = [];
@@ -317,6 +321,7 @@ export class PageServer {
       [...have.values()].map(({ region, bitmap }) => ({ region, bitmap })).concat(checkHave(start.have, this.#image.regions)),
       keys,
       prefetch,
+      units,
     );
     send(socket, { t: 'started' });
     // One `done` per connection (a destination asks again only on a new one): the digest and the checksums are work, and a peer must not be able to ask for them without end.

@@ -107,7 +107,13 @@ export class SourceSession {
    * holds, `prefetch` a working set it replays (client/working-set.ts
    * entries), streamed in order ahead of the background.
    */
-  start(options: TransferOptions, have: { region: number; bitmap: Uint8Array }[] = [], keys?: DataChannelKeys, prefetch: Uint8Array[] = []): void {
+  start(
+    options: TransferOptions,
+    have: { region: number; bitmap: Uint8Array }[] = [],
+    keys?: DataChannelKeys,
+    prefetch: Uint8Array[] = [],
+    units: number[] = [],
+  ): void {
     if (this.#fds.urgent === undefined || this.#fds.bulk === undefined) {
       throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'start before both data channels were attached');
     }
@@ -116,7 +122,7 @@ export class SourceSession {
     this.#fds = {};
     try {
       this.#native = new native.PageServerSession({
-        regions: this.#image.regions.map((r) => r.spec),
+        regions: this.#image.regions.map((r, i) => ({ ...r.spec, unit: units[i] ?? 1 })),
         urgentFd,
         bulkFd,
         windowForward: options.window.forward,
