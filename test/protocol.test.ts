@@ -9,7 +9,7 @@ import { Destination } from '../client/destination.js';
 import { SourceConnection } from '../client/source-connection.js';
 import { type ChannelFailure, type MemoryEvent, FaultEngine } from '../client/fault-engine.js';
 import { DEFAULT_TRANSFER } from '../client/destination.js';
-import { FrameReader, checkDigest, checkHaveChunk, checkVerify, encodeFrame } from '../lib/protocol.js';
+import { FrameReader, MAX_PREFETCH_ENTRIES, checkDigest, checkHaveChunk, checkPageSizes, checkPrefetch, checkVerify, encodeFrame } from '../lib/protocol.js';
 import { pageChecksum } from '../lib/digest.js';
 import { compareInstalled } from '../client/installed-checksum.js';
 import { native } from '../lib/native.js';
@@ -585,4 +585,41 @@ t.test('an image closed while its checksum is computed says so, and nothing read
   const summing = image.checksum(0, []);
   image.close(); // the server shutting down while a destination's `done` is answered
   await t.rejects(summing, { code: 'ERR_MAPPING_UNMAPPED' });
+});
+
+t.test('prefetch entries are checked against the image before a source keeps them', async (t) => {
+  const regions = [
+    { length: 64 * 4096, pageSize: 4096 },
+    { length: 16 * 4096, pageSize: 4096 },
+  ];
+  const entry = (region: number, page: number) => {
+    const b = Buffer.alloc(8);
+    b.writeBigUInt64LE((BigInt(region) << 48n) | BigInt(page));
+    return b;
+  };
+  const good = Buffer.concat([entry(0, 63), entry(1, 0), entry(0, 5)]);
+  t.same(checkPrefetch({ t: 'prefetch', entries: good }, regions), good, 'entries inside the image pass as they came');
+  t.throws(() => checkPrefetch({ t: 'prefetch', entries: good.subarray(0, 12) }, regions), { code: 'ERR_PROTOCOL_MALFORMED' }, 'not whole entries');
+  t.throws(() => checkPrefetch({ t: 'prefetch', entries: 'x' as unknown as Uint8Array }, regions), { code: 'ERR_PROTOCOL_MALFORMED' });
+  t.throws(() => checkPrefetch({ t: 'prefetch', entries: entry(0, 64) }, regions), { code: 'ERR_PROTOCOL_OUT_OF_RANGE' }, 'a page past the region');
+  t.throws(() => checkPrefetch({ t: 'prefetch', entries: entry(2, 0) }, regions), { code: 'ERR_PROTOCOL_OUT_OF_RANGE' }, 'a region the image lacks');
+  t.throws(
+    () => checkPrefetch({ t: 'prefetch', entries: Buffer.alloc((MAX_PREFETCH_ENTRIES + 1) * 8) }, regions),
+    { code: 'ERR_PROTOCOL_OUT_OF_RANGE' },
+    'too many entries in one message',
+  );
+});
+
+t.test('options.pageSizes: one page size per region, a power of two the region can be served in whole', async (t) => {
+  const regions = [
+    { length: 8 << 20, pageSize: 4096 },
+    { length: 64 * 4096, pageSize: 4096 },
+  ];
+  t.same(checkPageSizes(undefined, regions), [1, 1], 'absent: the regions own pages');
+  t.same(checkPageSizes([2 << 20, 4096], regions), [512, 1], '2 MiB huge pages over a 4 KiB-page region: 512 pages each');
+  t.throws(() => checkPageSizes([2 << 20], regions), { code: 'ERR_PROTOCOL_MALFORMED' }, 'one per region');
+  t.throws(() => checkPageSizes([3 << 20, 4096], regions), { code: 'ERR_PROTOCOL_OUT_OF_RANGE' }, 'not a power of two');
+  t.throws(() => checkPageSizes([4 << 20, 4096], regions), { code: 'ERR_PROTOCOL_OUT_OF_RANGE' }, 'more than one run');
+  t.throws(() => checkPageSizes([2048, 4096], regions), { code: 'ERR_PROTOCOL_OUT_OF_RANGE' }, 'smaller than the region page');
+  t.throws(() => checkPageSizes([4096, 2 << 20], regions), { code: 'ERR_PROTOCOL_OUT_OF_RANGE' }, 'a region that is not whole such pages');
 });
