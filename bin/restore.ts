@@ -3,6 +3,9 @@
 // faulting pages in, and reports stats.
 import { openSync, writeSync, closeSync } from 'node:fs';
 import { Destination } from '../client/destination.js';
+import { SourceConnection } from '../client/source-connection.js';
+import { mapFile, PAGE_SIZE, type Mapping } from '../lib/memory.js';
+import { digestOf } from '../lib/digest.js';
 import { Image } from '../server/image.js';
 import { coldStartOrder, shuffledOrder, touchPages } from '../lib/workload.js';
 import { pagesIn, readWorkingSet, writeWorkingSet } from '../client/working-set.js';
@@ -49,6 +52,10 @@ export const restoreUsage = `postcopy restore (--source unix:PATH|tcp:HOST:PORT 
   --prefetch F           replay a recorded working set: its pages go in, in
                          order, as soon as the restore starts (demand faults
                          still go first)
+  --in-place             on this host, take the source's memory itself: a
+                         source whose image is shared memory (tmpfs, a memfd)
+                         passes its fds and nothing is copied; any other
+                         source (TCP, a file on disk) is copied as usual
   --json                 print the report as one JSON line
 ${recoveryUsage}
 ${loggingUsage}`;
@@ -59,6 +66,7 @@ export async function restore(argv: string[], log: Logger): Promise<RestoreRepor
     image: { type: 'string', multiple: true },
     'record-working-set': { type: 'string' },
     prefetch: { type: 'string' },
+    'in-place': { type: 'boolean' },
     'token-file': { type: 'string' },
     out: { type: 'string' },
     window: { type: 'string' },
@@ -91,6 +99,18 @@ export async function restore(argv: string[], log: Logger): Promise<RestoreRepor
     checkWritable(record, '--record-working-set');
   }
   const prefetch = values.prefetch === undefined ? undefined : readWorkingSet(values.prefetch);
+  if (values['in-place']) {
+    if (values.image) throw new UsageError('--in-place takes the memory of a source (--source); --image restores from a file here');
+    for (const name of ['record-working-set', 'prefetch', 'window', 'rate', 'no-background'] as const)
+      if (values[name] !== undefined) throw new UsageError(`--in-place copies no page, so --${name} has nothing to act on`);
+    const [source] = values.source as string[];
+    const taken = await restoreInPlace(source, destinationToken(values['token-file'], source, log), workload, seed, values.out, log);
+    if (taken) {
+      process.stdout.write(values.json ? JSON.stringify(taken) + '\n' : formatInPlace(taken));
+      return taken as unknown as RestoreReport;
+    }
+    log.warn({ source }, 'the source does not offer its memory in place (TCP, or an image that is not shared memory): copying instead');
+  }
   if (values['no-background'] && workload === 'cold-start')
     throw new UsageError('--no-background with --workload cold-start can never finish: the pages the cold start does not touch would never arrive');
   if (values['no-background'] && workload === 'none') {
@@ -163,13 +183,113 @@ export async function restore(argv: string[], log: Logger): Promise<RestoreRepor
   }
 }
 
+interface InPlaceReport {
+  inPlace: true;
+  pages: number;
+  bytes: number;
+  /** Nothing crossed a socket but the fds. */
+  bytesReceived: 0;
+  regions: number;
+  /** From asking the source to the memory being mapped here. */
+  tookMs: number;
+  workloadMs?: number;
+  sha256: string[];
+}
+
+/**
+ * In place: takes the source's shared-memory fds and maps them (shared): the
+ * memory is the source's own, no page is copied and nothing faults. Null when
+ * the source does not offer it.
+ */
+async function restoreInPlace(
+  source: string,
+  token: string | undefined,
+  workload: 'random' | 'sequential' | 'cold-start' | 'none',
+  seed: number,
+  out: string | undefined,
+  log: Logger,
+): Promise<InPlaceReport | null> {
+  const started = process.hrtime.bigint();
+  const taken = await SourceConnection.takeMemory({ source, ...(token ? { token } : {}) });
+  if (!taken) return null;
+  const mappings: Mapping[] = [];
+  try {
+    // Shared: the memory is ours now. (A source that handed over a read-only fd keeps its image: mapped private, a page is copied only when written.)
+    for (const [i, r] of taken.regions.entries()) {
+      try {
+        mappings.push(mapFile(taken.fds[i], r.length, { shared: true }));
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EACCES') throw err;
+        mappings.push(mapFile(taken.fds[i], r.length, { shared: false }));
+      }
+    }
+  } finally {
+    for (const fd of taken.fds) closeSync(fd); // the mappings keep the memory
+  }
+  try {
+    const tookMs = Number(process.hrtime.bigint() - started) / 1e6;
+    log.info({ regions: mappings.length, bytes: mappings.reduce((n, m) => n + m.length, 0), tookMs }, 'took the source memory in place: nothing copied');
+    let workloadMs: number | undefined;
+    if (workload !== 'none') {
+      const touched = await Promise.all(
+        mappings.map((m) => {
+          const pages = m.length / PAGE_SIZE;
+          const order =
+            workload === 'random'
+              ? shuffledOrder(pages, seed)
+              : workload === 'cold-start'
+                ? coldStartOrder(pages, seed)
+                : Uint32Array.from({ length: pages }, (_, i) => i);
+          return touchPages(m.address, pages, order, { mapping: m });
+        }),
+      );
+      workloadMs = Math.round(Math.max(...touched.map((t) => t.totalNs)) / 1e4) / 100;
+    }
+    const sha256 = await Promise.all(mappings.map((m) => digestOf(m.buffer())));
+    if (out)
+      writeBytes(
+        out,
+        taken.regions.map((r, i) => mappings[i].buffer().subarray(0, r.contentLength ?? r.length)),
+      );
+    const bytes = mappings.reduce((n, m) => n + m.length, 0);
+    return {
+      inPlace: true,
+      pages: bytes / PAGE_SIZE,
+      bytes,
+      bytesReceived: 0,
+      regions: mappings.length,
+      tookMs: Math.round(tookMs * 100) / 100,
+      ...(workloadMs !== undefined ? { workloadMs } : {}),
+      sha256,
+    };
+  } finally {
+    for (const m of mappings) m.unmap();
+  }
+}
+
+function formatInPlace(r: InPlaceReport): string {
+  return [
+    `in place     ${n(r.pages)} pages (${(r.bytes / 2 ** 20).toFixed(1)} MiB) in ${r.regions} region(s), taken in ${r.tookMs} ms: the source's own memory, nothing copied`,
+    ...(r.workloadMs !== undefined ? [`workload     ${r.workloadMs} ms, no faults`] : []),
+    `sha256       ${r.sha256.map((d) => d.slice(0, 16) + '…').join(' ')}`,
+    '',
+  ].join('\n');
+}
+
 /** The image as the source holds it: each region's own bytes (not its padding to whole pages), end to end. */
 function writeRegions(path: string, dest: Destination): void {
+  writeBytes(
+    path,
+    dest.regions.map((r) => r.mapping.buffer().subarray(0, r.info.contentLength ?? r.info.length)),
+  );
+}
+
+/** Writes the pieces end to end to `path` (0600). */
+function writeBytes(path: string, pieces: Uint8Array[]): void {
   const fd = openSync(path, 'w', 0o600);
   try {
     let offset = 0;
-    for (const r of dest.regions) {
-      const bytes = r.mapping.buffer().subarray(0, r.info.contentLength ?? r.info.length);
+    for (const bytes of pieces) {
       for (let done = 0; done < bytes.length;) done += writeSync(fd, bytes, done, bytes.length - done, offset + done);
       offset += bytes.length;
     }

@@ -1,7 +1,8 @@
 // The destination's side of the control protocol: connect to a source, prove
 // the token (and check the source's proof), negotiate options, open the two
 // data channels and hand them to native code, then start, finish, and say bye.
-import { closeSync } from 'node:fs';
+import { closeSync, fstatSync } from 'node:fs';
+import { receiveFds } from '../lib/fd-passing.js';
 import { connect, type Socket } from 'node:net';
 import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import { type Address, formatAddress, parseAddress } from '../lib/address.js';
@@ -141,6 +142,67 @@ export class SourceConnection {
       return ready;
     } finally {
       control.destroy();
+    }
+  }
+
+  /**
+   * In place: on this host, a source whose image is shared memory hands over
+   * the image's fds, one per region (SCM_RIGHTS), and the destination maps
+   * them: nothing is copied. Null when the source does not offer it (TCP, or
+   * an image that is not shared memory): the caller copies instead.
+   */
+  static async takeMemory(
+    options: Pick<SourceConnectionOptions, 'source' | 'token' | 'timeoutMs' | 'maxImageBytes'>,
+  ): Promise<{ regions: RegionInfo[]; fingerprint: string; fds: number[] } | null> {
+    const address = typeof options.source === 'string' ? parseAddress(options.source) : options.source;
+    const timeoutMs = options.timeoutMs ?? 10_000;
+    const control = await dial(address, timeoutMs);
+    const reader = new FrameReader(control);
+    try {
+      await authenticate(control, reader, options.token, timeoutMs, {});
+      const welcome = await reader.next(['welcome'], timeoutMs);
+      checkWelcome(welcome, options.maxImageBytes ?? defaultMaxImageBytes());
+      if (!welcome.capabilities?.includes('in-place') || !(welcome.tickets.memory instanceof Uint8Array)) {
+        send(control, { t: 'bye' });
+        return null;
+      }
+      send(control, { t: 'options', window: { forward: 0, backward: 0 }, background: { enabled: false, rateBytesPerSecond: 0 } });
+      // The answer is one message with the fds attached: the socket goes to native code before any byte of it can be read here.
+      const socket = await dial(address, timeoutMs);
+      let fd: number;
+      try {
+        send(socket, { t: 'attach', session: welcome.session, channel: 'memory', ticket: welcome.tickets.memory });
+        fd = takeSocket(socket);
+      } catch (err) {
+        socket.destroy();
+        throw err;
+      }
+      let got: Awaited<ReturnType<typeof receiveFds>>;
+      try {
+        got = await receiveFds(fd, { maxBytes: 1 << 20, maxFds: welcome.regions.length, timeoutMs });
+      } finally {
+        closeSync(fd);
+      }
+      const fds = got.fds;
+      try {
+        const sent = JSON.parse(got.payload.toString('utf8')) as { regions?: { id: number; length: number }[] };
+        const fits =
+          fds.length === welcome.regions.length &&
+          Array.isArray(sent.regions) &&
+          sent.regions.length === fds.length &&
+          sent.regions.every((r, i) => r.id === i && r.length === welcome.regions[i].length && fstatSync(fds[i]).size >= r.length);
+        if (!fits) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the source handed over memory that does not match its regions');
+      } catch (err) {
+        for (const f of fds) closeSync(f);
+        throw err instanceof PostcopyError
+          ? err
+          : new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the source handed over its memory with a malformed description');
+      }
+      send(control, { t: 'bye' });
+      return { regions: welcome.regions, fingerprint: welcome.fingerprint, fds };
+    } finally {
+      control.end();
+      setTimeout(() => control.destroy(), 1000).unref();
     }
   }
 

@@ -40,7 +40,7 @@ export type Message =
       fingerprint: string;
       encryption: Encryption;
       regions: RegionInfo[];
-      tickets: { urgent: Uint8Array; bulk: Uint8Array };
+      tickets: { urgent: Uint8Array; bulk: Uint8Array; memory?: Uint8Array };
       limits: { maxFrame: number; maxRunBytes: number };
       capabilities: string[];
     }
@@ -51,7 +51,7 @@ export type Message =
       /** Per region, the page size the destination installs (bytes), when larger than the region's: every run then holds whole such pages. */
       pageSizes?: number[];
     }
-  | { t: 'attach'; session: string; channel: 'urgent' | 'bulk'; ticket: Uint8Array }
+  | { t: 'attach'; session: string; channel: 'urgent' | 'bulk' | 'memory'; ticket: Uint8Array }
   | { t: 'attached' }
   | { t: 'have'; region: number; offset: number; bitmap: Uint8Array }
   | { t: 'start'; have?: { region: number; bitmap: Uint8Array }[] }

@@ -1,7 +1,7 @@
 // What a source serves: one or more regions, each backed by a file (mapped
 // read-only; holes found with SEEK_HOLE go out as zero runs without being
 // read), a shared-memory file or memfd (the same, in place), or a Buffer.
-import { closeSync, fstatSync, openSync } from 'node:fs';
+import { closeSync, fstatSync, openSync, statfsSync } from 'node:fs';
 import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import { fileExtents, mapFile, PAGE_SIZE, type Mapping } from '../lib/memory.js';
 import type { RegionInfo } from '../lib/protocol.js';
@@ -16,7 +16,16 @@ export interface ImageRegion extends RegionInfo {
   /** Bytes of content (the region is this rounded up to whole pages). */
   contentLength: number;
   holes: number;
+  /**
+   * An open fd of the region's file when it is shared memory (tmpfs, a memfd,
+   * hugetlbfs) and whole pages: a destination on this host may map it in
+   * place (`in-place`) instead of having pages copied.
+   */
+  memoryFd?: number;
 }
+
+const TMPFS_MAGIC = 0x01021994;
+const HUGETLBFS_MAGIC = 0x958458f6;
 
 /** A memory image: regions served read-only to any number of destinations. */
 export class Image {
@@ -24,12 +33,14 @@ export class Image {
   /** Identifies the image to a destination that resumes (lib/digest.ts). */
   readonly fingerprint: string;
   readonly #mappings: Mapping[];
+  readonly #ownFds: number[];
   readonly #digests = new Map<number, Promise<string>>();
   readonly #checksums = new Map<number, Promise<bigint>>();
 
-  private constructor(regions: ImageRegion[], mappings: Mapping[]) {
+  private constructor(regions: ImageRegion[], mappings: Mapping[], ownFds: number[]) {
     this.regions = regions;
     this.#mappings = mappings;
+    this.#ownFds = ownFds;
     this.fingerprint = imageFingerprint(regions.map((r) => ({ length: r.length, pageSize: r.pageSize, bytes: regionBytes(r) })));
   }
 
@@ -37,16 +48,18 @@ export class Image {
     if (!Array.isArray(sources) || sources.length === 0) throw new PostcopyError(ErrorCode.IMAGE_INVALID, 'an image needs at least one region');
     const regions: ImageRegion[] = [];
     const mappings: Mapping[] = [];
+    const ownFds: number[] = [];
     try {
       sources.forEach((source, id) => {
-        const region = 'buffer' in source ? fromBuffer(id, source.name, source.buffer) : fromFile(id, source, mappings);
+        const region = 'buffer' in source ? fromBuffer(id, source.name, source.buffer) : fromFile(id, source, mappings, ownFds);
         regions.push(region);
       });
     } catch (err) {
       for (const m of mappings) m.unmap();
+      for (const fd of ownFds) closeSync(fd);
       throw err;
     }
-    return new Image(regions, mappings);
+    return new Image(regions, mappings, ownFds);
   }
 
   get totalBytes(): number {
@@ -83,9 +96,15 @@ export class Image {
     return checksumHex((await whole) - (await pageChecksum(bytes, r.pageSize, id, skip)));
   }
 
+  /** The regions' shared-memory fds, when every region has one (a destination on this host may then take the image in place); else null. */
+  memoryFds(): number[] | null {
+    return this.regions.every((r) => r.memoryFd !== undefined) ? this.regions.map((r) => r.memoryFd!) : null;
+  }
+
   /** Unmaps the image; fails with ERR_MAPPING_BUSY while a session still serves from it. */
   close(): void {
     for (const m of this.#mappings) m.unmap();
+    for (const fd of this.#ownFds.splice(0)) closeSync(fd);
   }
 }
 
@@ -126,7 +145,7 @@ function fromBuffer(id: number, name: string | undefined, buffer: Uint8Array): I
   };
 }
 
-function fromFile(id: number, source: { name?: string; path: string } | { name?: string; fd: number }, mappings: Mapping[]): ImageRegion {
+function fromFile(id: number, source: { name?: string; path: string } | { name?: string; fd: number }, mappings: Mapping[], ownFds: number[]): ImageRegion {
   const ownFd = 'path' in source;
   let fd: number;
   try {
@@ -167,7 +186,23 @@ function fromFile(id: number, source: { name?: string; path: string } | { name?:
       }
     }
     const name = source.name ?? ('path' in source ? source.path : `fd${source.fd}`);
+    // Shared memory of whole pages can be handed to a destination on this host as it is.
+    const type = statfsSync(`/proc/self/fd/${fd}`).type;
+    const shared = (type === TMPFS_MAGIC || type === HUGETLBFS_MAGIC) && size === length;
+    let memoryFd: number | undefined;
+    if (shared && 'path' in source) {
+      // Opened for writing too: a destination that takes it in place owns the memory from then on.
+      try {
+        memoryFd = openSync(source.path, 'r+');
+        ownFds.push(memoryFd);
+      } catch {
+        memoryFd = undefined; // not ours to write: copied as usual
+      }
+    } else if (shared && 'fd' in source) {
+      memoryFd = source.fd;
+    }
     return {
+      ...(memoryFd !== undefined ? { memoryFd } : {}),
       id,
       name,
       length,

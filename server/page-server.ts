@@ -1,6 +1,8 @@
 // The source page server: listens on a unix socket or TCP, authenticates each
 // destination by token challenge-response, and runs one session per
 // destination over a shared, read-only image.
+import { closeSync } from 'node:fs';
+import { sendFds } from '../lib/fd-passing.js';
 import { createServer, type Server, type Socket } from 'node:net';
 import { ErrorCode, PostcopyError, asCodedError } from '../lib/errors.js';
 import { type Address, formatAddress, isLocalOnly, parseAddress } from '../lib/address.js';
@@ -211,15 +213,32 @@ export class PageServer {
   async #onAttach(socket: Socket, reader: FrameReader, msg: MessageOf<'attach'>): Promise<void> {
     const session = typeof msg.session === 'string' ? this.#sessions.get(msg.session) : undefined;
     if (!session) throw new PostcopyError(ErrorCode.AUTH_FAILED, 'no such session');
-    if (msg.channel !== 'urgent' && msg.channel !== 'bulk') throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'unknown channel');
+    if (msg.channel !== 'urgent' && msg.channel !== 'bulk' && msg.channel !== 'memory')
+      throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'unknown channel');
+    if (msg.channel === 'memory' && !session.memoryOffered)
+      throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'this source did not offer its memory in place (TCP, or an image that is not shared memory)');
     session.verifyAttach(msg.channel, msg.ticket);
     const ticket = msg.ticket as Uint8Array;
     this.#unproven.delete(socket);
     // The destination sends nothing more until it reads this reply, so once the
     // reply is written no byte can be left behind in JS when native code takes over.
     if (reader.detach().length > 0) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'bytes arrived on a data channel before it was attached');
+    // The memory channel's answer is the fds themselves (no `attached`: its bytes could reach the destination's JS ahead of them).
+    if (msg.channel === 'memory') return this.#handOverMemory(session, takeSocket(socket));
     await new Promise<void>((resolve, reject) => socket.write(encodeFrame({ t: 'attached' }), (err) => (err ? reject(err) : resolve())));
     session.adoptChannel(msg.channel, takeSocket(socket), ticket);
+  }
+
+  /** In place: the image's shared-memory fds go to the destination (SCM_RIGHTS) with the regions they hold; nothing is copied. */
+  #handOverMemory(session: SourceSession, fd: number): void {
+    try {
+      const fds = this.#image.memoryFds()!;
+      const regions = this.#image.regions.map((r) => ({ id: r.id, length: r.length }));
+      sendFds(fd, Buffer.from(JSON.stringify({ regions })), fds);
+      this.#log.info({ session: session.id, regions: regions.length, bytes: this.#image.totalBytes }, 'the destination took the image in place (its fds)');
+    } finally {
+      closeSync(fd);
+    }
   }
 
   async #onControl(socket: Socket, reader: FrameReader, hello: MessageOf<'hello'>): Promise<void> {
@@ -262,6 +281,9 @@ export class PageServer {
     });
     // TCP leaves the host: its data channels carry sealed records (a TCP source always holds a token).
     const keys = socket.remoteFamily && token && !this.#plaintextTcp ? dataChannelKeys(token, nonce, hello.nonce) : undefined;
+    // On this host (a unix socket) and with an image in shared memory, the destination may take the memory itself.
+    session.memoryOffered = !socket.remoteFamily && this.#image.memoryFds() !== null;
+    const { memory, ...dataTickets } = session.tickets;
     send(socket, {
       t: 'welcome',
       session: session.id,
@@ -269,7 +291,7 @@ export class PageServer {
       fingerprint: this.#image.fingerprint,
       encryption: keys ? 'aes-256-gcm' : 'none',
       regions: this.#welcomeRegions(),
-      tickets: session.tickets,
+      tickets: session.memoryOffered ? { ...dataTickets, memory } : dataTickets,
       limits: { maxFrame: this.#maxFrame, maxRunBytes: MAX_RUN_BYTES },
       capabilities: [
         'prefault-window',
@@ -284,6 +306,7 @@ export class PageServer {
         'prefetch',
         'deferred-background',
         'page-sizes',
+        ...(session.memoryOffered ? ['in-place'] : []),
       ],
     });
     keepAlive(socket, reader, this.#heartbeat);
@@ -296,10 +319,16 @@ export class PageServer {
     let prefetchEntries = 0;
     let start: MessageOf<'start'>;
     for (;;) {
-      const msg = await reader.next(['have', 'prefetch', 'start'], this.#handshakeTimeoutMs);
+      const msg = await reader.next(['have', 'prefetch', 'start', 'bye'], this.#handshakeTimeoutMs);
       if (msg.t === 'start') {
         start = msg;
         break;
+      }
+      if (msg.t === 'bye') {
+        // Done before any page flowed (it took the image in place, or changed its mind).
+        saidBye = true;
+        socket.end();
+        return;
       }
       if (msg.t === 'prefetch') {
         // A working set to stream ahead of the background: at most one entry per page of the image.

@@ -22,6 +22,8 @@ import type { Image } from './image.js';
  */
 export type SessionState = 'setup' | 'active' | 'paused' | 'resuming' | 'completed' | 'failed' | 'closed';
 export type Channel = 'urgent' | 'bulk';
+/** Channels a destination attaches: the two data channels, and `memory` (the image's fds, taken in place). */
+export type AttachChannel = Channel | 'memory';
 
 const TRANSITIONS: TransitionTable<SessionState> = {
   setup: ['active', 'failed', 'closed'],
@@ -53,9 +55,11 @@ const RUNNING_TOTALS = [
 export class SourceSession {
   readonly id = randomBytes(16).toString('hex');
   readonly startedAt = Date.now();
-  tickets: Record<Channel, Buffer> = { urgent: randomBytes(32), bulk: randomBytes(32) };
+  tickets: Record<AttachChannel, Buffer> = { urgent: randomBytes(32), bulk: randomBytes(32), memory: randomBytes(32) };
   /** How many times the destination came back. */
   resumes = 0;
+  /** The welcome offered the image's memory in place (a `memory` attach may come). */
+  memoryOffered = false;
   readonly #machine: StateMachine<SessionState>;
   #fds: Partial<Record<Channel, number>> = {};
   #native: NativePageServerSession | null = null;
@@ -77,10 +81,11 @@ export class SourceSession {
   }
 
   /** Checks a data channel's ticket; throws unless this channel may attach now. */
-  verifyAttach(channel: Channel, ticket: unknown): void {
+  verifyAttach(channel: AttachChannel, ticket: unknown): void {
     if (!this.#machine.is('setup', 'resuming'))
       throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `cannot attach a channel to a session that is ${this.state}`);
-    if (this.#fds[channel] !== undefined) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `the ${channel} channel is already attached`);
+    if (channel !== 'memory' && this.#fds[channel] !== undefined)
+      throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `the ${channel} channel is already attached`);
     const expected = this.tickets[channel];
     if (!(ticket instanceof Uint8Array) || ticket.length !== expected.length || !timingSafeEqual(expected, ticket)) {
       throw new PostcopyError(ErrorCode.AUTH_FAILED, `wrong ticket for the ${channel} channel`);
@@ -189,7 +194,7 @@ export class SourceSession {
   resume(): void {
     if (this.#graceTimer) clearTimeout(this.#graceTimer);
     this.#graceTimer = null;
-    this.tickets = { urgent: randomBytes(32), bulk: randomBytes(32) };
+    this.tickets = { urgent: randomBytes(32), bulk: randomBytes(32), memory: randomBytes(32) };
     this.resumes++;
     this.#machine.to('resuming', { resumes: this.resumes });
   }

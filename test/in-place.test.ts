@@ -1,0 +1,101 @@
+// In place: on one host, a source whose image is shared memory (tmpfs, a
+// memfd) hands its fds to the destination, which maps them: the memory is the
+// source's own, no page is copied and nothing faults. Any other source (TCP,
+// an image on disk) is copied as usual. Real tmpfs files, memfds, sockets.
+import t from 'tap';
+import { closeSync, ftruncateSync, mkdtempSync, readFileSync, rmSync, writeSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { join } from 'node:path';
+import { Image } from '../server/image.js';
+import { PageServer } from '../server/page-server.js';
+import { SourceConnection } from '../client/source-connection.js';
+import { mapFile, memfdCreate } from '../lib/memory.js';
+import { randomImage, runCli, startServeCli, tempDir, writeImage } from './helpers.js';
+import type { Test } from 'tap';
+
+/** A directory on tmpfs (/dev/shm), removed at teardown. */
+function shmDir(t: Test): string {
+  const dir = mkdtempSync('/dev/shm/uffd-postcopy-');
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+async function serve(t: Test, image: Image, where: string): Promise<string> {
+  const server = new PageServer({ image, ...(where.startsWith('tcp:') ? { token: 'a token for tcp' } : {}) });
+  t.teardown(async () => {
+    await server.close();
+    image.close();
+  });
+  const a = await server.listen(where);
+  return a.kind === 'unix' ? `unix:${a.path}` : `tcp:127.0.0.1:${a.port}`;
+}
+
+t.test('a tmpfs image is taken in place: the destination maps the source memory itself', async (t) => {
+  const bytes = randomImage(256, 5);
+  const path = writeImage(shmDir(t), bytes);
+  const source = await serve(t, Image.open([{ path }]), `unix:${join(tempDir(t), 'source.sock')}`);
+  const taken = await SourceConnection.takeMemory({ source });
+  t.ok(taken, 'the source offers its memory in place');
+  t.equal(taken!.fds.length, 1);
+  const memory = mapFile(taken!.fds[0], taken!.regions[0].length, { shared: true });
+  closeSync(taken!.fds[0]);
+  t.teardown(() => memory.unmap());
+  t.ok(Buffer.from(memory.buffer()).equals(bytes), 'every byte is there at once, with no fault and no copy');
+  // The same memory, not a copy: a write here is in the source's file.
+  memory.buffer()[7 * 4096 + 3] ^= 0xff;
+  t.equal(readFileSync(path)[7 * 4096 + 3], bytes[7 * 4096 + 3] ^ 0xff, "a write through the destination's mapping is in the source's file");
+});
+
+t.test('a memfd image is taken in place too, several regions', async (t) => {
+  const parts = [randomImage(64), randomImage(32)];
+  const fds = parts.map((p, i) => {
+    const fd = memfdCreate(`image-${i}`);
+    ftruncateSync(fd, p.length);
+    writeSync(fd, p, 0, p.length, 0);
+    return fd;
+  });
+  t.teardown(() => fds.forEach((fd) => closeSync(fd)));
+  const source = await serve(t, Image.open(fds.map((fd) => ({ fd }))), `unix:${join(tempDir(t), 'source.sock')}`);
+  const taken = await SourceConnection.takeMemory({ source });
+  t.ok(taken);
+  t.equal(taken!.fds.length, 2);
+  taken!.regions.forEach((r, i) => {
+    const m = mapFile(taken!.fds[i], r.length, { shared: true });
+    t.ok(Buffer.from(m.buffer()).equals(parts[i]), `region ${i} byte for byte`);
+    m.unmap();
+    closeSync(taken!.fds[i]);
+  });
+});
+
+t.test('a source that cannot pass its memory says so: an image on disk, or TCP', async (t) => {
+  const onDisk = writeImage(tempDir(t), randomImage(16));
+  const disk = await serve(t, Image.open([{ path: onDisk }]), `unix:${join(tempDir(t), 'disk.sock')}`);
+  t.equal(await SourceConnection.takeMemory({ source: disk }), null, 'an image on disk: no');
+  const shm = writeImage(shmDir(t), randomImage(16));
+  const tcp = await serve(t, Image.open([{ path: shm }]), 'tcp:127.0.0.1:0');
+  t.equal(await SourceConnection.takeMemory({ source: tcp, token: 'a token for tcp' }), null, 'over TCP: no');
+});
+
+t.test('postcopy restore --in-place: nothing copied from a tmpfs image; copied as usual from one on disk', async (t) => {
+  const bytes = randomImage(512, 9);
+  const shmPath = writeImage(shmDir(t), bytes);
+  const { listening } = await startServeCli(t, ['--image', shmPath, '--listen', `unix:${join(tempDir(t), 'shm.sock')}`]);
+  const out = join(tempDir(t), 'out.bin');
+  const r = await runCli(['restore', '--source', `unix:${listening.path}`, '--in-place', '--out', out, '--json', '--log-level', 'warn']);
+  t.equal(r.code, 0, r.stderr);
+  const report = JSON.parse(r.stdout.trim());
+  t.match(report, { inPlace: true, pages: 512, bytesReceived: 0, regions: 1 });
+  t.equal(report.sha256[0], createHash('sha256').update(bytes).digest('hex'), 'the memory taken is the image');
+  t.ok(readFileSync(out).equals(bytes));
+
+  const diskPath = writeImage(tempDir(t), bytes);
+  const disk = await startServeCli(t, ['--image', diskPath, '--listen', `unix:${join(tempDir(t), 'disk.sock')}`]);
+  const copied = await runCli(['restore', '--source', `unix:${disk.listening.path}`, '--in-place', '--json']);
+  t.equal(copied.code, 0, 'copied as usual');
+  t.match(copied.stderr, /does not offer its memory in place .*copying instead/);
+  t.match(JSON.parse(copied.stdout.trim()), { digestMatch: true, pages: 512 });
+
+  const usage = await runCli(['restore', '--source', `unix:${disk.listening.path}`, '--in-place', '--window', '4:0']);
+  t.equal(usage.code, 2);
+  t.match(usage.stderr, /--in-place copies no page/);
+});
