@@ -30,7 +30,7 @@ import { readWorkingSet } from '../client/working-set.js';
 
 export const handleUsage = `postcopy handle --socket PATH (--source unix:PATH|tcp:HOST:PORT | --image FILE)
                 [--token-file F] [--window F:B] [--no-background] [--rate SIZE]
-                [--record-working-set F | --prefetch F]
+                [--record-working-set F | --prefetch F] [--in-place]
                 [--give-up-after DURATION] [--silence-timeout DURATION] [--single-process]
                 [--metrics tcp:HOST:PORT]
 
@@ -42,6 +42,11 @@ export const handleUsage = `postcopy handle --socket PATH (--source unix:PATH|tc
 
   --image FILE serves the faults from an image file on this host, in this
   process (no source, no sockets; each --image is one region, in order).
+
+  --in-place: with a source on this host whose image is shared memory (tmpfs,
+  a memfd), each VMM session takes the source's memory itself (its fds) and
+  its faults are served from it here: no page crosses a socket. Any other
+  source is served as usual.
 
   --record-working-set F writes, as each VMM session ends, the pages its
   guest faulted on, in first-touch order (faults are served alone and the
@@ -73,6 +78,7 @@ const optionSpec = {
   image: { type: 'string', multiple: true },
   'record-working-set': { type: 'string' },
   prefetch: { type: 'string' },
+  'in-place': { type: 'boolean' },
   'token-file': { type: 'string' },
   window: { type: 'string' },
   'no-background': { type: 'boolean' },
@@ -100,6 +106,7 @@ export async function handle(argv: string[], log: Logger): Promise<void> {
     checkWritable(record, '--record-working-set');
   }
   const prefetch = values.prefetch === undefined ? undefined : readWorkingSet(values.prefetch);
+  if (values.image && values['in-place']) throw new UsageError('--in-place takes the memory of a source (--source); --image serves a file here already');
   if (values.image && values.rate !== undefined) throw new UsageError("--rate limits a source's background stream; a local --image has none to limit");
   const metrics = values.metrics === undefined ? undefined : parseMetricsOption(values.metrics);
   if (values['no-background'] && values.rate !== undefined)
@@ -115,7 +122,14 @@ export async function handle(argv: string[], log: Logger): Promise<void> {
   const [source, ...replicas] = values.source ?? [];
   const handler = image
     ? new VmmHandler({ image, ...common })
-    : new VmmHandler({ source, replicas, token: destinationToken(values['token-file'], source, log), recovery: parseRecovery(values), ...common });
+    : new VmmHandler({
+        source,
+        replicas,
+        token: destinationToken(values['token-file'], source, log),
+        recovery: parseRecovery(values),
+        ...(values['in-place'] ? { inPlace: true } : {}),
+        ...common,
+      });
   const print = (line: string) => process.stdout.write(line + '\n');
   // A VMM must not be the first to find out that the source is not there. (A
   // worker restarted after a crash does not ask: its VMMs' sessions wait and resume.)

@@ -25,6 +25,7 @@ import type { DestinationStats } from '../lib/native.js';
 import { transferOptions, type TransferOptions } from '../lib/transfer.js';
 import { DestinationSession, sourcesOf, type DestinationSessionOptions, type EngineFactory, type PageSession, type RecoveryStatus } from './session.js';
 import { LocalSession, type LocalSessionOptions } from './local-session.js';
+import { Image } from '../server/image.js';
 import { layoutOf, pagesIn, writeWorkingSet } from './working-set.js';
 import { FaultEngine, type MemoryEvent, type TargetRegion } from './fault-engine.js';
 import { summarize, type RestoreReport } from './report.js';
@@ -60,6 +61,14 @@ export type VmmHandlerOptions = (DestinationSessionOptions | LocalSessionOptions
    * guest's faults go quiet, so the set holds exactly the pages it touched.
    */
   recordWorkingSet?: string;
+  /**
+   * With a source on this host whose image is shared memory: take its memory
+   * in place (its fds) for each VMM session and serve the faults from it in
+   * this process, as from a local image: no page crosses a socket, and the
+   * session no longer needs the source once it has the fds. Any other
+   * source is served over its data channels as usual.
+   */
+  inPlace?: boolean;
 };
 
 /** While a working set is recorded, the background starts once the guest has not faulted for this long. */
@@ -95,6 +104,8 @@ interface VmmSession {
   installedCheck?: InstalledCheck;
   /** While recording: waits for the guest's faults to go quiet, then starts the background. */
   quietWatch?: NodeJS.Timeout;
+  /** In place: the source's memory this session serves from, and its fds (until the engine stopped). */
+  taken?: { image: Image; fds: number[] };
 }
 
 /** The histogram's bounds in ns, and one past them all: the count comes from the same read as the buckets, so they always agree. */
@@ -494,10 +505,11 @@ export class VmmHandler extends EventEmitter {
       };
       const options = this.#options;
       const replay = recording ? { window: { forward: 0, backward: 0 }, holdBackground: true } : {};
+      const image = 'image' in options ? options.image : options.inPlace ? await this.#takeInPlace(vmm, options, log) : null;
       // The guest is already waiting: a source not reachable yet is retried like an outage.
       vmm.session =
-        'image' in options
-          ? LocalSession.open({ ...options, ...replay, logger: log }, build)
+        image || 'image' in options
+          ? LocalSession.open({ ...options, image: image ?? (options as LocalSessionOptions).image, ...replay, logger: log }, build)
           : await DestinationSession.open(
               {
                 ...options,
@@ -583,6 +595,31 @@ export class VmmHandler extends EventEmitter {
       });
   }
 
+  /** In place: the source's memory (its fds) as this VMM session's image; null when the source does not offer it. */
+  async #takeInPlace(vmm: VmmSession, options: DestinationSessionOptions, log: Logger): Promise<Image | null> {
+    const taken = await SourceConnection.takeMemory({ source: options.source, ...(options.token ? { token: options.token } : {}) }).catch((err) => {
+      log.warn({ code: asCodedError(err).code, err: (err as Error).message }, 'taking the source memory in place failed; copying instead');
+      return null;
+    });
+    if (!taken) {
+      log.info('the source does not offer its memory in place (TCP, or an image that is not shared memory): copying');
+      return null;
+    }
+    try {
+      const image = Image.open(taken.fds.map((fd, i) => ({ fd, name: taken.regions[i].name })));
+      if (image.fingerprint !== taken.fingerprint) {
+        image.close();
+        throw new PostcopyError(ErrorCode.IMAGE_MISMATCH, 'the memory the source handed over is not the image it serves');
+      }
+      vmm.taken = { image, fds: taken.fds };
+      log.info({ regions: taken.fds.length, bytes: image.totalBytes }, "took the source's memory in place: faults are served from it here");
+      return image;
+    } catch (err) {
+      for (const fd of taken.fds) closeSync(fd);
+      throw err;
+    }
+  }
+
   /** While recording: the background starts once the guest's faults go quiet (or it never faulted for a while). */
   #startBackgroundWhenQuiet(vmm: VmmSession): void {
     let faults = -1;
@@ -656,6 +693,11 @@ export class VmmHandler extends EventEmitter {
 function releaseMemory(vmm: VmmSession): void {
   for (const m of vmm.fills) m.unmap();
   vmm.fills = [];
+  if (vmm.taken) {
+    vmm.taken.image.close();
+    for (const fd of vmm.taken.fds) closeSync(fd);
+    vmm.taken = undefined;
+  }
   closeSync(vmm.uffd);
   if (vmm.memfd !== undefined) closeSync(vmm.memfd);
 }

@@ -17,5 +17,6 @@ export { Mapping, PAGE_SIZE, mapAnonymous, mapFile, memfdCreate, addSeals, getSe
 export { sendFds, receiveFds, peerCredentials, socketPair } from './fd-passing.js';
 export { touchPages, shuffledOrder, coldStartOrder } from './workload.js';
 export { LocalSession, type LocalSessionOptions } from '../client/local-session.js';
+export { SourceConnection } from '../client/source-connection.js';
 export { readWorkingSet, writeWorkingSet, type WorkingSet } from '../client/working-set.js';
 export { createLogger, silentLogger, type Logger } from './logger.js';

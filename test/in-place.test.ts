@@ -4,13 +4,16 @@
 // an image on disk) is copied as usual. Real tmpfs files, memfds, sockets.
 import t from 'tap';
 import { closeSync, ftruncateSync, mkdtempSync, readFileSync, rmSync, writeSync } from 'node:fs';
+import { once } from 'node:events';
+import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { join } from 'node:path';
 import { Image } from '../server/image.js';
 import { PageServer } from '../server/page-server.js';
 import { SourceConnection } from '../client/source-connection.js';
+import { VmmHandler, type VmmSessionSummary } from '../client/vmm-handler.js';
 import { mapFile, memfdCreate } from '../lib/memory.js';
-import { randomImage, runCli, startServeCli, tempDir, writeImage } from './helpers.js';
+import { buildFixture, randomImage, runCli, startServeCli, tempDir, writeImage } from './helpers.js';
 import type { Test } from 'tap';
 
 /** A directory on tmpfs (/dev/shm), removed at teardown. */
@@ -98,4 +101,30 @@ t.test('postcopy restore --in-place: nothing copied from a tmpfs image; copied a
   const usage = await runCli(['restore', '--source', `unix:${disk.listening.path}`, '--in-place', '--window', '4:0']);
   t.equal(usage.code, 2);
   t.match(usage.stderr, /--in-place copies no page/);
+});
+
+t.test('handle --in-place: each VMM session serves its faults from the source memory, here; it no longer needs the source', async (t) => {
+  const dir = tempDir(t);
+  const bytes = randomImage(2048, 5);
+  const shmPath = writeImage(shmDir(t), bytes);
+  const server = new PageServer({ image: Image.open([{ path: shmPath }]) });
+  const where = await server.listen(`unix:${join(dir, 'source.sock')}`);
+  const handler = new VmmHandler({ source: `unix:${(where as { path: string }).path}`, inPlace: true, background: { enabled: false } });
+  await handler.listen(join(dir, 'handler.sock'));
+  t.teardown(() => handler.close());
+  const ended = once(handler, 'session-end').then(([s]) => s as VmmSessionSummary);
+  const child = spawn(buildFixture('vmm'), ['--socket', join(dir, 'handler.sock'), '--image', shmPath, '--threads', '2', '--start-after-ms', '300'], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  let out = '';
+  child.stdout.on('data', (d) => (out += d));
+  await once(handler, 'session-start');
+  await server.close(); // the source goes away: the session holds its memory
+  const [code] = await once(child, 'close');
+  t.equal(code, 0, 'the VMM verified every byte, its source gone');
+  t.match(JSON.parse(out.trim()), { ok: true, pages: 2048, mismatchedPages: 0 });
+  const summary = await ended;
+  t.equal(summary.complete, true);
+  t.equal(summary.bytesReceived, 0, 'no page crossed a socket');
+  t.equal(summary.recovery?.source, 'image');
 });
