@@ -60,7 +60,7 @@ export const restoreUsage = `postcopy restore (--source unix:PATH|tcp:HOST:PORT 
 ${recoveryUsage}
 ${loggingUsage}`;
 
-export async function restore(argv: string[], log: Logger): Promise<RestoreReport> {
+export async function restore(argv: string[], log: Logger): Promise<void> {
   const values = parseCommandLine(argv, {
     source: { type: 'string', multiple: true },
     image: { type: 'string', multiple: true },
@@ -107,7 +107,7 @@ export async function restore(argv: string[], log: Logger): Promise<RestoreRepor
     const taken = await restoreInPlace(source, destinationToken(values['token-file'], source, log), workload, seed, values.out, log);
     if (taken) {
       process.stdout.write(values.json ? JSON.stringify(taken) + '\n' : formatInPlace(taken));
-      return taken as unknown as RestoreReport;
+      return;
     }
     log.warn({ source }, 'the source does not offer its memory in place (TCP, or an image that is not shared memory): copying instead');
   }
@@ -176,7 +176,6 @@ export async function restore(argv: string[], log: Logger): Promise<RestoreRepor
     if (values.out) writeRegions(values.out, dest);
     if (values.json) process.stdout.write(JSON.stringify(report) + '\n');
     else process.stdout.write(formatReport(report));
-    return report;
   } finally {
     dest.close();
     image?.close();
