@@ -167,6 +167,8 @@ export class DestinationSession extends EventEmitter implements PageSession {
   #earlyFailure: CodedError | null = null; // a channel failed while the first connection was starting
   #resumedOn: SourceConnection | null = null;
   #lastProgressAt = Date.now();
+  /** Release-as-sent: reports the pages held to the source now. */
+  #reportNow: (() => void) | null = null;
   /** The background stream is held back (holdBackground) until startBackground(). */
   #backgroundHeld: boolean;
 
@@ -196,6 +198,7 @@ export class DestinationSession extends EventEmitter implements PageSession {
     machine.onChange((to, from) => this.emit('state', to, from));
     engine.on('channel-failed', (f: ChannelFailure) => this.#onChannelFailed(f));
     engine.on('complete', () => {
+      this.#reportNow?.(); // release-as-sent: the last pages are ours before anyone says done
       if (!this.#machine.is('running')) return;
       this.#machine.to('resident', { fullResidencyMs: Math.round(this.engine.stats().fullResidencyNs / 1e4) / 100 });
       this.#outageOver();
@@ -374,9 +377,36 @@ export class DestinationSession extends EventEmitter implements PageSession {
     starting(); // closed, given up, or paused by a channel failing meanwhile
     if (this.#earlyFailure) throw this.#earlyFailure; // a channel failed before there was a session to pause
     this.#watch(connection);
+    if (connection.releasesAsSent) this.#reportInstalled(connection);
     this.#lastProgressAt = Date.now();
     this.#lastBytes = this.engine.stats().bytesReceived;
     this.#machine.to(this.engine.complete ? 'resident' : 'running', { session: connection.session, generation: this.#generation });
+  }
+
+  /**
+   * Release-as-sent: every 100 ms while this connection lasts, tells the
+   * source which pages are ours for good (resident, given back, or mapped by
+   * no region), in pieces of the held bitmap that changed, so it can free them.
+   */
+  #reportInstalled(connection: SourceConnection): void {
+    const told = this.#identity.regions.map((r) => new Uint8Array(Math.ceil(r.length / r.pageSize / 8)));
+    const report = () => {
+      if (this.#connection !== connection || this.#machine.is('closed', 'failed')) return clearInterval(timer);
+      for (const r of this.#identity.regions) {
+        const held = this.engine.heldBitmap(r.id);
+        for (let offset = 0; offset < held.length; offset += 4096) {
+          const piece = held.subarray(offset, Math.min(held.length, offset + 4096));
+          if (piece.every((b, i) => b === told[r.id][offset + i])) continue;
+          connection.reportInstalled(r.id, offset, piece);
+          told[r.id].set(piece, offset);
+        }
+      }
+      if (this.engine.complete) clearInterval(timer); // the last report: everything is ours
+    };
+    const timer = setInterval(report, 100);
+    timer.unref();
+    this.#reportNow = report;
+    report();
   }
 
   /** Detaches the data channels `connection` brought, unless a later attempt's replaced them. */

@@ -285,6 +285,16 @@ export class SourceConnection {
     await this.#reader.next(['started'], this.#timeoutMs);
   }
 
+  /** The source frees its image as this destination installs it: it wants `installed` reports (release-as-sent). */
+  get releasesAsSent(): boolean {
+    return this.#capabilities.includes('release-as-sent');
+  }
+
+  /** Tells a release-as-sent source that bytes [offset, +bitmap.length) of region `region`'s held-pages bitmap are ours for good. */
+  reportInstalled(region: number, offset: number, bitmap: Uint8Array): void {
+    if (!this.#control.destroyed) send(this.#control, { t: 'installed', region, offset, bitmap });
+  }
+
   /** The source streams a working set ahead of its background (`prefetch` before `start`). */
   get canPrefetch(): boolean {
     return this.#capabilities.includes('prefetch');

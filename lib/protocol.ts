@@ -58,6 +58,7 @@ export type Message =
   | { t: 'started' }
   | { t: 'prefetch'; entries: Uint8Array }
   | { t: 'background' }
+  | { t: 'installed'; region: number; offset: number; bitmap: Uint8Array }
   | { t: 'done'; stats?: Record<string, unknown>; verify?: VerifyRequest }
   | { t: 'digest'; regions: { id: number; sha256: string }[]; stats: Record<string, unknown>; checksums?: RegionChecksum[] }
   | { t: 'error'; code: string; message: string }
@@ -433,7 +434,7 @@ export function checkPageSizes(pageSizes: unknown, regions: readonly { length: n
  * held-pages bitmap (sent in pieces when the whole would not fit a frame).
  */
 export function checkHaveChunk(
-  msg: MessageOf<'have'>,
+  msg: MessageOf<'have'> | MessageOf<'installed'>,
   regions: readonly { length: number; pageSize: number }[],
 ): { region: number; offset: number; bitmap: Uint8Array } {
   const region = Number.isSafeInteger(msg.region) ? regions[msg.region] : undefined;

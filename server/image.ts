@@ -36,6 +36,7 @@ export class Image {
   readonly #ownFds: number[];
   readonly #digests = new Map<number, Promise<string>>();
   readonly #checksums = new Map<number, Promise<bigint>>();
+  #kept = false;
 
   private constructor(regions: ImageRegion[], mappings: Mapping[], ownFds: number[]) {
     this.regions = regions;
@@ -87,13 +88,29 @@ export class Image {
     const pages = r.length / r.pageSize;
     const skipped = skip.reduce((n, [, c]) => n + c, 0);
     // Hash whichever is smaller: the pages kept, or the pages skipped (taken off the whole region's sum, kept once computed).
-    if (pages - skipped <= skipped) return checksumHex(await pageChecksum(bytes, r.pageSize, id, complement(skip, pages)));
+    // Once sums are kept (keepSums) the pages installed may be gone: always the skipped ones then.
+    if (!this.#kept && pages - skipped <= skipped) return checksumHex(await pageChecksum(bytes, r.pageSize, id, complement(skip, pages)));
+    return checksumHex((await this.#wholeChecksum(id)) - (await pageChecksum(bytes, r.pageSize, id, skip)));
+  }
+
+  /**
+   * Takes every region's digest and whole checksum now, and keeps them: the
+   * image may be freed as it is installed (release-as-sent), after which only
+   * the pages a destination did not install can still be read.
+   */
+  async keepSums(): Promise<void> {
+    this.#kept = true;
+    await Promise.all(this.regions.map((r) => Promise.all([this.digest(r.id), this.#wholeChecksum(r.id)])));
+  }
+
+  #wholeChecksum(id: number): Promise<bigint> {
     let whole = this.#checksums.get(id);
     if (!whole) {
-      whole = pageChecksum(bytes, r.pageSize, id, [[0, pages]]);
+      const r = this.regions[id];
+      whole = pageChecksum(regionBytes(r), r.pageSize, id, [[0, r.length / r.pageSize]]);
       this.#checksums.set(id, whole);
     }
-    return checksumHex((await whole) - (await pageChecksum(bytes, r.pageSize, id, skip)));
+    return whole;
   }
 
   /** The regions' shared-memory fds, when every region has one (a destination on this host may then take the image in place); else null. */

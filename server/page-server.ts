@@ -3,6 +3,7 @@
 // destination over a shared, read-only image.
 import { closeSync } from 'node:fs';
 import { sendFds } from '../lib/fd-passing.js';
+import { punchHole } from '../lib/memory.js';
 import { createServer, type Server, type Socket } from 'node:net';
 import { ErrorCode, PostcopyError, asCodedError } from '../lib/errors.js';
 import { type Address, formatAddress, isLocalOnly, parseAddress } from '../lib/address.js';
@@ -60,6 +61,13 @@ export interface PageServerOptions {
    * say acceptPlaintextTcp.
    */
   plaintextTcp?: boolean;
+  /**
+   * Free the image's memory as the destination installs it (never merely
+   * sends it): a localhost move then never holds two copies. The image must
+   * be shared memory this source may write (tmpfs, a memfd); one destination
+   * at a time; its digests are computed before the first page goes.
+   */
+  releaseAsSent?: boolean;
 }
 
 /** The running totals a server keeps over its sessions (lib/native.ts SourceStats). */
@@ -70,6 +78,8 @@ export type ServerFigures = { sessions: Record<string, number>; errors: [string,
 
 export class PageServer {
   readonly #image: Image;
+  /** release-as-sent: the image's fds, and per region the pages freed so far (one bit each). */
+  readonly #release: { fds: number[]; released: Uint8Array[]; pages: number } | null = null;
   readonly #token: string | undefined;
   readonly #log: Logger;
   readonly #maxFrame: number;
@@ -101,6 +111,47 @@ export class PageServer {
     this.#heartbeat = options.heartbeat ?? DEFAULT_HEARTBEAT;
     this.#resumeGraceMs = options.resumeGraceMs ?? DEFAULT_RESUME_GRACE_MS;
     this.#plaintextTcp = options.plaintextTcp === true;
+    if (options.releaseAsSent) {
+      const fds = this.#image.memoryFds();
+      if (!fds)
+        throw new PostcopyError(
+          ErrorCode.IMAGE_INVALID,
+          'release-as-sent frees the image as it is installed: the image must be shared memory this source may write (tmpfs, a memfd)',
+        );
+      this.#release = { fds, released: this.#image.regions.map((r) => new Uint8Array(Math.ceil(r.length / r.pageSize / 8))), pages: 0 };
+    }
+  }
+
+  /** Pages of the image freed so far (release-as-sent). */
+  get releasedPages(): number {
+    return this.#release?.pages ?? 0;
+  }
+
+  /** release-as-sent: the destination holds these pages for good (a piece of its held bitmap); free the ones not freed yet. */
+  #releaseInstalled(piece: { region: number; offset: number; bitmap: Uint8Array }): void {
+    const release = this.#release!;
+    const done = release.released[piece.region];
+    const pageSize = this.#image.regions[piece.region].pageSize;
+    let run = -1;
+    const flush = (end: number) => {
+      if (run < 0) return;
+      punchHole(release.fds[piece.region], run * pageSize, (end - run) * pageSize);
+      release.pages += end - run;
+      run = -1;
+    };
+    for (let i = 0; i < piece.bitmap.length; i++) {
+      const fresh = piece.bitmap[i] & ~done[piece.offset + i];
+      for (let b = 0; b < 8; b++) {
+        const page = (piece.offset + i) * 8 + b;
+        if ((fresh >> b) & 1) {
+          if (run < 0) run = page;
+        } else {
+          flush(page);
+        }
+      }
+      done[piece.offset + i] |= piece.bitmap[i];
+    }
+    flush((piece.offset + piece.bitmap.length) * 8);
   }
 
   get sessions(): ReadonlyMap<string, SourceSession> {
@@ -145,6 +196,8 @@ export class PageServer {
         `refusing to listen on ${formatAddress(a)} without a token: ${who} could read the image (unix sockets need none: they are created 0600)`,
       );
     }
+    // Once pages are freed the image cannot be read back: its digests and checksums are taken now.
+    if (this.#release) await this.#image.keepSums();
     const server = createServer({ noDelay: true }, (socket) => void this.#onConnection(socket));
     if (a.kind === 'unix') {
       await listenOwnerOnly(server, a.path);
@@ -307,6 +360,7 @@ export class PageServer {
         'deferred-background',
         'page-sizes',
         ...(session.memoryOffered ? ['in-place'] : []),
+        ...(this.#release ? ['release-as-sent'] : []),
       ],
     });
     keepAlive(socket, reader, this.#heartbeat);
@@ -356,8 +410,13 @@ export class PageServer {
     // One `done` per connection (a destination asks again only on a new one): the digest and the checksums are work, and a peer must not be able to ask for them without end.
     let answered = false;
     for (;;) {
-      const msg = await reader.next(answered ? ['bye'] : ['done', 'bye', 'background']);
+      const msg = await reader.next(answered ? ['bye', 'installed'] : ['done', 'bye', 'background', 'installed']);
       if (msg.t === 'bye') break;
+      if (msg.t === 'installed') {
+        if (!this.#release) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'installed reports go to a source that releases as sent');
+        this.#releaseInstalled(checkHaveChunk(msg, this.#image.regions));
+        continue;
+      }
       if (msg.t === 'background') {
         session.startBackground();
         continue;
@@ -407,6 +466,9 @@ export class PageServer {
       known.resume();
       return known;
     }
+    // Freeing the image as one destination installs it leaves nothing for a second.
+    if (this.#release && [...this.#sessions.values()].some((s) => s.state !== 'closed'))
+      throw new PostcopyError(ErrorCode.UNSUPPORTED, 'this source frees its image as its destination installs it (release-as-sent): it serves one destination');
     const session = new SourceSession(this.#image, this.#log, (err) => {
       this.#errors.add(err.code);
       this.#log.warn({ session: session.id, code: err.code, err: err.message }, 'session failed');
