@@ -5,7 +5,7 @@
 import { EventEmitter } from 'node:events';
 import { ErrorCode, PostcopyError, type CodedError } from '../lib/errors.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
-import type { MessageOf, RegionInfo, VerifyRequest } from '../lib/protocol.js';
+import { checkVerify, type MessageOf, type RegionInfo, type VerifyRequest } from '../lib/protocol.js';
 import { StateMachine, type TransitionTable } from '../lib/state-machine.js';
 import { transferOptions, type TransferOptions } from '../lib/transfer.js';
 import type { Image } from '../server/image.js';
@@ -128,19 +128,9 @@ export class LocalSession extends EventEmitter implements PageSession {
   /** The image's own digests (and installed-pages checksums, when asked), as a source would answer `done`. */
   async exchangeDigest(_stats: Record<string, unknown>, verify?: VerifyRequest): Promise<MessageOf<'digest'>> {
     await this.whenResident();
-    const image = this.#image;
-    const regions = await Promise.all(image.regions.map(async (r) => ({ id: r.id, sha256: await image.digest(r.id) })));
-    const checksums =
-      verify &&
-      (await Promise.all(
-        verify.regions.map(async ({ id, skip }) => {
-          const pairs: [number, number][] = [];
-          for (let k = 0; k < skip.length; k += 2) pairs.push([skip[k], skip[k + 1]]);
-          const r = image.regions[id];
-          return { id, sum: await image.checksum(id, pairs), pages: r.length / r.pageSize - pairs.reduce((n, [, c]) => n + c, 0) };
-        }),
-      ));
-    return { t: 'digest', regions, stats: { pagesSent: 0 }, ...(checksums ? { checksums } : {}) };
+    // The request is ours, so it is well formed; checkVerify turns it into the pairs the image takes.
+    const checked = checkVerify(verify, this.#image.regions);
+    return { t: 'digest', ...(await this.#image.answerDone(checked)), stats: { pagesSent: 0 } };
   }
 
   verified(details: Record<string, unknown> = {}): void {

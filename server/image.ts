@@ -4,7 +4,7 @@
 import { closeSync, fstatSync, openSync, statfsSync } from 'node:fs';
 import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import { fileExtents, mapFile, PAGE_SIZE, type Mapping } from '../lib/memory.js';
-import type { RegionInfo } from '../lib/protocol.js';
+import type { RegionChecksum, RegionInfo } from '../lib/protocol.js';
 import type { ServedRegionSpec } from '../lib/native.js';
 import { checksumHex, digestOf, imageFingerprint, pageChecksum } from '../lib/digest.js';
 
@@ -111,6 +111,24 @@ export class Image {
       this.#checksums.set(id, whole);
     }
     return whole;
+  }
+
+  /**
+   * What a source answers to `done`: every region's SHA-256 and, for a
+   * checked verify request (lib/protocol.ts checkVerify), the installed-pages
+   * checksum of each region less its skipped pages.
+   */
+  async answerDone(verify?: { id: number; skip: [number, number][] }[]): Promise<{ regions: { id: number; sha256: string }[]; checksums?: RegionChecksum[] }> {
+    const regions = await Promise.all(this.regions.map(async (r) => ({ id: r.id, sha256: await this.digest(r.id) })));
+    if (!verify) return { regions };
+    const checksums = await Promise.all(
+      verify.map(async ({ id, skip }) => ({
+        id,
+        sum: await this.checksum(id, skip),
+        pages: this.regions[id].length / this.regions[id].pageSize - skip.reduce((n, [, c]) => n + c, 0),
+      })),
+    );
+    return { regions, checksums };
   }
 
   /** The regions' shared-memory fds, when every region has one (a destination on this host may then take the image in place); else null. */

@@ -425,17 +425,7 @@ export class PageServer {
       const verify = checkVerify(msg.verify, this.#image.regions);
       session.complete();
       this.#log.info({ session: session.id, destination: msg.stats }, 'destination reports every page resident');
-      const regions = await Promise.all(this.#image.regions.map(async (r) => ({ id: r.id, sha256: await this.#image.digest(r.id) })));
-      const checksums =
-        verify &&
-        (await Promise.all(
-          verify.map(async ({ id, skip }) => ({
-            id,
-            sum: await this.#image.checksum(id, skip),
-            pages: this.#image.regions[id].length / this.#image.regions[id].pageSize - skip.reduce((n, [, c]) => n + c, 0),
-          })),
-        ));
-      send(socket, { t: 'digest', regions, stats: { ...session.stats() }, ...(checksums ? { checksums } : {}) });
+      send(socket, { t: 'digest', ...(await this.#image.answerDone(verify)), stats: { ...session.stats() } });
     }
     saidBye = true;
     socket.end();
