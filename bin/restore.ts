@@ -144,13 +144,7 @@ export async function restore(argv: string[], log: Logger): Promise<void> {
     const touching = dest.regions.map((r) => {
       if (workload === 'none') return Promise.resolve();
       const pages = r.mapping.length / r.info.pageSize;
-      const order =
-        workload === 'random'
-          ? shuffledOrder(pages, seed)
-          : workload === 'cold-start'
-            ? coldStartOrder(pages, seed)
-            : Uint32Array.from({ length: pages }, (_, i) => i);
-      return touchPages(r.mapping.address, pages, order, { pageSize: r.info.pageSize, mapping: r.mapping });
+      return touchPages(r.mapping.address, pages, workloadOrder(workload, pages, seed), { pageSize: r.info.pageSize, mapping: r.mapping });
     });
     // While recording, the background waits for the workload: it must not install a page before the workload touches it.
     if (record !== undefined) void Promise.allSettled(touching).then(() => dest.session.startBackground());
@@ -182,6 +176,15 @@ export async function restore(argv: string[], log: Logger): Promise<void> {
   }
 }
 
+type Workload = 'random' | 'sequential' | 'cold-start' | 'none';
+
+/** The order in which `workload` touches a region of `pages` pages. */
+function workloadOrder(workload: Exclude<Workload, 'none'>, pages: number, seed: number): Uint32Array {
+  if (workload === 'random') return shuffledOrder(pages, seed);
+  if (workload === 'cold-start') return coldStartOrder(pages, seed);
+  return Uint32Array.from({ length: pages }, (_, i) => i);
+}
+
 interface InPlaceReport {
   inPlace: true;
   pages: number;
@@ -203,7 +206,7 @@ interface InPlaceReport {
 async function restoreInPlace(
   source: string,
   token: string | undefined,
-  workload: 'random' | 'sequential' | 'cold-start' | 'none',
+  workload: Workload,
   seed: number,
   out: string | undefined,
   log: Logger,
@@ -233,13 +236,7 @@ async function restoreInPlace(
       const touched = await Promise.all(
         mappings.map((m) => {
           const pages = m.length / PAGE_SIZE;
-          const order =
-            workload === 'random'
-              ? shuffledOrder(pages, seed)
-              : workload === 'cold-start'
-                ? coldStartOrder(pages, seed)
-                : Uint32Array.from({ length: pages }, (_, i) => i);
-          return touchPages(m.address, pages, order, { mapping: m });
+          return touchPages(m.address, pages, workloadOrder(workload, pages, seed), { mapping: m });
         }),
       );
       workloadMs = Math.round(Math.max(...touched.map((t) => t.totalNs)) / 1e4) / 100;
