@@ -47,6 +47,24 @@ export function medianOf<T extends object>(runs: T[]): T {
 }
 /** The middle value (the upper one of an even count). */
 export const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+/**
+ * Runs `a` and `b` once per round, alternating which goes first, so neither
+ * always runs on a warmer (or busier) machine; their results in round order.
+ */
+export async function interleaved<A, B>(rounds: number, a: (round: number) => Promise<A>, b: (round: number) => Promise<B>): Promise<{ a: A[]; b: B[] }> {
+  const out: { a: A[]; b: B[] } = { a: [], b: [] };
+  for (let r = 0; r < rounds; r++) {
+    if (r % 2 === 0) {
+      out.a.push(await a(r));
+      out.b.push(await b(r));
+    } else {
+      out.b.push(await b(r));
+      out.a.push(await a(r));
+    }
+  }
+  return out;
+}
+
 /** Median of per-pair ratios, with their spread: these machines drift, so one pair is not a ratio. */
 export function ratioOf(pairs: number[]): { median: number; spread: [number, number] } {
   return { median: round(median(pairs)), spread: [round(Math.min(...pairs)), round(Math.max(...pairs))] };
@@ -102,19 +120,11 @@ async function oursLatencyOnce(pages: number, transport: Transport, seed: number
 }
 
 export async function latencyBench(pages: number, transport: Transport, seed: number, rounds = 3): Promise<LatencyResult> {
-  const ours: Awaited<ReturnType<typeof oursLatencyOnce>>[] = [];
-  const floors: FloorLatency[] = [];
-  const floorOnce = async () => floors.push((await runFloor(pages, seed, [floorCase(transport)])).get(floorCase(transport)) as FloorLatency);
-  for (let r = 0; r < rounds; r++) {
-    // Alternate which goes first, so neither always runs on a warmer (or busier) machine.
-    if (r % 2 === 0) {
-      ours.push(await oursLatencyOnce(pages, transport, seed));
-      await floorOnce();
-    } else {
-      await floorOnce();
-      ours.push(await oursLatencyOnce(pages, transport, seed));
-    }
-  }
+  const { a: ours, b: floors } = await interleaved(
+    rounds,
+    () => oursLatencyOnce(pages, transport, seed),
+    async () => (await runFloor(pages, seed, [floorCase(transport)])).get(floorCase(transport)) as FloorLatency,
+  );
   const q = (k: 'p50' | 'p90' | 'p99') => ratioOf(ours.map((o, i) => o.ours[`${k}_us`] / floors[i][`${k}_us`]));
   const [p50, p90, p99] = [q('p50'), q('p90'), q('p99')];
   return {
@@ -165,18 +175,11 @@ async function oursThroughputOnce(pages: number, transport: 'unix' | 'tcp') {
 }
 
 export async function throughputBench(pages: number, transport: 'unix' | 'tcp', rounds = 3): Promise<ThroughputResult> {
-  const ours: { gbytes_per_s: number; total_ms: number }[] = [];
-  const floors: FloorBulk[] = [];
-  const floorOnce = async () => floors.push((await runFloor(pages, 1, [`bulk-${transport}`])).get(`bulk-${transport}`) as FloorBulk);
-  for (let r = 0; r < rounds; r++) {
-    if (r % 2 === 0) {
-      ours.push(await oursThroughputOnce(pages, transport));
-      await floorOnce();
-    } else {
-      await floorOnce();
-      ours.push(await oursThroughputOnce(pages, transport));
-    }
-  }
+  const { a: ours, b: floors } = await interleaved(
+    rounds,
+    () => oursThroughputOnce(pages, transport),
+    async () => (await runFloor(pages, 1, [`bulk-${transport}`])).get(`bulk-${transport}`) as FloorBulk,
+  );
   const ratio = ratioOf(ours.map((o, i) => o.gbytes_per_s / floors[i].gbytes_per_s));
   return { case: 'throughput', transport, pages, rounds, ours: medianOf(ours), floor: medianOf(floors), ratio: ratio.median, spread: ratio.spread };
 }

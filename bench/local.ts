@@ -22,7 +22,7 @@ import { Destination, type DestinationOptions } from '../client/destination.js';
 import { Image } from '../server/image.js';
 import type { WorkingSet } from '../client/working-set.js';
 import { coldStartOrder, shuffledOrder, touchPages } from '../lib/workload.js';
-import { latencyBench, median, medianOf, percentiles, ratioOf, round, type LatencyResult } from './latency.js';
+import { interleaved, latencyBench, median, medianOf, percentiles, ratioOf, round, type LatencyResult } from './latency.js';
 import { runFloor, type FloorLatency } from './floor.js';
 import { FaultEngine } from '../client/fault-engine.js';
 import { Userfaultfd } from '../lib/uffd.js';
@@ -107,19 +107,12 @@ async function coldStartBench(pages: number, rounds: number, where: 'local' | 'u
   const from: DestinationOptions = image ? { image } : { source: source!.address };
   try {
     const set = await recordOnce(from, pages);
-    const without: ColdStartRun[] = [];
-    const withSet: ColdStartRun[] = [];
-    for (let r = 0; r < rounds; r++) {
-      // Each round is a new run of the same "function": the same set, a new order and new extra pages.
-      const seed = 100 + r;
-      if (r % 2 === 0) {
-        without.push(await coldStart(from, pages, seed));
-        withSet.push(await coldStart({ ...from, prefetch: set }, pages, seed));
-      } else {
-        withSet.push(await coldStart({ ...from, prefetch: set }, pages, seed));
-        without.push(await coldStart(from, pages, seed));
-      }
-    }
+    // Each round is a new run of the same "function": the same set, a new order and new extra pages.
+    const { a: without, b: withSet } = await interleaved(
+      rounds,
+      (r) => coldStart(from, pages, 100 + r),
+      (r) => coldStart({ ...from, prefetch: set }, pages, 100 + r),
+    );
     const faults = ratioOf(withSet.map((w, i) => w.demandFaults / Math.max(1, without[i].demandFaults)));
     const time = ratioOf(withSet.map((w, i) => w.workloadMs / without[i].workloadMs));
     const mid = (runs: ColdStartRun[]): ColdStartRun => ({
@@ -193,17 +186,9 @@ async function minorBench(pages: number, rounds: number, seed: number): Promise<
       closeSync(memfd);
     }
   };
-  const floorOnce = async () => floors.push((await runFloor(pages, seed, ['local'])).get('local') as FloorLatency);
+  const floorOnce = async () => void floors.push((await runFloor(pages, seed, ['local'])).get('local') as FloorLatency);
   try {
-    for (let r = 0; r < rounds; r++) {
-      if (r % 2 === 0) {
-        await oursOnce();
-        await floorOnce();
-      } else {
-        await floorOnce();
-        await oursOnce();
-      }
-    }
+    await interleaved(rounds, oursOnce, floorOnce);
   } finally {
     image.close();
     rmSync(dir, { recursive: true, force: true });
@@ -266,17 +251,9 @@ async function hugetlbBench(pages: number, rounds: number, seed: number): Promis
       memory?.unmap();
     }
   };
-  const floorOnce = async () => floors.push((await runFloor(length / PAGE_SIZE, seed, ['local'])).get('local') as FloorLatency);
+  const floorOnce = async () => void floors.push((await runFloor(length / PAGE_SIZE, seed, ['local'])).get('local') as FloorLatency);
   try {
-    for (let r = 0; r < rounds; r++) {
-      if (r % 2 === 0) {
-        await oursOnce();
-        await floorOnce();
-      } else {
-        await floorOnce();
-        await oursOnce();
-      }
-    }
+    await interleaved(rounds, oursOnce, floorOnce);
   } finally {
     image.close();
     rmSync(dir, { recursive: true, force: true });
