@@ -11,6 +11,9 @@ import { FrameReader, encodeFrame, type Message } from '../lib/protocol.js';
 import type { Test } from 'tap';
 import type { Userfaultfd } from '../lib/uffd.js';
 import type { RecoveryOptions } from '../client/session.js';
+import { Image } from '../server/image.js';
+import { PageServer } from '../server/page-server.js';
+import { VmmHandler } from '../client/vmm-handler.js';
 
 export const here = dirname(fileURLToPath(import.meta.url));
 
@@ -40,6 +43,34 @@ export function writeImage(dir: string, image: Buffer, name = 'image.bin'): stri
 }
 
 export { buildFixture } from '../bin/vmm-fixture.js';
+
+/**
+ * A handler (on a socket in a temp dir) serving an image file of `bytes`:
+ * from the file itself (`image`), or from a source process of our own on a
+ * unix socket (`source`). All closed at the test's teardown.
+ */
+export async function handlerOverImage(t: Test, bytes: Buffer, from: 'image' | 'source', background: boolean) {
+  const dir = tempDir(t);
+  const imagePath = writeImage(dir, bytes);
+  const image = Image.open([{ path: imagePath }]);
+  let server: PageServer | null = null;
+  let handler: VmmHandler;
+  if (from === 'image') {
+    handler = new VmmHandler({ image, background: { enabled: background } });
+  } else {
+    server = new PageServer({ image });
+    const where = await server.listen(`unix:${join(dir, 'source.sock')}`);
+    handler = new VmmHandler({ source: `unix:${(where as { path: string }).path}`, background: { enabled: background } });
+  }
+  const socket = join(dir, 'handler.sock');
+  await handler.listen(socket);
+  t.teardown(async () => {
+    await handler.close();
+    await server?.close();
+    image.close();
+  });
+  return { handler, socket, imagePath };
+}
 
 /** A welcome a fake source sends: a one-region image, plaintext channels; override what a test needs. */
 export function fakeWelcome(overrides: Record<string, unknown> = {}): Record<string, unknown> {

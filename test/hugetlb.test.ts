@@ -7,15 +7,12 @@ import t from 'tap';
 import { once } from 'node:events';
 import { spawn } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
-import { Image } from '../server/image.js';
-import { PageServer } from '../server/page-server.js';
-import { VmmHandler, type VmmSessionSummary } from '../client/vmm-handler.js';
-import { buildFixture, randomImage, tempDir, writeImage } from './helpers.js';
+import type { VmmSessionSummary } from '../client/vmm-handler.js';
+import { buildFixture, handlerOverImage, randomImage } from './helpers.js';
 import type { Test } from 'tap';
 
 const HUGE = 2 << 20;
-const IMAGE_PAGES = 4096; // 16 MiB: 8 huge pages
+const IMAGE_PAGES = 4096; // 16 MiB: 8 huge pages (every 700th page zero: a huge page is zero only if all of it is)
 const NR_HUGEPAGES = '/proc/sys/vm/nr_hugepages';
 
 /** Reserves `n` more huge pages for the test's life; false when the machine cannot. */
@@ -29,29 +26,6 @@ function reserveHugePages(t: Test, n: number): boolean {
   t.teardown(() => writeFileSync(NR_HUGEPAGES, String(before)));
   const free = Number(/HugePages_Free:\s+(\d+)/.exec(readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0);
   return free >= n;
-}
-
-async function serveHuge(t: Test, from: 'image' | 'source', background: boolean) {
-  const dir = tempDir(t);
-  const imagePath = writeImage(dir, randomImage(IMAGE_PAGES, 700)); // a few zero pages: a huge page is zero only if all of it is
-  const image = Image.open([{ path: imagePath }]);
-  let server: PageServer | null = null;
-  let handler: VmmHandler;
-  if (from === 'image') {
-    handler = new VmmHandler({ image, background: { enabled: background } });
-  } else {
-    server = new PageServer({ image });
-    const where = await server.listen(`unix:${join(dir, 'source.sock')}`);
-    handler = new VmmHandler({ source: `unix:${(where as { path: string }).path}`, background: { enabled: background } });
-  }
-  const socket = join(dir, 'handler.sock');
-  await handler.listen(socket);
-  t.teardown(async () => {
-    await handler.close();
-    await server?.close();
-    image.close();
-  });
-  return { handler, socket, imagePath };
 }
 
 function runVmm(socket: string, imagePath: string, extra: string[], stdin: 'ignore' | 'pipe' = 'ignore') {
@@ -68,7 +42,7 @@ t.test('huge pages (hugetlbfs)', async (t) => {
   }
 
   t.test('MISSING: each fault installs a whole 2 MiB page from the 4 KiB-page image; byte-exact', async (t) => {
-    const h = await serveHuge(t, 'image', false);
+    const h = await handlerOverImage(t, randomImage(IMAGE_PAGES, 700), 'image', false);
     const ended = once(h.handler, 'session-end').then(([s]) => s as VmmSessionSummary);
     const checked = once(h.handler, 'installed-check').then(([c]) => c as { result: string; checkedPages: number });
     // --hold: the VMM stays until the handler has checked what it installed.
@@ -88,7 +62,7 @@ t.test('huge pages (hugetlbfs)', async (t) => {
   });
 
   t.test('MINOR: a hugetlbfs memfd filled ahead; each fault maps its cached huge page (UFFDIO_CONTINUE)', async (t) => {
-    const h = await serveHuge(t, 'image', true);
+    const h = await handlerOverImage(t, randomImage(IMAGE_PAGES, 700), 'image', true);
     const ended = once(h.handler, 'session-end').then(([s]) => s as VmmSessionSummary);
     const { code, report } = await runVmm(h.socket, h.imagePath, ['--memfd', '--threads', '1', '--start-after-ms', '1000']).done;
     t.equal(code, 0, 'the VMM verified every byte');
@@ -100,7 +74,7 @@ t.test('huge pages (hugetlbfs)', async (t) => {
 
   for (const background of [false, true]) {
     t.test(`from a source (background ${background ? 'on' : 'off'}): the source sends whole huge pages only; byte-exact`, async (t) => {
-      const h = await serveHuge(t, 'source', background);
+      const h = await handlerOverImage(t, randomImage(IMAGE_PAGES, 700), 'source', background);
       const ended = once(h.handler, 'session-end').then(([s]) => s as VmmSessionSummary);
       const { code, report } = await runVmm(h.socket, h.imagePath, ['--threads', '2', '--order', 'random']).done;
       t.equal(code, 0, 'the VMM verified every byte');
@@ -112,7 +86,7 @@ t.test('huge pages (hugetlbfs)', async (t) => {
   }
 
   t.test('from a source into a hugetlbfs memfd (MINOR): whole huge pages into the page cache, then mapped', async (t) => {
-    const h = await serveHuge(t, 'source', true);
+    const h = await handlerOverImage(t, randomImage(IMAGE_PAGES, 700), 'source', true);
     const ended = once(h.handler, 'session-end').then(([s]) => s as VmmSessionSummary);
     const { code, report } = await runVmm(h.socket, h.imagePath, ['--memfd', '--threads', '1', '--start-after-ms', '1000']).done;
     t.equal(code, 0, 'the VMM verified every byte');

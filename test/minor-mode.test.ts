@@ -7,35 +7,9 @@ import t from 'tap';
 import { once } from 'node:events';
 import { spawn } from 'node:child_process';
 import { join } from 'node:path';
-import { Image } from '../server/image.js';
-import { PageServer } from '../server/page-server.js';
-import { VmmHandler, type VmmSessionSummary } from '../client/vmm-handler.js';
+import type { VmmSessionSummary } from '../client/vmm-handler.js';
 import { createInterface } from 'node:readline';
-import { buildFixture, cliCommand, randomImage, tempDir, writeImage } from './helpers.js';
-import type { Test } from 'tap';
-
-async function handlerFor(t: Test, from: 'image' | 'source', background: boolean, pages = 2048) {
-  const dir = tempDir(t);
-  const imagePath = writeImage(dir, randomImage(pages, 7));
-  const image = Image.open([{ path: imagePath }]);
-  let server: PageServer | null = null;
-  let handler: VmmHandler;
-  if (from === 'image') {
-    handler = new VmmHandler({ image, background: { enabled: background } });
-  } else {
-    server = new PageServer({ image });
-    const where = await server.listen(`unix:${join(dir, 'source.sock')}`);
-    handler = new VmmHandler({ source: `unix:${(where as { path: string }).path}`, background: { enabled: background } });
-  }
-  const socket = join(dir, 'handler.sock');
-  await handler.listen(socket);
-  t.teardown(async () => {
-    await handler.close();
-    await server?.close();
-    image.close();
-  });
-  return { handler, socket, imagePath };
-}
+import { buildFixture, cliCommand, handlerOverImage, randomImage, tempDir, writeImage } from './helpers.js';
 
 async function runMemfdVmm(socket: string, imagePath: string, extra: string[]) {
   const child = spawn(buildFixture('vmm'), ['--socket', socket, '--image', imagePath, '--memfd', ...extra], { stdio: ['ignore', 'pipe', 'inherit'] });
@@ -47,7 +21,7 @@ async function runMemfdVmm(socket: string, imagePath: string, extra: string[]) {
 
 for (const from of ['image', 'source'] as const) {
   t.test(`${from}: every page lands in the guest's memory file first, and each fault only maps it (UFFDIO_CONTINUE)`, async (t) => {
-    const h = await handlerFor(t, from, true);
+    const h = await handlerOverImage(t, randomImage(2048, 7), from, true);
     const ended = once(h.handler, 'session-end').then(([s]) => s as VmmSessionSummary);
     const checked = once(h.handler, 'installed-check').then(([c]) => c as { result: string });
     // The guest starts once its memory could all be in the page cache (the background fill is unhurried).
@@ -62,7 +36,7 @@ for (const from of ['image', 'source'] as const) {
   });
 
   t.test(`${from}: with no background, each fault puts its page in the memory file and maps it; byte-exact`, async (t) => {
-    const h = await handlerFor(t, from, false);
+    const h = await handlerOverImage(t, randomImage(2048, 7), from, false);
     const ended = once(h.handler, 'session-end').then(([s]) => s as VmmSessionSummary);
     const { code, report } = await runMemfdVmm(h.socket, h.imagePath, ['--threads', '4', '--order', 'random']);
     t.equal(code, 0, 'the VMM verified every byte');
