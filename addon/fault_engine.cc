@@ -71,7 +71,7 @@ struct TargetRegion {
   // go into the page cache through it, and the guest's threads are released
   // with UFFDIO_CONTINUE (null: pages are installed with UFFDIO_COPY).
   uint8_t* fill = nullptr;
-  std::unique_ptr<AtomicBitmap> cached;  // MINOR mode: the page's contents are in the page cache
+  std::shared_ptr<AtomicBitmap> cached;  // MINOR mode: the page's contents are in the page cache (shared with a template's clones)
 };
 
 // Counts the installs under way (see InstalledChecksum).
@@ -107,11 +107,15 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   // (ImageSupply) and the engine takes no data channels.
   explicit FaultEngine(const Napi::CallbackInfo& info) : Napi::ObjectWrap<FaultEngine>(info) {
     Napi::Object o = info[0].As<Napi::Object>();
-    uffd_ = o.Get("uffd").As<Napi::Number>().Int32Value();
-    // poll() on a blocking userfaultfd always reports POLLERR; the engine is
-    // the fd's only reader, so it makes it non-blocking.
-    int fl = fcntl(uffd_, F_GETFL);
-    if (fl < 0 || fcntl(uffd_, F_SETFL, fl | O_NONBLOCK) < 0) ThrowErrno(info.Env(), errno, "fcntl", "F_SETFL");
+    // A template's filler serves no process: it has no userfaultfd.
+    fillsTemplate_ = o.Get("fillsTemplate").ToBoolean().Value();
+    if (!fillsTemplate_) {
+      uffd_ = o.Get("uffd").As<Napi::Number>().Int32Value();
+      // poll() on a blocking userfaultfd always reports POLLERR; the engine is
+      // the fd's only reader, so it makes it non-blocking.
+      int fl = fcntl(uffd_, F_GETFL);
+      if (fl < 0 || fcntl(uffd_, F_SETFL, fl | O_NONBLOCK) < 0) ThrowErrno(info.Env(), errno, "fcntl", "F_SETFL");
+    }
     Napi::Array sources = o.Get("sourceRegions").As<Napi::Array>();
     for (uint32_t i = 0; i < sources.Length(); i++) {
       Napi::Object r = sources.Get(i).As<Napi::Object>();
@@ -133,7 +137,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       Napi::Value fill = r.Get("fillAddress");
       if (fill.IsNumber() && fill.As<Napi::Number>().Int64Value() != 0) {
         t->fill = reinterpret_cast<uint8_t*>(static_cast<uintptr_t>(fill.As<Napi::Number>().Int64Value()));
-        t->cached = std::make_unique<AtomicBitmap>(t->pages);
+        t->cached = std::make_shared<AtomicBitmap>(t->pages);
       }
       t->received = std::make_unique<AtomicBitmap>(t->pages);
       t->requested = std::make_unique<AtomicBitmap>(t->pages);
@@ -152,8 +156,29 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     for (uint64_t size : sourcePageSize_) zeroHash_.push_back(size <= maxRunBytes_ ? ContentHash(zeros_.get(), size) : 0);
     checksumInstalled_ = o.Get("checksumInstalled").ToBoolean().Value();
     recordFaults_ = o.Get("recordFaults").ToBoolean().Value();
+    if (fillsTemplate_) {  // checked in TypeScript: one region per source region, each whole, in the file's mapping
+      template_ = std::make_shared<TemplateShare>();
+      template_->filler = this;
+      for (auto& r : regions_) {
+        template_->cached.push_back(r->cached);
+        template_->contents.push_back(r->fill);
+      }
+    }
+    Napi::Value clone = o.Get("template");
+    if (clone.IsObject()) {
+      FaultEngine* filler = FaultEngine::Unwrap(clone.As<Napi::Object>());
+      if (!filler->fillsTemplate_ || filler->stopped_ || filler->sourcePageSize_ != sourcePageSize_ || filler->sourcePages_ != sourcePages_)
+        throw CodedError(info.Env(), "ERR_ENGINE_STATE", "a clone needs a running template engine over the same image");
+      for (auto& r : regions_)
+        if (r->ratio != 1 || r->fill) throw CodedError(info.Env(), "ERR_UNSUPPORTED", "a template's clone maps the image's own pages, privately");
+      template_ = filler->template_;
+    }
+    demandFd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (demandFd_ < 0) ThrowErrno(info.Env(), errno, "eventfd");
     Napi::Value image = o.Get("image");
-    if (image.IsArray()) {
+    if (IsClone()) {
+      supply_ = std::make_unique<TemplateSupply>(*this);
+    } else if (image.IsArray()) {
       Napi::Array specs = image.As<Napi::Array>();
       if (specs.Length() != sourcePages_.size()) throw CodedError(info.Env(), "ERR_IMAGE_INVALID", "the image needs one region per source region");
       try {
@@ -189,6 +214,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     if (resendFd_ < 0) {
       int err = errno;
       close(stopFd_);
+      close(demandFd_);
       ThrowErrno(info.Env(), err, "eventfd");
     }
     events_.Open(info.Env(), o.Get("onEvent").As<Napi::Function>(), "FaultEngine");
@@ -202,6 +228,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     if (started_ || stopped_) return info.Env().Undefined();
     started_ = true;
     startNs_ = MonotonicNs();
+    if (IsClone()) JoinTemplate();
     faultThread_ = std::thread([this] {
       NameAndPinThisThread("pc-fault", cpu_);
       FaultLoop();
@@ -307,6 +334,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   void Shutdown() {
     if (stopped_) return;
     stopped_ = true;
+    LeaveTemplate();
     Detach();
     stop_.store(true);
     uint64_t one = 1;
@@ -318,9 +346,9 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     if (faultThread_.joinable()) faultThread_.join();
     if (fillThread_.joinable()) fillThread_.join();
     for (auto& pages : image_) pages->Release();
-    for (int fd : {stopFd_, resendFd_})
+    for (int fd : {stopFd_, resendFd_, demandFd_})
       if (fd >= 0) close(fd);
-    stopFd_ = resendFd_ = -1;
+    stopFd_ = resendFd_ = demandFd_ = -1;
     events_.Close();
   }
 
@@ -605,9 +633,10 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     uffd_msg msgs[64];
     std::vector<wire::PageRequest> reqs;  // requests sent again after an attach
     reqs.reserve(256);
-    pollfd fds[3] = {{uffd_, POLLIN, 0}, {stopFd_, POLLIN, 0}, {resendFd_, POLLIN, 0}};
+    // A template's filler has no userfaultfd (-1: poll() skips it); its faults are its clones' demands.
+    pollfd fds[4] = {{uffd_, POLLIN, 0}, {stopFd_, POLLIN, 0}, {resendFd_, POLLIN, 0}, {demandFd_, POLLIN, 0}};
     while (!stop_.load()) {
-      int ready = poll(fds, 3, deferredZeroFills_.empty() && deferredContinues_.empty() && !HasLateContinues() ? -1 : 1);
+      int ready = poll(fds, 4, deferredZeroFills_.empty() && deferredContinues_.empty() && !HasLateContinues() ? -1 : 1);
       if (ready == 0) {
         RetryDeferredZeroFills();
         continue;
@@ -618,8 +647,9 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
         uint64_t count;
         if (read(resendFd_, &count, sizeof count) < 0) {}
         ResendOutstanding(reqs);
-        if (!(fds[0].revents & (POLLIN | POLLERR | POLLHUP))) continue;
       }
+      if (fds[3].revents & POLLIN) ServeDemands();
+      if (!(fds[0].revents & (POLLIN | POLLERR | POLLHUP))) continue;
       if (fds[0].revents & (POLLERR | POLLHUP)) {  // the process owning the memory is gone
         events_.Emit({"uffd-closed", "", "", "the userfaultfd was hung up"});
         return;
@@ -669,7 +699,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     // Asked for before looking whether it is there: an installer that puts it
     // in the page cache after this look sees the request and maps it (MINOR).
     bool firstAsk = r.requested->Claim(page);
-    if (r.fill ? r.cached->Test(page) : r.received->Test(page)) return ServeResident(r, pageAddress, now);
+    if (Minor(r) ? InCache(r, page) : r.received->Test(page)) return ServeResident(r, pageAddress, now);
     r.waiters->At(page).fetch_add(1, std::memory_order_relaxed);
     uint64_t expected = 0;
     r.faultNs->At(page).compare_exchange_strong(expected, now, std::memory_order_acq_rel);
@@ -687,7 +717,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   // fault was queued: make sure the thread is awake. MINOR mode, its contents
   // in the page cache: map it with UFFDIO_CONTINUE, copying nothing.
   void ServeResident(TargetRegion& r, uint64_t pageAddress, uint64_t faultNs) {
-    if (!r.fill) {
+    if (!Minor(r)) {
       faultsResident_++;
       uffdio_range range{pageAddress, r.pageSize};
       ioctl(uffd_, UFFDIO_WAKE, &range);
@@ -1025,7 +1055,8 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     memoryEvents_++;
     switch (m.event) {
       case UFFD_EVENT_REMOVE:
-        GiveBack(m.arg.remove.start, m.arg.remove.end);
+        // A clone's memory given back reads as the template's file again: its next touch is a MINOR fault.
+        if (!IsClone()) GiveBack(m.arg.remove.start, m.arg.remove.end);
         events_.Emit({"remove", "", "", "", 0, {{"start", double(m.arg.remove.start)}, {"end", double(m.arg.remove.end)}}});
         break;
       case UFFD_EVENT_UNMAP:
@@ -1225,31 +1256,155 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
         std::memset(dst, 0, (q - p) * r.pageSize);
       for (uint64_t k = p; k < q; k++) r.cached->Claim(k);  // before looking for requests: see OnFault
       Installed(r, p, q - p, reason, src, /*counted=*/true, /*claimed=*/true);
-      uint64_t base = r.base.load(std::memory_order_acquire);
-      for (uint64_t k = p; k < q;) {
-        if (!r.requested->Test(k)) {
-          k++;
-          continue;
-        }
-        uint64_t j = k + 1;
-        while (j < q && r.requested->Test(j)) j++;
-        int err = Continue(base + k * r.pageSize, (j - k) * r.pageSize, r.pageSize, mayWait);
-        if (err == EAGAIN) {
-          deferredContinuesMu_.lock();
-          lateContinues_.push_back({base + k * r.pageSize, (j - k) * r.pageSize});
-          deferredContinuesMu_.unlock();
-        } else if (err == ESRCH) {
-          if (!Leaving()) events_.Emit(ErrnoEvent("target-gone", channel, ESRCH, "ioctl", "the process owning the memory exited", generation));
-          return kStop;
-        } else if (err) {
-          if (!Leaving()) events_.Emit(ErrnoEvent("install-failed", channel, err, "ioctl", "mapping cached pages failed (UFFDIO_CONTINUE)", generation));
-          return kStop;
-        }
-        k = j;
+      if (fillsTemplate_) {
+        NotifyClones(r, p, q - p, dst, reason);
+      } else if (ContinueRequested(r, p, q, mayWait, channel, generation) == kStop) {
+        return kStop;
       }
       p = q;
     }
     return kOk;
+  }
+
+  // MINOR mode: maps the pages of [p, q) of r that a thread asked for (they
+  // are in the page cache) with UFFDIO_CONTINUE, which wakes their threads.
+  InstallResult ContinueRequested(TargetRegion& r, uint64_t p, uint64_t q, bool mayWait, const char* channel, uint32_t generation) {
+    uint64_t base = r.base.load(std::memory_order_acquire);
+    for (uint64_t k = p; k < q;) {
+      if (!r.requested->Test(k)) {
+        k++;
+        continue;
+      }
+      uint64_t j = k + 1;
+      while (j < q && r.requested->Test(j)) j++;
+      int err = Continue(base + k * r.pageSize, (j - k) * r.pageSize, r.pageSize, mayWait);
+      if (err == EAGAIN) {
+        deferredContinuesMu_.lock();
+        lateContinues_.push_back({base + k * r.pageSize, (j - k) * r.pageSize});
+        deferredContinuesMu_.unlock();
+      } else if (err == ESRCH) {
+        if (!Leaving()) events_.Emit(ErrnoEvent("target-gone", channel, ESRCH, "ioctl", "the process owning the memory exited", generation));
+        return kStop;
+      } else if (err) {
+        if (!Leaving()) events_.Emit(ErrnoEvent("install-failed", channel, err, "ioctl", "mapping cached pages failed (UFFDIO_CONTINUE)", generation));
+        return kStop;
+      }
+      k = j;
+    }
+    return kOk;
+  }
+
+  // ---- templates: one image filled once into a shared memory file, for many clones ----
+
+  // A clone's guest maps the template's file privately: its pages are released
+  // with UFFDIO_CONTINUE (MINOR mode) like a guest's own memory file's.
+  bool IsClone() const { return template_ && !fillsTemplate_; }
+  bool Minor(const TargetRegion& r) const { return r.fill || IsClone(); }
+  // MINOR mode: page p of r is in the page cache (its own file's, or the template's).
+  bool InCache(const TargetRegion& r, uint64_t p) const { return r.fill ? r.cached->Test(p) : template_->cached[r.sourceRegion]->Test(r.SourceOf(p)); }
+
+  // Faults on pages the template does not hold yet go to its filler, a batch
+  // per read of the userfaultfd; the filler's installs release them (FromTemplate).
+  class TemplateSupply final : public PageSupply {
+   public:
+    explicit TemplateSupply(FaultEngine& e) : e_(e) {}
+    void Ask(TargetRegion& r, uint64_t page) override { demands_.push_back((uint64_t(r.sourceRegion) << 48) | r.SourceOf(page)); }
+    void Flush() override {
+      if (demands_.empty()) return;
+      std::lock_guard<std::mutex> lock(e_.template_->mu);
+      if (e_.template_->filler) e_.template_->filler->AddDemands(demands_);
+      demands_.clear();
+    }
+
+   private:
+    FaultEngine& e_;
+    std::vector<uint64_t> demands_;
+  };
+
+  // Filler: pages its clones' guests wait on (source region << 48 | page).
+  void AddDemands(const std::vector<uint64_t>& demands) {
+    {
+      std::lock_guard<std::mutex> lock(demandMu_);
+      demands_.insert(demands_.end(), demands.begin(), demands.end());
+    }
+    uint64_t one = 1;
+    if (write(demandFd_, &one, sizeof one) < 0) {}
+  }
+
+  // Filler, fault thread: asks for each demanded page not yet in the file, as for a fault of its own.
+  void ServeDemands() {
+    uint64_t count;
+    if (read(demandFd_, &count, sizeof count) < 0) {}
+    std::vector<uint64_t> demands;
+    {
+      std::lock_guard<std::mutex> lock(demandMu_);
+      demands.swap(demands_);
+    }
+    for (uint64_t d : demands) {
+      uint64_t region = d >> 48, page = d & ((1ull << 48) - 1);
+      if (region >= regions_.size() || page >= regions_[region]->pages) continue;  // clones place their regions on the same image
+      TargetRegion& r = *regions_[region];
+      if (r.cached->Test(page) || !r.requested->Claim(page) || r.cached->Test(page)) continue;
+      lastFault_.store((region << 48) | page, std::memory_order_relaxed);
+      faultSeq_.fetch_add(1, std::memory_order_release);
+      supply_->Ask(r, page);
+    }
+    supply_->Flush();
+  }
+
+  // Filler: pages [first, first+count) of r are in the file now (at `data`,
+  // null for zeros written there): every clone counts them in and maps those
+  // its guest waits on.
+  void NotifyClones(TargetRegion& r, uint64_t first, uint64_t count, const uint8_t* data, uint32_t reason) {
+    std::lock_guard<std::mutex> lock(template_->mu);
+    for (FaultEngine* clone : template_->clones) clone->FromTemplate(r.sourceRegion, first, count, data, reason);
+  }
+
+  // Clone (under the template's lock): source pages [first, first+count) of
+  // `region` are in the template's file, at `data`.
+  void FromTemplate(uint32_t region, uint64_t first, uint64_t count, const uint8_t* data, uint32_t reason) {
+    if (Leaving()) return;
+    InstallingNow guard(installing_);
+    for (auto& r : regions_) {
+      if (r->sourceRegion != region) continue;
+      uint64_t lo = std::max(first, r->sourcePage), hi = std::min(first + count, r->sourcePage + r->pages);
+      if (lo >= hi) continue;
+      uint64_t a = lo - r->sourcePage, b = hi - r->sourcePage;
+      Installed(*r, a, b - a, reason, data + (lo - first) * r->pageSize);
+      ContinueRequested(*r, a, b, /*mayWait=*/true, "template", 0);
+    }
+  }
+
+  // Clone, at start: joins the template and counts in what its file holds already.
+  void JoinTemplate() {
+    std::lock_guard<std::mutex> lock(template_->mu);
+    if (!template_->filler) {
+      events_.Emit({"error", "template", "ERR_ENGINE_STATE", "the template this clone maps has stopped filling", 0});
+      return;
+    }
+    template_->clones.push_back(this);
+    for (uint32_t region = 0; region < template_->cached.size(); region++) {
+      const AtomicBitmap& cached = *template_->cached[region];
+      for (uint64_t p = 0; p < cached.size();) {
+        if (!cached.Test(p)) {
+          p++;
+          continue;
+        }
+        uint64_t q = p + 1;
+        while (q < cached.size() && cached.Test(q)) q++;
+        FromTemplate(region, p, q - p, template_->contents[region] + p * sourcePageSize_[region], wire::kBackground);
+        p = q;
+      }
+    }
+  }
+
+  // Leaves the template (a clone) or closes it to new clones (its filler); no call reaches this engine after.
+  void LeaveTemplate() {
+    if (!template_) return;
+    std::lock_guard<std::mutex> lock(template_->mu);
+    if (fillsTemplate_) template_->filler = nullptr;
+    auto& clones = template_->clones;
+    clones.erase(std::remove(clones.begin(), clones.end(), this), clones.end());
   }
 
   int Copy(uint64_t dst, const uint8_t* src, uint64_t len, int64_t* done) {
@@ -1327,6 +1482,21 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   }
 
   std::vector<std::unique_ptr<TargetRegion>> regions_;
+  // A template: one engine (its filler, fillsTemplate_) puts the image into a
+  // shared memory file, once; the engines of its clones, whose guests map that
+  // file privately, release their faults from it with UFFDIO_CONTINUE.
+  struct TemplateShare {
+    std::mutex mu;
+    FaultEngine* filler = nullptr;  // null once it stopped
+    std::vector<FaultEngine*> clones;
+    std::vector<std::shared_ptr<AtomicBitmap>> cached;  // per source region: in the file (the filler's regions are the source's)
+    std::vector<const uint8_t*> contents;               // per source region: the filler's mapping of the file
+  };
+  std::shared_ptr<TemplateShare> template_;
+  bool fillsTemplate_ = false;
+  int demandFd_ = -1;
+  std::mutex demandMu_;
+  std::vector<uint64_t> demands_;  // filler, under demandMu_: its clones' faults to ask for
   std::vector<uint64_t> sourcePages_, sourcePageSize_;
   std::unique_ptr<PageSupply> supply_;
   // A local image (ImageSupply): its pages per source region, and the fill

@@ -30,7 +30,7 @@ import { readWorkingSet } from '../client/working-set.js';
 
 export const handleUsage = `postcopy handle --socket PATH (--source unix:PATH|tcp:HOST:PORT | --image FILE)
                 [--token-file F] [--window F:B] [--no-background] [--rate SIZE]
-                [--record-working-set F | --prefetch F] [--in-place]
+                [--record-working-set F | --prefetch F] [--in-place] [--template NAME]
                 [--give-up-after DURATION] [--silence-timeout DURATION] [--single-process]
                 [--metrics tcp:HOST:PORT]
 
@@ -47,6 +47,13 @@ export const handleUsage = `postcopy handle --socket PATH (--source unix:PATH|tc
   a memfd), each VMM session takes the source's memory itself (its fds) and
   its faults are served from it here: no page crosses a socket. Any other
   source is served as usual.
+
+  --template NAME: every VMM is a clone of one template of the image. The
+  image is filled once into shared memory here (each page fetched at most
+  once for all clones, on demand or by the background); each VMM is offered
+  it before its handshake, maps it privately (copy on write) and registers
+  it for MINOR faults (docs/VMM-HANDSHAKE.md). N guests hold one copy of
+  the image plus what each writes. Runs in one process (--single-process).
 
   --record-working-set F writes, as each VMM session ends, the pages its
   guest faulted on, in first-touch order (faults are served alone and the
@@ -79,6 +86,7 @@ const optionSpec = {
   'record-working-set': { type: 'string' },
   prefetch: { type: 'string' },
   'in-place': { type: 'boolean' },
+  template: { type: 'string' },
   'token-file': { type: 'string' },
   window: { type: 'string' },
   'no-background': { type: 'boolean' },
@@ -108,6 +116,11 @@ export async function handle(argv: string[], log: Logger): Promise<void> {
   const prefetch = values.prefetch === undefined ? undefined : readWorkingSet(values.prefetch);
   if (values.image && values['in-place']) throw new UsageError('--in-place takes the memory of a source (--source); --image serves a file here already');
   if (values.image && values.rate !== undefined) throw new UsageError("--rate limits a source's background stream; a local --image has none to limit");
+  if (values.template !== undefined && values['in-place']) throw new UsageError('--template shares its own copy of the image: drop --in-place');
+  if (values.template !== undefined && record !== undefined)
+    throw new UsageError("--template: a clone's working set cannot be recorded; drop --record-working-set");
+  // A template lives in the process that fills it: a restarted worker could not give its clones the same memory.
+  const singleProcess = values['single-process'] || values.template !== undefined;
   const metrics = values.metrics === undefined ? undefined : parseMetricsOption(values.metrics);
   if (values['no-background'] && values.rate !== undefined)
     throw new UsageError('--rate limits the background stream, which --no-background turns off: give one or the other');
@@ -117,6 +130,7 @@ export async function handle(argv: string[], log: Logger): Promise<void> {
     background: { enabled: !values['no-background'], rateBytesPerSecond: parseRate(values.rate) },
     ...(record !== undefined ? { recordWorkingSet: record } : {}),
     ...(prefetch ? { prefetch } : {}),
+    ...(values.template !== undefined ? { template: values.template } : {}),
   };
   const image = values.image ? Image.open(values.image.map((path) => ({ path }))) : undefined;
   const [source, ...replicas] = values.source ?? [];
@@ -140,7 +154,7 @@ export async function handle(argv: string[], log: Logger): Promise<void> {
     if (!image) log.info({ source, regions: ready.regions.length, imageBytes: ready.regions.reduce((n, r) => n + r.length, 0) }, 'the source answers');
   }
   // The process that serves the VMMs keeps watching the source (the worker, or the single process); a supervisor has no sessions to speak of.
-  if (values.worker || values['single-process']) handler.watchSource();
+  if (values.worker || singleProcess) handler.watchSource();
   handler.on('session-end', (summary) => print(JSON.stringify(summary)));
   if (values.worker) {
     // The supervisor chose the metrics port and printed it; pages matter more than metrics, so a failure here is only logged.
@@ -160,7 +174,7 @@ export async function handle(argv: string[], log: Logger): Promise<void> {
   const socket = values.socket!;
   let close: () => Promise<void>;
   let metricsUrl: string | undefined;
-  if (values['single-process']) {
+  if (singleProcess) {
     await handler.listen(socket);
     const served = metrics ? await serveMetrics(metrics, handlerMetrics(handler)) : undefined;
     metricsUrl = served?.url;

@@ -38,7 +38,8 @@ export interface SourceRegion {
 }
 
 export interface FaultEngineOptions {
-  uffd: number;
+  /** The userfaultfd whose faults this engine serves (none for a template's filler). */
+  uffd?: number;
   regions: readonly TargetRegion[];
   /** The source's regions (default: one per target region, the same size). */
   sourceRegions?: readonly SourceRegion[];
@@ -57,8 +58,20 @@ export interface FaultEngineOptions {
    * image in this process, one spec per source region (server/image.ts), with
    * the window and background the engine then runs itself.
    */
-  local?: LocalImageSupply;
+  local?: LocalImageSupply | TemplateSupply;
+  /**
+   * This engine fills a template (client/template.ts): no process faults on
+   * its regions, each a whole source region mapped (shared) from the
+   * template's memory file, base and fillAddress alike. Pages go into the file
+   * when its clones' guests ask for them, and from the window and background.
+   */
+  fillsTemplate?: boolean;
   logger?: Logger;
+}
+
+/** A template's clone: its guest maps the template's file privately; pages come from the template's filler. */
+export interface TemplateSupply {
+  template: FaultEngine;
 }
 
 /** A local image as the engine's page supply. */
@@ -94,6 +107,8 @@ export class FaultEngine extends EventEmitter {
   readonly #native: NativeFaultEngine;
   /** Pages come from a local image (no data channels). */
   readonly local: boolean;
+  /** Fills a template for its clones (no process of its own). */
+  readonly fillsTemplate: boolean;
   readonly #log: Logger;
   readonly #resident: Promise<void>;
   #settle!: { resolve: () => void; reject: (e: PostcopyError) => void };
@@ -102,7 +117,9 @@ export class FaultEngine extends EventEmitter {
 
   constructor(options: FaultEngineOptions) {
     super();
-    validateFd(options.uffd, 'uffd');
+    const fillsTemplate = options.fillsTemplate === true;
+    const clone = options.local && 'template' in options.local ? options.local.template : null;
+    if (!fillsTemplate) validateFd(options.uffd, 'uffd');
     if (!Array.isArray(options.regions) || options.regions.length === 0) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, 'at least one region is needed');
     const regions = options.regions.map((r, i) => {
       const pageSize = validatePageSize(r.pageSize, `regions[${i}].pageSize`);
@@ -130,20 +147,36 @@ export class FaultEngine extends EventEmitter {
     const imageRange = (r: (typeof regions)[number]) =>
       [r.sourceRegion * 2 ** 40 + r.sourcePage, r.sourceRegion * 2 ** 40 + r.sourcePage + r.length / sourceRegions[r.sourceRegion].pageSize] as const;
     if (hasOverlap(regions.map(imageRange))) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, 'regions overlap in the source image');
+    if (fillsTemplate) checkTemplateRegions(regions, sourceRegions);
+    if (clone) {
+      if (!(clone instanceof FaultEngine) || !clone.fillsTemplate)
+        throw new PostcopyError(ErrorCode.INVALID_ARG_TYPE, 'local.template must be the FaultEngine filling a template');
+      for (const [i, r] of regions.entries()) {
+        if (r.fillAddress) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `regions[${i}]: a clone's memory is the template's file, not a file of its own`);
+        if (r.pageSize !== sourceRegions[r.sourceRegion].pageSize)
+          throw new PostcopyError(
+            ErrorCode.UNSUPPORTED,
+            `regions[${i}]: a clone maps the template's pages as they are (${sourceRegions[r.sourceRegion].pageSize} bytes)`,
+          );
+      }
+    }
     this.#log = options.logger ?? silentLogger;
     this.#resident = new Promise((resolve, reject) => (this.#settle = { resolve, reject }));
     this.#resident.catch(() => {});
     this.#native = new native.FaultEngine({
-      uffd: options.uffd,
+      uffd: fillsTemplate ? -1 : options.uffd!,
       sourceRegions,
       regions,
       cpu: options.cpu === undefined ? -1 : validateInteger(options.cpu, 'cpu', 0, 1023),
       checksumInstalled: options.checksumInstalled === true,
       recordFaults: options.recordFaults === true,
-      ...(options.local ? localSupply(options.local, sourceRegions) : {}),
+      ...(options.local && 'image' in options.local ? localSupply(options.local, sourceRegions) : {}),
+      ...(clone ? { template: clone.#native } : {}),
+      fillsTemplate,
       onEvent: (e) => this.#onEvent(e),
     });
     this.local = options.local !== undefined;
+    this.fillsTemplate = fillsTemplate;
   }
 
   /** Starts the fault thread: faults are read (and wait) from now on. */
@@ -322,6 +355,19 @@ function validatePageSize(value: unknown, name: string): number {
   const size = validateInteger(value, name, 4096, MAX_RUN_BYTES);
   if ((size & (size - 1)) !== 0) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `${name} must be a power of two`);
   return size;
+}
+
+/** A template's filler covers each source region whole, in its own mapping of the template's file. */
+function checkTemplateRegions(
+  regions: readonly { base: number; length: number; sourceRegion: number; sourcePage: number; fillAddress: number }[],
+  sources: readonly SourceRegion[],
+): void {
+  if (regions.length !== sources.length) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, "a template's filler needs one region per source region");
+  for (const [i, r] of regions.entries()) {
+    const s = sources[i];
+    if (r.sourceRegion !== i || r.sourcePage !== 0 || r.length !== s.pages * s.pageSize || r.fillAddress !== r.base || r.fillAddress === 0)
+      throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `regions[${i}] must be source region ${i} whole, with fillAddress equal to base`);
+  }
 }
 
 function localSupply(local: LocalImageSupply, sourceRegions: readonly SourceRegion[]) {

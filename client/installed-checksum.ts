@@ -6,6 +6,9 @@
 import type { InstalledChecksum } from '../lib/native.js';
 import { checksumHex } from '../lib/digest.js';
 import type { RegionChecksum, VerifyRequest } from '../lib/protocol.js';
+import type { TransferOptions } from '../lib/transfer.js';
+import { summarize } from './report.js';
+import type { PageSession } from './session.js';
 
 export interface InstalledCheck {
   /**
@@ -48,4 +51,17 @@ export function compareInstalled(local: readonly InstalledChecksum[], remote: re
     mismatchedRegions,
     ...(fragmented ? { unchecked: 'too-fragmented' as const } : {}),
   };
+}
+
+/**
+ * Once every page is resident: ends the session with the source (`done`,
+ * with its final figures) and compares the pages installed with the source's.
+ * `pagesSent`: what the source says it sent in all (a figure it reports, unchecked).
+ */
+export async function checkAgainstSource(session: PageSession, transfer: TransferOptions): Promise<{ check: InstalledCheck; pagesSent: unknown }> {
+  // finalStats() stops the receiving threads first: a page one of them was still summing is then in the checksum.
+  const stats = summarize(session.finalStats(), transfer);
+  const local = session.engine.installedChecksum();
+  const digest = await session.exchangeDigest(stats, verifyRequest(local));
+  return { check: compareInstalled(local, digest.checksums), pagesSent: digest.stats.pagesSent };
 }

@@ -1,7 +1,9 @@
 // A destination session whose pages come from an image in this process
 // (`--image`): no source process, no sockets. The engine installs each fault
 // straight from the mapped image and fills the rest itself (ImageSupply in
-// addon/fault_engine.cc); the digest at the end is the image's own.
+// addon/fault_engine.cc); the digest at the end is the image's own. A
+// template's clone is one too: its pages come from the template's memory
+// (TemplateSupply), and its digest is the template's, once that matched.
 import { EventEmitter } from 'node:events';
 import { ErrorCode, PostcopyError, type CodedError } from '../lib/errors.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
@@ -9,6 +11,7 @@ import { checkVerify, type MessageOf, type RegionInfo, type VerifyRequest } from
 import { StateMachine, type TransitionTable } from '../lib/state-machine.js';
 import { transferOptions, type TransferOptions } from '../lib/transfer.js';
 import type { Image } from '../server/image.js';
+import type { Template } from './template.js';
 import type { ChannelFailure, DestinationStats, FaultEngine } from './fault-engine.js';
 import { checkReplay } from './working-set.js';
 import type { EngineFactory, PageSession, RecoveryStatus, ReplayOptions } from './session.js';
@@ -38,14 +41,22 @@ export class LocalSession extends EventEmitter implements PageSession {
   readonly transfer: TransferOptions;
   readonly regions: RegionInfo[];
   readonly fingerprint: string;
-  readonly #image: Image;
+  /** The image the pages came from, to answer `done` with. */
+  readonly #image: () => Promise<Image>;
   readonly #machine: StateMachine<LocalState>;
   #lastError: CodedError | null = null;
 
-  private constructor(image: Image, transfer: TransferOptions, engine: FaultEngine, machine: StateMachine<LocalState>, regions: RegionInfo[]) {
+  private constructor(
+    image: () => Promise<Image>,
+    fingerprint: string,
+    transfer: TransferOptions,
+    engine: FaultEngine,
+    machine: StateMachine<LocalState>,
+    regions: RegionInfo[],
+  ) {
     super();
     this.#image = image;
-    this.fingerprint = image.fingerprint;
+    this.fingerprint = fingerprint;
     this.transfer = transfer;
     this.engine = engine;
     this.#machine = machine;
@@ -75,9 +86,24 @@ export class LocalSession extends EventEmitter implements PageSession {
       background: transfer.background.enabled && !options.holdBackground,
       ...(options.prefetch ? { prefetch: options.prefetch.entries } : {}),
     });
-    const session = new LocalSession(image, transfer, engine, machine, regions);
+    const session = new LocalSession(() => Promise.resolve(image), image.fingerprint, transfer, engine, machine, regions);
     if (engine.complete) machine.to('resident');
     log.info({ image: image.fingerprint.slice(0, 16), regions: regions.length, bytes: image.totalBytes, ...transfer }, 'restoring from a local image');
+    return session;
+  }
+
+  /**
+   * A clone of `template`: `buildEngine` makes the engine over the template's
+   * regions, its pages coming from the template. Pages the template holds
+   * already count as in at once; the rest follow as the template fills.
+   */
+  static openClone(template: Template, options: { logger?: Logger }, buildEngine: EngineFactory): LocalSession {
+    const log = options.logger ?? silentLogger;
+    const machine = new StateMachine<LocalState>('destination', 'running', TRANSITIONS, log);
+    const engine = buildEngine(template.regions, { template: template.engine });
+    const session = new LocalSession(() => template.whenChecked(), template.fingerprint, template.transfer, engine, machine, template.regions);
+    if (engine.complete) machine.to('resident');
+    log.info({ template: template.name, regions: template.regions.length }, 'restoring a clone of the template');
     return session;
   }
 
@@ -129,8 +155,9 @@ export class LocalSession extends EventEmitter implements PageSession {
   async exchangeDigest(_stats: Record<string, unknown>, verify?: VerifyRequest): Promise<MessageOf<'digest'>> {
     await this.whenResident();
     // The request is ours, so it is well formed; checkVerify turns it into the pairs the image takes.
-    const checked = checkVerify(verify, this.#image.regions);
-    return { t: 'digest', ...(await this.#image.answerDone(checked)), stats: { pagesSent: 0 } };
+    const image = await this.#image();
+    const checked = checkVerify(verify, image.regions);
+    return { t: 'digest', ...(await image.answerDone(checked)), stats: { pagesSent: 0 } };
   }
 
   verified(details: Record<string, unknown> = {}): void {

@@ -20,7 +20,7 @@ import { DEFAULT_HEARTBEAT, type Heartbeat, type MessageOf, type RegionInfo, typ
 import { StateMachine, type TransitionTable } from '../lib/state-machine.js';
 import { transferOptions, type TransferOptions } from '../lib/transfer.js';
 import { SourceConnection, type SourceOptions } from './source-connection.js';
-import type { ChannelFailure, DestinationStats, FaultEngine, LocalImageSupply } from './fault-engine.js';
+import type { ChannelFailure, DestinationStats, FaultEngine, LocalImageSupply, TemplateSupply } from './fault-engine.js';
 import { checkReplay, type WorkingSet } from './working-set.js';
 
 /**
@@ -112,10 +112,10 @@ export interface DestinationSessionOptions extends SourceOptions, ReplayOptions 
 
 /**
  * Builds (and starts) the engine over the caller's memory once the image's
- * regions are known; `local`, when the pages come from a local image, goes
- * into the engine's options as they are.
+ * regions are known; `local`, when the pages come from a local image or a
+ * template, goes into the engine's options as they are.
  */
-export type EngineFactory = (regions: RegionInfo[], local?: LocalImageSupply) => FaultEngine;
+export type EngineFactory = (regions: RegionInfo[], local?: LocalImageSupply | TemplateSupply) => FaultEngine;
 
 /** What the session reports about its recoveries (also part of every report). */
 export interface RecoveryStatus {

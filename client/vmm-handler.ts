@@ -11,7 +11,7 @@ import { EventEmitter } from 'node:events';
 import { closeSync, fstatSync, readlinkSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import { ErrorCode, PostcopyError, asCodedError } from '../lib/errors.js';
-import { receiveFds, peerCredentials } from '../lib/fd-passing.js';
+import { receiveFds, peerCredentials, sendFds } from '../lib/fd-passing.js';
 import { hasOverlap } from '../lib/validate.js';
 import { mapFile, type Mapping } from '../lib/memory.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
@@ -25,11 +25,12 @@ import type { DestinationStats } from '../lib/native.js';
 import { transferOptions, type TransferOptions } from '../lib/transfer.js';
 import { DestinationSession, sourcesOf, type DestinationSessionOptions, type EngineFactory, type PageSession, type RecoveryStatus } from './session.js';
 import { LocalSession, type LocalSessionOptions } from './local-session.js';
+import { Template } from './template.js';
 import { Image } from '../server/image.js';
 import { layoutOf, pagesIn, writeWorkingSet } from './working-set.js';
 import { FaultEngine, type MemoryEvent, type TargetRegion } from './fault-engine.js';
 import { summarize, type RestoreReport } from './report.js';
-import { compareInstalled, verifyRequest, type InstalledCheck } from './installed-checksum.js';
+import { checkAgainstSource, type InstalledCheck } from './installed-checksum.js';
 
 /** One entry of the VMM's handshake, as Firecracker sends it. */
 export interface GuestRegion {
@@ -69,6 +70,14 @@ export type VmmHandlerOptions = (DestinationSessionOptions | LocalSessionOptions
    * source is served over its data channels as usual.
    */
   inPlace?: boolean;
+  /**
+   * Serve every VMM as a clone of one template of this name
+   * (client/template.ts): the image is filled once into shared memory here,
+   * each VMM is offered it before its handshake and maps it privately, and
+   * its faults are answered from it. N guests hold one copy of the image plus
+   * what each writes, and the source sends each page at most once for all.
+   */
+  template?: string;
 };
 
 /** While a working set is recorded, the background starts once the guest has not faulted for this long. */
@@ -258,11 +267,15 @@ export class VmmHandler extends EventEmitter {
   readonly #retired: HandlerTotals = emptyTotals();
   readonly #pending = new PendingHandshakes();
   #server: Server | null = null;
+  /** The template every VMM is a clone of (options.template), once the first VMM asked for it. */
+  #template: Promise<Template> | null = null;
   #sourceWatch: NodeJS.Timeout | null = null;
   #progressTimer: NodeJS.Timeout | null = null;
 
   constructor(options: VmmHandlerOptions) {
     super();
+    if (options.template !== undefined && (options.inPlace || options.recordWorkingSet !== undefined))
+      throw new PostcopyError(ErrorCode.UNSUPPORTED, "a template's clones share its memory: it cannot also be taken in place or record a clone's working set");
     this.#options = options;
     this.#log = options.logger ?? silentLogger;
     this.#transfer = transferOptions(options);
@@ -379,12 +392,16 @@ export class VmmHandler extends EventEmitter {
     this.#server = null;
     for (const s of [...this.#sessions]) this.#end(s, 'handler closing');
     this.#pending.dropAll();
+    const template = this.#template;
+    this.#template = null;
+    if (template) (await template.catch(() => null))?.close();
     if (server) await new Promise<void>((resolve) => server.close(() => resolve()));
   }
 
   async #onVmm(socket: Socket): Promise<void> {
     let handoff: VmmHandoff;
     try {
+      if (this.#options.template !== undefined) await this.#offerTemplate(socket);
       handoff = await acceptVmm(socket, this.#pending, this.#options.handshakeTimeoutMs ?? 10_000);
     } catch (err) {
       return this.#refuse((err as { vmmPid?: number }).vmmPid ?? 0, socket, err);
@@ -406,6 +423,8 @@ export class VmmHandler extends EventEmitter {
     try {
       guest = parseHandshake(handoff.payload);
       const minor = guest.some((g) => g.memfd_offset !== undefined);
+      if (this.#options.template !== undefined && (minor || handoff.memfd !== undefined))
+        throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, "a template's clone maps the template's memory: it sends no memory file of its own");
       if (minor && handoff.memfd === undefined)
         throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'a region names memfd_offset, but no memory file came with the userfaultfd');
       if (!minor && handoff.memfd !== undefined)
@@ -442,6 +461,28 @@ export class VmmHandler extends EventEmitter {
       this.#end(vmm, 'handshake refused');
       this.#refuse(pid, socket, err);
     }
+  }
+
+  /** Template mode: the template is offered to the VMM first (its memfds), for it to map privately before its handshake. */
+  async #offerTemplate(socket: Socket): Promise<void> {
+    const options = this.#options;
+    if (!this.#template) {
+      const opening = Template.open({ ...options, name: options.template! } as Parameters<typeof Template.open>[0], this.#log);
+      this.#template = opening;
+      opening.then(
+        (template) =>
+          template.on('failed', (err: PostcopyError) => {
+            for (const vmm of this.#sessions) vmm.session?.fail(err);
+          }),
+        () => {
+          if (this.#template === opening) this.#template = null; // the next VMM tries again
+        },
+      );
+    }
+    const template = await this.#template;
+    const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd ?? -1;
+    const offer = template.offer();
+    sendFds(fd, offer.payload, offer.fds);
   }
 
   #refuse(pid: number, socket: Socket, err: unknown): void {
@@ -507,8 +548,9 @@ export class VmmHandler extends EventEmitter {
       const replay = recording ? { window: { forward: 0, backward: 0 }, holdBackground: true } : {};
       const image = 'image' in options ? options.image : options.inPlace ? await this.#takeInPlace(vmm, options, log) : null;
       // The guest is already waiting: a source not reachable yet is retried like an outage.
-      vmm.session =
-        image || 'image' in options
+      vmm.session = this.#template
+        ? LocalSession.openClone(await this.#template, { logger: log }, build)
+        : image || 'image' in options
           ? LocalSession.open({ ...options, image: image ?? (options as LocalSessionOptions).image, ...replay, logger: log }, build)
           : await DestinationSession.open(
               {
@@ -554,11 +596,7 @@ export class VmmHandler extends EventEmitter {
       .whenResident()
       .then(
         async () => {
-          // finalStats() stops the receiving threads first: a page one of them was still summing is then in the checksum.
-          const stats = summarize(session.finalStats(), this.#transfer);
-          const local = session.engine.installedChecksum();
-          const digest = await session.exchangeDigest(stats, verifyRequest(local));
-          const check = compareInstalled(local, digest.checksums);
+          const { check, pagesSent } = await checkAgainstSource(session, this.#transfer);
           vmm.installedCheck = check;
           if (check.result === 'mismatch') {
             this.#errors.add(ErrorCode.DIGEST_MISMATCH);
@@ -569,10 +607,7 @@ export class VmmHandler extends EventEmitter {
             );
           } else if (check.result === 'match') {
             session.verified({ checkedPages: check.checkedPages });
-            log.info(
-              { sourcePagesSent: digest.stats.pagesSent, checkedPages: check.checkedPages },
-              'every guest page is resident and matches the source image',
-            );
+            log.info({ sourcePagesSent: pagesSent, checkedPages: check.checkedPages }, 'every guest page is resident and matches the source image');
           } else {
             session.release();
             const why = {
@@ -580,10 +615,7 @@ export class VmmHandler extends EventEmitter {
               'too-fragmented': 'the pages left out are too fragmented to list (over 100000 ranges a region)',
               'nothing-installed': 'no page was installed from the source',
             }[check.unchecked ?? 'nothing-installed'];
-            log.warn(
-              { sourcePagesSent: digest.stats.pagesSent, unchecked: check.unchecked },
-              `every guest page is resident; the installed pages were not checked: ${why}`,
-            );
+            log.warn({ sourcePagesSent: pagesSent, unchecked: check.unchecked }, `every guest page is resident; the installed pages were not checked: ${why}`);
           }
           this.emit('installed-check', { vmmPid: vmm.pid, ...check });
         },

@@ -236,6 +236,10 @@ export interface NativeAddon {
     window?: { forward: number; backward: number };
     background?: boolean;
     prefetch?: Uint8Array;
+    /** A template's filler (uffd -1). */
+    fillsTemplate: boolean;
+    /** A template's clone: the filler's native engine. */
+    template?: NativeFaultEngine;
     onEvent: (event: NativeEvent) => void;
   }) => NativeFaultEngine;
 }
