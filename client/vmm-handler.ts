@@ -269,6 +269,8 @@ export class VmmHandler extends EventEmitter {
   #server: Server | null = null;
   /** The template every VMM is a clone of (options.template), once the first VMM asked for it. */
   #template: Promise<Template> | null = null;
+  /** Templates that failed: closed with the handler (their clones may still map their memory). */
+  readonly #spentTemplates: Template[] = [];
   #sourceWatch: NodeJS.Timeout | null = null;
   #progressTimer: NodeJS.Timeout | null = null;
 
@@ -395,6 +397,7 @@ export class VmmHandler extends EventEmitter {
     const template = this.#template;
     this.#template = null;
     if (template) (await template.catch(() => null))?.close();
+    for (const spent of this.#spentTemplates.splice(0)) spent.close();
     if (server) await new Promise<void>((resolve) => server.close(() => resolve()));
   }
 
@@ -472,7 +475,10 @@ export class VmmHandler extends EventEmitter {
       opening.then(
         (template) =>
           template.on('failed', (err: PostcopyError) => {
+            // Its clones' missing pages cannot come: they are poisoned (see #connect). The next VMM gets a new template.
             for (const vmm of this.#sessions) vmm.session?.fail(err);
+            if (this.#template === opening) this.#template = null;
+            this.#spentTemplates.push(template);
           }),
         () => {
           if (this.#template === opening) this.#template = null; // the next VMM tries again

@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { Image } from '../server/image.js';
 import { PageServer } from '../server/page-server.js';
 import { VmmHandler, type VmmSessionSummary } from '../client/vmm-handler.js';
-import { buildFixture, cliCommand, PAGE, randomImage, tempDir, writeImage } from './helpers.js';
+import { buildFixture, cliCommand, FAST_RECOVERY, PAGE, randomImage, startServeCli, tempDir, writeImage } from './helpers.js';
 import type { Test } from 'tap';
 
 const PAGES = 2048;
@@ -143,6 +143,67 @@ t.test('postcopy handle --template: clones through the CLI', async (t) => {
     t.equal(summary.complete, true);
     t.match(summary.installedCheck, { result: 'match' });
   }
+});
+
+/** Template mode over a `postcopy serve` process (killed by the test), faults one page at a time. */
+async function templateOverServe(t: Test, giveUpAfterMs?: number) {
+  const dir = tempDir(t);
+  const imagePath = writeImage(dir, randomImage(8192, 6));
+  const source = `unix:${join(dir, 'src.sock')}`;
+  const serve = await startServeCli(t, ['--image', imagePath, '--listen', source]);
+  const handler = new VmmHandler({
+    source,
+    template: 'golden',
+    recovery: { ...FAST_RECOVERY, ...(giveUpAfterMs ? { giveUpAfterMs } : {}) },
+    background: { enabled: false },
+    window: { forward: 0, backward: 0 },
+  });
+  const socket = join(dir, 'handler.sock');
+  await handler.listen(socket);
+  t.teardown(() => handler.close());
+  const clone = (seed: number) => {
+    const child = spawn(buildFixture('vmm'), ['--socket', socket, '--image', imagePath, '--template', '--threads', '2', '--seed', String(seed)], {
+      stdio: ['ignore', 'pipe', 'inherit'],
+    });
+    t.teardown(() => void child.kill('SIGKILL'));
+    let out = '';
+    child.stdout.on('data', (d) => (out += d));
+    return once(child, 'close').then(([code, signal]) => ({ code: code as number | null, signal: signal as string | null, out }));
+  };
+  return { handler, serve, source, imagePath, clone };
+}
+
+t.test("the template's source is killed (-9) mid-fill and restarted: its clones only pause, and verify every byte", async (t) => {
+  const h = await templateOverServe(t);
+  const ended: VmmSessionSummary[] = [];
+  h.handler.on('session-end', (s: VmmSessionSummary) => ended.push(s));
+  const started = once(h.handler, 'session-start');
+  const clones = [h.clone(1), h.clone(2)];
+  await started;
+  h.serve.child.kill('SIGKILL');
+  await once(h.serve.child, 'close');
+  await startServeCli(t, ['--image', h.imagePath, '--listen', h.source]);
+  for (const result of await Promise.all(clones)) {
+    t.equal(result.signal, null);
+    t.equal(result.code, 0, 'the clone verified every byte');
+    t.match(JSON.parse(result.out.trim().split('\n')[0]), { ok: true, mismatchedPages: 0 });
+  }
+  await waitFor(() => ended.length === 2);
+  for (const s of ended) t.equal(s.poisonedPages, 0);
+});
+
+t.test("with a give-up time, a template whose source never comes back poisons its clones' missing pages: SIGBUS, not a hang", async (t) => {
+  const h = await templateOverServe(t, 300);
+  const started = once(h.handler, 'session-start');
+  const clones = [h.clone(1), h.clone(2)];
+  await started;
+  h.serve.child.kill('SIGKILL');
+  for (const result of await Promise.all(clones)) t.equal(result.signal, 'SIGBUS', 'the clone touched a poisoned page');
+  // The next VMM is offered a new template, which tries the source again (and, with none there, is refused).
+  const rejected = once(h.handler, 'rejected').then(([r]) => r as { code: string });
+  const late = await h.clone(3);
+  t.not(late.code, 0, 'a VMM arriving later is turned away, not left waiting');
+  t.ok((await rejected).code, `with a clear code (${(await rejected).code})`);
 });
 
 async function waitFor(done: () => boolean): Promise<void> {
