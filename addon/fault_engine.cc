@@ -1361,9 +1361,12 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   }
 
   // Clone (under the template's lock): source pages [first, first+count) of
-  // `region` are in the template's file, at `data`.
+  // `region` are in the template's file, at `data`. They are mapped into the
+  // guest at once (read-only, copy on write), waited on or not: its threads
+  // wake, and it then runs without faulting on what the template holds. The
+  // pages stay the template's; only page tables are added.
   void FromTemplate(uint32_t region, uint64_t first, uint64_t count, const uint8_t* data, uint32_t reason) {
-    if (Leaving()) return;
+    if (Leaving() || targetGone_) return;
     InstallingNow guard(installing_);
     for (auto& r : regions_) {
       if (r->sourceRegion != region) continue;
@@ -1371,7 +1374,18 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       if (lo >= hi) continue;
       uint64_t a = lo - r->sourcePage, b = hi - r->sourcePage;
       Installed(*r, a, b - a, reason, data + (lo - first) * r->pageSize);
-      ContinueRequested(*r, a, b, /*mayWait=*/true, "template", 0);
+      uint64_t base = r->base.load(std::memory_order_acquire);
+      int err = Continue(base + a * r->pageSize, (b - a) * r->pageSize, r->pageSize, /*mayWait=*/false);
+      if (err == EAGAIN) {  // the layout is changing: the fault thread maps them after the event
+        std::lock_guard<std::mutex> lock(deferredContinuesMu_);
+        lateContinues_.push_back({base + a * r->pageSize, (b - a) * r->pageSize});
+      } else if (err == ESRCH) {
+        targetGone_ = true;
+        if (!Leaving()) events_.Emit(ErrnoEvent("target-gone", "template", ESRCH, "ioctl", "the process owning the memory exited", 0));
+        return;
+      } else if (err && err != ENOENT) {  // ENOENT: unmapped meanwhile (its event settles it)
+        if (!Leaving()) events_.Emit(ErrnoEvent("install-failed", "template", err, "ioctl", "mapping template pages failed (UFFDIO_CONTINUE)", 0));
+      }
     }
   }
 
@@ -1494,6 +1508,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   };
   std::shared_ptr<TemplateShare> template_;
   bool fillsTemplate_ = false;
+  std::atomic<bool> targetGone_{false};  // clone: its process exited (nothing more to map)
   int demandFd_ = -1;
   std::mutex demandMu_;
   std::vector<uint64_t> demands_;  // filler, under demandMu_: its clones' faults to ask for

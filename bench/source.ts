@@ -40,12 +40,12 @@ export interface RunningSource {
 
 /**
  * Starts `postcopy serve` for one image. `wrap` prefixes the command (e.g.
- * `ip netns exec NS`, `taskset -c 1`).
+ * `ip netns exec NS`, `taskset -c 1`); `extra`: more serve options.
  */
 export async function startSource(
   imagePath: string,
   listen: string,
-  options: { wrap?: string[]; tokenFile?: string; connectHost?: string } = {},
+  options: { wrap?: string[]; tokenFile?: string; connectHost?: string; extra?: string[] } = {},
 ): Promise<RunningSource> {
   const [cmd, ...args] = [...(options.wrap ?? []), ...selfCommand()];
   // TCP needs a token: a bench source gets its own beside the image, never the user's default one.
@@ -54,10 +54,14 @@ export async function startSource(
     tokenFile = join(dirname(imagePath), `token-${randomBytes(6).toString('hex')}`);
     writeFileSync(tokenFile, randomBytes(24).toString('base64url'), { mode: 0o600 });
   }
-  const child: ChildProcess = spawn(cmd, [...args, 'serve', '--image', imagePath, '--listen', listen, ...(tokenFile ? ['--token-file', tokenFile] : [])], {
-    stdio: ['ignore', 'pipe', 'inherit'],
-    env: { ...process.env, POSTCOPY_LOG_LEVEL: process.env.POSTCOPY_LOG_LEVEL || 'warn' },
-  });
+  const child: ChildProcess = spawn(
+    cmd,
+    [...args, 'serve', '--image', imagePath, '--listen', listen, ...(tokenFile ? ['--token-file', tokenFile] : []), ...(options.extra ?? [])],
+    {
+      stdio: ['ignore', 'pipe', 'inherit'],
+      env: { ...process.env, POSTCOPY_LOG_LEVEL: process.env.POSTCOPY_LOG_LEVEL || 'warn' },
+    },
+  );
   const line = await new Promise<string>((resolve, reject) => {
     const rl = createInterface({ input: child.stdout! });
     rl.once('line', (l) => {

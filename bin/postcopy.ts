@@ -33,6 +33,15 @@ postcopy bench local [--pages N] [--rounds R] [--seed S] [--json]
   a unix-socket source with and without --prefetch of a recorded working set
   (demand faults, time until the workload finishes). JSON lines, then a table.
 
+postcopy bench localhost [--pages N] [--clones N,N,...] [--json]
+  Memory on one host (anonymous and shared memory, sampled from /proc every
+  10 ms): peak of source and destination together over the image's size for
+  a move of N pages (default 262144: 1 GiB) by copy, --release-as-sent and
+  --in-place; and for 1, 4 and 16 clones (--clones) of an image a quarter
+  that size through handle --template: peak memory, the destination side's
+  memory, pages the source sent, and each clone's time to read and check
+  every page. JSON lines, then a table.
+
 postcopy bench encryption [--pages N] [--rounds R]
   What sealing TCP data channels costs: fault p50 and bulk GB/s over TCP,
   plaintext and sealed, interleaved R rounds (default 3); medians and ratios.`;
@@ -61,8 +70,8 @@ const usageOf: Record<string, string> = { serve: serveUsage, restore: restoreUsa
 
 async function bench(argv: string[]): Promise<void> {
   const which = argv[0] && !argv[0].startsWith('-') ? argv[0] : 'suite';
-  if (!['suite', 'latency', 'throughput', 'encryption', 'local'].includes(which))
-    throw new UsageError(`unknown benchmark ${JSON.stringify(which)} (the suite, latency, throughput, encryption or local)`);
+  if (!['suite', 'latency', 'throughput', 'encryption', 'local', 'localhost'].includes(which))
+    throw new UsageError(`unknown benchmark ${JSON.stringify(which)} (the suite, latency, throughput, encryption, local or localhost)`);
   const rest = which === 'suite' ? argv : argv.slice(1);
   const values = parseCommandLine(rest, {
     pages: { type: 'string' },
@@ -73,6 +82,7 @@ async function bench(argv: string[]): Promise<void> {
     full: { type: 'boolean' },
     out: { type: 'string' },
     link: { type: 'string', multiple: true },
+    clones: { type: 'string' },
   });
   // Each benchmark takes its own options; one given to another is refused, never ignored.
   const takes: Record<string, string[]> = {
@@ -81,6 +91,7 @@ async function bench(argv: string[]): Promise<void> {
     throughput: ['pages', 'rounds', 'transport', 'json'],
     encryption: ['pages', 'rounds', 'seed', 'json'],
     local: ['pages', 'rounds', 'seed', 'json'],
+    localhost: ['pages', 'clones', 'json'],
   };
   const stray = Object.keys(values).find((k) => !takes[which].includes(k));
   if (stray) {
@@ -124,6 +135,15 @@ async function bench(argv: string[]): Promise<void> {
     );
     for (const r of results) process.stdout.write(JSON.stringify(r) + '\n');
     if (!values.json) process.stdout.write('\n' + localTable(results));
+    return;
+  }
+  if (which === 'localhost') {
+    const { localhostBench, localhostTable } = await import('../bench/localhost.js');
+    const pages = parseCount(values.pages, '--pages', 262144, 1 << 24, 4096);
+    const clones = (values.clones ?? '1,4,16').split(',').map((n) => parseCount(n, '--clones', 1, 64, 1));
+    const results = await localhostBench(pages * 4096, Math.floor(pages / 4) * 4096, clones, (line) => process.stderr.write(line + '\n'));
+    for (const r of results) process.stdout.write(JSON.stringify(r) + '\n');
+    if (!values.json) process.stdout.write('\n' + localhostTable(results));
     return;
   }
   const { latencyBench, throughputBench } = await import('../bench/latency.js');

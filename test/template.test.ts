@@ -82,9 +82,10 @@ for (const from of ['source', 'image'] as const) {
     await waitFor(() => h.ends.length === 3);
     for (const s of h.ends) {
       t.equal(s.complete, true);
-      t.ok(s.minorFaults > 0, `faults were answered with UFFDIO_CONTINUE (${s.minorFaults})`);
       t.match(s.installedCheck, { result: 'match', checkedPages: PAGES }, "each clone's pages match the template, which matched the source");
     }
+    // The first clone's faults filled the template; the later ones had it mapped whole as they joined.
+    t.equal(h.ends.filter((s) => s.faults > 0).length, 1, 'only the first clone faulted');
     if (h.server) {
       const sent = h.server.figures();
       const pages = sent.pagesRequested + sent.pagesPrefaulted + sent.pagesBackground;
@@ -107,7 +108,7 @@ t.test('with the background on, a template fills by itself and later clones faul
   t.equal(await second.release(), 0);
   await waitFor(() => h.ends.length === 2);
   t.equal(h.ends[1].pagesOnDemand, 0, 'no page of the second clone waited for the source');
-  t.equal(h.ends[1].minorFaults, PAGES, 'every touch mapped a page of the template');
+  t.equal(h.ends[1].faults, 0, 'the whole template was mapped into the second clone as it joined: it never faulted');
   // A page asked for while the background had it on the way goes again on the urgent channel (pagesResent): one
   // copy in flight per page, whatever the number of clones.
   const sent = h.server!.figures();
