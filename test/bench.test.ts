@@ -7,6 +7,7 @@ import { splitForThreads, touchSequence } from '../bench/patterns.js';
 import { runSuite } from '../bench/suite.js';
 import { rankPolicies } from '../bench/report.js';
 import { scaling, scalingSpec } from '../bench/plots.js';
+import { localhostBench, localhostTable } from '../bench/localhost.js';
 import { localBench, localTable } from '../bench/local.js';
 import { tempDir } from './helpers.js';
 
@@ -115,4 +116,22 @@ t.test('bench local runs end to end: every case beside its baseline, the fields 
     }
   }
   t.match(localTable(results), /\| cold-start-unix \| demand faults \|/);
+});
+
+t.test('bench localhost runs end to end: every case byte-exact, with the fields scripts read', async (t) => {
+  const results = await localhostBench(4096 * 4096, 1024 * 4096, [2], () => {});
+  t.same(
+    results.map((r) => r.case),
+    ['copy', 'release-as-sent', 'in-place', 'clones'],
+  );
+  for (const r of results) {
+    t.equal(r.digestMatch, true, `${r.case}: byte-exact`);
+    t.type(r.peakMemoryRatio, 'number');
+    if (r.case === 'clones') {
+      t.match(r, { clones: 2, totalMemoryRatio: Number, pagesFetchedRatio: Number, withoutTemplate: { digestMatch: true, pagesFetchedRatio: Number } });
+      t.ok(r.pagesFetchedRatio <= 1, `a template fetches each page at most once for both clones (${r.pagesFetchedRatio})`);
+      t.ok(r.withoutTemplate.pagesFetchedRatio >= 2, `two plain sessions fetch the image twice (${r.withoutTemplate.pagesFetchedRatio})`);
+    }
+  }
+  t.match(localhostTable(results), /clones x2 \(template\)/);
 });
