@@ -20,6 +20,7 @@
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -155,6 +156,9 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     checksum_.reset(new std::atomic<uint64_t>[sourcePages_.size()]());
     for (uint64_t size : sourcePageSize_) zeroHash_.push_back(size <= maxRunBytes_ ? ContentHash(zeros_.get(), size) : 0);
     checksumInstalled_ = o.Get("checksumInstalled").ToBoolean().Value();
+    // A live source: precopy rounds come first; the memory is this process's own (restore), written directly.
+    precopy_.store(o.Get("precopy").ToBoolean().Value());
+    ownMemory_ = o.Get("ownMemory").ToBoolean().Value();
     recordFaults_ = o.Get("recordFaults").ToBoolean().Value();
     if (fillsTemplate_) {  // checked in TypeScript: one region per source region, each whole, in the file's mapping
       template_ = std::make_shared<TemplateShare>();
@@ -403,6 +407,10 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     n(s, "pagesInstalledPrefault", installed_[wire::kPrefault]);
     n(s, "pagesInstalledBackground", installed_[wire::kBackground]);
     n(s, "pagesInstalledPrefetch", installed_[wire::kPrefetch]);
+    n(s, "pagesPrecopied", installed_[wire::kPrecopy]);
+    n(s, "pagesRewritten", rewritten_);
+    n(s, "pagesDiscarded", discarded_);
+    n(s, "switchoverNs", switchoverNs_ ? switchoverNs_ - startNs_ : 0);
     n(s, "zeroPages", zeroPages_);
     n(s, "duplicatePages", duplicates_);
     n(s, "bytesReceived", bytesReceived_);
@@ -1116,6 +1124,15 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
         report("background-done", "", "");
         continue;
       }
+      if (h.kind == wire::kSwitchover) {
+        if (std::strcmp(channel, "bulk") != 0 || !precopy_.load()) {
+          report("error", "ERR_PROTOCOL_MALFORMED", "a switchover outside a live source's precopy; channel closed");
+          shutdown(in.fd(), SHUT_RDWR);
+          return;
+        }
+        SwitchedOver();
+        continue;
+      }
       const char* bad = Validate(h);
       if (bad) {
         report("error", bad, "the source sent a run outside the negotiated regions; channel closed");
@@ -1146,7 +1163,15 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
           return;
         }
         covered += hi - lo;
+        if (h.kind == wire::kDiscardRun) {
+          Discard(*r, (lo - r->sourcePage) / r->ratio, (hi - lo) / r->ratio);
+          continue;
+        }
         const uint8_t* data = h.kind == wire::kDataRun ? runData + (lo - first) * pageSize : nullptr;
+        if (h.reason == wire::kPrecopy) {
+          if (Precopied(*r, (lo - r->sourcePage) / r->ratio, (hi - lo) / r->ratio, data, channel, generation) == kStop) return;
+          continue;
+        }
         if (Install(*r, (lo - r->sourcePage) / r->ratio, (hi - lo) / r->ratio, data, h.reason, channel, generation) == kStop) return;
       }
       unmappedPages_ += h.count - covered;
@@ -1163,8 +1188,10 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
 
   // Every field is checked before any of it is used to compute an address.
   const char* Validate(const wire::RunHeader& h) const {
-    if (h.kind != wire::kDataRun && h.kind != wire::kZeroRun) return "ERR_PROTOCOL_MALFORMED";
-    if (h.region >= sourcePages_.size() || h.reason > wire::kPrefetch) return "ERR_PROTOCOL_OUT_OF_RANGE";
+    if (h.kind != wire::kDataRun && h.kind != wire::kZeroRun && h.kind != wire::kDiscardRun) return "ERR_PROTOCOL_MALFORMED";
+    if (h.region >= sourcePages_.size() || h.reason > wire::kPrecopy) return "ERR_PROTOCOL_OUT_OF_RANGE";
+    // Precopy runs and discards come from a live source, before its switchover only.
+    if ((h.reason == wire::kPrecopy || h.kind == wire::kDiscardRun) && (!precopy_.load() || h.reason != wire::kPrecopy)) return "ERR_PROTOCOL_MALFORMED";
     uint64_t pages = sourcePages_[h.region];
     if (h.count == 0 || h.count > wire::MaxRunPages(sourcePageSize_[h.region])) return "ERR_PROTOCOL_OUT_OF_RANGE";
     if (uint64_t(h.count) * sourcePageSize_[h.region] > maxRunBytes_) return "ERR_PROTOCOL_OUT_OF_RANGE";  // the receive buffer's size
@@ -1486,10 +1513,100 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     Settle(settled, now);
   }
 
+  // ---- a live source's precopy ----
+
+  // Pages [first, first+count) of r, sent in a precopy round: those not here
+  // yet are installed; those here already (sent in an earlier round, the
+  // workload has written them since) are written over, in place: nothing
+  // runs on this memory before the switchover.
+  InstallResult Precopied(TargetRegion& r, uint64_t first, uint64_t count, const uint8_t* data, const char* channel, uint32_t generation) {
+    uint64_t p = first, end = first + count;
+    while (p < end) {
+      bool held = r.received->Test(p);
+      uint64_t q = p + 1;
+      while (q < end && r.received->Test(q) == held) q++;
+      const uint8_t* src = data ? data + (p - first) * r.pageSize : nullptr;
+      if (!held) {
+        if (Install(r, p, q - p, src, wire::kPrecopy, channel, generation) == kStop) return kStop;
+      } else {
+        uint8_t* dst = r.fill ? r.fill + p * r.pageSize : ownMemory_ ? reinterpret_cast<uint8_t*>(r.base.load() + p * r.pageSize) : nullptr;
+        if (!dst) {
+          if (!Leaving()) events_.Emit({"error", channel, "ERR_UNSUPPORTED", "precopy cannot rewrite a page of memory this process does not hold", generation});
+          return kStop;
+        }
+        for (uint64_t k = p; k < q; k++) Recount(r, k, dst + (k - p) * r.pageSize, src ? src + (k - p) * r.pageSize : nullptr);
+        if (src)
+          std::memcpy(dst, src, (q - p) * r.pageSize);
+        else
+          std::memset(dst, 0, (q - p) * r.pageSize);
+        installed_[wire::kPrecopy] += q - p;
+        rewritten_ += q - p;
+      }
+      p = q;
+    }
+    return kOk;
+  }
+
+  // Page k of r, in the installed-pages checksum, changes from `from` to `to` (null: zeros).
+  void Recount(TargetRegion& r, uint64_t k, const uint8_t* from, const uint8_t* to) {
+    if (!checksumInstalled_ || !r.checked->Test(k)) return;
+    uint64_t size = sourcePageSize_[r.sourceRegion], delta = 0;
+    for (uint64_t s = 0; s < r.ratio; s++) {
+      uint64_t page = r.SourceOf(k) + s;
+      delta -= Contribution(r.sourceRegion, page, ContentHash(from + s * size, size));
+      delta += Contribution(r.sourceRegion, page, to ? ContentHash(to + s * size, size) : zeroHash_[r.sourceRegion]);
+    }
+    checksum_[r.sourceRegion].fetch_add(delta, std::memory_order_relaxed);
+  }
+
+  // Pages [first, first+count) of r were written at the source after they were
+  // sent: they become missing again (dropped here; a touch faults and fetches
+  // them from the paused workload's memory).
+  void Discard(TargetRegion& r, uint64_t first, uint64_t count) {
+    uint64_t dropped = 0;
+    for (uint64_t p = first; p < first + count; p++) {
+      if (!r.received->Test(p)) continue;
+      uint8_t* at = r.fill ? r.fill + p * r.pageSize : ownMemory_ ? reinterpret_cast<uint8_t*>(r.base.load() + p * r.pageSize) : nullptr;
+      if (!at) continue;  // refused with the precopy run that brought it (Precopied)
+      if (checksumInstalled_ && r.checked->Test(p)) {
+        uint64_t size = sourcePageSize_[r.sourceRegion], delta = 0;
+        for (uint64_t s = 0; s < r.ratio; s++) delta -= Contribution(r.sourceRegion, r.SourceOf(p) + s, ContentHash(at + s * size, size));
+        checksum_[r.sourceRegion].fetch_add(delta, std::memory_order_relaxed);
+        r.checked->Clear(p);
+      }
+      // MINOR mode: out of the file (the guest's mapping loses it too); own memory: back to unpopulated.
+      if (madvise(at, r.pageSize, r.fill ? MADV_REMOVE : MADV_DONTNEED) != 0) {
+        events_.Emit(ErrnoEvent("error", "bulk", errno, "madvise", "dropping a page written at the source failed"));
+        continue;
+      }
+      if (r.fill) r.cached->Clear(p);
+      r.received->Clear(p);
+      if (r.settled->Test(p)) {
+        r.settled->Clear(p);
+        resident_.fetch_sub(1);
+      }
+      dropped++;
+    }
+    discarded_ += dropped;
+  }
+
+  // The switchover marker: every discard is done; the workload may run here now.
+  void SwitchedOver() {
+    precopy_.store(false);
+    switchoverNs_ = MonotonicNs();
+    events_.Emit({"switchover", "bulk", "", "", 0, {{"discarded", double(discarded_.load())}, {"rewritten", double(rewritten_.load())}}});
+    uint64_t now = MonotonicNs();
+    if (resident_.load() == totalPages_) {
+      completeNs_ = now;
+      events_.Emit({"complete", "", "", "", 0, {{"elapsedNs", double(now - startNs_)}}});
+    }
+  }
+
   // Counts pages that reached their final state (resident, or given back).
   void Settle(uint64_t pages, uint64_t now) {
     if (pages == 0) return;
-    if (resident_.fetch_add(pages) + pages == totalPages_) {
+    // Before a live source's switchover every page may be here and still change: not complete yet.
+    if (resident_.fetch_add(pages) + pages == totalPages_ && !precopy_.load()) {
       completeNs_ = now;
       events_.Emit({"complete", "", "", "", 0, {{"elapsedNs", double(now - startNs_)}}});
     }
@@ -1560,11 +1677,15 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   std::vector<uint64_t> zeroHash_;  // per source region: ContentHash of a zero page
   static constexpr size_t kMaxSkipRanges = 100000;  // keeps the source's `done` frame well under its limit
   std::atomic<bool> stop_{false};
+  // A live source: before its switchover marker, precopy runs and discards may come (and nothing completes).
+  std::atomic<bool> precopy_{false};
+  bool ownMemory_ = false;  // the regions are this process's own memory (a restore): precopy writes and drops pages directly
+  std::atomic<uint64_t> rewritten_{0}, discarded_{0}, switchoverNs_{0};
   LatencyHistogram latency_;
   uint64_t startNs_ = 0;
   std::atomic<uint64_t> completeNs_{0};
   std::atomic<uint64_t> faults_{0}, faultsResident_{0}, minorFaults_{0}, requestsSent_{0},
-      installed_[4] = {}, zeroPages_{0}, duplicates_{0}, bytesReceived_{0}, resident_{0}, blockedNs_{0}, retries_{0}, unexpected_{0}, memoryEvents_{0},
+      installed_[5] = {}, zeroPages_{0}, duplicates_{0}, bytesReceived_{0}, resident_{0}, blockedNs_{0}, retries_{0}, unexpected_{0}, memoryEvents_{0},
       removedPages_{0}, zeroFilledAfterRemove_{0}, unmappedPages_{0}, requestsResent_{0}, poisonedPages_{0};
 };
 

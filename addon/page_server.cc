@@ -4,11 +4,15 @@
 // streams on the bulk channel a working set the destination replays (prefetch,
 // in its order), then every page not sent yet (background), its cursor jumping
 // to the last request. Pages go out with writev straight from the image memory.
+// A live source's session starts in precopy: rounds of pages (all of them,
+// then those written since) go out on the bulk channel while the workload
+// runs, until the switchover (docs/PROTOCOL.md, "Live migration").
 #include <sys/socket.h>
 
 #include <algorithm>
 #include <condition_variable>
 #include <cstring>
+#include <deque>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -34,6 +38,8 @@ struct ServedRegion {
   uint64_t unit = 1;
   std::unique_ptr<AtomicBitmap> sent;        // sent at least once, on either channel
   std::unique_ptr<AtomicBitmap> sentUrgent;  // sent on the urgent channel
+  // Precopy: sent in a round at least once; queued for a round and not sent since.
+  std::unique_ptr<AtomicBitmap> everSent, queued;
 };
 
 // Collects runs into one writev. Headers live in a vector reserved up front so
@@ -85,7 +91,8 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
     return DefineClass(env, "PageServerSession",
                        {InstanceMethod<&PageServerSession::Start>("start"), InstanceMethod<&PageServerSession::Stop>("stop"),
                         InstanceMethod<&PageServerSession::MarkSent>("markSent"), InstanceMethod<&PageServerSession::Stats>("stats"),
-                        InstanceMethod<&PageServerSession::Prefetch>("prefetch"), InstanceMethod<&PageServerSession::StartBackground>("startBackground")});
+                        InstanceMethod<&PageServerSession::Prefetch>("prefetch"), InstanceMethod<&PageServerSession::StartBackground>("startBackground"),
+                        InstanceMethod<&PageServerSession::PrecopyRound>("precopyRound"), InstanceMethod<&PageServerSession::Switchover>("switchover")});
   }
 
   // new PageServerSession({regions, urgentFd, bulkFd, windowForward, windowBackward,
@@ -117,6 +124,12 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
     windowForward_ = o.Get("windowForward").As<Napi::Number>().Uint32Value();
     windowBackward_ = o.Get("windowBackward").As<Napi::Number>().Uint32Value();
     background_ = o.Get("background").As<Napi::Boolean>().Value();
+    precopy_ = o.Get("precopy").ToBoolean().Value();
+    if (precopy_)
+      for (auto& r : regions_) {
+        r->everSent = std::make_unique<AtomicBitmap>(r->image.pages);
+        r->queued = std::make_unique<AtomicBitmap>(r->image.pages);
+      }
     rate_ = o.Get("rateBytesPerSecond").As<Napi::Number>().DoubleValue();
     // keys: {urgentDown, urgentUp, bulkDown}, 32 bytes each, when the channels are encrypted (TCP).
     Napi::Value keys = o.Get("keys");
@@ -165,6 +178,48 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
     }
     for (uint64_t e : entries) prefetchSet_[e >> 48]->Claim(e & kPageMask);
     prefetch_.insert(prefetch_.end(), entries.begin(), entries.end());
+    bulkCv_.notify_one();
+    return info.Env().Undefined();
+  }
+
+  // Flat u64 pairs (region << 48 | first page, count), each inside the image.
+  static std::vector<std::pair<uint64_t, uint64_t>> Ranges(Napi::Env env, Napi::Value v, const std::vector<std::unique_ptr<ServedRegion>>& regions) {
+    auto bytes = v.As<Napi::TypedArrayOf<uint8_t>>();
+    if (bytes.ByteLength() % 16) throw CodedError(env, "ERR_OUT_OF_RANGE", "ranges are 16 bytes each");
+    std::vector<std::pair<uint64_t, uint64_t>> out(bytes.ByteLength() / 16);
+    std::memcpy(out.data(), bytes.Data(), bytes.ByteLength());
+    for (auto& [at, count] : out) {
+      uint64_t id = at >> 48, first = at & kPageMask;
+      if (id >= regions.size() || first >= regions[id]->image.pages || count > regions[id]->image.pages - first)
+        throw CodedError(env, "ERR_OUT_OF_RANGE", "a range lies outside the image");
+    }
+    return out;
+  }
+
+  // precopyRound(ranges): pages to send on the bulk channel now, while the
+  // workload runs (the first round: all of them; later: those written since).
+  Napi::Value PrecopyRound(const Napi::CallbackInfo& info) {
+    auto ranges = Ranges(info.Env(), info[0], regions_);
+    std::lock_guard<std::mutex> lock(bulkMu_);
+    if (!precopy_ || switchRequested_) throw CodedError(info.Env(), "ERR_ENGINE_STATE", "precopy rounds come before the switchover of a live session");
+    for (auto& [at, count] : ranges)
+      for (uint64_t p = at & kPageMask; p < (at & kPageMask) + count; p++) regions_[at >> 48]->queued->Claim(p);
+    rounds_.push_back(std::move(ranges));
+    bulkCv_.notify_one();
+    return info.Env().Undefined();
+  }
+
+  // switchover(ranges): the workload is paused at the source; `ranges` holds
+  // the pages written since the last round was queued. The bulk thread stops
+  // precopy, tells the destination which pages it holds are stale
+  // (discard runs) and that its workload may run (the switchover marker);
+  // postcopy goes on from there: the rest on request and in the background.
+  Napi::Value Switchover(const Napi::CallbackInfo& info) {
+    auto ranges = Ranges(info.Env(), info[0], regions_);
+    std::lock_guard<std::mutex> lock(bulkMu_);
+    if (!precopy_ || switchRequested_) throw CodedError(info.Env(), "ERR_ENGINE_STATE", "one switchover, in a live session's precopy");
+    finalWritten_ = std::move(ranges);
+    switchRequested_ = true;
     bulkCv_.notify_one();
     return info.Env().Undefined();
   }
@@ -232,6 +287,8 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
     n("bytesSent", bytesSent_);
     n("pagesSent", claimed_);
     n("totalPages", totalPages_);
+    n("pagesPrecopied", precopyPages_);
+    n("pagesDiscarded", discarded_);
     n("backgroundDoneNs", backgroundDoneNs_ ? backgroundDoneNs_ - startNs_ : 0);
     return s;
   }
@@ -407,6 +464,14 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
   void BulkLoop() {
     ChannelWriter out(bulkFd_, Key(bulkDownKey_, kBulkDown, true));
     RunBatch batch(out, 64, bytesSent_);
+    if (precopy_) {
+      int err = Precopy(out, batch);
+      if (err) {
+        if (!stop_.load()) events_.Emit(ErrnoEvent("error", "bulk", err, "writev", "write to the bulk channel failed"));
+        return;
+      }
+      if (stop_.load()) return;
+    }
     uint32_t region = 0;
     uint64_t cursor = 0, seenSeq = 0, sentBytes = 0;
     uint64_t t0 = MonotonicNs();
@@ -477,6 +542,100 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
     events_.Emit({"background-done", "bulk", "", ""});
   }
 
+  // Precopy: rounds until the switchover, then the discards and the marker.
+  // Returns 0 (switched over, or stopping) or the errno of a failed send.
+  int Precopy(ChannelWriter& out, RunBatch& batch) {
+    for (;;) {
+      std::vector<std::pair<uint64_t, uint64_t>> round;
+      {
+        std::unique_lock<std::mutex> lock(bulkMu_);
+        bulkCv_.wait(lock, [&] { return stop_.load() || switchRequested_ || !rounds_.empty(); });
+        if (stop_.load()) return 0;
+        if (switchRequested_) break;
+        round = std::move(rounds_.front());
+        rounds_.pop_front();
+      }
+      uint64_t t0 = MonotonicNs(), pages = 0, bytes0 = bytesSent_.load();
+      bool cut = false;
+      for (auto& [at, count] : round) {
+        uint32_t id = static_cast<uint32_t>(at >> 48);
+        ServedRegion& r = *regions_[id];
+        uint32_t maxRun = wire::MaxRunPages(r.image.pageSize);
+        for (uint64_t p = at & kPageMask, end = p + count; p < end && !cut;) {
+          uint64_t n = std::min<uint64_t>(maxRun, end - p);
+          // Marked before it is read: a write after this is in the next scan, never lost.
+          for (uint64_t k = p; k < p + n; k++) {
+            r.everSent->Claim(k);
+            r.queued->Clear(k);
+          }
+          if (int err = AddRuns(batch, id, p, n, wire::kPrecopy)) return err;
+          if (int err = batch.Flush()) return err;
+          pages += n;
+          p += n;
+          if (rate_ > 0) Pace(t0, (bytesSent_.load() - bytes0));
+          cut = stop_.load() || switchRequestedNow();
+        }
+        if (cut) break;
+      }
+      precopyPages_ += pages;
+      if (stop_.load()) return 0;
+      events_.Emit(
+          {"round-sent", "bulk", "", "", 0, {{"pages", double(pages)}, {"bytes", double(bytesSent_.load() - bytes0)}, {"ns", double(MonotonicNs() - t0)}}});
+    }
+    // The switchover. Stale at the destination: pages sent that were written
+    // since (the final scan) or queued again and not sent since.
+    std::vector<std::pair<uint64_t, uint64_t>> written;
+    {
+      std::lock_guard<std::mutex> lock(bulkMu_);
+      written.swap(finalWritten_);
+      rounds_.clear();
+    }
+    std::vector<std::unique_ptr<AtomicBitmap>> stale;
+    for (auto& r : regions_) stale.push_back(std::make_unique<AtomicBitmap>(r->image.pages));
+    for (auto& [at, count] : written)
+      for (uint64_t p = at & kPageMask; p < (at & kPageMask) + count; p++) stale[at >> 48]->Claim(p);
+    uint64_t discarded = 0, held = 0;
+    for (uint32_t id = 0; id < regions_.size(); id++) {
+      ServedRegion& r = *regions_[id];
+      uint32_t maxRun = wire::MaxRunPages(r.image.pageSize);
+      for (uint64_t p = 0; p < r.image.pages;) {
+        if (!r.everSent->Test(p)) {
+          p++;
+          continue;
+        }
+        bool isStale = stale[id]->Test(p) || r.queued->Test(p);
+        if (!isStale) {  // the destination holds it as it is now: never sent again
+          if (r.sent->Claim(p)) claimed_++;
+          held++;
+          p++;
+          continue;
+        }
+        uint64_t q = p + 1;
+        while (q < r.image.pages && q - p < maxRun && r.everSent->Test(q) && (stale[id]->Test(q) || r.queued->Test(q))) q++;
+        wire::RunHeader h{wire::kDiscardRun, id, p, static_cast<uint32_t>(q - p), wire::kPrecopy};
+        if (int err = out.Write(&h, sizeof h)) return err;
+        bytesSent_ += sizeof h;
+        discarded += q - p;
+        p = q;
+      }
+    }
+    wire::RunHeader marker{wire::kSwitchover, 0, 0, 0, wire::kPrecopy};
+    if (int err = out.Write(&marker, sizeof marker)) return err;
+    bytesSent_ += sizeof marker;
+    {
+      std::lock_guard<std::mutex> lock(bulkMu_);
+      precopy_ = false;
+    }
+    discarded_ += discarded;
+    events_.Emit({"switched-over", "bulk", "", "", 0, {{"discarded", double(discarded)}, {"held", double(held)}}});
+    return 0;
+  }
+
+  bool switchRequestedNow() {
+    std::lock_guard<std::mutex> lock(bulkMu_);
+    return switchRequested_;
+  }
+
   // A prefetch batch, in its order: each entry not sent yet with the pages of
   // the set contiguous to it, as one run (a cold start touches clusters).
   int SendPrefetch(RunBatch& batch, const std::vector<uint64_t>& entries) {
@@ -523,6 +682,10 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
   std::vector<std::unique_ptr<AtomicBitmap>> prefetchSet_;  // per region: the working set's pages (written under bulkMu_)
   std::atomic<bool> hasSet_{false};                         // prefetchSet_ is allocated
   size_t prefetchNext_ = 0;
+  // Precopy (a live source), under bulkMu_: the rounds queued, and the switchover asked for.
+  bool precopy_ = false, switchRequested_ = false;
+  std::deque<std::vector<std::pair<uint64_t, uint64_t>>> rounds_;
+  std::vector<std::pair<uint64_t, uint64_t>> finalWritten_;
   int urgentFd_ = -1, bulkFd_ = -1;
   uint32_t windowForward_ = 0, windowBackward_ = 0;
   bool background_ = true;
@@ -535,7 +698,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
   std::atomic<bool> stop_{false};
   std::atomic<uint64_t> lastRequest_{0}, requestSeq_{0};
   std::atomic<uint64_t> claimed_{0}, requests_{0}, pagesRequested_{0}, pagesResent_{0}, pagesInFlight_{0}, pagesPrefault_{0}, pagesBackground_{0},
-      pagesPrefetched_{0}, zeroPages_{0}, bytesSent_{0};
+      pagesPrefetched_{0}, zeroPages_{0}, bytesSent_{0}, precopyPages_{0}, discarded_{0};
   uint64_t startNs_ = 0;
   std::atomic<uint64_t> backgroundDoneNs_{0};
 };

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <vector>
 
 #include "addon.h"
 #include "errors.h"
@@ -154,6 +155,45 @@ Napi::Value WriteProtect(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// pagemapScanWritten(pagemapFd, start, end) -> Buffer of u64 LE pairs
+// [start, end): the pages of [start, end) written since they were last
+// write-protected (uffd WP_ASYNC), which this same call write-protects again.
+// The process whose pagemap it is goes on running; a page it writes after the
+// scan passed it shows up in the next scan.
+Napi::Value PagemapScanWritten(const Napi::CallbackInfo& info) {
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  uint64_t start = U64(info[1]), end = U64(info[2]);
+  std::vector<uint64_t> out;
+  std::vector<page_region> vec(4096);
+  while (start < end) {
+    pm_scan_arg a{};
+    a.size = sizeof a;
+    a.flags = PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC;
+    a.start = start;
+    a.end = end;
+    a.vec = reinterpret_cast<uint64_t>(vec.data());
+    a.vec_len = vec.size();
+    a.category_mask = PAGE_IS_WRITTEN;
+    a.return_mask = PAGE_IS_WRITTEN;
+    long n = ioctl(fd, PAGEMAP_SCAN, &a);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      ThrowErrno(info.Env(), errno, "ioctl", "PAGEMAP_SCAN");
+    }
+    for (long i = 0; i < n; i++) {
+      if (!out.empty() && out.back() == vec[i].start) {
+        out.back() = vec[i].end;  // ranges the kernel split across calls join again
+      } else {
+        out.push_back(vec[i].start);
+        out.push_back(vec[i].end);
+      }
+    }
+    if (a.walk_end <= start) break;  // no progress: never spin
+    start = a.walk_end;
+  }
+  return Napi::Buffer<uint8_t>::Copy(info.Env(), reinterpret_cast<const uint8_t*>(out.data()), out.size() * 8);
+}
+
 Napi::Object EventToObject(Napi::Env env, const uffd_msg& msg) {
   Napi::Object ev = Napi::Object::New(env);
   auto num = [&](uint64_t v) { return Napi::Number::New(env, static_cast<double>(v)); };
@@ -224,6 +264,7 @@ void InitUffd(Napi::Env env, Napi::Object exports) {
   exports.Set("uffdWake", Napi::Function::New(env, Wake));
   exports.Set("uffdWriteProtect", Napi::Function::New(env, WriteProtect));
   exports.Set("uffdReadEvents", Napi::Function::New(env, ReadEvents));
+  exports.Set("pagemapScanWritten", Napi::Function::New(env, PagemapScanWritten));
   Napi::Object c = Napi::Object::New(env);
   c.Set("UFFD_USER_MODE_ONLY", UFFD_USER_MODE_ONLY);
   c.Set("O_NONBLOCK", O_NONBLOCK);

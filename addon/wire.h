@@ -5,22 +5,29 @@
 //     u32 kind = kRequest   u32 region   u64 page
 //
 //   urgent and bulk, source -> destination:  RunHeader, 24 bytes
-//     u32 kind (kDataRun | kZeroRun | kBulkEnd)   u32 region
-//     u64 first_page   u32 count   u32 reason (kRequested | kPrefault | kBackground | kPrefetch)
-//   kDataRun is followed by count * page_size bytes of page data; kZeroRun and
-//   kBulkEnd by nothing. kBulkEnd (bulk only) says every page has been sent.
+//     u32 kind (kDataRun | kZeroRun | kBulkEnd | kDiscardRun | kSwitchover)   u32 region
+//     u64 first_page   u32 count   u32 reason (kRequested | kPrefault | kBackground | kPrefetch | kPrecopy)
+//   kDataRun is followed by count * page_size bytes of page data; the others
+//   by nothing. kBulkEnd (bulk only) says every page has been sent. A live
+//   source's precopy (bulk only): data and zero runs with reason kPrecopy
+//   (a page sent again replaces the one sent before), then at the switchover
+//   kDiscardRun (pages written since they were sent: missing again) and one
+//   kSwitchover (the workload runs at the destination from now on).
 #pragma once
 #include <cstdint>
 
 namespace uffdpc::wire {
 
-constexpr uint32_t kRequest = 0x51455250;  // "PREQ"
-constexpr uint32_t kDataRun = 0x41544144;  // "DATA"
-constexpr uint32_t kZeroRun = 0x4f52455a;  // "ZERO"
-constexpr uint32_t kBulkEnd = 0x20444e45;  // "END "
+constexpr uint32_t kRequest = 0x51455250;     // "PREQ"
+constexpr uint32_t kDataRun = 0x41544144;     // "DATA"
+constexpr uint32_t kZeroRun = 0x4f52455a;     // "ZERO"
+constexpr uint32_t kBulkEnd = 0x20444e45;     // "END "
+constexpr uint32_t kDiscardRun = 0x43534944;  // "DISC"
+constexpr uint32_t kSwitchover = 0x48435753;  // "SWCH"
 
 // kPrefetch: a page of a replayed working set, streamed ahead of the background.
-enum Reason : uint32_t { kRequested = 0, kPrefault = 1, kBackground = 2, kPrefetch = 3 };
+// kPrecopy: a page of a live source's precopy round, sent while the workload runs there.
+enum Reason : uint32_t { kRequested = 0, kPrefault = 1, kBackground = 2, kPrefetch = 3, kPrecopy = 4 };
 
 struct PageRequest {
   uint32_t kind;

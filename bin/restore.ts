@@ -141,6 +141,13 @@ export async function restore(argv: string[], log: Logger): Promise<void> {
     () => dest.status().state,
   );
   try {
+    // A live source: its workload runs here from its switchover on (its precopy rounds come first).
+    await dest.session.whenRunning().catch((err) => {
+      stopProgress();
+      throw err;
+    });
+    let faultsFirstSecond: number | undefined;
+    const firstSecond = setTimeout(() => (faultsFirstSecond = dest.stats().faults), 1000);
     const touching = dest.regions.map((r) => {
       if (workload === 'none') return Promise.resolve();
       const pages = r.mapping.length / r.info.pageSize;
@@ -160,7 +167,10 @@ export async function restore(argv: string[], log: Logger): Promise<void> {
       throw finished.reason;
     }
     for (const t of touched) if (t.status === 'rejected') throw t.reason;
+    clearTimeout(firstSecond);
     const report: RestoreReport = { ...finished.value, ...(workload !== 'none' ? { workloadMs: Math.round((await workloadDone) * 100) / 100 } : {}) };
+    // Faults in the first second the workload ran here (all of them, when it was over sooner).
+    if (report.precopy) report.faultsFirstSecond = faultsFirstSecond ?? report.faults;
     if (record !== undefined) {
       const set = dest.workingSet();
       writeWorkingSet(record, set);

@@ -2,13 +2,27 @@
 import { Image } from '../server/image.js';
 import { PageServer } from '../server/page-server.js';
 import type { Logger } from '../lib/logger.js';
-import { parseCommandLine, parseDuration, requireOptions, sourceToken, parseAddressOption, parseMetricsOption, loggingUsage, UsageError } from './options.js';
+import {
+  parseChoice,
+  parseCommandLine,
+  parseCount,
+  parseDuration,
+  requireOptions,
+  sourceToken,
+  parseAddressOption,
+  parseMetricsOption,
+  loggingUsage,
+  UsageError,
+} from './options.js';
+import { LiveMigration, LiveWorkload, type LiveOptions } from '../server/live.js';
 import { ErrorCode, type PostcopyError } from '../lib/errors.js';
 import { serveMetrics } from '../lib/metrics.js';
 import { sourceMetrics } from '../server/source-metrics.js';
 
 export const serveUsage = `postcopy serve --image FILE [--image FILE ...] --listen unix:PATH|tcp:HOST:PORT [--token-file F]
                [--resume-grace DURATION] [--metrics tcp:HOST:PORT] [--release-as-sent]
+postcopy serve --live --socket PATH --listen unix:PATH|tcp:HOST:PORT [--migration MODE]
+               [--downtime-limit DURATION] [--max-precopy-rounds N] [--postcopy-after DURATION]
 
   Serves the image (each --image is one region, in order) to any number of
   destinations until SIGINT or SIGTERM. Files are mapped read-only; holes go
@@ -23,9 +37,25 @@ export const serveUsage = `postcopy serve --image FILE [--image FILE ...] --list
   installs it (never merely sends it), so moving it on one host never holds
   two copies. The image must be shared memory this process may write (a file
   on tmpfs such as /dev/shm); one destination; the image is consumed.
+
+  --live moves a running workload (a VMM) to one destination while it runs.
+  The workload connects to --socket and hands over its memory as it would to
+  a handler (docs/VMM-HANDSHAKE.md, "Live sources": its regions, its
+  userfaultfd with WP_ASYNC, its memfd). Precopy rounds go out while it runs
+  (everything, then the pages written since, found with PAGEMAP_SCAN); when
+  the pages left would take at most --downtime-limit (default 300ms) at the
+  rate measured, or after --max-precopy-rounds (default 30) or
+  --postcopy-after, or on SIGUSR2, the workload pauses, the destination drops
+  the pages written since they were sent and runs at once, and postcopy
+  brings the rest. --migration postcopy pauses at once (no rounds); precopy
+  sends what is left during the pause instead (no postcopy). Prints a JSON
+  line with the rounds and the pause, and exits once the destination holds
+  every page; if the destination leaves before the switchover, the workload
+  goes on here and this exits with the error.
 ${loggingUsage}`;
 
 export async function serve(argv: string[], log: Logger): Promise<void> {
+  if (argv.includes('--live')) return serveLive(argv, log);
   const values = parseCommandLine(argv, {
     image: { type: 'string', multiple: true },
     listen: { type: 'string' },
@@ -62,4 +92,56 @@ export async function serve(argv: string[], log: Logger): Promise<void> {
   await served?.close();
   await server.close();
   image.close();
+}
+
+/** serve --live: waits for the workload, then moves it to the first destination that connects. */
+async function serveLive(argv: string[], log: Logger): Promise<void> {
+  const values = parseCommandLine(argv, {
+    live: { type: 'boolean' },
+    socket: { type: 'string' },
+    listen: { type: 'string' },
+    'token-file': { type: 'string' },
+    migration: { type: 'string' },
+    'downtime-limit': { type: 'string' },
+    'max-precopy-rounds': { type: 'string' },
+    'postcopy-after': { type: 'string' },
+  });
+  requireOptions(values, ['socket', 'listen'], 'postcopy serve --live --socket PATH --listen unix:PATH|tcp:HOST:PORT');
+  const listen = values.listen as string;
+  parseAddressOption(listen, '--listen');
+  const mode = parseChoice(values.migration, '--migration', ['precopy+postcopy', 'postcopy', 'precopy'] as const, 'precopy+postcopy');
+  const options: LiveOptions = {
+    mode,
+    logger: log,
+    ...(values['downtime-limit'] !== undefined ? { downtimeLimitMs: parseDuration(values['downtime-limit'], '--downtime-limit') } : {}),
+    ...(values['max-precopy-rounds'] !== undefined
+      ? { maxPrecopyRounds: parseCount(values['max-precopy-rounds'], '--max-precopy-rounds', 30, 100000, 1) }
+      : {}),
+    ...(values['postcopy-after'] !== undefined ? { postcopyAfterMs: parseDuration(values['postcopy-after'], '--postcopy-after') } : {}),
+  };
+  const { token, tokenFile } = sourceToken(values['token-file'], listen, log);
+  const workload = await LiveWorkload.accept(values.socket as string, { logger: log });
+  const live = new LiveMigration(workload, options);
+  const server = new PageServer({ image: workload.image, token, logger: log, live });
+  const requestSwitchover = () => live.requestSwitchover();
+  process.on('SIGUSR2', requestSwitchover);
+  try {
+    await server.listen(listen);
+    process.stdout.write(JSON.stringify({ listening: server.address, ...(tokenFile ? { tokenFile } : {}), workload: workload.pid }) + '\n');
+    live.on('report', (report) => process.stdout.write(JSON.stringify({ live: report }) + '\n'));
+    const outcome = await new Promise<Error | null>((resolve) => {
+      live.once('finished', () => resolve(null));
+      live.once('aborted', (err: Error) => resolve(err));
+      workload.once('gone', (err: Error) => live.state === 'waiting' && resolve(err));
+      process.once('SIGINT', () => resolve(null));
+      process.once('SIGTERM', () => resolve(null));
+    });
+    if (outcome) throw outcome;
+    // The destination says bye after the digest: give it a moment, then close.
+    await new Promise((r) => setTimeout(r, 200));
+  } finally {
+    process.off('SIGUSR2', requestSwitchover);
+    await server.close();
+    workload.close();
+  }
 }

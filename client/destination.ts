@@ -65,7 +65,7 @@ export class Destination {
     let uffd: Userfaultfd | null = null;
     let regions: RestoredRegion[] = [];
     try {
-      const build: EngineFactory = (infos, local) => {
+      const build: EngineFactory = (infos, local, precopy) => {
         uffd = Userfaultfd.open({ nonBlocking: true });
         uffd.handshake(['THREAD_ID']);
         regions = infos.map((info) => {
@@ -80,12 +80,14 @@ export class Destination {
           logger: log,
           recordFaults: options.recordWorkingSet === true,
           ...(local ? { local } : {}),
+          // This memory is ours: a live source's precopy writes over it and drops pages in place.
+          ...(precopy ? { precopy: true, ownMemory: true } : {}),
           ...(options.engineCpu !== undefined ? { cpu: options.engineCpu } : {}),
         });
         engine.start();
         return engine;
       };
-      const session = 'image' in options ? LocalSession.open(options, build) : await DestinationSession.open(options, build);
+      const session = 'image' in options ? LocalSession.open(options, build) : await DestinationSession.open({ precopy: true, ...options }, build);
       return new Destination(session, uffd!, regions, log);
     } catch (err) {
       (uffd as Userfaultfd | null)?.close();

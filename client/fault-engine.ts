@@ -66,6 +66,14 @@ export interface FaultEngineOptions {
    * when its clones' guests ask for them, and from the window and background.
    */
   fillsTemplate?: boolean;
+  /**
+   * A live source: its precopy rounds come first (pages sent again are
+   * written over, pages discarded at its switchover dropped), and nothing
+   * completes before its switchover marker ('switchover' event).
+   */
+  precopy?: boolean;
+  /** The regions are this process's own memory (a restore): precopy writes over and drops pages in place. */
+  ownMemory?: boolean;
   logger?: Logger;
 }
 
@@ -100,7 +108,7 @@ export type MemoryEvent =
   | { type: 'fork'; fd: number };
 
 /**
- * Events: 'complete' (every page resident), 'channel-failed' (ChannelFailure),
+ * Events: 'complete' (every page resident), 'switchover' ({discarded, rewritten}: a live source's workload runs here now), 'channel-failed' (ChannelFailure),
  * 'uffd-closed' (PostcopyError), 'memory-event' (MemoryEvent), 'unexpected-fault' (address).
  */
 export class FaultEngine extends EventEmitter {
@@ -173,6 +181,8 @@ export class FaultEngine extends EventEmitter {
       ...(options.local && 'image' in options.local ? localSupply(options.local, sourceRegions) : {}),
       ...(clone ? { template: clone.#native } : {}),
       fillsTemplate,
+      ...(options.precopy ? { precopy: true } : {}),
+      ...(options.ownMemory ? { ownMemory: true } : {}),
       onEvent: (e) => this.#onEvent(e),
     });
     this.local = options.local !== undefined;
@@ -302,6 +312,9 @@ export class FaultEngine extends EventEmitter {
           this.#log.info({ fullResidencyMs: Math.round(e.elapsedNs / 1e4) / 100 }, 'every page is resident');
           this.#settle.resolve();
           this.emit('complete');
+          return;
+        case 'switchover':
+          this.emit('switchover', { discarded: e.discarded, rewritten: e.rewritten });
           return;
         case 'background-done':
           this.#log.debug('the source has sent every page');

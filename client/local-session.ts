@@ -135,6 +135,11 @@ export class LocalSession extends EventEmitter implements PageSession {
     this.engine.startBackground();
   }
 
+  /** Nothing to wait for: the pages come from here. */
+  whenRunning(): Promise<void> {
+    return Promise.resolve();
+  }
+
   whenResident(): Promise<void> {
     return new Promise((resolve, reject) => {
       const check = (): boolean => {

@@ -21,6 +21,8 @@ export interface RestoreReport {
   fullResidencyMs: number;
   window: TransferOptions['window'];
   background: TransferOptions['background'];
+  /** From a live source: its precopy rounds here, and when its switchover came (ms from the start). */
+  precopy?: { pagesPrecopied: number; pagesRewritten: number; pagesDiscarded: number; switchoverMs: number };
   [key: string]: unknown;
 }
 
@@ -52,5 +54,8 @@ export function summarize(s: DestinationStats, transfer: TransferOptions, pageSi
     fullResidencyMs: ms(s.fullResidencyNs),
     window: transfer.window,
     background: transfer.background,
+    ...(s.switchoverNs > 0
+      ? { precopy: { pagesPrecopied: s.pagesPrecopied, pagesRewritten: s.pagesRewritten, pagesDiscarded: s.pagesDiscarded, switchoverMs: ms(s.switchoverNs) } }
+      : {}),
   };
 }

@@ -82,6 +82,8 @@ export interface PageSession extends EventEmitter {
   stats(): DestinationStats;
   finalStats(): DestinationStats;
   whenResident(): Promise<void>;
+  /** Resolves once the workload may run on this memory: at once, or, from a live source, at its switchover. */
+  whenRunning(): Promise<void>;
   exchangeDigest(stats: Record<string, unknown>, verify?: VerifyRequest): Promise<MessageOf<'digest'>>;
   verified(details?: Record<string, unknown>): void;
   release(): void;
@@ -113,9 +115,10 @@ export interface DestinationSessionOptions extends SourceOptions, ReplayOptions 
 /**
  * Builds (and starts) the engine over the caller's memory once the image's
  * regions are known; `local`, when the pages come from a local image or a
- * template, goes into the engine's options as they are.
+ * template, goes into the engine's options as they are. `precopy`: a live
+ * source sends precopy rounds first (the engine's `precopy` option).
  */
-export type EngineFactory = (regions: RegionInfo[], local?: LocalImageSupply | TemplateSupply) => FaultEngine;
+export type EngineFactory = (regions: RegionInfo[], local?: LocalImageSupply | TemplateSupply, precopy?: boolean) => FaultEngine;
 
 /** What the session reports about its recoveries (also part of every report). */
 export interface RecoveryStatus {
@@ -171,6 +174,9 @@ export class DestinationSession extends EventEmitter implements PageSession {
   #reportNow: (() => void) | null = null;
   /** The background stream is held back (holdBackground) until startBackground(). */
   #backgroundHeld: boolean;
+  /** A live source sends precopy rounds; the workload runs here once its switchover marker came. */
+  readonly #precopy: boolean;
+  #switchedOver = false;
 
   private constructor(
     options: DestinationSessionOptions,
@@ -197,6 +203,13 @@ export class DestinationSession extends EventEmitter implements PageSession {
     this.#backgroundHeld = connection.backgroundHeld;
     machine.onChange((to, from) => this.emit('state', to, from));
     engine.on('channel-failed', (f: ChannelFailure) => this.#onChannelFailed(f));
+    this.#precopy = connection.live && options.precopy === true;
+    engine.on('switchover', (e: { discarded: number; rewritten: number }) => {
+      this.#switchedOver = true;
+      this.#connection?.reportRunning();
+      this.#log.info({ ...e, precopiedPages: engine.stats().pagesPrecopied }, 'the live source switched over: the workload runs here now');
+      this.emit('running');
+    });
     engine.on('complete', () => {
       this.#reportNow?.(); // release-as-sent: the last pages are ours before anyone says done
       if (!this.#machine.is('running')) return;
@@ -227,7 +240,7 @@ export class DestinationSession extends EventEmitter implements PageSession {
     let engine: FaultEngine;
     try {
       if (options.prefetch) checkReplay(options.prefetch, connection.regions, connection.fingerprint, log);
-      engine = buildEngine(connection.regions);
+      engine = buildEngine(connection.regions, undefined, connection.live && options.precopy === true);
     } catch (err) {
       connection.close();
       machine.to('failed', { code: (err as PostcopyError).code, error: (err as Error).message });
@@ -298,6 +311,24 @@ export class DestinationSession extends EventEmitter implements PageSession {
   /** Resolves once every page is resident; rejects when the session fails or closes first. */
   whenResident(): Promise<void> {
     return this.#until(['resident', 'verified']);
+  }
+
+  whenRunning(): Promise<void> {
+    if (!this.#precopy || this.#switchedOver) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      const onState = () => {
+        if (!this.#machine.is('failed', 'closed')) return;
+        this.off('running', onRunning);
+        this.off('state', onState);
+        reject(this.#lastError ?? new PostcopyError(ErrorCode.PEER_GONE, `the session is ${this.state}`));
+      };
+      const onRunning = () => {
+        this.off('state', onState);
+        resolve();
+      };
+      this.once('running', onRunning);
+      this.on('state', onState);
+    });
   }
 
   /**
@@ -467,6 +498,12 @@ export class DestinationSession extends EventEmitter implements PageSession {
 
   #pause(err: CodedError): void {
     if (!this.#machine.is('running', 'resident', 'resuming')) return;
+    // Before a live source's switchover its workload still runs there: the migration is over, nothing waits for it.
+    if (this.#precopy && !this.#switchedOver) {
+      err.message = `the live source ended the migration before its switchover (the workload goes on there): ${err.message}`;
+      this.fail(err);
+      return;
+    }
     this.#lastError = err;
     const connection = this.#connection;
     this.#connection = null;
@@ -653,6 +690,7 @@ async function connectFirst(options: DestinationSessionOptions, recovery: Resolv
         transfer,
         holdBackground: options.holdBackground === true,
         ...(options.pageSizesFor ? { pageSizesFor: options.pageSizesFor } : {}),
+        ...(options.precopy ? { precopy: true } : {}),
         timeoutMs: recovery.connectTimeoutMs,
         heartbeat: recovery.heartbeat,
         maxImageBytes: options.maxImageBytes,

@@ -49,6 +49,12 @@ export interface SourceOptions {
    * source sends whole such pages only (`page-sizes`).
    */
   pageSizesFor?: (regions: RegionInfo[]) => number[];
+  /**
+   * This destination can take a live source's precopy rounds: it writes over
+   * pages sent again and drops the pages discarded at the switchover (its
+   * memory is its own, or a shared memory file it fills).
+   */
+  precopy?: boolean;
   logger?: Logger;
 }
 
@@ -62,6 +68,8 @@ export interface SourceConnectionOptions {
   heartbeat?: Heartbeat;
   /** See SourceOptions.pageSizesFor. */
   pageSizesFor?: (regions: RegionInfo[]) => number[];
+  /** See SourceOptions.precopy. */
+  precopy?: boolean;
   /** Ask the source to hold its background stream until startBackground() (when it can: 'deferred-background'). */
   holdBackground?: boolean;
   /** The id of a session to resume on this source. */
@@ -230,11 +238,14 @@ export class SourceConnection {
       const huge = pageSizes?.some((size, i) => size !== welcome.regions[i].pageSize) === true;
       if (huge && !welcome.capabilities?.includes('page-sizes'))
         throw new PostcopyError(ErrorCode.UNSUPPORTED, 'the source cannot send whole huge pages (it lacks page-sizes): a newer source is needed');
+      // A live source's precopy, when both sides can: the source then sends rounds first, and a switchover marker.
+      const precopy = options.precopy === true && welcome.capabilities?.includes('precopy') === true;
       send(control, {
         t: 'options',
         ...options.transfer,
         background: { ...options.transfer.background, enabled: options.transfer.background.enabled && !held },
         ...(huge ? { pageSizes } : {}),
+        ...(precopy ? { precopy: true } : {}),
       });
       const urgentFd = await openChannel(address, welcome, 'urgent', timeoutMs);
       let bulkFd: number;
@@ -283,6 +294,16 @@ export class SourceConnection {
     }
     send(this.#control, { t: 'start', ...(have ? { have } : {}) });
     await this.#reader.next(['started'], this.#timeoutMs);
+  }
+
+  /** The source is a running workload's (a live source): its memory is still changing until its switchover. */
+  get live(): boolean {
+    return this.#capabilities.includes('precopy');
+  }
+
+  /** Tells a live source that the workload runs here now (its switchover marker arrived). */
+  reportRunning(): void {
+    if (!this.#control.destroyed) send(this.#control, { t: 'running' });
   }
 
   /** The source frees its image as this destination installs it: it wants `installed` reports (release-as-sent). */

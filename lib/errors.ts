@@ -63,6 +63,8 @@ export const ErrorCode = {
   WORKING_SET_INVALID: 'ERR_WORKING_SET_INVALID',
   /** A working set recorded for another image layout (other regions or sizes): it is never applied. */
   WORKING_SET_MISMATCH: 'ERR_WORKING_SET_MISMATCH',
+  /** A live source's workload exited or hung up before its memory moved (it keeps running if it can). */
+  WORKLOAD_GONE: 'ERR_WORKLOAD_GONE',
   /** A combination this version cannot serve yet (the message says which); nothing was changed. */
   UNSUPPORTED: 'ERR_UNSUPPORTED',
   /** An exception nobody expected: a bug of ours, never blamed on a peer. */

@@ -71,6 +71,12 @@ export type NativeEvent = NativeEventBase &
     | { type: 'target-gone' }
     /** The userfaultfd was hung up or could not be read. */
     | { type: 'uffd-closed' }
+    /** A live source's precopy round went out (source). */
+    | { type: 'round-sent'; pages: number; bytes: number; ns: number }
+    /** A live source sent its discards and switchover marker (source). */
+    | { type: 'switched-over'; discarded: number; held: number }
+    /** The switchover marker arrived: the workload may run here now (destination). */
+    | { type: 'switchover'; discarded: number; rewritten: number }
   );
 
 export interface ServedRegionSpec {
@@ -97,6 +103,10 @@ export interface SourceStats {
   pagesSent: number;
   totalPages: number;
   backgroundDoneNs: number;
+  /** A live source: pages sent in precopy rounds (a page written and sent again counts each time). */
+  pagesPrecopied: number;
+  /** A live source: pages the destination was told to drop at the switchover (written since they were sent). */
+  pagesDiscarded: number;
 }
 
 export interface NativePageServerSession {
@@ -106,6 +116,10 @@ export interface NativePageServerSession {
   stats(): SourceStats;
   prefetch(entries: Uint8Array): void;
   startBackground(): void;
+  /** A live source: pages to send now, as u64 LE pairs (region << 48 | first page, count). */
+  precopyRound(ranges: Uint8Array): void;
+  /** A live source, its workload paused: the pages written since the last round was queued (same layout). */
+  switchover(written: Uint8Array): void;
 }
 
 export interface DestinationStats {
@@ -141,6 +155,14 @@ export interface DestinationStats {
   poisonedPages: number;
   /** How many times data channels were attached. */
   channelGeneration: number;
+  /** A live source: pages installed or written over by its precopy rounds. */
+  pagesPrecopied: number;
+  /** ... of which written over (sent again: the workload had written them). */
+  pagesRewritten: number;
+  /** Pages dropped at the switchover (written at the source after they were sent). */
+  pagesDiscarded: number;
+  /** When the switchover marker arrived, from the engine's start (0: not yet, or not a live source). */
+  switchoverNs: number;
   faultLatency: { count: number; p50Ns: number; p90Ns: number; p99Ns: number; maxNs: number; meanNs: number; sumNs: number };
 }
 
@@ -183,6 +205,8 @@ export interface NativeAddon {
   uffdMove(fd: number, dst: number, src: number, length: number, mode: number): Progress;
   uffdWake(fd: number, start: number, length: number): void;
   uffdWriteProtect(fd: number, start: number, length: number, mode: number): void;
+  /** PAGEMAP_SCAN: the written pages of [start, end) as u64 LE [start, end) address pairs, write-protected again. */
+  pagemapScanWritten(pagemapFd: number, start: number, end: number): Buffer;
   uffdReadEvents(fd: number, max: number): RawEvent[];
   uffdConstants: Record<'UFFD_USER_MODE_ONLY' | 'O_NONBLOCK' | 'O_CLOEXEC', number>;
 
@@ -222,6 +246,8 @@ export interface NativeAddon {
     background: boolean;
     rateBytesPerSecond: number;
     keys?: { urgentDown: Buffer; urgentUp: Buffer; bulkDown: Buffer };
+    /** A live source: the session starts in precopy (rounds, then the switchover). */
+    precopy?: boolean;
     onEvent: (event: NativeEvent) => void;
   }) => NativePageServerSession;
 
@@ -238,6 +264,10 @@ export interface NativeAddon {
     prefetch?: Uint8Array;
     /** A template's filler (uffd -1). */
     fillsTemplate: boolean;
+    /** A live source: precopy runs and discards come before its switchover marker. */
+    precopy?: boolean;
+    /** The regions are this process's own memory: precopy writes over and drops pages in place. */
+    ownMemory?: boolean;
     /** A template's clone: the filler's native engine. */
     template?: NativeFaultEngine;
     onEvent: (event: NativeEvent) => void;

@@ -50,6 +50,8 @@ export type Message =
       background: { enabled: boolean; rateBytesPerSecond: number };
       /** Per region, the page size the destination installs (bytes), when larger than the region's: every run then holds whole such pages. */
       pageSizes?: number[];
+      /** A live source (capability `precopy`): this destination takes precopy rounds, discards and the switchover marker. */
+      precopy?: boolean;
     }
   | { t: 'attach'; session: string; channel: 'urgent' | 'bulk' | 'memory'; ticket: Uint8Array }
   | { t: 'attached' }
@@ -58,6 +60,8 @@ export type Message =
   | { t: 'started' }
   | { t: 'prefetch'; entries: Uint8Array }
   | { t: 'background' }
+  /** The destination's workload runs (after a live source's switchover marker). */
+  | { t: 'running' }
   | { t: 'installed'; region: number; offset: number; bitmap: Uint8Array }
   | { t: 'done'; stats?: Record<string, unknown>; verify?: VerifyRequest }
   | { t: 'digest'; regions: { id: number; sha256: string }[]; stats: Record<string, unknown>; checksums?: RegionChecksum[] }

@@ -30,22 +30,25 @@ export async function listenOwnerOnly(server: Server, path: string): Promise<voi
     if (await someoneListens(path)) throw new PostcopyError(ErrorCode.ADDRESS_IN_USE, `another process is listening on ${path}; refusing to take it over`);
     unlinkSync(path); // stale: its process is gone
   }
-  const oldUmask = process.umask(0o177);
-  try {
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', (err: NodeJS.ErrnoException) =>
-        reject(
-          Object.assign(
-            new PostcopyError(err.code === 'EADDRINUSE' ? ErrorCode.ADDRESS_IN_USE : ErrorCode.INVALID_ADDRESS, `cannot listen on ${path}: ${err.message}`),
-            { errno: err.errno, syscall: err.syscall },
-          ),
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', (err: NodeJS.ErrnoException) =>
+      reject(
+        Object.assign(
+          new PostcopyError(err.code === 'EADDRINUSE' ? ErrorCode.ADDRESS_IN_USE : ErrorCode.INVALID_ADDRESS, `cannot listen on ${path}: ${err.message}`),
+          { errno: err.errno, syscall: err.syscall },
         ),
-      );
+      ),
+    );
+    // The socket file is created (bound) within listen() itself: the umask is
+    // narrowed for that call only, never across an await, where files other
+    // code creates meanwhile (a compiled program) would lose their modes.
+    const oldUmask = process.umask(0o177);
+    try {
       server.listen(path, resolve);
-    });
-  } finally {
-    process.umask(oldUmask);
-  }
+    } finally {
+      process.umask(oldUmask);
+    }
+  });
   try {
     chmodSync(path, 0o600);
   } catch (err) {

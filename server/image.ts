@@ -1,6 +1,7 @@
 // What a source serves: one or more regions, each backed by a file (mapped
 // read-only; holes found with SEEK_HOLE go out as zero runs without being
 // read), a shared-memory file or memfd (the same, in place), or a Buffer.
+import { randomBytes } from 'node:crypto';
 import { closeSync, fstatSync, openSync, statfsSync } from 'node:fs';
 import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import { fileExtents, mapFile, PAGE_SIZE, type Mapping } from '../lib/memory.js';
@@ -38,21 +39,30 @@ export class Image {
   readonly #checksums = new Map<number, Promise<bigint>>();
   #kept = false;
 
-  private constructor(regions: ImageRegion[], mappings: Mapping[], ownFds: number[]) {
+  private constructor(regions: ImageRegion[], mappings: Mapping[], ownFds: number[], live: boolean) {
     this.regions = regions;
     this.#mappings = mappings;
     this.#ownFds = ownFds;
-    this.fingerprint = imageFingerprint(regions.map((r) => ({ length: r.length, pageSize: r.pageSize, bytes: regionBytes(r) })));
+    // A live image changes until its workload pauses: it is named afresh, never by its contents.
+    this.fingerprint = live
+      ? `live-${randomBytes(16).toString('hex')}`
+      : imageFingerprint(regions.map((r) => ({ length: r.length, pageSize: r.pageSize, bytes: regionBytes(r) })));
   }
 
-  static open(sources: readonly RegionSource[]): Image {
+  /**
+   * `live`: the memory of a running workload (server/live.ts), read as it
+   * changes: no page is taken for zero from the file's holes, and it is never
+   * offered in place. Its digests are taken when asked (once it is paused).
+   */
+  static open(sources: readonly RegionSource[], options: { live?: boolean } = {}): Image {
+    const live = options.live === true;
     if (!Array.isArray(sources) || sources.length === 0) throw new PostcopyError(ErrorCode.IMAGE_INVALID, 'an image needs at least one region');
     const regions: ImageRegion[] = [];
     const mappings: Mapping[] = [];
     const ownFds: number[] = [];
     try {
       sources.forEach((source, id) => {
-        const region = 'buffer' in source ? fromBuffer(id, source.name, source.buffer) : fromFile(id, source, mappings, ownFds);
+        const region = 'buffer' in source ? fromBuffer(id, source.name, source.buffer) : fromFile(id, source, mappings, ownFds, live);
         regions.push(region);
       });
     } catch (err) {
@@ -60,7 +70,7 @@ export class Image {
       for (const fd of ownFds) closeSync(fd);
       throw err;
     }
-    return new Image(regions, mappings, ownFds);
+    return new Image(regions, mappings, ownFds, live);
   }
 
   get totalBytes(): number {
@@ -180,7 +190,13 @@ function fromBuffer(id: number, name: string | undefined, buffer: Uint8Array): I
   };
 }
 
-function fromFile(id: number, source: { name?: string; path: string } | { name?: string; fd: number }, mappings: Mapping[], ownFds: number[]): ImageRegion {
+function fromFile(
+  id: number,
+  source: { name?: string; path: string } | { name?: string; fd: number },
+  mappings: Mapping[],
+  ownFds: number[],
+  live: boolean,
+): ImageRegion {
   const ownFd = 'path' in source;
   let fd: number;
   try {
@@ -210,7 +226,7 @@ function fromFile(id: number, source: { name?: string; path: string } | { name?:
     const pages = length / PAGE_SIZE;
     const knownZero = new Uint8Array(Math.ceil(pages / 64) * 8);
     let holes = 0;
-    for (const extent of fileExtents(fd, size)) {
+    for (const extent of live ? [] : fileExtents(fd, size)) {
       if (extent.data) continue;
       // Only whole pages inside the hole are zero for sure.
       const first = Math.ceil(extent.offset / PAGE_SIZE);
@@ -223,7 +239,7 @@ function fromFile(id: number, source: { name?: string; path: string } | { name?:
     const name = source.name ?? ('path' in source ? source.path : `fd${source.fd}`);
     // Shared memory of whole pages can be handed to a destination on this host as it is.
     const type = statfsSync(`/proc/self/fd/${fd}`).type;
-    const shared = (type === TMPFS_MAGIC || type === HUGETLBFS_MAGIC) && size === length;
+    const shared = !live && (type === TMPFS_MAGIC || type === HUGETLBFS_MAGIC) && size === length;
     let memoryFd: number | undefined;
     if (shared && 'path' in source) {
       // Opened for writing too: a destination that takes it in place owns the memory from then on.
@@ -244,7 +260,7 @@ function fromFile(id: number, source: { name?: string; path: string } | { name?:
       pageSize: PAGE_SIZE,
       contentLength: size,
       holes,
-      spec: { source: mapping.handle, sourceIsMapping: true, offset: 0, length, pageSize: PAGE_SIZE, knownZero },
+      spec: { source: mapping.handle, sourceIsMapping: true, offset: 0, length, pageSize: PAGE_SIZE, ...(live ? {} : { knownZero }) },
     };
   } finally {
     if (ownFd) closeSync(fd);

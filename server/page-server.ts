@@ -38,6 +38,7 @@ import { listenOwnerOnly } from '../lib/unix-socket.js';
 import { Tally } from '../lib/metrics.js';
 import { DEFAULT_RESUME_GRACE_MS, SourceSession } from './session.js';
 import type { Image } from './image.js';
+import type { LiveMigration } from './live.js';
 
 /** The most connections that may be waiting to authenticate at once; more are closed at once. */
 export const MAX_UNPROVEN_CONNECTIONS = 256;
@@ -68,6 +69,12 @@ export interface PageServerOptions {
    * at a time; its digests are computed before the first page goes.
    */
   releaseAsSent?: boolean;
+  /**
+   * A live source: the image is a running workload's memory (server/live.ts)
+   * and this migration moves it to one destination, with precopy rounds
+   * while it runs where the destination can take them.
+   */
+  live?: LiveMigration;
 }
 
 /** The running totals a server keeps over its sessions (lib/native.ts SourceStats). */
@@ -81,6 +88,7 @@ export class PageServer {
   /** release-as-sent: the image's fds, and per region the pages freed so far (one bit each). */
   readonly #release: { fds: number[]; released: Uint8Array[]; pages: number } | null = null;
   readonly #token: string | undefined;
+  readonly #live: LiveMigration | null;
   readonly #log: Logger;
   readonly #maxFrame: number;
   readonly #handshakeTimeoutMs: number;
@@ -105,6 +113,7 @@ export class PageServer {
   constructor(options: PageServerOptions) {
     this.#image = options.image;
     this.#token = options.token;
+    this.#live = options.live ?? null;
     this.#log = options.logger ?? silentLogger;
     this.#maxFrame = options.maxFrame ?? DEFAULT_MAX_FRAME;
     this.#handshakeTimeoutMs = options.handshakeTimeoutMs ?? 10_000;
@@ -328,7 +337,11 @@ export class PageServer {
     socket.once('close', () => {
       if (this.#controls.get(session.id) !== socket) return; // replaced by a resume
       this.#controls.delete(session.id);
-      if (saidBye) session.close('the destination said bye');
+      // Before a live source's switchover the workload still runs here: the migration ends, nothing is lost.
+      if (this.#live && this.#live.state !== 'postcopy' && this.#live.state !== 'migrated') {
+        this.#live.abort(new PostcopyError(ErrorCode.PEER_GONE, 'the destination left before the switchover; the workload goes on here'));
+        session.close('the destination left before the switchover');
+      } else if (saidBye) session.close('the destination said bye');
       else session.connectionLost('control channel closed', this.#resumeGraceMs, () => this.#forget(session.id));
       if (session.state === 'closed') this.#forget(session.id);
     });
@@ -361,6 +374,7 @@ export class PageServer {
         'page-sizes',
         ...(session.memoryOffered ? ['in-place'] : []),
         ...(this.#release ? ['release-as-sent'] : []),
+        ...(this.#live ? ['precopy'] : []),
       ],
     });
     keepAlive(socket, reader, this.#heartbeat);
@@ -399,19 +413,39 @@ export class PageServer {
       if (!whole) have.set(chunk.region, (whole = { region: chunk.region, bitmap: new Uint8Array(Math.ceil(r.length / r.pageSize / 8)) }));
       for (let i = 0; i < chunk.bitmap.length; i++) whole.bitmap[chunk.offset + i] |= chunk.bitmap[i];
     }
+    // A live source: a destination that takes precopy gets it; any other sees the workload paused before its first page.
+    const live = this.#live;
+    const precopy = live !== null && optionsMessage.precopy === true;
+    if (live && !precopy) await live.pauseForPostcopy();
     session.start(
       options,
       [...have.values()].map(({ region, bitmap }) => ({ region, bitmap })).concat(checkHave(start.have, this.#image.regions)),
       keys,
       prefetch,
       units,
+      precopy ? live : undefined,
     );
     send(socket, { t: 'started' });
+    if (precopy)
+      live.run(session, true).then(
+        (report) => this.#log.info({ session: session.id, ...report }, 'the workload runs at the destination now'),
+        (err) => {
+          const e = asCodedError(err);
+          this.#errors.add(e.code);
+          this.#log.error({ session: session.id, code: e.code, err: e.message }, 'live migration ended before the switchover; the workload goes on here');
+          sendErrorAndClose(socket, e.code, e.message);
+        },
+      );
     // One `done` per connection (a destination asks again only on a new one): the digest and the checksums are work, and a peer must not be able to ask for them without end.
     let answered = false;
     for (;;) {
-      const msg = await reader.next(answered ? ['bye', 'installed'] : ['done', 'bye', 'background', 'installed']);
+      const msg = await reader.next(answered ? ['bye', 'installed'] : ['done', 'bye', 'background', 'installed', 'running']);
       if (msg.t === 'bye') break;
+      if (msg.t === 'running') {
+        if (!live) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'running goes to a live source');
+        live.destinationRunning();
+        continue;
+      }
       if (msg.t === 'installed') {
         if (!this.#release) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'installed reports go to a source that releases as sent');
         this.#releaseInstalled(checkHaveChunk(msg, this.#image.regions));
@@ -426,6 +460,7 @@ export class PageServer {
       session.complete();
       this.#log.info({ session: session.id, destination: msg.stats }, 'destination reports every page resident');
       send(socket, { t: 'digest', ...(await this.#image.answerDone(verify)), stats: { ...session.stats() } });
+      live?.finished();
     }
     saidBye = true;
     socket.end();
@@ -457,6 +492,8 @@ export class PageServer {
       return known;
     }
     // Freeing the image as one destination installs it leaves nothing for a second.
+    if (this.#live && (this.#live.state !== 'waiting' || [...this.#sessions.values()].some((s) => s.state !== 'closed')))
+      throw new PostcopyError(ErrorCode.UNSUPPORTED, 'a live source moves its workload to one destination');
     if (this.#release && [...this.#sessions.values()].some((s) => s.state !== 'closed'))
       throw new PostcopyError(ErrorCode.UNSUPPORTED, 'this source frees its image as its destination installs it (release-as-sent): it serves one destination');
     const session = new SourceSession(this.#image, this.#log, (err) => {

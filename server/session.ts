@@ -14,6 +14,7 @@ import type { TransferOptions } from '../lib/transfer.js';
 import type { DataChannelKeys } from '../lib/protocol.js';
 import type { Logger } from '../lib/logger.js';
 import type { Image } from './image.js';
+import type { LiveMigration } from './live.js';
 
 /**
  * setup: channels attach; active: pages flow; paused: the destination is gone
@@ -65,6 +66,8 @@ export class SourceSession {
   #native: NativePageServerSession | null = null;
   #earlier: SourceStats | null = null; // the sum of finished runs
   #graceTimer: NodeJS.Timeout | null = null;
+  /** A live source's migration, told of the precopy events. */
+  #live: LiveMigration | null = null;
   readonly #image: Image;
   readonly #log: Logger;
   readonly #onFailure: (err: CodedError) => void;
@@ -118,6 +121,7 @@ export class SourceSession {
     keys?: DataChannelKeys,
     prefetch: Uint8Array[] = [],
     units: number[] = [],
+    live?: LiveMigration,
   ): void {
     if (this.#fds.urgent === undefined || this.#fds.bulk === undefined) {
       throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'start before both data channels were attached');
@@ -135,6 +139,7 @@ export class SourceSession {
         background: options.background.enabled,
         rateBytesPerSecond: options.background.rateBytesPerSecond,
         ...(keys ? { keys } : {}),
+        ...(live ? { precopy: true } : {}),
         onEvent: (event) => this.#onNativeEvent(event),
       });
     } catch (err) {
@@ -145,6 +150,7 @@ export class SourceSession {
     for (const h of have) this.#native.markSent(h.region, h.bitmap);
     for (const entries of prefetch) this.#native.prefetch(entries); // streamed before any background run
     const held = this.#native.stats().pagesSent;
+    this.#live = live ?? null;
     this.#native.start();
     this.#machine.to('active', { options, pagesHeldByDestination: held, encryption: keys ? 'aes-256-gcm' : 'none' });
   }
@@ -154,6 +160,18 @@ export class SourceSession {
     if (!this.#native) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, `background while the session is ${this.state}`);
     this.#native.startBackground();
     this.#log.info('the destination started the background stream');
+  }
+
+  /** A live source's precopy: pages to send now (server/live.ts Ranges, encoded). */
+  precopyRound(ranges: Uint8Array): void {
+    if (!this.#native) throw new PostcopyError(ErrorCode.ENGINE_STATE, `a precopy round while the session is ${this.state}`);
+    this.#native.precopyRound(ranges);
+  }
+
+  /** A live source, its workload paused: the pages written since the last round; the destination runs once they are discarded. */
+  switchover(written: Uint8Array): void {
+    if (!this.#native) throw new PostcopyError(ErrorCode.ENGINE_STATE, `a switchover while the session is ${this.state}`);
+    this.#native.switchover(written);
   }
 
   /** The figures of every run of this session so far. */
@@ -223,6 +241,10 @@ export class SourceSession {
 
   #onNativeEvent(event: NativeEvent): void {
     try {
+      if (event.type === 'round-sent' || event.type === 'switched-over') {
+        this.#live?.onSessionEvent(event);
+        return;
+      }
       if (event.type === 'background-done') {
         this.#log.info({ afterMs: Math.round((this.#native?.stats().backgroundDoneNs ?? 0) / 1e6) }, 'background transfer sent every page');
         return;
