@@ -7,7 +7,7 @@
 import t from 'tap';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { LiveMigration, LiveWorkload, type LiveOptions, type LiveReport } from '../server/live.js';
@@ -168,4 +168,33 @@ t.test('the destination leaving mid-precopy: the workload goes on at the source,
   await aborted;
   t.equal(s.live.state, 'aborted');
   t.equal(s.live.workload.gone, false, 'the workload is still running');
+});
+
+t.test('postcopy serve --live: the CLI waits for the workload, moves it to a restore, reports, and exits', async (t) => {
+  const dir = tempDir(t);
+  const imagePath = writeImage(dir, randomImage(2048, 5));
+  const workloadSocket = join(dir, 'workload.sock');
+  const dump = join(dir, 'paused.mem');
+  const [cmd, ...pre] = cliCommand();
+  const serve = spawn(
+    cmd,
+    [...pre, 'serve', '--live', '--socket', workloadSocket, '--listen', `unix:${join(dir, 'source.sock')}`, '--max-precopy-rounds', '3', '--log-level', 'warn'],
+    { stdio: ['ignore', 'pipe', 'inherit'] },
+  );
+  t.teardown(() => void serve.kill('SIGKILL'));
+  const served = once(serve, 'close');
+  const lines = createInterface({ input: serve.stdout! })[Symbol.asyncIterator]();
+  while (!existsSync(workloadSocket)) await new Promise((r) => setTimeout(r, 20));
+  const workload = startWorkload(t, workloadSocket, imagePath, dump, 3000);
+  const listening = JSON.parse((await lines.next()).value) as { listening: { path: string }; workload: number };
+  t.ok(listening.workload > 0, 'it names the workload it holds');
+  const out = join(dir, 'restored.mem');
+  const restore = await runCli(['restore', '--source', `unix:${listening.listening.path}`, '--json', '--out', out]);
+  t.equal(restore.code, 0, restore.stderr);
+  const { live } = JSON.parse((await lines.next()).value) as { live: LiveReport };
+  t.match(live, { mode: 'precopy+postcopy', rounds: Number, pauseMs: Number });
+  t.ok(live.rounds <= 3);
+  t.equal((await served)[0], 0, 'serve exits once the destination holds every page');
+  t.equal((await workload.closed).code, 0);
+  t.ok(readFileSync(out).equals(readFileSync(dump)), 'byte-exact');
 });
