@@ -85,7 +85,7 @@ function sampleMemory(): { stop(): number } {
 }
 
 /** Writes an image of `bytes` (every page different, none zero) to `path`. */
-function writePatternImage(path: string, bytes: number): void {
+export function writePatternImage(path: string, bytes: number): void {
   const chunk = Buffer.alloc(4 << 20);
   for (let i = 0; i < chunk.length; i += 4) chunk.writeUInt32LE((Math.imul(i, 2654435761) ^ (i >>> 7)) >>> 0, i);
   const fd = openSync(path, 'w', 0o600);

@@ -42,6 +42,14 @@ postcopy bench localhost [--pages N] [--clones N,N,...] [--json]
   memory, pages the source sent, and each clone's time to read and check
   every page. JSON lines, then a table.
 
+postcopy bench live [--pages N] [--write-rates P,P,...] [--json]
+  A running workload (the VMM fixture, writing P% of its N pages a second;
+  default 1,10,50 and 65536 pages) moved to a restore by pure postcopy,
+  precopy then postcopy, and precopy alone, side by side: the pause (workload
+  paused to destination running), total time, bytes sent, the destination's
+  faults in its first second, rounds, pages discarded. JSON lines, then a
+  table.
+
 postcopy bench encryption [--pages N] [--rounds R]
   What sealing TCP data channels costs: fault p50 and bulk GB/s over TCP,
   plaintext and sealed, interleaved R rounds (default 3); medians and ratios.`;
@@ -70,8 +78,8 @@ const usageOf: Record<string, string> = { serve: serveUsage, restore: restoreUsa
 
 async function bench(argv: string[]): Promise<void> {
   const which = argv[0] && !argv[0].startsWith('-') ? argv[0] : 'suite';
-  if (!['suite', 'latency', 'throughput', 'encryption', 'local', 'localhost'].includes(which))
-    throw new UsageError(`unknown benchmark ${JSON.stringify(which)} (the suite, latency, throughput, encryption, local or localhost)`);
+  if (!['suite', 'latency', 'throughput', 'encryption', 'local', 'localhost', 'live'].includes(which))
+    throw new UsageError(`unknown benchmark ${JSON.stringify(which)} (the suite, latency, throughput, encryption, local, localhost or live)`);
   const rest = which === 'suite' ? argv : argv.slice(1);
   const values = parseCommandLine(rest, {
     pages: { type: 'string' },
@@ -83,6 +91,7 @@ async function bench(argv: string[]): Promise<void> {
     out: { type: 'string' },
     link: { type: 'string', multiple: true },
     clones: { type: 'string' },
+    'write-rates': { type: 'string' },
   });
   // Each benchmark takes its own options; one given to another is refused, never ignored.
   const takes: Record<string, string[]> = {
@@ -92,6 +101,7 @@ async function bench(argv: string[]): Promise<void> {
     encryption: ['pages', 'rounds', 'seed', 'json'],
     local: ['pages', 'rounds', 'seed', 'json'],
     localhost: ['pages', 'clones', 'json'],
+    live: ['pages', 'write-rates', 'json'],
   };
   const stray = Object.keys(values).find((k) => !takes[which].includes(k));
   if (stray) {
@@ -135,6 +145,15 @@ async function bench(argv: string[]): Promise<void> {
     );
     for (const r of results) process.stdout.write(JSON.stringify(r) + '\n');
     if (!values.json) process.stdout.write('\n' + localTable(results));
+    return;
+  }
+  if (which === 'live') {
+    const { liveBench, liveTable } = await import('../bench/live.js');
+    const pages = parseCount(values.pages, '--pages', 65536, 1 << 22, 256);
+    const rates = (values['write-rates'] ?? '1,10,50').split(',').map((p) => parseCount(p, '--write-rates', 1, 100, 0) / 100);
+    const results = await liveBench(pages, rates, (line) => process.stderr.write(line + '\n'));
+    for (const r of results) process.stdout.write(JSON.stringify(r) + '\n');
+    if (!values.json) process.stdout.write('\n' + liveTable(results));
     return;
   }
   if (which === 'localhost') {

@@ -8,6 +8,7 @@ import { runSuite } from '../bench/suite.js';
 import { rankPolicies } from '../bench/report.js';
 import { scaling, scalingSpec } from '../bench/plots.js';
 import { localhostBench, localhostTable } from '../bench/localhost.js';
+import { liveBench, liveTable } from '../bench/live.js';
 import { localBench, localTable } from '../bench/local.js';
 import { tempDir } from './helpers.js';
 
@@ -134,4 +135,20 @@ t.test('bench localhost runs end to end: every case byte-exact, with the fields 
     }
   }
   t.match(localhostTable(results), /clones x2 \(template\)/);
+});
+
+t.test('bench live runs end to end: the three modes side by side, byte-exact, with the fields scripts read', async (t) => {
+  const results = await liveBench(1024, [0.1], () => {});
+  t.same(
+    results.map((r) => r.mode),
+    ['postcopy', 'precopy+postcopy', 'precopy'],
+  );
+  for (const r of results) {
+    t.match(r, { writeRate: 0.1, pauseMs: Number, totalMs: Number, bytesSent: Number, faultsFirstSecond: Number, digestMatch: true }, `${r.mode}: byte-exact`);
+    t.ok(r.bytesSent >= 1024 * 4096 * 0.9, `${r.mode}: the pages crossed (${r.bytesSent} bytes)`);
+  }
+  t.equal(results[0].rounds, 0, 'pure postcopy sends no round');
+  t.ok(results[1].rounds >= 1 && results[2].rounds >= 1, 'the others precopy first');
+  t.equal(results[2].pagesDiscarded, 0, 'precopy alone leaves nothing stale');
+  t.match(liveTable(results), /precopy\+postcopy/);
 });
