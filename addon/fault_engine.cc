@@ -1563,29 +1563,42 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   // sent: they become missing again (dropped here; a touch faults and fetches
   // them from the paused workload's memory).
   void Discard(TargetRegion& r, uint64_t first, uint64_t count) {
+    uint8_t* base = r.fill ? r.fill : ownMemory_ ? reinterpret_cast<uint8_t*>(r.base.load()) : nullptr;
+    if (!base) return;  // refused with the precopy run that brought it (Precopied)
     uint64_t dropped = 0;
-    for (uint64_t p = first; p < first + count; p++) {
-      if (!r.received->Test(p)) continue;
-      uint8_t* at = r.fill ? r.fill + p * r.pageSize : ownMemory_ ? reinterpret_cast<uint8_t*>(r.base.load() + p * r.pageSize) : nullptr;
-      if (!at) continue;  // refused with the precopy run that brought it (Precopied)
-      if (checksumInstalled_ && r.checked->Test(p)) {
-        uint64_t size = sourcePageSize_[r.sourceRegion], delta = 0;
-        for (uint64_t s = 0; s < r.ratio; s++) delta -= Contribution(r.sourceRegion, r.SourceOf(p) + s, ContentHash(at + s * size, size));
-        checksum_[r.sourceRegion].fetch_add(delta, std::memory_order_relaxed);
-        r.checked->Clear(p);
-      }
-      // MINOR mode: out of the file (the guest's mapping loses it too); own memory: back to unpopulated.
-      if (madvise(at, r.pageSize, r.fill ? MADV_REMOVE : MADV_DONTNEED) != 0) {
-        events_.Emit(ErrnoEvent("error", "bulk", errno, "madvise", "dropping a page written at the source failed"));
+    for (uint64_t p = first, end = first + count; p < end;) {
+      if (!r.received->Test(p)) {
+        p++;
         continue;
       }
-      if (r.fill) r.cached->Clear(p);
-      r.received->Clear(p);
-      if (r.settled->Test(p)) {
-        r.settled->Clear(p);
-        resident_.fetch_sub(1);
+      uint64_t q = p + 1;
+      while (q < end && r.received->Test(q)) q++;
+      uint8_t* at = base + p * r.pageSize;
+      if (checksumInstalled_) {
+        uint64_t size = sourcePageSize_[r.sourceRegion], delta = 0;
+        for (uint64_t k = p; k < q; k++) {
+          if (!r.checked->Test(k)) continue;
+          for (uint64_t s = 0; s < r.ratio; s++) delta -= Contribution(r.sourceRegion, r.SourceOf(k) + s, ContentHash(base + k * r.pageSize + s * size, size));
+          r.checked->Clear(k);
+        }
+        checksum_[r.sourceRegion].fetch_add(delta, std::memory_order_relaxed);
       }
-      dropped++;
+      // MINOR mode: out of the file (the guest's mapping loses them too); own memory: back to unpopulated.
+      if (madvise(at, (q - p) * r.pageSize, r.fill ? MADV_REMOVE : MADV_DONTNEED) != 0) {
+        events_.Emit(ErrnoEvent("error", "bulk", errno, "madvise", "dropping pages written at the source failed"));
+        p = q;
+        continue;
+      }
+      for (uint64_t k = p; k < q; k++) {
+        if (r.fill) r.cached->Clear(k);
+        r.received->Clear(k);
+        if (r.settled->Test(k)) {
+          r.settled->Clear(k);
+          resident_.fetch_sub(1);
+        }
+      }
+      dropped += q - p;
+      p = q;
     }
     discarded_ += dropped;
   }

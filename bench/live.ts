@@ -40,7 +40,15 @@ export interface LiveResult {
 
 export const LIVE_MODES: LiveMode[] = ['postcopy', 'precopy+postcopy', 'precopy'];
 
-async function one(mode: LiveMode, writeRate: number, pages: number, imagePath: string, dir: string, seed: number): Promise<LiveResult> {
+async function one(
+  mode: LiveMode,
+  writeRate: number,
+  pages: number,
+  imagePath: string,
+  dir: string,
+  seed: number,
+  rate: string | undefined,
+): Promise<LiveResult> {
   const workloadSocket = join(dir, `workload-${seed}.sock`);
   const accepting = LiveWorkload.accept(workloadSocket);
   const fixture = spawn(
@@ -63,7 +71,18 @@ async function one(mode: LiveMode, writeRate: number, pages: number, imagePath: 
     const started = performance.now();
     const restore = spawn(
       cmd,
-      [...pre, 'restore', '--source', `unix:${(source as { path: string }).path}`, '--json', '--workload', 'random', '--seed', String(seed)],
+      [
+        ...pre,
+        'restore',
+        '--source',
+        `unix:${(source as { path: string }).path}`,
+        '--json',
+        '--workload',
+        'random',
+        '--seed',
+        String(seed),
+        ...(rate ? ['--rate', rate] : []),
+      ],
       {
         stdio: ['ignore', 'pipe', 'inherit'],
         env: { ...process.env, POSTCOPY_LOG_LEVEL: 'warn' },
@@ -97,18 +116,22 @@ async function one(mode: LiveMode, writeRate: number, pages: number, imagePath: 
   }
 }
 
-/** Every mode for every write rate (shares of the pages per second), the modes of a rate back to back. */
-export async function liveBench(pages: number, writeRates: number[], progress: (line: string) => void): Promise<LiveResult[]> {
+/**
+ * Every mode for every write rate (shares of the pages per second), the modes
+ * of a rate back to back. `rate`: the link's rate (the destination's --rate,
+ * e.g. 125M for 1 Gb/s; default: the unix socket's own).
+ */
+export async function liveBench(pages: number, writeRates: number[], progress: (line: string) => void, rate?: string): Promise<LiveResult[]> {
   const dir = mkdtempSync(join(tmpdir(), 'uffd-postcopy-live-'));
   const results: LiveResult[] = [];
   try {
     const imagePath = join(dir, 'image.bin');
     writePatternImage(imagePath, pages * 4096);
     let seed = 1;
-    for (const rate of writeRates) {
+    for (const writeRate of writeRates) {
       for (const mode of LIVE_MODES) {
-        progress(`live: ${mode}, the workload writing ${rate * 100}% of its ${pages} pages a second`);
-        results.push(await one(mode, rate, pages, imagePath, dir, seed++));
+        progress(`live: ${mode}, the workload writing ${writeRate * 100}% of its ${pages} pages a second${rate ? `, a ${rate}/s link` : ''}`);
+        results.push(await one(mode, writeRate, pages, imagePath, dir, seed++, rate));
       }
     }
   } finally {

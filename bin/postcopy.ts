@@ -9,7 +9,7 @@ import { handle, handleUsage } from './handle.js';
 import { restore, restoreUsage } from './restore.js';
 import { demo, demoUsage } from './demo.js';
 import type { Transport } from '../bench/latency.js';
-import { parseChoice, parseCommandLine, parseCount, UsageError } from './options.js';
+import { parseChoice, parseCommandLine, parseCount, parseRate, UsageError } from './options.js';
 import { join } from 'node:path';
 
 const benchUsage = `postcopy bench [--full] [--out DIR] [--pages N] [--link NAME ...] [--json]
@@ -42,12 +42,13 @@ postcopy bench localhost [--pages N] [--clones N,N,...] [--json]
   memory, pages the source sent, and each clone's time to read and check
   every page. JSON lines, then a table.
 
-postcopy bench live [--pages N] [--write-rates P,P,...] [--json]
+postcopy bench live [--pages N] [--write-rates P,P,...] [--rate SIZE] [--json]
   A running workload (the VMM fixture, writing P% of its N pages a second;
   default 1,10,50 and 65536 pages) moved to a restore by pure postcopy,
   precopy then postcopy, and precopy alone, side by side: the pause (workload
   paused to destination running), total time, bytes sent, the destination's
-  faults in its first second, rounds, pages discarded. JSON lines, then a
+  faults in its first second, rounds, pages discarded. --rate: the link's
+  rate (e.g. 125M for 1 Gb/s; default: a unix socket's). JSON lines, then a
   table.
 
 postcopy bench encryption [--pages N] [--rounds R]
@@ -92,6 +93,7 @@ async function bench(argv: string[]): Promise<void> {
     link: { type: 'string', multiple: true },
     clones: { type: 'string' },
     'write-rates': { type: 'string' },
+    rate: { type: 'string' },
   });
   // Each benchmark takes its own options; one given to another is refused, never ignored.
   const takes: Record<string, string[]> = {
@@ -101,7 +103,7 @@ async function bench(argv: string[]): Promise<void> {
     encryption: ['pages', 'rounds', 'seed', 'json'],
     local: ['pages', 'rounds', 'seed', 'json'],
     localhost: ['pages', 'clones', 'json'],
-    live: ['pages', 'write-rates', 'json'],
+    live: ['pages', 'write-rates', 'rate', 'json'],
   };
   const stray = Object.keys(values).find((k) => !takes[which].includes(k));
   if (stray) {
@@ -151,7 +153,8 @@ async function bench(argv: string[]): Promise<void> {
     const { liveBench, liveTable } = await import('../bench/live.js');
     const pages = parseCount(values.pages, '--pages', 65536, 1 << 22, 256);
     const rates = (values['write-rates'] ?? '1,10,50').split(',').map((p) => parseCount(p, '--write-rates', 1, 100, 0) / 100);
-    const results = await liveBench(pages, rates, (line) => process.stderr.write(line + '\n'));
+    if (values.rate !== undefined) parseRate(values.rate);
+    const results = await liveBench(pages, rates, (line) => process.stderr.write(line + '\n'), values.rate);
     for (const r of results) process.stdout.write(JSON.stringify(r) + '\n');
     if (!values.json) process.stdout.write('\n' + liveTable(results));
     return;
