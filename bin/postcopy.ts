@@ -8,6 +8,7 @@ import { serve, serveUsage } from './serve.js';
 import { handle, handleUsage } from './handle.js';
 import { restore, restoreUsage } from './restore.js';
 import { demo, demoUsage } from './demo.js';
+import { qemu, qemuUsage } from './qemu.js';
 import type { Transport } from '../bench/latency.js';
 import { parseChoice, parseCommandLine, parseCount, parseRate, UsageError } from './options.js';
 import { join } from 'node:path';
@@ -63,6 +64,7 @@ commands:
   handle     be the page-fault handler VMMs hand their userfaultfd to (Firecracker style)
   restore    restore an image from a source into this process's memory
   bench      the benchmark suite (quick; --full for everything), or latency | throughput | encryption
+  qemu       QEMU snapshots: import a stream QEMU saved, or save a running QEMU
 
 ${serveUsage}
 
@@ -73,9 +75,18 @@ ${handleUsage}
 ${benchUsage}
 
 ${demoUsage}
+
+${qemuUsage}
 `;
 
-const usageOf: Record<string, string> = { serve: serveUsage, restore: restoreUsage, handle: handleUsage, bench: benchUsage, demo: demoUsage };
+const usageOf: Record<string, string> = {
+  serve: serveUsage,
+  restore: restoreUsage,
+  handle: handleUsage,
+  bench: benchUsage,
+  demo: demoUsage,
+  qemu: qemuUsage,
+};
 
 async function bench(argv: string[]): Promise<void> {
   const which = argv[0] && !argv[0].startsWith('-') ? argv[0] : 'suite';
@@ -248,6 +259,9 @@ async function main(): Promise<number> {
       case 'bench':
         await bench(argv);
         return 0;
+      case 'qemu':
+        await qemu(argv, log);
+        return 0;
       case undefined:
       case 'help':
       case '--help':
@@ -255,7 +269,7 @@ async function main(): Promise<number> {
         process.stdout.write(usage);
         return command === undefined ? 2 : 0;
       default:
-        throw new UsageError(`unknown command ${JSON.stringify(command)} (demo, serve, handle, restore or bench)`);
+        throw new UsageError(`unknown command ${JSON.stringify(command)} (demo, serve, handle, restore, bench or qemu)`);
     }
   } catch (err) {
     clearProgress();

@@ -63,6 +63,12 @@ export const ErrorCode = {
   WORKING_SET_INVALID: 'ERR_WORKING_SET_INVALID',
   /** A working set recorded for another image layout (other regions or sizes): it is never applied. */
   WORKING_SET_MISMATCH: 'ERR_WORKING_SET_MISMATCH',
+  /** Not a QEMU migration stream, or one that breaks its own format (server/qemu-snapshot.ts). */
+  QEMU_STREAM_INVALID: 'ERR_QEMU_STREAM_INVALID',
+  /** A QEMU migration stream that ends before it is whole. */
+  QEMU_STREAM_TRUNCATED: 'ERR_QEMU_STREAM_TRUNCATED',
+  /** QEMU's monitor (QMP) refused a command or went away. */
+  QMP_FAILED: 'ERR_QMP_FAILED',
   /** A live source's workload exited or hung up before its memory moved (it keeps running if it can). */
   WORKLOAD_GONE: 'ERR_WORKLOAD_GONE',
   /** A combination this version cannot serve yet (the message says which); nothing was changed. */

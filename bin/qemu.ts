@@ -1,0 +1,97 @@
+// postcopy qemu: QEMU snapshots this project can serve (docs/QEMU-SNAPSHOT.md).
+//   import FILE --out DIR   from a stream QEMU saved itself (migrate "exec:cat > FILE")
+//   save --qmp PATH --out DIR   from a running QEMU, migrated into a socket of ours
+import { createReadStream, mkdtempSync, rmSync } from 'node:fs';
+import { once } from 'node:events';
+import { createServer, type Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import type { Logger } from '../lib/logger.js';
+import { ErrorCode, PostcopyError } from '../lib/errors.js';
+import { Qmp } from '../lib/qmp.js';
+import { listenOwnerOnly } from '../lib/unix-socket.js';
+import { readQemuStream, type QemuSnapshotManifest } from '../server/qemu-snapshot.js';
+import { parseCommandLine, requireOptions, loggingUsage, UsageError } from './options.js';
+
+export const qemuUsage = `postcopy qemu import FILE --out DIR
+postcopy qemu save --qmp PATH --out DIR
+
+  import reads a migration stream QEMU saved itself (migrate "exec:cat >
+  FILE") into a snapshot directory: each RAM block as a sparse image (zero
+  pages left as holes), the stream's configuration, RAM setup and device
+  state exactly as QEMU sent them, and manifest.json (machine type, blocks).
+  save does the same from a running QEMU: it connects to its QMP socket and
+  migrates it into a socket of this process (an ordinary, full migration; the
+  guest is left paused, as after any migration). A stream that is not QEMU's
+  (ERR_QEMU_STREAM_INVALID), one cut short (ERR_QEMU_STREAM_TRUNCATED), or one
+  using compression, multifd or xbzrle (ERR_UNSUPPORTED, naming it) is
+  refused. Prints the manifest as one JSON line.
+${loggingUsage}`;
+
+export async function qemu(argv: string[], log: Logger): Promise<void> {
+  const [which, ...rest] = argv;
+  if (which === 'import') return importStream(rest, log);
+  if (which === 'save') return save(rest, log);
+  throw new UsageError(`postcopy qemu takes import or save, not ${JSON.stringify(which ?? '')}`);
+}
+
+function progress(log: Logger) {
+  return (bytes: number, pages: number) => log.info({ mib: Math.round(bytes / 2 ** 20), pages }, 'reading the migration stream');
+}
+
+async function importStream(argv: string[], log: Logger): Promise<void> {
+  const [file, ...options] = argv;
+  if (!file || file.startsWith('-')) throw new UsageError('postcopy qemu import FILE --out DIR: name the stream file first');
+  const values = parseCommandLine(options, { out: { type: 'string' } });
+  requireOptions(values, ['out'], 'postcopy qemu import FILE --out DIR');
+  const stream = createReadStream(file, { highWaterMark: 1 << 20 });
+  const failedOpen = new Promise<never>((_, reject) =>
+    stream.once('error', (err: NodeJS.ErrnoException) =>
+      reject(
+        Object.assign(new PostcopyError(ErrorCode.QEMU_STREAM_INVALID, `cannot read ${file}: ${err.message}`), { errno: err.errno, syscall: err.syscall }),
+      ),
+    ),
+  );
+  const manifest = await Promise.race([readQemuStream(stream, values.out as string, { progress: progress(log) }), failedOpen]);
+  report(manifest, values.out as string, log);
+}
+
+async function save(argv: string[], log: Logger): Promise<void> {
+  const values = parseCommandLine(argv, { qmp: { type: 'string' }, out: { type: 'string' } });
+  requireOptions(values, ['qmp', 'out'], 'postcopy qemu save --qmp PATH --out DIR');
+  const qmp = await Qmp.connect(values.qmp as string);
+  const dir = mkdtempSync(join(tmpdir(), 'uffd-postcopy-qemu-'));
+  const socketPath = join(dir, 'migration.sock');
+  const server = createServer();
+  try {
+    const version = await qmp.execute<{ qemu: { major: number; minor: number; micro: number } }>('query-version');
+    const qemuVersion = `${version.qemu.major}.${version.qemu.minor}.${version.qemu.micro}`;
+    await listenOwnerOnly(server, socketPath);
+    const accepted = once(server, 'connection') as Promise<[Socket]>;
+    await qmp.execute('migrate', { uri: `unix:${socketPath}` });
+    log.info({ qmp: values.qmp, qemuVersion }, 'QEMU migrates into this process');
+    const [socket] = await Promise.race([
+      accepted,
+      new Promise<never>((_, reject) => setTimeout(() => reject(new PostcopyError(ErrorCode.TIMEOUT, 'QEMU did not connect to migrate')), 10_000).unref()),
+    ]);
+    const manifest = await readQemuStream(socket, values.out as string, { qemuVersion, progress: progress(log) });
+    // QEMU says the migration completed once it has sent everything: wait for its word (bounded).
+    for (let i = 0; i < 300; i++) {
+      const status = (await qmp.execute<{ status?: string; 'error-desc'?: string }>('query-migrate')).status;
+      if (status === 'completed') break;
+      if (status === 'failed' || status === 'cancelled') throw new PostcopyError(ErrorCode.QMP_FAILED, `QEMU says the migration ${status}`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    report(manifest, values.out as string, log);
+  } finally {
+    server.close();
+    qmp.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+function report(manifest: QemuSnapshotManifest, out: string, log: Logger): void {
+  const pages = manifest.blocks.reduce((n, b) => n + b.dataPages, 0);
+  log.info({ out, machine: manifest.machine, blocks: manifest.blocks.length, dataPages: pages }, 'QEMU snapshot written');
+  process.stdout.write(JSON.stringify({ snapshot: out, ...manifest }) + '\n');
+}

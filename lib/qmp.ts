@@ -1,0 +1,110 @@
+// A client of QEMU's monitor protocol (QMP): newline-delimited JSON on a unix
+// socket; a greeting, `qmp_capabilities`, then one command at a time, each
+// answered with {"return": ...} or {"error": {class, desc}}; events may come
+// in between. Every wait is bounded.
+import { connect, type Socket } from 'node:net';
+import { ErrorCode, PostcopyError } from './errors.js';
+
+export class Qmp {
+  readonly #socket: Socket;
+  #buf = '';
+  #waiting: { resolve: (v: unknown) => void; reject: (e: Error) => void; timer: NodeJS.Timeout } | null = null;
+  #queue: Promise<unknown> = Promise.resolve();
+  #closed: Error | null = null;
+  #greeted: (() => void) | null = null;
+
+  private constructor(socket: Socket) {
+    this.#socket = socket;
+    socket.setEncoding('utf8');
+    socket.on('data', (d: string) => this.#onData(d));
+    socket.on('error', () => {});
+    socket.on('close', () => {
+      this.#closed = new PostcopyError(ErrorCode.QMP_FAILED, "QEMU's monitor connection closed");
+      const w = this.#waiting;
+      this.#waiting = null;
+      if (w) {
+        clearTimeout(w.timer);
+        w.reject(this.#closed);
+      }
+    });
+  }
+
+  /** Connects to QEMU's QMP socket at `path` and leaves capabilities negotiation done. */
+  static async connect(path: string, timeoutMs = 10_000): Promise<Qmp> {
+    const socket = connect(path);
+    const qmp = new Qmp(socket);
+    const greeted = new Promise<void>((resolve) => (qmp.#greeted = resolve));
+    const timer = setTimeout(() => socket.destroy(), timeoutMs);
+    try {
+      await new Promise<void>((resolve, reject) => {
+        socket.once('connect', resolve);
+        socket.once('error', (err: NodeJS.ErrnoException) =>
+          reject(
+            Object.assign(new PostcopyError(ErrorCode.QMP_FAILED, `cannot reach QEMU's monitor at ${path}: ${err.message}`), {
+              errno: err.errno,
+              syscall: err.syscall,
+            }),
+          ),
+        );
+      });
+      await Promise.race([
+        greeted,
+        new Promise((_, reject) =>
+          socket.once('close', () => reject(new PostcopyError(ErrorCode.QMP_FAILED, `QEMU's monitor at ${path} closed before its greeting`))),
+        ),
+      ]);
+    } finally {
+      clearTimeout(timer);
+    }
+    await qmp.execute('qmp_capabilities');
+    return qmp;
+  }
+
+  /** Runs one command; resolves with its `return`, rejects with ERR_QMP_FAILED and QEMU's own description. */
+  execute<T = unknown>(command: string, args?: Record<string, unknown>, timeoutMs = 10_000): Promise<T> {
+    const run = this.#queue.then(
+      () =>
+        new Promise<unknown>((resolve, reject) => {
+          if (this.#closed) return reject(this.#closed);
+          const timer = setTimeout(() => {
+            this.#waiting = null;
+            reject(new PostcopyError(ErrorCode.TIMEOUT, `QEMU did not answer ${command} within ${timeoutMs} ms`));
+          }, timeoutMs);
+          this.#waiting = { resolve, reject, timer };
+          this.#socket.write(JSON.stringify({ execute: command, ...(args ? { arguments: args } : {}) }) + '\n');
+        }),
+    );
+    this.#queue = run.catch(() => {});
+    return run as Promise<T>;
+  }
+
+  #onData(d: string): void {
+    this.#buf += d;
+    for (let nl = this.#buf.indexOf('\n'); nl >= 0; nl = this.#buf.indexOf('\n')) {
+      const line = this.#buf.slice(0, nl).trim();
+      this.#buf = this.#buf.slice(nl + 1);
+      if (!line) continue;
+      let msg: { QMP?: unknown; return?: unknown; error?: { class?: string; desc?: string }; event?: string };
+      try {
+        msg = JSON.parse(line);
+      } catch {
+        continue;
+      }
+      if (msg.QMP) {
+        this.#greeted?.();
+        continue;
+      }
+      if (msg.event) continue;
+      const w = this.#waiting;
+      if (!w) continue;
+      this.#waiting = null;
+      clearTimeout(w.timer);
+      if (msg.error) w.reject(new PostcopyError(ErrorCode.QMP_FAILED, `QEMU refused: ${msg.error.desc ?? msg.error.class ?? 'an error'}`));
+      else w.resolve(msg.return);
+    }
+  }
+
+  close(): void {
+    this.#socket.destroy();
+  }
+}

@@ -1,0 +1,130 @@
+// QEMU snapshots from a real QEMU (Debian's qemu-system-x86, TCG): a
+// machine held at its first instruction (-S) with a known pattern loaded into
+// its RAM at 1 MiB (the generic loader device), saved with `postcopy qemu
+// save` over QMP and with QEMU's own `migrate "exec:cat > FILE"` then
+// `postcopy qemu import`. Real streams, real files; forged and cut streams
+// refused with their codes.
+import t from 'tap';
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { Qmp } from '../lib/qmp.js';
+import { runCli, tempDir } from './helpers.js';
+import type { Test } from 'tap';
+
+const PATTERN_AT = 1 << 20;
+const PATTERN_BYTES = 4 << 20;
+
+const found = spawnSync('qemu-system-x86_64', ['--version'], { encoding: 'utf8' });
+if (found.status !== 0) throw new Error('qemu-system-x86_64 is not installed: .ci/run installs it (apt-get install qemu-system-x86)');
+
+/** A QEMU held before its first instruction, with `pattern` in its RAM at 1 MiB; its QMP socket. */
+async function startQemu(t: Test, dir: string, pattern: Buffer): Promise<{ qmp: string }> {
+  const patternFile = join(dir, 'pattern.bin');
+  writeFileSync(patternFile, pattern);
+  const qmp = join(dir, 'qmp.sock');
+  const child = spawn(
+    'qemu-system-x86_64',
+    [
+      ...['-machine', 'pc', '-accel', 'tcg', '-m', '64', '-nodefaults', '-display', 'none', '-S'],
+      ...['-qmp', `unix:${qmp},server=on,wait=off`, '-device', `loader,file=${patternFile},addr=${PATTERN_AT}`],
+    ],
+    { stdio: ['ignore', 'ignore', 'inherit'] },
+  );
+  t.teardown(() => void child.kill('SIGKILL'));
+  for (let i = 0; i < 500 && !existsSync(qmp); i++) await new Promise((r) => setTimeout(r, 10));
+  if (child.exitCode !== null) throw new Error(`qemu exited with ${child.exitCode}`);
+  return { qmp };
+}
+
+/** QEMU migrates itself into FILE (its own `exec:cat`); resolves once it says completed. */
+async function qemuSavesItself(qmpPath: string, file: string): Promise<void> {
+  const qmp = await Qmp.connect(qmpPath);
+  try {
+    await qmp.execute('migrate', { uri: `exec:cat > ${file}` });
+    for (let i = 0; i < 200; i++) {
+      const { status } = await qmp.execute<{ status: string }>('query-migrate');
+      if (status === 'completed') return;
+      if (status === 'failed') throw new Error('QEMU failed to save');
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    throw new Error('QEMU did not finish saving');
+  } finally {
+    qmp.close();
+  }
+}
+
+function checkSnapshot(t: Test, dir: string, pattern: Buffer) {
+  const manifest = JSON.parse(readFileSync(join(dir, 'manifest.json'), 'utf8'));
+  t.match(manifest, { format: 'uffd-postcopy-qemu-snapshot', machine: /^pc-i440fx-/, streamVersion: 3 });
+  const ram = manifest.blocks.find((b: { name: string }) => b.name === 'pc.ram');
+  t.equal(ram.length, 64 << 20, 'pc.ram: the guest RAM, 64 MiB');
+  const image = readFileSync(join(dir, ram.file));
+  t.ok(image.subarray(PATTERN_AT, PATTERN_AT + PATTERN_BYTES).equals(pattern), 'the pattern in the guest RAM is in the image, byte for byte');
+  t.ok(image.subarray(0, PATTERN_AT).every((b) => b === 0) && image.subarray(PATTERN_AT + PATTERN_BYTES).every((b) => b === 0), 'and the rest is zeros');
+  t.ok(statSync(join(dir, ram.file)).blocks * 512 < 2 * PATTERN_BYTES, 'zero pages are holes: the image file is sparse');
+  t.ok(readFileSync(join(dir, manifest.files.devices)).length > 1000, 'the device state is kept');
+  t.equal(readFileSync(join(dir, manifest.files.configuration))[0], 0x07, 'the configuration section, as QEMU sent it');
+  t.match(JSON.parse(readFileSync(join(dir, manifest.files.vmDescription), 'utf8')), { devices: Array }, "QEMU's own description of the device state");
+  return manifest;
+}
+
+t.test('postcopy qemu save: a running QEMU migrates into a snapshot directory', async (t) => {
+  const dir = tempDir(t);
+  const pattern = randomBytes(PATTERN_BYTES);
+  const { qmp } = await startQemu(t, dir, pattern);
+  const out = join(dir, 'snapshot');
+  const r = await runCli(['qemu', 'save', '--qmp', qmp, '--out', out]);
+  t.equal(r.code, 0, r.stderr);
+  const printed = JSON.parse(r.stdout.trim().split('\n').pop()!);
+  t.match(printed.qemuVersion, /^\d+\.\d+\.\d+$/, `QEMU ${printed.qemuVersion}`);
+  checkSnapshot(t, out, pattern);
+  const monitor = await Qmp.connect(qmp);
+  t.match(await monitor.execute('query-status'), { status: 'postmigrate' }, 'QEMU is left paused, as after any migration');
+  monitor.close();
+});
+
+t.test('postcopy qemu import: a stream QEMU saved itself (exec:cat)', async (t) => {
+  const dir = tempDir(t);
+  const pattern = randomBytes(PATTERN_BYTES);
+  const { qmp } = await startQemu(t, dir, pattern);
+  const stream = join(dir, 'vm.stream');
+  await qemuSavesItself(qmp, stream);
+  const out = join(dir, 'snapshot');
+  const r = await runCli(['qemu', 'import', stream, '--out', out]);
+  t.equal(r.code, 0, r.stderr);
+  const manifest = checkSnapshot(t, out, pattern);
+  t.equal(manifest.qemuVersion, null, 'a file does not say which QEMU wrote it');
+  t.equal(manifest.bytesRead, statSync(stream).size, 'every byte of the stream read');
+
+  // The same stream cut short, forged, or not a stream at all: refused with its code, nothing hangs.
+  const bytes = readFileSync(stream);
+  const cases: [string, Buffer, string][] = [
+    ['not a QEMU stream', randomBytes(4096), 'ERR_QEMU_STREAM_INVALID'],
+    ['cut in its RAM', bytes.subarray(0, PATTERN_AT), 'ERR_QEMU_STREAM_TRUNCATED'],
+    ['cut in its device state', bytes.subarray(0, bytes.length - 200), 'ERR_QEMU_STREAM_TRUNCATED'],
+  ];
+  // The first page of the pattern is a PAGE record continuing pc.ram: mark it XBZRLE instead.
+  const record = Buffer.from([0, 0, 0, 0, 0, 0x10, 0, 0x28]);
+  const at = bytes.indexOf(record);
+  t.ok(at > 0, 'the pattern page is in the stream');
+  const forged = Buffer.from(bytes);
+  forged[at + 7] = 0x60;
+  cases.push(['using xbzrle', forged, 'ERR_UNSUPPORTED']);
+  for (const [what, content, code] of cases) {
+    const file = join(dir, `bad-${code}-${cases.indexOf(cases.find((c) => c[0] === what)!)}.stream`);
+    writeFileSync(file, content);
+    const bad = await runCli(['qemu', 'import', file, '--out', join(dir, 'bad')]);
+    t.equal(bad.code, 1, `${what}: refused`);
+    t.match(bad.stderr, new RegExp(code), `${what}: ${code}`);
+    if (what === 'using xbzrle') t.match(bad.stderr, /xbzrle/, 'naming the feature');
+  }
+});
+
+t.test('postcopy qemu save against a QMP socket nobody listens on: a clear error', async (t) => {
+  const dir = tempDir(t);
+  const r = await runCli(['qemu', 'save', '--qmp', join(dir, 'nobody.sock'), '--out', join(dir, 'out')]);
+  t.equal(r.code, 1);
+  t.match(r.stderr, /ERR_QMP_FAILED/);
+});
