@@ -11,10 +11,12 @@ import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import { Qmp } from '../lib/qmp.js';
 import { listenOwnerOnly } from '../lib/unix-socket.js';
 import { readQemuStream, type QemuSnapshotManifest } from '../server/qemu-snapshot.js';
-import { parseCommandLine, requireOptions, loggingUsage, UsageError } from './options.js';
+import { serveQemuSnapshot } from '../server/qemu-source.js';
+import { parseAddressOption, parseCommandLine, parseWindow, requireOptions, loggingUsage, UsageError } from './options.js';
 
 export const qemuUsage = `postcopy qemu import FILE --out DIR
 postcopy qemu save --qmp PATH --out DIR
+postcopy qemu serve --snapshot DIR --connect unix:PATH|tcp:HOST:PORT [--window F:B] [--no-background] [--json]
 
   import reads a migration stream QEMU saved itself (migrate "exec:cat >
   FILE") into a snapshot directory: each RAM block as a sparse image (zero
@@ -26,13 +28,57 @@ postcopy qemu save --qmp PATH --out DIR
   (ERR_QEMU_STREAM_INVALID), one cut short (ERR_QEMU_STREAM_TRUNCATED), or one
   using compression, multifd or xbzrle (ERR_UNSUPPORTED, naming it) is
   refused. Prints the manifest as one JSON line.
+
+  serve restores a snapshot into a destination QEMU lazily, as its postcopy
+  migration source. Start that QEMU with -incoming defer (same machine and
+  devices), turn postcopy-ram on (migrate-set-capabilities) and run
+  migrate-incoming with the address; serve connects there. The guest runs as
+  soon as its device state is in; each RAM page it touches is asked for on
+  the return path and sent first (with --window pages after it), the rest
+  streams in the background. Prints what happened when the destination has
+  every page: requests, request-to-page latency, pages on demand / window /
+  background / zero, bytes, time to the guest running and to full residency.
 ${loggingUsage}`;
 
 export async function qemu(argv: string[], log: Logger): Promise<void> {
   const [which, ...rest] = argv;
   if (which === 'import') return importStream(rest, log);
   if (which === 'save') return save(rest, log);
-  throw new UsageError(`postcopy qemu takes import or save, not ${JSON.stringify(which ?? '')}`);
+  if (which === 'serve') return serveSnapshot(rest, log);
+  throw new UsageError(`postcopy qemu takes import, save or serve, not ${JSON.stringify(which ?? '')}`);
+}
+
+async function serveSnapshot(argv: string[], log: Logger): Promise<void> {
+  const values = parseCommandLine(argv, {
+    snapshot: { type: 'string' },
+    connect: { type: 'string' },
+    window: { type: 'string' },
+    'no-background': { type: 'boolean' },
+    json: { type: 'boolean' },
+  });
+  requireOptions(values, ['snapshot', 'connect'], 'postcopy qemu serve --snapshot DIR --connect unix:PATH|tcp:HOST:PORT');
+  parseAddressOption(values.connect as string, '--connect');
+  const window = parseWindow(values.window);
+  const report = await serveQemuSnapshot(values.snapshot as string, values.connect as string, {
+    logger: log,
+    ...(window ? { window } : {}),
+    background: !values['no-background'],
+  });
+  log.info(report, 'the destination QEMU has every page');
+  if (values.json) {
+    process.stdout.write(JSON.stringify(report) + '\n');
+    return;
+  }
+  const mib = (n: number) => (n / 2 ** 20).toFixed(1);
+  process.stdout.write(
+    [
+      `requests     ${report.requests}   latency p50 ${report.requestLatencyUs.p50} µs   p90 ${report.requestLatencyUs.p90} µs   p99 ${report.requestLatencyUs.p99} µs`,
+      `pages        on demand ${report.pagesOnDemand}   window ${report.pagesWindow}   background ${report.pagesBackground}   zero ${report.zeroPages}`,
+      `sent         ${mib(report.bytesSent)} MiB`,
+      `guest runs   after ${report.guestRunningMs} ms;  every page there after ${report.fullResidencyMs} ms`,
+      '',
+    ].join('\n'),
+  );
 }
 
 function progress(log: Logger) {

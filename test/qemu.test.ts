@@ -6,11 +6,12 @@
 // refused with their codes.
 import t from 'tap';
 import { spawn, spawnSync } from 'node:child_process';
+import { once } from 'node:events';
 import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { Qmp } from '../lib/qmp.js';
-import { runCli, tempDir } from './helpers.js';
+import { cliCommand, runCli, tempDir } from './helpers.js';
 import type { Test } from 'tap';
 
 const PATTERN_AT = 1 << 20;
@@ -127,4 +128,112 @@ t.test('postcopy qemu save against a QMP socket nobody listens on: a clear error
   const r = await runCli(['qemu', 'save', '--qmp', join(dir, 'nobody.sock'), '--out', join(dir, 'out')]);
   t.equal(r.code, 1);
   t.match(r.stderr, /ERR_QMP_FAILED/);
+});
+
+/** A destination QEMU waiting for an incoming postcopy migration at `incoming` (the same machine, no pattern of its own). */
+async function startDestination(t: Test, dir: string): Promise<{ qmp: string; incoming: string; child: ReturnType<typeof spawn> }> {
+  const zeros = join(dir, 'zeros.bin');
+  writeFileSync(zeros, Buffer.alloc(PATTERN_BYTES));
+  const qmp = join(dir, 'dest-qmp.sock');
+  const incoming = join(dir, 'incoming.sock');
+  const child = spawn(
+    'qemu-system-x86_64',
+    [
+      ...['-machine', 'pc', '-accel', 'tcg', '-m', '64', '-nodefaults', '-display', 'none', '-S', '-incoming', 'defer'],
+      ...['-qmp', `unix:${qmp},server=on,wait=off`, '-device', `loader,file=${zeros},addr=${PATTERN_AT}`],
+    ],
+    { stdio: ['ignore', 'ignore', 'pipe'] },
+  );
+  t.teardown(() => void child.kill('SIGKILL'));
+  for (let i = 0; i < 500 && !existsSync(qmp); i++) await new Promise((r) => setTimeout(r, 10));
+  const monitor = await Qmp.connect(qmp);
+  await monitor.execute('migrate-set-capabilities', { capabilities: [{ capability: 'postcopy-ram', state: true }] });
+  await monitor.execute('migrate-incoming', { uri: `unix:${incoming}` });
+  monitor.close();
+  for (let i = 0; i < 500 && !existsSync(incoming); i++) await new Promise((r) => setTimeout(r, 10));
+  return { qmp, incoming, child };
+}
+
+/** Waits (bounded) until the destination QEMU says its migration is in postcopy: its guest's memory comes from us from now on. */
+async function inPostcopy(qmpPath: string): Promise<void> {
+  const monitor = await Qmp.connect(qmpPath);
+  try {
+    for (let i = 0; i < 300; i++) {
+      const { status } = await monitor.execute<{ status?: string }>('query-migrate');
+      if (status === 'postcopy-active' || status === 'completed') return;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    throw new Error('the destination never entered postcopy');
+  } finally {
+    monitor.close();
+  }
+}
+
+/** Reads 4 MiB of the destination's guest memory at 1 MiB through its monitor (each page it lacks faults and is fetched). */
+async function guestPattern(qmpPath: string, dir: string): Promise<Buffer> {
+  const monitor = await Qmp.connect(qmpPath);
+  const file = join(dir, `read-${Date.now()}.bin`);
+  await monitor.execute('pmemsave', { val: PATTERN_AT, size: PATTERN_BYTES, filename: file }, 30_000);
+  monitor.close();
+  return readFileSync(file);
+}
+
+async function snapshotOf(t: Test, dir: string, pattern: Buffer): Promise<string> {
+  const { qmp } = await startQemu(t, dir, pattern);
+  const out = join(dir, 'snapshot');
+  const r = await runCli(['qemu', 'save', '--qmp', qmp, '--out', out]);
+  if (r.code !== 0) throw new Error(r.stderr);
+  return out;
+}
+
+t.test('postcopy qemu serve: a destination QEMU restores the snapshot in postcopy; its memory is the snapshot', async (t) => {
+  const dir = tempDir(t);
+  const pattern = randomBytes(PATTERN_BYTES);
+  const snapshot = await snapshotOf(t, dir, pattern);
+  const dest = await startDestination(t, dir);
+  const served = await runCli(['qemu', 'serve', '--snapshot', snapshot, '--connect', `unix:${dest.incoming}`, '--json']);
+  t.equal(served.code, 0, served.stderr);
+  const report = JSON.parse(served.stdout.trim().split('\n').pop()!);
+  t.match(report, { guestRunningMs: Number, fullResidencyMs: Number, bytesSent: Number }, 'what happened, as numbers');
+  t.equal(report.pagesOnDemand + report.pagesWindow + report.pagesBackground, 16384 + 32 + 64 + 32 + 1 + 1, 'every page of every RAM block, once');
+  const monitor = await Qmp.connect(dest.qmp);
+  t.match(await monitor.execute('query-migrate'), { status: 'completed' }, 'the destination QEMU says the migration completed');
+  monitor.close();
+  t.ok((await guestPattern(dest.qmp, dir)).equals(pattern), "the destination's guest memory holds the pattern, byte for byte");
+});
+
+t.test('postcopy qemu serve --no-background: pages come only when the destination touches them', async (t) => {
+  const dir = tempDir(t);
+  const pattern = randomBytes(PATTERN_BYTES);
+  const snapshot = await snapshotOf(t, dir, pattern);
+  const dest = await startDestination(t, dir);
+  const [cmd, ...pre] = cliCommand();
+  const serve = spawn(cmd, [...pre, 'qemu', 'serve', '--snapshot', snapshot, '--connect', `unix:${dest.incoming}`, '--no-background', '--window', '0:0'], {
+    stdio: 'ignore',
+  });
+  t.teardown(() => void serve.kill('SIGKILL'));
+  await inPostcopy(dest.qmp);
+  // Reading guest memory through the monitor faults on each page; each is asked for on the return path and sent.
+  t.ok((await guestPattern(dest.qmp, dir)).equals(pattern), 'every page read arrived on demand, byte for byte');
+  const monitor = await Qmp.connect(dest.qmp);
+  t.match(await monitor.execute('query-migrate'), { status: 'postcopy-active' }, 'and the rest is still to come: the migration is still in postcopy');
+  monitor.close();
+});
+
+t.test('a destination QEMU that dies mid-restore: serve exits with a clear error, nothing hangs', async (t) => {
+  const dir = tempDir(t);
+  const snapshot = await snapshotOf(t, dir, randomBytes(PATTERN_BYTES));
+  const dest = await startDestination(t, dir);
+  const [cmd, ...pre] = cliCommand();
+  const serve = spawn(cmd, [...pre, 'qemu', 'serve', '--snapshot', snapshot, '--connect', `unix:${dest.incoming}`, '--no-background'], {
+    stdio: ['ignore', 'ignore', 'pipe'],
+  });
+  let stderr = '';
+  serve.stderr!.on('data', (d) => (stderr += d));
+  const closed = once(serve, 'close');
+  await inPostcopy(dest.qmp);
+  dest.child.kill('SIGKILL');
+  const [code] = await closed;
+  t.equal(code, 1, 'serve exits with an error');
+  t.match(stderr, /ERR_PEER_GONE/, 'saying the destination went away');
 });
