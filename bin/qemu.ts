@@ -1,7 +1,8 @@
 // postcopy qemu: QEMU snapshots this project can serve (docs/QEMU-SNAPSHOT.md).
 //   import FILE --out DIR   from a stream QEMU saved itself (migrate "exec:cat > FILE")
 //   save --qmp PATH --out DIR   from a running QEMU, migrated into a socket of ours
-import { createReadStream, mkdtempSync, rmSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { closeSync, createReadStream, existsSync, mkdtempSync, openSync, readFileSync, rmSync } from 'node:fs';
 import { once } from 'node:events';
 import { createServer, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -11,12 +12,13 @@ import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import { Qmp } from '../lib/qmp.js';
 import { listenOwnerOnly } from '../lib/unix-socket.js';
 import { readQemuStream, type QemuSnapshotManifest } from '../server/qemu-snapshot.js';
-import { serveQemuSnapshot } from '../server/qemu-source.js';
+import { readManifest, serveQemuSnapshot, type QemuServeReport } from '../server/qemu-source.js';
 import { parseAddressOption, parseCommandLine, parseWindow, requireOptions, loggingUsage, UsageError } from './options.js';
 
 export const qemuUsage = `postcopy qemu import FILE --out DIR
 postcopy qemu save --qmp PATH --out DIR
 postcopy qemu serve --snapshot DIR --connect unix:PATH|tcp:HOST:PORT [--window F:B] [--no-background] [--json]
+postcopy qemu restore --snapshot DIR [--window F:B] [--no-background] [--wait] [--json] -- QEMU-COMMAND...
 
   import reads a migration stream QEMU saved itself (migrate "exec:cat >
   FILE") into a snapshot directory: each RAM block as a sparse image (zero
@@ -38,6 +40,12 @@ postcopy qemu serve --snapshot DIR --connect unix:PATH|tcp:HOST:PORT [--window F
   streams in the background. Prints what happened when the destination has
   every page: requests, request-to-page latency, pages on demand / window /
   background / zero, bytes, time to the guest running and to full residency.
+
+  restore is the one command for all of that: it starts QEMU-COMMAND (the
+  machine the snapshot was taken of) with -incoming defer and a QMP socket of
+  its own, turns postcopy-ram on, serves it as above, prints the same
+  figures (and the QMP socket's path) and leaves the guest running; --wait
+  waits for QEMU to exit.
 ${loggingUsage}`;
 
 export async function qemu(argv: string[], log: Logger): Promise<void> {
@@ -45,17 +53,87 @@ export async function qemu(argv: string[], log: Logger): Promise<void> {
   if (which === 'import') return importStream(rest, log);
   if (which === 'save') return save(rest, log);
   if (which === 'serve') return serveSnapshot(rest, log);
+  if (which === 'restore') return restoreSnapshot(rest, log);
   throw new UsageError(`postcopy qemu takes import, save or serve, not ${JSON.stringify(which ?? '')}`);
 }
 
-async function serveSnapshot(argv: string[], log: Logger): Promise<void> {
-  const values = parseCommandLine(argv, {
-    snapshot: { type: 'string' },
-    connect: { type: 'string' },
-    window: { type: 'string' },
-    'no-background': { type: 'boolean' },
-    json: { type: 'boolean' },
+const serveOptionSpec = {
+  snapshot: { type: 'string' },
+  window: { type: 'string' },
+  'no-background': { type: 'boolean' },
+  json: { type: 'boolean' },
+} as const;
+
+async function restoreSnapshot(argv: string[], log: Logger): Promise<void> {
+  const split = argv.indexOf('--');
+  if (split < 0 || split === argv.length - 1) throw new UsageError('postcopy qemu restore --snapshot DIR -- QEMU-COMMAND...: give the QEMU command after --');
+  const values = parseCommandLine(argv.slice(0, split), { ...serveOptionSpec, wait: { type: 'boolean' } });
+  requireOptions(values, ['snapshot'], 'postcopy qemu restore --snapshot DIR -- QEMU-COMMAND...');
+  const window = parseWindow(values.window);
+  readManifest(values.snapshot as string); // a directory that is not a snapshot is refused before QEMU starts
+  const [command, ...args] = argv.slice(split + 1);
+  const dir = mkdtempSync(join(tmpdir(), 'uffd-postcopy-qemu-'));
+  const qmpPath = join(dir, 'qmp.sock');
+  const incoming = join(dir, 'incoming.sock');
+  const wait = values.wait === true;
+  // QEMU outlives this command (unless --wait): its output goes to a log beside its sockets, never to our stdout.
+  const logPath = join(dir, 'qemu.log');
+  const logFd = openSync(logPath, 'a', 0o600);
+  const child = spawn(command, [...args, '-incoming', 'defer', '-qmp', `unix:${qmpPath},server=on,wait=off`], {
+    stdio: ['ignore', logFd, logFd],
+    detached: !wait,
   });
+  closeSync(logFd);
+  const qemuSaid = () => {
+    try {
+      return readFileSync(logPath, 'utf8').trim().split('\n').slice(-3).join(' | ');
+    } catch {
+      return '';
+    }
+  };
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  const failedToStart = new Promise<never>((_, reject) =>
+    child.once('error', (err: NodeJS.ErrnoException) =>
+      reject(Object.assign(new PostcopyError(ErrorCode.QMP_FAILED, `cannot start ${command}: ${err.message}`), { errno: err.errno, syscall: err.syscall })),
+    ),
+  );
+  failedToStart.catch(() => {});
+  try {
+    for (let i = 0; i < 1000 && !existsSync(qmpPath); i++) {
+      if (child.exitCode !== null)
+        throw new PostcopyError(ErrorCode.QMP_FAILED, `${command} exited with ${child.exitCode} before its monitor opened: ${qemuSaid()}`);
+      await Promise.race([new Promise((r) => setTimeout(r, 10)), failedToStart]);
+    }
+    const qmp = await Qmp.connect(qmpPath);
+    try {
+      await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'postcopy-ram', state: true }] });
+      await qmp.execute('migrate-incoming', { uri: `unix:${incoming}` });
+    } finally {
+      qmp.close();
+    }
+    for (let i = 0; i < 1000 && !existsSync(incoming); i++) await new Promise((r) => setTimeout(r, 10));
+    const report = await serveQemuSnapshot(values.snapshot as string, `unix:${incoming}`, {
+      logger: log,
+      ...(window ? { window } : {}),
+      background: !values['no-background'],
+    });
+    printServeReport({ ...report, qmp: qmpPath, pid: child.pid, log: logPath }, values.json === true, log);
+    if (wait) {
+      const code = await exited;
+      log.info({ code }, 'QEMU exited');
+    } else {
+      child.unref();
+    }
+  } catch (err) {
+    child.kill('SIGKILL');
+    const said = qemuSaid();
+    if (said && err instanceof Error) err.message += ` (QEMU: ${said})`;
+    throw err;
+  }
+}
+
+async function serveSnapshot(argv: string[], log: Logger): Promise<void> {
+  const values = parseCommandLine(argv, { ...serveOptionSpec, connect: { type: 'string' } });
   requireOptions(values, ['snapshot', 'connect'], 'postcopy qemu serve --snapshot DIR --connect unix:PATH|tcp:HOST:PORT');
   parseAddressOption(values.connect as string, '--connect');
   const window = parseWindow(values.window);
@@ -64,8 +142,12 @@ async function serveSnapshot(argv: string[], log: Logger): Promise<void> {
     ...(window ? { window } : {}),
     background: !values['no-background'],
   });
+  printServeReport(report, values.json === true, log);
+}
+
+function printServeReport(report: QemuServeReport & { qmp?: string; pid?: number; log?: string }, json: boolean, log: Logger): void {
   log.info(report, 'the destination QEMU has every page');
-  if (values.json) {
+  if (json) {
     process.stdout.write(JSON.stringify(report) + '\n');
     return;
   }
@@ -76,6 +158,7 @@ async function serveSnapshot(argv: string[], log: Logger): Promise<void> {
       `pages        on demand ${report.pagesOnDemand}   window ${report.pagesWindow}   background ${report.pagesBackground}   zero ${report.zeroPages}`,
       `sent         ${mib(report.bytesSent)} MiB`,
       `guest runs   after ${report.guestRunningMs} ms;  every page there after ${report.fullResidencyMs} ms`,
+      ...(report.qmp ? [`QEMU         pid ${report.pid}, its monitor at ${report.qmp}, its output in ${report.log}`] : []),
       '',
     ].join('\n'),
   );
