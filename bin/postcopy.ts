@@ -52,6 +52,15 @@ postcopy bench live [--pages N] [--write-rates P,P,...] [--rate SIZE] [--json]
   rate (e.g. 125M for 1 Gb/s; default: a unix socket's). JSON lines, then a
   table.
 
+postcopy bench qemu [--guest-mib N] [--rounds R] [--json]
+  The test guest (test/guest: Debian's kernel and busybox, a program checking
+  N MiB of its memory every second; default 64) booted under TCG, saved by
+  QEMU (exec:cat) and imported from that stream; then, alternating R rounds
+  (default 3): postcopy qemu restore of the snapshot against QEMU's own
+  restore of the same stream (-incoming "exec:cat FILE"): time to the guest
+  running and to completion, and our page-request latency. Needs
+  qemu-system-x86 and the Debian package lists.
+
 postcopy bench encryption [--pages N] [--rounds R]
   What sealing TCP data channels costs: fault p50 and bulk GB/s over TCP,
   plaintext and sealed, interleaved R rounds (default 3); medians and ratios.`;
@@ -90,8 +99,8 @@ const usageOf: Record<string, string> = {
 
 async function bench(argv: string[]): Promise<void> {
   const which = argv[0] && !argv[0].startsWith('-') ? argv[0] : 'suite';
-  if (!['suite', 'latency', 'throughput', 'encryption', 'local', 'localhost', 'live'].includes(which))
-    throw new UsageError(`unknown benchmark ${JSON.stringify(which)} (the suite, latency, throughput, encryption, local, localhost or live)`);
+  if (!['suite', 'latency', 'throughput', 'encryption', 'local', 'localhost', 'live', 'qemu'].includes(which))
+    throw new UsageError(`unknown benchmark ${JSON.stringify(which)} (the suite, latency, throughput, encryption, local, localhost, live or qemu)`);
   const rest = which === 'suite' ? argv : argv.slice(1);
   const values = parseCommandLine(rest, {
     pages: { type: 'string' },
@@ -105,6 +114,7 @@ async function bench(argv: string[]): Promise<void> {
     clones: { type: 'string' },
     'write-rates': { type: 'string' },
     rate: { type: 'string' },
+    'guest-mib': { type: 'string' },
   });
   // Each benchmark takes its own options; one given to another is refused, never ignored.
   const takes: Record<string, string[]> = {
@@ -115,6 +125,7 @@ async function bench(argv: string[]): Promise<void> {
     local: ['pages', 'rounds', 'seed', 'json'],
     localhost: ['pages', 'clones', 'json'],
     live: ['pages', 'write-rates', 'rate', 'json'],
+    qemu: ['guest-mib', 'rounds', 'json'],
   };
   const stray = Object.keys(values).find((k) => !takes[which].includes(k));
   if (stray) {
@@ -158,6 +169,26 @@ async function bench(argv: string[]): Promise<void> {
     );
     for (const r of results) process.stdout.write(JSON.stringify(r) + '\n');
     if (!values.json) process.stdout.write('\n' + localTable(results));
+    return;
+  }
+  if (which === 'qemu') {
+    const { qemuBench } = await import('../bench/qemu.js');
+    const result = await qemuBench(parseCount(values['guest-mib'], '--guest-mib', 64, 4096, 8), parseCount(values.rounds, '--rounds', 3, 100, 1), (line) =>
+      process.stderr.write(line + '\n'),
+    );
+    process.stdout.write(JSON.stringify(result) + '\n');
+    if (!values.json)
+      process.stdout.write(
+        [
+          '',
+          '| restore | guest running | complete | page requests | request latency p50 / p99 |',
+          '| --- | --- | --- | --- | --- |',
+          `| postcopy qemu restore | ${result.ours.runningMs} ms | ${result.ours.completeMs} ms | ${result.ours.requests} | ${result.ours.requestLatencyUs.p50} / ${result.ours.requestLatencyUs.p99} µs |`,
+          `| QEMU's own (exec:cat) | ${result.qemu.runningMs} ms | ${result.qemu.completeMs} ms | | |`,
+          `| ratio (ours / QEMU's) | ${result.ratio.running} | ${result.ratio.complete} | | |`,
+          '',
+        ].join('\n'),
+      );
     return;
   }
   if (which === 'live') {

@@ -9,6 +9,7 @@ import { rankPolicies } from '../bench/report.js';
 import { scaling, scalingSpec } from '../bench/plots.js';
 import { localhostBench, localhostTable } from '../bench/localhost.js';
 import { liveBench, liveTable } from '../bench/live.js';
+import { qemuBench } from '../bench/qemu.js';
 import { localBench, localTable } from '../bench/local.js';
 import { tempDir } from './helpers.js';
 
@@ -151,4 +152,17 @@ t.test('bench live runs end to end: the three modes side by side, byte-exact, wi
   t.ok(results[1].rounds >= 1 && results[2].rounds >= 1, 'the others precopy first');
   t.equal(results[2].pagesDiscarded, 0, 'precopy alone leaves nothing stale');
   t.match(liveTable(results), /precopy\+postcopy/);
+});
+
+t.test('bench qemu runs end to end: our lazy restore beside QEMU own, the guest clean after both', async (t) => {
+  const result = await qemuBench(16, 1, () => {});
+  t.match(result, {
+    guestMemMib: 16,
+    rounds: 1,
+    ours: { runningMs: Number, completeMs: Number, requests: Number },
+    qemu: { runningMs: Number },
+    ratio: { running: Number, complete: Number },
+  });
+  t.equal(result.guestChecksClean, true, 'every restored guest checked its memory and saw no error');
+  t.ok(result.ours.runningMs <= result.ours.completeMs, 'ours: the guest runs before its memory has all arrived');
 });

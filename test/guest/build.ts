@@ -8,9 +8,7 @@ import { execFileSync } from 'node:child_process';
 import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
-
-const here = fileURLToPath(new URL('.', import.meta.url));
+import { projectRoot } from '../../lib/package-root.js';
 
 export interface TestGuest {
   kernel: string;
@@ -20,7 +18,7 @@ export interface TestGuest {
 /** The kernel and initramfs of the test guest (built on first use). */
 export function testGuest(): TestGuest {
   const dir = join(tmpdir(), `uffd-postcopy-${process.getuid?.() ?? 0}`, 'guest');
-  const source = join(here, 'guest-mem.c');
+  const source = join(projectRoot(), 'test', 'guest', 'guest-mem.c');
   const kernel = join(dir, 'vmlinuz');
   const initrd = join(dir, 'initramfs.cpio');
   if (existsSync(kernel) && existsSync(initrd) && statSync(initrd).mtimeMs >= statSync(source).mtimeMs) return { kernel, initrd };

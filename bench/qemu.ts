@@ -1,0 +1,169 @@
+// postcopy bench qemu: the test guest (test/guest: Debian's kernel, busybox,
+// guest-mem checking its memory every second) booted under TCG, saved once
+// by QEMU itself (`migrate "exec:cat > FILE"`) and imported from that stream
+// (`postcopy qemu import`). Then, in one run, alternating:
+//   ours  the snapshot served in postcopy (what `postcopy qemu restore`
+//         does, in this process): the guest runs at once, its memory
+//         follows on demand and in the background
+//   qemu  QEMU's own restore of the same state (`migrate-incoming
+//         "exec:cat FILE"`): the guest runs once every byte is in
+// Each: from migrate-incoming to the guest running, and to completion.
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { selfCommand } from '../bin/options.js';
+import { Qmp } from '../lib/qmp.js';
+import { serveQemuSnapshot } from '../server/qemu-source.js';
+import { testGuest } from '../test/guest/build.js';
+import { interleaved, median, round } from './latency.js';
+
+export interface QemuBenchResult {
+  guestMemMib: number;
+  rounds: number;
+  /** Medians over the rounds, ms from migrate-incoming. */
+  ours: { runningMs: number; completeMs: number; requests: number; requestLatencyUs: { p50: number; p99: number } };
+  qemu: { runningMs: number; completeMs: number };
+  /** ours / QEMU's, medians of the per-round ratios. */
+  ratio: { running: number; complete: number };
+  /** Every restored guest checked its memory after the restore and saw no error. */
+  guestChecksClean: boolean;
+}
+
+const QEMU = 'qemu-system-x86_64';
+
+async function waitFor<T>(what: string, probe: () => T | undefined | Promise<T | undefined>, timeoutMs = 120_000): Promise<T> {
+  for (const end = Date.now() + timeoutMs; Date.now() < end;) {
+    const v = await probe();
+    if (v !== undefined) return v;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  throw new Error(`timed out waiting for ${what}`);
+}
+
+function passes(file: string): { pass: number; errors: number }[] {
+  let text = '';
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch {
+    return [];
+  }
+  return [...text.matchAll(/guest-mem: pass (\d+) pages \d+ errors (\d+)/g)].map((m) => ({ pass: Number(m[1]), errors: Number(m[2]) }));
+}
+
+function qemu(args: string[]): ChildProcess {
+  return spawn(QEMU, args, { stdio: 'ignore' });
+}
+
+/** Waits for the restored guest's next two passes (each checks every page) and says whether they were clean. */
+async function guestClean(serial: string): Promise<boolean> {
+  const p = await waitFor('the restored guest to check its memory', () => {
+    const seen = passes(serial);
+    return seen.length >= 2 ? seen : undefined;
+  });
+  return p.every((x) => x.errors === 0);
+}
+
+export async function qemuBench(guestMemMib: number, rounds: number, progress: (line: string) => void): Promise<QemuBenchResult> {
+  const guest = testGuest();
+  const dir = mkdtempSync(join(tmpdir(), 'uffd-postcopy-bench-qemu-'));
+  const machine = ['-machine', 'pc', '-accel', 'tcg', '-cpu', 'qemu64', '-m', String(guestMemMib * 2 + 128), '-nodefaults', '-display', 'none', '-no-reboot'];
+  const boot = ['-kernel', guest.kernel, '-initrd', guest.initrd, '-append', `console=ttyS0 panic=-1 quiet guest_mem_mib=${guestMemMib}`];
+  const children: ChildProcess[] = [];
+  try {
+    progress(`qemu: booting the test guest (${guestMemMib} MiB checked every second)`);
+    const qmpPath = join(dir, 'source-qmp.sock');
+    const serial = join(dir, 'source.serial');
+    children.push(qemu([...machine, ...boot, '-serial', `file:${serial}`, '-qmp', `unix:${qmpPath},server=on,wait=off`]));
+    await waitFor('the guest to boot', () => (passes(serial).length >= 2 ? true : undefined), 180_000);
+    // QEMU saves the guest itself; the snapshot is imported from that very stream: both restores start from one state.
+    const stream = join(dir, 'vm.stream');
+    const source = await Qmp.connect(qmpPath);
+    await source.execute('migrate', { uri: `exec:cat > ${stream}` });
+    await waitFor('QEMU to save', async () => ((await source.execute<{ status: string }>('query-migrate')).status === 'completed' ? true : undefined));
+    source.close();
+    const snapshot = join(dir, 'snapshot');
+    await run([...selfCommand(), 'qemu', 'import', stream, '--out', snapshot]);
+    let clean = true;
+    let n = 0;
+    let m = 0;
+    const { a, b } = await interleaved(
+      rounds,
+      async () => {
+        progress(`qemu: round ${++n}: postcopy qemu restore`);
+        const out = join(dir, `ours-${n}.serial`);
+        const qmp = join(dir, `ours-${n}.sock`);
+        const incoming = join(dir, `incoming-${n}.sock`);
+        const child = qemu([...machine, ...boot, '-serial', `file:${out}`, '-incoming', 'defer', '-qmp', `unix:${qmp},server=on,wait=off`]);
+        children.push(child);
+        await waitFor('QEMU to start', () => (existsSync(qmp) ? true : undefined));
+        const dest = await Qmp.connect(qmp);
+        await dest.execute('migrate-set-capabilities', { capabilities: [{ capability: 'postcopy-ram', state: true }] });
+        const started = performance.now();
+        await dest.execute('migrate-incoming', { uri: `unix:${incoming}` });
+        await waitFor('QEMU to listen', () => (existsSync(incoming) ? true : undefined));
+        // The guest runs when QEMU says so, watched the same way as for QEMU's own restore.
+        const running = waitFor('the guest to run', async () =>
+          (await dest.execute<{ status: string }>('query-status')).status === 'running' ? performance.now() - started : undefined,
+        );
+        const report = await serveQemuSnapshot(snapshot, `unix:${incoming}`);
+        const completeMs = performance.now() - started;
+        const runningMs = await running;
+        dest.close();
+        clean &&= await guestClean(out);
+        child.kill('SIGKILL');
+        return { ...report, runningMs, completeMs };
+      },
+      async () => {
+        progress(`qemu: round ${++m}: QEMU's own restore (exec:cat)`);
+        const out = join(dir, `qemu-${m}.serial`);
+        const qmp = join(dir, `dest-${m}.sock`);
+        const started = performance.now();
+        const child = qemu([...machine, ...boot, '-serial', `file:${out}`, '-incoming', 'defer', '-qmp', `unix:${qmp},server=on,wait=off`]);
+        children.push(child);
+        await waitFor('QEMU to start', () => (existsSync(qmp) ? true : undefined));
+        const dest = await Qmp.connect(qmp);
+        await dest.execute('migrate-incoming', { uri: `exec:cat ${stream}` });
+        const runningMs = await waitFor('the guest to run', async () =>
+          (await dest.execute<{ status: string }>('query-status')).status === 'running' ? performance.now() - started : undefined,
+        );
+        dest.close();
+        clean &&= await guestClean(out);
+        child.kill('SIGKILL');
+        return { runningMs, completeMs: runningMs };
+      },
+    );
+    const med = (xs: number[]) => round(median(xs), 1);
+    return {
+      guestMemMib,
+      rounds,
+      ours: {
+        runningMs: med(a.map((r) => r.runningMs)),
+        completeMs: med(a.map((r) => r.completeMs)),
+        requests: med(a.map((r) => r.requests)),
+        requestLatencyUs: { p50: med(a.map((r) => r.requestLatencyUs.p50)), p99: med(a.map((r) => r.requestLatencyUs.p99)) },
+      },
+      qemu: { runningMs: med(b.map((r) => r.runningMs)), completeMs: med(b.map((r) => r.completeMs)) },
+      ratio: {
+        running: round(median(a.map((r, i) => r.runningMs / b[i].runningMs)), 3),
+        complete: round(median(a.map((r, i) => r.completeMs / b[i].completeMs)), 3),
+      },
+      guestChecksClean: clean,
+    };
+  } finally {
+    for (const c of children) c.kill('SIGKILL');
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+function run(command: string[]): Promise<string> {
+  const [cmd, ...args] = command;
+  return new Promise((resolve, reject) => {
+    const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, POSTCOPY_LOG_LEVEL: 'warn' } });
+    let out = '';
+    let err = '';
+    child.stdout.on('data', (d) => (out += d));
+    child.stderr.on('data', (d) => (err += d));
+    child.on('close', (code) => (code === 0 ? resolve(out) : reject(new Error(`${args.slice(0, 3).join(' ')} exited with ${code}: ${err.trim()}`))));
+  });
+}
