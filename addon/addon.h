@@ -11,4 +11,5 @@ void InitPageServer(Napi::Env env, Napi::Object exports);
 void InitFaultEngine(Napi::Env env, Napi::Object exports);
 void InitFdWatcher(Napi::Env env, Napi::Object exports);
 void InitPageChecksum(Napi::Env env, Napi::Object exports);
+void InitQemuSource(Napi::Env env, Napi::Object exports);
 }  // namespace uffdpc

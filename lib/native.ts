@@ -77,6 +77,10 @@ export type NativeEvent = NativeEventBase &
     | { type: 'switched-over'; discarded: number; held: number }
     /** The switchover marker arrived: the workload may run here now (destination). */
     | { type: 'switchover'; discarded: number; rewritten: number }
+    /** QEMU's stream: the preamble (device state, run) is out (source). */
+    | { type: 'running'; afterNs: number }
+    /** QEMU's stream: the destination said SHUT (source). */
+    | { type: 'done'; status: number }
   );
 
 export interface ServedRegionSpec {
@@ -120,6 +124,26 @@ export interface NativePageServerSession {
   precopyRound(ranges: Uint8Array): void;
   /** A live source, its workload paused: the pages written since the last round was queued (same layout). */
   switchover(written: Uint8Array): void;
+}
+
+/** addon/qemu_source.cc: QEMU's postcopy stream from a snapshot, written by native threads. */
+export interface NativeQemuRamStream {
+  start(): void;
+  stop(): void;
+  stats(): {
+    requests: number;
+    requestP50Ns: number;
+    requestP90Ns: number;
+    requestP99Ns: number;
+    pagesOnDemand: number;
+    pagesWindow: number;
+    pagesBackground: number;
+    zeroPages: number;
+    bytesSent: number;
+    preambleNs: number;
+    residentNs: number;
+    totalPages: number;
+  };
 }
 
 export interface DestinationStats {
@@ -250,6 +274,17 @@ export interface NativeAddon {
     precopy?: boolean;
     onEvent: (event: NativeEvent) => void;
   }) => NativePageServerSession;
+
+  QemuRamStream: new (options: {
+    fd: number;
+    preamble: Buffer;
+    section: number;
+    blocks: { name: string; spec: ServedRegionSpec }[];
+    windowForward: number;
+    windowBackward: number;
+    background: boolean;
+    onEvent: (event: NativeEvent) => void;
+  }) => NativeQemuRamStream;
 
   FaultEngine: new (options: {
     uffd: number;
