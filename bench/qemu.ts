@@ -26,6 +26,14 @@ export interface QemuBenchResult {
   qemu: { runningMs: number; completeMs: number };
   /** ours / QEMU's, medians of the per-round ratios. */
   ratio: { running: number; complete: number };
+  /**
+   * QEMU-to-QEMU postcopy of the same guest, running (not from a snapshot):
+   * `migrate` then `migrate-start-postcopy` at once, without and with the
+   * postcopy-preempt channel; from `migrate` to the destination's guest
+   * running and to completion, and the page requests QEMU counted. QEMU 7.2
+   * reports no request latency.
+   */
+  qemuPostcopy: { preempt: boolean; runningMs: number; completeMs: number; requests: number }[];
   /** Every restored guest checked its memory after the restore and saw no error. */
   guestChecksClean: boolean;
 }
@@ -133,6 +141,50 @@ export async function qemuBench(guestMemMib: number, rounds: number, progress: (
         return { runningMs, completeMs: runningMs };
       },
     );
+    // QEMU to QEMU, in postcopy from the start, the source running again each time.
+    const qemuPostcopy: QemuBenchResult['qemuPostcopy'] = [];
+    for (const preempt of [false, true]) {
+      const runs: { runningMs: number; completeMs: number; requests: number }[] = [];
+      for (let i = 0; i < rounds; i++) {
+        progress(`qemu: round ${i + 1}: QEMU to QEMU postcopy${preempt ? ' with preempt' : ''}`);
+        const out = join(dir, `q2q-${preempt}-${i}.serial`);
+        const qmp = join(dir, `q2q-${preempt}-${i}.sock`);
+        const incoming = join(dir, `q2q-in-${preempt}-${i}.sock`);
+        const child = qemu([...machine, ...boot, '-serial', `file:${out}`, '-incoming', 'defer', '-qmp', `unix:${qmp},server=on,wait=off`]);
+        children.push(child);
+        await waitFor('QEMU to start', () => (existsSync(qmp) ? true : undefined));
+        const caps = { capabilities: [{ capability: 'postcopy-ram', state: true }, ...(preempt ? [{ capability: 'postcopy-preempt', state: true }] : [])] };
+        const dest = await Qmp.connect(qmp);
+        await dest.execute('migrate-set-capabilities', caps);
+        await dest.execute('migrate-incoming', { uri: `unix:${incoming}` });
+        await waitFor('QEMU to listen', () => (existsSync(incoming) ? true : undefined));
+        const src = await Qmp.connect(qmpPath);
+        await src.execute('cont');
+        await src.execute('migrate-set-capabilities', caps);
+        const started = performance.now();
+        await src.execute('migrate', { uri: `unix:${incoming}` });
+        await src.execute('migrate-start-postcopy');
+        const running = waitFor('the guest to run', async () =>
+          (await dest.execute<{ status: string }>('query-status')).status === 'running' ? performance.now() - started : undefined,
+        );
+        const done = await waitFor('QEMU to finish', async () => {
+          const q = await src.execute<{ status: string; ram?: { 'postcopy-requests'?: number } }>('query-migrate');
+          if (q.status === 'failed') throw new Error('QEMU to QEMU postcopy failed');
+          return q.status === 'completed' ? { completeMs: performance.now() - started, requests: q.ram?.['postcopy-requests'] ?? 0 } : undefined;
+        });
+        runs.push({ runningMs: await running, ...done });
+        src.close();
+        dest.close();
+        clean &&= await guestClean(out);
+        child.kill('SIGKILL');
+      }
+      qemuPostcopy.push({
+        preempt,
+        runningMs: round(median(runs.map((r) => r.runningMs)), 1),
+        completeMs: round(median(runs.map((r) => r.completeMs)), 1),
+        requests: round(median(runs.map((r) => r.requests)), 1),
+      });
+    }
     const med = (xs: number[]) => round(median(xs), 1);
     return {
       guestMemMib,
@@ -148,6 +200,7 @@ export async function qemuBench(guestMemMib: number, rounds: number, progress: (
         running: round(median(a.map((r, i) => r.runningMs / b[i].runningMs)), 3),
         complete: round(median(a.map((r, i) => r.completeMs / b[i].completeMs)), 3),
       },
+      qemuPostcopy,
       guestChecksClean: clean,
     };
   } finally {

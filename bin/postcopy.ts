@@ -58,8 +58,9 @@ postcopy bench qemu [--guest-mib N] [--rounds R] [--json]
   QEMU (exec:cat) and imported from that stream; then, alternating R rounds
   (default 3): postcopy qemu restore of the snapshot against QEMU's own
   restore of the same stream (-incoming "exec:cat FILE"): time to the guest
-  running and to completion, and our page-request latency. Needs
-  qemu-system-x86 and the Debian package lists.
+  running and to completion, and our page-request latency; beside them, the
+  same guest migrated QEMU to QEMU in postcopy, without and with
+  postcopy-preempt. Needs qemu-system-x86 and the Debian package lists.
 
 postcopy bench encryption [--pages N] [--rounds R]
   What sealing TCP data channels costs: fault p50 and bulk GB/s over TCP,
@@ -186,6 +187,10 @@ async function bench(argv: string[]): Promise<void> {
           `| postcopy qemu restore | ${result.ours.runningMs} ms | ${result.ours.completeMs} ms | ${result.ours.requests} | ${result.ours.requestLatencyUs.p50} / ${result.ours.requestLatencyUs.p99} µs |`,
           `| QEMU's own (exec:cat) | ${result.qemu.runningMs} ms | ${result.qemu.completeMs} ms | | |`,
           `| ratio (ours / QEMU's) | ${result.ratio.running} | ${result.ratio.complete} | | |`,
+          ...result.qemuPostcopy.map(
+            (q) =>
+              `| QEMU to QEMU postcopy${q.preempt ? ' + preempt' : ''} (live) | ${q.runningMs} ms | ${q.completeMs} ms | ${q.requests} | (not reported by QEMU) |`,
+          ),
           '',
         ].join('\n'),
       );
