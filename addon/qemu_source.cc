@@ -270,7 +270,10 @@ class QemuRamStream : public Napi::ObjectWrap<QemuRamStream> {
       return;
     }
     lock.unlock();
-    if (!answered) return Emit("error", "ERR_TIMEOUT", "the destination QEMU did not say it finished (no shut on the return path)");
+    if (!answered)
+      return Emit("error", "ERR_TIMEOUT",
+                  "the destination QEMU did not say it finished within 30 s of the last page (no shut on the return path); with postcopy-preempt on, it waits "
+                  "for a second channel this source does not open: turn it off");
     Emit("error", peerGone_ ? "ERR_PEER_GONE" : "ERR_PROTOCOL_OUT_OF_RANGE", peerGone_ ? "the destination QEMU closed the migration connection" : violation_);
   }
 
