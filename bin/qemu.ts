@@ -127,7 +127,7 @@ async function restoreSnapshot(argv: string[], log: Logger): Promise<void> {
   } catch (err) {
     child.kill('SIGKILL');
     const said = qemuSaid();
-    if (said && err instanceof Error) err.message += ` (QEMU: ${said})`;
+    if (said && err instanceof Error && !err.message.includes(said)) err.message += ` (QEMU: ${said})`;
     throw err;
   }
 }
