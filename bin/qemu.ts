@@ -121,11 +121,13 @@ async function restoreSnapshot(argv: string[], log: Logger): Promise<void> {
     if (wait) {
       const code = await exited;
       log.info({ code }, 'QEMU exited');
+      rmSync(dir, { recursive: true, force: true });
     } else {
-      child.unref();
+      child.unref(); // its monitor and log stay in `dir` while it runs
     }
   } catch (err) {
     child.kill('SIGKILL');
+    rmSync(dir, { recursive: true, force: true });
     const said = qemuSaid();
     if (said && err instanceof Error && !err.message.includes(said)) err.message += ` (QEMU: ${said})`;
     throw err;
