@@ -1484,14 +1484,8 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     bool zero = pages == nullptr;
     if (counted && checksumInstalled_) {
       uint64_t sum = 0;
-      uint64_t sourcePageSize = sourcePageSize_[r.sourceRegion];
-      for (uint64_t p = first; p < first + count; p++) {
-        if (!r.checked->Claim(p)) continue;
-        for (uint64_t k = 0; k < r.ratio; k++) {  // hashed as the source holds it: per source page
-          const uint8_t* at = zero ? nullptr : pages + (p - first) * r.pageSize + k * sourcePageSize;
-          sum += Contribution(r.sourceRegion, r.SourceOf(p) + k, zero ? zeroHash_[r.sourceRegion] : ContentHash(at, sourcePageSize));
-        }
-      }
+      for (uint64_t p = first; p < first + count; p++)
+        if (r.checked->Claim(p)) sum += PageSum(r, p, zero ? nullptr : pages + (p - first) * r.pageSize);
       checksum_[r.sourceRegion].fetch_add(sum, std::memory_order_relaxed);
     }
     uint64_t now = MonotonicNs(), settled = 0;
@@ -1547,16 +1541,19 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     return kOk;
   }
 
+  // Page p of r's share of the installed-pages checksum, holding `bytes`
+  // (null: zeros): hashed as the source holds it, per source page.
+  uint64_t PageSum(const TargetRegion& r, uint64_t p, const uint8_t* bytes) const {
+    uint64_t size = sourcePageSize_[r.sourceRegion], sum = 0;
+    for (uint64_t s = 0; s < r.ratio; s++)
+      sum += Contribution(r.sourceRegion, r.SourceOf(p) + s, bytes ? ContentHash(bytes + s * size, size) : zeroHash_[r.sourceRegion]);
+    return sum;
+  }
+
   // Page k of r, in the installed-pages checksum, changes from `from` to `to` (null: zeros).
   void Recount(TargetRegion& r, uint64_t k, const uint8_t* from, const uint8_t* to) {
     if (!checksumInstalled_ || !r.checked->Test(k)) return;
-    uint64_t size = sourcePageSize_[r.sourceRegion], delta = 0;
-    for (uint64_t s = 0; s < r.ratio; s++) {
-      uint64_t page = r.SourceOf(k) + s;
-      delta -= Contribution(r.sourceRegion, page, ContentHash(from + s * size, size));
-      delta += Contribution(r.sourceRegion, page, to ? ContentHash(to + s * size, size) : zeroHash_[r.sourceRegion]);
-    }
-    checksum_[r.sourceRegion].fetch_add(delta, std::memory_order_relaxed);
+    checksum_[r.sourceRegion].fetch_add(PageSum(r, k, to) - PageSum(r, k, from), std::memory_order_relaxed);
   }
 
   // Pages [first, first+count) of r were written at the source after they were
@@ -1575,10 +1572,10 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       while (q < end && r.received->Test(q)) q++;
       uint8_t* at = base + p * r.pageSize;
       if (checksumInstalled_) {
-        uint64_t size = sourcePageSize_[r.sourceRegion], delta = 0;
+        uint64_t delta = 0;
         for (uint64_t k = p; k < q; k++) {
           if (!r.checked->Test(k)) continue;
-          for (uint64_t s = 0; s < r.ratio; s++) delta -= Contribution(r.sourceRegion, r.SourceOf(k) + s, ContentHash(base + k * r.pageSize + s * size, size));
+          delta -= PageSum(r, k, base + k * r.pageSize);
           r.checked->Clear(k);
         }
         checksum_[r.sourceRegion].fetch_add(delta, std::memory_order_relaxed);
