@@ -9,13 +9,13 @@
 //         "exec:cat FILE"`): the guest runs once every byte is in
 // Each: from migrate-incoming to the guest running, and to completion.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { selfCommand } from '../bin/options.js';
 import { Qmp } from '../lib/qmp.js';
 import { serveQemuSnapshot } from '../server/qemu-source.js';
-import { testGuest } from '../test/guest/build.js';
+import { guestPasses as passes, testGuest } from '../test/guest/build.js';
 import { interleaved, median, round } from './latency.js';
 
 export interface QemuBenchResult {
@@ -49,16 +49,6 @@ async function waitFor<T>(what: string, probe: () => T | undefined | Promise<T |
   throw new Error(`timed out waiting for ${what}`);
 }
 
-function passes(file: string): { pass: number; errors: number }[] {
-  let text = '';
-  try {
-    text = readFileSync(file, 'utf8');
-  } catch {
-    return [];
-  }
-  return [...text.matchAll(/guest-mem: pass (\d+) pages \d+ errors (\d+)/g)].map((m) => ({ pass: Number(m[1]), errors: Number(m[2]) }));
-}
-
 function qemu(args: string[]): ChildProcess {
   return spawn(QEMU, args, { stdio: 'ignore' });
 }
@@ -88,7 +78,7 @@ export async function qemuBench(guestMemMib: number, rounds: number, progress: (
     const stream = join(dir, 'vm.stream');
     const source = await Qmp.connect(qmpPath);
     await source.execute('migrate', { uri: `exec:cat > ${stream}` });
-    await waitFor('QEMU to save', async () => ((await source.execute<{ status: string }>('query-migrate')).status === 'completed' ? true : undefined));
+    await source.untilMigration(['completed'], 120_000, 20);
     source.close();
     const snapshot = join(dir, 'snapshot');
     await run([...selfCommand(), 'qemu', 'import', stream, '--out', snapshot]);
@@ -167,12 +157,8 @@ export async function qemuBench(guestMemMib: number, rounds: number, progress: (
         const running = waitFor('the guest to run', async () =>
           (await dest.execute<{ status: string }>('query-status')).status === 'running' ? performance.now() - started : undefined,
         );
-        const done = await waitFor('QEMU to finish', async () => {
-          const q = await src.execute<{ status: string; ram?: { 'postcopy-requests'?: number } }>('query-migrate');
-          if (q.status === 'failed') throw new Error('QEMU to QEMU postcopy failed');
-          return q.status === 'completed' ? { completeMs: performance.now() - started, requests: q.ram?.['postcopy-requests'] ?? 0 } : undefined;
-        });
-        runs.push({ runningMs: await running, ...done });
+        const q = await src.untilMigration<{ status: string; ram?: { 'postcopy-requests'?: number } }>(['completed'], 120_000, 20);
+        runs.push({ runningMs: await running, completeMs: performance.now() - started, requests: q.ram?.['postcopy-requests'] ?? 0 });
         src.close();
         dest.close();
         clean &&= await guestClean(out);

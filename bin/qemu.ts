@@ -206,13 +206,10 @@ async function save(argv: string[], log: Logger): Promise<void> {
       new Promise<never>((_, reject) => setTimeout(() => reject(new PostcopyError(ErrorCode.TIMEOUT, 'QEMU did not connect to migrate')), 10_000).unref()),
     ]);
     const manifest = await readQemuStream(socket, values.out as string, { qemuVersion, progress: progress(log) });
-    // QEMU says the migration completed once it has sent everything: wait for its word (bounded).
-    for (let i = 0; i < 300; i++) {
-      const status = (await qmp.execute<{ status?: string; 'error-desc'?: string }>('query-migrate')).status;
-      if (status === 'completed') break;
-      if (status === 'failed' || status === 'cancelled') throw new PostcopyError(ErrorCode.QMP_FAILED, `QEMU says the migration ${status}`);
-      await new Promise((r) => setTimeout(r, 100));
-    }
+    // QEMU says the migration completed once it has sent everything: wait for its word (bounded; the stream is whole already).
+    await qmp.untilMigration(['completed'], 30_000, 100).catch((err) => {
+      if ((err as PostcopyError).code !== ErrorCode.TIMEOUT) throw err;
+    });
     report(manifest, values.out as string, log);
   } finally {
     server.close();

@@ -78,6 +78,23 @@ export class Qmp {
     return run as Promise<T>;
   }
 
+  /**
+   * Polls `query-migrate` every `everyMs` until its status is one of
+   * `states`, and resolves with that answer. A migration that failed or was
+   * cancelled is ERR_QMP_FAILED; none of `states` within `timeoutMs`, ERR_TIMEOUT.
+   */
+  async untilMigration<T extends { status?: string }>(states: readonly string[], timeoutMs: number, everyMs = 50): Promise<T> {
+    for (const end = Date.now() + timeoutMs; ;) {
+      const answer = await this.execute<T>('query-migrate');
+      if (answer.status && states.includes(answer.status)) return answer;
+      if (answer.status === 'failed' || answer.status === 'cancelled')
+        throw new PostcopyError(ErrorCode.QMP_FAILED, `QEMU says the migration ${answer.status}`);
+      if (Date.now() >= end)
+        throw new PostcopyError(ErrorCode.TIMEOUT, `the migration was not ${states.join(' or ')} within ${timeoutMs} ms (it is ${answer.status})`);
+      await new Promise((r) => setTimeout(r, everyMs));
+    }
+  }
+
   #onData(d: string): void {
     this.#buf += d;
     for (let nl = this.#buf.indexOf('\n'); nl >= 0; nl = this.#buf.indexOf('\n')) {

@@ -44,13 +44,7 @@ async function qemuSavesItself(qmpPath: string, file: string): Promise<void> {
   const qmp = await Qmp.connect(qmpPath);
   try {
     await qmp.execute('migrate', { uri: `exec:cat > ${file}` });
-    for (let i = 0; i < 200; i++) {
-      const { status } = await qmp.execute<{ status: string }>('query-migrate');
-      if (status === 'completed') return;
-      if (status === 'failed') throw new Error('QEMU failed to save');
-      await new Promise((r) => setTimeout(r, 50));
-    }
-    throw new Error('QEMU did not finish saving');
+    await qmp.untilMigration(['completed'], 10_000);
   } finally {
     qmp.close();
   }
@@ -158,12 +152,7 @@ async function startDestination(t: Test, dir: string): Promise<{ qmp: string; in
 async function inPostcopy(qmpPath: string): Promise<void> {
   const monitor = await Qmp.connect(qmpPath);
   try {
-    for (let i = 0; i < 300; i++) {
-      const { status } = await monitor.execute<{ status?: string }>('query-migrate');
-      if (status === 'postcopy-active' || status === 'completed') return;
-      await new Promise((r) => setTimeout(r, 50));
-    }
-    throw new Error('the destination never entered postcopy');
+    await monitor.untilMigration(['postcopy-active', 'completed'], 15_000);
   } finally {
     monitor.close();
   }
@@ -238,17 +227,6 @@ t.test('a destination QEMU that dies mid-restore: serve exits with a clear error
   t.match(stderr, /ERR_PEER_GONE/, 'saying the destination went away');
 });
 
-/** Lines of a serial console file that say how guest-mem's passes went. */
-function passes(file: string): { pass: number; errors: number }[] {
-  let text = '';
-  try {
-    text = readFileSync(file, 'utf8');
-  } catch {
-    return [];
-  }
-  return [...text.matchAll(/guest-mem: pass (\d+) pages \d+ errors (\d+)/g)].map((m) => ({ pass: Number(m[1]), errors: Number(m[2]) }));
-}
-
 async function until<T>(what: string, probe: () => T | undefined, timeoutMs = 90_000): Promise<T> {
   for (const end = Date.now() + timeoutMs; Date.now() < end;) {
     const v = probe();
@@ -259,7 +237,7 @@ async function until<T>(what: string, probe: () => T | undefined, timeoutMs = 90
 }
 
 t.test('a running guest, saved and then restored lazily into a new QEMU, verifies all its memory and keeps running', async (t) => {
-  const { testGuest } = await import('./guest/build.js');
+  const { testGuest, guestPasses: passes } = await import('./guest/build.js');
   const guest = testGuest();
   const dir = tempDir(t);
   const machine = ['-machine', 'pc', '-accel', 'tcg', '-cpu', 'qemu64', '-m', '256', '-nodefaults', '-display', 'none', '-no-reboot'];

@@ -55,6 +55,17 @@ export function testGuest(): TestGuest {
   return { kernel, initrd };
 }
 
+/** What the guest printed on its serial console (a file): each guest-mem pass, with the errors it found. */
+export function guestPasses(serialFile: string): { pass: number; errors: number }[] {
+  let text = '';
+  try {
+    text = readFileSync(serialFile, 'utf8');
+  } catch {
+    return [];
+  }
+  return [...text.matchAll(/guest-mem: pass (\d+) pages \d+ errors (\d+)/g)].map((m) => ({ pass: Number(m[1]), errors: Number(m[2]) }));
+}
+
 interface Entry {
   name: string;
   mode: number;
