@@ -17,7 +17,7 @@ import { closeSync } from 'node:fs';
 import { createServer, Socket as NetSocket, type Server, type Socket } from 'node:net';
 import { createInterface } from 'node:readline';
 import { asCodedError } from '../lib/errors.js';
-import { receiveFds, sendFds, socketPair } from '../lib/fd-passing.js';
+import { receiveFds, sendFds, socketFd, socketPair } from '../lib/fd-passing.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
 import { listenOwnerOnly } from '../lib/unix-socket.js';
 import { PendingHandshakes, acceptVmm, type VmmHandler } from './vmm-handler.js';
@@ -150,7 +150,7 @@ export class HandlerSupervisor extends EventEmitter {
   /** Hands a VMM to the running worker; with none running, the next worker gets it. */
   #handOver(vmm: HeldVmm): void {
     if (this.#link < 0) return;
-    const fd = (vmm.socket as unknown as { _handle?: { fd?: number } })._handle?.fd ?? -1;
+    const fd = socketFd(vmm.socket);
     if (fd < 0) return this.#forget(vmm, 'the VMM hung up');
     const message: HandoffMessage = { id: vmm.id, pid: vmm.pid, handshake: vmm.handshake.toString('utf8'), takeover: vmm.servedBefore };
     try {

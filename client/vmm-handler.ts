@@ -12,7 +12,7 @@ import { closeSync, fstatSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import { ErrorCode, PostcopyError, asCodedError } from '../lib/errors.js';
 import { isUserfaultfd, parseHandshake, type GuestRegion } from '../lib/vmm-handshake.js';
-import { receiveFds, peerCredentials, sendFds } from '../lib/fd-passing.js';
+import { receiveFds, peerCredentials, sendFds, socketFd } from '../lib/fd-passing.js';
 import { hasOverlap } from '../lib/validate.js';
 import { mapFile, type Mapping } from '../lib/memory.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
@@ -193,7 +193,7 @@ export const MAX_PENDING_HANDSHAKES = 64;
  */
 export async function acceptVmm(socket: Socket, pending: PendingHandshakes, timeoutMs: number): Promise<VmmHandoff> {
   socket.on('error', () => {});
-  const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd ?? -1;
+  const fd = socketFd(socket);
   let pid = 0;
   try {
     pid = peerCredentials(fd).pid;
@@ -472,7 +472,7 @@ export class VmmHandler extends EventEmitter {
       );
     }
     const template = await this.#template;
-    const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd ?? -1;
+    const fd = socketFd(socket);
     const offer = template.offer();
     sendFds(fd, offer.payload, offer.fds);
   }

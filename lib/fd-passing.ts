@@ -1,8 +1,15 @@
 // Passing fds between processes over unix sockets (SCM_RIGHTS), with a payload,
 // and learning who is on the other end (SO_PEERCRED).
+import type { Socket } from 'node:net';
 import { native } from './native.js';
 import { kernelError, outOfRange } from './errors.js';
 import { validateBytes, validateFd, validateInteger } from './validate.js';
+
+/** The fd beneath a connected net.Socket (libuv's handle), or -1 once it has none (closed). */
+export function socketFd(socket: Socket): number {
+  const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+  return typeof fd === 'number' ? fd : -1;
+}
 
 /** A connected pair of unix sockets (close-on-exec): stream, or seqpacket (each sendmsg arrives as one message). */
 export function socketPair(kind: 'stream' | 'seqpacket' = 'stream'): [number, number] {

@@ -9,6 +9,7 @@ import { createHmac, hkdfSync, randomBytes, timingSafeEqual } from 'node:crypto'
 import type { Socket } from 'node:net';
 import { Packr } from 'msgpackr';
 import { native } from './native.js';
+import { socketFd } from './fd-passing.js';
 import { ErrorCode, PostcopyError, asErrorCode } from './errors.js';
 import { MAX_REGIONS, MAX_RUN_BYTES } from './limits.js';
 import { MAX_WINDOW, type TransferOptions } from './transfer.js';
@@ -353,9 +354,9 @@ export function takeSocket(socket: Socket, reader?: FrameReader): number {
   const leftover = reader ? reader.detach() : Buffer.alloc(0);
   if (leftover.length > 0) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'bytes arrived on a data channel before it was handed over');
   socket.pause();
-  const handle = (socket as unknown as { _handle?: { fd?: number } })._handle;
-  if (!handle || typeof handle.fd !== 'number' || handle.fd < 0) throw new PostcopyError(ErrorCode.PEER_GONE, 'the data channel closed during set-up');
-  const fd = native.takeSocketFd(handle.fd);
+  const handleFd = socketFd(socket);
+  if (handleFd < 0) throw new PostcopyError(ErrorCode.PEER_GONE, 'the data channel closed during set-up');
+  const fd = native.takeSocketFd(handleFd);
   socket.destroy();
   return fd;
 }

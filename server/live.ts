@@ -17,7 +17,7 @@ import { EventEmitter, once } from 'node:events';
 import { closeSync, fstatSync, openSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import { ErrorCode, PostcopyError, asCodedError, type CodedError } from '../lib/errors.js';
-import { receiveFds, peerCredentials } from '../lib/fd-passing.js';
+import { receiveFds, peerCredentials, socketFd } from '../lib/fd-passing.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
 import { native, type NativeEvent } from '../lib/native.js';
 import { listenOwnerOnly } from '../lib/unix-socket.js';
@@ -86,7 +86,7 @@ export class LiveWorkload extends EventEmitter {
     log.info({ socket: path }, 'waiting for the workload to hand its memory over');
     try {
       const [socket] = (await once(server, 'connection')) as [Socket];
-      const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd ?? -1;
+      const fd = socketFd(socket);
       const pid = peerCredentials(fd).pid;
       const msg = await receiveFds(fd, { maxBytes: 64 << 10, maxFds: 2, timeoutMs: options.handshakeTimeoutMs ?? 10_000 });
       try {
