@@ -12,11 +12,11 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { buildFixture } from '../bin/vmm-fixture.js';
-import { selfCommand } from '../bin/options.js';
 import { LiveMigration, LiveWorkload, type LiveOptions, type LiveReport } from '../server/live.js';
 import { PageServer } from '../server/page-server.js';
 import { round } from './latency.js';
 import { writePatternImage } from './localhost.js';
+import { runCliJson } from './source.js';
 
 export type LiveMode = NonNullable<LiveOptions['mode']>;
 
@@ -67,33 +67,19 @@ async function one(
       live!.once('report', resolve);
       live!.once('aborted', reject);
     });
-    const [cmd, ...pre] = selfCommand();
     const started = performance.now();
-    const restore = spawn(
-      cmd,
-      [
-        ...pre,
-        'restore',
-        '--source',
-        `unix:${(source as { path: string }).path}`,
-        '--json',
-        '--workload',
-        'random',
-        '--seed',
-        String(seed),
-        ...(rate ? ['--rate', rate] : []),
-      ],
-      {
-        stdio: ['ignore', 'pipe', 'inherit'],
-        env: { ...process.env, POSTCOPY_LOG_LEVEL: 'warn' },
-      },
-    );
-    let out = '';
-    restore.stdout.on('data', (d) => (out += d));
-    const [code] = await once(restore, 'close');
+    const report = await runCliJson<{ digestMatch: boolean; faultsFirstSecond?: number; faults: number }>([
+      'restore',
+      '--source',
+      `unix:${(source as { path: string }).path}`,
+      '--json',
+      '--workload',
+      'random',
+      '--seed',
+      String(seed),
+      ...(rate ? ['--rate', rate] : []),
+    ]);
     const totalMs = performance.now() - started;
-    if (code !== 0) throw new Error(`restore exited with ${code}`);
-    const report = JSON.parse(out.trim().split('\n').pop()!) as { digestMatch: boolean; faultsFirstSecond?: number; faults: number };
     const liveReport = await reported;
     return {
       mode,

@@ -27,7 +27,7 @@ import { buildFixture } from '../bin/vmm-fixture.js';
 import { selfCommand } from '../bin/options.js';
 import { Image } from '../server/image.js';
 import { PageServer } from '../server/page-server.js';
-import { startSource } from './source.js';
+import { runCliJson, startSource } from './source.js';
 import { round } from './latency.js';
 
 export interface MoveResult {
@@ -105,17 +105,6 @@ async function fileSha256(path: string): Promise<string> {
   return hash.digest('hex');
 }
 
-/** Runs a CLI command; its last stdout line as JSON. */
-async function runJson(args: string[]): Promise<Record<string, unknown>> {
-  const [cmd, ...pre] = selfCommand();
-  const child = spawn(cmd, [...pre, ...args], { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, POSTCOPY_LOG_LEVEL: 'warn' } });
-  let out = '';
-  child.stdout.on('data', (d) => (out += d));
-  const [code] = await once(child, 'close');
-  if (code !== 0) throw new Error(`postcopy ${args[0]} exited with ${code}`);
-  return JSON.parse(out.trim().split('\n').pop()!);
-}
-
 /** Waits (up to 5 s) for the host's memory to settle back near `baseline` after a case. */
 async function settle(baseline: number, slack: number): Promise<void> {
   for (let i = 0; i < 500 && memoryInUse() > baseline + slack; i++) await new Promise((r) => setTimeout(r, 10));
@@ -129,7 +118,7 @@ async function move(kind: MoveResult['case'], bytes: number, dir: string): Promi
   const source = await startSource(path, `unix:${join(dir, `move-${kind}.sock`)}`, kind === 'release-as-sent' ? { extra: ['--release-as-sent'] } : {});
   try {
     const started = performance.now();
-    const report = await runJson(['restore', '--source', source.address, '--json', '--workload', 'none', ...(kind === 'in-place' ? ['--in-place'] : [])]);
+    const report = await runCliJson(['restore', '--source', source.address, '--json', '--workload', 'none', ...(kind === 'in-place' ? ['--in-place'] : [])]);
     const ms = performance.now() - started;
     const peak = sampler.stop();
     // In place, the destination hashes the memory it mapped; the image's own hash is taken here (after the peak).

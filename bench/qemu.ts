@@ -12,11 +12,11 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { selfCommand } from '../bin/options.js';
 import { Qmp } from '../lib/qmp.js';
 import { serveQemuSnapshot } from '../server/qemu-source.js';
 import { guestPasses as passes, testGuest } from '../test/guest/build.js';
 import { interleaved, median, round } from './latency.js';
+import { runCliJson } from './source.js';
 
 export interface QemuBenchResult {
   guestMemMib: number;
@@ -81,7 +81,7 @@ export async function qemuBench(guestMemMib: number, rounds: number, progress: (
     await source.untilMigration(['completed'], 120_000, 20);
     source.close();
     const snapshot = join(dir, 'snapshot');
-    await run([...selfCommand(), 'qemu', 'import', stream, '--out', snapshot]);
+    await runCliJson(['qemu', 'import', stream, '--out', snapshot]);
     let clean = true;
     let n = 0;
     let m = 0;
@@ -193,16 +193,4 @@ export async function qemuBench(guestMemMib: number, rounds: number, progress: (
     for (const c of children) c.kill('SIGKILL');
     rmSync(dir, { recursive: true, force: true });
   }
-}
-
-function run(command: string[]): Promise<string> {
-  const [cmd, ...args] = command;
-  return new Promise((resolve, reject) => {
-    const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, POSTCOPY_LOG_LEVEL: 'warn' } });
-    let out = '';
-    let err = '';
-    child.stdout.on('data', (d) => (out += d));
-    child.stderr.on('data', (d) => (err += d));
-    child.on('close', (code) => (code === 0 ? resolve(out) : reject(new Error(`${args.slice(0, 3).join(' ')} exited with ${code}: ${err.trim()}`))));
-  });
 }

@@ -124,3 +124,27 @@ export function cpuSince(before: Map<number, ThreadSample>, after: Map<number, T
   for (const [tid, s] of after) if (keep(s.name)) ns += s.cpuNs - (before.get(tid)?.cpuNs ?? 0);
   return ns;
 }
+
+/**
+ * Runs `postcopy ARGS...` (warnings and errors only in its logs) and resolves
+ * with its last stdout line as JSON; a non-zero exit rejects with what it
+ * said on stderr.
+ */
+export function runCliJson<T = Record<string, unknown>>(args: string[]): Promise<T> {
+  const [cmd, ...pre] = selfCommand();
+  return new Promise((resolve, reject) => {
+    const child = spawn(cmd, [...pre, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, POSTCOPY_LOG_LEVEL: 'warn' } });
+    let out = '';
+    let err = '';
+    child.stdout!.on('data', (d) => (out += d));
+    child.stderr!.on('data', (d) => (err += d));
+    child.on('close', (code) => {
+      if (code !== 0) return reject(new Error(`postcopy ${args.slice(0, 2).join(' ')} exited with ${code}: ${err.trim()}`));
+      try {
+        resolve(JSON.parse(out.trim().split('\n').pop()!) as T);
+      } catch {
+        reject(new Error(`postcopy ${args.slice(0, 2).join(' ')} printed no JSON line`));
+      }
+    });
+  });
+}

@@ -491,9 +491,9 @@ export class PageServer {
       known.resume();
       return known;
     }
-    // Freeing the image as one destination installs it leaves nothing for a second.
     if (this.#live && (this.#live.state !== 'waiting' || [...this.#sessions.values()].some((s) => s.state !== 'closed')))
       throw new PostcopyError(ErrorCode.UNSUPPORTED, 'a live source moves its workload to one destination');
+    // Freeing the image as one destination installs it leaves nothing for a second.
     if (this.#release && [...this.#sessions.values()].some((s) => s.state !== 'closed'))
       throw new PostcopyError(ErrorCode.UNSUPPORTED, 'this source frees its image as its destination installs it (release-as-sent): it serves one destination');
     const session = new SourceSession(this.#image, this.#log, (err) => {
