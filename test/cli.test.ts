@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { createInterface } from 'node:readline';
-import { buildFixture, cliCommand, here, randomImage, runCli, startServeCli, tempDir, writeImage } from './helpers.js';
+import { buildFixture, cliCommand, here, randomImage, runCli, startServeCli, tempDir, writeImage, until } from './helpers.js';
 
 t.test('serve and restore as separate processes: token, --out, --json', async (t) => {
   const dir = tempDir(t);
@@ -324,7 +324,7 @@ t.test('an image changed under its source: restore prints its report, then the m
   restore.stderr.on('data', (d) => (stderr += d));
   // Once the first run (page 0 among it) has gone out, page 0 changes in the file the source serves.
   const sent = async () => Number(/^postcopy_source_bytes_sent_total (\d+)/m.exec(await (await fetch(metrics as string)).text())?.[1] ?? 0);
-  while ((await sent()) === 0) await new Promise((r) => setTimeout(r, 10));
+  await until('the first run to go out', async () => (await sent()) > 0);
   const fd = openSync(imagePath, 'r+');
   writeSync(fd, Buffer.alloc(64, 0xee), 0, 64, 0);
   closeSync(fd);

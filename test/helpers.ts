@@ -23,6 +23,25 @@ process.env.POSTCOPY_TOKEN_FILE ??= join(tmpdir(), `uffd-postcopy-token-${proces
 process.once('exit', () => rmSync(process.env.POSTCOPY_TOKEN_FILE!, { force: true }));
 export const PAGE = 4096;
 
+/**
+ * Waits for an event the test can only observe by looking: calls `probe` until it
+ * returns something other than undefined or false, and fails after `timeoutMs`
+ * naming `what` it waited for. Every polling wait in the tests goes through here.
+ */
+export async function until<T>(
+  what: string,
+  probe: () => T | undefined | false | Promise<T | undefined | false>,
+  timeoutMs = 60_000,
+  everyMs = 10,
+): Promise<T> {
+  for (const end = Date.now() + timeoutMs; ;) {
+    const v = await probe();
+    if (v !== undefined && v !== false) return v;
+    if (Date.now() >= end) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, everyMs));
+  }
+}
+
 export function tempDir(t: Test, prefix = 'uffd-postcopy-'): string {
   const dir = mkdtempSync(join(tmpdir(), prefix));
   t.teardown(() => rmSync(dir, { recursive: true, force: true }));

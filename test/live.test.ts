@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { LiveMigration, LiveWorkload, type LiveOptions, type LiveReport } from '../server/live.js';
 import { PageServer } from '../server/page-server.js';
-import { buildFixture, cliCommand, randomImage, runCli, tempDir, writeImage } from './helpers.js';
+import { buildFixture, cliCommand, randomImage, runCli, tempDir, writeImage, until } from './helpers.js';
 import type { Test } from 'tap';
 
 interface Workload {
@@ -114,7 +114,7 @@ t.test('switchover on request, and pure postcopy: byte-exact both', async (t) =>
   const out = join(s.dir, 'restored.mem');
   // A slow link (--rate): the first round alone takes 2 s; the request cuts it short.
   const restore = runCli(['restore', '--source', s.source, '--json', '--out', out, '--workload', 'none', '--rate', '4M']);
-  while (s.live.state === 'waiting') await new Promise((r) => setTimeout(r, 10));
+  await until('the live source to leave waiting', () => s.live.state !== 'waiting');
   await new Promise((r) => setTimeout(r, 300));
   s.live.requestSwitchover();
   t.equal((await restore).code, 0);
@@ -149,7 +149,7 @@ t.test('a workload that exits mid-precopy ends the session with a clear error; n
   const s = await liveSource(t, { maxPrecopyRounds: 100000, downtimeLimitMs: 0, maxStalledRounds: 0 }, 20000, 4096, 8);
   const aborted = once(s.live, 'aborted').then(([e]) => e as { code: string });
   const restore = runCli(['restore', '--source', s.source, '--json', '--workload', 'none', '--rate', '4M']);
-  while (s.live.state !== 'precopy') await new Promise((r) => setTimeout(r, 10));
+  await until('precopy', () => s.live.state === 'precopy');
   await new Promise((r) => setTimeout(r, 200));
   s.workload.kill();
   const result = await restore;
@@ -163,7 +163,7 @@ t.test('the destination leaving mid-precopy: the workload goes on at the source,
   const aborted = once(s.live, 'aborted');
   const [cmd, ...pre] = cliCommand();
   const restore = spawn(cmd, [...pre, 'restore', '--source', s.source, '--workload', 'none', '--rate', '4M'], { stdio: 'ignore' });
-  while (s.live.state !== 'precopy') await new Promise((r) => setTimeout(r, 10));
+  await until('precopy', () => s.live.state === 'precopy');
   restore.kill('SIGKILL');
   await aborted;
   t.equal(s.live.state, 'aborted');
@@ -184,7 +184,7 @@ t.test('postcopy serve --live: the CLI waits for the workload, moves it to a res
   t.teardown(() => void serve.kill('SIGKILL'));
   const served = once(serve, 'close');
   const lines = createInterface({ input: serve.stdout! })[Symbol.asyncIterator]();
-  while (!existsSync(workloadSocket)) await new Promise((r) => setTimeout(r, 20));
+  await until('the workload socket', () => existsSync(workloadSocket));
   const workload = startWorkload(t, workloadSocket, imagePath, dump, 3000);
   const listening = JSON.parse((await lines.next()).value) as { listening: { path: string }; workload: number };
   t.ok(listening.workload > 0, 'it names the workload it holds');

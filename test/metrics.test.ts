@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { connect as netConnect, createServer } from 'node:net';
 import { Registry } from 'prom-client';
 import { oncePerScrape, totalCounter } from '../lib/metrics.js';
-import { buildFixture, cliCommand, randomImage, runCli, startServeCli, tempDir, writeImage } from './helpers.js';
+import { buildFixture, cliCommand, randomImage, runCli, startServeCli, tempDir, writeImage, until } from './helpers.js';
 
 async function scrape(url: string): Promise<Map<string, number>> {
   const res = await fetch(url);
@@ -35,11 +35,7 @@ t.test('serve --metrics: scraped while a restore runs and after it, the figures 
   const restore = spawn(cmd, [...pre, 'restore', '--source', `unix:${listening.path}`, '--workload', 'none', '--rate', '2M', '--json'], {
     stdio: ['ignore', 'pipe', 'ignore'],
   });
-  let during = await scrape(url as string);
-  while (during.get('postcopy_source_sessions{state="active"}') !== 1) {
-    await new Promise((r) => setTimeout(r, 20));
-    during = await scrape(url as string);
-  }
+  await until('one active session in the metrics', async () => (await scrape(url as string)).get('postcopy_source_sessions{state="active"}') === 1);
   t.pass('a scrape during the restore shows its session active');
   const [code] = await once(restore, 'close');
   t.equal(code, 0);

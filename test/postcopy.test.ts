@@ -6,7 +6,7 @@ import { PageServer } from '../server/page-server.js';
 import { Destination, type DestinationOptions } from '../client/destination.js';
 import { memfdCreate, mapFile, punchHole } from '../lib/memory.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
-import { PAGE, randomImage, tempDir, writeImage } from './helpers.js';
+import { PAGE, randomImage, tempDir, writeImage, until } from './helpers.js';
 import type { Test } from 'tap';
 
 /** TCP needs a token, loopback too. */
@@ -27,9 +27,9 @@ async function connect(t: Test, options: DestinationOptions): Promise<Destinatio
   return dest;
 }
 
-/** Waits (without a time bound) until `pages` pages are resident. */
+/** Waits (bounded) until `pages` pages are resident. */
 async function residentAtLeast(dest: Destination, pages: number): Promise<void> {
-  while (dest.stats().residentPages < pages) await new Promise((r) => setTimeout(r, 2));
+  await until(`${pages} resident pages`, () => dest.stats().residentPages >= pages, 60_000, 2);
 }
 
 /** Touches every page of region 0 in a seeded random order while the transfer runs, then finishes. */

@@ -19,7 +19,7 @@ import { madvise, mapAnonymous } from '../lib/memory.js';
 import { ErrorCode } from '../lib/errors.js';
 import { Kind, PAGE_REQUEST_BYTES, RUN_HEADER_BYTES, Reason, encodePageRequest, encodeRunHeader } from '../lib/wire.js';
 import { Userfaultfd } from '../lib/uffd.js';
-import { PAGE, fakeSource, fakeWelcome, here, randomImage, tempDir } from './helpers.js';
+import { PAGE, fakeSource, fakeWelcome, here, randomImage, tempDir, until } from './helpers.js';
 import type { Test } from 'tap';
 
 async function startServer(t: Test, options: { token?: string } = {}) {
@@ -147,7 +147,7 @@ t.test('a destination asking for a page outside the image loses its session; oth
   const failure = await rogue.failure();
   t.equal(failure.code, 'ERR_PROTOCOL_OUT_OF_RANGE');
   // A session that broke the protocol is not kept for a resume.
-  while (server.sessions.has(rogue.session)) await new Promise((r) => setTimeout(r, 5));
+  await until('the failed session to leave the source', () => !server.sessions.has(rogue.session));
   t.pass('the failed session is gone from the source');
   const honest = await Destination.connect({ source });
   t.teardown(() => honest.close());
@@ -190,7 +190,7 @@ t.test('a source sending runs outside the region is cut off; nothing outside the
   writeSync(bulkOurs, run(0n, 1, 0x11)); // fine
   writeSync(bulkOurs, run(BigInt(pages), 1, 0x22)); // one page past the end: the sentinel
   writeSync(urgentOurs, run(BigInt(pages - 1), 2, 0x33)); // straddles the end
-  while (failures.length < 2) await new Promise((r) => setTimeout(r, 2));
+  await until('two failures', () => failures.length >= 2);
   t.same(
     failures.map((f) => f.code),
     ['ERR_PROTOCOL_OUT_OF_RANGE', 'ERR_PROTOCOL_OUT_OF_RANGE'],

@@ -11,7 +11,7 @@ import { existsSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:
 import { dirname, join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { Qmp } from '../lib/qmp.js';
-import { cliCommand, runCli, tempDir } from './helpers.js';
+import { cliCommand, runCli, tempDir, until } from './helpers.js';
 import type { Test } from 'tap';
 
 const PATTERN_AT = 1 << 20;
@@ -227,15 +227,6 @@ t.test('a destination QEMU that dies mid-restore: serve exits with a clear error
   t.match(stderr, /ERR_PEER_GONE/, 'saying the destination went away');
 });
 
-async function until<T>(what: string, probe: () => T | undefined, timeoutMs = 90_000): Promise<T> {
-  for (const end = Date.now() + timeoutMs; Date.now() < end;) {
-    const v = probe();
-    if (v !== undefined) return v;
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  throw new Error(`timed out waiting for ${what}`);
-}
-
 t.test('a running guest, saved and then restored lazily into a new QEMU, verifies all its memory and keeps running', async (t) => {
   const { testGuest, guestPasses: passes } = await import('./guest/build.js');
   const guest = testGuest();
@@ -249,7 +240,7 @@ t.test('a running guest, saved and then restored lazily into a new QEMU, verifie
   });
   t.teardown(() => void source.kill('SIGKILL'));
   // The guest boots (about 12 s under TCG) and checks its memory a few times.
-  await until('the guest to run', () => (passes(sourceSerial).length >= 2 ? true : undefined));
+  await until('the guest to run', () => passes(sourceSerial).length >= 2, 90_000);
 
   // Saved with postcopy qemu save; then the source goes on and QEMU saves it itself (exec:cat) for import.
   const saved = join(dir, 'saved');
@@ -259,7 +250,7 @@ t.test('a running guest, saved and then restored lazily into a new QEMU, verifie
   const monitor = await Qmp.connect(qmp);
   await monitor.execute('cont');
   monitor.close();
-  await until('the guest to run again', () => (passes(sourceSerial).length >= atSave + 2 ? true : undefined));
+  await until('the guest to run again', () => passes(sourceSerial).length >= atSave + 2, 90_000);
   const stream = join(dir, 'vm.stream');
   await qemuSavesItself(qmp, stream);
   const imported = join(dir, 'imported');
@@ -306,10 +297,14 @@ t.test('a running guest, saved and then restored lazily into a new QEMU, verifie
     t.match(await dest.execute('query-status'), { status: 'running' }, `${what}: and the guest runs`);
     dest.close();
     // The restored guest goes on where it was: its next passes check every page of its 64 MiB.
-    const after = await until(`${what}: passes after the restore`, () => {
-      const p = passes(serial);
-      return p.length >= 2 ? p : undefined;
-    });
+    const after = await until(
+      `${what}: passes after the restore`,
+      () => {
+        const p = passes(serial);
+        return p.length >= 2 ? p : undefined;
+      },
+      90_000,
+    );
     t.ok(
       after.every((p) => p.errors === 0),
       `${what}: every page checked, no error (passes ${after.map((p) => p.pass).join(', ')})`,

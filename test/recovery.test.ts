@@ -14,7 +14,7 @@ import type { DestinationSession } from '../client/session.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
 import { FaultProxy } from './fault-proxy.js';
 import { CUT_CASES, cutOffset, restoreThroughCut, seededRandom } from './cut-points.js';
-import { FAST_HEARTBEAT, FAST_RECOVERY, PAGE, cliCommand, randomImage, startServeCli, tempDir, writeImage } from './helpers.js';
+import { FAST_HEARTBEAT, FAST_RECOVERY, PAGE, cliCommand, randomImage, startServeCli, tempDir, writeImage, until } from './helpers.js';
 import type { Test } from 'tap';
 
 const FAST = FAST_RECOVERY;
@@ -58,9 +58,9 @@ function startRestoreCli(t: Test, args: string[]) {
 const openFds = () => readdirSync('/proc/self/fd').length;
 const threads = () => readdirSync('/proc/self/task').length;
 
-/** Waits (bounded by the test's timeout) until `check` holds. */
-async function eventually(check: () => boolean): Promise<void> {
-  while (!check()) await new Promise((r) => setTimeout(r, 10));
+/** Waits (bounded) until `check` holds. */
+function eventually(check: () => boolean, what = 'the condition'): Promise<boolean> {
+  return until(what, check);
 }
 
 t.test('random cut points on every channel: each restore ends byte-exact by itself', async (t) => {

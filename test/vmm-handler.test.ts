@@ -13,7 +13,7 @@ import { FaultProxy } from './fault-proxy.js';
 import { sendFds } from '../lib/fd-passing.js';
 import { memfdCreate } from '../lib/memory.js';
 import { Userfaultfd } from '../lib/uffd.js';
-import { PAGE, buildFixture, randomImage, tempDir, writeImage } from './helpers.js';
+import { PAGE, buildFixture, randomImage, tempDir, writeImage, until } from './helpers.js';
 import type { Test } from 'tap';
 
 interface Setup {
@@ -95,7 +95,7 @@ t.test('several VMMs at once, each its own session', async (t) => {
   s.handler.on('session-end', (x) => summaries.push(x));
   const runs = await Promise.all([1, 2, 3].map((seed) => runVmm(s, ['--seed', String(seed), '--threads', '2'])));
   for (const r of runs) t.equal(r.code, 0);
-  while (summaries.length < 3) await new Promise((r) => setTimeout(r, 5));
+  await until('three session summaries', () => summaries.length >= 3);
   t.equal(new Set(summaries.map((x) => x.vmmPid)).size, 3, 'three distinct VMMs');
   t.ok(summaries.every((x) => x.complete));
 });
@@ -188,7 +188,7 @@ t.test('a VMM that exits mid-way is cleaned up: no session, no fd, no source ses
   await closed;
   t.ok(summary.vmmPid === child.pid);
   t.equal(s.handler.activeSessions, 0);
-  while (s.server.sessions.size > 0) await new Promise((r) => setTimeout(r, 5));
+  await until('the source to drop every session', () => s.server.sessions.size === 0);
   // (Fds of earlier tests may still be closing, so "no more than before".)
   t.ok(readdirSync('/proc/self/fd').length <= fdsBefore, 'every fd of the session was closed');
   t.notOk(openFdTargets().includes('anon_inode:[userfaultfd]'), 'the VMM userfaultfd was closed');
@@ -229,7 +229,7 @@ t.test('idle connections cannot starve the handler: a VMM behind eight silent pe
     idle.push(s);
   }
   // 8 + 64 silent peers: 8 are over the cap and closed without waiting for their (ten-minute) timeout.
-  while (closed < 8) await new Promise((r) => setTimeout(r, 10));
+  await until('8 peers closed', () => closed >= 8);
   t.equal(closed, 8, 'exactly the peers over the cap were closed');
 });
 
@@ -350,14 +350,12 @@ t.test('a running handler keeps checking its source: it says when the source sto
   });
   await handler.checkSource();
   handler.watchSource(30);
-  const until = async (what: RegExp) => {
-    while (!lines.some((l) => what.test(l.msg))) await new Promise((r) => setTimeout(r, 10));
-  };
+  const logged = (what: RegExp) => until(`a log line ${what}`, () => lines.some((l) => what.test(l.msg)));
   await server.close();
-  await until(/the source does not answer/);
+  await logged(/the source does not answer/);
   t.equal(lines.filter((l) => /does not answer/.test(l.msg)).length, 1, 'said once, not at every check');
   server = await startSource();
-  await until(/the source answers again/);
+  await logged(/the source answers again/);
   t.pass('and it says when the source is back');
 });
 
@@ -378,7 +376,7 @@ t.test("the handler logs each live VMM session's progress periodically", async (
   const checked = installedCheck(handler);
   const vmm = holdVmm({ dir, imagePath, image: Buffer.alloc(0), handler, handlerSocket, server }, ['--threads', '1']);
   await checked;
-  while (!records.some((r) => r.msg === 'VMM session progress' && r.residentPages === 512)) await new Promise((r) => setTimeout(r, 10));
+  await until('progress with 512 resident pages', () => records.some((r) => r.msg === 'VMM session progress' && r.residentPages === 512));
   vmm.release();
   t.equal((await vmm.done).code, 0);
   const progress = records.filter((r) => r.msg === 'VMM session progress');

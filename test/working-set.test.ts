@@ -16,7 +16,7 @@ import { layoutOf, pagesIn, readWorkingSet, writeWorkingSet, type WorkingSet } f
 import { forEachEntry, encodeFrame } from '../lib/protocol.js';
 import { coldStartOrder, touchPages } from '../lib/workload.js';
 import { FaultProxy } from './fault-proxy.js';
-import { FAST_RECOVERY, PAGE, buildFixture, cliCommand, randomImage, runCli, tempDir, writeImage } from './helpers.js';
+import { FAST_RECOVERY, PAGE, buildFixture, cliCommand, randomImage, runCli, tempDir, writeImage, until } from './helpers.js';
 import type { Test } from 'tap';
 
 const PAGES = 4096;
@@ -36,7 +36,7 @@ function entriesOf(pages: Iterable<number>, region = 0): Uint8Array {
 }
 
 async function untilStats(dest: Destination, done: (s: ReturnType<Destination['stats']>) => boolean): Promise<void> {
-  while (!done(dest.stats())) await new Promise((r) => setTimeout(r, 5));
+  await until('the destination stats', () => done(dest.stats()), 60_000, 5);
 }
 
 /** Serves `bytes` from a source process of our own (a PageServer) on a unix socket; returns its address. */
