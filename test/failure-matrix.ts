@@ -307,10 +307,10 @@ export async function runCell(t: Test, mode: Mode, failure: Failure, cut: CutPoi
 
   let finished = false;
   let struck = false;
-  /** Kills strike once the chosen share of the image went down (in place, at once: the transfer needs no link); never after the end. */
-  const strike = async (ended: Promise<unknown>, handler?: ChildProcess, workerPid?: () => number | undefined) => {
+  /** Kills strike once the chosen share of the image went down (in place: once the transfer started, it needs no link); never after the end. */
+  const strike = async (ended: Promise<unknown>, started: Promise<unknown>, handler?: ChildProcess, workerPid?: () => number | undefined) => {
     if (failure === 'link-cut' || failure === 'link-blackholed') return;
-    if (proxy) await Promise.race([proxy.whenCarried('down', cut.afterBytes), ended]);
+    await Promise.race([proxy ? proxy.whenCarried('down', cut.afterBytes) : started, ended]);
     if (finished) return;
     struck = true;
     if (failure === 'source-restarted' || failure === 'source-lost') {
@@ -352,7 +352,8 @@ export async function runCell(t: Test, mode: Mode, failure: Failure, cut: CutPoi
     lastWords = () => stderr.trim().split('\n').slice(-4).join(' | ');
     const ended = once(restore, 'close').then(([code]) => code as number | null);
     void ended.then(() => (finished = true));
-    const striking = strike(ended);
+    const started = new Promise((resolve) => restore.stderr!.on('data', () => stderr.includes('"transfer started"') && resolve(true)));
+    const striking = strike(ended, started);
     const code = await deadline(ended, `restore, ${failure}`);
     await striking;
     if (code === 0) {
@@ -413,7 +414,12 @@ export async function runCell(t: Test, mode: Mode, failure: Failure, cut: CutPoi
   vmm.stderr!.on('data', (d) => (vmmErr += d));
   const ended = once(vmm, 'close').then(([code, signal]) => ({ code: code as number | null, signal: signal as string | null }));
   void ended.then(() => (finished = true));
-  const striking = strike(ended, handle, () => workerPid);
+  const striking = strike(
+    ended,
+    handleLogs.wait('the transfer', (l) => l.msg === 'transfer started', timeoutMs).catch(() => {}),
+    handle,
+    () => workerPid,
+  );
   const { code, signal } = await deadline(ended, `VMM, ${failure}`);
   await striking;
   if (code === 0) {
