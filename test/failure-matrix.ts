@@ -110,8 +110,9 @@ export const MODES: readonly Mode[] = [
     handleArgs: ['--template', 'matrix'],
     vmmArgs: ['--template'],
     notCells: {
-      'worker-killed': { why: 'a template runs in one process (it holds the shared memory): there is no separate worker' },
-      'supervisor-killed': { why: 'a template runs in one process (it holds the shared memory): there is no supervisor' },
+      // Not survived yet: no supervisor holds a template's clones, so a killed template handler leaves them waiting.
+      'worker-killed': { why: 'a template runs in one process (it holds the shared memory), with no supervisor: there is no worker to kill' },
+      'supervisor-killed': { why: 'a template runs in one process with no supervisor; killing it is not survived yet (its clones wait)' },
     },
   },
 ];
