@@ -93,7 +93,7 @@ t.test('release-as-sent serves one destination, and needs an image in shared mem
   const source = `unix:${(a as { path: string }).path}`;
   const first = await Destination.connect({ source, background: { enabled: false } });
   t.teardown(() => first.close());
-  await t.rejects(Destination.connect({ source }), { code: 'ERR_UNSUPPORTED' }, 'a second destination is refused');
+  await t.rejects(Destination.connect({ source }), { code: 'ERR_IMAGE_CONSUMED' }, 'a second destination is refused');
   const onDisk = Image.open([{ path: writeImage(tempDir(t), randomImage(16)) }]);
   t.teardown(() => onDisk.close());
   t.throws(() => new PageServer({ image: onDisk, releaseAsSent: true }), { code: 'ERR_IMAGE_INVALID' });
