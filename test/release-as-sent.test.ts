@@ -3,7 +3,7 @@
 // on one host never holds two copies. Real tmpfs files, sockets, and a cut
 // link (the fault-injection proxy) resumed without losing a page.
 import t from 'tap';
-import { mkdtempSync, rmSync, statSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { once } from 'node:events';
 import { spawn } from 'node:child_process';
 import { join } from 'node:path';
@@ -13,7 +13,7 @@ import { Destination } from '../client/destination.js';
 import { VmmHandler } from '../client/vmm-handler.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
 import { FaultProxy } from './fault-proxy.js';
-import { FAST_RECOVERY, PAGE, buildFixture, randomImage, runCli, tempDir, writeImage } from './helpers.js';
+import { FAST_RECOVERY, PAGE, buildFixture, cliCommand, randomImage, runCli, startServeCli, tempDir, until, writeImage } from './helpers.js';
 import type { Test } from 'tap';
 
 const PAGES = 2048;
@@ -26,11 +26,6 @@ function shmImage(t: Test, bytes: Buffer): string {
 
 /** Bytes of the file that still hold memory. */
 const allocated = (path: string) => statSync(path).blocks * 512;
-
-/** Waits (at most 10 s) for check() to hold. */
-async function until(check: () => boolean): Promise<void> {
-  for (const deadline = Date.now() + 10_000; !check() && Date.now() < deadline;) await new Promise((r) => setTimeout(r, 10));
-}
 
 t.test('each page installed is freed at the source; the destination is byte-exact', async (t) => {
   const bytes = randomImage(PAGES, 0);
@@ -49,7 +44,7 @@ t.test('each page installed is freed at the source; the destination is byte-exac
   const [report] = await Promise.all([dest.finish(), touchPages(r.address, PAGES, shuffledOrder(PAGES, 3), { mapping: r })]);
   t.equal(report.digestMatch, true, 'the digest taken before any page was freed matches');
   t.ok(Buffer.from(r.buffer()).equals(bytes), 'byte for byte');
-  await until(() => server.releasedPages === PAGES);
+  await until('every page freed', () => server.releasedPages === PAGES, 10_000);
   t.equal(server.releasedPages, PAGES, 'every page freed once installed');
   t.ok(allocated(path) < PAGES * PAGE * 0.05, `the source holds almost nothing now (${allocated(path)} bytes)`);
 });
@@ -77,7 +72,7 @@ t.test('a cut link resumed mid-way loses nothing: freed pages were installed, th
   t.equal(report.digestMatch, true, 'byte-exact after the resume');
   t.ok(dest.status().resumes >= 1, 'the session resumed');
   t.ok(Buffer.from(dest.regions[0].mapping.buffer()).equals(bytes));
-  await until(() => server.releasedPages === PAGES);
+  await until('every page freed', () => server.releasedPages === PAGES, 10_000);
   t.ok(allocated(path) < PAGES * PAGE * 0.05, 'and the source freed it all');
 });
 
@@ -124,6 +119,138 @@ t.test('a VMM through the handler: its installed pages still check against the i
   child.stdin.end();
   const [code] = await once(child, 'close');
   t.equal(code, 0, 'the VMM verified every byte');
-  await until(() => server.releasedPages === PAGES);
+  await until('every page freed', () => server.releasedPages === PAGES, 10_000);
   t.ok(allocated(path) < PAGES * PAGE * 0.05, 'the source freed it all');
+});
+
+/** `postcopy restore ARGS` as a child: `exited` with its exit code and output; killed at teardown. */
+function restoreCli(t: Test, args: string[]) {
+  const [cmd, ...pre] = cliCommand();
+  const child = spawn(cmd, [...pre, 'restore', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  t.teardown(() => {
+    child.kill('SIGKILL');
+  });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (d) => (stdout += d));
+  child.stderr.on('data', (d) => (stderr += d));
+  return once(child, 'close').then(([code]) => ({ code: code as number | null, stdout, stderr }));
+}
+
+/** A release-as-sent move under way, its source (a `serve` process) killed with SIGKILL once it has freed part of the image. */
+async function moveKilledMidway(t: Test, restoreArgs: string[]) {
+  const dir = tempDir(t);
+  const bytes = randomImage(8192, 13);
+  const path = shmImage(t, bytes);
+  const socket = `unix:${join(dir, 'src.sock')}`;
+  const first = await startServeCli(t, ['--image', path, '--listen', socket, '--release-as-sent']);
+  const out = join(dir, 'restored.bin');
+  const restore = restoreCli(t, [
+    '--source',
+    socket,
+    '--rate',
+    '8M',
+    '--workload',
+    'none',
+    '--out',
+    out,
+    '--json',
+    '--silence-timeout',
+    '500ms',
+    ...restoreArgs,
+  ]);
+  await until('the source freed part of the image', () => allocated(path) < bytes.length * 0.8, 30_000);
+  first.child.kill('SIGKILL');
+  await once(first.child, 'close');
+  t.ok(allocated(path) < bytes.length, 'pages were freed before the kill: they exist only in the restore now');
+  return { dir, bytes, path, socket, out, restore };
+}
+
+t.test('a release-as-sent source killed (-9) mid-move and started again: the restore resumes and ends byte-exact, and the source exits 0', async (t) => {
+  // On the old main every resume was refused (ERR_IMAGE_MISMATCH: the freed pages changed the fingerprint) and the freed pages were lost.
+  // The give-up time bounds the test: a restore whose resumes are all refused fails within it.
+  const { bytes, path, socket, out, restore } = await moveKilledMidway(t, ['--give-up-after', '30s']);
+  const again = await startServeCli(t, ['--image', path, '--listen', socket, '--release-as-sent']);
+  const { code, stdout, stderr } = await restore;
+  const serveCode = await until('the restarted source to exit', () => again.child.exitCode ?? undefined, 10_000);
+  t.equal(
+    code,
+    0,
+    stderr
+      .split('\n')
+      .filter((l) => l.includes('"level":50'))
+      .join('\n'),
+  );
+  const report = JSON.parse(stdout);
+  t.equal(report.digestMatch, true, 'the digest check at the end compares with the image as it was before anything was freed');
+  t.ok(report.recovery.resumes >= 1, 'the restore resumed on the restarted source');
+  t.ok(readFileSync(out).equals(bytes), '--out holds the image, byte for byte');
+  t.equal(serveCode, 0, 'the restarted source exited by itself once its destination held every page');
+  t.ok(allocated(path) < bytes.length * 0.05, 'and the image was freed');
+});
+
+t.test('a release-as-sent source killed (-9) mid-move that never comes back: with --give-up-after the restore fails and writes nothing', async (t) => {
+  const { out, restore } = await moveKilledMidway(t, ['--give-up-after', '500ms']);
+  const { code, stderr } = await restore;
+  t.equal(code, 1);
+  t.match(stderr, /ERR_SOURCE_LOST/);
+  t.notOk(existsSync(out), 'nothing half-restored was written');
+});
+
+t.test('a second destination of a release-as-sent source is refused with ERR_IMAGE_CONSUMED, during the move and after it', async (t) => {
+  // On the old main a second restore after the first got 8,192 zero pages and ended ERR_DIGEST_MISMATCH.
+  const dir = tempDir(t);
+  const bytes = randomImage(2048, 3);
+  const path = shmImage(t, bytes);
+  const image = Image.open([{ path }], { releaseAsSent: true });
+  const server = new PageServer({ image, releaseAsSent: true });
+  t.teardown(async () => {
+    await server.close();
+    image.close();
+  });
+  const a = await server.listen(`unix:${join(dir, 'source.sock')}`);
+  const source = `unix:${(a as { path: string }).path}`;
+  const first = await Destination.connect({ source, background: { enabled: true, rateBytesPerSecond: 4 << 20 } });
+  t.teardown(() => first.close());
+  await until('the first destination consumed part of the image', () => server.releasedPages > 0);
+  await t.rejects(Destination.connect({ source }), { code: 'ERR_IMAGE_CONSUMED' }, 'refused while the first is being served');
+  const consumed = server.whenConsumed();
+  const report = await first.finish();
+  t.equal(report.digestMatch, true);
+  first.close();
+  await consumed;
+  t.equal(server.releasedPages, 2048, 'the first holds every page');
+  await t.rejects(Destination.connect({ source }), { code: 'ERR_IMAGE_CONSUMED' }, 'refused after the move: the image is gone');
+  const cli = await runCli(['serve', '--image', path, '--listen', `unix:${join(dir, 'plain.sock')}`]);
+  t.not(cli.code, 0, 'a plain serve of the consumed image refuses to start');
+  t.match(cli.stderr, /ERR_IMAGE_CONSUMED/);
+});
+
+t.test('the source keeps at most its budget of pages sent and not yet confirmed installed', async (t) => {
+  // On the old main nothing bounded it: the source sent as fast as the link took pages, and freed them only as reports came.
+  const pages = 8192;
+  const bytes = randomImage(pages, 0);
+  const path = shmImage(t, bytes);
+  const image = Image.open([{ path }], { releaseAsSent: true });
+  const budget = 2 << 20;
+  const server = new PageServer({ image, releaseAsSent: true, releaseBudgetBytes: budget });
+  t.teardown(async () => {
+    await server.close();
+    image.close();
+  });
+  const a = await server.listen(`unix:${join(tempDir(t), 'source.sock')}`);
+  const dest = await Destination.connect({ source: `unix:${(a as { path: string }).path}`, background: { enabled: true, rateBytesPerSecond: 0 } });
+  t.teardown(() => dest.close());
+  const report = await dest.finish();
+  t.equal(report.digestMatch, true);
+  t.ok(Buffer.from(dest.regions[0].mapping.buffer()).equals(bytes), 'byte for byte');
+  const [session] = server.sessions.values();
+  const stats = session.stats()!;
+  t.equal(stats.unconfirmedBudget, budget / PAGE, 'the budget in pages');
+  t.ok(stats.budgetWaits > 0, `the background reached the budget and waited for confirmations (${stats.budgetWaits} times)`);
+  t.ok(
+    stats.pagesUnconfirmedPeak > 0 && stats.pagesUnconfirmedPeak <= budget / PAGE,
+    `never more than the budget unconfirmed (at most ${stats.pagesUnconfirmedPeak} pages)`,
+  );
+  t.throws(() => new PageServer({ image, releaseAsSent: true, releaseBudgetBytes: 4096 }), { code: 'ERR_OUT_OF_RANGE' }, 'a budget below one run is refused');
 });
