@@ -248,7 +248,8 @@ export interface NativeAddon {
   madvise(address: number, length: number, advice: number): void;
   fallocate(fd: number, mode: number, offset: number, length: number): void;
   fileExtents(fd: number, size: number): number[];
-  pageChecksum(bytes: Uint8Array, pageSize: number, region: number, firstPage: number, count: number): bigint;
+  /** `shares`, when given (at least `count` long), receives each page's contribution. */
+  pageChecksum(bytes: Uint8Array, pageSize: number, region: number, firstPage: number, count: number, shares?: BigUint64Array): bigint;
   memoryConstants: Record<string, number>;
 
   socketPair(seqpacket?: boolean): [number, number];

@@ -250,8 +250,8 @@ export class Image {
     let run = -1;
     const flush = (end: number) => {
       if (run < 0) return;
-      const shares: bigint[] = [];
-      for (let p = run; p < end; p++) shares.push(native.pageChecksum(bytes, r.pageSize, region, p, 1));
+      const shares = new BigUint64Array(end - run);
+      native.pageChecksum(bytes, r.pageSize, region, run, end - run, shares);
       journal.record(run, shares);
       punchHole(r.memoryFd!, run * r.pageSize, (end - run) * r.pageSize);
       journal.punched(r.path ? fileKey(r.path) : null);

@@ -135,13 +135,13 @@ export class ReleaseJournal {
   }
 
   /** Pages [first, first + count) are about to be freed, with these shares of the checksum: written before the hole is punched. */
-  record(first: number, shares: readonly bigint[]): void {
+  record(first: number, shares: BigUint64Array): void {
     for (let k = 0; k < shares.length; k++) {
       const p = first + k;
       if (!this.isReleased(p)) this.#count++;
       this.released[p >> 3] |= 1 << (p & 7);
-      this.sums[p] = shares[k];
     }
+    this.sums.set(shares, first);
     if (this.#fd === null) return;
     const lo = first >> 3;
     const hi = (first + shares.length - 1) >> 3;
