@@ -41,12 +41,15 @@ import type { Image } from './image.js';
 import type { LiveMigration } from './live.js';
 
 /**
- * Release as sent: 16 MiB of pages sent and not yet confirmed installed, at
- * most. At the destination's report interval (25 ms per GiB), that still
- * lets 640 MiB/s through per GiB of image; a 1 GiB move peaks at 1.016x the
- * image plus the two processes' own memory.
+ * Release as sent, by default: at most 1/64 of the image (and at least 16
+ * MiB) of pages sent and not yet confirmed installed. The destination reports
+ * every 25 ms per GiB of image, so that still lets about 640 MiB/s through
+ * whatever the image's size, and a move of 1 GiB or more peaks at 1.016x the
+ * image, plus the two processes' own memory.
  */
-export const DEFAULT_RELEASE_BUDGET_BYTES = 16 << 20;
+export function defaultReleaseBudgetBytes(imageBytes: number): number {
+  return Math.max(16 << 20, Math.ceil(imageBytes / 64 / MAX_RUN_BYTES) * MAX_RUN_BYTES);
+}
 
 /** The most connections that may be waiting to authenticate at once; more are closed at once. */
 export const MAX_UNPROVEN_CONNECTIONS = 256;
@@ -79,7 +82,7 @@ export interface PageServerOptions {
   releaseAsSent?: boolean;
   /**
    * Release as sent: the most bytes of pages sent and not yet confirmed
-   * installed by the destination (default DEFAULT_RELEASE_BUDGET_BYTES): the
+   * installed by the destination (default defaultReleaseBudgetBytes()): the
    * memory both sides hold together stays within the image plus this (plus
    * the requested pages in flight), whatever the machine's speed.
    */
@@ -141,7 +144,11 @@ export class PageServer {
     this.#resumeGraceMs = options.resumeGraceMs ?? DEFAULT_RESUME_GRACE_MS;
     this.#plaintextTcp = options.plaintextTcp === true;
     this.#release = options.releaseAsSent === true;
-    this.#releaseBudgetBytes = validateInteger(options.releaseBudgetBytes ?? DEFAULT_RELEASE_BUDGET_BYTES, 'releaseBudgetBytes', MAX_RUN_BYTES);
+    this.#releaseBudgetBytes = validateInteger(
+      options.releaseBudgetBytes ?? defaultReleaseBudgetBytes(this.#image.totalBytes),
+      'releaseBudgetBytes',
+      MAX_RUN_BYTES,
+    );
     if (this.#release && !this.#image.memoryFds())
       throw new PostcopyError(
         ErrorCode.IMAGE_INVALID,

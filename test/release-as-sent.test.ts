@@ -254,3 +254,35 @@ t.test('the source keeps at most its budget of pages sent and not yet confirmed 
   );
   t.throws(() => new PageServer({ image, releaseAsSent: true, releaseBudgetBytes: 4096 }), { code: 'ERR_OUT_OF_RANGE' }, 'a budget below one run is refused');
 });
+
+t.test('under the budget, faults are never held back: requested pages go at once while the background waits', async (t) => {
+  const pages = 8192;
+  const bytes = randomImage(pages, 5);
+  const path = shmImage(t, bytes);
+  const image = Image.open([{ path }], { releaseAsSent: true });
+  const budget = 2 << 20;
+  const server = new PageServer({ image, releaseAsSent: true, releaseBudgetBytes: budget });
+  t.teardown(async () => {
+    await server.close();
+    image.close();
+  });
+  const a = await server.listen(`unix:${join(tempDir(t), 'source.sock')}`);
+  const dest = await Destination.connect({
+    source: `unix:${(a as { path: string }).path}`,
+    window: { forward: 32, backward: 0 },
+    background: { enabled: true, rateBytesPerSecond: 0 },
+  });
+  t.teardown(() => dest.close());
+  const r = dest.regions[0].mapping;
+  const [report, touched] = await Promise.all([dest.finish(), touchPages(r.address, pages, shuffledOrder(pages, 11), { mapping: r })]);
+  t.equal(report.digestMatch, true);
+  t.equal(touched.latencyNs.length, pages, 'every touch returned');
+  t.ok(Buffer.from(r.buffer()).equals(bytes), 'byte for byte');
+  const [session] = server.sessions.values();
+  const stats = session.stats()!;
+  // Only requested pages may go past the budget (never a window page, never the background).
+  t.ok(
+    stats.pagesUnconfirmedPeak <= budget / PAGE + stats.pagesRequested,
+    `unconfirmed at most the budget plus requested pages (${stats.pagesUnconfirmedPeak} <= ${budget / PAGE} + ${stats.pagesRequested})`,
+  );
+});
