@@ -11,6 +11,8 @@ import { Image } from '../server/image.js';
 import { PageServer } from '../server/page-server.js';
 import { Destination } from '../client/destination.js';
 import { VmmHandler } from '../client/vmm-handler.js';
+import { SourceConnection } from '../client/source-connection.js';
+import { transferOptions } from '../lib/transfer.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
 import { FaultProxy } from './fault-proxy.js';
 import { FAST_RECOVERY, PAGE, buildFixture, cliCommand, randomImage, runCli, startServeCli, tempDir, until, writeImage } from './helpers.js';
@@ -221,6 +223,10 @@ t.test('a second destination of a release-as-sent source is refused with ERR_IMA
   await consumed;
   t.equal(server.releasedPages, 2048, 'the first holds every page');
   await t.rejects(Destination.connect({ source }), { code: 'ERR_IMAGE_CONSUMED' }, 'refused after the move: the image is gone');
+  // One that names the session the pages were freed for, but holds none of them, is refused at start: a freed page is never served as zeros.
+  const impostor = await SourceConnection.open({ source, resume: image.releasedFor, transfer: transferOptions({}) });
+  t.teardown(() => impostor.abandon());
+  await t.rejects(impostor.start(), { code: 'ERR_IMAGE_CONSUMED', message: /do not cover/ }, 'a resume that does not hold the freed pages is refused');
   const cli = await runCli(['serve', '--image', path, '--listen', `unix:${join(dir, 'plain.sock')}`]);
   t.not(cli.code, 0, 'a plain serve of the consumed image refuses to start');
   t.match(cli.stderr, /ERR_IMAGE_CONSUMED/);
