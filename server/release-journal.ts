@@ -45,6 +45,8 @@ export class ReleaseJournal {
   readonly #pages: number;
   readonly #pageSize: number;
   readonly #key: FileKey | null;
+  /** The file's mtime after the last hole punched (else the key's). */
+  #mtimeNs: string | undefined;
 
   private constructor(
     fd: number | null,
@@ -159,8 +161,6 @@ export class ReleaseJournal {
   close(): void {
     if (this.#fd !== null) closeSync(this.#fd);
   }
-
-  #mtimeNs: string | undefined;
 
   #writeHeader(pending: 0 | 1): void {
     if (this.#fd === null) return;
