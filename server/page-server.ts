@@ -219,9 +219,12 @@ export class PageServer {
       );
     }
     // Once pages are freed the image cannot be read back: its digests and checksums are taken now.
+    const began = Date.now();
     if (this.#release) await this.#image.startReleasing();
     // What every welcome carries: a resuming destination checks that this is the image it was restoring, every byte of it.
     this.#content = (await this.#image.contentDigest()) ?? null;
+    if (this.#content)
+      this.#log.info({ content: this.#content.slice(0, 16), ms: Date.now() - began }, 'image digested (a file keeps it beside it for the next start)');
     const server = createServer({ noDelay: true }, (socket) => void this.#onConnection(socket));
     if (a.kind === 'unix') {
       await listenOwnerOnly(server, a.path);

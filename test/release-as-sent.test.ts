@@ -6,7 +6,7 @@ import t from 'tap';
 import { existsSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { once } from 'node:events';
 import { spawn } from 'node:child_process';
-import { join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { Image } from '../server/image.js';
 import { PageServer } from '../server/page-server.js';
 import { Destination } from '../client/destination.js';
@@ -291,4 +291,32 @@ t.test('under the budget, faults are never held back: requested pages go at once
     stats.pagesUnconfirmedPeak <= budget / PAGE + stats.pagesRequested,
     `unconfirmed at most the budget plus requested pages (${stats.pagesUnconfirmedPeak} <= ${budget / PAGE} + ${stats.pagesRequested})`,
   );
+});
+
+t.test('what a release-as-sent source freed outlives it: digests and checksums of the image as it was, beside the file', async (t) => {
+  const pages = 1024;
+  const bytes = randomImage(pages, 6);
+  const path = shmImage(t, bytes);
+  const original = Image.open([{ buffer: Buffer.from(bytes) }]);
+  t.teardown(() => original.close());
+  const first = Image.open([{ path }], { releaseAsSent: true });
+  await first.startReleasing();
+  const freed = new Uint8Array(pages / 8);
+  freed.fill(0xff, 8, 40); // pages 64..319
+  freed[100] = 0x0f; // and 800..803
+  t.equal(first.release(0, 0, freed), 256 + 4);
+  first.close(); // as a source killed now would leave it
+  const again = Image.open([{ path }], { releaseAsSent: true });
+  t.teardown(() => again.close());
+  t.equal(again.releasedPages, 260, 'a restarted source knows which pages were freed');
+  t.equal(await again.contentDigest(), await original.contentDigest(), 'and the content digest of the image as it was');
+  // Pages left out of the check, freed and not: the sums of freed pages come from the journal.
+  const verify = [{ id: 0, skip: [[60, 10] as [number, number], [500, 3] as [number, number], [802, 4] as [number, number]] }];
+  t.same(await again.answerDone(verify), await original.answerDone(verify), 'the digest and the installed-pages checksum answer as before anything was freed');
+  t.throws(() => Image.open([{ path }]), { code: 'ERR_IMAGE_CONSUMED' }, 'a plain image of it is refused: its holes are not its content');
+  // The same file written afresh is a new image: the journal no longer belongs to it.
+  writeImage(dirname(path), bytes, basename(path));
+  const fresh = Image.open([{ path }]);
+  t.teardown(() => fresh.close());
+  t.equal(fresh.releasedPages, 0, 'a file written since is served whole');
 });
