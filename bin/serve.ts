@@ -36,7 +36,12 @@ postcopy serve --live --socket PATH --listen unix:PATH|tcp:HOST:PORT [--migratio
   --release-as-sent frees the image's memory page by page as the destination
   installs it (never merely sends it), so moving it on one host never holds
   two copies. The image must be shared memory this process may write (a file
-  on tmpfs such as /dev/shm); one destination; the image is consumed.
+  on tmpfs such as /dev/shm); one destination; the image is consumed, and this
+  exits (0) once the destination holds every page. Another destination is
+  refused (ERR_IMAGE_CONSUMED). What was freed is kept beside the image
+  (FILE.postcopy-released): killed and started again the same way, this
+  serves the same destination again, which resumes from the pages it holds;
+  a plain serve of a partly freed image is refused.
 
   --live moves a running workload (a VMM) to one destination while it runs.
   The workload connects to --socket and hands over its memory as it would to
@@ -69,11 +74,15 @@ export async function serve(argv: string[], log: Logger): Promise<void> {
   parseAddressOption(listen, '--listen');
   const metrics = values.metrics === undefined ? undefined : parseMetricsOption(values.metrics);
   const resumeGraceMs = values['resume-grace'] === undefined ? undefined : parseDuration(values['resume-grace'], '--resume-grace');
-  const image = Image.open((values.image as string[]).map((path) => ({ path })));
+  const releaseAsSent = values['release-as-sent'] === true;
+  const image = Image.open(
+    (values.image as string[]).map((path) => ({ path })),
+    { releaseAsSent },
+  );
   const { token, tokenFile } = sourceToken(values['token-file'], listen, log);
   let server: PageServer;
   try {
-    server = new PageServer({ image, token, logger: log, ...(resumeGraceMs ? { resumeGraceMs } : {}), releaseAsSent: values['release-as-sent'] === true });
+    server = new PageServer({ image, token, logger: log, ...(resumeGraceMs ? { resumeGraceMs } : {}), releaseAsSent });
   } catch (err) {
     image.close();
     if ((err as PostcopyError).code === ErrorCode.IMAGE_INVALID && values['release-as-sent']) throw new UsageError((err as Error).message);
@@ -84,9 +93,11 @@ export async function serve(argv: string[], log: Logger): Promise<void> {
   // Tell a parent that spawned us where we listen (port 0 resolves here), and which token file it needs.
   process.stdout.write(JSON.stringify({ listening: server.address, ...(tokenFile ? { tokenFile } : {}) }) + '\n');
   if (served) process.stdout.write(JSON.stringify({ metrics: served.url }) + '\n');
+  // Release as sent: once the one destination holds every page, the image has moved and this exits (0).
   await new Promise<void>((resolve) => {
     process.once('SIGINT', resolve);
     process.once('SIGTERM', resolve);
+    if (releaseAsSent) void server.whenConsumed().then(resolve);
   });
   log.info('shutting down');
   await served?.close();

@@ -150,7 +150,7 @@ export class DestinationSession extends EventEmitter implements PageSession {
   readonly #log: Logger;
   readonly #options: DestinationSessionOptions;
   readonly #recovery: Resolved;
-  readonly #identity: { regions: RegionInfo[]; fingerprint: string };
+  readonly #identity: { regions: RegionInfo[]; fingerprint: string; content: string | undefined };
   #source: Address;
   /** The source and its replicas, tried in turn while out of reach. */
   readonly #sources: Address[];
@@ -197,7 +197,7 @@ export class DestinationSession extends EventEmitter implements PageSession {
     this.transfer = transferOptions(options);
     this.#connection = connection;
     this.#sessionId = connection.session;
-    this.#identity = { regions: connection.regions, fingerprint: connection.fingerprint };
+    this.#identity = { regions: connection.regions, fingerprint: connection.fingerprint, content: connection.content };
     this.engine = engine;
     this.#generation = 0;
     this.#backgroundHeld = connection.backgroundHeld;
@@ -589,18 +589,23 @@ export class DestinationSession extends EventEmitter implements PageSession {
     }
   }
 
-  /** A source serving another image must never supply pages to this one. */
+  /**
+   * A source serving another image must never supply pages to this one: the
+   * same layout, and the same content digest (every byte; the sampled
+   * fingerprint only when the source first welcomed us without a digest).
+   */
   #checkIdentity(connection: SourceConnection): void {
     const want = this.#identity;
     const sameLayout =
       connection.regions.length === want.regions.length &&
       connection.regions.every((r, i) => r.length === want.regions[i].length && r.pageSize === want.regions[i].pageSize);
-    if (!sameLayout || connection.fingerprint !== want.fingerprint) {
-      throw new PostcopyError(
-        ErrorCode.IMAGE_MISMATCH,
-        `the source at ${formatAddress(this.#source)} serves a different image (${sameLayout ? 'content' : 'size or regions'} differ); refused`,
-      );
-    }
+    const short = (digest: string | undefined) => (digest ? digest.slice(0, 16) : 'none');
+    const why = !sameLayout
+      ? 'size or regions differ'
+      : want.content !== undefined
+        ? connection.content !== want.content && `content digest ${short(connection.content)}, not ${short(want.content)} as first welcomed`
+        : connection.fingerprint !== want.fingerprint && 'content differs';
+    if (why) throw new PostcopyError(ErrorCode.IMAGE_MISMATCH, `the source at ${formatAddress(this.#source)} serves a different image (${why}); refused`);
   }
 
   /** Pages flow again (or nothing is due): the outage that began at the first pause is over. */
@@ -699,7 +704,7 @@ async function connectFirst(options: DestinationSessionOptions, recovery: Resolv
     } catch (err) {
       const e = asCodedError(err);
       const roundDone = attempt % sources.length === 0;
-      if (e.code === ErrorCode.UNSUPPORTED) throw e; // asking again would not change the answer
+      if (e.code === ErrorCode.UNSUPPORTED || e.code === ErrorCode.IMAGE_CONSUMED) throw e; // asking again would not change the answer
       if (options.signal?.aborted || (roundDone && !options.retryFirstConnect)) throw e;
       if (!roundDone) {
         log.warn({ source: formatAddress(source), code: e.code, err: e.message }, 'this source cannot be reached; trying the next');

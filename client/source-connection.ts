@@ -88,6 +88,8 @@ export class SourceConnection {
   readonly regions: RegionInfo[];
   /** Identifies the image the source serves (lib/digest.ts). */
   readonly fingerprint: string;
+  /** The digest of the image's whole content, when the source sends one (server/image.ts contentDigest). */
+  readonly content: string | undefined;
   /** The source still held the session asked for in `resume`. */
   readonly resumed: boolean;
   /** Where this connection reached the source (unix:PATH or tcp:HOST:PORT). */
@@ -120,6 +122,7 @@ export class SourceConnection {
     this.session = welcome.session;
     this.regions = welcome.regions;
     this.fingerprint = welcome.fingerprint;
+    this.content = welcome.content;
     this.resumed = welcome.resumed === true;
     this.#capabilities = Array.isArray(welcome.capabilities) ? welcome.capabilities.filter((c) => typeof c === 'string') : [];
     this.verifiesChecksums = this.#capabilities.includes('page-checksum');

@@ -47,6 +47,11 @@ export const ErrorCode = {
   ADDRESS_IN_USE: 'ERR_ADDRESS_IN_USE',
   /** A source serves a different image than the one this destination was restoring (size, regions or content). */
   IMAGE_MISMATCH: 'ERR_IMAGE_MISMATCH',
+  /**
+   * A release-as-sent image already partly freed for one destination: only that destination, holding every page
+   * freed, may resume it; any other (or one whose held pages do not cover them) is refused.
+   */
+  IMAGE_CONSUMED: 'ERR_IMAGE_CONSUMED',
   /** The source stayed unreachable for longer than the give-up time. */
   SOURCE_LOST: 'ERR_SOURCE_LOST',
   /** The peer went silent: no heartbeat on the control channel, or no page while pages were due. */

@@ -344,3 +344,48 @@ t.test('replicas: a first connection goes to the first that answers; restore --s
   t.match(JSON.parse(stdout.trim()), { digestMatch: true, pages: 256 });
   t.ok(readFileSync(out).equals(readFileSync(imagePath)), 'the output equals the image');
 });
+
+t.test('a source serving a same-size image that differs where the fingerprint does not look is refused on resume: no page of it is installed', async (t) => {
+  // On the old main the second image passed the sampled fingerprint and its pages were installed, mixed with the first's.
+  const dir = tempDir(t);
+  const pages = 1024;
+  const right = randomImage(pages, 9);
+  const other = Buffer.from(right);
+  const differing = 1; // the fingerprint samples pages 0, 16, 32, ...: page 1 is not among them
+  other.fill(0xa5, differing * PAGE, (differing + 1) * PAGE);
+  const rightPath = writeImage(dir, right, 'right.img');
+  const otherPath = writeImage(dir, other, 'other.img');
+  const [a, b] = [Image.open([{ path: rightPath }]), Image.open([{ path: otherPath }])];
+  t.equal(a.fingerprint, b.fingerprint, 'the sampled fingerprints cannot tell the two apart');
+  a.close();
+  b.close();
+  const socket = `unix:${join(dir, 'src.sock')}`;
+  const first = await startServeCli(t, ['--image', rightPath, '--listen', socket]);
+  const dest = await Destination.connect({ source: socket, recovery: FAST, window: { forward: 0, backward: 0 }, background: { enabled: false } });
+  t.teardown(() => dest.close());
+  const region = dest.regions[0].mapping;
+  await touchPages(
+    region.address,
+    pages,
+    Uint32Array.from({ length: 16 }, (_, i) => i * 64),
+    { mapping: region },
+  );
+  const paused = once(dest.session, 'paused');
+  first.child.kill('SIGKILL');
+  await paused;
+  const before = dest.engine.stats();
+  const impostor = await startServeCli(t, ['--image', otherPath, '--listen', socket]);
+  await until('a resume refused with ERR_IMAGE_MISMATCH', () => dest.status().lastError?.code === 'ERR_IMAGE_MISMATCH');
+  t.match(dest.status().lastError?.message, /content digest [0-9a-f]{16}, not [0-9a-f]{16}/, 'the message names both digests');
+  const during = dest.engine.stats();
+  t.equal(during.residentPages, before.residentPages, 'no page of the other image was installed');
+  t.equal(during.bytesReceived, before.bytesReceived, 'not a byte of it was received');
+  impostor.child.kill('SIGKILL');
+  await once(impostor.child, 'close');
+  await startServeCli(t, ['--image', rightPath, '--listen', socket]);
+  await touchPages(region.address, pages, shuffledOrder(pages, 4), { mapping: region });
+  const report = await dest.finish();
+  t.equal(report.digestMatch, true, 'the right image resumes and ends byte-exact');
+  t.ok(Buffer.from(region.buffer()).equals(right), 'every byte is the right image');
+  t.ok(existsSync(`${rightPath}.postcopy-sums`), 'the digest was kept beside the image');
+});
