@@ -14,7 +14,7 @@ import type { DestinationSession } from '../client/session.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
 import { FaultProxy } from './fault-proxy.js';
 import { CUT_CASES, cutOffset, restoreThroughCut, seededRandom } from './cut-points.js';
-import { FAST_HEARTBEAT, FAST_RECOVERY, PAGE, cliCommand, randomImage, startServeCli, tempDir, writeImage, until } from './helpers.js';
+import { FAST_HEARTBEAT, FAST_RECOVERY, PAGE, cliCommand, fakeServingSource, randomImage, startServeCli, tempDir, writeImage, until } from './helpers.js';
 import type { Test } from 'tap';
 
 const FAST = FAST_RECOVERY;
@@ -343,4 +343,52 @@ t.test('replicas: a first connection goes to the first that answers; restore --s
   t.equal(code, 0);
   t.match(JSON.parse(stdout.trim()), { digestMatch: true, pages: 256 });
   t.ok(readFileSync(out).equals(readFileSync(imagePath)), 'the output equals the image');
+});
+
+t.test(
+  'a source failing at the digest stage (a malformed digest, none, an error) is given up on after --give-up-after; a mismatched digest is final at once',
+  async (t) => {
+    const image = randomImage(16, 3);
+    for (const answer of ['malformed', 'silent', 'error', 'mismatch'] as const) {
+      const source = await fakeServingSource(t, image, answer);
+      const out = join(tempDir(t), 'restored.bin');
+      const restore = startRestoreCli(t, [
+        '--source',
+        source.address,
+        '--workload',
+        'none',
+        '--out',
+        out,
+        '--give-up-after',
+        '2s',
+        '--silence-timeout',
+        '500ms',
+      ]);
+      let exited: Awaited<typeof restore.exited> | undefined;
+      void restore.exited.then((r) => (exited = r));
+      // Each resume reached "resident" and restarted the give-up clock: the restore paused and resumed every 100 ms, for ever.
+      const { code, signal, stderr } = await until(`the restore against a source answering done with ${answer} to exit`, () => exited, 30_000);
+      t.equal(signal, null, `${answer}: no crash`);
+      t.equal(code, 1, `${answer}: exits 1`);
+      t.match(stderr, answer === 'mismatch' ? /ERR_DIGEST_MISMATCH/ : /ERR_SOURCE_LOST/, `${answer}: the code says why`);
+      t.notOk(existsSync(out), `${answer}: nothing written`);
+      if (answer === 'mismatch') t.equal(source.connections(), 1, 'a mismatched digest is not asked again');
+      else t.ok(source.connections() < 15, `${answer}: asked again with backoff, not in a loop (${source.connections()} connections)`);
+    }
+  },
+);
+
+t.test('a source that freezes right after its digest (no heartbeat, no reply to bye, no close): the restore prints its report and exits', async (t) => {
+  const image = randomImage(16, 5);
+  const source = await fakeServingSource(t, image, 'frozen');
+  const out = join(tempDir(t), 'restored.bin');
+  // A long silence timeout: a link going quiet is noticed late, and the restore must not wait for that once its report is out.
+  const restore = startRestoreCli(t, ['--source', source.address, '--workload', 'none', '--out', out, '--json', '--silence-timeout', '2m']);
+  let exited: Awaited<typeof restore.exited> | undefined;
+  void restore.exited.then((r) => (exited = r));
+  const { code, signal, stdout, stderr } = await until('the restore to exit after its report, its source frozen', () => exited, 30_000);
+  t.equal(signal, null);
+  t.equal(code, 0, 'exits 0');
+  t.equal(JSON.parse(stdout).digestMatch, true, 'the report was printed');
+  t.ok(readFileSync(out).equals(image), '--out holds the image');
 });
