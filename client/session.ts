@@ -706,7 +706,9 @@ async function connectFirst(options: DestinationSessionOptions, recovery: Resolv
       const e = asCodedError(err);
       const roundDone = attempt % sources.length === 0;
       if (e.code === ErrorCode.UNSUPPORTED) throw e; // asking again would not change the answer
-      if (options.signal?.aborted || (roundDone && !options.retryFirstConnect)) throw e;
+      // A busy source (a flood of connections that never authenticate closed ours to make room) is asked again for a while.
+      const busy = e.code === ErrorCode.SOURCE_BUSY && Date.now() - started < recovery.connectTimeoutMs;
+      if (options.signal?.aborted || (roundDone && !options.retryFirstConnect && !busy)) throw e;
       if (!roundDone) {
         log.warn({ source: formatAddress(source), code: e.code, err: e.message }, 'this source cannot be reached; trying the next');
         continue;

@@ -300,7 +300,14 @@ export function runCli(args: string[], env: Record<string, string> = {}, cwd?: s
 export async function startServeCli(
   t: Test,
   args: string[],
-): Promise<{ child: ChildProcess; listening: { kind: string; path?: string; port?: number }; tokenFile?: string; metrics?: string }> {
+): Promise<{
+  child: ChildProcess;
+  listening: { kind: string; path?: string; port?: number };
+  tokenFile?: string;
+  metrics?: string;
+  /** What it logged (stderr) so far. */
+  log: () => string;
+}> {
   const [cmd, ...pre] = cliCommand();
   const child = spawn(cmd, [...pre, 'serve', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
   t.teardown(() => {
@@ -320,5 +327,5 @@ export async function startServeCli(
     child.once('exit', (code) => reject(new Error(`serve exited with ${code}: ${stderr}`)));
   });
   const { listening, tokenFile } = JSON.parse(lines[0]);
-  return { child, listening, tokenFile, ...(want > 1 ? { metrics: JSON.parse(lines[1]).metrics as string } : {}) };
+  return { child, listening, tokenFile, ...(want > 1 ? { metrics: JSON.parse(lines[1]).metrics as string } : {}), log: () => stderr };
 }
