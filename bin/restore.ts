@@ -126,7 +126,7 @@ export async function restore(argv: string[], log: Logger): Promise<void> {
     if (values.image)
       refuseImageAsOut(
         values.out,
-        values.image.map((path) => statSync(path)),
+        values.image.flatMap((path) => statSync(path, { throwIfNoEntry: false }) ?? []),
       );
   }
   const transfer = {

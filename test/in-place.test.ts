@@ -188,6 +188,10 @@ t.test(
     const same = await runCli(['restore', '--source', `unix:${listening.path}`, '--out', imagePath, '--json', '--log-level', 'warn']);
     t.equal(same.code, 0, same.stderr);
     t.ok(readFileSync(imagePath).equals(bytes), 'the image, restored over itself, is byte for byte the same');
+    // A restore from the image file itself, onto it (another spelling of its path): refused, like --in-place.
+    const local = await runCli(['restore', '--image', imagePath, '--out', join(dir, '.', 'vm.mem')]);
+    t.equal(local.code, 2, 'restore --image onto its own image is refused');
+    t.ok(readFileSync(imagePath).equals(bytes), 'and the image is untouched');
     // A restore that fails (its source gone for good) writes nothing.
     child.kill('SIGKILL');
     await once(child, 'exit');
