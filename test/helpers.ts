@@ -147,9 +147,14 @@ export type DoneAnswer =
  * A source of our own making that serves `image` (one region, plaintext data
  * channels) as a real one does: every page on the bulk channel at `start`,
  * then END; and answers `done` as `answer` says. Counts its control
- * connections. On a unix socket in a temp dir; closed at teardown.
+ * connections; the first `busyFirst` it turns away with ERR_SOURCE_BUSY. On a unix socket in a temp dir; closed at teardown.
  */
-export async function fakeServingSource(t: Test, image: Buffer, answer: DoneAnswer): Promise<{ address: string; connections: () => number }> {
+export async function fakeServingSource(
+  t: Test,
+  image: Buffer,
+  answer: DoneAnswer,
+  options: { busyFirst?: number } = {},
+): Promise<{ address: string; connections: () => number }> {
   const sha256 = createHash('sha256').update(image).digest('hex');
   const bulk = new Map<string, Socket>(); // session id -> its bulk channel
   const sockets = new Set<Socket>();
@@ -178,6 +183,12 @@ export async function fakeServingSource(t: Test, image: Buffer, answer: DoneAnsw
         return;
       }
       connections++;
+      if (connections <= (options.busyFirst ?? 0)) {
+        // As a real source closes the oldest connection still to authenticate to make room.
+        socket.write(encodeFrame({ t: 'error', code: 'ERR_SOURCE_BUSY', message: 'the source is busy (fake)' }));
+        socket.destroy();
+        return;
+      }
       socket.write(encodeFrame({ t: 'challenge', protocol: 1, software: 'fake', nonce: Buffer.alloc(32, 7), auth: 'none' }));
       await reader.next(['auth'], 5000);
       const session = (++sessions).toString(16).padStart(32, '0');

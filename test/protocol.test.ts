@@ -19,7 +19,7 @@ import { madvise, mapAnonymous } from '../lib/memory.js';
 import { ErrorCode } from '../lib/errors.js';
 import { Kind, PAGE_REQUEST_BYTES, RUN_HEADER_BYTES, Reason, encodePageRequest, encodeRunHeader } from '../lib/wire.js';
 import { Userfaultfd } from '../lib/uffd.js';
-import { PAGE, fakeSource, fakeWelcome, here, randomImage, tempDir, until } from './helpers.js';
+import { PAGE, fakeServingSource, fakeSource, fakeWelcome, here, randomImage, tempDir, until } from './helpers.js';
 import type { Test } from 'tap';
 
 async function startServer(t: Test, options: { token?: string } = {}) {
@@ -663,4 +663,13 @@ t.test('a control channel cut while its data channels attach is reported as the 
   t.match(err.message, /session has ended: its control channel closed/);
   const unknown = await rawExchange(path, encodeFrame({ t: 'attach', session: 'f'.repeat(32), channel: 'urgent', ticket: Buffer.alloc(32) }));
   t.equal(unknown.code, ErrorCode.AUTH_FAILED, 'a session that never was is still an authentication failure');
+});
+
+t.test('a first connection turned away as busy (ERR_SOURCE_BUSY) is tried again, and the restore goes on', async (t) => {
+  const image = randomImage(16, 3);
+  const busy = await fakeServingSource(t, image, 'digest', { busyFirst: 2 });
+  const dest = await Destination.connect({ source: busy.address, recovery: { retryDelayMs: { initial: 20, max: 100 } } });
+  t.teardown(() => dest.close());
+  t.equal((await dest.finish()).digestMatch, true, 'restored byte-exact on the third connection');
+  t.equal(busy.connections(), 3);
 });
