@@ -380,20 +380,44 @@ t.test(
   },
 );
 
-t.test('a source that freezes right after its digest (no heartbeat, no reply to bye, no close): the restore prints its report and exits', async (t) => {
-  const image = randomImage(16, 5);
-  const source = await fakeServingSource(t, image, 'frozen');
-  const out = join(tempDir(t), 'restored.bin');
-  // A long silence timeout: a link going quiet is noticed late, and the restore must not wait for that once its report is out.
-  const restore = startRestoreCli(t, ['--source', source.address, '--workload', 'none', '--out', out, '--json', '--silence-timeout', '2m']);
-  let exited: Awaited<typeof restore.exited> | undefined;
-  void restore.exited.then((r) => (exited = r));
-  const { code, signal, stdout } = await until('the restore to exit after its report, its source frozen', () => exited, 30_000);
-  t.equal(signal, null);
-  t.equal(code, 0, 'exits 0');
-  t.equal(JSON.parse(stdout).digestMatch, true, 'the report was printed');
-  t.ok(readFileSync(out).equals(image), '--out holds the image');
-});
+t.test(
+  'a source that freezes right after its digest (a fake that answers nothing more, no close; a real one stopped by SIGSTOP as the report prints): the restore exits',
+  async (t) => {
+    const image = randomImage(16, 5);
+    const source = await fakeServingSource(t, image, 'frozen');
+    const out = join(tempDir(t), 'restored.bin');
+    // A long silence timeout: a link going quiet is noticed late, and the restore must not wait for that once its report is out.
+    const restore = startRestoreCli(t, ['--source', source.address, '--workload', 'none', '--out', out, '--json', '--silence-timeout', '2m']);
+    let exited: Awaited<typeof restore.exited> | undefined;
+    void restore.exited.then((r) => (exited = r));
+    const { code, signal, stdout } = await until('the restore to exit after its report, its source frozen', () => exited, 30_000);
+    t.equal(signal, null);
+    t.equal(code, 0, 'exits 0');
+    t.equal(JSON.parse(stdout).digestMatch, true, 'the report was printed');
+    t.ok(readFileSync(out).equals(image), '--out holds the image');
+
+    // A real source stopped (SIGSTOP) the moment the report is printed.
+    const dir = tempDir(t);
+    const imagePath = writeImage(dir, randomImage(1024, 5));
+    const serve = await startServeCli(t, ['--image', imagePath, '--listen', `unix:${join(dir, 'src.sock')}`]);
+    t.teardown(() => serve.child.kill('SIGKILL')); // a stopped process takes no SIGTERM
+    const [cmd, ...pre] = cliCommand();
+    const child = spawn(cmd, [...pre, 'restore', '--source', `unix:${serve.listening.path}`, '--json', '--silence-timeout', '2m'], {
+      stdio: ['ignore', 'pipe', 'ignore'],
+    });
+    t.teardown(() => child.kill('SIGKILL'));
+    let report = '';
+    child.stdout.on('data', (d) => {
+      if (!report) serve.child.kill('SIGSTOP');
+      report += d;
+    });
+    let real: number | null | undefined;
+    child.on('close', (c) => (real = c));
+    await until('the restore to exit, its source stopped as it printed its report', () => real !== undefined, 30_000);
+    t.equal(real, 0);
+    t.equal(JSON.parse(report).digestMatch, true);
+  },
+);
 
 /**
  * Connections that never authenticate, `perHost` from each of `hosts` (other
