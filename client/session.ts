@@ -10,7 +10,9 @@
 // reconnects by itself with backoff, proves the token again, presents its
 // session id and the pages it holds, and the engine re-sends its unanswered
 // requests first. A source that serves a different image is refused. Only a
-// give-up time, when one is set, ends an outage in failure.
+// give-up time, when one is set, ends an outage in failure; an outage ends
+// only with progress toward a verified end (pages arriving, the digest), never
+// with a mere reconnection.
 import { EventEmitter } from 'node:events';
 import { ErrorCode, PostcopyError, asCodedError, type CodedError } from '../lib/errors.js';
 import { type Address, formatAddress, parseAddress } from '../lib/address.js';
@@ -344,7 +346,10 @@ export class DestinationSession extends EventEmitter implements PageSession {
       try {
         const digest = await connection.finish(stats, this.#recovery.digestTimeoutMs, verify);
         // The connection may have failed in the same breath (the digest and an error in one read): ask again then.
-        if (this.#connection === connection && this.#machine.is('resident')) return digest;
+        if (this.#connection === connection && this.#machine.is('resident')) {
+          this.#outageOver(); // the digest came: the outage (if any) is over
+          return digest;
+        }
       } catch (err) {
         if (this.#connection === connection) this.#pause(asCodedError(err));
       }
@@ -386,7 +391,8 @@ export class DestinationSession extends EventEmitter implements PageSession {
     this.#connection?.close();
     this.#connection = null;
     this.engine.stop();
-    this.#machine.to('closed', this.status() as unknown as Record<string, unknown>);
+    const { state: _, ...status } = this.status(); // `state` in the details would hide the state logged
+    this.#machine.to('closed', status);
   }
 
   // ---- running ----
@@ -565,8 +571,8 @@ export class DestinationSession extends EventEmitter implements PageSession {
       this.#connection = connection;
       this.#sessionId = connection.session;
       this.#resumedOn = connection;
+      // Back in "resident" is no progress: the outage lasts until the digest comes (exchangeDigest), or the give-up time.
       await this.#begin(connection);
-      if (this.#machine.is('resident')) this.#outageOver(); // nothing more is due
     } catch (err) {
       const e = asCodedError(err);
       if (this.#connection === connection) this.#connection = null;
@@ -705,7 +711,9 @@ async function connectFirst(options: DestinationSessionOptions, recovery: Resolv
       const e = asCodedError(err);
       const roundDone = attempt % sources.length === 0;
       if (e.code === ErrorCode.UNSUPPORTED || e.code === ErrorCode.IMAGE_CONSUMED) throw e; // asking again would not change the answer
-      if (options.signal?.aborted || (roundDone && !options.retryFirstConnect)) throw e;
+      // A busy source (a flood of connections that never authenticate closed ours to make room) is asked again for a while.
+      const busy = e.code === ErrorCode.SOURCE_BUSY && Date.now() - started < recovery.connectTimeoutMs;
+      if (options.signal?.aborted || (roundDone && !options.retryFirstConnect && !busy)) throw e;
       if (!roundDone) {
         log.warn({ source: formatAddress(source), code: e.code, err: e.message }, 'this source cannot be reached; trying the next');
         continue;

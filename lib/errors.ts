@@ -60,8 +60,10 @@ export const ErrorCode = {
   ENGINE_STATE: 'ERR_ENGINE_STATE',
   /** The memory's owner moved part of a region (mremap); that part is no longer served. */
   PARTIAL_REMAP: 'ERR_PARTIAL_REMAP',
-  /** Too many connections are still waiting to authenticate or to send their handshake; this one was closed at once. */
+  /** Too many VMM connections are still to send their handshake; this one was closed at once. */
   OVERLOADED: 'ERR_OVERLOADED',
+  /** The source is busy: too many connections are still to authenticate, and this one, among the oldest, was closed to make room; try again. */
+  SOURCE_BUSY: 'ERR_SOURCE_BUSY',
   /** A sealed data-channel record failed authentication (tampered, replayed or cut): nothing of it was used. */
   DATA_TAMPERED: 'ERR_DATA_TAMPERED',
   /** A working-set file that cannot be read: not one, truncated, or its checksum does not match (client/working-set.ts). */

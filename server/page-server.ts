@@ -39,6 +39,7 @@ import { Tally } from '../lib/metrics.js';
 import { DEFAULT_RESUME_GRACE_MS, SourceSession } from './session.js';
 import type { Image } from './image.js';
 import type { LiveMigration } from './live.js';
+import { Admission } from './admission.js';
 
 /**
  * Release as sent, by default: at most 1/64 of the image (and at least 16
@@ -51,8 +52,10 @@ export function defaultReleaseBudgetBytes(imageBytes: number): number {
   return Math.max(16 << 20, Math.ceil(imageBytes / 64 / MAX_RUN_BYTES) * MAX_RUN_BYTES);
 }
 
-/** The most connections that may be waiting to authenticate at once; more are closed at once. */
-export const MAX_UNPROVEN_CONNECTIONS = 256;
+export { MAX_UNPROVEN_CONNECTIONS, MAX_UNPROVEN_PER_PEER } from './admission.js';
+
+/** How many ended sessions are remembered, so that a data channel attaching to one is told why it is gone. */
+const ENDED_SESSIONS_KEPT = 1024;
 
 export interface PageServerOptions {
   image: Image;
@@ -63,6 +66,8 @@ export interface PageServerOptions {
   maxFrame?: number;
   /** A connection that has not finished its handshake by then is dropped (default 10 s). */
   handshakeTimeoutMs?: number;
+  /** A connection that has not authenticated by then (token, or a data channel's ticket) is closed (default 5 s; server/admission.ts). */
+  authTimeoutMs?: number;
   /** Control-channel liveness (default: a heartbeat each second, silent after 5 s). */
   heartbeat?: Heartbeat;
   /** How long a session whose destination went away waits for it to resume (default 60 s). */
@@ -120,7 +125,10 @@ export class PageServer {
   readonly #plaintextTcp: boolean;
   readonly #sessions = new Map<string, SourceSession>();
   readonly #sockets = new Set<Socket>();
-  readonly #unproven = new Set<Socket>(); // connected, not yet authenticated
+  /** Connections not yet authenticated: deadlines, limits, the oldest closed to make room (server/admission.ts). */
+  readonly #unproven: Admission;
+  /** Sessions that ended with their control channel before their data channels attached: id -> why (the newest ENDED_SESSIONS_KEPT). */
+  readonly #ended = new Map<string, string>();
   /** Each session's current control connection (a resume replaces it). */
   readonly #controls = new Map<string, Socket>();
   #server: Server | null = null;
@@ -143,6 +151,11 @@ export class PageServer {
     this.#heartbeat = options.heartbeat ?? DEFAULT_HEARTBEAT;
     this.#resumeGraceMs = options.resumeGraceMs ?? DEFAULT_RESUME_GRACE_MS;
     this.#plaintextTcp = options.plaintextTcp === true;
+    this.#unproven = new Admission({
+      logger: this.#log,
+      ...(options.authTimeoutMs !== undefined ? { authTimeoutMs: options.authTimeoutMs } : {}),
+      count: (code) => this.#errors.add(code),
+    });
     this.#release = options.releaseAsSent === true;
     this.#releaseBudgetBytes = validateInteger(
       options.releaseBudgetBytes ?? defaultReleaseBudgetBytes(this.#image.totalBytes),
@@ -251,6 +264,7 @@ export class PageServer {
     for (const s of this.#sessions.values()) s.close('server closing');
     for (const id of [...this.#sessions.keys()]) this.#forget(id);
     this.#controls.clear();
+    this.#unproven.close();
     for (const socket of this.#sockets) socket.destroy();
     if (server) await new Promise<void>((resolve) => server.close(() => resolve()));
   }
@@ -259,18 +273,8 @@ export class PageServer {
     this.#sockets.add(socket);
     socket.once('close', () => this.#sockets.delete(socket));
     socket.on('error', () => {});
-    // Connections that have not proven anything yet are capped: idle peers cannot pile up without bound.
-    if (this.#unproven.size >= MAX_UNPROVEN_CONNECTIONS) {
-      this.#errors.add(ErrorCode.OVERLOADED);
-      this.#log.warn(
-        { code: ErrorCode.OVERLOADED, remote: socket.remoteAddress ?? 'unix', unproven: this.#unproven.size },
-        'connection refused: too many still to authenticate',
-      );
-      socket.destroy();
-      return;
-    }
-    this.#unproven.add(socket);
-    socket.once('close', () => this.#unproven.delete(socket));
+    // Connections that have not proven anything yet are bounded in time and number; a flood of them never starves the rest.
+    this.#unproven.admit(socket);
     const reader = new FrameReader(socket, this.#maxFrame);
     try {
       const first = await reader.next(['hello', 'attach'], this.#handshakeTimeoutMs);
@@ -282,7 +286,9 @@ export class PageServer {
         socket.destroy(); // shutting down: whatever was under way ends with the server, quietly
         return;
       }
-      if (e.code !== ErrorCode.PEER_GONE) {
+      if (this.#unproven.pending(socket)) {
+        this.#unproven.failed(socket, e.code); // before it authenticated: counted in a summary line, not logged alone
+      } else if (e.code !== ErrorCode.PEER_GONE) {
         this.#errors.add(e.code);
         this.#log.warn({ code: e.code, err: e.message, remote: socket.remoteAddress ?? 'unix' }, 'connection ended');
       }
@@ -292,6 +298,8 @@ export class PageServer {
 
   async #onAttach(socket: Socket, reader: FrameReader, msg: MessageOf<'attach'>): Promise<void> {
     const session = typeof msg.session === 'string' ? this.#sessions.get(msg.session) : undefined;
+    const ended = typeof msg.session === 'string' ? this.#ended.get(msg.session) : undefined;
+    if (!session && ended) throw new PostcopyError(ErrorCode.PEER_GONE, `this data channel's session has ended: ${ended}`);
     if (!session) throw new PostcopyError(ErrorCode.AUTH_FAILED, 'no such session');
     if (msg.channel !== 'urgent' && msg.channel !== 'bulk' && msg.channel !== 'memory')
       throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'unknown channel');
@@ -299,7 +307,7 @@ export class PageServer {
       throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'this source did not offer its memory in place (TCP, or an image that is not shared memory)');
     session.verifyAttach(msg.channel, msg.ticket);
     const ticket = msg.ticket as Uint8Array;
-    this.#unproven.delete(socket);
+    this.#unproven.proven(socket);
     // The destination sends nothing more until it reads this reply, so once the
     // reply is written no byte can be left behind in JS when native code takes over.
     if (reader.detach().length > 0) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'bytes arrived on a data channel before it was attached');
@@ -340,7 +348,7 @@ export class PageServer {
     if (token && !proofMatches(proveToken(token, 'client', nonce, hello.nonce), auth.proof)) {
       throw new PostcopyError(ErrorCode.AUTH_FAILED, 'the token proof does not match');
     }
-    this.#unproven.delete(socket);
+    this.#unproven.proven(socket);
     if (auth.probe === true) {
       // A destination checking that we answer and that the tokens agree: no session for it.
       send(socket, { t: 'ready', fingerprint: this.#image.fingerprint, ...(this.#content ? { content: this.#content } : {}), regions: this.#welcomeRegions() });
@@ -361,7 +369,10 @@ export class PageServer {
         session.close('the destination left before the switchover');
       } else if (saidBye) session.close('the destination said bye');
       else session.connectionLost('control channel closed', this.#resumeGraceMs, () => this.#forget(session.id));
-      if (session.state === 'closed') this.#forget(session.id);
+      if (session.state === 'closed') {
+        if (!saidBye) this.#remember(session.id, 'its control channel closed (cut, or the destination left) before the transfer started');
+        this.#forget(session.id);
+      }
     });
     // TCP leaves the host: its data channels carry sealed records (a TCP source always holds a token).
     const keys = socket.remoteFamily && token && !this.#plaintextTcp ? dataChannelKeys(token, nonce, hello.nonce) : undefined;
@@ -518,6 +529,12 @@ export class PageServer {
       }
     }
     this.#image.releasedFor = session.id;
+  }
+
+  /** Keeps why a session ended, for a data channel that still attaches to it (the newest ENDED_SESSIONS_KEPT). */
+  #remember(id: string, why: string): void {
+    this.#ended.set(id, why);
+    if (this.#ended.size > ENDED_SESSIONS_KEPT) this.#ended.delete(this.#ended.keys().next().value as string);
   }
 
   #welcomeRegions(): RegionInfo[] {
