@@ -39,22 +39,22 @@ export class Image {
   readonly #checksums = new Map<number, Promise<bigint>>();
   #kept = false;
 
-  private constructor(regions: ImageRegion[], mappings: Mapping[], ownFds: number[], live: boolean) {
+  private constructor(regions: ImageRegion[], mappings: Mapping[], ownFds: number[], live: string | null) {
     this.regions = regions;
     this.#mappings = mappings;
     this.#ownFds = ownFds;
-    // A live image changes until its workload pauses: it is named afresh, never by its contents.
-    this.fingerprint = live
-      ? `live-${randomBytes(16).toString('hex')}`
-      : imageFingerprint(regions.map((r) => ({ length: r.length, pageSize: r.pageSize, bytes: regionBytes(r) })));
+    // A live image changes until its workload pauses: it is named afresh (or as its migration, once re-adopted), never by its contents.
+    this.fingerprint = live !== null ? live : imageFingerprint(regions.map((r) => ({ length: r.length, pageSize: r.pageSize, bytes: regionBytes(r) })));
   }
 
   /**
    * `live`: the memory of a running workload (server/live.ts), read as it
    * changes: no page is taken for zero from the file's holes, and it is never
    * offered in place. Its digests are taken when asked (once it is paused).
+   * Its fingerprint names the migration: fresh, or `migration` for the memory
+   * of a workload re-adopted while paused for that migration.
    */
-  static open(sources: readonly RegionSource[], options: { live?: boolean } = {}): Image {
+  static open(sources: readonly RegionSource[], options: { live?: boolean; migration?: string } = {}): Image {
     const live = options.live === true;
     if (!Array.isArray(sources) || sources.length === 0) throw new PostcopyError(ErrorCode.IMAGE_INVALID, 'an image needs at least one region');
     const regions: ImageRegion[] = [];
@@ -70,7 +70,7 @@ export class Image {
       for (const fd of ownFds) closeSync(fd);
       throw err;
     }
-    return new Image(regions, mappings, ownFds, live);
+    return new Image(regions, mappings, ownFds, live ? (options.migration ?? `live-${randomBytes(16).toString('hex')}`) : null);
   }
 
   get totalBytes(): number {

@@ -491,8 +491,17 @@ export class PageServer {
       known.resume();
       return known;
     }
-    if (this.#live && (this.#live.state !== 'waiting' || [...this.#sessions.values()].some((s) => s.state !== 'closed')))
-      throw new PostcopyError(ErrorCode.UNSUPPORTED, 'a live source moves its workload to one destination');
+    const active = [...this.#sessions.values()].some((s) => s.state !== 'closed');
+    // Past the switchover the workload runs at its destination: that destination alone may come back, resuming
+    // from the pages it holds (this source restarted, or forgot its session after the grace).
+    const destinationBack = this.#live?.state === 'postcopy' && resume !== undefined && !active;
+    if (this.#live && !destinationBack && (this.#live.state !== 'waiting' || active))
+      throw new PostcopyError(
+        ErrorCode.UNSUPPORTED,
+        this.#live.state === 'postcopy'
+          ? 'this live workload runs at its destination already: only that destination may resume'
+          : 'a live source moves its workload to one destination',
+      );
     // Freeing the image as one destination installs it leaves nothing for a second.
     if (this.#release && [...this.#sessions.values()].some((s) => s.state !== 'closed'))
       throw new PostcopyError(ErrorCode.UNSUPPORTED, 'this source frees its image as its destination installs it (release-as-sent): it serves one destination');
