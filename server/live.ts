@@ -306,6 +306,8 @@ export interface LiveOptions {
 
 /** What happened, for the log and the bench. */
 export interface LiveReport {
+  /** The migration's name: the workload stays paused for it here (`serve --live --resume-workload` names it). */
+  migration: string;
   mode: NonNullable<LiveOptions['mode']>;
   rounds: number;
   pagesPerRound: number[];
@@ -469,7 +471,7 @@ export class LiveMigration extends EventEmitter {
         this.#interrupt = null;
       }
       const precopyMs = performance.now() - started;
-      machine.to('switching', { by: switchoverBy, rounds: perRound.length });
+      machine.to('switching', { by: switchoverBy, rounds: perRound.length, migration: workload.image.fingerprint });
       await Promise.race([workload.pause(this.#options.pauseTimeoutMs), gone]);
       const pausedAt = performance.now();
       left.addAll(workload.written());
@@ -487,6 +489,7 @@ export class LiveMigration extends EventEmitter {
       const done = await Promise.race([switched, gone]);
       await Promise.race([running, gone]);
       const report: LiveReport = {
+        migration: workload.image.fingerprint,
         mode,
         rounds: perRound.length,
         pagesPerRound: perRound,
@@ -517,7 +520,7 @@ export class LiveMigration extends EventEmitter {
     if (this.#machine) throw new PostcopyError(ErrorCode.UNSUPPORTED, 'a live workload moves to one destination');
     const machine = new StateMachine<LiveState>('live', 'precopy', TRANSITIONS, this.#log);
     this.#machine = machine;
-    machine.to('switching', { by: 'postcopy', reason: 'the destination cannot take precopy rounds' });
+    machine.to('switching', { by: 'postcopy', reason: 'the destination cannot take precopy rounds', migration: this.workload.image.fingerprint });
     try {
       await this.workload.pause(this.#options.pauseTimeoutMs);
     } catch (err) {

@@ -275,7 +275,7 @@ async function liveMoveUnderway(t: Test, restoreArgs: string[]) {
   const paused = workload.lines.find((l) => l.paused === true && Object.keys(l).length === 2) as { writes: number };
   t.equal(gone.paused, true, 'the workload saw its source die while paused');
   t.equal(gone.writes, paused.writes, `and had written nothing since its pause (${paused.writes} writes)`);
-  return { dir, serveArgs, listen, dump, out, workload, restore, paused };
+  return { dir, serveArgs, listen, dump, out, workload, restore, paused, migration: live.migration };
 }
 
 t.test(
@@ -284,10 +284,11 @@ t.test(
     const m = await liveMoveUnderway(t, []);
     const again = startServeLive(t, m.serveArgs);
     const listening = await again.next();
-    t.match(listening.readopted, /^live-[0-9a-f]{32}$/, 'the restarted source re-adopts the paused workload, naming its migration');
+    t.equal(listening.readopted, m.migration, 'the restarted source re-adopts the paused workload, naming its migration');
     const restore = await settled('the restore to end', m.restore);
     t.equal(restore.code, 0, restore.stderr);
     const report = JSON.parse(restore.stdout.trim().split('\n').pop()!);
+    t.ok(report.recovery.resumes >= 1, `the destination paused and resumed (${report.recovery.resumes} resume(s), ${report.recovery.pausedMs} ms paused)`);
     t.equal(report.digestMatch, true, "the destination equals the workload's memory at its pause");
     t.equal(
       (await settled('the restarted serve --live to exit', again.closed)).code,
@@ -315,7 +316,7 @@ t.test('the destination gives up after the switchover and says so: only then, to
   t.equal(restore.code, 1, 'the destination gives up');
   t.match(restore.stderr, /ERR_SOURCE_LOST/);
   const said = /gives up live migration (live-[0-9a-f]{32}).*--resume-workload (live-[0-9a-f]{32})/.exec(restore.stderr);
-  t.ok(said && said[1] === said[2], 'it names the migration it gave up, and how the workload at the source resumes');
+  t.ok(said && said[1] === m.migration && said[2] === m.migration, 'it names the migration it gave up, and how the workload at the source resumes');
   t.notOk(existsSync(m.out), 'it wrote nothing');
   const id = said![1];
   t.notOk(
