@@ -204,6 +204,7 @@ async function save(argv: string[], log: Logger): Promise<void> {
   const dir = mkdtempSync(join(tmpdir(), 'uffd-postcopy-qemu-'));
   const socketPath = join(dir, 'migration.sock');
   const server = createServer();
+  let socket: Socket | undefined;
   let wasRunning = false;
   let stopped = false;
   try {
@@ -223,7 +224,7 @@ async function save(argv: string[], log: Logger): Promise<void> {
     const accepted = once(server, 'connection') as Promise<[Socket]>;
     await qmp.execute('migrate', { uri: `unix:${socketPath}` });
     log.info({ qmp: values.qmp, qemuVersion, live: live && wasRunning }, 'QEMU migrates into this process');
-    const [socket] = await Promise.race([
+    [socket] = await Promise.race([
       accepted,
       new Promise<never>((_, reject) => setTimeout(() => reject(new PostcopyError(ErrorCode.TIMEOUT, 'QEMU did not connect to migrate')), 10_000).unref()),
     ]);
@@ -247,6 +248,7 @@ async function save(argv: string[], log: Logger): Promise<void> {
     }
     throw err;
   } finally {
+    socket?.destroy();
     server.close();
     qmp.close();
     rmSync(dir, { recursive: true, force: true });

@@ -20,15 +20,15 @@ const PATTERN_BYTES = 4 << 20;
 const found = spawnSync('qemu-system-x86_64', ['--version'], { encoding: 'utf8' });
 if (found.status !== 0) throw new Error('qemu-system-x86_64 is not installed: .ci/run installs it (apt-get install qemu-system-x86)');
 
-/** A QEMU held before its first instruction, with `pattern` in its RAM at 1 MiB; its QMP socket. */
-async function startQemu(t: Test, dir: string, pattern: Buffer): Promise<{ qmp: string }> {
+/** A QEMU held before its first instruction (unless `held` is false: then it runs its firmware), with `pattern` in its RAM at 1 MiB; its QMP socket. */
+async function startQemu(t: Test, dir: string, pattern: Buffer, held = true): Promise<{ qmp: string }> {
   const patternFile = join(dir, 'pattern.bin');
   writeFileSync(patternFile, pattern);
   const qmp = join(dir, 'qmp.sock');
   const child = spawn(
     'qemu-system-x86_64',
     [
-      ...['-machine', 'pc', '-accel', 'tcg', '-m', '64', '-nodefaults', '-display', 'none', '-S'],
+      ...['-machine', 'pc', '-accel', 'tcg', '-m', '64', '-nodefaults', '-display', 'none', ...(held ? ['-S'] : [])],
       ...['-qmp', `unix:${qmp},server=on,wait=off`, '-device', `loader,file=${patternFile},addr=${PATTERN_AT}`],
     ],
     { stdio: ['ignore', 'ignore', 'inherit'] },
@@ -78,6 +78,31 @@ t.test('postcopy qemu save: a running QEMU migrates into a snapshot directory', 
   const monitor = await Qmp.connect(qmp);
   t.match(await monitor.execute('query-status'), { status: 'postmigrate' }, 'QEMU is left paused, as after any migration');
   monitor.close();
+});
+
+t.test('postcopy qemu save stops a running guest for the save and leaves it paused; a save that fails leaves it running', async (t) => {
+  const dir = tempDir(t);
+  const { qmp } = await startQemu(t, dir, randomBytes(PATTERN_BYTES), false);
+  // QEMU's monitor takes one client at a time: the test asks between the saves.
+  const status = async () => {
+    const monitor = await Qmp.connect(qmp);
+    try {
+      return await monitor.execute('query-status');
+    } finally {
+      monitor.close();
+    }
+  };
+  t.match(await status(), { status: 'running' }, 'the guest runs');
+  // An --out that cannot be made (below a regular file): the save fails once the guest is stopped and QEMU migrates.
+  writeFileSync(join(dir, 'a-file'), '');
+  const failed = await runCli(['qemu', 'save', '--qmp', qmp, '--out', join(dir, 'a-file', 'snapshot')]);
+  t.equal(failed.code, 1, 'the save fails');
+  t.match(failed.stderr, /"msg":"the guest is stopped for the save"/, 'after stopping the guest');
+  t.match(await status(), { status: 'running' }, 'and the guest runs again, as it was found');
+  const r = await runCli(['qemu', 'save', '--qmp', qmp, '--out', join(dir, 'snapshot')]);
+  t.equal(r.code, 0, r.stderr);
+  t.match(JSON.parse(r.stdout.trim().split('\n').pop()!), { guest: 'paused', live: false }, 'saved stopped');
+  t.match(await status(), { status: 'postmigrate' }, 'and left paused, as after any migration');
 });
 
 t.test('postcopy qemu import: a stream QEMU saved itself (exec:cat)', async (t) => {
