@@ -506,7 +506,8 @@ export class DestinationSession extends EventEmitter implements PageSession {
     if (!this.#machine.is('running', 'resident', 'resuming')) return;
     // Before a live source's switchover its workload still runs there: the migration is over, nothing waits for it.
     if (this.#precopy && !this.#switchedOver) {
-      err.message = `the live source ended the migration before its switchover (the workload goes on there): ${err.message}`;
+      const id = this.#identity.fingerprint;
+      err.message = `the live source ended migration ${id} before its switchover; nothing ran here, so its workload may go on there (if the source had paused it: postcopy serve --live --socket PATH --resume-workload ${id}): ${err.message}`;
       this.fail(err);
       return;
     }
@@ -643,10 +644,17 @@ export class DestinationSession extends EventEmitter implements PageSession {
     this.#giveUpTimer = null;
     if (!this.#outageSince || this.#machine.is('failed', 'closed', 'verified')) return;
     const last = this.#lastError;
+    // Past a live source's switchover the workload ran here and waits paused at the source: say that this copy is
+    // given up, so the one there may run again (and how), since no source heard it.
+    const live = this.#precopy && this.#switchedOver;
     this.fail(
       new PostcopyError(
         ErrorCode.SOURCE_LOST,
-        `the source stayed out of reach for ${this.#recovery.giveUpAfterMs} ms${last ? ` (last: ${last.code}: ${last.message})` : ''}`,
+        `the source stayed out of reach for ${this.#recovery.giveUpAfterMs} ms${last ? ` (last: ${last.code}: ${last.message})` : ''}${
+          live
+            ? `; this destination gives up live migration ${this.#identity.fingerprint} and its copy of the workload never runs again: the workload paused at the source may resume there (postcopy serve --live --socket PATH --resume-workload ${this.#identity.fingerprint})`
+            : ''
+        }`,
         last ? { cause: last.code } : undefined,
       ),
     );

@@ -78,6 +78,8 @@ export const ErrorCode = {
   QMP_FAILED: 'ERR_QMP_FAILED',
   /** A live source's workload exited or hung up before its memory moved (it keeps running if it can). */
   WORKLOAD_GONE: 'ERR_WORKLOAD_GONE',
+  /** serve --live --resume-workload named a migration the workload that came is not paused for: it stays paused. */
+  MIGRATION_MISMATCH: 'ERR_MIGRATION_MISMATCH',
   /** A combination this version cannot serve yet (the message says which); nothing was changed. */
   UNSUPPORTED: 'ERR_UNSUPPORTED',
   /** An exception nobody expected: a bug of ours, never blamed on a peer. */

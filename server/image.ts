@@ -47,36 +47,36 @@ export class Image {
   /** Release-as-sent: per region, what was freed (server/release-journal.ts). */
   readonly #journals: (ReleaseJournal | undefined)[];
 
-  private constructor(regions: ImageRegion[], mappings: Mapping[], ownFds: number[], live: boolean, journals: (ReleaseJournal | undefined)[]) {
+  private constructor(regions: ImageRegion[], mappings: Mapping[], ownFds: number[], live: string | null, journals: (ReleaseJournal | undefined)[]) {
     this.regions = regions;
     this.#mappings = mappings;
     this.#ownFds = ownFds;
-    this.#live = live;
+    this.#live = live !== null;
     this.#journals = journals;
     // Sums kept beside a file (or in its release journal) are taken as computed.
     regions.forEach((r, id) => {
       const journal = journals[id];
-      const kept = journal ? { sha256: journal.sha256, checksum: journal.checksum } : r.path && !live ? keptSums(r.path) : {};
+      const kept = journal ? { sha256: journal.sha256, checksum: journal.checksum } : r.path && live === null ? keptSums(r.path) : {};
       if (kept.sha256) this.#digests.set(id, Promise.resolve(kept.sha256));
       if (kept.checksum !== undefined) this.#checksums.set(id, Promise.resolve(kept.checksum));
     });
-    // A live image changes until its workload pauses: it is named afresh, never by its contents.
-    this.fingerprint = live
-      ? `live-${randomBytes(16).toString('hex')}`
-      : imageFingerprint(regions.map((r) => ({ length: r.length, pageSize: r.pageSize, bytes: regionBytes(r) })));
+    // A live image changes until its workload pauses: it is named afresh (or as its migration, once re-adopted), never by its contents.
+    this.fingerprint = live !== null ? live : imageFingerprint(regions.map((r) => ({ length: r.length, pageSize: r.pageSize, bytes: regionBytes(r) })));
   }
 
   /**
    * `live`: the memory of a running workload (server/live.ts), read as it
    * changes: no page is taken for zero from the file's holes, and it is never
    * offered in place. Its digests are taken when asked (once it is paused).
+   * Its fingerprint names the migration: fresh, or `migration` for the memory
+   * of a workload re-adopted while paused for that migration.
    *
    * `releaseAsSent`: the image may be one a release-as-sent source already
    * freed in part for its destination (its journal beside it says which
    * pages); without it, such an image is refused (ERR_IMAGE_CONSUMED): its
    * holes are not its content.
    */
-  static open(sources: readonly RegionSource[], options: { live?: boolean; releaseAsSent?: boolean } = {}): Image {
+  static open(sources: readonly RegionSource[], options: { live?: boolean; migration?: string; releaseAsSent?: boolean } = {}): Image {
     const live = options.live === true;
     if (!Array.isArray(sources) || sources.length === 0) throw new PostcopyError(ErrorCode.IMAGE_INVALID, 'an image needs at least one region');
     const regions: ImageRegion[] = [];
@@ -103,7 +103,7 @@ export class Image {
       for (const fd of ownFds) closeSync(fd);
       throw err;
     }
-    return new Image(regions, mappings, ownFds, live, journals);
+    return new Image(regions, mappings, ownFds, live ? (options.migration ?? `live-${randomBytes(16).toString('hex')}`) : null, journals);
   }
 
   get totalBytes(): number {

@@ -562,12 +562,21 @@ export class PageServer {
       known.resume();
       return known;
     }
-    if (this.#live && (this.#live.state !== 'waiting' || [...this.#sessions.values()].some((s) => s.state !== 'closed')))
-      throw new PostcopyError(ErrorCode.UNSUPPORTED, 'a live source moves its workload to one destination');
+    const active = [...this.#sessions.values()].some((s) => s.state !== 'closed');
+    // Past the switchover the workload runs at its destination: that destination alone may come back, resuming
+    // from the pages it holds (this source restarted, or forgot its session after the grace).
+    const destinationBack = this.#live?.state === 'postcopy' && resume !== undefined && !active;
+    if (this.#live && !destinationBack && (this.#live.state !== 'waiting' || active))
+      throw new PostcopyError(
+        ErrorCode.UNSUPPORTED,
+        this.#live.state === 'postcopy'
+          ? 'this live workload runs at its destination already: only that destination may resume'
+          : 'a live source moves its workload to one destination',
+      );
     // Freeing the image as one destination installs it leaves nothing for a second: once pages are freed, only the destination
     // they were freed for may come back (a restarted source knows it from the journal beside the image; its `have` is checked at start).
     if (this.#release) {
-      const busy = [...this.#sessions.values()].some((s) => s.state !== 'closed');
+      const busy = active;
       const freed = this.#image.releasedPages;
       if (busy || (freed > 0 && resume !== this.#image.releasedFor))
         throw new PostcopyError(
