@@ -17,7 +17,7 @@ import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import type { Test } from 'tap';
 import { FaultProxy, type Direction } from './fault-proxy.js';
-import { PAGE, buildFixture, cliCommand, randomImage, tempDir, writeImage } from './helpers.js';
+import { PAGE, buildFixture, cliCommand, randomImage, tempDir, until, writeImage } from './helpers.js';
 
 export const FAILURES = ['source-restarted', 'source-lost', 'link-cut', 'link-blackholed', 'worker-killed', 'supervisor-killed'] as const;
 export type Failure = (typeof FAILURES)[number];
@@ -46,6 +46,8 @@ export interface Mode {
   restoreArgs?: string[];
   handleArgs?: string[];
   vmmArgs?: string[];
+  /** A live source: `serve --live` moving a running workload (the VMM fixture in source mode). */
+  live?: boolean;
   /** Huge pages the mode needs reserved (vm.nr_hugepages). */
   hugePages?: number;
   /** Once per run before its cells: e.g. record a working set to replay. */
@@ -97,6 +99,13 @@ export const MODES: readonly Mode[] = [
     transport: 'unix',
     sharedMemoryImage: true,
     serveArgs: ['--release-as-sent'],
+    notCells: { 'worker-killed': HANDLER_ONLY, 'supervisor-killed': HANDLER_ONLY },
+  },
+  {
+    name: 'live',
+    destination: 'restore',
+    transport: 'unix',
+    live: true,
     notCells: { 'worker-killed': HANDLER_ONLY, 'supervisor-killed': HANDLER_ONLY },
   },
   { name: 'handler (copy)', destination: 'vmm', transport: 'unix' },
@@ -283,8 +292,26 @@ export async function runCell(t: Test, mode: Mode, failure: Failure, cut: CutPoi
     copyFileSync(imagePath, served);
   }
   const listen = (name: string) => (mode.transport === 'tcp' ? 'tcp:127.0.0.1:0' : `unix:${join(dir, name)}`);
-  const serveArgs = (address: string) => ['--image', served, '--listen', address, ...(mode.serveArgs ?? [])];
-  const sources: Serve[] = [await startServe(t, serveArgs(listen('source.sock')))];
+  // Live: the source is `serve --live` holding a running workload (the fixture in source mode), which pauses at once
+  // (--migration postcopy: every failure strikes after the switchover) and dumps its memory as it is at the pause.
+  const live = mode.live ? { socket: join(dir, 'workload.sock'), dump: join(dir, 'paused.mem') } : null;
+  const serveArgs = (address: string) =>
+    live
+      ? ['--live', '--socket', live.socket, '--listen', address, '--migration', 'postcopy']
+      : ['--image', served, '--listen', address, ...(mode.serveArgs ?? [])];
+  const firstServe = startServe(t, serveArgs(listen('source.sock')));
+  if (live) {
+    await until('serve --live to listen for its workload', () => existsSync(live.socket), 30_000);
+    const workload = spawn(
+      buildFixture('vmm'),
+      ['--live-source', live.socket, '--image', imagePath, '--write-rate', '2000', '--threads', '1', '--dump', live.dump],
+      {
+        stdio: ['ignore', 'ignore', 'inherit'],
+      },
+    );
+    t.teardown(() => void workload.kill('SIGKILL'));
+  }
+  const sources: Serve[] = [await firstServe];
   const firstAddress = sources[0].address;
   // A restart listens on the same port or path again.
   sources[0].args = serveArgs(firstAddress);
@@ -358,7 +385,8 @@ export async function runCell(t: Test, mode: Mode, failure: Failure, cut: CutPoi
     const code = await deadline(ended, `restore, ${failure}`);
     await striking;
     if (code === 0) {
-      const exact = existsSync(out) && readFileSync(out).equals(image);
+      // Live: the destination must equal the workload's memory at its pause.
+      const exact = existsSync(out) && readFileSync(out).equals(live ? readFileSync(live.dump) : image);
       return { outcome: exact ? 'exact' : 'wrong', detail: exact ? 'byte-exact' : 'exit 0 but the output differs from the image', struck };
     }
     // The code the restore ended with: its last error line's.
