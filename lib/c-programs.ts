@@ -1,8 +1,11 @@
 // The project's small C programs (the VMM fixture, the benchmark floor),
 // compiled on first use with the machine's C compiler into a directory only
-// this user can write, and compiled again when their source is newer.
+// this user can write. A build is named by its source's content hash, so
+// checkouts with different sources (or a source changed since) never run one
+// another's build.
 import { execFileSync } from 'node:child_process';
-import { chmodSync, existsSync, lstatSync, mkdirSync, renameSync, statSync } from 'node:fs';
+import { chmodSync, existsSync, lstatSync, mkdirSync, readFileSync, renameSync } from 'node:fs';
+import { createHash } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ErrorCode, PostcopyError } from './errors.js';
@@ -20,10 +23,11 @@ function privateDir(): string {
   return dir;
 }
 
-/** The path of `source` compiled (with -O2 -pthread), built now if missing or older than the source. */
+/** The path of `source` compiled (with -O2 -pthread), built now unless this very source was built before. */
 export function compiledProgram(source: string, name: string): string {
-  const binary = join(privateDir(), name);
-  if (!existsSync(binary) || statSync(binary).mtimeMs < statSync(source).mtimeMs) {
+  const hash = createHash('sha256').update(readFileSync(source)).digest('hex').slice(0, 16);
+  const binary = join(privateDir(), `${name}-${hash}`);
+  if (!existsSync(binary)) {
     const partial = `${binary}.${process.pid}.tmp`;
     execFileSync('cc', ['-O2', '-Wall', '-pthread', '-o', partial, source]);
     renameSync(partial, binary);
