@@ -228,7 +228,7 @@ export class HandlerSupervisor extends EventEmitter {
 /**
  * The worker's end of the link: adopts every VMM the supervisor hands over,
  * and tells it (a HandoffEnded line on `out`) when it lets one go. Resolves
- * when the supervisor goes away.
+ * when the supervisor goes away (the VMMs adopted so far stay the handler's).
  */
 export async function serveHandoffs(handler: VmmHandler, link: number, out: (line: string) => void, log: Logger = silentLogger): Promise<void> {
   handler.on('released', ({ handoff }: { handoff?: number }) => {
