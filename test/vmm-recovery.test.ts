@@ -11,6 +11,10 @@ import { VmmHandler, type VmmSessionSummary } from '../client/vmm-handler.js';
 import type { RecoveryOptions } from '../client/session.js';
 import { FAST_RECOVERY, buildFixture, cliCommand, randomImage, startServeCli, tempDir, until, writeImage } from './helpers.js';
 import type { Test } from 'tap';
+import { FaultProxy } from './fault-proxy.js';
+import { Image } from '../server/image.js';
+import { PageServer } from '../server/page-server.js';
+import { encodeFrame } from '../lib/protocol.js';
 
 const FAST = FAST_RECOVERY;
 
@@ -179,4 +183,70 @@ t.test('handle CLI: the supervisor is killed (-9) mid-way; its worker serves the
   };
   await until('the worker to exit', exited, 10_000);
   t.pass('the worker exited once its VMM was done');
+});
+
+/** A source on loopback TCP (plaintext, so byte offsets on its channels are known) behind a FaultProxy, and a handler through the proxy. */
+async function handlerThroughProxy(t: Test, dir: string, imagePath: string, recovery: RecoveryOptions) {
+  const token = 'cut during set-up';
+  const server = new PageServer({ image: Image.open([{ path: imagePath }]), token, plaintextTcp: true });
+  const where = await server.listen('tcp:127.0.0.1:0');
+  const proxy = await FaultProxy.start(t, `tcp:127.0.0.1:${where.kind === 'tcp' ? where.port : 0}`);
+  const h = new VmmHandler({
+    source: proxy.address,
+    token,
+    acceptPlaintextTcp: true,
+    recovery,
+    background: { enabled: false },
+    window: { forward: 0, backward: 0 },
+  });
+  const socket = join(dir, 'handler.sock');
+  await h.listen(socket);
+  t.teardown(async () => {
+    await h.close();
+    await server.close();
+  });
+  return { handler: h, socket, proxy, server };
+}
+
+/** The bytes of the `attached` frame that opens a data channel: a cut there falls between the channel's attach and the session's start. */
+const ATTACHED_BYTES = encodeFrame({ t: 'attached' }).length;
+
+t.test(
+  'the urgent channel cut while the handler sets up a VMM\'s first connection: a pause and a resume, every VMM byte-exact (was: "handshake refused", the VMM hung)',
+  async (t) => {
+    const dir = tempDir(t);
+    const imagePath = writeImage(dir, randomImage(2048, 6));
+    const { handler: h, socket, proxy } = await handlerThroughProxy(t, dir, imagePath, FAST);
+    const rejected: unknown[] = [];
+    h.on('rejected', (r) => rejected.push(r));
+    const cuts = [
+      { direction: 'down', afterBytes: ATTACHED_BYTES, action: 'rst' },
+      { direction: 'down', afterBytes: ATTACHED_BYTES, action: 'fin' },
+      { direction: 'down', afterBytes: ATTACHED_BYTES + 1, action: 'rst' },
+      { direction: 'up', afterBytes: 1, action: 'fin' },
+      { direction: 'down', afterBytes: ATTACHED_BYTES, action: 'blackhole' },
+      { direction: 'down', afterBytes: ATTACHED_BYTES + 40, action: 'rst' },
+    ] as const;
+    for (const [i, cut] of cuts.entries()) {
+      // One VMM at a time: its control channel is the next connection the proxy accepts, its urgent channel the one after.
+      proxy.inject({ connection: proxy.accepted + 1, ...cut });
+      const ended = once(h, 'session-end').then(([s]) => s as VmmSessionSummary);
+      const result = await startVmm(t, socket, imagePath, ['--order', 'random', '--seed', String(i + 1)]).closed;
+      t.equal(result.code, 0, `VMM ${i + 1} (${cut.action} ${cut.direction} after ${cut.afterBytes} bytes): every byte verified`);
+      t.equal((await ended).poisonedPages, 0, 'nothing poisoned');
+    }
+    t.equal(proxy.fired.length, cuts.length, 'every cut fired');
+    t.same(rejected, [], 'no VMM was refused');
+  },
+);
+
+t.test('the urgent channel cut during set-up and the source gone for good: after the give-up time the VMM gets SIGBUS, not a hang', async (t) => {
+  const dir = tempDir(t);
+  const imagePath = writeImage(dir, randomImage(2048, 6));
+  const { socket, proxy } = await handlerThroughProxy(t, dir, imagePath, { ...FAST, giveUpAfterMs: 500 });
+  proxy.inject({ connection: 1, direction: 'down', afterBytes: ATTACHED_BYTES, action: 'rst' });
+  // Every later connection (each resume) is reset at its first byte: the source is out of reach from the cut on.
+  for (let c = 3; c < 300; c++) proxy.inject({ connection: c, direction: 'down', afterBytes: 0, action: 'rst' });
+  const result = await startVmm(t, socket, imagePath).closed;
+  t.equal(result.signal, 'SIGBUS', 'the guest touched a poisoned page');
 });
