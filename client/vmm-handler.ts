@@ -509,6 +509,16 @@ export class VmmHandler extends EventEmitter {
   async #connect(vmm: VmmSession): Promise<void> {
     const log = this.#log.child({ vmmPid: vmm.pid });
     const recording = this.#options.recordWorkingSet !== undefined;
+    if (this.#template) {
+      // A plain VMM would never see the MINOR faults a clone is served by: refused with the reason (and poisoned, by adopt).
+      const template = await this.#template;
+      const why = template.notClonedBy(vmm.pid, vmm.guest);
+      if (why)
+        throw new PostcopyError(
+          ErrorCode.TEMPLATE_NOT_MAPPED,
+          `this handler serves clones of template ${JSON.stringify(template.name)}, and this VMM is not one: ${why}; map the template it is offered (docs/VMM-HANDSHAKE.md, "Templates")`,
+        );
+    }
     let welcomed = false;
     try {
       const build: EngineFactory = (regions, local) => {
