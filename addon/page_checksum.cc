@@ -8,9 +8,10 @@
 namespace uffdpc {
 namespace {
 
-// pageChecksum(bytes, pageSize, region, firstPage, count) -> bigint: the sum
-// (mod 2^64) of the contributions of pages [firstPage, firstPage + count) of
-// `bytes`, whose page 0 is the region's first page.
+// pageChecksum(bytes, pageSize, region, firstPage, count[, shares]) -> bigint:
+// the sum (mod 2^64) of the contributions of pages [firstPage, firstPage +
+// count) of `bytes`, whose page 0 is the region's first page; `shares`, a
+// BigUint64Array of at least `count`, receives each page's own.
 Napi::Value PageChecksum(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto bytes = info[0].As<Napi::Uint8Array>();
@@ -22,9 +23,20 @@ Napi::Value PageChecksum(const Napi::CallbackInfo& info) {
   if (pageSize == 0 || pageSize % 32 != 0 || first > length / pageSize || count > length / pageSize - first) {
     throw CodedError(env, "ERR_OUT_OF_RANGE", "pageChecksum: the pages lie outside the buffer");
   }
+  uint64_t* shares = nullptr;
+  if (info.Length() > 5 && info[5].IsTypedArray()) {
+    auto out = info[5].As<Napi::TypedArray>();
+    if (out.TypedArrayType() != napi_biguint64_array || out.ElementLength() < count)
+      throw CodedError(env, "ERR_OUT_OF_RANGE", "pageChecksum: shares must be a BigUint64Array of at least count");
+    shares = reinterpret_cast<uint64_t*>(static_cast<uint8_t*>(out.ArrayBuffer().Data()) + out.ByteOffset());
+  }
   const uint8_t* data = bytes.Data();
   uint64_t sum = 0;
-  for (uint64_t p = first; p < first + count; p++) sum += Contribution(region, p, ContentHash(data + p * pageSize, pageSize));
+  for (uint64_t p = first; p < first + count; p++) {
+    uint64_t share = Contribution(region, p, ContentHash(data + p * pageSize, pageSize));
+    if (shares) shares[p - first] = share;
+    sum += share;
+  }
   return Napi::BigInt::New(env, sum);
 }
 

@@ -7,9 +7,17 @@
 // A live source's session starts in precopy: rounds of pages (all of them,
 // then those written since) go out on the bulk channel while the workload
 // runs, until the switchover (docs/PROTOCOL.md, "Live migration").
+// Release as sent, a budget: at most `unconfirmedBudget` pages may be sent
+// and not yet confirmed installed (confirm(), from the destination's
+// `installed` reports). The bulk thread waits for confirmations before a run
+// that would exceed it; the request thread never waits (a requested page
+// always goes at once) and sends its window only while it fits. So the
+// source's freed memory trails the destination's by at most the budget, plus
+// the requested pages in flight.
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
@@ -38,6 +46,7 @@ struct ServedRegion {
   uint64_t unit = 1;
   std::unique_ptr<AtomicBitmap> sent;        // sent at least once, on either channel
   std::unique_ptr<AtomicBitmap> sentUrgent;  // sent on the urgent channel
+  std::unique_ptr<AtomicBitmap> confirmed;   // held by the destination for good (a budget is set)
   // Precopy: sent in a round at least once; queued for a round and not sent since.
   std::unique_ptr<AtomicBitmap> everSent, queued;
 };
@@ -92,7 +101,8 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
                        {InstanceMethod<&PageServerSession::Start>("start"), InstanceMethod<&PageServerSession::Stop>("stop"),
                         InstanceMethod<&PageServerSession::MarkSent>("markSent"), InstanceMethod<&PageServerSession::Stats>("stats"),
                         InstanceMethod<&PageServerSession::Prefetch>("prefetch"), InstanceMethod<&PageServerSession::StartBackground>("startBackground"),
-                        InstanceMethod<&PageServerSession::PrecopyRound>("precopyRound"), InstanceMethod<&PageServerSession::Switchover>("switchover")});
+                        InstanceMethod<&PageServerSession::PrecopyRound>("precopyRound"), InstanceMethod<&PageServerSession::Switchover>("switchover"),
+                        InstanceMethod<&PageServerSession::Confirm>("confirm")});
   }
 
   // new PageServerSession({regions, urgentFd, bulkFd, windowForward, windowBackward,
@@ -131,6 +141,14 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
         r->queued = std::make_unique<AtomicBitmap>(r->image.pages);
       }
     rate_ = o.Get("rateBytesPerSecond").As<Napi::Number>().DoubleValue();
+    // unconfirmedBudget: pages (0: none); at least one run of every region (checked in server/session.ts).
+    Napi::Value budget = o.Get("unconfirmedBudget");
+    if (budget.IsNumber()) budget_ = static_cast<uint64_t>(budget.As<Napi::Number>().Int64Value());
+    if (budget_ > 0)
+      for (auto& r : regions_) {
+        if (budget_ < wire::MaxRunPages(r->image.pageSize)) throw CodedError(info.Env(), "ERR_OUT_OF_RANGE", "the unconfirmed budget must hold one run");
+        r->confirmed = std::make_unique<AtomicBitmap>(r->image.pages);
+      }
     // keys: {urgentDown, urgentUp, bulkDown}, 32 bytes each, when the channels are encrypted (TCP).
     Napi::Value keys = o.Get("keys");
     if (keys.IsObject()) {
@@ -154,9 +172,58 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
     auto bits = info[1].As<Napi::TypedArrayOf<uint8_t>>();
     ServedRegion& r = *regions_.at(id);
     for (uint64_t p = 0; p < r.image.pages && p / 8 < bits.ByteLength(); p++)
-      if ((bits.Data()[p / 8] >> (p % 8)) & 1)
-        if (r.sent->Claim(p)) claimed_++;
+      if ((bits.Data()[p / 8] >> (p % 8)) & 1) Settle(r, p);
     return info.Env().Undefined();
+  }
+
+  // confirm(region, offset, bitmap): bytes [offset, +length) of the region's
+  // bitmap of pages the destination holds for good (release as sent): they
+  // leave the unconfirmed budget, and are never sent again.
+  Napi::Value Confirm(const Napi::CallbackInfo& info) {
+    uint32_t id = info[0].As<Napi::Number>().Uint32Value();
+    uint64_t offset = static_cast<uint64_t>(info[1].As<Napi::Number>().Int64Value());
+    auto bits = info[2].As<Napi::TypedArrayOf<uint8_t>>();
+    if (id >= regions_.size() || offset > (regions_[id]->image.pages + 7) / 8 || bits.ByteLength() > (regions_[id]->image.pages + 7) / 8 - offset)
+      throw CodedError(info.Env(), "ERR_PROTOCOL_OUT_OF_RANGE", "confirm: bytes outside the region's bitmap");
+    ServedRegion& r = *regions_[id];
+    for (uint64_t i = 0; i < bits.ByteLength(); i++) {
+      uint8_t byte = bits.Data()[i];
+      for (uint64_t b = 0; byte && b < 8; b++)
+        if ((byte >> b) & 1 && (offset + i) * 8 + b < r.image.pages) Settle(r, (offset + i) * 8 + b);
+    }
+    std::lock_guard<std::mutex> lock(bulkMu_);
+    bulkCv_.notify_all();
+    return info.Env().Undefined();
+  }
+
+  // Page p of r is the destination's for good: sent (never again), and, under a budget, confirmed.
+  void Settle(ServedRegion& r, uint64_t p) {
+    if (r.sent->Claim(p)) claimed_++;
+    if (r.confirmed && r.confirmed->Claim(p)) settled_++;
+  }
+
+  // Pages sent and not yet confirmed (0 without a budget).
+  uint64_t Unconfirmed() const {
+    if (budget_ == 0) return 0;
+    uint64_t sent = claimed_.load(), settled = settled_.load();
+    return sent > settled ? sent - settled : 0;
+  }
+
+  // After pages were claimed to be sent: the most ever unconfirmed, for stats().
+  void NoteUnconfirmed() {
+    uint64_t now = Unconfirmed(), peak = unconfirmedPeak_.load(std::memory_order_relaxed);
+    while (now > peak && !unconfirmedPeak_.compare_exchange_weak(peak, now, std::memory_order_relaxed)) {}
+  }
+
+  // The request thread's window and clusters go only while `pages` more fit the budget.
+  bool Fits(uint64_t pages) const { return budget_ == 0 || Unconfirmed() + pages <= budget_; }
+
+  // The bulk thread: waits until `pages` more fit the budget (or stop). Bounded steps: confirm() and stop() wake it sooner.
+  void WaitForBudget(uint64_t pages) {
+    if (Fits(pages)) return;
+    budgetWaits_++;
+    std::unique_lock<std::mutex> lock(bulkMu_);
+    while (!stop_.load() && !Fits(pages)) bulkCv_.wait_for(lock, std::chrono::milliseconds(100));
   }
 
   // prefetch(entries: Buffer of u64 LE, region << 48 | page): a working set
@@ -289,6 +356,10 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
     n("totalPages", totalPages_);
     n("pagesPrecopied", precopyPages_);
     n("pagesDiscarded", discarded_);
+    n("pagesUnconfirmed", Unconfirmed());
+    n("pagesUnconfirmedPeak", unconfirmedPeak_);
+    n("unconfirmedBudget", budget_);
+    n("budgetWaits", budgetWaits_);
     n("backgroundDoneNs", backgroundDoneNs_ ? backgroundDoneNs_ - startNs_ : 0);
     return s;
   }
@@ -374,12 +445,13 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
       pagesResent_++;
     }
     pagesRequested_++;
+    NoteUnconfirmed();
     if (int err = AddRuns(batch, id, page, 1, wire::kRequested)) return err;
     auto addWindow = [&](uint64_t from, uint64_t to) -> int {  // [from, to), ascending
       uint32_t maxRun = wire::MaxRunPages(r.image.pageSize);
       uint64_t runStart = 0, runLen = 0;
       for (uint64_t p = from; p < to; p++) {
-        bool mine = r.sent->Claim(p);
+        bool mine = Fits(1) && r.sent->Claim(p);  // over the budget, the window waits for the background
         if (mine) {
           claimed_++;
           r.sentUrgent->Claim(p);
@@ -388,6 +460,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
         }
         if (runLen > 0 && (!mine || p + 1 == to || runLen == maxRun)) {
           pagesPrefault_ += runLen;
+          NoteUnconfirmed();
           if (int err = AddRuns(batch, id, runStart, runLen, wire::kPrefault)) return err;
           runLen = 0;
         }
@@ -401,14 +474,15 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
       uint64_t maxRun = wire::MaxRunPages(r.image.pageSize), lo = page, hi = page + 1;
       while (lo > 0 && page - lo < maxRun && set.Test(lo - 1)) lo--;
       while (hi < r.image.pages && hi - page < maxRun && set.Test(hi)) hi++;
-      for (uint64_t p = lo; p < hi;) {  // the pages of [lo, hi) not sent yet, as runs
+      for (uint64_t p = lo; p < hi && Fits(1);) {  // the pages of [lo, hi) not sent yet, as runs
         if (!r.sent->Claim(p)) {
           p++;
           continue;
         }
         uint64_t q = p + 1;
-        while (q < hi && q - p < maxRun && r.sent->Claim(q)) q++;
+        while (q < hi && q - p < maxRun && Fits(q - p + 1) && r.sent->Claim(q)) q++;
         claimed_ += q - p;
+        NoteUnconfirmed();
         pagesPrefetched_ += q - p;
         for (uint64_t k = p; k < q; k++) r.sentUrgent->Claim(k);
         if (int err = AddRuns(batch, id, p, static_cast<uint32_t>(q - p), wire::kPrefetch)) return err;
@@ -445,13 +519,16 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
     }
     r.sentUrgent->Claim(first);
     pagesRequested_ += r.unit;
+    NoteUnconfirmed();
     if (int err = AddRuns(batch, id, first, r.unit, wire::kRequested)) return err;
     uint64_t units = r.image.pages / r.unit, at = first / r.unit;
     for (uint64_t k = 1; k <= windowForward_ + windowBackward_; k++) {
       bool forward = k <= windowForward_;
       uint64_t u = forward ? at + k : at - (k - windowForward_);
       if (forward ? u >= units : k - windowForward_ > at) continue;
+      if (!Fits(r.unit)) break;
       if (!ClaimUnit(r, u * r.unit)) continue;
+      NoteUnconfirmed();
       r.sentUrgent->Claim(u * r.unit);
       pagesPrefault_ += r.unit;
       if (int err = AddRuns(batch, id, u * r.unit, r.unit, wire::kPrefault)) return err;
@@ -500,6 +577,8 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
           cursor = (last & kPageMask) + 1;
         }
         ServedRegion& r = *regions_[region];
+        WaitForBudget(std::max<uint64_t>(r.unit, wire::MaxRunPages(r.image.pageSize)));
+        if (stop_.load()) return;
         uint64_t p = r.sent->NextClear(cursor);
         if (p >= r.image.pages) {  // nothing left from here in this region: next region, from its start
           region = (region + 1) % regions_.size();
@@ -524,6 +603,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
           claimed_ += runLen;
         }
         pagesBackground_ += runLen;
+        NoteUnconfirmed();
         cursor = p + runLen;
         err = AddRuns(batch, region, p, runLen, wire::kBackground);
         sentBytes += runLen * r.image.pageSize;
@@ -644,6 +724,12 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
       uint64_t page = e & kPageMask;
       ServedRegion& r = *regions_[id];
       const AtomicBitmap& set = *prefetchSet_[id];
+      uint64_t most = std::max<uint64_t>(r.unit, wire::MaxRunPages(r.image.pageSize));
+      if (!Fits(most)) {  // what is batched goes first: only pages sent can be confirmed
+        if (int err = batch.Flush()) return err;
+        WaitForBudget(most);
+        if (stop_.load()) return 0;
+      }
       if (r.unit > 1) {  // the entry's whole unit
         uint64_t first = page - page % r.unit;
         if (!ClaimUnit(r, first)) continue;
@@ -657,6 +743,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
       while (lo > 0 && hi - lo < maxRun && set.Test(lo - 1) && r.sent->Claim(lo - 1)) lo--;
       claimed_ += hi - lo;
       pagesPrefetched_ += hi - lo;
+      NoteUnconfirmed();
       if (int err = AddRuns(batch, id, lo, static_cast<uint32_t>(hi - lo), wire::kPrefetch)) return err;
     }
     return 0;
@@ -697,6 +784,8 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
   bool started_ = false, stopped_ = false;
   std::atomic<bool> stop_{false};
   std::atomic<uint64_t> lastRequest_{0}, requestSeq_{0};
+  uint64_t budget_ = 0;  // pages sent and not confirmed, at most (0: no budget)
+  std::atomic<uint64_t> settled_{0}, unconfirmedPeak_{0}, budgetWaits_{0};
   std::atomic<uint64_t> claimed_{0}, requests_{0}, pagesRequested_{0}, pagesResent_{0}, pagesInFlight_{0}, pagesPrefault_{0}, pagesBackground_{0},
       pagesPrefetched_{0}, zeroPages_{0}, bytesSent_{0}, precopyPages_{0}, discarded_{0};
   uint64_t startNs_ = 0;

@@ -1,8 +1,11 @@
-// postcopy bench localhost: memory on one host, sampled from /proc/meminfo
-// (AnonPages + Shmem: every process's anonymous memory and all shared memory,
-// tmpfs and memfds included; the bench process's own heap left out) every
-// 10 ms, over what the host held before. The processes a case starts (Node,
-// about 50 MB each) count too.
+// postcopy bench localhost: memory on one host, sampled every 10 ms. A move
+// (copy, release-as-sent, in place) counts what it holds itself: the
+// anonymous memory of every process the bench started for it (Node, about 50
+// MB each, included) and the shared memory of the files in its tmpfs
+// directory (the image, and what the source keeps beside it), so that other
+// work on a shared host does not count. Clones count the host's
+// /proc/meminfo (AnonPages + Shmem, the bench process's own heap left out:
+// their template is in memfds) over what the host held before.
 //   copy             a move of an image on tmpfs: `serve`, then `restore`
 //                    into the destination's own memory (both copies at the end)
 //   release-as-sent  the same with `serve --release-as-sent`: each page freed
@@ -20,7 +23,7 @@
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { createHash } from 'node:crypto';
-import { closeSync, createReadStream, mkdtempSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, createReadStream, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, statSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { buildFixture } from '../bin/vmm-fixture.js';
@@ -72,14 +75,55 @@ function memoryInUse(): number {
   return (kb(info, 'AnonPages') + kb(info, 'Shmem') - kb(self, 'RssAnon')) * 1024;
 }
 
-/** Samples memoryInUse() every 10 ms until stop(), which returns the peak. */
-function sampleMemory(): { stop(): number } {
-  let peak = memoryInUse();
-  const timer = setInterval(() => (peak = Math.max(peak, memoryInUse())), 10);
+/** The processes this process started, and theirs, recursively. */
+function descendants(pid: number): number[] {
+  const out: number[] = [];
+  let tasks: string[] = [];
+  try {
+    tasks = readdirSync(`/proc/${pid}/task`);
+  } catch {
+    return out; // exited meanwhile
+  }
+  for (const task of tasks) {
+    let children = '';
+    try {
+      children = readFileSync(`/proc/${pid}/task/${task}/children`, 'utf8');
+    } catch {
+      continue;
+    }
+    for (const child of children.split(' ').filter(Boolean).map(Number)) out.push(child, ...descendants(child));
+  }
+  return out;
+}
+
+/** Bytes a move holds: the anonymous memory of the processes it started, and the files in its tmpfs directory. */
+function moveMemory(dir: string): number {
+  let bytes = 0;
+  for (const pid of descendants(process.pid)) {
+    try {
+      bytes += Number(/^RssAnon:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? 0) * 1024;
+    } catch {
+      // exited meanwhile
+    }
+  }
+  for (const name of readdirSync(dir)) {
+    try {
+      bytes += statSync(join(dir, name)).blocks * 512;
+    } catch {
+      // removed meanwhile
+    }
+  }
+  return bytes;
+}
+
+/** Samples `measure` every 10 ms until stop(), which returns the peak. */
+function sampleMemory(measure: () => number = memoryInUse): { stop(): number } {
+  let peak = measure();
+  const timer = setInterval(() => (peak = Math.max(peak, measure())), 10);
   return {
     stop() {
       clearInterval(timer);
-      return Math.max(peak, memoryInUse());
+      return Math.max(peak, measure());
     },
   };
 }
@@ -110,10 +154,11 @@ async function settle(baseline: number, slack: number): Promise<void> {
   for (let i = 0; i < 500 && memoryInUse() > baseline + slack; i++) await new Promise((r) => setTimeout(r, 10));
 }
 
-async function move(kind: MoveResult['case'], bytes: number, dir: string): Promise<MoveResult> {
-  const baseline = memoryInUse();
+async function move(kind: MoveResult['case'], bytes: number, parent: string): Promise<MoveResult> {
+  const dir = mkdtempSync(join(parent, `move-${kind}-`));
+  const baseline = moveMemory(dir);
   const path = join(dir, `move-${kind}.img`);
-  const sampler = sampleMemory();
+  const sampler = sampleMemory(() => moveMemory(dir));
   writePatternImage(path, bytes);
   const source = await startSource(path, `unix:${join(dir, `move-${kind}.sock`)}`, kind === 'release-as-sent' ? { extra: ['--release-as-sent'] } : {});
   try {
@@ -127,8 +172,7 @@ async function move(kind: MoveResult['case'], bytes: number, dir: string): Promi
   } finally {
     sampler.stop();
     await source.close();
-    rmSync(path, { force: true });
-    await settle(baseline, bytes / 20);
+    rmSync(dir, { recursive: true, force: true });
   }
 }
 

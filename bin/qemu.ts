@@ -1,6 +1,6 @@
 // postcopy qemu: QEMU snapshots this project can serve (docs/QEMU-SNAPSHOT.md).
 //   import FILE --out DIR   from a stream QEMU saved itself (migrate "exec:cat > FILE")
-//   save --qmp PATH --out DIR   from a running QEMU, migrated into a socket of ours
+//   save --qmp PATH --out DIR   from a QEMU, stopped and migrated into a socket of ours
 import { spawn } from 'node:child_process';
 import { closeSync, createReadStream, existsSync, mkdtempSync, openSync, readFileSync, rmSync } from 'node:fs';
 import { once } from 'node:events';
@@ -16,20 +16,29 @@ import { readManifest, serveQemuSnapshot, type QemuServeReport } from '../server
 import { parseAddressOption, parseCommandLine, parseWindow, requireOptions, loggingUsage, UsageError } from './options.js';
 
 export const qemuUsage = `postcopy qemu import FILE --out DIR
-postcopy qemu save --qmp PATH --out DIR
+postcopy qemu save --qmp PATH --out DIR [--leave-running] [--live]
 postcopy qemu serve --snapshot DIR --connect unix:PATH|tcp:HOST:PORT [--window F:B] [--no-background] [--json]
 postcopy qemu restore --snapshot DIR [--window F:B] [--no-background] [--wait] [--json] -- QEMU-COMMAND...
 
   import reads a migration stream QEMU saved itself (migrate "exec:cat >
   FILE") into a snapshot directory: each RAM block as a sparse image (zero
-  pages left as holes), the stream's configuration, RAM setup and device
-  state exactly as QEMU sent them, and manifest.json (machine type, blocks).
-  save does the same from a running QEMU: it connects to its QMP socket and
-  migrates it into a socket of this process (an ordinary, full migration; the
-  guest is left paused, as after any migration). A stream that is not QEMU's
-  (ERR_QEMU_STREAM_INVALID), one cut short (ERR_QEMU_STREAM_TRUNCATED), or one
-  using compression, multifd or xbzrle (ERR_UNSUPPORTED, naming it) is
-  refused. Prints the manifest as one JSON line.
+  pages left as holes), the stream's configuration, RAM setup and device state
+  exactly as QEMU sent them, and manifest.json (machine type, blocks). A
+  stream that is not QEMU's (ERR_QEMU_STREAM_INVALID), one cut short
+  (ERR_QEMU_STREAM_TRUNCATED), or one using compression, multifd or xbzrle
+  (ERR_UNSUPPORTED, naming it) is refused. Prints the manifest as one JSON
+  line.
+
+  save does the same from a running QEMU: it connects to its QMP socket, stops
+  the guest (as virsh save does: its memory and its device state are then of
+  one instant) and migrates it into a socket of this process. The guest is
+  left paused, as after any migration; --leave-running resumes it once the
+  snapshot is whole (a save that fails resumes it too). --live saves without
+  stopping it (QEMU's precopy, while the guest writes its memory): such a
+  snapshot is only as consistent as QEMU's dirty-page tracking, and under TCG
+  a guest saved live while it wrote its memory was seen to oops when restored
+  (as it was from QEMU's own live migrate "exec:cat > FILE"). Use it only
+  where a pause cannot be afforded and restores are checked.
 
   serve restores a snapshot into a destination QEMU lazily, as its postcopy
   migration source. Start that QEMU with -incoming defer (same machine and
@@ -188,20 +197,34 @@ async function importStream(argv: string[], log: Logger): Promise<void> {
 }
 
 async function save(argv: string[], log: Logger): Promise<void> {
-  const values = parseCommandLine(argv, { qmp: { type: 'string' }, out: { type: 'string' } });
-  requireOptions(values, ['qmp', 'out'], 'postcopy qemu save --qmp PATH --out DIR');
+  const values = parseCommandLine(argv, { qmp: { type: 'string' }, out: { type: 'string' }, 'leave-running': { type: 'boolean' }, live: { type: 'boolean' } });
+  requireOptions(values, ['qmp', 'out'], 'postcopy qemu save --qmp PATH --out DIR [--leave-running] [--live]');
+  const live = values.live === true;
   const qmp = await Qmp.connect(values.qmp as string);
   const dir = mkdtempSync(join(tmpdir(), 'uffd-postcopy-qemu-'));
   const socketPath = join(dir, 'migration.sock');
   const server = createServer();
+  let socket: Socket | undefined;
+  let wasRunning = false;
+  let stopped = false;
   try {
     const version = await qmp.execute<{ qemu: { major: number; minor: number; micro: number } }>('query-version');
     const qemuVersion = `${version.qemu.major}.${version.qemu.minor}.${version.qemu.micro}`;
+    wasRunning = (await qmp.execute<{ running: boolean }>('query-status')).running === true;
+    // A snapshot is one instant: the guest stops before its first page is read (as virsh save does), so its
+    // memory and its device state are of the same moment. A live save copies memory the guest keeps writing.
+    if (wasRunning && !live) {
+      await qmp.execute('stop');
+      stopped = true;
+      log.info({ qmp: values.qmp }, 'the guest is stopped for the save');
+    } else if (wasRunning) {
+      log.warn({ qmp: values.qmp }, "a live save: the guest runs while its memory is read; the snapshot is only as consistent as QEMU's dirty-page tracking");
+    }
     await listenOwnerOnly(server, socketPath);
     const accepted = once(server, 'connection') as Promise<[Socket]>;
     await qmp.execute('migrate', { uri: `unix:${socketPath}` });
-    log.info({ qmp: values.qmp, qemuVersion }, 'QEMU migrates into this process');
-    const [socket] = await Promise.race([
+    log.info({ qmp: values.qmp, qemuVersion, live: live && wasRunning }, 'QEMU migrates into this process');
+    [socket] = await Promise.race([
       accepted,
       new Promise<never>((_, reject) => setTimeout(() => reject(new PostcopyError(ErrorCode.TIMEOUT, 'QEMU did not connect to migrate')), 10_000).unref()),
     ]);
@@ -210,15 +233,29 @@ async function save(argv: string[], log: Logger): Promise<void> {
     await qmp.untilMigration(['completed'], 30_000, 100).catch((err) => {
       if ((err as PostcopyError).code !== ErrorCode.TIMEOUT) throw err;
     });
-    report(manifest, values.out as string, log);
+    // The guest stays paused (as after any migration) unless asked to go on.
+    const leaveRunning = values['leave-running'] === true && wasRunning;
+    if (leaveRunning) {
+      await qmp.execute('cont');
+      log.info('the guest runs again');
+    }
+    report({ ...manifest, guest: leaveRunning ? 'running' : 'paused', live: live && wasRunning }, values.out as string, log);
+  } catch (err) {
+    // A save that failed leaves the guest as it found it.
+    if (stopped) {
+      await qmp.execute('migrate_cancel').catch(() => {});
+      await qmp.execute('cont').catch((e: Error) => log.error({ err: e.message }, 'the save failed and the guest could not be resumed'));
+    }
+    throw err;
   } finally {
+    socket?.destroy();
     server.close();
     qmp.close();
     rmSync(dir, { recursive: true, force: true });
   }
 }
 
-function report(manifest: QemuSnapshotManifest, out: string, log: Logger): void {
+function report(manifest: QemuSnapshotManifest & { guest?: 'running' | 'paused'; live?: boolean }, out: string, log: Logger): void {
   const pages = manifest.blocks.reduce((n, b) => n + b.dataPages, 0);
   log.info({ out, machine: manifest.machine, blocks: manifest.blocks.length, dataPages: pages }, 'QEMU snapshot written');
   process.stdout.write(JSON.stringify({ snapshot: out, ...manifest }) + '\n');

@@ -1,7 +1,9 @@
 // postcopy restore: a destination that restores an image into memory of its
 // own, from a source or from a local image file, optionally with a workload
 // faulting pages in, and reports stats.
-import { openSync, writeSync, closeSync } from 'node:fs';
+import { openSync, writeSync, closeSync, fstatSync, fsyncSync, realpathSync, renameSync, rmSync, statSync, fchmodSync } from 'node:fs';
+import { basename, dirname, join } from 'node:path';
+import { randomBytes } from 'node:crypto';
 import { Destination } from '../client/destination.js';
 import { SourceConnection } from '../client/source-connection.js';
 import { mapFile, PAGE_SIZE, type Mapping } from '../lib/memory.js';
@@ -36,7 +38,10 @@ export const restoreUsage = `postcopy restore (--source unix:PATH|tcp:HOST:PORT 
   --image FILE           restore from this image file, in this process (no
                          source, no sockets); again for each region
   --token-file F         the token the source requires
-  --out FILE             write the restored memory to FILE
+  --out FILE             write the restored memory to FILE, once verified
+                         (written beside it, then renamed over it: a failed
+                         restore leaves FILE as it was); never the image
+                         itself (refused, ERR_USAGE)
   --window F:B           prefault window: F pages after, B before each request (default 8:2)
   --no-background        pure on-demand: no background stream
   --rate SIZE            background rate limit per second, e.g. 200M (default unlimited)
@@ -116,7 +121,14 @@ export async function restore(argv: string[], log: Logger): Promise<void> {
   if (values['no-background'] && workload === 'none') {
     throw new UsageError('--no-background with --workload none can never finish: nothing would fault pages in and nothing would stream them');
   }
-  if (values.out) checkWritable(values.out, '--out');
+  if (values.out) {
+    checkWritable(values.out, '--out');
+    if (values.image)
+      refuseImageAsOut(
+        values.out,
+        values.image.flatMap((path) => statSync(path, { throwIfNoEntry: false }) ?? []),
+      );
+  }
   const transfer = {
     logger: log,
     ...(record !== undefined ? { window: { forward: 0, backward: 0 }, holdBackground: true, recordWorkingSet: true } : window ? { window } : {}),
@@ -226,6 +238,12 @@ async function restoreInPlace(
   if (!taken) return null;
   const mappings: Mapping[] = [];
   try {
+    // The memory taken is the image's file itself: writing --out over it would destroy what we read from.
+    if (out)
+      refuseImageAsOut(
+        out,
+        taken.fds.map((fd) => fstatSync(fd)),
+      );
     // Shared: the memory is ours now. (A source that handed over a read-only fd keeps its image: mapped private, a page is copied only when written.)
     for (const [i, r] of taken.regions.entries()) {
       try {
@@ -290,17 +308,48 @@ function writeRegions(path: string, dest: Destination): void {
   );
 }
 
-/** Writes the pieces end to end to `path` (0600). */
+/**
+ * Refuses an --out that is one of the image's files (the same device and
+ * inode, whatever the name: another path, a symlink, a hard link): a restore
+ * reads the image, so writing over it would destroy the image.
+ */
+function refuseImageAsOut(out: string, images: { dev: number; ino: number }[]): void {
+  const target = statSync(out, { throwIfNoEntry: false });
+  if (target && images.some((i) => i.dev === target.dev && i.ino === target.ino))
+    throw new UsageError(`--out ${out} is the image being restored (the same file): writing it would destroy the image; give another path`);
+}
+
+/**
+ * Writes the pieces end to end to a new file beside `path` (0600, or the mode
+ * of the file it replaces), then renames it over `path`: an existing file is
+ * replaced whole or not at all. A symlink is followed: its target is replaced.
+ */
 function writeBytes(path: string, pieces: Uint8Array[]): void {
-  const fd = openSync(path, 'w', 0o600);
+  let target = path;
   try {
-    let offset = 0;
-    for (const bytes of pieces) {
-      for (let done = 0; done < bytes.length;) done += writeSync(fd, bytes, done, bytes.length - done, offset + done);
-      offset += bytes.length;
+    target = realpathSync(path);
+  } catch {
+    // Not there yet: written under its own name.
+  }
+  const existing = statSync(target, { throwIfNoEntry: false });
+  const temp = join(dirname(target), `.${basename(target)}.postcopy-${randomBytes(6).toString('hex')}`);
+  const fd = openSync(temp, 'wx', 0o600);
+  try {
+    try {
+      if (existing) fchmodSync(fd, existing.mode & 0o7777);
+      let offset = 0;
+      for (const bytes of pieces) {
+        for (let done = 0; done < bytes.length;) done += writeSync(fd, bytes, done, bytes.length - done, offset + done);
+        offset += bytes.length;
+      }
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
     }
-  } finally {
-    closeSync(fd);
+    renameSync(temp, target);
+  } catch (err) {
+    rmSync(temp, { force: true });
+    throw err;
   }
 }
 

@@ -15,7 +15,7 @@ import {
   UsageError,
 } from './options.js';
 import { LiveMigration, LiveWorkload, type LiveOptions } from '../server/live.js';
-import { ErrorCode, type PostcopyError } from '../lib/errors.js';
+import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import { serveMetrics } from '../lib/metrics.js';
 import { sourceMetrics } from '../server/source-metrics.js';
 
@@ -23,6 +23,7 @@ export const serveUsage = `postcopy serve --image FILE [--image FILE ...] --list
                [--resume-grace DURATION] [--metrics tcp:HOST:PORT] [--release-as-sent]
 postcopy serve --live --socket PATH --listen unix:PATH|tcp:HOST:PORT [--migration MODE]
                [--downtime-limit DURATION] [--max-precopy-rounds N] [--postcopy-after DURATION]
+               [--resume-workload MIGRATION]
 
   Serves the image (each --image is one region, in order) to any number of
   destinations until SIGINT or SIGTERM. Files are mapped read-only; holes go
@@ -36,7 +37,12 @@ postcopy serve --live --socket PATH --listen unix:PATH|tcp:HOST:PORT [--migratio
   --release-as-sent frees the image's memory page by page as the destination
   installs it (never merely sends it), so moving it on one host never holds
   two copies. The image must be shared memory this process may write (a file
-  on tmpfs such as /dev/shm); one destination; the image is consumed.
+  on tmpfs such as /dev/shm); one destination; the image is consumed, and this
+  exits (0) once the destination holds every page. Another destination is
+  refused (ERR_IMAGE_CONSUMED). What was freed is kept beside the image
+  (FILE.postcopy-released): killed and started again the same way, this
+  serves the same destination again, which resumes from the pages it holds;
+  a plain serve of a partly freed image is refused.
 
   --live moves a running workload (a VMM) to one destination while it runs.
   The workload connects to --socket and hands over its memory as it would to
@@ -52,6 +58,17 @@ postcopy serve --live --socket PATH --listen unix:PATH|tcp:HOST:PORT [--migratio
   line with the rounds and the pause, and exits once the destination holds
   every page; if the destination leaves before the switchover, the workload
   goes on here and this exits with the error.
+
+  After the switchover the workload runs at the destination: it stays paused
+  here whatever happens to this process. Killed or restarted, serve --live
+  finds it again on --socket (the workload connects there again, paused,
+  naming its migration), re-adopts its memory and serves the destination
+  when it resumes (printing {"readopted": MIGRATION}); any other destination
+  is refused. Only a destination that gave up (--give-up-after) ends that: it
+  says so and names the migration, and serve --live --resume-workload
+  MIGRATION then lets the workload run here again (and may move it anew); a
+  workload paused for another migration is refused (ERR_MIGRATION_MISMATCH)
+  and stays paused.
 ${loggingUsage}`;
 
 export async function serve(argv: string[], log: Logger): Promise<void> {
@@ -69,11 +86,15 @@ export async function serve(argv: string[], log: Logger): Promise<void> {
   parseAddressOption(listen, '--listen');
   const metrics = values.metrics === undefined ? undefined : parseMetricsOption(values.metrics);
   const resumeGraceMs = values['resume-grace'] === undefined ? undefined : parseDuration(values['resume-grace'], '--resume-grace');
-  const image = Image.open((values.image as string[]).map((path) => ({ path })));
+  const releaseAsSent = values['release-as-sent'] === true;
+  const image = Image.open(
+    (values.image as string[]).map((path) => ({ path })),
+    { releaseAsSent },
+  );
   const { token, tokenFile } = sourceToken(values['token-file'], listen, log);
   let server: PageServer;
   try {
-    server = new PageServer({ image, token, logger: log, ...(resumeGraceMs ? { resumeGraceMs } : {}), releaseAsSent: values['release-as-sent'] === true });
+    server = new PageServer({ image, token, logger: log, ...(resumeGraceMs ? { resumeGraceMs } : {}), releaseAsSent });
   } catch (err) {
     image.close();
     if ((err as PostcopyError).code === ErrorCode.IMAGE_INVALID && values['release-as-sent']) throw new UsageError((err as Error).message);
@@ -84,9 +105,11 @@ export async function serve(argv: string[], log: Logger): Promise<void> {
   // Tell a parent that spawned us where we listen (port 0 resolves here), and which token file it needs.
   process.stdout.write(JSON.stringify({ listening: server.address, ...(tokenFile ? { tokenFile } : {}) }) + '\n');
   if (served) process.stdout.write(JSON.stringify({ metrics: served.url }) + '\n');
+  // Release as sent: once the one destination holds every page, the image has moved and this exits (0).
   await new Promise<void>((resolve) => {
     process.once('SIGINT', resolve);
     process.once('SIGTERM', resolve);
+    if (releaseAsSent) void server.whenConsumed().then(resolve);
   });
   log.info('shutting down');
   await served?.close();
@@ -105,8 +128,10 @@ async function serveLive(argv: string[], log: Logger): Promise<void> {
     'downtime-limit': { type: 'string' },
     'max-precopy-rounds': { type: 'string' },
     'postcopy-after': { type: 'string' },
+    'resume-workload': { type: 'string' },
   });
   requireOptions(values, ['socket', 'listen'], 'postcopy serve --live --socket PATH --listen unix:PATH|tcp:HOST:PORT');
+  const resumeFor = values['resume-workload'] as string | undefined;
   const listen = values.listen as string;
   parseAddressOption(listen, '--listen');
   const mode = parseChoice(values.migration, '--migration', ['precopy+postcopy', 'postcopy', 'precopy'] as const, 'precopy+postcopy');
@@ -121,13 +146,35 @@ async function serveLive(argv: string[], log: Logger): Promise<void> {
   };
   const { token, tokenFile } = sourceToken(values['token-file'], listen, log);
   const workload = await LiveWorkload.accept(values.socket as string, { logger: log });
+  if (resumeFor !== undefined) {
+    // The operator carries the destination's word that it gave up this migration: only then may the workload run here again.
+    if (workload.pausedFor !== resumeFor) {
+      workload.close();
+      throw new PostcopyError(
+        ErrorCode.MIGRATION_MISMATCH,
+        workload.pausedFor
+          ? `the workload (pid ${workload.pid}) is paused for migration ${workload.pausedFor}, not ${resumeFor}: it stays paused`
+          : `the workload (pid ${workload.pid}) is not paused for a migration: --resume-workload ${resumeFor} names nothing to resume`,
+      );
+    }
+    workload.resume();
+    log.warn({ pid: workload.pid, migration: resumeFor }, 'its destination gave the migration up: the workload runs here again');
+  }
   const live = new LiveMigration(workload, options);
   const server = new PageServer({ image: workload.image, token, logger: log, live });
   const requestSwitchover = () => live.requestSwitchover();
   process.on('SIGUSR2', requestSwitchover);
   try {
     await server.listen(listen);
-    process.stdout.write(JSON.stringify({ listening: server.address, ...(tokenFile ? { tokenFile } : {}), workload: workload.pid }) + '\n');
+    process.stdout.write(
+      JSON.stringify({
+        listening: server.address,
+        ...(tokenFile ? { tokenFile } : {}),
+        workload: workload.pid,
+        ...(workload.pausedFor ? { readopted: workload.pausedFor } : {}),
+        ...(resumeFor ? { resumed: resumeFor } : {}),
+      }) + '\n',
+    );
     live.on('report', (report) => process.stdout.write(JSON.stringify({ live: report }) + '\n'));
     const outcome = await new Promise<Error | null>((resolve) => {
       live.once('finished', () => resolve(null));

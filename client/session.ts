@@ -10,7 +10,9 @@
 // reconnects by itself with backoff, proves the token again, presents its
 // session id and the pages it holds, and the engine re-sends its unanswered
 // requests first. A source that serves a different image is refused. Only a
-// give-up time, when one is set, ends an outage in failure.
+// give-up time, when one is set, ends an outage in failure; an outage ends
+// only with progress toward a verified end (pages arriving, the digest), never
+// with a mere reconnection.
 import { EventEmitter } from 'node:events';
 import { ErrorCode, PostcopyError, asCodedError, type CodedError } from '../lib/errors.js';
 import { type Address, formatAddress, parseAddress } from '../lib/address.js';
@@ -150,7 +152,7 @@ export class DestinationSession extends EventEmitter implements PageSession {
   readonly #log: Logger;
   readonly #options: DestinationSessionOptions;
   readonly #recovery: Resolved;
-  readonly #identity: { regions: RegionInfo[]; fingerprint: string };
+  readonly #identity: { regions: RegionInfo[]; fingerprint: string; content: string | undefined };
   #source: Address;
   /** The source and its replicas, tried in turn while out of reach. */
   readonly #sources: Address[];
@@ -197,7 +199,7 @@ export class DestinationSession extends EventEmitter implements PageSession {
     this.transfer = transferOptions(options);
     this.#connection = connection;
     this.#sessionId = connection.session;
-    this.#identity = { regions: connection.regions, fingerprint: connection.fingerprint };
+    this.#identity = { regions: connection.regions, fingerprint: connection.fingerprint, content: connection.content };
     this.engine = engine;
     this.#generation = 0;
     this.#backgroundHeld = connection.backgroundHeld;
@@ -352,7 +354,10 @@ export class DestinationSession extends EventEmitter implements PageSession {
       try {
         const digest = await connection.finish(stats, this.#recovery.digestTimeoutMs, verify);
         // The connection may have failed in the same breath (the digest and an error in one read): ask again then.
-        if (this.#connection === connection && this.#machine.is('resident')) return digest;
+        if (this.#connection === connection && this.#machine.is('resident')) {
+          this.#outageOver(); // the digest came: the outage (if any) is over
+          return digest;
+        }
       } catch (err) {
         if (this.#connection === connection) this.#pause(asCodedError(err));
       }
@@ -394,7 +399,8 @@ export class DestinationSession extends EventEmitter implements PageSession {
     this.#connection?.close();
     this.#connection = null;
     this.engine.stop();
-    this.#machine.to('closed', this.status() as unknown as Record<string, unknown>);
+    const { state: _, ...status } = this.status(); // `state` in the details would hide the state logged
+    this.#machine.to('closed', status);
   }
 
   // ---- running ----
@@ -508,7 +514,8 @@ export class DestinationSession extends EventEmitter implements PageSession {
     if (!this.#machine.is('connecting', 'running', 'resident', 'resuming')) return;
     // Before a live source's switchover its workload still runs there: the migration is over, nothing waits for it.
     if (this.#precopy && !this.#switchedOver) {
-      err.message = `the live source ended the migration before its switchover (the workload goes on there): ${err.message}`;
+      const id = this.#identity.fingerprint;
+      err.message = `the live source ended migration ${id} before its switchover; nothing ran here, so its workload may go on there (if the source had paused it: postcopy serve --live --socket PATH --resume-workload ${id}): ${err.message}`;
       this.fail(err);
       return;
     }
@@ -573,8 +580,8 @@ export class DestinationSession extends EventEmitter implements PageSession {
       this.#connection = connection;
       this.#sessionId = connection.session;
       this.#resumedOn = connection;
+      // Back in "resident" is no progress: the outage lasts until the digest comes (exchangeDigest), or the give-up time.
       await this.#begin(connection);
-      if (this.#machine.is('resident')) this.#outageOver(); // nothing more is due
     } catch (err) {
       const e = asCodedError(err);
       if (this.#connection === connection) this.#connection = null;
@@ -597,18 +604,23 @@ export class DestinationSession extends EventEmitter implements PageSession {
     }
   }
 
-  /** A source serving another image must never supply pages to this one. */
+  /**
+   * A source serving another image must never supply pages to this one: the
+   * same layout, and the same content digest (every byte; the sampled
+   * fingerprint only when the source first welcomed us without a digest).
+   */
   #checkIdentity(connection: SourceConnection): void {
     const want = this.#identity;
     const sameLayout =
       connection.regions.length === want.regions.length &&
       connection.regions.every((r, i) => r.length === want.regions[i].length && r.pageSize === want.regions[i].pageSize);
-    if (!sameLayout || connection.fingerprint !== want.fingerprint) {
-      throw new PostcopyError(
-        ErrorCode.IMAGE_MISMATCH,
-        `the source at ${formatAddress(this.#source)} serves a different image (${sameLayout ? 'content' : 'size or regions'} differ); refused`,
-      );
-    }
+    const short = (digest: string | undefined) => (digest ? digest.slice(0, 16) : 'none');
+    const why = !sameLayout
+      ? 'size or regions differ'
+      : want.content !== undefined
+        ? connection.content !== want.content && `content digest ${short(connection.content)}, not ${short(want.content)} as first welcomed`
+        : connection.fingerprint !== want.fingerprint && 'content differs';
+    if (why) throw new PostcopyError(ErrorCode.IMAGE_MISMATCH, `the source at ${formatAddress(this.#source)} serves a different image (${why}); refused`);
   }
 
   /** Pages flow again (or nothing is due): the outage that began at the first pause is over. */
@@ -640,10 +652,17 @@ export class DestinationSession extends EventEmitter implements PageSession {
     this.#giveUpTimer = null;
     if (!this.#outageSince || this.#machine.is('failed', 'closed', 'verified')) return;
     const last = this.#lastError;
+    // Past a live source's switchover the workload ran here and waits paused at the source: say that this copy is
+    // given up, so the one there may run again (and how), since no source heard it.
+    const live = this.#precopy && this.#switchedOver;
     this.fail(
       new PostcopyError(
         ErrorCode.SOURCE_LOST,
-        `the source stayed out of reach for ${this.#recovery.giveUpAfterMs} ms${last ? ` (last: ${last.code}: ${last.message})` : ''}`,
+        `the source stayed out of reach for ${this.#recovery.giveUpAfterMs} ms${last ? ` (last: ${last.code}: ${last.message})` : ''}${
+          live
+            ? `; this destination gives up live migration ${this.#identity.fingerprint} and its copy of the workload never runs again: the workload paused at the source may resume there (postcopy serve --live --socket PATH --resume-workload ${this.#identity.fingerprint})`
+            : ''
+        }`,
         last ? { cause: last.code } : undefined,
       ),
     );
@@ -707,8 +726,10 @@ async function connectFirst(options: DestinationSessionOptions, recovery: Resolv
     } catch (err) {
       const e = asCodedError(err);
       const roundDone = attempt % sources.length === 0;
-      if (e.code === ErrorCode.UNSUPPORTED) throw e; // asking again would not change the answer
-      if (options.signal?.aborted || (roundDone && !options.retryFirstConnect)) throw e;
+      if (e.code === ErrorCode.UNSUPPORTED || e.code === ErrorCode.IMAGE_CONSUMED) throw e; // asking again would not change the answer
+      // A busy source (a flood of connections that never authenticate closed ours to make room) is asked again for a while.
+      const busy = e.code === ErrorCode.SOURCE_BUSY && Date.now() - started < recovery.connectTimeoutMs;
+      if (options.signal?.aborted || (roundDone && !options.retryFirstConnect && !busy)) throw e;
       if (!roundDone) {
         log.warn({ source: formatAddress(source), code: e.code, err: e.message }, 'this source cannot be reached; trying the next');
         continue;

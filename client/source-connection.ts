@@ -80,6 +80,9 @@ export interface SourceConnectionOptions {
   acceptPlaintextTcp?: boolean;
 }
 
+/** How long a goodbye waits for the source to close its side before the socket is dropped. */
+const BYE_GRACE_MS = 1000;
+
 /** The held-pages bitmap goes in pieces of at most this many bytes (and at most half the source's frame limit). */
 const HAVE_PIECE_BYTES = 1 << 20;
 
@@ -88,6 +91,8 @@ export class SourceConnection {
   readonly regions: RegionInfo[];
   /** Identifies the image the source serves (lib/digest.ts). */
   readonly fingerprint: string;
+  /** The digest of the image's whole content, when the source sends one (server/image.ts contentDigest). */
+  readonly content: string | undefined;
   /** The source still held the session asked for in `resume`. */
   readonly resumed: boolean;
   /** Where this connection reached the source (unix:PATH or tcp:HOST:PORT). */
@@ -103,6 +108,7 @@ export class SourceConnection {
   readonly #reader: FrameReader;
   readonly #timeoutMs: number;
   #channels: { urgentFd: number; bulkFd: number; keys?: DataChannelKeys } | null;
+  readonly #stopHeartbeats: () => void;
 
   private constructor(
     address: string,
@@ -112,14 +118,17 @@ export class SourceConnection {
     channels: { urgentFd: number; bulkFd: number; keys?: DataChannelKeys },
     timeoutMs: number,
     backgroundHeld: boolean,
+    stopHeartbeats: () => void,
   ) {
     this.backgroundHeld = backgroundHeld;
+    this.#stopHeartbeats = stopHeartbeats;
     this.address = address;
     this.#control = control;
     this.#reader = reader;
     this.session = welcome.session;
     this.regions = welcome.regions;
     this.fingerprint = welcome.fingerprint;
+    this.content = welcome.content;
     this.resumed = welcome.resumed === true;
     this.#capabilities = Array.isArray(welcome.capabilities) ? welcome.capabilities.filter((c) => typeof c === 'string') : [];
     this.verifiesChecksums = this.#capabilities.includes('page-checksum');
@@ -231,7 +240,7 @@ export class SourceConnection {
       const keys = welcome.encryption === 'aes-256-gcm' && options.token ? dataChannelKeys(options.token, challenge.nonce, nonce) : undefined;
       if (welcome.encryption === 'aes-256-gcm' && !keys)
         throw new PostcopyError(ErrorCode.AUTH_REQUIRED, 'the source encrypts its data channels with the token, which this destination does not hold');
-      keepAlive(control, reader, options.heartbeat ?? DEFAULT_HEARTBEAT);
+      const stopHeartbeats = keepAlive(control, reader, options.heartbeat ?? DEFAULT_HEARTBEAT);
       // A source that cannot hold the background back streams it from the start: the recorded set may then miss pages it sent first.
       const held = options.holdBackground === true && options.transfer.background.enabled && welcome.capabilities?.includes('deferred-background') === true;
       const pageSizes = options.pageSizesFor?.(welcome.regions);
@@ -255,7 +264,16 @@ export class SourceConnection {
         closeSync(urgentFd);
         throw err;
       }
-      return new SourceConnection(formatAddress(address), control, reader, welcome, { urgentFd, bulkFd, ...(keys ? { keys } : {}) }, timeoutMs, held);
+      return new SourceConnection(
+        formatAddress(address),
+        control,
+        reader,
+        welcome,
+        { urgentFd, bulkFd, ...(keys ? { keys } : {}) },
+        timeoutMs,
+        held,
+        stopHeartbeats,
+      );
     } catch (err) {
       control.destroy();
       throw err;
@@ -350,10 +368,13 @@ export class SourceConnection {
     }
   }
 
+  /** Says bye and hangs up; a source that never closes its side (frozen, a half-open link) holds the socket at most BYE_GRACE_MS. */
   close(): void {
+    this.#stopHeartbeats();
     if (!this.#control.destroyed) {
       send(this.#control, { t: 'bye' });
       this.#control.end();
+      setTimeout(() => this.#control.destroy(), BYE_GRACE_MS).unref();
     }
     if (this.#channels) {
       closeSync(this.#channels.urgentFd);

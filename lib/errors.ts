@@ -47,6 +47,11 @@ export const ErrorCode = {
   ADDRESS_IN_USE: 'ERR_ADDRESS_IN_USE',
   /** A source serves a different image than the one this destination was restoring (size, regions or content). */
   IMAGE_MISMATCH: 'ERR_IMAGE_MISMATCH',
+  /**
+   * A release-as-sent image already partly freed for one destination: only that destination, holding every page
+   * freed, may resume it; any other (or one whose held pages do not cover them) is refused.
+   */
+  IMAGE_CONSUMED: 'ERR_IMAGE_CONSUMED',
   /** The source stayed unreachable for longer than the give-up time. */
   SOURCE_LOST: 'ERR_SOURCE_LOST',
   /** The peer went silent: no heartbeat on the control channel, or no page while pages were due. */
@@ -55,8 +60,10 @@ export const ErrorCode = {
   ENGINE_STATE: 'ERR_ENGINE_STATE',
   /** A VMM of a `--template` handler did not map the template it was offered (a plain VMM): refused, its guest memory poisoned. */
   TEMPLATE_NOT_MAPPED: 'ERR_TEMPLATE_NOT_MAPPED',
-  /** Too many connections are still waiting to authenticate or to send their handshake; this one was closed at once. */
+  /** Too many VMM connections are still to send their handshake; this one was closed at once. */
   OVERLOADED: 'ERR_OVERLOADED',
+  /** The source is busy: too many connections are still to authenticate, and this one, among the oldest, was closed to make room; try again. */
+  SOURCE_BUSY: 'ERR_SOURCE_BUSY',
   /** A sealed data-channel record failed authentication (tampered, replayed or cut): nothing of it was used. */
   DATA_TAMPERED: 'ERR_DATA_TAMPERED',
   /** A working-set file that cannot be read: not one, truncated, or its checksum does not match (client/working-set.ts). */
@@ -71,6 +78,8 @@ export const ErrorCode = {
   QMP_FAILED: 'ERR_QMP_FAILED',
   /** A live source's workload exited or hung up before its memory moved (it keeps running if it can). */
   WORKLOAD_GONE: 'ERR_WORKLOAD_GONE',
+  /** serve --live --resume-workload named a migration the workload that came is not paused for: it stays paused. */
+  MIGRATION_MISMATCH: 'ERR_MIGRATION_MISMATCH',
   /** A combination this version cannot serve yet (the message says which); nothing was changed. */
   UNSUPPORTED: 'ERR_UNSUPPORTED',
   /** An exception nobody expected: a bug of ours, never blamed on a peer. */

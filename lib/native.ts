@@ -111,6 +111,11 @@ export interface SourceStats {
   pagesPrecopied: number;
   /** A live source: pages the destination was told to drop at the switchover (written since they were sent). */
   pagesDiscarded: number;
+  /** Release as sent: pages sent and not yet confirmed installed now, the most there ever were, the budget (0: none), and how often the background waited for it. */
+  pagesUnconfirmed: number;
+  pagesUnconfirmedPeak: number;
+  unconfirmedBudget: number;
+  budgetWaits: number;
 }
 
 export interface NativePageServerSession {
@@ -124,6 +129,8 @@ export interface NativePageServerSession {
   precopyRound(ranges: Uint8Array): void;
   /** A live source, its workload paused: the pages written since the last round was queued (same layout). */
   switchover(written: Uint8Array): void;
+  /** Release as sent: bytes [offset, +bitmap.length) of region `region`'s bitmap of pages the destination holds for good. */
+  confirm(region: number, offset: number, bitmap: Uint8Array): void;
 }
 
 /** addon/qemu_source.cc: QEMU's postcopy stream from a snapshot, written by native threads. */
@@ -241,7 +248,8 @@ export interface NativeAddon {
   madvise(address: number, length: number, advice: number): void;
   fallocate(fd: number, mode: number, offset: number, length: number): void;
   fileExtents(fd: number, size: number): number[];
-  pageChecksum(bytes: Uint8Array, pageSize: number, region: number, firstPage: number, count: number): bigint;
+  /** `shares`, when given (at least `count` long), receives each page's contribution. */
+  pageChecksum(bytes: Uint8Array, pageSize: number, region: number, firstPage: number, count: number, shares?: BigUint64Array): bigint;
   memoryConstants: Record<string, number>;
 
   socketPair(seqpacket?: boolean): [number, number];
@@ -272,6 +280,8 @@ export interface NativeAddon {
     keys?: { urgentDown: Buffer; urgentUp: Buffer; bulkDown: Buffer };
     /** A live source: the session starts in precopy (rounds, then the switchover). */
     precopy?: boolean;
+    /** Release as sent: at most this many pages sent and not yet confirmed (confirm()); at least one run's pages. */
+    unconfirmedBudget?: number;
     onEvent: (event: NativeEvent) => void;
   }) => NativePageServerSession;
 

@@ -33,12 +33,14 @@ export type Message =
   | { t: 'hello'; protocol: number; software: string; nonce: Uint8Array }
   | { t: 'challenge'; protocol: number; software: string; nonce: Uint8Array; auth: 'token' | 'none'; proof?: Uint8Array }
   | { t: 'auth'; proof?: Uint8Array; resume?: string; probe?: boolean }
-  | { t: 'ready'; fingerprint: string; regions: RegionInfo[] }
+  | { t: 'ready'; fingerprint: string; content?: string; regions: RegionInfo[] }
   | {
       t: 'welcome';
       session: string;
       resumed: boolean;
       fingerprint: string;
+      /** The image's content digest (server/image.ts contentDigest): every byte of it; absent from a live source. */
+      content?: string;
       encryption: Encryption;
       regions: RegionInfo[];
       tickets: { urgent: Uint8Array; bulk: Uint8Array; memory?: Uint8Array };
@@ -377,6 +379,7 @@ export function checkWelcome(w: MessageOf<'welcome'>, maxImageBytes: number): vo
   const ok =
     typeof w.session === 'string' &&
     typeof w.fingerprint === 'string' &&
+    (w.content === undefined || (typeof w.content === 'string' && /^[0-9a-f]{64}$/.test(w.content))) &&
     Array.isArray(w.regions) &&
     w.regions.length > 0 &&
     w.regions.every(

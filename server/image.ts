@@ -1,13 +1,15 @@
 // What a source serves: one or more regions, each backed by a file (mapped
 // read-only; holes found with SEEK_HOLE go out as zero runs without being
 // read), a shared-memory file or memfd (the same, in place), or a Buffer.
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { closeSync, fstatSync, openSync, statfsSync } from 'node:fs';
 import { ErrorCode, PostcopyError } from '../lib/errors.js';
-import { fileExtents, mapFile, PAGE_SIZE, type Mapping } from '../lib/memory.js';
+import { fileExtents, mapFile, PAGE_SIZE, punchHole, type Mapping } from '../lib/memory.js';
 import type { RegionChecksum, RegionInfo } from '../lib/protocol.js';
-import type { ServedRegionSpec } from '../lib/native.js';
+import { native, type ServedRegionSpec } from '../lib/native.js';
 import { checksumHex, digestOf, imageFingerprint, pageChecksum } from '../lib/digest.js';
+import { fileKey, readKeptSums, writeKeptSums } from './kept-sums.js';
+import { ReleaseJournal } from './release-journal.js';
 
 export type RegionSource = { name?: string; path: string } | { name?: string; fd: number } | { name?: string; buffer: Uint8Array };
 
@@ -23,6 +25,8 @@ export interface ImageRegion extends RegionInfo {
    * place (`in-place`) instead of having pages copied.
    */
   memoryFd?: number;
+  /** The file it was opened from by path: its sums are kept beside it (server/kept-sums.ts). */
+  path?: string;
 }
 
 const TMPFS_MAGIC = 0x01021994;
@@ -38,53 +42,104 @@ export class Image {
   readonly #digests = new Map<number, Promise<string>>();
   readonly #checksums = new Map<number, Promise<bigint>>();
   #kept = false;
+  readonly #live: boolean;
+  #content: Promise<string> | null = null;
+  /** Release-as-sent: per region, what was freed (server/release-journal.ts). */
+  readonly #journals: (ReleaseJournal | undefined)[];
 
-  private constructor(regions: ImageRegion[], mappings: Mapping[], ownFds: number[], live: boolean) {
+  private constructor(regions: ImageRegion[], mappings: Mapping[], ownFds: number[], live: string | null, journals: (ReleaseJournal | undefined)[]) {
     this.regions = regions;
     this.#mappings = mappings;
     this.#ownFds = ownFds;
-    // A live image changes until its workload pauses: it is named afresh, never by its contents.
-    this.fingerprint = live
-      ? `live-${randomBytes(16).toString('hex')}`
-      : imageFingerprint(regions.map((r) => ({ length: r.length, pageSize: r.pageSize, bytes: regionBytes(r) })));
+    this.#live = live !== null;
+    this.#journals = journals;
+    // Sums kept beside a file (or in its release journal) are taken as computed.
+    regions.forEach((r, id) => {
+      const journal = journals[id];
+      const kept = journal ? { sha256: journal.sha256, checksum: journal.checksum } : r.path && live === null ? keptSums(r.path) : {};
+      if (kept.sha256) this.#digests.set(id, Promise.resolve(kept.sha256));
+      if (kept.checksum !== undefined) this.#checksums.set(id, Promise.resolve(kept.checksum));
+    });
+    // A live image changes until its workload pauses: it is named afresh (or as its migration, once re-adopted), never by its contents.
+    this.fingerprint = live !== null ? live : imageFingerprint(regions.map((r) => ({ length: r.length, pageSize: r.pageSize, bytes: regionBytes(r) })));
   }
 
   /**
    * `live`: the memory of a running workload (server/live.ts), read as it
    * changes: no page is taken for zero from the file's holes, and it is never
    * offered in place. Its digests are taken when asked (once it is paused).
+   * Its fingerprint names the migration: fresh, or `migration` for the memory
+   * of a workload re-adopted while paused for that migration.
+   *
+   * `releaseAsSent`: the image may be one a release-as-sent source already
+   * freed in part for its destination (its journal beside it says which
+   * pages); without it, such an image is refused (ERR_IMAGE_CONSUMED): its
+   * holes are not its content.
    */
-  static open(sources: readonly RegionSource[], options: { live?: boolean } = {}): Image {
+  static open(sources: readonly RegionSource[], options: { live?: boolean; migration?: string; releaseAsSent?: boolean } = {}): Image {
     const live = options.live === true;
     if (!Array.isArray(sources) || sources.length === 0) throw new PostcopyError(ErrorCode.IMAGE_INVALID, 'an image needs at least one region');
     const regions: ImageRegion[] = [];
     const mappings: Mapping[] = [];
     const ownFds: number[] = [];
+    const journals: (ReleaseJournal | undefined)[] = [];
     try {
       sources.forEach((source, id) => {
         const region = 'buffer' in source ? fromBuffer(id, source.name, source.buffer) : fromFile(id, source, mappings, ownFds, live);
         regions.push(region);
+        const key = region.path && !live ? fileKey(region.path) : null;
+        const journal = key ? (ReleaseJournal.load(region.path!, key, region.pageSize) ?? undefined) : undefined;
+        journals.push(journal);
+        if (journal && journal.count > 0 && options.releaseAsSent !== true)
+          throw new PostcopyError(
+            ErrorCode.IMAGE_CONSUMED,
+            `${region.path}: ${journal.count} of its ${region.length / region.pageSize} pages were freed by serve --release-as-sent ` +
+              `(their only copy is at the destination they were moved to): serve it with --release-as-sent for that destination to resume`,
+          );
       });
     } catch (err) {
+      for (const j of journals) j?.close();
       for (const m of mappings) m.unmap();
       for (const fd of ownFds) closeSync(fd);
       throw err;
     }
-    return new Image(regions, mappings, ownFds, live);
+    return new Image(regions, mappings, ownFds, live ? (options.migration ?? `live-${randomBytes(16).toString('hex')}`) : null, journals);
   }
 
   get totalBytes(): number {
     return this.regions.reduce((sum, r) => sum + r.length, 0);
   }
 
-  /** SHA-256 of a region's whole length (content plus zero padding), computed once. */
+  /** SHA-256 of a region's whole length (content plus zero padding), computed once (and kept beside its file). */
   digest(id: number): Promise<string> {
     let d = this.#digests.get(id);
     if (!d) {
-      d = digestOf(regionBytes(this.regions[id]));
+      const r = this.regions[id];
+      const key = r.path && !this.#live ? fileKey(r.path) : null;
+      d = digestOf(regionBytes(r)).then((sha256) => {
+        if (key) writeKeptSums(r.path!, key, { sha256 });
+        return sha256;
+      });
       this.#digests.set(id, d);
     }
     return d;
+  }
+
+  /**
+   * The image's content digest: SHA-256 over its layout and every region's
+   * SHA-256, so every byte of it. A destination that resumes on another
+   * source takes pages from it only when this is the same (docs/PROTOCOL.md).
+   * Computed once (a file's is kept beside it); null for a live image, whose
+   * content changes until its workload pauses.
+   */
+  contentDigest(): Promise<string> | null {
+    if (this.#live) return null;
+    this.#content ??= Promise.all(this.regions.map((r) => this.digest(r.id))).then((digests) => {
+      const hash = createHash('sha256').update('uffd-postcopy image content\0');
+      this.regions.forEach((r, i) => hash.update(`${r.length}:${r.pageSize}:${digests[i]};`));
+      return hash.digest('hex');
+    });
+    return this.#content;
   }
 
   /**
@@ -100,7 +155,23 @@ export class Image {
     // Hash whichever is smaller: the pages kept, or the pages skipped (taken off the whole region's sum, kept once computed).
     // Once sums are kept (keepSums) the pages installed may be gone: always the skipped ones then.
     if (!this.#kept && pages - skipped <= skipped) return checksumHex(await pageChecksum(bytes, r.pageSize, id, complement(skip, pages)));
-    return checksumHex((await this.#wholeChecksum(id)) - (await pageChecksum(bytes, r.pageSize, id, skip)));
+    return checksumHex((await this.#wholeChecksum(id)) - (await this.#sumOf(id, skip)));
+  }
+
+  /** The checksum shares of pages `ranges` of region `id`: a freed page's from its journal, any other's from the image. */
+  async #sumOf(id: number, ranges: readonly (readonly [number, number])[]): Promise<bigint> {
+    const r = this.regions[id];
+    const journal = this.#journals[id];
+    if (!journal || journal.count === 0) return pageChecksum(regionBytes(r), r.pageSize, id, ranges);
+    let sum = 0n;
+    const present: [number, number][] = [];
+    for (const [first, count] of ranges)
+      for (let p = first; p < first + count; p++) {
+        if (journal.isReleased(p)) sum += journal.sums[p];
+        else if (present.length && present[present.length - 1][0] + present[present.length - 1][1] === p) present[present.length - 1][1]++;
+        else present.push([p, 1]);
+      }
+    return sum + (await pageChecksum(regionBytes(r), r.pageSize, id, present));
   }
 
   /**
@@ -117,10 +188,90 @@ export class Image {
     let whole = this.#checksums.get(id);
     if (!whole) {
       const r = this.regions[id];
-      whole = pageChecksum(regionBytes(r), r.pageSize, id, [[0, r.length / r.pageSize]]);
+      const key = r.path && !this.#live ? fileKey(r.path) : null;
+      whole = pageChecksum(regionBytes(r), r.pageSize, id, [[0, r.length / r.pageSize]]).then((sum) => {
+        if (key) writeKeptSums(r.path!, key, { checksum: checksumHex(sum) });
+        return sum;
+      });
       this.#checksums.set(id, whole);
     }
     return whole;
+  }
+
+  // ---- release as sent ----
+
+  /**
+   * Before the first page is freed: takes every sum (keepSums) and opens each
+   * region's release journal (beside its file; in memory for a memfd), unless
+   * one was found at open (a restarted source: it goes on).
+   */
+  async startReleasing(): Promise<void> {
+    await this.keepSums();
+    for (const r of this.regions) {
+      if (this.#journals[r.id]) continue;
+      const sums = { pages: r.length / r.pageSize, pageSize: r.pageSize, sha256: await this.digest(r.id), checksum: await this.#wholeChecksum(r.id) };
+      this.#journals[r.id] = ReleaseJournal.create(r.path ?? null, r.path ? fileKey(r.path) : null, sums);
+    }
+  }
+
+  /** Pages freed so far, over every region (release-as-sent). */
+  get releasedPages(): number {
+    return this.#journals.reduce((n, j) => n + (j?.count ?? 0), 0);
+  }
+
+  /** Per region, the bitmap of pages freed (all zeros where nothing was). */
+  releasedBitmap(id: number): Uint8Array | null {
+    return this.#journals[id]?.released ?? null;
+  }
+
+  /** The session the pages were freed for ('' when none yet). */
+  get releasedFor(): string {
+    return this.#journals.find((j) => j && j.session)?.session ?? '';
+  }
+
+  set releasedFor(session: string) {
+    for (const j of this.#journals) if (j && j.session !== session) j.session = session;
+  }
+
+  /**
+   * Frees the pages set in `bitmap` (bytes [offset, +length) of region
+   * `region`'s bitmap) that are not freed yet: for each run, its pages'
+   * checksum shares and bits go to the journal first, then the hole is
+   * punched (fallocate). Returns how many pages were freed.
+   */
+  release(region: number, offset: number, bitmap: Uint8Array): number {
+    const journal = this.#journals[region];
+    const r = this.regions[region];
+    if (!journal || r.memoryFd === undefined)
+      throw new PostcopyError(ErrorCode.ENGINE_STATE, 'release before startReleasing(), or of an image not in shared memory');
+    const done = journal.released;
+    const bytes = regionBytes(r);
+    let freed = 0;
+    let run = -1;
+    const flush = (end: number) => {
+      if (run < 0) return;
+      const shares = new BigUint64Array(end - run);
+      native.pageChecksum(bytes, r.pageSize, region, run, end - run, shares);
+      journal.record(run, shares);
+      punchHole(r.memoryFd!, run * r.pageSize, (end - run) * r.pageSize);
+      journal.punched(r.path ? fileKey(r.path) : null);
+      freed += end - run;
+      run = -1;
+    };
+    for (let i = 0; i < bitmap.length; i++) {
+      const fresh = bitmap[i] & ~done[offset + i];
+      if (fresh === 0 && run < 0) continue;
+      for (let b = 0; b < 8; b++) {
+        const page = (offset + i) * 8 + b;
+        if ((fresh >> b) & 1 && page < r.length / r.pageSize) {
+          if (run < 0) run = page;
+        } else {
+          flush(page);
+        }
+      }
+    }
+    flush((offset + bitmap.length) * 8);
+    return freed;
   }
 
   /**
@@ -148,12 +299,19 @@ export class Image {
 
   /** Unmaps the image; fails with ERR_MAPPING_BUSY while a session still serves from it. */
   close(): void {
+    for (const j of this.#journals.splice(0)) j?.close();
     for (const m of this.#mappings) m.unmap();
     for (const fd of this.#ownFds.splice(0)) closeSync(fd);
   }
 }
 
 /** The pages of [0, pages) outside the ascending, disjoint ranges `skip`. */
+/** The sums kept beside a file, as numbers. */
+function keptSums(path: string): { sha256?: string; checksum?: bigint } {
+  const kept = readKeptSums(path);
+  return { ...(kept.sha256 ? { sha256: kept.sha256 } : {}), ...(kept.checksum ? { checksum: BigInt(`0x${kept.checksum}`) } : {}) };
+}
+
 function complement(skip: readonly (readonly [number, number])[], pages: number): [number, number][] {
   const out: [number, number][] = [];
   let at = 0;
@@ -254,6 +412,7 @@ function fromFile(
     }
     return {
       ...(memoryFd !== undefined ? { memoryFd } : {}),
+      ...('path' in source ? { path: source.path } : {}),
       id,
       name,
       length,

@@ -39,18 +39,21 @@ export class LiveWorkload extends EventEmitter {
   readonly #socket: Socket;
   readonly #uffd: number;
   readonly #memfd: number;
+  #pausedFor: string | null;
   #pagemap = -1;
   #lines = '';
   #gone: CodedError | null = null;
 
-  private constructor(socket: Socket, pid: number, regions: GuestRegion[], uffd: number, memfd: number) {
+  private constructor(socket: Socket, pid: number, regions: GuestRegion[], uffd: number, memfd: number, pausedFor: string | null) {
     super();
     this.#socket = socket;
     this.pid = pid;
     this.regions = regions;
     this.#uffd = uffd;
     this.#memfd = memfd;
-    this.image = Image.open([{ fd: memfd, name: `workload-${pid}` }], { live: true });
+    this.#pausedFor = pausedFor;
+    // Its image is named as its migration: a destination that resumes from a restarted source finds the same one.
+    this.image = Image.open([{ fd: memfd, name: `workload-${pid}` }], { live: true, ...(pausedFor ? { migration: pausedFor } : {}) });
     socket.setEncoding('utf8');
     socket.on('data', (d: string) => {
       this.#lines += d;
@@ -92,7 +95,7 @@ export class LiveWorkload extends EventEmitter {
       try {
         if (msg.fds.length !== 2 || !isUserfaultfd(msg.fds[0]) || !fstatSync(msg.fds[1]).isFile())
           throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'a live workload sends its userfaultfd, then its memory file (a memfd), with its regions');
-        const regions = parseHandshake(msg.payload);
+        const { regions, pausedFor } = parseLiveHandshake(msg.payload);
         const size = fstatSync(msg.fds[1]).size;
         for (const [i, r] of regions.entries()) {
           if ((r.memfd_offset ?? r.offset) !== r.offset || r.offset % PAGE || r.size % PAGE || r.base_host_virt_addr % PAGE || r.offset + r.size > size)
@@ -101,9 +104,11 @@ export class LiveWorkload extends EventEmitter {
               `region ${i}: a live workload's region lies in its memory file at its own offset, in whole pages (file: ${size} bytes)`,
             );
         }
-        const workload = new LiveWorkload(socket, pid, regions, msg.fds[0], msg.fds[1]);
+        const workload = new LiveWorkload(socket, pid, regions, msg.fds[0], msg.fds[1], pausedFor);
         socket.resume();
-        log.info({ pid, regions: regions.length, bytes: size }, 'the workload handed its memory over');
+        if (pausedFor)
+          log.warn({ pid, migration: pausedFor, bytes: size }, 'the workload handed its memory over again, paused for a migration past its switchover');
+        else log.info({ pid, regions: regions.length, bytes: size }, 'the workload handed its memory over');
         return workload;
       } catch (err) {
         for (const f of msg.fds) closeSync(f);
@@ -117,6 +122,15 @@ export class LiveWorkload extends EventEmitter {
 
   get gone(): boolean {
     return this.#gone !== null;
+  }
+
+  /**
+   * The migration this workload is paused for, past its switchover (it came
+   * back to a restarted source, saying so), or null: it runs, or it was
+   * paused by this process.
+   */
+  get pausedFor(): string | null {
+    return this.#pausedFor;
   }
 
   /** Every page write-protected: from now on each page the workload writes shows up in written(). */
@@ -159,13 +173,18 @@ export class LiveWorkload extends EventEmitter {
     return out;
   }
 
-  /** Asks the workload to pause and waits (up to `timeoutMs`) until it says it has. */
+  /**
+   * Asks the workload to pause and waits (up to `timeoutMs`) until it says it
+   * has. The pause names the migration: from now on the workload runs again
+   * only when told `resume`, never because this source went away.
+   */
   async pause(timeoutMs = 10_000): Promise<void> {
-    await this.#ask('pause', 'paused', timeoutMs);
+    await this.#ask({ t: 'pause', migration: this.image.fingerprint }, 'paused', timeoutMs);
   }
 
-  /** The migration was abandoned before the switchover: the workload goes on here. */
+  /** The workload goes on here: the migration was abandoned before the switchover, or its destination gave up. */
   resume(): void {
+    this.#pausedFor = null;
     this.#say('resume');
   }
 
@@ -174,16 +193,17 @@ export class LiveWorkload extends EventEmitter {
     this.#say('migrated');
   }
 
-  #say(t: string): void {
-    if (!this.#gone) this.#socket.write(JSON.stringify({ t }) + '\n');
+  #say(t: string | { t: string; [field: string]: unknown }): void {
+    if (!this.#gone) this.#socket.write(JSON.stringify(typeof t === 'string' ? { t } : t) + '\n');
   }
 
-  async #ask(t: string, answer: string, timeoutMs: number): Promise<void> {
+  async #ask(message: { t: string; [field: string]: unknown }, answer: string, timeoutMs: number): Promise<void> {
+    const t = message.t;
     if (this.#gone) throw this.#gone;
     const ac = new AbortController();
     const timer = setTimeout(() => ac.abort(), timeoutMs);
     try {
-      this.#say(t);
+      this.#say(message);
       await Promise.race([
         once(this, `workload:${answer}`, { signal: ac.signal }),
         once(this, 'gone', { signal: ac.signal }).then(() => {
@@ -208,6 +228,28 @@ export class LiveWorkload extends EventEmitter {
     this.image.close();
     closeSync(this.#memfd);
   }
+}
+
+/** A migration's name, as a live image's fingerprint (server/image.ts). */
+const MIGRATION_ID = /^live-[0-9a-f]{32}$/;
+
+/**
+ * A live workload's handshake: its region array, or, from a workload paused
+ * for a migration past its switchover, {"paused": ID, "regions": [...]}
+ * (docs/VMM-HANDSHAKE.md, "When the source goes away").
+ */
+function parseLiveHandshake(payload: Buffer): { regions: GuestRegion[]; pausedFor: string | null } {
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(payload.toString('utf8'));
+  } catch {
+    throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'the handshake is not JSON');
+  }
+  if (Array.isArray(parsed)) return { regions: parseHandshake(payload), pausedFor: null };
+  const { paused, regions } = (parsed ?? {}) as { paused?: unknown; regions?: unknown };
+  if (typeof paused !== 'string' || !MIGRATION_ID.test(paused) || !Array.isArray(regions))
+    throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'a paused workload hands over {"paused": its migration (live-…), "regions": [...]}');
+  return { regions: parseHandshake(Buffer.from(JSON.stringify(regions))), pausedFor: paused };
 }
 
 /** Page ranges of a live image (its one region), merged as they are added. */
@@ -264,6 +306,8 @@ export interface LiveOptions {
 
 /** What happened, for the log and the bench. */
 export interface LiveReport {
+  /** The migration's name: the workload stays paused for it here (`serve --live --resume-workload` names it). */
+  migration: string;
   mode: NonNullable<LiveOptions['mode']>;
   rounds: number;
   pagesPerRound: number[];
@@ -317,6 +361,11 @@ export class LiveMigration extends EventEmitter {
       pauseTimeoutMs: options.pauseTimeoutMs ?? 10_000,
       ...(options.postcopyAfterMs !== undefined ? { postcopyAfterMs: options.postcopyAfterMs } : {}),
     };
+    // A workload paused past its switchover (its source restarted): its destination runs; this serves it what it lacks.
+    if (workload.pausedFor) {
+      this.#machine = new StateMachine<LiveState>('live', 'postcopy', TRANSITIONS, this.#log);
+      this.#log.info({ migration: workload.pausedFor }, 'live: re-adopted after the switchover; waiting for the destination to resume');
+    }
   }
 
   get state(): LiveState | 'waiting' {
@@ -422,7 +471,7 @@ export class LiveMigration extends EventEmitter {
         this.#interrupt = null;
       }
       const precopyMs = performance.now() - started;
-      machine.to('switching', { by: switchoverBy, rounds: perRound.length });
+      machine.to('switching', { by: switchoverBy, rounds: perRound.length, migration: workload.image.fingerprint });
       await Promise.race([workload.pause(this.#options.pauseTimeoutMs), gone]);
       const pausedAt = performance.now();
       left.addAll(workload.written());
@@ -440,6 +489,7 @@ export class LiveMigration extends EventEmitter {
       const done = await Promise.race([switched, gone]);
       await Promise.race([running, gone]);
       const report: LiveReport = {
+        migration: workload.image.fingerprint,
         mode,
         rounds: perRound.length,
         pagesPerRound: perRound,
@@ -465,10 +515,12 @@ export class LiveMigration extends EventEmitter {
 
   /** A destination that cannot take precopy: the workload pauses before its first page goes (pure postcopy, no switchover marker). */
   async pauseForPostcopy(): Promise<void> {
+    // The destination resumes after the switchover (a link cut, or this source restarted): the workload is paused already.
+    if (this.#machine?.is('postcopy')) return;
     if (this.#machine) throw new PostcopyError(ErrorCode.UNSUPPORTED, 'a live workload moves to one destination');
     const machine = new StateMachine<LiveState>('live', 'precopy', TRANSITIONS, this.#log);
     this.#machine = machine;
-    machine.to('switching', { by: 'postcopy', reason: 'the destination cannot take precopy rounds' });
+    machine.to('switching', { by: 'postcopy', reason: 'the destination cannot take precopy rounds', migration: this.workload.image.fingerprint });
     try {
       await this.workload.pause(this.#options.pauseTimeoutMs);
     } catch (err) {

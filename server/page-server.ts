@@ -3,7 +3,6 @@
 // destination over a shared, read-only image.
 import { closeSync } from 'node:fs';
 import { sendFds } from '../lib/fd-passing.js';
-import { punchHole } from '../lib/memory.js';
 import { createServer, type Server, type Socket } from 'node:net';
 import { ErrorCode, PostcopyError, asCodedError } from '../lib/errors.js';
 import { type Address, formatAddress, isLocalOnly, parseAddress } from '../lib/address.js';
@@ -34,14 +33,29 @@ import {
   type RegionInfo,
 } from '../lib/protocol.js';
 import { MAX_RUN_BYTES } from '../lib/limits.js';
+import { validateInteger } from '../lib/validate.js';
 import { listenOwnerOnly } from '../lib/unix-socket.js';
 import { Tally } from '../lib/metrics.js';
 import { DEFAULT_RESUME_GRACE_MS, SourceSession } from './session.js';
 import type { Image } from './image.js';
 import type { LiveMigration } from './live.js';
+import { Admission } from './admission.js';
 
-/** The most connections that may be waiting to authenticate at once; more are closed at once. */
-export const MAX_UNPROVEN_CONNECTIONS = 256;
+/**
+ * Release as sent, by default: at most 1/64 of the image (and at least 16
+ * MiB) of pages sent and not yet confirmed installed. The destination reports
+ * every 25 ms per GiB of image, so that still lets about 640 MiB/s through
+ * whatever the image's size, and a move of 1 GiB or more peaks at 1.016x the
+ * image, plus the two processes' own memory.
+ */
+export function defaultReleaseBudgetBytes(imageBytes: number): number {
+  return Math.max(16 << 20, Math.ceil(imageBytes / 64 / MAX_RUN_BYTES) * MAX_RUN_BYTES);
+}
+
+export { MAX_UNPROVEN_CONNECTIONS, MAX_UNPROVEN_PER_PEER } from './admission.js';
+
+/** How many ended sessions are remembered, so that a data channel attaching to one is told why it is gone. */
+const ENDED_SESSIONS_KEPT = 1024;
 
 export interface PageServerOptions {
   image: Image;
@@ -52,6 +66,8 @@ export interface PageServerOptions {
   maxFrame?: number;
   /** A connection that has not finished its handshake by then is dropped (default 10 s). */
   handshakeTimeoutMs?: number;
+  /** A connection that has not authenticated by then (token, or a data channel's ticket) is closed (default 5 s; server/admission.ts). */
+  authTimeoutMs?: number;
   /** Control-channel liveness (default: a heartbeat each second, silent after 5 s). */
   heartbeat?: Heartbeat;
   /** How long a session whose destination went away waits for it to resume (default 60 s). */
@@ -70,6 +86,13 @@ export interface PageServerOptions {
    */
   releaseAsSent?: boolean;
   /**
+   * Release as sent: the most bytes of pages sent and not yet confirmed
+   * installed by the destination (default defaultReleaseBudgetBytes()): the
+   * memory both sides hold together stays within the image plus this (plus
+   * the requested pages in flight), whatever the machine's speed.
+   */
+  releaseBudgetBytes?: number;
+  /**
    * A live source: the image is a running workload's memory (server/live.ts)
    * and this migration moves it to one destination, with precopy rounds
    * while it runs where the destination can take them.
@@ -85,8 +108,13 @@ export type ServerFigures = { sessions: Record<string, number>; errors: [string,
 
 export class PageServer {
   readonly #image: Image;
-  /** release-as-sent: the image's fds, and per region the pages freed so far (one bit each). */
-  readonly #release: { fds: number[]; released: Uint8Array[]; pages: number } | null = null;
+  /** release-as-sent: the image is freed as its one destination installs it (Image.release). */
+  readonly #release: boolean;
+  readonly #releaseBudgetBytes: number;
+  /** The image's content digest (Image.contentDigest), taken before listening; null for a live image. */
+  #content: string | null = null;
+  /** Settles once a release-as-sent source's destination holds every page, was answered `done` and said bye. */
+  readonly #consumed: { promise: Promise<void>; resolve: () => void };
   readonly #token: string | undefined;
   readonly #live: LiveMigration | null;
   readonly #log: Logger;
@@ -97,7 +125,10 @@ export class PageServer {
   readonly #plaintextTcp: boolean;
   readonly #sessions = new Map<string, SourceSession>();
   readonly #sockets = new Set<Socket>();
-  readonly #unproven = new Set<Socket>(); // connected, not yet authenticated
+  /** Connections not yet authenticated: deadlines, limits, the oldest closed to make room (server/admission.ts). */
+  readonly #unproven: Admission;
+  /** Sessions that ended with their control channel before their data channels attached: id -> why (the newest ENDED_SESSIONS_KEPT). */
+  readonly #ended = new Map<string, string>();
   /** Each session's current control connection (a resume replaces it). */
   readonly #controls = new Map<string, Socket>();
   #server: Server | null = null;
@@ -120,47 +151,42 @@ export class PageServer {
     this.#heartbeat = options.heartbeat ?? DEFAULT_HEARTBEAT;
     this.#resumeGraceMs = options.resumeGraceMs ?? DEFAULT_RESUME_GRACE_MS;
     this.#plaintextTcp = options.plaintextTcp === true;
-    if (options.releaseAsSent) {
-      const fds = this.#image.memoryFds();
-      if (!fds)
-        throw new PostcopyError(
-          ErrorCode.IMAGE_INVALID,
-          'release-as-sent frees the image as it is installed: the image must be shared memory this source may write (tmpfs, a memfd)',
-        );
-      this.#release = { fds, released: this.#image.regions.map((r) => new Uint8Array(Math.ceil(r.length / r.pageSize / 8))), pages: 0 };
-    }
+    this.#unproven = new Admission({
+      logger: this.#log,
+      ...(options.authTimeoutMs !== undefined ? { authTimeoutMs: options.authTimeoutMs } : {}),
+      count: (code) => this.#errors.add(code),
+    });
+    this.#release = options.releaseAsSent === true;
+    this.#releaseBudgetBytes = validateInteger(
+      options.releaseBudgetBytes ?? defaultReleaseBudgetBytes(this.#image.totalBytes),
+      'releaseBudgetBytes',
+      MAX_RUN_BYTES,
+    );
+    if (this.#release && !this.#image.memoryFds())
+      throw new PostcopyError(
+        ErrorCode.IMAGE_INVALID,
+        'release-as-sent frees the image as it is installed: the image must be shared memory this source may write (tmpfs, a memfd)',
+      );
+    let resolve!: () => void;
+    this.#consumed = { promise: new Promise<void>((r) => (resolve = r)), resolve };
   }
 
-  /** Pages of the image freed so far (release-as-sent). */
+  /** Pages of the image freed so far (release-as-sent), by this process and any before it. */
   get releasedPages(): number {
-    return this.#release?.pages ?? 0;
+    return this.#image.releasedPages;
   }
 
-  /** release-as-sent: the destination holds these pages for good (a piece of its held bitmap); free the ones not freed yet. */
-  #releaseInstalled(piece: { region: number; offset: number; bitmap: Uint8Array }): void {
-    const release = this.#release!;
-    const done = release.released[piece.region];
-    const pageSize = this.#image.regions[piece.region].pageSize;
-    let run = -1;
-    const flush = (end: number) => {
-      if (run < 0) return;
-      punchHole(release.fds[piece.region], run * pageSize, (end - run) * pageSize);
-      release.pages += end - run;
-      run = -1;
-    };
-    for (let i = 0; i < piece.bitmap.length; i++) {
-      const fresh = piece.bitmap[i] & ~done[piece.offset + i];
-      for (let b = 0; b < 8; b++) {
-        const page = (piece.offset + i) * 8 + b;
-        if ((fresh >> b) & 1) {
-          if (run < 0) run = page;
-        } else {
-          flush(page);
-        }
-      }
-      done[piece.offset + i] |= piece.bitmap[i];
-    }
-    flush((piece.offset + piece.bitmap.length) * 8);
+  /**
+   * Release-as-sent: resolves once the one destination holds every page (all
+   * freed here), had its digest and said bye: the image has moved, and the
+   * source has nothing left to serve.
+   */
+  whenConsumed(): Promise<void> {
+    return this.#consumed.promise;
+  }
+
+  #totalPages(): number {
+    return this.#image.regions.reduce((n, r) => n + r.length / r.pageSize, 0);
   }
 
   get sessions(): ReadonlyMap<string, SourceSession> {
@@ -206,7 +232,12 @@ export class PageServer {
       );
     }
     // Once pages are freed the image cannot be read back: its digests and checksums are taken now.
-    if (this.#release) await this.#image.keepSums();
+    const began = Date.now();
+    if (this.#release) await this.#image.startReleasing();
+    // What every welcome carries: a resuming destination checks that this is the image it was restoring, every byte of it.
+    this.#content = (await this.#image.contentDigest()) ?? null;
+    if (this.#content)
+      this.#log.info({ content: this.#content.slice(0, 16), ms: Date.now() - began }, 'image digested (a file keeps it beside it for the next start)');
     const server = createServer({ noDelay: true }, (socket) => void this.#onConnection(socket));
     if (a.kind === 'unix') {
       await listenOwnerOnly(server, a.path);
@@ -233,6 +264,7 @@ export class PageServer {
     for (const s of this.#sessions.values()) s.close('server closing');
     for (const id of [...this.#sessions.keys()]) this.#forget(id);
     this.#controls.clear();
+    this.#unproven.close();
     for (const socket of this.#sockets) socket.destroy();
     if (server) await new Promise<void>((resolve) => server.close(() => resolve()));
   }
@@ -241,18 +273,8 @@ export class PageServer {
     this.#sockets.add(socket);
     socket.once('close', () => this.#sockets.delete(socket));
     socket.on('error', () => {});
-    // Connections that have not proven anything yet are capped: idle peers cannot pile up without bound.
-    if (this.#unproven.size >= MAX_UNPROVEN_CONNECTIONS) {
-      this.#errors.add(ErrorCode.OVERLOADED);
-      this.#log.warn(
-        { code: ErrorCode.OVERLOADED, remote: socket.remoteAddress ?? 'unix', unproven: this.#unproven.size },
-        'connection refused: too many still to authenticate',
-      );
-      socket.destroy();
-      return;
-    }
-    this.#unproven.add(socket);
-    socket.once('close', () => this.#unproven.delete(socket));
+    // Connections that have not proven anything yet are bounded in time and number; a flood of them never starves the rest.
+    this.#unproven.admit(socket);
     const reader = new FrameReader(socket, this.#maxFrame);
     try {
       const first = await reader.next(['hello', 'attach'], this.#handshakeTimeoutMs);
@@ -264,7 +286,9 @@ export class PageServer {
         socket.destroy(); // shutting down: whatever was under way ends with the server, quietly
         return;
       }
-      if (e.code !== ErrorCode.PEER_GONE) {
+      if (this.#unproven.pending(socket)) {
+        this.#unproven.failed(socket, e.code); // before it authenticated: counted in a summary line, not logged alone
+      } else if (e.code !== ErrorCode.PEER_GONE) {
         this.#errors.add(e.code);
         this.#log.warn({ code: e.code, err: e.message, remote: socket.remoteAddress ?? 'unix' }, 'connection ended');
       }
@@ -274,6 +298,8 @@ export class PageServer {
 
   async #onAttach(socket: Socket, reader: FrameReader, msg: MessageOf<'attach'>): Promise<void> {
     const session = typeof msg.session === 'string' ? this.#sessions.get(msg.session) : undefined;
+    const ended = typeof msg.session === 'string' ? this.#ended.get(msg.session) : undefined;
+    if (!session && ended) throw new PostcopyError(ErrorCode.PEER_GONE, `this data channel's session has ended: ${ended}`);
     if (!session) throw new PostcopyError(ErrorCode.AUTH_FAILED, 'no such session');
     if (msg.channel !== 'urgent' && msg.channel !== 'bulk' && msg.channel !== 'memory')
       throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'unknown channel');
@@ -281,7 +307,7 @@ export class PageServer {
       throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'this source did not offer its memory in place (TCP, or an image that is not shared memory)');
     session.verifyAttach(msg.channel, msg.ticket);
     const ticket = msg.ticket as Uint8Array;
-    this.#unproven.delete(socket);
+    this.#unproven.proven(socket);
     // The destination sends nothing more until it reads this reply, so once the
     // reply is written no byte can be left behind in JS when native code takes over.
     if (reader.detach().length > 0) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'bytes arrived on a data channel before it was attached');
@@ -322,10 +348,10 @@ export class PageServer {
     if (token && !proofMatches(proveToken(token, 'client', nonce, hello.nonce), auth.proof)) {
       throw new PostcopyError(ErrorCode.AUTH_FAILED, 'the token proof does not match');
     }
-    this.#unproven.delete(socket);
+    this.#unproven.proven(socket);
     if (auth.probe === true) {
       // A destination checking that we answer and that the tokens agree: no session for it.
-      send(socket, { t: 'ready', fingerprint: this.#image.fingerprint, regions: this.#welcomeRegions() });
+      send(socket, { t: 'ready', fingerprint: this.#image.fingerprint, ...(this.#content ? { content: this.#content } : {}), regions: this.#welcomeRegions() });
       socket.end();
       // A prober that never closes its side does not hold the socket forever.
       setTimeout(() => socket.destroy(), this.#handshakeTimeoutMs).unref();
@@ -343,7 +369,10 @@ export class PageServer {
         session.close('the destination left before the switchover');
       } else if (saidBye) session.close('the destination said bye');
       else session.connectionLost('control channel closed', this.#resumeGraceMs, () => this.#forget(session.id));
-      if (session.state === 'closed') this.#forget(session.id);
+      if (session.state === 'closed') {
+        if (!saidBye) this.#remember(session.id, 'its control channel closed (cut, or the destination left) before the transfer started');
+        this.#forget(session.id);
+      }
     });
     // TCP leaves the host: its data channels carry sealed records (a TCP source always holds a token).
     const keys = socket.remoteFamily && token && !this.#plaintextTcp ? dataChannelKeys(token, nonce, hello.nonce) : undefined;
@@ -355,6 +384,7 @@ export class PageServer {
       session: session.id,
       resumed: session.resumes > 0,
       fingerprint: this.#image.fingerprint,
+      ...(this.#content ? { content: this.#content } : {}),
       encryption: keys ? 'aes-256-gcm' : 'none',
       regions: this.#welcomeRegions(),
       tickets: session.memoryOffered ? { ...dataTickets, memory } : dataTickets,
@@ -413,17 +443,21 @@ export class PageServer {
       if (!whole) have.set(chunk.region, (whole = { region: chunk.region, bitmap: new Uint8Array(Math.ceil(r.length / r.pageSize / 8)) }));
       for (let i = 0; i < chunk.bitmap.length; i++) whole.bitmap[chunk.offset + i] |= chunk.bitmap[i];
     }
+    const held = [...have.values()].map(({ region, bitmap }) => ({ region, bitmap })).concat(checkHave(start.have, this.#image.regions));
+    if (this.#release) this.#admitHolder(session, held);
     // A live source: a destination that takes precopy gets it; any other sees the workload paused before its first page.
     const live = this.#live;
     const precopy = live !== null && optionsMessage.precopy === true;
     if (live && !precopy) await live.pauseForPostcopy();
     session.start(
       options,
-      [...have.values()].map(({ region, bitmap }) => ({ region, bitmap })).concat(checkHave(start.have, this.#image.regions)),
+      held,
       keys,
       prefetch,
       units,
       precopy ? live : undefined,
+      // A budget in pages of each region's own size: the smallest region page size counts the most pages.
+      this.#release ? Math.floor(this.#releaseBudgetBytes / Math.min(...this.#image.regions.map((r) => r.pageSize))) : 0,
     );
     send(socket, { t: 'started' });
     if (precopy)
@@ -448,7 +482,9 @@ export class PageServer {
       }
       if (msg.t === 'installed') {
         if (!this.#release) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'installed reports go to a source that releases as sent');
-        this.#releaseInstalled(checkHaveChunk(msg, this.#image.regions));
+        const piece = checkHaveChunk(msg, this.#image.regions);
+        this.#image.release(piece.region, piece.offset, piece.bitmap);
+        session.confirmInstalled(piece.region, piece.offset, piece.bitmap);
         continue;
       }
       if (msg.t === 'background') {
@@ -464,6 +500,41 @@ export class PageServer {
     }
     saidBye = true;
     socket.end();
+    // Release-as-sent: the destination holds every page and had its digest; nothing is left to serve.
+    if (this.#release && answered && this.#image.releasedPages === this.#totalPages()) {
+      this.#log.info({ session: session.id, releasedPages: this.#image.releasedPages }, 'the destination holds the whole image: it has moved');
+      this.#consumed.resolve();
+    }
+  }
+
+  /**
+   * Release-as-sent: pages already freed exist only at the destination they
+   * were freed for. A destination may start only when the pages it holds
+   * cover every one of them (it is that destination, resuming); it is then
+   * the one they are freed for.
+   */
+  #admitHolder(session: SourceSession, held: { region: number; bitmap: Uint8Array }[]): void {
+    const freed = this.#image.releasedPages;
+    if (freed > 0) {
+      for (const r of this.#image.regions) {
+        const released = this.#image.releasedBitmap(r.id)!;
+        const have = held.filter((h) => h.region === r.id).map((h) => h.bitmap);
+        const missing = released.some((bits, i) => (bits & ~have.reduce((or, b) => or | (b[i] ?? 0), 0)) !== 0);
+        if (missing)
+          throw new PostcopyError(
+            ErrorCode.IMAGE_CONSUMED,
+            `this source frees its image as its destination installs it (release-as-sent): ${freed} page(s) are freed here and held only by that ` +
+              `destination, and the pages this destination holds do not cover them (region ${r.id}); it cannot be served without them`,
+          );
+      }
+    }
+    this.#image.releasedFor = session.id;
+  }
+
+  /** Keeps why a session ended, for a data channel that still attaches to it (the newest ENDED_SESSIONS_KEPT). */
+  #remember(id: string, why: string): void {
+    this.#ended.set(id, why);
+    if (this.#ended.size > ENDED_SESSIONS_KEPT) this.#ended.delete(this.#ended.keys().next().value as string);
   }
 
   #welcomeRegions(): RegionInfo[] {
@@ -491,11 +562,29 @@ export class PageServer {
       known.resume();
       return known;
     }
-    if (this.#live && (this.#live.state !== 'waiting' || [...this.#sessions.values()].some((s) => s.state !== 'closed')))
-      throw new PostcopyError(ErrorCode.UNSUPPORTED, 'a live source moves its workload to one destination');
-    // Freeing the image as one destination installs it leaves nothing for a second.
-    if (this.#release && [...this.#sessions.values()].some((s) => s.state !== 'closed'))
-      throw new PostcopyError(ErrorCode.UNSUPPORTED, 'this source frees its image as its destination installs it (release-as-sent): it serves one destination');
+    const active = [...this.#sessions.values()].some((s) => s.state !== 'closed');
+    // Past the switchover the workload runs at its destination: that destination alone may come back, resuming
+    // from the pages it holds (this source restarted, or forgot its session after the grace).
+    const destinationBack = this.#live?.state === 'postcopy' && resume !== undefined && !active;
+    if (this.#live && !destinationBack && (this.#live.state !== 'waiting' || active))
+      throw new PostcopyError(
+        ErrorCode.UNSUPPORTED,
+        this.#live.state === 'postcopy'
+          ? 'this live workload runs at its destination already: only that destination may resume'
+          : 'a live source moves its workload to one destination',
+      );
+    // Freeing the image as one destination installs it leaves nothing for a second: once pages are freed, only the destination
+    // they were freed for may come back (a restarted source knows it from the journal beside the image; its `have` is checked at start).
+    if (this.#release) {
+      const busy = active;
+      const freed = this.#image.releasedPages;
+      if (busy || (freed > 0 && resume !== this.#image.releasedFor))
+        throw new PostcopyError(
+          ErrorCode.IMAGE_CONSUMED,
+          `this source frees its image as its destination installs it (release-as-sent): it serves one destination, ` +
+            (busy ? 'and one is being served' : `and ${freed} page(s) were already freed for another (held only there)`),
+        );
+    }
     const session = new SourceSession(this.#image, this.#log, (err) => {
       this.#errors.add(err.code);
       this.#log.warn({ session: session.id, code: err.code, err: err.message }, 'session failed');

@@ -122,6 +122,7 @@ export class SourceSession {
     prefetch: Uint8Array[] = [],
     units: number[] = [],
     live?: LiveMigration,
+    unconfirmedBudget = 0,
   ): void {
     if (this.#fds.urgent === undefined || this.#fds.bulk === undefined) {
       throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'start before both data channels were attached');
@@ -140,6 +141,7 @@ export class SourceSession {
         rateBytesPerSecond: options.background.rateBytesPerSecond,
         ...(keys ? { keys } : {}),
         ...(live ? { precopy: true } : {}),
+        ...(unconfirmedBudget > 0 ? { unconfirmedBudget } : {}),
         onEvent: (event) => this.#onNativeEvent(event),
       });
     } catch (err) {
@@ -153,6 +155,11 @@ export class SourceSession {
     this.#live = live ?? null;
     this.#native.start();
     this.#machine.to('active', { options, pagesHeldByDestination: held, encryption: keys ? 'aes-256-gcm' : 'none' });
+  }
+
+  /** Release-as-sent: the destination holds these pages for good (a piece of its held bitmap): they leave the unconfirmed budget. */
+  confirmInstalled(region: number, offset: number, bitmap: Uint8Array): void {
+    this.#native?.confirm(region, offset, bitmap);
   }
 
   /** The destination held the background stream back (while it recorded its working set): it starts now. */

@@ -17,7 +17,11 @@ import type { Test } from 'tap';
 export type FaultAction = 'fin' | 'rst' | 'blackhole' | 'flip';
 export type Direction = 'down' | 'up'; // down: source -> destination
 
+/** A fault for whichever connection first carries `afterBytes` in its direction. */
+export const ANY_CONNECTION = -1;
+
 export interface Fault {
+  /** The connection's index in accept order, or ANY_CONNECTION. */
   connection: number;
   direction: Direction;
   afterBytes: number;
@@ -49,25 +53,67 @@ export class FaultProxy {
     this.#server = createServer((client) => this.#onConnection(client));
   }
 
-  /** A proxy to `target` ("tcp:HOST:PORT" or "unix:PATH"), closed at the test's teardown. */
-  static async start(t: Test, target: string): Promise<FaultProxy> {
+  /**
+   * A proxy to `target` ("tcp:HOST:PORT" or "unix:PATH"), closed at the test's
+   * teardown. It listens on a free loopback TCP port, or on the unix socket
+   * `listenPath` (a destination that must see a unix source, unsealed).
+   */
+  static async start(t: Test, target: string, listenPath?: string): Promise<FaultProxy> {
     const m = /^tcp:(.+):(\d+)$/.exec(target);
     const proxy = new FaultProxy(m ? { host: m[1], port: Number(m[2]) } : { path: target.replace(/^unix:/, '') });
-    proxy.#server.listen(0, '127.0.0.1');
+    if (listenPath) proxy.#server.listen(listenPath);
+    else proxy.#server.listen(0, '127.0.0.1');
     await once(proxy.#server, 'listening');
-    proxy.port = (proxy.#server.address() as { port: number }).port;
+    if (listenPath) proxy.#listenPath = listenPath;
+    else proxy.port = (proxy.#server.address() as { port: number }).port;
     t.teardown(() => proxy.close());
     return proxy;
   }
 
+  #listenPath = '';
+
   get address(): string {
-    return `tcp:127.0.0.1:${this.port}`;
+    return this.#listenPath ? `unix:${this.#listenPath}` : `tcp:127.0.0.1:${this.port}`;
+  }
+
+  /** Bytes forwarded in `direction` over every connection so far. */
+  carriedInAll(direction: Direction): number {
+    let n = 0;
+    for (const [key, bytes] of this.#carried) if (key.endsWith(`:${direction}`)) n += bytes;
+    return n;
+  }
+
+  /**
+   * Resolves as soon as all connections together have forwarded `bytes` in
+   * `direction` (checked as each chunk goes through, so a test can act at a
+   * chosen point of the transfer rather than after a guessed time).
+   */
+  whenCarried(direction: Direction, bytes: number): Promise<void> {
+    if (this.carriedInAll(direction) >= bytes) return Promise.resolve();
+    return new Promise((resolve) => this.#watchers.push({ direction, bytes, resolve }));
+  }
+
+  readonly #watchers: { direction: Direction; bytes: number; resolve: () => void }[] = [];
+
+  #checkWatchers(): void {
+    for (const w of [...this.#watchers])
+      if (this.carriedInAll(w.direction) >= w.bytes) {
+        this.#watchers.splice(this.#watchers.indexOf(w), 1);
+        w.resolve();
+      }
   }
 
   /** How many connections were accepted so far. */
   get accepted(): number {
     return this.#accepted;
   }
+
+  /** Indices of the connections open now, oldest first. */
+  get open(): number[] {
+    return [...this.#openIndices].sort((a, b) => a - b);
+  }
+
+  readonly #openIndices = new Set<number>();
 
   /** Bytes connection `index` has forwarded in `direction` so far. */
   carried(index: number, direction: Direction): number {
@@ -91,6 +137,8 @@ export class FaultProxy {
 
   #onConnection(client: Socket): void {
     const index = this.#accepted++;
+    this.#openIndices.add(index);
+    client.on('close', () => this.#openIndices.delete(index));
     const upstream = 'path' in this.#target ? connect(this.#target.path) : connect(this.#target.port, this.#target.host);
     client.setNoDelay(true);
     for (const s of [client, upstream]) {
@@ -118,7 +166,7 @@ export class FaultProxy {
       from.on('data', (chunk: Buffer) => {
         if (dead) return;
         if (this.#capture) this.captured.push(Buffer.from(chunk));
-        const fault = this.#faults.find((f) => f.connection === index && f.direction === direction);
+        const fault = this.#faults.find((f) => (f.connection === index || f.connection === ANY_CONNECTION) && f.direction === direction);
         if (fault && fault.action === 'flip' && carried + chunk.length > fault.afterBytes) {
           chunk = Buffer.from(chunk);
           chunk[fault.afterBytes - carried] ^= 0xff;
@@ -128,6 +176,7 @@ export class FaultProxy {
           const keep = Math.max(0, fault.afterBytes - carried);
           if (keep > 0) to.write(chunk.subarray(0, keep));
           this.#carried.set(key, carried + keep);
+          if (this.#watchers.length) this.#checkWatchers();
           this.#faults.splice(this.#faults.indexOf(fault), 1);
           this.fired.push({ ...fault, at: Date.now() });
           dead = true;
@@ -137,6 +186,7 @@ export class FaultProxy {
         }
         carried += chunk.length;
         this.#carried.set(key, carried);
+        if (this.#watchers.length) this.#checkWatchers();
         if (!to.write(chunk)) {
           from.pause();
           to.once('drain', () => from.resume());

@@ -5,9 +5,9 @@ import { mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:
 import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { randomBytes } from 'node:crypto';
-import { createServer } from 'node:net';
-import { FrameReader, encodeFrame, type Message } from '../lib/protocol.js';
+import { createHash, randomBytes } from 'node:crypto';
+import { createServer, type Socket } from 'node:net';
+import { FrameReader, encodeFrame, keepAlive, type Message } from '../lib/protocol.js';
 import type { Test } from 'tap';
 import type { Userfaultfd } from '../lib/uffd.js';
 import type { RecoveryOptions } from '../client/session.js';
@@ -134,6 +134,97 @@ export async function fakeSource(t: Test, welcome: () => Record<string, unknown>
   return `unix:${path}`;
 }
 
+/** How a fake serving source answers `done`. */
+export type DoneAnswer =
+  | 'digest' // the right digest, then bye as usual
+  | 'mismatch' // a well-formed digest of other bytes
+  | 'malformed' // a digest without its regions
+  | 'error' // an error message, then the connection closes
+  | 'silent' // no answer, and no heartbeat any more (the connection stays open)
+  | 'frozen'; // the right digest, then nothing at all: no heartbeat, no reply to bye, no close (a source stopped with SIGSTOP)
+
+/**
+ * A source of our own making that serves `image` (one region, plaintext data
+ * channels) as a real one does: every page on the bulk channel at `start`,
+ * then END; and answers `done` as `answer` says. Counts its control
+ * connections; the first `busyFirst` it turns away with ERR_SOURCE_BUSY. On a unix socket in a temp dir; closed at teardown.
+ */
+export async function fakeServingSource(
+  t: Test,
+  image: Buffer,
+  answer: DoneAnswer,
+  options: { busyFirst?: number } = {},
+): Promise<{ address: string; connections: () => number }> {
+  const sha256 = createHash('sha256').update(image).digest('hex');
+  const bulk = new Map<string, Socket>(); // session id -> its bulk channel
+  const sockets = new Set<Socket>();
+  let connections = 0;
+  let sessions = 0;
+  const runHeader = (kind: number, first: number, count: number) => {
+    const h = Buffer.alloc(24);
+    h.writeUInt32LE(kind, 0);
+    h.writeBigUInt64LE(BigInt(first), 8);
+    h.writeUInt32LE(count, 16);
+    h.writeUInt32LE(2, 20); // background
+    return h;
+  };
+  // Frozen peers never answer a FIN: the half-open side stays open.
+  const server = createServer({ allowHalfOpen: true }, (socket) => {
+    sockets.add(socket);
+    socket.once('close', () => sockets.delete(socket));
+    socket.on('error', () => {});
+    const reader = new FrameReader(socket);
+    void (async () => {
+      const first = await reader.next(['hello', 'attach'], 5000);
+      if (first.t === 'attach') {
+        if (first.channel === 'bulk') bulk.set(first.session as string, socket);
+        reader.detach(); // page requests (urgent) are not read: every page goes on the bulk channel
+        socket.write(encodeFrame({ t: 'attached' }));
+        return;
+      }
+      connections++;
+      if (connections <= (options.busyFirst ?? 0)) {
+        // As a real source closes the oldest connection still to authenticate to make room.
+        socket.write(encodeFrame({ t: 'error', code: 'ERR_SOURCE_BUSY', message: 'the source is busy (fake)' }));
+        socket.destroy();
+        return;
+      }
+      socket.write(encodeFrame({ t: 'challenge', protocol: 1, software: 'fake', nonce: Buffer.alloc(32, 7), auth: 'none' }));
+      await reader.next(['auth'], 5000);
+      const session = (++sessions).toString(16).padStart(32, '0');
+      socket.write(encodeFrame(fakeWelcome({ session, regions: [{ id: 0, name: 'r', length: image.length, pageSize: PAGE }] }) as Message));
+      const stopBeating = keepAlive(socket, reader, { intervalMs: 100, silenceMs: 10_000 });
+      await reader.next(['options'], 5000);
+      while ((await reader.next(['have', 'prefetch', 'start'], 5000)).t !== 'start');
+      socket.write(encodeFrame({ t: 'started' }));
+      const pages = await until('the bulk channel', () => bulk.get(session), 5000);
+      pages.write(Buffer.concat([runHeader(0x41544144, 0, image.length / PAGE), image, runHeader(0x20444e45, 0, 0)]));
+      await reader.next(['done'], 0);
+      const digest = { t: 'digest', regions: [{ id: 0, sha256 }], stats: {} };
+      if (answer === 'digest') socket.write(encodeFrame(digest as Message));
+      else if (answer === 'mismatch') socket.write(encodeFrame({ ...digest, regions: [{ id: 0, sha256: '0'.repeat(64) }] } as Message));
+      else if (answer === 'malformed') socket.write(encodeFrame({ t: 'digest', stats: {} } as unknown as Message));
+      else if (answer === 'error') socket.end(encodeFrame({ t: 'error', code: 'ERR_INTERNAL', message: 'the fake source fails at done' }));
+      if (answer === 'silent' || answer === 'frozen') {
+        if (answer === 'frozen') socket.write(encodeFrame(digest as Message));
+        stopBeating();
+        reader.detach(); // reads nothing more, answers nothing, closes nothing
+        pages.pause();
+        return;
+      }
+      await reader.next(['bye'], 0);
+      socket.end();
+    })().catch(() => socket.destroy());
+  });
+  t.teardown(() => {
+    for (const s of sockets) s.destroy();
+    server.close();
+  });
+  const path = join(tempDir(t), 'fake-source.sock');
+  await new Promise<void>((resolve) => server.listen(path, resolve));
+  return { address: `unix:${path}`, connections: () => connections };
+}
+
 /** Detection for tests: heartbeats every 50 ms, silent after 400 ms, quick retries. */
 export const FAST_HEARTBEAT = { intervalMs: 50, silenceMs: 400 };
 export const FAST_RECOVERY: RecoveryOptions = {
@@ -205,10 +296,10 @@ export interface CliResult {
   stderr: string;
 }
 
-/** Runs `postcopy ...args` to completion. */
-export function runCli(args: string[], env: Record<string, string> = {}): Promise<CliResult> {
+/** Runs `postcopy ...args` to completion (in `cwd`, when given). */
+export function runCli(args: string[], env: Record<string, string> = {}, cwd?: string): Promise<CliResult> {
   const [cmd, ...pre] = cliCommand();
-  const child = spawn(cmd, [...pre, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
+  const child = spawn(cmd, [...pre, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env }, ...(cwd ? { cwd } : {}) });
   let stdout = '';
   let stderr = '';
   child.stdout.on('data', (d) => (stdout += d));
@@ -220,7 +311,14 @@ export function runCli(args: string[], env: Record<string, string> = {}): Promis
 export async function startServeCli(
   t: Test,
   args: string[],
-): Promise<{ child: ChildProcess; listening: { kind: string; path?: string; port?: number }; tokenFile?: string; metrics?: string }> {
+): Promise<{
+  child: ChildProcess;
+  listening: { kind: string; path?: string; port?: number };
+  tokenFile?: string;
+  metrics?: string;
+  /** What it logged (stderr) so far. */
+  log: () => string;
+}> {
   const [cmd, ...pre] = cliCommand();
   const child = spawn(cmd, [...pre, 'serve', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
   t.teardown(() => {
@@ -240,5 +338,5 @@ export async function startServeCli(
     child.once('exit', (code) => reject(new Error(`serve exited with ${code}: ${stderr}`)));
   });
   const { listening, tokenFile } = JSON.parse(lines[0]);
-  return { child, listening, tokenFile, ...(want > 1 ? { metrics: JSON.parse(lines[1]).metrics as string } : {}) };
+  return { child, listening, tokenFile, ...(want > 1 ? { metrics: JSON.parse(lines[1]).metrics as string } : {}), log: () => stderr };
 }

@@ -3,7 +3,20 @@
 // source's own, no page is copied and nothing faults. Any other source (TCP,
 // an image on disk) is copied as usual. Real tmpfs files, memfds, sockets.
 import t from 'tap';
-import { closeSync, ftruncateSync, mkdtempSync, readFileSync, rmSync, writeSync } from 'node:fs';
+import {
+  closeSync,
+  ftruncateSync,
+  linkSync,
+  lstatSync,
+  mkdtempSync,
+  readFileSync,
+  readdirSync,
+  rmSync,
+  statSync,
+  symlinkSync,
+  writeFileSync,
+  writeSync,
+} from 'node:fs';
 import { once } from 'node:events';
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
@@ -128,3 +141,75 @@ t.test('handle --in-place: each VMM session serves its faults from the source me
   t.equal(summary.bytesReceived, 0, 'no page crossed a socket');
   t.equal(summary.recovery?.source, 'image');
 });
+
+t.test(
+  'restore --in-place --out onto the image itself is refused by any name (from its directory, a symlink, a hard link): the image stays byte for byte',
+  async (t) => {
+    const bytes = randomImage(256, 7);
+    const dir = shmDir(t);
+    const imagePath = writeImage(dir, bytes, 'vm.mem');
+    symlinkSync(imagePath, join(dir, 'link.mem'));
+    linkSync(imagePath, join(dir, 'hard.mem'));
+    const { listening } = await startServeCli(t, ['--image', imagePath, '--listen', `unix:${join(tempDir(t), 'source.sock')}`]);
+    // The README's own pair, run from the image's directory: --out vm.mem is the image.
+    for (const out of ['vm.mem', 'link.mem', 'hard.mem', `${dir}/./vm.mem`]) {
+      const r = await runCli(['restore', '--source', `unix:${listening.path}`, '--in-place', '--out', out], {}, dir);
+      t.equal(r.code, 2, `--out ${out}: refused as a usage error`);
+      t.match(r.stderr, /is the image being restored \(the same file\).*ERR_USAGE/, `--out ${out}: says why`);
+      t.ok(readFileSync(imagePath).equals(bytes), `--out ${out}: the image is intact byte for byte`);
+    }
+    // (The source keeps its image's digest beside it: vm.mem.postcopy-sums.)
+    t.same(
+      readdirSync(dir)
+        .filter((f) => !f.endsWith('.postcopy-sums'))
+        .sort(),
+      ['hard.mem', 'link.mem', 'vm.mem'],
+      'nothing written beside it',
+    );
+    // Taken in place again, onto another existing file: replaced whole.
+    const other = join(dir, 'other.mem');
+    writeFileSync(other, 'an older restore');
+    const copied = await runCli(['restore', '--source', `unix:${listening.path}`, '--in-place', '--out', other, '--json', '--log-level', 'warn']);
+    t.equal(copied.code, 0, copied.stderr);
+    t.ok(readFileSync(other).equals(bytes), 'an existing --out is replaced whole');
+    t.ok(readFileSync(imagePath).equals(bytes), 'and the image is untouched');
+  },
+);
+
+t.test(
+  'restore --out (copy) replaces an existing file only once the restore verified: through a symlink its target; a failed restore leaves it as it was',
+  async (t) => {
+    const bytes = randomImage(128, 3);
+    const dir = tempDir(t);
+    const imagePath = writeImage(dir, bytes, 'vm.mem');
+    const { listening, child } = await startServeCli(t, ['--image', imagePath, '--listen', `unix:${join(dir, 'source.sock')}`]);
+    const target = join(dir, 'restored.mem');
+    writeFileSync(target, 'the previous restore', { mode: 0o640 });
+    symlinkSync(target, join(dir, 'latest.mem'));
+    const ok = await runCli(['restore', '--source', `unix:${listening.path}`, '--out', join(dir, 'latest.mem'), '--json', '--log-level', 'warn']);
+    t.equal(ok.code, 0, ok.stderr);
+    t.ok(lstatSync(join(dir, 'latest.mem')).isSymbolicLink(), 'the symlink is still a symlink');
+    t.ok(readFileSync(target).equals(bytes), 'its target holds the restored image');
+    t.equal(statSync(target).mode & 0o777, 0o640, 'with the mode it had');
+    // A copy restore onto the image the source serves: the source keeps serving what it mapped; the file ends byte-exact.
+    const same = await runCli(['restore', '--source', `unix:${listening.path}`, '--out', imagePath, '--json', '--log-level', 'warn']);
+    t.equal(same.code, 0, same.stderr);
+    t.ok(readFileSync(imagePath).equals(bytes), 'the image, restored over itself, is byte for byte the same');
+    // A restore from the image file itself, onto it (another spelling of its path): refused, like --in-place.
+    const local = await runCli(['restore', '--image', imagePath, '--out', join(dir, '.', 'vm.mem')]);
+    t.equal(local.code, 2, 'restore --image onto its own image is refused');
+    t.ok(readFileSync(imagePath).equals(bytes), 'and the image is untouched');
+    // A restore that fails (its source gone for good) writes nothing.
+    child.kill('SIGKILL');
+    await once(child, 'exit');
+    writeFileSync(target, 'the previous restore');
+    const failed = await runCli(['restore', '--source', `unix:${listening.path}`, '--out', target, '--give-up-after', '1s']);
+    t.equal(failed.code, 1);
+    t.equal(readFileSync(target, 'utf8'), 'the previous restore', 'the existing file is as it was');
+    t.same(
+      readdirSync(dir).filter((f) => f.includes('.postcopy-') && !f.endsWith('.postcopy-sums')),
+      [],
+      'no temporary file left beside it',
+    );
+  },
+);

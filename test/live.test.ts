@@ -5,7 +5,7 @@
 // its pause, byte for byte: the fixture dumps it then, the restore writes its
 // own out. Real processes, a real userfaultfd, real sockets.
 import t from 'tap';
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -17,11 +17,13 @@ import type { Test } from 'tap';
 
 interface Workload {
   closed: Promise<{ code: number | null; lines: Record<string, unknown>[] }>;
+  /** What it printed so far, one object a line (paused, sourceGone, reconnected, resumed, migrated, ...: each with its writes). */
+  lines: Record<string, unknown>[];
   kill(): void;
 }
 
 /** The fixture in source mode, writing `rate` pages a second (a tenth of them anywhere, the rest in the hot set). */
-function startWorkload(t: Test, socket: string, imagePath: string, dump: string, rate: number, seed = 1): Workload {
+function startWorkload(t: Test, socket: string, imagePath: string, dump: string, rate: number, seed = 1, exitAfterMs = 30000): Workload {
   const child = spawn(
     buildFixture('vmm'),
     [
@@ -40,14 +42,14 @@ function startWorkload(t: Test, socket: string, imagePath: string, dump: string,
       '--dump',
       dump,
       '--exit-after-ms',
-      '30000',
+      String(exitAfterMs),
     ],
     { stdio: ['ignore', 'pipe', 'inherit'] },
   );
   t.teardown(() => void child.kill('SIGKILL'));
   const lines: Record<string, unknown>[] = [];
   createInterface({ input: child.stdout }).on('line', (l) => lines.push(JSON.parse(l)));
-  return { closed: once(child, 'close').then(([code]) => ({ code: code as number | null, lines })), kill: () => child.kill('SIGKILL') };
+  return { closed: once(child, 'close').then(([code]) => ({ code: code as number | null, lines })), lines, kill: () => child.kill('SIGKILL') };
 }
 
 /** A live source in this process for a workload started by the test. */
@@ -197,4 +199,151 @@ t.test('postcopy serve --live: the CLI waits for the workload, moves it to a res
   t.equal((await served)[0], 0, 'serve exits once the destination holds every page');
   t.equal((await workload.closed).code, 0);
   t.ok(readFileSync(out).equals(readFileSync(dump)), 'byte-exact');
+});
+
+/** What `promise` settles to, or a failure naming `what` once `timeoutMs` has passed. */
+async function settled<T>(what: string, promise: Promise<T>, timeoutMs = 60_000): Promise<T> {
+  let outcome: { value: T } | { error: unknown } | undefined;
+  promise.then(
+    (value) => (outcome = { value }),
+    (error: unknown) => (outcome = { error }),
+  );
+  const done = await until(what, () => outcome, timeoutMs);
+  if ('error' in done) throw done.error;
+  return done.value;
+}
+
+/** `postcopy serve --live ...args` in its own process: its JSON lines one by one, its exit, a kill -9. */
+function startServeLive(t: Test, args: string[]) {
+  const [cmd, ...pre] = cliCommand();
+  const child: ChildProcess = spawn(cmd, [...pre, 'serve', '--live', ...args, '--log-level', 'warn'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  t.teardown(() => void child.kill('SIGKILL'));
+  let stderr = '';
+  child.stderr!.on('data', (d) => (stderr += d));
+  const closed = once(child, 'close').then(([code]) => ({ code: code as number | null, stderr }));
+  const lines = createInterface({ input: child.stdout! })[Symbol.asyncIterator]();
+  return {
+    closed,
+    /** Its next JSON line (bounded: it exiting first fails the wait, naming what it said). */
+    async next(): Promise<Record<string, unknown>> {
+      const line = await settled(
+        'a line from serve --live',
+        Promise.race([
+          lines.next(),
+          closed.then(({ code }) => {
+            throw new Error(`serve --live exited with ${code}: ${stderr}`);
+          }),
+        ]),
+      );
+      return JSON.parse(line.value as string);
+    },
+    kill: () => child.kill('SIGKILL'),
+  };
+}
+
+/** A workload handed to `serve --live` (a CLI process), and a restore from it that is slow enough (4 MB/s) to be killed under. */
+async function liveMoveUnderway(t: Test, restoreArgs: string[]) {
+  const dir = tempDir(t);
+  const imagePath = writeImage(dir, randomImage(4096, 5));
+  const workloadSocket = join(dir, 'workload.sock');
+  const listen = `unix:${join(dir, 'source.sock')}`;
+  const dump = join(dir, 'paused.mem');
+  // Precopy is cut short after 300 ms: most of the 16 MiB moves after the switchover, in postcopy.
+  const serveArgs = ['--socket', workloadSocket, '--listen', listen, '--postcopy-after', '300ms'];
+  const serve = startServeLive(t, serveArgs);
+  await until('the workload socket', () => existsSync(workloadSocket));
+  const workload = startWorkload(t, workloadSocket, imagePath, dump, 3000, 12, 60000);
+  t.ok(((await serve.next()).workload as number) > 0, 'serve --live holds the workload');
+  const out = join(dir, 'restored.mem');
+  const [cmd, ...pre] = cliCommand();
+  const child = spawn(cmd, [...pre, 'restore', '--source', listen, '--json', '--out', out, '--rate', '4M', '--workload', 'random', ...restoreArgs], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  t.teardown(() => void child.kill('SIGKILL'));
+  let stdout = '';
+  let stderr = '';
+  child.stdout!.on('data', (d) => (stdout += d));
+  child.stderr!.on('data', (d) => (stderr += d));
+  const restore = once(child, 'close').then(([code]) => ({ code: code as number | null, stdout, stderr }));
+  // Its live report comes once the destination says its workload runs: the switchover is behind us.
+  const { live } = (await serve.next()) as { live: LiveReport };
+  t.equal(live.switchoverBy, 'postcopy-after', 'the switchover came, with most pages still to move');
+  serve.kill();
+  await settled('the killed serve --live to close', serve.closed);
+  // The workload notices; paused for the migration, it writes nothing more and waits for a source to hand itself to.
+  const gone = await until('the workload to see its source gone', () => workload.lines.find((l) => l.sourceGone));
+  const paused = workload.lines.find((l) => l.paused === true && Object.keys(l).length === 2) as { writes: number };
+  t.equal(gone.paused, true, 'the workload saw its source die while paused');
+  t.equal(gone.writes, paused.writes, `and had written nothing since its pause (${paused.writes} writes)`);
+  return { dir, serveArgs, listen, dump, out, workload, restore, paused, migration: live.migration };
+}
+
+t.test(
+  'serve --live killed right after the switchover: the workload stays paused, a restarted serve --live re-adopts it, the destination resumes byte-exact',
+  async (t) => {
+    const m = await liveMoveUnderway(t, []);
+    const again = startServeLive(t, m.serveArgs);
+    const listening = await again.next();
+    t.equal(listening.readopted, m.migration, 'the restarted source re-adopts the paused workload, naming its migration');
+    const restore = await settled('the restore to end', m.restore);
+    t.equal(restore.code, 0, restore.stderr);
+    const report = JSON.parse(restore.stdout.trim().split('\n').pop()!);
+    t.ok(report.recovery.resumes >= 1, `the destination paused and resumed (${report.recovery.resumes} resume(s), ${report.recovery.pausedMs} ms paused)`);
+    t.equal(report.digestMatch, true, "the destination equals the workload's memory at its pause");
+    t.equal(
+      (await settled('the restarted serve --live to exit', again.closed)).code,
+      0,
+      'the restarted serve --live exits once the destination holds every page',
+    );
+    const { code, lines } = await settled('the workload to exit', m.workload.closed);
+    t.equal(code, 0, 'the workload was told it migrated');
+    const writes = lines.filter((l) => 'writes' in l).map((l) => Object.keys(l)[0] + ' ' + String(l.writes));
+    t.ok(
+      lines.filter((l) => l.reconnected || l.migrated).every((l) => l.writes === m.paused.writes) && lines.some((l) => l.reconnected),
+      `not one write at the source after the switchover (${writes.join(', ')})`,
+    );
+    t.notOk(
+      lines.some((l) => l.resumed),
+      'it was never told to resume',
+    );
+    t.ok(readFileSync(m.out).equals(readFileSync(m.dump)), 'byte for byte the memory the workload held when it paused');
+  },
+);
+
+t.test('the destination gives up after the switchover and says so: only then, told so, does the workload run again at the source', async (t) => {
+  const m = await liveMoveUnderway(t, ['--give-up-after', '2s']);
+  const restore = await settled('the restore to end', m.restore);
+  t.equal(restore.code, 1, 'the destination gives up');
+  t.match(restore.stderr, /ERR_SOURCE_LOST/);
+  const said = /gives up live migration (live-[0-9a-f]{32}).*--resume-workload (live-[0-9a-f]{32})/.exec(restore.stderr);
+  t.ok(said && said[1] === m.migration && said[2] === m.migration, 'it names the migration it gave up, and how the workload at the source resumes');
+  t.notOk(existsSync(m.out), 'it wrote nothing');
+  const id = said![1];
+  t.notOk(
+    m.workload.lines.some((l) => l.resumed || (typeof l.writes === 'number' && l.writes !== m.paused.writes)),
+    'the workload stayed paused meanwhile',
+  );
+
+  // Another migration's name: refused, and the workload stays paused.
+  const wrong = startServeLive(t, [...m.serveArgs, '--resume-workload', `live-${'0'.repeat(32)}`]);
+  const refused = await settled('the refusing serve --live to exit', wrong.closed);
+  t.equal(refused.code, 1);
+  t.match(refused.stderr, /ERR_MIGRATION_MISMATCH/, 'a resume for another migration is refused');
+  const refusedBy = await until('the workload to be let go by the refusing source', () => m.workload.lines.filter((l) => l.sourceGone)[1]);
+  t.match(refusedBy, { paused: true, writes: m.paused.writes }, 'and the workload, handed over and let go, is still paused');
+
+  // The destination's word, carried by the operator: the workload runs again here, and this source may move it again.
+  const resumed = startServeLive(t, [...m.serveArgs, '--resume-workload', id]);
+  t.match(await resumed.next(), { resumed: id, workload: Number });
+  const back = await until('the workload to resume', () => m.workload.lines.find((l) => l.resumed));
+  t.equal(back.writes, m.paused.writes, 'it resumes from where it paused');
+  const out = join(m.dir, 'second.mem');
+  const second = await settled('the second restore', runCli(['restore', '--source', m.listen, '--json', '--out', out, '--workload', 'none']));
+  t.equal(second.code, 0, second.stderr);
+  t.equal((await settled('serve --live to exit', resumed.closed)).code, 0);
+  const { code, lines } = await settled('the workload to exit', m.workload.closed);
+  t.equal(code, 0, 'moved at the second attempt');
+  const migrated = lines.find((l) => l.migrated) as { writes: number };
+  t.ok(migrated.writes > m.paused.writes, `it wrote again once resumed (${m.paused.writes}, then ${migrated.writes} writes)`);
+  t.ok(readFileSync(out).equals(readFileSync(m.dump)), 'and the second destination is byte-exact with its second pause');
 });

@@ -4,7 +4,7 @@ import { connect as netConnect, createServer, Socket as NetSocket } from 'node:n
 import { join } from 'node:path';
 import { once } from 'node:events';
 import { Image } from '../server/image.js';
-import { PageServer } from '../server/page-server.js';
+import { MAX_UNPROVEN_CONNECTIONS, PageServer } from '../server/page-server.js';
 import { Destination } from '../client/destination.js';
 import { SourceConnection } from '../client/source-connection.js';
 import { type ChannelFailure, type MemoryEvent, FaultEngine } from '../client/fault-engine.js';
@@ -19,7 +19,7 @@ import { madvise, mapAnonymous } from '../lib/memory.js';
 import { ErrorCode } from '../lib/errors.js';
 import { Kind, PAGE_REQUEST_BYTES, RUN_HEADER_BYTES, Reason, encodePageRequest, encodeRunHeader } from '../lib/wire.js';
 import { Userfaultfd } from '../lib/uffd.js';
-import { PAGE, fakeSource, fakeWelcome, here, randomImage, tempDir, until } from './helpers.js';
+import { PAGE, fakeServingSource, fakeSource, fakeWelcome, here, randomImage, tempDir, until } from './helpers.js';
 import type { Test } from 'tap';
 
 async function startServer(t: Test, options: { token?: string } = {}) {
@@ -622,4 +622,54 @@ t.test('options.pageSizes: one page size per region, a power of two the region c
   t.throws(() => checkPageSizes([4 << 20, 4096], regions), { code: 'ERR_PROTOCOL_OUT_OF_RANGE' }, 'more than one run');
   t.throws(() => checkPageSizes([2048, 4096], regions), { code: 'ERR_PROTOCOL_OUT_OF_RANGE' }, 'smaller than the region page');
   t.throws(() => checkPageSizes([4096, 2 << 20], regions), { code: 'ERR_PROTOCOL_OUT_OF_RANGE' }, 'a region that is not whole such pages');
+});
+
+t.test('a connection closed at the cap of unauthenticated connections is told ERR_SOURCE_BUSY; the newcomer gets in', async (t) => {
+  const { path, source } = await startServer(t);
+  // The oldest: a destination that said hello and then waits (slow).
+  const oldest = netConnect(path);
+  await once(oldest, 'connect');
+  const oldestReader = new FrameReader(oldest);
+  oldest.write(encodeFrame({ t: 'hello', protocol: 1, software: 'test', nonce: Buffer.alloc(32, 1) }));
+  await oldestReader.next(['challenge'], 5000);
+  const silent: NetSocket[] = [];
+  t.teardown(() => silent.forEach((s) => s.destroy()));
+  for (let i = 0; i < MAX_UNPROVEN_CONNECTIONS; i++) {
+    const s = netConnect(path);
+    s.on('error', () => {});
+    silent.push(s);
+  }
+  await Promise.all(silent.map((s) => once(s, 'connect')));
+  // On the old main it was the newcomer that was closed, with no word: ERR_PEER_GONE.
+  await t.rejects(oldestReader.next(['welcome'], 10_000), { code: ErrorCode.SOURCE_BUSY, message: /busy.*to authenticate.*try again/ });
+  oldest.destroy();
+  const probe = await SourceConnection.probe({ source, timeoutMs: 5000 });
+  t.ok(probe.fingerprint, 'a destination arriving now is served');
+});
+
+t.test('a control channel cut while its data channels attach is reported as the cut (ERR_PEER_GONE), not as a failed authentication', async (t) => {
+  const { path, server } = await startServer(t);
+  const control = netConnect(path);
+  await once(control, 'connect');
+  const reader = new FrameReader(control);
+  control.write(encodeFrame({ t: 'hello', protocol: 1, software: 'test', nonce: Buffer.alloc(32, 1) }));
+  await reader.next(['challenge'], 5000);
+  control.write(encodeFrame({ t: 'auth' }));
+  const welcome = await reader.next(['welcome'], 5000);
+  control.destroy(); // cut before `options`: the source ends the session
+  await until('the source to end the session', () => server.sessions.size === 0, 10_000);
+  const err = await rawExchange(path, encodeFrame({ t: 'attach', session: welcome.session, channel: 'urgent', ticket: welcome.tickets.urgent }));
+  t.equal(err.code, ErrorCode.PEER_GONE);
+  t.match(err.message, /session has ended: its control channel closed/);
+  const unknown = await rawExchange(path, encodeFrame({ t: 'attach', session: 'f'.repeat(32), channel: 'urgent', ticket: Buffer.alloc(32) }));
+  t.equal(unknown.code, ErrorCode.AUTH_FAILED, 'a session that never was is still an authentication failure');
+});
+
+t.test('a first connection turned away as busy (ERR_SOURCE_BUSY) is tried again, and the restore goes on', async (t) => {
+  const image = randomImage(16, 3);
+  const busy = await fakeServingSource(t, image, 'digest', { busyFirst: 2 });
+  const dest = await Destination.connect({ source: busy.address, recovery: { retryDelayMs: { initial: 20, max: 100 } } });
+  t.teardown(() => dest.close());
+  t.equal((await dest.finish()).digestMatch, true, 'restored byte-exact on the third connection');
+  t.equal(busy.connections(), 3);
 });

@@ -20,15 +20,15 @@ const PATTERN_BYTES = 4 << 20;
 const found = spawnSync('qemu-system-x86_64', ['--version'], { encoding: 'utf8' });
 if (found.status !== 0) throw new Error('qemu-system-x86_64 is not installed: .ci/run installs it (apt-get install qemu-system-x86)');
 
-/** A QEMU held before its first instruction, with `pattern` in its RAM at 1 MiB; its QMP socket. */
-async function startQemu(t: Test, dir: string, pattern: Buffer): Promise<{ qmp: string }> {
+/** A QEMU held before its first instruction (unless `held` is false: then it runs its firmware), with `pattern` in its RAM at 1 MiB; its QMP socket. */
+async function startQemu(t: Test, dir: string, pattern: Buffer, held = true): Promise<{ qmp: string }> {
   const patternFile = join(dir, 'pattern.bin');
   writeFileSync(patternFile, pattern);
   const qmp = join(dir, 'qmp.sock');
   const child = spawn(
     'qemu-system-x86_64',
     [
-      ...['-machine', 'pc', '-accel', 'tcg', '-m', '64', '-nodefaults', '-display', 'none', '-S'],
+      ...['-machine', 'pc', '-accel', 'tcg', '-m', '64', '-nodefaults', '-display', 'none', ...(held ? ['-S'] : [])],
       ...['-qmp', `unix:${qmp},server=on,wait=off`, '-device', `loader,file=${patternFile},addr=${PATTERN_AT}`],
     ],
     { stdio: ['ignore', 'ignore', 'inherit'] },
@@ -78,6 +78,31 @@ t.test('postcopy qemu save: a running QEMU migrates into a snapshot directory', 
   const monitor = await Qmp.connect(qmp);
   t.match(await monitor.execute('query-status'), { status: 'postmigrate' }, 'QEMU is left paused, as after any migration');
   monitor.close();
+});
+
+t.test('postcopy qemu save stops a running guest for the save and leaves it paused; a save that fails leaves it running', async (t) => {
+  const dir = tempDir(t);
+  const { qmp } = await startQemu(t, dir, randomBytes(PATTERN_BYTES), false);
+  // QEMU's monitor takes one client at a time: the test asks between the saves.
+  const status = async () => {
+    const monitor = await Qmp.connect(qmp);
+    try {
+      return await monitor.execute('query-status');
+    } finally {
+      monitor.close();
+    }
+  };
+  t.match(await status(), { status: 'running' }, 'the guest runs');
+  // An --out that cannot be made (below a regular file): the save fails once the guest is stopped and QEMU migrates.
+  writeFileSync(join(dir, 'a-file'), '');
+  const failed = await runCli(['qemu', 'save', '--qmp', qmp, '--out', join(dir, 'a-file', 'snapshot')]);
+  t.equal(failed.code, 1, 'the save fails');
+  t.match(failed.stderr, /"msg":"the guest is stopped for the save"/, 'after stopping the guest');
+  t.match(await status(), { status: 'running' }, 'and the guest runs again, as it was found');
+  const r = await runCli(['qemu', 'save', '--qmp', qmp, '--out', join(dir, 'snapshot')]);
+  t.equal(r.code, 0, r.stderr);
+  t.match(JSON.parse(r.stdout.trim().split('\n').pop()!), { guest: 'paused', live: false }, 'saved stopped');
+  t.match(await status(), { status: 'postmigrate' }, 'and left paused, as after any migration');
 });
 
 t.test('postcopy qemu import: a stream QEMU saved itself (exec:cat)', async (t) => {
@@ -227,88 +252,101 @@ t.test('a destination QEMU that dies mid-restore: serve exits with a clear error
   t.match(stderr, /ERR_PEER_GONE/, 'saying the destination went away');
 });
 
-t.test('a running guest, saved and then restored lazily into a new QEMU, verifies all its memory and keeps running', async (t) => {
-  const { testGuest, guestPasses: passes } = await import('./guest/build.js');
+/** A QEMU restored lazily from `snapshot` (postcopy qemu restore), its serial console in `serial`; killed at teardown. */
+async function restoreGuest(t: Test, snapshot: string, command: string[], serial: string, what: string) {
+  const restored = await runCli(['qemu', 'restore', '--snapshot', snapshot, '--json', '--', 'qemu-system-x86_64', ...command, '-serial', `file:${serial}`]);
+  t.equal(restored.code, 0, `${what}: ${restored.stderr}`);
+  const report = JSON.parse(restored.stdout.trim().split('\n').pop()!) as { qmp: string; pid: number; guestRunningMs: number; fullResidencyMs: number };
+  t.teardown(() => {
+    try {
+      process.kill(report.pid, 'SIGKILL');
+    } catch {
+      /* gone */
+    }
+    rmSync(dirname(report.qmp), { recursive: true, force: true }); // restore leaves QEMU's monitor and log there while it runs
+  });
+  return report;
+}
+
+t.test('a guest writing its memory without pause, saved, then restored lazily into a new QEMU: it verifies all its memory and keeps running', async (t) => {
+  const { testGuest, guestPasses: passes, guestKernelTrouble: trouble } = await import('./guest/build.js');
   const guest = testGuest();
   const dir = tempDir(t);
-  const machine = ['-machine', 'pc', '-accel', 'tcg', '-cpu', 'qemu64', '-m', '256', '-nodefaults', '-display', 'none', '-no-reboot'];
-  const boot = ['-kernel', guest.kernel, '-initrd', guest.initrd, '-append', 'console=ttyS0 panic=-1 quiet guest_mem_mib=64'];
+  const machine = ['-machine', 'pc', '-accel', 'tcg', '-cpu', 'qemu64', '-smp', '1', '-m', '192', '-nodefaults', '-display', 'none', '-no-reboot'];
+  // 32 MiB checked each second, and an 8 MiB hot region rewritten 20,000 pages a second, a save included.
+  const cmdline = 'console=ttyS0 panic=-1 quiet guest_mem_mib=32 guest_mem_hot_mib=8 guest_mem_rate=20000';
+  const boot = ['-kernel', guest.kernel, '-initrd', guest.initrd, '-append', cmdline];
   const sourceSerial = join(dir, 'source.serial');
   const qmp = join(dir, 'source-qmp.sock');
   const source = spawn('qemu-system-x86_64', [...machine, ...boot, '-serial', `file:${sourceSerial}`, '-qmp', `unix:${qmp},server=on,wait=off`], {
     stdio: 'ignore',
   });
   t.teardown(() => void source.kill('SIGKILL'));
-  // The guest boots (about 12 s under TCG) and checks its memory a few times.
-  await until('the guest to run', () => passes(sourceSerial).length >= 2, 90_000);
+  // The guest boots (about 12 s under TCG), checks its memory and writes its hot region.
+  await until('the guest to run and write', () => passes(sourceSerial).filter((p) => p.writes > 0).length >= 2, 90_000);
 
-  // Saved with postcopy qemu save; then the source goes on and QEMU saves it itself (exec:cat) for import.
+  // Saved with postcopy qemu save while it writes: stopped for the save, running again after it (--leave-running).
   const saved = join(dir, 'saved');
-  const r = await runCli(['qemu', 'save', '--qmp', qmp, '--out', saved]);
+  const r = await runCli(['qemu', 'save', '--qmp', qmp, '--out', saved, '--leave-running']);
   t.equal(r.code, 0, r.stderr);
-  const atSave = passes(sourceSerial).length;
+  t.match(JSON.parse(r.stdout.trim().split('\n').pop()!), { guest: 'running', live: false }, 'saved stopped, and left running as asked');
+  const atSave = passes(sourceSerial);
   const monitor = await Qmp.connect(qmp);
-  await monitor.execute('cont');
+  t.match(await monitor.execute('query-status'), { status: 'running' }, 'the source guest runs again');
+  const goesOn = await until(
+    'the source guest to go on writing and checking',
+    () => {
+      const p = passes(sourceSerial);
+      return p.length >= atSave.length + 2 ? p : undefined;
+    },
+    90_000,
+  );
+  t.ok(
+    goesOn.at(-1)!.writes > atSave.at(-1)!.writes,
+    `the source guest goes on writing (${atSave.at(-1)!.writes} then ${goesOn.at(-1)!.writes} hot pages written)`,
+  );
+  // QEMU's own stream, for import: stopped first too (its live migration of this guest gives a snapshot that oopses when restored).
+  await monitor.execute('stop');
   monitor.close();
-  await until('the guest to run again', () => passes(sourceSerial).length >= atSave + 2, 90_000);
   const stream = join(dir, 'vm.stream');
   await qemuSavesItself(qmp, stream);
   const imported = join(dir, 'imported');
   t.equal((await runCli(['qemu', 'import', stream, '--out', imported])).code, 0);
   t.ok(
     passes(sourceSerial).every((p) => p.errors === 0),
-    'the guest saw no error before it was saved',
+    'the source guest saw no error, before the save or after it',
   );
+  t.same(trouble(sourceSerial), [], 'and its kernel reported no trouble');
 
   for (const [what, snapshot] of [
     ['saved with qemu save', saved],
     ["imported from QEMU's own file", imported],
   ] as const) {
     const serial = join(dir, `${what.replace(/\W+/g, '-')}.serial`);
-    const restored = await runCli([
-      'qemu',
-      'restore',
-      '--snapshot',
-      snapshot,
-      '--json',
-      '--',
-      'qemu-system-x86_64',
-      ...machine,
-      ...boot,
-      '-serial',
-      `file:${serial}`,
-    ]);
-    t.equal(restored.code, 0, `${what}: ${restored.stderr}`);
-    const report = JSON.parse(restored.stdout.trim().split('\n').pop()!) as { qmp: string; pid: number; guestRunningMs: number; fullResidencyMs: number };
-    t.teardown(() => {
-      try {
-        process.kill(report.pid, 'SIGKILL');
-      } catch {
-        /* gone */
-      }
-      rmSync(dirname(report.qmp), { recursive: true, force: true }); // restore leaves QEMU's monitor and log there while it runs
-    });
+    const report = await restoreGuest(t, snapshot, [...machine, ...boot], serial, what);
     t.ok(
       report.guestRunningMs < report.fullResidencyMs,
       `${what}: the guest ran (${report.guestRunningMs} ms) before its memory had all arrived (${report.fullResidencyMs} ms)`,
     );
     const dest = await Qmp.connect(report.qmp);
     t.match(await dest.execute('query-migrate'), { status: 'completed' }, `${what}: the destination QEMU says the migration completed`);
-    t.match(await dest.execute('query-status'), { status: 'running' }, `${what}: and the guest runs`);
-    dest.close();
-    // The restored guest goes on where it was: its next passes check every page of its 64 MiB.
+    // The restored guest goes on where it was: its next passes check every page and it writes on.
     const after = await until(
       `${what}: passes after the restore`,
       () => {
         const p = passes(serial);
-        return p.length >= 2 ? p : undefined;
+        return p.length >= 3 ? p : undefined;
       },
       90_000,
     );
+    t.match(await dest.execute('query-status'), { status: 'running' }, `${what}: and the guest still runs`);
+    dest.close();
     t.ok(
       after.every((p) => p.errors === 0),
       `${what}: every page checked, no error (passes ${after.map((p) => p.pass).join(', ')})`,
     );
     t.ok(after[0].pass > 1, `${what}: the guest kept running from where it was saved (pass ${after[0].pass})`);
+    t.ok(after.at(-1)!.writes > after[0].writes, `${what}: and it writes on (${after[0].writes} then ${after.at(-1)!.writes} hot pages written)`);
+    t.same(trouble(serial), [], `${what}: its kernel reported no trouble (no oops, no panic)`);
   }
 });

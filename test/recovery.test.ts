@@ -8,13 +8,15 @@ import { join } from 'node:path';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { Image } from '../server/image.js';
-import { PageServer } from '../server/page-server.js';
+import { MAX_UNPROVEN_CONNECTIONS, PageServer } from '../server/page-server.js';
+import { ADMISSION_LOG_INTERVAL_MS } from '../server/admission.js';
+import { connect as netConnect, type Socket } from 'node:net';
 import { Destination } from '../client/destination.js';
 import type { DestinationSession } from '../client/session.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
 import { FaultProxy } from './fault-proxy.js';
 import { CUT_CASES, cutOffset, restoreThroughCut, seededRandom } from './cut-points.js';
-import { FAST_HEARTBEAT, FAST_RECOVERY, PAGE, cliCommand, randomImage, startServeCli, tempDir, writeImage, until } from './helpers.js';
+import { FAST_HEARTBEAT, FAST_RECOVERY, PAGE, cliCommand, fakeServingSource, randomImage, startServeCli, tempDir, writeImage, until } from './helpers.js';
 import type { Test } from 'tap';
 
 const FAST = FAST_RECOVERY;
@@ -344,3 +346,223 @@ t.test('replicas: a first connection goes to the first that answers; restore --s
   t.match(JSON.parse(stdout.trim()), { digestMatch: true, pages: 256 });
   t.ok(readFileSync(out).equals(readFileSync(imagePath)), 'the output equals the image');
 });
+
+t.test('a source serving a same-size image that differs where the fingerprint does not look is refused on resume: no page of it is installed', async (t) => {
+  // On the old main the second image passed the sampled fingerprint and its pages were installed, mixed with the first's.
+  const dir = tempDir(t);
+  const pages = 1024;
+  const right = randomImage(pages, 9);
+  const other = Buffer.from(right);
+  const differing = 1; // the fingerprint samples pages 0, 16, 32, ...: page 1 is not among them
+  other.fill(0xa5, differing * PAGE, (differing + 1) * PAGE);
+  const rightPath = writeImage(dir, right, 'right.img');
+  const otherPath = writeImage(dir, other, 'other.img');
+  const [a, b] = [Image.open([{ path: rightPath }]), Image.open([{ path: otherPath }])];
+  t.equal(a.fingerprint, b.fingerprint, 'the sampled fingerprints cannot tell the two apart');
+  a.close();
+  b.close();
+  const socket = `unix:${join(dir, 'src.sock')}`;
+  const first = await startServeCli(t, ['--image', rightPath, '--listen', socket]);
+  const dest = await Destination.connect({ source: socket, recovery: FAST, window: { forward: 0, backward: 0 }, background: { enabled: false } });
+  t.teardown(() => dest.close());
+  const region = dest.regions[0].mapping;
+  await touchPages(
+    region.address,
+    pages,
+    Uint32Array.from({ length: 16 }, (_, i) => i * 64),
+    { mapping: region },
+  );
+  const paused = once(dest.session, 'paused');
+  first.child.kill('SIGKILL');
+  await paused;
+  const before = dest.engine.stats();
+  const impostor = await startServeCli(t, ['--image', otherPath, '--listen', socket]);
+  await until('a resume refused with ERR_IMAGE_MISMATCH', () => dest.status().lastError?.code === 'ERR_IMAGE_MISMATCH');
+  t.match(dest.status().lastError?.message, /content digest [0-9a-f]{16}, not [0-9a-f]{16}/, 'the message names both digests');
+  const during = dest.engine.stats();
+  t.equal(during.residentPages, before.residentPages, 'no page of the other image was installed');
+  t.equal(during.bytesReceived, before.bytesReceived, 'not a byte of it was received');
+  impostor.child.kill('SIGKILL');
+  await once(impostor.child, 'close');
+  await startServeCli(t, ['--image', rightPath, '--listen', socket]);
+  await touchPages(region.address, pages, shuffledOrder(pages, 4), { mapping: region });
+  const report = await dest.finish();
+  t.equal(report.digestMatch, true, 'the right image resumes and ends byte-exact');
+  t.ok(Buffer.from(region.buffer()).equals(right), 'every byte is the right image');
+  t.ok(existsSync(`${rightPath}.postcopy-sums`), 'the digest was kept beside the image');
+});
+t.test(
+  'a source failing at the digest stage (a malformed digest, none, an error) is given up on after --give-up-after; a mismatched digest is final at once',
+  async (t) => {
+    const image = randomImage(16, 3);
+    for (const answer of ['malformed', 'silent', 'error', 'mismatch'] as const) {
+      const source = await fakeServingSource(t, image, answer);
+      const out = join(tempDir(t), 'restored.bin');
+      const restore = startRestoreCli(t, [
+        '--source',
+        source.address,
+        '--workload',
+        'none',
+        '--out',
+        out,
+        '--give-up-after',
+        '2s',
+        '--silence-timeout',
+        '500ms',
+      ]);
+      let exited: Awaited<typeof restore.exited> | undefined;
+      void restore.exited.then((r) => (exited = r));
+      // Each resume reached "resident" and restarted the give-up clock: the restore paused and resumed every 100 ms, for ever.
+      const { code, signal, stderr } = await until(`the restore against a source answering done with ${answer} to exit`, () => exited, 30_000);
+      t.equal(signal, null, `${answer}: no crash`);
+      t.equal(code, 1, `${answer}: exits 1`);
+      t.match(stderr, answer === 'mismatch' ? /ERR_DIGEST_MISMATCH/ : /ERR_SOURCE_LOST/, `${answer}: the code says why`);
+      t.notOk(existsSync(out), `${answer}: nothing written`);
+      if (answer === 'mismatch') t.equal(source.connections(), 1, 'a mismatched digest is not asked again');
+      else t.ok(source.connections() < 15, `${answer}: asked again with backoff, not in a loop (${source.connections()} connections)`);
+    }
+  },
+);
+
+t.test(
+  'a source that freezes right after its digest (a fake that answers nothing more, no close; a real one stopped by SIGSTOP as the report prints): the restore exits',
+  async (t) => {
+    const image = randomImage(16, 5);
+    const source = await fakeServingSource(t, image, 'frozen');
+    const out = join(tempDir(t), 'restored.bin');
+    // A long silence timeout: a link going quiet is noticed late, and the restore must not wait for that once its report is out.
+    const restore = startRestoreCli(t, ['--source', source.address, '--workload', 'none', '--out', out, '--json', '--silence-timeout', '2m']);
+    let exited: Awaited<typeof restore.exited> | undefined;
+    void restore.exited.then((r) => (exited = r));
+    const { code, signal, stdout } = await until('the restore to exit after its report, its source frozen', () => exited, 30_000);
+    t.equal(signal, null);
+    t.equal(code, 0, 'exits 0');
+    t.equal(JSON.parse(stdout).digestMatch, true, 'the report was printed');
+    t.ok(readFileSync(out).equals(image), '--out holds the image');
+
+    // A real source stopped (SIGSTOP) the moment the report is printed.
+    const dir = tempDir(t);
+    const imagePath = writeImage(dir, randomImage(1024, 5));
+    const serve = await startServeCli(t, ['--image', imagePath, '--listen', `unix:${join(dir, 'src.sock')}`]);
+    t.teardown(() => serve.child.kill('SIGKILL')); // a stopped process takes no SIGTERM
+    const [cmd, ...pre] = cliCommand();
+    const child = spawn(cmd, [...pre, 'restore', '--source', `unix:${serve.listening.path}`, '--json', '--silence-timeout', '2m'], {
+      stdio: ['ignore', 'pipe', 'ignore'],
+    });
+    t.teardown(() => child.kill('SIGKILL'));
+    let report = '';
+    child.stdout.on('data', (d) => {
+      if (!report) serve.child.kill('SIGSTOP');
+      report += d;
+    });
+    let real: number | null | undefined;
+    child.on('close', (c) => (real = c));
+    await until('the restore to exit, its source stopped as it printed its report', () => real !== undefined, 30_000);
+    t.equal(real, 0);
+    t.equal(JSON.parse(report).digestMatch, true);
+  },
+);
+
+/**
+ * Connections that never authenticate, `perHost` from each of `hosts` (other
+ * loopback addresses) to 127.0.0.1:`port`: half silent, half sending half a
+ * frame header and then nothing. Each one closed is opened again 300 ms later,
+ * at most `max` in all, until stop() (also at teardown).
+ */
+function floodUnauthenticated(t: Test, port: number, hosts: string[], perHost: number, max = 40_000) {
+  let stopped = false;
+  let opened = 0;
+  const live = new Set<Socket>();
+  const open = (host: string, slow: boolean) => {
+    if (stopped || opened >= max) return;
+    opened++;
+    const s = netConnect({ host: '127.0.0.1', port, localAddress: host });
+    live.add(s);
+    s.on('error', () => {});
+    s.resume(); // reads (and drops) what the source says, so its close is seen
+    if (slow) s.once('connect', () => s.write(Buffer.from([0, 0])));
+    s.once('close', () => {
+      live.delete(s);
+      setTimeout(() => open(host, slow), 300);
+    });
+  };
+  for (const host of hosts) for (let i = 0; i < perHost; i++) open(host, i % 2 === 1);
+  const stop = () => {
+    stopped = true;
+    for (const s of live) s.destroy();
+  };
+  t.teardown(stop);
+  return { stop, opened: () => opened };
+}
+
+t.test(
+  'a flood of connections that never authenticate starves no one: a restore and a resume during it end byte-exact; serve logs a summary, not a line per connection',
+  async (t) => {
+    const dir = tempDir(t);
+    const image = randomImage(4096, 7);
+    const imagePath = writeImage(dir, image);
+    const serve = await startServeCli(t, ['--image', imagePath, '--listen', 'tcp:127.0.0.1:0']);
+    const port = serve.listening.port as number;
+    // More than the whole server's cap of connections still to authenticate, from two other addresses.
+    const flood = floodUnauthenticated(t, port, ['127.0.0.2', '127.0.0.3'], Math.ceil((MAX_UNPROVEN_CONNECTIONS + 44) / 2));
+    await until('the flood to fill the cap', () => flood.opened() > MAX_UNPROVEN_CONNECTIONS, 10_000);
+    const floodStarted = Date.now();
+    // A restore straight to the source, and one through a link that is cut mid-transfer: it pauses and resumes during the flood.
+    const proxy = await FaultProxy.start(t, `tcp:127.0.0.1:${port}`);
+    const direct = startRestoreCli(t, ['--source', `tcp:127.0.0.1:${port}`, '--workload', 'none', '--out', join(dir, 'direct.bin'), '--json']);
+    const cut = startRestoreCli(t, [
+      '--source',
+      proxy.address,
+      '--workload',
+      'none',
+      '--rate',
+      '4M',
+      '--out',
+      join(dir, 'cut.bin'),
+      '--json',
+      '--silence-timeout',
+      '1s',
+    ]);
+    let directOne: Awaited<typeof direct.exited> | undefined;
+    let cutOne: Awaited<typeof cut.exited> | undefined;
+    void direct.exited.then((r) => (directOne = r));
+    void cut.exited.then((r) => (cutOne = r));
+    await until('pages to flow through the link', () => proxy.carried(2, 'down') > 1 << 20 || cutOne, 60_000);
+    proxy.breakAll('rst');
+    const [a, b] = await until('both restores to end', () => directOne && cutOne && ([directOne, cutOne] as const), 120_000);
+    // The flood goes on until serve has summed up at least one interval of it.
+    const logLines = () =>
+      serve
+        .log()
+        .split('\n')
+        .filter((l) => l.startsWith('{'));
+    const summariesOf = (lines: string[]) => lines.filter((l) => l.includes('connections turned away before they authenticated'));
+    await until('serve to log a summary of the connections it turned away', () => summariesOf(logLines()).length > 0, 3 * ADMISSION_LOG_INTERVAL_MS);
+    const floodMs = Date.now() - floodStarted;
+    flood.stop();
+    t.equal(
+      a.code,
+      0,
+      `the restore during the flood: ${a.stderr
+        .split('\n')
+        .filter((l) => /"level":50/.test(l))
+        .join('\n')}`,
+    );
+    t.ok(readFileSync(join(dir, 'direct.bin')).equals(image), 'byte-exact');
+    t.equal(
+      b.code,
+      0,
+      `the resumed restore during the flood: ${b.stderr
+        .split('\n')
+        .filter((l) => /"level":50/.test(l))
+        .join('\n')}`,
+    );
+    t.ok(JSON.parse(b.stdout).recovery.resumes >= 1, 'it paused and resumed');
+    t.ok(readFileSync(join(dir, 'cut.bin')).equals(image), 'byte-exact');
+    const lines = logLines();
+    const summaries = summariesOf(lines);
+    t.ok(summaries.length <= Math.ceil(floodMs / ADMISSION_LOG_INTERVAL_MS) + 1, `one summary line per interval (${summaries.length} in ${floodMs} ms)`);
+    t.ok(lines.length < 200, `serve's log stays small: ${lines.length} lines for ${flood.opened()} connections opened by the flood`);
+    t.comment(summaries[0]);
+  },
+);

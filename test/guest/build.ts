@@ -55,15 +55,28 @@ export function testGuest(): TestGuest {
   return { kernel, initrd };
 }
 
-/** What the guest printed on its serial console (a file): each guest-mem pass, with the errors it found. */
-export function guestPasses(serialFile: string): { pass: number; errors: number }[] {
-  let text = '';
+/** What the guest printed on its serial console (a file): each guest-mem pass, with the errors it found and its hot-region writes so far. */
+export function guestPasses(serialFile: string): { pass: number; errors: number; writes: number }[] {
+  return [...serialText(serialFile).matchAll(/guest-mem: pass (\d+) pages \d+ errors (\d+)(?: writes (\d+))?/g)].map((m) => ({
+    pass: Number(m[1]),
+    errors: Number(m[2]),
+    writes: Number(m[3] ?? 0),
+  }));
+}
+
+/** The lines of the serial console where the guest's kernel reports an oops, a BUG, a panic or a fault it did not expect. */
+export function guestKernelTrouble(serialFile: string): string[] {
+  return serialText(serialFile)
+    .split('\n')
+    .filter((line) => /Oops|BUG:|Kernel panic|general protection|stack-protector|Call Trace|segfault/.test(line));
+}
+
+function serialText(serialFile: string): string {
   try {
-    text = readFileSync(serialFile, 'utf8');
+    return readFileSync(serialFile, 'utf8');
   } catch {
-    return [];
+    return '';
   }
-  return [...text.matchAll(/guest-mem: pass (\d+) pages \d+ errors (\d+)/g)].map((m) => ({ pass: Number(m[1]), errors: Number(m[2]) }));
 }
 
 interface Entry {
