@@ -52,8 +52,83 @@ namespace {
 // A range of the faulting process's memory, backed by pages
 // [sourcePage, sourcePage + pages) of source region `sourceRegion`.
 struct TargetRegion {
-  std::atomic<uint64_t> base{0};  // moves on REMAP
+  std::atomic<uint64_t> base{0};  // page 0's address while the region is in one piece (it moves on REMAP)
   uint64_t length = 0, pageSize = 0, pages = 0;
+  // Where the region's pages are once the process moved part of it (mremap):
+  // pages [first, first+pages) at `address`, sorted by first. Empty while it is
+  // in one piece (at `base`). Read under piecesMu; moves are rare.
+  struct Piece {
+    uint64_t first, pages, address;
+  };
+  std::atomic<bool> split{false};
+  mutable std::mutex piecesMu;
+  std::vector<Piece> pieces;
+  // Page p's address now; `run` (if given): how many pages from p on lie contiguous there.
+  uint64_t AddressOf(uint64_t p, uint64_t* run = nullptr) const {
+    if (!split.load(std::memory_order_acquire)) {
+      if (run) *run = pages - p;
+      return base.load(std::memory_order_acquire) + p * pageSize;
+    }
+    std::lock_guard<std::mutex> lock(piecesMu);
+    for (const Piece& x : pieces)
+      if (p >= x.first && p < x.first + x.pages) {
+        if (run) *run = x.first + x.pages - p;
+        return x.address + (p - x.first) * pageSize;
+      }
+    if (run) *run = 1;
+    return 0;  // not reached: the pieces cover every page
+  }
+  // The region's pieces now (one while it is whole).
+  std::vector<Piece> Pieces() const {
+    if (!split.load(std::memory_order_acquire)) return {{0, pages, base.load(std::memory_order_acquire)}};
+    std::lock_guard<std::mutex> lock(piecesMu);
+    return pieces;
+  }
+  // The page at `address`, when the region holds it.
+  bool PageAt(uint64_t address, uint64_t* page) const {
+    for (const Piece& x : Pieces())
+      if (address >= x.address && address < x.address + x.pages * pageSize) {
+        *page = x.first + (address - x.address) / pageSize;
+        return true;
+      }
+    return false;
+  }
+  // The process moved [from, from+len) to `to` (mremap): the pages there follow. Returns whether any did.
+  bool Move(uint64_t from, uint64_t to, uint64_t len) {
+    std::vector<Piece> now = Pieces(), next;
+    bool moved = false;
+    for (const Piece& x : now) {
+      uint64_t lo = std::max(from, x.address), hi = std::min(from + len, x.address + x.pages * pageSize);
+      if (lo >= hi) {
+        next.push_back(x);
+        continue;
+      }
+      moved = true;
+      uint64_t a = x.first + (lo - x.address) / pageSize, b = x.first + (hi - x.address + pageSize - 1) / pageSize;
+      if (a > x.first) next.push_back({x.first, a - x.first, x.address});
+      next.push_back({a, b - a, to + (lo - from)});
+      if (b < x.first + x.pages) next.push_back({b, x.first + x.pages - b, x.address + (b - x.first) * pageSize});
+    }
+    if (!moved) return false;
+    std::sort(next.begin(), next.end(), [](const Piece& l, const Piece& r) { return l.first < r.first; });
+    std::vector<Piece> merged;  // neighbours that are contiguous in memory again become one piece
+    for (const Piece& x : next) {
+      if (!merged.empty() && merged.back().address + merged.back().pages * pageSize == x.address)
+        merged.back().pages += x.pages;
+      else
+        merged.push_back(x);
+    }
+    std::lock_guard<std::mutex> lock(piecesMu);
+    if (merged.size() == 1) {  // in one piece again (a whole region moved): the fast path
+      base.store(merged[0].address, std::memory_order_release);
+      split.store(false, std::memory_order_release);
+      pieces.clear();
+    } else {
+      pieces = std::move(merged);
+      split.store(true, std::memory_order_release);
+    }
+    return true;
+  }
   uint32_t index = 0;  // among the engine's regions
   uint32_t sourceRegion = 0;
   uint64_t sourcePage = 0;
@@ -365,10 +440,11 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     uint64_t poisoned = 0;
     int firstError = 0;
     for (auto& r : regions_) {
-      uint64_t base = r->base.load(std::memory_order_acquire);
       for (uint64_t p = r->settled->NextClear(0); p < r->pages && firstError != ESRCH; p = r->settled->NextClear(p)) {
+        uint64_t run = 0;
+        uint64_t base = r->AddressOf(p, &run) - p * r->pageSize;  // of this piece: pages up to p+run lie contiguous
         uint64_t q = p + 1;
-        while (q < r->pages && !r->settled->Test(q)) q++;
+        while (q < r->pages && q < p + run && !r->settled->Test(q)) q++;
         // ESRCH: the process died (most likely of the SIGBUS just raised); other
         // errors (a page it unmapped) skip that page and go on with the rest.
         while (p < q) {
@@ -386,10 +462,11 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     }
     // Every missing page is poisoned before any waiting thread wakes (into
     // its SIGBUS), so a guest that survives one SIGBUS finds no page to hang on.
-    for (auto& r : regions_) {
-      uffdio_range range{r->base.load(std::memory_order_acquire), r->length};
-      ioctl(uffd_, UFFDIO_WAKE, &range);
-    }
+    for (auto& r : regions_)
+      for (const auto& x : r->Pieces()) {
+        uffdio_range range{x.address, x.pages * r->pageSize};
+        ioctl(uffd_, UFFDIO_WAKE, &range);
+      }
     poisonedPages_ += poisoned;
     if (firstError && firstError != ESRCH && poisoned == 0) ThrowErrno(info.Env(), firstError, "ioctl", "UFFDIO_POISON");
     return Napi::Number::New(info.Env(), static_cast<double>(poisoned));
@@ -638,6 +715,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   }
 
   void FaultLoop() {
+    onFaultThread_ = true;
     uffd_msg msgs[64];
     std::vector<wire::PageRequest> reqs;  // requests sent again after an attach
     reqs.reserve(256);
@@ -662,7 +740,14 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
         events_.Emit({"uffd-closed", "", "", "the userfaultfd was hung up"});
         return;
       }
+      // Memory events read here are counted before anyone can see their effect (see LayoutSettled).
+      readingUffd_.store(true);
       ssize_t n = read(uffd_, msgs, sizeof msgs);
+      int readErr = errno;
+      for (ssize_t i = 0; i < n / static_cast<ssize_t>(sizeof(uffd_msg)); i++)
+        if (msgs[i].event != UFFD_EVENT_PAGEFAULT) eventsUnapplied_.fetch_add(1);
+      readingUffd_.store(false);
+      errno = readErr;
       if (n < 0 && (errno == EAGAIN || errno == EINTR)) continue;
       if (n <= 0) {
         events_.Emit(ErrnoEvent("uffd-closed", "", n < 0 ? errno : 0, "read", "reading the userfaultfd failed"));
@@ -671,35 +756,38 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       uint64_t now = MonotonicNs();
       for (size_t i = 0; i < static_cast<size_t>(n) / sizeof(uffd_msg); i++) {
         const uffd_msg& m = msgs[i];
-        if (m.event == UFFD_EVENT_PAGEFAULT)
+        if (m.event == UFFD_EVENT_PAGEFAULT) {
           OnFault(m.arg.pagefault.address, now);
-        else
+        } else {
           OnMemoryEvent(m);
+          eventsUnapplied_.fetch_sub(1);
+        }
       }
       if (!deferredZeroFills_.empty() || !deferredContinues_.empty() || HasLateContinues()) RetryDeferredZeroFills();
       supply_->Flush();
     }
   }
 
-  TargetRegion* RegionAt(uint64_t address) {
-    for (auto& r : regions_) {
-      uint64_t base = r->base.load(std::memory_order_acquire);
-      if (address >= base && address < base + r->length) return r.get();
-    }
+  // The region holding `address`, and its page there.
+  TargetRegion* RegionAt(uint64_t address, uint64_t* page) {
+    for (auto& r : regions_)
+      if (r->PageAt(address, page)) return r.get();
     return nullptr;
   }
 
   void OnFault(uint64_t address, uint64_t now) {
     faults_++;
-    TargetRegion* found = RegionAt(address);
+    uint64_t page = 0;
+    TargetRegion* found = RegionAt(address, &page);
     if (!found) {
+      // Memory the process added to a registered mapping (mremap grew it) holds no image page: it reads as a fresh mapping's, zeros.
       unexpected_++;
-      events_.Emit({"unexpected-fault", "", "", "a fault outside every known region", 0, {{"address", double(address)}}});
+      events_.Emit({"unexpected-fault", "", "", "a fault outside every known region: zero-filled", 0, {{"address", double(address)}}});
+      ZeroFillOutside(address & ~uint64_t(4095));
       return;
     }
     TargetRegion& r = *found;
-    uint64_t page = (address - r.base.load(std::memory_order_acquire)) / r.pageSize;
-    uint64_t pageAddress = r.base.load(std::memory_order_acquire) + page * r.pageSize;
+    uint64_t pageAddress = r.AddressOf(page);
     if (r.removed->Test(page)) {  // given back earlier: it reads as zeros, the source is not asked
       ZeroFillGivenBack(pageAddress, r.pageSize);
       return;
@@ -1012,6 +1100,39 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     }
   }
 
+  // Waits (briefly) until the fault thread has applied every memory event it
+  // read. An install that found nothing mapped (ENOENT) after a move was read
+  // but before it was applied would otherwise take the page for unmapped.
+  // False when it cannot tell (on the fault thread itself, or stopping).
+  bool LayoutSettled() {
+    if (onFaultThread_) return eventsUnapplied_.load() == 0;
+    for (int tries = 0; readingUffd_.load() || eventsUnapplied_.load() > 0; tries++) {
+      if (Leaving() || tries >= 20000) return false;  // at most ~1 s
+      timespec ts{0, 50000};
+      nanosleep(&ts, nullptr);
+    }
+    return true;
+  }
+
+  // A fault outside every region: a zero page, or (present already, or not
+  // ours to fill: a MINOR fault on a cached page) its thread woken to retry.
+  void ZeroFillOutside(uint64_t address) {
+    int64_t done = 0;
+    int err = Zero(address, 4096, &done);
+    if (err == EAGAIN) {
+      deferredZeroFills_.push_back({address, 4096});
+    } else if (err == EINVAL) {
+      int cont = Continue(address, 4096, 4096, /*mayWait=*/false);
+      if (cont && cont != EEXIST && cont != ENOENT) {
+        uffdio_range range{address, 4096};
+        ioctl(uffd_, UFFDIO_WAKE, &range);
+      }
+    } else if (err && err != ENOENT) {
+      uffdio_range range{address, 4096};
+      ioctl(uffd_, UFFDIO_WAKE, &range);
+    }
+  }
+
   void RetryDeferredZeroFills() {
     std::vector<std::pair<uint64_t, uint64_t>> again;
     again.swap(deferredZeroFills_);
@@ -1025,7 +1146,8 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     std::vector<std::pair<uint64_t, uint64_t>> continues;
     continues.swap(deferredContinues_);
     for (auto& [address, length] : continues) {
-      TargetRegion* r = RegionAt(address);
+      uint64_t page = 0;
+      TargetRegion* r = RegionAt(address, &page);
       int err = Continue(address, length, r ? r->pageSize : 4096, /*mayWait=*/false);
       if (err == EAGAIN) deferredContinues_.push_back({address, length});
     }
@@ -1039,24 +1161,24 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   // The process gave memory back (balloon, DONTNEED) or unmapped it: those
   // pages are settled as zeros and never fetched again.
   void GiveBack(uint64_t start, uint64_t end) {
-    for (auto& r : regions_) {
-      uint64_t base = r->base.load(std::memory_order_acquire);
-      uint64_t lo = std::max(start, base), hi = std::min(end, base + r->length);
-      if (lo >= hi) continue;
-      uint64_t first = (lo - base + r->pageSize - 1) / r->pageSize, last = (hi - base) / r->pageSize;
-      uint64_t settled = 0;
-      for (uint64_t p = first; p < last; p++) {
-        if (!r->removed->Claim(p)) continue;
-        removedPages_++;
-        r->faultNs->Take(p);
-        if (r->settled->Claim(p)) settled++;
+    for (auto& r : regions_)
+      for (const auto& x : r->Pieces()) {
+        uint64_t lo = std::max(start, x.address), hi = std::min(end, x.address + x.pages * r->pageSize);
+        if (lo >= hi) continue;
+        uint64_t first = (lo - x.address + r->pageSize - 1) / r->pageSize, last = (hi - x.address) / r->pageSize;  // within the piece
+        uint64_t settled = 0;
+        for (uint64_t p = x.first + first; p < x.first + last; p++) {
+          if (!r->removed->Claim(p)) continue;
+          removedPages_++;
+          r->faultNs->Take(p);
+          if (r->settled->Claim(p)) settled++;
+        }
+        Settle(settled, MonotonicNs());
+        // A thread may be waiting on one of these pages for data that will now
+        // never be installed: wake it, and its retried fault is zero-filled.
+        uffdio_range range{x.address + first * r->pageSize, (last - first) * r->pageSize};
+        if (last > first) ioctl(uffd_, UFFDIO_WAKE, &range);
       }
-      Settle(settled, MonotonicNs());
-      // A thread may be waiting on one of these pages for data that will now
-      // never be installed: wake it, and its retried fault is zero-filled.
-      uffdio_range range{base + first * r->pageSize, (last - first) * r->pageSize};
-      if (last > first) ioctl(uffd_, UFFDIO_WAKE, &range);
-    }
   }
 
   void OnMemoryEvent(const uffd_msg& m) {
@@ -1072,19 +1194,14 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
         events_.Emit({"unmap", "", "", "", 0, {{"start", double(m.arg.remove.start)}, {"end", double(m.arg.remove.end)}}});
         break;
       case UFFD_EVENT_REMAP: {
-        // A whole region moved (mremap): follow it. Partial moves are reported.
+        // Memory moved (mremap): a whole region, or part of one (it is then served in pieces), is followed.
         bool followed = false;
-        for (auto& r : regions_) {
-          if (r->base.load() == m.arg.remap.from && r->length == m.arg.remap.len) {
-            r->base.store(m.arg.remap.to, std::memory_order_release);
-            followed = true;
-          }
-        }
+        for (auto& r : regions_) followed |= r->Move(m.arg.remap.from, m.arg.remap.to, m.arg.remap.len);
         events_.Emit(
             {"remap",
              "",
              "",
-             followed ? "" : "a partial remap of a region is not followed",
+             followed ? "" : "memory that holds no region moved",
              0,
              {{"from", double(m.arg.remap.from)}, {"to", double(m.arg.remap.to)}, {"length", double(m.arg.remap.len)}, {"followed", followed ? 1.0 : 0.0}}});
         break;
@@ -1216,7 +1333,9 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       uint64_t q = p + 1;
       while (q < end && !r.received->Test(q) && !r.removed->Test(q)) q++;
       int64_t done = 0;
-      uint64_t dst = r.base.load(std::memory_order_acquire) + p * r.pageSize;
+      uint64_t run = 0;
+      uint64_t dst = r.AddressOf(p, &run);
+      q = std::min(q, p + run);  // one ioctl per stretch that is contiguous in the process's memory
       uint64_t len = (q - p) * r.pageSize;
       int err = data ? Copy(dst, data + (p - first) * r.pageSize, len, &done) : Zero(dst, len, &done);
       uint64_t donePages = done > 0 ? static_cast<uint64_t>(done) / r.pageSize : 0;
@@ -1237,9 +1356,10 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
         if (Leaving()) return kStop;
         continue;
       }
-      if (err == ENOENT) {                                                      // no longer registered (unmapped): settle it as given back
-        uint64_t at = r.base.load(std::memory_order_acquire) + p * r.pageSize;  // the page that failed, past what was installed
-        GiveBack(at, at + r.pageSize);
+      if (err == ENOENT) {                                         // nothing mapped there now: moved (mremap) or unmapped
+        uint64_t tried = dst + donePages * r.pageSize;             // the page that failed, past what was installed
+        if (LayoutSettled() && r.AddressOf(p) != tried) continue;  // moved: install it at its new place
+        GiveBack(tried, tried + r.pageSize);                       // unmapped: settled as given back
         p++;
         continue;
       }
@@ -1296,18 +1416,19 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   // MINOR mode: maps the pages of [p, q) of r that a thread asked for (they
   // are in the page cache) with UFFDIO_CONTINUE, which wakes their threads.
   InstallResult ContinueRequested(TargetRegion& r, uint64_t p, uint64_t q, bool mayWait, const char* channel, uint32_t generation) {
-    uint64_t base = r.base.load(std::memory_order_acquire);
     for (uint64_t k = p; k < q;) {
       if (!r.requested->Test(k)) {
         k++;
         continue;
       }
+      uint64_t run = 0;
+      uint64_t at = r.AddressOf(k, &run);
       uint64_t j = k + 1;
-      while (j < q && r.requested->Test(j)) j++;
-      int err = Continue(base + k * r.pageSize, (j - k) * r.pageSize, r.pageSize, mayWait);
+      while (j < q && j < k + run && r.requested->Test(j)) j++;
+      int err = Continue(at, (j - k) * r.pageSize, r.pageSize, mayWait);
       if (err == EAGAIN) {
         deferredContinuesMu_.lock();
-        lateContinues_.push_back({base + k * r.pageSize, (j - k) * r.pageSize});
+        lateContinues_.push_back({at, (j - k) * r.pageSize});
         deferredContinuesMu_.unlock();
       } else if (err == ESRCH) {
         if (!Leaving()) events_.Emit(ErrnoEvent("target-gone", channel, ESRCH, "ioctl", "the process owning the memory exited", generation));
@@ -1401,17 +1522,22 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       if (lo >= hi) continue;
       uint64_t a = lo - r->sourcePage, b = hi - r->sourcePage;
       Installed(*r, a, b - a, reason, data + (lo - first) * r->pageSize);
-      uint64_t base = r->base.load(std::memory_order_acquire);
-      int err = Continue(base + a * r->pageSize, (b - a) * r->pageSize, r->pageSize, /*mayWait=*/false);
-      if (err == EAGAIN) {  // the layout is changing: the fault thread maps them after the event
-        std::lock_guard<std::mutex> lock(deferredContinuesMu_);
-        lateContinues_.push_back({base + a * r->pageSize, (b - a) * r->pageSize});
-      } else if (err == ESRCH) {
-        targetGone_ = true;
-        if (!Leaving()) events_.Emit(ErrnoEvent("target-gone", "template", ESRCH, "ioctl", "the process owning the memory exited", 0));
-        return;
-      } else if (err && err != ENOENT) {  // ENOENT: unmapped meanwhile (its event settles it)
-        if (!Leaving()) events_.Emit(ErrnoEvent("install-failed", "template", err, "ioctl", "mapping template pages failed (UFFDIO_CONTINUE)", 0));
+      for (uint64_t k = a; k < b;) {  // a stretch per piece of the region (one, unless the process moved part of it)
+        uint64_t run = 0;
+        uint64_t at = r->AddressOf(k, &run);
+        uint64_t len = std::min(run, b - k) * r->pageSize;
+        k += std::min(run, b - k);
+        int err = Continue(at, len, r->pageSize, /*mayWait=*/false);
+        if (err == EAGAIN) {  // the layout is changing: the fault thread maps them after the event
+          std::lock_guard<std::mutex> lock(deferredContinuesMu_);
+          lateContinues_.push_back({at, len});
+        } else if (err == ESRCH) {
+          targetGone_ = true;
+          if (!Leaving()) events_.Emit(ErrnoEvent("target-gone", "template", ESRCH, "ioctl", "the process owning the memory exited", 0));
+          return;
+        } else if (err && err != ENOENT) {  // ENOENT: unmapped meanwhile (its event settles it)
+          if (!Leaving()) events_.Emit(ErrnoEvent("install-failed", "template", err, "ioctl", "mapping template pages failed (UFFDIO_CONTINUE)", 0));
+        }
       }
     }
   }
@@ -1687,6 +1813,10 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   std::vector<uint64_t> zeroHash_;  // per source region: ContentHash of a zero page
   static constexpr size_t kMaxSkipRanges = 100000;  // keeps the source's `done` frame well under its limit
   std::atomic<bool> stop_{false};
+  // The fault thread is reading the userfaultfd, or has read memory events it has not applied yet (see LayoutSettled).
+  std::atomic<bool> readingUffd_{false};
+  std::atomic<int> eventsUnapplied_{0};
+  static thread_local bool onFaultThread_;
   // A live source: before its switchover marker, precopy runs and discards may come (and nothing completes).
   std::atomic<bool> precopy_{false};
   bool ownMemory_ = false;  // the regions are this process's own memory (a restore): precopy writes and drops pages directly
@@ -1698,6 +1828,8 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
       installed_[5] = {}, zeroPages_{0}, duplicates_{0}, bytesReceived_{0}, resident_{0}, blockedNs_{0}, retries_{0}, unexpected_{0}, memoryEvents_{0},
       removedPages_{0}, zeroFilledAfterRemove_{0}, unmappedPages_{0}, requestsResent_{0}, poisonedPages_{0};
 };
+
+thread_local bool FaultEngine::onFaultThread_ = false;
 
 }  // namespace
 

@@ -1,11 +1,11 @@
 // postcopy demo: the README's main job. Makes an image (or takes --image),
 // starts a real source page server in its own process, restores the image into
 // this process while a workload thread faults pages in, and says what happened.
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { closeSync, mkdtempSync, openSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
-import { tmpdir } from 'node:os';
+import { constants as osConstants, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { VmmHandler, type VmmSessionSummary } from '../client/vmm-handler.js';
 import type { InstalledCheck } from '../client/installed-checksum.js';
@@ -25,7 +25,9 @@ export const demoUsage = `postcopy demo [--image FILE] [--size SIZE] [--threads 
   runs a VMM-like program that maps empty guest memory, hands its userfaultfd
   to the handler the way Firecracker does, touches every page from N threads
   (default 4, at most 64) in random order, gives a 1 MiB balloon range back,
-  and checks every byte. Prints what happened.`;
+  and checks every byte. Prints what happened. An --image must be whole
+  4 KiB pages (ERR_USAGE otherwise); the demo ends, saying so, if its VMM
+  exits early, and SIGINT/SIGTERM remove its temporary directory.`;
 
 /** Random data, every 4th page zero, and a 1/16 hole in the middle. */
 function makeImage(path: string, bytes: number): void {
@@ -51,23 +53,45 @@ export async function demo(argv: string[], log: Logger): Promise<void> {
   if (values.image && values.size) throw new UsageError('--size makes a new image; it cannot go with --image');
   const size = parseSize(values.size ?? '128M', '--size', 1024 * PAGE_SIZE);
   if (size % PAGE_SIZE) throw new UsageError(`--size must be a whole number of ${PAGE_SIZE}-byte pages; not ${JSON.stringify(values.size)}`);
-  if (values.image && !statSync(values.image, { throwIfNoEntry: false })?.isFile()) throw new UsageError(`--image ${values.image}: not a file`);
+  if (values.image) {
+    const stat = statSync(values.image, { throwIfNoEntry: false });
+    if (!stat?.isFile()) throw new UsageError(`--image ${values.image}: not a file`);
+    // The VMM maps guest memory in whole pages: an image that is not would make it exit before it starts.
+    if (stat.size === 0 || stat.size % PAGE_SIZE)
+      throw new UsageError(`--image ${values.image}: ${stat.size} bytes is not a whole number of ${PAGE_SIZE}-byte pages (guest memory is whole pages)`);
+  }
   const dir = mkdtempSync(join(tmpdir(), 'postcopy-demo-'));
   const say = (line: string) => process.stdout.write(line + '\n');
   let source: RunningSource | null = null;
   let handler: VmmHandler | null = null;
+  let child: ChildProcess | null = null;
+  // SIGTERM/SIGINT: stop waiting, clean up below (the VMM, the handler, the source, the temp dir), then die of the signal.
+  let interrupted: NodeJS.Signals | null = null;
+  let interrupt: (signal: NodeJS.Signals) => void = () => {};
+  const interruption = new Promise<never>((_, reject) => {
+    interrupt = (signal) => {
+      interrupted = signal;
+      reject(new Error(`interrupted by ${signal}`));
+    };
+  });
+  interruption.catch(() => {});
+  const onSignal = (signal: NodeJS.Signals) => interrupt(signal);
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
+  const unlessInterrupted = <T>(p: Promise<T>): Promise<T> => Promise.race([p, interruption]);
   try {
     const imagePath = values.image ?? join(dir, 'image.bin');
     if (!values.image) makeImage(imagePath, size);
     const imageSize = statSync(imagePath).size;
-    const pages = Math.ceil(imageSize / PAGE_SIZE);
+    const pages = imageSize / PAGE_SIZE;
     const tokenPath = join(dir, 'token');
     const token = randomBytes(24).toString('base64url');
     writeFileSync(tokenPath, token, { mode: 0o600 });
     const sourceSocket = join(dir, 'source.sock');
     const handlerSocket = join(dir, 'handler.sock');
     const vmm = buildFixture('vmm');
-    source = await startSource(imagePath, `unix:${sourceSocket}`, { tokenFile: tokenPath });
+    source = await startSource(imagePath, `unix:${sourceSocket}`, { tokenFile: tokenPath }); // up, or exited, within moments
+    if (interrupted) throw new Error(`interrupted by ${interrupted}`);
     handler = new VmmHandler({ source: `unix:${sourceSocket}`, token, logger: log });
     await handler.listen(handlerSocket);
     const balloonPages = Math.min(256, Math.floor(pages / 8));
@@ -80,9 +104,10 @@ export async function demo(argv: string[], log: Logger): Promise<void> {
     say(
       `  handler      destination handler on unix:${handlerSocket}, prefault window ${window.forward}:${window.backward}, background ${background.enabled ? 'on' : 'off'}`,
     );
-    const ended = once(handler, 'session-end');
+    const summaries: VmmSessionSummary[] = [];
+    handler.on('session-end', (s: VmmSessionSummary) => summaries.push(s));
     const checked = once(handler, 'installed-check') as Promise<[InstalledCheck]>;
-    const child = spawn(
+    child = spawn(
       vmm,
       [
         '--socket',
@@ -107,11 +132,18 @@ export async function demo(argv: string[], log: Logger): Promise<void> {
     let out = '';
     child.stdout!.on('data', (d) => (out += d));
     // The VMM has checked its bytes (its line) and the handler the pages it installed; then the VMM may go.
-    const exited = once(child, 'close');
-    const [check] = await Promise.race([checked, exited.then(() => [null] as const)]);
+    const exited = once(child, 'close') as Promise<[number | null, NodeJS.Signals | null]>;
+    const [check] = await unlessInterrupted(Promise.race([checked, exited.then(() => [null] as const)]));
     child.stdin!.end();
-    const [code] = await exited;
-    const [summary] = (await ended) as [VmmSessionSummary];
+    const [code, signal] = await unlessInterrupted(exited);
+    // The handler sees the VMM's hang-up and ends its session; a VMM that exited before it was served has none.
+    if (handler.activeSessions > 0) await unlessInterrupted(once(handler, 'released'));
+    const summary = summaries[0];
+    if (!summary) {
+      say(`FAILED       the VMM exited (${signal ?? `code ${code}`}) before the handler served it${out.trim() ? `: ${out.trim()}` : ' (its error is above)'}`);
+      process.exitCode = 1;
+      return;
+    }
     const vmmReport = JSON.parse(out.trim() || '{}');
     process.stdout.write(formatReport(summary));
     say(`balloon      ${summary.removedPages} pages given back; ${summary.zeroFilledAfterRemove} touched again and zero-filled without asking the source`);
@@ -128,8 +160,17 @@ export async function demo(argv: string[], log: Logger): Promise<void> {
     say(`             (the VMM's threads spent ${vmmReport.touchMs} ms touching every page; the session ended when it exited)`);
     if (code !== 0 || check?.result === 'mismatch') process.exitCode = 1;
   } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+    if (child && child.exitCode === null && child.signalCode === null) {
+      const gone = once(child, 'exit');
+      child.kill('SIGKILL');
+      await gone;
+    }
     await handler?.close();
     await source?.close();
     rmSync(dir, { recursive: true, force: true });
+    // Ended by the signal, as the shell expects (128 + its number), once everything is cleaned up.
+    if (interrupted) process.exit(128 + osConstants.signals[interrupted]);
   }
 }

@@ -71,7 +71,9 @@ export const handleUsage = `postcopy handle --socket PATH (--source unix:PATH|tc
   poisons the pages still missing: the guest gets SIGBUS, never a hang.
   The handler survives its own crash: a supervisor holds every VMM's socket
   and userfaultfd and restarts the worker that serves them
-  (--single-process: one process, no supervisor). It checks at start-up that
+  (--single-process: one process, no supervisor). Should the supervisor die
+  instead, its worker serves the VMMs it holds until each hangs up, then
+  exits; a new handle on the same socket serves new VMMs. It checks at start-up that
   the source answers (and refuses to start otherwise), then every 30 s, and
   logs each VMM session's progress every 10 s. --metrics serves Prometheus
   metrics at http://HOST:PORT/metrics (port 0: a free one, kept across worker
@@ -144,7 +146,10 @@ export async function handle(argv: string[], log: Logger): Promise<void> {
         ...(values['in-place'] ? { inPlace: true } : {}),
         ...common,
       });
-  const print = (line: string) => process.stdout.write(line + '\n');
+  // A worker's stdout is its supervisor's pipe: once the supervisor is gone there is no one to tell.
+  let supervisorGone = false;
+  if (values.worker) process.stdout.on('error', () => {});
+  const print = (line: string) => void (supervisorGone || process.stdout.write(line + '\n'));
   // A VMM must not be the first to find out that the source is not there. (A
   // worker restarted after a crash does not ask: its VMMs' sessions wait and resume.)
   if (!values.worker) {
@@ -165,8 +170,22 @@ export async function handle(argv: string[], log: Logger): Promise<void> {
       : undefined;
     // The supervisor's side of the link is fd 3 (see client/handler-supervisor.ts).
     await serveHandoffs(handler, 3, print, log);
+    supervisorGone = true;
+    // The supervisor died (or was killed): its VMMs are ours alone now. Each is served until it hangs up; a VMM costs at most a pause.
+    if (handler.activeSessions > 0) {
+      log.warn({ vmms: handler.activeSessions }, 'the supervisor is gone; the worker serves the VMMs it holds until each hangs up, then exits');
+      await new Promise<void>((resolve) => {
+        const check = () => {
+          if (handler.activeSessions > 0) return;
+          handler.off('released', check);
+          resolve();
+        };
+        handler.on('released', check);
+        check();
+      });
+    }
     await served?.close();
-    log.info('the supervisor is gone; worker exiting');
+    log.info('the supervisor is gone and no VMM is left; worker exiting');
     await handler.close();
     image?.close();
     return;

@@ -324,11 +324,8 @@ export class FaultEngine extends EventEmitter {
           this.emit('memory-event', { type: e.type, start: e.start, end: e.end } satisfies MemoryEvent);
           return;
         case 'remap':
-          if (!e.followed)
-            this.#log.warn(
-              { code: ErrorCode.PARTIAL_REMAP, from: e.from, to: e.to, length: e.length },
-              'part of a region was moved (mremap); that part is no longer served',
-            );
+          // A region moved whole or in part is served at its new place (in pieces); memory holding no region is no concern of ours.
+          this.#log.info({ from: e.from, to: e.to, length: e.length, followed: e.followed === 1 }, 'memory moved (mremap)');
           this.emit('memory-event', { type: 'remap', from: e.from, to: e.to, length: e.length, followed: e.followed === 1 } satisfies MemoryEvent);
           return;
         case 'fork':
@@ -338,7 +335,8 @@ export class FaultEngine extends EventEmitter {
           this.#log.warn({ event: e.event }, 'an unknown userfaultfd event');
           return;
         case 'unexpected-fault':
-          this.#log.warn({ address: e.address }, 'a fault outside every region; the faulting thread stays blocked');
+          // Memory the process added to a registered mapping (mremap grew it): it holds no image page.
+          this.#log.debug({ address: e.address }, 'a fault outside every region: zero-filled, as fresh memory reads');
           this.emit('unexpected-fault', e.address);
           return;
         case 'uffd-closed': {

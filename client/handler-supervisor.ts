@@ -10,7 +10,9 @@
 //
 // Because the supervisor holds the userfaultfds, a dying worker never closes
 // them: a VMM's faulting threads keep waiting (instead of reading zeros) until
-// the next worker serves them.
+// the next worker serves them. The other way round, a worker whose supervisor
+// died keeps serving the VMMs it holds until each hangs up, then exits
+// (bin/handle.ts): losing either process costs a VMM at most a pause.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { EventEmitter } from 'node:events';
 import { closeSync } from 'node:fs';
@@ -226,7 +228,7 @@ export class HandlerSupervisor extends EventEmitter {
 /**
  * The worker's end of the link: adopts every VMM the supervisor hands over,
  * and tells it (a HandoffEnded line on `out`) when it lets one go. Resolves
- * when the supervisor goes away.
+ * when the supervisor goes away (the VMMs adopted so far stay the handler's).
  */
 export async function serveHandoffs(handler: VmmHandler, link: number, out: (line: string) => void, log: Logger = silentLogger): Promise<void> {
   handler.on('released', ({ handoff }: { handoff?: number }) => {

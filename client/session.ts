@@ -33,7 +33,7 @@ import { checkReplay, type WorkingSet } from './working-set.js';
 export type DestinationState = 'connecting' | 'running' | 'paused' | 'resuming' | 'resident' | 'verified' | 'failed' | 'closed';
 
 const TRANSITIONS: TransitionTable<DestinationState> = {
-  connecting: ['running', 'resident', 'failed', 'closed'],
+  connecting: ['running', 'resident', 'paused', 'failed', 'closed'],
   running: ['paused', 'resident', 'failed', 'closed'],
   paused: ['resuming', 'failed', 'closed'],
   resuming: ['running', 'resident', 'paused', 'failed', 'closed'],
@@ -225,7 +225,9 @@ export class DestinationSession extends EventEmitter implements PageSession {
   /**
    * Connects to the source, has `buildEngine` make the engine over the
    * caller's memory for the source's regions, and starts the transfer.
-   * A first connection that fails is an error (nothing to lose yet).
+   * A first connection that fails is an error (nothing to lose yet), unless
+   * retryFirstConnect: then it is retried, and once the engine holds the
+   * caller's memory a failure is a pause (the session is returned paused).
    */
   static async open(options: DestinationSessionOptions, buildEngine: EngineFactory): Promise<DestinationSession> {
     const log = options.logger ?? silentLogger;
@@ -252,6 +254,12 @@ export class DestinationSession extends EventEmitter implements PageSession {
     try {
       await session.#begin(connection);
     } catch (err) {
+      // The engine holds the caller's memory now: with retryFirstConnect (a VMM waits on it), a link that
+      // breaks during set-up is an outage like any later one (a pause, then a resume or the give-up time).
+      if (options.retryFirstConnect && machine.is('connecting') && asCodedError(err).code !== ErrorCode.UNSUPPORTED) {
+        session.#pause(asCodedError(err));
+        return session;
+      }
       session.close();
       throw err;
     }
@@ -503,7 +511,7 @@ export class DestinationSession extends EventEmitter implements PageSession {
   // ---- pausing and resuming ----
 
   #pause(err: CodedError): void {
-    if (!this.#machine.is('running', 'resident', 'resuming')) return;
+    if (!this.#machine.is('connecting', 'running', 'resident', 'resuming')) return;
     // Before a live source's switchover its workload still runs there: the migration is over, nothing waits for it.
     if (this.#precopy && !this.#switchedOver) {
       const id = this.#identity.fingerprint;

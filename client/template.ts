@@ -8,7 +8,7 @@
 // the template's page cache, so N clones hold one copy of the image plus what
 // each writes. The handshake is in docs/VMM-HANDSHAKE.md ("Templates").
 import { EventEmitter } from 'node:events';
-import { closeSync, ftruncateSync } from 'node:fs';
+import { closeSync, fstatSync, ftruncateSync, readFileSync } from 'node:fs';
 import { ErrorCode, PostcopyError, asCodedError, type CodedError } from '../lib/errors.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
 import { mapFile, memfdCreate, type Mapping } from '../lib/memory.js';
@@ -97,6 +97,49 @@ export class Template extends EventEmitter {
     return template;
   }
 
+  /**
+   * Why the guest regions of process `pid` are not this template's clone
+   * (docs/VMM-HANDSHAKE.md, "Templates"), or null when each maps, at its
+   * place, the memfd of the template region holding it: read from
+   * /proc/PID/maps. A plain VMM (anonymous memory, or its own file) would
+   * never see a MINOR fault; its MISSING faults would wait forever.
+   */
+  notClonedBy(pid: number, guest: readonly { base_host_virt_addr: number; size: number; offset: number }[]): string | null {
+    const files = this.#memfds.map((fd) => fstatSync(fd));
+    let maps: { start: number; end: number; offset: number; dev: string; inode: number }[];
+    try {
+      maps = readFileSync(`/proc/${pid}/maps`, 'utf8')
+        .split('\n')
+        .filter((l) => l)
+        .map((l) => {
+          const [range, , offset, dev, inode] = l.split(/\s+/);
+          const [start, end] = range.split('-').map((h) => parseInt(h, 16));
+          return { start, end, offset: parseInt(offset, 16), dev, inode: Number(inode) };
+        });
+    } catch (err) {
+      return `its memory map cannot be read (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`;
+    }
+    for (const [i, g] of guest.entries()) {
+      let regionStart = 0;
+      const k = this.regions.findIndex((r) => {
+        const inside = g.offset >= regionStart && g.offset + g.size <= regionStart + r.length;
+        if (!inside) regionStart += r.length;
+        return inside;
+      });
+      if (k < 0) return `region ${i} lies outside the template`;
+      const file = files[k];
+      const dev = `${hex2((file.dev >>> 8) & 0xfff)}:${hex2((file.dev & 0xff) | ((file.dev >>> 12) & 0xfff00))}`; // as /proc/PID/maps prints it
+      // Every mapping over the region is the template's memfd, at the region's place in it.
+      for (let at = g.base_host_virt_addr; at < g.base_host_virt_addr + g.size;) {
+        const m = maps.find((x) => at >= x.start && at < x.end);
+        if (!m || m.inode !== file.ino || m.dev !== dev || m.offset + (at - m.start) !== g.offset - regionStart + (at - g.base_host_virt_addr))
+          return `region ${i} at 0x${g.base_host_virt_addr.toString(16)} does not map the template's memory it was offered (a plain VMM?)`;
+        at = m.end;
+      }
+    }
+    return null;
+  }
+
   /** The offer a clone receives before its handshake, and the memfds that go with it (the caller sends them; they stay ours). */
   offer(): { payload: Buffer; fds: number[] } {
     const offer: TemplateOffer = { template: this.name, regions: this.regions.map((r) => ({ name: r.name, size: r.length, page_size: r.pageSize })) };
@@ -180,4 +223,8 @@ function makeMemory(name: string, regions: RegionInfo[]): { memfds: number[]; ma
 function release(made: { memfds: number[]; mappings: Mapping[] }): void {
   for (const m of made.mappings.splice(0)) m.unmap();
   for (const fd of made.memfds.splice(0)) closeSync(fd);
+}
+
+function hex2(n: number): string {
+  return n.toString(16).padStart(2, '0');
 }

@@ -408,7 +408,7 @@ export class VmmHandler extends EventEmitter {
   async adopt(handoff: VmmHandoff): Promise<void> {
     const { pid, socket } = handoff;
     socket.on('error', () => {});
-    let guest: GuestRegion[];
+    let guest: GuestRegion[] = [];
     try {
       guest = parseHandshake(handoff.payload);
       const minor = guest.some((g) => g.memfd_offset !== undefined);
@@ -419,9 +419,10 @@ export class VmmHandler extends EventEmitter {
       if (!minor && handoff.memfd !== undefined)
         throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'a memory file came with the userfaultfd, but no region names memfd_offset');
     } catch (err) {
+      const poisoned = poisonGuest(handoff.uffd, guest);
       closeSync(handoff.uffd);
       if (handoff.memfd !== undefined) closeSync(handoff.memfd);
-      this.#refuse(pid, socket, err);
+      this.#refuse(pid, socket, err, poisoned);
       this.emit('released', { pid, handoff: handoff.handoff });
       return;
     }
@@ -447,8 +448,10 @@ export class VmmHandler extends EventEmitter {
       await this.#start(vmm);
     } catch (err) {
       if (vmm.ended) return; // the VMM hung up first
+      // Refused with its userfaultfd handed over: the VMM still holds its own copy, and a touch would wait forever.
+      const poisoned = poisonGuest(vmm.uffd, vmm.guest);
       this.#end(vmm, 'handshake refused');
-      this.#refuse(pid, socket, err);
+      this.#refuse(pid, socket, err, poisoned);
     }
   }
 
@@ -477,11 +480,16 @@ export class VmmHandler extends EventEmitter {
     sendFds(fd, offer.payload, offer.fds);
   }
 
-  #refuse(pid: number, socket: Socket, err: unknown): void {
+  /** `poisonedBytes`: the guest memory poisoned (SIGBUS on touch) because the VMM handed its userfaultfd over before it was refused. */
+  #refuse(pid: number, socket: Socket, err: unknown, poisonedBytes?: number): void {
     const e = asCodedError(err);
     this.#errors.add(e.code);
-    this.#log.warn({ vmmPid: pid, code: e.code, err: e.message }, 'VMM handshake refused; connection closed');
-    this.emit('rejected', { pid, code: e.code, message: e.message });
+    const poisoned = poisonedBytes === undefined ? {} : { poisonedBytes };
+    this.#log.warn(
+      { vmmPid: pid, code: e.code, err: e.message, ...poisoned },
+      poisonedBytes ? 'VMM handshake refused; connection closed and its guest memory poisoned (SIGBUS on touch)' : 'VMM handshake refused; connection closed',
+    );
+    this.emit('rejected', { pid, code: e.code, message: e.message, ...poisoned });
     socket.destroy();
   }
 
@@ -501,6 +509,16 @@ export class VmmHandler extends EventEmitter {
   async #connect(vmm: VmmSession): Promise<void> {
     const log = this.#log.child({ vmmPid: vmm.pid });
     const recording = this.#options.recordWorkingSet !== undefined;
+    if (this.#template) {
+      // A plain VMM would never see the MINOR faults a clone is served by: refused with the reason (and poisoned, by adopt).
+      const template = await this.#template;
+      const why = template.notClonedBy(vmm.pid, vmm.guest);
+      if (why)
+        throw new PostcopyError(
+          ErrorCode.TEMPLATE_NOT_MAPPED,
+          `this handler serves clones of template ${JSON.stringify(template.name)}, and this VMM is not one: ${why}; map the template it is offered (docs/VMM-HANDSHAKE.md, "Templates")`,
+        );
+    }
     let welcomed = false;
     try {
       const build: EngineFactory = (regions, local) => {
@@ -561,7 +579,7 @@ export class VmmHandler extends EventEmitter {
       // The handshake does not fit the image, or this source cannot serve it: refused.
       if (welcomed || vmm.ended || asCodedError(err).code === ErrorCode.UNSUPPORTED) throw err;
       // The source stayed out of reach past the give-up time: the guest must not wait forever on memory that cannot come.
-      const poisoned = poisonGuest(vmm);
+      const poisoned = poisonGuest(vmm.uffd, vmm.guest);
       const e = err as PostcopyError;
       log.error({ code: e.code, err: e.message, poisonedBytes: poisoned }, 'the source cannot be reached: every missing guest page poisoned (SIGBUS on touch)');
       this.#end(vmm, 'the source cannot be reached');
@@ -751,16 +769,20 @@ function mapGuestFile(memfd: number, g: GuestRegion, i: number): Mapping {
   return mapFile(memfd, g.size, { offset, shared: true });
 }
 
-/** Poisons every guest region whole (the source was never reached); returns the bytes poisoned. */
-function poisonGuest(vmm: VmmSession): number {
+/**
+ * Poisons every guest region whole (the source was never reached, or the VMM
+ * was refused after it handed its userfaultfd over); returns the bytes
+ * poisoned. Pages already present keep their contents.
+ */
+function poisonGuest(uffd: number, guest: readonly GuestRegion[]): number {
   let bytes = 0;
-  for (const g of vmm.guest) {
+  for (const g of guest) {
     const pageSize = g.page_size ?? 4096;
     const end = g.base_host_virt_addr + g.size;
     let at = g.base_host_virt_addr;
     for (let tries = 0; at < end && tries < 1000; tries++) {
       try {
-        const r = native.uffdPoison(vmm.uffd, at, end - at, 0);
+        const r = native.uffdPoison(uffd, at, end - at, 0);
         bytes += r.bytes;
         if (r.code === null) break;
         at += r.bytes + (r.code === 'EEXIST' ? pageSize : 0); // a page already present keeps its contents

@@ -58,8 +58,8 @@ export const ErrorCode = {
   PEER_SILENT: 'ERR_PEER_SILENT',
   /** A call the engine cannot take in its current state (e.g. attaching channels twice). */
   ENGINE_STATE: 'ERR_ENGINE_STATE',
-  /** The memory's owner moved part of a region (mremap); that part is no longer served. */
-  PARTIAL_REMAP: 'ERR_PARTIAL_REMAP',
+  /** A VMM of a `--template` handler did not map the template it was offered (a plain VMM): refused, its guest memory poisoned. */
+  TEMPLATE_NOT_MAPPED: 'ERR_TEMPLATE_NOT_MAPPED',
   /** Too many VMM connections are still to send their handshake; this one was closed at once. */
   OVERLOADED: 'ERR_OVERLOADED',
   /** The source is busy: too many connections are still to authenticate, and this one, among the oldest, was closed to make room; try again. */

@@ -1,9 +1,11 @@
 import t from 'tap';
+import type { Test } from 'tap';
 import { closeSync, existsSync, openSync, readFileSync, readdirSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { Destination } from '../client/destination.js';
 import { join } from 'node:path';
 import { spawn } from 'node:child_process';
+import { constants as osConstants } from 'node:os';
 import { once } from 'node:events';
 import { createInterface } from 'node:readline';
 import { PAGE, buildFixture, cliCommand, here, randomImage, runCli, startServeCli, tempDir, writeImage, until } from './helpers.js';
@@ -335,3 +337,58 @@ t.test('an image changed under its source: restore prints its report, then the m
   t.match(report, { pages, digestMatch: false }, 'the report comes first, and says so');
   t.match(stderr, /ERR_DIGEST_MISMATCH/, 'then the error');
 });
+
+/** Starts `postcopy demo ...args`; resolves its temp dir and its VMM's pid once it says them. */
+async function startDemo(t: Test, args: string[]) {
+  const [cmd, ...pre] = cliCommand();
+  const child = spawn(cmd, [...pre, 'demo', ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, POSTCOPY_LOG_LEVEL: 'silent' } });
+  t.teardown(() => {
+    child.kill('SIGKILL');
+  });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (d) => (stdout += d));
+  child.stderr.on('data', (d) => (stderr += d));
+  const closed = once(child, 'close').then(([code, signal]) => ({ code: code as number | null, signal: signal as string | null, stdout, stderr }));
+  const lines = createInterface({ input: child.stdout })[Symbol.asyncIterator]();
+  let dir = '';
+  for (;;) {
+    const { value, done } = await lines.next();
+    if (done) throw new Error(`demo ended before starting its VMM: ${stdout} ${stderr}`);
+    const image = /^\s+image\s+(\S+)\/image\.bin/.exec(value);
+    if (image) dir = image[1];
+    const vmm = /^\s+VMM\s+pid (\d+)/.exec(value);
+    if (vmm) return { child, closed, dir, vmmPid: Number(vmm[1]) };
+  }
+}
+
+t.test('demo --image of a size that is not whole pages is refused up front (ERR_USAGE), not left waiting on a VMM that cannot start', async (t) => {
+  const dir = tempDir(t);
+  const odd = join(dir, 'odd.mem');
+  writeFileSync(odd, randomBytes(4100));
+  const r = await runCli(['demo', '--image', odd], { POSTCOPY_LOG_LEVEL: 'silent' });
+  t.equal(r.code, 2);
+  t.match(r.stderr, /--image .*odd\.mem: 4100 bytes is not a whole number of 4096-byte pages.*ERR_USAGE/);
+  t.equal(r.stderr.trim().split('\n').length, 1, 'in one line');
+});
+
+t.test('demo ends, saying so, when its VMM exits early; and leaves no temp dir', async (t) => {
+  const demo = await startDemo(t, ['--size', '16M', '--threads', '2']);
+  process.kill(demo.vmmPid, 'SIGKILL');
+  const r = await demo.closed;
+  t.equal(r.code, 1, 'a failure');
+  t.match(r.stdout, /FAILED/);
+  t.notOk(existsSync(demo.dir), 'its temp dir is gone');
+});
+
+for (const signal of ['SIGTERM', 'SIGINT'] as const) {
+  t.test(`demo stopped by ${signal} mid-way removes its temp dir and its VMM`, async (t) => {
+    const demo = await startDemo(t, ['--size', '16M', '--threads', '2']);
+    t.ok(existsSync(demo.dir), 'the demo made its temp dir');
+    demo.child.kill(signal);
+    const r = await demo.closed;
+    t.equal(r.code, 128 + osConstants.signals[signal], `it ended of ${signal} (exit 128 + its number)`);
+    t.notOk(existsSync(demo.dir), 'its temp dir is gone');
+    t.throws(() => process.kill(demo.vmmPid, 0), { code: 'ESRCH' }, 'its VMM is gone');
+  });
+}

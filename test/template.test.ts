@@ -211,3 +211,26 @@ async function waitFor(done: () => boolean): Promise<void> {
   for (let i = 0; i < 1000 && !done(); i++) await new Promise((r) => setTimeout(r, 10));
   if (!done()) throw new Error('timed out');
 }
+
+for (const from of ['source', 'image'] as const) {
+  t.test(
+    `a plain VMM (it does not map the template it is offered) is refused with ERR_TEMPLATE_NOT_MAPPED and gets SIGBUS, never a hang (${from}); clones still restore`,
+    async (t) => {
+      const h = await templateHandler(t, from, true);
+      const rejected = once(h.handler, 'rejected').then(([r]) => r as { code: string; message: string; poisonedBytes?: number });
+      const plain = spawn(buildFixture('vmm'), ['--socket', h.socket, '--image', h.imagePath, '--threads', '2'], { stdio: ['ignore', 'pipe', 'inherit'] });
+      t.teardown(() => {
+        plain.kill('SIGKILL');
+      });
+      const [, signal] = await once(plain, 'close');
+      const r = await rejected;
+      t.equal(r.code, 'ERR_TEMPLATE_NOT_MAPPED', 'refused with the reason');
+      t.match(r.message, /does not map the template's memory it was offered/);
+      t.equal(r.poisonedBytes, PAGES * PAGE, 'its whole guest memory was poisoned');
+      t.equal(signal, 'SIGBUS', 'the plain VMM touched poisoned memory instead of waiting forever');
+      const clone = await startClone(h.socket, h.imagePath, ['--threads', '2']);
+      t.match(clone.report, { ok: true, mismatchedPages: 0 }, 'a clone after it restores every byte');
+      await clone.release();
+    },
+  );
+}

@@ -403,3 +403,32 @@ t.test('replicas: with its source down, the handler checks and serves VMMs from 
   t.equal(code, 0, 'the VMM verified every byte');
   t.equal((await ended).recovery?.source, `unix:${join(dir, 'replica.sock')}`);
 });
+
+for (const [mode, background] of [
+  ['move', false],
+  ['move', true],
+  ['grow', false],
+  ['shrink', false],
+] as const) {
+  t.test(
+    `the VMM mremaps guest memory mid-restore (${mode}${background ? ', background on' : ''}): byte-exact pages at the new place, and the installed-pages check follows`,
+    async (t) => {
+      const s = await setup(t, 'unix', 2048, background);
+      const checked = installedCheck(s.handler);
+      const ended = sessionEnd(s.handler);
+      const vmm = holdVmm(s, ['--mremap', mode, '--threads', '2', '--order', 'random']);
+      const check = await checked;
+      vmm.release();
+      const { code, report } = await vmm.done;
+      t.equal(code, 0, 'the VMM verified every page it still has');
+      t.match(report, { ok: true, mismatchedPages: 0, remapped: mode, grownNonZero: 0 });
+      t.equal(check.result, 'match', 'the pages installed match the source image');
+      // Shrink: the 64 pages cut off were given back (those installed before the cut were checked as installed).
+      if (mode === 'shrink') t.ok(check.checkedPages >= 2048 - 64, `${check.checkedPages} pages checked`);
+      else t.equal(check.checkedPages, 2048, 'every page was installed and checked, moved or not');
+      const summary = await ended;
+      t.equal(summary.complete, true);
+      t.equal(summary.poisonedPages, 0);
+    },
+  );
+}
