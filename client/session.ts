@@ -32,6 +32,9 @@ import { checkReplay, type WorkingSet } from './working-set.js';
  */
 export type DestinationState = 'connecting' | 'running' | 'paused' | 'resuming' | 'resident' | 'verified' | 'failed' | 'closed';
 
+/** What a source answers at start that asking again would not change: refused, not an outage. */
+const REFUSALS_AT_START = new Set<string>([ErrorCode.UNSUPPORTED, ErrorCode.IMAGE_CONSUMED, ErrorCode.IMAGE_MISMATCH, ErrorCode.AUTH_FAILED]);
+
 const TRANSITIONS: TransitionTable<DestinationState> = {
   connecting: ['running', 'resident', 'paused', 'failed', 'closed'],
   running: ['paused', 'resident', 'failed', 'closed'],
@@ -225,9 +228,10 @@ export class DestinationSession extends EventEmitter implements PageSession {
   /**
    * Connects to the source, has `buildEngine` make the engine over the
    * caller's memory for the source's regions, and starts the transfer.
-   * A first connection that fails is an error (nothing to lose yet), unless
-   * retryFirstConnect: then it is retried, and once the engine holds the
-   * caller's memory a failure is a pause (the session is returned paused).
+   * A first connection that cannot be made is an error (nothing to lose
+   * yet), unless retryFirstConnect: then it is retried. Once the source has
+   * answered and the engine holds the caller's memory, a broken link is a
+   * pause (the session is returned paused), unless the source refused.
    */
   static async open(options: DestinationSessionOptions, buildEngine: EngineFactory): Promise<DestinationSession> {
     const log = options.logger ?? silentLogger;
@@ -254,9 +258,10 @@ export class DestinationSession extends EventEmitter implements PageSession {
     try {
       await session.#begin(connection);
     } catch (err) {
-      // The engine holds the caller's memory now: with retryFirstConnect (a VMM waits on it), a link that
-      // breaks during set-up is an outage like any later one (a pause, then a resume or the give-up time).
-      if (options.retryFirstConnect && machine.is('connecting') && asCodedError(err).code !== ErrorCode.UNSUPPORTED) {
+      // The source answered and proved it serves this image, and the engine holds the caller's memory now: a link
+      // that breaks during set-up is an outage like any later one (a pause, then a resume or the give-up time).
+      // Only the source's own refusals are final.
+      if (machine.is('connecting') && !REFUSALS_AT_START.has(asCodedError(err).code)) {
         session.#pause(asCodedError(err));
         return session;
       }

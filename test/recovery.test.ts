@@ -14,6 +14,7 @@ import { connect as netConnect, type Socket } from 'node:net';
 import { Destination } from '../client/destination.js';
 import type { DestinationSession } from '../client/session.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
+import { encodeFrame } from '../lib/protocol.js';
 import { FaultProxy } from './fault-proxy.js';
 import { CUT_CASES, cutOffset, restoreThroughCut, seededRandom } from './cut-points.js';
 import { FAST_HEARTBEAT, FAST_RECOVERY, PAGE, cliCommand, fakeServingSource, randomImage, startServeCli, tempDir, writeImage, until } from './helpers.js';
@@ -566,3 +567,25 @@ t.test(
     t.comment(summaries[0]);
   },
 );
+
+t.test('a data channel cut while a restore sets up its first connection: a pause and a resume, byte-exact (was: exit 1, nothing restored)', async (t) => {
+  const dir = tempDir(t);
+  const imagePath = writeImage(dir, randomImage(2048, 6));
+  const { listening } = await startServeCli(t, ['--image', imagePath, '--listen', `unix:${join(dir, 'src.sock')}`]);
+  const attachedBytes = encodeFrame({ t: 'attached' }).length;
+  for (const cut of [
+    { connection: 1, direction: 'down', afterBytes: attachedBytes, action: 'rst' },
+    { connection: 2, direction: 'down', afterBytes: attachedBytes, action: 'fin' },
+    { connection: 2, direction: 'down', afterBytes: attachedBytes, action: 'blackhole' },
+  ] as const) {
+    const proxy = await FaultProxy.start(t, `unix:${listening.path}`, join(tempDir(t), 'proxy.sock'));
+    proxy.inject(cut);
+    const out = join(dir, `restored-${cut.connection}-${cut.action}.mem`);
+    const restore = startRestoreCli(t, ['--source', proxy.address, '--out', out, '--json', '--silence-timeout', '500ms']);
+    const { code, stderr } = await restore.exited;
+    const what = `${cut.action} ${cut.direction} on connection ${cut.connection} after ${cut.afterBytes} bytes`;
+    t.equal(proxy.fired.length, 1, `${what}: the cut fired`);
+    t.equal(code, 0, `${what}: the restore ends well ${code ? stderr.trim().split('\n').slice(-2).join(' | ') : ''}`);
+    t.ok(existsSync(out) && readFileSync(out).equals(readFileSync(imagePath)), `${what}: byte-exact`);
+  }
+});
