@@ -12,12 +12,13 @@
 // test/failure-matrix.soak.ts runs them at many points.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
-import { copyFileSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import type { Test } from 'tap';
 import { FaultProxy, type Direction } from './fault-proxy.js';
-import { PAGE, buildFixture, cliCommand, randomImage, tempDir, until, writeImage } from './helpers.js';
+import { PAGE, buildFixture, cliCommand, randomImage, reserveHugePages, tempDir, until, writeImage } from './helpers.js';
+import { seededRandom } from './cut-points.js';
 
 export const FAILURES = ['source-restarted', 'source-lost', 'link-cut', 'link-blackholed', 'worker-killed', 'supervisor-killed'] as const;
 export type Failure = (typeof FAILURES)[number];
@@ -125,19 +126,6 @@ export const MODES: readonly Mode[] = [
     },
   },
 ];
-
-/** A seeded xorshift generator, so a failing cell can be replayed. */
-export function seeded(seed: number): (n: number) => number {
-  let x = seed >>> 0 || 1;
-  return (n) => {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    return x % n;
-  };
-}
 
 /** Where a cell's failure strikes. */
 export interface CutPoint {
@@ -260,20 +248,6 @@ function logsOf(child: ChildProcess) {
     });
   };
   return { lines, wait };
-}
-
-/** Reserves `n` more huge pages for the test's life; false when the machine cannot. */
-export function reserveHugePages(t: Test, n: number): boolean {
-  const path = '/proc/sys/vm/nr_hugepages';
-  const before = Number(readFileSync(path, 'utf8'));
-  try {
-    writeFileSync(path, String(before + n));
-  } catch {
-    return false;
-  }
-  t.teardown(() => writeFileSync(path, String(before)));
-  const free = Number(/HugePages_Free:\s+(\d+)/.exec(readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0);
-  return free >= n;
 }
 
 /**
@@ -472,7 +446,7 @@ function picked(env: string | undefined): Set<string> | null {
  * per cell (and a row per cell that does not apply, saying why).
  */
 export async function runMatrix(t: Test, destination: Mode['destination'], seed: number, rounds = 1): Promise<string[]> {
-  const random = seeded(seed);
+  const random = seededRandom(seed);
   const modes = picked(process.env.MATRIX_MODES);
   const failures = picked(process.env.MATRIX_FAILURES);
   const imagePath = writeImage(tempDir(t), randomImage(MATRIX_PAGES, 7));

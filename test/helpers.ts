@@ -1,7 +1,7 @@
 // Shared test plumbing: temp dirs, images with known content, the C fixture,
 // and a tiny fault-serving loop for tests that resolve faults from JS.
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -296,6 +296,31 @@ export interface CliResult {
   stderr: string;
 }
 
+export interface CliChild {
+  child: ChildProcess;
+  /** Everything it wrote so far. */
+  output(): { stdout: string; stderr: string };
+  /** Its end: exit code or signal, and everything it wrote. */
+  exited: Promise<{ code: number | null; signal: string | null; stdout: string; stderr: string }>;
+}
+
+/** Starts `postcopy ...args` as a child, its output collected; killed (-9) at the test's teardown. */
+export function spawnCli(t: Test, args: string[], env: Record<string, string> = {}): CliChild {
+  const [cmd, ...pre] = cliCommand();
+  const child = spawn(cmd, [...pre, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
+  t.teardown(() => {
+    child.kill('SIGKILL');
+  });
+  let stdout = '';
+  let stderr = '';
+  child.stdout!.on('data', (d) => (stdout += d));
+  child.stderr!.on('data', (d) => (stderr += d));
+  const exited = new Promise<{ code: number | null; signal: string | null; stdout: string; stderr: string }>((resolve) =>
+    child.on('close', (code, signal) => resolve({ code, signal, stdout, stderr })),
+  );
+  return { child, output: () => ({ stdout, stderr }), exited };
+}
+
 /** Runs `postcopy ...args` to completion (in `cwd`, when given). */
 export function runCli(args: string[], env: Record<string, string> = {}, cwd?: string): Promise<CliResult> {
   const [cmd, ...pre] = cliCommand();
@@ -339,4 +364,18 @@ export async function startServeCli(
   });
   const { listening, tokenFile } = JSON.parse(lines[0]);
   return { child, listening, tokenFile, ...(want > 1 ? { metrics: JSON.parse(lines[1]).metrics as string } : {}), log: () => stderr };
+}
+
+/** Reserves `n` more huge pages (vm.nr_hugepages) for the test's life; false when the machine cannot. */
+export function reserveHugePages(t: Test, n: number): boolean {
+  const nr = '/proc/sys/vm/nr_hugepages';
+  const before = Number(readFileSync(nr, 'utf8'));
+  try {
+    writeFileSync(nr, String(before + n));
+  } catch {
+    return false;
+  }
+  t.teardown(() => writeFileSync(nr, String(before)));
+  const free = Number(/HugePages_Free:\s+(\d+)/.exec(readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0);
+  return free >= n;
 }

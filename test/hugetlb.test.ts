@@ -6,27 +6,11 @@
 import t from 'tap';
 import { once } from 'node:events';
 import { spawn } from 'node:child_process';
-import { readFileSync, writeFileSync } from 'node:fs';
 import type { VmmSessionSummary } from '../client/vmm-handler.js';
-import { buildFixture, handlerOverImage, randomImage } from './helpers.js';
-import type { Test } from 'tap';
+import { buildFixture, handlerOverImage, randomImage, reserveHugePages } from './helpers.js';
 
 const HUGE = 2 << 20;
 const IMAGE_PAGES = 4096; // 16 MiB: 8 huge pages (every 700th page zero: a huge page is zero only if all of it is)
-const NR_HUGEPAGES = '/proc/sys/vm/nr_hugepages';
-
-/** Reserves `n` more huge pages for the test's life; false when the machine cannot. */
-function reserveHugePages(t: Test, n: number): boolean {
-  const before = Number(readFileSync(NR_HUGEPAGES, 'utf8'));
-  try {
-    writeFileSync(NR_HUGEPAGES, String(before + n));
-  } catch {
-    return false;
-  }
-  t.teardown(() => writeFileSync(NR_HUGEPAGES, String(before)));
-  const free = Number(/HugePages_Free:\s+(\d+)/.exec(readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0);
-  return free >= n;
-}
 
 function runVmm(socket: string, imagePath: string, extra: string[], stdin: 'ignore' | 'pipe' = 'ignore') {
   const child = spawn(buildFixture('vmm'), ['--socket', socket, '--image', imagePath, '--hugetlb', ...extra], { stdio: [stdin, 'pipe', 'inherit'] });

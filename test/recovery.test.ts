@@ -17,7 +17,19 @@ import { shuffledOrder, touchPages } from '../lib/workload.js';
 import { encodeFrame } from '../lib/protocol.js';
 import { FaultProxy } from './fault-proxy.js';
 import { CUT_CASES, cutOffset, restoreThroughCut, seededRandom } from './cut-points.js';
-import { FAST_HEARTBEAT, FAST_RECOVERY, PAGE, cliCommand, fakeServingSource, randomImage, startServeCli, tempDir, writeImage, until } from './helpers.js';
+import {
+  FAST_HEARTBEAT,
+  FAST_RECOVERY,
+  PAGE,
+  cliCommand,
+  fakeServingSource,
+  randomImage,
+  spawnCli,
+  startServeCli,
+  tempDir,
+  writeImage,
+  until,
+} from './helpers.js';
 import type { Test } from 'tap';
 
 const FAST = FAST_RECOVERY;
@@ -40,22 +52,9 @@ async function serve(
 
 /** `postcopy restore ARGS` as a child: `started` once its transfer runs, `exited` with its output. */
 function startRestoreCli(t: Test, args: string[]) {
-  const [cmd, ...pre] = cliCommand();
-  const child = spawn(cmd, [...pre, 'restore', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-  t.teardown(() => {
-    child.kill('SIGKILL');
-  });
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (d) => (stdout += d));
-  const started = new Promise<void>((resolve) =>
-    child.stderr.on('data', (d) => {
-      stderr += d;
-      if (stderr.includes('"transfer started"')) resolve();
-    }),
-  );
-  const exited = once(child, 'close').then(([code, signal]) => ({ code: code as number | null, signal: signal as string | null, stdout, stderr }));
-  return { started, exited };
+  const restore = spawnCli(t, ['restore', ...args]);
+  const started = new Promise<void>((resolve) => restore.child.stderr!.on('data', () => restore.output().stderr.includes('"transfer started"') && resolve()));
+  return { started, exited: restore.exited };
 }
 
 const openFds = () => readdirSync('/proc/self/fd').length;

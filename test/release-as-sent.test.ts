@@ -15,7 +15,7 @@ import { SourceConnection } from '../client/source-connection.js';
 import { transferOptions } from '../lib/transfer.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
 import { FaultProxy } from './fault-proxy.js';
-import { FAST_RECOVERY, PAGE, buildFixture, cliCommand, randomImage, runCli, startServeCli, tempDir, until, writeImage } from './helpers.js';
+import { FAST_RECOVERY, PAGE, buildFixture, randomImage, runCli, spawnCli, startServeCli, tempDir, until, writeImage } from './helpers.js';
 import type { Test } from 'tap';
 
 const PAGES = 2048;
@@ -125,18 +125,9 @@ t.test('a VMM through the handler: its installed pages still check against the i
   t.ok(allocated(path) < PAGES * PAGE * 0.05, 'the source freed it all');
 });
 
-/** `postcopy restore ARGS` as a child: `exited` with its exit code and output; killed at teardown. */
+/** `postcopy restore ARGS` as a child: its exit code and output; killed at teardown. */
 function restoreCli(t: Test, args: string[]) {
-  const [cmd, ...pre] = cliCommand();
-  const child = spawn(cmd, [...pre, 'restore', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-  t.teardown(() => {
-    child.kill('SIGKILL');
-  });
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (d) => (stdout += d));
-  child.stderr.on('data', (d) => (stderr += d));
-  return once(child, 'close').then(([code]) => ({ code: code as number | null, stdout, stderr }));
+  return spawnCli(t, ['restore', ...args]).exited;
 }
 
 /** A release-as-sent move under way, its source (a `serve` process) killed with SIGKILL once it has freed part of the image. */
