@@ -124,6 +124,9 @@ export async function qemuBench(guestMemMib: number, rounds: number, progress: (
         await waitFor('QEMU to start', () => (existsSync(qmp) ? true : undefined));
         const dest = await Qmp.connect(qmp);
         await dest.execute('migrate-incoming', { uri: `exec:cat ${stream}` });
+        // The stream is of a stopped guest: QEMU loads it and stays paused, as our restore would be told to run it.
+        await dest.untilMigration(['completed'], 120_000, 20);
+        await dest.execute('cont');
         const runningMs = await waitFor('the guest to run', async () =>
           (await dest.execute<{ status: string }>('query-status')).status === 'running' ? performance.now() - started : undefined,
         );
