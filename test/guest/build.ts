@@ -55,9 +55,12 @@ export function testGuest(): TestGuest {
   return { kernel, initrd };
 }
 
-/** What the guest printed on its serial console (a file): each guest-mem pass, with the errors it found and its hot-region writes so far. */
+/**
+ * What the guest printed on its serial console (a file): each guest-mem pass, with the errors it found and its hot-region writes so far.
+ * Only whole lines: QEMU may be writing the last one as it is read (a line cut before " writes N" read as 0 writes).
+ */
 export function guestPasses(serialFile: string): { pass: number; errors: number; writes: number }[] {
-  return [...serialText(serialFile).matchAll(/guest-mem: pass (\d+) pages \d+ errors (\d+)(?: writes (\d+))?/g)].map((m) => ({
+  return [...serialText(serialFile).matchAll(/guest-mem: pass (\d+) pages \d+ errors (\d+)(?: writes (\d+))?\r?\n/g)].map((m) => ({
     pass: Number(m[1]),
     errors: Number(m[2]),
     writes: Number(m[3] ?? 0),
