@@ -6,9 +6,10 @@
 import t from 'tap';
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { dirname, join, normalize } from 'node:path';
-import { here } from './helpers.js';
+import { fileURLToPath } from 'node:url';
 
-const root = join(here, '..');
+// Read from the sources alone: nothing here loads the package (or its addon).
+const root = fileURLToPath(new URL('..', import.meta.url));
 const FOLDERS = ['lib', 'client', 'server', 'bin', 'bench'] as const;
 
 /**
