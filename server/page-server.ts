@@ -363,8 +363,9 @@ export class PageServer {
     socket.once('close', () => {
       if (this.#controls.get(session.id) !== socket) return; // replaced by a resume
       this.#controls.delete(session.id);
-      // Before a live source's switchover the workload still runs here: the migration ends, nothing is lost.
-      if (this.#live && this.#live.state !== 'postcopy' && this.#live.state !== 'migrated') {
+      // Before a live source's switchover the workload still runs here: the migration ends, nothing is lost. Past
+      // it (the marker went; the destination may run), the paused workload's memory is served: a loss is a resume.
+      if (this.#live && !this.#live.pastSwitchover) {
         this.#live.abort(new PostcopyError(ErrorCode.PEER_GONE, 'the destination left before the switchover; the workload goes on here'));
         session.close('the destination left before the switchover');
       } else if (saidBye) session.close('the destination said bye');
@@ -460,6 +461,8 @@ export class PageServer {
       this.#release ? Math.floor(this.#releaseBudgetBytes / Math.min(...this.#image.regions.map((r) => r.pageSize))) : 0,
     );
     send(socket, { t: 'started' });
+    // A destination back past the switchover runs the workload already: it resumes only once the marker reached it.
+    if (live && !precopy && auth.resume !== undefined) live.destinationRunning();
     if (precopy)
       live.run(session, true).then(
         (report) => this.#log.info({ session: session.id, ...report }, 'the workload runs at the destination now'),
@@ -563,13 +566,18 @@ export class PageServer {
       return known;
     }
     const active = [...this.#sessions.values()].some((s) => s.state !== 'closed');
+    if (this.#live?.workload.gone && !this.#live.pastSwitchover)
+      throw new PostcopyError(
+        ErrorCode.WORKLOAD_GONE,
+        `the workload this live source was to move (pid ${this.#live.workload.pid}) is gone: there is nothing to serve; asking again will not change it`,
+      );
     // Past the switchover the workload runs at its destination: that destination alone may come back, resuming
     // from the pages it holds (this source restarted, or forgot its session after the grace).
-    const destinationBack = this.#live?.state === 'postcopy' && resume !== undefined && !active;
+    const destinationBack = this.#live?.pastSwitchover === true && resume !== undefined && !active;
     if (this.#live && !destinationBack && (this.#live.state !== 'waiting' || active))
       throw new PostcopyError(
         ErrorCode.UNSUPPORTED,
-        this.#live.state === 'postcopy'
+        this.#live.pastSwitchover
           ? 'this live workload runs at its destination already: only that destination may resume'
           : 'a live source moves its workload to one destination',
       );
