@@ -24,7 +24,6 @@ import { listenOwnerOnly } from '../lib/unix-socket.js';
 import { isUserfaultfd, parseHandshake, type GuestRegion } from '../lib/vmm-handshake.js';
 import { StateMachine, type TransitionTable } from '../lib/state-machine.js';
 import { Image } from '../lib/image.js';
-import type { SourceSession } from './session.js';
 
 const PAGE = 4096;
 const REGISTER_MODE_WP = 2n;
@@ -321,6 +320,14 @@ export interface LiveReport {
   precopyMs: number;
 }
 
+/** The session a migration drives (server/session.ts SourceSession): pages to send now, then the switchover. */
+export interface PrecopyTarget {
+  /** Pages to send now (Ranges, encoded). */
+  precopyRound(ranges: Uint8Array): void;
+  /** The workload paused: the pages written since the last round; the destination runs once they are discarded. */
+  switchover(written: Uint8Array): void;
+}
+
 /** precopy: rounds go out; switching: the workload pauses and the switchover goes out; postcopy: the destination runs. */
 export type LiveState = 'precopy' | 'switching' | 'postcopy' | 'migrated' | 'aborted';
 
@@ -396,7 +403,7 @@ export class LiveMigration extends EventEmitter {
     this.#cancel?.(err);
   }
 
-  /** The native session's precopy events (server/session.ts forwards them). */
+  /** The native session's precopy events (the session forwards them: its start's onPrecopyEvent). */
   onSessionEvent(event: NativeEvent): void {
     if (event.type === 'round-sent' || event.type === 'switched-over') this.emit(event.type, event);
   }
@@ -417,7 +424,7 @@ export class LiveMigration extends EventEmitter {
    * destination runs; rejects (and the workload goes on here) when the
    * workload or the destination goes before the switchover.
    */
-  async run(session: SourceSession, precopy: boolean): Promise<LiveReport> {
+  async run(session: PrecopyTarget, precopy: boolean): Promise<LiveReport> {
     if (this.#machine) throw new PostcopyError(ErrorCode.UNSUPPORTED, 'a live workload moves to one destination');
     const machine = new StateMachine<LiveState>('live', 'precopy', TRANSITIONS, this.#log);
     this.#machine = machine;
