@@ -33,7 +33,13 @@ import { checkReplay, type WorkingSet } from './working-set.js';
 export type DestinationState = 'connecting' | 'running' | 'paused' | 'resuming' | 'resident' | 'verified' | 'failed' | 'closed';
 
 /** What a source answers at start that asking again would not change: refused, not an outage. */
-const REFUSALS_AT_START = new Set<string>([ErrorCode.UNSUPPORTED, ErrorCode.IMAGE_CONSUMED, ErrorCode.IMAGE_MISMATCH, ErrorCode.AUTH_FAILED]);
+const REFUSALS_AT_START = new Set<string>([
+  ErrorCode.UNSUPPORTED,
+  ErrorCode.IMAGE_CONSUMED,
+  ErrorCode.IMAGE_MISMATCH,
+  ErrorCode.AUTH_FAILED,
+  ErrorCode.WORKLOAD_GONE,
+]);
 
 const TRANSITIONS: TransitionTable<DestinationState> = {
   connecting: ['running', 'resident', 'paused', 'failed', 'closed'],

@@ -24,7 +24,6 @@ import { listenOwnerOnly } from '../lib/unix-socket.js';
 import { isUserfaultfd, parseHandshake, type GuestRegion } from '../lib/vmm-handshake.js';
 import { StateMachine, type TransitionTable } from '../lib/state-machine.js';
 import { Image } from '../lib/image.js';
-import type { SourceSession } from './session.js';
 
 const PAGE = 4096;
 const REGISTER_MODE_WP = 2n;
@@ -321,6 +320,14 @@ export interface LiveReport {
   precopyMs: number;
 }
 
+/** The session a migration drives (server/session.ts SourceSession): pages to send now, then the switchover. */
+export interface PrecopyTarget {
+  /** Pages to send now (Ranges, encoded). */
+  precopyRound(ranges: Uint8Array): void;
+  /** The workload paused: the pages written since the last round; the destination runs once they are discarded. */
+  switchover(written: Uint8Array): void;
+}
+
 /** precopy: rounds go out; switching: the workload pauses and the switchover goes out; postcopy: the destination runs. */
 export type LiveState = 'precopy' | 'switching' | 'postcopy' | 'migrated' | 'aborted';
 
@@ -348,6 +355,8 @@ export class LiveMigration extends EventEmitter {
   #running: (() => void) | null = null;
   /** Ends the migration under way with an error (the destination left before the switchover). */
   #cancel: ((err: CodedError) => void) | null = null;
+  /** The switchover marker went to the destination: from then on it may run the workload, which stays paused here. */
+  #switchSent = false;
 
   constructor(workload: LiveWorkload, options: LiveOptions = {}) {
     super();
@@ -372,6 +381,16 @@ export class LiveMigration extends EventEmitter {
     return this.#machine?.state ?? 'waiting';
   }
 
+  /**
+   * The switchover went to the destination (or this source re-adopted the
+   * workload after it): the destination may run the workload now, and the
+   * paused workload's memory here is what it is served from. A lost
+   * destination is then waited for (it resumes), never abandoned.
+   */
+  get pastSwitchover(): boolean {
+    return this.#switchSent || this.state === 'postcopy' || this.state === 'migrated';
+  }
+
   /** Switch over now: the round under way stops where it is (a user's request, e.g. SIGUSR2). */
   requestSwitchover(): void {
     this.#requested = true;
@@ -384,12 +403,16 @@ export class LiveMigration extends EventEmitter {
     this.#cancel?.(err);
   }
 
-  /** The native session's precopy events (server/session.ts forwards them). */
+  /** The native session's precopy events (the session forwards them: its start's onPrecopyEvent). */
   onSessionEvent(event: NativeEvent): void {
     if (event.type === 'round-sent' || event.type === 'switched-over') this.emit(event.type, event);
   }
 
-  /** The destination says its workload runs (after the switchover marker). */
+  /**
+   * The destination says its workload runs (after the switchover marker), or
+   * it resumed past the switchover: a destination comes back only once the
+   * marker reached it (before, its loss ends its session), so it runs.
+   */
   destinationRunning(): void {
     this.#running?.();
   }
@@ -401,7 +424,7 @@ export class LiveMigration extends EventEmitter {
    * destination runs; rejects (and the workload goes on here) when the
    * workload or the destination goes before the switchover.
    */
-  async run(session: SourceSession, precopy: boolean): Promise<LiveReport> {
+  async run(session: PrecopyTarget, precopy: boolean): Promise<LiveReport> {
     if (this.#machine) throw new PostcopyError(ErrorCode.UNSUPPORTED, 'a live workload moves to one destination');
     const machine = new StateMachine<LiveState>('live', 'precopy', TRANSITIONS, this.#log);
     this.#machine = machine;
@@ -414,7 +437,6 @@ export class LiveMigration extends EventEmitter {
       this.#cancel = reject;
     });
     gone.catch(() => {});
-    let switchSent = false;
     const started = performance.now();
     const perRound: number[] = [];
     let bytes = 0;
@@ -485,7 +507,7 @@ export class LiveMigration extends EventEmitter {
       const switched = new Promise<NativeEvent & { type: 'switched-over' }>((resolve) => this.once('switched-over', resolve));
       const running = new Promise<void>((resolve) => (this.#running = resolve));
       session.switchover(mode === 'precopy' ? Buffer.alloc(0) : left.encode());
-      switchSent = true;
+      this.#switchSent = true;
       const done = await Promise.race([switched, gone]);
       await Promise.race([running, gone]);
       const report: LiveReport = {
@@ -507,7 +529,7 @@ export class LiveMigration extends EventEmitter {
       if (machine.can('aborted')) machine.to('aborted', { code: e.code, error: e.message });
       // Before the switchover the workload is still ours to run: it goes on here. After it, the
       // destination may run already: the workload stays paused (the session resumes from its memory).
-      if (!switchSent) workload.resume();
+      if (!this.#switchSent) workload.resume();
       this.emit('aborted', e);
       throw e;
     }
@@ -516,7 +538,7 @@ export class LiveMigration extends EventEmitter {
   /** A destination that cannot take precopy: the workload pauses before its first page goes (pure postcopy, no switchover marker). */
   async pauseForPostcopy(): Promise<void> {
     // The destination resumes after the switchover (a link cut, or this source restarted): the workload is paused already.
-    if (this.#machine?.is('postcopy')) return;
+    if (this.pastSwitchover) return;
     if (this.#machine) throw new PostcopyError(ErrorCode.UNSUPPORTED, 'a live workload moves to one destination');
     const machine = new StateMachine<LiveState>('live', 'precopy', TRANSITIONS, this.#log);
     this.#machine = machine;

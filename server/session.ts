@@ -14,7 +14,6 @@ import type { TransferOptions } from '../lib/transfer.js';
 import type { DataChannelKeys } from '../lib/protocol.js';
 import type { Logger } from '../lib/logger.js';
 import type { Image } from '../lib/image.js';
-import type { LiveMigration } from './live.js';
 
 /**
  * setup: channels attach; active: pages flow; paused: the destination is gone
@@ -53,6 +52,23 @@ const RUNNING_TOTALS = [
   'bytesSent',
 ] as const;
 
+/** What a session starts with (SourceSession.start). */
+export interface SessionStart {
+  transfer: TransferOptions;
+  /** Pages the destination holds already: never sent. */
+  have?: { region: number; bitmap: Uint8Array }[];
+  /** Sealed data channels (TCP). */
+  keys?: DataChannelKeys;
+  /** A working set the destination replays (client/working-set.ts entries), streamed in order ahead of the background. */
+  prefetch?: Uint8Array[];
+  /** Each region's unit in pages (its window's huge-page unit). */
+  units?: number[];
+  /** A live source's precopy: the native session starts in precopy and its events ('round-sent', 'switched-over') come here. */
+  onPrecopyEvent?: (event: NativeEvent) => void;
+  /** Release as sent: the most pages sent and not yet confirmed installed (0: no bound). */
+  unconfirmedBudget?: number;
+}
+
 export class SourceSession {
   readonly id = randomBytes(16).toString('hex');
   readonly startedAt = Date.now();
@@ -67,7 +83,7 @@ export class SourceSession {
   #earlier: SourceStats | null = null; // the sum of finished runs
   #graceTimer: NodeJS.Timeout | null = null;
   /** A live source's migration, told of the precopy events. */
-  #live: LiveMigration | null = null;
+  #onPrecopyEvent: ((event: NativeEvent) => void) | null = null;
   readonly #image: Image;
   readonly #log: Logger;
   readonly #onFailure: (err: CodedError) => void;
@@ -110,20 +126,8 @@ export class SourceSession {
     this.#log.debug({ channel }, 'data channel attached');
   }
 
-  /**
-   * Starts the native threads; `have` lists pages the destination already
-   * holds, `prefetch` a working set it replays (client/working-set.ts
-   * entries), streamed in order ahead of the background.
-   */
-  start(
-    options: TransferOptions,
-    have: { region: number; bitmap: Uint8Array }[] = [],
-    keys?: DataChannelKeys,
-    prefetch: Uint8Array[] = [],
-    units: number[] = [],
-    live?: LiveMigration,
-    unconfirmedBudget = 0,
-  ): void {
+  /** Starts the native threads over both attached data channels. */
+  start({ transfer: options, have = [], keys, prefetch = [], units = [], onPrecopyEvent, unconfirmedBudget = 0 }: SessionStart): void {
     if (this.#fds.urgent === undefined || this.#fds.bulk === undefined) {
       throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'start before both data channels were attached');
     }
@@ -140,7 +144,7 @@ export class SourceSession {
         background: options.background.enabled,
         rateBytesPerSecond: options.background.rateBytesPerSecond,
         ...(keys ? { keys } : {}),
-        ...(live ? { precopy: true } : {}),
+        ...(onPrecopyEvent ? { precopy: true } : {}),
         ...(unconfirmedBudget > 0 ? { unconfirmedBudget } : {}),
         onEvent: (event) => this.#onNativeEvent(event),
       });
@@ -152,7 +156,7 @@ export class SourceSession {
     for (const h of have) this.#native.markSent(h.region, h.bitmap);
     for (const entries of prefetch) this.#native.prefetch(entries); // streamed before any background run
     const held = this.#native.stats().pagesSent;
-    this.#live = live ?? null;
+    this.#onPrecopyEvent = onPrecopyEvent ?? null;
     this.#native.start();
     this.#machine.to('active', { options, pagesHeldByDestination: held, encryption: keys ? 'aes-256-gcm' : 'none' });
   }
@@ -249,7 +253,7 @@ export class SourceSession {
   #onNativeEvent(event: NativeEvent): void {
     try {
       if (event.type === 'round-sent' || event.type === 'switched-over') {
-        this.#live?.onSessionEvent(event);
+        this.#onPrecopyEvent?.(event);
         return;
       }
       if (event.type === 'background-done') {

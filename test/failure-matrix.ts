@@ -112,10 +112,6 @@ export const MODES: readonly Mode[] = [
     notCells: {
       'worker-killed': HANDLER_ONLY,
       'supervisor-killed': HANDLER_ONLY,
-      // Found by this matrix (MATRIX_SEED=575850449): after the switchover, a control channel cut at its first byte
-      // left the destination retrying a resume the live source reset every time. Open; a cut on a data channel resumes.
-      'link-cut': { why: 'not survived yet: a live source past its switchover resets every resume after its control channel was cut', open: true },
-      'link-blackholed': { why: 'held out with the cut: a silenced control channel past the switchover takes the same resume path', open: true },
     },
   },
   { name: 'handler (copy)', destination: 'vmm', transport: 'unix' },

@@ -12,7 +12,8 @@ import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { LiveMigration, LiveWorkload, type LiveOptions, type LiveReport } from '../server/live.js';
 import { PageServer } from '../server/page-server.js';
-import { buildFixture, cliCommand, randomImage, runCli, tempDir, writeImage, until } from './helpers.js';
+import { buildFixture, cliCommand, randomImage, runCli, spawnCli, tempDir, writeImage, until } from './helpers.js';
+import { FaultProxy } from './fault-proxy.js';
 import type { Test } from 'tap';
 
 interface Workload {
@@ -170,6 +171,46 @@ t.test('the destination leaving mid-precopy: the workload goes on at the source,
   await aborted;
   t.equal(s.live.state, 'aborted');
   t.equal(s.live.workload.gone, false, 'the workload is still running');
+});
+
+t.test('the control channel lost past the switchover, before the destination says it runs: a resume serves the paused memory, byte-exact', async (t) => {
+  // Found by the failure matrix (MATRIX_SEED=575850449, live | link-cut): the source aborted the migration, and reset every resume.
+  const s = await liveSource(t, { mode: 'postcopy' }, 5000, 2048, 10);
+  const proxy = await FaultProxy.start(t, s.source, join(s.dir, 'proxy.sock'));
+  // The control channel (the first connection) is cut at the first byte it carries up once the workload paused: the
+  // destination's `running`, which comes once the switchover marker reached it (the heartbeats are a second apart).
+  s.live.workload.once('workload:paused', () => proxy.inject({ connection: 0, direction: 'up', afterBytes: proxy.carried(0, 'up'), action: 'fin' }));
+  const aborted = new Promise((resolve) => s.live.once('aborted', resolve));
+  const out = join(s.dir, 'restored.mem');
+  const restore = await settled(
+    'the restore to end',
+    spawnCli(t, ['restore', '--source', proxy.address, '--json', '--out', out, '--workload', 'random', '--silence-timeout', '1s', '--give-up-after', '20s'])
+      .exited,
+  );
+  t.equal(proxy.fired.length, 1, 'the control channel was cut');
+  t.equal(restore.code, 0, restore.stderr);
+  const report = JSON.parse(restore.stdout.trim().split('\n').pop()!);
+  t.ok(report.recovery.resumes >= 1, `the destination resumed (${report.recovery.resumes} resume(s))`);
+  t.equal(report.digestMatch, true);
+  t.match(await settled('the live report', s.report), { mode: 'postcopy' }, 'the live source saw the destination run');
+  t.equal(await Promise.race([aborted.then(() => true), Promise.resolve(false)]), false, 'the migration was never aborted');
+  const { code, lines } = await settled('the workload to exit', s.workload.closed);
+  t.equal(code, 0, 'the workload was told it migrated');
+  t.notOk(
+    lines.some((l) => l.resumed),
+    'it was never told to resume at the source',
+  );
+  t.ok(readFileSync(out).equals(readFileSync(s.dump)), 'byte for byte the memory the workload held when it paused');
+});
+
+t.test('a live source whose workload is gone refuses a destination with a final code (ERR_WORKLOAD_GONE)', async (t) => {
+  const s = await liveSource(t, {}, 1000, 1024, 11);
+  const gone = once(s.live.workload, 'gone');
+  s.workload.kill();
+  await settled('the workload to be gone', gone);
+  const restore = await settled('the restore to end', spawnCli(t, ['restore', '--source', s.source, '--json', '--workload', 'none']).exited);
+  t.equal(restore.code, 1, 'refused');
+  t.match(restore.stderr, /ERR_WORKLOAD_GONE/);
 });
 
 t.test('postcopy serve --live: the CLI waits for the workload, moves it to a restore, reports, and exits', async (t) => {
