@@ -14,14 +14,16 @@ namespace uffdpc {
 namespace {
 uint64_t U64(Napi::Object o, const char* key) { return static_cast<uint64_t>(o.Get(key).As<Napi::Number>().Int64Value()); }
 
-int EventFd(Napi::Env env) {
+// A non-blocking eventfd, closed with the engine's other fds at its shutdown.
+int EventFd(Napi::Env env, EngineLife& life) {
   int fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (fd < 0) ThrowErrno(env, errno, "eventfd");
+  life.OwnFd(fd);
   return fd;
 }
 
 // {image: [ServedRegionSpec per source region], window: {forward, backward}, background?, prefetch?}
-std::unique_ptr<ImageSupply> BuildImageSupply(Napi::Env env, Napi::Object o, EngineParts& parts) {
+std::unique_ptr<ImageSupply> BuildImageSupply(Napi::Env env, Napi::Object o, EngineParts& parts, EngineLife& life) {
   const TargetMap& map = *parts.map;
   Napi::Array specs = o.Get("image").As<Napi::Array>();
   if (specs.Length() != map.sourceRegions()) throw CodedError(env, "ERR_IMAGE_INVALID", "the image needs one region per source region");
@@ -39,17 +41,13 @@ std::unique_ptr<ImageSupply> BuildImageSupply(Napi::Env env, Napi::Object o, Eng
   }
   Napi::Object window = o.Get("window").As<Napi::Object>();
   ImageSupply::Window w{window.Get("forward").As<Napi::Number>().Uint32Value(), window.Get("backward").As<Napi::Number>().Uint32Value()};
-  auto supply = std::make_unique<ImageSupply>(*parts.map, *parts.installer, parts.flags, std::move(image), w, o.Get("background").ToBoolean().Value());
+  auto supply = std::make_unique<ImageSupply>(*parts.map, *parts.installer, life, std::move(image), w, o.Get("background").ToBoolean().Value());
   // A working set to replay is here before the fill thread starts: not one background run goes ahead of it.
   Napi::Value prefetch = o.Get("prefetch");
   if (prefetch.IsTypedArray()) AddPrefetch(env, *supply, prefetch.As<Napi::TypedArrayOf<uint8_t>>());
   return supply;
 }
 }  // namespace
-
-EngineParts::~EngineParts() {
-  if (stopFd >= 0) close(stopFd);
-}
 
 void AddPrefetch(Napi::Env env, ImageSupply& image, Napi::TypedArrayOf<uint8_t> bytes) {
   if (bytes.ByteLength() % 8) throw CodedError(env, "ERR_OUT_OF_RANGE", "prefetch entries are 8 bytes each");
@@ -58,10 +56,11 @@ void AddPrefetch(Napi::Env env, ImageSupply& image, Napi::TypedArrayOf<uint8_t> 
   if (const char* bad = image.AddPrefetch(entries.data(), entries.size())) throw CodedError(env, "ERR_OUT_OF_RANGE", bad);
 }
 
+// The engine opens its events (onEvent) itself.
 // {uffd, sourceRegions: [{pages, pageSize}], regions: [{base, length, pageSize, sourceRegion, sourcePage, fillAddress?}], cpu,
 //  checksumInstalled, precopy, ownMemory, recordFaults, onEvent, fillsTemplate?, template?, image?, window?, background?, prefetch?}.
 // The engine owns the data channels it is given (attachChannels), not the uffd.
-std::unique_ptr<EngineParts> BuildEngineParts(Napi::Env env, Napi::Object o, const TemplateOf& templateOf) {
+std::unique_ptr<EngineParts> BuildEngineParts(Napi::Env env, Napi::Object o, EngineLife& life, EventSink& events, const TemplateOf& templateOf) {
   auto parts = std::make_unique<EngineParts>();
   // A template's filler serves no process: it has no userfaultfd.
   bool fillsTemplate = o.Get("fillsTemplate").ToBoolean().Value();
@@ -74,7 +73,7 @@ std::unique_ptr<EngineParts> BuildEngineParts(Napi::Env env, Napi::Object o, con
     if (fl < 0 || fcntl(uffd, F_SETFL, fl | O_NONBLOCK) < 0) ThrowErrno(env, errno, "fcntl", "F_SETFL");
   }
 
-  parts->map = std::make_unique<TargetMap>(parts->events);
+  parts->map = std::make_unique<TargetMap>(events);
   TargetMap& map = *parts->map;
   Napi::Array sources = o.Get("sourceRegions").As<Napi::Array>();
   for (uint32_t i = 0; i < sources.Length(); i++) {
@@ -95,11 +94,11 @@ std::unique_ptr<EngineParts> BuildEngineParts(Napi::Env env, Napi::Object o, con
   parts->zeros.reset(static_cast<uint8_t*>(calloc(1, map.maxRunBytes())));
   parts->checksum = std::make_unique<InstalledChecksum>(map, o.Get("checksumInstalled").ToBoolean().Value(), parts->zeros.get());
   // ownMemory: the memory is this process's own (restore), so precopy writes it directly.
-  parts->installer = std::make_unique<Installer>(map, parts->stats, *parts->checksum, parts->events, parts->flags, uffd, o.Get("ownMemory").ToBoolean().Value(),
+  parts->installer = std::make_unique<Installer>(map, parts->stats, *parts->checksum, events, life, uffd, o.Get("ownMemory").ToBoolean().Value(),
                                                  parts->zeros.get());
 
   // checked in TypeScript: one region per source region, each whole, in the file's mapping
-  if (fillsTemplate) parts->filler = std::make_unique<TemplateFiller>(map, EventFd(env));
+  if (fillsTemplate) parts->filler = std::make_unique<TemplateFiller>(map, EventFd(env, life));
   Napi::Value clone = o.Get("template");
   std::shared_ptr<TemplateShare> share;
   if (clone.IsObject()) {
@@ -116,23 +115,21 @@ std::unique_ptr<EngineParts> BuildEngineParts(Napi::Env env, Napi::Object o, con
   }
 
   if (share) {
-    parts->supply = std::make_unique<TemplateSupply>(share, map, *parts->installer, parts->events, parts->flags);
+    parts->supply = std::make_unique<TemplateSupply>(share, map, *parts->installer, events, life);
   } else if (o.Get("image").IsArray()) {
-    auto image = BuildImageSupply(env, o, *parts);
+    auto image = BuildImageSupply(env, o, *parts, life);
     parts->image = image.get();
     parts->supply = std::move(image);
   } else {
-    auto remote = std::make_unique<RemoteSupply>(map, *parts->installer, parts->stats, parts->events, parts->flags, EventFd(env));
+    auto remote = std::make_unique<RemoteSupply>(map, *parts->installer, parts->stats, events, life, EventFd(env, life));
     parts->remote = remote.get();
     parts->supply = std::move(remote);
   }
   Napi::Value cpu = o.Get("cpu");
   parts->cpu = cpu.IsNumber() ? cpu.As<Napi::Number>().Int32Value() : -1;
-  parts->stopFd = eventfd(0, EFD_CLOEXEC);
-  if (parts->stopFd < 0) ThrowErrno(env, errno, "eventfd");
 
   // A clone's memory given back reads as the template's file again: it is not settled as zeros.
-  parts->loop = std::make_unique<FaultLoop>(map, *parts->installer, parts->stats, parts->events, uffd, o.Get("recordFaults").ToBoolean().Value(), !share);
+  parts->loop = std::make_unique<FaultLoop>(life, map, *parts->installer, parts->stats, events, uffd, o.Get("recordFaults").ToBoolean().Value(), !share);
   parts->loop->SetSupply(parts->supply.get());
   if (parts->supply->WakeFd() >= 0) parts->loop->AddWork(parts->supply.get());
   if (parts->filler) {
@@ -140,7 +137,6 @@ std::unique_ptr<EngineParts> BuildEngineParts(Napi::Env env, Napi::Object o, con
     parts->installer->SetCacheListener(parts->filler.get());
     parts->loop->AddWork(parts->filler.get());
   }
-  parts->events.Open(env, o.Get("onEvent").As<Napi::Function>(), "FaultEngine");
   return parts;
 }
 

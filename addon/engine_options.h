@@ -22,10 +22,9 @@
 
 namespace uffdpc {
 
+// The parts of one engine. The engine (fault_engine.cc) holds them and runs
+// their life: its stop flag, threads and events are its DataPlane's.
 struct EngineParts {
-  ~EngineParts();
-  EventSink events;
-  StopFlags flags;
   EngineStats stats;
   std::unique_ptr<TargetMap> map;
   std::unique_ptr<uint8_t, decltype(&free)> zeros{nullptr, &free};  // the largest run of zeros (hugetlbfs has no ZEROPAGE)
@@ -36,15 +35,15 @@ struct EngineParts {
   ImageSupply* image = nullptr;            // `supply`, when they come from a local image
   std::unique_ptr<TemplateFiller> filler;  // this engine fills a template (fillsTemplate)
   std::unique_ptr<FaultLoop> loop;
-  int stopFd = -1;  // written once to stop the fault thread
-  int cpu = -1;     // pin every engine thread here (-1: no pinning)
+  int cpu = -1;  // pin every engine thread here (-1: no pinning)
 };
 
 // The template a clone maps, from the `template` option (null: not a running filler).
 using TemplateOf = std::function<std::shared_ptr<TemplateShare>(Napi::Object)>;
 
 // Throws a JS error (nothing is left open) when the options do not fit together.
-std::unique_ptr<EngineParts> BuildEngineParts(Napi::Env env, Napi::Object options, const TemplateOf& templateOf);
+// `life` and `events`: the engine's (its DataPlane's), which outlive the parts.
+std::unique_ptr<EngineParts> BuildEngineParts(Napi::Env env, Napi::Object options, EngineLife& life, EventSink& events, const TemplateOf& templateOf);
 
 // A working set to replay (Buffer of u64 LE, region << 48 | page, in order); throws ERR_OUT_OF_RANGE.
 void AddPrefetch(Napi::Env env, ImageSupply& image, Napi::TypedArrayOf<uint8_t> bytes);

@@ -17,6 +17,7 @@
 #include <cstring>
 
 #include "addon.h"
+#include "data_plane.h"
 #include "engine_options.h"
 #include "errors.h"
 #include "io.h"
@@ -24,7 +25,7 @@
 namespace uffdpc {
 namespace {
 
-class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
+class FaultEngine : public Napi::ObjectWrap<FaultEngine>, DataPlane, EngineLife {
  public:
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "FaultEngine",
@@ -39,11 +40,13 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
 
   // new FaultEngine(options): see engine_options.h.
   explicit FaultEngine(const Napi::CallbackInfo& info) : Napi::ObjectWrap<FaultEngine>(info) {
-    parts_ = BuildEngineParts(info.Env(), info[0].As<Napi::Object>(), [](Napi::Object o) -> std::shared_ptr<TemplateShare> {
-      FaultEngine* filler = FaultEngine::Unwrap(o);
-      if (!filler->parts_ || !filler->parts_->filler || filler->stopped_) return nullptr;
+    Napi::Object o = info[0].As<Napi::Object>();
+    parts_ = BuildEngineParts(info.Env(), o, *this, events_, [](Napi::Object e) -> std::shared_ptr<TemplateShare> {
+      FaultEngine* filler = FaultEngine::Unwrap(e);
+      if (!filler->parts_ || !filler->parts_->filler || filler->Stopped()) return nullptr;
       return filler->parts_->filler->share();
     });
+    OpenPlane(info.Env(), o.Get("onEvent").As<Napi::Function>(), "FaultEngine");
   }
 
   ~FaultEngine() override { Shutdown(); }
@@ -51,11 +54,11 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
  private:
   // start(): the fault thread runs from now on; pages flow once channels are attached.
   Napi::Value Start(const Napi::CallbackInfo& info) {
-    if (started_ || stopped_) return info.Env().Undefined();
+    if (started_ || Stopped()) return info.Env().Undefined();
     started_ = true;
     parts_->map->Start(MonotonicNs());
     parts_->supply->Start(parts_->cpu);
-    parts_->loop->Start(parts_->stopFd, parts_->cpu);
+    parts_->loop->Start(WakeFd(), parts_->cpu);
     return info.Env().Undefined();
   }
 
@@ -82,7 +85,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     }
     RemoteSupply* remote = parts_->remote;
     bool attached = remote && remote->attached();
-    if (!started_ || stopped_ || attached || badKeys || !remote) {
+    if (!started_ || Stopped() || attached || badKeys || !remote) {
       close(urgent);
       close(bulk);
       if (badKeys) throw CodedError(info.Env(), "ERR_OUT_OF_RANGE", "a data-channel key must be a 32-byte Buffer");
@@ -105,21 +108,24 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
     return info.Env().Undefined();
   }
 
-  // In order: no one outside calls in (a template's filler closes to clones, a
-  // clone leaves its template, data channels are detached); the threads are
-  // told to stop and joined; then the events close.
-  void Shutdown() {
-    if (stopped_ || !parts_) return;
-    stopped_ = true;
-    if (parts_->filler) parts_->filler->Leave();
-    parts_->supply->Leave();
-    parts_->flags.stopping.store(true);
-    uint64_t one = 1;
-    if (write(parts_->stopFd, &one, sizeof one) < 0) {}
-    parts_->loop->Join();
-    parts_->supply->Stop();
-    parts_->events.Close();
+  // The ordered shutdown is the DataPlane's (data_plane.h): first no one
+  // outside calls in (a template's filler closes to clones, a clone leaves its
+  // template, data channels are detached); then the stop flag, the wake fd
+  // the fault thread polls, the fill thread's condition variable; the threads
+  // are joined; the image is let go of; the events close.
+  void BeforeStop() override {
+    if (parts_ && parts_->filler) parts_->filler->Leave();
+    if (parts_) parts_->supply->Leave();
   }
+  void ReleaseReferences() override {
+    if (parts_) parts_->supply->Release();
+  }
+
+  // EngineLife: what the parts see of the DataPlane.
+  bool Stopping() const override { return DataPlane::Stopping(); }
+  void Spawn(const char* name, int cpu, std::function<void()> body) override { DataPlane::Spawn(name, cpu, std::move(body)); }
+  void WakeOnStop(std::mutex& mu, std::condition_variable& cv) override { DataPlane::WakeOnStop(mu, cv); }
+  void OwnFd(int fd) override { DataPlane::OwnFd(fd); }
 
   // poisonMissing() -> pages poisoned. Gives up on every page not resident and
   // not given back: a touch raises SIGBUS instead of waiting forever or reading
@@ -202,7 +208,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine> {
   }
 
   std::unique_ptr<EngineParts> parts_;
-  bool started_ = false, stopped_ = false;
+  bool started_ = false;
 };
 
 }  // namespace

@@ -4,15 +4,11 @@
 #include <unistd.h>
 
 #include "io.h"
-#include "threads.h"
 
 namespace uffdpc {
 
 void FaultLoop::Start(int stopFd, int cpu) {
-  thread_ = std::thread([this, stopFd, cpu] {
-    NameAndPinThisThread("pc-fault", cpu);
-    Run(stopFd);
-  });
+  life_.Spawn("pc-fault", cpu, [this, stopFd] { Run(stopFd); });
 }
 
 void FaultLoop::Run(int stopFd) {

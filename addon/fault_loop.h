@@ -5,9 +5,9 @@
 // faults are recorded as requested and wait.
 #pragma once
 #include <mutex>
-#include <thread>
 #include <vector>
 
+#include "engine_life.h"
 #include "engine_stats.h"
 #include "events.h"
 #include "installer.h"
@@ -21,18 +21,15 @@ class FaultLoop {
  public:
   // `uffd` -1: a template's filler (no process of its own; its faults are its clones' demands).
   // `removeGivesBack`: memory the process gives back settles as zeros (not for a clone, whose memory reads the template's file again).
-  FaultLoop(TargetMap& map, Installer& installer, EngineStats& stats, EventSink& events, int uffd, bool recordFaults, bool removeGivesBack)
-      : map_(map), installer_(installer), stats_(stats), events_(events), uffd_(uffd), recordFaults_(recordFaults), removeGivesBack_(removeGivesBack) {}
+  FaultLoop(EngineLife& life, TargetMap& map, Installer& installer, EngineStats& stats, EventSink& events, int uffd, bool recordFaults, bool removeGivesBack)
+      : life_(life), map_(map), installer_(installer), stats_(stats), events_(events), uffd_(uffd), recordFaults_(recordFaults), removeGivesBack_(removeGivesBack) {}
 
   void SetSupply(PageSupply* supply) { supply_ = supply; }
   // Before Start: more work for the fault thread (at most two parts: the supply and a template's filler).
   void AddWork(FaultThreadWork* work) { work_.push_back(work); }
 
-  // Starts the fault thread; it runs until `stopFd` is readable.
+  // Starts the fault thread (joined by the engine's shutdown); it runs until `stopFd` (the engine's wake fd) is readable.
   void Start(int stopFd, int cpu);
-  void Join() {
-    if (thread_.joinable()) thread_.join();
-  }
 
   // faultedPages(): every page a thread faulted on while it was missing, in
   // first-touch order (recordFaults), as source region << 48 | source page.
@@ -46,6 +43,7 @@ class FaultLoop {
   void OnFault(uint64_t address, uint64_t now);
   void OnMemoryEvent(const uffd_msg& m);
 
+  EngineLife& life_;
   TargetMap& map_;
   Installer& installer_;
   EngineStats& stats_;
@@ -54,7 +52,6 @@ class FaultLoop {
   bool recordFaults_, removeGivesBack_;
   PageSupply* supply_ = nullptr;
   std::vector<FaultThreadWork*> work_;
-  std::thread thread_;
   std::mutex recordMu_;
   std::vector<uint64_t> faulted_;  // under recordMu_
 };

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 
-#include "threads.h"
 #include "wire.h"
 
 namespace uffdpc {
@@ -16,14 +15,14 @@ bool ImageZero(const ImagePages& img, const TargetRegion& r, uint64_t p) {
 }
 }  // namespace
 
-ImageSupply::ImageSupply(TargetMap& map, Installer& installer, const StopFlags& flags, std::vector<std::unique_ptr<ImagePages>> image, Window window,
+ImageSupply::ImageSupply(TargetMap& map, Installer& installer, EngineLife& life, std::vector<std::unique_ptr<ImagePages>> image, Window window,
                          bool background)
-    : map_(map), installer_(installer), flags_(flags), image_(std::move(image)), window_(window), backgroundOn_(background) {
+    : map_(map), installer_(installer), life_(life), image_(std::move(image)), window_(window), backgroundOn_(background) {
   // The working set's pages, looked up by the fault thread: allocated once, here.
   for (uint64_t pages : map.sourcePageCounts()) prefetchSet_.push_back(std::make_unique<AtomicBitmap>(pages));
 }
 
-ImageSupply::~ImageSupply() { Stop(); }
+ImageSupply::~ImageSupply() { Release(); }
 
 void ImageSupply::Ask(TargetRegion& r, uint64_t page) {
   lastFault_.store((uint64_t(r.index) << 48) | page, std::memory_order_relaxed);
@@ -34,18 +33,11 @@ void ImageSupply::Ask(TargetRegion& r, uint64_t page) {
 }
 
 void ImageSupply::Start(int cpu) {
-  fillThread_ = std::thread([this, cpu] {
-    NameAndPinThisThread("pc-fill", cpu);
-    FillLoop();
-  });
+  life_.WakeOnStop(fillMu_, fillCv_);
+  life_.Spawn("pc-fill", cpu, [this] { FillLoop(); });
 }
 
-void ImageSupply::Stop() {
-  {
-    std::lock_guard<std::mutex> lock(fillMu_);
-    fillCv_.notify_all();
-  }
-  if (fillThread_.joinable()) fillThread_.join();
+void ImageSupply::Release() {
   for (auto& pages : image_) pages->Release();
 }
 
@@ -90,14 +82,14 @@ void ImageSupply::StartBackground() {
 }
 
 void ImageSupply::FillLoop() {
-  while (!flags_.stopping.load()) {
+  while (!life_.Stopping()) {
     std::pair<TargetRegion*, uint64_t> item{nullptr, 0};
     {
       std::unique_lock<std::mutex> lock(fillMu_);
       fillCv_.wait(lock, [&] {
-        return flags_.stopping.load() || !fillQueue_.empty() || prefetchNext_ < prefetch_.size() || (backgroundOn_ && !backgroundDone_ && !fillFailed_);
+        return life_.Stopping() || !fillQueue_.empty() || prefetchNext_ < prefetch_.size() || (backgroundOn_ && !backgroundDone_ && !fillFailed_);
       });
-      if (flags_.stopping.load()) return;
+      if (life_.Stopping()) return;
       if (!fillQueue_.empty()) {
         item = fillQueue_.front();
         fillQueue_.pop_front();

@@ -8,7 +8,6 @@
 #include <deque>
 #include <memory>
 #include <mutex>
-#include <thread>
 #include <vector>
 
 #include "image_pages.h"
@@ -24,16 +23,17 @@ class ImageSupply final : public PageSupply {
     uint32_t forward = 0, backward = 0;  // pages installed after and before a faulted page
   };
   // `image`: one per source region, matching it (checked by the caller).
-  ImageSupply(TargetMap& map, Installer& installer, const StopFlags& flags, std::vector<std::unique_ptr<ImagePages>> image, Window window, bool background);
+  ImageSupply(TargetMap& map, Installer& installer, EngineLife& life, std::vector<std::unique_ptr<ImagePages>> image, Window window, bool background);
   ~ImageSupply() override;
 
   // A page the kernel cannot take yet (EAGAIN: the layout is changing, and the
   // event saying so is read by this very thread) goes to the fill thread, which retries it.
   void Ask(TargetRegion& r, uint64_t page) override;
   void Flush() override {}
+  // Starts the fill thread (joined by the engine's shutdown).
   void Start(int cpu) override;
-  // Joins the fill thread (the engine set the stop flag) and lets go of the image.
-  void Stop() override;
+  // Lets go of the image (its mappings may be unmapped from now on).
+  void Release() override;
 
   // A working set's pages (region << 48 | page, in order), installed ahead of
   // the background. Null, or what is wrong with them (nothing is taken then).
@@ -54,10 +54,9 @@ class ImageSupply final : public PageSupply {
 
   TargetMap& map_;
   Installer& installer_;
-  const StopFlags& flags_;
+  EngineLife& life_;
   std::vector<std::unique_ptr<ImagePages>> image_;  // per source region
   Window window_;
-  std::thread fillThread_;
   // The fill thread's work, under fillMu_: windows to install, the working set to replay, the background.
   std::mutex fillMu_;
   std::condition_variable fillCv_;

@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "engine_life.h"
 #include "engine_stats.h"
 #include "events.h"
 #include "installed_checksum.h"
@@ -19,13 +20,6 @@
 #include "uffd_abi.h"
 
 namespace uffdpc {
-
-// Whether the engine's threads must go without a word: it is stopping, or its
-// data channels are being detached (a receiver's read fails on purpose).
-struct StopFlags {
-  std::atomic<bool> stopping{false}, detaching{false};
-  bool Leaving() const { return stopping.load() || detaching.load(); }
-};
 
 // What an install came to: done; the layout is changing and the caller may not
 // wait (retry elsewhere); or the engine must stop installing.
@@ -42,12 +36,12 @@ class CacheListener {
 class Installer {
  public:
   // `zeros`: map.maxRunBytes() of zeros (hugetlbfs has no ZEROPAGE: zeros are copied).
-  Installer(TargetMap& map, EngineStats& stats, InstalledChecksum& checksum, EventSink& events, const StopFlags& flags, int uffd, bool ownMemory,
+  Installer(TargetMap& map, EngineStats& stats, InstalledChecksum& checksum, EventSink& events, const EngineLife& life, int uffd, bool ownMemory,
             const uint8_t* zeros)
-      : map_(map), stats_(stats), checksum_(checksum), events_(events), flags_(flags), uffd_(uffd), ownMemory_(ownMemory), zeros_(zeros) {}
+      : map_(map), stats_(stats), checksum_(checksum), events_(events), life_(life), uffd_(uffd), ownMemory_(ownMemory), zeros_(zeros) {}
 
   void SetCacheListener(CacheListener* listener) { cacheListener_ = listener; }
-  bool Leaving() const { return flags_.Leaving(); }
+  bool Leaving() const { return life_.Leaving(); }
 
   // Installs pages [first, first+count) of r that are neither resident nor given
   // back, a contiguous stretch per ioctl. `data`: their contents (null: zeros).
@@ -112,7 +106,7 @@ class Installer {
   EngineStats& stats_;
   InstalledChecksum& checksum_;
   EventSink& events_;
-  const StopFlags& flags_;
+  const EngineLife& life_;
   int uffd_;
   bool ownMemory_;  // the regions are this process's own memory (a restore): precopy writes and drops pages directly
   const uint8_t* zeros_;

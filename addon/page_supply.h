@@ -25,13 +25,13 @@ class PageSupply : public FaultThreadWork {
   virtual void Ask(TargetRegion& r, uint64_t page) = 0;
   // Fault thread: the end of a batch of userfaultfd messages.
   virtual void Flush() = 0;
-  // JS thread, in this order: the engine starts (the supply's threads may
-  // start); it begins to stop (nothing outside calls into the supply after
-  // Leave); its stop flag is set and the fault thread joined (every thread of
-  // the supply is joined in Stop).
+  // JS thread, in the order of the engine's life (data_plane.h): it starts
+  // (the supply may spawn its threads through EngineLife); it begins to stop
+  // (nothing outside calls into the supply after Leave); once every thread
+  // is joined, the supply lets go of JS objects (Release).
   virtual void Start(int cpu) { (void)cpu; }
   virtual void Leave() {}
-  virtual void Stop() {}
+  virtual void Release() {}
   int WakeFd() const override { return -1; }
   void OnWake() override {}
 };

@@ -12,16 +12,13 @@
 
 namespace uffdpc {
 
-RemoteSupply::RemoteSupply(TargetMap& map, Installer& installer, EngineStats& stats, EventSink& events, StopFlags& flags, int resendFd)
-    : map_(map), installer_(installer), stats_(stats), events_(events), flags_(flags), resendFd_(resendFd) {
+RemoteSupply::RemoteSupply(TargetMap& map, Installer& installer, EngineStats& stats, EventSink& events, EngineLife& life, int resendFd)
+    : map_(map), installer_(installer), stats_(stats), events_(events), life_(life), resendFd_(resendFd) {
   reqs_.reserve(256);
   resend_.reserve(256);
 }
 
-RemoteSupply::~RemoteSupply() {
-  Detach();
-  if (resendFd_ >= 0) close(resendFd_);
-}
+RemoteSupply::~RemoteSupply() { Detach(); }
 
 uint32_t RemoteSupply::Attach(int urgent, int bulk, const Keys* keys, int cpu) {
   auto key = [&](const uint8_t* k, uint32_t direction, bool seal) { return keys ? std::make_unique<Aead>(k, direction, seal) : nullptr; };
@@ -55,7 +52,7 @@ uint32_t RemoteSupply::Attach(int urgent, int bulk, const Keys* keys, int cpu) {
 
 void RemoteSupply::Detach() {
   if (!attached_) return;
-  flags_.detaching.store(true);
+  life_.detaching.store(true);
   // Unblocks a receiver in read() and a fault thread in write(); the fds stay
   // open (so their numbers cannot be reused) until the threads let go.
   shutdown(urgentFd_.load(), SHUT_RDWR);
@@ -71,7 +68,7 @@ void RemoteSupply::Detach() {
   close(bulkFd_);
   bulkFd_ = -1;
   attached_ = false;
-  flags_.detaching.store(false);
+  life_.detaching.store(false);
 }
 
 // Sends the batched requests on the current urgent channel. With no channel
@@ -84,7 +81,7 @@ void RemoteSupply::SendRequests(std::vector<wire::PageRequest>& reqs) {
     int err = urgentWriter_->Write(reqs.data(), reqs.size() * sizeof(wire::PageRequest));
     if (err) {
       urgentBroken_ = true;
-      if (!flags_.Leaving()) events_.Emit(ErrnoEvent("error", "urgent", err, "write", "sending a page request failed", generation_.load()));
+      if (!life_.Leaving()) events_.Emit(ErrnoEvent("error", "urgent", err, "write", "sending a page request failed", generation_.load()));
     } else {
       stats_.requestsSent += reqs.size();
     }
@@ -109,7 +106,7 @@ void RemoteSupply::OnWake() {
 
 void RemoteSupply::ReceiveLoop(ChannelReader& in, const char* channel, uint32_t generation) {
   auto report = [&](const char* type, const std::string& code, const char* message) {
-    if (!flags_.Leaving()) events_.Emit({type, channel, code, message, generation});
+    if (!life_.Leaving()) events_.Emit({type, channel, code, message, generation});
   };
   // A sealed record failed authentication (tampered, replayed, cut short): nothing of it was used; the channel ends.
   auto tampered = [&] {
@@ -119,16 +116,16 @@ void RemoteSupply::ReceiveLoop(ChannelReader& in, const char* channel, uint32_t 
   const uint64_t maxRunBytes = map_.maxRunBytes();
   void* raw = nullptr;
   if (posix_memalign(&raw, 4096, maxRunBytes) != 0) {
-    if (!flags_.Leaving()) events_.Emit(ErrnoEvent("error", channel, ENOMEM, "posix_memalign", "cannot allocate the receive buffer", generation));
+    if (!life_.Leaving()) events_.Emit(ErrnoEvent("error", channel, ENOMEM, "posix_memalign", "cannot allocate the receive buffer", generation));
     return;
   }
   std::unique_ptr<uint8_t, decltype(&free)> buffer(static_cast<uint8_t*>(raw), &free);
-  while (!flags_.Leaving()) {
+  while (!life_.Leaving()) {
     wire::RunHeader h;
     int err = in.ReadFull(&h, sizeof h);
     if (err == kBadRecord) return tampered();
     if (err) {
-      if (!flags_.Leaving()) events_.Emit(ErrnoEvent("closed", channel, err > 0 ? err : 0, "read", "the source closed the channel", generation));
+      if (!life_.Leaving()) events_.Emit(ErrnoEvent("closed", channel, err > 0 ? err : 0, "read", "the source closed the channel", generation));
       return;
     }
     stats_.bytesReceived += sizeof h;
@@ -157,7 +154,7 @@ void RemoteSupply::ReceiveLoop(ChannelReader& in, const char* channel, uint32_t 
       // A run is installed only once all of it is here: a cut mid-run drops it.
       if ((err = in.ReadView(buffer.get(), h.count * pageSize, &runData))) {
         if (err == kBadRecord) return tampered();
-        if (!flags_.Leaving()) events_.Emit(ErrnoEvent("closed", channel, err > 0 ? err : EPIPE, "read", "the source closed the channel mid-run", generation));
+        if (!life_.Leaving()) events_.Emit(ErrnoEvent("closed", channel, err > 0 ? err : EPIPE, "read", "the source closed the channel mid-run", generation));
         return;
       }
       stats_.bytesReceived += h.count * pageSize;

@@ -27,8 +27,8 @@ namespace uffdpc {
 
 class RemoteSupply final : public PageSupply {
  public:
-  // `resendFd`: an eventfd (non-blocking) the supply owns from now on.
-  RemoteSupply(TargetMap& map, Installer& installer, EngineStats& stats, EventSink& events, StopFlags& flags, int resendFd);
+  // `resendFd`: a non-blocking eventfd (the engine closes it at its shutdown).
+  RemoteSupply(TargetMap& map, Installer& installer, EngineStats& stats, EventSink& events, EngineLife& life, int resendFd);
   ~RemoteSupply() override;
 
   // The channels' keys, 32 bytes each: they carry sealed records.
@@ -58,7 +58,7 @@ class RemoteSupply final : public PageSupply {
   Installer& installer_;
   EngineStats& stats_;
   EventSink& events_;
-  StopFlags& flags_;
+  EngineLife& life_;
   int resendFd_ = -1;
   std::vector<wire::PageRequest> reqs_, resend_;  // fault thread only: this batch's requests; those sent again after an attach
   // The urgent channel is written by the fault thread and swapped by the JS

@@ -18,10 +18,7 @@ TemplateFiller::TemplateFiller(TargetMap& map, int demandFd) : map_(map), demand
   share_->sourcePageSizes = map.sourcePageSizes();
 }
 
-TemplateFiller::~TemplateFiller() {
-  Leave();
-  if (demandFd_ >= 0) close(demandFd_);
-}
+TemplateFiller::~TemplateFiller() { Leave(); }
 
 void TemplateFiller::Leave() {
   std::lock_guard<std::mutex> lock(share_->mu);
@@ -61,8 +58,8 @@ void TemplateFiller::Cached(TargetRegion& r, uint64_t first, uint64_t count, con
   for (TemplateSupply* clone : share_->clones) clone->FromTemplate(r.sourceRegion, first, count, data, reason);
 }
 
-TemplateSupply::TemplateSupply(std::shared_ptr<TemplateShare> share, TargetMap& map, Installer& installer, EventSink& events, const StopFlags& flags)
-    : share_(std::move(share)), map_(map), installer_(installer), events_(events), flags_(flags) {
+TemplateSupply::TemplateSupply(std::shared_ptr<TemplateShare> share, TargetMap& map, Installer& installer, EventSink& events, const EngineLife& life)
+    : share_(std::move(share)), map_(map), installer_(installer), events_(events), life_(life) {
   // In the page cache: what the template's file holds (its regions are the source's, clones' pages lie on them one to one).
   for (auto& r : map.regions()) {
     r->cache = share_->cached[r->sourceRegion].get();
@@ -109,7 +106,7 @@ void TemplateSupply::Leave() {
 // waited on or not: its threads wake, and it then runs without faulting on
 // what the template holds. The pages stay the template's; only page tables are added.
 void TemplateSupply::FromTemplate(uint32_t region, uint64_t first, uint64_t count, const uint8_t* data, uint32_t reason) {
-  if (flags_.Leaving() || targetGone_) return;
+  if (life_.Leaving() || targetGone_) return;
   Installer::Busy busy(installer_);
   for (auto& r : map_.regions()) {
     if (r->sourceRegion != region) continue;
@@ -127,10 +124,10 @@ void TemplateSupply::FromTemplate(uint32_t region, uint64_t first, uint64_t coun
         installer_.DeferContinue(at, len);
       } else if (err == ESRCH) {
         targetGone_ = true;
-        if (!flags_.Leaving()) events_.Emit(ErrnoEvent("target-gone", "template", ESRCH, "ioctl", "the process owning the memory exited", 0));
+        if (!life_.Leaving()) events_.Emit(ErrnoEvent("target-gone", "template", ESRCH, "ioctl", "the process owning the memory exited", 0));
         return;
       } else if (err && err != ENOENT) {  // ENOENT: unmapped meanwhile (its event settles it)
-        if (!flags_.Leaving()) events_.Emit(ErrnoEvent("install-failed", "template", err, "ioctl", "mapping template pages failed (UFFDIO_CONTINUE)", 0));
+        if (!life_.Leaving()) events_.Emit(ErrnoEvent("install-failed", "template", err, "ioctl", "mapping template pages failed (UFFDIO_CONTINUE)", 0));
       }
     }
   }

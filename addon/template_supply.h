@@ -33,7 +33,7 @@ struct TemplateShare {
 // The filler's part: takes its clones' demands to its own supply, and maps what it installs into every clone.
 class TemplateFiller final : public CacheListener, public FaultThreadWork {
  public:
-  // `demandFd`: an eventfd (non-blocking) the filler owns from now on. The map's regions are the source's, each whole, in the file's mapping.
+  // `demandFd`: a non-blocking eventfd (the engine closes it at its shutdown). The map's regions are the source's, each whole, in the file's mapping.
   TemplateFiller(TargetMap& map, int demandFd);
   ~TemplateFiller() override;
   const std::shared_ptr<TemplateShare>& share() const { return share_; }
@@ -66,7 +66,7 @@ class TemplateFiller final : public CacheListener, public FaultThreadWork {
 class TemplateSupply final : public PageSupply {
  public:
   // The map's regions lie on the image's own pages (ratio 1, no file of their own: checked by the caller).
-  TemplateSupply(std::shared_ptr<TemplateShare> share, TargetMap& map, Installer& installer, EventSink& events, const StopFlags& flags);
+  TemplateSupply(std::shared_ptr<TemplateShare> share, TargetMap& map, Installer& installer, EventSink& events, const EngineLife& life);
 
   void Ask(TargetRegion& r, uint64_t page) override { demands_.push_back((uint64_t(r.sourceRegion) << 48) | r.SourceOf(page)); }
   void Flush() override;
@@ -84,7 +84,7 @@ class TemplateSupply final : public PageSupply {
   TargetMap& map_;
   Installer& installer_;
   EventSink& events_;
-  const StopFlags& flags_;
+  const EngineLife& life_;
   std::vector<uint64_t> demands_;        // fault thread only
   std::atomic<bool> targetGone_{false};  // its process exited (nothing more to map)
 };
