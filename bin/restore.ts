@@ -8,7 +8,7 @@ import { Destination } from '../client/destination.js';
 import { SourceConnection } from '../client/source-connection.js';
 import { mapFile, PAGE_SIZE, type Mapping } from '../lib/memory.js';
 import { digestOf } from '../lib/digest.js';
-import { Image } from '../server/image.js';
+import { Image } from '../lib/image.js';
 import { coldStartOrder, shuffledOrder, touchPages } from '../lib/workload.js';
 import { pagesIn, readWorkingSet, writeWorkingSet } from '../client/working-set.js';
 import type { Logger } from '../lib/logger.js';

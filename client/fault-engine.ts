@@ -55,7 +55,7 @@ export interface FaultEngineOptions {
   recordFaults?: boolean;
   /**
    * Where the pages come from when not from a source's data channels: an
-   * image in this process, one spec per source region (server/image.ts), with
+   * image in this process, one spec per source region (lib/image.ts), with
    * the window and background the engine then runs itself.
    */
   local?: LocalImageSupply | TemplateSupply;

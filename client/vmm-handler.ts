@@ -27,7 +27,7 @@ import { transferOptions, type TransferOptions } from '../lib/transfer.js';
 import { DestinationSession, sourcesOf, type DestinationSessionOptions, type EngineFactory, type PageSession, type RecoveryStatus } from './session.js';
 import { LocalSession, type LocalSessionOptions } from './local-session.js';
 import { Template } from './template.js';
-import { Image } from '../server/image.js';
+import { Image } from '../lib/image.js';
 import { layoutOf, pagesIn, writeWorkingSet } from './working-set.js';
 import { FaultEngine, type MemoryEvent, type TargetRegion } from './fault-engine.js';
 import { summarize, type RestoreReport } from './report.js';

@@ -16,7 +16,7 @@ import { ErrorCode, PostcopyError, errorOfEvent } from '../lib/errors.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
 import { native, type NativeEvent } from '../lib/native.js';
 import { takeSocket } from '../lib/protocol.js';
-import { Image } from './image.js';
+import { Image } from '../lib/image.js';
 import type { QemuSnapshotManifest } from './qemu-snapshot.js';
 
 const COMMAND = 0x08;

@@ -3,7 +3,7 @@ import { closeSync, fstatSync, readFileSync, readdirSync, statSync, writeFileSyn
 import { connect as netConnect, createServer, Socket as NetSocket } from 'node:net';
 import { join } from 'node:path';
 import { once } from 'node:events';
-import { Image } from '../server/image.js';
+import { Image } from '../lib/image.js';
 import { MAX_UNPROVEN_CONNECTIONS, PageServer } from '../server/page-server.js';
 import { Destination } from '../client/destination.js';
 import { SourceConnection } from '../client/source-connection.js';
