@@ -8,6 +8,7 @@
 #pragma once
 #include <napi.h>
 
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -15,6 +16,8 @@
 #include "errors.h"
 
 namespace uffdpc {
+
+struct OwedAnswers;
 
 struct NativeEvent {
   using Fields = std::vector<std::pair<const char*, double>>;
@@ -33,17 +36,41 @@ struct NativeEvent {
   int errnum = 0;  // with `syscall`: a kernel error (code is its name)
   const char* syscall = nullptr;
   Fields fields;
+  std::vector<std::pair<const char*, bool>> flags;  // named booleans
+  bool settles = false;                             // pays one answer owed (EventSink::Owe)
+  std::shared_ptr<OwedAnswers> owed;                // set by Emit when `settles`
+};
+
+// The answers a sink still owes (JS thread only): while any is, the sink keeps
+// the process alive. Shared with events in flight, which may be delivered
+// after the sink's owner is gone.
+struct OwedAnswers {
+  Napi::ThreadSafeFunction tsfn;
+  uint64_t count = 0;
+  void Pay(Napi::Env env) {
+    if (count > 0 && --count == 0) tsfn.Unref(env);
+  }
 };
 
 class EventSink {
  public:
   void Open(Napi::Env env, Napi::Function callback, const char* name) {
     tsfn_ = Napi::ThreadSafeFunction::New(env, callback, name, 0, 1);
+    owed_->tsfn = tsfn_;
     open_ = true;
   }
+  // JS thread: the sink keeps the process alive only while an answer is owed:
+  // Owe() per answer expected, paid by the delivery of an event that
+  // `settles`, or by Forgive() (an answer that will not come).
+  void KeepAliveOnlyWhileOwed(Napi::Env env) { tsfn_.Unref(env); }
+  void Owe(Napi::Env env) {
+    if (owed_->count++ == 0) tsfn_.Ref(env);
+  }
+  void Forgive(Napi::Env env) { owed_->Pay(env); }
   // From any thread while open. Drops the event if the queue is closing.
   void Emit(NativeEvent event) {
     if (!open_) return;
+    if (event.settles) event.owed = owed_;
     auto* heap = new NativeEvent(std::move(event));
     if (tsfn_.NonBlockingCall(heap, Deliver) != napi_ok) delete heap;
   }
@@ -68,6 +95,8 @@ class EventSink {
       }
       o.Set("generation", event->generation);
       for (auto& [name, value] : event->fields) o.Set(name, value);
+      for (auto& [name, value] : event->flags) o.Set(name, value);
+      if (event->owed) event->owed->Pay(env);
       // An exception thrown by the callback would be swallowed (DEP0168); the
       // JS side catches inside its own handler.
       callback.Call({o});
@@ -76,6 +105,7 @@ class EventSink {
   }
 
   Napi::ThreadSafeFunction tsfn_;
+  std::shared_ptr<OwedAnswers> owed_ = std::make_shared<OwedAnswers>();
   bool open_ = false;
 };
 

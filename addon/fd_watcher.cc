@@ -4,32 +4,21 @@
 // watch(fd, timeoutMs, id) and is called back once with {id, ready}; the fd is
 // then read on the JS thread without blocking (receiveNow).
 #include <sys/epoll.h>
-#include <sys/eventfd.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <map>
 #include <mutex>
-#include <thread>
 #include <vector>
 
 #include "addon.h"
+#include "data_plane.h"
 #include "errors.h"
 
 namespace uffdpc {
 namespace {
 
-constexpr size_t kMaxFds = 253;  // SCM_MAX_FD
-
-class FdWatcher;
-struct Outcome {
-  FdWatcher* watcher;
-  double id;
-  bool ready;
-};
-
-class FdWatcher : public Napi::ObjectWrap<FdWatcher> {
+class FdWatcher : public Napi::ObjectWrap<FdWatcher>, DataPlane {
  public:
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "FdWatcher",
@@ -40,17 +29,12 @@ class FdWatcher : public Napi::ObjectWrap<FdWatcher> {
   explicit FdWatcher(const Napi::CallbackInfo& info) : Napi::ObjectWrap<FdWatcher>(info) {
     epoll_ = epoll_create1(EPOLL_CLOEXEC);
     if (epoll_ < 0) ThrowErrno(info.Env(), errno, "epoll_create1");
-    wake_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (wake_ < 0) {
-      int err = errno;
-      close(epoll_);
-      ThrowErrno(info.Env(), err, "eventfd");
-    }
+    OwnFd(epoll_);
+    OpenPlane(info.Env(), info[0].As<Napi::Function>(), "FdWatcher");
     epoll_event ev{EPOLLIN, {.u64 = kWakeKey}};
-    epoll_ctl(epoll_, EPOLL_CTL_ADD, wake_, &ev);
-    tsfn_ = Napi::ThreadSafeFunction::New(info.Env(), info[0].As<Napi::Function>(), "FdWatcher", 0, 1);
-    tsfn_.Unref(info.Env());  // an idle watcher keeps nobody alive
-    thread_ = std::thread([this] { Loop(); });
+    epoll_ctl(epoll_, EPOLL_CTL_ADD, WakeFd(), &ev);
+    events_.KeepAliveOnlyWhileOwed(info.Env());  // an idle watcher keeps nobody alive
+    Spawn("fd-watcher", -1, [this] { Loop(); });
   }
 
   ~FdWatcher() override { Shutdown(); }
@@ -63,7 +47,7 @@ class FdWatcher : public Napi::ObjectWrap<FdWatcher> {
     int fd = info[0].As<Napi::Number>().Int32Value();
     int timeoutMs = info[1].As<Napi::Number>().Int32Value();
     double id = info[2].As<Napi::Number>().DoubleValue();
-    if (closed_) throw CodedError(info.Env(), "ERR_ENGINE_STATE", "the watcher is closed");
+    if (Stopped()) throw CodedError(info.Env(), "ERR_ENGINE_STATE", "the watcher is closed");
     {
       std::lock_guard<std::mutex> lock(mu_);
       uint64_t key = nextKey_++;
@@ -71,10 +55,9 @@ class FdWatcher : public Napi::ObjectWrap<FdWatcher> {
       epoll_event ev{EPOLLIN | EPOLLRDHUP | EPOLLONESHOT, {.u64 = key}};
       if (epoll_ctl(epoll_, EPOLL_CTL_ADD, fd, &ev) != 0) ThrowErrno(info.Env(), errno, "epoll_ctl");
       watched_[key] = {fd, id, deadline};
-      if (pending_++ == 0) tsfn_.Ref(info.Env());
     }
-    uint64_t one = 1;
-    if (write(wake_, &one, sizeof one) < 0) {}  // a new deadline may be the nearest
+    events_.Owe(info.Env());
+    Wake();  // a new deadline may be the nearest
     return info.Env().Undefined();
   }
 
@@ -86,7 +69,7 @@ class FdWatcher : public Napi::ObjectWrap<FdWatcher> {
       if (it->second.id != id) continue;
       epoll_ctl(epoll_, EPOLL_CTL_DEL, it->second.fd, nullptr);
       watched_.erase(it);
-      if (pending_ > 0 && --pending_ == 0) tsfn_.Unref(info.Env());
+      events_.Forgive(info.Env());
       break;
     }
     return info.Env().Undefined();
@@ -95,18 +78,6 @@ class FdWatcher : public Napi::ObjectWrap<FdWatcher> {
   Napi::Value Close(const Napi::CallbackInfo& info) {
     Shutdown();
     return info.Env().Undefined();
-  }
-
-  void Shutdown() {
-    if (closed_) return;
-    closed_ = true;
-    stop_ = true;
-    uint64_t one = 1;
-    if (write(wake_, &one, sizeof one) < 0) {}
-    if (thread_.joinable()) thread_.join();
-    close(epoll_);
-    close(wake_);
-    tsfn_.Release();
   }
 
   using Clock = std::chrono::steady_clock;
@@ -118,7 +89,7 @@ class FdWatcher : public Napi::ObjectWrap<FdWatcher> {
 
   void Loop() {
     epoll_event events[64];
-    while (!stop_) {
+    while (!Stopping()) {
       int timeout = -1;
       {
         std::lock_guard<std::mutex> lock(mu_);
@@ -132,20 +103,19 @@ class FdWatcher : public Napi::ObjectWrap<FdWatcher> {
       }
       int n = epoll_wait(epoll_, events, 64, timeout);
       if (n < 0 && errno != EINTR) return;
-      std::vector<Outcome> outcomes;
+      std::vector<std::pair<double, bool>> outcomes;  // id, ready
       {
         std::lock_guard<std::mutex> lock(mu_);
         for (int i = 0; i < n; i++) {
           uint64_t key = events[i].data.u64;
           if (key == kWakeKey) {
-            uint64_t count;
-            if (read(wake_, &count, sizeof count) < 0) {}
+            ClearWake();
             continue;
           }
           auto it = watched_.find(key);
           if (it == watched_.end()) continue;
           epoll_ctl(epoll_, EPOLL_CTL_DEL, it->second.fd, nullptr);
-          outcomes.push_back({this, it->second.id, true});
+          outcomes.push_back({it->second.id, true});
           watched_.erase(it);
         }
         auto now = Clock::now();
@@ -155,46 +125,23 @@ class FdWatcher : public Napi::ObjectWrap<FdWatcher> {
             continue;
           }
           epoll_ctl(epoll_, EPOLL_CTL_DEL, it->second.fd, nullptr);
-          outcomes.push_back({this, it->second.id, false});
+          outcomes.push_back({it->second.id, false});
           it = watched_.erase(it);
         }
       }
-      for (const Outcome& o : outcomes) {
-        auto* heap = new Outcome(o);
-        if (tsfn_.NonBlockingCall(heap, Deliver) != napi_ok) delete heap;
+      for (auto [id, ready] : outcomes) {
+        NativeEvent e{"outcome", "", "", "", 0, {{"id", id}}};
+        e.flags = {{"ready", ready}};
+        e.settles = true;  // an idle watcher stops keeping the process alive
+        events_.Emit(std::move(e));
       }
     }
   }
 
-  static void Deliver(Napi::Env env, Napi::Function callback, Outcome* o) {
-    if (env != nullptr && callback != nullptr) {
-      o->watcher->Settled(env);
-      Napi::Object out = Napi::Object::New(env);
-      out.Set("id", o->id);
-      out.Set("ready", o->ready);
-      callback.Call({out});
-    }
-    delete o;
-  }
-
-  int epoll_ = -1, wake_ = -1;
-  Napi::ThreadSafeFunction tsfn_;
-  std::thread thread_;
+  int epoll_ = -1;
   std::mutex mu_;
   std::map<uint64_t, Watched> watched_;
   uint64_t nextKey_ = 1;
-  bool closed_ = false;
-  std::atomic<bool> stop_{false};
-
- public:
-  // On the JS thread, once per outcome: an idle watcher stops keeping the process alive.
-  void Settled(Napi::Env env) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (pending_ > 0 && --pending_ == 0) tsfn_.Unref(env);
-  }
-
- private:
-  uint64_t pending_ = 0;
 };
 
 }  // namespace

@@ -22,17 +22,16 @@
 #include <cstring>
 #include <deque>
 #include <mutex>
-#include <thread>
 #include <vector>
 
 #include "addon.h"
 #include "bitmap.h"
+#include "data_plane.h"
 #include "errors.h"
 #include "events.h"
 #include "io.h"
 #include "image_pages.h"
 #include "secure_channel.h"
-#include "threads.h"
 #include "wire.h"
 
 namespace uffdpc {
@@ -94,7 +93,7 @@ class RunBatch {
   uint64_t bytes_ = 0;
 };
 
-class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
+class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane {
  public:
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "PageServerSession",
@@ -160,7 +159,10 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
       }
       encrypted_ = true;
     }
-    events_.Open(info.Env(), o.Get("onEvent").As<Napi::Function>(), "PageServerSession");
+    OpenPlane(info.Env(), o.Get("onEvent").As<Napi::Function>(), "PageServerSession");
+    OwnSocket(urgentFd_);
+    OwnSocket(bulkFd_);
+    WakeOnStop(bulkMu_, bulkCv_);
   }
 
   ~PageServerSession() override { Shutdown(); }
@@ -223,7 +225,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
     if (Fits(pages)) return;
     budgetWaits_++;
     std::unique_lock<std::mutex> lock(bulkMu_);
-    while (!stop_.load() && !Fits(pages)) bulkCv_.wait_for(lock, std::chrono::milliseconds(100));
+    while (!Stopping() && !Fits(pages)) bulkCv_.wait_for(lock, std::chrono::milliseconds(100));
   }
 
   // prefetch(entries: Buffer of u64 LE, region << 48 | page): a working set
@@ -300,18 +302,11 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
   }
 
   Napi::Value Start(const Napi::CallbackInfo& info) {
-    if (started_ || stopped_) return info.Env().Undefined();
+    if (started_ || Stopped()) return info.Env().Undefined();
     started_ = true;
     startNs_ = MonotonicNs();
-    requestThread_ = std::thread([this] {
-      NameAndPinThisThread("pc-requests", -1);
-      RequestLoop();
-    });
-    if (bulkFd_ >= 0)
-      backgroundThread_ = std::thread([this] {
-        NameAndPinThisThread("pc-background", -1);
-        BulkLoop();
-      });
+    Spawn("pc-requests", -1, [this] { RequestLoop(); });
+    if (bulkFd_ >= 0) Spawn("pc-background", -1, [this] { BulkLoop(); });
     return info.Env().Undefined();
   }
 
@@ -320,23 +315,8 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
     return info.Env().Undefined();
   }
 
-  void Shutdown() {
-    if (stopped_) return;
-    stopped_ = true;
-    stop_.store(true);
-    {
-      std::lock_guard<std::mutex> lock(bulkMu_);
-      bulkCv_.notify_all();
-    }
-    if (urgentFd_ >= 0) shutdown(urgentFd_, SHUT_RDWR);
-    if (bulkFd_ >= 0) shutdown(bulkFd_, SHUT_RDWR);
-    if (requestThread_.joinable()) requestThread_.join();
-    if (backgroundThread_.joinable()) backgroundThread_.join();
-    if (urgentFd_ >= 0) close(urgentFd_);
-    if (bulkFd_ >= 0) close(bulkFd_);
-    urgentFd_ = bulkFd_ = -1;
+  void ReleaseReferences() override {
     for (auto& r : regions_) r->image.Release();
-    events_.Close();
   }
 
   Napi::Value Stats(const Napi::CallbackInfo& info) {
@@ -397,11 +377,11 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
     ChannelReader in(urgentFd_, Key(urgentUpKey_, kUrgentUp, false));
     ChannelWriter out(urgentFd_, Key(urgentDownKey_, kUrgentDown, true));
     RunBatch batch(out, 256, bytesSent_);
-    while (!stop_.load()) {
+    while (!Stopping()) {
       ssize_t got = in.ReadSome(reinterpret_cast<char*>(reqs.data()) + have, reqs.size() * sizeof(wire::PageRequest) - have);
       if (got == kBadRecord) return Fail("urgent", "ERR_DATA_TAMPERED", "a record on the urgent channel failed authentication");
       if (got <= 0) {
-        if (!stop_.load())
+        if (!Stopping())
           events_.Emit(ErrnoEvent("closed", "urgent", got < 0 ? static_cast<int>(-got) : 0, "read", "the destination closed the urgent channel"));
         return;
       }
@@ -422,7 +402,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
   }
 
   void FailWrite(int err) {
-    if (!stop_.load()) events_.Emit(ErrnoEvent("error", "urgent", err, "writev", "write to the urgent channel failed"));
+    if (!Stopping()) events_.Emit(ErrnoEvent("error", "urgent", err, "writev", "write to the urgent channel failed"));
   }
 
   // The requested page goes first. It is sent again even if the background
@@ -544,21 +524,21 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
     if (precopy_) {
       int err = Precopy(out, batch);
       if (err) {
-        if (!stop_.load()) events_.Emit(ErrnoEvent("error", "bulk", err, "writev", "write to the bulk channel failed"));
+        if (!Stopping()) events_.Emit(ErrnoEvent("error", "bulk", err, "writev", "write to the bulk channel failed"));
         return;
       }
-      if (stop_.load()) return;
+      if (Stopping()) return;
     }
     uint32_t region = 0;
     uint64_t cursor = 0, seenSeq = 0, sentBytes = 0;
     uint64_t t0 = MonotonicNs();
     std::vector<uint64_t> prefetch;
-    while (!stop_.load()) {
+    while (!Stopping()) {
       if (claimed_.load() >= totalPages_) break;
       {
         std::unique_lock<std::mutex> lock(bulkMu_);
-        bulkCv_.wait(lock, [&] { return stop_.load() || prefetchNext_ < prefetch_.size() || background_; });
-        if (stop_.load()) return;
+        bulkCv_.wait(lock, [&] { return Stopping() || prefetchNext_ < prefetch_.size() || background_; });
+        if (Stopping()) return;
         prefetch.clear();
         for (uint64_t bytes = 0; prefetchNext_ < prefetch_.size() && bytes < wire::kMaxRunBytes; prefetchNext_++) {
           prefetch.push_back(prefetch_[prefetchNext_]);
@@ -578,7 +558,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
         }
         ServedRegion& r = *regions_[region];
         WaitForBudget(std::max<uint64_t>(r.unit, wire::MaxRunPages(r.image.pageSize)));
-        if (stop_.load()) return;
+        if (Stopping()) return;
         uint64_t p = r.sent->NextClear(cursor);
         if (p >= r.image.pages) {  // nothing left from here in this region: next region, from its start
           region = (region + 1) % regions_.size();
@@ -610,12 +590,12 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
       }
       if (!err) err = batch.Flush();
       if (err) {
-        if (!stop_.load()) events_.Emit(ErrnoEvent("error", "bulk", err, "writev", "write to the bulk channel failed"));
+        if (!Stopping()) events_.Emit(ErrnoEvent("error", "bulk", err, "writev", "write to the bulk channel failed"));
         return;
       }
       if (rate_ > 0) Pace(t0, sentBytes);
     }
-    if (stop_.load()) return;
+    if (Stopping()) return;
     wire::RunHeader end{wire::kBulkEnd, 0, 0, 0, wire::kBackground};
     if (out.Write(&end, sizeof end) == 0) bytesSent_ += sizeof end;
     backgroundDoneNs_ = MonotonicNs();
@@ -629,8 +609,8 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
       std::vector<std::pair<uint64_t, uint64_t>> round;
       {
         std::unique_lock<std::mutex> lock(bulkMu_);
-        bulkCv_.wait(lock, [&] { return stop_.load() || switchRequested_ || !rounds_.empty(); });
-        if (stop_.load()) return 0;
+        bulkCv_.wait(lock, [&] { return Stopping() || switchRequested_ || !rounds_.empty(); });
+        if (Stopping()) return 0;
         if (switchRequested_) break;
         round = std::move(rounds_.front());
         rounds_.pop_front();
@@ -653,12 +633,12 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
           pages += n;
           p += n;
           if (rate_ > 0) Pace(t0, (bytesSent_.load() - bytes0));
-          cut = stop_.load() || switchRequestedNow();
+          cut = Stopping() || switchRequestedNow();
         }
         if (cut) break;
       }
       precopyPages_ += pages;
-      if (stop_.load()) return 0;
+      if (Stopping()) return 0;
       events_.Emit(
           {"round-sent", "bulk", "", "", 0, {{"pages", double(pages)}, {"bytes", double(bytesSent_.load() - bytes0)}, {"ns", double(MonotonicNs() - t0)}}});
     }
@@ -728,7 +708,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
       if (!Fits(most)) {  // what is batched goes first: only pages sent can be confirmed
         if (int err = batch.Flush()) return err;
         WaitForBudget(most);
-        if (stop_.load()) return 0;
+        if (Stopping()) return 0;
       }
       if (r.unit > 1) {  // the entry's whole unit
         uint64_t first = page - page % r.unit;
@@ -752,7 +732,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
   // Sleeps (in short steps, so stop() stays prompt) until `sent` bytes fit the rate.
   void Pace(uint64_t t0, uint64_t sent) {
     uint64_t due = t0 + static_cast<uint64_t>(static_cast<double>(sent) / rate_ * 1e9);
-    for (uint64_t now = MonotonicNs(); now < due && !stop_.load(); now = MonotonicNs()) {
+    for (uint64_t now = MonotonicNs(); now < due && !Stopping(); now = MonotonicNs()) {
       uint64_t wait = std::min<uint64_t>(due - now, 10'000'000);
       timespec ts{static_cast<time_t>(wait / 1000000000ull), static_cast<long>(wait % 1000000000ull)};
       nanosleep(&ts, nullptr);
@@ -779,10 +759,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession> {
   double rate_ = 0;
   bool encrypted_ = false;
   uint8_t urgentDownKey_[32] = {}, urgentUpKey_[32] = {}, bulkDownKey_[32] = {};
-  EventSink events_;
-  std::thread requestThread_, backgroundThread_;
-  bool started_ = false, stopped_ = false;
-  std::atomic<bool> stop_{false};
+  bool started_ = false;
   std::atomic<uint64_t> lastRequest_{0}, requestSeq_{0};
   uint64_t budget_ = 0;  // pages sent and not confirmed, at most (0: no budget)
   std::atomic<uint64_t> settled_{0}, unconfirmedPeak_{0}, budgetWaits_{0};

@@ -14,17 +14,16 @@
 #include <deque>
 #include <mutex>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "addon.h"
 #include "bitmap.h"
+#include "data_plane.h"
 #include "errors.h"
 #include "events.h"
 #include "histogram.h"
 #include "image_pages.h"
 #include "io.h"
-#include "threads.h"
 
 namespace uffdpc {
 namespace {
@@ -49,7 +48,7 @@ void PutBe(std::vector<uint8_t>& out, uint64_t v, int bytes) {
   for (int i = bytes - 1; i >= 0; i--) out.push_back(static_cast<uint8_t>(v >> (8 * i)));
 }
 
-class QemuRamStream : public Napi::ObjectWrap<QemuRamStream> {
+class QemuRamStream : public Napi::ObjectWrap<QemuRamStream>, DataPlane {
  public:
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(
@@ -87,25 +86,27 @@ class QemuRamStream : public Napi::ObjectWrap<QemuRamStream> {
       close(fd_);
       throw;
     }
-    events_.Open(info.Env(), o.Get("onEvent").As<Napi::Function>(), "QemuRamStream");
+    try {
+      OpenPlane(info.Env(), o.Get("onEvent").As<Napi::Function>(), "QemuRamStream");
+    } catch (...) {
+      for (auto& b : blocks_) b->image.Release();
+      close(fd_);
+      throw;
+    }
+    OwnSocket(fd_);
+    WakeOnStop(mu_, cv_);
   }
 
   ~QemuRamStream() override { Shutdown(); }
 
  private:
   Napi::Value Start(const Napi::CallbackInfo& info) {
-    if (started_) return info.Env().Undefined();
+    if (started_ || Stopped()) return info.Env().Undefined();
     started_ = true;
     startNs_ = MonotonicNs();
     EnlargeSocketBuffer(fd_, SO_SNDBUF, SO_SNDBUFFORCE, 8 << 20);
-    reader_ = std::thread([this] {
-      NameAndPinThisThread("pc-qemu-rp", -1);
-      ReadReturnPath();
-    });
-    writer_ = std::thread([this] {
-      NameAndPinThisThread("pc-qemu-ram", -1);
-      WriteStream();
-    });
+    Spawn("pc-qemu-rp", -1, [this] { ReadReturnPath(); });
+    Spawn("pc-qemu-ram", -1, [this] { WriteStream(); });
     return info.Env().Undefined();
   }
 
@@ -114,21 +115,8 @@ class QemuRamStream : public Napi::ObjectWrap<QemuRamStream> {
     return info.Env().Undefined();
   }
 
-  void Shutdown() {
-    if (stopped_) return;
-    stopped_ = true;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
-      cv_.notify_all();
-    }
-    if (fd_ >= 0) shutdown(fd_, SHUT_RDWR);
-    if (writer_.joinable()) writer_.join();
-    if (reader_.joinable()) reader_.join();
-    if (fd_ >= 0) close(fd_);
-    fd_ = -1;
+  void ReleaseReferences() override {
     for (auto& b : blocks_) b->image.Release();
-    events_.Close();
   }
 
   Napi::Value Stats(const Napi::CallbackInfo& info) {
@@ -195,7 +183,7 @@ class QemuRamStream : public Napi::ObjectWrap<QemuRamStream> {
 
   void Gone(int err) {
     std::lock_guard<std::mutex> lock(mu_);
-    if (!stop_ && !shut_) {
+    if (!Stopping() && !shut_) {
       peerGone_ = true;
       if (err > 0 && err != EPIPE && err != ECONNRESET)
         events_.Emit(ErrnoEvent("error", "return-path", err, "read", "reading the destination's return path failed"));
@@ -222,8 +210,8 @@ class QemuRamStream : public Napi::ObjectWrap<QemuRamStream> {
       Request req{UINT32_MAX, 0, 0, 0};
       {
         std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait(lock, [&] { return stop_ || peerGone_ || violation_ || shut_ || !requests_.empty() || background_; });
-        if (stop_ || shut_) return;
+        cv_.wait(lock, [&] { return Stopping() || peerGone_ || violation_ || shut_ || !requests_.empty() || background_; });
+        if (Stopping() || shut_) return;
         if (peerGone_) return Emit("error", "ERR_PEER_GONE", "the destination QEMU closed the migration connection");
         if (violation_) return Emit("error", "ERR_PROTOCOL_OUT_OF_RANGE", violation_);
         if (!requests_.empty()) {
@@ -261,8 +249,8 @@ class QemuRamStream : public Napi::ObjectWrap<QemuRamStream> {
     if (int err = WriteFull(fd_, tail.data(), tail.size())) return Failed(err, "writing the stream's end failed");
     bytesSent_ += tail.size();
     std::unique_lock<std::mutex> lock(mu_);
-    bool answered = cv_.wait_for(lock, std::chrono::seconds(30), [&] { return stop_ || shut_ || peerGone_ || violation_; });
-    if (stop_) return;
+    bool answered = cv_.wait_for(lock, std::chrono::seconds(30), [&] { return Stopping() || shut_ || peerGone_ || violation_; });
+    if (Stopping()) return;
     if (shut_) {
       residentNs_ = MonotonicNs() - startNs_;
       lock.unlock();
@@ -332,7 +320,7 @@ class QemuRamStream : public Napi::ObjectWrap<QemuRamStream> {
   void Failed(int err, const char* message) {
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (stop_) return;
+      if (Stopping()) return;
       if (peerGone_ || err == EPIPE || err == ECONNRESET) {
         events_.Emit({"error", "", "ERR_PEER_GONE", "the destination QEMU closed the migration connection"});
         return;
@@ -352,13 +340,11 @@ class QemuRamStream : public Napi::ObjectWrap<QemuRamStream> {
   uint32_t lastBlock_ = UINT32_MAX;  // writer only: the block the last record named
   std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<Request> requests_;                         // under mu_
-  bool stop_ = false, shut_ = false, peerGone_ = false;  // under mu_
-  const char* violation_ = nullptr;                      // under mu_
+  std::deque<Request> requests_;          // under mu_
+  bool shut_ = false, peerGone_ = false;  // under mu_
+  const char* violation_ = nullptr;       // under mu_
   uint32_t shutStatus_ = 0;
-  EventSink events_;
-  std::thread reader_, writer_;
-  bool started_ = false, stopped_ = false;
+  bool started_ = false;
   uint64_t startNs_ = 0;
   LatencyHistogram latency_;
   std::atomic<uint64_t> sentPages_{0}, onDemand_{0}, window_{0}, backgroundPages_{0}, zeroPages_{0}, bytesSent_{0}, preambleNs_{0}, residentNs_{0};
