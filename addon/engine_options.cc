@@ -94,8 +94,8 @@ std::unique_ptr<EngineParts> BuildEngineParts(Napi::Env env, Napi::Object o, Eng
   parts->zeros.reset(static_cast<uint8_t*>(calloc(1, map.maxRunBytes())));
   parts->checksum = std::make_unique<InstalledChecksum>(map, o.Get("checksumInstalled").ToBoolean().Value(), parts->zeros.get());
   // ownMemory: the memory is this process's own (restore), so precopy writes it directly.
-  parts->installer = std::make_unique<Installer>(map, parts->stats, *parts->checksum, events, life, uffd, o.Get("ownMemory").ToBoolean().Value(),
-                                                 parts->zeros.get());
+  parts->installer =
+      std::make_unique<Installer>(map, parts->stats, *parts->checksum, events, life, uffd, o.Get("ownMemory").ToBoolean().Value(), parts->zeros.get());
 
   // checked in TypeScript: one region per source region, each whole, in the file's mapping
   if (fillsTemplate) parts->filler = std::make_unique<TemplateFiller>(map, EventFd(env, life));

@@ -22,7 +22,14 @@ class FaultLoop {
   // `uffd` -1: a template's filler (no process of its own; its faults are its clones' demands).
   // `removeGivesBack`: memory the process gives back settles as zeros (not for a clone, whose memory reads the template's file again).
   FaultLoop(EngineLife& life, TargetMap& map, Installer& installer, EngineStats& stats, EventSink& events, int uffd, bool recordFaults, bool removeGivesBack)
-      : life_(life), map_(map), installer_(installer), stats_(stats), events_(events), uffd_(uffd), recordFaults_(recordFaults), removeGivesBack_(removeGivesBack) {}
+      : life_(life),
+        map_(map),
+        installer_(installer),
+        stats_(stats),
+        events_(events),
+        uffd_(uffd),
+        recordFaults_(recordFaults),
+        removeGivesBack_(removeGivesBack) {}
 
   void SetSupply(PageSupply* supply) { supply_ = supply; }
   // Before Start: more work for the fault thread (at most two parts: the supply and a template's filler).

@@ -15,8 +15,7 @@ bool ImageZero(const ImagePages& img, const TargetRegion& r, uint64_t p) {
 }
 }  // namespace
 
-ImageSupply::ImageSupply(TargetMap& map, Installer& installer, EngineLife& life, std::vector<std::unique_ptr<ImagePages>> image, Window window,
-                         bool background)
+ImageSupply::ImageSupply(TargetMap& map, Installer& installer, EngineLife& life, std::vector<std::unique_ptr<ImagePages>> image, Window window, bool background)
     : map_(map), installer_(installer), life_(life), image_(std::move(image)), window_(window), backgroundOn_(background) {
   // The working set's pages, looked up by the fault thread: allocated once, here.
   for (uint64_t pages : map.sourcePageCounts()) prefetchSet_.push_back(std::make_unique<AtomicBitmap>(pages));
