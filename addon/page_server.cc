@@ -31,6 +31,7 @@
 #include "events.h"
 #include "io.h"
 #include "image_pages.h"
+#include "page_scheduler.h"
 #include "secure_channel.h"
 #include "wire.h"
 
@@ -43,8 +44,7 @@ struct ServedRegion {
   // 4 KiB image pages). Every run then holds whole units, each claimed by its
   // first page: a unit is sent whole or not at all.
   uint64_t unit = 1;
-  std::unique_ptr<AtomicBitmap> sent;        // sent at least once, on either channel
-  std::unique_ptr<AtomicBitmap> sentUrgent;  // sent on the urgent channel
+  std::unique_ptr<AtomicBitmap> sentUrgent;  // sent on the urgent channel (sent at all: claimed in the scheduler)
   std::unique_ptr<AtomicBitmap> confirmed;   // held by the destination for good (a budget is set)
   // Precopy: sent in a round at least once; queued for a round and not sent since.
   std::unique_ptr<AtomicBitmap> everSent, queued;
@@ -117,7 +117,6 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
         if (unit.IsNumber()) region->unit = static_cast<uint64_t>(unit.As<Napi::Number>().Int64Value());
         if (region->unit == 0 || region->image.pages % region->unit || region->unit > wire::MaxRunPages(region->image.pageSize))
           throw CodedError(info.Env(), "ERR_OUT_OF_RANGE", "a unit must divide the region and fit one run");
-        region->sent = std::make_unique<AtomicBitmap>(region->image.pages);
         region->sentUrgent = std::make_unique<AtomicBitmap>(region->image.pages);
         totalPages_ += region->image.pages;
         regions_.push_back(std::move(region));
@@ -132,6 +131,11 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
     if (bulkFd_ >= 0) EnlargeSocketBuffer(bulkFd_, SO_SNDBUF, SO_SNDBUFFORCE, 8 << 20);
     windowForward_ = o.Get("windowForward").As<Napi::Number>().Uint32Value();
     windowBackward_ = o.Get("windowBackward").As<Napi::Number>().Uint32Value();
+    std::vector<PageScheduler::Region> shapes;
+    for (auto& r : regions_) shapes.push_back({r->image.pages, r->unit, wire::MaxRunPages(r->image.pageSize)});
+    sched_ = std::make_unique<PageScheduler>(std::move(shapes), PageScheduler::Window{windowForward_, windowBackward_});
+    sched_->WakeOnWork(bulkMu_, bulkCv_);
+    for (auto& r : regions_) mostRun_ = std::max<uint64_t>(mostRun_, std::max<uint64_t>(r->unit, wire::MaxRunPages(r->image.pageSize)));
     background_ = o.Get("background").As<Napi::Boolean>().Value();
     precopy_ = o.Get("precopy").ToBoolean().Value();
     if (precopy_)
@@ -174,7 +178,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
     auto bits = info[1].As<Napi::TypedArrayOf<uint8_t>>();
     ServedRegion& r = *regions_.at(id);
     for (uint64_t p = 0; p < r.image.pages && p / 8 < bits.ByteLength(); p++)
-      if ((bits.Data()[p / 8] >> (p % 8)) & 1) Settle(r, p);
+      if ((bits.Data()[p / 8] >> (p % 8)) & 1) Settle(id, p);
     return info.Env().Undefined();
   }
 
@@ -187,11 +191,11 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
     auto bits = info[2].As<Napi::TypedArrayOf<uint8_t>>();
     if (id >= regions_.size() || offset > (regions_[id]->image.pages + 7) / 8 || bits.ByteLength() > (regions_[id]->image.pages + 7) / 8 - offset)
       throw CodedError(info.Env(), "ERR_PROTOCOL_OUT_OF_RANGE", "confirm: bytes outside the region's bitmap");
-    ServedRegion& r = *regions_[id];
+    uint64_t pages = regions_[id]->image.pages;
     for (uint64_t i = 0; i < bits.ByteLength(); i++) {
       uint8_t byte = bits.Data()[i];
       for (uint64_t b = 0; byte && b < 8; b++)
-        if ((byte >> b) & 1 && (offset + i) * 8 + b < r.image.pages) Settle(r, (offset + i) * 8 + b);
+        if ((byte >> b) & 1 && (offset + i) * 8 + b < pages) Settle(id, (offset + i) * 8 + b);
     }
     std::lock_guard<std::mutex> lock(bulkMu_);
     bulkCv_.notify_all();
@@ -199,15 +203,15 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
   }
 
   // Page p of r is the destination's for good: sent (never again), and, under a budget, confirmed.
-  void Settle(ServedRegion& r, uint64_t p) {
-    if (r.sent->Claim(p)) claimed_++;
-    if (r.confirmed && r.confirmed->Claim(p)) settled_++;
+  void Settle(uint32_t id, uint64_t p) {
+    sched_->Claim(id, p);
+    if (regions_[id]->confirmed && regions_[id]->confirmed->Claim(p)) settled_++;
   }
 
   // Pages sent and not yet confirmed (0 without a budget).
   uint64_t Unconfirmed() const {
     if (budget_ == 0) return 0;
-    uint64_t sent = claimed_.load(), settled = settled_.load();
+    uint64_t sent = sched_->claimed(), settled = settled_.load();
     return sent > settled ? sent - settled : 0;
   }
 
@@ -219,6 +223,12 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
 
   // The request thread's window and clusters go only while `pages` more fit the budget.
   bool Fits(uint64_t pages) const { return budget_ == 0 || Unconfirmed() + pages <= budget_; }
+  // How many more pages fit the budget now.
+  uint64_t Room() const {
+    if (budget_ == 0) return UINT64_MAX;
+    uint64_t now = Unconfirmed();
+    return now < budget_ ? budget_ - now : 0;
+  }
 
   // The bulk thread: waits until `pages` more fit the budget (or stop). Bounded steps: confirm() and stop() wake it sooner.
   void WaitForBudget(uint64_t pages) {
@@ -239,15 +249,9 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
     for (uint64_t e : entries)
       if ((e >> 48) >= regions_.size() || (e & kPageMask) >= regions_[e >> 48]->image.pages)
         throw CodedError(info.Env(), "ERR_PROTOCOL_OUT_OF_RANGE", "a prefetch entry lies outside the image");
-    std::lock_guard<std::mutex> lock(bulkMu_);
-    if (prefetch_.size() + entries.size() > totalPages_) throw CodedError(info.Env(), "ERR_PROTOCOL_OUT_OF_RANGE", "a working set larger than the image");
-    if (prefetchSet_.empty()) {
-      for (auto& r : regions_) prefetchSet_.push_back(std::make_unique<AtomicBitmap>(r->image.pages));
-      hasSet_.store(true, std::memory_order_release);  // the request thread looks at it from now on
-    }
-    for (uint64_t e : entries) prefetchSet_[e >> 48]->Claim(e & kPageMask);
-    prefetch_.insert(prefetch_.end(), entries.begin(), entries.end());
-    bulkCv_.notify_one();
+    if (sched_->WorkingSetSize() + entries.size() > totalPages_)
+      throw CodedError(info.Env(), "ERR_PROTOCOL_OUT_OF_RANGE", "a working set larger than the image");
+    sched_->AddWorkingSet(entries);  // (every entry checked above)
     return info.Env().Undefined();
   }
 
@@ -332,7 +336,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
     n("pagesPrefetched", pagesPrefetched_);
     n("zeroPages", zeroPages_);
     n("bytesSent", bytesSent_);
-    n("pagesSent", claimed_);
+    n("pagesSent", sched_->claimed());
     n("totalPages", totalPages_);
     n("pagesPrecopied", precopyPages_);
     n("pagesDiscarded", discarded_);
@@ -408,116 +412,37 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
   // The requested page goes first. It is sent again even if the background
   // thread sent it already (that copy may sit behind megabytes of bulk data),
   // but not if it went out on this channel, where it is already ahead of us.
-  // Then the window pages nobody has sent yet.
+  // Then what the scheduler adds around it: the window pages nobody has sent
+  // yet and the working set's cluster, while they fit the budget. In a
+  // region served in units, the whole unit of the page and whole units around.
   int Answer(RunBatch& batch, uint32_t id, uint64_t page) {
     ServedRegion& r = *regions_[id];
-    if (r.unit > 1) return AnswerUnit(batch, id, page - page % r.unit);
+    uint64_t first = page - page % r.unit;
     requests_++;
-    lastRequest_.store((static_cast<uint64_t>(id) << 48) | page, std::memory_order_relaxed);
-    requestSeq_.fetch_add(1, std::memory_order_release);
-    if (r.sent->Claim(page)) {
-      claimed_++;
-      r.sentUrgent->Claim(page);
-    } else if (r.sentUrgent->Test(page)) {
-      pagesInFlight_++;
-      return 0;
-    } else {
-      pagesResent_++;
-    }
-    pagesRequested_++;
-    NoteUnconfirmed();
-    if (int err = AddRuns(batch, id, page, 1, wire::kRequested)) return err;
-    auto addWindow = [&](uint64_t from, uint64_t to) -> int {  // [from, to), ascending
-      uint32_t maxRun = wire::MaxRunPages(r.image.pageSize);
-      uint64_t runStart = 0, runLen = 0;
-      for (uint64_t p = from; p < to; p++) {
-        bool mine = Fits(1) && r.sent->Claim(p);  // over the budget, the window waits for the background
-        if (mine) {
-          claimed_++;
-          r.sentUrgent->Claim(p);
-          if (runLen == 0) runStart = p;
-          runLen++;
-        }
-        if (runLen > 0 && (!mine || p + 1 == to || runLen == maxRun)) {
-          pagesPrefault_ += runLen;
-          NoteUnconfirmed();
-          if (int err = AddRuns(batch, id, runStart, runLen, wire::kPrefault)) return err;
-          runLen = 0;
-        }
-      }
-      return 0;
-    };
-    if (int err = addWindow(page + 1, std::min(r.image.pages, page + 1 + windowForward_))) return err;
-    // A page of the working set the destination replays: its cluster of the set goes with it, now.
-    if (hasSet_.load(std::memory_order_acquire) && prefetchSet_[id]->Test(page)) {
-      const AtomicBitmap& set = *prefetchSet_[id];
-      uint64_t maxRun = wire::MaxRunPages(r.image.pageSize), lo = page, hi = page + 1;
-      while (lo > 0 && page - lo < maxRun && set.Test(lo - 1)) lo--;
-      while (hi < r.image.pages && hi - page < maxRun && set.Test(hi)) hi++;
-      for (uint64_t p = lo; p < hi && Fits(1);) {  // the pages of [lo, hi) not sent yet, as runs
-        if (!r.sent->Claim(p)) {
-          p++;
-          continue;
-        }
-        uint64_t q = p + 1;
-        while (q < hi && q - p < maxRun && Fits(q - p + 1) && r.sent->Claim(q)) q++;
-        claimed_ += q - p;
-        NoteUnconfirmed();
-        pagesPrefetched_ += q - p;
-        for (uint64_t k = p; k < q; k++) r.sentUrgent->Claim(k);
-        if (int err = AddRuns(batch, id, p, static_cast<uint32_t>(q - p), wire::kPrefetch)) return err;
-        p = q;
-      }
-    }
-    return addWindow(page > windowBackward_ ? page - windowBackward_ : 0, page);
-  }
-
-  // Claims unit [first, first + unit) of r, by its first page; true when this
-  // call did (the rest of its pages are then ours too).
-  bool ClaimUnit(ServedRegion& r, uint64_t first) {
-    if (!r.sent->Claim(first)) return false;
-    uint64_t mine = 1;  // (pages of it held by the destination already were marked sent: not counted twice)
-    for (uint64_t k = first + 1; k < first + r.unit; k++)
-      if (r.sent->Claim(k)) mine++;
-    claimed_ += mine;
-    return true;
-  }
-
-  // Answer() for a region served in units: the requested unit whole (again,
-  // unless it went out on this channel already), then the window in units.
-  int AnswerUnit(RunBatch& batch, uint32_t id, uint64_t first) {
-    ServedRegion& r = *regions_[id];
-    requests_++;
-    lastRequest_.store((static_cast<uint64_t>(id) << 48) | first, std::memory_order_relaxed);
-    requestSeq_.fetch_add(1, std::memory_order_release);
-    if (!ClaimUnit(r, first)) {
+    runs_.clear();
+    if (sched_->Request(id, first, r.unit, runs_) > 0) {  // sent already
       if (r.sentUrgent->Test(first)) {
         pagesInFlight_ += r.unit;
         return 0;
       }
       pagesResent_ += r.unit;
+      runs_.push_back({id, first, r.unit, Why::kRequested});
     }
-    r.sentUrgent->Claim(first);
     pagesRequested_ += r.unit;
     NoteUnconfirmed();
-    if (int err = AddRuns(batch, id, first, r.unit, wire::kRequested)) return err;
-    uint64_t units = r.image.pages / r.unit, at = first / r.unit;
-    for (uint64_t k = 1; k <= windowForward_ + windowBackward_; k++) {
-      bool forward = k <= windowForward_;
-      uint64_t u = forward ? at + k : at - (k - windowForward_);
-      if (forward ? u >= units : k - windowForward_ > at) continue;
-      if (!Fits(r.unit)) break;
-      if (!ClaimUnit(r, u * r.unit)) continue;
-      NoteUnconfirmed();
-      r.sentUrgent->Claim(u * r.unit);
-      pagesPrefault_ += r.unit;
-      if (int err = AddRuns(batch, id, u * r.unit, r.unit, wire::kPrefault)) return err;
+    sched_->Around(id, first, r.unit, Room(), runs_);
+    NoteUnconfirmed();
+    for (const PageRun& run : runs_) {
+      for (uint64_t k = run.first; k < run.first + run.count; k += r.unit) r.sentUrgent->Claim(k);
+      if (run.why == Why::kWindow) pagesPrefault_ += run.count;
+      if (run.why == Why::kWorkingSet) pagesPrefetched_ += run.count;
+      if (int err = AddRuns(batch, id, run.first, run.count, static_cast<uint32_t>(run.why))) return err;
     }
     return 0;
   }
 
-  // The bulk channel: the working set to prefetch first, in its order, a batch
-  // of at most one run's bytes at a time; then the background, when it is on.
+  // The bulk channel: the working set to prefetch first, in its order, about
+  // one run's bytes at a time; then the background, when it is on.
   void BulkLoop() {
     ChannelWriter out(bulkFd_, Key(bulkDownKey_, kBulkDown, true));
     RunBatch batch(out, 64, bytesSent_);
@@ -529,64 +454,28 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
       }
       if (Stopping()) return;
     }
-    uint32_t region = 0;
-    uint64_t cursor = 0, seenSeq = 0, sentBytes = 0;
+    uint64_t sentBytes = 0;
     uint64_t t0 = MonotonicNs();
-    std::vector<uint64_t> prefetch;
     while (!Stopping()) {
-      if (claimed_.load() >= totalPages_) break;
+      if (sched_->AllClaimed()) break;
+      bool background;
       {
         std::unique_lock<std::mutex> lock(bulkMu_);
-        bulkCv_.wait(lock, [&] { return Stopping() || prefetchNext_ < prefetch_.size() || background_; });
+        bulkCv_.wait(lock, [&] { return Stopping() || sched_->HasWork() || background_; });
         if (Stopping()) return;
-        prefetch.clear();
-        for (uint64_t bytes = 0; prefetchNext_ < prefetch_.size() && bytes < wire::kMaxRunBytes; prefetchNext_++) {
-          prefetch.push_back(prefetch_[prefetchNext_]);
-          bytes += regions_[prefetch_[prefetchNext_] >> 48]->image.pageSize;
-        }
+        background = background_;
       }
-      int err = 0;
-      if (!prefetch.empty()) {
-        err = SendPrefetch(batch, prefetch);
-      } else {
-        uint64_t seq = requestSeq_.load(std::memory_order_acquire);
-        if (seq != seenSeq) {  // follow the workload: continue after the last request
-          seenSeq = seq;
-          uint64_t last = lastRequest_.load(std::memory_order_relaxed);
-          region = static_cast<uint32_t>(last >> 48);
-          cursor = (last & kPageMask) + 1;
-        }
-        ServedRegion& r = *regions_[region];
-        WaitForBudget(std::max<uint64_t>(r.unit, wire::MaxRunPages(r.image.pageSize)));
+      bool prefetched = false;
+      int err = SendPrefetch(batch, &prefetched);
+      if (!err && !prefetched && background) {
+        WaitForBudget(mostRun_);
         if (Stopping()) return;
-        uint64_t p = r.sent->NextClear(cursor);
-        if (p >= r.image.pages) {  // nothing left from here in this region: next region, from its start
-          region = (region + 1) % regions_.size();
-          cursor = 0;
-          continue;
-        }
-        uint32_t maxRun = wire::MaxRunPages(r.image.pageSize);
-        uint64_t runLen = 0;
-        if (r.unit > 1) {  // whole units, each claimed by its first page
-          p -= p % r.unit;
-          while (p + runLen < r.image.pages && runLen + r.unit <= maxRun && ClaimUnit(r, p + runLen)) runLen += r.unit;
-          if (runLen == 0) {
-            cursor = p + r.unit;
-            continue;
-          }
-        } else {
-          while (p + runLen < r.image.pages && runLen < maxRun && r.sent->Claim(p + runLen)) runLen++;
-          if (runLen == 0) {
-            cursor = p + 1;
-            continue;
-          }  // the request thread took it first
-          claimed_ += runLen;
-        }
-        pagesBackground_ += runLen;
+        PageRun run;
+        if (!sched_->NextBackgroundRun(mostRun_, &run)) continue;  // (the last pages were taken meanwhile)
+        pagesBackground_ += run.count;
         NoteUnconfirmed();
-        cursor = p + runLen;
-        err = AddRuns(batch, region, p, runLen, wire::kBackground);
-        sentBytes += runLen * r.image.pageSize;
+        err = AddRuns(batch, run.region, run.first, run.count, wire::kBackground);
+        sentBytes += run.count * regions_[run.region]->image.pageSize;
       }
       if (!err) err = batch.Flush();
       if (err) {
@@ -665,7 +554,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
         }
         bool isStale = stale[id]->Test(p) || r.queued->Test(p);
         if (!isStale) {  // the destination holds it as it is now: never sent again
-          if (r.sent->Claim(p)) claimed_++;
+          sched_->Claim(id, p);
           held++;
           p++;
           continue;
@@ -696,35 +585,23 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
     return switchRequested_;
   }
 
-  // A prefetch batch, in its order: each entry not sent yet with the pages of
-  // the set contiguous to it, as one run (a cold start touches clusters).
-  int SendPrefetch(RunBatch& batch, const std::vector<uint64_t>& entries) {
-    for (uint64_t e : entries) {
-      uint32_t id = static_cast<uint32_t>(e >> 48);
-      uint64_t page = e & kPageMask;
-      ServedRegion& r = *regions_[id];
-      const AtomicBitmap& set = *prefetchSet_[id];
-      uint64_t most = std::max<uint64_t>(r.unit, wire::MaxRunPages(r.image.pageSize));
-      if (!Fits(most)) {  // what is batched goes first: only pages sent can be confirmed
+  // The working set's next runs, in its order, about one run's bytes: each
+  // entry not sent yet with the pages of the set contiguous to it (a cold
+  // start touches clusters). `*any`: whether a run went into the batch.
+  int SendPrefetch(RunBatch& batch, bool* any) {
+    PageRun run;
+    for (uint64_t bytes = 0; bytes < wire::kMaxRunBytes;) {
+      if (!Fits(mostRun_)) {  // what is batched goes first: only pages sent can be confirmed
         if (int err = batch.Flush()) return err;
-        WaitForBudget(most);
+        WaitForBudget(mostRun_);
         if (Stopping()) return 0;
       }
-      if (r.unit > 1) {  // the entry's whole unit
-        uint64_t first = page - page % r.unit;
-        if (!ClaimUnit(r, first)) continue;
-        pagesPrefetched_ += r.unit;
-        if (int err = AddRuns(batch, id, first, r.unit, wire::kPrefetch)) return err;
-        continue;
-      }
-      if (!r.sent->Claim(page)) continue;  // sent already: with its cluster, on request, or held
-      uint64_t maxRun = wire::MaxRunPages(r.image.pageSize), lo = page, hi = page + 1;
-      while (hi < r.image.pages && hi - lo < maxRun && set.Test(hi) && r.sent->Claim(hi)) hi++;
-      while (lo > 0 && hi - lo < maxRun && set.Test(lo - 1) && r.sent->Claim(lo - 1)) lo--;
-      claimed_ += hi - lo;
-      pagesPrefetched_ += hi - lo;
+      if (!sched_->NextWorkingSetRun(&run)) break;
+      *any = true;
+      pagesPrefetched_ += run.count;
       NoteUnconfirmed();
-      if (int err = AddRuns(batch, id, lo, static_cast<uint32_t>(hi - lo), wire::kPrefetch)) return err;
+      if (int err = AddRuns(batch, run.region, run.first, run.count, wire::kPrefetch)) return err;
+      bytes += run.count * regions_[run.region]->image.pageSize;
     }
     return 0;
   }
@@ -742,13 +619,13 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
   static constexpr uint64_t kPageMask = (1ull << 48) - 1;
   std::vector<std::unique_ptr<ServedRegion>> regions_;
   uint64_t totalPages_ = 0;
-  // The bulk thread's work, under bulkMu_: the working set to prefetch, and whether the background is on.
+  // Which pages go next (claimed once, by either thread); the request thread's runs.
+  std::unique_ptr<PageScheduler> sched_;
+  PageRuns runs_;
+  uint64_t mostRun_ = 1;  // the most pages in one run of any region: what the bulk thread waits to fit the budget
+  // The bulk thread's wakeups (the scheduler's working set, and whether the background is on).
   std::mutex bulkMu_;
   std::condition_variable bulkCv_;
-  std::vector<uint64_t> prefetch_;
-  std::vector<std::unique_ptr<AtomicBitmap>> prefetchSet_;  // per region: the working set's pages (written under bulkMu_)
-  std::atomic<bool> hasSet_{false};                         // prefetchSet_ is allocated
-  size_t prefetchNext_ = 0;
   // Precopy (a live source), under bulkMu_: the rounds queued, and the switchover asked for.
   bool precopy_ = false, switchRequested_ = false;
   std::deque<std::vector<std::pair<uint64_t, uint64_t>>> rounds_;
@@ -760,11 +637,10 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
   bool encrypted_ = false;
   uint8_t urgentDownKey_[32] = {}, urgentUpKey_[32] = {}, bulkDownKey_[32] = {};
   bool started_ = false;
-  std::atomic<uint64_t> lastRequest_{0}, requestSeq_{0};
   uint64_t budget_ = 0;  // pages sent and not confirmed, at most (0: no budget)
   std::atomic<uint64_t> settled_{0}, unconfirmedPeak_{0}, budgetWaits_{0};
-  std::atomic<uint64_t> claimed_{0}, requests_{0}, pagesRequested_{0}, pagesResent_{0}, pagesInFlight_{0}, pagesPrefault_{0}, pagesBackground_{0},
-      pagesPrefetched_{0}, zeroPages_{0}, bytesSent_{0}, precopyPages_{0}, discarded_{0};
+  std::atomic<uint64_t> requests_{0}, pagesRequested_{0}, pagesResent_{0}, pagesInFlight_{0}, pagesPrefault_{0}, pagesBackground_{0}, pagesPrefetched_{0},
+      zeroPages_{0}, bytesSent_{0}, precopyPages_{0}, discarded_{0};
   uint64_t startNs_ = 0;
   std::atomic<uint64_t> backgroundDoneNs_{0};
 };

@@ -11,7 +11,6 @@
 #include <algorithm>
 #include <condition_variable>
 #include <cstring>
-#include <deque>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -24,6 +23,7 @@
 #include "histogram.h"
 #include "image_pages.h"
 #include "io.h"
+#include "page_scheduler.h"
 
 namespace uffdpc {
 namespace {
@@ -36,12 +36,6 @@ constexpr uint64_t kBackgroundPages = 256;  // a background part: 1 MiB of 4 KiB
 struct Block {
   std::string name;
   ImagePages image;
-  std::unique_ptr<AtomicBitmap> sent;
-};
-
-struct Request {
-  uint32_t block;
-  uint64_t first, count, atNs;
 };
 
 void PutBe(std::vector<uint8_t>& out, uint64_t v, int bytes) {
@@ -77,7 +71,6 @@ class QemuRamStream : public Napi::ObjectWrap<QemuRamStream>, DataPlane {
         if (block->name.empty() || block->name.size() > 255) throw CodedError(info.Env(), "ERR_OUT_OF_RANGE", "a RAM block name is 1 to 255 bytes");
         block->image.Open(info.Env(), b.Get("spec").As<Napi::Object>());
         if (block->image.pageSize != 4096) throw CodedError(info.Env(), "ERR_UNSUPPORTED", "QEMU snapshots are served in 4 KiB pages");
-        block->sent = std::make_unique<AtomicBitmap>(block->image.pages);
         totalPages_ += block->image.pages;
         blocks_.push_back(std::move(block));
       }
@@ -86,6 +79,10 @@ class QemuRamStream : public Napi::ObjectWrap<QemuRamStream>, DataPlane {
       close(fd_);
       throw;
     }
+    std::vector<PageScheduler::Region> shapes;
+    for (auto& b : blocks_) shapes.push_back({b->image.pages, 1, wire::MaxRunPages(4096)});
+    sched_ = std::make_unique<PageScheduler>(std::move(shapes), PageScheduler::Window{windowForward_, windowBackward_});
+    sched_->WakeOnWork(mu_, cv_);
     try {
       OpenPlane(info.Env(), o.Get("onEvent").As<Napi::Function>(), "QemuRamStream");
     } catch (...) {
@@ -175,9 +172,7 @@ class QemuRamStream : public Napi::ObjectWrap<QemuRamStream>, DataPlane {
       const Block& b = *blocks_[last];
       uint64_t bytes = b.image.pages * 4096;
       if (start % 4096 || length == 0 || start >= bytes || length > bytes - start) return Violation("a page request outside the snapshot's RAM");
-      std::lock_guard<std::mutex> lock(mu_);
-      requests_.push_back({last, start / 4096, (length + 4095) / 4096, MonotonicNs()});
-      cv_.notify_all();
+      sched_->Queue({last, start / 4096, (length + 4095) / 4096, MonotonicNs()});
     }
   }
 
@@ -204,38 +199,28 @@ class QemuRamStream : public Napi::ObjectWrap<QemuRamStream>, DataPlane {
     bytesSent_ += preamble_.size();
     preambleNs_ = MonotonicNs() - startNs_;
     events_.Emit({"running", "", "", "", 0, {{"afterNs", double(preambleNs_.load())}}});
-    uint32_t bgBlock = 0;
-    uint64_t bgPage = 0;
-    while (sentPages_ < totalPages_) {
-      Request req{UINT32_MAX, 0, 0, 0};
+    PageRuns runs;
+    while (!sched_->AllClaimed()) {
       {
         std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait(lock, [&] { return Stopping() || peerGone_ || violation_ || shut_ || !requests_.empty() || background_; });
+        cv_.wait(lock, [&] { return Stopping() || peerGone_ || violation_ || shut_ || sched_->HasWork() || background_; });
         if (Stopping() || shut_) return;
         if (peerGone_) return Emit("error", "ERR_PEER_GONE", "the destination QEMU closed the migration connection");
         if (violation_) return Emit("error", "ERR_PROTOCOL_OUT_OF_RANGE", violation_);
-        if (!requests_.empty()) {
-          req = requests_.front();
-          requests_.pop_front();
-        }
       }
-      int err = 0;
-      if (req.block != UINT32_MAX) {
-        Block& b = *blocks_[req.block];
-        uint64_t lo = req.first > windowBackward_ ? req.first - windowBackward_ : 0;
-        uint64_t hi = std::min<uint64_t>(b.image.pages, req.first + req.count + windowForward_);
-        err = Part(req.block, lo, hi, req.first, req.first + req.count);
-        latency_.Record(MonotonicNs() - req.atNs);
+      runs.clear();
+      QueuedRequest req;
+      bool asked = sched_->TakeRequest(&req);
+      if (asked) {
+        sched_->Request(req.region, req.first, req.count, runs);
+        sched_->Around(req.region, req.first, req.count, UINT64_MAX, runs);
       } else {
-        while (bgBlock < blocks_.size() && bgPage >= blocks_[bgBlock]->image.pages) {
-          bgBlock++;
-          bgPage = 0;
-        }
-        if (bgBlock >= blocks_.size()) break;
-        uint64_t end = std::min<uint64_t>(blocks_[bgBlock]->image.pages, bgPage + kBackgroundPages);
-        err = Part(bgBlock, bgPage, end, 0, 0);
-        bgPage = end;
+        PageRun run;
+        if (!background_ || !sched_->NextBackgroundRun(kBackgroundPages, &run)) continue;
+        runs.push_back(run);
       }
+      int err = Part(runs);
+      if (asked) latency_.Record(MonotonicNs() - req.atNs);
       if (err) return Failed(err, "writing RAM to the destination failed");
     }
     // Every page is out: the RAM section's end, and EOF. The destination answers SHUT.
@@ -265,47 +250,43 @@ class QemuRamStream : public Napi::ObjectWrap<QemuRamStream>, DataPlane {
     Emit("error", peerGone_ ? "ERR_PEER_GONE" : "ERR_PROTOCOL_OUT_OF_RANGE", peerGone_ ? "the destination QEMU closed the migration connection" : violation_);
   }
 
-  // One `ram` section part: pages [lo, hi) of block `id` not sent yet, as
-  // PAGE (straight from the mapped image) or ZERO records. Pages in
-  // [askedLo, askedHi) count as on demand, the rest of a request as window.
-  int Part(uint32_t id, uint64_t lo, uint64_t hi, uint64_t askedLo, uint64_t askedHi) {
+  // One `ram` section part: the pages of `runs` (all of one block), in
+  // address order, as PAGE (straight from the mapped image) or ZERO records.
+  int Part(PageRuns& runs) {
+    if (runs.empty()) return 0;
+    std::sort(runs.begin(), runs.end(), [](const PageRun& a, const PageRun& b) { return a.first < b.first; });
+    uint32_t id = runs[0].region;
     Block& b = *blocks_[id];
+    uint64_t pages = 0;
+    for (const PageRun& run : runs) pages += run.count;
     std::vector<uint8_t> heads;
-    heads.reserve(5 + (hi - lo) * (8 + 1 + 256) + 13);  // never reallocated: the iovecs point into it
+    heads.reserve(5 + pages * (8 + 1 + 256) + 13);  // never reallocated: the iovecs point into it
     std::vector<iovec> iov;
-    iov.reserve((hi - lo) * 2 + 2);
+    iov.reserve(pages * 2 + 2);
     size_t from = heads.size();
     heads.push_back(kSectionPart);
     PutBe(heads, section_, 4);
-    bool any = false;
-    for (uint64_t p = lo; p < hi; p++) {
-      if (!b.sent->Claim(p)) continue;
-      any = true;
-      sentPages_++;
-      bool zero = b.image.IsZero(p);
-      bool continues = lastBlock_ == id;
-      PutBe(heads, p * 4096 | (zero ? kFlagZero : kFlagPage) | (continues ? kFlagContinue : 0), 8);
-      if (!continues) {
-        heads.push_back(static_cast<uint8_t>(b.name.size()));
-        heads.insert(heads.end(), b.name.begin(), b.name.end());
-        lastBlock_ = id;
+    for (const PageRun& run : runs) {
+      for (uint64_t p = run.first; p < run.first + run.count; p++) {
+        bool zero = b.image.IsZero(p);
+        bool continues = lastBlock_ == id;
+        PutBe(heads, p * 4096 | (zero ? kFlagZero : kFlagPage) | (continues ? kFlagContinue : 0), 8);
+        if (!continues) {
+          heads.push_back(static_cast<uint8_t>(b.name.size()));
+          heads.insert(heads.end(), b.name.begin(), b.name.end());
+          lastBlock_ = id;
+        }
+        if (zero) {
+          heads.push_back(0);
+          zeroPages_++;
+        } else {
+          iov.push_back({heads.data() + from, heads.size() - from});
+          iov.push_back({const_cast<uint8_t*>(b.image.Page(p)), 4096});
+          from = heads.size();
+        }
       }
-      if (zero) {
-        heads.push_back(0);
-        zeroPages_++;
-      } else {
-        iov.push_back({heads.data() + from, heads.size() - from});
-        iov.push_back({const_cast<uint8_t*>(b.image.Page(p)), 4096});
-        from = heads.size();
-      }
-      if (p >= askedLo && p < askedHi)
-        onDemand_++;
-      else if (askedHi > askedLo)
-        window_++;
-      else
-        backgroundPages_++;
+      (run.why == Why::kRequested ? onDemand_ : run.why == Why::kWindow ? window_ : backgroundPages_) += run.count;
     }
-    if (!any) return 0;
     PutBe(heads, kFlagEos, 8);
     heads.push_back(kFooter);
     PutBe(heads, section_, 4);
@@ -340,14 +321,14 @@ class QemuRamStream : public Napi::ObjectWrap<QemuRamStream>, DataPlane {
   uint32_t lastBlock_ = UINT32_MAX;  // writer only: the block the last record named
   std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<Request> requests_;          // under mu_
+  std::unique_ptr<PageScheduler> sched_;  // which pages go next; the return path fills its request queue
   bool shut_ = false, peerGone_ = false;  // under mu_
   const char* violation_ = nullptr;       // under mu_
   uint32_t shutStatus_ = 0;
   bool started_ = false;
   uint64_t startNs_ = 0;
   LatencyHistogram latency_;
-  std::atomic<uint64_t> sentPages_{0}, onDemand_{0}, window_{0}, backgroundPages_{0}, zeroPages_{0}, bytesSent_{0}, preambleNs_{0}, residentNs_{0};
+  std::atomic<uint64_t> onDemand_{0}, window_{0}, backgroundPages_{0}, zeroPages_{0}, bytesSent_{0}, preambleNs_{0}, residentNs_{0};
 };
 
 }  // namespace
