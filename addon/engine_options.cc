@@ -56,10 +56,10 @@ void AddPrefetch(Napi::Env env, ImageSupply& image, Napi::TypedArrayOf<uint8_t> 
   if (const char* bad = image.AddPrefetch(entries.data(), entries.size())) throw CodedError(env, "ERR_OUT_OF_RANGE", bad);
 }
 
-// The engine opens its events (onEvent) itself.
 // {uffd, sourceRegions: [{pages, pageSize}], regions: [{base, length, pageSize, sourceRegion, sourcePage, fillAddress?}], cpu,
 //  checksumInstalled, precopy, ownMemory, recordFaults, onEvent, fillsTemplate?, template?, image?, window?, background?, prefetch?}.
-// The engine owns the data channels it is given (attachChannels), not the uffd.
+// The engine opens onEvent itself (its DataPlane's sink). It owns the data
+// channels it is given (attachChannels), not the uffd.
 std::unique_ptr<EngineParts> BuildEngineParts(Napi::Env env, Napi::Object o, EngineLife& life, EventSink& events, const TemplateOf& templateOf) {
   auto parts = std::make_unique<EngineParts>();
   // A template's filler serves no process: it has no userfaultfd.

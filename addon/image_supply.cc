@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "io.h"
 #include "wire.h"
 
 namespace uffdpc {
@@ -13,22 +14,36 @@ bool ImageZero(const ImagePages& img, const TargetRegion& r, uint64_t p) {
     if (!img.IsZero(s)) return false;
   return true;
 }
+
+// The scheduler's regions are the target map's: a page is a target page (a huge page installs whole).
+std::vector<PageScheduler::Region> ShapeOf(const TargetMap& map) {
+  std::vector<PageScheduler::Region> shape;
+  for (auto& r : map.regions()) shape.push_back({r->pages, 1, wire::MaxRunPages(r->pageSize)});
+  return shape;
+}
 }  // namespace
 
 ImageSupply::ImageSupply(TargetMap& map, Installer& installer, EngineLife& life, std::vector<std::unique_ptr<ImagePages>> image, Window window, bool background)
-    : map_(map), installer_(installer), life_(life), image_(std::move(image)), window_(window), backgroundOn_(background) {
-  // The working set's pages, looked up by the fault thread: allocated once, here.
-  for (uint64_t pages : map.sourcePageCounts()) prefetchSet_.push_back(std::make_unique<AtomicBitmap>(pages));
+    : map_(map),
+      installer_(installer),
+      life_(life),
+      image_(std::move(image)),
+      scheduler_(ShapeOf(map), {window.forward, window.backward}),
+      windowed_(window.forward || window.backward),
+      backgroundOn_(background) {
+  faultRuns_.reserve(1);
+  scheduler_.WakeOnWork(fillMu_, fillCv_);
 }
 
 ImageSupply::~ImageSupply() { Release(); }
 
 void ImageSupply::Ask(TargetRegion& r, uint64_t page) {
-  lastFault_.store((uint64_t(r.index) << 48) | page, std::memory_order_relaxed);
-  faultSeq_.fetch_add(1, std::memory_order_release);
-  InstallResult result = InstallFromImage(r, page, 1, wire::kRequested, /*mayWait=*/false);
+  faultRuns_.clear();
+  // Claimed already: a fill thread's run has it on the way (its install wakes the thread).
+  bool mine = scheduler_.Request(r.index, page, 1, faultRuns_) == 0;
+  InstallResult result = mine ? InstallFromImage(r, page, 1, wire::kRequested, /*mayWait=*/false) : kOk;
   if (result == kStop) return;
-  if (result == kBusy || window_.forward || window_.backward || InWorkingSet(r, page)) QueueFill(r, page);
+  if (result == kBusy || windowed_ || scheduler_.InWorkingSet(r.index, page)) scheduler_.Queue({r.index, page, 1, 0});
 }
 
 void ImageSupply::Start(int cpu) {
@@ -56,10 +71,8 @@ InstallResult ImageSupply::InstallFromImage(TargetRegion& r, uint64_t first, uin
   return kOk;
 }
 
-void ImageSupply::QueueFill(TargetRegion& r, uint64_t page) {
-  std::lock_guard<std::mutex> lock(fillMu_);
-  fillQueue_.push_back({&r, page});
-  fillCv_.notify_one();
+InstallResult ImageSupply::InstallRun(const PageRun& run, bool mayWait) {
+  return InstallFromImage(*map_.regions()[run.region], run.first, run.count, static_cast<uint32_t>(run.why), mayWait);
 }
 
 const char* ImageSupply::AddPrefetch(const uint64_t* entries, size_t count) {
@@ -67,10 +80,19 @@ const char* ImageSupply::AddPrefetch(const uint64_t* entries, size_t count) {
     uint64_t region = entries[i] >> 48, page = entries[i] & ((1ull << 48) - 1);
     if (region >= map_.sourceRegions() || page >= map_.sourcePages(static_cast<uint32_t>(region))) return "a prefetch entry lies outside the image";
   }
-  std::lock_guard<std::mutex> lock(fillMu_);
-  for (size_t i = 0; i < count; i++) prefetchSet_[entries[i] >> 48]->Claim(entries[i] & ((1ull << 48) - 1));
-  prefetch_.insert(prefetch_.end(), entries, entries + count);
-  fillCv_.notify_one();
+  // Source pages to the target pages that hold them (a page no region maps is left out).
+  std::vector<uint64_t> set;
+  set.reserve(count);
+  for (size_t i = 0; i < count; i++) {
+    uint32_t region = static_cast<uint32_t>(entries[i] >> 48);
+    uint64_t page = entries[i] & ((1ull << 48) - 1);
+    for (auto& r : map_.regions())
+      if (r->sourceRegion == region && page >= r->sourcePage && page < r->sourcePage + r->SourceSpan()) {
+        set.push_back((uint64_t(r->index) << 48) | (page - r->sourcePage) / r->ratio);
+        break;
+      }
+  }
+  scheduler_.AddWorkingSet(set);
   return nullptr;
 }
 
@@ -82,34 +104,33 @@ void ImageSupply::StartBackground() {
 
 void ImageSupply::FillLoop() {
   while (!life_.Stopping()) {
-    std::pair<TargetRegion*, uint64_t> item{nullptr, 0};
+    QueuedRequest request;
+    bool queued;
     {
       std::unique_lock<std::mutex> lock(fillMu_);
-      fillCv_.wait(lock, [&] {
-        return life_.Stopping() || !fillQueue_.empty() || prefetchNext_ < prefetch_.size() || (backgroundOn_ && !backgroundDone_ && !fillFailed_);
-      });
+      fillCv_.wait(lock, [&] { return life_.Stopping() || (!fillFailed_ && (scheduler_.HasWork() || (backgroundOn_ && !backgroundDone_))); });
       if (life_.Stopping()) return;
-      if (!fillQueue_.empty()) {
-        item = fillQueue_.front();
-        fillQueue_.pop_front();
-      }
+      queued = scheduler_.TakeRequest(&request);
     }
-    if (item.first) {
-      FillAround(*item.first, item.second);
-    } else if (!PrefetchBatch()) {
-      BackgroundRun();
+    if (queued) {
+      FillAround(request);
+    } else if (!PrefetchBatch() && !BackgroundRun()) {
+      std::lock_guard<std::mutex> lock(fillMu_);
+      backgroundDone_ = true;
     }
   }
 }
 
-// A faulted page (again, if the fault thread could not install it) and its window.
-void ImageSupply::FillAround(TargetRegion& r, uint64_t page) {
-  if (InstallFromImage(r, page, 1, wire::kRequested, true) == kStop) return StopFilling();
-  // A page of the working set being replayed brings its cluster of the set at once.
-  if (InWorkingSet(r, page) && InstallCluster(r, page) == kStop) return StopFilling();
-  uint64_t hi = std::min<uint64_t>(r.pages, page + 1 + window_.forward), lo = page > window_.backward ? page - window_.backward : 0;
-  if (hi > page + 1 && InstallFromImage(r, page + 1, hi - page - 1, wire::kPrefault, true) == kStop) return StopFilling();
-  if (page > lo && InstallFromImage(r, lo, page - lo, wire::kPrefault, true) == kStop) return StopFilling();
+// A faulted page (again, if the fault thread could not install it) and what
+// goes with it: its window, and its cluster of the working set being replayed.
+// (A page the fault thread installed is looked at again: counted a duplicate.)
+void ImageSupply::FillAround(const QueuedRequest& request) {
+  TargetRegion& r = *map_.regions()[request.region];
+  if (InstallFromImage(r, request.first, request.count, wire::kRequested, true) == kStop) return StopFilling();
+  fillRuns_.clear();
+  scheduler_.Around(request.region, request.first, request.count, UINT64_MAX, fillRuns_);
+  for (const PageRun& run : fillRuns_)
+    if (InstallRun(run, true) == kStop) return StopFilling();
 }
 
 // Installs the next batch of the working set, at most one run's bytes, in
@@ -119,79 +140,35 @@ void ImageSupply::FillAround(TargetRegion& r, uint64_t page) {
 bool ImageSupply::PrefetchBatch() {
   uint64_t bytes = 0;
   bool any = false;
-  while (bytes < wire::kMaxRunBytes) {
-    uint64_t e;
-    {
-      std::lock_guard<std::mutex> lock(fillMu_);
-      if (prefetchNext_ >= prefetch_.size()) break;
-      e = prefetch_[prefetchNext_++];
-    }
+  PageRun run;
+  while (bytes < wire::kMaxRunBytes && scheduler_.NextWorkingSetRun(&run)) {
     any = true;
-    uint32_t region = static_cast<uint32_t>(e >> 48);
-    uint64_t page = e & ((1ull << 48) - 1);
-    for (auto& r : map_.regions()) {
-      if (r->sourceRegion != region || page < r->sourcePage || page >= r->sourcePage + r->SourceSpan()) continue;
-      uint64_t at = (page - r->sourcePage) / r->ratio;
-      if (r->received->Test(at) || r->removed->Test(at)) break;  // in already, with its cluster or on demand
-      uint64_t pages = 0;
-      if (InstallCluster(*r, at, &pages) == kStop) {
-        StopFilling();
-        return false;
-      }
-      bytes += pages * r->pageSize;
-      break;
+    if (InstallRun(run, true) == kStop) {
+      StopFilling();
+      return false;
     }
+    bytes += run.count * map_.regions()[run.region]->pageSize;
   }
   return any;
 }
 
-// Page `at` of r and the pages of the working set contiguous to it, still
-// missing, as one run (at most one run's bytes). `*pages`: how many it covered.
-InstallResult ImageSupply::InstallCluster(TargetRegion& r, uint64_t at, uint64_t* pages) {
-  const AtomicBitmap& set = *prefetchSet_[r.sourceRegion];
-  auto wanted = [&](uint64_t p) { return set.Test(r.SourceOf(p)) && !r.received->Test(p) && !r.removed->Test(p); };
-  uint64_t maxRun = wire::MaxRunPages(r.pageSize), lo = at, hi = at + 1;
-  while (lo > 0 && hi - lo < maxRun && wanted(lo - 1)) lo--;
-  while (hi < r.pages && hi - lo < maxRun && wanted(hi)) hi++;
-  if (pages) *pages = hi - lo;
-  return InstallFromImage(r, lo, hi - lo, wire::kPrefetch, true);
-}
-
-// One background run: the next missing pages after the last fault, then on
-// to the following regions; done once every page is settled.
-void ImageSupply::BackgroundRun() {
-  if (map_.residentPages() >= map_.totalPages()) {
+// One background run: the next pages not claimed after the last fault, then
+// on to the following regions. False once every page was claimed.
+bool ImageSupply::BackgroundRun() {
+  {
     std::lock_guard<std::mutex> lock(fillMu_);
-    backgroundDone_ = true;
-    return;
+    if (!backgroundOn_) return true;  // a request or the working set woke the thread, not the background
   }
-  auto& regions = map_.regions();
-  uint64_t seq = faultSeq_.load(std::memory_order_acquire);
-  if (seq != bgSeenSeq_) {  // follow the workload: continue after its last fault
-    bgSeenSeq_ = seq;
-    uint64_t last = lastFault_.load(std::memory_order_relaxed);
-    bgRegion_ = static_cast<size_t>(last >> 48) % regions.size();
-    bgCursor_ = (last & ((1ull << 48) - 1)) + 1;
-  }
-  TargetRegion& r = *regions[bgRegion_];
-  uint64_t p = r.settled->NextClear(bgCursor_);
-  if (p >= r.pages) {
-    bgRegion_ = (bgRegion_ + 1) % regions.size();
-    bgCursor_ = 0;
-    return;
-  }
-  uint64_t n = 1, maxRun = wire::MaxRunPages(r.pageSize);
-  while (p + n < r.pages && n < maxRun && !r.settled->Test(p + n)) n++;
-  bgCursor_ = p + n;
-  if (InstallFromImage(r, p, n, wire::kBackground, true) == kStop) StopFilling();
+  PageRun run;
+  if (!scheduler_.NextBackgroundRun(UINT64_MAX, &run)) return false;
+  if (InstallRun(run, true) == kStop) StopFilling();
+  return true;
 }
 
 // An install failed for good (the process is gone): nothing more is filled.
 void ImageSupply::StopFilling() {
   std::lock_guard<std::mutex> lock(fillMu_);
   fillFailed_ = true;
-  fillQueue_.clear();
-  prefetchNext_ = prefetch_.size();
 }
 
 }  // namespace uffdpc

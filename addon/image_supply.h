@@ -1,17 +1,19 @@
-// Pages from an image mapped in this process (a local restore). The fault
-// thread installs the faulted page itself, at once; a fill thread installs,
-// in this order of priority, the windows around faulted pages, a replayed
-// working set (a cluster of it at a time) and the background, which follows
-// the workload's last fault.
+// Pages from an image mapped in this process (a local restore). Which pages
+// go in, and in what order, is the PageScheduler's (page_scheduler.h), over
+// the target map's regions: the fault thread installs the faulted page itself,
+// at once; a fill thread installs the window around it (and, for a page of a
+// working set being replayed, the set's cluster), then the working set in its
+// order, then the background, which follows the workload's last fault. Each
+// page is claimed once, by whoever installs it.
 #pragma once
 #include <condition_variable>
-#include <deque>
 #include <memory>
 #include <mutex>
 #include <vector>
 
 #include "image_pages.h"
 #include "installer.h"
+#include "page_scheduler.h"
 #include "page_supply.h"
 #include "target_map.h"
 
@@ -35,39 +37,33 @@ class ImageSupply final : public PageSupply {
   // Lets go of the image (its mappings may be unmapped from now on).
   void Release() override;
 
-  // A working set's pages (region << 48 | page, in order), installed ahead of
-  // the background. Null, or what is wrong with them (nothing is taken then).
+  // A working set's pages (source region << 48 | source page, in order),
+  // installed ahead of the background. Null, or what is wrong with them (nothing is taken then).
   const char* AddPrefetch(const uint64_t* entries, size_t count);
   // The background fill starts (or goes on) now.
   void StartBackground();
 
  private:
   void FillLoop();
-  void FillAround(TargetRegion& r, uint64_t page);
+  void FillAround(const QueuedRequest& request);
   bool PrefetchBatch();
-  bool InWorkingSet(const TargetRegion& r, uint64_t page) const { return prefetchSet_[r.sourceRegion]->Test(r.SourceOf(page)); }
-  InstallResult InstallCluster(TargetRegion& r, uint64_t at, uint64_t* pages = nullptr);
-  void BackgroundRun();
+  bool BackgroundRun();
   void StopFilling();
+  InstallResult InstallRun(const PageRun& run, bool mayWait);
   InstallResult InstallFromImage(TargetRegion& r, uint64_t first, uint64_t count, uint32_t reason, bool mayWait);
-  void QueueFill(TargetRegion& r, uint64_t page);
 
   TargetMap& map_;
   Installer& installer_;
   EngineLife& life_;
   std::vector<std::unique_ptr<ImagePages>> image_;  // per source region
-  Window window_;
-  // The fill thread's work, under fillMu_: windows to install, the working set to replay, the background.
+  PageScheduler scheduler_;                         // over the target map's regions, one page a unit
+  bool windowed_;                                   // a faulted page has a window to install
+  PageRuns faultRuns_;                              // fault thread only: what Request() claimed
+  PageRuns fillRuns_;                               // fill thread only: what Around() claimed
+  // Under fillMu_ (the scheduler notifies fillCv_ when a request or a working set comes).
   std::mutex fillMu_;
   std::condition_variable fillCv_;
-  std::deque<std::pair<TargetRegion*, uint64_t>> fillQueue_;
-  std::vector<uint64_t> prefetch_;
-  size_t prefetchNext_ = 0;
-  std::vector<std::unique_ptr<AtomicBitmap>> prefetchSet_;  // per source region: the working set's pages (bits set under fillMu_)
   bool backgroundOn_ = false, backgroundDone_ = false, fillFailed_ = false;
-  size_t bgRegion_ = 0;  // fill thread only: the background's place
-  uint64_t bgCursor_ = 0, bgSeenSeq_ = 0;
-  std::atomic<uint64_t> lastFault_{0}, faultSeq_{0};  // target region << 48 | page of the last page asked for
 };
 
 }  // namespace uffdpc
