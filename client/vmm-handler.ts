@@ -713,7 +713,7 @@ export class VmmHandler extends EventEmitter {
     if (session && stats) {
       addTotals(this.#retired, stats, session.engine.latencyBuckets(LATENCY_BOUNDS_NS));
       const summary: VmmSessionSummary = {
-        ...summarize(stats, this.#transfer),
+        ...summarize(stats, this.#transfer, session.engine.regions),
         vmmPid: vmm.pid,
         removedPages: stats.removedPages,
         zeroFilledAfterRemove: stats.zeroFilledAfterRemove,
