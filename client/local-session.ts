@@ -5,7 +5,7 @@
 // template's clone is one too: its pages come from the template's memory
 // (TemplateSupply), and its digest is the template's, once that matched.
 import { EventEmitter } from 'node:events';
-import { ErrorCode, PostcopyError, type CodedError } from '../lib/errors.js';
+import type { CodedError } from '../lib/errors.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
 import { checkVerify, type MessageOf, type RegionInfo, type VerifyRequest } from '../lib/protocol.js';
 import { StateMachine, type TransitionTable } from '../lib/state-machine.js';
@@ -14,7 +14,7 @@ import type { Image } from '../server/image.js';
 import type { Template } from './template.js';
 import type { ChannelFailure, DestinationStats, FaultEngine } from './fault-engine.js';
 import { checkReplay } from './working-set.js';
-import type { EngineFactory, PageSession, RecoveryStatus, ReplayOptions } from './session.js';
+import { sessionClosed, type EngineFactory, type PageSession, type RecoveryStatus, type ReplayOptions } from './session.js';
 
 /** running: pages are installed from the image; resident: every page is in; verified: checked against the image. */
 export type LocalState = 'running' | 'resident' | 'verified' | 'failed' | 'closed';
@@ -144,7 +144,7 @@ export class LocalSession extends EventEmitter implements PageSession {
     return new Promise((resolve, reject) => {
       const check = (): boolean => {
         if (this.#machine.is('resident', 'verified')) resolve();
-        else if (this.#machine.is('failed', 'closed')) reject(this.#lastError ?? new PostcopyError(ErrorCode.PEER_GONE, `the session is ${this.state}`));
+        else if (this.#machine.is('failed', 'closed')) reject(this.#lastError ?? sessionClosed());
         else return false;
         return true;
       };
