@@ -11,7 +11,6 @@ import { checkVerify, type MessageOf, type RegionInfo, type VerifyRequest } from
 import { StateMachine, type TransitionTable } from '../lib/state-machine.js';
 import { transferOptions, type TransferOptions } from '../lib/transfer.js';
 import type { Image } from '../server/image.js';
-import type { Template } from './template.js';
 import type { ChannelFailure, DestinationStats, FaultEngine } from './fault-engine.js';
 import { checkReplay } from './working-set.js';
 import { sessionClosed, type EngineFactory, type PageSession, type RecoveryStatus, type ReplayOptions } from './session.js';
@@ -33,6 +32,18 @@ export interface LocalSessionOptions extends ReplayOptions {
   window?: Partial<TransferOptions['window']>;
   background?: Partial<TransferOptions['background']>;
   logger?: Logger;
+}
+
+/** What a clone's pages come from: a template (client/template.ts) as its clones see it. */
+export interface CloneSource {
+  readonly name: string;
+  readonly regions: RegionInfo[];
+  readonly fingerprint: string;
+  readonly transfer: TransferOptions;
+  /** The template's filler. */
+  readonly engine: FaultEngine;
+  /** The template's memory as an image once it is filled and checked. */
+  whenChecked(): Promise<Image>;
 }
 
 /** Events: 'failed' (CodedError), 'state' (to, from). */
@@ -97,7 +108,7 @@ export class LocalSession extends EventEmitter implements PageSession {
    * regions, its pages coming from the template. Pages the template holds
    * already count as in at once; the rest follow as the template fills.
    */
-  static openClone(template: Template, options: { logger?: Logger }, buildEngine: EngineFactory): LocalSession {
+  static openClone(template: CloneSource, options: { logger?: Logger }, buildEngine: EngineFactory): LocalSession {
     const log = options.logger ?? silentLogger;
     const machine = new StateMachine<LocalState>('destination', 'running', TRANSITIONS, log);
     const engine = buildEngine(template.regions, { template: template.engine });
