@@ -12,6 +12,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitFdWatcher(env, exports);
   InitPageChecksum(env, exports);
   InitQemuSource(env, exports);
+  InitConstants(env, exports);
   return exports;
 }
 

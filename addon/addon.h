@@ -12,4 +12,5 @@ void InitFaultEngine(Napi::Env env, Napi::Object exports);
 void InitFdWatcher(Napi::Env env, Napi::Object exports);
 void InitPageChecksum(Napi::Env env, Napi::Object exports);
 void InitQemuSource(Napi::Env env, Napi::Object exports);
+void InitConstants(Napi::Env env, Napi::Object exports);
 }  // namespace uffdpc

@@ -24,14 +24,13 @@
 #include "histogram.h"
 #include "image_pages.h"
 #include "io.h"
+#include "qemu_stream.h"
 #include "threads.h"
 
 namespace uffdpc {
 namespace {
 
-constexpr uint8_t kSectionPart = 0x02, kSectionEnd = 0x03, kFooter = 0x7e, kEof = 0x00;
-constexpr uint64_t kFlagZero = 0x02, kFlagPage = 0x08, kFlagEos = 0x10, kFlagContinue = 0x20;
-constexpr uint16_t kRpShut = 1, kRpPong = 2, kRpReqPagesId = 3, kRpReqPages = 4;
+using namespace qemu;                       // the stream's constants (qemu_stream.h)
 constexpr uint64_t kBackgroundPages = 256;  // a background part: 1 MiB of 4 KiB pages
 
 struct Block {
@@ -255,9 +254,9 @@ class QemuRamStream : public Napi::ObjectWrap<QemuRamStream> {
     tail.push_back(kSectionEnd);
     PutBe(tail, section_, 4);
     PutBe(tail, kFlagEos, 8);
-    tail.push_back(kFooter);
+    tail.push_back(kSectionFooter);
     PutBe(tail, section_, 4);
-    tail.push_back(kEof);
+    tail.push_back(kSectionEof);
     if (int err = WriteFull(fd_, tail.data(), tail.size())) return Failed(err, "writing the stream's end failed");
     bytesSent_ += tail.size();
     std::unique_lock<std::mutex> lock(mu_);
@@ -319,7 +318,7 @@ class QemuRamStream : public Napi::ObjectWrap<QemuRamStream> {
     }
     if (!any) return 0;
     PutBe(heads, kFlagEos, 8);
-    heads.push_back(kFooter);
+    heads.push_back(kSectionFooter);
     PutBe(heads, section_, 4);
     iov.push_back({heads.data() + from, heads.size() - from});
     size_t bytes = 0;

@@ -6,7 +6,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Destination } from '../client/destination.js';
-import { Image } from '../server/image.js';
+import { Image } from '../lib/image.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
 import { PAGE_SIZE } from '../lib/memory.js';
 import { runFloor, type FloorBulk, type FloorLatency } from './floor.js';

@@ -11,7 +11,7 @@ import { once } from 'node:events';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { buildFixture } from '../bin/vmm-fixture.js';
+import { buildFixture } from '../lib/c-programs.js';
 import { LiveMigration, LiveWorkload, type LiveOptions, type LiveReport } from '../server/live.js';
 import { PageServer } from '../server/page-server.js';
 import { round } from './latency.js';

@@ -19,7 +19,7 @@ import { closeSync, ftruncateSync, mkdtempSync, readFileSync, rmSync, writeFileS
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Destination, type DestinationOptions } from '../client/destination.js';
-import { Image } from '../server/image.js';
+import { Image } from '../lib/image.js';
 import type { WorkingSet } from '../client/working-set.js';
 import { coldStartOrder, shuffledOrder, touchPages } from '../lib/workload.js';
 import { interleaved, latencyBench, median, medianOf, percentiles, ratioOf, round, type LatencyResult } from './latency.js';

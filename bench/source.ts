@@ -8,7 +8,7 @@ import { dirname, join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { once } from 'node:events';
 import { PAGE_SIZE } from '../lib/memory.js';
-import { selfCommand } from '../bin/options.js';
+import { selfCommand } from '../lib/package-root.js';
 import { readToken } from '../lib/token.js';
 
 /** Writes the floor's image (page i filled with byte (i*7+1)) unless it is there already. */

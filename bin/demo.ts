@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { VmmHandler, type VmmSessionSummary } from '../client/vmm-handler.js';
 import type { InstalledCheck } from '../client/installed-checksum.js';
 import { DEFAULT_TRANSFER } from '../lib/transfer.js';
-import { buildFixture } from './vmm-fixture.js';
+import { buildFixture } from '../lib/c-programs.js';
 import { punchHole, PAGE_SIZE } from '../lib/memory.js';
 import type { Logger } from '../lib/logger.js';
 import { formatReport } from './restore.js';

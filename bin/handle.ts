@@ -13,7 +13,6 @@ import {
   recoveryOptionSpec,
   recoveryUsage,
   requireOptions,
-  selfCommand,
   parseAddressOption,
   parseMetricsOption,
   withConcretePort,
@@ -22,10 +21,11 @@ import {
   UsageError,
   checkWritable,
 } from './options.js';
+import { selfCommand } from '../lib/package-root.js';
 import { serveMetrics } from '../lib/metrics.js';
 import { handlerMetrics } from '../client/handler-metrics.js';
 import type { PostcopyError } from '../lib/errors.js';
-import { Image } from '../server/image.js';
+import { Image } from '../lib/image.js';
 import { readWorkingSet } from '../client/working-set.js';
 
 export const handleUsage = `postcopy handle --socket PATH (--source unix:PATH|tcp:HOST:PORT | --image FILE)

@@ -6,7 +6,6 @@ import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { defaultTokenPath, ensureToken, readToken } from '../lib/token.js';
 import { formatAddress, parseAddress, type Address } from '../lib/address.js';
 import { createServer, type AddressInfo } from 'node:net';
-import { fileURLToPath } from 'node:url';
 import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import type { Logger } from '../lib/logger.js';
 import type { RecoveryOptions } from '../client/session.js';
@@ -229,10 +228,4 @@ export function parseWindow(text: string | undefined): { forward: number; backwa
   const m = /^(-?\d+):(-?\d+)$/.exec(text);
   if (!m) throw new UsageError(`--window takes F:B (pages after and before each request, e.g. 8:2); not ${JSON.stringify(text)}`);
   return { forward: parseCount(m[1], '--window F (pages after)', 0, 1024), backward: parseCount(m[2], '--window B (pages before)', 0, 1024) };
-}
-
-/** argv that runs this CLI again (same Node, same loader flags when run from sources). */
-export function selfCommand(): string[] {
-  const entry = fileURLToPath(new URL(`./postcopy${import.meta.url.endsWith('.ts') ? '.ts' : '.js'}`, import.meta.url));
-  return [process.execPath, ...process.execArgv, entry];
 }

@@ -8,7 +8,7 @@ import { Destination } from '../client/destination.js';
 import type { TakenMemory } from '../client/open-session.js';
 import { PAGE_SIZE } from '../lib/memory.js';
 import { digestOf } from '../lib/digest.js';
-import { Image } from '../server/image.js';
+import { Image } from '../lib/image.js';
 import { coldStartOrder, shuffledOrder, touchPages } from '../lib/workload.js';
 import { pagesIn, readWorkingSet, writeWorkingSet } from '../client/working-set.js';
 import type { Logger } from '../lib/logger.js';

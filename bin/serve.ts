@@ -1,5 +1,5 @@
 // postcopy serve: a source page server for one image.
-import { Image } from '../server/image.js';
+import { Image } from '../lib/image.js';
 import { PageServer } from '../server/page-server.js';
 import type { Logger } from '../lib/logger.js';
 import {

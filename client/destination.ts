@@ -112,9 +112,15 @@ export class Destination {
     // Every page is resident: nothing can fault any more, so unregister and read freely.
     for (const r of this.regions) this.#uffd.unregister(r.mapping.address, r.mapping.length);
     const local = await Promise.all(this.regions.map((r) => digestOf(r.mapping.buffer())));
-    const remote = await this.session.exchangeDigest(summarize(stats, this.transfer));
+    const remote = await this.session.exchangeDigest(summarize(stats, this.transfer, this.session.engine.regions));
     const digestMatch = remote.regions.length === local.length && remote.regions.every((r) => local[r.id] === r.sha256);
-    const report = { ...summarize(stats, this.transfer), digestMatch, sha256: local, source: remote.stats, recovery: this.session.status() };
+    const report = {
+      ...summarize(stats, this.transfer, this.session.engine.regions),
+      digestMatch,
+      sha256: local,
+      source: remote.stats,
+      recovery: this.session.status(),
+    };
     if (!digestMatch) {
       // The report goes with the error: what happened matters most when it went wrong.
       const err = new PostcopyError(ErrorCode.DIGEST_MISMATCH, 'the restored memory differs from the source image', { local, remote: remote.regions, report });

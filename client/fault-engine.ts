@@ -55,7 +55,7 @@ export interface FaultEngineOptions {
   recordFaults?: boolean;
   /**
    * Where the pages come from when not from a source's data channels: an
-   * image in this process, one spec per source region (server/image.ts), with
+   * image in this process, one spec per source region (lib/image.ts), with
    * the window and background the engine then runs itself.
    */
   local?: LocalImageSupply | TemplateSupply;
@@ -117,6 +117,8 @@ export class FaultEngine extends EventEmitter {
   readonly local: boolean;
   /** Fills a template for its clones (no process of its own). */
   readonly fillsTemplate: boolean;
+  /** The memory it fills, each region with its own page size (client/report.ts counts bytes from them). */
+  readonly regions: readonly { readonly length: number; readonly pageSize: number }[];
   readonly #log: Logger;
   readonly #resident: Promise<void>;
   #settle!: { resolve: () => void; reject: (e: PostcopyError) => void };
@@ -168,6 +170,7 @@ export class FaultEngine extends EventEmitter {
           );
       }
     }
+    this.regions = regions.map(({ length, pageSize }) => ({ length, pageSize }));
     this.#log = options.logger ?? silentLogger;
     this.#resident = new Promise((resolve, reject) => (this.#settle = { resolve, reject }));
     this.#resident.catch(() => {});

@@ -60,7 +60,7 @@ export function compareInstalled(local: readonly InstalledChecksum[], remote: re
  */
 export async function checkAgainstSource(session: PageSession, transfer: TransferOptions): Promise<{ check: InstalledCheck; pagesSent: unknown }> {
   // finalStats() stops the receiving threads first: a page one of them was still summing is then in the checksum.
-  const stats = summarize(session.finalStats(), transfer);
+  const stats = summarize(session.finalStats(), transfer, session.engine.regions);
   const local = session.engine.installedChecksum();
   const digest = await session.exchangeDigest(stats, verifyRequest(local));
   return { check: compareInstalled(local, digest.checksums), pagesSent: digest.stats.pagesSent };

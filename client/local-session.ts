@@ -10,7 +10,7 @@ import { silentLogger, type Logger } from '../lib/logger.js';
 import { checkVerify, type MessageOf, type RegionInfo, type VerifyRequest } from '../lib/protocol.js';
 import { StateMachine, type TransitionTable } from '../lib/state-machine.js';
 import { transferOptions, type TransferOptions } from '../lib/transfer.js';
-import type { Image } from '../server/image.js';
+import type { Image } from '../lib/image.js';
 import type { ChannelFailure, DestinationStats, FaultEngine } from './fault-engine.js';
 import { checkReplay } from './working-set.js';
 import { sessionClosed, type EngineFactory, type PageSession, type RecoveryStatus, type ReplayOptions } from './session.js';

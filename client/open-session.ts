@@ -17,7 +17,7 @@ import { ErrorCode, PostcopyError, asCodedError } from '../lib/errors.js';
 import { mapFile, type Mapping } from '../lib/memory.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
 import type { RegionInfo } from '../lib/protocol.js';
-import { Image } from '../server/image.js';
+import { Image } from '../lib/image.js';
 import { DestinationSession, type DestinationSessionOptions, type EngineFactory, type PageSession } from './session.js';
 import { LocalSession, type CloneSource, type LocalSessionOptions } from './local-session.js';
 import { SourceConnection } from './source-connection.js';

@@ -29,10 +29,14 @@ export interface RestoreReport {
 const us = (ns: number) => Math.round(ns / 10) / 100;
 const ms = (ns: number) => Math.round(ns / 1e4) / 100;
 
-export function summarize(s: DestinationStats, transfer: TransferOptions, pageSize = 4096): RestoreReport {
+/**
+ * The report of an engine's figures. `regions`: the memory it filled (FaultEngine.regions); `pages`
+ * counts each region's own pages (a 2 MiB huge page is one), `bytes` their sizes.
+ */
+export function summarize(s: DestinationStats, transfer: TransferOptions, regions: readonly { length: number; pageSize: number }[]): RestoreReport {
   return {
     pages: s.totalPages,
-    bytes: s.totalPages * pageSize,
+    bytes: regions.reduce((n, r) => n + r.length, 0),
     faults: s.faults,
     minorFaults: s.minorFaults,
     pagesOnDemand: s.pagesInstalledRequested,

@@ -91,7 +91,7 @@ export class SourceConnection {
   readonly regions: RegionInfo[];
   /** Identifies the image the source serves (lib/digest.ts). */
   readonly fingerprint: string;
-  /** The digest of the image's whole content, when the source sends one (server/image.ts contentDigest). */
+  /** The digest of the image's whole content, when the source sends one (lib/image.ts contentDigest). */
   readonly content: string | undefined;
   /** The source still held the session asked for in `resume`. */
   readonly resumed: boolean;

@@ -14,7 +14,7 @@ import { silentLogger, type Logger } from '../lib/logger.js';
 import { mapFile, memfdCreate, type Mapping } from '../lib/memory.js';
 import type { RegionInfo } from '../lib/protocol.js';
 import type { TransferOptions } from '../lib/transfer.js';
-import { Image } from '../server/image.js';
+import { Image } from '../lib/image.js';
 import { FaultEngine } from './fault-engine.js';
 import { checkAgainstSource, type InstalledCheck } from './installed-checksum.js';
 import type { LocalSessionOptions } from './local-session.js';

@@ -308,7 +308,7 @@ export class VmmSession extends EventEmitter {
 
   #summary(session: PageSession, stats: DestinationStats): VmmSessionSummary {
     return {
-      ...summarize(stats, this.#host.transfer),
+      ...summarize(stats, this.#host.transfer, session.engine.regions),
       vmmPid: this.pid,
       removedPages: stats.removedPages,
       zeroFilledAfterRemove: stats.zeroFilledAfterRemove,

@@ -9,6 +9,7 @@ import { createHash } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ErrorCode, PostcopyError } from './errors.js';
+import { projectRoot } from './package-root.js';
 
 /** <tmp>/uffd-postcopy-<uid>, mode 0700: refused when someone else owns it or others can write to it. */
 function privateDir(): string {
@@ -33,4 +34,9 @@ export function compiledProgram(source: string, name: string): string {
     renameSync(partial, binary);
   }
   return binary;
+}
+
+/** The VMM-like C program test/fixtures/<name>.c (the demo, the bench and the tests run it as "the VMM"), built on first use. */
+export function buildFixture(name: string): string {
+  return compiledProgram(join(projectRoot(), 'test', 'fixtures', `${name}.c`), `fixture-${name}`);
 }

@@ -251,6 +251,11 @@ export interface NativeAddon {
   /** `shares`, when given (at least `count` long), receives each page's contribution. */
   pageChecksum(bytes: Uint8Array, pageSize: number, region: number, firstPage: number, count: number, shares?: BigUint64Array): bigint;
   memoryConstants: Record<string, number>;
+  /** The wire and QEMU stream constants of addon/wire.h and addon/qemu_stream.h, by group and C++ name (test/constants.test.ts). */
+  constants(): {
+    wire: Record<'Kind' | 'Reason' | 'sizes', Record<string, number>>;
+    qemu: Record<'Stream' | 'Section' | 'RamFlag' | 'Command' | 'ReturnPath', Record<string, number>>;
+  };
 
   socketPair(seqpacket?: boolean): [number, number];
   sendWithFds(socket: number, payload: Uint8Array, fds: number[]): number;

@@ -1,5 +1,5 @@
 // Where this package lives (its folder holding package.json), whether run from
-// the sources or from dist/, and what it says about itself.
+// the sources or from dist/, what it says about itself, and how to run its CLI.
 import { existsSync, readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -18,4 +18,14 @@ export function packageVersion(): string {
   } catch {
     return 'unknown';
   }
+}
+
+/**
+ * argv that runs the package's CLI (`postcopy`, bin/postcopy) in a new process:
+ * the same Node, with the same loader flags when run from the sources (bin/
+ * beside lib/ in both layouts). For the bench's sources and the handler's workers.
+ */
+export function selfCommand(): string[] {
+  const entry = fileURLToPath(new URL(`../bin/postcopy${import.meta.url.endsWith('.ts') ? '.ts' : '.js'}`, import.meta.url));
+  return [process.execPath, ...process.execArgv, entry];
 }

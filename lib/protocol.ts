@@ -39,7 +39,7 @@ export type Message =
       session: string;
       resumed: boolean;
       fingerprint: string;
-      /** The image's content digest (server/image.ts contentDigest): every byte of it; absent from a live source. */
+      /** The image's content digest (lib/image.ts contentDigest): every byte of it; absent from a live source. */
       content?: string;
       encryption: Encryption;
       regions: RegionInfo[];

@@ -3,6 +3,8 @@
 // answered with {"return": ...} or {"error": {class, desc}}; events may come
 // in between. Every wait is bounded.
 import { connect, type Socket } from 'node:net';
+import { constants } from 'node:os';
+import { setTimeout as delay } from 'node:timers/promises';
 import { ErrorCode, PostcopyError } from './errors.js';
 
 export class Qmp {
@@ -29,8 +31,27 @@ export class Qmp {
     });
   }
 
-  /** Connects to QEMU's QMP socket at `path` and leaves capabilities negotiation done. */
+  /**
+   * Connects to QEMU's QMP socket at `path` and leaves capabilities negotiation done.
+   * QEMU creates the socket file when it binds and listens a moment later, and a
+   * caller may start QEMU just before: a missing or refusing socket is tried
+   * again every 20 ms until `timeoutMs` has passed.
+   */
   static async connect(path: string, timeoutMs = 10_000): Promise<Qmp> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      try {
+        return await Qmp.#connectOnce(path, Math.max(1, deadline - Date.now()));
+      } catch (err) {
+        const errno = Math.abs((err as { errno?: number }).errno ?? 0);
+        const notYet = errno === constants.errno.ENOENT || errno === constants.errno.ECONNREFUSED;
+        if (!notYet || Date.now() + 20 >= deadline) throw err;
+        await delay(20);
+      }
+    }
+  }
+
+  static async #connectOnce(path: string, timeoutMs: number): Promise<Qmp> {
     const socket = connect(path);
     const qmp = new Qmp(socket);
     const greeted = new Promise<void>((resolve) => (qmp.#greeted = resolve));

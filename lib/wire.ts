@@ -1,7 +1,8 @@
-// The data-channel layouts (docs/PROTOCOL.md, "Data channel layouts"), the
-// TypeScript twin of addon/wire.h for tests and tools that speak the data
-// channels without the native engine. test/protocol.test.ts checks that both
-// agree.
+// The data-channel layouts (docs/PROTOCOL.md, "Data channel layouts"): the
+// TypeScript home of their constants (addon/wire.h is the native one), for
+// tests and tools that speak the data channels without the native engine.
+// test/constants.test.ts compares the two constant by constant: a kind or a
+// reason goes into both or that test fails.
 
 export const PAGE_REQUEST_BYTES = 16;
 export const RUN_HEADER_BYTES = 24;
@@ -12,10 +13,12 @@ export const Kind = {
   dataRun: 0x41544144, // "DATA"
   zeroRun: 0x4f52455a, // "ZERO"
   bulkEnd: 0x20444e45, // "END "
+  discardRun: 0x43534944, // "DISC": pages written at a live source since they were sent (missing again)
+  switchover: 0x48435753, // "SWCH": a live source's workload runs at the destination from now on
 } as const;
 
 /** RunHeader.reason values. */
-export const Reason = { requested: 0, prefault: 1, background: 2 } as const;
+export const Reason = { requested: 0, prefault: 1, background: 2, prefetch: 3, precopy: 4 } as const;
 
 /** A PageRequest: u32 kind, u32 region, u64 page, little-endian. */
 export function encodePageRequest(region: number, page: number | bigint): Buffer {

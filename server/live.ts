@@ -23,7 +23,7 @@ import { native, type NativeEvent } from '../lib/native.js';
 import { listenOwnerOnly } from '../lib/unix-socket.js';
 import { isUserfaultfd, parseHandshake, type GuestRegion } from '../lib/vmm-handshake.js';
 import { StateMachine, type TransitionTable } from '../lib/state-machine.js';
-import { Image } from './image.js';
+import { Image } from '../lib/image.js';
 import type { SourceSession } from './session.js';
 
 const PAGE = 4096;
@@ -34,7 +34,7 @@ const WRITEPROTECT_MODE_WP = 1;
 export class LiveWorkload extends EventEmitter {
   readonly pid: number;
   readonly regions: GuestRegion[];
-  /** Its memory file, read as it changes (server/image.ts, live). */
+  /** Its memory file, read as it changes (lib/image.ts, live). */
   readonly image: Image;
   readonly #socket: Socket;
   readonly #uffd: number;
@@ -230,7 +230,7 @@ export class LiveWorkload extends EventEmitter {
   }
 }
 
-/** A migration's name, as a live image's fingerprint (server/image.ts). */
+/** A migration's name, as a live image's fingerprint (lib/image.ts). */
 const MIGRATION_ID = /^live-[0-9a-f]{32}$/;
 
 /**

@@ -37,7 +37,7 @@ import { validateInteger } from '../lib/validate.js';
 import { listenOwnerOnly } from '../lib/unix-socket.js';
 import { Tally } from '../lib/metrics.js';
 import { DEFAULT_RESUME_GRACE_MS, SourceSession } from './session.js';
-import type { Image } from './image.js';
+import type { Image } from '../lib/image.js';
 import type { LiveMigration } from './live.js';
 import { Admission } from './admission.js';
 

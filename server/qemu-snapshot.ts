@@ -16,38 +16,20 @@ import { closeSync, ftruncateSync, mkdirSync, openSync, writeFileSync, writeSync
 import { join } from 'node:path';
 import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import { punchHole } from '../lib/memory.js';
+import { Command, RamFlag, Section, Stream } from '../lib/qemu-stream.js';
 
-const MAGIC = 0x5145564d; // "QEVM"
-const STREAM_VERSION = 3;
 const PAGE = 4096;
 
-// Section types (QEMU_VM_*).
-const EOF = 0x00;
-const SECTION_START = 0x01;
-const SECTION_PART = 0x02;
-const SECTION_END = 0x03;
-const SECTION_FULL = 0x04;
-const VMDESCRIPTION = 0x06;
-const CONFIGURATION = 0x07;
-const COMMAND = 0x08;
-const FOOTER = 0x7e;
-
-// RAM record flags (RAM_SAVE_FLAG_*).
-const FLAG_ZERO = 0x02;
-const FLAG_MEM_SIZE = 0x04;
-const FLAG_PAGE = 0x08;
-const FLAG_EOS = 0x10;
-const FLAG_CONTINUE = 0x20;
 /** Flags of features this snapshot cannot hold, by what the user turned on. */
 const UNSUPPORTED_FLAGS: [number, string][] = [
-  [0x01, 'full-ram records (a QEMU older than 1.0)'],
-  [0x40, 'xbzrle (the xbzrle capability)'],
-  [0x80, 'RDMA (an rdma: migration)'],
-  [0x100, 'compression (the compress capability)'],
-  [0x200, 'multifd (the multifd capability)'],
+  [RamFlag.full, 'full-ram records (a QEMU older than 1.0)'],
+  [RamFlag.xbzrle, 'xbzrle (the xbzrle capability)'],
+  [RamFlag.hook, 'RDMA (an rdma: migration)'],
+  [RamFlag.compressPage, 'compression (the compress capability)'],
+  [RamFlag.multifdFlush, 'multifd (the multifd capability)'],
 ];
 // Commands a precopy stream may carry that change nothing here (open return path, ping, postcopy advise).
-const HARMLESS_COMMANDS = new Set([1, 2, 3]);
+const HARMLESS_COMMANDS = new Set<number>([Command.openReturnPath, Command.ping, Command.postcopyAdvise]);
 
 export interface QemuSnapshotManifest {
   format: 'uffd-postcopy-qemu-snapshot';
@@ -164,10 +146,10 @@ export async function readQemuStream(
       ? new PostcopyError(ErrorCode.QEMU_STREAM_INVALID, 'not a QEMU migration stream (shorter than its header)')
       : err;
   });
-  if (head.readUInt32BE(0) !== MAGIC) throw new PostcopyError(ErrorCode.QEMU_STREAM_INVALID, 'not a QEMU migration stream (no "QEVM" magic)');
+  if (head.readUInt32BE(0) !== Stream.magic) throw new PostcopyError(ErrorCode.QEMU_STREAM_INVALID, 'not a QEMU migration stream (no "QEVM" magic)');
   const streamVersion = head.readUInt32BE(4);
-  if (streamVersion !== STREAM_VERSION)
-    throw new PostcopyError(ErrorCode.UNSUPPORTED, `QEMU migration stream version ${streamVersion}; this reads version ${STREAM_VERSION} (QEMU 2.x to 9.x)`);
+  if (streamVersion !== Stream.version)
+    throw new PostcopyError(ErrorCode.UNSUPPORTED, `QEMU migration stream version ${streamVersion}; this reads version ${Stream.version} (QEMU 2.x to 9.x)`);
   mkdirSync(out, { recursive: true });
   const blocks: Block[] = [];
   const byName = new Map<string, Block>();
@@ -182,7 +164,7 @@ export async function readQemuStream(
   try {
     // The configuration section: the machine type.
     r.capture = [];
-    if ((await r.u8('the configuration section')) !== CONFIGURATION)
+    if ((await r.u8('the configuration section')) !== Section.configuration)
       throw new PostcopyError(ErrorCode.QEMU_STREAM_INVALID, 'the stream does not start with its configuration section');
     const len = await r.be32('the machine type');
     if (len > 256) throw new PostcopyError(ErrorCode.QEMU_STREAM_INVALID, `a machine type of ${len} bytes`);
@@ -192,7 +174,7 @@ export async function readQemuStream(
     while (!ramDone) {
       const at = r.position;
       const type = await r.u8('a section header');
-      if (type === COMMAND) {
+      if (type === Section.command) {
         const cmd = await r.be16('a command');
         const n = await r.be16('a command');
         await r.bytes(n, 'a command');
@@ -200,7 +182,7 @@ export async function readQemuStream(
           throw new PostcopyError(ErrorCode.UNSUPPORTED, `the stream carries migration command ${cmd} (a postcopy or COLO migration, not a saved state)`);
         continue;
       }
-      if (type === SECTION_START) {
+      if (type === Section.start) {
         r.capture = [Buffer.from([type])];
         const id = await r.be32('a section header');
         const name = await r.name('a section name');
@@ -210,13 +192,13 @@ export async function readQemuStream(
         if (ramSection >= 0) throw new PostcopyError(ErrorCode.QEMU_STREAM_INVALID, 'the RAM section starts twice');
         ramSection = id;
         await readRamSetup(r, out, blocks, byName);
-        if ((await r.u8('the RAM setup footer')) !== FOOTER || (await r.be32('the RAM setup footer')) !== id)
+        if ((await r.u8('the RAM setup footer')) !== Section.footer || (await r.be32('the RAM setup footer')) !== id)
           throw new PostcopyError(ErrorCode.QEMU_STREAM_INVALID, 'the RAM setup section has no footer');
         writeFileSync(join(out, files.ramSetup), Buffer.concat(r.capture));
         r.capture = null;
         continue;
       }
-      if (type === SECTION_PART || type === SECTION_END) {
+      if (type === Section.part || type === Section.end) {
         const id = await r.be32('a section header');
         if (id !== ramSection) throw new PostcopyError(ErrorCode.QEMU_STREAM_INVALID, `a part of section ${id}, which never started`);
         pagesSeen += await readRamPart(r, byName, current, () => {
@@ -225,12 +207,12 @@ export async function readQemuStream(
             options.progress(r.position, pagesSeen);
           }
         });
-        if ((await r.u8('a RAM footer')) !== FOOTER || (await r.be32('a RAM footer')) !== id)
+        if ((await r.u8('a RAM footer')) !== Section.footer || (await r.be32('a RAM footer')) !== id)
           throw new PostcopyError(ErrorCode.QEMU_STREAM_INVALID, 'a RAM section part has no footer');
-        if (type === SECTION_END) ramDone = true;
+        if (type === Section.end) ramDone = true;
         continue;
       }
-      if (type === SECTION_FULL || type === EOF)
+      if (type === Section.full || type === Section.eof)
         throw new PostcopyError(ErrorCode.QEMU_STREAM_INVALID, `device state before the RAM section ended (at byte ${at})`);
       throw new PostcopyError(ErrorCode.QEMU_STREAM_INVALID, `an unknown section type 0x${type.toString(16)} at byte ${at}`);
     }
@@ -268,8 +250,8 @@ export async function readQemuStream(
 /** The RAM setup: the total size, then each block's name and used length, until their sum is the total; then EOS. */
 async function readRamSetup(r: StreamReader, out: string, blocks: Block[], byName: Map<string, Block>): Promise<void> {
   const head = await r.be64('the RAM setup');
-  if ((head & 0xfff) !== FLAG_MEM_SIZE) throw new PostcopyError(ErrorCode.QEMU_STREAM_INVALID, 'the RAM setup does not begin with its size');
-  const total = head - FLAG_MEM_SIZE;
+  if ((head & 0xfff) !== RamFlag.memSize) throw new PostcopyError(ErrorCode.QEMU_STREAM_INVALID, 'the RAM setup does not begin with its size');
+  const total = head - RamFlag.memSize;
   let sum = 0;
   while (sum < total) {
     const name = await r.name('a RAM block name');
@@ -289,7 +271,7 @@ async function readRamSetup(r: StreamReader, out: string, blocks: Block[], byNam
       ErrorCode.UNSUPPORTED,
       'the RAM blocks do not add up to the RAM size: the saving QEMU had postcopy-ram with huge pages, or ignore-shared, turned on',
     );
-  if ((await r.be64('the RAM setup end')) !== FLAG_EOS) throw new PostcopyError(ErrorCode.QEMU_STREAM_INVALID, 'the RAM setup does not end with EOS');
+  if ((await r.be64('the RAM setup end')) !== RamFlag.eos) throw new PostcopyError(ErrorCode.QEMU_STREAM_INVALID, 'the RAM setup does not end with EOS');
 }
 
 /**
@@ -304,9 +286,9 @@ async function readRamPart(r: StreamReader, byName: Map<string, Block>, current:
     const head = await r.be64('a RAM record');
     const flags = head & 0xfff;
     const addr = head - flags;
-    if (flags & FLAG_EOS) return records;
+    if (flags & RamFlag.eos) return records;
     for (const [bit, what] of UNSUPPORTED_FLAGS) if (flags & bit) throw new PostcopyError(ErrorCode.UNSUPPORTED, `the stream uses ${what}; save it without`);
-    if (!(flags & FLAG_CONTINUE)) {
+    if (!(flags & RamFlag.continue)) {
       const name = await r.name('a RAM block name');
       block = byName.get(name) ?? null;
       if (!block) throw new PostcopyError(ErrorCode.QEMU_STREAM_INVALID, `a page of RAM block "${name}", which the setup did not list`);
@@ -316,7 +298,7 @@ async function readRamPart(r: StreamReader, byName: Map<string, Block>, current:
     if (addr >= block.length) throw new PostcopyError(ErrorCode.QEMU_STREAM_INVALID, `a page at ${addr} of RAM block "${block.name}" (${block.length} bytes)`);
     const page = addr / PAGE;
     const wasWritten = (block.written[page >> 3] >> (page & 7)) & 1;
-    if (flags & FLAG_ZERO) {
+    if (flags & RamFlag.zero) {
       const fill = await r.u8('a zero record');
       if (fill !== 0) {
         writeSync(block.fd, Buffer.alloc(PAGE, fill), 0, PAGE, addr);
@@ -329,7 +311,7 @@ async function readRamPart(r: StreamReader, byName: Map<string, Block>, current:
         }
         block.zeroPages++;
       }
-    } else if (flags & FLAG_PAGE) {
+    } else if (flags & RamFlag.page) {
       const data = await r.bytes(PAGE, 'a RAM page');
       writeSync(block.fd, data, 0, PAGE, addr);
       block.written[page >> 3] |= 1 << (page & 7);
@@ -350,7 +332,7 @@ async function readRamPart(r: StreamReader, byName: Map<string, Block>, current:
  */
 function findEof(rest: Buffer): number {
   for (let i = rest.length - 6; i >= 0; i--) {
-    if (rest[i] === EOF && rest[i + 1] === VMDESCRIPTION && rest.readUInt32BE(i + 2) === rest.length - i - 6) return i;
+    if (rest[i] === Section.eof && rest[i + 1] === Section.vmDescription && rest.readUInt32BE(i + 2) === rest.length - i - 6) return i;
   }
   throw new PostcopyError(ErrorCode.QEMU_STREAM_TRUNCATED, 'the stream ends before its EOF and VM description: the device state is cut short');
 }

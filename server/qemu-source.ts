@@ -16,18 +16,9 @@ import { ErrorCode, PostcopyError, errorOfEvent } from '../lib/errors.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
 import { native, type NativeEvent } from '../lib/native.js';
 import { takeSocket } from '../lib/protocol.js';
-import { Image } from './image.js';
+import { Image } from '../lib/image.js';
+import { Command, Section, Stream } from '../lib/qemu-stream.js';
 import type { QemuSnapshotManifest } from './qemu-snapshot.js';
-
-const COMMAND = 0x08;
-const CMD_OPEN_RETURN_PATH = 1;
-const CMD_POSTCOPY_ADVISE = 3;
-const CMD_POSTCOPY_LISTEN = 4;
-const CMD_POSTCOPY_RUN = 5;
-const CMD_POSTCOPY_RAM_DISCARD = 6;
-const CMD_PACKAGED = 7;
-/** The most a package may hold (QEMU's MAX_VM_CMD_PACKAGED_SIZE). */
-const MAX_PACKAGE = 1 << 24;
 
 export interface QemuServeOptions {
   /** Pages sent after each requested one, and before it (default 8 and 0). */
@@ -67,7 +58,7 @@ const be64 = (v: number) => {
   b.writeBigUInt64BE(BigInt(v));
   return b;
 };
-const command = (cmd: number, data: Buffer = Buffer.alloc(0)) => Buffer.concat([Buffer.from([COMMAND]), be16(cmd), be16(data.length), data]);
+const command = (cmd: number, data: Buffer = Buffer.alloc(0)) => Buffer.concat([Buffer.from([Section.command]), be16(cmd), be16(data.length), data]);
 
 /** Reads a snapshot directory's manifest, checked. */
 export function readManifest(dir: string): QemuSnapshotManifest {
@@ -88,20 +79,20 @@ function preamble(dir: string, manifest: QemuSnapshotManifest): Buffer {
   const discards = manifest.blocks.map((b) => {
     const name = Buffer.from(b.name, 'latin1');
     // Version 0, the block's name (counted, then a NUL), then (start, length) in bytes: the whole block.
-    return command(CMD_POSTCOPY_RAM_DISCARD, Buffer.concat([Buffer.from([0, name.length]), name, Buffer.from([0]), be64(0), be64(b.length)]));
+    return command(Command.postcopyRamDiscard, Buffer.concat([Buffer.from([0, name.length]), name, Buffer.from([0]), be64(0), be64(b.length)]));
   });
-  const pkg = Buffer.concat([command(CMD_POSTCOPY_LISTEN), file(manifest.files.devices), command(CMD_POSTCOPY_RUN)]);
-  if (pkg.length > MAX_PACKAGE)
-    throw new PostcopyError(ErrorCode.UNSUPPORTED, `the device state is ${pkg.length} bytes; QEMU takes at most ${MAX_PACKAGE} in one package`);
+  const pkg = Buffer.concat([command(Command.postcopyListen), file(manifest.files.devices), command(Command.postcopyRun)]);
+  if (pkg.length > Stream.maxPackaged)
+    throw new PostcopyError(ErrorCode.UNSUPPORTED, `the device state is ${pkg.length} bytes; QEMU takes at most ${Stream.maxPackaged} in one package`);
   return Buffer.concat([
-    be32(0x5145564d),
-    be32(3),
+    be32(Stream.magic),
+    be32(Stream.version),
     file(manifest.files.configuration),
-    command(CMD_OPEN_RETURN_PATH),
-    command(CMD_POSTCOPY_ADVISE, Buffer.concat([be64(4096), be64(4096)])), // the RAM's page sizes (all 4 KiB), and the target's
+    command(Command.openReturnPath),
+    command(Command.postcopyAdvise, Buffer.concat([be64(4096), be64(4096)])), // the RAM's page sizes (all 4 KiB), and the target's
     file(manifest.files.ramSetup),
     ...discards,
-    command(CMD_PACKAGED, be32(pkg.length)),
+    command(Command.packaged, be32(pkg.length)),
     pkg,
   ]);
 }

@@ -13,7 +13,7 @@ import { StateMachine, type TransitionTable } from '../lib/state-machine.js';
 import type { TransferOptions } from '../lib/transfer.js';
 import type { DataChannelKeys } from '../lib/protocol.js';
 import type { Logger } from '../lib/logger.js';
-import type { Image } from './image.js';
+import type { Image } from '../lib/image.js';
 import type { LiveMigration } from './live.js';
 
 /**

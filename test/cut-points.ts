@@ -3,7 +3,7 @@
 // a FaultProxy, at a random byte offset chosen so that it must hit while
 // pages are still due. Used by test/recovery.test.ts (a few dozen, in CI) and
 // test/recovery.soak.ts (a thousand, by hand).
-import { Image } from '../server/image.js';
+import { Image } from '../lib/image.js';
 import { PageServer } from '../server/page-server.js';
 import { Destination, type DestinationOptions } from '../client/destination.js';
 import type { RecoveryOptions } from '../client/session.js';

@@ -3,7 +3,7 @@
 // installed (the session pauses and resumes), and a destination refuses a TCP
 // source that offers plaintext.
 import t from 'tap';
-import { Image } from '../server/image.js';
+import { Image } from '../lib/image.js';
 import { PageServer } from '../server/page-server.js';
 import { Destination } from '../client/destination.js';
 import type { CodedError } from '../lib/errors.js';

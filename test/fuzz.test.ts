@@ -9,7 +9,7 @@ import { closeSync, writeSync } from 'node:fs';
 import { once } from 'node:events';
 import { join } from 'node:path';
 import { connect as netConnect } from 'node:net';
-import { Image } from '../server/image.js';
+import { Image } from '../lib/image.js';
 import { PageServer } from '../server/page-server.js';
 import { Destination } from '../client/destination.js';
 import { FaultEngine, type ChannelFailure } from '../client/fault-engine.js';

@@ -11,7 +11,7 @@ import { FrameReader, encodeFrame, keepAlive, type Message } from '../lib/protoc
 import type { Test } from 'tap';
 import type { Userfaultfd } from '../lib/uffd.js';
 import type { RecoveryOptions } from '../client/session.js';
-import { Image } from '../server/image.js';
+import { Image } from '../lib/image.js';
 import { PageServer } from '../server/page-server.js';
 import { VmmHandler } from '../client/vmm-handler.js';
 
@@ -61,7 +61,7 @@ export function writeImage(dir: string, image: Buffer, name = 'image.bin'): stri
   return path;
 }
 
-export { buildFixture } from '../bin/vmm-fixture.js';
+export { buildFixture } from '../lib/c-programs.js';
 
 /**
  * A handler (on a socket in a temp dir) serving an image file of `bytes`:

@@ -21,7 +21,7 @@ import { once } from 'node:events';
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { join } from 'node:path';
-import { Image } from '../server/image.js';
+import { Image } from '../lib/image.js';
 import { PageServer } from '../server/page-server.js';
 import { SourceConnection } from '../client/source-connection.js';
 import { VmmHandler, type VmmSessionSummary } from '../client/vmm-handler.js';

@@ -7,7 +7,7 @@ import { once } from 'node:events';
 import { spawn } from 'node:child_process';
 import { closeSync, openSync, writeSync, ftruncateSync } from 'node:fs';
 import { join } from 'node:path';
-import { Image } from '../server/image.js';
+import { Image } from '../lib/image.js';
 import { Destination } from '../client/destination.js';
 import { VmmHandler, type VmmSessionSummary } from '../client/vmm-handler.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';

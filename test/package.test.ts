@@ -31,8 +31,8 @@ t.test('the package ships the library, the CLI and the addon sources, not the te
   ];
   const files = pack.files.map((f) => f.path);
   for (const needed of [
-    'dist/lib/index.js',
-    'dist/lib/index.d.ts',
+    'dist/index.js',
+    'dist/index.d.ts',
     'dist/bin/postcopy.js',
     'addon/fault_engine.cc',
     'CMakeLists.txt',

@@ -1,7 +1,7 @@
 import t from 'tap';
 import { closeSync, ftruncateSync, openSync } from 'node:fs';
 import { join } from 'node:path';
-import { Image } from '../server/image.js';
+import { Image } from '../lib/image.js';
 import { PageServer } from '../server/page-server.js';
 import { Destination, type DestinationOptions } from '../client/destination.js';
 import { memfdCreate, mapFile, punchHole } from '../lib/memory.js';

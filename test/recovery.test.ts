@@ -7,7 +7,7 @@ import { closeSync, existsSync, ftruncateSync, openSync, readFileSync, readdirSy
 import { join } from 'node:path';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { Image } from '../server/image.js';
+import { Image } from '../lib/image.js';
 import { MAX_UNPROVEN_CONNECTIONS, PageServer } from '../server/page-server.js';
 import { ADMISSION_LOG_INTERVAL_MS } from '../server/admission.js';
 import { connect as netConnect, type Socket } from 'node:net';

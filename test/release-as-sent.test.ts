@@ -7,7 +7,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs
 import { once } from 'node:events';
 import { spawn } from 'node:child_process';
 import { basename, dirname, join } from 'node:path';
-import { Image } from '../server/image.js';
+import { Image } from '../lib/image.js';
 import { PageServer } from '../server/page-server.js';
 import { Destination } from '../client/destination.js';
 import { VmmHandler } from '../client/vmm-handler.js';

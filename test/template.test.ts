@@ -9,7 +9,7 @@ import { spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 import { join } from 'node:path';
-import { Image } from '../server/image.js';
+import { Image } from '../lib/image.js';
 import { PageServer } from '../server/page-server.js';
 import { VmmHandler, type VmmSessionSummary } from '../client/vmm-handler.js';
 import { buildFixture, cliCommand, FAST_RECOVERY, PAGE, randomImage, startServeCli, tempDir, writeImage } from './helpers.js';

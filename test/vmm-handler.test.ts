@@ -5,7 +5,7 @@ import { closeSync, ftruncateSync, openSync, readdirSync, readlinkSync } from 'n
 import { connect as netConnect } from 'node:net';
 import { join } from 'node:path';
 import { once } from 'node:events';
-import { Image } from '../server/image.js';
+import { Image } from '../lib/image.js';
 import { PageServer } from '../server/page-server.js';
 import { MAX_PENDING_HANDSHAKES, VmmHandler, type VmmSessionSummary } from '../client/vmm-handler.js';
 import type { InstalledCheck } from '../client/installed-checksum.js';

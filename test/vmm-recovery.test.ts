@@ -12,7 +12,7 @@ import type { RecoveryOptions } from '../client/session.js';
 import { FAST_RECOVERY, buildFixture, cliCommand, randomImage, startServeCli, tempDir, until, writeImage } from './helpers.js';
 import type { Test } from 'tap';
 import { FaultProxy } from './fault-proxy.js';
-import { Image } from '../server/image.js';
+import { Image } from '../lib/image.js';
 import { PageServer } from '../server/page-server.js';
 import { encodeFrame } from '../lib/protocol.js';
 

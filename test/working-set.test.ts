@@ -7,7 +7,7 @@ import { once } from 'node:events';
 import { spawn } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { Image } from '../server/image.js';
+import { Image } from '../lib/image.js';
 import { PageServer } from '../server/page-server.js';
 import { Destination, type DestinationOptions } from '../client/destination.js';
 import type { VmmSessionSummary } from '../client/vmm-handler.js';

@@ -1,13 +1,17 @@
 // What a source serves: one or more regions, each backed by a file (mapped
 // read-only; holes found with SEEK_HOLE go out as zero runs without being
 // read), a shared-memory file or memfd (the same, in place), or a Buffer.
+// The image file format, with the files kept beside it (its sums,
+// lib/kept-sums.ts; what release-as-sent freed of it, lib/release-journal.ts):
+// in lib/ because both roles open images (a source serves one, a destination
+// restores from a local one or a template).
 import { createHash, randomBytes } from 'node:crypto';
 import { closeSync, fstatSync, openSync, statfsSync } from 'node:fs';
-import { ErrorCode, PostcopyError } from '../lib/errors.js';
-import { fileExtents, mapFile, PAGE_SIZE, punchHole, type Mapping } from '../lib/memory.js';
-import type { RegionChecksum, RegionInfo } from '../lib/protocol.js';
-import { native, type ServedRegionSpec } from '../lib/native.js';
-import { checksumHex, digestOf, imageFingerprint, pageChecksum } from '../lib/digest.js';
+import { ErrorCode, PostcopyError } from './errors.js';
+import { fileExtents, mapFile, PAGE_SIZE, punchHole, type Mapping } from './memory.js';
+import type { RegionChecksum, RegionInfo } from './protocol.js';
+import { native, type ServedRegionSpec } from './native.js';
+import { checksumHex, digestOf, imageFingerprint, pageChecksum } from './digest.js';
 import { fileKey, readKeptSums, writeKeptSums } from './kept-sums.js';
 import { ReleaseJournal } from './release-journal.js';
 
@@ -25,7 +29,7 @@ export interface ImageRegion extends RegionInfo {
    * place (`in-place`) instead of having pages copied.
    */
   memoryFd?: number;
-  /** The file it was opened from by path: its sums are kept beside it (server/kept-sums.ts). */
+  /** The file it was opened from by path: its sums are kept beside it (lib/kept-sums.ts). */
   path?: string;
 }
 
@@ -44,7 +48,7 @@ export class Image {
   #kept = false;
   readonly #live: boolean;
   #content: Promise<string> | null = null;
-  /** Release-as-sent: per region, what was freed (server/release-journal.ts). */
+  /** Release-as-sent: per region, what was freed (lib/release-journal.ts). */
   readonly #journals: (ReleaseJournal | undefined)[];
 
   private constructor(regions: ImageRegion[], mappings: Mapping[], ownFds: number[], live: string | null, journals: (ReleaseJournal | undefined)[]) {
