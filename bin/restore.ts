@@ -1,12 +1,12 @@
 // postcopy restore: a destination that restores an image into memory of its
 // own, from a source or from a local image file, optionally with a workload
 // faulting pages in, and reports stats.
-import { openSync, writeSync, closeSync, fstatSync, fsyncSync, realpathSync, renameSync, rmSync, statSync, fchmodSync } from 'node:fs';
+import { openSync, writeSync, closeSync, fsyncSync, realpathSync, renameSync, rmSync, statSync, fchmodSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { Destination } from '../client/destination.js';
-import { SourceConnection } from '../client/source-connection.js';
-import { mapFile, PAGE_SIZE, type Mapping } from '../lib/memory.js';
+import type { TakenMemory } from '../client/open-session.js';
+import { PAGE_SIZE } from '../lib/memory.js';
 import { digestOf } from '../lib/digest.js';
 import { Image } from '../lib/image.js';
 import { coldStartOrder, shuffledOrder, touchPages } from '../lib/workload.js';
@@ -104,17 +104,11 @@ export async function restore(argv: string[], log: Logger): Promise<void> {
     checkWritable(record, '--record-working-set');
   }
   const prefetch = values.prefetch === undefined ? undefined : readWorkingSet(values.prefetch);
-  if (values['in-place']) {
+  const inPlace = values['in-place'] === true;
+  if (inPlace) {
     if (values.image) throw new UsageError('--in-place takes the memory of a source (--source); --image restores from a file here');
     for (const name of ['record-working-set', 'prefetch', 'window', 'rate', 'no-background'] as const)
       if (values[name] !== undefined) throw new UsageError(`--in-place copies no page, so --${name} has nothing to act on`);
-    const [source] = values.source as string[];
-    const taken = await restoreInPlace(source, destinationToken(values['token-file'], source, log), workload, seed, values.out, log);
-    if (taken) {
-      process.stdout.write(values.json ? JSON.stringify(taken) + '\n' : formatInPlace(taken));
-      return;
-    }
-    log.warn({ source }, 'the source does not offer its memory in place (TCP, or an image that is not shared memory): copying instead');
   }
   if (values['no-background'] && workload === 'cold-start')
     throw new UsageError('--no-background with --workload cold-start can never finish: the pages the cold start does not touch would never arrive');
@@ -142,7 +136,13 @@ export async function restore(argv: string[], log: Logger): Promise<void> {
       dest = await Destination.connect({ image, ...transfer });
     } else {
       const [source, ...replicas] = values.source as string[];
-      dest = await Destination.connect({ source, replicas, token: destinationToken(values['token-file'], source, log), recovery, ...transfer });
+      const opened = await Destination.open({ source, replicas, token: destinationToken(values['token-file'], source, log), recovery, inPlace, ...transfer });
+      if (!(opened instanceof Destination)) {
+        const taken = await useInPlace(opened, workload, seed, values.out);
+        process.stdout.write(values.json ? JSON.stringify(taken) + '\n' : formatInPlace(taken));
+        return;
+      }
+      dest = opened;
     }
   } catch (err) {
     image?.close();
@@ -220,45 +220,12 @@ interface InPlaceReport {
   sha256: string[];
 }
 
-/**
- * In place: takes the source's shared-memory fds and maps them (shared): the
- * memory is the source's own, no page is copied and nothing faults. Null when
- * the source does not offer it.
- */
-async function restoreInPlace(
-  source: string,
-  token: string | undefined,
-  workload: Workload,
-  seed: number,
-  out: string | undefined,
-  log: Logger,
-): Promise<InPlaceReport | null> {
-  const started = process.hrtime.bigint();
-  const taken = await SourceConnection.takeMemory({ source, ...(token ? { token } : {}) });
-  if (!taken) return null;
-  const mappings: Mapping[] = [];
+/** In place: the source's memory, mapped here (nothing copied, nothing faults), under the workload; then the report. */
+async function useInPlace(taken: TakenMemory, workload: Workload, seed: number, out: string | undefined): Promise<InPlaceReport> {
+  const { mappings } = taken;
   try {
     // The memory taken is the image's file itself: writing --out over it would destroy what we read from.
-    if (out)
-      refuseImageAsOut(
-        out,
-        taken.fds.map((fd) => fstatSync(fd)),
-      );
-    // Shared: the memory is ours now. (A source that handed over a read-only fd keeps its image: mapped private, a page is copied only when written.)
-    for (const [i, r] of taken.regions.entries()) {
-      try {
-        mappings.push(mapFile(taken.fds[i], r.length, { shared: true }));
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== 'EACCES') throw err;
-        mappings.push(mapFile(taken.fds[i], r.length, { shared: false }));
-      }
-    }
-  } finally {
-    for (const fd of taken.fds) closeSync(fd); // the mappings keep the memory
-  }
-  try {
-    const tookMs = Number(process.hrtime.bigint() - started) / 1e6;
-    log.info({ regions: mappings.length, bytes: mappings.reduce((n, m) => n + m.length, 0), tookMs }, 'took the source memory in place: nothing copied');
+    if (out) refuseImageAsOut(out, taken.files);
     let workloadMs: number | undefined;
     if (workload !== 'none') {
       const touched = await Promise.all(
@@ -282,7 +249,7 @@ async function restoreInPlace(
       bytes,
       bytesReceived: 0,
       regions: mappings.length,
-      tookMs: Math.round(tookMs * 100) / 100,
+      tookMs: Math.round(taken.tookMs * 100) / 100,
       ...(workloadMs !== undefined ? { workloadMs } : {}),
       sha256,
     };

@@ -8,19 +8,20 @@
 // up first releases every waiting thread (the userfaultfd is closed, so they
 // read zeros) instead of unmapping under them.
 import { ErrorCode, PostcopyError } from '../lib/errors.js';
-import { mapAnonymous, type Mapping } from '../lib/memory.js';
-import { Userfaultfd } from '../lib/uffd.js';
+import type { Userfaultfd } from '../lib/uffd.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
 import { digestOf } from '../lib/digest.js';
-import type { RegionInfo } from '../lib/protocol.js';
 import type { TransferOptions } from '../lib/transfer.js';
-import { DestinationSession, type DestinationSessionOptions, type EngineFactory, type PageSession, type RecoveryStatus } from './session.js';
-import { LocalSession, type LocalSessionOptions } from './local-session.js';
-import { FaultEngine, type DestinationStats } from './fault-engine.js';
+import type { DestinationSessionOptions, PageSession, RecoveryStatus } from './session.js';
+import type { LocalSessionOptions } from './local-session.js';
+import type { FaultEngine, DestinationStats } from './fault-engine.js';
+import { openSession, type PagesFrom, type TakenMemory } from './open-session.js';
+import { OwnMemory, type RestoredRegion } from './own-memory.js';
 import { layoutOf, type WorkingSet } from './working-set.js';
 import { summarize, type RestoreReport } from './report.js';
 
 export { DEFAULT_TRANSFER } from '../lib/transfer.js';
+export type { RestoredRegion } from './own-memory.js';
 
 /** Where the pages come from: a source (`source`, DestinationSessionOptions) or a local image (`image`, LocalSessionOptions). */
 export type DestinationOptions = (DestinationSessionOptions | LocalSessionOptions) & {
@@ -30,11 +31,6 @@ export type DestinationOptions = (DestinationSessionOptions | LocalSessionOption
   recordWorkingSet?: boolean;
 };
 
-export interface RestoredRegion {
-  info: RegionInfo;
-  mapping: Mapping;
-}
-
 export class Destination {
   readonly regions: RestoredRegion[];
   readonly session: PageSession;
@@ -42,10 +38,10 @@ export class Destination {
   readonly #log: Logger;
   #closed = false;
 
-  private constructor(session: PageSession, uffd: Userfaultfd, regions: RestoredRegion[], log: Logger) {
+  private constructor(session: PageSession, memory: OwnMemory, log: Logger) {
     this.session = session;
-    this.#uffd = uffd;
-    this.regions = regions;
+    this.#uffd = memory.uffd;
+    this.regions = memory.regions;
     this.#log = log;
     // Given up: stop the engine, then close the userfaultfd so every thread
     // waiting on a missing page wakes (reading zeros) and can finish.
@@ -60,38 +56,26 @@ export class Destination {
    * regions, and starts the transfer. Touching the regions faults pages in.
    */
   static async connect(options: DestinationOptions): Promise<Destination> {
+    const opened = await Destination.open(options);
+    if (!(opened instanceof Destination)) throw new PostcopyError(ErrorCode.INTERNAL, 'memory taken in place where none was asked for');
+    return opened;
+  }
+
+  /**
+   * As connect(); `inPlace` (with a source): the source's memory itself is
+   * taken and mapped here when the source offers it (TakenMemory: nothing is
+   * copied and nothing faults), else its pages are copied as by connect().
+   */
+  static async open(options: DestinationOptions & { inPlace?: boolean }): Promise<Destination | TakenMemory> {
     const log = options.logger ?? silentLogger;
-    const mappings: Mapping[] = [];
-    let uffd: Userfaultfd | null = null;
-    let regions: RestoredRegion[] = [];
+    const { inPlace, engineCpu, recordWorkingSet, ...rest } = options;
+    const memory = new OwnMemory({ logger: log, ...(engineCpu !== undefined ? { engineCpu } : {}), ...(recordWorkingSet ? { recordWorkingSet } : {}) });
+    const from: PagesFrom = 'image' in rest ? { kind: 'image', ...rest } : { kind: inPlace ? 'in-place' : 'source', ...rest };
     try {
-      const build: EngineFactory = (infos, local, precopy) => {
-        uffd = Userfaultfd.open({ nonBlocking: true });
-        uffd.handshake(['THREAD_ID']);
-        regions = infos.map((info) => {
-          const mapping = mapAnonymous(info.length, { noReserve: true });
-          mappings.push(mapping);
-          uffd!.register(mapping.address, mapping.length, ['missing']);
-          return { info, mapping };
-        });
-        const engine = new FaultEngine({
-          uffd: uffd.fd,
-          regions: regions.map((r) => ({ base: r.mapping.address, length: r.mapping.length, pageSize: r.info.pageSize })),
-          logger: log,
-          recordFaults: options.recordWorkingSet === true,
-          ...(local ? { local } : {}),
-          // This memory is ours: a live source's precopy writes over it and drops pages in place.
-          ...(precopy ? { precopy: true, ownMemory: true } : {}),
-          ...(options.engineCpu !== undefined ? { cpu: options.engineCpu } : {}),
-        });
-        engine.start();
-        return engine;
-      };
-      const session = 'image' in options ? LocalSession.open(options, build) : await DestinationSession.open({ precopy: true, ...options }, build);
-      return new Destination(session, uffd!, regions, log);
+      const opened = await openSession(from, memory);
+      return opened.kind === 'taken' ? opened.memory : new Destination(opened.session, memory, log);
     } catch (err) {
-      (uffd as Userfaultfd | null)?.close();
-      for (const m of mappings) m.unmap();
+      memory.discard();
       throw err;
     }
   }

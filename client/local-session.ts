@@ -5,16 +5,15 @@
 // template's clone is one too: its pages come from the template's memory
 // (TemplateSupply), and its digest is the template's, once that matched.
 import { EventEmitter } from 'node:events';
-import { ErrorCode, PostcopyError, type CodedError } from '../lib/errors.js';
+import type { CodedError } from '../lib/errors.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
 import { checkVerify, type MessageOf, type RegionInfo, type VerifyRequest } from '../lib/protocol.js';
 import { StateMachine, type TransitionTable } from '../lib/state-machine.js';
 import { transferOptions, type TransferOptions } from '../lib/transfer.js';
 import type { Image } from '../lib/image.js';
-import type { Template } from './template.js';
 import type { ChannelFailure, DestinationStats, FaultEngine } from './fault-engine.js';
 import { checkReplay } from './working-set.js';
-import type { EngineFactory, PageSession, RecoveryStatus, ReplayOptions } from './session.js';
+import { sessionClosed, type EngineFactory, type PageSession, type RecoveryStatus, type ReplayOptions } from './session.js';
 
 /** running: pages are installed from the image; resident: every page is in; verified: checked against the image. */
 export type LocalState = 'running' | 'resident' | 'verified' | 'failed' | 'closed';
@@ -33,6 +32,18 @@ export interface LocalSessionOptions extends ReplayOptions {
   window?: Partial<TransferOptions['window']>;
   background?: Partial<TransferOptions['background']>;
   logger?: Logger;
+}
+
+/** What a clone's pages come from: a template (client/template.ts) as its clones see it. */
+export interface CloneSource {
+  readonly name: string;
+  readonly regions: RegionInfo[];
+  readonly fingerprint: string;
+  readonly transfer: TransferOptions;
+  /** The template's filler. */
+  readonly engine: FaultEngine;
+  /** The template's memory as an image once it is filled and checked. */
+  whenChecked(): Promise<Image>;
 }
 
 /** Events: 'failed' (CodedError), 'state' (to, from). */
@@ -97,7 +108,7 @@ export class LocalSession extends EventEmitter implements PageSession {
    * regions, its pages coming from the template. Pages the template holds
    * already count as in at once; the rest follow as the template fills.
    */
-  static openClone(template: Template, options: { logger?: Logger }, buildEngine: EngineFactory): LocalSession {
+  static openClone(template: CloneSource, options: { logger?: Logger }, buildEngine: EngineFactory): LocalSession {
     const log = options.logger ?? silentLogger;
     const machine = new StateMachine<LocalState>('destination', 'running', TRANSITIONS, log);
     const engine = buildEngine(template.regions, { template: template.engine });
@@ -144,7 +155,7 @@ export class LocalSession extends EventEmitter implements PageSession {
     return new Promise((resolve, reject) => {
       const check = (): boolean => {
         if (this.#machine.is('resident', 'verified')) resolve();
-        else if (this.#machine.is('failed', 'closed')) reject(this.#lastError ?? new PostcopyError(ErrorCode.PEER_GONE, `the session is ${this.state}`));
+        else if (this.#machine.is('failed', 'closed')) reject(this.#lastError ?? sessionClosed());
         else return false;
         return true;
       };

@@ -173,6 +173,8 @@ export class DestinationSession extends EventEmitter implements PageSession {
   #outageSince = 0;
   #pausedMs = 0;
   #lastError: CodedError | null = null;
+  /** Why the session failed (fail()): what every wait rejects with after. */
+  #failure: CodedError | null = null;
   #retryTimer: NodeJS.Timeout | null = null;
   #giveUpTimer: NodeJS.Timeout | null = null;
   #watchdog: NodeJS.Timeout;
@@ -341,7 +343,7 @@ export class DestinationSession extends EventEmitter implements PageSession {
         if (!this.#machine.is('failed', 'closed')) return;
         this.off('running', onRunning);
         this.off('state', onState);
-        reject(this.#lastError ?? new PostcopyError(ErrorCode.PEER_GONE, `the session is ${this.state}`));
+        reject(this.#failure ?? sessionClosed(this.#lastError));
       };
       const onRunning = () => {
         this.off('state', onState);
@@ -361,7 +363,7 @@ export class DestinationSession extends EventEmitter implements PageSession {
     for (;;) {
       await this.whenResident();
       const connection = this.#connection;
-      if (!connection) throw new PostcopyError(ErrorCode.PEER_GONE, 'the source connection was already released');
+      if (!connection) throw new PostcopyError(ErrorCode.SESSION_CLOSED, 'the source connection was already released by this session');
       try {
         const digest = await connection.finish(stats, this.#recovery.digestTimeoutMs, verify);
         // The connection may have failed in the same breath (the digest and an error in one read): ask again then.
@@ -394,7 +396,7 @@ export class DestinationSession extends EventEmitter implements PageSession {
   fail(err: CodedError): void {
     if (!this.#machine.can('failed')) return;
     this.#stopRecovery();
-    this.#lastError = err;
+    this.#lastError = this.#failure = err;
     this.#connection?.abandon();
     this.#connection = null;
     this.#detachChannelsOf(this.#channelsOf);
@@ -419,6 +421,7 @@ export class DestinationSession extends EventEmitter implements PageSession {
   /** Attaches a connection's data channels and starts the source from what we hold. */
   async #begin(connection: SourceConnection): Promise<void> {
     const starting = () => {
+      if (this.#machine.is('closed')) throw new PostcopyError(ErrorCode.SESSION_CLOSED, 'the session was closed while starting');
       if (!this.#machine.is('connecting', 'resuming')) throw new PostcopyError(ErrorCode.PEER_GONE, `the session became ${this.state} while starting`);
     };
     starting();
@@ -692,7 +695,7 @@ export class DestinationSession extends EventEmitter implements PageSession {
     return new Promise((resolve, reject) => {
       const check = (): boolean => {
         if (states.includes(this.state)) resolve();
-        else if (this.#machine.is('failed', 'closed')) reject(this.#lastError ?? new PostcopyError(ErrorCode.PEER_GONE, `the session is ${this.state}`));
+        else if (this.#machine.is('failed', 'closed')) reject(this.#failure ?? sessionClosed(this.#lastError));
         else return false;
         return true;
       };
@@ -705,7 +708,11 @@ export class DestinationSession extends EventEmitter implements PageSession {
   }
 }
 
-/** The first connection: once, or (retryFirstConnect) with backoff until the give-up time. */
+/** What a wait on a session its owner closed rejects with; `last`: what had gone wrong before, if anything. */
+export function sessionClosed(last?: CodedError | null): PostcopyError {
+  return new PostcopyError(ErrorCode.SESSION_CLOSED, `the session was closed by its owner${last ? ` (last error: ${last.code}: ${last.message})` : ''}`);
+}
+
 /** The source first, then its replicas. */
 export function sourcesOf(options: DestinationSessionOptions): Address[] {
   const parse = (a: string | Address) => (typeof a === 'string' ? parseAddress(a) : a);

@@ -17,8 +17,9 @@ import type { TransferOptions } from '../lib/transfer.js';
 import { Image } from '../lib/image.js';
 import { FaultEngine } from './fault-engine.js';
 import { checkAgainstSource, type InstalledCheck } from './installed-checksum.js';
-import { LocalSession, type LocalSessionOptions } from './local-session.js';
-import { DestinationSession, type DestinationSessionOptions, type EngineFactory, type PageSession } from './session.js';
+import type { LocalSessionOptions } from './local-session.js';
+import type { DestinationSessionOptions, EngineFactory, PageSession } from './session.js';
+import { openSession, type MemoryTarget } from './open-session.js';
 
 export type TemplateOptions = (DestinationSessionOptions | LocalSessionOptions) & {
   /** Names the template in logs and in what VMMs are offered. */
@@ -67,32 +68,19 @@ export class Template extends EventEmitter {
   /** Reaches the source (or opens the local image) and starts filling the template's memory. */
   static async open(options: TemplateOptions, logger?: Logger): Promise<Template> {
     const log = (logger ?? options.logger ?? silentLogger).child({ template: options.name });
-    let made: { memfds: number[]; mappings: Mapping[] } | null = null;
-    const build: EngineFactory = (regions, local) => {
-      made = makeMemory(options.name, regions);
-      const engine = new FaultEngine({
-        fillsTemplate: true,
-        sourceRegions: regions.map((r) => ({ pages: r.length / r.pageSize, pageSize: r.pageSize })),
-        regions: made.mappings.map((m, i) => ({ base: m.address, fillAddress: m.address, length: regions[i].length, pageSize: regions[i].pageSize })),
-        checksumInstalled: true,
-        logger: log,
-        ...(local ? { local } : {}),
-      });
-      engine.start();
-      return engine;
-    };
-    const sessionOptions = { ...options, logger: log };
+    const memory = new TemplateMemory(options.name, log);
+    const { name: _, ...from } = options;
     let session: PageSession;
     try {
-      session =
-        'image' in sessionOptions
-          ? LocalSession.open(sessionOptions as LocalSessionOptions, build)
-          : await DestinationSession.open(sessionOptions as DestinationSessionOptions, build);
+      const opened = await openSession('image' in from ? { kind: 'image', ...from, logger: log } : { kind: 'source', ...from, logger: log }, memory);
+      if (opened.kind !== 'session') throw new PostcopyError(ErrorCode.INTERNAL, 'a template is filled, never mapped in place');
+      session = opened.session;
     } catch (err) {
-      if (made) release(made);
+      memory.discard();
       throw err;
     }
-    const template = new Template(options.name, session, made!, log);
+    const made = memory.made!;
+    const template = new Template(options.name, session, made, log);
     log.info({ regions: template.regions.length, bytes: template.regions.reduce((n, r) => n + r.length, 0) }, 'template filling: clones share its memory');
     return template;
   }
@@ -198,6 +186,35 @@ export class Template extends EventEmitter {
     this.#session.close();
     this.#image?.close();
     release({ memfds: this.#memfds, mappings: this.#mappings });
+  }
+}
+
+/** A template's memory as a session's target: one memfd per image region, made once the regions are known, filled by an engine of its own. */
+class TemplateMemory implements MemoryTarget {
+  readonly kind = 'template';
+  readonly engineFor: EngineFactory;
+  made: { memfds: number[]; mappings: Mapping[] } | null = null;
+
+  constructor(name: string, log: Logger) {
+    this.engineFor = (regions, local) => {
+      const made = makeMemory(name, regions);
+      this.made = made;
+      const engine = new FaultEngine({
+        fillsTemplate: true,
+        sourceRegions: regions.map((r) => ({ pages: r.length / r.pageSize, pageSize: r.pageSize })),
+        regions: made.mappings.map((m, i) => ({ base: m.address, fillAddress: m.address, length: regions[i].length, pageSize: regions[i].pageSize })),
+        checksumInstalled: true,
+        logger: log,
+        ...(local ? { local } : {}),
+      });
+      engine.start();
+      return engine;
+    };
+  }
+
+  /** A session that never opened: lets go of the memory made for it. */
+  discard(): void {
+    if (this.made) release(this.made);
   }
 }
 

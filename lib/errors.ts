@@ -31,6 +31,8 @@ export const ErrorCode = {
   PROTOCOL_VERSION: 'ERR_PROTOCOL_VERSION',
   /** The peer closed the connection before the session finished. */
   PEER_GONE: 'ERR_PEER_GONE',
+  /** The session was closed by its owner (close()) before what was awaited happened: nobody else's doing. */
+  SESSION_CLOSED: 'ERR_SESSION_CLOSED',
   /** No answer within the configured time. */
   TIMEOUT: 'ERR_TIMEOUT',
   /** The destination's region does not equal the source's image. */

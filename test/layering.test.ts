@@ -16,10 +16,7 @@ const FOLDERS = ['lib', 'client', 'server', 'bin', 'bench'] as const;
  * The import cycles other parts of issue 21 are removing (each as the set of
  * its modules). The lead empties this after merging them: then any cycle fails.
  */
-const CYCLES_BEING_REMOVED: readonly (readonly string[])[] = [
-  ['server/live.ts', 'server/session.ts'],
-  ['client/local-session.ts', 'client/template.ts'],
-];
+const CYCLES_BEING_REMOVED: readonly (readonly string[])[] = [['server/live.ts', 'server/session.ts']];
 
 /** Every .ts source of the package (relative to the root), the front door first. */
 function sources(): string[] {

@@ -232,3 +232,19 @@ t.test('many destinations restore from one source at once', async (t) => {
     t.ok(region.buffer().equals(bytes));
   }
 });
+
+t.test('a destination closed by its owner before every page is in says so (ERR_SESSION_CLOSED), not that the source went away', async (t) => {
+  const pages = 64;
+  const bytes = randomImage(pages);
+  const source = await serve(t, Image.open([{ buffer: bytes }]), 'unix');
+  const image = Image.open([{ buffer: bytes }]);
+  t.teardown(() => image.close());
+  for (const options of [{ source }, { image }] as DestinationOptions[]) {
+    const dest = await connect(t, { ...options, background: { enabled: false } });
+    const finishing = dest.finish();
+    const resident = dest.session.whenResident();
+    dest.close();
+    await t.rejects(finishing, { code: 'ERR_SESSION_CLOSED' }, `${'image' in options ? 'a local image' : 'a source'}: finish() names the close`);
+    await t.rejects(resident, { code: 'ERR_SESSION_CLOSED' }, 'and so does whenResident()');
+  }
+});

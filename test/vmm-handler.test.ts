@@ -432,3 +432,43 @@ for (const [mode, background] of [
     },
   );
 }
+
+t.test("a VMM's life is its own state table, each change logged: served (starting, serving, ended) or refused (starting, refused, ended)", async (t) => {
+  const dir = tempDir(t);
+  const imagePath = writeImage(dir, randomImage(256, 3));
+  const server = new PageServer({ image: Image.open([{ path: imagePath }]) });
+  const where = await server.listen(`unix:${join(dir, 'source.sock')}`);
+  const records: { msg: string; vmmPid?: number; state?: string; from?: string; reason?: string }[] = [];
+  const logger = pino({ level: 'info' }, { write: (line: string) => records.push(JSON.parse(line)) });
+  const handler = new VmmHandler({ source: `unix:${where.kind === 'unix' ? where.path : ''}`, logger, progressIntervalMs: 0 });
+  const handlerSocket = join(dir, 'handler.sock');
+  await handler.listen(handlerSocket);
+  t.teardown(async () => {
+    await handler.close();
+    await server.close();
+  });
+  const vmmStates = (pid: number) => records.filter((r) => r.msg === 'VMM state' && r.vmmPid === pid).map((r) => r.state);
+  const ended = sessionEnd(handler);
+  const { code } = await runVmm({ dir, imagePath, image: Buffer.alloc(0), handler, handlerSocket, server });
+  t.equal(code, 0, 'the VMM was served');
+  const summary = await ended;
+  t.same(vmmStates(summary.vmmPid), ['starting', 'serving', 'ended'], 'served: each change logged');
+  t.match(
+    records.find((r) => r.msg === 'VMM state' && r.vmmPid === summary.vmmPid && r.state === 'ended'),
+    { from: 'serving', reason: 'the VMM hung up' },
+  );
+
+  // A handshake that does not fit the image: refused once the source's regions are known, its guest poisoned.
+  const uffd = Userfaultfd.open();
+  t.teardown(() => uffd.close());
+  const rejected = once(handler, 'rejected').then(([r]) => r as { pid: number; code: string });
+  const socket = netConnect(handlerSocket);
+  await once(socket, 'connect');
+  const payload = JSON.stringify([{ base_host_virt_addr: 0x7f0000000000, size: 16 * PAGE, offset: 1000 * PAGE, page_size: PAGE }]);
+  sendFds((socket as unknown as { _handle: { fd: number } })._handle.fd, Buffer.from(payload), [uffd.fd]);
+  socket.resume();
+  const r = await rejected;
+  t.equal(r.code, 'ERR_PROTOCOL_OUT_OF_RANGE');
+  t.same(vmmStates(r.pid), ['starting', 'refused', 'ended'], 'refused: each change logged');
+  await once(socket, 'close');
+});

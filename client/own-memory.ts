@@ -1,0 +1,73 @@
+// This process's own memory as a session's target (a restore): one anonymous
+// region per image region, registered with a userfaultfd of our own for
+// MISSING faults, served by a fault engine built once the regions are known.
+import { mapAnonymous, type Mapping } from '../lib/memory.js';
+import { Userfaultfd } from '../lib/uffd.js';
+import { silentLogger, type Logger } from '../lib/logger.js';
+import type { RegionInfo } from '../lib/protocol.js';
+import { FaultEngine } from './fault-engine.js';
+import type { EngineFactory } from './session.js';
+import type { MemoryTarget } from './open-session.js';
+
+export interface OwnMemoryOptions {
+  logger?: Logger;
+  /** Pin the fault engine's threads to this CPU. */
+  engineCpu?: number;
+  /** Keep the pages faulted on while missing, in first-touch order (the engine's recordFaults). */
+  recordWorkingSet?: boolean;
+}
+
+export interface RestoredRegion {
+  info: RegionInfo;
+  mapping: Mapping;
+}
+
+export class OwnMemory implements MemoryTarget {
+  readonly kind = 'own';
+  readonly engineFor: EngineFactory;
+  #uffd: Userfaultfd | null = null;
+  #regions: RestoredRegion[] = [];
+
+  constructor(options: OwnMemoryOptions) {
+    const log = options.logger ?? silentLogger;
+    this.engineFor = (infos, local, precopy) => {
+      const uffd = Userfaultfd.open({ nonBlocking: true });
+      this.#uffd = uffd;
+      uffd.handshake(['THREAD_ID']);
+      for (const info of infos) {
+        const mapping = mapAnonymous(info.length, { noReserve: true });
+        this.#regions.push({ info, mapping });
+        uffd.register(mapping.address, mapping.length, ['missing']);
+      }
+      const engine = new FaultEngine({
+        uffd: uffd.fd,
+        regions: this.#regions.map((r) => ({ base: r.mapping.address, length: r.mapping.length, pageSize: r.info.pageSize })),
+        logger: log,
+        recordFaults: options.recordWorkingSet === true,
+        ...(local ? { local } : {}),
+        // This memory is ours: a live source's precopy writes over it and drops pages in place.
+        ...(precopy ? { precopy: true, ownMemory: true } : {}),
+        ...(options.engineCpu !== undefined ? { cpu: options.engineCpu } : {}),
+      });
+      engine.start();
+      return engine;
+    };
+  }
+
+  /** The regions mapped so far (all of them once the engine was built). */
+  get regions(): RestoredRegion[] {
+    return this.#regions;
+  }
+
+  /** The userfaultfd the regions are registered with (once the engine was built). */
+  get uffd(): Userfaultfd {
+    return this.#uffd!;
+  }
+
+  /** A session that never opened: closes the userfaultfd and unmaps what was mapped. */
+  discard(): void {
+    this.#uffd?.close();
+    for (const r of this.#regions) r.mapping.unmap();
+    this.#regions = [];
+  }
+}
