@@ -12,12 +12,6 @@ import { fileURLToPath } from 'node:url';
 const root = fileURLToPath(new URL('..', import.meta.url));
 const FOLDERS = ['lib', 'client', 'server', 'bin', 'bench'] as const;
 
-/**
- * The import cycles other parts of issue 21 are removing (each as the set of
- * its modules). The lead empties this after merging them: then any cycle fails.
- */
-const CYCLES_BEING_REMOVED: readonly (readonly string[])[] = [['server/live.ts', 'server/session.ts']];
-
 /** Every .ts source of the package (relative to the root), the front door first. */
 function sources(): string[] {
   const files = ['index.ts'];
@@ -172,11 +166,7 @@ t.test('bench/ does not import the CLI (bin/); the front door is imported by no 
   t.same(wrong, []);
 });
 
-t.test('no import cycle (beyond CYCLES_BEING_REMOVED, which other parts are removing)', async (t) => {
-  const allowed = new Set(CYCLES_BEING_REMOVED.map((c) => [...c].sort().join(' ')));
-  const found = cycles(edges);
-  const unexpected = found.filter((c) => !allowed.has(c.members.join(' '))).map((c) => c.cycle.join(' -> '));
-  t.same(unexpected, [], unexpected.length ? `import cycles:\n  ${unexpected.join('\n  ')}` : 'no cycle');
-  const gone = [...allowed].filter((c) => !found.some((f) => f.members.join(' ') === c));
-  if (gone.length) t.comment(`gone already (remove from CYCLES_BEING_REMOVED): ${gone.join('; ')}`);
+t.test('no import cycle', async (t) => {
+  const found = cycles(edges).map((c) => c.cycle.join(' -> '));
+  t.same(found, [], found.length ? `import cycles:\n  ${found.join('\n  ')}` : 'no cycle');
 });
