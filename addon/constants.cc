@@ -26,7 +26,7 @@ Napi::Value Constants(const Napi::CallbackInfo& info) {
     UFFDPC_SET(kind, kSwitchover);
     Napi::Object reason = Napi::Object::New(env);
     UFFDPC_SET(reason, kRequested);
-    UFFDPC_SET(reason, kPrefault);
+    UFFDPC_SET(reason, kWindow);
     UFFDPC_SET(reason, kBackground);
     UFFDPC_SET(reason, kPrefetch);
     UFFDPC_SET(reason, kPrecopy);

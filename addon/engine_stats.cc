@@ -15,7 +15,7 @@ Napi::Object EngineStats::ToJs(Napi::Env env, const TargetMap& map, uint32_t cha
   n(s, "minorFaults", minorFaults);
   n(s, "pagesRequested", requestsSent);
   n(s, "pagesInstalledRequested", installed[wire::kRequested]);
-  n(s, "pagesInstalledPrefault", installed[wire::kPrefault]);
+  n(s, "pagesInstalledWindow", installed[wire::kWindow]);
   n(s, "pagesInstalledBackground", installed[wire::kBackground]);
   n(s, "pagesInstalledPrefetch", installed[wire::kPrefetch]);
   n(s, "pagesPrecopied", installed[wire::kPrecopy]);

@@ -39,7 +39,7 @@ namespace uffdpc {
 // Why a run goes now; the values are the wire's (wire::Reason).
 enum class Why : uint32_t {
   kRequested = wire::kRequested,
-  kWindow = wire::kPrefault,
+  kWindow = wire::kWindow,
   kWorkingSet = wire::kPrefetch,
   kBackground = wire::kBackground,
 };

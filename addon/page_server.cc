@@ -98,7 +98,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "PageServerSession",
                        {InstanceMethod<&PageServerSession::Start>("start"), InstanceMethod<&PageServerSession::Stop>("stop"),
-                        InstanceMethod<&PageServerSession::MarkSent>("markSent"), InstanceMethod<&PageServerSession::Stats>("stats"),
+                        InstanceMethod<&PageServerSession::MarkHeld>("markHeld"), InstanceMethod<&PageServerSession::Stats>("stats"),
                         InstanceMethod<&PageServerSession::Prefetch>("prefetch"), InstanceMethod<&PageServerSession::StartBackground>("startBackground"),
                         InstanceMethod<&PageServerSession::PrecopyRound>("precopyRound"), InstanceMethod<&PageServerSession::Switchover>("switchover"),
                         InstanceMethod<&PageServerSession::Confirm>("confirm")});
@@ -172,8 +172,8 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
   ~PageServerSession() override { Shutdown(); }
 
  private:
-  // markSent(region, bitmap): pages the destination already holds (resume).
-  Napi::Value MarkSent(const Napi::CallbackInfo& info) {
+  // markHeld(region, bitmap): pages the destination already holds (resume).
+  Napi::Value MarkHeld(const Napi::CallbackInfo& info) {
     uint32_t id = info[0].As<Napi::Number>().Uint32Value();
     auto bits = info[1].As<Napi::TypedArrayOf<uint8_t>>();
     ServedRegion& r = *regions_.at(id);
@@ -331,7 +331,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
     n("pagesRequested", pagesRequested_);
     n("pagesResent", pagesResent_);
     n("pagesAlreadyInFlight", pagesInFlight_);
-    n("pagesPrefaulted", pagesPrefault_);
+    n("pagesWindow", pagesWindow_);
     n("pagesBackground", pagesBackground_);
     n("pagesPrefetched", pagesPrefetched_);
     n("zeroPages", zeroPages_);
@@ -434,7 +434,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
     NoteUnconfirmed();
     for (const PageRun& run : runs_) {
       for (uint64_t k = run.first; k < run.first + run.count; k += r.unit) r.sentUrgent->Claim(k);
-      if (run.why == Why::kWindow) pagesPrefault_ += run.count;
+      if (run.why == Why::kWindow) pagesWindow_ += run.count;
       if (run.why == Why::kWorkingSet) pagesPrefetched_ += run.count;
       if (int err = AddRuns(batch, id, run.first, run.count, static_cast<uint32_t>(run.why))) return err;
     }
@@ -639,7 +639,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
   bool started_ = false;
   uint64_t budget_ = 0;  // pages sent and not confirmed, at most (0: no budget)
   std::atomic<uint64_t> settled_{0}, unconfirmedPeak_{0}, budgetWaits_{0};
-  std::atomic<uint64_t> requests_{0}, pagesRequested_{0}, pagesResent_{0}, pagesInFlight_{0}, pagesPrefault_{0}, pagesBackground_{0}, pagesPrefetched_{0},
+  std::atomic<uint64_t> requests_{0}, pagesRequested_{0}, pagesResent_{0}, pagesInFlight_{0}, pagesWindow_{0}, pagesBackground_{0}, pagesPrefetched_{0},
       zeroPages_{0}, bytesSent_{0}, precopyPages_{0}, discarded_{0};
   uint64_t startNs_ = 0;
   std::atomic<uint64_t> backgroundDoneNs_{0};

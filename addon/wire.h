@@ -6,7 +6,7 @@
 //
 //   urgent and bulk, source -> destination:  RunHeader, 24 bytes
 //     u32 kind (kDataRun | kZeroRun | kBulkEnd | kDiscardRun | kSwitchover)   u32 region
-//     u64 first_page   u32 count   u32 reason (kRequested | kPrefault | kBackground | kPrefetch | kPrecopy)
+//     u64 first_page   u32 count   u32 reason (kRequested | kWindow | kBackground | kPrefetch | kPrecopy)
 //   kDataRun is followed by count * page_size bytes of page data; the others
 //   by nothing. kBulkEnd (bulk only) says every page has been sent. A live
 //   source's precopy (bulk only): data and zero runs with reason kPrecopy
@@ -27,7 +27,7 @@ constexpr uint32_t kSwitchover = 0x48435753;  // "SWCH"
 
 // kPrefetch: a page of a replayed working set, streamed ahead of the background.
 // kPrecopy: a page of a live source's precopy round, sent while the workload runs there.
-enum Reason : uint32_t { kRequested = 0, kPrefault = 1, kBackground = 2, kPrefetch = 3, kPrecopy = 4 };
+enum Reason : uint32_t { kRequested = 0, kWindow = 1, kBackground = 2, kPrefetch = 3, kPrecopy = 4 };
 
 struct PageRequest {
   uint32_t kind;

@@ -228,7 +228,7 @@ async function clones(n: number, bytes: number, dir: string, template: boolean):
     const peakDestination = destination.stop();
     const peak = sampler.stop();
     const figures = server.figures();
-    const sent = figures.pagesRequested - figures.pagesResent + figures.pagesPrefaulted + figures.pagesBackground;
+    const sent = figures.pagesRequested - figures.pagesResent + figures.pagesWindow + figures.pagesBackground;
     const ms = runs.map((r) => r.ms).sort((a, b) => a - b);
     return {
       // Each VMM compared every page of its memory with the image; no handler check (if it ran before the VMM left) disagreed.

@@ -326,7 +326,7 @@ export function formatReport(r: RestoreReport): string {
   const lat = r.faultLatencyUs;
   return [
     `pages        ${n(r.pages)} (${(r.bytes / 2 ** 20).toFixed(1)} MiB)`,
-    `on demand    ${n(r.pagesOnDemand)}   prefetched (window) ${n(r.pagesPrefaulted)}   working set ${n(r.pagesPrefetched)}   background ${n(r.pagesBackground)}   zero ${n(r.zeroPages)}   duplicates ${n(r.duplicatePages)}`,
+    `on demand    ${n(r.pagesOnDemand)}   window ${n(r.pagesWindow)}   working set ${n(r.pagesPrefetched)}   background ${n(r.pagesBackground)}   zero ${n(r.zeroPages)}   duplicates ${n(r.duplicatePages)}`,
     `faults       ${n(r.faults)}   latency p50 ${lat.p50} µs   p90 ${lat.p90} µs   p99 ${lat.p99} µs   max ${lat.max} µs`,
     `blocked      ${r.blockedMs} ms waiting in faults`,
     `resident     every page after ${r.fullResidencyMs} ms   ${(r.bytesReceived / 2 ** 20).toFixed(1)} MiB received`,

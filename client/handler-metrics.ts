@@ -19,7 +19,7 @@ export function handlerMetrics(handler: VmmHandler): Registry {
   totalCounter(
     registry,
     'postcopy_pages_total',
-    'Pages installed, by how they came: on_demand, window (prefault), background; zero (zero runs, of those); duplicate (arrived when already present)',
+    'Pages installed, by how they came: on_demand, window (the pages around each request), background; zero (zero runs, of those); duplicate (arrived when already present)',
     ['kind'],
     () => {
       const x = t();

@@ -47,7 +47,7 @@ export function addTotals(t: HandlerTotals, s: DestinationStats, buckets: number
   t.faults += s.faults;
   t.blockedNs += s.blockedNs;
   t.pagesOnDemand += s.pagesInstalledRequested;
-  t.pagesWindow += s.pagesInstalledPrefault;
+  t.pagesWindow += s.pagesInstalledWindow;
   t.pagesBackground += s.pagesInstalledBackground;
   t.zeroPages += s.zeroPages;
   t.duplicatePages += s.duplicatePages;

@@ -9,7 +9,7 @@ export interface RestoreReport {
   /** MINOR mode: faults on pages already in the guest's memory file, answered by mapping them (nothing copied). */
   minorFaults: number;
   pagesOnDemand: number;
-  pagesPrefaulted: number;
+  pagesWindow: number;
   pagesBackground: number;
   /** Pages of a replayed working set installed before any thread faulted on them. */
   pagesPrefetched: number;
@@ -40,7 +40,7 @@ export function summarize(s: DestinationStats, transfer: TransferOptions, region
     faults: s.faults,
     minorFaults: s.minorFaults,
     pagesOnDemand: s.pagesInstalledRequested,
-    pagesPrefaulted: s.pagesInstalledPrefault,
+    pagesWindow: s.pagesInstalledWindow,
     pagesBackground: s.pagesInstalledBackground,
     pagesPrefetched: s.pagesInstalledPrefetch,
     zeroPages: s.zeroPages,

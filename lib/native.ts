@@ -99,7 +99,7 @@ export interface SourceStats {
   pagesRequested: number;
   pagesResent: number;
   pagesAlreadyInFlight: number;
-  pagesPrefaulted: number;
+  pagesWindow: number;
   pagesBackground: number;
   pagesPrefetched: number;
   zeroPages: number;
@@ -121,7 +121,7 @@ export interface SourceStats {
 export interface NativePageServerSession {
   start(): void;
   stop(): void;
-  markSent(region: number, bitmap: Uint8Array): void;
+  markHeld(region: number, bitmap: Uint8Array): void;
   stats(): SourceStats;
   prefetch(entries: Uint8Array): void;
   startBackground(): void;
@@ -160,7 +160,7 @@ export interface DestinationStats {
   minorFaults: number;
   pagesRequested: number;
   pagesInstalledRequested: number;
-  pagesInstalledPrefault: number;
+  pagesInstalledWindow: number;
   pagesInstalledBackground: number;
   /** Pages of a replayed working set (prefetch), installed before any thread faulted on them. */
   pagesInstalledPrefetch: number;

@@ -18,7 +18,7 @@ export const Kind = {
 } as const;
 
 /** RunHeader.reason values. */
-export const Reason = { requested: 0, prefault: 1, background: 2, prefetch: 3, precopy: 4 } as const;
+export const Reason = { requested: 0, window: 1, background: 2, prefetch: 3, precopy: 4 } as const;
 
 /** A PageRequest: u32 kind, u32 region, u64 page, little-endian. */
 export function encodePageRequest(region: number, page: number | bigint): Buffer {

@@ -5,7 +5,7 @@ import { Tally } from '../lib/metrics.js';
 import type { SourceStats } from '../lib/native.js';
 
 /** The running totals a server keeps over its sessions (lib/native.ts SourceStats). */
-const SERVED_TOTALS = ['requests', 'pagesRequested', 'pagesResent', 'pagesPrefaulted', 'pagesBackground', 'pagesPrefetched', 'zeroPages', 'bytesSent'] as const;
+const SERVED_TOTALS = ['requests', 'pagesRequested', 'pagesResent', 'pagesWindow', 'pagesBackground', 'pagesPrefetched', 'zeroPages', 'bytesSent'] as const;
 
 type Totals = Record<(typeof SERVED_TOTALS)[number], number>;
 

@@ -45,7 +45,7 @@ const RUNNING_TOTALS = [
   'pagesRequested',
   'pagesResent',
   'pagesAlreadyInFlight',
-  'pagesPrefaulted',
+  'pagesWindow',
   'pagesBackground',
   'pagesPrefetched',
   'zeroPages',
@@ -153,12 +153,12 @@ export class SourceSession {
       closeSync(bulkFd);
       throw err;
     }
-    for (const h of have) this.#native.markSent(h.region, h.bitmap);
+    for (const h of have) this.#native.markHeld(h.region, h.bitmap);
     for (const entries of prefetch) this.#native.prefetch(entries); // streamed before any background run
     const held = this.#native.stats().pagesSent;
     this.#onPrecopyEvent = onPrecopyEvent ?? null;
     this.#native.start();
-    this.#machine.to('active', { options, pagesHeldByDestination: held, encryption: keys ? 'aes-256-gcm' : 'none' });
+    this.#machine.to('active', { options, pagesHeld: held, encryption: keys ? 'aes-256-gcm' : 'none' });
   }
 
   /** Release-as-sent: the destination holds these pages for good (a piece of its held bitmap): they leave the unconfirmed budget. */

@@ -13,14 +13,14 @@ export function sourceMetrics(server: PageServer): Registry {
   totalCounter(
     registry,
     'postcopy_source_pages_sent_total',
-    'Pages sent, by why: requested, window (prefault), background, prefetch (a working set replayed), resent (a request for a page already streamed)',
+    'Pages sent, by why: requested, window (the pages around each request), background, prefetch (a working set replayed), resent (a request for a page already streamed)',
     ['kind'],
     () => {
       const x = f();
       return [
         [{ kind: 'requested' }, x.pagesRequested - x.pagesResent],
         [{ kind: 'resent' }, x.pagesResent],
-        [{ kind: 'window' }, x.pagesPrefaulted],
+        [{ kind: 'window' }, x.pagesWindow],
         [{ kind: 'background' }, x.pagesBackground],
         [{ kind: 'prefetch' }, x.pagesPrefetched],
       ];

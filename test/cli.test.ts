@@ -26,7 +26,7 @@ t.test('serve and restore as separate processes: token, --out, --json', async (t
   const report = JSON.parse(r.stdout);
   t.match(report, { pages: 1024, digestMatch: true, window: { forward: 4, backward: 1 }, background: { enabled: false }, pagesBackground: 0 });
   t.ok(report.faults > 0, 'the default workload faulted pages in');
-  t.equal(report.pagesOnDemand + report.pagesPrefaulted, 1024);
+  t.equal(report.pagesOnDemand + report.pagesWindow, 1024);
   t.ok(readFileSync(out).equals(image), '--out holds the image');
   const logs = r.stderr
     .split('\n')

@@ -43,7 +43,7 @@ t.test('huge pages (hugetlbfs)', async (t) => {
     t.equal(summary.complete, true);
     t.equal(summary.pages, IMAGE_PAGES / (HUGE / 4096), 'counted in huge pages');
     t.equal(summary.bytes, IMAGE_PAGES * 4096, 'bytes: each huge page counted whole (2 MiB, not 4 KiB)');
-    t.equal(summary.pagesOnDemand + summary.pagesPrefaulted, IMAGE_PAGES / (HUGE / 4096), 'every huge page came through a fault or its window');
+    t.equal(summary.pagesOnDemand + summary.pagesWindow, IMAGE_PAGES / (HUGE / 4096), 'every huge page came through a fault or its window');
   });
 
   t.test('MINOR: a hugetlbfs memfd filled ahead; each fault maps its cached huge page (UFFDIO_CONTINUE)', async (t) => {

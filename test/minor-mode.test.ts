@@ -44,7 +44,7 @@ for (const from of ['image', 'source'] as const) {
     const summary = await ended;
     t.equal(summary.complete, true);
     t.ok(summary.pagesOnDemand > 0, `pages came on demand (${summary.pagesOnDemand})`);
-    t.equal(summary.pagesOnDemand + summary.pagesPrefaulted, 2048, 'every page once, through a fault or its window');
+    t.equal(summary.pagesOnDemand + summary.pagesWindow, 2048, 'every page once, through a fault or its window');
   });
 }
 

@@ -49,7 +49,7 @@ for (const transport of ['unix', 'tcp'] as const) {
     const { touched, report, region } = await restoreWithFaults(dest);
     t.equal(report.digestMatch, true, 'digests match');
     t.ok(region.buffer().equals(bytes), 'every byte matches');
-    t.equal(report.pagesOnDemand + report.pagesPrefaulted + report.pagesBackground, pages, 'each page installed once, by one of the three paths');
+    t.equal(report.pagesOnDemand + report.pagesWindow + report.pagesBackground, pages, 'each page installed once, by one of the three paths');
     t.ok(report.zeroPages >= Math.floor(pages / 5), `zero pages went out as zero runs (${report.zeroPages})`);
     t.ok(report.bytesReceived < pages * PAGE, 'zero pages carried no data');
     t.equal(report.faultLatencyUs.count <= report.faults, true);
@@ -154,7 +154,7 @@ t.test('pure on-demand: only touched pages (and nothing else) are transferred', 
   await residentAtLeast(dest, 3);
   const stats = dest.stats();
   t.equal(stats.residentPages, 3);
-  t.equal(stats.pagesInstalledBackground + stats.pagesInstalledPrefault, 0);
+  t.equal(stats.pagesInstalledBackground + stats.pagesInstalledWindow, 0);
   const bitmap = dest.engine.receivedBitmap(0);
   const resident = [...Array(pages).keys()].filter((p) => bitmap[p >> 3] & (1 << (p & 7)));
   t.same(resident, [3, 70, 200]);
@@ -173,7 +173,7 @@ t.test('the prefault window brings the next F and previous B pages with each req
   t.same(resident, [97, 98, 99, 100, 101, 102, 103, 104, 105]);
   const stats = dest.stats();
   t.equal(stats.pagesInstalledRequested, 1);
-  t.equal(stats.pagesInstalledPrefault, 8);
+  t.equal(stats.pagesInstalledWindow, 8);
   await touchPages(region.address, pages, Uint32Array.of(97, 105));
   t.equal(dest.stats().faults, 1, 'window pages no longer fault');
 });

@@ -399,8 +399,8 @@ t.test('the TypeScript twin of the data-channel layouts agrees with addon/wire.h
   t.equal(constant('kSwitchover'), Kind.switchover);
   t.match(header, new RegExp(`sizeof\\(PageRequest\\) == ${PAGE_REQUEST_BYTES}\\)`));
   t.match(header, new RegExp(`sizeof\\(RunHeader\\) == ${RUN_HEADER_BYTES}\\)`));
-  t.match(header, /kRequested = 0, kPrefault = 1, kBackground = 2, kPrefetch = 3, kPrecopy = 4/);
-  t.same(Reason, { requested: 0, prefault: 1, background: 2, prefetch: 3, precopy: 4 });
+  t.match(header, /kRequested = 0, kWindow = 1, kBackground = 2, kPrefetch = 3, kPrecopy = 4/);
+  t.same(Reason, { requested: 0, window: 1, background: 2, prefetch: 3, precopy: 4 });
   t.equal(encodeRunHeader(Kind.dataRun, 1, 2, 3, Reason.background).toString('hex'), '444154410100000002000000000000000300000002000000');
   t.equal(encodePageRequest(1, 5).toString('hex'), '5052455101000000' + '0500000000000000');
 });

@@ -88,7 +88,7 @@ for (const from of ['source', 'image'] as const) {
     t.equal(h.ends.filter((s) => s.faults > 0).length, 1, 'only the first clone faulted');
     if (h.server) {
       const sent = h.server.figures();
-      const pages = sent.pagesRequested + sent.pagesPrefaulted + sent.pagesBackground;
+      const pages = sent.pagesRequested + sent.pagesWindow + sent.pagesBackground;
       t.ok(pages <= PAGES, `the source sent each page at most once for all three clones (${pages} of ${PAGES})`);
       t.equal(sent.pagesResent, 0, 'and none again');
     }
@@ -112,7 +112,7 @@ t.test('with the background on, a template fills by itself and later clones faul
   // A page asked for while the background had it on the way goes again on the urgent channel (pagesResent): one
   // copy in flight per page, whatever the number of clones.
   const sent = h.server!.figures();
-  t.ok(sent.pagesRequested + sent.pagesPrefaulted + sent.pagesBackground - sent.pagesResent <= PAGES, 'each page sent once for both clones');
+  t.ok(sent.pagesRequested + sent.pagesWindow + sent.pagesBackground - sent.pagesResent <= PAGES, 'each page sent once for both clones');
   t.ok(sent.pagesResent <= sent.requests, `only pages asked for while on their way went twice (${sent.pagesResent})`);
 });
 

@@ -75,7 +75,7 @@ for (const transport of ['unix', 'tcp'] as const) {
     const summary = await ended;
     t.equal(summary.complete, true);
     t.ok(summary.faults > 0, `faults served (${summary.faults})`);
-    t.equal(summary.pagesOnDemand + summary.pagesPrefaulted, 2048);
+    t.equal(summary.pagesOnDemand + summary.pagesWindow, 2048);
     t.equal(s.handler.activeSessions, 0, 'the session ended with the VMM');
   });
 }

@@ -28,7 +28,7 @@ std::string Show(const PageRuns& runs) {
   std::string s;
   for (const PageRun& r : runs) {
     uint32_t why = static_cast<uint32_t>(r.why);
-    const char* name = why == wire::kRequested ? names[0] : why == wire::kPrefault ? names[1] : why == wire::kBackground ? names[2] : names[3];
+    const char* name = why == wire::kRequested ? names[0] : why == wire::kWindow ? names[1] : why == wire::kBackground ? names[2] : names[3];
     s += " " + std::to_string(r.region) + ":[" + std::to_string(r.first) + "," + std::to_string(r.first + r.count) + ")" + name;
   }
   return s;
