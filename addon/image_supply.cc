@@ -39,9 +39,11 @@ ImageSupply::~ImageSupply() { Release(); }
 
 void ImageSupply::Ask(TargetRegion& r, uint64_t page) {
   faultRuns_.clear();
-  // Claimed already: a fill thread's run has it on the way (its install wakes the thread).
-  bool mine = scheduler_.Request(r.index, page, 1, faultRuns_) == 0;
-  InstallResult result = mine ? InstallFromImage(r, page, 1, wire::kRequested, /*mayWait=*/false) : kOk;
+  // The fault thread installs the page itself even when a fill run claimed it
+  // already: the faulting thread never waits behind a whole run of the
+  // working set or the background (whichever lands second is a duplicate).
+  scheduler_.Request(r.index, page, 1, faultRuns_);
+  InstallResult result = InstallFromImage(r, page, 1, wire::kRequested, /*mayWait=*/false);
   if (result == kStop) return;
   if (result == kBusy || windowed_ || scheduler_.InWorkingSet(r.index, page)) scheduler_.Queue({r.index, page, 1, 0});
 }
