@@ -198,7 +198,7 @@ t.test('demo: a source process, the handler and a VMM process; every byte verifi
   t.match(r.stdout, /every byte matches/);
   t.match(r.stdout, /checked\s+the handler checked all \d+ pages it installed against the source image: they match/);
   t.notMatch(r.stderr, /"level":(4|5)0/, 'no warning or error on the way');
-  t.match(r.stdout, /on demand\s+[\d,]+\s+prefetched \(window\) [\d,]+\s+working set [\d,]+\s+background [\d,]+/);
+  t.match(r.stdout, /on demand\s+[\d,]+\s+window [\d,]+\s+working set [\d,]+\s+background [\d,]+/);
   t.match(r.stdout, /postcopy serve, pid \d+/);
   t.match(r.stdout, /balloon\s+\d+ pages given back; \d+ touched again and zero-filled/);
 });
