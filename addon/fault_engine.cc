@@ -171,7 +171,20 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine>, DataPlane, EngineLife 
     TargetMap& map = *parts_->map;
     if (id >= map.regions().size()) throw CodedError(info.Env(), "ERR_OUT_OF_RANGE", "no such region");
     if (bits.ByteLength() != (map.regions()[id]->pages + 7) / 8) throw CodedError(info.Env(), "ERR_OUT_OF_RANGE", "the bitmap does not fit the region");
-    return Napi::Number::New(info.Env(), static_cast<double>(map.MarkResident(id, bits.Data())));
+    uint64_t marked = map.MarkResident(id, bits.Data());
+    TargetRegion& r = *map.regions()[id];
+    auto set = [&](uint64_t p) { return ((bits.Data()[p / 8] >> (p % 8)) & 1) != 0; };
+    for (uint64_t p = 0; p < r.pages;) {
+      if (!set(p)) {
+        p++;
+        continue;
+      }
+      uint64_t q = p + 1;
+      while (q < r.pages && set(q)) q++;
+      parts_->supply->AlreadyHeld(r, p, q - p);
+      p = q;
+    }
+    return Napi::Number::New(info.Env(), static_cast<double>(marked));
   }
 
   // installedChecksum() -> per source region {region, sum, pages, skip} (installed_checksum.h).

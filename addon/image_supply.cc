@@ -53,6 +53,10 @@ void ImageSupply::Start(int cpu) {
   life_.Spawn("pc-fill", cpu, [this] { FillLoop(); });
 }
 
+void ImageSupply::AlreadyHeld(TargetRegion& r, uint64_t first, uint64_t count) {
+  for (uint64_t p = first; p < first + count; p++) scheduler_.Claim(r.index, p);
+}
+
 void ImageSupply::Release() {
   for (auto& pages : image_) pages->Release();
 }

@@ -34,6 +34,8 @@ class ImageSupply final : public PageSupply {
   void Flush() override {}
   // Starts the fill thread (joined by the engine's shutdown).
   void Start(int cpu) override;
+  // Pages found present are claimed: no fill run takes them (nor counts them duplicates).
+  void AlreadyHeld(TargetRegion& r, uint64_t first, uint64_t count) override;
   // Lets go of the image (its mappings may be unmapped from now on).
   void Release() override;
 

@@ -30,6 +30,14 @@ class PageSupply : public FaultThreadWork {
   // (nothing outside calls into the supply after Leave); once every thread
   // is joined, the supply lets go of JS objects (Release).
   virtual void Start(int cpu) { (void)cpu; }
+  // JS thread, before Start: pages [first, first+count) of r were found
+  // present (a handler taking over): a supply that fills pages of its own
+  // accord leaves them alone.
+  virtual void AlreadyHeld(TargetRegion& r, uint64_t first, uint64_t count) {
+    (void)r;
+    (void)first;
+    (void)count;
+  }
   virtual void Leave() {}
   virtual void Release() {}
   int WakeFd() const override { return -1; }

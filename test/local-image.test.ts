@@ -11,7 +11,10 @@ import { Image } from '../lib/image.js';
 import { Destination } from '../client/destination.js';
 import { VmmHandler, type VmmSessionSummary } from '../client/vmm-handler.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
-import { PAGE, buildFixture, randomImage, runCli, tempDir, writeImage } from './helpers.js';
+import { FaultEngine } from '../client/fault-engine.js';
+import { mapAnonymous } from '../lib/memory.js';
+import { Userfaultfd } from '../lib/uffd.js';
+import { PAGE, buildFixture, randomImage, runCli, tempDir, until, writeImage } from './helpers.js';
 import type { Test } from 'tap';
 
 /** A sparse file: `pages` pages with data, a hole of `hole` pages in the middle, and an all-zero data page. */
@@ -83,6 +86,39 @@ t.test('an engine serving a local image takes no data channels', async (t) => {
   t.throws(() => dest.engine.attachChannels({ urgentFd: openSync('/dev/null', 'r'), bulkFd: openSync('/dev/null', 'r') }), { code: 'ERR_ENGINE_STATE' });
   const r = dest.regions[0].mapping;
   await Promise.all([dest.finish(), touchPages(r.address, 16, shuffledOrder(16, 1), { mapping: r })]);
+});
+
+t.test('pages found present when an engine takes over are left alone: the fill installs only the missing ones, once each', async (t) => {
+  const pages = 64;
+  const bytes = randomImage(pages, 3);
+  const image = Image.open([{ buffer: bytes }]);
+  t.teardown(() => image.close());
+  const memory = mapAnonymous(pages * PAGE);
+  t.teardown(() => memory.unmap());
+  // A handler that died had installed the even pages (here written before the region is registered).
+  for (let p = 0; p < pages; p += 2) memory.buffer(p * PAGE, PAGE).fill(0xa5);
+  const uffd = Userfaultfd.open();
+  t.teardown(() => uffd.close());
+  uffd.handshake();
+  uffd.register(memory.address, pages * PAGE);
+  const engine = new FaultEngine({
+    uffd: uffd.fd,
+    regions: [{ base: memory.address, length: pages * PAGE, pageSize: PAGE }],
+    local: { image: image.regions.map((r) => r.spec), window: { forward: 0, backward: 0 }, background: false },
+  });
+  t.teardown(() => engine.stop());
+  const held = new Uint8Array(pages / 8).fill(0x55); // bit p set for every even p
+  t.equal(engine.markResident(0, held), pages / 2, 'the even pages settle as found');
+  engine.start();
+  engine.startBackground();
+  await until('every page resident', () => engine.complete);
+  const s = engine.stats();
+  t.equal(s.pagesInstalledBackground, pages / 2, 'the fill installed the odd pages only');
+  t.equal(s.duplicatePages, 0, 'and never looked at a page found present');
+  for (let p = 0; p < pages; p++) {
+    const want = p % 2 === 0 ? Buffer.alloc(PAGE, 0xa5) : bytes.subarray(p * PAGE, (p + 1) * PAGE);
+    if (!Buffer.from(memory.buffer(p * PAGE, PAGE)).equals(want)) t.fail(`page ${p} differs`);
+  }
 });
 
 t.test('the image stays mapped while an engine serves from it', async (t) => {
