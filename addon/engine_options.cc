@@ -13,6 +13,7 @@ namespace uffdpc {
 
 namespace {
 uint64_t U64(Napi::Object o, const char* key) { return static_cast<uint64_t>(o.Get(key).As<Napi::Number>().Int64Value()); }
+uint64_t U64(Napi::Array a, uint32_t i) { return static_cast<uint64_t>(a.Get(i).As<Napi::Number>().Int64Value()); }
 
 // A non-blocking eventfd, closed with the engine's other fds at its shutdown.
 int EventFd(Napi::Env env, EngineLife& life) {
@@ -47,13 +48,31 @@ std::unique_ptr<ImageSupply> BuildImageSupply(Napi::Env env, Napi::Object o, Eng
   if (prefetch.IsTypedArray()) AddPrefetch(env, *supply, prefetch.As<Napi::TypedArrayOf<uint8_t>>());
   return supply;
 }
+// {store: {chunkBytes: [per source region]}, window: {forward, backward}, background?, prefetch?}
+std::unique_ptr<StoreSupply> BuildStoreSupply(Napi::Env env, Napi::Object o, EngineParts& parts, EventSink& events) {
+  const TargetMap& map = *parts.map;
+  Napi::Array sizes = o.Get("store").As<Napi::Object>().Get("chunkBytes").As<Napi::Array>();
+  if (sizes.Length() != map.sourceRegions()) throw CodedError(env, "ERR_IMAGE_INVALID", "a store image needs a chunk size per source region");
+  std::vector<uint64_t> chunkBytes;
+  for (uint32_t i = 0; i < sizes.Length(); i++) {
+    uint64_t n = U64(sizes, i);
+    if (n < 4096 || (n & (n - 1)) != 0) throw CodedError(env, "ERR_OUT_OF_RANGE", "a chunk size is a power of two of 4 KiB or more");
+    chunkBytes.push_back(n);
+  }
+  Napi::Object window = o.Get("window").As<Napi::Object>();
+  StoreSupply::Window w{window.Get("forward").As<Napi::Number>().Uint32Value(), window.Get("backward").As<Napi::Number>().Uint32Value()};
+  auto supply = std::make_unique<StoreSupply>(*parts.map, *parts.installer, events, chunkBytes, w, o.Get("background").ToBoolean().Value());
+  Napi::Value prefetch = o.Get("prefetch");
+  if (prefetch.IsTypedArray()) AddPrefetch(env, *supply, prefetch.As<Napi::TypedArrayOf<uint8_t>>());
+  return supply;
+}
 }  // namespace
 
-void AddPrefetch(Napi::Env env, ImageSupply& image, Napi::TypedArrayOf<uint8_t> bytes) {
+void AddPrefetch(Napi::Env env, PageSupply& supply, Napi::TypedArrayOf<uint8_t> bytes) {
   if (bytes.ByteLength() % 8) throw CodedError(env, "ERR_OUT_OF_RANGE", "prefetch entries are 8 bytes each");
   std::vector<uint64_t> entries(bytes.ByteLength() / 8);
   std::memcpy(entries.data(), bytes.Data(), bytes.ByteLength());
-  if (const char* bad = image.AddPrefetch(entries.data(), entries.size())) throw CodedError(env, "ERR_OUT_OF_RANGE", bad);
+  if (const char* bad = supply.AddPrefetch(entries.data(), entries.size())) throw CodedError(env, "ERR_OUT_OF_RANGE", bad);
 }
 
 // {uffd, sourceRegions: [{pages, pageSize}], regions: [{base, length, pageSize, sourceRegion, sourcePage, fillAddress?}], cpu,
@@ -116,6 +135,10 @@ std::unique_ptr<EngineParts> BuildEngineParts(Napi::Env env, Napi::Object o, Eng
 
   if (share) {
     parts->supply = std::make_unique<TemplateSupply>(share, map, *parts->installer, events, life);
+  } else if (o.Get("store").IsObject()) {
+    auto store = BuildStoreSupply(env, o, *parts, events);
+    parts->store = store.get();
+    parts->supply = std::move(store);
   } else if (o.Get("image").IsArray()) {
     auto image = BuildImageSupply(env, o, *parts, life);
     parts->image = image.get();

@@ -17,6 +17,7 @@
 #include "installed_checksum.h"
 #include "installer.h"
 #include "remote_supply.h"
+#include "store_supply.h"
 #include "target_map.h"
 #include "template_supply.h"
 
@@ -33,6 +34,7 @@ struct EngineParts {
   std::unique_ptr<PageSupply> supply;
   RemoteSupply* remote = nullptr;          // `supply`, when pages come from a source over data channels
   ImageSupply* image = nullptr;            // `supply`, when they come from a local image
+  StoreSupply* store = nullptr;            // `supply`, when they come from a snapshot store (through JS)
   std::unique_ptr<TemplateFiller> filler;  // this engine fills a template (fillsTemplate)
   std::unique_ptr<FaultLoop> loop;
   int cpu = -1;  // pin every engine thread here (-1: no pinning)
@@ -46,6 +48,6 @@ using TemplateOf = std::function<std::shared_ptr<TemplateShare>(Napi::Object)>;
 std::unique_ptr<EngineParts> BuildEngineParts(Napi::Env env, Napi::Object options, EngineLife& life, EventSink& events, const TemplateOf& templateOf);
 
 // A working set to replay (Buffer of u64 LE, region << 48 | page, in order); throws ERR_OUT_OF_RANGE.
-void AddPrefetch(Napi::Env env, ImageSupply& image, Napi::TypedArrayOf<uint8_t> bytes);
+void AddPrefetch(Napi::Env env, PageSupply& supply, Napi::TypedArrayOf<uint8_t> bytes);
 
 }  // namespace uffdpc

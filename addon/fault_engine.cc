@@ -35,7 +35,8 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine>, DataPlane, EngineLife 
                         InstanceMethod<&FaultEngine::ReceivedBitmap>("receivedBitmap"), InstanceMethod<&FaultEngine::HeldBitmap>("heldBitmap"),
                         InstanceMethod<&FaultEngine::MarkResident>("markResident"), InstanceMethod<&FaultEngine::InstalledChecksum>("installedChecksum"),
                         InstanceMethod<&FaultEngine::LatencyBuckets>("latencyBuckets"), InstanceMethod<&FaultEngine::Prefetch>("prefetch"),
-                        InstanceMethod<&FaultEngine::StartBackground>("startBackground"), InstanceMethod<&FaultEngine::FaultedPages>("faultedPages")});
+                        InstanceMethod<&FaultEngine::StartBackground>("startBackground"),
+                        InstanceMethod<&FaultEngine::TakeStorePieces>("takeStorePieces"), InstanceMethod<&FaultEngine::InstallPiece>("installPiece"), InstanceMethod<&FaultEngine::FaultedPages>("faultedPages")});
   }
 
   // new FaultEngine(options): see engine_options.h.
@@ -89,7 +90,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine>, DataPlane, EngineLife 
       close(urgent);
       close(bulk);
       if (badKeys) throw CodedError(info.Env(), "ERR_OUT_OF_RANGE", "a data-channel key must be a 32-byte Buffer");
-      if (parts_->image) throw CodedError(info.Env(), "ERR_ENGINE_STATE", "an engine serving a local image takes no data channels");
+      if (parts_->image || parts_->store) throw CodedError(info.Env(), "ERR_ENGINE_STATE", "an engine serving a local image or a store takes no data channels");
       if (!remote) throw CodedError(info.Env(), "ERR_ENGINE_STATE", "a template's clone takes no data channels");
       throw CodedError(info.Env(), "ERR_ENGINE_STATE", attached ? "data channels are already attached" : "the engine is not running");
     }
@@ -202,15 +203,63 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine>, DataPlane, EngineLife 
   // prefetch(entries: Buffer of u64 LE, region << 48 | page, in order): the
   // pages of a working set, installed ahead of the background (local image).
   Napi::Value Prefetch(const Napi::CallbackInfo& info) {
-    if (!parts_->image) throw CodedError(info.Env(), "ERR_ENGINE_STATE", "only an engine serving a local image replays a working set itself");
-    AddPrefetch(info.Env(), *parts_->image, info[0].As<Napi::TypedArrayOf<uint8_t>>());
+    AddPrefetch(info.Env(), *parts_->supply, info[0].As<Napi::TypedArrayOf<uint8_t>>());
     return info.Env().Undefined();
   }
 
   // startBackground(): a local image's background fill starts (or goes on) now.
   Napi::Value StartBackground(const Napi::CallbackInfo& info) {
     if (parts_->image) parts_->image->StartBackground();
+    if (parts_->store) parts_->store->StartBackground();
     return info.Env().Undefined();
+  }
+
+  // takeStorePieces(ahead) -> [{region, piece, sourceRegion, sourceFirst,
+  // sourceCount, why}]: every piece faults wait on (and their windows), then
+  // up to `ahead` pieces of the working set and the background (store).
+  Napi::Value TakeStorePieces(const Napi::CallbackInfo& info) {
+    StoreSupply* store = parts_->store;
+    if (!store) throw CodedError(info.Env(), "ERR_ENGINE_STATE", "only an engine serving a store image takes pieces");
+    std::vector<StoreSupply::Want> wants;
+    store->TakeUrgent(wants);
+    size_t urgent = wants.size();
+    uint32_t ahead = info[0].As<Napi::Number>().Uint32Value();
+    if (ahead) store->TakeAhead(urgent + ahead, wants);
+    Napi::Array out = Napi::Array::New(info.Env(), wants.size());
+    for (size_t i = 0; i < wants.size(); i++) {
+      const auto& w = wants[i];
+      Napi::Object o = Napi::Object::New(info.Env());
+      o.Set("region", double(w.region));
+      o.Set("piece", double(w.piece));
+      o.Set("sourceRegion", double(w.sourceRegion));
+      o.Set("sourceFirst", double(w.sourceFirst));
+      o.Set("sourceCount", double(w.sourceCount));
+      o.Set("why", double(static_cast<uint32_t>(w.why)));
+      out.Set(uint32_t(i), o);
+    }
+    return out;
+  }
+
+  // installPiece(region, piece, why, data: Buffer | null): a piece taken with
+  // takeStorePieces, its source pages' bytes (null: zeros), installed.
+  Napi::Value InstallPiece(const Napi::CallbackInfo& info) {
+    StoreSupply* store = parts_->store;
+    if (!store) throw CodedError(info.Env(), "ERR_ENGINE_STATE", "only an engine serving a store image installs pieces");
+    if (!started_ || Stopped()) return Napi::Boolean::New(info.Env(), false);
+    uint32_t why = info[2].As<Napi::Number>().Uint32Value();
+    if (why != wire::kRequested && why != wire::kWindow && why != wire::kPrefetch && why != wire::kBackground)
+      throw CodedError(info.Env(), "ERR_OUT_OF_RANGE", "not a reason a piece is wanted for");
+    const uint8_t* data = nullptr;
+    uint64_t length = 0;
+    if (info[3].IsTypedArray()) {
+      auto bytes = info[3].As<Napi::TypedArrayOf<uint8_t>>();
+      data = bytes.Data();
+      length = bytes.ByteLength();
+    }
+    const char* bad = store->InstallPiece(info[0].As<Napi::Number>().Uint32Value(), static_cast<uint64_t>(info[1].As<Napi::Number>().Int64Value()),
+                                          static_cast<Why>(why), data, length);
+    if (bad) throw CodedError(info.Env(), "ERR_OUT_OF_RANGE", bad);
+    return Napi::Boolean::New(info.Env(), true);
   }
 
   // faultedPages() -> Buffer of u64 LE (region << 48 | page): every page a

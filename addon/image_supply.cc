@@ -82,22 +82,8 @@ InstallResult ImageSupply::InstallRun(const PageRun& run, bool mayWait) {
 }
 
 const char* ImageSupply::AddPrefetch(const uint64_t* entries, size_t count) {
-  for (size_t i = 0; i < count; i++) {
-    uint64_t region = entries[i] >> 48, page = entries[i] & ((1ull << 48) - 1);
-    if (region >= map_.sourceRegions() || page >= map_.sourcePages(static_cast<uint32_t>(region))) return "a prefetch entry lies outside the image";
-  }
-  // Source pages to the target pages that hold them (a page no region maps is left out).
   std::vector<uint64_t> set;
-  set.reserve(count);
-  for (size_t i = 0; i < count; i++) {
-    uint32_t region = static_cast<uint32_t>(entries[i] >> 48);
-    uint64_t page = entries[i] & ((1ull << 48) - 1);
-    for (auto& r : map_.regions())
-      if (r->sourceRegion == region && page >= r->sourcePage && page < r->sourcePage + r->SourceSpan()) {
-        set.push_back((uint64_t(r->index) << 48) | (page - r->sourcePage) / r->ratio);
-        break;
-      }
-  }
+  if (const char* bad = map_.TargetEntries(entries, count, set)) return bad;
   scheduler_.AddWorkingSet(set);
   return nullptr;
 }

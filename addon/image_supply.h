@@ -41,7 +41,7 @@ class ImageSupply final : public PageSupply {
 
   // A working set's pages (source region << 48 | source page, in order),
   // installed ahead of the background. Null, or what is wrong with them (nothing is taken then).
-  const char* AddPrefetch(const uint64_t* entries, size_t count);
+  const char* AddPrefetch(const uint64_t* entries, size_t count) override;
   // The background fill starts (or goes on) now.
   void StartBackground();
 

@@ -4,6 +4,7 @@
 // is a clone of (template_supply.h). A supply owns its threads and state and
 // sees the memory only through the target map and the installer.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 #include "target_map.h"
@@ -40,6 +41,13 @@ class PageSupply : public FaultThreadWork {
   }
   virtual void Leave() {}
   virtual void Release() {}
+  // JS thread: a working set to install ahead of the background (entries
+  // source region << 48 | source page, in order). Null, or what is wrong.
+  virtual const char* AddPrefetch(const uint64_t* entries, size_t count) {
+    (void)entries;
+    (void)count;
+    return "only an engine serving a local image or a store replays a working set itself";
+  }
   int WakeFd() const override { return -1; }
   void OnWake() override {}
 };

@@ -134,6 +134,25 @@ void TargetMap::HeldBits(uint32_t id, uint8_t* out) const {
   }
 }
 
+const char* TargetMap::TargetEntries(const uint64_t* entries, size_t count, std::vector<uint64_t>& out) const {
+  constexpr uint64_t kPageMask = (1ull << 48) - 1;
+  for (size_t i = 0; i < count; i++) {
+    uint64_t region = entries[i] >> 48, page = entries[i] & kPageMask;
+    if (region >= sourceRegions() || page >= sourcePages(static_cast<uint32_t>(region))) return "a prefetch entry lies outside the image";
+  }
+  out.reserve(out.size() + count);
+  for (size_t i = 0; i < count; i++) {
+    uint32_t region = static_cast<uint32_t>(entries[i] >> 48);
+    uint64_t page = entries[i] & kPageMask;
+    for (auto& r : regions_)
+      if (r->sourceRegion == region && page >= r->sourcePage && page < r->sourcePage + r->SourceSpan()) {
+        out.push_back((uint64_t(r->index) << 48) | (page - r->sourcePage) / r->ratio);
+        break;
+      }
+  }
+  return nullptr;
+}
+
 uint64_t TargetMap::MarkResident(uint32_t region, const uint8_t* bits) {
   TargetRegion& r = *regions_[region];
   uint64_t marked = 0;

@@ -134,6 +134,10 @@ class TargetMap {
   void ReceivedBits(uint32_t region, uint8_t* out) const;  // (pages + 7) / 8 bytes
   // Source region `id`: what the source need not send (resident, given back, or mapped by no region).
   void HeldBits(uint32_t id, uint8_t* out) const;  // (source pages + 7) / 8 bytes
+  // Source pages (entries source region << 48 | page, as a working set
+  // names them) as the target pages that hold them, region << 48 | page, in
+  // order; a page no region maps is left out. Null, or what is wrong (one lies outside the image).
+  const char* TargetEntries(const uint64_t* entries, size_t count, std::vector<uint64_t>& out) const;
   // Pages of `region` found present already settle without being fetched; returns how many.
   uint64_t MarkResident(uint32_t region, const uint8_t* bits);
   // Pages asked for and not yet settled.

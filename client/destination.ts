@@ -14,6 +14,7 @@ import { digestOf } from '../lib/digest.js';
 import type { TransferOptions } from '../lib/transfer.js';
 import type { DestinationSessionOptions, PageSession, RecoveryStatus } from './session.js';
 import type { LocalSessionOptions } from './local-session.js';
+import type { StoreSessionOptions } from './store-session.js';
 import type { FaultEngine, DestinationStats } from './fault-engine.js';
 import { openSession, type PagesFrom, type TakenMemory } from './open-session.js';
 import { OwnMemory, type RestoredRegion } from './own-memory.js';
@@ -23,8 +24,8 @@ import { summarize, type RestoreReport } from './report.js';
 export { DEFAULT_TRANSFER } from '../lib/transfer.js';
 export type { RestoredRegion } from './own-memory.js';
 
-/** Where the pages come from: a source (`source`, DestinationSessionOptions) or a local image (`image`, LocalSessionOptions). */
-export type DestinationOptions = (DestinationSessionOptions | LocalSessionOptions) & {
+/** Where the pages come from: a source (`source`, DestinationSessionOptions), a local image (`image`, LocalSessionOptions) or an image in a store (`storeImage`, StoreSessionOptions). */
+export type DestinationOptions = (DestinationSessionOptions | LocalSessionOptions | StoreSessionOptions) & {
   /** Pin the fault engine's threads to this CPU. */
   engineCpu?: number;
   /** Keep the pages faulted on while missing, in first-touch order: workingSet() returns them. */
@@ -70,7 +71,8 @@ export class Destination {
     const log = options.logger ?? silentLogger;
     const { inPlace, engineCpu, recordWorkingSet, ...rest } = options;
     const memory = new OwnMemory({ logger: log, ...(engineCpu !== undefined ? { engineCpu } : {}), ...(recordWorkingSet ? { recordWorkingSet } : {}) });
-    const from: PagesFrom = 'image' in rest ? { kind: 'image', ...rest } : { kind: inPlace ? 'in-place' : 'source', ...rest };
+    const from: PagesFrom =
+      'storeImage' in rest ? { kind: 'store', ...rest } : 'image' in rest ? { kind: 'image', ...rest } : { kind: inPlace ? 'in-place' : 'source', ...rest };
     try {
       const opened = await openSession(from, memory);
       return opened.kind === 'taken' ? opened.memory : new Destination(opened.session, memory, log);

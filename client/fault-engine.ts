@@ -3,12 +3,13 @@
 // channels, which can be detached (faults wait) and attached anew (the
 // requests still unanswered go out again).
 import { EventEmitter } from 'node:events';
-import { native, type DestinationStats, type InstalledChecksum, type NativeEvent, type NativeFaultEngine, type ServedRegionSpec } from '../lib/native.js';
+import { native, type DestinationStats, type InstalledChecksum, type NativeEvent, type NativeFaultEngine, type ServedRegionSpec, type StorePiece } from '../lib/native.js';
 import { ErrorCode, PostcopyError, errorOfEvent, type CodedError } from '../lib/errors.js';
 import { closeSync } from 'node:fs';
 import { hasOverlap, validateAligned, validateFd, validateInteger } from '../lib/validate.js';
 import { MAX_RUN_BYTES } from '../lib/limits.js';
 import { MAX_WINDOW, type TransferOptions } from '../lib/transfer.js';
+import { MAX_CHUNK_BYTES } from '../lib/store/chunk.js';
 import type { DataChannelKeys } from '../lib/protocol.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
 
@@ -58,7 +59,7 @@ export interface FaultEngineOptions {
    * image in this process, one spec per source region (lib/image.ts), with
    * the window and background the engine then runs itself.
    */
-  local?: LocalImageSupply | TemplateSupply;
+  local?: LocalImageSupply | TemplateSupply | StoreImageSupply;
   /**
    * This engine fills a template (client/template.ts): no process faults on
    * its regions, each a whole source region mapped (shared) from the
@@ -89,6 +90,15 @@ export interface LocalImageSupply {
   /** Start the background fill at once (else: at startBackground()). */
   background: boolean;
   /** A working set to install first, in order (client/working-set.ts entries). */
+  prefetch?: Uint8Array;
+}
+
+/** A snapshot store's image as the engine's page supply: JS fetches the pieces it wants (client/store-feeder.ts). */
+export interface StoreImageSupply {
+  /** Per source region, its chunks' size (a power of two). */
+  store: { chunkBytes: number[] };
+  window: TransferOptions['window'];
+  background: boolean;
   prefetch?: Uint8Array;
 }
 
@@ -182,6 +192,7 @@ export class FaultEngine extends EventEmitter {
       checksumInstalled: options.checksumInstalled === true,
       recordFaults: options.recordFaults === true,
       ...(options.local && 'image' in options.local ? localSupply(options.local, sourceRegions) : {}),
+      ...(options.local && 'store' in options.local ? storeSupply(options.local, sourceRegions) : {}),
       ...(clone ? { template: clone.#native } : {}),
       fillsTemplate,
       ...(options.precopy ? { precopy: true } : {}),
@@ -268,6 +279,17 @@ export class FaultEngine extends EventEmitter {
     this.#native.startBackground();
   }
 
+  /** A store image's engine: every piece faults wait on (and their windows), then up to `ahead` pieces of the working set and the background. */
+  takeStorePieces(ahead: number): StorePiece[] {
+    return this.#native.takeStorePieces(validateInteger(ahead, 'ahead', 0, 1 << 20));
+  }
+
+  /** A store image's engine: installs a piece taken with takeStorePieces (its source pages' bytes; null: zeros). False once stopped. */
+  installPiece(piece: StorePiece, data: Uint8Array | null): boolean {
+    if (data !== null && !(data instanceof Uint8Array)) throw new PostcopyError(ErrorCode.INVALID_ARG_TYPE, 'data must be a Uint8Array or null');
+    return this.#native.installPiece(piece.region, piece.piece, piece.why, data);
+  }
+
   /** With recordFaults: every page faulted on while missing, in first-touch order (u64 LE entries, region << 48 | page). */
   faultedPages(): Buffer {
     return this.#native.faultedPages();
@@ -318,6 +340,9 @@ export class FaultEngine extends EventEmitter {
           return;
         case 'switchover':
           this.emit('switchover', { discarded: e.discarded, rewritten: e.rewritten });
+          return;
+        case 'store-wanted':
+          this.emit('store-wanted');
           return;
         case 'background-done':
           this.#log.debug('the source has sent every page');
@@ -393,12 +418,32 @@ function localSupply(local: LocalImageSupply, sourceRegions: readonly SourceRegi
   }
   return {
     image: [...local.image],
-    window: {
-      forward: validateInteger(local.window.forward, 'window.forward', 0, MAX_WINDOW),
-      backward: validateInteger(local.window.backward, 'window.backward', 0, MAX_WINDOW),
-    },
+    window: windowOf(local.window),
     background: local.background === true,
     ...(local.prefetch ? { prefetch: checkEntries(local.prefetch) } : {}),
+  };
+}
+
+function storeSupply(local: StoreImageSupply, sourceRegions: readonly SourceRegion[]) {
+  const sizes = local.store?.chunkBytes;
+  if (!Array.isArray(sizes) || sizes.length !== sourceRegions.length)
+    throw new PostcopyError(ErrorCode.IMAGE_INVALID, `a store image needs a chunk size per source region (${sourceRegions.length})`);
+  for (const [i, n] of sizes.entries()) {
+    validateInteger(n, `store.chunkBytes[${i}]`, 4096, MAX_CHUNK_BYTES);
+    if ((n & (n - 1)) !== 0) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `store.chunkBytes[${i}] must be a power of two`);
+  }
+  return {
+    store: { chunkBytes: [...sizes] },
+    window: windowOf(local.window),
+    background: local.background === true,
+    ...(local.prefetch ? { prefetch: checkEntries(local.prefetch) } : {}),
+  };
+}
+
+function windowOf(window: TransferOptions['window']) {
+  return {
+    forward: validateInteger(window.forward, 'window.forward', 0, MAX_WINDOW),
+    backward: validateInteger(window.backward, 'window.backward', 0, MAX_WINDOW),
   };
 }
 

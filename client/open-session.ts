@@ -6,6 +6,7 @@
 //   a local image                  LocalSession                     LocalSession
 //   a template (its clone)         -                                LocalSession.openClone
 //   memory taken in place          mapped here, nothing faults      LocalSession over the memory taken
+//   an image in a snapshot store   StoreSession                     StoreSession
 //
 // Memory taken in place falls back to a source session when the source does
 // not offer it (TCP, or an image that is not shared memory). The memory side
@@ -21,12 +22,14 @@ import { Image } from '../lib/image.js';
 import { DestinationSession, type DestinationSessionOptions, type EngineFactory, type PageSession } from './session.js';
 import { LocalSession, type CloneSource, type LocalSessionOptions } from './local-session.js';
 import { SourceConnection } from './source-connection.js';
+import { StoreSession, type StoreSessionOptions } from './store-session.js';
 
 /** Where the pages come from. */
 export type PagesFrom =
   | ({ kind: 'source' } & DestinationSessionOptions)
   | ({ kind: 'image' } & LocalSessionOptions)
   | { kind: 'template'; template: CloneSource; logger?: Logger }
+  | ({ kind: 'store' } & StoreSessionOptions)
   /** A source on this host whose image is shared memory: its memory itself (its fds); a source session when it does not offer it. */
   | ({ kind: 'in-place' } & DestinationSessionOptions);
 
@@ -62,6 +65,10 @@ export async function openSession(from: PagesFrom, into: MemoryTarget): Promise<
     }
     case 'template':
       return { kind: 'session', session: LocalSession.openClone(from.template, { logger: log }, build) };
+    case 'store': {
+      const { kind: _, ...options } = from;
+      return { kind: 'session', session: await StoreSession.open(options, build) };
+    }
     case 'in-place': {
       const { kind: _, ...options } = from;
       if (into.kind === 'own') {

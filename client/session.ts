@@ -22,7 +22,7 @@ import { DEFAULT_HEARTBEAT, type Heartbeat, type MessageOf, type RegionInfo, typ
 import { StateMachine, type TransitionTable } from '../lib/state-machine.js';
 import { transferOptions, type TransferOptions } from '../lib/transfer.js';
 import { SourceConnection, type SourceOptions } from './source-connection.js';
-import type { ChannelFailure, DestinationStats, FaultEngine, LocalImageSupply, TemplateSupply } from './fault-engine.js';
+import type { ChannelFailure, DestinationStats, FaultEngine, LocalImageSupply, StoreImageSupply, TemplateSupply } from './fault-engine.js';
 import { checkReplay, type WorkingSet } from './working-set.js';
 
 /**
@@ -129,7 +129,7 @@ export interface DestinationSessionOptions extends SourceOptions, ReplayOptions 
  * template, goes into the engine's options as they are. `precopy`: a live
  * source sends precopy rounds first (the engine's `precopy` option).
  */
-export type EngineFactory = (regions: RegionInfo[], local?: LocalImageSupply | TemplateSupply, precopy?: boolean) => FaultEngine;
+export type EngineFactory = (regions: RegionInfo[], local?: LocalImageSupply | TemplateSupply | StoreImageSupply, precopy?: boolean) => FaultEngine;
 
 /** What the session reports about its recoveries (also part of every report). */
 export interface RecoveryStatus {

@@ -82,6 +82,16 @@ export const ErrorCode = {
   WORKLOAD_GONE: 'ERR_WORKLOAD_GONE',
   /** serve --live --resume-workload named a migration the workload that came is not paused for: it stays paused. */
   MIGRATION_MISMATCH: 'ERR_MIGRATION_MISMATCH',
+  /** The object store has no such image (manifest), chunk or bucket: the message names it. */
+  STORE_NOT_FOUND: 'ERR_STORE_NOT_FOUND',
+  /** The object store did not answer, or kept failing (timeouts, 5xx, throttling), through every retry. */
+  STORE_UNREACHABLE: 'ERR_STORE_UNREACHABLE',
+  /** The object store refused our credentials or the request (wrong keys, no permission). */
+  STORE_DENIED: 'ERR_STORE_DENIED',
+  /** What the store holds is damaged: a chunk whose content is not its hash (after fetching it again), a manifest that does not parse. */
+  STORE_CORRUPT: 'ERR_STORE_CORRUPT',
+  /** An image name is taken already, or an image is still the parent of others (rm). */
+  STORE_CONFLICT: 'ERR_STORE_CONFLICT',
   /** A combination this version cannot serve yet (the message says which); nothing was changed. */
   UNSUPPORTED: 'ERR_UNSUPPORTED',
   /** An exception nobody expected: a bug of ours, never blamed on a peer. */

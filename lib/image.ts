@@ -114,6 +114,11 @@ export class Image {
     return this.regions.reduce((sum, r) => sum + r.length, 0);
   }
 
+  /** Region `id`'s bytes, its whole length (content plus zero padding), read in place. */
+  bytes(id: number): Uint8Array {
+    return regionBytes(this.regions[id]);
+  }
+
   /** SHA-256 of a region's whole length (content plus zero padding), computed once (and kept beside its file). */
   digest(id: number): Promise<string> {
     let d = this.#digests.get(id);

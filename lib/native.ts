@@ -56,6 +56,7 @@ export type NativeEvent = NativeEventBase &
   (
     | { type: 'complete'; elapsedNs: number }
     | { type: 'background-done' }
+    | { type: 'store-wanted' }
     | { type: 'remove' | 'unmap'; start: number; end: number }
     | { type: 'remap'; from: number; to: number; length: number; followed: 0 | 1 }
     | { type: 'fork'; fd: number }
@@ -212,6 +213,19 @@ export interface NativeFaultEngine {
   prefetch(entries: Uint8Array): void;
   startBackground(): void;
   faultedPages(): Buffer;
+  takeStorePieces(ahead: number): StorePiece[];
+  installPiece(region: number, piece: number, why: number, data: Uint8Array | null): boolean;
+}
+
+/** A piece of a store image the engine wants (addon/store_supply.h): source pages [sourceFirst, +sourceCount) of sourceRegion. */
+export interface StorePiece {
+  region: number;
+  piece: number;
+  sourceRegion: number;
+  sourceFirst: number;
+  sourceCount: number;
+  /** Reason (lib/wire.ts): requested, window, prefetch or background. */
+  why: number;
 }
 
 /** One source region's installed-pages checksum at the destination (addon/page_checksum.h). */
@@ -309,6 +323,8 @@ export interface NativeAddon {
     checksumInstalled: boolean;
     recordFaults: boolean;
     image?: ServedRegionSpec[];
+    /** Pages come from a snapshot store, fetched by JS (client/store-feeder.ts). */
+    store?: { chunkBytes: number[] };
     window?: { forward: number; backward: number };
     background?: boolean;
     prefetch?: Uint8Array;

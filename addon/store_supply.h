@@ -1,0 +1,91 @@
+// Pages from a snapshot store (docs/STORE.md): the image is in content-named
+// chunks that JavaScript fetches (lib/store/, through the host's chunk cache)
+// and hands back whole. Which pages are wanted, and in what order, is the
+// PageScheduler's, as for every supply: the requested page, its window, the
+// working set, then the background following the last fault. A page is
+// wanted as its piece: the chunk that holds it, or, where a page here is
+// larger than a chunk (a huge page), the chunks that make that page. Each
+// piece is asked for once; the fault thread queues the pieces a fault needs
+// and tells JavaScript (a "store-wanted" event per batch), which fetches
+// them at once, and takes working-set and background pieces as it has room.
+#pragma once
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "bitmap.h"
+#include "events.h"
+#include "installer.h"
+#include "page_scheduler.h"
+#include "page_supply.h"
+#include "target_map.h"
+
+namespace uffdpc {
+
+class StoreSupply final : public PageSupply {
+ public:
+  // A piece JavaScript is to fetch and install (InstallPiece): the source
+  // pages [sourceFirst, sourceFirst + sourceCount) of source region
+  // `sourceRegion`, which are pages of target region `region`.
+  struct Want {
+    uint32_t region;
+    uint64_t piece;
+    uint32_t sourceRegion;
+    uint64_t sourceFirst, sourceCount;
+    Why why;
+  };
+  struct Window {
+    uint32_t forward = 0, backward = 0;  // pages around a faulted page
+  };
+  // `chunkBytes`: per source region, its chunks' size (a power of two, whole source pages).
+  StoreSupply(TargetMap& map, Installer& installer, EventSink& events, const std::vector<uint64_t>& chunkBytes, Window window, bool background);
+
+  void Ask(TargetRegion& r, uint64_t page) override;
+  void Flush() override;
+  void AlreadyHeld(TargetRegion& r, uint64_t first, uint64_t count) override;
+
+  // JS thread. The pieces faults wait on (and their windows), every one queued.
+  void TakeUrgent(std::vector<Want>& out);
+  // Up to `max` pieces of the working set, then (when on) of the background; none once every page is asked for.
+  void TakeAhead(size_t max, std::vector<Want>& out);
+  // A piece's content (null: zeros), `length` bytes: its source pages' bytes;
+  // `why`: what it was wanted for. Null when installed (or the engine is
+  // stopping: its events say why), else what is wrong.
+  const char* InstallPiece(uint32_t region, uint64_t piece, Why why, const uint8_t* data, uint64_t length);
+  // See ImageSupply::AddPrefetch.
+  const char* AddPrefetch(const uint64_t* entries, size_t count) override;
+  void StartBackground() { backgroundOn_.store(true, std::memory_order_release); }
+
+ private:
+  struct Pieces {
+    uint64_t sourcePages;  // source pages per piece (a multiple of the region's ratio)
+    uint64_t first;        // the piece holding the region's first page
+    uint64_t count;
+    std::unique_ptr<AtomicBitmap> asked;  // bit i: piece first + i was asked for
+  };
+  uint64_t PieceOf(const TargetRegion& r, uint64_t page) const { return r.SourceOf(page) / pieces_[r.index].sourcePages; }
+  // The piece's pages in r: [*first, *end).
+  void PagesOf(const TargetRegion& r, uint64_t piece, uint64_t* first, uint64_t* end) const;
+  // Claims the piece (once) and its pages in the scheduler; true when this call did.
+  bool AskPiece(TargetRegion& r, uint64_t piece);
+  Want WantOf(const TargetRegion& r, uint64_t piece, Why why) const;
+  // The pieces of a run not asked for yet, asked for now.
+  void AskRun(const PageRun& run, std::vector<Want>& out);
+
+  TargetMap& map_;
+  Installer& installer_;
+  EventSink& events_;
+  PageScheduler scheduler_;  // over the target map's regions, one page a unit
+  std::vector<Pieces> pieces_;
+  uint64_t windowPages_;
+  uint64_t piecePages_ = 1;  // the largest piece, in pages here: a background run's length
+  std::atomic<bool> backgroundOn_;
+  PageRuns faultRuns_;  // fault thread only
+  std::mutex mu_;
+  std::vector<Want> urgent_;  // under mu_
+  bool told_ = false;         // under mu_: JS was told of urgent_ and has not taken it yet
+  bool tell_ = false;         // fault thread: new urgent pieces since the last Flush
+};
+
+}  // namespace uffdpc

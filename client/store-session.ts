@@ -1,0 +1,272 @@
+// A destination session whose pages come from an image in a snapshot store
+// (`--image s3://BUCKET/PREFIX/NAME`): no source process. The engine wants
+// pieces (addon/store_supply.h) and the feeder (client/store-feeder.ts)
+// fetches their chunks through the host's chunk cache. A store out of reach
+// pauses the session until it answers again, or until the give-up time; the
+// digest at the end is the manifest's.
+import { EventEmitter } from 'node:events';
+import { ErrorCode, PostcopyError, type CodedError } from '../lib/errors.js';
+import { silentLogger, type Logger } from '../lib/logger.js';
+import type { MessageOf, RegionInfo, VerifyRequest } from '../lib/protocol.js';
+import { StateMachine, type TransitionTable } from '../lib/state-machine.js';
+import { transferOptions, type TransferOptions } from '../lib/transfer.js';
+import { formatStoreUrl, parseImageUrl } from '../lib/store/address.js';
+import { ChunkCache, type ChunkCacheOptions } from '../lib/store/chunk-cache.js';
+import { totalBytes, type Manifest } from '../lib/store/manifest.js';
+import type { StoreCredentials } from '../lib/store/object-store.js';
+import { SnapshotStore } from '../lib/store/snapshot-store.js';
+import type { DestinationStats, FaultEngine } from './fault-engine.js';
+import { StoreFeeder, type StoreFeederStats } from './store-feeder.js';
+import { checkReplay } from './working-set.js';
+import { sessionClosed, type EngineFactory, type PageSession, type RecoveryStatus, type ReplayOptions } from './session.js';
+
+/** running: pieces come as wanted; paused: the store is out of reach; resident: every page is in; verified: checked against the manifest. */
+export type StoreState = 'running' | 'paused' | 'resident' | 'verified' | 'failed' | 'closed';
+
+const TRANSITIONS: TransitionTable<StoreState> = {
+  running: ['paused', 'resident', 'failed', 'closed'],
+  paused: ['running', 'resident', 'failed', 'closed'],
+  resident: ['verified', 'failed', 'closed'],
+  verified: ['closed'],
+  failed: ['closed'],
+  closed: [],
+};
+
+export interface StoreSessionOptions extends ReplayOptions {
+  /** The image: s3://BUCKET[/PREFIX]/NAME, or a store already open (the caller closes it) and a name. */
+  storeImage: string | { store: SnapshotStore; name: string };
+  /** How to reach the store (default: the AWS way, lib/store/object-store.ts). */
+  credentials?: StoreCredentials;
+  /** The host's chunk cache (default: the shared one, lib/store/chunk-cache.ts); false: none. */
+  cache?: ChunkCache | ChunkCacheOptions | false;
+  window?: Partial<TransferOptions['window']>;
+  background?: Partial<TransferOptions['background']>;
+  /** Pieces fetched ahead (working set, background) at a time (default 16). */
+  parallel?: number;
+  recovery?: {
+    /** Backoff between attempts at a piece (default 100 ms doubling to 5 s). */
+    retryDelayMs?: { initial: number; max: number };
+    /** Fail once the store has been out of reach this long (default: never). */
+    giveUpAfterMs?: number;
+  };
+  logger?: Logger;
+}
+
+/** Events: 'paused' (CodedError), 'resumed' ({outageMs}), 'failed' (CodedError), 'state' (to, from). */
+export class StoreSession extends EventEmitter implements PageSession {
+  readonly engine: FaultEngine;
+  readonly transfer: TransferOptions;
+  readonly regions: RegionInfo[];
+  readonly fingerprint: string;
+  readonly manifest: Manifest;
+  readonly cache: ChunkCache | undefined;
+  readonly #store: SnapshotStore;
+  readonly #ownStore: boolean;
+  readonly #feeder: StoreFeeder;
+  readonly #machine: StateMachine<StoreState>;
+  readonly #giveUpAfterMs: number;
+  #giveUpTimer: NodeJS.Timeout | null = null;
+  #resumes = 0;
+  #pausedMs = 0;
+  #pausedSince = 0;
+  #lastError: CodedError | null = null;
+
+  private constructor(
+    o: { store: SnapshotStore; ownStore: boolean; manifest: Manifest; cache: ChunkCache | undefined; engine: FaultEngine; regions: RegionInfo[] },
+    options: StoreSessionOptions,
+    transfer: TransferOptions,
+    machine: StateMachine<StoreState>,
+    log: Logger,
+  ) {
+    super();
+    this.#store = o.store;
+    this.#ownStore = o.ownStore;
+    this.manifest = o.manifest;
+    this.cache = o.cache;
+    this.engine = o.engine;
+    this.regions = o.regions;
+    this.fingerprint = o.manifest.fingerprint;
+    this.transfer = transfer;
+    this.#machine = machine;
+    this.#giveUpAfterMs = options.recovery?.giveUpAfterMs ?? Infinity;
+    machine.onChange((to, from) => this.emit('state', to, from));
+    this.#feeder = new StoreFeeder(o.engine, o.store, o.manifest, o.cache, {
+      logger: log,
+      ...(options.parallel !== undefined ? { parallel: options.parallel } : {}),
+      ...(options.recovery?.retryDelayMs ? { retryDelayMs: options.recovery.retryDelayMs } : {}),
+    });
+    this.#feeder.on('outage', (e: CodedError) => this.#pause(e));
+    this.#feeder.on('recovered', () => this.#resume());
+    this.#feeder.on('failed', (e: CodedError) => this.fail(e));
+    o.engine.on('complete', () => {
+      if (this.#machine.is('paused')) this.#resume();
+      if (this.#machine.is('running')) this.#machine.to('resident', { fullResidencyMs: Math.round(o.engine.stats().fullResidencyNs / 1e4) / 100 });
+      this.#feeder.stop();
+    });
+    o.engine.on('channel-failed', (f: { targetGone: boolean; error: CodedError }) => {
+      if (!f.targetGone) this.fail(f.error);
+    });
+  }
+
+  /** Reads the image's manifest, has `buildEngine` make the engine over its regions, and starts fetching. */
+  static async open(options: StoreSessionOptions, buildEngine: EngineFactory): Promise<StoreSession> {
+    const log = options.logger ?? silentLogger;
+    const transfer = transferOptions(options);
+    const named = typeof options.storeImage === 'string' ? parseImageUrl(options.storeImage) : null;
+    const store = named
+      ? new SnapshotStore(named, { ...options.credentials, logger: log })
+      : (options.storeImage as { store: SnapshotStore; name: string }).store;
+    const name = named ? named.name : (options.storeImage as { name: string }).name;
+    let engine: FaultEngine | undefined;
+    try {
+      const manifest = await store.manifest(name);
+      const regions: RegionInfo[] = manifest.regions.map(({ id, name: n, length, pageSize, contentLength }) => ({ id, name: n, length, pageSize, contentLength }));
+      if (options.prefetch) checkReplay(options.prefetch, regions, manifest.fingerprint, log);
+      const cache = options.cache === false ? undefined : options.cache instanceof ChunkCache ? options.cache : new ChunkCache({ ...options.cache, logger: log });
+      const machine = new StateMachine<StoreState>('destination', 'running', TRANSITIONS, log);
+      engine = buildEngine(regions, {
+        store: { chunkBytes: manifest.regions.map((r) => r.chunkBytes) },
+        window: transfer.window,
+        background: transfer.background.enabled && !options.holdBackground,
+        ...(options.prefetch ? { prefetch: options.prefetch.entries } : {}),
+      });
+      const session = new StoreSession({ store, ownStore: named !== null, manifest, cache, engine, regions }, options, transfer, machine, log);
+      log.info(
+        { image: formatStoreUrl(store.address, name), endpoint: store.objects.endpoint, regions: regions.length, bytes: totalBytes(manifest), cache: cache?.dir, ...transfer },
+        'restoring from a store',
+      );
+      session.#feeder.start();
+      if (engine.complete) machine.to('resident');
+      return session;
+    } catch (err) {
+      engine?.stop();
+      if (named) store.close();
+      throw err;
+    }
+  }
+
+  get state(): StoreState {
+    return this.#machine.state;
+  }
+
+  /** What the feeder fetched, and what the store was asked. */
+  get fetched(): StoreFeederStats & { store: SnapshotStore['objects']['stats']; cache?: ChunkCache['stats'] } {
+    return { ...this.#feeder.stats, store: { ...this.#store.objects.stats }, ...(this.cache ? { cache: { ...this.cache.stats } } : {}) };
+  }
+
+  status(): RecoveryStatus {
+    return {
+      state: this.state,
+      session: 'store',
+      source: formatStoreUrl(this.#store.address, this.manifest.name),
+      resumes: this.#resumes,
+      pausedMs: this.#pausedMs + (this.#pausedSince ? Date.now() - this.#pausedSince : 0),
+      ...(this.#lastError ? { lastError: { code: this.#lastError.code, message: this.#lastError.message } } : {}),
+    };
+  }
+
+  stats(): DestinationStats {
+    return this.engine.stats();
+  }
+
+  finalStats(): DestinationStats {
+    return this.engine.stats();
+  }
+
+  startBackground(): void {
+    this.engine.startBackground();
+    this.#feeder.pump();
+  }
+
+  whenRunning(): Promise<void> {
+    return Promise.resolve();
+  }
+
+  whenResident(): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const check = (): boolean => {
+        if (this.#machine.is('resident', 'verified')) resolve();
+        else if (this.#machine.is('failed', 'closed')) reject(this.#lastError && this.#machine.is('failed') ? this.#lastError : sessionClosed(this.#lastError));
+        else return false;
+        return true;
+      };
+      if (check()) return;
+      const listener = () => {
+        if (check()) this.off('state', listener);
+      };
+      this.on('state', listener);
+    });
+  }
+
+  /** The manifest's digests, as a source would answer `done` (installed-pages checksums need the image itself: not asked of a store). */
+  async exchangeDigest(_stats: Record<string, unknown>, _verify?: VerifyRequest): Promise<MessageOf<'digest'>> {
+    await this.whenResident();
+    return { t: 'digest', regions: this.manifest.regions.map((r) => ({ id: r.id, sha256: r.sha256 })), stats: { pagesSent: 0 } };
+  }
+
+  verified(details: Record<string, unknown> = {}): void {
+    if (this.#machine.can('verified')) this.#machine.to('verified', { ...details, fetched: this.fetched });
+  }
+
+  /** Every page is here: nothing more is asked of the store. */
+  release(): void {
+    this.#feeder.stop();
+  }
+
+  fail(err: CodedError): void {
+    if (!this.#machine.can('failed')) return;
+    this.#stopWaiting();
+    this.#feeder.stop();
+    this.#lastError = err;
+    this.#machine.to('failed', { code: err.code, error: err.message });
+    this.emit('failed', err);
+  }
+
+  close(): void {
+    if (this.#machine.is('closed')) return;
+    this.#stopWaiting();
+    this.#feeder.stop();
+    this.engine.stop();
+    if (this.#ownStore) this.#store.close();
+    this.#machine.to('closed', this.status() as unknown as Record<string, unknown>);
+  }
+
+  #pause(err: CodedError): void {
+    this.#lastError = err;
+    if (!this.#machine.is('running')) return;
+    this.#pausedSince = Date.now();
+    const s = this.engine.stats();
+    this.#machine.to('paused', { code: err.code, error: err.message, residentPages: s.residentPages, totalPages: s.totalPages });
+    this.emit('paused', err);
+    if (Number.isFinite(this.#giveUpAfterMs)) {
+      this.#giveUpTimer = setTimeout(() => {
+        this.#giveUpTimer = null;
+        const last = this.#lastError;
+        this.fail(
+          new PostcopyError(
+            ErrorCode.SOURCE_LOST,
+            `the store stayed out of reach for ${this.#giveUpAfterMs} ms${last ? ` (last: ${last.code}: ${last.message})` : ''}`,
+            last ? { cause: last.code } : undefined,
+          ),
+        );
+      }, this.#giveUpAfterMs);
+      this.#giveUpTimer.unref();
+    }
+  }
+
+  #resume(): void {
+    if (!this.#machine.is('paused')) return;
+    const outageMs = Date.now() - this.#pausedSince;
+    this.#stopWaiting();
+    this.#resumes++;
+    this.#machine.to('running', { outageMs });
+    this.emit('resumed', { outageMs });
+  }
+
+  #stopWaiting(): void {
+    if (this.#giveUpTimer) clearTimeout(this.#giveUpTimer);
+    this.#giveUpTimer = null;
+    if (this.#pausedSince) this.#pausedMs += Date.now() - this.#pausedSince;
+    this.#pausedSince = 0;
+  }
+}

@@ -1,0 +1,226 @@
+// The host's chunk cache: one directory shared by every restore on this host
+// (any process), so a chunk is fetched from the store once per host. Each
+// chunk is a file named by its hash, written to a temporary name and renamed
+// (a crash mid-write leaves no half chunk under a real name), and checked
+// against its name on every read. A miss takes a lock file for the chunk, so
+// that concurrent misses on one chunk, in any process, make one request; the
+// others wait (bounded) for the file. The directory is bounded: past its size
+// the chunks used least recently (file times, touched on each hit) go first.
+import { randomBytes } from 'node:crypto';
+import { mkdirSync } from 'node:fs';
+import { open, readFile, readdir, rename, stat, unlink, utimes, writeFile } from 'node:fs/promises';
+import { homedir } from 'node:os';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { ErrorCode, PostcopyError } from '../errors.js';
+import { silentLogger, type Logger } from '../logger.js';
+import { chunkHash } from './chunk.js';
+
+export const DEFAULT_CACHE_BYTES = 4 * 1024 ** 3;
+/** A chunk another process is fetching is waited for this long at most, then fetched here too. */
+const LOCK_WAIT_MS = 30_000;
+/** A lock older than this is a crashed fetcher's. */
+const LOCK_STALE_MS = 60_000;
+
+export interface ChunkCacheOptions {
+  /** Default: $POSTCOPY_CHUNK_CACHE, else /var/cache/uffd-postcopy/chunks as root, else ~/.cache/uffd-postcopy/chunks. */
+  dir?: string;
+  /** Bytes kept at most (default 4 GiB). */
+  maxBytes?: number;
+  logger?: Logger;
+}
+
+export interface ChunkCacheStats {
+  hits: number;
+  misses: number;
+  /** Misses another process (or request here) was fetching already: waited for, not fetched again. */
+  joined: number;
+  /** Chunk files found damaged (not their hash): removed and fetched again. */
+  damaged: number;
+  evicted: number;
+}
+
+export function defaultCacheDir(): string {
+  if (process.env.POSTCOPY_CHUNK_CACHE) return process.env.POSTCOPY_CHUNK_CACHE;
+  if (process.getuid?.() === 0) return '/var/cache/uffd-postcopy/chunks';
+  return join(process.env.XDG_CACHE_HOME ?? join(homedir(), '.cache'), 'uffd-postcopy', 'chunks');
+}
+
+export class ChunkCache {
+  readonly dir: string;
+  readonly maxBytes: number;
+  readonly stats: ChunkCacheStats = { hits: 0, misses: 0, joined: 0, damaged: 0, evicted: 0 };
+  readonly #log: Logger;
+  readonly #inFlight = new Map<string, Promise<Buffer>>();
+  /** Bytes in the directory as this process last counted them (null until first counted). */
+  #bytes: number | null = null;
+  #evicting: Promise<void> | null = null;
+
+  constructor(options: ChunkCacheOptions = {}) {
+    this.dir = options.dir ?? defaultCacheDir();
+    this.maxBytes = options.maxBytes ?? DEFAULT_CACHE_BYTES;
+    if (!Number.isSafeInteger(this.maxBytes) || this.maxBytes < 1 << 20)
+      throw new PostcopyError(ErrorCode.USAGE, `a chunk cache holds at least 1 MiB, not ${this.maxBytes} bytes`);
+    this.#log = options.logger ?? silentLogger;
+    for (const sub of ['tmp', 'locks']) mkdirSync(join(this.dir, sub), { recursive: true, mode: 0o700 });
+  }
+
+  #path(hash: string): string {
+    return join(this.dir, hash.slice(0, 2), hash);
+  }
+
+  /** The chunk's content: from the cache, or from `fetch` (once per host at a time), then kept. */
+  get(hash: string, fetch: () => Promise<Buffer>): Promise<Buffer> {
+    let p = this.#inFlight.get(hash);
+    if (p) {
+      this.stats.joined++;
+      return p;
+    }
+    p = this.#get(hash, fetch).finally(() => this.#inFlight.delete(hash));
+    this.#inFlight.set(hash, p);
+    return p;
+  }
+
+  async #get(hash: string, fetch: () => Promise<Buffer>): Promise<Buffer> {
+    const kept = await this.#read(hash);
+    if (kept) {
+      this.stats.hits++;
+      return kept;
+    }
+    const deadline = Date.now() + LOCK_WAIT_MS;
+    for (let wait = 2; ; wait = Math.min(50, wait * 2)) {
+      const lock = await this.#lock(hash);
+      if (lock) {
+        this.stats.misses++;
+        let plain: Buffer;
+        try {
+          plain = await fetch();
+        } catch (err) {
+          await unlink(lock).catch(() => {});
+          throw err;
+        }
+        void this.#keep(hash, plain).finally(() => unlink(lock).catch(() => {}));
+        return plain;
+      }
+      // Another process fetches it: its file appears once it is written.
+      await sleep(wait);
+      const theirs = await this.#read(hash);
+      if (theirs) {
+        this.stats.joined++;
+        return theirs;
+      }
+      if (Date.now() > deadline) {
+        this.#log.warn({ chunk: hash }, 'another process held the fetch of a chunk too long: fetching it here');
+        this.stats.misses++;
+        return fetch();
+      }
+    }
+  }
+
+  /** The chunk's file, checked; null when there is none (or it was damaged: then removed). */
+  async #read(hash: string): Promise<Buffer | null> {
+    const path = this.#path(hash);
+    let bytes: Buffer;
+    try {
+      bytes = await readFile(path);
+    } catch {
+      return null;
+    }
+    if (chunkHash(bytes) !== hash) {
+      this.stats.damaged++;
+      this.#log.warn({ chunk: hash, path }, 'a cached chunk is damaged: removed, fetched again');
+      await unlink(path).catch(() => {});
+      return null;
+    }
+    const now = new Date();
+    void utimes(path, now, now).catch(() => {}); // used now: the last to be evicted
+    return bytes;
+  }
+
+  /** The chunk's lock file, created; null while another live process holds it. */
+  async #lock(hash: string): Promise<string | null> {
+    const path = join(this.dir, 'locks', hash);
+    for (let tries = 0; tries < 2; tries++) {
+      try {
+        const fh = await open(path, 'wx', 0o600);
+        await fh.write(String(process.pid));
+        await fh.close();
+        return path;
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+      }
+      if (!(await this.#stale(path))) return null;
+      await unlink(path).catch(() => {});
+    }
+    return null;
+  }
+
+  /** A lock its process left behind (that process is gone, or it is too old). */
+  async #stale(path: string): Promise<boolean> {
+    try {
+      const [text, st] = await Promise.all([readFile(path, 'utf8'), stat(path)]);
+      if (Date.now() - st.mtimeMs > LOCK_STALE_MS) return true;
+      const pid = Number(text);
+      if (!Number.isSafeInteger(pid) || pid <= 0) return Date.now() - st.mtimeMs > 1000; // still being written
+      process.kill(pid, 0);
+      return false;
+    } catch (err) {
+      return (err as NodeJS.ErrnoException).code === 'ESRCH';
+    }
+  }
+
+  async #keep(hash: string, plain: Buffer): Promise<void> {
+    try {
+      await this.#count();
+      const tmp = join(this.dir, 'tmp', `${hash}.${process.pid}.${randomBytes(4).toString('hex')}`);
+      await writeFile(tmp, plain, { mode: 0o600 });
+      const dir = join(this.dir, hash.slice(0, 2));
+      mkdirSync(dir, { recursive: true, mode: 0o700 });
+      await rename(tmp, this.#path(hash));
+      this.#bytes! += plain.length;
+      if (this.#bytes! > this.maxBytes) await (this.#evicting ??= this.#evict().finally(() => (this.#evicting = null)));
+    } catch (err) {
+      this.#log.warn({ chunk: hash, err: (err as Error).message }, 'a chunk could not be kept in the cache');
+    }
+  }
+
+  /** Every chunk file with its size and last use. */
+  async #files(): Promise<{ path: string; size: number; used: number }[]> {
+    const out: { path: string; size: number; used: number }[] = [];
+    for (const sub of await readdir(this.dir)) {
+      if (sub.length !== 2) continue;
+      for (const name of await readdir(join(this.dir, sub)).catch(() => [] as string[])) {
+        const path = join(this.dir, sub, name);
+        const st = await stat(path).catch(() => null);
+        if (st) out.push({ path, size: st.size, used: st.mtimeMs });
+      }
+    }
+    return out;
+  }
+
+  async #count(): Promise<void> {
+    if (this.#bytes !== null) return;
+    this.#bytes = (await this.#files()).reduce((n, f) => n + f.size, 0);
+  }
+
+  /** Down to nine tenths of the bound, least recently used first (what other processes added counts too). */
+  async #evict(): Promise<void> {
+    const files = (await this.#files()).sort((a, b) => a.used - b.used);
+    let bytes = files.reduce((n, f) => n + f.size, 0);
+    let evicted = 0;
+    for (const f of files) {
+      if (bytes <= this.maxBytes * 0.9) break;
+      await unlink(f.path).catch(() => {});
+      bytes -= f.size;
+      evicted++;
+    }
+    this.#bytes = bytes;
+    this.stats.evicted += evicted;
+    this.#log.info({ dir: this.dir, evicted, bytes, maxBytes: this.maxBytes }, 'chunk cache trimmed');
+  }
+
+  /** Bytes of chunks in the directory now. */
+  async size(): Promise<number> {
+    return (await this.#files()).reduce((n, f) => n + f.size, 0);
+  }
+}

@@ -1,0 +1,77 @@
+// A chunk: a fixed-size piece of one image region, named by the SHA-256 of
+// its content, so identical pieces of any image are stored and moved once.
+// As an object it is an 8-byte header and the content, compressed when that
+// saves at least a tenth (docs/STORE.md has the layout). Compression runs on
+// libuv's thread pool, not the event loop.
+import { createHash } from 'node:crypto';
+import { promisify } from 'node:util';
+import { brotliCompress, brotliDecompress, constants as zlib } from 'node:zlib';
+import { ErrorCode, PostcopyError } from '../errors.js';
+
+export const CHUNK_HEADER_BYTES = 8;
+const FORMAT = 1;
+export const Codec = { raw: 0, brotli: 1 } as const;
+
+/** Default chunk size: see docs/STORE.md for the measurement behind it. */
+export const DEFAULT_CHUNK_BYTES = 512 * 1024;
+export const MAX_CHUNK_BYTES = 16 * 1024 * 1024;
+
+/** A chunk size: a power of two from 4 KiB to 16 MiB. */
+export function checkChunkBytes(n: number): number {
+  if (!Number.isSafeInteger(n) || n < 4096 || n > MAX_CHUNK_BYTES || (n & (n - 1)) !== 0)
+    throw new PostcopyError(ErrorCode.USAGE, `a chunk size is a power of two from 4 KiB to 16 MiB, not ${n}`);
+  return n;
+}
+
+const compress = promisify(brotliCompress);
+const decompress = promisify(brotliDecompress);
+
+export function chunkHash(plain: Uint8Array): string {
+  return createHash('sha256').update(plain).digest('hex');
+}
+
+/** The object name of the chunk whose content hashes to `hash` (spread over 256 folders). */
+export function chunkKey(hash: string): string {
+  return `chunks/${hash.slice(0, 2)}/${hash}`;
+}
+
+export function isZero(bytes: Uint8Array): boolean {
+  // Compared 8 bytes at a time where aligned.
+  const words = bytes.byteOffset % 8 === 0 ? new BigUint64Array(bytes.buffer, bytes.byteOffset, bytes.length >> 3) : null;
+  if (words) {
+    for (let i = 0; i < words.length; i++) if (words[i] !== 0n) return false;
+    for (let i = words.length * 8; i < bytes.length; i++) if (bytes[i] !== 0) return false;
+    return true;
+  }
+  for (let i = 0; i < bytes.length; i++) if (bytes[i] !== 0) return false;
+  return true;
+}
+
+/** The object for a chunk: compressed when that saves a tenth or more. */
+export async function encodeChunk(plain: Uint8Array): Promise<Buffer> {
+  const packed = await compress(plain, {
+    params: { [zlib.BROTLI_PARAM_QUALITY]: 4, [zlib.BROTLI_PARAM_LGWIN]: 22, [zlib.BROTLI_PARAM_SIZE_HINT]: plain.length },
+  });
+  const useful = packed.length < plain.length * 0.9;
+  const header = Buffer.alloc(CHUNK_HEADER_BYTES);
+  header[0] = FORMAT;
+  header[1] = useful ? Codec.brotli : Codec.raw;
+  header.writeUInt32LE(plain.length, 4);
+  return Buffer.concat([header, useful ? packed : plain]);
+}
+
+/** The content of a chunk object, checked against its name; ERR_STORE_CORRUPT when it is not what `hash` names. */
+export async function decodeChunk(hash: string, object: Uint8Array): Promise<Buffer> {
+  const bad = (why: string) => new PostcopyError(ErrorCode.STORE_CORRUPT, `chunk ${hash.slice(0, 16)}: ${why}`, { chunk: hash });
+  if (object.length < CHUNK_HEADER_BYTES || object[0] !== FORMAT) throw bad('not a chunk object (header)');
+  const view = Buffer.from(object.buffer, object.byteOffset, object.length);
+  const length = view.readUInt32LE(4);
+  const body = view.subarray(CHUNK_HEADER_BYTES);
+  let plain: Buffer;
+  if (view[1] === Codec.raw) plain = body;
+  else if (view[1] === Codec.brotli) plain = await decompress(body).catch(() => Promise.reject(bad('does not decompress')));
+  else throw bad(`unknown codec ${view[1]}`);
+  if (plain.length !== length) throw bad(`${plain.length} bytes, not ${length}`);
+  if (chunkHash(plain) !== hash) throw bad('its content does not hash to its name');
+  return plain;
+}

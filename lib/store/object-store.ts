@@ -1,0 +1,216 @@
+// One S3-compatible bucket (Ceph RGW, MinIO, AWS S3, R2) seen from a store's
+// prefix: get, put, head, list and delete, each retried with backoff and
+// jitter on timeouts, resets, 5xx and throttling (the AWS SDK's standard
+// retries), and every failure turned into one of our codes naming the object.
+// Credentials and endpoint are found the AWS way (explicit options first):
+// AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE and the shared
+// files ~/.aws/credentials and ~/.aws/config; AWS_ENDPOINT_URL_S3 or
+// AWS_ENDPOINT_URL; AWS_REGION or AWS_DEFAULT_REGION. Addressing is
+// path-style, which every S3-compatible endpoint takes.
+import { Agent } from 'node:http';
+import { Agent as HttpsAgent } from 'node:https';
+import {
+  CreateBucketCommand,
+  DeleteObjectCommand,
+  GetObjectCommand,
+  HeadObjectCommand,
+  ListObjectsV2Command,
+  PutObjectCommand,
+  S3Client,
+  type S3ClientConfig,
+} from '@aws-sdk/client-s3';
+import { NodeHttpHandler } from '@smithy/node-http-handler';
+import { ErrorCode, PostcopyError } from '../errors.js';
+import { silentLogger, type Logger } from '../logger.js';
+import { formatStoreUrl, type StoreAddress } from './address.js';
+
+// The SDK warns on every process that Node 20 loses its updates after January 2027: the lock file pins a release that runs here.
+process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
+
+/** How to reach the store; anything not given is found the AWS way (see above). */
+export interface StoreCredentials {
+  /** http(s)://host:port of an S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, else AWS itself). */
+  endpoint?: string;
+  region?: string;
+  accessKeyId?: string;
+  secretAccessKey?: string;
+}
+
+export interface ObjectStoreOptions extends StoreCredentials {
+  logger?: Logger;
+  /** A request with no answer for this long is retried (default 10 s). */
+  requestTimeoutMs?: number;
+  /** Attempts per request, the first included (default 5). */
+  maxAttempts?: number;
+  /** Requests in flight at most (default 64). */
+  maxSockets?: number;
+}
+
+export interface StoredObject {
+  key: string;
+  size: number;
+  lastModified: Date;
+}
+
+/** What this process asked of the store. */
+export interface ObjectStoreStats {
+  gets: number;
+  bytesFetched: number;
+  puts: number;
+  bytesUploaded: number;
+  heads: number;
+  lists: number;
+  deletes: number;
+}
+
+export class ObjectStore {
+  readonly address: StoreAddress;
+  readonly endpoint: string;
+  readonly stats: ObjectStoreStats = { gets: 0, bytesFetched: 0, puts: 0, bytesUploaded: 0, heads: 0, lists: 0, deletes: 0 };
+  readonly #client: S3Client;
+  readonly #log: Logger;
+
+  constructor(address: StoreAddress, options: ObjectStoreOptions = {}) {
+    this.address = address;
+    this.#log = options.logger ?? silentLogger;
+    const endpoint = options.endpoint ?? process.env.AWS_ENDPOINT_URL_S3 ?? process.env.AWS_ENDPOINT_URL;
+    this.endpoint = endpoint ?? 'https://s3.amazonaws.com';
+    const maxSockets = options.maxSockets ?? 64;
+    const config: S3ClientConfig = {
+      region: options.region ?? process.env.AWS_REGION ?? process.env.AWS_DEFAULT_REGION ?? 'us-east-1',
+      ...(endpoint ? { endpoint } : {}),
+      forcePathStyle: true,
+      // Streaming checksums send bodies aws-chunked, which RGW and others refuse (MissingContentLength); every chunk carries its own hash anyway.
+      requestChecksumCalculation: 'WHEN_REQUIRED',
+      responseChecksumValidation: 'WHEN_REQUIRED',
+      maxAttempts: options.maxAttempts ?? 5,
+      requestHandler: new NodeHttpHandler({
+        connectionTimeout: Math.min(3000, options.requestTimeoutMs ?? 10_000),
+        requestTimeout: options.requestTimeoutMs ?? 10_000,
+        httpAgent: new Agent({ keepAlive: true, maxSockets }),
+        httpsAgent: new HttpsAgent({ keepAlive: true, maxSockets }),
+      }),
+      ...(options.accessKeyId && options.secretAccessKey
+        ? { credentials: { accessKeyId: options.accessKeyId, secretAccessKey: options.secretAccessKey } }
+        : {}),
+    };
+    this.#client = new S3Client(config);
+  }
+
+  /** The key of `name` under the store's prefix. */
+  key(name: string): string {
+    return this.address.prefix ? `${this.address.prefix}/${name}` : name;
+  }
+
+  /** The object's bytes; `range`: [first byte, last byte] inclusive. */
+  async get(name: string, range?: [number, number]): Promise<Buffer> {
+    this.stats.gets++;
+    try {
+      const out = await this.#client.send(
+        new GetObjectCommand({ Bucket: this.address.bucket, Key: this.key(name), ...(range ? { Range: `bytes=${range[0]}-${range[1]}` } : {}) }),
+      );
+      const bytes = Buffer.from(await out.Body!.transformToByteArray());
+      this.stats.bytesFetched += bytes.length;
+      return bytes;
+    } catch (err) {
+      throw this.#coded(err, name);
+    }
+  }
+
+  async put(name: string, body: Uint8Array, contentType = 'application/octet-stream'): Promise<void> {
+    this.stats.puts++;
+    try {
+      await this.#client.send(new PutObjectCommand({ Bucket: this.address.bucket, Key: this.key(name), Body: body, ContentType: contentType }));
+      this.stats.bytesUploaded += body.length;
+    } catch (err) {
+      throw this.#coded(err, name);
+    }
+  }
+
+  /** The object's size and age, or null when there is none. */
+  async head(name: string): Promise<{ size: number; lastModified: Date } | null> {
+    this.stats.heads++;
+    try {
+      const out = await this.#client.send(new HeadObjectCommand({ Bucket: this.address.bucket, Key: this.key(name) }));
+      return { size: out.ContentLength ?? 0, lastModified: out.LastModified ?? new Date(0) };
+    } catch (err) {
+      const coded = this.#coded(err, name);
+      if (coded.code === ErrorCode.STORE_NOT_FOUND && !/bucket/.test(coded.message)) return null;
+      throw coded;
+    }
+  }
+
+  /** Every object whose name starts with `under` (names relative to the store's prefix). */
+  async *list(under: string): AsyncGenerator<StoredObject> {
+    let token: string | undefined;
+    const strip = this.address.prefix ? this.address.prefix.length + 1 : 0;
+    do {
+      this.stats.lists++;
+      let out;
+      try {
+        out = await this.#client.send(
+          new ListObjectsV2Command({ Bucket: this.address.bucket, Prefix: this.key(under), ...(token ? { ContinuationToken: token } : {}) }),
+        );
+      } catch (err) {
+        throw this.#coded(err, `${under}*`);
+      }
+      for (const o of out.Contents ?? []) if (o.Key) yield { key: o.Key.slice(strip), size: o.Size ?? 0, lastModified: o.LastModified ?? new Date(0) };
+      token = out.IsTruncated ? out.NextContinuationToken : undefined;
+    } while (token);
+  }
+
+  /** Deletes the objects (a missing one is not an error), `parallel` requests at a time. */
+  async delete(names: readonly string[], parallel = 16): Promise<void> {
+    let next = 0;
+    const worker = async () => {
+      while (next < names.length) {
+        const name = names[next++];
+        this.stats.deletes++;
+        try {
+          await this.#client.send(new DeleteObjectCommand({ Bucket: this.address.bucket, Key: this.key(name) }));
+        } catch (err) {
+          const coded = this.#coded(err, name);
+          if (coded.code !== ErrorCode.STORE_NOT_FOUND) throw coded;
+        }
+      }
+    };
+    await Promise.all(Array.from({ length: Math.min(parallel, names.length) }, worker));
+  }
+
+  /** Creates the bucket unless it exists already. */
+  async createBucket(): Promise<void> {
+    try {
+      await this.#client.send(new CreateBucketCommand({ Bucket: this.address.bucket }));
+      this.#log.info({ bucket: this.address.bucket, endpoint: this.endpoint }, 'bucket created');
+    } catch (err) {
+      const name = (err as { name?: string }).name;
+      if (name === 'BucketAlreadyOwnedByYou' || name === 'BucketAlreadyExists') return;
+      throw this.#coded(err, '');
+    }
+  }
+
+  /** Closes the connections kept alive. */
+  close(): void {
+    this.#client.destroy();
+  }
+
+  /** The SDK's error (after its retries) as one of ours, naming the object and the endpoint. */
+  #coded(err: unknown, name: string): PostcopyError {
+    const e = err as { name?: string; code?: string; message?: string; $metadata?: { httpStatusCode?: number; attempts?: number } };
+    const status = e.$metadata?.httpStatusCode;
+    const where = `${formatStoreUrl(this.address)}${name ? `/${name}` : ''} at ${this.endpoint}`;
+    const attempts = e.$metadata?.attempts;
+    const details = { endpoint: this.endpoint, status, cause: e.name ?? e.code };
+    if (e.name === 'NoSuchBucket') return new PostcopyError(ErrorCode.STORE_NOT_FOUND, `no bucket "${this.address.bucket}" at ${this.endpoint}`, details);
+    if (e.name === 'NoSuchKey' || e.name === 'NotFound' || status === 404) return new PostcopyError(ErrorCode.STORE_NOT_FOUND, `${where}: no such object`, details);
+    if (status === 403 || e.name === 'AccessDenied' || e.name === 'InvalidAccessKeyId' || e.name === 'SignatureDoesNotMatch')
+      return new PostcopyError(ErrorCode.STORE_DENIED, `${where}: refused (${e.name ?? status}): check the access key and secret`, details);
+    if (e.name === 'CredentialsProviderError')
+      return new PostcopyError(ErrorCode.STORE_DENIED, `no credentials for ${where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE`, details);
+    return new PostcopyError(
+      ErrorCode.STORE_UNREACHABLE,
+      `${where}: ${e.name ?? e.code ?? 'failed'}${status ? ` (HTTP ${status})` : ''}${attempts ? ` after ${attempts} attempt(s)` : ''}: ${e.message ?? ''}`,
+      details,
+    );
+  }
+}

@@ -1,0 +1,176 @@
+// The snapshot store on a real Ceph RGW (test/store/up.sh): images pushed as
+// content-named chunks, restored lazily with no source process through the
+// real userfaultfd, deduplicated against a parent, kept by ls/rm/gc, and
+// every chunk checked against its name before a page of it is installed.
+import t from 'tap';
+import { join } from 'node:path';
+import { Image } from '../lib/image.js';
+import { Destination } from '../client/destination.js';
+import { SnapshotStore } from '../lib/store/snapshot-store.js';
+import { ChunkCache } from '../lib/store/chunk-cache.js';
+import { parseStoreUrl } from '../lib/store/address.js';
+import { chunkKey } from '../lib/store/chunk.js';
+import { manifestKey } from '../lib/store/manifest.js';
+import { shuffledOrder, touchPages } from '../lib/workload.js';
+import type { StoreSession } from '../client/store-session.js';
+import { PAGE, randomImage, tempDir } from './helpers.js';
+import { freshBucket } from './store/env.js';
+import type { Test } from 'tap';
+
+/** `pages` random pages, every 7th zero, and a run of 300 zero pages (whole zero chunks). */
+function imageBytes(pages: number, seed = 0): Buffer {
+  const bytes = randomImage(pages, 7);
+  bytes.fill(0, Math.min(pages, 500) * PAGE, Math.min(pages, 800) * PAGE);
+  if (seed) for (let p = 0; p < pages; p += 97) bytes.writeUInt32LE(seed, p * PAGE + 8);
+  return bytes;
+}
+
+async function storeFor(t: Test, prefix = 'images'): Promise<SnapshotStore> {
+  const url = `${await freshBucket(t)}/${prefix}`;
+  const store = new SnapshotStore(parseStoreUrl(url));
+  t.teardown(() => store.close());
+  return store;
+}
+
+async function restoreAll(t: Test, store: SnapshotStore, name: string, cache: ChunkCache | false, order?: Uint32Array) {
+  const dest = await Destination.connect({ storeImage: { store, name }, cache });
+  t.teardown(() => dest.close());
+  const touching = dest.regions.map((r) => {
+    const pages = r.mapping.length / PAGE;
+    return touchPages(r.mapping.address, pages, order ?? shuffledOrder(pages, 3), { mapping: r.mapping });
+  });
+  const [report] = await Promise.all([dest.finish(), ...touching]);
+  return { dest, report, session: dest.session as StoreSession };
+}
+
+t.test('an image pushed to the store restores byte-exact with no source process: faults fetch their chunks, the background the rest', async (t) => {
+  const store = await storeFor(t);
+  const bytes = imageBytes(2048);
+  const second = randomImage(100, 0);
+  const image = Image.open([{ buffer: bytes }, { buffer: second }]);
+  t.teardown(() => image.close());
+  const pushed = await store.push(image, 'base');
+  t.equal(pushed.chunks, 16 + 1, '2048 pages in 512 KiB chunks, and one short chunk');
+  t.ok(pushed.zeroChunks >= 1, `a whole chunk of zeros is not stored (${pushed.zeroChunks})`);
+  t.equal(pushed.uploadedChunks, pushed.chunks - pushed.zeroChunks, 'every other chunk uploaded once');
+  const { dest, report, session } = await restoreAll(t, store, 'base', new ChunkCache({ dir: tempDir(t) }));
+  t.equal(report.digestMatch, true, 'the regions equal the manifest');
+  t.ok(Buffer.from(dest.regions[0].mapping.buffer()).equals(bytes), 'region 0 byte for byte');
+  t.ok(Buffer.from(dest.regions[1].mapping.buffer()).equals(second), 'region 1 byte for byte');
+  t.equal(report.bytesReceived, 0, 'nothing came over a page socket');
+  const fetched = session.fetched;
+  t.equal(fetched.chunks, pushed.uploadedChunks, 'each stored chunk fetched once');
+  t.equal(fetched.store.gets, pushed.uploadedChunks + 1, 'the manifest and each chunk: one GET each');
+  t.equal(dest.status().state, 'verified');
+});
+
+t.test('a child pushed with its parent uploads only the chunks that differ; both restore', async (t) => {
+  const store = await storeFor(t);
+  const base = imageBytes(4096);
+  const child = Buffer.from(base);
+  for (const p of [10, 11, 1000, 3000]) child.fill(0x5a, p * PAGE, (p + 1) * PAGE); // 3 chunks touched
+  const baseImage = Image.open([{ buffer: base }]);
+  const childImage = Image.open([{ buffer: child }]);
+  t.teardown(() => {
+    baseImage.close();
+    childImage.close();
+  });
+  const first = await store.push(baseImage, 'base');
+  const second = await store.push(childImage, 'child', { parent: 'base' });
+  t.equal(second.uploadedChunks, 3, 'three chunks differ');
+  t.ok(second.uploadedRatio < 0.15, `uploaded ${second.uploadedBytes} bytes of ${second.bytes} (${second.uploadedRatio})`);
+  t.equal(second.presentChunks, second.chunks - second.zeroChunks - second.repeatedChunks - 3, 'the rest were the parent’s');
+  t.equal(first.uploadedChunks, second.presentChunks + 3, 'the parent had them all');
+  const again = await store.push(childImage, 'child-again');
+  t.equal(again.uploadedChunks, 0, 'pushed again under another name: nothing to upload');
+  const listed = await store.list();
+  t.same(
+    listed.map((e) => [e.name, e.parent]),
+    [
+      ['base', null],
+      ['child', 'base'],
+      ['child-again', null],
+    ],
+  );
+  const { dest } = await restoreAll(t, store, 'child', false);
+  t.ok(Buffer.from(dest.regions[0].mapping.buffer()).equals(child), 'the child byte for byte');
+});
+
+t.test('rm refuses a parent; gc deletes only chunks no image names (and none younger than the grace)', async (t) => {
+  const store = await storeFor(t);
+  const base = imageBytes(1024);
+  const child = Buffer.from(base);
+  child.fill(0x77, 0, PAGE);
+  const a = Image.open([{ buffer: base }]);
+  const b = Image.open([{ buffer: child }]);
+  t.teardown(() => {
+    a.close();
+    b.close();
+  });
+  await store.push(a, 'base');
+  await store.push(b, 'child', { parent: 'base' });
+  await t.rejects(store.remove('base'), { code: 'ERR_STORE_CONFLICT', message: /parent of child/ });
+  await store.remove('child');
+  const young = await store.gc();
+  t.equal(young.deleted, 0, 'the child’s own chunk is younger than the grace: kept');
+  const collected = await store.gc({ graceMs: 0 });
+  t.equal(collected.deleted, 1, 'the chunk only the child named is deleted');
+  t.equal(collected.kept, collected.chunks - 1);
+  const { dest } = await restoreAll(t, store, 'base', false);
+  t.ok(Buffer.from(dest.regions[0].mapping.buffer()).equals(base), 'the parent still restores byte for byte');
+  await t.rejects(store.manifest('child'), { code: 'ERR_STORE_NOT_FOUND', message: /no image "child"/ });
+});
+
+t.test('a damaged chunk is never installed, and a missing one is named', async (t) => {
+  const store = await storeFor(t);
+  const bytes = imageBytes(512);
+  const image = Image.open([{ buffer: bytes }]);
+  t.teardown(() => image.close());
+  await store.push(image, 'img');
+  const manifest = await store.manifest('img');
+  const victim = manifest.regions[0].chunks.find((c) => c !== '')!;
+  const object = await store.objects.get(chunkKey(victim));
+  object[object.length - 1] ^= 0xff; // one bit of the stored bytes flipped
+  await store.objects.put(chunkKey(victim), object);
+  const dest = await Destination.connect({ storeImage: { store, name: 'img' }, cache: false });
+  t.teardown(() => dest.close());
+  const failed = new Promise((resolve) => dest.session.once('failed', resolve));
+  t.match(await failed, { code: 'ERR_STORE_CORRUPT', message: new RegExp(victim.slice(0, 16)) }, 'the session fails naming the chunk');
+  t.equal(dest.engine.receivedBitmap(0)[0] & 1, 0, 'its first page was never installed');
+
+  await store.objects.delete([chunkKey(victim)]);
+  const dest2 = await Destination.connect({ storeImage: { store, name: 'img' }, cache: false });
+  t.teardown(() => dest2.close());
+  const failed2 = await new Promise((resolve) => dest2.session.once('failed', resolve));
+  t.match(failed2, { code: 'ERR_STORE_NOT_FOUND', message: new RegExp(victim) });
+  await t.rejects(Destination.connect({ storeImage: { store, name: 'nothing' } }), { code: 'ERR_STORE_NOT_FOUND', message: /no image "nothing"/ });
+  await store.objects.put(manifestKey('broken'), Buffer.from('{"format":"uffd-postcopy image","version":9}'));
+  await t.rejects(Destination.connect({ storeImage: { store, name: 'broken' } }), { code: 'ERR_STORE_CORRUPT', message: /version 9/ });
+});
+
+t.test('the host cache: a second restore of the image fetches nothing from the store, and a damaged cached chunk is fetched again', async (t) => {
+  const store = await storeFor(t);
+  const bytes = imageBytes(1024);
+  const image = Image.open([{ buffer: bytes }]);
+  t.teardown(() => image.close());
+  const pushed = await store.push(image, 'img');
+  const dir = tempDir(t);
+  const cold = await restoreAll(t, store, 'img', new ChunkCache({ dir }));
+  t.equal(cold.session.fetched.cache?.misses, pushed.uploadedChunks);
+  const gets = store.objects.stats.gets;
+  const warm = await restoreAll(t, store, 'img', new ChunkCache({ dir }));
+  t.equal(store.objects.stats.gets, gets + 1, 'only the manifest was fetched');
+  t.equal(warm.session.fetched.cache?.hits, pushed.uploadedChunks, 'every chunk came from the cache');
+  t.ok(Buffer.from(warm.dest.regions[0].mapping.buffer()).equals(bytes));
+  // A cached chunk damaged on disk (a bit flipped): checked on read, removed, fetched again.
+  const manifest = await store.manifest('img');
+  const victim = manifest.regions[0].chunks.find((c) => c !== '')!;
+  const { readFileSync, writeFileSync } = await import('node:fs');
+  const path = join(dir, victim.slice(0, 2), victim);
+  const kept = readFileSync(path);
+  kept[100] ^= 1;
+  writeFileSync(path, kept);
+  const third = await restoreAll(t, store, 'img', new ChunkCache({ dir }));
+  t.equal(third.session.fetched.cache?.damaged, 1, 'the damaged chunk was noticed');
+  t.ok(Buffer.from(third.dest.regions[0].mapping.buffer()).equals(bytes), 'and the restore is byte-exact');
+});
