@@ -7,7 +7,8 @@
 // quiet, pages stop arriving while they are due, the digest does not come) the
 // session pauses: the engine keeps the userfaultfd, the received bitmap and
 // the unanswered requests, and faulting threads simply wait. It then
-// reconnects by itself with backoff, proves the token again, presents its
+// reconnects by itself, by the loop and backoff that made the first
+// connection (#attempt), proves the token again, presents its
 // session id and the pages it holds, and the engine re-sends its unanswered
 // requests first. A source that serves a different image is refused. Only a
 // give-up time, when one is set, ends an outage in failure; an outage ends
@@ -26,7 +27,8 @@ import type { ChannelFailure, DestinationStats, FaultEngine, LocalImageSupply, S
 import { checkReplay, type WorkingSet } from './working-set.js';
 
 /**
- * connecting: first handshake; running: pages flow; paused: the source is out
+ * connecting: the first connection (its attempts, the source then each
+ * replica, and the backoff between rounds); running: pages flow; paused: the source is out
  * of reach, faults wait; resuming: reconnecting; resident: every page is in;
  * verified: the source's digest matched; failed: given up; closed: torn down.
  */
@@ -150,137 +152,117 @@ interface Resolved {
   giveUpAfterMs: number;
 }
 
+/** One connection to a source, from the attempt that made it: its data channels in the engine once attached. */
+interface Link {
+  readonly connection: SourceConnection;
+  /** The engine's generation of this link's data channels; -1 until attached, and once detached. */
+  generation: number;
+  /** A channel failed while the link was still starting (#begin): there was no running session to pause yet. */
+  earlyFailure: CodedError | null;
+  /** Release-as-sent: reports the pages held to the source now. */
+  reportNow: (() => void) | null;
+}
+
+/**
+ * From the first connection's start, or from a pause, until pages flow again:
+ * one retry loop (#attempt), one backoff, one give-up time.
+ */
+interface Outage {
+  readonly since: number;
+  /** The first connection's: ends when the source first answers, and is no outage in the figures. */
+  readonly first: boolean;
+  attempts: number;
+  /** Rounds over the source and its replicas that failed: the backoff doubles with each. */
+  failedRounds: number;
+  retryTimer: NodeJS.Timeout | null;
+  giveUpTimer: NodeJS.Timeout | null;
+  /** The connection the last attempt made (named in the log when the outage ends). */
+  resumedOn: SourceConnection | null;
+}
+
+/** What the first welcome fixed: the image every later source must serve, and the engine over the caller's memory. */
+interface Welcomed {
+  readonly engine: FaultEngine;
+  readonly regions: RegionInfo[];
+  readonly fingerprint: string;
+  readonly content: string | undefined;
+  /** A live source sends precopy rounds; the workload runs here once its switchover marker came. */
+  readonly precopy: boolean;
+}
+
 /**
  * Events: 'paused' (CodedError), 'resumed' ({outageMs, attempts}),
  * 'failed' (CodedError): given up, and 'state' (to, from).
  */
 export class DestinationSession extends EventEmitter implements PageSession {
-  readonly engine: FaultEngine;
   readonly transfer: TransferOptions;
   readonly #machine: StateMachine<DestinationState>;
   readonly #log: Logger;
   readonly #options: DestinationSessionOptions;
   readonly #recovery: Resolved;
-  readonly #identity: { regions: RegionInfo[]; fingerprint: string; content: string | undefined };
-  #source: Address;
+  readonly #buildEngine: EngineFactory;
   /** The source and its replicas, tried in turn while out of reach. */
   readonly #sources: Address[];
-  #sessionId: string;
-  #connection: SourceConnection | null;
-  #generation: number;
+  #source: Address;
+  #sessionId = '';
+  #welcomed: Welcomed | null = null;
+  /** The link pages flow on (null while out of reach, and once released). */
+  #link: Link | null = null;
+  #outage: Outage | null = null;
+  /** Settles open(): the first connection started (or paused once the engine held the memory), or it was given up. */
+  readonly #opened: { promise: Promise<void>; resolve: () => void; reject: (e: CodedError) => void };
+  /** The watchdog's view of progress. */
+  #progress = { lastBytes: 0, at: Date.now() };
+  #watchdog: NodeJS.Timeout | null = null;
   #resumes = 0;
-  #attempts = 0;
-  #outageSince = 0;
   #pausedMs = 0;
   #lastError: CodedError | null = null;
   /** Why the session failed (fail()): what every wait rejects with after. */
   #failure: CodedError | null = null;
-  #retryTimer: NodeJS.Timeout | null = null;
-  #giveUpTimer: NodeJS.Timeout | null = null;
-  #watchdog: NodeJS.Timeout;
-  #lastBytes = 0;
-  #channelsOf: SourceConnection | null = null; // whose data channels the engine holds
-  #earlyFailure: CodedError | null = null; // a channel failed while the first connection was starting
-  #resumedOn: SourceConnection | null = null;
-  #lastProgressAt = Date.now();
-  /** Release-as-sent: reports the pages held to the source now. */
-  #reportNow: (() => void) | null = null;
   /** The background stream is held back (holdBackground) until startBackground(). */
   #backgroundHeld: boolean;
-  /** A live source sends precopy rounds; the workload runs here once its switchover marker came. */
-  readonly #precopy: boolean;
   #switchedOver = false;
 
-  private constructor(
-    options: DestinationSessionOptions,
-    recovery: Resolved,
-    machine: StateMachine<DestinationState>,
-    connection: SourceConnection,
-    engine: FaultEngine,
-    log: Logger,
-  ) {
+  private constructor(options: DestinationSessionOptions, buildEngine: EngineFactory) {
     super();
     this.#options = options;
-    this.#recovery = recovery;
-    this.#machine = machine;
-    this.#log = log;
-    this.#sources = sourcesOf(options);
-    // The first connection may have been made to a replica.
-    this.#source = this.#sources.find((a) => formatAddress(a) === connection.address) ?? this.#sources[0];
+    this.#buildEngine = buildEngine;
+    this.#log = options.logger ?? silentLogger;
+    this.#recovery = resolveRecovery(options.recovery);
     this.transfer = transferOptions(options);
-    this.#connection = connection;
-    this.#sessionId = connection.session;
-    this.#identity = { regions: connection.regions, fingerprint: connection.fingerprint, content: connection.content };
-    this.engine = engine;
-    this.#generation = 0;
-    this.#backgroundHeld = connection.backgroundHeld;
-    machine.onChange((to, from) => this.emit('state', to, from));
-    engine.on('channel-failed', (f: ChannelFailure) => this.#onChannelFailed(f));
-    this.#precopy = connection.live && options.precopy === true;
-    engine.on('switchover', (e: { discarded: number; rewritten: number }) => {
-      this.#switchedOver = true;
-      this.#connection?.reportRunning();
-      this.#log.info({ ...e, precopiedPages: engine.stats().pagesPrecopied }, 'the live source switched over: the workload runs here now');
-      this.emit('running');
-    });
-    engine.on('complete', () => {
-      this.#reportNow?.(); // release-as-sent: the last pages are ours before anyone says done
-      if (!this.#machine.is('running')) return;
-      this.#machine.to('resident', { fullResidencyMs: Math.round(this.engine.stats().fullResidencyNs / 1e4) / 100 });
-      this.#outageOver();
-    });
-    this.#watchdog = setInterval(() => this.#checkProgress(), Math.max(10, Math.min(1000, recovery.stallTimeoutMs / 4)));
-    this.#watchdog.unref();
+    this.#sources = sourcesOf(options);
+    this.#source = this.#sources[0];
+    this.#backgroundHeld = options.holdBackground === true;
+    this.#machine = new StateMachine<DestinationState>('destination', 'connecting', TRANSITIONS, this.#log);
+    this.#machine.onChange((to, from) => this.emit('state', to, from));
+    let settle!: { resolve: () => void; reject: (e: CodedError) => void };
+    const promise = new Promise<void>((resolve, reject) => (settle = { resolve, reject }));
+    this.#opened = { promise, ...settle };
+    options.signal?.addEventListener('abort', () => this.#onAbort(), { once: true });
   }
 
   /**
    * Connects to the source, has `buildEngine` make the engine over the
    * caller's memory for the source's regions, and starts the transfer.
-   * A first connection that cannot be made is an error (nothing to lose
-   * yet), unless retryFirstConnect: then it is retried. Once the source has
-   * answered and the engine holds the caller's memory, a broken link is a
-   * pause (the session is returned paused), unless the source refused.
+   * The first connection is made by the same loop as every resume: the
+   * source, then each replica; a round that fails is an error (nothing to
+   * lose yet), unless retryFirstConnect: then rounds go on, with the backoff,
+   * until the give-up time. Once the source has answered and the engine holds
+   * the caller's memory, a broken link is a pause (the session is returned
+   * paused), unless the source refused.
    */
   static async open(options: DestinationSessionOptions, buildEngine: EngineFactory): Promise<DestinationSession> {
-    const log = options.logger ?? silentLogger;
-    const recovery = resolveRecovery(options.recovery);
-    const machine = new StateMachine<DestinationState>('destination', 'connecting', TRANSITIONS, log);
-    const transfer = transferOptions(options);
-    let connection: SourceConnection;
-    try {
-      connection = await connectFirst(options, recovery, transfer, log);
-    } catch (err) {
-      machine.to('failed', { code: (err as PostcopyError).code, error: (err as Error).message });
-      throw err;
-    }
-    let engine: FaultEngine;
-    try {
-      if (options.prefetch) checkReplay(options.prefetch, connection.regions, connection.fingerprint, log);
-      engine = buildEngine(connection.regions, undefined, connection.live && options.precopy === true);
-    } catch (err) {
-      connection.close();
-      machine.to('failed', { code: (err as PostcopyError).code, error: (err as Error).message });
-      throw err;
-    }
-    const session = new DestinationSession(options, recovery, machine, connection, engine, log);
-    try {
-      await session.#begin(connection);
-    } catch (err) {
-      // The source answered and proved it serves this image, and the engine holds the caller's memory now: a link
-      // that breaks during set-up is an outage like any later one (a pause, then a resume or the give-up time).
-      // Only the source's own refusals are final.
-      if (machine.is('connecting') && !REFUSALS_AT_START.has(asCodedError(err).code)) {
-        session.#pause(asCodedError(err));
-        return session;
-      }
-      session.close();
-      throw err;
-    }
-    log.info(
-      { session: connection.session, regions: connection.regions.length, bytes: connection.regions.reduce((n, r) => n + r.length, 0), ...transfer },
-      'transfer started',
-    );
+    const session = new DestinationSession(options, buildEngine);
+    // The give-up time bounds a first connection only when it is retried; else one round over the addresses does.
+    session.#startOutage(true, options.retryFirstConnect === true);
+    void session.#attempt();
+    await session.#opened.promise;
     return session;
+  }
+
+  get engine(): FaultEngine {
+    if (!this.#welcomed) throw new PostcopyError(ErrorCode.ENGINE_STATE, 'the session has no engine before the source first answers');
+    return this.#welcomed.engine;
   }
 
   get state(): DestinationState {
@@ -288,21 +270,22 @@ export class DestinationSession extends EventEmitter implements PageSession {
   }
 
   get fingerprint(): string {
-    return this.#identity.fingerprint;
+    return this.#welcomed?.fingerprint ?? '';
   }
 
   /** The source's regions, as first welcomed. */
   get regions(): RegionInfo[] {
-    return this.#identity.regions;
+    return this.#welcomed?.regions ?? [];
   }
 
   status(): RecoveryStatus {
+    const outage = this.#outage && !this.#outage.first ? Date.now() - this.#outage.since : 0;
     return {
       state: this.state,
       session: this.#sessionId,
       source: formatAddress(this.#source),
       resumes: this.#resumes,
-      pausedMs: this.#pausedMs + (this.#outageSince ? Date.now() - this.#outageSince : 0),
+      pausedMs: this.#pausedMs + outage,
       ...(this.#lastError ? { lastError: { code: this.#lastError.code, message: this.#lastError.message } } : {}),
     };
   }
@@ -321,7 +304,7 @@ export class DestinationSession extends EventEmitter implements PageSession {
   startBackground(): void {
     if (!this.#backgroundHeld) return;
     this.#backgroundHeld = false;
-    this.#connection?.startBackground();
+    this.#link?.connection.startBackground();
     this.#log.info('background stream started');
   }
 
@@ -337,7 +320,7 @@ export class DestinationSession extends EventEmitter implements PageSession {
   }
 
   whenRunning(): Promise<void> {
-    if (!this.#precopy || this.#switchedOver) return Promise.resolve();
+    if (!this.#welcomed?.precopy || this.#switchedOver) return Promise.resolve();
     return new Promise((resolve, reject) => {
       const onState = () => {
         if (!this.#machine.is('failed', 'closed')) return;
@@ -362,17 +345,17 @@ export class DestinationSession extends EventEmitter implements PageSession {
   async exchangeDigest(stats: Record<string, unknown>, verify?: VerifyRequest): Promise<MessageOf<'digest'>> {
     for (;;) {
       await this.whenResident();
-      const connection = this.#connection;
-      if (!connection) throw new PostcopyError(ErrorCode.SESSION_CLOSED, 'the source connection was already released by this session');
+      const link = this.#link;
+      if (!link) throw new PostcopyError(ErrorCode.SESSION_CLOSED, 'the source connection was already released by this session');
       try {
-        const digest = await connection.finish(stats, this.#recovery.digestTimeoutMs, verify);
+        const digest = await link.connection.finish(stats, this.#recovery.digestTimeoutMs, verify);
         // The connection may have failed in the same breath (the digest and an error in one read): ask again then.
-        if (this.#connection === connection && this.#machine.is('resident')) {
+        if (this.#link === link && this.#machine.is('resident')) {
           this.#outageOver(); // the digest came: the outage (if any) is over
           return digest;
         }
       } catch (err) {
-        if (this.#connection === connection) this.#pause(asCodedError(err));
+        if (this.#link === link) this.#pause(asCodedError(err));
       }
     }
   }
@@ -386,20 +369,16 @@ export class DestinationSession extends EventEmitter implements PageSession {
 
   /** Says bye to the source (every page is resident); the session stays up for its memory's owner. */
   release(): void {
-    const connection = this.#connection;
-    this.#connection = null;
-    this.#detachChannelsOf(this.#channelsOf);
-    connection?.close();
+    const link = this.#dropLink();
+    link?.connection.close();
   }
 
   /** Ends the session in failure (e.g. the digest did not match). */
   fail(err: CodedError): void {
     if (!this.#machine.can('failed')) return;
-    this.#stopRecovery();
+    this.#endOutage();
     this.#lastError = this.#failure = err;
-    this.#connection?.abandon();
-    this.#connection = null;
-    this.#detachChannelsOf(this.#channelsOf);
+    this.#dropLink()?.connection.abandon();
     this.#machine.to('failed', { code: err.code, error: err.message });
     this.emit('failed', err);
   }
@@ -407,104 +386,280 @@ export class DestinationSession extends EventEmitter implements PageSession {
   /** Stops the engine and drops the connection. The memory and its userfaultfd stay the caller's. */
   close(): void {
     if (this.#machine.is('closed')) return;
-    this.#stopRecovery();
-    clearInterval(this.#watchdog);
-    this.#connection?.close();
-    this.#connection = null;
-    this.engine.stop();
+    this.#endOutage();
+    if (this.#watchdog) clearInterval(this.#watchdog);
+    this.#dropLink()?.connection.close();
+    this.#welcomed?.engine.stop();
     const { state: _, ...status } = this.status(); // `state` in the details would hide the state logged
     this.#machine.to('closed', status);
+    this.#opened.reject(sessionClosed(this.#lastError));
+  }
+
+  // ---- connecting: the first connection and every resume ----
+
+  /** One attempt on the current address: connect (resuming the session once there is one), check, and start from what we hold. */
+  async #attempt(): Promise<void> {
+    const outage = this.#outage;
+    if (!outage) return;
+    outage.retryTimer = null;
+    const first = this.#welcomed === null;
+    if (!this.#machine.is(first ? 'connecting' : 'paused')) return;
+    outage.attempts++;
+    const source = this.#source;
+    if (!first) this.#machine.to('resuming', { attempt: outage.attempts, source: formatAddress(source) });
+    const during: DestinationState = first ? 'connecting' : 'resuming';
+    let link: Link | null = null;
+    try {
+      const connection = await SourceConnection.open({
+        source,
+        token: this.#options.token,
+        transfer: this.transfer,
+        holdBackground: this.#backgroundHeld,
+        ...(this.#options.pageSizesFor ? { pageSizesFor: this.#options.pageSizesFor } : {}),
+        ...(first ? (this.#options.precopy ? { precopy: true } : {}) : { resume: this.#sessionId }),
+        maxImageBytes: this.#options.maxImageBytes,
+        acceptPlaintextTcp: this.#options.acceptPlaintextTcp,
+        timeoutMs: this.#recovery.connectTimeoutMs,
+        heartbeat: this.#recovery.heartbeat,
+      });
+      link = { connection, generation: -1, earlyFailure: null, reportNow: null };
+      if (!this.#machine.is(during)) {
+        connection.close(); // closed or given up meanwhile
+        return;
+      }
+      if (first) this.#welcome(connection);
+      else this.#checkIdentity(connection);
+      this.#link = link;
+      this.#sessionId = connection.session;
+      if (this.#outage) this.#outage.resumedOn = connection;
+      // Back in "resident" is no progress: the outage lasts until the digest comes (exchangeDigest), or the give-up time.
+      await this.#begin(link);
+      if (first) {
+        const regions = this.regions;
+        this.#log.info(
+          { session: connection.session, regions: regions.length, bytes: regions.reduce((n, r) => n + r.length, 0), ...this.transfer },
+          'transfer started',
+        );
+        this.#opened.resolve();
+      }
+    } catch (err) {
+      const e = asCodedError(err);
+      if (link && this.#link === link) this.#link = null;
+      link?.connection.abandon();
+      if (link) this.#detach(link); // whatever this attempt attached, unless replaced since
+      if (!this.#machine.is(during)) return; // closed, given up, or already paused again
+      this.#attemptFailed(e, first, source);
+    }
+  }
+
+  /** The first welcome: the image every later source must serve, and the engine over the caller's memory (its failure is final). */
+  #welcome(connection: SourceConnection): void {
+    const options = this.#options;
+    this.#endOutage(); // the source answered: nothing of the first connection's wait counts as an outage
+    let engine: FaultEngine;
+    try {
+      if (options.prefetch) checkReplay(options.prefetch, connection.regions, connection.fingerprint, this.#log);
+      engine = this.#buildEngine(connection.regions, undefined, connection.live && options.precopy === true);
+    } catch (err) {
+      connection.close();
+      this.#finalAtStart(asCodedError(err));
+      throw err;
+    }
+    // The first connection may have been made to a replica.
+    this.#source = this.#sources.find((a) => formatAddress(a) === connection.address) ?? this.#sources[0];
+    this.#backgroundHeld = connection.backgroundHeld;
+    this.#welcomed = {
+      engine,
+      regions: connection.regions,
+      fingerprint: connection.fingerprint,
+      content: connection.content,
+      precopy: connection.live && options.precopy === true,
+    };
+    engine.on('channel-failed', (f: ChannelFailure) => this.#onChannelFailed(f));
+    engine.on('switchover', (e: { discarded: number; rewritten: number }) => {
+      this.#switchedOver = true;
+      this.#link?.connection.reportRunning();
+      this.#log.info({ ...e, precopiedPages: engine.stats().pagesPrecopied }, 'the live source switched over: the workload runs here now');
+      this.emit('running');
+    });
+    engine.on('complete', () => {
+      this.#link?.reportNow?.(); // release-as-sent: the last pages are ours before anyone says done
+      if (!this.#machine.is('running')) return;
+      this.#machine.to('resident', { fullResidencyMs: Math.round(engine.stats().fullResidencyNs / 1e4) / 100 });
+      this.#outageOver();
+    });
+    this.#watchdog = setInterval(() => this.#checkProgress(), Math.max(10, Math.min(1000, this.#recovery.stallTimeoutMs / 4)));
+    this.#watchdog.unref();
+  }
+
+  /**
+   * An attempt failed: the next attempt goes to the next address (a replica
+   * may answer where this one does not), at once within a round over the
+   * addresses, after the backoff between rounds. A first connection that
+   * cannot be made is final unless it is to be retried; one that failed
+   * once the engine held the memory is a pause, unless the source refused.
+   */
+  #attemptFailed(e: CodedError, first: boolean, failedAt: Address): void {
+    const outage = this.#outage;
+    if (first && this.#welcomed) {
+      // The source answered and proved it serves this image, and the engine holds the caller's memory now: a link
+      // that breaks during set-up is an outage like any later one. Only the source's own refusals are final.
+      if (REFUSALS_AT_START.has(e.code)) {
+        this.#opened.reject(e);
+        this.close();
+        return;
+      }
+      this.#pause(e);
+      this.#opened.resolve();
+      return;
+    }
+    this.#lastError = e;
+    const sources = this.#sources;
+    if (sources.length > 1) this.#source = sources[(sources.findIndex((a) => formatAddress(a) === formatAddress(failedAt)) + 1) % sources.length];
+    const roundDone = !outage || outage.attempts % sources.length === 0;
+    if (first) {
+      if (e.code === ErrorCode.UNSUPPORTED || e.code === ErrorCode.IMAGE_CONSUMED) return this.#finalAtStart(e); // asking again would not change the answer
+      // A busy source (a flood of connections that never authenticate closed ours to make room) is asked again for a while.
+      const busy = e.code === ErrorCode.SOURCE_BUSY && outage !== null && Date.now() - outage.since < this.#recovery.connectTimeoutMs;
+      if (this.#options.signal?.aborted || (roundDone && !this.#options.retryFirstConnect && !busy)) return this.#finalAtStart(e);
+      if (!roundDone) this.#log.warn({ source: formatAddress(failedAt), code: e.code, err: e.message }, 'this source cannot be reached; trying the next');
+    } else {
+      const level = e.code === ErrorCode.IMAGE_MISMATCH || e.code === ErrorCode.AUTH_FAILED ? 'error' : 'warn';
+      this.#log[level](
+        { attempt: outage?.attempts, code: e.code, err: e.message, source: formatAddress(failedAt), next: formatAddress(this.#source) },
+        'resume attempt failed; retrying',
+      );
+      this.#machine.to('paused', { code: e.code, attempt: outage?.attempts });
+    }
+    this.#scheduleAttempt(roundDone, first ? { code: e.code, err: e.message } : undefined);
+  }
+
+  /** The next attempt: at once within a round, else after the backoff (doubled with each failed round, up to the max). */
+  #scheduleAttempt(afterRound: boolean, firstFailure?: { code: string; err: string }): void {
+    const outage = this.#outage;
+    if (!outage) return;
+    let delay = 0;
+    if (afterRound) {
+      const { initial, max } = this.#recovery.retryDelayMs;
+      delay = Math.min(max, initial * 2 ** Math.min(outage.failedRounds++, 30));
+      if (firstFailure) this.#log.warn({ attempt: outage.attempts, ...firstFailure, retryInMs: delay }, 'the source cannot be reached yet; retrying');
+    }
+    outage.retryTimer = setTimeout(() => void this.#attempt(), delay);
+  }
+
+  /** The first connection ends in failure: no engine holds any memory, so nothing is lost; open() rejects. */
+  #finalAtStart(e: CodedError): void {
+    if (!this.#machine.can('failed')) return;
+    this.#endOutage();
+    this.#lastError = this.#failure = e;
+    this.#machine.to('failed', { code: e.code, error: e.message });
+    this.#opened.reject(e);
+  }
+
+  /** The owner stopped a first connection still being retried (a VMM gone): the wait ends with the last error. */
+  #onAbort(): void {
+    if (this.#welcomed || !this.#outage?.retryTimer) return; // an attempt under way decides when it ends
+    this.#finalAtStart(this.#lastError ?? sessionClosed());
   }
 
   // ---- running ----
 
-  /** Attaches a connection's data channels and starts the source from what we hold. */
-  async #begin(connection: SourceConnection): Promise<void> {
+  /** Attaches a link's data channels and starts the source from what we hold. */
+  async #begin(link: Link): Promise<void> {
+    const connection = link.connection;
+    const engine = this.engine;
     const starting = () => {
       if (this.#machine.is('closed')) throw new PostcopyError(ErrorCode.SESSION_CLOSED, 'the session was closed while starting');
       if (!this.#machine.is('connecting', 'resuming')) throw new PostcopyError(ErrorCode.PEER_GONE, `the session became ${this.state} while starting`);
     };
     starting();
-    this.#earlyFailure = null;
-    this.#generation = this.engine.attachChannels(connection.takeChannels());
-    this.#channelsOf = connection;
-    const have = this.#identity.regions.map((r) => ({ region: r.id, bitmap: this.engine.heldBitmap(r.id) }));
+    link.generation = engine.attachChannels(connection.takeChannels());
+    const have = this.regions.map((r) => ({ region: r.id, bitmap: engine.heldBitmap(r.id) }));
     // The working set goes again on each connection, before `start` (no background run goes ahead of it); the source skips what we hold.
-    const replay = this.#options.prefetch && !this.engine.complete ? this.#options.prefetch.entries : undefined;
+    const replay = this.#options.prefetch && !engine.complete ? this.#options.prefetch.entries : undefined;
     if (replay && !connection.canPrefetch) this.#log.warn('the source cannot stream a working set ahead (no prefetch capability): it is not replayed');
     await connection.start(have.some((h) => h.bitmap.some((b) => b !== 0)) ? have : undefined, replay);
     starting(); // closed, given up, or paused by a channel failing meanwhile
-    if (this.#earlyFailure) throw this.#earlyFailure; // a channel failed before there was a session to pause
-    this.#watch(connection);
-    if (connection.releasesAsSent) this.#reportInstalled(connection);
-    this.#lastProgressAt = Date.now();
-    this.#lastBytes = this.engine.stats().bytesReceived;
-    this.#machine.to(this.engine.complete ? 'resident' : 'running', { session: connection.session, generation: this.#generation });
+    if (link.earlyFailure) throw link.earlyFailure; // a channel failed before there was a session to pause
+    this.#watch(link);
+    if (connection.releasesAsSent) this.#reportInstalled(link);
+    this.#progress = { lastBytes: engine.stats().bytesReceived, at: Date.now() };
+    this.#machine.to(engine.complete ? 'resident' : 'running', { session: connection.session, generation: link.generation });
   }
 
   /**
-   * Release-as-sent: every 25 ms per GiB while this connection lasts, tells the
+   * Release-as-sent: every 25 ms per GiB while this link lasts, tells the
    * source which pages are ours for good (resident, given back, or mapped by
    * no region), in pieces of the held bitmap that changed, so it can free them.
    */
-  #reportInstalled(connection: SourceConnection): void {
-    const told = this.#identity.regions.map((r) => new Uint8Array(Math.ceil(r.length / r.pageSize / 8)));
+  #reportInstalled(link: Link): void {
+    const regions = this.regions;
+    const engine = this.engine;
+    const told = regions.map((r) => new Uint8Array(Math.ceil(r.length / r.pageSize / 8)));
     const report = () => {
-      if (this.#connection !== connection || this.#machine.is('closed', 'failed')) return clearInterval(timer);
-      for (const r of this.#identity.regions) {
-        const held = this.engine.heldBitmap(r.id);
+      if (this.#link !== link || this.#machine.is('closed', 'failed')) return clearInterval(timer);
+      for (const r of regions) {
+        const held = engine.heldBitmap(r.id);
         for (let offset = 0; offset < held.length; offset += 4096) {
           const piece = held.subarray(offset, Math.min(held.length, offset + 4096));
           if (piece.every((b, i) => b === told[r.id][offset + i])) continue;
-          connection.reportInstalled(r.id, offset, piece);
+          link.connection.reportInstalled(r.id, offset, piece);
           told[r.id].set(piece, offset);
         }
       }
-      if (this.engine.complete) clearInterval(timer); // the last report: everything is ours
+      if (engine.complete) clearInterval(timer); // the last report: everything is ours
     };
     // Every 25 ms per GiB held: a source frees memory soon after it is installed, and reading the bitmaps stays cheap.
-    const pages = this.#identity.regions.reduce((n, r) => n + r.length / r.pageSize, 0);
+    const pages = regions.reduce((n, r) => n + r.length / r.pageSize, 0);
     const timer = setInterval(report, 25 * Math.max(1, Math.ceil(pages / 262144)));
     timer.unref();
-    this.#reportNow = report;
+    link.reportNow = report;
     report();
   }
 
-  /** Detaches the data channels `connection` brought, unless a later attempt's replaced them. */
-  #detachChannelsOf(connection: SourceConnection | null): void {
-    if (connection === null || this.#channelsOf !== connection) return;
-    this.engine.detachChannels();
-    this.#generation = -1; // no event of the old channels matches any more
-    this.#channelsOf = null;
+  /** Lets go of the current link (its channels detached); returns it for the caller to close or abandon. */
+  #dropLink(): Link | null {
+    const link = this.#link;
+    this.#link = null;
+    if (link) this.#detach(link);
+    return link;
   }
 
-  #watch(connection: SourceConnection): void {
-    void connection.failure().then((err) => {
-      if (this.#connection === connection) this.#pause(err);
+  /** Detaches the data channels `link` brought, unless a later attempt's replaced them. */
+  #detach(link: Link): void {
+    if (link.generation < 0 || !this.#welcomed) return;
+    link.generation = -1; // no event of the old channels matches any more
+    this.#welcomed.engine.detachChannels();
+  }
+
+  #watch(link: Link): void {
+    void link.connection.failure().then((err) => {
+      if (this.#link === link) this.#pause(err);
     });
   }
 
   #onChannelFailed(f: ChannelFailure): void {
-    if (f.generation !== this.#generation) return; // from channels already replaced
+    const link = this.#link;
+    if (!link || f.generation !== link.generation) return; // from channels already replaced
     if (f.targetGone) return; // the memory's owner exited; it ends the session
-    if (this.#machine.is('connecting')) this.#earlyFailure = f.error;
+    if (this.#machine.is('connecting')) link.earlyFailure = f.error;
     else this.#pause(f.error);
   }
 
   /** The watchdog: pages are due (requests outstanding, or the background stream unfinished) but no byte came for too long. */
   #checkProgress(): void {
     if (!this.#machine.is('running')) return;
-    const s = this.engine.stats();
+    const engine = this.engine;
+    const s = engine.stats();
     const now = Date.now();
-    if (s.bytesReceived !== this.#lastBytes) {
-      this.#lastBytes = s.bytesReceived;
-      this.#lastProgressAt = now;
+    if (s.bytesReceived !== this.#progress.lastBytes) {
+      this.#progress = { lastBytes: s.bytesReceived, at: now };
       this.#outageOver();
       return;
     }
-    const streaming = this.transfer.background.enabled && !this.#backgroundHeld && !this.engine.complete;
+    const streaming = this.transfer.background.enabled && !this.#backgroundHeld && !engine.complete;
     if (s.outstandingRequests === 0 && !streaming) {
-      this.#lastProgressAt = now; // nothing is due: silence is fine
+      this.#progress.at = now; // nothing is due: silence is fine
       this.#outageOver();
       return;
     }
@@ -512,7 +667,7 @@ export class DestinationSession extends EventEmitter implements PageSession {
     const rate = this.transfer.background.rateBytesPerSecond;
     const allowed =
       s.outstandingRequests === 0 && rate > 0 ? Math.max(this.#recovery.stallTimeoutMs, (3000 * MAX_RUN_BYTES) / rate) : this.#recovery.stallTimeoutMs;
-    if (now - this.#lastProgressAt > allowed) {
+    if (now - this.#progress.at > allowed) {
       this.#pause(
         new PostcopyError(
           ErrorCode.PEER_SILENT,
@@ -527,28 +682,18 @@ export class DestinationSession extends EventEmitter implements PageSession {
   #pause(err: CodedError): void {
     if (!this.#machine.is('connecting', 'running', 'resident', 'resuming')) return;
     // Before a live source's switchover its workload still runs there: the migration is over, nothing waits for it.
-    if (this.#precopy && !this.#switchedOver) {
-      const id = this.#identity.fingerprint;
+    if (this.#welcomed?.precopy && !this.#switchedOver) {
+      const id = this.fingerprint;
       err.message = `the live source ended migration ${id} before its switchover; nothing ran here, so its workload may go on there (if the source had paused it: postcopy serve --live --socket PATH --resume-workload ${id}): ${err.message}`;
       this.fail(err);
       return;
     }
     this.#lastError = err;
-    const connection = this.#connection;
-    this.#connection = null;
-    connection?.abandon();
-    this.#detachChannelsOf(this.#channelsOf);
+    this.#dropLink()?.connection.abandon();
     // An outage lasts until pages flow again: a source that accepts every
     // resume and then delivers nothing is still one outage, and gives up.
-    if (!this.#outageSince) {
-      this.#outageSince = Date.now();
-      this.#attempts = 0;
-      const giveUp = this.#recovery.giveUpAfterMs;
-      if (Number.isFinite(giveUp)) {
-        this.#giveUpTimer = setTimeout(() => this.#giveUp(), giveUp);
-        this.#giveUpTimer.unref();
-      }
-    }
+    const outage = this.#outage ?? this.#startOutage(false);
+    if (outage.retryTimer) clearTimeout(outage.retryTimer);
     const s = this.engine.stats();
     this.#machine.to('paused', {
       code: err.code,
@@ -558,64 +703,31 @@ export class DestinationSession extends EventEmitter implements PageSession {
       totalPages: s.totalPages,
     });
     this.emit('paused', err);
-    this.#scheduleResume();
+    // A pause counts as a failed round: the first attempt waits the first delay.
+    this.#scheduleAttempt(true);
   }
 
-  #scheduleResume(): void {
-    const { initial, max } = this.#recovery.retryDelayMs;
-    const delay = Math.min(max, initial * 2 ** Math.min(this.#attempts, 30));
-    this.#retryTimer = setTimeout(() => void this.#resume(), delay);
-  }
-
-  async #resume(): Promise<void> {
-    this.#retryTimer = null;
-    if (!this.#machine.is('paused')) return;
-    this.#attempts++;
-    this.#machine.to('resuming', { attempt: this.#attempts, source: formatAddress(this.#source) });
-    let connection: SourceConnection | null = null;
-    try {
-      connection = await SourceConnection.open({
-        source: this.#source,
-        token: this.#options.token,
-        transfer: this.transfer,
-        holdBackground: this.#backgroundHeld,
-        ...(this.#options.pageSizesFor ? { pageSizesFor: this.#options.pageSizesFor } : {}),
-        resume: this.#sessionId,
-        maxImageBytes: this.#options.maxImageBytes,
-        acceptPlaintextTcp: this.#options.acceptPlaintextTcp,
-        timeoutMs: this.#recovery.connectTimeoutMs,
-        heartbeat: this.#recovery.heartbeat,
-      });
-      if (!this.#machine.is('resuming')) {
-        connection.close(); // closed or given up meanwhile
-        return;
-      }
-      this.#checkIdentity(connection);
-      this.#connection = connection;
-      this.#sessionId = connection.session;
-      this.#resumedOn = connection;
-      // Back in "resident" is no progress: the outage lasts until the digest comes (exchangeDigest), or the give-up time.
-      await this.#begin(connection);
-    } catch (err) {
-      const e = asCodedError(err);
-      if (this.#connection === connection) this.#connection = null;
-      connection?.abandon();
-      this.#detachChannelsOf(connection); // whatever this attempt attached, unless replaced since
-      if (!this.#machine.is('resuming')) return; // closed, given up, or already paused again
-      this.#lastError = e;
-      const level = e.code === ErrorCode.IMAGE_MISMATCH || e.code === ErrorCode.AUTH_FAILED ? 'error' : 'warn';
-      const failedAt = this.#source;
-      if (this.#sources.length > 1) {
-        // The next attempt goes to the next address: a replica may answer where this one does not.
-        this.#source = this.#sources[(this.#sources.findIndex((a) => formatAddress(a) === formatAddress(failedAt)) + 1) % this.#sources.length];
-      }
-      this.#log[level](
-        { attempt: this.#attempts, code: e.code, err: e.message, source: formatAddress(failedAt), next: formatAddress(this.#source) },
-        'resume attempt failed; retrying',
-      );
-      this.#machine.to('paused', { code: e.code, attempt: this.#attempts });
-      this.#scheduleResume();
+  /** An outage begins (the first connection's, or at a pause): its give-up time, when one is set, runs from now. */
+  #startOutage(first: boolean, givesUp = true): Outage {
+    const outage: Outage = { since: Date.now(), first, attempts: 0, failedRounds: 0, retryTimer: null, giveUpTimer: null, resumedOn: null };
+    const giveUp = this.#recovery.giveUpAfterMs;
+    if (givesUp && Number.isFinite(giveUp)) {
+      outage.giveUpTimer = setTimeout(() => this.#giveUp(outage), giveUp);
+      outage.giveUpTimer.unref();
     }
+    this.#outage = outage;
+    return outage;
+  }
+
+  /** Stops the outage's timers; its time counts as paused unless it was the first connection's. */
+  #endOutage(): Outage | null {
+    const outage = this.#outage;
+    if (!outage) return null;
+    this.#outage = null;
+    if (outage.retryTimer) clearTimeout(outage.retryTimer);
+    if (outage.giveUpTimer) clearTimeout(outage.giveUpTimer);
+    if (!outage.first) this.#pausedMs += Date.now() - outage.since;
+    return outage;
   }
 
   /**
@@ -624,7 +736,7 @@ export class DestinationSession extends EventEmitter implements PageSession {
    * fingerprint only when the source first welcomed us without a digest).
    */
   #checkIdentity(connection: SourceConnection): void {
-    const want = this.#identity;
+    const want = this.#welcomed!;
     const sameLayout =
       connection.regions.length === want.regions.length &&
       connection.regions.every((r, i) => r.length === want.regions[i].length && r.pageSize === want.regions[i].pageSize);
@@ -639,19 +751,16 @@ export class DestinationSession extends EventEmitter implements PageSession {
 
   /** Pages flow again (or nothing is due): the outage that began at the first pause is over. */
   #outageOver(): void {
-    if (!this.#outageSince) return;
-    const outageMs = Date.now() - this.#outageSince;
-    this.#pausedMs += outageMs;
-    this.#outageSince = 0;
+    if (!this.#outage || this.#outage.first) return;
+    const outage = this.#endOutage()!;
+    const outageMs = Date.now() - outage.since;
     this.#resumes++;
-    if (this.#giveUpTimer) clearTimeout(this.#giveUpTimer);
-    this.#giveUpTimer = null;
     const s = this.engine.stats();
-    const connection = this.#resumedOn;
+    const connection = outage.resumedOn;
     this.#log.info(
       {
         outageMs,
-        attempts: this.#attempts,
+        attempts: outage.attempts,
         sameSession: connection?.resumed,
         session: connection?.session,
         requestsResent: s.requestsResent,
@@ -659,35 +768,39 @@ export class DestinationSession extends EventEmitter implements PageSession {
       },
       'resumed',
     );
-    this.emit('resumed', { outageMs, attempts: this.#attempts });
+    this.emit('resumed', { outageMs, attempts: outage.attempts });
   }
 
-  #giveUp(): void {
-    this.#giveUpTimer = null;
-    if (!this.#outageSince || this.#machine.is('failed', 'closed', 'verified')) return;
+  #giveUp(outage: Outage): void {
+    outage.giveUpTimer = null;
+    if (this.#outage !== outage || this.#machine.is('failed', 'closed', 'verified')) return;
     const last = this.#lastError;
+    const lastWords = last ? ` (last: ${last.code}: ${last.message})` : '';
+    if (!this.#welcomed) {
+      this.#finalAtStart(
+        new PostcopyError(
+          ErrorCode.SOURCE_LOST,
+          `the source could not be reached for ${this.#recovery.giveUpAfterMs} ms${lastWords}`,
+          last ? { cause: last.code } : undefined,
+        ),
+      );
+      return;
+    }
     // Past a live source's switchover the workload ran here and waits paused at the source: say that this copy is
     // given up, so the one there may run again (and how), since no source heard it.
-    const live = this.#precopy && this.#switchedOver;
+    const live = this.#welcomed.precopy && this.#switchedOver;
+    const id = this.fingerprint;
     this.fail(
       new PostcopyError(
         ErrorCode.SOURCE_LOST,
-        `the source stayed out of reach for ${this.#recovery.giveUpAfterMs} ms${last ? ` (last: ${last.code}: ${last.message})` : ''}${
+        `the source stayed out of reach for ${this.#recovery.giveUpAfterMs} ms${lastWords}${
           live
-            ? `; this destination gives up live migration ${this.#identity.fingerprint} and its copy of the workload never runs again: the workload paused at the source may resume there (postcopy serve --live --socket PATH --resume-workload ${this.#identity.fingerprint})`
+            ? `; this destination gives up live migration ${id} and its copy of the workload never runs again: the workload paused at the source may resume there (postcopy serve --live --socket PATH --resume-workload ${id})`
             : ''
         }`,
         last ? { cause: last.code } : undefined,
       ),
     );
-  }
-
-  #stopRecovery(): void {
-    if (this.#retryTimer) clearTimeout(this.#retryTimer);
-    if (this.#giveUpTimer) clearTimeout(this.#giveUpTimer);
-    this.#retryTimer = this.#giveUpTimer = null;
-    if (this.#outageSince) this.#pausedMs += Date.now() - this.#outageSince;
-    this.#outageSince = 0;
   }
 
   /** Resolves when the session is in one of `states`; rejects once it fails or closes. */
@@ -717,63 +830,6 @@ export function sessionClosed(last?: CodedError | null): PostcopyError {
 export function sourcesOf(options: DestinationSessionOptions): Address[] {
   const parse = (a: string | Address) => (typeof a === 'string' ? parseAddress(a) : a);
   return [parse(options.source), ...(options.replicas ?? []).map(parse)];
-}
-
-/**
- * The first connection: the source, else each replica in turn; with
- * retryFirstConnect, round after round until the give-up time.
- */
-async function connectFirst(options: DestinationSessionOptions, recovery: Resolved, transfer: TransferOptions, log: Logger): Promise<SourceConnection> {
-  const started = Date.now();
-  const sources = sourcesOf(options);
-  for (let attempt = 1; ; attempt++) {
-    const source = sources[(attempt - 1) % sources.length];
-    try {
-      return await SourceConnection.open({
-        source,
-        token: options.token,
-        transfer,
-        holdBackground: options.holdBackground === true,
-        ...(options.pageSizesFor ? { pageSizesFor: options.pageSizesFor } : {}),
-        ...(options.precopy ? { precopy: true } : {}),
-        timeoutMs: recovery.connectTimeoutMs,
-        heartbeat: recovery.heartbeat,
-        maxImageBytes: options.maxImageBytes,
-        acceptPlaintextTcp: options.acceptPlaintextTcp,
-      });
-    } catch (err) {
-      const e = asCodedError(err);
-      const roundDone = attempt % sources.length === 0;
-      if (e.code === ErrorCode.UNSUPPORTED || e.code === ErrorCode.IMAGE_CONSUMED) throw e; // asking again would not change the answer
-      // A busy source (a flood of connections that never authenticate closed ours to make room) is asked again for a while.
-      const busy = e.code === ErrorCode.SOURCE_BUSY && Date.now() - started < recovery.connectTimeoutMs;
-      if (options.signal?.aborted || (roundDone && !options.retryFirstConnect && !busy)) throw e;
-      if (!roundDone) {
-        log.warn({ source: formatAddress(source), code: e.code, err: e.message }, 'this source cannot be reached; trying the next');
-        continue;
-      }
-      const waited = Date.now() - started;
-      if (waited >= recovery.giveUpAfterMs)
-        throw new PostcopyError(ErrorCode.SOURCE_LOST, `the source could not be reached for ${recovery.giveUpAfterMs} ms (last: ${e.code}: ${e.message})`, {
-          cause: e.code,
-        });
-      const rounds = attempt / sources.length;
-      const delay = Math.min(recovery.retryDelayMs.max, recovery.retryDelayMs.initial * 2 ** Math.min(rounds - 1, 30), recovery.giveUpAfterMs - waited);
-      log.warn({ attempt, code: e.code, err: e.message, retryInMs: delay }, 'the source cannot be reached yet; retrying');
-      await new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, delay);
-        options.signal?.addEventListener(
-          'abort',
-          () => {
-            clearTimeout(timer);
-            resolve();
-          },
-          { once: true },
-        );
-      });
-      if (options.signal?.aborted) throw e;
-    }
-  }
 }
 
 function resolveRecovery(r: RecoveryOptions = {}): Resolved {
