@@ -35,8 +35,8 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine>, DataPlane, EngineLife 
                         InstanceMethod<&FaultEngine::ReceivedBitmap>("receivedBitmap"), InstanceMethod<&FaultEngine::HeldBitmap>("heldBitmap"),
                         InstanceMethod<&FaultEngine::MarkResident>("markResident"), InstanceMethod<&FaultEngine::InstalledChecksum>("installedChecksum"),
                         InstanceMethod<&FaultEngine::LatencyBuckets>("latencyBuckets"), InstanceMethod<&FaultEngine::Prefetch>("prefetch"),
-                        InstanceMethod<&FaultEngine::StartBackground>("startBackground"),
-                        InstanceMethod<&FaultEngine::TakeStorePieces>("takeStorePieces"), InstanceMethod<&FaultEngine::InstallPiece>("installPiece"), InstanceMethod<&FaultEngine::FaultedPages>("faultedPages")});
+                        InstanceMethod<&FaultEngine::StartBackground>("startBackground"), InstanceMethod<&FaultEngine::TakeStorePieces>("takeStorePieces"),
+                        InstanceMethod<&FaultEngine::InstallPiece>("installPiece"), InstanceMethod<&FaultEngine::FaultedPages>("faultedPages")});
   }
 
   // new FaultEngine(options): see engine_options.h.

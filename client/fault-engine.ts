@@ -3,7 +3,15 @@
 // channels, which can be detached (faults wait) and attached anew (the
 // requests still unanswered go out again).
 import { EventEmitter } from 'node:events';
-import { native, type DestinationStats, type InstalledChecksum, type NativeEvent, type NativeFaultEngine, type ServedRegionSpec, type StorePiece } from '../lib/native.js';
+import {
+  native,
+  type DestinationStats,
+  type InstalledChecksum,
+  type NativeEvent,
+  type NativeFaultEngine,
+  type ServedRegionSpec,
+  type StorePiece,
+} from '../lib/native.js';
 import { ErrorCode, PostcopyError, errorOfEvent, type CodedError } from '../lib/errors.js';
 import { closeSync } from 'node:fs';
 import { hasOverlap, validateAligned, validateFd, validateInteger } from '../lib/validate.js';

@@ -122,10 +122,13 @@ export class StoreFeeder extends EventEmitter {
         this.stats.retries++;
         const delay = Math.min(this.#retry.max, this.#retry.initial * 2 ** Math.min(attempt++, 30));
         await new Promise<void>((resolve) => {
-          const timer = setTimeout(() => {
-            this.#timers.delete(timer);
-            resolve();
-          }, delay * (0.5 + Math.random() / 2)); // jitter: many pieces do not come back at once
+          const timer = setTimeout(
+            () => {
+              this.#timers.delete(timer);
+              resolve();
+            },
+            delay * (0.5 + Math.random() / 2),
+          ); // jitter: many pieces do not come back at once
           this.#timers.add(timer);
         });
       }

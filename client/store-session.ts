@@ -120,9 +120,16 @@ export class StoreSession extends EventEmitter implements PageSession {
     let engine: FaultEngine | undefined;
     try {
       const manifest = await store.manifest(name);
-      const regions: RegionInfo[] = manifest.regions.map(({ id, name: n, length, pageSize, contentLength }) => ({ id, name: n, length, pageSize, contentLength }));
+      const regions: RegionInfo[] = manifest.regions.map(({ id, name: n, length, pageSize, contentLength }) => ({
+        id,
+        name: n,
+        length,
+        pageSize,
+        contentLength,
+      }));
       if (options.prefetch) checkReplay(options.prefetch, regions, manifest.fingerprint, log);
-      const cache = options.cache === false ? undefined : options.cache instanceof ChunkCache ? options.cache : new ChunkCache({ ...options.cache, logger: log });
+      const cache =
+        options.cache === false ? undefined : options.cache instanceof ChunkCache ? options.cache : new ChunkCache({ ...options.cache, logger: log });
       const machine = new StateMachine<StoreState>('destination', 'running', TRANSITIONS, log);
       engine = buildEngine(regions, {
         store: { chunkBytes: manifest.regions.map((r) => r.chunkBytes) },
@@ -132,7 +139,14 @@ export class StoreSession extends EventEmitter implements PageSession {
       });
       const session = new StoreSession({ store, ownStore: named !== null, manifest, cache, engine, regions }, options, transfer, machine, log);
       log.info(
-        { image: formatStoreUrl(store.address, name), endpoint: store.objects.endpoint, regions: regions.length, bytes: totalBytes(manifest), cache: cache?.dir, ...transfer },
+        {
+          image: formatStoreUrl(store.address, name),
+          endpoint: store.objects.endpoint,
+          regions: regions.length,
+          bytes: totalBytes(manifest),
+          cache: cache?.dir,
+          ...transfer,
+        },
         'restoring from a store',
       );
       session.#feeder.start();

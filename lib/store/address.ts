@@ -39,7 +39,8 @@ export function parseImageUrl(text: string): ImageAddress {
 }
 
 export function checkImageName(name: string): string {
-  if (!NAME.test(name)) throw new PostcopyError(ErrorCode.USAGE, `"${name}" is not an image name (1-128 of A-Z a-z 0-9 . _ -, starting with a letter or digit)`);
+  if (!NAME.test(name))
+    throw new PostcopyError(ErrorCode.USAGE, `"${name}" is not an image name (1-128 of A-Z a-z 0-9 . _ -, starting with a letter or digit)`);
   return name;
 }
 

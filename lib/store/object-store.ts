@@ -202,7 +202,8 @@ export class ObjectStore {
     const attempts = e.$metadata?.attempts;
     const details = { endpoint: this.endpoint, status, cause: e.name ?? e.code };
     if (e.name === 'NoSuchBucket') return new PostcopyError(ErrorCode.STORE_NOT_FOUND, `no bucket "${this.address.bucket}" at ${this.endpoint}`, details);
-    if (e.name === 'NoSuchKey' || e.name === 'NotFound' || status === 404) return new PostcopyError(ErrorCode.STORE_NOT_FOUND, `${where}: no such object`, details);
+    if (e.name === 'NoSuchKey' || e.name === 'NotFound' || status === 404)
+      return new PostcopyError(ErrorCode.STORE_NOT_FOUND, `${where}: no such object`, details);
     if (status === 403 || e.name === 'AccessDenied' || e.name === 'InvalidAccessKeyId' || e.name === 'SignatureDoesNotMatch')
       return new PostcopyError(ErrorCode.STORE_DENIED, `${where}: refused (${e.name ?? status}): check the access key and secret`, details);
     if (e.name === 'CredentialsProviderError')
