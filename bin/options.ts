@@ -70,6 +70,15 @@ export type OptionValues<T extends OptionSpec> = {
  * --help is the caller's (bin/postcopy.ts answers it before any parsing).
  */
 export function parseCommandLine<T extends OptionSpec>(argv: string[], options: T): OptionValues<T> {
+  return parseStrictly(argv, options, false).values;
+}
+
+/** As parseCommandLine, with arguments that are not options (e.g. files) allowed, in order. */
+export function parseCommandLineWithArgs<T extends OptionSpec>(argv: string[], options: T): { values: OptionValues<T>; args: string[] } {
+  return parseStrictly(argv, options, true);
+}
+
+function parseStrictly<T extends OptionSpec>(argv: string[], options: T, allowPositionals: boolean): { values: OptionValues<T>; args: string[] } {
   const args: string[] = [];
   for (let i = 0; i < argv.length; i++) {
     const name = argv[i].startsWith('--') && !argv[i].includes('=') ? argv[i].slice(2) : undefined;
@@ -77,7 +86,8 @@ export function parseCommandLine<T extends OptionSpec>(argv: string[], options: 
     else args.push(argv[i]);
   }
   try {
-    return parseArgs({ args, options, strict: true, allowPositionals: false }).values as OptionValues<T>;
+    const parsed = parseArgs({ args, options, strict: true, allowPositionals });
+    return { values: parsed.values as OptionValues<T>, args: parsed.positionals };
   } catch (err) {
     const e = err as NodeJS.ErrnoException;
     const quoted = /'([^']+)'/.exec(e.message)?.[1] ?? '';
@@ -228,4 +238,34 @@ export function parseWindow(text: string | undefined): { forward: number; backwa
   const m = /^(-?\d+):(-?\d+)$/.exec(text);
   if (!m) throw new UsageError(`--window takes F:B (pages after and before each request, e.g. 8:2); not ${JSON.stringify(text)}`);
   return { forward: parseCount(m[1], '--window F (pages after)', 0, 1024), backward: parseCount(m[2], '--window B (pages before)', 0, 1024) };
+}
+
+/** The options every command reading a store image takes: the host's chunk cache. */
+export const storeCacheOptionSpec = {
+  'cache-dir': { type: 'string' },
+  'cache-size': { type: 'string' },
+} as const;
+
+export const storeCacheUsage = `  --cache-dir DIR        an image in a store: the host's chunk cache, shared by
+                         every restore on this host (default
+                         $POSTCOPY_CHUNK_CACHE, else /var/cache/uffd-postcopy/chunks
+                         as root, else ~/.cache/uffd-postcopy/chunks)
+  --cache-size SIZE      the most the chunk cache holds, e.g. 20G (default 4G;
+                         the chunks used least recently go first)`;
+
+/** --cache-dir and --cache-size, for an image in a store (refused for any other). */
+export function parseStoreCache(values: { 'cache-dir'?: string; 'cache-size'?: string }, fromStore: boolean): { dir?: string; maxBytes?: number } {
+  for (const name of ['cache-dir', 'cache-size'] as const)
+    if (values[name] !== undefined && !fromStore) throw new UsageError(`--${name} is for an image in a store (--image s3://BUCKET/PREFIX/NAME)`);
+  return {
+    ...(values['cache-dir'] !== undefined ? { dir: values['cache-dir'] } : {}),
+    ...(values['cache-size'] !== undefined ? { maxBytes: parseSize(values['cache-size'], '--cache-size', 1 << 20) } : {}),
+  };
+}
+
+/** The image options name one image in a store (s3://...) or files; never both. */
+export function storeImageOf(images: readonly string[] | undefined): string | undefined {
+  if (!images || !images.some((i) => i.startsWith('s3://'))) return undefined;
+  if (images.length !== 1) throw new UsageError('an image in a store is one --image s3://BUCKET[/PREFIX]/NAME, not mixed with other --image options');
+  return images[0];
 }

@@ -9,6 +9,7 @@ import { handle, handleUsage } from './handle.js';
 import { restore, restoreUsage } from './restore.js';
 import { demo, demoUsage } from './demo.js';
 import { qemu, qemuUsage } from './qemu.js';
+import { store, storeUsage } from './store.js';
 import type { Transport } from '../bench/latency.js';
 import { parseChoice, parseCommandLine, parseCount, parseRate, UsageError } from './options.js';
 import { join } from 'node:path';
@@ -75,6 +76,7 @@ commands:
   restore    restore an image from a source into this process's memory
   bench      the benchmark suite (quick; --full for everything), or latency | throughput | encryption
   qemu       QEMU snapshots: import a stream QEMU saved, or save a running QEMU
+  store      images in a snapshot store on S3-compatible object storage: push, ls, rm, gc
 
 ${serveUsage}
 
@@ -87,6 +89,8 @@ ${benchUsage}
 ${demoUsage}
 
 ${qemuUsage}
+
+${storeUsage}
 `;
 
 const usageOf: Record<string, string> = {
@@ -96,6 +100,7 @@ const usageOf: Record<string, string> = {
   bench: benchUsage,
   demo: demoUsage,
   qemu: qemuUsage,
+  store: storeUsage,
 };
 
 async function bench(argv: string[]): Promise<void> {
@@ -298,6 +303,9 @@ async function main(): Promise<number> {
       case 'qemu':
         await qemu(argv, log);
         return 0;
+      case 'store':
+        await store(argv, log);
+        return 0;
       case undefined:
       case 'help':
       case '--help':
@@ -305,7 +313,7 @@ async function main(): Promise<number> {
         process.stdout.write(usage);
         return command === undefined ? 2 : 0;
       default:
-        throw new UsageError(`unknown command ${JSON.stringify(command)} (demo, serve, handle, restore, bench or qemu)`);
+        throw new UsageError(`unknown command ${JSON.stringify(command)} (demo, serve, handle, restore, bench, qemu or store)`);
     }
   } catch (err) {
     clearProgress();

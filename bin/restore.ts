@@ -29,14 +29,24 @@ import {
   checkWritable,
   parseAddressOption,
   loggingUsage,
+  parseStoreCache,
+  storeCacheOptionSpec,
+  storeCacheUsage,
+  storeImageOf,
 } from './options.js';
+import { parseImageUrl } from '../lib/store/address.js';
 
-export const restoreUsage = `postcopy restore (--source unix:PATH|tcp:HOST:PORT | --image FILE) [options]
+export const restoreUsage = `postcopy restore (--source unix:PATH|tcp:HOST:PORT | --image FILE | --image s3://BUCKET/PREFIX/NAME) [options]
 
   --source ADDRESS       again for each replica serving the same image: when
                          one is out of reach, the next is tried in turn
   --image FILE           restore from this image file, in this process (no
                          source, no sockets); again for each region
+  --image s3://BUCKET/PREFIX/NAME
+                         restore from an image in a snapshot store (postcopy
+                         store push): its chunks are fetched as faults need
+                         them, then the rest, through the host's chunk cache
+${storeCacheUsage}
   --token-file F         the token the source requires
   --out FILE             write the restored memory to FILE, once verified
                          (written beside it, then renamed over it: a failed
@@ -81,7 +91,16 @@ export async function restore(argv: string[], log: Logger): Promise<void> {
     seed: { type: 'string' },
     json: { type: 'boolean' },
     ...recoveryOptionSpec,
+    ...storeCacheOptionSpec,
   });
+  const storeImage = storeImageOf(values.image);
+  const cache = parseStoreCache(values, storeImage !== undefined);
+  if (storeImage)
+    try {
+      parseImageUrl(storeImage);
+    } catch (err) {
+      throw new UsageError(`--image ${(err as Error).message}`);
+    }
   if (values.image && values.source) throw new UsageError('--image restores from a local file, --source from a source: give one or the other');
   if (!values.image) requireOptions(values, ['source'], 'postcopy restore --source unix:PATH|tcp:HOST:PORT');
   for (const s of values.source ?? []) parseAddressOption(s, '--source');
@@ -129,10 +148,12 @@ export async function restore(argv: string[], log: Logger): Promise<void> {
     ...(prefetch ? { prefetch } : {}),
     background: { enabled: !values['no-background'], rateBytesPerSecond: rate },
   };
-  const image = values.image ? Image.open(values.image.map((path) => ({ path }))) : undefined;
+  const image = values.image && !storeImage ? Image.open(values.image.map((path) => ({ path }))) : undefined;
   let dest: Destination;
   try {
-    if (image) {
+    if (storeImage) {
+      dest = await Destination.connect({ storeImage, cache, recovery, ...transfer });
+    } else if (image) {
       dest = await Destination.connect({ image, ...transfer });
     } else {
       const [source, ...replicas] = values.source as string[];

@@ -42,3 +42,11 @@ export function startProgress(stats: () => DestinationStats, state: () => string
     shown = false;
   };
 }
+
+/** Bytes as a person reads them: 512 B, 12.0 KiB, 3.4 MiB, 1.20 GiB. */
+export function formatBytes(bytes: number): string {
+  if (bytes < 1024) return `${bytes} B`;
+  if (bytes < 2 ** 20) return `${(bytes / 1024).toFixed(1)} KiB`;
+  if (bytes < 2 ** 30) return `${(bytes / 2 ** 20).toFixed(1)} MiB`;
+  return `${(bytes / 2 ** 30).toFixed(2)} GiB`;
+}

@@ -3,6 +3,7 @@
 // real userfaultfd, deduplicated against a parent, kept by ls/rm/gc, and
 // every chunk checked against its name before a page of it is installed.
 import t from 'tap';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Image } from '../lib/image.js';
 import { Destination } from '../client/destination.js';
@@ -13,7 +14,7 @@ import { chunkKey } from '../lib/store/chunk.js';
 import { manifestKey } from '../lib/store/manifest.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
 import type { StoreSession } from '../client/store-session.js';
-import { PAGE, randomImage, tempDir } from './helpers.js';
+import { PAGE, randomImage, runCli, tempDir } from './helpers.js';
 import { freshBucket } from './store/env.js';
 import type { Test } from 'tap';
 
@@ -165,7 +166,6 @@ t.test('the host cache: a second restore of the image fetches nothing from the s
   // A cached chunk damaged on disk (a bit flipped): checked on read, removed, fetched again.
   const manifest = await store.manifest('img');
   const victim = manifest.regions[0].chunks.find((c) => c !== '')!;
-  const { readFileSync, writeFileSync } = await import('node:fs');
   const path = join(dir, victim.slice(0, 2), victim);
   const kept = readFileSync(path);
   kept[100] ^= 1;
@@ -173,4 +173,57 @@ t.test('the host cache: a second restore of the image fetches nothing from the s
   const third = await restoreAll(t, store, 'img', new ChunkCache({ dir }));
   t.equal(third.session.fetched.cache?.damaged, 1, 'the damaged chunk was noticed');
   t.ok(Buffer.from(third.dest.regions[0].mapping.buffer()).equals(bytes), 'and the restore is byte-exact');
+});
+
+t.test('CLI: store push, then two restores at once on one host share the chunk cache: each chunk comes from the store once', async (t) => {
+  const bucket = await freshBucket(t);
+  const dir = tempDir(t);
+  const first = imageBytes(3000);
+  const second = randomImage(64, 3);
+  writeFileSync(join(dir, 'a.mem'), first);
+  writeFileSync(join(dir, 'b.mem'), second);
+  const pushed = await runCli(['store', 'push', join(dir, 'a.mem'), join(dir, 'b.mem'), '--to', `${bucket}/fleet`, '--name', 'vm', '--json']);
+  t.equal(pushed.code, 0, pushed.stderr);
+  const report = JSON.parse(pushed.stdout);
+  t.equal(report.uploadedChunks, report.chunks - report.zeroChunks - report.repeatedChunks);
+  const listed = await runCli(['store', 'ls', `${bucket}/fleet`, '--json']);
+  t.same(
+    JSON.parse(listed.stdout).map((e: { name: string; bytes: number }) => [e.name, e.bytes]),
+    [['vm', first.length + second.length]],
+  );
+  const cache = join(dir, 'cache');
+  const restores = [1, 2].map((i) =>
+    runCli(['restore', '--image', `${bucket}/fleet/vm`, '--cache-dir', cache, '--out', join(dir, `out${i}.mem`), '--json', '--seed', String(i)]),
+  );
+  const results = await Promise.all(restores);
+  for (const r of results) t.equal(r.code, 0, r.stderr);
+  const reports = results.map((r) => JSON.parse(r.stdout));
+  for (const r of reports) t.equal(r.digestMatch, true);
+  const wanted = Buffer.concat([first, second]);
+  for (const i of [1, 2]) t.ok(readFileSync(join(dir, `out${i}.mem`)).equals(wanted), `restore ${i} wrote the image byte for byte`);
+  const fetched = reports.reduce((n, r) => n + r.source.cache.misses, 0);
+  t.equal(fetched, report.uploadedChunks, `the two restores fetched ${fetched} chunks from the store: each stored chunk once`);
+  t.equal(
+    reports.reduce((n, r) => n + r.source.store.gets, 0),
+    report.uploadedChunks + 2,
+    'GETs: the chunks once, and each restore its manifest',
+  );
+});
+
+t.test('CLI: store mistakes are refused in one line', async (t) => {
+  const cases: [string[], RegExp][] = [
+    [['restore', '--image', 'vm.mem', '--cache-dir', '/tmp/x'], /--cache-dir is for an image in a store/],
+    [['restore', '--image', 's3://Bad_Bucket/x'], /not a bucket name/],
+    [['restore', '--image', 's3://bucket/p/vm', '--image', 'other.mem'], /one --image s3:/],
+    [['store', 'push', '--to', 's3://bucket', '--name', 'x'], /give the image file/],
+    [['store', 'push', 'a.mem', '--to', 's3://bucket', '--name', 'no/slash'], /not an image name/],
+    [['store', 'gc'], /give one store address/],
+    [['store', 'frob'], /takes push, ls, rm or gc/],
+  ];
+  for (const [args, message] of cases) {
+    const r = await runCli(args);
+    t.equal(r.code, 2, args.join(' '));
+    t.match(r.stderr, message);
+    t.match(r.stderr, /ERR_USAGE/);
+  }
 });
