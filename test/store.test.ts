@@ -3,6 +3,7 @@
 // real userfaultfd, deduplicated against a parent, kept by ls/rm/gc, and
 // every chunk checked against its name before a page of it is installed.
 import t from 'tap';
+import { once } from 'node:events';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Image } from '../lib/image.js';
@@ -15,7 +16,7 @@ import { manifestKey } from '../lib/store/manifest.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
 import type { StoreSession } from '../client/store-session.js';
 import { PAGE, randomImage, runCli, tempDir } from './helpers.js';
-import { freshBucket } from './store/env.js';
+import { freshBucket, ownGateway } from './store/env.js';
 import type { Test } from 'tap';
 
 /** `pages` random pages, every 7th zero, and a run of 300 zero pages (whole zero chunks). */
@@ -226,4 +227,62 @@ t.test('CLI: store mistakes are refused in one line', async (t) => {
     t.match(r.stderr, message);
     t.match(r.stderr, /ERR_USAGE/);
   }
+});
+
+t.test('the store killed mid-restore (its gateway, -9) and started again: a pause, then every page, byte-exact', async (t) => {
+  const gateway = await ownGateway(t);
+  const bucket = await freshBucket(t);
+  const store = new SnapshotStore(parseStoreUrl(`${bucket}/x`), { endpoint: gateway.endpoint, maxAttempts: 2, requestTimeoutMs: 2000 });
+  t.teardown(() => store.close());
+  const bytes = imageBytes(2048);
+  const image = Image.open([{ buffer: bytes }]);
+  t.teardown(() => image.close());
+  await store.push(image, 'vm');
+  const dest = await Destination.connect({
+    storeImage: { store, name: 'vm' },
+    cache: false,
+    background: { enabled: false },
+    recovery: { retryDelayMs: { initial: 50, max: 400 } },
+  });
+  t.teardown(() => dest.close());
+  const r = dest.regions[0].mapping;
+  const half = (from: number) => Uint32Array.from({ length: 1024 }, (_, i) => from + i);
+  await touchPages(r.address, 2048, half(0), { mapping: r });
+  gateway.kill();
+  const paused = once(dest.session, 'paused');
+  const rest = touchPages(r.address, 2048, half(1024), { mapping: r });
+  const [why] = await paused;
+  t.match(why, { code: 'ERR_STORE_UNREACHABLE' }, 'a fault with the store gone pauses the session');
+  t.equal(dest.status().state, 'paused');
+  await gateway.start();
+  const [report] = await Promise.all([dest.finish(), rest]);
+  t.equal(report.digestMatch, true);
+  t.ok(Buffer.from(r.buffer()).equals(bytes), 'byte for byte');
+  t.equal(dest.status().resumes, 1, 'one outage, resumed');
+  t.ok(dest.status().pausedMs > 0);
+});
+
+t.test('with a give-up time, a store that stays gone fails the session (ERR_SOURCE_LOST), never a hang', async (t) => {
+  const gateway = await ownGateway(t);
+  const bucket = await freshBucket(t);
+  const store = new SnapshotStore(parseStoreUrl(`${bucket}/x`), { endpoint: gateway.endpoint, maxAttempts: 1, requestTimeoutMs: 1000 });
+  t.teardown(() => store.close());
+  const image = Image.open([{ buffer: imageBytes(512) }]);
+  t.teardown(() => image.close());
+  await store.push(image, 'vm');
+  const dest = await Destination.connect({
+    storeImage: { store, name: 'vm' },
+    cache: false,
+    background: { enabled: false },
+    recovery: { retryDelayMs: { initial: 50, max: 200 }, giveUpAfterMs: 1500 },
+  });
+  t.teardown(() => dest.close());
+  gateway.kill();
+  const failed = once(dest.session, 'failed');
+  const r = dest.regions[0].mapping;
+  const touching = touchPages(r.address, 512, Uint32Array.from([0, 300]), { mapping: r }).catch(() => null);
+  const [err] = await failed;
+  t.match(err, { code: 'ERR_SOURCE_LOST', message: /store stayed out of reach for 1500 ms/, details: { cause: 'ERR_STORE_UNREACHABLE' } });
+  await touching; // the waiting thread is released (the restore's memory reads zeros once given up)
+  await t.rejects(dest.finish(), { code: 'ERR_SOURCE_LOST' });
 });

@@ -91,6 +91,13 @@ export class ChunkCache {
     for (let wait = 2; ; wait = Math.min(50, wait * 2)) {
       const lock = await this.#lock(hash);
       if (lock) {
+        // Whoever held the lock before may have kept the chunk since this process looked.
+        const theirs = await this.#read(hash);
+        if (theirs) {
+          await unlink(lock).catch(() => {});
+          this.stats.joined++;
+          return theirs;
+        }
         this.stats.misses++;
         let plain: Buffer;
         try {

@@ -1,12 +1,13 @@
 // The real object store for a test file: test/store/up.sh brings Ceph's RGW
 // up on this host (or finds it up), and each test file gets buckets of its
 // own. Nothing here is a mock: every request goes to the gateway.
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { connect, createServer, type AddressInfo } from 'node:net';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import type { Test } from 'tap';
 import { ObjectStore } from '../../lib/store/object-store.js';
-import { here } from '../helpers.js';
+import { here, until } from '../helpers.js';
 
 let env: Record<string, string> | null = null;
 
@@ -36,4 +37,60 @@ export async function freshBucket(t: Test): Promise<string> {
     objects.close();
   });
   return `s3://${bucket}`;
+}
+
+/** A gateway of its own for one test, on the same cluster: killed (-9) and started again as the test says. */
+export interface Gateway {
+  endpoint: string;
+  /** Starts it; resolves once it answers. */
+  start(): Promise<void>;
+  /** kill -9: connections reset, nothing answers until start(). */
+  kill(): void;
+}
+
+export async function ownGateway(t: Test): Promise<Gateway> {
+  storeEnv();
+  const dir = process.env.POSTCOPY_STORE_DIR ?? '/tmp/uffd-postcopy-store';
+  const port = await freePort();
+  const name = `client.rgw.t${port}`;
+  let child: ChildProcess | null = null;
+  const gateway: Gateway = {
+    endpoint: `http://127.0.0.1:${port}`,
+    async start() {
+      child = spawn('radosgw', ['-c', join(dir, 'ceph.conf'), '-n', name, '-f', '--rgw-frontends', `beast endpoint=127.0.0.1:${port} tcp_nodelay=1`], {
+        stdio: 'ignore',
+        detached: true,
+      });
+      await until('the gateway to answer', () => answers(port), 60_000);
+    },
+    kill() {
+      child?.kill('SIGKILL');
+      child = null;
+    },
+  };
+  t.teardown(() => gateway.kill());
+  await gateway.start();
+  return gateway;
+}
+
+function answers(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = connect(port, '127.0.0.1');
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+  });
+}
+
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = createServer();
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => {
+      const port = (server.address() as AddressInfo).port;
+      server.close(() => resolve(port));
+    });
+  });
 }
