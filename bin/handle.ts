@@ -20,7 +20,11 @@ import {
   loggingUsage,
   UsageError,
   checkWritable,
+  parseStoreCache,
+  storeCacheOptionSpec,
+  storeImageOf,
 } from './options.js';
+import { parseImageUrl } from '../lib/store/address.js';
 import { selfCommand } from '../lib/package-root.js';
 import { serveMetrics } from '../lib/metrics.js';
 import { handlerMetrics } from '../client/handler-metrics.js';
@@ -28,11 +32,11 @@ import type { PostcopyError } from '../lib/errors.js';
 import { Image } from '../lib/image.js';
 import { readWorkingSet } from '../client/working-set.js';
 
-export const handleUsage = `postcopy handle --socket PATH (--source unix:PATH|tcp:HOST:PORT | --image FILE)
+export const handleUsage = `postcopy handle --socket PATH (--source unix:PATH|tcp:HOST:PORT | --image FILE | --image s3://BUCKET/PREFIX/NAME)
                 [--token-file F] [--window F:B] [--no-background] [--rate SIZE]
                 [--record-working-set F | --prefetch F] [--in-place] [--template NAME]
                 [--give-up-after DURATION] [--silence-timeout DURATION] [--single-process]
-                [--metrics tcp:HOST:PORT]
+                [--metrics tcp:HOST:PORT] [--cache-dir DIR] [--cache-size SIZE]
 
   Listens on PATH (0600). A VMM connects and sends a JSON array of its memory
   regions ([{"base_host_virt_addr", "size", "offset", "page_size"}], as
@@ -42,6 +46,10 @@ export const handleUsage = `postcopy handle --socket PATH (--source unix:PATH|tc
 
   --image FILE serves the faults from an image file on this host, in this
   process (no source, no sockets; each --image is one region, in order).
+  --image s3://BUCKET/PREFIX/NAME serves them from an image in a snapshot
+  store (postcopy store push): no source process; chunks are fetched as
+  faults need them, then the rest, through the host's chunk cache
+  (--cache-dir, --cache-size: see postcopy restore --help).
 
   --in-place: with a source on this host whose image is shared memory (tmpfs,
   a memfd), each VMM session takes the source's memory itself (its fds) and
@@ -97,11 +105,23 @@ const optionSpec = {
   worker: { type: 'boolean' },
   metrics: { type: 'string' },
   ...recoveryOptionSpec,
+  ...storeCacheOptionSpec,
 } as const;
 
 export async function handle(argv: string[], log: Logger): Promise<void> {
   const values = parseCommandLine(argv, optionSpec);
   const usage = 'postcopy handle --socket PATH (--source unix:PATH|tcp:HOST:PORT | --image FILE)';
+  const storeImage = storeImageOf(values.image);
+  const cache = parseStoreCache(values, storeImage !== undefined);
+  if (storeImage) {
+    try {
+      parseImageUrl(storeImage);
+    } catch (err) {
+      throw new UsageError(`--image ${(err as Error).message}`);
+    }
+    if (values.template !== undefined)
+      throw new UsageError('--template fills its template from a source (--source); an image in a store is restored by each VMM itself');
+  }
   if (values.image && values.source) throw new UsageError('--image serves a local file, --source a source: give one or the other');
   if (!values.image) requireOptions(values, ['source'], usage);
   if (!values.worker) requireOptions(values, ['socket'], usage);
@@ -134,18 +154,20 @@ export async function handle(argv: string[], log: Logger): Promise<void> {
     ...(prefetch ? { prefetch } : {}),
     ...(values.template !== undefined ? { template: values.template } : {}),
   };
-  const image = values.image ? Image.open(values.image.map((path) => ({ path }))) : undefined;
+  const image = values.image && !storeImage ? Image.open(values.image.map((path) => ({ path }))) : undefined;
   const [source, ...replicas] = values.source ?? [];
-  const handler = image
-    ? new VmmHandler({ image, ...common })
-    : new VmmHandler({
-        source,
-        replicas,
-        token: destinationToken(values['token-file'], source, log),
-        recovery: parseRecovery(values),
-        ...(values['in-place'] ? { inPlace: true } : {}),
-        ...common,
-      });
+  const handler = storeImage
+    ? new VmmHandler({ storeImage, cache, recovery: parseRecovery(values), ...common })
+    : image
+      ? new VmmHandler({ image, ...common })
+      : new VmmHandler({
+          source,
+          replicas,
+          token: destinationToken(values['token-file'], source, log),
+          recovery: parseRecovery(values),
+          ...(values['in-place'] ? { inPlace: true } : {}),
+          ...common,
+        });
   // A worker's stdout is its supervisor's pipe: once the supervisor is gone there is no one to tell.
   let supervisorGone = false;
   if (values.worker) process.stdout.on('error', () => {});
@@ -156,7 +178,8 @@ export async function handle(argv: string[], log: Logger): Promise<void> {
     const ready = await handler.checkSource().catch((err) => {
       throw Object.assign(err as Error, { message: `${(err as Error).message}; not starting (a VMM would wait on it)` });
     });
-    if (!image) log.info({ source, regions: ready.regions.length, imageBytes: ready.regions.reduce((n, r) => n + r.length, 0) }, 'the source answers');
+    if (!image && !storeImage)
+      log.info({ source, regions: ready.regions.length, imageBytes: ready.regions.reduce((n, r) => n + r.length, 0) }, 'the source answers');
   }
   // The process that serves the VMMs keeps watching the source (the worker, or the single process); a supervisor has no sessions to speak of.
   if (values.worker || singleProcess) handler.watchSource();

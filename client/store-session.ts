@@ -285,3 +285,15 @@ export class StoreSession extends EventEmitter implements PageSession {
     this.#pausedSince = 0;
   }
 }
+
+/** The manifest of the image `options` names (the store answers, and holds it). */
+export async function readStoreManifest(options: Pick<StoreSessionOptions, 'storeImage' | 'credentials' | 'logger'>): Promise<Manifest> {
+  if (typeof options.storeImage !== 'string') return options.storeImage.store.manifest(options.storeImage.name);
+  const at = parseImageUrl(options.storeImage);
+  const store = new SnapshotStore(at, { ...options.credentials, ...(options.logger ? { logger: options.logger } : {}) });
+  try {
+    return await store.manifest(at.name);
+  } finally {
+    store.close();
+  }
+}

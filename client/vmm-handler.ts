@@ -22,6 +22,7 @@ import { transferOptions, type TransferOptions } from '../lib/transfer.js';
 import { SourceConnection } from './source-connection.js';
 import { sourcesOf, type DestinationSessionOptions } from './session.js';
 import type { LocalSessionOptions } from './local-session.js';
+import { readStoreManifest, type StoreSessionOptions } from './store-session.js';
 import { Template } from './template.js';
 import { poisonGuest } from './guest-memory.js';
 import { LATENCY_BOUNDS_NS, addTotals, emptyTotals, type HandlerFigures, type HandlerTotals } from './handler-totals.js';
@@ -34,8 +35,8 @@ export { MAX_PENDING_HANDSHAKES, PendingHandshakes, acceptVmm, receiveHandshake,
 export type { HandlerFigures, HandlerTotals } from './handler-totals.js';
 export { RECORD_QUIET_MS, type VmmSessionSummary } from './vmm-session.js';
 
-/** Where each VMM's pages come from: a source (`source`) or a local image (`image`, shared by every VMM). */
-export type VmmHandlerOptions = (DestinationSessionOptions | LocalSessionOptions) & {
+/** Where each VMM's pages come from: a source (`source`), a local image (`image`, shared by every VMM) or an image in a store (`storeImage`). */
+export type VmmHandlerOptions = (DestinationSessionOptions | LocalSessionOptions | StoreSessionOptions) & {
   /** A VMM that connects but sends no handshake within this is dropped (default 10 s). */
   handshakeTimeoutMs?: number;
   /** Log each live VMM session's progress this often (default 10 s; 0: never). */
@@ -161,6 +162,15 @@ export class VmmHandler extends EventEmitter {
   async checkSource(timeoutMs = 5000): Promise<MessageOf<'ready'>> {
     const options = this.#options;
     if ('image' in options) return { t: 'ready', fingerprint: options.image.fingerprint, regions: options.image.regions }; // nothing to reach
+    if ('storeImage' in options) {
+      // The store answers and holds the image: its manifest.
+      const m = await readStoreManifest(options);
+      return {
+        t: 'ready',
+        fingerprint: m.fingerprint,
+        regions: m.regions.map(({ id, name, length, pageSize, contentLength }) => ({ id, name, length, pageSize, contentLength })),
+      };
+    }
     // The source, or else any replica: VMMs are served as long as one answers.
     let last: unknown;
     for (const source of sourcesOf(options)) {
@@ -181,7 +191,7 @@ export class VmmHandler extends EventEmitter {
   watchSource(intervalMs = 30_000): void {
     if (this.#sourceWatch) clearInterval(this.#sourceWatch);
     const options = this.#options;
-    if ('image' in options) return; // a local image needs no watching
+    if ('image' in options || 'storeImage' in options) return; // a local image needs no watching; a store session pauses and resumes by itself
     let answering = true;
     this.#sourceWatch = setInterval(() => {
       this.checkSource().then(

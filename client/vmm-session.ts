@@ -24,6 +24,7 @@ import type { TransferOptions } from '../lib/transfer.js';
 import type { DestinationStats } from './fault-engine.js';
 import type { DestinationSessionOptions, PageSession, RecoveryStatus } from './session.js';
 import type { LocalSessionOptions } from './local-session.js';
+import type { StoreSessionOptions } from './store-session.js';
 import type { Template } from './template.js';
 import { openSession, type PagesFrom } from './open-session.js';
 import { GuestMemory, poisonGuest } from './guest-memory.js';
@@ -66,8 +67,8 @@ export interface VmmEnded {
 
 /** What a VMM session needs of its handler. */
 export interface VmmHost {
-  /** Where the pages come from (the handler's options: a source, or a local image), with how to serve them. */
-  options: (DestinationSessionOptions | LocalSessionOptions) & { inPlace?: boolean; recordWorkingSet?: string };
+  /** Where the pages come from (the handler's options: a source, a local image, or an image in a store), with how to serve them. */
+  options: (DestinationSessionOptions | LocalSessionOptions | StoreSessionOptions) & { inPlace?: boolean; recordWorkingSet?: string };
   transfer: TransferOptions;
   /** The template every VMM is a clone of, when there is one. */
   template: () => Promise<Template> | null;
@@ -181,15 +182,17 @@ export class VmmSession extends EventEmitter {
       ? { kind: 'template', template, logger: this.#log }
       : 'image' in options
         ? { kind: 'image', ...options, ...replay, logger: this.#log }
-        : {
-            kind: options.inPlace ? 'in-place' : 'source',
-            ...options,
-            ...replay,
-            logger: this.#log,
-            // The guest is already waiting: a source not reachable yet is retried like an outage.
-            retryFirstConnect: true,
-            signal: this.#abort.signal,
-          };
+        : 'storeImage' in options
+          ? { kind: 'store', ...(options as StoreSessionOptions), ...replay, logger: this.#log }
+          : {
+              kind: options.inPlace ? 'in-place' : 'source',
+              ...options,
+              ...replay,
+              logger: this.#log,
+              // The guest is already waiting: a source not reachable yet is retried like an outage.
+              retryFirstConnect: true,
+              signal: this.#abort.signal,
+            };
     try {
       const opened = await openSession(from, this.#memory);
       if (opened.kind !== 'session') throw new PostcopyError(ErrorCode.INTERNAL, 'guest memory is never mapped in place');
@@ -256,7 +259,10 @@ export class VmmSession extends EventEmitter {
     } else {
       session.release();
       const why = {
-        'older-source': 'the source is too old to check them',
+        'older-source':
+          session.status().session === 'store'
+            ? 'they came from a store, in chunks each checked against its hash before it was installed'
+            : 'the source is too old to check them',
         'too-fragmented': 'the pages left out are too fragmented to list (over 100000 ranges a region)',
         'nothing-installed': 'no page was installed from the source',
       }[check.unchecked ?? 'nothing-installed'];

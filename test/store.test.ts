@@ -4,7 +4,8 @@
 // every chunk checked against its name before a page of it is installed.
 import t from 'tap';
 import { once } from 'node:events';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Image } from '../lib/image.js';
 import { Destination } from '../client/destination.js';
@@ -15,7 +16,7 @@ import { chunkKey } from '../lib/store/chunk.js';
 import { manifestKey } from '../lib/store/manifest.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
 import type { StoreSession } from '../client/store-session.js';
-import { PAGE, randomImage, runCli, tempDir } from './helpers.js';
+import { PAGE, buildFixture, randomImage, runCli, spawnCli, tempDir, until } from './helpers.js';
 import { freshBucket, ownGateway } from './store/env.js';
 import type { Test } from 'tap';
 
@@ -285,4 +286,36 @@ t.test('with a give-up time, a store that stays gone fails the session (ERR_SOUR
   t.match(err, { code: 'ERR_SOURCE_LOST', message: /store stayed out of reach for 1500 ms/, details: { cause: 'ERR_STORE_UNREACHABLE' } });
   await touching; // the waiting thread is released (the restore's memory reads zeros once given up)
   await t.rejects(dest.finish(), { code: 'ERR_SOURCE_LOST' });
+});
+
+t.test('CLI: handle --image s3://... serves a VMM (the fixture, Firecracker handshake) from the store: byte-exact from four threads', async (t) => {
+  const bucket = await freshBucket(t);
+  const dir = tempDir(t);
+  const bytes = imageBytes(2048);
+  const imagePath = join(dir, 'vm.mem');
+  writeFileSync(imagePath, bytes);
+  const pushed = await runCli(['store', 'push', imagePath, '--to', `${bucket}/vms`, '--name', 'vm']);
+  t.equal(pushed.code, 0, pushed.stderr);
+  const socket = join(dir, 'handler.sock');
+  const handler = spawnCli(t, ['handle', '--socket', socket, '--image', `${bucket}/vms/vm`, '--cache-dir', join(dir, 'cache'), '--single-process']);
+  await until('the handler to listen', () => existsSync(socket) || handler.child.exitCode !== null);
+  t.equal(handler.child.exitCode, null, handler.output().stderr);
+  const vmm = spawn(buildFixture('vmm'), ['--socket', socket, '--image', imagePath, '--threads', '4', '--order', 'random'], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  let out = '';
+  vmm.stdout.on('data', (d) => (out += d));
+  const [code] = await once(vmm, 'close');
+  t.equal(code, 0, 'the VMM verified every byte');
+  t.match(JSON.parse(out.trim()), { ok: true, pages: 2048, mismatchedPages: 0 });
+  const summary = await until('the session summary', () =>
+    handler
+      .output()
+      .stdout.split('\n')
+      .find((l) => l.includes('"complete"')),
+  );
+  t.match(JSON.parse(summary), { complete: true, bytesReceived: 0, recovery: { session: 'store' } });
+  const missing = await runCli(['handle', '--socket', join(dir, 'other.sock'), '--image', `${bucket}/vms/nothing`]);
+  t.equal(missing.code, 1, 'an image the store does not hold: refused at start');
+  t.match(missing.stderr, /ERR_STORE_NOT_FOUND/);
 });
