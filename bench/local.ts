@@ -276,7 +276,7 @@ async function hugetlbBench(pages: number, rounds: number, seed: number): Promis
 }
 
 /** The recording run (as --record-working-set does it): faults served alone, the background after the workload. */
-async function recordOnce(from: DestinationOptions, pages: number): Promise<WorkingSet> {
+export async function recordOnce(from: DestinationOptions, pages: number): Promise<WorkingSet> {
   const dest = await Destination.connect({ ...from, window: { forward: 0, backward: 0 }, holdBackground: true, recordWorkingSet: true });
   try {
     const r = dest.regions[0].mapping;
@@ -289,7 +289,7 @@ async function recordOnce(from: DestinationOptions, pages: number): Promise<Work
   }
 }
 
-async function coldStart(from: DestinationOptions, pages: number, seed: number): Promise<ColdStartRun> {
+export async function coldStart(from: DestinationOptions, pages: number, seed: number): Promise<ColdStartRun> {
   const dest = await Destination.connect(from);
   try {
     const r = dest.regions[0].mapping;

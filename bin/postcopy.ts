@@ -11,7 +11,7 @@ import { demo, demoUsage } from './demo.js';
 import { qemu, qemuUsage } from './qemu.js';
 import { store, storeUsage } from './store.js';
 import type { Transport } from '../bench/latency.js';
-import { parseChoice, parseCommandLine, parseCount, parseRate, UsageError } from './options.js';
+import { parseChoice, parseCommandLine, parseCount, parseRate, parseSize, UsageError } from './options.js';
 import { join } from 'node:path';
 
 const benchUsage = `postcopy bench [--full] [--out DIR] [--pages N] [--link NAME ...] [--json]
@@ -63,6 +63,19 @@ postcopy bench qemu [--guest-mib N] [--rounds R] [--json]
   same guest migrated QEMU to QEMU in postcopy, without and with
   postcopy-preempt. Needs qemu-system-x86 and the Debian package lists.
 
+postcopy bench store [--pages N] [--chunk-sizes S,S,...] [--json]
+  The snapshot store on the S3 endpoint the AWS variables name (eval
+  "$(npm run --silent store:up)" starts a Ceph RGW here), each figure beside
+  its baseline on the same store in the same run: dedup (20 children of a
+  base pushed with their parent: bytes stored against base + what differs),
+  cold (a random tenth of N pages, default 65536, with an empty cache: fault
+  p50/p99 against a GET of one chunk; bytes fetched against bytes needed),
+  and full (time to full residency against one GET of the same bytes), per
+  chunk size (default 64K,128K,256K,512K); warm (the cold case again, cache
+  warm, beside the floor's local case); fanout (16 restores at once on this
+  host: chunks fetched against distinct chunks, and time against one
+  alone). JSON lines, then a table.
+
 postcopy bench encryption [--pages N] [--rounds R]
   What sealing TCP data channels costs: fault p50 and bulk GB/s over TCP,
   plaintext and sealed, interleaved R rounds (default 3); medians and ratios.`;
@@ -105,8 +118,8 @@ const usageOf: Record<string, string> = {
 
 async function bench(argv: string[]): Promise<void> {
   const which = argv[0] && !argv[0].startsWith('-') ? argv[0] : 'suite';
-  if (!['suite', 'latency', 'throughput', 'encryption', 'local', 'localhost', 'live', 'qemu'].includes(which))
-    throw new UsageError(`unknown benchmark ${JSON.stringify(which)} (the suite, latency, throughput, encryption, local, localhost, live or qemu)`);
+  if (!['suite', 'latency', 'throughput', 'encryption', 'local', 'localhost', 'live', 'qemu', 'store'].includes(which))
+    throw new UsageError(`unknown benchmark ${JSON.stringify(which)} (the suite, latency, throughput, encryption, local, localhost, live, qemu or store)`);
   const rest = which === 'suite' ? argv : argv.slice(1);
   const values = parseCommandLine(rest, {
     pages: { type: 'string' },
@@ -121,6 +134,7 @@ async function bench(argv: string[]): Promise<void> {
     'write-rates': { type: 'string' },
     rate: { type: 'string' },
     'guest-mib': { type: 'string' },
+    'chunk-sizes': { type: 'string' },
   });
   // Each benchmark takes its own options; one given to another is refused, never ignored.
   const takes: Record<string, string[]> = {
@@ -132,6 +146,7 @@ async function bench(argv: string[]): Promise<void> {
     localhost: ['pages', 'clones', 'json'],
     live: ['pages', 'write-rates', 'rate', 'json'],
     qemu: ['guest-mib', 'rounds', 'json'],
+    store: ['pages', 'chunk-sizes', 'json'],
   };
   const stray = Object.keys(values).find((k) => !takes[which].includes(k));
   if (stray) {
@@ -175,6 +190,17 @@ async function bench(argv: string[]): Promise<void> {
     );
     for (const r of results) process.stdout.write(JSON.stringify(r) + '\n');
     if (!values.json) process.stdout.write('\n' + localTable(results));
+    return;
+  }
+  if (which === 'store') {
+    const { storeBench, storeTable } = await import('../bench/store.js');
+    const results = await storeBench({
+      pages: parseCount(values.pages, '--pages', 65536, 1 << 24, 4096),
+      chunkSizes: (values['chunk-sizes'] ?? '64K,128K,256K,512K').split(',').map((s) => parseSize(s, '--chunk-sizes', 4096)),
+      progress: (line) => process.stderr.write(line + '\n'),
+    });
+    for (const r of results) process.stdout.write(JSON.stringify(r) + '\n');
+    if (!values.json) process.stdout.write('\n' + storeTable(results));
     return;
   }
   if (which === 'qemu') {

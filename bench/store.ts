@@ -1,0 +1,350 @@
+// postcopy bench store: the snapshot store against a real S3 endpoint (the
+// one `npm run store:up` starts, or any the AWS variables name), each figure
+// beside its own baseline measured on the same store in the same run.
+//
+//   dedup    20 children of a base (1-5% of pages rewritten each) pushed with
+//            their parent, per chunk size: bytes stored / (base + what differs)
+//   cold     a restore with an empty cache, a workload touching a random 10%
+//            of the pages: fault p50/p99 against a GET of one chunk
+//   warm     the same with the host cache warm: fault p50 against the floor's local case
+//   full     time to full residency against a GET of the same bytes as one object
+//   fanout   16 restores of one image at once on this host (processes):
+//            chunks fetched from the store / distinct chunks, and time against one alone
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { Destination } from '../client/destination.js';
+import type { StoreSession } from '../client/store-session.js';
+import { Image } from '../lib/image.js';
+import { PAGE_SIZE } from '../lib/memory.js';
+import { shuffledOrder, touchPages } from '../lib/workload.js';
+import { ChunkCache } from '../lib/store/chunk-cache.js';
+import { DEFAULT_CHUNK_BYTES, chunkKey } from '../lib/store/chunk.js';
+import { ObjectStore } from '../lib/store/object-store.js';
+import { SnapshotStore } from '../lib/store/snapshot-store.js';
+import { projectRoot } from '../lib/package-root.js';
+import { median, round } from './latency.js';
+import { runFloor, type FloorLatency } from './floor.js';
+
+export interface StoreBenchOptions {
+  pages: number;
+  chunkSizes: number[];
+  progress: (line: string) => void;
+}
+
+export type StoreBenchResult = Record<string, unknown> & { case: string };
+
+/** A deterministic image that looks like memory: a quarter zero pages, a third text-like (compressible), the rest random. */
+export function memoryLikeImage(pages: number, seed: number): Buffer {
+  const bytes = Buffer.alloc(pages * PAGE_SIZE);
+  let x = seed * 2654435761 || 1;
+  const next = () => {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    return x >>> 0;
+  };
+  const words = Buffer.from('the quick brown fox jumps over the lazy dog 0123456789 ');
+  for (let p = 0; p < pages; p++) {
+    const kind = next() % 100;
+    const page = bytes.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE);
+    if (kind < 25) continue;
+    if (kind < 58) {
+      for (let off = 0; off < PAGE_SIZE; off += words.length) words.copy(page, off);
+      page.writeUInt32LE(next(), (next() % 1000) * 4);
+    } else {
+      const words32 = new Uint32Array(page.buffer, page.byteOffset, PAGE_SIZE / 4);
+      for (let i = 0; i < words32.length; i++) words32[i] = next();
+    }
+  }
+  return bytes;
+}
+
+export async function storeBench(options: StoreBenchOptions): Promise<StoreBenchResult[]> {
+  if (!process.env.AWS_ENDPOINT_URL_S3 && !process.env.AWS_ENDPOINT_URL)
+    throw new Error('bench store needs an S3 endpoint: eval "$(npm run --silent store:up)" starts one here (or set the AWS variables for another)');
+  const bucket = `postcopy-bench-${randomBytes(4).toString('hex')}`;
+  const objects = new ObjectStore({ bucket, prefix: '' });
+  await objects.createBucket();
+  const dir = mkdtempSync(join(tmpdir(), 'postcopy-bench-store-'));
+  const results: StoreBenchResult[] = [];
+  try {
+    for (const chunk of options.chunkSizes) {
+      options.progress(`dedup: 20 children of a base, chunks of ${chunk / 1024} KiB`);
+      results.push(await dedup(bucket, `dedup-${chunk}`, Math.min(options.pages, 16384), chunk));
+      options.progress(`cold: a random 10% of ${options.pages} pages from the store, chunks of ${chunk / 1024} KiB`);
+      results.push(await cold(bucket, `cold-${chunk}`, options.pages, chunk, dir, false));
+      options.progress(`full: time to full residency, beside a GET of the same bytes as one object, chunks of ${chunk / 1024} KiB`);
+      results.push(await full(bucket, `full-${chunk}`, options.pages, chunk, dir));
+    }
+    options.progress("warm: the same with the host cache warm, beside the floor's local case");
+    results.push(await cold(bucket, 'warm', options.pages, DEFAULT_CHUNK_BYTES, dir, true));
+    options.progress('fanout: 16 restores of one image at once on this host');
+    results.push(await fanout(bucket, Math.min(options.pages, 16384), dir));
+  } finally {
+    const names: string[] = [];
+    for await (const o of objects.list('')) names.push(o.key);
+    await objects.delete(names, 64).catch(() => {});
+    objects.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+  return results;
+}
+
+async function storedBytes(store: SnapshotStore): Promise<number> {
+  let n = 0;
+  for await (const o of store.objects.list('chunks/')) n += o.size;
+  return n;
+}
+
+async function dedup(bucket: string, prefix: string, pages: number, chunkBytes: number): Promise<StoreBenchResult> {
+  const store = new SnapshotStore({ bucket, prefix });
+  const base = memoryLikeImage(pages, 1);
+  const open = (b: Buffer) => Image.open([{ buffer: b }]);
+  try {
+    const baseImage = open(base);
+    const pushedBase = await store.push(baseImage, 'base', { chunkBytes });
+    baseImage.close();
+    const baseStored = await storedBytes(store);
+    let differing = 0;
+    const pushedRatios: number[] = [];
+    let x = 7;
+    for (let c = 0; c < 20; c++) {
+      const child = Buffer.from(base);
+      const share = 1 + (c % 5); // 1-5% of pages rewritten
+      const rewritten = Math.round((pages * share) / 100);
+      for (let k = 0; k < rewritten; k++) {
+        x = (x * 1103515245 + 12345) >>> 0;
+        const p = x % pages;
+        child.writeUInt32LE(x, p * PAGE_SIZE + ((x >>> 8) % 1024) * 4); // a page written: a few bytes differ
+      }
+      const changed = countDiffering(base, child);
+      differing += changed * PAGE_SIZE;
+      const image = open(child);
+      const r = await store.push(image, `child-${c}`, { parent: 'base', chunkBytes });
+      image.close();
+      pushedRatios.push(r.uploadedBytes / (changed * PAGE_SIZE));
+    }
+    const stored = await storedBytes(store);
+    return {
+      case: 'dedup',
+      chunkBytes,
+      pages,
+      images: 21,
+      baseBytes: base.length,
+      baseStoredBytes: baseStored,
+      baseUploadedBytes: pushedBase.uploadedBytes,
+      differingBytes: differing,
+      storedBytes: stored,
+      // Stored against what must be kept at least: the base and what each child changed.
+      storedBytesRatio: round(stored / (base.length + differing), 3),
+      // Compressed base as the yardstick: what the children added over it, against what they changed.
+      childrenStoredRatio: round((stored - baseStored) / differing, 2),
+      pushedBytesRatio: round(median(pushedRatios), 2),
+    };
+  } finally {
+    store.close();
+  }
+}
+
+function countDiffering(a: Buffer, b: Buffer): number {
+  let n = 0;
+  for (let p = 0; p < a.length / PAGE_SIZE; p++) if (a.compare(b, p * PAGE_SIZE, (p + 1) * PAGE_SIZE, p * PAGE_SIZE, (p + 1) * PAGE_SIZE) !== 0) n++;
+  return n;
+}
+
+/** Fault latency of a restore from the store touching a random tenth of the pages (no background). */
+async function cold(bucket: string, prefix: string, pages: number, chunkBytes: number, dir: string, warm: boolean): Promise<StoreBenchResult> {
+  const store = new SnapshotStore({ bucket, prefix });
+  const bytes = memoryLikeImage(pages, 2);
+  const image = Image.open([{ buffer: bytes }]);
+  const cacheDir = join(dir, `cache-${prefix}`);
+  try {
+    await store.push(image, 'vm', { chunkBytes });
+    const manifest = await store.manifest('vm');
+    const touched = shuffledOrder(pages, 5).subarray(0, Math.floor(pages / 10));
+    const restoreOnce = async () => {
+      const dest = await Destination.connect({
+        storeImage: { store, name: 'vm' },
+        cache: new ChunkCache({ dir: cacheDir, maxBytes: 8 * 2 ** 30 }),
+        background: { enabled: false },
+      });
+      try {
+        const r = dest.regions[0].mapping;
+        const t = await touchPages(r.address, pages, touched, { mapping: r });
+        const fetched = (dest.session as StoreSession).fetched;
+        // The faults' own wait (the engine's figures), not every touch: most touches find their page in already.
+        const f = dest.stats().faultLatency;
+        const faults = { count: f.count, p50_us: round(f.p50Ns / 1e3), p99_us: round(f.p99Ns / 1e3), touchMs: round(t.totalNs / 1e6) };
+        // Only pages touched are read here: this thread must never touch a missing page (only it can fetch it).
+        for (const p of touched.subarray(0, 64))
+          if (Buffer.compare(r.buffer(p * PAGE_SIZE, PAGE_SIZE), bytes.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE)) !== 0)
+            throw new Error(`page ${p} differs from the image`);
+        return { latency: faults, fetched };
+      } finally {
+        dest.close();
+      }
+    };
+    const first = await restoreOnce();
+    if (!warm) {
+      // The baseline: a GET of one chunk object, as many times as there were chunks fetched, on the same store.
+      const hashes = manifest.regions[0].chunks.filter((c) => c);
+      const gets: number[] = [];
+      for (let i = 0; i < Math.min(200, hashes.length); i++) {
+        const started = process.hrtime.bigint();
+        await store.objects.get(chunkKey(hashes[(i * 7) % hashes.length]));
+        gets.push(Number(process.hrtime.bigint() - started) / 1e3);
+      }
+      gets.sort((a, b) => a - b);
+      const get = { p50_us: round(gets[gets.length >> 1]), p99_us: round(gets[Math.floor(gets.length * 0.99)]) };
+      return {
+        case: 'cold',
+        chunkBytes,
+        pages,
+        touchedPages: touched.length,
+        ours: first.latency,
+        chunkGet: get,
+        ratio: { p50: round(first.latency.p50_us / get.p50_us), p99: round(first.latency.p99_us / get.p99_us) },
+        chunksFetched: first.fetched.chunks,
+        bytesFetched: first.fetched.store.bytesFetched,
+        fetchedBytesRatio: round(first.fetched.store.bytesFetched / (touched.length * PAGE_SIZE), 2),
+      };
+    }
+    // Warm: the cache holds what the first restore fetched; the same touches again, beside the floor's local case.
+    const again = await restoreOnce();
+    const floor = (await runFloor(pages, 5, ['local'])).get('local') as FloorLatency;
+    return {
+      case: 'warm',
+      chunkBytes,
+      pages,
+      touchedPages: touched.length,
+      ours: again.latency,
+      cacheHits: again.fetched.cache?.hits,
+      storeGets: again.fetched.store.gets,
+      floorLocal: { p50_us: floor.p50_us, p99_us: floor.p99_us },
+      ratio: { p50: round(again.latency.p50_us / floor.p50_us) },
+    };
+  } finally {
+    image.close();
+    store.close();
+    rmSync(cacheDir, { recursive: true, force: true });
+  }
+}
+
+async function full(bucket: string, prefix: string, pages: number, chunkBytes: number, dir: string): Promise<StoreBenchResult> {
+  const store = new SnapshotStore({ bucket, prefix });
+  const bytes = memoryLikeImage(pages, 3);
+  const image = Image.open([{ buffer: bytes }]);
+  try {
+    await store.push(image, 'vm', { chunkBytes });
+    await store.objects.put('whole.bin', bytes);
+    const runs: { ours: number; get: number }[] = [];
+    for (let round_ = 0; round_ < 3; round_++) {
+      const started = process.hrtime.bigint();
+      await store.objects.get('whole.bin');
+      const get = Number(process.hrtime.bigint() - started) / 1e6;
+      const t0 = process.hrtime.bigint();
+      const dest = await Destination.connect({
+        storeImage: { store, name: 'vm' },
+        cache: new ChunkCache({ dir: join(dir, `full-${round_}`), maxBytes: 8 * 2 ** 30 }),
+      });
+      try {
+        const report = await dest.finish();
+        if (!report.digestMatch) throw new Error('the restore differs from the image');
+      } finally {
+        dest.close();
+      }
+      runs.push({ ours: Number(process.hrtime.bigint() - t0) / 1e6, get });
+      rmSync(join(dir, `full-${round_}`), { recursive: true, force: true });
+    }
+    const ratios = runs.map((r) => r.ours / r.get);
+    return {
+      case: 'full',
+      chunkBytes,
+      pages,
+      bytes: bytes.length,
+      oursMs: round(median(runs.map((r) => r.ours))),
+      wholeGetMs: round(median(runs.map((r) => r.get))),
+      ratio: round(median(ratios)),
+      spread: [round(Math.min(...ratios)), round(Math.max(...ratios))],
+    };
+  } finally {
+    image.close();
+    store.close();
+  }
+}
+
+/** 16 CLI restores of one image at once, sharing this host's cache: chunks fetched from the store against distinct chunks. */
+async function fanout(bucket: string, pages: number, dir: string): Promise<StoreBenchResult> {
+  const store = new SnapshotStore({ bucket, prefix: 'fanout' });
+  const image = Image.open([{ buffer: memoryLikeImage(pages, 4) }]);
+  try {
+    const pushed = await store.push(image, 'vm');
+    const distinct = pushed.uploadedChunks;
+    const cli = join(projectRoot(), 'dist', 'bin', 'postcopy.js');
+    const url = `s3://${bucket}/fanout/vm`;
+    const run = async (cache: string) => {
+      const started = process.hrtime.bigint();
+      const child = spawn(process.execPath, [cli, 'restore', '--image', url, '--cache-dir', cache, '--json', '--log-level', 'warn'], {
+        stdio: ['ignore', 'pipe', 'inherit'],
+      });
+      let out = '';
+      child.stdout.on('data', (d) => (out += d));
+      const [code] = await once(child, 'close');
+      if (code !== 0) throw new Error(`a restore exited ${code}`);
+      const report = JSON.parse(out.trim());
+      return { ms: Number(process.hrtime.bigint() - started) / 1e6, misses: report.source.cache.misses as number };
+    };
+    const alone = await run(join(dir, 'fanout-alone'));
+    const shared = join(dir, 'fanout-shared');
+    const many = await Promise.all(Array.from({ length: 16 }, () => run(shared)));
+    const fetched = many.reduce((n, r) => n + r.misses, 0);
+    writeFileSync(join(dir, 'fanout-done'), '');
+    return {
+      case: 'fanout',
+      pages,
+      restores: 16,
+      distinctChunks: distinct,
+      chunksFetched: fetched,
+      fetchedChunksRatio: round(fetched / distinct, 3),
+      aloneMs: round(alone.ms),
+      eachMsMedian: round(median(many.map((r) => r.ms))),
+      timeRatio: round(median(many.map((r) => r.ms)) / alone.ms),
+    };
+  } finally {
+    image.close();
+    store.close();
+  }
+}
+
+export function storeTable(results: StoreBenchResult[]): string {
+  const lines = ['| case | chunk | figure | ours | baseline | ratio |', '| --- | --- | --- | --- | --- | --- |'];
+  for (const r of results) {
+    const chunk = r.chunkBytes ? `${(r.chunkBytes as number) / 1024} KiB` : '';
+    if (r.case === 'dedup')
+      lines.push(
+        `| dedup | ${chunk} | stored bytes, 21 images | ${r.storedBytes} | ${(r.baseBytes as number) + (r.differingBytes as number)} (base + differing) | ${r.storedBytesRatio} |`,
+      );
+    else if (r.case === 'cold') {
+      const o = r.ours as { p50_us: number; p99_us: number };
+      const g = r.chunkGet as { p50_us: number; p99_us: number };
+      const ratio = r.ratio as { p50: number; p99: number };
+      lines.push(
+        `| cold | ${chunk} | fault p50 / p99 (µs) | ${o.p50_us} / ${o.p99_us} | ${g.p50_us} / ${g.p99_us} (GET of a chunk) | ${ratio.p50} / ${ratio.p99} |`,
+      );
+      lines.push(`| cold | ${chunk} | bytes fetched / needed | ${r.bytesFetched} | ${(r.touchedPages as number) * PAGE_SIZE} | ${r.fetchedBytesRatio} |`);
+    } else if (r.case === 'warm') {
+      const o = r.ours as { p50_us: number };
+      const f = r.floorLocal as { p50_us: number };
+      lines.push(`| warm | ${chunk} | fault p50 (µs) | ${o.p50_us} | ${f.p50_us} (floor, local) | ${(r.ratio as { p50: number }).p50} |`);
+    } else if (r.case === 'full') lines.push(`| full | ${chunk} | time to full residency (ms) | ${r.oursMs} | ${r.wholeGetMs} (one GET) | ${r.ratio} |`);
+    else if (r.case === 'fanout') {
+      lines.push(`| fanout | 512 KiB | chunks fetched, 16 restores | ${r.chunksFetched} | ${r.distinctChunks} distinct | ${r.fetchedChunksRatio} |`);
+      lines.push(`| fanout | 512 KiB | each restore's time (ms) | ${r.eachMsMedian} | ${r.aloneMs} (one alone) | ${r.timeRatio} |`);
+    }
+  }
+  return lines.join('\n') + '\n';
+}
