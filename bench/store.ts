@@ -342,8 +342,10 @@ export function storeTable(results: StoreBenchResult[]): string {
       lines.push(`| warm | ${chunk} | fault p50 (µs) | ${o.p50_us} | ${f.p50_us} (floor, local) | ${(r.ratio as { p50: number }).p50} |`);
     } else if (r.case === 'full') lines.push(`| full | ${chunk} | time to full residency (ms) | ${r.oursMs} | ${r.wholeGetMs} (one GET) | ${r.ratio} |`);
     else if (r.case === 'fanout') {
-      lines.push(`| fanout | 512 KiB | chunks fetched, 16 restores | ${r.chunksFetched} | ${r.distinctChunks} distinct | ${r.fetchedChunksRatio} |`);
-      lines.push(`| fanout | 512 KiB | each restore's time (ms) | ${r.eachMsMedian} | ${r.aloneMs} (one alone) | ${r.timeRatio} |`);
+      lines.push(
+        `| fanout | ${DEFAULT_CHUNK_BYTES / 1024} KiB | chunks fetched, 16 restores | ${r.chunksFetched} | ${r.distinctChunks} distinct | ${r.fetchedChunksRatio} |`,
+      );
+      lines.push(`| fanout | ${DEFAULT_CHUNK_BYTES / 1024} KiB | each restore's time (ms) | ${r.eachMsMedian} | ${r.aloneMs} (one alone) | ${r.timeRatio} |`);
     }
   }
   return lines.join('\n') + '\n';

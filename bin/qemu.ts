@@ -13,12 +13,25 @@ import { Qmp } from '../lib/qmp.js';
 import { listenOwnerOnly } from '../lib/unix-socket.js';
 import { readQemuStream, type QemuSnapshotManifest } from '../server/qemu-snapshot.js';
 import { readManifest, serveQemuSnapshot, type QemuServeReport } from '../server/qemu-source.js';
-import { parseAddressOption, parseCommandLine, parseWindow, requireOptions, loggingUsage, UsageError } from './options.js';
+import {
+  parseAddressOption,
+  parseCommandLine,
+  parseStoreCache,
+  parseWindow,
+  requireOptions,
+  loggingUsage,
+  storeCacheOptionSpec,
+  UsageError,
+} from './options.js';
+import { isStoreUrl, parseImageUrl, type ImageAddress } from '../lib/store/address.js';
+import type { PushReport } from '../lib/store/snapshot-store.js';
+import { fetchQemuSnapshot, pushQemuSnapshot } from '../server/qemu-store.js';
 
-export const qemuUsage = `postcopy qemu import FILE --out DIR
-postcopy qemu save --qmp PATH --out DIR [--leave-running] [--live]
+export const qemuUsage = `postcopy qemu import FILE --out DIR|s3://BUCKET/PREFIX/NAME
+postcopy qemu save --qmp PATH --out DIR|s3://BUCKET/PREFIX/NAME [--leave-running] [--live]
 postcopy qemu serve --snapshot DIR --connect unix:PATH|tcp:HOST:PORT [--window F:B] [--no-background] [--json]
-postcopy qemu restore --snapshot DIR [--window F:B] [--no-background] [--wait] [--json] -- QEMU-COMMAND...
+postcopy qemu restore --snapshot DIR|s3://BUCKET/PREFIX/NAME [--window F:B] [--no-background] [--wait] [--json]
+                      [--cache-dir DIR] [--cache-size SIZE] -- QEMU-COMMAND...
 
   import reads a migration stream QEMU saved itself (migrate "exec:cat >
   FILE") into a snapshot directory: each RAM block as a sparse image (zero
@@ -50,6 +63,12 @@ postcopy qemu restore --snapshot DIR [--window F:B] [--no-background] [--wait] [
   every page: requests, request-to-page latency, pages on demand / window /
   background / zero, bytes, time to the guest running and to full residency.
 
+  --out s3://BUCKET/PREFIX/NAME writes the snapshot to a snapshot store
+  (docs/STORE.md) instead: its RAM blocks as the image's regions, the rest as
+  files kept with it; the JSON line then says what was pushed. restore
+  --snapshot s3://... fetches it first (through the host's chunk cache, every
+  chunk checked), then restores it as any.
+
   restore is the one command for all of that: it starts QEMU-COMMAND (the
   machine the snapshot was taken of) with -incoming defer and a QMP socket of
   its own, turns postcopy-ram on, serves it as above, prints the same
@@ -76,10 +95,31 @@ const serveOptionSpec = {
 async function restoreSnapshot(argv: string[], log: Logger): Promise<void> {
   const split = argv.indexOf('--');
   if (split < 0 || split === argv.length - 1) throw new UsageError('postcopy qemu restore --snapshot DIR -- QEMU-COMMAND...: give the QEMU command after --');
-  const values = parseCommandLine(argv.slice(0, split), { ...serveOptionSpec, wait: { type: 'boolean' } });
+  const values = parseCommandLine(argv.slice(0, split), { ...serveOptionSpec, wait: { type: 'boolean' }, ...storeCacheOptionSpec });
   requireOptions(values, ['snapshot'], 'postcopy qemu restore --snapshot DIR -- QEMU-COMMAND...');
+  const inStore = isStoreUrl(values.snapshot as string);
+  const cache = parseStoreCache(values, inStore);
+  if (!inStore) return restoreFrom(argv, values, values.snapshot as string, log);
+  // A snapshot in a store is fetched here first (through the host's chunk cache, every chunk checked), then served as any.
+  const at = storeImageAddress(values.snapshot as string, '--snapshot');
+  const fetched = mkdtempSync(join(tmpdir(), 'uffd-postcopy-qemu-snapshot-'));
+  try {
+    await fetchQemuSnapshot(at, fetched, cache, log);
+    await restoreFrom(argv, values, fetched, log);
+  } finally {
+    rmSync(fetched, { recursive: true, force: true });
+  }
+}
+
+async function restoreFrom(
+  argv: string[],
+  values: { window?: string; 'no-background'?: boolean; json?: boolean; wait?: boolean },
+  snapshot: string,
+  log: Logger,
+): Promise<void> {
+  const split = argv.indexOf('--');
   const window = parseWindow(values.window);
-  readManifest(values.snapshot as string); // a directory that is not a snapshot is refused before QEMU starts
+  readManifest(snapshot); // a directory that is not a snapshot is refused before QEMU starts
   const [command, ...args] = argv.slice(split + 1);
   const dir = mkdtempSync(join(tmpdir(), 'uffd-postcopy-qemu-'));
   const qmpPath = join(dir, 'qmp.sock');
@@ -121,7 +161,7 @@ async function restoreSnapshot(argv: string[], log: Logger): Promise<void> {
       qmp.close();
     }
     for (let i = 0; i < 1000 && !existsSync(incoming); i++) await new Promise((r) => setTimeout(r, 10));
-    const report = await serveQemuSnapshot(values.snapshot as string, `unix:${incoming}`, {
+    const report = await serveQemuSnapshot(snapshot, `unix:${incoming}`, {
       logger: log,
       ...(window ? { window } : {}),
       background: !values['no-background'],
@@ -184,6 +224,7 @@ async function importStream(argv: string[], log: Logger): Promise<void> {
   if (!file || file.startsWith('-')) throw new UsageError('postcopy qemu import FILE --out DIR: name the stream file first');
   const values = parseCommandLine(options, { out: { type: 'string' } });
   requireOptions(values, ['out'], 'postcopy qemu import FILE --out DIR');
+  const target = snapshotTarget(values.out as string);
   const stream = createReadStream(file, { highWaterMark: 1 << 20 });
   const failedOpen = new Promise<never>((_, reject) =>
     stream.once('error', (err: NodeJS.ErrnoException) =>
@@ -192,13 +233,38 @@ async function importStream(argv: string[], log: Logger): Promise<void> {
       ),
     ),
   );
-  const manifest = await Promise.race([readQemuStream(stream, values.out as string, { progress: progress(log) }), failedOpen]);
-  report(manifest, values.out as string, log);
+  try {
+    const manifest = await Promise.race([readQemuStream(stream, target.dir, { progress: progress(log) }), failedOpen]);
+    report({ ...manifest, ...(await target.written(log)) }, values.out as string, log);
+  } finally {
+    target.done();
+  }
+}
+
+/** Where a snapshot is written: a directory, or (--out s3://BUCKET/PREFIX/NAME) a temporary one pushed to a store once whole. */
+function snapshotTarget(out: string): { dir: string; written(log: Logger): Promise<{ pushed?: PushReport }>; done(): void } {
+  if (!isStoreUrl(out)) return { dir: out, written: async () => ({}), done: () => {} };
+  const at = storeImageAddress(out, '--out');
+  const dir = mkdtempSync(join(tmpdir(), 'uffd-postcopy-qemu-snapshot-'));
+  return {
+    dir,
+    written: async (log) => ({ pushed: await pushQemuSnapshot(dir, at, log) }),
+    done: () => rmSync(dir, { recursive: true, force: true }),
+  };
+}
+
+function storeImageAddress(text: string, what: string): ImageAddress {
+  try {
+    return parseImageUrl(text);
+  } catch (err) {
+    throw new UsageError(`${what} ${(err as Error).message}`);
+  }
 }
 
 async function save(argv: string[], log: Logger): Promise<void> {
   const values = parseCommandLine(argv, { qmp: { type: 'string' }, out: { type: 'string' }, 'leave-running': { type: 'boolean' }, live: { type: 'boolean' } });
   requireOptions(values, ['qmp', 'out'], 'postcopy qemu save --qmp PATH --out DIR [--leave-running] [--live]');
+  const target = snapshotTarget(values.out as string);
   const live = values.live === true;
   const qmp = await Qmp.connect(values.qmp as string);
   const dir = mkdtempSync(join(tmpdir(), 'uffd-postcopy-qemu-'));
@@ -228,7 +294,7 @@ async function save(argv: string[], log: Logger): Promise<void> {
       accepted,
       new Promise<never>((_, reject) => setTimeout(() => reject(new PostcopyError(ErrorCode.TIMEOUT, 'QEMU did not connect to migrate')), 10_000).unref()),
     ]);
-    const manifest = await readQemuStream(socket, values.out as string, { qemuVersion, progress: progress(log) });
+    const manifest = await readQemuStream(socket, target.dir, { qemuVersion, progress: progress(log) });
     // QEMU says the migration completed once it has sent everything: wait for its word (bounded; the stream is whole already).
     await qmp.untilMigration(['completed'], 30_000, 100).catch((err) => {
       if ((err as PostcopyError).code !== ErrorCode.TIMEOUT) throw err;
@@ -239,7 +305,7 @@ async function save(argv: string[], log: Logger): Promise<void> {
       await qmp.execute('cont');
       log.info('the guest runs again');
     }
-    report({ ...manifest, guest: leaveRunning ? 'running' : 'paused', live: live && wasRunning }, values.out as string, log);
+    report({ ...manifest, guest: leaveRunning ? 'running' : 'paused', live: live && wasRunning, ...(await target.written(log)) }, values.out as string, log);
   } catch (err) {
     // A save that failed leaves the guest as it found it.
     if (stopped) {
@@ -252,10 +318,11 @@ async function save(argv: string[], log: Logger): Promise<void> {
     server.close();
     qmp.close();
     rmSync(dir, { recursive: true, force: true });
+    target.done();
   }
 }
 
-function report(manifest: QemuSnapshotManifest & { guest?: 'running' | 'paused'; live?: boolean }, out: string, log: Logger): void {
+function report(manifest: QemuSnapshotManifest & { guest?: 'running' | 'paused'; live?: boolean; pushed?: PushReport }, out: string, log: Logger): void {
   const pages = manifest.blocks.reduce((n, b) => n + b.dataPages, 0);
   log.info({ out, machine: manifest.machine, blocks: manifest.blocks.length, dataPages: pages }, 'QEMU snapshot written');
   process.stdout.write(JSON.stringify({ snapshot: out, ...manifest }) + '\n');

@@ -8,6 +8,9 @@ import {
   parseCount,
   parseDuration,
   requireOptions,
+  parseStoreCache,
+  storeCacheOptionSpec,
+  storeImageOf,
   sourceToken,
   parseAddressOption,
   parseMetricsOption,
@@ -18,9 +21,13 @@ import { LiveMigration, LiveWorkload, type LiveOptions } from '../server/live.js
 import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import { serveMetrics } from '../lib/metrics.js';
 import { sourceMetrics } from '../server/source-metrics.js';
+import { parseImageUrl } from '../lib/store/address.js';
+import { ChunkCache } from '../lib/store/chunk-cache.js';
+import { SnapshotStore } from '../lib/store/snapshot-store.js';
 
 export const serveUsage = `postcopy serve --image FILE [--image FILE ...] --listen unix:PATH|tcp:HOST:PORT [--token-file F]
                [--resume-grace DURATION] [--metrics tcp:HOST:PORT] [--release-as-sent]
+postcopy serve --image s3://BUCKET/PREFIX/NAME --listen ... [--cache-dir DIR] [--cache-size SIZE]
 postcopy serve --live --socket PATH --listen unix:PATH|tcp:HOST:PORT [--migration MODE]
                [--downtime-limit DURATION] [--max-precopy-rounds N] [--postcopy-after DURATION]
                [--resume-workload MIGRATION]
@@ -33,6 +40,11 @@ postcopy serve --live --socket PATH --listen unix:PATH|tcp:HOST:PORT [--migratio
   all the same, from the pages it holds. --metrics serves Prometheus metrics
   at http://HOST:PORT/metrics (port 0: a free one; the URL is printed as
   {"metrics": URL}).
+
+  --image s3://BUCKET/PREFIX/NAME serves an image of a snapshot store (postcopy
+  store push) to destinations that speak this protocol (hosts without the
+  store's credentials): it is fetched whole into memory first (through the
+  host's chunk cache, every chunk checked), then served as any image.
 
   --release-as-sent frees the image's memory page by page as the destination
   installs it (never merely sends it), so moving it on one host never holds
@@ -80,17 +92,24 @@ export async function serve(argv: string[], log: Logger): Promise<void> {
     'resume-grace': { type: 'string' },
     metrics: { type: 'string' },
     'release-as-sent': { type: 'boolean' },
+    ...storeCacheOptionSpec,
   });
   requireOptions(values, ['image', 'listen'], 'postcopy serve --image FILE --listen unix:PATH|tcp:HOST:PORT');
+  const storeImage = storeImageOf(values.image);
+  const cache = parseStoreCache(values, storeImage !== undefined);
+  if (storeImage && values['release-as-sent'])
+    throw new UsageError('--release-as-sent frees a shared-memory image as it moves; an image in a store stays in the store');
   const listen = values.listen as string;
   parseAddressOption(listen, '--listen');
   const metrics = values.metrics === undefined ? undefined : parseMetricsOption(values.metrics);
   const resumeGraceMs = values['resume-grace'] === undefined ? undefined : parseDuration(values['resume-grace'], '--resume-grace');
   const releaseAsSent = values['release-as-sent'] === true;
-  const image = Image.open(
-    (values.image as string[]).map((path) => ({ path })),
-    { releaseAsSent },
-  );
+  const image = storeImage
+    ? await imageFromStore(storeImage, cache, log)
+    : Image.open(
+        (values.image as string[]).map((path) => ({ path })),
+        { releaseAsSent },
+      );
   const { token, tokenFile } = sourceToken(values['token-file'], listen, log);
   let server: PageServer;
   try {
@@ -115,6 +134,31 @@ export async function serve(argv: string[], log: Logger): Promise<void> {
   await served?.close();
   await server.close();
   image.close();
+}
+
+/** An image of a snapshot store, fetched whole into memory and checked against its manifest's digest. */
+async function imageFromStore(url: string, cache: { dir?: string; maxBytes?: number }, log: Logger): Promise<Image> {
+  let at;
+  try {
+    at = parseImageUrl(url);
+  } catch (err) {
+    throw new UsageError(`--image ${(err as Error).message}`);
+  }
+  const store = new SnapshotStore(at, { logger: log });
+  try {
+    const started = Date.now();
+    const { manifest, regions } = await store.download(at.name, { cache: new ChunkCache({ ...cache, logger: log }) });
+    const image = Image.open(regions.map((buffer, i) => ({ buffer, name: manifest.regions[i].name })));
+    const digests = await Promise.all(image.regions.map((r) => image.digest(r.id)));
+    if (digests.some((d, i) => d !== manifest.regions[i].sha256)) {
+      image.close();
+      throw new PostcopyError(ErrorCode.STORE_CORRUPT, `${url}: the image put together from its chunks does not match its manifest's digest`);
+    }
+    log.info({ image: url, bytes: image.totalBytes, tookMs: Date.now() - started, fetched: store.objects.stats }, 'fetched the image from the store');
+    return image;
+  } finally {
+    store.close();
+  }
 }
 
 /** serve --live: waits for the workload, then moves it to the first destination that connects. */

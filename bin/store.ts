@@ -24,7 +24,7 @@ postcopy store gc s3://BUCKET[/PREFIX] [--grace DURATION] [--json]
   push uploads FILE (each FILE is one region, in order) as NAME: the chunks
   the store lacks, then the manifest. --parent NAME: the image it derives
   from (its chunks are known present; rm refuses NAME's parent while NAME
-  exists). --chunk-size: a power of two from 4K to 16M (default 512K).
+  exists). --chunk-size: a power of two from 4K to 16M (default 64K).
   --replace: overwrite an image of that name (default: refused,
   ERR_STORE_CONFLICT). --create-bucket: create the bucket when it is missing.
   Prints what it uploaded against the image's size.

@@ -41,7 +41,7 @@ export interface StoreSessionOptions extends ReplayOptions {
   cache?: ChunkCache | ChunkCacheOptions | false;
   window?: Partial<TransferOptions['window']>;
   background?: Partial<TransferOptions['background']>;
-  /** Pieces fetched ahead (working set, background) at a time (default 16). */
+  /** Pieces fetched ahead (working set, background) at a time (default: about 8 MiB of chunks, 16 to 128). */
   parallel?: number;
   recovery?: {
     /** Backoff between attempts at a piece (default 100 ms doubling to 5 s). */
@@ -90,9 +90,12 @@ export class StoreSession extends EventEmitter implements PageSession {
     this.#machine = machine;
     this.#giveUpAfterMs = options.recovery?.giveUpAfterMs ?? Infinity;
     machine.onChange((to, from) => this.emit('state', to, from));
+    // Enough requests in flight to fill the link: about 8 MiB of chunks, 16 to 128 requests.
+    const largest = Math.max(...o.manifest.regions.map((r) => r.chunkBytes));
+    const parallel = options.parallel ?? Math.min(128, Math.max(16, Math.round((8 << 20) / largest)));
     this.#feeder = new StoreFeeder(o.engine, o.store, o.manifest, o.cache, {
       logger: log,
-      ...(options.parallel !== undefined ? { parallel: options.parallel } : {}),
+      parallel,
       ...(options.recovery?.retryDelayMs ? { retryDelayMs: options.recovery.retryDelayMs } : {}),
     });
     this.#feeder.on('outage', (e: CodedError) => this.#pause(e));

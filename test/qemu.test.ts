@@ -12,6 +12,7 @@ import { dirname, join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { Qmp } from '../lib/qmp.js';
 import { cliCommand, runCli, tempDir, until } from './helpers.js';
+import { freshBucket } from './store/env.js';
 import type { Test } from 'tap';
 
 const PATTERN_AT = 1 << 20;
@@ -318,9 +319,16 @@ t.test('a guest writing its memory without pause, saved, then restored lazily in
   );
   t.same(trouble(sourceSerial), [], 'and its kernel reported no trouble');
 
+  // The same stream into a snapshot store (a real Ceph RGW), restored from there.
+  const stored = `${await freshBucket(t)}/qemu/vm`;
+  const pushed = await runCli(['qemu', 'import', stream, '--out', stored]);
+  t.equal(pushed.code, 0, pushed.stderr);
+  t.match(JSON.parse(pushed.stdout.trim().split('\n').pop()!), { snapshot: stored, pushed: { name: 'vm', uploadedChunks: Number } }, 'imported into the store');
+
   for (const [what, snapshot] of [
     ['saved with qemu save', saved],
     ["imported from QEMU's own file", imported],
+    ['imported into a store', stored],
   ] as const) {
     const serial = join(dir, `${what.replace(/\W+/g, '-')}.serial`);
     const report = await restoreGuest(t, snapshot, [...machine, ...boot], serial, what);

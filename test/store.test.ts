@@ -12,11 +12,11 @@ import { Destination } from '../client/destination.js';
 import { SnapshotStore } from '../lib/store/snapshot-store.js';
 import { ChunkCache } from '../lib/store/chunk-cache.js';
 import { parseStoreUrl } from '../lib/store/address.js';
-import { chunkKey } from '../lib/store/chunk.js';
+import { DEFAULT_CHUNK_BYTES, chunkKey } from '../lib/store/chunk.js';
 import { manifestKey } from '../lib/store/manifest.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
 import type { StoreSession } from '../client/store-session.js';
-import { PAGE, buildFixture, randomImage, runCli, spawnCli, tempDir, until } from './helpers.js';
+import { PAGE, buildFixture, cliCommand, randomImage, runCli, spawnCli, startServeCli, tempDir, until } from './helpers.js';
 import { freshBucket, ownGateway } from './store/env.js';
 import type { Test } from 'tap';
 
@@ -53,7 +53,8 @@ t.test('an image pushed to the store restores byte-exact with no source process:
   const image = Image.open([{ buffer: bytes }, { buffer: second }]);
   t.teardown(() => image.close());
   const pushed = await store.push(image, 'base');
-  t.equal(pushed.chunks, 16 + 1, '2048 pages in 512 KiB chunks, and one short chunk');
+  const perChunk = DEFAULT_CHUNK_BYTES / PAGE;
+  t.equal(pushed.chunks, 2048 / perChunk + Math.ceil(100 / perChunk), 'each region in chunks of the default size, the last one short');
   t.ok(pushed.zeroChunks >= 1, `a whole chunk of zeros is not stored (${pushed.zeroChunks})`);
   t.equal(pushed.uploadedChunks, pushed.chunks - pushed.zeroChunks, 'every other chunk uploaded once');
   const { dest, report, session } = await restoreAll(t, store, 'base', new ChunkCache({ dir: tempDir(t) }));
@@ -318,4 +319,30 @@ t.test('CLI: handle --image s3://... serves a VMM (the fixture, Firecracker hand
   const missing = await runCli(['handle', '--socket', join(dir, 'other.sock'), '--image', `${bucket}/vms/nothing`]);
   t.equal(missing.code, 1, 'an image the store does not hold: refused at start');
   t.match(missing.stderr, /ERR_STORE_NOT_FOUND/);
+});
+
+t.test('CLI: serve --image s3://... serves an image of the store to a destination that has no store credentials', async (t) => {
+  const bucket = await freshBucket(t);
+  const dir = tempDir(t);
+  const bytes = imageBytes(1024);
+  writeFileSync(join(dir, 'vm.mem'), bytes);
+  const pushed = await runCli(['store', 'push', join(dir, 'vm.mem'), '--to', `${bucket}/vms`, '--name', 'vm']);
+  t.equal(pushed.code, 0, pushed.stderr);
+  const { listening } = await startServeCli(t, ['--image', `${bucket}/vms/vm`, '--listen', `unix:${join(dir, 's.sock')}`, '--cache-dir', join(dir, 'cache')]);
+  // The destination knows nothing of the store: no AWS variables at all.
+  const bare = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('AWS_'))) as Record<string, string>;
+  const [cmd, ...pre] = cliCommand();
+  const restore = spawn(cmd, [...pre, 'restore', '--source', `unix:${listening.path}`, '--out', join(dir, 'out.mem'), '--json'], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+    env: bare,
+  });
+  let out = '';
+  restore.stdout.on('data', (d) => (out += d));
+  const [code] = await once(restore, 'close');
+  t.equal(code, 0);
+  t.equal(JSON.parse(out.trim()).digestMatch, true);
+  t.ok(readFileSync(join(dir, 'out.mem')).equals(bytes), 'byte for byte');
+  const refused = await runCli(['serve', '--image', `${bucket}/vms/vm`, '--listen', `unix:${join(dir, 't.sock')}`, '--release-as-sent']);
+  t.equal(refused.code, 2);
+  t.match(refused.stderr, /an image in a store stays in the store/);
 });

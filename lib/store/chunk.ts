@@ -13,7 +13,7 @@ const FORMAT = 1;
 export const Codec = { raw: 0, brotli: 1 } as const;
 
 /** Default chunk size: see docs/STORE.md for the measurement behind it. */
-export const DEFAULT_CHUNK_BYTES = 512 * 1024;
+export const DEFAULT_CHUNK_BYTES = 64 * 1024;
 export const MAX_CHUNK_BYTES = 16 * 1024 * 1024;
 
 /** A chunk size: a power of two from 4 KiB to 16 MiB. */

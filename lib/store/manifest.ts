@@ -35,6 +35,16 @@ export interface Manifest {
   fingerprint: string;
   content: string;
   regions: ManifestRegion[];
+  /** Small files kept with the image (a QEMU snapshot's device state and its own manifest), each one chunk. */
+  files?: ManifestFile[];
+}
+
+export interface ManifestFile {
+  /** A plain file name (no directories). */
+  name: string;
+  length: number;
+  /** Its content's SHA-256 (its chunk's name); '' for an empty file. */
+  chunk: string;
 }
 
 export function manifestKey(name: string): string {
@@ -54,6 +64,7 @@ export function totalBytes(m: Manifest): number {
 export function chunksOf(m: Manifest): Set<string> {
   const set = new Set<string>();
   for (const r of m.regions) for (const c of r.chunks) if (c) set.add(c);
+  for (const f of m.files ?? []) if (f.chunk) set.add(f.chunk);
   return set;
 }
 
@@ -91,5 +102,13 @@ export function parseManifest(bytes: Uint8Array, where: string): Manifest {
     if (!Array.isArray(r.chunks) || r.chunks.length !== Math.ceil(r.length / r.chunkBytes)) throw bad(`region ${i}: chunk count`);
     for (const c of r.chunks) if (c !== '' && (typeof c !== 'string' || !HEX64.test(c))) throw bad(`region ${i}: a chunk name`);
   });
+  if (m.files !== undefined) {
+    if (!Array.isArray(m.files) || m.files.length > 64) throw bad('files');
+    for (const f of m.files) {
+      if (typeof f.name !== 'string' || !/^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/.test(f.name)) throw bad('a file name');
+      if (!Number.isSafeInteger(f.length) || f.length < 0 || f.length > 16 << 20) throw bad(`file ${f.name}: length`);
+      if (typeof f.chunk !== 'string' || (f.chunk !== '' && !HEX64.test(f.chunk)) || (f.chunk === '') !== (f.length === 0)) throw bad(`file ${f.name}: chunk`);
+    }
+  }
   return m;
 }

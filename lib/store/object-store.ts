@@ -42,7 +42,7 @@ export interface ObjectStoreOptions extends StoreCredentials {
   requestTimeoutMs?: number;
   /** Attempts per request, the first included (default 5). */
   maxAttempts?: number;
-  /** Requests in flight at most (default 64). */
+  /** Requests in flight at most (default 128). */
   maxSockets?: number;
 }
 
@@ -75,7 +75,7 @@ export class ObjectStore {
     this.#log = options.logger ?? silentLogger;
     const endpoint = options.endpoint ?? process.env.AWS_ENDPOINT_URL_S3 ?? process.env.AWS_ENDPOINT_URL;
     this.endpoint = endpoint ?? 'https://s3.amazonaws.com';
-    const maxSockets = options.maxSockets ?? 64;
+    const maxSockets = options.maxSockets ?? 128;
     const config: S3ClientConfig = {
       region: options.region ?? process.env.AWS_REGION ?? process.env.AWS_DEFAULT_REGION ?? 'us-east-1',
       ...(endpoint ? { endpoint } : {}),

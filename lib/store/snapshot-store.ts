@@ -26,6 +26,8 @@ export interface PushOptions {
   replace?: boolean;
   /** Uploads in flight (default 16). */
   parallel?: number;
+  /** Small files kept with the image (each at most 16 MiB), e.g. a QEMU snapshot's device state. */
+  files?: { name: string; bytes: Uint8Array }[];
   onProgress?: (p: { chunks: number; of: number; uploadedBytes: number }) => void;
 }
 
@@ -114,6 +116,39 @@ export class SnapshotStore {
     return cache ? cache.get(hash, fetch) : fetch();
   }
 
+  /**
+   * The whole image `name` in memory, one buffer per region, every chunk
+   * checked (`parallel` fetches at a time, through `cache` when given).
+   */
+  async download(
+    name: string,
+    options: { cache?: ChunkCache; parallel?: number } = {},
+  ): Promise<{ manifest: Manifest; regions: Buffer[]; files: { name: string; bytes: Buffer }[] }> {
+    const manifest = await this.manifest(name);
+    const regions = manifest.regions.map((r) => Buffer.alloc(r.length));
+    const todo = manifest.regions.flatMap((r) => r.chunks.map((hash, i) => ({ region: r.id, at: i * r.chunkBytes, hash }))).filter((c) => c.hash);
+    let next = 0;
+    const worker = async () => {
+      while (next < todo.length) {
+        const c = todo[next++];
+        const content = await this.chunk(c.hash, options.cache);
+        const region = manifest.regions[c.region];
+        if (content.length !== Math.min(region.chunkBytes, region.length - c.at))
+          throw new PostcopyError(ErrorCode.STORE_CORRUPT, `chunk ${c.hash.slice(0, 16)} holds ${content.length} bytes, not what the manifest needs`);
+        content.copy(regions[c.region], c.at);
+      }
+    };
+    await Promise.all(Array.from({ length: Math.min(options.parallel ?? 16, Math.max(1, todo.length)) }, worker));
+    const files = await Promise.all(
+      (manifest.files ?? []).map(async (f) => {
+        const bytes = f.chunk ? await this.chunk(f.chunk, options.cache) : Buffer.alloc(0);
+        if (bytes.length !== f.length) throw new PostcopyError(ErrorCode.STORE_CORRUPT, `file ${f.name}: ${bytes.length} bytes, not ${f.length}`);
+        return { name: f.name, bytes };
+      }),
+    );
+    return { manifest, regions, files };
+  }
+
   /** Uploads `image` as `name`: the chunks the store lacks, then the manifest. */
   async push(image: Image, name: string, options: PushOptions = {}): Promise<PushReport> {
     const started = Date.now();
@@ -146,6 +181,7 @@ export class SnapshotStore {
         chunks,
       });
     }
+    const files = (options.files ?? []).map((f) => ({ name: f.name, length: f.bytes.length, chunk: f.bytes.length ? chunkHash(f.bytes) : '', bytes: f.bytes }));
     const manifest: Manifest = {
       format: MANIFEST_FORMAT,
       version: MANIFEST_VERSION,
@@ -155,14 +191,16 @@ export class SnapshotStore {
       fingerprint: image.fingerprint,
       content: (await image.contentDigest()) ?? '',
       regions,
+      ...(files.length ? { files: files.map(({ name: n, length, chunk }) => ({ name: n, length, chunk })) } : {}),
     };
+    parseManifest(Buffer.from(JSON.stringify(manifest)), name); // what is written can be read back
     const body = Buffer.from(JSON.stringify(manifest));
     // Named first as pending, so that a gc running meanwhile keeps every chunk this push counts on.
     const pending = pendingKey(name, randomBytes(6).toString('hex'));
     await this.objects.put(pending, body, 'application/json');
 
     // The distinct chunks to make sure of: the first place each appears.
-    const places = new Map<string, { region: number; offset: number; length: number }>();
+    const places = new Map<string, { region: number; offset: number; length: number } | { file: Uint8Array }>();
     let total = 0;
     let zero = 0;
     for (const r of regions)
@@ -171,6 +209,7 @@ export class SnapshotStore {
         if (!c) zero++;
         else if (!places.has(c)) places.set(c, { region: r.id, offset: i * r.chunkBytes, length: Math.min(r.chunkBytes, r.length - i * r.chunkBytes) });
       });
+    for (const f of files) if (f.chunk && !places.has(f.chunk)) places.set(f.chunk, { file: f.bytes });
     const todo = [...places.entries()];
     let present = 0;
     let uploaded = 0;
@@ -189,7 +228,7 @@ export class SnapshotStore {
           if (found && Date.now() - found.lastModified.getTime() < graceMs / 2) {
             present++;
           } else {
-            const object = await encodeChunk(image.bytes(at.region).subarray(at.offset, at.offset + at.length));
+            const object = await encodeChunk('file' in at ? at.file : image.bytes(at.region).subarray(at.offset, at.offset + at.length));
             await this.objects.put(chunkKey(hash), object);
             uploaded++;
             uploadedBytes += object.length;
