@@ -20,8 +20,8 @@ import {
   loggingUsage,
   UsageError,
   checkWritable,
-  parseStoreCache,
-  storeCacheOptionSpec,
+  parseStoreOptions,
+  storeOptionSpec,
   storeImageOf,
 } from './options.js';
 import { parseImageUrl } from '../lib/store/address.js';
@@ -105,14 +105,14 @@ const optionSpec = {
   worker: { type: 'boolean' },
   metrics: { type: 'string' },
   ...recoveryOptionSpec,
-  ...storeCacheOptionSpec,
+  ...storeOptionSpec,
 } as const;
 
 export async function handle(argv: string[], log: Logger): Promise<void> {
   const values = parseCommandLine(argv, optionSpec);
   const usage = 'postcopy handle --socket PATH (--source unix:PATH|tcp:HOST:PORT | --image FILE)';
   const storeImage = storeImageOf(values.image);
-  const cache = parseStoreCache(values, storeImage !== undefined);
+  const { cache, tenant } = parseStoreOptions(values, storeImage !== undefined);
   if (storeImage) {
     try {
       parseImageUrl(storeImage);
@@ -157,7 +157,7 @@ export async function handle(argv: string[], log: Logger): Promise<void> {
   const image = values.image && !storeImage ? Image.open(values.image.map((path) => ({ path }))) : undefined;
   const [source, ...replicas] = values.source ?? [];
   const handler = storeImage
-    ? new VmmHandler({ storeImage, cache, recovery: parseRecovery(values), ...common })
+    ? new VmmHandler({ storeImage, cache, ...(tenant ? { tenant } : {}), recovery: parseRecovery(values), ...common })
     : image
       ? new VmmHandler({ image, ...common })
       : new VmmHandler({

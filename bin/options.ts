@@ -1,5 +1,6 @@
 // What the subcommands share: token files, sizes, progress lines, and how to
 // start this same CLI as a child process.
+import { TenantKey } from '../lib/store/tenant.js';
 import { accessSync, constants, existsSync, statSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
@@ -240,27 +241,45 @@ export function parseWindow(text: string | undefined): { forward: number; backwa
   return { forward: parseCount(m[1], '--window F (pages after)', 0, 1024), backward: parseCount(m[2], '--window B (pages before)', 0, 1024) };
 }
 
-/** The options every command reading a store image takes: the host's chunk cache. */
-export const storeCacheOptionSpec = {
+/** The options every command reading a store image takes: the host's chunk cache, and a tenant's key. */
+export const storeOptionSpec = {
   'cache-dir': { type: 'string' },
   'cache-size': { type: 'string' },
+  'tenant-key-file': { type: 'string' },
 } as const;
 
-export const storeCacheUsage = `  --cache-dir DIR        an image in a store: the host's chunk cache, shared by
+export const storeOptionUsage = `  --cache-dir DIR        an image in a store: the host's chunk cache, shared by
                          every restore on this host (default
                          $POSTCOPY_CHUNK_CACHE, else /var/cache/uffd-postcopy/chunks
                          as root, else ~/.cache/uffd-postcopy/chunks)
   --cache-size SIZE      the most the chunk cache holds, e.g. 20G (default 4G;
-                         the chunks used least recently go first)`;
+                         the chunks used least recently go first)
+  --tenant-key-file F    the tenant's secret the image was pushed with
+                         (postcopy store push --tenant-key-file)`;
 
-/** --cache-dir and --cache-size, for an image in a store (refused for any other). */
-export function parseStoreCache(values: { 'cache-dir'?: string; 'cache-size'?: string }, fromStore: boolean): { dir?: string; maxBytes?: number } {
-  for (const name of ['cache-dir', 'cache-size'] as const)
-    if (values[name] !== undefined && !fromStore) throw new UsageError(`--${name} is for an image in a store (--image s3://BUCKET/PREFIX/NAME)`);
+/** --cache-dir, --cache-size and --tenant-key-file, for an image in a store (refused for any other). */
+export function parseStoreOptions(
+  values: { 'cache-dir'?: string; 'cache-size'?: string; 'tenant-key-file'?: string },
+  fromStore: boolean,
+): { cache: { dir?: string; maxBytes?: number }; tenant?: TenantKey } {
+  for (const name of ['cache-dir', 'cache-size', 'tenant-key-file'] as const)
+    if (values[name] !== undefined && !fromStore) throw new UsageError(`--${name} is for an image in a store (s3://BUCKET/PREFIX/NAME)`);
   return {
-    ...(values['cache-dir'] !== undefined ? { dir: values['cache-dir'] } : {}),
-    ...(values['cache-size'] !== undefined ? { maxBytes: parseSize(values['cache-size'], '--cache-size', 1 << 20) } : {}),
+    cache: {
+      ...(values['cache-dir'] !== undefined ? { dir: values['cache-dir'] } : {}),
+      ...(values['cache-size'] !== undefined ? { maxBytes: parseSize(values['cache-size'], '--cache-size', 1 << 20) } : {}),
+    },
+    ...(values['tenant-key-file'] !== undefined ? { tenant: tenantKeyOption(values['tenant-key-file']) } : {}),
   };
+}
+
+/** --tenant-key-file F: the tenant's key, a usage mistake when the file cannot serve. */
+export function tenantKeyOption(path: string): TenantKey {
+  try {
+    return TenantKey.fromFile(path);
+  } catch (err) {
+    throw new UsageError(`--tenant-key-file: ${(err as Error).message}`);
+  }
 }
 
 /** The image options name one image in a store (s3://...) or files; never both. */

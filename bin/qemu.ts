@@ -13,16 +13,7 @@ import { Qmp } from '../lib/qmp.js';
 import { listenOwnerOnly } from '../lib/unix-socket.js';
 import { readQemuStream, type QemuSnapshotManifest } from '../server/qemu-snapshot.js';
 import { readManifest, serveQemuSnapshot, type QemuServeReport } from '../server/qemu-source.js';
-import {
-  parseAddressOption,
-  parseCommandLine,
-  parseStoreCache,
-  parseWindow,
-  requireOptions,
-  loggingUsage,
-  storeCacheOptionSpec,
-  UsageError,
-} from './options.js';
+import { parseAddressOption, parseCommandLine, parseStoreOptions, parseWindow, requireOptions, loggingUsage, storeOptionSpec, UsageError } from './options.js';
 import { isStoreUrl, parseImageUrl, type ImageAddress } from '../lib/store/address.js';
 import type { PushReport } from '../lib/store/snapshot-store.js';
 import { fetchQemuSnapshot, pushQemuSnapshot } from '../server/qemu-store.js';
@@ -95,16 +86,16 @@ const serveOptionSpec = {
 async function restoreSnapshot(argv: string[], log: Logger): Promise<void> {
   const split = argv.indexOf('--');
   if (split < 0 || split === argv.length - 1) throw new UsageError('postcopy qemu restore --snapshot DIR -- QEMU-COMMAND...: give the QEMU command after --');
-  const values = parseCommandLine(argv.slice(0, split), { ...serveOptionSpec, wait: { type: 'boolean' }, ...storeCacheOptionSpec });
+  const values = parseCommandLine(argv.slice(0, split), { ...serveOptionSpec, wait: { type: 'boolean' }, ...storeOptionSpec });
   requireOptions(values, ['snapshot'], 'postcopy qemu restore --snapshot DIR -- QEMU-COMMAND...');
   const inStore = isStoreUrl(values.snapshot as string);
-  const cache = parseStoreCache(values, inStore);
+  const { cache, tenant } = parseStoreOptions(values, inStore);
   if (!inStore) return restoreFrom(argv, values, values.snapshot as string, log);
   // A snapshot in a store is fetched here first (through the host's chunk cache, every chunk checked), then served as any.
   const at = storeImageAddress(values.snapshot as string, '--snapshot');
   const fetched = mkdtempSync(join(tmpdir(), 'uffd-postcopy-qemu-snapshot-'));
   try {
-    await fetchQemuSnapshot(at, fetched, cache, log);
+    await fetchQemuSnapshot(at, fetched, cache, log, tenant);
     await restoreFrom(argv, values, fetched, log);
   } finally {
     rmSync(fetched, { recursive: true, force: true });

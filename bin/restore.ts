@@ -29,9 +29,9 @@ import {
   checkWritable,
   parseAddressOption,
   loggingUsage,
-  parseStoreCache,
-  storeCacheOptionSpec,
-  storeCacheUsage,
+  parseStoreOptions,
+  storeOptionSpec,
+  storeOptionUsage,
   storeImageOf,
 } from './options.js';
 import { parseImageUrl } from '../lib/store/address.js';
@@ -46,7 +46,7 @@ export const restoreUsage = `postcopy restore (--source unix:PATH|tcp:HOST:PORT 
                          restore from an image in a snapshot store (postcopy
                          store push): its chunks are fetched as faults need
                          them, then the rest, through the host's chunk cache
-${storeCacheUsage}
+${storeOptionUsage}
   --token-file F         the token the source requires
   --out FILE             write the restored memory to FILE, once verified
                          (written beside it, then renamed over it: a failed
@@ -91,10 +91,10 @@ export async function restore(argv: string[], log: Logger): Promise<void> {
     seed: { type: 'string' },
     json: { type: 'boolean' },
     ...recoveryOptionSpec,
-    ...storeCacheOptionSpec,
+    ...storeOptionSpec,
   });
   const storeImage = storeImageOf(values.image);
-  const cache = parseStoreCache(values, storeImage !== undefined);
+  const { cache, tenant } = parseStoreOptions(values, storeImage !== undefined);
   if (storeImage)
     try {
       parseImageUrl(storeImage);
@@ -152,7 +152,7 @@ export async function restore(argv: string[], log: Logger): Promise<void> {
   let dest: Destination;
   try {
     if (storeImage) {
-      dest = await Destination.connect({ storeImage, cache, recovery, ...transfer });
+      dest = await Destination.connect({ storeImage, cache, ...(tenant ? { tenant } : {}), recovery, ...transfer });
     } else if (image) {
       dest = await Destination.connect({ image, ...transfer });
     } else {

@@ -8,8 +8,8 @@ import {
   parseCount,
   parseDuration,
   requireOptions,
-  parseStoreCache,
-  storeCacheOptionSpec,
+  parseStoreOptions,
+  storeOptionSpec,
   storeImageOf,
   sourceToken,
   parseAddressOption,
@@ -24,6 +24,7 @@ import { sourceMetrics } from '../server/source-metrics.js';
 import { parseImageUrl } from '../lib/store/address.js';
 import { ChunkCache } from '../lib/store/chunk-cache.js';
 import { SnapshotStore } from '../lib/store/snapshot-store.js';
+import type { TenantKey } from '../lib/store/tenant.js';
 
 export const serveUsage = `postcopy serve --image FILE [--image FILE ...] --listen unix:PATH|tcp:HOST:PORT [--token-file F]
                [--resume-grace DURATION] [--metrics tcp:HOST:PORT] [--release-as-sent]
@@ -92,11 +93,11 @@ export async function serve(argv: string[], log: Logger): Promise<void> {
     'resume-grace': { type: 'string' },
     metrics: { type: 'string' },
     'release-as-sent': { type: 'boolean' },
-    ...storeCacheOptionSpec,
+    ...storeOptionSpec,
   });
   requireOptions(values, ['image', 'listen'], 'postcopy serve --image FILE --listen unix:PATH|tcp:HOST:PORT');
   const storeImage = storeImageOf(values.image);
-  const cache = parseStoreCache(values, storeImage !== undefined);
+  const { cache, tenant } = parseStoreOptions(values, storeImage !== undefined);
   if (storeImage && values['release-as-sent'])
     throw new UsageError('--release-as-sent frees a shared-memory image as it moves; an image in a store stays in the store');
   const listen = values.listen as string;
@@ -105,7 +106,7 @@ export async function serve(argv: string[], log: Logger): Promise<void> {
   const resumeGraceMs = values['resume-grace'] === undefined ? undefined : parseDuration(values['resume-grace'], '--resume-grace');
   const releaseAsSent = values['release-as-sent'] === true;
   const image = storeImage
-    ? await imageFromStore(storeImage, cache, log)
+    ? await imageFromStore(storeImage, cache, tenant, log)
     : Image.open(
         (values.image as string[]).map((path) => ({ path })),
         { releaseAsSent },
@@ -137,14 +138,14 @@ export async function serve(argv: string[], log: Logger): Promise<void> {
 }
 
 /** An image of a snapshot store, fetched whole into memory and checked against its manifest's digest. */
-async function imageFromStore(url: string, cache: { dir?: string; maxBytes?: number }, log: Logger): Promise<Image> {
+async function imageFromStore(url: string, cache: { dir?: string; maxBytes?: number }, tenant: TenantKey | undefined, log: Logger): Promise<Image> {
   let at;
   try {
     at = parseImageUrl(url);
   } catch (err) {
     throw new UsageError(`--image ${(err as Error).message}`);
   }
-  const store = new SnapshotStore(at, { logger: log });
+  const store = new SnapshotStore(at, { logger: log, ...(tenant ? { tenant } : {}) });
   try {
     const started = Date.now();
     const { manifest, regions } = await store.download(at.name, { cache: new ChunkCache({ ...cache, logger: log }) });

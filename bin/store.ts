@@ -4,13 +4,15 @@ import type { Logger } from '../lib/logger.js';
 import { Image } from '../lib/image.js';
 import { checkImageName, parseImageUrl, parseStoreUrl } from '../lib/store/address.js';
 import { SnapshotStore } from '../lib/store/snapshot-store.js';
-import { parseCommandLineWithArgs, parseDuration, parseSize, requireOptions, UsageError } from './options.js';
+import { parseCommandLineWithArgs, parseDuration, parseSize, requireOptions, tenantKeyOption, UsageError } from './options.js';
+import type { TenantKey } from '../lib/store/tenant.js';
 import { formatBytes } from './terminal.js';
 
-export const storeUsage = `postcopy store push FILE... --to s3://BUCKET[/PREFIX] --name NAME [--parent NAME] [--chunk-size SIZE] [--replace] [--create-bucket] [--json]
-postcopy store ls s3://BUCKET[/PREFIX] [--json]
-postcopy store rm s3://BUCKET[/PREFIX]/NAME [--force]
-postcopy store gc s3://BUCKET[/PREFIX] [--grace DURATION] [--json]
+export const storeUsage = `postcopy store push FILE... --to s3://BUCKET[/PREFIX] --name NAME [--parent NAME] [--chunk-size SIZE] [--replace] [--create-bucket]
+                   [--tenant-key-file F] [--json]
+postcopy store ls s3://BUCKET[/PREFIX] [--tenant-key-file F] [--json]
+postcopy store rm s3://BUCKET[/PREFIX]/NAME [--force] [--tenant-key-file F]
+postcopy store gc s3://BUCKET[/PREFIX] [--grace DURATION] [--tenant-key-file F] [--json]
 
   A snapshot store keeps images on S3-compatible object storage (Ceph RGW,
   MinIO, AWS S3, R2) as a manifest per image and chunks named by the SHA-256
@@ -28,6 +30,13 @@ postcopy store gc s3://BUCKET[/PREFIX] [--grace DURATION] [--json]
   --replace: overwrite an image of that name (default: refused,
   ERR_STORE_CONFLICT). --create-bucket: create the bucket when it is missing.
   Prints what it uploaded against the image's size.
+  --tenant-key-file F: seal every chunk and manifest with the tenant's
+  secret in F (16 bytes or more): the store never sees plaintext, chunk
+  names say nothing of their content, and the tenant's identical chunks
+  still deduplicate (a chunk's key derives from its content and the
+  secret). Every command reading the image needs the same file. Give each
+  tenant its own PREFIX: gc refuses a store holding a manifest its key does
+  not open.
   ls lists the images; rm removes one (its chunks go at the next gc);
   gc deletes the chunks no image names that are older than --grace (default
   1h), safely beside pushes under way.`;
@@ -39,6 +48,11 @@ export async function store(argv: string[], log: Logger): Promise<void> {
   if (which === 'rm') return remove(rest, log);
   if (which === 'gc') return collect(rest, log);
   throw new UsageError(`postcopy store takes push, ls, rm or gc, not ${JSON.stringify(which ?? '')}`);
+}
+
+/** --tenant-key-file, when given: chunks and manifests sealed with the tenant's key. */
+function tenantOf(values: { 'tenant-key-file'?: string }): { tenant?: TenantKey } {
+  return values['tenant-key-file'] === undefined ? {} : { tenant: tenantKeyOption(values['tenant-key-file']) };
 }
 
 function storeArg(positionals: string[], what: string): string {
@@ -63,6 +77,7 @@ async function push(argv: string[], log: Logger): Promise<void> {
     'chunk-size': { type: 'string' },
     replace: { type: 'boolean' },
     'create-bucket': { type: 'boolean' },
+    'tenant-key-file': { type: 'string' },
     json: { type: 'boolean' },
   });
   requireOptions(values, ['to', 'name'], 'postcopy store push FILE... --to s3://BUCKET[/PREFIX] --name NAME');
@@ -72,7 +87,7 @@ async function push(argv: string[], log: Logger): Promise<void> {
   if (values.parent !== undefined) usable(() => checkImageName(values.parent as string));
   const chunkBytes = values['chunk-size'] === undefined ? undefined : parseSize(values['chunk-size'], '--chunk-size', 4096);
   const image = Image.open(files.map((path) => ({ path })));
-  const snapshots = new SnapshotStore(address, { logger: log });
+  const snapshots = new SnapshotStore(address, { logger: log, ...tenantOf(values) });
   try {
     if (values['create-bucket']) await snapshots.objects.createBucket();
     const report = await snapshots.push(image, values.name as string, {
@@ -93,9 +108,9 @@ async function push(argv: string[], log: Logger): Promise<void> {
 }
 
 async function list(argv: string[], log: Logger): Promise<void> {
-  const { values, args } = parseCommandLineWithArgs(argv, { json: { type: 'boolean' } });
+  const { values, args } = parseCommandLineWithArgs(argv, { json: { type: 'boolean' }, 'tenant-key-file': { type: 'string' } });
   const address = usable(() => parseStoreUrl(storeArg(args, 'ls')));
-  const snapshots = new SnapshotStore(address, { logger: log });
+  const snapshots = new SnapshotStore(address, { logger: log, ...tenantOf(values) });
   try {
     const images = await snapshots.list();
     if (values.json) process.stdout.write(JSON.stringify(images) + '\n');
@@ -106,9 +121,9 @@ async function list(argv: string[], log: Logger): Promise<void> {
 }
 
 async function remove(argv: string[], log: Logger): Promise<void> {
-  const { values, args } = parseCommandLineWithArgs(argv, { force: { type: 'boolean' } });
+  const { values, args } = parseCommandLineWithArgs(argv, { force: { type: 'boolean' }, 'tenant-key-file': { type: 'string' } });
   const image = usable(() => parseImageUrl(storeArg(args, 'rm')));
-  const snapshots = new SnapshotStore(image, { logger: log });
+  const snapshots = new SnapshotStore(image, { logger: log, ...tenantOf(values) });
   try {
     await snapshots.remove(image.name, { force: values.force === true });
     process.stdout.write(`removed ${snapshots.url}/${image.name} (its chunks go at the next gc)\n`);
@@ -118,10 +133,10 @@ async function remove(argv: string[], log: Logger): Promise<void> {
 }
 
 async function collect(argv: string[], log: Logger): Promise<void> {
-  const { values, args } = parseCommandLineWithArgs(argv, { grace: { type: 'string' }, json: { type: 'boolean' } });
+  const { values, args } = parseCommandLineWithArgs(argv, { grace: { type: 'string' }, json: { type: 'boolean' }, 'tenant-key-file': { type: 'string' } });
   const address = usable(() => parseStoreUrl(storeArg(args, 'gc')));
   const graceMs = values.grace === undefined ? undefined : parseDuration(values.grace, '--grace');
-  const snapshots = new SnapshotStore(address, { logger: log });
+  const snapshots = new SnapshotStore(address, { logger: log, ...tenantOf(values) });
   try {
     const report = await snapshots.gc(graceMs === undefined ? {} : { graceMs });
     process.stdout.write(

@@ -15,6 +15,7 @@ import { ChunkCache, type ChunkCacheOptions } from '../lib/store/chunk-cache.js'
 import { totalBytes, type Manifest } from '../lib/store/manifest.js';
 import type { StoreCredentials } from '../lib/store/object-store.js';
 import { SnapshotStore } from '../lib/store/snapshot-store.js';
+import type { TenantKey } from '../lib/store/tenant.js';
 import type { DestinationStats, FaultEngine } from './fault-engine.js';
 import { StoreFeeder, type StoreFeederStats } from './store-feeder.js';
 import { checkReplay } from './working-set.js';
@@ -37,6 +38,8 @@ export interface StoreSessionOptions extends ReplayOptions {
   storeImage: string | { store: SnapshotStore; name: string };
   /** How to reach the store (default: the AWS way, lib/store/object-store.ts). */
   credentials?: StoreCredentials;
+  /** The tenant's key the image was pushed with (lib/store/tenant.ts). */
+  tenant?: TenantKey;
   /** The host's chunk cache (default: the shared one, lib/store/chunk-cache.ts); false: none. */
   cache?: ChunkCache | ChunkCacheOptions | false;
   window?: Partial<TransferOptions['window']>;
@@ -117,7 +120,7 @@ export class StoreSession extends EventEmitter implements PageSession {
     const transfer = transferOptions(options);
     const named = typeof options.storeImage === 'string' ? parseImageUrl(options.storeImage) : null;
     const store = named
-      ? new SnapshotStore(named, { ...options.credentials, logger: log })
+      ? new SnapshotStore(named, { ...options.credentials, logger: log, ...(options.tenant ? { tenant: options.tenant } : {}) })
       : (options.storeImage as { store: SnapshotStore; name: string }).store;
     const name = named ? named.name : (options.storeImage as { name: string }).name;
     let engine: FaultEngine | undefined;
@@ -290,10 +293,14 @@ export class StoreSession extends EventEmitter implements PageSession {
 }
 
 /** The manifest of the image `options` names (the store answers, and holds it). */
-export async function readStoreManifest(options: Pick<StoreSessionOptions, 'storeImage' | 'credentials' | 'logger'>): Promise<Manifest> {
+export async function readStoreManifest(options: Pick<StoreSessionOptions, 'storeImage' | 'credentials' | 'tenant' | 'logger'>): Promise<Manifest> {
   if (typeof options.storeImage !== 'string') return options.storeImage.store.manifest(options.storeImage.name);
   const at = parseImageUrl(options.storeImage);
-  const store = new SnapshotStore(at, { ...options.credentials, ...(options.logger ? { logger: options.logger } : {}) });
+  const store = new SnapshotStore(at, {
+    ...options.credentials,
+    ...(options.logger ? { logger: options.logger } : {}),
+    ...(options.tenant ? { tenant: options.tenant } : {}),
+  });
   try {
     return await store.manifest(at.name);
   } finally {

@@ -10,6 +10,7 @@ import type { Logger } from '../lib/logger.js';
 import { formatStoreUrl, type ImageAddress } from '../lib/store/address.js';
 import { ChunkCache, type ChunkCacheOptions } from '../lib/store/chunk-cache.js';
 import { SnapshotStore, type PushReport } from '../lib/store/snapshot-store.js';
+import type { TenantKey } from '../lib/store/tenant.js';
 import { readManifest } from './qemu-source.js';
 
 /** Pushes the snapshot in `dir` as image `at.name`. */
@@ -27,8 +28,8 @@ export async function pushQemuSnapshot(dir: string, at: ImageAddress, log: Logge
 }
 
 /** Fetches image `at.name` (a QEMU snapshot) into `dir` (made), every chunk checked; block images sparse. */
-export async function fetchQemuSnapshot(at: ImageAddress, dir: string, cache: ChunkCacheOptions, log: Logger): Promise<void> {
-  const store = new SnapshotStore(at, { logger: log });
+export async function fetchQemuSnapshot(at: ImageAddress, dir: string, cache: ChunkCacheOptions, log: Logger, tenant?: TenantKey): Promise<void> {
+  const store = new SnapshotStore(at, { logger: log, ...(tenant ? { tenant } : {}) });
   try {
     const { manifest, regions, files } = await store.download(at.name, { cache: new ChunkCache({ ...cache, logger: log }) });
     if (!files.some((f) => f.name === 'manifest.json'))

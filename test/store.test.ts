@@ -12,6 +12,7 @@ import { Destination } from '../client/destination.js';
 import { SnapshotStore } from '../lib/store/snapshot-store.js';
 import { ChunkCache } from '../lib/store/chunk-cache.js';
 import { parseStoreUrl } from '../lib/store/address.js';
+import { TenantKey } from '../lib/store/tenant.js';
 import { DEFAULT_CHUNK_BYTES, chunkKey } from '../lib/store/chunk.js';
 import { manifestKey } from '../lib/store/manifest.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
@@ -345,4 +346,57 @@ t.test('CLI: serve --image s3://... serves an image of the store to a destinatio
   const refused = await runCli(['serve', '--image', `${bucket}/vms/vm`, '--listen', `unix:${join(dir, 't.sock')}`, '--release-as-sent']);
   t.equal(refused.code, 2);
   t.match(refused.stderr, /an image in a store stays in the store/);
+});
+
+t.test('tenants: sealed chunks and manifests the store cannot read; a tenant deduplicates with itself, never with another', async (t) => {
+  const bucket = await freshBucket(t);
+  const dir = tempDir(t);
+  const bytes = imageBytes(1024);
+  const marker = Buffer.from('a plaintext marker the store must never see');
+  for (let p = 0; p < 1024; p += 8) marker.copy(bytes, p * PAGE + 100);
+  writeFileSync(join(dir, 'vm.mem'), bytes);
+  writeFileSync(join(dir, 'a.key'), 'tenant A secret: 0123456789abcdef\n');
+  writeFileSync(join(dir, 'b.key'), 'tenant B secret: fedcba9876543210\n');
+  const push = (name: string, key: string, prefix = 'shared') =>
+    runCli(['store', 'push', join(dir, 'vm.mem'), '--to', `${bucket}/${prefix}`, '--name', name, '--tenant-key-file', join(dir, key), '--json']);
+  const a1 = await push('a1', 'a.key');
+  t.equal(a1.code, 0, a1.stderr);
+  const first = JSON.parse(a1.stdout);
+  t.ok(first.uploadedChunks > 0);
+  const a2 = JSON.parse((await push('a2', 'a.key')).stdout);
+  t.equal(a2.uploadedChunks, 0, 'the same tenant, the same content: nothing uploaded again');
+  const b1 = JSON.parse((await push('b1', 'b.key')).stdout);
+  t.equal(b1.uploadedChunks, first.uploadedChunks, 'another tenant: its own chunks (no dedup across tenants)');
+
+  // What the store holds: no object named by a content hash, no plaintext, no readable manifest.
+  const objects = new SnapshotStore(parseStoreUrl(`${bucket}/shared`)).objects;
+  t.teardown(() => objects.close());
+  const manifest = (await new SnapshotStore(parseStoreUrl(`${bucket}/shared`), { tenant: TenantKey.fromFile(join(dir, 'a.key')) }).manifest('a1')).regions[0];
+  const names: string[] = [];
+  for await (const o of objects.list('')) names.push(o.key);
+  for (const hash of manifest.chunks.filter((c) => c))
+    t.notOk(
+      names.some((n) => n.endsWith(hash)),
+      `no object is named ${hash.slice(0, 12)}…`,
+    );
+  let sawMarker = false;
+  for (const name of names) if ((await objects.get(name)).includes(marker)) sawMarker = true;
+  t.notOk(sawMarker, 'no object holds the plaintext marker');
+
+  // Restores: byte-exact with the key; refused without it, or with another tenant's.
+  const out = join(dir, 'out.mem');
+  const ok = await runCli(['restore', '--image', `${bucket}/shared/a1`, '--tenant-key-file', join(dir, 'a.key'), '--out', out, '--json']);
+  t.equal(ok.code, 0, ok.stderr);
+  t.ok(readFileSync(out).equals(bytes), 'restored with the key: byte for byte');
+  const none = await runCli(['restore', '--image', `${bucket}/shared/a1`]);
+  t.equal(none.code, 1);
+  t.match(none.stderr, /ERR_STORE_DENIED/);
+  t.match(none.stderr, /tenant-key-file/);
+  const other = await runCli(['restore', '--image', `${bucket}/shared/a1`, '--tenant-key-file', join(dir, 'b.key')]);
+  t.equal(other.code, 1);
+  t.match(other.stderr, /this tenant key does not open it/);
+  // gc with one tenant's key refuses a prefix holding another's manifests (it cannot tell what they name).
+  const gc = await runCli(['store', 'gc', `${bucket}/shared`, '--tenant-key-file', join(dir, 'a.key')]);
+  t.equal(gc.code, 1);
+  t.match(gc.stderr, /ERR_STORE_DENIED/);
 });

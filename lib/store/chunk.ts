@@ -7,6 +7,7 @@ import { createHash } from 'node:crypto';
 import { promisify } from 'node:util';
 import { brotliCompress, brotliDecompress, constants as zlib } from 'node:zlib';
 import { ErrorCode, PostcopyError } from '../errors.js';
+import type { TenantKey } from './tenant.js';
 
 export const CHUNK_HEADER_BYTES = 8;
 const FORMAT = 1;
@@ -47,30 +48,46 @@ export function isZero(bytes: Uint8Array): boolean {
   return true;
 }
 
-/** The object for a chunk: compressed when that saves a tenth or more. */
-export async function encodeChunk(plain: Uint8Array): Promise<Buffer> {
+/** The codec byte's flag: the content is sealed with a tenant's key (lib/store/tenant.ts). */
+const SEALED = 0x80;
+
+/** The object for a chunk: compressed when that saves a tenth or more; sealed when a tenant's key is given. */
+export async function encodeChunk(plain: Uint8Array, tenant?: TenantKey, hash?: string): Promise<Buffer> {
   const packed = await compress(plain, {
     params: { [zlib.BROTLI_PARAM_QUALITY]: 4, [zlib.BROTLI_PARAM_LGWIN]: 22, [zlib.BROTLI_PARAM_SIZE_HINT]: plain.length },
   });
   const useful = packed.length < plain.length * 0.9;
   const header = Buffer.alloc(CHUNK_HEADER_BYTES);
   header[0] = FORMAT;
-  header[1] = useful ? Codec.brotli : Codec.raw;
+  header[1] = (useful ? Codec.brotli : Codec.raw) | (tenant ? SEALED : 0);
   header.writeUInt32LE(plain.length, 4);
-  return Buffer.concat([header, useful ? packed : plain]);
+  const body = useful ? packed : plain;
+  return Buffer.concat([header, tenant ? tenant.sealChunk(hash ?? chunkHash(plain), body) : body]);
 }
 
 /** The content of a chunk object, checked against its name; ERR_STORE_CORRUPT when it is not what `hash` names. */
-export async function decodeChunk(hash: string, object: Uint8Array): Promise<Buffer> {
+export async function decodeChunk(hash: string, object: Uint8Array, tenant?: TenantKey): Promise<Buffer> {
   const bad = (why: string) => new PostcopyError(ErrorCode.STORE_CORRUPT, `chunk ${hash.slice(0, 16)}: ${why}`, { chunk: hash });
   if (object.length < CHUNK_HEADER_BYTES || object[0] !== FORMAT) throw bad('not a chunk object (header)');
   const view = Buffer.from(object.buffer, object.byteOffset, object.length);
   const length = view.readUInt32LE(4);
-  const body = view.subarray(CHUNK_HEADER_BYTES);
+  let body: Buffer = view.subarray(CHUNK_HEADER_BYTES);
+  if (view[1] & SEALED) {
+    if (!tenant)
+      throw new PostcopyError(ErrorCode.STORE_DENIED, `chunk ${hash.slice(0, 16)} is sealed with a tenant's key: give the key (--tenant-key-file)`, {
+        chunk: hash,
+      });
+    body =
+      tenant.openChunk(hash, body) ??
+      (() => {
+        throw bad('does not open with the tenant key (damaged)');
+      })();
+  }
+  const codec = view[1] & ~SEALED;
   let plain: Buffer;
-  if (view[1] === Codec.raw) plain = body;
-  else if (view[1] === Codec.brotli) plain = await decompress(body).catch(() => Promise.reject(bad('does not decompress')));
-  else throw bad(`unknown codec ${view[1]}`);
+  if (codec === Codec.raw) plain = body;
+  else if (codec === Codec.brotli) plain = await decompress(body).catch(() => Promise.reject(bad('does not decompress')));
+  else throw bad(`unknown codec ${codec}`);
   if (plain.length !== length) throw bad(`${plain.length} bytes, not ${length}`);
   if (chunkHash(plain) !== hash) throw bad('its content does not hash to its name');
   return plain;

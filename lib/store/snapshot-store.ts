@@ -11,6 +11,7 @@ import type { Image } from '../image.js';
 import { checkImageName, formatStoreUrl, type StoreAddress } from './address.js';
 import { DEFAULT_CHUNK_BYTES, checkChunkBytes, chunkHash, chunkKey, decodeChunk, encodeChunk, isZero } from './chunk.js';
 import type { ChunkCache } from './chunk-cache.js';
+import { isSealedManifest, type TenantKey } from './tenant.js';
 import { MANIFEST_FORMAT, MANIFEST_VERSION, chunksOf, manifestKey, parseManifest, pendingKey, totalBytes, type Manifest } from './manifest.js';
 import { ObjectStore, type ObjectStoreOptions } from './object-store.js';
 
@@ -67,15 +68,43 @@ export interface GcReport {
   abandonedPushes: number;
 }
 
+export interface SnapshotStoreOptions extends ObjectStoreOptions {
+  /** Seal chunks and manifests with this tenant's key (lib/store/tenant.ts): the store never sees plaintext. */
+  tenant?: TenantKey;
+}
+
 export class SnapshotStore {
   readonly address: StoreAddress;
   readonly objects: ObjectStore;
   readonly #log: Logger;
+  readonly #tenant: TenantKey | undefined;
 
-  constructor(address: StoreAddress, options: ObjectStoreOptions = {}) {
+  constructor(address: StoreAddress, options: SnapshotStoreOptions = {}) {
     this.address = address;
     this.#log = options.logger ?? silentLogger;
+    this.#tenant = options.tenant;
     this.objects = new ObjectStore(address, options);
+  }
+
+  /** The object holding the chunk whose content hashes to `hash` (named by the tenant's key, when there is one). */
+  #chunkObject(hash: string): string {
+    return chunkKey(this.#tenant ? this.#tenant.objectName(hash) : hash);
+  }
+
+  #objectNameOf(hash: string): string {
+    return this.#tenant ? this.#tenant.objectName(hash) : hash;
+  }
+
+  /** A manifest as stored: sealed with the tenant's key, when there is one. */
+  #manifestBytes(m: Manifest): Buffer {
+    const json = Buffer.from(JSON.stringify(m));
+    return this.#tenant ? this.#tenant.sealManifest(json) : json;
+  }
+
+  #readManifest(bytes: Buffer, where: string): Manifest {
+    if (this.#tenant) return parseManifest(this.#tenant.openManifest(bytes, where), where);
+    if (isSealedManifest(bytes)) throw new PostcopyError(ErrorCode.STORE_DENIED, `${where}: sealed with a tenant's key: give the key (--tenant-key-file)`);
+    return parseManifest(bytes, where);
   }
 
   get url(): string {
@@ -94,7 +123,7 @@ export class SnapshotStore {
         throw new PostcopyError(ErrorCode.STORE_NOT_FOUND, `no image "${name}" in ${this.url}`, { image: name });
       throw e;
     });
-    const m = parseManifest(bytes, formatStoreUrl(this.address, name));
+    const m = this.#readManifest(bytes, formatStoreUrl(this.address, name));
     if (m.name !== name) throw new PostcopyError(ErrorCode.STORE_CORRUPT, `${formatStoreUrl(this.address, name)}: the manifest names "${m.name}"`);
     return m;
   }
@@ -106,11 +135,11 @@ export class SnapshotStore {
   async chunk(hash: string, cache?: ChunkCache): Promise<Buffer> {
     const fetch = async () => {
       try {
-        return await decodeChunk(hash, await this.objects.get(chunkKey(hash)));
+        return await decodeChunk(hash, await this.objects.get(this.#chunkObject(hash)), this.#tenant);
       } catch (err) {
         if (asCodedError(err).code !== ErrorCode.STORE_CORRUPT) throw err;
         this.#log.warn({ chunk: hash, err: (err as Error).message }, 'a chunk came damaged; fetching it again');
-        return decodeChunk(hash, await this.objects.get(chunkKey(hash)));
+        return decodeChunk(hash, await this.objects.get(this.#chunkObject(hash)), this.#tenant);
       }
     };
     return cache ? cache.get(hash, fetch) : fetch();
@@ -194,7 +223,8 @@ export class SnapshotStore {
       ...(files.length ? { files: files.map(({ name: n, length, chunk }) => ({ name: n, length, chunk })) } : {}),
     };
     parseManifest(Buffer.from(JSON.stringify(manifest)), name); // what is written can be read back
-    const body = Buffer.from(JSON.stringify(manifest));
+
+    const body = this.#manifestBytes(manifest);
     // Named first as pending, so that a gc running meanwhile keeps every chunk this push counts on.
     const pending = pendingKey(name, randomBytes(6).toString('hex'));
     await this.objects.put(pending, body, 'application/json');
@@ -224,12 +254,12 @@ export class SnapshotStore {
           present++;
         } else {
           // A chunk found is trusted while no gc may take it (young, or named by an image); an old orphan is written again.
-          const found = await this.objects.head(chunkKey(hash));
+          const found = await this.objects.head(this.#chunkObject(hash));
           if (found && Date.now() - found.lastModified.getTime() < graceMs / 2) {
             present++;
           } else {
-            const object = await encodeChunk('file' in at ? at.file : image.bytes(at.region).subarray(at.offset, at.offset + at.length));
-            await this.objects.put(chunkKey(hash), object);
+            const object = await encodeChunk('file' in at ? at.file : image.bytes(at.region).subarray(at.offset, at.offset + at.length), this.#tenant, hash);
+            await this.objects.put(this.#chunkObject(hash), object);
             uploaded++;
             uploadedBytes += object.length;
           }
@@ -299,7 +329,7 @@ export class SnapshotStore {
     const readRoots = async () => {
       for await (const o of this.objects.list('images/')) {
         images++;
-        for (const c of chunksOf(await this.manifest(o.key.slice('images/'.length).replace(/\.json$/, '')))) named.add(c);
+        for (const c of chunksOf(await this.manifest(o.key.slice('images/'.length).replace(/\.json$/, '')))) named.add(this.#objectNameOf(c));
       }
       for await (const o of this.objects.list('pending/')) {
         if (started - o.lastModified.getTime() > PENDING_EXPIRES_MS) {
@@ -307,11 +337,8 @@ export class SnapshotStore {
           abandoned++;
           continue;
         }
-        const m = await this.objects
-          .get(o.key)
-          .then((b) => parseManifest(b, o.key))
-          .catch(() => null); // finished (deleted) meanwhile
-        if (m) for (const c of chunksOf(m)) named.add(c);
+        const bytes = await this.objects.get(o.key).catch(() => null); // finished (deleted) meanwhile
+        if (bytes) for (const c of chunksOf(this.#readManifest(bytes, o.key))) named.add(this.#objectNameOf(c));
       }
     };
     await readRoots();
