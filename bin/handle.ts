@@ -137,7 +137,8 @@ export async function handle(argv: string[], log: Logger): Promise<void> {
   }
   const prefetch = values.prefetch === undefined ? undefined : readWorkingSet(values.prefetch);
   if (values.image && values['in-place']) throw new UsageError('--in-place takes the memory of a source (--source); --image serves a file here already');
-  if (values.image && values.rate !== undefined) throw new UsageError("--rate limits a source's background stream; a local --image has none to limit");
+  if (values.image && !storeImage && values.rate !== undefined)
+    throw new UsageError("--rate limits a source's background stream; a local --image has none to limit");
   if (values.template !== undefined && values['in-place']) throw new UsageError('--template shares its own copy of the image: drop --in-place');
   if (values.template !== undefined && record !== undefined)
     throw new UsageError("--template: a clone's working set cannot be recorded; drop --record-working-set");

@@ -24,6 +24,8 @@ const FINAL = new Set<string>([ErrorCode.STORE_NOT_FOUND, ErrorCode.STORE_CORRUP
 export interface StoreFeederOptions {
   /** Working-set and background pieces in flight (default 16). */
   parallel?: number;
+  /** The working set and the background at most this many bytes a second (0: no limit); the pieces faults wait on never wait for it. */
+  rateBytesPerSecond?: number;
   /** Backoff between attempts at a piece while the store is out of reach (default 100 ms doubling to 5 s). */
   retryDelayMs?: { initial: number; max: number };
   logger?: Logger;
@@ -48,6 +50,9 @@ export class StoreFeeder extends EventEmitter {
   readonly #parallel: number;
   readonly #retry: { initial: number; max: number };
   #ahead = 0;
+  readonly #rate: number;
+  /** Rate-limited: when the next piece fetched ahead may start. */
+  #nextAheadAt = 0;
   #stopped = false;
   #outageSince = 0;
   readonly #timers = new Set<NodeJS.Timeout>();
@@ -62,6 +67,7 @@ export class StoreFeeder extends EventEmitter {
     this.#log = options.logger ?? silentLogger;
     this.#parallel = options.parallel ?? 16;
     this.#retry = options.retryDelayMs ?? { initial: 100, max: 5000 };
+    this.#rate = options.rateBytesPerSecond ?? 0;
   }
 
   start(): void {
@@ -92,11 +98,32 @@ export class StoreFeeder extends EventEmitter {
     for (const piece of this.#engine.takeStorePieces(room)) {
       const ahead = piece.why === Reason.prefetch || piece.why === Reason.background;
       if (ahead) this.#ahead++;
-      void this.#feed(piece, 0).finally(() => {
-        if (ahead) this.#ahead--;
-        this.#pump();
-      });
+      void this.#paced(piece, ahead)
+        .then(() => this.#feed(piece, 0))
+        .finally(() => {
+          if (ahead) this.#ahead--;
+          this.#pump();
+        });
     }
+  }
+
+  /** A piece fetched ahead waits its turn under the rate limit. */
+  async #paced(piece: StorePiece, ahead: boolean): Promise<void> {
+    if (!ahead || this.#rate <= 0) return;
+    const now = Date.now();
+    const at = Math.max(now, this.#nextAheadAt);
+    this.#nextAheadAt = at + ((piece.sourceCount * this.#manifest.regions[piece.sourceRegion].pageSize) / this.#rate) * 1000;
+    if (at > now) await this.#sleep(at - now);
+  }
+
+  #sleep(ms: number): Promise<void> {
+    return new Promise<void>((resolve) => {
+      const timer = setTimeout(() => {
+        this.#timers.delete(timer);
+        resolve();
+      }, ms);
+      this.#timers.add(timer);
+    });
   }
 
   /** Fetches a piece and installs it; while the store is out of reach, again after the backoff. */
@@ -121,16 +148,7 @@ export class StoreFeeder extends EventEmitter {
         this.#outage(e);
         this.stats.retries++;
         const delay = Math.min(this.#retry.max, this.#retry.initial * 2 ** Math.min(attempt++, 30));
-        await new Promise<void>((resolve) => {
-          const timer = setTimeout(
-            () => {
-              this.#timers.delete(timer);
-              resolve();
-            },
-            delay * (0.5 + Math.random() / 2),
-          ); // jitter: many pieces do not come back at once
-          this.#timers.add(timer);
-        });
+        await this.#sleep(delay * (0.5 + Math.random() / 2)); // jitter: many pieces do not come back at once
       }
     }
   }

@@ -99,6 +99,7 @@ export class StoreSession extends EventEmitter implements PageSession {
     this.#feeder = new StoreFeeder(o.engine, o.store, o.manifest, o.cache, {
       logger: log,
       parallel,
+      rateBytesPerSecond: transfer.background.rateBytesPerSecond,
       ...(options.recovery?.retryDelayMs ? { retryDelayMs: options.recovery.retryDelayMs } : {}),
     });
     this.#feeder.on('outage', (e: CodedError) => this.#pause(e));

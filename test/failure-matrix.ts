@@ -19,6 +19,7 @@ import type { Test } from 'tap';
 import { FaultProxy, type Direction } from './fault-proxy.js';
 import { PAGE, buildFixture, cliCommand, randomImage, reserveHugePages, tempDir, until, writeImage } from './helpers.js';
 import { seededRandom } from './cut-points.js';
+import { freshBucket, ownGateway } from './store/env.js';
 
 export const FAILURES = ['source-restarted', 'source-lost', 'link-cut', 'link-blackholed', 'worker-killed', 'supervisor-killed'] as const;
 export type Failure = (typeof FAILURES)[number];
@@ -51,6 +52,8 @@ export interface Mode {
   vmmArgs?: string[];
   /** A live source: `serve --live` moving a running workload (the VMM fixture in source mode). */
   live?: boolean;
+  /** No source process: the image is in a snapshot store (a gateway of the cell's own, on the real Ceph RGW), restored with --image s3://. */
+  store?: boolean;
   /** Huge pages the mode needs reserved (vm.nr_hugepages). */
   hugePages?: number;
   /** Once per run before its cells: e.g. record a working set to replay. */
@@ -114,6 +117,14 @@ export const MODES: readonly Mode[] = [
       'supervisor-killed': HANDLER_ONLY,
     },
   },
+  {
+    name: 'store',
+    destination: 'restore',
+    transport: 'tcp',
+    store: true,
+    notCells: { 'worker-killed': HANDLER_ONLY, 'supervisor-killed': HANDLER_ONLY },
+  },
+  { name: 'handler from a store', destination: 'vmm', transport: 'tcp', store: true },
   { name: 'handler (copy)', destination: 'vmm', transport: 'unix' },
   { name: 'handler over sealed TCP', destination: 'vmm', transport: 'tcp' },
   { name: 'MINOR', destination: 'vmm', transport: 'unix', vmmArgs: ['--memfd'] },
@@ -255,6 +266,90 @@ function logsOf(child: ChildProcess) {
   return { lines, wait };
 }
 
+/** What a cell moves pages from, as the destination is told, and how the cell fails it. */
+interface SourceUnderTest {
+  /** The destination's options naming it (--source ... or --image s3://...). */
+  sourceArgs: string[];
+  /** More environment for the destination (the store's endpoint: the proxy in front of it). */
+  env: Record<string, string>;
+  /** Every link goes through it (null: no link to fault). */
+  proxy: FaultProxy | null;
+  /** Where it is reached without the proxy. */
+  firstAddress: string;
+  /** Killed (-9) and started again where it was. */
+  restart(): Promise<void>;
+  /** Killed (-9) for good, with every replica. */
+  loseAll(): Promise<void>;
+}
+
+/** `postcopy serve` (and a replica, for that mode) behind the fault proxy. */
+async function serveSource(
+  t: Test,
+  mode: Mode,
+  dir: string,
+  serveArgs: (address: string) => string[],
+  listen: (name: string) => string,
+  live: { socket: string; dump: string } | null,
+  imagePath: string,
+): Promise<SourceUnderTest> {
+  const firstServe = startServe(t, serveArgs(listen('source.sock')));
+  if (live) {
+    await until('serve --live to listen for its workload', () => existsSync(live.socket), 30_000);
+    const workload = spawn(
+      buildFixture('vmm'),
+      ['--live-source', live.socket, '--image', imagePath, '--write-rate', '2000', '--threads', '1', '--dump', live.dump],
+      {
+        stdio: ['ignore', 'ignore', 'inherit'],
+      },
+    );
+    t.teardown(() => void workload.kill('SIGKILL'));
+  }
+  const sources: Serve[] = [await firstServe];
+  const firstAddress = sources[0].address;
+  // A restart listens on the same port or path again.
+  sources[0].args = serveArgs(firstAddress);
+  if (mode.replica) sources.push(await startServe(t, serveArgs(listen('replica.sock'))));
+
+  // Every link goes through the proxy (unix modes: a unix proxy, so the destination still sees a unix source).
+  const proxy = mode.noLink ? null : await FaultProxy.start(t, firstAddress, mode.transport === 'unix' ? join(dir, 'proxy.sock') : undefined);
+  const source = proxy ? proxy.address : firstAddress;
+  const sourceArgs = ['--source', source, ...(mode.replica ? ['--source', sources[1].address] : [])];
+  return {
+    sourceArgs,
+    env: {},
+    proxy,
+    firstAddress,
+    restart: async () => {
+      await kill(sources[0].child);
+      sources[0] = await startServe(t, sources[0].args);
+    },
+    loseAll: async () => {
+      for (const s of sources) await kill(s.child);
+    },
+  };
+}
+
+/** No source process: the image pushed to a snapshot store, read through a gateway of the cell's own (on the real Ceph RGW) behind the fault proxy. */
+async function storeSource(t: Test, dir: string, imagePath: string): Promise<SourceUnderTest> {
+  const bucket = await freshBucket(t);
+  const pushed = await runCliToEnd(['store', 'push', imagePath, '--to', `${bucket}/matrix`, '--name', 'vm']);
+  if (pushed.code !== 0) throw new Error(`store push failed: ${pushed.stderr}`);
+  const gateway = await ownGateway(t);
+  const at = new URL(gateway.endpoint);
+  const proxy = await FaultProxy.start(t, `tcp:${at.hostname}:${at.port}`);
+  return {
+    sourceArgs: ['--image', `${bucket}/matrix/vm`, '--cache-dir', join(dir, 'cache')],
+    env: { AWS_ENDPOINT_URL_S3: `http://127.0.0.1:${proxy.port}` },
+    proxy,
+    firstAddress: gateway.endpoint,
+    restart: async () => {
+      gateway.kill();
+      await gateway.start();
+    },
+    loseAll: async () => gateway.kill(),
+  };
+}
+
 /**
  * Runs one cell: `mode` moves the image at `imagePath` while `failure`
  * strikes at `cut`. Bounded by `timeoutMs` (a hang is a failed cell).
@@ -278,31 +373,11 @@ export async function runCell(t: Test, mode: Mode, failure: Failure, cut: CutPoi
     live
       ? ['--live', '--socket', live.socket, '--listen', address, '--migration', 'postcopy']
       : ['--image', served, '--listen', address, ...(mode.serveArgs ?? [])];
-  const firstServe = startServe(t, serveArgs(listen('source.sock')));
-  if (live) {
-    await until('serve --live to listen for its workload', () => existsSync(live.socket), 30_000);
-    const workload = spawn(
-      buildFixture('vmm'),
-      ['--live-source', live.socket, '--image', imagePath, '--write-rate', '2000', '--threads', '1', '--dump', live.dump],
-      {
-        stdio: ['ignore', 'ignore', 'inherit'],
-      },
-    );
-    t.teardown(() => void workload.kill('SIGKILL'));
-  }
-  const sources: Serve[] = [await firstServe];
-  const firstAddress = sources[0].address;
-  // A restart listens on the same port or path again.
-  sources[0].args = serveArgs(firstAddress);
-  if (mode.replica) sources.push(await startServe(t, serveArgs(listen('replica.sock'))));
-
-  // Every link goes through the proxy (unix modes: a unix proxy, so the destination still sees a unix source).
-  const proxy = mode.noLink ? null : await FaultProxy.start(t, firstAddress, mode.transport === 'unix' ? join(dir, 'proxy.sock') : undefined);
-  const source = proxy ? proxy.address : firstAddress;
-  const sourceArgs = ['--source', source, ...(mode.replica ? ['--source', sources[1].address] : [])];
+  const src = mode.store ? await storeSource(t, dir, imagePath) : await serveSource(t, mode, dir, serveArgs, listen, live, imagePath);
+  const { proxy, sourceArgs } = src;
   const givingUp = failure === 'source-lost';
   const recoveryArgs = ['--silence-timeout', '1s', ...(givingUp ? ['--give-up-after', '1500ms'] : [])];
-  if (mode.prepare) await mode.prepare(dir, imagePath, firstAddress);
+  if (mode.prepare) await mode.prepare(dir, imagePath, src.firstAddress);
   if (proxy && (failure === 'link-cut' || failure === 'link-blackholed'))
     void proxy.whenCarried('down', UNDERWAY_BYTES).then(() => {
       const open = proxy.open;
@@ -320,10 +395,9 @@ export async function runCell(t: Test, mode: Mode, failure: Failure, cut: CutPoi
     await Promise.race([proxy ? proxy.whenCarried('down', cut.afterBytes) : started, ended]);
     if (finished) return;
     struck = true;
-    if (failure === 'source-restarted' || failure === 'source-lost') {
-      for (const s of sources.slice(0, failure === 'source-lost' ? sources.length : 1)) await kill(s.child);
-      if (failure === 'source-restarted') sources[0] = await startServe(t, sources[0].args);
-    } else if (failure === 'worker-killed') {
+    if (failure === 'source-restarted') await src.restart();
+    else if (failure === 'source-lost') await src.loseAll();
+    else if (failure === 'worker-killed') {
       const pid = workerPid?.();
       if (pid) process.kill(pid, 'SIGKILL');
     } else if (failure === 'supervisor-killed') {
@@ -352,6 +426,7 @@ export async function runCell(t: Test, mode: Mode, failure: Failure, cut: CutPoi
     const rate = mode.noLink ? [] : ['--rate', '16M'];
     const restore = spawn(cmd, [...pre, 'restore', ...sourceArgs, '--out', out, '--json', ...rate, ...recoveryArgs, ...prefetch, ...(mode.restoreArgs ?? [])], {
       stdio: ['ignore', 'pipe', 'pipe'],
+      env: { ...process.env, ...src.env },
     });
     t.teardown(() => void restore.kill('SIGKILL'));
     let stderr = '';
@@ -359,7 +434,9 @@ export async function runCell(t: Test, mode: Mode, failure: Failure, cut: CutPoi
     lastWords = () => stderr.trim().split('\n').slice(-4).join(' | ');
     const ended = once(restore, 'close').then(([code]) => code as number | null);
     void ended.then(() => (finished = true));
-    const started = new Promise((resolve) => restore.stderr!.on('data', () => stderr.includes('"transfer started"') && resolve(true)));
+    const started = new Promise((resolve) =>
+      restore.stderr!.on('data', () => (stderr.includes('"transfer started"') || stderr.includes('"restoring from a store"')) && resolve(true)),
+    );
     const striking = strike(ended, started);
     const code = await deadline(ended, `restore, ${failure}`);
     await striking;
@@ -385,6 +462,7 @@ export async function runCell(t: Test, mode: Mode, failure: Failure, cut: CutPoi
   const [cmd, ...pre] = cliCommand();
   const handle = spawn(cmd, [...pre, 'handle', '--socket', handlerSocket, ...sourceArgs, '--rate', '16M', ...recoveryArgs, ...(mode.handleArgs ?? [])], {
     stdio: ['ignore', 'pipe', 'pipe'],
+    env: { ...process.env, ...src.env },
   });
   t.teardown(() => void handle.kill('SIGKILL'));
   const handleLogs = logsOf(handle);

@@ -20,6 +20,7 @@ import {
   type S3ClientConfig,
 } from '@aws-sdk/client-s3';
 import { NodeHttpHandler } from '@smithy/node-http-handler';
+import type { Readable } from 'node:stream';
 import { ErrorCode, PostcopyError } from '../errors.js';
 import { silentLogger, type Logger } from '../logger.js';
 import { formatStoreUrl, type StoreAddress } from './address.js';
@@ -46,6 +47,8 @@ export interface ObjectStoreOptions extends StoreCredentials {
   maxSockets?: number;
 }
 
+const BODY_STALLED = 'ERR_STORE_BODY_STALLED';
+
 export interface StoredObject {
   key: string;
   size: number;
@@ -69,10 +72,14 @@ export class ObjectStore {
   readonly stats: ObjectStoreStats = { gets: 0, bytesFetched: 0, puts: 0, bytesUploaded: 0, heads: 0, lists: 0, deletes: 0 };
   readonly #client: S3Client;
   readonly #log: Logger;
+  readonly #timeoutMs: number;
+  readonly #maxAttempts: number;
 
   constructor(address: StoreAddress, options: ObjectStoreOptions = {}) {
     this.address = address;
     this.#log = options.logger ?? silentLogger;
+    this.#timeoutMs = options.requestTimeoutMs ?? 10_000;
+    this.#maxAttempts = options.maxAttempts ?? 5;
     const endpoint = options.endpoint ?? process.env.AWS_ENDPOINT_URL_S3 ?? process.env.AWS_ENDPOINT_URL;
     this.endpoint = endpoint ?? 'https://s3.amazonaws.com';
     const maxSockets = options.maxSockets ?? 128;
@@ -87,6 +94,8 @@ export class ObjectStore {
       requestHandler: new NodeHttpHandler({
         connectionTimeout: Math.min(3000, options.requestTimeoutMs ?? 10_000),
         requestTimeout: options.requestTimeoutMs ?? 10_000,
+        // A request past its time fails (and is retried); by default the handler only warns and the request waits forever (a blackholed link).
+        throwOnRequestTimeout: true,
         httpAgent: new Agent({ keepAlive: true, maxSockets }),
         httpsAgent: new HttpsAgent({ keepAlive: true, maxSockets }),
       }),
@@ -102,19 +111,50 @@ export class ObjectStore {
     return this.address.prefix ? `${this.address.prefix}/${name}` : name;
   }
 
-  /** The object's bytes; `range`: [first byte, last byte] inclusive. */
+  /**
+   * The object's bytes; `range`: [first byte, last byte] inclusive. A body
+   * that stops coming (a link gone silent mid-transfer) fails after the
+   * request timeout like a request that gets no answer, and is tried again.
+   */
   async get(name: string, range?: [number, number]): Promise<Buffer> {
-    this.stats.gets++;
-    try {
-      const out = await this.#client.send(
-        new GetObjectCommand({ Bucket: this.address.bucket, Key: this.key(name), ...(range ? { Range: `bytes=${range[0]}-${range[1]}` } : {}) }),
-      );
-      const bytes = Buffer.from(await out.Body!.transformToByteArray());
-      this.stats.bytesFetched += bytes.length;
-      return bytes;
-    } catch (err) {
-      throw this.#coded(err, name);
+    for (let attempt = 1; ; attempt++) {
+      this.stats.gets++;
+      try {
+        const out = await this.#client.send(
+          new GetObjectCommand({ Bucket: this.address.bucket, Key: this.key(name), ...(range ? { Range: `bytes=${range[0]}-${range[1]}` } : {}) }),
+        );
+        const bytes = await this.#body(out.Body as Readable);
+        this.stats.bytesFetched += bytes.length;
+        return bytes;
+      } catch (err) {
+        if ((err as { code?: string }).code === BODY_STALLED && attempt < this.#maxAttempts) continue;
+        throw this.#coded(err, name);
+      }
     }
+  }
+
+  /** A response body, read whole; fails (BODY_STALLED) when no byte comes for the request timeout. */
+  #body(body: Readable): Promise<Buffer> {
+    return new Promise((resolve, reject) => {
+      const parts: Buffer[] = [];
+      let timer = setTimeout(stalled, this.#timeoutMs);
+      function stalled() {
+        body.destroy(Object.assign(new Error('the body stopped coming'), { code: BODY_STALLED, name: 'TimeoutError' }));
+      }
+      body.on('data', (d: Buffer) => {
+        parts.push(d);
+        clearTimeout(timer);
+        timer = setTimeout(stalled, this.#timeoutMs);
+      });
+      body.once('end', () => {
+        clearTimeout(timer);
+        resolve(Buffer.concat(parts));
+      });
+      body.once('error', (err) => {
+        clearTimeout(timer);
+        reject(err);
+      });
+    });
   }
 
   async put(name: string, body: Uint8Array, contentType = 'application/octet-stream'): Promise<void> {
