@@ -20,3 +20,8 @@ export { LocalSession, type LocalSessionOptions } from './client/local-session.j
 export { SourceConnection } from './client/source-connection.js';
 export { readWorkingSet, writeWorkingSet, type WorkingSet } from './client/working-set.js';
 export { createLogger, silentLogger, type Logger } from './lib/logger.js';
+export { SnapshotStore, type SnapshotStoreOptions, type PushReport, type GcReport, type ImageEntry } from './lib/store/snapshot-store.js';
+export { ChunkCache, type ChunkCacheOptions } from './lib/store/chunk-cache.js';
+export { TenantKey } from './lib/store/tenant.js';
+export { parseStoreUrl, parseImageUrl, type StoreAddress, type ImageAddress } from './lib/store/address.js';
+export { StoreSession, type StoreSessionOptions } from './client/store-session.js';
