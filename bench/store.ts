@@ -8,6 +8,7 @@
 //            of the pages: fault p50/p99 against a GET of one chunk
 //   warm     the same with the host cache warm: fault p50 against the floor's local case
 //   full     time to full residency against a GET of the same bytes as one object
+//   prefetch a cold start with its recorded working set against one without
 //   fanout   16 restores of one image at once on this host (processes):
 //            chunks fetched from the store / distinct chunks, and time against one alone
 import { spawn } from 'node:child_process';
@@ -20,13 +21,14 @@ import { Destination } from '../client/destination.js';
 import type { StoreSession } from '../client/store-session.js';
 import { Image } from '../lib/image.js';
 import { PAGE_SIZE } from '../lib/memory.js';
-import { shuffledOrder, touchPages } from '../lib/workload.js';
+import { coldStartOrder, shuffledOrder, touchPages } from '../lib/workload.js';
 import { ChunkCache } from '../lib/store/chunk-cache.js';
 import { DEFAULT_CHUNK_BYTES, chunkKey } from '../lib/store/chunk.js';
 import { ObjectStore } from '../lib/store/object-store.js';
 import { SnapshotStore } from '../lib/store/snapshot-store.js';
 import { projectRoot } from '../lib/package-root.js';
-import { median, round } from './latency.js';
+import { interleaved, median, round } from './latency.js';
+import { recordOnce } from './local.js';
 import { runFloor, type FloorLatency } from './floor.js';
 
 export interface StoreBenchOptions {
@@ -82,6 +84,8 @@ export async function storeBench(options: StoreBenchOptions): Promise<StoreBench
     }
     options.progress("warm: the same with the host cache warm, beside the floor's local case");
     results.push(await cold(bucket, 'warm', options.pages, DEFAULT_CHUNK_BYTES, dir, true));
+    options.progress('prefetch: a cold start from the store with its recorded working set, against one without');
+    results.push(await prefetch(bucket, Math.min(options.pages, 16384), 3));
     options.progress('fanout: 16 restores of one image at once on this host');
     results.push(await fanout(bucket, Math.min(options.pages, 16384), dir));
   } finally {
@@ -277,6 +281,54 @@ async function full(bucket: string, prefix: string, pages: number, chunkBytes: n
   }
 }
 
+/**
+ * A cold start (a stable 15% working set in a new order, and a few pages of
+ * its own) from the store with an empty cache, with and without --prefetch
+ * of the set recorded once: interleaved rounds, the median of the ratios.
+ */
+async function prefetch(bucket: string, pages: number, rounds: number): Promise<StoreBenchResult> {
+  const store = new SnapshotStore({ bucket, prefix: 'prefetch' });
+  const image = Image.open([{ buffer: memoryLikeImage(pages, 6) }]);
+  try {
+    await store.push(image, 'vm');
+    const from = { storeImage: { store, name: 'vm' }, cache: false as const };
+    const set = await recordOnce(from, pages);
+    const run = async (seed: number, withSet: boolean) => {
+      const dest = await Destination.connect({ ...from, ...(withSet ? { prefetch: set } : {}) });
+      try {
+        const r = dest.regions[0].mapping;
+        const touched = await touchPages(r.address, pages, coldStartOrder(pages, seed), { mapping: r });
+        const report = await dest.finish();
+        if (!report.digestMatch) throw new Error('the restore differs from the image');
+        return { ms: touched.totalNs / 1e6, demandFaults: report.pagesOnDemand };
+      } finally {
+        dest.close();
+      }
+    };
+    const { a: without, b: withSet } = await interleaved(
+      rounds,
+      (r) => run(100 + r, false),
+      (r) => run(100 + r, true),
+    );
+    const time = withSet.map((w, i) => w.ms / without[i].ms);
+    const faults = withSet.map((w, i) => w.demandFaults / Math.max(1, without[i].demandFaults));
+    return {
+      case: 'prefetch',
+      pages,
+      rounds,
+      workingSetPages: set.entries.length / 8,
+      withoutMs: round(median(without.map((w) => w.ms))),
+      withMs: round(median(withSet.map((w) => w.ms))),
+      timeRatio: round(median(time)),
+      faultsRatio: round(median(faults)),
+      spread: { time: [round(Math.min(...time)), round(Math.max(...time))] },
+    };
+  } finally {
+    image.close();
+    store.close();
+  }
+}
+
 /** 16 CLI restores of one image at once, sharing this host's cache: chunks fetched from the store against distinct chunks. */
 async function fanout(bucket: string, pages: number, dir: string): Promise<StoreBenchResult> {
   const store = new SnapshotStore({ bucket, prefix: 'fanout' });
@@ -341,6 +393,10 @@ export function storeTable(results: StoreBenchResult[]): string {
       const f = r.floorLocal as { p50_us: number };
       lines.push(`| warm | ${chunk} | fault p50 (µs) | ${o.p50_us} | ${f.p50_us} (floor, local) | ${(r.ratio as { p50: number }).p50} |`);
     } else if (r.case === 'full') lines.push(`| full | ${chunk} | time to full residency (ms) | ${r.oursMs} | ${r.wholeGetMs} (one GET) | ${r.ratio} |`);
+    else if (r.case === 'prefetch')
+      lines.push(
+        `| prefetch | ${DEFAULT_CHUNK_BYTES / 1024} KiB | cold start with its working set (ms) | ${r.withMs} | ${r.withoutMs} (without) | ${r.timeRatio} |`,
+      );
     else if (r.case === 'fanout') {
       lines.push(
         `| fanout | ${DEFAULT_CHUNK_BYTES / 1024} KiB | chunks fetched, 16 restores | ${r.chunksFetched} | ${r.distinctChunks} distinct | ${r.fetchedChunksRatio} |`,

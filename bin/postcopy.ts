@@ -72,8 +72,9 @@ postcopy bench store [--pages N] [--chunk-sizes S,S,...] [--json]
   p50/p99 against a GET of one chunk; bytes fetched against bytes needed),
   and full (time to full residency against one GET of the same bytes), per
   chunk size (default 64K,128K,256K,512K); warm (the cold case again, cache
-  warm, beside the floor's local case); fanout (16 restores at once on this
-  host: chunks fetched against distinct chunks, and time against one
+  warm, beside the floor's local case); prefetch (a cold start with its
+  recorded working set against one without); fanout (16 restores at once on
+  this host: chunks fetched against distinct chunks, and time against one
   alone). JSON lines, then a table.
 
 postcopy bench encryption [--pages N] [--rounds R]
