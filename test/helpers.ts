@@ -44,7 +44,8 @@ export async function until<T>(
 
 export function tempDir(t: Test, prefix = 'uffd-postcopy-'): string {
   const dir = mkdtempSync(join(tmpdir(), prefix));
-  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  // A child killed in another teardown may still be writing here (serve keeps its sums beside an image): retried while the directory fills.
+  t.teardown(() => rmSync(dir, { recursive: true, force: true, maxRetries: 20, retryDelay: 50 }));
   return dir;
 }
 
