@@ -13,7 +13,7 @@ import { transferOptions, type TransferOptions } from '../lib/transfer.js';
 import type { Image } from '../lib/image.js';
 import type { ChannelFailure, DestinationStats, FaultEngine } from './fault-engine.js';
 import { checkReplay } from './working-set.js';
-import { sessionClosed, type EngineFactory, type PageSession, type RecoveryStatus, type ReplayOptions } from './session.js';
+import { sessionClosed, whenState, type EngineFactory, type PageSession, type RecoveryStatus, type ReplayOptions } from './session.js';
 
 /** running: pages are installed from the image; resident: every page is in; verified: checked against the image. */
 export type LocalState = 'running' | 'resident' | 'verified' | 'failed' | 'closed';
@@ -152,19 +152,7 @@ export class LocalSession extends EventEmitter implements PageSession {
   }
 
   whenResident(): Promise<void> {
-    return new Promise((resolve, reject) => {
-      const check = (): boolean => {
-        if (this.#machine.is('resident', 'verified')) resolve();
-        else if (this.#machine.is('failed', 'closed')) reject(this.#lastError ?? sessionClosed());
-        else return false;
-        return true;
-      };
-      if (check()) return;
-      const listener = () => {
-        if (check()) this.off('state', listener);
-      };
-      this.on('state', listener);
-    });
+    return whenState(this, ['resident', 'verified'], () => this.#lastError ?? sessionClosed());
   }
 
   /** The image's own digests (and installed-pages checksums, when asked), as a source would answer `done`. */

@@ -316,7 +316,7 @@ export class DestinationSession extends EventEmitter implements PageSession {
 
   /** Resolves once every page is resident; rejects when the session fails or closes first. */
   whenResident(): Promise<void> {
-    return this.#until(['resident', 'verified']);
+    return whenState(this, ['resident', 'verified'], () => this.#failure ?? sessionClosed(this.#lastError));
   }
 
   whenRunning(): Promise<void> {
@@ -802,23 +802,26 @@ export class DestinationSession extends EventEmitter implements PageSession {
       ),
     );
   }
+}
 
-  /** Resolves when the session is in one of `states`; rejects once it fails or closes. */
-  #until(states: DestinationState[]): Promise<void> {
-    return new Promise((resolve, reject) => {
-      const check = (): boolean => {
-        if (states.includes(this.state)) resolve();
-        else if (this.#machine.is('failed', 'closed')) reject(this.#failure ?? sessionClosed(this.#lastError));
-        else return false;
-        return true;
-      };
-      if (check()) return;
-      const listener = () => {
-        if (check()) this.off('state', listener);
-      };
-      this.on('state', listener);
-    });
-  }
+/**
+ * Resolves once `session` (its 'state' events) is in one of `states`;
+ * rejects with `failure()` once it is failed or closed first.
+ */
+export function whenState(session: EventEmitter & { readonly state: string }, states: readonly string[], failure: () => CodedError): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const check = (): boolean => {
+      if (states.includes(session.state)) resolve();
+      else if (session.state === 'failed' || session.state === 'closed') reject(failure());
+      else return false;
+      return true;
+    };
+    if (check()) return;
+    const listener = () => {
+      if (check()) session.off('state', listener);
+    };
+    session.on('state', listener);
+  });
 }
 
 /** What a wait on a session its owner closed rejects with; `last`: what had gone wrong before, if anything. */

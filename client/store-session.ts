@@ -19,7 +19,7 @@ import type { TenantKey } from '../lib/store/tenant.js';
 import type { DestinationStats, FaultEngine } from './fault-engine.js';
 import { StoreFeeder, type StoreFeederStats } from './store-feeder.js';
 import { checkReplay } from './working-set.js';
-import { sessionClosed, type EngineFactory, type PageSession, type RecoveryStatus, type ReplayOptions } from './session.js';
+import { sessionClosed, whenState, type EngineFactory, type PageSession, type RecoveryStatus, type ReplayOptions } from './session.js';
 
 /** running: pieces come as wanted; paused: the store is out of reach; resident: every page is in; verified: checked against the manifest. */
 export type StoreState = 'running' | 'paused' | 'resident' | 'verified' | 'failed' | 'closed';
@@ -204,19 +204,7 @@ export class StoreSession extends EventEmitter implements PageSession {
   }
 
   whenResident(): Promise<void> {
-    return new Promise((resolve, reject) => {
-      const check = (): boolean => {
-        if (this.#machine.is('resident', 'verified')) resolve();
-        else if (this.#machine.is('failed', 'closed')) reject(this.#lastError && this.#machine.is('failed') ? this.#lastError : sessionClosed(this.#lastError));
-        else return false;
-        return true;
-      };
-      if (check()) return;
-      const listener = () => {
-        if (check()) this.off('state', listener);
-      };
-      this.on('state', listener);
-    });
+    return whenState(this, ['resident', 'verified'], () => (this.#lastError && this.#machine.is('failed') ? this.#lastError : sessionClosed(this.#lastError)));
   }
 
   /** The manifest's digests, as a source would answer `done` (installed-pages checksums need the image itself: not asked of a store). */
