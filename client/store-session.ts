@@ -210,6 +210,7 @@ export class StoreSession extends EventEmitter implements PageSession {
   /** The manifest's digests, as a source would answer `done` (installed-pages checksums need the image itself: not asked of a store). */
   async exchangeDigest(_stats: Record<string, unknown>, _verify?: VerifyRequest): Promise<MessageOf<'digest'>> {
     await this.whenResident();
+    await this.cache?.settled(); // a finished restore leaves every chunk it fetched kept for the next one on this host
     // The report's `source`: what came from the store, and what the cache answered.
     return { t: 'digest', regions: this.manifest.regions.map((r) => ({ id: r.id, sha256: r.sha256 })), stats: { pagesSent: 0, ...this.fetched } };
   }

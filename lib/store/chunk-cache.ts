@@ -55,6 +55,8 @@ export class ChunkCache {
   /** Bytes in the directory as this process last counted them (null until first counted). */
   #bytes: number | null = null;
   #evicting: Promise<void> | null = null;
+  /** Chunks being written to the cache (after their fetch was answered). */
+  readonly #keeping = new Set<Promise<unknown>>();
 
   constructor(options: ChunkCacheOptions = {}) {
     this.dir = options.dir ?? defaultCacheDir();
@@ -106,7 +108,9 @@ export class ChunkCache {
           await unlink(lock).catch(() => {});
           throw err;
         }
-        void this.#keep(hash, plain).finally(() => unlink(lock).catch(() => {}));
+        const keeping = this.#keep(hash, plain).finally(() => unlink(lock).catch(() => {}));
+        this.#keeping.add(keeping);
+        void keeping.finally(() => this.#keeping.delete(keeping));
         return plain;
       }
       // Another process fetches it: its file appears once it is written.
@@ -181,8 +185,12 @@ export class ChunkCache {
       await this.#count();
       const tmp = join(this.dir, 'tmp', `${hash}.${process.pid}.${randomBytes(4).toString('hex')}`);
       await writeFile(tmp, plain, { mode: 0o600 });
-      const dir = join(this.dir, hash.slice(0, 2));
-      mkdirSync(dir, { recursive: true, mode: 0o700 });
+      // Never the cache's own directory again: one removed under a running restore stays removed.
+      try {
+        mkdirSync(join(this.dir, hash.slice(0, 2)), { mode: 0o700 });
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+      }
       await rename(tmp, this.#path(hash));
       this.#bytes! += plain.length;
       if (this.#bytes! > this.maxBytes) await (this.#evicting ??= this.#evict().finally(() => (this.#evicting = null)));
@@ -224,6 +232,11 @@ export class ChunkCache {
     this.#bytes = bytes;
     this.stats.evicted += evicted;
     this.#log.info({ dir: this.dir, evicted, bytes, maxBytes: this.maxBytes }, 'chunk cache trimmed');
+  }
+
+  /** Resolves once every chunk fetched so far is written to the cache (and its lock let go). */
+  async settled(): Promise<void> {
+    while (this.#keeping.size) await Promise.allSettled([...this.#keeping]);
   }
 
   /** Bytes of chunks in the directory now. */
