@@ -9,6 +9,7 @@
 #include <napi.h>
 
 #include <memory>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -43,28 +44,35 @@ struct NativeEvent {
 
 // The answers a sink still owes (JS thread only): while any is, the sink keeps
 // the process alive. Shared with events in flight, which may be delivered
-// after the sink's owner is gone.
+// after the sink's owner is gone, and with the thread-safe function's own
+// finalizer: `gone` is set once Node has freed the function (after Close(),
+// or at process exit, when Node frees every one before it runs the finalizers
+// of objects collected on the way out), and nothing touches it after that.
 struct OwedAnswers {
   Napi::ThreadSafeFunction tsfn;
   uint64_t count = 0;
+  std::mutex mu;  // held by emitting threads across each call, and by the finalizer
+  bool gone = false;
   void Pay(Napi::Env env) {
-    if (count > 0 && --count == 0) tsfn.Unref(env);
+    if (count > 0 && --count == 0 && !gone) tsfn.Unref(env);
   }
 };
 
 class EventSink {
  public:
   void Open(Napi::Env env, Napi::Function callback, const char* name) {
-    tsfn_ = Napi::ThreadSafeFunction::New(env, callback, name, 0, 1);
+    tsfn_ = Napi::ThreadSafeFunction::New(env, callback, name, 0, 1, static_cast<void*>(nullptr), &Gone, new std::shared_ptr<OwedAnswers>(owed_));
     owed_->tsfn = tsfn_;
     open_ = true;
   }
   // JS thread: the sink keeps the process alive only while an answer is owed:
   // Owe() per answer expected, paid by the delivery of an event that
   // `settles`, or by Forgive() (an answer that will not come).
-  void KeepAliveOnlyWhileOwed(Napi::Env env) { tsfn_.Unref(env); }
+  void KeepAliveOnlyWhileOwed(Napi::Env env) {
+    if (!owed_->gone) tsfn_.Unref(env);
+  }
   void Owe(Napi::Env env) {
-    if (owed_->count++ == 0) tsfn_.Ref(env);
+    if (owed_->count++ == 0 && !owed_->gone) tsfn_.Ref(env);
   }
   void Forgive(Napi::Env env) { owed_->Pay(env); }
   // From any thread while open. Drops the event if the queue is closing.
@@ -72,16 +80,26 @@ class EventSink {
     if (!open_) return;
     if (event.settles) event.owed = owed_;
     auto* heap = new NativeEvent(std::move(event));
-    if (tsfn_.NonBlockingCall(heap, Deliver) != napi_ok) delete heap;
+    std::lock_guard<std::mutex> lock(owed_->mu);
+    if (owed_->gone || tsfn_.NonBlockingCall(heap, Deliver) != napi_ok) delete heap;
   }
   // On the JS thread, after every emitting thread has been joined.
   void Close() {
     if (!open_) return;
     open_ = false;
-    tsfn_.Release();
+    if (!owed_->gone) tsfn_.Release();
   }
 
  private:
+  // Node's finalizer of the thread-safe function (JS thread).
+  static void Gone(Napi::Env, std::shared_ptr<OwedAnswers>* owed, void*) {
+    {
+      std::lock_guard<std::mutex> lock((*owed)->mu);
+      (*owed)->gone = true;
+    }
+    delete owed;
+  }
+
   static void Deliver(Napi::Env env, Napi::Function callback, NativeEvent* event) {
     if (env != nullptr && callback != nullptr) {
       Napi::Object o = Napi::Object::New(env);
