@@ -11,6 +11,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitFaultEngine(env, exports);
   InitFdWatcher(env, exports);
   InitPageChecksum(env, exports);
+  InitChunkCache(env, exports);
   InitQemuSource(env, exports);
   InitConstants(env, exports);
   return exports;

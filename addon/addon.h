@@ -11,6 +11,7 @@ void InitPageServer(Napi::Env env, Napi::Object exports);
 void InitFaultEngine(Napi::Env env, Napi::Object exports);
 void InitFdWatcher(Napi::Env env, Napi::Object exports);
 void InitPageChecksum(Napi::Env env, Napi::Object exports);
+void InitChunkCache(Napi::Env env, Napi::Object exports);
 void InitQemuSource(Napi::Env env, Napi::Object exports);
 void InitConstants(Napi::Env env, Napi::Object exports);
 }  // namespace uffdpc

@@ -48,20 +48,33 @@ std::unique_ptr<ImageSupply> BuildImageSupply(Napi::Env env, Napi::Object o, Eng
   if (prefetch.IsTypedArray()) AddPrefetch(env, *supply, prefetch.As<Napi::TypedArrayOf<uint8_t>>());
   return supply;
 }
-// {store: {chunkBytes: [per source region]}, window: {forward, backward}, background?, prefetch?}
+// {store: {chunkBytes: [per source region], chunks: [Uint8Array per source
+// region: 32 bytes per chunk, its SHA-256 or zeros], cacheDir?}, window:
+// {forward, backward}, background?, prefetch?}
 std::unique_ptr<StoreSupply> BuildStoreSupply(Napi::Env env, Napi::Object o, EngineParts& parts, EventSink& events) {
   const TargetMap& map = *parts.map;
-  Napi::Array sizes = o.Get("store").As<Napi::Object>().Get("chunkBytes").As<Napi::Array>();
-  if (sizes.Length() != map.sourceRegions()) throw CodedError(env, "ERR_IMAGE_INVALID", "a store image needs a chunk size per source region");
+  Napi::Object store = o.Get("store").As<Napi::Object>();
+  Napi::Array sizes = store.Get("chunkBytes").As<Napi::Array>();
+  Napi::Array chunks = store.Get("chunks").As<Napi::Array>();
+  if (sizes.Length() != map.sourceRegions() || chunks.Length() != map.sourceRegions())
+    throw CodedError(env, "ERR_IMAGE_INVALID", "a store image needs a chunk size and chunk names per source region");
   std::vector<uint64_t> chunkBytes;
+  std::vector<std::vector<uint8_t>> names;
   for (uint32_t i = 0; i < sizes.Length(); i++) {
     uint64_t n = U64(sizes, i);
-    if (n < 4096 || (n & (n - 1)) != 0) throw CodedError(env, "ERR_OUT_OF_RANGE", "a chunk size is a power of two of 4 KiB or more");
+    uint64_t pageSize = map.sourcePageSize(i);
+    if (n < 4096 || (n & (n - 1)) != 0 || n < pageSize) throw CodedError(env, "ERR_OUT_OF_RANGE", "a chunk size is a power of two of 4 KiB or more, whole pages");
     chunkBytes.push_back(n);
+    auto bytes = chunks.Get(i).As<Napi::TypedArrayOf<uint8_t>>();
+    uint64_t count = (map.sourcePages(i) * pageSize + n - 1) / n;
+    if (bytes.ByteLength() != count * 32) throw CodedError(env, "ERR_OUT_OF_RANGE", "a store region needs 32 bytes of name per chunk");
+    names.emplace_back(bytes.Data(), bytes.Data() + bytes.ByteLength());
   }
+  Napi::Value dir = store.Get("cacheDir");
+  auto cache = std::make_unique<ChunkCacheReader>(dir.IsString() ? dir.As<Napi::String>().Utf8Value() : std::string(), std::move(names));
   Napi::Object window = o.Get("window").As<Napi::Object>();
   StoreSupply::Window w{window.Get("forward").As<Napi::Number>().Uint32Value(), window.Get("backward").As<Napi::Number>().Uint32Value()};
-  auto supply = std::make_unique<StoreSupply>(*parts.map, *parts.installer, events, chunkBytes, w, o.Get("background").ToBoolean().Value());
+  auto supply = std::make_unique<StoreSupply>(*parts.map, *parts.installer, events, chunkBytes, w, o.Get("background").ToBoolean().Value(), std::move(cache));
   Napi::Value prefetch = o.Get("prefetch");
   if (prefetch.IsTypedArray()) AddPrefetch(env, *supply, prefetch.As<Napi::TypedArrayOf<uint8_t>>());
   return supply;

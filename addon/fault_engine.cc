@@ -36,6 +36,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine>, DataPlane, EngineLife 
                         InstanceMethod<&FaultEngine::MarkResident>("markResident"), InstanceMethod<&FaultEngine::InstalledChecksum>("installedChecksum"),
                         InstanceMethod<&FaultEngine::LatencyBuckets>("latencyBuckets"), InstanceMethod<&FaultEngine::Prefetch>("prefetch"),
                         InstanceMethod<&FaultEngine::StartBackground>("startBackground"), InstanceMethod<&FaultEngine::TakeStorePieces>("takeStorePieces"),
+                        InstanceMethod<&FaultEngine::StorePiecesFromCache>("storePiecesFromCache"),
                         InstanceMethod<&FaultEngine::InstallPiece>("installPiece"), InstanceMethod<&FaultEngine::FaultedPages>("faultedPages")});
   }
 
@@ -214,9 +215,12 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine>, DataPlane, EngineLife 
     return info.Env().Undefined();
   }
 
-  // takeStorePieces(ahead) -> [{region, piece, sourceRegion, sourceFirst,
-  // sourceCount, why}]: every piece faults wait on (and their windows), then
-  // up to `ahead` pieces of the working set and the background (store).
+  // takeStorePieces(ahead, cacheBytes) -> {pieces: [{region, piece,
+  // sourceRegion, sourceFirst, sourceCount, why}], fromCache}: every piece
+  // faults wait on (and their windows), then up to `ahead` pieces of the
+  // working set and the background (store); of those, the ones the host's
+  // chunk cache holds are installed here instead (reads of up to
+  // `cacheBytes`), `fromCache` of them.
   Napi::Value TakeStorePieces(const Napi::CallbackInfo& info) {
     StoreSupply* store = parts_->store;
     if (!store) throw CodedError(info.Env(), "ERR_ENGINE_STATE", "only an engine serving a store image takes pieces");
@@ -224,8 +228,10 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine>, DataPlane, EngineLife 
     store->TakeUrgent(wants);
     size_t urgent = wants.size();
     uint32_t ahead = info[0].As<Napi::Number>().Uint32Value();
-    if (ahead) store->TakeAhead(urgent + ahead, wants);
-    Napi::Array out = Napi::Array::New(info.Env(), wants.size());
+    uint64_t cacheBytes = static_cast<uint64_t>(info[1].As<Napi::Number>().Int64Value());
+    uint64_t fromCache = 0;
+    if (ahead && started_ && !Stopped()) store->TakeAhead(urgent + ahead, wants, cacheBytes, &fromCache);
+    Napi::Array pieces = Napi::Array::New(info.Env(), wants.size());
     for (size_t i = 0; i < wants.size(); i++) {
       const auto& w = wants[i];
       Napi::Object o = Napi::Object::New(info.Env());
@@ -235,9 +241,17 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine>, DataPlane, EngineLife 
       o.Set("sourceFirst", double(w.sourceFirst));
       o.Set("sourceCount", double(w.sourceCount));
       o.Set("why", double(static_cast<uint32_t>(w.why)));
-      out.Set(uint32_t(i), o);
+      pieces.Set(uint32_t(i), o);
     }
+    Napi::Object out = Napi::Object::New(info.Env());
+    out.Set("pieces", pieces);
+    out.Set("fromCache", double(fromCache));
     return out;
+  }
+
+  // storePiecesFromCache() -> number: pieces the fault thread read from the host's chunk cache itself.
+  Napi::Value StorePiecesFromCache(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), parts_->store ? double(parts_->store->PiecesFromCache()) : 0);
   }
 
   // installPiece(region, piece, why, data: Buffer | null): a piece taken with

@@ -14,13 +14,17 @@ std::vector<PageScheduler::Region> ShapeOf(const TargetMap& map) {
 }
 }  // namespace
 
-StoreSupply::StoreSupply(TargetMap& map, Installer& installer, EventSink& events, const std::vector<uint64_t>& chunkBytes, Window window, bool background)
+StoreSupply::StoreSupply(TargetMap& map, Installer& installer, EventSink& events, const std::vector<uint64_t>& chunkBytes, Window window, bool background,
+                         std::unique_ptr<ChunkCacheReader> cache)
     : map_(map),
       installer_(installer),
       events_(events),
       scheduler_(ShapeOf(map), {window.forward, window.backward}),
+      chunkBytes_(chunkBytes),
+      cache_(std::move(cache)),
       windowPages_(window.forward + window.backward),
       backgroundOn_(background) {
+  faultWants_.reserve(8);
   for (auto& r : map.regions()) {
     uint64_t chunkPages = std::max<uint64_t>(1, chunkBytes[r->sourceRegion] / map.sourcePageSize(r->sourceRegion));
     Pieces p;
@@ -63,7 +67,8 @@ void StoreSupply::AskRun(const PageRun& run, std::vector<Want>& out) {
 }
 
 void StoreSupply::Ask(TargetRegion& r, uint64_t page) {
-  std::vector<Want> wants;
+  std::vector<Want>& wants = faultWants_;
+  wants.clear();
   faultRuns_.clear();
   scheduler_.Request(r.index, page, 1, faultRuns_);  // the background follows this fault from now on
   uint64_t piece = PieceOf(r, page);
@@ -74,6 +79,8 @@ void StoreSupply::Ask(TargetRegion& r, uint64_t page) {
     scheduler_.Around(r.index, page, 1, UINT64_MAX, faultRuns_);
     for (const PageRun& run : faultRuns_) AskRun(run, wants);
   }
+  uint64_t budget = UINT64_MAX, installed = 0;
+  InstallCached(wants, 0, /*faultThread=*/true, &budget, &installed);
   if (wants.empty()) return;
   std::lock_guard<std::mutex> lock(mu_);
   urgent_.insert(urgent_.end(), wants.begin(), wants.end());
@@ -102,12 +109,35 @@ void StoreSupply::TakeUrgent(std::vector<Want>& out) {
   told_ = false;
 }
 
-void StoreSupply::TakeAhead(size_t max, std::vector<Want>& out) {
+void StoreSupply::TakeAhead(size_t max, std::vector<Want>& out, uint64_t cacheBytes, uint64_t* fromCache) {
   PageRun run;
-  while (out.size() < max && scheduler_.NextWorkingSetRun(&run)) AskRun(run, out);
+  while (out.size() < max && scheduler_.NextWorkingSetRun(&run)) {
+    size_t from = out.size();
+    AskRun(run, out);
+    InstallCached(out, from, /*faultThread=*/false, &cacheBytes, fromCache);
+  }
   if (!backgroundOn_.load(std::memory_order_acquire)) return;
   // About a piece per run: the cursor moves on a piece at a time.
-  while (out.size() < max && scheduler_.NextBackgroundRun(piecePages_, &run)) AskRun(run, out);
+  while (out.size() < max && scheduler_.NextBackgroundRun(piecePages_, &run)) {
+    size_t from = out.size();
+    AskRun(run, out);
+    InstallCached(out, from, /*faultThread=*/false, &cacheBytes, fromCache);
+  }
+}
+
+void StoreSupply::InstallCached(std::vector<Want>& out, size_t from, bool faultThread, uint64_t* budget, uint64_t* installed) {
+  std::vector<uint8_t>& buffer = faultThread ? cacheBuffer_ : aheadBuffer_;
+  size_t kept = from;
+  for (size_t i = from; i < out.size(); i++) {
+    uint64_t read = 0;
+    if (*budget > 0 && FromCache(out[i], buffer, /*mayWait=*/!faultThread, &read)) {
+      *budget -= std::min(*budget, read);
+      ++*installed;
+      continue;
+    }
+    out[kept++] = out[i];
+  }
+  out.resize(kept);
 }
 
 const char* StoreSupply::InstallPiece(uint32_t region, uint64_t piece, Why why, const uint8_t* data, uint64_t length) {
@@ -119,16 +149,47 @@ const char* StoreSupply::InstallPiece(uint32_t region, uint64_t piece, Why why, 
   uint64_t first, end;
   PagesOf(r, piece, &first, &end);
   if (data && length != (end - first) * r.pageSize) return "the piece's length does not fit its pages";
+  InstallPages(r, piece, why, data, /*mayWait=*/true);
+  return nullptr;
+}
+
+InstallResult StoreSupply::InstallPages(TargetRegion& r, uint64_t piece, Why why, const uint8_t* data, bool mayWait) {
+  uint64_t first, end;
+  PagesOf(r, piece, &first, &end);
   // The pages a thread faulted on count as requested; the others as what the piece was asked for.
   for (uint64_t p = first; p < end;) {
     bool requested = r.requested->Test(p);
     uint64_t q = p + 1;
     while (q < end && r.requested->Test(q) == requested) q++;
     const uint8_t* at = data ? data + (p - first) * r.pageSize : nullptr;
-    if (installer_.Install(r, p, q - p, at, requested ? wire::kRequested : static_cast<uint32_t>(why), "store", 0, /*mayWait=*/true) == kStop) return nullptr;
+    InstallResult result = installer_.Install(r, p, q - p, at, requested ? wire::kRequested : static_cast<uint32_t>(why), "store", 0, mayWait);
+    if (result != kOk) return result;
     p = q;
   }
-  return nullptr;
+  return kOk;
+}
+
+bool StoreSupply::FromCache(const Want& w, std::vector<uint8_t>& buffer, bool mayWait, uint64_t* read) {
+  TargetRegion& r = *map_.regions()[w.region];
+  uint64_t pageSize = map_.sourcePageSize(w.sourceRegion);
+  uint64_t chunkPages = chunkBytes_[w.sourceRegion] / pageSize;
+  if (chunkPages == 0 || pieces_[w.region].sourcePages != chunkPages) return false;  // a huge page of many chunks: JavaScript joins them
+  uint64_t chunk = w.piece;
+  if (chunk >= cache_->Chunks(w.sourceRegion)) return false;
+  const uint8_t* data = nullptr;
+  if (!cache_->IsZero(w.sourceRegion, chunk)) {
+    uint64_t chunkFirst = chunk * chunkPages;
+    uint64_t length = (std::min(chunkFirst + chunkPages, map_.sourcePages(w.sourceRegion)) - chunkFirst) * pageSize;
+    if (w.sourceFirst < chunkFirst || (w.sourceFirst + w.sourceCount - chunkFirst) * pageSize > length) return false;
+    if (buffer.size() < length) buffer.resize(length);
+    if (!cache_->Read(w.sourceRegion, chunk, buffer.data(), length)) return false;
+    data = buffer.data() + (w.sourceFirst - chunkFirst) * pageSize;
+    *read = length;
+  }
+  // A layout change under way (kBusy, on the fault thread): JavaScript installs it once the fault thread has read the change.
+  if (InstallPages(r, w.piece, w.why, data, mayWait) == kBusy) return false;
+  if (data) fromCache_.fetch_add(1, std::memory_order_relaxed);
+  return true;
 }
 
 const char* StoreSupply::AddPrefetch(const uint64_t* entries, size_t count) {

@@ -8,6 +8,9 @@
 // piece is asked for once; the fault thread queues the pieces a fault needs
 // and tells JavaScript (a "store-wanted" event per batch), which fetches
 // them at once, and takes working-set and background pieces as it has room.
+// A piece that is one chunk of zeros, or one the host's chunk cache holds
+// (chunk_cache.h), the fault thread installs itself: a warm fault never waits
+// for JavaScript.
 #pragma once
 #include <deque>
 #include <memory>
@@ -15,6 +18,7 @@
 #include <vector>
 
 #include "bitmap.h"
+#include "chunk_cache.h"
 #include "events.h"
 #include "installer.h"
 #include "page_scheduler.h"
@@ -38,8 +42,10 @@ class StoreSupply final : public PageSupply {
   struct Window {
     uint32_t forward = 0, backward = 0;  // pages around a faulted page
   };
-  // `chunkBytes`: per source region, its chunks' size (a power of two, whole source pages).
-  StoreSupply(TargetMap& map, Installer& installer, EventSink& events, const std::vector<uint64_t>& chunkBytes, Window window, bool background);
+  // `chunkBytes`: per source region, its chunks' size (a power of two, whole
+  // source pages). `cache`: the chunks' names and the host's chunk cache.
+  StoreSupply(TargetMap& map, Installer& installer, EventSink& events, const std::vector<uint64_t>& chunkBytes, Window window, bool background,
+              std::unique_ptr<ChunkCacheReader> cache);
 
   void Ask(TargetRegion& r, uint64_t page) override;
   void Flush() override;
@@ -47,8 +53,11 @@ class StoreSupply final : public PageSupply {
 
   // JS thread. The pieces faults wait on (and their windows), every one queued.
   void TakeUrgent(std::vector<Want>& out);
-  // Up to `max` pieces of the working set, then (when on) of the background; none once every page is asked for.
-  void TakeAhead(size_t max, std::vector<Want>& out);
+  // Up to `max` pieces of the working set, then (when on) of the background;
+  // none once every page is asked for. Pieces the host's chunk cache holds
+  // are installed here instead (reads of up to `cacheBytes`), counted in
+  // `*fromCache`.
+  void TakeAhead(size_t max, std::vector<Want>& out, uint64_t cacheBytes, uint64_t* fromCache);
   // A piece's content (null: zeros), `length` bytes: its source pages' bytes;
   // `why`: what it was wanted for. Null when installed (or the engine is
   // stopping: its events say why), else what is wrong.
@@ -56,6 +65,8 @@ class StoreSupply final : public PageSupply {
   // See ImageSupply::AddPrefetch.
   const char* AddPrefetch(const uint64_t* entries, size_t count) override;
   void StartBackground() { backgroundOn_.store(true, std::memory_order_release); }
+  // Pieces the fault thread read from the host's chunk cache itself (zero chunks are not counted).
+  uint64_t PiecesFromCache() const { return fromCache_.load(std::memory_order_relaxed); }
 
  private:
   struct Pieces {
@@ -72,16 +83,29 @@ class StoreSupply final : public PageSupply {
   Want WantOf(const TargetRegion& r, uint64_t piece, Why why) const;
   // The pieces of a run not asked for yet, asked for now.
   void AskRun(const PageRun& run, std::vector<Want>& out);
+  // Fault thread: a piece that is one chunk, installed as zeros or from the
+  // host's chunk cache; false when JavaScript is to fetch it.
+  // `buffer`: the calling thread's; `mayWait`: not on the fault thread. `*read`: bytes read from the cache.
+  bool FromCache(const Want& w, std::vector<uint8_t>& buffer, bool mayWait, uint64_t* read);
+  // Of the pieces out[from..], those FromCache installs (while `*budget` bytes of reads last) are taken out.
+  void InstallCached(std::vector<Want>& out, size_t from, bool faultThread, uint64_t* budget, uint64_t* installed);
+  InstallResult InstallPages(TargetRegion& r, uint64_t piece, Why why, const uint8_t* data, bool mayWait);
 
   TargetMap& map_;
   Installer& installer_;
   EventSink& events_;
   PageScheduler scheduler_;  // over the target map's regions, one page a unit
   std::vector<Pieces> pieces_;
+  std::vector<uint64_t> chunkBytes_;  // per source region
+  std::unique_ptr<ChunkCacheReader> cache_;
+  std::vector<uint8_t> cacheBuffer_;    // fault thread: a chunk read from the cache
+  std::vector<uint8_t> aheadBuffer_;    // JS thread: the same, for pieces taken ahead
+  std::atomic<uint64_t> fromCache_{0};
   uint64_t windowPages_;
   uint64_t piecePages_ = 1;  // the largest piece, in pages here: a background run's length
   std::atomic<bool> backgroundOn_;
-  PageRuns faultRuns_;  // fault thread only
+  PageRuns faultRuns_;        // fault thread only
+  std::vector<Want> faultWants_;  // fault thread only
   std::mutex mu_;
   std::vector<Want> urgent_;  // under mu_
   bool told_ = false;         // under mu_: JS was told of urgent_ and has not taken it yet

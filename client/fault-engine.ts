@@ -103,8 +103,13 @@ export interface LocalImageSupply {
 
 /** A snapshot store's image as the engine's page supply: JS fetches the pieces it wants (client/store-feeder.ts). */
 export interface StoreImageSupply {
-  /** Per source region, its chunks' size (a power of two). */
-  store: { chunkBytes: number[] };
+  /**
+   * Per source region: its chunks' size (a power of two, whole pages) and
+   * their names (32 bytes each: the chunk's SHA-256, all zeros for a zero
+   * chunk); the host's chunk cache directory, which the fault thread reads
+   * itself (lib/store/chunk-cache.ts).
+   */
+  store: { chunkBytes: number[]; chunks: Uint8Array[]; cacheDir?: string };
   window: TransferOptions['window'];
   background: boolean;
   prefetch?: Uint8Array;
@@ -287,9 +292,20 @@ export class FaultEngine extends EventEmitter {
     this.#native.startBackground();
   }
 
-  /** A store image's engine: every piece faults wait on (and their windows), then up to `ahead` pieces of the working set and the background. */
-  takeStorePieces(ahead: number): StorePiece[] {
-    return this.#native.takeStorePieces(validateInteger(ahead, 'ahead', 0, 1 << 20));
+  /**
+   * A store image's engine: every piece faults wait on (and their windows),
+   * then up to `ahead` pieces of the working set and the background. Of
+   * those, the pieces the host's chunk cache holds are read and installed
+   * here, on this thread (`fromCache` of them, reading up to `cacheBytes`);
+   * the others are returned to fetch.
+   */
+  takeStorePieces(ahead: number, cacheBytes = 0): { pieces: StorePiece[]; fromCache: number } {
+    return this.#native.takeStorePieces(validateInteger(ahead, 'ahead', 0, 1 << 20), validateInteger(cacheBytes, 'cacheBytes', 0, 1 << 30));
+  }
+
+  /** A store image's engine: the pieces it read from the host's chunk cache itself (on its fault thread, or in takeStorePieces). */
+  get storePiecesFromCache(): number {
+    return this.#native.storePiecesFromCache();
   }
 
   /** A store image's engine: installs a piece taken with takeStorePieces (its source pages' bytes; null: zeros). False once stopped. */
@@ -434,14 +450,22 @@ function localSupply(local: LocalImageSupply, sourceRegions: readonly SourceRegi
 
 function storeSupply(local: StoreImageSupply, sourceRegions: readonly SourceRegion[]) {
   const sizes = local.store?.chunkBytes;
-  if (!Array.isArray(sizes) || sizes.length !== sourceRegions.length)
-    throw new PostcopyError(ErrorCode.IMAGE_INVALID, `a store image needs a chunk size per source region (${sourceRegions.length})`);
+  const chunks = local.store?.chunks;
+  if (!Array.isArray(sizes) || sizes.length !== sourceRegions.length || !Array.isArray(chunks) || chunks.length !== sourceRegions.length)
+    throw new PostcopyError(ErrorCode.IMAGE_INVALID, `a store image needs a chunk size and chunk names per source region (${sourceRegions.length})`);
   for (const [i, n] of sizes.entries()) {
     validateInteger(n, `store.chunkBytes[${i}]`, 4096, MAX_CHUNK_BYTES);
-    if ((n & (n - 1)) !== 0) throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `store.chunkBytes[${i}] must be a power of two`);
+    if ((n & (n - 1)) !== 0 || n < sourceRegions[i].pageSize)
+      throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `store.chunkBytes[${i}] must be a power of two of whole pages`);
+    const want = Math.ceil((sourceRegions[i].pages * sourceRegions[i].pageSize) / n) * 32;
+    if (!(chunks[i] instanceof Uint8Array) || chunks[i].length !== want)
+      throw new PostcopyError(ErrorCode.OUT_OF_RANGE, `store.chunks[${i}] must hold 32 bytes per chunk (${want} bytes)`);
   }
+  const cacheDir = local.store.cacheDir;
+  if (cacheDir !== undefined && (typeof cacheDir !== 'string' || cacheDir === ''))
+    throw new PostcopyError(ErrorCode.USAGE, 'store.cacheDir must be a directory');
   return {
-    store: { chunkBytes: [...sizes] },
+    store: { chunkBytes: [...sizes], chunks: [...chunks], ...(cacheDir ? { cacheDir } : {}) },
     window: windowOf(local.window),
     background: local.background === true,
     ...(local.prefetch ? { prefetch: checkEntries(local.prefetch) } : {}),

@@ -1,6 +1,7 @@
 // Feeds a store image's engine (addon/store_supply.h): takes the pieces it
 // wants, fetches their chunks (through the host's chunk cache, each checked
-// against its name) and installs them. The pieces faults wait on are fetched
+// against its name) and installs them. Pieces the host's cache holds the
+// engine reads itself (its fault thread, or takeStorePieces). The pieces faults wait on are fetched
 // the moment they are wanted, however many; the working set and the
 // background go `parallel` pieces at a time, enough to fill the link. A
 // store that fails (timeouts, resets, 5xx, throttling, through the client's
@@ -17,6 +18,9 @@ import type { ChunkCache } from '../lib/store/chunk-cache.js';
 import type { Manifest } from '../lib/store/manifest.js';
 import type { SnapshotStore } from '../lib/store/snapshot-store.js';
 import type { FaultEngine } from './fault-engine.js';
+
+/** Pieces the host's cache holds are read on the event loop's thread: this many bytes a turn at most (a few milliseconds). */
+const CACHE_READ_BYTES = 8 << 20;
 
 /** What asking again cannot change. */
 const FINAL = new Set<string>([ErrorCode.STORE_NOT_FOUND, ErrorCode.STORE_CORRUPT, ErrorCode.STORE_DENIED]);
@@ -56,6 +60,7 @@ export class StoreFeeder extends EventEmitter {
   #stopped = false;
   #outageSince = 0;
   readonly #timers = new Set<NodeJS.Timeout>();
+  #soon: NodeJS.Immediate | null = null;
   readonly #onWanted = () => this.#pump();
 
   constructor(engine: FaultEngine, store: SnapshotStore, manifest: Manifest, cache: ChunkCache | undefined, options: StoreFeederOptions = {}) {
@@ -85,6 +90,8 @@ export class StoreFeeder extends EventEmitter {
     this.#engine.off('store-wanted', this.#onWanted);
     for (const t of this.#timers) clearTimeout(t);
     this.#timers.clear();
+    if (this.#soon) clearImmediate(this.#soon);
+    this.#soon = null;
   }
 
   get outage(): boolean {
@@ -95,7 +102,10 @@ export class StoreFeeder extends EventEmitter {
     if (this.#stopped) return;
     // During an outage the pieces already in flight are retried; no more are taken ahead.
     const room = this.#outageSince ? 0 : Math.max(0, this.#parallel - this.#ahead);
-    for (const piece of this.#engine.takeStorePieces(room)) {
+    const { pieces, fromCache } = this.#engine.takeStorePieces(room, this.#cache ? CACHE_READ_BYTES : 0);
+    // Pieces the host's cache held went in at once: the next ones are taken on the next turn of the loop.
+    if (fromCache > 0) this.#pumpSoon();
+    for (const piece of pieces) {
       const ahead = piece.why === Reason.prefetch || piece.why === Reason.background;
       if (ahead) this.#ahead++;
       void this.#paced(piece, ahead)
@@ -105,6 +115,14 @@ export class StoreFeeder extends EventEmitter {
           this.#pump();
         });
     }
+  }
+
+  #pumpSoon(): void {
+    if (this.#soon) return;
+    this.#soon = setImmediate(() => {
+      this.#soon = null;
+      this.#pump();
+    });
   }
 
   /** A piece fetched ahead waits its turn under the rate limit. */

@@ -139,7 +139,11 @@ export class StoreSession extends EventEmitter implements PageSession {
         options.cache === false ? undefined : options.cache instanceof ChunkCache ? options.cache : new ChunkCache({ ...options.cache, logger: log });
       const machine = new StateMachine<StoreState>('destination', 'running', TRANSITIONS, log);
       engine = buildEngine(regions, {
-        store: { chunkBytes: manifest.regions.map((r) => r.chunkBytes) },
+        store: {
+          chunkBytes: manifest.regions.map((r) => r.chunkBytes),
+          chunks: manifest.regions.map((r) => chunkNames(r.chunks)),
+          ...(cache ? { cacheDir: cache.dir } : {}),
+        },
         window: transfer.window,
         background: transfer.background.enabled && !options.holdBackground,
         ...(options.prefetch ? { prefetch: options.prefetch.entries } : {}),
@@ -171,8 +175,14 @@ export class StoreSession extends EventEmitter implements PageSession {
   }
 
   /** What the feeder fetched, and what the store was asked. */
-  get fetched(): StoreFeederStats & { store: SnapshotStore['objects']['stats']; cache?: ChunkCache['stats'] } {
-    return { ...this.#feeder.stats, store: { ...this.#store.objects.stats }, ...(this.cache ? { cache: { ...this.cache.stats } } : {}) };
+  get fetched(): StoreFeederStats & { store: SnapshotStore['objects']['stats']; cache?: ChunkCache['stats']; piecesFromCache: number } {
+    return {
+      ...this.#feeder.stats,
+      // Pieces the fault thread read from the host's cache itself (the cache's own hits are what the feeder asked it).
+      piecesFromCache: this.engine.storePiecesFromCache,
+      store: { ...this.#store.objects.stats },
+      ...(this.cache ? { cache: { ...this.cache.stats } } : {}),
+    };
   }
 
   status(): RecoveryStatus {
@@ -296,4 +306,13 @@ export async function readStoreManifest(options: Pick<StoreSessionOptions, 'stor
   } finally {
     store.close();
   }
+}
+
+/** A region's chunk names as the engine takes them: 32 bytes each, zeros for a zero chunk. */
+function chunkNames(chunks: readonly string[]): Uint8Array {
+  const out = Buffer.alloc(chunks.length * 32);
+  chunks.forEach((hash, i) => {
+    if (hash) out.write(hash, i * 32, 32, 'hex');
+  });
+  return out;
 }

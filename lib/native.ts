@@ -213,8 +213,9 @@ export interface NativeFaultEngine {
   prefetch(entries: Uint8Array): void;
   startBackground(): void;
   faultedPages(): Buffer;
-  takeStorePieces(ahead: number): StorePiece[];
+  takeStorePieces(ahead: number, cacheBytes: number): { pieces: StorePiece[]; fromCache: number };
   installPiece(region: number, piece: number, why: number, data: Uint8Array | null): boolean;
+  storePiecesFromCache(): number;
 }
 
 /** A piece of a store image the engine wants (addon/store_supply.h): source pages [sourceFirst, +sourceCount) of sourceRegion. */
@@ -264,6 +265,8 @@ export interface NativeAddon {
   fileExtents(fd: number, size: number): number[];
   /** `shares`, when given (at least `count` long), receives each page's contribution. */
   pageChecksum(bytes: Uint8Array, pageSize: number, region: number, firstPage: number, count: number, shares?: BigUint64Array): bigint;
+  /** The check of a cached chunk file's content (addon/chunk_cache.h). */
+  cacheCheck(bytes: Uint8Array): bigint;
   memoryConstants: Record<string, number>;
   /** The wire and QEMU stream constants of addon/wire.h and addon/qemu_stream.h, by group and C++ name (test/constants.test.ts). */
   constants(): {

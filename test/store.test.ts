@@ -36,8 +36,8 @@ async function storeFor(t: Test, prefix = 'images'): Promise<SnapshotStore> {
   return store;
 }
 
-async function restoreAll(t: Test, store: SnapshotStore, name: string, cache: ChunkCache | false, order?: Uint32Array) {
-  const dest = await Destination.connect({ storeImage: { store, name }, cache });
+async function restoreAll(t: Test, store: SnapshotStore, name: string, cache: ChunkCache | false, order?: Uint32Array, background = true) {
+  const dest = await Destination.connect({ storeImage: { store, name }, cache, background: { enabled: background } });
   t.teardown(() => dest.close());
   const touching = dest.regions.map((r) => {
     const pages = r.mapping.length / PAGE;
@@ -165,7 +165,9 @@ t.test('the host cache: a second restore of the image fetches nothing from the s
   const gets = store.objects.stats.gets;
   const warm = await restoreAll(t, store, 'img', new ChunkCache({ dir }));
   t.equal(store.objects.stats.gets, gets + 1, 'only the manifest was fetched');
-  t.equal(warm.session.fetched.cache?.hits, pushed.uploadedChunks, 'every chunk came from the cache');
+  const { cache: warmCache, piecesFromCache } = warm.session.fetched;
+  t.equal(warmCache!.hits + piecesFromCache, pushed.uploadedChunks, 'every chunk came from the cache');
+  t.ok(piecesFromCache > 0, `the engine read ${piecesFromCache} of them itself`);
   t.ok(Buffer.from(warm.dest.regions[0].mapping.buffer()).equals(bytes));
   // A cached chunk damaged on disk (a bit flipped): checked on read, removed, fetched again.
   const manifest = await store.manifest('img');
@@ -177,6 +179,17 @@ t.test('the host cache: a second restore of the image fetches nothing from the s
   const third = await restoreAll(t, store, 'img', new ChunkCache({ dir }));
   t.equal(third.session.fetched.cache?.damaged, 1, 'the damaged chunk was noticed');
   t.ok(Buffer.from(third.dest.regions[0].mapping.buffer()).equals(bytes), 'and the restore is byte-exact');
+  // With no background, every piece is a fault's: the fault thread reads the cache itself, JavaScript never sees one.
+  const faulted = await restoreAll(t, store, 'img', new ChunkCache({ dir }), undefined, false);
+  t.equal(faulted.session.fetched.piecesFromCache, pushed.uploadedChunks, "the fault thread read every chunk from the cache");
+  t.equal(faulted.session.fetched.pieces, 0, 'none went through JavaScript');
+  t.ok(Buffer.from(faulted.dest.regions[0].mapping.buffer()).equals(bytes), 'byte-exact');
+  // A cached file damaged again: the fault thread will not install it; it is fetched again and replaced.
+  writeFileSync(path, kept);
+  const refetched = await restoreAll(t, store, 'img', new ChunkCache({ dir }), undefined, false);
+  t.equal(refetched.session.fetched.piecesFromCache, pushed.uploadedChunks - 1, 'every other chunk from the fault thread');
+  t.equal(refetched.session.fetched.cache?.damaged, 1, 'the damaged one noticed');
+  t.ok(Buffer.from(refetched.dest.regions[0].mapping.buffer()).equals(bytes), 'byte-exact');
 });
 
 t.test('CLI: store push, then two restores at once on one host share the chunk cache: each chunk comes from the store once', async (t) => {

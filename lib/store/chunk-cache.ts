@@ -1,8 +1,11 @@
 // The host's chunk cache: one directory shared by every restore on this host
 // (any process), so a chunk is fetched from the store once per host. Each
-// chunk is a file named by its hash, written to a temporary name and renamed
-// (a crash mid-write leaves no half chunk under a real name), and checked
-// against its name on every read. A miss takes a lock file for the chunk, so
+// chunk is a file named by its hash (checked when it came from the store),
+// written to a temporary name and renamed (a crash mid-write leaves no half
+// chunk under a real name). The file is the content and a footer (the magic
+// "uffdpcc1" and a 64-bit check of the content, addon/chunk_cache.h), checked
+// on every read: here, and by a restore's fault thread, which reads the cache
+// itself. A miss takes a lock file for the chunk, so
 // that concurrent misses on one chunk, in any process, make one request; the
 // others wait (bounded) for the file. The directory is bounded: past its size
 // the chunks used least recently (file times, touched on each hit) go first.
@@ -14,13 +17,31 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ErrorCode, PostcopyError } from '../errors.js';
 import { silentLogger, type Logger } from '../logger.js';
-import { chunkHash } from './chunk.js';
+import { native } from '../native.js';
 
 export const DEFAULT_CACHE_BYTES = 4 * 1024 ** 3;
 /** A chunk another process is fetching is waited for this long at most, then fetched here too. */
 const LOCK_WAIT_MS = 30_000;
 /** A lock older than this is a crashed fetcher's. */
 const LOCK_STALE_MS = 60_000;
+const MAGIC = Buffer.from('uffdpcc1');
+const FOOTER_BYTES = 16;
+
+/** A chunk's file: its content, then the footer. */
+function withFooter(plain: Buffer): Buffer {
+  const footer = Buffer.alloc(FOOTER_BYTES);
+  MAGIC.copy(footer);
+  footer.writeBigUInt64LE(native.cacheCheck(plain), 8);
+  return Buffer.concat([plain, footer]);
+}
+
+/** A chunk file's content, or null when its footer does not match it. */
+function withoutFooter(file: Buffer): Buffer | null {
+  if (file.length < FOOTER_BYTES) return null;
+  const plain = file.subarray(0, file.length - FOOTER_BYTES);
+  const footer = file.subarray(file.length - FOOTER_BYTES);
+  return footer.subarray(0, 8).equals(MAGIC) && footer.readBigUInt64LE(8) === native.cacheCheck(plain) ? plain : null;
+}
 
 export interface ChunkCacheOptions {
   /** Default: $POSTCOPY_CHUNK_CACHE, else /var/cache/uffd-postcopy/chunks as root, else ~/.cache/uffd-postcopy/chunks. */
@@ -131,13 +152,13 @@ export class ChunkCache {
   /** The chunk's file, checked; null when there is none (or it was damaged: then removed). */
   async #read(hash: string): Promise<Buffer | null> {
     const path = this.#path(hash);
-    let bytes: Buffer;
+    let bytes: Buffer | null;
     try {
-      bytes = await readFile(path);
+      bytes = withoutFooter(await readFile(path));
     } catch {
       return null;
     }
-    if (chunkHash(bytes) !== hash) {
+    if (!bytes) {
       this.stats.damaged++;
       this.#log.warn({ chunk: hash, path }, 'a cached chunk is damaged: removed, fetched again');
       await unlink(path).catch(() => {});
@@ -184,7 +205,8 @@ export class ChunkCache {
     try {
       await this.#count();
       const tmp = join(this.dir, 'tmp', `${hash}.${process.pid}.${randomBytes(4).toString('hex')}`);
-      await writeFile(tmp, plain, { mode: 0o600 });
+      const file = withFooter(plain);
+      await writeFile(tmp, file, { mode: 0o600 });
       // Never the cache's own directory again: one removed under a running restore stays removed.
       try {
         mkdirSync(join(this.dir, hash.slice(0, 2)), { mode: 0o700 });
@@ -192,7 +214,7 @@ export class ChunkCache {
         if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
       }
       await rename(tmp, this.#path(hash));
-      this.#bytes! += plain.length;
+      this.#bytes! += file.length;
       if (this.#bytes! > this.maxBytes) await (this.#evicting ??= this.#evict().finally(() => (this.#evicting = null)));
     } catch (err) {
       this.#log.warn({ chunk: hash, err: (err as Error).message }, 'a chunk could not be kept in the cache');

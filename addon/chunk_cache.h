@@ -1,0 +1,50 @@
+// The host's chunk cache (lib/store/chunk-cache.ts) as native code reads it:
+// the fault thread serves a fault whose chunk is cached without a trip
+// through JavaScript. A cached chunk is a file named by the SHA-256 of its
+// content (checked when it came from the store) under DIR/hh/, holding the
+// content and a 16-byte footer: the magic "uffdpcc1" and CacheCheck() of the
+// content (u64, little-endian), which every read checks. JavaScript writes
+// the files; both sides read them (docs/STORE.md, "The host cache").
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "page_checksum.h"
+
+namespace uffdpc {
+
+inline constexpr char kCacheMagic[8] = {'u', 'f', 'f', 'd', 'p', 'c', 'c', '1'};
+inline constexpr uint64_t kCacheFooterBytes = 16;
+
+// A cached file's check of its content, any length: ContentHash over the
+// whole 32-byte words, then the tail and the length folded in.
+inline uint64_t CacheCheck(const uint8_t* data, uint64_t length) {
+  uint64_t whole = length & ~uint64_t{31};
+  uint8_t tail[32] = {};
+  std::memcpy(tail, data + whole, length - whole);
+  return Avalanche64(ContentHash(data, whole) ^ Avalanche64(ContentHash(tail, 32) ^ length));
+}
+
+class ChunkCacheReader {
+ public:
+  // `dir`: the cache's directory (empty: no cache, only zero chunks are known
+  // here). `names`: per source region, 32 bytes per chunk (its SHA-256; all
+  // zero: a zero chunk, never stored).
+  ChunkCacheReader(std::string dir, std::vector<std::vector<uint8_t>> names) : dir_(std::move(dir)), names_(std::move(names)) {}
+
+  uint64_t Chunks(uint32_t sourceRegion) const { return names_[sourceRegion].size() / 32; }
+  bool IsZero(uint32_t sourceRegion, uint64_t chunk) const;
+  // The chunk's content, exactly `length` bytes, into `out`, checked; false
+  // when the cache has no such file, or it is damaged (JavaScript then
+  // fetches it, and replaces a damaged file). A read counts as a use: the
+  // file's time is set to now, the order in which the cache evicts.
+  bool Read(uint32_t sourceRegion, uint64_t chunk, uint8_t* out, uint64_t length) const;
+
+ private:
+  std::string dir_;
+  std::vector<std::vector<uint8_t>> names_;
+};
+
+}  // namespace uffdpc
