@@ -63,7 +63,8 @@ std::unique_ptr<StoreSupply> BuildStoreSupply(Napi::Env env, Napi::Object o, Eng
   for (uint32_t i = 0; i < sizes.Length(); i++) {
     uint64_t n = U64(sizes, i);
     uint64_t pageSize = map.sourcePageSize(i);
-    if (n < 4096 || (n & (n - 1)) != 0 || n < pageSize) throw CodedError(env, "ERR_OUT_OF_RANGE", "a chunk size is a power of two of 4 KiB or more, whole pages");
+    if (n < 4096 || (n & (n - 1)) != 0 || n < pageSize)
+      throw CodedError(env, "ERR_OUT_OF_RANGE", "a chunk size is a power of two of 4 KiB or more, whole pages");
     chunkBytes.push_back(n);
     auto bytes = chunks.Get(i).As<Napi::TypedArrayOf<uint8_t>>();
     uint64_t count = (map.sourcePages(i) * pageSize + n - 1) / n;

@@ -36,8 +36,8 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine>, DataPlane, EngineLife 
                         InstanceMethod<&FaultEngine::MarkResident>("markResident"), InstanceMethod<&FaultEngine::InstalledChecksum>("installedChecksum"),
                         InstanceMethod<&FaultEngine::LatencyBuckets>("latencyBuckets"), InstanceMethod<&FaultEngine::Prefetch>("prefetch"),
                         InstanceMethod<&FaultEngine::StartBackground>("startBackground"), InstanceMethod<&FaultEngine::TakeStorePieces>("takeStorePieces"),
-                        InstanceMethod<&FaultEngine::StorePiecesFromCache>("storePiecesFromCache"),
-                        InstanceMethod<&FaultEngine::InstallPiece>("installPiece"), InstanceMethod<&FaultEngine::FaultedPages>("faultedPages")});
+                        InstanceMethod<&FaultEngine::StorePiecesFromCache>("storePiecesFromCache"), InstanceMethod<&FaultEngine::InstallPiece>("installPiece"),
+                        InstanceMethod<&FaultEngine::FaultedPages>("faultedPages")});
   }
 
   // new FaultEngine(options): see engine_options.h.

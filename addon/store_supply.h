@@ -98,13 +98,13 @@ class StoreSupply final : public PageSupply {
   std::vector<Pieces> pieces_;
   std::vector<uint64_t> chunkBytes_;  // per source region
   std::unique_ptr<ChunkCacheReader> cache_;
-  std::vector<uint8_t> cacheBuffer_;    // fault thread: a chunk read from the cache
-  std::vector<uint8_t> aheadBuffer_;    // JS thread: the same, for pieces taken ahead
+  std::vector<uint8_t> cacheBuffer_;  // fault thread: a chunk read from the cache
+  std::vector<uint8_t> aheadBuffer_;  // JS thread: the same, for pieces taken ahead
   std::atomic<uint64_t> fromCache_{0};
   uint64_t windowPages_;
   uint64_t piecePages_ = 1;  // the largest piece, in pages here: a background run's length
   std::atomic<bool> backgroundOn_;
-  PageRuns faultRuns_;        // fault thread only
+  PageRuns faultRuns_;            // fault thread only
   std::vector<Want> faultWants_;  // fault thread only
   std::mutex mu_;
   std::vector<Want> urgent_;  // under mu_

@@ -31,9 +31,14 @@ import { interleaved, median, round } from './latency.js';
 import { recordOnce } from './local.js';
 import { runFloor, type FloorLatency } from './floor.js';
 
+export const STORE_CASES = ['dedup', 'cold', 'full', 'warm', 'prefetch', 'fanout'] as const;
+export type StoreCase = (typeof STORE_CASES)[number];
+
 export interface StoreBenchOptions {
   pages: number;
   chunkSizes: number[];
+  /** The cases to run (default: every one). */
+  cases?: readonly StoreCase[];
   progress: (line: string) => void;
 }
 
@@ -73,21 +78,34 @@ export async function storeBench(options: StoreBenchOptions): Promise<StoreBench
   await objects.createBucket();
   const dir = mkdtempSync(join(tmpdir(), 'postcopy-bench-store-'));
   const results: StoreBenchResult[] = [];
+  const runs = (c: StoreCase) => !options.cases || options.cases.includes(c);
   try {
     for (const chunk of options.chunkSizes) {
-      options.progress(`dedup: 20 children of a base, chunks of ${chunk / 1024} KiB`);
-      results.push(await dedup(bucket, `dedup-${chunk}`, Math.min(options.pages, 16384), chunk));
-      options.progress(`cold: a random 10% of ${options.pages} pages from the store, chunks of ${chunk / 1024} KiB`);
-      results.push(await cold(bucket, `cold-${chunk}`, options.pages, chunk, dir, false));
-      options.progress(`full: time to full residency, beside a GET of the same bytes as one object, chunks of ${chunk / 1024} KiB`);
-      results.push(await full(bucket, `full-${chunk}`, options.pages, chunk, dir));
+      if (runs('dedup')) {
+        options.progress(`dedup: 20 children of a base, chunks of ${chunk / 1024} KiB`);
+        results.push(await dedup(bucket, `dedup-${chunk}`, Math.min(options.pages, 16384), chunk));
+      }
+      if (runs('cold')) {
+        options.progress(`cold: a random 10% of ${options.pages} pages from the store, chunks of ${chunk / 1024} KiB`);
+        results.push(await cold(bucket, `cold-${chunk}`, options.pages, chunk, dir, false));
+      }
+      if (runs('full')) {
+        options.progress(`full: time to full residency, beside a GET of the same bytes as one object, chunks of ${chunk / 1024} KiB`);
+        results.push(await full(bucket, `full-${chunk}`, options.pages, chunk, dir));
+      }
     }
-    options.progress("warm: the same with the host cache warm, beside the floor's local case");
-    results.push(await cold(bucket, 'warm', options.pages, DEFAULT_CHUNK_BYTES, dir, true));
-    options.progress('prefetch: a cold start from the store with its recorded working set, against one without');
-    results.push(await prefetch(bucket, Math.min(options.pages, 16384), 3));
-    options.progress('fanout: 16 restores of one image at once on this host');
-    results.push(await fanout(bucket, Math.min(options.pages, 16384), dir));
+    if (runs('warm')) {
+      options.progress("warm: the same with the host cache warm, beside the floor's local case");
+      results.push(await cold(bucket, 'warm', options.pages, DEFAULT_CHUNK_BYTES, dir, true));
+    }
+    if (runs('prefetch')) {
+      options.progress('prefetch: a cold start from the store with its recorded working set, against one without');
+      results.push(await prefetch(bucket, Math.min(options.pages, 16384), 3));
+    }
+    if (runs('fanout')) {
+      options.progress('fanout: 16 restores of one image at once on this host');
+      results.push(await fanout(bucket, Math.min(options.pages, 16384), dir));
+    }
   } finally {
     const names: string[] = [];
     for await (const o of objects.list('')) names.push(o.key);
@@ -226,7 +244,8 @@ async function cold(bucket: string, prefix: string, pages: number, chunkBytes: n
       pages,
       touchedPages: touched.length,
       ours: again.latency,
-      cacheHits: again.fetched.cache?.hits,
+      cacheHits: (again.fetched.cache?.hits ?? 0) + again.fetched.piecesFromCache,
+      piecesFromCache: again.fetched.piecesFromCache,
       storeGets: again.fetched.store.gets,
       floorLocal: { p50_us: floor.p50_us, p99_us: floor.p99_us },
       ratio: { p50: round(again.latency.p50_us / floor.p50_us) },

@@ -63,7 +63,7 @@ postcopy bench qemu [--guest-mib N] [--rounds R] [--json]
   same guest migrated QEMU to QEMU in postcopy, without and with
   postcopy-preempt. Needs qemu-system-x86 and the Debian package lists.
 
-postcopy bench store [--pages N] [--chunk-sizes S,S,...] [--json]
+postcopy bench store [--pages N] [--chunk-sizes S,S,...] [--cases C,C,...] [--json]
   The snapshot store on the S3 endpoint the AWS variables name (eval
   "$(npm run --silent store:up)" starts a Ceph RGW here), each figure beside
   its baseline on the same store in the same run: dedup (20 children of a
@@ -75,7 +75,7 @@ postcopy bench store [--pages N] [--chunk-sizes S,S,...] [--json]
   warm, beside the floor's local case); prefetch (a cold start with its
   recorded working set against one without); fanout (16 restores at once on
   this host: chunks fetched against distinct chunks, and time against one
-  alone). JSON lines, then a table.
+  alone). --cases runs only those named. JSON lines, then a table.
 
 postcopy bench encryption [--pages N] [--rounds R]
   What sealing TCP data channels costs: fault p50 and bulk GB/s over TCP,
@@ -136,6 +136,7 @@ async function bench(argv: string[]): Promise<void> {
     rate: { type: 'string' },
     'guest-mib': { type: 'string' },
     'chunk-sizes': { type: 'string' },
+    cases: { type: 'string' },
   });
   // Each benchmark takes its own options; one given to another is refused, never ignored.
   const takes: Record<string, string[]> = {
@@ -147,7 +148,7 @@ async function bench(argv: string[]): Promise<void> {
     localhost: ['pages', 'clones', 'json'],
     live: ['pages', 'write-rates', 'rate', 'json'],
     qemu: ['guest-mib', 'rounds', 'json'],
-    store: ['pages', 'chunk-sizes', 'json'],
+    store: ['pages', 'chunk-sizes', 'cases', 'json'],
   };
   const stray = Object.keys(values).find((k) => !takes[which].includes(k));
   if (stray) {
@@ -194,10 +195,14 @@ async function bench(argv: string[]): Promise<void> {
     return;
   }
   if (which === 'store') {
-    const { storeBench, storeTable } = await import('../bench/store.js');
+    const { storeBench, storeTable, STORE_CASES } = await import('../bench/store.js');
+    const cases = values.cases?.split(',');
+    const unknown = cases?.find((c) => !(STORE_CASES as readonly string[]).includes(c));
+    if (unknown !== undefined) throw new UsageError(`--cases: no case "${unknown}" (the cases: ${STORE_CASES.join(', ')})`);
     const results = await storeBench({
       pages: parseCount(values.pages, '--pages', 65536, 1 << 24, 4096),
       chunkSizes: (values['chunk-sizes'] ?? '64K,128K,256K,512K').split(',').map((s) => parseSize(s, '--chunk-sizes', 4096)),
+      ...(cases ? { cases: cases as (typeof STORE_CASES)[number][] } : {}),
       progress: (line) => process.stderr.write(line + '\n'),
     });
     for (const r of results) process.stdout.write(JSON.stringify(r) + '\n');

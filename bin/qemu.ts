@@ -18,8 +18,8 @@ import { isStoreUrl, parseImageUrl, type ImageAddress } from '../lib/store/addre
 import type { PushReport } from '../lib/store/snapshot-store.js';
 import { fetchQemuSnapshot, pushQemuSnapshot } from '../server/qemu-store.js';
 
-export const qemuUsage = `postcopy qemu import FILE --out DIR|s3://BUCKET/PREFIX/NAME
-postcopy qemu save --qmp PATH --out DIR|s3://BUCKET/PREFIX/NAME [--leave-running] [--live]
+export const qemuUsage = `postcopy qemu import FILE --out DIR|s3://BUCKET/PREFIX/NAME [--tenant-key-file F]
+postcopy qemu save --qmp PATH --out DIR|s3://BUCKET/PREFIX/NAME [--leave-running] [--live] [--tenant-key-file F]
 postcopy qemu serve --snapshot DIR --connect unix:PATH|tcp:HOST:PORT [--window F:B] [--no-background] [--json]
 postcopy qemu restore --snapshot DIR|s3://BUCKET/PREFIX/NAME [--window F:B] [--no-background] [--wait] [--json]
                       [--cache-dir DIR] [--cache-size SIZE] -- QEMU-COMMAND...
@@ -56,7 +56,8 @@ postcopy qemu restore --snapshot DIR|s3://BUCKET/PREFIX/NAME [--window F:B] [--n
 
   --out s3://BUCKET/PREFIX/NAME writes the snapshot to a snapshot store
   (docs/STORE.md) instead: its RAM blocks as the image's regions, the rest as
-  files kept with it; the JSON line then says what was pushed. restore
+  files kept with it, sealed with --tenant-key-file's key when given; the
+  JSON line then says what was pushed. restore
   --snapshot s3://... fetches it first (through the host's chunk cache, every
   chunk checked), then restores it as any.
 
@@ -213,9 +214,9 @@ function progress(log: Logger) {
 async function importStream(argv: string[], log: Logger): Promise<void> {
   const [file, ...options] = argv;
   if (!file || file.startsWith('-')) throw new UsageError('postcopy qemu import FILE --out DIR: name the stream file first');
-  const values = parseCommandLine(options, { out: { type: 'string' } });
+  const values = parseCommandLine(options, { out: { type: 'string' }, 'tenant-key-file': { type: 'string' } });
   requireOptions(values, ['out'], 'postcopy qemu import FILE --out DIR');
-  const target = snapshotTarget(values.out as string);
+  const target = snapshotTarget(values.out as string, values['tenant-key-file']);
   const stream = createReadStream(file, { highWaterMark: 1 << 20 });
   const failedOpen = new Promise<never>((_, reject) =>
     stream.once('error', (err: NodeJS.ErrnoException) =>
@@ -232,14 +233,19 @@ async function importStream(argv: string[], log: Logger): Promise<void> {
   }
 }
 
-/** Where a snapshot is written: a directory, or (--out s3://BUCKET/PREFIX/NAME) a temporary one pushed to a store once whole. */
-function snapshotTarget(out: string): { dir: string; written(log: Logger): Promise<{ pushed?: PushReport }>; done(): void } {
+/**
+ * Where a snapshot is written: a directory, or (--out s3://BUCKET/PREFIX/NAME)
+ * a temporary one pushed to a store once whole, sealed with the tenant's key
+ * in `tenantKeyFile` when given.
+ */
+function snapshotTarget(out: string, tenantKeyFile?: string): { dir: string; written(log: Logger): Promise<{ pushed?: PushReport }>; done(): void } {
+  const { tenant } = parseStoreOptions({ 'tenant-key-file': tenantKeyFile }, isStoreUrl(out));
   if (!isStoreUrl(out)) return { dir: out, written: async () => ({}), done: () => {} };
   const at = storeImageAddress(out, '--out');
   const dir = mkdtempSync(join(tmpdir(), 'uffd-postcopy-qemu-snapshot-'));
   return {
     dir,
-    written: async (log) => ({ pushed: await pushQemuSnapshot(dir, at, log) }),
+    written: async (log) => ({ pushed: await pushQemuSnapshot(dir, at, log, tenant) }),
     done: () => rmSync(dir, { recursive: true, force: true }),
   };
 }
@@ -253,9 +259,15 @@ function storeImageAddress(text: string, what: string): ImageAddress {
 }
 
 async function save(argv: string[], log: Logger): Promise<void> {
-  const values = parseCommandLine(argv, { qmp: { type: 'string' }, out: { type: 'string' }, 'leave-running': { type: 'boolean' }, live: { type: 'boolean' } });
+  const values = parseCommandLine(argv, {
+    qmp: { type: 'string' },
+    out: { type: 'string' },
+    'leave-running': { type: 'boolean' },
+    live: { type: 'boolean' },
+    'tenant-key-file': { type: 'string' },
+  });
   requireOptions(values, ['qmp', 'out'], 'postcopy qemu save --qmp PATH --out DIR [--leave-running] [--live]');
-  const target = snapshotTarget(values.out as string);
+  const target = snapshotTarget(values.out as string, values['tenant-key-file']);
   const live = values.live === true;
   const qmp = await Qmp.connect(values.qmp as string);
   const dir = mkdtempSync(join(tmpdir(), 'uffd-postcopy-qemu-'));

@@ -13,12 +13,12 @@ import { SnapshotStore, type PushReport } from '../lib/store/snapshot-store.js';
 import type { TenantKey } from '../lib/store/tenant.js';
 import { readManifest } from './qemu-source.js';
 
-/** Pushes the snapshot in `dir` as image `at.name`. */
-export async function pushQemuSnapshot(dir: string, at: ImageAddress, log: Logger): Promise<PushReport> {
+/** Pushes the snapshot in `dir` as image `at.name` (sealed with `tenant`'s key when given). */
+export async function pushQemuSnapshot(dir: string, at: ImageAddress, log: Logger, tenant?: TenantKey): Promise<PushReport> {
   const manifest = readManifest(dir);
   const kept = [manifest.files.configuration, manifest.files.ramSetup, manifest.files.devices, manifest.files.vmDescription].filter((f): f is string => !!f);
   const image = Image.open(manifest.blocks.map((b) => ({ path: join(dir, b.file), name: b.name })));
-  const store = new SnapshotStore(at, { logger: log });
+  const store = new SnapshotStore(at, { logger: log, ...(tenant ? { tenant } : {}) });
   try {
     return await store.push(image, at.name, { files: ['manifest.json', ...kept].map((name) => ({ name, bytes: readFileSync(join(dir, name)) })) });
   } finally {

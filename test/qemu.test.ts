@@ -254,8 +254,20 @@ t.test('a destination QEMU that dies mid-restore: serve exits with a clear error
 });
 
 /** A QEMU restored lazily from `snapshot` (postcopy qemu restore), its serial console in `serial`; killed at teardown. */
-async function restoreGuest(t: Test, snapshot: string, command: string[], serial: string, what: string) {
-  const restored = await runCli(['qemu', 'restore', '--snapshot', snapshot, '--json', '--', 'qemu-system-x86_64', ...command, '-serial', `file:${serial}`]);
+async function restoreGuest(t: Test, snapshot: string, command: string[], serial: string, what: string, options: string[] = []) {
+  const restored = await runCli([
+    'qemu',
+    'restore',
+    '--snapshot',
+    snapshot,
+    ...options,
+    '--json',
+    '--',
+    'qemu-system-x86_64',
+    ...command,
+    '-serial',
+    `file:${serial}`,
+  ]);
   t.equal(restored.code, 0, `${what}: ${restored.stderr}`);
   const report = JSON.parse(restored.stdout.trim().split('\n').pop()!) as { qmp: string; pid: number; guestRunningMs: number; fullResidencyMs: number };
   t.teardown(() => {
@@ -319,19 +331,25 @@ t.test('a guest writing its memory without pause, saved, then restored lazily in
   );
   t.same(trouble(sourceSerial), [], 'and its kernel reported no trouble');
 
-  // The same stream into a snapshot store (a real Ceph RGW), restored from there.
+  // The same stream into a snapshot store (a real Ceph RGW), sealed with a tenant's key, restored from there.
   const stored = `${await freshBucket(t)}/qemu/vm`;
-  const pushed = await runCli(['qemu', 'import', stream, '--out', stored]);
+  const tenantKey = join(dir, 'tenant.key');
+  writeFileSync(tenantKey, 'a tenant secret of the qemu test\n');
+  const pushed = await runCli(['qemu', 'import', stream, '--out', stored, '--tenant-key-file', tenantKey]);
   t.equal(pushed.code, 0, pushed.stderr);
   t.match(JSON.parse(pushed.stdout.trim().split('\n').pop()!), { snapshot: stored, pushed: { name: 'vm', uploadedChunks: Number } }, 'imported into the store');
+  const keyless = await runCli(['qemu', 'restore', '--snapshot', stored, '--', 'qemu-system-x86_64', ...machine]);
+  t.equal(keyless.code, 1, "without the tenant's key the sealed snapshot is refused, before QEMU starts");
+  t.match(keyless.stderr, /ERR_STORE_DENIED/);
+  t.match(keyless.stderr, /--tenant-key-file/);
 
-  for (const [what, snapshot] of [
-    ['saved with qemu save', saved],
-    ["imported from QEMU's own file", imported],
-    ['imported into a store', stored],
+  for (const [what, snapshot, options] of [
+    ['saved with qemu save', saved, []],
+    ["imported from QEMU's own file", imported, []],
+    ['imported into a store', stored, ['--tenant-key-file', tenantKey]],
   ] as const) {
     const serial = join(dir, `${what.replace(/\W+/g, '-')}.serial`);
-    const report = await restoreGuest(t, snapshot, [...machine, ...boot], serial, what);
+    const report = await restoreGuest(t, snapshot, [...machine, ...boot], serial, what, [...options]);
     t.ok(
       report.guestRunningMs < report.fullResidencyMs,
       `${what}: the guest ran (${report.guestRunningMs} ms) before its memory had all arrived (${report.fullResidencyMs} ms)`,

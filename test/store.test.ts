@@ -181,7 +181,7 @@ t.test('the host cache: a second restore of the image fetches nothing from the s
   t.ok(Buffer.from(third.dest.regions[0].mapping.buffer()).equals(bytes), 'and the restore is byte-exact');
   // With no background, every piece is a fault's: the fault thread reads the cache itself, JavaScript never sees one.
   const faulted = await restoreAll(t, store, 'img', new ChunkCache({ dir }), undefined, false);
-  t.equal(faulted.session.fetched.piecesFromCache, pushed.uploadedChunks, "the fault thread read every chunk from the cache");
+  t.equal(faulted.session.fetched.piecesFromCache, pushed.uploadedChunks, 'the fault thread read every chunk from the cache');
   t.equal(faulted.session.fetched.pieces, 0, 'none went through JavaScript');
   t.ok(Buffer.from(faulted.dest.regions[0].mapping.buffer()).equals(bytes), 'byte-exact');
   // A cached file damaged again: the fault thread will not install it; it is fetched again and replaced.
