@@ -133,16 +133,8 @@ async function dedup(bucket: string, prefix: string, pages: number, chunkBytes: 
     const baseStored = await storedBytes(store);
     let differing = 0;
     const pushedRatios: number[] = [];
-    let x = 7;
     for (let c = 0; c < 20; c++) {
-      const child = Buffer.from(base);
-      const share = 1 + (c % 5); // 1-5% of pages rewritten
-      const rewritten = Math.round((pages * share) / 100);
-      for (let k = 0; k < rewritten; k++) {
-        x = (x * 1103515245 + 12345) >>> 0;
-        const p = x % pages;
-        child.writeUInt32LE(x, p * PAGE_SIZE + ((x >>> 8) % 1024) * 4); // a page written: a few bytes differ
-      }
+      const child = childOf(base, 1 + (c % 5), 7 + c * 7919); // 1-5% of pages written
       const changed = countDiffering(base, child);
       differing += changed * PAGE_SIZE;
       const image = open(child);
@@ -349,17 +341,44 @@ async function prefetch(bucket: string, pages: number, rounds: number): Promise<
 }
 
 /** 16 CLI restores of one image at once, sharing this host's cache: chunks fetched from the store against distinct chunks. */
+/** `base` with `share` percent of its pages written (a few bytes each), deterministically from `seed`. */
+function childOf(base: Buffer, share: number, seed: number): Buffer {
+  const child = Buffer.from(base);
+  const pages = base.length / PAGE_SIZE;
+  let x = seed;
+  for (let k = 0; k < Math.round((pages * share) / 100); k++) {
+    x = (x * 1103515245 + 12345) >>> 0;
+    child.writeUInt32LE(x, (x % pages) * PAGE_SIZE + ((x >>> 8) % 1024) * 4);
+  }
+  return child;
+}
+
+/**
+ * 16 restores at once on this host, sharing its chunk cache: of one image,
+ * and of 4 images that share a base (pushed with it as their parent, 3% of
+ * pages their own), 4 restores each. Chunks fetched from the store against
+ * the distinct chunks the restores need, and each restore's time against one
+ * alone.
+ */
 async function fanout(bucket: string, pages: number, dir: string): Promise<StoreBenchResult> {
   const store = new SnapshotStore({ bucket, prefix: 'fanout' });
-  const image = Image.open([{ buffer: memoryLikeImage(pages, 4) }]);
+  const base = memoryLikeImage(pages, 4);
+  const image = Image.open([{ buffer: base }]);
   try {
     const pushed = await store.push(image, 'vm');
     const distinct = pushed.uploadedChunks;
+    const children = [1, 2, 3, 4].map((c) => childOf(base, 3, 1000 + c));
+    for (const [c, bytes] of children.entries()) {
+      const child = Image.open([{ buffer: bytes }]);
+      await store.push(child, `child-${c}`, { parent: 'vm' });
+      child.close();
+    }
+    const needed = new Set<string>();
+    for (let c = 0; c < children.length; c++) for (const hash of (await store.manifest(`child-${c}`)).regions[0].chunks) if (hash) needed.add(hash);
     const cli = join(projectRoot(), 'dist', 'bin', 'postcopy.js');
-    const url = `s3://${bucket}/fanout/vm`;
-    const run = async (cache: string) => {
+    const run = async (name: string, cache: string) => {
       const started = process.hrtime.bigint();
-      const child = spawn(process.execPath, [cli, 'restore', '--image', url, '--cache-dir', cache, '--json', '--log-level', 'warn'], {
+      const child = spawn(process.execPath, [cli, 'restore', '--image', `s3://${bucket}/fanout/${name}`, '--cache-dir', cache, '--json', '--log-level', 'warn'], {
         stdio: ['ignore', 'pipe', 'inherit'],
       });
       let out = '';
@@ -369,10 +388,11 @@ async function fanout(bucket: string, pages: number, dir: string): Promise<Store
       const report = JSON.parse(out.trim());
       return { ms: Number(process.hrtime.bigint() - started) / 1e6, misses: report.source.cache.misses as number };
     };
-    const alone = await run(join(dir, 'fanout-alone'));
-    const shared = join(dir, 'fanout-shared');
-    const many = await Promise.all(Array.from({ length: 16 }, () => run(shared)));
+    const alone = await run('vm', join(dir, 'fanout-alone'));
+    const many = await Promise.all(Array.from({ length: 16 }, () => run('vm', join(dir, 'fanout-shared'))));
+    const layered = await Promise.all(Array.from({ length: 16 }, (_, i) => run(`child-${i % 4}`, join(dir, 'fanout-layered'))));
     const fetched = many.reduce((n, r) => n + r.misses, 0);
+    const layeredFetched = layered.reduce((n, r) => n + r.misses, 0);
     writeFileSync(join(dir, 'fanout-done'), '');
     return {
       case: 'fanout',
@@ -384,6 +404,14 @@ async function fanout(bucket: string, pages: number, dir: string): Promise<Store
       aloneMs: round(alone.ms),
       eachMsMedian: round(median(many.map((r) => r.ms))),
       timeRatio: round(median(many.map((r) => r.ms)) / alone.ms),
+      layered: {
+        images: children.length,
+        distinctChunks: needed.size,
+        chunksFetched: layeredFetched,
+        fetchedChunksRatio: round(layeredFetched / needed.size, 3),
+        eachMsMedian: round(median(layered.map((r) => r.ms))),
+        timeRatio: round(median(layered.map((r) => r.ms)) / alone.ms),
+      },
     };
   } finally {
     image.close();
@@ -421,6 +449,11 @@ export function storeTable(results: StoreBenchResult[]): string {
         `| fanout | ${DEFAULT_CHUNK_BYTES / 1024} KiB | chunks fetched, 16 restores | ${r.chunksFetched} | ${r.distinctChunks} distinct | ${r.fetchedChunksRatio} |`,
       );
       lines.push(`| fanout | ${DEFAULT_CHUNK_BYTES / 1024} KiB | each restore's time (ms) | ${r.eachMsMedian} | ${r.aloneMs} (one alone) | ${r.timeRatio} |`);
+      const l = r.layered as { images: number; distinctChunks: number; chunksFetched: number; fetchedChunksRatio: number; eachMsMedian: number; timeRatio: number };
+      lines.push(
+        `| fanout | ${DEFAULT_CHUNK_BYTES / 1024} KiB | chunks fetched, 16 restores of ${l.images} images sharing a base | ${l.chunksFetched} | ${l.distinctChunks} distinct | ${l.fetchedChunksRatio} |`,
+      );
+      lines.push(`| fanout | ${DEFAULT_CHUNK_BYTES / 1024} KiB | each restore's time (ms), ${l.images} images | ${l.eachMsMedian} | ${r.aloneMs} (one alone) | ${l.timeRatio} |`);
     }
   }
   return lines.join('\n') + '\n';

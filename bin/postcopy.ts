@@ -74,8 +74,9 @@ postcopy bench store [--pages N] [--chunk-sizes S,S,...] [--cases C,C,...] [--js
   chunk size (default 64K,128K,256K,512K); warm (the cold case again, cache
   warm, beside the floor's local case); prefetch (a cold start with its
   recorded working set against one without); fanout (16 restores at once on
-  this host: chunks fetched against distinct chunks, and time against one
-  alone). --cases runs only those named. JSON lines, then a table.
+  this host, of one image and of 4 images sharing a base: chunks fetched
+  against distinct chunks, and time against one alone). --cases runs only
+  those named. JSON lines, then a table.
 
 postcopy bench encryption [--pages N] [--rounds R]
   What sealing TCP data channels costs: fault p50 and bulk GB/s over TCP,

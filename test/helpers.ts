@@ -21,6 +21,9 @@ export const here = dirname(fileURLToPath(import.meta.url));
 // test process, in the temp dir, never the user's own.
 process.env.POSTCOPY_TOKEN_FILE ??= join(tmpdir(), `uffd-postcopy-token-${process.pid}`);
 process.once('exit', () => rmSync(process.env.POSTCOPY_TOKEN_FILE!, { force: true }));
+// A store restore that names no cache uses this test file's own (never the host's, which outlives the run).
+process.env.POSTCOPY_CHUNK_CACHE ??= join(tmpdir(), `uffd-postcopy-chunks-${process.pid}`);
+process.once('exit', () => rmSync(process.env.POSTCOPY_CHUNK_CACHE!, { recursive: true, force: true, maxRetries: 3 }));
 export const PAGE = 4096;
 
 /**

@@ -346,7 +346,7 @@ t.test('a guest writing its memory without pause, saved, then restored lazily in
   for (const [what, snapshot, options] of [
     ['saved with qemu save', saved, []],
     ["imported from QEMU's own file", imported, []],
-    ['imported into a store', stored, ['--tenant-key-file', tenantKey]],
+    ['imported into a store', stored, ['--tenant-key-file', tenantKey, '--cache-dir', join(dir, 'chunk-cache')]],
   ] as const) {
     const serial = join(dir, `${what.replace(/\W+/g, '-')}.serial`);
     const report = await restoreGuest(t, snapshot, [...machine, ...boot], serial, what, [...options]);

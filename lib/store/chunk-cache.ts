@@ -10,8 +10,8 @@
 // others wait (bounded) for the file. The directory is bounded: past its size
 // the chunks used least recently (file times, touched on each hit) go first.
 import { randomBytes } from 'node:crypto';
-import { mkdirSync } from 'node:fs';
-import { open, readFile, readdir, rename, stat, unlink, utimes, writeFile } from 'node:fs/promises';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { readFile, readdir, rename, stat, unlink, utimes, writeFile } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -56,7 +56,7 @@ export interface ChunkCacheStats {
   misses: number;
   /** Misses another process (or request here) was fetching already: waited for, not fetched again. */
   joined: number;
-  /** Chunk files found damaged (not their hash): removed and fetched again. */
+  /** Chunk files found damaged (their check fails, or a layout of an older version): removed and fetched again. */
   damaged: number;
   evicted: number;
 }
@@ -76,6 +76,7 @@ export class ChunkCache {
   /** Bytes in the directory as this process last counted them (null until first counted). */
   #bytes: number | null = null;
   #evicting: Promise<void> | null = null;
+  #counting: Promise<void> | null = null;
   /** Chunks being written to the cache (after their fetch was answered). */
   readonly #keeping = new Set<Promise<unknown>>();
 
@@ -149,18 +150,26 @@ export class ChunkCache {
     }
   }
 
-  /** The chunk's file, checked; null when there is none (or it was damaged: then removed). */
+  /**
+   * The chunk's file, checked; null when there is none (or it was damaged:
+   * then removed). Read on this thread: a file of one chunk from the page
+   * cache costs less than a trip through libuv's pool, which the fetches'
+   * decompression keeps busy, and a fault may be waiting for it.
+   */
   async #read(hash: string): Promise<Buffer | null> {
     const path = this.#path(hash);
     let bytes: Buffer | null;
     try {
-      bytes = withoutFooter(await readFile(path));
+      bytes = withoutFooter(readFileSync(path));
     } catch {
       return null;
     }
     if (!bytes) {
-      this.stats.damaged++;
-      this.#log.warn({ chunk: hash, path }, 'a cached chunk is damaged: removed, fetched again');
+      // One warning per cache (a cache written by an older layout, or a disk that went bad, has many such files), the rest at debug.
+      this.#log[this.stats.damaged++ === 0 ? 'warn' : 'debug'](
+        { chunk: hash, path },
+        'a cached chunk is damaged (or of an older layout): removed, fetched again; any more are logged at debug level',
+      );
       await unlink(path).catch(() => {});
       return null;
     }
@@ -169,14 +178,12 @@ export class ChunkCache {
     return bytes;
   }
 
-  /** The chunk's lock file, created; null while another live process holds it. */
+  /** The chunk's lock file, created (on this thread, as #read); null while another live process holds it. */
   async #lock(hash: string): Promise<string | null> {
     const path = join(this.dir, 'locks', hash);
     for (let tries = 0; tries < 2; tries++) {
       try {
-        const fh = await open(path, 'wx', 0o600);
-        await fh.write(String(process.pid));
-        await fh.close();
+        writeFileSync(path, String(process.pid), { flag: 'wx', mode: 0o600 });
         return path;
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
@@ -235,9 +242,18 @@ export class ChunkCache {
     return out;
   }
 
-  async #count(): Promise<void> {
-    if (this.#bytes !== null) return;
-    this.#bytes = (await this.#files()).reduce((n, f) => n + f.size, 0);
+  /** Counts the directory's bytes once: every chunk kept meanwhile waits for the one count (a scan of the whole directory). */
+  #count(): Promise<void> {
+    if (this.#bytes !== null) return Promise.resolve();
+    return (this.#counting ??= this.#files().then(
+      (files) => {
+        this.#bytes = files.reduce((n, f) => n + f.size, 0);
+      },
+      (err) => {
+        this.#counting = null;
+        throw err;
+      },
+    ));
   }
 
   /** Down to nine tenths of the bound, least recently used first (what other processes added counts too). */
