@@ -378,9 +378,13 @@ async function fanout(bucket: string, pages: number, dir: string): Promise<Store
     const cli = join(projectRoot(), 'dist', 'bin', 'postcopy.js');
     const run = async (name: string, cache: string) => {
       const started = process.hrtime.bigint();
-      const child = spawn(process.execPath, [cli, 'restore', '--image', `s3://${bucket}/fanout/${name}`, '--cache-dir', cache, '--json', '--log-level', 'warn'], {
-        stdio: ['ignore', 'pipe', 'inherit'],
-      });
+      const child = spawn(
+        process.execPath,
+        [cli, 'restore', '--image', `s3://${bucket}/fanout/${name}`, '--cache-dir', cache, '--json', '--log-level', 'warn'],
+        {
+          stdio: ['ignore', 'pipe', 'inherit'],
+        },
+      );
       let out = '';
       child.stdout.on('data', (d) => (out += d));
       const [code] = await once(child, 'close');
@@ -449,11 +453,20 @@ export function storeTable(results: StoreBenchResult[]): string {
         `| fanout | ${DEFAULT_CHUNK_BYTES / 1024} KiB | chunks fetched, 16 restores | ${r.chunksFetched} | ${r.distinctChunks} distinct | ${r.fetchedChunksRatio} |`,
       );
       lines.push(`| fanout | ${DEFAULT_CHUNK_BYTES / 1024} KiB | each restore's time (ms) | ${r.eachMsMedian} | ${r.aloneMs} (one alone) | ${r.timeRatio} |`);
-      const l = r.layered as { images: number; distinctChunks: number; chunksFetched: number; fetchedChunksRatio: number; eachMsMedian: number; timeRatio: number };
+      const l = r.layered as {
+        images: number;
+        distinctChunks: number;
+        chunksFetched: number;
+        fetchedChunksRatio: number;
+        eachMsMedian: number;
+        timeRatio: number;
+      };
       lines.push(
         `| fanout | ${DEFAULT_CHUNK_BYTES / 1024} KiB | chunks fetched, 16 restores of ${l.images} images sharing a base | ${l.chunksFetched} | ${l.distinctChunks} distinct | ${l.fetchedChunksRatio} |`,
       );
-      lines.push(`| fanout | ${DEFAULT_CHUNK_BYTES / 1024} KiB | each restore's time (ms), ${l.images} images | ${l.eachMsMedian} | ${r.aloneMs} (one alone) | ${l.timeRatio} |`);
+      lines.push(
+        `| fanout | ${DEFAULT_CHUNK_BYTES / 1024} KiB | each restore's time (ms), ${l.images} images | ${l.eachMsMedian} | ${r.aloneMs} (one alone) | ${l.timeRatio} |`,
+      );
     }
   }
   return lines.join('\n') + '\n';

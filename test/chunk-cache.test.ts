@@ -5,12 +5,13 @@
 import t from 'tap';
 import { randomBytes } from 'node:crypto';
 import * as fsPromises from 'node:fs/promises';
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { existsSync, mkdirSync, readFileSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { ChunkCache } from '../lib/store/chunk-cache.js';
 import { chunkHash } from '../lib/store/chunk.js';
 import { native } from '../lib/native.js';
-import { tempDir } from './helpers.js';
+import { tempDir, until } from './helpers.js';
 
 t.test('a kept chunk is its content and a footer: the magic and the check of the content, which a read verifies', async (t) => {
   const dir = tempDir(t);
@@ -83,4 +84,45 @@ t.test('many chunks kept at once into a full directory: it is counted once, not 
   await Promise.all(contents.map((c) => cache.get(chunkHash(c), async () => c)));
   await cache.settled();
   t.equal(scans, 1, 'one scan of the directory for 64 chunks kept at once');
+});
+
+t.test('a lock is a lease: a long fetch is waited for while its holder touches the lock; a lock left untouched is taken over', async (t) => {
+  const dir = tempDir(t);
+  const content = randomBytes(4096);
+  const hash = chunkHash(content);
+  const lock = join(dir, 'locks', hash);
+  // A fetch here that takes long: the holder touches its lock meanwhile.
+  let answer!: (b: Buffer) => void;
+  const holder = new ChunkCache({ dir });
+  const held = holder.get(hash, () => new Promise<Buffer>((resolve) => (answer = resolve)));
+  await until('the lock is taken', () => existsSync(lock) || undefined, 5000);
+  const first = statSync(lock).mtimeMs;
+  await until('the holder touches its lock', () => statSync(lock).mtimeMs > first || undefined, 10_000);
+  // Another cache (as another process would) waits for it rather than fetching again.
+  const waiter = new ChunkCache({ dir });
+  let fetchedTwice = false;
+  const waited = waiter.get(hash, async () => {
+    fetchedTwice = true;
+    return content;
+  });
+  answer(content);
+  t.ok((await held).equals(content));
+  t.ok((await waited).equals(content));
+  t.notOk(fetchedTwice, 'fetched once');
+  t.equal(waiter.stats.joined, 1);
+  await holder.settled();
+
+  // A lock a live process holds but has not touched for 20 s (it hung): taken over, fetched here.
+  const other = randomBytes(4096);
+  const otherHash = chunkHash(other);
+  const sleeper = spawn('sleep', ['30']);
+  t.teardown(() => sleeper.kill());
+  const stuck = join(dir, 'locks', otherHash);
+  writeFileSync(stuck, String(sleeper.pid));
+  const past = new Date(Date.now() - 20_000);
+  utimesSync(stuck, past, past);
+  const taker = new ChunkCache({ dir });
+  t.ok((await taker.get(otherHash, async () => other)).equals(other));
+  t.equal(taker.stats.misses, 1, 'fetched by the one that took the lock over');
+  await taker.settled();
 });

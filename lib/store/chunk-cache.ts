@@ -20,10 +20,15 @@ import { silentLogger, type Logger } from '../logger.js';
 import { native } from '../native.js';
 
 export const DEFAULT_CACHE_BYTES = 4 * 1024 ** 3;
-/** A chunk another process is fetching is waited for this long at most, then fetched here too. */
-const LOCK_WAIT_MS = 30_000;
-/** A lock older than this is a crashed fetcher's. */
-const LOCK_STALE_MS = 60_000;
+/**
+ * A lock is a lease: its holder touches it every LOCK_BEAT_MS while it
+ * fetches, so a fetch that takes long (a store out of reach, a host under
+ * load) is waited for, and one whose holder died or hung (not touched for
+ * LOCK_STALE_MS) is taken over. LOCK_WAIT_MS bounds a wait in any case.
+ */
+const LOCK_BEAT_MS = 2_000;
+const LOCK_STALE_MS = 15_000;
+const LOCK_WAIT_MS = 5 * 60_000;
 const MAGIC = Buffer.from('uffdpcc1');
 const FOOTER_BYTES = 16;
 
@@ -123,14 +128,23 @@ export class ChunkCache {
           return theirs;
         }
         this.stats.misses++;
+        const beat = setInterval(() => {
+          const now = new Date();
+          utimes(lock, now, now).catch(() => {});
+        }, LOCK_BEAT_MS);
+        beat.unref();
+        const release = () => {
+          clearInterval(beat);
+          return unlink(lock).catch(() => {});
+        };
         let plain: Buffer;
         try {
           plain = await fetch();
         } catch (err) {
-          await unlink(lock).catch(() => {});
+          await release();
           throw err;
         }
-        const keeping = this.#keep(hash, plain).finally(() => unlink(lock).catch(() => {}));
+        const keeping = this.#keep(hash, plain).finally(release);
         this.#keeping.add(keeping);
         void keeping.finally(() => this.#keeping.delete(keeping));
         return plain;
@@ -143,7 +157,7 @@ export class ChunkCache {
         return theirs;
       }
       if (Date.now() > deadline) {
-        this.#log.warn({ chunk: hash }, 'another process held the fetch of a chunk too long: fetching it here');
+        this.#log.warn({ chunk: hash, waitedMs: LOCK_WAIT_MS }, 'another process held the fetch of a chunk too long: fetching it here');
         this.stats.misses++;
         return fetch();
       }
@@ -194,7 +208,7 @@ export class ChunkCache {
     return null;
   }
 
-  /** A lock its process left behind (that process is gone, or it is too old). */
+  /** A lock its process left behind: that process is gone, or it stopped touching the lock (hung). */
   async #stale(path: string): Promise<boolean> {
     try {
       const [text, st] = await Promise.all([readFile(path, 'utf8'), stat(path)]);
