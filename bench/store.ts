@@ -340,7 +340,6 @@ async function prefetch(bucket: string, pages: number, rounds: number): Promise<
   }
 }
 
-/** 16 CLI restores of one image at once, sharing this host's cache: chunks fetched from the store against distinct chunks. */
 /** `base` with `share` percent of its pages written (a few bytes each), deterministically from `seed`. */
 function childOf(base: Buffer, share: number, seed: number): Buffer {
   const child = Buffer.from(base);
