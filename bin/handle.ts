@@ -12,8 +12,8 @@ import {
   destinationToken,
   recoveryOptionSpec,
   recoveryUsage,
-  requireOptions,
   parseAddressOption,
+  checkSocketDirectory,
   parseMetricsOption,
   withConcretePort,
   withoutOption,
@@ -123,8 +123,9 @@ export async function handle(argv: string[], log: Logger): Promise<void> {
       throw new UsageError('--template fills its template from a source (--source); an image in a store is restored by each VMM itself');
   }
   if (values.image && values.source) throw new UsageError('--image serves a local file, --source a source: give one or the other');
-  if (!values.image) requireOptions(values, ['source'], usage);
-  if (!values.worker) requireOptions(values, ['socket'], usage);
+  const missing = [...(values.worker || values.socket ? [] : ['--socket']), ...(values.image || values.source?.length ? [] : ['--source (or --image)'])];
+  if (missing.length) throw new UsageError(`${missing.join(' and ')} ${missing.length > 1 ? 'are' : 'is'} required (${usage})`);
+  if (values.socket) checkSocketDirectory(values.socket, '--socket ');
   for (const s of values.source ?? []) parseAddressOption(s, '--source');
   const window = parseWindow(values.window);
   const record = values['record-working-set'];

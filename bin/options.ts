@@ -110,6 +110,19 @@ export function parseAddressOption(text: string, what: string): Address {
   }
 }
 
+/** An address to listen on: as parseAddressOption, and a unix socket's directory must exist (the same sentence as an output file's). */
+export function parseListenOption(text: string, what: string): Address {
+  const a = parseAddressOption(text, what);
+  if (a.kind === 'unix') checkSocketDirectory(a.path, `${what} unix:`);
+  return a;
+}
+
+/** Refuses a socket path whose directory does not exist (listen() would say EACCES or ENOENT). */
+export function checkSocketDirectory(path: string, what: string): void {
+  const where = dirname(path);
+  if (!statSync(where, { throwIfNoEntry: false })?.isDirectory()) throw new UsageError(`${what}${path}: the directory ${where} does not exist`);
+}
+
 /** --metrics tcp:HOST:PORT (port 0: a free one). */
 export function parseMetricsOption(text: string): string {
   metricsAddress(text);

@@ -88,9 +88,11 @@ commands:
   demo       move a real image from a source process to a destination and show what happened
   serve      serve an image to destinations
   handle     be the page-fault handler VMMs hand their userfaultfd to (Firecracker style)
-  restore    restore an image from a source into this process's memory
-  bench      the benchmark suite (quick; --full for everything), or latency | throughput | encryption
-  qemu       QEMU snapshots: import a stream QEMU saved, or save a running QEMU
+  restore    restore an image (from a source, a file or a store) into memory or a file
+  bench      the benchmark suite (quick; --full for everything), or one benchmark:
+             latency, throughput, encryption, local, localhost, live, qemu, store
+  qemu       QEMU snapshots: import a stream QEMU saved, save a running QEMU, serve a
+             snapshot to a QEMU, or restore one into a QEMU started for it
   store      images in a snapshot store on S3-compatible object storage: push, ls, rm, gc
 
 ${serveUsage}
@@ -107,6 +109,9 @@ ${qemuUsage}
 
 ${storeUsage}
 `;
+
+/** What `postcopy` alone prints: the commands, and where the rest is. */
+const shortUsage = usage.slice(0, usage.indexOf('\n\n', usage.indexOf('commands:'))) + "\n\npostcopy --help prints every command's usage.";
 
 const usageOf: Record<string, string> = {
   serve: serveUsage,
@@ -340,11 +345,14 @@ async function main(): Promise<number> {
         await store(argv, log);
         return 0;
       case undefined:
+        // A mistake, not a request for help: a few lines where mistakes go, not the whole manual.
+        process.stderr.write(`${shortUsage}\n`);
+        return 2;
       case 'help':
       case '--help':
       case '-h':
         process.stdout.write(usage);
-        return command === undefined ? 2 : 0;
+        return 0;
       default:
         throw new UsageError(`unknown command ${JSON.stringify(command)} (demo, serve, handle, restore, bench, qemu or store)`);
     }

@@ -24,7 +24,6 @@ import {
   destinationToken,
   recoveryOptionSpec,
   recoveryUsage,
-  requireOptions,
   UsageError,
   checkWritable,
   parseAddressOption,
@@ -102,7 +101,8 @@ export async function restore(argv: string[], log: Logger): Promise<void> {
       throw new UsageError(`--image ${(err as Error).message}`);
     }
   if (values.image && values.source) throw new UsageError('--image restores from a local file, --source from a source: give one or the other');
-  if (!values.image) requireOptions(values, ['source'], 'postcopy restore --source unix:PATH|tcp:HOST:PORT');
+  if (!values.image && !values.source?.length)
+    throw new UsageError('--source or --image is required (postcopy restore --source unix:PATH|tcp:HOST:PORT, or --image FILE|s3://BUCKET/PREFIX/NAME)');
   for (const s of values.source ?? []) parseAddressOption(s, '--source');
   const workload = parseChoice(values.workload, '--workload', ['random', 'sequential', 'cold-start', 'none'] as const, 'random');
   const seed = parseCount(values.seed, '--seed', 1, 0xffffffff);

@@ -12,7 +12,8 @@ import {
   storeOptionSpec,
   storeImageOf,
   sourceToken,
-  parseAddressOption,
+  checkSocketDirectory,
+  parseListenOption,
   parseMetricsOption,
   loggingUsage,
   UsageError,
@@ -84,8 +85,20 @@ postcopy serve --live --socket PATH --listen unix:PATH|tcp:HOST:PORT [--migratio
   and stays paused.
 ${loggingUsage}`;
 
+/** Options of one way of serving that the other does not take. */
+const LIVE_ONLY = ['socket', 'migration', 'downtime-limit', 'max-precopy-rounds', 'postcopy-after', 'resume-workload'];
+const IMAGE_ONLY = ['image', 'resume-grace', 'metrics', 'release-as-sent', ...Object.keys(storeOptionSpec)];
+
 export async function serve(argv: string[], log: Logger): Promise<void> {
-  if (argv.includes('--live')) return serveLive(argv, log);
+  const live = argv.includes('--live');
+  const stray = argv.map((a) => /^--([a-z-]+)/.exec(a)?.[1]).find((o) => o !== undefined && (live ? IMAGE_ONLY : LIVE_ONLY).includes(o));
+  if (stray)
+    throw new UsageError(
+      live
+        ? `--${stray} is for serving an image (serve --image); serve --live moves a running workload's own memory, and does not take it`
+        : `--${stray} is for moving a running workload (serve --live --socket PATH); add --live, or leave --${stray} out`,
+    );
+  if (live) return serveLive(argv, log);
   const values = parseCommandLine(argv, {
     image: { type: 'string', multiple: true },
     listen: { type: 'string' },
@@ -101,7 +114,7 @@ export async function serve(argv: string[], log: Logger): Promise<void> {
   if (storeImage && values['release-as-sent'])
     throw new UsageError('--release-as-sent frees a shared-memory image as it moves; an image in a store stays in the store');
   const listen = values.listen as string;
-  parseAddressOption(listen, '--listen');
+  parseListenOption(listen, '--listen');
   const metrics = values.metrics === undefined ? undefined : parseMetricsOption(values.metrics);
   const resumeGraceMs = values['resume-grace'] === undefined ? undefined : parseDuration(values['resume-grace'], '--resume-grace');
   const releaseAsSent = values['release-as-sent'] === true;
@@ -177,8 +190,9 @@ async function serveLive(argv: string[], log: Logger): Promise<void> {
   });
   requireOptions(values, ['socket', 'listen'], 'postcopy serve --live --socket PATH --listen unix:PATH|tcp:HOST:PORT');
   const resumeFor = values['resume-workload'] as string | undefined;
+  checkSocketDirectory(values.socket as string, '--socket ');
   const listen = values.listen as string;
-  parseAddressOption(listen, '--listen');
+  parseListenOption(listen, '--listen');
   const mode = parseChoice(values.migration, '--migration', ['precopy+postcopy', 'postcopy', 'precopy'] as const, 'precopy+postcopy');
   const options: LiveOptions = {
     mode,

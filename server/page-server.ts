@@ -207,7 +207,17 @@ export class PageServer {
       await listenOwnerOnly(server, a.path);
     } else {
       await new Promise<void>((resolve, reject) => {
-        server.once('error', reject);
+        server.once('error', (err: NodeJS.ErrnoException) =>
+          reject(
+            Object.assign(
+              new PostcopyError(
+                err.code === 'EADDRINUSE' ? ErrorCode.ADDRESS_IN_USE : ErrorCode.INVALID_ADDRESS,
+                err.code === 'EADDRINUSE' ? `another process is listening on ${formatAddress(a)}` : `cannot listen on ${formatAddress(a)}: ${err.message}`,
+              ),
+              { errno: err.errno, syscall: err.syscall },
+            ),
+          ),
+        );
         server.listen(a.port, a.host, resolve);
       });
     }

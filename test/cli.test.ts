@@ -8,6 +8,7 @@ import { spawn } from 'node:child_process';
 import { constants as osConstants } from 'node:os';
 import { once } from 'node:events';
 import { createInterface } from 'node:readline';
+import { createServer, type AddressInfo } from 'node:net';
 import { PAGE, buildFixture, cliCommand, here, randomImage, runCli, startServeCli, tempDir, writeImage, until } from './helpers.js';
 
 t.test('serve and restore as separate processes: token, --out, --json', async (t) => {
@@ -81,7 +82,19 @@ t.test('usage errors exit 2 in one line naming what is wrong', async (t) => {
   t.match(r.stderr, /unknown command "frobnicate".*ERR_USAGE/);
   const missing = await runCli(['restore']);
   t.equal(missing.code, 2);
-  t.match(missing.stderr, /--source is required/);
+  t.match(missing.stderr, /--source or --image is required/, 'the alternative is named');
+  // postcopy alone is a mistake: a short usage where mistakes go, exit 2; --help is the whole manual on stdout.
+  const bare = await runCli([]);
+  t.equal(bare.code, 2);
+  t.equal(bare.stdout, '');
+  t.match(bare.stderr, /^usage: postcopy <command>/);
+  t.match(bare.stderr, /latency, throughput, encryption, local, localhost, live, qemu, store/, 'every benchmark is listed');
+  t.match(bare.stderr, /serve a\s+snapshot to a QEMU, or restore one/, 'and every qemu command');
+  t.match(bare.stderr, /postcopy --help prints every command's usage/);
+  t.ok(bare.stderr.split('\n').length < 25, 'a screenful, not the manual');
+  const help = await runCli(['--help']);
+  t.equal(help.code, 0);
+  t.ok(help.stdout.length > bare.stderr.length * 5, '--help prints it all');
 });
 
 t.test('--help on every command prints its usage and exits 0; --version prints the version', async (t) => {
@@ -139,6 +152,18 @@ t.test('every mistake on the command line is refused at once, in one line naming
     [['demo', '--size', '0'], /--size must be at least/],
     [['demo', '--size', '1'], /--size must be at least/],
     [['demo', '--size', '5000000'], /--size must be a whole number of 4096-byte pages/],
+    [['handle'], /--socket and --source \(or --image\) are required/],
+    [['handle', '--socket', join(dir, 'h5.sock')], /--source \(or --image\) is required/],
+    [['serve', '--live', '--image', 'x'], /--image is for serving an image \(serve --image\); serve --live moves a running workload/],
+    [['serve', '--image', 'x', '--downtime-limit', '1s'], /--downtime-limit is for moving a running workload \(serve --live --socket PATH\); add --live/],
+    [
+      ['serve', '--image', 'x', '--listen', `unix:${join(dir, 'no-such-dir', 's.sock')}`],
+      /--listen unix:.*no-such-dir\/s\.sock: the directory .*no-such-dir does not exist/,
+    ],
+    [
+      ['handle', '--socket', join(dir, 'no-such-dir', 'h.sock'), '--source', 'unix:/x'],
+      /--socket .*no-such-dir\/h\.sock: the directory .*no-such-dir does not exist/,
+    ],
   ];
   for (const [args, message] of cases) {
     const r = await runCli(args, { POSTCOPY_LOG_LEVEL: 'silent' });
@@ -241,6 +266,14 @@ t.test('serve and handle refuse a socket path a live process listens on, and one
   t.match(handler.stderr, /ERR_ADDRESS_IN_USE/);
   const r = await runCli(['restore', '--source', `unix:${socket}`, '--workload', 'none', '--json']);
   t.equal(r.code, 0, 'the first source still serves');
+  // A TCP port in use: the same code and sentence as a unix path in use.
+  const taken = createServer();
+  await new Promise<void>((resolve) => taken.listen(0, '127.0.0.1', resolve));
+  t.teardown(() => taken.close());
+  const port = (taken.address() as AddressInfo).port;
+  const tcp = await runCli(['serve', '--image', imagePath, '--listen', `tcp:127.0.0.1:${port}`, '--log-format', 'pretty']);
+  t.equal(tcp.code, 1);
+  t.match(tcp.stderr, new RegExp(`another process is listening on tcp:127\\.0\\.0\\.1:${port} \\(ERR_ADDRESS_IN_USE\\)`));
   const long = join(dir, 'x'.repeat(120) + '.sock');
   const tooLong = await runCli(['serve', '--image', imagePath, '--listen', `unix:${long}`]);
   t.equal(tooLong.code, 1);
