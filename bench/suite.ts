@@ -5,7 +5,6 @@ import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:
 import { availableParallelism, release, tmpdir } from 'node:os';
 import { join, relative } from 'node:path';
 import { floorCommand, runFloor, type FloorBulk, type FloorLatency } from './floor.js';
-import { projectRoot } from '../lib/package-root.js';
 import { LINKS, bringUp } from './links.js';
 import { FREE, POLICIES, runScenario, type Placement, type Policy } from './scenario.js';
 import { floorImageFile, startSource, type RunningSource } from './source.js';
@@ -16,7 +15,7 @@ import { markdown, type ScalingRow, type SuiteReport } from './report.js';
 
 export interface SuiteOptions {
   full: boolean;
-  /** Where reports go (default reports/<timestamp>). */
+  /** Where reports go (default ./reports/<timestamp>, under the directory the command runs in: never inside the installed package). */
   outDir?: string;
   /** Main-matrix image size in pages (default 16384: 64 MiB). */
   pages?: number;
@@ -52,7 +51,7 @@ export async function runSuite(options: SuiteOptions): Promise<{ dir: string; re
   const plan = options.full ? FULL : QUICK;
   const pages = options.pages ?? 16384;
   const stamp = new Date().toISOString().replace(/[:.]/g, '-').slice(0, 19);
-  const dir = options.outDir ?? join(projectRoot(), 'reports', stamp);
+  const dir = options.outDir ?? join(process.cwd(), 'reports', stamp);
   mkdirSync(dir, { recursive: true });
   // Images live in memory (tmpfs) when it exists, so disks play no part.
   const scratch = mkdtempSync(join(existsSync('/dev/shm') ? '/dev/shm' : tmpdir(), 'postcopy-bench-'));

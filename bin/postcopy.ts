@@ -18,8 +18,8 @@ const benchUsage = `postcopy bench [--full] [--out DIR] [--pages N] [--link NAME
   Links (unix, tcp, veth links between network namespaces at data-centre
   rates) x access patterns x transfer policies (x image sizes with --full),
   each beside bench/floor.c (a plain-C page service) measured in the same run.
-  Writes results.json, report.md and SVG plots to reports/<time>/ (see
-  bench/README.md).
+  Writes results.json, report.md and SVG plots to ./reports/<time>/ in the
+  current directory, or --out DIR (see bench/README.md).
 
 postcopy bench latency|throughput [--pages N] [--transport unix|tcp|image|both] [--seed S] [--rounds R] [--json]
   The floor's own workload only (one thread, every page once, random order;

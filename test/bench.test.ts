@@ -46,11 +46,15 @@ t.test('access patterns touch what they claim', async (t) => {
   t.same([parts[0][0], parts[1][0], parts[2][0], parts[0][1]], [random[0], random[1], random[2], random[3]], 'dealt round-robin');
 });
 
-t.test('the quick suite runs end to end and writes JSON, Markdown and SVG plots', async (t) => {
-  const out = join(tempDir(t), 'report');
+t.test('the quick suite runs end to end and writes JSON, Markdown and SVG plots, by default under ./reports where it is run', async (t) => {
+  const cwd = tempDir(t);
+  const before = process.cwd();
+  process.chdir(cwd); // as a user runs it from anywhere: the reports never go inside the installed package
+  t.teardown(() => process.chdir(before));
   const lines: string[] = [];
-  const { dir, report } = await runSuite({ full: false, links: ['unix'], pages: 1024, outDir: out, progress: (l) => lines.push(l) });
-  t.equal(dir, out);
+  const { dir, report } = await runSuite({ full: false, links: ['unix'], pages: 1024, progress: (l) => lines.push(l) });
+  t.match(dir, new RegExp(`^${cwd}/reports/\\d{4}-`), 'under ./reports of the directory it ran in');
+  const out = dir;
   t.ok(report.floorSpread.unix.runs >= 3, 'the floor ran at least three times, spread over the run');
   t.match(report.floor.unix, { case: 'unix', pages: 1024, p50_us: Number }, 'and its median run is the yardstick');
   const free = report.results.filter((r) => r.placement === 'free');
