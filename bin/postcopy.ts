@@ -1,5 +1,6 @@
 #!/usr/bin/env node
 // postcopy: the one CLI entry. Subcommands: serve, restore, bench, demo.
+import { addonError, addonNotBuilt } from '../lib/native.js';
 import { packageVersion } from '../lib/package-root.js';
 import { LOG_LEVELS, createLogger, type LogFormat, type Logger } from '../lib/logger.js';
 import { clearProgress } from './terminal.js';
@@ -322,6 +323,8 @@ async function main(): Promise<number> {
       format,
       beforeWrite: clearProgress,
     });
+    // Every command runs native code: without the addon, one sentence saying so (--help and --version work without it).
+    if (addonError && command !== undefined && usageOf[command]) throw addonNotBuilt();
     switch (command) {
       case 'serve':
         await serve(argv, log);

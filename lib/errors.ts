@@ -41,6 +41,8 @@ export const ErrorCode = {
   IMAGE_INVALID: 'ERR_IMAGE_INVALID',
   /** A mistake on the command line: an unknown option, a missing or unusable value, a combination that cannot work. */
   USAGE: 'ERR_USAGE',
+  /** The native addon could not be loaded (not built, or built for another Node). */
+  ADDON_NOT_BUILT: 'ERR_ADDON_NOT_BUILT',
   /** Nothing answers at the source's address (refused, no such socket, unreachable, timed out). */
   SOURCE_UNREACHABLE: 'ERR_SOURCE_UNREACHABLE',
   /** An address given on the command line cannot be used. */

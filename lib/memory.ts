@@ -1,12 +1,17 @@
 // Memory primitives: mappings with safe zero-copy views, memfd, madvise,
 // hole punching and the data/hole extents of files.
 import { fstatSync } from 'node:fs';
-import { native, type NativeMapping } from './native.js';
+import { addonError, native, type NativeMapping } from './native.js';
+
+type NativeAddonConstants = Record<string, number>;
 import { ErrorCode, PostcopyError, invalidArgValue, outOfRange } from './errors.js';
 import { validateAligned, validateBoolean, validateFd, validateInteger, validateOneOf, validateRange, validateString } from './validate.js';
 
-const c = native.memoryConstants;
-export const PAGE_SIZE = c.PAGE_SIZE;
+// Read when first used: without the addon, importing this module still works (its functions then say the addon is not built).
+let constants: NativeAddonConstants | null = null;
+const c = new Proxy({} as NativeAddonConstants, { get: (_, name: string) => (constants ??= native.memoryConstants)[name] });
+/** This machine's page size (4096 where the addon is not built: nothing here can run then). */
+export const PAGE_SIZE: number = addonError ? 4096 : c.PAGE_SIZE;
 
 /**
  * A mapped region. `buffer()` is a zero-copy view; after `unmap()` every view

@@ -1,6 +1,7 @@
 // The one module that loads the addon. Everything else imports the typed
 // wrappers in lib/; nothing else touches the .node file.
 import { createRequire } from 'node:module';
+import { ErrorCode, PostcopyError } from './errors.js';
 
 export interface Progress {
   /** Bytes done before the call stopped. */
@@ -343,4 +344,32 @@ export interface NativeAddon {
   }) => NativeFaultEngine;
 }
 
-export const native: NativeAddon = createRequire(import.meta.url)('#addon');
+/**
+ * Why the addon could not be loaded (an install with scripts off, or a build
+ * that failed), or null. Then every use of `native` throws
+ * ERR_ADDON_NOT_BUILT in one sentence, and what needs no addon (the CLI's
+ * --help and --version, the library's types) still works.
+ */
+export let addonError: Error | null = null;
+
+function load(): NativeAddon {
+  try {
+    return createRequire(import.meta.url)('#addon') as NativeAddon;
+  } catch (err) {
+    addonError = err as Error;
+    const missing = () => {
+      throw addonNotBuilt();
+    };
+    return new Proxy({} as NativeAddon, { get: missing, construct: missing, apply: missing });
+  }
+}
+
+/** The error every use of the addon throws when it could not be loaded. */
+export function addonNotBuilt(): PostcopyError {
+  return new PostcopyError(
+    ErrorCode.ADDON_NOT_BUILT,
+    `the native addon (build/Release/uffd_postcopy.node) is not built: build it with "npm rebuild uffd-postcopy" (it needs g++ and cmake), or install without --ignore-scripts${addonError ? ` (${addonError.message.split('\n')[0]})` : ''}`,
+  );
+}
+
+export const native: NativeAddon = load();

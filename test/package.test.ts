@@ -2,7 +2,7 @@
 // running docs/API.md's example as it stands, and shipping only what it needs.
 import t from 'tap';
 import { execFileSync, spawnSync } from 'node:child_process';
-import { mkdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
+import { cpSync, mkdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { ensureBuilt, here, tempDir } from './helpers.js';
 
@@ -72,4 +72,40 @@ t.test('the CLI loads the plotting libraries only for the bench: every other com
   walk(join(root, 'dist', 'bin', 'postcopy.js'));
   t.ok(seen.size > 10, `${seen.size} modules reached`);
   t.notOk(bare.has('vega') || bare.has('vega-lite'), `no plotting library among ${[...bare].sort().join(', ')}`);
+});
+
+t.test('installed with scripts off (no addon built): --help and --version work, every command says in one line how to build it', async (t) => {
+  ensureBuilt();
+  // The package as `npm install --ignore-scripts` leaves it: the compiled CLI and library, no build/ folder.
+  const dir = tempDir(t);
+  const pkg = join(dir, 'node_modules', 'uffd-postcopy');
+  mkdirSync(pkg, { recursive: true });
+  cpSync(join(root, 'dist'), join(pkg, 'dist'), { recursive: true });
+  cpSync(join(root, 'package.json'), join(pkg, 'package.json'));
+  symlinkSync(join(root, 'node_modules'), join(pkg, 'node_modules'));
+  const cli = join(pkg, 'dist', 'bin', 'postcopy.js');
+  const run = (...args: string[]) => spawnSync(process.execPath, [cli, ...args], { cwd: dir, encoding: 'utf8', timeout: 60_000 });
+  const version = run('--version');
+  t.equal(version.status, 0, version.stderr);
+  t.match(version.stdout, /^uffd-postcopy \d+\.\d+\.\d+\n$/);
+  const help = run('serve', '--help');
+  t.equal(help.status, 0, help.stderr);
+  t.match(help.stdout, /^postcopy serve --image FILE/);
+  for (const args of [
+    ['restore', '--source', 'unix:/nowhere.sock', '--log-format', 'pretty'],
+    ['serve', '--image', cli, '--listen', `unix:${join(dir, 's.sock')}`, '--log-format', 'pretty'],
+  ]) {
+    const r = run(...args);
+    t.equal(r.status, 1, `${args[0]}: exit 1`);
+    t.equal(r.stderr.trim().split('\n').length, 1, `${args[0]}: one line, no stack trace`);
+    t.match(r.stderr, /the native addon .* is not built: build it with "npm rebuild uffd-postcopy".*ERR_ADDON_NOT_BUILT/);
+  }
+  // The library imports (its types and pure helpers need no addon); using native code says the same.
+  const lib = spawnSync(
+    process.execPath,
+    ['--input-type=module', '-e', "import('uffd-postcopy').then(async (m) => { try { m.mapAnonymous(4096); } catch (e) { console.log(e.code); } })"],
+    { cwd: dir, encoding: 'utf8', timeout: 60_000 },
+  );
+  t.equal(lib.status, 0, lib.stderr);
+  t.equal(lib.stdout.trim(), 'ERR_ADDON_NOT_BUILT');
 });
