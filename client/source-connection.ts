@@ -147,7 +147,7 @@ export class SourceConnection {
     const control = await dial(address, timeoutMs);
     const reader = new FrameReader(control);
     try {
-      await authenticate(control, reader, options.token, timeoutMs, { probe: true });
+      await authenticate(control, reader, options.token, timeoutMs, { probe: true }, formatAddress(address));
       const answer = await reader.next(['ready', 'welcome'], timeoutMs);
       if (answer.t === 'welcome') {
         // A source older than the probe made a session all the same: it answers; the hang-up below ends that session quietly.
@@ -176,7 +176,7 @@ export class SourceConnection {
     const control = await dial(address, timeoutMs);
     const reader = new FrameReader(control);
     try {
-      await authenticate(control, reader, options.token, timeoutMs, {});
+      await authenticate(control, reader, options.token, timeoutMs, {}, formatAddress(address));
       const welcome = await reader.next(['welcome'], timeoutMs);
       checkWelcome(welcome, options.maxImageBytes ?? defaultMaxImageBytes());
       if (!welcome.capabilities?.includes('in-place') || !(welcome.tickets.memory instanceof Uint8Array)) {
@@ -229,7 +229,14 @@ export class SourceConnection {
     const control = await dial(address, timeoutMs);
     const reader = new FrameReader(control);
     try {
-      const { challenge, nonce } = await authenticate(control, reader, options.token, timeoutMs, options.resume ? { resume: options.resume } : {});
+      const { challenge, nonce } = await authenticate(
+        control,
+        reader,
+        options.token,
+        timeoutMs,
+        options.resume ? { resume: options.resume } : {},
+        formatAddress(address),
+      );
       const welcome = await reader.next(['welcome'], timeoutMs);
       checkWelcome(welcome, options.maxImageBytes ?? defaultMaxImageBytes());
       // Pages and requests that cross TCP are sealed: a source offering plaintext there is refused.
@@ -394,10 +401,13 @@ async function authenticate(
   token: string | undefined,
   timeoutMs: number,
   extra: { resume?: string; probe?: boolean },
+  where: string,
 ): Promise<{ challenge: MessageOf<'challenge'>; nonce: Buffer }> {
   const nonce = newNonce();
   send(control, { t: 'hello', protocol: PROTOCOL_VERSION, software: SOFTWARE, nonce });
-  const challenge = await reader.next(['challenge'], timeoutMs);
+  const challenge = await reader.next(['challenge'], timeoutMs).catch((err: PostcopyError) => {
+    throw notASource(err, where, timeoutMs);
+  });
   if (challenge.protocol !== PROTOCOL_VERSION)
     throw new PostcopyError(ErrorCode.PROTOCOL_VERSION, `the source speaks protocol ${challenge.protocol}, not ${PROTOCOL_VERSION}`);
   let proof: Buffer | undefined;
@@ -418,6 +428,24 @@ async function authenticate(
   }
   send(control, { t: 'auth', ...(proof ? { proof } : {}), ...extra });
   return { challenge, nonce };
+}
+
+/**
+ * The first answer a source owes is its challenge: a peer that says nothing,
+ * or something that is not a frame of ours, is another service at that
+ * address (ERR_NOT_A_SOURCE, naming it and what it began with).
+ */
+function notASource(err: PostcopyError, where: string, timeoutMs: number): PostcopyError {
+  if (err.code === ErrorCode.TIMEOUT)
+    return new PostcopyError(
+      ErrorCode.NOT_A_SOURCE,
+      `the peer at ${where} accepted the connection but said nothing within ${timeoutMs} ms: it is not a postcopy source (or it is stuck)`,
+    );
+  if (err.code === ErrorCode.PROTOCOL_FRAME_TOO_LARGE || err.code === ErrorCode.PROTOCOL_MALFORMED) {
+    const head = typeof err.details?.head === 'string' ? err.details.head.replace(/[^\x20-\x7e]+/g, ' ').trim() : '';
+    return new PostcopyError(ErrorCode.NOT_A_SOURCE, `the peer at ${where} is not a postcopy source${head ? ` (it began with ${JSON.stringify(head)})` : ''}`);
+  }
+  return err;
 }
 
 function dial(address: Address, timeoutMs: number): Promise<Socket> {

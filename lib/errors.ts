@@ -23,6 +23,8 @@ export const ErrorCode = {
   AUTH_REQUIRED: 'ERR_AUTH_REQUIRED',
   /** A frame is malformed: bad length, unknown type, bad msgpack, missing fields. */
   PROTOCOL_MALFORMED: 'ERR_PROTOCOL_MALFORMED',
+  /** The peer at a source's address does not speak this protocol (another service there, or one that says nothing). */
+  NOT_A_SOURCE: 'ERR_NOT_A_SOURCE',
   /** A frame is larger than the negotiated maximum. */
   PROTOCOL_FRAME_TOO_LARGE: 'ERR_PROTOCOL_FRAME_TOO_LARGE',
   /** A page or region reference outside what was negotiated. */

@@ -224,7 +224,9 @@ export class FrameReader {
     while (this.#bufferedBytes >= 4) {
       const length = this.#peek(4).readUInt32BE(0);
       if (length > this.#maxFrame) {
-        this.#fail(new PostcopyError(ErrorCode.PROTOCOL_FRAME_TOO_LARGE, `a ${length}-byte frame exceeds the ${this.#maxFrame}-byte limit`));
+        // What the peer began with, for a message that can say what it is (an SSH banner, an HTTP reply).
+        const head = this.#peek(Math.min(this.#bufferedBytes, 24)).toString('latin1');
+        this.#fail(new PostcopyError(ErrorCode.PROTOCOL_FRAME_TOO_LARGE, `a ${length}-byte frame exceeds the ${this.#maxFrame}-byte limit`, { head }));
         return;
       }
       if (this.#bufferedBytes < 4 + length) break;

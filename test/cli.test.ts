@@ -185,6 +185,31 @@ t.test('errors a user can cause name the path or the address involved', async (t
   const refused = await runCli(['restore', '--source', `unix:${join(dir, 'nobody.sock')}`, '--workload', 'none']);
   t.equal(refused.code, 1);
   t.match(refused.stderr, /cannot reach the source at unix:.*nobody\.sock: no such socket \(ENOENT\) \(ERR_SOURCE_UNREACHABLE\)/);
+  // Another service at the address (an SSH server's banner): named as not a source, with what it said, at once.
+  const ssh = createServer((socket) => socket.end('SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n'));
+  await new Promise<void>((resolve) => ssh.listen(0, '127.0.0.1', resolve));
+  t.teardown(() => ssh.close());
+  const sshPort = (ssh.address() as AddressInfo).port;
+  const banner = await runCli(['restore', '--source', `tcp:127.0.0.1:${sshPort}`, '--workload', 'none', '--log-format', 'pretty']);
+  t.equal(banner.code, 1);
+  t.match(
+    banner.stderr,
+    new RegExp(
+      `the peer at tcp:127\\.0\\.0\\.1:${sshPort} is not a postcopy source \\(it began with "SSH-2\\.0-OpenSSH_9\\.2p1 Debian[^"]*"\\) \\(ERR_NOT_A_SOURCE\\)`,
+    ),
+  );
+});
+
+t.test('a peer that accepts and says nothing is named as not a source once the handshake time is up', async (t) => {
+  const silent = createServer(() => {});
+  await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve));
+  t.teardown(() => silent.close());
+  const port = (silent.address() as AddressInfo).port;
+  const err = await Destination.connect({ source: `tcp:127.0.0.1:${port}`, recovery: { connectTimeoutMs: 300 } }).catch((e: unknown) => e);
+  t.match(err, {
+    code: 'ERR_NOT_A_SOURCE',
+    message: new RegExp(`the peer at tcp:127\\.0\\.0\\.1:${port} accepted the connection but said nothing within 300 ms`),
+  });
 });
 
 t.test('handle refuses to start when its source does not answer, instead of leaving the first VMM to hang', async (t) => {
