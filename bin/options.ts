@@ -26,9 +26,25 @@ export function readTokenFile(path: string | undefined, log: Logger): string | u
  */
 export function destinationToken(tokenFile: string | undefined, source: string, log: Logger): string | undefined {
   if (tokenFile) return readTokenFile(tokenFile, log);
-  if (!source.startsWith('tcp:') || !existsSync(defaultTokenPath())) return undefined;
-  log.info({ tokenFile: defaultTokenPath() }, 'using the default token file');
-  return readToken(defaultTokenPath(), 'the default token file');
+  const file = destinationTokenFile(undefined, source);
+  if (!file) return undefined;
+  log.info({ tokenFile: file }, 'using the default token file');
+  return readToken(file, 'the default token file');
+}
+
+/** The file a destination reads its token from (--token-file, or the default one on TCP when it exists), or undefined. */
+function destinationTokenFile(tokenFile: string | undefined, source: string): string | undefined {
+  if (tokenFile) return tokenFile;
+  return source.startsWith('tcp:') && existsSync(defaultTokenPath()) ? defaultTokenPath() : undefined;
+}
+
+/** A refused token, said with the file this destination read it from (or that it holds none). */
+export function withTokenFile(err: unknown, tokenFile: string | undefined, source: string): unknown {
+  const e = err as PostcopyError;
+  if (e?.code !== ErrorCode.AUTH_FAILED && e?.code !== ErrorCode.AUTH_REQUIRED) return err;
+  const file = destinationTokenFile(tokenFile, source);
+  e.message += file ? ` (this destination's token is from ${file}; give both sides the same file)` : ' (this destination holds no token: --token-file)';
+  return e;
 }
 
 /**
@@ -41,7 +57,13 @@ export function sourceToken(tokenFile: string | undefined, listen: string, log: 
   if (!listen.startsWith('tcp:')) return {};
   const path = defaultTokenPath();
   const { token, created } = ensureToken(path);
-  log.warn({ tokenFile: path, created }, 'TCP needs a token: destinations on this host find it in this file; give it (--token-file) to those elsewhere');
+  // Said loudly once, when the file is made; on later starts it is only the file in use.
+  log[created ? 'warn' : 'info'](
+    { tokenFile: path, created },
+    created
+      ? 'TCP needs a token: one was created; destinations on this host find it in this file; give it (--token-file) to those elsewhere'
+      : 'using the default token file',
+  );
   return { token, tokenFile: path };
 }
 

@@ -22,6 +22,7 @@ import {
   parseRecovery,
   parseWindow,
   destinationToken,
+  withTokenFile,
   recoveryOptionSpec,
   recoveryUsage,
   UsageError,
@@ -167,7 +168,7 @@ export async function restore(argv: string[], log: Logger): Promise<void> {
     }
   } catch (err) {
     image?.close();
-    throw err;
+    throw values.source ? withTokenFile(err, values['token-file'], values.source[0]) : err;
   }
   const stopProgress = startProgress(
     () => dest.stats(),

@@ -422,7 +422,7 @@ async function authenticate(
   if (challenge.auth === 'token') {
     if (!token) throw new PostcopyError(ErrorCode.AUTH_REQUIRED, 'the source requires a token (--token-file)');
     if (!proofMatches(proveToken(token, 'server', challenge.nonce, nonce), challenge.proof)) {
-      throw new PostcopyError(ErrorCode.AUTH_FAILED, 'the source could not prove it holds the token');
+      throw new PostcopyError(ErrorCode.AUTH_FAILED, `the tokens differ: the source at ${where} holds another token than this destination's`);
     }
     proof = proveToken(token, 'client', challenge.nonce, nonce);
   }

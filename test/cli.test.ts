@@ -61,9 +61,10 @@ t.test('a wrong token fails the restore with a clear message and exit code 1', a
   writeFileSync(join(dir, 'bad'), 'bad', { mode: 0o600 });
   const socket = join(dir, 's.sock');
   await startServeCli(t, ['--image', writeImage(dir, randomImage(8)), '--listen', `unix:${socket}`, '--token-file', join(dir, 'good')]);
-  const r = await runCli(['restore', '--source', `unix:${socket}`, '--token-file', join(dir, 'bad')]);
+  const r = await runCli(['restore', '--source', `unix:${socket}`, '--token-file', join(dir, 'bad'), '--log-format', 'pretty']);
   t.equal(r.code, 1);
-  t.match(r.stderr, /ERR_AUTH_FAILED/);
+  t.match(r.stderr, /the tokens differ: the source at unix:.*s\.sock holds another token than this destination's/);
+  t.match(r.stderr, new RegExp(`this destination's token is from ${join(dir, 'bad')}; give both sides the same file\\) \\(ERR_AUTH_FAILED\\)`));
 });
 
 t.test('serve on TCP refuses a default token file that other users can read', async (t) => {
