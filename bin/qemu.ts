@@ -2,11 +2,11 @@
 //   import FILE --out DIR   from a stream QEMU saved itself (migrate "exec:cat > FILE")
 //   save --qmp PATH --out DIR   from a QEMU, stopped and migrated into a socket of ours
 import { spawn } from 'node:child_process';
-import { closeSync, createReadStream, existsSync, mkdtempSync, openSync, readFileSync, rmSync } from 'node:fs';
+import { closeSync, createReadStream, existsSync, mkdtempSync, openSync, readFileSync, readdirSync, renameSync, rmSync, statSync } from 'node:fs';
 import { once } from 'node:events';
 import { createServer, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { basename, dirname, join, resolve } from 'node:path';
 import type { Logger } from '../lib/logger.js';
 import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import { Qmp } from '../lib/qmp.js';
@@ -240,7 +240,27 @@ async function importStream(argv: string[], log: Logger): Promise<void> {
  */
 function snapshotTarget(out: string, tenantKeyFile?: string): { dir: string; written(log: Logger): Promise<{ pushed?: PushReport }>; done(): void } {
   const { tenant } = parseStoreOptions({ 'tenant-key-file': tenantKeyFile }, isStoreUrl(out));
-  if (!isStoreUrl(out)) return { dir: out, written: async () => ({}), done: () => {} };
+  if (!isStoreUrl(out)) {
+    // Written beside it and renamed into place once whole: a stream cut short leaves no half snapshot under --out.
+    const stat = statSync(out, { throwIfNoEntry: false });
+    if (stat && !stat.isDirectory()) throw new UsageError(`--out ${out}: is a file; a snapshot is a directory`);
+    if (stat && readdirSync(out).length > 0) throw new UsageError(`--out ${out}: the directory is not empty (a snapshot is written to a new or empty one)`);
+    const parent = dirname(resolve(out));
+    if (!statSync(parent, { throwIfNoEntry: false })?.isDirectory()) throw new UsageError(`--out ${out}: the directory ${parent} does not exist`);
+    const partial = mkdtempSync(join(parent, `.${basename(resolve(out))}.partial-`));
+    let whole = false;
+    return {
+      dir: partial,
+      written: async () => {
+        renameSync(partial, out); // over an empty directory too
+        whole = true;
+        return {};
+      },
+      done: () => {
+        if (!whole) rmSync(partial, { recursive: true, force: true });
+      },
+    };
+  }
   const at = storeImageAddress(out, '--out');
   const dir = mkdtempSync(join(tmpdir(), 'uffd-postcopy-qemu-snapshot-'));
   return {
@@ -269,7 +289,10 @@ async function save(argv: string[], log: Logger): Promise<void> {
   requireOptions(values, ['qmp', 'out'], 'postcopy qemu save --qmp PATH --out DIR [--leave-running] [--live]');
   const target = snapshotTarget(values.out as string, values['tenant-key-file']);
   const live = values.live === true;
-  const qmp = await Qmp.connect(values.qmp as string);
+  const qmp = await Qmp.connect(values.qmp as string).catch((err) => {
+    target.done();
+    throw err;
+  });
   const dir = mkdtempSync(join(tmpdir(), 'uffd-postcopy-qemu-'));
   const socketPath = join(dir, 'migration.sock');
   const server = createServer();

@@ -1,6 +1,7 @@
 // What the CLI shows a person at a terminal: one live progress line on
-// stdout, redrawn in place and cleared before anything else is written (a log
-// record, a result), so nothing glues onto it. Nothing when stdout is not a terminal.
+// stderr, redrawn in place and cleared before anything else is written (a log
+// record, a result), so nothing glues onto it. It is there whenever stderr is
+// a terminal, whatever stdout is (--json, a pipe); nothing otherwise.
 import type { DestinationStats } from '../lib/native.js';
 
 let shown = false;
@@ -8,18 +9,18 @@ let shown = false;
 /** Wipes the progress line, if one is shown (the logger calls this before each record). */
 export function clearProgress(): void {
   if (!shown) return;
-  process.stdout.write('\r\x1b[2K');
+  process.stderr.write('\r\x1b[2K');
   shown = false;
 }
 
 function draw(line: string): void {
-  process.stdout.write(`\r\x1b[2K${line}`);
+  process.stderr.write(`\r\x1b[2K${line}`);
   shown = true;
 }
 
 /** Live figures of a restore, five times a second; returns the function that stops them (leaving the last line). */
 export function startProgress(stats: () => DestinationStats, state: () => string = () => 'running'): () => void {
-  if (!process.stdout.isTTY) return () => {};
+  if (!process.stderr.isTTY) return () => {};
   const update = () => {
     const s = stats();
     const now = state();
@@ -38,7 +39,7 @@ export function startProgress(stats: () => DestinationStats, state: () => string
   return () => {
     clearInterval(timer);
     update();
-    process.stdout.write('\n');
+    process.stderr.write('\n');
     shown = false;
   };
 }

@@ -359,7 +359,41 @@ t.test('on a terminal: the error alone, no JSON; a restore shows live figures an
   t.match(ok.output, /resident [\d.]+% \(\d+\/4096 pages\)\s+faults \d+\s+p50 [\d.]+ µs\s+p99 [\d.]+ µs\s+blocked \d+ ms/, 'live figures while it runs');
   t.match(ok.output, /digest\s+source = destination/, 'then the report');
   t.notMatch(ok.output, /"level"/, 'and no JSON log record');
+  // --json into a pipe, stderr still the terminal: the figures go to the terminal, the JSON alone to the pipe.
+  const piped = await runWithTerminalStderr(['restore', '--source', `unix:${listening.path}`, '--rate', '4M', '--json']);
+  t.equal(piped.code, 0, piped.terminal);
+  t.match(piped.terminal, /resident [\d.]+% \(\d+\/4096 pages\)/, 'live figures on the terminal');
+  t.match(JSON.parse(piped.stdout), { digestMatch: true }, 'and only the report on stdout');
 });
+
+/** Runs the CLI with stderr on a pseudo-terminal and stdout a pipe (as `postcopy ... --json | jq` at a terminal). */
+function runWithTerminalStderr(args: string[]): Promise<{ code: number | null; terminal: string; stdout: string }> {
+  const script = [
+    'import json, os, pty, subprocess, sys',
+    'master, slave = pty.openpty()',
+    'child = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)',
+    'os.close(slave)',
+    'terminal = b""',
+    'while True:',
+    '    try:',
+    '        chunk = os.read(master, 65536)',
+    '    except OSError:',
+    '        break',
+    '    if not chunk:',
+    '        break',
+    '    terminal += chunk',
+    'stdout = child.stdout.read()',
+    'code = child.wait()',
+    'print(json.dumps({"code": code, "terminal": terminal.decode("utf8", "replace"), "stdout": stdout.decode()}))',
+  ].join('\n');
+  const child = spawn('python3', ['-c', script, ...cliCommand(), ...args], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+    env: { ...process.env, POSTCOPY_LOG_LEVEL: '' },
+  });
+  let output = '';
+  child.stdout.on('data', (d) => (output += d));
+  return new Promise((resolve) => child.on('close', () => resolve(JSON.parse(output))));
+}
 
 t.test("the README's usage section is the CLI's own help, word for word", async (t) => {
   const help = await runCli(['--help']);

@@ -7,7 +7,7 @@
 import t from 'tap';
 import { spawn, spawnSync } from 'node:child_process';
 import { once } from 'node:events';
-import { existsSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { Qmp } from '../lib/qmp.js';
@@ -140,7 +140,33 @@ t.test('postcopy qemu import: a stream QEMU saved itself (exec:cat)', async (t) 
     t.equal(bad.code, 1, `${what}: refused`);
     t.match(bad.stderr, new RegExp(code), `${what}: ${code}`);
     if (what === 'using xbzrle') t.match(bad.stderr, /xbzrle/, 'naming the feature');
+    t.notOk(existsSync(join(dir, 'bad')), `${what}: no half snapshot under --out`);
+    t.same(
+      readdirSync(dir).filter((f) => f.includes('partial')),
+      [],
+      'nor beside it',
+    );
   }
+});
+
+t.test('postcopy qemu import --out: a file, or a directory with something in it, is refused before the stream is read (exit 2)', async (t) => {
+  const dir = tempDir(t);
+  const stream = join(dir, 'vm.stream');
+  writeFileSync(stream, randomBytes(4096));
+  writeFileSync(join(dir, 'a-file'), 'x');
+  mkdirSync(join(dir, 'full'));
+  writeFileSync(join(dir, 'full', 'manifest.json'), '{}');
+  for (const [out, message] of [
+    [join(dir, 'a-file'), /--out .*a-file: is a file; a snapshot is a directory/],
+    [join(dir, 'full'), /--out .*full: the directory is not empty/],
+    [join(dir, 'no', 'such', 'dir'), /--out .*dir: the directory .*such does not exist/],
+  ] as const) {
+    const r = await runCli(['qemu', 'import', stream, '--out', out]);
+    t.equal(r.code, 2, `${out}: exit 2`);
+    t.match(r.stderr, message);
+    t.match(r.stderr, /ERR_USAGE/);
+  }
+  t.same(readdirSync(join(dir, 'full')), ['manifest.json'], 'nothing was mixed into the directory');
 });
 
 t.test('postcopy qemu save against a QMP socket nobody listens on: a clear error', async (t) => {
