@@ -174,6 +174,22 @@ export async function restore(argv: string[], log: Logger): Promise<void> {
     () => dest.stats(),
     () => dest.status().state,
   );
+  // Ctrl-C (or a service manager's stop): say what was interrupted and that nothing was written, and tell the
+  // source goodbye (it lets the session go at once instead of holding it for a resume).
+  let wrote = false;
+  const interrupted = (signal: NodeJS.Signals) => {
+    stopProgress();
+    const s = dest.stats();
+    const resident = s.totalPages ? ((100 * s.residentPages) / s.totalPages).toFixed(1) : '0';
+    dest.close();
+    process.stderr.write(
+      `postcopy restore: interrupted (${signal}) with ${resident}% of the image resident; ` +
+        `${values.out ? (wrote ? `${values.out} was written before` : `nothing was written to ${values.out}`) : 'nothing was written'}; the source was told goodbye\n`,
+    );
+    process.exit(signal === 'SIGINT' ? 130 : 143);
+  };
+  process.once('SIGINT', interrupted);
+  process.once('SIGTERM', interrupted);
   try {
     // A live source: its workload runs here from its switchover on (its precopy rounds come first).
     await dest.session.whenRunning().catch((err) => {
@@ -211,10 +227,15 @@ export async function restore(argv: string[], log: Logger): Promise<void> {
       report.workingSet = { recorded: pagesIn(set), file: record };
     }
     if (prefetch) report.workingSet = { replayed: pagesIn(prefetch) };
-    if (values.out) writeRegions(values.out, dest);
+    if (values.out) {
+      writeRegions(values.out, dest);
+      wrote = true;
+    }
     if (values.json) process.stdout.write(JSON.stringify(report) + '\n');
     else process.stdout.write(formatReport(report));
   } finally {
+    process.off('SIGINT', interrupted);
+    process.off('SIGTERM', interrupted);
     dest.close();
     image?.close();
   }

@@ -9,7 +9,7 @@ import { constants as osConstants } from 'node:os';
 import { once } from 'node:events';
 import { createInterface } from 'node:readline';
 import { createServer, type AddressInfo } from 'node:net';
-import { PAGE, buildFixture, cliCommand, here, randomImage, runCli, startServeCli, tempDir, writeImage, until } from './helpers.js';
+import { PAGE, buildFixture, cliCommand, here, randomImage, runCli, spawnCli, startServeCli, tempDir, writeImage, until } from './helpers.js';
 
 t.test('serve and restore as separate processes: token, --out, --json', async (t) => {
   const dir = tempDir(t);
@@ -485,3 +485,22 @@ for (const signal of ['SIGTERM', 'SIGINT'] as const) {
     t.throws(() => process.kill(demo.vmmPid, 0), { code: 'ESRCH' }, 'its VMM is gone');
   });
 }
+
+t.test('Ctrl-C during a restore: exit 130, it says what was interrupted and that nothing was written, and the source is told goodbye', async (t) => {
+  const dir = tempDir(t);
+  const imagePath = writeImage(dir, randomImage(4096, 6));
+  const serve = await startServeCli(t, ['--image', imagePath, '--listen', `unix:${join(dir, 's.sock')}`]);
+  const out = join(dir, 'out.mem');
+  // Slow: a background of 1 MiB/s and no workload, so the restore is surely under way when interrupted.
+  const restore = spawnCli(t, ['restore', '--source', `unix:${serve.listening.path}`, '--rate', '1M', '--workload', 'none', '--out', out]);
+  await until('the restore runs', () => /"state":"running"/.test(restore.output().stderr) || undefined, 30_000);
+  restore.child.kill('SIGINT');
+  const ended = await restore.exited;
+  t.equal(ended.code, 130);
+  t.match(
+    ended.stderr,
+    new RegExp(`postcopy restore: interrupted \\(SIGINT\\) with [\\d.]+% of the image resident; nothing was written to ${out}; the source was told goodbye`),
+  );
+  t.notOk(existsSync(out), 'no --out file');
+  await until('the source lets the session go at once', () => /the destination said bye/.test(serve.log()) || undefined, 10_000);
+});
