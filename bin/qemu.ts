@@ -64,8 +64,11 @@ postcopy qemu restore --snapshot DIR|s3://BUCKET/PREFIX/NAME [--window F:B] [--n
   restore is the one command for all of that: it starts QEMU-COMMAND (the
   machine the snapshot was taken of) with -incoming defer and a QMP socket of
   its own, turns postcopy-ram on, serves it as above, prints the same
-  figures (and the QMP socket's path) and leaves the guest running; --wait
-  waits for QEMU to exit.
+  figures (and the QMP socket's path) and leaves the guest running. QEMU
+  runs on after this command; the report names its directory (monitor, log),
+  to remove once QEMU has exited. With --wait this command owns QEMU: it
+  waits for QEMU to exit, and Ctrl-C stops QEMU and removes its directory
+  (as an interrupt before the guest runs does in any case).
 ${loggingUsage}`;
 
 export async function qemu(argv: string[], log: Logger): Promise<void> {
@@ -91,15 +94,16 @@ async function restoreSnapshot(argv: string[], log: Logger): Promise<void> {
   requireOptions(values, ['snapshot'], 'postcopy qemu restore --snapshot DIR -- QEMU-COMMAND...');
   const inStore = isStoreUrl(values.snapshot as string);
   const { cache, tenant } = parseStoreOptions(values, inStore);
-  if (!inStore) return restoreFrom(argv, values, values.snapshot as string, log);
+  if (!inStore) return restoreFrom(argv, values, values.snapshot as string, log, () => {});
   // A snapshot in a store is fetched here first (through the host's chunk cache, every chunk checked), then served as any.
   const at = storeImageAddress(values.snapshot as string, '--snapshot');
   const fetched = mkdtempSync(join(tmpdir(), 'uffd-postcopy-qemu-snapshot-'));
+  const removeFetched = () => rmSync(fetched, { recursive: true, force: true });
   try {
     await fetchQemuSnapshot(at, fetched, cache, log, tenant);
-    await restoreFrom(argv, values, fetched, log);
+    await restoreFrom(argv, values, fetched, log, removeFetched);
   } finally {
-    rmSync(fetched, { recursive: true, force: true });
+    removeFetched();
   }
 }
 
@@ -108,6 +112,7 @@ async function restoreFrom(
   values: { window?: string; 'no-background'?: boolean; json?: boolean; wait?: boolean },
   snapshot: string,
   log: Logger,
+  cleanUp: () => void,
 ): Promise<void> {
   const split = argv.indexOf('--');
   const window = parseWindow(values.window);
@@ -139,6 +144,21 @@ async function restoreFrom(
     ),
   );
   failedToStart.catch(() => {});
+  // Interrupted while QEMU is ours (until its restore is done, and all along with --wait): QEMU is stopped, its
+  // directory removed, and nothing is left running.
+  const interrupted = (signal: NodeJS.Signals) => {
+    child.kill('SIGKILL');
+    rmSync(dir, { recursive: true, force: true });
+    cleanUp();
+    process.stderr.write(`postcopy qemu restore: interrupted (${signal}): QEMU (pid ${child.pid}) was stopped and its directory ${dir} removed\n`);
+    process.exit(signal === 'SIGINT' ? 130 : 143);
+  };
+  const letGo = () => {
+    process.off('SIGINT', interrupted);
+    process.off('SIGTERM', interrupted);
+  };
+  process.once('SIGINT', interrupted);
+  process.once('SIGTERM', interrupted);
   try {
     for (let i = 0; i < 1000 && !existsSync(qmpPath); i++) {
       if (child.exitCode !== null)
@@ -158,15 +178,18 @@ async function restoreFrom(
       ...(window ? { window } : {}),
       background: !values['no-background'],
     });
-    printServeReport({ ...report, qmp: qmpPath, pid: child.pid, log: logPath }, values.json === true, log);
+    printServeReport({ ...report, qmp: qmpPath, pid: child.pid, log: logPath, ...(wait ? {} : { dir }) }, values.json === true, log);
     if (wait) {
       const code = await exited;
       log.info({ code }, 'QEMU exited');
+      letGo();
       rmSync(dir, { recursive: true, force: true });
     } else {
+      letGo();
       child.unref(); // its monitor and log stay in `dir` while it runs
     }
   } catch (err) {
+    letGo();
     child.kill('SIGKILL');
     rmSync(dir, { recursive: true, force: true });
     const said = qemuSaid();
@@ -188,7 +211,7 @@ async function serveSnapshot(argv: string[], log: Logger): Promise<void> {
   printServeReport(report, values.json === true, log);
 }
 
-function printServeReport(report: QemuServeReport & { qmp?: string; pid?: number; log?: string }, json: boolean, log: Logger): void {
+function printServeReport(report: QemuServeReport & { qmp?: string; pid?: number; log?: string; dir?: string }, json: boolean, log: Logger): void {
   log.info(report, 'the destination QEMU has every page');
   if (json) {
     process.stdout.write(JSON.stringify(report) + '\n');
@@ -202,6 +225,7 @@ function printServeReport(report: QemuServeReport & { qmp?: string; pid?: number
       `sent         ${mib(report.bytesSent)} MiB`,
       `guest runs   after ${report.guestRunningMs} ms;  every page there after ${report.fullResidencyMs} ms`,
       ...(report.qmp ? [`QEMU         pid ${report.pid}, its monitor at ${report.qmp}, its output in ${report.log}`] : []),
+      ...(report.dir ? [`             remove ${report.dir} once QEMU has exited (it runs on without this command)`] : []),
       '',
     ].join('\n'),
   );
@@ -242,7 +266,12 @@ function snapshotTarget(out: string, tenantKeyFile?: string): { dir: string; wri
   const { tenant } = parseStoreOptions({ 'tenant-key-file': tenantKeyFile }, isStoreUrl(out));
   if (!isStoreUrl(out)) {
     // Written beside it and renamed into place once whole: a stream cut short leaves no half snapshot under --out.
-    const stat = statSync(out, { throwIfNoEntry: false });
+    let stat: ReturnType<typeof statSync>;
+    try {
+      stat = statSync(out, { throwIfNoEntry: false });
+    } catch (err) {
+      throw new UsageError(`--out ${out}: ${(err as NodeJS.ErrnoException).code === 'ENOTDIR' ? 'a part of the path is a file' : (err as Error).message}`);
+    }
     if (stat && !stat.isDirectory()) throw new UsageError(`--out ${out}: is a file; a snapshot is a directory`);
     if (stat && readdirSync(out).length > 0) throw new UsageError(`--out ${out}: the directory is not empty (a snapshot is written to a new or empty one)`);
     const parent = dirname(resolve(out));

@@ -11,7 +11,7 @@ import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, statSync, wri
 import { dirname, join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { Qmp } from '../lib/qmp.js';
-import { cliCommand, runCli, tempDir, until } from './helpers.js';
+import { cliCommand, runCli, spawnCli, tempDir, until } from './helpers.js';
 import { freshBucket } from './store/env.js';
 import type { Test } from 'tap';
 
@@ -94,9 +94,9 @@ t.test('postcopy qemu save stops a running guest for the save and leaves it paus
     }
   };
   t.match(await status(), { status: 'running' }, 'the guest runs');
-  // An --out that cannot be made (below a regular file): the save fails once the guest is stopped and QEMU migrates.
-  writeFileSync(join(dir, 'a-file'), '');
-  const failed = await runCli(['qemu', 'save', '--qmp', qmp, '--out', join(dir, 'a-file', 'snapshot')]);
+  // An --out that cannot be written (a store's bucket that does not exist): the save fails once the guest is stopped and QEMU migrated.
+  const missingBucket = `${await freshBucket(t)}-missing/qemu/vm`;
+  const failed = await runCli(['qemu', 'save', '--qmp', qmp, '--out', missingBucket]);
   t.equal(failed.code, 1, 'the save fails');
   t.match(failed.stderr, /"msg":"the guest is stopped for the save"/, 'after stopping the guest');
   t.match(await status(), { status: 'running' }, 'and the guest runs again, as it was found');
@@ -149,6 +149,38 @@ t.test('postcopy qemu import: a stream QEMU saved itself (exec:cat)', async (t) 
   }
 });
 
+t.test('postcopy qemu restore --wait owns its QEMU: interrupted, it stops QEMU and removes its directory; nothing is left running', async (t) => {
+  const dir = tempDir(t);
+  const pattern = randomBytes(PATTERN_BYTES);
+  const { qmp } = await startQemu(t, dir, pattern);
+  const stream = join(dir, 'vm.stream');
+  await qemuSavesItself(qmp, stream);
+  const snapshot = join(dir, 'snapshot');
+  t.equal((await runCli(['qemu', 'import', stream, '--out', snapshot])).code, 0);
+  const zeros = join(dir, 'zeros.bin');
+  writeFileSync(zeros, Buffer.alloc(PATTERN_BYTES));
+  const restore = spawnCli(t, [
+    'qemu',
+    'restore',
+    '--snapshot',
+    snapshot,
+    '--wait',
+    '--json',
+    '--',
+    'qemu-system-x86_64',
+    ...['-machine', 'pc', '-accel', 'tcg', '-m', '64', '-nodefaults', '-display', 'none', '-device', `loader,file=${zeros},addr=${PATTERN_AT}`],
+  ]);
+  const report = await until('the guest is restored', () => restore.output().stdout.trim().split('\n')[0] || undefined, 60_000);
+  const { pid, qmp: qmpPath } = JSON.parse(report) as { pid: number; qmp: string };
+  t.ok(existsSync(qmpPath), "QEMU's monitor is there while it runs");
+  restore.child.kill('SIGINT');
+  const ended = await restore.exited;
+  t.equal(ended.code, 130);
+  t.match(ended.stderr, new RegExp(`interrupted \\(SIGINT\\): QEMU \\(pid ${pid}\\) was stopped and its directory .* removed`));
+  await until('QEMU is gone', () => !existsSync(`/proc/${pid}`) || undefined, 10_000);
+  t.notOk(existsSync(dirname(qmpPath)), 'its directory (monitor, log) is removed');
+});
+
 t.test('postcopy qemu import --out: a file, or a directory with something in it, is refused before the stream is read (exit 2)', async (t) => {
   const dir = tempDir(t);
   const stream = join(dir, 'vm.stream');
@@ -160,6 +192,7 @@ t.test('postcopy qemu import --out: a file, or a directory with something in it,
     [join(dir, 'a-file'), /--out .*a-file: is a file; a snapshot is a directory/],
     [join(dir, 'full'), /--out .*full: the directory is not empty/],
     [join(dir, 'no', 'such', 'dir'), /--out .*dir: the directory .*such does not exist/],
+    [join(dir, 'a-file', 'snapshot'), /--out .*a-file\/snapshot: a part of the path is a file/],
   ] as const) {
     const r = await runCli(['qemu', 'import', stream, '--out', out]);
     t.equal(r.code, 2, `${out}: exit 2`);
