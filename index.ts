@@ -12,6 +12,7 @@ export type { RestoreReport } from './client/report.js';
 export { DEFAULT_TRANSFER, MAX_WINDOW, type TransferOptions } from './lib/transfer.js';
 export { ErrorCode, PostcopyError, type ErrorCodeValue, type CodedError } from './lib/errors.js';
 export { parseAddress, formatAddress, type Address } from './lib/address.js';
+export { readToken, defaultTokenPath } from './lib/token.js';
 export { Userfaultfd, Feature, availableFeatures, type FeatureName, type RegisterMode, type UffdEvent } from './lib/uffd.js';
 export { Mapping, PAGE_SIZE, mapAnonymous, mapFile, memfdCreate, addSeals, getSeals, madvise, punchHole, fileExtents } from './lib/memory.js';
 export { sendFds, receiveFds, peerCredentials, socketPair } from './lib/fd-passing.js';
