@@ -116,8 +116,9 @@ async function restoreFrom(
 ): Promise<void> {
   const split = argv.indexOf('--');
   const window = parseWindow(values.window);
-  readManifest(snapshot); // a directory that is not a snapshot is refused before QEMU starts
+  const manifest = readManifest(snapshot); // a directory that is not a snapshot is refused before QEMU starts
   const [command, ...args] = argv.slice(split + 1);
+  checkRamSize(manifest, args);
   const dir = mkdtempSync(join(tmpdir(), 'uffd-postcopy-qemu-'));
   const qmpPath = join(dir, 'qmp.sock');
   const incoming = join(dir, 'incoming.sock');
@@ -196,6 +197,25 @@ async function restoreFrom(
     if (said && err instanceof Error && !err.message.includes(said)) err.message += ` (QEMU: ${said})`;
     throw err;
   }
+}
+
+/**
+ * Refuses, before QEMU starts, a command whose -m differs from the
+ * snapshot's RAM (its main RAM block, pc.ram and the like): QEMU would only
+ * fail the migration once it started, with ERR_PEER_GONE here.
+ */
+function checkRamSize(manifest: QemuSnapshotManifest, args: string[]): void {
+  const at = args.lastIndexOf('-m');
+  if (at < 0 || at === args.length - 1) return;
+  const value = /^(?:size=)?(\d+(?:\.\d+)?)([KMGT]?)B?(?:,.*)?$/i.exec(args[at + 1]);
+  if (!value) return;
+  const asked = Math.round(Number(value[1]) * 1024 ** ({ '': 2, K: 1, M: 2, G: 3, T: 4 } as Record<string, number>)[value[2].toUpperCase()]);
+  const ram = manifest.blocks.find((b) => /(^|\.)ram$/.test(b.name) && !b.name.includes('rom'));
+  if (!ram || ram.length === asked) return;
+  const mib = (n: number) => `${n / 2 ** 20}M`;
+  throw new UsageError(
+    `the snapshot's guest has ${mib(ram.length)} of RAM (block ${ram.name}), the QEMU command asks -m ${args[at + 1]}: give -m ${mib(ram.length)} (the machine the snapshot was taken of)`,
+  );
 }
 
 async function serveSnapshot(argv: string[], log: Logger): Promise<void> {

@@ -159,6 +159,10 @@ t.test('postcopy qemu restore --wait owns its QEMU: interrupted, it stops QEMU a
   t.equal((await runCli(['qemu', 'import', stream, '--out', snapshot])).code, 0);
   const zeros = join(dir, 'zeros.bin');
   writeFileSync(zeros, Buffer.alloc(PATTERN_BYTES));
+  // A machine of another RAM size than the snapshot's: refused before QEMU starts, saying which size to give.
+  const wrongSize = await runCli(['qemu', 'restore', '--snapshot', snapshot, '--', 'qemu-system-x86_64', '-machine', 'pc', '-accel', 'tcg', '-m', '128M']);
+  t.equal(wrongSize.code, 2);
+  t.match(wrongSize.stderr, /the snapshot's guest has 64M of RAM \(block pc\.ram\), the QEMU command asks -m 128M: give -m 64M.*ERR_USAGE/);
   const restore = spawnCli(t, [
     'qemu',
     'restore',
