@@ -51,8 +51,8 @@ postcopy bench live [--pages N] [--write-rates P,P,...] [--rate SIZE] [--json]
   precopy then postcopy, and precopy alone, side by side: the pause (workload
   paused to destination running), total time, bytes sent, the destination's
   faults in its first second, rounds, pages discarded. --rate: the link's
-  rate (e.g. 125M for 1 Gb/s; default: a unix socket's). JSON lines, then a
-  table.
+  rate in bytes a second, suffixes binary (1 Gb/s is 125000000, about 119M;
+  default: a unix socket's). JSON lines, then a table.
 
 postcopy bench qemu [--guest-mib N] [--rounds R] [--json]
   The test guest (test/guest: Debian's kernel and busybox, a program checking

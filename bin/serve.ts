@@ -36,8 +36,12 @@ postcopy serve --live --socket PATH --listen unix:PATH|tcp:HOST:PORT [--migratio
 
   Serves the image (each --image is one region, in order) to any number of
   destinations until SIGINT or SIGTERM. Files are mapped read-only; holes go
-  out as zero runs without being read. Listening beyond loopback needs a token.
-  A destination whose connection breaks may resume its session within
+  out as zero runs without being read. Listening on TCP (loopback too: other
+  users of this host must not read the image) needs a token: --token-file,
+  else the default token file ($POSTCOPY_TOKEN_FILE, else
+  ~/.config/uffd-postcopy/token), created mode 0600 on first use; a restore
+  on this host finds it there, and other hosts need a copy (--token-file).
+  A unix socket is created 0600 and needs none. A destination whose connection breaks may resume its session within
   --resume-grace (default 60s); after a restart of this process it resumes
   all the same, from the pages it holds. --metrics serves Prometheus metrics
   at http://HOST:PORT/metrics (port 0: a free one; the URL is printed as
@@ -67,8 +71,9 @@ postcopy serve --live --socket PATH --listen unix:PATH|tcp:HOST:PORT [--migratio
   rate measured, or after --max-precopy-rounds (default 30) or
   --postcopy-after, or on SIGUSR2, the workload pauses, the destination drops
   the pages written since they were sent and runs at once, and postcopy
-  brings the rest. --migration postcopy pauses at once (no rounds); precopy
-  sends what is left during the pause instead (no postcopy). Prints a JSON
+  brings the rest: --migration precopy+postcopy, the default. --migration
+  postcopy pauses at once (no rounds); precopy sends what is left during the
+  pause instead (no postcopy). Prints a JSON
   line with the rounds and the pause, and exits once the destination holds
   every page; if the destination leaves before the switchover, the workload
   goes on here and this exits with the error.
