@@ -218,9 +218,9 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine>, DataPlane, EngineLife 
   // takeStorePieces(ahead, cacheBytes) -> {pieces: [{region, piece,
   // sourceRegion, sourceFirst, sourceCount, why}], fromCache}: every piece
   // faults wait on (and their windows), then up to `ahead` pieces of the
-  // working set and the background (store); of those, the ones the host's
-  // chunk cache holds are installed here instead (reads of up to
-  // `cacheBytes`), `fromCache` of them.
+  // working set and the background (store); of those, zero chunks and the
+  // ones the host's chunk cache holds are installed here instead (up to
+  // `cacheBytes` of them), `fromCache` of them.
   Napi::Value TakeStorePieces(const Napi::CallbackInfo& info) {
     StoreSupply* store = parts_->store;
     if (!store) throw CodedError(info.Env(), "ERR_ENGINE_STATE", "only an engine serving a store image takes pieces");

@@ -177,6 +177,8 @@ bool StoreSupply::FromCache(const Want& w, std::vector<uint8_t>& buffer, bool ma
   uint64_t chunk = w.piece;
   if (chunk >= cache_->Chunks(w.sourceRegion)) return false;
   const uint8_t* data = nullptr;
+  // A zero chunk costs no read but an install all the same: it counts against the budget as its bytes.
+  *read = w.sourceCount * pageSize;
   if (!cache_->IsZero(w.sourceRegion, chunk)) {
     uint64_t chunkFirst = chunk * chunkPages;
     uint64_t length = (std::min(chunkFirst + chunkPages, map_.sourcePages(w.sourceRegion)) - chunkFirst) * pageSize;
@@ -184,7 +186,7 @@ bool StoreSupply::FromCache(const Want& w, std::vector<uint8_t>& buffer, bool ma
     if (buffer.size() < length) buffer.resize(length);
     if (!cache_->Read(w.sourceRegion, chunk, buffer.data(), length)) return false;
     data = buffer.data() + (w.sourceFirst - chunkFirst) * pageSize;
-    *read = length;
+    *read = length;  // the whole chunk was read
   }
   // A layout change under way (kBusy, on the fault thread): JavaScript installs it once the fault thread has read the change.
   if (InstallPages(r, w.piece, w.why, data, mayWait) == kBusy) return false;

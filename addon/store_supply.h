@@ -54,9 +54,9 @@ class StoreSupply final : public PageSupply {
   // JS thread. The pieces faults wait on (and their windows), every one queued.
   void TakeUrgent(std::vector<Want>& out);
   // Up to `max` pieces of the working set, then (when on) of the background;
-  // none once every page is asked for. Pieces the host's chunk cache holds
-  // are installed here instead (reads of up to `cacheBytes`), counted in
-  // `*fromCache`.
+  // none once every page is asked for. Zero chunks, and pieces the host's
+  // chunk cache holds, are installed here instead (up to `cacheBytes` of
+  // them), counted in `*fromCache`.
   void TakeAhead(size_t max, std::vector<Want>& out, uint64_t cacheBytes, uint64_t* fromCache);
   // A piece's content (null: zeros), `length` bytes: its source pages' bytes;
   // `why`: what it was wanted for. Null when installed (or the engine is
@@ -85,9 +85,9 @@ class StoreSupply final : public PageSupply {
   void AskRun(const PageRun& run, std::vector<Want>& out);
   // Fault thread: a piece that is one chunk, installed as zeros or from the
   // host's chunk cache; false when JavaScript is to fetch it.
-  // `buffer`: the calling thread's; `mayWait`: not on the fault thread. `*read`: bytes read from the cache.
+  // `buffer`: the calling thread's; `mayWait`: not on the fault thread. `*read`: the work it took, in bytes (read from the cache, or zeros installed).
   bool FromCache(const Want& w, std::vector<uint8_t>& buffer, bool mayWait, uint64_t* read);
-  // Of the pieces out[from..], those FromCache installs (while `*budget` bytes of reads last) are taken out.
+  // Of the pieces out[from..], those FromCache installs (while `*budget` bytes of work last) are taken out.
   void InstallCached(std::vector<Want>& out, size_t from, bool faultThread, uint64_t* budget, uint64_t* installed);
   InstallResult InstallPages(TargetRegion& r, uint64_t piece, Why why, const uint8_t* data, bool mayWait);
 

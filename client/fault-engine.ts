@@ -295,9 +295,9 @@ export class FaultEngine extends EventEmitter {
   /**
    * A store image's engine: every piece faults wait on (and their windows),
    * then up to `ahead` pieces of the working set and the background. Of
-   * those, the pieces the host's chunk cache holds are read and installed
-   * here, on this thread (`fromCache` of them, reading up to `cacheBytes`);
-   * the others are returned to fetch.
+   * those, zero chunks and the pieces the host's chunk cache holds are
+   * installed here, on this thread (`fromCache` of them, up to `cacheBytes`
+   * of them); the others are returned to fetch.
    */
   takeStorePieces(ahead: number, cacheBytes = 0): { pieces: StorePiece[]; fromCache: number } {
     return this.#native.takeStorePieces(validateInteger(ahead, 'ahead', 0, 1 << 20), validateInteger(cacheBytes, 'cacheBytes', 0, 1 << 30));

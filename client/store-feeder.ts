@@ -19,8 +19,8 @@ import type { Manifest } from '../lib/store/manifest.js';
 import type { SnapshotStore } from '../lib/store/snapshot-store.js';
 import type { FaultEngine } from './fault-engine.js';
 
-/** Pieces the host's cache holds are read on the event loop's thread: this many bytes a turn at most (a few milliseconds). */
-const CACHE_READ_BYTES = 8 << 20;
+/** Zero chunks and pieces the host's cache holds go in on the event loop's thread: this many bytes a turn at most (a few milliseconds). */
+const INSTALL_HERE_BYTES = 8 << 20;
 
 /** What asking again cannot change. */
 const FINAL = new Set<string>([ErrorCode.STORE_NOT_FOUND, ErrorCode.STORE_CORRUPT, ErrorCode.STORE_DENIED]);
@@ -102,8 +102,8 @@ export class StoreFeeder extends EventEmitter {
     if (this.#stopped) return;
     // During an outage the pieces already in flight are retried; no more are taken ahead.
     const room = this.#outageSince ? 0 : Math.max(0, this.#parallel - this.#ahead);
-    const { pieces, fromCache } = this.#engine.takeStorePieces(room, this.#cache ? CACHE_READ_BYTES : 0);
-    // Pieces the host's cache held went in at once: the next ones are taken on the next turn of the loop.
+    const { pieces, fromCache } = this.#engine.takeStorePieces(room, INSTALL_HERE_BYTES);
+    // Zero chunks and pieces the host's cache held went in at once: the next ones are taken on the next turn of the loop.
     if (fromCache > 0) this.#pumpSoon();
     for (const piece of pieces) {
       const ahead = piece.why === Reason.prefetch || piece.why === Reason.background;
