@@ -3,10 +3,13 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cerrno>
+#include <string>
 #include <vector>
 #include <cstring>
 
@@ -151,6 +154,35 @@ Napi::Value TakeSocketFd(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), fd);
 }
 
+// sendDatagram(path, payload): one datagram to the unix datagram socket at
+// `path` ("@name" is the abstract namespace), from a socket opened for it and
+// closed after; returns bytes sent. How a service tells its manager it is
+// ready (systemd's NOTIFY_SOCKET). The path and payload are checked in
+// lib/fd-passing.ts; the length is checked again here before it is copied.
+Napi::Value SendDatagram(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  auto payload = info[1].As<Napi::TypedArrayOf<uint8_t>>();
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.empty() || path.size() >= sizeof addr.sun_path) {
+    Napi::RangeError::New(env, "a unix socket path must be 1 to 107 bytes").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  std::memcpy(addr.sun_path, path.data(), path.size());
+  if (path[0] == '@') addr.sun_path[0] = '\0';
+  socklen_t len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size() + (path[0] == '@' ? 0 : 1));
+  int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) ThrowErrno(env, errno, "socket");
+  ssize_t n;
+  do n = sendto(fd, payload.Data(), payload.ElementLength(), MSG_NOSIGNAL, reinterpret_cast<const sockaddr*>(&addr), len);
+  while (n < 0 && errno == EINTR);
+  int err = errno;
+  close(fd);
+  if (n < 0) ThrowErrno(env, err, "sendto", path);
+  return Napi::Number::New(env, static_cast<double>(n));
+}
+
 }  // namespace
 
 void InitFdPassing(Napi::Env env, Napi::Object exports) {
@@ -160,6 +192,7 @@ void InitFdPassing(Napi::Env env, Napi::Object exports) {
   exports.Set("peerCredentials", Napi::Function::New(env, PeerCredentials));
   exports.Set("pollFd", Napi::Function::New(env, PollFd));
   exports.Set("takeSocketFd", Napi::Function::New(env, TakeSocketFd));
+  exports.Set("sendDatagram", Napi::Function::New(env, SendDatagram));
   Napi::Object c = Napi::Object::New(env);
   c.Set("POLLIN", POLLIN);
   c.Set("POLLOUT", POLLOUT);

@@ -26,6 +26,20 @@ export function sendFds(socket: number, payload: Uint8Array, fds: readonly numbe
   return native.sendWithFds(socket, payload, [...fds]);
 }
 
+/**
+ * Sends `payload` as one datagram to the unix datagram socket at `path`
+ * ("@name": the abstract namespace), as a service tells its manager it is
+ * ready (systemd's NOTIFY_SOCKET); returns bytes sent. Kernel errors come as
+ * Node's own (`ENOENT` when nothing is bound there, `ECONNREFUSED` when it is
+ * not a datagram socket).
+ */
+export function sendDatagram(path: string, payload: Uint8Array): number {
+  if (typeof path !== 'string' || path.length === 0 || Buffer.byteLength(path) > 107) throw outOfRange('path', 'a unix socket path of 1 to 107 bytes', path);
+  validateBytes(payload, 'payload');
+  if (payload.byteLength === 0 || payload.byteLength > 65_536) throw outOfRange('payload.byteLength', '1 to 65536', payload.byteLength);
+  return native.sendDatagram(path, payload);
+}
+
 export interface Received {
   /** Empty when the peer closed the socket. */
   payload: Buffer;

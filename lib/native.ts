@@ -277,6 +277,7 @@ export interface NativeAddon {
 
   socketPair(seqpacket?: boolean): [number, number];
   sendWithFds(socket: number, payload: Uint8Array, fds: number[]): number;
+  sendDatagram(path: string, payload: Uint8Array): number;
   receiveNow(socket: number, maxBytes: number, maxFds: number): { payload: Buffer; fds: number[]; truncated: boolean };
   FdWatcher: new (onOutcome: (outcome: { id: number; ready: boolean }) => void) => {
     watch(fd: number, timeoutMs: number, id: number): void;
