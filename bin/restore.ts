@@ -367,15 +367,32 @@ const n = (x: number) => x.toLocaleString('en-US');
 
 export function formatReport(r: RestoreReport): string {
   const lat = r.faultLatencyUs;
+  const recovery = r.recovery as { resumes?: number; pausedMs?: number } | undefined;
+  const pre = r.precopy;
   return [
     `pages        ${n(r.pages)} (${(r.bytes / 2 ** 20).toFixed(1)} MiB)`,
     `on demand    ${n(r.pagesOnDemand)}   window ${n(r.pagesWindow)}   working set ${n(r.pagesPrefetched)}   background ${n(r.pagesBackground)}   zero ${n(r.zeroPages)}   duplicates ${n(r.duplicatePages)}`,
-    `faults       ${n(r.faults)}   latency p50 ${lat.p50} µs   p90 ${lat.p90} µs   p99 ${lat.p99} µs   max ${lat.max} µs`,
-    `blocked      ${r.blockedMs} ms waiting in faults`,
-    `resident     every page after ${r.fullResidencyMs} ms   ${(r.bytesReceived / 2 ** 20).toFixed(1)} MiB received`,
+    ...(pre
+      ? [
+          `precopied    ${n(pre.pagesPrecopied)} before the switchover at ${duration(pre.switchoverMs)}   written again ${n(pre.pagesRewritten)}   dropped ${n(pre.pagesDiscarded)}`,
+        ]
+      : []),
+    lat.count === 0 && r.faults === 0
+      ? 'faults       none'
+      : `faults       ${n(r.faults)}   latency p50 ${lat.p50} µs   p90 ${lat.p90} µs   p99 ${lat.p99} µs   max ${lat.max} µs`,
+    `blocked      ${duration(r.blockedMs)} waiting in faults`,
+    `resident     every page after ${duration(r.fullResidencyMs)}   ${(r.bytesReceived / 2 ** 20).toFixed(1)} MiB received`,
+    ...(recovery?.resumes || recovery?.pausedMs
+      ? [`paused       ${duration(recovery.pausedMs ?? 0)} with the source out of reach   resumed ${n(recovery.resumes ?? 0)} time(s)`]
+      : []),
     ...(r.digestMatch === undefined
       ? []
       : [`digest       ${r.digestMatch ? 'source = destination (sha256 ' + String((r.sha256 as string[])[0]).slice(0, 16) + '…)' : 'MISMATCH'}`]),
     '',
   ].join('\n');
+}
+
+/** A time as a person reads it: milliseconds below a second, seconds from a second up (7.75 s, not 7753.01 ms). */
+function duration(ms: number): string {
+  return ms < 1000 ? `${ms} ms` : `${(ms / 1000).toFixed(2)} s`;
 }

@@ -233,7 +233,14 @@ export class DestinationSession extends EventEmitter implements PageSession {
     this.#sources = sourcesOf(options);
     this.#source = this.#sources[0];
     this.#backgroundHeld = options.holdBackground === true;
-    this.#machine = new StateMachine<DestinationState>('destination', 'connecting', TRANSITIONS, this.#log);
+    // A pause is a warning once; each failed attempt of its outage is one warning line of its own (#attemptFailed).
+    this.#machine = new StateMachine<DestinationState>(
+      'destination',
+      'connecting',
+      TRANSITIONS,
+      this.#log,
+      (to, from) => to === 'paused' && from !== 'resuming',
+    );
     this.#machine.onChange((to, from) => this.emit('state', to, from));
     let settle!: { resolve: () => void; reject: (e: CodedError) => void };
     const promise = new Promise<void>((resolve, reject) => (settle = { resolve, reject }));
@@ -522,29 +529,32 @@ export class DestinationSession extends EventEmitter implements PageSession {
       // A busy source (a flood of connections that never authenticate closed ours to make room) is asked again for a while.
       const busy = e.code === ErrorCode.SOURCE_BUSY && outage !== null && Date.now() - outage.since < this.#recovery.connectTimeoutMs;
       if (this.#options.signal?.aborted || (roundDone && !this.#options.retryFirstConnect && !busy)) return this.#finalAtStart(e);
-      if (!roundDone) this.#log.warn({ source: formatAddress(failedAt), code: e.code, err: e.message }, 'this source cannot be reached; trying the next');
-    } else {
-      const level = e.code === ErrorCode.IMAGE_MISMATCH || e.code === ErrorCode.AUTH_FAILED ? 'error' : 'warn';
-      this.#log[level](
-        { attempt: outage?.attempts, code: e.code, err: e.message, source: formatAddress(failedAt), next: formatAddress(this.#source) },
-        'resume attempt failed; retrying',
-      );
-      this.#machine.to('paused', { code: e.code, attempt: outage?.attempts });
+      if (!roundDone) this.#log.warn({ source: formatAddress(failedAt), code: e.code, reason: e.message }, 'this source cannot be reached; trying the next');
+      const retryInMs = this.#scheduleAttempt(roundDone);
+      if (roundDone) this.#log.warn({ attempt: outage?.attempts, code: e.code, reason: e.message, retryInMs }, 'the source cannot be reached yet; retrying');
+      return;
     }
-    this.#scheduleAttempt(roundDone, first ? { code: e.code, err: e.message } : undefined);
+    this.#machine.to('paused', { code: e.code, attempt: outage?.attempts });
+    const retryInMs = this.#scheduleAttempt(roundDone);
+    // One line per attempt, whatever it says: which attempt, why, and when the next one goes.
+    const level = e.code === ErrorCode.IMAGE_MISMATCH || e.code === ErrorCode.AUTH_FAILED ? 'error' : 'warn';
+    this.#log[level](
+      { attempt: outage?.attempts, code: e.code, reason: e.message, source: formatAddress(failedAt), next: formatAddress(this.#source), retryInMs },
+      `resume attempt ${outage?.attempts ?? ''} failed (${e.code}); retrying in ${retryInMs} ms`,
+    );
   }
 
-  /** The next attempt: at once within a round, else after the backoff (doubled with each failed round, up to the max). */
-  #scheduleAttempt(afterRound: boolean, firstFailure?: { code: string; err: string }): void {
+  /** Schedules the next attempt: at once within a round, else after the backoff (doubled with each failed round, up to the max); returns its delay. */
+  #scheduleAttempt(afterRound: boolean): number {
     const outage = this.#outage;
-    if (!outage) return;
+    if (!outage) return 0;
     let delay = 0;
     if (afterRound) {
       const { initial, max } = this.#recovery.retryDelayMs;
       delay = Math.min(max, initial * 2 ** Math.min(outage.failedRounds++, 30));
-      if (firstFailure) this.#log.warn({ attempt: outage.attempts, ...firstFailure, retryInMs: delay }, 'the source cannot be reached yet; retrying');
     }
     outage.retryTimer = setTimeout(() => void this.#attempt(), delay);
+    return delay;
   }
 
   /** The first connection ends in failure: no engine holds any memory, so nothing is lost; open() rejects. */
@@ -757,7 +767,8 @@ export class DestinationSession extends EventEmitter implements PageSession {
     this.#resumes++;
     const s = this.engine.stats();
     const connection = outage.resumedOn;
-    this.#log.info(
+    // Said at the level the pause was: whoever saw the pause sees it end.
+    this.#log.warn(
       {
         outageMs,
         attempts: outage.attempts,
@@ -766,7 +777,7 @@ export class DestinationSession extends EventEmitter implements PageSession {
         requestsResent: s.requestsResent,
         residentPages: s.residentPages,
       },
-      'resumed',
+      `resumed after ${(outageMs / 1000).toFixed(1)} s`,
     );
     this.emit('resumed', { outageMs, attempts: outage.attempts });
   }

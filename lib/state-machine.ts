@@ -12,9 +12,12 @@ export class StateMachine<S extends string> {
   #state: S;
   #since = Date.now();
   readonly #listeners: ((to: S, from: S) => void)[] = [];
+  readonly #warns: (to: S, from: S) => boolean;
 
-  constructor(what: string, initial: S, table: TransitionTable<S>, log: Logger) {
+  /** `warns`: which changes are warnings (default: into `paused`); every other change is logged at info. */
+  constructor(what: string, initial: S, table: TransitionTable<S>, log: Logger, warns: (to: S, from: S) => boolean = (to) => to === 'paused') {
     this.#what = what;
+    this.#warns = warns;
     this.#state = initial;
     this.#table = table;
     this.#log = log;
@@ -47,7 +50,7 @@ export class StateMachine<S extends string> {
     this.#since = Date.now();
     // A failure is reported once, as an error, by whoever owns it (the CLI, the
     // handler, the caller's rejected promise); here it is only a state change.
-    const level = to === 'paused' ? 'warn' : 'info';
+    const level = this.#warns(to, from) ? 'warn' : 'info';
     this.#log[level]({ from, state: to, inStateMs, ...details }, `${this.#what} state`);
     for (const listener of this.#listeners) listener(to, from);
   }

@@ -1,8 +1,10 @@
 import t from 'tap';
 import type { Test } from 'tap';
-import { closeSync, existsSync, openSync, readFileSync, readdirSync, statSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, openSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { Destination } from '../client/destination.js';
+import type { RestoreReport } from '../client/report.js';
+import { formatReport } from '../bin/restore.js';
 import { join } from 'node:path';
 import { spawn } from 'node:child_process';
 import { constants as osConstants } from 'node:os';
@@ -312,6 +314,11 @@ t.test('serve and handle refuse a socket path a live process listens on, and one
 
 /** Runs the CLI on a pseudo-terminal (stdout and stderr are a terminal, as for a person typing it). */
 function runOnTerminal(args: string[]): Promise<{ code: number | null; output: string }> {
+  return startOnTerminal(args).done;
+}
+
+/** startOnTerminal: as runOnTerminal, with what the terminal showed so far readable while it runs. */
+function startOnTerminal(args: string[]): { output: () => string; done: Promise<{ code: number | null; output: string }> } {
   const child = spawn(
     'python3',
     ['-c', 'import os, pty, sys; status = pty.spawn(sys.argv[1:]); sys.exit(os.waitstatus_to_exitcode(status))', ...cliCommand(), ...args],
@@ -319,7 +326,7 @@ function runOnTerminal(args: string[]): Promise<{ code: number | null; output: s
   );
   let output = '';
   child.stdout.on('data', (d) => (output += d));
-  return new Promise((resolve) => child.on('close', (code) => resolve({ code, output })));
+  return { output: () => output, done: new Promise((resolve) => child.on('close', (code) => resolve({ code, output }))) };
 }
 
 t.test('one line per error: the JSON record for scripts, the sentence with --log-format pretty', async (t) => {
@@ -364,6 +371,73 @@ t.test('on a terminal: the error alone, no JSON; a restore shows live figures an
   t.equal(piped.code, 0, piped.terminal);
   t.match(piped.terminal, /resident [\d.]+% \(\d+\/4096 pages\)/, 'live figures on the terminal');
   t.match(JSON.parse(piped.stdout), { digestMatch: true }, 'and only the report on stdout');
+});
+
+t.test('recovery on a terminal: one line per failed attempt, then "resumed after", and the pause in the report', async (t) => {
+  const dir = tempDir(t);
+  const imagePath = writeImage(dir, randomImage(4096, 9));
+  const socketPath = join(dir, 's.sock');
+  const first = await startServeCli(t, ['--image', imagePath, '--listen', `unix:${socketPath}`]);
+  const run = startOnTerminal(['restore', '--source', `unix:${socketPath}`, '--rate', '2M', '--workload', 'none']);
+  await until('pages arrive', () => /resident [\d.]+% \([1-9]\d*\/4096 pages\)/.test(run.output()));
+  first.child.kill('SIGKILL');
+  await once(first.child, 'close');
+  // What answers at the address for a while is not a source: each attempt is refused; the third brings the source back.
+  rmSync(socketPath, { force: true });
+  let refused = 0;
+  const impostor = createServer((c) => {
+    c.destroy();
+    refused++;
+  });
+  await new Promise<void>((resolve) => impostor.listen(socketPath, resolve));
+  await until('three attempts refused', () => refused >= 3);
+  await new Promise<void>((resolve) => impostor.close(() => resolve()));
+  await startServeCli(t, ['--image', imagePath, '--listen', `unix:${socketPath}`]);
+  const { code, output } = await run.done;
+  t.equal(code, 0, code === 0 ? 'the restore ends well' : output);
+  const lines = output.split(/\r?\n|\r/).map((l) => l.replace(/\x1b\[[0-9;]*[A-Za-z]/g, ''));
+  const attempts = lines.filter((l) => /resume attempt \d+ failed \(ERR_[A-Z_]+\); retrying in \d+ ms/.test(l));
+  t.ok(attempts.length >= 3, `a line per failed attempt (${attempts.length})`);
+  t.equal(lines.filter((l) => /^\s+(err|reason):/.test(l)).length, 0, 'each on one line');
+  t.equal(lines.filter((l) => /destination state/.test(l) && /"state":"paused"/.test(l)).length, 1, 'the pause itself is said once');
+  t.match(output, /resumed after \d+\.\d s/, 'the end of the pause is said');
+  t.match(output, /paused\s+[\d.]+ (ms|s) with the source out of reach\s+resumed 1 time\(s\)/, 'and the report shows the pause');
+  t.match(output, /digest\s+source = destination/);
+});
+
+t.test("the restore report: one name per figure, a row for precopied pages, 'none' without faults, seconds for long times", async (t) => {
+  const base = {
+    pages: 16384,
+    bytes: 16384 * PAGE,
+    faults: 0,
+    minorFaults: 0,
+    pagesOnDemand: 0,
+    pagesWindow: 0,
+    pagesBackground: 32,
+    pagesPrefetched: 0,
+    zeroPages: 0,
+    duplicatePages: 0,
+    bytesReceived: 16384 * PAGE,
+    faultLatencyUs: { count: 0, p50: 0, p90: 0, p99: 0, max: 0, mean: 0 },
+    blockedMs: 0,
+    fullResidencyMs: 7753.01,
+    window: { forward: 8, backward: 2 },
+    background: { enabled: true, rateBytesPerSecond: 0 },
+  } satisfies Partial<RestoreReport>;
+  const live = formatReport({ ...base, precopy: { pagesPrecopied: 16352, pagesRewritten: 40, pagesDiscarded: 8, switchoverMs: 1250.5 } } as RestoreReport);
+  t.match(live, /precopied\s+16,352 before the switchover at 1\.25 s\s+written again 40\s+dropped 8/, 'the precopied pages are shown');
+  t.match(live, /faults\s+none\n/, 'no faults: none, not "p50 0 µs"');
+  t.match(live, /every page after 7\.75 s/, 'a long time in seconds');
+  t.notMatch(live, /paused/, 'no pause row when there was none');
+  const short = formatReport({
+    ...base,
+    faults: 3,
+    fullResidencyMs: 94.02,
+    faultLatencyUs: { count: 3, p50: 41.5, p90: 60, p99: 70, max: 70, mean: 50 },
+  } as RestoreReport);
+  t.match(short, /every page after 94\.02 ms/, 'a short one in milliseconds');
+  t.match(short, /faults\s+3\s+latency p50 41\.5 µs/);
+  t.notMatch(short, /precopied/, 'no precopied row without a live source');
 });
 
 /** Runs the CLI with stderr on a pseudo-terminal and stdout a pipe (as `postcopy ... --json | jq` at a terminal). */
