@@ -5,12 +5,17 @@ import type { DestinationStats } from '../lib/native.js';
 /** The histogram's bounds in ns, and one past them all: the count comes from the same read as the buckets, so they always agree. */
 export const LATENCY_BOUNDS_NS = [...LATENCY_BOUNDS_S.map((s) => s * 1e9), Infinity];
 
-/** Running totals over VMM sessions (a Prometheus counter each). */
+/**
+ * Running totals over VMM sessions (a Prometheus counter each). The pages
+ * installed are split by why they came (on demand, window, working set,
+ * background): each page installed counts under one of the four. Zero pages
+ * are some of those; duplicates are not installed.
+ */
 export interface HandlerTotals {
   faults: number;
-  blockedNs: number;
   pagesOnDemand: number;
   pagesWindow: number;
+  pagesPrefetched: number;
   pagesBackground: number;
   zeroPages: number;
   duplicatePages: number;
@@ -20,7 +25,7 @@ export interface HandlerTotals {
   latencySumNs: number;
 }
 
-/** VmmHandler.figures(): sessions by state now, totals since start, errors by code. */
+/** VmmHandler.figures(): sessions by state now (every state, 0 when none is in it), totals since start, errors by code. */
 export interface HandlerFigures {
   sessions: Record<string, number>;
   totals: HandlerTotals;
@@ -30,9 +35,9 @@ export interface HandlerFigures {
 export function emptyTotals(): HandlerTotals {
   return {
     faults: 0,
-    blockedNs: 0,
     pagesOnDemand: 0,
     pagesWindow: 0,
+    pagesPrefetched: 0,
     pagesBackground: 0,
     zeroPages: 0,
     duplicatePages: 0,
@@ -45,9 +50,9 @@ export function emptyTotals(): HandlerTotals {
 
 export function addTotals(t: HandlerTotals, s: DestinationStats, buckets: number[]): void {
   t.faults += s.faults;
-  t.blockedNs += s.blockedNs;
   t.pagesOnDemand += s.pagesInstalledRequested;
   t.pagesWindow += s.pagesInstalledWindow;
+  t.pagesPrefetched += s.pagesInstalledPrefetch;
   t.pagesBackground += s.pagesInstalledBackground;
   t.zeroPages += s.zeroPages;
   t.duplicatePages += s.duplicatePages;

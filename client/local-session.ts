@@ -26,6 +26,9 @@ const TRANSITIONS: TransitionTable<LocalState> = {
   closed: [],
 };
 
+/** Every state of a LocalSession, in the table's order. */
+export const LOCAL_STATES = Object.keys(TRANSITIONS) as readonly LocalState[];
+
 export interface LocalSessionOptions extends ReplayOptions {
   /** The image the pages come from (the caller opens and closes it). */
   image: Image;

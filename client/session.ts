@@ -54,6 +54,9 @@ const TRANSITIONS: TransitionTable<DestinationState> = {
   closed: [],
 };
 
+/** Every state of a DestinationSession, in the table's order. */
+export const DESTINATION_STATES = Object.keys(TRANSITIONS) as readonly DestinationState[];
+
 /** How failures are detected and recovered from. Defaults suit a data centre. */
 export interface RecoveryOptions {
   /** Control-channel heartbeats (default: each second; silent after 5 s). */

@@ -33,6 +33,9 @@ const TRANSITIONS: TransitionTable<StoreState> = {
   closed: [],
 };
 
+/** Every state of a StoreSession, in the table's order. */
+export const STORE_STATES = Object.keys(TRANSITIONS) as readonly StoreState[];
+
 export interface StoreSessionOptions extends ReplayOptions {
   /** The image: s3://BUCKET[/PREFIX]/NAME, or a store already open (the caller closes it) and a name. */
   storeImage: string | { store: SnapshotStore; name: string };

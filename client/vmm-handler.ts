@@ -20,9 +20,9 @@ import type { MessageOf } from '../lib/protocol.js';
 import { Tally } from '../lib/metrics.js';
 import { transferOptions, type TransferOptions } from '../lib/transfer.js';
 import { SourceConnection } from './source-connection.js';
-import { sourcesOf, type DestinationSessionOptions } from './session.js';
-import type { LocalSessionOptions } from './local-session.js';
-import { readStoreManifest, type StoreSessionOptions } from './store-session.js';
+import { DESTINATION_STATES, sourcesOf, type DestinationSessionOptions } from './session.js';
+import { LOCAL_STATES, type LocalSessionOptions } from './local-session.js';
+import { STORE_STATES, readStoreManifest, type StoreSessionOptions } from './store-session.js';
 import { Template } from './template.js';
 import { poisonGuest } from './guest-memory.js';
 import { LATENCY_BOUNDS_NS, addTotals, emptyTotals, type HandlerFigures, type HandlerTotals } from './handler-totals.js';
@@ -34,6 +34,9 @@ export { mapOntoImage } from './guest-memory.js';
 export { MAX_PENDING_HANDSHAKES, PendingHandshakes, acceptVmm, receiveHandshake, type VmmHandoff } from './vmm-accept.js';
 export type { HandlerFigures, HandlerTotals } from './handler-totals.js';
 export { RECORD_QUIET_MS, type VmmSessionSummary } from './vmm-session.js';
+
+/** The states a VMM's page session can be in, whichever kind it is (a source's, an image's, a store's); connecting: still being opened. */
+const PAGE_SESSION_STATES = [...new Set<string>([...DESTINATION_STATES, ...LOCAL_STATES, ...STORE_STATES])];
 
 /** Where each VMM's pages come from: a source (`source`), a local image (`image`, shared by every VMM) or an image in a store (`storeImage`). */
 export type VmmHandlerOptions = (DestinationSessionOptions | LocalSessionOptions | StoreSessionOptions) & {
@@ -146,10 +149,10 @@ export class VmmHandler extends EventEmitter {
     this.#errors.add(code);
   }
 
-  /** What this handler has done so far, over every VMM session it served: for metrics. */
+  /** What this handler has done so far, over every VMM session it served: for metrics. Every state is in `sessions`, 0 when none is in it. */
   figures(): HandlerFigures {
     const totals = { ...this.#retired, latencyBuckets: [...this.#retired.latencyBuckets] };
-    const sessions: Record<string, number> = {};
+    const sessions = Object.fromEntries(PAGE_SESSION_STATES.map((state) => [state, 0]));
     for (const vmm of this.#sessions) {
       const state = vmm.session?.state ?? 'connecting';
       sessions[state] = (sessions[state] ?? 0) + 1;

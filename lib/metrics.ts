@@ -2,12 +2,32 @@
 // and `handle --metrics` share. Figures are read from the sessions on each
 // scrape, never counted twice: counters are set from running totals.
 import { createServer, type Server } from 'node:http';
-import { Counter, Gauge, Registry } from 'prom-client';
+import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
 import { parseAddress } from './address.js';
 import { ErrorCode, PostcopyError } from './errors.js';
+import { packageVersion } from './package-root.js';
+import { PROTOCOL_VERSION } from './protocol.js';
 
 /** Fault-latency bucket bounds in seconds: 10 µs to 10 s. */
 export const LATENCY_BOUNDS_S = [0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
+
+/**
+ * A registry holding what every process that serves metrics exports besides
+ * its own: prom-client's default process and Node.js metrics, under their
+ * standard names (process_cpu_seconds_total, process_resident_memory_bytes,
+ * nodejs_eventloop_lag_seconds, ...), and postcopy_build_info.
+ */
+export function metricsRegistry(): Registry {
+  const registry = new Registry();
+  collectDefaultMetrics({ register: registry });
+  new Gauge({
+    name: 'postcopy_build_info',
+    help: 'Always 1; its labels say what runs: the package version, the Node.js version, the wire protocol version',
+    labelNames: ['version', 'node', 'protocol'],
+    registers: [registry],
+  }).set({ version: packageVersion(), node: process.version, protocol: String(PROTOCOL_VERSION) }, 1);
+  return registry;
+}
 
 /**
  * `read`, called once per scrape however many metrics ask: every metric of a

@@ -3,13 +3,14 @@
 // code.
 import { Tally } from '../lib/metrics.js';
 import type { SourceStats } from '../lib/native.js';
+import { SESSION_STATES } from './session.js';
 
 /** The running totals a server keeps over its sessions (lib/native.ts SourceStats). */
 const SERVED_TOTALS = ['requests', 'pagesRequested', 'pagesResent', 'pagesWindow', 'pagesBackground', 'pagesPrefetched', 'zeroPages', 'bytesSent'] as const;
 
 type Totals = Record<(typeof SERVED_TOTALS)[number], number>;
 
-/** PageServer.figures(): sessions by state now, totals since start, errors by code. */
+/** PageServer.figures(): sessions by state now (every state, 0 when none is in it), totals since start, errors by code. */
 export type ServerFigures = { sessions: Record<string, number>; errors: [string, number][] } & Totals;
 
 /** A session as the figures see it. */
@@ -36,7 +37,7 @@ export class ServedFigures {
   /** The figures now, with the sessions still held. */
   of(sessions: Iterable<Served>): ServerFigures {
     const totals = { ...this.#retired };
-    const byState: Record<string, number> = {};
+    const byState: Record<string, number> = Object.fromEntries(SESSION_STATES.map((state) => [state, 0]));
     for (const session of sessions) {
       byState[session.state] = (byState[session.state] ?? 0) + 1;
       this.#add(totals, session.stats());

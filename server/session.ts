@@ -35,6 +35,9 @@ const TRANSITIONS: TransitionTable<SessionState> = {
   closed: [],
 };
 
+/** Every state of a SourceSession, in the table's order. */
+export const SESSION_STATES = Object.keys(TRANSITIONS) as readonly SessionState[];
+
 /** How long a paused session waits for its destination by default. */
 export const DEFAULT_RESUME_GRACE_MS = 60_000;
 

@@ -1,10 +1,12 @@
-// `serve --metrics`: what a source has served, as Prometheus metrics.
-import { Registry } from 'prom-client';
-import { oncePerScrape, readGauge, totalCounter } from '../lib/metrics.js';
+// `serve --metrics`: what a source has served, as Prometheus metrics
+// (README.md, Metrics, lists them). Pages sent are split by kind, each send
+// under one kind; zero pages are some of them.
+import type { Registry } from 'prom-client';
+import { metricsRegistry, oncePerScrape, readGauge, totalCounter } from '../lib/metrics.js';
 import type { PageServer } from './page-server.js';
 
-export function sourceMetrics(server: PageServer): Registry {
-  const registry = new Registry();
+export function sourceMetrics(server: Pick<PageServer, 'figures'>): Registry {
+  const registry = metricsRegistry();
   const f = oncePerScrape(() => server.figures());
   readGauge(registry, 'postcopy_source_sessions', 'Destination sessions held, by state', ['state'], () =>
     Object.entries(f().sessions).map(([state, n]) => [{ state }, n]),
@@ -13,7 +15,7 @@ export function sourceMetrics(server: PageServer): Registry {
   totalCounter(
     registry,
     'postcopy_source_pages_sent_total',
-    'Pages sent, by why: requested, window (the pages around each request), background, prefetch (a working set replayed), resent (a request for a page already streamed)',
+    'Pages sent, by why (each send under one kind): requested, resent (requested again after the background stream sent it), window (around a requested page), prefetch (a working set replayed), background',
     ['kind'],
     () => {
       const x = f();
@@ -21,13 +23,15 @@ export function sourceMetrics(server: PageServer): Registry {
         [{ kind: 'requested' }, x.pagesRequested - x.pagesResent],
         [{ kind: 'resent' }, x.pagesResent],
         [{ kind: 'window' }, x.pagesWindow],
-        [{ kind: 'background' }, x.pagesBackground],
         [{ kind: 'prefetch' }, x.pagesPrefetched],
+        [{ kind: 'background' }, x.pagesBackground],
       ];
     },
   );
-  totalCounter(registry, 'postcopy_source_zero_pages_total', 'Pages sent as zero runs (holes, no bytes on the wire)', [], () => [[{}, f().zeroPages]]);
-  totalCounter(registry, 'postcopy_source_bytes_sent_total', 'Bytes written to data channels', [], () => [[{}, f().bytesSent]]);
-  totalCounter(registry, 'postcopy_errors_total', 'Errors, by code (lib/errors.ts)', ['code'], () => f().errors.map(([code, n]) => [{ code }, n]));
+  totalCounter(registry, 'postcopy_source_zero_pages_total', 'Pages sent as zero runs (no bytes on the wire); some of the pages sent', [], () => [
+    [{}, f().zeroPages],
+  ]);
+  totalCounter(registry, 'postcopy_source_sent_bytes_total', 'Bytes written to data channels', [], () => [[{}, f().bytesSent]]);
+  totalCounter(registry, 'postcopy_source_errors_total', 'Errors, by code (lib/errors.ts)', ['code'], () => f().errors.map(([code, n]) => [{ code }, n]));
   return registry;
 }

@@ -493,7 +493,7 @@ t.test('an image changed under its source: restore prints its report, then the m
   restore.stderr.on('data', (d) => (stderr += d));
   // Once the first run has gone out, the last page (sent last) changes in the file the source serves: its digests were taken
   // before it listened, so the page that goes out no longer matches them.
-  const sent = async () => Number(/^postcopy_source_bytes_sent_total (\d+)/m.exec(await (await fetch(metrics as string)).text())?.[1] ?? 0);
+  const sent = async () => Number(/^postcopy_source_sent_bytes_total (\d+)/m.exec(await (await fetch(metrics as string)).text())?.[1] ?? 0);
   await until('the first run to go out', async () => (await sent()) > 0);
   const fd = openSync(imagePath, 'r+');
   writeSync(fd, Buffer.alloc(64, 0xee), 0, 64, (pages - 1) * PAGE);

@@ -129,7 +129,7 @@ async function startHandleCli(t: Test, socket: string, source: string) {
       (r) => r.text(),
       () => '',
     );
-    return Number(/^postcopy_pages_total\{kind="on_demand"\} (\d+)/m.exec(text)?.[1] ?? 0);
+    return Number(/^postcopy_handler_pages_installed_total\{kind="on_demand"\} (\d+)/m.exec(text)?.[1] ?? 0);
   };
   return { handle, lines, waitLog, firstWorker, pagesOnDemand };
 }
