@@ -57,7 +57,7 @@ async function once(image: Image, pages: number, mode: Mode, seed: number): Prom
   }
 }
 
-export async function encryptionBench(pages: number, rounds: number, seed = 1) {
+export async function encryptionBench(pages: number, rounds: number, seed = 1): Promise<EncryptionResult> {
   const dir = mkdtempSync(join(tmpdir(), 'postcopy-bench-'));
   const image = Image.open([{ path: floorImageFile(dir, pages) }]);
   const results: Round[] = [];
@@ -86,4 +86,30 @@ export async function encryptionBench(pages: number, rounds: number, seed = 1) {
       bulkThroughput: round(of('sealed', 'bulkGBps') / of('plaintext', 'bulkGBps')),
     },
   };
+}
+
+export interface EncryptionResult {
+  case: 'encryption';
+  transport: 'tcp';
+  pages: number;
+  rounds: number;
+  results: Round[];
+  /** Medians over the rounds, by mode. */
+  median: Record<string, { faultP50Us: number; faultP99Us: number; bulkGBps: number }>;
+  /** Sealed over plaintext. */
+  ratio: { faultP50: number; bulkThroughput: number };
+}
+
+/** The encryption bench as a table: plaintext beside sealed, and sealed's cost as a ratio. */
+export function encryptionTable(r: EncryptionResult): string {
+  const p = r.median.plaintext;
+  const s = r.median.sealed;
+  return [
+    '| figure (TCP, median of rounds) | plaintext | sealed | sealed / plaintext |',
+    '| --- | --- | --- | --- |',
+    `| fault p50 | ${p.faultP50Us} µs | ${s.faultP50Us} µs | ${r.ratio.faultP50} |`,
+    `| fault p99 | ${p.faultP99Us} µs | ${s.faultP99Us} µs | |`,
+    `| bulk | ${p.bulkGBps} GB/s | ${s.bulkGBps} GB/s | ${r.ratio.bulkThroughput} |`,
+    '',
+  ].join('\n');
 }

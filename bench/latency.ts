@@ -183,3 +183,21 @@ export async function throughputBench(pages: number, transport: 'unix' | 'tcp', 
   const ratio = ratioOf(ours.map((o, i) => o.gbytes_per_s / floors[i].gbytes_per_s));
   return { case: 'throughput', transport, pages, rounds, ours: medianOf(ours), floor: medianOf(floors), ratio: ratio.median, spread: ratio.spread };
 }
+
+/** The latency and throughput results as a table: ours beside the floor, and the median ratio with its spread over the rounds. */
+export function latencyTable(results: (LatencyResult | ThroughputResult)[]): string {
+  const lines = ['| benchmark | transport | figure | ours | floor | ratio (median, spread) |', '| --- | --- | --- | --- | --- | --- |'];
+  for (const r of results) {
+    if (r.case === 'latency') {
+      for (const p of ['p50', 'p99'] as const)
+        lines.push(
+          `| latency | ${r.transport} | fault ${p} | ${r.ours[`${p}_us`]} µs | ${r.floor[`${p}_us`]} µs (${r.floor.case}) | ${r.ratio[p]} (${r.spread[p].join('-')}) |`,
+        );
+    } else {
+      lines.push(
+        `| throughput | ${r.transport} | bulk | ${r.ours.gbytes_per_s} GB/s | ${r.floor.gbytes_per_s} GB/s (${r.floor.case}) | ${r.ratio} (${r.spread.join('-')}) |`,
+      );
+    }
+  }
+  return lines.join('\n') + '\n';
+}

@@ -28,6 +28,7 @@ import { FaultEngine } from '../client/fault-engine.js';
 import { Userfaultfd } from '../lib/uffd.js';
 import { PAGE_SIZE, mapAnonymous, mapFile, memfdCreate, type Mapping } from '../lib/memory.js';
 import { floorImageFile, startSource } from './source.js';
+import { counted } from '../lib/words.js';
 
 export interface ImageFaultResult extends Omit<LatencyResult, 'case' | 'transport'> {
   case: 'image';
@@ -83,17 +84,17 @@ export interface HugetlbFaultResult extends Omit<MinorFaultResult, 'case' | 'min
 export type LocalBenchResult = ImageFaultResult | MinorFaultResult | HugetlbFaultResult | ColdStartResult;
 
 export async function localBench(pages: number, rounds: number, seed: number, progress: (line: string) => void = () => {}): Promise<LocalBenchResult[]> {
-  progress(`image: fault latency from a local image file, ${pages} pages, ${rounds} rounds`);
+  progress(`image: fault latency from a local image file, ${counted(pages, 'page')}, ${counted(rounds, 'round')}`);
   const { transport: _, ...latency } = await latencyBench(pages, 'image', seed, rounds);
   const results: LocalBenchResult[] = [{ ...latency, case: 'image' }];
-  progress(`minor: MINOR faults on cached pages of a shared memfd, ${pages} pages, ${rounds} rounds`);
+  progress(`minor: MINOR faults on cached pages of a shared memfd, ${counted(pages, 'page')}, ${counted(rounds, 'round')}`);
   results.push(await minorBench(pages, rounds, seed));
-  progress(`hugetlb: 2 MiB faults from the 4 KiB-page image, ${pages / 512} huge pages, ${rounds} rounds`);
+  progress(`hugetlb: 2 MiB faults from the 4 KiB-page image, ${counted(pages / 512, 'huge page')}, ${counted(rounds, 'round')}`);
   const huge = await hugetlbBench(pages, rounds, seed);
   if (huge) results.push(huge);
   else progress('hugetlb: skipped (this machine cannot reserve the huge pages: vm.nr_hugepages)');
   for (const where of ['local', 'unix'] as const) {
-    progress(`cold-start-${where}: record once, then ${rounds} rounds with and without --prefetch`);
+    progress(`cold-start-${where}: record once, then ${counted(rounds, 'round')} with and without --prefetch`);
     results.push(await coldStartBench(pages, rounds, where));
   }
   return results;

@@ -199,3 +199,19 @@ export async function qemuBench(guestMemMib: number, rounds: number, progress: (
     rmSync(dir, { recursive: true, force: true });
   }
 }
+
+/** The QEMU bench as a table: our lazy restore beside QEMU's own, and QEMU-to-QEMU postcopy beside them. */
+export function qemuTable([result]: QemuBenchResult[]): string {
+  return [
+    '| restore | guest running | complete | page requests | request latency p50 / p99 |',
+    '| --- | --- | --- | --- | --- |',
+    `| postcopy qemu restore | ${result.ours.runningMs} ms | ${result.ours.completeMs} ms | ${result.ours.requests} | ${result.ours.requestLatencyUs.p50} / ${result.ours.requestLatencyUs.p99} µs |`,
+    `| QEMU's own (exec:cat) | ${result.qemu.runningMs} ms | ${result.qemu.completeMs} ms | | |`,
+    `| ratio (ours / QEMU's) | ${result.ratio.running} | ${result.ratio.complete} | | |`,
+    ...result.qemuPostcopy.map(
+      (q) =>
+        `| QEMU to QEMU postcopy${q.preempt ? ' + preempt' : ''} (live) | ${q.runningMs} ms | ${q.completeMs} ms | ${q.requests} | (not reported by QEMU) |`,
+    ),
+    '',
+  ].join('\n');
+}

@@ -16,6 +16,7 @@ import type { Logger } from '../lib/logger.js';
 import { formatReport } from './restore.js';
 import { parseCommandLine, parseCount, parseSize, UsageError } from './options.js';
 import { startSource, type RunningSource } from '../bench/source.js';
+import { counted } from '../lib/words.js';
 
 export const demoUsage = `postcopy demo [--image FILE] [--size SIZE] [--threads N]
 
@@ -127,7 +128,9 @@ export async function demo(argv: string[], log: Logger): Promise<void> {
       },
     );
     say(`  VMM          pid ${child.pid}: empty guest memory, userfaultfd handed over (Firecracker handshake),`);
-    say(`               ${threads} threads touch every page in random order, then ${balloonPages} pages are given back (balloon)`);
+    say(
+      `               ${counted(threads, 'thread')} touch${threads === 1 ? 'es' : ''} every page in random order, then ${balloonPages} pages are given back (balloon)`,
+    );
     say('');
     let out = '';
     child.stdout!.on('data', (d) => (out += d));

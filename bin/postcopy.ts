@@ -22,19 +22,20 @@ const benchUsage = `postcopy bench [--full] [--out DIR] [--pages N] [--link NAME
   Writes results.json, report.md and SVG plots to ./reports/<time>/ in the
   current directory, or --out DIR (see bench/README.md).
 
-postcopy bench latency|throughput [--pages N] [--transport unix|tcp|image|both] [--seed S] [--rounds R] [--json]
+postcopy bench latency|throughput [--pages N] [--transport T,T,...] [--seed S] [--rounds R] [--json]
   The floor's own workload only (one thread, every page once, random order;
   or the whole image streamed), ours and bench/floor.c's interleaved R times
   (default 3): the ratio is the median of the per-round ratios, with their
-  spread. --transport image (latency only): faults served from the image file
-  in this process, beside the floor's local case.
+  spread. --transport: unix, tcp (default unix,tcp), and for latency image:
+  faults served from the image file in this process, beside the floor's
+  local case.
 
 postcopy bench local [--pages N] [--rounds R] [--seed S] [--json]
   restoring on one host, each beside the floor's local case (a plain-C
   handler copying each fault from memory in its own process): fault latency
   from a local image (--image), and a cold start from a local image and from
   a unix-socket source with and without --prefetch of a recorded working set
-  (demand faults, time until the workload finishes). JSON lines, then a table.
+  (demand faults, time until the workload finishes).
 
 postcopy bench localhost [--pages N] [--clones N,N,...] [--json]
   Memory on one host (anonymous and shared memory, sampled from /proc every
@@ -43,7 +44,7 @@ postcopy bench localhost [--pages N] [--clones N,N,...] [--json]
   --in-place; and for 1, 4 and 16 clones (--clones) of an image a quarter
   that size through handle --template: peak memory, the destination side's
   memory, pages the source sent, and each clone's time to read and check
-  every page. JSON lines, then a table.
+  every page.
 
 postcopy bench live [--pages N] [--write-rates P,P,...] [--rate SIZE] [--json]
   A running workload (the VMM fixture, writing P% of its N pages a second;
@@ -52,7 +53,7 @@ postcopy bench live [--pages N] [--write-rates P,P,...] [--rate SIZE] [--json]
   paused to destination running), total time, bytes sent, the destination's
   faults in its first second, rounds, pages discarded. --rate: the link's
   rate in bytes a second, suffixes binary (1 Gb/s is 125000000, about 119M;
-  default: a unix socket's). JSON lines, then a table.
+  default: a unix socket's).
 
 postcopy bench qemu [--guest-mib N] [--rounds R] [--json]
   The test guest (test/guest: Debian's kernel and busybox, a program checking
@@ -77,11 +78,14 @@ postcopy bench store [--pages N] [--chunk-sizes S,S,...] [--cases C,C,...] [--js
   recorded working set against one without); fanout (16 restores at once on
   this host, of one image and of 4 images sharing a base: chunks fetched
   against distinct chunks, and time against one alone). --cases runs only
-  those named. JSON lines, then a table.
+  those named.
 
-postcopy bench encryption [--pages N] [--rounds R]
+postcopy bench encryption [--pages N] [--rounds R] [--seed S] [--json]
   What sealing TCP data channels costs: fault p50 and bulk GB/s over TCP,
-  plaintext and sealed, interleaved R rounds (default 3); medians and ratios.`;
+  plaintext and sealed, interleaved R rounds (default 3); medians and ratios.
+
+Every benchmark but the suite prints a table; --json prints its results as
+JSON lines instead, one object per result, for scripts.`;
 
 const usage = `usage: postcopy <command> [options]   (postcopy <command> --help: that command's usage)
 
@@ -180,13 +184,13 @@ async function bench(argv: string[]): Promise<void> {
     return;
   }
   if (which === 'encryption') {
-    const { encryptionBench } = await import('../bench/encryption.js');
+    const { encryptionBench, encryptionTable } = await import('../bench/encryption.js');
     const result = await encryptionBench(
       parseCount(values.pages, '--pages', 65536, 1 << 24, 1),
       parseCount(values.rounds, '--rounds', 3, 100, 1),
       parseCount(values.seed, '--seed', 1, 0xffffffff),
     );
-    process.stdout.write(JSON.stringify(result) + '\n');
+    printResults([result], ([r]) => encryptionTable(r));
     return;
   }
   if (which === 'local') {
@@ -197,8 +201,7 @@ async function bench(argv: string[]): Promise<void> {
       parseCount(values.seed, '--seed', 1, 0xffffffff),
       (line) => process.stderr.write(line + '\n'),
     );
-    for (const r of results) process.stdout.write(JSON.stringify(r) + '\n');
-    if (!values.json) process.stdout.write('\n' + localTable(results));
+    printResults(results, localTable);
     return;
   }
   if (which === 'store') {
@@ -212,32 +215,15 @@ async function bench(argv: string[]): Promise<void> {
       ...(cases ? { cases: cases as (typeof STORE_CASES)[number][] } : {}),
       progress: (line) => process.stderr.write(line + '\n'),
     });
-    for (const r of results) process.stdout.write(JSON.stringify(r) + '\n');
-    if (!values.json) process.stdout.write('\n' + storeTable(results));
+    printResults(results, storeTable);
     return;
   }
   if (which === 'qemu') {
-    const { qemuBench } = await import('../bench/qemu.js');
+    const { qemuBench, qemuTable } = await import('../bench/qemu.js');
     const result = await qemuBench(parseCount(values['guest-mib'], '--guest-mib', 64, 4096, 8), parseCount(values.rounds, '--rounds', 3, 100, 1), (line) =>
       process.stderr.write(line + '\n'),
     );
-    process.stdout.write(JSON.stringify(result) + '\n');
-    if (!values.json)
-      process.stdout.write(
-        [
-          '',
-          '| restore | guest running | complete | page requests | request latency p50 / p99 |',
-          '| --- | --- | --- | --- | --- |',
-          `| postcopy qemu restore | ${result.ours.runningMs} ms | ${result.ours.completeMs} ms | ${result.ours.requests} | ${result.ours.requestLatencyUs.p50} / ${result.ours.requestLatencyUs.p99} µs |`,
-          `| QEMU's own (exec:cat) | ${result.qemu.runningMs} ms | ${result.qemu.completeMs} ms | | |`,
-          `| ratio (ours / QEMU's) | ${result.ratio.running} | ${result.ratio.complete} | | |`,
-          ...result.qemuPostcopy.map(
-            (q) =>
-              `| QEMU to QEMU postcopy${q.preempt ? ' + preempt' : ''} (live) | ${q.runningMs} ms | ${q.completeMs} ms | ${q.requests} | (not reported by QEMU) |`,
-          ),
-          '',
-        ].join('\n'),
-      );
+    printResults([result], qemuTable);
     return;
   }
   if (which === 'live') {
@@ -246,8 +232,7 @@ async function bench(argv: string[]): Promise<void> {
     const rates = (values['write-rates'] ?? '1,10,50').split(',').map((p) => parseCount(p, '--write-rates', 1, 100, 0) / 100);
     if (values.rate !== undefined) parseRate(values.rate);
     const results = await liveBench(pages, rates, (line) => process.stderr.write(line + '\n'), values.rate);
-    for (const r of results) process.stdout.write(JSON.stringify(r) + '\n');
-    if (!values.json) process.stdout.write('\n' + liveTable(results));
+    printResults(results, liveTable);
     return;
   }
   if (which === 'localhost') {
@@ -255,20 +240,35 @@ async function bench(argv: string[]): Promise<void> {
     const pages = parseCount(values.pages, '--pages', 262144, 1 << 24, 4096);
     const clones = (values.clones ?? '1,4,16').split(',').map((n) => parseCount(n, '--clones', 1, 64, 1));
     const results = await localhostBench(pages * 4096, Math.floor(pages / 4) * 4096, clones, (line) => process.stderr.write(line + '\n'));
-    for (const r of results) process.stdout.write(JSON.stringify(r) + '\n');
-    if (!values.json) process.stdout.write('\n' + localhostTable(results));
+    printResults(results, localhostTable);
     return;
   }
-  const { latencyBench, throughputBench } = await import('../bench/latency.js');
-  const transport = parseChoice(values.transport, '--transport', ['unix', 'tcp', 'image', 'both'] as const, 'both');
-  if (which === 'throughput' && transport === 'image') throw new UsageError('bench throughput streams from a source: --transport unix, tcp or both');
-  const transports: Transport[] = transport === 'both' ? ['unix', 'tcp'] : [transport];
+  const { latencyBench, throughputBench, latencyTable } = await import('../bench/latency.js');
+  // "both", from before image was a transport too, still means unix,tcp.
+  const transports = [
+    ...new Set(
+      (values.transport === 'both' ? 'unix,tcp' : (values.transport ?? 'unix,tcp'))
+        .split(',')
+        .map((x) => parseChoice(x, '--transport', ['unix', 'tcp', 'image'] as const, 'unix')),
+    ),
+  ] as Transport[];
+  if (which === 'throughput' && transports.includes('image')) throw new UsageError('bench throughput streams from a source: --transport unix, tcp or unix,tcp');
   const pages = parseCount(values.pages, '--pages', which === 'latency' ? 32768 : 65536, 1 << 24, 1);
   const seed = parseCount(values.seed, '--seed', 1, 0xffffffff);
   const rounds = parseCount(values.rounds, '--rounds', 3, 100, 1);
+  const results = [];
   for (const t of transports) {
     const result = which === 'latency' ? await latencyBench(pages, t, seed, rounds) : await throughputBench(pages, t as 'unix' | 'tcp', rounds);
-    process.stdout.write(JSON.stringify(result) + '\n');
+    // A script reading JSON lines gets each transport's as soon as it is measured.
+    if (values.json) process.stdout.write(JSON.stringify(result) + '\n');
+    results.push(result);
+  }
+  if (!values.json) process.stdout.write(latencyTable(results));
+
+  /** The one way benchmarks print: a table for people, or with --json one JSON line per result for scripts. */
+  function printResults<R>(results: R[], table: (results: R[]) => string): void {
+    if (values.json) for (const r of results) process.stdout.write(JSON.stringify(r) + '\n');
+    else process.stdout.write(table(results));
   }
 }
 

@@ -118,7 +118,8 @@ t.test('every mistake on the command line is refused at once, in one line naming
   const dir = tempDir(t);
   const cases: [string[], RegExp][] = [
     [['serve', '--image', 'x', '--listen', 'unix:/x', '--frob'], /unknown option --frob/],
-    [['bench', 'latency', '--transport', 'udp'], /--transport must be unix, tcp, image, both; not "udp"/],
+    [['bench', 'latency', '--transport', 'udp'], /--transport must be unix, tcp, image; not "udp"/],
+    [['bench', 'latency', '--transport', 'unix,udp'], /--transport must be unix, tcp, image; not "udp"/],
     [['bench', 'latency', '--pages', '0'], /--pages must be a whole number from 1/],
     [['bench', 'nonsense'], /unknown benchmark "nonsense"/],
     [['bench', '--transport', 'udp'], /--transport is not an option of the bench suite \(it is of latency, throughput\)/],
@@ -149,6 +150,7 @@ t.test('every mistake on the command line is refused at once, in one line naming
     [['handle', '--socket', join(dir, 'h3.sock'), '--image', join(dir, 'i.bin'), '--rate', '1M'], /a local --image has none to limit/],
     [['handle', '--socket', join(dir, 'h4.sock'), '--image', join(dir, 'i.bin'), '--source', 'unix:/x'], /give one or the other/],
     [['bench', 'throughput', '--transport', 'image'], /bench throughput streams from a source/],
+    [['bench', 'throughput', '--transport', 'unix,image'], /bench throughput streams from a source/],
     [['bench', 'local', '--link', 'unix'], /--link is not an option of bench local/],
     [['demo', '--threads', 'abc'], /--threads must be a whole number from 1 to 64; not "abc"/],
     [['demo', '--threads', '0'], /--threads must be a whole number from 1 to 64; not "0"/],
@@ -234,6 +236,23 @@ t.test('restore --out writes exactly the image: its own size, regions end to end
   const r = await runCli(['restore', '--source', `unix:${listening.path}`, '--workload', 'none', '--out', out, '--json']);
   t.equal(r.code, 0, r.stderr);
   t.ok(readFileSync(out).equals(Buffer.concat([a, b])), 'the output equals the two files end to end, byte for byte');
+});
+
+t.test('benchmarks print a table by default and JSON lines with --json, never both; --transport takes a list', async (t) => {
+  const table = await runCli(['bench', 'latency', '--pages', '256', '--rounds', '1', '--transport', 'unix,image']);
+  t.equal(table.code, 0, table.stderr);
+  t.notMatch(table.stdout, /^\{/m, 'no JSON line without --json');
+  t.match(table.stdout, /^\| benchmark \| transport \| figure \| ours \| floor \| ratio \(median, spread\) \|$/m, 'a table');
+  t.match(table.stdout, /^\| latency \| unix \| fault p50 \| [\d.]+ µs \| [\d.]+ µs \(unix\) \|/m, 'a row per transport and figure');
+  t.match(table.stdout, /^\| latency \| image \| fault p50 \| [\d.]+ µs \| [\d.]+ µs \(local\) \|/m);
+  const json = await runCli(['bench', 'throughput', '--pages', '256', '--rounds', '1', '--transport', 'unix', '--json']);
+  t.equal(json.code, 0, json.stderr);
+  const lines = json.stdout.trim().split('\n');
+  t.equal(lines.length, 1, 'one JSON line per result, and nothing else');
+  t.match(JSON.parse(lines[0]), { case: 'throughput', transport: 'unix', rounds: 1 });
+  const help = await runCli(['bench', '--help']);
+  t.match(help.stdout, /postcopy bench encryption \[--pages N\] \[--rounds R\] \[--seed S\] \[--json\]/, 'encryption names --json');
+  t.notMatch(help.stdout, /JSON lines, then a table/, 'one convention, said once');
 });
 
 t.test("bench latency prints one JSON line per transport: our percentiles beside the project's own floor, ratios from interleaved rounds", async (t) => {
