@@ -1,12 +1,30 @@
 // Plots rendered to SVG with vega-lite (no browser, no canvas): first-touch
 // latency CDF per policy, pages resident over time per policy, and scaling.
+// vega and vega-lite are optional peer dependencies: a library user never
+// installs them; the bench draws its plots when they are there.
 import { writeFileSync } from 'node:fs';
-import * as vega from 'vega';
-import { compile, type TopLevelSpec } from 'vega-lite';
+import type { TopLevelSpec } from 'vega-lite';
 import type { ScenarioResult } from './scenario.js';
 
+/** What the bench says when it cannot draw. */
+export const PLOTS_NEED = 'plots not drawn: they need vega and vega-lite (npm install vega vega-lite)';
+
+/** The plotting libraries, or null when they are not installed. */
+export async function plotting(): Promise<{ vega: typeof import('vega'); vegaLite: typeof import('vega-lite') } | null> {
+  try {
+    const [vega, vegaLite] = await Promise.all([import('vega'), import('vega-lite')]);
+    return { vega, vegaLite };
+  } catch (err) {
+    if ((err as { code?: string }).code === 'ERR_MODULE_NOT_FOUND') return null;
+    throw err;
+  }
+}
+
 async function render(spec: TopLevelSpec, path: string): Promise<string> {
-  const view = new vega.View(vega.parse(compile(spec).spec), { renderer: 'none' });
+  const libraries = await plotting();
+  if (!libraries) throw new Error(PLOTS_NEED);
+  const { vega, vegaLite } = libraries;
+  const view = new vega.View(vega.parse(vegaLite.compile(spec).spec), { renderer: 'none' });
   writeFileSync(path, await view.toSVG());
   view.finalize();
   return path;

@@ -10,7 +10,7 @@ import { FREE, POLICIES, runScenario, type Placement, type Policy } from './scen
 import { floorImageFile, startSource, type RunningSource } from './source.js';
 import { execFileSync } from 'node:child_process';
 import type { Pattern } from './patterns.js';
-import { latencyCdf, residencyOverTime, scaling } from './plots.js';
+import { PLOTS_NEED, latencyCdf, plotting, residencyOverTime, scaling } from './plots.js';
 import { markdown, type ScalingRow, type SuiteReport } from './report.js';
 
 export interface SuiteOptions {
@@ -115,7 +115,8 @@ export async function runSuite(options: SuiteOptions): Promise<{ dir: string; re
       };
     }
     if (options.full && (!options.links || options.links.includes('unix'))) await sizes(report, scratch, say);
-    await plots(report, dir);
+    if (await plotting()) await plots(report, dir);
+    else say(PLOTS_NEED);
   } finally {
     rmSync(scratch, { recursive: true, force: true });
   }

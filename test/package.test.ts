@@ -81,6 +81,16 @@ t.test('the CLI loads the plotting libraries only for the bench: every other com
   t.notOk(bare.has('vega') || bare.has('vega-lite'), `no plotting library among ${[...bare].sort().join(', ')}`);
 });
 
+t.test('a library user installs no plotting library: vega and vega-lite are optional peers, which the bench uses when they are there', async (t) => {
+  const manifest = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8'));
+  for (const name of ['vega', 'vega-lite']) {
+    t.notOk(manifest.dependencies?.[name], `${name} is not a dependency`);
+    t.ok(manifest.peerDependencies?.[name], `${name} is a peer`);
+    t.same(manifest.peerDependenciesMeta?.[name], { optional: true }, `${name} is optional`);
+    t.ok(manifest.devDependencies?.[name], `${name} is installed for this project's own bench and tests`);
+  }
+});
+
 t.test('installed with scripts off (no addon built): --help and --version work, every command says in one line how to build it', async (t) => {
   ensureBuilt();
   // The package as `npm install --ignore-scripts` leaves it: the compiled CLI and library, no build/ folder.
