@@ -10,6 +10,7 @@ import {
   parseRecovery,
   parseWindow,
   destinationToken,
+  withTokenFile,
   recoveryOptionSpec,
   recoveryUsage,
   parseAddressOption,
@@ -178,7 +179,8 @@ export async function handle(argv: string[], log: Logger): Promise<void> {
   // worker restarted after a crash does not ask: its VMMs' sessions wait and resume.)
   if (!values.worker) {
     const ready = await handler.checkSource().catch((err) => {
-      throw Object.assign(err as Error, { message: `${(err as Error).message}; not starting (a VMM would wait on it)` });
+      const named = source ? withTokenFile(err, values['token-file'], source) : err;
+      throw Object.assign(named as Error, { message: `${(named as Error).message}; not starting (a VMM would wait on it)` });
     });
     if (!image && !storeImage)
       log.info({ source, regions: ready.regions.length, imageBytes: ready.regions.reduce((n, r) => n + r.length, 0) }, 'the source answers');

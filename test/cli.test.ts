@@ -57,7 +57,7 @@ t.test('restore over TCP with no workload is pure background transfer; TCP witho
   t.match(JSON.parse(r.stdout), { faults: 0, pagesBackground: 512, digestMatch: true });
 });
 
-t.test('a wrong token fails the restore with a clear message and exit code 1', async (t) => {
+t.test('a wrong token fails the restore, and handle, with a clear message naming the token file, and exit code 1', async (t) => {
   const dir = tempDir(t);
   writeFileSync(join(dir, 'good'), 'good', { mode: 0o600 });
   writeFileSync(join(dir, 'bad'), 'bad', { mode: 0o600 });
@@ -67,6 +67,11 @@ t.test('a wrong token fails the restore with a clear message and exit code 1', a
   t.equal(r.code, 1);
   t.match(r.stderr, /the tokens differ: the source at unix:.*s\.sock holds another token than this destination's/);
   t.match(r.stderr, new RegExp(`this destination's token is from ${join(dir, 'bad')}; give both sides the same file\\) \\(ERR_AUTH_FAILED\\)`));
+  // handle reads its token the same way, and names the file the same way.
+  const h = await runCli(['handle', '--socket', join(dir, 'h.sock'), '--source', `unix:${socket}`, '--token-file', join(dir, 'bad'), '--log-format', 'pretty']);
+  t.equal(h.code, 1);
+  t.match(h.stderr, /the tokens differ/);
+  t.match(h.stderr, new RegExp(`this destination's token is from ${join(dir, 'bad')}; give both sides the same file\\); not starting`));
 });
 
 t.test('serve on TCP refuses a default token file that other users can read', async (t) => {
