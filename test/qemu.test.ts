@@ -106,15 +106,21 @@ t.test('postcopy qemu save stops a running guest for the save and leaves it paus
   t.match(await status(), { status: 'postmigrate' }, 'and left paused, as after any migration');
 });
 
-t.test('postcopy qemu import: a stream QEMU saved itself (exec:cat)', async (t) => {
-  const dir = tempDir(t);
+/** A guest holding a random pattern, saved by QEMU itself into DIR/vm.stream and imported into DIR/snapshot. */
+async function importedSnapshot(t: Test, dir: string): Promise<{ pattern: Buffer; stream: string; snapshot: string }> {
   const pattern = randomBytes(PATTERN_BYTES);
   const { qmp } = await startQemu(t, dir, pattern);
   const stream = join(dir, 'vm.stream');
   await qemuSavesItself(qmp, stream);
-  const out = join(dir, 'snapshot');
-  const r = await runCli(['qemu', 'import', stream, '--out', out]);
+  const snapshot = join(dir, 'snapshot');
+  const r = await runCli(['qemu', 'import', stream, '--out', snapshot]);
   t.equal(r.code, 0, r.stderr);
+  return { pattern, stream, snapshot };
+}
+
+t.test('postcopy qemu import: a stream QEMU saved itself (exec:cat)', async (t) => {
+  const dir = tempDir(t);
+  const { pattern, stream, snapshot: out } = await importedSnapshot(t, dir);
   const manifest = checkSnapshot(t, out, pattern);
   t.equal(manifest.qemuVersion, null, 'a file does not say which QEMU wrote it');
   t.equal(manifest.bytesRead, statSync(stream).size, 'every byte of the stream read');
@@ -151,12 +157,7 @@ t.test('postcopy qemu import: a stream QEMU saved itself (exec:cat)', async (t) 
 
 t.test('postcopy qemu restore --wait owns its QEMU: interrupted, it stops QEMU and removes its directory; nothing is left running', async (t) => {
   const dir = tempDir(t);
-  const pattern = randomBytes(PATTERN_BYTES);
-  const { qmp } = await startQemu(t, dir, pattern);
-  const stream = join(dir, 'vm.stream');
-  await qemuSavesItself(qmp, stream);
-  const snapshot = join(dir, 'snapshot');
-  t.equal((await runCli(['qemu', 'import', stream, '--out', snapshot])).code, 0);
+  const { snapshot } = await importedSnapshot(t, dir);
   const zeros = join(dir, 'zeros.bin');
   writeFileSync(zeros, Buffer.alloc(PATTERN_BYTES));
   // A machine of another RAM size than the snapshot's: refused before QEMU starts, saying which size to give.
