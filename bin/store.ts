@@ -47,7 +47,9 @@ export async function store(argv: string[], log: Logger): Promise<void> {
   if (which === 'ls') return list(rest, log);
   if (which === 'rm') return remove(rest, log);
   if (which === 'gc') return collect(rest, log);
-  throw new UsageError(`postcopy store takes push, ls, rm or gc, not ${JSON.stringify(which ?? '')}`);
+  throw new UsageError(
+    which === undefined ? 'postcopy store takes a command: push, ls, rm or gc' : `postcopy store takes push, ls, rm or gc, not ${JSON.stringify(which)}`,
+  );
 }
 
 /** --tenant-key-file, when given: chunks and manifests sealed with the tenant's key. */
