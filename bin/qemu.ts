@@ -78,7 +78,9 @@ export async function qemu(argv: string[], log: Logger): Promise<void> {
   if (which === 'serve') return serveSnapshot(rest, log);
   if (which === 'restore') return restoreSnapshot(rest, log);
   throw new UsageError(
-    which === undefined ? 'postcopy qemu takes a command: import, save, serve or restore' : `postcopy qemu takes import, save, serve or restore, not ${JSON.stringify(which)}`,
+    which === undefined
+      ? 'postcopy qemu takes a command: import, save, serve or restore'
+      : `postcopy qemu takes import, save, serve or restore, not ${JSON.stringify(which)}`,
   );
 }
 

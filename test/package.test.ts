@@ -2,7 +2,7 @@
 // running docs/API.md's example as it stands, and shipping only what it needs.
 import t from 'tap';
 import { execFileSync, spawnSync } from 'node:child_process';
-import { cpSync, mkdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
+import { cpSync, existsSync, mkdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { ensureBuilt, here, tempDir } from './helpers.js';
 
@@ -130,3 +130,55 @@ t.test('installed with scripts off (no addon built): --help and --version work, 
   t.equal(lib.status, 0, lib.stderr);
   t.equal(lib.stdout.trim(), 'function function\nERR_ADDON_NOT_BUILT', 'the token helpers are exported; native code says how to build it');
 });
+
+t.test(
+  'the packed tarball installed in another directory: the CLI and the benchmarks run, the QEMU bench finds its guest, no plotting library comes along',
+  async (t) => {
+    ensureBuilt();
+    const dir = tempDir(t);
+    const packed = JSON.parse(execFileSync('npm', ['pack', '--json', '--ignore-scripts', '--pack-destination', dir], { cwd: root, encoding: 'utf8' })) as [
+      { filename: string },
+    ];
+    const tarball = join(dir, packed[0].filename);
+    const app = join(dir, 'app');
+    mkdirSync(app);
+    writeFileSync(join(app, 'package.json'), JSON.stringify({ name: 'app', version: '1.0.0', private: true }));
+    // As a user installs it: the addon compiled by its install script (dependencies from npm's cache when it has them).
+    const install = spawnSync('npm', ['install', '--prefer-offline', '--no-audit', '--no-fund', tarball], { cwd: app, encoding: 'utf8', timeout: 600_000 });
+    t.equal(install.status, 0, install.stderr);
+    const pkg = join(app, 'node_modules', 'uffd-postcopy');
+    t.ok(existsSync(join(pkg, 'build', 'Release', 'uffd_postcopy.node')), 'the addon was built');
+    t.notOk(existsSync(join(app, 'node_modules', 'vega')) || existsSync(join(app, 'node_modules', 'vega-lite')), 'vega and vega-lite are not installed');
+    const cli = (...args: string[]) =>
+      spawnSync(join(app, 'node_modules', '.bin', 'postcopy'), args, {
+        cwd: app,
+        encoding: 'utf8',
+        timeout: 300_000,
+        env: { ...process.env, POSTCOPY_LOG_LEVEL: 'error' },
+      });
+    const version = cli('--version');
+    t.equal(version.status, 0, version.stderr);
+    const latency = cli('bench', 'latency', '--pages', '256', '--rounds', '1', '--transport', 'unix');
+    t.equal(latency.status, 0, latency.stderr);
+    t.match(
+      latency.stdout,
+      /\| latency \| unix \| fault p50 \| [\d.]+ µs \| [\d.]+ µs \(unix\)/,
+      'bench latency runs beside the floor, built from the shipped bench/floor.c',
+    );
+    t.notOk(existsSync(join(pkg, 'reports')), 'and writes nothing inside the package');
+    // bench qemu loads its guest's builder from the package (booting QEMU is the QEMU test's job).
+    const guest = spawnSync(
+      process.execPath,
+      [
+        '--input-type=module',
+        '-e',
+        `import(${JSON.stringify(join(pkg, 'dist', 'test', 'guest', 'build.js'))}).then((m) => console.log(Object.keys(m).length > 0))`,
+      ],
+      {
+        encoding: 'utf8',
+        timeout: 60_000,
+      },
+    );
+    t.equal(guest.stdout.trim(), 'true', guest.stderr);
+  },
+);
