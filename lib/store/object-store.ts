@@ -12,7 +12,6 @@ import { Agent as HttpsAgent } from 'node:https';
 import {
   CreateBucketCommand,
   DeleteObjectCommand,
-  GetObjectCommand,
   HeadObjectCommand,
   ListObjectsV2Command,
   PutObjectCommand,
@@ -20,10 +19,10 @@ import {
   type S3ClientConfig,
 } from '@aws-sdk/client-s3';
 import { NodeHttpHandler } from '@smithy/node-http-handler';
-import type { Readable } from 'node:stream';
 import { ErrorCode, PostcopyError } from '../errors.js';
 import { silentLogger, type Logger } from '../logger.js';
 import { formatStoreUrl, type StoreAddress } from './address.js';
+import { SignedGetter, type GetAnswer, type SigningCredentials } from './signed-get.js';
 
 // The SDK warns on every process that Node 20 loses its updates after January 2027: the lock file pins a release that runs here.
 process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
@@ -46,8 +45,6 @@ export interface ObjectStoreOptions extends StoreCredentials {
   /** Requests in flight at most (default 128). */
   maxSockets?: number;
 }
-
-const BODY_STALLED = 'ERR_STORE_BODY_STALLED';
 
 export interface StoredObject {
   key: string;
@@ -74,6 +71,8 @@ export class ObjectStore {
   readonly #log: Logger;
   readonly #timeoutMs: number;
   readonly #maxAttempts: number;
+  readonly #getter: SignedGetter;
+  #credentials: { value: SigningCredentials; expires: number } | null = null;
 
   constructor(address: StoreAddress, options: ObjectStoreOptions = {}) {
     this.address = address;
@@ -83,8 +82,12 @@ export class ObjectStore {
     const endpoint = options.endpoint ?? process.env.AWS_ENDPOINT_URL_S3 ?? process.env.AWS_ENDPOINT_URL;
     this.endpoint = endpoint ?? 'https://s3.amazonaws.com';
     const maxSockets = options.maxSockets ?? 128;
+    const httpAgent = new Agent({ keepAlive: true, maxSockets });
+    const httpsAgent = new HttpsAgent({ keepAlive: true, maxSockets });
+    const region = options.region ?? process.env.AWS_REGION ?? process.env.AWS_DEFAULT_REGION ?? 'us-east-1';
+    this.#getter = new SignedGetter(this.endpoint, region, this.endpoint.startsWith('https:') ? httpsAgent : httpAgent);
     const config: S3ClientConfig = {
-      region: options.region ?? process.env.AWS_REGION ?? process.env.AWS_DEFAULT_REGION ?? 'us-east-1',
+      region,
       ...(endpoint ? { endpoint } : {}),
       forcePathStyle: true,
       // Streaming checksums send bodies aws-chunked, which RGW and others refuse (MissingContentLength); every chunk carries its own hash anyway.
@@ -96,8 +99,8 @@ export class ObjectStore {
         requestTimeout: options.requestTimeoutMs ?? 10_000,
         // A request past its time fails (and is retried); by default the handler only warns and the request waits forever (a blackholed link).
         throwOnRequestTimeout: true,
-        httpAgent: new Agent({ keepAlive: true, maxSockets }),
-        httpsAgent: new HttpsAgent({ keepAlive: true, maxSockets }),
+        httpAgent,
+        httpsAgent,
       }),
       ...(options.accessKeyId && options.secretAccessKey
         ? { credentials: { accessKeyId: options.accessKeyId, secretAccessKey: options.secretAccessKey } }
@@ -112,49 +115,46 @@ export class ObjectStore {
   }
 
   /**
-   * The object's bytes; `range`: [first byte, last byte] inclusive. A body
-   * that stops coming (a link gone silent mid-transfer) fails after the
-   * request timeout like a request that gets no answer, and is tried again.
+   * The object's bytes; `range`: [first byte, last byte] inclusive. Signed by
+   * hand (signed-get.ts). A request with no answer, or a body that stops
+   * coming (a link gone silent mid-transfer), fails after the request timeout
+   * and is tried again, as are resets, 5xx and throttling.
    */
   async get(name: string, range?: [number, number]): Promise<Buffer> {
+    const credentials = await this.#signingCredentials(name);
     for (let attempt = 1; ; attempt++) {
       this.stats.gets++;
+      let answer: GetAnswer;
       try {
-        const out = await this.#client.send(
-          new GetObjectCommand({ Bucket: this.address.bucket, Key: this.key(name), ...(range ? { Range: `bytes=${range[0]}-${range[1]}` } : {}) }),
-        );
-        const bytes = await this.#body(out.Body as Readable);
-        this.stats.bytesFetched += bytes.length;
-        return bytes;
+        answer = await this.#getter.get(this.address.bucket, this.key(name), credentials, range, this.#timeoutMs);
       } catch (err) {
-        if ((err as { code?: string }).code === BODY_STALLED && attempt < this.#maxAttempts) continue;
-        throw this.#coded(err, name);
+        // No answer: a reset, a refused connection, a link gone silent. Tried again after the backoff.
+        const e = err as { code?: string; name?: string; message?: string };
+        answer = { ok: false, status: 0, code: e.code ?? e.name ?? 'Error', message: e.message ?? '' };
       }
+      if (answer.ok) {
+        this.stats.bytesFetched += answer.body.length;
+        return answer.body;
+      }
+      const again = answer.status === 0 || answer.status >= 500 || answer.status === 429 || answer.code === 'SlowDown' || answer.code === 'RequestTimeout';
+      if (!again || attempt >= this.#maxAttempts)
+        throw this.#coded({ name: answer.code, message: answer.message, $metadata: { httpStatusCode: answer.status || undefined, attempts: attempt } }, name);
+      // Full jitter over a backoff that doubles from 100 ms, up to 20 s (as the SDK's standard retries).
+      await new Promise((resolve) => setTimeout(resolve, Math.random() * Math.min(20_000, 100 * 2 ** (attempt - 1))));
     }
   }
 
-  /** A response body, read whole; fails (BODY_STALLED) when no byte comes for the request timeout. */
-  #body(body: Readable): Promise<Buffer> {
-    return new Promise((resolve, reject) => {
-      const parts: Buffer[] = [];
-      let timer = setTimeout(stalled, this.#timeoutMs);
-      function stalled() {
-        body.destroy(Object.assign(new Error('the body stopped coming'), { code: BODY_STALLED, name: 'TimeoutError' }));
-      }
-      body.on('data', (d: Buffer) => {
-        parts.push(d);
-        clearTimeout(timer);
-        timer = setTimeout(stalled, this.#timeoutMs);
-      });
-      body.once('end', () => {
-        clearTimeout(timer);
-        resolve(Buffer.concat(parts));
-      });
-      body.once('error', (err) => {
-        clearTimeout(timer);
-        reject(err);
-      });
-    });
+  /** The credentials GETs are signed with: the explicit ones, else the SDK's chain (env, profile, shared files, roles), again once they expire. */
+  async #signingCredentials(name: string): Promise<SigningCredentials> {
+    if (this.#credentials && Date.now() < this.#credentials.expires) return this.#credentials.value;
+    try {
+      const found = await this.#client.config.credentials();
+      const expires = found.expiration ? found.expiration.getTime() - 60_000 : Infinity;
+      this.#credentials = { value: { accessKeyId: found.accessKeyId, secretAccessKey: found.secretAccessKey, sessionToken: found.sessionToken }, expires };
+      return this.#credentials.value;
+    } catch (err) {
+      throw this.#coded(err, name);
+    }
   }
 
   async put(name: string, body: Uint8Array, contentType = 'application/octet-stream'): Promise<void> {
