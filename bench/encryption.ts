@@ -4,15 +4,13 @@
 // thread touching every page once in the floor's seeded random order, pure on
 // demand) and background throughput (the whole image streamed, no faults).
 // Reports each round, the medians, and sealed / plaintext.
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { Image } from '../lib/image.js';
 import { PageServer } from '../server/page-server.js';
 import { Destination } from '../client/destination.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
 import { floorImageFile } from './source.js';
 import { median, round } from './latency.js';
+import { removeScratchDir, scratchDir } from './cleanup.js';
 
 type Mode = 'plaintext' | 'sealed';
 const TOKEN = 'bench encryption';
@@ -58,7 +56,7 @@ async function once(image: Image, pages: number, mode: Mode, seed: number): Prom
 }
 
 export async function encryptionBench(pages: number, rounds: number, seed = 1): Promise<EncryptionResult> {
-  const dir = mkdtempSync(join(tmpdir(), 'postcopy-bench-'));
+  const dir = scratchDir('postcopy-bench-');
   const image = Image.open([{ path: floorImageFile(dir, pages) }]);
   const results: Round[] = [];
   try {
@@ -68,7 +66,7 @@ export async function encryptionBench(pages: number, rounds: number, seed = 1): 
     }
   } finally {
     image.close();
-    rmSync(dir, { recursive: true, force: true });
+    removeScratchDir(dir);
   }
   const of = (mode: Mode, k: keyof Omit<Round, 'mode'>) => median(results.filter((x) => x.mode === mode).map((x) => x[k]));
   const summary = Object.fromEntries(

@@ -2,8 +2,6 @@
 // floor's seeded random order, pure on-demand) and background throughput (the
 // whole image streamed, no faults), each beside the floor's figure for the same
 // workload in the same run.
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Destination } from '../client/destination.js';
 import { Image } from '../lib/image.js';
@@ -11,6 +9,7 @@ import { shuffledOrder, touchPages } from '../lib/workload.js';
 import { PAGE_SIZE } from '../lib/memory.js';
 import { runFloor, type FloorBulk, type FloorLatency } from './floor.js';
 import { floorImageFile, startSource, type RunningSource } from './source.js';
+import { removeScratchDir, scratchDir } from './cleanup.js';
 
 /** A source in its own process (as the floor's page server is), serving `pages` of the floor's image. */
 function floorSource(dir: string, pages: number, transport: 'unix' | 'tcp'): Promise<RunningSource> {
@@ -89,7 +88,7 @@ export interface LatencyResult {
 }
 
 async function oursLatencyOnce(pages: number, transport: Transport, seed: number) {
-  const dir = mkdtempSync(join(tmpdir(), 'postcopy-bench-'));
+  const dir = scratchDir('postcopy-bench-');
   const image = transport === 'image' ? Image.open([{ path: floorImageFile(dir, pages) }]) : null;
   const source = transport === 'image' ? null : await floorSource(dir, pages, transport);
   try {
@@ -115,7 +114,7 @@ async function oursLatencyOnce(pages: number, transport: Transport, seed: number
   } finally {
     await source?.close();
     image?.close();
-    rmSync(dir, { recursive: true, force: true });
+    removeScratchDir(dir);
   }
 }
 
@@ -156,7 +155,7 @@ export interface ThroughputResult {
 }
 
 async function oursThroughputOnce(pages: number, transport: 'unix' | 'tcp') {
-  const dir = mkdtempSync(join(tmpdir(), 'postcopy-bench-'));
+  const dir = scratchDir('postcopy-bench-');
   const source = await floorSource(dir, pages, transport);
   try {
     const dest = await Destination.connect({ source: source.address, token: source.token, window: { forward: 0, backward: 0 }, background: { enabled: true } });
@@ -170,7 +169,7 @@ async function oursThroughputOnce(pages: number, transport: 'unix' | 'tcp') {
     }
   } finally {
     await source.close();
-    rmSync(dir, { recursive: true, force: true });
+    removeScratchDir(dir);
   }
 }
 

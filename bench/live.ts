@@ -8,8 +8,6 @@
 // The source runs in this process; the destination is the CLI.
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { buildFixture } from '../lib/c-programs.js';
 import { LiveMigration, LiveWorkload, type LiveOptions, type LiveReport } from '../server/live.js';
@@ -17,6 +15,7 @@ import { PageServer } from '../server/page-server.js';
 import { round } from './latency.js';
 import { writePatternImage } from './localhost.js';
 import { runCliJson } from './source.js';
+import { removeScratchDir, scratchDir, stopAtExit } from './cleanup.js';
 
 export type LiveMode = NonNullable<LiveOptions['mode']>;
 
@@ -51,10 +50,12 @@ async function one(
 ): Promise<LiveResult> {
   const workloadSocket = join(dir, `workload-${seed}.sock`);
   const accepting = LiveWorkload.accept(workloadSocket);
-  const fixture = spawn(
-    buildFixture('vmm'),
-    ['--live-source', workloadSocket, '--image', imagePath, '--write-rate', String(Math.round(writeRate * pages)), '--threads', '1', '--seed', String(seed)],
-    { stdio: ['ignore', 'ignore', 'inherit'] },
+  const fixture = stopAtExit(
+    spawn(
+      buildFixture('vmm'),
+      ['--live-source', workloadSocket, '--image', imagePath, '--write-rate', String(Math.round(writeRate * pages)), '--threads', '1', '--seed', String(seed)],
+      { stdio: ['ignore', 'ignore', 'inherit'] },
+    ),
   );
   const fixtureDone = once(fixture, 'close');
   let server: PageServer | null = null;
@@ -108,7 +109,7 @@ async function one(
  * e.g. 125M for 1 Gb/s; default: the unix socket's own).
  */
 export async function liveBench(pages: number, writeRates: number[], progress: (line: string) => void, rate?: string): Promise<LiveResult[]> {
-  const dir = mkdtempSync(join(tmpdir(), 'uffd-postcopy-live-'));
+  const dir = scratchDir('uffd-postcopy-live-');
   const results: LiveResult[] = [];
   try {
     const imagePath = join(dir, 'image.bin');
@@ -121,7 +122,7 @@ export async function liveBench(pages: number, writeRates: number[], progress: (
       }
     }
   } finally {
-    rmSync(dir, { recursive: true, force: true });
+    removeScratchDir(dir);
   }
   return results;
 }

@@ -15,8 +15,7 @@
 //                      --prefetch of a working set recorded once beforehand:
 //                      demand faults and time until the workload finishes
 // Each round runs both sides back to back, alternating which goes first.
-import { closeSync, ftruncateSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { closeSync, ftruncateSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Destination, type DestinationOptions } from '../client/destination.js';
 import { Image } from '../lib/image.js';
@@ -29,6 +28,7 @@ import { Userfaultfd } from '../lib/uffd.js';
 import { PAGE_SIZE, mapAnonymous, mapFile, memfdCreate, type Mapping } from '../lib/memory.js';
 import { floorImageFile, startSource } from './source.js';
 import { counted } from '../lib/words.js';
+import { removeScratchDir, scratchDir } from './cleanup.js';
 
 export interface ImageFaultResult extends Omit<LatencyResult, 'case' | 'transport'> {
   case: 'image';
@@ -101,7 +101,7 @@ export async function localBench(pages: number, rounds: number, seed: number, pr
 }
 
 async function coldStartBench(pages: number, rounds: number, where: 'local' | 'unix'): Promise<ColdStartResult> {
-  const dir = mkdtempSync(join(tmpdir(), 'postcopy-bench-'));
+  const dir = scratchDir('postcopy-bench-');
   const path = floorImageFile(dir, pages);
   const image = where === 'local' ? Image.open([{ path }]) : null;
   const source = where === 'unix' ? await startSource(path, `unix:${join(dir, 'source.sock')}`) : null;
@@ -137,7 +137,7 @@ async function coldStartBench(pages: number, rounds: number, where: 'local' | 'u
   } finally {
     await source?.close();
     image?.close();
-    rmSync(dir, { recursive: true, force: true });
+    removeScratchDir(dir);
   }
 }
 
@@ -149,7 +149,7 @@ async function coldStartBench(pages: number, rounds: number, where: 'local' | 'u
  * UFFDIO_CONTINUE. Beside the floor's local case (UFFDIO_COPY per fault).
  */
 async function minorBench(pages: number, rounds: number, seed: number): Promise<MinorFaultResult> {
-  const dir = mkdtempSync(join(tmpdir(), 'postcopy-bench-'));
+  const dir = scratchDir('postcopy-bench-');
   const image = Image.open([{ path: floorImageFile(dir, pages) }]);
   const ours: ReturnType<typeof percentiles>[] = [];
   const floors: FloorLatency[] = [];
@@ -192,7 +192,7 @@ async function minorBench(pages: number, rounds: number, seed: number): Promise<
     await interleaved(rounds, oursOnce, floorOnce);
   } finally {
     image.close();
-    rmSync(dir, { recursive: true, force: true });
+    removeScratchDir(dir);
   }
   const p50 = ratioOf(ours.map((o, i) => o.p50_us / floors[i].p50_us));
   const p99 = ratioOf(ours.map((o, i) => o.p99_us / floors[i].p99_us));
@@ -223,7 +223,7 @@ async function hugetlbBench(pages: number, rounds: number, seed: number): Promis
   } catch {
     return null;
   }
-  const dir = mkdtempSync(join(tmpdir(), 'postcopy-bench-'));
+  const dir = scratchDir('postcopy-bench-');
   const image = Image.open([{ path: floorImageFile(dir, length / PAGE_SIZE) }]);
   const ours: ReturnType<typeof percentiles>[] = [];
   const floors: FloorLatency[] = [];
@@ -257,7 +257,7 @@ async function hugetlbBench(pages: number, rounds: number, seed: number): Promis
     await interleaved(rounds, oursOnce, floorOnce);
   } finally {
     image.close();
-    rmSync(dir, { recursive: true, force: true });
+    removeScratchDir(dir);
     writeFileSync(NR_HUGEPAGES, String(before));
   }
   const p50 = ratioOf(ours.map((o, i) => o.p50_us / floors[i].p50_us));

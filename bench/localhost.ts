@@ -32,6 +32,7 @@ import { Image } from '../lib/image.js';
 import { PageServer } from '../server/page-server.js';
 import { runCliJson, startSource } from './source.js';
 import { round } from './latency.js';
+import { removeScratchDir, scratchDir, stopAtExit } from './cleanup.js';
 
 export interface MoveResult {
   case: 'copy' | 'release-as-sent' | 'in-place';
@@ -193,20 +194,22 @@ async function clones(n: number, bytes: number, dir: string, template: boolean):
     // The destination side starts here: what the host holds beyond this is the template's and the clones'.
     const sourceSide = memoryInUse();
     const destination = sampleMemory();
-    handler = spawn(
-      cmd,
-      [
-        ...pre,
-        'handle',
-        '--socket',
-        handlerSocket,
-        '--source',
-        `unix:${(where as { path: string }).path}`,
-        ...(template ? ['--template', 'bench'] : ['--single-process']),
-        '--log-level',
-        'warn',
-      ],
-      { stdio: ['ignore', 'pipe', 'inherit'] },
+    handler = stopAtExit(
+      spawn(
+        cmd,
+        [
+          ...pre,
+          'handle',
+          '--socket',
+          handlerSocket,
+          '--source',
+          `unix:${(where as { path: string }).path}`,
+          ...(template ? ['--template', 'bench'] : ['--single-process']),
+          '--log-level',
+          'warn',
+        ],
+        { stdio: ['ignore', 'pipe', 'inherit'] },
+      ),
     );
     const lines = createInterface({ input: handler.stdout! })[Symbol.asyncIterator]();
     await lines.next(); // listening
@@ -214,9 +217,11 @@ async function clones(n: number, bytes: number, dir: string, template: boolean):
       Array.from({ length: n }, async (_, i) => {
         const started = performance.now();
         const mode = template ? ['--template'] : [];
-        const child = spawn(buildFixture('vmm'), ['--socket', handlerSocket, '--image', path, ...mode, '--threads', '1', '--seed', String(i + 1)], {
-          stdio: ['ignore', 'pipe', 'inherit'],
-        });
+        const child = stopAtExit(
+          spawn(buildFixture('vmm'), ['--socket', handlerSocket, '--image', path, ...mode, '--threads', '1', '--seed', String(i + 1)], {
+            stdio: ['ignore', 'pipe', 'inherit'],
+          }),
+        );
         let out = '';
         child.stdout.on('data', (d) => (out += d));
         const [code] = await once(child, 'close');
@@ -259,7 +264,7 @@ export async function localhostBench(
   cloneCounts: number[],
   progress: (line: string) => void,
 ): Promise<LocalhostResult[]> {
-  const dir = mkdtempSync('/dev/shm/uffd-postcopy-bench-');
+  const dir = scratchDir('uffd-postcopy-bench-', '/dev/shm');
   const results: LocalhostResult[] = [];
   try {
     for (const kind of ['copy', 'release-as-sent', 'in-place'] as const) {
@@ -273,7 +278,7 @@ export async function localhostBench(
       results.push({ case: 'clones', clones: n, imageBytes: cloneBytes, ...shared, withoutTemplate });
     }
   } finally {
-    rmSync(dir, { recursive: true, force: true });
+    removeScratchDir(dir);
   }
   return results;
 }

@@ -9,14 +9,14 @@
 //         "exec:cat FILE"`): the guest runs once every byte is in
 // Each: from migrate-incoming to the guest running, and to completion.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { Qmp } from '../lib/qmp.js';
 import { serveQemuSnapshot } from '../server/qemu-source.js';
 import { guestPasses as passes, testGuest } from '../test/guest/build.js';
 import { interleaved, median, round } from './latency.js';
 import { runCliJson } from './source.js';
+import { removeScratchDir, scratchDir, stopAtExit } from './cleanup.js';
 
 export interface QemuBenchResult {
   guestMemMib: number;
@@ -50,7 +50,7 @@ async function waitFor<T>(what: string, probe: () => T | undefined | Promise<T |
 }
 
 function qemu(args: string[]): ChildProcess {
-  return spawn(QEMU, args, { stdio: 'ignore' });
+  return stopAtExit(spawn(QEMU, args, { stdio: 'ignore' }));
 }
 
 /** Waits for the restored guest's next two passes (each checks every page) and says whether they were clean. */
@@ -64,7 +64,7 @@ async function guestClean(serial: string): Promise<boolean> {
 
 export async function qemuBench(guestMemMib: number, rounds: number, progress: (line: string) => void): Promise<QemuBenchResult> {
   const guest = testGuest();
-  const dir = mkdtempSync(join(tmpdir(), 'uffd-postcopy-bench-qemu-'));
+  const dir = scratchDir('uffd-postcopy-bench-qemu-');
   const machine = ['-machine', 'pc', '-accel', 'tcg', '-cpu', 'qemu64', '-m', String(guestMemMib * 2 + 128), '-nodefaults', '-display', 'none', '-no-reboot'];
   const boot = ['-kernel', guest.kernel, '-initrd', guest.initrd, '-append', `console=ttyS0 panic=-1 quiet guest_mem_mib=${guestMemMib}`];
   const children: ChildProcess[] = [];
@@ -196,7 +196,7 @@ export async function qemuBench(guestMemMib: number, rounds: number, progress: (
     };
   } finally {
     for (const c of children) c.kill('SIGKILL');
-    rmSync(dir, { recursive: true, force: true });
+    removeScratchDir(dir);
   }
 }
 

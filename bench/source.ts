@@ -10,6 +10,7 @@ import { once } from 'node:events';
 import { PAGE_SIZE } from '../lib/memory.js';
 import { selfCommand } from '../lib/package-root.js';
 import { readToken } from '../lib/token.js';
+import { stopAtExit } from './cleanup.js';
 
 /** Writes the floor's image (page i filled with byte (i*7+1)) unless it is there already. */
 export function floorImageFile(dir: string, pages: number): string {
@@ -54,13 +55,11 @@ export async function startSource(
     tokenFile = join(dirname(imagePath), `token-${randomBytes(6).toString('hex')}`);
     writeFileSync(tokenFile, randomBytes(24).toString('base64url'), { mode: 0o600 });
   }
-  const child: ChildProcess = spawn(
-    cmd,
-    [...args, 'serve', '--image', imagePath, '--listen', listen, ...(tokenFile ? ['--token-file', tokenFile] : []), ...(options.extra ?? [])],
-    {
+  const child: ChildProcess = stopAtExit(
+    spawn(cmd, [...args, 'serve', '--image', imagePath, '--listen', listen, ...(tokenFile ? ['--token-file', tokenFile] : []), ...(options.extra ?? [])], {
       stdio: ['ignore', 'pipe', 'inherit'],
       env: { ...process.env, POSTCOPY_LOG_LEVEL: process.env.POSTCOPY_LOG_LEVEL || 'warn' },
-    },
+    }),
   );
   const line = await new Promise<string>((resolve, reject) => {
     const rl = createInterface({ input: child.stdout! });
@@ -133,7 +132,7 @@ export function cpuSince(before: Map<number, ThreadSample>, after: Map<number, T
 export function runCliJson<T = Record<string, unknown>>(args: string[]): Promise<T> {
   const [cmd, ...pre] = selfCommand();
   return new Promise((resolve, reject) => {
-    const child = spawn(cmd, [...pre, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, POSTCOPY_LOG_LEVEL: 'warn' } });
+    const child = stopAtExit(spawn(cmd, [...pre, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, POSTCOPY_LOG_LEVEL: 'warn' } }));
     let out = '';
     let err = '';
     child.stdout!.on('data', (d) => (out += d));

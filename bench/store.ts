@@ -13,8 +13,7 @@
 //            chunks fetched from the store / distinct chunks, and time against one alone
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { Destination } from '../client/destination.js';
@@ -30,6 +29,7 @@ import { projectRoot } from '../lib/package-root.js';
 import { interleaved, median, round } from './latency.js';
 import { recordOnce } from './local.js';
 import { runFloor, type FloorLatency } from './floor.js';
+import { removeScratchDir, scratchDir, stopAtExit } from './cleanup.js';
 
 export const STORE_CASES = ['dedup', 'cold', 'full', 'warm', 'prefetch', 'fanout'] as const;
 export type StoreCase = (typeof STORE_CASES)[number];
@@ -76,7 +76,7 @@ export async function storeBench(options: StoreBenchOptions): Promise<StoreBench
   const bucket = `postcopy-bench-${randomBytes(4).toString('hex')}`;
   const objects = new ObjectStore({ bucket, prefix: '' });
   await objects.createBucket();
-  const dir = mkdtempSync(join(tmpdir(), 'postcopy-bench-store-'));
+  const dir = scratchDir('postcopy-bench-store-');
   const results: StoreBenchResult[] = [];
   const runs = (c: StoreCase) => !options.cases || options.cases.includes(c);
   try {
@@ -111,7 +111,7 @@ export async function storeBench(options: StoreBenchOptions): Promise<StoreBench
     for await (const o of objects.list('')) names.push(o.key);
     await objects.delete(names, 64).catch(() => {});
     objects.close();
-    rmSync(dir, { recursive: true, force: true });
+    removeScratchDir(dir);
   }
   return results;
 }
@@ -377,12 +377,10 @@ async function fanout(bucket: string, pages: number, dir: string): Promise<Store
     const cli = join(projectRoot(), 'dist', 'bin', 'postcopy.js');
     const run = async (name: string, cache: string) => {
       const started = process.hrtime.bigint();
-      const child = spawn(
-        process.execPath,
-        [cli, 'restore', '--image', `s3://${bucket}/fanout/${name}`, '--cache-dir', cache, '--json', '--log-level', 'warn'],
-        {
+      const child = stopAtExit(
+        spawn(process.execPath, [cli, 'restore', '--image', `s3://${bucket}/fanout/${name}`, '--cache-dir', cache, '--json', '--log-level', 'warn'], {
           stdio: ['ignore', 'pipe', 'inherit'],
-        },
+        }),
       );
       let out = '';
       child.stdout.on('data', (d) => (out += d));

@@ -1,7 +1,7 @@
 // The benchmark suite: links x access patterns x policies (x image sizes in the
 // full set), each beside the floor measured in the same run; writes JSON, a
 // Markdown table and SVG plots into a reports folder.
-import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { availableParallelism, release, tmpdir } from 'node:os';
 import { join, relative } from 'node:path';
 import { floorCommand, runFloor, type FloorBulk, type FloorLatency } from './floor.js';
@@ -12,6 +12,7 @@ import { execFileSync } from 'node:child_process';
 import type { Pattern } from './patterns.js';
 import { PLOTS_NEED, latencyCdf, plotting, residencyOverTime, scaling } from './plots.js';
 import { markdown, type ScalingRow, type SuiteReport } from './report.js';
+import { removeScratchDir, scratchDir } from './cleanup.js';
 
 export interface SuiteOptions {
   full: boolean;
@@ -54,7 +55,7 @@ export async function runSuite(options: SuiteOptions): Promise<{ dir: string; re
   const dir = options.outDir ?? join(process.cwd(), 'reports', stamp);
   mkdirSync(dir, { recursive: true });
   // Images live in memory (tmpfs) when it exists, so disks play no part.
-  const scratch = mkdtempSync(join(existsSync('/dev/shm') ? '/dev/shm' : tmpdir(), 'postcopy-bench-'));
+  const scratch = scratchDir('postcopy-bench-', existsSync('/dev/shm') ? '/dev/shm' : tmpdir());
   const say = options.progress;
   const report: SuiteReport = {
     when: new Date().toISOString(),
@@ -118,7 +119,7 @@ export async function runSuite(options: SuiteOptions): Promise<{ dir: string; re
     if (await plotting()) await plots(report, dir);
     else say(PLOTS_NEED);
   } finally {
-    rmSync(scratch, { recursive: true, force: true });
+    removeScratchDir(scratch);
   }
   writeFileSync(join(dir, 'results.json'), JSON.stringify(report, null, 1));
   writeFileSync(join(dir, 'report.md'), markdown(report));

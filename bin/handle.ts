@@ -32,12 +32,13 @@ import { handlerMetrics } from '../client/handler-metrics.js';
 import type { PostcopyError } from '../lib/errors.js';
 import { Image } from '../lib/image.js';
 import { readWorkingSet } from '../client/working-set.js';
+import { asService, serviceOptionSpec, serviceUsage } from './service.js';
 
 export const handleUsage = `postcopy handle --socket PATH (--source unix:PATH|tcp:HOST:PORT | --image FILE | --image s3://BUCKET/PREFIX/NAME)
                 [--token-file F] [--window F:B] [--no-background] [--rate SIZE]
                 [--record-working-set F | --prefetch F] [--in-place] [--template NAME]
                 [--give-up-after DURATION] [--silence-timeout DURATION] [--single-process]
-                [--metrics tcp:HOST:PORT] [--cache-dir DIR] [--cache-size SIZE]
+                [--metrics tcp:HOST:PORT] [--cache-dir DIR] [--cache-size SIZE] [--pidfile PATH]
 
   Listens on PATH (0600). A VMM connects and sends a JSON array of its memory
   regions ([{"base_host_virt_addr", "size", "offset", "page_size"}], as
@@ -88,6 +89,7 @@ export const handleUsage = `postcopy handle --socket PATH (--source unix:PATH|tc
   metrics at http://HOST:PORT/metrics (port 0: a free one, kept across worker
   restarts; the URL is printed as {"metrics": URL}).
 ${recoveryUsage}
+${serviceUsage}
 ${loggingUsage}`;
 
 const optionSpec = {
@@ -107,6 +109,7 @@ const optionSpec = {
   metrics: { type: 'string' },
   ...recoveryOptionSpec,
   ...storeOptionSpec,
+  ...serviceOptionSpec,
 } as const;
 
 export async function handle(argv: string[], log: Logger): Promise<void> {
@@ -127,6 +130,8 @@ export async function handle(argv: string[], log: Logger): Promise<void> {
   const missing = [...(values.worker || values.socket ? [] : ['--socket']), ...(values.image || values.source?.length ? [] : ['--source (or --image)'])];
   if (missing.length) throw new UsageError(`${missing.join(' and ')} ${missing.length > 1 ? 'are' : 'is'} required (${usage})`);
   if (values.socket) checkSocketDirectory(values.socket, '--socket ');
+  // The supervisor (or the single process) is the service; its worker is not, and is started without --pidfile.
+  const service = asService(values.worker ? undefined : values.pidfile, log);
   for (const s of values.source ?? []) parseAddressOption(s, '--source');
   const window = parseWindow(values.window);
   const record = values['record-working-set'];
@@ -231,7 +236,7 @@ export async function handle(argv: string[], log: Logger): Promise<void> {
   } else {
     // The worker serves the metrics; a fixed port (chosen here for port 0) survives its restarts.
     const fixed = metrics ? await withConcretePort(metrics) : undefined;
-    const workerArgv = [...withoutOption(argv, '--metrics'), ...(fixed ? ['--metrics', fixed.address] : [])];
+    const workerArgv = [...withoutOption(withoutOption(argv, '--metrics'), '--pidfile'), ...(fixed ? ['--metrics', fixed.address] : [])];
     metricsUrl = fixed?.url;
     const supervisor = new HandlerSupervisor({ workerCommand: [...selfCommand(), 'handle', '--worker', ...workerArgv], logger: log });
     supervisor.on('line', print);
@@ -240,10 +245,12 @@ export async function handle(argv: string[], log: Logger): Promise<void> {
   }
   print(JSON.stringify({ listening: { kind: 'unix', path: socket } }));
   if (metricsUrl) print(JSON.stringify({ metrics: metricsUrl }));
-  await new Promise<void>((resolve) => {
+  service.ready(`handling VMMs on ${socket}, their pages from ${storeImage ?? values.image?.join(' ') ?? values.source!.join(', ')}`);
+  const stop = await new Promise<string>((resolve) => {
     process.once('SIGINT', resolve);
     process.once('SIGTERM', resolve);
   });
+  service.stopping(`${stop}: shutting down`);
   log.info('shutting down');
   await close();
   image?.close();

@@ -26,13 +26,15 @@ import { parseImageUrl } from '../lib/store/address.js';
 import { ChunkCache } from '../lib/store/chunk-cache.js';
 import { SnapshotStore } from '../lib/store/snapshot-store.js';
 import type { TenantKey } from '../lib/store/tenant.js';
+import { formatAddress } from '../lib/address.js';
+import { asService, serviceOptionSpec, serviceUsage } from './service.js';
 
 export const serveUsage = `postcopy serve --image FILE [--image FILE ...] --listen unix:PATH|tcp:HOST:PORT [--token-file F]
-               [--resume-grace DURATION] [--metrics tcp:HOST:PORT] [--release-as-sent]
+               [--resume-grace DURATION] [--metrics tcp:HOST:PORT] [--release-as-sent] [--pidfile PATH]
 postcopy serve --image s3://BUCKET/PREFIX/NAME --listen ... [--cache-dir DIR] [--cache-size SIZE]
 postcopy serve --live --socket PATH --listen unix:PATH|tcp:HOST:PORT [--migration MODE]
                [--downtime-limit DURATION] [--max-precopy-rounds N] [--postcopy-after DURATION]
-               [--resume-workload MIGRATION]
+               [--resume-workload MIGRATION] [--pidfile PATH]
 
   Serves the image (each --image is one region, in order) to any number of
   destinations until SIGINT or SIGTERM. Files are mapped read-only; holes go
@@ -88,6 +90,7 @@ postcopy serve --live --socket PATH --listen unix:PATH|tcp:HOST:PORT [--migratio
   MIGRATION then lets the workload run here again (and may move it anew); a
   workload paused for another migration is refused (ERR_MIGRATION_MISMATCH)
   and stays paused.
+${serviceUsage}
 ${loggingUsage}`;
 
 /** Options of one way of serving that the other does not take. */
@@ -112,6 +115,7 @@ export async function serve(argv: string[], log: Logger): Promise<void> {
     metrics: { type: 'string' },
     'release-as-sent': { type: 'boolean' },
     ...storeOptionSpec,
+    ...serviceOptionSpec,
   });
   requireOptions(values, ['image', 'listen'], 'postcopy serve --image FILE --listen unix:PATH|tcp:HOST:PORT');
   const storeImage = storeImageOf(values.image);
@@ -120,6 +124,7 @@ export async function serve(argv: string[], log: Logger): Promise<void> {
     throw new UsageError('--release-as-sent frees a shared-memory image as it moves; an image in a store stays in the store');
   const listen = values.listen as string;
   parseListenOption(listen, '--listen');
+  const service = asService(values.pidfile, log);
   const metrics = values.metrics === undefined ? undefined : parseMetricsOption(values.metrics);
   const resumeGraceMs = values['resume-grace'] === undefined ? undefined : parseDuration(values['resume-grace'], '--resume-grace');
   const releaseAsSent = values['release-as-sent'] === true;
@@ -143,12 +148,14 @@ export async function serve(argv: string[], log: Logger): Promise<void> {
   // Tell a parent that spawned us where we listen (port 0 resolves here), and which token file it needs.
   process.stdout.write(JSON.stringify({ listening: server.address, ...(tokenFile ? { tokenFile } : {}) }) + '\n');
   if (served) process.stdout.write(JSON.stringify({ metrics: served.url }) + '\n');
+  service.ready(`serving ${(values.image as string[]).join(' ')} on ${formatAddress(server.address!)}`);
   // Release as sent: once the one destination holds every page, the image has moved and this exits (0).
-  await new Promise<void>((resolve) => {
+  const stop = await new Promise<string>((resolve) => {
     process.once('SIGINT', resolve);
     process.once('SIGTERM', resolve);
-    if (releaseAsSent) void server.whenConsumed().then(resolve);
+    if (releaseAsSent) void server.whenConsumed().then(() => resolve('consumed'));
   });
+  service.stopping(stop === 'consumed' ? 'the image has moved: the destination holds every page' : `${stop}: shutting down`);
   log.info('shutting down');
   await served?.close();
   await server.close();
@@ -192,12 +199,14 @@ async function serveLive(argv: string[], log: Logger): Promise<void> {
     'max-precopy-rounds': { type: 'string' },
     'postcopy-after': { type: 'string' },
     'resume-workload': { type: 'string' },
+    ...serviceOptionSpec,
   });
   requireOptions(values, ['socket', 'listen'], 'postcopy serve --live --socket PATH --listen unix:PATH|tcp:HOST:PORT');
   const resumeFor = values['resume-workload'] as string | undefined;
   checkSocketDirectory(values.socket as string, '--socket ');
   const listen = values.listen as string;
   parseListenOption(listen, '--listen');
+  const service = asService(values.pidfile, log);
   const mode = parseChoice(values.migration, '--migration', ['precopy+postcopy', 'postcopy', 'precopy'] as const, 'precopy+postcopy');
   const options: LiveOptions = {
     mode,
@@ -239,7 +248,11 @@ async function serveLive(argv: string[], log: Logger): Promise<void> {
         ...(resumeFor ? { resumed: resumeFor } : {}),
       }) + '\n',
     );
-    live.on('report', (report) => process.stdout.write(JSON.stringify({ live: report }) + '\n'));
+    service.ready(`moving the workload (pid ${workload.pid}) to the first destination on ${formatAddress(server.address!)}`);
+    live.on('report', (report) => {
+      process.stdout.write(JSON.stringify({ live: report }) + '\n');
+      service.status(`switched over: the workload runs at the destination, postcopy brings the rest`);
+    });
     const outcome = await new Promise<Error | null>((resolve) => {
       live.once('finished', () => resolve(null));
       live.once('aborted', (err: Error) => resolve(err));
@@ -247,6 +260,7 @@ async function serveLive(argv: string[], log: Logger): Promise<void> {
       process.once('SIGINT', () => resolve(null));
       process.once('SIGTERM', () => resolve(null));
     });
+    service.stopping(outcome ? `failed: ${outcome.message}` : live.state === 'migrated' ? 'the workload has moved' : 'shutting down');
     if (outcome) throw outcome;
     // The destination says bye after the digest: give it a moment, then close.
     await new Promise((r) => setTimeout(r, 200));

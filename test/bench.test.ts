@@ -1,8 +1,9 @@
 // The benchmark's machinery works (functional checks only: no performance is
 // asserted here; figures come from `postcopy bench`).
 import t from 'tap';
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, readFileSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
+import { constants as osConstants } from 'node:os';
 import { splitForThreads, touchSequence } from '../bench/patterns.js';
 import { runSuite } from '../bench/suite.js';
 import { rankPolicies } from '../bench/report.js';
@@ -11,7 +12,7 @@ import { localhostBench, localhostTable } from '../bench/localhost.js';
 import { liveBench, liveTable } from '../bench/live.js';
 import { qemuBench } from '../bench/qemu.js';
 import { localBench, localTable } from '../bench/local.js';
-import { tempDir } from './helpers.js';
+import { spawnCli, tempDir, until } from './helpers.js';
 
 t.test('access patterns touch what they claim', async (t) => {
   const pages = 1000;
@@ -169,4 +170,51 @@ t.test('bench qemu runs end to end: our lazy restore beside QEMU own, the guest 
   });
   t.equal(result.guestChecksClean, true, 'every restored guest checked its memory and saw no error');
   t.ok(result.ours.runningMs <= result.ours.completeMs, 'ours: the guest runs before its memory has all arrived');
+});
+
+/** The command lines of the processes running now that mention `text`. */
+function processesNaming(text: string): string[] {
+  return readdirSync('/proc')
+    .filter((pid) => /^\d+$/.test(pid))
+    .map((pid) => {
+      try {
+        return readFileSync(`/proc/${pid}/cmdline`, 'utf8').replaceAll('\0', ' ');
+      } catch {
+        return ''; // gone meanwhile
+      }
+    })
+    .filter((cmdline) => cmdline.includes(text));
+}
+
+t.test('a bench stopped by SIGTERM or SIGINT leaves neither its scratch directory in /dev/shm nor a process it started', async (t) => {
+  const cases = [
+    {
+      name: 'the suite',
+      args: ['bench', '--link', 'unix', '--pages', '1024', '--out', tempDir(t)],
+      prefix: 'postcopy-bench-',
+      signal: 'SIGTERM' as const,
+      child: false,
+    },
+    {
+      name: 'bench localhost',
+      args: ['bench', 'localhost', '--pages', '4096', '--clones', '1'],
+      prefix: 'uffd-postcopy-bench-',
+      signal: 'SIGINT' as const,
+      child: true,
+    },
+  ];
+  for (const { name, args, prefix, signal, child } of cases) {
+    const before = new Set(readdirSync('/dev/shm'));
+    const bench = spawnCli(t, args);
+    // Other benches may run on this host meanwhile: the directories that count are this one's (named with its pid).
+    const created = () => readdirSync('/dev/shm').filter((name) => !before.has(name) && name.startsWith(`${prefix}${bench.child.pid}-`));
+    const [dir] = await until(`${name}: its scratch directory in /dev/shm`, () => created().length > 0 && created());
+    // The localhost bench is stopped while it moves an image: its source (a serve of an image in that directory) runs.
+    if (child) await until(`${name}: the source it started`, () => processesNaming(join('/dev/shm', dir)).length > 0);
+    bench.child.kill(signal);
+    const end = await bench.exited;
+    t.equal(end.code, 128 + osConstants.signals[signal], `${name}: ended by ${signal} (exit 128 + its number)`);
+    t.same(created(), [], `${name}: no new /dev/shm/${prefix}* is left`);
+    if (child) await until(`${name}: no process it started still runs`, () => processesNaming(join('/dev/shm', dir)).length === 0, 10_000);
+  }
 });

@@ -43,7 +43,10 @@ export class SignedGetter {
 
   /** The headers that sign GET `path` (already encoded) at `now`. */
   sign(path: string, credentials: SigningCredentials, now = new Date()): Record<string, string> {
-    const amzDate = now.toISOString().replace(/[-:]/g, '').replace(/\.\d{3}/, '');
+    const amzDate = now
+      .toISOString()
+      .replace(/[-:]/g, '')
+      .replace(/\.\d{3}/, '');
     const day = amzDate.slice(0, 8);
     const headers: Record<string, string> = {
       host: this.#endpoint.host,
