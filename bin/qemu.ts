@@ -16,7 +16,11 @@ import { readManifest, serveQemuSnapshot, type QemuServeReport } from '../server
 import { parseAddressOption, parseCommandLine, parseStoreOptions, parseWindow, requireOptions, loggingUsage, storeOptionSpec, UsageError } from './options.js';
 import { isStoreUrl, parseImageUrl, type ImageAddress } from '../lib/store/address.js';
 import type { PushReport } from '../lib/store/snapshot-store.js';
-import { fetchQemuSnapshot, pushQemuSnapshot } from '../server/qemu-store.js';
+import { fetchQemuSnapshotFiles, pushQemuSnapshot } from '../server/qemu-store.js';
+import { Destination } from '../client/destination.js';
+import { ChunkCache } from '../lib/store/chunk-cache.js';
+import { SnapshotStore } from '../lib/store/snapshot-store.js';
+import type { ServedRegionSpec } from '../lib/native.js';
 
 export const qemuUsage = `postcopy qemu import FILE --out DIR|s3://BUCKET/PREFIX/NAME [--tenant-key-file F]
 postcopy qemu save --qmp PATH --out DIR|s3://BUCKET/PREFIX/NAME [--leave-running] [--live] [--tenant-key-file F]
@@ -58,8 +62,10 @@ postcopy qemu restore --snapshot DIR|s3://BUCKET/PREFIX/NAME [--window F:B] [--n
   (docs/STORE.md) instead: its RAM blocks as the image's regions, the rest as
   files kept with it, sealed with --tenant-key-file's key when given; the
   JSON line then says what was pushed. restore
-  --snapshot s3://... fetches it first (through the host's chunk cache, every
-  chunk checked), then restores it as any.
+  --snapshot s3://... fetches only the device state first; QEMU runs on it,
+  and its RAM comes from the store as QEMU reads it (through the host's
+  chunk cache, every chunk checked), the rest in the background; the report
+  says how much was fetched by the time the guest ran.
 
   restore is the one command for all of that: it starts QEMU-COMMAND (the
   machine the snapshot was taken of) with -incoming defer and a QMP socket of
@@ -99,15 +105,45 @@ async function restoreSnapshot(argv: string[], log: Logger): Promise<void> {
   const inStore = isStoreUrl(values.snapshot as string);
   const { cache, tenant } = parseStoreOptions(values, inStore);
   if (!inStore) return restoreFrom(argv, values, values.snapshot as string, log, () => {});
-  // A snapshot in a store is fetched here first (through the host's chunk cache, every chunk checked), then served as any.
+  // A snapshot in a store: its device state is fetched first (QEMU needs it whole to start); its RAM is restored
+  // into this process's memory by a store session as QEMU reads it: a page QEMU asks for that is not here yet
+  // faults in that session's engine, which fetches its chunk (through the host's cache, checked), while the
+  // session's background fetches the rest. Once QEMU has every page, the memory is checked against the image's digest.
   const at = storeImageAddress(values.snapshot as string, '--snapshot');
-  const fetched = mkdtempSync(join(tmpdir(), 'uffd-postcopy-qemu-snapshot-'));
-  const removeFetched = () => rmSync(fetched, { recursive: true, force: true });
+  const files = mkdtempSync(join(tmpdir(), 'uffd-postcopy-qemu-snapshot-'));
+  const removeFiles = () => rmSync(files, { recursive: true, force: true });
+  const store = new SnapshotStore(at, { logger: log, ...(tenant ? { tenant } : {}) });
+  const chunkCache = new ChunkCache({ ...cache, logger: log });
   try {
-    await fetchQemuSnapshot(at, fetched, cache, log, tenant);
-    await restoreFrom(argv, values, fetched, log, removeFetched);
+    await fetchQemuSnapshotFiles(store, at.name, files, chunkCache, log);
+    const ram = await Destination.connect({ storeImage: { store, name: at.name }, cache: chunkCache, logger: log });
+    try {
+      const blocks = ram.regions.map((r) => ({
+        source: r.mapping.handle,
+        sourceIsMapping: true,
+        offset: 0,
+        length: r.mapping.length,
+        pageSize: r.info.pageSize,
+      }));
+      // What came from the store for the RAM: in all, and by the time the guest ran (a lazy restore: little).
+      const before = store.objects.stats.bytesFetched;
+      const fromStore = { ramBytes: blocks.reduce((n, b) => n + b.length, 0), fetchedBytesWhenRunning: 0, fetchedBytes: 0 };
+      const running = () => (fromStore.fetchedBytesWhenRunning = store.objects.stats.bytesFetched - before);
+      // Once QEMU has every page, this copy is checked and let go at once (never kept while QEMU runs on, --wait or not).
+      const served = async () => {
+        await ram.finish();
+        fromStore.fetchedBytes = store.objects.stats.bytesFetched - before;
+        log.info(fromStore, "the guest's RAM as served equals the image in the store");
+        ram.close();
+        return { fromStore };
+      };
+      await restoreFrom(argv, values, files, log, removeFiles, { blocks, running, served });
+    } finally {
+      ram.close();
+    }
   } finally {
-    removeFetched();
+    store.close();
+    removeFiles();
   }
 }
 
@@ -117,6 +153,7 @@ async function restoreFrom(
   snapshot: string,
   log: Logger,
   cleanUp: () => void,
+  fromMemory?: { blocks: ServedRegionSpec[]; running: () => void; served: () => Promise<Record<string, unknown>> },
 ): Promise<void> {
   const split = argv.indexOf('--');
   const window = parseWindow(values.window);
@@ -182,8 +219,10 @@ async function restoreFrom(
       logger: log,
       ...(window ? { window } : {}),
       background: !values['no-background'],
+      ...(fromMemory ? { blocks: fromMemory.blocks, onRunning: fromMemory.running } : {}),
     });
-    printServeReport({ ...report, qmp: qmpPath, pid: child.pid, log: logPath, ...(wait ? {} : { dir }) }, values.json === true, log);
+    const more = await fromMemory?.served();
+    printServeReport({ ...report, ...more, qmp: qmpPath, pid: child.pid, log: logPath, ...(wait ? {} : { dir }) }, values.json === true, log);
     if (wait) {
       const code = await exited;
       log.info({ code }, 'QEMU exited');
@@ -235,7 +274,17 @@ async function serveSnapshot(argv: string[], log: Logger): Promise<void> {
   printServeReport(report, values.json === true, log);
 }
 
-function printServeReport(report: QemuServeReport & { qmp?: string; pid?: number; log?: string; dir?: string }, json: boolean, log: Logger): void {
+function printServeReport(
+  report: QemuServeReport & {
+    qmp?: string;
+    pid?: number;
+    log?: string;
+    dir?: string;
+    fromStore?: { ramBytes: number; fetchedBytesWhenRunning: number; fetchedBytes: number };
+  },
+  json: boolean,
+  log: Logger,
+): void {
   log.info(report, 'the destination QEMU has every page');
   if (json) {
     process.stdout.write(JSON.stringify(report) + '\n');
@@ -248,6 +297,11 @@ function printServeReport(report: QemuServeReport & { qmp?: string; pid?: number
       `pages        on demand ${report.pagesOnDemand}   window ${report.pagesWindow}   background ${report.pagesBackground}   zero ${report.zeroPages}`,
       `sent         ${mib(report.bytesSent)} MiB`,
       `guest runs   after ${report.guestRunningMs} ms;  every page there after ${report.fullResidencyMs} ms`,
+      ...(report.fromStore
+        ? [
+            `store        ${mib(report.fromStore.fetchedBytesWhenRunning)} MiB of ${mib(report.fromStore.ramBytes)} MiB of RAM fetched when the guest ran; ${mib(report.fromStore.fetchedBytes)} MiB in all`,
+          ]
+        : []),
       ...(report.qmp ? [`QEMU         pid ${report.pid}, its monitor at ${report.qmp}, its output in ${report.log}`] : []),
       ...(report.dir ? [`             remove ${report.dir} once QEMU has exited (it runs on without this command)`] : []),
       '',

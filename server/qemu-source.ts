@@ -14,7 +14,7 @@ import { join } from 'node:path';
 import { parseAddress } from '../lib/address.js';
 import { ErrorCode, PostcopyError, errorOfEvent } from '../lib/errors.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
-import { native, type NativeEvent } from '../lib/native.js';
+import { native, type NativeEvent, type ServedRegionSpec } from '../lib/native.js';
 import { takeSocket } from '../lib/protocol.js';
 import { Image } from '../lib/image.js';
 import { Command, Section, Stream } from '../lib/qemu-stream.js';
@@ -26,6 +26,16 @@ export interface QemuServeOptions {
   /** Stream the pages nobody asked for (default true). */
   background?: boolean;
   logger?: Logger;
+  /**
+   * The RAM blocks' pages from memory the caller holds, one per block in the
+   * manifest's order, instead of the directory's block files: memory a
+   * restore from a store fills as it is read (a page not there yet faults in
+   * that restore's engine, which fetches its chunk), so QEMU runs before the
+   * snapshot's RAM is here.
+   */
+  blocks?: ServedRegionSpec[];
+  /** Called when the destination QEMU has its device state and runs. */
+  onRunning?: () => void;
 }
 
 export interface QemuServeReport {
@@ -104,10 +114,13 @@ export async function serveQemuSnapshot(dir: string, address: string, options: Q
   const ramSetup = readFileSync(join(dir, manifest.files.ramSetup));
   const section = ramSetup.readUInt32BE(1);
   const stream = preamble(dir, manifest);
-  const image = Image.open(manifest.blocks.map((b) => ({ path: join(dir, b.file), name: b.name })));
+  const image = options.blocks ? null : Image.open(manifest.blocks.map((b) => ({ path: join(dir, b.file), name: b.name })));
   try {
-    image.regions.forEach((r, i) => {
-      if (r.length !== manifest.blocks[i].length)
+    const specs = options.blocks ?? image!.regions.map((r) => r.spec);
+    if (specs.length !== manifest.blocks.length)
+      throw new PostcopyError(ErrorCode.IMAGE_INVALID, `${specs.length} RAM blocks given for a snapshot of ${manifest.blocks.length}`);
+    specs.forEach((spec, i) => {
+      if (spec.length !== manifest.blocks[i].length)
         throw new PostcopyError(ErrorCode.IMAGE_INVALID, `${manifest.blocks[i].file} is not ${manifest.blocks[i].length} bytes`);
     });
     const a = parseAddress(address);
@@ -128,6 +141,7 @@ export async function serveQemuSnapshot(dir: string, address: string, options: Q
     let settle!: { resolve: () => void; reject: (e: Error) => void };
     const finished = new Promise<void>((resolve, reject) => (settle = { resolve, reject }));
     const onEvent = (e: NativeEvent) => {
+      if (e.type === 'running') options.onRunning?.();
       if (e.type === 'running')
         log.info({ guestRunningMs: Math.round(e.afterNs / 1e4) / 100 }, 'the destination QEMU has its device state and runs; its memory follows on demand');
       else if (e.type === 'done')
@@ -140,7 +154,7 @@ export async function serveQemuSnapshot(dir: string, address: string, options: Q
       fd,
       preamble: stream,
       section,
-      blocks: image.regions.map((r) => ({ name: r.name, spec: r.spec })),
+      blocks: specs.map((spec, i) => ({ name: manifest.blocks[i].name, spec })),
       windowForward: window.forward,
       windowBackward: window.backward,
       background: options.background !== false,
@@ -166,6 +180,6 @@ export async function serveQemuSnapshot(dir: string, address: string, options: Q
       fullResidencyMs: Math.round(s.residentNs / 1e4) / 100,
     };
   } finally {
-    image.close();
+    image?.close();
   }
 }

@@ -1,14 +1,15 @@
 // QEMU snapshots (docs/QEMU-SNAPSHOT.md) in a snapshot store (docs/STORE.md):
 // the RAM blocks are the image's regions, in the snapshot's order; the
 // stream's parts kept verbatim and the snapshot's own manifest.json are the
-// image's files. Fetched back, they make the same snapshot directory.
-import { closeSync, ftruncateSync, mkdirSync, openSync, readFileSync, writeSync } from 'node:fs';
+// image's files. A restore fetches the files only; the RAM comes as QEMU reads
+// it (bin/qemu.ts, docs/STORE.md).
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Image } from '../lib/image.js';
 import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import type { Logger } from '../lib/logger.js';
 import { formatStoreUrl, type ImageAddress } from '../lib/store/address.js';
-import { ChunkCache, type ChunkCacheOptions } from '../lib/store/chunk-cache.js';
+import type { ChunkCache } from '../lib/store/chunk-cache.js';
 import { SnapshotStore, type PushReport } from '../lib/store/snapshot-store.js';
 import type { TenantKey } from '../lib/store/tenant.js';
 import { readManifest } from './qemu-source.js';
@@ -27,43 +28,22 @@ export async function pushQemuSnapshot(dir: string, at: ImageAddress, log: Logge
   }
 }
 
-/** Fetches image `at.name` (a QEMU snapshot) into `dir` (made), every chunk checked; block images sparse. */
-export async function fetchQemuSnapshot(at: ImageAddress, dir: string, cache: ChunkCacheOptions, log: Logger, tenant?: TenantKey): Promise<void> {
-  const store = new SnapshotStore(at, { logger: log, ...(tenant ? { tenant } : {}) });
-  try {
-    const { manifest, regions, files } = await store.download(at.name, { cache: new ChunkCache({ ...cache, logger: log }) });
-    if (!files.some((f) => f.name === 'manifest.json'))
-      throw new PostcopyError(ErrorCode.IMAGE_INVALID, `${formatStoreUrl(at, at.name)} is not a QEMU snapshot (no manifest.json with it)`);
-    mkdirSync(dir, { recursive: true, mode: 0o700 });
-    for (const f of files) {
-      const fd = openSync(join(dir, f.name), 'w', 0o600);
-      try {
-        writeSync(fd, f.bytes);
-      } finally {
-        closeSync(fd);
-      }
-    }
-    const qemu = readManifest(dir);
-    if (qemu.blocks.length !== regions.length)
-      throw new PostcopyError(ErrorCode.STORE_CORRUPT, `${formatStoreUrl(at, at.name)}: its blocks do not match its regions`);
-    qemu.blocks.forEach((b, i) => {
-      const region = manifest.regions[i];
-      const fd = openSync(join(dir, b.file), 'w', 0o600);
-      try {
-        ftruncateSync(fd, b.length);
-        // Zero chunks stay holes, as in a snapshot made here.
-        region.chunks.forEach((hash, k) => {
-          if (!hash) return;
-          const at_ = k * region.chunkBytes;
-          const end = Math.min(b.length, at_ + region.chunkBytes);
-          if (at_ < end) writeSync(fd, regions[i], at_, end - at_, at_);
-        });
-      } finally {
-        closeSync(fd);
-      }
-    });
-    log.info({ image: formatStoreUrl(at, at.name), dir, blocks: qemu.blocks.length, fetched: store.objects.stats }, 'fetched the QEMU snapshot from the store');
-  } finally {
-    store.close();
-  }
+/**
+ * Writes into `dir` (made) the files of image `name` (a QEMU snapshot): its
+ * manifest.json and the stream's parts, every one checked; not its RAM, which
+ * a restore from the store fetches as it is read (bin/qemu.ts). Refuses an
+ * image that is not a QEMU snapshot, or whose blocks do not match its regions.
+ */
+export async function fetchQemuSnapshotFiles(store: SnapshotStore, name: string, dir: string, cache: ChunkCache, log: Logger): Promise<void> {
+  const manifest = await store.manifest(name);
+  const files = await store.files(manifest, cache);
+  const where = formatStoreUrl(store.address, name);
+  if (!files.some((f) => f.name === 'manifest.json'))
+    throw new PostcopyError(ErrorCode.IMAGE_INVALID, `${where} is not a QEMU snapshot (no manifest.json with it)`);
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  for (const f of files) writeFileSync(join(dir, f.name), f.bytes, { mode: 0o600 });
+  const qemu = readManifest(dir);
+  if (qemu.blocks.length !== manifest.regions.length || qemu.blocks.some((b, i) => b.length !== manifest.regions[i].length))
+    throw new PostcopyError(ErrorCode.STORE_CORRUPT, `${where}: its blocks do not match its regions`);
+  log.info({ image: where, dir, blocks: qemu.blocks.length }, "the QEMU snapshot's device state is here; its RAM comes from the store as QEMU reads it");
 }

@@ -333,7 +333,13 @@ async function restoreGuest(t: Test, snapshot: string, command: string[], serial
     `file:${serial}`,
   ]);
   t.equal(restored.code, 0, `${what}: ${restored.stderr}`);
-  const report = JSON.parse(restored.stdout.trim().split('\n').pop()!) as { qmp: string; pid: number; guestRunningMs: number; fullResidencyMs: number };
+  const report = JSON.parse(restored.stdout.trim().split('\n').pop()!) as {
+    qmp: string;
+    pid: number;
+    guestRunningMs: number;
+    fullResidencyMs: number;
+    fromStore?: { ramBytes: number; fetchedBytesWhenRunning: number; fetchedBytes: number };
+  };
   t.teardown(() => {
     try {
       process.kill(report.pid, 'SIGKILL');
@@ -418,6 +424,14 @@ t.test('a guest writing its memory without pause, saved, then restored lazily in
       report.guestRunningMs < report.fullResidencyMs,
       `${what}: the guest ran (${report.guestRunningMs} ms) before its memory had all arrived (${report.fullResidencyMs} ms)`,
     );
+    if (snapshot === stored) {
+      // From the store too, lazily: QEMU ran on its device state alone, before its RAM was fetched; the rest came after, all of it checked.
+      const fromStore = report.fromStore!;
+      t.ok(
+        fromStore.fetchedBytesWhenRunning < fromStore.fetchedBytes / 2,
+        `${what}: ${fromStore.fetchedBytesWhenRunning} of the ${fromStore.fetchedBytes} bytes its RAM took from the store were fetched when the guest ran`,
+      );
+    }
     const dest = await Qmp.connect(report.qmp);
     t.match(await dest.execute('query-migrate'), { status: 'completed' }, `${what}: the destination QEMU says the migration completed`);
     // The restored guest goes on where it was: its next passes check every page and it writes on.

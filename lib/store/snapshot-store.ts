@@ -168,14 +168,18 @@ export class SnapshotStore {
       }
     };
     await Promise.all(Array.from({ length: Math.min(options.parallel ?? 16, Math.max(1, todo.length)) }, worker));
-    const files = await Promise.all(
+    return { manifest, regions, files: await this.files(manifest, options.cache) };
+  }
+
+  /** The small files kept with an image (manifest.files), each checked against its chunk's hash. */
+  async files(manifest: Manifest, cache?: ChunkCache): Promise<{ name: string; bytes: Buffer }[]> {
+    return Promise.all(
       (manifest.files ?? []).map(async (f) => {
-        const bytes = f.chunk ? await this.chunk(f.chunk, options.cache) : Buffer.alloc(0);
+        const bytes = f.chunk ? await this.chunk(f.chunk, cache) : Buffer.alloc(0);
         if (bytes.length !== f.length) throw new PostcopyError(ErrorCode.STORE_CORRUPT, `file ${f.name}: ${bytes.length} bytes, not ${f.length}`);
         return { name: f.name, bytes };
       }),
     );
-    return { manifest, regions, files };
   }
 
   /** Uploads `image` as `name`: the chunks the store lacks, then the manifest. */
