@@ -18,18 +18,6 @@ import { parseCommandLine, parseCount, parseSize, UsageError } from './options.j
 import { startSource, type RunningSource } from '../bench/source.js';
 import { counted } from '../lib/words.js';
 
-export const demoUsage = `postcopy demo [--image FILE] [--size SIZE] [--threads N]
-
-  Creates an image of SIZE (default 128M; at least 4M, whole pages: random
-  data, zero pages and a hole) unless --image is given; starts a source page
-  server in its own process (with a token) and a destination handler; then
-  runs a VMM-like program that maps empty guest memory, hands its userfaultfd
-  to the handler the way Firecracker does, touches every page from N threads
-  (default 4, at most 64) in random order, gives a 1 MiB balloon range back,
-  and checks every byte. Prints what happened. An --image must be whole
-  4 KiB pages (ERR_USAGE otherwise); the demo ends, saying so, if its VMM
-  exits early, and SIGINT/SIGTERM remove its temporary directory.`;
-
 /** Random data, every 4th page zero, and a 1/16 hole in the middle. */
 function makeImage(path: string, bytes: number): void {
   const pages = bytes / PAGE_SIZE;

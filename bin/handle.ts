@@ -12,13 +12,11 @@ import {
   destinationToken,
   withTokenFile,
   recoveryOptionSpec,
-  recoveryUsage,
   parseAddressOption,
   checkSocketDirectory,
   parseMetricsOption,
   withConcretePort,
   withoutOption,
-  loggingUsage,
   UsageError,
   checkWritable,
   parseStoreOptions,
@@ -32,65 +30,7 @@ import { handlerMetrics } from '../client/handler-metrics.js';
 import type { PostcopyError } from '../lib/errors.js';
 import { Image } from '../lib/image.js';
 import { readWorkingSet } from '../client/working-set.js';
-import { asService, serviceOptionSpec, serviceUsage } from './service.js';
-
-export const handleUsage = `postcopy handle --socket PATH (--source unix:PATH|tcp:HOST:PORT | --image FILE | --image s3://BUCKET/PREFIX/NAME)
-                [--token-file F] [--window F:B] [--no-background] [--rate SIZE]
-                [--record-working-set F | --prefetch F] [--in-place] [--template NAME]
-                [--give-up-after DURATION] [--silence-timeout DURATION] [--single-process]
-                [--metrics tcp:HOST:PORT] [--cache-dir DIR] [--cache-size SIZE] [--pidfile PATH]
-
-  Listens on PATH (0600). A VMM connects and sends a JSON array of its memory
-  regions ([{"base_host_virt_addr", "size", "offset", "page_size"}], as
-  Firecracker does) with its userfaultfd attached; the handler serves that
-  memory's faults from the source until the VMM hangs up. Any number of VMMs.
-  Prints one JSON line per finished VMM session.
-
-  --image FILE serves the faults from an image file on this host, in this
-  process (no source, no sockets; each --image is one region, in order).
-  --image s3://BUCKET/PREFIX/NAME serves them from an image in a snapshot
-  store (postcopy store push): no source process; chunks are fetched as
-  faults need them, then the rest, through the host's chunk cache
-  (--cache-dir, --cache-size: see postcopy restore --help).
-
-  --in-place: with a source on this host whose image is shared memory (tmpfs,
-  a memfd), each VMM session takes the source's memory itself (its fds) and
-  its faults are served from it here: no page crosses a socket. Any other
-  source is served as usual.
-
-  --template NAME: every VMM is a clone of one template of the image. The
-  image is filled once into shared memory here (each page fetched at most
-  once for all clones, on demand or by the background); each VMM is offered
-  it before its handshake, maps it privately (copy on write) and registers
-  it for MINOR faults (docs/VMM-HANDSHAKE.md). N guests hold one copy of
-  the image plus what each writes. Runs in one process (--single-process).
-
-  --record-working-set F writes, as each VMM session ends, the pages its
-  guest faulted on, in first-touch order (faults are served alone and the
-  background waits until the guest stops faulting for a second, so the set
-  holds exactly the pages it touched). --prefetch F replays such a set in
-  each later session: its pages go in at once, in order, ahead of the
-  background, while the guest's own faults still go first.
-
-  --source may be given again for each replica serving the same image: when
-  one is out of reach, sessions resume from the next in turn.
-
-  When the source dies or the link breaks, each VMM's session pauses (its
-  faults wait) and reconnects by itself, resuming where it stopped. With
-  --give-up-after, a session whose source stays out of reach that long
-  poisons the pages still missing: the guest gets SIGBUS, never a hang.
-  The handler survives its own crash: a supervisor holds every VMM's socket
-  and userfaultfd and restarts the worker that serves them
-  (--single-process: one process, no supervisor). Should the supervisor die
-  instead, its worker serves the VMMs it holds until each hangs up, then
-  exits; a new handle on the same socket serves new VMMs. It checks at start-up that
-  the source answers (and refuses to start otherwise), then every 30 s, and
-  logs each VMM session's progress every 10 s. --metrics serves Prometheus
-  metrics at http://HOST:PORT/metrics (port 0: a free one, kept across worker
-  restarts; the URL is printed as {"metrics": URL}).
-${recoveryUsage}
-${serviceUsage}
-${loggingUsage}`;
+import { asService, serviceOptionSpec } from './service.js';
 
 const optionSpec = {
   socket: { type: 'string' },

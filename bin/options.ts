@@ -250,15 +250,6 @@ export const recoveryOptionSpec = {
   'silence-timeout': { type: 'string' },
 } as const;
 
-export const recoveryUsage = `  --give-up-after DURATION   when the source is out of reach this long, fail
-                             (default: keep reconnecting, warning at each attempt)
-  --silence-timeout DURATION a control channel or page stream quiet this long
-                             is taken as broken (default 5s)`;
-
-export const loggingUsage = `  --log-level LEVEL          fatal, error, warn, info, debug, trace or silent
-                             (default: warn on a terminal, info otherwise)
-  --log-format json|pretty   logs on stderr (default: pretty on a terminal, JSON otherwise)`;
-
 /** --give-up-after and --silence-timeout -> the session's recovery options. */
 export function parseRecovery(values: { 'give-up-after'?: string; 'silence-timeout'?: string }): RecoveryOptions {
   const silence = values['silence-timeout'] === undefined ? undefined : parseDuration(values['silence-timeout'], '--silence-timeout');
@@ -282,15 +273,6 @@ export const storeOptionSpec = {
   'cache-size': { type: 'string' },
   'tenant-key-file': { type: 'string' },
 } as const;
-
-export const storeOptionUsage = `  --cache-dir DIR        an image in a store: the host's chunk cache, shared by
-                         every restore on this host (default
-                         $POSTCOPY_CHUNK_CACHE, else /var/cache/uffd-postcopy/chunks
-                         as root, else ~/.cache/uffd-postcopy/chunks)
-  --cache-size SIZE      the most the chunk cache holds, e.g. 20G (default 4G;
-                         the chunks used least recently go first)
-  --tenant-key-file F    the tenant's secret the image was pushed with
-                         (postcopy store push --tenant-key-file)`;
 
 /** --cache-dir, --cache-size and --tenant-key-file, for an image in a store (refused for any other). */
 export function parseStoreOptions(

@@ -13,7 +13,7 @@ import { Qmp } from '../lib/qmp.js';
 import { listenOwnerOnly } from '../lib/unix-socket.js';
 import { readQemuStream, type QemuSnapshotManifest } from '../server/qemu-snapshot.js';
 import { readManifest, serveQemuSnapshot, type QemuServeReport } from '../server/qemu-source.js';
-import { parseAddressOption, parseCommandLine, parseStoreOptions, parseWindow, requireOptions, loggingUsage, storeOptionSpec, UsageError } from './options.js';
+import { parseAddressOption, parseCommandLine, parseStoreOptions, parseWindow, requireOptions, storeOptionSpec, UsageError } from './options.js';
 import { isStoreUrl, parseImageUrl, type ImageAddress } from '../lib/store/address.js';
 import type { PushReport } from '../lib/store/snapshot-store.js';
 import { fetchQemuSnapshotFiles, pushQemuSnapshot } from '../server/qemu-store.js';
@@ -21,61 +21,6 @@ import { Destination } from '../client/destination.js';
 import { ChunkCache } from '../lib/store/chunk-cache.js';
 import { SnapshotStore } from '../lib/store/snapshot-store.js';
 import type { ServedRegionSpec } from '../lib/native.js';
-
-export const qemuUsage = `postcopy qemu import FILE --out DIR|s3://BUCKET/PREFIX/NAME [--tenant-key-file F]
-postcopy qemu save --qmp PATH --out DIR|s3://BUCKET/PREFIX/NAME [--leave-running] [--live] [--tenant-key-file F]
-postcopy qemu serve --snapshot DIR --connect unix:PATH|tcp:HOST:PORT [--window F:B] [--no-background] [--json]
-postcopy qemu restore --snapshot DIR|s3://BUCKET/PREFIX/NAME [--window F:B] [--no-background] [--wait] [--json]
-                      [--cache-dir DIR] [--cache-size SIZE] -- QEMU-COMMAND...
-
-  import reads a migration stream QEMU saved itself (migrate "exec:cat >
-  FILE") into a snapshot directory: each RAM block as a sparse image (zero
-  pages left as holes), the stream's configuration, RAM setup and device state
-  exactly as QEMU sent them, and manifest.json (machine type, blocks). A
-  stream that is not QEMU's (ERR_QEMU_STREAM_INVALID), one cut short
-  (ERR_QEMU_STREAM_TRUNCATED), or one using compression, multifd or xbzrle
-  (ERR_UNSUPPORTED, naming it) is refused. Prints the manifest as one JSON
-  line.
-
-  save does the same from a running QEMU: it connects to its QMP socket, stops
-  the guest (as virsh save does: its memory and its device state are then of
-  one instant) and migrates it into a socket of this process. The guest is
-  left paused, as after any migration; --leave-running resumes it once the
-  snapshot is whole (a save that fails resumes it too). --live saves without
-  stopping it (QEMU's precopy, while the guest writes its memory): such a
-  snapshot is only as consistent as QEMU's dirty-page tracking, and under TCG
-  a guest saved live while it wrote its memory was seen to oops when restored
-  (as it was from QEMU's own live migrate "exec:cat > FILE"). Use it only
-  where a pause cannot be afforded and restores are checked.
-
-  serve restores a snapshot into a destination QEMU lazily, as its postcopy
-  migration source. Start that QEMU with -incoming defer (same machine and
-  devices), turn postcopy-ram on (migrate-set-capabilities) and run
-  migrate-incoming with the address; serve connects there. The guest runs as
-  soon as its device state is in; each RAM page it touches is asked for on
-  the return path and sent first (with --window pages after it), the rest
-  streams in the background. Prints what happened when the destination has
-  every page: requests, request-to-page latency, pages on demand / window /
-  background / zero, bytes, time to the guest running and to full residency.
-
-  --out s3://BUCKET/PREFIX/NAME writes the snapshot to a snapshot store
-  (docs/STORE.md) instead: its RAM blocks as the image's regions, the rest as
-  files kept with it, sealed with --tenant-key-file's key when given; the
-  JSON line then says what was pushed. restore
-  --snapshot s3://... fetches only the device state first; QEMU runs on it,
-  and its RAM comes from the store as QEMU reads it (through the host's
-  chunk cache, every chunk checked), the rest in the background; the report
-  says how much was fetched by the time the guest ran.
-
-  restore is the one command for all of that: it starts QEMU-COMMAND (the
-  machine the snapshot was taken of) with -incoming defer and a QMP socket of
-  its own, turns postcopy-ram on, serves it as above, prints the same
-  figures (and the QMP socket's path) and leaves the guest running. QEMU
-  runs on after this command; the report names its directory (monitor, log),
-  to remove once QEMU has exited. With --wait this command owns QEMU: it
-  waits for QEMU to exit, and Ctrl-C stops QEMU and removes its directory
-  (as an interrupt before the guest runs does in any case).
-${loggingUsage}`;
 
 export async function qemu(argv: string[], log: Logger): Promise<void> {
   const [which, ...rest] = argv;

@@ -24,56 +24,14 @@ import {
   destinationToken,
   withTokenFile,
   recoveryOptionSpec,
-  recoveryUsage,
   UsageError,
   checkWritable,
   parseAddressOption,
-  loggingUsage,
   parseStoreOptions,
   storeOptionSpec,
-  storeOptionUsage,
   storeImageOf,
 } from './options.js';
 import { parseImageUrl } from '../lib/store/address.js';
-
-export const restoreUsage = `postcopy restore (--source unix:PATH|tcp:HOST:PORT | --image FILE | --image s3://BUCKET/PREFIX/NAME) [options]
-
-  --source ADDRESS       again for each replica serving the same image: when
-                         one is out of reach, the next is tried in turn
-  --image FILE           restore from this image file, in this process (no
-                         source, no sockets); again for each region
-  --image s3://BUCKET/PREFIX/NAME
-                         restore from an image in a snapshot store (postcopy
-                         store push): its chunks are fetched as faults need
-                         them, then the rest, through the host's chunk cache
-${storeOptionUsage}
-  --token-file F         the token the source requires
-  --out FILE             write the restored memory to FILE, once verified
-                         (written beside it, then renamed over it: a failed
-                         restore leaves FILE as it was); never the image
-                         itself (refused, ERR_USAGE)
-  --window F:B           prefault window: F pages after, B before each request (default 8:2)
-  --no-background        pure on-demand: no background stream
-  --rate SIZE            background rate limit per second, e.g. 200M (default unlimited)
-  --workload KIND        random (default): one thread touches every page in a
-                         seeded random order; sequential; cold-start: a stable
-                         15% working set in a new order each --seed, plus a
-                         few pages of that run only; none: background only
-  --seed N               workload seed (default 1)
-  --record-working-set F write the pages the workload faulted on, in
-                         first-touch order, to F (each fault is served alone
-                         and the background waits for the workload, so the
-                         set holds exactly the pages it touched)
-  --prefetch F           replay a recorded working set: its pages go in, in
-                         order, as soon as the restore starts (demand faults
-                         still go first)
-  --in-place             on this host, take the source's memory itself: a
-                         source whose image is shared memory (tmpfs, a memfd)
-                         passes its fds and nothing is copied; any other
-                         source (TCP, a file on disk) is copied as usual
-  --json                 print the report as one JSON line
-${recoveryUsage}
-${loggingUsage}`;
 
 export async function restore(argv: string[], log: Logger): Promise<void> {
   const values = parseCommandLine(argv, {

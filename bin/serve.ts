@@ -15,7 +15,6 @@ import {
   checkSocketDirectory,
   parseListenOption,
   parseMetricsOption,
-  loggingUsage,
   UsageError,
 } from './options.js';
 import { LiveMigration, LiveWorkload, type LiveOptions } from '../server/live.js';
@@ -27,71 +26,7 @@ import { ChunkCache } from '../lib/store/chunk-cache.js';
 import { SnapshotStore } from '../lib/store/snapshot-store.js';
 import type { TenantKey } from '../lib/store/tenant.js';
 import { formatAddress } from '../lib/address.js';
-import { asService, serviceOptionSpec, serviceUsage } from './service.js';
-
-export const serveUsage = `postcopy serve --image FILE [--image FILE ...] --listen unix:PATH|tcp:HOST:PORT [--token-file F]
-               [--resume-grace DURATION] [--metrics tcp:HOST:PORT] [--release-as-sent] [--pidfile PATH]
-postcopy serve --image s3://BUCKET/PREFIX/NAME --listen ... [--cache-dir DIR] [--cache-size SIZE]
-postcopy serve --live --socket PATH --listen unix:PATH|tcp:HOST:PORT [--migration MODE]
-               [--downtime-limit DURATION] [--max-precopy-rounds N] [--postcopy-after DURATION]
-               [--resume-workload MIGRATION] [--pidfile PATH]
-
-  Serves the image (each --image is one region, in order) to any number of
-  destinations until SIGINT or SIGTERM. Files are mapped read-only; holes go
-  out as zero runs without being read. Listening on TCP (loopback too: other
-  users of this host must not read the image) needs a token: --token-file,
-  else the default token file ($POSTCOPY_TOKEN_FILE, else
-  ~/.config/uffd-postcopy/token), created mode 0600 on first use; a restore
-  on this host finds it there, and other hosts need a copy (--token-file).
-  A unix socket is created 0600 and needs none. A destination whose connection breaks may resume its session within
-  --resume-grace (default 60s); after a restart of this process it resumes
-  all the same, from the pages it holds. --metrics serves Prometheus metrics
-  at http://HOST:PORT/metrics (port 0: a free one; the URL is printed as
-  {"metrics": URL}).
-
-  --image s3://BUCKET/PREFIX/NAME serves an image of a snapshot store (postcopy
-  store push) to destinations that speak this protocol (hosts without the
-  store's credentials): it is fetched whole into memory first (through the
-  host's chunk cache, every chunk checked), then served as any image.
-
-  --release-as-sent frees the image's memory page by page as the destination
-  installs it (never merely sends it), so moving it on one host never holds
-  two copies. The image must be shared memory this process may write (a file
-  on tmpfs such as /dev/shm); one destination; the image is consumed, and this
-  exits (0) once the destination holds every page. Another destination is
-  refused (ERR_IMAGE_CONSUMED). What was freed is kept beside the image
-  (FILE.postcopy-released): killed and started again the same way, this
-  serves the same destination again, which resumes from the pages it holds;
-  a plain serve of a partly freed image is refused.
-
-  --live moves a running workload (a VMM) to one destination while it runs.
-  The workload connects to --socket and hands over its memory as it would to
-  a handler (docs/VMM-HANDSHAKE.md, "Live sources": its regions, its
-  userfaultfd with WP_ASYNC, its memfd). Precopy rounds go out while it runs
-  (everything, then the pages written since, found with PAGEMAP_SCAN); when
-  the pages left would take at most --downtime-limit (default 300ms) at the
-  rate measured, or after --max-precopy-rounds (default 30) or
-  --postcopy-after, or on SIGUSR2, the workload pauses, the destination drops
-  the pages written since they were sent and runs at once, and postcopy
-  brings the rest: --migration precopy+postcopy, the default. --migration
-  postcopy pauses at once (no rounds); precopy sends what is left during the
-  pause instead (no postcopy). Prints a JSON
-  line with the rounds and the pause, and exits once the destination holds
-  every page; if the destination leaves before the switchover, the workload
-  goes on here and this exits with the error.
-
-  After the switchover the workload runs at the destination: it stays paused
-  here whatever happens to this process. Killed or restarted, serve --live
-  finds it again on --socket (the workload connects there again, paused,
-  naming its migration), re-adopts its memory and serves the destination
-  when it resumes (printing {"readopted": MIGRATION}); any other destination
-  is refused. Only a destination that gave up (--give-up-after) ends that: it
-  says so and names the migration, and serve --live --resume-workload
-  MIGRATION then lets the workload run here again (and may move it anew); a
-  workload paused for another migration is refused (ERR_MIGRATION_MISMATCH)
-  and stays paused.
-${serviceUsage}
-${loggingUsage}`;
+import { asService, serviceOptionSpec } from './service.js';
 
 /** Options of one way of serving that the other does not take. */
 const LIVE_ONLY = ['socket', 'migration', 'downtime-limit', 'max-precopy-rounds', 'postcopy-after', 'resume-workload'];

@@ -9,12 +9,6 @@ export const serviceOptionSpec = {
   pidfile: { type: 'string' },
 } as const;
 
-export const serviceUsage = `  --pidfile PATH             once it serves, its pid is written to PATH (whole: a
-                             file beside it, renamed), removed as it exits
-  $NOTIFY_SOCKET             set by a service manager (systemd, Type=notify):
-                             READY=1 once it serves, STOPPING=1 as it stops
-                             (unit files: docs/SERVICE.md)`;
-
 export interface Service {
   /** It serves now: the pid file, then READY=1 with `status`. */
   ready(status: string): void;

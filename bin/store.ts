@@ -8,39 +8,6 @@ import { parseCommandLineWithArgs, parseDuration, parseSize, requireOptions, ten
 import type { TenantKey } from '../lib/store/tenant.js';
 import { formatBytes } from './terminal.js';
 
-export const storeUsage = `postcopy store push FILE... --to s3://BUCKET[/PREFIX] --name NAME [--parent NAME] [--chunk-size SIZE] [--replace] [--create-bucket]
-                   [--tenant-key-file F] [--json]
-postcopy store ls s3://BUCKET[/PREFIX] [--tenant-key-file F] [--json]
-postcopy store rm s3://BUCKET[/PREFIX]/NAME [--force] [--tenant-key-file F]
-postcopy store gc s3://BUCKET[/PREFIX] [--grace DURATION] [--tenant-key-file F] [--json]
-
-  A snapshot store keeps images on S3-compatible object storage (Ceph RGW,
-  MinIO, AWS S3, R2) as a manifest per image and chunks named by the SHA-256
-  of their content: a chunk any image holds already is never stored or
-  uploaded again, and zero chunks are never stored. restore --image
-  s3://BUCKET/PREFIX/NAME restores one lazily, with no source process.
-  The endpoint and keys are read the AWS way: AWS_ENDPOINT_URL_S3 or
-  AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or
-  AWS_PROFILE and ~/.aws/credentials), AWS_REGION; addressing is path-style.
-
-  push uploads FILE (each FILE is one region, in order) as NAME: the chunks
-  the store lacks, then the manifest. --parent NAME: the image it derives
-  from (its chunks are known present; rm refuses NAME's parent while NAME
-  exists). --chunk-size: a power of two from 4K to 16M (default 64K).
-  --replace: overwrite an image of that name (default: refused,
-  ERR_STORE_CONFLICT). --create-bucket: create the bucket when it is missing.
-  Prints what it uploaded against the image's size.
-  --tenant-key-file F: seal every chunk and manifest with the tenant's
-  secret in F (16 bytes or more): the store never sees plaintext, chunk
-  names say nothing of their content, and the tenant's identical chunks
-  still deduplicate (a chunk's key derives from its content and the
-  secret). Every command reading the image needs the same file. Give each
-  tenant its own PREFIX: gc refuses a store holding a manifest its key does
-  not open.
-  ls lists the images; rm removes one (its chunks go at the next gc);
-  gc deletes the chunks no image names that are older than --grace (default
-  1h), safely beside pushes under way.`;
-
 export async function store(argv: string[], log: Logger): Promise<void> {
   const [which, ...rest] = argv;
   if (which === 'push') return push(rest, log);

@@ -61,24 +61,40 @@ t.test('the package ships the library, the CLI and the addon sources, not the te
   );
 });
 
-t.test('the CLI loads the plotting libraries only for the bench: every other command starts without them', async (t) => {
-  ensureBuilt();
-  // Every module the CLI's entry reaches through static imports (dynamic import() is left out: it loads on demand).
-  const seen = new Set<string>();
-  const bare = new Set<string>();
+/** Every module `entry` reaches through static imports (dynamic import() is left out: it loads on demand), and the packages among them. */
+function staticImports(entry: string): { modules: Set<string>; packages: Set<string> } {
+  const modules = new Set<string>();
+  const packages = new Set<string>();
   const walk = (file: string) => {
-    if (seen.has(file)) return;
-    seen.add(file);
+    if (modules.has(file)) return;
+    modules.add(file);
     const text = readFileSync(file, 'utf8');
     for (const m of text.matchAll(/^\s*(?:import|export)\s[^;]*?\sfrom\s+'([^']+)'/gm)) {
       if (/^import\s+type\s/.test(m[0].trim())) continue;
       if (m[1].startsWith('.')) walk(join(dirname(file), m[1]));
-      else bare.add(m[1]);
+      else packages.add(m[1]);
     }
   };
-  walk(join(root, 'dist', 'bin', 'postcopy.js'));
-  t.ok(seen.size > 10, `${seen.size} modules reached`);
-  t.notOk(bare.has('vega') || bare.has('vega-lite'), `no plotting library among ${[...bare].sort().join(', ')}`);
+  walk(entry);
+  return { modules, packages };
+}
+
+t.test('the CLI loads the plotting libraries only for the bench: every other command starts without them', async (t) => {
+  ensureBuilt();
+  const { modules, packages } = staticImports(join(root, 'dist', 'bin', 'run.js'));
+  t.ok(modules.size > 5, `${modules.size} modules reached`);
+  t.notOk(packages.has('vega') || packages.has('vega-lite'), `no plotting library among ${[...packages].sort().join(', ')}`);
+});
+
+t.test('--version and --help load no command, no addon and no library: text alone', async (t) => {
+  ensureBuilt();
+  const { modules, packages } = staticImports(join(root, 'dist', 'bin', 'postcopy.js'));
+  t.same(
+    [...modules].map((m) => m.slice(join(root, 'dist').length + 1)).sort(),
+    ['bin/postcopy.js', 'bin/usage.js', 'lib/package-root.js'],
+    'the entry, the usage texts and where the version is read',
+  );
+  t.same([...packages].filter((p) => !p.startsWith('node:')), [], 'and no package');
 });
 
 t.test('a library user installs no plotting library: vega and vega-lite are optional peers, which the bench uses when they are there', async (t) => {
