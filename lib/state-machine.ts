@@ -51,7 +51,8 @@ export class StateMachine<S extends string> {
     // A failure is reported once, as an error, by whoever owns it (the CLI, the
     // handler, the caller's rejected promise); here it is only a state change.
     const level = this.#warns(to, from) ? 'warn' : 'info';
-    this.#log[level]({ from, state: to, inStateMs, ...details }, `${this.#what} state`);
+    // The change itself last: details never hide which state this is (a status with a `state` of its own).
+    this.#log[level]({ ...details, from, state: to, inStateMs }, `${this.#what} state`);
     for (const listener of this.#listeners) listener(to, from);
   }
 

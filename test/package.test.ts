@@ -94,7 +94,11 @@ t.test('--version and --help load no command, no addon and no library: text alon
     ['bin/postcopy.js', 'bin/usage.js', 'lib/package-root.js'],
     'the entry, the usage texts and where the version is read',
   );
-  t.same([...packages].filter((p) => !p.startsWith('node:')), [], 'and no package');
+  t.same(
+    [...packages].filter((p) => !p.startsWith('node:')),
+    [],
+    'and no package',
+  );
 });
 
 t.test('a library user installs no plotting library: vega and vega-lite are optional peers, which the bench uses when they are there', async (t) => {
