@@ -101,7 +101,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
                         InstanceMethod<&PageServerSession::MarkHeld>("markHeld"), InstanceMethod<&PageServerSession::Stats>("stats"),
                         InstanceMethod<&PageServerSession::Prefetch>("prefetch"), InstanceMethod<&PageServerSession::StartBackground>("startBackground"),
                         InstanceMethod<&PageServerSession::PrecopyRound>("precopyRound"), InstanceMethod<&PageServerSession::Switchover>("switchover"),
-                        InstanceMethod<&PageServerSession::Confirm>("confirm")});
+                        InstanceMethod<&PageServerSession::DiscardRound>("discardRound"), InstanceMethod<&PageServerSession::Confirm>("confirm")});
   }
 
   // new PageServerSession({regions, urgentFd, bulkFd, windowForward, windowBackward,
@@ -277,7 +277,21 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
     if (!precopy_ || switchRequested_) throw CodedError(info.Env(), "ERR_ENGINE_STATE", "precopy rounds come before the switchover of a live session");
     for (auto& [at, count] : ranges)
       for (uint64_t p = at & kPageMask; p < (at & kPageMask) + count; p++) regions_[at >> 48]->queued->Claim(p);
-    rounds_.push_back(std::move(ranges));
+    rounds_.push_back({std::move(ranges), false});
+    bulkCv_.notify_one();
+    return info.Env().Undefined();
+  }
+
+  // discardRound(ranges): the workload still runs; of these pages (written
+  // since they were sent), those the destination holds are dropped there now
+  // (discard runs) and count as never sent: postcopy sends them. What would
+  // otherwise be dropped during the pause is dropped before it, so the pause
+  // holds only what is written after this round.
+  Napi::Value DiscardRound(const Napi::CallbackInfo& info) {
+    auto ranges = Ranges(info.Env(), info[0], regions_);
+    std::lock_guard<std::mutex> lock(bulkMu_);
+    if (!precopy_ || switchRequested_) throw CodedError(info.Env(), "ERR_ENGINE_STATE", "discard rounds come before the switchover of a live session");
+    rounds_.push_back({std::move(ranges), true});
     bulkCv_.notify_one();
     return info.Env().Undefined();
   }
@@ -496,13 +510,22 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
   int Precopy(ChannelWriter& out, RunBatch& batch) {
     for (;;) {
       std::vector<std::pair<uint64_t, uint64_t>> round;
+      bool discard = false;
       {
         std::unique_lock<std::mutex> lock(bulkMu_);
         bulkCv_.wait(lock, [&] { return Stopping() || switchRequested_ || !rounds_.empty(); });
         if (Stopping()) return 0;
         if (switchRequested_) break;
-        round = std::move(rounds_.front());
+        round = std::move(rounds_.front().ranges);
+        discard = rounds_.front().discard;
         rounds_.pop_front();
+      }
+      if (discard) {
+        uint64_t t0 = MonotonicNs(), dropped = 0;
+        if (int err = DiscardStale(out, round, false, &dropped)) return err;
+        discarded_ += dropped;
+        events_.Emit({"discard-round-sent", "bulk", "", "", 0, {{"pages", double(dropped)}, {"ns", double(MonotonicNs() - t0)}}});
+        continue;
       }
       uint64_t t0 = MonotonicNs(), pages = 0, bytes0 = bytesSent_.load();
       bool cut = false;
@@ -539,35 +562,8 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
       written.swap(finalWritten_);
       rounds_.clear();
     }
-    std::vector<std::unique_ptr<AtomicBitmap>> stale;
-    for (auto& r : regions_) stale.push_back(std::make_unique<AtomicBitmap>(r->image.pages));
-    for (auto& [at, count] : written)
-      for (uint64_t p = at & kPageMask; p < (at & kPageMask) + count; p++) stale[at >> 48]->Claim(p);
-    uint64_t discarded = 0, held = 0;
-    for (uint32_t id = 0; id < regions_.size(); id++) {
-      ServedRegion& r = *regions_[id];
-      uint32_t maxRun = wire::MaxRunPages(r.image.pageSize);
-      for (uint64_t p = 0; p < r.image.pages;) {
-        if (!r.everSent->Test(p)) {
-          p++;
-          continue;
-        }
-        bool isStale = stale[id]->Test(p) || r.queued->Test(p);
-        if (!isStale) {  // the destination holds it as it is now: never sent again
-          sched_->Claim(id, p);
-          held++;
-          p++;
-          continue;
-        }
-        uint64_t q = p + 1;
-        while (q < r.image.pages && q - p < maxRun && r.everSent->Test(q) && (stale[id]->Test(q) || r.queued->Test(q))) q++;
-        wire::RunHeader h{wire::kDiscardRun, id, p, static_cast<uint32_t>(q - p), wire::kPrecopy};
-        if (int err = out.Write(&h, sizeof h)) return err;
-        bytesSent_ += sizeof h;
-        discarded += q - p;
-        p = q;
-      }
-    }
+    uint64_t discarded = 0;
+    if (int err = DiscardStale(out, written, true, &discarded)) return err;
     wire::RunHeader marker{wire::kSwitchover, 0, 0, 0, wire::kPrecopy};
     if (int err = out.Write(&marker, sizeof marker)) return err;
     bytesSent_ += sizeof marker;
@@ -576,8 +572,58 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
       precopy_ = false;
     }
     discarded_ += discarded;
-    events_.Emit({"switched-over", "bulk", "", "", 0, {{"discarded", double(discarded)}, {"held", double(held)}}});
+    events_.Emit({"switched-over", "bulk", "", "", 0, {{"discarded", double(discarded_.load())}, {"held", double(held_)}}});
     return 0;
+  }
+
+  // Discard runs for the pages the destination holds stale: those sent that
+  // are in `written`, or (at the switchover, `final`) queued again and not
+  // sent since. A discarded page counts as never sent. At the switchover,
+  // every page sent and not stale is held by the destination as it is now:
+  // claimed in the scheduler, never sent again. The headers go out in
+  // batches (one write per batch, not one per stretch).
+  int DiscardStale(ChannelWriter& out, const std::vector<std::pair<uint64_t, uint64_t>>& written, bool final, uint64_t* discarded) {
+    std::vector<std::unique_ptr<AtomicBitmap>> stale;
+    for (auto& r : regions_) stale.push_back(std::make_unique<AtomicBitmap>(r->image.pages));
+    for (auto& [at, count] : written)
+      for (uint64_t p = at & kPageMask; p < (at & kPageMask) + count; p++) stale[at >> 48]->Claim(p);
+    std::vector<wire::RunHeader> headers;
+    constexpr size_t kHeadersPerWrite = 4096;
+    auto flush = [&]() -> int {
+      if (headers.empty()) return 0;
+      if (int err = out.Write(headers.data(), headers.size() * sizeof(wire::RunHeader))) return err;
+      bytesSent_ += headers.size() * sizeof(wire::RunHeader);
+      headers.clear();
+      return 0;
+    };
+    for (uint32_t id = 0; id < regions_.size(); id++) {
+      ServedRegion& r = *regions_[id];
+      uint32_t maxRun = wire::MaxRunPages(r.image.pageSize);
+      auto isStale = [&](uint64_t p) { return stale[id]->Test(p) || (final && r.queued->Test(p)); };
+      for (uint64_t p = 0; p < r.image.pages;) {
+        if (!r.everSent->Test(p)) {
+          p++;
+          continue;
+        }
+        if (!isStale(p)) {
+          if (final) {  // the destination holds it as it is now: never sent again
+            sched_->Claim(id, p);
+            held_++;
+          }
+          p++;
+          continue;
+        }
+        uint64_t q = p + 1;
+        while (q < r.image.pages && q - p < maxRun && r.everSent->Test(q) && isStale(q)) q++;
+        headers.push_back({wire::kDiscardRun, id, p, static_cast<uint32_t>(q - p), wire::kPrecopy});
+        for (uint64_t k = p; k < q; k++) r.everSent->Clear(k);
+        *discarded += q - p;
+        p = q;
+        if (headers.size() == kHeadersPerWrite)
+          if (int err = flush()) return err;
+      }
+    }
+    return flush();
   }
 
   bool switchRequestedNow() {
@@ -628,7 +674,13 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
   std::condition_variable bulkCv_;
   // Precopy (a live source), under bulkMu_: the rounds queued, and the switchover asked for.
   bool precopy_ = false, switchRequested_ = false;
-  std::deque<std::vector<std::pair<uint64_t, uint64_t>>> rounds_;
+  uint64_t held_ = 0;  // the bulk thread's: pages the destination holds as they are at the switchover
+  // A round sends its pages; a discard round tells the destination that the pages it holds of these are stale.
+  struct Round {
+    std::vector<std::pair<uint64_t, uint64_t>> ranges;
+    bool discard;
+  };
+  std::deque<Round> rounds_;
   std::vector<std::pair<uint64_t, uint64_t>> finalWritten_;
   int urgentFd_ = -1, bulkFd_ = -1;
   uint32_t windowForward_ = 0, windowBackward_ = 0;

@@ -75,6 +75,8 @@ export type NativeEvent = NativeEventBase &
     | { type: 'uffd-closed' }
     /** A live source's precopy round went out (source). */
     | { type: 'round-sent'; pages: number; bytes: number; ns: number }
+    /** A live source's discard round went out: the pages the destination dropped (source). */
+    | { type: 'discard-round-sent'; pages: number; ns: number }
     /** A live source sent its discards and switchover marker (source). */
     | { type: 'switched-over'; discarded: number; held: number }
     /** The switchover marker arrived: the workload may run here now (destination). */
@@ -129,6 +131,7 @@ export interface NativePageServerSession {
   startBackground(): void;
   /** A live source: pages to send now, as u64 LE pairs (region << 48 | first page, count). */
   precopyRound(ranges: Uint8Array): void;
+  discardRound(ranges: Uint8Array): void;
   /** A live source, its workload paused: the pages written since the last round was queued (same layout). */
   switchover(written: Uint8Array): void;
   /** Release as sent: bytes [offset, +bitmap.length) of region `region`'s bitmap of pages the destination holds for good. */

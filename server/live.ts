@@ -313,6 +313,8 @@ export interface LiveReport {
   /** Why the switchover came: the pages left fit the downtime limit, the round limit, the time limit, or a request. */
   switchoverBy: 'downtime-limit' | 'max-rounds' | 'postcopy-after' | 'request' | 'no-progress' | 'postcopy';
   pagesDiscarded: number;
+  /** Of those, dropped before the pause, while the workload still ran (discard rounds). */
+  pagesDiscardedAhead: number;
   /** Link rate measured over the rounds (bytes/s). */
   rateBytesPerSecond: number;
   /** From the workload pausing here to the destination saying it runs. */
@@ -324,9 +326,16 @@ export interface LiveReport {
 export interface PrecopyTarget {
   /** Pages to send now (Ranges, encoded). */
   precopyRound(ranges: Uint8Array): void;
+  /** Of these pages (written since sent, the workload running), the destination drops those it holds now. */
+  discardRound(ranges: Uint8Array): void;
   /** The workload paused: the pages written since the last round; the destination runs once they are discarded. */
   switchover(written: Uint8Array): void;
 }
+
+/** Discard rounds before the pause, at most (each holds what was written during the one before). */
+const DISCARD_ROUNDS = 3;
+/** Fewer stale pages than this are dropped during the pause: a round would cost more than it saves. */
+const DISCARD_AHEAD_PAGES = 256;
 
 /** precopy: rounds go out; switching: the workload pauses and the switchover goes out; postcopy: the destination runs. */
 export type LiveState = 'precopy' | 'switching' | 'postcopy' | 'migrated' | 'aborted';
@@ -357,6 +366,8 @@ export class LiveMigration extends EventEmitter {
   #cancel: ((err: CodedError) => void) | null = null;
   /** The switchover marker went to the destination: from then on it may run the workload, which stays paused here. */
   #switchSent = false;
+  /** Pages dropped at the destination by discard rounds, before the pause. */
+  #discardedAhead = 0;
 
   constructor(workload: LiveWorkload, options: LiveOptions = {}) {
     super();
@@ -405,7 +416,7 @@ export class LiveMigration extends EventEmitter {
 
   /** The native session's precopy events (the session forwards them: its start's onPrecopyEvent). */
   onSessionEvent(event: NativeEvent): void {
-    if (event.type === 'round-sent' || event.type === 'switched-over') this.emit(event.type, event);
+    if (event.type === 'round-sent' || event.type === 'discard-round-sent' || event.type === 'switched-over') this.emit(event.type, event);
   }
 
   /**
@@ -484,7 +495,7 @@ export class LiveMigration extends EventEmitter {
                     : null;
           if (by) {
             switchoverBy = by;
-            left.addAll(written);
+            left.addAll(mode === 'precopy+postcopy' ? await this.#discardAhead(session, written, gone) : written);
             break;
           }
           queue = written;
@@ -517,6 +528,7 @@ export class LiveMigration extends EventEmitter {
         pagesPerRound: perRound,
         switchoverBy,
         pagesDiscarded: done.discarded,
+        pagesDiscardedAhead: this.#discardedAhead,
         rateBytesPerSecond: ns > 0 ? Math.round((bytes / ns) * 1e9) : 0,
         pauseMs: Math.round((performance.now() - pausedAt) * 100) / 100,
         precopyMs: Math.round(precopyMs * 100) / 100,
@@ -557,6 +569,31 @@ export class LiveMigration extends EventEmitter {
     if (this.#machine?.can('migrated')) this.#machine.to('migrated');
     this.workload.migrated();
     this.emit('finished');
+  }
+
+  /**
+   * Postcopy follows: what the destination holds stale is dropped there now,
+   * while the workload runs, in discard rounds, each holding what was written
+   * during the one before, while that shrinks (at most DISCARD_ROUNDS). The
+   * pause then drops only what was written during the last one. Returns it.
+   */
+  async #discardAhead(session: PrecopyTarget, written: Ranges, gone: Promise<never>): Promise<Ranges> {
+    let stale = written;
+    for (let round = 0; round < DISCARD_ROUNDS && stale.pages >= DISCARD_AHEAD_PAGES; round++) {
+      const sent = new Promise<{ pages: number; ns: number }>((resolve) => this.once('discard-round-sent', resolve));
+      session.discardRound(stale.encode());
+      const done = await Promise.race([sent, gone]);
+      this.#discardedAhead += done.pages;
+      const next = this.workload.written();
+      this.#log.info(
+        { round: round + 1, pages: stale.pages, dropped: done.pages, ms: Math.round(done.ns / 1e4) / 100, writtenSince: next.pages },
+        'discard round sent',
+      );
+      const shrinking = next.pages < stale.pages / 2;
+      stale = next;
+      if (!shrinking) break;
+    }
+    return stale;
   }
 
   #roundSent(): Promise<{ pages: number; bytes: number; ns: number }> {

@@ -182,6 +182,12 @@ export class SourceSession {
     this.#native.precopyRound(ranges);
   }
 
+  /** A live source, its workload still running: of these pages (written since sent), the destination drops those it holds now. */
+  discardRound(ranges: Uint8Array): void {
+    if (!this.#native) throw new PostcopyError(ErrorCode.ENGINE_STATE, `a discard round while the session is ${this.state}`);
+    this.#native.discardRound(ranges);
+  }
+
   /** A live source, its workload paused: the pages written since the last round; the destination runs once they are discarded. */
   switchover(written: Uint8Array): void {
     if (!this.#native) throw new PostcopyError(ErrorCode.ENGINE_STATE, `a switchover while the session is ${this.state}`);
@@ -255,7 +261,7 @@ export class SourceSession {
 
   #onNativeEvent(event: NativeEvent): void {
     try {
-      if (event.type === 'round-sent' || event.type === 'switched-over') {
+      if (event.type === 'round-sent' || event.type === 'discard-round-sent' || event.type === 'switched-over') {
         this.#onPrecopyEvent?.(event);
         return;
       }

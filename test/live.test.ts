@@ -112,6 +112,24 @@ t.test('pages written in the last round are discarded at the destination and fet
   t.ok(readFileSync(out).equals(readFileSync(s.dump)), 'no page is stale');
 });
 
+t.test(
+  'many pages stale at the switchover: dropped at the destination in discard rounds while the workload still runs, the rest in the pause; never stale',
+  async (t) => {
+    // One round of a writer hot enough that thousands of pages go stale while it is sent.
+    const s = await liveSource(t, { maxPrecopyRounds: 1, downtimeLimitMs: 0 }, 200000, 16384, 8);
+    const out = join(s.dir, 'restored.mem');
+    const restore = await runCli(['restore', '--source', s.source, '--json', '--out', out, '--workload', 'random']);
+    t.equal(restore.code, 0, restore.code === 0 ? 'restored' : restore.stderr);
+    const report = JSON.parse(restore.stdout.trim().split('\n').pop()!);
+    const live = await s.report;
+    t.ok(live.pagesDiscardedAhead > 0, `${live.pagesDiscardedAhead} pages dropped before the pause, while the workload ran`);
+    t.ok(live.pagesDiscarded >= live.pagesDiscardedAhead, `${live.pagesDiscarded} in all`);
+    t.equal(report.precopy.pagesDiscarded, live.pagesDiscarded, 'the destination dropped each of them');
+    await s.workload.closed;
+    t.ok(readFileSync(out).equals(readFileSync(s.dump)), 'no page is stale');
+  },
+);
+
 t.test('switchover on request, and pure postcopy: byte-exact both', async (t) => {
   const s = await liveSource(t, { maxPrecopyRounds: 100000, downtimeLimitMs: 0, maxStalledRounds: 0 }, 20000, 2048, 4);
   const out = join(s.dir, 'restored.mem');
