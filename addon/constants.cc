@@ -24,6 +24,7 @@ Napi::Value Constants(const Napi::CallbackInfo& info) {
     UFFDPC_SET(kind, kBulkEnd);
     UFFDPC_SET(kind, kDiscardRun);
     UFFDPC_SET(kind, kSwitchover);
+    UFFDPC_SET(kind, kDiscardMark);
     Napi::Object reason = Napi::Object::New(env);
     UFFDPC_SET(reason, kRequested);
     UFFDPC_SET(reason, kWindow);

@@ -138,6 +138,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
     for (auto& r : regions_) mostRun_ = std::max<uint64_t>(mostRun_, std::max<uint64_t>(r->unit, wire::MaxRunPages(r->image.pageSize)));
     background_ = o.Get("background").As<Napi::Boolean>().Value();
     precopy_ = o.Get("precopy").ToBoolean().Value();
+    discardMarks_ = o.Has("discardMarks") && o.Get("discardMarks").ToBoolean().Value();
     if (precopy_)
       for (auto& r : regions_) {
         r->everSent = std::make_unique<AtomicBitmap>(r->image.pages);
@@ -523,8 +524,14 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
       if (discard) {
         uint64_t t0 = MonotonicNs(), dropped = 0;
         if (int err = DiscardStale(out, round, false, &dropped)) return err;
+        uint32_t number = ++discardRounds_;
+        if (discardMarks_) {
+          wire::RunHeader mark{wire::kDiscardMark, 0, 0, number, wire::kPrecopy};
+          if (int err = out.Write(&mark, sizeof mark)) return err;
+          bytesSent_ += sizeof mark;
+        }
         discarded_ += dropped;
-        events_.Emit({"discard-round-sent", "bulk", "", "", 0, {{"pages", double(dropped)}, {"ns", double(MonotonicNs() - t0)}}});
+        events_.Emit({"discard-round-sent", "bulk", "", "", 0, {{"pages", double(dropped)}, {"ns", double(MonotonicNs() - t0)}, {"round", double(number)}}});
         continue;
       }
       uint64_t t0 = MonotonicNs(), pages = 0, bytes0 = bytesSent_.load();
@@ -674,7 +681,9 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
   std::condition_variable bulkCv_;
   // Precopy (a live source), under bulkMu_: the rounds queued, and the switchover asked for.
   bool precopy_ = false, switchRequested_ = false;
-  uint64_t held_ = 0;  // the bulk thread's: pages the destination holds as they are at the switchover
+  bool discardMarks_ = false;   // the destination answers each discard round's mark (`dropped`)
+  uint32_t discardRounds_ = 0;  // the bulk thread's: discard rounds sent
+  uint64_t held_ = 0;           // the bulk thread's: pages the destination holds as they are at the switchover
   // A round sends its pages; a discard round tells the destination that the pages it holds of these are stale.
   struct Round {
     std::vector<std::pair<uint64_t, uint64_t>> ranges;

@@ -142,6 +142,16 @@ void RemoteSupply::ReceiveLoop(ChannelReader& in, const char* channel, uint32_t 
       installer_.SwitchedOver();
       continue;
     }
+    if (h.kind == wire::kDiscardMark) {
+      if (std::strcmp(channel, "bulk") != 0 || !map_.InPrecopy()) {
+        report("error", "ERR_PROTOCOL_MALFORMED", "a discard mark outside a live source's precopy; channel closed");
+        shutdown(in.fd(), SHUT_RDWR);
+        return;
+      }
+      // Every discard run before it is applied (this thread applied them in order).
+      if (!life_.Leaving()) events_.Emit({"discards-dropped", channel, "", "", generation, {{"round", double(h.count)}}});
+      continue;
+    }
     const char* bad = Validate(h);
     if (bad) {
       report("error", bad, "the source sent a run outside the negotiated regions; channel closed");

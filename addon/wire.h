@@ -5,25 +5,29 @@
 //     u32 kind = kRequest   u32 region   u64 page
 //
 //   urgent and bulk, source -> destination:  RunHeader, 24 bytes
-//     u32 kind (kDataRun | kZeroRun | kBulkEnd | kDiscardRun | kSwitchover)   u32 region
+//     u32 kind (kDataRun | kZeroRun | kBulkEnd | kDiscardRun | kDiscardMark | kSwitchover)   u32 region
 //     u64 first_page   u32 count   u32 reason (kRequested | kWindow | kBackground | kPrefetch | kPrecopy)
 //   kDataRun is followed by count * page_size bytes of page data; the others
 //   by nothing. kBulkEnd (bulk only) says every page has been sent. A live
 //   source's precopy (bulk only): data and zero runs with reason kPrecopy
 //   (a page sent again replaces the one sent before), then at the switchover
 //   kDiscardRun (pages written since they were sent: missing again) and one
-//   kSwitchover (the workload runs at the destination from now on).
+//   kSwitchover (the workload runs at the destination from now on). Before
+//   it, discard rounds (kDiscardRun runs while the workload still runs) each
+//   end with a kDiscardMark (count: the round's number) when the destination
+//   asked for them: it answers `dropped` once every run before it is applied.
 #pragma once
 #include <cstdint>
 
 namespace uffdpc::wire {
 
-constexpr uint32_t kRequest = 0x51455250;     // "PREQ"
-constexpr uint32_t kDataRun = 0x41544144;     // "DATA"
-constexpr uint32_t kZeroRun = 0x4f52455a;     // "ZERO"
-constexpr uint32_t kBulkEnd = 0x20444e45;     // "END "
-constexpr uint32_t kDiscardRun = 0x43534944;  // "DISC"
-constexpr uint32_t kSwitchover = 0x48435753;  // "SWCH"
+constexpr uint32_t kRequest = 0x51455250;      // "PREQ"
+constexpr uint32_t kDataRun = 0x41544144;      // "DATA"
+constexpr uint32_t kZeroRun = 0x4f52455a;      // "ZERO"
+constexpr uint32_t kBulkEnd = 0x20444e45;      // "END "
+constexpr uint32_t kDiscardRun = 0x43534944;   // "DISC"
+constexpr uint32_t kSwitchover = 0x48435753;   // "SWCH"
+constexpr uint32_t kDiscardMark = 0x4b52414d;  // "MARK"
 
 // kPrefetch: a page of a replayed working set, streamed ahead of the background.
 // kPrecopy: a page of a live source's precopy round, sent while the workload runs there.

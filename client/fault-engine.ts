@@ -365,6 +365,9 @@ export class FaultEngine extends EventEmitter {
         case 'switchover':
           this.emit('switchover', { discarded: e.discarded, rewritten: e.rewritten });
           return;
+        case 'discards-dropped':
+          this.emit('discards-dropped', e.round);
+          return;
         case 'store-wanted':
           this.emit('store-wanted');
           return;

@@ -486,6 +486,7 @@ export class DestinationSession extends EventEmitter implements PageSession {
       precopy: connection.live && options.precopy === true,
     };
     engine.on('channel-failed', (f: ChannelFailure) => this.#onChannelFailed(f));
+    engine.on('discards-dropped', (round: number) => this.#link?.connection.reportDropped(round));
     engine.on('switchover', (e: { discarded: number; rewritten: number }) => {
       this.#switchedOver = true;
       this.#link?.connection.reportRunning();

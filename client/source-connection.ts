@@ -261,7 +261,7 @@ export class SourceConnection {
         ...options.transfer,
         background: { ...options.transfer.background, enabled: options.transfer.background.enabled && !held },
         ...(huge ? { pageSizes } : {}),
-        ...(precopy ? { precopy: true } : {}),
+        ...(precopy ? { precopy: true, discardMarks: true } : {}),
       });
       const urgentFd = await openChannel(address, welcome, 'urgent', timeoutMs);
       let bulkFd: number;
@@ -329,6 +329,11 @@ export class SourceConnection {
   /** Tells a live source that the workload runs here now (its switchover marker arrived). */
   reportRunning(): void {
     if (!this.#control.destroyed) send(this.#control, { t: 'running' });
+  }
+
+  /** A live source's discard round `round` is applied here: it may pause its workload now (the pause then holds less). */
+  reportDropped(round: number): void {
+    if (!this.#control.destroyed) send(this.#control, { t: 'dropped', round });
   }
 
   /** The source frees its image as this destination installs it: it wants `installed` reports (release-as-sent). */

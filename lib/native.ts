@@ -76,7 +76,9 @@ export type NativeEvent = NativeEventBase &
     /** A live source's precopy round went out (source). */
     | { type: 'round-sent'; pages: number; bytes: number; ns: number }
     /** A live source's discard round went out: the pages the destination dropped (source). */
-    | { type: 'discard-round-sent'; pages: number; ns: number }
+    | { type: 'discard-round-sent'; pages: number; ns: number; round: number }
+    /** Every discard run of a live source's discard round `round` is applied here (destination). */
+    | { type: 'discards-dropped'; round: number }
     /** A live source sent its discards and switchover marker (source). */
     | { type: 'switched-over'; discarded: number; held: number }
     /** The switchover marker arrived: the workload may run here now (destination). */
@@ -307,6 +309,8 @@ export interface NativeAddon {
     keys?: { urgentDown: Buffer; urgentUp: Buffer; bulkDown: Buffer };
     /** A live source: the session starts in precopy (rounds, then the switchover). */
     precopy?: boolean;
+    /** A live source: each discard round ends with a mark the destination answers (`dropped`). */
+    discardMarks?: boolean;
     /** Release as sent: at most this many pages sent and not yet confirmed (confirm()); at least one run's pages. */
     unconfirmedBudget?: number;
     onEvent: (event: NativeEvent) => void;

@@ -55,6 +55,8 @@ export type Message =
       pageSizes?: number[];
       /** A live source (capability `precopy`): this destination takes precopy rounds, discards and the switchover marker. */
       precopy?: boolean;
+      /** With precopy: end each discard round with a mark; this destination answers \`dropped\` once its runs are applied. */
+      discardMarks?: boolean;
     }
   | { t: 'attach'; session: string; channel: 'urgent' | 'bulk' | 'memory'; ticket: Uint8Array }
   | { t: 'attached' }
@@ -65,6 +67,8 @@ export type Message =
   | { t: 'background' }
   /** The destination's workload runs (after a live source's switchover marker). */
   | { t: 'running' }
+  /** A live source's discard round \`round\` is applied here (its mark arrived). */
+  | { t: 'dropped'; round: number }
   | { t: 'installed'; region: number; offset: number; bitmap: Uint8Array }
   | { t: 'done'; stats?: Record<string, unknown>; verify?: VerifyRequest }
   | { t: 'digest'; regions: { id: number; sha256: string }[]; stats: Record<string, unknown>; checksums?: RegionChecksum[] }

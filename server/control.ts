@@ -66,7 +66,7 @@ const ACCEPTS = {
   proven: { types: [], bounded: false },
   welcomed: { types: ['options'], bounded: true },
   optioned: { types: ['have', 'prefetch', 'start', 'bye'], bounded: true },
-  started: { types: ['done', 'bye', 'background', 'installed', 'running'], bounded: false },
+  started: { types: ['done', 'bye', 'background', 'installed', 'running', 'dropped'], bounded: false },
   answered: { types: ['bye', 'installed'], bounded: false },
   closed: { types: [], bounded: false },
 } as const satisfies Record<ControlPhase, { types: readonly MessageType[]; bounded: boolean }>;
@@ -108,7 +108,7 @@ export class ControlConversation {
   #resuming = false;
   #session: SourceSession | null = null;
   #keys: DataChannelKeys | undefined;
-  #options: { transfer: TransferOptions; units: number[]; precopy: boolean } | null = null;
+  #options: { transfer: TransferOptions; units: number[]; precopy: boolean; discardMarks: boolean } | null = null;
   /** A held-pages bitmap too large for one frame comes first in pieces (`have`), then `start`. */
   readonly #have = new Map<number, { region: number; bitmap: Uint8Array }>();
   readonly #prefetch: Uint8Array[] = [];
@@ -224,7 +224,7 @@ export class ControlConversation {
   #onOptions(msg: Accepted<'welcomed'>): void {
     const transfer = checkOptions(msg);
     const units = checkPageSizes(msg.pageSizes, this.#host.image.regions);
-    this.#options = { transfer, units, precopy: msg.precopy === true };
+    this.#options = { transfer, units, precopy: msg.precopy === true, discardMarks: msg.discardMarks === true };
     this.#to('optioned');
   }
 
@@ -267,7 +267,7 @@ export class ControlConversation {
       ...(this.#keys ? { keys: this.#keys } : {}),
       prefetch: this.#prefetch,
       units: options.units,
-      ...(precopy ? { onPrecopyEvent: (event) => live.migration.onSessionEvent(event) } : {}),
+      ...(precopy ? { onPrecopyEvent: (event) => live.migration.onSessionEvent(event), discardMarks: options.discardMarks } : {}),
       unconfirmedBudget: release ? release.budgetPages : 0,
     });
     send(this.#socket, { t: 'started' });
@@ -289,6 +289,10 @@ export class ControlConversation {
       case 'running':
         if (!live) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'running goes to a live source');
         return live.running();
+      case 'dropped':
+        if (!live) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'dropped goes to a live source');
+        if (!Number.isInteger(msg.round) || msg.round < 1) throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'dropped names a discard round by its number');
+        return live.migration.discardsDropped(msg.round);
       case 'installed':
         return this.#installed(msg);
       case 'background':

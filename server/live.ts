@@ -328,6 +328,8 @@ export interface PrecopyTarget {
   precopyRound(ranges: Uint8Array): void;
   /** Of these pages (written since sent, the workload running), the destination drops those it holds now. */
   discardRound(ranges: Uint8Array): void;
+  /** The destination says when each discard round is applied (else only when it was sent is known). */
+  readonly acksDiscards: boolean;
   /** The workload paused: the pages written since the last round; the destination runs once they are discarded. */
   switchover(written: Uint8Array): void;
 }
@@ -336,6 +338,8 @@ export interface PrecopyTarget {
 const DISCARD_ROUNDS = 3;
 /** Fewer stale pages than this are dropped during the pause: a round would cost more than it saves. */
 const DISCARD_AHEAD_PAGES = 256;
+/** The longest a discard round waits to be said applied before the pause goes ahead anyway. */
+const DROPPED_WAIT_MS = 2000;
 
 /** precopy: rounds go out; switching: the workload pauses and the switchover goes out; postcopy: the destination runs. */
 export type LiveState = 'precopy' | 'switching' | 'postcopy' | 'migrated' | 'aborted';
@@ -426,6 +430,11 @@ export class LiveMigration extends EventEmitter {
    */
   destinationRunning(): void {
     this.#running?.();
+  }
+
+  /** The destination applied discard round `round`. */
+  discardsDropped(round: number): void {
+    this.emit('discards-dropped', round);
   }
 
   /**
@@ -580,9 +589,12 @@ export class LiveMigration extends EventEmitter {
   async #discardAhead(session: PrecopyTarget, written: Ranges, gone: Promise<never>): Promise<Ranges> {
     let stale = written;
     for (let round = 0; round < DISCARD_ROUNDS && stale.pages >= DISCARD_AHEAD_PAGES; round++) {
-      const sent = new Promise<{ pages: number; ns: number }>((resolve) => this.once('discard-round-sent', resolve));
+      const sent = new Promise<{ pages: number; ns: number; round: number }>((resolve) => this.once('discard-round-sent', resolve));
       session.discardRound(stale.encode());
       const done = await Promise.race([sent, gone]);
+      // Applied there, not only sent: what the destination has still to drop would otherwise be dropped in the pause.
+      // Bounded: a destination slow to answer costs a longer pause, never a wait without end.
+      if (session.acksDiscards) await Promise.race([this.#dropped(done.round), gone]);
       this.#discardedAhead += done.pages;
       const next = this.workload.written();
       this.#log.info(
@@ -594,6 +606,24 @@ export class LiveMigration extends EventEmitter {
       if (!shrinking) break;
     }
     return stale;
+  }
+
+  /** Resolves when the destination says discard round `round` is applied, or after DROPPED_WAIT_MS. */
+  #dropped(round: number): Promise<void> {
+    return new Promise((resolve) => {
+      const timer = setTimeout(() => {
+        this.off('discards-dropped', on);
+        this.#log.warn({ round, waitedMs: DROPPED_WAIT_MS }, 'the destination did not say the discard round was applied; pausing anyway');
+        resolve();
+      }, DROPPED_WAIT_MS);
+      const on = (n: number) => {
+        if (n !== round) return;
+        clearTimeout(timer);
+        this.off('discards-dropped', on);
+        resolve();
+      };
+      this.on('discards-dropped', on);
+    });
   }
 
   #roundSent(): Promise<{ pages: number; bytes: number; ns: number }> {

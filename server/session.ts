@@ -68,6 +68,8 @@ export interface SessionStart {
   units?: number[];
   /** A live source's precopy: the native session starts in precopy and its events ('round-sent', 'switched-over') come here. */
   onPrecopyEvent?: (event: NativeEvent) => void;
+  /** With precopy: the destination answers each discard round's mark (options.discardMarks). */
+  discardMarks?: boolean;
   /** Release as sent: the most pages sent and not yet confirmed installed (0: no bound). */
   unconfirmedBudget?: number;
 }
@@ -87,6 +89,7 @@ export class SourceSession {
   #graceTimer: NodeJS.Timeout | null = null;
   /** A live source's migration, told of the precopy events. */
   #onPrecopyEvent: ((event: NativeEvent) => void) | null = null;
+  #discardMarks = false;
   readonly #image: Image;
   readonly #log: Logger;
   readonly #onFailure: (err: CodedError) => void;
@@ -130,7 +133,7 @@ export class SourceSession {
   }
 
   /** Starts the native threads over both attached data channels. */
-  start({ transfer: options, have = [], keys, prefetch = [], units = [], onPrecopyEvent, unconfirmedBudget = 0 }: SessionStart): void {
+  start({ transfer: options, have = [], keys, prefetch = [], units = [], onPrecopyEvent, discardMarks = false, unconfirmedBudget = 0 }: SessionStart): void {
     if (this.#fds.urgent === undefined || this.#fds.bulk === undefined) {
       throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'start before both data channels were attached');
     }
@@ -147,7 +150,7 @@ export class SourceSession {
         background: options.background.enabled,
         rateBytesPerSecond: options.background.rateBytesPerSecond,
         ...(keys ? { keys } : {}),
-        ...(onPrecopyEvent ? { precopy: true } : {}),
+        ...(onPrecopyEvent ? { precopy: true, discardMarks } : {}),
         ...(unconfirmedBudget > 0 ? { unconfirmedBudget } : {}),
         onEvent: (event) => this.#onNativeEvent(event),
       });
@@ -160,6 +163,7 @@ export class SourceSession {
     for (const entries of prefetch) this.#native.prefetch(entries); // streamed before any background run
     const held = this.#native.stats().pagesSent;
     this.#onPrecopyEvent = onPrecopyEvent ?? null;
+    this.#discardMarks = discardMarks;
     this.#native.start();
     this.#machine.to('active', { options, pagesHeld: held, encryption: keys ? 'aes-256-gcm' : 'none' });
   }
@@ -180,6 +184,11 @@ export class SourceSession {
   precopyRound(ranges: Uint8Array): void {
     if (!this.#native) throw new PostcopyError(ErrorCode.ENGINE_STATE, `a precopy round while the session is ${this.state}`);
     this.#native.precopyRound(ranges);
+  }
+
+  /** The destination answers each discard round once it is applied (`dropped`). */
+  get acksDiscards(): boolean {
+    return this.#discardMarks;
   }
 
   /** A live source, its workload still running: of these pages (written since sent), the destination drops those it holds now. */
