@@ -82,7 +82,11 @@ async function restoreSnapshot(argv: string[], log: Logger): Promise<void> {
         ram.close();
         return { fromStore };
       };
-      await restoreFrom(argv, values, files, log, removeFiles, { blocks, running, served });
+      // QEMU gone mid-restore (or an interrupt): the stream's threads may be blocked on a page of this memory that only a
+      // turn of the event loop would fetch. Closing the session's userfaultfd lets them go (they read zeros, sent nowhere);
+      // the memory stays mapped until the process exits, as they may still be reading it.
+      const abandon = () => ram.close({ keepMemory: true });
+      await restoreFrom(argv, values, files, log, removeFiles, { blocks, running, served, abandon });
     } finally {
       ram.close();
     }
@@ -98,7 +102,7 @@ async function restoreFrom(
   snapshot: string,
   log: Logger,
   cleanUp: () => void,
-  fromMemory?: { blocks: ServedRegionSpec[]; running: () => void; served: () => Promise<Record<string, unknown>> },
+  fromMemory?: { blocks: ServedRegionSpec[]; running: () => void; served: () => Promise<Record<string, unknown>>; abandon: () => void },
 ): Promise<void> {
   const split = argv.indexOf('--');
   const window = parseWindow(values.window);
@@ -135,6 +139,7 @@ async function restoreFrom(
   // directory removed, and nothing is left running.
   const interrupted = (signal: NodeJS.Signals) => {
     child.kill('SIGKILL');
+    fromMemory?.abandon();
     rmSync(dir, { recursive: true, force: true });
     cleanUp();
     process.stderr.write(`postcopy qemu restore: interrupted (${signal}): QEMU (pid ${child.pid}) was stopped and its directory ${dir} removed\n`);
@@ -164,7 +169,7 @@ async function restoreFrom(
       logger: log,
       ...(window ? { window } : {}),
       background: !values['no-background'],
-      ...(fromMemory ? { blocks: fromMemory.blocks, onRunning: fromMemory.running } : {}),
+      ...(fromMemory ? { blocks: fromMemory.blocks, onRunning: fromMemory.running, onFailure: fromMemory.abandon } : {}),
     });
     const more = await fromMemory?.served();
     printServeReport({ ...report, ...more, qmp: qmpPath, pid: child.pid, log: logPath, ...(wait ? {} : { dir }) }, values.json === true, log);

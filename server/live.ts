@@ -372,6 +372,8 @@ export class LiveMigration extends EventEmitter {
   #switchSent = false;
   /** Pages dropped at the destination by discard rounds, before the pause. */
   #discardedAhead = 0;
+  /** The last discard round the destination said it applied (its answer may come before the round's own sent event). */
+  #droppedUpTo = 0;
 
   constructor(workload: LiveWorkload, options: LiveOptions = {}) {
     super();
@@ -432,8 +434,9 @@ export class LiveMigration extends EventEmitter {
     this.#running?.();
   }
 
-  /** The destination applied discard round `round`. */
+  /** The destination applied discard round `round` (and every one before it: they are applied in order). */
   discardsDropped(round: number): void {
+    this.#droppedUpTo = Math.max(this.#droppedUpTo, round);
     this.emit('discards-dropped', round);
   }
 
@@ -594,7 +597,7 @@ export class LiveMigration extends EventEmitter {
       const done = await Promise.race([sent, gone]);
       // Applied there, not only sent: what the destination has still to drop would otherwise be dropped in the pause.
       // Bounded: a destination slow to answer costs a longer pause, never a wait without end.
-      if (session.acksDiscards) await Promise.race([this.#dropped(done.round), gone]);
+      if (session.acksDiscards) await this.#dropped(done.round, gone);
       this.#discardedAhead += done.pages;
       const next = this.workload.written();
       this.#log.info(
@@ -608,21 +611,24 @@ export class LiveMigration extends EventEmitter {
     return stale;
   }
 
-  /** Resolves when the destination says discard round `round` is applied, or after DROPPED_WAIT_MS. */
-  #dropped(round: number): Promise<void> {
-    return new Promise((resolve) => {
-      const timer = setTimeout(() => {
-        this.off('discards-dropped', on);
+  /** Resolves when the destination has said discard round `round` is applied, or after DROPPED_WAIT_MS; rejects as `gone` does. */
+  #dropped(round: number, gone: Promise<never>): Promise<void> {
+    if (this.#droppedUpTo >= round) return Promise.resolve();
+    let timer: NodeJS.Timeout | undefined;
+    let on: ((n: number) => void) | undefined;
+    const answered = new Promise<void>((resolve) => {
+      timer = setTimeout(() => {
         this.#log.warn({ round, waitedMs: DROPPED_WAIT_MS }, 'the destination did not say the discard round was applied; pausing anyway');
         resolve();
       }, DROPPED_WAIT_MS);
-      const on = (n: number) => {
-        if (n !== round) return;
-        clearTimeout(timer);
-        this.off('discards-dropped', on);
-        resolve();
+      on = () => {
+        if (this.#droppedUpTo >= round) resolve();
       };
       this.on('discards-dropped', on);
+    });
+    return Promise.race([answered, gone]).finally(() => {
+      clearTimeout(timer);
+      this.off('discards-dropped', on!);
     });
   }
 

@@ -36,6 +36,13 @@ export interface QemuServeOptions {
   blocks?: ServedRegionSpec[];
   /** Called when the destination QEMU has its device state and runs. */
   onRunning?: () => void;
+  /**
+   * Called when the stream fails, before its threads are joined: memory they
+   * may be blocked reading (`blocks` a restore fills, whose pages come only
+   * while this process's event loop turns) must be let go first, or the join
+   * would wait for ever.
+   */
+  onFailure?: () => void;
 }
 
 export interface QemuServeReport {
@@ -163,6 +170,9 @@ export async function serveQemuSnapshot(dir: string, address: string, options: Q
     try {
       ram.start();
       await finished;
+    } catch (err) {
+      options.onFailure?.();
+      throw err;
     } finally {
       ram.stop();
     }

@@ -317,6 +317,36 @@ t.test('a destination QEMU that dies mid-restore: serve exits with a clear error
   t.match(stderr, /ERR_PEER_GONE/, 'saying the destination went away');
 });
 
+t.test('qemu restore from a store, its QEMU killed mid-restore: a clear error and an exit, never a hang on a page the store has not brought', async (t) => {
+  const dir = tempDir(t);
+  const { stream } = await importedSnapshot(t, dir);
+  const stored = `${await freshBucket(t)}/qemu/vm`;
+  const pushed = await runCli(['qemu', 'import', stream, '--out', stored]);
+  t.equal(pushed.code, 0, pushed.stderr);
+  // No background: pages come only as QEMU asks, so the restore is mid-way for as long as QEMU lives.
+  const restore = spawnCli(t, [
+    'qemu',
+    'restore',
+    '--snapshot',
+    stored,
+    '--no-background',
+    '--cache-dir',
+    join(dir, 'chunk-cache'),
+    '--',
+    'qemu-system-x86_64',
+    ...['-machine', 'pc', '-accel', 'tcg', '-m', '64', '-nodefaults', '-display', 'none'],
+  ]);
+  await until('the guest runs', () => /its memory follows on demand/.test(restore.output().stderr) || undefined, 60_000);
+  const qemuPid = await until('its QEMU', () => {
+    const found = spawnSync('pgrep', ['-P', String(restore.child.pid), 'qemu-system'], { encoding: 'utf8' }).stdout.trim();
+    return found ? Number(found.split('\n')[0]) : undefined;
+  });
+  process.kill(qemuPid, 'SIGKILL');
+  const ended = await restore.exited;
+  t.equal(ended.code, 1, 'the restore ends with an error');
+  t.match(ended.stderr, /ERR_PEER_GONE/, 'saying QEMU went away');
+});
+
 /** A QEMU restored lazily from `snapshot` (postcopy qemu restore), its serial console in `serial`; killed at teardown. */
 async function restoreGuest(t: Test, snapshot: string, command: string[], serial: string, what: string, options: string[] = []) {
   const restored = await runCli([

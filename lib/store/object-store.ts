@@ -85,7 +85,9 @@ export class ObjectStore {
     const httpAgent = new Agent({ keepAlive: true, maxSockets });
     const httpsAgent = new HttpsAgent({ keepAlive: true, maxSockets });
     const region = options.region ?? process.env.AWS_REGION ?? process.env.AWS_DEFAULT_REGION ?? 'us-east-1';
-    this.#getter = new SignedGetter(this.endpoint, region, this.endpoint.startsWith('https:') ? httpsAgent : httpAgent);
+    // No endpoint given: AWS itself, at the region's own endpoint (path-style there too; the global one answers other regions with a redirect).
+    const getFrom = endpoint ?? `https://s3.${region}.amazonaws.com`;
+    this.#getter = new SignedGetter(getFrom, region, getFrom.startsWith('https:') ? httpsAgent : httpAgent);
     const config: S3ClientConfig = {
       region,
       ...(endpoint ? { endpoint } : {}),

@@ -80,7 +80,15 @@ export class SignedGetter {
     const send = this.#endpoint.protocol === 'https:' ? httpsRequest : httpRequest;
     return new Promise((resolve, reject) => {
       const req = send(
-        { host: this.#endpoint.hostname, port: this.#endpoint.port || undefined, path, method: 'GET', headers, agent: this.#agent as Agent },
+        // An IPv6 endpoint's hostname comes bracketed ([::1]): the request wants the address alone.
+        {
+          host: this.#endpoint.hostname.replace(/^\[|\]$/g, ''),
+          port: this.#endpoint.port || undefined,
+          path,
+          method: 'GET',
+          headers,
+          agent: this.#agent as Agent,
+        },
         (res) => {
           const parts: Buffer[] = [];
           res.on('data', (d: Buffer) => {
