@@ -90,8 +90,12 @@ export interface ControlHost {
   proven(socket: Socket): void;
   /** The session this connection drives: the paused one it resumes, or a new one. */
   sessionFor(resume: unknown): SourceSession;
-  /** `socket` is `session`'s control channel now; `saidBye` tells, when it closes, whether the destination said bye. */
-  controlOpened(session: SourceSession, socket: Socket, saidBye: () => boolean): void;
+  /**
+   * `socket` is `session`'s control channel now; when it closes, `saidBye`
+   * tells whether the destination said bye, and `answered` whether it was
+   * sent its digest (which a cut link may not have let through).
+   */
+  controlOpened(session: SourceSession, socket: Socket, saidBye: () => boolean, answered: () => boolean): void;
   error(code: string): void;
 }
 
@@ -195,7 +199,12 @@ export class ControlConversation {
       return this.#to('closed', { probe: true });
     }
     const session = this.#session!;
-    host.controlOpened(session, this.#socket, () => this.#saidBye);
+    host.controlOpened(
+      session,
+      this.#socket,
+      () => this.#saidBye,
+      () => this.#saidBye || this.phase === 'answered',
+    );
     // TCP leaves the host: its data channels carry sealed records (a TCP source always holds a token).
     this.#keys = this.#socket.remoteFamily && host.token && !host.plaintextTcp ? dataChannelKeys(host.token, this.#nonce, this.#helloNonce) : undefined;
     // On this host (a unix socket) and with an image in shared memory, the destination may take the memory itself.
@@ -304,7 +313,8 @@ export class ControlConversation {
         log.info({ session: session.id, destination: msg.stats }, 'destination reports every page resident');
         this.#to('answered');
         send(this.#socket, { t: 'digest', ...(await image.answerDone(verify)), stats: { ...session.stats() } });
-        live?.answered();
+        // A live workload leaves once the destination says bye: that proves the digest reached it (a link cut
+        // now would otherwise leave it asking, resume after resume, a source that has exited).
         return;
       }
     }
@@ -328,6 +338,7 @@ export class ControlConversation {
     this.#to('closed', { by: 'bye' });
     // Release-as-sent: the destination holds every page and had its digest; nothing is left to serve.
     this.#host.release?.saidBye(this.#session!, answered);
+    if (answered) this.#host.live?.answered();
   }
 }
 

@@ -142,7 +142,7 @@ export class PageServer {
       log: this.#log,
       proven: (socket) => this.#unproven.proven(socket),
       sessionFor: (resume) => this.#sessionFor(resume),
-      controlOpened: (session, socket, saidBye) => this.#controlOpened(session, socket, saidBye),
+      controlOpened: (session, socket, saidBye, answered) => this.#controlOpened(session, socket, saidBye, answered),
       error: (code) => this.#figures.error(code),
     };
   }
@@ -309,14 +309,19 @@ export class PageServer {
    * migration and the session; a destination that said bye is done; any other
    * loss pauses the session for the resume grace.
    */
-  #controlOpened(session: SourceSession, socket: Socket, saidBye: () => boolean): void {
+  #controlOpened(session: SourceSession, socket: Socket, saidBye: () => boolean, answered: () => boolean): void {
     this.#controls.set(session.id, socket);
     socket.once('close', () => {
       if (this.#controls.get(session.id) !== socket) return; // replaced by a resume
       this.#controls.delete(session.id);
       if (this.#live?.controlLost()) session.close('the destination left before the switchover');
       else if (saidBye()) session.close('the destination said bye');
-      else session.connectionLost('control channel closed', this.#resumeGraceMs, () => this.#forget(session.id));
+      else
+        session.connectionLost('control channel closed', this.#resumeGraceMs, () => {
+          this.#forget(session.id);
+          // A live destination sent its digest, then lost, and not back within the grace: it had every page; the workload has moved.
+          if (answered()) this.#live?.answered();
+        });
       if (session.state === 'closed') {
         if (!saidBye()) this.#remember(session.id, 'its control channel closed (cut, or the destination left) before the transfer started');
         this.#forget(session.id);
