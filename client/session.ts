@@ -400,8 +400,7 @@ export class DestinationSession extends EventEmitter implements PageSession {
     if (this.#watchdog) clearInterval(this.#watchdog);
     this.#dropLink()?.connection.close();
     this.#welcomed?.engine.stop();
-    const { state: _, ...status } = this.status(); // `state` in the details would hide the state logged
-    this.#machine.to('closed', status);
+    this.#machine.to('closed', this.status() as unknown as Record<string, unknown>);
     this.#opened.reject(sessionClosed(this.#lastError));
   }
 
