@@ -325,6 +325,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
     started_ = true;
     startNs_ = MonotonicNs();
     Spawn("pc-requests", -1, [this] { RequestLoop(); });
+    if (bulkFd_ >= 0 && BackgroundPacer::Needed(bulkFd_)) pacer_ = std::make_unique<BackgroundPacer>(bulkFd_, [this] { return Stopping(); });
     if (bulkFd_ >= 0) Spawn("pc-background", -1, [this] { BulkLoop(); });
     return info.Env().Undefined();
   }
@@ -360,6 +361,16 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
     n("unconfirmedBudget", budget_);
     n("budgetWaits", budgetWaits_);
     n("backgroundDoneNs", backgroundDoneNs_ ? backgroundDoneNs_ - startNs_ : 0);
+    if (BackgroundPacer* p = pacer_.get()) {
+      BackgroundPacer::Figures f = p->figures();
+      Napi::Object pacing = Napi::Object::New(env);
+      pacing.Set("windowBytes", Napi::Number::New(env, static_cast<double>(f.windowBytes)));
+      pacing.Set("minRttUs", Napi::Number::New(env, static_cast<double>(f.minRttUs)));
+      pacing.Set("rttUs", Napi::Number::New(env, static_cast<double>(f.rttUs)));
+      pacing.Set("waits", Napi::Number::New(env, static_cast<double>(f.waits)));
+      pacing.Set("waitMs", Napi::Number::New(env, static_cast<double>(f.waitNs) / 1e6));
+      s.Set("backgroundPacing", pacing);
+    }
     return s;
   }
 
@@ -436,7 +447,10 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
     requests_++;
     runs_.clear();
     if (sched_->Request(id, first, r.unit, runs_) > 0) {  // sent already
-      if (r.sentUrgent->Test(first)) {
+      // Ahead of us on this channel; or, across a link, on the paced bulk
+      // channel, where at most the pacer's window is ahead of it in the
+      // link's queue: a copy sent now would queue behind the same bytes.
+      if (r.sentUrgent->Test(first) || (pacer_ && !precopy_)) {
         pagesInFlight_ += r.unit;
         return 0;
       }
@@ -445,7 +459,11 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
     }
     pagesRequested_ += r.unit;
     NoteUnconfirmed();
-    sched_->Around(id, first, r.unit, Room(), runs_);
+    // Across a link with the background on, the neighbours ride the
+    // background: its cursor jumps to this page, so they follow on the bulk
+    // channel at the link's pace instead of making the next fault wait
+    // behind them here.
+    if (!(pacer_ && background_.load(std::memory_order_relaxed))) sched_->Around(id, first, r.unit, Room(), runs_);
     NoteUnconfirmed();
     for (const PageRun& run : runs_) {
       for (uint64_t k = run.first; k < run.first + run.count; k += r.unit) r.sentUrgent->Claim(k);
@@ -460,6 +478,10 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
   // one run's bytes at a time; then the background, when it is on.
   void BulkLoop() {
     ChannelWriter out(bulkFd_, Key(bulkDownKey_, kBulkDown, true));
+    if (pacer_) {
+      pacer_->WriteFromThisThread();
+      out.PaceWith(pacer_.get());
+    }
     RunBatch batch(out, 64, bytesSent_);
     if (precopy_) {
       int err = Precopy(out, batch);
@@ -486,7 +508,10 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
         WaitForBudget(mostRun_);
         if (Stopping()) return;
         PageRun run;
-        if (!sched_->NextBackgroundRun(mostRun_, &run)) continue;  // (the last pages were taken meanwhile)
+        // Across a link, a run no larger than the pacer's window: a page
+        // claimed is then on its way within about the link's target delay.
+        uint64_t most = pacer_ ? std::max<uint64_t>(1, pacer_->figures().windowBytes / 4096) : mostRun_;
+        if (!sched_->NextBackgroundRun(most, &run)) continue;  // (the last pages were taken meanwhile)
         pagesBackground_ += run.count;
         NoteUnconfirmed();
         err = AddRuns(batch, run.region, run.first, run.count, wire::kBackground);
@@ -693,8 +718,11 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
   std::vector<std::pair<uint64_t, uint64_t>> finalWritten_;
   int urgentFd_ = -1, bulkFd_ = -1;
   uint32_t windowForward_ = 0, windowBackward_ = 0;
-  bool background_ = true;
+  std::atomic<bool> background_{true};
   double rate_ = 0;
+  // The bulk channel's share of a network link, when it crosses one (made by
+  // start() before the bulk thread, so stats() may read it from then on).
+  std::unique_ptr<BackgroundPacer> pacer_;
   bool encrypted_ = false;
   uint8_t urgentDownKey_[32] = {}, urgentUpKey_[32] = {}, bulkDownKey_[32] = {};
   bool started_ = false;

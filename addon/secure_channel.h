@@ -19,6 +19,7 @@
 #include <memory>
 #include <vector>
 
+#include "background_pacer.h"
 #include "io.h"
 
 namespace uffdpc {
@@ -92,13 +93,16 @@ class ChannelWriter {
  public:
   ChannelWriter(int fd, std::unique_ptr<Aead> aead) : fd_(fd), aead_(std::move(aead)) {}
   bool encrypted() const { return aead_ != nullptr; }
+  // From here on, every write waits for its share of the link (the bulk channel's background).
+  void PaceWith(BackgroundPacer* pacer) { pacer_ = pacer; }
   // 0 or an errno (EPROTO if sealing failed).
   int Writev(iovec* iov, int count) {
-    if (!aead_) return WritevFull(fd_, iov, count);
+    if (!aead_) return Send(iov, count);
     size_t bytes = 0;
     for (int i = 0; i < count; i++) bytes += iov[i].iov_len;
     if (!aead_->Seal(iov, count, bytes, record_)) return EPROTO;
-    return WriteFull(fd_, record_.data(), record_.size());
+    iovec record{record_.data(), record_.size()};
+    return Send(&record, 1);
   }
   int Write(const void* buf, size_t n) {
     iovec iov{const_cast<void*>(buf), n};
@@ -106,8 +110,11 @@ class ChannelWriter {
   }
 
  private:
+  int Send(iovec* iov, int count) { return pacer_ ? pacer_->WritevFull(iov, count) : WritevFull(fd_, iov, count); }
+
   int fd_;
   std::unique_ptr<Aead> aead_;
+  BackgroundPacer* pacer_ = nullptr;
   std::vector<uint8_t> record_;
 };
 

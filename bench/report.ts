@@ -25,6 +25,9 @@ export interface SuiteReport {
   results: ScenarioResult[];
   scaling: ScalingRow[];
   plots: string[];
+  /** How many times each scenario ran, interleaved (policies alternate within a round). */
+  rounds: number;
+  headline: HeadlineRow[];
 }
 
 const f = (x: number | null | undefined, d = 1) => (x === null || x === undefined ? '–' : x.toFixed(d));
@@ -55,6 +58,87 @@ export function rankPolicies(results: ScenarioResult[]) {
       of: ranked.length,
     };
   });
+}
+
+/**
+ * The suite's headline, one row per link, pattern and threads: the default
+ * policy's workload time over the best fixed policy's (the one with the
+ * lowest median), and the default's fault p50 (the background on) over pure
+ * on-demand's; medians over the rounds, with the per-round spread.
+ */
+export interface HeadlineRow {
+  link: string;
+  pattern: string;
+  threads: number;
+  rounds: number;
+  defaultMs: number;
+  best: string;
+  bestMs: number;
+  defaultVsBest: number;
+  defaultVsBestSpread: [number, number];
+  faultP50Us: number;
+  onDemandFaultP50Us: number;
+  faultP50VsOnDemand: number;
+  faultP50VsOnDemandSpread: [number, number];
+}
+
+const middle = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+const r2 = (x: number) => Math.round(x * 100) / 100;
+
+export function headline(results: ScenarioResult[]): HeadlineRow[] {
+  const groups = new Map<string, Map<string, ScenarioResult[]>>();
+  for (const r of results) {
+    if (r.placement !== 'free' || r.pattern === 'none') continue;
+    const key = `${r.link}|${r.pattern}|${r.threads}`;
+    const byPolicy = groups.get(key) ?? new Map<string, ScenarioResult[]>();
+    byPolicy.set(r.policy, [...(byPolicy.get(r.policy) ?? []), r]);
+    groups.set(key, byPolicy);
+  }
+  const rows: HeadlineRow[] = [];
+  for (const byPolicy of groups.values()) {
+    const def = byPolicy.get('default');
+    const onDemand = byPolicy.get('on-demand');
+    const fixed = [...byPolicy.entries()].filter(([name]) => name !== 'default');
+    if (!def || !onDemand || fixed.length === 0) continue;
+    const [best, bestRuns] = fixed.sort((a, b) => middle(a[1].map((r) => r.workloadMs)) - middle(b[1].map((r) => r.workloadMs)))[0];
+    const rounds = Math.min(def.length, bestRuns.length, onDemand.length);
+    const perRound = (f: (k: number) => number) => Array.from({ length: rounds }, (_, k) => f(k));
+    const vsBest = perRound((k) => def[k].workloadMs / bestRuns[k].workloadMs);
+    const vsOnDemand = perRound((k) => def[k].faultUs.p50 / onDemand[k].faultUs.p50);
+    const defaultMs = middle(def.map((r) => r.workloadMs));
+    const bestMs = middle(bestRuns.map((r) => r.workloadMs));
+    const faultP50Us = middle(def.map((r) => r.faultUs.p50));
+    const onDemandFaultP50Us = middle(onDemand.map((r) => r.faultUs.p50));
+    rows.push({
+      link: def[0].link,
+      pattern: def[0].pattern,
+      threads: def[0].threads,
+      rounds,
+      defaultMs,
+      best,
+      bestMs,
+      defaultVsBest: r2(middle(vsBest)),
+      defaultVsBestSpread: [r2(Math.min(...vsBest)), r2(Math.max(...vsBest))],
+      faultP50Us,
+      onDemandFaultP50Us,
+      faultP50VsOnDemand: r2(middle(vsOnDemand)),
+      faultP50VsOnDemandSpread: [r2(Math.min(...vsOnDemand)), r2(Math.max(...vsOnDemand))],
+    });
+  }
+  return rows;
+}
+
+/** The headline as a table for people. */
+export function headlineTable(rows: HeadlineRow[]): string {
+  const lines = [
+    'link          pattern/thr     default ms   best fixed policy     default/best   fault p50 µs (default / on-demand)   ratio',
+    ...rows.map(
+      (r) =>
+        `${r.link.padEnd(13)} ${`${r.pattern}/${r.threads}`.padEnd(15)} ${r.defaultMs.toFixed(1).padStart(10)}   ${`${r.best} ${r.bestMs.toFixed(1)} ms`.padEnd(21)} ${`${r.defaultVsBest.toFixed(2)}x`.padStart(12)}   ${`${r.faultP50Us.toFixed(1)} / ${r.onDemandFaultP50Us.toFixed(1)}`.padStart(34)}   ${`${r.faultP50VsOnDemand.toFixed(2)}x`.padStart(5)}`,
+    ),
+  ];
+  if (rows.some((r) => r.rounds > 1)) lines.push(`(medians of ${rows[0].rounds} interleaved rounds; the spreads are in --json and results.json)`);
+  return lines.join('\n') + '\n';
 }
 
 function spreadOf(report: SuiteReport, k: string): string {
@@ -102,6 +186,20 @@ export function markdown(report: SuiteReport): string {
     );
   }
   L.push('');
+  if (report.headline?.length) {
+    L.push('## Headline', '');
+    L.push(
+      `The default policy's workload time over the best fixed policy's, and its fault p50 (the background on) over pure on-demand's${report.rounds > 1 ? `; medians of ${report.rounds} interleaved rounds, per-round spread in brackets` : ''}.`,
+      '',
+    );
+    L.push('| link | pattern | thr | default ms | best fixed policy | default / best | fault p50 µs default / on-demand | ratio |');
+    L.push('|---|---|---|---|---|---|---|---|');
+    for (const h of report.headline)
+      L.push(
+        `| ${h.link} | ${h.pattern} | ${h.threads} | ${f(h.defaultMs)} | ${h.best} ${f(h.bestMs)} ms | ${h.defaultVsBest.toFixed(2)}x${h.rounds > 1 ? ` [${h.defaultVsBestSpread.join(', ')}]` : ''} | ${f(h.faultP50Us)} / ${f(h.onDemandFaultP50Us)} | ${h.faultP50VsOnDemand.toFixed(2)}x${h.rounds > 1 ? ` [${h.faultP50VsOnDemandSpread.join(', ')}]` : ''} |`,
+      );
+    L.push('');
+  }
   const ranks = rankPolicies(report.results);
   if (ranks.length) {
     const bestCount = ranks.filter((r) => r.rank === 1).length;

@@ -11,7 +11,7 @@ import { floorImageFile, startSource, type RunningSource } from './source.js';
 import { execFileSync } from 'node:child_process';
 import type { Pattern } from './patterns.js';
 import { PLOTS_NEED, latencyCdf, plotting, residencyOverTime, scaling } from './plots.js';
-import { markdown, type ScalingRow, type SuiteReport } from './report.js';
+import { headline, markdown, type ScalingRow, type SuiteReport } from './report.js';
 import { removeScratchDir, scratchDir } from './cleanup.js';
 
 export interface SuiteOptions {
@@ -22,6 +22,8 @@ export interface SuiteOptions {
   pages?: number;
   /** Only these links. */
   links?: string[];
+  /** Each scenario this many times, interleaved (default 1): the headline's ratios are medians of the rounds. */
+  rounds?: number;
   progress: (line: string) => void;
 }
 
@@ -69,6 +71,8 @@ export async function runSuite(options: SuiteOptions): Promise<{ dir: string; re
     results: [],
     scaling: [],
     plots: [],
+    rounds: options.rounds ?? 1,
+    headline: [],
   };
   try {
     say(`floor: ${report.floorCommand}`);
@@ -89,13 +93,26 @@ export async function runSuite(options: SuiteOptions): Promise<{ dir: string; re
       report.links.push({ name: link.up.name, description: link.up.description });
       say(`${link.up.name}: ${link.up.description}`);
       try {
-        for (const [pattern, threads] of plan.workloads) {
-          for (const policy of policies) {
-            const r = await runScenario({ link: link.up.name, source: link.up.source, token: link.up.token, pages, pattern, threads, policy, placement: FREE });
-            report.results.push(r);
-            say(
-              `  ${pattern}/${threads} ${policy.name}: first touch p50 ${r.firstTouchUs.p50} µs, workload ${r.workloadMs} ms, full residency ${r.fullResidencyMs ?? '–'} ms`,
-            );
+        for (let round = 0; round < report.rounds; round++) {
+          // Interleaved: every policy once per round, in the other order the next round.
+          const order = round % 2 === 0 ? policies : [...policies].reverse();
+          for (const [pattern, threads] of plan.workloads) {
+            for (const policy of order) {
+              const r = await runScenario({
+                link: link.up.name,
+                source: link.up.source,
+                token: link.up.token,
+                pages,
+                pattern,
+                threads,
+                policy,
+                placement: FREE,
+              });
+              report.results.push(r);
+              say(
+                `  ${report.rounds > 1 ? `round ${round + 1} ` : ''}${pattern}/${threads} ${policy.name}: first touch p50 ${r.firstTouchUs.p50} µs, fault p50 ${r.faultUs.p50} µs, workload ${r.workloadMs} ms, full residency ${r.fullResidencyMs ?? '–'} ms`,
+              );
+            }
           }
         }
         if (spec.name === 'unix' && availableParallelism() >= 2) await placements(report, link.up.source, pages, say);
@@ -121,6 +138,7 @@ export async function runSuite(options: SuiteOptions): Promise<{ dir: string; re
   } finally {
     removeScratchDir(scratch);
   }
+  report.headline = headline(report.results);
   writeFileSync(join(dir, 'results.json'), JSON.stringify(report, null, 1));
   writeFileSync(join(dir, 'report.md'), markdown(report));
   return { dir, report };

@@ -34,7 +34,7 @@ async function bench(argv: string[]): Promise<void> {
   });
   // Each benchmark takes its own options; one given to another is refused, never ignored.
   const takes: Record<string, string[]> = {
-    suite: ['pages', 'json', 'full', 'out', 'link'],
+    suite: ['pages', 'rounds', 'json', 'full', 'out', 'link'],
     latency: ['pages', 'rounds', 'transport', 'seed', 'json'],
     throughput: ['pages', 'rounds', 'transport', 'json'],
     encryption: ['pages', 'rounds', 'seed', 'json'],
@@ -60,10 +60,16 @@ async function bench(argv: string[]): Promise<void> {
       ...(values.out ? { outDir: values.out } : {}),
       ...(values.pages ? { pages: parseCount(values.pages, '--pages', 16384, 1 << 24, 1) } : {}),
       ...(values.link ? { links: values.link } : {}),
+      rounds: parseCount(values.rounds, '--rounds', 1, 100, 1),
       progress: (line) => process.stderr.write(line + '\n'),
     });
-    if (values.json) process.stdout.write(JSON.stringify(report) + '\n');
-    else process.stdout.write(`${report.results.length} scenarios in ${((Date.now() - started) / 1000).toFixed(0)} s; report: ${join(dir, 'report.md')}\n`);
+    // The headline: one JSON line per link, pattern and threads, or a table; everything else is in the report.
+    if (values.json) for (const row of report.headline) process.stdout.write(JSON.stringify(row) + '\n');
+    else {
+      const { headlineTable } = await import('../bench/report.js');
+      process.stdout.write(headlineTable(report.headline));
+      process.stdout.write(`${report.results.length} scenarios in ${((Date.now() - started) / 1000).toFixed(0)} s; report: ${join(dir, 'report.md')}\n`);
+    }
     return;
   }
   if (which === 'encryption') {

@@ -187,12 +187,15 @@ ${recoveryUsage}
 ${serviceUsage}
 ${loggingUsage}`;
 
-export const benchUsage = `postcopy bench [--full] [--out DIR] [--pages N] [--link NAME ...] [--json]
+export const benchUsage = `postcopy bench [--full] [--out DIR] [--pages N] [--link NAME ...] [--rounds R] [--json]
   Links (unix, tcp, veth links between network namespaces at data-centre
   rates) x access patterns x transfer policies (x image sizes with --full),
   each beside bench/floor.c (a plain-C page service) measured in the same run.
-  Writes results.json, report.md and SVG plots to ./reports/<time>/ in the
-  current directory, or --out DIR (see bench/README.md).
+  Prints the headline: per link, pattern and threads, the default policy's
+  workload time over the best fixed policy's and its fault p50 over pure
+  on-demand's (medians of R interleaved rounds, default 1). Writes
+  results.json, report.md and SVG plots to ./reports/<time>/ in the current
+  directory, or --out DIR (see bench/README.md).
 
 postcopy bench latency|throughput [--pages N] [--transport T,T,...] [--seed S] [--rounds R] [--json]
   The floor's own workload only (one thread, every page once, random order;

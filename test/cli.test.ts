@@ -263,6 +263,30 @@ t.test('benchmarks print a table by default and JSON lines with --json, never bo
   t.notMatch(help.stdout, /JSON lines, then a table/, 'one convention, said once');
 });
 
+t.test(
+  'the bench suite prints its headline: per link, pattern and threads, the default against the best fixed policy and its fault p50 against on-demand',
+  async (t) => {
+    const out = tempDir(t);
+    const json = await runCli(['bench', '--link', 'unix', '--pages', '512', '--rounds', '2', '--json', '--out', out]);
+    t.equal(json.code, 0, json.stderr);
+    const rows = json.stdout
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l));
+    t.equal(rows.length, 4, 'one line per pattern and threads (random/1, sequential/1, hotset/1, random/2)');
+    for (const row of rows) {
+      t.match(row, { link: 'unix', pattern: String, threads: Number, rounds: 2, defaultVsBest: Number, faultP50VsOnDemand: Number, best: String });
+      t.not(row.best, 'default', 'the best is a fixed policy');
+      t.ok(row.defaultVsBestSpread[0] <= row.defaultVsBest && row.defaultVsBest <= row.defaultVsBestSpread[1], 'the median lies within its spread');
+    }
+    const results = JSON.parse(readFileSync(join(out, 'results.json'), 'utf8'));
+    t.equal(results.rounds, 2);
+    t.equal(results.results.filter((r: { placement: string }) => r.placement === 'free').length, 32, 'every policy ran twice per workload');
+    t.same(results.headline, rows, 'the same headline in results.json');
+    t.match(readFileSync(join(out, 'report.md'), 'utf8'), /## Headline/);
+  },
+);
+
 t.test("bench latency prints one JSON line per transport: our percentiles beside the project's own floor, ratios from interleaved rounds", async (t) => {
   const r = await runCli(['bench', 'latency', '--pages', '512', '--transport', 'unix', '--json']);
   t.equal(r.code, 0, r.stderr);

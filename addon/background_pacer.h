@@ -1,0 +1,205 @@
+// The background stream's share of a network link. A page a fault asked for
+// goes out on the urgent connection, but over the same link as the bulk
+// connection: on a link slower than the machine, every byte of background
+// queued at the bottleneck ahead of it (the sender's qdisc, a switch port)
+// makes the fault wait. The pacer keeps the bulk connection's bytes not yet
+// acknowledged near what the link holds with no queue, delay-based as LEDBAT
+// (RFC 6817) is: its window grows while the connection's smoothed round trip
+// stays within a target above the lowest round trip seen, and shrinks in
+// proportion as it rises beyond. The target is that lowest round trip itself
+// (the link's unloaded delay, never under kMinTargetUs): a requested page then
+// waits behind at most about one unloaded round trip of background, whatever
+// the link's rate or delay, and the background still fills what demand leaves.
+// Nothing to tune: the kernel gives every figure for the bulk socket
+// (TCP_INFO's round trips and bytes acknowledged, SIOCOUTQ's bytes held).
+// Only TCP to another host or namespace is paced: a unix socket or loopback
+// has no link to share (Needed()).
+#pragma once
+#include <arpa/inet.h>
+#include <linux/sockios.h>
+#include <linux/tcp.h>
+#include <netinet/in.h>
+#include <sys/ioctl.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <time.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cstdint>
+#include <cstddef>
+#include <cstring>
+#include <functional>
+
+#include "io.h"
+
+namespace uffdpc {
+
+class BackgroundPacer {
+ public:
+  // The figures the source reports (stats): the window now, the lowest and
+  // the smoothed round trip last seen, and how often and how long it waited.
+  struct Figures {
+    uint64_t windowBytes = 0, minRttUs = 0, rttUs = 0, waits = 0, waitNs = 0;
+  };
+
+  // Whether `fd` crosses a link: TCP whose peer is not a loopback address.
+  static bool Needed(int fd) {
+    sockaddr_storage peer{};
+    socklen_t len = sizeof peer;
+    if (getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &len) != 0) return false;
+    if (peer.ss_family == AF_INET) {
+      uint32_t a = ntohl(reinterpret_cast<sockaddr_in*>(&peer)->sin_addr.s_addr);
+      return (a >> 24) != 127;
+    }
+    if (peer.ss_family == AF_INET6) {
+      const in6_addr& a = reinterpret_cast<sockaddr_in6*>(&peer)->sin6_addr;
+      if (IN6_IS_ADDR_LOOPBACK(&a)) return false;
+      if (IN6_IS_ADDR_V4MAPPED(&a)) return a.s6_addr[12] != 127;
+      return true;
+    }
+    return false;  // a unix socket
+  }
+
+  BackgroundPacer(int fd, std::function<bool()> stopping) : fd_(fd), stopping_(std::move(stopping)) {
+    tcp_info info{};
+    if (Sample(&info)) ackedBefore_ = info.tcpi_bytes_acked;
+  }
+
+  // On the thread that writes, before its first write: its timer slack made
+  // fine, so a wait of tens of microseconds is not stretched to the default 50.
+  void WriteFromThisThread() { prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0); }
+
+  // Writes every byte of iov[0..count) in slices that fit the window,
+  // waiting for acknowledgements between them. 0 or an errno.
+  int WritevFull(iovec* iov, int count) {
+    while (count > 0) {
+      size_t room = WaitForRoom();
+      if (stopping_()) return EPIPE;
+      // One slice: at most `room` bytes of the iovecs, advanced in place.
+      iovec slice[kSliceIovecs];
+      int n = 0;
+      size_t bytes = 0;
+      for (int i = 0; i < count && n < kSliceIovecs && bytes < room; i++, n++) {
+        slice[n] = iov[i];
+        if (bytes + slice[n].iov_len > room) slice[n].iov_len = room - bytes;
+        bytes += slice[n].iov_len;
+      }
+      if (int err = uffdpc::WritevFull(fd_, slice, n)) return err;
+      size_t left = bytes;
+      while (count > 0 && left >= iov->iov_len) {
+        left -= iov->iov_len;
+        iov++;
+        count--;
+      }
+      if (count > 0) {
+        iov->iov_base = static_cast<char*>(iov->iov_base) + left;
+        iov->iov_len -= left;
+      }
+    }
+    return 0;
+  }
+
+  // (any thread)
+  Figures figures() const {
+    return {windowBytes_.load(std::memory_order_relaxed), minRttUs_.load(std::memory_order_relaxed), rttUs_.load(std::memory_order_relaxed),
+            waits_.load(std::memory_order_relaxed), waitNs_.load(std::memory_order_relaxed)};
+  }
+
+ private:
+  static constexpr double kMinWindow = 16 << 10;       // four pages: enough to keep acknowledgements coming
+  static constexpr double kMaxWindow = 8 << 20;        // the bulk socket's send buffer
+  static constexpr size_t kMinSlice = 4 << 10;         // one page: a smaller slice costs a syscall for little
+  static constexpr uint32_t kMinTargetUs = 100;        // below this a round trip is the hosts' own scheduling noise
+  static constexpr uint64_t kMaxWaitNs = 1000000;      // re-read the socket at least every millisecond
+  static constexpr uint64_t kMaxOversleepNs = 200000;  // a sleep later than this is a stall, not the timer's lateness
+  static constexpr int kSliceIovecs = 64;
+
+  bool Sample(tcp_info* info) {
+    socklen_t len = sizeof *info;
+    return getsockopt(fd_, IPPROTO_TCP, TCP_INFO, info, &len) == 0 && len >= offsetof(tcp_info, tcpi_delivery_rate) + sizeof info->tcpi_delivery_rate;
+  }
+
+  // The window, moved by what was acknowledged since the last look.
+  void Update(const tcp_info& info) {
+    uint64_t acked = info.tcpi_bytes_acked - ackedBefore_;
+    ackedBefore_ = info.tcpi_bytes_acked;
+    minRttUs_.store(info.tcpi_min_rtt, std::memory_order_relaxed);
+    rttUs_.store(info.tcpi_rtt, std::memory_order_relaxed);
+    if (acked == 0 || info.tcpi_min_rtt == 0) return;
+    double target = std::max<uint32_t>(info.tcpi_min_rtt, kMinTargetUs);
+    double queued = info.tcpi_rtt > info.tcpi_min_rtt ? info.tcpi_rtt - info.tcpi_min_rtt : 0;
+    double offTarget = std::clamp((target - queued) / target, -1.0, 1.0);
+    // Grow only while the window was what held the stream back.
+    if (offTarget > 0 && !windowLimited_) return;
+    window_ = std::clamp(window_ + offTarget * static_cast<double>(acked), kMinWindow, kMaxWindow);
+    windowBytes_.store(static_cast<uint64_t>(window_), std::memory_order_relaxed);
+    windowLimited_ = false;
+  }
+
+  // Bytes the socket holds: not sent yet, and sent but not acknowledged.
+  size_t Held() {
+    int held = 0;
+    if (ioctl(fd_, SIOCOUTQ, &held) != 0 || held < 0) return 0;
+    return static_cast<size_t>(held);
+  }
+
+  // Waits until at least a slice fits the window (or stopping); the room.
+  size_t WaitForRoom() {
+    uint64_t since = 0;  // when the wait began (0: no wait yet)
+    for (;;) {
+      tcp_info info{};
+      if (!Sample(&info)) return SIZE_MAX;  // not TCP after all: write unpaced
+      Update(info);
+      size_t held = Held();
+      size_t window = static_cast<size_t>(window_);
+      if (held + kMinSlice <= window || held == 0) {
+        if (since) {
+          waits_.fetch_add(1, std::memory_order_relaxed);
+          waitNs_.fetch_add(MonotonicNs() - since, std::memory_order_relaxed);
+        }
+        return std::max(window > held ? window - held : 0, kMinSlice);
+      }
+      windowLimited_ = true;
+      if (stopping_()) return 0;
+      uint64_t t0 = MonotonicNs();
+      if (!since) since = t0;
+      // About the time the link takes to drain what is over the window.
+      double rate = info.tcpi_delivery_rate > 0 ? static_cast<double>(info.tcpi_delivery_rate) : 125e6;
+      uint64_t ns = static_cast<uint64_t>(static_cast<double>(held + kMinSlice - window) / rate * 1e9);
+      if (ns <= oversleepNs_) {
+        // Sooner than a sleep would wake: look again at once (a sleep would
+        // leave the link idle, and the window is a few round trips at most).
+        CpuRelax();
+        continue;
+      }
+      // Wake a sleep's usual lateness early, so the link does not run dry.
+      uint64_t sleep = std::min(ns - oversleepNs_, kMaxWaitNs);
+      timespec ts{0, static_cast<long>(sleep)};
+      nanosleep(&ts, nullptr);
+      uint64_t slept = MonotonicNs() - t0;
+      uint64_t late = slept > sleep ? slept - sleep : 0;
+      oversleepNs_ = (oversleepNs_ * 7 + std::min(late, kMaxOversleepNs)) / 8;
+    }
+  }
+
+  static void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+  }
+
+  int fd_;
+  std::function<bool()> stopping_;
+  double window_ = 64 << 10;
+  uint64_t oversleepNs_ = 30000;  // how late a sleep wakes here, on average (kept as it is measured)
+  bool windowLimited_ = false;
+  uint64_t ackedBefore_ = 0;
+  std::atomic<uint64_t> windowBytes_{64 << 10}, minRttUs_{0}, rttUs_{0}, waits_{0}, waitNs_{0};
+};
+
+}  // namespace uffdpc
