@@ -88,16 +88,7 @@ class BackgroundPacer {
         bytes += slice[n].iov_len;
       }
       if (int err = uffdpc::WritevFull(fd_, slice, n)) return err;
-      size_t left = bytes;
-      while (count > 0 && left >= iov->iov_len) {
-        left -= iov->iov_len;
-        iov++;
-        count--;
-      }
-      if (count > 0) {
-        iov->iov_base = static_cast<char*>(iov->iov_base) + left;
-        iov->iov_len -= left;
-      }
+      AdvanceIovecs(iov, count, bytes);
     }
     return 0;
   }

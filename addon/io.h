@@ -35,6 +35,20 @@ inline int ReadFull(int fd, void* buf, size_t n) {
   return 0;
 }
 
+// Moves past `bytes` written from iov[0..count): whole iovecs dropped, the
+// next one trimmed in place.
+inline void AdvanceIovecs(iovec*& iov, int& count, size_t bytes) {
+  while (count > 0 && bytes >= iov->iov_len) {
+    bytes -= iov->iov_len;
+    iov++;
+    count--;
+  }
+  if (count > 0) {
+    iov->iov_base = static_cast<char*>(iov->iov_base) + bytes;
+    iov->iov_len -= bytes;
+  }
+}
+
 // Writes every byte of iov[0..count); advances the iovecs in place. 0 or errno.
 inline int WritevFull(int fd, iovec* iov, int count) {
   while (count > 0) {
@@ -43,16 +57,7 @@ inline int WritevFull(int fd, iovec* iov, int count) {
       if (errno == EINTR) continue;
       return errno;
     }
-    size_t left = static_cast<size_t>(w);
-    while (count > 0 && left >= iov->iov_len) {
-      left -= iov->iov_len;
-      iov++;
-      count--;
-    }
-    if (count > 0) {
-      iov->iov_base = static_cast<char*>(iov->iov_base) + left;
-      iov->iov_len -= left;
-    }
+    AdvanceIovecs(iov, count, static_cast<size_t>(w));
   }
   return 0;
 }

@@ -5,6 +5,7 @@
 // twice; on loopback nothing is paced. Behaviour only: the figures come from
 // `postcopy bench --link veth-1g`.
 import t from 'tap';
+import type { Test } from 'tap';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -35,15 +36,24 @@ async function restoreOver(up: { address: string; token?: string }, pattern: 'ra
   }
 }
 
-t.test('across a 1 Gbit/s link the background is paced, and still brings every page byte for byte', async (t) => {
-  const spec = LINKS.find((l) => l.name === 'veth-1g')!;
-  const link = await bringUp(spec, image, dir);
+/** A source across a veth pair shaped to 1 Gbit/s, taken down with the test; null where namespaces cannot be made. */
+async function gigabitLink(t: Test): Promise<LinkUp | null> {
+  const link = await bringUp(
+    LINKS.find((l) => l.name === 'veth-1g')!,
+    image,
+    dir,
+  );
   if ('skipped' in link) {
     t.comment(`skipped: ${link.skipped}`);
-    return;
+    return null;
   }
-  const up: LinkUp = link.up;
-  t.teardown(() => up.down());
+  t.teardown(() => link.up.down());
+  return link.up;
+}
+
+t.test('across a 1 Gbit/s link the background is paced, and still brings every page byte for byte', async (t) => {
+  const up = await gigabitLink(t);
+  if (!up) return;
   for (const pattern of ['random', 'sequential'] as const) {
     const { report, stats } = await restoreOver({ address: up.source.address, token: up.token }, pattern);
     t.equal(report.digestMatch, true, `${pattern}: the restored memory equals the image`);
@@ -58,14 +68,8 @@ t.test('across a 1 Gbit/s link the background is paced, and still brings every p
 });
 
 t.test('a destination that leaves while the background waits for the link: the source serves the next one whole', async (t) => {
-  const spec = LINKS.find((l) => l.name === 'veth-1g')!;
-  const link = await bringUp(spec, image, dir);
-  if ('skipped' in link) {
-    t.comment(`skipped: ${link.skipped}`);
-    return;
-  }
-  const up: LinkUp = link.up;
-  t.teardown(() => up.down());
+  const up = await gigabitLink(t);
+  if (!up) return;
   const first = await Destination.connect({ source: up.source.address, token: up.token, background: { enabled: true, rateBytesPerSecond: 0 } });
   await touchPages(first.regions[0].mapping.address, PAGES, touchSequence('random', 16, 1), {});
   first.close();
