@@ -100,12 +100,13 @@ class BackgroundPacer {
   }
 
  private:
-  static constexpr double kMinWindow = 16 << 10;       // four pages: enough to keep acknowledgements coming
-  static constexpr double kMaxWindow = 8 << 20;        // the bulk socket's send buffer
-  static constexpr size_t kMinSlice = 4 << 10;         // one page: a smaller slice costs a syscall for little
-  static constexpr uint32_t kMinTargetUs = 100;        // below this a round trip is the hosts' own scheduling noise
-  static constexpr uint64_t kMaxWaitNs = 1000000;      // re-read the socket at least every millisecond
-  static constexpr uint64_t kMaxOversleepNs = 200000;  // a sleep later than this is a stall, not the timer's lateness
+  static constexpr double kMinWindow = 16 << 10;         // four pages: enough to keep acknowledgements coming
+  static constexpr double kMaxWindow = 8 << 20;          // the bulk socket's send buffer
+  static constexpr size_t kMinSlice = 4 << 10;           // one page: a smaller slice costs a syscall for little
+  static constexpr uint32_t kMinTargetUs = 100;          // below this a round trip is the hosts' own scheduling noise
+  static constexpr uint64_t kRateIntervalNs = 10000000;  // the delivery rate is measured over this much time
+  static constexpr uint64_t kMaxWaitNs = 1000000;        // re-read the socket at least every millisecond
+  static constexpr uint64_t kMaxOversleepNs = 200000;    // a sleep later than this is a stall, not the timer's lateness
   static constexpr int kSliceIovecs = 64;
 
   bool Sample(tcp_info* info) {
@@ -125,7 +126,22 @@ class BackgroundPacer {
     double offTarget = std::clamp((target - queued) / target, -1.0, 1.0);
     // Grow only while the window was what held the stream back.
     if (offTarget > 0 && !windowLimited_) return;
-    window_ = std::clamp(window_ + offTarget * static_cast<double>(acked), kMinWindow, kMaxWindow);
+    // Never below what the fastest delivery seen carries in one target delay:
+    // where the path is slowed by the hosts' CPUs rather than by a link's
+    // queue, the round trip rises as much, but demand does not wait behind it.
+    // (Measured over 10 ms at least: the kernel's own per-ack estimate also
+    // sees bursts a token bucket lets through at memory speed.)
+    uint64_t now = MonotonicNs();
+    if (rateSince_ == 0) {
+      rateSince_ = now;
+      rateAckedSince_ = info.tcpi_bytes_acked;
+    } else if (now - rateSince_ >= kRateIntervalNs) {
+      maxRate_ = std::max(maxRate_, static_cast<double>(info.tcpi_bytes_acked - rateAckedSince_) * 1e9 / static_cast<double>(now - rateSince_));
+      rateSince_ = now;
+      rateAckedSince_ = info.tcpi_bytes_acked;
+    }
+    double floor = std::max(kMinWindow, maxRate_ * target / 1e6);
+    window_ = std::clamp(window_ + offTarget * static_cast<double>(acked), floor, kMaxWindow);
     windowBytes_.store(static_cast<uint64_t>(window_), std::memory_order_relaxed);
     windowLimited_ = false;
   }
@@ -187,6 +203,8 @@ class BackgroundPacer {
   int fd_;
   std::function<bool()> stopping_;
   double window_ = 64 << 10;
+  double maxRate_ = 0;  // bytes a second: the fastest delivery over kRateIntervalNs seen on the bulk connection
+  uint64_t rateSince_ = 0, rateAckedSince_ = 0;
   uint64_t oversleepNs_ = 30000;  // how late a sleep wakes here, on average (kept as it is measured)
   bool windowLimited_ = false;
   uint64_t ackedBefore_ = 0;
