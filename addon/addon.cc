@@ -14,6 +14,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitChunkCache(env, exports);
   InitQemuSource(env, exports);
   InitConstants(env, exports);
+  InitRunPacker(env, exports);
   return exports;
 }
 

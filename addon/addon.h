@@ -14,4 +14,5 @@ void InitPageChecksum(Napi::Env env, Napi::Object exports);
 void InitChunkCache(Napi::Env env, Napi::Object exports);
 void InitQemuSource(Napi::Env env, Napi::Object exports);
 void InitConstants(Napi::Env env, Napi::Object exports);
+void InitRunPacker(Napi::Env env, Napi::Object exports);
 }  // namespace uffdpc

@@ -93,6 +93,9 @@ class BackgroundPacer {
     return 0;
   }
 
+  // The fastest delivery measured so far, bytes a second (0: none yet). The writing thread's.
+  double LinkBytesPerSecond() const { return maxRate_; }
+
   // (any thread)
   Figures figures() const {
     return {windowBytes_.load(std::memory_order_relaxed), minRttUs_.load(std::memory_order_relaxed), rttUs_.load(std::memory_order_relaxed),

@@ -25,6 +25,7 @@ Napi::Value Constants(const Napi::CallbackInfo& info) {
     UFFDPC_SET(kind, kDiscardRun);
     UFFDPC_SET(kind, kSwitchover);
     UFFDPC_SET(kind, kDiscardMark);
+    UFFDPC_SET(kind, kPackedRun);
     Napi::Object reason = Napi::Object::New(env);
     UFFDPC_SET(reason, kRequested);
     UFFDPC_SET(reason, kWindow);

@@ -1,6 +1,7 @@
 // Blocking socket I/O for the data-plane threads: whole reads, whole writev,
 // and a monotonic clock.
 #pragma once
+#include <limits.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <time.h>

@@ -32,6 +32,7 @@
 #include "io.h"
 #include "image_pages.h"
 #include "page_scheduler.h"
+#include "run_packer.h"
 #include "secure_channel.h"
 #include "wire.h"
 
@@ -53,26 +54,49 @@ struct ServedRegion {
 // Collects runs into one writev. Headers live in a vector reserved up front so
 // the iovecs pointing at them stay valid; a full batch is sent before the next
 // run is added.
+// What packing did on a session's bulk channel (read by stats()).
+struct PackedFigures {
+  std::atomic<uint64_t> runs{0}, rawBytes{0}, wireBytes{0};
+};
+
 class RunBatch {
  public:
   RunBatch(ChannelWriter& out, size_t maxRuns, std::atomic<uint64_t>& bytesSent) : out_(out), bytesSent_(bytesSent) {
     headers_.reserve(maxRuns);
-    iov_.reserve(maxRuns * 2);
+    lengths_.reserve(maxRuns);
+    packed_.resize(maxRuns);
+    iov_.reserve(maxRuns * 3);
+  }
+  // From now on data runs go packed when that pays (null: never).
+  void PackWith(Packer* packer, PackedFigures* figures) {
+    packer_ = packer;
+    figures_ = figures;
   }
   // Returns 0, or the errno of a failed send.
   int Add(uint32_t regionId, const ImagePages& r, uint64_t first, uint32_t count, bool zero, uint32_t reason) {
-    uint64_t adds = sizeof(wire::RunHeader) + (zero ? 0 : count * r.pageSize);
+    uint64_t raw = zero ? 0 : count * r.pageSize;
+    bool pack = raw > 0 && packer_ && packer_->Pack(r.Page(first), raw, scratch_);
+    uint64_t adds = sizeof(wire::RunHeader) + (pack ? sizeof(uint32_t) + scratch_.size() : raw);
     // An encrypted batch is one record: keep it within a record's size.
     if (headers_.size() == headers_.capacity() || (out_.encrypted() && bytes_ + adds > kMaxRecord)) {
       if (int err = Flush()) return err;
     }
-    headers_.push_back({zero ? wire::kZeroRun : wire::kDataRun, regionId, first, count, reason});
+    uint32_t kind = zero ? wire::kZeroRun : pack ? wire::kPackedRun : wire::kDataRun;
+    headers_.push_back({kind, regionId, first, count, reason});
     iov_.push_back({&headers_.back(), sizeof(wire::RunHeader)});
-    bytes_ += sizeof(wire::RunHeader);
-    if (!zero) {
-      iov_.push_back({const_cast<uint8_t*>(r.Page(first)), count * r.pageSize});
-      bytes_ += count * r.pageSize;
+    if (pack) {
+      std::vector<uint8_t>& slot = packed_[lengths_.size()];
+      slot.swap(scratch_);
+      lengths_.push_back(static_cast<uint32_t>(slot.size()));
+      iov_.push_back({&lengths_.back(), sizeof(uint32_t)});
+      iov_.push_back({slot.data(), slot.size()});
+      figures_->runs++;
+      figures_->rawBytes += raw;
+      figures_->wireBytes += adds;
+    } else if (!zero) {
+      iov_.push_back({const_cast<uint8_t*>(r.Page(first)), raw});
     }
+    bytes_ += adds;
     return 0;
   }
   int Flush() {
@@ -80,6 +104,7 @@ class RunBatch {
     int err = out_.Writev(iov_.data(), static_cast<int>(iov_.size()));
     if (!err) bytesSent_ += bytes_;
     headers_.clear();
+    lengths_.clear();
     iov_.clear();
     bytes_ = 0;
     return err;
@@ -89,6 +114,12 @@ class RunBatch {
   ChannelWriter& out_;
   std::atomic<uint64_t>& bytesSent_;
   std::vector<wire::RunHeader> headers_;
+  // Packed runs: their lengths and bytes, slot k for the k-th packed run of the batch.
+  std::vector<uint32_t> lengths_;
+  std::vector<std::vector<uint8_t>> packed_;
+  std::vector<uint8_t> scratch_;
+  Packer* packer_ = nullptr;
+  PackedFigures* figures_ = nullptr;
   std::vector<iovec> iov_;
   uint64_t bytes_ = 0;
 };
@@ -139,6 +170,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
     background_ = o.Get("background").As<Napi::Boolean>().Value();
     precopy_ = o.Get("precopy").ToBoolean().Value();
     discardMarks_ = o.Has("discardMarks") && o.Get("discardMarks").ToBoolean().Value();
+    packRuns_ = o.Has("packRuns") && o.Get("packRuns").ToBoolean().Value() && PackingAvailable();
     if (precopy_)
       for (auto& r : regions_) {
         r->everSent = std::make_unique<AtomicBitmap>(r->image.pages);
@@ -361,6 +393,9 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
     n("unconfirmedBudget", budget_);
     n("budgetWaits", budgetWaits_);
     n("backgroundDoneNs", backgroundDoneNs_ ? backgroundDoneNs_ - startNs_ : 0);
+    n("packedRuns", packed_.runs);
+    n("packedRawBytes", packed_.rawBytes);
+    n("packedWireBytes", packed_.wireBytes);
     if (BackgroundPacer* p = pacer_.get()) {
       BackgroundPacer::Figures f = p->figures();
       Napi::Object pacing = Napi::Object::New(env);
@@ -478,11 +513,19 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
   // one run's bytes at a time; then the background, when it is on.
   void BulkLoop() {
     ChannelWriter out(bulkFd_, Key(bulkDownKey_, kBulkDown, true));
+    Packer packer;
     if (pacer_) {
       pacer_->WriteFromThisThread();
       out.PaceWith(pacer_.get());
     }
+    // Packed runs across a link, while it is slower than this CPU packs
+    // (both as measured so far: the link by the pacer, the codec by its runs).
     RunBatch batch(out, 64, bytesSent_);
+    auto packNext = [&] {
+      bool pays = packRuns_ && pacer_ && (packer.BytesPerSecond() == 0 || pacer_->LinkBytesPerSecond() < packer.BytesPerSecond());
+      batch.PackWith(pays ? &packer : nullptr, &packed_);
+    };
+    packNext();
     if (precopy_) {
       int err = Precopy(out, batch);
       if (err) {
@@ -502,6 +545,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
         if (Stopping()) return;
         background = background_;
       }
+      packNext();
       bool prefetched = false;
       int err = SendPrefetch(batch, &prefetched);
       if (!err && !prefetched && background) {
@@ -706,6 +750,8 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
   std::condition_variable bulkCv_;
   // Precopy (a live source), under bulkMu_: the rounds queued, and the switchover asked for.
   bool precopy_ = false, switchRequested_ = false;
+  bool packRuns_ = false;  // the destination takes packed runs (and zstd is here): across a link, bulk runs may go packed
+  PackedFigures packed_;
   bool discardMarks_ = false;   // the destination answers each discard round's mark (`dropped`)
   uint32_t discardRounds_ = 0;  // the bulk thread's: discard rounds sent
   uint64_t held_ = 0;           // the bulk thread's: pages the destination holds as they are at the switchover

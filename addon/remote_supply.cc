@@ -1,5 +1,7 @@
 #include "remote_supply.h"
 
+#include "run_packer.h"
+
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -120,6 +122,8 @@ void RemoteSupply::ReceiveLoop(ChannelReader& in, const char* channel, uint32_t 
     return;
   }
   std::unique_ptr<uint8_t, decltype(&free)> buffer(static_cast<uint8_t*>(raw), &free);
+  std::vector<uint8_t> packedBuffer;  // a packed run as it came (allocated with the first one)
+  Unpacker unpacker;
   while (!life_.Leaving()) {
     wire::RunHeader h;
     int err = in.ReadFull(&h, sizeof h);
@@ -160,6 +164,32 @@ void RemoteSupply::ReceiveLoop(ChannelReader& in, const char* channel, uint32_t 
     }
     uint64_t pageSize = map_.sourcePageSize(h.region);
     const uint8_t* runData = nullptr;  // the run's pages: in `buffer`, or in place in a sealed record
+    if (h.kind == wire::kPackedRun) {
+      // Read whole, then unpacked into `buffer`: exactly the run's bytes, or the channel ends.
+      uint32_t length = 0;
+      const uint8_t* packed = nullptr;
+      err = in.ReadFull(&length, sizeof length);
+      if (!err && (length == 0 || length > PackedBound(h.count * pageSize))) {
+        report("error", "ERR_PROTOCOL_OUT_OF_RANGE", "a packed run longer than its pages can pack to; channel closed");
+        shutdown(in.fd(), SHUT_RDWR);
+        return;
+      }
+      if (!err && packedBuffer.empty()) packedBuffer.resize(PackedBound(maxRunBytes));
+      if (!err) err = in.ReadView(packedBuffer.data(), length, &packed);
+      if (err) {
+        if (err == kBadRecord) return tampered();
+        if (!life_.Leaving()) events_.Emit(ErrnoEvent("closed", channel, err > 0 ? err : EPIPE, "read", "the source closed the channel mid-run", generation));
+        return;
+      }
+      if (!unpacker.Unpack(packed, length, buffer.get(), h.count * pageSize)) {
+        report("error", "ERR_PROTOCOL_MALFORMED", "a packed run does not unpack to its pages; nothing of it was installed, channel closed");
+        shutdown(in.fd(), SHUT_RDWR);
+        return;
+      }
+      runData = buffer.get();
+      stats_.bytesReceived += sizeof length + length;
+      stats_.packedRuns++;
+    }
     if (h.kind == wire::kDataRun) {
       // A run is installed only once all of it is here: a cut mid-run drops it.
       if ((err = in.ReadView(buffer.get(), h.count * pageSize, &runData))) {
@@ -186,7 +216,7 @@ void RemoteSupply::ReceiveLoop(ChannelReader& in, const char* channel, uint32_t 
         installer_.Discard(*r, (lo - r->sourcePage) / r->ratio, (hi - lo) / r->ratio);
         continue;
       }
-      const uint8_t* data = h.kind == wire::kDataRun ? runData + (lo - first) * pageSize : nullptr;
+      const uint8_t* data = runData ? runData + (lo - first) * pageSize : nullptr;
       if (h.reason == wire::kPrecopy) {
         if (installer_.Precopied(*r, (lo - r->sourcePage) / r->ratio, (hi - lo) / r->ratio, data, channel, generation) == kStop) return;
         continue;
@@ -199,7 +229,7 @@ void RemoteSupply::ReceiveLoop(ChannelReader& in, const char* channel, uint32_t 
 
 // Every field is checked before any of it is used to compute an address.
 const char* RemoteSupply::Validate(const wire::RunHeader& h) const {
-  if (h.kind != wire::kDataRun && h.kind != wire::kZeroRun && h.kind != wire::kDiscardRun) return "ERR_PROTOCOL_MALFORMED";
+  if (h.kind != wire::kDataRun && h.kind != wire::kZeroRun && h.kind != wire::kDiscardRun && h.kind != wire::kPackedRun) return "ERR_PROTOCOL_MALFORMED";
   if (h.region >= map_.sourceRegions() || h.reason > wire::kPrecopy) return "ERR_PROTOCOL_OUT_OF_RANGE";
   // Precopy runs and discards come from a live source, before its switchover only.
   if ((h.reason == wire::kPrecopy || h.kind == wire::kDiscardRun) && (!map_.InPrecopy() || h.reason != wire::kPrecopy)) return "ERR_PROTOCOL_MALFORMED";

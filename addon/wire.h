@@ -16,6 +16,9 @@
 //   it, discard rounds (kDiscardRun runs while the workload still runs) each
 //   end with a kDiscardMark (count: the round's number) when the destination
 //   asked for them: it answers `dropped` once every run before it is applied.
+//   kPackedRun (bulk only, to a destination that asked for packed runs) is a
+//   data run compressed: u32 packed length, then that many bytes, one zstd
+//   frame that unpacks to exactly count * page_size bytes.
 #pragma once
 #include <cstdint>
 
@@ -28,6 +31,7 @@ constexpr uint32_t kBulkEnd = 0x20444e45;      // "END "
 constexpr uint32_t kDiscardRun = 0x43534944;   // "DISC"
 constexpr uint32_t kSwitchover = 0x48435753;   // "SWCH"
 constexpr uint32_t kDiscardMark = 0x4b52414d;  // "MARK"
+constexpr uint32_t kPackedRun = 0x4b434150;    // "PACK"
 
 // kPrefetch: a page of a replayed working set, streamed ahead of the background.
 // kPrecopy: a page of a live source's precopy round, sent while the workload runs there.

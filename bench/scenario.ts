@@ -128,6 +128,8 @@ export async function runScenario(spec: ScenarioSpec): Promise<ScenarioResult> {
     token: spec.token,
     window: policy.window,
     background: { enabled: policy.background, rateBytesPerSecond: policy.rateBytesPerSecond ?? 0 },
+    // The policies are compared on the link's own bytes (the floor's image packs to almost nothing): bench compression measures packing.
+    refusePackedRuns: true,
     ...(placement.engineCpu !== undefined ? { engineCpu: placement.engineCpu } : {}),
   });
   const residency: [number, number][] = [];

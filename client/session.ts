@@ -428,6 +428,7 @@ export class DestinationSession extends EventEmitter implements PageSession {
         ...(first ? (this.#options.precopy ? { precopy: true } : {}) : { resume: this.#sessionId }),
         maxImageBytes: this.#options.maxImageBytes,
         acceptPlaintextTcp: this.#options.acceptPlaintextTcp,
+        refusePackedRuns: this.#options.refusePackedRuns,
         timeoutMs: this.#recovery.connectTimeoutMs,
         heartbeat: this.#recovery.heartbeat,
       });

@@ -30,6 +30,7 @@ import {
 } from '../lib/protocol.js';
 import type { TransferOptions } from '../lib/transfer.js';
 import { defaultMaxImageBytes } from '../lib/limits.js';
+import { native } from '../lib/native.js';
 import type { Logger } from '../lib/logger.js';
 import { entryChunks } from './working-set.js';
 
@@ -43,6 +44,8 @@ export interface SourceOptions {
   maxImageBytes?: number;
   /** Take plaintext data channels over TCP (only to measure what encryption costs, against a source with plaintextTcp). */
   acceptPlaintextTcp?: boolean;
+  /** Refuse packed runs (only to measure what packing saves: by default a destination that can unpack takes them). */
+  refusePackedRuns?: boolean;
   /**
    * The page size this destination installs, per region of the image (once
    * its regions are known): larger than the image's (a 2 MiB huge page), the
@@ -78,6 +81,8 @@ export interface SourceConnectionOptions {
   maxImageBytes?: number;
   /** Take plaintext data channels over TCP (only to measure what encryption costs). */
   acceptPlaintextTcp?: boolean;
+  /** See SourceOptions.refusePackedRuns. */
+  refusePackedRuns?: boolean;
 }
 
 /** How long a goodbye waits for the source to close its side before the socket is dropped. */
@@ -262,6 +267,8 @@ export class SourceConnection {
         background: { ...options.transfer.background, enabled: options.transfer.background.enabled && !held },
         ...(huge ? { pageSizes } : {}),
         ...(precopy ? { precopy: true, discardMarks: true } : {}),
+        // Bulk runs packed with zstd where the source finds the link slower than packing.
+        ...(!options.refusePackedRuns && native.packingAvailable() ? { packedRuns: ['zstd'] } : {}),
       });
       const urgentFd = await openChannel(address, welcome, 'urgent', timeoutMs);
       let bulkFd: number;

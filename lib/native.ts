@@ -122,6 +122,12 @@ export interface SourceStats {
   pagesUnconfirmedPeak: number;
   unconfirmedBudget: number;
   budgetWaits: number;
+  /** Across a link with a destination that takes them: bulk runs sent packed, their pages' bytes, and what they took on the wire (headers and lengths included). */
+  packedRuns: number;
+  packedRawBytes: number;
+  packedWireBytes: number;
+  /** Across a link: the bulk channel's pacer (its window now, the round trips it last saw, how often and how long it held the background back). */
+  backgroundPacing?: { windowBytes: number; minRttUs: number; rttUs: number; waits: number; waitMs: number };
 }
 
 export interface NativePageServerSession {
@@ -185,6 +191,8 @@ export interface DestinationStats {
   removedPages: number;
   zeroFilledAfterRemove: number;
   pagesOutsideRegions: number;
+  /** Bulk runs that came packed (and were unpacked before install). */
+  packedRuns: number;
   /** Pages asked for and not yet resident (or given back). */
   outstandingRequests: number;
   /** Requests sent again on new data channels after a pause. */
@@ -280,6 +288,9 @@ export interface NativeAddon {
     qemu: Record<'Stream' | 'Section' | 'RamFlag' | 'Command' | 'ReturnPath', Record<string, number>>;
   };
 
+  /** Whether runs can be packed and unpacked here (the runtime libzstd.so.1 opened). */
+  packingAvailable(): boolean;
+
   socketPair(seqpacket?: boolean): [number, number];
   sendWithFds(socket: number, payload: Uint8Array, fds: number[]): number;
   sendDatagram(path: string, payload: Uint8Array): number;
@@ -311,6 +322,8 @@ export interface NativeAddon {
     precopy?: boolean;
     /** A live source: each discard round ends with a mark the destination answers (`dropped`). */
     discardMarks?: boolean;
+    /** The destination takes packed runs: across a link, bulk runs go packed while the link is slower than packing. */
+    packRuns?: boolean;
     /** Release as sent: at most this many pages sent and not yet confirmed (confirm()); at least one run's pages. */
     unconfirmedBudget?: number;
     onEvent: (event: NativeEvent) => void;

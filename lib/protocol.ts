@@ -57,6 +57,8 @@ export type Message =
       precopy?: boolean;
       /** With precopy: end each discard round with a mark; this destination answers \`dropped\` once its runs are applied. */
       discardMarks?: boolean;
+      /** Codecs this destination unpacks bulk runs with (\`zstd\`): across a link the source may then send packed runs. */
+      packedRuns?: string[];
     }
   | { t: 'attach'; session: string; channel: 'urgent' | 'bulk' | 'memory'; ticket: Uint8Array }
   | { t: 'attached' }

@@ -16,6 +16,7 @@ export const Kind = {
   discardRun: 0x43534944, // "DISC": pages written at a live source since they were sent (missing again)
   switchover: 0x48435753, // "SWCH": a live source's workload runs at the destination from now on
   discardMark: 0x4b52414d, // "MARK": a discard round's runs end here (count: its number); the destination answers \`dropped\` once they are applied
+  packedRun: 0x4b434150, // "PACK": a data run compressed (bulk, to a destination that asked): u32 length, then one zstd frame of count * pageSize bytes
 } as const;
 
 /** RunHeader.reason values. */

@@ -18,6 +18,7 @@ import type { Socket } from 'node:net';
 import { ErrorCode, PostcopyError, type CodedError } from '../lib/errors.js';
 import type { Image } from '../lib/image.js';
 import { MAX_RUN_BYTES } from '../lib/limits.js';
+import { native } from '../lib/native.js';
 import type { Logger } from '../lib/logger.js';
 import {
   PROTOCOL_VERSION,
@@ -112,7 +113,7 @@ export class ControlConversation {
   #resuming = false;
   #session: SourceSession | null = null;
   #keys: DataChannelKeys | undefined;
-  #options: { transfer: TransferOptions; units: number[]; precopy: boolean; discardMarks: boolean } | null = null;
+  #options: { transfer: TransferOptions; units: number[]; precopy: boolean; discardMarks: boolean; packRuns: boolean } | null = null;
   /** A held-pages bitmap too large for one frame comes first in pieces (`have`), then `start`. */
   readonly #have = new Map<number, { region: number; bitmap: Uint8Array }>();
   readonly #prefetch: Uint8Array[] = [];
@@ -233,7 +234,8 @@ export class ControlConversation {
   #onOptions(msg: Accepted<'welcomed'>): void {
     const transfer = checkOptions(msg);
     const units = checkPageSizes(msg.pageSizes, this.#host.image.regions);
-    this.#options = { transfer, units, precopy: msg.precopy === true, discardMarks: msg.discardMarks === true };
+    const packRuns = Array.isArray(msg.packedRuns) && msg.packedRuns.includes('zstd') && native.packingAvailable();
+    this.#options = { transfer, units, precopy: msg.precopy === true, discardMarks: msg.discardMarks === true, packRuns };
     this.#to('optioned');
   }
 
@@ -278,6 +280,7 @@ export class ControlConversation {
       units: options.units,
       ...(precopy ? { onPrecopyEvent: (event) => live.migration.onSessionEvent(event), discardMarks: options.discardMarks } : {}),
       unconfirmedBudget: release ? release.budgetPages : 0,
+      packRuns: options.packRuns,
     });
     send(this.#socket, { t: 'started' });
     live?.started(session, precopy, this.#resuming, (e) => this.#liveFailed(e));

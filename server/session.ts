@@ -53,6 +53,9 @@ const RUNNING_TOTALS = [
   'pagesPrefetched',
   'zeroPages',
   'bytesSent',
+  'packedRuns',
+  'packedRawBytes',
+  'packedWireBytes',
 ] as const;
 
 /** What a session starts with (SourceSession.start). */
@@ -72,6 +75,8 @@ export interface SessionStart {
   discardMarks?: boolean;
   /** Release as sent: the most pages sent and not yet confirmed installed (0: no bound). */
   unconfirmedBudget?: number;
+  /** The destination takes packed runs (options.packedRuns names zstd). */
+  packRuns?: boolean;
 }
 
 export class SourceSession {
@@ -133,7 +138,17 @@ export class SourceSession {
   }
 
   /** Starts the native threads over both attached data channels. */
-  start({ transfer: options, have = [], keys, prefetch = [], units = [], onPrecopyEvent, discardMarks = false, unconfirmedBudget = 0 }: SessionStart): void {
+  start({
+    transfer: options,
+    have = [],
+    keys,
+    prefetch = [],
+    units = [],
+    onPrecopyEvent,
+    discardMarks = false,
+    unconfirmedBudget = 0,
+    packRuns = false,
+  }: SessionStart): void {
     if (this.#fds.urgent === undefined || this.#fds.bulk === undefined) {
       throw new PostcopyError(ErrorCode.PROTOCOL_MALFORMED, 'start before both data channels were attached');
     }
@@ -152,6 +167,7 @@ export class SourceSession {
         ...(keys ? { keys } : {}),
         ...(onPrecopyEvent ? { precopy: true, discardMarks } : {}),
         ...(unconfirmedBudget > 0 ? { unconfirmedBudget } : {}),
+        ...(packRuns ? { packRuns } : {}),
         onEvent: (event) => this.#onNativeEvent(event),
       });
     } catch (err) {

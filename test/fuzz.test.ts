@@ -12,16 +12,14 @@ import { connect as netConnect } from 'node:net';
 import { Image } from '../lib/image.js';
 import { PageServer } from '../server/page-server.js';
 import { Destination } from '../client/destination.js';
-import { FaultEngine, type ChannelFailure } from '../client/fault-engine.js';
 import { VmmHandler } from '../client/vmm-handler.js';
 import { ErrorCode } from '../lib/errors.js';
 import { Kind } from '../lib/wire.js';
 import { FrameReader, encodeFrame, type Message } from '../lib/protocol.js';
-import { sendFds, socketPair } from '../lib/fd-passing.js';
-import { mapAnonymous } from '../lib/memory.js';
+import { sendFds } from '../lib/fd-passing.js';
 import { Userfaultfd } from '../lib/uffd.js';
 import { seededRandom } from './cut-points.js';
-import { PAGE, buildFixture, fakeSource, fakeWelcome, randomImage, tempDir, writeImage } from './helpers.js';
+import { PAGE, buildFixture, fakeSource, fakeWelcome, randomImage, sentinelEngine, tempDir, writeImage } from './helpers.js';
 import { spawn } from 'node:child_process';
 import type { Test } from 'tap';
 
@@ -162,23 +160,12 @@ t.test('data channels: a hostile source sends random runs; nothing outside the r
   const pages = 16;
   let failures = 0;
   const engines = 300 * scale;
-  for (let e = 0; e < engines; e++) {
-    const whole = mapAnonymous((pages + 2) * PAGE);
-    whole.buffer(0, PAGE).fill(0xee);
-    whole.buffer((pages + 1) * PAGE, PAGE).fill(0xee);
-    const uffd = Userfaultfd.open();
-    uffd.handshake();
-    uffd.register(whole.address + PAGE, pages * PAGE);
-    const engine = new FaultEngine({ uffd: uffd.fd, regions: [{ base: whole.address + PAGE, length: pages * PAGE, pageSize: PAGE }] });
-    const failed = new Promise<ChannelFailure>((resolve) => engine.once('channel-failed', resolve));
-    engine.start();
-    const [bulkOurs, bulkTheirs] = socketPair();
-    const [urgentOurs, urgentTheirs] = socketPair();
-    engine.attachChannels({ urgentFd: urgentTheirs, bulkFd: bulkTheirs });
+  for (let n = 0; n < engines; n++) {
+    const e = sentinelEngine(pages);
     const stream = [];
     for (let r = 0; r < 1 + random(6); r++) {
       const h = Buffer.alloc(24);
-      h.writeUInt32LE(pick([Kind.dataRun, Kind.zeroRun, Kind.bulkEnd, random(2 ** 32)]), 0);
+      h.writeUInt32LE(pick([Kind.dataRun, Kind.zeroRun, Kind.bulkEnd, Kind.packedRun, random(2 ** 32)]), 0);
       h.writeUInt32LE(pick([0, 0, 1, random(2 ** 32)]), 4);
       h.writeBigUInt64LE(BigInt(pick([0, pages - 1, pages, random(pages), random(2 ** 31), 2 ** 40])), 8);
       h.writeUInt32LE(pick([1, 2, pages, 0, 513, random(2 ** 32)]), 16);
@@ -188,20 +175,16 @@ t.test('data channels: a hostile source sends random runs; nothing outside the r
     }
     const bytes = Buffer.concat(stream);
     try {
-      writeSync(random(2) ? bulkOurs : urgentOurs, bytes);
+      writeSync(random(2) ? e.bulk : e.urgent, bytes);
     } catch {
       // the engine already closed the channel
     }
-    closeSync(bulkOurs); // end of the hostile stream
-    closeSync(urgentOurs);
-    const f = await failed;
-    if (!isCoded(f.error.code)) t.fail(`engine ${e}: an uncoded error ${f.error.code}`);
+    closeSync(e.bulk); // end of the hostile stream
+    closeSync(e.urgent);
+    const f = await e.failed;
+    if (!isCoded(f.error.code)) t.fail(`engine ${n}: an uncoded error ${f.error.code}`);
     if (f.error.code !== ErrorCode.PEER_GONE) failures++;
-    engine.stop();
-    if (!whole.buffer(0, PAGE).every((b) => b === 0xee) || !whole.buffer((pages + 1) * PAGE, PAGE).every((b) => b === 0xee))
-      t.fail(`engine ${e}: a sentinel page was written`);
-    uffd.close();
-    whole.unmap();
+    if (!e.finish().sentinels) t.fail(`engine ${n}: a sentinel page was written`);
   }
   t.ok(failures > 0, `${engines} hostile streams; ${failures} refused as malformed or out of range, the rest ended; no sentinel touched`);
 });

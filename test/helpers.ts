@@ -9,7 +9,11 @@ import { createHash, randomBytes } from 'node:crypto';
 import { createServer, type Socket } from 'node:net';
 import { FrameReader, encodeFrame, keepAlive, type Message } from '../lib/protocol.js';
 import type { Test } from 'tap';
-import type { Userfaultfd } from '../lib/uffd.js';
+import { Userfaultfd as UserfaultfdClass, type Userfaultfd } from '../lib/uffd.js';
+import { mapAnonymous } from '../lib/memory.js';
+import { socketPair } from '../lib/fd-passing.js';
+import { FaultEngine, type ChannelFailure } from '../client/fault-engine.js';
+import { LINKS, bringUp, type LinkUp } from '../bench/links.js';
 import type { RecoveryOptions } from '../client/session.js';
 import { Image } from '../lib/image.js';
 import { PageServer } from '../server/page-server.js';
@@ -382,4 +386,60 @@ export function reserveHugePages(t: Test, n: number): boolean {
   t.teardown(() => writeFileSync(nr, String(before)));
   const free = Number(/HugePages_Free:\s+(\d+)/.exec(readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0);
   return free >= n;
+}
+
+/**
+ * A source serving `imagePath` across a veth pair into a network namespace,
+ * shaped to 1 Gbit/s (bench/links.ts), taken down with the test; null (said as
+ * a comment) where namespaces cannot be made.
+ */
+export async function gigabitLink(t: Test, imagePath: string, dir: string): Promise<LinkUp | null> {
+  const link = await bringUp(
+    LINKS.find((l) => l.name === 'veth-1g')!,
+    imagePath,
+    dir,
+  );
+  if ('skipped' in link) {
+    t.comment(`skipped: ${link.skipped}`);
+    return null;
+  }
+  t.teardown(() => link.up.down());
+  return link.up;
+}
+
+/**
+ * A fault engine over `pages` pages between two sentinel pages filled with
+ * 0xee, its data channels attached to socket pairs whose other ends are
+ * returned (`bulk`, `urgent`); `failed` settles with its first channel failure.
+ * `finish()` stops it and reads the region back (the region's pages, and
+ * whether both sentinels are untouched).
+ */
+export function sentinelEngine(pages: number) {
+  const whole = mapAnonymous((pages + 2) * PAGE);
+  whole.buffer(0, PAGE).fill(0xee);
+  whole.buffer((pages + 1) * PAGE, PAGE).fill(0xee);
+  const uffd = UserfaultfdClass.open();
+  uffd.handshake();
+  uffd.register(whole.address + PAGE, pages * PAGE);
+  const engine = new FaultEngine({ uffd: uffd.fd, regions: [{ base: whole.address + PAGE, length: pages * PAGE, pageSize: PAGE }] });
+  const failed = new Promise<ChannelFailure>((resolve) => engine.once('channel-failed', resolve));
+  engine.start();
+  const [bulk, bulkTheirs] = socketPair();
+  const [urgent, urgentTheirs] = socketPair();
+  engine.attachChannels({ urgentFd: urgentTheirs, bulkFd: bulkTheirs });
+  return {
+    engine,
+    failed,
+    bulk,
+    urgent,
+    finish(): { pages: Buffer; sentinels: boolean } {
+      engine.stop();
+      uffd.unregister(whole.address + PAGE, pages * PAGE);
+      const out = Buffer.from(whole.buffer(PAGE, pages * PAGE));
+      const sentinels = whole.buffer(0, PAGE).every((b) => b === 0xee) && whole.buffer((pages + 1) * PAGE, PAGE).every((b) => b === 0xee);
+      uffd.close();
+      whole.unmap();
+      return { pages: out, sentinels };
+    },
+  };
 }

@@ -5,15 +5,14 @@
 // twice; on loopback nothing is paced. Behaviour only: the figures come from
 // `postcopy bench --link veth-1g`.
 import t from 'tap';
-import type { Test } from 'tap';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { LINKS, bringUp, type LinkUp } from '../bench/links.js';
 import { floorImageFile, startSource } from '../bench/source.js';
 import { touchSequence } from '../bench/patterns.js';
 import { Destination } from '../client/destination.js';
 import { touchPages } from '../lib/workload.js';
+import { gigabitLink } from './helpers.js';
 
 const PAGES = 4096; // 16 MiB: about 130 ms at 1 Gbit/s
 const dir = mkdtempSync(join(existsSync('/dev/shm') ? '/dev/shm' : tmpdir(), 'link-share-'));
@@ -21,9 +20,11 @@ t.teardown(() => rmSync(dir, { recursive: true, force: true }));
 const image = floorImageFile(dir, PAGES);
 
 async function restoreOver(up: { address: string; token?: string }, pattern: 'random' | 'sequential', background = true) {
+  // (Packed runs refused: the floor's image packs to almost nothing, and this is about the link's own bytes.)
   const dest = await Destination.connect({
     source: up.address,
     token: up.token,
+    refusePackedRuns: true,
     window: { forward: 8, backward: 2 },
     background: { enabled: background, rateBytesPerSecond: 0 },
   });
@@ -36,23 +37,8 @@ async function restoreOver(up: { address: string; token?: string }, pattern: 'ra
   }
 }
 
-/** A source across a veth pair shaped to 1 Gbit/s, taken down with the test; null where namespaces cannot be made. */
-async function gigabitLink(t: Test): Promise<LinkUp | null> {
-  const link = await bringUp(
-    LINKS.find((l) => l.name === 'veth-1g')!,
-    image,
-    dir,
-  );
-  if ('skipped' in link) {
-    t.comment(`skipped: ${link.skipped}`);
-    return null;
-  }
-  t.teardown(() => link.up.down());
-  return link.up;
-}
-
 t.test('across a 1 Gbit/s link the background is paced, and still brings every page byte for byte', async (t) => {
-  const up = await gigabitLink(t);
+  const up = await gigabitLink(t, image, dir);
   if (!up) return;
   for (const pattern of ['random', 'sequential'] as const) {
     const { report, stats } = await restoreOver({ address: up.source.address, token: up.token }, pattern);
@@ -68,9 +54,14 @@ t.test('across a 1 Gbit/s link the background is paced, and still brings every p
 });
 
 t.test('a destination that leaves while the background waits for the link: the source serves the next one whole', async (t) => {
-  const up = await gigabitLink(t);
+  const up = await gigabitLink(t, image, dir);
   if (!up) return;
-  const first = await Destination.connect({ source: up.source.address, token: up.token, background: { enabled: true, rateBytesPerSecond: 0 } });
+  const first = await Destination.connect({
+    source: up.source.address,
+    token: up.token,
+    refusePackedRuns: true,
+    background: { enabled: true, rateBytesPerSecond: 0 },
+  });
   await touchPages(first.regions[0].mapping.address, PAGES, touchSequence('random', 16, 1), {});
   first.close();
   const { report } = await restoreOver({ address: up.source.address, token: up.token }, 'random');
