@@ -62,28 +62,53 @@ async function guestClean(serial: string): Promise<boolean> {
   return p.every((x) => x.errors === 0);
 }
 
-export async function qemuBench(guestMemMib: number, rounds: number, progress: (line: string) => void): Promise<QemuBenchResult> {
+/** The QEMU command line of the test guest checking `guestMemMib` MiB: its machine, and its kernel and initrd. */
+function guestCommand(guestMemMib: number): { machine: string[]; boot: string[] } {
   const guest = testGuest();
+  return {
+    machine: ['-machine', 'pc', '-accel', 'tcg', '-cpu', 'qemu64', '-m', String(guestMemMib * 2 + 128), '-nodefaults', '-display', 'none', '-no-reboot'],
+    boot: ['-kernel', guest.kernel, '-initrd', guest.initrd, '-append', `console=ttyS0 panic=-1 quiet guest_mem_mib=${guestMemMib}`],
+  };
+}
+
+/**
+ * Boots the test guest under TCG in `dir`, waits for it to check its memory
+ * twice, stops it and has QEMU save it (`migrate "exec:cat > FILE"`), then
+ * imports that stream (`postcopy qemu import`). The stream's and the
+ * snapshot's paths, and the saved QEMU's QMP socket (it stays, stopped: the
+ * caller may run it again); that QEMU is in `children` (the caller stops it).
+ */
+export async function savedTestGuest(
+  dir: string,
+  guestMemMib: number,
+  children: ChildProcess[],
+  progress: (line: string) => void,
+): Promise<{ stream: string; snapshot: string; qmpPath: string }> {
+  const { machine, boot } = guestCommand(guestMemMib);
+  progress(`qemu: booting the test guest (${guestMemMib} MiB checked every second)`);
+  const qmpPath = join(dir, 'source-qmp.sock');
+  const serial = join(dir, 'source.serial');
+  children.push(qemu([...machine, ...boot, '-serial', `file:${serial}`, '-qmp', `unix:${qmpPath},server=on,wait=off`]));
+  await waitFor('the guest to boot', () => (passes(serial).length >= 2 ? true : undefined), 180_000);
+  // QEMU saves the guest itself; the snapshot is imported from that very stream: both restores start from one state.
+  const stream = join(dir, 'vm.stream');
+  const source = await Qmp.connect(qmpPath);
+  // Stopped first: a live migration of this guest (it writes its memory) gives a stream that oopses when restored under TCG.
+  await source.execute('stop');
+  await source.execute('migrate', { uri: `exec:cat > ${stream}` });
+  await source.untilMigration(['completed'], 120_000, 20);
+  source.close();
+  const snapshot = join(dir, 'snapshot');
+  await runCliJson(['qemu', 'import', stream, '--out', snapshot]);
+  return { stream, snapshot, qmpPath };
+}
+
+export async function qemuBench(guestMemMib: number, rounds: number, progress: (line: string) => void): Promise<QemuBenchResult> {
   const dir = scratchDir('uffd-postcopy-bench-qemu-');
-  const machine = ['-machine', 'pc', '-accel', 'tcg', '-cpu', 'qemu64', '-m', String(guestMemMib * 2 + 128), '-nodefaults', '-display', 'none', '-no-reboot'];
-  const boot = ['-kernel', guest.kernel, '-initrd', guest.initrd, '-append', `console=ttyS0 panic=-1 quiet guest_mem_mib=${guestMemMib}`];
+  const { machine, boot } = guestCommand(guestMemMib);
   const children: ChildProcess[] = [];
   try {
-    progress(`qemu: booting the test guest (${guestMemMib} MiB checked every second)`);
-    const qmpPath = join(dir, 'source-qmp.sock');
-    const serial = join(dir, 'source.serial');
-    children.push(qemu([...machine, ...boot, '-serial', `file:${serial}`, '-qmp', `unix:${qmpPath},server=on,wait=off`]));
-    await waitFor('the guest to boot', () => (passes(serial).length >= 2 ? true : undefined), 180_000);
-    // QEMU saves the guest itself; the snapshot is imported from that very stream: both restores start from one state.
-    const stream = join(dir, 'vm.stream');
-    const source = await Qmp.connect(qmpPath);
-    // Stopped first: a live migration of this guest (it writes its memory) gives a stream that oopses when restored under TCG.
-    await source.execute('stop');
-    await source.execute('migrate', { uri: `exec:cat > ${stream}` });
-    await source.untilMigration(['completed'], 120_000, 20);
-    source.close();
-    const snapshot = join(dir, 'snapshot');
-    await runCliJson(['qemu', 'import', stream, '--out', snapshot]);
+    const { stream, snapshot, qmpPath } = await savedTestGuest(dir, guestMemMib, children, progress);
     let clean = true;
     let n = 0;
     let m = 0;

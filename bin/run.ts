@@ -13,8 +13,10 @@ import { usageOf } from './usage.js';
 
 async function bench(argv: string[]): Promise<void> {
   const which = argv[0] && !argv[0].startsWith('-') ? argv[0] : 'suite';
-  if (!['suite', 'latency', 'throughput', 'encryption', 'local', 'localhost', 'live', 'qemu', 'store'].includes(which))
-    throw new UsageError(`unknown benchmark ${JSON.stringify(which)} (the suite, latency, throughput, encryption, local, localhost, live, qemu or store)`);
+  if (!['suite', 'latency', 'throughput', 'encryption', 'compression', 'local', 'localhost', 'live', 'qemu', 'store'].includes(which))
+    throw new UsageError(
+      `unknown benchmark ${JSON.stringify(which)} (the suite, latency, throughput, encryption, compression, local, localhost, live, qemu or store)`,
+    );
   const rest = which === 'suite' ? argv : argv.slice(1);
   const values = parseCommandLine(rest, {
     pages: { type: 'string' },
@@ -31,6 +33,7 @@ async function bench(argv: string[]): Promise<void> {
     'guest-mib': { type: 'string' },
     'chunk-sizes': { type: 'string' },
     cases: { type: 'string' },
+    images: { type: 'string' },
   });
   // Each benchmark takes its own options; one given to another is refused, never ignored.
   const takes: Record<string, string[]> = {
@@ -38,6 +41,7 @@ async function bench(argv: string[]): Promise<void> {
     latency: ['pages', 'rounds', 'transport', 'seed', 'json'],
     throughput: ['pages', 'rounds', 'transport', 'json'],
     encryption: ['pages', 'rounds', 'seed', 'json'],
+    compression: ['pages', 'rounds', 'images', 'json'],
     local: ['pages', 'rounds', 'seed', 'json'],
     localhost: ['pages', 'clones', 'json'],
     live: ['pages', 'write-rates', 'rate', 'json'],
@@ -80,6 +84,20 @@ async function bench(argv: string[]): Promise<void> {
       parseCount(values.seed, '--seed', 1, 0xffffffff),
     );
     printResults([result], ([r]) => encryptionTable(r));
+    return;
+  }
+  if (which === 'compression') {
+    const { compressionBench, compressionTable, IMAGE_KINDS } = await import('../bench/compression.js');
+    const kinds = values.images?.split(',') ?? [...IMAGE_KINDS];
+    const unknown = kinds.find((k) => !(IMAGE_KINDS as readonly string[]).includes(k));
+    if (unknown !== undefined) throw new UsageError(`--images: no image "${unknown}" (the images: ${IMAGE_KINDS.join(', ')})`);
+    const results = await compressionBench(
+      parseCount(values.pages, '--pages', 65536, 1 << 24, 256),
+      parseCount(values.rounds, '--rounds', 3, 100, 1),
+      kinds as (typeof IMAGE_KINDS)[number][],
+      (line) => process.stderr.write(line + '\n'),
+    );
+    printResults(results, compressionTable);
     return;
   }
   if (which === 'local') {

@@ -259,6 +259,15 @@ postcopy bench encryption [--pages N] [--rounds R] [--seed S] [--json]
   What sealing TCP data channels costs: fault p50 and bulk GB/s over TCP,
   plaintext and sealed, interleaved R rounds (default 3); medians and ratios.
 
+postcopy bench compression [--pages N] [--rounds R] [--images synthetic,guest] [--json]
+  What packed runs save across a 1 Gbit/s link (a veth pair into a network
+  namespace, made and removed here): each image restored whole with packed
+  runs and with them refused, interleaved R rounds (default 3): bytes on the
+  wire over the image's bytes, time to full residency, CPU on both sides per
+  GiB. Images: synthetic (N pages, default 65536: zero, text-like, structured
+  and random pages) and guest (the QEMU test guest's RAM, saved by QEMU and
+  imported; skipped without qemu-system-x86).
+
 Every benchmark but the suite prints a table; --json prints its results as
 JSON lines instead, one object per result, for scripts.`;
 
@@ -370,7 +379,7 @@ commands:
   handle     be the page-fault handler VMMs hand their userfaultfd to (Firecracker style)
   restore    restore an image (from a source, a file or a store) into memory or a file
   bench      the benchmark suite (quick; --full for everything), or one benchmark:
-             latency, throughput, encryption, local, localhost, live, qemu, store
+             latency, throughput, encryption, compression, local, localhost, live, qemu, store
   qemu       QEMU snapshots: import a stream QEMU saved, save a running QEMU, serve a
              snapshot to a QEMU, or restore one into a QEMU started for it
   store      images in a snapshot store on S3-compatible object storage: push, ls, rm, gc

@@ -218,3 +218,28 @@ t.test('a bench stopped by SIGTERM or SIGINT leaves neither its scratch director
     if (child) await until(`${name}: no process it started still runs`, () => processesNaming(join('/dev/shm', dir)).length === 0, 10_000);
   }
 });
+
+t.test('bench compression runs end to end: a synthetic image across a 1 Gbit/s link, packed and not, with the fields scripts read', async (t) => {
+  const { compressionBench, compressionTable } = await import('../bench/compression.js');
+  const [r] = await compressionBench(2048, 1, ['synthetic']);
+  if ('skipped' in r) {
+    t.comment(`skipped: ${r.skipped}`);
+    return;
+  }
+  t.match(r, {
+    case: 'compression',
+    image: 'synthetic',
+    link: 'veth-1g',
+    rawBytes: 2048 * 4096,
+    rounds: 1,
+    wireBytesRatio: Number,
+    plainWireBytesRatio: Number,
+    timeRatio: Number,
+  });
+  t.ok(
+    r.wireBytesRatio < r.plainWireBytesRatio,
+    `packed runs put fewer bytes on the wire (${r.wireBytesRatio} of the image, against ${r.plainWireBytesRatio})`,
+  );
+  t.ok(r.runs.find((x) => x.packed)!.packedRuns > 0 && r.runs.find((x) => !x.packed)!.packedRuns === 0, 'packed in one run, refused in the other');
+  t.match(compressionTable([r]), /\| synthetic \| veth-1g \| 8 \|/);
+});
