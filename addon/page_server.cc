@@ -521,9 +521,10 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
     // Packed runs across a link, while it is slower than this CPU packs
     // (both as measured so far: the link by the pacer, the codec by its runs).
     RunBatch batch(out, 64, bytesSent_);
+    bool packing = false;
     auto packNext = [&] {
-      bool pays = packRuns_ && pacer_ && (packer.BytesPerSecond() == 0 || pacer_->LinkBytesPerSecond() < packer.BytesPerSecond());
-      batch.PackWith(pays ? &packer : nullptr, &packed_);
+      packing = packRuns_ && pacer_ && (packer.BytesPerSecond() == 0 || pacer_->LinkBytesPerSecond() < packer.BytesPerSecond());
+      batch.PackWith(packing ? &packer : nullptr, &packed_);
     };
     packNext();
     if (precopy_) {
@@ -552,9 +553,14 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
         WaitForBudget(mostRun_);
         if (Stopping()) return;
         PageRun run;
-        // Across a link, a run no larger than the pacer's window: a page
+        // Across a link, a run no larger on the wire than the pacer's window
+        // (packed runs shrink by the ratio packing has had so far): a page
         // claimed is then on its way within about the link's target delay.
-        uint64_t most = pacer_ ? std::max<uint64_t>(1, pacer_->figures().windowBytes / 4096) : mostRun_;
+        uint64_t most = mostRun_;
+        if (pacer_) {
+          double shrink = packing && packed_.rawBytes > 0 ? std::clamp(double(packed_.wireBytes) / double(packed_.rawBytes), 1.0 / 16, 1.0) : 1.0;
+          most = std::min<uint64_t>(mostRun_, std::max<uint64_t>(1, static_cast<uint64_t>(double(pacer_->figures().windowBytes) / shrink) / 4096));
+        }
         if (!sched_->NextBackgroundRun(most, &run)) continue;  // (the last pages were taken meanwhile)
         pagesBackground_ += run.count;
         NoteUnconfirmed();
