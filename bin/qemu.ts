@@ -60,8 +60,8 @@ async function restoreSnapshot(argv: string[], log: Logger): Promise<void> {
   const store = new SnapshotStore(at, { logger: log, ...(tenant ? { tenant } : {}) });
   const chunkCache = new ChunkCache({ ...cache, logger: log });
   try {
-    await fetchQemuSnapshotFiles(store, at.name, files, chunkCache, log);
-    const ram = await Destination.connect({ storeImage: { store, name: at.name }, cache: chunkCache, logger: log });
+    const manifest = await fetchQemuSnapshotFiles(store, at.name, files, chunkCache, log);
+    const ram = await Destination.connect({ storeImage: { store, name: at.name, manifest }, cache: chunkCache, logger: log });
     try {
       const blocks = ram.regions.map((r) => ({
         source: r.mapping.handle,

@@ -37,8 +37,8 @@ const TRANSITIONS: TransitionTable<StoreState> = {
 export const STORE_STATES = Object.keys(TRANSITIONS) as readonly StoreState[];
 
 export interface StoreSessionOptions extends ReplayOptions {
-  /** The image: s3://BUCKET[/PREFIX]/NAME, or a store already open (the caller closes it) and a name. */
-  storeImage: string | { store: SnapshotStore; name: string };
+  /** The image: s3://BUCKET[/PREFIX]/NAME, or a store already open (the caller closes it) and a name (and its manifest, when already read). */
+  storeImage: string | { store: SnapshotStore; name: string; manifest?: Manifest };
   /** How to reach the store (default: the AWS way, lib/store/object-store.ts). */
   credentials?: StoreCredentials;
   /** The tenant's key the image was pushed with (lib/store/tenant.ts). */
@@ -129,7 +129,8 @@ export class StoreSession extends EventEmitter implements PageSession {
     const name = named ? named.name : (options.storeImage as { name: string }).name;
     let engine: FaultEngine | undefined;
     try {
-      const manifest = await store.manifest(name);
+      const given = typeof options.storeImage === 'string' ? undefined : options.storeImage.manifest;
+      const manifest = given?.name === name ? given : await store.manifest(name);
       const regions: RegionInfo[] = manifest.regions.map(({ id, name: n, length, pageSize, contentLength }) => ({
         id,
         name: n,

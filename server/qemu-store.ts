@@ -12,6 +12,7 @@ import { formatStoreUrl, type ImageAddress } from '../lib/store/address.js';
 import type { ChunkCache } from '../lib/store/chunk-cache.js';
 import { SnapshotStore, type PushReport } from '../lib/store/snapshot-store.js';
 import type { TenantKey } from '../lib/store/tenant.js';
+import type { Manifest } from '../lib/store/manifest.js';
 import { readManifest } from './qemu-source.js';
 
 /** Pushes the snapshot in `dir` as image `at.name` (sealed with `tenant`'s key when given). */
@@ -33,8 +34,9 @@ export async function pushQemuSnapshot(dir: string, at: ImageAddress, log: Logge
  * manifest.json and the stream's parts, every one checked; not its RAM, which
  * a restore from the store fetches as it is read (bin/qemu.ts). Refuses an
  * image that is not a QEMU snapshot, or whose blocks do not match its regions.
+ * The image's manifest, for the store session that restores the RAM (read once).
  */
-export async function fetchQemuSnapshotFiles(store: SnapshotStore, name: string, dir: string, cache: ChunkCache, log: Logger): Promise<void> {
+export async function fetchQemuSnapshotFiles(store: SnapshotStore, name: string, dir: string, cache: ChunkCache, log: Logger): Promise<Manifest> {
   const manifest = await store.manifest(name);
   const files = await store.files(manifest, cache);
   const where = formatStoreUrl(store.address, name);
@@ -46,4 +48,5 @@ export async function fetchQemuSnapshotFiles(store: SnapshotStore, name: string,
   if (qemu.blocks.length !== manifest.regions.length || qemu.blocks.some((b, i) => b.length !== manifest.regions[i].length))
     throw new PostcopyError(ErrorCode.STORE_CORRUPT, `${where}: its blocks do not match its regions`);
   log.info({ image: where, dir, blocks: qemu.blocks.length }, "the QEMU snapshot's device state is here; its RAM comes from the store as QEMU reads it");
+  return manifest;
 }
