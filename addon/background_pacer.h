@@ -63,7 +63,9 @@ class BackgroundPacer {
     return false;  // a unix socket
   }
 
-  BackgroundPacer(int fd, std::function<bool()> stopping) : fd_(fd), stopping_(std::move(stopping)) {
+  // demandAt: when demand last came (MonotonicNs of the last request; 0: never).
+  BackgroundPacer(int fd, std::function<bool()> stopping, const std::atomic<uint64_t>* demandAt)
+      : fd_(fd), stopping_(std::move(stopping)), demandAt_(demandAt) {
     tcp_info info{};
     if (Sample(&info)) ackedBefore_ = info.tcpi_bytes_acked;
   }
@@ -96,6 +98,15 @@ class BackgroundPacer {
   // The fastest delivery measured so far, bytes a second (0: none yet). The writing thread's.
   double LinkBytesPerSecond() const { return maxRate_; }
 
+  // The window in force now (the writing thread's). While faults are being
+  // served, the delay-based one; while none are, at least a millisecond of
+  // the link at its fastest, so the thread wakes far less often (the first
+  // fault after a quiet spell may wait that millisecond; the rest do not).
+  size_t WindowNow(uint64_t now) const {
+    if (DemandActive(now)) return static_cast<size_t>(window_);
+    return static_cast<size_t>(std::max(window_, maxRate_ * kQuietQueueNs / 1e9));
+  }
+
   // (any thread)
   Figures figures() const {
     return {windowBytes_.load(std::memory_order_relaxed), minRttUs_.load(std::memory_order_relaxed), rttUs_.load(std::memory_order_relaxed),
@@ -103,13 +114,20 @@ class BackgroundPacer {
   }
 
  private:
+  // Large enough that the first 10 ms show what the path can carry (the floor
+  // below is learnt from them); the delay-based rule brings it down within a
+  // few round trips where a link's queue is what it fills.
+  static constexpr double kInitialWindow = 256 << 10;
   static constexpr double kMinWindow = 16 << 10;         // four pages: enough to keep acknowledgements coming
   static constexpr double kMaxWindow = 8 << 20;          // the bulk socket's send buffer
   static constexpr size_t kMinSlice = 4 << 10;           // one page: a smaller slice costs a syscall for little
   static constexpr uint32_t kMinTargetUs = 100;          // below this a round trip is the hosts' own scheduling noise
   static constexpr uint64_t kRateIntervalNs = 10000000;  // the delivery rate is measured over this much time
-  static constexpr uint64_t kMaxWaitNs = 1000000;        // re-read the socket at least every millisecond
-  static constexpr uint64_t kMaxOversleepNs = 200000;    // a sleep later than this is a stall, not the timer's lateness
+  static constexpr uint64_t kDemandActiveNs = 2000000;   // a request this recent means faults are being served
+  static constexpr uint64_t kMinSleepNs = 5000;
+  static constexpr double kQuietQueueNs = 1e6;         // the link time the window may hold while no fault is served
+  static constexpr uint64_t kMaxWaitNs = 1000000;      // re-read the socket at least every millisecond
+  static constexpr uint64_t kMaxOversleepNs = 200000;  // a sleep later than this is a stall, not the timer's lateness
   static constexpr int kSliceIovecs = 64;
 
   bool Sample(tcp_info* info) {
@@ -164,8 +182,11 @@ class BackgroundPacer {
       if (!Sample(&info)) return SIZE_MAX;  // not TCP after all: write unpaced
       Update(info);
       size_t held = Held();
-      size_t window = static_cast<size_t>(window_);
-      if (held + kMinSlice <= window || held == 0) {
+      size_t window = WindowNow(MonotonicNs());
+      // Written again once a quarter of the window is free (a page at
+      // least): fewer, larger writes and fewer wakeups for the same queue.
+      size_t slice = std::max(kMinSlice, window / 4);
+      if (held + slice <= window || held == 0) {
         if (since) {
           waits_.fetch_add(1, std::memory_order_relaxed);
           waitNs_.fetch_add(MonotonicNs() - since, std::memory_order_relaxed);
@@ -178,21 +199,27 @@ class BackgroundPacer {
       if (!since) since = t0;
       // About the time the link takes to drain what is over the window.
       double rate = info.tcpi_delivery_rate > 0 ? static_cast<double>(info.tcpi_delivery_rate) : 125e6;
-      uint64_t ns = static_cast<uint64_t>(static_cast<double>(held + kMinSlice - window) / rate * 1e9);
-      if (ns <= oversleepNs_) {
-        // Sooner than a sleep would wake: look again at once (a sleep would
-        // leave the link idle, and the window is a few round trips at most).
+      uint64_t ns = static_cast<uint64_t>(static_cast<double>(held + slice - window) / rate * 1e9);
+      if (ns <= oversleepNs_ && DemandActive(t0)) {
+        // Sooner than a sleep would wake, while faults are being served:
+        // look again at once (a sleep would leave the link idle under them).
+        // With no demand the thread sleeps, and the link may idle a little.
         CpuRelax();
         continue;
       }
       // Wake a sleep's usual lateness early, so the link does not run dry.
-      uint64_t sleep = std::min(ns - oversleepNs_, kMaxWaitNs);
+      uint64_t sleep = std::min(ns > oversleepNs_ + kMinSleepNs ? ns - oversleepNs_ : kMinSleepNs, kMaxWaitNs);
       timespec ts{0, static_cast<long>(sleep)};
       nanosleep(&ts, nullptr);
       uint64_t slept = MonotonicNs() - t0;
       uint64_t late = slept > sleep ? slept - sleep : 0;
       oversleepNs_ = (oversleepNs_ * 7 + std::min(late, kMaxOversleepNs)) / 8;
     }
+  }
+
+  bool DemandActive(uint64_t now) const {
+    uint64_t at = demandAt_ ? demandAt_->load(std::memory_order_relaxed) : 0;
+    return at != 0 && now - at < kDemandActiveNs;
   }
 
   static void CpuRelax() {
@@ -205,13 +232,14 @@ class BackgroundPacer {
 
   int fd_;
   std::function<bool()> stopping_;
-  double window_ = 64 << 10;
+  const std::atomic<uint64_t>* demandAt_;
+  double window_ = kInitialWindow;
   double maxRate_ = 0;  // bytes a second: the fastest delivery over kRateIntervalNs seen on the bulk connection
   uint64_t rateSince_ = 0, rateAckedSince_ = 0;
   uint64_t oversleepNs_ = 30000;  // how late a sleep wakes here, on average (kept as it is measured)
   bool windowLimited_ = false;
   uint64_t ackedBefore_ = 0;
-  std::atomic<uint64_t> windowBytes_{64 << 10}, minRttUs_{0}, rttUs_{0}, waits_{0}, waitNs_{0};
+  std::atomic<uint64_t> windowBytes_{static_cast<uint64_t>(kInitialWindow)}, minRttUs_{0}, rttUs_{0}, waits_{0}, waitNs_{0};
 };
 
 }  // namespace uffdpc

@@ -357,7 +357,9 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
     started_ = true;
     startNs_ = MonotonicNs();
     Spawn("pc-requests", -1, [this] { RequestLoop(); });
-    if (bulkFd_ >= 0 && BackgroundPacer::Needed(bulkFd_)) pacer_ = std::make_unique<BackgroundPacer>(bulkFd_, [this] { return Stopping(); });
+    if (bulkFd_ >= 0 && BackgroundPacer::Needed(bulkFd_))
+      pacer_ = std::make_unique<BackgroundPacer>(
+          bulkFd_, [this] { return Stopping(); }, &demandAt_);
     if (bulkFd_ >= 0) Spawn("pc-background", -1, [this] { BulkLoop(); });
     return info.Env().Undefined();
   }
@@ -480,6 +482,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
     ServedRegion& r = *regions_[id];
     uint64_t first = page - page % r.unit;
     requests_++;
+    demandAt_.store(MonotonicNs(), std::memory_order_relaxed);
     runs_.clear();
     if (sched_->Request(id, first, r.unit, runs_) > 0) {  // sent already
       // Ahead of us on this channel; or, across a link, on the paced bulk
@@ -559,7 +562,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
         uint64_t most = mostRun_;
         if (pacer_) {
           double shrink = packing && packed_.rawBytes > 0 ? std::clamp(double(packed_.wireBytes) / double(packed_.rawBytes), 1.0 / 16, 1.0) : 1.0;
-          most = std::min<uint64_t>(mostRun_, std::max<uint64_t>(1, static_cast<uint64_t>(double(pacer_->figures().windowBytes) / shrink) / 4096));
+          most = std::min<uint64_t>(mostRun_, std::max<uint64_t>(1, static_cast<uint64_t>(double(pacer_->WindowNow(MonotonicNs())) / shrink) / 4096));
         }
         if (!sched_->NextBackgroundRun(most, &run)) continue;  // (the last pages were taken meanwhile)
         pagesBackground_ += run.count;
@@ -775,6 +778,7 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
   // The bulk channel's share of a network link, when it crosses one (made by
   // start() before the bulk thread, so stats() may read it from then on).
   std::unique_ptr<BackgroundPacer> pacer_;
+  std::atomic<uint64_t> demandAt_{0};  // when the last request came (the pacer spins only while faults are served)
   bool encrypted_ = false;
   uint8_t urgentDownKey_[32] = {}, urgentUpKey_[32] = {}, bulkDownKey_[32] = {};
   bool started_ = false;

@@ -3,7 +3,7 @@
 // restored whole (background on, no workload), with packed runs and with the
 // destination refusing them, interleaved round by round: bytes on the wire
 // over the image's raw bytes, time to full residency, and CPU on both sides
-// per GiB of image. Images: a synthetic one with a realistic mix of pages
+// per GiB of image (the source's whole process, the destination's engine threads). Images: a synthetic one with a realistic mix of pages
 // (zero, text-like, structured, random), and the QEMU test guest's RAM as
 // `postcopy qemu import` wrote it from QEMU's own save (when QEMU is here).
 import type { ChildProcess } from 'node:child_process';
@@ -14,7 +14,7 @@ import { join } from 'node:path';
 import { Destination } from '../client/destination.js';
 import { LINKS, bringUp } from './links.js';
 import { median, round } from './latency.js';
-import { cpuSince, threadSamples } from './source.js';
+import { cpuSince, processCpuNs, threadSamples } from './source.js';
 import { removeScratchDir, scratchDir } from './cleanup.js';
 
 export const IMAGE_KINDS = ['synthetic', 'guest'] as const;
@@ -101,13 +101,13 @@ export function syntheticImage(path: string, pages: number, seed = 1): void {
 }
 
 async function once(address: string, token: string | undefined, sourcePid: number, packed: boolean): Promise<Run> {
-  const srcBefore = threadSamples(sourcePid);
+  const srcBefore = processCpuNs(sourcePid);
   const dstBefore = threadSamples('self');
   const dest = await Destination.connect({ source: address, token, refusePackedRuns: !packed, background: { enabled: true, rateBytesPerSecond: 0 } });
   try {
     await dest.engine.whenResident();
     // CPU read while the sessions' threads still live.
-    const sourceCpuMs = round(cpuSince(srcBefore, threadSamples(sourcePid)) / 1e6);
+    const sourceCpuMs = round((processCpuNs(sourcePid) - srcBefore) / 1e6);
     const destinationCpuMs = round(cpuSince(dstBefore, threadSamples('self'), (n) => n.startsWith('pc-')) / 1e6);
     const report = await dest.finish();
     const stats = dest.stats();

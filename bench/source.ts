@@ -117,6 +117,13 @@ export function threadSamples(pid: number | 'self'): Map<number, ThreadSample> {
   return out;
 }
 
+/** CPU ns the whole process `pid` has spent, its ended threads included (/proc stat, in clock ticks of 10 ms). */
+export function processCpuNs(pid: number): number {
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[11]) + Number(fields[12])) * 1e7; // utime + stime, at 100 ticks a second
+}
+
 /** CPU ns spent since `before` by threads whose name passes `keep` (new threads count from zero). */
 export function cpuSince(before: Map<number, ThreadSample>, after: Map<number, ThreadSample>, keep: (name: string) => boolean = () => true): number {
   let ns = 0;
