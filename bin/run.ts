@@ -13,9 +13,9 @@ import { usageOf } from './usage.js';
 
 async function bench(argv: string[]): Promise<void> {
   const which = argv[0] && !argv[0].startsWith('-') ? argv[0] : 'suite';
-  if (!['suite', 'latency', 'throughput', 'encryption', 'compression', 'local', 'localhost', 'live', 'qemu', 'store'].includes(which))
+  if (!['suite', 'latency', 'throughput', 'encryption', 'compression', 'fanout', 'local', 'localhost', 'live', 'qemu', 'store'].includes(which))
     throw new UsageError(
-      `unknown benchmark ${JSON.stringify(which)} (the suite, latency, throughput, encryption, compression, local, localhost, live, qemu or store)`,
+      `unknown benchmark ${JSON.stringify(which)} (the suite, latency, throughput, encryption, compression, fanout, local, localhost, live, qemu or store)`,
     );
   const rest = which === 'suite' ? argv : argv.slice(1);
   const values = parseCommandLine(rest, {
@@ -34,6 +34,7 @@ async function bench(argv: string[]): Promise<void> {
     'chunk-sizes': { type: 'string' },
     cases: { type: 'string' },
     images: { type: 'string' },
+    destinations: { type: 'string' },
   });
   // Each benchmark takes its own options; one given to another is refused, never ignored.
   const takes: Record<string, string[]> = {
@@ -42,6 +43,7 @@ async function bench(argv: string[]): Promise<void> {
     throughput: ['pages', 'rounds', 'transport', 'json'],
     encryption: ['pages', 'rounds', 'seed', 'json'],
     compression: ['pages', 'rounds', 'images', 'json'],
+    fanout: ['pages', 'destinations', 'rounds', 'transport', 'json'],
     local: ['pages', 'rounds', 'seed', 'json'],
     localhost: ['pages', 'clones', 'json'],
     live: ['pages', 'write-rates', 'rate', 'json'],
@@ -98,6 +100,21 @@ async function bench(argv: string[]): Promise<void> {
       (line) => process.stderr.write(line + '\n'),
     );
     printResults(results, compressionTable);
+    return;
+  }
+  if (which === 'fanout') {
+    const { fanoutBench, fanoutTable, FANOUT_TRANSPORTS } = await import('../bench/fanout.js');
+    const transports = values.transport?.split(',') ?? [...FANOUT_TRANSPORTS];
+    const unknown = transports.find((k) => !(FANOUT_TRANSPORTS as readonly string[]).includes(k));
+    if (unknown !== undefined) throw new UsageError(`--transport must be ${FANOUT_TRANSPORTS.join(', ')}; not "${unknown}"`);
+    const results = await fanoutBench(
+      parseCount(values.pages, '--pages', 16384, 1 << 22, 256),
+      parseCount(values.destinations, '--destinations', 16, 64, 2),
+      parseCount(values.rounds, '--rounds', 3, 100, 1),
+      transports as (typeof FANOUT_TRANSPORTS)[number][],
+      (line) => process.stderr.write(line + '\n'),
+    );
+    printResults(results, fanoutTable);
     return;
   }
   if (which === 'local') {

@@ -259,6 +259,14 @@ postcopy bench encryption [--pages N] [--rounds R] [--seed S] [--json]
   What sealing TCP data channels costs: fault p50 and bulk GB/s over TCP,
   plaintext and sealed, interleaved R rounds (default 3); medians and ratios.
 
+postcopy bench fanout [--pages N] [--destinations D] [--rounds R] [--transport unix,tcp] [--json]
+  One source process feeding D restores at once (default 16; N pages each,
+  default 16384), each touching every page once in its own random order with
+  the background on, against one restore alone, interleaved R rounds
+  (default 3): the bytes a second all took together against the floor's bulk
+  case on the same transport, each destination's fault p99 against the lone
+  one's, and the source's CPU per GiB served.
+
 postcopy bench compression [--pages N] [--rounds R] [--images synthetic,guest] [--json]
   What packed runs save across a 1 Gbit/s link (a veth pair into a network
   namespace, made and removed here): each image restored whole with packed
@@ -379,7 +387,8 @@ commands:
   handle     be the page-fault handler VMMs hand their userfaultfd to (Firecracker style)
   restore    restore an image (from a source, a file or a store) into memory or a file
   bench      the benchmark suite (quick; --full for everything), or one benchmark:
-             latency, throughput, encryption, compression, local, localhost, live, qemu, store
+             latency, throughput, encryption, compression, fanout, local, localhost, live,
+             qemu, store
   qemu       QEMU snapshots: import a stream QEMU saved, save a running QEMU, serve a
              snapshot to a QEMU, or restore one into a QEMU started for it
   store      images in a snapshot store on S3-compatible object storage: push, ls, rm, gc

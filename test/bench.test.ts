@@ -243,3 +243,14 @@ t.test('bench compression runs end to end: a synthetic image across a 1 Gbit/s l
   t.ok(r.runs.find((x) => x.packed)!.packedRuns > 0 && r.runs.find((x) => !x.packed)!.packedRuns === 0, 'packed in one run, refused in the other');
   t.match(compressionTable([r]), /\| synthetic \| veth-1g \| 8 \|/);
 });
+
+t.test('bench fanout runs end to end: one source process feeding restore processes at once, over a unix socket and TCP', async (t) => {
+  const { fanoutBench, fanoutTable } = await import('../bench/fanout.js');
+  const results = await fanoutBench(1024, 3, 1, ['unix', 'tcp']);
+  t.equal(results.length, 2);
+  for (const r of results) {
+    t.match(r, { case: 'fanout', pages: 1024, destinations: 3, rounds: 1, aggregateGBps: Number, floorBulkGBps: Number, aggregateVsFloorBulk: Number, faultP99VsAlone: Number });
+    t.ok(r.aggregateGBps > 0 && r.sourceCpuMsPerGiB.wave >= 0 && r.wallMs.wave > 0, `${r.transport}: figures measured`);
+  }
+  t.match(fanoutTable(results), /\| unix \| 3 \|/);
+});
