@@ -61,14 +61,31 @@ export async function bringUp(spec: LinkSpec, imagePath: string, dir: string): P
   return bringUpNamespaceLink(spec, imagePath, dir);
 }
 
-async function bringUpNamespaceLink(spec: LinkSpec, imagePath: string, dir: string): Promise<LinkResult> {
+/** A veth pair into a network namespace made here, shaped to a spec's rate (and delay, where netem is). */
+export interface NamespaceLink {
+  ns: string;
+  /** This side's address, and the namespace's. */
+  hostAddress: string;
+  peerAddress: string;
+  name: string;
+  description: string;
+  /** Removes the namespace and the pair (once; also at exit). */
+  remove(): void;
+}
+
+/** Makes the namespace and the shaped pair, or says why it cannot here. */
+export function namespaceLink(spec: LinkSpec): NamespaceLink | { skipped: string } {
   if (process.getuid?.() !== 0) return { skipped: 'network namespaces need root' };
   const id = `${process.pid % 100000}${spec.emulate!.gbit}`;
   const ns = `pcb${id}`;
   const host = `pcbh${id}`;
   const peer = `pcbn${id}`;
   const subnet = `10.${200 + (spec.emulate!.gbit % 50)}.${process.pid % 250}`;
+  let removed = false;
   const remove = () => {
+    if (removed) return;
+    removed = true;
+    process.off('exit', remove);
     try {
       sh('ip', ['netns', 'del', ns]);
     } catch {
@@ -113,12 +130,19 @@ async function bringUpNamespaceLink(spec: LinkSpec, imagePath: string, dir: stri
     sh('ip', ['netns', 'exec', ns, 'tc', 'qdisc', 'add', 'dev', peer, ...tbf]);
     description = `veth between namespaces, tbf ${rate}; no added delay (this kernel has no netem)`;
   }
+  return { ns, hostAddress: `${subnet}.1`, peerAddress: `${subnet}.2`, name, description, remove };
+}
+
+async function bringUpNamespaceLink(spec: LinkSpec, imagePath: string, dir: string): Promise<LinkResult> {
+  const link = namespaceLink(spec);
+  if ('skipped' in link) return link;
+  const { ns, name, description, remove, peerAddress } = link;
   // Beyond loopback, so the source insists on a token.
   const tokenFile = join(dir, `token-${ns}`);
   const token = randomBytes(16).toString('hex');
   writeFileSync(tokenFile, token, { mode: 0o600 });
   try {
-    const source = await startSource(imagePath, `tcp:${subnet}.2:0`, { wrap: ['ip', 'netns', 'exec', ns], tokenFile });
+    const source = await startSource(imagePath, `tcp:${peerAddress}:0`, { wrap: ['ip', 'netns', 'exec', ns], tokenFile });
     return {
       up: {
         spec,
@@ -129,7 +153,6 @@ async function bringUpNamespaceLink(spec: LinkSpec, imagePath: string, dir: stri
         async down() {
           await source.close();
           remove();
-          process.off('exit', remove);
         },
       },
     };

@@ -249,7 +249,16 @@ t.test('bench fanout runs end to end: one source process feeding restore process
   const results = await fanoutBench(1024, 3, 1, ['unix', 'tcp']);
   t.equal(results.length, 2);
   for (const r of results) {
-    t.match(r, { case: 'fanout', pages: 1024, destinations: 3, rounds: 1, aggregateGBps: Number, floorBulkGBps: Number, aggregateVsFloorBulk: Number, faultP99VsAlone: Number });
+    t.match(r, {
+      case: 'fanout',
+      pages: 1024,
+      destinations: 3,
+      rounds: 1,
+      aggregateGBps: Number,
+      floorBulkGBps: Number,
+      aggregateVsFloorBulk: Number,
+      faultP99VsAlone: Number,
+    });
     t.ok(r.aggregateGBps > 0 && r.sourceCpuMsPerGiB.wave >= 0 && r.wallMs.wave > 0, `${r.transport}: figures measured`);
   }
   t.match(fanoutTable(results), /\| unix \| 3 \|/);

@@ -330,8 +330,8 @@ export function spawnCli(t: Test, args: string[], env: Record<string, string> = 
 }
 
 /** Runs `postcopy ...args` to completion (in `cwd`, when given). */
-export function runCli(args: string[], env: Record<string, string> = {}, cwd?: string): Promise<CliResult> {
-  const [cmd, ...pre] = cliCommand();
+export function runCli(args: string[], env: Record<string, string> = {}, cwd?: string, wrap: string[] = []): Promise<CliResult> {
+  const [cmd, ...pre] = [...wrap, ...cliCommand()];
   const child = spawn(cmd, [...pre, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env }, ...(cwd ? { cwd } : {}) });
   let stdout = '';
   let stderr = '';

@@ -7,7 +7,10 @@
 import t from 'tap';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { LINKS, namespaceLink } from '../bench/links.js';
+import { native } from '../lib/native.js';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { LiveMigration, LiveWorkload, type LiveOptions, type LiveReport } from '../server/live.js';
@@ -54,16 +57,16 @@ function startWorkload(t: Test, socket: string, imagePath: string, dump: string,
 }
 
 /** A live source in this process for a workload started by the test. */
-async function liveSource(t: Test, options: LiveOptions, rate: number, pages = 4096, seed = 1) {
+async function liveSource(t: Test, options: LiveOptions, rate: number, pages = 4096, seed = 1, across?: { listen: string; token: string; image: Buffer }) {
   const dir = tempDir(t);
-  const imagePath = writeImage(dir, randomImage(pages, 11));
+  const imagePath = writeImage(dir, across?.image ?? randomImage(pages, 11));
   const dump = join(dir, 'paused.mem');
   const accepting = LiveWorkload.accept(join(dir, 'workload.sock'));
   const workload = startWorkload(t, join(dir, 'workload.sock'), imagePath, dump, rate, seed);
   const live = new LiveMigration(await accepting, options);
-  const server = new PageServer({ image: live.workload.image, live });
-  const source = `unix:${join(dir, 'source.sock')}`;
-  await server.listen(source);
+  const server = new PageServer({ image: live.workload.image, live, ...(across ? { token: across.token } : {}) });
+  const at = await server.listen(across?.listen ?? `unix:${join(dir, 'source.sock')}`);
+  const source = at.kind === 'tcp' ? `tcp:${at.host}:${at.port}` : `unix:${join(dir, 'source.sock')}`;
   t.teardown(async () => {
     await server.close();
     live.workload.close();
@@ -95,6 +98,40 @@ for (const [rate, seed] of [
     t.ok(readFileSync(out).equals(readFileSync(s.dump)), 'byte for byte the memory the workload held when it paused');
   });
 }
+
+t.test('a live source across a 1 Gbit/s link (paced, packed, sealed): precopy rounds, switchover, postcopy, byte-exact', async (t) => {
+  const link = namespaceLink(LINKS.find((l) => l.name === 'veth-1g')!);
+  if ('skipped' in link) {
+    t.comment(`skipped: ${link.skipped}`);
+    return;
+  }
+  t.teardown(() => link.remove());
+  // Half the pages text-like (they pack), half random (they do not).
+  const pages = 4096;
+  const image = randomImage(pages);
+  for (let p = 0; p < pages; p += 2) image.write(`page ${p} `.repeat(512).slice(0, 4096), p * 4096, 'latin1');
+  const token = randomBytes(16).toString('hex');
+  const s = await liveSource(t, { downtimeLimitMs: 20, maxPrecopyRounds: 8 }, 2000, pages, 4, { listen: `tcp:${link.hostAddress}:0`, token, image });
+  const tokenFile = join(s.dir, 'token');
+  writeFileSync(tokenFile, token, { mode: 0o600 });
+  const out = join(s.dir, 'restored.mem');
+  // The restore runs inside the namespace, across the shaped pair.
+  const restore = await runCli(['restore', '--source', s.source, '--token-file', tokenFile, '--json', '--out', out, '--workload', 'random'], {}, undefined, [
+    'ip',
+    'netns',
+    'exec',
+    link.ns,
+  ]);
+  t.equal(restore.code, 0, restore.code === 0 ? 'restored' : restore.stderr);
+  const report = JSON.parse(restore.stdout.trim().split('\n').pop()!);
+  t.equal(report.digestMatch, true, "the destination equals the source's memory at its pause");
+  t.ok(report.precopy.pagesPrecopied >= pages, `every page went in precopy first (${report.precopy.pagesPrecopied})`);
+  t.ok(report.source.backgroundPacing, 'the source paced its bulk channel');
+  if (native.packingAvailable()) t.ok(report.source.packedRuns > 0, `${report.source.packedRuns} runs went packed`);
+  await s.report;
+  await s.workload.closed;
+  t.ok(readFileSync(out).equals(readFileSync(s.dump)), 'byte for byte the memory the workload held when it paused');
+});
 
 t.test('pages written in the last round are discarded at the destination and fetched again, never stale', async (t) => {
   // One round (max-precopy-rounds 1) of a fast writer: most of the hot set is written after it was sent.
