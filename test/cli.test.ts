@@ -96,7 +96,8 @@ t.test('usage errors exit 2 in one line naming what is wrong', async (t) => {
   t.equal(bare.code, 2);
   t.equal(bare.stdout, '');
   t.match(bare.stderr, /^usage: postcopy <command>/);
-  t.match(bare.stderr, /latency, throughput, encryption, local, localhost, live, qemu, store/, 'every benchmark is listed');
+  for (const b of ['latency', 'throughput', 'encryption', 'compression', 'fanout', 'local', 'localhost', 'live', 'qemu', 'store'])
+    t.match(bare.stderr, new RegExp(`\\b${b}[,\\n]`), `the benchmark ${b} is listed`);
   t.match(bare.stderr, /serve a\s+snapshot to a QEMU, or restore one/, 'and every qemu command');
   t.match(bare.stderr, /postcopy --help prints every command's usage/);
   t.ok(bare.stderr.split('\n').length < 25, 'a screenful, not the manual');
@@ -130,7 +131,7 @@ t.test('every mistake on the command line is refused at once, in one line naming
     [['qemu'], /postcopy qemu takes a command: import, save, serve or restore/],
     [['qemu', 'frob'], /postcopy qemu takes import, save, serve or restore, not "frob"/],
     [['store'], /postcopy store takes a command: push, ls, rm or gc/],
-    [['bench', '--transport', 'udp'], /--transport is not an option of the bench suite \(it is of latency, throughput\)/],
+    [['bench', '--transport', 'udp'], /--transport is not an option of the bench suite \(it is of latency, throughput, fanout\)/],
     [['bench', 'encryption', '--link', 'unix'], /--link is not an option of bench encryption/],
     [['restore', '--source', 'unix:/x', '--window', '-1:2'], /--window F \(pages after\) must be a whole number from 0 to 1024; not "-1"/],
     [['restore', '--source', 'unix:/x', '--window', '8'], /--window takes F:B/],
