@@ -51,14 +51,14 @@ struct ServedRegion {
   std::unique_ptr<AtomicBitmap> everSent, queued;
 };
 
-// Collects runs into one writev. Headers live in a vector reserved up front so
-// the iovecs pointing at them stay valid; a full batch is sent before the next
-// run is added.
 // What packing did on a session's bulk channel (read by stats()).
 struct PackedFigures {
   std::atomic<uint64_t> runs{0}, rawBytes{0}, wireBytes{0};
 };
 
+// Collects runs into one writev. Headers live in a vector reserved up front so
+// the iovecs pointing at them stay valid; a full batch is sent before the next
+// run is added. Data runs go packed when a packer is given and packing pays.
 class RunBatch {
  public:
   RunBatch(ChannelWriter& out, size_t maxRuns, std::atomic<uint64_t>& bytesSent) : out_(out), bytesSent_(bytesSent) {
@@ -376,7 +376,8 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
   Napi::Value Stats(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     Napi::Object s = Napi::Object::New(env);
-    auto n = [&](const char* k, uint64_t v) { s.Set(k, Napi::Number::New(env, static_cast<double>(v))); };
+    auto set = [&](Napi::Object o, const char* k, double v) { o.Set(k, Napi::Number::New(env, v)); };
+    auto n = [&](const char* k, uint64_t v) { set(s, k, static_cast<double>(v)); };
     n("requests", requests_);
     n("pagesRequested", pagesRequested_);
     n("pagesResent", pagesResent_);
@@ -401,11 +402,11 @@ class PageServerSession : public Napi::ObjectWrap<PageServerSession>, DataPlane 
     if (BackgroundPacer* p = pacer_.get()) {
       BackgroundPacer::Figures f = p->figures();
       Napi::Object pacing = Napi::Object::New(env);
-      pacing.Set("windowBytes", Napi::Number::New(env, static_cast<double>(f.windowBytes)));
-      pacing.Set("minRttUs", Napi::Number::New(env, static_cast<double>(f.minRttUs)));
-      pacing.Set("rttUs", Napi::Number::New(env, static_cast<double>(f.rttUs)));
-      pacing.Set("waits", Napi::Number::New(env, static_cast<double>(f.waits)));
-      pacing.Set("waitMs", Napi::Number::New(env, static_cast<double>(f.waitNs) / 1e6));
+      set(pacing, "windowBytes", static_cast<double>(f.windowBytes));
+      set(pacing, "minRttUs", static_cast<double>(f.minRttUs));
+      set(pacing, "rttUs", static_cast<double>(f.rttUs));
+      set(pacing, "waits", static_cast<double>(f.waits));
+      set(pacing, "waitMs", static_cast<double>(f.waitNs) / 1e6);
       s.Set("backgroundPacing", pacing);
     }
     return s;

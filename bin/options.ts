@@ -197,6 +197,12 @@ export function parseChoice<C extends string>(text: string | undefined, what: st
   return text as C;
 }
 
+/** A comma-separated list of words of a fixed set (each once, in the order given); `fallback` when absent. */
+export function parseChoices<C extends string>(text: string | undefined, what: string, choices: readonly C[], fallback: readonly C[]): C[] {
+  if (text === undefined) return [...fallback];
+  return [...new Set(text.split(',').map((x) => parseChoice(x, what, choices, choices[0])))];
+}
+
 /** "64M", "2G", "4096", "512K" -> bytes (a whole number of them, at least `min`). */
 export function parseSize(text: string, what: string, min = 0): number {
   const m = /^(\d+(?:\.\d+)?)([KMGT]?)(?:i?B)?$/i.exec(text.trim());

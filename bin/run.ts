@@ -7,7 +7,7 @@ import { LOG_LEVELS, createLogger, type LogFormat, type Logger } from '../lib/lo
 import { clearProgress } from './terminal.js';
 import { PostcopyError } from '../lib/errors.js';
 import type { Transport } from '../bench/latency.js';
-import { parseChoice, parseCommandLine, parseCount, parseRate, parseSize, UsageError } from './options.js';
+import { parseChoice, parseChoices, parseCommandLine, parseCount, parseRate, parseSize, UsageError } from './options.js';
 import { join } from 'node:path';
 import { usageOf } from './usage.js';
 
@@ -90,13 +90,11 @@ async function bench(argv: string[]): Promise<void> {
   }
   if (which === 'compression') {
     const { compressionBench, compressionTable, IMAGE_KINDS } = await import('../bench/compression.js');
-    const kinds = values.images?.split(',') ?? [...IMAGE_KINDS];
-    const unknown = kinds.find((k) => !(IMAGE_KINDS as readonly string[]).includes(k));
-    if (unknown !== undefined) throw new UsageError(`--images: no image "${unknown}" (the images: ${IMAGE_KINDS.join(', ')})`);
+    const kinds = parseChoices(values.images, '--images', IMAGE_KINDS, IMAGE_KINDS);
     const results = await compressionBench(
       parseCount(values.pages, '--pages', 65536, 1 << 24, 256),
       parseCount(values.rounds, '--rounds', 3, 100, 1),
-      kinds as (typeof IMAGE_KINDS)[number][],
+      kinds,
       (line) => process.stderr.write(line + '\n'),
     );
     printResults(results, compressionTable);
@@ -104,14 +102,12 @@ async function bench(argv: string[]): Promise<void> {
   }
   if (which === 'fanout') {
     const { fanoutBench, fanoutTable, FANOUT_TRANSPORTS } = await import('../bench/fanout.js');
-    const transports = values.transport?.split(',') ?? [...FANOUT_TRANSPORTS];
-    const unknown = transports.find((k) => !(FANOUT_TRANSPORTS as readonly string[]).includes(k));
-    if (unknown !== undefined) throw new UsageError(`--transport must be ${FANOUT_TRANSPORTS.join(', ')}; not "${unknown}"`);
+    const transports = parseChoices(values.transport, '--transport', FANOUT_TRANSPORTS, FANOUT_TRANSPORTS);
     const results = await fanoutBench(
       parseCount(values.pages, '--pages', 16384, 1 << 22, 256),
       parseCount(values.destinations, '--destinations', 16, 64, 2),
       parseCount(values.rounds, '--rounds', 3, 100, 1),
-      transports as (typeof FANOUT_TRANSPORTS)[number][],
+      transports,
       (line) => process.stderr.write(line + '\n'),
     );
     printResults(results, fanoutTable);
@@ -169,13 +165,10 @@ async function bench(argv: string[]): Promise<void> {
   }
   const { latencyBench, throughputBench, latencyTable } = await import('../bench/latency.js');
   // "both", from before image was a transport too, still means unix,tcp.
-  const transports = [
-    ...new Set(
-      (values.transport === 'both' ? 'unix,tcp' : (values.transport ?? 'unix,tcp'))
-        .split(',')
-        .map((x) => parseChoice(x, '--transport', ['unix', 'tcp', 'image'] as const, 'unix')),
-    ),
-  ] as Transport[];
+  const transports: Transport[] = parseChoices(values.transport === 'both' ? 'unix,tcp' : values.transport, '--transport', ['unix', 'tcp', 'image'] as const, [
+    'unix',
+    'tcp',
+  ]);
   if (which === 'throughput' && transports.includes('image')) throw new UsageError('bench throughput streams from a source: --transport unix, tcp or unix,tcp');
   const pages = parseCount(values.pages, '--pages', which === 'latency' ? 32768 : 65536, 1 << 24, 1);
   const seed = parseCount(values.seed, '--seed', 1, 0xffffffff);

@@ -126,6 +126,8 @@ t.test('every mistake on the command line is refused at once, in one line naming
     [['serve', '--image', 'x', '--listen', 'unix:/x', '--frob'], /unknown option --frob/],
     [['bench', 'latency', '--transport', 'udp'], /--transport must be unix, tcp, image; not "udp"/],
     [['bench', 'latency', '--transport', 'unix,udp'], /--transport must be unix, tcp, image; not "udp"/],
+    [['bench', 'fanout', '--transport', 'unix,udp'], /--transport must be unix, tcp; not "udp"/],
+    [['bench', 'compression', '--images', 'synthetic,nope'], /--images must be synthetic, guest; not "nope"/],
     [['bench', 'latency', '--pages', '0'], /--pages must be a whole number from 1/],
     [['bench', 'nonsense'], /unknown benchmark "nonsense"/],
     [['qemu'], /postcopy qemu takes a command: import, save, serve or restore/],
