@@ -12,7 +12,8 @@
 // test/failure-matrix.soak.ts runs them at many points.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
-import { copyFileSync, existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import type { Test } from 'tap';
@@ -20,6 +21,7 @@ import { FaultProxy, type Direction } from './fault-proxy.js';
 import { PAGE, buildFixture, cliCommand, randomImage, reserveHugePages, tempDir, until, writeImage } from './helpers.js';
 import { seededRandom } from './cut-points.js';
 import { freshBucket, ownGateway } from './store/env.js';
+import { LINKS, namespaceLink } from '../bench/links.js';
 
 export const FAILURES = ['source-restarted', 'source-lost', 'link-cut', 'link-blackholed', 'worker-killed', 'supervisor-killed'] as const;
 export type Failure = (typeof FAILURES)[number];
@@ -54,6 +56,13 @@ export interface Mode {
   live?: boolean;
   /** No source process: the image is in a snapshot store (a gateway of the cell's own, on the real Ceph RGW), restored with --image s3://. */
   store?: boolean;
+  /**
+   * The source in a network namespace of the cell's own, across a veth pair
+   * shaped to this link (bench/links.ts): its bulk channel crosses a link, so
+   * it is paced (addon/background_pacer.h) and may pack its runs. The fault
+   * proxy sits on this side of the link.
+   */
+  link?: 'veth-1g';
   /** Huge pages the mode needs reserved (vm.nr_hugepages). */
   hugePages?: number;
   /** Once per run before its cells: e.g. record a working set to replay. */
@@ -67,6 +76,13 @@ const HANDLER_ONLY: NotACell = { why: 'no handler process: the restore serves it
 export const MODES: readonly Mode[] = [
   { name: 'copy', destination: 'restore', transport: 'unix', notCells: { 'worker-killed': HANDLER_ONLY, 'supervisor-killed': HANDLER_ONLY } },
   { name: 'sealed TCP', destination: 'restore', transport: 'tcp', notCells: { 'worker-killed': HANDLER_ONLY, 'supervisor-killed': HANDLER_ONLY } },
+  {
+    name: 'across a 1 Gbit/s link (paced)',
+    destination: 'restore',
+    transport: 'tcp',
+    link: 'veth-1g',
+    notCells: { 'worker-killed': HANDLER_ONLY, 'supervisor-killed': HANDLER_ONLY },
+  },
   {
     name: 'replicas',
     destination: 'restore',
@@ -127,6 +143,7 @@ export const MODES: readonly Mode[] = [
   { name: 'handler from a store', destination: 'vmm', transport: 'tcp', store: true },
   { name: 'handler (copy)', destination: 'vmm', transport: 'unix' },
   { name: 'handler over sealed TCP', destination: 'vmm', transport: 'tcp' },
+  { name: 'handler across a 1 Gbit/s link (paced)', destination: 'vmm', transport: 'tcp', link: 'veth-1g' },
   { name: 'MINOR', destination: 'vmm', transport: 'unix', vmmArgs: ['--memfd'] },
   { name: 'huge pages', destination: 'vmm', transport: 'unix', vmmArgs: ['--hugetlb'], hugePages: 4 },
   {
@@ -185,13 +202,16 @@ export interface CellResult {
 interface Serve {
   child: ChildProcess;
   args: string[];
-  /** Where it listens: "unix:PATH" or "tcp:127.0.0.1:PORT". */
+  /** Where it listens: "unix:PATH" or "tcp:HOST:PORT". */
   address: string;
+  /** How it was started (a restart starts it so again). */
+  wrap: string[];
+  host: string;
 }
 
-/** `postcopy serve ARGS`, resolved once it listens; killed at teardown. */
-function startServe(t: Test, args: string[]): Promise<Serve> {
-  const [cmd, ...pre] = cliCommand();
+/** `postcopy serve ARGS`, resolved once it listens (on `host`, for TCP); killed at teardown. `wrap` prefixes the command (ip netns exec NS). */
+function startServe(t: Test, args: string[], wrap: string[] = [], host = '127.0.0.1'): Promise<Serve> {
+  const [cmd, ...pre] = [...wrap, ...cliCommand()];
   const child = spawn(cmd, [...pre, 'serve', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
   t.teardown(() => void child.kill('SIGKILL'));
   let stderr = '';
@@ -202,7 +222,7 @@ function startServe(t: Test, args: string[]): Promise<Serve> {
       out += d;
       if (!out.includes('\n')) return;
       const { listening } = JSON.parse(out.split('\n')[0]) as { listening: { kind: string; path?: string; port?: number } };
-      resolve({ child, args, address: listening.kind === 'unix' ? `unix:${listening.path}` : `tcp:127.0.0.1:${listening.port}` });
+      resolve({ child, args, wrap, host, address: listening.kind === 'unix' ? `unix:${listening.path}` : `tcp:${host}:${listening.port}` });
     });
     child.once('exit', (code) => reject(new Error(`serve ${args.join(' ')} exited with ${code}: ${stderr}`)));
   });
@@ -292,7 +312,19 @@ async function serveSource(
   live: { socket: string; dump: string } | null,
   imagePath: string,
 ): Promise<SourceUnderTest> {
-  const firstServe = startServe(t, serveArgs(listen('source.sock')));
+  // Across a link: serve in a namespace of the cell's own, with a token (it listens beyond loopback).
+  let across: { wrap: string[]; host: string; tokenArgs: string[] } | null = null;
+  if (mode.link) {
+    const link = namespaceLink(LINKS.find((l) => l.name === mode.link)!);
+    if ('skipped' in link) throw new Error(`${mode.name}: ${link.skipped}`);
+    t.teardown(() => link.remove());
+    const tokenFile = join(dir, 'token');
+    writeFileSync(tokenFile, randomBytes(16).toString('hex'), { mode: 0o600 });
+    across = { wrap: ['ip', 'netns', 'exec', link.ns], host: link.peerAddress, tokenArgs: ['--token-file', tokenFile] };
+  }
+  const listenAt = (name: string) => (across ? `tcp:${across.host}:0` : listen(name));
+  const serveWith = (address: string) => [...serveArgs(address), ...(across?.tokenArgs ?? [])];
+  const firstServe = startServe(t, serveWith(listenAt('source.sock')), across?.wrap, across?.host);
   if (live) {
     await until('serve --live to listen for its workload', () => existsSync(live.socket), 30_000);
     const workload = spawn(
@@ -307,13 +339,13 @@ async function serveSource(
   const sources: Serve[] = [await firstServe];
   const firstAddress = sources[0].address;
   // A restart listens on the same port or path again.
-  sources[0].args = serveArgs(firstAddress);
+  sources[0].args = serveWith(firstAddress);
   if (mode.replica) sources.push(await startServe(t, serveArgs(listen('replica.sock'))));
 
   // Every link goes through the proxy (unix modes: a unix proxy, so the destination still sees a unix source).
   const proxy = mode.noLink ? null : await FaultProxy.start(t, firstAddress, mode.transport === 'unix' ? join(dir, 'proxy.sock') : undefined);
   const source = proxy ? proxy.address : firstAddress;
-  const sourceArgs = ['--source', source, ...(mode.replica ? ['--source', sources[1].address] : [])];
+  const sourceArgs = ['--source', source, ...(mode.replica ? ['--source', sources[1].address] : []), ...(across?.tokenArgs ?? [])];
   return {
     sourceArgs,
     env: {},
@@ -321,7 +353,7 @@ async function serveSource(
     firstAddress,
     restart: async () => {
       await kill(sources[0].child);
-      sources[0] = await startServe(t, sources[0].args);
+      sources[0] = await startServe(t, sources[0].args, sources[0].wrap, sources[0].host);
     },
     loseAll: async () => {
       for (const s of sources) await kill(s.child);
@@ -430,7 +462,9 @@ export async function runCell(t: Test, mode: Mode, failure: Failure, cut: CutPoi
     });
     t.teardown(() => void restore.kill('SIGKILL'));
     let stderr = '';
+    let stdout = '';
     restore.stderr!.on('data', (d) => (stderr += d));
+    restore.stdout!.on('data', (d) => (stdout += d));
     lastWords = () => stderr.trim().split('\n').slice(-4).join(' | ');
     const ended = once(restore, 'close').then(([code]) => code as number | null);
     void ended.then(() => (finished = true));
@@ -443,7 +477,15 @@ export async function runCell(t: Test, mode: Mode, failure: Failure, cut: CutPoi
     if (code === 0) {
       // Live: the destination must equal the workload's memory at its pause.
       const exact = existsSync(out) && readFileSync(out).equals(live ? readFileSync(live.dump) : image);
-      return { outcome: exact ? 'exact' : 'wrong', detail: exact ? 'byte-exact' : 'exit 0 but the output differs from the image', struck };
+      if (!exact) return { outcome: 'wrong', detail: 'exit 0 but the output differs from the image', struck };
+      // Across a link, the source that finished paced its bulk channel (its stats are in the report).
+      if (mode.link) {
+        const report = JSON.parse(stdout.trim().split('\n').at(-1) || '{}') as { source?: { backgroundPacing?: { windowBytes: number } } };
+        const pacing = report.source?.backgroundPacing;
+        if (!pacing) return { outcome: 'wrong', detail: 'byte-exact, but the source did not pace its bulk channel across the link', struck };
+        return { outcome: 'exact', detail: `byte-exact, paced (a window of ${pacing.windowBytes} bytes at the end)`, struck };
+      }
+      return { outcome: 'exact', detail: 'byte-exact', struck };
     }
     // The code the restore ended with: its last error line's.
     const codes = [...stderr.matchAll(/"level":50[^\n]*?"code":"(ERR_[A-Z_]+)"/g)];
@@ -536,6 +578,10 @@ export async function runMatrix(t: Test, destination: Mode['destination'], seed:
   const table: string[] = [];
   for (const mode of MODES) {
     if (mode.destination !== destination || (modes && !modes.has(mode.name))) continue;
+    if (mode.link && process.getuid?.() !== 0) {
+      table.push(`${mode.name} | * | skipped: network namespaces need root`);
+      continue;
+    }
     if (mode.hugePages && !reserveHugePages(t, mode.hugePages)) {
       table.push(`${mode.name} | * | skipped: this machine cannot reserve ${mode.hugePages} huge pages`);
       continue;
