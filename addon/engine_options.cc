@@ -90,7 +90,7 @@ void AddPrefetch(Napi::Env env, PageSupply& supply, Napi::TypedArrayOf<uint8_t> 
 }
 
 // {uffd, sourceRegions: [{pages, pageSize}], regions: [{base, length, pageSize, sourceRegion, sourcePage, fillAddress?}], cpu,
-//  checksumInstalled, precopy, ownMemory, recordFaults, onEvent, fillsTemplate?, template?, image?, window?, background?, prefetch?}.
+//  checksumInstalled, precopy, ownMemory, installHugePages, recordFaults, onEvent, fillsTemplate?, template?, image?, window?, background?, prefetch?}.
 // The engine opens onEvent itself (its DataPlane's sink). It owns the data
 // channels it is given (attachChannels), not the uffd.
 std::unique_ptr<EngineParts> BuildEngineParts(Napi::Env env, Napi::Object o, EngineLife& life, EventSink& events, const TemplateOf& templateOf) {
@@ -129,6 +129,8 @@ std::unique_ptr<EngineParts> BuildEngineParts(Napi::Env env, Napi::Object o, Eng
   // ownMemory: the memory is this process's own (restore), so precopy writes it directly.
   parts->installer =
       std::make_unique<Installer>(map, parts->stats, *parts->checksum, events, life, uffd, o.Get("ownMemory").ToBoolean().Value(), parts->zeros.get());
+  // installHugePages: own memory whose userfaultfd can move pages (checked in TypeScript).
+  if (o.Get("installHugePages").ToBoolean().Value()) parts->installer->InstallHugePages();
 
   // checked in TypeScript: one region per source region, each whole, in the file's mapping
   if (fillsTemplate) parts->filler = std::make_unique<TemplateFiller>(map, EventFd(env, life));

@@ -37,6 +37,7 @@ Napi::Object EngineStats::ToJs(Napi::Env env, const TargetMap& map, uint32_t cha
   n(s, "zeroFilledAfterRemove", zeroFilledAfterRemove);
   n(s, "pagesOutsideRegions", unmappedPages);
   n(s, "packedRuns", packedRuns);
+  n(s, "hugeInstalls", hugeInstalls);
   n(s, "outstandingRequests", map.OutstandingRequests());
   n(s, "requestsResent", requestsResent);
   n(s, "poisonedPages", poisonedPages);

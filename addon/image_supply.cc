@@ -65,11 +65,26 @@ void ImageSupply::Release() {
 // run at a time. `mayWait`: retry while the layout changes (not on the fault thread).
 InstallResult ImageSupply::InstallFromImage(TargetRegion& r, uint64_t first, uint64_t count, uint32_t reason, bool mayWait) {
   const ImagePages& img = *image_[r.sourceRegion];
+  // Where whole huge pages go in, each aligned 2 MiB of the run that is not all
+  // zeros goes in as one, its zero pages as data with the rest (as the kernel's
+  // own huge pages hold them); all-zero stretches stay zero pages (no memory).
+  const bool huge = installer_.MayInstallHuge(r, count) && img.pageSize == r.pageSize;
   uint64_t p = first, end = first + count;
   while (p < end) {
+    uint64_t whole = huge ? installer_.HugePageAt(r, p, end) : 0;
+    if (whole) {
+      uint64_t k = p;
+      while (k < p + whole && ImageZero(img, r, k)) k++;
+      if (k < p + whole) {
+        InstallResult result = installer_.Install(r, p, whole, img.Page(r.SourceOf(p)), reason, "image", 0, mayWait);
+        if (result != kOk) return result;
+        p += whole;
+        continue;
+      }
+    }
     bool zero = ImageZero(img, r, p);
     uint64_t q = p + 1;
-    while (q < end && ImageZero(img, r, q) == zero) q++;
+    while (q < end && ImageZero(img, r, q) == zero && !(huge && installer_.HugePageAt(r, q, end))) q++;
     InstallResult result = installer_.Install(r, p, q - p, zero ? nullptr : img.Page(r.SourceOf(p)), reason, "image", 0, mayWait);
     if (result != kOk) return result;
     p = q;

@@ -2,6 +2,7 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cstring>
 #include <ctime>
 
@@ -9,6 +10,12 @@
 #include "wire.h"
 
 namespace uffdpc {
+
+namespace {
+constexpr uint64_t kSmallPage = 4096;
+constexpr uint64_t kHugePage = 2u << 20;  // a transparent huge page (x86-64, arm64 with 4 KiB pages)
+bool HugeAligned(uint64_t address) { return (address & (kHugePage - 1)) == 0; }
+}  // namespace
 
 InstallResult Installer::Install(TargetRegion& r, uint64_t first, uint64_t count, const uint8_t* data, uint32_t reason, const char* channel,
                                  uint32_t generation, bool mayWait) {
@@ -28,7 +35,23 @@ InstallResult Installer::Install(TargetRegion& r, uint64_t first, uint64_t count
     uint64_t dst = r.AddressOf(p, &run);
     q = std::min(q, p + run);  // one ioctl per stretch that is contiguous in the process's memory
     uint64_t len = (q - p) * r.pageSize;
-    int err = data ? Copy(dst, data + (p - first) * r.pageSize, len, &done) : Zero(dst, len, &done);
+    const uint8_t* src = data ? data + (p - first) * r.pageSize : nullptr;
+    int err;
+    if (src && r.pageSize == kSmallPage && hugeRuns_.load(std::memory_order_relaxed) && HugeAligned(dst) && len >= kHugePage) {
+      err = MoveHuge(dst, src, &done);
+      if (err == 0) stats_.hugeInstalls++;
+      if (err == ENOMEM || err == EINVAL || err == ENOTTY || err == EPERM || err == EBUSY) {
+        hugeRuns_.store(false);  // no huge page to be had, or no moving here: small pages from now on
+        int64_t moved = done, rest = 0;
+        err = Copy(dst + moved, src + moved, len - moved, &rest);
+        done = moved + std::max<int64_t>(rest, 0);
+      }
+    } else {
+      // A stretch that reaches an aligned 2 MiB it covers whole goes in up to it, and that 2 MiB next.
+      uint64_t huge = (dst + kHugePage - 1) & ~(kHugePage - 1);
+      if (src && r.pageSize == kSmallPage && hugeRuns_.load(std::memory_order_relaxed) && huge > dst && huge + kHugePage <= dst + len) len = huge - dst;
+      err = src ? Copy(dst, src, len, &done) : Zero(dst, len, &done);
+    }
     uint64_t donePages = done > 0 ? static_cast<uint64_t>(done) / r.pageSize : 0;
     Installed(r, p, donePages, reason, data ? data + (p - first) * r.pageSize : nullptr);
     p += donePages;
@@ -448,6 +471,53 @@ int Installer::Copy(uint64_t dst, const uint8_t* src, uint64_t len, int64_t* don
   }
   *done = c.copy;
   return errno;
+}
+
+namespace {
+// The installing thread's huge page to fill: 2 MiB aligned, madvised for THP,
+// empty again after each move (a move that stopped part way leaves it split: it
+// is unmapped then, and the next one maps a fresh one).
+struct HugeStage {
+  uint8_t* at = nullptr;
+  void* mapped = nullptr;
+  ~HugeStage() { Drop(); }
+  uint8_t* Get() {
+    if (at) return at;
+    mapped = mmap(nullptr, 2 * kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (mapped == MAP_FAILED) {
+      mapped = nullptr;
+      return nullptr;
+    }
+    at = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(mapped) + kHugePage - 1) & ~(kHugePage - 1));
+    madvise(at, kHugePage, MADV_HUGEPAGE);
+    return at;
+  }
+  void Drop() {
+    if (mapped) munmap(mapped, 2 * kHugePage);
+    at = nullptr;
+    mapped = nullptr;
+  }
+};
+thread_local HugeStage hugeStage;
+}  // namespace
+
+// Moves 2 MiB from `src` to `dst` (aligned, all missing) as one huge page.
+// 0, or an errno with `*done` the bytes that did go in (EEXIST: the page past
+// them was there first; the rest is the caller's to copy).
+int Installer::MoveHuge(uint64_t dst, const uint8_t* src, int64_t* done) {
+  uint8_t* stage = hugeStage.Get();
+  *done = 0;
+  if (!stage) return ENOMEM;
+  std::memcpy(stage, src, kHugePage);
+  uffdio_move m{dst, reinterpret_cast<uint64_t>(stage), kHugePage, 0, 0};
+  if (ioctl(uffd_, UFFDIO_MOVE, &m) == 0) {
+    *done = static_cast<int64_t>(kHugePage);
+    return 0;
+  }
+  int err = errno;
+  *done = m.move > 0 ? m.move : 0;
+  hugeStage.Drop();  // split, or part of it still here: a fresh one next time
+  return err;
 }
 
 int Installer::Zero(uint64_t dst, uint64_t len, int64_t* done) {

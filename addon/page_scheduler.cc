@@ -196,6 +196,11 @@ bool PageScheduler::NextBackgroundRun(uint64_t maxPages, PageRun* run) {
     }
     uint64_t unit = r.shape.unit, most = std::max(unit, std::min(maxPages, r.shape.maxRun)), n = 0;
     p -= p % unit;
+    // Runs end on multiples of the longest run, so that after the first one
+    // they cover whole aligned stretches (a destination installs an aligned
+    // 2 MiB of small pages as one huge page).
+    uint64_t toBoundary = r.shape.maxRun - p % r.shape.maxRun;
+    if (toBoundary >= unit) most = std::min(most, toBoundary);
     while (p + n < r.shape.pages && n + unit <= most && ClaimUnit(r, p + n)) n += unit;
     bgCursor_ = p + std::max(n, unit);
     if (n == 0) continue;  // another thread took it first

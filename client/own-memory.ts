@@ -1,8 +1,8 @@
 // This process's own memory as a session's target (a restore): one anonymous
 // region per image region, registered with a userfaultfd of our own for
 // MISSING faults, served by a fault engine built once the regions are known.
-import { mapAnonymous, type Mapping } from '../lib/memory.js';
-import { Userfaultfd } from '../lib/uffd.js';
+import { PAGE_SIZE, mapAnonymous, type Mapping } from '../lib/memory.js';
+import { Userfaultfd, availableFeatures } from '../lib/uffd.js';
 import { silentLogger, type Logger } from '../lib/logger.js';
 import type { RegionInfo } from '../lib/protocol.js';
 import { FaultEngine } from './fault-engine.js';
@@ -22,6 +22,31 @@ export interface RestoredRegion {
   mapping: Mapping;
 }
 
+const HUGE_PAGE = 2 << 20;
+
+let movable: boolean | undefined;
+/** Whether this kernel's userfaultfd can move pages (UFFD_FEATURE_MOVE, Linux 6.8). Probed once. */
+function canMovePages(): boolean {
+  return (movable ??= availableFeatures().includes('MOVE'));
+}
+
+/**
+ * Anonymous memory starting on a 2 MiB boundary, so each aligned 2 MiB of the
+ * region can take a huge page. Mapped where a larger mapping found room; if
+ * something else took that place meanwhile, wherever the kernel puts it.
+ */
+function mapHugeAligned(length: number): Mapping {
+  if (length < HUGE_PAGE) return mapAnonymous(length, { noReserve: true });
+  const probe = mapAnonymous(length + HUGE_PAGE, { noReserve: true });
+  const address = Math.ceil(probe.address / HUGE_PAGE) * HUGE_PAGE;
+  probe.unmap();
+  try {
+    return mapAnonymous(length, { noReserve: true, address });
+  } catch {
+    return mapAnonymous(length, { noReserve: true });
+  }
+}
+
 export class OwnMemory implements MemoryTarget {
   readonly kind = 'own';
   readonly engineFor: EngineFactory;
@@ -33,9 +58,11 @@ export class OwnMemory implements MemoryTarget {
     this.engineFor = (infos, local, precopy) => {
       const uffd = Userfaultfd.open({ nonBlocking: true });
       this.#uffd = uffd;
-      uffd.handshake(['THREAD_ID']);
+      // Pages moved in whole as huge pages where the kernel can move them (installHugePages); a live source's precopy writes in place instead.
+      const hugePages = !precopy && canMovePages();
+      uffd.handshake(hugePages ? ['THREAD_ID', 'MOVE'] : ['THREAD_ID']);
       for (const info of infos) {
-        const mapping = mapAnonymous(info.length, { noReserve: true });
+        const mapping = hugePages && info.pageSize === PAGE_SIZE ? mapHugeAligned(info.length) : mapAnonymous(info.length, { noReserve: true });
         this.#regions.push({ info, mapping });
         uffd.register(mapping.address, mapping.length, ['missing']);
       }
@@ -47,6 +74,7 @@ export class OwnMemory implements MemoryTarget {
         ...(local ? { local } : {}),
         // This memory is ours: a live source's precopy writes over it and drops pages in place.
         ...(precopy ? { precopy: true, ownMemory: true } : {}),
+        ...(hugePages ? { installHugePages: true } : {}),
         ...(options.engineCpu !== undefined ? { cpu: options.engineCpu } : {}),
       });
       engine.start();

@@ -193,6 +193,8 @@ export interface DestinationStats {
   pagesOutsideRegions: number;
   /** Bulk runs that came packed (and were unpacked before install). */
   packedRuns: number;
+  /** Aligned 2 MiB of own memory that went in whole as one transparent huge page (installHugePages). */
+  hugeInstalls: number;
   /** Pages asked for and not yet resident (or given back). */
   outstandingRequests: number;
   /** Requests sent again on new data channels after a pause. */

@@ -93,12 +93,13 @@ void RequestedThenWindowThenWorkingSetThenBackground() {
   while (s.NextWorkingSetRun(&run)) set.push_back(run);
   Same(set, {{0, 12, 1, Why::kWorkingSet}}, "the working set: only the entries not claimed yet, in its order");
   PageRun bg;
-  Check(s.NextBackgroundRun(8, &bg) && bg.first == 33 && bg.count == 8 && bg.why == Why::kBackground,
-        "the background goes on after the last request (31), from its next page not claimed, at most maxPages");
+  Check(s.NextBackgroundRun(8, &bg) && bg.first == 33 && bg.count == 7 && bg.why == Why::kBackground,
+        "the background goes on after the last request (31), from its next page not claimed, up to the next multiple of maxRun (40)");
   PageRuns rest = Drain(s, 8);
   Same(PageRuns(rest.begin(), rest.begin() + std::min<size_t>(4, rest.size())),
-       {{0, 41, 6, Why::kBackground}, {0, 53, 8, Why::kBackground}, {0, 61, 3, Why::kBackground}, {0, 0, 8, Why::kBackground}},
-       "a run ends where a claimed page begins; at the region's end it wraps round to the start");
+       {{0, 40, 7, Why::kBackground}, {0, 53, 3, Why::kBackground}, {0, 56, 8, Why::kBackground}, {0, 0, 8, Why::kBackground}},
+       "a run ends where a claimed page begins, and on each multiple of maxRun (so runs cover aligned stretches whole); at the region's end it wraps round to "
+       "the start");
   Check(EachOnce(s, {{{0, 30, 1, Why::kRequested}, {0, 31, 2, Why::kWindow}, {0, 27, 3, Why::kWindow}},
                      {{0, 50, 1, Why::kRequested}, {0, 51, 2, Why::kWindow}, {0, 47, 3, Why::kWindow}},
                      set,

@@ -1,0 +1,73 @@
+// A restore into this process's own memory installs each aligned 2 MiB that a
+// run covers whole as one transparent huge page (filled beside, then moved in
+// with UFFDIO_MOVE): from a local image, from a source over a unix socket,
+// and while the workload faults pages of the same 2 MiB. Byte-exact each time, and the memory really is mapped by huge
+// pages afterwards (/proc/self/smaps). Skipped where the kernel cannot move pages.
+import t from 'tap';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { Destination, type DestinationOptions } from '../client/destination.js';
+import { Image } from '../lib/image.js';
+import { availableFeatures } from '../lib/uffd.js';
+import { shuffledOrder, touchPages } from '../lib/workload.js';
+import { startSource } from '../bench/source.js';
+import { randomImage, tempDir, writeImage } from './helpers.js';
+
+const HUGE = 2 << 20;
+const PAGES = 4096; // 16 MiB: 8 huge pages
+const canMove = availableFeatures().includes('MOVE');
+
+/** Kilobytes of the mapping at `address` that huge pages map (smaps' AnonHugePages). */
+function hugeKiB(address: number): number {
+  const smaps = readFileSync('/proc/self/smaps', 'utf8').split('\n');
+  const start = address.toString(16);
+  for (let i = 0; i < smaps.length; i++) {
+    if (!/^[0-9a-f]+-[0-9a-f]+ /.test(smaps[i]) || smaps[i].split('-')[0] !== start) continue;
+    for (let j = i + 1; j < smaps.length && !/^[0-9a-f]+-[0-9a-f]+ /.test(smaps[j]); j++) {
+      const m = /^AnonHugePages:\s+(\d+) kB/.exec(smaps[j]);
+      if (m) return Number(m[1]);
+    }
+  }
+  return 0;
+}
+
+async function restore(from: DestinationOptions, touch: boolean) {
+  const dest = await Destination.connect(from);
+  try {
+    const r = dest.regions[0].mapping;
+    if (touch) await touchPages(r.address, PAGES, shuffledOrder(PAGES, 3), { mapping: r });
+    const report = await dest.finish();
+    return { report, stats: dest.stats(), aligned: r.address % HUGE === 0, hugeKiB: hugeKiB(r.address) };
+  } finally {
+    dest.close();
+  }
+}
+
+t.test('whole 2 MiB go in as huge pages, byte for byte', { skip: !canMove && 'this kernel cannot move pages (UFFD_FEATURE_MOVE)' }, async (t) => {
+  const dir = tempDir(t);
+  // Zero pages inside: from an image they go in as data with the rest of their 2 MiB.
+  const image = writeImage(dir, randomImage(PAGES, 97));
+  const local = Image.open([{ path: image }]);
+  t.teardown(() => local.close());
+  const unix = await startSource(image, `unix:${join(dir, 'source.sock')}`);
+  t.teardown(() => unix.close());
+  // Over a socket, zero pages come as runs of their own: an image without them, so that whole 2 MiB come.
+  const dense = await startSource(writeImage(dir, randomImage(PAGES), 'dense.bin'), `unix:${join(dir, 'dense.sock')}`);
+  t.teardown(() => dense.close());
+  const cases: [string, DestinationOptions, boolean][] = [
+    ['a local image, no workload', { image: local }, false],
+    ['a local image while the workload faults every page', { image: local }, true],
+    ['a unix source, no workload', { source: dense.address }, false],
+    ['a unix source while the workload faults every page', { source: dense.address }, true],
+    ['a unix source with zero pages', { source: unix.address }, true],
+  ];
+  for (const [name, from, touch] of cases) {
+    const { report, stats, aligned, hugeKiB } = await restore(from, touch);
+    t.equal(report.digestMatch, true, `${name}: byte for byte`);
+    t.ok(aligned, `${name}: the region starts on a 2 MiB boundary`);
+    if (!touch) {
+      t.ok(stats.hugeInstalls > 0, `${name}: ${stats.hugeInstalls} huge pages moved in`);
+      t.ok(hugeKiB >= 2048, `${name}: ${hugeKiB} KiB of the region mapped by huge pages`);
+    } else t.comment(`${name}: ${stats.hugeInstalls} huge pages moved in beside ${stats.faults} faults`);
+  }
+});
