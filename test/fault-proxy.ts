@@ -26,6 +26,11 @@ export interface Fault {
   direction: Direction;
   afterBytes: number;
   action: FaultAction;
+  /**
+   * Only a connection whose first bytes up (its attach frame) hold this text,
+   * e.g. 'bulk': which data channel connects first is a race.
+   */
+  carrying?: string;
 }
 
 export class FaultProxy {
@@ -146,6 +151,7 @@ export class FaultProxy {
       s.on('close', () => this.#sockets.delete(s));
       s.on('error', () => {});
     }
+    let head = ''; // the first bytes up, as latin1 (Fault.carrying)
     let dead = false; // nothing more is forwarded
     let applied = false;
     const apply = (action: FaultAction) => {
@@ -166,7 +172,10 @@ export class FaultProxy {
       from.on('data', (chunk: Buffer) => {
         if (dead) return;
         if (this.#capture) this.captured.push(Buffer.from(chunk));
-        const fault = this.#faults.find((f) => (f.connection === index || f.connection === ANY_CONNECTION) && f.direction === direction);
+        if (direction === 'up' && head.length < 512) head += chunk.subarray(0, 512 - head.length).toString('latin1');
+        const fault = this.#faults.find(
+          (f) => (f.connection === index || f.connection === ANY_CONNECTION) && f.direction === direction && (!f.carrying || head.includes(f.carrying)),
+        );
         if (fault && fault.action === 'flip' && carried + chunk.length > fault.afterBytes) {
           chunk = Buffer.from(chunk);
           chunk[fault.afterBytes - carried] ^= 0xff;

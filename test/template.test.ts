@@ -97,8 +97,12 @@ for (const from of ['source', 'image'] as const) {
 
 t.test('with the background on, a template fills by itself and later clones fault on nothing missing', async (t) => {
   const h = await templateHandler(t, 'source', true);
+  // The template is whole once the first clone's pages were checked against the source (on a loaded
+  // machine, after that clone is done with them): it is released only then. Bounded, not timed.
+  const checked = once(h.handler, 'installed-check');
   const first = await startClone(h.socket, h.imagePath, ['--threads', '2']);
   t.match(first.report, { ok: true, mismatchedPages: 0 });
+  await Promise.race([checked, new Promise((_, reject) => setTimeout(() => reject(new Error('no installed check within 60 s')), 60_000).unref())]);
   t.equal(await first.release(), 0);
   await waitFor(() => h.ends.length === 1);
   t.match(h.ends[0].installedCheck, { result: 'match' });

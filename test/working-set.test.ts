@@ -15,7 +15,7 @@ import { createInterface } from 'node:readline';
 import { layoutOf, pagesIn, readWorkingSet, writeWorkingSet, type WorkingSet } from '../client/working-set.js';
 import { forEachEntry, encodeFrame } from '../lib/protocol.js';
 import { coldStartOrder, touchPages } from '../lib/workload.js';
-import { FaultProxy } from './fault-proxy.js';
+import { ANY_CONNECTION, FaultProxy } from './fault-proxy.js';
 import { FAST_RECOVERY, PAGE, buildFixture, cliCommand, randomImage, runCli, tempDir, writeImage, until } from './helpers.js';
 import type { Test } from 'tap';
 
@@ -99,8 +99,9 @@ t.test('demand faults are served while a replay is stuck: a blackholed bulk chan
   t.teardown(() => server.close());
   const tcp = await server.listen('tcp:127.0.0.1:0');
   const proxy = await FaultProxy.start(t, `tcp:127.0.0.1:${(tcp as { port: number }).port}`);
-  // The first bulk channel (connection 2) carries its attach reply, then nothing more.
-  proxy.inject({ connection: 2, direction: 'down', afterBytes: encodeFrame({ t: 'attached' }).length, action: 'blackhole' });
+  // The first bulk channel carries its attach reply, then nothing more. (Which
+  // data channel connects first is a race: the bulk one is known by its attach frame.)
+  proxy.inject({ connection: ANY_CONNECTION, carrying: 'bulk', direction: 'down', afterBytes: encodeFrame({ t: 'attached' }).length, action: 'blackhole' });
   // Every other page: no page of the set has a neighbour in it, so a fault brings its page alone (no cluster).
   const set = {
     ...layoutOf([{ length: PAGES * PAGE, pageSize: PAGE }]),
