@@ -11,12 +11,6 @@
 
 namespace uffdpc {
 
-namespace {
-constexpr uint64_t kSmallPage = 4096;
-constexpr uint64_t kHugePage = 2u << 20;  // a transparent huge page (x86-64, arm64 with 4 KiB pages)
-bool HugeAligned(uint64_t address) { return (address & (kHugePage - 1)) == 0; }
-}  // namespace
-
 InstallResult Installer::Install(TargetRegion& r, uint64_t first, uint64_t count, const uint8_t* data, uint32_t reason, const char* channel,
                                  uint32_t generation, bool mayWait) {
   Busy busy(*this);
@@ -37,7 +31,7 @@ InstallResult Installer::Install(TargetRegion& r, uint64_t first, uint64_t count
     uint64_t len = (q - p) * r.pageSize;
     const uint8_t* src = data ? data + (p - first) * r.pageSize : nullptr;
     int err;
-    if (src && r.pageSize == kSmallPage && hugeRuns_.load(std::memory_order_relaxed) && HugeAligned(dst) && len >= kHugePage) {
+    if (src && MovesHuge(r) && HugeAligned(dst) && len >= kHugeBytes) {
       err = MoveHuge(dst, src, &done);
       if (err == 0) stats_.hugeInstalls++;
       if (err == ENOMEM || err == EINVAL || err == ENOTTY || err == EPERM || err == EBUSY) {
@@ -48,8 +42,8 @@ InstallResult Installer::Install(TargetRegion& r, uint64_t first, uint64_t count
       }
     } else {
       // A stretch that reaches an aligned 2 MiB it covers whole goes in up to it, and that 2 MiB next.
-      uint64_t huge = (dst + kHugePage - 1) & ~(kHugePage - 1);
-      if (src && r.pageSize == kSmallPage && hugeRuns_.load(std::memory_order_relaxed) && huge > dst && huge + kHugePage <= dst + len) len = huge - dst;
+      uint64_t huge = (dst + kHugeBytes - 1) & ~(kHugeBytes - 1);
+      if (src && MovesHuge(r) && huge > dst && huge + kHugeBytes <= dst + len) len = huge - dst;
       err = src ? Copy(dst, src, len, &done) : Zero(dst, len, &done);
     }
     uint64_t donePages = done > 0 ? static_cast<uint64_t>(done) / r.pageSize : 0;
@@ -483,17 +477,17 @@ struct HugeStage {
   ~HugeStage() { Drop(); }
   uint8_t* Get() {
     if (at) return at;
-    mapped = mmap(nullptr, 2 * kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    mapped = mmap(nullptr, 2 * Installer::kHugeBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (mapped == MAP_FAILED) {
       mapped = nullptr;
       return nullptr;
     }
-    at = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(mapped) + kHugePage - 1) & ~(kHugePage - 1));
-    madvise(at, kHugePage, MADV_HUGEPAGE);
+    at = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(mapped) + Installer::kHugeBytes - 1) & ~(Installer::kHugeBytes - 1));
+    madvise(at, Installer::kHugeBytes, MADV_HUGEPAGE);
     return at;
   }
   void Drop() {
-    if (mapped) munmap(mapped, 2 * kHugePage);
+    if (mapped) munmap(mapped, 2 * Installer::kHugeBytes);
     at = nullptr;
     mapped = nullptr;
   }
@@ -508,10 +502,10 @@ int Installer::MoveHuge(uint64_t dst, const uint8_t* src, int64_t* done) {
   uint8_t* stage = hugeStage.Get();
   *done = 0;
   if (!stage) return ENOMEM;
-  std::memcpy(stage, src, kHugePage);
-  uffdio_move m{dst, reinterpret_cast<uint64_t>(stage), kHugePage, 0, 0};
+  std::memcpy(stage, src, Installer::kHugeBytes);
+  uffdio_move m{dst, reinterpret_cast<uint64_t>(stage), Installer::kHugeBytes, 0, 0};
   if (ioctl(uffd_, UFFDIO_MOVE, &m) == 0) {
-    *done = static_cast<int64_t>(kHugePage);
+    *done = static_cast<int64_t>(Installer::kHugeBytes);
     return 0;
   }
   int err = errno;

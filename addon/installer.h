@@ -48,17 +48,20 @@ class Installer {
   // machine, a nested guest, about 12 µs a page against under 1 µs), and the
   // workload runs on huge-page mappings after. Needs UFFD_FEATURE_MOVE.
   void InstallHugePages() { hugeRuns_.store(true); }
+  // A transparent huge page (x86-64, arm64 with 4 KiB pages), in bytes and in small pages.
+  static constexpr uint64_t kHugeBytes = 2u << 20, kSmallPage = 4096, kHugePages = kHugeBytes / kSmallPage;
+  static bool HugeAligned(uint64_t address) { return (address & (kHugeBytes - 1)) == 0; }
+  // Whether data for r may go in as whole huge pages (small pages of own memory, InstallHugePages()).
+  bool MovesHuge(const TargetRegion& r) const { return hugeRuns_.load(std::memory_order_relaxed) && !r.fill && r.pageSize == kSmallPage; }
   // Whether a run of `pages` pages of r may hold a whole huge page to move in
   // (its zero pages are then best handed over as data with the rest).
-  bool MayInstallHuge(const TargetRegion& r, uint64_t pages) const {
-    return hugeRuns_.load(std::memory_order_relaxed) && !r.fill && r.pageSize == 4096 && pages >= 512;
-  }
+  bool MayInstallHuge(const TargetRegion& r, uint64_t pages) const { return MovesHuge(r) && pages >= kHugePages; }
   // The pages of r from `page` (before `end`) that make one aligned huge page
-  // in the process's memory (512), or 0 where none starts there.
+  // in the process's memory (kHugePages), or 0 where none starts there.
   uint64_t HugePageAt(TargetRegion& r, uint64_t page, uint64_t end) const {
-    if (page + 512 > end) return 0;
+    if (page + kHugePages > end) return 0;
     uint64_t run = 0, at = r.AddressOf(page, &run);
-    return (at & ((2u << 20) - 1)) == 0 && run >= 512 ? 512 : 0;
+    return HugeAligned(at) && run >= kHugePages ? kHugePages : 0;
   }
   bool Leaving() const { return life_.Leaving(); }
 
