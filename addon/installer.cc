@@ -64,10 +64,19 @@ InstallResult Installer::Install(TargetRegion& r, uint64_t first, uint64_t count
       if (Leaving()) return kStop;
       continue;
     }
-    if (err == ENOENT) {                                         // nothing mapped there now: moved (mremap) or unmapped
-      uint64_t tried = dst + donePages * r.pageSize;             // the page that failed, past what was installed
-      if (LayoutSettled() && r.AddressOf(p) != tried) continue;  // moved: install it at its new place
-      GiveBack(tried, tried + r.pageSize);                       // unmapped: settled as given back
+    if (err == ENOENT) {                              // nothing mapped there now: moved (mremap) or unmapped
+      uint64_t tried = dst + donePages * r.pageSize;  // the page that failed, past what was installed
+      bool settled = LayoutSettled();
+      if (settled && r.AddressOf(p) != tried) continue;  // moved: install it at its new place
+      if (!settled && !Leaving()) {
+        // A memory event read but not applied yet (on the fault thread: one
+        // later in the same batch) may have moved the page: it is not given
+        // back on a guess, but tried again once the event is applied.
+        stats_.retries++;
+        if (!mayWait) return kBusy;
+        continue;
+      }
+      GiveBack(tried, tried + r.pageSize);  // unmapped: settled as given back
       p++;
       continue;
     }
