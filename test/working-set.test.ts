@@ -123,6 +123,9 @@ t.test('demand faults are served while a replay is stuck: a blackholed bulk chan
   // while the proxy, which runs on this JS thread, carries the pages.)
   const wanted = Uint32Array.from({ length: 300 }, (_, i) => 4094 - 2 * ((i * 7) % 300));
   const touched = await touchPages(r.address, PAGES, wanted, { mapping: r });
+  // A faulting thread is woken by the install itself, a moment before the
+  // installer counts the page: the count is read once it has caught up.
+  await untilStats(dest, (s) => s.pagesInstalledRequested + s.pagesInstalledPrefetch >= wanted.length);
   const during = dest.stats();
   t.equal(during.pagesInstalledPrefetch, 0, 'not one page of the replay arrived');
   t.equal(during.pagesInstalledRequested, 300, 'every touched page came on demand');
