@@ -8,6 +8,7 @@
 #include <mutex>
 
 #include "addon.h"
+#include "errors.h"
 #include "io.h"
 
 namespace uffdpc {
@@ -84,7 +85,50 @@ bool Unpacker::Unpack(const uint8_t* src, size_t n, uint8_t* dst, size_t want) {
   return !Lib().isError(got) && got == want;
 }
 
+namespace {
+// zstd's level for a store's chunks (docs/STORE.md): compressed once at push,
+// decompressed at every cold fault; level 3 costs about twice level 1's time
+// at push and keeps decompression as fast.
+constexpr int kChunkLevel = 3;
+
+// zstdPack(bytes) -> Buffer | null: the bytes compressed (one zstd frame),
+// null when zstd is not here or it does not pay (not at least 1/8 smaller).
+// On the calling (JavaScript) thread: a chunk is tens of microseconds.
+Napi::Value ZstdPackJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsTypedArray()) throw CodedError(env, "ERR_INVALID_ARG_TYPE", "bytes must be a Uint8Array");
+  auto src = info[0].As<Napi::Uint8Array>();
+  static thread_local void* ctx = Lib().ok ? Lib().createCCtx() : nullptr;
+  if (!ctx) return env.Null();
+  size_t n = src.ByteLength();
+  std::vector<uint8_t> out(Lib().compressBound(n));
+  size_t got = Lib().compressCCtx(ctx, out.data(), out.size(), src.Data(), n, kChunkLevel);
+  if (Lib().isError(got) || got > n - n / 8) return env.Null();
+  return Napi::Buffer<uint8_t>::Copy(env, out.data(), got);
+}
+
+// zstdUnpack(packed, length) -> Buffer | null: the frame decompressed, which
+// must come out exactly `length` bytes (at most 1 GiB); null for anything
+// else (damaged, short, long, or zstd not here).
+Napi::Value ZstdUnpackJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 2 || !info[0].IsTypedArray() || !info[1].IsNumber())
+    throw CodedError(env, "ERR_INVALID_ARG_TYPE", "zstdUnpack(packed: Uint8Array, length: number)");
+  auto src = info[0].As<Napi::Uint8Array>();
+  double want = info[1].As<Napi::Number>().DoubleValue();
+  if (!(want >= 0 && want <= static_cast<double>(1ull << 30))) throw CodedError(env, "ERR_OUT_OF_RANGE", "length must be 0 to 1 GiB");
+  static thread_local void* ctx = Lib().ok ? Lib().createDCtx() : nullptr;
+  if (!ctx) return env.Null();
+  auto out = Napi::Buffer<uint8_t>::New(env, static_cast<size_t>(want));
+  size_t got = Lib().decompressDCtx(ctx, out.Data(), out.Length(), src.Data(), src.ByteLength());
+  if (Lib().isError(got) || got != out.Length()) return env.Null();
+  return out;
+}
+}  // namespace
+
 void InitRunPacker(Napi::Env env, Napi::Object exports) {
+  exports.Set("zstdPack", Napi::Function::New(env, ZstdPackJs, "zstdPack"));
+  exports.Set("zstdUnpack", Napi::Function::New(env, ZstdUnpackJs, "zstdUnpack"));
   // packingAvailable(): whether this process can pack and unpack runs (libzstd.so.1 opened).
   exports.Set("packingAvailable",
               Napi::Function::New(

@@ -292,6 +292,10 @@ export interface NativeAddon {
 
   /** Whether runs can be packed and unpacked here (the runtime libzstd.so.1 opened). */
   packingAvailable(): boolean;
+  /** A store chunk compressed with zstd (one frame); null when zstd is not here or it does not save an eighth. */
+  zstdPack(bytes: Uint8Array): Buffer | null;
+  /** A zstd frame decompressed to exactly `length` bytes (at most 1 GiB); null when it is damaged or not that long, or zstd is not here. */
+  zstdUnpack(packed: Uint8Array, length: number): Buffer | null;
 
   socketPair(seqpacket?: boolean): [number, number];
   sendWithFds(socket: number, payload: Uint8Array, fds: number[]): number;
