@@ -40,6 +40,7 @@ export async function restore(argv: string[], log: Logger): Promise<void> {
     'record-working-set': { type: 'string' },
     prefetch: { type: 'string' },
     'in-place': { type: 'boolean' },
+    thp: { type: 'boolean' },
     'token-file': { type: 'string' },
     out: { type: 'string' },
     window: { type: 'string' },
@@ -85,7 +86,7 @@ export async function restore(argv: string[], log: Logger): Promise<void> {
   const inPlace = values['in-place'] === true;
   if (inPlace) {
     if (values.image) throw new UsageError('--in-place takes the memory of a source (--source); --image restores from a file here');
-    for (const name of ['record-working-set', 'prefetch', 'window', 'rate', 'no-background'] as const)
+    for (const name of ['record-working-set', 'prefetch', 'window', 'rate', 'no-background', 'thp'] as const)
       if (values[name] !== undefined) throw new UsageError(`--in-place copies no page, so --${name} has nothing to act on`);
   }
   if (values['no-background'] && workload === 'cold-start')
@@ -106,6 +107,7 @@ export async function restore(argv: string[], log: Logger): Promise<void> {
     ...(record !== undefined ? { window: { forward: 0, backward: 0 }, holdBackground: true, recordWorkingSet: true } : window ? { window } : {}),
     ...(prefetch ? { prefetch } : {}),
     background: { enabled: !values['no-background'], rateBytesPerSecond: rate },
+    ...(values.thp ? { transparentHugePages: true } : {}),
   };
   const image = values.image && !storeImage ? Image.open(values.image.map((path) => ({ path }))) : undefined;
   let dest: Destination;

@@ -125,6 +125,10 @@ ${storeOptionUsage}
                          source whose image is shared memory (tmpfs, a memfd)
                          passes its fds and nothing is copied; any other
                          source (TCP, a file on disk) is copied as usual
+  --thp                  back the restored memory with transparent huge
+                         pages: each aligned 2 MiB the background fills
+                         whole goes in as one huge page (fewer TLB misses
+                         for the workload; needs the kernel's UFFDIO_MOVE)
   --json                 print the report as one JSON line
 ${recoveryUsage}
 ${loggingUsage}`;

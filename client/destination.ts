@@ -30,6 +30,8 @@ export type DestinationOptions = (DestinationSessionOptions | LocalSessionOption
   engineCpu?: number;
   /** Keep the pages faulted on while missing, in first-touch order: workingSet() returns them. */
   recordWorkingSet?: boolean;
+  /** Back the restored memory with transparent huge pages (OwnMemoryOptions.transparentHugePages). */
+  transparentHugePages?: boolean;
 };
 
 export class Destination {
@@ -69,8 +71,13 @@ export class Destination {
    */
   static async open(options: DestinationOptions & { inPlace?: boolean }): Promise<Destination | TakenMemory> {
     const log = options.logger ?? silentLogger;
-    const { inPlace, engineCpu, recordWorkingSet, ...rest } = options;
-    const memory = new OwnMemory({ logger: log, ...(engineCpu !== undefined ? { engineCpu } : {}), ...(recordWorkingSet ? { recordWorkingSet } : {}) });
+    const { inPlace, engineCpu, recordWorkingSet, transparentHugePages, ...rest } = options;
+    const memory = new OwnMemory({
+      logger: log,
+      ...(engineCpu !== undefined ? { engineCpu } : {}),
+      ...(recordWorkingSet ? { recordWorkingSet } : {}),
+      ...(transparentHugePages ? { transparentHugePages } : {}),
+    });
     const from: PagesFrom =
       'storeImage' in rest ? { kind: 'store', ...rest } : 'image' in rest ? { kind: 'image', ...rest } : { kind: inPlace ? 'in-place' : 'source', ...rest };
     try {

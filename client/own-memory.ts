@@ -15,6 +15,15 @@ export interface OwnMemoryOptions {
   engineCpu?: number;
   /** Keep the pages faulted on while missing, in first-touch order (the engine's recordFaults). */
   recordWorkingSet?: boolean;
+  /**
+   * Back the regions with transparent huge pages: map them on 2 MiB
+   * boundaries, and move each aligned 2 MiB that a run fills whole in as one
+   * huge page (UFFDIO_MOVE). Fewer TLB misses for the workload afterwards;
+   * no faster a restore on this machine (README, "Whole huge pages"). Off by
+   * default; without the kernel's MOVE, or with a live source's precopy,
+   * small pages.
+   */
+  transparentHugePages?: boolean;
 }
 
 export interface RestoredRegion {
@@ -58,8 +67,10 @@ export class OwnMemory implements MemoryTarget {
     this.engineFor = (infos, local, precopy) => {
       const uffd = Userfaultfd.open({ nonBlocking: true });
       this.#uffd = uffd;
-      // Pages moved in whole as huge pages where the kernel can move them (installHugePages); a live source's precopy writes in place instead.
-      const hugePages = !precopy && canMovePages();
+      // A live source's precopy writes in place: small pages then.
+      const hugePages = options.transparentHugePages === true && !precopy && canMovePages();
+      if (options.transparentHugePages && !hugePages)
+        log.info({ precopy, kernelMoves: canMovePages() }, 'transparent huge pages asked for: small pages instead (a live source, or no UFFDIO_MOVE here)');
       uffd.handshake(hugePages ? ['THREAD_ID', 'MOVE'] : ['THREAD_ID']);
       for (const info of infos) {
         const mapping = hugePages && info.pageSize === PAGE_SIZE ? mapHugeAligned(info.length) : mapAnonymous(info.length, { noReserve: true });

@@ -15,6 +15,8 @@ export interface RestoreReport {
   pagesPrefetched: number;
   zeroPages: number;
   duplicatePages: number;
+  /** With transparentHugePages (restore --thp): aligned 2 MiB that went in whole as one huge page. */
+  hugePages: number;
   bytesReceived: number;
   faultLatencyUs: { count: number; p50: number; p90: number; p99: number; max: number; mean: number };
   blockedMs: number;
@@ -45,6 +47,7 @@ export function summarize(s: DestinationStats, transfer: TransferOptions, region
     pagesPrefetched: s.pagesInstalledPrefetch,
     zeroPages: s.zeroPages,
     duplicatePages: s.duplicatePages,
+    hugePages: s.hugeInstalls,
     bytesReceived: s.bytesReceived,
     faultLatencyUs: {
       count: s.faultLatency.count,

@@ -11,7 +11,7 @@ import { Image } from '../lib/image.js';
 import { availableFeatures } from '../lib/uffd.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
 import { startSource } from '../bench/source.js';
-import { randomImage, tempDir, writeImage } from './helpers.js';
+import { randomImage, runCli, tempDir, writeImage } from './helpers.js';
 
 const HUGE = 2 << 20;
 const PAGES = 4096; // 16 MiB: 8 huge pages
@@ -32,7 +32,7 @@ function hugeKiB(address: number): number {
 }
 
 async function restore(from: DestinationOptions, touch: boolean) {
-  const dest = await Destination.connect(from);
+  const dest = await Destination.connect({ transparentHugePages: true, ...from });
   try {
     const r = dest.regions[0].mapping;
     if (touch) await touchPages(r.address, PAGES, shuffledOrder(PAGES, 3), { mapping: r });
@@ -71,3 +71,30 @@ t.test('whole 2 MiB go in as huge pages, byte for byte', { skip: !canMove && 'th
     } else t.comment(`${name}: ${stats.hugeInstalls} huge pages moved in beside ${stats.faults} faults`);
   }
 });
+
+t.test(
+  'without --thp (the default) every page goes in small, and the CLI passes --thp through',
+  { skip: !canMove && 'this kernel cannot move pages (UFFD_FEATURE_MOVE)' },
+  async (t) => {
+    const dir = tempDir(t);
+    const local = Image.open([{ path: writeImage(dir, randomImage(PAGES)) }]);
+    t.teardown(() => local.close());
+    const plain = await restore({ image: local, transparentHugePages: false }, false);
+    t.equal(plain.report.digestMatch, true, 'byte for byte');
+    t.equal(plain.stats.hugeInstalls, 0, 'no huge page moved in');
+    const image = writeImage(dir, randomImage(PAGES), 'cli.bin');
+    for (const [flags, huge] of [
+      [['--thp'], true],
+      [[], false],
+    ] as const) {
+      const run = await runCli(['restore', '--image', image, '--workload', 'none', '--json', ...flags]);
+      t.equal(run.code, 0, `restore ${flags.join(' ')}: ${run.stderr.slice(-300)}`);
+      const report = JSON.parse(run.stdout.trim().split('\n').pop()!);
+      t.equal(report.digestMatch, true);
+      t.equal(report.hugePages > 0, huge, `restore ${flags.join(' ')}: ${report.hugePages} huge pages`);
+    }
+    const refused = await runCli(['restore', '--source', 'unix:/nonexistent', '--in-place', '--thp']);
+    t.equal(refused.code, 2);
+    t.match(refused.stderr, /--in-place copies no page, so --thp has nothing to act on/);
+  },
+);
