@@ -103,6 +103,33 @@ export async function savedTestGuest(
   return { stream, snapshot, qmpPath };
 }
 
+/**
+ * The test guest saved twice: as savedTestGuest, then run on for two more of
+ * its passes (each rewrites a 64th of its pages, and its hot region is
+ * rewritten without pause) and saved and imported again. The two snapshots'
+ * directories, oldest first; the guest's QEMU is in `children`.
+ */
+export async function guestSavedTwice(dir: string, guestMemMib: number, children: ChildProcess[], progress: (line: string) => void): Promise<[string, string]> {
+  const first = await savedTestGuest(dir, guestMemMib, children, progress);
+  const serial = join(dir, 'source.serial');
+  const stream = join(dir, 'vm-2.stream');
+  const qmp = await Qmp.connect(first.qmpPath);
+  try {
+    const seen = passes(serial).length;
+    await qmp.execute('cont');
+    progress('qemu: the guest runs on for two passes, then is saved again');
+    await waitFor('the guest to run two more passes', () => (passes(serial).length >= seen + 2 ? true : undefined));
+    await qmp.execute('stop');
+    await qmp.execute('migrate', { uri: `exec:cat > ${stream}` });
+    await qmp.untilMigration(['completed'], 120_000, 20);
+  } finally {
+    qmp.close();
+  }
+  const snapshot = join(dir, 'snapshot-2');
+  await runCliJson(['qemu', 'import', stream, '--out', snapshot]);
+  return [first.snapshot, snapshot];
+}
+
 export async function qemuBench(guestMemMib: number, rounds: number, progress: (line: string) => void): Promise<QemuBenchResult> {
   const dir = scratchDir('uffd-postcopy-bench-qemu-');
   const { machine, boot } = guestCommand(guestMemMib);

@@ -11,9 +11,9 @@
 //   prefetch a cold start with its recorded working set against one without
 //   fanout   16 restores of one image at once on this host (processes):
 //            chunks fetched from the store / distinct chunks, and time against one alone
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
-import { rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { Destination } from '../client/destination.js';
@@ -30,8 +30,12 @@ import { interleaved, median, round } from './latency.js';
 import { recordOnce } from './local.js';
 import { runFloor, type FloorLatency } from './floor.js';
 import { removeScratchDir, scratchDir, stopAtExit } from './cleanup.js';
+import { guestSavedTwice } from './qemu.js';
+import { pushQemuSnapshot } from '../server/qemu-store.js';
+import { readManifest } from '../server/qemu-source.js';
+import { silentLogger } from '../lib/logger.js';
 
-export const STORE_CASES = ['dedup', 'cold', 'full', 'warm', 'prefetch', 'fanout'] as const;
+export const STORE_CASES = ['dedup', 'guest', 'cold', 'full', 'warm', 'prefetch', 'fanout'] as const;
 export type StoreCase = (typeof STORE_CASES)[number];
 
 export interface StoreBenchOptions {
@@ -93,6 +97,10 @@ export async function storeBench(options: StoreBenchOptions): Promise<StoreBench
         options.progress(`full: time to full residency, beside a GET of the same bytes as one object, chunks of ${chunk / 1024} KiB`);
         results.push(await full(bucket, `full-${chunk}`, options.pages, chunk, dir));
       }
+    }
+    if (runs('guest')) {
+      options.progress('guest: the QEMU test guest saved twice, seconds apart, each save pushed whole');
+      results.push(await guest(bucket, 'guest', dir, options.progress));
     }
     if (runs('warm')) {
       options.progress("warm: the same with the host cache warm, beside the floor's local case");
@@ -160,6 +168,60 @@ async function dedup(bucket: string, prefix: string, pages: number, chunkBytes: 
       pushedBytesRatio: round(median(pushedRatios), 2),
     };
   } finally {
+    store.close();
+  }
+}
+
+/**
+ * The QEMU test guest saved twice, two of its passes apart, each save pushed
+ * as a whole image with no parent named (as `qemu save --out s3://` does):
+ * what the second save added to the store against the pages that differ
+ * between the two.
+ */
+async function guest(bucket: string, prefix: string, dir: string, progress: (line: string) => void): Promise<StoreBenchResult> {
+  const children: ChildProcess[] = [];
+  const store = new SnapshotStore({ bucket, prefix });
+  try {
+    const at = join(dir, 'guest');
+    mkdirSync(at);
+    const [first, second] = await guestSavedTwice(at, 32, children, progress);
+    for (const c of children) c.kill('SIGKILL');
+    const firstPush = await pushQemuSnapshot(first, { bucket, prefix, name: 'guest-1' }, silentLogger);
+    const firstStored = await storedBytes(store);
+    const secondPush = await pushQemuSnapshot(second, { bucket, prefix, name: 'guest-2' }, silentLogger);
+    const stored = await storedBytes(store);
+    // The RAM, block by block: its bytes, those not zero in the first save, and the pages that differ between the two.
+    let ramBytes = 0;
+    let dataBytes = 0;
+    let differing = 0;
+    const blocksOf = (d: string) => new Map(readManifest(d).blocks.map((b) => [b.name, readFileSync(join(d, b.file))]));
+    const [a, b] = [blocksOf(first), blocksOf(second)];
+    for (const [name, one] of a) {
+      const two = b.get(name) ?? Buffer.alloc(0);
+      ramBytes += one.length;
+      for (let p = 0; p < one.length / PAGE_SIZE; p++) {
+        const page = one.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE);
+        if (page.some((x) => x !== 0)) dataBytes += PAGE_SIZE;
+        if (page.compare(two, p * PAGE_SIZE, (p + 1) * PAGE_SIZE) !== 0) differing += PAGE_SIZE;
+      }
+    }
+    return {
+      case: 'guest',
+      chunkBytes: DEFAULT_CHUNK_BYTES,
+      ramBytes,
+      dataBytes,
+      differingBytes: differing,
+      firstUploadedBytes: firstPush.uploadedBytes,
+      secondUploadedBytes: secondPush.uploadedBytes,
+      firstStoredBytes: firstStored,
+      storedBytes: stored,
+      // Stored against what must be kept at least: the first save's data and what the second changed (neither compressed).
+      storedBytesRatio: round(stored / (dataBytes + differing), 3),
+      // The second save: what it uploaded against what changed.
+      pushedBytesRatio: round(secondPush.uploadedBytes / differing, 2),
+    };
+  } finally {
+    for (const c of children) c.kill('SIGKILL');
     store.close();
   }
 }
@@ -428,7 +490,12 @@ export function storeTable(results: StoreBenchResult[]): string {
       lines.push(
         `| dedup | ${chunk} | stored bytes, 21 images | ${r.storedBytes} | ${(r.baseBytes as number) + (r.differingBytes as number)} (base + differing) | ${r.storedBytesRatio} |`,
       );
-    else if (r.case === 'cold') {
+    else if (r.case === 'guest') {
+      lines.push(
+        `| guest | ${chunk} | stored bytes, the QEMU guest saved twice | ${r.storedBytes} | ${(r.dataBytes as number) + (r.differingBytes as number)} (data + differing) | ${r.storedBytesRatio} |`,
+      );
+      lines.push(`| guest | ${chunk} | bytes the second save uploaded | ${r.secondUploadedBytes} | ${r.differingBytes} (differing) | ${r.pushedBytesRatio} |`);
+    } else if (r.case === 'cold') {
       const o = r.ours as { p50_us: number; p99_us: number };
       const g = r.chunkGet as { p50_us: number; p99_us: number };
       const ratio = r.ratio as { p50: number; p99: number };

@@ -252,8 +252,11 @@ postcopy bench store [--pages N] [--chunk-sizes S,S,...] [--cases C,C,...] [--js
   cold (a random tenth of N pages, default 65536, with an empty cache: fault
   p50/p99 against a GET of one chunk; bytes fetched against bytes needed),
   and full (time to full residency against one GET of the same bytes), per
-  chunk size (default 64K,128K,256K,512K); warm (the cold case again, cache
-  warm, beside the floor's local case); prefetch (a cold start with its
+  chunk size (default 64K,128K,256K,512K); guest (the QEMU test guest saved
+  twice, seconds apart, each save pushed whole: bytes stored against its
+  data + what differs, and what the second save uploaded against what
+  differs; needs qemu-system-x86); warm (the cold case again, cache warm,
+  beside the floor's local case); prefetch (a cold start with its
   recorded working set against one without); fanout (16 restores at once on
   this host, of one image and of 4 images sharing a base: chunks fetched
   against distinct chunks, and time against one alone). --cases runs only

@@ -12,7 +12,8 @@ import { localhostBench, localhostTable } from '../bench/localhost.js';
 import { liveBench, liveTable } from '../bench/live.js';
 import { qemuBench } from '../bench/qemu.js';
 import { localBench, localTable } from '../bench/local.js';
-import { spawnCli, tempDir, until } from './helpers.js';
+import { runCli, spawnCli, tempDir, until } from './helpers.js';
+import { storeEnv } from './store/env.js';
 
 t.test('access patterns touch what they claim', async (t) => {
   const pages = 1000;
@@ -170,6 +171,28 @@ t.test('bench qemu runs end to end: our lazy restore beside QEMU own, the guest 
   });
   t.equal(result.guestChecksClean, true, 'every restored guest checked its memory and saw no error');
   t.ok(result.ours.runningMs <= result.ours.completeMs, 'ours: the guest runs before its memory has all arrived');
+});
+
+t.test('bench store runs end to end on the real RGW: dedup of 21 images and of the QEMU guest saved twice, cold faults, full residency', async (t) => {
+  storeEnv();
+  const run = await runCli(['bench', 'store', '--pages', '4096', '--chunk-sizes', '64K', '--cases', 'dedup,guest,cold,full', '--json']);
+  t.equal(run.code, 0, run.stderr.slice(-500));
+  const results = run.stdout
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l));
+  t.same(
+    results.map((r) => r.case),
+    ['dedup', 'cold', 'full', 'guest'],
+    'one line per case, in order',
+  );
+  const [dedup, cold, full, guest] = results;
+  t.ok(dedup.storedBytesRatio > 0 && dedup.storedBytes <= dedup.baseBytes + dedup.differingBytes, `dedup: ${dedup.storedBytesRatio}`);
+  t.ok(guest.differingBytes > 0, `the guest changed ${guest.differingBytes} bytes between its saves`);
+  t.ok(guest.secondUploadedBytes < guest.firstUploadedBytes, 'the second save uploaded less than the first: the chunks it shares were not sent again');
+  t.ok(guest.storedBytes >= guest.firstStoredBytes + guest.secondUploadedBytes - 1024 ** 2, 'stored: both saves, shared chunks once');
+  t.ok(cold.ours.count > 0 && cold.ratio.p50 > 0, `cold: ${cold.ours.count} faults, p50 ratio ${cold.ratio.p50}`);
+  t.ok(full.ratio > 0, `full: ${full.ratio}`);
 });
 
 /** The command lines of the processes running now that mention `text`. */
