@@ -59,6 +59,39 @@ bool ChunkCacheReader::Read(uint32_t sourceRegion, uint64_t chunk, uint8_t* out,
 }
 
 namespace {
+#ifndef F_OFD_SETLK
+#define F_OFD_SETLK 37  // open file description locks (Linux 3.15); older headers lack the name
+#endif
+
+// The byte range [at, at + length) of the file `fd`, locked for writing or
+// unlocked, as an open file description lock: it belongs to the open file,
+// not the process, so two opens in one process exclude each other too, and
+// the kernel lets it go when the file is closed (a holder that dies never
+// leaves it behind). Never waits: false when another open file holds it.
+bool RangeLock(Napi::Env env, int fd, double at, double length, bool lock) {
+  struct flock fl = {};
+  fl.l_type = lock ? F_WRLCK : F_UNLCK;
+  fl.l_whence = SEEK_SET;
+  fl.l_start = static_cast<off_t>(at);
+  fl.l_len = static_cast<off_t>(length);
+  if (fcntl(fd, F_OFD_SETLK, &fl) == 0) return true;
+  if (lock && (errno == EAGAIN || errno == EACCES)) return false;
+  ThrowErrno(env, errno, "fcntl", "F_OFD_SETLK");
+}
+
+// rangeLock(fd, at, length, lock) -> boolean (RangeLock). Arguments are
+// checked in lib/store/chunk-cache.ts; here again, as numbers in range.
+Napi::Value RangeLockJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 4 || !info[0].IsNumber() || !info[1].IsNumber() || !info[2].IsNumber() || !info[3].IsBoolean())
+    throw CodedError(env, "ERR_INVALID_ARG_TYPE", "rangeLock(fd: number, at: number, length: number, lock: boolean)");
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  double at = info[1].As<Napi::Number>().DoubleValue(), length = info[2].As<Napi::Number>().DoubleValue();
+  if (fd < 0 || !(at >= 0 && at < 9007199254740992.0) || !(length >= 1 && length <= 1 << 20))
+    throw CodedError(env, "ERR_OUT_OF_RANGE", "rangeLock: a descriptor, an offset from 0 and a length of 1 byte to 1 MiB");
+  return Napi::Boolean::New(env, RangeLock(env, fd, at, length, info[3].As<Napi::Boolean>().Value()));
+}
+
 // cacheCheck(bytes) -> bigint: CacheCheck() of the bytes (a cached chunk file's footer).
 Napi::Value CacheCheckJs(const Napi::CallbackInfo& info) {
   auto bytes = info[0].As<Napi::Uint8Array>();
@@ -66,6 +99,9 @@ Napi::Value CacheCheckJs(const Napi::CallbackInfo& info) {
 }
 }  // namespace
 
-void InitChunkCache(Napi::Env env, Napi::Object exports) { exports.Set("cacheCheck", Napi::Function::New(env, CacheCheckJs, "cacheCheck")); }
+void InitChunkCache(Napi::Env env, Napi::Object exports) {
+  exports.Set("cacheCheck", Napi::Function::New(env, CacheCheckJs, "cacheCheck"));
+  exports.Set("rangeLock", Napi::Function::New(env, RangeLockJs, "rangeLock"));
+}
 
 }  // namespace uffdpc

@@ -283,6 +283,8 @@ export interface NativeAddon {
   pageChecksum(bytes: Uint8Array, pageSize: number, region: number, firstPage: number, count: number, shares?: BigUint64Array): bigint;
   /** The check of a cached chunk file's content (addon/chunk_cache.h). */
   cacheCheck(bytes: Uint8Array): bigint;
+  /** Locks (or unlocks) bytes [at, at + length) of `fd` for writing, as an open file description lock; never waits: false when another open file holds them. */
+  rangeLock(fd: number, at: number, length: number, lock: boolean): boolean;
   memoryConstants: Record<string, number>;
   /** The wire and QEMU stream constants of addon/wire.h and addon/qemu_stream.h, by group and C++ name (test/constants.test.ts). */
   constants(): {

@@ -6,9 +6,11 @@ import t from 'tap';
 import { randomBytes } from 'node:crypto';
 import * as fsPromises from 'node:fs/promises';
 import { spawn } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import { once } from 'node:events';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { ChunkCache } from '../lib/store/chunk-cache.js';
+import { ChunkCache, lockSlotOffset } from '../lib/store/chunk-cache.js';
+import { projectRoot } from '../lib/package-root.js';
 import { chunkHash } from '../lib/store/chunk.js';
 import { native } from '../lib/native.js';
 import { tempDir, until } from './helpers.js';
@@ -86,43 +88,109 @@ t.test('many chunks kept at once into a full directory: it is counted once, not 
   t.equal(scans, 1, 'one scan of the directory for 64 chunks kept at once');
 });
 
-t.test('a lock is a lease: a long fetch is waited for while its holder touches the lock; a lock left untouched is taken over', async (t) => {
+/**
+ * Another process holding a chunk's lock, as a fetching cache would: it locks
+ * the chunk's slot in the cache's lock file and writes a beat; `stale` writes
+ * one 20 s old and never beats again (a holder that hung). It prints "locked",
+ * then, on a line "keep" on its stdin, writes the chunk's file as a cache does
+ * and lets go.
+ */
+function otherHolder(dir: string, hash: string, content: Buffer, stale: boolean) {
+  const script = `
+    const { createRequire } = require('node:module');
+    const fs = require('node:fs');
+    const native = createRequire(${JSON.stringify(join(projectRoot(), 'package.json'))})('#addon');
+    const fd = fs.openSync(${JSON.stringify(join(dir, 'lock'))}, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600);
+    const at = ${lockSlotOffset(hash)};
+    if (!native.rangeLock(fd, at, 8, true)) { console.log('busy'); process.exit(1); }
+    const beat = Buffer.alloc(8);
+    beat.writeDoubleLE(Date.now() - (${stale} ? 20000 : 0));
+    fs.writeSync(fd, beat, 0, 8, at);
+    console.log('locked');
+    process.stdin.on('data', () => {
+      const content = Buffer.from(${JSON.stringify(content.toString('base64'))}, 'base64');
+      const footer = Buffer.alloc(16);
+      footer.write('uffdpcc1');
+      footer.writeBigUInt64LE(native.cacheCheck(content), 8);
+      fs.mkdirSync(${JSON.stringify(join(dir, hash.slice(0, 2)))}, { recursive: true });
+      fs.writeFileSync(${JSON.stringify(join(dir, hash.slice(0, 2), hash))}, Buffer.concat([content, footer]));
+      native.rangeLock(fd, at, 8, false);
+      console.log('kept');
+    });
+  `;
+  const child = spawn(process.execPath, ['-e', script], { stdio: ['pipe', 'pipe', 'inherit'] });
+  let out = '';
+  child.stdout!.on('data', (d) => (out += d));
+  return { child, said: (word: string) => until(`the other process to say ${word}`, () => out.includes(word) || undefined, 10_000) };
+}
+
+t.test('a lock is a lease: another process fetching a chunk is waited for, not fetched again; one that hung or died is not waited for', async (t) => {
   const dir = tempDir(t);
+  new ChunkCache({ dir }); // makes the directory and its lock file
+  const fetchHere = (content: Buffer, counter: { n: number }) => async () => {
+    counter.n++;
+    return content;
+  };
+
+  // A live holder: this process waits for its file and fetches nothing.
   const content = randomBytes(4096);
   const hash = chunkHash(content);
-  const lock = join(dir, 'locks', hash);
-  // A fetch here that takes long: the holder touches its lock meanwhile.
-  let answer!: (b: Buffer) => void;
-  const holder = new ChunkCache({ dir });
-  const held = holder.get(hash, () => new Promise<Buffer>((resolve) => (answer = resolve)));
-  await until('the lock is taken', () => existsSync(lock) || undefined, 5000);
-  const first = statSync(lock).mtimeMs;
-  await until('the holder touches its lock', () => statSync(lock).mtimeMs > first || undefined, 10_000);
-  // Another cache (as another process would) waits for it rather than fetching again.
+  const live = otherHolder(dir, hash, content, false);
+  t.teardown(() => live.child.kill('SIGKILL'));
+  await live.said('locked');
   const waiter = new ChunkCache({ dir });
-  let fetchedTwice = false;
-  const waited = waiter.get(hash, async () => {
-    fetchedTwice = true;
-    return content;
-  });
-  answer(content);
-  t.ok((await held).equals(content));
-  t.ok((await waited).equals(content));
-  t.notOk(fetchedTwice, 'fetched once');
+  const fetched = { n: 0 };
+  const waited = waiter.get(hash, fetchHere(content, fetched));
+  await new Promise((r) => setTimeout(r, 300)); // (a wait that must not end in a fetch: any length shows it)
+  t.equal(fetched.n, 0, 'nothing fetched while the other process holds the chunk');
+  live.child.stdin!.write('keep\n');
+  t.ok((await waited).equals(content), 'its content, from the file the other process kept');
+  t.equal(fetched.n, 0, 'fetched once on this host: by the other process');
   t.equal(waiter.stats.joined, 1);
-  await holder.settled();
 
-  // A lock a live process holds but has not touched for 20 s (it hung): taken over, fetched here.
+  // A holder that hung (its beat 20 s old and not renewed): fetched here.
   const other = randomBytes(4096);
   const otherHash = chunkHash(other);
-  const sleeper = spawn('sleep', ['30']);
-  t.teardown(() => sleeper.kill());
-  const stuck = join(dir, 'locks', otherHash);
-  writeFileSync(stuck, String(sleeper.pid));
-  const past = new Date(Date.now() - 20_000);
-  utimesSync(stuck, past, past);
+  const hung = otherHolder(dir, otherHash, other, true);
+  t.teardown(() => hung.child.kill('SIGKILL'));
+  await hung.said('locked');
   const taker = new ChunkCache({ dir });
-  t.ok((await taker.get(otherHash, async () => other)).equals(other));
-  t.equal(taker.stats.misses, 1, 'fetched by the one that took the lock over');
+  const took = { n: 0 };
+  t.ok((await taker.get(otherHash, fetchHere(other, took))).equals(other));
+  t.equal(took.n, 1, 'fetched here once the holder was seen hung');
   await taker.settled();
+
+  // A holder that died holding the lock: the kernel let it go; this process takes it and fetches.
+  const third = randomBytes(4096);
+  const thirdHash = chunkHash(third);
+  const dead = otherHolder(dir, thirdHash, third, false);
+  await dead.said('locked');
+  dead.child.kill('SIGKILL');
+  await once(dead.child, 'exit');
+  const after = new ChunkCache({ dir });
+  const count = { n: 0 };
+  t.ok((await after.get(thirdHash, fetchHere(third, count))).equals(third));
+  t.equal(count.n, 1, 'fetched here');
+  t.equal(after.stats.misses, 1, 'as a miss, under its own lock');
+  await after.settled();
+});
+
+t.test('two caches on one directory in one process share its fetches: one request per chunk', async (t) => {
+  const dir = tempDir(t);
+  const a = new ChunkCache({ dir });
+  const b = new ChunkCache({ dir });
+  const content = randomBytes(4096);
+  const hash = chunkHash(content);
+  let fetches = 0;
+  let answer!: (b: Buffer) => void;
+  const fetch = () => {
+    fetches++;
+    return new Promise<Buffer>((resolve) => (answer = resolve));
+  };
+  const [pa, pb] = [a.get(hash, fetch), b.get(hash, fetch)];
+  await until('the fetch to start', () => fetches > 0 || undefined, 5000);
+  answer(content);
+  t.ok((await pa).equals(content) && (await pb).equals(content));
+  t.equal(fetches, 1);
+  await a.settled();
 });

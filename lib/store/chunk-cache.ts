@@ -5,15 +5,16 @@
 // chunk under a real name). The file is the content and a footer (the magic
 // "uffdpcc1" and a 64-bit check of the content, addon/chunk_cache.h), checked
 // on every read: here, and by a restore's fault thread, which reads the cache
-// itself. A miss takes a lock file for the chunk, so
+// itself. A miss locks the chunk's slot in the directory's lock file (an
+// open file description lock, which the kernel lets go with its holder), so
 // that concurrent misses on one chunk, in any process, make one request; the
 // others wait (bounded) for the file. The directory is bounded: past its size
 // the chunks used least recently (file times, touched on each hit) go first.
 import { randomBytes } from 'node:crypto';
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
-import { readFile, readdir, rename, stat, unlink, utimes, writeFile } from 'node:fs/promises';
+import { constants as fsConstants, mkdirSync, openSync, readFileSync, readSync, writeSync } from 'node:fs';
+import { readdir, rename, stat, unlink, utimes, writeFile } from 'node:fs/promises';
 import { homedir } from 'node:os';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ErrorCode, PostcopyError } from '../errors.js';
 import { silentLogger, type Logger } from '../logger.js';
@@ -21,14 +22,33 @@ import { native } from '../native.js';
 
 export const DEFAULT_CACHE_BYTES = 4 * 1024 ** 3;
 /**
- * A lock is a lease: its holder touches it every LOCK_BEAT_MS while it
- * fetches, so a fetch that takes long (a store out of reach, a host under
- * load) is waited for, and one whose holder died or hung (not touched for
- * LOCK_STALE_MS) is taken over. LOCK_WAIT_MS bounds a wait in any case.
+ * A lock is a lease: its holder writes the time into its slot when it takes
+ * it and every LOCK_BEAT_MS while it fetches, so a fetch that takes long (a
+ * store out of reach, a host under load) is waited for, and one whose holder
+ * hung (no beat for LOCK_STALE_MS) is fetched here too. A holder that died
+ * let go of its lock with its last breath (the kernel's doing). LOCK_WAIT_MS
+ * bounds a wait in any case.
  */
 const LOCK_BEAT_MS = 2_000;
 const LOCK_STALE_MS = 15_000;
 const LOCK_WAIT_MS = 5 * 60_000;
+/** The lock file's slots: 8 bytes each (the holder's last beat, ms since the epoch, f64 LE). Two chunks may share one: one then waits for the other's fetch. */
+const LOCK_SLOTS = 1 << 20;
+const SLOT_BYTES = 8;
+
+/** The byte offset of the chunk's slot in the cache directory's lock file (`lock`). */
+export function lockSlotOffset(hash: string): number {
+  return (parseInt(hash.slice(0, 8), 16) % LOCK_SLOTS) * SLOT_BYTES;
+}
+
+/** Per cache directory, in this process: its lock file, opened once, and the chunks being fetched (every ChunkCache on the directory joins them). */
+interface CacheHost {
+  lockFd: number;
+  inFlight: Map<string, Promise<Buffer>>;
+  /** The chunk folders made (or found) already. */
+  folders: Set<string>;
+}
+const hosts = new Map<string, CacheHost>();
 const MAGIC = Buffer.from('uffdpcc1');
 const FOOTER_BYTES = 16;
 
@@ -77,7 +97,7 @@ export class ChunkCache {
   readonly maxBytes: number;
   readonly stats: ChunkCacheStats = { hits: 0, misses: 0, joined: 0, damaged: 0, evicted: 0 };
   readonly #log: Logger;
-  readonly #inFlight = new Map<string, Promise<Buffer>>();
+  readonly #host: CacheHost;
   /** Bytes in the directory as this process last counted them (null until first counted). */
   #bytes: number | null = null;
   #evicting: Promise<void> | null = null;
@@ -91,7 +111,14 @@ export class ChunkCache {
     if (!Number.isSafeInteger(this.maxBytes) || this.maxBytes < 1 << 20)
       throw new PostcopyError(ErrorCode.USAGE, `a chunk cache holds at least 1 MiB, not ${this.maxBytes} bytes`);
     this.#log = options.logger ?? silentLogger;
-    for (const sub of ['tmp', 'locks']) mkdirSync(join(this.dir, sub), { recursive: true, mode: 0o700 });
+    mkdirSync(join(this.dir, 'tmp'), { recursive: true, mode: 0o700 });
+    const key = resolve(this.dir);
+    let host = hosts.get(key);
+    if (!host) {
+      host = { lockFd: openSync(join(this.dir, 'lock'), fsConstants.O_RDWR | fsConstants.O_CREAT, 0o600), inFlight: new Map(), folders: new Set() };
+      hosts.set(key, host);
+    }
+    this.#host = host;
   }
 
   #path(hash: string): string {
@@ -100,13 +127,14 @@ export class ChunkCache {
 
   /** The chunk's content: from the cache, or from `fetch` (once per host at a time), then kept. */
   get(hash: string, fetch: () => Promise<Buffer>): Promise<Buffer> {
-    let p = this.#inFlight.get(hash);
+    const inFlight = this.#host.inFlight;
+    let p = inFlight.get(hash);
     if (p) {
       this.stats.joined++;
       return p;
     }
-    p = this.#get(hash, fetch).finally(() => this.#inFlight.delete(hash));
-    this.#inFlight.set(hash, p);
+    p = this.#get(hash, fetch).finally(() => inFlight.delete(hash));
+    inFlight.set(hash, p);
     return p;
   }
 
@@ -117,31 +145,22 @@ export class ChunkCache {
       return kept;
     }
     const deadline = Date.now() + LOCK_WAIT_MS;
-    for (let wait = 2; ; wait = Math.min(50, wait * 2)) {
-      const lock = await this.#lock(hash);
-      if (lock) {
+    for (let wait = 2, waited = false; ; wait = Math.min(50, wait * 2), waited = true) {
+      const release = this.#lock(hash);
+      if (release) {
         // Whoever held the lock before may have kept the chunk since this process looked.
         const theirs = await this.#read(hash);
         if (theirs) {
-          await unlink(lock).catch(() => {});
+          release();
           this.stats.joined++;
           return theirs;
         }
         this.stats.misses++;
-        const beat = setInterval(() => {
-          const now = new Date();
-          utimes(lock, now, now).catch(() => {});
-        }, LOCK_BEAT_MS);
-        beat.unref();
-        const release = () => {
-          clearInterval(beat);
-          return unlink(lock).catch(() => {});
-        };
         let plain: Buffer;
         try {
           plain = await fetch();
         } catch (err) {
-          await release();
+          release();
           throw err;
         }
         const keeping = this.#keep(hash, plain).finally(release);
@@ -155,6 +174,12 @@ export class ChunkCache {
       if (theirs) {
         this.stats.joined++;
         return theirs;
+      }
+      // Looked at after a wait only: a lock taken a moment ago may not hold its first beat yet.
+      if (waited && this.#holderHung(hash)) {
+        this.#log.warn({ chunk: hash, staleMs: LOCK_STALE_MS }, 'the process fetching a chunk stopped beating (hung): fetching it here');
+        this.stats.misses++;
+        return fetch();
       }
       if (Date.now() > deadline) {
         this.#log.warn({ chunk: hash, waitedMs: LOCK_WAIT_MS }, 'another process held the fetch of a chunk too long: fetching it here');
@@ -192,49 +217,66 @@ export class ChunkCache {
     return bytes;
   }
 
-  /** The chunk's lock file, created (on this thread, as #read); null while another live process holds it. */
-  async #lock(hash: string): Promise<string | null> {
-    const path = join(this.dir, 'locks', hash);
-    for (let tries = 0; tries < 2; tries++) {
+  /**
+   * Locks the chunk's slot and writes the first beat (on this thread: one
+   * fcntl and one write, no file made); the function that lets it go, or
+   * null while another process holds it.
+   */
+  #lock(hash: string): (() => void) | null {
+    const fd = this.#host.lockFd;
+    const at = lockSlotOffset(hash);
+    if (!native.rangeLock(fd, at, SLOT_BYTES, true)) return null;
+    const beat = () => {
+      const now = Buffer.alloc(SLOT_BYTES);
+      now.writeDoubleLE(Date.now());
       try {
-        writeFileSync(path, String(process.pid), { flag: 'wx', mode: 0o600 });
-        return path;
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+        writeSync(fd, now, 0, SLOT_BYTES, at);
+      } catch {
+        // A full disk: waiters then see an old beat and fetch for themselves, which is only slower.
       }
-      if (!(await this.#stale(path))) return null;
-      await unlink(path).catch(() => {});
-    }
-    return null;
+    };
+    beat();
+    const timer = setInterval(beat, LOCK_BEAT_MS);
+    timer.unref();
+    return () => {
+      clearInterval(timer);
+      native.rangeLock(fd, at, SLOT_BYTES, false);
+    };
   }
 
-  /** A lock its process left behind: that process is gone, or it stopped touching the lock (hung). */
-  async #stale(path: string): Promise<boolean> {
+  /** The chunk's slot is held and its holder has not beaten for LOCK_STALE_MS: it hung. */
+  #holderHung(hash: string): boolean {
+    const last = Buffer.alloc(SLOT_BYTES);
     try {
-      const [text, st] = await Promise.all([readFile(path, 'utf8'), stat(path)]);
-      if (Date.now() - st.mtimeMs > LOCK_STALE_MS) return true;
-      const pid = Number(text);
-      if (!Number.isSafeInteger(pid) || pid <= 0) return Date.now() - st.mtimeMs > 1000; // still being written
-      process.kill(pid, 0);
+      if (readSync(this.#host.lockFd, last, 0, SLOT_BYTES, lockSlotOffset(hash)) !== SLOT_BYTES) return false;
+    } catch {
       return false;
-    } catch (err) {
-      return (err as NodeJS.ErrnoException).code === 'ESRCH';
     }
+    return Date.now() - last.readDoubleLE() > LOCK_STALE_MS;
   }
 
+  /** Writes the chunk's file; begun on the loop's next turn, so the fetch's own caller (a fault waiting for its page) goes first. */
   async #keep(hash: string, plain: Buffer): Promise<void> {
+    await new Promise((r) => setImmediate(r));
     try {
       await this.#count();
       const tmp = join(this.dir, 'tmp', `${hash}.${process.pid}.${randomBytes(4).toString('hex')}`);
       const file = withFooter(plain);
       await writeFile(tmp, file, { mode: 0o600 });
       // Never the cache's own directory again: one removed under a running restore stays removed.
-      try {
-        mkdirSync(join(this.dir, hash.slice(0, 2)), { mode: 0o700 });
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+      const folder = join(this.dir, hash.slice(0, 2));
+      if (!this.#host.folders.has(folder)) {
+        try {
+          mkdirSync(folder, { mode: 0o700 });
+        } catch (err) {
+          if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+        }
+        this.#host.folders.add(folder);
       }
-      await rename(tmp, this.#path(hash));
+      await rename(tmp, this.#path(hash)).catch((err) => {
+        this.#host.folders.delete(folder); // removed meanwhile: made again next time
+        throw err;
+      });
       this.#bytes! += file.length;
       if (this.#bytes! > this.maxBytes) await (this.#evicting ??= this.#evict().finally(() => (this.#evicting = null)));
     } catch (err) {
