@@ -118,10 +118,10 @@ class BackgroundPacer {
   // below is learnt from them); the delay-based rule brings it down within a
   // few round trips where a link's queue is what it fills.
   static constexpr double kInitialWindow = 256 << 10;
-  static constexpr double kMinWindow = 16 << 10;         // four pages: enough to keep acknowledgements coming
+  static constexpr double kMinWindow = 12 << 10;         // three pages: enough to keep acknowledgements coming
   static constexpr double kMaxWindow = 8 << 20;          // the bulk socket's send buffer
   static constexpr size_t kMinSlice = 4 << 10;           // one page: a smaller slice costs a syscall for little
-  static constexpr uint32_t kMinTargetUs = 100;          // below this a round trip is the hosts' own scheduling noise
+  static constexpr uint32_t kMinTargetUs = 75;           // below this a round trip is the hosts' own scheduling noise (README: 50 cost the background)
   static constexpr uint64_t kRateIntervalNs = 10000000;  // the delivery rate is measured over this much time
   static constexpr uint64_t kDemandActiveNs = 2000000;   // a request this recent means faults are being served
   static constexpr uint64_t kMinSleepNs = 5000;
