@@ -106,7 +106,9 @@ ${storeOptionUsage}
                          (written beside it, then renamed over it: a failed
                          restore leaves FILE as it was); never the image
                          itself (refused, ERR_USAGE)
-  --window F:B           prefault window: F pages after, B before each request (default 8:2)
+  --window F:B           prefault window: F pages after, B before each request
+                         (default 8:2; from a store, none: a fault brings
+                         its whole chunk)
   --no-background        pure on-demand: no background stream
   --rate SIZE            background rate limit per second, e.g. 200M (default unlimited)
   --workload KIND        random (default): one thread touches every page in a

@@ -22,7 +22,7 @@ import { transferOptions, type TransferOptions } from '../lib/transfer.js';
 import { SourceConnection } from './source-connection.js';
 import { DESTINATION_STATES, sourcesOf, type DestinationSessionOptions } from './session.js';
 import { LOCAL_STATES, type LocalSessionOptions } from './local-session.js';
-import { STORE_STATES, readStoreManifest, type StoreSessionOptions } from './store-session.js';
+import { STORE_STATES, readStoreManifest, storeTransferOptions, type StoreSessionOptions } from './store-session.js';
 import { Template } from './template.js';
 import { poisonGuest } from './guest-memory.js';
 import { LATENCY_BOUNDS_NS, addTotals, emptyTotals, type HandlerFigures, type HandlerTotals } from './handler-totals.js';
@@ -100,7 +100,7 @@ export class VmmHandler extends EventEmitter {
       throw new PostcopyError(ErrorCode.UNSUPPORTED, "a template's clones share its memory: it cannot also be taken in place or record a clone's working set");
     this.#options = options;
     this.#log = options.logger ?? silentLogger;
-    this.#transfer = transferOptions(options);
+    this.#transfer = 'storeImage' in options ? storeTransferOptions(options) : transferOptions(options);
     const every = options.progressIntervalMs ?? 10_000;
     if (every > 0) {
       this.#progressTimer = setInterval(() => this.#reportProgress(), every);

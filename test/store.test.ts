@@ -69,6 +69,11 @@ t.test('an image pushed to the store restores byte-exact with no source process:
   t.equal(fetched.chunks, pushed.uploadedChunks, 'each stored chunk fetched once');
   t.equal(fetched.store.gets, pushed.uploadedChunks + 1, 'the manifest and each chunk: one GET each');
   t.equal(dest.status().state, 'verified');
+  t.same(report.window, { forward: 0, backward: 0 }, 'no window past the chunk by default: a fault brings its whole chunk');
+  const windowed = await Destination.connect({ storeImage: { store, name: 'base' }, cache: false, window: { forward: 8, backward: 2 } });
+  t.teardown(() => windowed.close());
+  const again = await windowed.finish();
+  t.same(again.window, { forward: 8, backward: 2 }, 'a window asked for is kept');
 });
 
 t.test('compressible pages are stored as zstd, and a chunk of the older brotli layout in the same image still restores, byte-exact', async (t) => {
