@@ -11,7 +11,7 @@
 // others wait (bounded) for the file. The directory is bounded: past its size
 // the chunks used least recently (file times, touched on each hit) go first.
 import { randomBytes } from 'node:crypto';
-import { constants as fsConstants, mkdirSync, openSync, readFileSync, readSync, writeSync } from 'node:fs';
+import { constants as fsConstants, mkdirSync, openSync, readFileSync, readSync, statSync, writeSync } from 'node:fs';
 import { readdir, rename, stat, unlink, utimes, writeFile } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -198,6 +198,8 @@ export class ChunkCache {
   async #read(hash: string): Promise<Buffer | null> {
     const path = this.#path(hash);
     let bytes: Buffer | null;
+    // A miss is asked without an exception (an error made for a missing file costs tens of microseconds).
+    if (!statSync(path, { throwIfNoEntry: false })) return null;
     try {
       bytes = withoutFooter(readFileSync(path));
     } catch {
