@@ -7,7 +7,7 @@ import { randomBytes } from 'node:crypto';
 import * as fsPromises from 'node:fs/promises';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { closeSync, mkdirSync, openSync, readFileSync, readSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { ChunkCache, lockSlotOffset } from '../lib/store/chunk-cache.js';
 import { projectRoot } from '../lib/package-root.js';
@@ -148,13 +148,13 @@ t.test('a lock is a lease: another process fetching a chunk is waited for, not f
   t.equal(fetched.n, 0, 'fetched once on this host: by the other process');
   t.equal(waiter.stats.joined, 1);
 
-  // A holder that hung (its beat 20 s old and not renewed): fetched here.
+  // A holder that hung (its beat 20 s old and not renewed, the lock held for longer than the stale time): fetched here.
   const other = randomBytes(4096);
   const otherHash = chunkHash(other);
   const hung = otherHolder(dir, otherHash, other, true);
   t.teardown(() => hung.child.kill('SIGKILL'));
   await hung.said('locked');
-  const taker = new ChunkCache({ dir });
+  const taker = new ChunkCache({ dir, staleLockMs: 1000 });
   const took = { n: 0 };
   t.ok((await taker.get(otherHash, fetchHere(other, took))).equals(other));
   t.equal(took.n, 1, 'fetched here once the holder was seen hung');
@@ -173,6 +173,29 @@ t.test('a lock is a lease: another process fetching a chunk is waited for, not f
   t.equal(count.n, 1, 'fetched here');
   t.equal(after.stats.misses, 1, 'as a miss, under its own lock');
   await after.settled();
+});
+
+t.test('a holder beats while its fetch lasts: its slot in the lock file holds a fresh time', async (t) => {
+  const dir = tempDir(t);
+  const cache = new ChunkCache({ dir });
+  const content = randomBytes(4096);
+  const hash = chunkHash(content);
+  let answer!: (b: Buffer) => void;
+  const held = cache.get(hash, () => new Promise<Buffer>((resolve) => (answer = resolve)));
+  const slot = () => {
+    const fd = openSync(join(dir, 'lock'), 'r');
+    try {
+      const b = Buffer.alloc(8);
+      return readSync(fd, b, 0, 8, lockSlotOffset(hash)) === 8 ? b.readDoubleLE() : 0;
+    } finally {
+      closeSync(fd);
+    }
+  };
+  const beat = await until('the holder to beat', () => (Date.now() - slot() < 5000 ? slot() : undefined), 10_000);
+  t.ok(beat > 0, 'a beat in the slot while the fetch is under way');
+  answer(content);
+  t.ok((await held).equals(content));
+  await cache.settled();
 });
 
 t.test('two caches on one directory in one process share its fetches: one request per chunk', async (t) => {

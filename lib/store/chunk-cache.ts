@@ -10,9 +10,8 @@
 // that concurrent misses on one chunk, in any process, make one request; the
 // others wait (bounded) for the file. The directory is bounded: past its size
 // the chunks used least recently (file times, touched on each hit) go first.
-import { randomBytes } from 'node:crypto';
 import { constants as fsConstants, mkdirSync, openSync, readFileSync, readSync, statSync, writeSync } from 'node:fs';
-import { readdir, rename, stat, unlink, utimes, writeFile } from 'node:fs/promises';
+import { mkdir, open, readdir, rename, stat, unlink, utimes } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -22,12 +21,12 @@ import { native } from '../native.js';
 
 export const DEFAULT_CACHE_BYTES = 4 * 1024 ** 3;
 /**
- * A lock is a lease: its holder writes the time into its slot when it takes
- * it and every LOCK_BEAT_MS while it fetches, so a fetch that takes long (a
- * store out of reach, a host under load) is waited for, and one whose holder
- * hung (no beat for LOCK_STALE_MS) is fetched here too. A holder that died
- * let go of its lock with its last breath (the kernel's doing). LOCK_WAIT_MS
- * bounds a wait in any case.
+ * A lock is a lease: its holder writes the time into its slot every
+ * LOCK_BEAT_MS while it fetches, so a fetch that takes long (a store out of
+ * reach, a host under load) is waited for, and one whose holder hung (held
+ * for LOCK_STALE_MS as seen by the waiter, with no beat for as long) is
+ * fetched here too. A holder that died let go of its lock with its last
+ * breath (the kernel's doing). LOCK_WAIT_MS bounds a wait in any case.
  */
 const LOCK_BEAT_MS = 2_000;
 const LOCK_STALE_MS = 15_000;
@@ -47,17 +46,19 @@ interface CacheHost {
   inFlight: Map<string, Promise<Buffer>>;
   /** The chunk folders made (or found) already. */
   folders: Set<string>;
+  /** Chunk files written so far: a temporary file's name is the chunk's, the pid's and this count's. */
+  written: number;
 }
 const hosts = new Map<string, CacheHost>();
 const MAGIC = Buffer.from('uffdpcc1');
 const FOOTER_BYTES = 16;
 
-/** A chunk's file: its content, then the footer. */
-function withFooter(plain: Buffer): Buffer {
+/** A chunk's file is its content, then this footer. */
+function footerOf(plain: Buffer): Buffer {
   const footer = Buffer.alloc(FOOTER_BYTES);
   MAGIC.copy(footer);
   footer.writeBigUInt64LE(native.cacheCheck(plain), 8);
-  return Buffer.concat([plain, footer]);
+  return footer;
 }
 
 /** A chunk file's content, or null when its footer does not match it. */
@@ -73,6 +74,8 @@ export interface ChunkCacheOptions {
   dir?: string;
   /** Bytes kept at most (default 4 GiB). */
   maxBytes?: number;
+  /** How long a chunk's lock may be held with no beat before its holder counts as hung (default 15 s). */
+  staleLockMs?: number;
   logger?: Logger;
 }
 
@@ -98,6 +101,7 @@ export class ChunkCache {
   readonly stats: ChunkCacheStats = { hits: 0, misses: 0, joined: 0, damaged: 0, evicted: 0 };
   readonly #log: Logger;
   readonly #host: CacheHost;
+  readonly #staleLockMs: number;
   /** Bytes in the directory as this process last counted them (null until first counted). */
   #bytes: number | null = null;
   #evicting: Promise<void> | null = null;
@@ -111,11 +115,12 @@ export class ChunkCache {
     if (!Number.isSafeInteger(this.maxBytes) || this.maxBytes < 1 << 20)
       throw new PostcopyError(ErrorCode.USAGE, `a chunk cache holds at least 1 MiB, not ${this.maxBytes} bytes`);
     this.#log = options.logger ?? silentLogger;
+    this.#staleLockMs = options.staleLockMs ?? LOCK_STALE_MS;
     mkdirSync(join(this.dir, 'tmp'), { recursive: true, mode: 0o700 });
     const key = resolve(this.dir);
     let host = hosts.get(key);
     if (!host) {
-      host = { lockFd: openSync(join(this.dir, 'lock'), fsConstants.O_RDWR | fsConstants.O_CREAT, 0o600), inFlight: new Map(), folders: new Set() };
+      host = { lockFd: openSync(join(this.dir, 'lock'), fsConstants.O_RDWR | fsConstants.O_CREAT, 0o600), inFlight: new Map(), folders: new Set(), written: 0 };
       hosts.set(key, host);
     }
     this.#host = host;
@@ -145,7 +150,8 @@ export class ChunkCache {
       return kept;
     }
     const deadline = Date.now() + LOCK_WAIT_MS;
-    for (let wait = 2, waited = false; ; wait = Math.min(50, wait * 2), waited = true) {
+    let heldSince = 0; // when this process first found the chunk's lock held by another
+    for (let wait = 2; ; wait = Math.min(50, wait * 2)) {
       const release = this.#lock(hash);
       if (release) {
         // Whoever held the lock before may have kept the chunk since this process looked.
@@ -175,9 +181,9 @@ export class ChunkCache {
         this.stats.joined++;
         return theirs;
       }
-      // Looked at after a wait only: a lock taken a moment ago may not hold its first beat yet.
-      if (waited && this.#holderHung(hash)) {
-        this.#log.warn({ chunk: hash, staleMs: LOCK_STALE_MS }, 'the process fetching a chunk stopped beating (hung): fetching it here');
+      heldSince ||= Date.now();
+      if (Date.now() - heldSince > this.#staleLockMs && this.#holderHung(hash)) {
+        this.#log.warn({ chunk: hash, staleMs: this.#staleLockMs }, 'the process fetching a chunk stopped beating (hung): fetching it here');
         this.stats.misses++;
         return fetch();
       }
@@ -220,9 +226,10 @@ export class ChunkCache {
   }
 
   /**
-   * Locks the chunk's slot and writes the first beat (on this thread: one
-   * fcntl and one write, no file made); the function that lets it go, or
-   * null while another process holds it.
+   * Locks the chunk's slot (on this thread: one fcntl, no file made); the
+   * function that lets it go, or null while another process holds it. The
+   * first beat comes after LOCK_BEAT_MS: a fetch shorter than that writes
+   * none (a write into a page under writeback waits for the disk).
    */
   #lock(hash: string): (() => void) | null {
     const fd = this.#host.lockFd;
@@ -237,7 +244,6 @@ export class ChunkCache {
         // A full disk: waiters then see an old beat and fetch for themselves, which is only slower.
       }
     };
-    beat();
     const timer = setInterval(beat, LOCK_BEAT_MS);
     timer.unref();
     return () => {
@@ -246,7 +252,7 @@ export class ChunkCache {
     };
   }
 
-  /** The chunk's slot is held and its holder has not beaten for LOCK_STALE_MS: it hung. */
+  /** The chunk's holder has not beaten for the stale time (or never did): it hung. */
   #holderHung(hash: string): boolean {
     const last = Buffer.alloc(SLOT_BYTES);
     try {
@@ -254,7 +260,7 @@ export class ChunkCache {
     } catch {
       return false;
     }
-    return Date.now() - last.readDoubleLE() > LOCK_STALE_MS;
+    return Date.now() - last.readDoubleLE() > this.#staleLockMs;
   }
 
   /** Writes the chunk's file; begun on the loop's next turn, so the fetch's own caller (a fault waiting for its page) goes first. */
@@ -262,24 +268,28 @@ export class ChunkCache {
     await new Promise((r) => setImmediate(r));
     try {
       await this.#count();
-      const tmp = join(this.dir, 'tmp', `${hash}.${process.pid}.${randomBytes(4).toString('hex')}`);
-      const file = withFooter(plain);
-      await writeFile(tmp, file, { mode: 0o600 });
-      // Never the cache's own directory again: one removed under a running restore stays removed.
+      const tmp = join(this.dir, 'tmp', `${hash}.${process.pid}.${++this.#host.written}`);
+      // Content and footer in one write, never copied together.
+      const file = await open(tmp, 'w', 0o600);
+      try {
+        await file.writev([plain, footerOf(plain)]);
+      } finally {
+        await file.close();
+      }
+      // Made once per process, off this thread (a folder costs this disk up to a millisecond). Never the cache's own
+      // directory again: one removed under a running restore stays removed.
       const folder = join(this.dir, hash.slice(0, 2));
       if (!this.#host.folders.has(folder)) {
-        try {
-          mkdirSync(folder, { mode: 0o700 });
-        } catch (err) {
-          if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
-        }
+        await mkdir(folder, { mode: 0o700 }).catch((err: NodeJS.ErrnoException) => {
+          if (err.code !== 'EEXIST') throw err;
+        });
         this.#host.folders.add(folder);
       }
       await rename(tmp, this.#path(hash)).catch((err) => {
         this.#host.folders.delete(folder); // removed meanwhile: made again next time
         throw err;
       });
-      this.#bytes! += file.length;
+      this.#bytes! += plain.length + FOOTER_BYTES;
       if (this.#bytes! > this.maxBytes) await (this.#evicting ??= this.#evict().finally(() => (this.#evicting = null)));
     } catch (err) {
       this.#log.warn({ chunk: hash, err: (err as Error).message }, 'a chunk could not be kept in the cache');
