@@ -85,9 +85,12 @@ Napi::Value RangeLockJs(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() < 4 || !info[0].IsNumber() || !info[1].IsNumber() || !info[2].IsNumber() || !info[3].IsBoolean())
     throw CodedError(env, "ERR_INVALID_ARG_TYPE", "rangeLock(fd: number, at: number, length: number, lock: boolean)");
-  int fd = info[0].As<Napi::Number>().Int32Value();
+  double fdNumber = info[0].As<Napi::Number>().DoubleValue();
   double at = info[1].As<Napi::Number>().DoubleValue(), length = info[2].As<Napi::Number>().DoubleValue();
-  if (fd < 0 || !(at >= 0 && at < 9007199254740992.0) || !(length >= 1 && length <= 1 << 20))
+  bool whole = fdNumber == static_cast<double>(static_cast<int64_t>(fdNumber)) && at == static_cast<double>(static_cast<int64_t>(at)) &&
+               length == static_cast<double>(static_cast<int64_t>(length));
+  int fd = static_cast<int>(fdNumber);
+  if (!whole || !(fdNumber >= 0 && fdNumber <= 2147483647.0) || !(at >= 0 && at < 9007199254740992.0) || !(length >= 1 && length <= 1 << 20))
     throw CodedError(env, "ERR_OUT_OF_RANGE", "rangeLock: a descriptor, an offset from 0 and a length of 1 byte to 1 MiB");
   return Napi::Boolean::New(env, RangeLock(env, fd, at, length, info[3].As<Napi::Boolean>().Value()));
 }

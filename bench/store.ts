@@ -202,7 +202,7 @@ async function guest(bucket: string, prefix: string, dir: string, progress: (lin
       for (let p = 0; p < one.length / PAGE_SIZE; p++) {
         const page = one.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE);
         if (page.some((x) => x !== 0)) dataBytes += PAGE_SIZE;
-        if (page.compare(two, p * PAGE_SIZE, (p + 1) * PAGE_SIZE) !== 0) differing += PAGE_SIZE;
+        if ((p + 1) * PAGE_SIZE > two.length || page.compare(two, p * PAGE_SIZE, (p + 1) * PAGE_SIZE) !== 0) differing += PAGE_SIZE;
       }
     }
     return {
@@ -218,7 +218,7 @@ async function guest(bucket: string, prefix: string, dir: string, progress: (lin
       // Stored against what must be kept at least: the first save's data and what the second changed (neither compressed).
       storedBytesRatio: round(stored / (dataBytes + differing), 3),
       // The second save: what it uploaded against what changed.
-      pushedBytesRatio: round(secondPush.uploadedBytes / differing, 2),
+      pushedBytesRatio: differing > 0 ? round(secondPush.uploadedBytes / differing, 2) : null,
     };
   } finally {
     for (const c of children) c.kill('SIGKILL');

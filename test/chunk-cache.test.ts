@@ -154,7 +154,7 @@ t.test('a lock is a lease: another process fetching a chunk is waited for, not f
   const hung = otherHolder(dir, otherHash, other, true);
   t.teardown(() => hung.child.kill('SIGKILL'));
   await hung.said('locked');
-  const taker = new ChunkCache({ dir, staleLockMs: 1000 });
+  const taker = new ChunkCache({ dir, staleLockMs: 4000 });
   const took = { n: 0 };
   t.ok((await taker.get(otherHash, fetchHere(other, took))).equals(other));
   t.equal(took.n, 1, 'fetched here once the holder was seen hung');
@@ -217,3 +217,44 @@ t.test('two caches on one directory in one process share its fetches: one reques
   t.equal(fetches, 1);
   await a.settled();
 });
+
+t.test(
+  'one process, caches of two sessions on one directory: a fetch that fails for one (its store, its key) is made again by the other, not failed for it',
+  async (t) => {
+    const dir = tempDir(t);
+    const [a, b] = [new ChunkCache({ dir }), new ChunkCache({ dir })];
+    const content = randomBytes(4096);
+    const hash = chunkHash(content);
+    let refuse: ((e: Error) => void) | undefined;
+    const failing = a.get(hash, () => new Promise<Buffer>((_, reject) => (refuse = reject)));
+    let fetchedByB = 0;
+    const joined = b.get(hash, async () => {
+      fetchedByB++;
+      return content;
+    });
+    await until('the first fetch to start', () => (refuse ? true : undefined), 5000);
+    refuse!(Object.assign(new Error('sealed with a key this session lacks'), { code: 'ERR_STORE_DENIED' }));
+    await t.rejects(failing, { code: 'ERR_STORE_DENIED' }, 'the session whose fetch failed sees its own error');
+    t.ok((await joined).equals(content), 'the other fetched it for itself');
+    t.equal(fetchedByB, 1);
+    await b.settled();
+
+    // Wanted again while it is being kept: the second want waits for the file, never a second fetch.
+    const other = randomBytes(4096);
+    const otherHash = chunkHash(other);
+    let fetches = 0;
+    const first = a.get(otherHash, async () => {
+      fetches++;
+      return other;
+    });
+    await first;
+    const second = await b.get(otherHash, async () => {
+      fetches++;
+      return other;
+    });
+    t.ok(second.equals(other));
+    t.equal(fetches, 1, 'one fetch: the second want joined the first until its file was kept');
+    await a.settled();
+    t.throws(() => new ChunkCache({ dir, staleLockMs: 1000 }), { code: 'ERR_USAGE' }, 'a stale time under two beats is refused');
+  },
+);

@@ -40,10 +40,17 @@ export function lockSlotOffset(hash: string): number {
   return (parseInt(hash.slice(0, 8), 16) % LOCK_SLOTS) * SLOT_BYTES;
 }
 
-/** Per cache directory, in this process: its lock file, opened once, and the chunks being fetched (every ChunkCache on the directory joins them). */
+/**
+ * Per cache directory, in this process: its lock file, opened once (one
+ * open file description: its locks do not exclude each other, so the slots
+ * this process holds are counted here), and the chunks being fetched, until
+ * they are kept (every ChunkCache on the directory joins them).
+ */
 interface CacheHost {
   lockFd: number;
-  inFlight: Map<string, Promise<Buffer>>;
+  /** Chunk slots this process holds, and how many of its fetches hold each: locked at the first, unlocked after the last. */
+  slots: Map<number, number>;
+  inFlight: Map<string, { owner: ChunkCache; content: Promise<Buffer> }>;
   /** The chunk folders made (or found) already. */
   folders: Set<string>;
   /** Chunk files written so far: a temporary file's name is the chunk's, the pid's and this count's. */
@@ -116,11 +123,19 @@ export class ChunkCache {
       throw new PostcopyError(ErrorCode.USAGE, `a chunk cache holds at least 1 MiB, not ${this.maxBytes} bytes`);
     this.#log = options.logger ?? silentLogger;
     this.#staleLockMs = options.staleLockMs ?? LOCK_STALE_MS;
+    if (!Number.isSafeInteger(this.#staleLockMs) || this.#staleLockMs < 2 * LOCK_BEAT_MS)
+      throw new PostcopyError(ErrorCode.USAGE, `staleLockMs is a whole number of milliseconds of at least ${2 * LOCK_BEAT_MS}, not ${this.#staleLockMs}`);
     mkdirSync(join(this.dir, 'tmp'), { recursive: true, mode: 0o700 });
     const key = resolve(this.dir);
     let host = hosts.get(key);
     if (!host) {
-      host = { lockFd: openSync(join(this.dir, 'lock'), fsConstants.O_RDWR | fsConstants.O_CREAT, 0o600), inFlight: new Map(), folders: new Set(), written: 0 };
+      host = {
+        lockFd: openSync(join(this.dir, 'lock'), fsConstants.O_RDWR | fsConstants.O_CREAT, 0o600),
+        slots: new Map(),
+        inFlight: new Map(),
+        folders: new Set(),
+        written: 0,
+      };
       hosts.set(key, host);
     }
     this.#host = host;
@@ -130,20 +145,40 @@ export class ChunkCache {
     return join(this.dir, hash.slice(0, 2), hash);
   }
 
-  /** The chunk's content: from the cache, or from `fetch` (once per host at a time), then kept. */
+  /**
+   * The chunk's content: from the cache, or from `fetch` (once per host at a
+   * time), then kept. A fetch under way for another cache on the directory
+   * in this process is joined; if it fails (its store, its tenant key), this
+   * one fetches for itself.
+   */
   get(hash: string, fetch: () => Promise<Buffer>): Promise<Buffer> {
     const inFlight = this.#host.inFlight;
-    let p = inFlight.get(hash);
-    if (p) {
+    const under = inFlight.get(hash);
+    if (under) {
       this.stats.joined++;
-      return p;
+      if (under.owner === this) return under.content;
+      return under.content.catch(() => {
+        if (inFlight.get(hash) === under) inFlight.delete(hash);
+        return this.get(hash, fetch);
+      });
     }
-    p = this.#get(hash, fetch).finally(() => inFlight.delete(hash));
-    inFlight.set(hash, p);
-    return p;
+    let kept: Promise<void> = Promise.resolve();
+    const content = this.#get(hash, fetch, (keeping) => (kept = keeping));
+    const entry = { owner: this, content };
+    inFlight.set(hash, entry);
+    // Held until the chunk is kept, so that a second want of it in this process waits for the file rather than fetching again.
+    void content
+      .then(
+        () => kept,
+        () => {},
+      )
+      .finally(() => {
+        if (inFlight.get(hash) === entry) inFlight.delete(hash);
+      });
+    return content;
   }
 
-  async #get(hash: string, fetch: () => Promise<Buffer>): Promise<Buffer> {
+  async #get(hash: string, fetch: () => Promise<Buffer>, keeping: (p: Promise<void>) => void): Promise<Buffer> {
     const kept = await this.#read(hash);
     if (kept) {
       this.stats.hits++;
@@ -154,24 +189,27 @@ export class ChunkCache {
     for (let wait = 2; ; wait = Math.min(50, wait * 2)) {
       const release = this.#lock(hash);
       if (release) {
-        // Whoever held the lock before may have kept the chunk since this process looked.
-        const theirs = await this.#read(hash);
-        if (theirs) {
-          release();
-          this.stats.joined++;
-          return theirs;
-        }
-        this.stats.misses++;
         let plain: Buffer;
         try {
+          // Whoever held the lock before may have kept the chunk since this process looked.
+          const theirs = await this.#read(hash);
+          if (theirs) {
+            release();
+            this.stats.joined++;
+            return theirs;
+          }
+          this.stats.misses++;
           plain = await fetch();
         } catch (err) {
           release();
           throw err;
         }
-        const keeping = this.#keep(hash, plain).finally(release);
-        this.#keeping.add(keeping);
-        void keeping.finally(() => this.#keeping.delete(keeping));
+        // The check of the content as fetched, taken now: a caller that writes into the buffer meanwhile spoils only its own copy.
+        const footer = footerOf(plain);
+        const kept = this.#keep(hash, plain, footer).finally(release);
+        keeping(kept);
+        this.#keeping.add(kept);
+        void kept.finally(() => this.#keeping.delete(kept));
         return plain;
       }
       // Another process fetches it: its file appears once it is written.
@@ -205,8 +243,8 @@ export class ChunkCache {
     const path = this.#path(hash);
     let bytes: Buffer | null;
     // A miss is asked without an exception (an error made for a missing file costs tens of microseconds).
-    if (!statSync(path, { throwIfNoEntry: false })) return null;
     try {
+      if (!statSync(path, { throwIfNoEntry: false })) return null;
       bytes = withoutFooter(readFileSync(path));
     } catch {
       return null;
@@ -232,47 +270,76 @@ export class ChunkCache {
    * none (a write into a page under writeback waits for the disk).
    */
   #lock(hash: string): (() => void) | null {
-    const fd = this.#host.lockFd;
+    const host = this.#host;
     const at = lockSlotOffset(hash);
-    if (!native.rangeLock(fd, at, SLOT_BYTES, true)) return null;
+    const held = host.slots.get(at) ?? 0;
+    if (held === 0) {
+      let got: boolean;
+      try {
+        got = native.rangeLock(host.lockFd, at, SLOT_BYTES, true);
+      } catch (err) {
+        // A filesystem without these locks (or out of them): this process fetches unlocked, which costs only a second request.
+        this.#log.warn({ dir: this.dir, err: (err as Error).message }, 'the chunk cache cannot lock: fetching without the lock');
+        return () => {};
+      }
+      if (!got) return null;
+    }
+    host.slots.set(at, held + 1);
     const beat = () => {
       const now = Buffer.alloc(SLOT_BYTES);
       now.writeDoubleLE(Date.now());
       try {
-        writeSync(fd, now, 0, SLOT_BYTES, at);
+        writeSync(host.lockFd, now, 0, SLOT_BYTES, at);
       } catch {
         // A full disk: waiters then see an old beat and fetch for themselves, which is only slower.
       }
     };
     const timer = setInterval(beat, LOCK_BEAT_MS);
     timer.unref();
+    let released = false;
     return () => {
+      if (released) return;
+      released = true;
       clearInterval(timer);
-      native.rangeLock(fd, at, SLOT_BYTES, false);
+      const left = (host.slots.get(at) ?? 1) - 1;
+      if (left > 0) {
+        host.slots.set(at, left);
+        return;
+      }
+      host.slots.delete(at);
+      try {
+        native.rangeLock(host.lockFd, at, SLOT_BYTES, false);
+      } catch (err) {
+        this.#log.warn({ dir: this.dir, err: (err as Error).message }, 'the chunk cache could not unlock a slot');
+      }
     };
   }
 
   /** The chunk's holder has not beaten for the stale time (or never did): it hung. */
   #holderHung(hash: string): boolean {
+    // No beat at all (the slot past the file's end, or never written) reads as the epoch: a holder that never beat.
     const last = Buffer.alloc(SLOT_BYTES);
     try {
-      if (readSync(this.#host.lockFd, last, 0, SLOT_BYTES, lockSlotOffset(hash)) !== SLOT_BYTES) return false;
+      readSync(this.#host.lockFd, last, 0, SLOT_BYTES, lockSlotOffset(hash));
     } catch {
-      return false;
+      return true;
     }
     return Date.now() - last.readDoubleLE() > this.#staleLockMs;
   }
 
   /** Writes the chunk's file; begun on the loop's next turn, so the fetch's own caller (a fault waiting for its page) goes first. */
-  async #keep(hash: string, plain: Buffer): Promise<void> {
+  async #keep(hash: string, plain: Buffer, footer: Buffer): Promise<void> {
     await new Promise((r) => setImmediate(r));
+    const tmp = join(this.dir, 'tmp', `${hash}.${process.pid}.${++this.#host.written}`);
+    let made = false;
     try {
       await this.#count();
-      const tmp = join(this.dir, 'tmp', `${hash}.${process.pid}.${++this.#host.written}`);
       // Content and footer in one write, never copied together.
       const file = await open(tmp, 'w', 0o600);
+      made = true;
       try {
-        await file.writev([plain, footerOf(plain)]);
+        const { bytesWritten } = await file.writev([plain, footer]);
+        if (bytesWritten !== plain.length + FOOTER_BYTES) throw new Error(`${bytesWritten} of ${plain.length + FOOTER_BYTES} bytes written`);
       } finally {
         await file.close();
       }
@@ -289,9 +356,11 @@ export class ChunkCache {
         this.#host.folders.delete(folder); // removed meanwhile: made again next time
         throw err;
       });
+      made = false;
       this.#bytes! += plain.length + FOOTER_BYTES;
       if (this.#bytes! > this.maxBytes) await (this.#evicting ??= this.#evict().finally(() => (this.#evicting = null)));
     } catch (err) {
+      if (made) await unlink(tmp).catch(() => {});
       this.#log.warn({ chunk: hash, err: (err as Error).message }, 'a chunk could not be kept in the cache');
     }
   }
