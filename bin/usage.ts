@@ -252,7 +252,8 @@ postcopy bench store [--pages N] [--chunk-sizes S,S,...] [--cases C,C,...] [--js
   its baseline on the same store in the same run: dedup (20 children of a
   base pushed with their parent: bytes stored against base + what differs),
   cold (a random tenth of N pages, default 65536, with an empty cache: fault
-  p50/p99 against a GET of one chunk; bytes fetched against bytes needed),
+  p50/p99 against a GET of one chunk, without and with the background
+  fetching the rest; bytes fetched against bytes needed),
   and full (time to full residency against one GET of the same bytes), per
   chunk size (default 64K,128K,256K,512K); guest (the QEMU test guest saved
   twice, seconds apart, each save pushed whole: bytes stored against its

@@ -22,6 +22,18 @@ import type { FaultEngine } from './fault-engine.js';
 /** Zero chunks and pieces the host's cache holds go in on the event loop's thread: this many bytes a turn at most (a few milliseconds). */
 const INSTALL_HERE_BYTES = 8 << 20;
 
+/**
+ * While faults are being served (a fault's piece in flight, or one done this
+ * recently), what is fetched ahead (working set, background) is held to
+ * AHEAD_DURING_DEMAND pieces in flight: a store shares its CPUs among the
+ * requests it holds, so a fault's GET behind a hundred others waits for them
+ * all. A session starts so (its workload's first faults come at once), and
+ * each DEMAND_ACTIVE_MS with no fault doubles what may be in flight, up to
+ * `parallel`.
+ */
+const AHEAD_DURING_DEMAND = 4;
+const DEMAND_ACTIVE_MS = 5;
+
 /** What asking again cannot change. */
 const FINAL = new Set<string>([ErrorCode.STORE_NOT_FOUND, ErrorCode.STORE_CORRUPT, ErrorCode.STORE_DENIED]);
 
@@ -41,11 +53,13 @@ export interface StoreFeederStats {
   zeroChunks: number;
   /** Attempts at a piece that failed and were tried again. */
   retries: number;
+  /** Times the fetches ahead were held to AHEAD_DURING_DEMAND because faults were being served. */
+  aheadHeldForFaults: number;
 }
 
 /** Events: 'outage' (CodedError): the store stopped answering; 'recovered' ({outageMs}); 'failed' (CodedError): final. */
 export class StoreFeeder extends EventEmitter {
-  readonly stats: StoreFeederStats = { pieces: 0, chunks: 0, zeroChunks: 0, retries: 0 };
+  readonly stats: StoreFeederStats = { pieces: 0, chunks: 0, zeroChunks: 0, retries: 0, aheadHeldForFaults: 0 };
   readonly #engine: FaultEngine;
   readonly #store: SnapshotStore;
   readonly #manifest: Manifest;
@@ -54,6 +68,14 @@ export class StoreFeeder extends EventEmitter {
   readonly #parallel: number;
   readonly #retry: { initial: number; max: number };
   #ahead = 0;
+  /** Pieces faults wait on, in flight; and when the last one was taken or came (performance.now()). */
+  #urgent = 0;
+  #lastUrgentAt = -Infinity;
+  /** A pump after faults go quiet, to open the fetches ahead up again. */
+  #afterDemand: NodeJS.Timeout | null = null;
+  /** Pieces that may be fetched ahead at once now, and when it last doubled. */
+  #aheadLimit = AHEAD_DURING_DEMAND;
+  #openedAt = 0;
   readonly #rate: number;
   /** Rate-limited: when the next piece fetched ahead may start. */
   #nextAheadAt = 0;
@@ -76,6 +98,7 @@ export class StoreFeeder extends EventEmitter {
   }
 
   start(): void {
+    this.#lastUrgentAt = this.#openedAt = performance.now();
     this.#engine.on('store-wanted', this.#onWanted);
     this.#pump();
   }
@@ -92,6 +115,8 @@ export class StoreFeeder extends EventEmitter {
     this.#timers.clear();
     if (this.#soon) clearImmediate(this.#soon);
     this.#soon = null;
+    if (this.#afterDemand) clearTimeout(this.#afterDemand);
+    this.#afterDemand = null;
   }
 
   get outage(): boolean {
@@ -101,20 +126,53 @@ export class StoreFeeder extends EventEmitter {
   #pump(): void {
     if (this.#stopped) return;
     // During an outage the pieces already in flight are retried; no more are taken ahead.
-    const room = this.#outageSince ? 0 : Math.max(0, this.#parallel - this.#ahead);
+    const limit = this.#aheadRoom();
+    if (limit < this.#parallel && this.#ahead >= limit) this.stats.aheadHeldForFaults++;
+    const room = this.#outageSince ? 0 : Math.max(0, limit - this.#ahead);
     const { pieces, fromCache } = this.#engine.takeStorePieces(room, INSTALL_HERE_BYTES);
     // Zero chunks and pieces the host's cache held went in at once: the next ones are taken on the next turn of the loop.
     if (fromCache > 0) this.#pumpSoon();
     for (const piece of pieces) {
       const ahead = piece.why === Reason.prefetch || piece.why === Reason.background;
       if (ahead) this.#ahead++;
+      else {
+        this.#urgent++;
+        this.#lastUrgentAt = performance.now();
+      }
       void this.#paced(piece, ahead)
         .then(() => this.#feed(piece, 0))
         .finally(() => {
           if (ahead) this.#ahead--;
+          else {
+            this.#urgent--;
+            this.#lastUrgentAt = performance.now();
+          }
           this.#pump();
         });
     }
+    if (limit < this.#parallel) this.#pumpAfterDemand();
+  }
+
+  /** What may be fetched ahead at once now: AHEAD_DURING_DEMAND while faults are served, doubling each quiet DEMAND_ACTIVE_MS. */
+  #aheadRoom(): number {
+    const now = performance.now();
+    if (this.#urgent > 0 || now - this.#lastUrgentAt < DEMAND_ACTIVE_MS) {
+      this.#aheadLimit = AHEAD_DURING_DEMAND;
+      this.#openedAt = now;
+    } else if (now - this.#openedAt >= DEMAND_ACTIVE_MS) {
+      this.#aheadLimit = Math.min(this.#parallel, this.#aheadLimit * 2);
+      this.#openedAt = now;
+    }
+    return Math.min(this.#parallel, this.#aheadLimit);
+  }
+
+  /** Pumps again once faults have been quiet for DEMAND_ACTIVE_MS (the fetches ahead open up then). */
+  #pumpAfterDemand(): void {
+    if (this.#afterDemand || this.#stopped) return;
+    this.#afterDemand = setTimeout(() => {
+      this.#afterDemand = null;
+      this.#pump();
+    }, DEMAND_ACTIVE_MS + 1);
   }
 
   #pumpSoon(): void {

@@ -106,6 +106,23 @@ t.test('compressible pages are stored as zstd, and a chunk of the older brotli l
   t.ok(Buffer.from(dest.regions[0].mapping.buffer()).equals(bytes), 'byte for byte');
 });
 
+t.test('with the background on, faults come first: what is fetched ahead is held back while a workload faults, and every page arrives', async (t) => {
+  const store = await storeFor(t);
+  const pages = 4096;
+  const bytes = imageBytes(pages, 5);
+  const image = Image.open([{ buffer: bytes }]);
+  t.teardown(() => image.close());
+  await store.push(image, 'busy');
+  const dest = await Destination.connect({ storeImage: { store, name: 'busy' }, cache: false, parallel: 64 });
+  t.teardown(() => dest.close());
+  const r = dest.regions[0].mapping;
+  const [report] = await Promise.all([dest.finish(), touchPages(r.address, pages, shuffledOrder(pages, 9), { mapping: r })]);
+  t.equal(report.digestMatch, true, 'byte for byte');
+  const fetched = (dest.session as StoreSession).fetched;
+  t.ok(fetched.aheadHeldForFaults > 0, `the background was held back for faults ${fetched.aheadHeldForFaults} times`);
+  t.ok(report.faults > 0, `${report.faults} faults served`);
+});
+
 t.test('a child pushed with its parent uploads only the chunks that differ; both restore', async (t) => {
   const store = await storeFor(t);
   const base = imageBytes(4096);
