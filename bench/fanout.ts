@@ -43,7 +43,8 @@ export interface FanoutResult {
   aggregateVsFloorBulk: number;
   /** The median destination's fault p99 in the wave, the slowest one's, and the lone destination's (µs); median over lone. */
   faultP99Us: { median: number; worst: number; alone: number };
-  faultP99VsAlone: number;
+  /** Null when the lone destination had no fault to measure (a small image the background filled first). */
+  faultP99VsAlone: number | null;
   /** The source's CPU per GiB served, in the wave and alone (ms). */
   sourceCpuMsPerGiB: { wave: number; alone: number };
   /** Each wave's wall time, the wave over one alone (16 times the bytes). */
@@ -126,7 +127,7 @@ export async function fanoutBench(
         floorBulkGBps: round(floorBulkGBps, 3),
         aggregateVsFloorBulk: round(aggregateGBps / floorBulkGBps, 2),
         faultP99Us: { median: p99, worst: median(waves.map((w) => Math.max(...w.faultP99Us))), alone: alone99 },
-        faultP99VsAlone: round(p99 / alone99, 2),
+        faultP99VsAlone: alone99 > 0 ? round(p99 / alone99, 2) : null,
         sourceCpuMsPerGiB: { wave: round(median(waves.map((w) => w.sourceCpuMs / gib(w)))), alone: round(median(alone.map((w) => w.sourceCpuMs / gib(w)))) },
         wallMs: { wave: round(median(waves.map((w) => w.wallMs))), alone: round(median(alone.map((w) => w.wallMs))) },
       });
@@ -145,7 +146,7 @@ export function fanoutTable(results: FanoutResult[]): string {
   ];
   for (const r of results)
     lines.push(
-      `| ${r.transport} | ${r.destinations} | ${r.aggregateGBps} | ${r.floorBulkGBps} | ${r.aggregateVsFloorBulk}x | ${r.faultP99Us.median} / ${r.faultP99Us.worst} / ${r.faultP99Us.alone} | ${r.faultP99VsAlone}x | ${r.sourceCpuMsPerGiB.wave} / ${r.sourceCpuMsPerGiB.alone} | ${r.wallMs.wave} / ${r.wallMs.alone} |`,
+      `| ${r.transport} | ${r.destinations} | ${r.aggregateGBps} | ${r.floorBulkGBps} | ${r.aggregateVsFloorBulk}x | ${r.faultP99Us.median} / ${r.faultP99Us.worst} / ${r.faultP99Us.alone} | ${r.faultP99VsAlone === null ? 'no lone fault' : `${r.faultP99VsAlone}x`} | ${r.sourceCpuMsPerGiB.wave} / ${r.sourceCpuMsPerGiB.alone} | ${r.wallMs.wave} / ${r.wallMs.alone} |`,
     );
   return lines.join('\n') + '\n';
 }
