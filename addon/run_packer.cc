@@ -14,10 +14,6 @@
 namespace uffdpc {
 namespace {
 
-// zstd's level for packed runs: its fastest standard level, hundreds of MB a
-// second a core, about what a gigabit link takes many times over.
-constexpr int kLevel = 1;
-
 struct Zstd {
   void* (*createCCtx)() = nullptr;
   size_t (*freeCCtx)(void*) = nullptr;
@@ -53,7 +49,7 @@ bool PackingAvailable() { return Lib().ok; }
 
 size_t PackedBound(size_t bytes) { return Lib().ok ? Lib().compressBound(bytes) : bytes; }
 
-Packer::Packer() {
+Packer::Packer(int level) : level_(level) {
   if (Lib().ok) ctx_ = Lib().createCCtx();
 }
 Packer::~Packer() {
@@ -64,7 +60,7 @@ bool Packer::Pack(const uint8_t* src, size_t n, std::vector<uint8_t>& out) {
   if (!ctx_) return false;
   uint64_t t0 = MonotonicNs();
   out.resize(Lib().compressBound(n));
-  size_t got = Lib().compressCCtx(ctx_, out.data(), out.size(), src, n, kLevel);
+  size_t got = Lib().compressCCtx(ctx_, out.data(), out.size(), src, n, level_);
   ns_ += MonotonicNs() - t0;
   in_ += n;
   if (Lib().isError(got) || got > n - n / 8) return false;
@@ -98,13 +94,10 @@ Napi::Value ZstdPackJs(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() < 1 || !info[0].IsTypedArray()) throw CodedError(env, "ERR_INVALID_ARG_TYPE", "bytes must be a Uint8Array");
   auto src = info[0].As<Napi::Uint8Array>();
-  static thread_local void* ctx = Lib().ok ? Lib().createCCtx() : nullptr;
-  if (!ctx) return env.Null();
-  size_t n = src.ByteLength();
-  std::vector<uint8_t> out(Lib().compressBound(n));
-  size_t got = Lib().compressCCtx(ctx, out.data(), out.size(), src.Data(), n, kChunkLevel);
-  if (Lib().isError(got) || got > n - n / 8) return env.Null();
-  return Napi::Buffer<uint8_t>::Copy(env, out.data(), got);
+  static thread_local Packer packer(kChunkLevel);
+  std::vector<uint8_t> out;
+  if (!packer.Pack(src.Data(), src.ByteLength(), out)) return env.Null();
+  return Napi::Buffer<uint8_t>::Copy(env, out.data(), out.size());
 }
 
 // zstdUnpack(packed, length) -> Buffer | null: the frame decompressed, which
@@ -117,11 +110,10 @@ Napi::Value ZstdUnpackJs(const Napi::CallbackInfo& info) {
   auto src = info[0].As<Napi::Uint8Array>();
   double want = info[1].As<Napi::Number>().DoubleValue();
   if (!(want >= 0 && want <= static_cast<double>(1ull << 30))) throw CodedError(env, "ERR_OUT_OF_RANGE", "length must be 0 to 1 GiB");
-  static thread_local void* ctx = Lib().ok ? Lib().createDCtx() : nullptr;
-  if (!ctx) return env.Null();
+  static thread_local Unpacker unpacker;
+  if (!PackingAvailable()) return env.Null();
   auto out = Napi::Buffer<uint8_t>::New(env, static_cast<size_t>(want));
-  size_t got = Lib().decompressDCtx(ctx, out.Data(), out.Length(), src.Data(), src.ByteLength());
-  if (Lib().isError(got) || got != out.Length()) return env.Null();
+  if (!unpacker.Unpack(src.Data(), src.ByteLength(), out.Data(), out.Length())) return env.Null();
   return out;
 }
 }  // namespace
