@@ -15,7 +15,7 @@ import { silentLogger, type Logger } from '../lib/logger.js';
 import type { StorePiece } from '../lib/native.js';
 import { Reason } from '../lib/wire.js';
 import type { ChunkCache } from '../lib/store/chunk-cache.js';
-import type { Manifest } from '../lib/store/manifest.js';
+import { placesOf, type ChunkPlace, type Manifest } from '../lib/store/manifest.js';
 import type { SnapshotStore } from '../lib/store/snapshot-store.js';
 import type { FaultEngine } from './fault-engine.js';
 
@@ -33,6 +33,14 @@ const INSTALL_HERE_BYTES = 8 << 20;
  */
 const AHEAD_DURING_DEMAND = 4;
 const DEMAND_ACTIVE_MS = 5;
+/**
+ * With no fault being served, neighbouring pieces ahead whose chunks lie one
+ * after another in a pack go as one fetch (one ranged GET), up to this many
+ * (`parallel` still counts pieces: as many bytes in flight, fewer requests).
+ * While faults are served, one each, so a fault's GET never waits behind a
+ * large one.
+ */
+const PIECES_PER_FETCH = 16;
 
 /** What asking again cannot change. */
 const FINAL = new Set<string>([ErrorCode.STORE_NOT_FOUND, ErrorCode.STORE_CORRUPT, ErrorCode.STORE_DENIED]);
@@ -63,6 +71,7 @@ export class StoreFeeder extends EventEmitter {
   readonly #engine: FaultEngine;
   readonly #store: SnapshotStore;
   readonly #manifest: Manifest;
+  readonly #places: Map<string, ChunkPlace>;
   readonly #cache: ChunkCache | undefined;
   readonly #log: Logger;
   readonly #parallel: number;
@@ -90,6 +99,7 @@ export class StoreFeeder extends EventEmitter {
     this.#engine = engine;
     this.#store = store;
     this.#manifest = manifest;
+    this.#places = placesOf(manifest);
     this.#cache = cache;
     this.#log = options.logger ?? silentLogger;
     this.#parallel = options.parallel ?? 16;
@@ -128,21 +138,31 @@ export class StoreFeeder extends EventEmitter {
     // During an outage the pieces already in flight are retried; no more are taken ahead.
     const limit = this.#aheadRoom();
     if (limit < this.#parallel && this.#ahead >= limit) this.stats.aheadHeldForFaults++;
-    const room = this.#outageSince ? 0 : Math.max(0, limit - this.#ahead);
+    const perFetch = limit > AHEAD_DURING_DEMAND ? PIECES_PER_FETCH : 1;
+    let room = this.#outageSince ? 0 : Math.max(0, limit - this.#ahead);
+    // Whole fetches only while others are in flight: the room left by one that came back is filled by one of the same size.
+    if (this.#ahead > 0) room -= room % perFetch;
     const { pieces, fromCache } = this.#engine.takeStorePieces(room, INSTALL_HERE_BYTES);
     // Zero chunks and pieces the host's cache held went in at once: the next ones are taken on the next turn of the loop.
     if (fromCache > 0) this.#pumpSoon();
+    const groups: StorePiece[][] = [];
     for (const piece of pieces) {
       const ahead = piece.why === Reason.prefetch || piece.why === Reason.background;
-      if (ahead) this.#ahead++;
+      const last = groups.at(-1);
+      if (ahead && last && last.length < perFetch && this.#follows(last.at(-1)!, piece)) last.push(piece);
+      else groups.push([piece]);
+    }
+    for (const group of groups) {
+      const ahead = group[0].why === Reason.prefetch || group[0].why === Reason.background;
+      if (ahead) this.#ahead += group.length;
       else {
         this.#urgent++;
         this.#lastUrgentAt = performance.now();
       }
-      void this.#paced(piece, ahead)
-        .then(() => this.#feed(piece, 0))
+      void this.#paced(group, ahead)
+        .then(() => this.#feed(group, 0))
         .finally(() => {
-          if (ahead) this.#ahead--;
+          if (ahead) this.#ahead -= group.length;
           else {
             this.#urgent--;
             this.#lastUrgentAt = performance.now();
@@ -151,6 +171,15 @@ export class StoreFeeder extends EventEmitter {
         });
     }
     if (limit < this.#parallel) this.#pumpAfterDemand();
+  }
+
+  /** `next` is fetched ahead too, right after `prev` in its region, and its first chunk lies right after prev's last in one pack. */
+  #follows(prev: StorePiece, next: StorePiece): boolean {
+    if (next.why !== prev.why || next.sourceRegion !== prev.sourceRegion || next.sourceFirst !== prev.sourceFirst + prev.sourceCount) return false;
+    const region = this.#manifest.regions[prev.sourceRegion];
+    const a = this.#places.get(region.chunks[Math.floor(((prev.sourceFirst + prev.sourceCount) * region.pageSize - 1) / region.chunkBytes)]);
+    const b = this.#places.get(region.chunks[Math.floor((next.sourceFirst * region.pageSize) / region.chunkBytes)]);
+    return !!a && !!b && a.pack === b.pack && a.offset + a.length === b.offset;
   }
 
   /** What may be fetched ahead at once now: AHEAD_DURING_DEMAND while faults are served, doubling each quiet DEMAND_ACTIVE_MS. */
@@ -183,12 +212,13 @@ export class StoreFeeder extends EventEmitter {
     });
   }
 
-  /** A piece fetched ahead waits its turn under the rate limit. */
-  async #paced(piece: StorePiece, ahead: boolean): Promise<void> {
+  /** Pieces fetched ahead wait their turn under the rate limit. */
+  async #paced(group: StorePiece[], ahead: boolean): Promise<void> {
     if (!ahead || this.#rate <= 0) return;
     const now = Date.now();
     const at = Math.max(now, this.#nextAheadAt);
-    this.#nextAheadAt = at + ((piece.sourceCount * this.#manifest.regions[piece.sourceRegion].pageSize) / this.#rate) * 1000;
+    const bytes = group.reduce((n, piece) => n + piece.sourceCount * this.#manifest.regions[piece.sourceRegion].pageSize, 0);
+    this.#nextAheadAt = at + (bytes / this.#rate) * 1000;
     if (at > now) await this.#sleep(at - now);
   }
 
@@ -202,15 +232,16 @@ export class StoreFeeder extends EventEmitter {
     });
   }
 
-  /** Fetches a piece and installs it; while the store is out of reach, again after the backoff. */
-  async #feed(piece: StorePiece, attempt: number): Promise<void> {
+  /** Fetches pieces (one fetch) and installs them; while the store is out of reach, again after the backoff. */
+  async #feed(group: StorePiece[], attempt: number): Promise<void> {
+    const piece = group[0];
     for (;;) {
       if (this.#stopped) return;
       try {
-        const data = await this.#fetch(piece);
+        const data = await this.#fetch(group);
         if (this.#stopped) return;
-        this.#engine.installPiece(piece, data);
-        this.stats.pieces++;
+        group.forEach((p, i) => this.#engine.installPiece(p, data[i]));
+        this.stats.pieces += group.length;
         this.#recovered();
         return;
       } catch (err) {
@@ -229,25 +260,26 @@ export class StoreFeeder extends EventEmitter {
     }
   }
 
-  /** The bytes of the piece's source pages (null: all zeros), from its chunks. */
-  async #fetch(piece: StorePiece): Promise<Buffer | null> {
-    const region = this.#manifest.regions[piece.sourceRegion];
-    const start = piece.sourceFirst * region.pageSize;
-    const end = start + piece.sourceCount * region.pageSize;
-    const first = Math.floor(start / region.chunkBytes);
-    const last = Math.floor((end - 1) / region.chunkBytes);
-    const hashes = region.chunks.slice(first, last + 1);
-    if (hashes.every((h) => h === '')) {
-      this.stats.zeroChunks += hashes.length;
-      return null;
-    }
-    const contents = await Promise.all(
-      hashes.map(async (hash, i) => {
+  /** Each piece's source pages (null: all zeros), from their chunks: neighbours in a pack with one GET. */
+  async #fetch(group: StorePiece[]): Promise<(Buffer | null)[]> {
+    const spans = group.map((piece) => {
+      const region = this.#manifest.regions[piece.sourceRegion];
+      const start = piece.sourceFirst * region.pageSize;
+      const end = start + piece.sourceCount * region.pageSize;
+      const first = Math.floor(start / region.chunkBytes);
+      const last = Math.floor((end - 1) / region.chunkBytes);
+      return { region, start, end, first, hashes: region.chunks.slice(first, last + 1) };
+    });
+    const wanted = spans.flatMap((s) => s.hashes.filter((h) => h).map((hash) => ({ hash, place: this.#places.get(hash) })));
+    const fetched = await this.#store.chunks(wanted, this.#cache);
+    let k = 0;
+    return spans.map(({ region, start, end, first, hashes }) => {
+      const contents = hashes.map((hash, i) => {
         if (!hash) {
           this.stats.zeroChunks++;
           return null;
         }
-        const content = await this.#store.chunk(hash, this.#cache);
+        const content = fetched[k++];
         const at = (first + i) * region.chunkBytes;
         const want = Math.min(region.chunkBytes, region.length - at);
         if (content.length !== want) {
@@ -257,19 +289,20 @@ export class StoreFeeder extends EventEmitter {
         }
         this.stats.chunks++;
         return content;
-      }),
-    );
-    // One chunk that is the piece: installed as it is.
-    if (contents.length === 1 && first * region.chunkBytes === start && contents[0]!.length === end - start) return contents[0];
-    const out = Buffer.alloc(end - start);
-    contents.forEach((content, i) => {
-      if (!content) return;
-      const at = (first + i) * region.chunkBytes;
-      const from = Math.max(start, at);
-      const to = Math.min(end, at + content.length);
-      content.copy(out, from - start, from - at, to - at);
+      });
+      if (contents.every((c) => c === null)) return null;
+      // One chunk that is the piece: installed as it is.
+      if (contents.length === 1 && first * region.chunkBytes === start && contents[0]!.length === end - start) return contents[0];
+      const out = Buffer.alloc(end - start);
+      contents.forEach((content, i) => {
+        if (!content) return;
+        const at = (first + i) * region.chunkBytes;
+        const from = Math.max(start, at);
+        const to = Math.min(end, at + content.length);
+        content.copy(out, from - start, from - at, to - at);
+      });
+      return out;
     });
-    return out;
   }
 
   #outage(e: CodedError): void {

@@ -159,22 +159,33 @@ export class ObjectStore {
     }
   }
 
-  async put(name: string, body: Uint8Array, contentType = 'application/octet-stream'): Promise<void> {
+  /** Writes the object; `metadata` (short ASCII values) comes back with its head. */
+  async put(name: string, body: Uint8Array, contentType = 'application/octet-stream', metadata?: Record<string, string>): Promise<void> {
     this.stats.puts++;
     try {
-      await this.#client.send(new PutObjectCommand({ Bucket: this.address.bucket, Key: this.key(name), Body: body, ContentType: contentType }));
+      await this.#client.send(
+        new PutObjectCommand({
+          Bucket: this.address.bucket,
+          Key: this.key(name),
+          Body: body,
+          ContentType: contentType,
+          ...(metadata ? { Metadata: metadata } : {}),
+        }),
+      );
       this.stats.bytesUploaded += body.length;
     } catch (err) {
       throw this.#coded(err, name);
     }
   }
 
-  /** The object's size and age, or null when there is none. */
-  async head(name: string): Promise<{ size: number; lastModified: Date } | null> {
+  /** The object's size, age and metadata (names in lower case), or null when there is none. */
+  async head(name: string): Promise<{ size: number; lastModified: Date; metadata: Record<string, string> } | null> {
     this.stats.heads++;
     try {
       const out = await this.#client.send(new HeadObjectCommand({ Bucket: this.address.bucket, Key: this.key(name) }));
-      return { size: out.ContentLength ?? 0, lastModified: out.LastModified ?? new Date(0) };
+      const metadata: Record<string, string> = {};
+      for (const [k, v] of Object.entries(out.Metadata ?? {})) metadata[k.toLowerCase()] = v;
+      return { size: out.ContentLength ?? 0, lastModified: out.LastModified ?? new Date(0), metadata };
     } catch (err) {
       const coded = this.#coded(err, name);
       if (coded.code === ErrorCode.STORE_NOT_FOUND && !/bucket/.test(coded.message)) return null;

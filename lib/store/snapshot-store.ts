@@ -12,11 +12,102 @@ import { checkImageName, formatStoreUrl, type StoreAddress } from './address.js'
 import { DEFAULT_CHUNK_BYTES, checkChunkBytes, chunkHash, chunkKey, decodeChunk, encodeChunk, isZero } from './chunk.js';
 import type { ChunkCache } from './chunk-cache.js';
 import { isSealedManifest, type TenantKey } from './tenant.js';
-import { MANIFEST_FORMAT, MANIFEST_VERSION, chunksOf, manifestKey, parseManifest, pendingKey, totalBytes, type Manifest } from './manifest.js';
+import {
+  MANIFEST_FORMAT,
+  MANIFEST_VERSION,
+  chunksOf,
+  manifestKey,
+  packKey,
+  packsOf,
+  parseManifest,
+  pendingKey,
+  placesOf,
+  totalBytes,
+  type ChunkPlace,
+  type Manifest,
+  type Place,
+} from './manifest.js';
 import { ObjectStore, type ObjectStoreOptions } from './object-store.js';
 
 /** A chunk younger than this is never collected, and a push trusts one it finds only when younger than half of it. */
 export const DEFAULT_GC_GRACE_MS = 60 * 60 * 1000;
+/**
+ * A push writes the chunks the store lacks into packs of about this many
+ * bytes: a restore fetches a run of neighbouring chunks with one ranged GET
+ * (an object store's cost is per request: 1,024 GETs of 64 KiB chunks took
+ * 1.6-6.7x one GET of the same bytes, docs/STORE.md), while a fault still
+ * fetches its one chunk's range.
+ */
+const PACK_BYTES = 8 << 20;
+const PACKS_IN_FLIGHT = 3;
+/** A ranged GET of neighbouring chunks in a pack spans this many bytes at most. */
+const RANGE_BYTES = 2 << 20;
+/** A download asks for this many neighbouring chunks at a time. */
+const CHUNKS_PER_FETCH = 16;
+
+/**
+ * Neighbouring chunks of one pack, fetched together: the GET goes on the
+ * loop's next turn, over the span of the chunks asked for by then (those the
+ * cache held are never asked for), and each chunk is cut from it and checked.
+ */
+class RangeRun {
+  readonly #get: (first: number, end: number) => Promise<Buffer>;
+  readonly #pack: string;
+  #end: number;
+  #start: number;
+  readonly #asked: { place: ChunkPlace; resolve: (b: Buffer) => void; reject: (e: unknown) => void }[] = [];
+
+  constructor(get: (first: number, end: number) => Promise<Buffer>, first: ChunkPlace) {
+    this.#get = get;
+    this.#pack = first.pack;
+    this.#start = first.offset;
+    this.#end = first.offset + first.length;
+  }
+
+  /** The place starts where the run ends, in the same pack, and the run stays within RANGE_BYTES. */
+  extends(p: ChunkPlace): boolean {
+    return p.pack === this.#pack && p.offset === this.#end && this.#end + p.length - this.#start <= RANGE_BYTES;
+  }
+
+  add(p: ChunkPlace): void {
+    this.#end = p.offset + p.length;
+  }
+
+  /** The chunk's content, from the run's one GET. */
+  take(hash: string, place: ChunkPlace, tenant: TenantKey | undefined): Promise<Buffer> {
+    const object = new Promise<Buffer>((resolve, reject) => {
+      if (this.#asked.push({ place, resolve, reject }) === 1) setImmediate(() => this.#fetch());
+    });
+    return object.then((bytes) => decodeChunk(hash, bytes, tenant));
+  }
+
+  async #fetch(): Promise<void> {
+    const asked = this.#asked.splice(0);
+    const first = Math.min(...asked.map((a) => a.place.offset));
+    const end = Math.max(...asked.map((a) => a.place.offset + a.place.length));
+    try {
+      const bytes = await this.#get(first, end);
+      for (const a of asked) a.resolve(bytes.subarray(a.place.offset - first, a.place.offset - first + a.place.length));
+    } catch (err) {
+      for (const a of asked) a.reject(err);
+    }
+  }
+}
+
+/** A chunk in a pack is marked by an empty object at its own name, whose metadata says where it lies: what a push's HEAD finds. */
+function markerOf(place: ChunkPlace): Record<string, string> {
+  return { pack: place.pack, at: `${place.offset}-${place.length}` };
+}
+
+/** Where a chunk a HEAD found lies: its pack's range (a marker), null (an object of its own), or undefined (neither: written again). */
+function markedPlace(found: { size: number; metadata: Record<string, string> }): ChunkPlace | null | undefined {
+  const pack = found.metadata.pack;
+  if (pack === undefined) return found.size > 0 ? null : undefined;
+  const m = /^(\d{1,15})-(\d{1,9})$/.exec(found.metadata.at ?? '');
+  if (!/^[0-9a-f]{64}$/.test(pack) || !m || found.size !== 0) return undefined;
+  return { pack, offset: Number(m[1]), length: Number(m[2]) };
+}
+
 /** A push that left its pending record this long ago is over (it crashed). */
 const PENDING_EXPIRES_MS = 24 * 60 * 60 * 1000;
 
@@ -60,9 +151,12 @@ export interface ImageEntry {
 
 export interface GcReport {
   images: number;
+  /** Chunk objects: each a marker of a chunk in a pack, or (pushed before packs) the chunk itself. */
   chunks: number;
   kept: number;
   deleted: number;
+  packs: number;
+  packsDeleted: number;
   bytesFreed: number;
   /** Pending records of pushes that never finished, removed. */
   abandonedPushes: number;
@@ -129,42 +223,102 @@ export class SnapshotStore {
   }
 
   /**
-   * One chunk's content. From `cache` when it holds it; else fetched, checked
+   * One chunk's content. From `cache` when it holds it; else fetched (its
+   * pack's range, when `place` is given; else its own object), checked
    * against its name, and (fetched again once if damaged) kept in the cache.
    */
-  async chunk(hash: string, cache?: ChunkCache): Promise<Buffer> {
-    const fetch = async () => {
-      try {
-        return await decodeChunk(hash, await this.objects.get(this.#chunkObject(hash)), this.#tenant);
-      } catch (err) {
-        if (asCodedError(err).code !== ErrorCode.STORE_CORRUPT) throw err;
-        this.#log.warn({ chunk: hash, err: (err as Error).message }, 'a chunk came damaged; fetching it again');
-        return decodeChunk(hash, await this.objects.get(this.#chunkObject(hash)), this.#tenant);
-      }
-    };
+  async chunk(hash: string, cache?: ChunkCache, place?: ChunkPlace | null): Promise<Buffer> {
+    const fetch = () => this.#fetchChecked(hash, place);
     return cache ? cache.get(hash, fetch) : fetch();
+  }
+
+  /** A chunk's object fetched and decoded; damaged, fetched once more. */
+  async #fetchChecked(hash: string, place: ChunkPlace | null | undefined): Promise<Buffer> {
+    const object = () => (place ? this.#fetchRange(place.pack, place.offset, place.length, hash) : this.objects.get(this.#chunkObject(hash)));
+    try {
+      return await decodeChunk(hash, await object(), this.#tenant);
+    } catch (err) {
+      if (asCodedError(err).code !== ErrorCode.STORE_CORRUPT) throw err;
+      this.#log.warn({ chunk: hash, pack: place?.pack, err: (err as Error).message }, 'a chunk came damaged; fetching it again');
+      return decodeChunk(hash, await object(), this.#tenant);
+    }
+  }
+
+  /** Bytes [offset, offset + length) of a pack; a missing pack is ERR_STORE_NOT_FOUND naming the chunk wanted from it. */
+  async #fetchRange(pack: string, offset: number, length: number, forChunk: string): Promise<Buffer> {
+    const bytes = await this.objects.get(packKey(pack), [offset, offset + length - 1]).catch((err) => {
+      const e = asCodedError(err);
+      if (e.code === ErrorCode.STORE_NOT_FOUND && !/bucket/.test(e.message))
+        throw new PostcopyError(ErrorCode.STORE_NOT_FOUND, `chunk ${forChunk.slice(0, 16)}: its pack ${pack.slice(0, 16)} is not in ${this.url}`, {
+          chunk: forChunk,
+          pack,
+        });
+      throw e;
+    });
+    if (bytes.length !== length)
+      throw new PostcopyError(ErrorCode.STORE_CORRUPT, `pack ${pack.slice(0, 16)}: ${bytes.length} bytes at ${offset}, not ${length} (cut short)`, { pack });
+    return bytes;
+  }
+
+  /**
+   * Chunks' contents, in the order asked. Neighbours in one pack (each
+   * starting where the one before ends) that the cache lacks are fetched
+   * with one ranged GET, up to RANGE_BYTES; each is checked on its own.
+   */
+  async chunks(wanted: { hash: string; place?: ChunkPlace | null }[], cache?: ChunkCache): Promise<Buffer[]> {
+    const out: Promise<Buffer>[] = [];
+    let run: RangeRun | null = null;
+    for (const w of wanted) {
+      const p = w.place;
+      if (!p) {
+        run = null;
+        out.push(this.chunk(w.hash, cache, p));
+        continue;
+      }
+      if (!run || !run.extends(p)) run = new RangeRun((first, end) => this.#fetchRange(p.pack, first, end - first, w.hash), p);
+      else run.add(p);
+      const member = run;
+      const fetch = () =>
+        member.take(w.hash, p, this.#tenant).catch((err) => {
+          // Damaged in the run's answer: this chunk alone, fetched again (once more if still damaged).
+          if (asCodedError(err).code !== ErrorCode.STORE_CORRUPT) throw err;
+          this.#log.warn({ chunk: w.hash, pack: p.pack, err: (err as Error).message }, 'a chunk came damaged; fetching it again');
+          return this.#fetchChecked(w.hash, p);
+        });
+      out.push(cache ? cache.get(w.hash, fetch) : fetch());
+    }
+    return Promise.all(out);
   }
 
   /**
    * The whole image `name` in memory, one buffer per region, every chunk
-   * checked (`parallel` fetches at a time, through `cache` when given).
+   * checked (`parallel` fetches at a time, neighbours in a pack together,
+   * through `cache` when given).
    */
   async download(
     name: string,
     options: { cache?: ChunkCache; parallel?: number } = {},
   ): Promise<{ manifest: Manifest; regions: Buffer[]; files: { name: string; bytes: Buffer }[] }> {
     const manifest = await this.manifest(name);
+    const places = placesOf(manifest);
     const regions = manifest.regions.map((r) => Buffer.alloc(r.length));
-    const todo = manifest.regions.flatMap((r) => r.chunks.map((hash, i) => ({ region: r.id, at: i * r.chunkBytes, hash }))).filter((c) => c.hash);
+    const all = manifest.regions.flatMap((r) => r.chunks.map((hash, i) => ({ region: r.id, at: i * r.chunkBytes, hash }))).filter((c) => c.hash);
+    const todo: (typeof all)[] = [];
+    for (let i = 0; i < all.length; i += CHUNKS_PER_FETCH) todo.push(all.slice(i, i + CHUNKS_PER_FETCH));
     let next = 0;
     const worker = async () => {
       while (next < todo.length) {
-        const c = todo[next++];
-        const content = await this.chunk(c.hash, options.cache);
-        const region = manifest.regions[c.region];
-        if (content.length !== Math.min(region.chunkBytes, region.length - c.at))
-          throw new PostcopyError(ErrorCode.STORE_CORRUPT, `chunk ${c.hash.slice(0, 16)} holds ${content.length} bytes, not what the manifest needs`);
-        content.copy(regions[c.region], c.at);
+        const group = todo[next++];
+        const contents = await this.chunks(
+          group.map((c) => ({ hash: c.hash, place: places.get(c.hash) })),
+          options.cache,
+        );
+        group.forEach((c, k) => {
+          const region = manifest.regions[c.region];
+          if (contents[k].length !== Math.min(region.chunkBytes, region.length - c.at))
+            throw new PostcopyError(ErrorCode.STORE_CORRUPT, `chunk ${c.hash.slice(0, 16)} holds ${contents[k].length} bytes, not what the manifest needs`);
+          contents[k].copy(regions[c.region], c.at);
+        });
       }
     };
     await Promise.all(Array.from({ length: Math.min(options.parallel ?? 16, Math.max(1, todo.length)) }, worker));
@@ -173,9 +327,10 @@ export class SnapshotStore {
 
   /** The small files kept with an image (manifest.files), each checked against its chunk's hash. */
   async files(manifest: Manifest, cache?: ChunkCache): Promise<{ name: string; bytes: Buffer }[]> {
+    const places = placesOf(manifest);
     return Promise.all(
       (manifest.files ?? []).map(async (f) => {
-        const bytes = f.chunk ? await this.chunk(f.chunk, cache) : Buffer.alloc(0);
+        const bytes = f.chunk ? await this.chunk(f.chunk, cache, places.get(f.chunk)) : Buffer.alloc(0);
         if (bytes.length !== f.length) throw new PostcopyError(ErrorCode.STORE_CORRUPT, `file ${f.name}: ${bytes.length} bytes, not ${f.length}`);
         return { name: f.name, bytes };
       }),
@@ -224,57 +379,135 @@ export class SnapshotStore {
       fingerprint: image.fingerprint,
       content: (await image.contentDigest()) ?? '',
       regions,
+      packs: [],
       ...(files.length ? { files: files.map(({ name: n, length, chunk }) => ({ name: n, length, chunk })) } : {}),
     };
     parseManifest(Buffer.from(JSON.stringify(manifest)), name); // what is written can be read back
 
     const body = this.#manifestBytes(manifest);
+    let finalBody = body;
+    const graceMs = DEFAULT_GC_GRACE_MS;
     // Named first as pending, so that a gc running meanwhile keeps every chunk this push counts on.
     const pending = pendingKey(name, randomBytes(6).toString('hex'));
     await this.objects.put(pending, body, 'application/json');
 
-    // The distinct chunks to make sure of: the first place each appears.
-    const places = new Map<string, { region: number; offset: number; length: number } | { file: Uint8Array }>();
+    // The distinct chunks to make sure of: where each first appears in the image.
+    const sources = new Map<string, { region: number; offset: number; length: number } | { file: Uint8Array }>();
     let total = 0;
     let zero = 0;
     for (const r of regions)
       r.chunks.forEach((c, i) => {
         total++;
         if (!c) zero++;
-        else if (!places.has(c)) places.set(c, { region: r.id, offset: i * r.chunkBytes, length: Math.min(r.chunkBytes, r.length - i * r.chunkBytes) });
+        else if (!sources.has(c)) sources.set(c, { region: r.id, offset: i * r.chunkBytes, length: Math.min(r.chunkBytes, r.length - i * r.chunkBytes) });
       });
-    for (const f of files) if (f.chunk && !places.has(f.chunk)) places.set(f.chunk, { file: f.bytes });
-    const todo = [...places.entries()];
+    for (const f of files) if (f.chunk && !sources.has(f.chunk)) sources.set(f.chunk, { file: f.bytes });
+    const todo = [...sources.keys()];
+    const parallel = Math.min(options.parallel ?? 16, Math.max(1, todo.length));
+    // Where each chunk lies once pushed: in a pack, or (null) an object of its own (pushed before packs).
+    const placed = new Map<string, ChunkPlace | null>();
+    const parentPlaces = parent ? placesOf(parent) : new Map<string, ChunkPlace>();
     let present = 0;
     let uploaded = 0;
     let uploadedBytes = 0;
     let done = 0;
-    const graceMs = DEFAULT_GC_GRACE_MS;
-    let next = 0;
-    const worker = async () => {
-      while (next < todo.length) {
-        const [hash, at] = todo[next++];
-        if (known.has(hash)) {
-          present++;
-        } else {
-          // A chunk found is trusted while no gc may take it (young, or named by an image); an old orphan is written again.
-          const found = await this.objects.head(this.#chunkObject(hash));
-          if (found && Date.now() - found.lastModified.getTime() < graceMs / 2) {
-            present++;
-          } else {
-            const object = await encodeChunk('file' in at ? at.file : image.bytes(at.region).subarray(at.offset, at.offset + at.length), this.#tenant, hash);
-            await this.objects.put(this.#chunkObject(hash), object);
-            uploaded++;
-            uploadedBytes += object.length;
-          }
-        }
-        done++;
-        if (done % 64 === 0) options.onProgress?.({ chunks: done, of: todo.length, uploadedBytes });
-      }
+    const progress = (n: number) => {
+      const before = done;
+      done += n;
+      if (Math.floor(done / 64) !== Math.floor(before / 64) || done === todo.length) options.onProgress?.({ chunks: done, of: todo.length, uploadedBytes });
     };
     try {
-      await Promise.all(Array.from({ length: Math.min(options.parallel ?? 16, Math.max(1, todo.length)) }, worker));
-      await this.objects.put(manifestKey(name), body, 'application/json');
+      // 1. What the store holds already: what the parent names, else what a HEAD finds (young enough to trust).
+      const missing = new Set<string>();
+      let next = 0;
+      const look = async () => {
+        while (next < todo.length) {
+          const hash = todo[next++];
+          if (known.has(hash)) {
+            placed.set(hash, parentPlaces.get(hash) ?? null);
+            present++;
+            progress(1);
+            continue;
+          }
+          // A chunk found is trusted while no gc may take it (young); an old orphan is written again.
+          const found = await this.objects.head(this.#chunkObject(hash));
+          const place = found ? markedPlace(found) : undefined;
+          if (found && place !== undefined && Date.now() - found.lastModified.getTime() < graceMs / 2) {
+            placed.set(hash, place);
+            present++;
+            progress(1);
+          } else missing.add(hash);
+        }
+      };
+      await Promise.all(Array.from({ length: parallel }, look));
+
+      // 2. The rest, in the image's order, into packs of about PACK_BYTES: a pack is uploaded, then each of its chunks is marked.
+      let pack: { hash: string; object: Buffer }[] = [];
+      let packBytes = 0;
+      const uploads = new Set<Promise<void>>();
+      const flush = async (chunks: { hash: string; object: Buffer }[]) => {
+        const body = Buffer.concat(chunks.map((c) => c.object));
+        const name = chunkHash(body);
+        await this.objects.put(packKey(name), body);
+        let offset = 0;
+        const marks = chunks.map((c) => {
+          const place = { pack: name, offset, length: c.object.length };
+          offset += c.object.length;
+          return { hash: c.hash, place };
+        });
+        let k = 0;
+        const mark = async () => {
+          while (k < marks.length) {
+            const { hash, place } = marks[k++];
+            await this.objects.put(this.#chunkObject(hash), Buffer.alloc(0), 'application/octet-stream', markerOf(place));
+            placed.set(hash, place);
+            progress(1);
+          }
+        };
+        await Promise.all(Array.from({ length: Math.min(parallel, marks.length) }, mark));
+        uploaded += chunks.length;
+        uploadedBytes += body.length;
+      };
+      const send = async () => {
+        const chunks = pack;
+        pack = [];
+        packBytes = 0;
+        // A few packs in flight at once: the next is built while they go.
+        while (uploads.size >= PACKS_IN_FLIGHT) await Promise.race(uploads);
+        const upload: Promise<void> = flush(chunks).finally(() => uploads.delete(upload));
+        uploads.add(upload);
+        upload.catch(() => {}); // awaited below
+      };
+      for (const hash of todo) {
+        if (!missing.has(hash)) continue;
+        const at = sources.get(hash)!;
+        const object = await encodeChunk('file' in at ? at.file : image.bytes(at.region).subarray(at.offset, at.offset + at.length), this.#tenant, hash);
+        pack.push({ hash, object });
+        packBytes += object.length;
+        if (packBytes >= PACK_BYTES) await send();
+      }
+      if (pack.length) await send();
+      await Promise.all(uploads);
+
+      // 3. The manifest, with every chunk's place.
+      const packNames: string[] = [];
+      const packIndex = new Map<string, number>();
+      const placeOf = (hash: string): Place | null => {
+        const p = placed.get(hash);
+        if (!p) return null;
+        let i = packIndex.get(p.pack);
+        if (i === undefined) {
+          i = packNames.push(p.pack) - 1;
+          packIndex.set(p.pack, i);
+        }
+        return [i, p.offset, p.length];
+      };
+      for (const r of manifest.regions) r.places = r.chunks.map((c) => (c ? placeOf(c) : null));
+      for (const f of manifest.files ?? []) if (f.chunk) f.place = placeOf(f.chunk);
+      manifest.packs = packNames;
+      finalBody = this.#manifestBytes(manifest);
+      parseManifest(Buffer.from(JSON.stringify(manifest)), name);
+      await this.objects.put(manifestKey(name), finalBody, 'application/json');
     } finally {
       await this.objects.delete([pending]).catch(() => {}); // gc removes a leftover once it expires
     }
@@ -285,11 +518,11 @@ export class SnapshotStore {
       bytes,
       chunks: total,
       zeroChunks: zero,
-      repeatedChunks: total - zero - places.size,
+      repeatedChunks: total - zero - sources.size,
       presentChunks: present,
       uploadedChunks: uploaded,
-      uploadedBytes: uploadedBytes + body.length,
-      uploadedRatio: Math.round(((uploadedBytes + body.length) / bytes) * 1e4) / 1e4,
+      uploadedBytes: uploadedBytes + finalBody.length,
+      uploadedRatio: Math.round(((uploadedBytes + finalBody.length) / bytes) * 1e4) / 1e4,
       tookMs: Date.now() - started,
     };
     this.#log.info({ store: this.url, ...report }, 'image pushed');
@@ -319,21 +552,25 @@ export class SnapshotStore {
   }
 
   /**
-   * Deletes the chunks no image (nor a push under way) names, once older
-   * than `graceMs`. Safe beside concurrent pushes: a push names its chunks
-   * (pending) before it counts on any, and trusts a chunk it finds only
-   * while it is younger than half the grace.
+   * Deletes the chunks no image (nor a push under way) names, and the packs
+   * no image names, once older than `graceMs`. Safe beside concurrent
+   * pushes: a push names its chunks (pending) before it counts on any, and
+   * trusts a chunk it finds (and so its pack, uploaded before it was marked)
+   * only while it is younger than half the grace.
    */
   async gc(options: { graceMs?: number } = {}): Promise<GcReport> {
     const graceMs = options.graceMs ?? DEFAULT_GC_GRACE_MS;
     const started = Date.now();
     const named = new Set<string>();
+    const namedPacks = new Set<string>();
     let images = 0;
     let abandoned = 0;
     const readRoots = async () => {
       for await (const o of this.objects.list('images/')) {
         images++;
-        for (const c of chunksOf(await this.manifest(o.key.slice('images/'.length).replace(/\.json$/, '')))) named.add(this.#objectNameOf(c));
+        const m = await this.manifest(o.key.slice('images/'.length).replace(/\.json$/, ''));
+        for (const c of chunksOf(m)) named.add(this.#objectNameOf(c));
+        for (const p of packsOf(m)) namedPacks.add(p);
       }
       for await (const o of this.objects.list('pending/')) {
         if (started - o.lastModified.getTime() > PENDING_EXPIRES_MS) {
@@ -353,16 +590,28 @@ export class SnapshotStore {
       const hash = o.key.slice(o.key.lastIndexOf('/') + 1);
       if (!named.has(hash) && started - o.lastModified.getTime() > graceMs) candidates.push({ key: o.key, size: o.size });
     }
+    // A pack goes when no image names it: one that some image still needs a chunk of stays whole.
+    const packCandidates: { key: string; size: number }[] = [];
+    let packs = 0;
+    for await (const o of this.objects.list('packs/')) {
+      packs++;
+      const pack = o.key.slice(o.key.lastIndexOf('/') + 1);
+      if (!namedPacks.has(pack) && started - o.lastModified.getTime() > graceMs) packCandidates.push({ key: o.key, size: o.size });
+    }
     images = 0;
     await readRoots(); // images and pushes that began while the chunks were listed
     const doomed = candidates.filter((c) => !named.has(c.key.slice(c.key.lastIndexOf('/') + 1)));
+    const doomedPacks = packCandidates.filter((c) => !namedPacks.has(c.key.slice(c.key.lastIndexOf('/') + 1)));
     await this.objects.delete(doomed.map((c) => c.key));
+    await this.objects.delete(doomedPacks.map((c) => c.key));
     const report = {
       images,
       chunks,
       kept: chunks - doomed.length,
       deleted: doomed.length,
-      bytesFreed: doomed.reduce((n, c) => n + c.size, 0),
+      packs,
+      packsDeleted: doomedPacks.length,
+      bytesFreed: [...doomed, ...doomedPacks].reduce((n, c) => n + c.size, 0),
       abandonedPushes: abandoned,
     };
     this.#log.info({ store: this.url, ...report }, 'store collected');
