@@ -372,7 +372,8 @@ postcopy store gc s3://BUCKET[/PREFIX] [--grace DURATION] [--tenant-key-file F] 
   AWS_PROFILE and ~/.aws/credentials), AWS_REGION; addressing is path-style.
 
   push uploads FILE (each FILE is one region, in order) as NAME: the chunks
-  the store lacks, then the manifest. --parent NAME: the image it derives
+  the store lacks, side by side in packs of about 8 MiB (a restore fetches
+  neighbours with one ranged GET), then the manifest. --parent NAME: the image it derives
   from (its chunks are known present; rm refuses NAME's parent while NAME
   exists). --chunk-size: a power of two from 4K to 16M (default 64K).
   --replace: overwrite an image of that name (default: refused,
@@ -386,8 +387,8 @@ postcopy store gc s3://BUCKET[/PREFIX] [--grace DURATION] [--tenant-key-file F] 
   tenant its own PREFIX: gc refuses a store holding a manifest its key does
   not open.
   ls lists the images; rm removes one (its chunks go at the next gc);
-  gc deletes the chunks no image names that are older than --grace (default
-  1h), safely beside pushes under way.`;
+  gc deletes the chunks and packs no image names that are older than --grace
+  (default 1h), safely beside pushes under way.`;
 
 export const usage = `usage: postcopy <command> [options]   (postcopy <command> --help: that command's usage)
 
