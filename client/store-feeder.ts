@@ -77,6 +77,8 @@ export class StoreFeeder extends EventEmitter {
   readonly #parallel: number;
   readonly #retry: { initial: number; max: number };
   #ahead = 0;
+  /** The pieces taken ahead last time mostly went in fetches of several. */
+  #grouping = true;
   /** Pieces faults wait on, in flight; and when the last one was taken or came (performance.now()). */
   #urgent = 0;
   #lastUrgentAt = -Infinity;
@@ -140,8 +142,9 @@ export class StoreFeeder extends EventEmitter {
     if (limit < this.#parallel && this.#ahead >= limit) this.stats.aheadHeldForFaults++;
     const perFetch = limit > AHEAD_DURING_DEMAND ? PIECES_PER_FETCH : 1;
     let room = this.#outageSince ? 0 : Math.max(0, limit - this.#ahead);
-    // Whole fetches only while others are in flight: the room left by one that came back is filled by one of the same size.
-    if (this.#ahead > 0) room -= room % perFetch;
+    // While the pieces taken go in whole fetches, whole fetches only: the room one leaves is filled by one of the same size
+    // (not by many single pieces). Where they do not group (chunks of the older layout, a child's in its parent's packs), any room.
+    if (this.#ahead > 0 && this.#grouping && limit >= 2 * perFetch) room -= room % perFetch;
     const { pieces, fromCache } = this.#engine.takeStorePieces(room, INSTALL_HERE_BYTES);
     // Zero chunks and pieces the host's cache held went in at once: the next ones are taken on the next turn of the loop.
     if (fromCache > 0) this.#pumpSoon();
@@ -152,6 +155,8 @@ export class StoreFeeder extends EventEmitter {
       if (ahead && last && last.length < perFetch && this.#follows(last.at(-1)!, piece)) last.push(piece);
       else groups.push([piece]);
     }
+    const aheadGroups = groups.filter((g) => g[0].why === Reason.prefetch || g[0].why === Reason.background);
+    if (aheadGroups.length > 0 && perFetch > 1) this.#grouping = aheadGroups.filter((g) => g.length > 1).length * 2 >= aheadGroups.length;
     for (const group of groups) {
       const ahead = group[0].why === Reason.prefetch || group[0].why === Reason.background;
       if (ahead) this.#ahead += group.length;

@@ -259,6 +259,8 @@ export class ObjectStore {
       return new PostcopyError(ErrorCode.STORE_NOT_FOUND, `${where}: no such object`, details);
     if (status === 403 || e.name === 'AccessDenied' || e.name === 'InvalidAccessKeyId' || e.name === 'SignatureDoesNotMatch')
       return new PostcopyError(ErrorCode.STORE_DENIED, `${where}: refused (${e.name ?? status}): check the access key and secret`, details);
+    if (status === 416 || e.name === 'InvalidRange')
+      return new PostcopyError(ErrorCode.STORE_CORRUPT, `${where}: no such byte range (what named it points past the object's end)`, details);
     if (e.name === 'CredentialsProviderError')
       return new PostcopyError(ErrorCode.STORE_DENIED, `no credentials for ${where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE`, details);
     return new PostcopyError(

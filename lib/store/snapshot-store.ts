@@ -45,38 +45,31 @@ const RANGE_BYTES = 2 << 20;
 /** A download asks for this many neighbouring chunks at a time. */
 const CHUNKS_PER_FETCH = 16;
 
+/** `p` lies right after the run's last chunk, in the same pack, and the run stays within RANGE_BYTES. */
+function runFits(run: { place?: ChunkPlace | null }[], p: ChunkPlace): boolean {
+  const first = run[0].place!;
+  const last = run[run.length - 1].place!;
+  return p.pack === last.pack && p.offset === last.offset + last.length && p.offset + p.length - first.offset <= RANGE_BYTES;
+}
+
 /**
  * Neighbouring chunks of one pack, fetched together: the GET goes on the
- * loop's next turn, over the span of the chunks asked for by then (those the
- * cache held are never asked for), and each chunk is cut from it and checked.
+ * loop's next turn, from the first chunk asked for by then to the last (those
+ * the cache held are not asked for; one between two asked is fetched with
+ * them), and each chunk is cut from it and checked.
  */
 class RangeRun {
-  readonly #get: (first: number, end: number) => Promise<Buffer>;
-  readonly #pack: string;
-  #end: number;
-  #start: number;
-  readonly #asked: { place: ChunkPlace; resolve: (b: Buffer) => void; reject: (e: unknown) => void }[] = [];
+  readonly #get: (first: number, end: number, forChunk: string) => Promise<Buffer>;
+  readonly #asked: { hash: string; place: ChunkPlace; resolve: (b: Buffer) => void; reject: (e: unknown) => void }[] = [];
 
-  constructor(get: (first: number, end: number) => Promise<Buffer>, first: ChunkPlace) {
+  constructor(get: (first: number, end: number, forChunk: string) => Promise<Buffer>) {
     this.#get = get;
-    this.#pack = first.pack;
-    this.#start = first.offset;
-    this.#end = first.offset + first.length;
-  }
-
-  /** The place starts where the run ends, in the same pack, and the run stays within RANGE_BYTES. */
-  extends(p: ChunkPlace): boolean {
-    return p.pack === this.#pack && p.offset === this.#end && this.#end + p.length - this.#start <= RANGE_BYTES;
-  }
-
-  add(p: ChunkPlace): void {
-    this.#end = p.offset + p.length;
   }
 
   /** The chunk's content, from the run's one GET. */
   take(hash: string, place: ChunkPlace, tenant: TenantKey | undefined): Promise<Buffer> {
     const object = new Promise<Buffer>((resolve, reject) => {
-      if (this.#asked.push({ place, resolve, reject }) === 1) setImmediate(() => this.#fetch());
+      if (this.#asked.push({ hash, place, resolve, reject }) === 1) setImmediate(() => this.#fetch());
     });
     return object.then((bytes) => decodeChunk(hash, bytes, tenant));
   }
@@ -86,7 +79,7 @@ class RangeRun {
     const first = Math.min(...asked.map((a) => a.place.offset));
     const end = Math.max(...asked.map((a) => a.place.offset + a.place.length));
     try {
-      const bytes = await this.#get(first, end);
+      const bytes = await this.#get(first, end, asked[0].hash);
       for (const a of asked) a.resolve(bytes.subarray(a.place.offset - first, a.place.offset - first + a.place.length));
     } catch (err) {
       for (const a of asked) a.reject(err);
@@ -118,6 +111,8 @@ export interface PushOptions {
   replace?: boolean;
   /** Uploads in flight (default 16). */
   parallel?: number;
+  /** The grace the store's gc runs with (default 1 h): a chunk found is trusted only while younger than half of it. */
+  graceMs?: number;
   /** Small files kept with the image (each at most 16 MiB), e.g. a QEMU snapshot's device state. */
   files?: { name: string; bytes: Uint8Array }[];
   onProgress?: (p: { chunks: number; of: number; uploadedBytes: number }) => void;
@@ -266,28 +261,34 @@ export class SnapshotStore {
    * with one ranged GET, up to RANGE_BYTES; each is checked on its own.
    */
   async chunks(wanted: { hash: string; place?: ChunkPlace | null }[], cache?: ChunkCache): Promise<Buffer[]> {
-    const out: Promise<Buffer>[] = [];
-    let run: RangeRun | null = null;
+    // Runs of neighbours first: a chunk alone (a fault's) is fetched at once, not on the loop's next turn.
+    const runs: { hash: string; place?: ChunkPlace | null }[][] = [];
     for (const w of wanted) {
-      const p = w.place;
-      if (!p) {
-        run = null;
-        out.push(this.chunk(w.hash, cache, p));
-        continue;
-      }
-      if (!run || !run.extends(p)) run = new RangeRun((first, end) => this.#fetchRange(p.pack, first, end - first, w.hash), p);
-      else run.add(p);
-      const member = run;
-      const fetch = () =>
-        member.take(w.hash, p, this.#tenant).catch((err) => {
-          // Damaged in the run's answer: this chunk alone, fetched again (once more if still damaged).
-          if (asCodedError(err).code !== ErrorCode.STORE_CORRUPT) throw err;
-          this.#log.warn({ chunk: w.hash, pack: p.pack, err: (err as Error).message }, 'a chunk came damaged; fetching it again');
-          return this.#fetchChecked(w.hash, p);
-        });
-      out.push(cache ? cache.get(w.hash, fetch) : fetch());
+      const last = runs.at(-1)?.at(-1);
+      if (w.place && last?.place && runFits(runs.at(-1)!, w.place)) runs.at(-1)!.push(w);
+      else runs.push([w]);
     }
-    return Promise.all(out);
+    return (
+      await Promise.all(
+        runs.map((members) => {
+          if (members.length === 1) return Promise.all([this.chunk(members[0].hash, cache, members[0].place)]);
+          const first = members[0].place!;
+          const run = new RangeRun((from, end, hash) => this.#fetchRange(first.pack, from, end - from, hash));
+          return Promise.all(
+            members.map(({ hash, place }) => {
+              const fetch = () =>
+                run.take(hash, place!, this.#tenant).catch((err) => {
+                  // Damaged in the run's answer: this chunk alone, fetched again (once more if still damaged).
+                  if (asCodedError(err).code !== ErrorCode.STORE_CORRUPT) throw err;
+                  this.#log.warn({ chunk: hash, pack: place!.pack, err: (err as Error).message }, 'a chunk came damaged; fetching it again');
+                  return this.#fetchChecked(hash, place);
+                });
+              return cache ? cache.get(hash, fetch) : fetch();
+            }),
+          );
+        }),
+      )
+    ).flat();
   }
 
   /**
@@ -337,6 +338,11 @@ export class SnapshotStore {
     );
   }
 
+  /** The object of a chunk of the image being pushed. */
+  #encode(hash: string, at: { region: number; offset: number; length: number } | { file: Uint8Array }, image: Image): Promise<Buffer> {
+    return encodeChunk('file' in at ? at.file : image.bytes(at.region).subarray(at.offset, at.offset + at.length), this.#tenant, hash);
+  }
+
   /** Uploads `image` as `name`: the chunks the store lacks, then the manifest. */
   async push(image: Image, name: string, options: PushOptions = {}): Promise<PushReport> {
     const started = Date.now();
@@ -379,14 +385,15 @@ export class SnapshotStore {
       fingerprint: image.fingerprint,
       content: (await image.contentDigest()) ?? '',
       regions,
-      packs: [],
+      // Until the places are known, the packs a push may count on are its parent's: named in its pending record for gc.
+      packs: parent ? [...packsOf(parent)] : [],
       ...(files.length ? { files: files.map(({ name: n, length, chunk }) => ({ name: n, length, chunk })) } : {}),
     };
     parseManifest(Buffer.from(JSON.stringify(manifest)), name); // what is written can be read back
 
     const body = this.#manifestBytes(manifest);
     let finalBody = body;
-    const graceMs = DEFAULT_GC_GRACE_MS;
+    const graceMs = options.graceMs ?? DEFAULT_GC_GRACE_MS;
     // Named first as pending, so that a gc running meanwhile keeps every chunk this push counts on.
     const pending = pendingKey(name, randomBytes(6).toString('hex'));
     await this.objects.put(pending, body, 'application/json');
@@ -436,6 +443,15 @@ export class SnapshotStore {
             placed.set(hash, place);
             present++;
             progress(1);
+          } else if (place === null) {
+            // An object of its own (pushed before packs), old: written again as it was, never replaced by a marker, which
+            // would empty it under the images that name it as an object.
+            const object = await this.#encode(hash, sources.get(hash)!, image);
+            await this.objects.put(this.#chunkObject(hash), object);
+            placed.set(hash, null);
+            uploaded++;
+            uploadedBytes += object.length;
+            progress(1);
           } else missing.add(hash);
         }
       };
@@ -480,8 +496,7 @@ export class SnapshotStore {
       };
       for (const hash of todo) {
         if (!missing.has(hash)) continue;
-        const at = sources.get(hash)!;
-        const object = await encodeChunk('file' in at ? at.file : image.bytes(at.region).subarray(at.offset, at.offset + at.length), this.#tenant, hash);
+        const object = await this.#encode(hash, sources.get(hash)!, image);
         pack.push({ hash, object });
         packBytes += object.length;
         if (packBytes >= PACK_BYTES) await send();
@@ -563,6 +578,8 @@ export class SnapshotStore {
     const started = Date.now();
     const named = new Set<string>();
     const namedPacks = new Set<string>();
+    /** When the oldest push under way began: the packs it made, and those it trusted (younger than half the grace when it looked), are newer than this less the grace. */
+    let oldestPush = Infinity;
     let images = 0;
     let abandoned = 0;
     const readRoots = async () => {
@@ -579,7 +596,11 @@ export class SnapshotStore {
           continue;
         }
         const bytes = await this.objects.get(o.key).catch(() => null); // finished (deleted) meanwhile
-        if (bytes) for (const c of chunksOf(this.#readManifest(bytes, o.key))) named.add(this.#objectNameOf(c));
+        if (!bytes) continue;
+        const pending = this.#readManifest(bytes, o.key);
+        for (const c of chunksOf(pending)) named.add(this.#objectNameOf(c));
+        for (const p of packsOf(pending)) namedPacks.add(p);
+        oldestPush = Math.min(oldestPush, o.lastModified.getTime());
       }
     };
     await readRoots();
@@ -591,17 +612,18 @@ export class SnapshotStore {
       if (!named.has(hash) && started - o.lastModified.getTime() > graceMs) candidates.push({ key: o.key, size: o.size });
     }
     // A pack goes when no image names it: one that some image still needs a chunk of stays whole.
-    const packCandidates: { key: string; size: number }[] = [];
+    const packCandidates: { key: string; size: number; made: number }[] = [];
     let packs = 0;
     for await (const o of this.objects.list('packs/')) {
       packs++;
       const pack = o.key.slice(o.key.lastIndexOf('/') + 1);
-      if (!namedPacks.has(pack) && started - o.lastModified.getTime() > graceMs) packCandidates.push({ key: o.key, size: o.size });
+      if (!namedPacks.has(pack) && started - o.lastModified.getTime() > graceMs)
+        packCandidates.push({ key: o.key, size: o.size, made: o.lastModified.getTime() });
     }
     images = 0;
     await readRoots(); // images and pushes that began while the chunks were listed
     const doomed = candidates.filter((c) => !named.has(c.key.slice(c.key.lastIndexOf('/') + 1)));
-    const doomedPacks = packCandidates.filter((c) => !namedPacks.has(c.key.slice(c.key.lastIndexOf('/') + 1)));
+    const doomedPacks = packCandidates.filter((c) => !namedPacks.has(c.key.slice(c.key.lastIndexOf('/') + 1)) && c.made < oldestPush - graceMs);
     await this.objects.delete(doomed.map((c) => c.key));
     await this.objects.delete(doomedPacks.map((c) => c.key));
     const report = {
