@@ -111,7 +111,7 @@ async function collect(argv: string[], log: Logger): Promise<void> {
     process.stdout.write(
       values.json
         ? JSON.stringify(report) + '\n'
-        : `${report.images} images name ${report.kept} of ${report.chunks} chunks; deleted ${report.deleted} (${formatBytes(report.bytesFreed)})\n`,
+        : `${report.images} images name ${report.kept} of ${report.chunks} chunks; deleted ${report.deleted} chunks and ${report.packsDeleted} of ${report.packs} packs (${formatBytes(report.bytesFreed)}); ${formatBytes(report.packBytesUnneeded)} of the packs kept hold no image's chunk\n`,
     );
   } finally {
     snapshots.close();

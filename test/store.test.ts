@@ -320,9 +320,37 @@ t.test('rm refuses a parent; gc deletes only chunks and packs no image names (an
   t.equal(collected.deleted, 1, 'the chunk only the child named is deleted');
   t.equal(collected.kept, collected.chunks - 1);
   t.equal(collected.packsDeleted, 1, 'the pack only the child named is deleted');
+  t.equal(collected.packBytesUnneeded, 0, 'every byte of the base’s pack is a chunk the base names');
   const { dest } = await restoreAll(t, store, 'base', false);
   t.ok(Buffer.from(dest.regions[0].mapping.buffer()).equals(base), 'the parent still restores byte for byte');
   await t.rejects(store.manifest('child'), { code: 'ERR_STORE_NOT_FOUND', message: /no image "child"/ });
+});
+
+t.test('gc: a pack that one image still needs part of is kept whole, and the bytes no image needs are reported', async (t) => {
+  const store = await storeFor(t);
+  const base = randomImage(1024, 0);
+  const half = Buffer.from(base);
+  half.fill(0, half.length / 2); // the first half of the base's chunks, then zeros
+  const a = Image.open([{ buffer: base }]);
+  const b = Image.open([{ buffer: half }]);
+  t.teardown(() => {
+    a.close();
+    b.close();
+  });
+  await store.push(a, 'whole');
+  const pushed = await store.push(b, 'half'); // no parent: its chunks found by their markers, in the whole image's pack
+  t.equal(pushed.uploadedChunks, 0);
+  await store.remove('whole');
+  const collected = await store.gc({ graceMs: 0 });
+  t.equal(collected.packsDeleted, 0, 'the pack is kept: half of it is needed');
+  const m = await store.manifest('half');
+  const pack = m.packs![0];
+  const size = (await store.objects.head(packKey(pack)))!.size;
+  const neededBytes = [...placesOf(m).values()].reduce((n, p) => n + p.length, 0);
+  t.ok(neededBytes > 0 && neededBytes < size, `the image needs ${neededBytes} of the pack's ${size} bytes`);
+  t.equal(collected.packBytesUnneeded, size - neededBytes, `${size - neededBytes} of the pack's ${size} bytes hold no image's chunk`);
+  const { dest } = await restoreAll(t, store, 'half', false);
+  t.ok(Buffer.from(dest.regions[0].mapping.buffer()).equals(half), 'the image that needs it still restores byte for byte');
 });
 
 t.test('a damaged chunk is never installed, and a missing one is named', async (t) => {

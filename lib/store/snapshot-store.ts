@@ -152,6 +152,8 @@ export interface GcReport {
   deleted: number;
   packs: number;
   packsDeleted: number;
+  /** Bytes of the packs kept that no image's chunk lies in (a pack one image still needs a chunk of is kept whole): what repacking would free. */
+  packBytesUnneeded: number;
   bytesFreed: number;
   /** Pending records of pushes that never finished, removed. */
   abandonedPushes: number;
@@ -580,6 +582,8 @@ export class SnapshotStore {
     const namedPacks = new Set<string>();
     /** When the oldest push under way began: the packs it made, and those it trusted (younger than half the grace when it looked), are newer than this less the grace. */
     let oldestPush = Infinity;
+    /** Per pack, the byte ranges images' places name (offset to length). */
+    const needed = new Map<string, Map<number, number>>();
     let images = 0;
     let abandoned = 0;
     const readRoots = async () => {
@@ -588,6 +592,11 @@ export class SnapshotStore {
         const m = await this.manifest(o.key.slice('images/'.length).replace(/\.json$/, ''));
         for (const c of chunksOf(m)) named.add(this.#objectNameOf(c));
         for (const p of packsOf(m)) namedPacks.add(p);
+        for (const place of placesOf(m).values()) {
+          const ranges = needed.get(place.pack) ?? new Map<number, number>();
+          ranges.set(place.offset, place.length);
+          needed.set(place.pack, ranges);
+        }
       }
       for await (const o of this.objects.list('pending/')) {
         if (started - o.lastModified.getTime() > PENDING_EXPIRES_MS) {
@@ -614,9 +623,12 @@ export class SnapshotStore {
     // A pack goes when no image names it: one that some image still needs a chunk of stays whole.
     const packCandidates: { key: string; size: number; made: number }[] = [];
     let packs = 0;
+    let packBytesUnneeded = 0;
     for await (const o of this.objects.list('packs/')) {
       packs++;
       const pack = o.key.slice(o.key.lastIndexOf('/') + 1);
+      const ranges = needed.get(pack);
+      if (ranges) packBytesUnneeded += Math.max(0, o.size - [...ranges.values()].reduce((n, l) => n + l, 0));
       if (!namedPacks.has(pack) && started - o.lastModified.getTime() > graceMs)
         packCandidates.push({ key: o.key, size: o.size, made: o.lastModified.getTime() });
     }
@@ -633,6 +645,7 @@ export class SnapshotStore {
       deleted: doomed.length,
       packs,
       packsDeleted: doomedPacks.length,
+      packBytesUnneeded,
       bytesFreed: [...doomed, ...doomedPacks].reduce((n, c) => n + c.size, 0),
       abandonedPushes: abandoned,
     };
