@@ -15,7 +15,7 @@ import { silentLogger, type Logger } from '../lib/logger.js';
 import type { StorePiece } from '../lib/native.js';
 import { Reason } from '../lib/wire.js';
 import type { ChunkCache } from '../lib/store/chunk-cache.js';
-import { placesOf, type ChunkPlace, type Manifest } from '../lib/store/manifest.js';
+import { liesAfter, placesOf, type ChunkPlace, type Manifest } from '../lib/store/manifest.js';
 import type { SnapshotStore } from '../lib/store/snapshot-store.js';
 import type { FaultEngine } from './fault-engine.js';
 
@@ -41,6 +41,11 @@ const DEMAND_ACTIVE_MS = 5;
  * large one.
  */
 const PIECES_PER_FETCH = 16;
+
+/** A piece fetched ahead of any fault: the working set's or the background's. */
+function isAhead(piece: StorePiece): boolean {
+  return piece.why === Reason.prefetch || piece.why === Reason.background;
+}
 
 /** What asking again cannot change. */
 const FINAL = new Set<string>([ErrorCode.STORE_NOT_FOUND, ErrorCode.STORE_CORRUPT, ErrorCode.STORE_DENIED]);
@@ -150,15 +155,15 @@ export class StoreFeeder extends EventEmitter {
     if (fromCache > 0) this.#pumpSoon();
     const groups: StorePiece[][] = [];
     for (const piece of pieces) {
-      const ahead = piece.why === Reason.prefetch || piece.why === Reason.background;
+      const ahead = isAhead(piece);
       const last = groups.at(-1);
       if (ahead && last && last.length < perFetch && this.#follows(last.at(-1)!, piece)) last.push(piece);
       else groups.push([piece]);
     }
-    const aheadGroups = groups.filter((g) => g[0].why === Reason.prefetch || g[0].why === Reason.background);
+    const aheadGroups = groups.filter((g) => isAhead(g[0]));
     if (aheadGroups.length > 0 && perFetch > 1) this.#grouping = aheadGroups.filter((g) => g.length > 1).length * 2 >= aheadGroups.length;
     for (const group of groups) {
-      const ahead = group[0].why === Reason.prefetch || group[0].why === Reason.background;
+      const ahead = isAhead(group[0]);
       if (ahead) this.#ahead += group.length;
       else {
         this.#urgent++;
@@ -184,7 +189,7 @@ export class StoreFeeder extends EventEmitter {
     const region = this.#manifest.regions[prev.sourceRegion];
     const a = this.#places.get(region.chunks[Math.floor(((prev.sourceFirst + prev.sourceCount) * region.pageSize - 1) / region.chunkBytes)]);
     const b = this.#places.get(region.chunks[Math.floor((next.sourceFirst * region.pageSize) / region.chunkBytes)]);
-    return !!a && !!b && a.pack === b.pack && a.offset + a.length === b.offset;
+    return !!a && !!b && liesAfter(a, b);
   }
 
   /** What may be fetched ahead at once now: AHEAD_DURING_DEMAND while faults are served, doubling each quiet DEMAND_ACTIVE_MS. */

@@ -16,7 +16,7 @@ import { ChunkCache } from '../lib/store/chunk-cache.js';
 import { parseStoreUrl } from '../lib/store/address.js';
 import { TenantKey } from '../lib/store/tenant.js';
 import { CHUNK_HEADER_BYTES, Codec, DEFAULT_CHUNK_BYTES, chunkKey } from '../lib/store/chunk.js';
-import { manifestKey, packKey, placesOf, type Manifest } from '../lib/store/manifest.js';
+import { chunksOf, manifestKey, packKey, placesOf, type Manifest } from '../lib/store/manifest.js';
 import { shuffledOrder, touchPages } from '../lib/workload.js';
 import type { StoreSession } from '../client/store-session.js';
 import { PAGE, buildFixture, cliCommand, randomImage, runCli, spawnCli, startServeCli, tempDir, until } from './helpers.js';
@@ -29,11 +29,6 @@ function imageBytes(pages: number, seed = 0): Buffer {
   bytes.fill(0, Math.min(pages, 500) * PAGE, Math.min(pages, 800) * PAGE);
   if (seed) for (let p = 0; p < pages; p += 97) bytes.writeUInt32LE(seed, p * PAGE + 8);
   return bytes;
-}
-
-/** The distinct chunks a manifest's regions name. */
-function bytesChunks(m: Manifest): string[] {
-  return [...new Set(m.regions.flatMap((r) => r.chunks.filter((c) => c)))];
 }
 
 async function countObjects(store: SnapshotStore, under: string): Promise<number> {
@@ -170,7 +165,7 @@ t.test(
     await store.push(image, 'made');
     // Rewritten as an older build stored it: each chunk's object under its own name, no packs, version 1.
     const manifest = await store.manifest('made');
-    for (const hash of new Set(manifest.regions[0].chunks.filter((c) => c))) await store.objects.put(chunkKey(hash), await chunkObject(store, manifest, hash));
+    for (const hash of chunksOf(manifest)) await store.objects.put(chunkKey(hash), await chunkObject(store, manifest, hash));
     const old = { ...manifest, name: 'old', version: 1, regions: manifest.regions.map(({ places: _places, ...r }) => r) };
     delete (old as Partial<Manifest>).packs;
     await store.objects.put(manifestKey('old'), Buffer.from(JSON.stringify(old)));
@@ -205,8 +200,7 @@ t.test(
       cm2.regions[0].places!.every((p) => p === null),
       'each chunk stays an object of its own',
     );
-    for (const hash of bytesChunks(cm2))
-      t.ok((await store.objects.head(chunkKey(hash)))!.size > 0, `the object of ${hash.slice(0, 12)}… still holds its chunk`);
+    for (const hash of chunksOf(cm2)) t.ok((await store.objects.head(chunkKey(hash)))!.size > 0, `the object of ${hash.slice(0, 12)}… still holds its chunk`);
     const oldAgain = await restoreAll(t, store, 'old', false);
     t.ok(Buffer.from(oldAgain.dest.regions[0].mapping.buffer()).equals(bytes), 'the old image still restores byte for byte');
   },

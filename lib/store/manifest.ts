@@ -93,6 +93,11 @@ export function placesOf(m: Manifest): Map<string, ChunkPlace> {
   return out;
 }
 
+/** `next` lies right after `prev` in one pack: a GET of `prev`'s range can go on through `next`'s. */
+export function liesAfter(prev: ChunkPlace, next: ChunkPlace): boolean {
+  return next.pack === prev.pack && next.offset === prev.offset + prev.length;
+}
+
 /** The packs a manifest's places name. */
 export function packsOf(m: Manifest): Set<string> {
   return new Set(m.packs ?? []);

@@ -16,6 +16,7 @@ import {
   MANIFEST_FORMAT,
   MANIFEST_VERSION,
   chunksOf,
+  liesAfter,
   manifestKey,
   packKey,
   packsOf,
@@ -49,7 +50,7 @@ const CHUNKS_PER_FETCH = 16;
 function runFits(run: { place?: ChunkPlace | null }[], p: ChunkPlace): boolean {
   const first = run[0].place!;
   const last = run[run.length - 1].place!;
-  return p.pack === last.pack && p.offset === last.offset + last.length && p.offset + p.length - first.offset <= RANGE_BYTES;
+  return liesAfter(last, p) && p.offset + p.length - first.offset <= RANGE_BYTES;
 }
 
 /**
@@ -66,12 +67,11 @@ class RangeRun {
     this.#get = get;
   }
 
-  /** The chunk's content, from the run's one GET. */
-  take(hash: string, place: ChunkPlace, tenant: TenantKey | undefined): Promise<Buffer> {
-    const object = new Promise<Buffer>((resolve, reject) => {
+  /** The chunk's object (its bytes as stored), from the run's one GET. */
+  take(hash: string, place: ChunkPlace): Promise<Buffer> {
+    return new Promise<Buffer>((resolve, reject) => {
       if (this.#asked.push({ hash, place, resolve, reject }) === 1) setImmediate(() => this.#fetch());
     });
-    return object.then((bytes) => decodeChunk(hash, bytes, tenant));
   }
 
   async #fetch(): Promise<void> {
@@ -229,11 +229,14 @@ export class SnapshotStore {
     return cache ? cache.get(hash, fetch) : fetch();
   }
 
-  /** A chunk's object fetched and decoded; damaged, fetched once more. */
-  async #fetchChecked(hash: string, place: ChunkPlace | null | undefined): Promise<Buffer> {
+  /**
+   * A chunk's object fetched (by `first` when given: a run's GET) and
+   * decoded; damaged, fetched once more on its own.
+   */
+  async #fetchChecked(hash: string, place: ChunkPlace | null | undefined, first?: () => Promise<Buffer>): Promise<Buffer> {
     const object = () => (place ? this.#fetchRange(place.pack, place.offset, place.length, hash) : this.objects.get(this.#chunkObject(hash)));
     try {
-      return await decodeChunk(hash, await object(), this.#tenant);
+      return await decodeChunk(hash, await (first ?? object)(), this.#tenant);
     } catch (err) {
       if (asCodedError(err).code !== ErrorCode.STORE_CORRUPT) throw err;
       this.#log.warn({ chunk: hash, pack: place?.pack, err: (err as Error).message }, 'a chunk came damaged; fetching it again');
@@ -278,13 +281,8 @@ export class SnapshotStore {
           const run = new RangeRun((from, end, hash) => this.#fetchRange(first.pack, from, end - from, hash));
           return Promise.all(
             members.map(({ hash, place }) => {
-              const fetch = () =>
-                run.take(hash, place!, this.#tenant).catch((err) => {
-                  // Damaged in the run's answer: this chunk alone, fetched again (once more if still damaged).
-                  if (asCodedError(err).code !== ErrorCode.STORE_CORRUPT) throw err;
-                  this.#log.warn({ chunk: hash, pack: place!.pack, err: (err as Error).message }, 'a chunk came damaged; fetching it again');
-                  return this.#fetchChecked(hash, place);
-                });
+              // From the run's GET; damaged there, this chunk alone is fetched again.
+              const fetch = () => this.#fetchChecked(hash, place, () => run.take(hash, place!));
               return cache ? cache.get(hash, fetch) : fetch();
             }),
           );
