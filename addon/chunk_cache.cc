@@ -2,9 +2,12 @@
 
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
+#include <cstdio>
 
 #include "addon.h"
 #include "errors.h"
@@ -100,10 +103,153 @@ Napi::Value CacheCheckJs(const Napi::CallbackInfo& info) {
   auto bytes = info[0].As<Napi::Uint8Array>();
   return Napi::BigInt::New(info.Env(), CacheCheck(bytes.Data(), bytes.ByteLength()));
 }
+
+#ifndef O_TMPFILE
+#define O_TMPFILE (020000000 | O_DIRECTORY)  // Linux 3.11; older headers lack the name
+#endif
+
+// Writes one chunk's file (content, then footer) under the name it is read
+// by, on a thread of libuv's pool: made nameless in the chunk's folder
+// (O_TMPFILE) and linked to its name once whole, so no reader (any process)
+// ever sees half a file, and a crash mid-write leaves nothing behind. The
+// folder is made when missing. Where the filesystem cannot make a nameless
+// file (or /proc is not mounted), a temporary name in the same folder
+// (".tmp.*", which the cache's scan removes once old) renamed over it.
+class KeepWorker : public Napi::AsyncWorker {
+ public:
+  KeepWorker(Napi::Env env, std::string folder, std::string name, Napi::Uint8Array content, uint64_t check)
+      : Napi::AsyncWorker(env),
+        deferred_(Napi::Promise::Deferred::New(env)),
+        folder_(std::move(folder)),
+        name_(std::move(name)),
+        content_(Napi::Persistent(content)),
+        data_(content.Data()),
+        length_(content.ByteLength()) {
+    std::memcpy(footer_, kCacheMagic, 8);
+    std::memcpy(footer_ + 8, &check, 8);  // little-endian, as this machine
+  }
+  Napi::Promise Promise() { return deferred_.Promise(); }
+
+  void Execute() override {
+    std::string path = folder_ + "/" + name_;
+    int fd = OpenNameless();
+    if (fd >= 0) {
+      if (!WriteAll(fd)) return Fail(fd, "write");
+      char self[64];
+      std::snprintf(self, sizeof self, "/proc/self/fd/%d", fd);
+      if (linkat(AT_FDCWD, self, AT_FDCWD, path.c_str(), AT_SYMLINK_FOLLOW) == 0) return Done(fd, true);
+      if (errno == EEXIST) return Done(fd, false);  // another process kept it meanwhile: the same content
+      if (errno != ENOENT) return Fail(fd, "linkat");
+      close(fd);  // no /proc here: by a temporary name instead
+    } else if (syscall_) {
+      return;
+    }
+    static std::atomic<uint64_t> written{0};
+    std::string tmp = folder_ + "/.tmp." + name_ + "." + std::to_string(getpid()) + "." + std::to_string(++written);
+    fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0) return Fail(-1, "open");
+    if (!WriteAll(fd)) {
+      int err = errno;
+      unlink(tmp.c_str());
+      errno = err;
+      return Fail(fd, "write");
+    }
+    if (rename(tmp.c_str(), path.c_str()) != 0) {
+      int err = errno;
+      unlink(tmp.c_str());
+      errno = err;
+      return Fail(fd, "rename");
+    }
+    Done(fd, true);
+  }
+  void OnOK() override {
+    if (err_)
+      deferred_.Reject(ErrnoError(Env(), err_, syscall_).Value());
+    else
+      deferred_.Resolve(Napi::Boolean::New(Env(), made_));
+  }
+
+ private:
+  // A nameless file in the folder (made when missing); -1 with syscall_ set
+  // on a failure, or -1 with it unset where nameless files cannot be made.
+  int OpenNameless() {
+    int fd = open(folder_.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600);
+    if (fd < 0 && errno == ENOENT) {
+      if (mkdir(folder_.c_str(), 0700) != 0 && errno != EEXIST) {
+        Fail(-1, "mkdir");
+        return -1;
+      }
+      fd = open(folder_.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600);
+    }
+    if (fd >= 0 || errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL) return fd;
+    Fail(-1, "open");
+    return -1;
+  }
+  bool WriteAll(int fd) {
+    struct iovec parts[2] = {{const_cast<uint8_t*>(data_), length_}, {footer_, kCacheFooterBytes}};
+    uint64_t total = length_ + kCacheFooterBytes, done = 0;
+    while (done < total) {
+      ssize_t n = pwritev(fd, parts, 2, static_cast<off_t>(done));
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return false;
+      done += static_cast<uint64_t>(n);
+      // A short write: go on past what was written.
+      uint64_t skip = static_cast<uint64_t>(n);
+      for (auto& part : parts) {
+        uint64_t take = skip < part.iov_len ? skip : part.iov_len;
+        part.iov_base = static_cast<uint8_t*>(part.iov_base) + take;
+        part.iov_len -= take;
+        skip -= take;
+      }
+    }
+    return true;
+  }
+  void Done(int fd, bool made) {
+    close(fd);
+    made_ = made;
+  }
+  void Fail(int fd, const char* syscall) {
+    err_ = errno ? errno : EIO;
+    syscall_ = syscall;
+    if (fd >= 0) close(fd);
+  }
+
+  Napi::Promise::Deferred deferred_;
+  std::string folder_, name_;
+  Napi::Reference<Napi::Uint8Array> content_;  // kept alive while the pool's thread reads it
+  const uint8_t* data_;
+  uint64_t length_;
+  uint8_t footer_[kCacheFooterBytes];
+  int err_ = 0;
+  const char* syscall_ = nullptr;
+  bool made_ = false;
+};
+
+// cacheKeep(folder, name, content, check) -> Promise<boolean> (KeepWorker):
+// true when this call made the file, false when one of that name was there.
+// Arguments are checked in lib/store/chunk-cache.ts; here again.
+Napi::Value CacheKeepJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 4 || !info[0].IsString() || !info[1].IsString() || !info[2].IsTypedArray() || !info[3].IsBigInt())
+    throw CodedError(env, "ERR_INVALID_ARG_TYPE", "cacheKeep(folder: string, name: string, content: Uint8Array, check: bigint)");
+  std::string folder = info[0].As<Napi::String>().Utf8Value(), name = info[1].As<Napi::String>().Utf8Value();
+  if (folder.empty() || name.empty() || name.size() > 128 || name.find('/') != std::string::npos || name[0] == '.')
+    throw CodedError(env, "ERR_INVALID_ARG_VALUE", "cacheKeep: a folder and a plain file name");
+  auto content = info[2].As<Napi::TypedArray>();
+  if (content.TypedArrayType() != napi_uint8_array) throw CodedError(env, "ERR_INVALID_ARG_TYPE", "cacheKeep: content is a Uint8Array");
+  bool lossless = false;
+  uint64_t check = info[3].As<Napi::BigInt>().Uint64Value(&lossless);
+  if (!lossless) throw CodedError(env, "ERR_OUT_OF_RANGE", "cacheKeep: check is a 64-bit unsigned bigint");
+  auto* worker = new KeepWorker(env, std::move(folder), std::move(name), content.As<Napi::Uint8Array>(), check);
+  Napi::Promise promise = worker->Promise();
+  worker->Queue();
+  return promise;
+}
 }  // namespace
 
 void InitChunkCache(Napi::Env env, Napi::Object exports) {
   exports.Set("cacheCheck", Napi::Function::New(env, CacheCheckJs, "cacheCheck"));
+  exports.Set("cacheKeep", Napi::Function::New(env, CacheKeepJs, "cacheKeep"));
   exports.Set("rangeLock", Napi::Function::New(env, RangeLockJs, "rangeLock"));
 }
 

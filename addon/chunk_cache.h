@@ -1,10 +1,11 @@
 // The host's chunk cache (lib/store/chunk-cache.ts) as native code reads it:
 // the fault thread serves a fault whose chunk is cached without a trip
-// through JavaScript. A cached chunk is a file named by the SHA-256 of its
-// content (checked when it came from the store) under DIR/hh/, holding the
-// content and a 16-byte footer: the magic "uffdpcc1" and CacheCheck() of the
-// content (u64, little-endian), which every read checks. JavaScript writes
-// the files; both sides read them (docs/STORE.md, "The host cache").
+// through JavaScript, and chunk_cache.cc's KeepWorker writes the files for
+// JavaScript, on libuv's pool. A cached chunk is a file named by the SHA-256
+// of its content (checked when it came from the store) under DIR/hh/,
+// holding the content and a 16-byte footer: the magic "uffdpcc1" and
+// CacheCheck() of the content (u64, little-endian), which every read checks
+// (docs/STORE.md, "The host cache").
 #pragma once
 #include <cstdint>
 #include <cstring>

@@ -283,6 +283,8 @@ export interface NativeAddon {
   pageChecksum(bytes: Uint8Array, pageSize: number, region: number, firstPage: number, count: number, shares?: BigUint64Array): bigint;
   /** The check of a cached chunk file's content (addon/chunk_cache.h). */
   cacheCheck(bytes: Uint8Array): bigint;
+  /** Writes a cached chunk's file `folder/name` (content, then the footer with `check`) on libuv's pool, never seen half-written; false when one of that name was there. */
+  cacheKeep(folder: string, name: string, content: Uint8Array, check: bigint): Promise<boolean>;
   /** Locks (or unlocks) bytes [at, at + length) of `fd` for writing, as an open file description lock; never waits: false when another open file holds them. */
   rangeLock(fd: number, at: number, length: number, lock: boolean): boolean;
   memoryConstants: Record<string, number>;

@@ -7,7 +7,7 @@ import { randomBytes } from 'node:crypto';
 import * as fsPromises from 'node:fs/promises';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { closeSync, mkdirSync, openSync, readFileSync, readSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readSync, readdirSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { ChunkCache, lockSlotOffset } from '../lib/store/chunk-cache.js';
 import { projectRoot } from '../lib/package-root.js';
@@ -61,6 +61,59 @@ t.test('a file that fails its check (a flipped bit, or no footer: an older layou
   t.equal(cache.stats.damaged, 2);
   await cache.settled();
   t.equal(readFileSync(path0).length, 8192 + 16, 'and kept again, whole');
+});
+
+t.test(
+  'a chunk file is made whole before it has a name: no temporary file is left, a folder removed meanwhile is made again, a crash leftover is swept',
+  async (t) => {
+    const dir = tempDir(t);
+    const cache = new ChunkCache({ dir });
+    const contents = Array.from({ length: 3 }, () => randomBytes(16384));
+    const hashes = contents.map((c) => chunkHash(c));
+    await cache.get(hashes[0], async () => contents[0]);
+    await cache.settled();
+    const folder = join(dir, hashes[0].slice(0, 2));
+    t.same(readdirSync(folder), [hashes[0]], 'only the chunk, under its name: nothing temporary beside it');
+    t.same(readdirSync(dir).sort(), [hashes[0].slice(0, 2), 'lock'].sort(), 'no folder of temporary files');
+
+    // A folder removed under a running cache (a cleaner): the next chunk into it makes it again.
+    rmSync(folder, { recursive: true });
+    const sameFolder = randomBytes(16384);
+    let h = chunkHash(sameFolder);
+    for (let i = 0; h.slice(0, 2) !== hashes[0].slice(0, 2); i++) {
+      sameFolder.writeUInt32LE(i);
+      h = chunkHash(sameFolder);
+    }
+    await cache.get(h, async () => sameFolder);
+    await cache.settled();
+    t.ok(readFileSync(join(folder, h)).subarray(0, sameFolder.length).equals(sameFolder), 'kept in the folder made again');
+
+    // What a writer on a filesystem without nameless files left when it crashed: removed by the next scan once old, never
+    // counted or read as a chunk; one being written now is left alone.
+    const old = join(folder, `.tmp.${hashes[1]}.1.1`);
+    const fresh = join(folder, `.tmp.${hashes[2]}.1.2`);
+    writeFileSync(old, randomBytes(5000));
+    writeFileSync(fresh, randomBytes(7000));
+    const longAgo = new Date(Date.now() - 3600_000);
+    utimesSync(old, longAgo, longAgo);
+    t.equal(await cache.size(), sameFolder.length + 16, 'only chunk files count');
+    t.notOk(existsSync(old), 'the crash leftover is removed');
+    t.ok(existsSync(fresh), 'a file being written is left alone');
+  },
+);
+
+t.test("the native write of a chunk file checks its arguments and reports the kernel's errors as Node does", async (t) => {
+  const dir = tempDir(t);
+  const content = randomBytes(4096);
+  t.throws(() => native.cacheKeep(dir, '../escape', content, 1n), { code: 'ERR_INVALID_ARG_VALUE' });
+  t.throws(() => native.cacheKeep(dir, '.hidden', content, 1n), { code: 'ERR_INVALID_ARG_VALUE' });
+  t.throws(() => native.cacheKeep(dir, 'x', 'not bytes' as unknown as Uint8Array, 1n), { code: 'ERR_INVALID_ARG_TYPE' });
+  t.throws(() => native.cacheKeep(dir, 'x', content, -1n), { code: 'ERR_OUT_OF_RANGE' });
+  t.equal(await native.cacheKeep(join(dir, 'ab'), 'x', content, native.cacheCheck(content)), true, 'made');
+  t.equal(await native.cacheKeep(join(dir, 'ab'), 'x', content, native.cacheCheck(content)), false, 'one of that name was there: left as it is');
+  writeFileSync(join(dir, 'file'), 'not a folder');
+  await t.rejects(native.cacheKeep(join(dir, 'file'), 'x', content, 1n), { code: 'ENOTDIR', errno: -20, syscall: 'open' });
+  await t.rejects(native.cacheKeep(join(dir, 'gone', 'ab'), 'x', content, 1n), { code: 'ENOENT', syscall: 'mkdir' });
 });
 
 t.test('many chunks kept at once into a full directory: it is counted once, not once per chunk', async (t) => {

@@ -1,8 +1,8 @@
 // The host's chunk cache: one directory shared by every restore on this host
 // (any process), so a chunk is fetched from the store once per host. Each
 // chunk is a file named by its hash (checked when it came from the store),
-// written to a temporary name and renamed (a crash mid-write leaves no half
-// chunk under a real name). The file is the content and a footer (the magic
+// made nameless and linked to its name once whole (a crash mid-write leaves
+// no half chunk under a real name, and no reader sees one). The file is the content and a footer (the magic
 // "uffdpcc1" and a 64-bit check of the content, addon/chunk_cache.h), checked
 // on every read: here, and by a restore's fault thread, which reads the cache
 // itself. A miss locks the chunk's slot in the directory's lock file (an
@@ -11,7 +11,7 @@
 // others wait (bounded) for the file. The directory is bounded: past its size
 // the chunks used least recently (file times, touched on each hit) go first.
 import { constants as fsConstants, mkdirSync, openSync, readFileSync, readSync, statSync, writeSync } from 'node:fs';
-import { mkdir, open, readdir, rename, stat, unlink, utimes } from 'node:fs/promises';
+import { readdir, stat, unlink, utimes } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -33,6 +33,8 @@ const LOCK_STALE_MS = 15_000;
 const LOCK_WAIT_MS = 5 * 60_000;
 /** The lock file's slots: 8 bytes each (the holder's last beat, ms since the epoch, f64 LE). Two chunks may share one: one then waits for the other's fetch. */
 const LOCK_SLOTS = 1 << 20;
+/** A chunk file under a temporary name this old was left by a crash (one is written in milliseconds). */
+const LEFT_BY_A_CRASH_MS = 10 * 60_000;
 const SLOT_BYTES = 8;
 
 /** The byte offset of the chunk's slot in the cache directory's lock file (`lock`). */
@@ -51,22 +53,10 @@ interface CacheHost {
   /** Chunk slots this process holds, and how many of its fetches hold each: locked at the first, unlocked after the last. */
   slots: Map<number, number>;
   inFlight: Map<string, { owner: ChunkCache; content: Promise<Buffer> }>;
-  /** The chunk folders made (or found) already. */
-  folders: Set<string>;
-  /** Chunk files written so far: a temporary file's name is the chunk's, the pid's and this count's. */
-  written: number;
 }
 const hosts = new Map<string, CacheHost>();
 const MAGIC = Buffer.from('uffdpcc1');
 const FOOTER_BYTES = 16;
-
-/** A chunk's file is its content, then this footer. */
-function footerOf(plain: Buffer): Buffer {
-  const footer = Buffer.alloc(FOOTER_BYTES);
-  MAGIC.copy(footer);
-  footer.writeBigUInt64LE(native.cacheCheck(plain), 8);
-  return footer;
-}
 
 /** A chunk file's content, or null when its footer does not match it. */
 function withoutFooter(file: Buffer): Buffer | null {
@@ -125,7 +115,7 @@ export class ChunkCache {
     this.#staleLockMs = options.staleLockMs ?? LOCK_STALE_MS;
     if (!Number.isSafeInteger(this.#staleLockMs) || this.#staleLockMs < 2 * LOCK_BEAT_MS)
       throw new PostcopyError(ErrorCode.USAGE, `staleLockMs is a whole number of milliseconds of at least ${2 * LOCK_BEAT_MS}, not ${this.#staleLockMs}`);
-    mkdirSync(join(this.dir, 'tmp'), { recursive: true, mode: 0o700 });
+    mkdirSync(this.dir, { recursive: true, mode: 0o700 });
     const key = resolve(this.dir);
     let host = hosts.get(key);
     if (!host) {
@@ -133,8 +123,6 @@ export class ChunkCache {
         lockFd: openSync(join(this.dir, 'lock'), fsConstants.O_RDWR | fsConstants.O_CREAT, 0o600),
         slots: new Map(),
         inFlight: new Map(),
-        folders: new Set(),
-        written: 0,
       };
       hosts.set(key, host);
     }
@@ -205,8 +193,7 @@ export class ChunkCache {
           throw err;
         }
         // The check of the content as fetched, taken now: a caller that writes into the buffer meanwhile spoils only its own copy.
-        const footer = footerOf(plain);
-        const kept = this.#keep(hash, plain, footer).finally(release);
+        const kept = this.#keep(hash, plain, native.cacheCheck(plain)).finally(release);
         keeping(kept);
         this.#keeping.add(kept);
         void kept.finally(() => this.#keeping.delete(kept));
@@ -327,40 +314,21 @@ export class ChunkCache {
     return Date.now() - last.readDoubleLE() > this.#staleLockMs;
   }
 
-  /** Writes the chunk's file; begun on the loop's next turn, so the fetch's own caller (a fault waiting for its page) goes first. */
-  async #keep(hash: string, plain: Buffer, footer: Buffer): Promise<void> {
+  /**
+   * Writes the chunk's file (addon/chunk_cache.cc, KeepWorker: made nameless
+   * and linked to its name once whole, in one trip through libuv's pool);
+   * begun on the loop's next turn, so the fetch's own caller (a fault
+   * waiting for its page) goes first.
+   */
+  async #keep(hash: string, plain: Buffer, check: bigint): Promise<void> {
     await new Promise((r) => setImmediate(r));
-    const tmp = join(this.dir, 'tmp', `${hash}.${process.pid}.${++this.#host.written}`);
-    let made = false;
     try {
       await this.#count();
-      // Content and footer in one write, never copied together.
-      const file = await open(tmp, 'w', 0o600);
-      made = true;
-      try {
-        const { bytesWritten } = await file.writev([plain, footer]);
-        if (bytesWritten !== plain.length + FOOTER_BYTES) throw new Error(`${bytesWritten} of ${plain.length + FOOTER_BYTES} bytes written`);
-      } finally {
-        await file.close();
-      }
-      // Made once per process, off this thread (a folder costs this disk up to a millisecond). Never the cache's own
-      // directory again: one removed under a running restore stays removed.
-      const folder = join(this.dir, hash.slice(0, 2));
-      if (!this.#host.folders.has(folder)) {
-        await mkdir(folder, { mode: 0o700 }).catch((err: NodeJS.ErrnoException) => {
-          if (err.code !== 'EEXIST') throw err;
-        });
-        this.#host.folders.add(folder);
-      }
-      await rename(tmp, this.#path(hash)).catch((err) => {
-        this.#host.folders.delete(folder); // removed meanwhile: made again next time
-        throw err;
-      });
-      made = false;
+      const made = await native.cacheKeep(join(this.dir, hash.slice(0, 2)), hash, plain, check);
+      if (!made) return;
       this.#bytes! += plain.length + FOOTER_BYTES;
       if (this.#bytes! > this.maxBytes) await (this.#evicting ??= this.#evict().finally(() => (this.#evicting = null)));
     } catch (err) {
-      if (made) await unlink(tmp).catch(() => {});
       this.#log.warn({ chunk: hash, err: (err as Error).message }, 'a chunk could not be kept in the cache');
     }
   }
@@ -373,7 +341,13 @@ export class ChunkCache {
       for (const name of await readdir(join(this.dir, sub)).catch(() => [] as string[])) {
         const path = join(this.dir, sub, name);
         const st = await stat(path).catch(() => null);
-        if (st) out.push({ path, size: st.size, used: st.mtimeMs });
+        if (!st) continue;
+        // A temporary name (a filesystem without nameless files): being written, or left by a crash (then removed).
+        if (name.startsWith('.tmp.')) {
+          if (Date.now() - st.mtimeMs > LEFT_BY_A_CRASH_MS) await unlink(path).catch(() => {});
+          continue;
+        }
+        out.push({ path, size: st.size, used: st.mtimeMs });
       }
     }
     return out;
