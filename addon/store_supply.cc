@@ -66,6 +66,53 @@ void StoreSupply::AskRun(const PageRun& run, std::vector<Want>& out) {
     if (AskPiece(r, piece)) out.push_back(WantOf(r, piece, run.why));
 }
 
+namespace {
+// A working-set run is joined into one fetch of at most this many pieces
+// (the feeder's PIECES_PER_FETCH), across gaps of at most this many.
+constexpr uint64_t kSetRunPieces = 16;
+constexpr uint64_t kSetGapPieces = 2;
+}  // namespace
+
+bool StoreSupply::HoldsSetPage(const TargetRegion& r, uint64_t piece) const {
+  uint64_t first, end;
+  PagesOf(r, piece, &first, &end);
+  for (uint64_t p = first; p < end; p++)
+    if (scheduler_.InWorkingSet(r.index, p)) return true;
+  return false;
+}
+
+void StoreSupply::JoinSetNeighbours(std::vector<Want>& out, size_t from) {
+  if (out.size() == from) return;
+  TargetRegion& r = *map_.regions()[out[from].region];
+  const Pieces& ps = pieces_[r.index];
+  Why why = out[from].why;
+  uint64_t taken = out.size() - from;
+  // Outwards from the run's ends: a set piece found past a gap is asked for with the gap's pieces.
+  for (int step : {1, -1}) {
+    uint64_t edge = step > 0 ? out.back().piece : out[from].piece;
+    for (uint64_t q = edge + step; taken < kSetRunPieces && q >= ps.first && q < ps.first + ps.count; q += step) {
+      if (ps.asked->Test(q - ps.first)) break;  // asked already (a fault's, a run of the set's): the run ends there
+      if (!HoldsSetPage(r, q)) {
+        if ((q > edge ? q - edge : edge - q) > kSetGapPieces || taken + (q > edge ? q - edge : edge - q) >= kSetRunPieces) break;
+        continue;
+      }
+      bool whole = true;
+      for (uint64_t g = edge + step;; g += step) {
+        if (!AskPiece(r, g)) {
+          whole = false;  // a fault took it meanwhile
+          break;
+        }
+        out.push_back(WantOf(r, g, why));
+        taken++;
+        if (g == q) break;
+      }
+      if (!whole) break;
+      edge = q;
+    }
+  }
+  std::sort(out.begin() + static_cast<std::ptrdiff_t>(from), out.end(), [](const Want& a, const Want& b) { return a.piece < b.piece; });
+}
+
 void StoreSupply::Ask(TargetRegion& r, uint64_t page) {
   std::vector<Want>& wants = faultWants_;
   wants.clear();
@@ -114,6 +161,7 @@ void StoreSupply::TakeAhead(size_t max, std::vector<Want>& out, uint64_t cacheBy
   while (out.size() < max && scheduler_.NextWorkingSetRun(&run)) {
     size_t from = out.size();
     AskRun(run, out);
+    JoinSetNeighbours(out, from);
     InstallCached(out, from, /*faultThread=*/false, &cacheBytes, fromCache);
   }
   if (!backgroundOn_.load(std::memory_order_acquire)) return;

@@ -83,6 +83,13 @@ class StoreSupply final : public PageSupply {
   Want WantOf(const TargetRegion& r, uint64_t piece, Why why) const;
   // The pieces of a run not asked for yet, asked for now.
   void AskRun(const PageRun& run, std::vector<Want>& out);
+  // A working-set run's pieces out[from..] (ascending), joined by the set's
+  // pieces next to them in the image: up to kSetRunPieces in all, across
+  // gaps of at most kSetGapPieces pieces of no set page (asked for too: a
+  // chunk's bytes in one GET cost less than a GET of their own). Kept in the
+  // image's order, so that the feeder fetches them with one ranged GET.
+  void JoinSetNeighbours(std::vector<Want>& out, size_t from);
+  bool HoldsSetPage(const TargetRegion& r, uint64_t piece) const;
   // Fault thread: a piece that is one chunk, installed as zeros or from the
   // host's chunk cache; false when JavaScript is to fetch it.
   // `buffer`: the calling thread's; `mayWait`: not on the fault thread. `*read`: the work it took, in bytes (read from the cache, or zeros installed).

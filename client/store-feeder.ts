@@ -25,9 +25,12 @@ const INSTALL_HERE_BYTES = 8 << 20;
 /**
  * While faults are being served (a fault's piece in flight, or one done this
  * recently), what is fetched ahead (working set, background) is held to
- * AHEAD_DURING_DEMAND pieces in flight: a store shares its CPUs among the
+ * AHEAD_DURING_DEMAND fetches in flight: a store shares its CPUs among the
  * requests it holds, so a fault's GET behind a hundred others waits for them
- * all. A session starts so (its workload's first faults come at once), and
+ * all. A fetch of the working set is then a run of the set's neighbours in
+ * the image (up to PIECES_PER_FETCH pieces, one ranged GET): what the
+ * workload faults on next, at a sixteenth of the requests; one of the
+ * background is one piece. A session starts so (its workload's first faults come at once), and
  * each DEMAND_ACTIVE_MS with no fault doubles what may be in flight, up to
  * `parallel`.
  */
@@ -37,8 +40,8 @@ const DEMAND_ACTIVE_MS = 5;
  * With no fault being served, neighbouring pieces ahead whose chunks lie one
  * after another in a pack go as one fetch (one ranged GET), up to this many
  * (`parallel` still counts pieces: as many bytes in flight, fewer requests).
- * While faults are served, one each, so a fault's GET never waits behind a
- * large one.
+ * While faults are served, the background's go one each, so a fault's GET
+ * never waits behind a large one of what it may never touch.
  */
 const PIECES_PER_FETCH = 16;
 
@@ -81,7 +84,9 @@ export class StoreFeeder extends EventEmitter {
   readonly #log: Logger;
   readonly #parallel: number;
   readonly #retry: { initial: number; max: number };
+  /** Pieces fetched ahead in flight, and the fetches they go in. */
   #ahead = 0;
+  #aheadFetches = 0;
   /** The pieces taken ahead last time mostly went in fetches of several. */
   #grouping = true;
   /** Pieces faults wait on, in flight; and when the last one was taken or came (performance.now()). */
@@ -144,36 +149,57 @@ export class StoreFeeder extends EventEmitter {
     if (this.#stopped) return;
     // During an outage the pieces already in flight are retried; no more are taken ahead.
     const limit = this.#aheadRoom();
-    if (limit < this.#parallel && this.#ahead >= limit) this.stats.aheadHeldForFaults++;
-    const perFetch = limit > AHEAD_DURING_DEMAND ? PIECES_PER_FETCH : 1;
-    let room = this.#outageSince ? 0 : Math.max(0, limit - this.#ahead);
-    // While the pieces taken go in whole fetches, whole fetches only: the room one leaves is filled by one of the same size
-    // (not by many single pieces). Where they do not group (chunks of the older layout, a child's in its parent's packs), any room.
-    if (this.#ahead > 0 && this.#grouping && limit >= 2 * perFetch) room -= room % perFetch;
-    const { pieces, fromCache } = this.#engine.takeStorePieces(room, INSTALL_HERE_BYTES);
+    const held = limit <= AHEAD_DURING_DEMAND;
+    if (held && this.#aheadFetches >= limit) this.stats.aheadHeldForFaults++;
+    const pieces: StorePiece[] = [];
+    let fromCache = 0;
+    const take = (ahead: number, cacheBytes: number) => {
+      const taken = this.#engine.takeStorePieces(ahead, cacheBytes);
+      pieces.push(...taken.pieces);
+      fromCache += taken.fromCache;
+      return taken.pieces.length;
+    };
+    if (this.#outageSince || (held && this.#aheadFetches >= limit))
+      take(0, 0); // the pieces faults wait on, always
+    else if (held) {
+      // While faults are served: AHEAD_DURING_DEMAND fetches at most, one run each (a working-set run, joined with the
+      // set's neighbours into up to PIECES_PER_FETCH pieces by the engine; a piece of the background).
+      for (let n = this.#aheadFetches; n < limit; n++) if (take(1, INSTALL_HERE_BYTES / AHEAD_DURING_DEMAND) === 0) break;
+    } else {
+      let room = Math.max(0, limit - this.#ahead);
+      // While the pieces taken go in whole fetches, whole fetches only: the room one leaves is filled by one of the same size
+      // (not by many single pieces). Where they do not group (chunks of the older layout, a child's in its parent's packs), any room.
+      if (this.#ahead > 0 && this.#grouping && limit >= 2 * PIECES_PER_FETCH) room -= room % PIECES_PER_FETCH;
+      take(room, INSTALL_HERE_BYTES);
+    }
     // Zero chunks and pieces the host's cache held went in at once: the next ones are taken on the next turn of the loop.
     if (fromCache > 0) this.#pumpSoon();
     const groups: StorePiece[][] = [];
     for (const piece of pieces) {
-      const ahead = isAhead(piece);
+      // The working set's runs go whole; the background's, whole while no fault is served.
+      const most = piece.why === Reason.prefetch || !held ? PIECES_PER_FETCH : 1;
       const last = groups.at(-1);
-      if (ahead && last && last.length < perFetch && this.#follows(last.at(-1)!, piece)) last.push(piece);
+      if (isAhead(piece) && last && last.length < most && this.#follows(last.at(-1)!, piece)) last.push(piece);
       else groups.push([piece]);
     }
     const aheadGroups = groups.filter((g) => isAhead(g[0]));
-    if (aheadGroups.length > 0 && perFetch > 1) this.#grouping = aheadGroups.filter((g) => g.length > 1).length * 2 >= aheadGroups.length;
+    if (aheadGroups.length > 0 && !held) this.#grouping = aheadGroups.filter((g) => g.length > 1).length * 2 >= aheadGroups.length;
     for (const group of groups) {
       const ahead = isAhead(group[0]);
-      if (ahead) this.#ahead += group.length;
-      else {
+      if (ahead) {
+        this.#ahead += group.length;
+        this.#aheadFetches++;
+      } else {
         this.#urgent++;
         this.#lastUrgentAt = performance.now();
       }
       void this.#paced(group, ahead)
         .then(() => this.#feed(group, 0))
         .finally(() => {
-          if (ahead) this.#ahead -= group.length;
-          else {
+          if (ahead) {
+            this.#ahead -= group.length;
+            this.#aheadFetches--;
+          } else {
             this.#urgent--;
             this.#lastUrgentAt = performance.now();
           }

@@ -259,6 +259,50 @@ t.test('with the background on, faults come first: what is fetched ahead is held
   t.ok(report.faults > 0, `${report.faults} faults served`);
 });
 
+t.test('a recorded working set goes from the store as runs of its neighbours in the image: one ranged GET a run, short gaps with it, byte-exact', async (t) => {
+  const store = await storeFor(t);
+  const pages = 4096;
+  const per = DEFAULT_CHUNK_BYTES / PAGE;
+  const bytes = randomImage(pages, 0);
+  const image = Image.open([{ buffer: bytes }]);
+  t.teardown(() => image.close());
+  await store.push(image, 'cold');
+  // Chunks first touched in this order: {3,4,5}, {10,12} (a gap of one), {20,23} (two), {30} and {34} (a gap of three: apart),
+  // and 40..59 (twenty: more than one fetch holds).
+  const wide = Array.from({ length: 20 }, (_, i) => 40 + i).filter((c) => c !== 50);
+  const touched = [50, 4, 12, 23, 30, 34, 3, 5, 10, 20, ...wide];
+  const from = { storeImage: { store, name: 'cold' }, cache: false as const };
+  const rec = await Destination.connect({ ...from, holdBackground: true, recordWorkingSet: true });
+  t.teardown(() => rec.close());
+  const rr = rec.regions[0].mapping;
+  await touchPages(
+    rr.address,
+    pages,
+    Uint32Array.from(touched, (c) => c * per),
+    { mapping: rr },
+  );
+  const set = rec.workingSet();
+  rec.close();
+  t.equal(set.entries.length / 8, touched.length, 'one fault a chunk recorded');
+
+  const getsBefore = store.objects.stats.gets;
+  const dest = await Destination.connect({ ...from, holdBackground: true, prefetch: set });
+  t.teardown(() => dest.close());
+  // 3 + 3 + 4 + 1 + 1 + 20 chunks: the gaps of one and two come with their runs, the gap of three does not.
+  const chunks = [3, 4, 5, 10, 11, 12, 20, 21, 22, 23, 30, 34, ...Array.from({ length: 20 }, (_, i) => 40 + i)];
+  await until('the working set and its gaps', () => dest.stats().pagesInstalledPrefetch === chunks.length * per);
+  const fetched = (dest.session as StoreSession).fetched;
+  t.equal(fetched.chunks, chunks.length, 'those chunks and no more');
+  // One GET for the manifest, one for each run: {3-5}, {10-12}, {20-23}, {30}, {34}, and 40..59 in two (16 chunks a fetch at most).
+  t.equal(store.objects.stats.gets - getsBefore, 1 + 7, 'one ranged GET a run');
+  // Only those chunks are read here: this thread must never touch a missing page (only it can fetch it).
+  const m = dest.regions[0].mapping;
+  for (const c of chunks)
+    t.equal(Buffer.compare(m.buffer(c * per * PAGE, per * PAGE), bytes.subarray(c * per * PAGE, (c + 1) * per * PAGE)), 0, `chunk ${c} as in the image`);
+  dest.session.startBackground();
+  t.equal((await dest.finish()).digestMatch, true, 'and the rest, byte for byte');
+});
+
 t.test('a child pushed with its parent uploads only the chunks that differ; both restore', async (t) => {
   const store = await storeFor(t);
   const base = imageBytes(4096);
