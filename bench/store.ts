@@ -244,19 +244,42 @@ async function cold(bucket: string, prefix: string, pages: number, chunkBytes: n
     await store.push(image, 'vm', { chunkBytes });
     const manifest = await store.manifest('vm');
     const touched = shuffledOrder(pages, 5).subarray(0, Math.floor(pages / 10));
-    const restoreOnce = async (background = false) => {
-      const dest = await Destination.connect({
-        storeImage: { store, name: 'vm' },
-        cache: new ChunkCache({ dir: cacheDir, maxBytes: 8 * 2 ** 30 }),
-        background: { enabled: background },
-      });
+    const hashes = manifest.regions[0].chunks.filter((c) => c);
+    const places = placesOf(manifest);
+    // The baseline: a ranged GET of one chunk from its pack (a GET of its object, pushed before packs), on the same store.
+    const gets: number[] = [];
+    const baselineGets = async (n: number) => {
+      for (let i = 0; i < n; i++) {
+        const hash = hashes[(gets.length * 7) % hashes.length];
+        const place = places.get(hash);
+        const started = process.hrtime.bigint();
+        await (place ? store.objects.get(packKey(place.pack), [place.offset, place.offset + place.length - 1]) : store.objects.get(chunkKey(hash)));
+        gets.push(Number(process.hrtime.bigint() - started) / 1e3);
+      }
+    };
+    /**
+     * Touches the pages in `slices` parts. With `between`, it runs after each
+     * part, the host cache's writes done first: the baseline is measured in
+     * the same minutes as the faults (this store's speed drifts between them).
+     */
+    const restoreOnce = async (background = false, slices = 1, between?: () => Promise<void>) => {
+      const cache = new ChunkCache({ dir: cacheDir, maxBytes: 8 * 2 ** 30 });
+      const dest = await Destination.connect({ storeImage: { store, name: 'vm' }, cache, background: { enabled: background } });
       try {
         const r = dest.regions[0].mapping;
-        const t = await touchPages(r.address, pages, touched, { mapping: r });
+        let touchNs = 0;
+        for (let k = 0; k < slices; k++) {
+          const part = touched.subarray(Math.floor((k * touched.length) / slices), Math.floor(((k + 1) * touched.length) / slices));
+          touchNs += (await touchPages(r.address, pages, part, { mapping: r })).totalNs;
+          if (between) {
+            await cache.settled();
+            await between();
+          }
+        }
         const fetched = (dest.session as StoreSession).fetched;
         // The faults' own wait (the engine's figures), not every touch: most touches find their page in already.
         const f = dest.stats().faultLatency;
-        const faults = { count: f.count, p50_us: round(f.p50Ns / 1e3), p99_us: round(f.p99Ns / 1e3), touchMs: round(t.totalNs / 1e6) };
+        const faults = { count: f.count, p50_us: round(f.p50Ns / 1e3), p99_us: round(f.p99Ns / 1e3), touchMs: round(touchNs / 1e6) };
         // Only pages touched are read here: this thread must never touch a missing page (only it can fetch it).
         for (const p of touched.subarray(0, 64))
           if (Buffer.compare(r.buffer(p * PAGE_SIZE, PAGE_SIZE), bytes.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE)) !== 0)
@@ -266,22 +289,12 @@ async function cold(bucket: string, prefix: string, pages: number, chunkBytes: n
         dest.close();
       }
     };
-    const first = await restoreOnce();
     if (!warm) {
+      // 200 baseline GETs, 25 after each eighth of the workload.
+      const first = await restoreOnce(false, 8, () => baselineGets(25));
       // The same touches with the background fetching the rest meanwhile (an empty cache again): what faults pay for it.
       rmSync(cacheDir, { recursive: true, force: true });
       const withBackground = (await restoreOnce(true)).latency;
-      // The baseline: a ranged GET of one chunk from its pack (a GET of its object, pushed before packs), 200 of them, on the same store.
-      const hashes = manifest.regions[0].chunks.filter((c) => c);
-      const places = placesOf(manifest);
-      const gets: number[] = [];
-      for (let i = 0; i < Math.min(200, hashes.length); i++) {
-        const hash = hashes[(i * 7) % hashes.length];
-        const place = places.get(hash);
-        const started = process.hrtime.bigint();
-        await (place ? store.objects.get(packKey(place.pack), [place.offset, place.offset + place.length - 1]) : store.objects.get(chunkKey(hash)));
-        gets.push(Number(process.hrtime.bigint() - started) / 1e3);
-      }
       gets.sort((a, b) => a - b);
       const get = { p50_us: round(gets[gets.length >> 1]), p99_us: round(gets[Math.floor(gets.length * 0.99)]) };
       return {
@@ -299,6 +312,7 @@ async function cold(bucket: string, prefix: string, pages: number, chunkBytes: n
         fetchedBytesRatio: round(first.fetched.store.bytesFetched / (touched.length * PAGE_SIZE), 2),
       };
     }
+    await restoreOnce(); // fills the cache
     // Warm: the cache holds what the first restore fetched; the same touches again, beside the floor's local case.
     const again = await restoreOnce();
     const floor = (await runFloor(pages, 5, ['local'])).get('local') as FloorLatency;
