@@ -204,15 +204,21 @@ const char* StoreSupply::InstallPiece(uint32_t region, uint64_t piece, Why why, 
 InstallResult StoreSupply::InstallPages(TargetRegion& r, uint64_t piece, Why why, const uint8_t* data, bool mayWait) {
   uint64_t first, end;
   PagesOf(r, piece, &first, &end);
-  // The pages a thread faulted on count as requested; the others as what the piece was asked for.
-  for (uint64_t p = first; p < end;) {
-    bool requested = r.requested->Test(p);
-    uint64_t q = p + 1;
-    while (q < end && r.requested->Test(q) == requested) q++;
-    const uint8_t* at = data ? data + (p - first) * r.pageSize : nullptr;
-    InstallResult result = installer_.Install(r, p, q - p, at, requested ? wire::kRequested : static_cast<uint32_t>(why), "store", 0, mayWait);
-    if (result != kOk) return result;
-    p = q;
+  // The pages a thread faulted on count as requested, and go in first: each install wakes its waiting threads, so a
+  // faulted page in the middle of a chunk does not wait for the copy of the pages before it. The others count as what
+  // the piece was asked for.
+  for (bool requestedRuns : {true, false}) {
+    for (uint64_t p = first; p < end;) {
+      bool requested = r.requested->Test(p);
+      uint64_t q = p + 1;
+      while (q < end && r.requested->Test(q) == requested) q++;
+      if (requested == requestedRuns) {
+        const uint8_t* at = data ? data + (p - first) * r.pageSize : nullptr;
+        InstallResult result = installer_.Install(r, p, q - p, at, requested ? wire::kRequested : static_cast<uint32_t>(why), "store", 0, mayWait);
+        if (result != kOk) return result;
+      }
+      p = q;
+    }
   }
   return kOk;
 }
