@@ -9,6 +9,7 @@
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <mutex>
@@ -32,6 +33,7 @@ namespace {
 
 using namespace qemu;                       // the stream's constants (qemu_stream.h)
 constexpr uint64_t kBackgroundPages = 256;  // a background part: 1 MiB of 4 KiB pages
+constexpr int kBackgroundHoldMs = 200;      // the longest the background waits for the guest to ask for a page
 
 struct Block {
   std::string name;
@@ -200,10 +202,17 @@ class QemuRamStream : public Napi::ObjectWrap<QemuRamStream>, DataPlane {
     preambleNs_ = MonotonicNs() - startNs_;
     events_.Emit({"running", "", "", "", 0, {{"afterNs", double(preambleNs_.load())}}});
     PageRuns runs;
+    // The background waits for the guest: until QEMU asks for its first page (the device state is in and the guest
+    // touches its memory), or kBackgroundHoldMs at most. Sent at once, it would compete for QEMU's CPU (its thread that
+    // places the pages) with the loading of the device state and the start of the guest.
+    const auto holdUntil = std::chrono::steady_clock::now() + std::chrono::milliseconds(kBackgroundHoldMs);
+    bool backgroundOpen = false;
     while (!sched_->AllClaimed()) {
       {
         std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait(lock, [&] { return Stopping() || peerGone_ || violation_ || shut_ || sched_->HasWork() || background_; });
+        auto ready = [&] { return Stopping() || peerGone_ || violation_ || shut_ || sched_->HasWork() || (background_ && backgroundOpen); };
+        if (background_ && !backgroundOpen && !cv_.wait_until(lock, holdUntil, ready)) backgroundOpen = true;
+        cv_.wait(lock, [&] { return ready() || (background_ && backgroundOpen); });
         if (Stopping() || shut_) return;
         if (peerGone_) return Emit("error", "ERR_PEER_GONE", "the destination QEMU closed the migration connection");
         if (violation_) return Emit("error", "ERR_PROTOCOL_OUT_OF_RANGE", violation_);
@@ -211,6 +220,7 @@ class QemuRamStream : public Napi::ObjectWrap<QemuRamStream>, DataPlane {
       runs.clear();
       QueuedRequest req;
       bool asked = sched_->TakeRequest(&req);
+      backgroundOpen = backgroundOpen || asked;
       if (asked) {
         sched_->Request(req.region, req.first, req.count, runs);
         sched_->Around(req.region, req.first, req.count, UINT64_MAX, runs);

@@ -204,21 +204,47 @@ const char* StoreSupply::InstallPiece(uint32_t region, uint64_t piece, Why why, 
 InstallResult StoreSupply::InstallPages(TargetRegion& r, uint64_t piece, Why why, const uint8_t* data, bool mayWait) {
   uint64_t first, end;
   PagesOf(r, piece, &first, &end);
-  // The pages a thread faulted on count as requested, and go in first: each install wakes its waiting threads, so a
-  // faulted page in the middle of a chunk does not wait for the copy of the pages before it. The others count as what
-  // the piece was asked for.
-  for (bool requestedRuns : {true, false}) {
-    for (uint64_t p = first; p < end;) {
-      bool requested = r.requested->Test(p);
-      uint64_t q = p + 1;
-      while (q < end && r.requested->Test(q) == requested) q++;
-      if (requested == requestedRuns) {
-        const uint8_t* at = data ? data + (p - first) * r.pageSize : nullptr;
-        InstallResult result = installer_.Install(r, p, q - p, at, requested ? wire::kRequested : static_cast<uint32_t>(why), "store", 0, mayWait);
-        if (result != kOk) return result;
-      }
-      p = q;
+  // The pages a thread faulted on count as requested, and go in first: each install wakes the threads waiting on its
+  // pages, so a page in the middle of a chunk does not wait for the copy of the pages before it. Those runs are taken
+  // once, up to kFirstRuns of them (more: the piece goes in in order); a page faulted on meanwhile goes in with the rest,
+  // counted as requested. The others count as what the piece was asked for.
+  constexpr int kFirstRuns = 4;
+  uint64_t firstRuns[kFirstRuns][2];
+  int runs = 0;
+  for (uint64_t p = first; p < end && runs <= kFirstRuns;) {
+    if (!r.requested->Test(p)) {
+      p++;
+      continue;
     }
+    uint64_t q = p + 1;
+    while (q < end && r.requested->Test(q)) q++;
+    if (runs < kFirstRuns) firstRuns[runs][0] = p, firstRuns[runs][1] = q;
+    runs++;
+    p = q;
+  }
+  if (runs > kFirstRuns || (runs == 1 && firstRuns[0][0] == first)) runs = 0;  // in order: as many wakes either way
+  for (int k = 0; k < runs; k++) {
+    uint64_t p = firstRuns[k][0], q = firstRuns[k][1];
+    InstallResult result = installer_.Install(r, p, q - p, data ? data + (p - first) * r.pageSize : nullptr, wire::kRequested, "store", 0, mayWait);
+    if (result != kOk) return result;
+  }
+  auto installedFirst = [&](uint64_t p) {
+    for (int k = 0; k < runs; k++)
+      if (p >= firstRuns[k][0] && p < firstRuns[k][1]) return firstRuns[k][1];
+    return uint64_t{0};
+  };
+  for (uint64_t p = first; p < end;) {
+    if (uint64_t past = installedFirst(p)) {
+      p = past;
+      continue;
+    }
+    bool requested = r.requested->Test(p);
+    uint64_t q = p + 1;
+    while (q < end && r.requested->Test(q) == requested && !installedFirst(q)) q++;
+    const uint8_t* at = data ? data + (p - first) * r.pageSize : nullptr;
+    InstallResult result = installer_.Install(r, p, q - p, at, requested ? wire::kRequested : static_cast<uint32_t>(why), "store", 0, mayWait);
+    if (result != kOk) return result;
+    p = q;
   }
   return kOk;
 }

@@ -12,7 +12,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { Qmp } from '../lib/qmp.js';
-import { serveQemuSnapshot } from '../server/qemu-source.js';
+import { QemuSnapshotSource } from '../server/qemu-source.js';
 import { guestPasses as passes, testGuest } from '../test/guest/build.js';
 import { interleaved, median, round } from './latency.js';
 import { runCliJson } from './source.js';
@@ -148,19 +148,19 @@ export async function qemuBench(guestMemMib: number, rounds: number, progress: (
         const incoming = join(dir, `incoming-${n}.sock`);
         const child = qemu([...machine, ...boot, '-serial', `file:${out}`, '-incoming', 'defer', '-qmp', `unix:${qmp},server=on,wait=off`]);
         children.push(child);
+        // As `qemu restore` does: the snapshot is opened while QEMU starts.
+        const source = new QemuSnapshotSource(snapshot);
         await waitFor('QEMU to start', () => (existsSync(qmp) ? true : undefined));
         const dest = await Qmp.connect(qmp);
         await dest.execute('migrate-set-capabilities', { capabilities: [{ capability: 'postcopy-ram', state: true }] });
+        // The guest runs when QEMU says so (its RESUME event), watched the same way in every case.
+        const resumed = dest.nextEvent('RESUME', 120_000);
         const started = performance.now();
         await dest.execute('migrate-incoming', { uri: `unix:${incoming}` });
         await waitFor('QEMU to listen', () => (existsSync(incoming) ? true : undefined));
-        // The guest runs when QEMU says so, watched the same way as for QEMU's own restore.
-        const running = waitFor('the guest to run', async () =>
-          (await dest.execute<{ status: string }>('query-status')).status === 'running' ? performance.now() - started : undefined,
-        );
-        const report = await serveQemuSnapshot(snapshot, `unix:${incoming}`);
+        const report = await source.serve(`unix:${incoming}`).finally(() => source.close());
         const completeMs = performance.now() - started;
-        const runningMs = await running;
+        const runningMs = (await resumed).at - started;
         dest.close();
         clean &&= await guestClean(out);
         child.kill('SIGKILL');
@@ -178,10 +178,9 @@ export async function qemuBench(guestMemMib: number, rounds: number, progress: (
         await dest.execute('migrate-incoming', { uri: `exec:cat ${stream}` });
         // The stream is of a stopped guest: QEMU loads it and stays paused, as our restore would be told to run it.
         await dest.untilMigration(['completed'], 120_000, 20);
+        const resumed = dest.nextEvent('RESUME', 120_000);
         await dest.execute('cont');
-        const runningMs = await waitFor('the guest to run', async () =>
-          (await dest.execute<{ status: string }>('query-status')).status === 'running' ? performance.now() - started : undefined,
-        );
+        const runningMs = (await resumed).at - started;
         dest.close();
         clean &&= await guestClean(out);
         child.kill('SIGKILL');
@@ -208,14 +207,12 @@ export async function qemuBench(guestMemMib: number, rounds: number, progress: (
         const src = await Qmp.connect(qmpPath);
         await src.execute('cont');
         await src.execute('migrate-set-capabilities', caps);
+        const resumed = dest.nextEvent('RESUME', 120_000);
         const started = performance.now();
         await src.execute('migrate', { uri: `unix:${incoming}` });
         await src.execute('migrate-start-postcopy');
-        const running = waitFor('the guest to run', async () =>
-          (await dest.execute<{ status: string }>('query-status')).status === 'running' ? performance.now() - started : undefined,
-        );
         const q = await src.untilMigration<{ status: string; ram?: { 'postcopy-requests'?: number } }>(['completed'], 120_000, 20);
-        runs.push({ runningMs: await running, completeMs: performance.now() - started, requests: q.ram?.['postcopy-requests'] ?? 0 });
+        runs.push({ runningMs: (await resumed).at - started, completeMs: performance.now() - started, requests: q.ram?.['postcopy-requests'] ?? 0 });
         src.close();
         dest.close();
         clean &&= await guestClean(out);

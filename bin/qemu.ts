@@ -12,7 +12,7 @@ import { ErrorCode, PostcopyError } from '../lib/errors.js';
 import { Qmp } from '../lib/qmp.js';
 import { listenOwnerOnly } from '../lib/unix-socket.js';
 import { readQemuStream, type QemuSnapshotManifest } from '../server/qemu-snapshot.js';
-import { readManifest, serveQemuSnapshot, type QemuServeReport } from '../server/qemu-source.js';
+import { QemuSnapshotSource, readManifest, serveQemuSnapshot, type QemuServeReport } from '../server/qemu-source.js';
 import { parseAddressOption, parseCommandLine, parseStoreOptions, parseWindow, requireOptions, storeOptionSpec, UsageError } from './options.js';
 import { isStoreUrl, parseImageUrl, type ImageAddress } from '../lib/store/address.js';
 import type { PushReport } from '../lib/store/snapshot-store.js';
@@ -151,7 +151,10 @@ async function restoreFrom(
   };
   process.once('SIGINT', interrupted);
   process.once('SIGTERM', interrupted);
+  let source: QemuSnapshotSource | null = null;
   try {
+    // Opened while QEMU starts: from migrate-incoming on, only the connection and the stream are left.
+    source = new QemuSnapshotSource(snapshot, fromMemory?.blocks);
     for (let i = 0; i < 1000 && !existsSync(qmpPath); i++) {
       if (child.exitCode !== null)
         throw new PostcopyError(ErrorCode.QMP_FAILED, `${command} exited with ${child.exitCode} before its monitor opened: ${qemuSaid()}`);
@@ -165,12 +168,14 @@ async function restoreFrom(
       qmp.close();
     }
     for (let i = 0; i < 1000 && !existsSync(incoming); i++) await new Promise((r) => setTimeout(r, 10));
-    const report = await serveQemuSnapshot(snapshot, `unix:${incoming}`, {
+    const report = await source.serve(`unix:${incoming}`, {
       logger: log,
       ...(window ? { window } : {}),
       background: !values['no-background'],
-      ...(fromMemory ? { blocks: fromMemory.blocks, onRunning: fromMemory.running, onFailure: fromMemory.abandon } : {}),
+      ...(fromMemory ? { onRunning: fromMemory.running, onFailure: fromMemory.abandon } : {}),
     });
+    source.close();
+    source = null;
     const more = await fromMemory?.served();
     printServeReport({ ...report, ...more, qmp: qmpPath, pid: child.pid, log: logPath, ...(wait ? {} : { dir }) }, values.json === true, log);
     if (wait) {
@@ -183,6 +188,7 @@ async function restoreFrom(
       child.unref(); // its monitor and log stay in `dir` while it runs
     }
   } catch (err) {
+    source?.close();
     letGo();
     child.kill('SIGKILL');
     rmSync(dir, { recursive: true, force: true });

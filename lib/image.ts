@@ -39,8 +39,8 @@ const HUGETLBFS_MAGIC = 0x958458f6;
 /** A memory image: regions served read-only to any number of destinations. */
 export class Image {
   readonly regions: ImageRegion[];
-  /** Identifies the image to a destination that resumes (lib/digest.ts). */
-  readonly fingerprint: string;
+  /** A live image's name; for any other, the fingerprint once taken. */
+  #fingerprint: string | null;
   readonly #mappings: Mapping[];
   readonly #ownFds: number[];
   readonly #digests = new Map<number, Promise<string>>();
@@ -65,7 +65,16 @@ export class Image {
       if (kept.checksum !== undefined) this.#checksums.set(id, Promise.resolve(kept.checksum));
     });
     // A live image changes until its workload pauses: it is named afresh (or as its migration, once re-adopted), never by its contents.
-    this.fingerprint = live !== null ? live : imageFingerprint(regions.map((r) => ({ length: r.length, pageSize: r.pageSize, bytes: regionBytes(r) })));
+    this.#fingerprint = live;
+  }
+
+  /**
+   * Identifies the image to a destination that resumes (lib/digest.ts): taken
+   * when first asked (it reads pages of every region: milliseconds that a
+   * source which never names its image, a QEMU stream's, does not spend).
+   */
+  get fingerprint(): string {
+    return (this.#fingerprint ??= imageFingerprint(this.regions.map((r) => ({ length: r.length, pageSize: r.pageSize, bytes: regionBytes(r) }))));
   }
 
   /**

@@ -7,6 +7,13 @@ import { constants } from 'node:os';
 import { setTimeout as delay } from 'node:timers/promises';
 import { ErrorCode, PostcopyError } from './errors.js';
 
+/** An event QEMU sent: its name, its data, and when it came (performance.now() here). */
+export interface QmpEvent {
+  event: string;
+  data: unknown;
+  at: number;
+}
+
 export class Qmp {
   readonly #socket: Socket;
   #buf = '';
@@ -14,6 +21,8 @@ export class Qmp {
   #queue: Promise<unknown> = Promise.resolve();
   #closed: Error | null = null;
   #greeted: (() => void) | null = null;
+  /** Waits for events by name (nextEvent), each resolved with the first such event to come. */
+  readonly #eventWaits = new Map<string, Set<(e: QmpEvent) => void>>();
 
   private constructor(socket: Socket) {
     this.#socket = socket;
@@ -116,6 +125,36 @@ export class Qmp {
     }
   }
 
+  /**
+   * The next event named `name` (e.g. RESUME: the guest runs), when it comes;
+   * asked before the command that causes it. ERR_TIMEOUT after `timeoutMs`,
+   * ERR_QMP_FAILED if the monitor closes first.
+   */
+  nextEvent(name: string, timeoutMs: number): Promise<QmpEvent> {
+    return new Promise<QmpEvent>((resolve, reject) => {
+      if (this.#closed) return reject(this.#closed);
+      const waits = this.#eventWaits.get(name) ?? new Set();
+      this.#eventWaits.set(name, waits);
+      const settle = (e: QmpEvent) => {
+        clearTimeout(timer);
+        this.#socket.off('close', onClose);
+        resolve(e);
+      };
+      const timer = setTimeout(() => {
+        waits.delete(settle);
+        this.#socket.off('close', onClose);
+        reject(new PostcopyError(ErrorCode.TIMEOUT, `QEMU sent no ${name} event within ${timeoutMs} ms`));
+      }, timeoutMs);
+      const onClose = () => {
+        clearTimeout(timer);
+        waits.delete(settle);
+        reject(this.#closed ?? new PostcopyError(ErrorCode.QMP_FAILED, "QEMU's monitor connection closed"));
+      };
+      this.#socket.once('close', onClose);
+      waits.add(settle);
+    });
+  }
+
   #onData(d: string): void {
     this.#buf += d;
     for (let nl = this.#buf.indexOf('\n'); nl >= 0; nl = this.#buf.indexOf('\n')) {
@@ -132,7 +171,13 @@ export class Qmp {
         this.#greeted?.();
         continue;
       }
-      if (msg.event) continue;
+      if (msg.event) {
+        const waits = this.#eventWaits.get(msg.event);
+        this.#eventWaits.delete(msg.event);
+        const e = { event: msg.event, data: (msg as { data?: unknown }).data ?? null, at: performance.now() };
+        for (const resolve of waits ?? []) resolve(e);
+        continue;
+      }
       const w = this.#waiting;
       if (!w) continue;
       this.#waiting = null;

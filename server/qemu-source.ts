@@ -114,22 +114,50 @@ function preamble(dir: string, manifest: QemuSnapshotManifest): Buffer {
   ]);
 }
 
-/** Serves `dir` to the destination QEMU listening at `address` (unix:PATH or tcp:HOST:PORT) until it has every page. */
-export async function serveQemuSnapshot(dir: string, address: string, options: QemuServeOptions = {}): Promise<QemuServeReport> {
-  const log = options.logger ?? silentLogger;
-  const manifest = readManifest(dir);
-  const ramSetup = readFileSync(join(dir, manifest.files.ramSetup));
-  const section = ramSetup.readUInt32BE(1);
-  const stream = preamble(dir, manifest);
-  const image = options.blocks ? null : Image.open(manifest.blocks.map((b) => ({ path: join(dir, b.file), name: b.name })));
-  try {
-    const specs = options.blocks ?? image!.regions.map((r) => r.spec);
-    if (specs.length !== manifest.blocks.length)
-      throw new PostcopyError(ErrorCode.IMAGE_INVALID, `${specs.length} RAM blocks given for a snapshot of ${manifest.blocks.length}`);
-    specs.forEach((spec, i) => {
-      if (spec.length !== manifest.blocks[i].length)
-        throw new PostcopyError(ErrorCode.IMAGE_INVALID, `${manifest.blocks[i].file} is not ${manifest.blocks[i].length} bytes`);
-    });
+/**
+ * A snapshot opened to be served: its manifest read, its stream's preamble
+ * built and its RAM files mapped. `qemu restore` opens it while QEMU starts,
+ * so that from `migrate-incoming` on only the connection and the stream are
+ * left.
+ */
+export class QemuSnapshotSource {
+  readonly #manifest: QemuSnapshotManifest;
+  readonly #section: number;
+  readonly #stream: Buffer;
+  readonly #image: Image | null;
+  readonly #specs: ServedRegionSpec[];
+
+  /** `blocks`: the RAM from memory the caller holds (QemuServeOptions.blocks) instead of the directory's block files. */
+  constructor(dir: string, blocks?: ServedRegionSpec[]) {
+    this.#manifest = readManifest(dir);
+    this.#section = readFileSync(join(dir, this.#manifest.files.ramSetup)).readUInt32BE(1);
+    this.#stream = preamble(dir, this.#manifest);
+    this.#image = blocks ? null : Image.open(this.#manifest.blocks.map((b) => ({ path: join(dir, b.file), name: b.name })));
+    try {
+      this.#specs = blocks ?? this.#image!.regions.map((r) => r.spec);
+      if (this.#specs.length !== this.#manifest.blocks.length)
+        throw new PostcopyError(ErrorCode.IMAGE_INVALID, `${this.#specs.length} RAM blocks given for a snapshot of ${this.#manifest.blocks.length}`);
+      this.#specs.forEach((spec, i) => {
+        if (spec.length !== this.#manifest.blocks[i].length)
+          throw new PostcopyError(ErrorCode.IMAGE_INVALID, `${this.#manifest.blocks[i].file} is not ${this.#manifest.blocks[i].length} bytes`);
+      });
+    } catch (err) {
+      this.close();
+      throw err;
+    }
+  }
+
+  close(): void {
+    this.#image?.close();
+  }
+
+  /** Serves the snapshot to the destination QEMU listening at `address` (unix:PATH or tcp:HOST:PORT) until it has every page. */
+  async serve(address: string, options: Omit<QemuServeOptions, 'blocks'> = {}): Promise<QemuServeReport> {
+    const log = options.logger ?? silentLogger;
+    const manifest = this.#manifest;
+    const specs = this.#specs;
+    const section = this.#section;
+    const stream = this.#stream;
     const a = parseAddress(address);
     const socket: Socket = a.kind === 'unix' ? connect(a.path) : connect(a.port, a.host);
     await new Promise<void>((resolve, reject) => {
@@ -189,7 +217,15 @@ export async function serveQemuSnapshot(dir: string, address: string, options: Q
       guestRunningMs: Math.round(s.preambleNs / 1e4) / 100,
       fullResidencyMs: Math.round(s.residentNs / 1e4) / 100,
     };
+  }
+}
+
+/** Serves `dir` to the destination QEMU listening at `address` (unix:PATH or tcp:HOST:PORT) until it has every page. */
+export async function serveQemuSnapshot(dir: string, address: string, options: QemuServeOptions = {}): Promise<QemuServeReport> {
+  const source = new QemuSnapshotSource(dir, options.blocks);
+  try {
+    return await source.serve(address, options);
   } finally {
-    image?.close();
+    source.close();
   }
 }

@@ -303,6 +303,26 @@ t.test('a recorded working set goes from the store as runs of its neighbours in 
   t.equal((await dest.finish()).digestMatch, true, 'and the rest, byte for byte');
 });
 
+t.test('a faulted page goes in before the rest of its chunk, and a page of the chunk faulted on meanwhile is never left out', async (t) => {
+  const store = await storeFor(t);
+  const pages = 2048;
+  const per = DEFAULT_CHUNK_BYTES / PAGE;
+  const bytes = randomImage(pages, 0);
+  const image = Image.open([{ buffer: bytes }]);
+  t.teardown(() => image.close());
+  await store.push(image, 'middle');
+  // Each chunk touched from its middle on, then its start: the faulted page is installed first and wakes the thread, which
+  // touches the next page while the rest of the chunk goes in (faulting on it again, if it is not in yet).
+  const order: number[] = [];
+  for (let c = 0; c < pages / per; c++) {
+    for (let i = per / 2; i < per; i++) order.push(c * per + i);
+    for (let i = 0; i < per / 2; i++) order.push(c * per + i);
+  }
+  const { report, session } = await restoreAll(t, store, 'middle', false, Uint32Array.from(order), false);
+  t.equal(report.digestMatch, true, 'byte for byte');
+  t.equal(session.fetched.chunks, pages / per, 'each chunk fetched once');
+});
+
 t.test('a child pushed with its parent uploads only the chunks that differ; both restore', async (t) => {
   const store = await storeFor(t);
   const base = imageBytes(4096);
