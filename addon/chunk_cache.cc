@@ -132,40 +132,52 @@ class KeepWorker : public Napi::AsyncWorker {
 
   void Execute() override {
     std::string path = folder_ + "/" + name_;
-    int fd = OpenNameless();
+    static std::atomic<bool> noProc{false};
+    int fd = noProc.load(std::memory_order_relaxed) ? -1 : OpenNameless();
     if (fd >= 0) {
-      if (!WriteAll(fd)) return Fail(fd, "write");
+      if (!WriteAll(fd)) return Fail(fd, "pwritev");
       char self[64];
       std::snprintf(self, sizeof self, "/proc/self/fd/%d", fd);
-      if (linkat(AT_FDCWD, self, AT_FDCWD, path.c_str(), AT_SYMLINK_FOLLOW) == 0) return Done(fd, true);
-      if (errno == EEXIST) return Done(fd, false);  // another process kept it meanwhile: the same content
-      if (errno != ENOENT) return Fail(fd, "linkat");
-      close(fd);  // no /proc here: by a temporary name instead
+      for (int attempt = 0;; attempt++) {
+        if (linkat(AT_FDCWD, self, AT_FDCWD, path.c_str(), AT_SYMLINK_FOLLOW) == 0) return Done(fd, true);
+        if (errno == EEXIST) return Done(fd, false);  // another process kept it meanwhile: the same content
+        if (errno != ENOENT) return Fail(fd, "linkat");
+        if (access(self, F_OK) != 0) break;  // no /proc here: by a temporary name instead, from now on
+        // The folder was removed since the file was made in it: made again, and linked once more.
+        if (attempt > 0 || (mkdir(folder_.c_str(), 0700) != 0 && errno != EEXIST)) return Fail(fd, attempt > 0 ? "linkat" : "mkdir");
+      }
+      noProc.store(true, std::memory_order_relaxed);
+      close(fd);
     } else if (syscall_) {
       return;
     }
     static std::atomic<uint64_t> written{0};
     std::string tmp = folder_ + "/.tmp." + name_ + "." + std::to_string(getpid()) + "." + std::to_string(++written);
     fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0 && errno == ENOENT && mkdir(folder_.c_str(), 0700) == 0) fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd < 0) return Fail(-1, "open");
     if (!WriteAll(fd)) {
       int err = errno;
       unlink(tmp.c_str());
       errno = err;
-      return Fail(fd, "write");
+      return Fail(fd, "pwritev");
     }
-    if (rename(tmp.c_str(), path.c_str()) != 0) {
-      int err = errno;
-      unlink(tmp.c_str());
+    // Linked, not renamed: a name already there is left as it is (another process kept the same content).
+    bool made = link(tmp.c_str(), path.c_str()) == 0;
+    int err = errno;
+    unlink(tmp.c_str());
+    if (!made && err != EEXIST) {
       errno = err;
-      return Fail(fd, "rename");
+      return Fail(fd, "link");
     }
-    Done(fd, true);
+    Done(fd, made);
   }
   void OnOK() override {
-    if (err_)
-      deferred_.Reject(ErrnoError(Env(), err_, syscall_).Value());
-    else
+    if (err_) {
+      Napi::Error e = ErrnoError(Env(), err_, syscall_);
+      e.Value().Set("path", folder_ + "/" + name_);
+      deferred_.Reject(e.Value());
+    } else
       deferred_.Resolve(Napi::Boolean::New(Env(), made_));
   }
 
@@ -191,6 +203,7 @@ class KeepWorker : public Napi::AsyncWorker {
     while (done < total) {
       ssize_t n = pwritev(fd, parts, 2, static_cast<off_t>(done));
       if (n < 0 && errno == EINTR) continue;
+      if (n == 0) errno = EIO;  // no progress and no error: said as an I/O error, not whatever errno held before
       if (n <= 0) return false;
       done += static_cast<uint64_t>(n);
       // A short write: go on past what was written.

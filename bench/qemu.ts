@@ -11,7 +11,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
-import { Qmp } from '../lib/qmp.js';
+import { Qmp, type QmpEvent } from '../lib/qmp.js';
 import { QemuSnapshotSource } from '../server/qemu-source.js';
 import { guestPasses as passes, testGuest } from '../test/guest/build.js';
 import { interleaved, median, round } from './latency.js';
@@ -150,15 +150,24 @@ export async function qemuBench(guestMemMib: number, rounds: number, progress: (
         children.push(child);
         // As `qemu restore` does: the snapshot is opened while QEMU starts.
         const source = new QemuSnapshotSource(snapshot);
-        await waitFor('QEMU to start', () => (existsSync(qmp) ? true : undefined));
-        const dest = await Qmp.connect(qmp);
-        await dest.execute('migrate-set-capabilities', { capabilities: [{ capability: 'postcopy-ram', state: true }] });
-        // The guest runs when QEMU says so (its RESUME event), watched the same way in every case.
-        const resumed = dest.nextEvent('RESUME', 120_000);
-        const started = performance.now();
-        await dest.execute('migrate-incoming', { uri: `unix:${incoming}` });
-        await waitFor('QEMU to listen', () => (existsSync(incoming) ? true : undefined));
-        const report = await source.serve(`unix:${incoming}`).finally(() => source.close());
+        let dest: Qmp;
+        let report: Awaited<ReturnType<QemuSnapshotSource['serve']>>;
+        let started: number;
+        let resumed: Promise<QmpEvent>;
+        try {
+          await waitFor('QEMU to start', () => (existsSync(qmp) ? true : undefined));
+          dest = await Qmp.connect(qmp);
+          await dest.execute('migrate-set-capabilities', { capabilities: [{ capability: 'postcopy-ram', state: true }] });
+          // The guest runs when QEMU says so (its RESUME event), watched the same way in every case.
+          resumed = dest.nextEvent('RESUME', 120_000);
+          resumed.catch(() => {}); // awaited below; a failure before that is the one reported
+          started = performance.now();
+          await dest.execute('migrate-incoming', { uri: `unix:${incoming}` });
+          await waitFor('QEMU to listen', () => (existsSync(incoming) ? true : undefined));
+          report = await source.serve(`unix:${incoming}`);
+        } finally {
+          source.close();
+        }
         const completeMs = performance.now() - started;
         const runningMs = (await resumed).at - started;
         dest.close();
@@ -179,6 +188,7 @@ export async function qemuBench(guestMemMib: number, rounds: number, progress: (
         // The stream is of a stopped guest: QEMU loads it and stays paused, as our restore would be told to run it.
         await dest.untilMigration(['completed'], 120_000, 20);
         const resumed = dest.nextEvent('RESUME', 120_000);
+        resumed.catch(() => {}); // awaited below; a failure before that is the one reported
         await dest.execute('cont');
         const runningMs = (await resumed).at - started;
         dest.close();
@@ -208,6 +218,7 @@ export async function qemuBench(guestMemMib: number, rounds: number, progress: (
         await src.execute('cont');
         await src.execute('migrate-set-capabilities', caps);
         const resumed = dest.nextEvent('RESUME', 120_000);
+        resumed.catch(() => {}); // awaited below; a failure before that is the one reported
         const started = performance.now();
         await src.execute('migrate', { uri: `unix:${incoming}` });
         await src.execute('migrate-start-postcopy');

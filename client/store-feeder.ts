@@ -87,6 +87,8 @@ export class StoreFeeder extends EventEmitter {
   /** Pieces fetched ahead in flight, and the fetches they go in. */
   #ahead = 0;
   #aheadFetches = 0;
+  /** Groups taken ahead (asked for in the engine) that wait for room: a working-set run that split into several fetches. */
+  readonly #queued: StorePiece[][] = [];
   /** The pieces taken ahead last time mostly went in fetches of several. */
   #grouping = true;
   /** Pieces faults wait on, in flight; and when the last one was taken or came (performance.now()). */
@@ -147,24 +149,33 @@ export class StoreFeeder extends EventEmitter {
 
   #pump(): void {
     if (this.#stopped) return;
-    // During an outage the pieces already in flight are retried; no more are taken ahead.
     const limit = this.#aheadRoom();
-    const held = limit <= AHEAD_DURING_DEMAND;
+    const held = limit <= AHEAD_DURING_DEMAND && limit < this.#parallel;
     if (held && this.#aheadFetches >= limit) this.stats.aheadHeldForFaults++;
-    const pieces: StorePiece[] = [];
+    // What is taken ahead: nothing during an outage (the pieces in flight are retried), nor while groups taken before wait
+    // for room; while faults are served, a run at a time until the fetches they make fill the room; else `room` pieces.
+    const groups: StorePiece[][] = [];
     let fromCache = 0;
     const take = (ahead: number, cacheBytes: number) => {
       const taken = this.#engine.takeStorePieces(ahead, cacheBytes);
-      pieces.push(...taken.pieces);
       fromCache += taken.fromCache;
+      for (const piece of taken.pieces) {
+        // The working set's runs go whole; the background's, whole while no fault is served.
+        const most = piece.why === Reason.prefetch || !held ? PIECES_PER_FETCH : 1;
+        const last = groups.at(-1);
+        if (isAhead(piece) && last && isAhead(last[0]) && last.length < most && this.#follows(last.at(-1)!, piece)) last.push(piece);
+        else groups.push([piece]);
+      }
       return taken.pieces.length;
     };
-    if (this.#outageSince || (held && this.#aheadFetches >= limit))
+    const aheadGroups = () => groups.filter((g) => isAhead(g[0])).length;
+    if (this.#outageSince || this.#queued.length > 0 || (held && this.#aheadFetches >= limit))
       take(0, 0); // the pieces faults wait on, always
     else if (held) {
-      // While faults are served: AHEAD_DURING_DEMAND fetches at most, one run each (a working-set run, joined with the
-      // set's neighbours into up to PIECES_PER_FETCH pieces by the engine; a piece of the background).
-      for (let n = this.#aheadFetches; n < limit; n++) if (take(1, INSTALL_HERE_BYTES / AHEAD_DURING_DEMAND) === 0) break;
+      // A working-set run is joined with the set's neighbours by the engine (up to PIECES_PER_FETCH pieces): one fetch
+      // where its chunks lie one after another in a pack, several where they do not (the older layout, a child's
+      // chunks in its parent's packs). A background piece is one.
+      while (this.#aheadFetches + aheadGroups() < limit) if (take(1, INSTALL_HERE_BYTES / AHEAD_DURING_DEMAND) === 0) break;
     } else {
       let room = Math.max(0, limit - this.#ahead);
       // While the pieces taken go in whole fetches, whole fetches only: the room one leaves is filled by one of the same size
@@ -174,39 +185,36 @@ export class StoreFeeder extends EventEmitter {
     }
     // Zero chunks and pieces the host's cache held went in at once: the next ones are taken on the next turn of the loop.
     if (fromCache > 0) this.#pumpSoon();
-    const groups: StorePiece[][] = [];
-    for (const piece of pieces) {
-      // The working set's runs go whole; the background's, whole while no fault is served.
-      const most = piece.why === Reason.prefetch || !held ? PIECES_PER_FETCH : 1;
-      const last = groups.at(-1);
-      if (isAhead(piece) && last && last.length < most && this.#follows(last.at(-1)!, piece)) last.push(piece);
-      else groups.push([piece]);
-    }
-    const aheadGroups = groups.filter((g) => isAhead(g[0]));
-    if (aheadGroups.length > 0 && !held) this.#grouping = aheadGroups.filter((g) => g.length > 1).length * 2 >= aheadGroups.length;
-    for (const group of groups) {
-      const ahead = isAhead(group[0]);
-      if (ahead) {
-        this.#ahead += group.length;
-        this.#aheadFetches++;
-      } else {
-        this.#urgent++;
-        this.#lastUrgentAt = performance.now();
-      }
-      void this.#paced(group, ahead)
-        .then(() => this.#feed(group, 0))
-        .finally(() => {
-          if (ahead) {
-            this.#ahead -= group.length;
-            this.#aheadFetches--;
-          } else {
-            this.#urgent--;
-            this.#lastUrgentAt = performance.now();
-          }
-          this.#pump();
-        });
-    }
+    const taken = groups.filter((g) => isAhead(g[0]));
+    if (taken.length > 0 && !held) this.#grouping = taken.filter((g) => g.length > 1).length * 2 >= taken.length;
+    for (const group of groups) if (!isAhead(group[0])) this.#start(group, false);
+    // Ahead: those that waited first, then these, while there is room (fetches while held, pieces otherwise).
+    this.#queued.push(...taken);
+    while (this.#queued.length > 0 && (held ? this.#aheadFetches < limit : this.#ahead < limit)) this.#start(this.#queued.shift()!, true);
     if (limit < this.#parallel) this.#pumpAfterDemand();
+  }
+
+  /** Fetches a group (one fetch) and installs it; pumps again when it is done. */
+  #start(group: StorePiece[], ahead: boolean): void {
+    if (ahead) {
+      this.#ahead += group.length;
+      this.#aheadFetches++;
+    } else {
+      this.#urgent++;
+      this.#lastUrgentAt = performance.now();
+    }
+    void this.#paced(group, ahead)
+      .then(() => this.#feed(group, 0))
+      .finally(() => {
+        if (ahead) {
+          this.#ahead -= group.length;
+          this.#aheadFetches--;
+        } else {
+          this.#urgent--;
+          this.#lastUrgentAt = performance.now();
+        }
+        this.#pump();
+      });
   }
 
   /** `next` is fetched ahead too, right after `prev` in its region, and its first chunk lies right after prev's last in one pack. */

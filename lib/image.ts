@@ -71,7 +71,9 @@ export class Image {
   /**
    * Identifies the image to a destination that resumes (lib/digest.ts): taken
    * when first asked (it reads pages of every region: milliseconds that a
-   * source which never names its image, a QEMU stream's, does not spend).
+   * source which never names its image, a QEMU stream's, does not spend),
+   * so from the pages as they are then; asked after close(), it throws
+   * ERR_MAPPING_UNMAPPED.
    */
   get fingerprint(): string {
     return (this.#fingerprint ??= imageFingerprint(this.regions.map((r) => ({ length: r.length, pageSize: r.pageSize, bytes: regionBytes(r) }))));

@@ -337,6 +337,7 @@ export class ChunkCache {
   async #files(): Promise<{ path: string; size: number; used: number }[]> {
     const out: { path: string; size: number; used: number }[] = [];
     for (const sub of await readdir(this.dir)) {
+      if (sub === 'tmp') await this.#sweepOldTmp();
       if (sub.length !== 2) continue;
       for (const name of await readdir(join(this.dir, sub)).catch(() => [] as string[])) {
         const path = join(this.dir, sub, name);
@@ -351,6 +352,15 @@ export class ChunkCache {
       }
     }
     return out;
+  }
+
+  /** `tmp/`, where versions before nameless files wrote: what a crash left there, once old (one may still write there now). */
+  async #sweepOldTmp(): Promise<void> {
+    const tmp = join(this.dir, 'tmp');
+    for (const name of await readdir(tmp).catch(() => [] as string[])) {
+      const st = await stat(join(tmp, name)).catch(() => null);
+      if (st && Date.now() - st.mtimeMs > LEFT_BY_A_CRASH_MS) await unlink(join(tmp, name)).catch(() => {});
+    }
   }
 
   /** Counts the directory's bytes once: every chunk kept meanwhile waits for the one count (a scan of the whole directory). */
