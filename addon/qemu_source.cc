@@ -212,7 +212,7 @@ class QemuRamStream : public Napi::ObjectWrap<QemuRamStream>, DataPlane {
         std::unique_lock<std::mutex> lock(mu_);
         auto ready = [&] { return Stopping() || peerGone_ || violation_ || shut_ || sched_->HasWork() || (background_ && backgroundOpen); };
         if (background_ && !backgroundOpen && !cv_.wait_until(lock, holdUntil, ready)) backgroundOpen = true;
-        cv_.wait(lock, [&] { return ready() || (background_ && backgroundOpen); });
+        cv_.wait(lock, ready);
         if (Stopping() || shut_) return;
         if (peerGone_) return Emit("error", "ERR_PEER_GONE", "the destination QEMU closed the migration connection");
         if (violation_) return Emit("error", "ERR_PROTOCOL_OUT_OF_RANGE", violation_);

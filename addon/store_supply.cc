@@ -93,7 +93,8 @@ void StoreSupply::JoinSetNeighbours(std::vector<Want>& out, size_t from) {
     for (uint64_t q = edge + step; taken < kSetRunPieces && q >= ps.first && q < ps.first + ps.count; q += step) {
       if (ps.asked->Test(q - ps.first)) break;  // asked already (a fault's, a run of the set's): the run ends there
       if (!HoldsSetPage(r, q)) {
-        if ((q > edge ? q - edge : edge - q) > kSetGapPieces || taken + (q > edge ? q - edge : edge - q) >= kSetRunPieces) break;
+        uint64_t gap = q > edge ? q - edge : edge - q;  // pieces of no set page since the run's edge, q included
+        if (gap > kSetGapPieces || taken + gap >= kSetRunPieces) break;
         continue;
       }
       bool whole = true;

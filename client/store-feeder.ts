@@ -154,28 +154,32 @@ export class StoreFeeder extends EventEmitter {
     if (held && this.#aheadFetches >= limit) this.stats.aheadHeldForFaults++;
     // What is taken ahead: nothing during an outage (the pieces in flight are retried), nor while groups taken before wait
     // for room; while faults are served, a run at a time until the fetches they make fill the room; else `room` pieces.
-    const groups: StorePiece[][] = [];
+    const urgent: StorePiece[][] = [];
+    const taken: StorePiece[][] = [];
     let fromCache = 0;
     const take = (ahead: number, cacheBytes: number) => {
-      const taken = this.#engine.takeStorePieces(ahead, cacheBytes);
-      fromCache += taken.fromCache;
-      for (const piece of taken.pieces) {
+      const answer = this.#engine.takeStorePieces(ahead, cacheBytes);
+      fromCache += answer.fromCache;
+      for (const piece of answer.pieces) {
+        if (!isAhead(piece)) {
+          urgent.push([piece]);
+          continue;
+        }
         // The working set's runs go whole; the background's, whole while no fault is served.
         const most = piece.why === Reason.prefetch || !held ? PIECES_PER_FETCH : 1;
-        const last = groups.at(-1);
-        if (isAhead(piece) && last && isAhead(last[0]) && last.length < most && this.#follows(last.at(-1)!, piece)) last.push(piece);
-        else groups.push([piece]);
+        const last = taken.at(-1);
+        if (last && last.length < most && this.#follows(last.at(-1)!, piece)) last.push(piece);
+        else taken.push([piece]);
       }
-      return taken.pieces.length;
+      return answer.pieces.length;
     };
-    const aheadGroups = () => groups.filter((g) => isAhead(g[0])).length;
     if (this.#outageSince || this.#queued.length > 0 || (held && this.#aheadFetches >= limit))
       take(0, 0); // the pieces faults wait on, always
     else if (held) {
       // A working-set run is joined with the set's neighbours by the engine (up to PIECES_PER_FETCH pieces): one fetch
       // where its chunks lie one after another in a pack, several where they do not (the older layout, a child's
       // chunks in its parent's packs). A background piece is one.
-      while (this.#aheadFetches + aheadGroups() < limit) if (take(1, INSTALL_HERE_BYTES / AHEAD_DURING_DEMAND) === 0) break;
+      while (this.#aheadFetches + taken.length < limit) if (take(1, INSTALL_HERE_BYTES / AHEAD_DURING_DEMAND) === 0) break;
     } else {
       let room = Math.max(0, limit - this.#ahead);
       // While the pieces taken go in whole fetches, whole fetches only: the room one leaves is filled by one of the same size
@@ -185,9 +189,8 @@ export class StoreFeeder extends EventEmitter {
     }
     // Zero chunks and pieces the host's cache held went in at once: the next ones are taken on the next turn of the loop.
     if (fromCache > 0) this.#pumpSoon();
-    const taken = groups.filter((g) => isAhead(g[0]));
     if (taken.length > 0 && !held) this.#grouping = taken.filter((g) => g.length > 1).length * 2 >= taken.length;
-    for (const group of groups) if (!isAhead(group[0])) this.#start(group, false);
+    for (const group of urgent) this.#start(group, false);
     // Ahead: those that waited first, then these, while there is room (fetches while held, pieces otherwise).
     this.#queued.push(...taken);
     while (this.#queued.length > 0 && (held ? this.#aheadFetches < limit : this.#ahead < limit)) this.#start(this.#queued.shift()!, true);

@@ -44,6 +44,13 @@ async function storeFor(t: Test, prefix = 'images'): Promise<SnapshotStore> {
   return store;
 }
 
+/** `bytes` as a one-region image, closed when the test ends. */
+function openImage(t: Test, bytes: Buffer): Image {
+  const image = Image.open([{ buffer: bytes }]);
+  t.teardown(() => image.close());
+  return image;
+}
+
 async function restoreAll(t: Test, store: SnapshotStore, name: string, cache: ChunkCache | false, order?: Uint32Array, background = true) {
   const dest = await Destination.connect({ storeImage: { store, name }, cache, background: { enabled: background } });
   t.teardown(() => dest.close());
@@ -100,8 +107,7 @@ t.test('compressible pages are stored as zstd, and a chunk of the older brotli l
     if (p % 5 === 4) randomBytes(PAGE).copy(bytes, p * PAGE);
     else bytes.write(`page ${p} of a guest's memory, restored from the store; `.repeat(64).slice(0, PAGE), p * PAGE);
   }
-  const image = Image.open([{ buffer: bytes }]);
-  t.teardown(() => image.close());
+  const image = openImage(t, bytes);
   await store.push(image, 'text');
   const manifest = await store.manifest('text');
   const chunks = manifest.regions[0].chunks;
@@ -128,8 +134,7 @@ t.test('chunks lie in packs: the background fetches neighbours with one ranged G
   const store = await storeFor(t);
   const pages = 4096;
   const bytes = randomImage(pages, 0);
-  const image = Image.open([{ buffer: bytes }]);
-  t.teardown(() => image.close());
+  const image = openImage(t, bytes);
   const pushed = await store.push(image, 'packed');
   const manifest = await store.manifest('packed');
   const chunks = pages / (DEFAULT_CHUNK_BYTES / PAGE);
@@ -160,8 +165,7 @@ t.test(
   async (t) => {
     const store = await storeFor(t);
     const bytes = imageBytes(1024);
-    const image = Image.open([{ buffer: bytes }]);
-    t.teardown(() => image.close());
+    const image = openImage(t, bytes);
     await store.push(image, 'made');
     // Rewritten as an older build stored it: each chunk's object under its own name, no packs, version 1.
     const manifest = await store.manifest('made');
@@ -179,8 +183,7 @@ t.test(
     // A child against the old parent: only what differs is uploaded (into a pack); the rest stays the parent's objects.
     const child = Buffer.from(bytes);
     child.fill(0x5a, 0, PAGE);
-    const childImage = Image.open([{ buffer: child }]);
-    t.teardown(() => childImage.close());
+    const childImage = openImage(t, child);
     const pushed = await store.push(childImage, 'child', { parent: 'old' });
     t.equal(pushed.uploadedChunks, 1);
     const cm = await store.manifest('child');
@@ -191,8 +194,7 @@ t.test(
 
     // Another image sharing those chunks, pushed by a store whose gc grace is so short that every object found counts as
     // old: the old objects are written again as they were (an empty marker in their place would empty them under 'old').
-    const cousin = Image.open([{ buffer: bytes }]);
-    t.teardown(() => cousin.close());
+    const cousin = openImage(t, bytes);
     const refreshed = await store.push(cousin, 'cousin', { graceMs: 0 });
     t.equal(refreshed.presentChunks, 0, 'nothing trusted');
     const cm2 = await store.manifest('cousin');
@@ -209,15 +211,13 @@ t.test(
 t.test('gc beside a push under way: the packs of the parent it counts on are kept, even when the parent is removed meanwhile', async (t) => {
   const store = await storeFor(t);
   const base = imageBytes(1024);
-  const a = Image.open([{ buffer: base }]);
-  t.teardown(() => a.close());
+  const a = openImage(t, base);
   await store.push(a, 'base');
   const basePacks = (await store.manifest('base')).packs!;
   // What a child's push writes first as its pending record (seen through the object store's put).
   const child = Buffer.from(base);
   child.fill(0x33, 0, PAGE);
-  const b = Image.open([{ buffer: child }]);
-  t.teardown(() => b.close());
+  const b = openImage(t, child);
   const put = store.objects.put.bind(store.objects);
   const pendings: { name: string; body: Uint8Array }[] = [];
   store.objects.put = (name, body, ...rest) => {
@@ -246,8 +246,7 @@ t.test('with the background on, faults come first: what is fetched ahead is held
   const store = await storeFor(t);
   const pages = 4096;
   const bytes = imageBytes(pages, 5);
-  const image = Image.open([{ buffer: bytes }]);
-  t.teardown(() => image.close());
+  const image = openImage(t, bytes);
   await store.push(image, 'busy');
   const dest = await Destination.connect({ storeImage: { store, name: 'busy' }, cache: false, parallel: 64 });
   t.teardown(() => dest.close());
@@ -264,8 +263,7 @@ t.test('a recorded working set goes from the store as runs of its neighbours in 
   const pages = 4096;
   const per = DEFAULT_CHUNK_BYTES / PAGE;
   const bytes = randomImage(pages, 0);
-  const image = Image.open([{ buffer: bytes }]);
-  t.teardown(() => image.close());
+  const image = openImage(t, bytes);
   await store.push(image, 'cold');
   // Chunks first touched in this order: {3,4,5}, {10,12} (a gap of one), {20,23} (two), {30} and {34} (a gap of three: apart),
   // and 40..59 (twenty: more than one fetch holds).
@@ -308,8 +306,7 @@ t.test('a faulted page goes in before the rest of its chunk, and a page of the c
   const pages = 2048;
   const per = DEFAULT_CHUNK_BYTES / PAGE;
   const bytes = randomImage(pages, 0);
-  const image = Image.open([{ buffer: bytes }]);
-  t.teardown(() => image.close());
+  const image = openImage(t, bytes);
   await store.push(image, 'middle');
   // Each chunk touched from its middle on, then its start: the faulted page is installed first and wakes the thread, which
   // touches the next page while the rest of the chunk goes in (faulting on it again, if it is not in yet).
@@ -328,12 +325,8 @@ t.test('a child pushed with its parent uploads only the chunks that differ; both
   const base = imageBytes(4096);
   const child = Buffer.from(base);
   for (const p of [10, 11, 1000, 3000]) child.fill(0x5a, p * PAGE, (p + 1) * PAGE); // 3 chunks touched
-  const baseImage = Image.open([{ buffer: base }]);
-  const childImage = Image.open([{ buffer: child }]);
-  t.teardown(() => {
-    baseImage.close();
-    childImage.close();
-  });
+  const baseImage = openImage(t, base);
+  const childImage = openImage(t, child);
   const first = await store.push(baseImage, 'base');
   const second = await store.push(childImage, 'child', { parent: 'base' });
   t.equal(second.uploadedChunks, 3, 'three chunks differ');
@@ -360,12 +353,8 @@ t.test('rm refuses a parent; gc deletes only chunks and packs no image names (an
   const base = imageBytes(1024);
   const child = Buffer.from(base);
   child.fill(0x77, 0, PAGE);
-  const a = Image.open([{ buffer: base }]);
-  const b = Image.open([{ buffer: child }]);
-  t.teardown(() => {
-    a.close();
-    b.close();
-  });
+  const a = openImage(t, base);
+  const b = openImage(t, child);
   await store.push(a, 'base');
   await store.push(b, 'child', { parent: 'base' });
   await t.rejects(store.remove('base'), { code: 'ERR_STORE_CONFLICT', message: /parent of child/ });
@@ -389,12 +378,8 @@ t.test('gc: a pack that one image still needs part of is kept whole, and the byt
   const base = randomImage(1024, 0);
   const half = Buffer.from(base);
   half.fill(0, half.length / 2); // the first half of the base's chunks, then zeros
-  const a = Image.open([{ buffer: base }]);
-  const b = Image.open([{ buffer: half }]);
-  t.teardown(() => {
-    a.close();
-    b.close();
-  });
+  const a = openImage(t, base);
+  const b = openImage(t, half);
   await store.push(a, 'whole');
   const pushed = await store.push(b, 'half'); // no parent: its chunks found by their markers, in the whole image's pack
   t.equal(pushed.uploadedChunks, 0);
@@ -414,8 +399,7 @@ t.test('gc: a pack that one image still needs part of is kept whole, and the byt
 t.test('a damaged chunk is never installed, and a missing one is named', async (t) => {
   const store = await storeFor(t);
   const bytes = imageBytes(512);
-  const image = Image.open([{ buffer: bytes }]);
-  t.teardown(() => image.close());
+  const image = openImage(t, bytes);
   await store.push(image, 'img');
   const manifest = await store.manifest('img');
   const victim = manifest.regions[0].chunks.find((c) => c !== '')!;
@@ -452,8 +436,7 @@ t.test('a damaged chunk is never installed, and a missing one is named', async (
 t.test('the host cache: a second restore of the image fetches nothing from the store, and a damaged cached chunk is fetched again', async (t) => {
   const store = await storeFor(t);
   const bytes = imageBytes(1024);
-  const image = Image.open([{ buffer: bytes }]);
-  t.teardown(() => image.close());
+  const image = openImage(t, bytes);
   const pushed = await store.push(image, 'img');
   const dir = tempDir(t);
   const cold = await restoreAll(t, store, 'img', new ChunkCache({ dir }));
@@ -544,8 +527,7 @@ t.test('the store killed mid-restore (its gateway, -9) and started again: a paus
   const store = new SnapshotStore(parseStoreUrl(`${bucket}/x`), { endpoint: gateway.endpoint, maxAttempts: 2, requestTimeoutMs: 2000 });
   t.teardown(() => store.close());
   const bytes = imageBytes(2048);
-  const image = Image.open([{ buffer: bytes }]);
-  t.teardown(() => image.close());
+  const image = openImage(t, bytes);
   await store.push(image, 'vm');
   const dest = await Destination.connect({
     storeImage: { store, name: 'vm' },
@@ -576,8 +558,7 @@ t.test('with a give-up time, a store that stays gone fails the session (ERR_SOUR
   const bucket = await freshBucket(t);
   const store = new SnapshotStore(parseStoreUrl(`${bucket}/x`), { endpoint: gateway.endpoint, maxAttempts: 1, requestTimeoutMs: 1000 });
   t.teardown(() => store.close());
-  const image = Image.open([{ buffer: imageBytes(512) }]);
-  t.teardown(() => image.close());
+  const image = openImage(t, imageBytes(512));
   await store.push(image, 'vm');
   const dest = await Destination.connect({
     storeImage: { store, name: 'vm' },
