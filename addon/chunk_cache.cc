@@ -21,18 +21,22 @@ bool ChunkCacheReader::IsZero(uint32_t sourceRegion, uint64_t chunk) const {
   return true;
 }
 
-bool ChunkCacheReader::Read(uint32_t sourceRegion, uint64_t chunk, uint8_t* out, uint64_t length) const {
-  if (dir_.empty() || sourceRegion >= names_.size() || chunk >= Chunks(sourceRegion)) return false;
+void ChunkCacheReader::PathOf(uint32_t sourceRegion, uint64_t chunk, std::string* folder, std::string* name) const {
   static const char kHex[] = "0123456789abcdef";
-  char hex[65];
-  const uint8_t* name = names_[sourceRegion].data() + chunk * 32;
+  const uint8_t* bytes = Name(sourceRegion, chunk);
+  name->resize(64);
   for (int i = 0; i < 32; i++) {
-    hex[2 * i] = kHex[name[i] >> 4];
-    hex[2 * i + 1] = kHex[name[i] & 15];
+    (*name)[2 * i] = kHex[bytes[i] >> 4];
+    (*name)[2 * i + 1] = kHex[bytes[i] & 15];
   }
-  hex[64] = 0;
-  std::string path = dir_;
-  path.append("/").append(hex, 2).append("/").append(hex, 64);
+  *folder = dir_ + "/" + name->substr(0, 2);
+}
+
+bool ChunkCacheReader::Read(uint32_t sourceRegion, uint64_t chunk, uint8_t* out, uint64_t length, bool* damaged) const {
+  if (dir_.empty() || sourceRegion >= names_.size() || chunk >= Chunks(sourceRegion)) return false;
+  std::string folder, name;
+  PathOf(sourceRegion, chunk, &folder, &name);
+  std::string path = folder + "/" + name;
   int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return false;
   bool ok = false;
@@ -57,32 +61,28 @@ bool ChunkCacheReader::Read(uint32_t sourceRegion, uint64_t chunk, uint8_t* out,
     }
   }
   if (ok) futimens(fd, nullptr);  // used now: the last to be evicted
+  if (!ok && damaged) *damaged = true;
   close(fd);
   return ok;
 }
 
-namespace {
 #ifndef F_OFD_SETLK
 #define F_OFD_SETLK 37  // open file description locks (Linux 3.15); older headers lack the name
 #endif
 
-// The byte range [at, at + length) of the file `fd`, locked for writing or
-// unlocked, as an open file description lock: it belongs to the open file,
-// not the process, so two opens in one process exclude each other too, and
-// the kernel lets it go when the file is closed (a holder that dies never
-// leaves it behind). Never waits: false when another open file holds it.
-bool RangeLock(Napi::Env env, int fd, double at, double length, bool lock) {
+int LockRange(int fd, uint64_t at, uint64_t length, bool lock) {
   struct flock fl = {};
   fl.l_type = lock ? F_WRLCK : F_UNLCK;
   fl.l_whence = SEEK_SET;
   fl.l_start = static_cast<off_t>(at);
   fl.l_len = static_cast<off_t>(length);
-  if (fcntl(fd, F_OFD_SETLK, &fl) == 0) return true;
-  if (lock && (errno == EAGAIN || errno == EACCES)) return false;
-  ThrowErrno(env, errno, "fcntl", "F_OFD_SETLK");
+  if (fcntl(fd, F_OFD_SETLK, &fl) == 0) return 0;
+  return errno == EACCES ? EAGAIN : errno;
 }
 
-// rangeLock(fd, at, length, lock) -> boolean (RangeLock). Arguments are
+namespace {
+
+// rangeLock(fd, at, length, lock) -> boolean (LockRange). Arguments are
 // checked in lib/store/chunk-cache.ts; here again, as numbers in range.
 Napi::Value RangeLockJs(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -95,7 +95,10 @@ Napi::Value RangeLockJs(const Napi::CallbackInfo& info) {
   int fd = static_cast<int>(fdNumber);
   if (!whole || !(fdNumber >= 0 && fdNumber <= 2147483647.0) || !(at >= 0 && at < 9007199254740992.0) || !(length >= 1 && length <= 1 << 20))
     throw CodedError(env, "ERR_OUT_OF_RANGE", "rangeLock: a descriptor, an offset from 0 and a length of 1 byte to 1 MiB");
-  return Napi::Boolean::New(env, RangeLock(env, fd, at, length, info[3].As<Napi::Boolean>().Value()));
+  bool lock = info[3].As<Napi::Boolean>().Value();
+  int err = LockRange(fd, static_cast<uint64_t>(at), static_cast<uint64_t>(length), lock);
+  if (err == 0 || (lock && err == EAGAIN)) return Napi::Boolean::New(env, err == 0);
+  ThrowErrno(env, err, "fcntl", "F_OFD_SETLK");
 }
 
 // cacheCheck(bytes) -> bigint: CacheCheck() of the bytes (a cached chunk file's footer).
@@ -104,108 +107,44 @@ Napi::Value CacheCheckJs(const Napi::CallbackInfo& info) {
   return Napi::BigInt::New(info.Env(), CacheCheck(bytes.Data(), bytes.ByteLength()));
 }
 
+}  // namespace
+
 #ifndef O_TMPFILE
 #define O_TMPFILE (020000000 | O_DIRECTORY)  // Linux 3.11; older headers lack the name
 #endif
 
 // Writes one chunk's file (content, then footer) under the name it is read
-// by, on a thread of libuv's pool: made nameless in the chunk's folder
-// (O_TMPFILE) and linked to its name once whole, so no reader (any process)
-// ever sees half a file, and a crash mid-write leaves nothing behind. The
-// folder is made when missing. Where the filesystem cannot make a nameless
-// file (or /proc is not mounted), a temporary name in the same folder
-// (".tmp.*", which the cache's scan removes once old) renamed over it.
-class KeepWorker : public Napi::AsyncWorker {
- public:
-  KeepWorker(Napi::Env env, std::string folder, std::string name, Napi::Uint8Array content, uint64_t check)
-      : Napi::AsyncWorker(env),
-        deferred_(Napi::Promise::Deferred::New(env)),
-        folder_(std::move(folder)),
-        name_(std::move(name)),
-        content_(Napi::Persistent(content)),
-        data_(content.Data()),
-        length_(content.ByteLength()) {
-    std::memcpy(footer_, kCacheMagic, 8);
-    std::memcpy(footer_ + 8, &check, 8);  // little-endian, as this machine
-  }
-  Napi::Promise Promise() { return deferred_.Promise(); }
-
-  void Execute() override {
-    std::string path = folder_ + "/" + name_;
-    static std::atomic<bool> noProc{false};
-    int fd = noProc.load(std::memory_order_relaxed) ? -1 : OpenNameless();
-    if (fd >= 0) {
-      if (!WriteAll(fd)) return Fail(fd, "pwritev");
-      char self[64];
-      std::snprintf(self, sizeof self, "/proc/self/fd/%d", fd);
-      for (int attempt = 0;; attempt++) {
-        if (linkat(AT_FDCWD, self, AT_FDCWD, path.c_str(), AT_SYMLINK_FOLLOW) == 0) return Done(fd, true);
-        if (errno == EEXIST) return Done(fd, false);  // another process kept it meanwhile: the same content
-        if (errno != ENOENT) return Fail(fd, "linkat");
-        if (access(self, F_OK) != 0) break;  // no /proc here: by a temporary name instead, from now on
-        // The folder was removed since the file was made in it: made again, and linked once more.
-        if (attempt > 0 || (mkdir(folder_.c_str(), 0700) != 0 && errno != EEXIST)) return Fail(fd, attempt > 0 ? "linkat" : "mkdir");
-      }
-      noProc.store(true, std::memory_order_relaxed);
-      close(fd);
-    } else if (syscall_) {
-      return;
-    }
-    static std::atomic<uint64_t> written{0};
-    std::string tmp = folder_ + "/.tmp." + name_ + "." + std::to_string(getpid()) + "." + std::to_string(++written);
-    fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-    if (fd < 0 && errno == ENOENT && mkdir(folder_.c_str(), 0700) == 0) fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-    if (fd < 0) return Fail(-1, "open");
-    if (!WriteAll(fd)) {
-      int err = errno;
-      unlink(tmp.c_str());
-      errno = err;
-      return Fail(fd, "pwritev");
-    }
-    // Linked, not renamed: a name already there is left as it is (another process kept the same content).
-    bool made = link(tmp.c_str(), path.c_str()) == 0;
-    int err = errno;
-    unlink(tmp.c_str());
-    if (!made && err != EEXIST) {
-      errno = err;
-      return Fail(fd, "link");
-    }
-    Done(fd, made);
-  }
-  void OnOK() override {
-    if (err_) {
-      Napi::Error e = ErrnoError(Env(), err_, syscall_);
-      e.Value().Set("path", folder_ + "/" + name_);
-      deferred_.Reject(e.Value());
-    } else
-      deferred_.Resolve(Napi::Boolean::New(Env(), made_));
-  }
-
- private:
-  // A nameless file in the folder (made when missing); -1 with syscall_ set
-  // on a failure, or -1 with it unset where nameless files cannot be made.
-  int OpenNameless() {
-    int fd = open(folder_.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600);
-    if (fd < 0 && errno == ENOENT) {
-      if (mkdir(folder_.c_str(), 0700) != 0 && errno != EEXIST) {
-        Fail(-1, "mkdir");
-        return -1;
-      }
-      fd = open(folder_.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600);
-    }
-    if (fd >= 0 || errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL) return fd;
-    Fail(-1, "open");
-    return -1;
-  }
-  bool WriteAll(int fd) {
-    struct iovec parts[2] = {{const_cast<uint8_t*>(data_), length_}, {footer_, kCacheFooterBytes}};
-    uint64_t total = length_ + kCacheFooterBytes, done = 0;
-    while (done < total) {
-      ssize_t n = pwritev(fd, parts, 2, static_cast<off_t>(done));
+// by: made nameless in the chunk's folder (O_TMPFILE) and linked to its name
+// once whole, so no reader (any process) ever sees half a file, and a crash
+// mid-write leaves nothing behind. The folder is made when missing. Where the
+// filesystem cannot make a nameless file (or /proc is not mounted), a
+// temporary name in the same folder (".tmp.*", which the cache's scan
+// removes once old), linked to the name and removed.
+KeepResult KeepChunkFile(const std::string& folder, const std::string& name, const uint8_t* data, uint64_t length, uint64_t check) {
+  KeepResult result;
+  uint8_t footer[kCacheFooterBytes];
+  std::memcpy(footer, kCacheMagic, 8);
+  std::memcpy(footer + 8, &check, 8);  // little-endian, as this machine
+  auto fail = [&](int fd, const char* syscall) {
+    result.err = errno ? errno : EIO;
+    result.syscall = syscall;
+    if (fd >= 0) close(fd);
+    return result;
+  };
+  auto done = [&](int fd, bool made) {
+    close(fd);
+    result.made = made;
+    return result;
+  };
+  auto writeAll = [&](int fd) {
+    struct iovec parts[2] = {{const_cast<uint8_t*>(data), length}, {footer, kCacheFooterBytes}};
+    uint64_t total = length + kCacheFooterBytes, written = 0;
+    while (written < total) {
+      ssize_t n = pwritev(fd, parts, 2, static_cast<off_t>(written));
       if (n < 0 && errno == EINTR) continue;
       if (n == 0) errno = EIO;  // no progress and no error: said as an I/O error, not whatever errno held before
       if (n <= 0) return false;
-      done += static_cast<uint64_t>(n);
+      written += static_cast<uint64_t>(n);
       // A short write: go on past what was written.
       uint64_t skip = static_cast<uint64_t>(n);
       for (auto& part : parts) {
@@ -216,26 +155,90 @@ class KeepWorker : public Napi::AsyncWorker {
       }
     }
     return true;
+  };
+  std::string path = folder + "/" + name;
+  static std::atomic<bool> noProc{false};
+  int fd = -1;
+  if (!noProc.load(std::memory_order_relaxed)) {
+    // A nameless file in the folder (made when missing).
+    fd = open(folder.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600);
+    if (fd < 0 && errno == ENOENT) {
+      if (mkdir(folder.c_str(), 0700) != 0 && errno != EEXIST) return fail(-1, "mkdir");
+      fd = open(folder.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600);
+    }
+    if (fd < 0 && errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL) return fail(-1, "open");
   }
-  void Done(int fd, bool made) {
+  if (fd >= 0) {
+    if (!writeAll(fd)) return fail(fd, "pwritev");
+    char self[64];
+    std::snprintf(self, sizeof self, "/proc/self/fd/%d", fd);
+    for (int attempt = 0;; attempt++) {
+      if (linkat(AT_FDCWD, self, AT_FDCWD, path.c_str(), AT_SYMLINK_FOLLOW) == 0) return done(fd, true);
+      if (errno == EEXIST) return done(fd, false);  // another process kept it meanwhile: the same content
+      if (errno != ENOENT) return fail(fd, "linkat");
+      if (access(self, F_OK) != 0) break;  // no /proc here: by a temporary name instead, from now on
+      // The folder was removed since the file was made in it: made again, and linked once more.
+      if (attempt > 0 || (mkdir(folder.c_str(), 0700) != 0 && errno != EEXIST)) return fail(fd, attempt > 0 ? "linkat" : "mkdir");
+    }
+    noProc.store(true, std::memory_order_relaxed);
     close(fd);
-    made_ = made;
   }
-  void Fail(int fd, const char* syscall) {
-    err_ = errno ? errno : EIO;
-    syscall_ = syscall;
-    if (fd >= 0) close(fd);
+  static std::atomic<uint64_t> kept{0};
+  std::string tmp = folder + "/.tmp." + name + "." + std::to_string(getpid()) + "." + std::to_string(++kept);
+  fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0 && errno == ENOENT && mkdir(folder.c_str(), 0700) == 0) fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0) return fail(-1, "open");
+  if (!writeAll(fd)) {
+    int err = errno;
+    unlink(tmp.c_str());
+    errno = err;
+    return fail(fd, "pwritev");
+  }
+  // Linked, not renamed: a name already there is left as it is (another process kept the same content).
+  bool made = link(tmp.c_str(), path.c_str()) == 0;
+  int err = errno;
+  unlink(tmp.c_str());
+  if (!made && err != EEXIST) {
+    errno = err;
+    return fail(fd, "link");
+  }
+  return done(fd, made);
+}
+
+namespace {
+
+// KeepChunkFile on a thread of libuv's pool, for JavaScript (one trip, no event-loop turn per syscall).
+class KeepWorker : public Napi::AsyncWorker {
+ public:
+  KeepWorker(Napi::Env env, std::string folder, std::string name, Napi::Uint8Array content, uint64_t check)
+      : Napi::AsyncWorker(env),
+        deferred_(Napi::Promise::Deferred::New(env)),
+        folder_(std::move(folder)),
+        name_(std::move(name)),
+        content_(Napi::Persistent(content)),
+        data_(content.Data()),
+        length_(content.ByteLength()),
+        check_(check) {}
+  Napi::Promise Promise() { return deferred_.Promise(); }
+
+  void Execute() override { result_ = KeepChunkFile(folder_, name_, data_, length_, check_); }
+  void OnOK() override {
+    if (result_.err) {
+      Napi::Error e = ErrnoError(Env(), result_.err, result_.syscall);
+      e.Value().Set("path", folder_ + "/" + name_);
+      deferred_.Reject(e.Value());
+    } else
+      deferred_.Resolve(Napi::Boolean::New(Env(), result_.made));
   }
 
+ private:
   Napi::Promise::Deferred deferred_;
   std::string folder_, name_;
   Napi::Reference<Napi::Uint8Array> content_;  // kept alive while the pool's thread reads it
   const uint8_t* data_;
   uint64_t length_;
-  uint8_t footer_[kCacheFooterBytes];
-  int err_ = 0;
-  const char* syscall_ = nullptr;
-  bool made_ = false;
+  uint64_t check_;
+  KeepResult result_;
 };
 
 // cacheKeep(folder, name, content, check) -> Promise<boolean> (KeepWorker):

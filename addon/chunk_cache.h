@@ -28,6 +28,33 @@ inline uint64_t CacheCheck(const uint8_t* data, uint64_t length) {
   return Avalanche64(ContentHash(data, whole) ^ Avalanche64(ContentHash(tail, 32) ^ length));
 }
 
+// The byte range [at, at + length) of the file `fd`, locked for writing or
+// unlocked, as an open file description lock: it belongs to the open file,
+// not the process, so two opens in one process exclude each other too, and
+// the kernel lets it go when the file is closed (a holder that dies never
+// leaves it behind). Never waits: 0, EAGAIN while another open file holds it,
+// or the errno of a filesystem that cannot lock.
+int LockRange(int fd, uint64_t at, uint64_t length, bool lock);
+
+// A chunk's slot in the cache directory's lock file (lib/store/chunk-cache.ts,
+// lockSlotOffset): the first 4 bytes of its name, modulo kCacheLockSlots, 8 bytes a slot.
+inline constexpr uint64_t kCacheLockSlots = 1 << 20, kCacheSlotBytes = 8;
+inline uint64_t CacheLockSlot(const uint8_t name[32]) {
+  uint32_t head = (uint32_t{name[0]} << 24) | (uint32_t{name[1]} << 16) | (uint32_t{name[2]} << 8) | name[3];
+  return (head % kCacheLockSlots) * kCacheSlotBytes;
+}
+
+// What writing a chunk's file came to: `made` (false: a file of that name
+// was there, the same content), or the errno and the call that failed.
+struct KeepResult {
+  bool made = false;
+  int err = 0;
+  const char* syscall = nullptr;
+};
+// Writes a chunk's file `folder`/`name` (its content, then the footer with
+// `check`), whole or not at all (chunk_cache.cc). Any thread.
+KeepResult KeepChunkFile(const std::string& folder, const std::string& name, const uint8_t* data, uint64_t length, uint64_t check);
+
 class ChunkCacheReader {
  public:
   // `dir`: the cache's directory (empty: no cache, only zero chunks are known
@@ -41,7 +68,13 @@ class ChunkCacheReader {
   // when the cache has no such file, or it is damaged (JavaScript then
   // fetches it, and replaces a damaged file). A read counts as a use: the
   // file's time is set to now, the order in which the cache evicts.
-  bool Read(uint32_t sourceRegion, uint64_t chunk, uint8_t* out, uint64_t length) const;
+  // `damaged` (when given): set when a file was there and failed its check.
+  bool Read(uint32_t sourceRegion, uint64_t chunk, uint8_t* out, uint64_t length, bool* damaged = nullptr) const;
+  const std::string& dir() const { return dir_; }
+  // The chunk's name: its SHA-256, 32 bytes.
+  const uint8_t* Name(uint32_t sourceRegion, uint64_t chunk) const { return names_[sourceRegion].data() + chunk * 32; }
+  // Its file's folder (DIR/hh) and name (64 hex digits).
+  void PathOf(uint32_t sourceRegion, uint64_t chunk, std::string* folder, std::string* name) const;
 
  private:
   std::string dir_;

@@ -51,7 +51,7 @@ std::unique_ptr<ImageSupply> BuildImageSupply(Napi::Env env, Napi::Object o, Eng
 // {store: {chunkBytes: [per source region], chunks: [Uint8Array per source
 // region: 32 bytes per chunk, its SHA-256 or zeros], cacheDir?}, window:
 // {forward, backward}, background?, prefetch?}
-std::unique_ptr<StoreSupply> BuildStoreSupply(Napi::Env env, Napi::Object o, EngineParts& parts, EventSink& events) {
+std::unique_ptr<StoreSupply> BuildStoreSupply(Napi::Env env, Napi::Object o, EngineParts& parts, EventSink& events, EngineLife& life) {
   const TargetMap& map = *parts.map;
   Napi::Object store = o.Get("store").As<Napi::Object>();
   Napi::Array sizes = store.Get("chunkBytes").As<Napi::Array>();
@@ -75,7 +75,8 @@ std::unique_ptr<StoreSupply> BuildStoreSupply(Napi::Env env, Napi::Object o, Eng
   auto cache = std::make_unique<ChunkCacheReader>(dir.IsString() ? dir.As<Napi::String>().Utf8Value() : std::string(), std::move(names));
   Napi::Object window = o.Get("window").As<Napi::Object>();
   StoreSupply::Window w{window.Get("forward").As<Napi::Number>().Uint32Value(), window.Get("backward").As<Napi::Number>().Uint32Value()};
-  auto supply = std::make_unique<StoreSupply>(*parts.map, *parts.installer, events, chunkBytes, w, o.Get("background").ToBoolean().Value(), std::move(cache));
+  auto supply =
+      std::make_unique<StoreSupply>(*parts.map, *parts.installer, events, life, chunkBytes, w, o.Get("background").ToBoolean().Value(), std::move(cache));
   Napi::Value prefetch = o.Get("prefetch");
   if (prefetch.IsTypedArray()) AddPrefetch(env, *supply, prefetch.As<Napi::TypedArrayOf<uint8_t>>());
   return supply;
@@ -152,7 +153,7 @@ std::unique_ptr<EngineParts> BuildEngineParts(Napi::Env env, Napi::Object o, Eng
   if (share) {
     parts->supply = std::make_unique<TemplateSupply>(share, map, *parts->installer, events, life);
   } else if (o.Get("store").IsObject()) {
-    auto store = BuildStoreSupply(env, o, *parts, events);
+    auto store = BuildStoreSupply(env, o, *parts, events, life);
     parts->store = store.get();
     parts->supply = std::move(store);
   } else if (o.Get("image").IsArray()) {

@@ -37,6 +37,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine>, DataPlane, EngineLife 
                         InstanceMethod<&FaultEngine::LatencyBuckets>("latencyBuckets"), InstanceMethod<&FaultEngine::Prefetch>("prefetch"),
                         InstanceMethod<&FaultEngine::StartBackground>("startBackground"), InstanceMethod<&FaultEngine::TakeStorePieces>("takeStorePieces"),
                         InstanceMethod<&FaultEngine::StorePiecesFromCache>("storePiecesFromCache"), InstanceMethod<&FaultEngine::InstallPiece>("installPiece"),
+                        InstanceMethod<&FaultEngine::FetchStoreInEngine>("fetchStoreInEngine"), InstanceMethod<&FaultEngine::StoreInEngine>("storeInEngine"),
                         InstanceMethod<&FaultEngine::FaultedPages>("faultedPages")});
   }
 
@@ -274,6 +275,91 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine>, DataPlane, EngineLife 
                                           static_cast<Why>(why), data, length);
     if (bad) throw CodedError(info.Env(), "ERR_OUT_OF_RANGE", bad);
     return Napi::Boolean::New(info.Env(), true);
+  }
+
+  // fetchStoreInEngine({address, ipv6, port, host, region, keyId, secret,
+  // token, packs: [path], places: [Uint8Array per source region: 24 bytes a
+  // chunk, i64 pack (-1: none), u64 offset, u64 length, LE], timeoutMs,
+  // connections}): a started store engine fetches the pieces faults wait on
+  // itself (store_supply.h). Checked in client/fault-engine.ts; here again.
+  Napi::Value FetchStoreInEngine(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    StoreSupply* store = parts_->store;
+    if (!store) throw CodedError(env, "ERR_ENGINE_STATE", "only an engine serving a store image fetches from one");
+    if (!started_ || Stopped()) throw CodedError(env, "ERR_ENGINE_STATE", "the engine is not running");
+    if (info.Length() < 1 || !info[0].IsObject()) throw CodedError(env, "ERR_INVALID_ARG_TYPE", "fetchStoreInEngine(config: object)");
+    Napi::Object o = info[0].As<Napi::Object>();
+    auto text = [&](const char* name) {
+      Napi::Value v = o.Get(name);
+      if (!v.IsString()) throw CodedError(env, "ERR_INVALID_ARG_TYPE", std::string("fetchStoreInEngine: ") + name + " is a string");
+      return v.As<Napi::String>().Utf8Value();
+    };
+    auto number = [&](const char* name, double most) {
+      Napi::Value v = o.Get(name);
+      double n = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : -1;
+      if (!(n >= 0 && n <= most) || n != static_cast<double>(static_cast<uint64_t>(n)))
+        throw CodedError(env, "ERR_OUT_OF_RANGE", std::string("fetchStoreInEngine: ") + name + " is a whole number up to " + std::to_string(uint64_t(most)));
+      return static_cast<uint64_t>(n);
+    };
+    auto gets = std::make_unique<StoreGets>();
+    gets->address = text("address");
+    gets->ipv6 = o.Get("ipv6").ToBoolean().Value();
+    gets->port = static_cast<uint16_t>(number("port", 65535));
+    gets->host = text("host");
+    gets->region = text("region");
+    gets->keyId = text("keyId");
+    gets->secret = text("secret");
+    gets->token = text("token");
+    gets->timeoutMs = static_cast<uint32_t>(number("timeoutMs", 600000));
+    gets->connections = static_cast<uint32_t>(number("connections", 64));
+    for (const std::string* field : {&gets->host, &gets->region, &gets->keyId, &gets->secret, &gets->token})
+      if (field->find_first_of("\r\n") != std::string::npos)
+        throw CodedError(env, "ERR_INVALID_ARG_VALUE", "fetchStoreInEngine: a header value holds a line break");
+    Napi::Value packs = o.Get("packs"), places = o.Get("places");
+    if (!packs.IsArray() || !places.IsArray()) throw CodedError(env, "ERR_INVALID_ARG_TYPE", "fetchStoreInEngine: packs and places are arrays");
+    Napi::Array packList = packs.As<Napi::Array>(), placeList = places.As<Napi::Array>();
+    for (uint32_t i = 0; i < packList.Length(); i++) {
+      Napi::Value p = packList.Get(i);
+      if (!p.IsString()) throw CodedError(env, "ERR_INVALID_ARG_TYPE", "fetchStoreInEngine: a pack is its object's path");
+      gets->packs.push_back(p.As<Napi::String>().Utf8Value());
+      if (gets->packs.back().find_first_of(" \r\n") != std::string::npos || gets->packs.back()[0] != '/')
+        throw CodedError(env, "ERR_INVALID_ARG_VALUE", "fetchStoreInEngine: a pack's path is encoded and absolute");
+    }
+    for (uint32_t i = 0; i < placeList.Length(); i++) {
+      Napi::Value v = placeList.Get(i);
+      if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array || v.As<Napi::Uint8Array>().ByteLength() % 24 != 0)
+        throw CodedError(env, "ERR_INVALID_ARG_TYPE", "fetchStoreInEngine: a region's places are a Uint8Array of 24 bytes a chunk");
+      auto bytes = v.As<Napi::Uint8Array>();
+      std::vector<ChunkPlace> region(bytes.ByteLength() / 24);
+      for (size_t c = 0; c < region.size(); c++) {
+        uint64_t length;
+        std::memcpy(&region[c].pack, bytes.Data() + c * 24, 8);
+        std::memcpy(&region[c].offset, bytes.Data() + c * 24 + 8, 8);
+        std::memcpy(&length, bytes.Data() + c * 24 + 16, 8);
+        if (length > (64u << 20)) throw CodedError(env, "ERR_OUT_OF_RANGE", "fetchStoreInEngine: a chunk's object is at most 64 MiB");
+        region[c].length = static_cast<uint32_t>(length);
+      }
+      gets->places.push_back(std::move(region));
+    }
+    if (const char* bad = store->FetchInEngine(std::move(gets), parts_->cpu)) throw CodedError(env, "ERR_OUT_OF_RANGE", bad);
+    return env.Undefined();
+  }
+
+  // storeInEngine() -> {gets, bytesFetched, pieces, gaveBack, keptBytes, fromCache, getNs, damaged, fetching}: what the engine's own fetches did.
+  Napi::Value StoreInEngine(const Napi::CallbackInfo& info) {
+    Napi::Object out = Napi::Object::New(info.Env());
+    StoreSupply* store = parts_->store;
+    StoreSupply::InEngineStats s = store ? store->InEngine() : StoreSupply::InEngineStats{};
+    out.Set("gets", double(s.gets));
+    out.Set("bytesFetched", double(s.bytesFetched));
+    out.Set("pieces", double(s.pieces));
+    out.Set("gaveBack", double(s.gaveBack));
+    out.Set("keptBytes", double(s.keptBytes));
+    out.Set("fromCache", double(s.fromCache));
+    out.Set("getNs", double(s.getNs));
+    out.Set("damaged", double(s.damaged));
+    out.Set("fetching", double(store ? store->FetchingInEngine() : 0));
+    return out;
   }
 
   // faultedPages() -> Buffer of u64 LE (region << 48 | page): every page a

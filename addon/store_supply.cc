@@ -1,7 +1,13 @@
 #include "store_supply.h"
 
-#include <algorithm>
+#include <fcntl.h>
+#include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
+#include <cerrno>
+
+#include "io.h"
 #include "wire.h"
 
 namespace uffdpc {
@@ -14,11 +20,12 @@ std::vector<PageScheduler::Region> ShapeOf(const TargetMap& map) {
 }
 }  // namespace
 
-StoreSupply::StoreSupply(TargetMap& map, Installer& installer, EventSink& events, const std::vector<uint64_t>& chunkBytes, Window window, bool background,
-                         std::unique_ptr<ChunkCacheReader> cache)
+StoreSupply::StoreSupply(TargetMap& map, Installer& installer, EventSink& events, EngineLife& life, const std::vector<uint64_t>& chunkBytes, Window window,
+                         bool background, std::unique_ptr<ChunkCacheReader> cache)
     : map_(map),
       installer_(installer),
       events_(events),
+      life_(life),
       scheduler_(ShapeOf(map), {window.forward, window.backward}),
       chunkBytes_(chunkBytes),
       cache_(std::move(cache)),
@@ -36,6 +43,10 @@ StoreSupply::StoreSupply(TargetMap& map, Installer& installer, EventSink& events
     pieces_.push_back(std::move(p));
   }
   faultRuns_.reserve(8);
+}
+
+StoreSupply::~StoreSupply() {
+  if (lockFd_ >= 0) close(lockFd_);  // the engine's threads are joined by now (its shutdown comes first)
 }
 
 void StoreSupply::PagesOf(const TargetRegion& r, uint64_t piece, uint64_t* first, uint64_t* end) const {
@@ -129,6 +140,7 @@ void StoreSupply::Ask(TargetRegion& r, uint64_t page) {
   }
   uint64_t budget = UINT64_MAX, installed = 0;
   InstallCached(wants, 0, /*faultThread=*/true, &budget, &installed);
+  QueueInEngine(wants);
   if (wants.empty()) return;
   std::lock_guard<std::mutex> lock(mu_);
   urgent_.insert(urgent_.end(), wants.begin(), wants.end());
@@ -250,29 +262,197 @@ InstallResult StoreSupply::InstallPages(TargetRegion& r, uint64_t piece, Why why
   return kOk;
 }
 
-bool StoreSupply::FromCache(const Want& w, std::vector<uint8_t>& buffer, bool mayWait, uint64_t* read) {
-  TargetRegion& r = *map_.regions()[w.region];
+bool StoreSupply::ChunkOf(const Want& w, uint64_t* chunk, uint64_t* length, uint64_t* offset) const {
   uint64_t pageSize = map_.sourcePageSize(w.sourceRegion);
   uint64_t chunkPages = chunkBytes_[w.sourceRegion] / pageSize;
   if (chunkPages == 0 || pieces_[w.region].sourcePages != chunkPages) return false;  // a huge page of many chunks: JavaScript joins them
-  uint64_t chunk = w.piece;
-  if (chunk >= cache_->Chunks(w.sourceRegion)) return false;
+  if (w.piece >= cache_->Chunks(w.sourceRegion)) return false;
+  uint64_t chunkFirst = w.piece * chunkPages;
+  *chunk = w.piece;
+  *length = (std::min(chunkFirst + chunkPages, map_.sourcePages(w.sourceRegion)) - chunkFirst) * pageSize;
+  if (w.sourceFirst < chunkFirst || (w.sourceFirst + w.sourceCount - chunkFirst) * pageSize > *length) return false;
+  *offset = (w.sourceFirst - chunkFirst) * pageSize;
+  return true;
+}
+
+bool StoreSupply::FromCache(const Want& w, std::vector<uint8_t>& buffer, bool mayWait, uint64_t* read) {
+  TargetRegion& r = *map_.regions()[w.region];
+  uint64_t chunk, length, offset;
+  if (!ChunkOf(w, &chunk, &length, &offset)) return false;
   const uint8_t* data = nullptr;
   // A zero chunk costs no read but an install all the same: it counts against the budget as its bytes.
-  *read = w.sourceCount * pageSize;
+  *read = w.sourceCount * map_.sourcePageSize(w.sourceRegion);
   if (!cache_->IsZero(w.sourceRegion, chunk)) {
-    uint64_t chunkFirst = chunk * chunkPages;
-    uint64_t length = (std::min(chunkFirst + chunkPages, map_.sourcePages(w.sourceRegion)) - chunkFirst) * pageSize;
-    if (w.sourceFirst < chunkFirst || (w.sourceFirst + w.sourceCount - chunkFirst) * pageSize > length) return false;
     if (buffer.size() < length) buffer.resize(length);
     if (!cache_->Read(w.sourceRegion, chunk, buffer.data(), length)) return false;
-    data = buffer.data() + (w.sourceFirst - chunkFirst) * pageSize;
+    data = buffer.data() + offset;
     *read = length;  // the whole chunk was read
   }
   // A layout change under way (kBusy, on the fault thread): JavaScript installs it once the fault thread has read the change.
   if (InstallPages(r, w.piece, w.why, data, mayWait) == kBusy) return false;
   if (data) fromCache_.fetch_add(1, std::memory_order_relaxed);
   return true;
+}
+
+const char* StoreSupply::FetchInEngine(std::unique_ptr<StoreGets> gets, int cpu) {
+  if (gets_) return "the engine fetches from the store already";
+  if (gets->places.size() != chunkBytes_.size()) return "a list of places per source region";
+  for (size_t region = 0; region < gets->places.size(); region++) {
+    if (gets->places[region].size() != cache_->Chunks(static_cast<uint32_t>(region))) return "a place per chunk of the region";
+    for (const ChunkPlace& place : gets->places[region])
+      if (place.pack >= static_cast<int64_t>(gets->packs.size())) return "a chunk's pack out of range";
+  }
+  if (gets->connections == 0 || gets->connections > 64) return "1 to 64 connections";
+  // Its own open of the lock file: its locks exclude JavaScript's in this process too. None: chunks are fetched unlocked.
+  if (!cache_->dir().empty()) lockFd_ = open((cache_->dir() + "/lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  gets_ = std::move(gets);
+  life_.WakeOnStop(fetchMu_, fetchCv_);
+  for (uint32_t i = 0; i < gets_->connections; i++) life_.Spawn("pc-store-get", cpu, [this] { FetchLoop(); });
+  fetchInEngine_.store(true, std::memory_order_release);
+  return nullptr;
+}
+
+StoreSupply::InEngineStats StoreSupply::InEngine() const {
+  auto load = [](const std::atomic<uint64_t>& v) { return v.load(std::memory_order_relaxed); };
+  return {load(inGets_), load(inBytes_), load(inPieces_), load(inGaveBack_), load(inKept_), load(inFromCache_), load(inGetNs_), load(inDamaged_)};
+}
+
+uint64_t StoreSupply::FetchingInEngine() {
+  if (life_.Stopping()) return 0;  // what is queued is never fetched
+  std::lock_guard<std::mutex> lock(fetchMu_);
+  return fetchQueue_.size() + fetchBusy_;
+}
+
+void StoreSupply::QueueInEngine(std::vector<Want>& wants) {
+  if (wants.empty() || !fetchInEngine_.load(std::memory_order_acquire)) return;
+  if (static_cast<int64_t>(MonotonicNs()) < restUntilNs_.load(std::memory_order_relaxed)) return;
+  size_t kept = 0;
+  bool queued = false;
+  {
+    std::lock_guard<std::mutex> lock(fetchMu_);
+    for (const Want& w : wants) {
+      uint64_t chunk, length, offset;
+      if (ChunkOf(w, &chunk, &length, &offset) && !cache_->IsZero(w.sourceRegion, chunk) && gets_->places[w.sourceRegion][chunk].pack >= 0) {
+        // The faulted pieces first, in the order they came; their windows after.
+        if (w.why == Why::kRequested) {
+          fetchQueue_.insert(fetchQueue_.begin() + static_cast<std::ptrdiff_t>(requestedQueued_), w);
+          requestedQueued_++;
+        } else {
+          fetchQueue_.push_back(w);
+        }
+        queued = true;
+      } else {
+        wants[kept++] = w;
+      }
+    }
+  }
+  wants.resize(kept);
+  if (queued) fetchCv_.notify_all();
+}
+
+void StoreSupply::FetchLoop() {
+  ChunkGetter getter(*gets_);
+  std::vector<uint8_t> content;
+  for (;;) {
+    Want w;
+    {
+      std::unique_lock<std::mutex> lock(fetchMu_);
+      fetchCv_.wait(lock, [&] { return life_.Stopping() || !fetchQueue_.empty(); });
+      if (life_.Stopping()) return;
+      w = fetchQueue_.front();
+      fetchQueue_.pop_front();
+      if (requestedQueued_ > 0) requestedQueued_--;  // they are at the front
+      fetchBusy_++;
+    }
+    uint64_t keptBefore = inKept_.load(std::memory_order_relaxed);
+    std::string why;
+    bool done = FetchOne(getter, w, content, &why);
+    if (!done && !life_.Stopping()) GiveBack(w);
+    {
+      std::lock_guard<std::mutex> lock(fetchMu_);
+      fetchBusy_--;
+    }
+    // JavaScript counts the cache's new bytes (its bound), and learns when the engine's threads are idle.
+    double keptBytes = static_cast<double>(inKept_.load(std::memory_order_relaxed) - keptBefore);
+    events_.Emit({"store-fetched", "", "", why, 0, {{"keptBytes", keptBytes}, {"gaveBack", done ? 0.0 : 1.0}}});
+  }
+}
+
+bool StoreSupply::FetchOne(ChunkGetter& getter, const Want& w, std::vector<uint8_t>& content, std::string* why) {
+  TargetRegion& r = *map_.regions()[w.region];
+  uint64_t chunk, length, offset;
+  ChunkOf(w, &chunk, &length, &offset);
+  const uint8_t* name = cache_->Name(w.sourceRegion, chunk);
+  uint64_t slot = CacheLockSlot(name);
+  bool locked = false;
+  if (lockFd_ >= 0) {
+    int err = LockRange(lockFd_, slot, kCacheSlotBytes, true);
+    if (err == EAGAIN) {
+      *why = "another fetch of the chunk (or of one sharing its lock) is under way";
+      return false;  // JavaScript waits for its file
+    }
+    locked = err == 0;
+    if (locked) {
+      // The lease's beat (lib/store/chunk-cache.ts): a waiter sees a holder that is alive.
+      double now = static_cast<double>(std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch()).count());
+      if (pwrite(lockFd_, &now, sizeof now, static_cast<off_t>(slot)) < 0) {}  // a full disk: waiters see an old beat and fetch for themselves
+    }
+  }
+  auto unlock = [&] {
+    if (locked) LockRange(lockFd_, slot, kCacheSlotBytes, false);
+  };
+  if (content.size() < length) content.resize(length);
+  // Whoever held the lock before may have kept the chunk since the fault thread looked. A damaged file is removed
+  // (fetched again and kept anew), as JavaScript's cache does.
+  bool damaged = false;
+  if (cache_->Read(w.sourceRegion, chunk, content.data(), length, &damaged)) {
+    unlock();
+    InstallPages(r, w.piece, w.why, content.data() + offset, /*mayWait=*/true);
+    inFromCache_.fetch_add(1, std::memory_order_relaxed);
+    return true;
+  }
+  if (damaged) {
+    std::string folder, file;
+    cache_->PathOf(w.sourceRegion, chunk, &folder, &file);
+    unlink((folder + "/" + file).c_str());
+    inDamaged_.fetch_add(1, std::memory_order_relaxed);
+  }
+  uint64_t gets = getter.gets(), bytes = getter.bytes(), started = MonotonicNs();
+  bool got = getter.Get(
+      gets_->places[w.sourceRegion][chunk], name, length, content, [this] { return life_.Stopping(); }, why);
+  inGets_.fetch_add(getter.gets() - gets, std::memory_order_relaxed);
+  inBytes_.fetch_add(getter.bytes() - bytes, std::memory_order_relaxed);
+  if (got) inGetNs_.fetch_add(MonotonicNs() - started, std::memory_order_relaxed);
+  if (!got) {
+    unlock();
+    // Until the store answers JavaScript again: its retries, backoff and outage are the session's.
+    restUntilNs_.store(static_cast<int64_t>(MonotonicNs() + kRestAfterFailureNs), std::memory_order_relaxed);
+    return false;
+  }
+  if (InstallPages(r, w.piece, w.why, content.data() + offset, /*mayWait=*/true) == kStop) {
+    unlock();
+    return true;
+  }
+  inPieces_.fetch_add(1, std::memory_order_relaxed);
+  if (!cache_->dir().empty()) {
+    std::string folder, file;
+    cache_->PathOf(w.sourceRegion, chunk, &folder, &file);
+    KeepResult kept = KeepChunkFile(folder, file, content.data(), length, CacheCheck(content.data(), length));
+    if (kept.made) inKept_.fetch_add(length + kCacheFooterBytes, std::memory_order_relaxed);
+  }
+  unlock();
+  return true;
+}
+
+void StoreSupply::GiveBack(const Want& w) {
+  inGaveBack_.fetch_add(1, std::memory_order_relaxed);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    urgent_.push_back(w);
+    if (told_) return;
+    told_ = true;
+  }
+  events_.Emit({"store-wanted"});
 }
 
 const char* StoreSupply::AddPrefetch(const uint64_t* entries, size_t count) {

@@ -10,7 +10,11 @@
 // them at once, and takes working-set and background pieces as it has room.
 // A piece that is one chunk of zeros, or one the host's chunk cache holds
 // (chunk_cache.h), the fault thread installs itself: a warm fault never waits
-// for JavaScript.
+// for JavaScript. Once JavaScript gives the engine the store's address and
+// keys (FetchInEngine), a cold fault's piece that is one chunk in a pack is
+// fetched by the engine's own threads (store_getter.h), checked, installed and
+// kept in the host's cache with no trip through JavaScript; a piece they
+// cannot fetch goes to JavaScript as before.
 #pragma once
 #include <deque>
 #include <memory>
@@ -19,10 +23,12 @@
 
 #include "bitmap.h"
 #include "chunk_cache.h"
+#include "engine_life.h"
 #include "events.h"
 #include "installer.h"
 #include "page_scheduler.h"
 #include "page_supply.h"
+#include "store_getter.h"
 #include "target_map.h"
 
 namespace uffdpc {
@@ -44,8 +50,21 @@ class StoreSupply final : public PageSupply {
   };
   // `chunkBytes`: per source region, its chunks' size (a power of two, whole
   // source pages). `cache`: the chunks' names and the host's chunk cache.
-  StoreSupply(TargetMap& map, Installer& installer, EventSink& events, const std::vector<uint64_t>& chunkBytes, Window window, bool background,
-              std::unique_ptr<ChunkCacheReader> cache);
+  StoreSupply(TargetMap& map, Installer& installer, EventSink& events, EngineLife& life, const std::vector<uint64_t>& chunkBytes, Window window,
+              bool background, std::unique_ptr<ChunkCacheReader> cache);
+  ~StoreSupply() override;
+
+  // JS thread, once, on a started engine: the pieces faults wait on are
+  // fetched from now on by gets.connections threads of the engine's own.
+  // Null when started, else why not. `cpu`: where the threads run (-1: anywhere).
+  const char* FetchInEngine(std::unique_ptr<StoreGets> gets, int cpu);
+  struct InEngineStats {
+    uint64_t gets, bytesFetched, pieces, gaveBack, keptBytes, fromCache, getNs,
+        damaged;  // getNs: the GETs' time (fetch, decode, check) summed; damaged: cached files that failed their check (removed)
+  };
+  InEngineStats InEngine() const;
+  // Pieces the engine's threads hold (queued or being fetched): 0 once every chunk they fetched is kept.
+  uint64_t FetchingInEngine();
 
   void Ask(TargetRegion& r, uint64_t page) override;
   void Flush() override;
@@ -97,10 +116,21 @@ class StoreSupply final : public PageSupply {
   // Of the pieces out[from..], those FromCache installs (while `*budget` bytes of work last) are taken out.
   void InstallCached(std::vector<Want>& out, size_t from, bool faultThread, uint64_t* budget, uint64_t* installed);
   InstallResult InstallPages(TargetRegion& r, uint64_t piece, Why why, const uint8_t* data, bool mayWait);
+  // The chunk a piece of one chunk is (false: a piece of several, a huge page); its bytes and the piece's offset in them.
+  bool ChunkOf(const Want& w, uint64_t* chunk, uint64_t* length, uint64_t* offset) const;
+  // Fault thread: of wants[from..], the pieces the engine's threads fetch are queued for them and taken out.
+  void QueueInEngine(std::vector<Want>& wants);
+  // An engine thread: fetches queued pieces until the engine stops.
+  void FetchLoop();
+  // One piece: true when installed; false when JavaScript is to fetch it.
+  bool FetchOne(ChunkGetter& getter, const Want& w, std::vector<uint8_t>& content, std::string* why);
+  // A piece the engine's threads could not fetch, handed to JavaScript.
+  void GiveBack(const Want& w);
 
   TargetMap& map_;
   Installer& installer_;
   EventSink& events_;
+  EngineLife& life_;
   PageScheduler scheduler_;  // over the target map's regions, one page a unit
   std::vector<Pieces> pieces_;
   std::vector<uint64_t> chunkBytes_;  // per source region
@@ -117,6 +147,19 @@ class StoreSupply final : public PageSupply {
   std::vector<Want> urgent_;  // under mu_
   bool told_ = false;         // under mu_: JS was told of urgent_ and has not taken it yet
   bool tell_ = false;         // fault thread: new urgent pieces since the last Flush
+
+  // Fetching in the engine (FetchInEngine).
+  std::unique_ptr<StoreGets> gets_;
+  std::atomic<bool> fetchInEngine_{false};
+  std::atomic<int64_t> restUntilNs_{0};  // after a failure to reach the store: JavaScript fetches until then
+  int lockFd_ = -1;                      // the cache directory's lock file (its own open: excludes JavaScript's locks too)
+  std::mutex fetchMu_;
+  std::condition_variable fetchCv_;
+  std::deque<Want> fetchQueue_;  // under fetchMu_: requested pieces first
+  uint64_t fetchBusy_ = 0;       // under fetchMu_
+  size_t requestedQueued_ = 0;   // under fetchMu_: requested pieces at the queue's front
+  static constexpr uint64_t kRestAfterFailureNs = 1'000'000'000;
+  std::atomic<uint64_t> inGets_{0}, inBytes_{0}, inPieces_{0}, inGaveBack_{0}, inKept_{0}, inFromCache_{0}, inGetNs_{0}, inDamaged_{0};
 };
 
 }  // namespace uffdpc

@@ -267,9 +267,9 @@ async function cold(bucket: string, prefix: string, pages: number, chunkBytes: n
      * part, the host cache's writes done first: the baseline is measured in
      * the same minutes as the faults (this store's speed drifts between them).
      */
-    const restoreOnce = async (background = false, slices = 1, between?: () => Promise<void>) => {
+    const restoreOnce = async (background = false, slices = 1, between?: () => Promise<void>, fetchInEngine = true) => {
       const cache = new ChunkCache({ dir: cacheDir, maxBytes: 8 * 2 ** 30 });
-      const dest = await Destination.connect({ storeImage: { store, name: 'vm' }, cache, background: { enabled: background } });
+      const dest = await Destination.connect({ storeImage: { store, name: 'vm' }, cache, background: { enabled: background }, fetchInEngine });
       try {
         const r = dest.regions[0].mapping;
         let touchNs = 0;
@@ -300,8 +300,14 @@ async function cold(bucket: string, prefix: string, pages: number, chunkBytes: n
       // The same touches with the background fetching the rest meanwhile (an empty cache again): what faults pay for it.
       rmSync(cacheDir, { recursive: true, force: true });
       const withBackground = (await restoreOnce(true)).latency;
+      // The same with every chunk through the feeder (JavaScript), as before the engine fetched faults' chunks itself.
+      rmSync(cacheDir, { recursive: true, force: true });
+      const feeder = (await restoreOnce(false, 8, () => baselineGets(25), false)).latency;
       gets.sort((a, b) => a - b);
       const get = { p50_us: round(gets[gets.length >> 1]), p99_us: round(gets[Math.floor(gets.length * 0.99)]) };
+      const inEngine = first.fetched.inEngine;
+      // The engine's own GETs' mean (request to chunk checked): the part of a fault the store and the link take.
+      const inEngineGetUs = inEngine.pieces > 0 ? round(inEngine.getNs / 1e3 / inEngine.pieces) : null;
       return {
         case: 'cold',
         chunkBytes,
@@ -312,7 +318,12 @@ async function cold(bucket: string, prefix: string, pages: number, chunkBytes: n
         ratio: { p50: round(first.latency.p50_us / get.p50_us), p99: round(first.latency.p99_us / get.p99_us) },
         withBackground,
         withBackgroundRatio: { p50: round(withBackground.p50_us / get.p50_us), p99: round(withBackground.p99_us / get.p99_us) },
-        chunksFetched: first.fetched.chunks,
+        feeder,
+        feederRatio: { p50: round(feeder.p50_us / get.p50_us), p99: round(feeder.p99_us / get.p99_us) },
+        piecesInEngine: inEngine.pieces,
+        inEngineGet: { mean_us: inEngineGetUs },
+        overInEngineGet: inEngineGetUs ? round(first.latency.p50_us / inEngineGetUs) : null,
+        chunksFetched: first.fetched.chunks + inEngine.pieces,
         bytesFetched: first.fetched.store.bytesFetched - baselineBytes,
         fetchedBytesRatio: round((first.fetched.store.bytesFetched - baselineBytes) / (touched.length * PAGE_SIZE), 2),
       };
@@ -537,6 +548,16 @@ export function storeTable(results: StoreBenchResult[]): string {
       lines.push(
         `| cold | ${chunk} | the same, background on: fault p50 / p99 (µs) | ${b.p50_us} / ${b.p99_us} | ${g.p50_us} / ${g.p99_us} (ranged GET of a chunk) | ${br.p50} / ${br.p99} |`,
       );
+      const f = r.feeder as { p50_us: number; p99_us: number };
+      const fr = r.feederRatio as { p50: number; p99: number };
+      lines.push(
+        `| cold | ${chunk} | the same, every chunk through the feeder: fault p50 / p99 (µs) | ${f.p50_us} / ${f.p99_us} | ${g.p50_us} / ${g.p99_us} (ranged GET of a chunk) | ${fr.p50} / ${fr.p99} |`,
+      );
+      const e = r.inEngineGet as { mean_us: number | null };
+      if (e.mean_us !== null)
+        lines.push(
+          `| cold | ${chunk} | fault p50 / the engine's own GET, mean (µs) | ${o.p50_us} | ${e.mean_us} (GET, decode, check) | ${r.overInEngineGet} |`,
+        );
     } else if (r.case === 'warm') {
       const o = r.ours as { p50_us: number };
       const f = r.floorLocal as { p50_us: number };

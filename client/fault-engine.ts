@@ -11,6 +11,8 @@ import {
   type NativeFaultEngine,
   type ServedRegionSpec,
   type StorePiece,
+  type StoreGetsConfig,
+  type StoreInEngineStats,
 } from '../lib/native.js';
 import { ErrorCode, PostcopyError, errorOfEvent, type CodedError } from '../lib/errors.js';
 import { closeSync } from 'node:fs';
@@ -323,6 +325,28 @@ export class FaultEngine extends EventEmitter {
     return this.#native.installPiece(piece.region, piece.piece, piece.why, data);
   }
 
+  /**
+   * A started store image's engine: from now on its own threads fetch the
+   * pieces faults wait on (addon/store_supply.h), each checked, installed and
+   * kept in the host's cache; a piece they cannot fetch comes back as
+   * 'store-wanted', and 'store-fetched' follows each.
+   */
+  fetchStoreInEngine(config: StoreGetsConfig): void {
+    validateInteger(config.port, 'port', 1, 65535);
+    validateInteger(config.timeoutMs, 'timeoutMs', 1, 600_000);
+    validateInteger(config.connections, 'connections', 1, 64);
+    for (const [name, value] of Object.entries({ host: config.host, region: config.region, keyId: config.keyId, secret: config.secret, token: config.token }))
+      if (typeof value !== 'string' || /[\r\n]/.test(value)) throw new PostcopyError(ErrorCode.INVALID_ARG_VALUE, `${name} must be a string of one line`);
+    if (config.places.some((p) => !(p instanceof Uint8Array) || p.length % 24 !== 0))
+      throw new PostcopyError(ErrorCode.INVALID_ARG_TYPE, 'places: a Uint8Array of 24 bytes a chunk per source region');
+    this.#native.fetchStoreInEngine(config);
+  }
+
+  /** A store image's engine: what its own fetches did (fetchStoreInEngine). */
+  get storeInEngine(): StoreInEngineStats {
+    return this.#native.storeInEngine();
+  }
+
   /** With recordFaults: every page faulted on while missing, in first-touch order (u64 LE entries, region << 48 | page). */
   faultedPages(): Buffer {
     return this.#native.faultedPages();
@@ -343,6 +367,11 @@ export class FaultEngine extends EventEmitter {
 
   get complete(): boolean {
     return this.#complete;
+  }
+
+  /** stop() was called. */
+  get stopped(): boolean {
+    return this.#stopped;
   }
 
   stats(): DestinationStats {
@@ -379,6 +408,10 @@ export class FaultEngine extends EventEmitter {
           return;
         case 'store-wanted':
           this.emit('store-wanted');
+          return;
+        case 'store-fetched':
+          if (e.gaveBack) this.#log.debug({ why: e.message }, 'a piece the engine could not fetch goes to the feeder');
+          this.emit('store-fetched', { keptBytes: e.keptBytes, gaveBack: e.gaveBack === 1 });
           return;
         case 'background-done':
           this.#log.debug('the source has sent every page');

@@ -107,6 +107,11 @@ export class StoreFeeder extends EventEmitter {
   readonly #timers = new Set<NodeJS.Timeout>();
   #soon: NodeJS.Immediate | null = null;
   readonly #onWanted = () => this.#pump();
+  /** A fault's chunk the engine fetched itself: faults are being served (the fetches ahead are held, as for the feeder's own). */
+  readonly #onFetchedInEngine = () => {
+    this.#lastUrgentAt = performance.now();
+    this.#aheadLimit = AHEAD_DURING_DEMAND;
+  };
 
   constructor(engine: FaultEngine, store: SnapshotStore, manifest: Manifest, cache: ChunkCache | undefined, options: StoreFeederOptions = {}) {
     super();
@@ -124,6 +129,7 @@ export class StoreFeeder extends EventEmitter {
   start(): void {
     this.#lastUrgentAt = this.#openedAt = performance.now();
     this.#engine.on('store-wanted', this.#onWanted);
+    this.#engine.on('store-fetched', this.#onFetchedInEngine);
     this.#pump();
   }
 
@@ -135,6 +141,7 @@ export class StoreFeeder extends EventEmitter {
   stop(): void {
     this.#stopped = true;
     this.#engine.off('store-wanted', this.#onWanted);
+    this.#engine.off('store-fetched', this.#onFetchedInEngine);
     for (const t of this.#timers) clearTimeout(t);
     this.#timers.clear();
     if (this.#soon) clearImmediate(this.#soon);

@@ -12,7 +12,8 @@ import { StateMachine, type TransitionTable } from '../lib/state-machine.js';
 import { transferOptions, type TransferOptions } from '../lib/transfer.js';
 import { formatStoreUrl, parseImageUrl } from '../lib/store/address.js';
 import { ChunkCache, type ChunkCacheOptions } from '../lib/store/chunk-cache.js';
-import { totalBytes, type Manifest } from '../lib/store/manifest.js';
+import { packKey, placesOf, totalBytes, type ChunkPlace, type Manifest } from '../lib/store/manifest.js';
+import type { StoreInEngineStats } from '../lib/native.js';
 import type { StoreCredentials } from '../lib/store/object-store.js';
 import { SnapshotStore } from '../lib/store/snapshot-store.js';
 import type { TenantKey } from '../lib/store/tenant.js';
@@ -32,6 +33,13 @@ const TRANSITIONS: TransitionTable<StoreState> = {
   failed: ['closed'],
   closed: [],
 };
+
+/**
+ * The engine's own connections to the store for faults' chunks: a fault
+ * waits on its own chunk (and its window's), so a few carry every fault at
+ * once while the rest of what the store is asked goes through the feeder.
+ */
+const IN_ENGINE_CONNECTIONS = 4;
 
 /** Every state of a StoreSession, in the table's order. */
 export const STORE_STATES = Object.keys(TRANSITIONS) as readonly StoreState[];
@@ -62,6 +70,13 @@ export interface StoreSessionOptions extends ReplayOptions {
   background?: Partial<TransferOptions['background']>;
   /** Pieces fetched ahead (working set, background) at a time (default: about 8 MiB of chunks, 16 to 128). */
   parallel?: number;
+  /**
+   * Faults' chunks fetched by the engine's own threads, with no trip through
+   * JavaScript (default true; where the store is plain HTTP, the image not
+   * sealed with a tenant's key, and the keys do not expire). False: every
+   * chunk goes through the feeder.
+   */
+  fetchInEngine?: boolean;
   recovery?: {
     /** Backoff between attempts at a piece (default 100 ms doubling to 5 s). */
     retryDelayMs?: { initial: number; max: number };
@@ -82,6 +97,7 @@ export class StoreSession extends EventEmitter implements PageSession {
   readonly #store: SnapshotStore;
   readonly #ownStore: boolean;
   readonly #feeder: StoreFeeder;
+  readonly #places: Map<string, ChunkPlace>;
   readonly #machine: StateMachine<StoreState>;
   readonly #giveUpAfterMs: number;
   #giveUpTimer: NodeJS.Timeout | null = null;
@@ -101,6 +117,7 @@ export class StoreSession extends EventEmitter implements PageSession {
     this.#store = o.store;
     this.#ownStore = o.ownStore;
     this.manifest = o.manifest;
+    this.#places = placesOf(o.manifest);
     this.cache = o.cache;
     this.engine = o.engine;
     this.regions = o.regions;
@@ -125,6 +142,9 @@ export class StoreSession extends EventEmitter implements PageSession {
       if (this.#machine.is('paused')) this.#resume();
       if (this.#machine.is('running')) this.#machine.to('resident', { fullResidencyMs: Math.round(o.engine.stats().fullResidencyNs / 1e4) / 100 });
       this.#feeder.stop();
+    });
+    o.engine.on('store-fetched', (f: { keptBytes: number }) => {
+      if (f.keptBytes > 0) this.cache?.keptElsewhere(f.keptBytes);
     });
     o.engine.on('channel-failed', (f: { targetGone: boolean; error: CodedError }) => {
       if (!f.targetGone) this.fail(f.error);
@@ -179,6 +199,7 @@ export class StoreSession extends EventEmitter implements PageSession {
       );
       session.#feeder.start();
       if (engine.complete) machine.to('resident');
+      else if (options.fetchInEngine !== false && !options.tenant) await session.#fetchInEngine(log);
       return session;
     } catch (err) {
       engine?.stop();
@@ -191,15 +212,76 @@ export class StoreSession extends EventEmitter implements PageSession {
     return this.#machine.state;
   }
 
+  /** Hands the engine the store's address and keys, so that its own threads fetch what faults wait on (where it can: see fetchInEngine). */
+  async #fetchInEngine(log: Logger): Promise<void> {
+    const packs = new Map<string, number>();
+    const places = this.manifest.regions.map((r) => {
+      const out = Buffer.alloc(r.chunks.length * 24);
+      r.chunks.forEach((hash, i) => {
+        const place = hash ? this.#places.get(hash) : undefined;
+        if (!place) return out.writeBigInt64LE(-1n, i * 24);
+        let pack = packs.get(place.pack);
+        if (pack === undefined) packs.set(place.pack, (pack = packs.size));
+        out.writeBigInt64LE(BigInt(pack), i * 24);
+        out.writeBigUInt64LE(BigInt(place.offset), i * 24 + 8);
+        out.writeBigUInt64LE(BigInt(place.length), i * 24 + 16);
+      });
+      return out;
+    });
+    if (packs.size === 0) return; // chunks stored as their own objects (images pushed before packs): the feeder fetches them
+    const gets = await this.#store.objects.inEngineGets([...packs.keys()].map(packKey)).catch(() => null);
+    if (!gets) {
+      log.debug({ endpoint: this.#store.objects.endpoint }, 'faults are fetched by the feeder (an https endpoint, or keys that expire)');
+      return;
+    }
+    if (this.engine.stopped || this.engine.complete) return;
+    this.engine.fetchStoreInEngine({ ...gets, places, connections: IN_ENGINE_CONNECTIONS });
+    log.debug({ address: gets.address, port: gets.port, connections: IN_ENGINE_CONNECTIONS }, "faults' chunks are fetched in the engine");
+  }
+
+  /** Once the engine's own fetches are all kept in the host's cache (bounded: a fetch's timeout and a margin). */
+  async #inEngineSettled(): Promise<void> {
+    const deadline = Date.now() + 15_000;
+    while (this.engine.storeInEngine.fetching > 0 && Date.now() < deadline) {
+      await new Promise<void>((resolve) => {
+        const done = () => {
+          clearTimeout(timer);
+          this.engine.off('store-fetched', done);
+          resolve();
+        };
+        const timer = setTimeout(done, 50);
+        this.engine.on('store-fetched', done);
+      });
+    }
+  }
+
   /** What the feeder fetched, and what the store was asked. */
-  get fetched(): StoreFeederStats & { store: SnapshotStore['objects']['stats']; cache?: ChunkCache['stats']; piecesFromCache: number } {
+  get fetched(): StoreFeederStats & {
+    store: SnapshotStore['objects']['stats'];
+    cache?: ChunkCache['stats'];
+    piecesFromCache: number;
+    inEngine: Omit<StoreInEngineStats, 'fetching'>;
+  } {
+    const { fetching: _, ...inEngine } = this.engine.storeInEngine;
+    const objects = this.#store.objects.stats;
+    const feeder = this.#feeder.stats;
     return {
-      ...this.#feeder.stats,
+      ...feeder,
+      // What the engine's own threads fetched (a piece of one chunk each) counts with the feeder's, and with the store's figures.
+      pieces: feeder.pieces + inEngine.pieces,
+      chunks: feeder.chunks + inEngine.pieces,
       // Pieces the fault thread read from the host's cache itself (the cache's own hits are what the feeder asked it).
       piecesFromCache: this.engine.storePiecesFromCache,
-      store: { ...this.#store.objects.stats },
-      ...(this.cache ? { cache: { ...this.cache.stats } } : {}),
+      inEngine,
+      store: { ...objects, gets: objects.gets + inEngine.gets, bytesFetched: objects.bytesFetched + inEngine.bytesFetched },
+      // The engine's fetches are the cache's misses; a chunk another process kept while the engine waited for its lock, joined.
+      ...(this.cache ? { cache: this.#cacheStats(inEngine) } : {}),
     };
+  }
+
+  #cacheStats(inEngine: Omit<StoreInEngineStats, 'fetching'>): ChunkCache['stats'] {
+    const s = this.cache!.stats;
+    return { ...s, misses: s.misses + inEngine.pieces, joined: s.joined + inEngine.fromCache, damaged: s.damaged + inEngine.damaged };
   }
 
   status(): RecoveryStatus {
@@ -237,6 +319,7 @@ export class StoreSession extends EventEmitter implements PageSession {
   /** The manifest's digests, as a source would answer `done` (installed-pages checksums need the image itself: not asked of a store). */
   async exchangeDigest(_stats: Record<string, unknown>, _verify?: VerifyRequest): Promise<MessageOf<'digest'>> {
     await this.whenResident();
+    await this.#inEngineSettled();
     await this.cache?.settled(); // a finished restore leaves every chunk it fetched kept for the next one on this host
     // The report's `source`: what came from the store, and what the cache answered.
     return { t: 'digest', regions: this.manifest.regions.map((r) => ({ id: r.id, sha256: r.sha256 })), stats: { pagesSent: 0, ...this.fetched } };

@@ -58,6 +58,8 @@ export type NativeEvent = NativeEventBase &
     | { type: 'complete'; elapsedNs: number }
     | { type: 'background-done' }
     | { type: 'store-wanted' }
+    /** The engine's own fetch of a piece ended (message: why it was handed to JavaScript, when gaveBack). */
+    | { type: 'store-fetched'; keptBytes: number; gaveBack: 0 | 1 }
     | { type: 'remove' | 'unmap'; start: number; end: number }
     | { type: 'remap'; from: number; to: number; length: number; followed: 0 | 1 }
     | { type: 'fork'; fd: number }
@@ -232,6 +234,44 @@ export interface NativeFaultEngine {
   takeStorePieces(ahead: number, cacheBytes: number): { pieces: StorePiece[]; fromCache: number };
   installPiece(region: number, piece: number, why: number, data: Uint8Array | null): boolean;
   storePiecesFromCache(): number;
+  fetchStoreInEngine(config: StoreGetsConfig): void;
+  storeInEngine(): StoreInEngineStats;
+}
+
+/** How a store engine reaches the store itself (addon/store_getter.h): plain HTTP, path-style, signed with these keys. */
+export interface StoreGetsConfig {
+  /** Numeric. */
+  address: string;
+  ipv6: boolean;
+  port: number;
+  /** The Host header, as signed. */
+  host: string;
+  region: string;
+  keyId: string;
+  secret: string;
+  /** '' when none. */
+  token: string;
+  /** Per pack: its object's path as signed (/BUCKET/KEY, encoded). */
+  packs: string[];
+  /** Per source region: 24 bytes a chunk, i64 pack index (-1: none), u64 offset, u64 length, little-endian. */
+  places: Uint8Array[];
+  timeoutMs: number;
+  connections: number;
+}
+
+/** What a store engine's own fetches did: GETs, bytes, pieces installed, pieces handed to JavaScript, bytes kept in the host's cache, chunks another fetch kept first, the GETs' time; fetching: pieces queued or under way. */
+export interface StoreInEngineStats {
+  gets: number;
+  bytesFetched: number;
+  pieces: number;
+  gaveBack: number;
+  keptBytes: number;
+  fromCache: number;
+  /** The successful GETs' time, summed: from the request to the chunk checked (decoded, its hash compared). */
+  getNs: number;
+  /** Files in the host's cache that failed their check: removed, the chunk fetched again. */
+  damaged: number;
+  fetching: number;
 }
 
 /** A piece of a store image the engine wants (addon/store_supply.h): source pages [sourceFirst, +sourceCount) of sourceRegion. */

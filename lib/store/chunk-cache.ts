@@ -333,6 +333,16 @@ export class ChunkCache {
     }
   }
 
+  /** Bytes kept in the directory by another writer of this process (a restore's engine): counted against the bound. */
+  keptElsewhere(bytes: number): void {
+    if (this.#bytes === null) return; // the first count will see them
+    this.#bytes += bytes;
+    if (this.#bytes > this.maxBytes && !this.#evicting)
+      this.#evicting = this.#evict()
+        .catch((err) => this.#log.warn({ dir: this.dir, err: (err as Error).message }, 'the chunk cache could not be trimmed'))
+        .finally(() => (this.#evicting = null));
+  }
+
   /** Every chunk file with its size and last use. */
   async #files(): Promise<{ path: string; size: number; used: number }[]> {
     const out: { path: string; size: number; used: number }[] = [];

@@ -7,6 +7,7 @@
 // files ~/.aws/credentials and ~/.aws/config; AWS_ENDPOINT_URL_S3 or
 // AWS_ENDPOINT_URL; AWS_REGION or AWS_DEFAULT_REGION. Addressing is
 // path-style, which every S3-compatible endpoint takes.
+import { lookup } from 'node:dns/promises';
 import { Agent } from 'node:http';
 import { Agent as HttpsAgent } from 'node:https';
 import {
@@ -21,6 +22,7 @@ import {
 import { NodeHttpHandler } from '@smithy/node-http-handler';
 import { ErrorCode, PostcopyError } from '../errors.js';
 import { silentLogger, type Logger } from '../logger.js';
+import type { StoreGetsConfig } from '../native.js';
 import { formatStoreUrl, type StoreAddress } from './address.js';
 import { SignedGetter, type GetAnswer, type SigningCredentials } from './signed-get.js';
 
@@ -144,6 +146,35 @@ export class ObjectStore {
       // Full jitter over a backoff that doubles from 100 ms, up to 20 s (as the SDK's standard retries).
       await new Promise((resolve) => setTimeout(resolve, Math.random() * Math.min(20_000, 100 * 2 ** (attempt - 1))));
     }
+  }
+
+  /**
+   * What a restore's engine needs to GET `names` itself (addon/store_getter.h):
+   * the endpoint's address, the signing keys, each object's path. Null where
+   * it cannot: an https endpoint (the engine speaks plain HTTP), or keys that
+   * expire (the engine is given them once; these GETs stay here, where the
+   * keys are renewed).
+   */
+  async inEngineGets(names: string[]): Promise<Omit<StoreGetsConfig, 'places' | 'connections'> | null> {
+    const url = this.#getter.endpoint;
+    if (url.protocol !== 'http:') return null;
+    const credentials = await this.#signingCredentials(names[0] ?? '');
+    if (this.#credentials && Number.isFinite(this.#credentials.expires)) return null;
+    const hostname = url.hostname.replace(/^\[|\]$/g, '');
+    const found = await lookup(hostname).catch(() => null);
+    if (!found) return null;
+    return {
+      address: found.address,
+      ipv6: found.family === 6,
+      port: Number(url.port || 80),
+      host: url.host,
+      region: this.#getter.region,
+      keyId: credentials.accessKeyId,
+      secret: credentials.secretAccessKey,
+      token: credentials.sessionToken ?? '',
+      packs: names.map((name) => this.#getter.path(this.address.bucket, this.key(name))),
+      timeoutMs: this.#timeoutMs,
+    };
   }
 
   /** The credentials GETs are signed with: the explicit ones, else the SDK's chain (env, profile, shared files, roles), again once they expire. */

@@ -41,6 +41,21 @@ export class SignedGetter {
     this.#agent = agent;
   }
 
+  /** The endpoint, its region. */
+  get endpoint(): URL {
+    return this.#endpoint;
+  }
+
+  get region(): string {
+    return this.#region;
+  }
+
+  /** The path of /BUCKET/KEY at the endpoint, encoded as signed. */
+  path(bucket: string, key: string): string {
+    const base = this.#endpoint.pathname.replace(/\/$/, '');
+    return encodePath(`${base}/${bucket}/${key}`);
+  }
+
   /** The headers that sign GET `path` (already encoded) at `now`. */
   sign(path: string, credentials: SigningCredentials, now = new Date()): Record<string, string> {
     const amzDate = now
@@ -73,8 +88,7 @@ export class SignedGetter {
    * resolves with the body, or with the status and error code of a refusal.
    */
   get(bucket: string, key: string, credentials: SigningCredentials, range: [number, number] | undefined, timeoutMs: number): Promise<GetAnswer> {
-    const base = this.#endpoint.pathname.replace(/\/$/, '');
-    const path = encodePath(`${base}/${bucket}/${key}`);
+    const path = this.path(bucket, key);
     const headers = this.sign(path, credentials);
     if (range) headers.range = `bytes=${range[0]}-${range[1]}`;
     const send = this.#endpoint.protocol === 'https:' ? httpsRequest : httpRequest;
