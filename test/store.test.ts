@@ -6,13 +6,14 @@ import t from 'tap';
 import { once } from 'node:events';
 import { randomBytes } from 'node:crypto';
 import { spawn } from 'node:child_process';
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, openSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { brotliCompressSync } from 'node:zlib';
 import { Image } from '../lib/image.js';
 import { Destination } from '../client/destination.js';
 import { SnapshotStore } from '../lib/store/snapshot-store.js';
-import { ChunkCache } from '../lib/store/chunk-cache.js';
+import { ChunkCache, lockSlotOffset } from '../lib/store/chunk-cache.js';
+import { native } from '../lib/native.js';
 import { parseStoreUrl } from '../lib/store/address.js';
 import { TenantKey } from '../lib/store/tenant.js';
 import { CHUNK_HEADER_BYTES, Codec, DEFAULT_CHUNK_BYTES, chunkKey } from '../lib/store/chunk.js';
@@ -320,6 +321,132 @@ t.test('a faulted page goes in before the rest of its chunk, and a page of the c
   t.equal(session.fetched.chunks, pages / per, 'each chunk fetched once');
 });
 
+t.test("a fault's chunk is fetched by the engine itself: checked, installed and kept in the host's cache with no trip through JavaScript", async (t) => {
+  const store = await storeFor(t);
+  const pages = 1024;
+  const bytes = randomImage(pages, 0);
+  const image = openImage(t, bytes);
+  const pushed = await store.push(image, 'vm');
+  const dir = tempDir(t);
+  const { report, session } = await restoreAll(t, store, 'vm', new ChunkCache({ dir }), undefined, false);
+  t.equal(report.digestMatch, true, 'byte for byte');
+  const fetched = session.fetched;
+  t.equal(fetched.inEngine.pieces, pushed.uploadedChunks, "every chunk was a fault's, fetched by the engine");
+  t.equal(fetched.inEngine.gaveBack, 0, 'none handed to the feeder');
+  t.equal(fetched.inEngine.gets, pushed.uploadedChunks, 'one GET a chunk');
+  t.equal(fetched.store.bytesFetched - store.objects.stats.bytesFetched, fetched.inEngine.bytesFetched, "the store's figures count the engine's bytes");
+  t.ok(fetched.inEngine.keptBytes >= pushed.uploadedChunks * DEFAULT_CHUNK_BYTES, `${fetched.inEngine.keptBytes} bytes kept in the host's cache`);
+  // Kept whole and checked: a second restore reads every chunk from the cache and asks the store for its manifest only.
+  const gets = store.objects.stats.gets;
+  const warm = await restoreAll(t, store, 'vm', new ChunkCache({ dir }), undefined, false);
+  t.equal(warm.report.digestMatch, true);
+  t.equal(store.objects.stats.gets, gets + 1, 'the warm restore fetched only the manifest');
+  t.equal(warm.session.fetched.piecesFromCache, pushed.uploadedChunks, 'the fault thread read every chunk the engine kept');
+  // With no host cache, the same (nothing kept); turned off, every chunk goes through the feeder.
+  const noCache = await restoreAll(t, store, 'vm', false, undefined, false);
+  t.equal(noCache.report.digestMatch, true);
+  t.same([noCache.session.fetched.inEngine.pieces, noCache.session.fetched.inEngine.keptBytes], [pushed.uploadedChunks, 0], 'with no cache: fetched, not kept');
+  const dest = await Destination.connect({ storeImage: { store, name: 'vm' }, cache: false, background: { enabled: false }, fetchInEngine: false });
+  t.teardown(() => dest.close());
+  const r = dest.regions[0].mapping;
+  await touchPages(r.address, pages, shuffledOrder(pages, 4), { mapping: r });
+  t.equal((await dest.finish()).digestMatch, true);
+  const off = (dest.session as StoreSession).fetched;
+  t.same([off.inEngine.pieces, off.chunks], [0, pushed.uploadedChunks], 'fetchInEngine: false: all through the feeder');
+});
+
+t.test("a chunk another process is fetching is not fetched by the engine: the feeder waits for that fetch's file", async (t) => {
+  const store = await storeFor(t);
+  const pages = 256;
+  const per = DEFAULT_CHUNK_BYTES / PAGE;
+  const bytes = randomImage(pages, 0);
+  await store.push(openImage(t, bytes), 'vm');
+  const manifest = await store.manifest('vm');
+  const dir = tempDir(t);
+  const cache = new ChunkCache({ dir });
+  // Another holder of the first chunk's slot (its own open of the lock file: as another process's).
+  const fd = openSync(join(dir, 'lock'), 'r+');
+  t.teardown(() => closeSync(fd));
+  const held = manifest.regions[0].chunks[0];
+  t.equal(native.rangeLock(fd, lockSlotOffset(held), 8, true), true, 'the slot held');
+  const dest = await Destination.connect({ storeImage: { store, name: 'vm' }, cache, background: { enabled: false } });
+  t.teardown(() => dest.close());
+  const session = dest.session as StoreSession;
+  const r = dest.regions[0].mapping;
+  const touching = touchPages(
+    r.address,
+    pages,
+    Uint32Array.from({ length: per }, (_, i) => i),
+    { mapping: r },
+  );
+  await until('the engine handed the chunk to the feeder', () => session.fetched.inEngine.gaveBack === 1);
+  t.equal(session.fetched.chunks, 0, 'nothing fetched while the slot is held');
+  // The holder ends without keeping the chunk (it died): the feeder fetches it.
+  native.rangeLock(fd, lockSlotOffset(held), 8, false);
+  await touching;
+  t.equal(Buffer.compare(r.buffer(0, per * PAGE), bytes.subarray(0, per * PAGE)), 0, 'the chunk as in the image');
+  t.same([session.fetched.chunks, session.fetched.inEngine.pieces], [1, 0], 'fetched once, by the feeder');
+  const rest = touchPages(r.address, pages, shuffledOrder(pages, 5), { mapping: r });
+  const [report] = await Promise.all([dest.finish(), rest]);
+  t.equal(report.digestMatch, true, 'and the rest by the engine, byte for byte');
+  t.equal(session.fetched.inEngine.pieces, pages / per - 1);
+});
+
+t.test('a damaged chunk a fault needs is refused by the engine too: never installed, handed to the feeder, which names it', async (t) => {
+  const store = await storeFor(t);
+  const bytes = randomImage(256, 0);
+  await store.push(openImage(t, bytes), 'img');
+  const manifest = await store.manifest('img');
+  const victim = manifest.regions[0].chunks[1];
+  const place = placesOf(manifest).get(victim)!;
+  const pack = await store.objects.get(packKey(place.pack));
+  pack[place.offset + place.length - 1] ^= 0xff;
+  await store.objects.put(packKey(place.pack), pack);
+  const dest = await Destination.connect({ storeImage: { store, name: 'img' }, cache: false, background: { enabled: false } });
+  t.teardown(() => dest.close());
+  const failed = new Promise((resolve) => dest.session.once('failed', resolve));
+  const r = dest.regions[0].mapping;
+  // The damaged chunk's page: the thread waits for ever (the session fails), so it is touched in a child of its own.
+  void touchPages(r.address, 256, Uint32Array.of(DEFAULT_CHUNK_BYTES / PAGE), { mapping: r }).catch(() => {});
+  t.match(await failed, { code: 'ERR_STORE_CORRUPT', message: new RegExp(victim.slice(0, 16)) }, 'the session fails naming the chunk');
+  t.equal((dest.session as StoreSession).fetched.inEngine.gaveBack, 1, 'the engine refused it first');
+  t.equal(dest.engine.receivedBitmap(0)[2] & 1, 0, 'none of its pages was installed');
+});
+
+t.test("the engine's store fetching checks its arguments: coded errors, nothing started", async (t) => {
+  const store = await storeFor(t);
+  await store.push(openImage(t, randomImage(64, 0)), 'vm');
+  const chunks = (await store.manifest('vm')).regions[0].chunks.length;
+  const dest = await Destination.connect({ storeImage: { store, name: 'vm' }, cache: false, fetchInEngine: false });
+  t.teardown(() => dest.close());
+  const engine = (dest.session as StoreSession).engine;
+  const good = {
+    address: '127.0.0.1',
+    ipv6: false,
+    port: 1,
+    host: 'h',
+    region: 'r',
+    keyId: 'k',
+    secret: 's',
+    token: '',
+    packs: [],
+    places: [new Uint8Array(24 * chunks)],
+    timeoutMs: 1000,
+    connections: 1,
+  };
+  t.throws(() => engine.fetchStoreInEngine({ ...good, port: 0 }), { code: 'ERR_OUT_OF_RANGE' });
+  t.throws(() => engine.fetchStoreInEngine({ ...good, host: 'a\r\nx-evil: 1' }), { code: 'ERR_INVALID_ARG_VALUE' }, 'no header injection');
+  t.throws(() => engine.fetchStoreInEngine({ ...good, places: [new Uint8Array(7)] }), { code: 'ERR_INVALID_ARG_TYPE' });
+  t.throws(() => engine.fetchStoreInEngine({ ...good, places: [] }), { code: 'ERR_OUT_OF_RANGE', message: /per source region/ });
+  t.throws(() => engine.fetchStoreInEngine({ ...good, places: [new Uint8Array(24)] }), { code: 'ERR_OUT_OF_RANGE', message: /per chunk/ });
+  t.throws(() => engine.fetchStoreInEngine({ ...good, packs: ['no-slash'] }), { code: 'ERR_INVALID_ARG_VALUE' });
+  const pastPacks = new Uint8Array(24 * chunks);
+  new DataView(pastPacks.buffer).setBigInt64(0, 5n, true);
+  t.throws(() => engine.fetchStoreInEngine({ ...good, places: [pastPacks] }), { code: 'ERR_OUT_OF_RANGE', message: /pack out of range/ });
+  t.equal(engine.storeInEngine.gets, 0, 'nothing fetched');
+  t.equal((await dest.finish()).digestMatch, true, 'the feeder restores it all');
+});
+
 t.test('a child pushed with its parent uploads only the chunks that differ; both restore', async (t) => {
   const store = await storeFor(t);
   const base = imageBytes(4096);
@@ -551,6 +678,8 @@ t.test('the store killed mid-restore (its gateway, -9) and started again: a paus
   t.ok(Buffer.from(r.buffer()).equals(bytes), 'byte for byte');
   t.equal(dest.status().resumes, 1, 'one outage, resumed');
   t.ok(dest.status().pausedMs > 0);
+  const fetched = (dest.session as StoreSession).fetched;
+  t.ok(fetched.inEngine.gaveBack >= 1, `the engine handed ${fetched.inEngine.gaveBack} faults' chunks to the feeder, which waited out the outage`);
 });
 
 t.test('with a give-up time, a store that stays gone fails the session (ERR_SOURCE_LOST), never a hang', async (t) => {
