@@ -29,15 +29,25 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine>, DataPlane, EngineLife 
  public:
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "FaultEngine",
-                       {InstanceMethod<&FaultEngine::Start>("start"), InstanceMethod<&FaultEngine::Stop>("stop"),
-                        InstanceMethod<&FaultEngine::AttachChannels>("attachChannels"), InstanceMethod<&FaultEngine::DetachChannels>("detachChannels"),
-                        InstanceMethod<&FaultEngine::PoisonMissing>("poisonMissing"), InstanceMethod<&FaultEngine::Stats>("stats"),
-                        InstanceMethod<&FaultEngine::ReceivedBitmap>("receivedBitmap"), InstanceMethod<&FaultEngine::HeldBitmap>("heldBitmap"),
-                        InstanceMethod<&FaultEngine::MarkResident>("markResident"), InstanceMethod<&FaultEngine::InstalledChecksum>("installedChecksum"),
-                        InstanceMethod<&FaultEngine::LatencyBuckets>("latencyBuckets"), InstanceMethod<&FaultEngine::Prefetch>("prefetch"),
-                        InstanceMethod<&FaultEngine::StartBackground>("startBackground"), InstanceMethod<&FaultEngine::TakeStorePieces>("takeStorePieces"),
-                        InstanceMethod<&FaultEngine::StorePiecesFromCache>("storePiecesFromCache"), InstanceMethod<&FaultEngine::InstallPiece>("installPiece"),
-                        InstanceMethod<&FaultEngine::FetchStoreInEngine>("fetchStoreInEngine"), InstanceMethod<&FaultEngine::StoreInEngine>("storeInEngine"),
+                       {InstanceMethod<&FaultEngine::Start>("start"),
+                        InstanceMethod<&FaultEngine::Stop>("stop"),
+                        InstanceMethod<&FaultEngine::AttachChannels>("attachChannels"),
+                        InstanceMethod<&FaultEngine::DetachChannels>("detachChannels"),
+                        InstanceMethod<&FaultEngine::PoisonMissing>("poisonMissing"),
+                        InstanceMethod<&FaultEngine::Stats>("stats"),
+                        InstanceMethod<&FaultEngine::ReceivedBitmap>("receivedBitmap"),
+                        InstanceMethod<&FaultEngine::HeldBitmap>("heldBitmap"),
+                        InstanceMethod<&FaultEngine::MarkResident>("markResident"),
+                        InstanceMethod<&FaultEngine::InstalledChecksum>("installedChecksum"),
+                        InstanceMethod<&FaultEngine::LatencyBuckets>("latencyBuckets"),
+                        InstanceMethod<&FaultEngine::Prefetch>("prefetch"),
+                        InstanceMethod<&FaultEngine::StartBackground>("startBackground"),
+                        InstanceMethod<&FaultEngine::TakeStorePieces>("takeStorePieces"),
+                        InstanceMethod<&FaultEngine::StorePiecesFromCache>("storePiecesFromCache"),
+                        InstanceMethod<&FaultEngine::InstallPiece>("installPiece"),
+                        InstanceMethod<&FaultEngine::FetchStoreInEngine>("fetchStoreInEngine"),
+                        InstanceMethod<&FaultEngine::StoreInEngine>("storeInEngine"),
+                        InstanceMethod<&FaultEngine::FetchAheadInEngine>("fetchAheadInEngine"),
                         InstanceMethod<&FaultEngine::FaultedPages>("faultedPages")});
   }
 
@@ -345,7 +355,37 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine>, DataPlane, EngineLife 
     return env.Undefined();
   }
 
-  // storeInEngine() -> {gets, bytesFetched, pieces, gaveBack, keptBytes, fromCache, getNs, damaged, fetching}: what the engine's own fetches did.
+  // fetchAheadInEngine(pieces: [{region, piece, why}], id) -> boolean: a
+  // group taken ahead with takeStorePieces, fetched by the engine's threads
+  // (StoreSupply::FetchAheadInEngine); a "store-fetched" event with `id`
+  // follows. False: not started, JavaScript fetches it.
+  Napi::Value FetchAheadInEngine(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    StoreSupply* store = parts_->store;
+    if (!store) throw CodedError(env, "ERR_ENGINE_STATE", "only an engine serving a store image fetches from one");
+    if (info.Length() < 2 || !info[0].IsArray() || !info[1].IsNumber())
+      throw CodedError(env, "ERR_INVALID_ARG_TYPE", "fetchAheadInEngine(pieces: array, id: number)");
+    if (!started_ || Stopped()) return Napi::Boolean::New(env, false);
+    Napi::Array list = info[0].As<Napi::Array>();
+    if (list.Length() == 0 || list.Length() > 1024) throw CodedError(env, "ERR_OUT_OF_RANGE", "fetchAheadInEngine: 1 to 1024 pieces");
+    std::vector<StoreSupply::Want> group;
+    for (uint32_t i = 0; i < list.Length(); i++) {
+      Napi::Value v = list.Get(i);
+      if (!v.IsObject()) throw CodedError(env, "ERR_INVALID_ARG_TYPE", "fetchAheadInEngine: a piece is {region, piece, why}");
+      Napi::Object o = v.As<Napi::Object>();
+      uint32_t why = o.Get("why").ToNumber().Uint32Value();
+      if (why != wire::kPrefetch && why != wire::kBackground)
+        throw CodedError(env, "ERR_OUT_OF_RANGE", "fetchAheadInEngine: pieces taken ahead (prefetch, background)");
+      StoreSupply::Want w;
+      if (!store->WantOfAsked(o.Get("region").ToNumber().Uint32Value(), static_cast<uint64_t>(o.Get("piece").ToNumber().Int64Value()), static_cast<Why>(why),
+                              &w))
+        throw CodedError(env, "ERR_OUT_OF_RANGE", "fetchAheadInEngine: a piece that was not asked for");
+      group.push_back(w);
+    }
+    return Napi::Boolean::New(env, store->FetchAheadInEngine(group, info[1].As<Napi::Number>().Uint32Value()));
+  }
+
+  // storeInEngine() -> {gets, bytesFetched, pieces, gaveBack, keptBytes, fromCache, getNs, damaged, faultPieces, fetching}: what the engine's own fetches did.
   Napi::Value StoreInEngine(const Napi::CallbackInfo& info) {
     Napi::Object out = Napi::Object::New(info.Env());
     StoreSupply* store = parts_->store;
@@ -358,6 +398,7 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine>, DataPlane, EngineLife 
     out.Set("fromCache", double(s.fromCache));
     out.Set("getNs", double(s.getNs));
     out.Set("damaged", double(s.damaged));
+    out.Set("faultPieces", double(s.faultPieces));
     out.Set("fetching", double(store ? store->FetchingInEngine() : 0));
     return out;
   }

@@ -138,14 +138,14 @@ void ChunkGetter::Disconnect() {
   fd_ = -1;
 }
 
-std::string ChunkGetter::Request(const ChunkPlace& place) {
+std::string ChunkGetter::Request(int64_t pack, uint64_t offset, uint64_t length) {
   time_t now = time(nullptr);
   struct tm t;
   gmtime_r(&now, &t);
   char amzDate[17];
   strftime(amzDate, sizeof amzDate, "%Y%m%dT%H%M%SZ", &t);
   std::string day(amzDate, 8);
-  const std::string& path = gets_.packs[static_cast<size_t>(place.pack)];
+  const std::string& path = gets_.packs[static_cast<size_t>(pack)];
   std::string signedNames = gets_.token.empty() ? "host;x-amz-content-sha256;x-amz-date" : "host;x-amz-content-sha256;x-amz-date;x-amz-security-token";
   std::string headers = "host:" + gets_.host + "\nx-amz-content-sha256:UNSIGNED-PAYLOAD\nx-amz-date:" + amzDate + "\n";
   if (!gets_.token.empty()) headers += "x-amz-security-token:" + gets_.token + "\n";
@@ -168,18 +168,17 @@ std::string ChunkGetter::Request(const ChunkPlace& place) {
   Hmac(key_, 32, toSign, signature);
   std::string request = "GET " + path + " HTTP/1.1\r\nhost: " + gets_.host + "\r\nx-amz-content-sha256: UNSIGNED-PAYLOAD\r\nx-amz-date: " + amzDate + "\r\n";
   if (!gets_.token.empty()) request += "x-amz-security-token: " + gets_.token + "\r\n";
-  request += "range: bytes=" + std::to_string(place.offset) + "-" + std::to_string(place.offset + place.length - 1) + "\r\n";
+  request += "range: bytes=" + std::to_string(offset) + "-" + std::to_string(offset + length - 1) + "\r\n";
   request += "authorization: AWS4-HMAC-SHA256 Credential=" + gets_.keyId + "/" + scope + ", SignedHeaders=" + signedNames +
              ", Signature=" + Hex(signature, 32) + "\r\n\r\n";
   return request;
 }
 
-bool ChunkGetter::Exchange(const ChunkPlace& place, std::vector<uint8_t>& body, int* status, const std::function<bool()>& leaving, std::string* why,
+bool ChunkGetter::Exchange(const std::string& request, std::vector<uint8_t>& body, int* status, const std::function<bool()>& leaving, std::string* why,
                            bool* retry) {
   *retry = false;
   in_.erase(in_.begin(), in_.begin() + static_cast<std::ptrdiff_t>(inStart_));
   inStart_ = 0;
-  std::string request = Request(place);
   for (size_t sent = 0; sent < request.size();) {
     ssize_t n = send(fd_, request.data() + sent, request.size() - sent, MSG_NOSIGNAL);
     if (n > 0) {
@@ -262,17 +261,18 @@ bool ChunkGetter::Exchange(const ChunkPlace& place, std::vector<uint8_t>& body, 
   return true;
 }
 
-bool ChunkGetter::Get(const ChunkPlace& place, const uint8_t name[32], uint64_t length, std::vector<uint8_t>& out, const std::function<bool()>& leaving,
-                      std::string* why) {
-  if (place.pack < 0 || static_cast<size_t>(place.pack) >= gets_.packs.size() || place.length < kChunkHeaderBytes) {
-    *why = "the chunk has no place in a pack";
+bool ChunkGetter::GetRange(int64_t pack, uint64_t offset, uint64_t length, std::vector<uint8_t>& object, const std::function<bool()>& leaving,
+                           std::string* why) {
+  if (pack < 0 || static_cast<size_t>(pack) >= gets_.packs.size() || length == 0) {
+    *why = "no place in a pack";
     return false;
   }
+  std::string request = Request(pack, offset, length);
   int status = 0;
   for (int attempt = 0;; attempt++) {
     if (fd_ < 0 && !Connect(leaving, why)) return false;
     bool retry = false;
-    if (Exchange(place, object_, &status, leaving, why, &retry)) break;
+    if (Exchange(request, object, &status, leaving, why, &retry)) break;
     Disconnect();
     if (!retry || attempt > 0) return false;  // a keep-alive the store had let go: once more on a new connection
   }
@@ -280,20 +280,27 @@ bool ChunkGetter::Get(const ChunkPlace& place, const uint8_t name[32], uint64_t 
     *why = "the store answered " + std::to_string(status);
     return false;
   }
-  if (object_.size() != place.length) {
-    *why = "the store answered " + std::to_string(object_.size()) + " bytes, not " + std::to_string(place.length);
+  if (object.size() != length) {
+    *why = "the store answered " + std::to_string(object.size()) + " bytes, not " + std::to_string(length);
     return false;
   }
-  const uint8_t* o = object_.data();
+  return true;
+}
+
+bool ChunkGetter::Decode(const uint8_t* o, size_t n, const uint8_t name[32], uint64_t length, std::vector<uint8_t>& out, std::string* why) {
+  if (n < kChunkHeaderBytes) {
+    *why = "not a chunk's object (shorter than its header)";
+    return false;
+  }
   uint32_t plainLength;
   std::memcpy(&plainLength, o + 4, 4);  // little-endian, as this machine
   if (o[0] != kChunkFormat || plainLength != length) {
     *why = "not the chunk's object (header)";
     return false;
   }
-  out.resize(length);
+  if (out.size() < length) out.resize(length);
   const uint8_t* body = o + kChunkHeaderBytes;
-  size_t bodyLength = object_.size() - kChunkHeaderBytes;
+  size_t bodyLength = n - kChunkHeaderBytes;
   if (o[1] == kCodecRaw) {
     if (bodyLength != length) {
       *why = "a raw chunk of the wrong length";
@@ -316,6 +323,15 @@ bool ChunkGetter::Get(const ChunkPlace& place, const uint8_t name[32], uint64_t 
     return false;
   }
   return true;
+}
+
+bool ChunkGetter::Get(const ChunkPlace& place, const uint8_t name[32], uint64_t length, std::vector<uint8_t>& out, const std::function<bool()>& leaving,
+                      std::string* why) {
+  if (place.length < kChunkHeaderBytes) {
+    *why = "the chunk has no place in a pack";
+    return false;
+  }
+  return GetRange(place.pack, place.offset, place.length, object_, leaving, why) && Decode(object_.data(), object_.size(), name, length, out, why);
 }
 
 }  // namespace uffdpc

@@ -52,6 +52,10 @@ class ChunkGetter {
   // of content into `out`, checked. False with `*why` otherwise. `leaving`
   // is asked between waits (at most kSliceMs apart): true ends the GET.
   bool Get(const ChunkPlace& place, const uint8_t name[32], uint64_t length, std::vector<uint8_t>& out, const std::function<bool()>& leaving, std::string* why);
+  // Bytes [offset, offset + length) of pack `pack` (one ranged GET): exactly that many into `object`.
+  bool GetRange(int64_t pack, uint64_t offset, uint64_t length, std::vector<uint8_t>& object, const std::function<bool()>& leaving, std::string* why);
+  // A chunk's object (`n` bytes) decoded into `out` (exactly `length` bytes) and checked against `name`.
+  bool Decode(const uint8_t* object, size_t n, const uint8_t name[32], uint64_t length, std::vector<uint8_t>& out, std::string* why);
   // Object bytes received by this getter's GETs (bodies), and GETs sent.
   uint64_t bytes() const { return bytes_; }
   uint64_t gets() const { return gets_sent_; }
@@ -62,8 +66,8 @@ class ChunkGetter {
   bool Connect(const std::function<bool()>& leaving, std::string* why);
   void Disconnect();
   // One request on the connection; `*retry`: the connection was found closed before any answer (a keep-alive the store let go).
-  bool Exchange(const ChunkPlace& place, std::vector<uint8_t>& body, int* status, const std::function<bool()>& leaving, std::string* why, bool* retry);
-  std::string Request(const ChunkPlace& place);
+  bool Exchange(const std::string& request, std::vector<uint8_t>& body, int* status, const std::function<bool()>& leaving, std::string* why, bool* retry);
+  std::string Request(int64_t pack, uint64_t offset, uint64_t length);
   // Waits for `events` on the socket: false on a timeout (no progress for timeoutMs) or when leaving.
   bool Wait(short events, const std::function<bool()>& leaving, std::string* why);
 

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cerrno>
+#include <cstring>
 
 #include "io.h"
 #include "wire.h"
@@ -306,7 +307,9 @@ const char* StoreSupply::FetchInEngine(std::unique_ptr<StoreGets> gets, int cpu)
   // Its own open of the lock file: its locks exclude JavaScript's in this process too. None: chunks are fetched unlocked.
   if (!cache_->dir().empty()) lockFd_ = open((cache_->dir() + "/lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
   gets_ = std::move(gets);
+  cpu_ = cpu;
   life_.WakeOnStop(fetchMu_, fetchCv_);
+  life_.WakeOnStop(aheadMu_, aheadCv_);
   for (uint32_t i = 0; i < gets_->connections; i++) life_.Spawn("pc-store-get", cpu, [this] { FetchLoop(); });
   fetchInEngine_.store(true, std::memory_order_release);
   return nullptr;
@@ -314,13 +317,19 @@ const char* StoreSupply::FetchInEngine(std::unique_ptr<StoreGets> gets, int cpu)
 
 StoreSupply::InEngineStats StoreSupply::InEngine() const {
   auto load = [](const std::atomic<uint64_t>& v) { return v.load(std::memory_order_relaxed); };
-  return {load(inGets_), load(inBytes_), load(inPieces_), load(inGaveBack_), load(inKept_), load(inFromCache_), load(inGetNs_), load(inDamaged_)};
+  return {load(inGets_),      load(inBytes_), load(inPieces_),  load(inGaveBack_),   load(inKept_),
+          load(inFromCache_), load(inGetNs_), load(inDamaged_), load(inFaultPieces_)};
 }
 
 uint64_t StoreSupply::FetchingInEngine() {
   if (life_.Stopping()) return 0;  // what is queued is never fetched
-  std::lock_guard<std::mutex> lock(fetchMu_);
-  return fetchQueue_.size() + fetchBusy_;
+  uint64_t n;
+  {
+    std::lock_guard<std::mutex> lock(fetchMu_);
+    n = fetchQueue_.size() + fetchBusy_;
+  }
+  std::lock_guard<std::mutex> lock(aheadMu_);
+  return n + aheadQueue_.size() + aheadBusy_;
 }
 
 void StoreSupply::QueueInEngine(std::vector<Want>& wants) {
@@ -374,8 +383,172 @@ void StoreSupply::FetchLoop() {
     }
     // JavaScript counts the cache's new bytes (its bound), and learns when the engine's threads are idle.
     double keptBytes = static_cast<double>(inKept_.load(std::memory_order_relaxed) - keptBefore);
-    events_.Emit({"store-fetched", "", "", why, 0, {{"keptBytes", keptBytes}, {"gaveBack", done ? 0.0 : 1.0}}});
+    events_.Emit({"store-fetched", "", "", why, 0, {{"id", 0.0}, {"keptBytes", keptBytes}, {"gaveBack", done ? 0.0 : 1.0}}});
   }
+}
+
+bool StoreSupply::WantOfAsked(uint32_t region, uint64_t piece, Why why, Want* out) const {
+  if (region >= map_.regions().size()) return false;
+  const TargetRegion& r = *map_.regions()[region];
+  const Pieces& ps = pieces_[region];
+  if (piece < ps.first || piece >= ps.first + ps.count || !ps.asked->Test(piece - ps.first)) return false;
+  *out = WantOf(r, piece, why);
+  return true;
+}
+
+bool StoreSupply::FetchAheadInEngine(const std::vector<Want>& group, uint32_t id) {
+  if (group.empty() || !fetchInEngine_.load(std::memory_order_acquire)) return false;
+  if (static_cast<int64_t>(MonotonicNs()) < restUntilNs_.load(std::memory_order_relaxed)) return false;
+  const ChunkPlace* last = nullptr;
+  for (const Want& w : group) {
+    uint64_t chunk, length, offset;
+    if (!ChunkOf(w, &chunk, &length, &offset) || cache_->IsZero(w.sourceRegion, chunk)) return false;
+    const ChunkPlace& place = gets_->places[w.sourceRegion][chunk];
+    if (place.pack < 0 || (last && (place.pack != last->pack || place.offset != last->offset + last->length))) return false;
+    last = &place;
+  }
+  {
+    std::lock_guard<std::mutex> lock(aheadMu_);
+    aheadQueue_.push_back({group, id});
+    if (aheadIdle_ < aheadQueue_.size() && aheadThreads_ < kAheadThreads) {
+      aheadThreads_++;
+      life_.Spawn("pc-store-ahead", cpu_, [this] { AheadLoop(); });
+    }
+  }
+  aheadCv_.notify_one();
+  return true;
+}
+
+void StoreSupply::AheadLoop() {
+  ChunkGetter getter(*gets_);
+  std::vector<uint8_t> object, content;
+  for (;;) {
+    AheadJob job;
+    {
+      std::unique_lock<std::mutex> lock(aheadMu_);
+      aheadIdle_++;
+      aheadCv_.wait(lock, [&] { return life_.Stopping() || !aheadQueue_.empty(); });
+      aheadIdle_--;
+      if (life_.Stopping()) return;
+      job = std::move(aheadQueue_.front());
+      aheadQueue_.pop_front();
+      aheadBusy_++;
+    }
+    uint64_t keptBefore = inKept_.load(std::memory_order_relaxed);
+    std::string why;
+    bool done = FetchGroup(getter, job.group, object, content, &why);
+    if (!done) inGaveBack_.fetch_add(job.group.size(), std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lock(aheadMu_);
+      aheadBusy_--;
+    }
+    double keptBytes = static_cast<double>(inKept_.load(std::memory_order_relaxed) - keptBefore);
+    events_.Emit({"store-fetched", "", "", why, 0, {{"id", double(job.id)}, {"keptBytes", keptBytes}, {"gaveBack", done ? 0.0 : 1.0}}});
+  }
+}
+
+bool StoreSupply::LockSlots(std::vector<uint64_t>& slots, bool* locked, std::string* why) {
+  *locked = false;
+  if (lockFd_ < 0) return true;
+  std::sort(slots.begin(), slots.end());
+  slots.erase(std::unique(slots.begin(), slots.end()), slots.end());  // two chunks may share one: locked once
+  for (size_t i = 0; i < slots.size(); i++) {
+    int err = LockRange(lockFd_, slots[i], kCacheSlotBytes, true);
+    if (err == 0) continue;
+    for (size_t k = 0; k < i; k++) LockRange(lockFd_, slots[k], kCacheSlotBytes, false);
+    if (err != EAGAIN) return true;  // a filesystem that cannot lock: fetched unlocked (a second request at worst)
+    *why = "another fetch of a chunk of the group (or of one sharing its lock) is under way";
+    return false;
+  }
+  *locked = true;
+  double now = static_cast<double>(std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch()).count());
+  for (uint64_t slot : slots)
+    if (pwrite(lockFd_, &now, sizeof now, static_cast<off_t>(slot)) < 0) {}  // a full disk: waiters see an old beat and fetch for themselves
+  return true;
+}
+
+void StoreSupply::UnlockSlots(const std::vector<uint64_t>& slots, bool locked) {
+  if (!locked) return;
+  for (uint64_t slot : slots) LockRange(lockFd_, slot, kCacheSlotBytes, false);
+}
+
+bool StoreSupply::FetchGroup(ChunkGetter& getter, const std::vector<Want>& group, std::vector<uint8_t>& object, std::vector<uint8_t>& content,
+                             std::string* why) {
+  struct Member {
+    uint64_t chunk, length, offset, at;  // at: the chunk's content in `content`
+  };
+  std::vector<Member> members(group.size());
+  std::vector<uint64_t> slots;
+  uint64_t total = 0;
+  for (size_t i = 0; i < group.size(); i++) {
+    Member& m = members[i];
+    ChunkOf(group[i], &m.chunk, &m.length, &m.offset);
+    m.at = total;
+    total += m.length;
+    slots.push_back(CacheLockSlot(cache_->Name(group[i].sourceRegion, m.chunk)));
+  }
+  bool locked = false;
+  if (!LockSlots(slots, &locked, why)) return false;
+  if (content.size() < total) content.resize(total);
+  // Whoever held a lock before may have kept its chunk since the group was taken: those are read, the rest fetched
+  // (one ranged GET from the first missing to the last; one kept in between comes again and is not counted).
+  std::vector<bool> kept(group.size(), false);
+  size_t from = group.size(), to = 0;
+  for (size_t i = 0; i < group.size(); i++) {
+    bool damaged = false;
+    kept[i] = cache_->Read(group[i].sourceRegion, members[i].chunk, content.data() + members[i].at, members[i].length, &damaged);
+    if (damaged) RemoveDamaged(group[i].sourceRegion, members[i].chunk);
+    if (!kept[i]) from = std::min(from, i), to = i + 1;
+  }
+  if (from < to) {
+    const ChunkPlace& first = gets_->places[group[from].sourceRegion][members[from].chunk];
+    const ChunkPlace& last = gets_->places[group[to - 1].sourceRegion][members[to - 1].chunk];
+    uint64_t gets = getter.gets(), bytes = getter.bytes();
+    bool got = getter.GetRange(
+        first.pack, first.offset, last.offset + last.length - first.offset, object, [this] { return life_.Stopping(); }, why);
+    inGets_.fetch_add(getter.gets() - gets, std::memory_order_relaxed);
+    inBytes_.fetch_add(getter.bytes() - bytes, std::memory_order_relaxed);
+    if (!got) {
+      UnlockSlots(slots, locked);
+      restUntilNs_.store(static_cast<int64_t>(MonotonicNs() + kRestAfterFailureNs), std::memory_order_relaxed);
+      return false;
+    }
+    // Every chunk checked before any is installed: a damaged one sends the whole group to JavaScript, which fetches it again.
+    std::vector<uint8_t> one;
+    for (size_t i = from; i < to; i++) {
+      if (kept[i]) continue;
+      const ChunkPlace& place = gets_->places[group[i].sourceRegion][members[i].chunk];
+      if (!getter.Decode(object.data() + (place.offset - first.offset), place.length, cache_->Name(group[i].sourceRegion, members[i].chunk), members[i].length,
+                         one, why)) {
+        UnlockSlots(slots, locked);
+        return false;
+      }
+      std::memcpy(content.data() + members[i].at, one.data(), members[i].length);
+    }
+  }
+  for (size_t i = 0; i < group.size(); i++) {
+    const Want& w = group[i];
+    if (InstallPages(*map_.regions()[w.region], w.piece, w.why, content.data() + members[i].at + members[i].offset, /*mayWait=*/true) == kStop) {
+      UnlockSlots(slots, locked);
+      return true;
+    }
+  }
+  size_t read = static_cast<size_t>(std::count(kept.begin(), kept.end(), true));
+  inPieces_.fetch_add(group.size() - read, std::memory_order_relaxed);
+  inFromCache_.fetch_add(read, std::memory_order_relaxed);
+  if (!cache_->dir().empty()) {
+    for (size_t i = 0; i < group.size(); i++) {
+      if (kept[i]) continue;
+      std::string folder, file;
+      cache_->PathOf(group[i].sourceRegion, members[i].chunk, &folder, &file);
+      const uint8_t* data = content.data() + members[i].at;
+      KeepResult result = KeepChunkFile(folder, file, data, members[i].length, CacheCheck(data, members[i].length));
+      if (result.made) inKept_.fetch_add(members[i].length + kCacheFooterBytes, std::memory_order_relaxed);
+      if (result.err) *why = std::string("a chunk could not be kept in the cache: ") + result.syscall + ": " + std::strerror(result.err);
+    }
+  }
+  UnlockSlots(slots, locked);
+  return true;
 }
 
 bool StoreSupply::FetchOne(ChunkGetter& getter, const Want& w, std::vector<uint8_t>& content, std::string* why) {
@@ -411,18 +584,16 @@ bool StoreSupply::FetchOne(ChunkGetter& getter, const Want& w, std::vector<uint8
     inFromCache_.fetch_add(1, std::memory_order_relaxed);
     return true;
   }
-  if (damaged) {
-    std::string folder, file;
-    cache_->PathOf(w.sourceRegion, chunk, &folder, &file);
-    unlink((folder + "/" + file).c_str());
-    inDamaged_.fetch_add(1, std::memory_order_relaxed);
-  }
+  if (damaged) RemoveDamaged(w.sourceRegion, chunk);
   uint64_t gets = getter.gets(), bytes = getter.bytes(), started = MonotonicNs();
   bool got = getter.Get(
       gets_->places[w.sourceRegion][chunk], name, length, content, [this] { return life_.Stopping(); }, why);
   inGets_.fetch_add(getter.gets() - gets, std::memory_order_relaxed);
   inBytes_.fetch_add(getter.bytes() - bytes, std::memory_order_relaxed);
-  if (got) inGetNs_.fetch_add(MonotonicNs() - started, std::memory_order_relaxed);
+  if (got) {
+    inGetNs_.fetch_add(MonotonicNs() - started, std::memory_order_relaxed);
+    inFaultPieces_.fetch_add(1, std::memory_order_relaxed);
+  }
   if (!got) {
     unlock();
     // Until the store answers JavaScript again: its retries, backoff and outage are the session's.
@@ -439,9 +610,18 @@ bool StoreSupply::FetchOne(ChunkGetter& getter, const Want& w, std::vector<uint8
     cache_->PathOf(w.sourceRegion, chunk, &folder, &file);
     KeepResult kept = KeepChunkFile(folder, file, content.data(), length, CacheCheck(content.data(), length));
     if (kept.made) inKept_.fetch_add(length + kCacheFooterBytes, std::memory_order_relaxed);
+    // Installed all the same; the next restore fetches it again (JavaScript logs why).
+    if (kept.err) *why = std::string("the chunk could not be kept in the cache: ") + kept.syscall + ": " + std::strerror(kept.err);
   }
   unlock();
   return true;
+}
+
+void StoreSupply::RemoveDamaged(uint32_t sourceRegion, uint64_t chunk) {
+  std::string folder, file;
+  cache_->PathOf(sourceRegion, chunk, &folder, &file);
+  unlink((folder + "/" + file).c_str());
+  inDamaged_.fetch_add(1, std::memory_order_relaxed);
 }
 
 void StoreSupply::GiveBack(const Want& w) {

@@ -58,9 +58,17 @@ class StoreSupply final : public PageSupply {
   // fetched from now on by gets.connections threads of the engine's own.
   // Null when started, else why not. `cpu`: where the threads run (-1: anywhere).
   const char* FetchInEngine(std::unique_ptr<StoreGets> gets, int cpu);
+  // JS thread: a group of pieces taken ahead (TakeAhead), fetched by the
+  // engine's threads with one ranged GET, each chunk checked, installed and
+  // kept; a "store-fetched" event with `id` says how it went. False (nothing
+  // started): the group is not pieces of one chunk each lying one after
+  // another in one pack, or the engine does not fetch: JavaScript fetches it.
+  bool FetchAheadInEngine(const std::vector<Want>& group, uint32_t id);
+  // JS thread: the piece `piece` of target region `region`, asked for, as wanted for `why`; false when it is no such piece.
+  bool WantOfAsked(uint32_t region, uint64_t piece, Why why, Want* out) const;
+  // faultPieces, getNs: the faults' pieces and their GETs' time (fetch, decode, check) summed; damaged: cached files that failed their check (removed).
   struct InEngineStats {
-    uint64_t gets, bytesFetched, pieces, gaveBack, keptBytes, fromCache, getNs,
-        damaged;  // getNs: the GETs' time (fetch, decode, check) summed; damaged: cached files that failed their check (removed)
+    uint64_t gets, bytesFetched, pieces, gaveBack, keptBytes, fromCache, getNs, damaged, faultPieces;
   };
   InEngineStats InEngine() const;
   // Pieces the engine's threads hold (queued or being fetched): 0 once every chunk they fetched is kept.
@@ -126,6 +134,14 @@ class StoreSupply final : public PageSupply {
   bool FetchOne(ChunkGetter& getter, const Want& w, std::vector<uint8_t>& content, std::string* why);
   // A piece the engine's threads could not fetch, handed to JavaScript.
   void GiveBack(const Want& w);
+  // An engine thread: fetches groups taken ahead until the engine stops.
+  void AheadLoop();
+  bool FetchGroup(ChunkGetter& getter, const std::vector<Want>& group, std::vector<uint8_t>& object, std::vector<uint8_t>& content, std::string* why);
+  // The chunks' slots in the cache's lock file, locked (each once); false, none held, while another holds one.
+  bool LockSlots(std::vector<uint64_t>& slots, bool* locked, std::string* why);
+  void UnlockSlots(const std::vector<uint64_t>& slots, bool locked);
+  // A cached file that failed its check, removed (fetched again and kept anew), as JavaScript's cache does.
+  void RemoveDamaged(uint32_t sourceRegion, uint64_t chunk);
 
   TargetMap& map_;
   Installer& installer_;
@@ -158,8 +174,18 @@ class StoreSupply final : public PageSupply {
   std::deque<Want> fetchQueue_;  // under fetchMu_: requested pieces first
   uint64_t fetchBusy_ = 0;       // under fetchMu_
   size_t requestedQueued_ = 0;   // under fetchMu_: requested pieces at the queue's front
+  struct AheadJob {
+    std::vector<Want> group;
+    uint32_t id;
+  };
+  std::mutex aheadMu_;
+  std::condition_variable aheadCv_;
+  std::deque<AheadJob> aheadQueue_;                            // under aheadMu_
+  uint32_t aheadThreads_ = 0, aheadIdle_ = 0, aheadBusy_ = 0;  // under aheadMu_
+  static constexpr uint32_t kAheadThreads = 16;                // at most this many groups fetched at once (the feeder holds fewer in flight)
+  int cpu_ = -1;
   static constexpr uint64_t kRestAfterFailureNs = 1'000'000'000;
-  std::atomic<uint64_t> inGets_{0}, inBytes_{0}, inPieces_{0}, inGaveBack_{0}, inKept_{0}, inFromCache_{0}, inGetNs_{0}, inDamaged_{0};
+  std::atomic<uint64_t> inGets_{0}, inBytes_{0}, inPieces_{0}, inGaveBack_{0}, inKept_{0}, inFromCache_{0}, inGetNs_{0}, inDamaged_{0}, inFaultPieces_{0};
 };
 
 }  // namespace uffdpc

@@ -307,7 +307,7 @@ async function cold(bucket: string, prefix: string, pages: number, chunkBytes: n
       const get = { p50_us: round(gets[gets.length >> 1]), p99_us: round(gets[Math.floor(gets.length * 0.99)]) };
       const inEngine = first.fetched.inEngine;
       // The engine's own GETs' mean (request to chunk checked): the part of a fault the store and the link take.
-      const inEngineGetUs = inEngine.pieces > 0 ? round(inEngine.getNs / 1e3 / inEngine.pieces) : null;
+      const inEngineGetUs = inEngine.faultPieces > 0 ? round(inEngine.getNs / 1e3 / inEngine.faultPieces) : null;
       return {
         case: 'cold',
         chunkBytes,

@@ -342,6 +342,17 @@ export class FaultEngine extends EventEmitter {
     this.#native.fetchStoreInEngine(config);
   }
 
+  /**
+   * A store image's engine that fetches itself (fetchStoreInEngine): a group
+   * of pieces taken ahead, fetched by its threads with one ranged GET; a
+   * 'store-fetched' event with `id` follows. False: nothing started (the
+   * group is not chunks lying one after another in one pack): fetch it here.
+   */
+  fetchAheadInEngine(group: StorePiece[], id: number): boolean {
+    validateInteger(id, 'id', 1, 0xffffffff);
+    return this.#native.fetchAheadInEngine(group, id);
+  }
+
   /** A store image's engine: what its own fetches did (fetchStoreInEngine). */
   get storeInEngine(): StoreInEngineStats {
     return this.#native.storeInEngine();
@@ -411,7 +422,8 @@ export class FaultEngine extends EventEmitter {
           return;
         case 'store-fetched':
           if (e.gaveBack) this.#log.debug({ why: e.message }, 'a piece the engine could not fetch goes to the feeder');
-          this.emit('store-fetched', { keptBytes: e.keptBytes, gaveBack: e.gaveBack === 1 });
+          else if (e.message) this.#log.warn({ err: e.message }, 'a chunk the engine fetched was not kept');
+          this.emit('store-fetched', { id: e.id, keptBytes: e.keptBytes, gaveBack: e.gaveBack === 1 });
           return;
         case 'background-done':
           this.#log.debug('the source has sent every page');

@@ -107,10 +107,24 @@ export class StoreFeeder extends EventEmitter {
   readonly #timers = new Set<NodeJS.Timeout>();
   #soon: NodeJS.Immediate | null = null;
   readonly #onWanted = () => this.#pump();
-  /** A fault's chunk the engine fetched itself: faults are being served (the fetches ahead are held, as for the feeder's own). */
-  readonly #onFetchedInEngine = () => {
-    this.#lastUrgentAt = performance.now();
-    this.#aheadLimit = AHEAD_DURING_DEMAND;
+  /** Groups handed to the engine (fetchAheadInEngine), by id: each settles true when installed, false when handed back. */
+  readonly #inEngine = new Map<number, (installed: boolean) => void>();
+  #nextGroupId = 0;
+  #aheadInEngine = false;
+  /**
+   * The engine fetched a fault's chunk itself (id 0): faults are being
+   * served (the fetches ahead are held, as for the feeder's own); or a group
+   * handed to it (its id) is done.
+   */
+  readonly #onFetchedInEngine = (f: { id: number; gaveBack: boolean }) => {
+    if (f.id === 0) {
+      this.#lastUrgentAt = performance.now();
+      this.#aheadLimit = AHEAD_DURING_DEMAND;
+      return;
+    }
+    const settle = this.#inEngine.get(f.id);
+    this.#inEngine.delete(f.id);
+    settle?.(!f.gaveBack);
   };
 
   constructor(engine: FaultEngine, store: SnapshotStore, manifest: Manifest, cache: ChunkCache | undefined, options: StoreFeederOptions = {}) {
@@ -133,6 +147,11 @@ export class StoreFeeder extends EventEmitter {
     this.#pump();
   }
 
+  /** From now on the groups taken ahead are handed to the engine, which fetches them itself where it can (one ranged GET each). */
+  fetchAheadInEngine(): void {
+    this.#aheadInEngine = true;
+  }
+
   /** Tops the working set and the background up again (e.g. once it was started). */
   pump(): void {
     this.#pump();
@@ -148,6 +167,8 @@ export class StoreFeeder extends EventEmitter {
     this.#soon = null;
     if (this.#afterDemand) clearTimeout(this.#afterDemand);
     this.#afterDemand = null;
+    for (const settle of this.#inEngine.values()) settle(false);
+    this.#inEngine.clear();
   }
 
   get outage(): boolean {
@@ -289,6 +310,17 @@ export class StoreFeeder extends EventEmitter {
   /** Fetches pieces (one fetch) and installs them; while the store is out of reach, again after the backoff. */
   async #feed(group: StorePiece[], attempt: number): Promise<void> {
     const piece = group[0];
+    // Handed to the engine where it can fetch it (its threads count what they install); handed back, fetched here.
+    if (this.#aheadInEngine && isAhead(piece)) {
+      const id = (this.#nextGroupId = (this.#nextGroupId % 0xfffffffe) + 1);
+      const installed = new Promise<boolean>((resolve) => this.#inEngine.set(id, resolve));
+      if (this.#engine.fetchAheadInEngine(group, id)) {
+        if (await installed) {
+          this.#recovered();
+          return;
+        }
+      } else this.#inEngine.delete(id);
+    }
     for (;;) {
       if (this.#stopped) return;
       try {

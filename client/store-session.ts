@@ -12,8 +12,8 @@ import { StateMachine, type TransitionTable } from '../lib/state-machine.js';
 import { transferOptions, type TransferOptions } from '../lib/transfer.js';
 import { formatStoreUrl, parseImageUrl } from '../lib/store/address.js';
 import { ChunkCache, type ChunkCacheOptions } from '../lib/store/chunk-cache.js';
-import { packKey, placesOf, totalBytes, type ChunkPlace, type Manifest } from '../lib/store/manifest.js';
-import type { StoreInEngineStats } from '../lib/native.js';
+import { packKey, placesOf, totalBytes, type Manifest } from '../lib/store/manifest.js';
+import type { StoreGetsConfig, StoreInEngineStats } from '../lib/native.js';
 import type { StoreCredentials } from '../lib/store/object-store.js';
 import { SnapshotStore } from '../lib/store/snapshot-store.js';
 import type { TenantKey } from '../lib/store/tenant.js';
@@ -97,7 +97,6 @@ export class StoreSession extends EventEmitter implements PageSession {
   readonly #store: SnapshotStore;
   readonly #ownStore: boolean;
   readonly #feeder: StoreFeeder;
-  readonly #places: Map<string, ChunkPlace>;
   readonly #machine: StateMachine<StoreState>;
   readonly #giveUpAfterMs: number;
   #giveUpTimer: NodeJS.Timeout | null = null;
@@ -117,7 +116,6 @@ export class StoreSession extends EventEmitter implements PageSession {
     this.#store = o.store;
     this.#ownStore = o.ownStore;
     this.manifest = o.manifest;
-    this.#places = placesOf(o.manifest);
     this.cache = o.cache;
     this.engine = o.engine;
     this.regions = o.regions;
@@ -172,6 +170,8 @@ export class StoreSession extends EventEmitter implements PageSession {
         contentLength,
       }));
       if (options.prefetch) checkReplay(options.prefetch, regions, manifest.fingerprint, log);
+      // How the engine reaches the store itself, found before it starts: its first faults go straight to its own threads.
+      const gets = options.fetchInEngine !== false && !options.tenant ? await inEngineGets(store, manifest, log) : null;
       const cache =
         options.cache === false ? undefined : options.cache instanceof ChunkCache ? options.cache : new ChunkCache({ ...options.cache, logger: log });
       const machine = new StateMachine<StoreState>('destination', 'running', TRANSITIONS, log);
@@ -197,9 +197,13 @@ export class StoreSession extends EventEmitter implements PageSession {
         },
         'restoring from a store',
       );
+      if (gets && !engine.complete) {
+        engine.fetchStoreInEngine(gets);
+        session.#feeder.fetchAheadInEngine();
+        log.debug({ address: gets.address, port: gets.port, connections: gets.connections }, "faults' chunks are fetched in the engine");
+      }
       session.#feeder.start();
       if (engine.complete) machine.to('resident');
-      else if (options.fetchInEngine !== false && !options.tenant) await session.#fetchInEngine(log);
       return session;
     } catch (err) {
       engine?.stop();
@@ -210,33 +214,6 @@ export class StoreSession extends EventEmitter implements PageSession {
 
   get state(): StoreState {
     return this.#machine.state;
-  }
-
-  /** Hands the engine the store's address and keys, so that its own threads fetch what faults wait on (where it can: see fetchInEngine). */
-  async #fetchInEngine(log: Logger): Promise<void> {
-    const packs = new Map<string, number>();
-    const places = this.manifest.regions.map((r) => {
-      const out = Buffer.alloc(r.chunks.length * 24);
-      r.chunks.forEach((hash, i) => {
-        const place = hash ? this.#places.get(hash) : undefined;
-        if (!place) return out.writeBigInt64LE(-1n, i * 24);
-        let pack = packs.get(place.pack);
-        if (pack === undefined) packs.set(place.pack, (pack = packs.size));
-        out.writeBigInt64LE(BigInt(pack), i * 24);
-        out.writeBigUInt64LE(BigInt(place.offset), i * 24 + 8);
-        out.writeBigUInt64LE(BigInt(place.length), i * 24 + 16);
-      });
-      return out;
-    });
-    if (packs.size === 0) return; // chunks stored as their own objects (images pushed before packs): the feeder fetches them
-    const gets = await this.#store.objects.inEngineGets([...packs.keys()].map(packKey)).catch(() => null);
-    if (!gets) {
-      log.debug({ endpoint: this.#store.objects.endpoint }, 'faults are fetched by the feeder (an https endpoint, or keys that expire)');
-      return;
-    }
-    if (this.engine.stopped || this.engine.complete) return;
-    this.engine.fetchStoreInEngine({ ...gets, places, connections: IN_ENGINE_CONNECTIONS });
-    log.debug({ address: gets.address, port: gets.port, connections: IN_ENGINE_CONNECTIONS }, "faults' chunks are fetched in the engine");
   }
 
   /** Once the engine's own fetches are all kept in the host's cache (bounded: a fetch's timeout and a margin). */
@@ -406,6 +383,36 @@ export async function readStoreManifest(options: Pick<StoreSessionOptions, 'stor
   } finally {
     store.close();
   }
+}
+
+/**
+ * What the engine needs to fetch the image's chunks itself (the store's
+ * address and keys, each chunk's place in its pack), or null where it cannot
+ * (lib/store/object-store.ts, inEngineGets; an image of the layout before packs).
+ */
+async function inEngineGets(store: SnapshotStore, manifest: Manifest, log: Logger): Promise<StoreGetsConfig | null> {
+  const placeOf = placesOf(manifest);
+  const packs = new Map<string, number>();
+  const places = manifest.regions.map((r) => {
+    const out = Buffer.alloc(r.chunks.length * 24);
+    r.chunks.forEach((hash, i) => {
+      const place = hash ? placeOf.get(hash) : undefined;
+      if (!place) return out.writeBigInt64LE(-1n, i * 24);
+      let pack = packs.get(place.pack);
+      if (pack === undefined) packs.set(place.pack, (pack = packs.size));
+      out.writeBigInt64LE(BigInt(pack), i * 24);
+      out.writeBigUInt64LE(BigInt(place.offset), i * 24 + 8);
+      out.writeBigUInt64LE(BigInt(place.length), i * 24 + 16);
+    });
+    return out;
+  });
+  if (packs.size === 0) return null; // chunks stored as their own objects (images pushed before packs): the feeder fetches them
+  const gets = await store.objects.inEngineGets([...packs.keys()].map(packKey)).catch(() => null);
+  if (!gets) {
+    log.debug({ endpoint: store.objects.endpoint }, 'faults are fetched by the feeder (an https endpoint, or keys that expire)');
+    return null;
+  }
+  return { ...gets, places, connections: IN_ENGINE_CONNECTIONS };
 }
 
 /** A region's chunk names as the engine takes them: 32 bytes each, zeros for a zero chunk. */

@@ -58,8 +58,8 @@ export type NativeEvent = NativeEventBase &
     | { type: 'complete'; elapsedNs: number }
     | { type: 'background-done' }
     | { type: 'store-wanted' }
-    /** The engine's own fetch of a piece ended (message: why it was handed to JavaScript, when gaveBack). */
-    | { type: 'store-fetched'; keptBytes: number; gaveBack: 0 | 1 }
+    /** The engine's own fetch of a fault's piece (id 0) or of a group taken ahead (its id) ended (message: why it was handed back, when gaveBack). */
+    | { type: 'store-fetched'; id: number; keptBytes: number; gaveBack: 0 | 1 }
     | { type: 'remove' | 'unmap'; start: number; end: number }
     | { type: 'remap'; from: number; to: number; length: number; followed: 0 | 1 }
     | { type: 'fork'; fd: number }
@@ -235,6 +235,7 @@ export interface NativeFaultEngine {
   installPiece(region: number, piece: number, why: number, data: Uint8Array | null): boolean;
   storePiecesFromCache(): number;
   fetchStoreInEngine(config: StoreGetsConfig): void;
+  fetchAheadInEngine(pieces: StorePiece[], id: number): boolean;
   storeInEngine(): StoreInEngineStats;
 }
 
@@ -267,10 +268,12 @@ export interface StoreInEngineStats {
   gaveBack: number;
   keptBytes: number;
   fromCache: number;
-  /** The successful GETs' time, summed: from the request to the chunk checked (decoded, its hash compared). */
+  /** The faults' successful GETs' time, summed: from the request to the chunk checked (decoded, its hash compared). */
   getNs: number;
   /** Files in the host's cache that failed their check: removed, the chunk fetched again. */
   damaged: number;
+  /** The faults' pieces among `pieces` (getNs is theirs). */
+  faultPieces: number;
   fetching: number;
 }
 

@@ -293,7 +293,8 @@ t.test('a recorded working set goes from the store as runs of its neighbours in 
   const fetched = (dest.session as StoreSession).fetched;
   t.equal(fetched.chunks, chunks.length, 'those chunks and no more');
   // One GET for the manifest, one for each run: {3-5}, {10-12}, {20-23}, {30}, {34}, and 40..59 in two (16 chunks a fetch at most).
-  t.equal(store.objects.stats.gets - getsBefore, 1 + 7, 'one ranged GET a run');
+  t.equal(fetched.store.gets - getsBefore, 1 + 7, 'one ranged GET a run');
+  t.equal(fetched.inEngine.pieces, chunks.length, "each run fetched by the engine's own threads");
   // Only those chunks are read here: this thread must never touch a missing page (only it can fetch it).
   const m = dest.regions[0].mapping;
   for (const c of chunks)
