@@ -226,12 +226,12 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine>, DataPlane, EngineLife 
     return info.Env().Undefined();
   }
 
-  // takeStorePieces(ahead, cacheBytes) -> {pieces: [{region, piece,
+  // takeStorePieces(ahead, cacheBytes, background = true) -> {pieces: [{region, piece,
   // sourceRegion, sourceFirst, sourceCount, why}], fromCache}: every piece
   // faults wait on (and their windows), then up to `ahead` pieces of the
   // working set and the background (store); of those, zero chunks and the
   // ones the host's chunk cache holds are installed here instead (up to
-  // `cacheBytes` of them), `fromCache` of them.
+  // `cacheBytes` of them), `fromCache` of them. `background` false: the working set's only.
   Napi::Value TakeStorePieces(const Napi::CallbackInfo& info) {
     StoreSupply* store = parts_->store;
     if (!store) throw CodedError(info.Env(), "ERR_ENGINE_STATE", "only an engine serving a store image takes pieces");
@@ -241,7 +241,8 @@ class FaultEngine : public Napi::ObjectWrap<FaultEngine>, DataPlane, EngineLife 
     uint32_t ahead = info[0].As<Napi::Number>().Uint32Value();
     uint64_t cacheBytes = static_cast<uint64_t>(info[1].As<Napi::Number>().Int64Value());
     uint64_t fromCache = 0;
-    if (ahead && started_ && !Stopped()) store->TakeAhead(urgent + ahead, wants, cacheBytes, &fromCache);
+    bool background = info.Length() < 3 || info[2].ToBoolean().Value();
+    if (ahead && started_ && !Stopped()) store->TakeAhead(urgent + ahead, wants, cacheBytes, &fromCache, background);
     Napi::Array pieces = Napi::Array::New(info.Env(), wants.size());
     for (size_t i = 0; i < wants.size(); i++) {
       const auto& w = wants[i];

@@ -170,7 +170,7 @@ void StoreSupply::TakeUrgent(std::vector<Want>& out) {
   told_ = false;
 }
 
-void StoreSupply::TakeAhead(size_t max, std::vector<Want>& out, uint64_t cacheBytes, uint64_t* fromCache) {
+void StoreSupply::TakeAhead(size_t max, std::vector<Want>& out, uint64_t cacheBytes, uint64_t* fromCache, bool background) {
   PageRun run;
   while (out.size() < max && scheduler_.NextWorkingSetRun(&run)) {
     size_t from = out.size();
@@ -178,7 +178,7 @@ void StoreSupply::TakeAhead(size_t max, std::vector<Want>& out, uint64_t cacheBy
     JoinSetNeighbours(out, from);
     InstallCached(out, from, /*faultThread=*/false, &cacheBytes, fromCache);
   }
-  if (!backgroundOn_.load(std::memory_order_acquire)) return;
+  if (!background || !backgroundOn_.load(std::memory_order_acquire)) return;
   // About a piece per run: the cursor moves on a piece at a time.
   while (out.size() < max && scheduler_.NextBackgroundRun(piecePages_, &run)) {
     size_t from = out.size();

@@ -84,7 +84,8 @@ class StoreSupply final : public PageSupply {
   // none once every page is asked for. Zero chunks, and pieces the host's
   // chunk cache holds, are installed here instead (up to `cacheBytes` of
   // them), counted in `*fromCache`.
-  void TakeAhead(size_t max, std::vector<Want>& out, uint64_t cacheBytes, uint64_t* fromCache);
+  // `background`: false takes the working set's pieces only (the background waits for the set to be in).
+  void TakeAhead(size_t max, std::vector<Want>& out, uint64_t cacheBytes, uint64_t* fromCache, bool background = true);
   // A piece's content (null: zeros), `length` bytes: its source pages' bytes;
   // `why`: what it was wanted for. Null when installed (or the engine is
   // stopping: its events say why), else what is wrong.

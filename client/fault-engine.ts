@@ -308,10 +308,15 @@ export class FaultEngine extends EventEmitter {
    * then up to `ahead` pieces of the working set and the background. Of
    * those, zero chunks and the pieces the host's chunk cache holds are
    * installed here, on this thread (`fromCache` of them, up to `cacheBytes`
-   * of them); the others are returned to fetch.
+   * of them); the others are returned to fetch. `background` false: the
+   * working set's pieces only.
    */
-  takeStorePieces(ahead: number, cacheBytes = 0): { pieces: StorePiece[]; fromCache: number } {
-    return this.#native.takeStorePieces(validateInteger(ahead, 'ahead', 0, 1 << 20), validateInteger(cacheBytes, 'cacheBytes', 0, 1 << 30));
+  takeStorePieces(ahead: number, cacheBytes = 0, background = true): { pieces: StorePiece[]; fromCache: number } {
+    return this.#native.takeStorePieces(
+      validateInteger(ahead, 'ahead', 0, 1 << 20),
+      validateInteger(cacheBytes, 'cacheBytes', 0, 1 << 30),
+      background === true,
+    );
   }
 
   /** A store image's engine: the pieces it read from the host's chunk cache itself (on its fault thread, or in takeStorePieces). */

@@ -1,6 +1,7 @@
 // Feeds a store image's engine (addon/store_supply.h): takes the pieces it
 // wants, fetches their chunks (through the host's chunk cache, each checked
-// against its name) and installs them. Pieces the host's cache holds the
+// against its name) and installs them; where the engine fetches itself, it
+// hands it each group taken ahead, and fetches only what comes back. Pieces the host's cache holds the
 // engine reads itself (its fault thread, or takeStorePieces). The pieces faults wait on are fetched
 // the moment they are wanted, however many; the working set and the
 // background go `parallel` pieces at a time, enough to fill the link. A
@@ -84,6 +85,8 @@ export class StoreFeeder extends EventEmitter {
   readonly #log: Logger;
   readonly #parallel: number;
   readonly #retry: { initial: number; max: number };
+  /** Fetches of the working set in flight: the background waits for them (takeStorePieces' `background`). */
+  #setInFlight = 0;
   /** Pieces fetched ahead in flight, and the fetches they go in. */
   #ahead = 0;
   #aheadFetches = 0;
@@ -186,7 +189,9 @@ export class StoreFeeder extends EventEmitter {
     const taken: StorePiece[][] = [];
     let fromCache = 0;
     const take = (ahead: number, cacheBytes: number) => {
-      const answer = this.#engine.takeStorePieces(ahead, cacheBytes);
+      // The background waits while the working set is in flight (or waiting for room): the set is what the workload touches next.
+      const setPending = this.#setInFlight > 0 || [...this.#queued, ...taken].some((g) => g[0].why === Reason.prefetch);
+      const answer = this.#engine.takeStorePieces(ahead, cacheBytes, !setPending);
       fromCache += answer.fromCache;
       for (const piece of answer.pieces) {
         if (!isAhead(piece)) {
@@ -227,6 +232,8 @@ export class StoreFeeder extends EventEmitter {
 
   /** Fetches a group (one fetch) and installs it; pumps again when it is done. */
   #start(group: StorePiece[], ahead: boolean): void {
+    const ofSet = group[0].why === Reason.prefetch;
+    if (ofSet) this.#setInFlight++;
     if (ahead) {
       this.#ahead += group.length;
       this.#aheadFetches++;
@@ -237,6 +244,7 @@ export class StoreFeeder extends EventEmitter {
     void this.#paced(group, ahead)
       .then(() => this.#feed(group, 0))
       .finally(() => {
+        if (ofSet) this.#setInFlight--;
         if (ahead) {
           this.#ahead -= group.length;
           this.#aheadFetches--;

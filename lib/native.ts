@@ -231,7 +231,7 @@ export interface NativeFaultEngine {
   prefetch(entries: Uint8Array): void;
   startBackground(): void;
   faultedPages(): Buffer;
-  takeStorePieces(ahead: number, cacheBytes: number): { pieces: StorePiece[]; fromCache: number };
+  takeStorePieces(ahead: number, cacheBytes: number, background: boolean): { pieces: StorePiece[]; fromCache: number };
   installPiece(region: number, piece: number, why: number, data: Uint8Array | null): boolean;
   storePiecesFromCache(): number;
   fetchStoreInEngine(config: StoreGetsConfig): void;

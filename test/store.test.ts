@@ -391,6 +391,23 @@ t.test("a chunk another process is fetching is not fetched by the engine: the fe
   const [report] = await Promise.all([dest.finish(), rest]);
   t.equal(report.digestMatch, true, 'and the rest by the engine, byte for byte');
   t.equal(session.fetched.inEngine.pieces, pages / per - 1);
+
+  // The same for a group the background takes: a chunk of it held, the whole group goes to the feeder, which waits for that fetch.
+  const dir2 = tempDir(t);
+  const cache2 = new ChunkCache({ dir: dir2 });
+  const fd2 = openSync(join(dir2, 'lock'), 'r+');
+  t.teardown(() => closeSync(fd2));
+  const middle = manifest.regions[0].chunks[8];
+  native.rangeLock(fd2, lockSlotOffset(middle), 8, true);
+  const dest2 = await Destination.connect({ storeImage: { store, name: 'vm' }, cache: cache2 });
+  t.teardown(() => dest2.close());
+  const session2 = dest2.session as StoreSession;
+  await until('the group holding the chunk handed to the feeder', () => session2.fetched.inEngine.gaveBack > 0);
+  native.rangeLock(fd2, lockSlotOffset(middle), 8, false);
+  t.equal((await dest2.finish()).digestMatch, true, 'byte for byte');
+  const f2 = session2.fetched;
+  t.equal(f2.chunks, pages / per, 'each chunk fetched once');
+  t.ok(f2.inEngine.pieces < pages / per, `${f2.inEngine.pieces} by the engine, the held chunk's group by the feeder`);
 });
 
 t.test('a damaged chunk a fault needs is refused by the engine too: never installed, handed to the feeder, which names it', async (t) => {
