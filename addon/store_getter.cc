@@ -95,18 +95,25 @@ bool ChunkGetter::Connect(const std::function<bool()>& leaving, std::string* why
   setsockopt(fd_, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
   sockaddr_storage sa = {};
   socklen_t saLength;
+  bool parsed;
   if (gets_.ipv6) {
     auto* a = reinterpret_cast<sockaddr_in6*>(&sa);
     a->sin6_family = AF_INET6;
     a->sin6_port = htons(gets_.port);
-    inet_pton(AF_INET6, gets_.address.c_str(), &a->sin6_addr);
+    parsed = inet_pton(AF_INET6, gets_.address.c_str(), &a->sin6_addr) == 1;
     saLength = sizeof *a;
   } else {
     auto* a = reinterpret_cast<sockaddr_in*>(&sa);
     a->sin_family = AF_INET;
     a->sin_port = htons(gets_.port);
-    inet_pton(AF_INET, gets_.address.c_str(), &a->sin_addr);
+    parsed = inet_pton(AF_INET, gets_.address.c_str(), &a->sin_addr) == 1;
     saLength = sizeof *a;
+  }
+  if (!parsed) {
+    // Never the all-zeros address (which Linux connects to this host): an address it cannot read is a failure.
+    *why = "not a numeric address: " + gets_.address;
+    Disconnect();
+    return false;
   }
   if (connect(fd_, reinterpret_cast<sockaddr*>(&sa), saLength) != 0) {
     if (errno != EINPROGRESS) {
@@ -284,6 +291,7 @@ bool ChunkGetter::GetRange(int64_t pack, uint64_t offset, uint64_t length, std::
     *why = "the store answered " + std::to_string(object.size()) + " bytes, not " + std::to_string(length);
     return false;
   }
+  why->clear();  // a retry that succeeded leaves no reason behind
   return true;
 }
 
@@ -323,15 +331,6 @@ bool ChunkGetter::Decode(const uint8_t* o, size_t n, const uint8_t name[32], uin
     return false;
   }
   return true;
-}
-
-bool ChunkGetter::Get(const ChunkPlace& place, const uint8_t name[32], uint64_t length, std::vector<uint8_t>& out, const std::function<bool()>& leaving,
-                      std::string* why) {
-  if (place.length < kChunkHeaderBytes) {
-    *why = "the chunk has no place in a pack";
-    return false;
-  }
-  return GetRange(place.pack, place.offset, place.length, object_, leaving, why) && Decode(object_.data(), object_.size(), name, length, out, why);
 }
 
 }  // namespace uffdpc

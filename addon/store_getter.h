@@ -48,14 +48,15 @@ class ChunkGetter {
   ChunkGetter(const ChunkGetter&) = delete;
   ChunkGetter& operator=(const ChunkGetter&) = delete;
 
-  // The chunk named `name` (its SHA-256) at `place`: exactly `length` bytes
-  // of content into `out`, checked. False with `*why` otherwise. `leaving`
-  // is asked between waits (at most kSliceMs apart): true ends the GET.
-  bool Get(const ChunkPlace& place, const uint8_t name[32], uint64_t length, std::vector<uint8_t>& out, const std::function<bool()>& leaving, std::string* why);
-  // Bytes [offset, offset + length) of pack `pack` (one ranged GET): exactly that many into `object`.
+  // Bytes [offset, offset + length) of pack `pack` (one ranged GET): exactly
+  // that many into `object`. False with `*why` otherwise. `leaving` is asked
+  // between waits (at most kSliceMs apart): true ends the GET.
   bool GetRange(int64_t pack, uint64_t offset, uint64_t length, std::vector<uint8_t>& object, const std::function<bool()>& leaving, std::string* why);
-  // A chunk's object (`n` bytes) decoded into `out` (exactly `length` bytes) and checked against `name`.
+  // A chunk's object (`n` bytes) decoded into `out` (exactly `length` bytes)
+  // and checked against `name`, its SHA-256: nothing else is a chunk.
   bool Decode(const uint8_t* object, size_t n, const uint8_t name[32], uint64_t length, std::vector<uint8_t>& out, std::string* why);
+  // A buffer of this getter's for an object (GetRange's `object`).
+  std::vector<uint8_t>& buffer() { return object_; }
   // Object bytes received by this getter's GETs (bodies), and GETs sent.
   uint64_t bytes() const { return bytes_; }
   uint64_t gets() const { return gets_sent_; }

@@ -373,17 +373,19 @@ void StoreSupply::FetchLoop() {
       if (requestedQueued_ > 0) requestedQueued_--;  // they are at the front
       fetchBusy_++;
     }
-    uint64_t keptBefore = inKept_.load(std::memory_order_relaxed);
     std::string why;
-    bool done = FetchOne(getter, w, content, &why);
+    uint64_t kept = 0;
+    // After a failure to reach the store, what was queued goes to JavaScript too, without a GET of its own.
+    bool resting = static_cast<int64_t>(MonotonicNs()) < restUntilNs_.load(std::memory_order_relaxed);
+    if (resting) why = "the store failed a GET a moment ago";
+    bool done = !resting && FetchOne(getter, w, content, &why, &kept);
     if (!done && !life_.Stopping()) GiveBack(w);
     {
       std::lock_guard<std::mutex> lock(fetchMu_);
       fetchBusy_--;
     }
     // JavaScript counts the cache's new bytes (its bound), and learns when the engine's threads are idle.
-    double keptBytes = static_cast<double>(inKept_.load(std::memory_order_relaxed) - keptBefore);
-    events_.Emit({"store-fetched", "", "", why, 0, {{"id", 0.0}, {"keptBytes", keptBytes}, {"gaveBack", done ? 0.0 : 1.0}}});
+    events_.Emit({"store-fetched", "", "", why, 0, {{"id", 0.0}, {"keptBytes", double(kept)}, {"gaveBack", done ? 0.0 : 1.0}}});
   }
 }
 
@@ -400,9 +402,12 @@ bool StoreSupply::FetchAheadInEngine(const std::vector<Want>& group, uint32_t id
   if (group.empty() || !fetchInEngine_.load(std::memory_order_acquire)) return false;
   if (static_cast<int64_t>(MonotonicNs()) < restUntilNs_.load(std::memory_order_relaxed)) return false;
   const ChunkPlace* last = nullptr;
+  uint64_t total = 0;
   for (const Want& w : group) {
     uint64_t chunk, length, offset;
     if (!ChunkOf(w, &chunk, &length, &offset) || cache_->IsZero(w.sourceRegion, chunk)) return false;
+    total += length;
+    if (total > kMaxGroupBytes) return false;  // one GET of at most what an answer may hold
     const ChunkPlace& place = gets_->places[w.sourceRegion][chunk];
     if (place.pack < 0 || (last && (place.pack != last->pack || place.offset != last->offset + last->length))) return false;
     last = &place;
@@ -434,16 +439,15 @@ void StoreSupply::AheadLoop() {
       aheadQueue_.pop_front();
       aheadBusy_++;
     }
-    uint64_t keptBefore = inKept_.load(std::memory_order_relaxed);
     std::string why;
-    bool done = FetchGroup(getter, job.group, object, content, &why);
+    uint64_t kept = 0;
+    bool done = FetchGroup(getter, job.group, object, content, &why, &kept);
     if (!done) inGaveBack_.fetch_add(job.group.size(), std::memory_order_relaxed);
     {
       std::lock_guard<std::mutex> lock(aheadMu_);
       aheadBusy_--;
     }
-    double keptBytes = static_cast<double>(inKept_.load(std::memory_order_relaxed) - keptBefore);
-    events_.Emit({"store-fetched", "", "", why, 0, {{"id", double(job.id)}, {"keptBytes", keptBytes}, {"gaveBack", done ? 0.0 : 1.0}}});
+    events_.Emit({"store-fetched", "", "", why, 0, {{"id", double(job.id)}, {"keptBytes", double(kept)}, {"gaveBack", done ? 0.0 : 1.0}}});
   }
 }
 
@@ -452,14 +456,21 @@ bool StoreSupply::LockSlots(std::vector<uint64_t>& slots, bool* locked, std::str
   if (lockFd_ < 0) return true;
   std::sort(slots.begin(), slots.end());
   slots.erase(std::unique(slots.begin(), slots.end()), slots.end());  // two chunks may share one: locked once
+  std::lock_guard<std::mutex> lock(slotsMu_);
+  for (uint64_t slot : slots)
+    if (std::find(heldSlots_.begin(), heldSlots_.end(), slot) != heldSlots_.end()) {
+      *why = "another of the engine's fetches holds a chunk's lock (the same chunk, or one sharing its lock)";
+      return false;
+    }
   for (size_t i = 0; i < slots.size(); i++) {
     int err = LockRange(lockFd_, slots[i], kCacheSlotBytes, true);
     if (err == 0) continue;
     for (size_t k = 0; k < i; k++) LockRange(lockFd_, slots[k], kCacheSlotBytes, false);
     if (err != EAGAIN) return true;  // a filesystem that cannot lock: fetched unlocked (a second request at worst)
-    *why = "another fetch of a chunk of the group (or of one sharing its lock) is under way";
+    *why = "another fetch of a chunk (or of one sharing its lock) is under way";
     return false;
   }
+  heldSlots_.insert(heldSlots_.end(), slots.begin(), slots.end());
   *locked = true;
   double now = static_cast<double>(std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch()).count());
   for (uint64_t slot : slots)
@@ -469,11 +480,15 @@ bool StoreSupply::LockSlots(std::vector<uint64_t>& slots, bool* locked, std::str
 
 void StoreSupply::UnlockSlots(const std::vector<uint64_t>& slots, bool locked) {
   if (!locked) return;
-  for (uint64_t slot : slots) LockRange(lockFd_, slot, kCacheSlotBytes, false);
+  std::lock_guard<std::mutex> lock(slotsMu_);
+  for (uint64_t slot : slots) {
+    LockRange(lockFd_, slot, kCacheSlotBytes, false);
+    heldSlots_.erase(std::find(heldSlots_.begin(), heldSlots_.end(), slot));
+  }
 }
 
-bool StoreSupply::FetchGroup(ChunkGetter& getter, const std::vector<Want>& group, std::vector<uint8_t>& object, std::vector<uint8_t>& content,
-                             std::string* why) {
+bool StoreSupply::FetchGroup(ChunkGetter& getter, const std::vector<Want>& group, std::vector<uint8_t>& object, std::vector<uint8_t>& content, std::string* why,
+                             uint64_t* kept) {
   struct Member {
     uint64_t chunk, length, offset, at;  // at: the chunk's content in `content`
   };
@@ -492,13 +507,13 @@ bool StoreSupply::FetchGroup(ChunkGetter& getter, const std::vector<Want>& group
   if (content.size() < total) content.resize(total);
   // Whoever held a lock before may have kept its chunk since the group was taken: those are read, the rest fetched
   // (one ranged GET from the first missing to the last; one kept in between comes again and is not counted).
-  std::vector<bool> kept(group.size(), false);
+  std::vector<bool> read(group.size(), false);
   size_t from = group.size(), to = 0;
   for (size_t i = 0; i < group.size(); i++) {
     bool damaged = false;
-    kept[i] = cache_->Read(group[i].sourceRegion, members[i].chunk, content.data() + members[i].at, members[i].length, &damaged);
+    read[i] = cache_->Read(group[i].sourceRegion, members[i].chunk, content.data() + members[i].at, members[i].length, &damaged);
     if (damaged) RemoveDamaged(group[i].sourceRegion, members[i].chunk);
-    if (!kept[i]) from = std::min(from, i), to = i + 1;
+    if (!read[i]) from = std::min(from, i), to = i + 1;
   }
   if (from < to) {
     const ChunkPlace& first = gets_->places[group[from].sourceRegion][members[from].chunk];
@@ -516,7 +531,7 @@ bool StoreSupply::FetchGroup(ChunkGetter& getter, const std::vector<Want>& group
     // Every chunk checked before any is installed: a damaged one sends the whole group to JavaScript, which fetches it again.
     std::vector<uint8_t> one;
     for (size_t i = from; i < to; i++) {
-      if (kept[i]) continue;
+      if (read[i]) continue;
       const ChunkPlace& place = gets_->places[group[i].sourceRegion][members[i].chunk];
       if (!getter.Decode(object.data() + (place.offset - first.offset), place.length, cache_->Name(group[i].sourceRegion, members[i].chunk), members[i].length,
                          one, why)) {
@@ -533,88 +548,74 @@ bool StoreSupply::FetchGroup(ChunkGetter& getter, const std::vector<Want>& group
       return true;
     }
   }
-  size_t read = static_cast<size_t>(std::count(kept.begin(), kept.end(), true));
-  inPieces_.fetch_add(group.size() - read, std::memory_order_relaxed);
-  inFromCache_.fetch_add(read, std::memory_order_relaxed);
-  if (!cache_->dir().empty()) {
-    for (size_t i = 0; i < group.size(); i++) {
-      if (kept[i]) continue;
-      std::string folder, file;
-      cache_->PathOf(group[i].sourceRegion, members[i].chunk, &folder, &file);
-      const uint8_t* data = content.data() + members[i].at;
-      KeepResult result = KeepChunkFile(folder, file, data, members[i].length, CacheCheck(data, members[i].length));
-      if (result.made) inKept_.fetch_add(members[i].length + kCacheFooterBytes, std::memory_order_relaxed);
-      if (result.err) *why = std::string("a chunk could not be kept in the cache: ") + result.syscall + ": " + std::strerror(result.err);
-    }
-  }
+  size_t fromCache = static_cast<size_t>(std::count(read.begin(), read.end(), true));
+  inPieces_.fetch_add(group.size() - fromCache, std::memory_order_relaxed);
+  inFromCache_.fetch_add(fromCache, std::memory_order_relaxed);
+  for (size_t i = 0; i < group.size(); i++)
+    if (!read[i]) *kept += Keep(group[i].sourceRegion, members[i].chunk, content.data() + members[i].at, members[i].length, why);
   UnlockSlots(slots, locked);
   return true;
 }
 
-bool StoreSupply::FetchOne(ChunkGetter& getter, const Want& w, std::vector<uint8_t>& content, std::string* why) {
+bool StoreSupply::FetchOne(ChunkGetter& getter, const Want& w, std::vector<uint8_t>& content, std::string* why, uint64_t* kept) {
   TargetRegion& r = *map_.regions()[w.region];
   uint64_t chunk, length, offset;
   ChunkOf(w, &chunk, &length, &offset);
   const uint8_t* name = cache_->Name(w.sourceRegion, chunk);
-  uint64_t slot = CacheLockSlot(name);
+  std::vector<uint64_t> slots{CacheLockSlot(name)};
   bool locked = false;
-  if (lockFd_ >= 0) {
-    int err = LockRange(lockFd_, slot, kCacheSlotBytes, true);
-    if (err == EAGAIN) {
-      *why = "another fetch of the chunk (or of one sharing its lock) is under way";
-      return false;  // JavaScript waits for its file
-    }
-    locked = err == 0;
-    if (locked) {
-      // The lease's beat (lib/store/chunk-cache.ts): a waiter sees a holder that is alive.
-      double now = static_cast<double>(std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch()).count());
-      if (pwrite(lockFd_, &now, sizeof now, static_cast<off_t>(slot)) < 0) {}  // a full disk: waiters see an old beat and fetch for themselves
-    }
-  }
-  auto unlock = [&] {
-    if (locked) LockRange(lockFd_, slot, kCacheSlotBytes, false);
-  };
+  if (!LockSlots(slots, &locked, why)) return false;  // JavaScript waits for that fetch's file
   if (content.size() < length) content.resize(length);
   // Whoever held the lock before may have kept the chunk since the fault thread looked. A damaged file is removed
   // (fetched again and kept anew), as JavaScript's cache does.
   bool damaged = false;
   if (cache_->Read(w.sourceRegion, chunk, content.data(), length, &damaged)) {
-    unlock();
+    UnlockSlots(slots, locked);
     InstallPages(r, w.piece, w.why, content.data() + offset, /*mayWait=*/true);
     inFromCache_.fetch_add(1, std::memory_order_relaxed);
     return true;
   }
   if (damaged) RemoveDamaged(w.sourceRegion, chunk);
+  const ChunkPlace& place = gets_->places[w.sourceRegion][chunk];
   uint64_t gets = getter.gets(), bytes = getter.bytes(), started = MonotonicNs();
-  bool got = getter.Get(
-      gets_->places[w.sourceRegion][chunk], name, length, content, [this] { return life_.Stopping(); }, why);
+  std::vector<uint8_t>& object = getter.buffer();
+  bool got = getter.GetRange(
+      place.pack, place.offset, place.length, object, [this] { return life_.Stopping(); }, why);
   inGets_.fetch_add(getter.gets() - gets, std::memory_order_relaxed);
   inBytes_.fetch_add(getter.bytes() - bytes, std::memory_order_relaxed);
-  if (got) {
-    inGetNs_.fetch_add(MonotonicNs() - started, std::memory_order_relaxed);
-    inFaultPieces_.fetch_add(1, std::memory_order_relaxed);
-  }
   if (!got) {
-    unlock();
+    UnlockSlots(slots, locked);
     // Until the store answers JavaScript again: its retries, backoff and outage are the session's.
     restUntilNs_.store(static_cast<int64_t>(MonotonicNs() + kRestAfterFailureNs), std::memory_order_relaxed);
     return false;
   }
+  // A chunk that does not decode or check (damaged, a codec or seal JavaScript reads) is JavaScript's; the store answered.
+  if (!getter.Decode(object.data(), object.size(), name, length, content, why)) {
+    UnlockSlots(slots, locked);
+    return false;
+  }
+  inGetNs_.fetch_add(MonotonicNs() - started, std::memory_order_relaxed);
+  inFaultPieces_.fetch_add(1, std::memory_order_relaxed);
   if (InstallPages(r, w.piece, w.why, content.data() + offset, /*mayWait=*/true) == kStop) {
-    unlock();
+    UnlockSlots(slots, locked);
     return true;
   }
   inPieces_.fetch_add(1, std::memory_order_relaxed);
-  if (!cache_->dir().empty()) {
-    std::string folder, file;
-    cache_->PathOf(w.sourceRegion, chunk, &folder, &file);
-    KeepResult kept = KeepChunkFile(folder, file, content.data(), length, CacheCheck(content.data(), length));
-    if (kept.made) inKept_.fetch_add(length + kCacheFooterBytes, std::memory_order_relaxed);
-    // Installed all the same; the next restore fetches it again (JavaScript logs why).
-    if (kept.err) *why = std::string("the chunk could not be kept in the cache: ") + kept.syscall + ": " + std::strerror(kept.err);
-  }
-  unlock();
+  *kept = Keep(w.sourceRegion, chunk, content.data(), length, why);
+  UnlockSlots(slots, locked);
   return true;
+}
+
+uint64_t StoreSupply::Keep(uint32_t sourceRegion, uint64_t chunk, const uint8_t* data, uint64_t length, std::string* why) {
+  if (cache_->dir().empty()) return 0;
+  std::string folder, file;
+  cache_->PathOf(sourceRegion, chunk, &folder, &file);
+  KeepResult result = KeepChunkFile(folder, file, data, length, CacheCheck(data, length));
+  // Installed all the same; the next restore fetches it again (JavaScript logs why).
+  if (result.err) *why = std::string("a chunk could not be kept in the cache: ") + result.syscall + ": " + std::strerror(result.err);
+  if (!result.made) return 0;
+  inKept_.fetch_add(length + kCacheFooterBytes, std::memory_order_relaxed);
+  return length + kCacheFooterBytes;
 }
 
 void StoreSupply::RemoveDamaged(uint32_t sourceRegion, uint64_t chunk) {

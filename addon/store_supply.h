@@ -132,14 +132,20 @@ class StoreSupply final : public PageSupply {
   // An engine thread: fetches queued pieces until the engine stops.
   void FetchLoop();
   // One piece: true when installed; false when JavaScript is to fetch it.
-  bool FetchOne(ChunkGetter& getter, const Want& w, std::vector<uint8_t>& content, std::string* why);
+  // `*kept`: the bytes it kept in the host's cache.
+  bool FetchOne(ChunkGetter& getter, const Want& w, std::vector<uint8_t>& content, std::string* why, uint64_t* kept);
   // A piece the engine's threads could not fetch, handed to JavaScript.
   void GiveBack(const Want& w);
   // An engine thread: fetches groups taken ahead until the engine stops.
   void AheadLoop();
-  bool FetchGroup(ChunkGetter& getter, const std::vector<Want>& group, std::vector<uint8_t>& object, std::vector<uint8_t>& content, std::string* why);
-  // The chunks' slots in the cache's lock file, locked (each once); false, none held, while another holds one.
+  bool FetchGroup(ChunkGetter& getter, const std::vector<Want>& group, std::vector<uint8_t>& object, std::vector<uint8_t>& content, std::string* why,
+                  uint64_t* kept);
+  // The chunks' slots in the cache's lock file, locked (each once); false, none held, while another holds one: another
+  // process, this one's JavaScript, or another of the engine's threads (their locks share one open file, so they are
+  // counted here: the file's locks would not exclude them).
   bool LockSlots(std::vector<uint64_t>& slots, bool* locked, std::string* why);
+  // Keeps a fetched chunk in the host's cache; the bytes it added.
+  uint64_t Keep(uint32_t sourceRegion, uint64_t chunk, const uint8_t* data, uint64_t length, std::string* why);
   void UnlockSlots(const std::vector<uint64_t>& slots, bool locked);
   // A cached file that failed its check, removed (fetched again and kept anew), as JavaScript's cache does.
   void RemoveDamaged(uint32_t sourceRegion, uint64_t chunk);
@@ -170,6 +176,8 @@ class StoreSupply final : public PageSupply {
   std::atomic<bool> fetchInEngine_{false};
   std::atomic<int64_t> restUntilNs_{0};  // after a failure to reach the store: JavaScript fetches until then
   int lockFd_ = -1;                      // the cache directory's lock file (its own open: excludes JavaScript's locks too)
+  std::mutex slotsMu_;
+  std::vector<uint64_t> heldSlots_;  // under slotsMu_: the slots the engine's threads hold
   std::mutex fetchMu_;
   std::condition_variable fetchCv_;
   std::deque<Want> fetchQueue_;  // under fetchMu_: requested pieces first
@@ -183,7 +191,9 @@ class StoreSupply final : public PageSupply {
   std::condition_variable aheadCv_;
   std::deque<AheadJob> aheadQueue_;                            // under aheadMu_
   uint32_t aheadThreads_ = 0, aheadIdle_ = 0, aheadBusy_ = 0;  // under aheadMu_
-  static constexpr uint32_t kAheadThreads = 16;                // at most this many groups fetched at once (the feeder holds fewer in flight)
+  static constexpr uint32_t kAheadThreads = 16;
+  static constexpr uint64_t kMaxGroupBytes = 32u << 20;  // a group's content at most (its GET's answer is capped at 64 MiB)                // at most this many
+                                                         // groups fetched at once (the feeder holds fewer in flight)
   int cpu_ = -1;
   static constexpr uint64_t kRestAfterFailureNs = 1'000'000'000;
   std::atomic<uint64_t> inGets_{0}, inBytes_{0}, inPieces_{0}, inGaveBack_{0}, inKept_{0}, inFromCache_{0}, inGetNs_{0}, inDamaged_{0}, inFaultPieces_{0};

@@ -410,6 +410,33 @@ t.test("a chunk another process is fetching is not fetched by the engine: the fe
   t.ok(f2.inEngine.pieces < pages / per, `${f2.inEngine.pieces} by the engine, the held chunk's group by the feeder`);
 });
 
+t.test("two faults at once on chunks of the same content: the engine's threads fetch it once (they count the locks they share)", async (t) => {
+  const store = await storeFor(t);
+  const per = DEFAULT_CHUNK_BYTES / PAGE;
+  const one = randomImage(per, 9);
+  const bytes = Buffer.concat([one, one, one, one]); // four chunks, one content: stored once, at one place
+  await store.push(openImage(t, bytes), 'same');
+  const dest = await Destination.connect({ storeImage: { store, name: 'same' }, cache: new ChunkCache({ dir: tempDir(t) }), background: { enabled: false } });
+  t.teardown(() => dest.close());
+  const r = dest.regions[0].mapping;
+  const gets = (dest.session as StoreSession).fetched.store.gets;
+  // Four threads, each faulting on its own chunk, all at once.
+  await Promise.all(
+    [0, 1, 2, 3].map((c) =>
+      touchPages(
+        r.address,
+        4 * per,
+        Uint32Array.from({ length: per }, (_, i) => c * per + i),
+        { mapping: r },
+      ),
+    ),
+  );
+  t.ok(Buffer.from(r.buffer()).equals(bytes), 'byte for byte');
+  const fetched = (dest.session as StoreSession).fetched;
+  t.equal(fetched.store.gets - gets, 1, 'one GET for the four');
+  t.equal(fetched.cache!.misses, 1, 'the content fetched once; the other pieces read it from the cache');
+});
+
 t.test('a damaged chunk a fault needs is refused by the engine too: never installed, handed to the feeder, which names it', async (t) => {
   const store = await storeFor(t);
   const bytes = randomImage(256, 0);
