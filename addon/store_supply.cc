@@ -518,14 +518,8 @@ bool StoreSupply::FetchGroup(ChunkGetter& getter, const std::vector<Want>& group
   if (from < to) {
     const ChunkPlace& first = gets_->places[group[from].sourceRegion][members[from].chunk];
     const ChunkPlace& last = gets_->places[group[to - 1].sourceRegion][members[to - 1].chunk];
-    uint64_t gets = getter.gets(), bytes = getter.bytes();
-    bool got = getter.GetRange(
-        first.pack, first.offset, last.offset + last.length - first.offset, object, [this] { return life_.Stopping(); }, why);
-    inGets_.fetch_add(getter.gets() - gets, std::memory_order_relaxed);
-    inBytes_.fetch_add(getter.bytes() - bytes, std::memory_order_relaxed);
-    if (!got) {
+    if (!GetRange(getter, first.pack, first.offset, last.offset + last.length - first.offset, object, why)) {
       UnlockSlots(slots, locked);
-      restUntilNs_.store(static_cast<int64_t>(MonotonicNs() + kRestAfterFailureNs), std::memory_order_relaxed);
       return false;
     }
     // Every chunk checked before any is installed: a damaged one sends the whole group to JavaScript, which fetches it again.
@@ -577,16 +571,10 @@ bool StoreSupply::FetchOne(ChunkGetter& getter, const Want& w, std::vector<uint8
   }
   if (damaged) RemoveDamaged(w.sourceRegion, chunk);
   const ChunkPlace& place = gets_->places[w.sourceRegion][chunk];
-  uint64_t gets = getter.gets(), bytes = getter.bytes(), started = MonotonicNs();
+  uint64_t started = MonotonicNs();
   std::vector<uint8_t>& object = getter.buffer();
-  bool got = getter.GetRange(
-      place.pack, place.offset, place.length, object, [this] { return life_.Stopping(); }, why);
-  inGets_.fetch_add(getter.gets() - gets, std::memory_order_relaxed);
-  inBytes_.fetch_add(getter.bytes() - bytes, std::memory_order_relaxed);
-  if (!got) {
+  if (!GetRange(getter, place.pack, place.offset, place.length, object, why)) {
     UnlockSlots(slots, locked);
-    // Until the store answers JavaScript again: its retries, backoff and outage are the session's.
-    restUntilNs_.store(static_cast<int64_t>(MonotonicNs() + kRestAfterFailureNs), std::memory_order_relaxed);
     return false;
   }
   // A chunk that does not decode or check (damaged, a codec or seal JavaScript reads) is JavaScript's; the store answered.
@@ -604,6 +592,17 @@ bool StoreSupply::FetchOne(ChunkGetter& getter, const Want& w, std::vector<uint8
   *kept = Keep(w.sourceRegion, chunk, content.data(), length, why);
   UnlockSlots(slots, locked);
   return true;
+}
+
+bool StoreSupply::GetRange(ChunkGetter& getter, int64_t pack, uint64_t offset, uint64_t length, std::vector<uint8_t>& object, std::string* why) {
+  uint64_t gets = getter.gets(), bytes = getter.bytes();
+  bool got = getter.GetRange(
+      pack, offset, length, object, [this] { return life_.Stopping(); }, why);
+  inGets_.fetch_add(getter.gets() - gets, std::memory_order_relaxed);
+  inBytes_.fetch_add(getter.bytes() - bytes, std::memory_order_relaxed);
+  // Until the store answers JavaScript again: its retries, backoff and outage are the session's.
+  if (!got) restUntilNs_.store(static_cast<int64_t>(MonotonicNs() + kRestAfterFailureNs), std::memory_order_relaxed);
+  return got;
 }
 
 uint64_t StoreSupply::Keep(uint32_t sourceRegion, uint64_t chunk, const uint8_t* data, uint64_t length, std::string* why) {

@@ -144,6 +144,8 @@ class StoreSupply final : public PageSupply {
   // process, this one's JavaScript, or another of the engine's threads (their locks share one open file, so they are
   // counted here: the file's locks would not exclude them).
   bool LockSlots(std::vector<uint64_t>& slots, bool* locked, std::string* why);
+  // One ranged GET by `getter`, counted in the engine's stats; a failure rests the engine (kRestAfterFailureNs).
+  bool GetRange(ChunkGetter& getter, int64_t pack, uint64_t offset, uint64_t length, std::vector<uint8_t>& object, std::string* why);
   // Keeps a fetched chunk in the host's cache; the bytes it added.
   uint64_t Keep(uint32_t sourceRegion, uint64_t chunk, const uint8_t* data, uint64_t length, std::string* why);
   void UnlockSlots(const std::vector<uint64_t>& slots, bool locked);
