@@ -38,6 +38,14 @@ const INSTALL_HERE_BYTES = 8 << 20;
 const AHEAD_DURING_DEMAND = 4;
 const DEMAND_ACTIVE_MS = 5;
 /**
+ * Once a recorded working set is all taken, what faults still come are the
+ * pages no record foresaw (each a GET the workload waits for, one after
+ * another), and the background is unlikely to fetch one of them first: while
+ * they are served it is held to one fetch, so each waits behind one GET in the
+ * store, not four.
+ */
+const AHEAD_AFTER_SET = 1;
+/**
  * With no fault being served, neighbouring pieces ahead whose chunks lie one
  * after another in a pack go as one fetch (one ranged GET), up to this many
  * (`parallel` still counts pieces: as many bytes in flight, fewer requests).
@@ -72,11 +80,13 @@ export interface StoreFeederStats {
   retries: number;
   /** Times the fetches ahead were held to AHEAD_DURING_DEMAND because faults were being served. */
   aheadHeldForFaults: number;
+  /** The most fetches of the working set in flight at once (`parallel` at most, faults served or not). */
+  mostSetInFlight: number;
 }
 
 /** Events: 'outage' (CodedError): the store stopped answering; 'recovered' ({outageMs}); 'failed' (CodedError): final. */
 export class StoreFeeder extends EventEmitter {
-  readonly stats: StoreFeederStats = { pieces: 0, chunks: 0, zeroChunks: 0, retries: 0, aheadHeldForFaults: 0 };
+  readonly stats: StoreFeederStats = { pieces: 0, chunks: 0, zeroChunks: 0, retries: 0, aheadHeldForFaults: 0, mostSetInFlight: 0 };
   readonly #engine: FaultEngine;
   readonly #store: SnapshotStore;
   readonly #manifest: Manifest;
@@ -94,6 +104,10 @@ export class StoreFeeder extends EventEmitter {
   readonly #queued: StorePiece[][] = [];
   /** The pieces taken ahead last time mostly went in fetches of several. */
   #grouping = true;
+  /** The working set may have runs not taken yet (false once a take ahead found none: the engine hands the set out first). */
+  #setLeft = true;
+  /** A run of a working set was taken: the session has one. */
+  #setTaken = false;
   /** Pieces faults wait on, in flight; and when the last one was taken or came (performance.now()). */
   #urgent = 0;
   #lastUrgentAt = -Infinity;
@@ -122,7 +136,7 @@ export class StoreFeeder extends EventEmitter {
   readonly #onFetchedInEngine = (f: { id: number; gaveBack: boolean }) => {
     if (f.id === 0) {
       this.#lastUrgentAt = performance.now();
-      this.#aheadLimit = AHEAD_DURING_DEMAND;
+      this.#aheadLimit = this.#heldTo();
       return;
     }
     const settle = this.#inEngine.get(f.id);
@@ -193,6 +207,9 @@ export class StoreFeeder extends EventEmitter {
       const setPending = this.#setInFlight > 0 || [...this.#queued, ...taken].some((g) => g[0].why === Reason.prefetch);
       const answer = this.#engine.takeStorePieces(ahead, cacheBytes, !setPending);
       fromCache += answer.fromCache;
+      const ofSet = answer.pieces.some((piece) => piece.why === Reason.prefetch);
+      if (ofSet) this.#setTaken = true;
+      else if (ahead > 0) this.#setLeft = false;
       for (const piece of answer.pieces) {
         if (!isAhead(piece)) {
           urgent.push([piece]);
@@ -206,13 +223,16 @@ export class StoreFeeder extends EventEmitter {
       }
       return answer.pieces.length;
     };
-    if (this.#outageSince || this.#queued.length > 0 || (held && this.#aheadFetches >= limit))
+    // While faults are served, the working set still goes `parallel` fetches at a time: it is what they wait for next
+    // (holding it back makes them wait longer). The background is held to `limit`.
+    const heldRoom = () => (this.#setLeft ? this.#parallel : limit);
+    if (this.#outageSince || this.#queued.length > 0 || (held && this.#aheadFetches >= heldRoom()))
       take(0, 0); // the pieces faults wait on, always
     else if (held) {
       // A working-set run is joined with the set's neighbours by the engine (up to PIECES_PER_FETCH pieces): one fetch
       // where its chunks lie one after another in a pack, several where they do not (the older layout, a child's
       // chunks in its parent's packs). A background piece is one.
-      while (this.#aheadFetches + taken.length < limit) if (take(1, INSTALL_HERE_BYTES / AHEAD_DURING_DEMAND) === 0) break;
+      while (this.#aheadFetches + taken.length < heldRoom()) if (take(1, INSTALL_HERE_BYTES / AHEAD_DURING_DEMAND) === 0) break;
     } else {
       let room = Math.max(0, limit - this.#ahead);
       // While the pieces taken go in whole fetches, whole fetches only: the room one leaves is filled by one of the same size
@@ -226,14 +246,15 @@ export class StoreFeeder extends EventEmitter {
     for (const group of urgent) this.#start(group, false);
     // Ahead: those that waited first, then these, while there is room (fetches while held, pieces otherwise).
     this.#queued.push(...taken);
-    while (this.#queued.length > 0 && (held ? this.#aheadFetches < limit : this.#ahead < limit)) this.#start(this.#queued.shift()!, true);
+    const room = (group: StorePiece[]) => (held ? this.#aheadFetches < (group[0].why === Reason.prefetch ? this.#parallel : limit) : this.#ahead < limit);
+    while (this.#queued.length > 0 && room(this.#queued[0])) this.#start(this.#queued.shift()!, true);
     if (limit < this.#parallel) this.#pumpAfterDemand();
   }
 
   /** Fetches a group (one fetch) and installs it; pumps again when it is done. */
   #start(group: StorePiece[], ahead: boolean): void {
     const ofSet = group[0].why === Reason.prefetch;
-    if (ofSet) this.#setInFlight++;
+    if (ofSet) this.stats.mostSetInFlight = Math.max(this.stats.mostSetInFlight, ++this.#setInFlight);
     if (ahead) {
       this.#ahead += group.length;
       this.#aheadFetches++;
@@ -265,17 +286,27 @@ export class StoreFeeder extends EventEmitter {
     return !!a && !!b && liesAfter(a, b);
   }
 
+  /** A fault's piece is in flight, or one came within DEMAND_ACTIVE_MS (a session starts so). */
+  #servingFaults(now = performance.now()): boolean {
+    return this.#urgent > 0 || now - this.#lastUrgentAt < DEMAND_ACTIVE_MS;
+  }
+
   /** What may be fetched ahead at once now: AHEAD_DURING_DEMAND while faults are served, doubling each quiet DEMAND_ACTIVE_MS. */
   #aheadRoom(): number {
     const now = performance.now();
-    if (this.#urgent > 0 || now - this.#lastUrgentAt < DEMAND_ACTIVE_MS) {
-      this.#aheadLimit = AHEAD_DURING_DEMAND;
+    if (this.#servingFaults(now)) {
+      this.#aheadLimit = this.#heldTo();
       this.#openedAt = now;
     } else if (now - this.#openedAt >= DEMAND_ACTIVE_MS) {
       this.#aheadLimit = Math.min(this.#parallel, this.#aheadLimit * 2);
       this.#openedAt = now;
     }
     return Math.min(this.#parallel, this.#aheadLimit);
+  }
+
+  /** What is fetched ahead while faults are served: AHEAD_DURING_DEMAND, or AHEAD_AFTER_SET once a working set is all taken. */
+  #heldTo(): number {
+    return this.#setTaken && !this.#setLeft ? AHEAD_AFTER_SET : AHEAD_DURING_DEMAND;
   }
 
   /** Pumps again once faults have been quiet for DEMAND_ACTIVE_MS (the fetches ahead open up then). */

@@ -303,6 +303,48 @@ t.test('a recorded working set goes from the store as runs of its neighbours in 
   t.equal((await dest.finish()).digestMatch, true, 'and the rest, byte for byte');
 });
 
+t.test('while faults are served, a working set still goes `parallel` fetches at a time: it is what they wait for next', async (t) => {
+  const store = await storeFor(t);
+  const pages = 4096;
+  const per = DEFAULT_CHUNK_BYTES / PAGE;
+  const bytes = randomImage(pages, 3);
+  await store.push(openImage(t, bytes), 'busy-set');
+  // A set of 32 runs of one chunk, three chunks apart (too far to join): 32 fetches.
+  const setChunks = Array.from({ length: 32 }, (_, i) => i * 4);
+  const from = { storeImage: { store, name: 'busy-set' }, cache: false as const };
+  const rec = await Destination.connect({ ...from, holdBackground: true, recordWorkingSet: true });
+  t.teardown(() => rec.close());
+  const rr = rec.regions[0].mapping;
+  await touchPages(
+    rr.address,
+    pages,
+    Uint32Array.from(setChunks, (c) => c * per),
+    { mapping: rr },
+  );
+  const set = rec.workingSet();
+  rec.close();
+  // Every chunk through the feeder: it sees each fault's piece in flight (the engine's own fetches it hears of once done).
+  const dest = await Destination.connect({ ...from, holdBackground: true, prefetch: set, fetchInEngine: false });
+  t.teardown(() => dest.close());
+  // A workload faulting meanwhile, on chunks outside the set, one after another.
+  const r = dest.regions[0].mapping;
+  const outside = Array.from({ length: 64 }, (_, i) => 129 + i);
+  await touchPages(
+    r.address,
+    pages,
+    Uint32Array.from(outside, (c) => c * per),
+    { mapping: r },
+  );
+  await until('the working set', () => dest.stats().pagesInstalledPrefetch === setChunks.length * per);
+  const fetched = (dest.session as StoreSession).fetched;
+  // `parallel` is 128 fetches for chunks of 64 KiB (8 MiB in flight): every run of the set at once, not 4 (the background's hold).
+  t.equal(fetched.mostSetInFlight, setChunks.length, 'every run of the set in flight at once, not held back by the faults');
+  for (const c of [...setChunks, ...outside])
+    t.equal(Buffer.compare(r.buffer(c * per * PAGE, per * PAGE), bytes.subarray(c * per * PAGE, (c + 1) * per * PAGE)), 0, `chunk ${c} as in the image`);
+  dest.session.startBackground();
+  t.equal((await dest.finish()).digestMatch, true, 'and the rest, byte for byte');
+});
+
 t.test('a faulted page goes in before the rest of its chunk, and a page of the chunk faulted on meanwhile is never left out', async (t) => {
   const store = await storeFor(t);
   const pages = 2048;
