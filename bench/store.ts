@@ -569,7 +569,7 @@ export function storeTable(results: StoreBenchResult[]): string {
     } else if (r.case === 'full') lines.push(`| full | ${chunk} | time to full residency (ms) | ${r.oursMs} | ${r.wholeGetMs} (one GET) | ${r.ratio} |`);
     else if (r.case === 'prefetch')
       lines.push(
-        `| prefetch | ${DEFAULT_CHUNK_BYTES / 1024} KiB | cold start with its working set (ms) | ${r.withMs} | ${r.withoutMs} (without) | ${r.timeRatio} |`,
+        `| prefetch | ${DEFAULT_CHUNK_BYTES / 1024} KiB | cold start with its working set, from the restore's start (ms) | ${r.withMs} | ${r.withoutMs} (without) | ${r.timeRatio} |`,
       );
     else if (r.case === 'fanout') {
       lines.push(
