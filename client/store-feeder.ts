@@ -78,9 +78,9 @@ export interface StoreFeederStats {
   zeroChunks: number;
   /** Attempts at a piece that failed and were tried again. */
   retries: number;
-  /** Times the fetches ahead were held to AHEAD_DURING_DEMAND because faults were being served. */
+  /** Times the background was held to AHEAD_DURING_DEMAND (AHEAD_AFTER_SET after a working set) fetches because faults were being served. */
   aheadHeldForFaults: number;
-  /** The most fetches of the working set in flight at once (`parallel` at most, faults served or not). */
+  /** The most fetches of the working set under way at once (handed to the engine or fetched here): `parallel` pieces at most, faults served or not. */
   mostSetInFlight: number;
 }
 
@@ -196,7 +196,7 @@ export class StoreFeeder extends EventEmitter {
     if (this.#stopped) return;
     const limit = this.#aheadRoom();
     const held = limit <= AHEAD_DURING_DEMAND && limit < this.#parallel;
-    if (held && this.#aheadFetches >= limit) this.stats.aheadHeldForFaults++;
+    if (held && !this.#setLeft && this.#aheadFetches >= limit) this.stats.aheadHeldForFaults++;
     // What is taken ahead: nothing during an outage (the pieces in flight are retried), nor while groups taken before wait
     // for room; while faults are served, a run at a time until the fetches they make fill the room; else `room` pieces.
     const urgent: StorePiece[][] = [];
@@ -223,16 +223,23 @@ export class StoreFeeder extends EventEmitter {
       }
       return answer.pieces.length;
     };
-    // While faults are served, the working set still goes `parallel` fetches at a time: it is what they wait for next
-    // (holding it back makes them wait longer). The background is held to `limit`.
-    const heldRoom = () => (this.#setLeft ? this.#parallel : limit);
-    if (this.#outageSince || this.#queued.length > 0 || (held && this.#aheadFetches >= heldRoom()))
+    // While faults are served, the working set still goes `parallel` pieces at a time, as in a quiet moment: it is what
+    // they wait for next (holding it back makes them wait longer). The background is held to `limit` fetches.
+    const heldFull = () =>
+      this.#setLeft ? this.#ahead + taken.reduce((n, g) => n + g.length, 0) >= this.#parallel : this.#aheadFetches + taken.length >= limit;
+    if (this.#outageSince || this.#queued.length > 0 || (held && heldFull()))
       take(0, 0); // the pieces faults wait on, always
     else if (held) {
       // A working-set run is joined with the set's neighbours by the engine (up to PIECES_PER_FETCH pieces): one fetch
       // where its chunks lie one after another in a pack, several where they do not (the older layout, a child's
-      // chunks in its parent's packs). A background piece is one.
-      while (this.#aheadFetches + taken.length < heldRoom()) if (take(1, INSTALL_HERE_BYTES / AHEAD_DURING_DEMAND) === 0) break;
+      // chunks in its parent's packs). A background piece is one. What the host's cache holds goes in here, up to
+      // INSTALL_HERE_BYTES a turn (a take that found some is counted as having used its share); the rest is fetched.
+      let cacheShares = AHEAD_DURING_DEMAND;
+      while (!heldFull()) {
+        const before = fromCache;
+        if (take(1, cacheShares > 0 ? INSTALL_HERE_BYTES / AHEAD_DURING_DEMAND : 0) === 0) break;
+        if (fromCache > before) cacheShares--;
+      }
     } else {
       let room = Math.max(0, limit - this.#ahead);
       // While the pieces taken go in whole fetches, whole fetches only: the room one leaves is filled by one of the same size
@@ -246,7 +253,8 @@ export class StoreFeeder extends EventEmitter {
     for (const group of urgent) this.#start(group, false);
     // Ahead: those that waited first, then these, while there is room (fetches while held, pieces otherwise).
     this.#queued.push(...taken);
-    const room = (group: StorePiece[]) => (held ? this.#aheadFetches < (group[0].why === Reason.prefetch ? this.#parallel : limit) : this.#ahead < limit);
+    const room = (group: StorePiece[]) =>
+      !held ? this.#ahead < limit : group[0].why === Reason.prefetch ? this.#ahead < this.#parallel : this.#aheadFetches < limit;
     while (this.#queued.length > 0 && room(this.#queued[0])) this.#start(this.#queued.shift()!, true);
     if (limit < this.#parallel) this.#pumpAfterDemand();
   }
