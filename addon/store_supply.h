@@ -193,9 +193,8 @@ class StoreSupply final : public PageSupply {
   std::condition_variable aheadCv_;
   std::deque<AheadJob> aheadQueue_;                            // under aheadMu_
   uint32_t aheadThreads_ = 0, aheadIdle_ = 0, aheadBusy_ = 0;  // under aheadMu_
-  static constexpr uint32_t kAheadThreads = 16;
-  static constexpr uint64_t kMaxGroupBytes = 32u << 20;  // a group's content at most (its GET's answer is capped at 64 MiB)                // at most this many
-                                                         // groups fetched at once (the feeder holds fewer in flight)
+  static constexpr uint32_t kAheadThreads = 16;                // at most this many groups fetched at once (the feeder holds fewer in flight)
+  static constexpr uint64_t kMaxGroupBytes = 32u << 20;        // a group's content at most (its GET's answer is capped at 64 MiB)
   int cpu_ = -1;
   static constexpr uint64_t kRestAfterFailureNs = 1'000'000'000;
   std::atomic<uint64_t> inGets_{0}, inBytes_{0}, inPieces_{0}, inGaveBack_{0}, inKept_{0}, inFromCache_{0}, inGetNs_{0}, inDamaged_{0}, inFaultPieces_{0};

@@ -201,10 +201,12 @@ export class StoreFeeder extends EventEmitter {
     // for room; while faults are served, a run at a time until the fetches they make fill the room; else `room` pieces.
     const urgent: StorePiece[][] = [];
     const taken: StorePiece[][] = [];
+    let takenPieces = 0;
+    let takenOfSet = false;
     let fromCache = 0;
     const take = (ahead: number, cacheBytes: number) => {
       // The background waits while the working set is in flight (or waiting for room): the set is what the workload touches next.
-      const setPending = this.#setInFlight > 0 || [...this.#queued, ...taken].some((g) => g[0].why === Reason.prefetch);
+      const setPending = this.#setInFlight > 0 || takenOfSet || this.#queued.some((g) => g[0].why === Reason.prefetch);
       const answer = this.#engine.takeStorePieces(ahead, cacheBytes, !setPending);
       fromCache += answer.fromCache;
       const ofSet = answer.pieces.some((piece) => piece.why === Reason.prefetch);
@@ -220,13 +222,14 @@ export class StoreFeeder extends EventEmitter {
         const last = taken.at(-1);
         if (last && last.length < most && this.#follows(last.at(-1)!, piece)) last.push(piece);
         else taken.push([piece]);
+        takenPieces++;
+        takenOfSet ||= piece.why === Reason.prefetch;
       }
       return answer.pieces.length;
     };
     // While faults are served, the working set still goes `parallel` pieces at a time, as in a quiet moment: it is what
     // they wait for next (holding it back makes them wait longer). The background is held to `limit` fetches.
-    const heldFull = () =>
-      this.#setLeft ? this.#ahead + taken.reduce((n, g) => n + g.length, 0) >= this.#parallel : this.#aheadFetches + taken.length >= limit;
+    const heldFull = () => (this.#setLeft ? this.#ahead + takenPieces >= this.#parallel : this.#aheadFetches + taken.length >= limit);
     if (this.#outageSince || this.#queued.length > 0 || (held && heldFull()))
       take(0, 0); // the pieces faults wait on, always
     else if (held) {

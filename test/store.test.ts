@@ -69,6 +69,34 @@ async function chunkObject(store: SnapshotStore, manifest: Manifest, hash: strin
   return place ? store.objects.get(packKey(place.pack), [place.offset, place.offset + place.length - 1]) : store.objects.get(chunkKey(hash));
 }
 
+/**
+ * A working set recorded from a restore of `from` that touches the first page
+ * of each of `chunks`, in that order, and nothing else (background held).
+ */
+async function recordChunks(t: Test, from: { storeImage: { store: SnapshotStore; name: string }; cache: false }, pages: number, chunks: number[]) {
+  const per = DEFAULT_CHUNK_BYTES / PAGE;
+  const rec = await Destination.connect({ ...from, holdBackground: true, recordWorkingSet: true });
+  t.teardown(() => rec.close());
+  const r = rec.regions[0].mapping;
+  await touchPages(
+    r.address,
+    pages,
+    Uint32Array.from(chunks, (c) => c * per),
+    { mapping: r },
+  );
+  const set = rec.workingSet();
+  rec.close();
+  return set;
+}
+
+/** Each of `chunks` as in the image. Read only chunks known resident: this thread must never touch a missing page. */
+function chunksAsInImage(t: Test, dest: Destination, bytes: Buffer, chunks: number[]): void {
+  const per = DEFAULT_CHUNK_BYTES / PAGE;
+  const m = dest.regions[0].mapping;
+  for (const c of chunks)
+    t.equal(Buffer.compare(m.buffer(c * per * PAGE, per * PAGE), bytes.subarray(c * per * PAGE, (c + 1) * per * PAGE)), 0, `chunk ${c} as in the image`);
+}
+
 t.test('an image pushed to the store restores byte-exact with no source process: faults fetch their chunks, the background the rest', async (t) => {
   const store = await storeFor(t);
   const bytes = imageBytes(2048);
@@ -271,17 +299,7 @@ t.test('a recorded working set goes from the store as runs of its neighbours in 
   const wide = Array.from({ length: 20 }, (_, i) => 40 + i).filter((c) => c !== 50);
   const touched = [50, 4, 12, 23, 30, 34, 3, 5, 10, 20, ...wide];
   const from = { storeImage: { store, name: 'cold' }, cache: false as const };
-  const rec = await Destination.connect({ ...from, holdBackground: true, recordWorkingSet: true });
-  t.teardown(() => rec.close());
-  const rr = rec.regions[0].mapping;
-  await touchPages(
-    rr.address,
-    pages,
-    Uint32Array.from(touched, (c) => c * per),
-    { mapping: rr },
-  );
-  const set = rec.workingSet();
-  rec.close();
+  const set = await recordChunks(t, from, pages, touched);
   t.equal(set.entries.length / 8, touched.length, 'one fault a chunk recorded');
 
   const getsBefore = store.objects.stats.gets;
@@ -296,9 +314,7 @@ t.test('a recorded working set goes from the store as runs of its neighbours in 
   t.equal(fetched.store.gets - getsBefore, 1 + 7, 'one ranged GET a run');
   t.equal(fetched.inEngine.pieces, chunks.length, "each run fetched by the engine's own threads");
   // Only those chunks are read here: this thread must never touch a missing page (only it can fetch it).
-  const m = dest.regions[0].mapping;
-  for (const c of chunks)
-    t.equal(Buffer.compare(m.buffer(c * per * PAGE, per * PAGE), bytes.subarray(c * per * PAGE, (c + 1) * per * PAGE)), 0, `chunk ${c} as in the image`);
+  chunksAsInImage(t, dest, bytes, chunks);
   dest.session.startBackground();
   t.equal((await dest.finish()).digestMatch, true, 'and the rest, byte for byte');
 });
@@ -312,17 +328,7 @@ t.test('while faults are served, a working set still goes `parallel` fetches at 
   // A set of 32 runs of one chunk, three chunks apart (too far to join): 32 fetches.
   const setChunks = Array.from({ length: 32 }, (_, i) => i * 4);
   const from = { storeImage: { store, name: 'busy-set' }, cache: false as const };
-  const rec = await Destination.connect({ ...from, holdBackground: true, recordWorkingSet: true });
-  t.teardown(() => rec.close());
-  const rr = rec.regions[0].mapping;
-  await touchPages(
-    rr.address,
-    pages,
-    Uint32Array.from(setChunks, (c) => c * per),
-    { mapping: rr },
-  );
-  const set = rec.workingSet();
-  rec.close();
+  const set = await recordChunks(t, from, pages, setChunks);
   // Every chunk through the feeder: it sees each fault's piece in flight (the engine's own fetches it hears of once done).
   const dest = await Destination.connect({ ...from, holdBackground: true, prefetch: set, fetchInEngine: false });
   t.teardown(() => dest.close());
@@ -339,8 +345,7 @@ t.test('while faults are served, a working set still goes `parallel` fetches at 
   const fetched = (dest.session as StoreSession).fetched;
   // `parallel` is 128 fetches for chunks of 64 KiB (8 MiB in flight): every run of the set at once, not 4 (the background's hold).
   t.equal(fetched.mostSetInFlight, setChunks.length, 'every run of the set in flight at once, not held back by the faults');
-  for (const c of [...setChunks, ...outside])
-    t.equal(Buffer.compare(r.buffer(c * per * PAGE, per * PAGE), bytes.subarray(c * per * PAGE, (c + 1) * per * PAGE)), 0, `chunk ${c} as in the image`);
+  chunksAsInImage(t, dest, bytes, [...setChunks, ...outside]);
   dest.session.startBackground();
   t.equal((await dest.finish()).digestMatch, true, 'and the rest, byte for byte');
 });
